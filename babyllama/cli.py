@@ -1,0 +1,131 @@
+"""The `babyllama` command: argument parsing and dispatch only. Each subcommand is a thin call into the
+modules that do the work, imported when the subcommand runs so that `babyllama run` stays light."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import BabyLlamaError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="generate text or chat with a llama2.c model (run.c's flags)",
+                       description="Generate text from a llama2.c .bin model, like llama2.c's ./run.")
+    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
+    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
+    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
+    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
+    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
+    p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
+    p.set_defaults(func=cmd_run)
+
+
+def _check_sampling_flags(args) -> None:
+    if args.temperature < 0:
+        raise BabyLlamaError(f"temperature (-t) must be >= 0, got {args.temperature}")
+    if not 0.0 <= args.topp <= 1.0:
+        raise BabyLlamaError(f"top-p (-p) must be in [0, 1], got {args.topp}")
+    if args.steps < 0:
+        raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
+    if args.seed < 0:
+        raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
+
+
+def _text_arg(value: str | None, flag: str) -> str:
+    """Command-line text must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates)."""
+    if value is None:
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BabyLlamaError(f"{flag} is not valid UTF-8 text") from None
+    return value
+
+
+def cmd_run(args) -> int:
+    from .api import clamp_steps, load
+    from .sampler import Sampler
+
+    _check_sampling_flags(args)
+    prompt = _text_arg(args.prompt, "prompt (-i)")
+    system = _text_arg(args.system, "system prompt (-y)") if args.system is not None else None
+    model = load(args.checkpoint, args.tokenizer)
+    steps = clamp_steps(args.steps, model.args.max_seq_len)
+    sampler = Sampler(args.temperature, args.topp, args.seed or None)
+    if args.mode == "chat":
+        from .chat import chat
+        return chat(model, sampler, steps, prompt or None, system)
+    return _generate(model, sampler, prompt, steps)
+
+
+def _generate(model, sampler, prompt: str, steps: int) -> int:
+    from .generate import generate
+
+    tok = model.tokenizer
+    out = sys.stdout.buffer
+    ids = tok.encode(prompt, bos=True)
+    for prev, nxt in zip(ids[: steps], ids[1: steps + 1]):  # run.c echoes the prompt as it feeds it
+        out.write(tok.decode_piece(prev, nxt))
+    out.flush()
+    prev, start, n = ids[-1], None, 0
+    for nxt in generate(model.engine, ids, steps, sampler):
+        out.write(tok.decode_piece(prev, nxt))
+        out.flush()
+        prev, n = nxt, n + 1
+        if start is None:
+            start = time.perf_counter()  # like run.c, time from the end of the first step
+    out.write(b"\n")
+    out.flush()
+    if start is not None and n > 1:
+        print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> Parser:
+    from . import __version__
+
+    parser = Parser(prog="babyllama", description="The Llama 2 stack for small models.")
+    parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_run(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except BabyLlamaError as e:
+        print(f"babyllama: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The NumPy inference engine: Llama 2's forward pass over a batch of tokens with a KV cache.
+
+One call, `Engine.forward(tokens, positions, slots)`, serves every caller: a prompt (many tokens of one
+sequence: causal attention inside the chunk), a decode step (one token each of several sequences) or a
+mix of both, as a batching server schedules them. Each token names its cache slot (which sequence it
+belongs to) and its position in that sequence. The engine knows nothing of files, tokenizers or sampling.
+
+Math, per layer (x is the residual stream, one row per token):
+    h   = x + Wo · attention(RoPE(Wq·rms(x)), RoPE(Wk·rms(x)), Wv·rms(x))
+    x'  = h + W2 · (silu(W1·rms(h)) * W3·rms(h))          (SwiGLU feed-forward)
+rms(x) = x / sqrt(mean(x²) + eps) * g;  RoPE rotates pairs (2i, 2i+1) of each head by pos · theta^(-2i/hs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelArgs
+from .formats import QTensor, Weights
+from .kernels import matmul
+
+
+class KVCache:
+    """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, seq_len, kv_dim).
+
+    np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill."""
+
+    def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None):
+        self.seq_len = seq_len or args.max_seq_len
+        shape = (args.n_layers, n_slots, self.seq_len, args.kv_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+
+def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of pos * theta^(-2i/head_size) for every position and pair i: two (n_positions, hs/2) arrays."""
+    freqs = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size)
+    angles = np.outer(np.arange(n_positions, dtype=np.float64), freqs)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs of x (tokens, heads, head_size) by per-token angles (tokens, hs/2)."""
+    t, h, hs = x.shape
+    pairs = x.reshape(t, h, hs // 2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(pairs)
+    out[..., 0] = a * c - b * s
+    out[..., 1] = a * s + b * c
+    return out.reshape(t, h, hs)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Split a token batch into runs of one slot at consecutive positions: (start, end, slot, first_pos)."""
+    n = len(slots)
+    breaks = np.flatnonzero((slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)) + 1
+    bounds = [0, *breaks.tolist(), n]
+    return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Engine:
+    def __init__(self, weights: Weights):
+        self.w = weights
+        self.args = weights.args
+        self.args.validate()
+        self.cos, self.sin = rope_tables(self.args.head_size, self.args.max_seq_len, self.args.rope_theta)
+
+    def new_cache(self, n_slots: int = 1) -> KVCache:
+        return KVCache(self.args, n_slots)
+
+    def forward(self, tokens, positions, cache: KVCache, slots=None, logits: str = "all") -> np.ndarray:
+        """Run `tokens` (N,) at `positions` (N,) through the model, writing their keys/values into
+        `cache` at `slots` (N,; default slot 0). A token attends to its slot's cached positions up to its
+        own. Returns logits (N, vocab) for logits="all", or only for the last token of each run of
+        consecutive positions (one row per sequence) with logits="last"."""
+        a, w = self.args, self.w
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
+        if positions.min(initial=0) < 0 or positions.max(initial=0) >= cache.seq_len:
+            raise ValueError(f"positions must lie in [0, {cache.seq_len})")
+        runs = segments(slots, positions)
+        cos, sin = self.cos[positions], self.sin[positions]
+        n, hs = len(tokens), a.head_size
+
+        x = w.tok_embeddings[tokens].astype(np.float32)
+        for layer in range(a.n_layers):
+            xb = rmsnorm(x, w.rms_att[layer], a.norm_eps)
+            q = apply_rope(matmul(xb, w.wq[layer]).reshape(n, a.n_heads, hs), cos, sin)
+            k = apply_rope(matmul(xb, w.wk[layer]).reshape(n, a.n_kv_heads, hs), cos, sin)
+            v = matmul(xb, w.wv[layer])
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc[slots, positions] = k.reshape(n, a.kv_dim)
+            vc[slots, positions] = v
+            att = np.empty((n, a.dim), dtype=np.float32)
+            for start, end, slot, pos0 in runs:
+                end_pos = pos0 + (end - start)
+                att[start:end] = self._attend(q[start:end], kc[slot, :end_pos], vc[slot, :end_pos], pos0)
+            x = x + matmul(att, w.wo[layer])
+            xb = rmsnorm(x, w.rms_ffn[layer], a.norm_eps)
+            x = x + matmul(silu(matmul(xb, w.w1[layer])) * matmul(xb, w.w3[layer]), w.w2[layer])
+
+        if logits == "last":
+            x = x[[end - 1 for _, end, _, _ in runs]]
+        x = rmsnorm(x, w.rms_final, a.norm_eps)
+        return matmul(x, w.wcls)
+
+    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
+        """Causal attention of T queries (positions pos0..pos0+T-1) over keys/values (P, kv_dim), grouped
+        so that n_heads/n_kv_heads query heads share each key/value head."""
+        a = self.args
+        t, hs, kvh = q.shape[0], a.head_size, a.n_kv_heads
+        g = a.n_heads // kvh
+        p = keys.shape[0]
+        qg = q.reshape(t, kvh, g, hs).transpose(1, 2, 0, 3).reshape(kvh, g * t, hs)
+        kt = keys.reshape(p, kvh, hs).transpose(1, 2, 0)  # (kvh, hs, P)
+        scores = (qg @ kt) * np.float32(1.0 / np.sqrt(hs))  # (kvh, g*T, P)
+        if t > 1:
+            qpos = np.tile(np.arange(pos0, pos0 + t), g)  # row r of each head group is query r % t
+            scores = np.where(np.arange(p)[None, :] <= qpos[:, None], scores, -np.inf)
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ values.reshape(p, kvh, hs).transpose(1, 0, 2)  # (kvh, g*T, hs)
+        return out.reshape(kvh, g, t, hs).transpose(2, 0, 1, 3).reshape(t, a.dim)
+
+
+def is_quantized(m) -> bool:
+    return isinstance(m, QTensor)

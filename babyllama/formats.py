@@ -1,0 +1,345 @@
+"""llama2.c model files: read and write versions 0 (legacy fp32), 1 (fp32) and 2 (Q8_0).
+
+Everything meets in `Weights`: readers memory-map the file and hand out views (nothing is copied except
+what Q8_0 dequantizes), writers take a `Weights` and stream tensors out. Layouts are documented in
+docs/formats.md. Every header is checked against the file size before anything is mapped.
+
+babyllama extension (versions 1 and 2 only): the 256-byte header has spare room after llama2.c's
+fields. At offset 48 we store float64 rope_theta and at 56 float64 norm_eps; 0 (what llama2.c writes)
+means the Llama 2 defaults 10000 and 1e-5, so files stay readable both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
+from .errors import BabyLlamaError
+
+MAGIC = 0x616B3432  # "ak42" little-endian
+HEADER_V0 = 7 * 4
+HEADER_V12 = 256
+EXT_OFFSET = 48  # float64 rope_theta, float64 norm_eps
+DEFAULT_GROUP_SIZE = 64
+MAX_DIM = 1 << 20  # far beyond any Llama; rejects garbage headers before any size arithmetic
+LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class QTensor:
+    """A Q8_0 matrix: int8 values (out, in) and one fp32 scale per `group_size` consecutive values."""
+
+    q: np.ndarray  # int8, (out, in)
+    s: np.ndarray  # float32, (out, in // group_size)
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        out, n = self.q.shape
+        g = self.group_size
+        return (self.q.reshape(out, n // g, g).astype(np.float32) * self.s[:, :, None]).reshape(out, n)
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:
+    """Symmetric int8 per group: scale = max|w| / 127, q = round(w / scale); an all-zero group gets scale 0."""
+    w = np.asarray(w, dtype=np.float32)
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"row length {n} is not a multiple of group size {group_size}")
+    groups = w.reshape(out, n // group_size, group_size)
+    scale = np.abs(groups).max(axis=2) / 127.0
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.round(groups / safe[:, :, None]).astype(np.int8)
+    return QTensor(q.reshape(out, n), scale.astype(np.float32), group_size)
+
+
+Matrix = np.ndarray | QTensor
+
+
+@dataclass
+class Weights:
+    """All of a model's tensors, nn.Linear layout (out_features, in_features). Layer stacks are indexed
+    by layer: an (L, out, in) array for fp32, a list of QTensor for Q8_0."""
+
+    args: ModelArgs
+    tok_embeddings: np.ndarray  # (vocab, dim) fp32 (dequantized for Q8_0 files, as runq.c does)
+    rms_att: np.ndarray  # (L, dim)
+    rms_ffn: np.ndarray  # (L, dim)
+    rms_final: np.ndarray  # (dim,)
+    wq: Sequence[Matrix]
+    wk: Sequence[Matrix]
+    wv: Sequence[Matrix]
+    wo: Sequence[Matrix]
+    w1: Sequence[Matrix]
+    w2: Sequence[Matrix]
+    w3: Sequence[Matrix]
+    wcls: Matrix  # (vocab, dim); the embedding itself (or its Q8_0 form) when shared
+    version: int = 0
+    group_size: int = 0  # Q8_0 group size, 0 for fp32
+    path: str | None = field(default=None, repr=False)
+
+    @property
+    def quantized(self) -> bool:
+        return self.group_size > 0
+
+    def layer_matrices(self) -> dict[str, Sequence[Matrix]]:
+        return {name: getattr(self, name) for name in LAYER_MATRICES}
+
+    def to_fp32(self) -> Weights:
+        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing Q8_0)."""
+        if not self.quantized:
+            return self
+
+        def dense(stack: Sequence[Matrix]) -> np.ndarray:
+            return np.stack([m.dequantize() for m in stack])
+
+        mats = {name: dense(stack) for name, stack in self.layer_matrices().items()}
+        wcls = self.tok_embeddings if self.args.shared_classifier else self.wcls.dequantize()
+        return Weights(self.args, self.tok_embeddings, self.rms_att, self.rms_ffn, self.rms_final,
+                       wcls=wcls, version=self.version, path=self.path, **mats)
+
+    def quantize(self, group_size: int | None = None) -> Weights:
+        """The same model with its matrices (and classifier) in Q8_0."""
+        if self.quantized:
+            return self
+        gs = group_size or default_group_size(self.args)
+        check_group_size(self.args, gs)
+        mats = {name: [quantize_q80(m, gs) for m in stack] for name, stack in self.layer_matrices().items()}
+        qcls = quantize_q80(self.wcls, gs)
+        emb = qcls.dequantize() if self.args.shared_classifier else self.tok_embeddings
+        return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
+                       version=2, group_size=gs, path=self.path, **mats)
+
+
+def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
+    """runq.c's rule (halve until it divides dim), also required to divide hidden_dim so that no group
+    straddles two rows of w2."""
+    gs = start
+    while gs > 1 and (args.dim % gs or args.hidden_dim % gs):
+        gs //= 2
+    return gs
+
+
+def check_group_size(args: ModelArgs, gs: int) -> None:
+    if gs <= 0 or args.dim % gs or args.hidden_dim % gs:
+        raise BabyLlamaError(f"Q8_0 group size {gs} must divide dim {args.dim} and hidden_dim {args.hidden_dim}")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
+    """Parse and validate a model header. Returns (args, version, group_size, header_bytes)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_V12)
+    except FileNotFoundError:
+        raise BabyLlamaError(f"model file not found: {path}") from None
+    except IsADirectoryError:
+        raise BabyLlamaError(f"model path is a directory, not a .bin file: {path}") from None
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read model file {path}: {e.strerror}") from None
+    if len(head) < HEADER_V0:
+        raise BabyLlamaError(f"{path}: file is too small ({size} bytes) to be a llama2.c model")
+
+    magic, version = struct.unpack_from("<Ii", head, 0)
+    if magic == MAGIC:
+        if len(head) < HEADER_V12:
+            raise BabyLlamaError(f"{path}: truncated header ({size} bytes, version 1/2 headers are 256)")
+        if version not in (1, 2):
+            raise BabyLlamaError(f"{path}: unsupported model version {version} (babyllama reads 0, 1 and 2)")
+        dims = struct.unpack_from("<7i", head, 8)
+        shared = head[36] != 0
+        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+        theta, eps = struct.unpack_from("<dd", head, EXT_OFFSET)
+        header_bytes = HEADER_V12
+    else:
+        version, group_size, header_bytes = 0, 0, HEADER_V0
+        dims = struct.unpack_from("<7i", head, 0)
+        shared = dims[5] > 0
+        dims = dims[:5] + (abs(dims[5]),) + dims[6:]
+        theta = eps = 0.0
+
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = dims
+    for name, value in zip(("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"), dims):
+        if not 0 < value <= MAX_DIM:
+            raise BabyLlamaError(f"{path}: header field {name}={value} is out of range; not a llama2.c model?")
+    if not (np.isfinite(theta) and np.isfinite(eps) and theta >= 0 and eps >= 0):
+        raise BabyLlamaError(f"{path}: header rope_theta/norm_eps are corrupt")
+    args = ModelArgs(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     vocab_size=vocab_size, max_seq_len=seq_len, shared_classifier=shared,
+                     rope_theta=theta or DEFAULT_ROPE_THETA, norm_eps=eps or DEFAULT_NORM_EPS)
+    try:
+        args.validate()
+    except ValueError as e:
+        raise BabyLlamaError(f"{path}: invalid header: {e}") from None
+    if version == 2:
+        check_group_size(args, group_size)
+
+    expected = header_bytes + body_size(args, version, group_size)
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise BabyLlamaError(f"{path}: file {what}: {size} bytes, header (version {version}) implies {expected}")
+    return args, version, group_size, header_bytes
+
+
+def _q8_bytes(numel: int, gs: int) -> int:
+    return numel + 4 * (numel // gs)
+
+
+def body_size(args: ModelArgs, version: int, group_size: int = 0) -> int:
+    """Bytes after the header, from the dims alone (so a lying header is caught before mapping)."""
+    L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
+    norms = 4 * (2 * L * d + d)
+    mats = [d * d, kv * d, kv * d, d * d, h * d, d * h, h * d]
+    if version == 2:
+        per = lambda n: _q8_bytes(n, group_size)  # noqa: E731
+        cls = 0 if args.shared_classifier else per(V * d)
+        return norms + per(V * d) + L * sum(per(n) for n in mats) + cls
+    cls = 0 if args.shared_classifier else 4 * V * d
+    rope_tables = 4 * args.max_seq_len * args.head_size if version == 0 else 0
+    return norms + 4 * V * d + 4 * L * sum(mats) + rope_tables + cls
+
+
+class _Cursor:
+    """Hands out consecutive typed views of a memory-mapped file."""
+
+    def __init__(self, buf: np.memmap, offset: int):
+        self.buf, self.offset = buf, offset
+
+    def take(self, dtype: type, *shape: int) -> np.ndarray:
+        n = int(np.prod(shape))
+        nbytes = n * np.dtype(dtype).itemsize
+        arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
+        self.offset += nbytes
+        return arr
+
+    def take_q8(self, out: int, n: int, gs: int) -> QTensor:
+        q = self.take(np.int8, out, n)
+        s = self.take(np.float32, out, n // gs)
+        return QTensor(q, s, gs)
+
+
+def load(path: str | os.PathLike) -> Weights:
+    """Memory-map a llama2.c model file (any version) into `Weights`."""
+    args, version, gs, header = read_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    c = _Cursor(buf, header)
+    L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
+    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+
+    if version == 0:
+        emb = c.take(np.float32, V, d)
+        rms_att = c.take(np.float32, L, d)
+        mats = {name: c.take(np.float32, L, *shapes[name]) for name in ("wq", "wk", "wv", "wo")}
+        rms_ffn = c.take(np.float32, L, d)
+        mats.update({name: c.take(np.float32, L, *shapes[name]) for name in ("w1", "w2", "w3")})
+        rms_final = c.take(np.float32, d)
+        c.take(np.float32, args.max_seq_len * args.head_size)  # legacy RoPE tables, unused
+        wcls = emb if args.shared_classifier else c.take(np.float32, V, d)
+    elif version == 1:
+        rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
+        emb = c.take(np.float32, V, d)
+        mats = {name: c.take(np.float32, L, *shapes[name]) for name in LAYER_MATRICES}
+        wcls = emb if args.shared_classifier else c.take(np.float32, V, d)
+    else:
+        rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
+        qemb = c.take_q8(V, d, gs)
+        mats = {name: [c.take_q8(*shapes[name], gs) for _ in range(L)] for name in LAYER_MATRICES}
+        emb = qemb.dequantize()
+        wcls = qemb if args.shared_classifier else c.take_q8(V, d, gs)
+    assert c.offset == buf.size, "size check and layout disagree"
+    return Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
+                   path=str(path), **mats)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _header_v12(args: ModelArgs, version: int, group_size: int) -> bytes:
+    head = bytearray(HEADER_V12)
+    struct.pack_into("<Ii7iB", head, 0, MAGIC, version, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+                     args.n_kv_heads, args.vocab_size, args.max_seq_len, int(args.shared_classifier))
+    if version == 2:
+        struct.pack_into("<i", head, 37, group_size)
+    struct.pack_into("<dd", head, EXT_OFFSET, args.rope_theta, args.norm_eps)
+    return bytes(head)
+
+
+def _f32(f, a) -> None:
+    f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+
+
+def _q8(f, t: QTensor) -> None:
+    f.write(np.ascontiguousarray(t.q, dtype=np.int8).tobytes())
+    _f32(f, t.s)
+
+
+def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size: int | None = None) -> None:
+    """Write `weights` as a llama2.c model file; written to a temporary name and renamed when complete."""
+    args = weights.args
+    if version not in (0, 1, 2):
+        raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1 or 2)")
+    if version == 0 and (args.rope_theta != DEFAULT_ROPE_THETA or args.norm_eps != DEFAULT_NORM_EPS):
+        raise BabyLlamaError(
+            f"version 0 files cannot carry rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
+            "export version 1 or 2 instead")
+    w = weights.to_fp32() if version < 2 else weights.quantize(group_size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    L = args.n_layers
+    with open(tmp, "wb") as f:
+        if version == 0:
+            vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
+            f.write(struct.pack("<7i", args.dim, args.hidden_dim, L, args.n_heads, args.n_kv_heads, vocab,
+                                args.max_seq_len))
+            _f32(f, w.tok_embeddings)
+            _f32(f, w.rms_att)
+            for name in ("wq", "wk", "wv", "wo"):
+                _f32(f, getattr(w, name))
+            _f32(f, w.rms_ffn)
+            for name in ("w1", "w2", "w3"):
+                _f32(f, getattr(w, name))
+            _f32(f, w.rms_final)
+            _f32(f, _legacy_rope_tables(args))
+            if not args.shared_classifier:
+                _f32(f, w.wcls)
+        else:
+            f.write(_header_v12(args, version, w.group_size))
+            _f32(f, w.rms_att)
+            _f32(f, w.rms_ffn)
+            _f32(f, w.rms_final)
+            if version == 1:
+                _f32(f, w.tok_embeddings)
+                for name in LAYER_MATRICES:
+                    _f32(f, getattr(w, name))
+                if not args.shared_classifier:
+                    _f32(f, w.wcls)
+            else:
+                emb_q = w.wcls if args.shared_classifier else quantize_q80(w.tok_embeddings, w.group_size)
+                _q8(f, emb_q)
+                for name in LAYER_MATRICES:
+                    for t in getattr(w, name):
+                        _q8(f, t)
+                if not args.shared_classifier:
+                    _q8(f, w.wcls)
+    os.replace(tmp, path)
+
+
+def _legacy_rope_tables(args: ModelArgs) -> np.ndarray:
+    """The cos/sin tables that version 0 files carry (unused by any reader, written for byte compatibility)."""
+    hs = args.head_size
+    freqs = 1.0 / (args.rope_theta ** (np.arange(0, hs, 2)[: hs // 2] / hs))
+    angles = np.outer(np.arange(args.max_seq_len), freqs)
+    return np.concatenate([np.cos(angles).ravel(), np.sin(angles).ravel()]).astype(np.float32)

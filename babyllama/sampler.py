@@ -1,0 +1,81 @@
+"""Choosing the next token from logits, exactly as run.c does (so `-s SEED` reproduces run.c's text).
+
+All arithmetic is fp32 like run.c's; the random generator is run.c's xorshift64*.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+class Rng:
+    """run.c's xorshift64* generator: `random_u32` and `random_f32` on a 64-bit state."""
+
+    def __init__(self, seed: int):
+        self.state = seed & _MASK64
+
+    def u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & _MASK64
+        s ^= s >> 27
+        self.state = s
+        return ((s * 0x2545F4914F6CDD1D) & _MASK64) >> 32
+
+    def f32(self) -> np.float32:
+        return np.float32((self.u32() >> 8) / 16777216.0)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(), dtype=np.float32)
+    return e / e.sum(dtype=np.float32)
+
+
+def sample_mult(probs: np.ndarray, coin: np.float32) -> int:
+    """First index whose running CDF exceeds the coin (the last index if rounding leaves it short)."""
+    cdf = np.cumsum(probs, dtype=np.float32)
+    i = int(np.searchsorted(cdf, coin, side="right"))
+    return min(i, len(probs) - 1)
+
+
+def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
+    """run.c's nucleus sampling: drop candidates below (1-topp)/(n-1) before sorting, keep the smallest
+    prefix whose mass exceeds topp, and sample within it."""
+    n = len(probs)
+    cutoff = np.float32((1.0 - np.float32(topp)) / (n - 1))
+    cand = np.flatnonzero(probs >= cutoff)
+    cand = cand[np.argsort(-probs[cand], kind="stable")]
+    cum = np.cumsum(probs[cand], dtype=np.float32)
+    over = np.flatnonzero(cum > np.float32(topp))
+    last = int(over[0]) if len(over) else len(cand) - 1
+    r = np.float32(coin * cum[last])
+    i = int(np.searchsorted(cum[: last + 1], r, side="right"))
+    return int(cand[min(i, last)])
+
+
+class Sampler:
+    """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p."""
+
+    def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None):
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        self.temperature = float(temperature)
+        self.topp = float(topp)
+        self.rng = Rng(seed if seed else int(time.time()))
+
+    def probs(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution this sampler draws from (before top-p truncation)."""
+        return softmax(np.asarray(logits, dtype=np.float32) / np.float32(self.temperature))
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.temperature == 0.0:
+            return int(np.argmax(logits))
+        probs = self.probs(logits)
+        coin = self.rng.f32()
+        if 0.0 < self.topp < 1.0:
+            return sample_topp(probs, self.topp, coin)
+        return sample_mult(probs, coin)

@@ -1,0 +1,197 @@
+"""The llama2.c tokenizer (`tokenizer.bin`): byte-level BPE driven by piece scores, as sentencepiece does it.
+
+Encoding follows sentencepiece's BPE (the tool that trained these vocabularies, so it is the truth):
+a dummy-prefix space, spaces kept as part of pieces, each character looked up as a piece or else spelled
+as `<0xXX>` byte tokens, then repeatedly the adjacent pair whose concatenation is the best-scoring piece
+is merged (leftmost on ties). Unlike run.c's simplification, control tokens (`<s>`, `</s>`, `<unk>`) and
+byte tokens never come out of a merge, so typing "<s>" or "<0x41>" gives ordinary text tokens. The merge
+loop uses a heap over a linked list of symbols: O(n log n), not a rescan of the text per merge.
+
+Decoding a single step reproduces run.c (`decode_piece` + `safe_printf`); `decode` of a whole id list
+reproduces sentencepiece (byte tokens reassembled into UTF-8).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BabyLlamaError
+
+UNK, BOS, EOS = 0, 1, 2
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
+
+
+class Tokenizer:
+    def __init__(self, pieces: list[bytes], scores: list[float], max_token_length: int | None = None):
+        self.pieces = pieces
+        self.scores = np.asarray(scores, dtype=np.float32)
+        self.vocab_size = len(pieces)
+        self.max_token_length = max_token_length or max((len(p) for p in pieces), default=0)
+        self.byte_ids: dict[int, int] = {}  # byte value -> id of its <0xXX> token
+        self.piece_ids: dict[bytes, int] = {}  # pieces a merge may produce (not control or byte tokens)
+        for i, piece in enumerate(pieces):
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m:
+                self.byte_ids.setdefault(int(m.group(1), 16), i)
+            elif i > EOS:
+                self.piece_ids.setdefault(piece, i)
+        self._score = self.scores.tolist()
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
+        """Read a llama2.c tokenizer.bin. With `vocab_size`, the file must hold exactly that many tokens."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise BabyLlamaError(f"tokenizer file not found: {path}") from None
+        except OSError as e:
+            raise BabyLlamaError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+        if len(data) < 4:
+            raise BabyLlamaError(f"{path}: not a tokenizer.bin (too short)")
+        (max_len,) = struct.unpack_from("<i", data, 0)
+        pieces, scores, off = [], [], 4
+        while off < len(data):
+            if off + 8 > len(data):
+                raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt")
+            score, n = struct.unpack_from("<fi", data, off)
+            off += 8
+            if n < 0 or off + n > len(data) or (max_len > 0 and n > max_len):
+                raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt (token {len(pieces)})")
+            pieces.append(data[off:off + n])
+            scores.append(score)
+            off += n
+        if vocab_size is not None and len(pieces) != vocab_size:
+            raise BabyLlamaError(
+                f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}; "
+                "pass the tokenizer the model was trained with (-z)")
+        return cls(pieces, scores, max_len)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<i", self.max_token_length))
+            for piece, score in zip(self.pieces, self._score):
+                f.write(struct.pack("<fi", score, len(piece)))
+                f.write(piece)
+
+    @classmethod
+    def from_sentencepiece(cls, model_path: str | os.PathLike) -> Tokenizer:
+        """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space)."""
+        try:
+            import sentencepiece as spm
+        except ImportError:
+            raise BabyLlamaError("reading a .model file needs sentencepiece: pip install 'babyllama[train]'") from None
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        except (OSError, RuntimeError) as e:
+            raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
+        pieces, scores = [], []
+        for i in range(sp.vocab_size()):
+            text = sp.id_to_piece(i)
+            if i == sp.bos_id():
+                text = "\n<s>\n"
+            elif i == sp.eos_id():
+                text = "\n</s>\n"
+            pieces.append(text.replace("\u2581", " ").encode("utf-8"))
+            scores.append(sp.get_score(i))
+        return cls(pieces, scores)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = [BOS] if bos else []
+        if text:
+            ids.extend(self._bpe(" " + text))
+        if eos:
+            ids.append(EOS)
+        return ids
+
+    def _initial_symbols(self, text: str) -> list[int]:
+        ids = []
+        for ch in text:
+            b = ch.encode("utf-8", "surrogatepass")
+            tid = self.piece_ids.get(b)
+            if tid is not None:
+                ids.append(tid)
+            elif self.byte_ids:
+                ids.extend(self.byte_ids.get(x, UNK) for x in b)
+            else:
+                ids.append(UNK)
+        return ids
+
+    def _bpe(self, text: str) -> list[int]:
+        ids = self._initial_symbols(text)
+        n = len(ids)
+        if n < 2:
+            return ids
+        syms = [self.pieces[i] for i in ids]
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list[tuple[float, int, int, bytes]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if j < n:
+                merged = syms[i] + syms[j]
+                tid = self.piece_ids.get(merged)
+                if tid is not None:
+                    heapq.heappush(heap, (-self._score[tid], i, tid, merged))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, tid, merged = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or syms[i] + syms[j] != merged:
+                continue  # stale entry: one side was merged away since it was pushed
+            syms[i], ids[i] = merged, tid
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        return [ids[i] for i in range(n) if alive[i]]
+
+    # ------------------------------------------------------------------ decoding
+
+    def piece_bytes(self, token: int) -> bytes:
+        piece = self.pieces[token]
+        m = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(m.group(1), 16)]) if m else piece
+
+    def decode_piece(self, prev: int, token: int) -> bytes:
+        """What run.c prints for `token` following `prev`: the leading space dropped after BOS, byte
+        tokens as their byte, and a lone unprintable byte suppressed (run.c's safe_printf)."""
+        piece = self.pieces[token]
+        if prev == BOS and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            piece = bytes([int(m.group(1), 16)])
+        if len(piece) == 1 and piece[0] not in _PRINTABLE:
+            return b""
+        return piece
+
+    def decode(self, ids: list[int]) -> str:
+        """The text for `ids` as sentencepiece decodes it (control tokens skipped, dummy prefix removed)."""
+        out = bytearray()
+        for t in ids:
+            if t in (UNK, BOS, EOS) and t < 3:
+                if t == UNK:
+                    out += " \u2047 ".encode()
+                continue
+            out += self.piece_bytes(t)
+        if out.startswith(b" "):
+            del out[:1]
+        return out.decode("utf-8", errors="replace")

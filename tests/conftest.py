@@ -1,0 +1,76 @@
+"""Shared fixtures: paths into ../shared (skipped with a reason when absent) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from babyllama import formats
+from babyllama.config import ModelArgs
+from babyllama.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BABYLLAMA_SHARED", ROOT.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+
+
+def shared_file(rel: str) -> Path:
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared holds the llama2.c fixtures; CI has it)")
+    return path
+
+
+@pytest.fixture
+def stories260k() -> Path:
+    return shared_file("fixtures/stories260K.bin")
+
+
+@pytest.fixture
+def tok512() -> Path:
+    return shared_file("fixtures/tok512.bin")
+
+
+def random_weights(args: ModelArgs, seed: int = 0, scale: float = 0.05) -> formats.Weights:
+    """A model of `args`' shape with random fp32 weights (norm gains near 1)."""
+    rng = np.random.default_rng(seed)
+    L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
+
+    def r(*shape):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    emb = r(V, d)
+    return formats.Weights(
+        args, emb,
+        rms_att=(1 + r(L, d)), rms_ffn=(1 + r(L, d)), rms_final=(1 + r(d)),
+        wq=r(L, d, d), wk=r(L, kv, d), wv=r(L, kv, d), wo=r(L, d, d),
+        w1=r(L, h, d), w2=r(L, d, h), w3=r(L, h, d),
+        wcls=emb if args.shared_classifier else r(V, d),
+    )
+
+
+def tiny_args(**kw) -> ModelArgs:
+    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=64, max_seq_len=64)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A tokenizer with llama2.c's special and byte tokens plus a few merges, padded to vocab_size."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    extra = [b" ", b"e", b"t", b"a", b"o", b" t", b"th", b" th", b"he", b" the", b"in", b"an"]
+    pieces += extra
+    pieces += [f"tok{i}".encode() for i in range(vocab_size - len(pieces))]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)]
+    return Tokenizer(pieces, scores)
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout)."""
+    return subprocess.run([sys.executable, "-m", "babyllama", *args], input=input.encode() if input else None,
+                          capture_output=True, timeout=timeout, cwd=ROOT)

@@ -1,0 +1,25 @@
+"""`babyllama run` must print exactly what llama2.c's run.c prints (../shared/fixtures/golden)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli, shared_file
+
+GOLDEN = [
+    ("s260k_t0_n200.txt", ["-t", "0", "-n", "200"]),
+    ("s260k_t0_n120_dog.txt", ["-t", "0", "-n", "120", "-i", "Once upon a time, a little dog"]),
+    ("s260k_t1_s42_n200.txt", ["-t", "1.0", "-s", "42", "-n", "200"]),
+    ("s260k_t0.8_p0.9_s7_n256.txt", ["-t", "0.8", "-p", "0.9", "-s", "7", "-n", "256"]),
+]
+
+
+@pytest.mark.parametrize("name,flags", GOLDEN, ids=[g[0] for g in GOLDEN])
+def test_run_matches_run_c_byte_for_byte(name, flags):
+    model = shared_file("fixtures/stories260K.bin")
+    tok = shared_file("fixtures/tok512.bin")
+    expected = shared_file(f"fixtures/golden/{name}").read_bytes()
+    proc = run_cli("run", str(model), "-z", str(tok), *flags)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == expected
+    assert b"achieved tok/s:" in proc.stderr
