@@ -9,6 +9,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import Model, load  # noqa: E402
-
 __all__ = ["Model", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `babyllama.cli` starts without NumPy: `--threads` must be applied
+    # before NumPy loads its BLAS (which fixes its thread count then).
+    if name in ("Model", "load"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'babyllama' has no attribute {name!r}")

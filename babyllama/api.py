@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from . import formats
@@ -32,9 +33,9 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
 class Model:
     """A loaded model: weights, engine and tokenizer together."""
 
-    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer):
+    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False):
         self.weights = weights
-        self.engine = Engine(weights)
+        self.engine = Engine(weights, plain=plain)
         self.tokenizer = tokenizer
 
     @property
@@ -49,6 +50,20 @@ class Model:
         new = list(generate(self.engine, ids, steps, sampler))
         return self.tokenizer.decode(ids + new)
 
+    def generate_batch(self, prompts: list[str], steps: int | list[int] = 256, temperature: float = 1.0,
+                       topp: float = 0.9, seed: int | None = None) -> list[str]:
+        """Generate after each prompt, all at once (one batched forward pass per step); sequence i samples
+        with seed + i. Returns prompt + continuation for each, like `generate`."""
+        from .generate import generate_batch
+
+        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
+        per_seq = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
+        per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
+        base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
+        samplers = [Sampler(temperature, topp, base + i) for i in range(len(prompts))]
+        seqs = generate_batch(self.engine, ids, per_seq, samplers)
+        return [self.tokenizer.decode(p + s.generated) for p, s in zip(ids, seqs)]
+
 
 def clamp_steps(steps: int, seq_len: int) -> int:
     """run.c: 0 or more than seq_len means seq_len."""
@@ -57,15 +72,21 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
-def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> Model:
-    """Load a llama2.c .bin (default: the built-in model) and its tokenizer."""
+def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+         quantize: str | None = None, plain: bool = False) -> Model:
+    """Load a llama2.c .bin (default: the built-in model) and its tokenizer. `quantize="q8_0"` converts
+    fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference engine."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
         model = BUILTIN_MODEL
     weights = formats.load(model)
+    if quantize is not None:
+        if quantize != "q8_0":
+            raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")
+        weights = weights.quantize()
     tok_path = tokenizer or find_tokenizer(model, weights.args.vocab_size)
-    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size))
+    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain)
 
 
 __all__ = ["Model", "load", "clamp_steps", "find_tokenizer", "BOS"]

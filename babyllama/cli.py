@@ -32,7 +32,24 @@ def add_run(sub) -> None:
     p.add_argument("-i", dest="prompt", default=None, help="input prompt")
     p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
     p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
+    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--batch-file", default=None, metavar="FILE",
+                   help="generate for every line of FILE at once (one prompt per line); sequence i uses seed+i")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when seq_len is reached, keep the first --n-keep tokens and slide the rest (-n may "
+                        "exceed seq_len)")
+    p.add_argument("--n-keep", type=int, default=None, help="tokens kept by --context-shift (default: the prompt)")
+    p.add_argument("--draft", default=None, metavar="SMALL.bin",
+                   help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (4)")
+    p.add_argument("--plain", action="store_true", help="use the unoptimized reference engine (for comparison)")
+    add_threads(p)
     p.set_defaults(func=cmd_run)
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for BLAS and numba (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else all)")
 
 
 def _check_sampling_flags(args) -> None:
@@ -64,16 +81,93 @@ def cmd_run(args) -> int:
     _check_sampling_flags(args)
     prompt = _text_arg(args.prompt, "prompt (-i)")
     system = _text_arg(args.system, "system prompt (-y)") if args.system is not None else None
-    model = load(args.checkpoint, args.tokenizer)
-    steps = clamp_steps(args.steps, model.args.max_seq_len)
+    _check_speed_flags(args)
+    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, plain=args.plain)
+    if args.context_shift and args.mode == "generate" and not args.batch_file and not args.draft:
+        steps = args.steps or model.args.max_seq_len  # -n may go past seq_len
+    else:
+        steps = clamp_steps(args.steps, model.args.max_seq_len)
     sampler = Sampler(args.temperature, args.topp, args.seed or None)
     if args.mode == "chat":
         from .chat import chat
         return chat(model, sampler, steps, prompt or None, system)
-    return _generate(model, sampler, prompt, steps)
+    if args.batch_file:
+        return _generate_batch(model, args, steps)
+    if args.draft:
+        return _generate(model, sampler, prompt, steps, draft=_load_draft(args), draft_k=args.draft_k)
+    return _generate(model, sampler, prompt, steps, context_shift=args.context_shift, n_keep=args.n_keep)
 
 
-def _generate(model, sampler, prompt: str, steps: int) -> int:
+def _check_speed_flags(args) -> None:
+    exclusive = [name for name, on in (("--batch-file", args.batch_file), ("--draft", args.draft),
+                                       ("--context-shift", args.context_shift)) if on]
+    if len(exclusive) > 1:
+        raise BabyLlamaError(f"{' and '.join(exclusive)} cannot be combined")
+    if exclusive and args.mode == "chat":
+        raise BabyLlamaError(f"{exclusive[0]} works in generate mode only (-m generate)")
+    if args.draft_k < 1:
+        raise BabyLlamaError(f"--draft-k must be >= 1, got {args.draft_k}")
+    if args.n_keep is not None and args.n_keep < 0:
+        raise BabyLlamaError(f"--n-keep must be >= 0, got {args.n_keep}")
+
+
+def _load_draft(args):
+    from . import formats
+    from .engine import Engine
+
+    weights = formats.load(args.draft)
+    if args.quantize:
+        weights = weights.quantize()
+    return Engine(weights, plain=args.plain)
+
+
+def _generate_batch(model, args, steps: int) -> int:
+    """Every line of --batch-file is a prompt; all are generated together, then printed in order, each
+    after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`."""
+    from .api import clamp_steps  # noqa: F401  (steps already clamped)
+    from .generate import generate_batch
+    from .sampler import Sampler
+
+    try:
+        with open(args.batch_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except FileNotFoundError:
+        raise BabyLlamaError(f"batch file not found: {args.batch_file}") from None
+    except UnicodeDecodeError:
+        raise BabyLlamaError(f"batch file {args.batch_file} is not valid UTF-8 text") from None
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read batch file {args.batch_file}: {e.strerror}") from None
+    while prompts and prompts[-1] == "":
+        prompts.pop()
+    if not prompts:
+        raise BabyLlamaError(f"batch file {args.batch_file} has no prompts")
+    tok = model.tokenizer
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    base = args.seed or int(time.time())
+    samplers = [Sampler(args.temperature, args.topp, base + i) for i in range(len(prompts))]
+    start = time.perf_counter()
+    seqs = generate_batch(model.engine, ids, steps, samplers)
+    elapsed = time.perf_counter() - start
+    out = sys.stdout.buffer
+    for i, (p, seq) in enumerate(zip(ids, seqs)):
+        out.write(f"=== sequence {i + 1}/{len(seqs)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
+                  .encode())
+        out.write(_decode_run(tok, p[: steps + 1] + seq.generated))
+        out.write(b"\n")
+    out.flush()
+    total = sum(len(s.generated) for s in seqs)
+    print(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(seqs)} sequences, prefill included)",
+          file=sys.stderr)
+    return 0
+
+
+def _decode_run(tok, ids: list[int]) -> bytes:
+    """Text of a token run as run.c prints it (each piece decoded after its predecessor)."""
+    return b"".join(tok.decode_piece(prev, nxt) for prev, nxt in zip(ids, ids[1:]))
+
+
+def _generate(model, sampler, prompt: str, steps: int, draft=None, draft_k: int = 4, context_shift: bool = False,
+              n_keep: int | None = None) -> int:
     from .generate import generate
 
     tok = model.tokenizer
@@ -83,7 +177,13 @@ def _generate(model, sampler, prompt: str, steps: int) -> int:
         out.write(tok.decode_piece(prev, nxt))
     out.flush()
     prev, start, n = ids[-1], None, 0
-    for nxt in generate(model.engine, ids, steps, sampler):
+    if draft is not None:
+        from .speculative import SpecStats, speculative_generate
+        stats = SpecStats()
+        stream = speculative_generate(model.engine, draft, ids, steps, sampler, k=draft_k, stats=stats)
+    else:
+        stream = generate(model.engine, ids, steps, sampler, context_shift=context_shift, n_keep=n_keep)
+    for nxt in stream:
         out.write(tok.decode_piece(prev, nxt))
         out.flush()
         prev, n = nxt, n + 1
@@ -93,6 +193,53 @@ def _generate(model, sampler, prompt: str, steps: int) -> int:
     out.flush()
     if start is not None and n > 1:
         print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}", file=sys.stderr)
+    if draft is not None:
+        print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+              f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure decode/prefill/batched speed on random models of the "
+                                     "tinyllamas shapes, against the plain NumPy baseline")
+    p.add_argument("--shapes", default="15M,42M,110M", help="comma-separated shapes: 15M, 42M, 110M (all)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (3)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
+    p.add_argument("--plain-tokens", type=int, default=32,
+                   help="tokens decoded per run on the slow plain baseline (32)")
+    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
+    p.add_argument("--cache-dir", default=None, help="where random models are cached "
+                                                     "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
+    p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
+    add_threads(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in bench.SHAPES]
+    if unknown or not shapes:
+        raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
+                             f"{', '.join(bench.SHAPES)}")
+    for name in ("repeats", "tokens", "plain_tokens", "batch", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
+    machine = bench.describe_machine()
+    paths = ("fast",) if args.no_plain else bench.PATHS
+    rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
+                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens)
+    text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
+    print(text)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
     return 0
 
 
@@ -106,6 +253,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_run(sub)
+    add_bench(sub)
     return parser
 
 
@@ -116,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        from .threads import configure
+        configure(getattr(args, "threads", None))
         return args.func(args) or 0
     except BabyLlamaError as e:
         print(f"babyllama: error: {e}", file=sys.stderr)

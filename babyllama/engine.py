@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ModelArgs
 from .formats import QTensor, Weights
-from .kernels import matmul
+from .kernels import matmul_many, matmul_plain
 
 
 class KVCache:
@@ -73,11 +73,22 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
 
 
 class Engine:
-    def __init__(self, weights: Weights):
+    """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
+    baseline the fast path is tested and benchmarked against. The fast path groups the products that read
+    the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled Q8_0 kernel when present;
+    weights are never copied (they stay memory-mapped)."""
+
+    def __init__(self, weights: Weights, plain: bool = False):
         self.w = weights
         self.args = weights.args
         self.args.validate()
+        self.plain = plain
         self.cos, self.sin = rope_tables(self.args.head_size, self.args.max_seq_len, self.args.rope_theta)
+
+    def _mm(self, x: np.ndarray, *ws) -> list[np.ndarray]:
+        if self.plain:
+            return [matmul_plain(x, w) for w in ws]
+        return matmul_many(x, ws)
 
     def new_cache(self, n_slots: int = 1) -> KVCache:
         return KVCache(self.args, n_slots)
@@ -100,9 +111,9 @@ class Engine:
         x = w.tok_embeddings[tokens].astype(np.float32)
         for layer in range(a.n_layers):
             xb = rmsnorm(x, w.rms_att[layer], a.norm_eps)
-            q = apply_rope(matmul(xb, w.wq[layer]).reshape(n, a.n_heads, hs), cos, sin)
-            k = apply_rope(matmul(xb, w.wk[layer]).reshape(n, a.n_kv_heads, hs), cos, sin)
-            v = matmul(xb, w.wv[layer])
+            q, k, v = self._mm(xb, w.wq[layer], w.wk[layer], w.wv[layer])
+            q = apply_rope(q.reshape(n, a.n_heads, hs), cos, sin)
+            k = apply_rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
             kc, vc = cache.k[layer], cache.v[layer]
             kc[slots, positions] = k.reshape(n, a.kv_dim)
             vc[slots, positions] = v
@@ -110,14 +121,15 @@ class Engine:
             for start, end, slot, pos0 in runs:
                 end_pos = pos0 + (end - start)
                 att[start:end] = self._attend(q[start:end], kc[slot, :end_pos], vc[slot, :end_pos], pos0)
-            x = x + matmul(att, w.wo[layer])
+            x += self._mm(att, w.wo[layer])[0]
             xb = rmsnorm(x, w.rms_ffn[layer], a.norm_eps)
-            x = x + matmul(silu(matmul(xb, w.w1[layer])) * matmul(xb, w.w3[layer]), w.w2[layer])
+            h1, h3 = self._mm(xb, w.w1[layer], w.w3[layer])
+            x += self._mm(silu(h1) * h3, w.w2[layer])[0]
 
         if logits == "last":
             x = x[[end - 1 for _, end, _, _ in runs]]
         x = rmsnorm(x, w.rms_final, a.norm_eps)
-        return matmul(x, w.wcls)
+        return self._mm(x, w.wcls)[0]
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
         """Causal attention of T queries (positions pos0..pos0+T-1) over keys/values (P, kv_dim), grouped

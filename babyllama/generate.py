@@ -8,6 +8,11 @@ steps, which is all continuous batching needs.
 
 Positions follow run.c: a sequence may occupy at most `max_pos + 1` tokens (BOS and prompt included),
 i.e. `max_pos` forward positions, which is run.c's `-n steps`.
+
+Context shift (`Sequence.context_shift`): when a sequence's tokens no longer fit the cache, the first
+`n_keep` tokens stay, the oldest half of the rest is dropped, and the kept window is recomputed from
+scratch in one batched prefill (so the continuation is exactly what a fresh run on the window gives), and
+generation goes on past seq_len. The cache then holds `window()`: tokens[:n_keep] + tokens[n_keep+n_dropped:].
 """
 
 from __future__ import annotations
@@ -31,6 +36,25 @@ class Sequence:
     done: bool = False
     generated: list[int] = field(default_factory=list)
     stop_reason: str | None = None  # "stop" (a stop token) or "length"
+    context_shift: bool = False  # slide the window instead of stopping at the cache's seq_len
+    n_keep: int = 0  # tokens always kept at the start of the window (the prompt, typically)
+    n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
+
+    def window(self) -> list[int]:
+        """The tokens the cache holds (or will hold), position by position."""
+        if not self.n_dropped:
+            return self.tokens
+        return self.tokens[: self.n_keep] + self.tokens[self.n_keep + self.n_dropped:]
+
+    def shift_if_full(self, seq_len: int) -> None:
+        """Drop the oldest half of the slidable tokens when the window outgrows the cache."""
+        if len(self.tokens) - self.n_dropped <= seq_len:
+            return
+        keep = min(self.n_keep, seq_len // 2)
+        self.n_keep = keep
+        slidable = len(self.tokens) - self.n_dropped - keep
+        self.n_dropped += max(slidable - (seq_len - keep) // 2, 1)
+        self.n_fed = 0  # the window's keys/values are recomputed from position 0
 
     def extend(self, ids: Iterable[int]) -> None:
         """Append more input (the next chat turn) and make the sequence runnable again."""
@@ -57,7 +81,8 @@ class Batch:
             raise RuntimeError("no free slot in the batch")
         if not seq.tokens:
             raise ValueError("a sequence needs at least one token (BOS)")
-        seq.max_pos = min(seq.max_pos, self.cache.seq_len)
+        if not seq.context_shift:
+            seq.max_pos = min(seq.max_pos, self.cache.seq_len)
         seq.slot = self.free_slots.pop()
         seq._check_length()
         self.active.append(seq)
@@ -76,14 +101,17 @@ class Batch:
         for seq in self.active:
             if seq.done or budget <= 0:
                 continue
-            end = min(len(seq.tokens), seq.n_fed + budget)
+            if seq.context_shift:
+                seq.shift_if_full(self.cache.seq_len)
+            window = seq.window()
+            end = min(len(window), seq.n_fed + budget)
             chunk = range(seq.n_fed, end)
-            tokens.extend(seq.tokens[i] for i in chunk)
+            tokens.extend(window[seq.n_fed:end])
             positions.extend(chunk)
             slots.extend([seq.slot] * len(chunk))
             budget -= len(chunk)
             seq.n_fed = end
-            ready.append((seq, end == len(seq.tokens)))
+            ready.append((seq, end == len(window)))
         if not tokens:
             return []
         logits = self.engine.forward(tokens, positions, self.cache, slots, logits="last")
@@ -103,13 +131,36 @@ class Batch:
 
 
 def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
-             stop_ids: Iterable[int] = (BOS,)) -> Iterator[int]:
-    """Stream the tokens sampled after `prompt_ids` (run.c semantics: `steps` positions in all)."""
+             stop_ids: Iterable[int] = (BOS,), context_shift: bool = False, n_keep: int | None = None
+             ) -> Iterator[int]:
+    """Stream the tokens sampled after `prompt_ids` (run.c semantics: `steps` positions in all). With
+    `context_shift`, `steps` may exceed seq_len; `n_keep` (default: the prompt) tokens stay in the window."""
     batch = Batch(engine, 1)
-    seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids)))
+    keep = len(prompt_ids) if n_keep is None else n_keep
+    seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids), context_shift=context_shift,
+                             n_keep=keep))
     while not seq.done:
         for _, tok in batch.step():
             yield tok
+
+
+def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
+                   stop_ids: Iterable[int] = (BOS,), on_token=None) -> list[Sequence]:
+    """Generate after every prompt at once (one `Batch`, one slot each); `steps` may differ per sequence
+    and each stops on its own. `on_token(index, token)` is called as tokens arrive. Returns the sequences
+    (their `generated` tokens and `stop_reason`), in prompt order."""
+    if isinstance(steps, int):
+        steps = [steps] * len(prompts)
+    if not (len(prompts) == len(steps) == len(samplers)):
+        raise ValueError("prompts, steps and samplers must have one entry per sequence")
+    batch = Batch(engine, len(prompts))
+    seqs = [batch.add(Sequence(list(p), s, n, frozenset(stop_ids))) for p, n, s in zip(prompts, steps, samplers)]
+    index = {id(s): i for i, s in enumerate(seqs)}
+    while not all(s.done for s in seqs):
+        for seq, tok in batch.step():
+            if on_token is not None:
+                on_token(index[id(seq)], tok)
+    return seqs
 
 
 def chat_prompt(user: str, system: str | None = None) -> str:
@@ -119,4 +170,4 @@ def chat_prompt(user: str, system: str | None = None) -> str:
     return f"[INST] {user} [/INST]"
 
 
-__all__ = ["Batch", "Sequence", "generate", "chat_prompt", "BOS", "EOS"]
+__all__ = ["Batch", "Sequence", "generate", "generate_batch", "chat_prompt", "BOS", "EOS"]

@@ -71,6 +71,20 @@ class Sampler:
         """The distribution this sampler draws from (before top-p truncation)."""
         return softmax(np.asarray(logits, dtype=np.float32) / np.float32(self.temperature))
 
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution `sample` draws from, top-p truncation included (renormalized): what
+        speculative decoding compares between draft and target. Needs temperature > 0."""
+        probs = self.probs(logits)
+        if not 0.0 < self.topp < 1.0:
+            return probs
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order], dtype=np.float32)
+        last = int(np.searchsorted(cum, np.float32(self.topp), side="right"))
+        keep = order[: last + 1]
+        out = np.zeros_like(probs)
+        out[keep] = probs[keep] / probs[keep].sum(dtype=np.float32)
+        return out
+
     def sample(self, logits: np.ndarray) -> int:
         if self.temperature == 0.0:
             return int(np.argmax(logits))

@@ -1,0 +1,116 @@
+"""Speculative decoding: a small draft model proposes k tokens, the target checks them in one batched pass.
+
+Each round (Leviathan et al. 2023, Chen et al. 2023):
+  1. the draft samples d_1..d_k one by one from its distributions q_1..q_k;
+  2. the target runs [last token, d_1..d_k] in ONE forward pass, giving its distributions p_1..p_{k+1};
+  3. d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order; at the first rejection a
+     token is drawn from norm(max(0, p_i - q_i)) instead and the round ends; if all k are accepted, a
+     bonus token is drawn from p_{k+1}.
+Every token so produced is distributed exactly as the target's own sampling would be. With temperature 0
+both "distributions" are one-hot argmaxes: a draft token is kept iff it is the target's argmax, so the
+output is token for token the target's greedy output. Keys/values of rejected tokens stay in the caches
+but lie beyond the accepted length, so the next round simply overwrites them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .errors import BabyLlamaError
+from .sampler import Sampler, sample_mult
+from .tokenizer import BOS
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def check_pair(target: Engine, draft: Engine) -> None:
+    if target.args.vocab_size != draft.args.vocab_size:
+        raise BabyLlamaError(f"draft model vocab {draft.args.vocab_size} differs from the target's "
+                             f"{target.args.vocab_size}: they must share a tokenizer")
+
+
+def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
+                         k: int = 4, stop_ids: Iterable[int] = (BOS,), stats: SpecStats | None = None
+                         ) -> Iterator[int]:
+    """Stream the target's tokens after `prompt_ids` (run.c semantics: `steps` positions in all)."""
+    check_pair(target, draft)
+    stats = stats if stats is not None else SpecStats()
+    stops = frozenset(stop_ids)
+    max_pos = min(steps, target.args.max_seq_len, draft.args.max_seq_len)
+    tcache, dcache = target.new_cache(1), draft.new_cache(1)
+    tokens = list(prompt_ids)
+    t_fed = d_fed = 0  # tokens whose keys/values each cache holds
+    greedy = sampler.temperature == 0.0
+    rng = sampler.rng
+
+    while len(tokens) <= max_pos:
+        n_draft = max(0, min(k, max_pos - len(tokens)))
+        drafted, qs = [], []
+        for j in range(n_draft):  # 1. draft, one token at a time (the first call catches the draft up)
+            if j == 0:
+                row = draft.forward(tokens[d_fed:], range(d_fed, len(tokens)), dcache, logits="last")[-1]
+            else:
+                row = draft.forward([drafted[-1]], [len(tokens) + j - 1], dcache, logits="last")[-1]
+            if greedy:
+                drafted.append(int(np.argmax(row)))
+            else:
+                qs.append(sampler.distribution(row))
+                drafted.append(sample_mult(qs[-1], rng.f32()))
+        if drafted:
+            d_fed = len(tokens) + len(drafted) - 1
+        # 2. verify: the target's distributions after the last token and after each drafted token
+        logits = target.forward(tokens[t_fed:] + drafted, range(t_fed, len(tokens) + len(drafted)), tcache,
+                                logits="all")[-(len(drafted) + 1):]
+        t_fed = len(tokens) + len(drafted)
+
+        new, n_ok = [], 0  # 3. accept / reject
+        for i, d in enumerate(drafted):
+            if greedy:
+                best = int(np.argmax(logits[i]))
+                ok = best == d
+                fix = best
+            else:
+                p = sampler.distribution(logits[i])
+                ok = rng.f32() < min(1.0, p[d] / qs[i][d])
+                fix = None if ok else sample_mult(_residual(p, qs[i]), rng.f32())
+            if not ok:
+                new.append(fix)
+                break
+            new.append(d)
+            n_ok += 1
+        else:
+            row = logits[len(drafted)]
+            new.append(int(np.argmax(row)) if greedy else sample_mult(sampler.distribution(row), rng.f32()))
+        stats.rounds += 1
+        stats.drafted += len(drafted)
+        stats.accepted += n_ok
+
+        t_fed = min(t_fed, len(tokens) + len(new) - 1)  # drop rejected tokens' cache entries
+        d_fed = min(d_fed, len(tokens) + len(new) - 1)
+        for tok in new:
+            tokens.append(tok)
+            if tok in stops:
+                return
+            yield tok
+            if len(tokens) > max_pos:
+                return
+
+
+def _residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """norm(max(0, p - q)): where the target wants more mass than the draft gave."""
+    r = np.maximum(p - q, 0)
+    total = r.sum()
+    return (r / total).astype(np.float32) if total > 0 else p
