@@ -1,0 +1,178 @@
+"""Every fast path against the plain path: Q8_0 kernel, grouped products, prefill, batches, context shift,
+speculative decoding. Tolerances: fp32 paths agree to 1e-5 (same sums, different BLAS call shapes); Q8_0
+kernels to 1e-5 relative (the same int8 products, summed in another order)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import random_weights, tiny_args
+
+from babyllama import kernels
+from babyllama.engine import Engine
+from babyllama.generate import Batch, Sequence, generate, generate_batch
+from babyllama.sampler import Sampler
+from babyllama.speculative import SpecStats, speculative_generate
+
+rng = np.random.default_rng(3)
+
+
+def q8_weights(**kw):
+    return random_weights(tiny_args(**kw), scale=0.2).quantize()
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def q8_backend(request):
+    """Run a test with the compiled kernel and with the NumPy fallback (what users without numba get)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    kernels.use_numba(request.param == "numba")
+    yield request.param
+    kernels.use_numba(True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, kernels.Q8_GEMM_MIN_ROWS + 4])
+def test_q8_kernel_matches_runq_reference(rows, q8_backend):
+    w = q8_weights(dim=128, hidden_dim=256)
+    x = rng.standard_normal((rows, 128)).astype(np.float32)
+    ws = [w.w1[0], w.wq[0], w.wk[1]]
+    got = kernels.matmul_many(x, ws)
+    for g, m in zip(got, ws, strict=True):
+        ref = kernels.matmul_q8(x, m)
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_numba_kernel_is_used_when_installed():
+    pytest.importorskip("numba")
+    assert kernels.use_numba(True)
+    assert kernels.numba_kernels() is not None
+    kernels.use_numba(False)
+    assert kernels.numba_kernels() is None
+    kernels.use_numba(True)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fast_engine_matches_plain(quantized, q8_backend):
+    w = random_weights(tiny_args(), scale=0.2)
+    w = w.quantize() if quantized else w
+    fast, plain = Engine(w), Engine(w, plain=True)
+    tokens = rng.integers(0, w.args.vocab_size, 20).tolist()  # 20 rows: the Q8_0 prefill takes the sgemm path
+    for positions in (range(20), range(3)):
+        toks = tokens[: len(positions)]
+        a = fast.forward(toks, positions, fast.new_cache())
+        b = plain.forward(toks, positions, plain.new_cache())
+        np.testing.assert_allclose(a, b, atol=2e-5 * np.abs(b).max(), rtol=0)
+    greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) > 10
+
+
+def test_prefill_equals_token_by_token():
+    w = random_weights(tiny_args(), scale=0.2).quantize()
+    e = Engine(w)
+    tokens = rng.integers(0, w.args.vocab_size, 24).tolist()
+    batched = e.forward(tokens, range(24), e.new_cache(), logits="last")
+    cache = e.new_cache()
+    for i, t in enumerate(tokens):
+        last = e.forward([t], [i], cache)
+    # the batched prompt (sgemm on dequantized Q8_0) and the int8 kernel: same sums, rounded differently
+    np.testing.assert_allclose(batched, last, atol=1e-4 * np.abs(last).max(), rtol=0)
+
+
+def test_batched_generation_equals_one_by_one():
+    w = random_weights(tiny_args(), scale=0.2)
+    e = Engine(w)
+    prompts = [[1, 5], [1, 9, 10, 11, 12], [1, 200], [1, 42, 43]]
+    steps = [30, 12, 25, 40]  # per-sequence lengths
+    seqs = generate_batch(e, prompts, steps, [Sampler(0.0) for _ in prompts])
+    for p, n, seq in zip(prompts, steps, seqs, strict=True):
+        assert seq.generated == list(generate(e, p, n, Sampler(0.0)))
+        assert seq.stop_reason == "length" and len(p) + len(seq.generated) == n + 1
+
+
+def test_batched_sampling_and_stop_tokens_per_sequence():
+    w = random_weights(tiny_args(), scale=0.2)
+    e = Engine(w)
+    prompts = [[1, 5], [1, 9, 10]]
+    alone = [list(generate(e, p, 30, Sampler(1.0, 0.9, 11 + i))) for i, p in enumerate(prompts)]
+    stop = alone[0][3]  # make the first sequence stop early on one of its own tokens
+    seqs = generate_batch(e, prompts, 30, [Sampler(1.0, 0.9, 11 + i) for i in range(2)], stop_ids={stop})
+    assert seqs[0].stop_reason == "stop" and seqs[0].generated == alone[0][: alone[0].index(stop)]
+    expect = alone[1][: alone[1].index(stop)] if stop in alone[1] else alone[1]
+    assert seqs[1].generated == expect
+
+
+def test_context_shift_continues_past_seq_len_like_a_fresh_run_on_the_window():
+    args = tiny_args(max_seq_len=24)
+    w = random_weights(args, scale=0.2)
+    e = Engine(w)
+    prompt = [1, 17, 18]
+    plain = list(generate(e, prompt, args.max_seq_len, Sampler(0.0)))
+    shifted = list(generate(e, prompt, 60, Sampler(0.0), context_shift=True))
+    assert len(shifted) == 60 + 1 - len(prompt) and shifted[: len(plain)] == plain  # identical before the shift
+    # after it: each token is the greedy choice of a fresh run over the window the cache then holds
+    tokens = prompt + shifted
+    checked = 0
+    for n in range(args.max_seq_len + 1, len(tokens)):
+        window = _window_at(tokens[:n], len(prompt), args.max_seq_len)  # replays the shifts made up to n
+        fresh = e.forward(window, range(len(window)), e.new_cache(), logits="last")
+        assert int(np.argmax(fresh)) == tokens[n], n
+        checked += 1
+    assert checked > 20
+
+
+def _window_at(tokens: list[int], n_keep: int, seq_len: int) -> list[int]:
+    """Replays Sequence.shift_if_full over a growing token list: the window when tokens[-1] is fed."""
+    seq = Sequence([], Sampler(0.0), 10**6, context_shift=True, n_keep=n_keep)
+    for t in tokens:
+        seq.tokens.append(t)
+        seq.shift_if_full(seq_len)
+    return seq.window()
+
+
+def test_context_shift_window_keeps_the_prefix():
+    seq = Sequence(list(range(30)), Sampler(0.0), 100, context_shift=True, n_keep=4)
+    seq.shift_if_full(20)
+    win = seq.window()
+    assert win[:4] == [0, 1, 2, 3] and win[-1] == 29 and len(win) <= 20 and win[4:] == list(range(30 - len(win) + 4, 30))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_speculative_greedy_is_identical_to_plain(quantized):
+    target = random_weights(tiny_args(), seed=0, scale=0.2)
+    draft = random_weights(tiny_args(n_layers=1), seed=5, scale=0.2)
+    if quantized:
+        target, draft = target.quantize(), draft.quantize()
+    t, d = Engine(target), Engine(draft)
+    for k in (1, 3, 5):
+        stats = SpecStats()
+        got = list(speculative_generate(t, d, [1, 9, 8], 50, Sampler(0.0), k=k, stats=stats))
+        assert got == list(generate(t, [1, 9, 8], 50, Sampler(0.0)))
+        assert stats.drafted > 0
+    # the target as its own draft: every drafted token is accepted
+    stats = SpecStats()
+    list(speculative_generate(t, Engine(target), [1, 9], 40, Sampler(0.0), k=4, stats=stats))
+    assert stats.accepted == stats.drafted > 0
+
+
+def test_speculative_sampling_preserves_the_target_distribution():
+    """Exact marginal of the 2nd generated token under the target vs its empirical frequency."""
+    args = tiny_args(vocab_size=6, n_layers=1)
+    target = Engine(random_weights(args, seed=0, scale=0.6))
+    draft = Engine(random_weights(args, seed=9, scale=0.6))
+    prompt = [1, 2]
+    s = Sampler(1.0, 1.0, 1)
+
+    def marginal(e: Engine) -> np.ndarray:
+        p1 = s.distribution(e.forward(prompt, range(2), e.new_cache(), logits="last")[0])
+        rows = [e.forward(prompt + [t1], range(3), e.new_cache(), logits="last")[0] for t1 in range(6)]
+        return sum(p1[t1] * s.distribution(rows[t1]) for t1 in range(6))
+
+    exact = marginal(target)
+    assert 0.5 * np.abs(marginal(draft) - exact).sum() > 0.15  # the draft alone would fail this test
+    n = 2000
+    counts = np.zeros(6)
+    for seed in range(1, n + 1):
+        out = list(speculative_generate(target, draft, prompt, 4, Sampler(1.0, 1.0, seed), k=2, stop_ids=()))
+        counts[out[1]] += 1
+    tv = 0.5 * np.abs(counts / n - exact).sum()
+    assert tv < 0.05, (counts / n, exact)
