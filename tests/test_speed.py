@@ -10,7 +10,7 @@ from conftest import random_weights, tiny_args
 
 from babyllama import kernels
 from babyllama.engine import Engine
-from babyllama.generate import Batch, Sequence, generate, generate_batch
+from babyllama.generate import Sequence, generate, generate_batch
 from babyllama.sampler import Sampler
 from babyllama.speculative import SpecStats, speculative_generate
 
@@ -133,7 +133,8 @@ def test_context_shift_window_keeps_the_prefix():
     seq = Sequence(list(range(30)), Sampler(0.0), 100, context_shift=True, n_keep=4)
     seq.shift_if_full(20)
     win = seq.window()
-    assert win[:4] == [0, 1, 2, 3] and win[-1] == 29 and len(win) <= 20 and win[4:] == list(range(30 - len(win) + 4, 30))
+    assert win[:4] == [0, 1, 2, 3] and len(win) <= 20
+    assert win[4:] == list(range(30 - len(win) + 4, 30))  # the newest tokens, contiguous
 
 
 @pytest.mark.parametrize("quantized", [False, True])
