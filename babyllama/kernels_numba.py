@@ -13,13 +13,19 @@ Compiled functions are cached on disk (cache=True), so only the very first run p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-import numba
-import numpy as np
-from numba import njit, prange
+# Threads sleep between parallel regions instead of spinning: on a machine whose cores are shared
+# (oversubscribed), spinning waiters starve the workers and decode gets several times slower. Set
+# OMP_WAIT_POLICY=active to trade that robustness for slightly lower latency on an idle machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .formats import QTensor
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from .formats import QTensor  # noqa: E402
 
 
 @njit(cache=True)
@@ -42,32 +48,27 @@ def quantize_acts(x, gs):
     return q, s
 
 
-@njit(fastmath=True, cache=True)
-def _row(xq, xs, wq, ws, gs, i, t):
-    acc = np.float32(0.0)
-    for g in range(wq.shape[1] // gs):
-        dot = np.float32(0.0)
-        base = g * gs
-        for k in range(base, base + gs):
-            dot += np.float32(wq[i, k]) * xq[t, k]
-        acc += dot * ws[i, g] * xs[t, g]
-    return acc
-
-
 @njit(parallel=True, fastmath=True, cache=True)
+def _matmul1(xq, xs, wq, ws, gs, out):
+    n_tok, n_groups = xq.shape[0], xq.shape[1] // gs
+    for i in prange(wq.shape[0]):
+        for t in range(n_tok):
+            acc = np.float32(0.0)
+            for g in range(n_groups):
+                dot = np.float32(0.0)
+                base = g * gs
+                for k in range(gs):
+                    dot += np.float32(wq[i, base + k]) * xq[t, base + k]
+                acc += dot * ws[i, g] * xs[t, g]
+            out[t, i] = acc
+
+
+@njit(cache=True)
 def _matmul3(xq, xs, aq, as_, bq, bs, cq, cs, gs, oa, ob, oc):
-    na, nb, nc = aq.shape[0], bq.shape[0], cq.shape[0]
-    n_tok = xq.shape[0]
-    for r in prange(na + nb + nc):
-        if r < na:
-            for t in range(n_tok):
-                oa[t, r] = _row(xq, xs, aq, as_, gs, r, t)
-        elif r < na + nb:
-            for t in range(n_tok):
-                ob[t, r - na] = _row(xq, xs, bq, bs, gs, r - na, t)
-        else:
-            for t in range(n_tok):
-                oc[t, r - na - nb] = _row(xq, xs, cq, cs, gs, r - na - nb, t)
+    # one call from Python for up to three matrices (an empty one costs nothing)
+    _matmul1(xq, xs, aq, as_, gs, oa)
+    _matmul1(xq, xs, bq, bs, gs, ob)
+    _matmul1(xq, xs, cq, cs, gs, oc)
 
 
 def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
