@@ -1,8 +1,9 @@
-"""`babyllama export`: read a model from any source into `Weights`, write it to any target.
+"""`babyllama export`: read a model from any source into `Weights`, write it to any target; and
+sentencepiece tokenizers into tokenizer.bin (`export-tokenizer`).
 
-Sources: a llama2.c/babyllama .bin or a .gguf file (--model), Meta's checkpoint directory (--meta-llama),
-a Hugging Face Llama checkpoint (--hf). Targets: a .bin of version 0/1/2 (--to bin), a Hugging Face
-directory (--to hf), a GGUF file (--to gguf). The converters themselves live in `babyllama.interop`;
+Sources: a training checkpoint (--checkpoint), a llama2.c/babyllama .bin or a .gguf file (--model), Meta's
+checkpoint directory (--meta-llama), a Hugging Face Llama checkpoint (--hf). Targets: a .bin of version
+0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file (--to gguf). The converters themselves live in `babyllama.interop`;
 this module only picks them and the tokenizer that goes with the model.
 """
 
@@ -19,6 +20,7 @@ from .formats import Weights
 from .tokenizer import Tokenizer
 
 TARGETS = ("bin", "hf", "gguf")
+TOKENIZER_BIN = "tokenizer.bin"
 
 
 @dataclass
@@ -29,9 +31,24 @@ class Source:
     path: Path | None = None  # the .bin the model was read from (its tokenizer.bin sits beside it)
 
 
-def load_source(*, model: str | None = None, meta_llama: str | None = None, hf: list[str] | None = None,
-                max_seq_len: int | None = None) -> Source:
+def weights_from_checkpoint(path: str | os.PathLike) -> formats.Weights:
+    """A babyllama training checkpoint (ckpt.pt) as fp32 Weights."""
+    try:
+        from .train.checkpoint import load_model
+    except ImportError:
+        raise BabyLlamaError("exporting a checkpoint needs torch: pip install 'babyllama[train]'") from None
+    return load_model(path).to_weights()
+
+
+def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,
+                hf: list[str] | None = None, max_seq_len: int | None = None) -> Source:
     """Read the one model source given into fp32 `Weights`, with the tokenizer found beside it."""
+    if checkpoint is not None:
+        weights = weights_from_checkpoint(checkpoint)
+        if max_seq_len:
+            weights.args.max_seq_len = max_seq_len
+        ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        return Source(weights, _first_file(ckpt_dir / TOKENIZER_BIN))
     if meta_llama is not None:
         from .interop.meta import load_meta
 
@@ -56,7 +73,7 @@ def load_source(*, model: str | None = None, meta_llama: str | None = None, hf: 
         if max_seq_len:
             weights.args.max_seq_len = max_seq_len
         return Source(weights, path=Path(model))
-    raise BabyLlamaError("export needs a source: --model, --meta-llama or --hf")
+    raise BabyLlamaError("export needs a source: --checkpoint, --model, --meta-llama or --hf")
 
 
 def _first_file(*candidates: Path) -> Path | None:
@@ -91,7 +108,7 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if to != "hf":
         out.parent.mkdir(parents=True, exist_ok=True)
     if to == "bin":
-        return _to_bin(src, out, 1 if version is None else version, group_size, tok)
+        return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit=tokenizer is not None)
     if to == "hf":
         from .interop.hf import save_hf
 
@@ -107,13 +124,13 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     return [out]
 
 
-def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None) -> list[Path]:
+def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
+            explicit: bool) -> list[Path]:
     if out.is_dir():
         raise BabyLlamaError(f"{out} is a directory; give the .bin file to write")
     formats.save(src.weights, out, version, group_size)
     written = [out]
     # a .bin model is run with tokenizer.bin beside it: write one when a tokenizer came with the model
-    tok_out = out.with_name("tokenizer.bin")
     if tok is not None and tok.suffix == ".model":
         tokenizer = Tokenizer.from_sentencepiece(tok)
     elif tok is not None:
@@ -123,10 +140,26 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     else:
         return written
     _check_vocab(tokenizer.vocab_size, src.weights.args.vocab_size, tok)
-    if not (tok_out.exists() and tok is not None and tok_out.samefile(tok)):
+    tok_out = out.with_name(TOKENIZER_BIN)
+    if tok_out.exists() and not explicit:
+        if _same_tokenizer(tok_out, tokenizer):
+            return written
+        # one found beside the source does not replace the user's file; an explicit --tokenizer does
+        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer "
+              "(pass --tokenizer to replace it, or -z when running)", file=sys.stderr)
+        return written
+    if not (tok is not None and tok_out.exists() and tok_out.samefile(tok)):
         tokenizer.save(tok_out)
         written.append(tok_out)
     return written
+
+
+def _same_tokenizer(path: Path, tokenizer: Tokenizer) -> bool:
+    try:
+        other = Tokenizer.load(path)
+    except BabyLlamaError:
+        return False
+    return other.pieces == tokenizer.pieces and bool((other.scores == tokenizer.scores).all())
 
 
 def _gguf_vocab(src: Source, tok: Path | None):
@@ -164,3 +197,10 @@ def report(paths: list[Path], weights: Weights) -> None:
     print(f"exported {describe(weights)}", file=sys.stderr)
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
+
+
+def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """A sentencepiece .model as a llama2.c tokenizer.bin (default: the same name with .bin)."""
+    out = Path(out) if out else Path(model).with_suffix(".bin")
+    Tokenizer.from_sentencepiece(model).save(out)
+    return out

@@ -59,7 +59,8 @@ def test_gguf_f32_metadata_tokenizer_tensors(tmp_path, sp_model):
     n = sp.vocab_size()
     assert meta["tokenizer.ggml.model"] == "llama"
     assert meta["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
-    np.testing.assert_array_equal(np.float32(meta["tokenizer.ggml.scores"]), np.float32([sp.get_score(i) for i in range(n)]))
+    scores = np.float32([sp.get_score(i) for i in range(n)])
+    np.testing.assert_array_equal(np.float32(meta["tokenizer.ggml.scores"]), scores)
     types = meta["tokenizer.ggml.token_type"]
     assert types[:4] == [2, 3, 3, 6] and types[3:259] == [6] * 256 and set(types[259:]) == {1}
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],

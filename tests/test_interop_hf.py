@@ -181,7 +181,7 @@ def test_hf_bad_inputs(tmp_path, capsys):
     assert "rope scaling 'llama3' is not supported" in _error(capsys, out, "--hf", str(folder))
     (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
     msg = _error(capsys, out, "--hf", str(folder))
-    assert "mlp.gate_proj" not in msg and "feed_forward.w1.weight has shape (80, 32), the config implies (96, 32)" in msg
+    assert "model.layers.0.mlp.gate_proj.weight has shape (80, 32), the config implies (96, 32)" in msg
     (folder / "config.json").unlink()
     assert "config.json: missing" in _error(capsys, out, "--hf", str(folder / "model.safetensors"))
 

@@ -167,7 +167,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None) -> tuple[
     rope_dims = int(field("rope.dimension_count", args.head_size))
     if rope_dims != args.head_size:
         raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
-    weights = from_state_dict(args, get, str(path))
+    weights = from_state_dict(args, get, str(path), display=gguf_name)
 
     vocab = None
     if "tokenizer.ggml.tokens" in meta:

@@ -255,7 +255,7 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
                 t = halves_to_interleaved(t, heads)
         return t
 
-    return from_state_dict(args, get, source)
+    return from_state_dict(args, get, source, display=hf_name)
 
 
 # ----------------------------------------------------------------------------------------------- writing

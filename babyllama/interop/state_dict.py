@@ -65,10 +65,11 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
 
 
 def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[str], np.ndarray],
-                    source: str = "model") -> Weights:
+                    source: str = "model", display: Callable[[str], str] = str) -> Weights:
     """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
     function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
-    against the shape `args` implies, so a wrong config or a truncated file is one clear error."""
+    against the shape `args` implies, so a wrong config or a truncated file is one clear error, naming
+    the tensor as the source file does (`display` maps llama2.c names to the file's)."""
     lookup = get.__getitem__ if isinstance(get, Mapping) else get
     try:
         args.validate()
@@ -79,10 +80,11 @@ def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[s
         try:
             t = lookup(name)
         except KeyError:
-            raise BabyLlamaError(f"{source}: tensor {name} is missing") from None
+            raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
         t = np.asarray(t)
         if tuple(t.shape) != shape:
-            raise BabyLlamaError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies {shape}")
+            raise BabyLlamaError(
+                f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
         return t.astype(np.float32, copy=False)
 
     shapes = expected_shapes(args)
