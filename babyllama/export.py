@@ -3,8 +3,8 @@ sentencepiece tokenizers into tokenizer.bin (`export-tokenizer`).
 
 Sources: a training checkpoint (--checkpoint), a llama2.c/babyllama .bin or a .gguf file (--model), Meta's
 checkpoint directory (--meta-llama), a Hugging Face Llama checkpoint (--hf). Targets: a .bin of version
-0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file (--to gguf). The converters themselves live in `babyllama.interop`;
-this module only picks them and the tokenizer that goes with the model.
+0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file (--to gguf). The converters themselves
+live in `babyllama.interop`; this module only picks them and the tokenizer that goes with the model.
 """
 
 from __future__ import annotations

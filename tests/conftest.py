@@ -136,3 +136,22 @@ def engine_logits(weights: formats.Weights, tokens) -> np.ndarray:
 
     engine = Engine(weights)
     return engine.forward(tokens, np.arange(len(tokens)), engine.new_cache())
+
+
+def torch_checkpoint(path: Path, args: ModelArgs, seed: int = 0, scale: float = 0.2):
+    """Our PyTorch model with random weights, saved as a training checkpoint at `path`; returns the model."""
+    pytest.importorskip("torch")
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    model = Transformer.from_weights(random_weights(args, seed, scale)).eval()
+    checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, path)
+    return model
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([list(tokens)]))
+    return logits[0].numpy()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import byte_tokenizer, engine_logits, random_weights, run_cli, tiny_args
+from conftest import byte_tokenizer, engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint
 
 from babyllama import formats
 from babyllama.cli import main
@@ -112,6 +112,18 @@ def test_gguf_f16_and_back_to_bin(tmp_path, sp_model):
     tok = Tokenizer.load(back.with_name("tokenizer.bin"))
     ref = Tokenizer.from_sentencepiece(sp_model)
     assert tok.pieces == ref.pieces and np.array_equal(tok.scores, ref.scores)
+
+
+def test_checkpoint_to_gguf(tmp_path, sp_model):
+    """Our training checkpoint -> GGUF: every tensor is the model's parameter under llama.cpp's name."""
+    model = torch_checkpoint(tmp_path / "ckpt.pt", tiny_args(vocab_size=320, shared_classifier=False), seed=10)
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(out), "--checkpoint", str(tmp_path), "--tokenizer", str(sp_model)]) == 0
+    tensors = gguf_tensors(gguf.GGUFReader(out))
+    params = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert set(tensors) == {gguf_name(k) for k in params}
+    for name, p in params.items():
+        np.testing.assert_array_equal(tensors[gguf_name(name)], p, err_msg=name)
 
 
 def test_gguf_vocab_from_tokenizer_bin(tmp_path):

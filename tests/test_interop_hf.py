@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import engine_logits, random_weights, run_cli, tiny_args
+from conftest import engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
 
 from babyllama import formats
 from babyllama.cli import main
@@ -125,6 +125,16 @@ def test_bin_to_hf_round_trip(tmp_path, sp_model, tied):
     np.testing.assert_array_equal(back.wq, w.wq)
     np.testing.assert_array_equal(back.wk, w.wk)
     assert (tmp_path / "tokenizer.bin").is_file()  # the directory's tokenizer.model came along
+
+
+def test_checkpoint_to_hf_same_logits(tmp_path, sp_model):
+    """Our training checkpoint -> Hugging Face directory -> transformers: the same logits as our model."""
+    args = tiny_args(vocab_size=320, rope_theta=20000.0, shared_classifier=True)
+    model = torch_checkpoint(tmp_path / "ckpt.pt", args, seed=9)
+    r = run_cli("export", str(tmp_path / "hf"), "--checkpoint", str(tmp_path / "ckpt.pt"), "--tokenizer", str(sp_model))
+    assert r.returncode == 0, r.stderr.decode()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert np.abs(hf_logits(hf, TOKENS) - torch_logits(model, TOKENS)).max() <= 1e-4
 
 
 def test_llama2_tokenizer_goes_to_hf(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import engine_logits, random_weights, run_cli, tiny_args
+from conftest import engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
 
 from babyllama import formats
 from babyllama.cli import main
@@ -48,6 +48,17 @@ def test_meta_import_matches_model(tmp_path):
     got = formats.load(out)
     assert got.args == w.args  # hidden_dim from multiple_of/ffn_dim_multiplier, theta and eps carried
     assert np.abs(engine_logits(got, TOKENS) - engine_logits(w, TOKENS)).max() <= 1e-4
+
+
+def test_meta_import_of_our_pytorch_model(tmp_path):
+    """Our PyTorch model -> Meta layout (2 shards) -> export -> the NumPy engine gives its logits."""
+    args = tiny_args(rope_theta=1e6, norm_eps=1e-6, shared_classifier=False)
+    model = torch_checkpoint(tmp_path / "ckpt.pt", args, seed=8)
+    save_meta(model.to_weights(), tmp_path / "meta", n_shards=2)
+    assert main(["export", str(tmp_path / "m.bin"), "--meta-llama", str(tmp_path / "meta"),
+                 "--max-seq-len", "64"]) == 0
+    got = formats.load(tmp_path / "m.bin")
+    assert np.abs(engine_logits(got, TOKENS) - torch_logits(model, TOKENS)).max() <= 1e-4
 
 
 def test_meta_import_q8_and_defaults(tmp_path):

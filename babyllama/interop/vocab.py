@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BabyLlamaError
-from ..tokenizer import BOS, EOS, UNK, Tokenizer
+from ..tokenizer import BOS, EOS, UNK, Tokenizer, open_sentencepiece
 
 # sentencepiece's (and GGUF's) token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -55,14 +55,7 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
 
 
 def _from_sentencepiece(path: Path) -> Vocab:
-    try:
-        import sentencepiece as spm
-    except ImportError:
-        raise BabyLlamaError("reading a .model file needs sentencepiece: pip install 'babyllama[interop]'") from None
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except (OSError, RuntimeError) as e:
-        raise BabyLlamaError(f"cannot load sentencepiece model {path}: {e}") from None
+    sp = open_sentencepiece(path)
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i))
