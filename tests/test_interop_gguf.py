@@ -157,3 +157,18 @@ def test_gguf_bad_inputs(tmp_path, capsys, sp_model):
         out, "--model", str(tmp_path / "odd.bin"), "--version", "2")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     assert "not a readable GGUF file" in error(str(tmp_path / "y.bin"), "--model", str(tmp_path / "bad.gguf"))
+
+
+def test_stories260k_through_gguf_runs_like_run_c(tmp_path):
+    """A real trained model (GQA, tied) and its tokenizer.bin through GGUF and back: `run` still prints
+    exactly run.c's greedy text."""
+    from conftest import shared_file
+
+    model, tok = shared_file("fixtures/stories260K.bin"), shared_file("fixtures/tok512.bin")
+    golden = shared_file("fixtures/golden/s260k_t0_n120_dog.txt").read_bytes()
+    g = tmp_path / "s260k.gguf"
+    assert main(["export", str(g), "--model", str(model), "--tokenizer", str(tok)]) == 0
+    assert main(["export", str(tmp_path / "back" / "m.bin"), "--model", str(g)]) == 0
+    r = run_cli("run", str(tmp_path / "back" / "m.bin"), "-t", "0", "-n", "120", "-i", "Once upon a time, a little dog")
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == golden
