@@ -170,6 +170,11 @@ def _config_dir(tmp_path, **config) -> str:
     return str(folder)
 
 
+def _tiny_bin(tmp_path):
+    formats.save(random_weights(tiny_args(vocab_size=320)), tmp_path / "tiny.bin")
+    return tmp_path / "tiny.bin"
+
+
 def test_hf_bad_inputs(tmp_path, capsys):
     out = str(tmp_path / "m.bin")
     assert "no such file or directory" in _error(capsys, out, "--hf", str(tmp_path / "nope"))
@@ -198,5 +203,8 @@ def test_hf_bad_inputs(tmp_path, capsys):
     shutil.copytree(folder, tmp_path / "hf2")
     (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
     assert "--dtype applies to GGUF output" in _error(capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "f16")
+    (tmp_path / "hf2" / "pytorch_model.bin").write_bytes(b"")
+    assert "already holds another checkpoint (pytorch_model.bin)" in _error(
+        capsys, str(tmp_path / "hf2"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
     assert "--version applies to .bin output" in _error(capsys, str(tmp_path / "d"), "--to", "hf", "--hf",
                                                          str(tmp_path / "hf2"), "--version", "2")

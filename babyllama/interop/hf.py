@@ -271,6 +271,11 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
+    # transformers prefers an index or a pytorch_model.bin over our model.safetensors: never leave one stale
+    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin"))
+             or (p.suffix == ".safetensors" and p.name != "model.safetensors")] if outdir.is_dir() else []
+    if stale:
+        raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
     args = weights.args
     if tokenizer_model is not None:
         _check_sentencepiece(tokenizer_model, args.vocab_size)
