@@ -33,9 +33,9 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
 class Model:
     """A loaded model: weights, engine and tokenizer together."""
 
-    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False):
+    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy"):
         self.weights = weights
-        self.engine = Engine(weights, plain=plain)
+        self.engine = make_engine(weights, device, plain)
         self.tokenizer = tokenizer
 
     @property
@@ -72,10 +72,32 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
+def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False):
+    """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
+    (bf16); both have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
+    if device == "numpy":
+        return Engine(weights, plain=plain)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BabyLlamaError(f"unknown device {device!r} (numpy, cpu, cuda or cuda:N)")
+    try:
+        import torch
+
+        from .model import TorchEngine, Transformer
+    except ImportError:
+        raise BabyLlamaError(f"--device {device} needs PyTorch: pip install 'babyllama[train]'") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BabyLlamaError(f"--device {device} requested but no CUDA GPU is available")
+    model = Transformer.from_weights(weights)
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+    return TorchEngine(model, device)
+
+
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         quantize: str | None = None, plain: bool = False) -> Model:
+         quantize: str | None = None, plain: bool = False, device: str = "numpy") -> Model:
     """Load a llama2.c .bin (default: the built-in model) and its tokenizer. `quantize="q8_0"` converts
-    fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference engine."""
+    fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference engine; `device` "cpu" or
+    "cuda" runs the PyTorch model instead of the NumPy engine."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
@@ -86,7 +108,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
             raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")
         weights = weights.quantize()
     tok_path = tokenizer or find_tokenizer(model, weights.args.vocab_size)
-    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain)
+    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain, device=device)
 
 
-__all__ = ["Model", "load", "clamp_steps", "find_tokenizer", "BOS"]
+__all__ = ["Model", "load", "make_engine", "clamp_steps", "find_tokenizer", "BOS"]

@@ -70,7 +70,88 @@ def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     return Tokenizer(pieces, scores)
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout)."""
+def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout).
+    `env` adds to the environment; the package is found from any `cwd`."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **(env or {})}
     return subprocess.run([sys.executable, "-m", "babyllama", *args], input=input.encode() if input else None,
-                          capture_output=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
+
+
+_NAMES = ["Tim", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Sue"]
+_ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck"]
+_PLACES = ["park", "garden", "forest", "beach", "house", "school"]
+_THINGS = ["ball", "kite", "toy", "hat", "book", "cake"]
+_FEELINGS = ["happy", "sad", "tired", "excited", "scared"]
+
+
+def make_story_corpus(path: Path, n_stories: int, seed: int = 0) -> Path:
+    """A TinyStories-layout text file (stories separated by `<|endoftext|>` lines) from a small grammar:
+    a few hundred KB of learnable text, made on the spot (no dataset needed)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
+    stories = []
+    for _ in range(n_stories):
+        name, animal, place, thing = pick(_NAMES), pick(_ANIMALS), pick(_PLACES), pick(_THINGS)
+        lines = [f"Once upon a time, there was a little {animal} named {name}.",
+                 f"{name} liked to play in the {place} with a {thing}.",
+                 f"One day, {name} lost the {thing} and felt {pick(_FEELINGS)}.",
+                 f"A friend found the {thing} near the {pick(_PLACES)}.",
+                 f"{name} was {pick(_FEELINGS)} and said thank you. The end."]
+        stories.append(" ".join(lines[:3]) + "\n" + " ".join(lines[3:]))
+    path.write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A small sentencepiece BPE model with Llama 2's settings (byte fallback, no normalization, digits
+    split), trained in a second on made-up sentences: any vocab size from ~300 up."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    rng = np.random.default_rng(seed)
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy played with ball tree big red".split()
+    lines = [" ".join(rng.choice(words, 12)) + "." for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True,
+                                   minloglevel=2, num_threads=1)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    """A 320-token sentencepiece model (tiny_args(vocab_size=320) models go with it)."""
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tok320.model", 320)
+
+
+def engine_logits(weights: formats.Weights, tokens) -> np.ndarray:
+    """The NumPy engine's logits (T, vocab) at every position of one sequence."""
+    from babyllama.engine import Engine
+
+    engine = Engine(weights)
+    return engine.forward(tokens, np.arange(len(tokens)), engine.new_cache())
+
+
+def torch_checkpoint(path: Path, args: ModelArgs, seed: int = 0, scale: float = 0.2):
+    """Our PyTorch model with random weights, saved as a training checkpoint at `path`; returns the model."""
+    pytest.importorskip("torch")
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    model = Transformer.from_weights(random_weights(args, seed, scale)).eval()
+    checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, path)
+    return model
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([list(tokens)]))
+    return logits[0].numpy()

@@ -31,6 +31,20 @@ def test_threads_and_draft_keep_run_c_output(stories260k, tok512):
     assert b"(100.0%)" in proc.stderr
 
 
+def test_device_cpu_runs_the_pytorch_model(stories260k, tok512):
+    pytest.importorskip("torch")
+    assert run(stories260k, tok512, *GREEDY, "--device", "cpu").stdout == golden("s260k_t0_n200.txt")
+
+
+def test_device_cuda_without_gpu_is_one_line(stories260k, tok512):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "--device", "cuda")
+    assert proc.returncode == 1 and b"no CUDA GPU is available" in proc.stderr
+    assert proc.stderr.count(b"\n") == 1
+
+
 def test_quantize_on_load_fast_equals_plain(stories260k, tok512):
     flags = ["-t", "0", "-n", "60", "--quantize", "q8_0"]  # the plain Q8_0 path is slow: keep it short
     fast, plain = run(stories260k, tok512, *flags), run(stories260k, tok512, *flags, "--plain")
