@@ -128,6 +128,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     res["batch"] = _median([decode(batch, max(8, n_tok // 4)) for _ in range(repeats)])
     res["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["decode_tokens"] = n_tok
+    res["repeats"] = repeats
     return res
 
 
@@ -165,7 +166,7 @@ def describe_machine() -> str:
 
 
 def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: int, directory: Path,
-        paths: tuple[str, ...] = PATHS, plain_tokens: int = 32) -> list[dict]:
+        paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1) -> list[dict]:
     rows = []
     for shape in shapes:
         for path_name in paths:
@@ -173,7 +174,8 @@ def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: in
             for fmt in FORMATS:
                 model = model_file(shape, fmt, directory)
                 n = tokens if path_name == "fast" else min(tokens, plain_tokens)
-                cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(repeats),
+                reps = repeats if path_name == "fast" else min(repeats, plain_repeats)
+                cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(reps),
                        str(n), str(batch), str(prompt_len)]
                 print(f"measuring {shape} {fmt} {path_name} ...", file=sys.stderr, flush=True)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -196,8 +198,10 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
             f"| {r['shape']} | {label} | {f['decode']:.1f} | {q['decode']:.1f} | {f['prefill']:.0f} | "
             f"{q['prefill']:.0f} | {f['batch']:.1f} | {q['batch']:.1f} | {f['ttft_ms']:.0f} / {q['ttft_ms']:.0f} | "
             f"{f['rss_mib']:.0f} / {q['rss_mib']:.0f} |")
-    notes = (f"decode: greedy, one sequence, tokens after the first (plain rows: "
-             f"{rows[0]['fp32']['decode_tokens'] if rows else '?'}+ tokens); prefill: one {prompt_len}-token "
+    plain = [r for r in rows if r["path"] == "plain"]
+    plain_note = (f" (plain rows: {plain[0]['fp32']['decode_tokens']} tokens, {plain[0]['fp32']['repeats']} "
+                  "run(s), the reference path being slow)" if plain else "")
+    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; prefill: one {prompt_len}-token "
              f"prompt in one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; "
              "TTFT: memory-map load + 16-token prompt + first token, in process.")
     return "\n".join(lines) + "\n\n" + notes + "\n"

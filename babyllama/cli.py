@@ -212,6 +212,7 @@ def add_bench(sub) -> None:
     p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
     p.add_argument("--plain-tokens", type=int, default=32,
                    help="tokens decoded per run on the slow plain baseline (32)")
+    p.add_argument("--plain-repeats", type=int, default=1, help="runs per figure on the plain baseline (1)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
@@ -230,13 +231,13 @@ def cmd_bench(args) -> int:
     if unknown or not shapes:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
                              f"{', '.join(bench.SHAPES)}")
-    for name in ("repeats", "tokens", "plain_tokens", "batch", "prompt_len"):
+    for name in ("repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len"):
         if getattr(args, name) < 1:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     machine = bench.describe_machine()
     paths = ("fast",) if args.no_plain else bench.PATHS
     rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
-                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens)
+                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats)
     text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
     print(text)
     if args.output:

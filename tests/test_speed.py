@@ -4,6 +4,10 @@ kernels to 1e-5 relative (the same int8 products, summed in another order)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import random_weights, tiny_args
@@ -177,3 +181,20 @@ def test_speculative_sampling_preserves_the_target_distribution():
         counts[out[1]] += 1
     tv = 0.5 * np.abs(counts / n - exact).sum()
     assert tv < 0.05, (counts / n, exact)
+
+
+def _threads_seen(env_extra: dict, threads: int | None) -> str:
+    """numba's thread count and OPENBLAS_NUM_THREADS in a fresh process after threads.configure."""
+    code = ("import sys; from babyllama.threads import configure; configure(int(sys.argv[1]) or None)\n"
+            "import os, numba; print(numba.get_num_threads(), os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code, str(threads or 0)], env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_threads_flag_and_environment_reach_blas_and_numba():
+    pytest.importorskip("numba")
+    assert _threads_seen({}, 1) == "1 1"
+    assert _threads_seen({"OPENBLAS_NUM_THREADS": "1"}, None) == "1 1"  # numba follows the BLAS setting
