@@ -126,7 +126,6 @@ def _load_draft(args):
 def _generate_batch(model, args, steps: int) -> int:
     """Every line of --batch-file is a prompt; all are generated together, then printed in order, each
     after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`."""
-    from .api import clamp_steps  # noqa: F401  (steps already clamped)
     from .generate import generate_batch
     from .sampler import Sampler
 

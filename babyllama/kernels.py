@@ -4,12 +4,13 @@ Two paths, the same numbers:
 - plain (`matmul_plain`): the readable reference. fp32 is one BLAS call; Q8_0 is runq.c's scheme in NumPy
   (activations quantized per group like the weights, int8 products summed per group, scaled by
   w_scale * x_scale). Slow for Q8_0, but it is what every fast path is tested against.
-- fast (`matmul_many`): several matrices that read the same input (wq/wk/wv, w1/w3) in one call, no copy
-  of the weights. fp32 stays on BLAS (memory-bound either way). Q8_0 goes through the numba kernel in
-  `kernels_numba` when numba is installed (`pip install babyllama[fast]`), else the NumPy reference. For
-  many rows (a prefill) Q8_0 dequantizes weight and activations and uses one BLAS product: the same sum
-  as runq.c's (exact int8 products, per-group scales), only rounded differently, and compute-bound
-  prefill runs far faster in sgemm than in an int8 loop without VNNI.
+- fast (`matmul_many`): several matrices that read the same input (wq/wk/wv, w1/w3) in one call, no
+  copy of the weights. fp32 uses BLAS, except a single row (decode) with numba installed: a numba
+  matrix-vector kernel, as fast on an idle machine and far faster on a shared one. Q8_0 goes through
+  the numba kernel in `kernels_numba` when numba is installed (`pip install babyllama[fast]`), else the
+  NumPy reference. For many rows (a prefill) Q8_0 dequantizes weights and activations and uses one BLAS
+  product: the same sum as runq.c's (exact int8 products, per-group scales), only rounded differently;
+  compute-bound prefill runs far faster in sgemm than in an int8 loop without VNNI.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .formats import QTensor
 
 # Rows at or above which a Q8_0 product is done as dequantize + sgemm instead of the int8 kernel.
 Q8_GEMM_MIN_ROWS = 16
+# Rows up to which an fp32 product uses the numba matrix-vector kernel (when installed) instead of BLAS.
+F32_NUMBA_MAX_ROWS = 1
 
 _numba_kernels = None  # the kernels_numba module, or False when numba is unavailable/disabled
 
@@ -90,7 +93,8 @@ def _q8_gemm(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 def matmul_many(x: np.ndarray, ws: Sequence) -> list[np.ndarray]:
     """x @ w.T for each w in `ws` (all fp32 or all Q8_0 with one group size), fast path."""
     if not isinstance(ws[0], QTensor):
-        return [x @ w.T for w in ws]
+        nk = numba_kernels() if x.shape[0] <= F32_NUMBA_MAX_ROWS else None
+        return nk.matmul_f32_many(x, ws) if nk is not None else [x @ w.T for w in ws]
     if x.shape[0] >= Q8_GEMM_MIN_ROWS:
         return _q8_gemm(x, ws)
     nk = numba_kernels()

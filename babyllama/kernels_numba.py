@@ -71,6 +71,29 @@ def _matmul3(xq, xs, aq, as_, bq, bs, cq, cs, gs, oa, ob, oc):
     _matmul1(xq, xs, cq, cs, gs, oc)
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul1_f32(x, w, out):
+    for i in prange(w.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for k in range(w.shape[1]):
+                acc += w[i, k] * x[t, k]
+            out[t, i] = acc
+
+
+def matmul_f32_many(x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """x @ w.T for fp32 matrices, a few rows of x: decode is memory-bound and this streams each weight
+    once like BLAS's gemv, but its idle threads sleep (see OMP_WAIT_POLICY above) where OpenBLAS's spin,
+    which on a shared machine made 2-thread BLAS decode several times slower than 1 thread."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    outs = []
+    for w in ws:
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        _matmul1_f32(x, w, out)
+        outs.append(out)
+    return outs
+
+
 def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
     """x @ w.T for up to three Q8_0 matrices of one group size, in one parallel launch."""
     if len(ws) > 3:

@@ -198,3 +198,10 @@ def test_threads_flag_and_environment_reach_blas_and_numba():
     pytest.importorskip("numba")
     assert _threads_seen({}, 1) == "1 1"
     assert _threads_seen({"OPENBLAS_NUM_THREADS": "1"}, None) == "1 1"  # numba follows the BLAS setting
+
+
+def test_fp32_decode_kernel_matches_blas(q8_backend):
+    w = random_weights(tiny_args(dim=96, hidden_dim=160), scale=0.2)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    for got, m in zip(kernels.matmul_many(x, [w.w1[0], w.wq[1]]), [w.w1[0], w.wq[1]], strict=True):
+        np.testing.assert_allclose(got, x @ m.T, rtol=1e-5, atol=1e-5)
