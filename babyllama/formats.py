@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -172,7 +172,8 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
         theta = eps = 0.0
 
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = dims
-    for name, value in zip(("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"), dims):
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    for name, value in zip(names, dims, strict=True):
         if not 0 < value <= MAX_DIM:
             raise BabyLlamaError(f"{path}: header field {name}={value} is out of range; not a llama2.c model?")
     if not (np.isfinite(theta) and np.isfinite(eps) and theta >= 0 and eps >= 0):

@@ -1,0 +1,134 @@
+"""Every user mistake gives one clear error line on stderr and a non-zero exit: no traceback, no hang,
+no giant allocation."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from conftest import random_weights, run_cli, tiny_args
+
+from babyllama import formats
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    path = d / "m.bin"
+    formats.save(random_weights(tiny_args(vocab_size=300)), path, version=1)
+    from conftest import byte_tokenizer
+    byte_tokenizer(300).save(d / "tok.bin")
+    return path, d / "tok.bin"
+
+
+def assert_one_line_error(proc, pattern: str, code: int = 1) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert pattern in lines[0], err
+
+
+def v0_header(dim=64, hidden=172, layers=5, heads=8, kv=4, vocab=512, seq=512) -> bytes:
+    return struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq)
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (b"", "too small"),
+    (b"\x01\x02\x03", "too small"),
+    (v0_header() + b"\0" * 1000, "file truncated"),
+    (v0_header(dim=-5), "dim=-5 is out of range"),
+    (v0_header(dim=1 << 30, hidden=1 << 30), "out of range"),
+    (v0_header(dim=2**20, hidden=2**20, layers=2**20, vocab=2**20, seq=2**20, heads=8, kv=8), "file truncated"),
+    (v0_header(heads=7), "not divisible by n_heads"),
+    (v0_header(kv=3), "not a multiple of n_kv_heads"),
+    (struct.pack("<Ii", formats.MAGIC, 9) + bytes(248), "unsupported model version 9"),
+    (struct.pack("<Ii", formats.MAGIC, 1) + bytes(40), "truncated header"),
+])
+def test_corrupt_model_files(tmp_path, content, pattern):
+    path = tmp_path / "bad.bin"
+    path.write_bytes(content)
+    assert_one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
+
+
+def test_trailing_garbage_is_rejected(tmp_path, good_model):
+    model, tok = good_model
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(model.read_bytes() + b"junk")
+    assert_one_line_error(run_cli("run", str(bad), "-z", str(tok)), "trailing bytes")
+
+
+def test_v2_with_bad_group_size(tmp_path, good_model):
+    model, tok = good_model
+    formats.save(formats.load(model), tmp_path / "q.bin", version=2, group_size=32)
+    raw = bytearray((tmp_path / "q.bin").read_bytes())
+    struct.pack_into("<i", raw, 37, 7)
+    (tmp_path / "q.bin").write_bytes(raw)
+    assert_one_line_error(run_cli("run", str(tmp_path / "q.bin"), "-z", str(tok)), "group size 7 must divide")
+
+
+def test_missing_model(tmp_path):
+    assert_one_line_error(run_cli("run", str(tmp_path / "nope.bin")), "model file not found")
+
+
+def test_directory_as_model(tmp_path):
+    assert_one_line_error(run_cli("run", str(tmp_path)), "is a directory")
+
+
+def test_missing_tokenizer(tmp_path, good_model):
+    model, _ = good_model
+    assert_one_line_error(run_cli("run", str(model), "-z", str(tmp_path / "none.bin")), "tokenizer file not found")
+
+
+def test_no_tokenizer_beside_model(tmp_path, good_model):
+    model, _ = good_model
+    lone = tmp_path / "lone.bin"
+    lone.write_bytes(model.read_bytes())
+    assert_one_line_error(run_cli("run", str(lone)), "no tokenizer found")
+
+
+def test_mismatched_tokenizer(good_model, tok512):
+    model, _ = good_model
+    assert_one_line_error(run_cli("run", str(model), "-z", str(tok512)),
+                          "has 512 tokens but the model's vocab_size is 300")
+
+
+def test_corrupt_tokenizer(tmp_path, good_model):
+    model, tok = good_model
+    bad = tmp_path / "tok.bin"
+    bad.write_bytes(tok.read_bytes()[:-3])
+    assert_one_line_error(run_cli("run", str(model), "-z", str(bad)), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("flags,pattern,code", [
+    (["-n", "-1"], "steps (-n) must be >= 0", 1),
+    (["-n", "many"], "invalid int value", 2),
+    (["-t", "-0.5"], "temperature (-t) must be >= 0", 1),
+    (["-p", "1.5"], "top-p (-p) must be in [0, 1]", 1),
+    (["-m", "talk"], "invalid choice", 2),
+    (["--bogus"], "unrecognized arguments", 2),
+])
+def test_bad_flags(good_model, flags, pattern, code):
+    model, tok = good_model
+    assert_one_line_error(run_cli("run", str(model), "-z", str(tok), *flags), pattern, code)
+
+
+def test_unreadable_prompt_bytes(good_model):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    model, tok = good_model
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"babyllama", b"run", bytes(model), b"-z", bytes(tok),
+                           b"-i", b"caf\xe9 \xff"], capture_output=True, timeout=60, cwd=ROOT)
+    assert_one_line_error(proc, "prompt (-i) is not valid UTF-8")
+
+
+def test_steps_beyond_seq_len_are_clamped(good_model):
+    model, tok = good_model
+    from babyllama.api import clamp_steps
+    assert clamp_steps(100000, 64) == 64 and clamp_steps(0, 64) == 64 and clamp_steps(10, 64) == 10
+    proc = run_cli("run", str(model), "-z", str(tok), "-n", "100000", "-t", "0")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.endswith(b"\n")

@@ -1,0 +1,89 @@
+"""End-to-end `babyllama run` behaviour beyond the goldens: prompts, chat, stdout streaming."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from conftest import run_cli
+
+from babyllama.generate import chat_prompt
+from babyllama.tokenizer import EOS
+
+
+def test_prompt_is_echoed_and_steps_count_positions(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "3", "-i", "Once upon a time")
+    assert proc.returncode == 0
+    # -n 3 = 3 positions: BOS plus the first 3 prompt tokens are printed, nothing generated
+    assert proc.stdout.startswith(b"Once") and len(proc.stdout) < len(b"Once upon a time\n")
+
+
+def test_chat_ends_when_steps_run_out(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "100",
+                   "-y", "You tell stories.", input="Tell me about a cat.\nAnd a dog?\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    # the story model never says EOS, so the first answer uses up all 100 positions
+    assert out.startswith("User: Assistant: ") and out.count("Assistant: ") == 1
+    assert "Enter system prompt" not in out  # -y given
+
+
+class ScriptedSampler:
+    """Answers each turn with a fixed number of tokens, then EOS (what a chat model would do)."""
+
+    def __init__(self, answer_len: int):
+        self.answer_len, self.n = answer_len, 0
+
+    def sample(self, logits):
+        self.n += 1
+        if self.n > self.answer_len:
+            self.n = 0
+            return EOS
+        return 300 + self.n  # ordinary tokens
+
+
+def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512):
+    from babyllama import load
+    from babyllama.chat import chat
+
+    model = load(stories260k, tok512)
+    fed = []
+    real_forward = model.engine.forward
+
+    def recording_forward(tokens, positions, *args, **kw):
+        fed.append(list(positions))
+        return real_forward(tokens, positions, *args, **kw)
+
+    monkeypatch.setattr(model.engine, "forward", recording_forward)
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
+    assert chat(model, ScriptedSampler(3), 512, None, "sys") == 0
+    text = out.getvalue().decode()
+    assert text.count("Assistant: ") == 2 and text.endswith("User: ")
+    positions = [p for call in fed for p in call]
+    assert positions == list(range(len(positions)))  # one KV cache, positions never restart
+    turn1 = len(model.tokenizer.encode(chat_prompt("first question", "sys")))
+    turn2 = len(model.tokenizer.encode(chat_prompt("second question")))
+    # turn 1 prompt + 3 answers + EOS, turn 2 prompt + 3 answers (its EOS is sampled, not fed)
+    assert len(positions) == turn1 + 3 + 1 + turn2 + 3
+
+
+def test_chat_asks_for_system_prompt_and_uses_first_user_prompt(stories260k, tok512):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "120",
+                   "-i", "Hello", input="\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode()
+    assert out.startswith("Enter system prompt (optional): Assistant: ")
+
+
+def test_chat_template_is_llama2():
+    assert chat_prompt("Hi", "Be brief.") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+    assert chat_prompt("Hi") == "[INST] Hi [/INST]"
+
+
+def test_python_module_and_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and b"run" in proc.stdout
+    proc = run_cli()
+    assert proc.returncode == 2

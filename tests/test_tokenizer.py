@@ -1,0 +1,70 @@
+"""The tokenizer agrees with sentencepiece (which trained the vocabularies) and round-trips text."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import shared_file
+
+from babyllama.tokenizer import BOS, EOS, Tokenizer
+
+TRICKY = [
+    "", " ", "  ", "\n", "\n\n", "a  b", "   x", "  leading and trailing  ", "tab\there\t",
+    "hello\n\nworld\n", "12345", "3.14159, 2,718!!! ???", "1 + 1 = 2; 10% of 250 is 25.",
+    "Café naïve résumé", "Ünïcödé ÀÉÎÕÜ", "日本語のテキスト", "中文分词测试", "한국어", "Привет, мир!",
+    "héllo 世界 🦙", "👨‍👩‍👧‍👦 family 🎉🎉", "<s>hi</s>", "<0x41> <unk>", "’curly’ “quotes” — dash…",
+    "Once upon a time, there was a little girl named Lily.", "x" * 200, "\u00a0nbsp\u200bzero width",
+]
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(shared_file("fixtures/llama2-tokenizer.model")))
+    tok = Tokenizer.load(shared_file("fixtures/llama2-tokenizer.bin"), 32000)
+    return sp, tok
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_encode_matches_sentencepiece(llama_pair, text):
+    sp, tok = llama_pair
+    assert tok.encode(text, bos=False) == sp.encode(text)
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_decode_inverts_encode(llama_pair, text):
+    sp, tok = llama_pair
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == BOS and ids[-1] == EOS
+    assert tok.decode(ids) == text
+    assert tok.decode(ids) == sp.decode(ids)
+
+
+def test_long_text_matches_sentencepiece(llama_pair):
+    sp, tok = llama_pair
+    text = shared_file("data/tinystories/valid.txt").read_text()[:40000]
+    assert tok.encode(text, bos=False) == sp.encode(text)
+
+
+def test_from_sentencepiece_reproduces_llama2c_export(llama_pair, tmp_path):
+    """Our .model -> tokenizer.bin conversion writes the same bytes as llama2.c's tokenizer.py."""
+    conv = Tokenizer.from_sentencepiece(shared_file("fixtures/llama2-tokenizer.model"))
+    conv.save(tmp_path / "tok.bin")
+    assert (tmp_path / "tok.bin").read_bytes() == shared_file("fixtures/llama2-tokenizer.bin").read_bytes()
+
+
+def test_tok512_agrees_with_run_c_on_plain_text(tok512):
+    tok = Tokenizer.load(tok512, 512)
+    ids = tok.encode("Once upon a time, a little dog", bos=True)
+    assert ids[0] == BOS and tok.decode(ids) == "Once upon a time, a little dog"
+
+
+def test_decode_piece_follows_run_c(llama_pair):
+    _, tok = llama_pair
+    the = tok.encode("the", bos=False)[0]  # " the"
+    assert tok.decode_piece(BOS, the) == b"the"  # leading space dropped after BOS
+    assert tok.decode_piece(the, the) == b" the"
+    assert tok.decode_piece(the, 3 + ord("A")) == b"A"  # <0x41> prints as the byte
+    assert tok.decode_piece(the, 3 + 0x07) == b""  # unprintable control byte suppressed
+    assert tok.decode_piece(the, 3 + 0xE4) == b""  # a lone high byte is not printable either (run.c)
+    assert tok.decode_piece(the, 3 + ord("\n")) == b"\n"
