@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import byte_tokenizer, random_weights, run_cli, shared_file, tiny_args
 
 from babyllama import formats
 from babyllama.engine import Engine
 from babyllama.evaluate import evaluate, iter_documents, token_nll, windows
 from babyllama.tokenizer import BOS
-from conftest import byte_tokenizer, random_weights, run_cli, shared_file, tiny_args
 
 STORIES = ["Once upon a time there was a cat.", "The end of the tale is near, then the end.\nA new line.",
            "héllo wörld: bytes are not characters"]
