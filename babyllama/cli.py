@@ -142,6 +142,43 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ models, download
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the built-in model and the public llama2.c checkpoints",
+                       description="The models babyllama knows by name, with their shape, reported val loss, "
+                       "size and where to get them.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    from .catalog import table
+
+    print(table())
+    return 0
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a public checkpoint and its tokenizer (see babyllama models)",
+                       description="Fetch a known model into DIR/NAME/ (model .bin + tokenizer.bin), resuming an "
+                       "interrupted download. Needs internet; files already there are kept.")
+    p.add_argument("name", help="model name, e.g. stories15M (babyllama models lists them)")
+    p.add_argument("--dir", default="models", help="download folder (default: ./models)")
+    p.add_argument("--url-base", default=None,
+                   help="fetch from this mirror instead (same relative paths as the Hugging Face repo)")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args) -> int:
+    from .catalog import find
+    from .download import download_model
+
+    path = download_model(find(args.name), args.dir, args.url_base)
+    print(f"{path}\nrun it: babyllama run {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -153,6 +190,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_run(sub)
     add_eval(sub)
+    add_models(sub)
+    add_download(sub)
     return parser
 
 
