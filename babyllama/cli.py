@@ -192,19 +192,11 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train.config import build_config
-
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    cfg = build_config(args.config, overrides)
-    if cfg.init_from == "resume":  # the checkpoint's settings, with this command's on top
-        from pathlib import Path
-
-        from .train import checkpoint
-        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
-        cfg = build_config(args.config, overrides, resume_config=saved)
+    from .train.config import resolve_config
     from .train.loop import train
 
-    train(cfg)
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    train(resolve_config(args.config, overrides))
     return 0
 
 

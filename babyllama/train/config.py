@@ -145,6 +145,17 @@ def build_config(config_file: str | None = None, overrides: dict | None = None,
     return out
 
 
+def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """build_config, and for init_from=resume the checkpoint's config under the file and overrides."""
+    cfg = build_config(config_file, overrides)
+    if cfg.init_from == "resume":
+        from . import checkpoint
+
+        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
+        cfg = build_config(config_file, overrides, resume_config=saved)
+    return cfg
+
+
 def check(cfg: TrainConfig) -> None:
     if cfg.init_from not in ("scratch", "resume"):
         raise BabyLlamaError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
