@@ -85,11 +85,11 @@ def parse_value(key: str, text: str):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise BabyLlamaError(f"--{key} expects true or false, got {text!r}")
+        raise BabyLlamaError(f"{key} must be true or false, got {text!r}")
     try:
         return kind(text) if kind is not int else int(float(text)) if "e" in text.lower() else int(text)
     except ValueError:
-        raise BabyLlamaError(f"--{key} expects {kind.__name__}, got {text!r}") from None
+        raise BabyLlamaError(f"{key} must be {kind.__name__}, got {text!r}") from None
 
 
 def read_config_file(path: str | Path) -> dict:
