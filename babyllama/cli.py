@@ -176,6 +176,189 @@ def cmd_download(args) -> int:
 
     path = download_model(find(args.name), args.dir, args.url_base)
     print(f"{path}\nrun it: babyllama run {path}")
+# ------------------------------------------------------------------------------------------------ data
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data: download, train-vocab, pretokenize",
+                       description="Prepare training data (llama2.c's tinystories.py).")
+    steps = p.add_subparsers(dest="data_command", metavar="STEP", parser_class=Parser, required=True)
+
+    d = steps.add_parser("download", help="download and unpack TinyStories (or another .tar.gz with --url)")
+    d.add_argument("--url", default=None, help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
+    d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
+    d.add_argument("--data-dir", default="data", help="where the archive and its contents go (data)")
+    d.set_defaults(func=cmd_data_download)
+
+    v = steps.add_parser("train-vocab", help="train a sentencepiece BPE vocabulary (llama2.c's settings)")
+    v.add_argument("--vocab-size", type=int, required=True, help="number of tokens, e.g. 4096")
+    v.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    v.add_argument("--data-dir", default="data", help="where tok{N}.model and tok{N}.bin go (data)")
+    v.add_argument("--max-chars", type=int, default=200_000_000, help="characters of input to learn from")
+    v.set_defaults(func=cmd_data_train_vocab)
+
+    t = steps.add_parser("pretokenize", help="encode documents into uint16 token shards, BOS before each")
+    t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    t.add_argument("--vocab-size", type=int, default=0, help="use data/tok{N}.model from train-vocab")
+    t.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
+    t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
+    t.add_argument("--out-dir", default=None, help="shard folder (default: DATA_DIR/tok{N})")
+    t.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    t.set_defaults(func=cmd_data_pretokenize)
+
+
+DEFAULT_INPUT = "data/TinyStories_all_data"
+
+
+def cmd_data_download(args) -> int:
+    from pathlib import Path
+
+    from .train.download import TINYSTORIES_URL, download, extract
+
+    url = args.url or TINYSTORIES_URL
+    name = Path(url.split("?")[0]).name or "download.tar.gz"
+    archive = download(url, Path(args.data_dir) / name, args.sha256)
+    stem = name[: -len(".tar.gz")] if name.endswith(".tar.gz") else Path(name).stem
+    out = extract(archive, Path(args.data_dir) / stem)
+    print(f"unpacked into {out}")
+    return 0
+
+
+def cmd_data_train_vocab(args) -> int:
+    from .train.vocab import train_vocab
+
+    model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars)
+    print(f"wrote {model} and {binary}")
+    return 0
+
+
+def cmd_data_pretokenize(args) -> int:
+    from pathlib import Path
+
+    from .train.data import pretokenize
+
+    if args.tokenizer:
+        tokenizer = Path(args.tokenizer)
+    elif args.vocab_size:
+        tokenizer = Path(args.data_dir) / f"tok{args.vocab_size}.model"
+        if not tokenizer.is_file():
+            raise BabyLlamaError(f"{tokenizer} not found: run `babyllama data train-vocab "
+                                 f"--vocab-size {args.vocab_size}` first")
+    else:
+        raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
+    out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
+    meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None)
+    print(f"wrote {meta['tokens']:,} tokens in {len(meta['shards']['train'])} train and "
+          f"{len(meta['shards']['val'])} val shards to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def add_train(sub) -> None:
+    from .train.config import FIELDS, TrainConfig
+
+    p = sub.add_parser("train", help="train a model with PyTorch (torchrun for DDP/FSDP)",
+                       description="Train a Llama 2 model (llama2.c's train.py). Settings come from the "
+                                   "defaults, then CONFIG (TOML or JSON), then --key=value flags. Run under "
+                                   "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
+    p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    knobs = p.add_argument_group("settings (--key=value)")
+    for name in FIELDS:
+        knobs.add_argument(f"--{name}", dest=f"cfg_{name}", metavar=type(getattr(TrainConfig, name)).__name__.upper(),
+                           default=None, help=f"(default {getattr(TrainConfig, name)!r})")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .train.config import resolve_config
+    from .train.loop import train
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    train(resolve_config(args.config, overrides))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a training checkpoint with PyTorch",
+                       description="Generate from a checkpoint (llama2.c's sample.py), with run's sampling flags.")
+    p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
+    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
+    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
+    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
+    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
+    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    _check_sampling_flags(args)
+    prompt = _text_arg(args.prompt, "prompt (-i)")
+    try:
+        import torch
+
+        from .model import TorchEngine
+        from .train.checkpoint import CKPT_NAME, load_model
+    except ImportError:
+        raise BabyLlamaError("sample needs torch: pip install 'babyllama[train]'") from None
+    from .api import clamp_steps, find_tokenizer
+    from .sampler import Sampler
+    from .tokenizer import Tokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise BabyLlamaError("--device cuda requested but no CUDA GPU is available")
+    model = load_model(args.checkpoint)
+    ckpt = Path(args.checkpoint)
+    ckpt = ckpt / CKPT_NAME if ckpt.is_dir() else ckpt
+    tok_path = args.tokenizer or find_tokenizer(ckpt, model.args.vocab_size)
+    tokenizer = Tokenizer.load(tok_path, model.args.vocab_size)
+    runner = SimpleNamespace(engine=TorchEngine(model, device), tokenizer=tokenizer)
+    steps = clamp_steps(args.steps, model.args.max_seq_len)
+    return _generate(runner, Sampler(args.temperature, args.topp, args.seed or None), prompt, steps)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model as a llama2.c .bin (version 0, 1 or 2)",
+                       description="Export a model to llama2.c's format: 0 = legacy fp32, 1 = fp32, 2 = Q8_0.")
+    p.add_argument("output", help="the .bin file to write")
+    p.add_argument("--checkpoint", required=True, help="a babyllama training checkpoint (ckpt.pt)")
+    p.add_argument("--version", type=int, choices=(0, 1, 2), default=1, help="file version (1)")
+    p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
+    p.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin")
+    t.add_argument("model", help="the sentencepiece .model")
+    t.add_argument("-o", "--output", default=None, help="the .bin to write (default: MODEL with .bin)")
+    t.set_defaults(func=cmd_export_tokenizer)
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    out = export_model(args.output, checkpoint=args.checkpoint, version=args.version, group_size=args.group_size)
+    print(f"wrote {out} (version {args.version})")
+    return 0
+
+
+def cmd_export_tokenizer(args) -> int:
+    from .export import export_tokenizer
+
+    print(f"wrote {export_tokenizer(args.model, args.output)}")
     return 0
 
 
@@ -192,6 +375,10 @@ def build_parser() -> Parser:
     add_eval(sub)
     add_models(sub)
     add_download(sub)
+    add_data(sub)
+    add_train(sub)
+    add_sample(sub)
+    add_export(sub)
     return parser
 
 

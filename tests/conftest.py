@@ -70,7 +70,36 @@ def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     return Tokenizer(pieces, scores)
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout)."""
+def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout).
+    `env` adds to the environment; the package is found from any `cwd`."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **(env or {})}
     return subprocess.run([sys.executable, "-m", "babyllama", *args], input=input.encode() if input else None,
-                          capture_output=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
+
+
+_NAMES = ["Tim", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Sue"]
+_ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck"]
+_PLACES = ["park", "garden", "forest", "beach", "house", "school"]
+_THINGS = ["ball", "kite", "toy", "hat", "book", "cake"]
+_FEELINGS = ["happy", "sad", "tired", "excited", "scared"]
+
+
+def make_story_corpus(path: Path, n_stories: int, seed: int = 0) -> Path:
+    """A TinyStories-layout text file (stories separated by `<|endoftext|>` lines) from a small grammar:
+    a few hundred KB of learnable text, made on the spot (no dataset needed)."""
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
+    stories = []
+    for _ in range(n_stories):
+        name, animal, place, thing = pick(_NAMES), pick(_ANIMALS), pick(_PLACES), pick(_THINGS)
+        lines = [f"Once upon a time, there was a little {animal} named {name}.",
+                 f"{name} liked to play in the {place} with a {thing}.",
+                 f"One day, {name} lost the {thing} and felt {pick(_FEELINGS)}.",
+                 f"A friend found the {thing} near the {pick(_PLACES)}.",
+                 f"{name} was {pick(_FEELINGS)} and said thank you. The end."]
+        stories.append(" ".join(lines[:3]) + "\n" + " ".join(lines[3:]))
+    path.write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path

@@ -1,0 +1,257 @@
+"""Llama 2 in PyTorch, for training and for PyTorch-side generation (llama2.c's model.py, same names).
+
+Parameter names follow Meta/llama2.c (tok_embeddings, layers.N.attention.wq, ..., norm, output) so that
+state dicts line up with the llama2.c exporters. The math is the NumPy engine's (engine.py), written for
+batches of training sequences:
+
+    h   = x + Wo · attention(RoPE(Wq·rms(x)), RoPE(Wk·rms(x)), Wv·rms(x))
+    x'  = h + W2 · (silu(W1·rms(h)) * W3·rms(h))                       (SwiGLU feed-forward)
+
+RoPE rotates interleaved pairs (2i, 2i+1) of every head by pos · theta^(-2i/head_size), as Meta's complex
+multiplication does. Grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
+
+`Transformer.from_weights` / `to_weights` convert to and from `formats.Weights` (fp32 NumPy), the common
+currency of every file format. `TorchEngine` gives the model the NumPy engine's `forward` interface, so the
+generation loop in generate.py (and the `run` printing code) drives PyTorch unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .formats import LAYER_MATRICES, Weights
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 even under autocast: mean(x²) of bf16 values loses too much precision
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of pos * theta^(-2i/head_size): two (n_positions, head_size/2) fp32 tensors (computed in fp64
+    like the NumPy engine's, so both engines rotate by the same angles)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), freqs)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (batch, seq, heads, head_size) by angles (seq, head_size/2)."""
+    a, b = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_size = args.n_heads, args.n_kv_heads, args.head_size
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_size, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_size, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_size), cos, sin)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_size), cos, sin)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_size)
+        causal, mask = True, None
+        if cache is not None:  # generation: append to this sequence's keys/values, attend over all so far
+            kc, vc = cache  # (batch, max_seq_len, n_kv_heads, head_size)
+            end = start_pos + seqlen
+            kc[:bsz, start_pos:end] = k
+            vc[:bsz, start_pos:end] = v
+            k, v = kc[:bsz, :end], vc[:bsz, :end]
+            if start_pos > 0:  # query i (position start_pos+i) sees keys 0..start_pos+i
+                causal = False
+                if seqlen > 1:
+                    mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(start_pos)
+        # grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads
+        groups = self.n_heads // self.n_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=2)
+            v = v.repeat_interleave(groups, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_size)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and seqlen > 1,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, start_pos: int = 0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.shared_classifier:
+            self.output.weight = self.tok_embeddings.weight  # weight tying
+        cos, sin = rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("w3.weight", "wo.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0,
+                cache: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens (batch, seq) → (logits (batch, seq, vocab), loss or None). With `targets`, the mean
+        cross-entropy (-1 targets ignored). `cache` (one (k, v) pair per layer) and `start_pos` are for
+        generation: the tokens sit at positions start_pos.. and attend to everything cached before them."""
+        seqlen = tokens.shape[1]
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.args.max_seq_len}")
+        cos = self.freqs_cos[start_pos:start_pos + seqlen]
+        sin = self.freqs_sin[start_pos:start_pos + seqlen]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
+        logits = self.output(self.norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch: int = 1, device=None, dtype=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        a = self.args
+        ref = self.output.weight
+        shape = (batch, a.max_seq_len, a.n_kv_heads, a.head_size)
+        return [(torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype),
+                 torch.zeros(shape, device=device or ref.device, dtype=dtype or ref.dtype))
+                for _ in range(a.n_layers)]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T."""
+        a = self.args
+        n_params = sum(p.numel() for p in self.parameters())
+        return 6 * n_params + 12 * a.n_layers * a.n_heads * a.head_size * a.max_seq_len
+
+    # ---------------------------------------------------------------------------- Weights conversion
+
+    @classmethod
+    def from_weights(cls, w: Weights) -> Transformer:
+        """A model holding `w`'s tensors (Q8_0 weights are dequantized)."""
+        w = w.to_fp32()
+        args = ModelArgs.from_dict(w.args.to_dict())
+        args.dropout = 0.0
+        model = cls(args)
+        model.load_state_dict(weights_to_state_dict(w), strict=True)
+        return model
+
+    def to_weights(self) -> Weights:
+        """The model's parameters as fp32 NumPy `Weights` (what formats.save writes)."""
+        a = self.args
+        sd = {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
+        L = a.n_layers
+        stack = lambda fmt: np.stack([sd[fmt.format(i)] for i in range(L)])  # noqa: E731
+        mats = {name: stack(f"layers.{{}}.{_MODULE_OF[name]}.{name}.weight") for name in LAYER_MATRICES}
+        emb = sd["tok_embeddings.weight"]
+        return Weights(ModelArgs.from_dict(a.to_dict()), emb,
+                       rms_att=stack("layers.{}.attention_norm.weight"), rms_ffn=stack("layers.{}.ffn_norm.weight"),
+                       rms_final=sd["norm.weight"], wcls=emb if a.shared_classifier else sd["output.weight"],
+                       **mats)
+
+
+_MODULE_OF = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+              "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+
+
+def weights_to_state_dict(w: Weights) -> dict[str, torch.Tensor]:
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731 (copy: mmaps are read-only)
+    sd = {"tok_embeddings.weight": t(w.tok_embeddings), "norm.weight": t(w.rms_final),
+          "output.weight": t(w.tok_embeddings if w.args.shared_classifier else w.wcls)}
+    for i in range(w.args.n_layers):
+        sd[f"layers.{i}.attention_norm.weight"] = t(w.rms_att[i])
+        sd[f"layers.{i}.ffn_norm.weight"] = t(w.rms_ffn[i])
+        for name in LAYER_MATRICES:
+            sd[f"layers.{i}.{_MODULE_OF[name]}.{name}.weight"] = t(w.layer_matrices()[name][i])
+    return sd
+
+
+class TorchEngine:
+    """The NumPy `Engine.forward` interface on a PyTorch model, so that generate.py's loop (and therefore the
+    `run` command's printing) drives PyTorch as is. One cache slot = one row of the batch cache."""
+
+    class Cache:
+        def __init__(self, layers: list, seq_len: int):
+            self.layers, self.seq_len = layers, seq_len
+
+        @property
+        def n_slots(self) -> int:
+            return self.layers[0][0].shape[0]
+
+    def __init__(self, model: Transformer, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.args = model.args
+        self.device = torch.device(device)
+
+    def new_cache(self, n_slots: int = 1) -> TorchEngine.Cache:
+        return self.Cache(self.model.new_cache(n_slots, self.device), self.args.max_seq_len)
+
+    @torch.inference_mode()
+    def forward(self, tokens, positions, cache: TorchEngine.Cache, slots=None, logits: str = "all") -> np.ndarray:
+        from .engine import segments
+
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
+        rows = []
+        for start, end, slot, pos0 in segments(slots, positions):
+            ids = torch.from_numpy(tokens[start:end]).to(self.device)[None]
+            slot_cache = [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in cache.layers]
+            out, _ = self.model(ids, start_pos=pos0, cache=slot_cache)
+            rows.append(out[0, -1:] if logits == "last" else out[0])
+        return torch.cat(rows).float().cpu().numpy()

@@ -1,0 +1,171 @@
+"""TrainConfig: every knob of a training run (llama2.c train.py's names), from defaults, a config file
+(TOML or JSON, flat keys) and `--key=value` overrides, in that order. When resuming, the checkpoint's
+config replaces the defaults, so `--init_from=resume --max_iters=N` continues the same run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
+from ..errors import BabyLlamaError
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    data_dir: str = ""  # pretokenized shards (`babyllama data pretokenize`)
+    init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+    eval_interval: int = 2000
+    eval_iters: int = 100
+    eval_only: bool = False
+    log_interval: int = 1
+    seed: int = 1337
+    # model
+    vocab_size: int = 0  # 0: the pretokenized data's vocabulary
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 0  # 0: n_heads
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    norm_eps: float = DEFAULT_NORM_EPS
+    rope_theta: float = DEFAULT_ROPE_THETA
+    shared_classifier: bool = True
+    # optimisation
+    batch_size: int = 128  # micro-batch per device
+    gradient_accumulation_steps: int = 4  # over all devices: DDP divides it by the world size
+    learning_rate: float = 5e-4
+    max_iters: int = 100000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    decay_lr: bool = True
+    warmup_iters: int = 1000
+    lr_decay_iters: int = 0  # 0: max_iters
+    min_lr: float = 0.0
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model (recommended on GPU)
+    fsdp: bool = False  # shard parameters/optimizer with FSDP under torchrun instead of replicating (DDP)
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: known GPUs' bf16 peak, else MFU not shown
+
+    def model_args(self) -> ModelArgs:
+        args = ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.n_kv_heads or self.n_heads, vocab_size=self.vocab_size,
+                         multiple_of=self.multiple_of, max_seq_len=self.max_seq_len, dropout=self.dropout,
+                         norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                         shared_classifier=self.shared_classifier)
+        try:
+            args.validate()
+        except ValueError as e:
+            raise BabyLlamaError(f"invalid model shape: {e}") from None
+        return args
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
+              "rope_theta", "shared_classifier")
+
+
+def parse_value(key: str, text: str):
+    """A command-line string as the type of config field `key`."""
+    kind = type(getattr(TrainConfig, key))
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise BabyLlamaError(f"{key} must be true or false, got {text!r}")
+    try:
+        return kind(text) if kind is not int else int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise BabyLlamaError(f"{key} must be {kind.__name__}, got {text!r}") from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise BabyLlamaError("TOML config files need Python 3.11+; use a .json config") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise BabyLlamaError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise BabyLlamaError(f"{path}: a config file holds key = value pairs")
+    return data
+
+
+def apply(cfg: dict, updates: dict, source: str) -> None:
+    for key, value in updates.items():
+        if key not in FIELDS:
+            raise BabyLlamaError(f"{source}: unknown config key {key!r}")
+        kind = type(getattr(TrainConfig, key))
+        if isinstance(value, str) and kind is not str:
+            value = parse_value(key, value)
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BabyLlamaError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+        cfg[key] = value
+
+
+def build_config(config_file: str | None = None, overrides: dict | None = None,
+                 resume_config: dict | None = None) -> TrainConfig:
+    """Defaults (or a resumed run's config), then the file, then the overrides."""
+    cfg = TrainConfig().to_dict()
+    if resume_config:
+        cfg.update({k: v for k, v in resume_config.items() if k in FIELDS})
+    if config_file:
+        apply(cfg, read_config_file(config_file), str(config_file))
+    apply(cfg, overrides or {}, "command line")
+    out = TrainConfig(**cfg)
+    check(out)
+    return out
+
+
+def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """build_config, and for init_from=resume the checkpoint's config under the file and overrides."""
+    cfg = build_config(config_file, overrides)
+    if cfg.init_from == "resume":
+        from . import checkpoint
+
+        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
+        cfg = build_config(config_file, overrides, resume_config=saved)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    if cfg.init_from not in ("scratch", "resume"):
+        raise BabyLlamaError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise BabyLlamaError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                "max_seq_len"):
+        if getattr(cfg, key) <= 0:
+            raise BabyLlamaError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.max_iters < 0 or cfg.warmup_iters < 0:
+        raise BabyLlamaError("max_iters and warmup_iters must be >= 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")

@@ -1,0 +1,115 @@
+"""Downloading a dataset archive (TinyStories by default): resumable, checksummed, with a progress bar.
+
+A partial download is kept as NAME.part and continued with an HTTP Range request. The archive's sha256 is
+checked against --sha256, or else against the sha256 the server advertises (Hugging Face sends it as the
+X-Linked-Etag / ETag of large files); without either, the digest is printed so it can be pinned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import BabyLlamaError
+
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+CHUNK = 1 << 20
+_SHA256 = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')
+
+
+def advertised_sha256(headers) -> str | None:
+    for key in ("X-Linked-Etag", "ETag"):
+        m = _SHA256.match((headers.get(key) or "").strip())
+        if m:
+            return m.group(1)
+    return None
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60) -> Path:
+    """Fetch `url` into `dest` (continuing a previous partial download) and verify its sha256."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.is_file():
+        print(f"{dest} already downloaded", file=sys.stderr)
+        _verify(dest, sha256)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the part file is already complete
+            os.replace(part, dest)
+            _verify(dest, sha256)
+            return dest
+        raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise BabyLlamaError(f"download failed: {getattr(e, 'reason', e)} ({url})") from None
+    with response:
+        if have and response.status != 206:  # server ignored the Range request: start over
+            have = 0
+        expected = sha256 or advertised_sha256(response.headers)
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+            try:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except OSError as e:
+                raise BabyLlamaError(f"download interrupted ({e}); run the command again to resume") from None
+    if total is not None and part.stat().st_size < total:
+        raise BabyLlamaError("download incomplete; run the command again to resume")
+    os.replace(part, dest)
+    _verify(dest, expected)
+    return dest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str | None) -> None:
+    digest = file_sha256(path)
+    if expected is None:
+        print(f"sha256 {digest} (no checksum to compare with: pass --sha256 to pin it)", file=sys.stderr)
+        return
+    if digest != expected.lower():
+        bad = path.with_name(path.name + ".corrupt")
+        os.replace(path, bad)
+        raise BabyLlamaError(f"checksum mismatch for {path.name}: expected {expected}, got {digest} "
+                             f"(moved to {bad.name}; run again to download afresh)")
+    print(f"sha256 ok ({digest})", file=sys.stderr)
+
+
+def extract(archive: Path, dest: str | os.PathLike) -> Path:
+    """Unpack a .tar.gz into `dest`, refusing members that would land outside it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python < 3.10.12 has no extraction filters: check paths ourselves
+                root = dest.resolve()
+                for m in tar.getmembers():
+                    if not (root / m.name).resolve().is_relative_to(root) or m.issym() or m.islnk():
+                        raise BabyLlamaError(f"{archive}: unsafe member {m.name!r}")
+                tar.extractall(dest)
+    except (tarfile.TarError, OSError) as e:
+        raise BabyLlamaError(f"cannot extract {archive}: {e}") from None
+    return dest

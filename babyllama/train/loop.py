@@ -1,0 +1,348 @@
+"""The training loop (llama2.c's train.py): one process, or one per device under torchrun (DDP, or FSDP with
+`fsdp=true`).
+
+Batches are defined globally so that the run does not depend on how many processes share it: each
+iteration draws batch_size × gradient_accumulation_steps window starts from one generator that every rank
+seeds alike; rank r takes micro-batches r, r+W, r+2W, ... of them (W = world size) and accumulates
+gradient_accumulation_steps / W of them. Averaged over ranks, the gradient is the single-process one.
+
+Each iteration: lr from the schedule (linear warmup, cosine decay to min_lr), micro-batches forward and
+backward (DDP syncs gradients only on the last one: `no_sync`), clip, AdamW step. Every eval_interval
+iterations (and at the end) the val loss is estimated on fixed batches and ckpt.pt is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import BabyLlamaError
+from ..model import Transformer
+from . import checkpoint
+from .config import MODEL_KEYS, TrainConfig
+from .data import TOKENIZER_BIN, Windows, read_meta, split_arrays
+from .metrics import MetricsLog, peak_flops, plot_losses
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: join the process group (NCCL on GPU, gloo on CPU)."""
+    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+             int(os.environ.get("WORLD_SIZE", 1)))
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_pref)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BabyLlamaError("device cuda requested but no CUDA GPU is available (use --device=cpu)")
+        if d.enabled:
+            device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if d.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def lr_at(cfg: TrainConfig, it: int) -> float:
+    """Linear warmup from 0, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * it / cfg.warmup_iters
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only (not on norm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state on CPU; under FSDP every rank must take part."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _state_options()
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _load_state_dicts(model, optimizer, ckpt: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    opts = _state_options()
+    set_model_state_dict(model, checkpoint._strip_prefixes(ckpt["model"]), options=opts)
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ckpt: dict | None = None):
+        self.cfg = cfg
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.dtype = resolve_dtype(cfg, self.device)
+        if self.dist.enabled:  # one line per process, so a launch shows every rank came up
+            print(f"rank {self.dist.rank} of {self.dist.world}: {dist.get_backend()} on {self.device}"
+                  f"{' (FSDP)' if cfg.fsdp else ' (DDP)'}", flush=True)
+        self.out_dir = Path(cfg.out_dir)
+        if self.dist.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        W = self.dist.world
+        if cfg.gradient_accumulation_steps % W:
+            raise BabyLlamaError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a "
+                                 f"multiple of the number of processes ({W})")
+        self.accum = cfg.gradient_accumulation_steps // W  # micro-steps per rank per iteration
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
+
+        meta = read_meta(cfg.data_dir) if cfg.data_dir else None
+        if meta is None:
+            raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
+        if cfg.vocab_size == 0:
+            cfg.vocab_size = int(meta.get("vocab_size") or 0)
+            if not cfg.vocab_size:
+                raise BabyLlamaError(f"{cfg.data_dir} has no meta.json: set --vocab_size")
+        self.train_data = Windows(split_arrays(cfg.data_dir, "train"), cfg.max_seq_len, f"{cfg.data_dir} (train)")
+        self.val_data = Windows(split_arrays(cfg.data_dir, "val"), cfg.max_seq_len, f"{cfg.data_dir} (val)")
+
+        self.model_args = cfg.model_args()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = Transformer(self.model_args).to(self.device)
+        self.raw = model
+        if cfg.fsdp:
+            if not self.dist.enabled:
+                raise BabyLlamaError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        self.optimizer = make_optimizer(model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: global batches
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
+        self.iter_num, self.best_val_loss = 0, float("inf")
+        if ckpt is not None:
+            self._restore(ckpt)
+        if cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled and not cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = model
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype)
+        self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype
+                         else contextlib.nullcontext())
+        self.peak = peak_flops(self.device, self.dtype, cfg.peak_flops)
+        self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None) if self.dist.master else None
+
+    # ------------------------------------------------------------------------------------ state
+
+    def _restore(self, ckpt: dict) -> None:
+        _load_state_dicts(self.raw, self.optimizer, ckpt)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iter_num = int(ckpt["iter_num"])
+        self.best_val_loss = float(ckpt["best_val_loss"])
+        rng = ckpt["rng"]
+        self.data_gen.set_state(rng["data"])
+        if self.dist.world == 1:  # per-rank dropout streams are not saved; rank 0's is the only one
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def save_checkpoint(self) -> None:
+        model_sd, optim_sd = _state_dicts(self.raw, self.optimizer)  # collective under FSDP
+        if not self.dist.master:
+            return
+        rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint.save({"model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
+                         "model_args": self.model_args.to_dict(), "config": self.cfg.to_dict(),
+                         "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng},
+                        self.out_dir / checkpoint.CKPT_NAME)
+
+    # ------------------------------------------------------------------------------------ steps
+
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every evaluation)."""
+        self.model.eval()
+        out = {}
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+            total = 0.0
+            for _ in range(self.cfg.eval_iters):
+                x, y = data.batch(data.draw(self.cfg.batch_size, gen), self.device)
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                total += loss.item()
+            out[split] = total / self.cfg.eval_iters
+        self.model.train()
+        return out
+
+    def _sync_context(self, last_micro_step: bool):
+        """Gradients are all-reduced once per iteration, on the last micro-step."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last_micro_step:
+            return self.model.no_sync()
+        if self.cfg.fsdp:
+            self.raw.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step over this rank's share of a global batch; returns its mean micro-batch loss."""
+        cfg, W, r = self.cfg, self.dist.world, self.dist.rank
+        lr = lr_at(cfg, self.iter_num)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        starts = self.train_data.draw(cfg.gradient_accumulation_steps * cfg.batch_size, self.data_gen)
+        starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)
+        total = torch.zeros((), device=self.device)
+        for m in range(self.accum):
+            x, y = self.train_data.batch(starts[m * W + r], self.device)
+            with self._sync_context(m == self.accum - 1):
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                loss = loss / self.accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter_num += 1
+        return total
+
+    def global_mean(self, value: torch.Tensor) -> float:
+        if self.dist.enabled:
+            value = value.clone()
+            dist.all_reduce(value)  # SUM: gloo has no AVG
+            value /= self.dist.world
+        return value.item()
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def evaluate_and_save(self) -> None:
+        losses = self.estimate_loss()
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        if self.dist.master:
+            print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                  flush=True)
+            self.metrics.write(iter=self.iter_num, train_loss=losses["train"], val_loss=losses["val"])
+        if self.iter_num > 0 and not self.cfg.eval_only:
+            self.save_checkpoint()
+        if self.dist.master:
+            plot_losses(self.out_dir)
+
+    def run(self) -> dict:
+        cfg, master = self.cfg, self.dist.master
+        if master:
+            self._install_tokenizer()
+            n_params = sum(p.numel() for p in self.raw.parameters())
+            print(f"model: {n_params / 1e6:.2f}M parameters, {self.dist.world} process(es) on {self.device}, "
+                  f"{self.dtype}; {self.tokens_per_iter:,} tokens per iteration", flush=True)
+        start_iter = self.iter_num
+        if cfg.eval_only:
+            self.evaluate_and_save()
+            return {"iter": self.iter_num, "best_val_loss": self.best_val_loss}
+        flops_per_iter = self.raw.flops_per_token() * self.tokens_per_iter
+        last_loss, evaluated_at = float("nan"), None
+        t0, t0_iter = time.perf_counter(), self.iter_num
+        while self.iter_num < cfg.max_iters:
+            # evaluate before training (a new run) and every eval_interval steps, not again on resume
+            if self.iter_num % cfg.eval_interval == 0 and (self.iter_num != start_iter or start_iter == 0):
+                self.evaluate_and_save()
+                evaluated_at = self.iter_num
+                t0, t0_iter = time.perf_counter(), self.iter_num  # evaluation time is not training time
+            lr = lr_at(cfg, self.iter_num)
+            loss = self.step()
+            if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
+                last_loss = self.global_mean(loss)  # also waits for the device: the timing below is real
+                dt = (time.perf_counter() - t0) / (self.iter_num - t0_iter)
+                t0, t0_iter = time.perf_counter(), self.iter_num
+                if master:
+                    self._log_step(last_loss, lr, dt, flops_per_iter)
+        if evaluated_at != self.iter_num:
+            self.evaluate_and_save()
+        if self.dist.enabled:
+            dist.barrier()
+        return {"iter": self.iter_num, "loss": last_loss, "best_val_loss": self.best_val_loss}
+
+    def _log_step(self, loss: float, lr: float, dt: float, flops_per_iter: float) -> None:
+        tok_s = self.tokens_per_iter / dt
+        mfu = flops_per_iter / dt / (self.peak * self.dist.world) if self.peak else None
+        mfu_text = f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""
+        print(f"{self.iter_num} | loss {loss:.4f} | lr {lr:e} | {dt * 1000:.2f}ms | tok/s {tok_s:,.0f}{mfu_text}",
+              flush=True)
+        self.metrics.write(iter=self.iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
+
+    def _install_tokenizer(self) -> None:
+        """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there."""
+        src, dst = Path(self.cfg.data_dir) / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss"}."""
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
+        saved = ckpt["config"]
+        changed = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k) and
+                   not (k == "vocab_size" and getattr(cfg, k) == 0)]
+        if changed:
+            raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
+    trainer = Trainer(cfg, ckpt)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.enabled and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,82 @@
+"""Run metrics: one JSON object per line in metrics.jsonl beside the checkpoint (training steps and
+evaluations), a loss-curve PNG drawn from it, and MFU (model FLOPs utilisation)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+
+# dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device, dtype: str, override: float = 0.0) -> float | None:
+    """Per-device peak FLOP/s to measure MFU against: `override` when set, else the table above for a
+    16-bit run on a known GPU, else None (CPU peaks vary too much to guess)."""
+    if override > 0:
+        return override
+    if device.type != "cuda" or dtype not in ("bfloat16", "float16"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), None)
+
+
+class MetricsLog:
+    def __init__(self, out_dir: str | os.PathLike, resume_from_iter: int | None = None):
+        self.path = Path(out_dir) / METRICS_NAME
+        if resume_from_iter is None:
+            self.path.write_text("")
+        else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
+            kept = [r for r in read_metrics(self.path) if self._before(r, resume_from_iter)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    @staticmethod
+    def _before(record: dict, it: int) -> bool:
+        return record["iter"] < it or (record["iter"] == it and "loss" in record)
+
+    def write(self, **record) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out_dir: str | os.PathLike) -> Path | None:
+    """loss.png: training loss per step and validation loss at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(Path(out_dir) / METRICS_NAME)
+    steps = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not steps and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if steps:
+        ax.plot(*zip(*steps), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="val loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(out_dir) / PLOT_NAME
+    tmp = path.with_name("loss.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,65 @@
+"""Training a sentencepiece BPE vocabulary with llama2.c's settings (tinystories.py train_vocab).
+
+Settings that keep the tokenizer run.c-compatible: BPE with byte fallback (any byte is encodable), split
+digits, identity normalization, control tokens <unk>=0, <s>=1, </s>=2, and the dummy-prefix space that
+run.c/babyllama's encoder add. One deliberate change from llama2.c: remove_extra_whitespaces is off (as in
+Meta's Llama 2 tokenizer), so sentencepiece's encoding of pretokenized text equals the tokenizer.bin
+encoder's (babyllama.tokenizer), which never collapses whitespace.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import BabyLlamaError
+from .data import input_files, read_documents
+
+
+def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | os.PathLike,
+                max_chars: int = 200_000_000) -> tuple[Path, Path]:
+    """Train tok{vocab_size}.model on the documents of `input_path` (at most `max_chars` characters,
+    like llama2.c's first 10 shards) and write its llama2.c export tok{vocab_size}.bin beside it."""
+    import sentencepiece as spm
+
+    from ..tokenizer import Tokenizer
+
+    if not 259 < vocab_size <= 65536:
+        raise BabyLlamaError(f"--vocab-size must be in 260..65536 (3 control + 256 byte tokens + merges), "
+                             f"got {vocab_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = out / f"tok{vocab_size}"
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "vocab_input.txt"
+        _write_training_text(input_path, text_file, max_chars)
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+                input_format="text", character_coverage=1.0,
+                num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
+                byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                remove_extra_whitespaces=False, max_sentence_length=1 << 20, minloglevel=2)
+        except RuntimeError as e:
+            raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}") from None
+    model = prefix.with_suffix(".model")
+    prefix.with_suffix(".vocab").unlink(missing_ok=True)
+    binary = prefix.with_suffix(".bin")
+    Tokenizer.from_sentencepiece(model).save(binary)
+    return model, binary
+
+
+def _write_training_text(input_path, dest: Path, max_chars: int) -> None:
+    """One document per line, as llama2.c does (documents' own newlines stay: sentencepiece sees each line
+    as a sentence)."""
+    written = 0
+    with open(dest, "w", encoding="utf-8") as f:
+        for path in input_files(input_path):
+            for doc in read_documents(path):
+                f.write(doc + "\n")
+                written += len(doc) + 1
+                if written >= max_chars:
+                    return
+    if written == 0:
+        raise BabyLlamaError(f"{input_path}: no text to train a vocabulary on")

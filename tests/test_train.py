@@ -1,0 +1,270 @@
+"""Training stack: the PyTorch model against the NumPy engine, and the whole pipeline end to end on a corpus
+made here (train-vocab → pretokenize → train → export v0/v1/v2 → run, and sample on the checkpoint)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sentencepiece")
+
+from conftest import make_story_corpus, random_weights, run_cli, tiny_args  # noqa: E402
+
+from babyllama import formats  # noqa: E402
+from babyllama.engine import Engine  # noqa: E402
+from babyllama.model import TorchEngine, Transformer  # noqa: E402
+from babyllama.tokenizer import BOS, Tokenizer  # noqa: E402
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only add overhead on a shared machine
+TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=64", "--batch_size=16",
+        "--gradient_accumulation_steps=1", "--learning_rate=3e-3", "--warmup_iters=20", "--eval_iters=5"]
+PROMPT = "Once upon a time"
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(shared_classifier=False),
+    dict(n_kv_heads=1, rope_theta=500000.0, norm_eps=1e-6),
+    dict(n_kv_heads=4, dim=48, n_heads=4, hidden_dim=96),
+], ids=["tied-gqa", "untied", "mqa-theta-eps", "mha"])
+def test_logits_match_numpy_engine_at_every_position(kw):
+    args = tiny_args(**kw)
+    w = random_weights(args, seed=3, scale=0.2)
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, 64)
+    engine = Engine(w)
+    expected = engine.forward(tokens, np.arange(64), engine.new_cache())
+    model = Transformer.from_weights(w).eval()
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(tokens)[None])
+    assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
+
+
+def test_kv_cache_generation_path_matches_full_forward():
+    args = tiny_args()
+    w = random_weights(args, seed=4, scale=0.2)
+    tokens = np.random.default_rng(1).integers(0, args.vocab_size, 40)
+    engine = Engine(w)
+    expected = engine.forward(tokens, np.arange(40), engine.new_cache())
+    te = TorchEngine(Transformer.from_weights(w))
+    cache = te.new_cache(2)
+    # a prompt in two chunks, then single tokens, in slot 1 (slot 0 holds something else)
+    te.forward(tokens[:5], np.arange(5), cache, slots=np.zeros(5, int))
+    parts = [te.forward(tokens[:17], np.arange(17), cache, slots=np.ones(17, int)),
+             te.forward(tokens[17:30], np.arange(17, 30), cache, slots=np.ones(13, int))]
+    parts += [te.forward(tokens[i:i + 1], [i], cache, slots=[1]) for i in range(30, 40)]
+    assert np.abs(np.concatenate(parts) - expected).max() <= 1e-4
+    last = te.forward(tokens[:8], np.arange(8), te.new_cache(), logits="last")
+    assert last.shape == (1, args.vocab_size)
+
+
+def test_weights_round_trip_through_the_model():
+    for shared in (True, False):
+        w = random_weights(tiny_args(shared_classifier=shared), seed=5)
+        back = Transformer.from_weights(w).to_weights()
+        assert back.args.shared_classifier == shared
+        for name in ("tok_embeddings", "rms_att", "rms_ffn", "rms_final", "wq", "wk", "wv", "wo", "w1", "w2",
+                     "w3", "wcls"):
+            assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(w, name))), name
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """train-vocab → pretokenize → train (200 steps) in a fresh folder, all through the CLI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    make_story_corpus(corpus / "train.txt", 1500, seed=0)
+    make_story_corpus(corpus / "valid.txt", 100, seed=1)
+    ok(run_cli("data", "train-vocab", "--vocab-size", "512", "--input", "corpus", "--data-dir", "data", cwd=root))
+    ok(run_cli("data", "pretokenize", "--input", "corpus", "--vocab-size", "512", "--data-dir", "data",
+               "--workers", "2", cwd=root))
+    ok(run_cli("train", "--data_dir=data/tok512", "--out_dir=out", *TINY, "--max_iters=200", "--eval_interval=100",
+               "--log_interval=10", cwd=root, env=ONE_THREAD, timeout=300))
+    return root
+
+
+def test_shards_hold_bos_and_the_run_tokenizers_ids(pipeline):
+    from babyllama.train.data import read_documents
+
+    data = pipeline / "data"
+    tok = Tokenizer.load(data / "tok512.bin")
+    assert (data / "tok512" / "tokenizer.bin").read_bytes() == (data / "tok512.bin").read_bytes()
+    meta = json.loads((pipeline / "data" / "tok512" / "meta.json").read_text())
+    assert meta["vocab_size"] == 512 and meta["shards"] == {"train": ["train.bin"], "val": ["valid.bin"]}
+    shard = np.fromfile(pipeline / "data" / "tok512" / "valid.bin", dtype=np.uint16)
+    docs = list(read_documents(pipeline / "corpus" / "valid.txt"))
+    assert len(docs) == 100 and (shard == BOS).sum() == 100
+    # sentencepiece (which pretokenized) and the tokenizer.bin encoder that `run` uses agree exactly
+    assert shard.tolist() == [t for doc in docs for t in tok.encode(doc, bos=True)]
+
+
+def test_training_loss_falls_and_artifacts_are_written(pipeline):
+    out = pipeline / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in evals] == [0, 100, 200]
+    assert [r["iter"] for r in steps] == list(range(10, 201, 10))
+    assert evals[0]["val_loss"] > 5.5  # ~ln(512) untrained
+    assert evals[-1]["val_loss"] < 0.3 * evals[0]["val_loss"]
+    assert steps[-1]["loss"] < 0.3 * steps[0]["loss"] and steps[-1]["tokens_per_s"] > 0
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 200 and ckpt["model_args"]["dim"] == 64 and ckpt["config"]["max_iters"] == 200
+    assert ckpt["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
+
+
+def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monkeypatch):
+    from babyllama.cli import main
+    from babyllama.export import export_model
+
+    ok(run_cli("export", "exp/m1.bin", "--checkpoint", "out/ckpt.pt", "--version", "1", cwd=pipeline))
+    assert (pipeline / "exp" / "tokenizer.bin").is_file()  # copied beside the export so `run` finds it
+    for v in (0, 2):  # in-process: a torch start-up per command is slow on a loaded machine
+        export_model(pipeline / "exp" / f"m{v}.bin", checkpoint=pipeline / "out", version=v)
+    assert [formats.read_header(pipeline / "exp" / f"m{v}.bin")[1] for v in (0, 1, 2)] == [0, 1, 2]
+
+    greedy = ["-t", "0", "-n", "60", "-i", PROMPT]
+    expected = ok(run_cli("sample", "--checkpoint", "out/ckpt.pt", *greedy, cwd=pipeline, env=ONE_THREAD)).stdout
+    assert expected.startswith(PROMPT.encode()) and len(expected) > 100
+    for v in (0, 1):
+        assert ok(run_cli("run", f"exp/m{v}.bin", *greedy, cwd=pipeline)).stdout == expected
+    q8 = ok(run_cli("run", "exp/m2.bin", *greedy, cwd=pipeline)).stdout
+    assert q8.startswith(PROMPT.encode()) and len(q8) > 100
+
+    # with a seed, sampling draws the same tokens too (the same sampler on the same logits)
+    monkeypatch.chdir(pipeline)
+    sampled = ["-t", "1.0", "-p", "0.9", "-s", "7", "-n", "60"]
+    assert main(["sample", "--checkpoint", "out", "--device", "cpu", *sampled]) == 0
+    expected = capsysbinary.readouterr().out
+    assert len(expected) > 100
+    assert ok(run_cli("run", "exp/m1.bin", *sampled, cwd=pipeline)).stdout == expected
+
+
+def test_trained_model_logits_match_its_export(pipeline, tmp_path):
+    from babyllama.export import export_model
+    from babyllama.train.checkpoint import load_model
+
+    model = load_model(pipeline / "out" / "ckpt.pt")
+    tokens = np.fromfile(pipeline / "data" / "tok512" / "valid.bin", dtype=np.uint16)[:64].astype(np.int64)
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(tokens)[None])
+    engine = Engine(formats.load(export_model(tmp_path / "m.bin", checkpoint=pipeline / "out", version=1)))
+    expected = engine.forward(tokens, np.arange(64), engine.new_cache())
+    assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_run(pipeline, out_dir, **kw) -> dict:
+    """Settings (as command-line strings) for a short in-process run on the pipeline's data."""
+    base = dict(data_dir=str(pipeline / "data" / "tok512"), out_dir=str(out_dir), dim="64", n_layers="2",
+                n_heads="4", n_kv_heads="2", max_seq_len="64", batch_size="8", gradient_accumulation_steps="2",
+                learning_rate="3e-3", warmup_iters="5", eval_interval="10", eval_iters="2", log_interval="1")
+    return {**base, **{k: str(v) for k, v in kw.items()}}
+
+
+def step_losses(out_dir) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iter"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_resume_continues_exactly(pipeline, tmp_path, one_thread, capsys):
+    from babyllama.train.checkpoint import load_model
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    # dropout on: the resumed run must also restore the RNG that drives it
+    same = dict(dropout=0.1, lr_decay_iters=30)
+    straight = train(resolve_config(None, small_run(pipeline, tmp_path / "a", max_iters=30, **same)))
+    train(resolve_config(None, small_run(pipeline, tmp_path / "b", max_iters=15, **same)))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 15
+    resumed = train(resolve_config(None, {"out_dir": str(tmp_path / "b"), "init_from": "resume", "max_iters": "30"}))
+    assert resumed["iter"] == straight["iter"] == 30
+    assert resumed["loss"] == straight["loss"]
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")  # every step, not only the last
+    a, b = load_model(tmp_path / "a" / "ckpt.pt"), load_model(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(p, b.state_dict()[k]) for k, p in a.state_dict().items())
+
+
+def test_resume_refuses_a_different_model_shape(pipeline, tmp_path, one_thread):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    train(resolve_config(None, small_run(pipeline, tmp_path, max_iters=2)))
+    with pytest.raises(BabyLlamaError, match="different model shape"):
+        train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", "dim": "32"}))
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(pipeline, tmp_path_factory):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    out = tmp_path_factory.mktemp("single")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(resolve_config(None, small_run(pipeline, out, max_iters=10, log_interval=5, eval_interval=100)))
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(pipeline, single_process_reference, tmp_path, mode):
+    import subprocess
+    import sys
+
+    from babyllama.train.checkpoint import load_model
+
+    # settings from a config file, with --key=value flags on top (as a user would launch it)
+    settings = small_run(pipeline, tmp_path / "out", max_iters=10, log_interval=5, eval_interval=100)
+    config = tmp_path / "run.toml"
+    config.write_text("".join(f"{k} = {v if k not in ('data_dir', 'out_dir') else json.dumps(v)}\n"
+                              for k, v in settings.items() if k not in ("max_iters", "learning_rate")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "babyllama",
+           "train", str(config), "--max_iters=10", "--learning_rate=3e-3", f"--fsdp={mode == 'fsdp'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, **ONE_THREAD,
+                               "PYTHONPATH": str(__import__("conftest").ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    label = "FSDP" if mode == "fsdp" else "DDP"
+    assert f"rank 0 of 2: gloo on cpu ({label})" in proc.stdout and f"rank 1 of 2: gloo on cpu ({label})" in proc.stdout
+    assert proc.stdout.count("model: ") == 1  # only rank 0 logs
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "loss.png", "metrics.jsonl", "tokenizer.bin"]
+    # each step logged once (rank 0 alone writes), with the single-process run's loss
+    got, want = step_losses(out), step_losses(single_process_reference)
+    assert [i for i, _ in got] == [i for i, _ in want] == [5, 10]
+    assert np.allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=1e-4)
+    a, b = load_model(out / "ckpt.pt"), load_model(single_process_reference / "ckpt.pt")
+    assert all(torch.allclose(p, b.state_dict()[k], atol=1e-5) for k, p in a.state_dict().items())
