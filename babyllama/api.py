@@ -57,13 +57,27 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A babyllama training checkpoint: a .pt file, or a training run's folder holding ckpt.pt."""
+    path = Path(path)
+    return path.suffix == ".pt" or (path / "ckpt.pt").is_file()
+
+
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> Model:
-    """Load a llama2.c .bin (default: the built-in model) and its tokenizer."""
+    """Load a llama2.c .bin (default: the built-in model) or a training checkpoint (needs torch; converted
+    to the same fp32 Weights) and its tokenizer."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
         model = BUILTIN_MODEL
-    weights = formats.load(model)
+    if is_checkpoint(model):
+        from .export import weights_from_checkpoint
+
+        weights = weights_from_checkpoint(model)
+        if Path(model).is_dir():
+            model = Path(model) / "ckpt.pt"  # its tokenizer.bin lies beside it
+    else:
+        weights = formats.load(model)
     tok_path = tokenizer or find_tokenizer(model, weights.args.vocab_size)
     return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size))
 

@@ -109,7 +109,9 @@ def add_eval(sub) -> None:
         "without the earlier context). Prints mean loss per predicted token (nats), perplexity = exp(loss), "
         "and bits per byte = total nats / ln 2 / UTF-8 bytes of the stories: tokenizer-independent, so models "
         "with different vocabularies compare.")
-    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="model .bin, or a training checkpoint (ckpt.pt or its run folder; needs torch) "
+                   "(default: the built-in story model)")
     p.add_argument("--data", required=True, help="text file to score (e.g. TinyStories valid.txt)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
     p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
@@ -123,17 +125,17 @@ def add_eval(sub) -> None:
 def cmd_eval(args) -> int:
     import json
 
-    from .api import load
+    from .api import BUILTIN_MODEL, load
     from .evaluate import evaluate
 
     model = load(args.checkpoint, args.tokenizer)
     r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
                  max_tokens=args.max_tokens)
     if args.json:
-        print(json.dumps({"model": str(model.weights.path), "data": args.data, **r.to_dict()}))
+        print(json.dumps({"model": str(args.checkpoint or BUILTIN_MODEL), "data": args.data, **r.to_dict()}))
         return 0
     seq_len = args.seq_len or model.args.max_seq_len
-    print(f"model       {model.weights.path}")
+    print(f"model       {args.checkpoint or BUILTIN_MODEL}")
     print(f"data        {args.data}: {r.documents:,} stories, {r.bytes:,} bytes")
     print(f"tokens      {r.tokens:,} predicted in {r.windows:,} windows of <= {seq_len}")
     print(f"loss        {r.loss:.4f} nats/token")

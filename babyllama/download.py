@@ -1,4 +1,5 @@
-"""`babyllama download NAME`: fetch a known model and its tokenizer with the standard library only.
+"""Downloads with the standard library only: `fetch()` (any URL; also behind `babyllama data download`)
+and `babyllama download NAME` (a known model and its tokenizer).
 
 Each file streams into `NAME.part` beside its destination and is renamed into place only when complete,
 so a half-downloaded model is never mistaken for a model. An interrupted download resumes: the next run
@@ -40,24 +41,25 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
     return model_path
 
 
-def fetch(url: str, target: Path, show_progress: bool = True) -> None:
-    """Download `url` to `target` through `target.part`, resuming a previous partial download."""
+def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = TIMEOUT_S):
+    """Download `url` to `target` through `target.part`, resuming a previous partial download. Returns
+    the response headers (e.g. for a checksum the server advertises)."""
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": f"babyllama/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send from that offset: our .part is stale, start over
             part.unlink()
-            return fetch(url, target, show_progress)
-        raise BabyLlamaError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+            return fetch(url, target, show_progress, timeout)
+        raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError, HTTPException) as e:
         reason = getattr(e, "reason", None) or e
-        raise BabyLlamaError(f"cannot reach {url} ({reason}): no internet connection? "
-                             "Download it elsewhere and pass the file to babyllama") from None
+        raise BabyLlamaError(f"download failed: cannot reach {url} ({reason}); no internet connection? "
+                             "Fetch the file elsewhere and pass its path to babyllama") from None
     with resp:
         if have and resp.status != 206:
             have = 0  # the server ignored the Range header and sends the whole file
@@ -71,13 +73,14 @@ def fetch(url: str, target: Path, show_progress: bool = True) -> None:
                     out.write(chunk)
                     bar.update(len(chunk))
         except (TimeoutError, OSError, HTTPException) as e:
-            raise BabyLlamaError(f"download of {url} was interrupted ({e}); run the same command again to "
+            raise BabyLlamaError(f"download failed: interrupted ({e}); run the same command again to "
                                  "resume") from None
     got = part.stat().st_size
     if total is not None and got != total:
-        raise BabyLlamaError(f"download of {url} ended early ({got} of {total} bytes); run the same command "
+        raise BabyLlamaError(f"download failed: ended early ({got} of {total} bytes); run the same command "
                              "again to resume")
     os.replace(part, target)
+    return resp.headers
 
 
 def check_files(model_path: Path, tokenizer_path: Path) -> None:

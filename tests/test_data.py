@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -26,36 +23,6 @@ from babyllama.train.data import Windows, pretokenize, read_documents, split_arr
 STORIES = [f"Story {i}: the cat sat on mat number {i}.\nThen it slept." for i in range(300)]
 
 
-class RangeServer(ThreadingHTTPServer):
-    """Serves one payload at any path, honouring `Range: bytes=N-`, advertising a sha256 like Hugging Face."""
-
-    def __init__(self, payload: bytes, advertised: str | None):
-        self.payload, self.advertised, self.ranges = payload, advertised, []
-        super().__init__(("127.0.0.1", 0), RangeHandler)
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        data, rng = self.server.payload, self.headers.get("Range")
-        self.server.ranges.append(rng)
-        start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if rng else 0
-        if start >= len(data):
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        if self.server.advertised:
-            self.send_header("X-Linked-Etag", f'"{self.server.advertised}"')
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def archive() -> bytes:
     """A TinyStories-shaped .tar.gz: TinyStories_all_data/data0N.json lists of {"story": ...}."""
@@ -69,24 +36,8 @@ def archive() -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(payload: bytes, advertised: str | None = None) -> RangeServer:
-        server = RangeServer(payload, advertised)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for s in servers:
-        s.shutdown()
-        s.server_close()
-
-
-def url_of(server: RangeServer) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}/TinyStories_all_data.tar.gz"
+def url_of(server) -> str:
+    return server.url("TinyStories_all_data.tar.gz")
 
 
 def test_download_resumes_verifies_and_unpacks(tmp_path, archive, serve):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
-import threading
 
 import pytest
 from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
@@ -16,49 +13,17 @@ from babyllama.download import download_model, fetch
 from babyllama.errors import BabyLlamaError
 
 
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files, honouring `Range: bytes=N-` (the stdlib handler doesn't) unless the server says not to,
-    and records every request's path and Range header."""
-
-    def do_GET(self):
-        self.server.log.append((self.path, self.headers.get("Range")))
-        rng = self.headers.get("Range")
-        if not rng or not self.server.ranges:
-            return super().do_GET()
-        path = self.translate_path(self.path)
-        data = open(path, "rb").read()
-        start = int(rng.removeprefix("bytes=").removesuffix("-"))
-        if start >= len(data):
-            self.send_error(416)
-            return
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def mirror(tmp_path):
-    """A folder laid out like the tinyllamas repo (stories260K/ with a tiny model and tokenizer), served
-    over HTTP on a free local port. Yields (base URL, server, served model bytes)."""
-    root = tmp_path / "mirror"
-    (root / "stories260K").mkdir(parents=True)
+def mirror(serve, tmp_path):
+    """A server laid out like the tinyllamas repo: stories260K/ with a tiny model and its tokenizer.
+    Yields (base URL, server, served model bytes)."""
     args = tiny_args()
-    formats.save(random_weights(args), root / "stories260K" / "stories260K.bin")
-    byte_tokenizer(args.vocab_size).save(root / "stories260K" / "tok512.bin")
-    handler = functools.partial(RangeHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.log, server.ranges = [], True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    model_bytes = (root / "stories260K" / "stories260K.bin").read_bytes()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server, model_bytes
-    server.shutdown()
-    server.server_close()
+    formats.save(random_weights(args), tmp_path / "m.bin")
+    byte_tokenizer(args.vocab_size).save(tmp_path / "t.bin")
+    model = (tmp_path / "m.bin").read_bytes()
+    tok = (tmp_path / "t.bin").read_bytes()
+    server = serve({"/stories260K/stories260K.bin": model, "/stories260K/tok512.bin": tok})
+    return server.url(), server, model
 
 
 def test_download_cli_fetches_model_and_tokenizer_that_run(mirror, tmp_path):
@@ -78,7 +43,7 @@ def test_download_cli_fetches_model_and_tokenizer_that_run(mirror, tmp_path):
 @pytest.mark.parametrize("server_ranges", [True, False], ids=["resumes", "server-ignores-range"])
 def test_interrupted_download_resumes(mirror, tmp_path, server_ranges):
     base, server, model_bytes = mirror
-    server.ranges = server_ranges
+    server.honour_ranges = server_ranges
     target = tmp_path / "m.bin"
     (tmp_path / "m.bin.part").write_bytes(model_bytes[:1000])
     fetch(f"{base}/stories260K/stories260K.bin", target, show_progress=False)
@@ -92,7 +57,7 @@ def test_stale_part_longer_than_file_starts_over(mirror, tmp_path):
     (tmp_path / "m.bin.part").write_bytes(model_bytes + b"junk")
     fetch(f"{base}/stories260K/stories260K.bin", tmp_path / "m.bin", show_progress=False)
     assert (tmp_path / "m.bin").read_bytes() == model_bytes
-    assert [r for _, r in server.log] == [f"bytes={len(model_bytes) + 4}-", None]
+    assert server.ranges == [f"bytes={len(model_bytes) + 4}-", None]
 
 
 def test_missing_file_on_server_is_one_line_error(mirror, tmp_path):
@@ -103,9 +68,8 @@ def test_missing_file_on_server_is_one_line_error(mirror, tmp_path):
 
 
 def test_error_page_instead_of_model_is_rejected(mirror, tmp_path):
-    base, _, _ = mirror
-    root = tmp_path / "mirror" / "stories260K"
-    (root / "stories260K.bin").write_bytes(b"<html>rate limited</html>")
+    base, server, _ = mirror
+    server.files["/stories260K/stories260K.bin"] = b"<html>rate limited</html>"
     with pytest.raises(BabyLlamaError, match="not a usable model"):
         download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
     assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()  # next run fetches again
@@ -118,7 +82,7 @@ def test_offline_is_one_clear_line(tmp_path):
     proc = run_cli("download", "stories15M", "--dir", str(tmp_path), "--url-base", f"http://127.0.0.1:{port}")
     assert proc.returncode == 1
     err = proc.stderr.decode()
-    assert err.startswith("babyllama: error: cannot reach http://127.0.0.1:") and "no internet" in err
+    assert err.startswith("babyllama: error: download failed: cannot reach http://127.0.0.1:") and "no internet" in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 

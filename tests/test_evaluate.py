@@ -146,3 +146,38 @@ def test_stories260k_on_valid_slice():
     assert r["documents"] == 20
     assert 1.0 < r["loss"] < 1.5
     assert r["bits_per_byte"] == pytest.approx(r["nats"] / math.log(2) / r["bytes"])
+
+
+def test_checkpoint_evaluates_like_its_export(tmp_path):
+    """A training checkpoint (ckpt.pt, or its run folder) scores exactly as its exported .bin."""
+    pytest.importorskip("torch")
+    from babyllama.export import export_model
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    args = tiny_args()
+    run = tmp_path / "run"
+    run.mkdir()
+    model = Transformer.from_weights(random_weights(args, seed=5, scale=0.2))
+    checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, run / "ckpt.pt")
+    byte_tokenizer(args.vocab_size).save(run / "tokenizer.bin")
+    export_model(tmp_path / "out" / "m.bin", checkpoint=run / "ckpt.pt")
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    want = evaluate(Engine(formats.load(tmp_path / "out" / "m.bin")), byte_tokenizer(), data, show_progress=False)
+    from babyllama.api import load
+
+    ckpt = load(run / "ckpt.pt")
+    got = evaluate(ckpt.engine, ckpt.tokenizer, data, show_progress=False)  # tokenizer.bin found beside it
+    assert got.tokens == want.tokens and got.loss == pytest.approx(want.loss, rel=1e-6)
+    proc = run_cli("eval", str(run), "--data", str(data), "--json")  # the run folder, as a user passes it
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    pytest.importorskip("torch")
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    proc = run_cli("eval", str(bad), "--data", str(data), "-z", str(tmp_path / "tok.bin"))
+    assert proc.returncode == 1 and proc.stderr.startswith(b"babyllama: error: cannot read checkpoint")
