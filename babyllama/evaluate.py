@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .documents import iter_documents
 from .engine import Engine, KVCache
 from .errors import BabyLlamaError
 from .progress import progress_bar
 from .tokenizer import Tokenizer
 
-SEPARATOR = "<|endoftext|>"
 BATCH_TOKENS = 1024  # tokens per forward call: bounds the logits (tokens x vocab) and the KV cache
 
 
@@ -61,44 +61,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
-
-
-def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
-    """Stream the documents of a text file (see the module docstring), reading it line by line.
-    `on_bytes(n)` is told how many bytes of the file each document consumed (for a progress bar)."""
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise BabyLlamaError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise BabyLlamaError(f"data path is a directory, not a text file: {path}") from None
-    except OSError as e:
-        raise BabyLlamaError(f"cannot read data file {path}: {e.strerror}") from None
-    with f:
-        lines: list[str] = []
-        consumed = 0
-        for lineno, raw in enumerate(f, 1):
-            consumed += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BabyLlamaError(f"{path}:{lineno}: not UTF-8 text") from None
-            if line.rstrip("\r\n") != SEPARATOR:
-                lines.append(line)
-                continue
-            text = "".join(lines).strip()
-            lines = []
-            if on_bytes:
-                on_bytes(consumed)
-            consumed = 0
-            if text:
-                yield text
-        text = "".join(lines).strip()
-        if on_bytes:
-            on_bytes(consumed)
-        if text:
-            yield text
 
 
 def windows(ids: list[int], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:

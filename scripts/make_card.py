@@ -16,8 +16,9 @@ import shutil
 from pathlib import Path
 
 from babyllama import formats
+from babyllama.documents import iter_documents
 from babyllama.engine import Engine
-from babyllama.evaluate import evaluate, iter_documents
+from babyllama.evaluate import evaluate
 from babyllama.tokenizer import Tokenizer
 from babyllama.train import checkpoint
 

@@ -10,8 +10,9 @@ import pytest
 from conftest import byte_tokenizer, random_weights, run_cli, shared_file, tiny_args
 
 from babyllama import formats
+from babyllama.documents import iter_documents
 from babyllama.engine import Engine
-from babyllama.evaluate import evaluate, iter_documents, token_nll, windows
+from babyllama.evaluate import evaluate, token_nll, windows
 from babyllama.tokenizer import BOS
 
 STORIES = ["Once upon a time there was a cat.", "The end of the tale is near, then the end.\nA new line.",

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..documents import iter_documents
 from ..errors import BabyLlamaError
 
-SEPARATOR = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
 TOKENIZER_BIN = "tokenizer.bin"
@@ -63,7 +63,7 @@ def read_documents(path: Path) -> Iterator[str]:
     """The documents of one input file, stripped of surrounding whitespace, empty ones skipped."""
     try:
         if path.suffix == ".txt":
-            docs = _split_text(path.read_text(encoding="utf-8"))
+            docs = iter_documents(path)
         elif path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 docs = [_doc_text(json.loads(line), f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
@@ -80,18 +80,6 @@ def read_documents(path: Path) -> Iterator[str]:
         doc = doc.strip()
         if doc:
             yield doc
-
-
-def _split_text(text: str) -> list[str]:
-    docs, current = [], []
-    for line in text.split("\n"):
-        if line.strip() == SEPARATOR:
-            docs.append("\n".join(current))
-            current = []
-        else:
-            current.append(line)
-    docs.append("\n".join(current))
-    return docs
 
 
 # ------------------------------------------------------------------------------------------------ encoding
