@@ -77,6 +77,8 @@ def main() -> None:
                        "4.7 MB slice of TinyStories; the model `babyllama run` uses when given no model.",
         "params": f"{args.param_count() / 1e6:.2f}M",
         "n_params": args.param_count(),
+        "val_loss": evals["valid"]["loss"],  # babyllama eval on valid.txt, nats per token
+        "val_bits_per_byte": evals["valid"]["bits_per_byte"],
         "config": args.to_dict(),
         "files": {
             "model.bin": {"bytes": model.stat().st_size, "sha256": sha256(model),
