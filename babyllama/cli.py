@@ -25,14 +25,19 @@ def add_run(sub) -> None:
                        description="Generate text from a llama2.c .bin model, like llama2.c's ./run.")
     p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    add_sampling_flags(p)
+    p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
+    p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
+    p.set_defaults(func=cmd_run)
+
+
+def add_sampling_flags(p) -> None:
+    """run.c's generation flags, shared by `run` and `sample`."""
     p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
     p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
     p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
     p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
     p.add_argument("-i", dest="prompt", default=None, help="input prompt")
-    p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
-    p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
-    p.set_defaults(func=cmd_run)
 
 
 def _check_sampling_flags(args) -> None:
@@ -192,19 +197,11 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train.config import build_config
-
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    cfg = build_config(args.config, overrides)
-    if cfg.init_from == "resume":  # the checkpoint's settings, with this command's on top
-        from pathlib import Path
-
-        from .train import checkpoint
-        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
-        cfg = build_config(args.config, overrides, resume_config=saved)
+    from .train.config import resolve_config
     from .train.loop import train
 
-    train(cfg)
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    train(resolve_config(args.config, overrides))
     return 0
 
 
@@ -216,11 +213,7 @@ def add_sample(sub) -> None:
                        description="Generate from a checkpoint (llama2.c's sample.py), with run's sampling flags.")
     p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
-    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
-    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
-    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
-    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
-    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    add_sampling_flags(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
 
