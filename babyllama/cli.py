@@ -25,14 +25,19 @@ def add_run(sub) -> None:
                        description="Generate text from a llama2.c .bin model, like llama2.c's ./run.")
     p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    add_sampling_flags(p)
+    p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
+    p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
+    p.set_defaults(func=cmd_run)
+
+
+def add_sampling_flags(p) -> None:
+    """run.c's generation flags, shared by `run` and `sample`."""
     p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
     p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
     p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
     p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
     p.add_argument("-i", dest="prompt", default=None, help="input prompt")
-    p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
-    p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
-    p.set_defaults(func=cmd_run)
 
 
 def _check_sampling_flags(args) -> None:
@@ -290,11 +295,7 @@ def add_sample(sub) -> None:
                        description="Generate from a checkpoint (llama2.c's sample.py), with run's sampling flags.")
     p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
-    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
-    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
-    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
-    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
-    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    add_sampling_flags(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
 
@@ -335,12 +336,27 @@ def cmd_sample(args) -> int:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a model as a llama2.c .bin (version 0, 1 or 2)",
-                       description="Export a model to llama2.c's format: 0 = legacy fp32, 1 = fp32, 2 = Q8_0.")
-    p.add_argument("output", help="the .bin file to write")
-    p.add_argument("--checkpoint", required=True, help="a babyllama training checkpoint (ckpt.pt)")
-    p.add_argument("--version", type=int, choices=(0, 1, 2), default=1, help="file version (1)")
+    p = sub.add_parser(
+        "export", help="convert models: .bin, Meta, Hugging Face -> .bin (v0/v1/v2), Hugging Face, GGUF",
+        description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0/1/2 "
+                    "as llama2.c's export.py), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
+                    "without --to it is guessed from OUT's name (.bin, .gguf, else a directory).")
+    p.add_argument("output", metavar="OUT", help="file or directory to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="CKPT", help="a babyllama training checkpoint (ckpt.pt or its folder)")
+    src.add_argument("--model", metavar="FILE", help="a llama2.c/babyllama .bin (any version) or a .gguf file")
+    src.add_argument("--meta-llama", metavar="DIR", help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
+    src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",
+                     help="a Hugging Face Llama folder, or its weight files with config.json beside them")
+    p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
+    p.add_argument("--version", type=int, choices=(0, 1, 2), default=None,
+                   help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0 (default 1)")
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None, help="GGUF tensor type (default f32)")
+    p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
+                   "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length to record (default: the source's; Meta checkpoints: 4096)")
     p.set_defaults(func=cmd_export)
 
     t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin")
@@ -350,10 +366,16 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model
+    from .export import export, infer_target, load_source, report
 
-    out = export_model(args.output, checkpoint=args.checkpoint, version=args.version, group_size=args.group_size)
-    print(f"wrote {out} (version {args.version})")
+    if args.max_seq_len is not None and args.max_seq_len <= 0:
+        raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
+                      max_seq_len=args.max_seq_len)
+    to = infer_target(args.output, args.to)
+    written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
+                     tokenizer=args.tokenizer)
+    report(written, src.weights)
     return 0
 
 

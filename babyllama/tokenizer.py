@@ -85,14 +85,7 @@ class Tokenizer:
     @classmethod
     def from_sentencepiece(cls, model_path: str | os.PathLike) -> Tokenizer:
         """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space)."""
-        try:
-            import sentencepiece as spm
-        except ImportError:
-            raise BabyLlamaError("reading a .model file needs sentencepiece: pip install 'babyllama[train]'") from None
-        try:
-            sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        except (OSError, RuntimeError) as e:
-            raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
+        sp = open_sentencepiece(model_path)
         pieces, scores = [], []
         for i in range(sp.vocab_size()):
             text = sp.id_to_piece(i)
@@ -195,3 +188,15 @@ class Tokenizer:
         if out.startswith(b" "):
             del out[:1]
         return out.decode("utf-8", errors="replace")
+
+
+def open_sentencepiece(model_path: str | os.PathLike):
+    """A sentencepiece processor for a .model file (sentencepiece is imported only here, when needed)."""
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise BabyLlamaError("reading a .model file needs sentencepiece: pip install 'babyllama[train]'") from None
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_path))
+    except (OSError, RuntimeError) as e:
+        raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None

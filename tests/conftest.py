@@ -169,3 +169,55 @@ def serve():
     for s in servers:
         s.shutdown()
         s.server_close()
+
+
+def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A small sentencepiece BPE model with Llama 2's settings (byte fallback, no normalization, digits
+    split), trained in a second on made-up sentences: any vocab size from ~300 up."""
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    rng = np.random.default_rng(seed)
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy played with ball tree big red".split()
+    lines = [" ".join(rng.choice(words, 12)) + "." for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, allow_whitespace_only_pieces=True,
+                                   minloglevel=2, num_threads=1)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory) -> Path:
+    """A 320-token sentencepiece model (tiny_args(vocab_size=320) models go with it)."""
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tok320.model", 320)
+
+
+def engine_logits(weights: formats.Weights, tokens) -> np.ndarray:
+    """The NumPy engine's logits (T, vocab) at every position of one sequence."""
+    from babyllama.engine import Engine
+
+    engine = Engine(weights)
+    return engine.forward(tokens, np.arange(len(tokens)), engine.new_cache())
+
+
+def torch_checkpoint(path: Path, args: ModelArgs, seed: int = 0, scale: float = 0.2):
+    """Our PyTorch model with random weights, saved as a training checkpoint at `path`; returns the model."""
+    pytest.importorskip("torch")
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    model = Transformer.from_weights(random_weights(args, seed, scale)).eval()
+    checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, path)
+    return model
+
+
+def torch_logits(model, tokens) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([list(tokens)]))
+    return logits[0].numpy()

@@ -152,7 +152,7 @@ def test_stories260k_on_valid_slice():
 def test_checkpoint_evaluates_like_its_export(tmp_path):
     """A training checkpoint (ckpt.pt, or its run folder) scores exactly as its exported .bin."""
     pytest.importorskip("torch")
-    from babyllama.export import export_model
+    from babyllama.export import export, load_source
     from babyllama.model import Transformer
     from babyllama.train import checkpoint
 
@@ -162,7 +162,7 @@ def test_checkpoint_evaluates_like_its_export(tmp_path):
     model = Transformer.from_weights(random_weights(args, seed=5, scale=0.2))
     checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, run / "ckpt.pt")
     byte_tokenizer(args.vocab_size).save(run / "tokenizer.bin")
-    export_model(tmp_path / "out" / "m.bin", checkpoint=run / "ckpt.pt")
+    export(load_source(checkpoint=str(run / "ckpt.pt")), tmp_path / "out" / "m.bin", "bin")
     data = write_stories(tmp_path / "d.txt", STORIES)
     want = evaluate(Engine(formats.load(tmp_path / "out" / "m.bin")), byte_tokenizer(), data, show_progress=False)
     from babyllama.api import load

@@ -131,12 +131,13 @@ def test_training_loss_falls_and_artifacts_are_written(pipeline):
 
 def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monkeypatch):
     from babyllama.cli import main
-    from babyllama.export import export_model
+    from babyllama.export import export, load_source
 
     ok(run_cli("export", "exp/m1.bin", "--checkpoint", "out/ckpt.pt", "--version", "1", cwd=pipeline))
     assert (pipeline / "exp" / "tokenizer.bin").is_file()  # copied beside the export so `run` finds it
+    src = load_source(checkpoint=str(pipeline / "out"))
     for v in (0, 2):  # in-process: a torch start-up per command is slow on a loaded machine
-        export_model(pipeline / "exp" / f"m{v}.bin", checkpoint=pipeline / "out", version=v)
+        export(src, pipeline / "exp" / f"m{v}.bin", "bin", version=v)
     assert [formats.read_header(pipeline / "exp" / f"m{v}.bin")[1] for v in (0, 1, 2)] == [0, 1, 2]
 
     greedy = ["-t", "0", "-n", "60", "-i", PROMPT]
@@ -157,14 +158,15 @@ def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monke
 
 
 def test_trained_model_logits_match_its_export(pipeline, tmp_path):
-    from babyllama.export import export_model
+    from babyllama.export import export, load_source
     from babyllama.train.checkpoint import load_model
 
     model = load_model(pipeline / "out" / "ckpt.pt")
     tokens = np.fromfile(pipeline / "data" / "tok512" / "valid.bin", dtype=np.uint16)[:64].astype(np.int64)
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(tokens)[None])
-    engine = Engine(formats.load(export_model(tmp_path / "m.bin", checkpoint=pipeline / "out", version=1)))
+    (path, *_) = export(load_source(checkpoint=str(pipeline / "out")), tmp_path / "m.bin", "bin", version=1)
+    engine = Engine(formats.load(path))
     expected = engine.forward(tokens, np.arange(64), engine.new_cache())
     assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
 
@@ -199,12 +201,12 @@ def test_resume_continues_exactly(pipeline, tmp_path, one_thread, capsys):
     from babyllama.train.loop import train
 
     # dropout on: the resumed run must also restore the RNG that drives it
-    same = dict(dropout=0.1, lr_decay_iters=30)
-    straight = train(resolve_config(None, small_run(pipeline, tmp_path / "a", max_iters=30, **same)))
-    train(resolve_config(None, small_run(pipeline, tmp_path / "b", max_iters=15, **same)))
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 15
-    resumed = train(resolve_config(None, {"out_dir": str(tmp_path / "b"), "init_from": "resume", "max_iters": "30"}))
-    assert resumed["iter"] == straight["iter"] == 30
+    same = dict(dropout=0.1, lr_decay_iters=20)
+    straight = train(resolve_config(None, small_run(pipeline, tmp_path / "a", max_iters=20, **same)))
+    train(resolve_config(None, small_run(pipeline, tmp_path / "b", max_iters=10, **same)))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 10
+    resumed = train(resolve_config(None, {"out_dir": str(tmp_path / "b"), "init_from": "resume", "max_iters": "20"}))
+    assert resumed["iter"] == straight["iter"] == 20
     assert resumed["loss"] == straight["loss"]
     assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")  # every step, not only the last
     a, b = load_model(tmp_path / "a" / "ckpt.pt"), load_model(tmp_path / "b" / "ckpt.pt")

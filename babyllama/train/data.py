@@ -91,9 +91,9 @@ def load_encoder(path: str | os.PathLike):
     if not path.is_file():
         raise BabyLlamaError(f"tokenizer not found: {path}")
     if path.suffix == ".model":
-        import sentencepiece as spm
+        from ..tokenizer import open_sentencepiece
 
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = open_sentencepiece(path)
         return sp.vocab_size(), lambda texts: sp.encode(texts)
     from ..tokenizer import Tokenizer
 

@@ -1,0 +1,187 @@
+"""llama.cpp's GGUF ⇄ `Weights` (+ vocabulary), through the `gguf` package's writer and reader.
+
+What goes in a file llama.cpp loads as architecture "llama":
+  - metadata `llama.*`: context_length, embedding_length, block_count, feed_forward_length,
+    attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon, rope.freq_base,
+    rope.dimension_count (= head size), vocab_size; general.file_type for the tensor type;
+  - the vocabulary as `tokenizer.ggml.*`: model "llama" (sentencepiece), tokens, scores, token_type,
+    bos/eos/unk ids, add_bos_token;
+  - tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), `output`
+    omitted when the classifier is tied to the embedding (llama.cpp then reuses token_embd).
+
+Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotates interleaved pairs
+(x[2i], x[2i+1]) exactly as Meta, llama2.c and babyllama's engine do; that is why llama.cpp's
+convert_hf_to_gguf.py un-permutes Hugging Face's q/k back to Meta's row order. `Weights` already holds
+that order, so q/k are written unchanged (the Hugging Face permutation lives only in hf.py).
+
+Tensor types: "f32", "f16" or "q8_0" for the matrices (llama.cpp's Q8_0: blocks of 32 with an fp16 scale;
+babyllama's own Q8_0 .bin groups differ, so matrices are re-quantized from fp32). Norm vectors stay
+f32, as llama.cpp requires; a matrix whose rows do not split into 32-blocks falls back to f16, as
+llama.cpp's converter does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
+from ..errors import BabyLlamaError
+from ..formats import Weights
+from .state_dict import LAYER_NAMES, from_state_dict, to_state_dict
+from .vocab import Vocab
+
+DTYPES = ("f32", "f16", "q8_0")
+ARCH = "llama"
+# llama2.c per-layer name fragment -> llama.cpp's (blk.N.<name>.weight)
+_BLOCK = {
+    LAYER_NAMES["rms_att"]: "attn_norm", LAYER_NAMES["wq"]: "attn_q", LAYER_NAMES["wk"]: "attn_k",
+    LAYER_NAMES["wv"]: "attn_v", LAYER_NAMES["wo"]: "attn_output", LAYER_NAMES["rms_ffn"]: "ffn_norm",
+    LAYER_NAMES["w1"]: "ffn_gate", LAYER_NAMES["w2"]: "ffn_down", LAYER_NAMES["w3"]: "ffn_up",
+}
+_TOP = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise BabyLlamaError("GGUF files need the gguf package: pip install 'babyllama[interop]'") from None
+    return gguf
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's tensor name for a llama2.c tensor name."""
+    if name in _TOP:
+        return _TOP[name]
+    _, layer, rest = name.split(".", 2)
+    return f"blk.{layer}.{_BLOCK[rest.removesuffix('.weight')]}.weight"
+
+
+def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
+              name: str | None = None) -> Path:
+    """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0)."""
+    gguf = _gguf()
+    if dtype not in DTYPES:
+        raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    args = weights.args
+    if len(vocab.tokens) != args.vocab_size:
+        raise BabyLlamaError(f"the tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is "
+                             f"{args.vocab_size}")
+    path = Path(path)
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    w.add_name(name or path.stem)
+    w.add_file_type(file_type)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_rope_dimension_count(args.head_size)
+    w.add_vocab_size(args.vocab_size)
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    for key, t in to_state_dict(weights).items():
+        if t.ndim == 1 or dtype == "f32":
+            w.add_tensor(gguf_name(key), t)
+        elif dtype == "f16" or t.shape[1] % block:
+            w.add_tensor(gguf_name(key), t.astype(np.float16))
+        else:
+            w.add_tensor(gguf_name(key), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None) -> tuple[Weights, Vocab | None]:
+    """Read a llama-architecture GGUF file (f32, f16, bf16 or q8_0 tensors) into fp32 `Weights` and its
+    vocabulary (None when the file has none)."""
+    gguf = _gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise BabyLlamaError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise BabyLlamaError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise BabyLlamaError(f"{path}: unsupported architecture '{arch}' (only 'llama' GGUF files)")
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> np.ndarray:
+        key = gguf_name(name)
+        if key not in tensors:
+            raise KeyError(name)
+        t = tensors[key]
+        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+    def field(key: str, default=None):
+        value = meta.get(f"{ARCH}.{key}", default)
+        if value is None:
+            raise BabyLlamaError(f"{path}: metadata {ARCH}.{key} is missing")
+        return value
+
+    emb = tensors.get("token_embd.weight")
+    if emb is None:
+        raise BabyLlamaError(f"{path}: tensor token_embd.weight is missing")
+    n_heads = int(field("attention.head_count"))
+    args = ModelArgs(
+        dim=int(field("embedding_length")), n_layers=int(field("block_count")), n_heads=n_heads,
+        n_kv_heads=int(field("attention.head_count_kv", n_heads)), hidden_dim=int(field("feed_forward_length")),
+        vocab_size=int(emb.shape[1]),  # GGUF lists dimensions innermost first: (dim, vocab)
+        norm_eps=_shortest(field("attention.layer_norm_rms_epsilon", DEFAULT_NORM_EPS)),
+        rope_theta=_shortest(field("rope.freq_base", DEFAULT_ROPE_THETA)),
+        max_seq_len=int(max_seq_len or field("context_length")),
+        shared_classifier="output.weight" not in tensors,
+    )
+    rope_dims = int(field("rope.dimension_count", args.head_size))
+    if rope_dims != args.head_size:
+        raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
+    weights = from_state_dict(args, get, str(path), display=gguf_name)
+
+    vocab = None
+    if "tokenizer.ggml.tokens" in meta:
+        if meta.get("tokenizer.ggml.model") != "llama":
+            raise BabyLlamaError(f"{path}: tokenizer '{meta.get('tokenizer.ggml.model')}' is not sentencepiece")
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        vocab = Vocab(tokens, [float(s) for s in meta.get("tokenizer.ggml.scores", [0.0] * len(tokens))],
+                      [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))],
+                      unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 0)),
+                      bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+                      eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
+    return weights, vocab
+
+
+def _shortest(value: float) -> float:
+    """GGUF stores eps and theta as float32: read 1e-6 back as 1e-6, not 9.99999997e-07."""
+    return float(str(np.float32(value)))

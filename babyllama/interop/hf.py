@@ -1,0 +1,322 @@
+"""Hugging Face Llama checkpoints ⇄ `Weights`.
+
+A Hugging Face Llama directory is `config.json` plus the weights in `model.safetensors` (or
+`pytorch_model.bin`), possibly sharded with an index file (`*.index.json`) naming the shard of each
+tensor. Reading needs `safetensors` (torch only for `pytorch_model*.bin`); `transformers` is never
+imported.
+
+The one real difference from Meta's layout is rotary position embedding. Meta (and llama2.c, and GGUF)
+rotate interleaved pairs (q[2i], q[2i+1]) of each head; Hugging Face's LlamaAttention rotates the two
+halves (q[i], q[i + hs/2]) ("rotate_half"), so its conversion script permuted the rows of wq and wk of
+every head: HF row (h*hs/2 + i) of a head is Meta row (2i + h), h ∈ {0, 1}. The dot products q·k are the
+same either way as long as q and k agree; we undo the permutation on import and redo it on export. wk
+has n_kv_heads heads, not n_heads (grouped-query models such as TinyLlama): upstream export.py's bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
+from ..errors import BabyLlamaError
+from ..formats import Weights
+from .state_dict import expected_shapes, from_state_dict, to_state_dict
+
+# llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
+_HF_PARTS = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer older transformers versions saved
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a llama2.c tensor name."""
+    if name in _TOP:
+        return _TOP[name]
+    m = _LAYER.fullmatch(name)
+    return f"model.layers.{m.group(1)}.{_HF_PARTS[m.group(2)]}.weight"
+
+
+# ------------------------------------------------------------------------------------------- rotary order
+
+
+def interleaved_to_halves(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's row order of wq/wk (pairs 2i, 2i+1 per head) -> Hugging Face's (halves i, i+hs/2)."""
+    out, n_in = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, n_in).swapaxes(1, 2).reshape(out, n_in)
+
+
+def halves_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of `interleaved_to_halves` (llama2.c export.py's permute_reverse)."""
+    out, n_in = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, n_in).swapaxes(1, 2).reshape(out, n_in)
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def args_from_config(config: dict, max_seq_len: int | None = None, source: str = "config.json") -> ModelArgs:
+    """ModelArgs from a Hugging Face LlamaConfig dict, refusing what babyllama's engine cannot run."""
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
+        what = model_type or ", ".join(archs) or "unknown"
+        raise BabyLlamaError(f"{source}: unsupported architecture '{what}' (only Llama models, model_type "
+                             "'llama' / LlamaForCausalLM, can be converted)")
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise BabyLlamaError(f"{source}: hidden_act '{act}' is not supported (Llama uses silu)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise BabyLlamaError(f"{source}: attention/MLP biases are not supported by the llama2.c format")
+    # transformers 5 nests rope settings in rope_parameters; 4.x had rope_theta + rope_scaling at the top
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise BabyLlamaError(f"{source}: rope scaling '{rope_type}' is not supported (only plain RoPE)")
+    theta = config.get("rope_theta", rope.get("rope_theta", DEFAULT_ROPE_THETA))
+    try:
+        dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        args = ModelArgs(
+            dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=n_heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
+            hidden_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
+            norm_eps=float(config.get("rms_norm_eps", DEFAULT_NORM_EPS)), rope_theta=float(theta),
+            max_seq_len=int(max_seq_len or config.get("max_position_embeddings") or 2048),
+            shared_classifier=bool(config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise BabyLlamaError(f"{source}: field {e.args[0]} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise BabyLlamaError(f"{source}: malformed field: {e}") from None
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != dim // n_heads:
+        raise BabyLlamaError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads; "
+                             "the llama2.c format cannot express it")
+    return args
+
+
+def config_from_args(args: ModelArgs) -> dict:
+    """The config.json of a LlamaForCausalLM with `args`' shape (keys both transformers 4.x and 5 read)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_size,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": args.shared_classifier,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
+    """(config.json, weight files) from a checkpoint directory or an explicit list of files."""
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.exists():
+            raise BabyLlamaError(f"{p}: no such file or directory")
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        for pattern in ("model.safetensors.index.json", "model.safetensors", "*.safetensors",
+                        "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"):
+            found = sorted(folder.glob(pattern))
+            if found:
+                files = found
+                break
+        else:
+            raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
+        config = folder / "config.json"
+    else:
+        config = next((p for p in paths if p.name == "config.json"), paths[0].parent / "config.json")
+        files = [p for p in paths if p.name != "config.json"]
+        if not files:
+            raise BabyLlamaError("--hf: give a model directory or its weight files")
+    if not config.is_file():
+        raise BabyLlamaError(f"{config}: missing (a Hugging Face model needs its config.json)")
+    shards: list[Path] = []
+    for f in files:
+        if f.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(f.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise BabyLlamaError(f"{f}: not a valid shard index ({e})") from None
+            for name in dict.fromkeys(weight_map.values()):
+                shard = f.parent / name
+                if not shard.is_file():
+                    raise BabyLlamaError(f"{shard}: missing (listed in {f.name})")
+                shards.append(shard)
+        else:
+            shards.append(f)
+    return config, list(dict.fromkeys(shards))
+
+
+def _read_bf16(path: Path, name: str) -> np.ndarray:
+    """A bfloat16 safetensors tensor as fp32 (numpy has no bfloat16: it is the top half of an fp32)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))[name]
+    start, end = meta["data_offsets"]
+    raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + n + start)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+
+
+def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
+    """name -> loader for every tensor of every shard (safetensors opened lazily, torch files mmapped)."""
+    index: dict[str, Callable[[], np.ndarray]] = {}
+    for shard in shards:
+        if shard.suffix == ".safetensors":
+            try:
+                from safetensors import safe_open
+            except ImportError:
+                raise BabyLlamaError("reading safetensors needs: pip install 'babyllama[interop]'") from None
+            try:
+                handle = safe_open(str(shard), framework="numpy")
+            except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
+                raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None
+
+            def load(name: str, handle=handle, shard=shard) -> np.ndarray:
+                if handle.get_slice(name).get_dtype() == "BF16":
+                    return _read_bf16(shard, name)
+                return handle.get_tensor(name)
+
+            index.update({name: (lambda n=name, f=load: f(n)) for name in handle.keys()})
+        else:
+            state = _torch_load(shard)
+            index.update({name: (lambda t=t: t.float().numpy()) for name, t in state.items()})
+    return index
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise BabyLlamaError(f"reading {path.name} needs PyTorch: pip install 'babyllama[interop]'") from None
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
+        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+
+
+def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None) -> Weights:
+    """Read a Hugging Face Llama checkpoint (a directory, or its weight files with config.json beside them)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    config_path, shards = _resolve(paths)
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise BabyLlamaError(f"{config_path}: not valid JSON ({e})") from None
+    args = args_from_config(config, max_seq_len, str(config_path))
+    index = _tensor_index(shards)
+    source = str(Path(paths[0]))
+
+    known = {hf_name(k) for k in expected_shapes(args)} | {"lm_head.weight"}  # tied models may keep lm_head
+    unexpected = [n for n in index if n not in known and not _IGNORED.fullmatch(n)]
+    if unexpected:
+        raise BabyLlamaError(f"{source}: unexpected tensor {unexpected[0]} (not a plain Llama model?)")
+
+    def get(name: str) -> np.ndarray:
+        key = hf_name(name)
+        if key not in index:
+            raise KeyError(name)
+        t = index[key]()
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.ndim == 2:
+            heads = args.n_heads if ".wq." in name else args.n_kv_heads
+            if t.shape[0] % (2 * heads) == 0:  # a wrong shape is reported by from_state_dict
+                t = halves_to_interleaved(t, heads)
+        return t
+
+    return from_state_dict(args, get, source, display=hf_name)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None) -> Path:
+    """Write `outdir`/config.json + model.safetensors (fp32), and tokenizer.model + tokenizer_config.json
+    when a sentencepiece model is given, so that transformers' Auto* classes load the directory."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise BabyLlamaError("writing safetensors needs: pip install 'babyllama[interop]'") from None
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise BabyLlamaError(f"{outdir}: exists and is not a directory")
+    # transformers prefers an index or a pytorch_model.bin over our model.safetensors: never leave one stale
+    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin"))
+             or (p.suffix == ".safetensors" and p.name != "model.safetensors")] if outdir.is_dir() else []
+    if stale:
+        raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
+    args = weights.args
+    if tokenizer_model is not None:
+        _check_sentencepiece(tokenizer_model, args.vocab_size)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for name, t in to_state_dict(weights).items():
+        if name.endswith("attention.wq.weight"):
+            t = interleaved_to_halves(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = interleaved_to_halves(t, args.n_kv_heads)
+        tensors[hf_name(name)] = np.ascontiguousarray(t)
+    save_file(tensors, str(outdir / "model.safetensors"), metadata={"format": "pt"})
+    (outdir / "config.json").write_text(json.dumps(config_from_args(args), indent=2) + "\n")
+    (outdir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, outdir / "tokenizer.model")
+        (outdir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(args), indent=2) + "\n")
+    return outdir
+
+
+def _tokenizer_config(args: ModelArgs) -> dict:
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False,
+        "legacy": True,  # sentencepiece's own behaviour, which babyllama's tokenizer reproduces
+        "model_max_length": args.max_seq_len,
+    }
+
+
+def _check_sentencepiece(path: str | os.PathLike, vocab_size: int) -> None:
+    """A Hugging Face directory can only carry a sentencepiece model (tokenizer.bin has lost its types)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BabyLlamaError(f"tokenizer {path}: no such file")
+    if path.suffix != ".model":
+        raise BabyLlamaError(f"tokenizer {path}: Hugging Face output needs the sentencepiece .model file, "
+                             "not a tokenizer.bin")
+    from .vocab import load_vocab
+
+    n = len(load_vocab(path).tokens)
+    if n != vocab_size:
+        raise BabyLlamaError(f"tokenizer {path} has {n} tokens but the model's vocab_size is {vocab_size}")

@@ -1,0 +1,101 @@
+"""`Weights` ⇄ a flat dict of fp32 tensors under llama2.c's names (the names of Meta's checkpoints and of
+llama2.c's model.py), the hub that every converter maps its own names onto:
+
+    tok_embeddings.weight            (vocab, dim)
+    layers.N.attention_norm.weight   (dim,)        layers.N.ffn_norm.weight      (dim,)
+    layers.N.attention.wq.weight     (dim, dim)    layers.N.attention.wk.weight  (kv_dim, dim)
+    layers.N.attention.wv.weight     (kv_dim, dim) layers.N.attention.wo.weight  (dim, dim)
+    layers.N.feed_forward.w1.weight  (hidden, dim) layers.N.feed_forward.w2.weight (dim, hidden)
+    layers.N.feed_forward.w3.weight  (hidden, dim)
+    norm.weight                      (dim,)        output.weight                 (vocab, dim), absent when tied
+
+Matrices are in nn.Linear layout (out_features, in_features) and q/k rows in Meta's interleaved-pair
+rotary order, exactly as `Weights` holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import BabyLlamaError
+from ..formats import LAYER_MATRICES, Weights
+
+LAYER_NAMES = {
+    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+    "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3",
+    "rms_att": "attention_norm", "rms_ffn": "ffn_norm",
+}
+
+
+def layer_key(layer: int, field: str) -> str:
+    """The state-dict name of a per-layer `Weights` field, e.g. (0, "wq") -> layers.0.attention.wq.weight."""
+    return f"layers.{layer}.{LAYER_NAMES[field]}.weight"
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a model of `args`' shape, in file order, with its shape."""
+    d, h, kv, V = args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
+    per_layer = {"rms_att": (d,), "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+                 "rms_ffn": (d,), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+    shapes = {"tok_embeddings.weight": (V, d)}
+    for layer in range(args.n_layers):
+        shapes.update({layer_key(layer, f): s for f, s in per_layer.items()})
+    shapes["norm.weight"] = (d,)
+    if not args.shared_classifier:
+        shapes["output.weight"] = (V, d)
+    return shapes
+
+
+def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
+    """The model's tensors under llama2.c names, fp32 (Q8_0 matrices are dequantized)."""
+    w = weights.to_fp32()
+    sd = {"tok_embeddings.weight": np.asarray(w.tok_embeddings, dtype=np.float32)}
+    for layer in range(w.args.n_layers):
+        sd[layer_key(layer, "rms_att")] = np.asarray(w.rms_att[layer], dtype=np.float32)
+        sd[layer_key(layer, "rms_ffn")] = np.asarray(w.rms_ffn[layer], dtype=np.float32)
+        for name in LAYER_MATRICES:
+            sd[layer_key(layer, name)] = np.asarray(getattr(w, name)[layer], dtype=np.float32)
+    sd["norm.weight"] = np.asarray(w.rms_final, dtype=np.float32)
+    if not w.args.shared_classifier:
+        sd["output.weight"] = np.asarray(w.wcls, dtype=np.float32)
+    return sd
+
+
+def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[str], np.ndarray],
+                    source: str = "model", display: Callable[[str], str] = str) -> Weights:
+    """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
+    function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
+    against the shape `args` implies, so a wrong config or a truncated file is one clear error, naming
+    the tensor as the source file does (`display` maps llama2.c names to the file's)."""
+    lookup = get.__getitem__ if isinstance(get, Mapping) else get
+    try:
+        args.validate()
+    except ValueError as e:
+        raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
+
+    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        try:
+            t = lookup(name)
+        except KeyError:
+            raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
+        t = np.asarray(t)
+        if tuple(t.shape) != shape:
+            raise BabyLlamaError(
+                f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
+        return t.astype(np.float32, copy=False)
+
+    shapes = expected_shapes(args)
+    L = args.n_layers
+
+    def stack(field: str) -> np.ndarray:
+        rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
+        return np.stack(rows)
+
+    emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
+    mats = {name: stack(name) for name in LAYER_MATRICES}
+    wcls = emb if args.shared_classifier else fetch("output.weight", shapes["output.weight"])
+    return Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
+                   rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)

@@ -1,0 +1,90 @@
+"""A sentencepiece-style vocabulary (piece text, score, type per id) as GGUF and Hugging Face carry it,
+read from a sentencepiece `.model` or a llama2.c `tokenizer.bin`, and turned back into a `Tokenizer`.
+
+tokenizer.bin keeps only bytes and scores, so types are rebuilt the way llama2.c lays vocabularies out:
+id 0 is <unk>, ids 1 and 2 are the <s> and </s> control tokens, `<0xXX>` pieces are byte fallbacks, the
+rest are normal pieces; tokenizer.bin's spaces go back to sentencepiece's "▁".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BabyLlamaError
+from ..tokenizer import BOS, EOS, UNK, Tokenizer, open_sentencepiece
+
+# sentencepiece's (and GGUF's) token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_BIN_SPECIAL = {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}  # what tokenizer.bin stores as "\n<s>\n" etc.
+
+
+@dataclass
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    unk_id: int = UNK
+    bos_id: int = BOS
+    eos_id: int = EOS
+
+    def to_tokenizer(self) -> Tokenizer:
+        """The llama2.c tokenizer of this vocabulary (as `Tokenizer.from_sentencepiece` builds it)."""
+        pieces = []
+        for i, text in enumerate(self.tokens):
+            if i == self.bos_id:
+                text = "\n<s>\n"
+            elif i == self.eos_id:
+                text = "\n</s>\n"
+            pieces.append(text.replace(SPACE, " ").encode("utf-8"))
+        return Tokenizer(pieces, self.scores)
+
+
+def load_vocab(path: str | os.PathLike) -> Vocab:
+    """Read a sentencepiece .model, or anything else as a llama2.c tokenizer.bin."""
+    path = Path(path)
+    if not path.is_file():
+        raise BabyLlamaError(f"tokenizer {path}: no such file")
+    if path.suffix == ".model":
+        return _from_sentencepiece(path)
+    return from_tokenizer(Tokenizer.load(path))
+
+
+def _from_sentencepiece(path: Path) -> Vocab:
+    sp = open_sentencepiece(path)
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(float(sp.get_score(i)))
+        if sp.is_unknown(i):
+            types.append(UNKNOWN)
+        elif sp.is_control(i):
+            types.append(CONTROL)
+        elif sp.is_byte(i):
+            types.append(BYTE)
+        elif sp.is_unused(i):
+            types.append(UNUSED)
+        else:
+            types.append(NORMAL)
+    return Vocab(tokens, scores, types, unk_id=sp.unk_id(), bos_id=sp.bos_id(), eos_id=sp.eos_id())
+
+
+def from_tokenizer(tok: Tokenizer) -> Vocab:
+    tokens, types = [], []
+    for i, piece in enumerate(tok.pieces):
+        if i in _BIN_SPECIAL:
+            tokens.append(_BIN_SPECIAL[i])
+            types.append(UNKNOWN if i == UNK else CONTROL)
+            continue
+        try:
+            text = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BabyLlamaError(f"tokenizer token {i} ({piece!r}) is not valid UTF-8; "
+                                 "GGUF vocabularies hold text pieces") from None
+        tokens.append(text.replace(" ", SPACE))
+        types.append(BYTE if _BYTE_PIECE.fullmatch(text) else NORMAL)
+    return Vocab(tokens, [float(s) for s in tok.scores], types)

@@ -1,0 +1,210 @@
+"""Hugging Face Llama checkpoints in and out: `transformers` builds small random models here (no hub), and
+our NumPy engine must give its logits at every position."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
+
+from babyllama import formats
+from babyllama.cli import main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+SEQ = 32
+TOKENS = np.random.default_rng(1).integers(0, 320, SEQ).tolist()
+
+
+def make_hf_model(n_kv_heads: int, tied: bool, seed: int = 0):
+    """A random LlamaForCausalLM with non-default theta/eps, weights scaled up so attention is far from
+    uniform (a wrong rotary order would show), and norm gains away from 1 (a swapped norm would show)."""
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=n_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
+        tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def save_as(model, folder, layout: str):
+    if layout == "safetensors":
+        model.save_pretrained(folder)
+    elif layout == "sharded":
+        model.save_pretrained(folder, max_shard_size="20KB")
+        assert len(list(folder.glob("model-*.safetensors"))) > 1
+    else:  # pytorch_model.bin, as older checkpoints ship (tied ones still carry lm_head.weight)
+        model.save_pretrained(folder)
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("n_kv_heads, tied, layout", [
+    (4, True, "safetensors"),  # multi-head, tied embeddings
+    (2, False, "sharded"),  # grouped-query (TinyLlama-style), untied, sharded with an index
+    (2, True, "pytorch"),  # pytorch_model.bin
+])
+def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
+    model = make_hf_model(n_kv_heads, tied)
+    folder = save_as(model, tmp_path / "hf", layout)
+    source = [str(folder / "model.safetensors.index.json")] if layout == "sharded" else [str(folder)]
+    out = tmp_path / "model.bin"
+    r = run_cli("export", str(out), "--hf", *source)
+    assert r.returncode == 0, r.stderr.decode()
+    w = formats.load(out)
+    a = w.args
+    assert (a.n_heads, a.n_kv_heads, a.shared_classifier, a.max_seq_len) == (4, n_kv_heads, tied, 64)
+    assert (a.rope_theta, a.norm_eps) == (500000.0, 1e-6)
+    ours, theirs = engine_logits(w, TOKENS), hf_logits(model, TOKENS)
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_hf_version0_refuses_non_default_theta(tmp_path):
+    folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")
+    r = run_cli("export", str(tmp_path / "m.bin"), "--hf", str(folder), "--version", "0")
+    assert r.returncode == 1
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "version 0 files cannot carry rope_theta=500000.0" in lines[0]
+    assert not (tmp_path / "m.bin").exists()
+
+
+def test_hf_max_seq_len_override_and_bf16(tmp_path):
+    model = make_hf_model(2, False)
+    folder = tmp_path / "hf"
+    model.to(torch.bfloat16).save_pretrained(folder)  # real checkpoints are often bfloat16
+    assert main(["export", str(tmp_path / "m.bin"), "--hf", str(folder), "--max-seq-len", "48"]) == 0
+    w = formats.load(tmp_path / "m.bin")
+    assert w.args.max_seq_len == 48
+    want = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(w.tok_embeddings, want["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(w.w2[1], want["model.layers.1.mlp.down_proj.weight"])
+
+
+# ------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bin_to_hf_round_trip(tmp_path, sp_model, tied):
+    args = tiny_args(vocab_size=320, rope_theta=250000.0, norm_eps=1e-6, shared_classifier=tied)
+    w = random_weights(args, seed=3, scale=0.2)
+    formats.save(w, tmp_path / "m.bin", version=1)
+    out = tmp_path / "hf"
+    r = run_cli("export", str(out), "--to", "hf", "--model", str(tmp_path / "m.bin"), "--tokenizer", str(sp_model))
+    assert r.returncode == 0, r.stderr.decode()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_key_value_heads == 2 and model.config.tie_word_embeddings == tied
+    assert np.abs(hf_logits(model, TOKENS) - engine_logits(w, TOKENS)).max() <= 1e-4
+
+    from babyllama.tokenizer import Tokenizer
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.from_sentencepiece(sp_model)
+    # (transformers' own tokenizer differs from sentencepiece on runs of spaces and on "<s>" typed as text)
+    for text in ["the cat sat on the mat.", "Zürich, 42 dogs!", "a big\nred tree"]:
+        assert hf_tok(text)["input_ids"] == ours.encode(text, bos=True)
+
+    # and back in: the Hugging Face directory imports to the same model
+    assert main(["export", str(tmp_path / "back.bin"), "--hf", str(out)]) == 0
+    back = formats.load(tmp_path / "back.bin")
+    assert back.args == w.args
+    np.testing.assert_array_equal(back.wq, w.wq)
+    np.testing.assert_array_equal(back.wk, w.wk)
+    assert (tmp_path / "tokenizer.bin").is_file()  # the directory's tokenizer.model came along
+
+
+def test_checkpoint_to_hf_same_logits(tmp_path, sp_model):
+    """Our training checkpoint -> Hugging Face directory -> transformers: the same logits as our model."""
+    args = tiny_args(vocab_size=320, rope_theta=20000.0, shared_classifier=True)
+    model = torch_checkpoint(tmp_path / "ckpt.pt", args, seed=9)
+    r = run_cli("export", str(tmp_path / "hf"), "--checkpoint", str(tmp_path / "ckpt.pt"), "--tokenizer", str(sp_model))
+    assert r.returncode == 0, r.stderr.decode()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert np.abs(hf_logits(hf, TOKENS) - torch_logits(model, TOKENS)).max() <= 1e-4
+
+
+def test_llama2_tokenizer_goes_to_hf(tmp_path):
+    from conftest import shared_file
+
+    sp = shared_file("fixtures/llama2-tokenizer.model")
+    w = random_weights(tiny_args(vocab_size=32000, n_layers=1), seed=4)
+    formats.save(w, tmp_path / "m.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin"), "--tokenizer", str(sp)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    import sentencepiece as spm
+
+    ref = spm.SentencePieceProcessor(model_file=str(sp))
+    text = "Once upon a time, a little dog named Élodie said: hello!"
+    assert tok(text)["input_ids"] == [1] + ref.encode(text)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def _error(capsys, *argv) -> str:
+    assert main(["export", *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("babyllama: error: ")
+    return err[0]
+
+
+def _config_dir(tmp_path, **config) -> str:
+    folder = tmp_path / "cfg"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+def _tiny_bin(tmp_path):
+    formats.save(random_weights(tiny_args(vocab_size=320)), tmp_path / "tiny.bin")
+    return tmp_path / "tiny.bin"
+
+
+def test_hf_bad_inputs(tmp_path, capsys):
+    out = str(tmp_path / "m.bin")
+    assert "no such file or directory" in _error(capsys, out, "--hf", str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no model.safetensors or pytorch_model.bin" in _error(capsys, out, "--hf", str(empty))
+    mistral = _config_dir(tmp_path, model_type="mistral", architectures=["MistralForCausalLM"])
+    assert "unsupported architecture 'mistral'" in _error(capsys, out, "--hf", mistral)
+    gpt2 = _config_dir(tmp_path, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32)
+    assert "unsupported architecture 'gpt2'" in _error(capsys, out, "--hf", gpt2)
+
+    folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")
+    capsys.readouterr()  # transformers' progress bars
+    config = json.loads((folder / "config.json").read_text())
+    assert "field hidden_size is missing" in _error(
+        capsys, out, "--hf", _config_dir(tmp_path, **{k: v for k, v in config.items() if k != "hidden_size"}))
+    scaled = dict(config, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
+    (folder / "config.json").write_text(json.dumps(scaled))
+    assert "rope scaling 'llama3' is not supported" in _error(capsys, out, "--hf", str(folder))
+    (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
+    msg = _error(capsys, out, "--hf", str(folder))
+    assert "model.layers.0.mlp.gate_proj.weight has shape (80, 32), the config implies (96, 32)" in msg
+    (folder / "config.json").unlink()
+    assert "config.json: missing" in _error(capsys, out, "--hf", str(folder / "model.safetensors"))
+
+    shutil.copytree(folder, tmp_path / "hf2")
+    (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
+    assert "--dtype applies to GGUF output" in _error(capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "f16")
+    (tmp_path / "hf2" / "pytorch_model.bin").write_bytes(b"")
+    assert "already holds another checkpoint (pytorch_model.bin)" in _error(
+        capsys, str(tmp_path / "hf2"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
+    assert "--version applies to .bin output" in _error(capsys, str(tmp_path / "d"), "--to", "hf", "--hf",
+                                                         str(tmp_path / "hf2"), "--version", "2")
