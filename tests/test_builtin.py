@@ -64,3 +64,10 @@ def test_eval_of_builtin_reproduces_its_card(slice_name, flags):
     assert (got["documents"], got["tokens"], got["bytes"]) == (want["documents"], want["tokens"], want["bytes"])
     assert got["loss"] == pytest.approx(want["loss"], abs=2e-3)
     assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"], abs=2e-3)
+
+
+def test_models_lists_the_builtin_with_its_card_loss():
+    proc = run_cli("models")
+    assert proc.returncode == 0, proc.stderr.decode()
+    row = next(line for line in proc.stdout.decode().splitlines() if line.startswith("builtin "))
+    assert f"{builtin_card()['val_loss']:.3f}" in row and "4096" in row
