@@ -93,16 +93,30 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     return TorchEngine(model, device)
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A babyllama training checkpoint: a .pt file, or a training run's folder holding ckpt.pt."""
+    path = Path(path)
+    return path.suffix == ".pt" or (path / "ckpt.pt").is_file()
+
+
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
          quantize: str | None = None, plain: bool = False, device: str = "numpy") -> Model:
-    """Load a llama2.c .bin (default: the built-in model) and its tokenizer. `quantize="q8_0"` converts
-    fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference engine; `device` "cpu" or
-    "cuda" runs the PyTorch model instead of the NumPy engine."""
+    """Load a llama2.c .bin (default: the built-in model) or a training checkpoint (needs torch; converted
+    to the same fp32 Weights) and its tokenizer. `quantize="q8_0"` converts fp32 weights to Q8_0 on load;
+    `plain` selects the unoptimized reference engine; `device` "cpu" or "cuda" runs the PyTorch model
+    instead of the NumPy engine."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
         model = BUILTIN_MODEL
-    weights = formats.load(model)
+    if is_checkpoint(model):
+        from .export import weights_from_checkpoint
+
+        weights = weights_from_checkpoint(model)
+        if Path(model).is_dir():
+            model = Path(model) / "ckpt.pt"  # its tokenizer.bin lies beside it
+    else:
+        weights = formats.load(model)
     if quantize is not None:
         if quantize != "q8_0":
             raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")

@@ -25,11 +25,7 @@ def add_run(sub) -> None:
                        description="Generate text from a llama2.c .bin model, like llama2.c's ./run.")
     p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
-    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
-    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
-    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
-    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
-    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    add_sampling_flags(p)
     p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
     p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
     p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
@@ -47,6 +43,15 @@ def add_run(sub) -> None:
                    help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")
     add_threads(p)
     p.set_defaults(func=cmd_run)
+
+
+def add_sampling_flags(p) -> None:
+    """run.c's generation flags, shared by `run` and `sample`."""
+    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
+    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
+    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
+    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
+    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
 
 
 def add_threads(p) -> None:
@@ -245,6 +250,88 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- eval
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="loss, perplexity and bits per byte of a model on a text file of stories",
+        description="Score a model on held-out text. The file is split into stories on lines that are exactly "
+        "<|endoftext|> (TinyStories layout; a file without them is one document); each story is stripped and "
+        "encoded with BOS, as pretokenize does, and every token after BOS is predicted once. Stories longer "
+        "than the context are cut into consecutive windows of at most seq_len tokens (a later window starts "
+        "without the earlier context). Prints mean loss per predicted token (nats), perplexity = exp(loss), "
+        "and bits per byte = total nats / ln 2 / UTF-8 bytes of the stories: tokenizer-independent, so models "
+        "with different vocabularies compare.")
+    p.add_argument("checkpoint", nargs="?",
+                   help="model .bin, or a training checkpoint (ckpt.pt or its run folder; needs torch) "
+                   "(default: the built-in story model)")
+    p.add_argument("--data", required=True, help="text file to score (e.g. TinyStories valid.txt)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after the story in which N predicted tokens are reached (stories stay whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .api import BUILTIN_MODEL, load
+    from .evaluate import evaluate
+
+    model = load(args.checkpoint, args.tokenizer)
+    r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
+                 max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"model": str(args.checkpoint or BUILTIN_MODEL), "data": args.data, **r.to_dict()}))
+        return 0
+    seq_len = args.seq_len or model.args.max_seq_len
+    print(f"model       {args.checkpoint or BUILTIN_MODEL}")
+    print(f"data        {args.data}: {r.documents:,} stories, {r.bytes:,} bytes")
+    print(f"tokens      {r.tokens:,} predicted in {r.windows:,} windows of <= {seq_len}")
+    print(f"loss        {r.loss:.4f} nats/token")
+    print(f"perplexity  {r.perplexity:.3f}")
+    print(f"bits/byte   {r.bits_per_byte:.4f}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ models, download
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the built-in model and the public llama2.c checkpoints",
+                       description="The models babyllama knows by name, with their shape, reported val loss, "
+                       "size and where to get them.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    from .catalog import table
+
+    print(table())
+    return 0
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a public checkpoint and its tokenizer (see babyllama models)",
+                       description="Fetch a known model into DIR/NAME/ (model .bin + tokenizer.bin), resuming an "
+                       "interrupted download. Needs internet; files already there are kept.")
+    p.add_argument("name", help="model name, e.g. stories15M (babyllama models lists them)")
+    p.add_argument("--dir", default="models", help="download folder (default: ./models)")
+    p.add_argument("--url-base", default=None,
+                   help="fetch from this mirror instead (same relative paths as the Hugging Face repo)")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args) -> int:
+    from .catalog import find
+    from .download import download_model
+
+    path = download_model(find(args.name), args.dir, args.url_base)
+    print(f"{path}\nrun it: babyllama run {path}")
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -341,19 +428,11 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train.config import build_config
-
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    cfg = build_config(args.config, overrides)
-    if cfg.init_from == "resume":  # the checkpoint's settings, with this command's on top
-        from pathlib import Path
-
-        from .train import checkpoint
-        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
-        cfg = build_config(args.config, overrides, resume_config=saved)
+    from .train.config import resolve_config
     from .train.loop import train
 
-    train(cfg)
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    train(resolve_config(args.config, overrides))
     return 0
 
 
@@ -365,11 +444,7 @@ def add_sample(sub) -> None:
                        description="Generate from a checkpoint (llama2.c's sample.py), with run's sampling flags.")
     p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
-    p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
-    p.add_argument("-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
-    p.add_argument("-s", dest="seed", type=int, default=0, help="random seed (default: time)")
-    p.add_argument("-n", dest="steps", type=int, default=256, help="positions to run, 0 = seq_len (256)")
-    p.add_argument("-i", dest="prompt", default=None, help="input prompt")
+    add_sampling_flags(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
 
@@ -470,6 +545,9 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_run(sub)
+    add_eval(sub)
+    add_models(sub)
+    add_download(sub)
     add_data(sub)
     add_train(sub)
     add_sample(sub)

@@ -115,7 +115,9 @@ class Weights:
         check_group_size(self.args, gs)
         mats = {name: [quantize_q80(m, gs) for m in stack] for name, stack in self.layer_matrices().items()}
         qcls = quantize_q80(self.wcls, gs)
-        emb = qcls.dequantize() if self.args.shared_classifier else self.tok_embeddings
+        # the embedding is stored quantized too (runq.c dequantizes it at load): same values as a v2 file
+        qemb = qcls if self.args.shared_classifier else quantize_q80(self.tok_embeddings, gs)
+        emb = qemb.dequantize()
         return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,69 @@ def make_story_corpus(path: Path, n_stories: int, seed: int = 0) -> Path:
         stories.append(" ".join(lines[:3]) + "\n" + " ".join(lines[3:]))
     path.write_text("".join(s + "\n<|endoftext|>\n" for s in stories), encoding="utf-8")
     return path
+
+
+class RangeServer(ThreadingHTTPServer):
+    """A local HTTP server for download tests. Serves `files` ({URL path: bytes}, or one payload at any
+    path), honours `Range: bytes=N-` (416 past the end) unless `honour_ranges` is False, advertises
+    `advertised` as a sha256 the way Hugging Face does, and logs (path, Range header) per request."""
+
+    def __init__(self, files: dict[str, bytes] | bytes, advertised: str | None = None):
+        self.files, self.advertised = files, advertised
+        self.honour_ranges = True
+        self.log: list[tuple[str, str | None]] = []
+        super().__init__(("127.0.0.1", 0), _RangeHandler)
+
+    @property
+    def ranges(self) -> list[str | None]:
+        return [rng for _, rng in self.log]
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{path.lstrip('/')}"
+
+
+class _RangeHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        srv, rng = self.server, self.headers.get("Range")
+        srv.log.append((self.path, rng))
+        data = srv.files if isinstance(srv.files, bytes) else srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        partial = bool(rng) and srv.honour_ranges
+        start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if partial else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.end_headers()
+            return
+        self.send_response(206 if partial else 200)
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        if srv.advertised:
+            self.send_header("X-Linked-Etag", f'"{srv.advertised}"')
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve():
+    """`serve(files, advertised=None)` starts a RangeServer in a thread; all are shut down after the test."""
+    servers = []
+
+    def start(files: dict[str, bytes] | bytes, advertised: str | None = None) -> RangeServer:
+        server = RangeServer(files, advertised)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
 
 
 def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0) -> Path:

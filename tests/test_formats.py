@@ -98,3 +98,12 @@ def test_default_group_size_divides_dim_and_hidden():
     assert formats.default_group_size(tiny_args(dim=288, hidden_dim=768, n_heads=6)) == 32
     assert formats.default_group_size(tiny_args(dim=64, hidden_dim=172, n_heads=8)) == 4
     assert formats.default_group_size(tiny_args(dim=768, hidden_dim=2048, n_heads=12)) == 64
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_quantize_in_memory_equals_v2_file(tmp_path, shared):
+    w = random_weights(tiny_args(shared_classifier=shared))
+    formats.save(w, tmp_path / "q.bin", version=2, group_size=16)
+    from_file, in_memory = formats.load(tmp_path / "q.bin"), w.quantize(16)
+    np.testing.assert_array_equal(from_file.tok_embeddings, in_memory.tok_embeddings)
+    np.testing.assert_array_equal(from_file.wcls.q, in_memory.wcls.q)

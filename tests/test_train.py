@@ -129,31 +129,144 @@ def test_training_loss_falls_and_artifacts_are_written(pipeline):
     assert ckpt["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
 
 
-def test_exports_run_like_sample_on_the_checkpoint(pipeline):
-    for v in (0, 1, 2):
-        ok(run_cli("export", f"exp/m{v}.bin", "--checkpoint", "out/ckpt.pt", "--version", str(v), cwd=pipeline))
+def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monkeypatch):
+    from babyllama.cli import main
+    from babyllama.export import export, load_source
+
+    ok(run_cli("export", "exp/m1.bin", "--checkpoint", "out/ckpt.pt", "--version", "1", cwd=pipeline))
     assert (pipeline / "exp" / "tokenizer.bin").is_file()  # copied beside the export so `run` finds it
+    src = load_source(checkpoint=str(pipeline / "out"))
+    for v in (0, 2):  # in-process: a torch start-up per command is slow on a loaded machine
+        export(src, pipeline / "exp" / f"m{v}.bin", "bin", version=v)
+    assert [formats.read_header(pipeline / "exp" / f"m{v}.bin")[1] for v in (0, 1, 2)] == [0, 1, 2]
+
     greedy = ["-t", "0", "-n", "60", "-i", PROMPT]
-    sampled = ["-t", "1.0", "-p", "0.9", "-s", "7", "-n", "60"]
-    for flags in (greedy, sampled):
-        expected = ok(run_cli("sample", "--checkpoint", "out/ckpt.pt", *flags, cwd=pipeline, env=ONE_THREAD)).stdout
-        assert len(expected) > 100
-        for v in (0, 1):
-            assert ok(run_cli("run", f"exp/m{v}.bin", *flags, cwd=pipeline)).stdout == expected
+    expected = ok(run_cli("sample", "--checkpoint", "out/ckpt.pt", *greedy, cwd=pipeline, env=ONE_THREAD)).stdout
+    assert expected.startswith(PROMPT.encode()) and len(expected) > 100
+    for v in (0, 1):
+        assert ok(run_cli("run", f"exp/m{v}.bin", *greedy, cwd=pipeline)).stdout == expected
     q8 = ok(run_cli("run", "exp/m2.bin", *greedy, cwd=pipeline)).stdout
     assert q8.startswith(PROMPT.encode()) and len(q8) > 100
-    assert formats.load(pipeline / "exp" / "m2.bin").version == 2
+
+    # with a seed, sampling draws the same tokens too (the same sampler on the same logits)
+    monkeypatch.chdir(pipeline)
+    sampled = ["-t", "1.0", "-p", "0.9", "-s", "7", "-n", "60"]
+    assert main(["sample", "--checkpoint", "out", "--device", "cpu", *sampled]) == 0
+    expected = capsysbinary.readouterr().out
+    assert len(expected) > 100
+    assert ok(run_cli("run", "exp/m1.bin", *sampled, cwd=pipeline)).stdout == expected
 
 
-def test_trained_model_logits_match_its_export(pipeline):
+def test_trained_model_logits_match_its_export(pipeline, tmp_path):
+    from babyllama.export import export, load_source
     from babyllama.train.checkpoint import load_model
 
     model = load_model(pipeline / "out" / "ckpt.pt")
     tokens = np.fromfile(pipeline / "data" / "tok512" / "valid.bin", dtype=np.uint16)[:64].astype(np.int64)
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(tokens)[None])
-    exported = pipeline / "parity.bin"
-    ok(run_cli("export", str(exported), "--checkpoint", "out", "--version", "1", cwd=pipeline))
-    engine = Engine(formats.load(exported))
+    (path, *_) = export(load_source(checkpoint=str(pipeline / "out")), tmp_path / "m.bin", "bin", version=1)
+    engine = Engine(formats.load(path))
     expected = engine.forward(tokens, np.arange(64), engine.new_cache())
     assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_run(pipeline, out_dir, **kw) -> dict:
+    """Settings (as command-line strings) for a short in-process run on the pipeline's data."""
+    base = dict(data_dir=str(pipeline / "data" / "tok512"), out_dir=str(out_dir), dim="64", n_layers="2",
+                n_heads="4", n_kv_heads="2", max_seq_len="64", batch_size="8", gradient_accumulation_steps="2",
+                learning_rate="3e-3", warmup_iters="5", eval_interval="10", eval_iters="2", log_interval="1")
+    return {**base, **{k: str(v) for k, v in kw.items()}}
+
+
+def step_losses(out_dir) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["iter"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_resume_continues_exactly(pipeline, tmp_path, one_thread, capsys):
+    from babyllama.train.checkpoint import load_model
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    # dropout on: the resumed run must also restore the RNG that drives it
+    same = dict(dropout=0.1, lr_decay_iters=20)
+    straight = train(resolve_config(None, small_run(pipeline, tmp_path / "a", max_iters=20, **same)))
+    train(resolve_config(None, small_run(pipeline, tmp_path / "b", max_iters=10, **same)))
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["iter_num"] == 10
+    resumed = train(resolve_config(None, {"out_dir": str(tmp_path / "b"), "init_from": "resume", "max_iters": "20"}))
+    assert resumed["iter"] == straight["iter"] == 20
+    assert resumed["loss"] == straight["loss"]
+    assert step_losses(tmp_path / "b") == step_losses(tmp_path / "a")  # every step, not only the last
+    a, b = load_model(tmp_path / "a" / "ckpt.pt"), load_model(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(p, b.state_dict()[k]) for k, p in a.state_dict().items())
+
+
+def test_resume_refuses_a_different_model_shape(pipeline, tmp_path, one_thread):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    train(resolve_config(None, small_run(pipeline, tmp_path, max_iters=2)))
+    with pytest.raises(BabyLlamaError, match="different model shape"):
+        train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", "dim": "32"}))
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(pipeline, tmp_path_factory):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    out = tmp_path_factory.mktemp("single")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(resolve_config(None, small_run(pipeline, out, max_iters=10, log_interval=5, eval_interval=100)))
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(pipeline, single_process_reference, tmp_path, mode):
+    import subprocess
+    import sys
+
+    from babyllama.train.checkpoint import load_model
+
+    # settings from a config file, with --key=value flags on top (as a user would launch it)
+    settings = small_run(pipeline, tmp_path / "out", max_iters=10, log_interval=5, eval_interval=100)
+    config = tmp_path / "run.toml"
+    config.write_text("".join(f"{k} = {v if k not in ('data_dir', 'out_dir') else json.dumps(v)}\n"
+                              for k, v in settings.items() if k not in ("max_iters", "learning_rate")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "babyllama",
+           "train", str(config), "--max_iters=10", "--learning_rate=3e-3", f"--fsdp={mode == 'fsdp'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, **ONE_THREAD,
+                               "PYTHONPATH": str(__import__("conftest").ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    label = "FSDP" if mode == "fsdp" else "DDP"
+    assert f"rank 0 of 2: gloo on cpu ({label})" in proc.stdout and f"rank 1 of 2: gloo on cpu ({label})" in proc.stdout
+    assert proc.stdout.count("model: ") == 1  # only rank 0 logs
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "loss.png", "metrics.jsonl", "tokenizer.bin"]
+    # each step logged once (rank 0 alone writes), with the single-process run's loss
+    got, want = step_losses(out), step_losses(single_process_reference)
+    assert [i for i, _ in got] == [i for i, _ in want] == [5, 10]
+    assert np.allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=1e-4)
+    a, b = load_model(out / "ckpt.pt"), load_model(single_process_reference / "ckpt.pt")
+    assert all(torch.allclose(p, b.state_dict()[k], atol=1e-5) for k, p in a.state_dict().items())

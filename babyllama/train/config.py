@@ -85,11 +85,11 @@ def parse_value(key: str, text: str):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise BabyLlamaError(f"--{key} expects true or false, got {text!r}")
+        raise BabyLlamaError(f"{key} must be true or false, got {text!r}")
     try:
         return kind(text) if kind is not int else int(float(text)) if "e" in text.lower() else int(text)
     except ValueError:
-        raise BabyLlamaError(f"--{key} expects {kind.__name__}, got {text!r}") from None
+        raise BabyLlamaError(f"{key} must be {kind.__name__}, got {text!r}") from None
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -143,6 +143,17 @@ def build_config(config_file: str | None = None, overrides: dict | None = None,
     out = TrainConfig(**cfg)
     check(out)
     return out
+
+
+def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """build_config, and for init_from=resume the checkpoint's config under the file and overrides."""
+    cfg = build_config(config_file, overrides)
+    if cfg.init_from == "resume":
+        from . import checkpoint
+
+        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
+        cfg = build_config(config_file, overrides, resume_config=saved)
+    return cfg
 
 
 def check(cfg: TrainConfig) -> None:

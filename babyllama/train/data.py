@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..documents import iter_documents
 from ..errors import BabyLlamaError
 
-SEPARATOR = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
 TOKENIZER_BIN = "tokenizer.bin"
@@ -63,7 +63,7 @@ def read_documents(path: Path) -> Iterator[str]:
     """The documents of one input file, stripped of surrounding whitespace, empty ones skipped."""
     try:
         if path.suffix == ".txt":
-            docs = _split_text(path.read_text(encoding="utf-8"))
+            docs = iter_documents(path)
         elif path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 docs = [_doc_text(json.loads(line), f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
@@ -82,18 +82,6 @@ def read_documents(path: Path) -> Iterator[str]:
             yield doc
 
 
-def _split_text(text: str) -> list[str]:
-    docs, current = [], []
-    for line in text.split("\n"):
-        if line.strip() == SEPARATOR:
-            docs.append("\n".join(current))
-            current = []
-        else:
-            current.append(line)
-    docs.append("\n".join(current))
-    return docs
-
-
 # ------------------------------------------------------------------------------------------------ encoding
 
 
@@ -103,9 +91,9 @@ def load_encoder(path: str | os.PathLike):
     if not path.is_file():
         raise BabyLlamaError(f"tokenizer not found: {path}")
     if path.suffix == ".model":
-        import sentencepiece as spm
+        from ..tokenizer import open_sentencepiece
 
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = open_sentencepiece(path)
         return sp.vocab_size(), lambda texts: sp.encode(texts)
     from ..tokenizer import Tokenizer
 

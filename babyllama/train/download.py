@@ -1,8 +1,9 @@
 """Downloading a dataset archive (TinyStories by default): resumable, checksummed, with a progress bar.
 
-A partial download is kept as NAME.part and continued with an HTTP Range request. The archive's sha256 is
-checked against --sha256, or else against the sha256 the server advertises (Hugging Face sends it as the
-X-Linked-Etag / ETag of large files); without either, the digest is printed so it can be pinned.
+The transfer is `babyllama.download.fetch` (a partial download is kept as NAME.part and continued with an
+HTTP Range request). The archive's sha256 is checked against --sha256, or else against the sha256 the
+server advertises (Hugging Face sends it as the X-Linked-Etag / ETag of large files); without either, the
+digest is printed so it can be pinned.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import os
 import re
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from ..errors import BabyLlamaError
@@ -33,7 +32,7 @@ def advertised_sha256(headers) -> str | None:
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60) -> Path:
     """Fetch `url` into `dest` (continuing a previous partial download) and verify its sha256."""
-    from tqdm import tqdm
+    from ..download import fetch
 
     dest = Path(dest)
     if dest.is_file():
@@ -41,37 +40,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
         _verify(dest, sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the part file is already complete
-            os.replace(part, dest)
-            _verify(dest, sha256)
-            return dest
-        raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise BabyLlamaError(f"download failed: {getattr(e, 'reason', e)} ({url})") from None
-    with response:
-        if have and response.status != 206:  # server ignored the Range request: start over
-            have = 0
-        expected = sha256 or advertised_sha256(response.headers)
-        length = response.headers.get("Content-Length")
-        total = have + int(length) if length else None
-        with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
-            try:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except OSError as e:
-                raise BabyLlamaError(f"download interrupted ({e}); run the command again to resume") from None
-    if total is not None and part.stat().st_size < total:
-        raise BabyLlamaError("download incomplete; run the command again to resume")
-    os.replace(part, dest)
-    _verify(dest, expected)
+    headers = fetch(url, dest, timeout=timeout)
+    _verify(dest, sha256 or advertised_sha256(headers))
     return dest
 
 

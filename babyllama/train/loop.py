@@ -122,6 +122,9 @@ class Trainer:
         self.cfg = cfg
         self.dist, self.device = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg, self.device)
+        if self.dist.enabled:  # one line per process, so a launch shows every rank came up
+            print(f"rank {self.dist.rank} of {self.dist.world}: {dist.get_backend()} on {self.device}"
+                  f"{' (FSDP)' if cfg.fsdp else ' (DDP)'}", flush=True)
         self.out_dir = Path(cfg.out_dir)
         if self.dist.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)

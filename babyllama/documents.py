@@ -1,0 +1,52 @@
+"""Text files of documents, the TinyStories way: documents separated by lines holding exactly
+`<|endoftext|>` (surrounding whitespace ignored); a file without such lines is one document. Documents
+are stripped of surrounding whitespace and empty ones skipped. Shared by `babyllama data` (vocabulary,
+pretokenize) and `babyllama eval`, so both see the same documents."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BabyLlamaError
+
+SEPARATOR = "<|endoftext|>"
+
+
+def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
+    """Stream the documents of a text file, reading it line by line.
+    `on_bytes(n)` is told how many bytes of the file each document consumed (for a progress bar)."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise BabyLlamaError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise BabyLlamaError(f"data path is a directory, not a text file: {path}") from None
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read data file {path}: {e.strerror}") from None
+    with f:
+        lines: list[str] = []
+        consumed = 0
+        for lineno, raw in enumerate(f, 1):
+            consumed += len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BabyLlamaError(f"{path}:{lineno}: not UTF-8 text") from None
+            if line.strip() != SEPARATOR:
+                lines.append(line)
+                continue
+            text = "".join(lines).strip()
+            lines = []
+            if on_bytes:
+                on_bytes(consumed)
+            consumed = 0
+            if text:
+                yield text
+        text = "".join(lines).strip()
+        if on_bytes:
+            on_bytes(consumed)
+        if text:
+            yield text

@@ -1,0 +1,184 @@
+"""`babyllama eval`: what is counted, numerical agreement with token-by-token decoding, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import byte_tokenizer, random_weights, run_cli, shared_file, tiny_args
+
+from babyllama import formats
+from babyllama.documents import iter_documents
+from babyllama.engine import Engine
+from babyllama.evaluate import evaluate, token_nll, windows
+from babyllama.tokenizer import BOS
+
+STORIES = ["Once upon a time there was a cat.", "The end of the tale is near, then the end.\nA new line.",
+           "héllo wörld: bytes are not characters"]
+
+
+def write_stories(path, stories, trailing=True):
+    body = "".join(f"{s}\n<|endoftext|>\n" for s in stories)
+    path.write_text(body if trailing else body.removesuffix("<|endoftext|>\n"), encoding="utf-8")
+    return path
+
+
+def test_documents_split_on_separator_lines_and_stripped(tmp_path):
+    f = tmp_path / "d.txt"
+    f.write_text("  first story \n<|endoftext|>\n\n<|endoftext|>\nsecond\nline two\n<|endoftext|>\ntail", "utf-8")
+    assert list(iter_documents(f)) == ["first story", "second\nline two", "tail"]
+    plain = tmp_path / "p.txt"
+    plain.write_text("no separators\nat all\n", encoding="utf-8")
+    assert list(iter_documents(plain)) == ["no separators\nat all"]
+
+
+def test_windows_predict_every_token_after_bos_once():
+    ids = list(range(10))
+    ws = list(windows(ids, 4))
+    assert ws == [([0, 1, 2, 3], [1, 2, 3, 4]), ([4, 5, 6, 7], [5, 6, 7, 8]), ([8], [9])]
+    assert list(windows([BOS], 4)) == []
+
+
+def test_token_nll_is_minus_log_softmax():
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 1000.0]], dtype=np.float32)
+    nll = token_nll(logits, np.array([2, 0]))
+    p = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    assert nll[0] == pytest.approx(-math.log(p[2]))
+    assert nll[1] == pytest.approx(1000.0)  # stable for huge logits
+
+
+def reference_nats(engine, tok, stories, seq_len):
+    """Token-by-token decoding (the generation path), a fresh cache per window: the slow truth."""
+    total = 0.0
+    for s in stories:
+        ids = tok.encode(s, bos=True)
+        for inputs, targets in windows(ids, seq_len):
+            cache = engine.new_cache()
+            for pos, (x, y) in enumerate(zip(inputs, targets)):
+                row = engine.forward([x], [pos], cache, logits="last")[0].astype(np.float64)
+                total += np.log(np.exp(row - row.max()).sum()) + row.max() - row[y]
+    return total
+
+
+def test_batched_eval_matches_token_by_token_decoding(tmp_path):
+    args = tiny_args(max_seq_len=16)
+    engine, tok = Engine(random_weights(args, seed=3, scale=0.2)), byte_tokenizer(args.vocab_size)
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    r = evaluate(engine, tok, data, show_progress=False)
+    assert r.documents == 3
+    assert r.tokens == sum(len(tok.encode(s)) - 1 for s in STORIES)
+    assert r.windows > 3  # the stories are longer than 16 tokens: cut into windows
+    assert r.bytes == sum(len(s.encode()) for s in STORIES)
+    assert r.nats == pytest.approx(reference_nats(engine, tok, STORIES, 16), rel=1e-5)
+    assert r.loss == pytest.approx(r.nats / r.tokens)
+    assert r.bits_per_byte == pytest.approx(r.nats / math.log(2) / r.bytes)
+    assert r.perplexity == pytest.approx(math.exp(r.loss))
+    short = evaluate(engine, tok, data, seq_len=8, show_progress=False)
+    assert short.nats == pytest.approx(reference_nats(engine, tok, STORIES, 8), rel=1e-5)
+
+
+def test_slices_keep_stories_whole(tmp_path):
+    args = tiny_args()
+    engine, tok = Engine(random_weights(args)), byte_tokenizer(args.vocab_size)
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    first = len(tok.encode(STORIES[0])) - 1
+    assert evaluate(engine, tok, data, max_documents=1, show_progress=False).tokens == first
+    two = evaluate(engine, tok, data, max_tokens=first + 1, show_progress=False)
+    assert (two.documents, two.tokens) == (2, first + len(tok.encode(STORIES[1])) - 1)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    args = tiny_args()
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(args), path)
+    byte_tokenizer(args.vocab_size).save(tmp_path / "tokenizer.bin")
+    return path
+
+
+def test_cli_eval_json_and_table(tiny_model, tmp_path):
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    proc = run_cli("eval", str(tiny_model), "--data", str(data), "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = json.loads(proc.stdout)
+    engine = Engine(formats.load(tiny_model))
+    want = evaluate(engine, byte_tokenizer(), data, show_progress=False)
+    assert got["tokens"] == want.tokens and got["loss"] == pytest.approx(want.loss, rel=1e-6)
+    table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
+    assert table.returncode == 0, table.stderr.decode()
+    assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout
+
+
+@pytest.mark.parametrize("content,flags,message", [
+    (None, [], b"data file not found"),
+    ("", [], b"no text to evaluate"),
+    ("<|endoftext|>\n<|endoftext|>\n", [], b"no text to evaluate"),
+    (b"ok\n\xff\xfe\n", [], b":2: not UTF-8 text"),
+    ("a story\n", ["--max-stories", "0"], b"--max-stories must be >= 1"),
+    ("a story\n", ["--max-tokens", "-3"], b"--max-tokens must be >= 1"),
+    ("a story\n", ["--seq-len", "65"], b"--seq-len must be in [1, 64]"),
+])
+def test_cli_eval_bad_inputs(tiny_model, tmp_path, content, flags, message):
+    data = tmp_path / "data.txt"
+    if isinstance(content, bytes):
+        data.write_bytes(content)
+    elif content is not None:
+        data.write_text(content, encoding="utf-8")
+    proc = run_cli("eval", str(tiny_model), "--data", str(data), *flags)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"babyllama: error: ") and message in proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
+def test_cli_eval_needs_data(tiny_model):
+    proc = run_cli("eval", str(tiny_model))
+    assert proc.returncode == 2 and b"--data" in proc.stderr
+
+
+def test_stories260k_on_valid_slice():
+    """llama2.c's 260K model on the first 20 held-out stories: a loss near its reported 1.297 val loss."""
+    model, tok = shared_file("fixtures/stories260K.bin"), shared_file("fixtures/tok512.bin")
+    data = shared_file("data/tinystories/valid.txt")
+    proc = run_cli("eval", str(model), "-z", str(tok), "--data", str(data), "--max-stories", "20", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    r = json.loads(proc.stdout)
+    assert r["documents"] == 20
+    assert 1.0 < r["loss"] < 1.5
+    assert r["bits_per_byte"] == pytest.approx(r["nats"] / math.log(2) / r["bytes"])
+
+
+def test_checkpoint_evaluates_like_its_export(tmp_path):
+    """A training checkpoint (ckpt.pt, or its run folder) scores exactly as its exported .bin."""
+    pytest.importorskip("torch")
+    from babyllama.export import export, load_source
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    args = tiny_args()
+    run = tmp_path / "run"
+    run.mkdir()
+    model = Transformer.from_weights(random_weights(args, seed=5, scale=0.2))
+    checkpoint.save({"model": model.state_dict(), "model_args": args.to_dict()}, run / "ckpt.pt")
+    byte_tokenizer(args.vocab_size).save(run / "tokenizer.bin")
+    export(load_source(checkpoint=str(run / "ckpt.pt")), tmp_path / "out" / "m.bin", "bin")
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    want = evaluate(Engine(formats.load(tmp_path / "out" / "m.bin")), byte_tokenizer(), data, show_progress=False)
+    from babyllama.api import load
+
+    ckpt = load(run / "ckpt.pt")
+    got = evaluate(ckpt.engine, ckpt.tokenizer, data, show_progress=False)  # tokenizer.bin found beside it
+    assert got.tokens == want.tokens and got.loss == pytest.approx(want.loss, rel=1e-6)
+    proc = run_cli("eval", str(run), "--data", str(data), "--json")  # the run folder, as a user passes it
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["loss"] == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    pytest.importorskip("torch")
+    bad = tmp_path / "ckpt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    proc = run_cli("eval", str(bad), "--data", str(data), "-z", str(tmp_path / "tok.bin"))
+    assert proc.returncode == 1 and proc.stderr.startswith(b"babyllama: error: cannot read checkpoint")
