@@ -45,6 +45,20 @@ def add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model (Llama 2's [INST] template; = run -m chat)",
+                       description="Chat with a llama2.c model: user turns from stdin, answers streamed.")
+    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    add_sampling_flags(p)
+    p.add_argument("-y", dest="system", default=None, help="system prompt (asked for on stdin when absent)")
+    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--device", default="numpy", help="numpy, or cpu / cuda for the PyTorch model")
+    add_threads(p)
+    p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, draft=None,
+                   draft_k=4, plain=False)
+
+
 def add_sampling_flags(p) -> None:
     """run.c's generation flags, shared by `run` and `sample`."""
     p.add_argument("-t", dest="temperature", type=float, default=1.0, help="temperature, 0 = greedy (1.0)")
@@ -545,6 +559,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_run(sub)
+    add_chat(sub)
     add_eval(sub)
     add_models(sub)
     add_download(sub)

@@ -23,8 +23,11 @@ from .formats import QTensor
 
 # Rows at or above which a Q8_0 product is done as dequantize + sgemm instead of the int8 kernel.
 Q8_GEMM_MIN_ROWS = 16
-# Rows up to which an fp32 product uses the numba matrix-vector kernel (when installed) instead of BLAS.
+# Rows up to which an fp32 product uses the numba matrix-vector kernel (when installed) instead of BLAS,
+# and the weight elements (summed over the matrices of one call) from which it pays: below ~1M (4 MB),
+# BLAS is as fast and a small model (the built-in one) starts without importing numba (~1.5 s).
 F32_NUMBA_MAX_ROWS = 1
+F32_NUMBA_MIN_ELEMENTS = 1 << 20
 
 _numba_kernels = None  # the kernels_numba module, or False when numba is unavailable/disabled
 
@@ -93,7 +96,8 @@ def _q8_gemm(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 def matmul_many(x: np.ndarray, ws: Sequence) -> list[np.ndarray]:
     """x @ w.T for each w in `ws` (all fp32 or all Q8_0 with one group size), fast path."""
     if not isinstance(ws[0], QTensor):
-        nk = numba_kernels() if x.shape[0] <= F32_NUMBA_MAX_ROWS else None
+        big = x.shape[0] <= F32_NUMBA_MAX_ROWS and sum(w.size for w in ws) >= F32_NUMBA_MIN_ELEMENTS
+        nk = numba_kernels() if big else None
         return nk.matmul_f32_many(x, ws) if nk is not None else [x @ w.T for w in ws]
     if x.shape[0] >= Q8_GEMM_MIN_ROWS:
         return _q8_gemm(x, ws)

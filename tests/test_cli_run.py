@@ -87,3 +87,13 @@ def test_python_module_and_help():
     assert proc.returncode == 0 and b"run" in proc.stdout
     proc = run_cli()
     assert proc.returncode == 2
+
+
+def test_chat_subcommand_is_run_in_chat_mode(stories260k, tok512):
+    proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "60", "-y", "Be kind.",
+                   input="Hello\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().startswith("User: Assistant: ")
+    same = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "60", "-y", "Be kind.",
+                   input="Hello\n")
+    assert proc.stdout == same.stdout

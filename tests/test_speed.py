@@ -205,3 +205,14 @@ def test_fp32_decode_kernel_matches_blas(q8_backend):
     x = rng.standard_normal((1, 96)).astype(np.float32)
     for got, m in zip(kernels.matmul_many(x, [w.w1[0], w.wq[1]]), [w.w1[0], w.wq[1]], strict=True):
         np.testing.assert_allclose(got, x @ m.T, rtol=1e-5, atol=1e-5)
+
+
+def test_numba_fp32_matvec_matches_blas():
+    pytest.importorskip("numba")
+    from babyllama import kernels_numba
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 96)).astype(np.float32)
+    ws = [rng.standard_normal((n, 96)).astype(np.float32) for n in (96, 32, 200)]
+    for got, w in zip(kernels_numba.matmul_f32_many(x, ws), ws):
+        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
