@@ -23,9 +23,7 @@ class Parser(argparse.ArgumentParser):
 def add_run(sub) -> None:
     p = sub.add_parser("run", help="generate text or chat with a llama2.c model (run.c's flags)",
                        description="Generate text from a llama2.c .bin model, like llama2.c's ./run.")
-    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
-    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
-    add_sampling_flags(p)
+    add_model_flags(p)
     p.add_argument("-m", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
     p.add_argument("-y", dest="system", default=None, help="system prompt in chat mode")
     p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
@@ -48,15 +46,20 @@ def add_run(sub) -> None:
 def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model (Llama 2's [INST] template; = run -m chat)",
                        description="Chat with a llama2.c model: user turns from stdin, answers streamed.")
-    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
-    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
-    add_sampling_flags(p)
+    add_model_flags(p)
     p.add_argument("-y", dest="system", default=None, help="system prompt (asked for on stdin when absent)")
     p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
     p.add_argument("--device", default="numpy", help="numpy, or cpu / cuda for the PyTorch model")
     add_threads(p)
     p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, draft=None,
                    draft_k=4, plain=False)
+
+
+def add_model_flags(p) -> None:
+    """The model, its tokenizer and run.c's sampling flags: what `run` and `chat` share."""
+    p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
+    p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    add_sampling_flags(p)
 
 
 def add_sampling_flags(p) -> None:
