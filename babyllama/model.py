@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
-from .formats import LAYER_MATRICES, Weights
+from .formats import Weights
+from .interop.state_dict import from_state_dict, to_state_dict
 
 
 class RMSNorm(nn.Module):
@@ -184,41 +185,20 @@ class Transformer(nn.Module):
     @classmethod
     def from_weights(cls, w: Weights) -> Transformer:
         """A model holding `w`'s tensors (Q8_0 weights are dequantized)."""
-        w = w.to_fp32()
         args = ModelArgs.from_dict(w.args.to_dict())
         args.dropout = 0.0
         model = cls(args)
-        model.load_state_dict(weights_to_state_dict(w), strict=True)
+        sd = to_state_dict(w)
+        if args.shared_classifier:
+            sd["output.weight"] = sd["tok_embeddings.weight"]  # one tied parameter, two names
+        # copy: memory-mapped arrays are read-only
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
         return model
 
     def to_weights(self) -> Weights:
         """The model's parameters as fp32 NumPy `Weights` (what formats.save writes)."""
-        a = self.args
         sd = {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
-        L = a.n_layers
-        stack = lambda fmt: np.stack([sd[fmt.format(i)] for i in range(L)])  # noqa: E731
-        mats = {name: stack(f"layers.{{}}.{_MODULE_OF[name]}.{name}.weight") for name in LAYER_MATRICES}
-        emb = sd["tok_embeddings.weight"]
-        return Weights(ModelArgs.from_dict(a.to_dict()), emb,
-                       rms_att=stack("layers.{}.attention_norm.weight"), rms_ffn=stack("layers.{}.ffn_norm.weight"),
-                       rms_final=sd["norm.weight"], wcls=emb if a.shared_classifier else sd["output.weight"],
-                       **mats)
-
-
-_MODULE_OF = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
-              "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
-
-
-def weights_to_state_dict(w: Weights) -> dict[str, torch.Tensor]:
-    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731 (copy: mmaps are read-only)
-    sd = {"tok_embeddings.weight": t(w.tok_embeddings), "norm.weight": t(w.rms_final),
-          "output.weight": t(w.tok_embeddings if w.args.shared_classifier else w.wcls)}
-    for i in range(w.args.n_layers):
-        sd[f"layers.{i}.attention_norm.weight"] = t(w.rms_att[i])
-        sd[f"layers.{i}.ffn_norm.weight"] = t(w.rms_ffn[i])
-        for name in LAYER_MATRICES:
-            sd[f"layers.{i}.{_MODULE_OF[name]}.{name}.weight"] = t(w.layer_matrices()[name][i])
-    return sd
+        return from_state_dict(ModelArgs.from_dict(self.args.to_dict()), sd)
 
 
 class TorchEngine:
