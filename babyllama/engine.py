@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelArgs
-from .formats import QTensor, Weights
+from .formats import Weights
 from .kernels import matmul_many, matmul_plain
 
 
@@ -149,6 +149,3 @@ class Engine:
         out = scores @ values.reshape(p, kvh, hs).transpose(1, 0, 2)  # (kvh, g*T, hs)
         return out.reshape(kvh, g, t, hs).transpose(2, 0, 1, 3).reshape(t, a.dim)
 
-
-def is_quantized(m) -> bool:
-    return isinstance(m, QTensor)
