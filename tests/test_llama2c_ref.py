@@ -1,0 +1,117 @@
+"""benchmarks/llama2c_ref: our C re-implementation of llama2.c's run.c/runq.c, used as the speed baseline,
+must compute what run.c computes: the same greedy tokens as babyllama (and run.c's golden text)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, random_weights, shared_file, tiny_args
+
+from babyllama import formats
+from babyllama.engine import Engine
+from babyllama.generate import generate
+from babyllama.sampler import Sampler
+from babyllama.tokenizer import BOS, Tokenizer
+
+SOURCE = ROOT / "benchmarks" / "llama2c_ref" / "llama2c_ref.c"
+
+
+@pytest.fixture(scope="module")
+def llama2c_ref(tmp_path_factory) -> Path:
+    """The reference binary, built with run.c's recommended line (OpenMP dropped if the compiler lacks it)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc/gcc) on PATH to build benchmarks/llama2c_ref")
+    exe = tmp_path_factory.mktemp("llama2c_ref") / "llama2c_ref"
+    for flags in (["-Ofast", "-march=native", "-fopenmp"], ["-Ofast", "-march=native"], ["-O3"]):
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(exe), "-lm"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return exe
+    pytest.fail(f"llama2c_ref.c does not compile:\n{proc.stderr}")
+
+
+def run_ref(exe: Path, model: Path, steps: int, prompt: list[int] = ()) -> list[int]:
+    cmd = [str(exe), str(model), "-n", str(steps)]
+    if prompt:
+        cmd += ["-i", ",".join(map(str, prompt))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert "achieved tok/s:" in proc.stderr
+    return [int(t) for t in proc.stdout.split()]
+
+
+def greedy(weights: formats.Weights, prompt: list[int], steps: int, plain: bool = False) -> list[int]:
+    return list(generate(Engine(weights, plain=plain), prompt, steps, Sampler(0.0)))
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_fp32_matches_babyllama_and_run_c_golden(llama2c_ref):
+    model = shared_file("fixtures/stories260K.bin")
+    tok = Tokenizer.load(shared_file("fixtures/tok512.bin"), 512)
+    golden = shared_file("fixtures/golden/s260k_t0_n200.txt").read_bytes()
+    ids = run_ref(llama2c_ref, model, 200)
+    assert ids == greedy(formats.load(model), [BOS], 200)
+    assert len(ids) == 200
+    # run.c's stdout for the same run: each piece decoded after its predecessor, then "\n"
+    seq = [BOS, *ids]
+    assert b"".join(tok.decode_piece(a, b) for a, b in zip(seq, seq[1:])) + b"\n" == golden
+
+
+def test_fp32_with_prompt(llama2c_ref):
+    model = shared_file("fixtures/stories260K.bin")
+    tok = Tokenizer.load(shared_file("fixtures/tok512.bin"), 512)
+    prompt = tok.encode("Once upon a time, a little dog", bos=True)
+    golden = shared_file("fixtures/golden/s260k_t0_n120_dog.txt").read_bytes()
+    ids = run_ref(llama2c_ref, model, 120, prompt[1:])
+    assert ids == greedy(formats.load(model), prompt, 120)
+    seq = prompt + ids
+    assert b"".join(tok.decode_piece(a, b) for a, b in zip(seq, seq[1:])) + b"\n" == golden
+
+
+def test_q8_0_matches_babyllama_plain_path(llama2c_ref, tmp_path):
+    """runq.c's integer arithmetic: the greedy ids equal babyllama's plain Q8_0 path (all 200 of them here;
+    only the float summation order differs, so a late divergence would be a near-tie, not a bug)."""
+    model = shared_file("fixtures/stories260K.bin")
+    formats.save(formats.load(model), tmp_path / "q.bin", version=2, group_size=4)
+    ids = run_ref(llama2c_ref, tmp_path / "q.bin", 200)
+    ours = greedy(formats.load(tmp_path / "q.bin"), [BOS], 200, plain=True)
+    same = first_difference(ids, ours)
+    print(f"llama2c_ref Q8_0 greedy ids equal babyllama's plain Q8_0 path for {same} of {len(ours)} tokens")
+    assert same >= 50
+    assert ids == ours
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_header_extension_and_unshared_classifier(llama2c_ref, tmp_path, version):
+    """Versions 1/2 with an unshared classifier, grouped-query attention and non-default rope_theta and
+    norm_eps (the babyllama header extension): same greedy ids; zeroing either field changes them."""
+    args = tiny_args(shared_classifier=False, rope_theta=500000.0, norm_eps=1e-3)
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(args, seed=1, scale=0.2), path, version=version, group_size=8)
+    prompt = [BOS, 5, 70, 200]
+    ids = run_ref(llama2c_ref, path, 64, prompt[1:])
+    assert ids == greedy(formats.load(path), prompt, 64, plain=True)
+    assert len(ids) == 64 - len(prompt) + 1
+    data = path.read_bytes()
+    for offset in (48, 56):
+        patched = bytearray(data)
+        struct.pack_into("<d", patched, offset, 0.0)
+        (tmp_path / "patched.bin").write_bytes(patched)
+        assert run_ref(llama2c_ref, tmp_path / "patched.bin", 64, prompt[1:]) != ids
+
+
+def test_version0_unshared_classifier(llama2c_ref, tmp_path):
+    """run.c's legacy layout with a negative vocab_size (unshared classifier after the RoPE tables)."""
+    args = tiny_args(shared_classifier=False)
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(args, seed=2, scale=0.2), path, version=0)
+    prompt = [BOS, 9, 40]
+    assert run_ref(llama2c_ref, path, 64, prompt[1:]) == greedy(formats.load(path), prompt, 64, plain=True)
