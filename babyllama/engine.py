@@ -17,17 +17,18 @@ import numpy as np
 
 from .config import ModelArgs
 from .formats import Weights
-from .kernels import matmul_many, matmul_plain
+from .kernels import backend, matmul_many, matmul_plain
 
 
 class KVCache:
-    """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, seq_len, kv_dim).
+    """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len, head_size),
+    so that one head's keys are a contiguous (positions, head_size) matrix for attention's products.
 
     np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill."""
 
     def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None):
         self.seq_len = seq_len or args.max_seq_len
-        shape = (args.n_layers, n_slots, self.seq_len, args.kv_dim)
+        shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len, args.head_size)
         self.k = np.zeros(shape, dtype=np.float32)
         self.v = np.zeros(shape, dtype=np.float32)
 
@@ -56,7 +57,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    ms = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])  # einsum: no x*x temporary
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
 
 
@@ -72,11 +73,18 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
     return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+# Runs of at most this many tokens use the native attention kernel; longer ones (prefill) NumPy's batched
+# BLAS products, which are faster there.
+NATIVE_ATTENTION_MAX_TOKENS = 8
+
+
 class Engine:
     """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
     baseline the fast path is tested and benchmarked against. The fast path groups the products that read
-    the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled Q8_0 kernel when present;
-    weights are never copied (they stay memory-mapped)."""
+    the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled kernels when present
+    (kernels.py); with the native (C) backend, RMSNorm, RoPE, SwiGLU and short runs' attention are C
+    calls too, since a decode step's per-call NumPy overhead otherwise rivals its matrix products.
+    Weights are never copied (they stay memory-mapped)."""
 
     def __init__(self, weights: Weights, plain: bool = False):
         self.w = weights
@@ -84,6 +92,14 @@ class Engine:
         self.args.validate()
         self.plain = plain
         self.cos, self.sin = rope_tables(self.args.head_size, self.args.max_seq_len, self.args.rope_theta)
+
+    @property
+    def _native(self):
+        """The native kernels object when the fast path has one, else None."""
+        if self.plain:
+            return None
+        name, kernels = backend()
+        return kernels if name == "native" else None
 
     def _mm(self, x: np.ndarray, *ws) -> list[np.ndarray]:
         if self.plain:
@@ -108,44 +124,52 @@ class Engine:
         cos, sin = self.cos[positions], self.sin[positions]
         n, hs = len(tokens), a.head_size
 
+        nk = self._native
+        norm = nk.rmsnorm if nk else rmsnorm
         x = w.tok_embeddings[tokens].astype(np.float32)
         for layer in range(a.n_layers):
-            xb = rmsnorm(x, w.rms_att[layer], a.norm_eps)
+            xb = norm(x, w.rms_att[layer], a.norm_eps)
             q, k, v = self._mm(xb, w.wq[layer], w.wk[layer], w.wv[layer])
-            q = apply_rope(q.reshape(n, a.n_heads, hs), cos, sin)
-            k = apply_rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
+            if nk:
+                q = nk.rope(q.reshape(n, a.n_heads, hs), cos, sin)
+                k = nk.rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
+            else:  # the query and key heads together: one NumPy call instead of two
+                qk = apply_rope(np.concatenate([q, k], axis=1).reshape(n, a.n_heads + a.n_kv_heads, hs), cos, sin)
+                q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
             kc, vc = cache.k[layer], cache.v[layer]
-            kc[slots, positions] = k.reshape(n, a.kv_dim)
-            vc[slots, positions] = v
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v.reshape(n, a.n_kv_heads, hs)
             att = np.empty((n, a.dim), dtype=np.float32)
             for start, end, slot, pos0 in runs:
-                end_pos = pos0 + (end - start)
-                att[start:end] = self._attend(q[start:end], kc[slot, :end_pos], vc[slot, :end_pos], pos0)
+                if nk and end - start <= NATIVE_ATTENTION_MAX_TOKENS:
+                    att[start:end] = nk.attention(q[start:end], kc[slot], vc[slot], pos0)
+                else:
+                    end_pos = pos0 + (end - start)
+                    att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
             x += self._mm(att, w.wo[layer])[0]
-            xb = rmsnorm(x, w.rms_ffn[layer], a.norm_eps)
+            xb = norm(x, w.rms_ffn[layer], a.norm_eps)
             h1, h3 = self._mm(xb, w.w1[layer], w.w3[layer])
-            x += self._mm(silu(h1) * h3, w.w2[layer])[0]
+            x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
 
         if logits == "last":
             x = x[[end - 1 for _, end, _, _ in runs]]
-        x = rmsnorm(x, w.rms_final, a.norm_eps)
+        x = norm(x, w.rms_final, a.norm_eps)
         return self._mm(x, w.wcls)[0]
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
-        """Causal attention of T queries (positions pos0..pos0+T-1) over keys/values (P, kv_dim), grouped
-        so that n_heads/n_kv_heads query heads share each key/value head."""
+        """Causal attention of T queries (T, n_heads, head_size) at positions pos0..pos0+T-1 over keys/values
+        (kv_heads, P, head_size), grouped so that n_heads/n_kv_heads query heads share each key/value head."""
         a = self.args
         t, hs, kvh = q.shape[0], a.head_size, a.n_kv_heads
         g = a.n_heads // kvh
-        p = keys.shape[0]
+        p = keys.shape[1]
         qg = q.reshape(t, kvh, g, hs).transpose(1, 2, 0, 3).reshape(kvh, g * t, hs)
-        kt = keys.reshape(p, kvh, hs).transpose(1, 2, 0)  # (kvh, hs, P)
-        scores = (qg @ kt) * np.float32(1.0 / np.sqrt(hs))  # (kvh, g*T, P)
+        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hs))  # (kvh, g*T, P)
         if t > 1:
             qpos = np.tile(np.arange(pos0, pos0 + t), g)  # row r of each head group is query r % t
             scores = np.where(np.arange(p)[None, :] <= qpos[:, None], scores, -np.inf)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ values.reshape(p, kvh, hs).transpose(1, 0, 2)  # (kvh, g*T, hs)
+        out = scores @ values  # (kvh, g*T, hs)
         return out.reshape(kvh, g, t, hs).transpose(2, 0, 1, 3).reshape(t, a.dim)
 

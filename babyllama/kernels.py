@@ -5,16 +5,20 @@ Two paths, the same numbers:
   (activations quantized per group like the weights, int8 products summed per group, scaled by
   w_scale * x_scale). Slow for Q8_0, but it is what every fast path is tested against.
 - fast (`matmul_many`): several matrices that read the same input (wq/wk/wv, w1/w3) in one call, no
-  copy of the weights. fp32 uses BLAS, except a single row (decode) with numba installed: a numba
-  matrix-vector kernel, as fast on an idle machine and far faster on a shared one. Q8_0 goes through
-  the numba kernel in `kernels_numba` when numba is installed (`pip install babyllama[fast]`), else the
-  NumPy reference. For many rows (a prefill) Q8_0 dequantizes weights and activations and uses one BLAS
-  product: the same sum as runq.c's (exact int8 products, per-group scales), only rounded differently;
-  compute-bound prefill runs far faster in sgemm than in an int8 loop without VNNI.
+  copy of the weights. A few rows of x (decode, batched decode) go through a compiled kernel backend:
+    native  C kernels (csrc/kernels.c) built on first use with the system compiler (kernels_native.py):
+            AVX2 byte multiply-adds for Q8_0, blocked FMA for fp32, OpenMP threads;
+    numba   the same products in numba (`pip install babyllama[fast]`), for machines without a compiler;
+    numpy   BLAS for fp32 and the reference for Q8_0.
+  The best available is chosen on first use; `use_backend` or BABYLLAMA_KERNELS=native|numba|numpy
+  picks one. Many rows (a prefill) are compute-bound and go to BLAS sgemm; for Q8_0 the weights and
+  activations are dequantized first: the same sum as runq.c's (exact int8 products, per-group scales),
+  only rounded differently, and far faster in sgemm than in an int8 loop without VNNI.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,13 +27,16 @@ from .formats import QTensor
 
 # Rows at or above which a Q8_0 product is done as dequantize + sgemm instead of the int8 kernel.
 Q8_GEMM_MIN_ROWS = 16
-# Rows up to which an fp32 product uses the numba matrix-vector kernel (when installed) instead of BLAS,
-# and the weight elements (summed over the matrices of one call) from which it pays: below ~1M (4 MB),
-# BLAS is as fast and a small model (the built-in one) starts without importing numba (~1.5 s).
-F32_NUMBA_MAX_ROWS = 1
+# Rows up to which an fp32 product uses the backend's kernel instead of BLAS. The native kernels take
+# every such product: mixing their OpenMP threads with OpenBLAS's in one decode step makes the two pools'
+# spinning threads fight over the cores (a 768x768 gemv took 3 ms instead of 0.1). numba takes only
+# products of at least F32_NUMBA_MIN_ELEMENTS weights (summed over one call's matrices): below ~1M BLAS is
+# as fast, and a small model then never imports numba (~1.5 s).
+F32_KERNEL_MAX_ROWS = 8
 F32_NUMBA_MIN_ELEMENTS = 1 << 20
 
-_numba_kernels = None  # the kernels_numba module, or False when numba is unavailable/disabled
+BACKENDS = ("native", "numba", "numpy")
+_backend: tuple[str, object] | None = None  # (name, kernels object or None for numpy), chosen on first use
 
 
 def quantize_rows(x: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,25 +66,40 @@ def matmul_plain(x: np.ndarray, w) -> np.ndarray:
     return x @ w.T
 
 
-def use_numba(enabled: bool = True) -> bool:
-    """Turn the numba Q8_0 kernel on (if importable) or off; returns whether it is in use."""
-    global _numba_kernels
-    if not enabled:
-        _numba_kernels = False
-        return False
-    try:
-        from . import kernels_numba
-    except ImportError:  # numba is an optional extra: fall back to NumPy
-        _numba_kernels = False
-        return False
-    _numba_kernels = kernels_numba
-    return True
+def _load(name: str):
+    """The kernels object of backend `name`, or None when it cannot be used here."""
+    if name == "native":
+        from . import kernels_native
+        return kernels_native.load()
+    if name == "numba":
+        try:
+            from . import kernels_numba
+        except ImportError:  # numba is an optional extra
+            return None
+        return kernels_numba
+    return None
 
 
-def numba_kernels():
-    if _numba_kernels is None:
-        use_numba(True)
-    return _numba_kernels or None
+def use_backend(name: str | None = None) -> str:
+    """Select the kernel backend ("native", "numba" or "numpy"); None: $BABYLLAMA_KERNELS if set, else the
+    first that works here. A named backend that is unavailable falls back down the list. Returns the
+    name in use."""
+    global _backend
+    wanted = name or os.environ.get("BABYLLAMA_KERNELS") or BACKENDS[0]
+    if wanted not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {wanted!r}; choose from {', '.join(BACKENDS)}")
+    for candidate in BACKENDS[BACKENDS.index(wanted):]:
+        kernels = _load(candidate)
+        if kernels is not None or candidate == "numpy":
+            _backend = (candidate, kernels)
+            return candidate
+    raise AssertionError("unreachable: numpy is always available")
+
+
+def backend() -> tuple[str, object]:
+    if _backend is None:
+        use_backend()
+    return _backend
 
 
 def dequantize_rows(xq: np.ndarray, xs: np.ndarray, gs: int) -> np.ndarray:
@@ -95,16 +117,20 @@ def _q8_gemm(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 
 def matmul_many(x: np.ndarray, ws: Sequence) -> list[np.ndarray]:
     """x @ w.T for each w in `ws` (all fp32 or all Q8_0 with one group size), fast path."""
+    rows = x.shape[0]
     if not isinstance(ws[0], QTensor):
-        big = x.shape[0] <= F32_NUMBA_MAX_ROWS and sum(w.size for w in ws) >= F32_NUMBA_MIN_ELEMENTS
-        nk = numba_kernels() if big else None
-        return nk.matmul_f32_many(x, ws) if nk is not None else [x @ w.T for w in ws]
-    if x.shape[0] >= Q8_GEMM_MIN_ROWS:
+        if rows <= F32_KERNEL_MAX_ROWS:
+            name, kernels = backend()
+            big = sum(w.size for w in ws) >= F32_NUMBA_MIN_ELEMENTS
+            if name == "native" or (name == "numba" and big):
+                return kernels.matmul_f32_many(x, ws)
+        return [x @ w.T for w in ws]
+    if rows >= Q8_GEMM_MIN_ROWS:
         return _q8_gemm(x, ws)
-    nk = numba_kernels()
-    if nk is None:
+    kernels = backend()[1]
+    if kernels is None:
         return [matmul_q8(x, w) for w in ws]
-    return nk.matmul_q8_many(x, ws)
+    return kernels.matmul_q8_many(x, ws)
 
 
 def matmul(x: np.ndarray, w) -> np.ndarray:

@@ -25,19 +25,28 @@ def q8_weights(**kw):
     return random_weights(tiny_args(**kw), scale=0.2).quantize()
 
 
-@pytest.fixture(params=["numba", "numpy"])
+@pytest.fixture(params=kernels.BACKENDS)
 def q8_backend(request):
-    """Run a test with the compiled kernel and with the NumPy fallback (what users without numba get)."""
+    """Run a test with each kernel backend: the C kernels, numba, and the NumPy fallback."""
     if request.param == "numba":
         pytest.importorskip("numba")
-    kernels.use_numba(request.param == "numba")
+    if request.param == "native" and native_unavailable():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    assert kernels.use_backend(request.param) == request.param
     yield request.param
-    kernels.use_numba(True)
+    kernels.use_backend()
 
 
-@pytest.mark.parametrize("rows", [1, 3, kernels.Q8_GEMM_MIN_ROWS + 4])
-def test_q8_kernel_matches_runq_reference(rows, q8_backend):
-    w = q8_weights(dim=128, hidden_dim=256)
+def native_unavailable() -> bool:
+    from babyllama import kernels_native
+    return kernels_native.compiler() is None
+
+
+@pytest.mark.parametrize("group_size", [64, 8])  # 8: not a multiple of 32, the kernels' scalar path
+@pytest.mark.parametrize("rows", [1, 3, 8, kernels.Q8_GEMM_MIN_ROWS + 4])
+def test_q8_kernel_matches_runq_reference(rows, group_size, q8_backend):
+    w = random_weights(tiny_args(dim=128, hidden_dim=256), scale=0.2).quantize(group_size)
+    assert w.wq[0].group_size == group_size
     x = rng.standard_normal((rows, 128)).astype(np.float32)
     ws = [w.w1[0], w.wq[0], w.wk[1]]
     got = kernels.matmul_many(x, ws)
@@ -46,13 +55,23 @@ def test_q8_kernel_matches_runq_reference(rows, q8_backend):
         np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_numba_kernel_is_used_when_installed():
+def test_backend_choice_and_fallback(monkeypatch):
+    """The best available backend is chosen; one that cannot load falls back down the list."""
     pytest.importorskip("numba")
-    assert kernels.use_numba(True)
-    assert kernels.numba_kernels() is not None
-    kernels.use_numba(False)
-    assert kernels.numba_kernels() is None
-    kernels.use_numba(True)
+    if native_unavailable():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    try:
+        assert kernels.use_backend() == "native"
+        monkeypatch.setenv("BABYLLAMA_NATIVE", "0")  # as if the library could not be built
+        assert kernels.use_backend() == "numba"
+        assert kernels.use_backend("native") == "numba"
+        monkeypatch.setenv("BABYLLAMA_KERNELS", "numpy")
+        assert kernels.use_backend() == "numpy" and kernels.backend()[1] is None
+        with pytest.raises(ValueError, match="unknown kernel backend"):
+            kernels.use_backend("cuda")
+    finally:
+        monkeypatch.undo()
+        kernels.use_backend()
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -200,19 +219,19 @@ def test_threads_flag_and_environment_reach_blas_and_numba():
     assert _threads_seen({"OPENBLAS_NUM_THREADS": "1"}, None) == "1 1"  # numba follows the BLAS setting
 
 
-def test_fp32_decode_kernel_matches_blas(q8_backend):
-    w = random_weights(tiny_args(dim=96, hidden_dim=160), scale=0.2)
-    x = rng.standard_normal((1, 96)).astype(np.float32)
-    for got, m in zip(kernels.matmul_many(x, [w.w1[0], w.wq[1]]), [w.w1[0], w.wq[1]], strict=True):
-        np.testing.assert_allclose(got, x @ m.T, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("n", [96, 101])  # 101: not a multiple of the SIMD width (the scalar tail path)
+@pytest.mark.parametrize("rows", [1, 3, kernels.F32_KERNEL_MAX_ROWS])
+def test_fp32_decode_kernel_matches_blas(rows, n, q8_backend, monkeypatch):
+    monkeypatch.setattr(kernels, "F32_NUMBA_MIN_ELEMENTS", 0)  # small matrices too take the kernel
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    ws = [rng.standard_normal((m, n)).astype(np.float32) for m in (96, 7, 201)]
+    for got, w in zip(kernels.matmul_many(x, ws), ws, strict=True):
+        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5 * np.abs(x @ w.T).max())
 
 
-def test_numba_fp32_matvec_matches_blas():
-    pytest.importorskip("numba")
-    from babyllama import kernels_numba
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((1, 96)).astype(np.float32)
-    ws = [rng.standard_normal((n, 96)).astype(np.float32) for n in (96, 32, 200)]
-    for got, w in zip(kernels_numba.matmul_f32_many(x, ws), ws):
-        np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+def test_fast_fp32_engine_with_kernels_matches_plain(q8_backend, monkeypatch):
+    monkeypatch.setattr(kernels, "F32_NUMBA_MIN_ELEMENTS", 0)
+    w = random_weights(tiny_args(), scale=0.2)
+    fast, plain = Engine(w), Engine(w, plain=True)
+    greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) > 10

@@ -1,0 +1,330 @@
+/* Matrix products for decode and small batches: out[t][i] = dot(w[i], x[t]) for a few rows x[t].
+ *
+ * Compiled on first use by babyllama/kernels_native.py with the system C compiler
+ * (cc -O3 -march=native -fopenmp) and called through ctypes. Two products:
+ *
+ *  - fp32: memory-bound for one row (every weight is read once per token), so the point is to stream
+ *    the weights at full bandwidth on all threads; for several rows x[t] each weight is loaded once and
+ *    used for all of them (batched decode is then compute-bound, not memory-bound).
+ *  - Q8_0 (runq.c's scheme): the activations are quantized per group of gs values like the weights
+ *    (scale = max|x|/127, q = round(x/scale)) and
+ *        out[t][i] = sum_g  w_s[i][g] * x_s[t][g] * sum_{k in g} w_q[i][k] * x_q[t][k].
+ *    The inner integer sum is exact. With AVX2 and gs % 32 == 0 it is computed 32 products at a time:
+ *    maddubs multiplies unsigned by signed bytes, so |x| (unsigned) meets w * sign(x) (signed), which is
+ *    the same product; pairs are summed into int16 (at most 2 * 127 * 127, no overflow) and madd with ones
+ *    sums them on into int32.
+ *
+ * Several matrices that read the same input (wq/wk/wv, w1/w3) go in one call and one parallel loop over
+ * all their rows, so a decode step starts few parallel regions.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    const void *w;      /* fp32 (rows, n) or int8 (rows, n) weights */
+    const float *s;     /* Q8_0: scales (rows, n / gs); fp32: unused */
+    int64_t rows;
+    int64_t row0;       /* rows of the matrices before it: its (n_tok, rows) result starts at out + n_tok * row0 */
+} Mat;
+
+/* software prefetch this many passes of rows ahead: a thread's rows are one sequential stream, yet the
+ * hardware prefetchers alone left large Q8_0 products well below the memory bandwidth */
+#define PREFETCH_ROWS 2
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+/* fully unrolled small loops keep the accumulator arrays in registers */
+#define UNROLL _Pragma("GCC unroll 8")
+
+/* ------------------------------------------------------------------------------------------- fp32 */
+
+#ifdef __AVX2__
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* res[r * nt + t] = dot(w[r], x[t]) for nr rows of w and nt rows of x (nr * nt <= 8); n % 8 == 0 */
+ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int nr, int nt, float *res) {
+    __m256 acc[8];
+    UNROLL
+    for (int j = 0; j < nr * nt; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+        __m256 xv[4];
+        UNROLL
+        for (int t = 0; t < nt; t++) xv[t] = _mm256_loadu_ps(x + t * n + k);
+        UNROLL
+        for (int r = 0; r < nr; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * n + k);
+            _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS * nr) * n + k), _MM_HINT_T0);
+            UNROLL
+            for (int t = 0; t < nt; t++) acc[r * nt + t] = _mm256_fmadd_ps(wv, xv[t], acc[r * nt + t]);
+        }
+    }
+    UNROLL
+    for (int j = 0; j < nr * nt; j++) res[j] = hsum8(acc[j]);
+}
+#endif
+
+static void dots_f32(const float *w, const float *x, int64_t n, int nr, int nt, float *res) {
+#ifdef __AVX2__
+    if (n % 8 == 0) {
+        /* constant shapes let the compiler keep every accumulator in a register */
+        if (nr == 1 && nt == 1) { dots_f32_avx2(w, x, n, 1, 1, res); return; }
+        if (nr == 2 && nt == 4) { dots_f32_avx2(w, x, n, 2, 4, res); return; }
+        dots_f32_avx2(w, x, n, nr, nt, res);
+        return;
+    }
+#endif
+    UNROLL
+    for (int r = 0; r < nr; r++)
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < n; k++) acc += w[r * n + k] * x[t * n + k];
+            res[r * nt + t] = acc;
+        }
+}
+
+/* rows [lo, hi) of m for every token: one thread's share (a plain function, outside the OpenMP region:
+ * compiled inside it, the same loop ran 4x slower) */
+static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
+                                               int64_t n, float *out) {
+    /* one token: a row at a time, one sequential stream for the prefetchers (interleaving rows made
+     * memory-bound products slower); several tokens: 2 rows x 4 tokens, 8 accumulators */
+    int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 4;
+    for (int64_t i = lo; i < hi; i += row_step) {
+        int nr = hi - i < row_step ? (int)(hi - i) : row_step;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
+            int nt = n_tok - t0 < tok_step ? (int)(n_tok - t0) : tok_step;
+            float res[8];
+            dots_f32((const float *)m->w + i * n, x + t0 * n, n, nr, nt, res);
+            for (int r = 0; r < nr; r++)
+                for (int t = 0; t < nt; t++) out[n_tok * m->row0 + (t0 + t) * m->rows + i + r] = res[r * nt + t];
+        }
+    }
+}
+
+/* this thread's share of `rows`, in multiples of 4 rows */
+static void my_share(int64_t rows, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    int64_t tid = 0, nth = 1;
+#endif
+    int64_t per = ((rows + nth - 1) / nth + 3) / 4 * 4;
+    *lo = tid * per < rows ? tid * per : rows;
+    *hi = *lo + per < rows ? *lo + per : rows;
+}
+
+void matmul_f32(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out) {
+#pragma omp parallel
+    for (int j = 0; j < n_mats; j++) {
+        int64_t lo, hi;
+        my_share(mats[j].rows, &lo, &hi);
+        rows_f32(&mats[j], lo, hi, x, n_tok, n, out);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------- Q8_0 */
+
+/* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
+void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *xq, float *xs) {
+    for (int64_t g = 0; g < n_tok * (n / gs); g++) {
+        const float *v = x + g * gs;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < gs; k++) amax = fmaxf(amax, fabsf(v[k]));
+        float scale = amax / 127.0f;
+        float safe = scale != 0.0f ? scale : 1.0f;
+        xs[g] = scale;
+        /* rintf: ties to even, like NumPy's reference (runq.c's roundf rounds ties away from zero) */
+        for (int64_t k = 0; k < gs; k++) xq[g * gs + k] = (int8_t)rintf(v[k] / safe);
+    }
+}
+
+#ifdef __AVX2__
+/* res[r * nt + t] = Q8_0 dot of w row r with x row t, nr * nt <= 4, gs % 32 == 0 */
+ALWAYS_INLINE void dots_q8_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n,
+                                int64_t gs, int nr, int nt, float *res) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t n_groups = n / gs;
+    __m256 acc[4];
+    UNROLL
+    for (int j = 0; j < nr * nt; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m256i isum[4];
+        UNROLL
+        for (int j = 0; j < nr * nt; j++) isum[j] = _mm256_setzero_si256();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m256i xv[4], xabs[4];
+            UNROLL
+            for (int t = 0; t < nt; t++) {
+                xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * n + k));
+                xabs[t] = _mm256_sign_epi8(xv[t], xv[t]);
+            }
+            UNROLL
+            for (int r = 0; r < nr; r++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * n + k));
+                _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS * nr) * n + k), _MM_HINT_T0);
+                UNROLL
+                for (int t = 0; t < nt; t++) {
+                    __m256i p16 = _mm256_maddubs_epi16(xabs[t], _mm256_sign_epi8(wv, xv[t]));
+                    isum[r * nt + t] = _mm256_add_epi32(isum[r * nt + t], _mm256_madd_epi16(p16, ones));
+                }
+            }
+        }
+        UNROLL
+        for (int r = 0; r < nr; r++)
+            UNROLL
+            for (int t = 0; t < nt; t++) {
+                __m256 scale = _mm256_set1_ps(ws[r * n_groups + g] * xs[t * n_groups + g]);
+                acc[r * nt + t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r * nt + t]), scale, acc[r * nt + t]);
+            }
+    }
+    UNROLL
+    for (int j = 0; j < nr * nt; j++) res[j] = hsum8(acc[j]);
+}
+#endif
+
+static void dots_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n, int64_t gs,
+                    int nr, int nt, float *res) {
+#ifdef __AVX2__
+    if (gs % 32 == 0) {
+        if (nr == 1 && nt == 1) { dots_q8_avx2(w, ws, x, xs, n, gs, 1, 1, res); return; }
+        if (nr == 2 && nt == 2) { dots_q8_avx2(w, ws, x, xs, n, gs, 2, 2, res); return; }
+        dots_q8_avx2(w, ws, x, xs, n, gs, nr, nt, res);
+        return;
+    }
+#endif
+    int64_t n_groups = n / gs;
+    UNROLL
+    for (int r = 0; r < nr; r++)
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            float acc = 0.0f;
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t dot = 0;
+                for (int64_t k = g * gs; k < (g + 1) * gs; k++) dot += (int32_t)w[r * n + k] * (int32_t)x[t * n + k];
+                acc += (float)dot * ws[r * n_groups + g] * xs[t * n_groups + g];
+            }
+            res[r * nt + t] = acc;
+        }
+}
+
+/* rows [lo, hi) of m for every token (see rows_f32) */
+static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t hi, const int8_t *xq,
+                                              const float *xs, int64_t n_tok, int64_t n, int64_t gs, float *out) {
+    /* one token: a row at a time (see rows_f32); several: 2 rows x 2 tokens */
+    int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 2;
+    int64_t n_groups = n / gs;
+    for (int64_t i = lo; i < hi; i += row_step) {
+        int nr = hi - i < row_step ? (int)(hi - i) : row_step;
+        for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
+            int nt = n_tok - t0 < tok_step ? (int)(n_tok - t0) : tok_step;
+            float res[4];
+            dots_q8((const int8_t *)m->w + i * n, m->s + i * n_groups, xq + t0 * n, xs + t0 * n_groups, n, gs, nr,
+                    nt, res);
+            for (int r = 0; r < nr; r++)
+                for (int t = 0; t < nt; t++) out[n_tok * m->row0 + (t0 + t) * m->rows + i + r] = res[r * nt + t];
+        }
+    }
+}
+
+void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *mats, int n_mats, float *out) {
+    int64_t n_groups = n / gs;
+    int8_t *xq = malloc(n_tok * n);
+    float *xs = malloc(n_tok * n_groups * sizeof(float));
+    quantize_q8(x, n_tok, n, gs, xq, xs);
+#pragma omp parallel
+    for (int j = 0; j < n_mats; j++) {
+        int64_t lo, hi;
+        my_share(mats[j].rows, &lo, &hi);
+        rows_q8(&mats[j], lo, hi, xq, xs, n_tok, n, gs, out);
+    }
+    free(xq);
+    free(xs);
+}
+
+/* ------------------------------------------------------------------- the rest of a decode step */
+/* A decode step's other operations are tiny (one vector per token), so in NumPy each costs its call
+ * overhead more than its arithmetic; these do them in one call each, with the same formulas as engine.py. */
+
+/* out = x / sqrt(mean(x^2) + eps) * weight, for each of n_tok rows of dim values */
+void rmsnorm(const float *x, const float *weight, int64_t n_tok, int64_t dim, float eps, float *out) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *v = x + t * dim;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < dim; i++) ss += v[i] * v[i];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) out[t * dim + i] = v[i] * inv * weight[i];
+    }
+}
+
+/* RoPE in place: rotate pairs (2i, 2i+1) of every head of v (n_tok, n_heads, hs) by token t's angles,
+ * cos/sin (n_tok, hs/2) */
+void rope(float *v, int64_t n_tok, int64_t n_heads, int64_t hs, const float *cos, const float *sin) {
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int64_t h = 0; h < n_heads; h++) {
+            float *p = v + (t * n_heads + h) * hs;
+            const float *c = cos + t * (hs / 2), *s = sin + t * (hs / 2);
+            for (int64_t i = 0; i < hs / 2; i++) {
+                float a = p[2 * i], b = p[2 * i + 1];
+                p[2 * i] = a * c[i] - b * s[i];
+                p[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        }
+}
+
+/* out = silu(a) * b elementwise, silu(x) = x / (1 + exp(-x)) */
+void swiglu(const float *a, const float *b, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
+/* Causal attention of n_tok queries q (n_tok, n_heads, hs) at positions pos0 .. pos0 + n_tok - 1 of one
+ * sequence, over its cached keys/values k, v (kv_heads, seq_len, hs): query head h reads kv head
+ * h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (token, head) pair per task. */
+void attention(const float *q, const float *k, const float *v, int64_t n_tok, int64_t pos0, int64_t n_heads,
+               int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
+    int64_t group = n_heads / kv_heads;
+    float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel
+    {
+        float *scores = malloc((pos0 + n_tok) * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < n_tok * n_heads; task++) {
+            int64_t t = task / n_heads, h = task % n_heads, n_pos = pos0 + t + 1;
+            const float *qh = q + task * hs;
+            const float *kh = k + (h / group) * seq_len * hs, *vh = v + (h / group) * seq_len * hs;
+            float max = -INFINITY;
+            for (int64_t p = 0; p < n_pos; p++) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < hs; i++) dot += qh[i] * kh[p * hs + i];
+                scores[p] = dot * scale;
+                max = fmaxf(max, scores[p]);
+            }
+            float sum = 0.0f;
+            for (int64_t p = 0; p < n_pos; p++) {
+                scores[p] = expf(scores[p] - max);
+                sum += scores[p];
+            }
+            float *o = out + task * hs;
+            for (int64_t i = 0; i < hs; i++) o[i] = 0.0f;
+            for (int64_t p = 0; p < n_pos; p++) {
+                float wgt = scores[p] / sum;
+#pragma omp simd
+                for (int64_t i = 0; i < hs; i++) o[i] += wgt * vh[p * hs + i];
+            }
+        }
+        free(scores);
+    }
+}

@@ -1,0 +1,182 @@
+"""The C kernels (csrc/kernels.c), compiled on first use with the system C compiler and called through ctypes.
+
+Why C: decode multiplies a few activation rows by every weight matrix, and the fastest way to do Q8_0
+on x86 without VNNI is the AVX2 byte multiply-add (maddubs), which neither NumPy nor numba can emit;
+fp32 decode just needs the weights streamed at full memory bandwidth on every core. The shared library
+is built once per machine and source version (cached under ~/.cache/babyllama/native or
+$BABYLLAMA_CACHE/native); without a compiler, or with BABYLLAMA_NATIVE=0, `load()` returns None and
+kernels.py falls back to numba, then NumPy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .formats import QTensor
+
+SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row0", ctypes.c_int64)]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("BABYLLAMA_CACHE") or Path.home() / ".cache" / "babyllama"
+    return Path(base) / "native"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(directory: Path | None = None) -> Path | None:
+    """The shared library for this source and these flags, compiled if not cached; None without a compiler
+    or when compilation fails (the caller falls back)."""
+    cc = compiler()
+    if cc is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    directory = directory or cache_root()
+    lib = directory / f"kernels-{key}.so"
+    if lib.exists():
+        return lib
+    directory.mkdir(parents=True, exist_ok=True)
+    # compile to a temporary name and rename: concurrent first runs never load a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        return None
+    os.replace(tmp, lib)
+    return lib
+
+
+_char_view = ctypes.c_char.from_buffer
+
+
+def _address(a: np.ndarray) -> int:
+    """Where a's data starts (a is contiguous). The buffer route is 5x faster than __array_interface__,
+    which matters at ~40 calls per layer, but needs a writable array (weights are read-only maps)."""
+    if a.flags.writeable:
+        return ctypes.addressof(_char_view(a))
+    return a.__array_interface__["data"][0]
+
+
+class NativeKernels:
+    """The library's two products behind the interface of kernels_numba. A call's weights are described
+    to C once (pointers, rows, where each result goes) and the description is reused while the same
+    arrays come back, which they do every token: building it costs more than a small product."""
+
+    MAX_PLANS = 4096
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
+        self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr]
+        self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
+        self.lib.rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
+        self.lib.attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr]
+        self.path = path
+        self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, int]] = {}
+
+    def _plan(self, ws: Sequence) -> tuple[ctypes.Array, list[tuple[int, int]]]:
+        """(C descriptions of ws, each one's (first row, end row) in the stacked result). Results are laid
+        out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views need no copy."""
+        key = tuple(id(w) for w in ws)
+        plan = self._plans.get(key)
+        if plan is not None and all(a is b for a, b in zip(plan[0], ws)):
+            return plan[1], plan[2]
+        mats, bounds, row0 = (_Mat * len(ws))(), [], 0
+        for m, w in zip(mats, ws):
+            q, s = (w.q, w.s) if isinstance(w, QTensor) else (w, None)
+            if not (q.flags.c_contiguous and (s is None or s.flags.c_contiguous)):
+                raise ValueError("weights must be C-contiguous")
+            if s is None and q.dtype != np.float32:
+                raise ValueError("fp32 weights must be float32")
+            m.w, m.s, m.rows, m.row0 = _address(q), None if s is None else _address(s), q.shape[0], row0
+            bounds.append((row0, row0 + q.shape[0]))
+            row0 += q.shape[0]
+        if len(self._plans) >= self.MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = (tuple(ws), mats, bounds)  # holding ws keeps their ids from being reused
+        return mats, bounds
+
+    @staticmethod
+    def _outputs(bounds: list[tuple[int, int]], n_tok: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = np.empty(n_tok * bounds[-1][1], dtype=np.float32)
+        return out, [out[n_tok * a:n_tok * b].reshape(n_tok, b - a) for a, b in bounds]
+
+    def matmul_f32_many(self, x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        mats, bounds = self._plan(ws)
+        out, views = self._outputs(bounds, x.shape[0])
+        self.lib.matmul_f32(_address(x), x.shape[0], x.shape[1], mats, len(ws), _address(out))
+        return views
+
+    def matmul_q8_many(self, x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        mats, bounds = self._plan(ws)
+        out, views = self._outputs(bounds, x.shape[0])
+        self.lib.matmul_q8(_address(x), x.shape[0], x.shape[1], ws[0].group_size, mats, len(ws), _address(out))
+        return views
+
+
+    # ------------------------------------------------------------ the rest of a decode step (engine.py)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x, weight = _contiguous(x), _contiguous(weight)
+        out = np.empty_like(x)
+        self.lib.rmsnorm(_address(x), _address(weight), x.shape[0], x.shape[1], eps, _address(out))
+        return out
+
+    def rope(self, v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """v (tokens, heads, head_size) rotated; in place when v is contiguous float32."""
+        v, cos, sin = _contiguous(v), _contiguous(cos), _contiguous(sin)
+        self.lib.rope(_address(v), v.shape[0], v.shape[1], v.shape[2], _address(cos), _address(sin))
+        return v
+
+    def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = _contiguous(a), _contiguous(b)
+        out = np.empty_like(a)
+        self.lib.swiglu(_address(a), _address(b), a.size, _address(out))
+        return out
+
+    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
+        """q (T, n_heads, hs) at positions pos0.. over one slot's whole cache keys/values (kv_heads, seq_len, hs)."""
+        q = _contiguous(q)
+        if not (keys.flags.c_contiguous and values.flags.c_contiguous):
+            raise ValueError("the cache slot must be contiguous")
+        t, n_heads, hs = q.shape
+        out = np.empty((t, n_heads * hs), dtype=np.float32)
+        self.lib.attention(_address(q), _address(keys), _address(values), t, pos0, n_heads, keys.shape[0],
+                           keys.shape[1], hs, _address(out))
+        return out
+
+
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    return a if a.flags.c_contiguous and a.dtype == np.float32 else np.ascontiguousarray(a, dtype=np.float32)
+
+
+def load() -> NativeKernels | None:
+    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0":
+        return None
+    path = build()
+    return NativeKernels(path) if path is not None else None
