@@ -165,10 +165,31 @@ def describe_machine() -> str:
             f"{' '.join(f'{x:.2f}' for x in load)}")
 
 
+def reference_decode(exe: str, model: Path, tokens: int, repeats: int) -> float:
+    """Median "achieved tok/s" of a llama2.c-style executable (benchmarks/llama2c_ref, or run.c/runq.c
+    themselves) decoding `tokens` positions greedily from BOS and token 3 on `model` (the prompt our decode
+    figure uses too; from BOS alone a random model with a shared classifier tends to answer BOS and stop)."""
+    speeds = []
+    for _ in range(repeats):
+        out = subprocess.run([exe, str(model), "-n", str(tokens), "-i", "3"], capture_output=True, text=True, check=False)
+        found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
+        if out.returncode != 0 or not found:
+            raise RuntimeError(f"reference {exe} failed on {model.name}: {out.stderr.strip()[-500:]}")
+        speeds.append(float(found[-1].split(":", 1)[1]))
+    return _median(speeds)
+
+
 def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: int, directory: Path,
-        paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1) -> list[dict]:
+        paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1,
+        reference: str | None = None) -> list[dict]:
     rows = []
     for shape in shapes:
+        if reference:
+            row = {"shape": shape, "path": "reference"}
+            for fmt in FORMATS:
+                print(f"measuring {shape} {fmt} with {reference} ...", file=sys.stderr, flush=True)
+                row[fmt] = {"decode": reference_decode(reference, model_file(shape, fmt, directory), tokens, repeats)}
+            rows.append(row)
         for path_name in paths:
             row = {"shape": shape, "path": path_name}
             for fmt in FORMATS:
@@ -193,6 +214,9 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         f, q = r["fp32"], r["q8_0"]
+        if r["path"] == "reference":
+            lines.append(f"| {r['shape']} | C reference | {f['decode']:.1f} | {q['decode']:.1f} |" + " – |" * 6)
+            continue
         label = "plain NumPy" if r["path"] == "plain" else "babyllama"
         lines.append(
             f"| {r['shape']} | {label} | {f['decode']:.1f} | {q['decode']:.1f} | {f['prefill']:.0f} | "
@@ -204,7 +228,18 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
     notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; prefill: one {prompt_len}-token "
              f"prompt in one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; "
              "TTFT: memory-map load + 16-token prompt + first token, in process.")
-    return "\n".join(lines) + "\n\n" + notes + "\n"
+    ratios = _ratios(rows)
+    return "\n".join(lines) + "\n\n" + notes + "\n" + (f"\n{ratios}\n" if ratios else "")
+
+
+def _ratios(rows: list[dict]) -> str:
+    """babyllama's decode speed over the C reference's, per shape and format, when both were measured."""
+    ref = {r["shape"]: r for r in rows if r["path"] == "reference"}
+    ours = {r["shape"]: r for r in rows if r["path"] == "fast"}
+    parts = [f"{shape} fp32 {ours[shape]['fp32']['decode'] / r['fp32']['decode']:.2f}x, "
+             f"Q8_0 {ours[shape]['q8_0']['decode'] / r['q8_0']['decode']:.2f}x"
+             for shape, r in ref.items() if shape in ours]
+    return ("decode speed of babyllama / C reference: " + "; ".join(parts)) if parts else ""
 
 
 def _child(argv: list[str]) -> None:

@@ -4,6 +4,7 @@ modules that do the work, imported when the subcommand runs so that `babyllama r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -240,6 +241,9 @@ def add_bench(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
+    p.add_argument("--reference", default=None, metavar="EXE",
+                   help="also time a llama2.c-style executable (run.c/runq.c, or benchmarks/llama2c_ref) on the "
+                        "same model files: `EXE MODEL -n TOKENS`, reading its 'achieved tok/s' line")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
 
@@ -257,8 +261,10 @@ def cmd_bench(args) -> int:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     machine = bench.describe_machine()
     paths = ("fast",) if args.no_plain else bench.PATHS
+    if args.reference and not (os.path.isfile(args.reference) and os.access(args.reference, os.X_OK)):
+        raise BabyLlamaError(f"--reference {args.reference}: not an executable file")
     rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
-                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats)
+                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats, args.reference)
     text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
     print(text)
     if args.output:

@@ -115,3 +115,17 @@ def test_version0_unshared_classifier(llama2c_ref, tmp_path):
     formats.save(random_weights(args, seed=2, scale=0.2), path, version=0)
     prompt = [BOS, 9, 40]
     assert run_ref(llama2c_ref, path, 64, prompt[1:]) == greedy(formats.load(path), prompt, 64, plain=True)
+
+
+def test_bench_reference_rows_and_ratios(llama2c_ref, tmp_path, monkeypatch):
+    """`babyllama bench --reference EXE` times the C program on the same cached models and prints its row and
+    the babyllama / C ratios (plumbing only: no speed is asserted)."""
+    from babyllama import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=32))
+    rows = bench.run(["tiny"], 1, 16, 2, 8, tmp_path, ("fast",), reference=str(llama2c_ref))
+    ref = next(r for r in rows if r["path"] == "reference")
+    assert all(ref[fmt]["decode"] > 0 for fmt in bench.FORMATS)
+    text = bench.table(rows, batch=2, prompt_len=8)
+    assert "| tiny | C reference |" in text and "| tiny | babyllama |" in text
+    assert "decode speed of babyllama / C reference: tiny fp32 " in text
