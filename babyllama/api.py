@@ -100,11 +100,11 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         quantize: str | None = None, plain: bool = False, device: str = "numpy") -> Model:
+         quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool = True) -> Model:
     """Load a llama2.c .bin (default: the built-in model) or a training checkpoint (needs torch; converted
     to the same fp32 Weights) and its tokenizer. `quantize="q8_0"` converts fp32 weights to Q8_0 on load;
     `plain` selects the unoptimized reference engine; `device` "cpu" or "cuda" runs the PyTorch model
-    instead of the NumPy engine."""
+    instead of the NumPy engine; `mmap=False` reads the weights into memory (see formats.load)."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
@@ -116,7 +116,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         if Path(model).is_dir():
             model = Path(model) / "ckpt.pt"  # its tokenizer.bin lies beside it
     else:
-        weights = formats.load(model)
+        weights = formats.load(model, mmap=mmap)
     if quantize is not None:
         if quantize != "q8_0":
             raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")

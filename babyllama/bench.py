@@ -78,7 +78,8 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
-def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int) -> dict:
+def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
+            mmap: bool = True) -> dict:
     """Time one model file on one path; returns medians (tok/s, ms) and peak RSS (MiB)."""
     import resource
 
@@ -91,7 +92,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    weights = formats.load(path)
+    weights = formats.load(path, mmap=mmap)
     engine = Engine(weights, plain=plain)
     seq_len = weights.args.max_seq_len
     prompt = [1] + rng.integers(3, weights.args.vocab_size, prompt_len - 1).tolist()
@@ -171,7 +172,8 @@ def reference_decode(exe: str, model: Path, tokens: int, repeats: int) -> float:
     figure uses too; from BOS alone a random model with a shared classifier tends to answer BOS and stop)."""
     speeds = []
     for _ in range(repeats):
-        out = subprocess.run([exe, str(model), "-n", str(tokens), "-i", "3"], capture_output=True, text=True, check=False)
+        cmd = [exe, str(model), "-n", str(tokens), "-i", "3"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if out.returncode != 0 or not found:
             raise RuntimeError(f"reference {exe} failed on {model.name}: {out.stderr.strip()[-500:]}")
@@ -181,7 +183,7 @@ def reference_decode(exe: str, model: Path, tokens: int, repeats: int) -> float:
 
 def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: int, directory: Path,
         paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1,
-        reference: str | None = None) -> list[dict]:
+        reference: str | None = None, mmap: bool = True) -> list[dict]:
     rows = []
     for shape in shapes:
         if reference:
@@ -191,13 +193,13 @@ def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: in
                 row[fmt] = {"decode": reference_decode(reference, model_file(shape, fmt, directory), tokens, repeats)}
             rows.append(row)
         for path_name in paths:
-            row = {"shape": shape, "path": path_name}
+            row = {"shape": shape, "path": path_name, "mmap": mmap or path_name == "plain"}
             for fmt in FORMATS:
                 model = model_file(shape, fmt, directory)
                 n = tokens if path_name == "fast" else min(tokens, plain_tokens)
                 reps = repeats if path_name == "fast" else min(repeats, plain_repeats)
                 cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(reps),
-                       str(n), str(batch), str(prompt_len)]
+                       str(n), str(batch), str(prompt_len), "mmap" if mmap or path_name == "plain" else "no-mmap"]
                 print(f"measuring {shape} {fmt} {path_name} ...", file=sys.stderr, flush=True)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
@@ -217,7 +219,7 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
         if r["path"] == "reference":
             lines.append(f"| {r['shape']} | C reference | {f['decode']:.1f} | {q['decode']:.1f} |" + " – |" * 6)
             continue
-        label = "plain NumPy" if r["path"] == "plain" else "babyllama"
+        label = "plain NumPy" if r["path"] == "plain" else "babyllama" + ("" if r.get("mmap", True) else " --no-mmap")
         lines.append(
             f"| {r['shape']} | {label} | {f['decode']:.1f} | {q['decode']:.1f} | {f['prefill']:.0f} | "
             f"{q['prefill']:.0f} | {f['batch']:.1f} | {q['batch']:.1f} | {f['ttft_ms']:.0f} / {q['ttft_ms']:.0f} | "
@@ -243,8 +245,9 @@ def _ratios(rows: list[dict]) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    model, path_name, repeats, tokens, batch, prompt_len = argv
-    res = measure(Path(model), path_name == "plain", int(repeats), int(tokens), int(batch), int(prompt_len))
+    model, path_name, repeats, tokens, batch, prompt_len, mapping = argv
+    res = measure(Path(model), path_name == "plain", int(repeats), int(tokens), int(batch), int(prompt_len),
+                  mmap=mapping == "mmap")
     print(json.dumps(res))
 
 

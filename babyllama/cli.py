@@ -60,6 +60,8 @@ def add_model_flags(p) -> None:
     """The model, its tokenizer and run.c's sampling flags: what `run` and `chat` share."""
     p.add_argument("checkpoint", nargs="?", help="model .bin (default: the built-in story model)")
     p.add_argument("-z", dest="tokenizer", help="tokenizer.bin (default: beside the model, else built-in)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory instead of mapping the file (faster decode, full RSS)")
     add_sampling_flags(p)
 
 
@@ -107,7 +109,8 @@ def cmd_run(args) -> int:
     prompt = _text_arg(args.prompt, "prompt (-i)")
     system = _text_arg(args.system, "system prompt (-y)") if args.system is not None else None
     _check_speed_flags(args)
-    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, plain=args.plain, device=args.device)
+    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, plain=args.plain, device=args.device,
+                 mmap=not args.no_mmap)
     if args.context_shift and args.mode == "generate" and not args.batch_file and not args.draft:
         steps = args.steps or model.args.max_seq_len  # -n may go past seq_len
     else:
@@ -140,7 +143,7 @@ def _load_draft(args):
     from . import formats
     from .api import make_engine
 
-    weights = formats.load(args.draft)
+    weights = formats.load(args.draft, mmap=not args.no_mmap)
     if args.quantize:
         weights = weights.quantize()
     return make_engine(weights, args.device, args.plain)
@@ -238,6 +241,7 @@ def add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
+    p.add_argument("--no-mmap", action="store_true", help="babyllama rows read the weights into memory (run --no-mmap)")
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
@@ -264,7 +268,8 @@ def cmd_bench(args) -> int:
     if args.reference and not (os.path.isfile(args.reference) and os.access(args.reference, os.X_OK)):
         raise BabyLlamaError(f"--reference {args.reference}: not an executable file")
     rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
-                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats, args.reference)
+                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats, args.reference,
+                     mmap=not args.no_mmap)
     text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
     print(text)
     if args.output:

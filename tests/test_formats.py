@@ -29,6 +29,24 @@ def test_fp32_round_trip_is_exact(tmp_path, version, shared):
     assert_same_weights(w, back)
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_no_mmap_load_reads_the_same_read_only_weights(tmp_path, version):
+    w = random_weights(tiny_args(dim=64, hidden_dim=128))
+    path = tmp_path / "m.bin"
+    formats.save(w, path, version=version)
+    mapped, read = formats.load(path), formats.load(path, mmap=False)
+    for name in ("tok_embeddings", "rms_att", "rms_ffn", "rms_final", "wcls", *MATRICES):
+        a, b = getattr(mapped, name), getattr(read, name)
+        if read.quantized:  # QTensors (or lists of them): compare their int8 values and scales
+            a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+            a = [x for t in a for x in ((t.q, t.s) if hasattr(t, "q") else (t,))]
+            b = [x for t in b for x in ((t.q, t.s) if hasattr(t, "q") else (t,))]
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    q = read.wq[0].q if read.quantized else read.wq
+    assert not isinstance(q.base, np.memmap) and not q.flags.writeable
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_q8_round_trip_within_quantization_error(tmp_path, shared):
     args = tiny_args(shared_classifier=shared)

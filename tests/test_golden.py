@@ -22,3 +22,14 @@ def test_run_matches_run_c_byte_for_byte(name, flags):
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == expected
     assert b"achieved tok/s:" in proc.stderr
+
+
+def test_no_mmap_and_numpy_kernels_print_the_same_golden_text():
+    """The same run.c output when the weights are read into memory and with the NumPy kernel backend."""
+    model = shared_file("fixtures/stories260K.bin")
+    tok = shared_file("fixtures/tok512.bin")
+    expected = shared_file("fixtures/golden/s260k_t0_n200.txt").read_bytes()
+    proc = run_cli("run", str(model), "-z", str(tok), "-t", "0", "-n", "200", "--no-mmap",
+                   env={"BABYLLAMA_KERNELS": "numpy"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == expected
