@@ -113,24 +113,27 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
     }
 }
 
-/* this thread's share of `rows`, in multiples of 4 rows */
-static void my_share(int64_t rows, int64_t *lo, int64_t *hi) {
+/* Rows are handed out in chunks (OpenMP dynamic schedule), several per thread: on an idle machine this
+ * costs little against a static split, and when another process holds a core the threads that run take
+ * over the work of the one that waits, instead of everyone waiting for it (measured: 110M Q8_0 decode
+ * with one core busy went from ~1/3 of its idle speed with a static split to ~2/3). */
+static int64_t chunk_rows(int64_t rows) {
 #ifdef _OPENMP
-    int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t nth = omp_get_num_threads();
 #else
-    int64_t tid = 0, nth = 1;
+    int64_t nth = 1;
 #endif
-    int64_t per = ((rows + nth - 1) / nth + 3) / 4 * 4;
-    *lo = tid * per < rows ? tid * per : rows;
-    *hi = *lo + per < rows ? *lo + per : rows;
+    int64_t chunk = (rows / (8 * nth) + 3) / 4 * 4;
+    return chunk < 16 ? 16 : chunk;
 }
 
 void matmul_f32(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out) {
 #pragma omp parallel
     for (int j = 0; j < n_mats; j++) {
-        int64_t lo, hi;
-        my_share(mats[j].rows, &lo, &hi);
-        rows_f32(&mats[j], lo, hi, x, n_tok, n, out);
+        int64_t rows = mats[j].rows, chunk = chunk_rows(rows);
+#pragma omp for schedule(dynamic) nowait
+        for (int64_t lo = 0; lo < rows; lo += chunk)
+            rows_f32(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, x, n_tok, n, out);
     }
 }
 
@@ -245,9 +248,10 @@ void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *
     quantize_q8(x, n_tok, n, gs, xq, xs);
 #pragma omp parallel
     for (int j = 0; j < n_mats; j++) {
-        int64_t lo, hi;
-        my_share(mats[j].rows, &lo, &hi);
-        rows_q8(&mats[j], lo, hi, xq, xs, n_tok, n, gs, out);
+        int64_t rows = mats[j].rows, chunk = chunk_rows(rows);
+#pragma omp for schedule(dynamic) nowait
+        for (int64_t lo = 0; lo < rows; lo += chunk)
+            rows_q8(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, xq, xs, n_tok, n, gs, out);
     }
     free(xq);
     free(xs);
