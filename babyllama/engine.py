@@ -76,6 +76,9 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
 # Runs of at most this many tokens use the native attention kernel; longer ones (prefill) NumPy's batched
 # BLAS products, which are faster there.
 NATIVE_ATTENTION_MAX_TOKENS = 8
+# Steps of at most this many tokens (decode, batched decode) take the fused block with the native kernels;
+# larger ones (prefill) are compute-bound and go through BLAS (kernels.py).
+FUSED_MAX_TOKENS = 8
 
 
 class Engine:
@@ -122,39 +125,59 @@ class Engine:
             raise ValueError(f"positions must lie in [0, {cache.seq_len})")
         runs = segments(slots, positions)
         cos, sin = self.cos[positions], self.sin[positions]
-        n, hs = len(tokens), a.head_size
+        n = len(tokens)
 
         nk = self._native
-        norm = nk.rmsnorm if nk else rmsnorm
+        fused = nk is not None and n <= FUSED_MAX_TOKENS
         x = w.tok_embeddings[tokens].astype(np.float32)
         for layer in range(a.n_layers):
-            xb = norm(x, w.rms_att[layer], a.norm_eps)
-            q, k, v = self._mm(xb, w.wq[layer], w.wk[layer], w.wv[layer])
-            if nk:
-                q = nk.rope(q.reshape(n, a.n_heads, hs), cos, sin)
-                k = nk.rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
-            else:  # the query and key heads together: one NumPy call instead of two
-                qk = apply_rope(np.concatenate([q, k], axis=1).reshape(n, a.n_heads + a.n_kv_heads, hs), cos, sin)
-                q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
-            kc, vc = cache.k[layer], cache.v[layer]
-            kc[slots, :, positions] = k
-            vc[slots, :, positions] = v.reshape(n, a.n_kv_heads, hs)
-            att = np.empty((n, a.dim), dtype=np.float32)
-            for start, end, slot, pos0 in runs:
-                if nk and end - start <= NATIVE_ATTENTION_MAX_TOKENS:
-                    att[start:end] = nk.attention(q[start:end], kc[slot], vc[slot], pos0)
-                else:
-                    end_pos = pos0 + (end - start)
-                    att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
-            x += self._mm(att, w.wo[layer])[0]
-            xb = norm(x, w.rms_ffn[layer], a.norm_eps)
-            h1, h3 = self._mm(xb, w.w1[layer], w.w3[layer])
-            x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
-
+            block = self._block_fused if fused else self._block
+            block(x, layer, cache, slots, positions, runs, cos, sin)
         if logits == "last":
             x = x[[end - 1 for _, end, _, _ in runs]]
-        x = norm(x, w.rms_final, a.norm_eps)
-        return self._mm(x, w.wcls)[0]
+        if fused:
+            return nk.matmul(x, [w.wcls], norm=(w.rms_final, a.norm_eps))[0]
+        return self._mm((nk.rmsnorm if nk else rmsnorm)(x, w.rms_final, a.norm_eps), w.wcls)[0]
+
+    def _block(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
+        """One transformer block, x updated in place: products through kernels.py (the plain path, prefill)."""
+        a, w, nk = self.args, self.w, self._native
+        norm = nk.rmsnorm if nk else rmsnorm
+        q, k, v = self._mm(norm(x, w.rms_att[layer], a.norm_eps), w.wq[layer], w.wk[layer], w.wv[layer])
+        x += self._mm(self._attention(q, k, v, layer, cache, slots, positions, runs, cos, sin), w.wo[layer])[0]
+        h1, h3 = self._mm(norm(x, w.rms_ffn[layer], a.norm_eps), w.w1[layer], w.w3[layer])
+        x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
+
+    def _block_fused(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
+        """The same block for decode-sized steps with the native kernels: the norms, the SwiGLU gate and the
+        residual additions happen inside the product calls (three calls instead of eight)."""
+        a, w, nk = self.args, self.w, self._native
+        q, k, v = nk.matmul(x, [w.wq[layer], w.wk[layer], w.wv[layer]], norm=(w.rms_att[layer], a.norm_eps))
+        nk.matmul(self._attention(q, k, v, layer, cache, slots, positions, runs, cos, sin), [w.wo[layer]], into=x)
+        h1, h3 = nk.matmul(x, [w.w1[layer], w.w3[layer]], norm=(w.rms_ffn[layer], a.norm_eps))
+        nk.matmul(h1, [w.w2[layer]], gate=h3, into=x)
+
+    def _attention(self, q, k, v, layer, cache, slots, positions, runs, cos, sin) -> np.ndarray:
+        """RoPE on q and k, k and v into the cache, then each run's causal attention: (N, dim)."""
+        a, nk = self.args, self._native
+        n, hs = q.shape[0], a.head_size
+        if nk:
+            q = nk.rope(q.reshape(n, a.n_heads, hs), cos, sin)
+            k = nk.rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
+        else:  # the query and key heads together: one NumPy call instead of two
+            qk = apply_rope(np.concatenate([q, k], axis=1).reshape(n, a.n_heads + a.n_kv_heads, hs), cos, sin)
+            q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
+        kc, vc = cache.k[layer], cache.v[layer]
+        kc[slots, :, positions] = k
+        vc[slots, :, positions] = v.reshape(n, a.n_kv_heads, hs)
+        att = np.empty((n, a.dim), dtype=np.float32)
+        for start, end, slot, pos0 in runs:
+            if nk and end - start <= NATIVE_ATTENTION_MAX_TOKENS:
+                att[start:end] = nk.attention(q[start:end], kc[slot], vc[slot], pos0)
+            else:
+                end_pos = pos0 + (end - start)
+                att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
+        return att
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
         """Causal attention of T queries (T, n_heads, head_size) at positions pos0..pos0+T-1 over keys/values

@@ -24,11 +24,17 @@ import numpy as np
 from .formats import QTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# tried in order: a compiler without OpenMP (Apple's clang) still gets single-threaded kernels
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
 
 class _Mat(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row0", ctypes.c_int64)]
+
+
+class _Fusion(ctypes.Structure):
+    _fields_ = [("norm_w", ctypes.c_void_p), ("eps", ctypes.c_float), ("gate", ctypes.c_void_p),
+                ("accumulate", ctypes.c_int)]
 
 
 def cache_root() -> Path:
@@ -44,27 +50,32 @@ def compiler() -> str | None:
 
 
 def build(directory: Path | None = None) -> Path | None:
-    """The shared library for this source and these flags, compiled if not cached; None without a compiler
-    or when compilation fails (the caller falls back)."""
+    """The shared library for this source, compiled with the first flag set that works and cached; None
+    without a compiler or when every flag set fails (the caller falls back). A failed attempt leaves a
+    marker so that later runs do not pay for it again."""
     cc = compiler()
     if cc is None:
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     directory = directory or cache_root()
-    lib = directory / f"kernels-{key}.so"
-    if lib.exists():
-        return lib
-    directory.mkdir(parents=True, exist_ok=True)
-    # compile to a temporary name and rename: concurrent first runs never load a half-written library
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
-    result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-    if result.returncode != 0:
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+        lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
+        if lib.exists():
+            return lib
+        if failed.exists():
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        # compile to a temporary name and rename: concurrent first runs never load a half-written library
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+            os.replace(tmp, lib)
+            return lib
         os.unlink(tmp)
-        return None
-    os.replace(tmp, lib)
-    return lib
+        failed.write_text(" ".join(cmd) + "\n")
+    return None
 
 
 _char_view = ctypes.c_char.from_buffer
@@ -88,12 +99,13 @@ class NativeKernels:
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
-        self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr]
+        self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
+        self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr, ptr]
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
         self.lib.attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr]
+        self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, int]] = {}
 
@@ -124,20 +136,43 @@ class NativeKernels:
         out = np.empty(n_tok * bounds[-1][1], dtype=np.float32)
         return out, [out[n_tok * a:n_tok * b].reshape(n_tok, b - a) for a, b in bounds]
 
-    def matmul_f32_many(self, x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+    def matmul(self, x: np.ndarray, ws: Sequence, norm: tuple[np.ndarray, float] | None = None,
+               gate: np.ndarray | None = None, into: np.ndarray | None = None) -> list[np.ndarray]:
+        """x @ w.T for each w in ws (all fp32 or all Q8_0 of one group size), in one call. Fused forms for a
+        decode step: norm=(weight, eps) multiplies rmsnorm(x) * weight instead of x; gate=g multiplies
+        silu(x) * g; into=y (one matrix) adds the product into y in place and returns [y]."""
+        x = _contiguous(x)
         mats, bounds = self._plan(ws)
-        out, views = self._outputs(bounds, x.shape[0])
-        self.lib.matmul_f32(_address(x), x.shape[0], x.shape[1], mats, len(ws), _address(out))
+        if into is not None:
+            if len(ws) != 1 or not (into.flags.c_contiguous and into.dtype == np.float32 and into.flags.writeable):
+                raise ValueError("into= takes one matrix and a writable contiguous float32 array")
+            out, views = into, [into]
+        else:
+            out, views = self._outputs(bounds, x.shape[0])
+        fusion = None
+        if norm is not None or gate is not None or into is not None:
+            # the locals keep any contiguous copies alive through the call
+            norm_w = None if norm is None else _contiguous(norm[0])
+            gate = None if gate is None else _contiguous(gate)
+            fusion = _Fusion(None if norm_w is None else _address(norm_w), 0.0 if norm is None else norm[1],
+                             None if gate is None else _address(gate), into is not None)
+        n_tok, n = x.shape
+        if isinstance(ws[0], QTensor):
+            self.lib.matmul_q8(_address(x), n_tok, n, ws[0].group_size, mats, len(ws), _address(out),
+                               None if fusion is None else ctypes.byref(fusion))
+        else:
+            self.lib.matmul_f32(_address(x), n_tok, n, mats, len(ws), _address(out),
+                                None if fusion is None else ctypes.byref(fusion))
         return views
+
+    def matmul_f32_many(self, x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.matmul(x, ws)
 
     def matmul_q8_many(self, x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        mats, bounds = self._plan(ws)
-        out, views = self._outputs(bounds, x.shape[0])
-        self.lib.matmul_q8(_address(x), x.shape[0], x.shape[1], ws[0].group_size, mats, len(ws), _address(out))
-        return views
+        return self.matmul(x, ws)
 
+    def threads(self) -> int:
+        return self.lib.kernel_threads()
 
     # ------------------------------------------------------------ the rest of a decode step (engine.py)
 

@@ -213,6 +213,18 @@ def _threads_seen(env_extra: dict, threads: int | None) -> str:
     return out.stdout.strip()
 
 
+def test_threads_flag_reaches_the_native_kernels():
+    if native_unavailable():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    code = ("import sys; from babyllama.threads import configure; configure(int(sys.argv[1]) or None)\n"
+            "from babyllama import kernels_native; print(kernels_native.load().threads())")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    for flag, extra, expected in ((1, {}, "1"), (0, {"OMP_NUM_THREADS": "1"}, "1"), (3, {}, "3")):
+        out = subprocess.run([sys.executable, "-c", code, str(flag)], env={**env, **extra}, capture_output=True,
+                             text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
 def test_threads_flag_and_environment_reach_blas_and_numba():
     pytest.importorskip("numba")
     assert _threads_seen({}, 1) == "1 1"
@@ -235,3 +247,31 @@ def test_fast_fp32_engine_with_kernels_matches_plain(q8_backend, monkeypatch):
     fast, plain = Engine(w), Engine(w, plain=True)
     greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
     assert greedy[0] == greedy[1] and len(greedy[0]) > 10
+
+
+def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
+    """A compiler that rejects OpenMP still yields a (single-threaded) library; one that fails everything
+    yields None once and is not retried."""
+    from babyllama import kernels_native
+
+    if native_unavailable():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    real = kernels_native.compiler()
+    fake = tmp_path / "cc"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    lib = kernels_native.build(tmp_path / "ok")
+    assert lib is not None and len(list((tmp_path / "ok").glob("*.failed"))) == 1
+    k = kernels_native.NativeKernels(lib)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = rng.standard_normal((10, 64)).astype(np.float32)
+    np.testing.assert_allclose(k.matmul(x, [w])[0], x @ w.T, rtol=1e-5, atol=1e-5)
+    assert k.threads() == 1
+
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert kernels_native.build(tmp_path / "bad") is None
+    assert len(list((tmp_path / "bad").glob("*.failed"))) == len(kernels_native.FLAG_SETS)

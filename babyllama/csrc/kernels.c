@@ -38,6 +38,30 @@ typedef struct {
 /* software prefetch this many passes of rows ahead: a thread's rows are one sequential stream, yet the
  * hardware prefetchers alone left large Q8_0 products well below the memory bandwidth */
 #define PREFETCH_ROWS 2
+
+/* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
+ * silu(x) * gate instead of x, and add its result into `out` instead of storing it (the residual). */
+typedef struct {
+    const float *norm_w; /* non-NULL: the input is rmsnorm(x) * norm_w, with eps */
+    float eps;
+    const float *gate;   /* non-NULL: the input is silu(x) * gate */
+    int accumulate;      /* out += x @ w.T instead of out = x @ w.T */
+} Fusion;
+
+void rmsnorm(const float *x, const float *weight, int64_t n_tok, int64_t dim, float eps, float *out);
+void swiglu(const float *a, const float *b, int64_t n, float *out);
+
+/* the input a product reads: x, or its fused pre-operation written into a fresh buffer (*owned) */
+static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, const Fusion *f, float **owned) {
+    *owned = NULL;
+    if (f == NULL || (f->norm_w == NULL && f->gate == NULL)) return x;
+    *owned = malloc(n_tok * n * sizeof(float));
+    if (f->norm_w) rmsnorm(x, f->norm_w, n_tok, n, f->eps, *owned);
+    else swiglu(x, f->gate, n_tok * n, *owned);
+    return *owned;
+}
+
+static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* fully unrolled small loops keep the accumulator arrays in registers */
 #define UNROLL _Pragma("GCC unroll 8")
@@ -97,7 +121,7 @@ static void dots_f32(const float *w, const float *x, int64_t n, int nr, int nt, 
 /* rows [lo, hi) of m for every token: one thread's share (a plain function, outside the OpenMP region:
  * compiled inside it, the same loop ran 4x slower) */
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
-                                               int64_t n, float *out) {
+                                               int64_t n, float *out, int accumulate) {
     /* one token: a row at a time, one sequential stream for the prefetchers (interleaving rows made
      * memory-bound products slower); several tokens: 2 rows x 4 tokens, 8 accumulators */
     int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 4;
@@ -108,7 +132,8 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
             float res[8];
             dots_f32((const float *)m->w + i * n, x + t0 * n, n, nr, nt, res);
             for (int r = 0; r < nr; r++)
-                for (int t = 0; t < nt; t++) out[n_tok * m->row0 + (t0 + t) * m->rows + i + r] = res[r * nt + t];
+                for (int t = 0; t < nt; t++)
+                    store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i + r], res[r * nt + t], accumulate);
         }
     }
 }
@@ -127,14 +152,18 @@ static int64_t chunk_rows(int64_t rows) {
     return chunk < 16 ? 16 : chunk;
 }
 
-void matmul_f32(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out) {
+void matmul_f32(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
+    float *owned;
+    x = prepare_input(x, n_tok, n, f, &owned);
+    int accumulate = f != NULL && f->accumulate;
 #pragma omp parallel
     for (int j = 0; j < n_mats; j++) {
         int64_t rows = mats[j].rows, chunk = chunk_rows(rows);
 #pragma omp for schedule(dynamic) nowait
         for (int64_t lo = 0; lo < rows; lo += chunk)
-            rows_f32(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, x, n_tok, n, out);
+            rows_f32(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, x, n_tok, n, out, accumulate);
     }
+    free(owned);
 }
 
 /* ------------------------------------------------------------------------------------------- Q8_0 */
@@ -224,7 +253,8 @@ static void dots_q8(const int8_t *w, const float *ws, const int8_t *x, const flo
 
 /* rows [lo, hi) of m for every token (see rows_f32) */
 static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t hi, const int8_t *xq,
-                                              const float *xs, int64_t n_tok, int64_t n, int64_t gs, float *out) {
+                                              const float *xs, int64_t n_tok, int64_t n, int64_t gs, float *out,
+                                              int accumulate) {
     /* one token: a row at a time (see rows_f32); several: 2 rows x 2 tokens */
     int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 2;
     int64_t n_groups = n / gs;
@@ -236,13 +266,18 @@ static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t 
             dots_q8((const int8_t *)m->w + i * n, m->s + i * n_groups, xq + t0 * n, xs + t0 * n_groups, n, gs, nr,
                     nt, res);
             for (int r = 0; r < nr; r++)
-                for (int t = 0; t < nt; t++) out[n_tok * m->row0 + (t0 + t) * m->rows + i + r] = res[r * nt + t];
+                for (int t = 0; t < nt; t++)
+                    store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i + r], res[r * nt + t], accumulate);
         }
     }
 }
 
-void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *mats, int n_mats, float *out) {
+void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *mats, int n_mats, float *out,
+               const Fusion *f) {
     int64_t n_groups = n / gs;
+    float *owned;
+    x = prepare_input(x, n_tok, n, f, &owned);
+    int accumulate = f != NULL && f->accumulate;
     int8_t *xq = malloc(n_tok * n);
     float *xs = malloc(n_tok * n_groups * sizeof(float));
     quantize_q8(x, n_tok, n, gs, xq, xs);
@@ -251,8 +286,9 @@ void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *
         int64_t rows = mats[j].rows, chunk = chunk_rows(rows);
 #pragma omp for schedule(dynamic) nowait
         for (int64_t lo = 0; lo < rows; lo += chunk)
-            rows_q8(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, xq, xs, n_tok, n, gs, out);
+            rows_q8(&mats[j], lo, lo + chunk < rows ? lo + chunk : rows, xq, xs, n_tok, n, gs, out, accumulate);
     }
+    free(owned);
     free(xq);
     free(xs);
 }
@@ -331,4 +367,13 @@ void attention(const float *q, const float *k, const float *v, int64_t n_tok, in
         }
         free(scores);
     }
+}
+
+/* threads the kernels will use (OMP_NUM_THREADS, --threads): for tests and the bench's machine line */
+int kernel_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
