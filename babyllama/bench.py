@@ -136,6 +136,20 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 # ---------------------------------------------------------------------------------- the table (parent)
 
 
+def kernels_description() -> str:
+    """Which kernel backend the fast rows use, and with what."""
+    from . import kernels
+
+    name, k = kernels.backend()
+    if name == "native":
+        version = subprocess.run([k.compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        return f"native C ({version}, {k.threads()} OpenMP threads)"
+    if name == "numba":
+        import numba
+        return f"numba {numba.__version__} (no C compiler)"
+    return "NumPy only (no C compiler, no numba)"
+
+
 def describe_machine() -> str:
     import numpy as np
 
@@ -147,11 +161,7 @@ def describe_machine() -> str:
                 break
     except OSError:
         pass
-    try:
-        import numba
-        nb = f"numba {numba.__version__}"
-    except ImportError:
-        nb = "numba absent (Q8_0 fast path = NumPy fallback)"
+    nb = kernels_description()
     blas = ""
     try:
         cfg = np.show_config(mode="dicts")
@@ -162,7 +172,7 @@ def describe_machine() -> str:
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
                if k in os.environ}
     return (f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, NumPy {np.__version__}"
-            f"{blas}, {nb}; thread settings {threads or 'default'}; load average at start "
+            f"{blas}; kernels: {nb}; thread settings {threads or 'default'}; load average at start "
             f"{' '.join(f'{x:.2f}' for x in load)}")
 
 

@@ -98,6 +98,7 @@ class NativeKernels:
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
+        self.compiler = compiler() or "cc"  # what built it (for the bench's description)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
         self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr, ptr]
