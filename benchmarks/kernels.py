@@ -4,10 +4,13 @@ matrix-vector products (all 12 layers + classifier) for each candidate, and the 
 
     python benchmarks/kernels.py [--repeats 9] [--threads N]
 
-fp32: `x @ w.T` (what the engine does) vs `np.dot(w, x)` vs wq/wk/wv and w1/w3 fused into single
-matrices (a copy at load). Q8_0: the numba kernel (per-group fp32 dot of int8 values) vs PyTorch's
-weight-only int8 CPU kernel (`torch._weight_int8pack_mm`, per-row scales only: not runq.c's per-group
-Q8_0, so it would not reproduce our numerics; timed as the alternative we did not take).
+fp32: the native C kernel (chosen) vs `x @ w.T` through OpenBLAS vs `np.dot(w, x)` vs wq/wk/wv and w1/w3
+fused into single matrices (a copy at load) vs the numba kernel. Q8_0: the native C kernel (AVX2 byte
+multiply-adds, chosen) vs the numba kernel (per-group fp32 dot of int8 values, the fallback without a
+compiler) vs PyTorch's weight-only int8 CPU kernel (`torch._weight_int8pack_mm`, per-row scales only: not
+runq.c's per-group Q8_0, so it would not reproduce our numerics; timed as an alternative not taken).
+The random weights live in process memory here (huge pages), so the figures are upper bounds for a
+memory-mapped model.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ def main() -> None:
     import numpy as np
 
     from babyllama.formats import quantize_q80
-    from babyllama.kernels import matmul_many
 
     rng = np.random.default_rng(0)
     d, h, L, V = 768, 2048, 12, 32000
@@ -73,7 +75,24 @@ def main() -> None:
             xh @ W["w2"][i].T
         x @ cls.T
 
-    timed("fp32 x @ w.T (chosen)", fp32_xwt)
+    from babyllama import kernels_native
+    native = kernels_native.load()
+
+    def grouped_f32(mm):
+        def run():
+            for i in range(L):
+                mm(x, [W["wq"][i], W["wk"][i], W["wv"][i]])
+                mm(x, [W["wo"][i]])
+                mm(x, [W["w1"][i], W["w3"][i]])
+                mm(xh, [W["w2"][i]])
+            mm(x, [cls])
+        return run
+
+    if native is not None:
+        timed("fp32 native C kernel, grouped calls (chosen)", grouped_f32(native.matmul_f32_many))
+    else:
+        print("no C compiler: native candidates skipped")
+    timed("fp32 x @ w.T (OpenBLAS)", fp32_xwt)
     timed("fp32 np.dot(w, x)", fp32_dot)
     timed("fp32 qkv + w13 fused (copies at load)", fp32_fused)
 
@@ -90,7 +109,14 @@ def main() -> None:
             mm(x, [qcls])
         return run
 
-    timed("Q8_0 numba kernel, grouped launches (chosen)", q8(matmul_many))
+    if native is not None:
+        timed("Q8_0 native C kernel, grouped calls (chosen)", q8(native.matmul_q8_many))
+    try:
+        from babyllama import kernels_numba
+        timed("fp32 numba kernel, grouped launches", grouped_f32(kernels_numba.matmul_f32_many))
+        timed("Q8_0 numba kernel, grouped launches (fallback)", q8(kernels_numba.matmul_q8_many))
+    except ImportError:
+        print("numba absent: numba candidates skipped")
     try:
         import torch
     except ImportError:
