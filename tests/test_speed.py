@@ -275,3 +275,36 @@ def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(broken))
     assert kernels_native.build(tmp_path / "bad") is None
     assert len(list((tmp_path / "bad").glob("*.failed"))) == len(kernels_native.FLAG_SETS)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_native_fused_products_match_numpy(quantized, rows):
+    """The fused forms a decode step uses: norm= reads rmsnorm(x)*g, gate= reads silu(x)*g, into= adds."""
+    from babyllama import kernels_native
+    from babyllama.engine import rmsnorm, silu
+    from babyllama.formats import quantize_q80
+
+    native = kernels_native.load()
+    if native is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    g = rng.standard_normal(64).astype(np.float32)
+    ws = [rng.standard_normal((m, 64)).astype(np.float32) * 0.1 for m in (48, 16)]
+    ws = [quantize_q80(w, 32) for w in ws] if quantized else ws
+
+    def ref(inp, w):
+        return kernels.matmul_q8(inp, w) if quantized else inp @ w.T
+
+    tol = dict(rtol=1e-4, atol=1e-4)
+    for got, w in zip(native.matmul(x, ws, norm=(g, 1e-5)), ws, strict=True):
+        np.testing.assert_allclose(got, ref(rmsnorm(x, g, 1e-5), w), **tol)
+    gate = rng.standard_normal((rows, 64)).astype(np.float32)
+    np.testing.assert_allclose(native.matmul(x, ws[:1], gate=gate)[0], ref(silu(x) * gate, ws[0]), **tol)
+    y = rng.standard_normal((rows, 48)).astype(np.float32)
+    expected = y + ref(x, ws[0])
+    out = native.matmul(x, ws[:1], into=y)[0]
+    assert out is y
+    np.testing.assert_allclose(y, expected, **tol)
+    with pytest.raises(ValueError, match="one matrix"):
+        native.matmul(x, ws, into=y)

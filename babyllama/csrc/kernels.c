@@ -35,8 +35,9 @@ typedef struct {
     int64_t row0;       /* rows of the matrices before it: its (n_tok, rows) result starts at out + n_tok * row0 */
 } Mat;
 
-/* software prefetch this many bytes ahead in a thread's stream of weight rows: the hardware prefetchers
- * alone left the products well below the memory bandwidth (measured: 42M-shape Q8_0 decode +25%) */
+/* Q8_0 products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
+ * prefetchers alone left them well below the memory bandwidth (110M-shape decode products: 8.3 -> 6.3 ms
+ * per token). fp32 rows are 4x longer in bytes and the same prefetch made them slower, so they have none. */
 #define PREFETCH_BYTES 6144
 
 /* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
@@ -88,7 +89,7 @@ ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int 
         UNROLL
         for (int r = 0; r < nr; r++) {
             __m256 wv = _mm256_loadu_ps(w + r * n + k);
-            _mm_prefetch((const char *)(w + r * n + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            
             UNROLL
             for (int t = 0; t < nt; t++) acc[r * nt + t] = _mm256_fmadd_ps(wv, xv[t], acc[r * nt + t]);
         }
@@ -99,14 +100,13 @@ ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int 
 #endif
 
 #ifdef __AVX2__
-/* one row, one token: four accumulators, so that four loads are in flight rather than one FMA chain
- * (measured: 110M-shape fp32 decode products 31 -> 24 ms per token) */
+/* one row, one token: four accumulators, so that four loads are in flight rather than one FMA chain */
 static inline float dot1_f32_avx2(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + k + 16) + PREFETCH_BYTES, _MM_HINT_T0);
+        
+        
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
@@ -144,6 +144,14 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
     /* one token: a row at a time, one sequential stream for the prefetchers (interleaving rows made
      * memory-bound products slower); several tokens: 2 rows x 4 tokens, 8 accumulators */
     int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 4;
+#ifdef __AVX2__
+    if (n_tok == 1 && n % 8 == 0) { /* decode: the plain loop, nothing between one row's dot and the next */
+        const float *w = (const float *)m->w;
+        float *o = out + m->row0;
+        for (int64_t i = lo; i < hi; i++) store(&o[i], dot1_f32_avx2(w + i * n, x, n), accumulate);
+        return;
+    }
+#endif
     for (int64_t i = lo; i < hi; i += row_step) {
         int nr = hi - i < row_step ? (int)(hi - i) : row_step;
         for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
@@ -275,6 +283,18 @@ static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t 
     /* one token: a row at a time (see rows_f32); several: 2 rows x 2 tokens */
     int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 2;
     int64_t n_groups = n / gs;
+#ifdef __AVX2__
+    if (n_tok == 1 && gs % 32 == 0) { /* decode: the plain loop over rows */
+        const int8_t *w = (const int8_t *)m->w;
+        float *o = out + m->row0;
+        for (int64_t i = lo; i < hi; i++) {
+            float res;
+            dots_q8_avx2(w + i * n, m->s + i * n_groups, xq, xs, n, gs, 1, 1, &res);
+            store(&o[i], res, accumulate);
+        }
+        return;
+    }
+#endif
     for (int64_t i = lo; i < hi; i += row_step) {
         int nr = hi - i < row_step ? (int)(hi - i) : row_step;
         for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
