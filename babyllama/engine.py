@@ -73,8 +73,8 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
     return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-# Runs of at most this many tokens use the native attention kernel; longer ones (prefill) NumPy's batched
-# BLAS products, which are faster there.
+# Steps of at most this many tokens do RoPE, the cache writes and attention in one native call; longer
+# ones (prefill) use NumPy's batched BLAS products for attention, which are faster there.
 NATIVE_ATTENTION_MAX_TOKENS = 8
 # Steps of at most this many tokens (decode, batched decode) take the fused block with the native kernels;
 # larger ones (prefill) are compute-bound and go through BLAS (kernels.py).
@@ -161,22 +161,22 @@ class Engine:
         """RoPE on q and k, k and v into the cache, then each run's causal attention: (N, dim)."""
         a, nk = self.args, self._native
         n, hs = q.shape[0], a.head_size
+        q, k = q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs)
+        if nk and n <= NATIVE_ATTENTION_MAX_TOKENS:  # all of it in one C call
+            return nk.attention_step(q, k, v.reshape(n, a.n_kv_heads, hs), cos, sin, cache.k[layer], cache.v[layer],
+                                     slots, positions)
         if nk:
-            q = nk.rope(q.reshape(n, a.n_heads, hs), cos, sin)
-            k = nk.rope(k.reshape(n, a.n_kv_heads, hs), cos, sin)
+            q, k = nk.rope(q, cos, sin), nk.rope(k, cos, sin)
         else:  # the query and key heads together: one NumPy call instead of two
-            qk = apply_rope(np.concatenate([q, k], axis=1).reshape(n, a.n_heads + a.n_kv_heads, hs), cos, sin)
+            qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)
             q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
         kc, vc = cache.k[layer], cache.v[layer]
         kc[slots, :, positions] = k
         vc[slots, :, positions] = v.reshape(n, a.n_kv_heads, hs)
         att = np.empty((n, a.dim), dtype=np.float32)
         for start, end, slot, pos0 in runs:
-            if nk and end - start <= NATIVE_ATTENTION_MAX_TOKENS:
-                att[start:end] = nk.attention(q[start:end], kc[slot], vc[slot], pos0)
-            else:
-                end_pos = pos0 + (end - start)
-                att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
+            end_pos = pos0 + (end - start)
+            att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
         return att
 
     def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:

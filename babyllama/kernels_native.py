@@ -105,7 +105,7 @@ class NativeKernels:
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
-        self.lib.attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr]
+        self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
         self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, int]] = {}
@@ -195,15 +195,22 @@ class NativeKernels:
         self.lib.swiglu(_address(a), _address(b), a.size, _address(out))
         return out
 
-    def attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
-        """q (T, n_heads, hs) at positions pos0.. over one slot's whole cache keys/values (kv_heads, seq_len, hs)."""
-        q = _contiguous(q)
-        if not (keys.flags.c_contiguous and values.flags.c_contiguous):
-            raise ValueError("the cache slot must be contiguous")
-        t, n_heads, hs = q.shape
-        out = np.empty((t, n_heads * hs), dtype=np.float32)
-        self.lib.attention(_address(q), _address(keys), _address(values), t, pos0, n_heads, keys.shape[0],
-                           keys.shape[1], hs, _address(out))
+    def attention_step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                       keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs) in place, k and v into one layer's cache
+        keys/values (slots, kv_heads, seq_len, hs) at (slots[i], positions[i]), then each token's causal
+        attention over its slot: (N, n_heads * hs). q and k must be contiguous float32 (they are rotated in
+        place); the cache arrays must be contiguous."""
+        if not all(a.flags.c_contiguous and a.dtype == np.float32 and a.flags.writeable for a in (q, k, keys, values)):
+            raise ValueError("q, k and the cache must be writable contiguous float32 arrays")
+        v, cos, sin = _contiguous(v), _contiguous(cos), _contiguous(sin)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        n, n_heads, hs = q.shape
+        out = np.empty((n, n_heads * hs), dtype=np.float32)
+        self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin), _address(keys),
+                                _address(values), _address(slots), _address(positions), n, n_heads, keys.shape[1],
+                                keys.shape[2], hs, _address(out))
         return out
 
 

@@ -365,21 +365,37 @@ void swiglu(const float *a, const float *b, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
 }
 
-/* Causal attention of n_tok queries q (n_tok, n_heads, hs) at positions pos0 .. pos0 + n_tok - 1 of one
- * sequence, over its cached keys/values k, v (kv_heads, seq_len, hs): query head h reads kv head
- * h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (token, head) pair per task. */
-void attention(const float *q, const float *k, const float *v, int64_t n_tok, int64_t pos0, int64_t n_heads,
-               int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
+/* One attention step for n_tok tokens, each with its own sequence slot and position (a decode step, a
+ * batched one, a short chunk of a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in
+ * place with each token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots,
+ * kv_heads, seq_len, hs) at (slot, position); then each token's causal attention over its slot's positions
+ * 0..position (all keys are stored first, so tokens of one sequence see each other's). Query head h reads
+ * kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs); one (token, head) pair per task. */
+void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
+                    const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
+                    int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
+    rope(q, n_tok, n_heads, hs, cos, sin);
+    rope(k, n_tok, kv_heads, hs, cos, sin);
+    int64_t max_pos = 0;
+    for (int64_t t = 0; t < n_tok; t++) {
+        max_pos = positions[t] > max_pos ? positions[t] : max_pos;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            int64_t at = ((slots[t] * kv_heads + h) * seq_len + positions[t]) * hs;
+            memcpy(kc + at, k + (t * kv_heads + h) * hs, hs * sizeof(float));
+            memcpy(vc + at, v + (t * kv_heads + h) * hs, hs * sizeof(float));
+        }
+    }
     int64_t group = n_heads / kv_heads;
     float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel
     {
-        float *scores = malloc((pos0 + n_tok) * sizeof(float));
+        float *scores = malloc((max_pos + 1) * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < n_tok * n_heads; task++) {
-            int64_t t = task / n_heads, h = task % n_heads, n_pos = pos0 + t + 1;
+            int64_t t = task / n_heads, h = task % n_heads, n_pos = positions[t] + 1;
             const float *qh = q + task * hs;
-            const float *kh = k + (h / group) * seq_len * hs, *vh = v + (h / group) * seq_len * hs;
+            int64_t head = (slots[t] * kv_heads + h / group) * seq_len * hs;
+            const float *kh = kc + head, *vh = vc + head;
             float max = -INFINITY;
             for (int64_t p = 0; p < n_pos; p++) {
                 float dot = 0.0f;
