@@ -85,9 +85,10 @@ class Engine:
     """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
     baseline the fast path is tested and benchmarked against. The fast path groups the products that read
     the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled kernels when present
-    (kernels.py); with the native (C) backend, RMSNorm, RoPE, SwiGLU and short runs' attention are C
-    calls too, since a decode step's per-call NumPy overhead otherwise rivals its matrix products.
-    Weights are never copied (they stay memory-mapped)."""
+    (kernels.py). With the native (C) backend, decode-sized steps run a fused block of five C calls per
+    layer (norms, SwiGLU gate and residual inside the products; RoPE, cache writes and attention in one
+    call), since a decode step's per-call NumPy overhead otherwise rivals its matrix products.
+    Weights are never copied (they stay memory-mapped unless loaded with mmap=False)."""
 
     def __init__(self, weights: Weights, plain: bool = False):
         self.w = weights
