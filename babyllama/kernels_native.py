@@ -219,7 +219,19 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def load() -> NativeKernels | None:
+    """The native kernels, or None (the caller falls back) when disabled (BABYLLAMA_NATIVE=0), when no
+    compiler works, when the cache folder is not writable, or when the cached library cannot be loaded (it
+    is then removed, to be rebuilt next time)."""
     if os.environ.get("BABYLLAMA_NATIVE", "1") == "0":
         return None
-    path = build()
-    return NativeKernels(path) if path is not None else None
+    try:
+        path = build()
+    except OSError:  # e.g. a read-only home: run without the kernels rather than fail
+        return None
+    if path is None:
+        return None
+    try:
+        return NativeKernels(path)
+    except OSError:  # a truncated or foreign library in the cache
+        path.unlink(missing_ok=True)
+        return None

@@ -308,3 +308,22 @@ def test_native_fused_products_match_numpy(quantized, rows):
     np.testing.assert_allclose(y, expected, **tol)
     with pytest.raises(ValueError, match="one matrix"):
         native.matmul(x, ws, into=y)
+
+
+def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
+    """An unwritable cache folder or a corrupt cached library means no native kernels, not a crash; the
+    corrupt file is removed so that the next run rebuilds it."""
+    from babyllama import kernels_native
+
+    if native_unavailable():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("BABYLLAMA_CACHE", str(blocker))  # cache root below a regular file
+    assert kernels_native.load() is None
+
+    monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path / "cache"))
+    lib = kernels_native.build()
+    lib.write_bytes(b"not a shared library")
+    assert kernels_native.load() is None and not lib.exists()
+    assert kernels_native.load() is not None  # rebuilt
