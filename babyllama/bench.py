@@ -203,13 +203,14 @@ def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: in
                 row[fmt] = {"decode": reference_decode(reference, model_file(shape, fmt, directory), tokens, repeats)}
             rows.append(row)
         for path_name in paths:
-            row = {"shape": shape, "path": path_name, "mmap": mmap or path_name == "plain"}
+            mapped = mmap or path_name == "plain"  # the plain baseline always maps the file
+            row = {"shape": shape, "path": path_name, "mmap": mapped}
             for fmt in FORMATS:
                 model = model_file(shape, fmt, directory)
                 n = tokens if path_name == "fast" else min(tokens, plain_tokens)
                 reps = repeats if path_name == "fast" else min(repeats, plain_repeats)
                 cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(reps),
-                       str(n), str(batch), str(prompt_len), "mmap" if mmap or path_name == "plain" else "no-mmap"]
+                       str(n), str(batch), str(prompt_len), "mmap" if mapped else "no-mmap"]
                 print(f"measuring {shape} {fmt} {path_name} ...", file=sys.stderr, flush=True)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:

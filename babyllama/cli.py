@@ -247,7 +247,7 @@ def add_bench(sub) -> None:
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
     p.add_argument("--reference", default=None, metavar="EXE",
                    help="also time a llama2.c-style executable (run.c/runq.c, or benchmarks/llama2c_ref) on the "
-                        "same model files: `EXE MODEL -n TOKENS`, reading its 'achieved tok/s' line")
+                        "same model files: `EXE MODEL -n TOKENS -i 3`, reading its 'achieved tok/s' line")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
 

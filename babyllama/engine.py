@@ -73,11 +73,8 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
     return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-# Steps of at most this many tokens do RoPE, the cache writes and attention in one native call; longer
-# ones (prefill) use NumPy's batched BLAS products for attention, which are faster there.
-NATIVE_ATTENTION_MAX_TOKENS = 8
 # Steps of at most this many tokens (decode, batched decode) take the fused block with the native kernels;
-# larger ones (prefill) are compute-bound and go through BLAS (kernels.py).
+# larger ones (prefill) are compute-bound and go through BLAS (kernels.py), attention included.
 FUSED_MAX_TOKENS = 8
 
 
@@ -150,11 +147,16 @@ class Engine:
         x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
 
     def _block_fused(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
-        """The same block for decode-sized steps with the native kernels: the norms, the SwiGLU gate and the
-        residual additions happen inside the product calls (three calls instead of eight)."""
+        """The same block for decode-sized steps with the native kernels, in five C calls: the norms, the
+        SwiGLU gate and the residual additions happen inside the product calls, and RoPE, the cache writes
+        and attention are one call."""
         a, w, nk = self.args, self.w, self._native
+        n, hs = x.shape[0], a.head_size
         q, k, v = nk.matmul(x, [w.wq[layer], w.wk[layer], w.wv[layer]], norm=(w.rms_att[layer], a.norm_eps))
-        nk.matmul(self._attention(q, k, v, layer, cache, slots, positions, runs, cos, sin), [w.wo[layer]], into=x)
+        att = nk.attention_step(q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs),
+                                v.reshape(n, a.n_kv_heads, hs), cos, sin, cache.k[layer], cache.v[layer],
+                                slots, positions)
+        nk.matmul(att, [w.wo[layer]], into=x)
         h1, h3 = nk.matmul(x, [w.w1[layer], w.w3[layer]], norm=(w.rms_ffn[layer], a.norm_eps))
         nk.matmul(h1, [w.w2[layer]], gate=h3, into=x)
 
@@ -163,9 +165,6 @@ class Engine:
         a, nk = self.args, self._native
         n, hs = q.shape[0], a.head_size
         q, k = q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs)
-        if nk and n <= NATIVE_ATTENTION_MAX_TOKENS:  # all of it in one C call
-            return nk.attention_step(q, k, v.reshape(n, a.n_kv_heads, hs), cos, sin, cache.k[layer], cache.v[layer],
-                                     slots, positions)
         if nk:
             q, k = nk.rope(q, cos, sin), nk.rope(k, cos, sin)
         else:  # the query and key heads together: one NumPy call instead of two

@@ -121,8 +121,7 @@ def matmul_many(x: np.ndarray, ws: Sequence) -> list[np.ndarray]:
     if not isinstance(ws[0], QTensor):
         if rows <= F32_KERNEL_MAX_ROWS:
             name, kernels = backend()
-            big = sum(w.size for w in ws) >= F32_NUMBA_MIN_ELEMENTS
-            if name == "native" or (name == "numba" and big):
+            if name == "native" or (name == "numba" and sum(w.size for w in ws) >= F32_NUMBA_MIN_ELEMENTS):
                 return kernels.matmul_f32_many(x, ws)
         return [x @ w.T for w in ws]
     if rows >= Q8_GEMM_MIN_ROWS:

@@ -108,7 +108,7 @@ class NativeKernels:
         self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
         self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
-        self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, int]] = {}
+        self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]]]] = {}
 
     def _plan(self, ws: Sequence) -> tuple[ctypes.Array, list[tuple[int, int]]]:
         """(C descriptions of ws, each one's (first row, end row) in the stacked result). Results are laid

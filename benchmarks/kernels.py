@@ -78,18 +78,19 @@ def main() -> None:
     from babyllama import kernels_native
     native = kernels_native.load()
 
-    def grouped_f32(mm):
+    def grouped(mm, weights, classifier):
+        """One token's products as the engine groups them: wq/wk/wv, wo, w1/w3, w2, classifier."""
         def run():
             for i in range(L):
-                mm(x, [W["wq"][i], W["wk"][i], W["wv"][i]])
-                mm(x, [W["wo"][i]])
-                mm(x, [W["w1"][i], W["w3"][i]])
-                mm(xh, [W["w2"][i]])
-            mm(x, [cls])
+                mm(x, [weights["wq"][i], weights["wk"][i], weights["wv"][i]])
+                mm(x, [weights["wo"][i]])
+                mm(x, [weights["w1"][i], weights["w3"][i]])
+                mm(xh, [weights["w2"][i]])
+            mm(x, [classifier])
         return run
 
     if native is not None:
-        timed("fp32 native C kernel, grouped calls (chosen)", grouped_f32(native.matmul_f32_many))
+        timed("fp32 native C kernel, grouped calls (chosen)", grouped(native.matmul_f32_many, W, cls))
     else:
         print("no C compiler: native candidates skipped")
     timed("fp32 x @ w.T (OpenBLAS)", fp32_xwt)
@@ -99,22 +100,12 @@ def main() -> None:
     Q = {n: [quantize_q80(m, 64) for m in ms] for n, ms in W.items()}
     qcls = quantize_q80(cls, 64)
 
-    def q8(mm):
-        def run():
-            for i in range(L):
-                mm(x, [Q["wq"][i], Q["wk"][i], Q["wv"][i]])
-                mm(x, [Q["wo"][i]])
-                mm(x, [Q["w1"][i], Q["w3"][i]])
-                mm(xh, [Q["w2"][i]])
-            mm(x, [qcls])
-        return run
-
     if native is not None:
-        timed("Q8_0 native C kernel, grouped calls (chosen)", q8(native.matmul_q8_many))
+        timed("Q8_0 native C kernel, grouped calls (chosen)", grouped(native.matmul_q8_many, Q, qcls))
     try:
         from babyllama import kernels_numba
-        timed("fp32 numba kernel, grouped launches", grouped_f32(kernels_numba.matmul_f32_many))
-        timed("Q8_0 numba kernel, grouped launches (fallback)", q8(kernels_numba.matmul_q8_many))
+        timed("fp32 numba kernel, grouped launches", grouped(kernels_numba.matmul_f32_many, W, cls))
+        timed("Q8_0 numba kernel, grouped launches (fallback)", grouped(kernels_numba.matmul_q8_many, Q, qcls))
     except ImportError:
         print("numba absent: numba candidates skipped")
     try:

@@ -14,8 +14,8 @@
  *    the same product; pairs are summed into int16 (at most 2 * 127 * 127, no overflow) and madd with ones
  *    sums them on into int32.
  *
- * Several matrices that read the same input (wq/wk/wv, w1/w3) go in one call and one parallel loop over
- * all their rows, so a decode step starts few parallel regions.
+ * Several matrices that read the same input (wq/wk/wv, w1/w3) go in one call and one parallel region, in
+ * which each thread takes its share of every matrix, so a decode step starts few parallel regions.
  */
 #include <math.h>
 #include <stdint.h>
@@ -89,7 +89,6 @@ ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int 
         UNROLL
         for (int r = 0; r < nr; r++) {
             __m256 wv = _mm256_loadu_ps(w + r * n + k);
-            
             UNROLL
             for (int t = 0; t < nt; t++) acc[r * nt + t] = _mm256_fmadd_ps(wv, xv[t], acc[r * nt + t]);
         }
@@ -105,8 +104,6 @@ static inline float dot1_f32_avx2(const float *w, const float *x, int64_t n) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-        
-        
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
