@@ -73,8 +73,8 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
     return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-# Steps of at most this many tokens (decode, batched decode) take the fused block with the native kernels;
-# larger ones (prefill) are compute-bound and go through BLAS (kernels.py), attention included.
+# Steps of at most this many tokens (decode, batched decode, speculative verification) run their layers in
+# one native call; larger ones (prefill) are compute-bound and go through BLAS (kernels.py), attention included.
 FUSED_MAX_TOKENS = 8
 
 
@@ -82,9 +82,9 @@ class Engine:
     """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
     baseline the fast path is tested and benchmarked against. The fast path groups the products that read
     the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled kernels when present
-    (kernels.py). With the native (C) backend, decode-sized steps run a fused block of five C calls per
-    layer (norms, SwiGLU gate and residual inside the products; RoPE, cache writes and attention in one
-    call), since a decode step's per-call NumPy overhead otherwise rivals its matrix products.
+    (kernels.py). With the native (C) backend, a decode-sized step runs all of its layers in one C call
+    (`forward_layers`: the same block as `_block`, with the norms, the SwiGLU gate and the residual additions
+    inside the products), since Python's per-call overhead otherwise rivals a small model's arithmetic.
     Weights are never copied (they stay memory-mapped unless loaded with mmap=False)."""
 
     def __init__(self, weights: Weights, plain: bool = False):
@@ -128,9 +128,11 @@ class Engine:
         nk = self._native
         fused = nk is not None and n <= FUSED_MAX_TOKENS
         x = w.tok_embeddings[tokens].astype(np.float32)
-        for layer in range(a.n_layers):
-            block = self._block_fused if fused else self._block
-            block(x, layer, cache, slots, positions, runs, cos, sin)
+        if fused:
+            nk.forward_layers(self._plan(nk), x, cos, sin, cache.k, cache.v, slots, positions)
+        else:
+            for layer in range(a.n_layers):
+                self._block(x, layer, cache, slots, positions, runs, cos, sin)
         if logits == "last":
             x = x[[end - 1 for _, end, _, _ in runs]]
         if fused:
@@ -146,19 +148,11 @@ class Engine:
         h1, h3 = self._mm(norm(x, w.rms_ffn[layer], a.norm_eps), w.w1[layer], w.w3[layer])
         x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
 
-    def _block_fused(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
-        """The same block for decode-sized steps with the native kernels, in five C calls: the norms, the
-        SwiGLU gate and the residual additions happen inside the product calls, and RoPE, the cache writes
-        and attention are one call."""
-        a, w, nk = self.args, self.w, self._native
-        n, hs = x.shape[0], a.head_size
-        q, k, v = nk.matmul(x, [w.wq[layer], w.wk[layer], w.wv[layer]], norm=(w.rms_att[layer], a.norm_eps))
-        att = nk.attention_step(q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs),
-                                v.reshape(n, a.n_kv_heads, hs), cos, sin, cache.k[layer], cache.v[layer],
-                                slots, positions)
-        nk.matmul(att, [w.wo[layer]], into=x)
-        h1, h3 = nk.matmul(x, [w.w1[layer], w.w3[layer]], norm=(w.rms_ffn[layer], a.norm_eps))
-        nk.matmul(h1, [w.w2[layer]], gate=h3, into=x)
+    def _plan(self, nk):
+        """The native kernels' description of this model's layers, made once (per kernels object)."""
+        if getattr(self, "_plan_for", None) is not nk:
+            self._plan_for, self._native_plan = nk, nk.describe(self.w)
+        return self._native_plan
 
     def _attention(self, q, k, v, layer, cache, slots, positions, runs, cos, sin) -> np.ndarray:
         """RoPE on q and k, k and v into the cache, then each run's causal attention: (N, dim)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import QTensor
+from .formats import QTensor, Weights
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # tried in order: a compiler without OpenMP (Apple's clang) still gets single-threaded kernels
@@ -35,6 +35,25 @@ class _Mat(ctypes.Structure):
 class _Fusion(ctypes.Structure):
     _fields_ = [("norm_w", ctypes.c_void_p), ("eps", ctypes.c_float), ("gate", ctypes.c_void_p),
                 ("accumulate", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Mat * 3), ("wo", _Mat), ("w13", _Mat * 2), ("w2", _Mat), ("rms_att", ctypes.c_void_p),
+                ("rms_ffn", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size", "gs")] + \
+               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]
+
+
+class ModelPlan:
+    """A model's layer weights described to C once (see `NativeKernels.describe`); holds the weights so
+    that the pointers stay valid."""
+
+    def __init__(self, weights: Weights, struct: _Model, layers: ctypes.Array):
+        self.weights, self.struct, self.layers = weights, struct, layers
 
 
 def cache_root() -> Path:
@@ -105,20 +124,17 @@ class NativeKernels:
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
-        self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
+        self.lib.forward_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
         self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]]]] = {}
 
-    def _plan(self, ws: Sequence) -> tuple[ctypes.Array, list[tuple[int, int]]]:
-        """(C descriptions of ws, each one's (first row, end row) in the stacked result). Results are laid
-        out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views need no copy."""
-        key = tuple(id(w) for w in ws)
-        plan = self._plans.get(key)
-        if plan is not None and all(a is b for a, b in zip(plan[0], ws)):
-            return plan[1], plan[2]
-        mats, bounds, row0 = (_Mat * len(ws))(), [], 0
-        for m, w in zip(mats, ws):
+    @staticmethod
+    def _describe_matrices(mats: ctypes.Array, ws: Sequence) -> list[tuple[int, int]]:
+        """Fill mats with ws's pointers and shapes, stacked one result after another; returns each one's
+        (first row, end row) in the stacked result."""
+        bounds, row0 = [], 0
+        for m, w in zip(mats, ws, strict=True):
             q, s = (w.q, w.s) if isinstance(w, QTensor) else (w, None)
             if not (q.flags.c_contiguous and (s is None or s.flags.c_contiguous)):
                 raise ValueError("weights must be C-contiguous")
@@ -127,6 +143,17 @@ class NativeKernels:
             m.w, m.s, m.rows, m.row0 = _address(q), None if s is None else _address(s), q.shape[0], row0
             bounds.append((row0, row0 + q.shape[0]))
             row0 += q.shape[0]
+        return bounds
+
+    def _plan(self, ws: Sequence) -> tuple[ctypes.Array, list[tuple[int, int]]]:
+        """(C descriptions of ws, each one's (first row, end row) in the stacked result). Results are laid
+        out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views need no copy."""
+        key = tuple(id(w) for w in ws)
+        plan = self._plans.get(key)
+        if plan is not None and all(a is b for a, b in zip(plan[0], ws)):
+            return plan[1], plan[2]
+        mats = (_Mat * len(ws))()
+        bounds = self._describe_matrices(mats, ws)
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
         self._plans[key] = (tuple(ws), mats, bounds)  # holding ws keeps their ids from being reused
@@ -195,23 +222,42 @@ class NativeKernels:
         self.lib.swiglu(_address(a), _address(b), a.size, _address(out))
         return out
 
-    def attention_step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                       keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs) in place, k and v into one layer's cache
-        keys/values (slots, kv_heads, seq_len, hs) at (slots[i], positions[i]), then each token's causal
-        attention over its slot: (N, n_heads * hs). q and k must be contiguous float32 (they are rotated in
-        place); the cache arrays must be contiguous."""
-        if not all(a.flags.c_contiguous and a.dtype == np.float32 and a.flags.writeable for a in (q, k, keys, values)):
-            raise ValueError("q, k and the cache must be writable contiguous float32 arrays")
-        v, cos, sin = _contiguous(v), _contiguous(cos), _contiguous(sin)
+    def describe(self, w: Weights) -> ModelPlan:
+        """The layer weights of w for `forward_layers` (built once per model: it holds pointers)."""
+        a = w.args
+        layers = (_Layer * a.n_layers)()
+        for i, ly in enumerate(layers):
+            self._describe_matrices(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]])
+            self._describe_matrices(ly.w13, [w.w1[i], w.w3[i]])
+            self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(ly.wo)), [w.wo[i]])
+            self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(ly.w2)), [w.w2[i]])
+            ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
+        struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, w.group_size,
+                        a.norm_eps, layers)
+        return ModelPlan(w, struct, layers)
+
+    def forward_layers(self, plan: ModelPlan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
+                       values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
+        """Every transformer block for a decode-sized step, x (N, dim) updated in place: RoPE with each
+        token's cos/sin (N, hs/2), keys/values written into the cache arrays (L, slots, kv_heads, seq_len,
+        hs) at (slots[i], positions[i]), each token attending over its slot up to its position."""
+        if not (x.flags.c_contiguous and x.dtype == np.float32 and x.flags.writeable):
+            raise ValueError("x must be a writable contiguous float32 array")
+        if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
+            raise ValueError("the cache must be writable contiguous float32 arrays")
+        cos, sin = _contiguous(cos), _contiguous(sin)
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
-        n, n_heads, hs = q.shape
-        out = np.empty((n, n_heads * hs), dtype=np.float32)
-        self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin), _address(keys),
-                                _address(values), _address(slots), _address(positions), n, n_heads, keys.shape[1],
-                                keys.shape[2], hs, _address(out))
-        return out
+        self.lib.forward_layers(ctypes.byref(plan.struct), _address(x), x.shape[0], _address(cos), _address(sin),
+                                _address(keys), _address(values), keys.shape[1], keys.shape[3], _address(slots),
+                                _address(positions))
+
+
+def _checked(a: np.ndarray) -> np.ndarray:
+    """a itself, which C will read through a stored pointer: it must not be a temporary copy."""
+    if not (a.flags.c_contiguous and a.dtype == np.float32):
+        raise ValueError("norm weights must be contiguous float32")
+    return a
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

@@ -418,6 +418,57 @@ void attention_step(float *q, float *k, const float *v, const float *cos, const 
     }
 }
 
+/* ------------------------------------------------------------------- a whole decode step's layers */
+
+/* One layer's weights: its matrices as the products take them (wq/wk/wv and w1/w3 stacked into one
+ * call's output) and its two RMSNorm weights. */
+typedef struct {
+    Mat qkv[3], wo, w13[2], w2;
+    const float *rms_att, *rms_ffn;
+} Layer;
+
+typedef struct {
+    int64_t n_layers, dim, hidden_dim, n_heads, kv_heads, head_size;
+    int64_t gs; /* Q8_0 group size of every layer matrix, 0 for fp32 */
+    float eps;
+    const Layer *layers;
+} Model;
+
+static void product(const Model *m, const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
+                    const Fusion *f) {
+    if (m->gs) matmul_q8(x, n_tok, n, m->gs, mats, n_mats, out, f);
+    else matmul_f32(x, n_tok, n, mats, n_mats, out, f);
+}
+
+/* Every transformer block for n_tok decode-sized tokens (engine.py's math, in the order of its plain
+ * _block), x (n_tok, dim) updated in place; the caller embeds before and applies the classifier after.
+ * Per layer: qkv = W·rms(x); attention_step (RoPE, cache writes at each token's slot and position,
+ * attention); x += Wo·att; h = W1·rms(x), W3·rms(x); x += W2·(silu(h1) * h3). The cache arrays are
+ * (n_layers, n_slots, kv_heads, seq_len, head_size). One call per step instead of five per layer: at
+ * the sizes where decode is fast, Python's per-call cost was most of a step. */
+void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, float *kc, float *vc,
+                    int64_t n_slots, int64_t seq_len, const int64_t *slots, const int64_t *positions) {
+    int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size, layer_cache = n_slots * kv_dim * seq_len;
+    float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
+    float *att = malloc(n_tok * dim * sizeof(float));
+    float *h13 = malloc(2 * n_tok * m->hidden_dim * sizeof(float));
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const Layer *ly = &m->layers[l];
+        Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
+        Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
+        product(m, x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
+        attention_step(qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin, kc + l * layer_cache,
+                       vc + l * layer_cache, slots, positions, n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size,
+                       att);
+        product(m, att, n_tok, dim, &ly->wo, 1, x, &residual);
+        product(m, x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
+        product(m, h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
+    }
+    free(qkv);
+    free(att);
+    free(h13);
+}
+
 /* threads the kernels will use (OMP_NUM_THREADS, --threads): for tests and the bench's machine line */
 int kernel_threads(void) {
 #ifdef _OPENMP
