@@ -158,15 +158,14 @@ class Engine:
         """RoPE on q and k, k and v into the cache, then each run's causal attention: (N, dim)."""
         a, nk = self.args, self._native
         n, hs = q.shape[0], a.head_size
-        q, k = q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs)
-        if nk:
-            q, k = nk.rope(q, cos, sin), nk.rope(k, cos, sin)
-        else:  # the query and key heads together: one NumPy call instead of two
-            qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)
-            q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
+        q, k, v = q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs), v.reshape(n, a.n_kv_heads, hs)
         kc, vc = cache.k[layer], cache.v[layer]
+        if nk:
+            return nk.attention_step(q, k, v, cos, sin, kc, vc, slots, positions)
+        qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)  # query and key heads in one NumPy call
+        q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
         kc[slots, :, positions] = k
-        vc[slots, :, positions] = v.reshape(n, a.n_kv_heads, hs)
+        vc[slots, :, positions] = v
         att = np.empty((n, a.dim), dtype=np.float32)
         for start, end, slot, pos0 in runs:
             end_pos = pos0 + (end - start)

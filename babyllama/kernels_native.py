@@ -122,7 +122,7 @@ class NativeKernels:
         self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
         self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr, ptr]
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
-        self.lib.rope.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
         self.lib.forward_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
         self.lib.kernel_threads.restype = ctypes.c_int
@@ -210,11 +210,23 @@ class NativeKernels:
         self.lib.rmsnorm(_address(x), _address(weight), x.shape[0], x.shape[1], eps, _address(out))
         return out
 
-    def rope(self, v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """v (tokens, heads, head_size) rotated; in place when v is contiguous float32."""
-        v, cos, sin = _contiguous(v), _contiguous(cos), _contiguous(sin)
-        self.lib.rope(_address(v), v.shape[0], v.shape[1], v.shape[2], _address(cos), _address(sin))
-        return v
+    def attention_step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                       keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs), k and v into one layer's cache keys/values
+        (slots, kv_heads, seq_len, hs) at (slots[i], positions[i]), then each token's causal attention over
+        its slot: (N, n_heads * hs). q and k are rotated in place (when contiguous float32; else copies are);
+        the cache arrays must be writable and contiguous."""
+        if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
+            raise ValueError("the cache must be writable contiguous float32 arrays")
+        q, k, v, cos, sin = (_contiguous(a) for a in (q, k, v, cos, sin))
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        n, n_heads, hs = q.shape
+        out = np.empty((n, n_heads * hs), dtype=np.float32)
+        self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin), _address(keys),
+                                _address(values), _address(slots), _address(positions), n, n_heads, keys.shape[1],
+                                keys.shape[2], hs, _address(out))
+        return out
 
     def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         a, b = _contiguous(a), _contiguous(b)

@@ -13,7 +13,7 @@ import pytest
 from conftest import random_weights, tiny_args
 
 from babyllama import kernels
-from babyllama.engine import Engine
+from babyllama.engine import Engine, segments
 from babyllama.generate import Sequence, generate, generate_batch
 from babyllama.sampler import Sampler
 from babyllama.speculative import SpecStats, speculative_generate
@@ -327,3 +327,34 @@ def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
     lib.write_bytes(b"not a shared library")
     assert kernels_native.load() is None and not lib.exists()
     assert kernels_native.load() is not None  # rebuilt
+
+
+@pytest.mark.parametrize("head_size", [8, 12, 48, 96, 128])  # 12: the scalar path; 96, 128: two AVX2 chunks
+def test_native_attention_step_matches_numpy(head_size):
+    """The C attention (RoPE, cache writes, causal softmax attention) against the engine's NumPy attention,
+    for a prompt-shaped run (causal inside the chunk) plus single decode tokens of other slots, with grouped
+    key/value heads and lengths that are not multiples of the SIMD width."""
+    from babyllama import kernels_native
+
+    native = kernels_native.load()
+    if native is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    n_heads, kv_heads = 4, 2
+    args = tiny_args(dim=n_heads * head_size, n_heads=n_heads, n_kv_heads=kv_heads, max_seq_len=64)
+    engine = Engine(random_weights(args), plain=True)
+    slots = np.array([0] * 21 + [1, 2])
+    positions = np.array(list(range(3, 24)) + [40, 0])
+    q = rng.standard_normal((len(slots), args.dim)).astype(np.float32)
+    k, v = (rng.standard_normal((len(slots), args.kv_dim)).astype(np.float32) for _ in range(2))
+    caches = [engine.new_cache(3), engine.new_cache(3)]
+    for name in ("k", "v"):  # earlier positions already cached, the same in both
+        filled = rng.standard_normal(caches[0].k.shape).astype(np.float32)
+        getattr(caches[0], name)[:], getattr(caches[1], name)[:] = filled, filled
+    cos, sin = engine.cos[positions], engine.sin[positions]
+    want = engine._attention(q, k, v, 0, caches[0], slots, positions, segments(slots, positions), cos, sin)
+    hs = head_size
+    got = native.attention_step(q.reshape(-1, n_heads, hs), k.reshape(-1, kv_heads, hs),
+                                v.reshape(-1, kv_heads, hs), cos, sin, caches[1].k[0], caches[1].v[0], slots, positions)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(caches[1].k, caches[0].k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(caches[1].v, caches[0].v)

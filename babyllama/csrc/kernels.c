@@ -357,17 +357,155 @@ void rope(float *v, int64_t n_tok, int64_t n_heads, int64_t hs, const float *cos
         }
 }
 
+#ifdef __AVX2__
+/* exp(x) for 8 floats, Cephes' expf: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for precision),
+ * exp(r) by a degree-6 polynomial, 2^n put into the exponent bits. Within ~2 ulp of expf; x is clamped to
+ * [-87.3, 88.4], where exp(x) stays a normal float. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.37f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+#endif
+
 /* out = silu(a) * b elementwise, silu(x) = x / (1 + exp(-x)) */
 void swiglu(const float *a, const float *b, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+    int64_t i = 0;
+#ifdef __AVX2__
+#pragma omp parallel for if (n >= 65536)
+    for (int64_t c = 0; c < n / 8; c++) {
+        __m256 av = _mm256_loadu_ps(a + 8 * c), one = _mm256_set1_ps(1.0f);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), av));
+        _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(_mm256_div_ps(av, _mm256_add_ps(one, e)), _mm256_loadu_ps(b + 8 * c)));
+    }
+    i = n / 8 * 8;
+#endif
+    for (; i < n; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
+/* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous); returns the maximum */
+static float attention_scores(const float *q, const float *keys, int64_t n_pos, int64_t hs, float scale, float *scores) {
+    float max = -INFINITY;
+    int64_t p = 0;
+#ifdef __AVX2__
+    if (hs % 8 == 0) {
+        /* eight keys at a time: eight dot products accumulated side by side, then reduced into one
+         * vector of eight sums with a tree of horizontal adds */
+        __m256 vmax = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+        for (; p + 8 <= n_pos; p += 8) {
+            const float *k = keys + p * hs;
+            __m256 acc[8];
+            UNROLL
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < hs; i += 8) {
+                __m256 qv = _mm256_loadu_ps(q + i);
+                UNROLL
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * hs + i), qv, acc[j]);
+            }
+            __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+            __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
+            dots = _mm256_mul_ps(dots, vscale);
+            _mm256_storeu_ps(scores + p, dots);
+            vmax = _mm256_max_ps(vmax, dots);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vmax);
+        for (int j = 0; j < 8; j++) max = fmaxf(max, lanes[j]);
+    }
+#endif
+    for (; p < n_pos; p++) {
+        float dot = 0.0f;
+        for (int64_t i = 0; i < hs; i++) dot += q[i] * keys[p * hs + i];
+        scores[p] = dot * scale;
+        max = fmaxf(max, scores[p]);
+    }
+    return max;
+}
+
+/* scores[p] = exp(scores[p] - max) in place; returns their sum */
+static float softmax_weights(float *scores, int64_t n_pos, float max) {
+    float sum = 0.0f;
+    int64_t p = 0;
+#ifdef __AVX2__
+    __m256 vsum = _mm256_setzero_ps(), vmax = _mm256_set1_ps(max);
+    for (; p + 8 <= n_pos; p += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vmax));
+        _mm256_storeu_ps(scores + p, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = hsum8(vsum);
+#endif
+    for (; p < n_pos; p++) {
+        scores[p] = expf(scores[p] - max);
+        sum += scores[p];
+    }
+    return sum;
+}
+
+#ifdef __AVX2__
+/* out[0 : 8 nv] = inv_sum * sum_p weights[p] * values[p][0 : 8 nv] (values rows hs apart), the sums kept in
+ * nv registers; called with a constant nv so that they stay there */
+ALWAYS_INLINE void weighted_values(const float *weights, const float *values, int64_t n_pos, int64_t hs, int nv,
+                                   float inv_sum, float *out) {
+    __m256 acc[8];
+    UNROLL
+    for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n_pos; p++) {
+        __m256 wp = _mm256_broadcast_ss(weights + p);
+        UNROLL
+        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(values + p * hs + 8 * c), acc[c]);
+    }
+    UNROLL
+    for (int c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv_sum)));
+}
+#endif
+
+/* out = sum_p weights[p] / sum * values[p] over n_pos rows of hs values */
+static void attention_output(const float *weights, const float *values, int64_t n_pos, int64_t hs, float sum,
+                             float *out) {
+    float inv_sum = 1.0f / sum;
+#ifdef __AVX2__
+    if (hs % 8 == 0) {
+        for (int64_t c0 = 0; c0 < hs; c0 += 64) {
+            int nv = hs - c0 >= 64 ? 8 : (int)(hs - c0) / 8;
+            const float *v = values + c0;
+            switch (nv) {
+#define WEIGHTED_VALUES(k) case k: weighted_values(weights, v, n_pos, hs, k, inv_sum, out + c0); break;
+                WEIGHTED_VALUES(1) WEIGHTED_VALUES(2) WEIGHTED_VALUES(3) WEIGHTED_VALUES(4)
+                WEIGHTED_VALUES(5) WEIGHTED_VALUES(6) WEIGHTED_VALUES(7) WEIGHTED_VALUES(8)
+#undef WEIGHTED_VALUES
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
+    for (int64_t p = 0; p < n_pos; p++) {
+        float wgt = weights[p] * inv_sum;
+        for (int64_t i = 0; i < hs; i++) out[i] += wgt * values[p * hs + i];
+    }
 }
 
 /* One attention step for n_tok tokens, each with its own sequence slot and position (a decode step, a
- * batched one, a short chunk of a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in
- * place with each token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots,
- * kv_heads, seq_len, hs) at (slot, position); then each token's causal attention over its slot's positions
- * 0..position (all keys are stored first, so tokens of one sequence see each other's). Query head h reads
- * kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs); one (token, head) pair per task. */
+ * batched one, a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in place with each
+ * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len, hs)
+ * at (slot, position); then each token's causal attention over its slot's positions 0..position (all keys
+ * are stored first, so tokens of one sequence see each other's). Query head h reads kv head
+ * h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task, head-major so that
+ * a prompt's consecutive tasks reuse one head's keys and values from cache, dealt round-robin so that its
+ * long late rows and short early ones spread evenly over the threads. */
 void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
                     const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
                     int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
@@ -384,35 +522,16 @@ void attention_step(float *q, float *k, const float *v, const float *cos, const 
     }
     int64_t group = n_heads / kv_heads;
     float scale = 1.0f / sqrtf((float)hs);
-#pragma omp parallel
+#pragma omp parallel if (n_tok * n_heads > 1)
     {
         float *scores = malloc((max_pos + 1) * sizeof(float));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
         for (int64_t task = 0; task < n_tok * n_heads; task++) {
-            int64_t t = task / n_heads, h = task % n_heads, n_pos = positions[t] + 1;
-            const float *qh = q + task * hs;
+            int64_t h = task / n_tok, t = task % n_tok, n_pos = positions[t] + 1;
             int64_t head = (slots[t] * kv_heads + h / group) * seq_len * hs;
-            const float *kh = kc + head, *vh = vc + head;
-            float max = -INFINITY;
-            for (int64_t p = 0; p < n_pos; p++) {
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < hs; i++) dot += qh[i] * kh[p * hs + i];
-                scores[p] = dot * scale;
-                max = fmaxf(max, scores[p]);
-            }
-            float sum = 0.0f;
-            for (int64_t p = 0; p < n_pos; p++) {
-                scores[p] = expf(scores[p] - max);
-                sum += scores[p];
-            }
-            float *o = out + task * hs;
-            for (int64_t i = 0; i < hs; i++) o[i] = 0.0f;
-            for (int64_t p = 0; p < n_pos; p++) {
-                float wgt = scores[p] / sum;
-#pragma omp simd
-                for (int64_t i = 0; i < hs; i++) o[i] += wgt * vh[p * hs + i];
-            }
+            float max = attention_scores(q + (t * n_heads + h) * hs, kc + head, n_pos, hs, scale, scores);
+            float sum = softmax_weights(scores, n_pos, max);
+            attention_output(scores, vc + head, n_pos, hs, sum, out + (t * n_heads + h) * hs);
         }
         free(scores);
     }
