@@ -77,24 +77,24 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* res[r * nt + t] = dot(w[r], x[t]) for nr rows of w and nt rows of x (nr * nt <= 8); n % 8 == 0 */
-ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int nr, int nt, float *res) {
+/* Batched fp32 products prefetch this far ahead in a weight row: with eight tokens' arithmetic per weight the
+ * hardware prefetchers alone fell behind (32000x768 weights, 8 tokens, one thread: 20 -> 12 ms). */
+#define F32_BATCH_PREFETCH_BYTES 8192
+
+/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x; n % 8 == 0. One weight stream, each weight
+ * vector loaded once for all tokens (the rows of x stay in L1) */
+ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int nt, float *res) {
     __m256 acc[8];
     UNROLL
-    for (int j = 0; j < nr * nt; j++) acc[j] = _mm256_setzero_ps();
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k += 8) {
-        __m256 xv[4];
+        __m256 wv = _mm256_loadu_ps(w + k);
+        if ((k & 15) == 0) _mm_prefetch((const char *)(w + k) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
         UNROLL
-        for (int t = 0; t < nt; t++) xv[t] = _mm256_loadu_ps(x + t * n + k);
-        UNROLL
-        for (int r = 0; r < nr; r++) {
-            __m256 wv = _mm256_loadu_ps(w + r * n + k);
-            UNROLL
-            for (int t = 0; t < nt; t++) acc[r * nt + t] = _mm256_fmadd_ps(wv, xv[t], acc[r * nt + t]);
-        }
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * n + k), acc[t]);
     }
     UNROLL
-    for (int j = 0; j < nr * nt; j++) res[j] = hsum8(acc[j]);
+    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]);
 }
 #endif
 
@@ -114,33 +114,30 @@ static inline float dot1_f32_avx2(const float *w, const float *x, int64_t n) {
 }
 #endif
 
-static void dots_f32(const float *w, const float *x, int64_t n, int nr, int nt, float *res) {
+/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x */
+static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *res) {
 #ifdef __AVX2__
     if (n % 8 == 0) {
-        /* constant shapes let the compiler keep every accumulator in a register */
-        if (nr == 1 && nt == 1) { res[0] = dot1_f32_avx2(w, x, n); return; }
-        if (nr == 2 && nt == 4) { dots_f32_avx2(w, x, n, 2, 4, res); return; }
-        dots_f32_avx2(w, x, n, nr, nt, res);
-        return;
+        /* a constant token count lets the compiler keep every accumulator in a register */
+        switch (nt) {
+#define DOTS_F32(c) case c: dots_f32_avx2(w, x, n, c, res); return;
+            DOTS_F32(1) DOTS_F32(2) DOTS_F32(3) DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
+#undef DOTS_F32
+        }
     }
 #endif
-    UNROLL
-    for (int r = 0; r < nr; r++)
-        UNROLL
-        for (int t = 0; t < nt; t++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < n; k++) acc += w[r * n + k] * x[t * n + k];
-            res[r * nt + t] = acc;
-        }
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < n; k++) acc += w[k] * x[t * n + k];
+        res[t] = acc;
+    }
 }
 
 /* rows [lo, hi) of m for every token: one thread's share (a plain function, outside the OpenMP region:
- * compiled inside it, the same loop ran 4x slower) */
+ * compiled inside it, the same loop ran 4x slower). A row at a time, for up to 8 tokens at once: one
+ * sequential stream for the prefetchers (interleaving two rows made these memory-bound products slower). */
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
-    /* one token: a row at a time, one sequential stream for the prefetchers (interleaving rows made
-     * memory-bound products slower); several tokens: 2 rows x 4 tokens, 8 accumulators */
-    int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 4;
 #ifdef __AVX2__
     if (n_tok == 1 && n % 8 == 0) { /* decode: the plain loop, nothing between one row's dot and the next */
         const float *w = (const float *)m->w;
@@ -149,17 +146,13 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
         return;
     }
 #endif
-    for (int64_t i = lo; i < hi; i += row_step) {
-        int nr = hi - i < row_step ? (int)(hi - i) : row_step;
-        for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
-            int nt = n_tok - t0 < tok_step ? (int)(n_tok - t0) : tok_step;
+    for (int64_t i = lo; i < hi; i++)
+        for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+            int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
             float res[8];
-            dots_f32((const float *)m->w + i * n, x + t0 * n, n, nr, nt, res);
-            for (int r = 0; r < nr; r++)
-                for (int t = 0; t < nt; t++)
-                    store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i + r], res[r * nt + t], accumulate);
+            dots_f32((const float *)m->w + i * n, x + t0 * n, n, nt, res);
+            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
         }
-    }
 }
 
 /* Each thread takes one contiguous share of every matrix: one long stream per thread is what the
