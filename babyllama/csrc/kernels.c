@@ -198,105 +198,75 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
 }
 
 #ifdef __AVX2__
-/* res[r * nt + t] = Q8_0 dot of w row r with x row t, nr * nt <= 4, gs % 32 == 0 */
+/* res[t] = Q8_0 dot of one weight row with x rows t < nt <= 8, gs % 32 == 0: each weight vector is loaded
+ * once for all tokens (see dots_f32_avx2) */
 ALWAYS_INLINE void dots_q8_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n,
-                                int64_t gs, int nr, int nt, float *res) {
+                                int64_t gs, int nt, float *res) {
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t n_groups = n / gs;
-    __m256 acc[4];
+    __m256 acc[8];
     UNROLL
-    for (int j = 0; j < nr * nt; j++) acc[j] = _mm256_setzero_ps();
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
-        __m256i isum[4];
+        __m256i isum[8];
         UNROLL
-        for (int j = 0; j < nr * nt; j++) isum[j] = _mm256_setzero_si256();
+        for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-            __m256i xv[4], xabs[4];
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+            _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
             UNROLL
             for (int t = 0; t < nt; t++) {
-                xv[t] = _mm256_loadu_si256((const __m256i *)(x + t * n + k));
-                xabs[t] = _mm256_sign_epi8(xv[t], xv[t]);
-            }
-            UNROLL
-            for (int r = 0; r < nr; r++) {
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * n + k));
-                _mm_prefetch((const char *)(w + r * n + k) + PREFETCH_BYTES, _MM_HINT_T0);
-                UNROLL
-                for (int t = 0; t < nt; t++) {
-                    __m256i p16 = _mm256_maddubs_epi16(xabs[t], _mm256_sign_epi8(wv, xv[t]));
-                    isum[r * nt + t] = _mm256_add_epi32(isum[r * nt + t], _mm256_madd_epi16(p16, ones));
-                }
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + k));
+                __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p16, ones));
             }
         }
         UNROLL
-        for (int r = 0; r < nr; r++)
-            UNROLL
-            for (int t = 0; t < nt; t++) {
-                __m256 scale = _mm256_set1_ps(ws[r * n_groups + g] * xs[t * n_groups + g]);
-                acc[r * nt + t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r * nt + t]), scale, acc[r * nt + t]);
-            }
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * n_groups + g]), acc[t]);
     }
     UNROLL
-    for (int j = 0; j < nr * nt; j++) res[j] = hsum8(acc[j]);
+    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]);
 }
 #endif
 
-static void dots_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n, int64_t gs,
-                    int nr, int nt, float *res) {
+/* res[t] = Q8_0 dot of one weight row (scales ws) with x rows t < nt <= 8 (scales xs) */
+static void dots_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n, int64_t gs, int nt,
+                    float *res) {
 #ifdef __AVX2__
     if (gs % 32 == 0) {
-        if (nr == 1 && nt == 1) { dots_q8_avx2(w, ws, x, xs, n, gs, 1, 1, res); return; }
-        if (nr == 2 && nt == 2) { dots_q8_avx2(w, ws, x, xs, n, gs, 2, 2, res); return; }
-        dots_q8_avx2(w, ws, x, xs, n, gs, nr, nt, res);
-        return;
+        switch (nt) { /* constant token counts keep the accumulators in registers (see dots_f32) */
+#define DOTS_Q8(c) case c: dots_q8_avx2(w, ws, x, xs, n, gs, c, res); return;
+            DOTS_Q8(1) DOTS_Q8(2) DOTS_Q8(3) DOTS_Q8(4) DOTS_Q8(5) DOTS_Q8(6) DOTS_Q8(7) DOTS_Q8(8)
+#undef DOTS_Q8
+        }
     }
 #endif
     int64_t n_groups = n / gs;
-    UNROLL
-    for (int r = 0; r < nr; r++)
-        UNROLL
-        for (int t = 0; t < nt; t++) {
-            float acc = 0.0f;
-            for (int64_t g = 0; g < n_groups; g++) {
-                int32_t dot = 0;
-                for (int64_t k = g * gs; k < (g + 1) * gs; k++) dot += (int32_t)w[r * n + k] * (int32_t)x[t * n + k];
-                acc += (float)dot * ws[r * n_groups + g] * xs[t * n_groups + g];
-            }
-            res[r * nt + t] = acc;
+    for (int t = 0; t < nt; t++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < n_groups; g++) {
+            int32_t dot = 0;
+            for (int64_t k = g * gs; k < (g + 1) * gs; k++) dot += (int32_t)w[k] * (int32_t)x[t * n + k];
+            acc += (float)dot * ws[g] * xs[t * n_groups + g];
         }
+        res[t] = acc;
+    }
 }
 
-/* rows [lo, hi) of m for every token (see rows_f32) */
+/* rows [lo, hi) of m for every token, a row at a time for up to 8 tokens at once (see rows_f32) */
 static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t hi, const int8_t *xq,
                                               const float *xs, int64_t n_tok, int64_t n, int64_t gs, float *out,
                                               int accumulate) {
-    /* one token: a row at a time (see rows_f32); several: 2 rows x 2 tokens */
-    int row_step = n_tok == 1 ? 1 : 2, tok_step = n_tok == 1 ? 1 : 2;
     int64_t n_groups = n / gs;
-#ifdef __AVX2__
-    if (n_tok == 1 && gs % 32 == 0) { /* decode: the plain loop over rows */
-        const int8_t *w = (const int8_t *)m->w;
-        float *o = out + m->row0;
-        for (int64_t i = lo; i < hi; i++) {
-            float res;
-            dots_q8_avx2(w + i * n, m->s + i * n_groups, xq, xs, n, gs, 1, 1, &res);
-            store(&o[i], res, accumulate);
+    for (int64_t i = lo; i < hi; i++)
+        for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+            int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
+            float res[8];
+            dots_q8((const int8_t *)m->w + i * n, m->s + i * n_groups, xq + t0 * n, xs + t0 * n_groups, n, gs, nt,
+                    res);
+            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
         }
-        return;
-    }
-#endif
-    for (int64_t i = lo; i < hi; i += row_step) {
-        int nr = hi - i < row_step ? (int)(hi - i) : row_step;
-        for (int64_t t0 = 0; t0 < n_tok; t0 += tok_step) {
-            int nt = n_tok - t0 < tok_step ? (int)(n_tok - t0) : tok_step;
-            float res[4];
-            dots_q8((const int8_t *)m->w + i * n, m->s + i * n_groups, xq + t0 * n, xs + t0 * n_groups, n, gs, nr,
-                    nt, res);
-            for (int r = 0; r < nr; r++)
-                for (int t = 0; t < nt; t++)
-                    store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i + r], res[r * nt + t], accumulate);
-        }
-    }
 }
 
 void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *mats, int n_mats, float *out,
