@@ -33,9 +33,10 @@ def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
 class Model:
     """A loaded model: weights, engine and tokenizer together."""
 
-    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy"):
+    def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy",
+                 compile: bool = False):
         self.weights = weights
-        self.engine = make_engine(weights, device, plain)
+        self.engine = make_engine(weights, device, plain, compile)
         self.tokenizer = tokenizer
 
     @property
@@ -72,10 +73,13 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
-def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False):
+def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False):
     """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
-    (bf16); both have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
+    (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
+    have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
     if device == "numpy":
+        if compile:
+            raise BabyLlamaError("--compile works with the PyTorch engine only (--device cpu or cuda)")
         return Engine(weights, plain=plain)
     if device != "cpu" and not device.startswith("cuda"):
         raise BabyLlamaError(f"unknown device {device!r} (numpy, cpu, cuda or cuda:N)")
@@ -90,7 +94,7 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     model = Transformer.from_weights(weights)
     if device.startswith("cuda"):
         model = model.to(torch.bfloat16)
-    return TorchEngine(model, device)
+    return TorchEngine(model, device, compile=compile)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -100,11 +104,13 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool = True) -> Model:
+         quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool = True,
+         compile: bool = False) -> Model:
     """Load a llama2.c .bin (default: the built-in model) or a training checkpoint (needs torch; converted
     to the same fp32 Weights) and its tokenizer. `quantize="q8_0"` converts fp32 weights to Q8_0 on load;
     `plain` selects the unoptimized reference engine; `device` "cpu" or "cuda" runs the PyTorch model
-    instead of the NumPy engine; `mmap=False` reads the weights into memory (see formats.load)."""
+    instead of the NumPy engine (`compile`: its decode step through torch.compile); `mmap=False` reads the
+    weights into memory (see formats.load)."""
     if model is None:
         if not BUILTIN_MODEL.is_file():
             raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
@@ -122,7 +128,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
             raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")
         weights = weights.quantize()
     tok_path = tokenizer or find_tokenizer(model, weights.args.vocab_size)
-    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain, device=device)
+    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain, device=device,
+                 compile=compile)
 
 
 __all__ = ["Model", "load", "make_engine", "clamp_steps", "find_tokenizer", "BOS"]

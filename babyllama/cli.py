@@ -40,6 +40,7 @@ def add_run(sub) -> None:
     p.add_argument("--plain", action="store_true", help="use the unoptimized reference engine (for comparison)")
     p.add_argument("--device", default="numpy",
                    help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")
+    add_compile(p)
     add_threads(p)
     p.set_defaults(func=cmd_run)
 
@@ -51,9 +52,15 @@ def add_chat(sub) -> None:
     p.add_argument("-y", dest="system", default=None, help="system prompt (asked for on stdin when absent)")
     p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
     p.add_argument("--device", default="numpy", help="numpy, or cpu / cuda for the PyTorch model")
+    add_compile(p)
     add_threads(p)
     p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, draft=None,
                    draft_k=4, plain=False)
+
+
+def add_compile(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
 
 
 def add_model_flags(p) -> None:
@@ -110,7 +117,7 @@ def cmd_run(args) -> int:
     system = _text_arg(args.system, "system prompt (-y)") if args.system is not None else None
     _check_speed_flags(args)
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, plain=args.plain, device=args.device,
-                 mmap=not args.no_mmap)
+                 mmap=not args.no_mmap, compile=args.compile)
     if args.context_shift and args.mode == "generate" and not args.batch_file and not args.draft:
         steps = args.steps or model.args.max_seq_len  # -n may go past seq_len
     else:
@@ -146,7 +153,7 @@ def _load_draft(args):
     weights = formats.load(args.draft, mmap=not args.no_mmap)
     if args.quantize:
         weights = weights.quantize()
-    return make_engine(weights, args.device, args.plain)
+    return make_engine(weights, args.device, args.plain, args.compile)
 
 
 def _generate_batch(model, args, steps: int) -> int:

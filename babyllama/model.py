@@ -67,12 +67,17 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         self.resid_dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries and keys, and values, each (batch, seq, heads, head_size)."""
         bsz, seqlen, _ = x.shape
         q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_size), cos, sin)
         k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_size), cos, sin)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_size)
+        return q, k, self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         causal, mask = True, None
         if cache is not None:  # generation: append to this sequence's keys/values, attend over all so far
             kc, vc = cache  # (batch, max_seq_len, n_kv_heads, head_size)
@@ -84,13 +89,32 @@ class Attention(nn.Module):
                 causal = False
                 if seqlen > 1:
                     mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(start_pos)
+        return self.attend(q, k, v, mask, causal and seqlen > 1)
+
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """One token of each of n sequences, x (1, n, dim) with each token's angles cos/sin (n, hs/2): its key
+        and value go into cache row slots[i] at positions[i], and it attends over that whole row under `mask`
+        (n, 1, 1, max_seq_len), which hides the positions after its own. Fixed shapes, whatever the positions."""
+        n = x.shape[1]
+        q, k, v = self.qkv(x, cos, sin)
+        kc, vc = cache
+        kc[slots, positions] = k[0]
+        vc[slots, positions] = v[0]
+        return self.attend(q[0, :, None], kc[slots], vc[slots], mask, False).view(1, n, -1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
+        """Softmax attention of q (batch, seq, heads, hs) over k, v (batch, keys, kv_heads, hs), then Wo."""
+        bsz, seqlen = q.shape[:2]
         # grouped-query attention: each key/value head serves n_heads/n_kv_heads query heads
         groups = self.n_heads // self.n_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=2)
             v = v.repeat_interleave(groups, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_size)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and seqlen > 1,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.resid_dropout(self.wo(out))
@@ -118,6 +142,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, start_pos: int = 0):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode_step(self, x, cos, sin, cache, slots, positions, mask):
+        h = x + self.attention.decode_step(self.attention_norm(x), cos, sin, cache, slots, positions, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -166,6 +194,18 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    cache: list) -> torch.Tensor:
+        """One token for each of n sequences at once (tokens, positions, slots: (n,) int64; cache rows are
+        sequences): logits (n, vocab). The n tokens travel as one row of n, each rotated by its own angle."""
+        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
+        seq = torch.arange(self.args.max_seq_len, device=tokens.device)
+        mask = (seq[None, :] <= positions[:, None])[:, None, None, :]
+        h = self.tok_embeddings(tokens)[None]
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer.decode_step(h, cos, sin, layer_cache, slots, positions, mask)
+        return self.output(self.norm(h))[0]
+
     def new_cache(self, batch: int = 1, device=None, dtype=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.args
         ref = self.output.weight
@@ -203,7 +243,13 @@ class Transformer(nn.Module):
 
 class TorchEngine:
     """The NumPy `Engine.forward` interface on a PyTorch model, so that generate.py's loop (and therefore the
-    `run` command's printing) drives PyTorch as is. One cache slot = one row of the batch cache."""
+    `run` command's printing) drives PyTorch as is. One cache slot = one row of the batch cache.
+
+    A step of one token per sequence (decode, batched decode) is one `Transformer.decode_step` call over all
+    of them, with shapes that do not change from step to step: with `compile=True` it is compiled once per
+    batch size by torch.compile, and on CUDA captured as a CUDA graph (mode "reduce-overhead"), so a decode
+    step costs one graph launch instead of a few hundred kernel launches. Prompts go through the model's
+    own forward, one sequence at a time."""
 
     class Cache:
         def __init__(self, layers: list, seq_len: int):
@@ -213,13 +259,21 @@ class TorchEngine:
         def n_slots(self) -> int:
             return self.layers[0][0].shape[0]
 
-    def __init__(self, model: Transformer, device: str | torch.device = "cpu"):
+    def __init__(self, model: Transformer, device: str | torch.device = "cpu", compile: bool = False):
         self.model = model.to(device).eval()
         self.args = model.args
         self.device = torch.device(device)
+        self._decode = self.model.decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(self.model.decode_step, mode=mode, dynamic=False)
 
     def new_cache(self, n_slots: int = 1) -> TorchEngine.Cache:
-        return self.Cache(self.model.new_cache(n_slots, self.device), self.args.max_seq_len)
+        cache = self.Cache(self.model.new_cache(n_slots, self.device), self.args.max_seq_len)
+        if self.device.type == "cuda":  # updated in place inside the CUDA graph: its address must not change
+            for tensor in (t for pair in cache.layers for t in pair):
+                torch._dynamo.mark_static_address(tensor)
+        return cache
 
     @torch.inference_mode()
     def forward(self, tokens, positions, cache: TorchEngine.Cache, slots=None, logits: str = "all") -> np.ndarray:
@@ -228,6 +282,10 @@ class TorchEngine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
+        if len(np.unique(slots)) == len(slots):  # one token per sequence: the batched decode step
+            logits = self._decode(*(torch.from_numpy(a).to(self.device) for a in (tokens, positions, slots)),
+                                  cache.layers)
+            return logits.float().cpu().numpy()
         rows = []
         for start, end, slot, pos0 in segments(slots, positions):
             ids = torch.from_numpy(tokens[start:end]).to(self.device)[None]

@@ -36,6 +36,12 @@ def test_device_cpu_runs_the_pytorch_model(stories260k, tok512):
     assert run(stories260k, tok512, *GREEDY, "--device", "cpu").stdout == golden("s260k_t0_n200.txt")
 
 
+def test_compile_without_the_pytorch_engine_is_one_line():
+    proc = run_cli("run", "-n", "8", "--compile")
+    assert proc.returncode == 1 and b"--compile works with the PyTorch engine only" in proc.stderr
+    assert proc.stderr.count(b"\n") == 1
+
+
 def test_device_cuda_without_gpu_is_one_line(stories260k, tok512):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
