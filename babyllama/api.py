@@ -73,24 +73,33 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
-def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False):
-    """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
-    (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
-    have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
+def check_device(device: str, compile: bool = False) -> None:
+    """A one-line error unless `device` can run here: "numpy", or "cpu"/"cuda[:N]" with PyTorch (and a GPU)."""
     if device == "numpy":
         if compile:
             raise BabyLlamaError("--compile works with the PyTorch engine only (--device cpu or cuda)")
-        return Engine(weights, plain=plain)
+        return
     if device != "cpu" and not device.startswith("cuda"):
         raise BabyLlamaError(f"unknown device {device!r} (numpy, cpu, cuda or cuda:N)")
     try:
         import torch
-
-        from .model import TorchEngine, Transformer
     except ImportError:
         raise BabyLlamaError(f"--device {device} needs PyTorch: pip install 'babyllama[train]'") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BabyLlamaError(f"--device {device} requested but no CUDA GPU is available")
+
+
+def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False):
+    """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
+    (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
+    have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
+    check_device(device, compile)
+    if device == "numpy":
+        return Engine(weights, plain=plain)
+    import torch
+
+    from .model import TorchEngine, Transformer
+
     model = Transformer.from_weights(weights)
     if device.startswith("cuda"):
         model = model.to(torch.bfloat16)
@@ -132,4 +141,4 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
                  compile=compile)
 
 
-__all__ = ["Model", "load", "make_engine", "clamp_steps", "find_tokenizer", "BOS"]
+__all__ = ["Model", "load", "make_engine", "check_device", "clamp_steps", "find_tokenizer", "BOS"]

@@ -23,6 +23,8 @@ SHAPES = {
     "15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
     "42M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=1024),
     "110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=1024),
+    # TinyLlama-1.1B's shape (grouped-query attention): a 1B-class model for GPU runs (4.4 GB fp32 file)
+    "1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
 }
 FORMATS = {"fp32": 1, "q8_0": 2}
 PATHS = ("plain", "fast")
@@ -79,21 +81,22 @@ def _median(xs: list[float]) -> float:
 
 
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
-            mmap: bool = True) -> dict:
-    """Time one model file on one path; returns medians (tok/s, ms) and peak RSS (MiB)."""
+            mmap: bool = True, device: str = "numpy", compile: bool = False) -> dict:
+    """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
+    (tok/s, ms) and peak RSS (MiB)."""
     import resource
 
     import numpy as np
 
     from . import formats
-    from .engine import Engine
+    from .api import make_engine
     from .generate import Batch, Sequence
     from .sampler import Sampler
 
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     weights = formats.load(path, mmap=mmap)
-    engine = Engine(weights, plain=plain)
+    engine = make_engine(weights, device, plain, compile)
     seq_len = weights.args.max_seq_len
     prompt = [1] + rng.integers(3, weights.args.vocab_size, prompt_len - 1).tolist()
 
@@ -122,6 +125,9 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         b.step()
         return prompt_len / (time.perf_counter() - start)
 
+    if compile:  # compilation happens on the first decode step of each batch size: not part of the timings
+        decode(1, 4)
+        decode(batch, 4)
     n_tok = min(tokens, seq_len - 2)
     res = {"ttft_ms": 1000 * ttft}
     res["decode"] = _median([decode(1, n_tok) for _ in range(repeats)])
@@ -193,8 +199,14 @@ def reference_decode(exe: str, model: Path, tokens: int, repeats: int) -> float:
 
 def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: int, directory: Path,
         paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1,
-        reference: str | None = None, mmap: bool = True) -> list[dict]:
+        reference: str | None = None, mmap: bool = True, device: str = "numpy", compile: bool = False
+        ) -> list[dict]:
+    """The table's rows. On a PyTorch device (cpu, cuda) only the fp32 files are measured (the PyTorch engine
+    runs Q8_0 files dequantized) and there is no plain row."""
     rows = []
+    formats_measured = tuple(FORMATS) if device == "numpy" else ("fp32",)
+    if device != "numpy":
+        paths = ("fast",)
     for shape in shapes:
         if reference:
             row = {"shape": shape, "path": "reference"}
@@ -204,13 +216,14 @@ def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: in
             rows.append(row)
         for path_name in paths:
             mapped = mmap or path_name == "plain"  # the plain baseline always maps the file
-            row = {"shape": shape, "path": path_name, "mmap": mapped}
-            for fmt in FORMATS:
+            row = {"shape": shape, "path": path_name, "mmap": mapped, "device": device, "compile": compile}
+            for fmt in formats_measured:
                 model = model_file(shape, fmt, directory)
                 n = tokens if path_name == "fast" else min(tokens, plain_tokens)
                 reps = repeats if path_name == "fast" else min(repeats, plain_repeats)
                 cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(reps),
-                       str(n), str(batch), str(prompt_len), "mmap" if mapped else "no-mmap"]
+                       str(n), str(batch), str(prompt_len), "mmap" if mapped else "no-mmap", device,
+                       "compile" if compile else "eager"]
                 print(f"measuring {shape} {fmt} {path_name} ...", file=sys.stderr, flush=True)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
@@ -226,15 +239,21 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
             "| peak RSS fp32 / Q8_0 MiB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
-        f, q = r["fp32"], r["q8_0"]
+        f, q = r["fp32"], r.get("q8_0")  # q8_0 is not measured on a PyTorch device
+
+        def cell(key: str, spec: str, d: dict | None = q) -> str:
+            return "–" if d is None else format(d[key], spec)
+
         if r["path"] == "reference":
             lines.append(f"| {r['shape']} | C reference | {f['decode']:.1f} | {q['decode']:.1f} |" + " – |" * 6)
             continue
         label = "plain NumPy" if r["path"] == "plain" else "babyllama" + ("" if r.get("mmap", True) else " --no-mmap")
+        if r.get("device", "numpy") != "numpy":
+            label += f" --device {r['device']}" + (" --compile" if r.get("compile") else "")
         lines.append(
-            f"| {r['shape']} | {label} | {f['decode']:.1f} | {q['decode']:.1f} | {f['prefill']:.0f} | "
-            f"{q['prefill']:.0f} | {f['batch']:.1f} | {q['batch']:.1f} | {f['ttft_ms']:.0f} / {q['ttft_ms']:.0f} | "
-            f"{f['rss_mib']:.0f} / {q['rss_mib']:.0f} |")
+            f"| {r['shape']} | {label} | {f['decode']:.1f} | {cell('decode', '.1f')} | {f['prefill']:.0f} | "
+            f"{cell('prefill', '.0f')} | {f['batch']:.1f} | {cell('batch', '.1f')} | {f['ttft_ms']:.0f} / "
+            f"{cell('ttft_ms', '.0f')} | {f['rss_mib']:.0f} / {cell('rss_mib', '.0f')} |")
     plain = [r for r in rows if r["path"] == "plain"]
     plain_note = (f" (plain rows: {plain[0]['fp32']['decode_tokens']} tokens, {plain[0]['fp32']['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
@@ -248,7 +267,7 @@ def table(rows: list[dict], batch: int, prompt_len: int) -> str:
 def _ratios(rows: list[dict]) -> str:
     """babyllama's decode speed over the C reference's, per shape and format, when both were measured."""
     ref = {r["shape"]: r for r in rows if r["path"] == "reference"}
-    ours = {r["shape"]: r for r in rows if r["path"] == "fast"}
+    ours = {r["shape"]: r for r in rows if r["path"] == "fast" and r.get("device", "numpy") == "numpy"}
     parts = [f"{shape} fp32 {ours[shape]['fp32']['decode'] / r['fp32']['decode']:.2f}x, "
              f"Q8_0 {ours[shape]['q8_0']['decode'] / r['q8_0']['decode']:.2f}x"
              for shape, r in ref.items() if shape in ours]
@@ -256,9 +275,9 @@ def _ratios(rows: list[dict]) -> str:
 
 
 def _child(argv: list[str]) -> None:
-    model, path_name, repeats, tokens, batch, prompt_len, mapping = argv
+    model, path_name, repeats, tokens, batch, prompt_len, mapping, device, compiled = argv
     res = measure(Path(model), path_name == "plain", int(repeats), int(tokens), int(batch), int(prompt_len),
-                  mmap=mapping == "mmap")
+                  mmap=mapping == "mmap", device=device, compile=compiled == "compile")
     print(json.dumps(res))
 
 

@@ -239,7 +239,11 @@ def _generate(model, sampler, prompt: str, steps: int, draft=None, draft_k: int 
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure decode/prefill/batched speed on random models of the "
                                      "tinyllamas shapes, against the plain NumPy baseline")
-    p.add_argument("--shapes", default="15M,42M,110M", help="comma-separated shapes: 15M, 42M, 110M (all)")
+    p.add_argument("--shapes", default="15M,42M,110M",
+                   help="comma-separated shapes: 15M, 42M, 110M (default), 1B (TinyLlama's shape, for GPUs)")
+    p.add_argument("--device", default="numpy",
+                   help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
+    add_compile(p)
     p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (3)")
     p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
     p.add_argument("--plain-tokens", type=int, default=32,
@@ -274,9 +278,11 @@ def cmd_bench(args) -> int:
     paths = ("fast",) if args.no_plain else bench.PATHS
     if args.reference and not (os.path.isfile(args.reference) and os.access(args.reference, os.X_OK)):
         raise BabyLlamaError(f"--reference {args.reference}: not an executable file")
+    from .api import check_device
+    check_device(args.device, args.compile)  # here, as one line, rather than in a child process
     rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
                      bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats, args.reference,
-                     mmap=not args.no_mmap)
+                     mmap=not args.no_mmap, device=args.device, compile=args.compile)
     text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
     print(text)
     if args.output:

@@ -121,6 +121,16 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     assert text.count("| tiny |") == 2 and "plain NumPy" in text
 
 
+def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    rows = bench.run(["tiny"], repeats=1, tokens=8, batch=2, prompt_len=16, directory=tmp_path, device="cpu")
+    assert [(r["path"], r["device"]) for r in rows] == [("fast", "cpu")] and "q8_0" not in rows[0]
+    assert all(rows[0]["fp32"][key] > 0 for key in ("decode", "prefill", "batch", "ttft_ms"))
+    line = [x for x in bench.table(rows, batch=2, prompt_len=16).splitlines() if x.startswith("| tiny |")][0]
+    assert "babyllama --device cpu |" in line and line.count("| – |") == 3
+
+
 def test_bench_builds_and_caches_models(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=16))
     first = bench.model_file("tiny", "q8_0", tmp_path)
