@@ -34,6 +34,9 @@ def add_run(sub) -> None:
                    help="when seq_len is reached, keep the first --n-keep tokens and slide the rest (-n may "
                         "exceed seq_len)")
     p.add_argument("--n-keep", type=int, default=None, help="tokens kept by --context-shift (default: the prompt)")
+    p.add_argument("--rotate-keys", action="store_true",
+                   help="with --context-shift: move the cached keys/values and re-rotate the keys instead of "
+                        "recomputing the kept window (faster; the kept entries still carry the dropped context)")
     p.add_argument("--draft", default=None, metavar="SMALL.bin",
                    help="speculative decoding with this draft model (same tokenizer)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (4)")
@@ -54,7 +57,8 @@ def add_chat(sub) -> None:
     p.add_argument("--device", default="numpy", help="numpy, or cpu / cuda for the PyTorch model")
     add_compile(p)
     add_threads(p)
-    p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, draft=None,
+    p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, rotate_keys=False,
+                   draft=None,
                    draft_k=4, plain=False)
 
 
@@ -130,7 +134,8 @@ def cmd_run(args) -> int:
         return _generate_batch(model, args, steps)
     if args.draft:
         return _generate(model, sampler, prompt, steps, draft=_load_draft(args), draft_k=args.draft_k)
-    return _generate(model, sampler, prompt, steps, context_shift=args.context_shift, n_keep=args.n_keep)
+    return _generate(model, sampler, prompt, steps, context_shift=args.context_shift, n_keep=args.n_keep,
+                     rotate_keys=args.rotate_keys)
 
 
 def _check_speed_flags(args) -> None:
@@ -142,6 +147,8 @@ def _check_speed_flags(args) -> None:
         raise BabyLlamaError(f"{exclusive[0]} works in generate mode only (-m generate)")
     if args.draft_k < 1:
         raise BabyLlamaError(f"--draft-k must be >= 1, got {args.draft_k}")
+    if args.rotate_keys and not args.context_shift:
+        raise BabyLlamaError("--rotate-keys works with --context-shift only")
     if args.n_keep is not None and args.n_keep < 0:
         raise BabyLlamaError(f"--n-keep must be >= 0, got {args.n_keep}")
 
@@ -201,7 +208,7 @@ def _decode_run(tok, ids: list[int]) -> bytes:
 
 
 def _generate(model, sampler, prompt: str, steps: int, draft=None, draft_k: int = 4, context_shift: bool = False,
-              n_keep: int | None = None) -> int:
+              n_keep: int | None = None, rotate_keys: bool = False) -> int:
     from .generate import generate
 
     tok = model.tokenizer
@@ -216,7 +223,8 @@ def _generate(model, sampler, prompt: str, steps: int, draft=None, draft_k: int 
         stats = SpecStats()
         stream = speculative_generate(model.engine, draft, ids, steps, sampler, k=draft_k, stats=stats)
     else:
-        stream = generate(model.engine, ids, steps, sampler, context_shift=context_shift, n_keep=n_keep)
+        stream = generate(model.engine, ids, steps, sampler, context_shift=context_shift, n_keep=n_keep,
+                          rotate_keys=rotate_keys)
     for nxt in stream:
         out.write(tok.decode_piece(prev, nxt))
         out.flush()

@@ -139,6 +139,18 @@ class Engine:
             return nk.matmul(x, [w.wcls], norm=(w.rms_final, a.norm_eps))[0]
         return self._mm((nk.rmsnorm if nk else rmsnorm)(x, w.rms_final, a.norm_eps), w.wcls)[0]
 
+    def shift_cache(self, cache: KVCache, slot: int, start: int, delta: int, end: int) -> None:
+        """Context shift without recomputation: the entries of `slot` at positions [start + delta, end) move
+        to [start, end - delta) in every layer, keys rotated back by delta positions (RoPE: R(p - d) = R(-d)
+        R(p)); what lay in [start, start + delta) is dropped."""
+        kc, vc = cache.k[:, slot], cache.v[:, slot]  # (L, kv_heads, seq_len, hs)
+        keys = kc[:, :, start + delta:end]
+        rows = keys.reshape(-1, 1, self.args.head_size)
+        cos = np.broadcast_to(self.cos[delta], (len(rows), len(self.cos[delta])))
+        sin = np.broadcast_to(-self.sin[delta], cos.shape)  # rotation by -delta
+        kc[:, :, start:end - delta] = apply_rope(rows, cos, sin).reshape(keys.shape)
+        vc[:, :, start:end - delta] = vc[:, :, start + delta:end].copy()
+
     def _block(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
         """One transformer block, x updated in place: products through kernels.py (the plain path, prefill)."""
         a, w, nk = self.args, self.w, self._native

@@ -10,9 +10,12 @@ Positions follow run.c: a sequence may occupy at most `max_pos + 1` tokens (BOS 
 i.e. `max_pos` forward positions, which is run.c's `-n steps`.
 
 Context shift (`Sequence.context_shift`): when a sequence's tokens no longer fit the cache, the first
-`n_keep` tokens stay, the oldest half of the rest is dropped, and the kept window is recomputed from
-scratch in one batched prefill (so the continuation is exactly what a fresh run on the window gives), and
-generation goes on past seq_len. The cache then holds `window()`: tokens[:n_keep] + tokens[n_keep+n_dropped:].
+`n_keep` tokens stay, the oldest half of the rest is dropped, and generation goes on past seq_len. The
+cache then holds `window()`: tokens[:n_keep] + tokens[n_keep+n_dropped:]. By default the kept window is
+recomputed from scratch in one batched prefill, so the continuation is exactly what a fresh run on the
+window gives. With `rotate_keys` the cached keys and values of the kept tokens are moved down instead and
+the keys re-rotated to their new positions (RoPE rotations compose: R(p - d) = R(-d)·R(p)), as llama.cpp
+does: no recomputation, but the kept entries still carry what they saw of the dropped tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Sequence:
     context_shift: bool = False  # slide the window instead of stopping at the cache's seq_len
     n_keep: int = 0  # tokens always kept at the start of the window (the prompt, typically)
     n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
+    rotate_keys: bool = False  # shift by moving and re-rotating cached keys instead of recomputing
 
     def window(self) -> list[int]:
         """The tokens the cache holds (or will hold), position by position."""
@@ -46,15 +50,18 @@ class Sequence:
             return self.tokens
         return self.tokens[: self.n_keep] + self.tokens[self.n_keep + self.n_dropped:]
 
-    def shift_if_full(self, seq_len: int) -> None:
-        """Drop the oldest half of the slidable tokens when the window outgrows the cache."""
+    def shift_if_full(self, seq_len: int) -> int:
+        """Drop the oldest half of the slidable tokens when the window outgrows the cache. Returns how many
+        window positions were dropped (0: no shift); they are positions n_keep.. of the window before."""
         if len(self.tokens) - self.n_dropped <= seq_len:
-            return
-        keep = min(self.n_keep, seq_len // 2)
-        self.n_keep = keep
+            return 0
+        # n_keep can only shrink on the first shift, while nothing is dropped yet: the window is then all of
+        # the tokens, and positions keep.. are the ones dropped either way
+        self.n_keep = keep = min(self.n_keep, seq_len // 2)
         slidable = len(self.tokens) - self.n_dropped - keep
-        self.n_dropped += max(slidable - (seq_len - keep) // 2, 1)
-        self.n_fed = 0  # the window's keys/values are recomputed from position 0
+        delta = max(slidable - (seq_len - keep) // 2, 1)
+        self.n_dropped += delta
+        return delta
 
     def extend(self, ids: Iterable[int]) -> None:
         """Append more input (the next chat turn) and make the sequence runnable again."""
@@ -94,6 +101,18 @@ class Batch:
             self.active.remove(seq)
             self.free_slots.append(seq.slot)
 
+    def _shift_if_full(self, seq: Sequence) -> None:
+        delta = seq.shift_if_full(self.cache.seq_len)
+        if not delta:
+            return
+        if not seq.rotate_keys:
+            seq.n_fed = 0  # the window's keys/values are recomputed from position 0
+        elif seq.n_fed > seq.n_keep + delta:  # cached entries after the dropped ones move down by delta
+            self.engine.shift_cache(self.cache, seq.slot, seq.n_keep, delta, seq.n_fed)
+            seq.n_fed -= delta
+        else:  # nothing cached after the dropped positions: keep what precedes them
+            seq.n_fed = min(seq.n_fed, seq.n_keep)
+
     def step(self) -> list[tuple[Sequence, int]]:
         """One forward pass over every runnable sequence; returns the (sequence, new token) pairs."""
         tokens, positions, slots, ready = [], [], [], []
@@ -102,7 +121,7 @@ class Batch:
             if seq.done or budget <= 0:
                 continue
             if seq.context_shift:
-                seq.shift_if_full(self.cache.seq_len)
+                self._shift_if_full(seq)
             window = seq.window()
             end = min(len(window), seq.n_fed + budget)
             chunk = range(seq.n_fed, end)
@@ -131,14 +150,15 @@ class Batch:
 
 
 def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
-             stop_ids: Iterable[int] = (BOS,), context_shift: bool = False, n_keep: int | None = None
-             ) -> Iterator[int]:
+             stop_ids: Iterable[int] = (BOS,), context_shift: bool = False, n_keep: int | None = None,
+             rotate_keys: bool = False) -> Iterator[int]:
     """Stream the tokens sampled after `prompt_ids` (run.c semantics: `steps` positions in all). With
-    `context_shift`, `steps` may exceed seq_len; `n_keep` (default: the prompt) tokens stay in the window."""
+    `context_shift`, `steps` may exceed seq_len; `n_keep` (default: the prompt) tokens stay in the window,
+    and `rotate_keys` shifts the cache instead of recomputing it (see the module's docstring)."""
     batch = Batch(engine, 1)
     keep = len(prompt_ids) if n_keep is None else n_keep
     seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids), context_shift=context_shift,
-                             n_keep=keep))
+                             n_keep=keep, rotate_keys=rotate_keys))
     while not seq.done:
         for _, tok in batch.step():
             yield tok

@@ -276,6 +276,17 @@ class TorchEngine:
         return cache
 
     @torch.inference_mode()
+    def shift_cache(self, cache: TorchEngine.Cache, slot: int, start: int, delta: int, end: int) -> None:
+        """Engine.shift_cache on the PyTorch cache: entries [start + delta, end) of `slot` move to
+        [start, end - delta), keys rotated back by delta positions."""
+        cos, sin = self.model.freqs_cos[delta], self.model.freqs_sin[delta]
+        n = end - start - delta
+        for k, v in cache.layers:  # (slots, seq_len, kv_heads, hs)
+            keys = k[slot:slot + 1, start + delta:end].float()
+            k[slot, start:end - delta] = apply_rope(keys, cos.expand(n, -1), -sin.expand(n, -1))[0].to(k.dtype)
+            v[slot, start:end - delta] = v[slot, start + delta:end].clone()
+
+    @torch.inference_mode()
     def forward(self, tokens, positions, cache: TorchEngine.Cache, slots=None, logits: str = "all") -> np.ndarray:
         from .engine import segments
 

@@ -79,6 +79,8 @@ def test_context_shift_goes_past_seq_len(tmp_path):
     shifted = run(model, tok, "-t", "0", "-n", "100", "--context-shift", "--n-keep", "2").stdout
     # identical up to seq_len, then ~3x the positions (100 instead of 32) of text
     assert shifted.startswith(plain.rstrip(b"\n")) and len(shifted) > 2.5 * len(plain)
+    rotated = run(model, tok, "-t", "0", "-n", "100", "--context-shift", "--n-keep", "2", "--rotate-keys").stdout
+    assert rotated.startswith(plain.rstrip(b"\n")) and len(rotated) > 2.5 * len(plain)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -87,6 +89,7 @@ def test_context_shift_goes_past_seq_len(tmp_path):
     (["--threads", "0"], b"--threads must be >= 1"),
     (["--draft-k", "0", "--draft", "x"], b"--draft-k must be >= 1"),
     (["-m", "chat", "--context-shift"], b"generate mode only"),
+    (["--rotate-keys"], b"--rotate-keys works with --context-shift only"),
 ])
 def test_bad_speed_flags(stories260k, tok512, flags, message):
     proc = run_cli("run", str(stories260k), "-z", str(tok512), *flags)

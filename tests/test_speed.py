@@ -358,3 +358,38 @@ def test_native_attention_step_matches_numpy(head_size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(caches[1].k, caches[0].k, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(caches[1].v, caches[0].v)
+
+
+def test_shift_cache_moves_entries_and_rerotates_keys():
+    """After Engine.shift_cache, layer 0's keys equal those a fresh run computes at the new positions (a
+    layer-0 key depends on its own token only), and every moved value is the old one."""
+    args = tiny_args(max_seq_len=32)
+    e = Engine(random_weights(args, scale=0.2))
+    tokens = np.random.default_rng(5).integers(0, args.vocab_size, 20)
+    cache = e.new_cache(2)
+    e.forward(tokens, np.arange(20), cache, slots=np.ones(20, int))
+    old_v = cache.v[:, 1].copy()
+    e.shift_cache(cache, 1, 3, 5, 20)  # drop positions 3..7, move 8..19 down to 3..14
+    window = np.concatenate([tokens[:3], tokens[8:]])
+    fresh = e.new_cache(1)
+    e.forward(window, np.arange(15), fresh)
+    np.testing.assert_allclose(cache.k[0, 1, :, :15], fresh.k[0, 0, :, :15], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(cache.v[:, 1, :, 3:15], old_v[:, :, 8:20])
+    np.testing.assert_array_equal(cache.v[:, 1, :, :3], old_v[:, :, :3])
+
+
+def test_context_shift_by_rotation_matches_across_engines():
+    """--rotate-keys: generation goes past seq_len with the cache shifted in place (no recomputation), with
+    the same greedy tokens on the fast, plain and PyTorch engines."""
+    args = tiny_args(max_seq_len=24)
+    w = random_weights(args, scale=0.2)
+    prompt = [1, 17, 18]
+    runs = {name: list(generate(engine, prompt, 70, Sampler(0.0), context_shift=True, rotate_keys=True))
+            for name, engine in (("fast", Engine(w)), ("plain", Engine(w, plain=True)))}
+    torch_model = pytest.importorskip("babyllama.model")
+    runs["torch"] = list(generate(torch_model.TorchEngine(torch_model.Transformer.from_weights(w)), prompt, 70,
+                                  Sampler(0.0), context_shift=True, rotate_keys=True))
+    assert len(runs["fast"]) == 70 + 1 - len(prompt)
+    assert runs["fast"] == runs["plain"] == runs["torch"]
+    recomputed = list(generate(Engine(w), prompt, 70, Sampler(0.0), context_shift=True))
+    assert recomputed[:args.max_seq_len - len(prompt)] == runs["fast"][:args.max_seq_len - len(prompt)]
