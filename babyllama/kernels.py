@@ -112,7 +112,9 @@ def _q8_gemm(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
     gs = ws[0].group_size
     xq, xs = quantize_rows(np.ascontiguousarray(x, dtype=np.float32), gs)
     xd = dequantize_rows(xq.reshape(x.shape), xs, gs)
-    return [xd @ w.dequantize().T for w in ws]
+    name, native = backend()
+    dequantize = native.dequantize if name == "native" else QTensor.dequantize
+    return [xd @ dequantize(w).T for w in ws]
 
 
 def matmul_many(x: np.ndarray, ws: Sequence) -> list[np.ndarray]:

@@ -124,6 +124,7 @@ class NativeKernels:
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
+        self.lib.dequantize_q8.argtypes = [ptr, ptr, i64, i64, i64, ptr]
         self.lib.forward_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
         self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
@@ -198,6 +199,13 @@ class NativeKernels:
 
     def matmul_q8_many(self, x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
         return self.matmul(x, ws)
+
+    def dequantize(self, w: QTensor) -> np.ndarray:
+        """w as fp32 (QTensor.dequantize, on every thread)."""
+        q, s = np.ascontiguousarray(w.q), np.ascontiguousarray(w.s)
+        out = np.empty(q.shape, dtype=np.float32)
+        self.lib.dequantize_q8(_address(q), _address(s), q.shape[0], q.shape[1], w.group_size, _address(out))
+        return out
 
     def threads(self) -> int:
         return self.lib.kernel_threads()

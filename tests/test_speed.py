@@ -393,3 +393,15 @@ def test_context_shift_by_rotation_matches_across_engines():
     assert runs["fast"] == runs["plain"] == runs["torch"]
     recomputed = list(generate(Engine(w), prompt, 70, Sampler(0.0), context_shift=True))
     assert recomputed[:args.max_seq_len - len(prompt)] == runs["fast"][:args.max_seq_len - len(prompt)]
+
+
+@pytest.mark.parametrize("group_size", [64, 4])  # 4: shorter than one AVX2 vector, the scalar path
+def test_native_dequantize_is_exact(group_size):
+    from babyllama import kernels_native
+    from babyllama.formats import quantize_q80
+
+    native = kernels_native.load()
+    if native is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    w = quantize_q80(rng.standard_normal((24, 128)).astype(np.float32), group_size)
+    np.testing.assert_array_equal(native.dequantize(w), w.dequantize())

@@ -289,6 +289,25 @@ void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *
     free(xs);
 }
 
+/* out (rows, n) = the Q8_0 weights w (rows, n) times their group scales s (rows, n / gs): a prompt's
+ * products run in fp32 BLAS, and NumPy's version of this took a third of a 110M prefill */
+void dequantize_q8(const int8_t *w, const float *s, int64_t rows, int64_t n, int64_t gs, float *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < rows * (n / gs); g++) {
+        const int8_t *q = w + g * gs;
+        float *o = out + g * gs, scale = s[g];
+        int64_t k = 0;
+#ifdef __AVX2__
+        __m256 vs = _mm256_set1_ps(scale);
+        for (; k + 8 <= gs; k += 8) {
+            __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k)));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+        }
+#endif
+        for (; k < gs; k++) o[k] = (float)q[k] * scale;
+    }
+}
+
 /* ------------------------------------------------------------------- the rest of a decode step */
 /* A decode step's other operations are tiny (one vector per token), so in NumPy each costs its call
  * overhead more than its arithmetic; these do them in one call each, with the same formulas as engine.py. */
