@@ -7,7 +7,11 @@ Python API (mirrors the CLI):
 
 from __future__ import annotations
 
+from .threads import set_wait_defaults
+
 __version__ = "0.1.0"
+
+set_wait_defaults()  # before anything imports NumPy (OpenBLAS) or loads the native kernels (OpenMP)
 
 __all__ = ["Model", "load", "__version__"]
 

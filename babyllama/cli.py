@@ -248,7 +248,7 @@ def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure decode/prefill/batched speed on random models of the "
                                      "tinyllamas shapes, against the plain NumPy baseline")
     p.add_argument("--shapes", default="15M,42M,110M",
-                   help="comma-separated shapes: 15M, 42M, 110M (default), 1B (TinyLlama's shape, for GPUs)")
+                   help="comma-separated, of 15M, 42M, 110M, 1B (TinyLlama's shape, for GPUs); default %(default)s")
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)

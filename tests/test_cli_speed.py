@@ -141,3 +141,22 @@ def test_bench_builds_and_caches_models(tmp_path, monkeypatch):
     assert version == 2 and args.vocab_size == 32000 and args.dim == 32
     mtime = first.stat().st_mtime_ns
     assert bench.model_file("tiny", "q8_0", tmp_path).stat().st_mtime_ns == mtime  # cached, not rebuilt
+
+
+def test_importing_babyllama_shortens_thread_spin_waits_unless_set():
+    """The pools' spin-wait settings are read when NumPy/the kernels load: `import babyllama` must set them
+    first, and leave a user's own values alone."""
+    import os
+    import subprocess
+    import sys
+
+    from babyllama.threads import WAIT_DEFAULTS
+
+    show = "import babyllama, os, sys; print(os.environ['GOMP_SPINCOUNT'], os.environ['OPENBLAS_THREAD_TIMEOUT'], " \
+           "'numpy' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_DEFAULTS}
+    out = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [WAIT_DEFAULTS["GOMP_SPINCOUNT"], WAIT_DEFAULTS["OPENBLAS_THREAD_TIMEOUT"], "False"]
+    env["GOMP_SPINCOUNT"] = "123"
+    out = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "123"
