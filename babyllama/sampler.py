@@ -42,9 +42,10 @@ def sample_mult(probs: np.ndarray, coin: np.float32) -> int:
     return min(i, len(probs) - 1)
 
 
-def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
-    """run.c's nucleus sampling: drop candidates below (1-topp)/(n-1) before sorting, keep the smallest
-    prefix whose mass exceeds topp, and sample within it."""
+def nucleus(probs: np.ndarray, topp: float) -> tuple[np.ndarray, np.ndarray]:
+    """run.c's top-p set: drop candidates below (1-topp)/(n-1) before sorting (they cannot be in it, and
+    sorting the whole vocabulary is what costs), then keep the smallest prefix, by falling probability,
+    whose mass exceeds topp. Returns its token ids and their running mass."""
     n = len(probs)
     cutoff = np.float32((1.0 - np.float32(topp)) / (n - 1))
     cand = np.flatnonzero(probs >= cutoff)
@@ -52,9 +53,15 @@ def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
     cum = np.cumsum(probs[cand], dtype=np.float32)
     over = np.flatnonzero(cum > np.float32(topp))
     last = int(over[0]) if len(over) else len(cand) - 1
-    r = np.float32(coin * cum[last])
-    i = int(np.searchsorted(cum[: last + 1], r, side="right"))
-    return int(cand[min(i, last)])
+    return cand[: last + 1], cum[: last + 1]
+
+
+def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
+    """run.c's nucleus sampling: a coin scaled by the nucleus's mass, looked up in its running mass."""
+    cand, cum = nucleus(probs, topp)
+    r = np.float32(coin * cum[-1])
+    i = int(np.searchsorted(cum, r, side="right"))
+    return int(cand[min(i, len(cand) - 1)])
 
 
 class Sampler:
@@ -77,12 +84,9 @@ class Sampler:
         probs = self.probs(logits)
         if not 0.0 < self.topp < 1.0:
             return probs
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order], dtype=np.float32)
-        last = int(np.searchsorted(cum, np.float32(self.topp), side="right"))
-        keep = order[: last + 1]
+        keep, cum = nucleus(probs, self.topp)
         out = np.zeros_like(probs)
-        out[keep] = probs[keep] / probs[keep].sum(dtype=np.float32)
+        out[keep] = probs[keep] / cum[-1]
         return out
 
     def sample(self, logits: np.ndarray) -> int:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from babyllama.sampler import Rng, Sampler, sample_mult, sample_topp
 
@@ -48,3 +49,22 @@ def test_sampling_distribution_matches_softmax():
     counts = np.bincount([s.sample(logits) for _ in range(20000)], minlength=4) / 20000
     expected = np.exp(logits) / np.exp(logits).sum()
     assert np.abs(counts - expected).max() < 0.02
+
+
+@pytest.mark.parametrize("vocab", [7, 512, 32000])
+def test_topp_distribution_is_the_renormalized_nucleus_of_the_full_sort(vocab):
+    """`distribution` (what speculative decoding compares) skips the tail before sorting; it must still be the
+    top-p set of a full sort, renormalized, and put mass exactly where sample_topp can land."""
+    rng = np.random.default_rng(vocab)
+    for scale in (0.5, 3.0, 8.0):
+        s = Sampler(1.0, 0.9, 1)
+        logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+        probs = s.probs(logits)
+        order = np.argsort(-probs, kind="stable")
+        cum = np.cumsum(probs[order], dtype=np.float32)
+        keep = order[: int(np.searchsorted(cum, np.float32(0.9), side="right")) + 1]
+        dist = s.distribution(logits)
+        assert set(np.flatnonzero(dist)) == set(keep.tolist())
+        np.testing.assert_allclose(dist[keep], probs[keep] / probs[keep].sum(), rtol=1e-5)
+        landed = {sample_topp(probs, 0.9, np.float32(c)) for c in np.linspace(0, 0.999999, 4001)}
+        assert landed <= set(keep.tolist())
