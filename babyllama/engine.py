@@ -68,6 +68,8 @@ def silu(x: np.ndarray) -> np.ndarray:
 def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Split a token batch into runs of one slot at consecutive positions: (start, end, slot, first_pos)."""
     n = len(slots)
+    if n == 1:  # a decode step: the common case, without NumPy's per-call costs
+        return [(0, 1, int(slots[0]), int(positions[0]))]
     breaks = np.flatnonzero((slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)) + 1
     bounds = [0, *breaks.tolist(), n]
     return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -231,7 +231,7 @@ def test_threads_flag_and_environment_reach_blas_and_numba():
     assert _threads_seen({"OPENBLAS_NUM_THREADS": "1"}, None) == "1 1"  # numba follows the BLAS setting
 
 
-@pytest.mark.parametrize("n", [96, 101])  # 101: not a multiple of the SIMD width (the scalar tail path)
+@pytest.mark.parametrize("n", [96, 101, 5])  # 101: 12 SIMD steps and a scalar tail; 5: the tail alone
 @pytest.mark.parametrize("rows", [1, 3, kernels.F32_KERNEL_MAX_ROWS])
 def test_fp32_decode_kernel_matches_blas(rows, n, q8_backend, monkeypatch):
     monkeypatch.setattr(kernels, "F32_NUMBA_MIN_ELEMENTS", 0)  # small matrices too take the kernel

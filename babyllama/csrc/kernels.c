@@ -81,20 +81,28 @@ static inline float hsum8(__m256 v) {
  * hardware prefetchers alone fell behind (32000x768 weights, 8 tokens, one thread: 20 -> 12 ms). */
 #define F32_BATCH_PREFETCH_BYTES 8192
 
-/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x; n % 8 == 0. One weight stream, each weight
- * vector loaded once for all tokens (the rows of x stay in L1) */
+/* scalar sum of w[k] x[k] for k in [from, n): the tail of a row whose length is not a multiple of 8 */
+static inline float tail_dot(const float *w, const float *x, int64_t from, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t k = from; k < n; k++) acc += w[k] * x[k];
+    return acc;
+}
+
+/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x (rows of n floats). One weight stream, each
+ * weight vector loaded once for all tokens (the rows of x stay in L1); the n % 8 last columns in scalar */
 ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int nt, float *res) {
     __m256 acc[8];
+    int64_t n8 = n & ~(int64_t)7;
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n; k += 8) {
+    for (int64_t k = 0; k < n8; k += 8) {
         __m256 wv = _mm256_loadu_ps(w + k);
         if ((k & 15) == 0) _mm_prefetch((const char *)(w + k) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
         UNROLL
         for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * n + k), acc[t]);
     }
     UNROLL
-    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]);
+    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]) + tail_dot(w, x + t * n, n8, n);
 }
 #endif
 
@@ -109,21 +117,18 @@ static inline float dot1_f32_avx2(const float *w, const float *x, int64_t n) {
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
     }
-    for (; k < n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail_dot(w, x, k, n);
 }
 #endif
 
 /* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x */
 static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *res) {
 #ifdef __AVX2__
-    if (n % 8 == 0) {
-        /* a constant token count lets the compiler keep every accumulator in a register */
-        switch (nt) {
+    switch (nt) { /* a constant token count lets the compiler keep every accumulator in a register */
 #define DOTS_F32(c) case c: dots_f32_avx2(w, x, n, c, res); return;
-            DOTS_F32(1) DOTS_F32(2) DOTS_F32(3) DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
+        DOTS_F32(1) DOTS_F32(2) DOTS_F32(3) DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
 #undef DOTS_F32
-        }
     }
 #endif
     for (int t = 0; t < nt; t++) {
@@ -139,7 +144,7 @@ static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *r
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
 #ifdef __AVX2__
-    if (n_tok == 1 && n % 8 == 0) { /* decode: the plain loop, nothing between one row's dot and the next */
+    if (n_tok == 1) { /* decode: the plain loop, nothing between one row's dot and the next */
         const float *w = (const float *)m->w;
         float *o = out + m->row0;
         for (int64_t i = lo; i < hi; i++) store(&o[i], dot1_f32_avx2(w + i * n, x, n), accumulate);
