@@ -55,6 +55,21 @@ def test_q8_kernel_matches_runq_reference(rows, group_size, q8_backend):
         np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("rows", [1, 8])
+def test_q8_kernel_takes_the_full_int8_range(rows, q8_backend):
+    """Weights and activations at -128 and +-127 (files from other quantizers may hold -128): the byte
+    multiply-add's |w| and its pair sums must neither wrap nor saturate."""
+    from babyllama.formats import QTensor
+
+    n, gs = 128, 64
+    q = np.tile(np.array([-128, 127, -127, -128], dtype=np.int8), (5, n // 4))
+    w = QTensor(q, np.full((5, n // gs), 0.01, dtype=np.float32), gs)
+    x = np.tile(np.array([1.0, -1.0, 1.0, 1.0], dtype=np.float32), (rows, n // 4))  # quantizes to +-127
+    ref = kernels.matmul_q8(x, w)
+    np.testing.assert_allclose(kernels.matmul_many(x, [w])[0], ref, rtol=1e-6)
+    assert np.all(ref != 0)
+
+
 def test_backend_choice_and_fallback(monkeypatch):
     """The best available backend is chosen; one that cannot load falls back down the list."""
     pytest.importorskip("numba")

@@ -10,9 +10,9 @@
  *    (scale = max|x|/127, q = round(x/scale)) and
  *        out[t][i] = sum_g  w_s[i][g] * x_s[t][g] * sum_{k in g} w_q[i][k] * x_q[t][k].
  *    The inner integer sum is exact. With AVX2 and gs % 32 == 0 it is computed 32 products at a time:
- *    maddubs multiplies unsigned by signed bytes, so |x| (unsigned) meets w * sign(x) (signed), which is
- *    the same product; pairs are summed into int16 (at most 2 * 127 * 127, no overflow) and madd with ones
- *    sums them on into int32.
+ *    maddubs multiplies unsigned by signed bytes, so |w| (unsigned, computed once per weight vector for all
+ *    the tokens of a batch) meets x * sign(w) (signed), which is the same product; pairs are summed into
+ *    int16 (at most 2 * 128 * 127, no overflow) and madd with ones sums them on into int32.
  *
  * Several matrices that read the same input (wq/wk/wv, w1/w3) go in one call and one parallel region, in
  * which each thread takes its share of every matrix, so a decode step starts few parallel regions.
@@ -218,11 +218,12 @@ ALWAYS_INLINE void dots_q8_avx2(const int8_t *w, const float *ws, const int8_t *
         for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
             __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+            __m256i wabs = _mm256_sign_epi8(wv, wv); /* once for all tokens (see the file's header) */
             _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
             UNROLL
             for (int t = 0; t < nt; t++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + k));
-                __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p16, ones));
             }
         }
