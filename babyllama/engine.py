@@ -84,9 +84,10 @@ class Engine:
     """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
     baseline the fast path is tested and benchmarked against. The fast path groups the products that read
     the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled kernels when present
-    (kernels.py). With the native (C) backend, a decode-sized step runs all of its layers in one C call
-    (`forward_layers`: the same block as `_block`, with the norms, the SwiGLU gate and the residual additions
-    inside the products), since Python's per-call overhead otherwise rivals a small model's arithmetic.
+    (kernels.py). With the native (C) backend, a decode-sized step is one C call (`forward_step`: the
+    embedding, every layer as in `_block` with the norms, the SwiGLU gate and the residual additions inside
+    the products, then the classifier), since Python's per-call overhead otherwise rivals a small model's
+    arithmetic.
     Weights are never copied (they stay memory-mapped unless loaded with mmap=False)."""
 
     def __init__(self, weights: Weights, plain: bool = False):
@@ -121,24 +122,21 @@ class Engine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
-        if positions.min(initial=0) < 0 or positions.max(initial=0) >= cache.seq_len:
-            raise ValueError(f"positions must lie in [0, {cache.seq_len})")
+        nk = self._native
+        if nk is not None and len(tokens) <= FUSED_MAX_TOKENS:  # one C call, which checks the indices itself
+            rows = [end - 1 for _, end, _, _ in segments(slots, positions)] if logits == "last" else range(len(tokens))
+            return nk.forward_step(self._plan(nk), tokens, positions, slots, cache.k, cache.v, rows)
+        for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),
+                                  (slots, cache.n_slots, "slots")):  # NumPy would wrap negative indices
+            if values.min(initial=0) < 0 or values.max(initial=0) >= end:
+                raise ValueError(f"{what} must lie in [0, {end})")
         runs = segments(slots, positions)
         cos, sin = self.cos[positions], self.sin[positions]
-        n = len(tokens)
-
-        nk = self._native
-        fused = nk is not None and n <= FUSED_MAX_TOKENS
         x = w.tok_embeddings[tokens].astype(np.float32)
-        if fused:
-            nk.forward_layers(self._plan(nk), x, cos, sin, cache.k, cache.v, slots, positions)
-        else:
-            for layer in range(a.n_layers):
-                self._block(x, layer, cache, slots, positions, runs, cos, sin)
+        for layer in range(a.n_layers):
+            self._block(x, layer, cache, slots, positions, runs, cos, sin)
         if logits == "last":
             x = x[[end - 1 for _, end, _, _ in runs]]
-        if fused:
-            return nk.matmul(x, [w.wcls], norm=(w.rms_final, a.norm_eps))[0]
         return self._mm((nk.rmsnorm if nk else rmsnorm)(x, w.rms_final, a.norm_eps), w.wcls)[0]
 
     def shift_cache(self, cache: KVCache, slot: int, start: int, delta: int, end: int) -> None:
@@ -165,7 +163,7 @@ class Engine:
     def _plan(self, nk):
         """The native kernels' description of this model's layers, made once (per kernels object)."""
         if getattr(self, "_plan_for", None) is not nk:
-            self._plan_for, self._native_plan = nk, nk.describe(self.w)
+            self._plan_for, self._native_plan = nk, nk.describe(self.w, self.cos, self.sin)
         return self._native_plan
 
     def _attention(self, q, k, v, layer, cache, slots, positions, runs, cos, sin) -> np.ndarray:

@@ -45,15 +45,24 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size", "gs")] + \
-               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]
+               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", ctypes.c_void_p),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("n_positions", ctypes.c_int64), ("cls", _Mat),
+                ("cls_gs", ctypes.c_int64),
+                ("rms_final", ctypes.c_void_p)]
 
 
 class ModelPlan:
-    """A model's layer weights described to C once (see `NativeKernels.describe`); holds the weights so
-    that the pointers stay valid."""
+    """A model described to C once (see `NativeKernels.describe`); holds the arrays behind its pointers so
+    that they stay valid."""
 
-    def __init__(self, weights: Weights, struct: _Model, layers: ctypes.Array):
-        self.weights, self.struct, self.layers = weights, struct, layers
+    def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array):
+        self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
+        self.vocab_size = weights.args.vocab_size
+
+
+# forward_step's return codes: which of its index arrays held a value outside its table
+STEP_ERRORS = {1: "token ids must lie in [0, vocab_size)", 2: "positions must lie in [0, seq_len)",
+               3: "slots must lie in [0, the cache's slots)", 4: "rows must index the step's tokens"}
 
 
 def cache_root() -> Path:
@@ -125,7 +134,8 @@ class NativeKernels:
         self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
         self.lib.dequantize_q8.argtypes = [ptr, ptr, i64, i64, i64, ptr]
-        self.lib.forward_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
+        self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr]
+        self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
         self.path = path
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]]]] = {}
@@ -242,8 +252,9 @@ class NativeKernels:
         self.lib.swiglu(_address(a), _address(b), a.size, _address(out))
         return out
 
-    def describe(self, w: Weights) -> ModelPlan:
-        """The layer weights of w for `forward_layers` (built once per model: it holds pointers)."""
+    def describe(self, w: Weights, cos: np.ndarray, sin: np.ndarray) -> ModelPlan:
+        """w and its RoPE tables cos/sin (positions, hs/2) for `forward_step` (built once per model: it holds
+        pointers)."""
         a = w.args
         layers = (_Layer * a.n_layers)()
         for i, ly in enumerate(layers):
@@ -254,23 +265,33 @@ class NativeKernels:
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
         struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, w.group_size,
                         a.norm_eps, layers)
-        return ModelPlan(w, struct, layers)
+        struct.embeddings = _address(_checked(w.tok_embeddings))
+        struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
+        self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(struct.cls)), [w.wcls])
+        struct.cls_gs = w.wcls.group_size if isinstance(w.wcls, QTensor) else 0
+        struct.rms_final = _address(_checked(w.rms_final))
+        return ModelPlan(w, (cos, sin), struct, layers)
 
-    def forward_layers(self, plan: ModelPlan, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, keys: np.ndarray,
-                       values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
-        """Every transformer block for a decode-sized step, x (N, dim) updated in place: RoPE with each
-        token's cos/sin (N, hs/2), keys/values written into the cache arrays (L, slots, kv_heads, seq_len,
-        hs) at (slots[i], positions[i]), each token attending over its slot up to its position."""
-        if not (x.flags.c_contiguous and x.dtype == np.float32 and x.flags.writeable):
-            raise ValueError("x must be a writable contiguous float32 array")
+    def forward_step(self, plan: ModelPlan, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                     keys: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """A decode-sized step in one call: tokens (N,) embedded, every transformer block (RoPE at each
+        token's position, keys/values written into the cache arrays (L, slots, kv_heads, seq_len, hs) at
+        (slots[i], positions[i]), each token attending over its slot up to its position), then the final
+        norm and the classifier for the step's rows `rows`: logits (len(rows), vocab)."""
         if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
             raise ValueError("the cache must be writable contiguous float32 arrays")
-        cos, sin = _contiguous(cos), _contiguous(sin)
-        slots = np.ascontiguousarray(slots, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        self.lib.forward_layers(ctypes.byref(plan.struct), _address(x), x.shape[0], _address(cos), _address(sin),
-                                _address(keys), _address(values), keys.shape[1], keys.shape[3], _address(slots),
-                                _address(positions))
+        tokens, positions, slots, rows = (np.ascontiguousarray(a, dtype=np.int64)
+                                          for a in (tokens, positions, slots, rows))
+        n = len(tokens)
+        if not (len(positions) == len(slots) == n):
+            raise ValueError("tokens, positions and slots must have one entry per token")
+        logits = np.empty((len(rows), plan.vocab_size), dtype=np.float32)
+        err = self.lib.forward_step(ctypes.byref(plan.struct), _address(tokens), n, _address(slots),
+                                    _address(positions), _address(keys), _address(values), keys.shape[1],
+                                    keys.shape[3], _address(rows), len(rows), _address(logits))
+        if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
+            raise ValueError(STEP_ERRORS[err])
+        return logits
 
 
 def _checked(a: np.ndarray) -> np.ndarray:

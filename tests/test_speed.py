@@ -420,3 +420,25 @@ def test_native_dequantize_is_exact(group_size):
         pytest.skip("no C compiler: the native kernels cannot be built here")
     w = quantize_q80(rng.standard_normal((24, 128)).astype(np.float32), group_size)
     np.testing.assert_array_equal(native.dequantize(w), w.dequantize())
+
+
+@pytest.mark.parametrize("n", [1, 3, 12])  # 1 and 3: one native call (forward_step); 12: the prompt path
+def test_engine_rejects_indices_outside_its_tables(n, q8_backend):
+    """Token ids, positions and slots index tables that C reads and writes: bad ones must raise, on every path,
+    and leave the cache as it was."""
+    args = tiny_args()
+    e = Engine(random_weights(args, scale=0.2))
+    cache = e.new_cache(2)
+    ok_tokens, ok_positions = [5] * n, list(range(n))
+    bad = [([args.vocab_size] + ok_tokens[1:], ok_positions, None),
+           ([-1] + ok_tokens[1:], ok_positions, None),
+           (ok_tokens, ok_positions[:-1] + [cache.seq_len], None),
+           (ok_tokens, ok_positions[:-1] + [-1], None),
+           (ok_tokens, ok_positions, [0] * (n - 1) + [2])]
+    for tokens, positions, slots in bad:
+        with pytest.raises(ValueError, match="must lie in"):
+            e.forward(tokens, positions, cache, slots, logits="last")
+    if n <= 8 and kernels.backend()[0] == "native":  # the one-call step checks before writing anything
+        assert not cache.k.any() and not cache.v.any()
+    good = e.forward(ok_tokens, ok_positions, cache, logits="last")
+    assert good.shape == (1, args.vocab_size) and np.isfinite(good).all()

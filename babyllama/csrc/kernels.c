@@ -539,6 +539,13 @@ typedef struct {
     int64_t gs; /* Q8_0 group size of every layer matrix, 0 for fp32 */
     float eps;
     const Layer *layers;
+    /* what surrounds the layers in a decode step (forward_step) */
+    const float *embeddings; /* (vocab, dim) fp32 */
+    const float *cos, *sin;  /* RoPE tables (n_positions, head_size / 2) */
+    int64_t n_positions;
+    Mat cls;                 /* the classifier, (vocab, dim) */
+    int64_t cls_gs;          /* its Q8_0 group size, 0 for fp32 */
+    const float *rms_final;
 } Model;
 
 static void product(const Model *m, const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
@@ -574,6 +581,44 @@ void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, c
     free(qkv);
     free(att);
     free(h13);
+}
+
+/* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
+ * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
+ * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
+ * or an output row lies outside its table (see kernels_native.STEP_ERRORS). */
+static int out_of_range(const int64_t *a, int64_t n, int64_t end) {
+    for (int64_t i = 0; i < n; i++)
+        if (a[i] < 0 || a[i] >= end) return 1;
+    return 0;
+}
+
+int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int64_t *slots,
+                  const int64_t *positions, float *kc, float *vc, int64_t n_slots, int64_t seq_len,
+                  const int64_t *out_rows, int64_t n_out, float *logits) {
+    int64_t dim = m->dim, half = m->head_size / 2;
+    if (out_of_range(tokens, n_tok, m->cls.rows)) return 1;
+    if (out_of_range(positions, n_tok, seq_len < m->n_positions ? seq_len : m->n_positions)) return 2;
+    if (out_of_range(slots, n_tok, n_slots)) return 3;
+    if (out_of_range(out_rows, n_out, n_tok)) return 4;
+    float *x = malloc(n_tok * dim * sizeof(float));
+    float *cos = malloc(n_tok * half * sizeof(float)), *sin = malloc(n_tok * half * sizeof(float));
+    for (int64_t t = 0; t < n_tok; t++) {
+        memcpy(x + t * dim, m->embeddings + tokens[t] * dim, dim * sizeof(float));
+        memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
+        memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
+    }
+    forward_layers(m, x, n_tok, cos, sin, kc, vc, n_slots, seq_len, slots, positions);
+    float *rows = malloc(n_out * dim * sizeof(float));
+    for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
+    Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
+    if (m->cls_gs) matmul_q8(rows, n_out, dim, m->cls_gs, &m->cls, 1, logits, &final_norm);
+    else matmul_f32(rows, n_out, dim, &m->cls, 1, logits, &final_norm);
+    free(x);
+    free(cos);
+    free(sin);
+    free(rows);
+    return 0;
 }
 
 /* threads the kernels will use (OMP_NUM_THREADS, --threads): for tests and the bench's machine line */
