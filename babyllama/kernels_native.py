@@ -46,9 +46,8 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size", "gs")] + \
                [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", ctypes.c_void_p),
-                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("n_positions", ctypes.c_int64), ("cls", _Mat),
-                ("cls_gs", ctypes.c_int64),
-                ("rms_final", ctypes.c_void_p)]
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("n_positions", ctypes.c_int64),
+                ("cls", _Mat), ("cls_gs", ctypes.c_int64), ("rms_final", ctypes.c_void_p)]
 
 
 class ModelPlan:
@@ -297,7 +296,7 @@ class NativeKernels:
 def _checked(a: np.ndarray) -> np.ndarray:
     """a itself, which C will read through a stored pointer: it must not be a temporary copy."""
     if not (a.flags.c_contiguous and a.dtype == np.float32):
-        raise ValueError("norm weights must be contiguous float32")
+        raise ValueError("arrays that C reads through stored pointers must be contiguous float32")
     return a
 
 

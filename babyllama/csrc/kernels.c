@@ -583,16 +583,16 @@ void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, c
     free(h13);
 }
 
-/* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
- * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
- * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
- * or an output row lies outside its table (see kernels_native.STEP_ERRORS). */
 static int out_of_range(const int64_t *a, int64_t n, int64_t end) {
     for (int64_t i = 0; i < n; i++)
         if (a[i] < 0 || a[i] >= end) return 1;
     return 0;
 }
 
+/* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
+ * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
+ * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
+ * or an output row lies outside its table (see kernels_native.STEP_ERRORS). */
 int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int64_t *slots,
                   const int64_t *positions, float *kc, float *vc, int64_t n_slots, int64_t seq_len,
                   const int64_t *out_rows, int64_t n_out, float *logits) {
