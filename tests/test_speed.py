@@ -43,7 +43,8 @@ def native_unavailable() -> bool:
 
 
 @pytest.mark.parametrize("group_size", [64, 8])  # 8: not a multiple of 32, the kernels' scalar path
-@pytest.mark.parametrize("rows", [1, 3, 8, 11, kernels.Q8_GEMM_MIN_ROWS + 4])  # 11: 8 + 3 tokens
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, kernels.Q8_GEMM_MIN_ROWS + 4, kernels.Q8_NATIVE_GEMM_MIN_ROWS + 4])
+# 11: 8 + 3 tokens; the last two: the dequantize + sgemm path (the native kernel takes up to 47 rows)
 def test_q8_kernel_matches_runq_reference(rows, group_size, q8_backend):
     w = random_weights(tiny_args(dim=128, hidden_dim=256), scale=0.2).quantize(group_size)
     assert w.wq[0].group_size == group_size
