@@ -560,8 +560,8 @@ static void product(const Model *m, const float *x, int64_t n_tok, int64_t n, co
  * attention); x += Wo·att; h = W1·rms(x), W3·rms(x); x += W2·(silu(h1) * h3). The cache arrays are
  * (n_layers, n_slots, kv_heads, seq_len, head_size). One call per step instead of five per layer: at
  * the sizes where decode is fast, Python's per-call cost was most of a step. */
-void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, float *kc, float *vc,
-                    int64_t n_slots, int64_t seq_len, const int64_t *slots, const int64_t *positions) {
+static void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, float *kc,
+                           float *vc, int64_t n_slots, int64_t seq_len, const int64_t *slots, const int64_t *positions) {
     int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size, layer_cache = n_slots * kv_dim * seq_len;
     float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
     float *att = malloc(n_tok * dim * sizeof(float));
