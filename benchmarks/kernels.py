@@ -16,7 +16,6 @@ memory-mapped model.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 
@@ -25,9 +24,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
+    from babyllama.threads import configure  # first: thread counts and spin-waits precede NumPy's import
+
+    configure(args.threads)
     import numpy as np
 
     from babyllama.formats import quantize_q80
