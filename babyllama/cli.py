@@ -58,8 +58,7 @@ def add_chat(sub) -> None:
     add_compile(p)
     add_threads(p)
     p.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, rotate_keys=False,
-                   draft=None,
-                   draft_k=4, plain=False)
+                   draft=None, draft_k=4, plain=False)
 
 
 def add_compile(p) -> None:

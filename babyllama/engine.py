@@ -122,21 +122,21 @@ class Engine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
+        runs = segments(slots, positions)
+        rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
         nk = self._native
         if nk is not None and len(tokens) <= FUSED_MAX_TOKENS:  # one C call, which checks the indices itself
-            rows = [end - 1 for _, end, _, _ in segments(slots, positions)] if logits == "last" else range(len(tokens))
             return nk.forward_step(self._plan(nk), tokens, positions, slots, cache.k, cache.v, rows)
         for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),
                                   (slots, cache.n_slots, "slots")):  # NumPy would wrap negative indices
             if values.min(initial=0) < 0 or values.max(initial=0) >= end:
                 raise ValueError(f"{what} must lie in [0, {end})")
-        runs = segments(slots, positions)
         cos, sin = self.cos[positions], self.sin[positions]
         x = w.tok_embeddings[tokens].astype(np.float32)
         for layer in range(a.n_layers):
             self._block(x, layer, cache, slots, positions, runs, cos, sin)
         if logits == "last":
-            x = x[[end - 1 for _, end, _, _ in runs]]
+            x = x[rows]
         return self._mm((nk.rmsnorm if nk else rmsnorm)(x, w.rms_final, a.norm_eps), w.wcls)[0]
 
     def shift_cache(self, cache: KVCache, slot: int, start: int, delta: int, end: int) -> None:

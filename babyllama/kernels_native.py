@@ -56,7 +56,6 @@ class ModelPlan:
 
     def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array):
         self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
-        self.vocab_size = weights.args.vocab_size
 
 
 # forward_step's return codes: which of its index arrays held a value outside its table
@@ -259,14 +258,14 @@ class NativeKernels:
         for i, ly in enumerate(layers):
             self._describe_matrices(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]])
             self._describe_matrices(ly.w13, [w.w1[i], w.w3[i]])
-            self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(ly.wo)), [w.wo[i]])
-            self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(ly.w2)), [w.w2[i]])
+            self._describe_matrices(_one(ly.wo), [w.wo[i]])
+            self._describe_matrices(_one(ly.w2), [w.w2[i]])
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
         struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, w.group_size,
                         a.norm_eps, layers)
         struct.embeddings = _address(_checked(w.tok_embeddings))
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
-        self._describe_matrices((_Mat * 1).from_address(ctypes.addressof(struct.cls)), [w.wcls])
+        self._describe_matrices(_one(struct.cls), [w.wcls])
         struct.cls_gs = w.wcls.group_size if isinstance(w.wcls, QTensor) else 0
         struct.rms_final = _address(_checked(w.rms_final))
         return ModelPlan(w, (cos, sin), struct, layers)
@@ -284,13 +283,18 @@ class NativeKernels:
         n = len(tokens)
         if not (len(positions) == len(slots) == n):
             raise ValueError("tokens, positions and slots must have one entry per token")
-        logits = np.empty((len(rows), plan.vocab_size), dtype=np.float32)
+        logits = np.empty((len(rows), plan.weights.args.vocab_size), dtype=np.float32)
         err = self.lib.forward_step(ctypes.byref(plan.struct), _address(tokens), n, _address(slots),
                                     _address(positions), _address(keys), _address(values), keys.shape[1],
                                     keys.shape[3], _address(rows), len(rows), _address(logits))
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
         return logits
+
+
+def _one(mat: _Mat) -> ctypes.Array:
+    """A struct's single matrix field as the one-element array that `_describe_matrices` fills."""
+    return (_Mat * 1).from_address(ctypes.addressof(mat))
 
 
 def _checked(a: np.ndarray) -> np.ndarray:
