@@ -11,6 +11,7 @@ means the Llama 2 defaults 10000 and 1e-5, so files stay readable both ways.
 
 from __future__ import annotations
 
+import mmap as _mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -215,6 +216,20 @@ def body_size(args: ModelArgs, version: int, group_size: int = 0) -> int:
     return norms + 4 * V * d + 4 * L * sum(mats) + rope_tables + cls
 
 
+def _map_file(path: str | os.PathLike) -> np.ndarray:
+    """The file as a read-only byte array backed by a shared map. The map asks for huge pages before
+    anything is touched: the kernel's read-ahead then fills it with 2 MB page-cache folios mapped by
+    single TLB entries where it can (a 42M model read cold: 154-162 of 163 MB huge-mapped, 6-120 MB
+    without the hint), so decode, which streams every weight per token, misses the TLB less."""
+    with open(path, "rb") as f:
+        mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+    try:
+        mm.madvise(_mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # not Linux, or a kernel without transparent huge pages
+        pass
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
 def _read_whole(path: str | os.PathLike) -> np.ndarray:
     with open(path, "rb") as f:
         buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
@@ -224,9 +239,9 @@ def _read_whole(path: str | os.PathLike) -> np.ndarray:
 
 
 class _Cursor:
-    """Hands out consecutive typed views of a memory-mapped file."""
+    """Hands out consecutive typed views of a model file's bytes (mapped or read)."""
 
-    def __init__(self, buf: np.memmap, offset: int):
+    def __init__(self, buf: np.ndarray, offset: int):
         self.buf, self.offset = buf, offset
 
     def take(self, dtype: type, *shape: int) -> np.ndarray:
@@ -245,10 +260,11 @@ class _Cursor:
 def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
     """Memory-map a llama2.c model file (any version) into `Weights`: loading is instant and memory grows
     only with what is touched. `mmap=False` reads the file into process memory instead (llama.cpp's
-    --no-mmap): NumPy backs large arrays with transparent huge pages where the kernel allows, which cuts
-    TLB misses when decode streams every weight each token (+3-15% decode speed measured here)."""
+    --no-mmap), which NumPy backs with transparent huge pages where the kernel allows. The map gets huge
+    pages too when the file is read cold (see _map_file): 42M fp32 decode, three runs each from a cold
+    page cache, medians 111.5/101.1/108.8 tok/s against 104.3/90.8/97.0 without the hint."""
     args, version, gs, header = read_header(path)
-    buf = np.memmap(path, dtype=np.uint8, mode="r") if mmap else _read_whole(path)
+    buf = _map_file(path) if mmap else _read_whole(path)
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
     shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
