@@ -100,10 +100,8 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
 
     from .model import TorchEngine, Transformer
 
-    model = Transformer.from_weights(weights)
-    if device.startswith("cuda"):
-        model = model.to(torch.bfloat16)
-    return TorchEngine(model, device, compile=compile)
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    return TorchEngine(Transformer.from_weights(weights), device, compile=compile, dtype=dtype)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -259,7 +259,12 @@ class TorchEngine:
         def n_slots(self) -> int:
             return self.layers[0][0].shape[0]
 
-    def __init__(self, model: Transformer, device: str | torch.device = "cpu", compile: bool = False):
+    def __init__(self, model: Transformer, device: str | torch.device = "cpu", compile: bool = False,
+                 dtype: torch.dtype | None = None):
+        if dtype is not None:  # the weights (and so the cache) in dtype, the RoPE tables kept in fp32
+            model = model.to(dtype)
+            a = model.args  # rebuilt, not cast back: bf16 tables would put every rotation off by up to 0.4%
+            model.freqs_cos, model.freqs_sin = rope_tables(a.head_size, a.max_seq_len, a.rope_theta)
         self.model = model.to(device).eval()
         self.args = model.args
         self.device = torch.device(device)
