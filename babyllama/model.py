@@ -206,6 +206,14 @@ class Transformer(nn.Module):
             h = layer.decode_step(h, cos, sin, layer_cache, slots, positions, mask)
         return self.output(self.norm(h))[0]
 
+    def cast(self, dtype: torch.dtype) -> Transformer:
+        """The weights (and so new caches) in `dtype`, for inference; unlike `to(dtype)`, the RoPE tables stay
+        fp32, rebuilt rather than cast back (bf16 tables put every rotation off by up to 0.4%)."""
+        a, device = self.args, self.freqs_cos.device
+        self.to(dtype)
+        self.freqs_cos, self.freqs_sin = (t.to(device) for t in rope_tables(a.head_size, a.max_seq_len, a.rope_theta))
+        return self
+
     def new_cache(self, batch: int = 1, device=None, dtype=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         a = self.args
         ref = self.output.weight
@@ -261,11 +269,7 @@ class TorchEngine:
 
     def __init__(self, model: Transformer, device: str | torch.device = "cpu", compile: bool = False,
                  dtype: torch.dtype | None = None):
-        if dtype is not None:  # the weights (and so the cache) in dtype, the RoPE tables kept in fp32
-            model = model.to(dtype)
-            a = model.args  # rebuilt, not cast back: bf16 tables would put every rotation off by up to 0.4%
-            model.freqs_cos, model.freqs_sin = rope_tables(a.head_size, a.max_seq_len, a.rope_theta)
-        self.model = model.to(device).eval()
+        self.model = (model if dtype is None else model.cast(dtype)).to(device).eval()
         self.args = model.args
         self.device = torch.device(device)
         self._decode = self.model.decode_step
