@@ -204,6 +204,29 @@ def engine_logits(weights: formats.Weights, tokens) -> np.ndarray:
     return engine.forward(tokens, np.arange(len(tokens)), engine.new_cache())
 
 
+def top2_margin(logits: np.ndarray) -> float:
+    """The gap between the largest and the second-largest logit of one row."""
+    top = np.partition(np.asarray(logits, dtype=np.float64), -2)[-2:]
+    return float(top[1] - top[0])
+
+
+def assert_greedy_agree(expected: list[int], actual: list[int], logits_at, max_margin: float,
+                        min_same: int = 1) -> int:
+    """Greedy token streams from two different arithmetic paths agree: identical, or identical up to a
+    position where the argmax was a near-tie. `logits_at(i)` gives the logits (of either path) that chose
+    token i; at the first difference their top-2 margin must be below `max_margin` (a real bug diverges
+    with a clear winner). Returns how many leading tokens are equal (at least `min_same`)."""
+    same = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
+    assert same >= min_same, f"the streams differ at token {same} (< {min_same})"
+    if same < min(len(expected), len(actual)):
+        margin = top2_margin(logits_at(same))
+        assert margin < max_margin, f"token {same} differs ({expected[same]} vs {actual[same]}) with a clear " \
+                                    f"top-2 margin {margin:.4f} >= {max_margin}: not a near-tie"
+    else:
+        assert len(expected) == len(actual), f"lengths differ: {len(expected)} vs {len(actual)}"
+    return same
+
+
 def torch_checkpoint(path: Path, args: ModelArgs, seed: int = 0, scale: float = 0.2):
     """Our PyTorch model with random weights, saved as a training checkpoint at `path`; returns the model."""
     pytest.importorskip("torch")

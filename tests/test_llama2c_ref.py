@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, random_weights, shared_file, tiny_args
+from conftest import ROOT, assert_greedy_agree, random_weights, shared_file, tiny_args
 
 from babyllama import formats
 from babyllama.engine import Engine
@@ -77,16 +77,20 @@ def test_fp32_with_prompt(llama2c_ref):
 
 
 def test_q8_0_matches_babyllama_plain_path(llama2c_ref, tmp_path):
-    """runq.c's integer arithmetic: the greedy ids equal babyllama's plain Q8_0 path (all 200 of them here;
-    only the float summation order differs, so a late divergence would be a near-tie, not a bug)."""
+    """runq.c's integer arithmetic: the greedy ids equal babyllama's plain Q8_0 path up to the first near-tie.
+    The int8 products are exact, but the float sums of the group products run in another order (and the
+    compiler may vectorize them differently on AVX2 and AVX-512 CPUs), so a late divergence is allowed where
+    the two best logits lie within 0.1 of each other (logits reach ~22 here; measured at the divergence seen
+    on an AVX-512 CPU, token 195: 0.035)."""
     model = shared_file("fixtures/stories260K.bin")
     formats.save(formats.load(model), tmp_path / "q.bin", version=2, group_size=4)
+    weights = formats.load(tmp_path / "q.bin")
     ids = run_ref(llama2c_ref, tmp_path / "q.bin", 200)
-    ours = greedy(formats.load(tmp_path / "q.bin"), [BOS], 200, plain=True)
-    same = first_difference(ids, ours)
+    ours = greedy(weights, [BOS], 200, plain=True)
+    plain_logits = lambda i: Engine(weights, plain=True).forward([BOS, *ours[:i]], range(i + 1),  # noqa: E731
+                                                                  Engine(weights).new_cache(), logits="last")[-1]
+    same = assert_greedy_agree(ids, ours, plain_logits, max_margin=0.1, min_same=50)
     print(f"llama2c_ref Q8_0 greedy ids equal babyllama's plain Q8_0 path for {same} of {len(ours)} tokens")
-    assert same >= 50
-    assert ids == ours
 
 
 @pytest.mark.parametrize("version", [1, 2])
