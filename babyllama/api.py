@@ -4,57 +4,61 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 from . import formats
 from .engine import Engine
 from .errors import BabyLlamaError
 from .generate import generate
+from .loading import builtin_model, open_model, tokenizer_for
 from .sampler import Sampler
 from .tokenizer import BOS, Tokenizer
 
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODEL = ASSETS / "model.bin"
-BUILTIN_TOKENIZER = ASSETS / "tokenizer.bin"
-
-
-def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
-    """run.c's -z default, made helpful: tokenizer.bin beside the model, else the built-in one when its
-    vocabulary has the model's size."""
-    beside = Path(model_path).with_name("tokenizer.bin")
-    if beside.is_file():
-        return beside
-    if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
-        return BUILTIN_TOKENIZER
-    raise BabyLlamaError(
-        f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z")
-
 
 class Model:
-    """A loaded model: weights, engine and tokenizer together."""
+    """A loaded model: weights, engine and tokenizer together, with the generation calls the CLI makes."""
 
     def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy",
-                 compile: bool = False):
+                 compile: bool = False, source_kind: str = "bin", description: str = ""):
         self.weights = weights
         self.engine = make_engine(weights, device, plain, compile)
         self.tokenizer = tokenizer
+        self.source_kind = source_kind  # the format it was read from (loading.KINDS)
+        self.description = description  # one line: what was loaded
 
     @property
     def args(self):
         return self.weights.args
 
-    def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int | None = None) -> str:
+    def stream(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+               seed: int | None = None, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Yield the text generated after `prompt`, piece by piece as tokens are sampled (a character split
+        across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
+        -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
+        also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
+        (default: the time) makes sampling reproducible."""
         ids = self.tokenizer.encode(prompt, bos=True)
+        text = self.tokenizer.stream(ids[-1])
         sampler = Sampler(temperature, topp, seed)
-        steps = clamp_steps(steps, self.args.max_seq_len)
-        new = list(generate(self.engine, ids, steps, sampler))
-        return self.tokenizer.decode(ids + new)
+        for token in generate(self.engine, ids, clamp_steps(steps, self.args.max_seq_len), sampler,
+                              max_new=max_new_tokens):
+            piece = text.push(token)
+            if piece:
+                yield piece
+        rest = text.flush()
+        if rest:
+            yield rest
+
+    def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+                 seed: int | None = None, max_new_tokens: int | None = None) -> str:
+        """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
+        return prompt + "".join(self.stream(prompt, steps, temperature, topp, seed, max_new_tokens))
 
     def generate_batch(self, prompts: list[str], steps: int | list[int] = 256, temperature: float = 1.0,
-                       topp: float = 0.9, seed: int | None = None) -> list[str]:
-        """Generate after each prompt, all at once (one batched forward pass per step); sequence i samples
-        with seed + i. Returns prompt + continuation for each, like `generate`."""
+                       topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+        """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
+        own; `steps` may differ per prompt; sequence i samples with seed + i. Returns prompt + continuation for
+        each, in order."""
         from .generate import generate_batch
 
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
@@ -62,8 +66,8 @@ class Model:
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
         samplers = [Sampler(temperature, topp, base + i) for i in range(len(prompts))]
-        seqs = generate_batch(self.engine, ids, per_seq, samplers)
-        return [self.tokenizer.decode(p + s.generated) for p, s in zip(ids, seqs)]
+        seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens)
+        return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:
@@ -104,39 +108,22 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     return TorchEngine(Transformer.from_weights(weights), device, compile=compile, dtype=dtype)
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A babyllama training checkpoint: a .pt file, or a training run's folder holding ckpt.pt."""
-    path = Path(path)
-    return path.suffix == ".pt" or (path / "ckpt.pt").is_file()
-
-
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
          quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool = True,
          compile: bool = False) -> Model:
-    """Load a llama2.c .bin (default: the built-in model) or a training checkpoint (needs torch; converted
-    to the same fp32 Weights) and its tokenizer. `quantize="q8_0"` converts fp32 weights to Q8_0 on load;
-    `plain` selects the unoptimized reference engine; `device` "cpu" or "cuda" runs the PyTorch model
-    instead of the NumPy engine (`compile`: its decode step through torch.compile); `mmap=False` reads the
-    weights into memory (see formats.load)."""
-    if model is None:
-        if not BUILTIN_MODEL.is_file():
-            raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
-        model = BUILTIN_MODEL
-    if is_checkpoint(model):
-        from .export import weights_from_checkpoint
-
-        weights = weights_from_checkpoint(model)
-        if Path(model).is_dir():
-            model = Path(model) / "ckpt.pt"  # its tokenizer.bin lies beside it
-    else:
-        weights = formats.load(model, mmap=mmap)
+    """Load a model (default: the built-in one) of any format babyllama reads (a .bin, GGUF, Hugging Face or
+    Meta folder, training checkpoint: see loading.py) with its tokenizer (`tokenizer`, else the model's own,
+    else tokenizer.bin beside it, else the built-in one when the vocabularies match).
+    `quantize="q8_0"` converts fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference
+    engine; `device` "cpu" or "cuda" runs the PyTorch model instead of the NumPy engine (`compile`: its
+    decode step through torch.compile); `mmap=False` reads the weights into memory (see formats.load)."""
+    source = open_model(builtin_model() if model is None else model, mmap=mmap)
+    weights = source.weights
     if quantize is not None:
         if quantize != "q8_0":
             raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")
         weights = weights.quantize()
-    tok_path = tokenizer or find_tokenizer(model, weights.args.vocab_size)
-    return Model(weights, Tokenizer.load(tok_path, weights.args.vocab_size), plain=plain, device=device,
-                 compile=compile)
+    return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
+                 source_kind=source.kind, description=source.describe())
 
-
-__all__ = ["Model", "load", "make_engine", "check_device", "clamp_steps", "find_tokenizer", "BOS"]
+__all__ = ["Model", "load", "make_engine", "check_device", "clamp_steps", "BOS"]

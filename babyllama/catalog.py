@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .api import ASSETS, BUILTIN_MODEL, BUILTIN_TOKENIZER
 from .errors import BabyLlamaError
+from .loading import BUILTIN_CARD, BUILTIN_MODEL, BUILTIN_TOKENIZER
 
-BUILTIN_CARD = ASSETS / "model.json"
 TINYLLAMAS = "https://huggingface.co/karpathy/tinyllamas/resolve/main"
 LLAMA2C_RAW = "https://raw.githubusercontent.com/karpathy/llama2.c/master"
 LLAMA2C_README = "https://github.com/karpathy/llama2.c#models"

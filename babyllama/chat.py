@@ -1,7 +1,10 @@
-"""Interactive chat with run.c's Llama 2 template: user turns from stdin, answers streamed to stdout.
+"""Interactive chat: user turns from stdin, the model's replies streamed to stdout.
 
-One sequence holds the whole conversation (each turn is appended to the same KV cache), and `steps`
-bounds the total positions, as in run.c.
+One sequence holds the whole conversation (each turn is appended to the same KV cache, rendered by
+chat_template.py as the server and fine-tuning render it). Unlike run.c, where all turns share one `-n`
+budget of positions, every reply gets its own budget of generated tokens (`max_new`), and when the
+conversation outgrows the context window the oldest turns are dropped (context shift), the first turn (with
+the system prompt) kept. The system prompt comes from `-y`; only on a terminal is it asked for.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import sys
 
 from .api import Model
-from .generate import Batch, Sequence, chat_prompt
+from .chat_template import encode_chat
+from .generate import Batch, Sequence
+from .printer import Printer
 from .sampler import Sampler
 from .tokenizer import EOS
 
@@ -21,35 +26,43 @@ def _read_line(prompt: str) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
-def chat(model: Model, sampler: Sampler, steps: int, user: str | None = None, system: str | None = None) -> int:
-    tok = model.tokenizer
-    out = sys.stdout.buffer
-    if system is None:
+def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
+         raw: bool = False) -> int:
+    """Chat until stdin ends. `max_new` caps each reply (0: up to the context window)."""
+    if system is None and sys.stdin.isatty():
         system = _read_line("Enter system prompt (optional): ")
         if system is None:
             return 0
+    seq_len = model.args.max_seq_len
     batch = Batch(model.engine, 1)
+    printer = Printer(model.tokenizer, raw)
     seq: Sequence | None = None
-    first = True
-    while seq is None or seq.stop_reason != "length":
-        if not (first and user):
+    while True:
+        if not user:
             user = _read_line("User: ")
             if user is None:  # end of input
-                break
-        rendered = tok.encode(chat_prompt(user, system if first else None), bos=True)
-        first = False
-        if seq is None:
-            seq = batch.add(Sequence(rendered, sampler, steps, frozenset({EOS})))
+                return 0
+        messages = [{"role": "user", "content": user}]
+        if seq is None and system:
+            messages.insert(0, {"role": "system", "content": system})
+        turn, _ = encode_chat(model.tokenizer, messages)
+        user = None
+        if len(turn) >= seq_len:
+            print(f"babyllama: this turn has {len(turn)} tokens, more than the context window ({seq_len}) "
+                  "holds; skipped", file=sys.stderr)
+            continue
+        budget = max_new or seq_len
+        if seq is None:  # the first turn (and its system prompt) stays when older turns slide out
+            seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({EOS}), context_shift=True,
+                                     n_keep=min(len(turn), seq_len // 2), max_new=budget))
         else:
-            seq.extend(rendered)
+            seq.max_new = budget
+            seq.extend(turn)
         sys.stdout.write("Assistant: ")
         sys.stdout.flush()
-        prev = seq.tokens[-1]
+        printer.restart(turn[-1])
         while not seq.done:
-            for _, nxt in batch.step():
-                out.write(tok.decode_piece(prev, nxt))
-                out.flush()
-                prev = nxt
-        out.write(b"\n")
-        out.flush()
-    return 0
+            for _, token in batch.step():
+                printer.token(token)
+        printer.end()
+

@@ -1,83 +1,25 @@
 """`babyllama export`: read a model from any source into `Weights`, write it to any target; and
 sentencepiece tokenizers into tokenizer.bin (`export-tokenizer`).
 
-Sources: a training checkpoint (--checkpoint), a llama2.c/babyllama .bin or a .gguf file (--model), Meta's
-checkpoint directory (--meta-llama), a Hugging Face Llama checkpoint (--hf). Targets: a .bin of version
-0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file (--to gguf). The converters themselves
-live in `babyllama.interop`; this module only picks them and the tokenizer that goes with the model.
+Sources are read by `loading.load_source` (a training checkpoint, a .bin or GGUF file, Meta's or a Hugging Face
+checkpoint). Targets: a .bin of version 0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file
+(--to gguf). The converters themselves live in `babyllama.interop`; this module only picks them and the
+tokenizer that goes with the model.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import formats
 from .errors import BabyLlamaError
 from .formats import Weights
+from .loading import TOKENIZER_BIN, Source, find_tokenizer
 from .tokenizer import Tokenizer
 
 TARGETS = ("bin", "hf", "gguf")
-TOKENIZER_BIN = "tokenizer.bin"
-
-
-@dataclass
-class Source:
-    weights: Weights
-    tokenizer: Path | None = None  # a tokenizer that came with the model (.model or tokenizer.bin)
-    vocab: object | None = None  # an interop.vocab.Vocab read from a GGUF file
-    path: Path | None = None  # the .bin the model was read from (its tokenizer.bin sits beside it)
-
-
-def weights_from_checkpoint(path: str | os.PathLike) -> formats.Weights:
-    """A babyllama training checkpoint (ckpt.pt) as fp32 Weights."""
-    try:
-        from .train.checkpoint import load_model
-    except ImportError:
-        raise BabyLlamaError("exporting a checkpoint needs torch: pip install 'babyllama[train]'") from None
-    return load_model(path).to_weights()
-
-
-def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,
-                hf: list[str] | None = None, max_seq_len: int | None = None) -> Source:
-    """Read the one model source given into fp32 `Weights`, with the tokenizer found beside it."""
-    if checkpoint is not None:
-        weights = weights_from_checkpoint(checkpoint)
-        if max_seq_len:
-            weights.args.max_seq_len = max_seq_len
-        ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        return Source(weights, _first_file(ckpt_dir / TOKENIZER_BIN))
-    if meta_llama is not None:
-        from .interop.meta import load_meta
-
-        folder = Path(meta_llama)
-        weights = load_meta(folder, max_seq_len)
-        # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
-        return Source(weights, _first_file(folder / "tokenizer.model", folder.parent / "tokenizer.model"))
-    if hf is not None:
-        from .interop.hf import load_hf
-
-        weights = load_hf(hf, max_seq_len)
-        first = Path(hf[0])
-        folder = first if first.is_dir() else first.parent
-        return Source(weights, _first_file(folder / "tokenizer.model"))
-    if model is not None:
-        if str(model).endswith(".gguf"):
-            from .interop.gguf import load_gguf
-
-            weights, vocab = load_gguf(model, max_seq_len)
-            return Source(weights, vocab=vocab)
-        weights = formats.load(model)
-        if max_seq_len:
-            weights.args.max_seq_len = max_seq_len
-        return Source(weights, path=Path(model))
-    raise BabyLlamaError("export needs a source: --checkpoint, --model, --meta-llama or --hf")
-
-
-def _first_file(*candidates: Path) -> Path | None:
-    return next((p for p in candidates if p.is_file()), None)
 
 
 def infer_target(out: str, to: str | None) -> str:
@@ -170,9 +112,7 @@ def _gguf_vocab(src: Source, tok: Path | None):
         vocab = load_vocab(tok)
     elif src.vocab is not None:
         vocab = src.vocab
-    elif src.path is not None:
-        from .api import find_tokenizer
-
+    elif src.kind == "bin":
         vocab = load_vocab(find_tokenizer(src.path, src.weights.args.vocab_size))
     else:
         raise BabyLlamaError("a GGUF file carries the model's tokenizer: pass --tokenizer TOK.model (or tokenizer.bin)")

@@ -43,6 +43,7 @@ class Sequence:
     n_keep: int = 0  # tokens always kept at the start of the window (the prompt, typically)
     n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
     rotate_keys: bool = False  # shift by moving and re-rotating cached keys instead of recomputing
+    max_new: int | None = None  # generated tokens allowed (since the last `extend`): OpenAI's max_tokens
 
     def window(self) -> list[int]:
         """The tokens the cache holds (or will hold), position by position."""
@@ -71,7 +72,7 @@ class Sequence:
         self._check_length()
 
     def _check_length(self) -> None:
-        if len(self.tokens) > self.max_pos:
+        if len(self.tokens) > self.max_pos or (self.max_new is not None and len(self.generated) >= self.max_new):
             self.done, self.stop_reason = True, "length"
 
 
@@ -151,30 +152,33 @@ class Batch:
 
 def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
              stop_ids: Iterable[int] = (BOS,), context_shift: bool = False, n_keep: int | None = None,
-             rotate_keys: bool = False) -> Iterator[int]:
-    """Stream the tokens sampled after `prompt_ids` (run.c semantics: `steps` positions in all). With
-    `context_shift`, `steps` may exceed seq_len; `n_keep` (default: the prompt) tokens stay in the window,
-    and `rotate_keys` shifts the cache instead of recomputing it (see the module's docstring)."""
+             rotate_keys: bool = False, max_new: int | None = None) -> Iterator[int]:
+    """Stream the tokens sampled after `prompt_ids` (run.c semantics: `steps` positions in all, and at most
+    `max_new` generated tokens when given). With `context_shift`, `steps` may exceed seq_len; `n_keep`
+    (default: the prompt) tokens stay in the window, and `rotate_keys` shifts the cache instead of
+    recomputing it (see the module's docstring)."""
     batch = Batch(engine, 1)
     keep = len(prompt_ids) if n_keep is None else n_keep
     seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids), context_shift=context_shift,
-                             n_keep=keep, rotate_keys=rotate_keys))
+                             n_keep=keep, rotate_keys=rotate_keys, max_new=max_new))
     while not seq.done:
         for _, tok in batch.step():
             yield tok
 
 
 def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
-                   stop_ids: Iterable[int] = (BOS,), on_token=None) -> list[Sequence]:
+                   stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None) -> list[Sequence]:
     """Generate after every prompt at once (one `Batch`, one slot each); `steps` may differ per sequence
-    and each stops on its own. `on_token(index, token)` is called as tokens arrive. Returns the sequences
-    (their `generated` tokens and `stop_reason`), in prompt order."""
+    and each stops on its own (also after `max_new` generated tokens when given). `on_token(index, token)` is
+    called as tokens arrive. Returns the sequences (their `generated` tokens and `stop_reason`), in prompt
+    order."""
     if isinstance(steps, int):
         steps = [steps] * len(prompts)
     if not (len(prompts) == len(steps) == len(samplers)):
         raise ValueError("prompts, steps and samplers must have one entry per sequence")
     batch = Batch(engine, len(prompts))
-    seqs = [batch.add(Sequence(list(p), s, n, frozenset(stop_ids))) for p, n, s in zip(prompts, steps, samplers)]
+    seqs = [batch.add(Sequence(list(p), s, n, frozenset(stop_ids), max_new=max_new))
+            for p, n, s in zip(prompts, steps, samplers)]
     index = {id(s): i for i, s in enumerate(seqs)}
     while not all(s.done for s in seqs):
         for seq, tok in batch.step():
@@ -183,11 +187,4 @@ def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[i
     return seqs
 
 
-def chat_prompt(user: str, system: str | None = None) -> str:
-    """run.c's Llama 2 chat template for one user turn (the system prompt only on the first turn)."""
-    if system:
-        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
-    return f"[INST] {user} [/INST]"
-
-
-__all__ = ["Batch", "Sequence", "generate", "generate_batch", "chat_prompt", "BOS", "EOS"]
+__all__ = ["Batch", "Sequence", "generate", "generate_batch", "BOS", "EOS"]

@@ -43,13 +43,16 @@ def check_pair(target: Engine, draft: Engine) -> None:
 
 
 def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
-                         k: int = 4, stop_ids: Iterable[int] = (BOS,), stats: SpecStats | None = None
-                         ) -> Iterator[int]:
-    """Stream the target's tokens after `prompt_ids` (run.c semantics: `steps` positions in all)."""
+                         k: int = 4, stop_ids: Iterable[int] = (BOS,), stats: SpecStats | None = None,
+                         max_new: int | None = None) -> Iterator[int]:
+    """Stream the target's tokens after `prompt_ids` (run.c semantics: `steps` positions in all; at most
+    `max_new` tokens when given)."""
     check_pair(target, draft)
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
     max_pos = min(steps, target.args.max_seq_len, draft.args.max_seq_len)
+    if max_new is not None:
+        max_pos = min(max_pos, len(prompt_ids) + max_new - 1)
     tcache, dcache = target.new_cache(1), draft.new_cache(1)
     tokens = list(prompt_ids)
     t_fed = d_fed = 0  # tokens whose keys/values each cache holds

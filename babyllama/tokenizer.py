@@ -7,12 +7,15 @@ is merged (leftmost on ties). Unlike run.c's simplification, control tokens (`<s
 byte tokens never come out of a merge, so typing "<s>" or "<0x41>" gives ordinary text tokens. The merge
 loop uses a heap over a linked list of symbols: O(n log n), not a rescan of the text per merge.
 
-Decoding a single step reproduces run.c (`decode_piece` + `safe_printf`); `decode` of a whole id list
-reproduces sentencepiece (byte tokens reassembled into UTF-8).
+Decoding: `decode_piece` reproduces run.c's bytes for one step (`decode_piece` + `safe_printf`, which drops a
+lone byte token that is not printable ASCII, and so every character sent as byte tokens); `TextStream` gives
+the same text as correct UTF-8 as tokens arrive (a character split across byte tokens is held back until its
+last byte comes, control tokens never appear); `decode` of a whole id list reproduces sentencepiece.
 """
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import os
 import re
@@ -176,6 +179,31 @@ class Tokenizer:
             return b""
         return piece
 
+    def token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes `token` adds to the text after `prev`: run.c's piece rules (its leading space dropped
+        after BOS, a byte token as its byte, a lone unprintable ASCII byte dropped), but every byte >= 0x80
+        kept (it is part of a UTF-8 character), and nothing for the control tokens BOS and EOS."""
+        if token in (BOS, EOS):
+            return b""
+        piece = self.pieces[token]
+        if prev == BOS and piece.startswith(b" "):
+            piece = piece[1:]
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            piece = bytes([int(m.group(1), 16)])
+        if len(piece) == 1 and piece[0] < 0x80 and piece[0] not in _PRINTABLE:
+            return b""
+        return piece
+
+    def stream(self, prev: int = BOS) -> TextStream:
+        """An incremental decoder for the tokens that follow `prev`."""
+        return TextStream(self, prev)
+
+    def decode_text(self, ids: list[int], prev: int = BOS) -> str:
+        """The text of `ids` following `prev`, as `TextStream` streams it."""
+        stream = self.stream(prev)
+        return "".join(stream.push(t) for t in ids) + stream.flush()
+
     def decode(self, ids: list[int]) -> str:
         """The text for `ids` as sentencepiece decodes it (control tokens skipped, dummy prefix removed)."""
         out = bytearray()
@@ -188,6 +216,25 @@ class Tokenizer:
         if out.startswith(b" "):
             del out[:1]
         return out.decode("utf-8", errors="replace")
+
+
+class TextStream:
+    """Text of a token stream as it is generated: `push(token)` returns the characters completed by that
+    token (possibly none: a multi-byte character split across byte tokens waits for its last byte), `flush()`
+    what is left at the end (an incomplete character becomes U+FFFD). Invalid bytes become U+FFFD too."""
+
+    def __init__(self, tokenizer: Tokenizer, prev: int = BOS):
+        self.tokenizer = tokenizer
+        self.prev = prev
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        data = self.tokenizer.token_bytes(self.prev, token)
+        self.prev = token
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 def open_sentencepiece(model_path: str | os.PathLike):

@@ -73,7 +73,7 @@ def test_missing_model(tmp_path):
 
 
 def test_directory_as_model(tmp_path):
-    assert_one_line_error(run_cli("run", str(tmp_path)), "is a directory")
+    assert_one_line_error(run_cli("run", str(tmp_path)), "a folder that holds no model")
 
 
 def test_missing_tokenizer(tmp_path, good_model):

@@ -7,7 +7,7 @@ import sys
 
 from conftest import run_cli
 
-from babyllama.generate import chat_prompt
+from babyllama.chat_template import chat_prompt
 from babyllama.tokenizer import EOS
 
 
@@ -18,14 +18,17 @@ def test_prompt_is_echoed_and_steps_count_positions(stories260k, tok512):
     assert proc.stdout.startswith(b"Once") and len(proc.stdout) < len(b"Once upon a time\n")
 
 
-def test_chat_ends_when_steps_run_out(stories260k, tok512):
-    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "100",
+def test_chat_gives_every_turn_its_own_budget(stories260k, tok512):
+    """-n 40 bounds each reply, not the whole conversation: both turns are answered (the story model never
+    says EOS, so each reply runs to its budget)."""
+    proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "40",
                    "-y", "You tell stories.", input="Tell me about a cat.\nAnd a dog?\n")
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
-    # the story model never says EOS, so the first answer uses up all 100 positions
-    assert out.startswith("User: Assistant: ") and out.count("Assistant: ") == 1
     assert "Enter system prompt" not in out  # -y given
+    replies = out.split("Assistant: ")[1:]
+    assert len(replies) == 2
+    assert all(len(r.split("\nUser: ")[0].split()) >= 10 for r in replies), replies
 
 
 class ScriptedSampler:
@@ -69,12 +72,57 @@ def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512)
     assert len(positions) == turn1 + 3 + 1 + turn2 + 3
 
 
-def test_chat_asks_for_system_prompt_and_uses_first_user_prompt(stories260k, tok512):
-    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "120",
-                   "-i", "Hello", input="\n")
+def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
+    """With stdin not a terminal, nothing is asked: the first piped line is a user turn, not a system prompt."""
+    proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "20", "-i", "Hello",
+                   input="And then?\n")
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
-    assert out.startswith("Enter system prompt (optional): Assistant: ")
+    assert out.startswith("Assistant: ") and out.count("Assistant: ") == 2 and "Enter system prompt" not in out
+
+
+def test_chat_on_a_terminal_asks_for_the_system_prompt(stories260k, tok512):
+    """On a terminal (a pseudo-terminal here) run.c's question comes first when -y is not given."""
+    import os
+    import pty
+    import subprocess
+
+    from conftest import ROOT
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "chat", str(stories260k), "-z", str(tok512), "-t",
+                             "0", "-n", "5"], stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=ROOT)
+    os.close(follower)
+    os.write(leader, b"Be brief.\nHi\n\x04")
+    out, err = proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().startswith("Enter system prompt (optional): User: Assistant: ")
+
+
+def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
+    """A BOS in the middle of a reply (the model's piece "\\n<s>\\n") is not printed; EOS ends the reply."""
+    from babyllama import load
+    from babyllama.chat import chat
+    from babyllama.tokenizer import BOS
+
+    class BosThenEos:
+        def __init__(self):
+            self.seq = [300, BOS, 301, EOS]
+
+        def sample(self, logits):
+            return self.seq.pop(0)
+
+    model = load(stories260k, tok512)
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
+    assert chat(model, BosThenEos(), 0, None, "") == 0
+    text = out.getvalue().decode()
+    expected = model.tokenizer.decode_text([300, BOS, 301], prev=EOS)  # after BOS, run.c drops the space
+    assert "<s>" not in text and f"Assistant: {expected}\n" in text
 
 
 def test_chat_template_is_llama2():

@@ -152,7 +152,8 @@ def test_stories260k_on_valid_slice():
 def test_checkpoint_evaluates_like_its_export(tmp_path):
     """A training checkpoint (ckpt.pt, or its run folder) scores exactly as its exported .bin."""
     pytest.importorskip("torch")
-    from babyllama.export import export, load_source
+    from babyllama.export import export
+    from babyllama.loading import load_source
     from babyllama.model import Transformer
     from babyllama.train import checkpoint
 

@@ -1,4 +1,6 @@
-"""`babyllama run` must print exactly what llama2.c's run.c prints (../shared/fixtures/golden)."""
+"""`babyllama run --raw-bytes` must print exactly what llama2.c's run.c prints (../shared/fixtures/golden); the
+default output differs only where run.c drops bytes (characters sent as byte tokens), so on these ASCII
+stories it is the same."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ GOLDEN = [
 ]
 
 
+@pytest.mark.parametrize("output", ["--raw-bytes", "default"])
 @pytest.mark.parametrize("name,flags", GOLDEN, ids=[g[0] for g in GOLDEN])
-def test_run_matches_run_c_byte_for_byte(name, flags):
+def test_run_matches_run_c_byte_for_byte(name, flags, output):
     model = shared_file("fixtures/stories260K.bin")
     tok = shared_file("fixtures/tok512.bin")
     expected = shared_file(f"fixtures/golden/{name}").read_bytes()
-    proc = run_cli("run", str(model), "-z", str(tok), *flags)
+    proc = run_cli("run", str(model), "-z", str(tok), *flags, *([output] if output != "default" else []))
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == expected
     assert b"achieved tok/s:" in proc.stderr
@@ -29,7 +32,7 @@ def test_no_mmap_and_numpy_kernels_print_the_same_golden_text():
     model = shared_file("fixtures/stories260K.bin")
     tok = shared_file("fixtures/tok512.bin")
     expected = shared_file("fixtures/golden/s260k_t0_n200.txt").read_bytes()
-    proc = run_cli("run", str(model), "-z", str(tok), "-t", "0", "-n", "200", "--no-mmap",
+    proc = run_cli("run", str(model), "-z", str(tok), "-t", "0", "-n", "200", "--no-mmap", "--raw-bytes",
                    env={"BABYLLAMA_KERNELS": "numpy"})
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == expected

@@ -175,7 +175,8 @@ def test_training_loss_falls_and_artifacts_are_written(pipeline):
 
 def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monkeypatch):
     from babyllama.cli import main
-    from babyllama.export import export, load_source
+    from babyllama.export import export
+    from babyllama.loading import load_source
 
     ok(run_cli("export", "exp/m1.bin", "--checkpoint", "out/ckpt.pt", "--version", "1", cwd=pipeline))
     assert (pipeline / "exp" / "tokenizer.bin").is_file()  # copied beside the export so `run` finds it
@@ -202,7 +203,8 @@ def test_exports_run_like_sample_on_the_checkpoint(pipeline, capsysbinary, monke
 
 
 def test_trained_model_logits_match_its_export(pipeline, tmp_path):
-    from babyllama.export import export, load_source
+    from babyllama.export import export
+    from babyllama.loading import load_source
     from babyllama.train.checkpoint import load_model
 
     model = load_model(pipeline / "out" / "ckpt.pt")

@@ -1,0 +1,102 @@
+"""Chat templates: a conversation (system, user and assistant messages) as the token ids a model sees.
+
+Llama 2's template, as run.c's chat mode and Meta's reference code lay it out: every user turn is its own
+BOS-started segment, the system prompt rides inside the first one, and every assistant reply ends with EOS:
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user 1} [/INST] {reply 1}</s><s>[INST] {user 2} [/INST] {reply 2}</s>
+
+Each part is encoded on its own (the user turn with BOS, the reply as the continuation after `[/INST]`), which
+is exactly what the model sees when it generates: `chat`, the server and fine-tuning all go through
+`encode_chat`, so a model is trained on the token boundaries it later runs with. The mask marks the tokens a
+fine-tune learns from: the replies and their EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import BabyLlamaError
+from .tokenizer import EOS, Tokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    turn: Callable[[str, str | None], str]  # (user text, system prompt or None) -> the turn's text
+
+
+def _llama2_turn(user: str, system: str | None = None) -> str:
+    if system:
+        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+    return f"[INST] {user} [/INST]"
+
+
+TEMPLATES = {"llama2": ChatTemplate("llama2", _llama2_turn)}
+DEFAULT_TEMPLATE = "llama2"
+
+
+def get_template(name: str | None = None) -> ChatTemplate:
+    try:
+        return TEMPLATES[name or DEFAULT_TEMPLATE]
+    except KeyError:
+        raise BabyLlamaError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})") from None
+
+
+def check_messages(messages: Sequence, generation: bool = True) -> list[tuple[str, str]]:
+    """The conversation as (role, content) pairs, checked: an optional system message first, then user and
+    assistant turns alternating from a user turn; for generation it ends with a user turn, for training
+    with an assistant turn."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise BabyLlamaError("messages must be a non-empty list of {role, content} objects")
+    pairs = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BabyLlamaError(f"message {i} is not an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BabyLlamaError(f"message {i} has unknown role {role!r} (system, user or assistant)")
+        if not isinstance(content, str):
+            raise BabyLlamaError(f"message {i} ({role}) needs its content as a string")
+        pairs.append((role, content))
+    body = pairs[1:] if pairs[0][0] == "system" else pairs
+    for i, (role, _) in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise BabyLlamaError(f"messages must alternate user and assistant turns after an optional system "
+                                 f"message; got {role} where {expected} belongs")
+    last = "user" if generation else "assistant"
+    if not body or body[-1][0] != last:
+        raise BabyLlamaError(f"the conversation must end with a {last} message")
+    return pairs
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence, generation: bool = True,
+                template: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a mask of the same length: 1 on the assistant replies' tokens and
+    their EOS, 0 elsewhere. With `generation`, the conversation ends with a user turn and the ids end where
+    the model's reply begins; otherwise it ends with an assistant reply (a training example)."""
+    tpl = get_template(template)
+    pairs = check_messages(messages, generation)
+    system = pairs[0][1] if pairs[0][0] == "system" else None
+    ids: list[int] = []
+    mask: list[int] = []
+    first = True
+    for role, content in pairs:
+        if role == "user":
+            turn = tokenizer.encode(tpl.turn(content.strip(), system if first else None), bos=True)
+            first = False
+            ids += turn
+            mask += [0] * len(turn)
+        elif role == "assistant":
+            reply = tokenizer.encode(content.strip(), bos=False) + [EOS]
+            ids += reply
+            mask += [1] * len(reply)
+    return ids, mask
+
+
+def chat_prompt(user: str, system: str | None = None, template: str | None = None) -> str:
+    """The text of one user turn (the system prompt only on the first turn)."""
+    return get_template(template).turn(user, system)

@@ -1,0 +1,44 @@
+"""The `babyllama` command: argument parsing and dispatch only. Each command group has a module here whose
+`add(sub)` declares its subcommands; the work is a thin call into the modules above, imported when the
+subcommand runs so that `babyllama run` stays light (no torch, and NumPy only after `--threads` is applied)."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import BabyLlamaError
+from . import bench, data, evaluate, export, models, run, train
+from .common import Parser
+
+GROUPS = (run, evaluate, models, data, train, export, bench)
+
+
+def build_parser() -> Parser:
+    from .. import __version__
+
+    parser = Parser(prog="babyllama", description="The Llama 2 stack for small models.")
+    parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for group in GROUPS:
+        group.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        from ..threads import configure
+        configure(getattr(args, "threads", None))
+        return args.func(args) or 0
+    except BabyLlamaError as e:
+        print(f"babyllama: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
+        return 0

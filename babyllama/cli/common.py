@@ -1,0 +1,83 @@
+"""What several commands share: the parser class, model and sampling flags, their checks."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import BabyLlamaError
+
+DEFAULT_STEPS = 256  # run.c's -n
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_model_flags(p, what: str = "model") -> None:
+    """The model (any format babyllama reads) and its tokenizer."""
+    p.add_argument("checkpoint", nargs="?", metavar="MODEL",
+                   help=f"the {what}: a llama2.c .bin (v0/v1/v2), a GGUF file, a Hugging Face or Meta folder, or "
+                        "a training checkpoint (ckpt.pt or its run folder); default: the built-in story model")
+    p.add_argument("-z", "--tokenizer", dest="tokenizer",
+                   help="tokenizer.bin or sentencepiece .model (default: the model's own, else tokenizer.bin "
+                        "beside it, else the built-in one)")
+
+
+def add_sampling_flags(p) -> None:
+    """run.c's generation flags (short forms) with the long names people type."""
+    p.add_argument("-t", "--temperature", dest="temperature", type=float, default=1.0,
+                   help="temperature, 0 = greedy (1.0)")
+    p.add_argument("-p", "--top-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
+    p.add_argument("-s", "--seed", dest="seed", type=int, default=0, help="random seed (default: time)")
+    p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
+                   help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
+    p.add_argument("-i", "--prompt", dest="prompt", default=None, help="input prompt")
+    p.add_argument("--raw-bytes", action="store_true",
+                   help="print exactly run.c's bytes (it drops every character sent as byte tokens) instead of "
+                        "whole UTF-8 characters")
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for BLAS and the kernels (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else all)")
+
+
+def add_compile(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
+
+
+def check_sampling_flags(args) -> None:
+    if not args.temperature >= 0:  # also refuses nan
+        raise BabyLlamaError(f"temperature (-t) must be >= 0, got {args.temperature}")
+    if not 0.0 <= args.topp <= 1.0:
+        raise BabyLlamaError(f"top-p (-p) must be in [0, 1], got {args.topp}")
+    if args.steps is not None and args.steps < 0:
+        raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise BabyLlamaError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed < 0:
+        raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
+
+
+def steps_flag(args) -> int:
+    """-n as given; unset, run.c's 256, or 0 (the whole context) when --max-new-tokens bounds the output."""
+    if args.steps is not None:
+        return args.steps
+    return 0 if args.max_new_tokens is not None else DEFAULT_STEPS
+
+
+def text_arg(value: str | None, flag: str) -> str:
+    """Command-line text must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates)."""
+    if value is None:
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BabyLlamaError(f"{flag} is not valid UTF-8 text") from None
+    return value

@@ -1,0 +1,49 @@
+"""`babyllama eval`: loss, perplexity and bits per byte on held-out text."""
+
+from __future__ import annotations
+
+from .common import add_model_flags
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="loss, perplexity and bits per byte of a model on a text file of stories",
+        description="Score a model on held-out text. The file is split into stories on lines that are exactly "
+        "<|endoftext|> (TinyStories layout; a file without them is one document); each story is stripped and "
+        "encoded with BOS, as pretokenize does, and every token after BOS is predicted once. Stories longer "
+        "than the context are cut into consecutive windows of at most seq_len tokens (a later window starts "
+        "without the earlier context). Prints mean loss per predicted token (nats), perplexity = exp(loss), "
+        "and bits per byte = total nats / ln 2 / UTF-8 bytes of the stories: tokenizer-independent, so models "
+        "with different vocabularies compare.")
+    add_model_flags(p)
+    p.add_argument("--data", required=True, help="text file to score (e.g. TinyStories valid.txt)")
+    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after the story in which N predicted tokens are reached (stories stay whole)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from ..evaluate import evaluate
+    from ..loading import BUILTIN_MODEL
+    from .run import load_model
+
+    model = load_model(args)
+    r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
+                 max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps({"model": str(args.checkpoint or BUILTIN_MODEL), "data": args.data, **r.to_dict()}))
+        return 0
+    seq_len = args.seq_len or model.args.max_seq_len
+    print(f"model       {args.checkpoint or BUILTIN_MODEL}")
+    print(f"data        {args.data}: {r.documents:,} stories, {r.bytes:,} bytes")
+    print(f"tokens      {r.tokens:,} predicted in {r.windows:,} windows of <= {seq_len}")
+    print(f"loss        {r.loss:.4f} nats/token")
+    print(f"perplexity  {r.perplexity:.3f}")
+    print(f"bits/byte   {r.bits_per_byte:.4f}")
+    return 0

@@ -1,0 +1,57 @@
+"""`babyllama export` and `babyllama export-tokenizer`: convert models and tokenizers."""
+
+from __future__ import annotations
+
+from ..errors import BabyLlamaError
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "export", help="convert models: .bin, Meta, Hugging Face -> .bin (v0/v1/v2), Hugging Face, GGUF",
+        description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0/1/2 "
+                    "as llama2.c's export.py), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
+                    "without --to it is guessed from OUT's name (.bin, .gguf, else a directory).")
+    p.add_argument("output", metavar="OUT", help="file or directory to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="CKPT", help="a babyllama training checkpoint (ckpt.pt or its folder)")
+    src.add_argument("--model", metavar="FILE", help="a llama2.c/babyllama .bin (any version) or a .gguf file")
+    src.add_argument("--meta-llama", metavar="DIR", help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
+    src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",
+                     help="a Hugging Face Llama folder, or its weight files with config.json beside them")
+    p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
+    p.add_argument("--version", type=int, choices=(0, 1, 2), default=None,
+                   help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0 (default 1)")
+    p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None, help="GGUF tensor type (default f32)")
+    p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
+                   "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length to record (default: the source's; Meta checkpoints: 4096)")
+    p.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin")
+    t.add_argument("model", help="the sentencepiece .model")
+    t.add_argument("-o", "--output", default=None, help="the .bin to write (default: MODEL with .bin)")
+    t.set_defaults(func=cmd_export_tokenizer)
+
+
+def cmd_export(args) -> int:
+    from ..export import export, infer_target, report
+    from ..loading import load_source
+
+    if args.max_seq_len is not None and args.max_seq_len <= 0:
+        raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
+                      max_seq_len=args.max_seq_len)
+    to = infer_target(args.output, args.to)
+    written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
+                     tokenizer=args.tokenizer)
+    report(written, src.weights)
+    return 0
+
+
+def cmd_export_tokenizer(args) -> int:
+    from ..export import export_tokenizer
+
+    print(f"wrote {export_tokenizer(args.model, args.output)}")
+    return 0

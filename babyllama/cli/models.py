@@ -1,0 +1,41 @@
+"""`babyllama models` and `babyllama download`: the models babyllama knows by name."""
+
+from __future__ import annotations
+
+
+def add(sub) -> None:
+    add_models(sub)
+    add_download(sub)
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the built-in model and the public llama2.c checkpoints",
+                       description="The models babyllama knows by name, with their shape, reported val loss, "
+                       "size and where to get them.")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    from ..catalog import table
+
+    print(table())
+    return 0
+
+
+def add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a public checkpoint and its tokenizer (see babyllama models)",
+                       description="Fetch a known model into DIR/NAME/ (model .bin + tokenizer.bin), resuming an "
+                       "interrupted download. Needs internet; files already there are kept.")
+    p.add_argument("name", help="model name, e.g. stories15M (babyllama models lists them)")
+    p.add_argument("--dir", default="models", help="download folder (default: ./models)")
+    p.add_argument("--url-base", default=None,
+                   help="fetch from this mirror instead (same relative paths as the Hugging Face repo)")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args) -> int:
+    from ..catalog import find
+    from ..download import download_model
+
+    path = download_model(find(args.name), args.dir, args.url_base)
+    print(f"{path}\nrun it: babyllama run {path}")

@@ -1,0 +1,212 @@
+"""`babyllama run` and `babyllama chat`: generate text or chat (run.c's flags, and more)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..errors import BabyLlamaError
+from .common import (
+    add_compile,
+    add_model_flags,
+    add_sampling_flags,
+    add_threads,
+    check_sampling_flags,
+    steps_flag,
+    text_arg,
+)
+
+
+def add(sub) -> None:
+    p = sub.add_parser("run", help="generate text or chat with a model (run.c's flags)",
+                       description="Generate text from a model, like llama2.c's ./run.")
+    add_model_flags(p)
+    add_sampling_flags(p)
+    p.add_argument("-m", "--mode", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
+    p.add_argument("-y", "--system", dest="system", default=None, help="system prompt in chat mode")
+    add_engine_flags(p)
+    p.add_argument("--batch-file", default=None, metavar="FILE",
+                   help="generate for every line of FILE at once (one prompt per line); sequence i uses seed+i")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when seq_len is reached, keep the first --n-keep tokens and slide the rest (-n may "
+                        "exceed seq_len)")
+    p.add_argument("--n-keep", type=int, default=None, help="tokens kept by --context-shift (default: the prompt)")
+    p.add_argument("--rotate-keys", action="store_true",
+                   help="with --context-shift: move the cached keys/values and re-rotate the keys instead of "
+                        "recomputing the kept window (faster; the kept entries still carry the dropped context)")
+    p.add_argument("--draft", default=None, metavar="SMALL.bin",
+                   help="speculative decoding with this draft model (same tokenizer)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (4)")
+    p.add_argument("--plain", action="store_true", help="use the unoptimized reference engine (for comparison)")
+    p.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="chat with a model (Llama 2's [INST] template)",
+                       description="Chat with a model: user turns from stdin, replies streamed. Each reply may "
+                                   "use up to -n / --max-new-tokens tokens (0: up to the context window); the "
+                                   "oldest turns slide out when the conversation outgrows the context.")
+    add_model_flags(c)
+    add_sampling_flags(c)
+    c.add_argument("-y", "--system", dest="system", default=None,
+                   help="system prompt (asked for on stdin only when stdin is a terminal)")
+    add_engine_flags(c)
+    c.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, rotate_keys=False,
+                   draft=None, draft_k=4, plain=False)
+
+
+def add_engine_flags(p) -> None:
+    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into memory instead of mapping the file (faster decode, full RSS)")
+    p.add_argument("--device", default="numpy",
+                   help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")
+    add_compile(p)
+    add_threads(p)
+
+
+def load_model(args):
+    """The model the flags name, with one line on stderr when it was converted from another format."""
+    from ..api import load
+
+    model = load(args.checkpoint, args.tokenizer, quantize=getattr(args, "quantize", None),
+                 plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
+                 mmap=not getattr(args, "no_mmap", False), compile=getattr(args, "compile", False))
+    if model.source_kind != "bin":
+        print(f"babyllama: {model.description}", file=sys.stderr)
+    return model
+
+
+def cmd_run(args) -> int:
+    from ..api import clamp_steps
+    from ..sampler import Sampler
+
+    check_sampling_flags(args)
+    prompt = text_arg(args.prompt, "prompt (-i)")
+    system = text_arg(args.system, "system prompt (-y)") if args.system is not None else None
+    check_speed_flags(args)
+    model = load_model(args)
+    sampler = Sampler(args.temperature, args.topp, args.seed or None)
+    if args.mode == "chat":
+        from ..chat import chat
+
+        max_new = args.max_new_tokens if args.max_new_tokens is not None else steps_flag(args)
+        return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes)
+    steps = steps_flag(args)
+    if args.context_shift and not args.batch_file and not args.draft:
+        steps = steps or model.args.max_seq_len  # -n may go past seq_len
+    else:
+        steps = clamp_steps(steps, model.args.max_seq_len)
+    if args.batch_file:
+        return generate_batch_file(model, args, steps)
+    if args.draft:
+        return generate_and_print(model, sampler, prompt, steps, args, draft=load_draft(args))
+    return generate_and_print(model, sampler, prompt, steps, args)
+
+
+def check_speed_flags(args) -> None:
+    exclusive = [name for name, on in (("--batch-file", args.batch_file), ("--draft", args.draft),
+                                       ("--context-shift", args.context_shift)) if on]
+    if len(exclusive) > 1:
+        raise BabyLlamaError(f"{' and '.join(exclusive)} cannot be combined")
+    if exclusive and args.mode == "chat":
+        raise BabyLlamaError(f"{exclusive[0]} works in generate mode only (-m generate)")
+    if args.draft_k < 1:
+        raise BabyLlamaError(f"--draft-k must be >= 1, got {args.draft_k}")
+    if args.rotate_keys and not args.context_shift:
+        raise BabyLlamaError("--rotate-keys works with --context-shift only")
+    if args.n_keep is not None and args.n_keep < 0:
+        raise BabyLlamaError(f"--n-keep must be >= 0, got {args.n_keep}")
+
+
+def load_draft(args):
+    from ..api import make_engine
+    from ..loading import open_model
+
+    weights = open_model(args.draft, mmap=not args.no_mmap).weights
+    if args.quantize:
+        weights = weights.quantize()
+    return make_engine(weights, args.device, args.plain, args.compile)
+
+
+def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None) -> int:
+    """Echo the prompt as it is fed (like run.c), stream the generated text, then report tok/s on stderr."""
+    from ..generate import generate
+    from ..printer import Printer
+
+    ids = model.tokenizer.encode(prompt, bos=True)
+    if len(ids) > steps:
+        print(f"babyllama: warning: the prompt is {len(ids)} tokens (with BOS) but -n/--steps allows {steps} "
+              "positions: nothing will be generated (raise -n, or use --max-new-tokens)", file=sys.stderr)
+    printer = Printer(model.tokenizer, raw=args.raw_bytes)
+    printer.tokens(ids[1: steps + 1])
+    start, n = None, 0
+    if draft is not None:
+        from ..speculative import SpecStats, speculative_generate
+
+        stats = SpecStats()
+        stream = speculative_generate(model.engine, draft, ids, steps, sampler, k=args.draft_k, stats=stats,
+                                      max_new=args.max_new_tokens)
+    else:
+        stream = generate(model.engine, ids, steps, sampler, context_shift=args.context_shift, n_keep=args.n_keep,
+                          rotate_keys=args.rotate_keys, max_new=args.max_new_tokens)
+    for token in stream:
+        printer.token(token)
+        n += 1
+        if start is None:
+            start = time.perf_counter()  # like run.c, time from the end of the first step
+    printer.end()
+    if start is not None and n > 1:
+        print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}", file=sys.stderr)
+    if draft is not None:
+        print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+              f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens", file=sys.stderr)
+    return 0
+
+
+def generate_batch_file(model, args, steps: int) -> int:
+    """Every line of --batch-file is a prompt; all are generated together, then printed in order, each
+    after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`."""
+    from io import BytesIO
+
+    from ..generate import generate_batch
+    from ..printer import Printer
+    from ..sampler import Sampler
+
+    prompts = read_prompts(args.batch_file)
+    tok = model.tokenizer
+    ids = [tok.encode(p, bos=True) for p in prompts]
+    base = args.seed or int(time.time())
+    samplers = [Sampler(args.temperature, args.topp, base + i) for i in range(len(prompts))]
+    start = time.perf_counter()
+    seqs = generate_batch(model.engine, ids, steps, samplers, max_new=args.max_new_tokens)
+    elapsed = time.perf_counter() - start
+    out = sys.stdout.buffer
+    for i, (p, seq) in enumerate(zip(ids, seqs)):
+        out.write(f"=== sequence {i + 1}/{len(seqs)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
+                  .encode())
+        text = BytesIO()
+        printer = Printer(tok, raw=args.raw_bytes, out=text)
+        printer.tokens(p[1: steps + 1] + seq.generated)
+        printer.end()
+        out.write(text.getvalue())
+    out.flush()
+    total = sum(len(s.generated) for s in seqs)
+    print(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(seqs)} sequences, prefill included)",
+          file=sys.stderr)
+    return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\r\n") for line in f]
+    except FileNotFoundError:
+        raise BabyLlamaError(f"batch file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise BabyLlamaError(f"batch file {path} is not valid UTF-8 text") from None
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read batch file {path}: {e.strerror}") from None
+    while prompts and prompts[-1] == "":
+        prompts.pop()
+    if not prompts:
+        raise BabyLlamaError(f"batch file {path} has no prompts")
+    return prompts

@@ -1,0 +1,67 @@
+"""`babyllama train` and `babyllama sample`: training with PyTorch, and sampling a checkpoint."""
+
+from __future__ import annotations
+
+from ..errors import BabyLlamaError
+from .common import add_sampling_flags, check_sampling_flags, steps_flag, text_arg
+
+
+def add(sub) -> None:
+    add_train(sub)
+    add_sample(sub)
+
+
+def add_train(sub) -> None:
+    from ..train.config import FIELDS, TrainConfig
+
+    p = sub.add_parser("train", help="train a model with PyTorch (torchrun for DDP/FSDP)",
+                       description="Train a Llama 2 model (llama2.c's train.py). Settings come from the "
+                                   "defaults, then CONFIG (TOML or JSON), then --key=value flags. Run under "
+                                   "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
+    p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    knobs = p.add_argument_group("settings (--key=value)")
+    for name in FIELDS:
+        knobs.add_argument(f"--{name}", dest=f"cfg_{name}", metavar=type(getattr(TrainConfig, name)).__name__.upper(),
+                           default=None, help=f"(default {getattr(TrainConfig, name)!r})")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ..train.config import resolve_config
+    from ..train.loop import train
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    train(resolve_config(args.config, overrides))
+    return 0
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a training checkpoint with PyTorch",
+                       description="Generate from a checkpoint (llama2.c's sample.py) with the PyTorch model; "
+                                   "run's sampling flags.")
+    p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
+    p.add_argument("-z", "--tokenizer", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
+    add_sampling_flags(p)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from ..api import clamp_steps, load
+    from ..sampler import Sampler
+    from .run import generate_and_print
+
+    check_sampling_flags(args)
+    prompt = text_arg(args.prompt, "prompt (-i)")
+    device = args.device
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:
+            raise BabyLlamaError("sample needs torch: pip install torch==2.13.0 && pip install 'babyllama[train]'") \
+                from None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load(args.checkpoint, args.tokenizer, device=device)
+    steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
+    args.context_shift, args.n_keep, args.rotate_keys = False, None, False
+    return generate_and_print(model, Sampler(args.temperature, args.topp, args.seed or None), prompt, steps, args)

@@ -1,0 +1,216 @@
+"""Finding and opening a model of any format babyllama reads, with the tokenizer that goes with it.
+
+`open_model(path)` tells the format by content, not by name, and converts in memory to `Weights`:
+
+    llama2.c .bin (versions 0, 1, 2)   memory-mapped as is (formats.py)
+    GGUF (llama.cpp)                   its vocabulary becomes the tokenizer (interop/gguf.py)
+    Hugging Face folder                config.json + safetensors / pytorch_model.bin (interop/hf.py)
+    Meta folder                        params.json + consolidated.*.pth (interop/meta.py)
+    training checkpoint                ckpt.pt or its run folder (train/checkpoint.py, needs torch)
+
+`tokenizer_for(source, path)` picks the tokenizer: the one given, else the one the model carries (GGUF's
+vocabulary, an HF/Meta folder's tokenizer.model), else tokenizer.bin beside the model, else the built-in
+one when its vocabulary has the model's size. The API (`api.load`), `export`, the catalog and the CLI all
+come here, so every command reads models the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import formats
+from .errors import BabyLlamaError
+from .formats import Weights
+from .tokenizer import Tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODEL = ASSETS / "model.bin"
+BUILTIN_TOKENIZER = ASSETS / "tokenizer.bin"
+BUILTIN_CARD = ASSETS / "model.json"
+TOKENIZER_BIN = "tokenizer.bin"
+CKPT_NAME = "ckpt.pt"  # train/checkpoint.py's name (not imported: that module needs torch)
+
+KINDS = ("bin", "gguf", "hf", "meta", "checkpoint")
+_DESCRIPTIONS = {"bin": "llama2.c .bin", "gguf": "GGUF", "hf": "Hugging Face", "meta": "Meta checkpoint",
+                 "checkpoint": "training checkpoint"}
+
+
+@dataclass
+class Source:
+    """A model read into `Weights`, with what it brought along for its tokenizer."""
+
+    weights: Weights
+    kind: str  # one of KINDS
+    path: Path  # the file or folder it was read from
+    tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
+    vocab: object | None = None  # an interop.vocab.Vocab carried inside the file (GGUF)
+
+    def describe(self) -> str:
+        """One line: what was loaded, and from what."""
+        a = self.weights.args
+        how = "" if self.kind == "bin" else ", converted in memory"
+        dtype = "Q8_0" if self.weights.quantized else "fp32"
+        return (f"loaded {_DESCRIPTIONS[self.kind]} {self.path}: {a.param_count() / 1e6:.2f}M params, dim {a.dim}, "
+                f"{a.n_layers} layers, vocab {a.vocab_size}, context {a.max_seq_len} ({dtype}{how})")
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A babyllama training checkpoint: a .pt file, or a training run's folder holding ckpt.pt."""
+    path = Path(path)
+    return path.suffix == ".pt" or (path / CKPT_NAME).is_file()
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Which of KINDS `path` holds, from its content (a folder: the files in it)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CKPT_NAME).is_file():
+            return "checkpoint"
+        if (path / "config.json").is_file():
+            return "hf"
+        if (path / "params.json").is_file():
+            return "meta"
+        raise BabyLlamaError(f"{path}: a folder that holds no model babyllama reads (ckpt.pt, a Hugging Face "
+                             "config.json or Meta's params.json)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        if path.suffix == ".pt":
+            return "checkpoint"  # whose reader says that the checkpoint is missing
+        raise BabyLlamaError(f"model file not found: {path}") from None
+    except OSError as e:
+        raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
+        return "checkpoint"
+    if len(head) >= 4 and struct.unpack_from("<I", head)[0] == formats.MAGIC:
+        return "bin"
+    if path.suffix == ".pt":
+        return "checkpoint"
+    return "bin"  # version 0 has no magic: its header is checked field by field
+
+
+# ------------------------------------------------------------------------------------------- opening
+
+
+def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = True,
+               max_seq_len: int | None = None) -> Source:
+    """Read the model at `path` (format detected unless `kind` says it) into `Weights`."""
+    path = Path(path)
+    kind = kind or detect_format(path)
+    if kind == "bin":
+        weights = formats.load(path, mmap=mmap)
+        source = Source(weights, kind, path)
+    elif kind == "gguf":
+        from .interop.gguf import load_gguf
+
+        weights, vocab = load_gguf(path, max_seq_len)
+        source = Source(weights, kind, path, vocab=vocab)
+    elif kind == "hf":
+        from .interop.hf import load_hf
+
+        folder = path if path.is_dir() else path.parent
+        source = Source(load_hf([path], max_seq_len), kind, path, _first_file(folder / "tokenizer.model"))
+    elif kind == "meta":
+        from .interop.meta import load_meta
+
+        # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
+        source = Source(load_meta(path, max_seq_len), kind, path,
+                        _first_file(path / "tokenizer.model", path.parent / "tokenizer.model"))
+    elif kind == "checkpoint":
+        ckpt = path / CKPT_NAME if path.is_dir() else path
+        source = Source(weights_from_checkpoint(ckpt), kind, ckpt, _first_file(ckpt.parent / TOKENIZER_BIN))
+    else:
+        raise BabyLlamaError(f"unknown model format {kind!r} (choose {', '.join(KINDS)})")
+    if max_seq_len and kind in ("bin", "checkpoint"):
+        source.weights.args.max_seq_len = max_seq_len
+    return source
+
+
+def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,
+                hf: list[str] | None = None, max_seq_len: int | None = None, mmap: bool = True) -> Source:
+    """`export`'s sources, one of which is given: the format named by the flag rather than detected (an HF
+    checkpoint may also be given as its weight files with config.json beside them)."""
+    if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):
+        from .interop.hf import load_hf
+
+        first = Path(hf[0])
+        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / "tokenizer.model"))
+    given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
+    for kind, path in given.items():
+        if path is not None:
+            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len)
+    raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
+
+
+def weights_from_checkpoint(path: str | os.PathLike) -> Weights:
+    """A babyllama training checkpoint (ckpt.pt) as fp32 Weights."""
+    try:
+        from .train.checkpoint import load_model
+    except ImportError:
+        raise BabyLlamaError("reading a training checkpoint needs torch: pip install torch==2.13.0 "
+                             "&& pip install 'babyllama[train]'") from None
+    return load_model(path).to_weights()
+
+
+def _first_file(*candidates: Path) -> Path | None:
+    return next((p for p in candidates if p.is_file()), None)
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
+    """run.c's -z default, made helpful: tokenizer.bin beside the model, else the built-in one when its
+    vocabulary has the model's size."""
+    beside = Path(model_path).with_name(TOKENIZER_BIN)
+    if beside.is_file():
+        return beside
+    if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
+        return BUILTIN_TOKENIZER
+    raise BabyLlamaError(
+        f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z")
+
+
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
+    """A tokenizer.bin, or a sentencepiece .model converted as llama2.c's tokenizer.py does."""
+    path = Path(path)
+    if path.suffix == ".model":
+        tok = Tokenizer.from_sentencepiece(path)
+        if vocab_size is not None and tok.vocab_size != vocab_size:
+            raise BabyLlamaError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
+                                 f"{vocab_size}; pass the tokenizer the model was trained with (-z)")
+        return tok
+    return Tokenizer.load(path, vocab_size)
+
+
+def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer to run `source` with: `path` (-z), else the one it carries, else one found beside it."""
+    vocab_size = source.weights.args.vocab_size
+    if path is not None:
+        return load_tokenizer(path, vocab_size)
+    if source.vocab is not None:
+        tok = source.vocab.to_tokenizer()
+        if tok.vocab_size != vocab_size:
+            raise BabyLlamaError(f"{source.path}: its vocabulary has {tok.vocab_size} tokens but the model's "
+                                 f"vocab_size is {vocab_size}")
+        return tok
+    if source.tokenizer is not None:
+        return load_tokenizer(source.tokenizer, vocab_size)
+    if source.kind in ("hf", "meta"):
+        raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
+    return Tokenizer.load(find_tokenizer(source.path, vocab_size), vocab_size)
+
+
+def builtin_model() -> Path:
+    if not BUILTIN_MODEL.is_file():
+        raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
+    return BUILTIN_MODEL

@@ -1,0 +1,55 @@
+"""Generated text to a byte stream (stdout) as tokens arrive: the one output loop of `run`, `chat` and
+`sample`.
+
+By default every character is printed whole and as correct UTF-8: a character that the model spells as
+several byte tokens is held back until its last byte arrives, and control tokens (BOS, EOS) never print.
+With `raw=True` (`--raw-bytes`) the bytes are exactly run.c's: each piece decoded after its predecessor and
+passed through run.c's `safe_printf`, which drops every byte token that is not printable ASCII, so such
+characters disappear. For ASCII text the two are the same bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from .tokenizer import BOS, Tokenizer
+
+
+class Printer:
+    def __init__(self, tokenizer: Tokenizer, raw: bool = False, out: BinaryIO | None = None, prev: int = BOS):
+        self.tokenizer = tokenizer
+        self.raw = raw
+        self.out = out if out is not None else sys.stdout.buffer
+        self.prev = prev
+        self.text = tokenizer.stream(prev)
+
+    def restart(self, prev: int) -> None:
+        """Continue after `prev` (a new chat turn): what follows is decoded after that token."""
+        self.write(b"" if self.raw else self.text.flush().encode())
+        self.prev = prev
+        self.text = self.tokenizer.stream(prev)
+
+    def token(self, token: int) -> None:
+        if self.raw:
+            data = self.tokenizer.decode_piece(self.prev, token)
+        else:
+            data = self.text.push(token).encode()
+        self.prev = token
+        self.write(data)
+
+    def tokens(self, tokens: Iterable[int]) -> None:
+        for t in tokens:
+            self.token(t)
+
+    def write(self, data: bytes | str) -> None:
+        if data:
+            self.out.write(data.encode() if isinstance(data, str) else data)
+        self.out.flush()
+
+    def end(self, newline: bool = True) -> None:
+        """Print what is held back (an unfinished character) and, like run.c, a final newline."""
+        if not self.raw:
+            self.write(self.text.flush())
+        self.write(b"\n" if newline else b"")
