@@ -140,7 +140,7 @@ def save_meta(weights: Weights, folder: str | os.PathLike, n_shards: int = 1) ->
         for name, t in sd.items():
             axis = shard_axis(name)
             piece = t if axis is None else np.split(t, n_shards, axis=axis)[rank]
-            shard[name] = torch.from_numpy(np.ascontiguousarray(piece))
+            shard[name] = torch.from_numpy(np.array(piece))  # a writable copy (the weights may be a read-only map)
         torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
     (folder / "params.json").write_text(json.dumps(_params_from_args(args)) + "\n")
     return folder
