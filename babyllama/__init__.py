@@ -8,8 +8,7 @@ Python API (mirrors the CLI):
 from __future__ import annotations
 
 from .threads import set_wait_defaults
-
-__version__ = "0.1.0"
+from .version import __version__
 
 set_wait_defaults()  # before anything imports NumPy (OpenBLAS) or loads the native kernels (OpenMP)
 

@@ -14,11 +14,12 @@ import urllib.request
 from http.client import HTTPException
 from pathlib import Path
 
-from . import __version__, formats
+from . import formats
 from .catalog import KnownModel
 from .errors import BabyLlamaError
 from .progress import progress_bar
 from .tokenizer import Tokenizer
+from .version import __version__
 
 CHUNK = 1 << 16
 TIMEOUT_S = 30

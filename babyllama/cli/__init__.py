@@ -14,7 +14,7 @@ GROUPS = (run, evaluate, models, data, train, export, bench)
 
 
 def build_parser() -> Parser:
-    from .. import __version__
+    from ..version import __version__
 
     parser = Parser(prog="babyllama", description="The Llama 2 stack for small models.")
     parser.add_argument("--version", action="version", version=f"babyllama {__version__}")
