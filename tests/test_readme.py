@@ -1,0 +1,107 @@
+"""The README's tour runs as written: every command of its bash blocks (and its Python example), from the
+repository root, with the checkout's `babyllama` first on PATH. Commands that need the internet, a GPU or a
+multi-GB model are named in SKIP; nothing else may be left out."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SHARED
+
+README = ROOT / "README.md"
+SKIP = {
+    "pip install . && babyllama run": "the set-up command itself (CI installs the package)",
+    "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && python -m pytest -q": "runs this suite",
+    "bash .ci/run": "runs this suite",
+}
+NEEDS_INTERNET = ("babyllama download",)
+NEEDS_GPU = ("--device cuda",)
+
+
+def tour_blocks() -> list[tuple[str, str]]:
+    """(language, code) of every fenced bash/python block in the README."""
+    return re.findall(r"```(bash|python)\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def commands(code: str) -> list[str]:
+    """Shell commands of a block: continuation lines joined, comments kept out."""
+    out, pending = [], ""
+    for line in code.splitlines():
+        line = pending + line
+        if line.endswith("\\"):
+            pending = line[:-1]
+            continue
+        pending = ""
+        command = re.sub(r"\s+#.*$", "", line).strip()
+        if command and not command.startswith("#"):
+            out.append(command)
+    return out
+
+
+def all_commands() -> list[str]:
+    return [c for lang, code in tour_blocks() if lang == "bash" for c in commands(code)]
+
+
+def skipped(command: str) -> str | None:
+    if command in SKIP:
+        return SKIP[command]
+    if any(k in command for k in NEEDS_INTERNET):
+        return "needs the internet"
+    if any(k in command for k in NEEDS_GPU):
+        return "needs a GPU"
+    return None
+
+
+@pytest.fixture(scope="module")
+def shell_env(tmp_path_factory):
+    """PATH with a `babyllama` that runs this checkout (whatever is installed), from the repository root."""
+    if not (SHARED / "fixtures").is_dir():
+        pytest.skip(f"{SHARED} is absent (the tour uses ../shared's fixtures and TinyStories slice; CI has it)")
+    bin_dir = tmp_path_factory.mktemp("bin")
+    shim = bin_dir / "babyllama"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m babyllama "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    (ROOT / "out").mkdir(exist_ok=True)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+
+
+def test_the_tour_has_the_commands_the_readme_promises():
+    cmds = all_commands()
+    assert cmds[:2] == list(SKIP)[:2]  # the README starts with exactly the two set-up commands
+    for must in ("babyllama run", "babyllama chat", "babyllama eval", "babyllama train", "babyllama export",
+                 "babyllama bench"):
+        assert any(c.startswith(must) or f"| {must}" in c for c in cmds), must
+
+
+@pytest.mark.parametrize("command", [c for c in all_commands() if not skipped(c)])
+def test_tour_command_runs_as_written(command, shell_env):
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT, env=shell_env, capture_output=True,
+                          timeout=600)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, f"{command}\n{err[-2000:]}"
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_python_example_runs(shell_env):
+    code = next(code for lang, code in tour_blocks() if lang == "python")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=shell_env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().startswith("Once upon a time")
+
+
+def test_tour_outputs_stay_in_ignored_folders():
+    """What the tour writes goes to out/, which git ignores."""
+    written = [c for c in all_commands() if re.search(r"(--out_dir|--data-dir|export) ", c)]
+    assert written
+    for c in written:
+        for target in re.findall(r"(?:--out_dir=|--data-dir |--data_dir=|export )(\S+)", c):
+            assert target.startswith("out/"), c
+    if shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "out/anything"], cwd=ROOT)
+        assert ignored.returncode == 0
