@@ -48,6 +48,10 @@ class TrainConfig:
     warmup_iters: int = 1000
     lr_decay_iters: int = 0  # 0: max_iters
     min_lr: float = 0.0
+    # distillation (train/distill.py): a frozen teacher .bin with the data's vocabulary; "" trains on labels only
+    teacher: str = ""
+    kd_alpha: float = 0.5  # weight of the KL term; 1 - kd_alpha weighs the cross-entropy on the real tokens
+    kd_temperature: float = 1.0
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
@@ -167,5 +171,9 @@ def check(cfg: TrainConfig) -> None:
             raise BabyLlamaError(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         raise BabyLlamaError("max_iters and warmup_iters must be >= 0")
+    if not 0.0 <= cfg.kd_alpha <= 1.0:
+        raise BabyLlamaError(f"kd_alpha must be in [0, 1], got {cfg.kd_alpha}")
+    if cfg.kd_temperature <= 0.0:
+        raise BabyLlamaError(f"kd_temperature must be positive, got {cfg.kd_temperature}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")

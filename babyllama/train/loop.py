@@ -9,6 +9,9 @@ gradient_accumulation_steps / W of them. Averaged over ranks, the gradient is th
 Each iteration: lr from the schedule (linear warmup, cosine decay to min_lr), micro-batches forward and
 backward (DDP syncs gradients only on the last one: `no_sync`), clip, AdamW step. Every eval_interval
 iterations (and at the end) the val loss is estimated on fixed batches and ckpt.pt is written.
+
+With a `teacher` (distill.py), the training loss mixes cross-entropy with distillation from the teacher's
+distributions on the same batch; validation losses stay plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.distributed as dist
 
 from ..errors import BabyLlamaError
 from ..model import Transformer
-from . import checkpoint
+from . import checkpoint, distill
 from .config import MODEL_KEYS, TrainConfig
 from .data import TOKENIZER_BIN, Windows, read_meta, split_arrays
 from .metrics import MetricsLog, peak_flops, plot_losses
@@ -157,6 +160,8 @@ class Trainer:
             for layer in model.layers:
                 fully_shard(layer)
             fully_shard(model)
+        self.teacher = (distill.load_teacher(cfg.teacher, cfg.vocab_size, cfg.max_seq_len, self.device)
+                        if cfg.teacher else None)
         self.optimizer = make_optimizer(model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: global batches
@@ -234,6 +239,15 @@ class Trainer:
             self.raw.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
 
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro-batch: cross-entropy, or with a teacher the distillation loss."""
+        if self.teacher is None:
+            return self.model(x, y)[1]
+        logits, _ = self.model(x)
+        with torch.no_grad():
+            teacher_logits, _ = self.teacher(x)
+        return distill.distillation_loss(logits, teacher_logits, y, self.cfg.kd_alpha, self.cfg.kd_temperature)
+
     def step(self) -> torch.Tensor:
         """One optimizer step over this rank's share of a global batch; returns its mean micro-batch loss."""
         cfg, W, r = self.cfg, self.dist.world, self.dist.rank
@@ -247,7 +261,7 @@ class Trainer:
             x, y = self.train_data.batch(starts[m * W + r], self.device)
             with self._sync_context(m == self.accum - 1):
                 with self.autocast:
-                    _, loss = self.model(x, y)
+                    loss = self.loss(x, y)
                 loss = loss / self.accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -288,6 +302,9 @@ class Trainer:
             n_params = sum(p.numel() for p in self.raw.parameters())
             print(f"model: {n_params / 1e6:.2f}M parameters, {self.dist.world} process(es) on {self.device}, "
                   f"{self.dtype}; {self.tokens_per_iter:,} tokens per iteration", flush=True)
+            if self.teacher is not None:
+                print(f"distilling from {cfg.teacher} (kd_alpha {cfg.kd_alpha}, kd_temperature "
+                      f"{cfg.kd_temperature})", flush=True)
         start_iter = self.iter_num
         if cfg.eval_only:
             self.evaluate_and_save()

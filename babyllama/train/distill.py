@@ -1,0 +1,58 @@
+"""Knowledge distillation: a frozen teacher model's next-token distributions as extra training signal.
+
+With `teacher = "path/to/model.bin"` (a llama2.c .bin with the student's vocabulary), every training batch
+also runs through the teacher, and the loss becomes
+
+    kd_alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − kd_alpha) · CE(student, next token)
+
+(Hinton et al., 2015): the KL term gives the student the teacher's whole distribution at every position,
+far more signal per token than the one real next token; the cross-entropy term keeps the real labels, so
+the student can learn what the teacher gets wrong. T² keeps the KL term's gradients at the scale of the
+cross-entropy's whatever the temperature T. Validation losses stay plain cross-entropy on real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import formats
+from ..errors import BabyLlamaError
+from ..model import Transformer
+
+
+def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device) -> Transformer:
+    """The teacher of `path`, frozen and in eval mode on `device`; it must share the student's vocabulary
+    and cover its context length."""
+    try:
+        weights = formats.load(path)
+    except BabyLlamaError as e:
+        raise BabyLlamaError(f"teacher: {e}") from None
+    args = weights.args
+    if args.vocab_size != vocab_size:
+        raise BabyLlamaError(f"teacher {path} has a {args.vocab_size}-token vocabulary, the data {vocab_size}: "
+                             "distillation needs the same tokenizer")
+    if args.max_seq_len < seq_len:
+        raise BabyLlamaError(f"teacher {path} has a context of {args.max_seq_len} tokens, shorter than "
+                             f"max_seq_len={seq_len}")
+    teacher = Transformer.from_weights(weights).to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """The loss above, averaged over the positions whose target is not -1 (the ignored ones, as in the
+    model's cross-entropy). logits and teacher_logits (..., vocab); targets (...)."""
+    vocab = logits.size(-1)
+    logits, teacher_logits = logits.float().reshape(-1, vocab), teacher_logits.float().reshape(-1, vocab)
+    targets = targets.reshape(-1)
+    ce = F.cross_entropy(logits, targets, ignore_index=-1)
+    if alpha == 0.0:
+        return ce
+    student_logp = F.log_softmax(logits / temperature, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # per position
+    keep = targets != -1
+    kl = (kl * keep).sum() / keep.sum().clamp(min=1)
+    return alpha * temperature ** 2 * kl + (1.0 - alpha) * ce

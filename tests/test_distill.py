@@ -1,0 +1,158 @@
+"""Knowledge distillation in the training loop (babyllama/train/distill.py): the loss's arithmetic, the
+teacher checks, and a student trained on a teacher's distributions learning them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import random_weights, tiny_args  # noqa: E402
+
+from babyllama import formats  # noqa: E402
+from babyllama.errors import BabyLlamaError  # noqa: E402
+from babyllama.train.distill import distillation_loss  # noqa: E402
+
+F = torch.nn.functional
+VOCAB = 64
+
+
+def random_logits(*shape, seed=0, scale=3.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_alpha_zero_is_plain_cross_entropy():
+    logits, teacher = random_logits(2, 5, VOCAB), random_logits(2, 5, VOCAB, seed=1)
+    targets = torch.randint(VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    want = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+    assert torch.allclose(distillation_loss(logits, teacher, targets, 0.0, 2.0), want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_term_is_hinton_kd_with_t_squared(temperature):
+    """alpha=1: T² · KL(teacher_T ‖ student_T) per position, averaged; compared with torch's kl_div."""
+    logits, teacher = random_logits(3, 7, VOCAB), random_logits(3, 7, VOCAB, seed=1)
+    targets = torch.randint(VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
+    s = F.log_softmax(logits.view(-1, VOCAB) / temperature, -1)
+    t = F.log_softmax(teacher.view(-1, VOCAB) / temperature, -1)
+    want = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    got = distillation_loss(logits, teacher, targets, 1.0, temperature)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # and the mix is linear in alpha
+    ce = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+    mixed = distillation_loss(logits, teacher, targets, 0.3, temperature)
+    assert mixed.item() == pytest.approx(0.3 * want.item() + 0.7 * ce.item(), rel=1e-5)
+
+
+def test_kl_is_zero_when_the_student_is_the_teacher_and_positive_otherwise():
+    logits = random_logits(2, 4, VOCAB)
+    targets = torch.zeros(2, 4, dtype=torch.long)
+    assert distillation_loss(logits, logits.clone(), targets, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, random_logits(2, 4, VOCAB, seed=5), targets, 1.0, 1.0).item() > 0.1
+
+
+def test_ignored_targets_are_left_out_of_both_terms():
+    logits, teacher = random_logits(1, 6, VOCAB), random_logits(1, 6, VOCAB, seed=1)
+    targets = torch.tensor([[3, 4, -1, 5, -1, 6]])
+    keep = targets[0] != -1
+    want = distillation_loss(logits[:, keep], teacher[:, keep], targets[:, keep], 0.5, 1.5)
+    assert distillation_loss(logits, teacher, targets, 0.5, 1.5).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_gradient_flows_to_the_student_only():
+    logits = random_logits(2, 3, VOCAB).requires_grad_()
+    teacher = random_logits(2, 3, VOCAB, seed=1).requires_grad_()
+    distillation_loss(logits, teacher.detach(), torch.zeros(2, 3, dtype=torch.long), 0.5, 2.0).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Random-token shards (no structure of their own to learn) and a random teacher whose blocks add
+    nothing to the residual stream (wo = w2 = 0): a sharp next-token distribution for each current token,
+    which a student can only learn from the teacher."""
+    root = tmp_path_factory.mktemp("distill")
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", 40_000), ("val.bin", 4_000)):
+        rng.integers(0, VOCAB, n).astype(np.uint16).tofile(data / name)
+    meta = {"vocab_size": VOCAB, "shards": {"train": ["train.bin"], "val": ["val.bin"]}}
+    (data / "meta.json").write_text(json.dumps(meta))
+    teacher = root / "teacher.bin"
+    weights = random_weights(tiny_args(vocab_size=VOCAB, max_seq_len=64), seed=1, scale=0.5)
+    weights.wo[:], weights.w2[:] = 0.0, 0.0
+    formats.save(weights, teacher)
+    return root
+
+
+def settings(setup, out, **kw) -> dict:
+    base = dict(data_dir=str(setup / "data"), out_dir=str(out), dim="32", n_layers="2", n_heads="4",
+                n_kv_heads="2", max_seq_len="32", batch_size="16", gradient_accumulation_steps="1",
+                learning_rate="1e-2", warmup_iters="5", max_iters="120", eval_interval="1000", eval_iters="2",
+                log_interval="40", seed="3")
+    return {**base, **{k: str(v) for k, v in kw.items()}}
+
+
+def teacher_kl(student_dir, teacher_path, tokens) -> float:
+    """Mean KL(teacher ‖ student) in nats over the next-token distributions of `tokens` (1, T)."""
+    from babyllama.model import Transformer
+    from babyllama.train.checkpoint import load_model
+
+    student = load_model(student_dir / "ckpt.pt")
+    teacher = Transformer.from_weights(formats.load(teacher_path)).eval()
+    with torch.no_grad():
+        s, t = F.log_softmax(student(tokens)[0], -1), F.log_softmax(teacher(tokens)[0], -1)
+    return (t.exp() * (t - s)).sum(-1).mean().item()
+
+
+def test_student_learns_the_teachers_distributions(setup, tmp_path):
+    """The same run with and without the teacher: on random tokens the labels alone teach a uniform
+    guess, the teacher's distributions teach the student to predict like the teacher."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    torch.set_num_threads(1)
+    teacher = setup / "teacher.bin"
+    train(resolve_config(None, settings(setup, tmp_path / "labels")))
+    train(resolve_config(None, settings(setup, tmp_path / "kd", teacher=teacher, kd_alpha=1.0, kd_temperature=1.0)))
+    tokens = torch.from_numpy(np.fromfile(setup / "data" / "val.bin", dtype=np.uint16)[:32].astype(np.int64))[None]
+    with_labels, with_teacher = (teacher_kl(tmp_path / d, teacher, tokens) for d in ("labels", "kd"))
+    assert with_teacher < 0.5 * with_labels, (with_teacher, with_labels)
+    ckpt = torch.load(tmp_path / "kd" / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["teacher"] == str(teacher) and ckpt["config"]["kd_alpha"] == 1.0
+    # the validation loss stays cross-entropy on the (random) real tokens: about ln(vocab), not the KD loss
+    assert ckpt["best_val_loss"] == pytest.approx(math.log(VOCAB), abs=0.6)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_seq_len=128), "context of 64 tokens"),
+    (dict(kd_alpha=1.5), "kd_alpha must be in"),
+    (dict(kd_temperature=0), "kd_temperature must be positive"),
+])
+def test_bad_teacher_settings_are_one_line_errors(setup, tmp_path, kw, message):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    with pytest.raises(BabyLlamaError, match=message):
+        train(resolve_config(None, settings(setup, tmp_path, teacher=setup / "teacher.bin", max_iters=1, **kw)))
+
+
+def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    other = tmp_path / "other.bin"
+    formats.save(random_weights(tiny_args(vocab_size=VOCAB + 1, max_seq_len=64)), other)
+    with pytest.raises(BabyLlamaError, match="same tokenizer"):
+        train(resolve_config(None, settings(setup, tmp_path / "out", teacher=other, max_iters=1)))
+    with pytest.raises(BabyLlamaError, match="teacher: model file not found"):
+        train(resolve_config(None, settings(setup, tmp_path / "out", teacher=tmp_path / "missing.bin", max_iters=1)))
