@@ -219,8 +219,8 @@ def body_size(args: ModelArgs, version: int, group_size: int = 0) -> int:
 def _map_file(path: str | os.PathLike) -> np.ndarray:
     """The file as a read-only byte array backed by a shared map. The map asks for huge pages before
     anything is touched: the kernel's read-ahead then fills it with 2 MB page-cache folios mapped by
-    single TLB entries where it can (a 42M model read cold: 154-162 of 163 MB huge-mapped, 6-120 MB
-    without the hint), so decode, which streams every weight per token, misses the TLB less."""
+    single TLB entries where it can, so decode, which streams every weight per token, misses the TLB less
+    (measurements: docs/speed.md)."""
     with open(path, "rb") as f:
         mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
     try:
@@ -261,8 +261,7 @@ def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
     """Memory-map a llama2.c model file (any version) into `Weights`: loading is instant and memory grows
     only with what is touched. `mmap=False` reads the file into process memory instead (llama.cpp's
     --no-mmap), which NumPy backs with transparent huge pages where the kernel allows. The map gets huge
-    pages too when the file is read cold (see _map_file): 42M fp32 decode, three runs each from a cold
-    page cache, medians 111.5/101.1/108.8 tok/s against 104.3/90.8/97.0 without the hint."""
+    pages too when the file is read cold (see _map_file)."""
     args, version, gs, header = read_header(path)
     buf = _map_file(path) if mmap else _read_whole(path)
     c = _Cursor(buf, header)
