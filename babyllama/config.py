@@ -14,9 +14,9 @@ class ModelArgs:
     dim: int = 288
     n_layers: int = 6
     n_heads: int = 6
-    n_kv_heads: int | None = None  # None means n_heads (plain multi-head attention)
+    n_kv_heads: int = 0  # 0 (or None) means n_heads: plain multi-head attention
     vocab_size: int = 32000
-    hidden_dim: int | None = None  # None: derived from dim and multiple_of as in Meta's code
+    hidden_dim: int = 0  # 0 (or None): derived from dim and multiple_of as in Meta's code
     multiple_of: int = 32
     ffn_dim_multiplier: float | None = None
     norm_eps: float = DEFAULT_NORM_EPS
@@ -26,9 +26,9 @@ class ModelArgs:
     shared_classifier: bool = True
 
     def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
+        if not self.n_kv_heads:
             self.n_kv_heads = self.n_heads
-        if self.hidden_dim is None:
+        if not self.hidden_dim:
             self.hidden_dim = llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     @property

@@ -20,11 +20,15 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import formats
 from .errors import BabyLlamaError
 from .formats import Weights
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .interop.vocab import Vocab
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODEL = ASSETS / "model.bin"
@@ -46,7 +50,7 @@ class Source:
     kind: str  # one of KINDS
     path: Path  # the file or folder it was read from
     tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
-    vocab: object | None = None  # an interop.vocab.Vocab carried inside the file (GGUF)
+    vocab: Vocab | None = None  # a vocabulary carried inside the file (GGUF)
 
     def describe(self) -> str:
         """One line: what was loaded, and from what."""

@@ -61,7 +61,9 @@ class Tokenizer:
         if len(data) < 4:
             raise BabyLlamaError(f"{path}: not a tokenizer.bin (too short)")
         (max_len,) = struct.unpack_from("<i", data, 0)
-        pieces, scores, off = [], [], 4
+        pieces: list[bytes] = []
+        scores: list[float] = []
+        off = 4
         while off < len(data):
             if off + 8 > len(data):
                 raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt")

@@ -39,3 +39,4 @@ def cmd_download(args) -> int:
 
     path = download_model(find(args.name), args.dir, args.url_base)
     print(f"{path}\nrun it: babyllama run {path}")
+    return 0
