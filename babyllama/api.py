@@ -114,15 +114,13 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     """Load a model (default: the built-in one) of any format babyllama reads (a .bin, GGUF, Hugging Face or
     Meta folder, training checkpoint: see loading.py) with its tokenizer (`tokenizer`, else the model's own,
     else tokenizer.bin beside it, else the built-in one when the vocabularies match).
-    `quantize="q8_0"` converts fp32 weights to Q8_0 on load; `plain` selects the unoptimized reference
+    `quantize` "q8_0" or "q4_0" converts the weights on load; `plain` selects the unoptimized reference
     engine; `device` "cpu" or "cuda" runs the PyTorch model instead of the NumPy engine (`compile`: its
     decode step through torch.compile); `mmap=False` reads the weights into memory (see formats.load)."""
     source = open_model(builtin_model() if model is None else model, mmap=mmap)
     weights = source.weights
     if quantize is not None:
-        if quantize != "q8_0":
-            raise BabyLlamaError(f"unknown quantization {quantize!r} (babyllama supports q8_0)")
-        weights = weights.quantize()
+        weights = weights.quantize_as(quantize)
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=source.describe())
 

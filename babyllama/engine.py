@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .config import ModelArgs
 from .formats import Weights
-from .kernels import backend, matmul_many, matmul_plain
+from .kernels_base import Kernels, apply_rope, rmsnorm, segments, silu  # noqa: F401 (re-exported)
 
 
 class KVCache:
@@ -44,71 +45,39 @@ def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[np.ndar
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs of x (tokens, heads, head_size) by per-token angles (tokens, hs/2)."""
-    t, h, hs = x.shape
-    pairs = x.reshape(t, h, hs // 2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(pairs)
-    out[..., 0] = a * c - b * s
-    out[..., 1] = a * s + b * c
-    return out.reshape(t, h, hs)
-
-
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])  # einsum: no x*x temporary
-    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
-def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """Split a token batch into runs of one slot at consecutive positions: (start, end, slot, first_pos)."""
-    n = len(slots)
-    if n == 1:  # a decode step: the common case, without NumPy's per-call costs
-        return [(0, 1, int(slots[0]), int(positions[0]))]
-    breaks = np.flatnonzero((slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)) + 1
-    bounds = [0, *breaks.tolist(), n]
-    return [(a, b, int(slots[a]), int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-# Steps of at most this many tokens (decode, batched decode, speculative verification) run their layers in
-# one native call; larger ones (prefill) are compute-bound and go through BLAS (kernels.py), attention included.
+# Steps of at most this many tokens (decode, batched decode, speculative verification), and batched decode steps
+# of any size (every token a sequence of its own), run their layers in one call where the backend has one
+# (native: forward_step), so that a sequence decoded alone or in a batch runs the same kernels; larger prompts
+# are compute-bound and go through BLAS (kernels.py), attention included.
 FUSED_MAX_TOKENS = 8
 
 
 class Engine:
-    """`plain=True` selects the unoptimized reference path (one product per matrix, Q8_0 in NumPy): the
-    baseline the fast path is tested and benchmarked against. The fast path groups the products that read
-    the same input (wq/wk/wv, w1/w3) into one kernel call and uses the compiled kernels when present
-    (kernels.py). With the native (C) backend, a decode-sized step is one C call (`forward_step`: the
-    embedding, every layer as in `_block` with the norms, the SwiGLU gate and the residual additions inside
-    the products, then the classifier), since Python's per-call overhead otherwise rivals a small model's
-    arithmetic.
+    """`plain=True` selects the unoptimized reference path (kernels_base.PlainKernels: one product per matrix,
+    quantized products in NumPy): the baseline the fast path is tested and benchmarked against. The fast path
+    runs on the backend kernels.py chooses, through the `Kernels` protocol only: products that read the same
+    input (wq/wk/wv, w1/w3) in one call, and a decode-sized step in one call where the backend has one
+    (native: the embedding, every layer as in `_block` with the norms, the SwiGLU gate and the residual
+    additions inside the products, then the classifier), since Python's per-call overhead otherwise rivals a
+    small model's arithmetic. `kernels=` pins a backend object (tests use it to run two builds side by side).
     Weights are never copied (they stay memory-mapped unless loaded with mmap=False)."""
 
-    def __init__(self, weights: Weights, plain: bool = False):
+    def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None):
         self.w = weights
         self.args = weights.args
         self.args.validate()
         self.plain = plain
+        self._pinned = kernels
         self.cos, self.sin = rope_tables(self.args.head_size, self.args.max_seq_len, self.args.rope_theta)
+        self._plan_for: Kernels | None = None
+        self._step_plan: object | None = None
 
     @property
-    def _native(self):
-        """The native kernels object when the fast path has one, else None."""
+    def kernels(self) -> Kernels:
+        """The backend this engine runs on now."""
         if self.plain:
-            return None
-        name, kernels = backend()
-        return kernels if name == "native" else None
-
-    def _mm(self, x: np.ndarray, *ws) -> list[np.ndarray]:
-        if self.plain:
-            return [matmul_plain(x, w) for w in ws]
-        return matmul_many(x, ws)
+            return kernels.PLAIN
+        return self._pinned or kernels.backend()
 
     def new_cache(self, n_slots: int = 1) -> KVCache:
         return KVCache(self.args, n_slots)
@@ -118,26 +87,27 @@ class Engine:
         `cache` at `slots` (N,; default slot 0). A token attends to its slot's cached positions up to its
         own. Returns logits (N, vocab) for logits="all", or only for the last token of each run of
         consecutive positions (one row per sequence) with logits="last"."""
-        a, w = self.args, self.w
+        a, w, k = self.args, self.w, self.kernels
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
-        nk = self._native
-        if nk is not None and len(tokens) <= FUSED_MAX_TOKENS:  # one C call, which checks the indices itself
-            return nk.forward_step(self._plan(nk), tokens, positions, slots, cache.k, cache.v, rows)
+        if len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens):
+            plan = self._plan(k)
+            if plan is not None:  # one call, which checks the indices itself
+                return k.forward_step(plan, tokens, positions, slots, cache.k, cache.v, rows)
         for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),
                                   (slots, cache.n_slots, "slots")):  # NumPy would wrap negative indices
             if values.min(initial=0) < 0 or values.max(initial=0) >= end:
                 raise ValueError(f"{what} must lie in [0, {end})")
         cos, sin = self.cos[positions], self.sin[positions]
-        x = w.tok_embeddings[tokens].astype(np.float32)
+        x = w.embed(tokens)
         for layer in range(a.n_layers):
-            self._block(x, layer, cache, slots, positions, runs, cos, sin)
+            self._block(k, x, layer, cache, slots, positions, cos, sin)
         if logits == "last":
             x = x[rows]
-        return self._mm((nk.rmsnorm if nk else rmsnorm)(x, w.rms_final, a.norm_eps), w.wcls)[0]
+        return k.matmul_many(k.rmsnorm(x, w.rms_final, a.norm_eps), [w.wcls])[0]
 
     def shift_cache(self, cache: KVCache, slot: int, start: int, delta: int, end: int) -> None:
         """Context shift without recomputation: the entries of `slot` at positions [start + delta, end) move
@@ -151,53 +121,21 @@ class Engine:
         kc[:, :, start:end - delta] = apply_rope(rows, cos, sin).reshape(keys.shape)
         vc[:, :, start:end - delta] = vc[:, :, start + delta:end].copy()
 
-    def _block(self, x, layer, cache, slots, positions, runs, cos, sin) -> None:
-        """One transformer block, x updated in place: products through kernels.py (the plain path, prefill)."""
-        a, w, nk = self.args, self.w, self._native
-        norm = nk.rmsnorm if nk else rmsnorm
-        q, k, v = self._mm(norm(x, w.rms_att[layer], a.norm_eps), w.wq[layer], w.wk[layer], w.wv[layer])
-        x += self._mm(self._attention(q, k, v, layer, cache, slots, positions, runs, cos, sin), w.wo[layer])[0]
-        h1, h3 = self._mm(norm(x, w.rms_ffn[layer], a.norm_eps), w.w1[layer], w.w3[layer])
-        x += self._mm(nk.swiglu(h1, h3) if nk else silu(h1) * h3, w.w2[layer])[0]
+    def _block(self, k: Kernels, x, layer, cache, slots, positions, cos, sin) -> None:
+        """One transformer block, x updated in place, through the backend's separate operations (the plain
+        path, prompts)."""
+        a, w = self.args, self.w
+        q, kk, v = k.matmul_many(k.rmsnorm(x, w.rms_att[layer], a.norm_eps), [w.wq[layer], w.wk[layer], w.wv[layer]])
+        n, hs = x.shape[0], a.head_size
+        att = k.attention(q.reshape(n, a.n_heads, hs), kk.reshape(n, a.n_kv_heads, hs),
+                          v.reshape(n, a.n_kv_heads, hs), cos, sin, cache.k[layer], cache.v[layer], slots, positions)
+        x += k.matmul_many(att, [w.wo[layer]])[0]
+        h1, h3 = k.matmul_many(k.rmsnorm(x, w.rms_ffn[layer], a.norm_eps), [w.w1[layer], w.w3[layer]])
+        x += k.matmul_many(k.swiglu(h1, h3), [w.w2[layer]])[0]
 
-    def _plan(self, nk):
-        """The native kernels' description of this model's layers, made once (per kernels object)."""
-        if getattr(self, "_plan_for", None) is not nk:
-            self._plan_for, self._native_plan = nk, nk.describe(self.w, self.cos, self.sin)
-        return self._native_plan
-
-    def _attention(self, q, k, v, layer, cache, slots, positions, runs, cos, sin) -> np.ndarray:
-        """RoPE on q and k, k and v into the cache, then each run's causal attention: (N, dim)."""
-        a, nk = self.args, self._native
-        n, hs = q.shape[0], a.head_size
-        q, k, v = q.reshape(n, a.n_heads, hs), k.reshape(n, a.n_kv_heads, hs), v.reshape(n, a.n_kv_heads, hs)
-        kc, vc = cache.k[layer], cache.v[layer]
-        if nk:
-            return nk.attention_step(q, k, v, cos, sin, kc, vc, slots, positions)
-        qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)  # query and key heads in one NumPy call
-        q, k = qk[:, :a.n_heads], qk[:, a.n_heads:]
-        kc[slots, :, positions] = k
-        vc[slots, :, positions] = v
-        att = np.empty((n, a.dim), dtype=np.float32)
-        for start, end, slot, pos0 in runs:
-            end_pos = pos0 + (end - start)
-            att[start:end] = self._attend(q[start:end], kc[slot, :, :end_pos], vc[slot, :, :end_pos], pos0)
-        return att
-
-    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
-        """Causal attention of T queries (T, n_heads, head_size) at positions pos0..pos0+T-1 over keys/values
-        (kv_heads, P, head_size), grouped so that n_heads/n_kv_heads query heads share each key/value head."""
-        a = self.args
-        t, hs, kvh = q.shape[0], a.head_size, a.n_kv_heads
-        g = a.n_heads // kvh
-        p = keys.shape[1]
-        qg = q.reshape(t, kvh, g, hs).transpose(1, 2, 0, 3).reshape(kvh, g * t, hs)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(hs))  # (kvh, g*T, P)
-        if t > 1:
-            qpos = np.tile(np.arange(pos0, pos0 + t), g)  # row r of each head group is query r % t
-            scores = np.where(np.arange(p)[None, :] <= qpos[:, None], scores, -np.inf)
-        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ values  # (kvh, g*T, hs)
-        return out.reshape(kvh, g, t, hs).transpose(2, 0, 1, 3).reshape(t, a.dim)
-
+    def _plan(self, k: Kernels) -> object | None:
+        """The backend's description of this model for its one-call step (None: it has none), made once per
+        backend object."""
+        if self._plan_for is not k:
+            self._plan_for, self._step_plan = k, k.step_plan(self.w, self.cos, self.sin)
+        return self._step_plan

@@ -1,4 +1,5 @@
-"""llama2.c model files: read and write versions 0 (legacy fp32), 1 (fp32) and 2 (Q8_0).
+"""llama2.c model files: read and write versions 0 (legacy fp32), 1 (fp32) and 2 (Q8_0), and babyllama's
+version 3 (Q4_0 in llama.cpp's block layout, which llama2.c cannot read).
 
 Everything meets in `Weights`: readers memory-map the file and hand out views (nothing is copied except
 what Q8_0 dequantizes), writers take a `Weights` and stream tensors out. Layouts are documented in
@@ -22,6 +23,7 @@ import numpy as np
 
 from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
 from .errors import BabyLlamaError
+from .quant import BLOCK, BLOCK_BYTES, BlockTensor, quantize_q4_0
 
 MAGIC = 0x616B3432  # "ak42" little-endian
 HEADER_V0 = 7 * 4
@@ -30,6 +32,7 @@ EXT_OFFSET = 48  # float64 rope_theta, float64 norm_eps
 DEFAULT_GROUP_SIZE = 64
 MAX_DIM = 1 << 20  # far beyond any Llama; rejects garbage headers before any size arithmetic
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+QUANTIZE_KINDS = ("q8_0", "q4_0")
 
 
 @dataclass
@@ -63,16 +66,31 @@ def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:
     return QTensor(q.reshape(out, n), scale.astype(np.float32), group_size)
 
 
-Matrix = np.ndarray | QTensor
+Matrix = np.ndarray | QTensor | BlockTensor
+
+
+def dense(m: Matrix) -> np.ndarray:
+    """m as an fp32 array (dequantized when quantized)."""
+    return m if isinstance(m, np.ndarray) else m.dequantize()
+
+
+def quant_kind(m: Matrix) -> str:
+    """"fp32", "q8_0 gs N" (runq.c's Q8_0 with group size N) or a llama.cpp block type ("q4_0", "q8_0 blocks")."""
+    if isinstance(m, np.ndarray):
+        return "fp32"
+    if isinstance(m, QTensor):
+        return f"q8_0 gs {m.group_size}"
+    return "q8_0 blocks" if m.kind == "q8_0" else m.kind
 
 
 @dataclass
 class Weights:
     """All of a model's tensors, nn.Linear layout (out_features, in_features). Layer stacks are indexed
-    by layer: an (L, out, in) array for fp32, a list of QTensor for Q8_0."""
+    by layer: an (L, out, in) array for fp32, a list of quantized matrices (QTensor, BlockTensor) otherwise;
+    a model read from GGUF may mix types."""
 
     args: ModelArgs
-    tok_embeddings: np.ndarray  # (vocab, dim) fp32 (dequantized for Q8_0 files, as runq.c does)
+    tok_embeddings: Matrix  # (vocab, dim): fp32 (dequantized for Q8_0 files, as runq.c does), or Q4_0/Q8_0 blocks
     rms_att: np.ndarray  # (L, dim)
     rms_ffn: np.ndarray  # (L, dim)
     rms_final: np.ndarray  # (dim,)
@@ -90,28 +108,63 @@ class Weights:
 
     @property
     def quantized(self) -> bool:
-        return self.group_size > 0
+        return not all(isinstance(m, np.ndarray) for m in (self.tok_embeddings, self.wcls, *self.wq, *self.w2))
 
     def layer_matrices(self) -> dict[str, Sequence[Matrix]]:
         return {name: getattr(self, name) for name in LAYER_MATRICES}
 
+    def kinds(self) -> str:
+        """The matrices' types, e.g. "q4_0" or "q4_0, q8_0 blocks" (the embedding table included)."""
+        mats = [self.tok_embeddings, self.wcls, *(m for stack in self.layer_matrices().values() for m in stack)]
+        return ", ".join(sorted({quant_kind(m) for m in mats}))
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """The embedding rows of `tokens` as fp32 (N, dim)."""
+        e = self.tok_embeddings
+        if isinstance(e, BlockTensor):
+            return e.dequantize(np.asarray(tokens))
+        return dense(e)[tokens].astype(np.float32)
+
     def to_fp32(self) -> Weights:
-        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing Q8_0)."""
+        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""
         if not self.quantized:
             return self
-
-        def dense(stack: Sequence[Matrix]) -> np.ndarray:
-            return np.stack([m.dequantize() for m in stack])
-
-        mats = {name: dense(stack) for name, stack in self.layer_matrices().items()}
-        wcls = self.tok_embeddings if self.args.shared_classifier else self.wcls.dequantize()
-        return Weights(self.args, self.tok_embeddings, self.rms_att, self.rms_ffn, self.rms_final,
+        mats = {name: np.stack([dense(m) for m in stack]) for name, stack in self.layer_matrices().items()}
+        emb = dense(self.tok_embeddings)
+        wcls = emb if self.args.shared_classifier else dense(self.wcls)
+        return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final,
                        wcls=wcls, version=self.version, path=self.path, **mats)
 
+    def quantize_q4(self) -> Weights:
+        """The same model in Q4_0 (llama.cpp's blocks of 32, what version 3 files hold), embedding table and
+        classifier included; a matrix whose rows do not split into blocks of 32 gets runq.c's Q8_0 instead (as
+        llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are."""
+        gs = default_group_size(self.args)
+
+        def q4(m: Matrix) -> Matrix:
+            if isinstance(m, BlockTensor) and m.kind == "q4_0":
+                return m
+            return quantize_q4_0(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs)
+
+        mats = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
+        emb = q4(self.tok_embeddings)
+        wcls = emb if self.args.shared_classifier else q4(self.wcls)
+        return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=wcls, version=3,
+                       path=self.path, **mats)
+
+    def quantize_as(self, kind: str) -> Weights:
+        """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3)."""
+        if kind not in QUANTIZE_KINDS:
+            raise BabyLlamaError(f"unknown quantization {kind!r} (choose {', '.join(QUANTIZE_KINDS)})")
+        return self.quantize() if kind == "q8_0" else self.quantize_q4()
+
     def quantize(self, group_size: int | None = None) -> Weights:
-        """The same model with its matrices (and classifier) in Q8_0."""
-        if self.quantized:
+        """The same model with its matrices (and classifier) in Q8_0 (runq.c's, group size `group_size`)."""
+        current = {m.group_size if isinstance(m, QTensor) else 0 for m in (*self.wq, *self.w2, self.wcls)}
+        if current == {self.group_size} and self.group_size and group_size in (None, self.group_size):
             return self
+        if self.quantized:
+            return self.to_fp32().quantize(group_size)
         gs = group_size or default_group_size(self.args)
         check_group_size(self.args, gs)
         mats = {name: [quantize_q80(m, gs) for m in stack] for name, stack in self.layer_matrices().items()}
@@ -160,11 +213,11 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
     if magic == MAGIC:
         if len(head) < HEADER_V12:
             raise BabyLlamaError(f"{path}: truncated header ({size} bytes, version 1/2 headers are 256)")
-        if version not in (1, 2):
-            raise BabyLlamaError(f"{path}: unsupported model version {version} (babyllama reads 0, 1 and 2)")
+        if version not in (1, 2, 3):
+            raise BabyLlamaError(f"{path}: unsupported model version {version} (babyllama reads 0, 1, 2 and 3)")
         dims = struct.unpack_from("<7i", head, 8)
         shared = head[36] != 0
-        group_size = struct.unpack_from("<i", head, 37)[0] if version == 2 else 0
+        group_size = struct.unpack_from("<i", head, 37)[0] if version >= 2 else 0
         theta, eps = struct.unpack_from("<dd", head, EXT_OFFSET)
         header_bytes = HEADER_V12
     else:
@@ -190,6 +243,8 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
         raise BabyLlamaError(f"{path}: invalid header: {e}") from None
     if version == 2:
         check_group_size(args, group_size)
+    if version == 3:
+        check_q4_shape(args, group_size)
 
     expected = header_bytes + body_size(args, version, group_size)
     if size != expected:
@@ -198,8 +253,19 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
     return args, version, group_size, header_bytes
 
 
+def check_q4_shape(args: ModelArgs, block: int = BLOCK) -> None:
+    """Version 3 stores every matrix in Q4_0 blocks of 32 along its rows."""
+    if block != BLOCK or args.dim % BLOCK or args.hidden_dim % BLOCK:
+        raise BabyLlamaError(f"version 3 (Q4_0) needs blocks of {BLOCK} (header: {block}) dividing dim {args.dim} "
+                             f"and hidden_dim {args.hidden_dim}")
+
+
 def _q8_bytes(numel: int, gs: int) -> int:
     return numel + 4 * (numel // gs)
+
+
+def _q4_bytes(numel: int) -> int:
+    return numel // BLOCK * BLOCK_BYTES["q4_0"]
 
 
 def body_size(args: ModelArgs, version: int, group_size: int = 0) -> int:
@@ -207,8 +273,8 @@ def body_size(args: ModelArgs, version: int, group_size: int = 0) -> int:
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
     norms = 4 * (2 * L * d + d)
     mats = [d * d, kv * d, kv * d, d * d, h * d, d * h, h * d]
-    if version == 2:
-        per = lambda n: _q8_bytes(n, group_size)  # noqa: E731
+    if version in (2, 3):
+        per = (lambda n: _q8_bytes(n, group_size)) if version == 2 else _q4_bytes  # noqa: E731
         cls = 0 if args.shared_classifier else per(V * d)
         return norms + per(V * d) + L * sum(per(n) for n in mats) + cls
     cls = 0 if args.shared_classifier else 4 * V * d
@@ -256,6 +322,9 @@ class _Cursor:
         s = self.take(np.float32, out, n // gs)
         return QTensor(q, s, gs)
 
+    def take_q4(self, out: int, n: int) -> BlockTensor:
+        return BlockTensor("q4_0", self.take(np.uint8, out, _q4_bytes(n)), n)
+
 
 def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
     """Memory-map a llama2.c model file (any version) into `Weights`: loading is instant and memory grows
@@ -282,12 +351,18 @@ def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
         emb = c.take(np.float32, V, d)
         mats = {name: c.take(np.float32, L, *shapes[name]) for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take(np.float32, V, d)
-    else:
+    elif version == 2:
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
         qemb = c.take_q8(V, d, gs)
         mats = {name: [c.take_q8(*shapes[name], gs) for _ in range(L)] for name in LAYER_MATRICES}
         emb = qemb.dequantize()
         wcls = qemb if args.shared_classifier else c.take_q8(V, d, gs)
+    else:  # the embedding table stays Q4_0 too: rows are dequantized as tokens are embedded
+        rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
+        emb = c.take_q4(V, d)
+        mats = {name: [c.take_q4(*shapes[name]) for _ in range(L)] for name in LAYER_MATRICES}
+        wcls = emb if args.shared_classifier else c.take_q4(V, d)
+        gs = 0
     assert c.offset == buf.size, "size check and layout disagree"
     return Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
                    path=str(path), **mats)
@@ -300,7 +375,7 @@ def _header_v12(args: ModelArgs, version: int, group_size: int) -> bytes:
     head = bytearray(HEADER_V12)
     struct.pack_into("<Ii7iB", head, 0, MAGIC, version, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
                      args.n_kv_heads, args.vocab_size, args.max_seq_len, int(args.shared_classifier))
-    if version == 2:
+    if version >= 2:
         struct.pack_into("<i", head, 37, group_size)
     struct.pack_into("<dd", head, EXT_OFFSET, args.rope_theta, args.norm_eps)
     return bytes(head)
@@ -318,13 +393,17 @@ def _q8(f, t: QTensor) -> None:
 def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size: int | None = None) -> None:
     """Write `weights` as a llama2.c model file; written to a temporary name and renamed when complete."""
     args = weights.args
-    if version not in (0, 1, 2):
-        raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1 or 2)")
+    if version not in (0, 1, 2, 3):
+        raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1, 2 or 3)")
     if version == 0 and (args.rope_theta != DEFAULT_ROPE_THETA or args.norm_eps != DEFAULT_NORM_EPS):
         raise BabyLlamaError(
             f"version 0 files cannot carry rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
             "export version 1 or 2 instead")
-    w = weights.to_fp32() if version < 2 else weights.quantize(group_size)
+    if version == 3:
+        check_q4_shape(args)
+        w = weights.quantize_q4()
+    else:
+        w = weights.to_fp32() if version < 2 else weights.quantize(group_size)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     L = args.n_layers
@@ -345,7 +424,7 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
             if not args.shared_classifier:
                 _f32(f, w.wcls)
         else:
-            f.write(_header_v12(args, version, w.group_size))
+            f.write(_header_v12(args, version, BLOCK if version == 3 else w.group_size))
             _f32(f, w.rms_att)
             _f32(f, w.rms_ffn)
             _f32(f, w.rms_final)
@@ -355,6 +434,11 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
                     _f32(f, getattr(w, name))
                 if not args.shared_classifier:
                     _f32(f, w.wcls)
+            elif version == 3:
+                for t in (w.tok_embeddings, *(m for name in LAYER_MATRICES for m in getattr(w, name))):
+                    f.write(np.ascontiguousarray(t.data).tobytes())
+                if not args.shared_classifier:
+                    f.write(np.ascontiguousarray(w.wcls.data).tobytes())
             else:
                 emb_q = w.wcls if args.shared_classifier else quantize_q80(w.tok_embeddings, w.group_size)
                 _q8(f, emb_q)

@@ -1,11 +1,16 @@
 """The C kernels (csrc/kernels.c), compiled on first use with the system C compiler and called through ctypes.
 
-Why C: decode multiplies a few activation rows by every weight matrix, and the fastest way to do Q8_0
-on x86 without VNNI is the AVX2 byte multiply-add (maddubs), which neither NumPy nor numba can emit;
-fp32 decode just needs the weights streamed at full memory bandwidth on every core. The shared library
-is built once per machine and source version (cached under ~/.cache/babyllama/native or
-$BABYLLAMA_CACHE/native); without a compiler, or with BABYLLAMA_NATIVE=0, `load()` returns None and
-kernels.py falls back to numba, then NumPy.
+Why C: decode multiplies a few activation rows by every weight matrix, and the fastest way to do int8 products
+on x86 is the byte multiply-add (VNNI's vpdpbusd, else AVX2's maddubs), which neither NumPy nor numba can emit;
+fp32 decode needs the weights streamed at full memory bandwidth on every core; and a busy machine needs threads
+that do not wait for each other at barriers (kernels.c's pool).
+
+The shared library is built once per source version, compiler, flags and CPU (its feature flags and model:
+a `-march=native` library built on one CPU is never loaded on another) and cached under
+~/.cache/babyllama/native or $BABYLLAMA_CACHE/native. BABYLLAMA_NATIVE_ARCH picks the instruction set:
+"native" (default: everything this CPU has, AVX-512 and VNNI included), "avx2" (x86-64-v3: the AVX2 paths,
+also on an AVX-512 machine, which is how tests cover both), or any other -march value. Without a compiler, or
+with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then NumPy.
 """
 
 from __future__ import annotations
@@ -13,23 +18,41 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from .formats import QTensor, Weights
+from .formats import Matrix, QTensor, Weights
+from .kernels_base import quantized_gemm
+from .quant import BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
-# tried in order: a compiler without OpenMP (Apple's clang) still gets single-threaded kernels
-FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+# -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
+ARCHES = {"native": ("native",), "avx2": ("x86-64-v3", "haswell")}
+# x86-64-v3's features as /proc/cpuinfo names them: a forced-AVX2 library is only loaded on a CPU that has them
+AVX2_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
+
+# Rows up to which an fp32 product uses the C kernel instead of BLAS: above, prompts are compute-bound and
+# sgemm wins. (Decode steps of any size go through forward_step, which runs the kernel for every token.)
+F32_KERNEL_MAX_ROWS = 8
+# Rows at or above which a quantized product is dequantize + sgemm instead of the int8 kernel. The kernel
+# reads each weight row once for 8 tokens at a time, so it keeps the lead up to ~32 tokens (110M Q8_0 at
+# 16 tokens: 64 ms vs 206 dequantized; at 32: 108 vs 152; at 48 dequantizing wins: 151 vs 178).
+QUANT_NATIVE_GEMM_MIN_ROWS = 48
+
+W_F32, W_Q8, W_Q8_0, W_Q4_0 = range(4)
+BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row0", ctypes.c_int64)]
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row0", ctypes.c_int64),
+                ("type", ctypes.c_int32), ("gs", ctypes.c_int32)]
 
 
 class _Fusion(ctypes.Structure):
@@ -44,14 +67,14 @@ class _Layer(ctypes.Structure):
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size", "gs")] + \
-               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", ctypes.c_void_p),
+                ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size")] + \
+               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", _Mat),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("n_positions", ctypes.c_int64),
-                ("cls", _Mat), ("cls_gs", ctypes.c_int64), ("rms_final", ctypes.c_void_p)]
+                ("cls", _Mat), ("rms_final", ctypes.c_void_p)]
 
 
 class ModelPlan:
-    """A model described to C once (see `NativeKernels.describe`); holds the arrays behind its pointers so
+    """A model described to C once (see `NativeKernels.step_plan`); holds the arrays behind its pointers so
     that they stay valid."""
 
     def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array):
@@ -75,17 +98,79 @@ def compiler() -> str | None:
     return None
 
 
-def build(directory: Path | None = None) -> Path | None:
-    """The shared library for this source, compiled with the first flag set that works and cached; None
-    without a compiler or when every flag set fails (the caller falls back). A failed attempt leaves a
-    marker so that later runs do not pay for it again."""
+@cache
+def _compiler_identity(cc: str) -> str:
+    """The compiler's resolved path and version line: a different compiler under the same name rebuilds."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return f"{shutil.which(cc)} {version.splitlines()[0] if version else ''}"
+
+
+@cache
+def cpu_signature() -> str:
+    """What identifies this CPU for -march=native: its model and feature flags (Linux), else what the platform
+    module knows."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family", "model", "model name", "flags", "Features", "CPU part"):
+                    fields.setdefault(key, value.strip())
+                if not line.strip() and fields:
+                    break  # the first processor's block describes them all
+    except OSError:
+        pass
+    if not fields:
+        fields = {"machine": platform.machine(), "processor": platform.processor()}
+    return "\n".join(f"{k}: {v}" for k, v in sorted(fields.items()))
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (/proc/cpuinfo), or None where they cannot be read."""
+    for line in cpu_signature().splitlines():
+        if line.startswith("flags: "):
+            return set(line[len("flags: "):].split())
+    return None
+
+
+def arch_name(arch: str | None = None) -> str:
+    return arch or os.environ.get("BABYLLAMA_NATIVE_ARCH") or "native"
+
+
+def flag_sets(arch: str) -> list[list[str]]:
+    """Compiler flags to try, in order. The native build falls back to plainer sets (a compiler without
+    -march=native or OpenMP's simd pragmas still builds); a forced instruction set never builds anything else."""
+    base = ["-O3", "-fopenmp-simd", "-pthread"]
+    marches = [f"-march={m}" for m in ARCHES.get(arch, (arch,))]
+    sets = [[base[0], march, *base[1:]] for march in marches]
+    if arch == "native":
+        sets += [["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"]]
+    return sets
+
+
+def _runs_here(arch: str) -> bool:
+    """A forced instruction set runs only on a CPU that has it (where the flags can be read)."""
+    flags = cpu_flags()
+    return arch != "avx2" or flags is None or AVX2_FLAGS <= flags
+
+
+def build(directory: Path | None = None, arch: str | None = None) -> Path | None:
+    """The shared library for this source and instruction set, compiled with the first flag set that works
+    and cached; None without a compiler or when every flag set fails (the caller falls back). A failed attempt
+    leaves a marker so that later runs do not pay for it again."""
     cc = compiler()
     if cc is None:
         return None
+    arch = arch_name(arch)
     source = SOURCE.read_bytes()
     directory = directory or cache_root()
-    for flags in FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    identity = f"{_compiler_identity(cc)}\n{cpu_signature()}"
+    for flags in flag_sets(arch):
+        key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
         if lib.exists():
             return lib
@@ -115,71 +200,111 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _fill(m: _Mat, w: Matrix, row0: int) -> None:
+    """Describe matrix w to C in m, its result starting at stacked row row0."""
+    if isinstance(w, QTensor):
+        if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
+                and w.s.dtype == np.float32):
+            raise ValueError("Q8_0 weights must be C-contiguous int8 values and float32 scales")
+        m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
+    elif isinstance(w, BlockTensor):
+        if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
+            raise ValueError("block-quantized weights must be C-contiguous uint8")
+        m.w, m.s, m.type, m.gs = _address(w.data), None, BLOCK_TYPES[w.kind], w.group_size
+    else:
+        if not (w.flags.c_contiguous and w.dtype == np.float32):
+            raise ValueError("fp32 weights must be C-contiguous float32")
+        m.w, m.s, m.type, m.gs = _address(w), None, W_F32, 0
+    m.rows, m.row0 = w.shape[0], row0
+
+
 class NativeKernels:
-    """The library's two products behind the interface of kernels_numba. A call's weights are described
-    to C once (pointers, rows, where each result goes) and the description is reused while the same
+    """The C library behind the `Kernels` protocol (kernels_base.py). A call's weights are described to C
+    once (pointers, types, rows, where each result goes) and the description is reused while the same
     arrays come back, which they do every token: building it costs more than a small product."""
 
+    name = "native"
     MAX_PLANS = 4096
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
         self.compiler = compiler() or "cc"  # what built it (for the bench's description)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.lib.matmul_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
-        self.lib.matmul_q8.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int, ptr, ptr]
+        self.lib.matmul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
+        self.lib.matmul.restype = ctypes.c_int
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
-        self.lib.swiglu.argtypes = [ptr, ptr, i64, ptr]
-        self.lib.dequantize_q8.argtypes = [ptr, ptr, i64, i64, i64, ptr]
+        self.lib.swiglu.argtypes = [ptr, ptr, i64, i64, ptr]
+        self.lib.dequantize.argtypes = [ptr, i64, ptr]
         self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
+        self.lib.kernel_isa.restype = ctypes.c_char_p
+        self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.read_memory.argtypes = [ptr, i64]
+        self.lib.read_memory.restype = ctypes.c_uint64
+        self.lib.quantize_q8.argtypes = [ptr, i64, i64, i64, ptr, ptr]
         self.path = path
-        self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]]]] = {}
+        self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
+        self.configure_threads()
 
-    @staticmethod
-    def _describe_matrices(mats: ctypes.Array, ws: Sequence) -> list[tuple[int, int]]:
-        """Fill mats with ws's pointers and shapes, stacked one result after another; returns each one's
-        (first row, end row) in the stacked result."""
-        bounds, row0 = [], 0
-        for m, w in zip(mats, ws, strict=True):
-            q, s = (w.q, w.s) if isinstance(w, QTensor) else (w, None)
-            if not (q.flags.c_contiguous and (s is None or s.flags.c_contiguous)):
-                raise ValueError("weights must be C-contiguous")
-            if s is None and q.dtype != np.float32:
-                raise ValueError("fp32 weights must be float32")
-            m.w, m.s, m.rows, m.row0 = _address(q), None if s is None else _address(s), q.shape[0], row0
-            bounds.append((row0, row0 + q.shape[0]))
-            row0 += q.shape[0]
-        return bounds
+    # ------------------------------------------------------------------------------------------ threads
 
-    def _plan(self, ws: Sequence) -> tuple[ctypes.Array, list[tuple[int, int]]]:
-        """(C descriptions of ws, each one's (first row, end row) in the stacked result). Results are laid
-        out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views need no copy."""
+    def configure_threads(self, n: int | None = None) -> None:
+        """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
+        (explicit), else every CPU this process may use, with small products kept on one thread.
+        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 50)."""
+        explicit = n is not None
+        if n is None:
+            env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+            if env.isdigit() and int(env) > 0:
+                n, explicit = int(env), True
+            else:
+                n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        spin = os.environ.get("BABYLLAMA_SPIN_US", "")
+        self.lib.pool_configure(n, int(explicit), int(spin) if spin.isdigit() else -1)
+
+    def threads(self) -> int:
+        return self.lib.kernel_threads()
+
+    def isa(self) -> str:
+        """The instruction set the library was compiled for: avx512-vnni, avx512, avx2-vnni, avx2 or scalar."""
+        return self.lib.kernel_isa().decode()
+
+    # --------------------------------------------------------------------------------------- products
+
+    def _plan(self, ws: Sequence[Matrix]) -> tuple[ctypes.Array, list[tuple[int, int]], int]:
+        """(C descriptions of ws, each one's (first row, end row) in the stacked result, their common row length).
+        Results are laid out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views
+        need no copy."""
         key = tuple(id(w) for w in ws)
         plan = self._plans.get(key)
         if plan is not None and all(a is b for a, b in zip(plan[0], ws)):
-            return plan[1], plan[2]
+            return plan[1], plan[2], plan[3]
         mats = (_Mat * len(ws))()
-        bounds = self._describe_matrices(mats, ws)
+        n = ws[0].shape[1]
+        if any(w.shape[1] != n for w in ws):
+            raise ValueError("the matrices of one call must have the same row length")
+        bounds = _describe(mats, ws)
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
-        self._plans[key] = (tuple(ws), mats, bounds)  # holding ws keeps their ids from being reused
-        return mats, bounds
+        self._plans[key] = (tuple(ws), mats, bounds, n)  # holding ws keeps their ids from being reused
+        return mats, bounds, n
 
     @staticmethod
     def _outputs(bounds: list[tuple[int, int]], n_tok: int) -> tuple[np.ndarray, list[np.ndarray]]:
         out = np.empty(n_tok * bounds[-1][1], dtype=np.float32)
         return out, [out[n_tok * a:n_tok * b].reshape(n_tok, b - a) for a, b in bounds]
 
-    def matmul(self, x: np.ndarray, ws: Sequence, norm: tuple[np.ndarray, float] | None = None,
+    def matmul(self, x: np.ndarray, ws: Sequence[Matrix], norm: tuple[np.ndarray, float] | None = None,
                gate: np.ndarray | None = None, into: np.ndarray | None = None) -> list[np.ndarray]:
-        """x @ w.T for each w in ws (all fp32 or all Q8_0 of one group size), in one call. Fused forms for a
+        """x @ w.T for each w in ws (any mix of fp32, Q8_0 and block types), in one C call. Fused forms for a
         decode step: norm=(weight, eps) multiplies rmsnorm(x) * weight instead of x; gate=g multiplies
         silu(x) * g; into=y (one matrix) adds the product into y in place and returns [y]."""
         x = _contiguous(x)
-        mats, bounds = self._plan(ws)
+        mats, bounds, n = self._plan(ws)
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ValueError(f"x must be (tokens, {n})")
         if into is not None:
             if len(ws) != 1 or not (into.flags.c_contiguous and into.dtype == np.float32 and into.flags.writeable):
                 raise ValueError("into= takes one matrix and a writable contiguous float32 array")
@@ -193,30 +318,42 @@ class NativeKernels:
             gate = None if gate is None else _contiguous(gate)
             fusion = _Fusion(None if norm_w is None else _address(norm_w), 0.0 if norm is None else norm[1],
                              None if gate is None else _address(gate), into is not None)
-        n_tok, n = x.shape
-        if isinstance(ws[0], QTensor):
-            self.lib.matmul_q8(_address(x), n_tok, n, ws[0].group_size, mats, len(ws), _address(out),
-                               None if fusion is None else ctypes.byref(fusion))
-        else:
-            self.lib.matmul_f32(_address(x), n_tok, n, mats, len(ws), _address(out),
-                                None if fusion is None else ctypes.byref(fusion))
+        if self.lib.matmul(_address(x), x.shape[0], n, mats, len(ws), _address(out),
+                           None if fusion is None else ctypes.byref(fusion)):
+            raise ValueError("one call takes matrices of at most two quantization group sizes")
         return views
 
-    def matmul_f32_many(self, x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return self.matmul(x, ws)
+    def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
+        rows = x.shape[0]
+        if all(isinstance(w, np.ndarray) for w in ws):
+            return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else [x @ w.T for w in ws]
+        if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
+            return self.matmul(x, ws)
+        return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
 
-    def matmul_q8_many(self, x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
-        return self.matmul(x, ws)
-
-    def dequantize(self, w: QTensor) -> np.ndarray:
-        """w as fp32 (QTensor.dequantize, on every thread)."""
-        q, s = np.ascontiguousarray(w.q), np.ascontiguousarray(w.s)
-        out = np.empty(q.shape, dtype=np.float32)
-        self.lib.dequantize_q8(_address(q), _address(s), q.shape[0], q.shape[1], w.group_size, _address(out))
+    def dequantize(self, w: Matrix) -> np.ndarray:
+        """w as fp32, on every thread."""
+        if isinstance(w, np.ndarray):
+            return w
+        m = _Mat()
+        _fill(m, w, 0)
+        out = np.empty(w.shape, dtype=np.float32)
+        self.lib.dequantize(ctypes.byref(m), w.shape[1], _address(out))
         return out
 
-    def threads(self) -> int:
-        return self.lib.kernel_threads()
+    def quantize_activations(self, x: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
+        """The C quantization of activations (N, n) per group of gs (kernels_base.quantize_rows' arithmetic)."""
+        x = _contiguous(x)
+        q = np.empty(x.shape, dtype=np.int8)
+        s = np.empty((x.shape[0], x.shape[1] // gs), dtype=np.float32)
+        self.lib.quantize_q8(_address(x), x.shape[0], x.shape[1], gs, _address(q), _address(s))
+        return q, s
+
+    def read_memory(self, buf: np.ndarray) -> int:
+        """Read buf (C-contiguous, a whole number of 4 KiB pages) on every thread: the memory-bandwidth probe."""
+        if not buf.flags.c_contiguous or buf.nbytes % 4096:
+            raise ValueError("read_memory takes a contiguous buffer of whole 4 KiB pages")
+        return self.lib.read_memory(_address(buf), buf.nbytes // 4096)
 
     # ------------------------------------------------------------ the rest of a decode step (engine.py)
 
@@ -226,12 +363,10 @@ class NativeKernels:
         self.lib.rmsnorm(_address(x), _address(weight), x.shape[0], x.shape[1], eps, _address(out))
         return out
 
-    def attention_step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                       keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs), k and v into one layer's cache keys/values
-        (slots, kv_heads, seq_len, hs) at (slots[i], positions[i]), then each token's causal attention over
-        its slot: (N, n_heads * hs). q and k are rotated in place (when contiguous float32; else copies are);
-        the cache arrays must be writable and contiguous."""
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                  keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """See Kernels.attention. q and k are rotated in place (when contiguous float32; else copies are); the
+        cache arrays must be writable and contiguous."""
         if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
             raise ValueError("the cache must be writable contiguous float32 arrays")
         q, k, v, cos, sin = (_contiguous(a) for a in (q, k, v, cos, sin))
@@ -247,31 +382,33 @@ class NativeKernels:
     def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         a, b = _contiguous(a), _contiguous(b)
         out = np.empty_like(a)
-        self.lib.swiglu(_address(a), _address(b), a.size, _address(out))
+        rows = a.shape[0] if a.ndim == 2 else 1
+        self.lib.swiglu(_address(a), _address(b), rows, a.size // rows, _address(out))
         return out
 
-    def describe(self, w: Weights, cos: np.ndarray, sin: np.ndarray) -> ModelPlan:
+    def step_plan(self, w: Weights, cos: np.ndarray, sin: np.ndarray) -> ModelPlan:
         """w and its RoPE tables cos/sin (positions, hs/2) for `forward_step` (built once per model: it holds
         pointers)."""
         a = w.args
         layers = (_Layer * a.n_layers)()
         for i, ly in enumerate(layers):
-            self._describe_matrices(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]])
-            self._describe_matrices(ly.w13, [w.w1[i], w.w3[i]])
-            self._describe_matrices(_one(ly.wo), [w.wo[i]])
-            self._describe_matrices(_one(ly.w2), [w.w2[i]])
+            _describe(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]])
+            _describe(ly.w13, [w.w1[i], w.w3[i]])
+            _describe(_one(ly.wo), [w.wo[i]])
+            _describe(_one(ly.w2), [w.w2[i]])
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
-        struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, w.group_size,
-                        a.norm_eps, layers)
-        struct.embeddings = _address(_checked(w.tok_embeddings))
+        struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, a.norm_eps, layers)
+        emb = w.tok_embeddings if not isinstance(w.tok_embeddings, np.ndarray) else _checked(w.tok_embeddings)
+        _describe(_one(struct.embeddings), [emb])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
-        self._describe_matrices(_one(struct.cls), [w.wcls])
-        struct.cls_gs = w.wcls.group_size if isinstance(w.wcls, QTensor) else 0
+        _describe(_one(struct.cls), [w.wcls])
         struct.rms_final = _address(_checked(w.rms_final))
         return ModelPlan(w, (cos, sin), struct, layers)
 
+    describe = step_plan
+
     def forward_step(self, plan: ModelPlan, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
-                     keys: np.ndarray, values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+                     keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """A decode-sized step in one call: tokens (N,) embedded, every transformer block (RoPE at each
         token's position, keys/values written into the cache arrays (L, slots, kv_heads, seq_len, hs) at
         (slots[i], positions[i]), each token attending over its slot up to its position), then the final
@@ -292,8 +429,18 @@ class NativeKernels:
         return logits
 
 
+def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:
+    """Fill mats with ws, stacked one result after another; returns each one's (first row, end row)."""
+    bounds, row0 = [], 0
+    for m, w in zip(mats, ws, strict=True):
+        _fill(m, w, row0)
+        bounds.append((row0, row0 + w.shape[0]))
+        row0 += w.shape[0]
+    return bounds
+
+
 def _one(mat: _Mat) -> ctypes.Array:
-    """A struct's single matrix field as the one-element array that `_describe_matrices` fills."""
+    """A struct's single matrix field as the one-element array that `_describe` fills."""
     return (_Mat * 1).from_address(ctypes.addressof(mat))
 
 
@@ -308,20 +455,34 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous and a.dtype == np.float32 else np.ascontiguousarray(a, dtype=np.float32)
 
 
-def load() -> NativeKernels | None:
-    """The native kernels, or None (the caller falls back) when disabled (BABYLLAMA_NATIVE=0), when no
-    compiler works, when the cache folder is not writable, or when the cached library cannot be loaded (it
-    is then removed, to be rebuilt next time)."""
-    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0":
+_loaded: dict[Path, NativeKernels] = {}
+
+
+def load(arch: str | None = None) -> NativeKernels | None:
+    """The native kernels for instruction set `arch` (default $BABYLLAMA_NATIVE_ARCH, else "native"), or None
+    (the caller falls back) when disabled (BABYLLAMA_NATIVE=0), when the CPU lacks a forced instruction set,
+    when no compiler works, when the cache folder is not writable, or when the cached library cannot be loaded
+    (it is then removed, to be rebuilt next time). One object per library."""
+    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" or not _runs_here(arch_name(arch)):
         return None
     try:
-        path = build()
+        path = build(arch=arch)
     except OSError:  # e.g. a read-only home: run without the kernels rather than fail
         return None
     if path is None:
         return None
+    if path in _loaded:
+        return _loaded[path]
     try:
-        return NativeKernels(path)
-    except OSError:  # a truncated or foreign library in the cache
+        kernels = NativeKernels(path)
+    except (OSError, AttributeError):  # a truncated or foreign library in the cache
         path.unlink(missing_ok=True)
         return None
+    _loaded[path] = kernels
+    return kernels
+
+
+def set_threads(n: int) -> None:
+    """n threads for every library loaded so far (threads.configure, after the kernels loaded)."""
+    for kernels in _loaded.values():
+        kernels.configure_threads(n)

@@ -1,4 +1,5 @@
-"""The compiled Q8_0 kernel (numba; `pip install babyllama[fast]`). Importing this module without numba
+"""The numba backend (`pip install babyllama[fast]`), for machines without a C compiler: compiled fp32 and
+runq.c-Q8_0 products; everything else as the NumPy backend does it. Importing this module without numba
 raises ImportError, and kernels.py falls back to NumPy.
 
 runq.c's product, row by row: the activations are quantized per group of `gs` values (scale = max|x|/127,
@@ -25,7 +26,14 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from .formats import QTensor  # noqa: E402
+from .formats import Matrix, QTensor  # noqa: E402
+from .kernels_base import QUANT_GEMM_MIN_ROWS, NumpyKernels, matmul_quantized, quantized_gemm  # noqa: E402
+
+# Rows up to which an fp32 product may use the numba kernel instead of BLAS, and the size (weights summed over
+# one call's matrices) from which it does: below ~1M BLAS is as fast, and a small model then never compiles
+# the kernel (~1.5 s).
+F32_KERNEL_MAX_ROWS = 8
+F32_MIN_ELEMENTS = 1 << 20
 
 
 @njit(cache=True)
@@ -112,3 +120,28 @@ def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 
 def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+class NumbaKernels(NumpyKernels):
+    """numba's products for fp32 decode (large matrices) and runq.c's Q8_0; NumPy for the rest (llama.cpp's
+    block types take the reference arithmetic)."""
+
+    name = "numba"
+
+    def __init__(self, f32_min_elements: int = F32_MIN_ELEMENTS):
+        self.f32_min_elements = f32_min_elements
+
+    def threads(self) -> int:
+        return numba.get_num_threads()
+
+    def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
+        rows = x.shape[0]
+        if all(isinstance(w, np.ndarray) for w in ws):
+            if rows <= F32_KERNEL_MAX_ROWS and sum(w.size for w in ws) >= self.f32_min_elements:
+                return matmul_f32_many(x, ws)
+            return [x @ w.T for w in ws]
+        if rows >= QUANT_GEMM_MIN_ROWS:
+            return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
+        if all(isinstance(w, QTensor) for w in ws) and len({w.group_size for w in ws}) == 1:
+            return matmul_q8_many(x, ws)
+        return [x @ w.T if isinstance(w, np.ndarray) else matmul_quantized(x, w) for w in ws]

@@ -56,7 +56,7 @@ class Source:
         """One line: what was loaded, and from what."""
         a = self.weights.args
         how = "" if self.kind == "bin" else ", converted in memory"
-        dtype = "Q8_0" if self.weights.quantized else "fp32"
+        dtype = self.weights.kinds()
         return (f"loaded {_DESCRIPTIONS[self.kind]} {self.path}: {a.param_count() / 1e6:.2f}M params, dim {a.dim}, "
                 f"{a.n_layers} layers, vocab {a.vocab_size}, context {a.max_seq_len} ({dtype}{how})")
 

@@ -1,7 +1,9 @@
-"""Thread counts for BLAS (NumPy) and numba, set before either library loads (neither re-reads them).
+"""Thread counts for BLAS (NumPy), numba and the native kernels' pool, set before the libraries load.
 
-`configure(n)`: n threads everywhere. `configure(None)`: respect the environment; numba alone ignores
-OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, so it is given the same count when only those are set.
+`configure(n)`: n threads everywhere (the native pool then splits every product n ways). `configure(None)`:
+respect the environment; numba alone ignores OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, so it is given the same
+count when only those are set. The native pool reads OMP_NUM_THREADS as an explicit count too; without one it
+uses every CPU for large products and keeps small ones (a tiny model's) on the calling thread.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from .errors import BabyLlamaError
 
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
-# How long idle pool threads busy-wait before sleeping. A prompt alternates OpenBLAS's sgemm (its own
-# threads) with our OpenMP kernels; at the libraries' defaults (OpenBLAS ~2^28 cycles, GNU OpenMP 300k
-# spins) the pool that just finished keeps spinning on a core the other pool needs, which halved prefill
-# on 2 cores (110M fp32 357 -> 595 tok/s with these values, decode unchanged; see README "Threads").
+# How long idle BLAS threads busy-wait before sleeping. A prompt alternates OpenBLAS's sgemm (its own
+# threads) with the native kernels' pool; at the libraries' defaults (OpenBLAS ~2^28 cycles, GNU OpenMP
+# 300k spins) the pool that just finished keeps spinning on a core the other pool needs, which halved
+# prefill on 2 cores. The native pool spins 50 us at most (BABYLLAMA_SPIN_US).
 WAIT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
 
 
@@ -51,3 +53,6 @@ def _set_loaded(n: int) -> None:
     if "numba" in sys.modules:
         import numba
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    native = sys.modules.get("babyllama.kernels_native")
+    if native is not None:
+        native.set_threads(n)

@@ -17,7 +17,7 @@ def add(sub) -> None:
         "with different vocabularies compare.")
     add_model_flags(p)
     p.add_argument("--data", required=True, help="text file to score (e.g. TinyStories valid.txt)")
-    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
     p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after the story in which N predicted tokens are reached (stories stay whole)")

@@ -19,8 +19,8 @@ def add(sub) -> None:
     src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",
                      help="a Hugging Face Llama folder, or its weight files with config.json beside them")
     p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
-    p.add_argument("--version", type=int, choices=(0, 1, 2), default=None,
-                   help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0 (default 1)")
+    p.add_argument("--version", type=int, choices=(0, 1, 2, 3), default=None,
+                   help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0, 3 Q4_0 (babyllama only) (default 1)")
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
     p.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default=None, help="GGUF tensor type (default f32)")
     p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "

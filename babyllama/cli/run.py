@@ -54,7 +54,7 @@ def add(sub) -> None:
 
 
 def add_engine_flags(p) -> None:
-    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
     p.add_argument("--no-mmap", action="store_true",
                    help="read the weights into memory instead of mapping the file (faster decode, full RSS)")
     p.add_argument("--device", default="numpy",
@@ -123,7 +123,7 @@ def load_draft(args):
 
     weights = open_model(args.draft, mmap=not args.no_mmap).weights
     if args.quantize:
-        weights = weights.quantize()
+        weights = weights.quantize_as(args.quantize)
     return make_engine(weights, args.device, args.plain, args.compile)
 
 

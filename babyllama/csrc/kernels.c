@@ -1,192 +1,335 @@
-/* Matrix products for decode and small batches: out[t][i] = dot(w[i], x[t]) for a few rows x[t].
+/* Matrix products for decode and small batches, out[t][i] = dot(w[i], x[t]) for a few rows x[t], and the
+ * rest of a decode step, on a thread pool of our own.
  *
- * Compiled on first use by babyllama/kernels_native.py with the system C compiler
- * (cc -O3 -march=native -fopenmp) and called through ctypes. Two products:
+ * Compiled on first use by babyllama/kernels_native.py with the system C compiler (cc -O3 -march=native, or
+ * a forced instruction set such as -march=x86-64-v3) and called through ctypes. Weight types (Mat.type):
  *
- *  - fp32: memory-bound for one row (every weight is read once per token), so the point is to stream
- *    the weights at full bandwidth on all threads; for several rows x[t] each weight is loaded once and
- *    used for all of them (batched decode is then compute-bound, not memory-bound).
- *  - Q8_0 (runq.c's scheme): the activations are quantized per group of gs values like the weights
- *    (scale = max|x|/127, q = round(x/scale)) and
+ *  - F32: memory-bound for one row (every weight is read once per token), so the point is to stream the
+ *    weights at full bandwidth on all threads; for several rows x[t] each weight row is loaded once and used
+ *    for all of them from L1.
+ *  - Q8 (runq.c's scheme, babyllama .bin version 2): int8 values (rows, n) and one fp32 scale per group of gs.
+ *  - Q8_0 and Q4_0 in llama.cpp's block layout (GGUF, babyllama .bin version 3): blocks of 32 weights, each an
+ *    fp16 scale followed by 32 int8 values (Q8_0) or 16 bytes of nibbles q, weight = q - 8 (Q4_0): byte j
+ *    holds weight j in its low nibble and weight j + 16 in its high one.
+ *
+ * Quantized products quantize the activations per group like the weights (scale = max|x|/127,
+ * q = round(x/scale); groups of gs for Q8, of 32 for the block types) and compute
  *        out[t][i] = sum_g  w_s[i][g] * x_s[t][g] * sum_{k in g} w_q[i][k] * x_q[t][k].
- *    The inner integer sum is exact. With AVX2 and gs % 32 == 0 it is computed 32 products at a time:
- *    maddubs multiplies unsigned by signed bytes, so |w| (unsigned, computed once per weight vector for all
- *    the tokens of a batch) meets x * sign(w) (signed), which is the same product; pairs are summed into
- *    int16 (at most 2 * 128 * 127, no overflow) and madd with ones sums them on into int32.
+ * The inner integer sum is exact; it is computed 32 products at a time as (unsigned |w|) x (signed x * sign(w)),
+ * the same products, with VNNI's vpdpbusd where the CPU has it (one instruction for four products summed into
+ * int32), else AVX2's maddubs (pairs into int16: at most 2 * 128 * 127, no overflow) and madd.
  *
- * Several matrices that read the same input (wq/wk/wv, w1/w3) go in one call and one parallel region, in
- * which each thread takes its share of every matrix, so a decode step starts few parallel regions.
+ * Exactness: every output row's arithmetic is the same whatever the thread count, the chunk a thread takes and
+ * the number of tokens in the call (a token's sums run in the same order for 1 token or 8), so a sequence
+ * decoded alone or in a batch gets identical logits. Different instruction sets (AVX2, AVX-512) sum in
+ * different orders.
+ *
+ * Threads: a persistent pool (below). A parallel call's rows are cut into chunks; each thread owns a contiguous
+ * run of chunks (one stream for the prefetchers) which it claims one at a time through an atomic counter, and
+ * threads that run out take chunks from the far end of the others' runs. The caller works too and waits only
+ * for chunks that were claimed: a thread that the OS has not scheduled yet holds nothing up, which keeps a busy
+ * machine (a co-runner on a core) from stalling every product at a barrier.
  */
+#define _GNU_SOURCE
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#include <time.h>
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-#ifdef _OPENMP
-#include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define HAVE_AVX512 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define HAVE_VNNI 1
+#elif defined(__AVXVNNI__)
+#define HAVE_AVXVNNI 1
 #endif
 
-typedef struct {
-    const void *w;      /* fp32 (rows, n) or int8 (rows, n) weights */
-    const float *s;     /* Q8_0: scales (rows, n / gs); fp32: unused */
-    int64_t rows;
-    int64_t row0;       /* rows of the matrices before it: its (n_tok, rows) result starts at out + n_tok * row0 */
-} Mat;
-
-/* Q8_0 products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
- * prefetchers alone left them well below the memory bandwidth (110M-shape decode products: 8.3 -> 6.3 ms
- * per token). fp32 rows are 4x longer in bytes and the same prefetch made them slower, so they have none. */
-#define PREFETCH_BYTES 6144
-
-/* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
- * silu(x) * gate instead of x, and add its result into `out` instead of storing it (the residual). */
-typedef struct {
-    const float *norm_w; /* non-NULL: the input is rmsnorm(x) * norm_w, with eps */
-    float eps;
-    const float *gate;   /* non-NULL: the input is silu(x) * gate */
-    int accumulate;      /* out += x @ w.T instead of out = x @ w.T */
-} Fusion;
-
-void rmsnorm(const float *x, const float *weight, int64_t n_tok, int64_t dim, float eps, float *out);
-void swiglu(const float *a, const float *b, int64_t n, float *out);
-
-/* the input a product reads: x, or its fused pre-operation written into a fresh buffer (*owned) */
-static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, const Fusion *f, float **owned) {
-    *owned = NULL;
-    if (f == NULL || (f->norm_w == NULL && f->gate == NULL)) return x;
-    *owned = malloc(n_tok * n * sizeof(float));
-    if (f->norm_w) rmsnorm(x, f->norm_w, n_tok, n, f->eps, *owned);
-    else swiglu(x, f->gate, n_tok * n, *owned);
-    return *owned;
-}
-
-static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 /* fully unrolled small loops keep the accumulator arrays in registers */
 #define UNROLL _Pragma("GCC unroll 8")
 
-/* ------------------------------------------------------------------------------------------- fp32 */
-
-#ifdef __AVX2__
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Batched fp32 products prefetch this far ahead in a weight row: with eight tokens' arithmetic per weight the
- * hardware prefetchers alone fell behind (32000x768 weights, 8 tokens, one thread: 20 -> 12 ms). */
-#define F32_BATCH_PREFETCH_BYTES 8192
-
-/* scalar sum of w[k] x[k] for k in [from, n): the tail of a row whose length is not a multiple of 8 */
-static inline float tail_dot(const float *w, const float *x, int64_t from, int64_t n) {
-    float acc = 0.0f;
-    for (int64_t k = from; k < n; k++) acc += w[k] * x[k];
-    return acc;
-}
-
-/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x (rows of n floats). One weight stream, each
- * weight vector loaded once for all tokens (the rows of x stay in L1); the n % 8 last columns in scalar */
-ALWAYS_INLINE void dots_f32_avx2(const float *w, const float *x, int64_t n, int nt, float *res) {
-    __m256 acc[8];
-    int64_t n8 = n & ~(int64_t)7;
-    UNROLL
-    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n8; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
-        if ((k & 15) == 0) _mm_prefetch((const char *)(w + k) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
-        UNROLL
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * n + k), acc[t]);
-    }
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]) + tail_dot(w, x + t * n, n8, n);
-}
+/* the instruction set the products were compiled for (for tests and the bench's machine line) */
+const char *kernel_isa(void) {
+#if defined(HAVE_AVX512) && defined(HAVE_VNNI)
+    return "avx512-vnni";
+#elif defined(HAVE_AVX512)
+    return "avx512";
+#elif defined(__AVX2__) && defined(HAVE_AVXVNNI)
+    return "avx2-vnni";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "scalar";
 #endif
-
-#ifdef __AVX2__
-/* one row, one token: four accumulators, so that four loads are in flight rather than one FMA chain */
-static inline float dot1_f32_avx2(const float *w, const float *x, int64_t n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= n; k += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= n; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
-    return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail_dot(w, x, k, n);
-}
-#endif
-
-/* res[t] = dot(w, x[t]) for one weight row and nt <= 8 rows of x */
-static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *res) {
-#ifdef __AVX2__
-    switch (nt) { /* a constant token count lets the compiler keep every accumulator in a register */
-#define DOTS_F32(c) case c: dots_f32_avx2(w, x, n, c, res); return;
-        DOTS_F32(1) DOTS_F32(2) DOTS_F32(3) DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
-#undef DOTS_F32
-    }
-#endif
-    for (int t = 0; t < nt; t++) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < n; k++) acc += w[k] * x[t * n + k];
-        res[t] = acc;
-    }
 }
 
-/* rows [lo, hi) of m for every token: one thread's share (a plain function, outside the OpenMP region:
- * compiled inside it, the same loop ran 4x slower). A row at a time, for up to 8 tokens at once: one
- * sequential stream for the prefetchers (interleaving two rows made these memory-bound products slower). */
-static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
-                                               int64_t n, float *out, int accumulate) {
-#ifdef __AVX2__
-    if (n_tok == 1) { /* decode: the plain loop, nothing between one row's dot and the next */
-        const float *w = (const float *)m->w;
-        float *o = out + m->row0;
-        for (int64_t i = lo; i < hi; i++) store(&o[i], dot1_f32_avx2(w + i * n, x, n), accumulate);
+/* ------------------------------------------------------------------------------------ the thread pool */
+
+#define MAX_THREADS 256
+typedef void (*ChunkFn)(void *ctx, int64_t lo, int64_t hi); /* does items [lo, hi) of a job */
+
+/* A run of chunks owned by one thread: the next chunk to take from the front (low 32 bits) and the end of the
+ * run (high 32), in one word so that the owner (fetch_add on the front) and a thief (compare-exchange on the
+ * end) never both get the same chunk. A claim is valid when front < end in the value it replaced. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t run;
+    char pad[64 - sizeof(uint64_t)];
+} Run;
+
+static struct {
+    pthread_mutex_t busy;   /* one parallel job at a time; a second caller (another Python thread) runs inline */
+    pthread_mutex_t sleep_lock;
+    pthread_cond_t wake;
+    _Atomic uint64_t seq;   /* bumped for every job: what idle threads wait on */
+    _Atomic int sleeping;   /* threads blocked on `wake` */
+    _Atomic int active;     /* threads taking part in the current job (workers with a higher id sit out) */
+    int workers;            /* threads started (ids 1..workers; the caller is 0) */
+    int threads;            /* threads a job may use, caller included */
+    int explicit_threads;   /* set by the user (--threads, OMP_NUM_THREADS): used for every job */
+    int64_t spin_ns;        /* how long an idle thread spins before it sleeps */
+    /* the current job: written before its runs are published, read only after a successful claim */
+    ChunkFn fn;
+    void *ctx;
+    int64_t n_items, chunk;
+    _Atomic int64_t done;   /* chunks finished */
+    Run runs[MAX_THREADS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
+          50000, NULL, NULL, 0, 1, 0, {{0}}};
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int claim_front(int r, int64_t *chunk) {
+    uint64_t v = atomic_fetch_add_explicit(&pool.runs[r].run, 1, memory_order_acq_rel);
+    uint32_t front = (uint32_t)v, end = (uint32_t)(v >> 32);
+    *chunk = front;
+    return front < end;
+}
+
+static int claim_back(int r, int64_t *chunk) {
+    uint64_t v = atomic_load_explicit(&pool.runs[r].run, memory_order_acquire);
+    for (;;) {
+        uint32_t front = (uint32_t)v, end = (uint32_t)(v >> 32);
+        if (front >= end) return 0;
+        uint64_t taken = ((uint64_t)(end - 1) << 32) | front;
+        if (atomic_compare_exchange_weak_explicit(&pool.runs[r].run, &v, taken, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            *chunk = end - 1;
+            return 1;
+        }
+    }
+}
+
+static void run_chunk(int64_t c) {
+    int64_t lo = c * pool.chunk, hi = lo + pool.chunk < pool.n_items ? lo + pool.chunk : pool.n_items;
+    pool.fn(pool.ctx, lo, hi);
+    atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+}
+
+/* thread `self`'s part of the current job: its own run front to back, then the others' from their ends */
+static void take_part(int self, int n_runs) {
+    int64_t c;
+    if (self < n_runs)
+        while (claim_front(self, &c)) run_chunk(c);
+    for (int k = 1; k < n_runs; k++)
+        while (claim_back((self + k) % n_runs, &c)) run_chunk(c);
+}
+
+static uint64_t wait_for_job(uint64_t seen) {
+    int64_t start = now_ns();
+    for (int i = 1;; i++) {
+        uint64_t s = atomic_load_explicit(&pool.seq, memory_order_acquire);
+        if (s != seen) return s;
+        if (i % 256 == 0 && now_ns() - start > pool.spin_ns) break;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&pool.sleep_lock);
+    atomic_fetch_add(&pool.sleeping, 1); /* seq_cst with the publisher's seq bump: no lost wake-up */
+    uint64_t s;
+    while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+    atomic_fetch_sub(&pool.sleeping, 1);
+    pthread_mutex_unlock(&pool.sleep_lock);
+    return s;
+}
+
+static void *worker(void *arg) {
+    int self = (int)(intptr_t)arg;
+    uint64_t seen = atomic_load(&pool.seq);
+    for (;;) {
+        seen = wait_for_job(seen);
+        int active = atomic_load_explicit(&pool.active, memory_order_relaxed);
+        if (self < active) take_part(self, active);
+    }
+    return NULL;
+}
+
+/* start workers up to threads - 1 (signals stay with the caller's threads) */
+static void start_workers(int threads) {
+    if (pool.workers >= threads - 1) return;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    while (pool.workers < threads - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, worker, (void *)(intptr_t)(pool.workers + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break; /* fewer threads: the caller takes the chunks nobody claims */
+        pool.workers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* a forked child has none of the parent's workers */
+static void after_fork_in_child(void) {
+    pool.workers = 0;
+    atomic_store(&pool.sleeping, 0);
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+}
+
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }
+
+/* Thread count for later jobs: `threads` (caller included, capped at MAX_THREADS); `explicit_threads`: the
+ * user asked for it, so every job splits (else jobs below PARALLEL_MIN_BYTES stay on the caller's thread). */
+void pool_configure(int threads, int explicit_threads, int spin_us) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    pool.threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    pool.explicit_threads = explicit_threads;
+    if (spin_us >= 0) pool.spin_ns = (int64_t)spin_us * 1000;
+}
+
+int kernel_threads(void) { return pool.threads; }
+
+/* Work below this many bytes (weights, or keys and values) stays on one thread unless threads were set
+ * explicitly: waking a second thread and sharing the result costs more than it saves (see docs/speed.md). */
+#define PARALLEL_MIN_BYTES (512 * 1024)
+
+/* Run fn over items [0, n_items) in chunks of `chunk` items on up to `threads` threads (the caller included)
+ * and return when every chunk is done. */
+static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk) {
+    int64_t n_chunks = (n_items + chunk - 1) / chunk;
+    if (threads > n_chunks) threads = (int)n_chunks;
+    if (threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        fn(ctx, 0, n_items);
         return;
     }
-#endif
-    for (int64_t i = lo; i < hi; i++)
-        for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
-            int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
-            float res[8];
-            dots_f32((const float *)m->w + i * n, x + t0 * n, n, nt, res);
-            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
-        }
-}
-
-/* Each thread takes one contiguous share of every matrix: one long stream per thread is what the
- * prefetchers follow best (chunks handed out dynamically measured up to 20% slower on small matrices). */
-static void my_share(int64_t rows, int64_t *lo, int64_t *hi) {
-#ifdef _OPENMP
-    int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    int64_t tid = 0, nth = 1;
-#endif
-    int64_t per = ((rows + nth - 1) / nth + 3) / 4 * 4;
-    *lo = tid * per < rows ? tid * per : rows;
-    *hi = *lo + per < rows ? *lo + per : rows;
-}
-
-void matmul_f32(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
-    float *owned;
-    x = prepare_input(x, n_tok, n, f, &owned);
-    int accumulate = f != NULL && f->accumulate;
-#pragma omp parallel
-    for (int j = 0; j < n_mats; j++) {
-        int64_t lo, hi;
-        my_share(mats[j].rows, &lo, &hi);
-        rows_f32(&mats[j], lo, hi, x, n_tok, n, out, accumulate);
+    start_workers(threads);
+    if (threads > pool.workers + 1) threads = pool.workers + 1;
+    if (threads <= 1) {
+        pthread_mutex_unlock(&pool.busy);
+        fn(ctx, 0, n_items);
+        return;
     }
-    free(owned);
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n_items = n_items;
+    pool.chunk = chunk;
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    for (int r = 0; r < threads; r++) {
+        uint64_t lo = (uint64_t)(n_chunks * r / threads), hi = (uint64_t)(n_chunks * (r + 1) / threads);
+        atomic_store_explicit(&pool.runs[r].run, (hi << 32) | lo, memory_order_release);
+    }
+    atomic_store_explicit(&pool.active, threads, memory_order_relaxed);
+    atomic_fetch_add(&pool.seq, 1);
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    take_part(0, threads);
+    /* every chunk is claimed now: wait for the ones other threads still run (yielding, after a while, so that
+     * a worker preempted on this core gets it back) */
+    for (int i = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < n_chunks; i++) {
+        if (i > 2000) sched_yield();
+        else cpu_relax();
+    }
+    pthread_mutex_unlock(&pool.busy);
 }
 
-/* ------------------------------------------------------------------------------------------- Q8_0 */
+/* pool_run_on with the configured threads, or one thread for work under PARALLEL_MIN_BYTES by default */
+static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
+    int threads = pool.threads;
+    if (!pool.explicit_threads && work_bytes < PARALLEL_MIN_BYTES) threads = 1;
+    pool_run_on(threads, fn, ctx, n_items, chunk);
+}
+
+/* --------------------------------------------------------------------------------------- fp16, types */
+
+static inline float fp16_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13); /* inf, nan */
+    else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
+    else if (man == 0) bits = sign;
+    else { /* subnormal: normalize */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline uint16_t load_u16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3 };
+#define BLOCK 32
+static const int64_t BLOCK_BYTES[4] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2};
+
+typedef struct {
+    const void *w;      /* F32: fp32 (rows, n); Q8: int8 (rows, n); Q8_0/Q4_0: blocks, rows one after another */
+    const float *s;     /* Q8: scales (rows, n / gs); else unused */
+    int64_t rows;
+    int64_t row0;       /* rows of the matrices before it in the call: its (n_tok, rows) result starts at
+                         * out + n_tok * row0 */
+    int32_t type;       /* W_* */
+    int32_t gs;         /* Q8: group size; Q8_0/Q4_0: 32; F32: 0 */
+} Mat;
+
+static int64_t row_bytes(const Mat *m, int64_t n) {
+    switch (m->type) {
+    case W_F32: return 4 * n;
+    case W_Q8: return n + 4 * (n / m->gs);
+    default: return n / BLOCK * BLOCK_BYTES[m->type];
+    }
+}
+
+/* Quantized activations: values (n_tok, n) and scales (n_tok, n / gs) */
+typedef struct {
+    int64_t gs;
+    int8_t *q;
+    float *d;
+} QAct;
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
 void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *xq, float *xs) {
@@ -202,116 +345,400 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
     }
 }
 
+/* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
+ * silu(x) * gate instead of x, and add its result into `out` instead of storing it (the residual). */
+typedef struct {
+    const float *norm_w; /* non-NULL: the input is rmsnorm(x) * norm_w, with eps */
+    float eps;
+    const float *gate;   /* non-NULL: the input is silu(x) * gate */
+    int accumulate;      /* out += x @ w.T instead of out = x @ w.T */
+} Fusion;
+
+void rmsnorm(const float *x, const float *weight, int64_t n_tok, int64_t dim, float eps, float *out);
+static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n, float *out);
+
+/* the input a product reads: x, or its fused pre-operation written into a fresh buffer (*owned) */
+static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, const Fusion *f, float **owned) {
+    *owned = NULL;
+    if (f == NULL || (f->norm_w == NULL && f->gate == NULL)) return x;
+    *owned = malloc(n_tok * n * sizeof(float));
+    if (f->norm_w) rmsnorm(x, f->norm_w, n_tok, n, f->eps, *owned);
+    else swiglu_rows(x, f->gate, n_tok, n, *owned);
+    return *owned;
+}
+
+static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
+
+/* Quantized products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
+ * prefetchers alone left them well below the memory bandwidth. fp32 rows are 4x longer in bytes and the same
+ * prefetch made single-token products slower, so only batched fp32 products prefetch (further ahead: with
+ * several tokens' arithmetic per weight the prefetchers alone fell behind). */
+#define PREFETCH_BYTES 6144
+#define F32_BATCH_PREFETCH_BYTES 8192
+
+/* ------------------------------------------------------------------------------------------- fp32 */
+
 #ifdef __AVX2__
-/* res[t] = Q8_0 dot of one weight row with x rows t < nt <= 8, gs % 32 == 0: each weight vector is loaded
- * once for all tokens (see dots_f32_avx2) */
-ALWAYS_INLINE void dots_q8_avx2(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n,
-                                int64_t gs, int nt, float *res) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t n_groups = n / gs;
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* scalar sum of w[k] x[k] for k in [from, n): the tail of a row whose length is not a multiple of 8 */
+static inline float tail_dot(const float *w, const float *x, int64_t from, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t k = from; k < n; k++) acc += w[k] * x[k];
+    return acc;
+}
+
+#if defined(HAVE_AVX512)
+/* Tokens whose dots one pass over a weight row computes (each weight vector loaded once for all of them). */
+#define F32_TOKENS_PER_PASS 8
+/* res[t] = dot(w, x[t]) for t < nt: per token two accumulators over 32 floats a step, then one 16-float step,
+ * then the last n % 16 under a mask; the order is the same for any nt */
+ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int nt, float *res) {
+    __m512 a0[8], a1[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+        if (nt > 1) _mm_prefetch((const char *)(w + k) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + k), a0[t]);
+            a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * n + k + 16), a1[t]);
+        }
+    }
+    if (k + 16 <= n) {
+        __m512 w0 = _mm512_loadu_ps(w + k);
+        UNROLL
+        for (int t = 0; t < nt; t++) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + k), a0[t]);
+        k += 16;
+    }
+    if (k < n) {
+        __mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
+        __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
+        UNROLL
+        for (int t = 0; t < nt; t++) a1[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + t * n + k), a1[t]);
+    }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+}
+#elif defined(__AVX2__)
+/* three tokens' four accumulators and the four weight vectors fill the 16 AVX2 registers */
+#define F32_TOKENS_PER_PASS 3
+/* res[t] = dot(w, x[t]) for t < nt <= 3: per token four accumulators over 32 floats a step (four loads in
+ * flight rather than one FMA chain), then 8-float steps into the first, then the n % 8 last in scalar; the
+ * order is the same for any nt */
+ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int nt, float *res) {
+    __m256 a[3][4];
+    UNROLL
+    for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = a[t][2] = a[t][3] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+        __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
+        if (nt > 1) _mm_prefetch((const char *)(w + k) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const float *xt = x + t * n + k;
+            a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), a[t][0]);
+            a[t][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), a[t][1]);
+            a[t][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), a[t][2]);
+            a[t][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), a[t][3]);
+        }
+    }
+    int64_t k8 = k;
+    for (; k8 + 8 <= n; k8 += 8) {
+        __m256 w0 = _mm256_loadu_ps(w + k8);
+        UNROLL
+        for (int t = 0; t < nt; t++) a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * n + k8), a[t][0]);
+    }
+    UNROLL
+    for (int t = 0; t < nt; t++)
+        res[t] = hsum8(_mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3]))) +
+                 tail_dot(w, x + t * n, k8, n);
+}
+#else
+#define F32_TOKENS_PER_PASS 8
+#endif
+
+/* res[t] = dot(w, x[t]) for one weight row and nt <= F32_TOKENS_PER_PASS rows of x (rows of n floats) */
+static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *res) {
+#if defined(__AVX2__)
+    switch (nt) { /* a constant token count lets the compiler keep every accumulator in a register */
+#define DOTS_F32(c) case c: dots_f32_simd(w, x, n, c, res); return;
+        DOTS_F32(1) DOTS_F32(2) DOTS_F32(3)
+#if F32_TOKENS_PER_PASS == 8
+        DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
+#endif
+#undef DOTS_F32
+    }
+#endif
+    for (int t = 0; t < nt; t++) res[t] = tail_dot(w, x + t * n, 0, n);
+}
+
+/* rows [lo, hi) of m for every token, a row at a time (one sequential stream for the prefetchers) for
+ * F32_TOKENS_PER_PASS tokens a pass; noinline: compiled into its caller the loop measured slower */
+static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
+                                               int64_t n, float *out, int accumulate) {
+    const float *w = (const float *)m->w;
+    for (int64_t i = lo; i < hi; i++)
+        for (int64_t t0 = 0; t0 < n_tok; t0 += F32_TOKENS_PER_PASS) {
+            int nt = n_tok - t0 < F32_TOKENS_PER_PASS ? (int)(n_tok - t0) : F32_TOKENS_PER_PASS;
+            float res[8];
+            dots_f32(w + i * n, x + t0 * n, n, nt, res);
+            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
+        }
+}
+
+/* ----------------------------------------------------------------------------- quantized (int8) rows */
+
+/* weight k (< 32) of a Q4_0 block's 16 bytes of nibbles */
+static inline int q4_value(const uint8_t *qs, int64_t k) {
+    return (k < 16 ? qs[k] & 0x0F : qs[k - 16] >> 4) - 8;
+}
+
+/* the values and scale of group g of one quantized weight row (the same group size as the activations) */
+ALWAYS_INLINE const uint8_t *group_values(const uint8_t *w, const float *ws, int type, int64_t g, int64_t gs,
+                                          float *scale) {
+    if (type == W_Q8) {
+        *scale = ws[g];
+        return w + g * gs;
+    }
+    const uint8_t *block = w + g * BLOCK_BYTES[type];
+    *scale = fp16_to_f32(load_u16(block));
+    return block + 2;
+}
+
+/* res[t] = the quantized dot of one weight row (its scales ws for Q8) with activation rows t < nt, plain C */
+static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
+                             float *res) {
+    int64_t gs = a->gs, n_groups = n / gs;
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q + t * n;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < n_groups; g++) {
+            float scale;
+            const uint8_t *v = group_values(w, ws, type, g, gs, &scale);
+            int32_t dot = 0;
+            for (int64_t k = 0; k < gs; k++)
+                dot += (type == W_Q4_0 ? q4_value(v, k) : (int8_t)v[k]) * (int32_t)x[g * gs + k];
+            acc += (float)dot * scale * a->d[t * n_groups + g];
+        }
+        res[t] = acc;
+    }
+}
+
+#ifdef __AVX2__
+/* per 4-byte lane, the sum of u[i] * s[i] (u unsigned bytes, s signed) added to acc */
+ALWAYS_INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(HAVE_VNNI)
+    return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(HAVE_AVXVNNI)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* 32 weights at v as signed bytes: int8 values, or a Q4_0 block's nibbles minus 8 */
+ALWAYS_INLINE __m256i load_weights32(const uint8_t *v, int type) {
+    if (type == W_Q4_0) {
+        __m128i q = _mm_loadu_si128((const __m128i *)v);
+        __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+        return _mm256_sub_epi8(nib, _mm256_set1_epi8(8));
+    }
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+
+/* res[t] = the quantized dot of one weight row with activation rows t < nt <= 8 (group size a multiple of
+ * 32): per group, exact int32 sums 32 products at a time, then acc += sum * w_scale * x_scale in 8 lanes;
+ * each weight vector is loaded (and |w| taken) once for all the tokens */
+ALWAYS_INLINE void dots_int8_avx2(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
+                                  float *res) {
+    int64_t gs = a->gs, n_groups = n / gs;
     __m256 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
+        float scale;
+        const uint8_t *v = group_values(w, ws, type, g, gs, &scale);
         __m256i isum[8];
         UNROLL
         for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-            __m256i wabs = _mm256_sign_epi8(wv, wv); /* once for all tokens (see the file's header) */
-            _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int64_t k = 0; k < gs; k += 32) {
+            const uint8_t *vk = type == W_Q4_0 ? v + k / 2 : v + k;
+            __m256i wv = load_weights32(vk, type);
+            __m256i wabs = _mm256_abs_epi8(wv); /* -128 -> 0x80, which is 128 read as unsigned */
             UNROLL
             for (int t = 0; t < nt; t++) {
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + t * n + k));
-                __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(p16, ones));
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * gs + k));
+                isum[t] = dot_u8s8(isum[t], wabs, _mm256_sign_epi8(xv, wv));
             }
         }
         UNROLL
         for (int t = 0; t < nt; t++)
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(ws[g] * xs[t * n_groups + g]), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(scale * a->d[t * n_groups + g]),
+                                     acc[t]);
     }
     UNROLL
     for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]);
 }
 #endif
 
-/* res[t] = Q8_0 dot of one weight row (scales ws) with x rows t < nt <= 8 (scales xs) */
-static void dots_q8(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int64_t n, int64_t gs, int nt,
-                    float *res) {
+/* res[t] = the quantized dot of one weight row with activation rows t < nt <= 8 */
+static void dots_int8(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt, float *res) {
 #ifdef __AVX2__
-    if (gs % 32 == 0) {
-        switch (nt) { /* constant token counts keep the accumulators in registers (see dots_f32) */
-#define DOTS_Q8(c) case c: dots_q8_avx2(w, ws, x, xs, n, gs, c, res); return;
-            DOTS_Q8(1) DOTS_Q8(2) DOTS_Q8(3) DOTS_Q8(4) DOTS_Q8(5) DOTS_Q8(6) DOTS_Q8(7) DOTS_Q8(8)
-#undef DOTS_Q8
+    if (a->gs % 32 == 0) {
+        /* constant types and token counts: the branches fold and the accumulators stay in registers */
+#define DOTS_INT8(c)                                                   \
+    case c:                                                            \
+        if (type == W_Q8) dots_int8_avx2(w, ws, W_Q8, a, n, c, res);   \
+        else if (type == W_Q8_0) dots_int8_avx2(w, ws, W_Q8_0, a, n, c, res); \
+        else dots_int8_avx2(w, ws, W_Q4_0, a, n, c, res);              \
+        return;
+        switch (nt) {
+            DOTS_INT8(1) DOTS_INT8(2) DOTS_INT8(3) DOTS_INT8(4) DOTS_INT8(5) DOTS_INT8(6) DOTS_INT8(7) DOTS_INT8(8)
         }
+#undef DOTS_INT8
     }
 #endif
-    int64_t n_groups = n / gs;
-    for (int t = 0; t < nt; t++) {
-        float acc = 0.0f;
-        for (int64_t g = 0; g < n_groups; g++) {
-            int32_t dot = 0;
-            for (int64_t k = g * gs; k < (g + 1) * gs; k++) dot += (int32_t)w[k] * (int32_t)x[t * n + k];
-            acc += (float)dot * ws[g] * xs[t * n_groups + g];
-        }
-        res[t] = acc;
-    }
+    dots_int8_scalar(w, ws, type, a, n, nt, res);
 }
 
-/* rows [lo, hi) of m for every token, a row at a time for up to 8 tokens at once (see rows_f32) */
-static __attribute__((noinline)) void rows_q8(const Mat *m, int64_t lo, int64_t hi, const int8_t *xq,
-                                              const float *xs, int64_t n_tok, int64_t n, int64_t gs, float *out,
-                                              int accumulate) {
-    int64_t n_groups = n / gs;
-    for (int64_t i = lo; i < hi; i++)
+/* rows [lo, hi) of a quantized m for every token, a row at a time for up to 8 tokens at once (see rows_f32) */
+static __attribute__((noinline)) void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok,
+                                                int64_t n, float *out, int accumulate) {
+    int64_t rb = row_bytes(m, n), n_groups = n / a->gs;
+    for (int64_t i = lo; i < hi; i++) {
+        const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * rb;
+        const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;
+        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + PREFETCH_BYTES);
         for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
             int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
+            QAct at = {a->gs, a->q + t0 * n, a->d + t0 * n_groups};
             float res[8];
-            dots_q8((const int8_t *)m->w + i * n, m->s + i * n_groups, xq + t0 * n, xs + t0 * n_groups, n, gs, nt,
-                    res);
+            dots_int8(w, ws, m->type, &at, n, nt, res);
             for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
         }
+    }
 }
 
-void matmul_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, const Mat *mats, int n_mats, float *out,
-               const Fusion *f) {
-    int64_t n_groups = n / gs;
-    float *owned;
-    x = prepare_input(x, n_tok, n, f, &owned);
-    int accumulate = f != NULL && f->accumulate;
-    int8_t *xq = malloc(n_tok * n);
-    float *xs = malloc(n_tok * n_groups * sizeof(float));
-    quantize_q8(x, n_tok, n, gs, xq, xs);
-#pragma omp parallel
+/* ------------------------------------------------------------------------------------------ products */
+
+/* a thread takes about this many bytes of weights at a time: small enough that a thread descheduled in the
+ * middle of one holds up little, large enough for the prefetchers' streams and the claims' atomics */
+#define CHUNK_BYTES (32 * 1024)
+
+typedef struct {
+    const float *x;
+    int64_t n_tok, n;
+    const Mat *mats;
+    int n_mats;
+    float *out;
+    int accumulate;
+    QAct acts[2]; /* the activations quantized for (at most two) group sizes of the call's matrices */
+    int n_acts;
+} Product;
+
+static const QAct *acts_for(const Product *p, int64_t gs) {
+    return p->acts[0].gs == gs ? &p->acts[0] : &p->acts[1];
+}
+
+static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Product *p = ctx;
+    for (int j = 0; j < p->n_mats; j++) {
+        const Mat *m = &p->mats[j];
+        int64_t a = lo > m->row0 ? lo - m->row0 : 0, b = hi - m->row0 < m->rows ? hi - m->row0 : m->rows;
+        if (a >= b) continue;
+        if (m->type == W_F32) rows_f32(m, a, b, p->x, p->n_tok, p->n, p->out, p->accumulate);
+        else rows_int8(m, a, b, acts_for(p, m->gs), p->n_tok, p->n, p->out, p->accumulate);
+    }
+}
+
+/* out = x @ w.T for each matrix of mats (n_mats, stacked in out as their row0 say; any mix of types, each
+ * quantized one with a group size dividing n), with the fused forms of f (may be NULL). Returns 0, or 1 when
+ * there are more than two group sizes. */
+int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
+    Product p = {NULL, n_tok, n, mats, n_mats, out, f != NULL && f->accumulate, {{0}}, 0};
+    int64_t rows = 0, bytes = 0, max_rb = 1;
     for (int j = 0; j < n_mats; j++) {
-        int64_t lo, hi;
-        my_share(mats[j].rows, &lo, &hi);
-        rows_q8(&mats[j], lo, hi, xq, xs, n_tok, n, gs, out, accumulate);
+        const Mat *m = &mats[j];
+        int64_t rb = row_bytes(m, n);
+        rows = m->row0 + m->rows > rows ? m->row0 + m->rows : rows;
+        bytes += rb * m->rows;
+        max_rb = rb > max_rb ? rb : max_rb;
+        if (m->type == W_F32 || (p.n_acts > 0 && p.acts[0].gs == m->gs) || (p.n_acts > 1 && p.acts[1].gs == m->gs))
+            continue;
+        if (p.n_acts == 2) return 1;
+        p.acts[p.n_acts++].gs = m->gs;
+    }
+    float *owned;
+    p.x = prepare_input(x, n_tok, n, f, &owned);
+    for (int i = 0; i < p.n_acts; i++) {
+        QAct *a = &p.acts[i];
+        a->q = malloc(n_tok * n);
+        a->d = malloc(n_tok * (n / a->gs) * sizeof(float));
+        quantize_q8(p.x, n_tok, n, a->gs, a->q, a->d);
+    }
+    int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
+    pool_run(product_chunk, &p, rows, chunk, bytes * n_tok);
+    for (int i = 0; i < p.n_acts; i++) {
+        free(p.acts[i].q);
+        free(p.acts[i].d);
     }
     free(owned);
-    free(xq);
-    free(xs);
+    return 0;
 }
 
-/* out (rows, n) = the Q8_0 weights w (rows, n) times their group scales s (rows, n / gs): a prompt's
- * products run in fp32 BLAS, and NumPy's version of this took a third of a 110M prefill */
-void dequantize_q8(const int8_t *w, const float *s, int64_t rows, int64_t n, int64_t gs, float *out) {
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < rows * (n / gs); g++) {
-        const int8_t *q = w + g * gs;
-        float *o = out + g * gs, scale = s[g];
+/* row i of a quantized m (rows of n weights) as fp32 */
+static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
+    if (m->type == W_F32) {
+        memcpy(o, (const float *)m->w + i * n, n * sizeof(float));
+        return;
+    }
+    int64_t gs = m->type == W_Q8 ? m->gs : BLOCK, n_groups = n / gs;
+    const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * row_bytes(m, n);
+    const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;
+    for (int64_t g = 0; g < n_groups; g++) {
+        float scale;
+        const uint8_t *v = group_values(w, ws, m->type, g, gs, &scale);
+        float *og = o + g * gs;
         int64_t k = 0;
 #ifdef __AVX2__
-        __m256 vs = _mm256_set1_ps(scale);
-        for (; k + 8 <= gs; k += 8) {
-            __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k)));
-            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+        if (m->type != W_Q4_0) {
+            __m256 vs = _mm256_set1_ps(scale);
+            for (; k + 8 <= gs; k += 8) {
+                __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + k)));
+                _mm256_storeu_ps(og + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+            }
         }
 #endif
-        for (; k < gs; k++) o[k] = (float)q[k] * scale;
+        for (; k < gs; k++) og[k] = (float)(m->type == W_Q4_0 ? q4_value(v, k) : (int8_t)v[k]) * scale;
     }
+}
+
+typedef struct {
+    const Mat *m;
+    int64_t n;
+    float *out;
+} Dequantize;
+
+static void dequantize_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Dequantize *d = ctx;
+    for (int64_t i = lo; i < hi; i++) dequantize_row(d->m, i, d->n, d->out + i * d->n);
+}
+
+/* out (rows, n) = the weights of m as fp32: a prompt's products run in fp32 BLAS, and NumPy's version of this
+ * took a third of a 110M prefill */
+void dequantize(const Mat *m, int64_t n, float *out) {
+    Dequantize d = {m, n, out};
+    pool_run(dequantize_chunk, &d, m->rows, 64, m->rows * n * 4);
 }
 
 /* ------------------------------------------------------------------- the rest of a decode step */
@@ -366,19 +793,39 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
-/* out = silu(a) * b elementwise, silu(x) = x / (1 + exp(-x)) */
-void swiglu(const float *a, const float *b, int64_t n, float *out) {
+/* out = silu(a) * b for one row of n values, silu(x) = x / (1 + exp(-x)) (a row at a time, so that an element's
+ * arithmetic, SIMD or scalar tail, does not depend on how many rows a call has) */
+static void swiglu_row(const float *a, const float *b, int64_t n, float *out) {
     int64_t i = 0;
 #ifdef __AVX2__
-#pragma omp parallel for if (n >= 65536)
-    for (int64_t c = 0; c < n / 8; c++) {
-        __m256 av = _mm256_loadu_ps(a + 8 * c), one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 av = _mm256_loadu_ps(a + i), one = _mm256_set1_ps(1.0f);
         __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), av));
-        _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(_mm256_div_ps(av, _mm256_add_ps(one, e)), _mm256_loadu_ps(b + 8 * c)));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(av, _mm256_add_ps(one, e)), _mm256_loadu_ps(b + i)));
     }
-    i = n / 8 * 8;
 #endif
     for (; i < n; i++) out[i] = a[i] / (1.0f + expf(-a[i])) * b[i];
+}
+
+typedef struct {
+    const float *a, *b;
+    int64_t n;
+    float *out;
+} Swiglu;
+
+static void swiglu_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Swiglu *s = ctx;
+    for (int64_t t = lo; t < hi; t++) swiglu_row(s->a + t * s->n, s->b + t * s->n, s->n, s->out + t * s->n);
+}
+
+/* out = silu(a) * b for n_tok rows of n values */
+void swiglu(const float *a, const float *b, int64_t n_tok, int64_t n, float *out) {
+    Swiglu s = {a, b, n, out};
+    pool_run(swiglu_chunk, &s, n_tok, 8, n_tok * n * 12);
+}
+
+static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n, float *out) {
+    for (int64_t t = 0; t < n_tok; t++) swiglu_row(a + t * n, b + t * n, n, out + t * n);
 }
 
 /* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous); returns the maximum */
@@ -486,43 +933,53 @@ static void attention_output(const float *weights, const float *values, int64_t 
     }
 }
 
+typedef struct {
+    const float *q, *kc, *vc;
+    const int64_t *slots, *positions;
+    int64_t n_tok, n_heads, kv_heads, seq_len, hs, max_pos;
+    float *out;
+} Attention;
+
+/* tasks [lo, hi): task = head * n_tok + token */
+static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Attention *a = ctx;
+    int64_t group = a->n_heads / a->kv_heads, hs = a->hs;
+    float scale = 1.0f / sqrtf((float)hs);
+    float *scores = malloc((a->max_pos + 1) * sizeof(float));
+    for (int64_t task = lo; task < hi; task++) {
+        int64_t h = task / a->n_tok, t = task % a->n_tok, n_pos = a->positions[t] + 1;
+        int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * hs;
+        float max = attention_scores(a->q + (t * a->n_heads + h) * hs, a->kc + head, n_pos, hs, scale, scores);
+        float sum = softmax_weights(scores, n_pos, max);
+        attention_output(scores, a->vc + head, n_pos, hs, sum, a->out + (t * a->n_heads + h) * hs);
+    }
+    free(scores);
+}
+
 /* One attention step for n_tok tokens, each with its own sequence slot and position (a decode step, a
  * batched one, a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in place with each
  * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len, hs)
  * at (slot, position); then each token's causal attention over its slot's positions 0..position (all keys
  * are stored first, so tokens of one sequence see each other's). Query head h reads kv head
  * h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task, head-major so that
- * a prompt's consecutive tasks reuse one head's keys and values from cache, dealt round-robin so that its
- * long late rows and short early ones spread evenly over the threads. */
+ * a prompt's consecutive tasks reuse one head's keys and values from cache. */
 void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
                     const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
                     int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
     rope(q, n_tok, n_heads, hs, cos, sin);
     rope(k, n_tok, kv_heads, hs, cos, sin);
-    int64_t max_pos = 0;
+    int64_t max_pos = 0, work = 0;
     for (int64_t t = 0; t < n_tok; t++) {
         max_pos = positions[t] > max_pos ? positions[t] : max_pos;
+        work += 8 * (positions[t] + 1) * hs * n_heads; /* bytes of keys and values read */
         for (int64_t h = 0; h < kv_heads; h++) {
             int64_t at = ((slots[t] * kv_heads + h) * seq_len + positions[t]) * hs;
             memcpy(kc + at, k + (t * kv_heads + h) * hs, hs * sizeof(float));
             memcpy(vc + at, v + (t * kv_heads + h) * hs, hs * sizeof(float));
         }
     }
-    int64_t group = n_heads / kv_heads;
-    float scale = 1.0f / sqrtf((float)hs);
-#pragma omp parallel if (n_tok * n_heads > 1)
-    {
-        float *scores = malloc((max_pos + 1) * sizeof(float));
-#pragma omp for schedule(static, 1)
-        for (int64_t task = 0; task < n_tok * n_heads; task++) {
-            int64_t h = task / n_tok, t = task % n_tok, n_pos = positions[t] + 1;
-            int64_t head = (slots[t] * kv_heads + h / group) * seq_len * hs;
-            float max = attention_scores(q + (t * n_heads + h) * hs, kc + head, n_pos, hs, scale, scores);
-            float sum = softmax_weights(scores, n_pos, max);
-            attention_output(scores, vc + head, n_pos, hs, sum, out + (t * n_heads + h) * hs);
-        }
-        free(scores);
-    }
+    Attention a = {q, kc, vc, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
+    pool_run(attention_chunk, &a, n_tok * n_heads, 1, work);
 }
 
 /* ------------------------------------------------------------------- a whole decode step's layers */
@@ -536,23 +993,15 @@ typedef struct {
 
 typedef struct {
     int64_t n_layers, dim, hidden_dim, n_heads, kv_heads, head_size;
-    int64_t gs; /* Q8_0 group size of every layer matrix, 0 for fp32 */
     float eps;
     const Layer *layers;
     /* what surrounds the layers in a decode step (forward_step) */
-    const float *embeddings; /* (vocab, dim) fp32 */
+    Mat embeddings;          /* (vocab, dim), any type: a token's row is dequantized when it is embedded */
     const float *cos, *sin;  /* RoPE tables (n_positions, head_size / 2) */
     int64_t n_positions;
     Mat cls;                 /* the classifier, (vocab, dim) */
-    int64_t cls_gs;          /* its Q8_0 group size, 0 for fp32 */
     const float *rms_final;
 } Model;
-
-static void product(const Model *m, const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
-                    const Fusion *f) {
-    if (m->gs) matmul_q8(x, n_tok, n, m->gs, mats, n_mats, out, f);
-    else matmul_f32(x, n_tok, n, mats, n_mats, out, f);
-}
 
 /* Every transformer block for n_tok decode-sized tokens (engine.py's math, in the order of its plain
  * _block), x (n_tok, dim) updated in place; the caller embeds before and applies the classifier after.
@@ -570,13 +1019,13 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
-        product(m, x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
+        matmul(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
         attention_step(qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin, kc + l * layer_cache,
                        vc + l * layer_cache, slots, positions, n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size,
                        att);
-        product(m, att, n_tok, dim, &ly->wo, 1, x, &residual);
-        product(m, x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
-        product(m, h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
+        matmul(att, n_tok, dim, &ly->wo, 1, x, &residual);
+        matmul(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
+        matmul(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
     }
     free(qkv);
     free(att);
@@ -597,14 +1046,14 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
                   const int64_t *positions, float *kc, float *vc, int64_t n_slots, int64_t seq_len,
                   const int64_t *out_rows, int64_t n_out, float *logits) {
     int64_t dim = m->dim, half = m->head_size / 2;
-    if (out_of_range(tokens, n_tok, m->cls.rows)) return 1;
+    if (out_of_range(tokens, n_tok, m->embeddings.rows)) return 1;
     if (out_of_range(positions, n_tok, seq_len < m->n_positions ? seq_len : m->n_positions)) return 2;
     if (out_of_range(slots, n_tok, n_slots)) return 3;
     if (out_of_range(out_rows, n_out, n_tok)) return 4;
     float *x = malloc(n_tok * dim * sizeof(float));
     float *cos = malloc(n_tok * half * sizeof(float)), *sin = malloc(n_tok * half * sizeof(float));
     for (int64_t t = 0; t < n_tok; t++) {
-        memcpy(x + t * dim, m->embeddings + tokens[t] * dim, dim * sizeof(float));
+        dequantize_row(&m->embeddings, tokens[t], dim, x + t * dim);
         memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
         memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
     }
@@ -612,8 +1061,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     float *rows = malloc(n_out * dim * sizeof(float));
     for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
     Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
-    if (m->cls_gs) matmul_q8(rows, n_out, dim, m->cls_gs, &m->cls, 1, logits, &final_norm);
-    else matmul_f32(rows, n_out, dim, &m->cls, 1, logits, &final_norm);
+    matmul(rows, n_out, dim, &m->cls, 1, logits, &final_norm);
     free(x);
     free(cos);
     free(sin);
@@ -621,11 +1069,50 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     return 0;
 }
 
-/* threads the kernels will use (OMP_NUM_THREADS, --threads): for tests and the bench's machine line */
-int kernel_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
+/* ---------------------------------------------------------------------------- memory bandwidth probe */
+
+typedef struct {
+    const uint8_t *p;
+    _Atomic uint64_t sum;
+} Read;
+
+static void read_chunk(void *ctx, int64_t lo, int64_t hi) {
+    Read *r = ctx;
+    uint64_t sum = 0;
+#if defined(HAVE_AVX512)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = lo * 4096; i < hi * 4096; i += 256) {
+        a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(r->p + i));
+        a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(r->p + i + 64));
+        a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(r->p + i + 128));
+        a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(r->p + i + 192));
+    }
+    sum = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+#elif defined(__AVX2__)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = lo * 4096; i < hi * 4096; i += 128) {
+        a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(r->p + i)));
+        a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(r->p + i + 32)));
+        a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(r->p + i + 64)));
+        a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(r->p + i + 96)));
+    }
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
 #else
-    return 1;
+    for (int64_t i = lo * 4096; i < hi * 4096; i += 8) {
+        uint64_t v;
+        memcpy(&v, r->p + i, 8);
+        sum += v;
+    }
 #endif
+    atomic_fetch_add(&r->sum, sum);
+}
+
+/* Read n_pages 4 KiB pages at p on every configured thread (what a decode step does with its weights, minus
+ * the arithmetic): the bench's memory-bandwidth figure. Returns a checksum, so the reads cannot be skipped. */
+uint64_t read_memory(const void *p, int64_t n_pages) {
+    Read r = {p, 0};
+    pool_run_on(pool.threads, read_chunk, &r, n_pages, 16);
+    return atomic_load(&r.sum);
 }

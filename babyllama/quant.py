@@ -1,0 +1,111 @@
+"""llama.cpp's block-quantized matrices (GGUF's Q4_0 and Q8_0), as babyllama holds and runs them.
+
+A row of n weights is n/32 blocks, stored one after another, rows one after another:
+    Q8_0  34 bytes: fp16 scale d, 32 int8 values q;            weight = d * q
+    Q4_0  18 bytes: fp16 scale d, 16 bytes of 4-bit values q;   weight = d * (q - 8), byte j holding
+          weight j in its low nibble and weight j + 16 in its high one.
+These are the bytes of a GGUF tensor of that type, so a llama.cpp file's tensors are used as they are
+(memory-mapped), and babyllama's .bin version 3 stores Q4_0 the same way. The quantizers below reproduce
+llama.cpp's reference ones (quantize_row_q4_0_ref / quantize_row_q8_0_ref) bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+BLOCK_BYTES = {"q4_0": 2 + BLOCK // 2, "q8_0": 2 + BLOCK}
+KINDS = tuple(BLOCK_BYTES)
+
+
+@dataclass
+class BlockTensor:
+    """A (rows, cols) matrix in one of llama.cpp's block layouts: `data` is uint8 (rows, cols/32 * block bytes)."""
+
+    kind: str  # "q4_0" or "q8_0"
+    data: np.ndarray
+    cols: int
+
+    def __post_init__(self):
+        if self.kind not in BLOCK_BYTES:
+            raise ValueError(f"unknown block type {self.kind!r}")
+        row_bytes = self.cols // BLOCK * BLOCK_BYTES[self.kind]
+        if self.cols % BLOCK or self.data.ndim != 2 or self.data.shape[1] != row_bytes:
+            raise ValueError(f"{self.kind} data of shape {self.data.shape} does not hold rows of {self.cols} weights")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.cols)
+
+    @property
+    def group_size(self) -> int:
+        return BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def _blocks(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        data = self.data[rows]
+        return data.reshape(data.shape[0], self.cols // BLOCK, BLOCK_BYTES[self.kind])
+
+    def scales(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The blocks' scales as fp32: (rows, cols/32)."""
+        b = self._blocks(rows)
+        return np.ascontiguousarray(b[:, :, :2]).view(np.float16)[:, :, 0].astype(np.float32)
+
+    def values(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The integer weights as int8 (rows, cols), before scaling (Q4_0: q - 8, in [-8, 7])."""
+        b = self._blocks(rows)[:, :, 2:]
+        if self.kind == "q8_0":
+            q = b.view(np.int8)
+        else:
+            q = np.concatenate([b & 0x0F, b >> 4], axis=2).astype(np.int8) - np.int8(8)
+        return q.reshape(b.shape[0], self.cols)
+
+    def dequantize(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The matrix (or the rows selected) as fp32."""
+        q = self.values(rows)
+        n = q.shape[0]
+        out = q.reshape(n, -1, BLOCK).astype(np.float32) * self.scales(rows)[:, :, None]
+        return out.reshape(n, self.cols)
+
+
+def _blocks_of(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % BLOCK:
+        raise ValueError(f"rows of {w.shape[-1]} weights do not split into blocks of {BLOCK}")
+    return w.reshape(w.shape[0], -1, BLOCK)
+
+
+def _pack(kind: str, d: np.ndarray, qs: np.ndarray, cols: int) -> BlockTensor:
+    rows, nb = d.shape
+    out = np.empty((rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    out[:, :, :2] = d.astype(np.float16)[:, :, None].view(np.uint8)
+    out[:, :, 2:] = qs
+    return BlockTensor(kind, out.reshape(rows, -1), cols)
+
+
+def quantize_q8_0(w: np.ndarray) -> BlockTensor:
+    """llama.cpp's Q8_0: d = max|w| / 127, q = round(w / d) (halves away from zero), d stored as fp16."""
+    blocks = _blocks_of(w)
+    d = np.abs(blocks).max(axis=2) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    scaled = (blocks * inv[:, :, None]).astype(np.float64)  # exact: the rounding below sees the fp32 product
+    q = np.trunc(scaled + np.copysign(0.5, scaled)).astype(np.int8)
+    return _pack("q8_0", d, q.view(np.uint8), w.shape[1])
+
+
+def quantize_q4_0(w: np.ndarray) -> BlockTensor:
+    """llama.cpp's Q4_0: d = (the block's value of largest magnitude) / -8, q = min(15, trunc(w / d + 8.5))."""
+    blocks = _blocks_of(w)
+    first_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    d = first_max / np.float32(-8)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(15, (blocks * inv[:, :, None] + np.float32(8.5)).astype(np.int8)).astype(np.uint8)
+    return _pack("q4_0", d, q[:, :, :BLOCK // 2] | (q[:, :, BLOCK // 2:] << 4), w.shape[1])
+
+
+QUANTIZERS = {"q4_0": quantize_q4_0, "q8_0": quantize_q8_0}

@@ -1,0 +1,324 @@
+"""The native kernels on every instruction set the CPU allows (the native build, AVX-512 and VNNI where present,
+and a forced AVX2 build), against the plain NumPy reference: every weight type (fp32, runq.c's Q8_0, llama.cpp's
+Q8_0 and Q4_0 blocks), the exactness rule (a row's arithmetic does not depend on the batch or the thread count),
+the thread pool, the build cache's keys, and the backend protocol that engine.py calls through."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from conftest import random_weights, tiny_args
+
+from babyllama import kernels, kernels_native
+from babyllama.engine import Engine
+from babyllama.formats import QTensor, quantize_q80
+from babyllama.generate import generate
+from babyllama.kernels_base import Kernels, NumpyKernels, PlainKernels, matmul_quantized
+from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
+from babyllama.sampler import Sampler
+
+rng = np.random.default_rng(11)
+ARCHES = ("native", "avx2")
+
+
+def _cpu_has(*flags: str) -> bool:
+    have = kernels_native.cpu_flags()
+    return have is not None and set(flags) <= have
+
+
+@pytest.fixture(params=ARCHES, scope="module")
+def native(request):
+    """The native kernels built for `arch`: the CPU's own instruction set, and AVX2 forced (-march=x86-64-v3)."""
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    if request.param == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
+        pytest.skip("the CPU lacks AVX2: the forced AVX2 build cannot run here")
+    k = kernels_native.load(request.param)
+    if k is None:
+        pytest.skip(f"the {request.param} build failed (compiler too old for its -march?)")
+    return k
+
+
+def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
+    if not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        pytest.skip("the CPU lacks AVX-512: its kernels cannot be tested here")
+    k = kernels_native.load("native")
+    if k is None:
+        pytest.skip("no C compiler")
+    assert k.isa() == ("avx512-vnni" if _cpu_has("avx512_vnni") else "avx512")
+    assert kernels_native.load("avx2").isa() == "avx2"
+
+
+QUANTIZERS = {
+    "q8_0 gs64": lambda w: quantize_q80(w, 64),
+    "q8_0 gs32": lambda w: quantize_q80(w, 32),
+    "q8_0 gs8": lambda w: quantize_q80(w, 8),  # not a multiple of 32: the scalar path
+    "q8_0 blocks": quantize_q8_0,
+    "q4_0": quantize_q4_0,
+}
+
+
+@pytest.mark.parametrize("kind", QUANTIZERS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 20])  # 11, 20: more than one pass of 8 tokens
+def test_quantized_products_match_the_reference(native, kind, rows):
+    w = rng.standard_normal((77, 256)).astype(np.float32)
+    q = QUANTIZERS[kind](w)
+    x = rng.standard_normal((rows, 256)).astype(np.float32)
+    got, ref = native.matmul(x, [q])[0], matmul_quantized(x, q)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_mixed_types_in_one_call(native):
+    """A GGUF model mixes types (Q4_0 beside Q8_0 blocks, fp32); one call takes them all, and at most two
+    group sizes."""
+    ws = [rng.standard_normal((m, 128)).astype(np.float32) for m in (40, 24, 16, 8)]
+    mats = [quantize_q4_0(ws[0]), quantize_q8_0(ws[1]), ws[2], quantize_q80(ws[3], 64)]
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    for got, m in zip(native.matmul(x, mats), mats, strict=True):
+        ref = x @ m.T if isinstance(m, np.ndarray) else matmul_quantized(x, m)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="two quantization group sizes"):
+        native.matmul(x, [quantize_q80(ws[0], 64), quantize_q80(ws[1], 16), quantize_q4_0(ws[2])])
+
+
+def test_extreme_integer_weights(native):
+    """int8 -128 and +-127 (files from other quantizers may hold -128) and Q4_0's 0 and 15 (-8 and +7): the
+    byte multiply-adds' |w| and sums must neither wrap nor saturate."""
+    n = 128
+    q8 = np.tile(np.array([-128, 127, -127, -128], dtype=np.int8), (5, n // 4))
+    blocks = np.zeros((5, n // 32, 34), dtype=np.uint8)
+    blocks[:, :, :2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    blocks[:, :, 2:] = q8.reshape(5, n // 32, 32).view(np.uint8)
+    q4 = np.zeros((5, n // 32, 18), dtype=np.uint8)
+    q4[:, :, :2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    q4[:, :, 2:] = np.tile(np.array([0x0F, 0xF0, 0x00, 0xFF], dtype=np.uint8), 4)
+    mats = [QTensor(q8, np.full((5, n // 64), 0.01, dtype=np.float32), 64),
+            BlockTensor("q8_0", blocks.reshape(5, -1), n), BlockTensor("q4_0", q4.reshape(5, -1), n)]
+    x = np.tile(np.array([1.0, -1.0, 1.0, 1.0], dtype=np.float32), (8, n // 4))  # quantizes to +-127
+    for m in mats:
+        ref = matmul_quantized(x, m)
+        np.testing.assert_allclose(native.matmul(x, [m])[0], ref, rtol=1e-6)
+        assert np.all(ref != 0)
+
+
+@pytest.mark.parametrize("n", [5, 96, 101, 256, 2055])  # not multiples of the vector widths too
+def test_fp32_products_match_blas(native, n):
+    w = rng.standard_normal((33, n)).astype(np.float32)
+    for rows in (1, 2, 3, 4, 8):
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        np.testing.assert_allclose(native.matmul(x, [w])[0], x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS])
+def test_a_row_alone_or_in_a_batch_is_identical(native, kind):
+    """The exactness rule, per product: each token's result does not depend on how many tokens share the call."""
+    n = 2055 if kind == "fp32" else 256
+    w = rng.standard_normal((40, n)).astype(np.float32)
+    m = w if kind == "fp32" else QUANTIZERS[kind](w)
+    x = rng.standard_normal((12, n)).astype(np.float32)
+    alone = np.concatenate([native.matmul(x[i:i + 1], [m])[0] for i in range(12)])
+    for batch in (2, 3, 8, 12):
+        together = np.concatenate([native.matmul(x[i:i + batch], [m])[0] for i in range(0, 12, batch)])
+        np.testing.assert_array_equal(together, alone)
+
+
+@pytest.mark.parametrize("kind", ["q8_0 blocks", "q4_0"])
+def test_dequantize_is_exact(native, kind):
+    q = QUANTIZERS[kind](rng.standard_normal((24, 128)).astype(np.float32))
+    np.testing.assert_array_equal(native.dequantize(q), q.dequantize())
+
+
+def _model(kind: str):
+    args = tiny_args(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=320)
+    w = random_weights(args, scale=0.2)
+    return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
+
+
+@pytest.mark.parametrize("kind", ["fp32", "q8_0", "q4_0"])
+def test_decoded_alone_or_in_a_batch_gives_identical_logits(native, kind):
+    """The exactness rule, whole steps: a sequence's logits are the same whether it is decoded alone, with 2
+    others, or in a batch of 12 (more than one pass of 8 tokens), and on 1 thread or 3."""
+    w = _model(kind)
+    engine = Engine(w, kernels=native)
+    prompts = [rng.integers(3, w.args.vocab_size, 4).tolist() for _ in range(12)]
+
+    def decode(batch: list[int], threads: int) -> list[np.ndarray]:
+        native.configure_threads(threads)
+        cache = engine.new_cache(len(batch))
+        out = []
+        for pos in range(4):
+            logits = engine.forward([prompts[i][pos] for i in batch], [pos] * len(batch), cache,
+                                    slots=list(range(len(batch))))
+            out.append(logits)
+        return out
+
+    try:
+        alone = decode([0], 1)
+        for batch, threads in (([0, 5, 7], 2), (list(range(12)), 3), (list(range(12)), 1)):
+            together = decode(batch, threads)
+            for a, b in zip(alone, together, strict=True):
+                np.testing.assert_array_equal(b[0], a[0])
+    finally:
+        native.configure_threads()
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_engine_matches_plain(native, kind):
+    w = _model(kind)
+    fast, plain = Engine(w, kernels=native), Engine(w, plain=True)
+    tokens = np.random.default_rng(5).integers(0, w.args.vocab_size, 60).tolist()
+    for n in (60, 20, 3):  # 60 rows: the prompt's dequantize + sgemm path; 20 and 3: the int8 kernels
+        a = fast.forward(tokens[:n], range(n), fast.new_cache())
+        b = plain.forward(tokens[:n], range(n), plain.new_cache())
+        if n < kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS:
+            np.testing.assert_allclose(a, b, atol=2e-4 * np.abs(b).max(), rtol=0)
+        else:  # sgemm sums x's rounding differently: now and then an activation lands on the other side of a
+            # quantization step in a later layer, which moves later rows' logits by up to ~1% (measured over
+            # seeds); a wrong product would move them by their own size
+            np.testing.assert_allclose(a, b, atol=3e-2 * np.abs(b).max(), rtol=0)
+            assert np.abs(a - b).mean() < 5e-3 * np.abs(b).mean()
+    greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) > 10
+
+
+def test_native_builds_agree_within_tolerance():
+    """AVX-512 and AVX2 sum in different orders: logits agree closely, not bit for bit."""
+    builds = [kernels_native.load(a) for a in ARCHES]
+    if None in builds or not _cpu_has("avx2"):
+        pytest.skip("both builds are needed")
+    w = _model("q4_0")
+    tokens = rng.integers(0, w.args.vocab_size, 8).tolist()
+    out = [Engine(w, kernels=k).forward(tokens, range(8), Engine(w).new_cache()) for k in builds]
+    np.testing.assert_allclose(out[0], out[1], rtol=0, atol=1e-4 * np.abs(out[1]).max())
+
+
+def test_many_threads_and_concurrent_callers(native):
+    """More pool threads than cores, and products called from several Python threads at once (one runs on the
+    pool, the others inline): every result is the one-thread result, bit for bit."""
+    w = quantize_q4_0(rng.standard_normal((4096, 256)).astype(np.float32))
+    xs = [rng.standard_normal((2, 256)).astype(np.float32) for _ in range(6)]
+    native.configure_threads(1)
+    want = [native.matmul(x, [w])[0] for x in xs]
+    try:
+        native.configure_threads(7)
+        got: list = [None] * len(xs)
+
+        def work(i: int) -> None:
+            for _ in range(20):
+                got[i] = native.matmul(xs[i], [w])[0]
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for g, e in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, e)
+    finally:
+        native.configure_threads()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_products_without_the_parents_threads(native):
+    w = rng.standard_normal((4096, 256)).astype(np.float32)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    native.configure_threads(2)
+    try:
+        want = native.matmul(x, [w])[0]
+        pid = os.fork()
+        if pid == 0:  # the child: its pool has no workers; the caller must take every chunk itself
+            ok = np.array_equal(native.matmul(x, [w])[0], want)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        native.configure_threads()
+
+
+def test_read_memory_reads_every_byte(native):
+    buf = np.arange(4096 * 40 // 8, dtype=np.uint64)
+    assert native.read_memory(buf) == int(buf.sum()) % 2**64
+
+
+# ------------------------------------------------------------------------------------------ the build cache
+
+
+def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
+    """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
+    each gets its own file."""
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        open(cmd[cmd.index("-o") + 1], "wb").close()
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(kernels_native.subprocess, "run", fake_run)
+    native = kernels_native.build(tmp_path, "native")
+    assert kernels_native.build(tmp_path, "native") == native and len(calls) == 1  # cached
+    forced = kernels_native.build(tmp_path, "avx2")
+    assert forced != native and "-march=x86-64-v3" in calls[-1]
+    monkeypatch.setattr(kernels_native, "cpu_signature", lambda: "flags: sse2")  # another CPU
+    other_cpu = kernels_native.build(tmp_path, "native")
+    monkeypatch.setattr(kernels_native, "_compiler_identity", lambda cc: "another compiler")
+    other_cc = kernels_native.build(tmp_path, "native")
+    assert len({native, forced, other_cpu, other_cc}) == 4 and len(calls) == 4
+
+
+def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch):
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"sse2", "avx"})
+    assert kernels_native.load("avx2") is None
+
+
+# ------------------------------------------------------------------------------------ the backend protocol
+
+
+class _Recording:
+    """A Kernels that forwards the protocol's methods to another and records the calls; anything else raises,
+    so the engine cannot reach around the protocol."""
+
+    PROTOCOL = ("name", "threads", "matmul_many", "dequantize", "rmsnorm", "swiglu", "attention", "step_plan",
+                "forward_step")
+
+    def __init__(self, inner: Kernels):
+        self._inner, self.calls = inner, []
+
+    def __getattr__(self, attr):
+        if attr not in self.PROTOCOL:
+            raise AttributeError(f"engine.py used {attr!r}, which is not in the Kernels protocol")
+        self.calls.append(attr)
+        return getattr(self._inner, attr)
+
+
+def test_every_backend_implements_the_protocol():
+    backends = [NumpyKernels(), PlainKernels()]
+    numba = pytest.importorskip("babyllama.kernels_numba")
+    backends.append(numba.NumbaKernels())
+    native = kernels_native.load()
+    if native is not None:
+        backends.append(native)
+    for b in backends:
+        assert isinstance(b, Kernels), b
+    assert isinstance(kernels.backend(), Kernels)
+
+
+@pytest.mark.parametrize("inner", ["numpy", "native"])
+def test_the_engine_calls_kernels_only_through_the_protocol(inner):
+    k = NumpyKernels() if inner == "numpy" else kernels_native.load()
+    if k is None:
+        pytest.skip("no C compiler")
+    w = _model("q4_0")
+    rec = _Recording(k)
+    e = Engine(w, kernels=rec)
+    want = Engine(w, kernels=k)
+    for n in (1, 20):  # a decode step (one call where the backend has it) and a prompt (operation by operation)
+        tokens = list(range(3, 3 + n))
+        np.testing.assert_array_equal(e.forward(tokens, range(n), e.new_cache()),
+                                      want.forward(tokens, range(n), want.new_cache()))
+    assert "matmul_many" in rec.calls and "attention" in rec.calls
+    assert ("forward_step" in rec.calls) == (inner == "native")
