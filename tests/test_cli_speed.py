@@ -160,3 +160,19 @@ def test_importing_babyllama_shortens_thread_spin_waits_unless_set():
     env["GOMP_SPINCOUNT"] = "123"
     out = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "123"
+
+
+def test_q4_on_load_equals_the_version_3_file_and_the_plain_path(tmp_path):
+    """The built-in model (dim 128, hidden 352: whole Q4_0 blocks): `--quantize q4_0` in memory, the same model
+    exported as a version-3 file, and the plain reference path print the same greedy text."""
+    flags = ["-t", "0", "-n", "60", "-i", "Once upon a time"]
+    in_memory = run_cli("run", *flags, "--quantize", "q4_0")
+    assert in_memory.returncode == 0, in_memory.stderr.decode()
+    out, builtin = tmp_path / "q4.bin", Path(bench.__file__).parent / "assets" / "model.bin"
+    exported = run_cli("export", str(out), "--model", str(builtin), "--version", "3")
+    assert exported.returncode == 0, exported.stderr.decode()
+    assert formats.read_header(out)[1] == 3 and out.stat().st_size < 0.15 * builtin.stat().st_size
+    from_file = run_cli("run", str(out), *flags)
+    plain = run_cli("run", *flags, "--quantize", "q4_0", "--plain")
+    assert from_file.returncode == plain.returncode == 0
+    assert in_memory.stdout == from_file.stdout == plain.stdout and len(in_memory.stdout) > 100

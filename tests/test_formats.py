@@ -131,3 +131,72 @@ def test_quantize_in_memory_equals_v2_file(tmp_path, shared):
     from_file, in_memory = formats.load(tmp_path / "q.bin"), w.quantize(16)
     np.testing.assert_array_equal(from_file.tok_embeddings, in_memory.tok_embeddings)
     np.testing.assert_array_equal(from_file.wcls.q, in_memory.wcls.q)
+
+
+# ------------------------------------------------------------------------------ version 3 (Q4_0 blocks)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_q4_round_trip_keeps_the_blocks_and_maps_them(tmp_path, shared):
+    """Version 3: every matrix (the embedding table and classifier too) in llama.cpp's Q4_0 blocks, read back
+    byte for byte as views of the mapped file; a Q4_0 model written again is copied, not re-quantized."""
+    from babyllama.quant import BlockTensor, quantize_q4_0
+
+    w = random_weights(tiny_args(dim=64, hidden_dim=96, shared_classifier=shared))
+    path = tmp_path / "m.bin"
+    formats.save(w, path, version=3)
+    args, version, block, _ = formats.read_header(path)
+    assert (version, block, args) == (3, 32, w.args)
+    back = formats.load(path)
+    assert back.version == 3 and back.quantized and back.kinds() == "q4_0"
+    for name in MATRICES:
+        for mine, theirs in zip(getattr(back, name), getattr(w, name), strict=True):
+            assert isinstance(mine, BlockTensor) and not mine.data.flags.writeable
+            np.testing.assert_array_equal(mine.data, quantize_q4_0(theirs).data, err_msg=name)
+    np.testing.assert_array_equal(back.tok_embeddings.data, quantize_q4_0(w.tok_embeddings).data)
+    assert (back.wcls is back.tok_embeddings) == shared
+    ids = np.array([3, 0, 7])
+    np.testing.assert_array_equal(back.embed(ids), back.tok_embeddings.dequantize()[ids])
+    again = tmp_path / "again.bin"
+    formats.save(back, again, version=3)
+    assert again.read_bytes() == path.read_bytes()
+    # and back to fp32 / Q8_0: through the dequantized values
+    formats.save(back, tmp_path / "v1.bin", version=1)
+    np.testing.assert_array_equal(formats.load(tmp_path / "v1.bin").wq, back.to_fp32().wq)
+
+
+def test_q4_file_size_is_checked(tmp_path):
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args()), path, version=3)
+    path.write_bytes(path.read_bytes()[:-18])  # one block short
+    with pytest.raises(BabyLlamaError, match="truncated"):
+        formats.load(path)
+
+
+def test_q4_needs_rows_of_whole_blocks(tmp_path):
+    """stories260K's hidden_dim 172 does not split into blocks of 32: version 3 refuses it, while quantizing in
+    memory gives those matrices runq.c's Q8_0 instead."""
+    w = random_weights(tiny_args(dim=64, hidden_dim=172, n_heads=8))
+    with pytest.raises(BabyLlamaError, match="multiples of 32|dividing dim"):
+        formats.save(w, tmp_path / "m.bin", version=3)
+    q = w.quantize_as("q4_0")
+    assert q.kinds() == "q4_0, q8_0 gs 4"
+    assert all(m.group_size == 4 for m in q.w2) and all(m.kind == "q4_0" for m in q.w1)
+    with pytest.raises(BabyLlamaError, match="unknown quantization"):
+        w.quantize_as("q3")
+
+
+def test_q4_quantizer_matches_llama_cpp():
+    """Our Q4_0 and Q8_0 blocks are bit for bit those of llama.cpp's reference quantizers (as the gguf package
+    implements them)."""
+    gguf = pytest.importorskip("gguf")
+    from babyllama.quant import quantize_q4_0, quantize_q8_0
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((40, 256)) * rng.uniform(1e-3, 3, (40, 1))).astype(np.float32)
+    w[0, :32], w[1, :32], w[2, :32] = 0, 1.0, np.arange(32) - 16.0  # zero blocks, ties, exact halves
+    types = gguf.GGMLQuantizationType
+    for ours, qtype in ((quantize_q4_0, types.Q4_0), (quantize_q8_0, types.Q8_0)):
+        q = ours(w)
+        np.testing.assert_array_equal(q.data, gguf.quants.quantize(w, qtype))
+        np.testing.assert_array_equal(q.dequantize(), gguf.quants.dequantize(q.data, qtype))
