@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,14 +51,16 @@ class Source:
     path: Path  # the file or folder it was read from
     tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
     vocab: Vocab | None = None  # a vocabulary carried inside the file (GGUF)
+    conversions: list = field(default_factory=list)  # GGUF: quantized types converted on load, with their cost
 
     def describe(self) -> str:
         """One line: what was loaded, and from what."""
         a = self.weights.args
         how = "" if self.kind == "bin" else ", converted in memory"
         dtype = self.weights.kinds()
+        notes = "".join(f"; {c}" for c in self.conversions)
         return (f"loaded {_DESCRIPTIONS[self.kind]} {self.path}: {a.param_count() / 1e6:.2f}M params, dim {a.dim}, "
-                f"{a.n_layers} layers, vocab {a.vocab_size}, context {a.max_seq_len} ({dtype}{how})")
+                f"{a.n_layers} layers, vocab {a.vocab_size}, context {a.max_seq_len} ({dtype}{how}){notes}")
 
 
 # ------------------------------------------------------------------------------------------- detection
@@ -106,8 +108,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = True,
-               max_seq_len: int | None = None) -> Source:
-    """Read the model at `path` (format detected unless `kind` says it) into `Weights`."""
+               max_seq_len: int | None = None, keep_quantized: bool = True) -> Source:
+    """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
+    GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
+    those (interop/gguf.py); False reads every tensor as fp32."""
     path = Path(path)
     kind = kind or detect_format(path)
     if kind == "bin":
@@ -116,8 +120,9 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = Tr
     elif kind == "gguf":
         from .interop.gguf import load_gguf
 
-        weights, vocab = load_gguf(path, max_seq_len)
-        source = Source(weights, kind, path, vocab=vocab)
+        conversions = []
+        weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions)
+        source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
     elif kind == "hf":
         from .interop.hf import load_hf
 
@@ -151,7 +156,8 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
-            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len)
+            # export converts the values it reads: every tensor as fp32, as the file holds it
+            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, keep_quantized=False)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 

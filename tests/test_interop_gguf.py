@@ -172,3 +172,131 @@ def test_stories260k_through_gguf_runs_like_run_c(tmp_path):
     r = run_cli("run", str(tmp_path / "back" / "m.bin"), "-t", "0", "-n", "120", "-i", "Once upon a time, a little dog")
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == golden
+
+
+# ---------------------------------------------------------------- llama.cpp's quantized files, run as they are
+
+
+def test_gguf_q4_0_and_q8_0_run_as_mapped_blocks(tmp_path, sp_model):
+    """Q4_0 and Q8_0 GGUF tensors are babyllama's block types: loaded without an fp32 copy (views of the
+    memory-mapped file, the embedding table included), the same bytes babyllama's own quantizers give, so the
+    model's logits equal those of the same model quantized in memory."""
+    from babyllama.engine import Engine
+    from babyllama.interop.gguf import load_gguf
+    from babyllama.quant import BlockTensor, quantize_q8_0
+
+    for dtype in ("q4_0", "q8_0"):
+        w, _ = export_gguf(tmp_path, dtype, tied=False, tokenizer=sp_model)
+        notes = []
+        got, vocab = load_gguf(tmp_path / f"m-{dtype}.gguf", keep_quantized=True, notes=notes)
+        assert notes == [] and vocab is not None and got.kinds() == dtype.replace("q8_0", "q8_0 blocks")
+        for m in (got.tok_embeddings, got.wcls, *got.wq, *got.w2):
+            assert isinstance(m, BlockTensor) and isinstance(m.data.base, np.memmap)
+        if dtype == "q4_0":
+            want = w.quantize_q4()
+        else:
+            q = lambda m: quantize_q8_0(m)  # noqa: E731
+            want = formats.Weights(w.args, q(w.tok_embeddings), w.rms_att, w.rms_ffn, w.rms_final, wcls=q(w.wcls),
+                                   **{name: [q(m) for m in getattr(w, name)] for name in MATRICES})
+        for name in MATRICES:
+            for a, b in zip(getattr(got, name), getattr(want, name), strict=True):
+                np.testing.assert_array_equal(a.data, b.data, err_msg=name)
+        a, b = Engine(got), Engine(want)
+        np.testing.assert_array_equal(a.forward(TOKENS[:5], range(5), a.new_cache()),
+                                      b.forward(TOKENS[:5], range(5), b.new_cache()))
+        # the default read dequantizes, as export always has
+        np.testing.assert_array_equal(load_gguf(tmp_path / f"m-{dtype}.gguf")[0].wq, got.to_fp32().wq)
+
+
+MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# where each llama.cpp type keeps its fp16 scale(s) (byte offsets in a block): random bytes elsewhere are valid
+FP16_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    """Valid llama.cpp blocks of `qtype` with random values: random bytes, small positive fp16 scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for off in FP16_FIELDS[qtype.name]:
+        scale = rng.uniform(0.001, 0.004, (rows, cols // block)).astype(np.float16)
+        data[:, :, off:off + 2] = scale[:, :, None].view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+def write_gguf(path, args, tensors: dict[str, tuple[np.ndarray, object]]) -> None:
+    """A llama GGUF of `args`' shape with the given (data, type) tensors and no vocabulary."""
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_path):
+    """Q4_1, Q5_0, Q5_1 and Q2_K-Q5_K become Q4_0 and Q6_K becomes Q8_0 on load (never fp32), each within that
+    type's quantization error of the file's own values, with the error reported per source type; the model
+    then runs on the kernels like any other."""
+    from babyllama.engine import Engine
+    from babyllama.interop.gguf import load_gguf
+
+    T = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    args = tiny_args(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=4, vocab_size=300, shared_classifier=False)
+    kinds = [T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+    tensors = {"token_embd.weight": (random_blocks(T.Q6_K, 300, 256, rng), T.Q6_K),
+               "output.weight": (random_blocks(T.Q4_K, 300, 256, rng), T.Q4_K),
+               "output_norm.weight": (np.ones(256, np.float32), T.F32)}
+    shapes = {"attn_q": (256, 256), "attn_k": (256, 256), "attn_v": (256, 256), "attn_output": (256, 256),
+              "ffn_gate": (512, 256), "ffn_down": (256, 512), "ffn_up": (512, 256)}
+    for layer in range(args.n_layers):
+        for i, (name, (rows, cols)) in enumerate(shapes.items()):
+            qtype = kinds[(layer * len(shapes) + i) % len(kinds)]
+            tensors[f"blk.{layer}.{name}.weight"] = (random_blocks(qtype, rows, cols, rng), qtype)
+        for norm in ("attn_norm", "ffn_norm"):
+            tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(256, np.float32), T.F32)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, args, tensors)
+
+    notes = []
+    w, vocab = load_gguf(path, keep_quantized=True, notes=notes)
+    assert vocab is None and w.kinds() == "q4_0, q8_0 blocks"
+    assert {n.source: n.target for n in notes} == {**{k.name: "q4_0" for k in kinds[:-1]}, "Q6_K": "q8_0"}
+    reference = load_gguf(path)[0]  # every tensor dequantized to fp32
+    for note in notes:
+        bound = 0.01 if note.target == "q8_0" else 0.1  # random blocks: 0.5% and ~6% measured
+        assert 0 < note.relative_rms_error < bound, str(note)
+    for name in MATRICES:
+        for mine, ref in zip(getattr(w, name), getattr(reference, name), strict=True):
+            err = np.sqrt(np.mean((mine.dequantize() - ref) ** 2) / np.mean(ref ** 2))
+            assert err < (0.01 if mine.kind == "q8_0" else 0.1), name
+    logits = Engine(w).forward([1, 2, 3], range(3), Engine(w).new_cache())
+    plain = Engine(w, plain=True)
+    np.testing.assert_allclose(logits, plain.forward([1, 2, 3], range(3), plain.new_cache()),
+                               atol=1e-4 * np.abs(logits).max(), rtol=0)
+
+
+def test_running_a_gguf_keeps_its_quantized_tensors_and_export_reads_fp32(tmp_path, sp_model):
+    """`run`/`chat`/`eval` (loading.open_model) keep a Q4_0 file's tensors as they are and say what was
+    converted; `export` (loading.load_source) reads every tensor as fp32, as it always has."""
+    from babyllama.loading import load_source, open_model
+
+    export_gguf(tmp_path, "q4_0", tied=True, tokenizer=sp_model)
+    path = tmp_path / "m-q4_0.gguf"
+    running = open_model(path)
+    assert running.weights.kinds() == "q4_0" and running.conversions == []
+    assert "(q4_0, converted in memory)" in running.describe()
+    exporting = load_source(model=str(path))
+    assert exporting.weights.kinds() == "fp32"
+    np.testing.assert_array_equal(exporting.weights.wq, running.weights.to_fp32().wq)
+    r = run_cli("run", str(path), "-t", "0", "-n", "12")
+    assert r.returncode == 0, r.stderr.decode()

@@ -14,15 +14,24 @@ Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotate
 convert_hf_to_gguf.py un-permutes Hugging Face's q/k back to Meta's row order. `Weights` already holds
 that order, so q/k are written unchanged (the Hugging Face permutation lives only in hf.py).
 
-Tensor types: "f32", "f16" or "q8_0" for the matrices (llama.cpp's Q8_0: blocks of 32 with an fp16 scale;
-babyllama's own Q8_0 .bin groups differ, so matrices are re-quantized from fp32). Norm vectors stay
+Tensor types: "f32", "f16", "q8_0" or "q4_0" for the matrices (llama.cpp's block types: blocks of 32 with an
+fp16 scale; babyllama's own Q8_0 .bin groups differ, so matrices are re-quantized from fp32, while Q4_0
+matrices of a version-3 model are written as they are). Norm vectors stay
 f32, as llama.cpp requires; a matrix whose rows do not split into 32-blocks falls back to f16, as
 llama.cpp's converter does.
+
+Reading quantized files (`load_gguf(..., keep_quantized=True)`, what running a GGUF model uses): Q8_0 and
+Q4_0 tensors are the block layout babyllama's kernels run (quant.BlockTensor), so they stay views of the
+memory-mapped file; every other llama.cpp type that the gguf package can dequantize (Q4_1, Q5_0, Q5_1,
+Q2_K-Q6_K, the IQ types, ...) is converted on load to the nearest of the two by bits per weight (under 6.5:
+Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32; the conversion's
+error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +39,11 @@ import numpy as np
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
 from ..errors import BabyLlamaError
 from ..formats import Weights
-from .state_dict import LAYER_NAMES, from_state_dict, to_state_dict
+from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
+from .state_dict import LAYER_NAMES, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
 
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "llama"
 # llama2.c per-layer name fragment -> llama.cpp's (blk.N.<name>.weight)
 _BLOCK = {
@@ -63,7 +73,7 @@ def gguf_name(name: str) -> str:
 
 def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
               name: str | None = None) -> Path:
-    """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0)."""
+    """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0, q4_0)."""
     gguf = _gguf()
     if dtype not in DTYPES:
         raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
@@ -73,9 +83,9 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
                              f"{args.vocab_size}")
     path = Path(path)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, ARCH)
@@ -102,14 +112,16 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    kept = _block_tensors(weights, dtype)
     for key, t in to_state_dict(weights).items():
-        if t.ndim == 1 or dtype == "f32":
+        if key in kept:  # already in the file's type: its bytes as they are
+            w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].data), raw_dtype=qtype)
+        elif t.ndim == 1 or dtype == "f32":
             w.add_tensor(gguf_name(key), t)
-        elif dtype == "f16" or t.shape[1] % block:
+        elif dtype == "f16" or t.shape[1] % BLOCK:
             w.add_tensor(gguf_name(key), t.astype(np.float16))
         else:
-            w.add_tensor(gguf_name(key), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(key), QUANTIZERS[dtype](t).data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -118,12 +130,71 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     return path
 
 
+def _block_tensors(weights: Weights, kind: str) -> dict[str, BlockTensor]:
+    """The model's matrices that are already `kind` blocks, under llama2.c names."""
+    found = {"tok_embeddings.weight": weights.tok_embeddings, "output.weight": weights.wcls}
+    for name, stack in weights.layer_matrices().items():
+        found.update({layer_key(i, name): m for i, m in enumerate(stack)})
+    return {k: m for k, m in found.items() if isinstance(m, BlockTensor) and m.kind == kind}
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None) -> tuple[Weights, Vocab | None]:
-    """Read a llama-architecture GGUF file (f32, f16, bf16 or q8_0 tensors) into fp32 `Weights` and its
-    vocabulary (None when the file has none)."""
+@dataclass
+class ConversionNote:
+    """What converting one llama.cpp type into one of babyllama's cost: the error it added, as the RMS of
+    (converted - the file's dequantized weights) over the RMS of those weights, across `tensors` tensors."""
+
+    source: str
+    target: str
+    tensors: int = 0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+
+    @property
+    def relative_rms_error(self) -> float:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.tensors} {self.source} tensors converted to {self.target}: RMS error "
+                f"{100 * self.relative_rms_error:.2f}% of the weights' RMS (on top of {self.source}'s own)")
+
+
+def nearest_kind(qtype) -> str:
+    """babyllama's block type nearest in bits per weight to a llama.cpp type (Q4_0 4.5, Q8_0 8.5)."""
+    gguf = _gguf()
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return "q8_0" if 8 * size / block >= 6.5 else "q4_0"
+
+
+# rows dequantized at a time when converting: bounds the fp32 scratch to ~16 MB for the widest rows
+_CONVERT_ELEMENTS = 1 << 22
+
+
+def _convert(data: np.ndarray, qtype, cols: int, note: ConversionNote) -> BlockTensor:
+    """A tensor of another llama.cpp type (rows of `cols` weights) as `note.target` blocks, a few rows at a time."""
+    gguf = _gguf()
+    rows = data.shape[0]
+    out = np.empty((rows, cols // BLOCK * BLOCK_BYTES[note.target]), dtype=np.uint8)
+    step = max(1, _CONVERT_ELEMENTS // cols)
+    for r in range(0, rows, step):
+        ref = np.asarray(gguf.quants.dequantize(data[r:r + step], qtype), dtype=np.float32).reshape(-1, cols)
+        q = QUANTIZERS[note.target](ref)
+        out[r:r + step] = q.data
+        note.err_sq += float(np.square(q.dequantize() - ref, dtype=np.float64).sum())
+        note.ref_sq += float(np.square(ref, dtype=np.float64).sum())
+    note.tensors += 1
+    return BlockTensor(note.target, out, cols)
+
+
+def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
+              notes: list[ConversionNote] | None = None) -> tuple[Weights, Vocab | None]:
+    """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
+    By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
+    reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, other quantized types are converted
+    to the nearest of them (see the module's docstring), with one ConversionNote per converted type appended
+    to `notes`."""
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
@@ -138,12 +209,22 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None) -> tuple[
         raise BabyLlamaError(f"{path}: unsupported architecture '{arch}' (only 'llama' GGUF files)")
     tensors = {t.name: t for t in reader.tensors}
 
-    def get(name: str) -> np.ndarray:
+    converted: dict[str, ConversionNote] = {}
+    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+    def get(name: str) -> np.ndarray | BlockTensor:
         key = gguf_name(name)
         if key not in tensors:
             raise KeyError(name)
         t = tensors[key]
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        kind = t.tensor_type.name.lower()
+        if not keep_quantized or t.tensor_type in float_types or len(t.shape) != 2:
+            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        cols = int(t.shape[0])  # GGUF lists dimensions innermost first
+        if kind in KINDS:
+            return BlockTensor(kind, t.data, cols)
+        note = converted.setdefault(kind, ConversionNote(t.tensor_type.name, nearest_kind(t.tensor_type)))
+        return _convert(t.data, t.tensor_type, cols, note)
 
     def field(key: str, default=None):
         value = meta.get(f"{ARCH}.{key}", default)
@@ -168,6 +249,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None) -> tuple[
     if rope_dims != args.head_size:
         raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
     weights = from_state_dict(args, get, str(path), display=gguf_name)
+    if notes is not None:
+        notes.extend(converted.values())
 
     vocab = None
     if "tokenizer.ggml.tokens" in meta:

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
 from ..formats import LAYER_MATRICES, Weights
+from ..quant import BlockTensor
 
 LAYER_NAMES = {
     "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
@@ -81,18 +82,19 @@ def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[s
             t = lookup(name)
         except KeyError:
             raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
-        t = np.asarray(t)
+        quantized = isinstance(t, BlockTensor)  # kept as it is (GGUF's Q8_0/Q4_0 blocks)
+        t = t if quantized else np.asarray(t)
         if tuple(t.shape) != shape:
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
-        return t.astype(np.float32, copy=False)
+        return t if quantized else t.astype(np.float32, copy=False)
 
     shapes = expected_shapes(args)
     L = args.n_layers
 
     def stack(field: str) -> np.ndarray:
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
-        return np.stack(rows)
+        return rows if any(isinstance(r, BlockTensor) for r in rows) else np.stack(rows)
 
     emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
     mats = {name: stack(name) for name in LAYER_MATRICES}
