@@ -1,10 +1,15 @@
-"""`babyllama bench`: decode, prefill and batched throughput of random-weight models of the tinyllamas
-shapes, fast path side by side with the plain NumPy baseline, in one run on one machine.
+"""`babyllama bench`: decode, prefill and batched throughput, side by side in one run on one machine: babyllama
+(fp32, Q8_0, Q4_0) against the plain NumPy baseline and, when given, the real references (llama2.c's run.c
+and runq.c, llama.cpp through llama-cpp-python), next to the machine's memory bandwidth measured in the
+same run.
 
-Models are built once (random weights, vocab 32000) and cached as .bin files (fp32 version 1 and Q8_0
-version 2) under ~/.cache/babyllama/bench or --cache-dir / $BABYLLAMA_BENCH_DIR. Each (shape, format,
-path) is measured in a fresh subprocess so that its peak RSS is its own; every figure is the median of
---repeats runs. Speeds are tokens per second of wall time; the machine is described above the table.
+Models: the built-in story model ("builtin": trained, so its sampled decode means something) and random-weight
+models of the tinyllamas shapes (vocab 32000), built once and cached as .bin files under
+~/.cache/babyllama/bench or --cache-dir / $BABYLLAMA_BENCH_DIR: version 1 (fp32), 2 (Q8_0), 3 (Q4_0), plus the
+version 0 file and a tokenizer.bin that run.c reads, and GGUF files for llama.cpp. Each (model, engine,
+thread setting) is measured in a fresh subprocess so that its peak RSS is its own; every figure is the median
+of --repeats runs. `--busy N` starts N spinning co-runner processes for the measurements (a busy laptop);
+`--thread-settings default,1,2` measures each thread setting in turn.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ModelArgs
@@ -26,8 +32,14 @@ SHAPES = {
     # TinyLlama-1.1B's shape (grouped-query attention): a 1B-class model for GPU runs (4.4 GB fp32 file)
     "1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, max_seq_len=2048),
 }
-FORMATS = {"fp32": 1, "q8_0": 2}
+BUILTIN = "builtin"  # the trained built-in model (babyllama/assets/model.bin) and its tokenizer
+FORMATS = {"fp32": 1, "q8_0": 2, "q4_0": 3}
+FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+# the llama2.c programs and the file versions they read: run.c version 0 (fp32), runq.c version 2 (Q8_0)
+REFERENCES = {"run.c": ("fp32", 0), "runq.c": ("q8_0", 2)}
+GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0"}
 PATHS = ("plain", "fast")
+BUSY_CODE = "while True: pass"
 
 
 def shape_args(name: str) -> ModelArgs:
@@ -60,14 +72,54 @@ def random_model(args: ModelArgs, seed: int = 0):
                    w1=r(L, h, d), w2=r(L, d, h), w3=r(L, h, d), wcls=emb)
 
 
-def model_file(shape: str, fmt: str, directory: Path) -> Path:
-    """The cached model file for (shape, fmt), built on first use."""
+def _source_weights(shape: str):
     from . import formats
 
-    path = directory / f"random-{shape}-{fmt}.bin"
+    if shape == BUILTIN:
+        from .loading import BUILTIN_MODEL
+        return formats.load(BUILTIN_MODEL)
+    return random_model(shape_args(shape))
+
+
+def model_file(shape: str, fmt: str, directory: Path, version: int | None = None) -> Path:
+    """The cached model file for (shape, fmt) in `version` (default: fp32 1, Q8_0 2, Q4_0 3), built on first use."""
+    from . import formats
+
+    version = FORMATS[fmt] if version is None else version
+    suffix = "" if version == FORMATS[fmt] else f"-v{version}"
+    path = directory / f"{'' if shape == BUILTIN else 'random-'}{shape}-{fmt}{suffix}.bin"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
-        formats.save(random_model(shape_args(shape)), path, version=FORMATS[fmt])
+        formats.save(_source_weights(shape), path, version=version)
+    return path
+
+
+def tokenizer_file(shape: str, directory: Path) -> Path:
+    """A tokenizer.bin for the shape's models: the built-in one, or for the random models (vocab 32000) one of
+    llama2.c's layout (<unk>, <s>, </s>, 256 bytes, a space, letters, then filler pieces) that run.c can load."""
+    if shape == BUILTIN:
+        from .loading import BUILTIN_TOKENIZER
+        return BUILTIN_TOKENIZER
+    from .tokenizer import Tokenizer
+
+    path = directory / "tokenizer-32000.bin"
+    if not path.exists():
+        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+        pieces += [b" "] + [bytes([c]) for c in range(ord("a"), ord("z") + 1)]
+        pieces += [f"tok{i}".encode() for i in range(32000 - len(pieces))]
+        Tokenizer(pieces, [0.0] * 259 + [-float(i) for i in range(32000 - 259)]).save(path)
+    return path
+
+
+def gguf_file(shape: str, fmt: str, directory: Path) -> Path:
+    """The shape's model as a GGUF file of the format's type (for llama.cpp), built on first use."""
+    from .interop.gguf import save_gguf
+    from .interop.vocab import load_vocab
+
+    path = directory / f"{'' if shape == BUILTIN else 'random-'}{shape}-{fmt}.gguf"
+    if not path.exists():
+        print(f"building {path.name} ...", file=sys.stderr, flush=True)
+        save_gguf(_source_weights(shape), path, load_vocab(tokenizer_file(shape, directory)), GGUF_TYPES[fmt])
     return path
 
 
@@ -80,10 +132,20 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
+def decode_bytes(weights) -> int:
+    """Weight bytes a decode step reads: every layer matrix and the classifier (one embedding row aside)."""
+    def nbytes(m) -> int:
+        return m.q.nbytes + m.s.nbytes if hasattr(m, "q") else m.nbytes
+
+    layers = sum(nbytes(m) for stack in weights.layer_matrices().values() for m in stack)
+    return layers + nbytes(weights.wcls)
+
+
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
-            mmap: bool = True, device: str = "numpy", compile: bool = False) -> dict:
+            mmap: bool = True, device: str = "numpy", compile: bool = False, sampled: bool = False) -> dict:
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
-    (tok/s, ms) and peak RSS (MiB)."""
+    (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
+    run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
     import resource
 
     import numpy as np
@@ -113,9 +175,9 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 
     ttft = first_token() - t0  # load (memory map) + engine + 16-token prompt + first sample
 
-    def decode(n_seq: int, n_tok: int) -> float:
+    def decode(n_seq: int, n_tok: int, temperature: float = 0.0, topp: float = 1.0) -> float:
         b = Batch(engine, n_seq)
-        seqs = [b.add(Sequence([1, 3 + i], Sampler(0.0), min(seq_len, n_tok + 2), frozenset()))
+        seqs = [b.add(Sequence([1, 3 + i], Sampler(temperature, topp, 7 + i), min(seq_len, n_tok + 2), frozenset()))
                 for i in range(n_seq)]
         b.step()  # the two-token prompts and first tokens: not counted (run.c times from the 2nd step)
         start, n = time.perf_counter(), 0
@@ -136,12 +198,65 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     n_tok = min(tokens, seq_len - 2)
     res = {"ttft_ms": 1000 * ttft}
     res["decode"] = _median([decode(1, n_tok) for _ in range(repeats)])
+    if sampled:
+        res["sampled"] = _median([decode(1, n_tok, 1.0, 0.9) for _ in range(repeats)])
     res["prefill"] = _median([prefill() for _ in range(repeats)])
     res["batch"] = _median([decode(batch, max(8, n_tok // 4)) for _ in range(repeats)])
     res["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["decode_tokens"] = n_tok
     res["repeats"] = repeats
+    res["decode_bytes"] = decode_bytes(weights)
     return res
+
+
+def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None) -> dict:
+    """llama.cpp (llama-cpp-python) on a GGUF file: greedy decode of `tokens` positions from [BOS, 3], timed
+    from the second generated token like the other rows; median of `repeats`."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=tokens + 8, n_threads=threads or len(os.sched_getaffinity(0)),
+                n_threads_batch=threads or len(os.sched_getaffinity(0)), verbose=False)
+    speeds = []
+    for _ in range(repeats):
+        llm.reset()
+        gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
+        next(gen)
+        start, n = time.perf_counter(), 0
+        for _ in gen:
+            n += 1
+            if n >= tokens - 2:
+                break
+        speeds.append(n / (time.perf_counter() - start))
+    return {"decode": _median(speeds), "decode_tokens": tokens, "repeats": repeats}
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Read `mib` MiB (already in memory) on every kernel thread: GB/s, the median of `repeats` after one
+    warm-up read. What decode can reach at most, as every weight is read once per token."""
+    import numpy as np
+
+    from . import kernels_native
+
+    native = kernels_native.load()
+    if native is None:
+        return {}
+    buf = np.ones(mib << 20, dtype=np.uint8)
+    native.read_memory(buf)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        native.read_memory(buf)
+        times.append(time.perf_counter() - start)
+    return {"gbps": buf.nbytes / _median(times) / 1e9, "threads": native.threads(), "mib": mib}
+
+
+def _child(spec: dict) -> dict:
+    kind = spec.pop("kind")
+    if kind == "bandwidth":
+        return measure_bandwidth(**spec)
+    if kind == "llamacpp":
+        return measure_llamacpp(Path(spec.pop("path")), **spec)
+    return measure(Path(spec.pop("path")), **spec)
 
 
 # ---------------------------------------------------------------------------------- the table (parent)
@@ -151,11 +266,11 @@ def kernels_description() -> str:
     """Which kernel backend the fast rows use, and with what."""
     from . import kernels
 
-    name, k = kernels.backend()
-    if name == "native":
+    k = kernels.backend()
+    if k.name == "native":
         version = subprocess.run([k.compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        return f"native C ({version}, {k.threads()} OpenMP threads)"
-    if name == "numba":
+        return f"native C ({version}, {k.isa()}, pool of {k.threads()} threads)"
+    if k.name == "numba":
         import numba
         return f"numba {numba.__version__} (no C compiler)"
     return "NumPy only (no C compiler, no numba)"
@@ -187,106 +302,228 @@ def describe_machine() -> str:
             f"{' '.join(f'{x:.2f}' for x in load)}")
 
 
-def reference_decode(exe: str, model: Path, tokens: int, repeats: int) -> float:
-    """Median "achieved tok/s" of a llama2.c-style executable (benchmarks/llama2c_ref, or run.c/runq.c
-    themselves) decoding `tokens` positions greedily from BOS and token 3 on `model` (the prompt our decode
-    figure uses too; from BOS alone a random model with a shared classifier tends to answer BOS and stop)."""
+@dataclass
+class Row:
+    """One table row: a model (shape, format) on one engine with one thread setting."""
+
+    shape: str
+    fmt: str
+    engine: str  # "babyllama", "plain NumPy", "run.c", "runq.c", "llama.cpp", "babyllama --device cuda", ...
+    threads: str = "default"
+    result: dict = field(default_factory=dict)
+    error: str | None = None  # a failed measurement, in one line
+
+    @property
+    def is_ours(self) -> bool:
+        return self.engine.startswith("babyllama")
+
+
+def _thread_env(setting: str) -> dict:
+    """The environment for one thread setting: "default" drops every thread variable, N sets them all to N."""
+    from .threads import BLAS_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in (*BLAS_VARS, "NUMBA_NUM_THREADS")}
+    if setting != "default":
+        env.update({k: setting for k in (*BLAS_VARS, "NUMBA_NUM_THREADS")})
+    return env
+
+
+def _run_child(spec: dict, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, "-m", "babyllama.bench", "--child", json.dumps(spec)], capture_output=True,
+                         text=True, check=False, env=env)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit status {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeats: int,
+                     env: dict | None = None) -> float:
+    """Median "achieved tok/s" of llama2.c's run.c/runq.c (or a program with their command line) decoding
+    `tokens` positions greedily after a one-letter prompt, with `tokenizer`; RuntimeError with the program's
+    last line when it fails."""
     speeds = []
     for _ in range(repeats):
-        cmd = [exe, str(model), "-n", str(tokens), "-i", "3"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = [exe, str(model), "-z", str(tokenizer), "-n", str(tokens), "-t", "0", "-i", "a"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, errors="replace")
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if out.returncode != 0 or not found:
-            raise RuntimeError(f"reference {exe} failed on {model.name}: {out.stderr.strip()[-500:]}")
+            lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
+            raise RuntimeError(lines[-1][:200])
         speeds.append(float(found[-1].split(":", 1)[1]))
     return _median(speeds)
 
 
-def run(shapes: list[str], repeats: int, tokens: int, batch: int, prompt_len: int, directory: Path,
-        paths: tuple[str, ...] = PATHS, plain_tokens: int = 32, plain_repeats: int = 1,
-        reference: str | None = None, mmap: bool = True, device: str = "numpy", compile: bool = False
-        ) -> list[dict]:
-    """The table's rows. On a PyTorch device (cpu, cuda) only the fp32 files are measured (the PyTorch engine
-    runs Q8_0 files dequantized) and there is no plain row."""
+@dataclass
+class Plan:
+    """What one `bench` run measures."""
+
+    shapes: list[str]
+    formats: tuple[str, ...] = tuple(FORMATS)
+    repeats: int = 3
+    tokens: int = 256
+    batch: int = 8
+    prompt_len: int = 256
+    paths: tuple[str, ...] = PATHS
+    plain_tokens: int = 32
+    plain_repeats: int = 1
+    references: dict[str, str] = field(default_factory=dict)  # "run.c"/"runq.c" -> executable
+    llamacpp: bool = False
+    mmap: bool = True
+    device: str = "numpy"
+    compile: bool = False
+    thread_settings: tuple[str, ...] = ("default",)
+    busy: int = 0
+    bandwidth_mib: int = 512
+
+
+class Busy:
+    """N co-runner processes spinning on the CPU while the measurements run (a busy laptop)."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self) -> Busy:
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
+    """Measure every row of `plan`: (rows, bandwidth). The bandwidth is measured first, before any co-runner
+    starts. On a PyTorch device (cpu, cuda) only fp32 files are measured and there is no plain row."""
+    bandwidth = {} if plan.device != "numpy" else _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib})
+    formats = plan.formats if plan.device == "numpy" else ("fp32",)
+    paths = plan.paths if plan.device == "numpy" else ("fast",)
+    rows: list[Row] = []
+    with Busy(plan.busy):
+        for shape in plan.shapes:
+            for fmt in formats:
+                for setting in plan.thread_settings:
+                    env = _thread_env(setting)
+                    rows += _references(plan, shape, fmt, setting, env, directory, log)
+                    for path_name in paths:
+                        if path_name == "plain" and setting != plan.thread_settings[0]:
+                            continue  # the reference path is single-threaded NumPy: measured once
+                        rows.append(_ours(plan, shape, fmt, setting, path_name, env, directory, log))
+    return rows, bandwidth
+
+
+def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log) -> Row:
+    mapped = plan.mmap or path_name == "plain"  # the plain baseline always maps the file
+    engine = "plain NumPy" if path_name == "plain" else "babyllama" + ("" if mapped else " --no-mmap")
+    if plan.device != "numpy":
+        engine += f" --device {plan.device}" + (" --compile" if plan.compile else "")
+    row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
+    fast = path_name == "fast"
+    spec = {"kind": "ours", "path": str(model_file(shape, fmt, directory)), "plain": not fast,
+            "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
+            "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
+            "prompt_len": plan.prompt_len, "mmap": mapped, "device": plan.device, "compile": plan.compile,
+            "sampled": shape == BUILTIN}
+    log(f"measuring {shape} {fmt} {engine} (threads {row.threads}) ...")
+    try:
+        row.result = _run_child(spec, env)
+    except RuntimeError as e:
+        row.error = str(e)
+    return row
+
+
+def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, directory: Path, log) -> list[Row]:
     rows = []
-    formats_measured = tuple(FORMATS) if device == "numpy" else ("fp32",)
-    if device != "numpy":
-        paths = ("fast",)
-    for shape in shapes:
-        if reference:
-            row = {"shape": shape, "path": "reference"}
-            for fmt in FORMATS:
-                print(f"measuring {shape} {fmt} with {reference} ...", file=sys.stderr, flush=True)
-                row[fmt] = {"decode": reference_decode(reference, model_file(shape, fmt, directory), tokens, repeats)}
-            rows.append(row)
-        for path_name in paths:
-            mapped = mmap or path_name == "plain"  # the plain baseline always maps the file
-            row = {"shape": shape, "path": path_name, "mmap": mapped, "device": device, "compile": compile}
-            for fmt in formats_measured:
-                model = model_file(shape, fmt, directory)
-                n = tokens if path_name == "fast" else min(tokens, plain_tokens)
-                reps = repeats if path_name == "fast" else min(repeats, plain_repeats)
-                cmd = [sys.executable, "-m", "babyllama.bench", "--child", str(model), path_name, str(reps),
-                       str(n), str(batch), str(prompt_len), "mmap" if mapped else "no-mmap", device,
-                       "compile" if compile else "eager"]
-                print(f"measuring {shape} {fmt} {path_name} ...", file=sys.stderr, flush=True)
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if out.returncode != 0:
-                    raise RuntimeError(f"bench child failed: {out.stderr.strip()[-2000:]}")
-                row[fmt] = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
+    for name, exe in plan.references.items():
+        ref_fmt, version = REFERENCES[name]
+        if ref_fmt != fmt:
+            continue
+        row = Row(shape, fmt, name, setting)
+        log(f"measuring {shape} {fmt} {name} ({exe}, threads {setting}) ...")
+        try:
+            model = model_file(shape, fmt, directory, version)
+            speed = reference_decode(exe, model, tokenizer_file(shape, directory), plan.tokens, plan.repeats, env)
+            row.result = {"decode": speed, "decode_bytes": _file_decode_bytes(model)}
+        except (RuntimeError, OSError) as e:
+            row.error = f"{name} ({exe}) failed: {e}"
+        rows.append(row)
+    if plan.llamacpp and fmt in GGUF_TYPES:
+        row = Row(shape, fmt, "llama.cpp", setting)
+        log(f"measuring {shape} {fmt} llama.cpp (threads {setting}) ...")
+        try:
+            spec = {"kind": "llamacpp", "path": str(gguf_file(shape, fmt, directory)), "repeats": plan.repeats,
+                    "tokens": plan.tokens, "threads": None if setting == "default" else int(setting)}
+            row.result = _run_child(spec, env)
+        except (RuntimeError, OSError) as e:
+            row.error = f"llama.cpp failed: {e}"
+        rows.append(row)
     return rows
 
 
-def table(rows: list[dict], batch: int, prompt_len: int) -> str:
-    head = ("| shape | path | decode fp32 tok/s | decode Q8_0 tok/s | prefill fp32 tok/s | prefill Q8_0 tok/s "
-            f"| B={batch} decode fp32 tok/s | B={batch} decode Q8_0 tok/s | TTFT fp32 / Q8_0 ms "
-            "| peak RSS fp32 / Q8_0 MiB |")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+def _file_decode_bytes(path: Path) -> int:
+    from . import formats
+
+    return decode_bytes(formats.load(path))
+
+
+def _cell(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None = None) -> str:
+    """The rows as a markdown table, the bandwidth line above it and the notes and ratios below."""
+    lines = []
+    bw = (bandwidth or {}).get("gbps")
+    if bw:
+        lines.append(f"Memory bandwidth (this run, {bandwidth['threads']} threads reading {bandwidth['mib']} MiB): "
+                     f"**{bw:.1f} GB/s**\n")
+    head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "
+            f"| prefill tok/s | B={batch} decode tok/s | TTFT ms | peak RSS MiB |")
+    lines += [head, "|" + " --- |" * (head.count("|") - 1)]
+    errors = []
     for r in rows:
-        f, q = r["fp32"], r.get("q8_0")  # q8_0 is not measured on a PyTorch device
-
-        def cell(key: str, spec: str, d: dict | None = q) -> str:
-            return "–" if d is None else format(d[key], spec)
-
-        if r["path"] == "reference":
-            lines.append(f"| {r['shape']} | C reference | {f['decode']:.1f} | {q['decode']:.1f} |" + " – |" * 6)
+        res = r.result
+        if r.error:
+            errors.append(f"{r.shape} {FORMAT_LABELS[r.fmt]} {r.engine}: {r.error}")
+            lines.append(f"| {r.shape} | {FORMAT_LABELS[r.fmt]} | {r.engine} | {r.threads} | failed (see below) |"
+                         + " – |" * 6)
             continue
-        label = "plain NumPy" if r["path"] == "plain" else "babyllama" + ("" if r.get("mmap", True) else " --no-mmap")
-        if r.get("device", "numpy") != "numpy":
-            label += f" --device {r['device']}" + (" --compile" if r.get("compile") else "")
-        lines.append(
-            f"| {r['shape']} | {label} | {f['decode']:.1f} | {cell('decode', '.1f')} | {f['prefill']:.0f} | "
-            f"{cell('prefill', '.0f')} | {f['batch']:.1f} | {cell('batch', '.1f')} | {f['ttft_ms']:.0f} / "
-            f"{cell('ttft_ms', '.0f')} | {f['rss_mib']:.0f} / {cell('rss_mib', '.0f')} |")
-    plain = [r for r in rows if r["path"] == "plain"]
-    plain_note = (f" (plain rows: {plain[0]['fp32']['decode_tokens']} tokens, {plain[0]['fp32']['repeats']} "
+        decode = res.get("decode")
+        gbps = decode * res["decode_bytes"] / 1e9 if decode and res.get("decode_bytes") else None
+        share = f"{gbps:.1f} ({100 * gbps / bw:.0f}%)" if gbps and bw else _cell(gbps, ".1f")
+        lines.append(f"| {r.shape} | {FORMAT_LABELS[r.fmt]} | {r.engine} | {r.threads} | {_cell(decode, '.1f')} | "
+                     f"{share} | {_cell(res.get('sampled'), '.1f')} | {_cell(res.get('prefill'), '.0f')} | "
+                     f"{_cell(res.get('batch'), '.1f')} | {_cell(res.get('ttft_ms'), '.0f')} | "
+                     f"{_cell(res.get('rss_mib'), '.0f')} |")
+    plain = [r for r in rows if r.engine == "plain NumPy" and r.result]
+    plain_note = (f" (plain rows: {plain[0].result['decode_tokens']} tokens, {plain[0].result['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
-    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; prefill: one {prompt_len}-token "
-             f"prompt in one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; "
-             "TTFT: memory-map load + engine set-up (--device: the model built on the device) + 16-token "
-             "prompt + first token, in process.")
+    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: weight bytes read per token "
+             f"x decode tok/s; sampled: -t 1 -p 0.9 (trained model only); prefill: one {prompt_len}-token prompt in "
+             f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
+             "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
+             "or N set explicitly (--threads / OMP_NUM_THREADS).")
+    text = "\n".join(lines) + "\n\n" + notes + "\n"
     ratios = _ratios(rows)
-    return "\n".join(lines) + "\n\n" + notes + "\n" + (f"\n{ratios}\n" if ratios else "")
+    if ratios:
+        text += "\n" + ratios + "\n"
+    if errors:
+        text += "\nFailed:\n" + "\n".join(f"- {e}" for e in errors) + "\n"
+    return text
 
 
-def _ratios(rows: list[dict]) -> str:
-    """babyllama's decode speed over the C reference's, per shape and format, when both were measured."""
-    ref = {r["shape"]: r for r in rows if r["path"] == "reference"}
-    ours = {r["shape"]: r for r in rows if r["path"] == "fast" and r.get("device", "numpy") == "numpy"}
-    parts = [f"{shape} fp32 {ours[shape]['fp32']['decode'] / r['fp32']['decode']:.2f}x, "
-             f"Q8_0 {ours[shape]['q8_0']['decode'] / r['q8_0']['decode']:.2f}x"
-             for shape, r in ref.items() if shape in ours]
-    return ("decode speed of babyllama / C reference: " + "; ".join(parts)) if parts else ""
-
-
-def _child(argv: list[str]) -> None:
-    model, path_name, repeats, tokens, batch, prompt_len, mapping, device, compiled = argv
-    res = measure(Path(model), path_name == "plain", int(repeats), int(tokens), int(batch), int(prompt_len),
-                  mmap=mapping == "mmap", device=device, compile=compiled == "compile")
-    print(json.dumps(res))
+def _ratios(rows: list[Row]) -> str:
+    """babyllama's decode speed over each reference's, per model, format and thread setting."""
+    ours = {(r.shape, r.fmt, r.threads): r.result["decode"] for r in rows
+            if r.engine == "babyllama" and r.result.get("decode")}
+    parts = [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
+             + f" {ours[(r.shape, r.fmt, r.threads)] / r.result['decode']:.2f}x" for r in rows
+             if not r.is_ours and r.engine != "plain NumPy" and r.result.get("decode")
+             and (r.shape, r.fmt, r.threads) in ours]
+    return ("decode speed of babyllama / reference: " + "; ".join(parts)) if parts else ""
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2:])
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(_child(json.loads(sys.argv[2]))))

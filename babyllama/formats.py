@@ -114,8 +114,8 @@ class Weights:
         return {name: getattr(self, name) for name in LAYER_MATRICES}
 
     def kinds(self) -> str:
-        """The matrices' types, e.g. "q4_0" or "q4_0, q8_0 blocks" (the embedding table included)."""
-        mats = [self.tok_embeddings, self.wcls, *(m for stack in self.layer_matrices().values() for m in stack)]
+        """The types of the matrices the products read (layers and classifier), e.g. "q4_0, q8_0 blocks"."""
+        mats = [self.wcls, *(m for stack in self.layer_matrices().values() for m in stack)]
         return ", ".join(sorted({quant_kind(m) for m in mats}))
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

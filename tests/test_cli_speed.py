@@ -3,6 +3,7 @@ bench plumbing on a tiny model (no timing is asserted anywhere)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -115,23 +116,77 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     formats.save(random_weights(tiny_args()), path)
     rows = []
     for plain in (True, False):
-        res = {fmt: bench.measure(path, plain, repeats=1, tokens=8, batch=2, prompt_len=16) for fmt in bench.FORMATS}
-        rows.append({"shape": "tiny", "path": "plain" if plain else "fast", **res})
-    for row in rows:
-        for key in ("decode", "prefill", "batch", "ttft_ms", "rss_mib"):
-            assert row["fp32"][key] > 0
-    text = bench.table(rows, batch=2, prompt_len=16)
-    assert text.count("| tiny |") == 2 and "plain NumPy" in text
+        res = bench.measure(path, plain, repeats=1, tokens=8, batch=2, prompt_len=16, sampled=True)
+        rows.append(bench.Row("tiny", "fp32", "plain NumPy" if plain else "babyllama", result=res))
+        for key in ("decode", "sampled", "prefill", "batch", "ttft_ms", "rss_mib"):
+            assert res[key] > 0
+        assert res["decode_bytes"] == path.stat().st_size - 256 - 4 * (2 * 2 * 32 + 32)  # all but header, norms
+    text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64})
+    assert text.count("| tiny | fp32 |") == 2 and "plain NumPy" in text
+    assert "Memory bandwidth (this run, 2 threads reading 64 MiB): **10.0 GB/s**" in text
+    share = [line for line in text.splitlines() if "| babyllama |" in line][0].split("|")[6]
+    gbps = rows[1].result["decode"] * rows[1].result["decode_bytes"] / 1e9
+    assert share.strip() == f"{gbps:.1f} ({100 * gbps / 10:.0f}%)"
 
 
 def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
-    rows = bench.run(["tiny"], repeats=1, tokens=8, batch=2, prompt_len=16, directory=tmp_path, device="cpu")
-    assert [(r["path"], r["device"]) for r in rows] == [("fast", "cpu")] and "q8_0" not in rows[0]
-    assert all(rows[0]["fp32"][key] > 0 for key in ("decode", "prefill", "batch", "ttft_ms"))
+    plan = bench.Plan(["tiny"], repeats=1, tokens=8, batch=2, prompt_len=16, device="cpu")
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    assert [(r.engine, r.fmt) for r in rows] == [("babyllama --device cpu", "fp32")] and bandwidth == {}
+    assert all(rows[0].result[key] > 0 for key in ("decode", "prefill", "batch", "ttft_ms"))
     line = [x for x in bench.table(rows, batch=2, prompt_len=16).splitlines() if x.startswith("| tiny |")][0]
-    assert "babyllama --device cpu |" in line and line.count("| – |") == 3
+    assert "| babyllama --device cpu |" in line
+
+
+def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(tmp_path, monkeypatch):
+    """Plumbing of one run: the bandwidth figure, a co-runner process per --busy while the rows are measured
+    (and gone after), a row per thread setting, Q4_0 rows, and a reference that fails reported in one line
+    instead of a traceback (llama2.c's run.c without a tokenizer used to end the bench)."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    fake = tmp_path / "run"
+    fake.write_text("#!/bin/sh\necho \"couldn't load tokenizer.bin\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    seen = []
+
+    def log(message: str) -> None:  # while the rows are measured, the co-runners are running
+        if "measuring" in message:
+            seen.append(sum(1 for p in _children() if bench.BUSY_CODE in p))
+
+    plan = bench.Plan(["tiny"], ("fp32", "q4_0"), repeats=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+                      references={"run.c": str(fake)}, thread_settings=("default", "1"), busy=1, bandwidth_mib=8)
+    rows, bandwidth = bench.run(plan, tmp_path, log=log)
+    assert bandwidth["gbps"] > 0 and seen and set(seen) == {1} and not any(bench.BUSY_CODE in p for p in _children())
+    assert [(r.fmt, r.engine, r.threads) for r in rows] == [
+        ("fp32", "run.c", "default"), ("fp32", "babyllama", "default"), ("fp32", "run.c", "1"),
+        ("fp32", "babyllama", "1"), ("q4_0", "babyllama", "default"), ("q4_0", "babyllama", "1")]
+    assert rows[0].error.endswith("failed: couldn't load tokenizer.bin") and rows[0].error.count("\n") == 0
+    assert all(r.result["decode"] > 0 for r in rows if r.engine == "babyllama")
+    text = bench.table(rows, 2, 16, bandwidth)
+    assert "| tiny | Q4_0 | babyllama | 1 |" in text and "- tiny fp32 run.c: run.c (" in text
+
+
+def _children() -> list[str]:
+    """The command lines of this process's children (Linux /proc)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == os.getpid():
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def test_bench_cli_reports_a_bad_reference_flag_in_one_line(tmp_path):
+    proc = run_cli("bench", "--reference", str(tmp_path / "missing"), "--cache-dir", str(tmp_path))
+    assert proc.returncode == 1 and b"not an executable file" in proc.stderr and proc.stderr.count(b"\n") == 1
+    proc = run_cli("bench", "--thread-settings", "default,0", "--cache-dir", str(tmp_path))
+    assert proc.returncode == 1 and b"--thread-settings takes" in proc.stderr
 
 
 def test_bench_builds_and_caches_models(tmp_path, monkeypatch):

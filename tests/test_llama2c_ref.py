@@ -122,14 +122,19 @@ def test_version0_unshared_classifier(llama2c_ref, tmp_path):
 
 
 def test_bench_reference_rows_and_ratios(llama2c_ref, tmp_path, monkeypatch):
-    """`babyllama bench --reference EXE` times the C program on the same cached models and prints its row and
-    the babyllama / C ratios (plumbing only: no speed is asserted)."""
+    """`babyllama bench --reference RUN --reference-q RUNQ` times the C program with run.c's command line on
+    version-0 and version-2 files of the same models and prints its rows and the babyllama / C ratios
+    (plumbing only: no speed is asserted)."""
     from babyllama import bench
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=32))
-    rows = bench.run(["tiny"], 1, 16, 2, 8, tmp_path, ("fast",), reference=str(llama2c_ref))
-    ref = next(r for r in rows if r["path"] == "reference")
-    assert all(ref[fmt]["decode"] > 0 for fmt in bench.FORMATS)
-    text = bench.table(rows, batch=2, prompt_len=8)
-    assert "| tiny | C reference |" in text and "| tiny | babyllama |" in text
-    assert "decode speed of babyllama / C reference: tiny fp32 " in text
+    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), repeats=1, tokens=16, batch=2, prompt_len=8, paths=("fast",),
+                      references={"run.c": str(llama2c_ref), "runq.c": str(llama2c_ref)}, bandwidth_mib=8)
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    refs = [r for r in rows if r.engine in ("run.c", "runq.c")]
+    assert [(r.engine, r.fmt) for r in refs] == [("run.c", "fp32"), ("runq.c", "q8_0")]
+    assert all(r.error is None and r.result["decode"] > 0 for r in refs)
+    assert formats.read_header(tmp_path / "random-tiny-fp32-v0.bin")[1] == 0  # what run.c reads
+    text = bench.table(rows, 2, 8, bandwidth)
+    assert "| tiny | fp32 | run.c |" in text and "| tiny | Q8_0 | babyllama |" in text
+    assert "decode speed of babyllama / reference: tiny fp32 vs run.c " in text and "tiny Q8_0 vs runq.c" in text

@@ -1,18 +1,22 @@
-"""`babyllama bench`: speed of random models of the tinyllamas shapes."""
+"""`babyllama bench`: decode, prefill and batched speed (fp32, Q8_0, Q4_0) beside the plain baseline, llama2.c,
+llama.cpp and the memory bandwidth."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import BabyLlamaError
 from .common import add_compile, add_threads
 
 
 def add(sub) -> None:
-    p = sub.add_parser("bench", help="measure decode/prefill/batched speed on random models of the "
-                                     "tinyllamas shapes, against the plain NumPy baseline")
-    p.add_argument("--shapes", default="15M,42M,110M",
-                   help="comma-separated, of 15M, 42M, 110M, 1B (TinyLlama's shape, for GPUs); default %(default)s")
+    p = sub.add_parser("bench", help="measure decode/prefill/batched speed (fp32, Q8_0, Q4_0) against the plain "
+                                     "NumPy baseline, llama2.c and llama.cpp, with the machine's memory bandwidth")
+    p.add_argument("--shapes", default="builtin,15M,42M,110M",
+                   help="comma-separated, of builtin (the trained built-in model), 15M, 42M, 110M, 1B (TinyLlama's "
+                        "shape, for GPUs); default %(default)s")
+    p.add_argument("--formats", default="fp32,q8_0,q4_0", help="comma-separated weight formats (%(default)s)")
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)
@@ -28,9 +32,19 @@ def add(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
-    p.add_argument("--reference", default=None, metavar="EXE",
-                   help="also time a llama2.c-style executable (run.c/runq.c, or benchmarks/llama2c_ref) on the "
-                        "same model files: `EXE MODEL -n TOKENS -i 3`, reading its 'achieved tok/s' line")
+    p.add_argument("--reference", default=None, metavar="RUN",
+                   help="llama2.c's run.c executable: timed on version-0 files of the same fp32 models, with a "
+                        "tokenizer (`RUN MODEL -z TOK -n TOKENS -t 0 -i a`, its 'achieved tok/s' line)")
+    p.add_argument("--reference-q", default=None, metavar="RUNQ",
+                   help="llama2.c's runq.c executable: timed the same way on the version-2 (Q8_0) files")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="also time llama.cpp (llama-cpp-python) on GGUF files of the same models (f32, q8_0, q4_0)")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="start N spinning co-runner processes for the measurements (a busy machine)")
+    p.add_argument("--thread-settings", default="default", metavar="LIST",
+                   help="comma-separated thread settings measured in turn: default (the pool decides) or a count "
+                        "(as --threads N); e.g. default,1,2")
+    p.add_argument("--bandwidth-mib", type=int, default=512, help="MiB read for the memory-bandwidth figure (512)")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
 
@@ -39,23 +53,39 @@ def cmd_bench(args) -> int:
     from .. import bench
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in bench.SHAPES]
+    unknown = [s for s in shapes if s not in bench.SHAPES and s != bench.BUILTIN]
     if unknown or not shapes:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
-                             f"{', '.join(bench.SHAPES)}")
-    for name in ("repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len"):
+                             f"{bench.BUILTIN}, {', '.join(bench.SHAPES)}")
+    fmts = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    if not fmts or any(f not in bench.FORMATS for f in fmts):
+        raise BabyLlamaError(f"--formats takes {', '.join(bench.FORMATS)}, got {args.formats!r}")
+    settings = tuple(s.strip() for s in args.thread_settings.split(",") if s.strip())
+    if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
+        raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")
+    for name in ("repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len", "bandwidth_mib"):
         if getattr(args, name) < 1:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.busy < 0:
+        raise BabyLlamaError("--busy must be >= 0")
+    references = {}
+    for name, exe in (("run.c", args.reference), ("runq.c", args.reference_q)):
+        if exe is None:
+            continue
+        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+            raise BabyLlamaError(f"--reference {exe}: not an executable file")
+        references[name] = exe
     machine = bench.describe_machine()
-    paths = ("fast",) if args.no_plain else bench.PATHS
-    if args.reference and not (os.path.isfile(args.reference) and os.access(args.reference, os.X_OK)):
-        raise BabyLlamaError(f"--reference {args.reference}: not an executable file")
     from ..api import check_device
     check_device(args.device, args.compile)  # here, as one line, rather than in a child process
-    rows = bench.run(shapes, args.repeats, args.tokens, args.batch, args.prompt_len,
-                     bench.cache_dir(args.cache_dir), paths, args.plain_tokens, args.plain_repeats, args.reference,
-                     mmap=not args.no_mmap, device=args.device, compile=args.compile)
-    text = f"Machine: {machine}\n\n" + bench.table(rows, args.batch, args.prompt_len)
+    plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
+                      ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
+                      args.llamacpp, not args.no_mmap, args.device, args.compile, settings, args.busy,
+                      args.bandwidth_mib)
+    rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
+    text = f"Machine: {machine}{busy}\n\n" + bench.table(rows, args.batch, args.prompt_len, bandwidth)
     print(text)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

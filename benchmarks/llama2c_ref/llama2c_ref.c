@@ -714,10 +714,13 @@ static void generate(Transformer *transformer, int *prompt_tokens, int num_promp
 }
 
 static void error_usage(void) {
-    fprintf(stderr, "Usage:   llama2c_ref MODEL.bin [-n STEPS] [-i token,token,...]\n");
+    fprintf(stderr, "Usage:   llama2c_ref MODEL.bin [-n STEPS] [-i token,token,...] [-z TOKENIZER] [-t 0]\n");
     fprintf(stderr, "  -n <int>    number of steps (positions, BOS and prompt included), default 256,\n");
     fprintf(stderr, "              0 or more than seq_len = seq_len\n");
-    fprintf(stderr, "  -i <ids>    prompt token ids after BOS, comma separated\n");
+    fprintf(stderr, "  -i <ids>    prompt token ids after BOS, comma separated; text that is not a list of ids\n");
+    fprintf(stderr, "              means its bytes as byte-fallback tokens (byte + 3)\n");
+    fprintf(stderr, "  -z, -t      run.c's flags, accepted so that it runs with run.c's command line: no tokenizer\n");
+    fprintf(stderr, "              is read, and decoding is greedy (-t must be 0)\n");
     exit(EXIT_FAILURE);
 }
 
@@ -730,6 +733,8 @@ int main(int argc, char *argv[]) {
         if (i + 1 >= argc || argv[i][0] != '-' || strlen(argv[i]) != 2) error_usage();
         if (argv[i][1] == 'n') steps = atoi(argv[i + 1]);
         else if (argv[i][1] == 'i') prompt = argv[i + 1];
+        else if (argv[i][1] == 'z') continue;
+        else if (argv[i][1] == 't') { if (atof(argv[i + 1]) != 0.0) die("only greedy decoding (-t 0)"); }
         else error_usage();
     }
     if (steps < 0) steps = 0;
@@ -745,7 +750,15 @@ int main(int argc, char *argv[]) {
     int *prompt_tokens = xcalloc(cap, sizeof(int));
     int num_prompt_tokens = 0;
     prompt_tokens[num_prompt_tokens++] = 1;
-    if (prompt && *prompt) {
+    int text = 0;
+    for (const char *c = prompt ? prompt : ""; *c; c++)
+        if (!(*c == ',' || (*c >= '0' && *c <= '9'))) text = 1;
+    if (text) {
+        for (const unsigned char *c = (const unsigned char *)prompt; *c; c++) {
+            if (*c + 3 >= p->vocab_size) die("prompt byte outside the vocabulary");
+            prompt_tokens[num_prompt_tokens++] = *c + 3;
+        }
+    } else if (prompt && *prompt) {
         const char *c = prompt;
         while (*c) {
             char *end;

@@ -1,0 +1,107 @@
+"""What quantization costs, measured: bits per byte (`babyllama eval`'s figure) of trained models on held-out
+text in fp32, Q8_0 (runq.c's) and Q4_0 (llama.cpp's) side by side, and for GGUF files that llama.cpp's own
+quantizer wrote (Q4_K_M, Q6_K, Q5_0, ...) as babyllama runs them (Q8_0/Q4_0 kept, other types converted to the
+nearest of the two, with the conversion's error), plus each model's weight bytes read per decode token.
+
+    python benchmarks/quality.py [--data ../shared/data/tinystories/valid.txt] [--max-stories N]
+                                 [--model PATH[:TOKENIZER] ...] [--gguf-types Q4_K_M,Q6_K]
+
+Models: the built-in one and ../shared/fixtures/stories260K.bin by default, plus any --model given. GGUF rows
+need llama-cpp-python (its llama_model_quantize writes the K-quant files from our f32 GGUF export); K-quants need
+rows of 256 weights, so llama.cpp falls back to other types on small models (its log says which). Prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def bits_per_byte(weights, tokenizer, data: str, max_stories: int | None) -> float:
+    from babyllama.engine import Engine
+    from babyllama.evaluate import evaluate
+
+    return evaluate(Engine(weights), tokenizer, data, max_documents=max_stories, show_progress=False).bits_per_byte
+
+
+def llamacpp_quantize(src: Path, dst: Path, ftype_name: str) -> None:
+    """llama.cpp's quantizer (llama-cpp-python's binding of llama_model_quantize) from an f32 GGUF."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize {ftype_name} failed")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(SHARED / "data" / "tinystories" / "valid.txt"))
+    ap.add_argument("--max-stories", type=int, default=None)
+    ap.add_argument("--model", action="append", default=[], help="PATH[:TOKENIZER] of another trained model")
+    ap.add_argument("--gguf-types", default="Q4_K_M,Q6_K,Q5_0",
+                    help="llama.cpp file types to quantize the models into ('' for none)")
+    args = ap.parse_args()
+
+    from babyllama import formats
+    from babyllama.bench import decode_bytes
+    from babyllama.interop.gguf import load_gguf, save_gguf
+    from babyllama.interop.vocab import load_vocab
+    from babyllama.loading import BUILTIN_MODEL, BUILTIN_TOKENIZER
+    from babyllama.tokenizer import Tokenizer
+
+    models = [("built-in (1.5M)", BUILTIN_MODEL, BUILTIN_TOKENIZER)]
+    s260k = SHARED / "fixtures" / "stories260K.bin"
+    if s260k.is_file():
+        models.append(("stories260K", s260k, SHARED / "fixtures" / "tok512.bin"))
+    for spec in args.model:
+        path, _, tok = spec.partition(":")
+        models.append((Path(path).name, Path(path), Path(tok) if tok else Path(path).with_name("tokenizer.bin")))
+
+    print(f"data: {args.data}" + (f", first {args.max_stories} stories" if args.max_stories else ""), file=sys.stderr)
+    print("| model | weights | bits per byte | vs fp32 | weight MB read per token | notes |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    gguf_types = [t for t in args.gguf_types.split(",") if t]
+    for name, path, tok_path in models:
+        fp32 = formats.load(path).to_fp32()
+        tok = Tokenizer.load(tok_path, fp32.args.vocab_size)
+        base = None
+        for kind in ("fp32", "q8_0", "q4_0"):
+            w = fp32 if kind == "fp32" else fp32.quantize_as(kind)
+            bpb = bits_per_byte(w, tok, args.data, args.max_stories)
+            base = bpb if base is None else base
+            print(f"| {name} | {w.kinds()} | {bpb:.4f} | {bpb - base:+.4f} | {decode_bytes(w) / 1e6:.2f} | |",
+                  flush=True)
+        if not gguf_types:
+            continue
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print(f"| {name} | GGUF | – | – | – | llama-cpp-python absent: no llama.cpp-quantized files |")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            f32 = Path(tmp) / "f32.gguf"
+            save_gguf(fp32, f32, load_vocab(tok_path))
+            for ftype in gguf_types:
+                out = Path(tmp) / f"{ftype}.gguf"
+                try:
+                    llamacpp_quantize(f32, out, ftype)
+                except (RuntimeError, AttributeError) as e:
+                    print(f"| {name} | GGUF {ftype} | – | – | – | {e} |")
+                    continue
+                notes = []
+                w, vocab = load_gguf(out, keep_quantized=True, notes=notes)
+                bpb = bits_per_byte(w, vocab.to_tokenizer(), args.data, args.max_stories)
+                note = "; ".join(str(n) for n in notes) or "run as it is"
+                print(f"| {name} | GGUF {ftype} as {w.kinds()} | {bpb:.4f} | {bpb - base:+.4f} | "
+                      f"{decode_bytes(w) / 1e6:.2f} | {note} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
