@@ -324,11 +324,33 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
     }
 }
 
-/* Quantized activations: values (n_tok, n) and scales (n_tok, n / gs) */
+#if defined(HAVE_AVX512) && defined(HAVE_VNNI) && defined(__AVX512VBMI__)
+/* AVX-512 with VNNI and VBMI's byte permutes: block weights are gathered out of their 18- or 34-byte blocks
+ * several at a time into 512-bit registers (Ice Lake, Zen 4 and later) */
+#define HAVE_ZMM_INT8 1
+#define Q4_GROUP 4 /* Q4_0 blocks per step */
+#else
+#define Q4_GROUP 2
+#endif
+
+/* Quantized activations: values (n_tok, n) and scales (n_tok, n / gs), and the layouts the SIMD kernels read,
+ * made once per call for every row of every matrix:
+ *  - Q4_0 (blocks of 32, Q4_GROUP blocks a step): per token and step, the values that meet the step's low
+ *    nibbles (each block's first 16), then those that meet the high ones (the last 16), the blocks interleaved
+ *    4 bytes at a time so that int32 lane l of a step's sums belongs to block l % Q4_GROUP; per block a
+ *    correction -8 * (sum of its values), which starts its sum so that the weights' unsigned nibbles q stand
+ *    for q - 8, and its scale. Steps past the last block are zero.
+ *  - Q8 types with AVX-512 (a weight w is read as the unsigned byte w + 128): a correction of
+ *    -128 * (sum of the group's values): runq.c's groups one each; llama.cpp's Q8_0 blocks, two a step, in
+ *    lanes 0 and 8 of 16, with each block's scale repeated over its 8 lanes. */
 typedef struct {
     int64_t gs;
     int8_t *q;
     float *d;
+    int64_t q4_stride, c4_stride, c8_stride; /* per token: bytes of q4, entries of c4/d4, entries of c8/d8 */
+    int8_t *q4;
+    int32_t *c4, *c8;
+    float *d4, *d8;
 } QAct;
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
@@ -546,6 +568,17 @@ ALWAYS_INLINE __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #endif
 }
 
+/* dot_u8s8 of two pairs, for u of 4-bit values: without VNNI the two byte multiply-adds are summed in int16
+ * (each pair at most 2 * 15 * 127, the sum 7620) and widened once */
+ALWAYS_INLINE __m256i dot2_u4s8(__m256i acc, __m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
+    return dot_u8s8(dot_u8s8(acc, u0, s0), u1, s1);
+#else
+    __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+#endif
+}
+
 /* 32 weights at v as signed bytes: int8 values, or a Q4_0 block's nibbles minus 8 */
 ALWAYS_INLINE __m256i load_weights32(const uint8_t *v, int type) {
     if (type == W_Q4_0) {
@@ -557,8 +590,9 @@ ALWAYS_INLINE __m256i load_weights32(const uint8_t *v, int type) {
 }
 
 /* res[t] = the quantized dot of one weight row with activation rows t < nt <= 8 (group size a multiple of
- * 32): per group, exact int32 sums 32 products at a time, then acc += sum * w_scale * x_scale in 8 lanes;
- * each weight vector is loaded (and |w| taken) once for all the tokens */
+ * 32), on the plain activations: per group, exact int32 sums 32 products at a time as |w| x (x * sign(w)),
+ * then acc += sum * w_scale * x_scale in 8 lanes; each weight vector is loaded (and |w| taken) once for all
+ * the tokens */
 ALWAYS_INLINE void dots_int8_avx2(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
                                   float *res) {
     int64_t gs = a->gs, n_groups = n / gs;
@@ -572,8 +606,7 @@ ALWAYS_INLINE void dots_int8_avx2(const uint8_t *w, const float *ws, int type, c
         UNROLL
         for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
         for (int64_t k = 0; k < gs; k += 32) {
-            const uint8_t *vk = type == W_Q4_0 ? v + k / 2 : v + k;
-            __m256i wv = load_weights32(vk, type);
+            __m256i wv = load_weights32(type == W_Q4_0 ? v + k / 2 : v + k, type);
             __m256i wabs = _mm256_abs_epi8(wv); /* -128 -> 0x80, which is 128 read as unsigned */
             UNROLL
             for (int t = 0; t < nt; t++) {
@@ -591,42 +624,290 @@ ALWAYS_INLINE void dots_int8_avx2(const uint8_t *w, const float *ws, int type, c
 }
 #endif
 
-/* res[t] = the quantized dot of one weight row with activation rows t < nt <= 8 */
-static void dots_int8(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt, float *res) {
-#ifdef __AVX2__
-    if (a->gs % 32 == 0) {
-        /* constant types and token counts: the branches fold and the accumulators stay in registers */
-#define DOTS_INT8(c)                                                   \
-    case c:                                                            \
-        if (type == W_Q8) dots_int8_avx2(w, ws, W_Q8, a, n, c, res);   \
-        else if (type == W_Q8_0) dots_int8_avx2(w, ws, W_Q8_0, a, n, c, res); \
-        else dots_int8_avx2(w, ws, W_Q4_0, a, n, c, res);              \
-        return;
-        switch (nt) {
-            DOTS_INT8(1) DOTS_INT8(2) DOTS_INT8(3) DOTS_INT8(4) DOTS_INT8(5) DOTS_INT8(6) DOTS_INT8(7) DOTS_INT8(8)
+#if defined(__AVX2__) && !defined(HAVE_ZMM_INT8)
+/* Q4_0, two blocks a step on the Q4_0 activation layout (see QAct): the blocks' 16 bytes of nibbles
+ * interleaved 4 bytes at a time, low nibbles (weights 0-15) and high ones (16-31) used unsigned; each block's
+ * int32 sum starts at its correction (-8 * sum of x) and is scaled by d_w * d_x in its lanes (l % 2) */
+ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t step = 0; step < (nb + 1) / 2; step++) {
+        const uint8_t *b0 = w + 2 * step * 18;
+        int second = 2 * step + 1 < nb;
+        __m128i q0 = _mm_loadu_si128((const __m128i *)(b0 + 2));
+        __m128i q1 = second ? _mm_loadu_si128((const __m128i *)(b0 + 20)) : _mm_setzero_si128();
+        __m256i v = _mm256_set_m128i(_mm_unpackhi_epi32(q0, q1), _mm_unpacklo_epi32(q0, q1));
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        float d1 = second ? fp16_to_f32(load_u16(b0 + 18)) : 0.0f;
+        __m128 pair = _mm_unpacklo_ps(_mm_set_ss(fp16_to_f32(load_u16(b0))), _mm_set_ss(d1));
+        __m256 wd = _mm256_castpd_ps(_mm256_broadcastsd_pd(_mm_castps_pd(pair)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = a->q4 + t * a->q4_stride + step * 64;
+            __m256i s = _mm256_zextsi128_si256(_mm_loadl_epi64((const __m128i *)(a->c4 + t * a->c4_stride + step * 2)));
+            s = dot2_u4s8(s, lo, _mm256_loadu_si256((const __m256i *)x), hi,
+                          _mm256_loadu_si256((const __m256i *)(x + 32)));
+            __m256 xd = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(a->d4 + t * a->c4_stride + step * 2)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(wd, xd), acc[t]);
         }
-#undef DOTS_INT8
     }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = hsum8(acc[t]);
+}
 #endif
-    dots_int8_scalar(w, ws, type, a, n, nt, res);
+
+#ifdef HAVE_ZMM_INT8
+static inline __mmask64 first_bytes(int64_t k) { return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1); }
+
+/* bytes [0, 72) of four Q4_0 blocks (or fewer: the rest read as zeros, without touching memory past them) */
+ALWAYS_INLINE void load_blocks(const uint8_t *p, int64_t bytes, __m512i *a0, __m512i *a1) {
+    *a0 = bytes >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(first_bytes(bytes), p);
+    *a1 = bytes > 64 ? _mm512_maskz_loadu_epi8(first_bytes(bytes - 64), p + 64) : _mm512_setzero_si512();
 }
 
-/* rows [lo, hi) of a quantized m for every token, a row at a time for up to 8 tokens at once (see rows_f32) */
-static __attribute__((noinline)) void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok,
-                                                int64_t n, float *out, int accumulate) {
-    int64_t rb = row_bytes(m, n), n_groups = n / a->gs;
-    for (int64_t i = lo; i < hi; i++) {
-        const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * rb;
-        const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;
-        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + PREFETCH_BYTES);
-        for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
-            int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
-            QAct at = {a->gs, a->q + t0 * n, a->d + t0 * n_groups};
-            float res[8];
-            dots_int8(w, ws, m->type, &at, n, nt, res);
-            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
+/* Byte-permute indices (for each output byte, which of the 128 input bytes of two registers it takes), made
+ * once: Q4_0's four blocks' 16 bytes of nibbles and their fp16 scales each repeated over 4 lanes; Q8_0's two
+ * blocks' 32 values and their scales each over 8 lanes. */
+static uint8_t Q4_QS_INDEX[64], Q4_D_INDEX[64], Q8_QS_INDEX[64], Q8_D_INDEX[64];
+
+static void block_index(uint8_t *idx, int64_t block_bytes, int64_t per_block, int64_t first) {
+    for (int j = 0; j < 64; j++) idx[j] = (uint8_t)(block_bytes * (j / per_block) + first + j % per_block);
+}
+
+static void scale_index(uint8_t *idx, int64_t block_bytes, int lanes) {
+    for (int j = 0; j < 64; j++) idx[j] = (uint8_t)(block_bytes * ((j / 2) / lanes) + j % 2);
+}
+
+__attribute__((constructor)) static void make_indices(void) {
+    for (int j = 0; j < 64; j++) { /* Q4_0: the blocks interleaved 4 bytes at a time, scales [d0..d3] x 4 */
+        Q4_QS_INDEX[j] = (uint8_t)(18 * ((j / 4) % 4) + 2 + 4 * (j / 16) + j % 4);
+        Q4_D_INDEX[j] = (uint8_t)(18 * ((j / 2) % 4) + j % 2);
+    }
+    block_index(Q8_QS_INDEX, 34, 32, 2);
+    scale_index(Q8_D_INDEX, 34, 8);
+}
+
+/* Q4_0, four blocks a step on the Q4_0 activation layout (see QAct): one byte permute gathers the four blocks'
+ * 64 bytes of nibbles out of their 72 (interleaved 4 bytes at a time), another their four scales (repeated 4
+ * times), then low and high nibbles (unsigned) meet the activations in two vpdpbusd; each block's int32 sum
+ * (lanes l % 4) starts at its correction (-8 * sum of x) and is scaled by d_w * d_x */
+ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
+    const __m512i qs_idx = _mm512_loadu_si512(Q4_QS_INDEX), d_idx = _mm512_loadu_si512(Q4_D_INDEX);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t step = 0; step < (nb + 3) / 4; step++) {
+        __m512i a0, a1;
+        int64_t left = (nb - 4 * step) * 18;
+        load_blocks(w + step * 72, left < 72 ? left : 72, &a0, &a1);
+        __m512i qs = _mm512_permutex2var_epi8(a0, qs_idx, a1);
+        __m512i lo = _mm512_and_si512(qs, low), hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), low);
+        __m512 wd = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a0, d_idx, a1)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = a->q4 + t * a->q4_stride + step * 128;
+            __m512i s = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(a->c4 + t * a->c4_stride + step * 4)));
+            s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512(x));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(x + 64));
+            __m512 scale = _mm512_mul_ps(wd, _mm512_broadcast_f32x4(_mm_loadu_ps(a->d4 + t * a->c4_stride + step * 4)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
         }
     }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* llama.cpp's Q8_0, two blocks a step: the 64 int8 weights gathered out of 68 bytes and read as unsigned
+ * (w + 128, the correction -128 * sum of x starts each block's sum), the scales repeated over 8 lanes */
+ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
+    const __m512i qs_idx = _mm512_loadu_si512(Q8_QS_INDEX), d_idx = _mm512_loadu_si512(Q8_D_INDEX);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t step = 0; step < (nb + 1) / 2; step++) {
+        __m512i a0, a1;
+        int64_t left = (nb - 2 * step) * 34;
+        load_blocks(w + step * 68, left < 68 ? left : 68, &a0, &a1);
+        __m512i u = _mm512_xor_si512(_mm512_permutex2var_epi8(a0, qs_idx, a1), flip);
+        __m512 wd = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a0, d_idx, a1)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            __m512i s = _mm512_loadu_si512(a->c8 + t * a->c8_stride + step * 16);
+            s = _mm512_dpbusd_epi32(s, u, _mm512_loadu_si512(a->q + t * nb * 32 + step * 64));
+            __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(a->d8 + t * a->c8_stride + step * 16));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
+        }
+    }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* runq.c's Q8_0 with groups of a multiple of 64: 64 weights a vpdpbusd, read as unsigned (w + 128, the
+ * correction -128 * sum of x starts each group's sum) */
+ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt, float *res) {
+    int64_t gs = a->gs, n_groups = n / gs;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < n_groups; g++) {
+        __m512i isum[8];
+        UNROLL
+        for (int t = 0; t < nt; t++) isum[t] = _mm512_zextsi128_si512(_mm_cvtsi32_si128(a->c8[t * a->c8_stride + g]));
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+            __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+            UNROLL
+            for (int t = 0; t < nt; t++) isum[t] = _mm512_dpbusd_epi32(isum[t], u, _mm512_loadu_si512(a->q + t * n + k));
+        }
+        UNROLL
+        for (int t = 0; t < nt; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(ws[g] * a->d[t * n_groups + g]),
+                                     acc[t]);
+    }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+#endif
+
+/* Rows [lo, hi) of a quantized m for nt <= 8 tokens (activations a, already offset to the first of them): each
+ * kernel is instantiated per token count with its row loop inside, so that a row costs its arithmetic and
+ * little else. out: the first token's results, `stride` apart from one token to the next. */
+typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out, int64_t stride,
+                       int accumulate);
+
+/* the row loop around one dots call: weights row i (and its Q8 scales), a prefetch of the stream ahead */
+#define ROW_LOOP(DOTS)                                                                                       \
+    int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
+    for (int64_t i = lo; i < hi; i++) {                                                                      \
+        const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * rb; \
+        const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;                                      \
+        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + PREFETCH_BYTES);             \
+        float res[8];                                                                                        \
+        DOTS;                                                                                                \
+        for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
+        (void)ws;                                                                                            \
+    }
+
+#define DEFINE_ROWS(NAME, DOTS)                                                                                  \
+    DEFINE_ROWS_NT(NAME, DOTS, 1) DEFINE_ROWS_NT(NAME, DOTS, 2) DEFINE_ROWS_NT(NAME, DOTS, 3)                  \
+    DEFINE_ROWS_NT(NAME, DOTS, 4) DEFINE_ROWS_NT(NAME, DOTS, 5) DEFINE_ROWS_NT(NAME, DOTS, 6)                  \
+    DEFINE_ROWS_NT(NAME, DOTS, 7) DEFINE_ROWS_NT(NAME, DOTS, 8)                                                \
+    static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
+                                   NAME##_8};
+#define DEFINE_ROWS_NT(NAME, DOTS, nt)                                                                         \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        ROW_LOOP(DOTS)                                                                                         \
+    }
+
+static void dots_int8_scalar_nt(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
+                                float *res) {
+    dots_int8_scalar(w, ws, type, a, n, nt, res);
+}
+DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
+#ifdef __AVX2__
+DEFINE_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q8_avx2, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
+DEFINE_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
+#endif
+#ifdef HAVE_ZMM_INT8
+DEFINE_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, res))
+#endif
+
+/* the row kernels for m's type and group size */
+static const RowsFn *rows_kernels(const Mat *m) {
+#ifdef HAVE_ZMM_INT8
+    if (m->type == W_Q8_0) return rows_q8_blocks;
+    if (m->type == W_Q8 && m->gs % 64 == 0) return rows_q8;
+#endif
+#ifdef __AVX2__
+    if (m->type == W_Q4_0) return rows_q4;
+    if (m->gs % 32 == 0) return m->type == W_Q8 ? rows_q8_avx2 : rows_q8_blocks_avx2;
+#endif
+    (void)m;
+    return rows_scalar;
+}
+
+/* rows [lo, hi) of a quantized m for every token, 8 tokens a pass over the rows */
+static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok, int64_t n, float *out,
+                      int accumulate) {
+    const RowsFn *kernels = rows_kernels(m);
+    int64_t n_groups = n / a->gs;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
+        int nt = n_tok - t0 < 8 ? (int)(n_tok - t0) : 8;
+        QAct at = *a;
+        at.q += t0 * n;
+        at.d += t0 * n_groups;
+        if (at.q4) at.q4 += t0 * a->q4_stride, at.c4 += t0 * a->c4_stride, at.d4 += t0 * a->c4_stride;
+        if (at.c8) at.c8 += t0 * a->c8_stride;
+        if (at.d8) at.d8 += t0 * a->c8_stride;
+        kernels[nt](m, lo, hi, &at, n, out + n_tok * m->row0 + t0 * m->rows, m->rows, accumulate);
+    }
+}
+
+/* the activation layouts the SIMD kernels of `types` (a bit per W_* type) read, from a->q and a->d */
+static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned types) {
+    int64_t gs = a->gs, n_groups = n / gs;
+#ifdef __AVX2__
+    if ((types & (1u << W_Q4_0)) && gs == BLOCK) {
+        int64_t steps = (n_groups + Q4_GROUP - 1) / Q4_GROUP;
+        a->q4_stride = steps * Q4_GROUP * BLOCK;
+        a->c4_stride = steps * Q4_GROUP;
+        a->q4 = calloc(n_tok * a->q4_stride + 64, 1);
+        a->c4 = calloc(n_tok * a->c4_stride + 16, sizeof(int32_t));
+        a->d4 = calloc(n_tok * a->c4_stride + 16, sizeof(float));
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t g = 0; g < n_groups; g++) {
+                const int8_t *src = a->q + t * n + g * BLOCK;
+                int64_t step = g / Q4_GROUP, b = g % Q4_GROUP;
+                int8_t *dst = a->q4 + t * a->q4_stride + step * Q4_GROUP * BLOCK;
+                for (int k = 0; k < 16; k += 4) { /* chunk k/4 of the block: after k/4 chunks of every block */
+                    memcpy(dst + Q4_GROUP * k + 4 * b, src + k, 4);
+                    memcpy(dst + Q4_GROUP * 16 + Q4_GROUP * k + 4 * b, src + 16 + k, 4);
+                }
+                int32_t sum = 0;
+                for (int k = 0; k < BLOCK; k++) sum += src[k];
+                a->c4[t * a->c4_stride + g] = -8 * sum;
+                a->d4[t * a->c4_stride + g] = a->d[t * n_groups + g];
+            }
+    }
+#endif
+#ifdef HAVE_ZMM_INT8
+    int blocks = (types & (1u << W_Q8_0)) && gs == BLOCK, groups = (types & (1u << W_Q8)) && gs % 64 == 0;
+    if (blocks || groups) {
+        /* Q8_0 blocks: per pair of blocks 16 lanes (8 each); runq.c's groups: one each */
+        int64_t per = blocks ? 8 : 1;
+        a->c8_stride = blocks ? (n_groups + 1) / 2 * 16 : n_groups;
+        a->c8 = calloc(n_tok * a->c8_stride, sizeof(int32_t));
+        a->d8 = blocks ? calloc(n_tok * a->c8_stride, sizeof(float)) : NULL;
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t sum = 0;
+                for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
+                int64_t lane = t * a->c8_stride + g * per;
+                a->c8[lane] = -128 * sum;
+                if (blocks)
+                    for (int l = 0; l < 8; l++) a->d8[lane + l] = a->d[t * n_groups + g];
+            }
+    }
+#endif
+    (void)types, (void)n_tok, (void)n_groups; /* without SIMD kernels, the plain activations suffice */
+}
+
+static void free_activations(QAct *a) {
+    free(a->q);
+    free(a->d);
+    free(a->q4);
+    free(a->c4);
+    free(a->d4);
+    free(a->c8);
+    free(a->d8);
 }
 
 /* ------------------------------------------------------------------------------------------ products */
@@ -666,6 +947,7 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
  * there are more than two group sizes. */
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
     Product p = {NULL, n_tok, n, mats, n_mats, out, f != NULL && f->accumulate, {{0}}, 0};
+    unsigned types[2] = {0, 0};
     int64_t rows = 0, bytes = 0, max_rb = 1;
     for (int j = 0; j < n_mats; j++) {
         const Mat *m = &mats[j];
@@ -673,25 +955,25 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         rows = m->row0 + m->rows > rows ? m->row0 + m->rows : rows;
         bytes += rb * m->rows;
         max_rb = rb > max_rb ? rb : max_rb;
-        if (m->type == W_F32 || (p.n_acts > 0 && p.acts[0].gs == m->gs) || (p.n_acts > 1 && p.acts[1].gs == m->gs))
-            continue;
-        if (p.n_acts == 2) return 1;
-        p.acts[p.n_acts++].gs = m->gs;
+        if (m->type == W_F32) continue;
+        int i = 0;
+        while (i < p.n_acts && p.acts[i].gs != m->gs) i++;
+        if (i == 2) return 1;
+        if (i == p.n_acts) p.acts[p.n_acts++].gs = m->gs;
+        types[i] |= 1u << m->type;
     }
     float *owned;
     p.x = prepare_input(x, n_tok, n, f, &owned);
     for (int i = 0; i < p.n_acts; i++) {
         QAct *a = &p.acts[i];
-        a->q = malloc(n_tok * n);
+        a->q = malloc(n_tok * n + 64); /* + 64: a pair step may read 32 bytes past the last row */
         a->d = malloc(n_tok * (n / a->gs) * sizeof(float));
         quantize_q8(p.x, n_tok, n, a->gs, a->q, a->d);
+        lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
     pool_run(product_chunk, &p, rows, chunk, bytes * n_tok);
-    for (int i = 0; i < p.n_acts; i++) {
-        free(p.acts[i].q);
-        free(p.acts[i].d);
-    }
+    for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
 }
@@ -711,12 +993,22 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
         float *og = o + g * gs;
         int64_t k = 0;
 #ifdef __AVX2__
+        __m256 vs = _mm256_set1_ps(scale);
         if (m->type != W_Q4_0) {
-            __m256 vs = _mm256_set1_ps(scale);
             for (; k + 8 <= gs; k += 8) {
                 __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + k)));
                 _mm256_storeu_ps(og + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
             }
+        } else { /* weights 0-15 in the low nibbles, 16-31 in the high ones */
+            __m128i q = _mm_loadu_si128((const __m128i *)v), low = _mm_set1_epi8(0x0F);
+            __m128i halves[2] = {_mm_and_si128(q, low), _mm_and_si128(_mm_srli_epi16(q, 4), low)};
+            for (int h = 0; h < 2; h++)
+                for (int c = 0; c < 2; c++) {
+                    __m128i bytes = c ? _mm_srli_si128(halves[h], 8) : halves[h];
+                    __m256i q32 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_set1_epi32(8));
+                    _mm256_storeu_ps(og + 16 * h + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+                }
+            k = gs;
         }
 #endif
         for (; k < gs; k++) og[k] = (float)(m->type == W_Q4_0 ? q4_value(v, k) : (int8_t)v[k]) * scale;
