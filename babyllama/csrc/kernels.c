@@ -208,7 +208,12 @@ static void after_fork_in_child(void) {
     pthread_cond_init(&pool.wake, NULL);
 }
 
-static void register_fork_handler(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }
+static void adapt_after_fork(void);
+
+static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, after_fork_in_child);
+    pthread_atfork(NULL, NULL, adapt_after_fork);
+}
 
 /* Thread count for later jobs: `threads` (caller included, capped at MAX_THREADS); `explicit_threads`: the
  * user asked for it, so every job splits (else jobs below PARALLEL_MIN_BYTES stay on the caller's thread). */
@@ -268,11 +273,63 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* pool_run_on with the configured threads, or one thread for work under PARALLEL_MIN_BYTES by default */
+/* Without an explicit thread count the pool adapts to the machine: a busy one (another process on a core) can
+ * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
+ * measuring (PROBE_JOBS jobs on every thread, then as many on the caller's alone, comparing bytes per second)
+ * and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load
+ * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. */
+#define PROBE_JOBS 48
+#define EXPLOIT_JOBS 2048
+
+static struct {
+    pthread_mutex_t lock;
+    int phase;          /* 0: measuring all threads, 1: measuring one, 2: running `choice` */
+    int choice;         /* 1: all threads, 0: the caller's alone */
+    int64_t jobs;       /* jobs in this phase */
+    double ns[2], bytes[2];
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, {0, 0}, {0, 0}};
+
+static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
+
+static int adapt_mode(void) { return adapt.phase == 0 ? 1 : adapt.phase == 1 ? 0 : adapt.choice; }
+
+static void adapt_record(int multi, int64_t bytes, int64_t ns) {
+    if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
+    if (adapt.phase < 2) {
+        adapt.ns[multi] += (double)ns;
+        adapt.bytes[multi] += (double)bytes;
+    }
+    if (++adapt.jobs >= (adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS)) {
+        if (adapt.phase == 1)
+            adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
+        if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        adapt.phase = (adapt.phase + 1) % 3;
+        adapt.jobs = 0;
+    }
+    pthread_mutex_unlock(&adapt.lock);
+}
+
+/* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
+ * for work under PARALLEL_MIN_BYTES, and on all threads or one as the adaptation finds faster (products only:
+ * `adaptive`; other work follows the current choice). */
+static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
+                              int adaptive) {
+    if (pool.explicit_threads || pool.threads == 1) {
+        pool_run_on(pool.threads, fn, ctx, n_items, chunk);
+        return;
+    }
+    if (work_bytes < PARALLEL_MIN_BYTES) {
+        fn(ctx, 0, n_items);
+        return;
+    }
+    int multi = adapt_mode();
+    int64_t start = adaptive ? now_ns() : 0;
+    pool_run_on(multi ? pool.threads : 1, fn, ctx, n_items, chunk);
+    if (adaptive) adapt_record(multi, work_bytes, now_ns() - start);
+}
+
 static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
-    int threads = pool.threads;
-    if (!pool.explicit_threads && work_bytes < PARALLEL_MIN_BYTES) threads = 1;
-    pool_run_on(threads, fn, ctx, n_items, chunk);
+    pool_run_adaptive(fn, ctx, n_items, chunk, work_bytes, 0);
 }
 
 /* --------------------------------------------------------------------------------------- fp16, types */
@@ -972,7 +1029,7 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run(product_chunk, &p, rows, chunk, bytes * n_tok);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, 1);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
