@@ -1,0 +1,80 @@
+"""llama.cpp's quantized GGUF files as babyllama runs them: load time, peak RSS beside the file's size, and
+greedy decode speed, each in a fresh process (peak RSS also as the growth over the process's RSS after its
+imports: what the model itself costs).
+
+    python benchmarks/gguf_files.py [--shape 110M] [--types Q4_0,Q8_0,Q4_K_M,Q6_K] [--tokens 128] [--dir DIR]
+
+The random-weight model of the bench shape is exported as an f32 GGUF (babyllama export) and quantized by
+llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize) into each type; Q4_0 and Q8_0 run
+memory-mapped as they are, the others are converted on load (see babyllama/interop/gguf.py). Prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from babyllama.engine import Engine
+from babyllama.generate import generate
+from babyllama.interop.gguf import load_gguf
+from babyllama.sampler import Sampler
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+notes = []
+w, _ = load_gguf(sys.argv[1], keep_quantized=True, notes=notes)
+engine = Engine(w)
+loaded = time.perf_counter() - t0
+n = int(sys.argv[2])
+gen = generate(engine, [1, 3], n, Sampler(0.0), stop_ids=frozenset())
+next(gen)
+start = time.perf_counter()
+count = sum(1 for _ in gen)
+speed = count / (time.perf_counter() - start)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"load_s": loaded, "decode": speed, "rss_mib": rss, "baseline_mib": baseline, "kinds": w.kinds(),
+                  "notes": [str(x) for x in notes]}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="110M")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K_M,Q6_K")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--dir", default=None, help="where the GGUF files go (default: the bench cache)")
+    args = ap.parse_args()
+
+    from quality import llamacpp_quantize
+
+    from babyllama import bench
+
+    directory = bench.cache_dir(args.dir)
+    f32 = bench.gguf_file(args.shape, "fp32", directory)
+    print("| model | GGUF type | file MiB | runs as | load s | peak RSS MiB (over the imports') | decode tok/s "
+          "| conversion |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for ftype in [t for t in args.types.split(",") if t]:
+        path = directory / f"random-{args.shape}-{ftype}.gguf"
+        if not path.exists():
+            print(f"quantizing {path.name} with llama.cpp ...", file=sys.stderr, flush=True)
+            llamacpp_quantize(f32, path, ftype)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.tokens)], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            print(f"| {args.shape} | {ftype} | – | failed: {out.stderr.strip().splitlines()[-1]} | | | | |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rss = f"{r['rss_mib']:.0f} ({r['rss_mib'] - r['baseline_mib']:.0f})"
+        print(f"| {args.shape} | {ftype} | {path.stat().st_size / 2**20:.0f} | {r['kinds']} | {r['load_s']:.2f} | "
+              f"{rss} | {r['decode']:.1f} | {'; '.join(r['notes']) or '–'} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

@@ -1,0 +1,68 @@
+/* The native products' arithmetic rates, without Python: a weight matrix small enough for the L2 cache, the
+ * best of 200 calls of babyllama's `matmul` (csrc/kernels.c) per weight type and token count, on one thread
+ * by default. A rate far above what memory delivers per core means the product is memory-bound in a decode
+ * step; one below it means the arithmetic is the limit.
+ *
+ *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/kernel_rates.c babyllama/csrc/kernels.c -o /tmp/rates -lm
+ *   /tmp/rates [ROWS=1024] [N=768] [THREADS=1]
+ *   (-march=x86-64-v3 instead: the AVX2 paths)
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    const void *w;
+    const float *s;
+    int64_t rows, row0;
+    int32_t type, gs;
+} Mat;
+int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
+void pool_configure(int threads, int explicit_threads, int spin_us);
+const char *kernel_isa(void);
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    int64_t rows = argc > 1 ? atol(argv[1]) : 1024, n = argc > 2 ? atol(argv[2]) : 768;
+    int threads = argc > 3 ? atoi(argv[3]) : 1;
+    const char *names[4] = {"fp32", "Q8_0 (runq.c, gs 64)", "Q8_0 (llama.cpp blocks)", "Q4_0"};
+    pool_configure(threads, 1, -1);
+    printf("%s, %ld x %ld weights, %d thread(s): best of 200 calls\n", kernel_isa(), (long)rows, (long)n, threads);
+    for (int type = 0; type < 4; type++) {
+        int64_t bb = type == 3 ? 18 : 34, rb = type == 0 ? 4 * n : type == 1 ? n + 4 * (n / 64) : n / 32 * bb;
+        uint8_t *w = malloc(rows * rb);
+        for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)rand();
+        if (type == 0)
+            for (int64_t i = 0; i < rows * n; i++) ((float *)w)[i] = 0.01f * (float)(i % 7);
+        if (type >= 2)
+            for (int64_t b = 0; b < rows * n / 32; b++) memcpy(w + b * bb, &(uint16_t){0x2000}, 2); /* fp16 scales */
+        float *s = malloc(rows * (n / 64) * sizeof(float));
+        for (int64_t i = 0; i < rows * (n / 64); i++) s[i] = 0.01f;
+        Mat m = {w, type == 1 ? s : NULL, rows, 0, type, type == 0 ? 0 : type == 1 ? 64 : 32};
+        for (int nt = 1; nt <= 8; nt *= 8) {
+            float *x = malloc(nt * n * sizeof(float)), *out = malloc(nt * rows * sizeof(float));
+            for (int64_t i = 0; i < nt * n; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;
+            double best = 1e9;
+            for (int it = 0; it < 200; it++) {
+                double t = now();
+                matmul(x, nt, n, &m, 1, out, NULL);
+                t = now() - t;
+                best = t < best ? t : best;
+            }
+            printf("  %-24s %d token(s): %8.1f us  %6.1f GB/s of weights  %6.3f ns per 32 weights\n", names[type], nt,
+                   best * 1e6, rows * rb / best / 1e9, best * 1e9 / (rows * n / 32));
+            free(x);
+            free(out);
+        }
+        free(w);
+        free(s);
+    }
+    return 0;
+}
