@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import Matrix, QTensor, Weights
-from .kernels_base import quantized_gemm
+from .kernels_base import dequantize_rows, quantize_rows, quantized_gemm
 from .quant import BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -244,7 +244,11 @@ class NativeKernels:
         self.lib.read_memory.argtypes = [ptr, i64]
         self.lib.read_memory.restype = ctypes.c_uint64
         self.lib.quantize_q8.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        self.lib.gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
+        self.lib.gemm.restype = ctypes.c_int
+        self.lib.set_sgemm.argtypes = [ptr, ctypes.c_int]
         self.path = path
+        self._gemm = _hand_over_blas(self.lib)
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         self.configure_threads()
 
@@ -326,10 +330,31 @@ class NativeKernels:
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
         if all(isinstance(w, np.ndarray) for w in ws):
-            return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else [x @ w.T for w in ws]
+            return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else self.gemm(x, ws)
         if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
             return self.matmul(x, ws)
-        return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
+        if not self._gemm:
+            return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
+        out = []
+        for w in ws:  # quantized weights meet runq.c's rounding of x (quantized and dequantized per group)
+            xd = x if isinstance(w, np.ndarray) else dequantize_rows(*_grouped(quantize_rows(x, w.group_size), x),
+                                                                     w.group_size)
+            out.append(self.gemm(xd, [w])[0])
+        return out
+
+    def gemm(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
+        """x @ w.T for many rows of x (a prompt): BLAS sgemm on chunks of weight rows, from the pool's threads
+        (quantized rows dequantized a chunk at a time); NumPy's own (threaded) BLAS call when no sgemm could
+        be handed over."""
+        if not self._gemm:
+            return [x @ self.dequantize(w).T for w in ws]
+        x = _contiguous(x)
+        mats, bounds, n = self._plan(ws)
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ValueError(f"x must be (tokens, {n})")
+        out, views = self._outputs(bounds, x.shape[0])
+        self.lib.gemm(_address(x), x.shape[0], n, mats, len(ws), _address(out))
+        return views
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         """w as fp32, on every thread."""
@@ -427,6 +452,42 @@ class NativeKernels:
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
         return logits
+
+
+# NumPy's OpenBLAS under the names its builds use: (cblas_sgemm, 64-bit integers?), and its thread setter
+_SGEMM_NAMES = (("scipy_cblas_sgemm64_", True), ("cblas_sgemm64_", True), ("scipy_cblas_sgemm", False),
+                ("cblas_sgemm", False))
+_THREADS_NAMES = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+                  "openblas_set_num_threads")
+
+
+def _hand_over_blas(lib: ctypes.CDLL) -> bool:
+    """Give the kernels NumPy's OpenBLAS sgemm (found among the process's mapped libraries, Linux) and make
+    that BLAS single-threaded: the pool's threads call it in parallel. False where none is found."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and line.split()[-1].startswith("/")}
+    except OSError:
+        return False
+    for path in sorted(paths):
+        try:
+            blas = ctypes.CDLL(path)
+        except OSError:
+            continue
+        found = next(((getattr(blas, name), ilp64) for name, ilp64 in _SGEMM_NAMES if hasattr(blas, name)), None)
+        set_threads = next((getattr(blas, name) for name in _THREADS_NAMES if hasattr(blas, name)), None)
+        if found is None or set_threads is None:
+            continue
+        set_threads.argtypes = [ctypes.c_int]
+        set_threads(1)
+        lib.set_sgemm(ctypes.cast(found[0], ctypes.c_void_p), int(found[1]))
+        return True
+    return False
+
+
+def _grouped(qs: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_rows' values back in x's shape, with the scales."""
+    return qs[0].reshape(x.shape), qs[1]
 
 
 def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:

@@ -328,3 +328,24 @@ def test_the_engine_calls_kernels_only_through_the_protocol(inner):
                                       want.forward(tokens, range(n), want.new_cache()))
     assert "matmul_many" in rec.calls and "attention" in rec.calls
     assert ("forward_step" in rec.calls) == (inner == "native")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "q8_0 gs64", "q8_0 blocks", "q4_0"])
+def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
+    """Many rows: NumPy's sgemm called from the pool's threads on chunks of weight rows (quantized rows
+    dequantized a chunk at a time), the same sums as NumPy's own call on the dequantized weights (after runq.c's
+    rounding of x for quantized weights)."""
+    from babyllama.kernels_base import quantized_gemm
+
+    w = rng.standard_normal((300, 256)).astype(np.float32)
+    m = w if kind == "fp32" else QUANTIZERS[kind](w)
+    x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 2, 256)).astype(np.float32)
+    want = x @ w.T if kind == "fp32" else quantized_gemm(x, [m], lambda q: q.dequantize())[0]
+    try:
+        for threads in (1, 3, None):  # 1: one thread takes every row (more than a chunk's scratch holds)
+            native.configure_threads(threads)
+            got = native.matmul_many(x, [m, m])
+            for g in got:
+                np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    finally:
+        native.configure_threads()

@@ -1090,6 +1090,77 @@ void dequantize(const Mat *m, int64_t n, float *out) {
     pool_run(dequantize_chunk, &d, m->rows, 64, m->rows * n * 4);
 }
 
+/* ------------------------------------------------------------------------------- prompts (BLAS sgemm) */
+
+/* A prompt's products are compute-bound and run in the BLAS library's sgemm (NumPy's, handed over by
+ * kernels_native.py), called single-threaded from this pool's threads on chunks of weight rows: one pool for
+ * everything, and no BLAS thread team whose barriers wait for a descheduled thread on a busy machine. Quantized
+ * rows are dequantized chunk by chunk into a scratch buffer, so no fp32 copy of a matrix is ever whole. */
+typedef void (*Sgemm32)(int, int, int, int32_t, int32_t, int32_t, float, const float *, int32_t, const float *,
+                        int32_t, float, float *, int32_t);
+typedef void (*Sgemm64)(int, int, int, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
+                        int64_t, float, float *, int64_t);
+static void *sgemm_fn;
+static int sgemm_ilp64;
+
+/* the cblas_sgemm to call (its integers 64-bit when ilp64) */
+void set_sgemm(void *fn, int ilp64) {
+    sgemm_fn = fn;
+    sgemm_ilp64 = ilp64;
+}
+
+enum { CBLAS_ROW_MAJOR = 101, CBLAS_NO_TRANS = 111, CBLAS_TRANS = 112 };
+
+/* c (m x k, row stride ldc) = a (m x n) @ b (k x n)^T */
+static void sgemm_nt(int64_t m, int64_t k, int64_t n, const float *a, const float *b, float *c, int64_t ldc) {
+    if (sgemm_ilp64)
+        ((Sgemm64)sgemm_fn)(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, m, k, n, 1.0f, a, n, b, n, 0.0f, c, ldc);
+    else
+        ((Sgemm32)sgemm_fn)(CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS, (int32_t)m, (int32_t)k, (int32_t)n, 1.0f,
+                            a, (int32_t)n, b, (int32_t)n, 0.0f, c, (int32_t)ldc);
+}
+
+typedef struct {
+    const float *x;
+    int64_t n_tok, n;
+    const Mat *mats;
+    int n_mats;
+    float *out;
+} Gemm;
+
+#define GEMM_CHUNK_ROWS 64
+
+/* rows [lo, hi) of the stacked matrices (any number: one thread may get them all), GEMM_CHUNK_ROWS at a time */
+static void gemm_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Gemm *g = ctx;
+    float *scratch = NULL;
+    for (int j = 0; j < g->n_mats; j++) {
+        const Mat *m = &g->mats[j];
+        int64_t first = lo > m->row0 ? lo - m->row0 : 0, end = hi - m->row0 < m->rows ? hi - m->row0 : m->rows;
+        for (int64_t a = first; a < end; a += GEMM_CHUNK_ROWS) {
+            int64_t b = a + GEMM_CHUNK_ROWS < end ? a + GEMM_CHUNK_ROWS : end;
+            const float *w = (const float *)m->w + a * g->n;
+            if (m->type != W_F32) {
+                if (!scratch) scratch = malloc(GEMM_CHUNK_ROWS * g->n * sizeof(float));
+                for (int64_t i = a; i < b; i++) dequantize_row(m, i, g->n, scratch + (i - a) * g->n);
+                w = scratch;
+            }
+            sgemm_nt(g->n_tok, b - a, g->n, g->x, w, g->out + g->n_tok * m->row0 + a, m->rows);
+        }
+    }
+    free(scratch);
+}
+
+/* out = x @ w.T for each matrix (stacked as in matmul), in sgemm; returns 1 when no sgemm was set */
+int gemm(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out) {
+    if (!sgemm_fn) return 1;
+    int64_t rows = 0;
+    for (int j = 0; j < n_mats; j++) rows = mats[j].row0 + mats[j].rows > rows ? mats[j].row0 + mats[j].rows : rows;
+    Gemm g = {x, n_tok, n, mats, n_mats, out};
+    pool_run(gemm_chunk, &g, rows, GEMM_CHUNK_ROWS, rows * n * 4 * n_tok);
+    return 0;
+}
+
 /* ------------------------------------------------------------------- the rest of a decode step */
 /* A decode step's other operations are tiny (one vector per token), so in NumPy each costs its call
  * overhead more than its arithmetic; these do them in one call each, with the same formulas as engine.py. */
