@@ -5,10 +5,11 @@ matrix-vector products (all 12 layers + classifier) for each candidate, and the 
     python benchmarks/kernels.py [--repeats 9] [--threads N]
 
 fp32: the native C kernel (chosen) vs `x @ w.T` through OpenBLAS vs `np.dot(w, x)` vs wq/wk/wv and w1/w3
-fused into single matrices (a copy at load) vs the numba kernel. Q8_0: the native C kernel (AVX2 byte
-multiply-adds, chosen) vs the numba kernel (per-group fp32 dot of int8 values, the fallback without a
-compiler) vs PyTorch's weight-only int8 CPU kernel (`torch._weight_int8pack_mm`, per-row scales only: not
-runq.c's per-group Q8_0, so it would not reproduce our numerics; timed as an alternative not taken).
+fused into single matrices (a copy at load) vs the numba kernel. Q8_0: the native C kernel (VNNI or AVX2
+byte multiply-adds, chosen) and Q4_0 (llama.cpp's blocks) vs the numba kernel (per-group fp32 dot of int8
+values, the fallback without a compiler) vs PyTorch's weight-only int8 CPU kernel
+(`torch._weight_int8pack_mm`, per-row scales only: not runq.c's per-group Q8_0, so it would not reproduce our
+numerics; timed as an alternative not taken).
 The random weights live in process memory here (huge pages), so the figures are upper bounds for a
 memory-mapped model.
 """
@@ -89,7 +90,7 @@ def main() -> None:
         return run
 
     if native is not None:
-        timed("fp32 native C kernel, grouped calls (chosen)", grouped(native.matmul_f32_many, W, cls))
+        timed("fp32 native C kernel, grouped calls (chosen)", grouped(native.matmul, W, cls))
     else:
         print("no C compiler: native candidates skipped")
     timed("fp32 x @ w.T (OpenBLAS)", fp32_xwt)
@@ -100,7 +101,11 @@ def main() -> None:
     qcls = quantize_q80(cls, 64)
 
     if native is not None:
-        timed("Q8_0 native C kernel, grouped calls (chosen)", grouped(native.matmul_q8_many, Q, qcls))
+        timed("Q8_0 native C kernel, grouped calls (chosen)", grouped(native.matmul, Q, qcls))
+        from babyllama.quant import quantize_q4_0
+
+        Q4 = {n: [quantize_q4_0(m) for m in ms] for n, ms in W.items()}
+        timed("Q4_0 native C kernel, grouped calls (chosen)", grouped(native.matmul, Q4, quantize_q4_0(cls)))
     try:
         from babyllama import kernels_numba
         timed("fp32 numba kernel, grouped launches", grouped(kernels_numba.matmul_f32_many, W, cls))
