@@ -226,14 +226,10 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
 
 def write_gguf(path, args, tensors: dict[str, tuple[np.ndarray, object]]) -> None:
     """A llama GGUF of `args`' shape with the given (data, type) tensors and no vocabulary."""
+    from babyllama.interop.gguf import add_llama_metadata
+
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
+    add_llama_metadata(w, args)
     for name, (data, qtype) in tensors.items():
         w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()

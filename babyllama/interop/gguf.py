@@ -71,6 +71,20 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{_BLOCK[rest.removesuffix('.weight')]}.weight"
 
 
+def add_llama_metadata(w, args: ModelArgs) -> None:
+    """The `llama.*` hyperparameters llama.cpp reads, on a gguf.GGUFWriter."""
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_rope_dimension_count(args.head_size)
+    w.add_vocab_size(args.vocab_size)
+
+
 def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
               name: str | None = None) -> Path:
     """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0, q4_0)."""
@@ -91,16 +105,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     w = gguf.GGUFWriter(tmp, ARCH)
     w.add_name(name or path.stem)
     w.add_file_type(file_type)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_rope_dimension_count(args.head_size)
-    w.add_vocab_size(args.vocab_size)
+    add_llama_metadata(w, args)
 
     w.add_tokenizer_model("llama")
     w.add_token_list(vocab.tokens)
