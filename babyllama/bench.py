@@ -132,6 +132,21 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB): VmHWM, which starts afresh at exec (ru_maxrss keeps the
+    parent's size at fork, so a child of a large process would report at least that), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def decode_bytes(weights) -> int:
     """Weight bytes a decode step reads: every layer matrix and the classifier (one embedding row aside)."""
     def nbytes(m) -> int:
@@ -146,8 +161,6 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
     (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
     run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
-    import resource
-
     import numpy as np
 
     from . import formats
@@ -202,7 +215,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         res["sampled"] = _median([decode(1, n_tok, 1.0, 0.9) for _ in range(repeats)])
     res["prefill"] = _median([prefill() for _ in range(repeats)])
     res["batch"] = _median([decode(batch, max(8, n_tok // 4)) for _ in range(repeats)])
-    res["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["rss_mib"] = peak_rss_mib()
     res["decode_tokens"] = n_tok
     res["repeats"] = repeats
     res["decode_bytes"] = decode_bytes(weights)

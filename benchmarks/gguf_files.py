@@ -1,6 +1,8 @@
 """llama.cpp's quantized GGUF files as babyllama runs them: load time, peak RSS beside the file's size, and
-greedy decode speed, each in a fresh process (peak RSS also as the growth over the process's RSS after its
-imports: what the model itself costs).
+greedy decode speed, each in a fresh process: the resident memory after decoding (also as the growth over the
+process's after its imports, beside the size of the KV cache, which transparent huge pages may make resident
+whole), and the peak (the gguf package's reader holds the file's metadata, vocabulary included, as Python
+objects while it parses).
 
     python benchmarks/gguf_files.py [--shape 110M] [--types Q4_0,Q8_0,Q4_K_M,Q6_K] [--tokens 128] [--dir DIR]
 
@@ -19,13 +21,19 @@ import sys
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
+from babyllama.bench import peak_rss_mib
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 from babyllama.engine import Engine
 from babyllama.generate import generate
 from babyllama.interop.gguf import load_gguf
 from babyllama.sampler import Sampler
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+baseline = rss_mib()
 notes = []
 w, _ = load_gguf(sys.argv[1], keep_quantized=True, notes=notes)
 engine = Engine(w)
@@ -36,8 +44,9 @@ next(gen)
 start = time.perf_counter()
 count = sum(1 for _ in gen)
 speed = count / (time.perf_counter() - start)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"load_s": loaded, "decode": speed, "rss_mib": rss, "baseline_mib": baseline, "kinds": w.kinds(),
+kv_mib = engine.new_cache().k.nbytes * 2 / 2**20
+print(json.dumps({"load_s": loaded, "decode": speed, "rss_mib": rss_mib(), "peak_mib": peak_rss_mib(),
+                  "baseline_mib": baseline, "kv_cache_mib": kv_mib, "kinds": w.kinds(),
                   "notes": [str(x) for x in notes]}))
 """
 
@@ -56,9 +65,9 @@ def main() -> None:
 
     directory = bench.cache_dir(args.dir)
     f32 = bench.gguf_file(args.shape, "fp32", directory)
-    print("| model | GGUF type | file MiB | runs as | load s | peak RSS MiB (over the imports') | decode tok/s "
-          "| conversion |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | GGUF type | file MiB | runs as | load s | RSS after decoding MiB (over the imports'; the KV "
+          "cache's size) | peak RSS MiB | decode tok/s | conversion |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for ftype in [t for t in args.types.split(",") if t]:
         path = directory / f"random-{args.shape}-{ftype}.gguf"
         if not path.exists():
@@ -70,9 +79,9 @@ def main() -> None:
             print(f"| {args.shape} | {ftype} | – | failed: {out.stderr.strip().splitlines()[-1]} | | | | |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        rss = f"{r['rss_mib']:.0f} ({r['rss_mib'] - r['baseline_mib']:.0f})"
+        rss = f"{r['rss_mib']:.0f} ({r['rss_mib'] - r['baseline_mib']:.0f}; {r['kv_cache_mib']:.0f})"
         print(f"| {args.shape} | {ftype} | {path.stat().st_size / 2**20:.0f} | {r['kinds']} | {r['load_s']:.2f} | "
-              f"{rss} | {r['decode']:.1f} | {'; '.join(r['notes']) or '–'} |", flush=True)
+              f"{rss} | {r['peak_mib']:.0f} | {r['decode']:.1f} | {'; '.join(r['notes']) or '–'} |", flush=True)
 
 
 if __name__ == "__main__":

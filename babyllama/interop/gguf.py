@@ -173,8 +173,9 @@ def nearest_kind(qtype) -> str:
     return "q8_0" if 8 * size / block >= 6.5 else "q4_0"
 
 
-# rows dequantized at a time when converting: bounds the fp32 scratch to ~16 MB for the widest rows
-_CONVERT_ELEMENTS = 1 << 22
+# rows dequantized at a time when converting: bounds the fp32 scratch (and the gguf package's temporaries, a
+# few times that) to ~4 MB
+_CONVERT_ELEMENTS = 1 << 20
 
 
 def _convert(data: np.ndarray, qtype, cols: int, note: ConversionNote) -> BlockTensor:
