@@ -9,7 +9,8 @@ The shared library is built once per source version, compiler, flags and CPU (it
 a `-march=native` library built on one CPU is never loaded on another) and cached under
 ~/.cache/babyllama/native or $BABYLLAMA_CACHE/native. BABYLLAMA_NATIVE_ARCH picks the instruction set:
 "native" (default: everything this CPU has, AVX-512 and VNNI included), "avx2" (x86-64-v3: the AVX2 paths,
-also on an AVX-512 machine, which is how tests cover both), or any other -march value. Without a compiler, or
+also on an AVX-512 machine, which is how tests cover them), "avx512" (x86-64-v4, no VNNI), "avx512-vnni" (no
+VBMI), or any other -march value. Without a compiler, or
 with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then NumPy.
 """
 
@@ -34,9 +35,18 @@ from .quant import BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
-ARCHES = {"native": ("native",), "avx2": ("x86-64-v3", "haswell")}
-# x86-64-v3's features as /proc/cpuinfo names them: a forced-AVX2 library is only loaded on a CPU that has them
+# The instruction sets a build can be forced to (BABYLLAMA_NATIVE_ARCH), each as the compiler flags to try in
+# order and the CPU features (as /proc/cpuinfo names them) it needs to run: AVX2 alone; AVX-512 without VNNI
+# (Skylake-X); AVX-512 with VNNI but without VBMI's byte permutes (Cascade Lake). Each has its own code paths
+# (and, with those CPUs' tuning, its own compiler choices), so the tests run every one the CPU can.
 AVX2_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
+AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+ARCHES = {
+    "native": ((["-march=native"],), set()),
+    "avx2": ((["-march=x86-64-v3"], ["-march=haswell"]), AVX2_FLAGS),
+    "avx512": ((["-march=skylake-avx512"], ["-march=x86-64-v4"]), AVX512_FLAGS),
+    "avx512-vnni": ((["-march=cascadelake"], ["-march=x86-64-v4", "-mavx512vnni"]), AVX512_FLAGS | {"avx512_vnni"}),
+}
 
 # Rows up to which an fp32 product uses the C kernel instead of BLAS: above, prompts are compute-bound and
 # sgemm wins. (Decode steps of any size go through forward_step, which runs the kernel for every token.)
@@ -144,9 +154,8 @@ def arch_name(arch: str | None = None) -> str:
 def flag_sets(arch: str) -> list[list[str]]:
     """Compiler flags to try, in order. The native build falls back to plainer sets (a compiler without
     -march=native or OpenMP's simd pragmas still builds); a forced instruction set never builds anything else."""
-    base = ["-O3", "-fopenmp-simd", "-pthread"]
-    marches = [f"-march={m}" for m in ARCHES.get(arch, (arch,))]
-    sets = [[base[0], march, *base[1:]] for march in marches]
+    marches = ARCHES[arch][0] if arch in ARCHES else ([f"-march={arch}"],)
+    sets = [["-O3", *march, "-fopenmp-simd", "-pthread"] for march in marches]
     if arch == "native":
         sets += [["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"]]
     return sets
@@ -155,7 +164,7 @@ def flag_sets(arch: str) -> list[list[str]]:
 def _runs_here(arch: str) -> bool:
     """A forced instruction set runs only on a CPU that has it (where the flags can be read)."""
     flags = cpu_flags()
-    return arch != "avx2" or flags is None or AVX2_FLAGS <= flags
+    return arch not in ARCHES or flags is None or ARCHES[arch][1] <= flags
 
 
 def build(directory: Path | None = None, arch: str | None = None) -> Path | None:

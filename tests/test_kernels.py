@@ -21,7 +21,7 @@ from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
 from babyllama.sampler import Sampler
 
 rng = np.random.default_rng(11)
-ARCHES = ("native", "avx2")
+ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx512 (no VNNI), avx512-vnni (no VBMI)
 
 
 def _cpu_has(*flags: str) -> bool:
@@ -31,11 +31,14 @@ def _cpu_has(*flags: str) -> bool:
 
 @pytest.fixture(params=ARCHES, scope="module")
 def native(request):
-    """The native kernels built for `arch`: the CPU's own instruction set, and AVX2 forced (-march=x86-64-v3)."""
+    """The native kernels built for `arch`: the CPU's own instruction set, and each forced one it can run
+    (AVX2 alone, AVX-512 without VNNI, AVX-512 with VNNI but not VBMI: each has code paths of its own)."""
     if kernels_native.compiler() is None:
         pytest.skip("no C compiler: the native kernels cannot be built here")
-    if request.param == "avx2" and not _cpu_has("avx2", "fma", "f16c"):
-        pytest.skip("the CPU lacks AVX2: the forced AVX2 build cannot run here")
+    needs = kernels_native.ARCHES[request.param][1]
+    if needs and not _cpu_has(*needs):
+        pytest.skip(f"the CPU lacks {', '.join(sorted(needs - (kernels_native.cpu_flags() or set())))}: the "
+                    f"{request.param} build cannot run here")
     k = kernels_native.load(request.param)
     if k is None:
         pytest.skip(f"the {request.param} build failed (compiler too old for its -march?)")
@@ -56,6 +59,7 @@ QUANTIZERS = {
     "q8_0 gs64": lambda w: quantize_q80(w, 64),
     "q8_0 gs32": lambda w: quantize_q80(w, 32),
     "q8_0 gs8": lambda w: quantize_q80(w, 8),  # not a multiple of 32: the scalar path
+    "q8_0 gs16": lambda w: quantize_q80(w, 16),
     "q8_0 blocks": quantize_q8_0,
     "q4_0": quantize_q4_0,
 }
@@ -192,7 +196,7 @@ def test_quantized_engine_matches_plain(native, kind):
 
 def test_native_builds_agree_within_tolerance():
     """AVX-512 and AVX2 sum in different orders: logits agree closely, not bit for bit."""
-    builds = [kernels_native.load(a) for a in ARCHES]
+    builds = [kernels_native.load(a) for a in ("native", "avx2")]
     if None in builds or not _cpu_has("avx2"):
         pytest.skip("both builds are needed")
     w = _model("q4_0")

@@ -276,7 +276,7 @@ def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
     fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp-simd ] && exit 1; done\nexec {real} "$@"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
-    lib = kernels_native.build(tmp_path / "ok")
+    lib = kernels_native.build(tmp_path / "ok", arch="native")
     assert lib is not None and len(list((tmp_path / "ok").glob("*.failed"))) == 1
     k = kernels_native.NativeKernels(lib)
     x = rng.standard_normal((1, 64)).astype(np.float32)
@@ -287,7 +287,7 @@ def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
     broken.write_text("#!/bin/sh\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    assert kernels_native.build(tmp_path / "bad") is None
+    assert kernels_native.build(tmp_path / "bad", arch="native") is None
     assert len(list((tmp_path / "bad").glob("*.failed"))) == len(kernels_native.flag_sets("native"))
 
 
