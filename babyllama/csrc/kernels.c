@@ -604,8 +604,8 @@ static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const 
         for (int64_t g = 0; g < n_groups; g++) {
             float scale;
             const uint8_t *v = group_values(w, ws, type, g, gs, &scale);
-            /* two loops with the operands' signedness plain to see: gcc 12 vectorized the one mixed loop with
-             * -march=cascadelake into vpdpbusd, which takes the int8 weights as unsigned (wrong sums) */
+            /* two loops with the operands' signedness plain to see: gcc 12 with -march=cascadelake vectorizes a
+             * mixed loop into vpdpbusd, which takes the int8 weights as unsigned (wrong sums) */
             const int8_t *xg = x + g * gs, *sv = (const int8_t *)v;
             int32_t dot = 0;
             if (type == W_Q4_0)
