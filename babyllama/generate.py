@@ -2,9 +2,22 @@
 
 `Batch` is the loop every caller drives (the `run` command, chat, batched generation, the server): it
 owns a KV cache with one slot per sequence and, on each `step()`, feeds every active sequence's pending
-tokens (a whole prompt at once: prefill; or the last sampled token: decode) through a single
-`Engine.forward` call, then samples one new token per sequence. Sequences can join and leave between
-steps, which is all continuous batching needs.
+tokens (the last sampled token: decode; or a chunk of a prompt: prefill) through the engine, then samples
+one new token per sequence whose input is complete. Sequences can join and leave between steps, which is
+all continuous batching needs.
+
+A step runs the decode tokens first and fills the rest of its token budget (`max_tokens_per_step`) with
+prefill chunks, so a long prompt never stalls the sequences already generating: a prompt is cut into chunks
+of at most that many tokens, from where its prefill starts, whatever else shares the steps (at least one
+chunk runs per step). With the NumPy engine a step's tokens go through the engine in calls of their own:
+decode tokens and short chunks together in calls of at most FUSED_MAX_TOKENS (the native kernels compute
+each token's row in the same order whatever shares the call), each longer chunk alone. So a sequence's
+numbers do not depend on which others share its steps: its greedy tokens are those it gets alone.
+
+Prefix reuse (`prefix_min`): a slot's cache keeps what its last sequence left in it. A new sequence goes to
+the free slot whose cached tokens share the longest prefix with its own (at least `prefix_min` tokens) and
+only the rest is prefilled (`Sequence.n_reused`). The reused entries may have been computed in other
+chunks or by decode steps, so its logits equal a fresh prefill's within rounding, not bit for bit.
 
 Positions follow run.c: a sequence may occupy at most `max_pos + 1` tokens (BOS and prompt included),
 i.e. `max_pos` forward positions, which is run.c's `-n steps`.
@@ -23,7 +36,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .engine import Engine
+import numpy as np
+
+from .engine import FUSED_MAX_TOKENS, Engine
 from .sampler import Sampler
 from .tokenizer import BOS, EOS
 
@@ -44,6 +59,19 @@ class Sequence:
     n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
     rotate_keys: bool = False  # shift by moving and re-rotating cached keys instead of recomputing
     max_new: int | None = None  # generated tokens allowed (since the last `extend`): OpenAI's max_tokens
+    n_reused: int = 0  # leading tokens whose keys/values were already in the slot (prefix reuse)
+    logits: np.ndarray | None = None  # the logits row the last token was sampled from
+
+    def pending(self) -> int:
+        """Tokens of the window not yet in the cache (1 while decoding)."""
+        return len(self.window()) - self.n_fed
+
+    def cached(self) -> list[int]:
+        """The tokens whose keys/values this sequence has put in its slot, position by position (none after
+        a shift by rotated keys: those entries still carry what they saw of the dropped tokens)."""
+        if self.rotate_keys and self.n_dropped:
+            return []
+        return self.window()[: self.n_fed]
 
     def window(self) -> list[int]:
         """The tokens the cache holds (or will hold), position by position."""
@@ -77,12 +105,16 @@ class Sequence:
 
 
 class Batch:
-    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = 512):
+    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = 512, prefix_min: int = 0):
         self.engine = engine
         self.cache = engine.new_cache(n_slots)
         self.free_slots = list(range(n_slots))[::-1]
         self.active: list[Sequence] = []
         self.max_tokens_per_step = max_tokens_per_step
+        self.prefix_min = prefix_min  # 0: no prefix reuse
+        self.holders: list[Sequence | None] = [None] * n_slots  # the sequence whose entries each slot holds
+        # the NumPy engine's batch-invariant call size (see the module's docstring); None: one call a step
+        self.call_tokens = FUSED_MAX_TOKENS if isinstance(engine, Engine) else None
 
     def add(self, seq: Sequence) -> Sequence:
         if not self.free_slots:
@@ -91,13 +123,35 @@ class Batch:
             raise ValueError("a sequence needs at least one token (BOS)")
         if not seq.context_shift:
             seq.max_pos = min(seq.max_pos, self.cache.seq_len)
-        seq.slot = self.free_slots.pop()
+        seq.slot, reused = self._pick_slot(seq.tokens)
+        self.free_slots.remove(seq.slot)
+        seq.n_fed = seq.n_reused = reused
+        self.holders[seq.slot] = seq
         seq._check_length()
         self.active.append(seq)
         return seq
 
+    def _pick_slot(self, tokens: list[int]) -> tuple[int, int]:
+        """(slot, reused tokens): the free slot whose cache shares the longest prefix with `tokens` when that
+        is at least prefix_min tokens (the last token is always fed again: its logits are needed); else an
+        unused slot, else the one released longest ago (without prefix reuse: the last released)."""
+        if not self.prefix_min:
+            return self.free_slots[-1], 0
+        best, best_len = None, 0
+        for slot in self.free_slots:
+            holder = self.holders[slot]
+            if holder is not None:
+                n = min(common_prefix(holder.cached(), tokens), len(tokens) - 1)
+                if n > best_len:
+                    best, best_len = slot, n
+        if best is not None and best_len >= self.prefix_min:
+            return best, best_len
+        unused = [s for s in self.free_slots if self.holders[s] is None]
+        return (unused[-1] if unused else self.free_slots[0]), 0
+
     def release(self, seq: Sequence) -> None:
-        """Give the slot back (its cache contents are simply overwritten by the next user)."""
+        """Give the slot back. Its cache contents stay: a later sequence may reuse them as its prefix, else
+        they are simply overwritten."""
         if seq in self.active:
             self.active.remove(seq)
             self.free_slots.append(seq.slot)
@@ -114,32 +168,64 @@ class Batch:
         else:  # nothing cached after the dropped positions: keep what precedes them
             seq.n_fed = min(seq.n_fed, seq.n_keep)
 
-    def step(self) -> list[tuple[Sequence, int]]:
-        """One forward pass over every runnable sequence; returns the (sequence, new token) pairs."""
-        tokens, positions, slots, ready = [], [], [], []
-        budget = self.max_tokens_per_step
+    def _plan(self) -> list[tuple[Sequence, int, int]]:
+        """This step's runs (sequence, first window position, end): every decode token, then prefill chunks
+        while the budget lasts (always at least one)."""
+        decoding, prefilling = [], []
         for seq in self.active:
-            if seq.done or budget <= 0:
+            if seq.done:
                 continue
             if seq.context_shift:
                 self._shift_if_full(seq)
-            window = seq.window()
-            end = min(len(window), seq.n_fed + budget)
-            chunk = range(seq.n_fed, end)
-            tokens.extend(window[seq.n_fed:end])
-            positions.extend(chunk)
-            slots.extend([seq.slot] * len(chunk))
-            budget -= len(chunk)
-            seq.n_fed = end
-            ready.append((seq, end == len(window)))
-        if not tokens:
-            return []
-        logits = self.engine.forward(tokens, positions, self.cache, slots, logits="last")
+            (decoding if seq.pending() == 1 else prefilling).append(seq)
+        runs = [(seq, seq.n_fed, seq.n_fed + 1) for seq in decoding]
+        budget = self.max_tokens_per_step - len(runs)
+        for i, seq in enumerate(prefilling):
+            n = min(seq.pending(), self.max_tokens_per_step)
+            if n > budget and i > 0:
+                break
+            runs.append((seq, seq.n_fed, seq.n_fed + n))
+            budget -= n
+        return runs
+
+    def _calls(self, runs: list) -> list[list]:
+        """The runs grouped into engine calls (see the module's docstring)."""
+        limit = self.call_tokens
+        if limit is None:
+            return [runs]
+        calls, small, size = [], [], 0
+        for run in runs:
+            n = run[2] - run[1]
+            if n > limit:
+                calls.append([run])
+                continue
+            if size + n > limit:
+                calls.append(small)
+                small, size = [], 0
+            small.append(run)
+            size += n
+        return calls + ([small] if small else [])
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """One forward pass over every runnable sequence; returns the (sequence, new token) pairs."""
+        runs = self._plan()
+        rows = {}
+        for call in self._calls(runs):
+            tokens, positions, slots = [], [], []
+            for seq, start, end in call:
+                tokens.extend(seq.window()[start:end])
+                positions.extend(range(start, end))
+                slots.extend([seq.slot] * (end - start))
+            logits = self.engine.forward(tokens, positions, self.cache, slots, logits="last")
+            for (seq, _, _), row in zip(call, logits):
+                rows[id(seq)] = row
         out = []
-        for (seq, complete), row in zip(ready, logits):
-            if not complete:
+        for seq, _, end in runs:
+            seq.n_fed = end
+            if seq.pending():
                 continue  # a long prompt still being prefilled in chunks
-            nxt = seq.sampler.sample(row)
+            seq.logits = rows[id(seq)]
+            nxt = seq.sampler.sample(seq.logits)
             seq.tokens.append(nxt)
             if nxt in seq.stop_ids:
                 seq.done, seq.stop_reason = True, "stop"
@@ -148,6 +234,14 @@ class Batch:
             seq._check_length()
             out.append((seq, nxt))
         return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading elements a and b share."""
+    n = min(len(a), len(b))
+    if n and a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i]) if n else 0
 
 
 def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,

@@ -1,0 +1,132 @@
+"""Batch's scheduling for a server: decode first and prefill in fixed chunks, batch-invariant engine calls,
+prefix reuse across sequences, and the logits row each token was sampled from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_greedy_agree, random_weights, tiny_args
+
+from babyllama.engine import Engine
+from babyllama.generate import Batch, Sequence, common_prefix, generate
+from babyllama.kernels import backend
+from babyllama.sampler import Sampler
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(random_weights(tiny_args(max_seq_len=128), scale=0.3))
+
+
+def prompt(i: int, n: int = 6) -> list[int]:
+    return [1] + [(7 * i + 13 * k) % 290 + 3 for k in range(n - 1)]
+
+
+def run_all(batch: Batch, seqs: list[Sequence]) -> dict[int, list[np.ndarray]]:
+    """Step until every sequence is done; returns each one's logits rows (by index in seqs)."""
+    rows: dict[int, list[np.ndarray]] = {i: [] for i in range(len(seqs))}
+    index = {id(s): i for i, s in enumerate(seqs)}
+    while not all(s.done for s in seqs):
+        for seq, _ in batch.step():
+            rows[index[id(seq)]].append(seq.logits.copy())
+    return rows
+
+
+@pytest.mark.parametrize("companions", [1, 7, 12])
+def test_a_sequence_decodes_the_same_whatever_shares_its_steps(engine, companions):
+    """Its greedy tokens equal its solo ones; with the native kernels its logits are bit-identical whether
+    it shares calls with 1, 7 or 12 others (more than one call's worth: the step is split)."""
+    solo = list(generate(engine, prompt(0), 40, Sampler(0.0)))
+    batch = Batch(engine, companions + 1)
+    seqs = [batch.add(Sequence(prompt(i), Sampler(0.0), 40)) for i in range(companions + 1)]
+    rows = run_all(batch, seqs)
+    assert seqs[0].generated == solo
+    if backend()[0] == "native":
+        ref = Batch(engine, 2)
+        pair = [ref.add(Sequence(prompt(i), Sampler(0.0), 40)) for i in (0, 50)]
+        ref_rows = run_all(ref, pair)
+        assert all(np.array_equal(a, b) for a, b in zip(rows[0], ref_rows[0]))
+
+
+def test_decode_goes_first_and_prompts_prefill_in_fixed_chunks(engine):
+    batch = Batch(engine, 3, max_tokens_per_step=16)
+    runners = [batch.add(Sequence(prompt(i), Sampler(0.0), 100)) for i in range(2)]
+    batch.step()  # both short prompts in, first tokens out
+    long_prompt = [1, *range(20, 80)]  # 61 tokens
+    late = batch.add(Sequence(list(long_prompt), Sampler(0.0), 100))
+    fed = []
+    while late.pending() > 1 or not late.generated:
+        before = late.n_fed
+        out = batch.step()
+        assert {id(s) for s, _ in out} >= {id(s) for s in runners}  # every runner decoded this step
+        fed.append(late.n_fed - before)
+    assert fed == [16, 16, 16, 13]  # chunks of the budget (at least one per step), not what the runners left
+    alone = list(generate(engine, long_prompt, 100, Sampler(0.0)))
+    batch2 = Batch(engine, 1, max_tokens_per_step=16)
+    seq = batch2.add(Sequence(list(long_prompt), Sampler(0.0), 100))
+    while not seq.done:
+        batch2.step()
+    while not late.done:
+        batch.step()
+    assert late.generated == seq.generated  # the same chunks as alone: the same numbers
+    assert late.generated[:5] == alone[:5]  # one-shot prefill: the same text (within rounding)
+
+
+def test_prefix_reuse_prefills_only_the_rest(engine):
+    shared = [1, *range(30, 90)]  # 61 tokens
+    first = shared + [200, 201, 202]
+    second = shared + [150, 151, 152, 153]
+    batch = Batch(engine, 2, prefix_min=16)
+    a = batch.add(Sequence(list(first), Sampler(0.0), 100, max_new=5))
+    run_all(batch, [a])
+    batch.release(a)
+    b = batch.add(Sequence(list(second), Sampler(0.0), 100, max_new=20))
+    assert (b.slot, b.n_reused, b.n_fed) == (a.slot, len(shared), len(shared))
+    rows = run_all(batch, [b])[0]
+    fresh = list(generate(engine, second, 100, Sampler(0.0), max_new=20))
+    # the reused entries came from other chunks: the same numbers within rounding, greedy up to a near-tie
+    full = engine.forward(second + b.generated, range(len(second) + len(b.generated)), engine.new_cache(),
+                          logits="all")
+    np.testing.assert_allclose(np.stack(rows), full[len(second) - 1:len(second) - 1 + len(rows)], atol=1e-4)
+    assert_greedy_agree(fresh, b.generated, lambda i: rows[i], max_margin=1e-3)
+
+
+def test_prefix_reuse_rules(engine):
+    batch = Batch(engine, 3, prefix_min=8)
+    p = [1, *range(40, 60)]
+    a = batch.add(Sequence(list(p), Sampler(0.0), 100, max_new=2))
+    run_all(batch, [a])
+    # an active slot is never shared
+    b = batch.add(Sequence(list(p), Sampler(0.0), 100, max_new=2))
+    assert b.slot != a.slot and b.n_reused == 0
+    batch.release(a)
+    # the same prompt again: everything but its last token (whose logits are needed) is reused
+    c = batch.add(Sequence(list(p), Sampler(0.0), 100, max_new=2))
+    assert c.slot == a.slot and c.n_reused == len(p) - 1
+    batch.release(c)
+    # a prefix shorter than prefix_min is not worth it: a fresh slot
+    d = batch.add(Sequence(p[:5] + [250] * 10, Sampler(0.0), 100, max_new=2))
+    assert d.n_reused == 0 and d.slot not in (a.slot, b.slot)
+    # without prefix_min nothing is reused
+    plain = Batch(engine, 1)
+    e = plain.add(Sequence(list(p), Sampler(0.0), 100, max_new=2))
+    run_all(plain, [e])
+    plain.release(e)
+    assert plain.add(Sequence(list(p), Sampler(0.0), 100)).n_reused == 0
+
+
+def test_logits_row_is_the_one_sampled(engine):
+    batch = Batch(engine, 1)
+    seq = batch.add(Sequence(prompt(3), Sampler(1.0, 1.0, 5), 30))
+    while not seq.done:
+        for s, _ in batch.step():
+            assert s.logits.shape == (engine.args.vocab_size,)
+    full = engine.forward(seq.tokens[:-1], range(len(seq.tokens) - 1), engine.new_cache(), logits="all")
+    np.testing.assert_allclose(seq.logits, full[-1], atol=1e-4)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([2], [1]) == 0
