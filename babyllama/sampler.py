@@ -97,3 +97,18 @@ class Sampler:
         if 0.0 < self.topp < 1.0:
             return sample_topp(probs, self.topp, coin)
         return sample_mult(probs, coin)
+
+
+def top_logprobs(logits: np.ndarray, token: int, k: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probabilities (log-softmax of the logits, before temperature and top-p) of `token` and
+    of the k most likely tokens, most likely first: what an OpenAI `logprobs` answer reports."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    logp = x - (m + np.log(np.exp(x - m).sum()))
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, len(x))
+        ids = np.argpartition(-logp, k - 1)[:k]
+        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        top = [(int(i), float(logp[i])) for i in ids]
+    return float(logp[token]), top

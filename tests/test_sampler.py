@@ -68,3 +68,17 @@ def test_topp_distribution_is_the_renormalized_nucleus_of_the_full_sort(vocab):
         np.testing.assert_allclose(dist[keep], probs[keep] / probs[keep].sum(), rtol=1e-5)
         landed = {sample_topp(probs, 0.9, np.float32(c)) for c in np.linspace(0, 0.999999, 4001)}
         assert landed <= set(keep.tolist())
+
+
+def test_top_logprobs_are_log_softmax_of_the_logits():
+    from babyllama.sampler import top_logprobs
+
+    logits = np.array([1.0, 3.0, 2.0, -1.0], dtype=np.float32)
+    ref = logits - np.log(np.exp(logits.astype(np.float64)).sum())
+    chosen, top = top_logprobs(logits, 2, k=3)
+    assert chosen == pytest.approx(ref[2])
+    assert [i for i, _ in top] == [1, 2, 0]
+    assert [p for _, p in top] == pytest.approx([ref[1], ref[2], ref[0]])
+    assert top_logprobs(logits, 0)[1] == []
+    assert len(top_logprobs(logits, 0, k=10)[1]) == 4
+    assert np.exp([p for _, p in top_logprobs(logits, 0, k=4)[1]]).sum() == pytest.approx(1.0)

@@ -1,0 +1,106 @@
+"""`babyllama serve`: the OpenAI-compatible server and its chat page."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from pathlib import Path
+
+from ..errors import BabyLlamaError
+from .common import add_model_flags, add_threads
+
+
+def add(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
+                       description="Serve a model over HTTP: OpenAI's /v1/completions and /v1/chat/completions "
+                                   "(streamed or not), /v1/models, /health, /metrics, and a chat page at /. "
+                                   "Requests share the engine through continuous batching; a prompt that starts "
+                                   "with what a free slot's cache holds prefills only the rest.")
+    add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--slots", type=int, default=8, help="sequences generated at once (8)")
+    p.add_argument("--queue", type=int, default=64, help="requests (choices) that may wait for a slot; "
+                                                         "beyond, 429 (64)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template name (default: the model card's chat_template, else llama2)")
+    p.add_argument("--model-name", default=None, help="the model id clients name (default: the file's name)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included "
+                                                                "(600)")
+    p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body (1 MiB)")
+    p.add_argument("--chunk", type=int, default=128, metavar="TOKENS",
+                   help="prompt tokens prefilled per step beside the running decodes (128)")
+    p.add_argument("--prefix-min", type=int, default=16, metavar="TOKENS",
+                   help="reuse a free slot's cached prefix of at least this many tokens; 0 = never (16)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_threads(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def check_flags(args) -> None:
+    for name, value, low in (("--port", args.port, 0), ("--slots", args.slots, 1), ("--queue", args.queue, 1),
+                             ("--chunk", args.chunk, 1), ("--prefix-min", args.prefix_min, 0),
+                             ("--max-body", args.max_body, 1)):
+        if value < low:
+            raise BabyLlamaError(f"{name} must be >= {low}, got {value}")
+    if args.port > 65535:
+        raise BabyLlamaError(f"--port must be <= 65535, got {args.port}")
+    if not args.timeout > 0:
+        raise BabyLlamaError(f"--timeout must be > 0, got {args.timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise BabyLlamaError("--api-key must not be empty")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def model_card(checkpoint: str | None) -> dict:
+    """The model card beside the model (model.json), if any: its name and chat template."""
+    from ..loading import BUILTIN_CARD
+
+    path = BUILTIN_CARD if checkpoint is None else Path(checkpoint).with_name("model.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def cmd_serve(args) -> int:
+    check_flags(args)
+    try:
+        from .. import serve
+    except ImportError as e:
+        raise BabyLlamaError(f"babyllama serve needs the serve extra: pip install 'babyllama[serve]' ({e.name} "
+                             "is missing)") from None
+    from ..api import load
+    from ..chat_template import get_template
+
+    card = model_card(args.checkpoint)
+    template = args.chat_template or card.get("chat_template")
+    get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
+    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize)
+    if args.model_name:
+        name = args.model_name
+    elif args.checkpoint is None:
+        name = card.get("name", "babyllama")
+    else:
+        name = Path(args.checkpoint).name
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"babyllama: warning: listening on {args.host} without --api-key: anyone who reaches this address "
+              "can use the model", file=sys.stderr)
+    config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
+                               api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
+                               max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
+    print(f"babyllama: {model.description}; serving {config.model_name!r} on http://{args.host}:{args.port} "
+          f"({args.slots} slots)", file=sys.stderr)
+    serve.run(serve.create_app(model, config), args.host, args.port, args.log_level)
+    return 0

@@ -1,0 +1,182 @@
+"""OpenAI's request and response shapes: pydantic models of the requests (validation), the text of a
+choice as tokens arrive (UTF-8 streaming, stop strings) and the JSON of completions and chat completions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+from ..tokenizer import Tokenizer
+
+MAX_CHOICES = 16
+MAX_STOP = 4
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class Common(BaseModel):
+    """Fields both endpoints take (unknown fields, e.g. penalties, are ignored as OpenAI's clients send them)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def stops(self) -> list[str]:
+        return self.stop or []
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(Common):
+    prompt: str | Annotated[list[int], Field(min_length=1)] = ""
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: StrictBool = False
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Common):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @property
+    def reply_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ------------------------------------------------------------------------------------ a choice's text
+
+
+class ChoiceText:
+    """The text of one choice as its tokens arrive: whole UTF-8 characters (tokenizer.TextStream), cut at
+    the first stop string. Text that could be the start of a stop string is held back until it is not."""
+
+    def __init__(self, tokenizer: Tokenizer, prev: int, stops: list[str]):
+        self.stream = tokenizer.stream(prev)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""  # decoded but not yet sent
+        self.sent = 0  # characters sent so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that can be sent after `token` ("" while held back); sets `stopped` at a stop string."""
+        return self._release(self.stream.push(token))
+
+    def finish(self) -> str:
+        """What is left at the end (an incomplete character becomes U+FFFD)."""
+        return self._release(self.stream.flush(), final=True)
+
+    def _release(self, piece: str, final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.pending += piece
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+        elif final or not self.stops:
+            out, self.pending = self.pending, ""
+        else:
+            keep = self._partial_stop_length()
+            out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        self.sent += len(out)
+        return out
+
+    def _partial_stop_length(self) -> int:
+        """The longest tail of the pending text that is the start of a stop string."""
+        text = self.pending
+        for n in range(min(self.hold, len(text)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stops):
+                return n
+        return 0
+
+
+# ------------------------------------------------------------------------------------ responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
+    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as OpenAI's logprobs show it: its bytes as text (a byte token's lone byte as U+FFFD)."""
+    return tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+
+
+def completion_logprobs(tokenizer: Tokenizer, entries: list, offset0: int) -> dict:
+    """The completions API's logprobs object for a choice's tokens (entries: scheduler.Token)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for e in entries:
+        text = token_text(tokenizer, e.id)
+        tokens.append(text)
+        lps.append(e.logprob)
+        tops.append({token_text(tokenizer, i): lp for i, lp in e.top or []})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list) -> dict:
+    """The chat API's logprobs object: {content: [{token, logprob, bytes, top_logprobs}]}."""
+    def one(token: int, lp: float) -> dict:
+        return {"token": token_text(tokenizer, token), "logprob": lp, "bytes": list(tokenizer.piece_bytes(token))}
+
+    return {"content": [{**one(e.id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top or []]}
+                        for e in entries]}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

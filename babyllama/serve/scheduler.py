@@ -1,0 +1,192 @@
+"""The scheduler: one thread owns the engine (the NumPy/C engine is not re-entrant) and runs `Batch` steps.
+
+Requests wait in a bounded queue; between steps the scheduler admits them into free slots (prefix reuse
+picks the slot whose cache already holds the longest prefix of the prompt), drops those that were
+cancelled (a client gone, a stop string met) or ran past their time limit, and after each step hands every
+new token to its request's event queue on the asyncio side. `Batch` orders a step (decode first, prompts
+in chunks) and keeps each sequence's arithmetic independent of the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..engine import Engine
+from ..generate import Batch, Sequence
+from ..sampler import Sampler, top_logprobs
+from ..tokenizer import BOS, EOS
+from .metrics import Metrics
+
+STOP_IDS = frozenset({BOS, EOS})  # end of text (run.c stops at BOS) or of a chat reply
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds: the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Token:
+    """One generated token, with its log-probabilities when asked for."""
+
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Finished:
+    """The end of one choice: reason "stop" (a stop token), "length" (max_tokens or the context), "timeout"
+    (the server's time limit) or "cancelled"."""
+
+    reason: str
+    n_generated: int
+
+
+@dataclass
+class Job:
+    """One sequence to generate (a choice of a request), and where its events go."""
+
+    prompt: list[int]
+    max_new: int
+    sampler: Sampler
+    emit: Callable[[int, object], None]  # (choice index, Token | Finished), called from the scheduler thread
+    index: int = 0
+    logprobs: int | None = None  # top-k log-probabilities to report per token; None: none
+    deadline: float = float("inf")  # time.monotonic() after which the job is ended ("timeout")
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    over: bool = False  # its answer is complete (set by the HTTP side)
+    seq: Sequence | None = None
+    last_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this job (thread-safe: it is looked at between steps)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, slots: int, queue_size: int, metrics: Metrics,
+                 max_tokens_per_step: int = 128, prefix_min: int = 16):
+        self.batch = Batch(engine, slots, max_tokens_per_step=max_tokens_per_step, prefix_min=prefix_min)
+        self.slots = slots
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="babyllama-scheduler", daemon=True)
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ the asyncio side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs together, or raise QueueFull when they do not fit."""
+        with self._cond:
+            if len(self.waiting) + len(jobs) > self.queue_size:
+                raise QueueFull
+            self.waiting.extend(jobs)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Look at cancellations now (a cancelled job waiting in the queue holds nothing, but is counted)."""
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"slots": self.slots, "active": len(self.running), "queued": len(self.waiting)}
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.running and not self.waiting:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._drop_ended(time.monotonic())
+                    self._admit()
+                    self.metrics.queue_depth.set(len(self.waiting))
+                    self.metrics.active_slots.set(len(self.running))
+                if self.running:
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - a bug: reported by /health, and every waiting job ends
+            self.error = e
+            with self._cond:
+                for job in [*self.running, *self.waiting]:
+                    job.emit(job.index, Finished("error", len(job.seq.generated) if job.seq else 0))
+            raise
+
+    def _admit(self) -> None:
+        while self.waiting and self.batch.free_slots:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                continue
+            job.seq = self.batch.add(Sequence(list(job.prompt), job.sampler, self.batch.cache.seq_len, STOP_IDS,
+                                              max_new=job.max_new))
+            self.metrics.prefix_reused.inc(job.seq.n_reused)
+            self.metrics.prefilled.inc(len(job.prompt) - job.seq.n_reused)
+            self.running.append(job)
+
+    def _drop_ended(self, now: float) -> None:
+        for job in [j for j in self.waiting if j.cancelled or now > j.deadline]:
+            self.waiting.remove(job)
+            if not job.cancelled:
+                job.emit(job.index, Finished("timeout", 0))
+        for job in [j for j in self.running if j.cancelled or now > j.deadline]:
+            self._finish(job, "cancelled" if job.cancelled else "timeout")
+
+    def _finish(self, job: Job, reason: str) -> None:
+        self.batch.release(job.seq)
+        self.running.remove(job)
+        if reason != "cancelled":
+            job.emit(job.index, Finished(reason, len(job.seq.generated)))
+
+    def _step(self) -> None:
+        out = self.batch.step()
+        now = time.monotonic()
+        self.metrics.generated.inc(len(out))
+        by_seq = {id(job.seq): job for job in self.running}
+        for seq, token in out:
+            job = by_seq[id(seq)]
+            if job.last_token_at is None:
+                self.metrics.ttft.observe(now - job.submitted)
+            else:
+                self.metrics.token_latency.observe(now - job.last_token_at)
+            job.last_token_at = now
+            logprob, top = (None, None)
+            if job.logprobs is not None:
+                logprob, top = top_logprobs(seq.logits, token, job.logprobs)
+            job.emit(job.index, Token(token, logprob, top))
+        with self._cond:
+            for job in [j for j in self.running if j.seq.done]:
+                self._finish(job, job.seq.stop_reason or "length")
+
+
+def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[int, object], None]:
+    """A job's `emit`: puts (choice index, event) on an asyncio queue from the scheduler thread."""
+    def emit(index: int, event: object) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+    return emit

@@ -1,0 +1,115 @@
+// The chat page: posts the conversation to /v1/chat/completions and shows the streamed reply.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const history = [];  // {role, content} of the conversation so far
+let controller = null;
+
+for (const id of ["temperature", "top-p"]) {
+  $(id).addEventListener("input", () => { $(id + "-out").value = $(id).value; });
+}
+$("api-key").value = sessionStorage.getItem("babyllama-key") || "";
+$("api-key").addEventListener("change", () => sessionStorage.setItem("babyllama-key", $("api-key").value));
+
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function bubble(role, text) {
+  const div = document.createElement("div");
+  div.className = "msg " + role;
+  div.textContent = text;
+  $("log").appendChild(div);
+  $("log").scrollTop = $("log").scrollHeight;
+  return div;
+}
+
+async function errorText(response) {
+  try { return (await response.json()).error.message; } catch (e) { return response.statusText; }
+}
+
+async function loadModel() {
+  const r = await fetch("/v1/models", {headers: headers()});
+  if (r.ok) $("model").textContent = (await r.json()).data[0].id;
+  else if (r.status === 401) $("status").textContent = "This server needs an API key: type it on the left.";
+}
+
+async function send(text) {
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({role: "system", content: system});
+  history.push({role: "user", content: text});
+  messages.push(...history);
+  bubble("user", text);
+  const out = bubble("assistant", "");
+  controller = new AbortController();
+  $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
+  let reply = "", tokens = 0, chunks = 0, first = null, reason = null;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), signal: controller.signal,
+      body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
+                            top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
+                            stream_options: {include_usage: true}}),
+    });
+    if (!r.ok) throw new Error(await errorText(r));
+    const reader = r.body.getReader(), decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true});
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+        const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
+        if (!data || data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        for (const c of chunk.choices) {
+          if (c.delta && c.delta.content) {
+            if (first === null) first = performance.now();
+            chunks += 1;
+            reply += c.delta.content; out.textContent = reply;
+            $("log").scrollTop = $("log").scrollHeight;
+          }
+          if (c.finish_reason) reason = c.finish_reason;
+        }
+        if (first !== null && chunks > 1) showSpeed(chunks - 1, first);
+      }
+    }
+    if (first !== null && tokens > 1) showSpeed(tokens - 1, first);
+  } catch (e) {
+    if (e.name === "AbortError") reason = "stopped";
+    else { out.className = "msg error"; out.textContent = "Error: " + e.message; }
+  } finally {
+    controller = null;
+    $("send").disabled = false; $("stop").disabled = true;
+  }
+  history.push({role: "assistant", content: reply});
+  if (reason) $("status").textContent = reason === "length" ? "reply cut at max tokens" : (reason === "stopped" ? "stopped" : "");
+}
+
+// tokens after the first over the time since it came (a streamed chunk carries one token's text)
+function showSpeed(n, since) {
+  const s = (performance.now() - since) / 1000;
+  if (s > 0) $("speed").textContent = (n / s).toFixed(1) + " tokens/s";
+}
+
+$("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = $("prompt").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  send(text);
+});
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
+});
+$("stop").addEventListener("click", () => { if (controller) controller.abort(); });
+$("clear").addEventListener("click", () => { history.length = 0; $("log").textContent = ""; $("status").textContent = ""; });
+$("api-key").addEventListener("change", loadModel);
+loadModel();

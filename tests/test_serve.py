@@ -1,0 +1,326 @@
+"""`babyllama serve` end to end: the real server as a subprocess on a loopback port, driven by the official
+`openai` client (and httpx for what the client hides): greedy text against `babyllama run -t 0`, streaming,
+stop strings, n, seeds, logprobs, concurrency (batch invariance), disconnects, prefix reuse, bad input."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import run_cli
+from serve_helpers import Server
+
+from babyllama.loading import BUILTIN_TOKENIZER
+from babyllama.serve.protocol import ChoiceText
+from babyllama.tokenizer import BOS, Tokenizer
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+MODEL = "babyllama-stories"  # the built-in model's name (its card)
+PROMPTS = ["Once upon a time", "The dog ran to the park", "Lily had a red ball", "One day, a little bird",
+           "Tom and his mom went", "The sun was hot and", "A big fish swam", "The cat sat on the mat",
+           "Ben wanted to fly a kite", "In the garden there was", "Sue found a shiny rock", "The old tree",
+           "Max the frog liked to", "It was a rainy day", "Anna baked a cake for", "The boat was small"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--slots", "16", "--queue", "64")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.load(BUILTIN_TOKENIZER)
+
+
+def run_text(prompt: str, n: int) -> str:
+    """What `babyllama run -t 0` prints after the prompt, for n generated tokens."""
+    out = run_cli("run", "-t", "0", "-i", prompt, "--max-new-tokens", str(n))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert text.startswith(prompt) and text.endswith("\n")
+    return text[len(prompt):-1]
+
+
+def complete(client, prompt: str, n: int = 24, **kw) -> str:
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, **kw).choices[0].text
+
+
+def test_models_health_and_page(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert server.get("/health").json() == {"status": "ok", "slots": 16, "active": 0, "queued": 0}
+    page = server.get("/")
+    assert page.status_code == 200 and "<title>babyllama chat</title>" in page.text
+    assert server.get("/static/chat.js").status_code == 200
+    assert "babyllama_slots 16.0" in server.get("/metrics").text
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_greedy_completion_equals_run(client, prompt):
+    text = complete(client, prompt, 30)
+    assert text == run_text(prompt, 30)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_chat_streamed_and_whole_agree(client):
+    messages = [{"role": "system", "content": "You tell short stories."},
+                {"role": "user", "content": "Tell me a story about a cat."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 40 and whole.usage.prompt_tokens > 20
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content and text and not text.startswith(" ")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 256
+
+
+def test_stop_strings_cut_the_text(client):
+    full = complete(client, "Once upon a time", 40)
+    stop = full.split()[4]  # a word that occurs a few words in
+    cut = full[:full.index(stop)]
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, stop=[stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                       stop=["zzz", stop], stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_choices_are_independent_and_seeds_reproducible(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=1.0, top_p=0.95)
+    r = client.completions.create(n=3, seed=7, **kw)
+    texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert len(set(texts)) == 3
+    again = client.completions.create(n=3, seed=7, **kw)
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
+    assert client.completions.create(n=1, seed=8, **kw).choices[0].text == texts[1]  # choice i samples with seed + i
+    assert r.usage.completion_tokens == 60 or any(c.finish_reason == "stop" for c in r.choices)
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens).lstrip() == r.choices[0].text.lstrip() and len(lp.token_logprobs) == 8
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(chosen) and top[token] == chosen  # greedy
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+
+
+def test_streamed_text_is_whole_utf8_characters(tokenizer):
+    """A character sent as byte tokens (here "é" = C3 A9 and "😀" = F0 9F 98 80) is held back until complete
+    and never split by a stop-string check; a stop string that starts like held-back text still cuts."""
+    ids = [tokenizer.byte_ids[b] for b in "é😀".encode()]
+    text = ChoiceText(tokenizer, BOS, stops=["😀!"])
+    pieces = [text.push(t) for t in ids]
+    assert pieces == ["", "é", "", "", "", ""]  # the emoji waits: it could start the stop string
+    assert text.finish() == "😀" and not text.stopped
+    text = ChoiceText(tokenizer, BOS, stops=["é"])
+    assert [text.push(t) for t in ids[:2]] == ["", ""] and text.stopped
+
+
+def test_concurrent_clients_get_their_solo_greedy_results(server, client):
+    """16 clients at once: each gets exactly what it got alone (a sequence's arithmetic does not depend on
+    which others share its steps)."""
+    def ask(i: int) -> str:
+        if i % 2:
+            return complete(client, PROMPTS[i], 32)
+        stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=32, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in stream)
+
+    solo = [ask(i) for i in range(16)]
+    start = threading.Barrier(16)
+
+    def together(i: int) -> str:
+        start.wait()
+        return ask(i)
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(together, range(16))) == solo
+    assert server.wait_idle()["active"] == 0
+
+
+def test_disconnect_frees_the_slot(server):
+    before = server.get("/metrics").text
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"prompt": "Once upon a time", "max_tokens": 250, "stream": True, "temperature": 1}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    health = server.wait_idle()
+    assert (health["active"], health["queued"]) == (0, 0)
+    after = server.get("/metrics").text
+    assert after.count('babyllama_cancelled_requests_total{reason="disconnected"}') == 1
+    assert 'reason="disconnected"} 1.0' in after or 'reason="disconnected"} 1.0' not in before
+
+
+def test_prefix_reuse_prefills_only_the_suffix(server, client, tokenizer):
+    """Two prompts share a 200-token prefix: the second prefills only its own tokens (/metrics counts them) and
+    its greedy text equals a fresh prefill's (`run`), up to a near-tie the logprobs would show."""
+    story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+             "friends. One day, she saw a big red ball under a tree. She ran to get it, but a dog got there first. ")
+    prefix = story * 4
+    n_prefix = len(tokenizer.encode(prefix))
+    assert 200 <= n_prefix <= 230
+    first, second = prefix + "The dog", prefix + "Lily was sad, so her mom"
+    complete(client, first, 4)
+    reused, prefilled = server.metric("babyllama_prefix_reused_tokens_total"), \
+        server.metric("babyllama_prefill_tokens_total")
+    r = client.completions.create(model=MODEL, prompt=second, max_tokens=12, temperature=0, logprobs=2)
+    n_second = len(tokenizer.encode(second))
+    got_reused = server.metric("babyllama_prefix_reused_tokens_total") - reused
+    assert got_reused >= n_prefix - 1  # all the shared tokens (the last one may merge with the suffix)
+    assert server.metric("babyllama_prefill_tokens_total") - prefilled == n_second - got_reused
+    fresh = run_text(second, 12)
+    if r.choices[0].text != fresh:  # rounding may only flip a near-tie
+        lp = r.choices[0].logprobs
+        text = ""
+        for token, top in zip(lp.tokens, lp.top_logprobs):
+            if not fresh.startswith(text + token):
+                best = sorted(top.values(), reverse=True)
+                assert best[0] - best[1] < 1e-3, f"differs at {text!r} with a clear margin"
+                break
+            text += token
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"prompt": "x", ', 400),  # malformed JSON
+    ("/v1/completions", b'[1, 2]', 400),
+    ("/v1/completions", {"prompt": 5}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "n": 1000}, 400),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400),
+    ("/v1/completions", {"prompt": "word " * 400}, 400),  # longer than the context
+    ("/v1/completions", {"prompt": "x", "max_tokens": 300}, 400),  # leaves no room
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404),
+    ("/v1/chat/completions", {"messages": []}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400),
+    ("/v1/nothing", {}, 404),
+    ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413),  # over the body limit
+]
+
+
+@pytest.mark.parametrize("path, body, status", BAD_REQUESTS)
+def test_bad_input_is_an_openai_error(server, path, body, status):
+    r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+
+
+def test_bad_input_leaves_the_server_serving(server, client):
+    assert server.get("/v1/models/gpt-4").status_code == 404
+    assert server.get("/nope").json()["error"]["type"] == "not_found_error"
+    assert complete(client, PROMPTS[0], 8) == run_text(PROMPTS[0], 8)
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    s = Server("--slots", "1", "--queue", "2", api_key="s3cret")
+    yield s
+    s.stop()
+
+
+def test_api_key(keyed):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = httpx.post(keyed.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(keyed.url + "/metrics").status_code == 401
+    assert httpx.get(keyed.url + "/health").status_code == 200 and httpx.get(keyed.url + "/").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert keyed.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_full_queue_answers_429_with_retry_after(keyed):
+    def ask(_):
+        return keyed.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 200, "n": 2})
+
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(ask, range(10)))
+    busy = [r for r in answers if r.status_code == 429]
+    assert busy and all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full" for r in busy)
+    assert all(r.status_code in (200, 429) for r in answers)
+    assert keyed.wait_idle()["active"] == 0
+
+
+def test_load(server, tokenizer):
+    """200 requests from 20 clients at once, a third of them malformed, oversized or cancelled: every valid one
+    answered with its solo text, every bad one a 4xx, no 5xx; the server healthy, its memory flat."""
+    expected = {p: complete(server.client(), p, 16) for p in PROMPTS[:4]}
+    server.wait_idle()
+    rss0 = server.rss_bytes()
+    results = []
+
+    def one(i: int) -> None:
+        prompt = PROMPTS[i % 4]
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        kind = "ok" if i % 3 else ("malformed", "too long", "too large", "cancelled")[i // 3 % 4]
+        with httpx.Client(timeout=60) as http:
+            url = server.url + "/v1/completions"
+            if kind == "malformed":
+                r = http.post(url, content=b'{"prompt": ')
+            elif kind == "too long":  # more tokens than the context
+                r = http.post(url, json={**body, "prompt": "word " * 600})
+            elif kind == "too large":  # over the body limit
+                r = http.post(url, json={**body, "prompt": "word " * 250_000})
+            elif kind == "cancelled":  # a stream dropped after its first event
+                with http.stream("POST", url, json={**body, "stream": True, "max_tokens": 200}) as r:
+                    next(r.iter_lines())
+            else:
+                r = http.post(url, json=body)
+                text = r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+                results.append((kind, r.status_code, (text, expected[prompt])))
+                return
+            results.append((kind, r.status_code, None))
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(one, range(200)))
+    assert len(results) == 200
+    assert not [r for r in results if r[1] >= 500]
+    assert all(400 <= status < 500 for kind, status, _ in results if kind not in ("ok", "cancelled"))
+    assert len([r for r in results if r[0] != "ok"]) == 67
+    oks = [r for r in results if r[0] == "ok"]
+    assert all(status == 200 and got == want for _, status, (got, want) in oks)
+    health = server.wait_idle()
+    assert health["status"] == "ok" and (health["active"], health["queued"]) == (0, 0)
+    assert server.rss_bytes() <= rss0 * 1.1 + 50e6
+    metrics = server.get("/metrics").text
+    assert json.loads(server.get("/health").text)["status"] == "ok" and "babyllama_requests_total" in metrics
