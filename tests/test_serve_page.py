@@ -1,0 +1,114 @@
+"""The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright): a prompt typed,
+streamed text appearing, tokens/s shown, the stop button, the API key typed once; a screenshot is saved as a
+test artifact (test-artifacts/chat-page.png; BABYLLAMA_UPDATE_DOCS=1 also copies it to docs/images/)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+from serve_helpers import ROOT, Server
+
+CHROMIUM = Path(os.environ.get("BABYLLAMA_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = Path(os.environ.get("BABYLLAMA_ARTIFACTS", ROOT / "test-artifacts"))
+SCREENSHOT_DOC = ROOT / "docs" / "images" / "chat-page.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the dev extra)")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def count_updates(page) -> None:
+    """Count how often the reply's text changes (more than once: it was streamed)."""
+    page.evaluate("""() => {
+        window.updates = 0;
+        new MutationObserver(() => { window.updates += 1; })
+            .observe(document.getElementById('log'), {subtree: true, characterData: true, childList: true});
+    }""")
+
+
+def test_chat_page_streams_a_reply(browser):
+    server = Server("--slots", "2")
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'babyllama-stories'")
+        page.fill("#system", "You are a storyteller.")
+        page.fill("#temperature", "0")
+        page.dispatch_event("#temperature", "input")
+        count_updates(page)
+        page.fill("#prompt", "Tell me a story about a cat.")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelector('.msg.assistant') && "
+                               "document.querySelector('.msg.assistant').textContent.length > 20")
+        page.wait_for_function("!document.getElementById('send').disabled", timeout=30_000)
+        reply = page.text_content(".msg.assistant")
+        assert page.evaluate("window.updates") > 3  # the text came in pieces
+        assert "tokens/s" in page.text_content("#speed")
+        assert page.text_content(".msg.user") == "Tell me a story about a cat."
+        direct = server.client().chat.completions.create(
+            model="babyllama-stories", temperature=0, top_p=0.9, max_tokens=200,
+            messages=[{"role": "system", "content": "You are a storyteller."},
+                      {"role": "user", "content": "Tell me a story about a cat."}])
+        assert reply == direct.choices[0].message.content  # what the API gives for the page's settings
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
+        if os.environ.get("BABYLLAMA_UPDATE_DOCS") == "1":
+            SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ARTIFACTS / "chat-page.png", SCREENSHOT_DOC)
+        page.close()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> tuple[Path, Path]:
+    """The 15M bench shape with random weights (one thread: a long reply takes a second or more)."""
+    from babyllama.bench import model_file
+
+    tokenizer = shared_file("fixtures/llama2-tokenizer.bin")
+    return model_file("15M", "fp32", tmp_path_factory.mktemp("m")), tokenizer
+
+
+def test_stop_button_and_api_key(browser, slow_model):
+    model, tokenizer = slow_model
+    server = Server(str(model), "-z", str(tokenizer), "--threads", "1", "--slots", "2", api_key="k3y")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('API key')")
+        page.fill("#api-key", "k3y")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.fill("#max-tokens", "100")  # two turns and their replies fit the context (256)
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 0")
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent === 'stopped'")
+        assert not page.is_disabled("#send") and page.is_disabled("#stop")
+        assert server.wait_idle()["active"] == 0  # the aborted stream freed its slot
+        tokens = server.get("/metrics").text
+        assert 'babyllama_cancelled_requests_total{reason="disconnected"} 1.0' in tokens
+        page.fill("#prompt", "Again")  # the key was typed once
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant').length === 2 && "
+                               "document.querySelectorAll('.msg.assistant')[1].textContent.length > 0")
+        page.click("#stop")
+        page.close()
+    finally:
+        server.stop()
