@@ -324,3 +324,63 @@ def test_load(server, tokenizer):
     assert server.rss_bytes() <= rss0 * 1.1 + 50e6
     metrics = server.get("/metrics").text
     assert json.loads(server.get("/health").text)["status"] == "ok" and "babyllama_requests_total" in metrics
+
+
+def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
+    import time
+
+    from conftest import random_weights, tiny_args
+
+    from babyllama.engine import Engine
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Finished, Job, QueueFull, Scheduler, Token
+
+    events = []
+    done = threading.Event()
+
+    def emit(index, event):
+        events.append((index, event))
+        if isinstance(event, Finished):
+            done.set()
+
+    sched = Scheduler(Engine(random_weights(tiny_args())), slots=1, queue_size=2, metrics=Metrics(1))
+    late = Job([1, 5, 6], 10, Sampler(0.0), emit, index=0, deadline=time.monotonic() - 1)
+    gone = Job([1, 5, 6], 10, Sampler(0.0), emit, index=1)
+    gone.cancel()
+    with pytest.raises(QueueFull):
+        sched.submit([late, gone, Job([1], 1, Sampler(0.0), emit)])
+    sched.submit([late, gone])
+    sched.start()
+    try:
+        assert done.wait(10)
+        time.sleep(0.2)
+        assert events == [(0, Finished("timeout", 0))]  # the cancelled job never ran nor answered
+        done.clear()
+        sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit, index=2)])
+        assert done.wait(10)
+        assert [type(e) for _, e in events[1:]] == [Token, Token, Token, Finished]
+        assert sched.status() == {"slots": 1, "active": 0, "queued": 0} and sched.healthy
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--slots", "0"], "--slots must be >= 1"),
+    (["--port", "70000"], "--port must be <= 65535"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--chat-template", "nope"], "unknown chat template 'nope'"),
+    (["--api-key", " "], "--api-key must not be empty"),
+    (["/no/such/model.bin"], "not found"),
+])
+def test_serve_flags_are_checked_in_one_line(flags, message):
+    out = run_cli("serve", *flags)
+    err = out.stderr.decode()
+    assert out.returncode == 1 and message in err and err.count("\n") == 1, err
+
+
+def test_loopback_hosts():
+    from babyllama.cli.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.com"))

@@ -274,7 +274,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
                         finish[i] = "stop"
                 else:
                     jobs[i].over = True
-                    check_failed(event)
+                    check_failed(event, jobs)
                     parts[i].append(texts[i].finish())
                     finish[i] = event.reason
         finally:
@@ -347,7 +347,9 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         finally:
             cancel(jobs, "disconnected")
 
-    def check_failed(event: Finished) -> None:
+    def check_failed(event: Finished, jobs: list[Job]) -> None:
+        if event.reason in ("timeout", "error"):
+            cancel(jobs, event.reason)
         if event.reason == "timeout":
             raise APIError(504, failure_message(event), "server_error", code="timeout")
         if event.reason == "error":

@@ -188,5 +188,8 @@ class Scheduler:
 def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[int, object], None]:
     """A job's `emit`: puts (choice index, event) on an asyncio queue from the scheduler thread."""
     def emit(index: int, event: object) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody is listening
+            pass
     return emit
