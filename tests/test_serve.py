@@ -121,6 +121,14 @@ def test_n_choices_are_independent_and_seeds_reproducible(client):
     assert r.usage.completion_tokens == 60 or any(c.finish_reason == "stop" for c in r.choices)
 
 
+def test_echo_token_prompts_and_ignored_fields(client, tokenizer):
+    text = complete(client, "Once upon a time", 10)
+    assert complete(client, "Once upon a time", 10, echo=True) == "Once upon a time" + text
+    ids = tokenizer.encode("Once upon a time", bos=True)
+    assert complete(client, ids, 10) == text
+    assert complete(client, "Once upon a time", 10, user="me", frequency_penalty=0, extra_body={"x": 1}) == text
+
+
 def test_logprobs(client):
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
@@ -227,6 +235,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "word " * 400}, 400),  # longer than the context
     ("/v1/completions", {"prompt": "x", "max_tokens": 300}, 400),  # leaves no room
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400),  # would change the answer: refused
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400),
     ("/v1/chat/completions", {"messages": []}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400),

@@ -199,6 +199,10 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
             raise APIError(400, f"prompt token ids must lie in [0, {model.args.vocab_size})", param="prompt")
         return list(prompt)
 
+    def prompt_text(prompt, ids: list[int]) -> str:
+        """What echo repeats: the prompt as given, or the text of its token ids."""
+        return prompt if isinstance(prompt, str) else tok.decode_text(ids[1:] if ids[0] == BOS else ids)
+
     def check_room(n_prompt: int, max_new: int, param: str) -> None:
         if n_prompt + max_new > seq_len:
             raise APIError(400, f"the model's context is {seq_len} tokens, but the prompt is {n_prompt} tokens and "
@@ -222,10 +226,11 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
                            code="queue_full", headers={"Retry-After": "1"}) from None
         metrics.prompt_tokens.inc(len(ids) * req.n)
         texts = [p.ChoiceText(tok, BOS if chat else ids[-1], req.stops) for _ in jobs]  # a reply: no leading space
+        echo = prompt_text(req.prompt, ids) if not chat and req.echo else ""
         rid = p.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return EventSourceResponse(stream(request, req, jobs, events, texts, rid, len(ids), chat))
-        return await whole(request, req, jobs, events, texts, rid, len(ids), chat)
+            return EventSourceResponse(stream(request, req, jobs, events, texts, rid, len(ids), chat, echo))
+        return await whole(request, req, jobs, events, texts, rid, len(ids), chat, echo)
 
     async def next_event(request: Request, events: asyncio.Queue, jobs: list[Job]):
         """The next (index, event) of a whole (not streamed) answer; cancels every job when the client goes
@@ -256,8 +261,8 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
             scheduler.wake()
         return piece
 
-    async def whole(request, req, jobs, events, texts, rid, n_prompt, chat):
-        parts = [[] for _ in jobs]
+    async def whole(request, req, jobs, events, texts, rid, n_prompt, chat, echo):
+        parts = [[echo] for _ in jobs]
         entries = [[] for _ in jobs]
         finish = [None] * len(jobs)
         counts = [0] * len(jobs)
@@ -293,7 +298,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         return p.envelope("chat.completion" if chat else "text_completion", rid, config.model_name, choices,
                           p.usage(n_prompt * len(jobs), sum(counts)))
 
-    async def stream(request, req, jobs, events, texts, rid, n_prompt, chat) -> AsyncIterator[bytes]:
+    async def stream(request, req, jobs, events, texts, rid, n_prompt, chat, echo) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         finished, counts = [False] * len(jobs), [0] * len(jobs)
 
@@ -314,9 +319,11 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
             return sse(body)
 
         try:
-            if chat:
-                for i in range(len(jobs)):
+            for i in range(len(jobs)):
+                if chat:
                     yield chunk(i, None, None, first=True)
+                elif echo:
+                    yield chunk(i, echo, None)
             while not all(finished):
                 i, event = await events.get()
                 if finished[i]:

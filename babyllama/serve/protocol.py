@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..tokenizer import Tokenizer
 
@@ -21,10 +21,16 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class Common(BaseModel):
-    """Fields both endpoints take (unknown fields, e.g. penalties, are ignored as OpenAI's clients send them)."""
+# OpenAI fields that would change the answer and that this server does not implement: refused unless neutral
+UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "best_of": 1, "suffix": None,
+               "tools": None, "functions": None, "response_format": None}
 
-    model_config = ConfigDict(extra="ignore")
+
+class Common(BaseModel):
+    """Fields both endpoints take. Other fields (user, metadata, ...) are ignored, as OpenAI's clients may send
+    them; those of UNSUPPORTED are refused unless they ask for the default."""
+
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Temperature = 1.0
@@ -43,6 +49,14 @@ class Common(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name, neutral in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, neutral) and value != {} and value != []:
+                raise ValueError(f"{name} is not supported by this server")
+        return self
+
     @property
     def stops(self) -> list[str]:
         return self.stop or []
@@ -56,6 +70,12 @@ class CompletionRequest(Common):
     prompt: str | Annotated[list[int], Field(min_length=1)] = ""
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: StrictBool = False
+
+    @model_validator(mode="after")
+    def _echo(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
+        return self
 
 
 class ContentPart(BaseModel):
