@@ -5,13 +5,17 @@ stop strings, n, seeds, logprobs, concurrency (batch invariance), disconnects, p
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from conftest import run_cli
-from serve_helpers import Server
+from serve_helpers import ROOT, Server
 
 from babyllama.loading import BUILTIN_TOKENIZER
 from babyllama.serve.protocol import ChoiceText
@@ -395,3 +399,25 @@ def test_loopback_hosts():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.com"))
+
+
+def test_readme_serve_examples(server):
+    """The README's Serve section, as written, against the server (its port for 8000): the curl command prints
+    `run -t 0`'s text; the openai example streams a reply."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Serve"):]
+    section = section[:section.index("\n## ")]
+    blocks = re.findall(r"```(sh|py)\n(.*?)```", section, flags=re.S)
+    sh = [code for lang, code in blocks if lang == "sh"]
+    py = [code for lang, code in blocks if lang == "py"]
+    assert "babyllama serve" in sh[0] and len(sh) == 2 and len(py) == 1
+
+    def local(code: str) -> str:
+        assert "127.0.0.1:8000" in code
+        return code.replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+
+    if shutil.which("curl"):
+        out = subprocess.run(["bash", "-c", local(sh[1])], capture_output=True, text=True, timeout=60)
+        assert json.loads(out.stdout)["choices"][0]["text"] == run_text("Once upon a time", 40)
+    out = subprocess.run([sys.executable, "-c", local(py[0])], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and len(out.stdout) > 20, out.stderr
