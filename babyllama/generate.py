@@ -12,7 +12,8 @@ of at most that many tokens, from where its prefill starts, whatever else shares
 chunk runs per step). With the NumPy engine a step's tokens go through the engine in calls of their own:
 decode tokens and short chunks together in calls of at most FUSED_MAX_TOKENS (the native kernels compute
 each token's row in the same order whatever shares the call), each longer chunk alone. So a sequence's
-numbers do not depend on which others share its steps: its greedy tokens are those it gets alone.
+numbers do not depend on which others share its steps (the fp32 kernels' one-token call alone sums in
+another order: a sequence decoding by itself differs from a batched one by rounding).
 
 Prefix reuse (`prefix_min`): a slot's cache keeps what its last sequence left in it. A new sequence goes to
 the free slot whose cached tokens share the longest prefix with its own (at least `prefix_min` tokens) and
