@@ -97,7 +97,9 @@ def test_chat_streamed_and_whole_agree(client):
 
 
 def test_chat_default_max_tokens_is_the_rest_of_the_context(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    long_turn = "Tell me about the cat and the dog. " * 20  # about 220 of the context's 256 tokens
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_turn}], temperature=0)
+    assert r.usage.prompt_tokens > 200
     assert r.choices[0].finish_reason == "stop" or r.usage.total_tokens == 256
 
 
@@ -286,7 +288,7 @@ def test_api_key(keyed):
 
 def test_full_queue_answers_429_with_retry_after(keyed):
     def ask(_):
-        return keyed.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 200, "n": 2})
+        return keyed.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 100, "n": 2})
 
     with ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(ask, range(10)))

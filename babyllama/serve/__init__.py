@@ -1,10 +1,12 @@
 """`babyllama serve`: an OpenAI-compatible HTTP server with continuous batching and prefix reuse, and a chat
-page at /. app.py holds the routes, scheduler.py the one thread that runs the engine, protocol.py OpenAI's
-shapes, metrics.py the Prometheus metrics, static/ the page. Needs the `serve` extra (FastAPI, uvicorn)."""
+page at /. app.py holds the routes, service.py what they do, scheduler.py the one thread that runs the
+engine, protocol.py OpenAI's shapes, metrics.py the Prometheus metrics, static/ the page. Needs the `serve`
+extra (FastAPI, uvicorn, prometheus-client)."""
 
 from __future__ import annotations
 
-from .app import ServeConfig, create_app
+from .app import create_app
+from .service import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "run"]
 
