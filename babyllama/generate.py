@@ -9,11 +9,11 @@ all continuous batching needs.
 A step runs the decode tokens first and fills the rest of its token budget (`max_tokens_per_step`) with
 prefill chunks, so a long prompt never stalls the sequences already generating: a prompt is cut into chunks
 of at most that many tokens, from where its prefill starts, whatever else shares the steps (at least one
-chunk runs per step). With the NumPy engine a step's tokens go through the engine in calls of their own:
-decode tokens and short chunks together in calls of at most FUSED_MAX_TOKENS (the native kernels compute
-each token's row in the same order whatever shares the call), each longer chunk alone. So a sequence's
-numbers do not depend on which others share its steps (the fp32 kernels' one-token call alone sums in
-another order: a sequence decoding by itself differs from a batched one by rounding).
+chunk runs per step). With the NumPy engine a step's tokens go through the engine in calls that its one-call
+decode step takes (the native kernels compute each token's row in the same order whatever else is in the
+call): the single tokens (decodes) all in one call, prompt chunks of at most FUSED_MAX_TOKENS packed into calls
+of at most that many tokens; a longer chunk (a prefill through sgemm) goes alone. So a sequence's numbers do
+not depend on which others share its steps.
 
 Prefix reuse (`prefix_min`): a slot's cache keeps what its last sequence left in it. A new sequence goes to
 the free slot whose cached tokens share the longest prefix with its own (at least `prefix_min` tokens) and
@@ -190,13 +190,17 @@ class Batch:
         return runs
 
     def _calls(self, runs: list) -> list[list]:
-        """The runs grouped into engine calls (see the module's docstring)."""
+        """The runs grouped into engine calls (see the module's docstring): single tokens in one call, other
+        runs of at most call_tokens tokens packed into calls of at most that many, longer runs alone."""
         limit = self.call_tokens
         if limit is None:
             return [runs]
-        calls, small, size = [], [], 0
+        singles = [r for r in runs if r[2] - r[1] == 1]
+        calls, small, size = [singles] if singles else [], [], 0
         for run in runs:
             n = run[2] - run[1]
+            if n == 1:
+                continue
             if n > limit:
                 calls.append([run])
                 continue

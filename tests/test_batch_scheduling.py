@@ -41,11 +41,34 @@ def test_a_sequence_decodes_the_same_whatever_shares_its_steps(engine, companion
     seqs = [batch.add(Sequence(prompt(i), Sampler(0.0), 40)) for i in range(companions + 1)]
     rows = run_all(batch, seqs)
     assert seqs[0].generated == solo
-    if backend()[0] == "native":
+    if backend().name == "native":
         ref = Batch(engine, 2)
         pair = [ref.add(Sequence(prompt(i), Sampler(0.0), 40)) for i in (0, 50)]
         ref_rows = run_all(ref, pair)
         assert all(np.array_equal(a, b) for a, b in zip(rows[0], ref_rows[0]))
+
+
+@pytest.mark.skipif(backend().name != "native", reason="batch invariance is the native kernels' property")
+@pytest.mark.parametrize("quantize", [False, True])
+def test_decodes_in_one_call_or_many_give_the_same_numbers(engine, quantize):
+    """20 sequences decoding: one call for all, or calls of 8, or one each, give bit-identical logits (the
+    engine's one-call step for single tokens, in fp32 and Q8_0)."""
+    e = Engine(engine.w.quantize()) if quantize else engine
+    rows = {}
+    for calls in (1, 8, 20):
+        batch = Batch(e, 20)
+        plain_calls = batch._calls  # prompts as usual; decode tokens in calls of `calls`
+
+        def regroup(runs, k=calls, plain_calls=plain_calls):
+            if any(end - start > 1 for _, start, end in runs):
+                return plain_calls(runs)
+            return [runs[i:i + k] for i in range(0, len(runs), k)]
+
+        batch._calls = regroup
+        seqs = [batch.add(Sequence(prompt(i), Sampler(0.0), 30)) for i in range(20)]
+        rows[calls] = run_all(batch, seqs)
+    for calls in (1, 8):
+        assert all(np.array_equal(a, b) for i in range(20) for a, b in zip(rows[calls][i], rows[20][i]))
 
 
 def test_decode_goes_first_and_prompts_prefill_in_fixed_chunks(engine):
