@@ -94,7 +94,7 @@ def test_stop_button_and_api_key(browser, slow_model):
         page.fill("#api-key", "k3y")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        page.fill("#max-tokens", "100")  # two turns and their replies fit the context (256)
+        page.fill("#max-tokens", "150")  # a long reply to stop, and two turns still fit the context (256)
         page.fill("#prompt", "Hello")
         page.press("#prompt", "Enter")
         page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 0")
