@@ -160,6 +160,34 @@ def test_streamed_text_is_whole_utf8_characters(tokenizer):
     assert [text.push(t) for t in ids[:2]] == ["", ""] and text.stopped
 
 
+@pytest.fixture(scope="module")
+def byte_server(tmp_path_factory):
+    """A random model whose vocabulary is mostly byte tokens: its text is full of characters split across
+    tokens (and of invalid bytes, which become U+FFFD as they should)."""
+    from conftest import byte_tokenizer, random_weights, tiny_args
+
+    from babyllama import formats
+
+    folder = tmp_path_factory.mktemp("bytes")
+    formats.save(random_weights(tiny_args(max_seq_len=256), scale=0.02), folder / "m.bin", version=1)
+    byte_tokenizer(300).save(folder / "tokenizer.bin")
+    s = Server(str(folder / "m.bin"), "--slots", "2")
+    yield s
+    s.stop()
+
+
+def test_streamed_text_equals_the_whole_text_for_byte_tokens(byte_server):
+    client = byte_server.client()
+    kw = dict(model="m.bin", prompt="x", max_tokens=200, temperature=1.0, top_p=1.0)
+    seen = ""
+    for seed in range(1, 6):
+        whole = client.completions.create(seed=seed, **kw).choices[0].text
+        chunks = [c.choices[0].text for c in client.completions.create(seed=seed, stream=True, **kw)]
+        assert "".join(chunks) == whole
+        seen += whole
+    assert any(ord(ch) > 0x7F and ch != "\ufffd" for ch in seen)  # multi-byte characters were streamed whole
+
+
 def test_concurrent_clients_get_their_solo_greedy_results(server, client):
     """16 clients at once: each gets exactly what it got alone (a sequence's arithmetic does not depend on
     which others share its steps)."""
