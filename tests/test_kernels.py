@@ -169,6 +169,32 @@ def test_decoded_alone_or_in_a_batch_gives_identical_logits(native, kind):
         native.configure_threads()
 
 
+@pytest.mark.parametrize("kind", ["fp32", "q8_0"])
+def test_prompt_products_do_not_depend_on_the_thread_count(native, kind):
+    """Prompts go through sgemm in blocks of rows: stacked matrices whose row counts are not multiples of the
+    block (w1/w3 of 100 rows here) must be cut the same way on 1 thread and on several, or a row's sum rounds
+    differently from run to run."""
+    w = random_weights(tiny_args(dim=64, hidden_dim=100, n_heads=4, n_kv_heads=2, vocab_size=320), scale=0.2)
+    w = w.quantize() if kind == "q8_0" else w
+    x = rng.standard_normal((60, w.args.dim)).astype(np.float32)
+    mats = [w.w1[0], w.w3[0]]
+    engine = Engine(w, kernels=native)
+    prompt = rng.integers(3, w.args.vocab_size, 60).tolist()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            native.configure_threads(threads)
+            products = native.matmul_many(x, mats)
+            logits = engine.forward(prompt, range(len(prompt)), engine.new_cache(1))
+            results.append((products, logits))
+    finally:
+        native.configure_threads()
+    for products, logits in results[1:]:
+        for a, b in zip(results[0][0], products, strict=True):
+            np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(logits, results[0][1])
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_quantized_engine_matches_plain(native, kind):
     """Whole forward passes against the plain path. Not bit for bit: RMSNorm, attention and SwiGLU round

@@ -1135,15 +1135,22 @@ typedef struct {
 
 #define GEMM_CHUNK_ROWS 64
 
-/* rows [lo, hi) of the stacked matrices (any number: one thread may get them all), GEMM_CHUNK_ROWS at a time */
+/* Work units of a stacked product: each matrix's rows in blocks of GEMM_CHUNK_ROWS counted from its own first
+ * row, numbered matrix after matrix. A block is always the same rows of the same matrix, however the units are
+ * dealt to threads (or all run on one), so sgemm sees the same shapes and every row's sum is the same whatever
+ * the thread count. */
+static int64_t gemm_blocks(const Mat *m) { return (m->rows + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS; }
+
 static void gemm_chunk(void *ctx, int64_t lo, int64_t hi) {
     const Gemm *g = ctx;
     float *scratch = NULL;
-    for (int j = 0; j < g->n_mats; j++) {
+    int64_t first_unit = 0;
+    for (int j = 0; j < g->n_mats && first_unit < hi; j++) {
         const Mat *m = &g->mats[j];
-        int64_t first = lo > m->row0 ? lo - m->row0 : 0, end = hi - m->row0 < m->rows ? hi - m->row0 : m->rows;
-        for (int64_t a = first; a < end; a += GEMM_CHUNK_ROWS) {
-            int64_t b = a + GEMM_CHUNK_ROWS < end ? a + GEMM_CHUNK_ROWS : end;
+        int64_t blocks = gemm_blocks(m);
+        for (int64_t u = lo > first_unit ? lo : first_unit; u < hi && u < first_unit + blocks; u++) {
+            int64_t a = (u - first_unit) * GEMM_CHUNK_ROWS;
+            int64_t b = a + GEMM_CHUNK_ROWS < m->rows ? a + GEMM_CHUNK_ROWS : m->rows;
             const float *w = (const float *)m->w + a * g->n;
             if (m->type != W_F32) {
                 if (!scratch) scratch = malloc(GEMM_CHUNK_ROWS * g->n * sizeof(float));
@@ -1152,6 +1159,7 @@ static void gemm_chunk(void *ctx, int64_t lo, int64_t hi) {
             }
             sgemm_nt(g->n_tok, b - a, g->n, g->x, w, g->out + g->n_tok * m->row0 + a, m->rows);
         }
+        first_unit += blocks;
     }
     free(scratch);
 }
@@ -1159,10 +1167,13 @@ static void gemm_chunk(void *ctx, int64_t lo, int64_t hi) {
 /* out = x @ w.T for each matrix (stacked as in matmul), in sgemm; returns 1 when no sgemm was set */
 int gemm(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out) {
     if (!sgemm_fn) return 1;
-    int64_t rows = 0;
-    for (int j = 0; j < n_mats; j++) rows = mats[j].row0 + mats[j].rows > rows ? mats[j].row0 + mats[j].rows : rows;
+    int64_t units = 0, rows = 0;
+    for (int j = 0; j < n_mats; j++) {
+        units += gemm_blocks(&mats[j]);
+        rows += mats[j].rows;
+    }
     Gemm g = {x, n_tok, n, mats, n_mats, out};
-    pool_run(gemm_chunk, &g, rows, GEMM_CHUNK_ROWS, rows * n * 4 * n_tok);
+    pool_run(gemm_chunk, &g, units, 1, rows * n * 4 * n_tok);
     return 0;
 }
 
