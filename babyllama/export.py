@@ -2,15 +2,17 @@
 sentencepiece tokenizers into tokenizer.bin (`export-tokenizer`).
 
 Sources are read by `loading.load_source` (a training checkpoint, a .bin or GGUF file, Meta's or a Hugging Face
-checkpoint). Targets: a .bin of version 0/1/2 (--to bin), a Hugging Face directory (--to hf), a GGUF file
-(--to gguf). The converters themselves live in `babyllama.interop`; this module only picks them and the
-tokenizer that goes with the model.
+checkpoint), with a LoRA adapter merged in when one is given (--lora; a Hugging Face export then also carries
+the adapter in PEFT's layout, in OUT/adapter). Targets: a .bin of version 0/1/2 (--to bin), a Hugging Face
+directory (--to hf), a GGUF file (--to gguf). The converters themselves live in `babyllama.interop`; this
+module only picks them and the tokenizer that goes with the model.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import formats
@@ -31,9 +33,11 @@ def infer_target(out: str, to: str | None) -> str:
 
 
 def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None = None,
-           group_size: int | None = None, dtype: str | None = None, tokenizer: str | None = None) -> list[Path]:
-    """Write `src` as `to` at `out` (plus its tokenizer where the target carries one); returns the paths
-    written. Flags that do not apply to the target are refused rather than silently ignored."""
+           group_size: int | None = None, dtype: str | None = None, tokenizer: str | None = None,
+           lora: str | os.PathLike | None = None) -> list[Path]:
+    """Write `src` as `to` at `out` (plus its tokenizer where the target carries one), with the LoRA adapter
+    `lora` merged in; returns the paths written. Flags that do not apply to the target are refused rather than
+    silently ignored."""
     if to not in TARGETS:
         raise BabyLlamaError(f"unknown export target '{to}' (choose {', '.join(TARGETS)})")
     if version is not None and to != "bin":
@@ -47,6 +51,12 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if tok is not None and not tok.is_file():
         raise BabyLlamaError(f"tokenizer {tok}: no such file")
     out = Path(out)
+    adapter = None
+    if lora is not None:
+        from .adapter import load_adapter, merge
+
+        adapter, base = load_adapter(lora), src.weights
+        src = replace(src, weights=merge(base, adapter, str(src.path)))
     if to != "hf":
         out.parent.mkdir(parents=True, exist_ok=True)
     if to == "bin":
@@ -57,7 +67,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         if tok is not None and tok.suffix != ".model" and tokenizer is None:
             tok = None  # only a sentencepiece model can go in a Hugging Face directory
         save_hf(src.weights, out, tok)
-        return [out]
+        if adapter is None:
+            return [out]
+        from .adapter import save_peft
+
+        return [out, save_peft(adapter, base, out / "adapter")]
     from .interop.gguf import DTYPES, save_gguf
 
     if dtype is not None and dtype not in DTYPES:

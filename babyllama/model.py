@@ -231,10 +231,10 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------------------- Weights conversion
 
     @classmethod
-    def from_weights(cls, w: Weights) -> Transformer:
-        """A model holding `w`'s tensors (Q8_0 weights are dequantized)."""
+    def from_weights(cls, w: Weights, dropout: float = 0.0) -> Transformer:
+        """A model holding `w`'s tensors (Q8_0 weights are dequantized); `dropout` for fine-tuning it."""
         args = ModelArgs.from_dict(w.args.to_dict())
-        args.dropout = 0.0
+        args.dropout = dropout
         model = cls(args)
         sd = to_state_dict(w)
         if args.shared_classifier:

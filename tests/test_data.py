@@ -129,7 +129,7 @@ def test_windows_are_next_token_pairs(tmp_path):
 def test_bad_inputs_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
-    with pytest.raises(BabyLlamaError, match=r"bad.jsonl:2: expected a string or an object"):
+    with pytest.raises(BabyLlamaError, match=r"bad.jsonl: 1 malformed line: line 2: expected"):
         list(read_documents(bad))
     (tmp_path / "broken.json").write_text("[1, 2")
     with pytest.raises(BabyLlamaError, match="invalid JSON"):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import sys
 
 from ..errors import BabyLlamaError
-from . import bench, data, evaluate, export, models, run, serve, train
+from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
 
-GROUPS = (run, evaluate, models, data, train, export, bench, serve)
+GROUPS = (run, evaluate, models, data, train, finetune, export, bench, serve)
 
 
 def build_parser() -> Parser:

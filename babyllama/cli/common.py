@@ -24,6 +24,9 @@ def add_model_flags(p, what: str = "model") -> None:
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
                    help="tokenizer.bin or sentencepiece .model (default: the model's own, else tokenizer.bin "
                         "beside it, else the built-in one)")
+    p.add_argument("--lora", metavar="ADAPTER", default=None,
+                   help="merge this LoRA adapter (adapter.safetensors, or the `babyllama finetune` run folder "
+                        "holding it) into the model's weights at load; it must come from this very model")
 
 
 def add_sampling_flags(p) -> None:

@@ -1,4 +1,4 @@
-"""`babyllama data`: download TinyStories, train a vocabulary, pretokenize."""
+"""`babyllama data`: download TinyStories, train a vocabulary, pretokenize, make instruction pairs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from .common import Parser
 
 
 def add(sub) -> None:
-    p = sub.add_parser("data", help="prepare training data: download, train-vocab, pretokenize",
+    p = sub.add_parser("data", help="prepare training data: download, train-vocab, pretokenize, instruct",
                        description="Prepare training data (llama2.c's tinystories.py).")
     steps = p.add_subparsers(dest="data_command", metavar="STEP", parser_class=Parser, required=True)
 
@@ -31,7 +31,30 @@ def add(sub) -> None:
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
     t.add_argument("--out-dir", default=None, help="shard folder (default: DATA_DIR/tok{N})")
     t.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    t.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed .jsonl lines (and conversations longer than --max-seq-len), with a count")
+    t.add_argument("--max-seq-len", type=int, default=None,
+                   help="refuse chat conversations that do not fit this context (the model's max_seq_len)")
     t.set_defaults(func=cmd_data_pretokenize)
+
+    i = steps.add_parser(
+        "instruct", help="make instruction pairs (a request -> the story) from stories, with a held-out split",
+        description="Turn stories into instruction pairs without any outside model: each request asks for a story "
+                    "about the story's own character or topic that uses three words taken from the story, in one "
+                    "of many phrasings; the story is the reply. Writes OUT_DIR/instruct_train.jsonl and "
+                    "OUT_DIR/instruct_val.jsonl (held-out stories, for `babyllama eval --instruct`).")
+    i.add_argument("--input", default=DEFAULT_INPUT, help=f"stories: text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    i.add_argument("--out-dir", default="data/instruct", help="where the .jsonl files go (data/instruct)")
+    i.add_argument("--val-count", type=int, default=200, help="stories held out for evaluation (200)")
+    i.add_argument("--per-story", type=int, default=1, help="requests per training story, each drawn anew (1)")
+    i.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
+    i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
+    i.add_argument("--max-word-df", type=float, default=None,
+                   help="ask only for words that at most this share of the stories use (default 0.05)")
+    i.add_argument("--model", default=None,
+                   help="keep the pairs that fit this model's context, with its tokenizer (default: the built-in)")
+    i.add_argument("-z", "--tokenizer", default=None, help="the model's tokenizer, if not found beside it")
+    i.set_defaults(func=cmd_data_instruct)
 
 
 DEFAULT_INPUT = "data/TinyStories_all_data"
@@ -74,7 +97,40 @@ def cmd_data_pretokenize(args) -> int:
     else:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
-    meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None)
-    print(f"wrote {meta['tokens']:,} tokens in {len(meta['shards']['train'])} train and "
+    max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
+    meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None, skip_bad_lines=args.skip_bad_lines,
+                       max_tokens=max_tokens)
+    what = f" ({meta['conversations']:,} conversations)" if meta.get("kind") == "chat" else ""
+    print(f"wrote {meta['tokens']:,} tokens{what} in {len(meta['shards']['train'])} train and "
           f"{len(meta['shards']['val'])} val shards to {out}")
+    return 0
+
+
+def cmd_data_instruct(args) -> int:
+    from itertools import islice
+    from pathlib import Path
+
+    from ..chat_template import encode_chat
+    from ..instruct import MAX_WORD_DF, make_instructions, write_jsonl
+    from ..loading import builtin_model, open_model, tokenizer_for
+    from ..train.data import input_files, read_documents
+
+    source = open_model(args.model or builtin_model())
+    tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
+    stories = list(islice((doc for path in input_files(args.input) for doc in read_documents(path)),
+                          args.max_stories))
+    if not stories:
+        raise BabyLlamaError(f"{args.input}: no stories")
+    fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
+    max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
+    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df)
+    if not train:
+        raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
+                             f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
+    out = Path(args.out_dir)
+    write_jsonl(train, out / "instruct_train.jsonl")
+    write_jsonl(val, out / "instruct_val.jsonl")
+    print(f"wrote {counts['train']:,} training and {counts['val']:,} held-out requests from {counts['stories']:,} "
+          f"stories to {out} ({counts['too_long']:,} left out: longer than the context of {seq_len}; "
+          f"{counts['no_request']:,} without a topic or words to ask for)")
     return 0

@@ -1,4 +1,4 @@
-"""`babyllama eval`: loss, perplexity and bits per byte on held-out text."""
+"""`babyllama eval`: loss, perplexity and bits per byte on held-out text; instruction following (--instruct)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,21 @@ def add(sub) -> None:
         "and bits per byte = total nats / ln 2 / UTF-8 bytes of the stories: tokenizer-independent, so models "
         "with different vocabularies compare.")
     add_model_flags(p)
-    p.add_argument("--data", required=True, help="text file to score (e.g. TinyStories valid.txt)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="text file to score (e.g. TinyStories valid.txt)")
+    what.add_argument("--instruct", metavar="FILE",
+                      help="instruction-following instead: greedy replies to the requests of FILE (.jsonl from "
+                           "`babyllama data instruct`); prints the share of requested words the replies use and "
+                           "the share that mention the requested topic")
     p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
     p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after the story in which N predicted tokens are reached (stories stay whole)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
+    p.add_argument("--max-examples", type=int, default=None, help="--instruct: score only the first N requests")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="--instruct: cap each reply (default: until EOS or the end of the context)")
+    p.add_argument("--samples", type=int, default=0, help="--instruct: also print the first N replies")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -34,6 +43,8 @@ def cmd_eval(args) -> int:
     from .run import load_model
 
     model = load_model(args)
+    if args.instruct:
+        return eval_instruct(model, args)
     r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
                  max_tokens=args.max_tokens)
     if args.json:
@@ -46,4 +57,34 @@ def cmd_eval(args) -> int:
     print(f"loss        {r.loss:.4f} nats/token")
     print(f"perplexity  {r.perplexity:.3f}")
     print(f"bits/byte   {r.bits_per_byte:.4f}")
+    return 0
+
+
+def eval_instruct(model, args) -> int:
+    import json
+
+    from ..errors import BabyLlamaError
+    from ..instruct import eval_requests, score_instructions
+    from ..loading import BUILTIN_MODEL
+
+    for flag in ("max_examples", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BabyLlamaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    s = score_instructions(model, eval_requests(args.instruct, args.max_examples), args.max_new_tokens)
+    name = str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
+    if args.json:
+        print(json.dumps({"model": name, "instruct": args.instruct, **s.to_dict(args.samples)}))
+        return 0
+    print(f"model        {name}")
+    print(f"requests     {s.requests} from {args.instruct} ({s.word_requests} ask for words, {s.topic_requests} for "
+          "a topic), greedy replies")
+    print(f"words used   {100 * s.word_share:.1f}% of {s.words_requested} requested words "
+          f"(replies using all of theirs: {100 * s.all_words_share:.1f}%)")
+    print(f"topic        {100 * s.topic_share:.1f}% of replies mention the requested topic")
+    print(f"replies      {100 * s.finished / s.requests:.1f}% end with EOS; {s.reply_tokens / s.requests:.0f} "
+          "tokens on average")
+    for sample in s.samples[:args.samples]:
+        print(f"\n> {sample['request']}\n{sample['reply']}\n[words used: {', '.join(sample['used']) or '-'} of "
+              f"{', '.join(sample['words']) or '-'}; topic: {sample['topic_hit']}]")
     return 0

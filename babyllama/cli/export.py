@@ -18,6 +18,9 @@ def add(sub) -> None:
     src.add_argument("--meta-llama", metavar="DIR", help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
     src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",
                      help="a Hugging Face Llama folder, or its weight files with config.json beside them")
+    p.add_argument("--lora", metavar="ADAPTER", default=None,
+                   help="merge this LoRA adapter (from `babyllama finetune` on the source model) into the weights; "
+                        "a Hugging Face export also gets the adapter in PEFT's layout in OUT/adapter")
     p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
     p.add_argument("--version", type=int, choices=(0, 1, 2, 3), default=None,
                    help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0, 3 Q4_0 (babyllama only) (default 1)")
@@ -46,7 +49,7 @@ def cmd_export(args) -> int:
                       max_seq_len=args.max_seq_len)
     to = infer_target(args.output, args.to)
     written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
-                     tokenizer=args.tokenizer)
+                     tokenizer=args.tokenizer, lora=args.lora)
     report(written, src.weights)
     return 0
 

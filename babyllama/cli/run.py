@@ -69,8 +69,9 @@ def load_model(args):
 
     model = load(args.checkpoint, args.tokenizer, quantize=getattr(args, "quantize", None),
                  plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
-                 mmap=not getattr(args, "no_mmap", False), compile=getattr(args, "compile", False))
-    if model.source_kind != "bin":
+                 mmap=not getattr(args, "no_mmap", False), compile=getattr(args, "compile", False),
+                 lora=args.lora)
+    if model.source_kind != "bin" or args.lora:
         print(f"babyllama: {model.description}", file=sys.stderr)
     return model
 

@@ -12,26 +12,38 @@ def add(sub) -> None:
 
 
 def add_train(sub) -> None:
-    from ..train.config import FIELDS, TrainConfig
-
     p = sub.add_parser("train", help="train a model with PyTorch (torchrun for DDP/FSDP)",
                        description="Train a Llama 2 model (llama2.c's train.py). Settings come from the "
                                    "defaults, then CONFIG (TOML or JSON), then --key=value flags. Run under "
                                    "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
     p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_config_flags(p, defaults: dict | None = None) -> None:
+    """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true."""
+    from ..train.config import FIELDS, TrainConfig
+
     knobs = p.add_argument_group("settings (--key=value)")
     for name in FIELDS:
-        knobs.add_argument(f"--{name}", dest=f"cfg_{name}", metavar=type(getattr(TrainConfig, name)).__name__.upper(),
-                           default=None, help=f"(default {getattr(TrainConfig, name)!r})")
-    p.set_defaults(func=cmd_train)
+        default = (defaults or {}).get(name, getattr(TrainConfig, name))
+        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
+        boolean = isinstance(default, bool)
+        knobs.add_argument(*spellings, dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
+                           nargs="?" if boolean else None, const="true" if boolean else None,
+                           help=f"(default {default!r})")
+
+
+def config_overrides(args) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
 def cmd_train(args) -> int:
     from ..train.config import resolve_config
     from ..train.loop import train
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    train(resolve_config(args.config, overrides))
+    train(resolve_config(args.config, config_overrides(args)))
     return 0
 
 

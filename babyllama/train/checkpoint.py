@@ -48,6 +48,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
 
 
 def model_from(ckpt: dict) -> Transformer:
+    if ckpt.get("lora"):
+        raise BabyLlamaError("a LoRA fine-tuning checkpoint holds only the adapter: use its base model with "
+                             "--lora (its run folder, or adapter.safetensors in it)")
     args = ModelArgs.from_dict(ckpt["model_args"])
     args.dropout = 0.0  # inference
     model = Transformer(args)

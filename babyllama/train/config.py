@@ -52,6 +52,16 @@ class TrainConfig:
     teacher: str = ""
     kd_alpha: float = 0.5  # weight of the KL term; 1 - kd_alpha weighs the cross-entropy on the real tokens
     kd_temperature: float = 1.0
+    # fine-tuning (`babyllama finetune`, train/finetune.py): start from a base model; LoRA when lora_rank > 0
+    base: str = ""  # the base model: checkpoint, .bin (any version), GGUF, Hugging Face or Meta folder
+    base_format: str = ""  # "" detects it from the content (loading.KINDS)
+    tokenizer: str = ""  # the base's tokenizer, when it carries none and none lies beside it
+    data: str = ""  # raw .txt/.jsonl/.json data, pretokenized into out_dir/data with the base's tokenizer
+    skip_bad_lines: bool = False  # skip malformed lines (and over-long conversations) of `data`, with a count
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
@@ -76,6 +86,10 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+# what `babyllama finetune` changes from the defaults above (a config file and --key=value go on top)
+FINETUNE_DEFAULTS = {"max_seq_len": 0, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                     "max_iters": 500, "warmup_iters": 20, "min_lr": 1e-4, "weight_decay": 0.0, "eval_interval": 100,
+                     "eval_iters": 20, "log_interval": 10}
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
               "rope_theta", "shared_classifier")
 
@@ -136,27 +150,31 @@ def apply(cfg: dict, updates: dict, source: str) -> None:
 
 
 def build_config(config_file: str | None = None, overrides: dict | None = None,
-                 resume_config: dict | None = None) -> TrainConfig:
+                 resume_config: dict | None = None, defaults: dict | None = None, checked: bool = True) -> TrainConfig:
     """Defaults (or a resumed run's config), then the file, then the overrides."""
     cfg = TrainConfig().to_dict()
+    cfg.update(defaults or {})
     if resume_config:
         cfg.update({k: v for k, v in resume_config.items() if k in FIELDS})
     if config_file:
         apply(cfg, read_config_file(config_file), str(config_file))
     apply(cfg, overrides or {}, "command line")
     out = TrainConfig(**cfg)
-    check(out)
+    if checked:
+        check(out)
     return out
 
 
-def resolve_config(config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+def resolve_config(config_file: str | None = None, overrides: dict | None = None,
+                   defaults: dict | None = None) -> TrainConfig:
     """build_config, and for init_from=resume the checkpoint's config under the file and overrides."""
-    cfg = build_config(config_file, overrides)
+    cfg = build_config(config_file, overrides, defaults=defaults, checked=False)
     if cfg.init_from == "resume":
         from . import checkpoint
 
         saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
-        cfg = build_config(config_file, overrides, resume_config=saved)
+        return build_config(config_file, overrides, resume_config=saved)
+    check(cfg)
     return cfg
 
 
@@ -165,10 +183,13 @@ def check(cfg: TrainConfig) -> None:
         raise BabyLlamaError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise BabyLlamaError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
-    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                "max_seq_len"):
+    for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise BabyLlamaError(f"{key} must be positive, got {getattr(cfg, key)}")
+    check_finetune(cfg)
+    if cfg.max_seq_len < 0 or (cfg.max_seq_len == 0 and not cfg.base):
+        raise BabyLlamaError(f"max_seq_len must be positive (0: the base model's, when fine-tuning), "
+                             f"got {cfg.max_seq_len}")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         raise BabyLlamaError("max_iters and warmup_iters must be >= 0")
     if not 0.0 <= cfg.kd_alpha <= 1.0:
@@ -177,3 +198,26 @@ def check(cfg: TrainConfig) -> None:
         raise BabyLlamaError(f"kd_temperature must be positive, got {cfg.kd_temperature}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def check_finetune(cfg: TrainConfig) -> None:
+    if not cfg.base:
+        for key in ("data", "lora_rank"):
+            if getattr(cfg, key):
+                raise BabyLlamaError(f"{key} needs a base model to fine-tune (babyllama finetune --base=MODEL)")
+        return
+    if cfg.lora_rank < 0:
+        raise BabyLlamaError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    if cfg.lora_rank:
+        if not cfg.lora_alpha > 0:
+            raise BabyLlamaError(f"lora_alpha must be positive, got {cfg.lora_alpha}")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            raise BabyLlamaError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+        from ..adapter import parse_targets
+
+        parse_targets(cfg.lora_targets)
+        if cfg.fsdp:
+            raise BabyLlamaError("LoRA runs replicate the model (DDP): fsdp=true is for full training")
+    if bool(cfg.data) == bool(cfg.data_dir):
+        raise BabyLlamaError("fine-tuning needs its data: --data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR "
+                             "(pretokenized with the base's tokenizer), one of them")

@@ -7,10 +7,18 @@ Inputs (`--input PATH`, a file or a folder searched recursively):
   .jsonl  one document per line: a JSON string, or an object with a "text" or "story" field
   .json   a list of such strings/objects (TinyStories_all_data/data*.json)
 
+  .jsonl  with chat records instead ({"messages": [...]} or {"prompt", "response"}: instruct.py), one
+          conversation per line, rendered by chat_template.encode_chat as `chat` and the server render it
+
 Pretokenized layout (llama2.c's): every document is encoded with BOS in front and the token ids of all
 documents of one input file are concatenated into one shard of uint16 (`NAME.bin`). meta.json records
 the vocabulary size and which shards are training and validation data (a shard whose name contains
 "val"); tokenizer.bin is copied beside them so that later steps find it.
+
+Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
+(uint8, 1 on the tokens a fine-tune learns: the assistant replies and their EOS) and `NAME.idx` (int64, the
+offset where each conversation starts, and the end). Training draws whole conversations (`Examples`) and
+takes the loss on the masked tokens only; plain text is drawn as random windows (`Windows`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +34,11 @@ import numpy as np
 
 from ..documents import iter_documents
 from ..errors import BabyLlamaError
+from ..instruct import CHAT, TEXT, describe_bad_lines, read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
+MASK_SUFFIX, INDEX_SUFFIX = ".mask", ".idx"  # beside a chat shard NAME.bin: NAME.mask, NAME.idx
 TOKENIZER_BIN = "tokenizer.bin"
 VAL_FRACTION = 0.1  # held out of a lone training shard when no validation shard exists
 
@@ -59,14 +70,18 @@ def _doc_text(item, where: str) -> str:
     raise BabyLlamaError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
 
 
-def read_documents(path: Path) -> Iterator[str]:
+def read_documents(path: Path, skip_bad_lines: bool = False) -> Iterator[str]:
     """The documents of one input file, stripped of surrounding whitespace, empty ones skipped."""
     try:
         if path.suffix == ".txt":
             docs = iter_documents(path)
         elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                docs = [_doc_text(json.loads(line), f"{path}:{i + 1}") for i, line in enumerate(f) if line.strip()]
+            data = read_jsonl(path, skip_bad_lines)
+            if data.kind == CHAT:
+                raise BabyLlamaError(f"{path}: chat records, not plain text")
+            if data.bad:
+                print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
+            docs = [text for _, text in data.items]
         else:
             data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, list):
@@ -109,6 +124,23 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_encode = load_encoder(tokenizer_path)[1]
 
 
+def _init_chat_worker(tokenizer_path: str) -> None:
+    global _worker_encode
+    _worker_encode = _chat_tokenizer(Path(tokenizer_path))
+
+
+def _chat_tokenizer(path: Path):
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.load(path)
+
+
+def _encode_conversations(conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    from ..chat_template import encode_chat
+
+    return [encode_chat(_worker_encode, messages, generation=False) for messages in conversations]
+
+
 def _encode_batch(texts: list[str]) -> np.ndarray:
     from ..tokenizer import BOS
 
@@ -128,43 +160,108 @@ def is_val_shard(name: str) -> bool:
     return "val" in Path(name).stem.lower()
 
 
+def file_kind(path: Path, skip_bad_lines: bool = False) -> str:
+    """CHAT for a .jsonl of chat records, else TEXT."""
+    return read_jsonl(path, skip_bad_lines).kind if path.suffix == ".jsonl" else TEXT
+
+
 def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
-                workers: int | None = None, batch_docs: int = 256) -> dict:
+                workers: int | None = None, batch_docs: int = 256, skip_bad_lines: bool = False,
+                max_tokens: int | None = None) -> dict:
     """Encode every document of `input_path` (BOS first) into uint16 shards in `out_dir`, one per input
-    file, using `workers` processes. Returns the meta.json contents."""
+    file, using `workers` processes; chat .jsonl files become chat shards (see the module docstring), where
+    `max_tokens` bounds a conversation's length. Malformed lines (and over-long conversations) stop it
+    before anything is written, unless `skip_bad_lines`. Returns the meta.json contents."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
     root, out = Path(input_path), Path(out_dir)
     files = input_files(root)
+    kinds = {f: file_kind(f, skip_bad_lines) for f in files}
+    if len(set(kinds.values())) > 1:
+        chat = next(f for f, k in kinds.items() if k == CHAT)
+        raise BabyLlamaError(f"{root} mixes chat records ({chat.name}) with plain text: pretokenize them apart")
+    kind = kinds[files[0]]
     vocab_size, _ = load_encoder(tokenizer)
     if vocab_size > 65536:
         raise BabyLlamaError(f"vocabulary of {vocab_size} tokens does not fit uint16 shards")
+    if kind == CHAT:
+        encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens) for f in files}
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     shards = {"train": [], "val": []}
     n_tokens = 0
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="pretokenize")
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
-        for f in files:
-            docs = list(read_documents(f))
+    if kind == CHAT:
+        for f, (ids, mask, offsets) in encoded.items():
             name = shard_name(f, root)
-            tmp = out / (name + ".tmp")
-            step = f.stat().st_size / max(1, len(docs))
-            batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
-            with open(tmp, "wb") as sink:
-                for batch, ids in zip(batches, pool.map(_encode_batch, batches)):
-                    sink.write(ids.tobytes())
-                    n_tokens += len(ids)
-                    bar.update(step * len(batch))
-            os.replace(tmp, out / name)
+            _write_chat_shard(out / name, ids, mask, offsets)
+            n_tokens += len(ids)
             shards["val" if is_val_shard(name) else "train"].append(name)
-    bar.close()
+    else:
+        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="pretokenize")
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
+            for f in files:
+                docs = list(read_documents(f, skip_bad_lines))
+                name = shard_name(f, root)
+                tmp = out / (name + ".tmp")
+                step = f.stat().st_size / max(1, len(docs))
+                batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
+                with open(tmp, "wb") as sink:
+                    for batch, ids in zip(batches, pool.map(_encode_batch, batches)):
+                        sink.write(ids.tobytes())
+                        n_tokens += len(ids)
+                        bar.update(step * len(batch))
+                os.replace(tmp, out / name)
+                shards["val" if is_val_shard(name) else "train"].append(name)
+        bar.close()
     _install_tokenizer(Path(tokenizer), out / TOKENIZER_BIN)
     meta = {"vocab_size": vocab_size, "tokenizer": str(tokenizer), "tokens": n_tokens, "shards": shards}
+    if kind == CHAT:
+        meta["kind"] = CHAT
+        meta["conversations"] = sum(len(offsets) - 1 for _, _, offsets in encoded.values())
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines: bool,
+                      max_tokens: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids, mask, conversation offsets) of one chat .jsonl file, every conversation checked."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    data = read_jsonl(path, skip_bad_lines)
+    bad = list(data.bad)
+    linenos, conversations = zip(*data.items)
+    batches = [list(conversations[i:i + 256]) for i in range(0, len(conversations), 256)]
+    with ProcessPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(batches))),
+                             initializer=_init_chat_worker, initargs=(str(tokenizer),)) as pool:
+        encoded = [pair for batch in pool.map(_encode_conversations, batches) for pair in batch]
+    kept = []
+    for lineno, (ids, mask) in zip(linenos, encoded):
+        if max_tokens is not None and len(ids) > max_tokens:
+            bad.append((lineno, f"the conversation has {len(ids)} tokens, longer than the context ({max_tokens})"))
+        else:
+            kept.append((ids, mask))
+    bad.sort()
+    if bad and not skip_bad_lines:
+        raise BabyLlamaError(describe_bad_lines(path, bad) + " (fix them, or pass --skip-bad-lines)")
+    if bad:
+        print(f"skipped {describe_bad_lines(path, bad)}", file=sys.stderr)
+    if not kept:
+        raise BabyLlamaError(f"{path}: no conversations left to train on (an empty dataset)")
+    offsets = np.cumsum([0] + [len(ids) for ids, _ in kept], dtype=np.int64)
+    ids = np.fromiter((t for i, _ in kept for t in i), dtype=np.uint16, count=int(offsets[-1]))
+    mask = np.fromiter((m for _, ms in kept for m in ms), dtype=np.uint8, count=int(offsets[-1]))
+    return ids, mask, offsets
+
+
+def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
+    """NAME.bin, NAME.mask and NAME.idx, each written under a temporary name and renamed."""
+    for target, array in ((path, ids), (path.with_suffix(MASK_SUFFIX), mask), (path.with_suffix(INDEX_SUFFIX),
+                                                                              offsets)):
+        tmp = target.with_name(target.name + ".tmp")
+        array.tofile(tmp)
+        os.replace(tmp, target)
 
 
 def _install_tokenizer(src: Path, dst: Path) -> None:
@@ -244,3 +341,86 @@ class Windows:
         else:
             xy = xy.to(device)
         return xy[:, :-1], xy[:, 1:]
+
+
+class Examples:
+    """Whole conversations of chat shards, one per batch row: inputs ids[:-1], targets ids[1:] with -1 where
+    the mask is 0 (the model's loss ignores -1), so the loss is taken on the assistant replies and their EOS
+    only. Rows are padded to the batch's longest conversation (inputs with 0, targets with -1). Drawn
+    with a torch.Generator like `Windows`, so resumed runs see the same batches."""
+
+    def __init__(self, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seq_len: int, what: str):
+        """shards: (tokens, mask, bounds) with bounds (n, 2) the [start, end) of each conversation."""
+        self.seq_len = seq_len
+        self.shards = shards
+        parts = [np.column_stack([np.full(len(b), i), b]) for i, (_, _, b) in enumerate(shards)]
+        self.rows = np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 3), dtype=np.int64)
+        if not len(self.rows):
+            raise BabyLlamaError(f"{what}: no conversations")
+        lengths = self.rows[:, 2] - self.rows[:, 1]
+        longest = int(lengths.argmax())
+        if lengths[longest] > seq_len + 1:
+            raise BabyLlamaError(f"{what}: conversation {longest + 1} has {lengths[longest]} tokens, more than "
+                                 f"the context holds (max_seq_len {seq_len} + 1); drop it or train a longer "
+                                 "context")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def draw(self, n: int, generator) -> np.ndarray:
+        import torch
+
+        return torch.randint(len(self.rows), (n,), generator=generator).numpy()
+
+    def batch(self, picks: np.ndarray, device):
+        import torch
+
+        rows = self.rows[picks]
+        width = int((rows[:, 2] - rows[:, 1]).max()) - 1
+        x = np.zeros((len(rows), width), dtype=np.int64)
+        y = np.full((len(rows), width), -1, dtype=np.int64)
+        for r, (shard, start, end) in enumerate(rows):
+            tokens, mask, _ = self.shards[shard]
+            ids, keep = tokens[start:end].astype(np.int64), mask[start + 1:end].astype(bool)
+            x[r, :len(ids) - 1] = ids[:-1]
+            y[r, :len(ids) - 1] = np.where(keep, ids[1:], -1)
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+def chat_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(tokens, mask, bounds) of `split`'s chat shards. Without validation shards the last VAL_FRACTION of
+    the training conversations is held out (and no longer trained on)."""
+    data_dir = Path(data_dir)
+    shards = read_meta(data_dir)["shards"]
+
+    def load(name: str):
+        path = data_dir / name
+        offsets = np.fromfile(path.with_suffix(INDEX_SUFFIX), dtype=np.int64)
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        mask = np.memmap(path.with_suffix(MASK_SUFFIX), dtype=np.uint8, mode="r")
+        return tokens, mask, np.column_stack([offsets[:-1], offsets[1:]])
+
+    if shards.get("val"):
+        return [load(n) for n in shards[split]]
+    loaded = [load(n) for n in shards["train"]]
+    total = sum(len(b) for _, _, b in loaded)
+    n_val = max(1, int(total * VAL_FRACTION)) if total > 1 else 0
+    out, seen = [], 0  # conversations [0, total - n_val) train, the rest validation
+    for tokens, mask, bounds in loaded:
+        cut = min(max(total - n_val - seen, 0), len(bounds))
+        part = bounds[:cut] if split == "train" else bounds[cut:]
+        if len(part):
+            out.append((tokens, mask, part))
+        seen += len(bounds)
+    return out
+
+
+def open_split(data_dir: str | os.PathLike, split: str, seq_len: int) -> Windows | Examples:
+    """Training batches of `split`: whole conversations for chat data, random windows for plain text."""
+    what = f"{data_dir} ({split})"
+    if read_meta(data_dir).get("kind") == CHAT:
+        return Examples(chat_shards(data_dir, split), seq_len, what)
+    return Windows(split_arrays(data_dir, split), seq_len, what)

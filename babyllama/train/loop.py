@@ -12,6 +12,10 @@ iterations (and at the end) the val loss is estimated on fixed batches and ckpt.
 
 With a `teacher` (distill.py), the training loss mixes cross-entropy with distillation from the teacher's
 distributions on the same batch; validation losses stay plain cross-entropy.
+
+Fine-tuning (finetune.py) starts from a base model's weights instead, optionally with LoRA (lora.py): the base
+frozen, only the adapter trained, checkpointed and written as adapter.safetensors. Chat data is drawn as whole
+conversations whose non-assistant targets are -1 (data.Examples), so the same loss covers assistant tokens only.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..adapter import ADAPTER_FILE, save_adapter
 from ..errors import BabyLlamaError
 from ..model import Transformer
-from . import checkpoint, distill
+from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import TOKENIZER_BIN, Windows, read_meta, split_arrays
+from .data import TOKENIZER_BIN, open_split, read_meta
+from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
 
@@ -98,10 +104,10 @@ def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def _state_options():
+def _state_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
 
 
 def _state_dicts(model, optimizer) -> tuple[dict, dict]:
@@ -112,11 +118,15 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def _load_state_dicts(model, optimizer, ckpt: dict) -> None:
+def _load_state_dicts(model, optimizer, ckpt: dict, lora: bool = False) -> None:
+    """Restore a checkpoint's model and optimizer state; a LoRA checkpoint holds the adapter's factors only."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    opts = _state_options()
-    set_model_state_dict(model, checkpoint._strip_prefixes(ckpt["model"]), options=opts)
+    opts = _state_options(strict=not lora)
+    state = checkpoint._strip_prefixes(ckpt["model"])
+    if lora and set(state) != {name for name, _ in model.named_parameters() if is_factor(name)}:
+        raise BabyLlamaError("cannot resume: the checkpoint's LoRA factors do not match this run's (rank, targets)")
+    set_model_state_dict(model, state, options=opts)
     set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
 
 
@@ -136,21 +146,21 @@ class Trainer:
             raise BabyLlamaError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a "
                                  f"multiple of the number of processes ({W})")
         self.accum = cfg.gradient_accumulation_steps // W  # micro-steps per rank per iteration
+
+        # a fine-tune's base (not needed when a full fine-tune resumes: its checkpoint holds every weight)
+        base = finetune.open_base(cfg) if cfg.base and (ckpt is None or cfg.lora_rank) else None
+        self.data_dir = self._open_data_dir(base)
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
+        self.train_data = open_split(self.data_dir, "train", cfg.max_seq_len)
+        self.val_data = open_split(self.data_dir, "val", cfg.max_seq_len)
 
-        meta = read_meta(cfg.data_dir) if cfg.data_dir else None
-        if meta is None:
-            raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
-        if cfg.vocab_size == 0:
-            cfg.vocab_size = int(meta.get("vocab_size") or 0)
-            if not cfg.vocab_size:
-                raise BabyLlamaError(f"{cfg.data_dir} has no meta.json: set --vocab_size")
-        self.train_data = Windows(split_arrays(cfg.data_dir, "train"), cfg.max_seq_len, f"{cfg.data_dir} (train)")
-        self.val_data = Windows(split_arrays(cfg.data_dir, "val"), cfg.max_seq_len, f"{cfg.data_dir} (val)")
-
-        self.model_args = cfg.model_args()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = Transformer(self.model_args).to(self.device)
+        if cfg.base:
+            model, self.lora = finetune.make_model(cfg, base, ckpt)
+        else:
+            model, self.lora = Transformer(cfg.model_args()), None
+        self.model_args = model.args
+        model = model.to(self.device)
         self.raw = model
         if cfg.fsdp:
             if not self.dist.enabled:
@@ -185,10 +195,29 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype, cfg.peak_flops)
         self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None) if self.dist.master else None
 
+    def _open_data_dir(self, base) -> Path:
+        """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
+        cfg = self.cfg
+        data_dir = Path(cfg.data_dir or self.out_dir / "data")
+        if cfg.data:
+            finetune.prepare_data(cfg, base, data_dir, self.dist.master)
+            if self.dist.enabled:
+                dist.barrier()
+        meta = read_meta(data_dir) if cfg.data_dir or cfg.data else None
+        if meta is None:
+            raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
+        if cfg.base:
+            finetune.check_vocab(cfg, data_dir)
+        if cfg.vocab_size == 0:
+            cfg.vocab_size = int(meta.get("vocab_size") or 0)
+            if not cfg.vocab_size:
+                raise BabyLlamaError(f"{data_dir} has no meta.json: set --vocab_size")
+        return data_dir
+
     # ------------------------------------------------------------------------------------ state
 
     def _restore(self, ckpt: dict) -> None:
-        _load_state_dicts(self.raw, self.optimizer, ckpt)
+        _load_state_dicts(self.raw, self.optimizer, ckpt, lora=self.lora is not None)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num = int(ckpt["iter_num"])
@@ -204,12 +233,16 @@ class Trainer:
         model_sd, optim_sd = _state_dicts(self.raw, self.optimizer)  # collective under FSDP
         if not self.dist.master:
             return
+        if self.lora is not None:  # the base stays where it is: the checkpoint holds the adapter only
+            model_sd = {k: v for k, v in model_sd.items() if is_factor(k)}
+            save_adapter(adapter_from_state(model_sd, self.lora), self.out_dir / ADAPTER_FILE)
         rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint.save({"model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
                          "model_args": self.model_args.to_dict(), "config": self.cfg.to_dict(),
-                         "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng},
+                         "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
+                         "lora": self.lora},
                         self.out_dir / checkpoint.CKPT_NAME)
 
     # ------------------------------------------------------------------------------------ steps
@@ -300,8 +333,11 @@ class Trainer:
         if master:
             self._install_tokenizer()
             n_params = sum(p.numel() for p in self.raw.parameters())
-            print(f"model: {n_params / 1e6:.2f}M parameters, {self.dist.world} process(es) on {self.device}, "
-                  f"{self.dtype}; {self.tokens_per_iter:,} tokens per iteration", flush=True)
+            trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
+            lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
+            base = f", fine-tuning {cfg.base}" if cfg.base else ""
+            print(f"model: {n_params / 1e6:.2f}M parameters{lora}{base}, {self.dist.world} process(es) on "
+                  f"{self.device}, {self.dtype}; {self.tokens_per_iter:,} tokens per iteration", flush=True)
             if self.teacher is not None:
                 print(f"distilling from {cfg.teacher} (kd_alpha {cfg.kd_alpha}, kd_temperature "
                       f"{cfg.kd_temperature})", flush=True)
@@ -342,7 +378,7 @@ class Trainer:
 
     def _install_tokenizer(self) -> None:
         """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there."""
-        src, dst = Path(self.cfg.data_dir) / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
+        src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
         if src.is_file() and not dst.exists():
             shutil.copyfile(src, dst)
 

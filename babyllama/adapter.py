@@ -1,0 +1,223 @@
+"""LoRA adapters outside training (NumPy only): the adapter files, the base model's identity, merging an
+adapter into `Weights`, and writing it in PEFT's layout.
+
+An adapter is two files side by side (train/lora.py writes them):
+
+    adapter.safetensors   for each adapted matrix W (out, in) of layer N: layers.N.attention.wq.lora_A (r, in)
+                          and layers.N.attention.wq.lora_B (out, r), fp32, llama2.c names and row order
+    adapter.json          {"format", "rank", "alpha", "dropout", "targets", "base": {"args", "sha256"}}
+
+The adapted model computes W·x + (alpha/r)·B·A·x, so merging is W' = W + (alpha/r)·B·A. "base" names the model
+the adapter was trained on: its shape and a sha256 over its fp32 tensors as loaded (names, shapes, bytes).
+An adapter is merged only into that model: a quantized copy of the base has other tensors, so it is another
+base (merge first, then quantize).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BabyLlamaError
+from .formats import LAYER_MATRICES, Weights
+from .interop.state_dict import LAYER_NAMES, to_state_dict
+
+FORMAT = "babyllama-lora-1"
+ADAPTER_FILE = "adapter.safetensors"
+IDENTITY_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+                 "shared_classifier")
+PEFT_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
+                "w2": "down_proj", "w3": "up_proj"}
+
+
+def lora_key(layer: int, target: str, which: str) -> str:
+    """The adapter tensor name of one factor: (0, "wq", "A") -> layers.0.attention.wq.lora_A."""
+    return f"layers.{layer}.{LAYER_NAMES[target]}.lora_{which}"
+
+
+def parse_targets(text: str | list[str]) -> list[str]:
+    """"wq,wv" -> ["wq", "wv"], checked against the layer matrices."""
+    names = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    names = [t for t in names if t]
+    unknown = [t for t in names if t not in LAYER_MATRICES]
+    if unknown or not names:
+        raise BabyLlamaError(f"lora targets must be some of {','.join(LAYER_MATRICES)}, got {text!r}")
+    return [t for t in LAYER_MATRICES if t in names]
+
+
+# ------------------------------------------------------------------------------------------------ identity
+
+
+def weights_sha256(weights: Weights) -> str:
+    """sha256 over every fp32 tensor of the model (name, shape, little-endian bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for name, t in to_state_dict(weights).items():
+        t = np.ascontiguousarray(t, dtype="<f4")
+        h.update(f"{name}{t.shape}".encode())
+        h.update(memoryview(t).cast("B"))
+    return h.hexdigest()
+
+
+def base_identity(weights: Weights) -> dict:
+    """What an adapter records about its base: the shape and the hash of the fp32 tensors."""
+    args = weights.args.to_dict()
+    return {"args": {k: args[k] for k in IDENTITY_KEYS}, "sha256": weights_sha256(weights)}
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+@dataclass
+class Adapter:
+    rank: int
+    alpha: float
+    targets: list[str]
+    base: dict  # base_identity() of the model it was trained on
+    tensors: dict[str, np.ndarray]
+    dropout: float = 0.0
+    path: Path | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def config(self) -> dict:
+        return {"format": FORMAT, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "targets": self.targets, "base": self.base}
+
+
+def adapter_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(tensors, config) of an adapter given as its .safetensors, its .json or the folder holding them."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    return path, path.with_suffix(".json")
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> list[Path]:
+    """Write the adapter's tensors and config (each to a temporary name, then renamed)."""
+    from safetensors.numpy import save_file
+
+    tensors_path, config_path = adapter_paths(path)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.tensors.items()}, str(tmp),
+              metadata={"format": FORMAT})
+    os.replace(tmp, tensors_path)
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(adapter.config(), indent=2) + "\n")
+    os.replace(tmp, config_path)
+    return [tensors_path, config_path]
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    tensors_path, config_path = adapter_paths(path)
+    for p in (tensors_path, config_path):
+        if not p.is_file():
+            raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "
+                                 "beside it)")
+    try:
+        config = json.loads(config_path.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"format {config.get('format')!r}, expected {FORMAT!r}")
+        rank, alpha = int(config["rank"]), float(config["alpha"])
+        targets, base = parse_targets(config["targets"]), dict(config["base"])
+        if not isinstance(base.get("args"), dict) or not isinstance(base.get("sha256"), str):
+            raise ValueError("no base identity (args and sha256)")
+    except (ValueError, KeyError, TypeError) as e:
+        raise BabyLlamaError(f"{config_path}: not a babyllama adapter config ({e})") from None
+    try:
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise BabyLlamaError("LoRA adapters need safetensors: pip install 'babyllama[interop]'") from None
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as e:  # safetensors raises its own error type for a corrupt file
+        raise BabyLlamaError(f"{tensors_path}: not a readable safetensors file ({e})") from None
+    return Adapter(rank, alpha, targets, base, tensors, float(config.get("dropout", 0.0)), tensors_path)
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+
+def check_base(adapter: Adapter, weights: Weights, what: str = "this model") -> None:
+    """One clear line unless `weights` is the model the adapter was trained on."""
+    name = adapter.path or "the adapter"
+    args = weights.args.to_dict()
+    differ = [f"{k} {adapter.base['args'].get(k)} vs {args[k]}" for k in IDENTITY_KEYS
+              if adapter.base["args"].get(k) != args[k]]
+    if differ:
+        raise BabyLlamaError(f"{name} was trained on another model than {what} ({', '.join(differ)})")
+    if weights_sha256(weights) != adapter.base["sha256"]:
+        hint = (": a quantized copy of the base is another base; merge into the fp32 base first, then quantize "
+                "(babyllama export OUT.bin --model BASE --lora ADAPTER --version 2)") if weights.quantized else ""
+        raise BabyLlamaError(f"{name} was trained on another base than {what} (same shape, other weights{hint})")
+
+
+def merge(weights: Weights, adapter: Adapter, what: str = "this model") -> Weights:
+    """`weights` with the adapter folded in (W + (alpha/r)·B·A for every adapted matrix), fp32."""
+    check_base(adapter, weights, what)
+    w = weights.to_fp32()
+    merged = {}
+    for target in adapter.targets:
+        stack = np.array(getattr(w, target), dtype=np.float32)  # a copy: the file's arrays are read-only
+        for layer in range(w.args.n_layers):
+            a, b = adapter_pair(adapter, layer, target, stack[layer].shape)
+            stack[layer] += np.float32(adapter.scale) * (b @ a)
+        merged[target] = stack
+    return replace(w, **merged)
+
+
+def adapter_pair(adapter: Adapter, layer: int, target: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of one adapted matrix of `shape`, checked."""
+    pair = []
+    for which, want in (("A", (adapter.rank, shape[1])), ("B", (shape[0], adapter.rank))):
+        key = lora_key(layer, target, which)
+        if key not in adapter.tensors:
+            raise BabyLlamaError(f"{adapter.path}: tensor {key} is missing")
+        t = adapter.tensors[key]
+        if tuple(t.shape) != want:
+            raise BabyLlamaError(f"{adapter.path}: tensor {key} has shape {tuple(t.shape)}, expected {want}")
+        pair.append(t.astype(np.float32, copy=False))
+    return pair[0], pair[1]
+
+
+# ------------------------------------------------------------------------------------------------ PEFT
+
+
+def save_peft(adapter: Adapter, weights: Weights, outdir: str | os.PathLike) -> Path:
+    """The adapter in PEFT's layout (adapter_config.json + adapter_model.safetensors), for the base model
+    exported to Hugging Face: `PeftModel.from_pretrained(base, outdir)` then computes what we do. wq/wk's B
+    rows follow the Hugging Face export's rotary row order (A acts on the input side and stays as is)."""
+    from safetensors.numpy import save_file
+
+    from .interop.hf import interleaved_to_halves
+
+    args = weights.args
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for target in adapter.targets:
+        shape = tuple(getattr(weights, target)[0].shape)
+        for layer in range(args.n_layers):
+            a, b = adapter_pair(adapter, layer, target, shape)
+            if target in ("wq", "wk"):
+                b = interleaved_to_halves(b, args.n_heads if target == "wq" else args.n_kv_heads)
+            module = "self_attn" if target in ("wq", "wk", "wv", "wo") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{module}.{PEFT_MODULES[target]}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
+    save_file(tensors, str(outdir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
+              "lora_dropout": adapter.dropout, "target_modules": [PEFT_MODULES[t] for t in adapter.targets],
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "base_model_name_or_path": None}
+    (outdir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return outdir

@@ -1,0 +1,48 @@
+"""`babyllama finetune`: full or LoRA fine-tuning of any model babyllama reads, on text or chat data."""
+
+from __future__ import annotations
+
+from ..errors import BabyLlamaError
+from .train import add_config_flags, config_overrides
+
+
+def add(sub) -> None:
+    from ..train.config import FINETUNE_DEFAULTS
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model on text or chat data (full, or LoRA with --lora-rank)",
+        description="Fine-tune a base model with the training loop (`babyllama train`'s settings, schedule, "
+                    "checkpoints, resume and torchrun), starting from its weights. DATA is plain text (continued "
+                    "pre-training) or chat .jsonl ({\"messages\": [...]} or {\"prompt\", \"response\"}), rendered "
+                    "with the chat template of `chat` and the server; the loss is taken on assistant replies only. "
+                    "With --lora-rank R the base stays frozen and OUT_DIR/adapter.safetensors (+ .json) is "
+                    "written; use it with `run/chat --lora` or `export --lora`. Without it every weight is "
+                    "trained and OUT_DIR/ckpt.pt is a model of its own. Settings: the defaults, then CONFIG, "
+                    "then --key=value flags (fine-tuning's defaults differ from train's: see below).")
+    p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--hf", metavar="DIR", help="the base is this Hugging Face Llama folder")
+    src.add_argument("--meta-llama", metavar="DIR", help="the base is this Meta checkpoint folder")
+    add_config_flags(p, FINETUNE_DEFAULTS)
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from ..train.config import FINETUNE_DEFAULTS, resolve_config
+    from ..train.loop import train
+
+    overrides = config_overrides(args)
+    for folder, kind in ((args.hf, "hf"), (args.meta_llama, "meta")):
+        if folder:
+            overrides.update(base=folder, base_format=kind)
+    cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
+    if not cfg.base:
+        raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
+                             "--meta-llama DIR")
+    train(cfg)
+    out = cfg.out_dir
+    if cfg.lora_rank:
+        print(f"adapter: {out}/adapter.safetensors (+ adapter.json); try: babyllama chat {cfg.base} --lora {out}")
+    else:
+        print(f"model: {out}/ckpt.pt; try: babyllama chat {out}, or babyllama export OUT.bin --checkpoint {out}")
+    return 0

@@ -1,0 +1,77 @@
+"""Fine-tuning (`babyllama finetune`): the training loop started from a base model instead of random weights.
+
+The base is any model babyllama reads (loading.open_model: a training checkpoint, a .bin of any version,
+dequantized, a GGUF file, a Hugging Face or Meta folder), fp32. Its shape replaces the config's model keys (so
+the checkpoint records them), its context is the default max_seq_len, and its tokenizer encodes `data` (raw
+text or chat .jsonl, pretokenized into out_dir/data). With lora_rank > 0 the base is frozen and LoRA factors
+are trained (lora.py); the adapter's config names the base by its identity (adapter.base_identity), which a
+resumed run checks too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapter import base_identity, parse_targets
+from ..config import ModelArgs
+from ..errors import BabyLlamaError
+from ..loading import Source, open_model, tokenizer_for
+from ..model import Transformer
+from .config import TrainConfig
+from .data import TOKENIZER_BIN, pretokenize, read_meta
+from .lora import apply_lora
+
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
+              "shared_classifier")
+
+
+def open_base(cfg: TrainConfig) -> Source:
+    """The base model, fp32, with its context set to max_seq_len (0: its own), and cfg's shape keys set to it."""
+    source = open_model(cfg.base, cfg.base_format or None, max_seq_len=cfg.max_seq_len or None)
+    source.weights = source.weights.to_fp32()
+    args = source.weights.args
+    for key in SHAPE_KEYS:
+        setattr(cfg, key, getattr(args, key))
+    cfg.max_seq_len = args.max_seq_len
+    return source
+
+
+def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path, master: bool) -> None:
+    """Pretokenize `cfg.data` into `data_dir` with the base's tokenizer (on the master process; a resumed run
+    keeps what the first one made)."""
+    if not master or (base is None and (data_dir / "meta.json").is_file()):
+        return
+    if base is None:
+        raise BabyLlamaError(f"{data_dir}: the pretokenized data of this run is missing")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = data_dir / TOKENIZER_BIN
+    tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
+    meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
+                       max_tokens=cfg.max_seq_len + 1)
+    kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
+    print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
+
+
+def check_vocab(cfg: TrainConfig, data_dir: Path) -> None:
+    vocab = int(read_meta(data_dir).get("vocab_size") or 0)
+    if vocab and vocab != cfg.vocab_size:
+        raise BabyLlamaError(f"{data_dir} was tokenized with a {vocab}-token vocabulary, the base model has "
+                             f"{cfg.vocab_size}: pretokenize with the base's tokenizer (or pass --data)")
+
+
+def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tuple[Transformer, dict | None]:
+    """The model to train and, for LoRA, the adapter's config (rank, alpha, dropout, targets, base identity).
+    `base` is None when a full fine-tune resumes: its checkpoint holds every weight."""
+    if base is None:
+        args = ModelArgs.from_dict(ckpt["model_args"])
+        args.dropout = cfg.dropout
+        return Transformer(args), None
+    model = Transformer.from_weights(base.weights, dropout=cfg.dropout)
+    if not cfg.lora_rank:
+        return model, None
+    identity = base_identity(base.weights)
+    if ckpt is not None and ckpt.get("lora", {}).get("base") != identity:
+        raise BabyLlamaError(f"cannot resume: {cfg.base} is not the base model this LoRA run started from")
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return model, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                   "targets": parse_targets(cfg.lora_targets), "base": identity}

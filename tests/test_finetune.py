@@ -1,0 +1,424 @@
+"""`babyllama finetune` on a tiny model and a small instruction set made here: LoRA trains the adapter only and
+lowers the held-out loss; the merged adapter (export, run --lora, the NumPy engine) computes what the unmerged
+PyTorch model does; resume after a kill; adapters refused on other bases; PEFT reads our Hugging Face adapter;
+every base format; full fine-tuning; one-line errors; torchrun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, assert_greedy_agree, byte_tokenizer, random_weights, run_cli, tiny_args
+
+from babyllama import formats
+from babyllama.adapter import load_adapter, weights_sha256
+from babyllama.errors import BabyLlamaError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from babyllama.model import TorchEngine, Transformer  # noqa: E402
+from babyllama.train.config import FINETUNE_DEFAULTS, resolve_config  # noqa: E402
+from babyllama.train.loop import Trainer, train  # noqa: E402
+from babyllama.train.lora import apply_lora, load_factors  # noqa: E402
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+NAMES = ["tom", "ann", "bob", "sue"]
+ARGS = tiny_args(vocab_size=300, max_seq_len=96)
+PROMPT = [{"role": "user", "content": "Please say sue"}]
+
+
+def conversation(rng: random.Random) -> dict:
+    name = rng.choice(NAMES)
+    return {"messages": [{"role": "user", "content": f"Please say {name}"},
+                         {"role": "assistant", "content": f"{name} {name} the end"}], "words": [name]}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def make_task(root):
+    """base.bin (random weights) + tokenizer.bin beside it, and data/ with training and held-out requests."""
+    root.mkdir(parents=True, exist_ok=True)
+    w = random_weights(ARGS, seed=1, scale=0.1)
+    w.tok_embeddings *= 4  # also the (tied) classifier: room for confident logits, which LoRA cannot add
+    formats.save(w, root / "base.bin", 1)
+    byte_tokenizer(300).save(root / "tokenizer.bin")
+    rng = random.Random(0)
+    (root / "data").mkdir(exist_ok=True)
+    write_jsonl(root / "data" / "instruct_train.jsonl", [conversation(rng) for _ in range(200)])
+    write_jsonl(root / "data" / "instruct_val.jsonl", [conversation(rng) for _ in range(24)])
+    return root
+
+
+def settings(root, out, **kw) -> dict:
+    base = dict(base=str(root / "base.bin"), data=str(root / "data"), out_dir=str(out), lora_rank="8",
+                learning_rate="2e-2", batch_size="16", max_iters="60", eval_interval="30", eval_iters="2",
+                log_interval="1", warmup_iters="5", lr_decay_iters="60", device="cpu")
+    return {**base, **{k: str(v) for k, v in kw.items()}}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA fine-tune of the task, in process (the Trainer kept, to look inside)."""
+    root = make_task(tmp_path_factory.mktemp("task"))
+    base_hash = hashlib.sha256((root / "base.bin").read_bytes()).hexdigest()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(resolve_config(None, settings(root, root / "lora"), defaults=FINETUNE_DEFAULTS))
+        trainer.run()
+    finally:
+        torch.set_num_threads(n)
+    return root, trainer, base_hash
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def unmerged_model(root, adapter_path) -> Transformer:
+    """The base in PyTorch with the adapter's factors beside the frozen weights (nothing merged)."""
+    adapter = load_adapter(adapter_path)
+    model = Transformer.from_weights(formats.load(root / "base.bin"))
+    apply_lora(model, adapter.rank, adapter.alpha, 0.0, adapter.targets)
+    load_factors(model, adapter.tensors)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_lowers_the_held_out_loss_and_trains_the_adapter_only(lora_run):
+    root, trainer, base_hash = lora_run
+    out = root / "lora"
+    evals = [(r["iter"], r["val_loss"]) for r in records(out) if "val_loss" in r]
+    assert [i for i, _ in evals] == [0, 30, 60]
+    assert evals[-1][1] < 0.2 * evals[0][1]  # masked loss on the replies, held-out conversations
+    # the base's weights are untouched: the file, and every frozen tensor of the trained model
+    assert hashlib.sha256((root / "base.bin").read_bytes()).hexdigest() == base_hash
+    base = Transformer.from_weights(formats.load(root / "base.bin")).state_dict()
+    trained = trainer.raw.state_dict()
+    frozen = [k for k in trained if ".lora_" not in k]
+    assert sorted(frozen) == sorted(base) and all(torch.equal(trained[k], base[k]) for k in frozen)
+    factors = {k for k, p in trainer.raw.named_parameters() if p.requires_grad}
+    assert factors == {f"layers.{i}.{m}.lora_{ab}" for i in range(2) for m in
+                       ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                        "feed_forward.w2", "feed_forward.w3") for ab in "AB"}
+    assert len(trainer.optimizer.state) == len(factors)  # no optimizer state for the base
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert set(ckpt["model"]) == factors and ckpt["lora"]["rank"] == 8
+    # the adapter on its own: its tensors are the checkpoint's, its config names the base
+    adapter = load_adapter(out / "adapter.safetensors")
+    assert set(adapter.tensors) == factors and adapter.alpha == 16.0 and adapter.rank == 8
+    assert all(np.array_equal(adapter.tensors[k], ckpt["model"][k].numpy()) for k in factors)
+    assert adapter.base["sha256"] == weights_sha256(formats.load(root / "base.bin"))
+    assert adapter.base["args"]["dim"] == ARGS.dim
+    assert any(np.abs(adapter.tensors[k]).max() > 0 for k in factors if k.endswith("lora_B"))
+
+
+def test_merged_adapter_computes_what_the_unmerged_model_does(lora_run, tmp_path):
+    """NumPy engine on the merged export vs PyTorch with the factors unmerged: logits within 1e-4 (measured
+    ~2e-6), greedy tokens equal up to a near-tie; `run --lora` and `run MERGED.bin` print the same text."""
+    from babyllama.api import load
+    from babyllama.chat_template import encode_chat
+    from babyllama.engine import Engine
+    from babyllama.generate import generate
+    from babyllama.sampler import Sampler
+    from babyllama.tokenizer import EOS
+
+    root, _, _ = lora_run
+    tok = byte_tokenizer(300)
+    proc = run_cli("export", str(tmp_path / "merged.bin"), "--model", str(root / "base.bin"), "--lora",
+                   str(root / "lora"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    ids, _ = encode_chat(tok, PROMPT)
+    model = unmerged_model(root, root / "lora")
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0][0].numpy()
+    engine = Engine(formats.load(tmp_path / "merged.bin"))
+    got = engine.forward(ids, np.arange(len(ids)), engine.new_cache())
+    assert np.abs(got - want).max() <= 1e-4
+
+    merged = load(root / "base.bin", root / "tokenizer.bin", lora=root / "lora")
+    numpy_tokens = list(generate(merged.engine, ids, ARGS.max_seq_len, Sampler(0.0), stop_ids=(EOS,)))
+    torch_tokens = list(generate(TorchEngine(model), ids, ARGS.max_seq_len, Sampler(0.0), stop_ids=(EOS,)))
+    full = ids + torch_tokens
+
+    def logits_at(i):
+        with torch.no_grad():
+            return model(torch.tensor([full[:len(ids) + i]]))[0][0, -1].numpy()
+
+    assert_greedy_agree(torch_tokens, numpy_tokens, logits_at, max_margin=1e-3)
+    assert tok.decode_text(numpy_tokens, ids[-1]).strip().startswith("sue sue")  # it learned the task
+
+    flags = ["-z", str(root / "tokenizer.bin"), "-t", "0", "-n", "60", "-i", "[INST] Please say sue [/INST]"]
+    with_lora = run_cli("run", str(root / "base.bin"), "--lora", str(root / "lora" / "adapter.json"), *flags)
+    exported = run_cli("run", str(tmp_path / "merged.bin"), *flags)
+    assert with_lora.returncode == exported.returncode == 0, with_lora.stderr.decode()
+    assert with_lora.stdout == exported.stdout and b"sue sue" in with_lora.stdout
+    assert b"LoRA adapter" in with_lora.stderr
+
+
+def test_eval_instruct_scores_the_fine_tune_above_the_base(lora_run):
+    root, _, _ = lora_run
+    common = ["-z", str(root / "tokenizer.bin"), "--instruct", str(root / "data" / "instruct_val.jsonl"), "--json",
+              "--samples", "1"]
+    tuned = run_cli("eval", str(root / "base.bin"), "--lora", str(root / "lora"), *common)
+    base = run_cli("eval", str(root / "base.bin"), *common)
+    assert tuned.returncode == base.returncode == 0, tuned.stderr.decode()
+    tuned, base = json.loads(tuned.stdout), json.loads(base.stdout)
+    assert tuned["requests"] == base["requests"] == 24 and tuned["words_requested"] == 24
+    assert tuned["word_share"] >= 0.8 > base["word_share"]
+    sample = tuned["samples"][0]
+    assert sample["words"][0] in sample["request"] and sample["used"] == sample["words"]
+
+
+def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
+    from babyllama.api import load
+
+    root, _, _ = lora_run
+    lora = root / "lora"
+    formats.save(random_weights(ARGS, seed=2, scale=0.1), tmp_path / "other.bin", 1)
+    formats.save(random_weights(tiny_args(vocab_size=300, max_seq_len=96, dim=48, n_heads=4), seed=1), tmp_path /
+                 "wide.bin", 1)
+    proc = run_cli("export", str(tmp_path / "q8.bin"), "--model", str(root / "base.bin"), "--version", "2")
+    assert proc.returncode == 0
+    tok = root / "tokenizer.bin"
+    with pytest.raises(BabyLlamaError, match="trained on another base .*same shape, other weights"):
+        load(tmp_path / "other.bin", tok, lora=lora)
+    with pytest.raises(BabyLlamaError, match="trained on another model .*dim 32 vs 48"):
+        load(tmp_path / "wide.bin", tok, lora=lora)
+    with pytest.raises(BabyLlamaError, match="a quantized copy of the base is another base"):
+        load(tmp_path / "q8.bin", tok, lora=lora)
+    assert load(root / "base.bin", tok, quantize="q8_0", lora=lora).weights.quantized  # merged, then quantized
+    proc = run_cli("run", str(tmp_path / "other.bin"), "-z", str(tok), "--lora", str(lora), "-n", "8")
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "another base" in err
+    proc = run_cli("run", str(root / "base.bin"), "-z", str(tok), "--lora", str(tmp_path / "none"), "-n", "8")
+    assert proc.returncode == 1 and "adapter file not found" in proc.stderr.decode()
+
+
+def test_peft_loads_the_hugging_face_adapter_with_our_logits(lora_run, tmp_path):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    root, _, _ = lora_run
+    for out, extra in ((tmp_path / "base_hf", []), (tmp_path / "tuned_hf", ["--lora", str(root / "lora")])):
+        proc = run_cli("export", str(out), "--model", str(root / "base.bin"), *extra)
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert sorted(p.name for p in (tmp_path / "tuned_hf" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    tokens = torch.tensor([np.random.default_rng(0).integers(0, 300, 40).tolist()])
+    with torch.no_grad():
+        ours = unmerged_model(root, root / "lora")(tokens)[0]
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf").eval()(tokens).logits
+        peft_model = PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf"), tmp_path / "tuned_hf" / "adapter")
+        with_peft = peft_model.eval()(tokens).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned_hf").eval()(tokens).logits
+    assert (with_peft - ours).abs().max() <= 1e-4 and (merged - ours).abs().max() <= 1e-4
+    assert (plain - ours).abs().max() > 0.01  # the adapter matters: a no-op would pass the checks above
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path, one_thread):
+    """A run killed (SIGKILL) after a checkpoint, resumed with --init_from=resume, ends where an uninterrupted
+    run ends: the same loss at every step and the same adapter, bit for bit (dropout on: RNG restored)."""
+    root = make_task(tmp_path / "task")
+    same = dict(max_iters=60, eval_interval=10, lr_decay_iters=60, lora_dropout=0.1, learning_rate="3e-3",
+                batch_size=8)
+    train(resolve_config(None, settings(root, tmp_path / "straight", **same), defaults=FINETUNE_DEFAULTS))
+
+    flags = [f"--{k}={v}" for k, v in settings(root, tmp_path / "killed", **same).items()]
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "finetune", *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "ckpt.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    killed_at = torch.load(ckpt, weights_only=True)["iter_num"]
+    assert 0 < killed_at < 60
+
+    proc = run_cli("finetune", f"--out_dir={tmp_path / 'killed'}", "--init_from=resume", env=ONE_THREAD,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    losses = lambda out: [(r["iter"], r["loss"]) for r in records(out) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight") and len(losses(tmp_path / "straight")) == 60
+    a, b = load_adapter(tmp_path / "straight"), load_adapter(tmp_path / "killed")
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+# ------------------------------------------------------------------------------------------------ bases
+
+
+def test_every_base_format_starts_from_the_same_weights(tmp_path, sp_model):
+    """A checkpoint, .bin v0/v1/v2 (dequantized), GGUF, a Hugging Face and a Meta folder all load as the base
+    (v2: the dequantized Q8_0 values); --hf and --meta-llama fine-tune end to end."""
+    import shutil
+
+    from babyllama.cli import main
+    from babyllama.export import export
+    from babyllama.interop.meta import save_meta
+    from babyllama.loading import Source
+    from babyllama.train.checkpoint import save
+    from babyllama.train.config import TrainConfig
+    from babyllama.train.finetune import open_base
+
+    args = tiny_args(vocab_size=320, max_seq_len=64)
+    w = random_weights(args, seed=3)
+    src = Source(w, "bin", tmp_path / "w.bin", tokenizer=sp_model)
+    export(src, tmp_path / "v0.bin", "bin", version=0)
+    export(src, tmp_path / "v2.bin", "bin", version=2)
+    export(src, tmp_path / "m.gguf", "gguf")
+    export(src, tmp_path / "hf", "hf")
+    shutil.copyfile(sp_model, save_meta(w, tmp_path / "meta", 2) / "tokenizer.model")
+    save({"model": Transformer.from_weights(w).state_dict(), "model_args": args.to_dict()}, tmp_path / "ckpt.pt")
+    want = Transformer.from_weights(w).state_dict()
+    q8 = Transformer.from_weights(w.quantize()).state_dict()
+    for base, kind, expected in (("v0.bin", "", want), ("v2.bin", "", q8), ("m.gguf", "", want), ("hf", "hf", want),
+                                 ("meta", "meta", want), ("ckpt.pt", "", want)):
+        cfg = TrainConfig(base=str(tmp_path / base), base_format=kind, max_seq_len=0)
+        got = Transformer.from_weights(open_base(cfg).weights).state_dict()
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in want), base
+        # Meta's params.json carries no context length: Llama 2's 4096 is assumed (interop/meta.py)
+        assert (cfg.dim, cfg.vocab_size, cfg.max_seq_len) == (32, 320, 4096 if kind == "meta" else 64)
+
+    rng = random.Random(0)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "chat.jsonl", [conversation(rng) for _ in range(40)])
+    for flag, folder in (("--hf", "hf"), ("--meta-llama", "meta")):
+        out = tmp_path / f"out_{folder}"
+        assert main(["finetune", flag, str(tmp_path / folder), f"--data={tmp_path / 'data'}", f"--out_dir={out}",
+                     "--max_iters=2", "--eval_iters=1", "--batch_size=4", "--lora-rank", "2", "--max_seq_len=64",
+                     "--device=cpu"]) == 0
+        assert load_adapter(out).base["sha256"] == weights_sha256(w)
+
+
+# ------------------------------------------------------------------------------------------------ full
+
+
+def test_full_fine_tuning_trains_every_weight_into_a_model_of_its_own(tmp_path, capsys, one_thread):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    out = tmp_path / "full"
+    flags = [f"--{k}={v}" for k, v in settings(root, out, lora_rank=0, learning_rate="1e-2", max_iters=30,
+                                               eval_interval=30).items()]
+    assert main(["finetune", *flags]) == 0
+    assert "ckpt.pt; try: babyllama chat" in capsys.readouterr().out
+    evals = [r["val_loss"] for r in records(out) if "val_loss" in r]
+    assert evals[-1] < 0.1 * evals[0]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    base = Transformer.from_weights(formats.load(root / "base.bin")).state_dict()
+    assert set(ckpt["model"]) == set(base) and not ckpt["lora"]
+    assert all(not torch.equal(ckpt["model"][k], base[k]) for k in base)  # every tensor trained
+    assert ckpt["config"]["max_seq_len"] == 96 and ckpt["config"]["dim"] == 32  # the base's shape, recorded
+    proc = run_cli("run", str(out), "-t", "0", "-n", "40", "-i", "[INST] Please say bob [/INST]")
+    assert proc.returncode == 0 and b"bob bob" in proc.stdout, proc.stderr.decode()
+
+
+def test_plain_text_continues_pre_training(tmp_path, one_thread):
+    root = make_task(tmp_path / "task")
+    (root / "text").mkdir()
+    (root / "text" / "stories.txt").write_text("".join(f"{n} went to the park.\n<|endoftext|>\n" for n in NAMES * 30))
+    out = tmp_path / "text_out"
+    result = train(resolve_config(None, settings(root, out, data=str(root / "text"), lora_rank=0, max_iters=20,
+                                                 eval_interval=20, learning_rate="3e-3"), defaults=FINETUNE_DEFAULTS))
+    assert result["iter"] == 20
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert "kind" not in meta and meta["shards"]["train"] == ["stories.bin"]
+    evals = [r["val_loss"] for r in records(out) if "val_loss" in r]
+    assert evals[-1] < 0.7 * evals[0]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("lines, flags, message", [
+    (None, ["--base="], "needs a base model"),
+    (None, ["--lora_rank=4", "--lora_targets=wq,wz"], "lora targets must be some of wq,wk,wv,wo,w1,w2,w3"),
+    (None, ["--data_dir=x"], "--data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR"),
+    (None, ["--lora_rank=4", "--fsdp"], "fsdp=true is for full training"),
+    ([{"prompt": "a", "response": "b"}, "{oops", {"messages": [{"role": "robot", "content": "x"}]}], [],
+     "2 malformed lines: line 2: invalid JSON (Expecting property name enclosed in double quotes); line 3: message 0 "
+     "has unknown role 'robot'"),
+    (["", " "], [], "no records (an empty dataset)"),
+    ([{"prompt": "a", "response": "b" * 200}], [], "tokens, longer than the context (97)"),
+])
+def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys, lines, flags, message):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    if lines is not None:
+        (root / "data" / "instruct_train.jsonl").write_text("".join(
+            (json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+        (root / "data" / "instruct_val.jsonl").unlink()
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=0).items()] + flags
+    assert main(["finetune", *argv]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "step 0" not in captured.out and not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    with open(root / "data" / "instruct_train.jsonl", "a") as f:
+        f.write("not json\n" + json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", max_iters=1, eval_iters=1).items()]
+    assert main(["finetune", *argv, "--skip-bad-lines"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "2 malformed lines: line 201: invalid JSON" in captured.err
+    assert "(224 conversations" in captured.out  # 200 training + 24 held-out; the 2 bad lines skipped
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+def test_train_refuses_lora_without_a_base(capsys):
+    from babyllama.cli import main
+
+    assert main(["train", "--lora_rank=8", "--data_dir=x"]) == 1
+    assert "needs a base model to fine-tune" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+def test_torchrun_lora_two_processes_match_one(tmp_path, one_thread):
+    root = make_task(tmp_path / "task")
+    same = dict(max_iters=4, eval_interval=100, eval_iters=1, gradient_accumulation_steps=2, batch_size=8)
+    train(resolve_config(None, settings(root, tmp_path / "one", **same), defaults=FINETUNE_DEFAULTS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "babyllama",
+           "finetune", *[f"--{k}={v}" for k, v in settings(root, tmp_path / "two", **same).items()]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, **ONE_THREAD, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 of 2: gloo on cpu (DDP)" in proc.stdout
+    one, two = load_adapter(tmp_path / "one"), load_adapter(tmp_path / "two")
+    assert all(np.allclose(one.tensors[k], two.tensors[k], atol=1e-5) for k in one.tensors)

@@ -1,0 +1,229 @@
+"""Fine-tuning data: chat/instruction records, the mask shard beside the token shard, `babyllama data instruct`
+and the instruction-following score (`eval --instruct`)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import byte_tokenizer, make_story_corpus, random_weights, run_cli, tiny_args
+
+from babyllama import formats
+from babyllama.chat_template import encode_chat
+from babyllama.errors import BabyLlamaError
+from babyllama.instruct import (
+    BOTH,
+    InstructScore,
+    document_frequencies,
+    find_topic,
+    make_instructions,
+    pick_words,
+    read_jsonl,
+    uses_word,
+)
+from babyllama.tokenizer import EOS
+
+
+def write_lines(path, *lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def test_records_are_told_apart_by_their_keys(tmp_path):
+    chat = write_lines(tmp_path / "chat.jsonl",
+                       {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                       "",
+                       {"prompt": "p", "response": "r", "system": "s"})
+    data = read_jsonl(chat)
+    assert data.kind == "chat" and [n for n, _ in data.items] == [1, 3]
+    assert data.items[1][1] == [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
+                                {"role": "assistant", "content": "r"}]
+    text = write_lines(tmp_path / "text.jsonl", {"text": "a"}, '"b"', {"story": "c"})
+    assert read_jsonl(text).kind == "text" and [t for _, t in read_jsonl(text).items] == ["a", "b", "c"]
+
+
+def test_malformed_lines_are_reported_with_their_numbers_or_skipped(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl",
+                       {"prompt": "p", "response": "r"},
+                       "{not json",
+                       {"messages": [{"role": "bot", "content": "x"}]},
+                       {"text": "plain text in a chat file"},
+                       {"messages": [{"role": "user", "content": "question without a reply"}]},
+                       {"prompt": "p", "response": 3},
+                       {"prompt": "p2", "response": "r2"})
+    with pytest.raises(BabyLlamaError) as e:
+        read_jsonl(path)
+    msg = str(e.value)
+    assert "\n" not in msg and "5 malformed lines" in msg and "--skip-bad-lines" in msg
+    assert "line 2: invalid JSON" in msg and "line 3: message 0 has unknown role 'bot'" in msg
+    assert "line 4: a text record in a file of chat records" in msg and "and 2 more" in msg
+    data = read_jsonl(path, skip_bad_lines=True)
+    assert [n for n, _ in data.items] == [1, 7] and [n for n, _ in data.bad] == [2, 3, 4, 5, 6]
+    assert "must end with" in dict(data.bad)[5] and "must both be strings" in dict(data.bad)[6]
+    write_lines(tmp_path / "empty.jsonl", "", "")
+    with pytest.raises(BabyLlamaError, match="no records"):
+        read_jsonl(tmp_path / "empty.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def two_turn():
+    return [{"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "A story?"}, {"role": "assistant", "content": "Once upon a time."}]
+
+
+def test_mask_marks_exactly_the_assistant_tokens_of_a_two_turn_conversation(tmp_path):
+    from babyllama.train.data import open_split, pretokenize
+
+    torch = pytest.importorskip("torch")
+    tok = byte_tokenizer(300)
+    tok.save(tmp_path / "tok.bin")
+    # the four parts, encoded by hand as the template lays them out
+    turn1 = tok.encode("[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nHi there [/INST]", bos=True)
+    reply1 = tok.encode("Hello!", bos=False) + [EOS]
+    turn2 = tok.encode("[INST] A story? [/INST]", bos=True)
+    reply2 = tok.encode("Once upon a time.", bos=False) + [EOS]
+    ids = turn1 + reply1 + turn2 + reply2
+    a, b, c = len(turn1), len(turn1) + len(reply1), len(turn1) + len(reply1) + len(turn2)
+    assert encode_chat(tok, two_turn(), generation=False) == (ids, [0] * a + [1] * (b - a) + [0] * (c - b) +
+                                                              [1] * (len(ids) - c))
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "train.jsonl", {"messages": two_turn()}, {"prompt": "Short?", "response": "Yes."})
+    write_lines(src / "val.jsonl", {"messages": two_turn()})
+    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1)
+    assert meta["kind"] == "chat" and meta["conversations"] == 3
+    assert meta["shards"] == {"train": ["train.bin"], "val": ["val.bin"]}
+    mask = np.fromfile(tmp_path / "out" / "train.mask", dtype=np.uint8)
+    offsets = np.fromfile(tmp_path / "out" / "train.idx", dtype=np.int64)
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)[:len(ids)].tolist() == ids
+    assert offsets.tolist()[:2] == [0, len(ids)] and len(mask) == offsets[-1]
+
+    examples = open_split(tmp_path / "out", "val", seq_len=len(ids) - 1)
+    x, y = examples.batch(np.array([0]), torch.device("cpu"))
+    assert x[0].tolist() == ids[:-1]
+    # the target at position t is token t+1, kept only where token t+1 belongs to a reply (or its EOS)
+    learned = [t for t in range(len(ids) - 1) if y[0, t] != -1]
+    assert learned == list(range(a - 1, b - 1)) + list(range(c - 1, len(ids) - 1))
+    assert all(int(y[0, t]) == ids[t + 1] for t in learned)
+
+    # conversations of different lengths share a batch: padded inputs, ignored targets
+    train = open_split(tmp_path / "out", "train", seq_len=len(ids) - 1)
+    x, y = train.batch(np.array([1, 0]), torch.device("cpu"))
+    short = len(encode_chat(tok, [{"role": "user", "content": "Short?"},
+                                  {"role": "assistant", "content": "Yes."}], generation=False)[0])
+    assert x.shape == (2, len(ids) - 1) and (y[0, short - 1:] == -1).all() and (x[0, short - 1:] == 0).all()
+    with pytest.raises(BabyLlamaError, match="more than the context holds"):
+        open_split(tmp_path / "out", "val", seq_len=len(ids) - 2)
+
+
+def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
+    from babyllama.train.data import pretokenize
+
+    tok = byte_tokenizer(300)
+    tok.save(tmp_path / "tok.bin")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "chat.jsonl", {"messages": two_turn()}, {"prompt": "p", "response": "r"})
+    (src / "story.txt").write_text("plain text\n")
+    with pytest.raises(BabyLlamaError, match="mixes chat records .* with plain text"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1)
+    (src / "story.txt").unlink()
+    with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: the conversation has \d+ tokens, longer"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)
+    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30, skip_bad_lines=True)
+    assert meta["conversations"] == 1
+    with pytest.raises(BabyLlamaError, match="no conversations left"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=3, skip_bad_lines=True)
+
+
+# ------------------------------------------------------------------------------------------------ instruct
+
+
+def test_topics_and_words_come_from_the_story():
+    story = ("Once upon a time, there was a little cat named Tom. Tom had a red ball. "
+             "One day it began to rain and the ball rolled into a puddle. Tom was happy to splash.")
+    topic = find_topic(story)
+    assert topic.text == "a cat named Tom" and topic.words == ["cat", "Tom"]
+    assert find_topic("The tree was tall. A bird sat on the tree. The tree, old and kind, gave shade.").words == \
+        ["tree"]
+    assert find_topic("Nothing here.") is None
+    # the story's own words occur in 4 of 104 stories (rare enough to ask for; "happy" is in all of them)
+    corpus = [story] + ["A ball began to roll in the rain puddle; a splash, then it rolled on. Happy."] * 3 + \
+        ["Once upon a time there was a dog. The dog was happy."] * 100
+    df, n = document_frequencies(corpus)
+    words = pick_words(story, df, n, topic.words, random.Random(0))
+    assert len(words) == 3 and all(uses_word(story, w) for w in words)
+    assert not {"happy", "cat", "the", "was"} & set(words)  # common in the corpus, the topic, or function words
+
+
+def test_data_instruct_makes_a_held_out_split_with_varied_requests(tmp_path):
+    corpus = make_story_corpus(tmp_path / "stories.txt", 400, seed=3)
+    proc = run_cli("data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"),
+                   "--val-count", "40", "--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"training and 40 held-out requests from 400 stories" in proc.stdout
+    train = [json.loads(line) for line in (tmp_path / "ins" / "instruct_train.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (tmp_path / "ins" / "instruct_val.jsonl").read_text().splitlines()]
+    assert len(val) == 40 and len(train) == 360
+    for r in train + val:
+        (user, assistant) = r["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        story = assistant["content"]
+        assert r["words"] or r["topic_words"]
+        assert all(uses_word(story, w) and w in user["content"] for w in r["words"])
+        assert all(uses_word(story, w) for w in r["topic_words"])
+        if r["topic"]:
+            assert r["topic"] in user["content"]
+    openings = {next(t for t in BOTH if r["messages"][0]["content"].startswith(t.split("{")[0])) for r in train
+                if r["topic"] and r["words"]}
+    assert len(openings) >= 8  # many phrasings of the same request
+
+
+def test_held_out_stories_never_appear_in_training():
+    names = [f"Rex{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(100)]
+    stories = [f"Once upon a time there was a dog named {n}. {n} liked the garden. The garden was green."
+               for n in names]
+    train, val, counts = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0)
+    assert counts == {"stories": 100, "no_request": 0, "too_long": 0, "train": 270, "val": 10}
+    replies = lambda records: {r["messages"][1]["content"] for r in records}  # noqa: E731
+    assert len(replies(val)) == 10 and len(replies(train)) == 90 and not replies(val) & replies(train)
+    assert len({r["messages"][0]["content"] for r in train}) > 200  # three different requests per story
+
+
+def _tiny_model(tmp_path):
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(vocab_size=300, max_seq_len=640)), path, 1)
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    return path
+
+
+def test_instruct_score_counts_whole_words_and_topics():
+    s = InstructScore()
+    s.add("req", "Tom threw the Ball. It rained.", ["ball", "rain", "happy"], ["cat", "Tom"], True, 10)
+    s.add("req", "A cat named Tom was happy in the rain.", ["rain", "happy"], ["cat", "Tom"], False, 20)
+    s.add("req", "Nothing.", [], ["dog"], True, 5)
+    assert (s.words_requested, s.words_used, s.all_words, s.word_requests) == (5, 3, 1, 2)
+    assert (s.topic_requests, s.topic_hits, s.finished) == (3, 1, 2)
+    assert s.word_share == pytest.approx(0.6) and s.topic_share == pytest.approx(1 / 3)
+    assert not uses_word("the rained", "rain") and uses_word("RAIN!", "rain") and not uses_word("brain", "rain")
+
+
+def test_eval_instruct_errors_are_one_line(tmp_path):
+    model = _tiny_model(tmp_path)
+    write_lines(tmp_path / "plain.jsonl", {"text": "a story"})
+    write_lines(tmp_path / "nowords.jsonl", {"prompt": "p", "response": "r"})
+    for path, message in ((tmp_path / "plain.jsonl", "plain-text records"),
+                          (tmp_path / "nowords.jsonl", "nothing to score"),
+                          (tmp_path / "missing.jsonl", "not found")):
+        proc = run_cli("eval", str(model), "--instruct", str(path))
+        err = proc.stderr.decode().strip()
+        assert proc.returncode == 1 and message in err and len(err.splitlines()) == 1, err
