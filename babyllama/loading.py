@@ -34,6 +34,8 @@ ASSETS = Path(__file__).parent / "assets"
 BUILTIN_MODEL = ASSETS / "model.bin"
 BUILTIN_TOKENIZER = ASSETS / "tokenizer.bin"
 BUILTIN_CARD = ASSETS / "model.json"
+BUILTIN_CHAT = ASSETS / "chat.bin"  # the story model fine-tuned to follow requests (scripts/train_chat.sh)
+BUILTIN_CHAT_CARD = ASSETS / "chat.json"
 TOKENIZER_BIN = "tokenizer.bin"
 CKPT_NAME = "ckpt.pt"  # train/checkpoint.py's name (not imported: that module needs torch)
 
@@ -224,3 +226,10 @@ def builtin_model() -> Path:
     if not BUILTIN_MODEL.is_file():
         raise BabyLlamaError("the built-in model is missing from this installation; pass a model file")
     return BUILTIN_MODEL
+
+
+def builtin_chat_model() -> Path:
+    """The built-in chat model: what `babyllama chat` runs when given no model."""
+    if not BUILTIN_CHAT.is_file():
+        raise BabyLlamaError("the built-in chat model is missing from this installation; pass a model file")
+    return BUILTIN_CHAT

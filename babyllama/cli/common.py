@@ -16,11 +16,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_model_flags(p, what: str = "model") -> None:
+def add_model_flags(p, what: str = "model", default: str = "the built-in story model") -> None:
     """The model (any format babyllama reads) and its tokenizer."""
     p.add_argument("checkpoint", nargs="?", metavar="MODEL",
                    help=f"the {what}: a llama2.c .bin (v0/v1/v2), a GGUF file, a Hugging Face or Meta folder, or "
-                        "a training checkpoint (ckpt.pt or its run folder); default: the built-in story model")
+                        f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
                    help="tokenizer.bin or sentencepiece .model (default: the model's own, else tokenizer.bin "
                         "beside it, else the built-in one)")

@@ -44,13 +44,13 @@ def add(sub) -> None:
                        description="Chat with a model: user turns from stdin, replies streamed. Each reply may "
                                    "use up to -n / --max-new-tokens tokens (0: up to the context window); the "
                                    "oldest turns slide out when the conversation outgrows the context.")
-    add_model_flags(c)
+    add_model_flags(c, default="the built-in chat model (the story model fine-tuned to follow requests)")
     add_sampling_flags(c)
     c.add_argument("-y", "--system", dest="system", default=None,
                    help="system prompt (asked for on stdin only when stdin is a terminal)")
     add_engine_flags(c)
     c.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, rotate_keys=False,
-                   draft=None, draft_k=4, plain=False)
+                   draft=None, draft_k=4, plain=False, builtin="chat")
 
 
 def add_engine_flags(p) -> None:
@@ -66,8 +66,12 @@ def add_engine_flags(p) -> None:
 def load_model(args):
     """The model the flags name, with one line on stderr when it was converted from another format."""
     from ..api import load
+    from ..loading import builtin_chat_model
 
-    model = load(args.checkpoint, args.tokenizer, quantize=getattr(args, "quantize", None),
+    path = args.checkpoint
+    if path is None and getattr(args, "builtin", None) == "chat":
+        path = builtin_chat_model()
+    model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),
                  plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
                  mmap=not getattr(args, "no_mmap", False), compile=getattr(args, "compile", False),
                  lora=args.lora)
