@@ -40,10 +40,12 @@ def child(argv: list[str]) -> None:
     from babyllama.cli import main
     from babyllama.train import loop
 
-    state = {"training": False, "peak": 0, "done": False}
+    state = {"training": False, "peak": 0, "done": False, "before": 0}
     step = loop.Trainer.step
 
     def counted_step(self):
+        if not state["before"]:
+            state["before"] = rss()  # the model built, the optimizer made, nothing run yet
         state["training"] = True
         return step(self)
 
@@ -65,8 +67,8 @@ def child(argv: list[str]) -> None:
     assert main(argv) == 0
     state["done"] = True
     thread.join()
-    print(json.dumps({"train_peak": state["peak"], "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      * 1024}))
+    print(json.dumps({"train_peak": state["peak"], "before_steps": state["before"],
+                      "process_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def main() -> None:
@@ -106,9 +108,10 @@ def main() -> None:
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        train_peak, process_peak = r["train_peak"] / MiB, r["process_peak"] / MiB
-        print(f"{mode:5s} peak RSS while training {train_peak:7.0f} MiB ({train_peak - weights / MiB:+.0f} over the "
-              f"weights); whole process {process_peak:7.0f} MiB; {time.perf_counter() - start:.0f} s")
+        train_peak, process_peak, before = (r[k] / MiB for k in ("train_peak", "process_peak", "before_steps"))
+        print(f"{mode:5s} peak RSS while training {train_peak:6.0f} MiB ({train_peak - weights / MiB:+.0f} over the "
+              f"weights); before the first step {before:6.0f} MiB; whole process {process_peak:6.0f} MiB; "
+              f"{time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

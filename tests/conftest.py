@@ -227,6 +227,16 @@ def assert_greedy_agree(expected: list[int], actual: list[int], logits_at, max_m
     return same
 
 
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread during the test (tiny models: more threads only add overhead on a shared machine)."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def torch_checkpoint(path: Path, args: ModelArgs, seed: int = 0, scale: float = 0.2):
     """Our PyTorch model with random weights, saved as a training checkpoint at `path`; returns the model."""
     pytest.importorskip("torch")

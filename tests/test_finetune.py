@@ -68,14 +68,6 @@ def settings(root, out, **kw) -> dict:
     return {**base, **{k: str(v) for k, v in kw.items()}}
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A LoRA fine-tune of the task, in process (the Trainer kept, to look inside)."""

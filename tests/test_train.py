@@ -220,14 +220,6 @@ def test_trained_model_logits_match_its_export(pipeline, tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_run(pipeline, out_dir, **kw) -> dict:
     """Settings (as command-line strings) for a short in-process run on the pipeline's data."""
     base = dict(data_dir=str(pipeline / "data" / "tok512"), out_dir=str(out_dir), dim="64", n_layers="2",
