@@ -186,13 +186,6 @@ WORDS_ONLY = [
     "Write a short story. Include the words {words}.",
 ]
 SHARE_BOTH, SHARE_TOPIC_ONLY = 0.8, 0.1  # the rest ask for words only
-SAY_WORDS = [  # the "words" task: the reply is the words themselves (a first lesson in copying from the request)
-    "Say the words {words}.",
-    "Repeat these words: {words}.",
-    "Please say {words}.",
-    "Can you say {words}?",
-]
-TASKS = ("story", "words")
 
 
 @dataclass
@@ -303,24 +296,11 @@ def exchange(request: str, reply: str, topic: Topic | None, words: list[str]) ->
             "topic": topic.text if topic else None, "topic_words": topic.words if topic else [], "words": words}
 
 
-def words_record(story: str, df: Counter, n_stories: int, rng: random.Random,
-                 max_df: float = MAX_WORD_DF) -> dict | None:
-    """A "words" record for `story`: a request to say three of its rare words, and the words as the reply."""
-    words = pick_words(story, df, n_stories, (), rng, max_df=max_df)
-    if not words:
-        return None
-    return exchange(rng.choice(SAY_WORDS).format(words=format_words(words, rng)), ", ".join(words) + ".", None, words)
-
-
 def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1, fits=None,
-                      max_df: float = MAX_WORD_DF, task: str = "story") -> tuple[list[dict], list[dict], dict]:
+                      max_df: float = MAX_WORD_DF) -> tuple[list[dict], list[dict], dict]:
     """(train records, held-out records, counts). Stories are split first (a seeded shuffle; the held-out
     stories never appear in training), then each training story gets `per_story` requests (their words and
-    phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context.
-    `task` "story" asks for the story; "words" asks to say the words (the same split for the same seed)."""
-    if task not in TASKS:
-        raise BabyLlamaError(f"unknown task {task!r} (choose {', '.join(TASKS)})")
-    make = instruction_record if task == "story" else words_record
+    phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context."""
     if val_count < 0 or per_story < 1:
         raise BabyLlamaError("--val-count must be >= 0 and --per-story >= 1")
     if val_count >= len(stories):
@@ -334,7 +314,7 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
     for rank, i in enumerate(order):
         split = "val" if rank < val_count else "train"
         for _ in range(1 if split == "val" else per_story):
-            record = make(stories[i], df, n, rng, max_df)
+            record = instruction_record(stories[i], df, n, rng, max_df)
             if record is None:
                 counts["no_request"] += 1
             elif fits is not None and not fits(record):

@@ -228,17 +228,3 @@ def test_eval_instruct_errors_are_one_line(tmp_path):
         err = proc.stderr.decode().strip()
         assert proc.returncode == 1 and message in err and len(err.splitlines()) == 1, err
 
-
-def test_words_task_asks_to_say_the_words_of_the_same_held_out_split():
-    names = [f"Rex{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(60)]
-    stories = [f"Once upon a time there was a dog named {n}. {n} liked the garden, the kite and the pond."
-               for n in names]
-    words_train, words_val, _ = make_instructions(stories, 6, seed=4, task="words", max_df=1.0)
-    story_train, story_val, _ = make_instructions(stories, 6, seed=4, task="story", max_df=1.0)
-    assert len(words_val) == len(story_val) == 6 and len(words_train) == len(story_train) == 54
-    for r in words_train + words_val:
-        request, reply = r["messages"][0]["content"], r["messages"][1]["content"]
-        assert reply == ", ".join(r["words"]) + "." and all(w in request for w in r["words"])
-        assert not r["topic_words"]
-    with pytest.raises(BabyLlamaError, match="unknown task"):
-        make_instructions(stories, 6, task="poem")

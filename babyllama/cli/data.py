@@ -49,9 +49,6 @@ def add(sub) -> None:
     i.add_argument("--per-story", type=int, default=1, help="requests per training story, each drawn anew (1)")
     i.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
     i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
-    i.add_argument("--task", choices=("story", "words"), default="story",
-                   help="story: ask for a story (the default); words: ask to say the three words (the reply is the "
-                        "words: a short first lesson in copying from a request, see docs/finetune.md)")
     i.add_argument("--max-word-df", type=float, default=None,
                    help="ask only for words that at most this share of the stories use (default 0.05)")
     i.add_argument("--model", default=None,
@@ -126,8 +123,7 @@ def cmd_data_instruct(args) -> int:
         raise BabyLlamaError(f"{args.input}: no stories")
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
-    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
-                                           args.task)
+    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df)
     if not train:
         raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
                              f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
