@@ -18,8 +18,8 @@ LAYERS = [
     ["version", "errors", "config", "threads", "progress", "safeio"],
     ["quant", "formats", "tokenizer", "sampler", "documents"],
     ["kernels_base", "kernels", "kernels_native", "kernels_numba", "engine"],
-    ["generate", "speculative", "chat_template", "printer", "evaluate"],
-    ["interop.*", "model", "train.config", "train.checkpoint", "train.data", "train.vocab", "train.metrics"],
+    ["generate", "speculative", "chat_template", "printer", "evaluate", "instruct"],
+    ["interop.*", "adapter", "model", "train.config", "train.checkpoint", "train.data", "train.vocab", "train.metrics"],
     ["loading"],
     ["api", "export", "catalog", "download", "bench", "chat", "train.*"],
     ["serve.*"],
@@ -28,8 +28,8 @@ LAYERS = [
 # What `babyllama run`/`chat`/`eval` load: none of it may import torch at module level, however indirectly.
 INFERENCE = ["config", "errors", "threads", "progress", "quant", "formats", "tokenizer", "sampler", "documents",
              "kernels_base", "kernels", "kernels_native", "engine", "generate", "speculative", "chat_template",
-             "printer", "evaluate", "loading", "api", "chat", "catalog", "cli.__init__", "cli.run", "cli.evaluate",
-             "cli.common"]
+             "printer", "evaluate", "instruct", "adapter", "loading", "api", "chat", "catalog", "cli.__init__",
+             "cli.run", "cli.evaluate", "cli.common"]
 HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "numba", "peft", "safetensors", "sentencepiece", "gguf")
 
 

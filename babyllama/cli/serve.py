@@ -87,7 +87,7 @@ def cmd_serve(args) -> int:
     card = model_card(args.checkpoint)
     template = args.chat_template or card.get("chat_template")
     get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
-    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize)
+    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora)
     if args.model_name:
         name = args.model_name
     elif args.checkpoint is None:
