@@ -36,11 +36,8 @@ def open_base(cfg: TrainConfig) -> Source:
     return source
 
 
-def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path, master: bool) -> None:
-    """Pretokenize `cfg.data` into `data_dir` with the base's tokenizer (on the master process; a resumed run
-    keeps what the first one made)."""
-    if not master or (base is None and (data_dir / "meta.json").is_file()):
-        return
+def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
+    """Pretokenize `cfg.data` into `data_dir` with the base's tokenizer."""
     if base is None:
         raise BabyLlamaError(f"{data_dir}: the pretokenized data of this run is missing")
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -199,8 +199,10 @@ class Trainer:
         """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
         cfg = self.cfg
         data_dir = Path(cfg.data_dir or self.out_dir / "data")
-        if cfg.data:
-            finetune.prepare_data(cfg, base, data_dir, self.dist.master)
+        resumed = cfg.init_from == "resume" and (data_dir / "meta.json").is_file()  # keeps what the first run made
+        if cfg.data and not resumed:
+            if self.dist.master:
+                finetune.prepare_data(cfg, base, data_dir)
             if self.dist.enabled:
                 dist.barrier()
         meta = read_meta(data_dir) if cfg.data_dir or cfg.data else None
