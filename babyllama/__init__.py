@@ -7,10 +7,12 @@ Python API (mirrors the CLI):
 
 from __future__ import annotations
 
-from .threads import set_wait_defaults
+from .threads import cap_environment, set_wait_defaults
 from .version import __version__
 
-set_wait_defaults()  # before anything imports NumPy (OpenBLAS) or loads the native kernels (OpenMP)
+# before anything imports NumPy (OpenBLAS) or loads the native kernels (OpenMP), which read these once
+set_wait_defaults()
+cap_environment()
 
 __all__ = ["Model", "load", "__version__"]
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from . import formats
 from .engine import Engine
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, missing_extra
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
 from .sampler import Sampler
@@ -88,7 +88,7 @@ def check_device(device: str, compile: bool = False) -> None:
     try:
         import torch
     except ImportError:
-        raise BabyLlamaError(f"--device {device} needs PyTorch: pip install 'babyllama[train]'") from None
+        raise missing_extra(f"--device {device} (the PyTorch engine)", "train") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BabyLlamaError(f"--device {device} requested but no CUDA GPU is available")
 

@@ -3,10 +3,23 @@ the PyTorch model, the exporters and the CLI."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .errors import BabyLlamaError
 
 DEFAULT_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
+
+# The largest value of each shape field babyllama accepts from any file: far beyond every released Llama
+# (405B: dim 16384, 126 layers, hidden 53248, 128 heads; vocabularies up to 256k; contexts up to 1M), small
+# enough that nothing sized by them before the weights are checked (lists per layer, header arithmetic,
+# the int32 fields of the .bin header) can run away.
+LIMITS = {"dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "vocab_size": 1 << 21,
+          "hidden_dim": 1 << 20, "max_seq_len": 1 << 24}
+# and of the two float fields (released models: eps 1e-6..1e-5, theta 1e4..1e6); beyond these a model computes
+# nothing meaningful (an eps of 1e300 zeroes every activation)
+FLOAT_LIMITS = {"norm_eps": 1.0, "rope_theta": 1e12}
 
 
 @dataclass
@@ -41,18 +54,26 @@ class ModelArgs:
 
     def validate(self) -> None:
         """Raise ValueError when the shape is not a valid Llama model."""
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ValueError(f"{name} {value} is beyond what babyllama accepts ({limit})")
+        if self.vocab_size < 3:
+            raise ValueError(f"vocab_size {self.vocab_size} cannot hold the <unk>, <s> and </s> tokens")
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary embeddings")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError("norm_eps and rope_theta must be positive")
+        for name, limit in FLOAT_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            if value > limit:
+                raise ValueError(f"{name} {value:g} is beyond what babyllama accepts ({limit:g})")
 
     def param_count(self) -> int:
         L, d, h, kv = self.n_layers, self.dim, self.hidden_dim, self.kv_dim
@@ -69,8 +90,25 @@ class ModelArgs:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def checked_args(source: str, **values) -> ModelArgs:
+    """ModelArgs from untrusted values (a file's header or config), validated: a wrong type, a zero divisor or
+    a value out of range is one BabyLlamaError naming `source`, never an exception from the arithmetic."""
+    try:
+        args = ModelArgs(**values)
+        args.validate()
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
+    return args
+
+
 def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
     """Meta's SwiGLU width: 2/3 of 4*dim, optionally scaled, rounded up to a multiple of multiple_of."""
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    if ffn_dim_multiplier is not None and (isinstance(ffn_dim_multiplier, bool) or
+                                           not isinstance(ffn_dim_multiplier, (int, float)) or
+                                           not 0 < ffn_dim_multiplier < math.inf):
+        raise ValueError(f"ffn_dim_multiplier must be a positive number, got {ffn_dim_multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)

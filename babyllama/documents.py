@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import safeio
 from .errors import BabyLlamaError
 
 SEPARATOR = "<|endoftext|>"
@@ -18,14 +19,7 @@ def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
     """Stream the documents of a text file, reading it line by line.
     `on_bytes(n)` is told how many bytes of the file each document consumed (for a progress bar)."""
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise BabyLlamaError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise BabyLlamaError(f"data path is a directory, not a text file: {path}") from None
-    except OSError as e:
-        raise BabyLlamaError(f"cannot read data file {path}: {e.strerror}") from None
+    f = safeio.open_regular(path, "data file")
     with f:
         lines: list[str] = []
         consumed = 0

@@ -1,20 +1,26 @@
 """Downloads with the standard library only: `fetch()` (any URL; also behind `babyllama data download`)
 and `babyllama download NAME` (a known model and its tokenizer).
 
-Each file streams into `NAME.part` beside its destination and is renamed into place only when complete,
-so a half-downloaded model is never mistaken for a model. An interrupted download resumes: the next run
-asks the server for the rest with an HTTP Range request (and starts over if the server ignores it).
+Each file streams into `NAME.part` beside its destination and is renamed into place only when complete
+(and fsynced), so a half-downloaded model is never mistaken for a model. An interrupted download resumes:
+the next run asks the server for the rest with an HTTP Range request (and starts over if the server ignores
+it). A transfer has a total time limit: urllib's timeout only bounds each wait for data, which a server
+dripping one byte every few seconds never trips.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
+import socket
+import threading
 import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
 
-from . import formats
+from . import formats, safeio
 from .catalog import KnownModel
 from .errors import BabyLlamaError
 from .progress import progress_bar
@@ -22,11 +28,12 @@ from .tokenizer import Tokenizer
 from .version import __version__
 
 CHUNK = 1 << 16
-TIMEOUT_S = 30
+TIMEOUT_S = 30  # connecting, and each wait for more data
+TIME_LIMIT_S = 2 * 3600  # the whole transfer (headers included); an interrupted one resumes on the next run
 
 
 def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str | None = None,
-                   show_progress: bool = True) -> Path:
+                   show_progress: bool = True, time_limit: float | None = None) -> Path:
     """Fetch `model`'s files into folder/NAME/ (files already there are kept); returns the model path."""
     dest = Path(folder) / model.name
     try:
@@ -36,28 +43,97 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
     for f in model.files:
         target = dest / f.save_as
         if not target.is_file():
-            fetch(f.url(url_base), target, show_progress)
+            fetch(f.url(url_base), target, show_progress, time_limit=time_limit)
     model_path = dest / model.model_file
     check_files(model_path, dest / "tokenizer.bin")
     return model_path
 
 
-def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = TIMEOUT_S):
-    """Download `url` to `target` through `target.part`, resuming a previous partial download. Returns
-    the response headers (e.g. for a checksum the server advertises)."""
+class Deadline:
+    """A wall-clock limit on a whole HTTP transfer. urllib's timeout bounds each wait for data, so a server
+    that sends a byte every few seconds (or drips its headers) would keep a download going forever: when
+    the limit passes, the connections opened through `opener()` are shut down, which ends any blocked read."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _tracked(self, http_class):
+        """`http_class` that registers its socket once connected (the response keeps reading from it after
+        the connection object lets go of it)."""
+        deadline = self
+
+        class Tracked(http_class):
+            def connect(self):
+                super().connect()
+                with deadline._lock:
+                    deadline._sockets.append(self.sock)
+                    if deadline.expired:
+                        self.sock.shutdown(socket.SHUT_RDWR)
+
+        return Tracked
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        deadline = self
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(deadline._tracked(http.client.HTTPConnection), req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(deadline._tracked(http.client.HTTPSConnection), req, context=self._context)
+
+        return urllib.request.build_opener(HTTP(), HTTPS())
+
+
+def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = TIMEOUT_S,
+          time_limit: float | None = None):
+    """Download `url` to `target` through `target.part`, resuming a previous partial download; the whole
+    transfer may take at most `time_limit` seconds (default TIME_LIMIT_S). Returns the response headers
+    (e.g. for a checksum the server advertises)."""
+    time_limit = time_limit or TIME_LIMIT_S
+    with Deadline(time_limit) as deadline:
+        try:
+            return _fetch(url, Path(target), show_progress, timeout, deadline)
+        except BabyLlamaError:
+            if deadline.expired:
+                raise BabyLlamaError(f"download failed: {url} took longer than the time limit of {time_limit:g} s; "
+                                     "run the same command again to resume") from None
+            raise
+
+
+def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline: Deadline):
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": f"babyllama/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = deadline.opener().open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send from that offset: our .part is stale, start over
             part.unlink()
-            return fetch(url, target, show_progress, timeout)
+            return _fetch(url, target, show_progress, timeout, deadline)
         raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
-    except (urllib.error.URLError, OSError, HTTPException) as e:
+    except (urllib.error.URLError, OSError, HTTPException, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise BabyLlamaError(f"download failed: cannot reach {url} ({reason}); no internet connection? "
                              "Fetch the file elsewhere and pass its path to babyllama") from None
@@ -70,17 +146,19 @@ def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = T
             with open(part, "ab" if have else "wb") as out, progress_bar(
                     total=total, initial=have, unit="B", unit_scale=True, desc=target.name,
                     disable=not show_progress) as bar:
-                while chunk := resp.read(CHUNK):
+                while chunk := resp.read1(CHUNK):  # whatever has arrived, so the deadline is seen promptly
                     out.write(chunk)
                     bar.update(len(chunk))
-        except (TimeoutError, OSError, HTTPException) as e:
+                out.flush()
+                os.fsync(out.fileno())
+        except (TimeoutError, OSError, HTTPException, ValueError) as e:
             raise BabyLlamaError(f"download failed: interrupted ({e}); run the same command again to "
                                  "resume") from None
     got = part.stat().st_size
     if total is not None and got != total:
         raise BabyLlamaError(f"download failed: ended early ({got} of {total} bytes); run the same command "
                              "again to resume")
-    os.replace(part, target)
+    safeio.commit(part, target)
     return resp.headers
 
 

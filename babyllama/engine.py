@@ -19,19 +19,29 @@ from . import kernels
 from .config import ModelArgs
 from .formats import Weights
 from .kernels_base import Kernels, apply_rope, rmsnorm, segments, silu  # noqa: F401 (re-exported)
+from .memory import allocation_failed, check_fits
 
 
 class KVCache:
     """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len, head_size),
     so that one head's keys are a contiguous (positions, head_size) matrix for attention's products.
 
-    np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill."""
+    np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill; callers size
+    `seq_len` by the positions they will use, not by the header's context, and a cache that could never fit
+    in memory is refused up front."""
 
     def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None):
         self.seq_len = seq_len or args.max_seq_len
         shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len, args.head_size)
-        self.k = np.zeros(shape, dtype=np.float32)
-        self.v = np.zeros(shape, dtype=np.float32)
+        nbytes = 2 * 4 * int(np.prod(shape, dtype=np.float64))
+        what = f"a KV cache of {self.seq_len:,} positions x {n_slots} sequence(s)"
+        hint = "lower -n / --steps (or the batch's slots)"
+        check_fits(nbytes, what, hint)
+        try:
+            self.k = np.zeros(shape, dtype=np.float32)
+            self.v = np.zeros(shape, dtype=np.float32)
+        except MemoryError:
+            raise allocation_failed(what, nbytes, hint) from None
 
     @property
     def n_slots(self) -> int:
@@ -68,9 +78,20 @@ class Engine:
         self.args.validate()
         self.plain = plain
         self._pinned = kernels
-        self.cos, self.sin = rope_tables(self.args.head_size, self.args.max_seq_len, self.args.rope_theta)
+        self.cos = self.sin = np.empty((0, self.args.head_size // 2), dtype=np.float32)
         self._plan_for: Kernels | None = None
         self._step_plan: object | None = None
+
+    def _ensure_rope(self, n_positions: int) -> None:
+        """RoPE tables for positions [0, n_positions) at least: built as far as the caches in use reach (grown
+        by doubling), not for the header's seq_len, which may be far larger than any run needs."""
+        if n_positions <= len(self.cos):
+            return
+        a = self.args
+        n = min(a.max_seq_len, max(n_positions, 2 * len(self.cos)))
+        check_fits(4 * 8 * n * (a.head_size // 2), f"RoPE tables for {n:,} positions", "lower -n / --steps")
+        self.cos, self.sin = rope_tables(a.head_size, n, a.rope_theta)
+        self._plan_for = None  # the step plan points at the old tables
 
     @property
     def kernels(self) -> Kernels:
@@ -79,8 +100,11 @@ class Engine:
             return kernels.PLAIN
         return self._pinned or kernels.backend()
 
-    def new_cache(self, n_slots: int = 1) -> KVCache:
-        return KVCache(self.args, n_slots)
+    def new_cache(self, n_slots: int = 1, seq_len: int | None = None) -> KVCache:
+        """A cache for `n_slots` sequences of up to `seq_len` positions (default: the model's context)."""
+        cache = KVCache(self.args, n_slots, min(seq_len or self.args.max_seq_len, self.args.max_seq_len))
+        self._ensure_rope(cache.seq_len)
+        return cache
 
     def forward(self, tokens, positions, cache: KVCache, slots=None, logits: str = "all") -> np.ndarray:
         """Run `tokens` (N,) at `positions` (N,) through the model, writing their keys/values into
@@ -93,6 +117,7 @@ class Engine:
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
+        self._ensure_rope(min(cache.seq_len, a.max_seq_len))
         if len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens):
             plan = self._plan(k)
             if plan is not None:  # one call, which checks the indices itself

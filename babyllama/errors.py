@@ -7,3 +7,27 @@ and keeps its traceback.
 
 class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
+
+
+def missing_extra(what: str, extra: str) -> BabyLlamaError:
+    """The error for a feature whose optional dependencies are not installed: the install command for the
+    released package and for a source checkout (PyTorch's CPU wheel first, where the extra needs torch)."""
+    torch_first = "pip install torch==2.13.0 && " if extra in ("train", "interop") else ""
+    return BabyLlamaError(f"{what} needs babyllama's '{extra}' extra: {torch_first}pip install 'babyllama[{extra}]' "
+                          f"(in a source checkout: {torch_first}pip install -e '.[{extra}]')")
+
+
+def require(module: str, extra: str, what: str):
+    """Import `module`, or raise `missing_extra(what, extra)`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(what, extra) from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message on one line (torch's run over several), or its type when it has none."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

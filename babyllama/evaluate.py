@@ -112,7 +112,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, data: str | os.PathLike, seq_
     `max_documents` stops after that many, `max_tokens` after the document in which the count of
     predicted tokens reaches it."""
     model_len = engine.args.max_seq_len
-    seq_len = seq_len or model_len
+    seq_len = model_len if seq_len is None else seq_len
     if not 0 < seq_len <= model_len:
         raise BabyLlamaError(f"--seq-len must be in [1, {model_len}] (the model's context), got {seq_len}")
     if max_documents is not None and max_documents <= 0:
@@ -136,4 +136,6 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, data: str | os.PathLike, seq_
         result.nats += scorer.flush()
     if not result.tokens:
         raise BabyLlamaError(f"{data}: no text to evaluate (empty file, or only separators)")
+    if not math.isfinite(result.nats):
+        raise BabyLlamaError("the model's logits overflow fp32 on this text (its loss is not a number)")
     return result

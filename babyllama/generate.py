@@ -106,9 +106,12 @@ class Sequence:
 
 
 class Batch:
-    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = 512, prefix_min: int = 0):
+    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = 512, prefix_min: int = 0,
+                 seq_len: int | None = None):
+        """`seq_len`: positions each slot holds (default: the model's context); a batch whose sequences stop
+        within -n positions needs no more, whatever the header's seq_len says."""
         self.engine = engine
-        self.cache = engine.new_cache(n_slots)
+        self.cache = engine.new_cache(n_slots, seq_len=seq_len)
         self.free_slots = list(range(n_slots))[::-1]
         self.active: list[Sequence] = []
         self.max_tokens_per_step = max_tokens_per_step
@@ -256,7 +259,7 @@ def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler
     `max_new` generated tokens when given). With `context_shift`, `steps` may exceed seq_len; `n_keep`
     (default: the prompt) tokens stay in the window, and `rotate_keys` shifts the cache instead of
     recomputing it (see the module's docstring)."""
-    batch = Batch(engine, 1)
+    batch = Batch(engine, 1, seq_len=None if context_shift else steps)
     keep = len(prompt_ids) if n_keep is None else n_keep
     seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids), context_shift=context_shift,
                              n_keep=keep, rotate_keys=rotate_keys, max_new=max_new))
@@ -266,24 +269,55 @@ def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler
 
 
 def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
-                   stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None) -> list[Sequence]:
-    """Generate after every prompt at once (one `Batch`, one slot each); `steps` may differ per sequence
-    and each stops on its own (also after `max_new` generated tokens when given). `on_token(index, token)` is
+                   stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None,
+                   max_slots: int | None = None) -> list[Sequence]:
+    """Generate after every prompt (one `Batch`; `steps` may differ per sequence and each stops on its own,
+    also after `max_new` generated tokens when given). At most `max_slots` sequences (default: all) are live
+    at once, each in its own cache slot; the others wait and join as slots free. `on_token(index, token)` is
     called as tokens arrive. Returns the sequences (their `generated` tokens and `stop_reason`), in prompt
     order."""
+    return [seq for _, seq in stream_batch(engine, prompts, steps, samplers, stop_ids, on_token, max_new, max_slots)]
+
+
+def stream_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
+                 stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None,
+                 max_slots: int | None = None) -> Iterator[tuple[int, Sequence]]:
+    """`generate_batch`, yielding (index, sequence) in prompt order as soon as each is finished and all before
+    it are, so a caller can print and drop them: memory stays bounded by `max_slots` live sequences (their KV
+    cache) plus at most LOOKAHEAD x `max_slots` finished ones waiting for an earlier, longer one."""
+    n = len(prompts)
     if isinstance(steps, int):
-        steps = [steps] * len(prompts)
-    if not (len(prompts) == len(steps) == len(samplers)):
+        steps = [steps] * n
+    if not (n == len(steps) == len(samplers)):
         raise ValueError("prompts, steps and samplers must have one entry per sequence")
-    batch = Batch(engine, len(prompts))
-    seqs = [batch.add(Sequence(list(p), s, n, frozenset(stop_ids), max_new=max_new))
-            for p, n, s in zip(prompts, steps, samplers)]
-    index = {id(s): i for i, s in enumerate(seqs)}
-    while not all(s.done for s in seqs):
+    if not n:
+        return
+    slots = max(1, min(n, max_slots or n))
+    batch = Batch(engine, slots, seq_len=max(1, min(max(steps), engine.args.max_seq_len)))
+    stops = frozenset(stop_ids)
+    live: dict[int, tuple[int, Sequence]] = {}  # id(sequence) -> (index, sequence)
+    finished: dict[int, Sequence] = {}
+    admitted = emitted = 0
+    while emitted < n:
+        while batch.free_slots and admitted < min(n, emitted + LOOKAHEAD * slots):
+            seq = batch.add(Sequence(list(prompts[admitted]), samplers[admitted], steps[admitted], stops,
+                                     max_new=max_new))
+            live[id(seq)] = (admitted, seq)
+            admitted += 1
         for seq, tok in batch.step():
             if on_token is not None:
-                on_token(index[id(seq)], tok)
-    return seqs
+                on_token(live[id(seq)][0], tok)
+        for key, (i, seq) in list(live.items()):
+            if seq.done:
+                batch.release(seq)
+                del live[key]
+                finished[i] = seq
+        while emitted in finished:
+            yield emitted, finished.pop(emitted)
+            emitted += 1
 
 
-__all__ = ["Batch", "Sequence", "generate", "generate_batch", "BOS", "EOS"]
+LOOKAHEAD = 16  # finished sequences that may wait for an earlier one, per slot
+
+
+__all__ = ["Batch", "Sequence", "generate", "generate_batch", "stream_batch", "BOS", "EOS"]

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import safeio
 from .chat_template import check_messages
 from .errors import BabyLlamaError
 
@@ -88,9 +89,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> JsonlFi
     path = Path(path)
     out = JsonlFile("", [], [], [])
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise BabyLlamaError(f"data file not found: {path}") from None
+        lines = safeio.read_bytes(path, "data file").decode("utf-8").splitlines()  # a regular file only
     except UnicodeDecodeError:
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
     for lineno, line in enumerate(lines, 1):
@@ -105,6 +104,9 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> JsonlFi
             value = record_messages(item) if kind == CHAT else record_text(item)
         except json.JSONDecodeError as e:
             out.bad.append((lineno, f"invalid JSON ({e.msg})"))
+            continue
+        except RecursionError:
+            out.bad.append((lineno, "JSON nested too deeply"))
             continue
         except ValueError as e:
             out.bad.append((lineno, str(e)))

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import formats
-from .errors import BabyLlamaError
+from . import formats, safeio
+from .errors import BabyLlamaError, require
 from .formats import Weights
 from .tokenizer import Tokenizer
 
@@ -86,15 +86,13 @@ def detect_format(path: str | os.PathLike) -> str:
             return "meta"
         raise BabyLlamaError(f"{path}: a folder that holds no model babyllama reads (ckpt.pt, a Hugging Face "
                              "config.json or Meta's params.json)")
-    try:
-        with open(path, "rb") as f:
+    if path.suffix == ".pt" and not path.exists():
+        return "checkpoint"  # whose reader says that the checkpoint is missing
+    with safeio.open_regular(path, "model file") as f:
+        try:
             head = f.read(8)
-    except FileNotFoundError:
-        if path.suffix == ".pt":
-            return "checkpoint"  # whose reader says that the checkpoint is missing
-        raise BabyLlamaError(f"model file not found: {path}") from None
-    except OSError as e:
-        raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
+        except OSError as e:
+            raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
     if head[:4] == b"GGUF":
         return "gguf"
     if head[:4] == b"PK\x03\x04":  # torch.save's zip container
@@ -143,6 +141,10 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = Tr
         raise BabyLlamaError(f"unknown model format {kind!r} (choose {', '.join(KINDS)})")
     if max_seq_len and kind in ("bin", "checkpoint"):
         source.weights.args.max_seq_len = max_seq_len
+        try:
+            source.weights.args.validate()
+        except ValueError as e:
+            raise BabyLlamaError(f"--max-seq-len: {e}") from None
     return source
 
 
@@ -165,11 +167,9 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
 
 def weights_from_checkpoint(path: str | os.PathLike) -> Weights:
     """A babyllama training checkpoint (ckpt.pt) as fp32 Weights."""
-    try:
-        from .train.checkpoint import load_model
-    except ImportError:
-        raise BabyLlamaError("reading a training checkpoint needs torch: pip install torch==2.13.0 "
-                             "&& pip install 'babyllama[train]'") from None
+    require("torch", "train", "reading a training checkpoint")
+    from .train.checkpoint import load_model
+
     return load_model(path).to_weights()
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from .config import ModelArgs
 from .formats import Weights
 from .interop.state_dict import from_state_dict, to_state_dict
+from .memory import check_fits
 
 
 class RMSNorm(nn.Module):
@@ -161,6 +162,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.shared_classifier:
             self.output.weight = self.tok_embeddings.weight  # weight tying
+        check_fits(4 * 8 * args.max_seq_len * (args.head_size // 2), f"RoPE tables for {args.max_seq_len:,} positions")
         cos, sin = rope_tables(args.head_size, args.max_seq_len, args.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
@@ -277,7 +279,13 @@ class TorchEngine:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode = torch.compile(self.model.decode_step, mode=mode, dynamic=False)
 
-    def new_cache(self, n_slots: int = 1) -> TorchEngine.Cache:
+    def new_cache(self, n_slots: int = 1, seq_len: int | None = None) -> TorchEngine.Cache:
+        """A cache for `n_slots` sequences; it always spans the whole context (`seq_len` is accepted for the
+        NumPy engine's interface: its decode step's shapes depend on the context)."""
+        a = self.args
+        check_fits(2 * a.n_layers * n_slots * a.max_seq_len * a.kv_dim * self.model.output.weight.element_size(),
+                   f"a KV cache of {a.max_seq_len:,} positions x {n_slots} sequence(s)",
+                   "the PyTorch engine sizes it by the model's context")
         cache = self.Cache(self.model.new_cache(n_slots, self.device), self.args.max_seq_len)
         if self.device.type == "cuda":  # updated in place inside the CUDA graph: its address must not change
             for tensor in (t for pair in cache.layers for t in pair):

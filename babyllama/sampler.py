@@ -5,9 +5,12 @@ All arithmetic is fp32 like run.c's; the random generator is run.c's xorshift64*
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
+
+from .errors import BabyLlamaError
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,12 +67,23 @@ def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
     return int(cand[min(i, len(cand) - 1)])
 
 
+def check_logits(logits: np.ndarray) -> None:
+    """Logits with a NaN or +inf (a model whose arithmetic overflowed) have no distribution to draw from:
+    one clear error rather than an argmax of NaN or an empty nucleus. The max is NaN if any entry is."""
+    top = float(np.max(logits))
+    if not math.isfinite(top):
+        raise BabyLlamaError(f"the model produced {'NaN' if math.isnan(top) else 'infinite'} logits: its weights "
+                             "overflow in fp32 (or are corrupt)")
+
+
 class Sampler:
     """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p."""
 
     def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None):
-        if temperature < 0:
+        if not temperature >= 0:  # also refuses NaN
             raise ValueError("temperature must be >= 0")
+        if math.isnan(topp):
+            raise ValueError("top-p must be a number in [0, 1]")
         self.temperature = float(temperature)
         self.topp = float(topp)
         self.rng = Rng(seed if seed else int(time.time()))
@@ -81,6 +95,7 @@ class Sampler:
     def distribution(self, logits: np.ndarray) -> np.ndarray:
         """The distribution `sample` draws from, top-p truncation included (renormalized): what
         speculative decoding compares between draft and target. Needs temperature > 0."""
+        check_logits(logits)
         probs = self.probs(logits)
         if not 0.0 < self.topp < 1.0:
             return probs
@@ -90,6 +105,7 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray) -> int:
+        check_logits(logits)
         if self.temperature == 0.0:
             return int(np.argmax(logits))
         probs = self.probs(logits)

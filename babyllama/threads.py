@@ -4,6 +4,11 @@
 respect the environment; numba alone ignores OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, so it is given the same
 count when only those are set. The native pool reads OMP_NUM_THREADS as an explicit count too; without one it
 uses every CPU for large products and keeps small ones (a tiny model's) on the calling thread.
+
+All counts are capped at `max_threads()`: more threads than cores only queue for the same cores, and tens of
+thousands exhaust the thread libraries (libgomp's stacks: a crash by signal). `--threads` above the cap is
+refused; a larger count in the environment is lowered to the cap, with a note, when babyllama is imported
+(before any pool reads its variable as it starts).
 """
 
 from __future__ import annotations
@@ -29,13 +34,47 @@ def set_wait_defaults() -> None:
         os.environ.setdefault(var, value)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def max_threads() -> int:
+    """The most threads babyllama starts in any pool: 4 per usable CPU, and at least 16."""
+    return max(16, 4 * usable_cpus())
+
+
+def cap_environment() -> None:
+    """Lower thread counts in the environment that exceed `max_threads()` (OMP_NUM_THREADS may list one count
+    per nesting level, "8,4": each is capped)."""
+    cap = max_threads()
+    for var in (*BLAS_VARS, "NUMBA_NUM_THREADS"):
+        value = os.environ.get(var)
+        if value is None:
+            continue
+        counts = [part.strip() for part in value.split(",")]
+        capped = [str(cap) if c.isdigit() and int(c) > cap else c for c in counts]
+        if capped != counts:
+            os.environ[var] = ",".join(capped)
+            print(f"babyllama: note: {var}={value} lowered to {os.environ[var]} (at most {cap} threads on "
+                  f"this machine's {usable_cpus()} CPUs)", file=sys.stderr)
+
+
 def configure(n: int | None = None) -> None:
     if n is not None:
         if n < 1:
             raise BabyLlamaError(f"--threads must be >= 1, got {n}")
+        if n > max_threads():
+            raise BabyLlamaError(f"--threads {n} is more than babyllama uses on this machine (at most "
+                                 f"{max_threads()}: 4 per CPU, {usable_cpus()} CPUs)")
         for var in (*BLAS_VARS, "NUMBA_NUM_THREADS"):
             os.environ[var] = str(n)
-    elif "NUMBA_NUM_THREADS" not in os.environ:
+    else:
+        cap_environment()
+    if n is None and "NUMBA_NUM_THREADS" not in os.environ:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
             if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
                 os.environ["NUMBA_NUM_THREADS"] = os.environ[var]

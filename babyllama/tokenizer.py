@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import math
 import os
 import re
 import struct
-from pathlib import Path
+from array import array
 
 import numpy as np
 
-from .errors import BabyLlamaError
+from . import safeio
+from .config import LIMITS
+from .errors import BabyLlamaError, missing_extra
 
 UNK, BOS, EOS = 0, 1, 2
+MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
 
@@ -46,18 +50,15 @@ class Tokenizer:
             elif i > EOS:
                 self.piece_ids.setdefault(piece, i)
         self._score = self.scores.tolist()
+        order = {score: r for r, score in enumerate(sorted(set(self._score), reverse=True))}
+        self._rank = [order[score] for score in self._score]  # dense rank of each piece's score, best first
 
     # ------------------------------------------------------------------ loading and saving
 
     @classmethod
     def load(cls, path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
         """Read a llama2.c tokenizer.bin. With `vocab_size`, the file must hold exactly that many tokens."""
-        try:
-            data = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise BabyLlamaError(f"tokenizer file not found: {path}") from None
-        except OSError as e:
-            raise BabyLlamaError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+        data = safeio.read_bytes(path, "tokenizer file", MAX_TOKENIZER_BYTES)
         if len(data) < 4:
             raise BabyLlamaError(f"{path}: not a tokenizer.bin (too short)")
         (max_len,) = struct.unpack_from("<i", data, 0)
@@ -71,9 +72,15 @@ class Tokenizer:
             off += 8
             if n < 0 or off + n > len(data) or (max_len > 0 and n > max_len):
                 raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt (token {len(pieces)})")
+            if not math.isfinite(score):
+                raise BabyLlamaError(f"{path}: token {len(pieces)} has the score {score}; the file is corrupt")
             pieces.append(data[off:off + n])
             scores.append(score)
             off += n
+            if len(pieces) > LIMITS["vocab_size"]:
+                raise BabyLlamaError(f"{path}: more than {LIMITS['vocab_size']:,} tokens; not a tokenizer.bin")
+        if len(pieces) < 3:  # <unk>, <s> and </s> at least: encoding falls back to <unk>
+            raise BabyLlamaError(f"{path}: a tokenizer.bin of {len(pieces)} tokens (it needs <unk>, <s> and </s>)")
         if vocab_size is not None and len(pieces) != vocab_size:
             raise BabyLlamaError(
                 f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}; "
@@ -81,7 +88,7 @@ class Tokenizer:
         return cls(pieces, scores, max_len)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "wb") as f:
+        with safeio.atomic_write(path) as f:
             f.write(struct.pack("<i", self.max_token_length))
             for piece, score in zip(self.pieces, self._score):
                 f.write(struct.pack("<fi", score, len(piece)))
@@ -112,8 +119,8 @@ class Tokenizer:
             ids.append(EOS)
         return ids
 
-    def _initial_symbols(self, text: str) -> list[int]:
-        ids = []
+    def _initial_symbols(self, text: str) -> array:
+        ids = array("i")
         for ch in text:
             b = ch.encode("utf-8", "surrogatepass")
             tid = self.piece_ids.get(b)
@@ -126,39 +133,49 @@ class Tokenizer:
         return ids
 
     def _bpe(self, text: str) -> list[int]:
+        """Symbols in a linked list (arrays: 13 bytes a symbol); the heap holds one int per candidate merge,
+        rank * n + position, so the best-scoring pair is merged first, the leftmost on ties. An entry is stale
+        when the pair now at its position is no longer a piece of that rank; a duplicate of a live pair's
+        entry merges that same pair at the same priority, so stale entries never change the result."""
         ids = self._initial_symbols(text)
         n = len(ids)
         if n < 2:
-            return ids
-        syms = [self.pieces[i] for i in ids]
-        nxt = list(range(1, n + 1))
-        prv = list(range(-1, n - 1))
-        alive = [True] * n
-        heap: list[tuple[float, int, int, bytes]] = []
+            return ids.tolist()
+        pieces, piece_ids, rank = self.pieces, self.piece_ids, self._rank
+        syms = [pieces[i] for i in ids]
+        nxt = array("i", range(1, n + 1))
+        prv = array("i", range(-1, n - 1))
+        alive = bytearray(b"\x01") * n
 
-        def push(i: int) -> None:
+        def candidate(i: int) -> int | None:
             j = nxt[i]
             if j < n:
-                merged = syms[i] + syms[j]
-                tid = self.piece_ids.get(merged)
+                tid = piece_ids.get(syms[i] + syms[j])
                 if tid is not None:
-                    heapq.heappush(heap, (-self._score[tid], i, tid, merged))
+                    return rank[tid] * n + i
+            return None
 
-        for i in range(n - 1):
-            push(i)
+        heap = [key for key in map(candidate, range(n - 1)) if key is not None]
+        heapq.heapify(heap)
         while heap:
-            _, i, tid, merged = heapq.heappop(heap)
+            r, i = divmod(heapq.heappop(heap), n)
             j = nxt[i] if alive[i] else n
-            if j >= n or syms[i] + syms[j] != merged:
+            if j >= n:
+                continue
+            merged = syms[i] + syms[j]
+            tid = piece_ids.get(merged)
+            if tid is None or rank[tid] != r:
                 continue  # stale entry: one side was merged away since it was pushed
             syms[i], ids[i] = merged, tid
-            alive[j] = False
+            syms[j] = b""
+            alive[j] = 0
             nxt[i] = nxt[j]
             if nxt[j] < n:
                 prv[nxt[j]] = i
-            if prv[i] >= 0:
-                push(prv[i])
-            push(i)
+            for k in ((prv[i], i) if prv[i] >= 0 else (i,)):
+                key = candidate(k)
+                if key is not None:
+                    heapq.heappush(heap, key)
         return [ids[i] for i in range(n) if alive[i]]
 
     # ------------------------------------------------------------------ decoding
@@ -244,7 +261,8 @@ def open_sentencepiece(model_path: str | os.PathLike):
     try:
         import sentencepiece as spm
     except ImportError:
-        raise BabyLlamaError("reading a .model file needs sentencepiece: pip install 'babyllama[train]'") from None
+        raise missing_extra("reading a sentencepiece .model file", "train") from None
+    safeio.check_regular(model_path, "sentencepiece model")
     try:
         return spm.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as e:

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -81,6 +82,95 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Pat
                 **(env or {})}
     return subprocess.run([sys.executable, "-m", "babyllama", *args], input=input.encode() if input else None,
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
+
+
+@dataclass
+class Limited:
+    """What `run_limited` saw: exit code (negative: killed by that signal), output, the child's peak
+    resident memory, and whether it ran out of time (then it was killed)."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    max_rss: int  # bytes
+    timed_out: bool
+
+
+# thread pools sized for the test, not the machine: each thread reserves stack and malloc-arena address
+# space, which an address-space limit counts
+SMALL_POOLS = {"OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2",
+               "MALLOC_ARENA_MAX": "2"}
+
+
+# The launcher of run_limited: sets the address-space limit, runs the command in a child of its own and reports
+# that child's peak RSS on a pipe. A process's ru_maxrss starts from its parent's RSS at fork time (and keeps
+# it across exec), so the command is forked from this small launcher, not from the (large) test process.
+_LAUNCHER = """
+import os, resource, signal, sys
+fd, limit, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+pid = os.fork()
+if pid == 0:
+    os.close(fd)
+    os.execv(argv[0], argv)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, str(usage.ru_maxrss * 1024).encode())
+os.close(fd)
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_limited(args: list[str], address_space: int = 1 << 30, timeout: float = 120, env: dict | None = None,
+                cwd: Path | None = None, stdin: bytes | None = None, program: list[str] | None = None) -> Limited:
+    """Run `python -m babyllama ARGS` (or `program`) under an address-space limit (RLIMIT_AS), so that an
+    allocation sized by a corrupt file fails instead of swapping the machine, and report its own peak memory
+    and whether it hung (its process group is killed after `timeout` seconds)."""
+    import signal
+
+    full_env = {**os.environ, **SMALL_POOLS,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **(env or {})}
+    cmd = program or [sys.executable, "-m", "babyllama", *args]
+    report_r, report_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report_w), str(address_space), *cmd],
+                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd or ROOT, env=full_env,
+                                pass_fds=(report_w,), start_new_session=True)
+    finally:
+        os.close(report_w)
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        out, err = proc.communicate(stdin)
+    finally:
+        timer.cancel()
+    with os.fdopen(report_r, "rb") as report:
+        peak = report.read()
+    return Limited(proc.returncode, out, err, int(peak) if peak else 0, killed.is_set())
+
+
+def one_line_error(result, pattern: str, code: int = 1) -> str:
+    """The process failed with exactly one line on stderr, our error line containing `pattern`."""
+    err = result.stderr.decode(errors="replace")
+    assert not getattr(result, "timed_out", False), f"hung: {err}"
+    assert result.returncode == code, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("babyllama") and ": error: " in lines[0] and pattern in lines[0], err
+    return lines[0]
 
 
 _NAMES = ["Tim", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Sue"]
@@ -202,6 +292,12 @@ def engine_logits(weights: formats.Weights, tokens) -> np.ndarray:
 
     engine = Engine(weights)
     return engine.forward(tokens, np.arange(len(tokens)), engine.new_cache())
+
+
+def logits_after(engine, tokens) -> np.ndarray:
+    """`engine`'s logits for the token that follows `tokens` (one prefill in a fresh cache): the logits that
+    chose it, for `assert_greedy_agree`'s `logits_at`."""
+    return engine.forward(list(tokens), np.arange(len(tokens)), engine.new_cache(), logits="last")[0]
 
 
 def top2_margin(logits: np.ndarray) -> float:

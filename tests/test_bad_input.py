@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from conftest import one_line_error as assert_one_line_error
 from conftest import random_weights, run_cli, tiny_args
 
 from babyllama import formats
@@ -21,15 +22,6 @@ def good_model(tmp_path_factory):
     return path, d / "tok.bin"
 
 
-def assert_one_line_error(proc, pattern: str, code: int = 1) -> None:
-    err = proc.stderr.decode()
-    assert proc.returncode == code, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert pattern in lines[0], err
-
-
 def v0_header(dim=64, hidden=172, layers=5, heads=8, kv=4, vocab=512, seq=512) -> bytes:
     return struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq)
 
@@ -40,7 +32,8 @@ def v0_header(dim=64, hidden=172, layers=5, heads=8, kv=4, vocab=512, seq=512) -
     (v0_header() + b"\0" * 1000, "file truncated"),
     (v0_header(dim=-5), "dim=-5 is out of range"),
     (v0_header(dim=1 << 30, hidden=1 << 30), "out of range"),
-    (v0_header(dim=2**20, hidden=2**20, layers=2**20, vocab=2**20, seq=2**20, heads=8, kv=8), "file truncated"),
+    (v0_header(dim=2**20, hidden=2**20, layers=2**20, vocab=2**20, seq=2**20, heads=8, kv=8), "dim=1048576 is out of"),
+    (v0_header(dim=2**16, hidden=2**20, layers=2**10, vocab=2**20, seq=2**20, heads=8, kv=8), "file truncated"),
     (v0_header(heads=7), "not divisible by n_heads"),
     (v0_header(kv=3), "not a multiple of n_kv_heads"),
     (struct.pack("<Ii", formats.MAGIC, 9) + bytes(248), "unsupported model version 9"),

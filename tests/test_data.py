@@ -148,13 +148,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train", "--dim=abc"], "dim must be int, got 'abc'"),
     (["train", "--compile=maybe"], "compile must be true or false"),
     (["train", "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16"),
-    (["train", "nope.toml"], "cannot read config file nope.toml"),
+    (["train", "nope.toml"], "config file not found: nope.toml"),
     (["train", "--init_from=resume", "--out_dir=empty"], "checkpoint not found: empty/ckpt.pt"),
     (["train", "--data_dir=empty"], "empty: no token shards"),
     (["sample", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
     (["export", "o.bin", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
     (["export", "o.bin", "--checkpoint", "cfg.toml"], "cannot read checkpoint cfg.toml"),
-    (["export-tokenizer", "missing.model"], "cannot load sentencepiece model missing.model"),
+    (["export-tokenizer", "missing.model"], "sentencepiece model not found: missing.model"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40])
 def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
     if argv[0] in ("train", "sample", "export"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_args
+from conftest import assert_greedy_agree, logits_after, random_weights, tiny_args
 
 from babyllama import formats
 from babyllama.engine import Engine
@@ -90,8 +90,12 @@ def test_batch_generation_equals_single_streams():
     seqs = [batch.add(Sequence(list(p), Sampler(0.0), 20)) for p in prompts]
     while any(not s.done for s in seqs):
         batch.step()
-    assert [s.generated for s in seqs] == singles
-    assert all(s.stop_reason == "length" and len(s.tokens) == 21 for s in seqs)
+    # the batch's first step is an 11-token prefill (BLAS), each single one a short one (the decode kernel):
+    # equal up to the first near-tie
+    for p, single, s in zip(prompts, singles, seqs):
+        if assert_greedy_agree(single, s.generated, lambda i, p=p, single=single: logits_after(e, p + single[:i]),
+                               1e-2) == len(single):
+            assert s.stop_reason == "length" and len(s.tokens) == 21
 
 
 def test_chunked_prefill_equals_one_shot():
@@ -103,7 +107,8 @@ def test_chunked_prefill_equals_one_shot():
     seq = batch.add(Sequence(list(prompt), Sampler(0.0), 40))
     while not seq.done:
         batch.step()
-    assert seq.generated == one
+    # chunks of 7 go through the decode kernel, the whole 31-token prompt through BLAS
+    assert_greedy_agree(one, seq.generated, lambda i: logits_after(e, prompt + one[:i]), 1e-2)
 
 
 def test_q8_engine_close_to_fp32_on_stories260k(stories260k, tok512, tmp_path):

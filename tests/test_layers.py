@@ -15,7 +15,7 @@ PACKAGE = ROOT / "babyllama"
 
 # Bottom to top: a module may import its own layer and those below. A new module must be placed here.
 LAYERS = [
-    ["version", "errors", "config", "threads", "progress", "safeio"],
+    ["version", "errors", "config", "threads", "progress", "safeio", "fields", "memory"],
     ["quant", "formats", "tokenizer", "sampler", "documents"],
     ["kernels_base", "kernels", "kernels_native", "kernels_numba", "engine"],
     ["generate", "speculative", "chat_template", "printer", "evaluate", "instruct"],
@@ -26,10 +26,10 @@ LAYERS = [
     ["cli.*", "__main__", "__init__"],
 ]
 # What `babyllama run`/`chat`/`eval` load: none of it may import torch at module level, however indirectly.
-INFERENCE = ["config", "errors", "threads", "progress", "quant", "formats", "tokenizer", "sampler", "documents",
-             "kernels_base", "kernels", "kernels_native", "engine", "generate", "speculative", "chat_template",
-             "printer", "evaluate", "instruct", "adapter", "loading", "api", "chat", "catalog", "cli.__init__",
-             "cli.run", "cli.evaluate", "cli.common"]
+INFERENCE = ["config", "errors", "threads", "progress", "safeio", "fields", "memory", "quant", "formats", "tokenizer",
+             "sampler", "documents", "kernels_base", "kernels", "kernels_native", "engine", "generate", "speculative",
+             "chat_template", "printer", "evaluate", "instruct", "adapter", "loading", "api", "chat", "catalog",
+             "cli.__init__", "cli.run", "cli.evaluate", "cli.common"]
 HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "numba", "peft", "safetensors", "sentencepiece", "gguf")
 
 

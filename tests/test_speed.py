@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_args
+from conftest import assert_greedy_agree, logits_after, random_weights, tiny_args
 
 from babyllama import kernels, kernels_native
 from babyllama.engine import Engine
@@ -103,7 +103,9 @@ def test_fast_engine_matches_plain(quantized, q8_backend):
         b = plain.forward(toks, positions, plain.new_cache())
         np.testing.assert_allclose(a, b, atol=2e-5 * np.abs(b).max(), rtol=0)
     greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
-    assert greedy[0] == greedy[1] and len(greedy[0]) > 10
+    # different arithmetic (kernels vs NumPy): equal up to the first near-tie
+    assert_greedy_agree(greedy[1], greedy[0], lambda i: logits_after(plain, [1, 7, 9] + greedy[1][:i]), 1e-2,
+                        min_same=10)
 
 
 def test_prefill_equals_token_by_token():
@@ -125,8 +127,11 @@ def test_batched_generation_equals_one_by_one():
     steps = [30, 12, 25, 40]  # per-sequence lengths
     seqs = generate_batch(e, prompts, steps, [Sampler(0.0) for _ in prompts])
     for p, n, seq in zip(prompts, steps, seqs, strict=True):
-        assert seq.generated == list(generate(e, p, n, Sampler(0.0)))
-        assert seq.stop_reason == "length" and len(p) + len(seq.generated) == n + 1
+        # the batch's first step is a 12-token prefill (BLAS), each one alone a short one (the decode kernel)
+        alone = list(generate(e, p, n, Sampler(0.0)))
+        same = assert_greedy_agree(alone, seq.generated, lambda i, p=p, a=alone: logits_after(e, p + a[:i]), 1e-2)
+        if same == len(alone):
+            assert seq.stop_reason == "length" and len(p) + len(seq.generated) == n + 1
 
 
 def test_batched_sampling_and_stop_tokens_per_sequence():
@@ -154,8 +159,9 @@ def test_context_shift_continues_past_seq_len_like_a_fresh_run_on_the_window():
     checked = 0
     for n in range(args.max_seq_len + 1, len(tokens)):
         window = _window_at(tokens[:n], len(prompt), args.max_seq_len)  # replays the shifts made up to n
-        fresh = e.forward(window, range(len(window)), e.new_cache(), logits="last")
-        assert int(np.argmax(fresh)) == tokens[n], n
+        fresh = e.forward(window, range(len(window)), e.new_cache(), logits="last")[0]
+        # a fresh prefill (BLAS) against the decode kernel: the same choice unless it was a near-tie
+        assert int(np.argmax(fresh)) == tokens[n] or fresh.max() - fresh[tokens[n]] < 1e-2, n
         checked += 1
     assert checked > 20
 
@@ -263,7 +269,9 @@ def test_fast_fp32_engine_with_kernels_matches_plain(q8_backend, monkeypatch):
     w = random_weights(tiny_args(), scale=0.2)
     fast, plain = Engine(w), Engine(w, plain=True)
     greedy = [list(generate(e, [1, 7, 9], 40, Sampler(0.0))) for e in (fast, plain)]
-    assert greedy[0] == greedy[1] and len(greedy[0]) > 10
+    # different arithmetic (kernels vs NumPy): equal up to the first near-tie
+    assert_greedy_agree(greedy[1], greedy[0], lambda i: logits_after(plain, [1, 7, 9] + greedy[1][:i]), 1e-2,
+                        min_same=10)
 
 
 def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):

@@ -24,12 +24,23 @@ def build_parser() -> Parser:
     return parser
 
 
+def quiet_library_warnings() -> None:
+    """Libraries' warnings would break the one-line error: NumPy's floating-point notes (a NaN or an overflow
+    is checked where it matters: weights at load, logits before sampling, eval's loss) and torch.load's notes
+    about a file's pickle protocol."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*encountered in", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", module=r"torch\.serialization")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    quiet_library_warnings()
     try:
         from ..threads import configure
         configure(getattr(args, "threads", None))

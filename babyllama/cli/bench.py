@@ -88,6 +88,7 @@ def cmd_bench(args) -> int:
     text = f"Machine: {machine}{busy}\n\n" + bench.table(rows, args.batch, args.prompt_len, bandwidth)
     print(text)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        from ..safeio import write_text
+
+        write_text(args.output, text)
     return 0

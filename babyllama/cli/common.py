@@ -50,6 +50,21 @@ def add_threads(p) -> None:
                    help="threads for BLAS and the kernels (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else all)")
 
 
+def add_time_limit(p) -> None:
+    p.add_argument("--time-limit", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="give up on a transfer after this long (default: 2 hours); run again to resume it")
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def add_compile(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")

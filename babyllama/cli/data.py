@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import BabyLlamaError
-from .common import Parser
+from ..errors import BabyLlamaError, require
+from .common import Parser, add_time_limit
 
 
 def add(sub) -> None:
@@ -15,6 +15,7 @@ def add(sub) -> None:
     d.add_argument("--url", default=None, help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
     d.add_argument("--data-dir", default="data", help="where the archive and its contents go (data)")
+    add_time_limit(d)
     d.set_defaults(func=cmd_data_download)
 
     v = steps.add_parser("train-vocab", help="train a sentencepiece BPE vocabulary (llama2.c's settings)")
@@ -67,7 +68,7 @@ def cmd_data_download(args) -> int:
 
     url = args.url or TINYSTORIES_URL
     name = Path(url.split("?")[0]).name or "download.tar.gz"
-    archive = download(url, Path(args.data_dir) / name, args.sha256)
+    archive = download(url, Path(args.data_dir) / name, args.sha256, time_limit=args.time_limit)
     stem = name[: -len(".tar.gz")] if name.endswith(".tar.gz") else Path(name).stem
     out = extract(archive, Path(args.data_dir) / stem)
     print(f"unpacked into {out}")
@@ -75,6 +76,7 @@ def cmd_data_download(args) -> int:
 
 
 def cmd_data_train_vocab(args) -> int:
+    require("sentencepiece", "train", "data train-vocab")
     from ..train.vocab import train_vocab
 
     model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars)
@@ -85,6 +87,7 @@ def cmd_data_train_vocab(args) -> int:
 def cmd_data_pretokenize(args) -> int:
     from pathlib import Path
 
+    require("tqdm", "train", "data pretokenize")
     from ..train.data import pretokenize
 
     if args.tokenizer:

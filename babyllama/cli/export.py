@@ -45,6 +45,8 @@ def cmd_export(args) -> int:
 
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
+    if args.group_size is not None and args.group_size <= 0:
+        raise BabyLlamaError(f"--group-size must be positive, got {args.group_size}")
     src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
                       max_seq_len=args.max_seq_len)
     to = infer_target(args.output, args.to)

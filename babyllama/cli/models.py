@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import add_time_limit
+
 
 def add(sub) -> None:
     add_models(sub)
@@ -30,6 +32,7 @@ def add_download(sub) -> None:
     p.add_argument("--dir", default="models", help="download folder (default: ./models)")
     p.add_argument("--url-base", default=None,
                    help="fetch from this mirror instead (same relative paths as the Hugging Face repo)")
+    add_time_limit(p)
     p.set_defaults(func=cmd_download)
 
 
@@ -37,6 +40,6 @@ def cmd_download(args) -> int:
     from ..catalog import find
     from ..download import download_model
 
-    path = download_model(find(args.name), args.dir, args.url_base)
+    path = download_model(find(args.name), args.dir, args.url_base, time_limit=args.time_limit)
     print(f"{path}\nrun it: babyllama run {path}")
     return 0

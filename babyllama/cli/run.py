@@ -16,6 +16,8 @@ from .common import (
     text_arg,
 )
 
+DEFAULT_PARALLEL = 16
+
 
 def add(sub) -> None:
     p = sub.add_parser("run", help="generate text or chat with a model (run.c's flags)",
@@ -27,6 +29,9 @@ def add(sub) -> None:
     add_engine_flags(p)
     p.add_argument("--batch-file", default=None, metavar="FILE",
                    help="generate for every line of FILE at once (one prompt per line); sequence i uses seed+i")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help=f"with --batch-file: sequences generated together, each with its own KV cache; the "
+                        f"others wait for a free slot ({DEFAULT_PARALLEL})")
     p.add_argument("--context-shift", action="store_true",
                    help="when seq_len is reached, keep the first --n-keep tokens and slide the rest (-n may "
                         "exceed seq_len)")
@@ -49,8 +54,8 @@ def add(sub) -> None:
     c.add_argument("-y", "--system", dest="system", default=None,
                    help="system prompt (asked for on stdin only when stdin is a terminal)")
     add_engine_flags(c)
-    c.set_defaults(func=cmd_run, mode="chat", batch_file=None, context_shift=False, n_keep=None, rotate_keys=False,
-                   draft=None, draft_k=4, plain=False, builtin="chat")
+    c.set_defaults(func=cmd_run, mode="chat", batch_file=None, parallel=DEFAULT_PARALLEL, context_shift=False,
+                   n_keep=None, rotate_keys=False, draft=None, draft_k=4, plain=False, builtin="chat")
 
 
 def add_engine_flags(p) -> None:
@@ -120,6 +125,8 @@ def check_speed_flags(args) -> None:
         raise BabyLlamaError("--rotate-keys works with --context-shift only")
     if args.n_keep is not None and args.n_keep < 0:
         raise BabyLlamaError(f"--n-keep must be >= 0, got {args.n_keep}")
+    if args.parallel < 1:
+        raise BabyLlamaError(f"--parallel must be >= 1, got {args.parallel}")
 
 
 def load_draft(args):
@@ -168,48 +175,47 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
 
 
 def generate_batch_file(model, args, steps: int) -> int:
-    """Every line of --batch-file is a prompt; all are generated together, then printed in order, each
-    after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`."""
+    """Every line of --batch-file is a prompt; they are generated together (--parallel at a time) and printed
+    in order, each after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`, as soon as it and
+    every one before it are done."""
     from io import BytesIO
 
-    from ..generate import generate_batch
+    from ..generate import stream_batch
     from ..printer import Printer
     from ..sampler import Sampler
 
     prompts = read_prompts(args.batch_file)
     tok = model.tokenizer
     ids = [tok.encode(p, bos=True) for p in prompts]
+    del prompts
     base = args.seed or int(time.time())
-    samplers = [Sampler(args.temperature, args.topp, base + i) for i in range(len(prompts))]
+    samplers = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
     start = time.perf_counter()
-    seqs = generate_batch(model.engine, ids, steps, samplers, max_new=args.max_new_tokens)
-    elapsed = time.perf_counter() - start
     out = sys.stdout.buffer
-    for i, (p, seq) in enumerate(zip(ids, seqs)):
-        out.write(f"=== sequence {i + 1}/{len(seqs)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
+    total = 0
+    for i, seq in stream_batch(model.engine, ids, steps, samplers, max_new=args.max_new_tokens,
+                               max_slots=args.parallel):
+        out.write(f"=== sequence {i + 1}/{len(ids)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
                   .encode())
         text = BytesIO()
         printer = Printer(tok, raw=args.raw_bytes, out=text)
-        printer.tokens(p[1: steps + 1] + seq.generated)
+        printer.tokens(ids[i][1: steps + 1] + seq.generated)
         printer.end()
         out.write(text.getvalue())
-    out.flush()
-    total = sum(len(s.generated) for s in seqs)
-    print(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(seqs)} sequences, prefill included)",
+        out.flush()
+        total += len(seq.generated)
+        ids[i] = samplers[i] = None  # printed: nothing of it is kept
+    elapsed = time.perf_counter() - start
+    print(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(ids)} sequences, prefill included)",
           file=sys.stderr)
     return 0
 
 
 def read_prompts(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.rstrip("\r\n") for line in f]
-    except FileNotFoundError:
-        raise BabyLlamaError(f"batch file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise BabyLlamaError(f"batch file {path} is not valid UTF-8 text") from None
-    except OSError as e:
-        raise BabyLlamaError(f"cannot read batch file {path}: {e.strerror}") from None
+    from .. import safeio
+
+    text = safeio.read_text(path, "batch file")
+    prompts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     while prompts and prompts[-1] == "":
         prompts.pop()
     if not prompts:

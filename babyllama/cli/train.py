@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import BabyLlamaError
+from ..errors import require
 from .common import add_sampling_flags, check_sampling_flags, steps_flag, text_arg
 
 
@@ -40,6 +40,7 @@ def config_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
+    require("torch", "train", "train")
     from ..train.config import resolve_config
     from ..train.loop import train
 
@@ -67,11 +68,7 @@ def cmd_sample(args) -> int:
     prompt = text_arg(args.prompt, "prompt (-i)")
     device = args.device
     if device == "auto":
-        try:
-            import torch
-        except ImportError:
-            raise BabyLlamaError("sample needs torch: pip install torch==2.13.0 && pip install 'babyllama[train]'") \
-                from None
+        torch = require("torch", "train", "sample")
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.checkpoint, args.tokenizer, device=device)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)

@@ -1,4 +1,6 @@
-"""llama.cpp's GGUF ⇄ `Weights` (+ vocabulary), through the `gguf` package's writer and reader.
+"""llama.cpp's GGUF ⇄ `Weights` (+ vocabulary). Written with the `gguf` package's writer; read by `read_gguf`,
+which checks every count, length, type and offset of the file before trusting it (the package's reader loops
+or raises assorted errors on corrupt files), and dequantized with the package's `quants`.
 
 What goes in a file llama.cpp loads as architecture "llama":
   - metadata `llama.*`: context_length, embedding_length, block_count, feed_forward_length,
@@ -30,17 +32,21 @@ error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
-from ..errors import BabyLlamaError
-from ..formats import Weights
+from .. import safeio
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
+from ..errors import BabyLlamaError, missing_extra
+from ..fields import Fields, is_int, is_number
+from ..formats import Weights, check_writable
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
-from .state_dict import LAYER_NAMES, from_state_dict, layer_key, to_state_dict
+from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -59,7 +65,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise BabyLlamaError("GGUF files need the gguf package: pip install 'babyllama[interop]'") from None
+        raise missing_extra("reading and writing GGUF files", "interop") from None
     return gguf
 
 
@@ -101,7 +107,8 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
-    tmp = path.with_name(path.name + ".tmp")
+    check_writable(args, path)
+    tmp = safeio.temp_path(path)
     w = gguf.GGUFWriter(tmp, ARCH)
     w.add_name(name or path.stem)
     w.add_file_type(file_type)
@@ -131,7 +138,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, path)
+    safeio.commit(tmp, path)
     return path
 
 
@@ -194,6 +201,198 @@ def _convert(data: np.ndarray, qtype, cols: int, note: ConversionNote) -> BlockT
     return BlockTensor(note.target, out, cols)
 
 
+# GGUF's metadata value types (gguf.GGUFValueType): the scalars' NumPy types, and the two variable-size kinds
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+            12: "<f8"}
+_BOOL, _STRING, _ARRAY = 7, 8, 9
+MAX_KEYS = 1 << 16  # metadata entries
+MAX_TENSORS = 16 * LIMITS["n_layers"] + 16
+MAX_NAME = 1 << 16  # bytes of a key or tensor name
+MAX_ARRAY = 1 << 22  # entries of one metadata array (vocabularies, merges)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# the arrays read into Python lists; the others (merges, chat templates' tables, ...) are checked and skipped
+WANTED_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+@dataclass
+class GGUFTensor:
+    """A tensor of a GGUF file, with the attributes of the gguf package's ReaderTensor that loading uses."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # innermost first, as GGUF lists them
+    data_offset: int  # absolute, in the file
+    n_bytes: int
+    data: np.ndarray | None = None  # a read-only view of the mapped file (NumPy's order: shape reversed)
+
+
+@dataclass
+class Skipped:
+    """A metadata array that was checked but not read (its length only)."""
+
+    length: int
+
+
+class _Walker:
+    """Reads a GGUF header from a mapped file, checking every count and length against the bytes left before
+    trusting it. (The gguf package's reader loops on an inflated count, raises assorted errors on a truncated
+    one, and keeps a NumPy view per array entry, ~850 bytes each.)"""
+
+    def __init__(self, buf: np.ndarray, path: Path):
+        self.buf, self.path, self.off = buf, path, 0
+
+    def fail(self, what: str) -> BabyLlamaError:
+        return BabyLlamaError(f"{self.path}: corrupt GGUF header: {what} (at byte {self.off})")
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.off + n > len(self.buf):
+            raise self.fail(f"{what} runs past the end of the file")
+        start = self.off
+        self.off += n
+        return start
+
+    def scalar(self, kind: int, what: str):
+        dtype = np.dtype(_SCALARS[kind])
+        value = np.frombuffer(self.buf, dtype, 1, self.take(dtype.itemsize, what))[0].item()
+        return bool(value) if kind == _BOOL else value
+
+    def u32(self, what: str) -> int:
+        return self.scalar(4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar(10, what)
+
+    def text(self, what: str, max_len: int | None = None, read: bool = True) -> str | None:
+        n = self.u64(f"the length of {what}")
+        if max_len is not None and n > max_len:
+            raise self.fail(f"{what} claims {n:,} bytes")
+        start = self.take(n, what)
+        if not read:
+            return None
+        try:
+            return self.buf[start:start + n].tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not UTF-8") from None
+
+    def value(self, kind: int, what: str, read_array: bool = True):
+        """One metadata value: a scalar, a string, or an array of either (read into a list when `read_array`,
+        else only checked and stepped over)."""
+        if kind in _SCALARS:
+            return self.scalar(kind, what)
+        if kind == _STRING:
+            return self.text(what)
+        if kind != _ARRAY:
+            raise self.fail(f"{what} has the unknown value type {kind}")
+        item = self.u32(f"the item type of {what}")
+        count = self.u64(f"the length of {what}")
+        least = np.dtype(_SCALARS[item]).itemsize if item in _SCALARS else 8  # a string: its 8-byte length
+        if item not in _SCALARS and item != _STRING:
+            raise self.fail(f"{what} is an array of type {item}")
+        if count > MAX_ARRAY or count * least > len(self.buf) - self.off:
+            raise self.fail(f"{what} claims {count:,} entries, more than the file holds")
+        if item == _STRING:
+            values = [self.text(what, read=read_array) for _ in range(count)]
+            return values if read_array else Skipped(count)
+        start = self.take(count * least, what)
+        if not read_array:
+            return Skipped(count)
+        values = np.frombuffer(self.buf, _SCALARS[item], count, start)
+        return (values != 0).tolist() if item == _BOOL else values.tolist()
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
+    """A GGUF file's metadata and tensors, everything checked before it is trusted: the header's counts and
+    lengths, UTF-8 text, value and tensor types (integer tensors refused), shapes, and that the tensors lie
+    inside the file, aligned, in order, without overlap or gaps. Tensor data stay memory-mapped."""
+    gguf = _gguf()
+    size = safeio.file_size(path, "GGUF file")
+    if size < 24:
+        raise BabyLlamaError(f"{path}: not a readable GGUF file (only {size} bytes)")
+    with safeio.open_regular(path, "GGUF file") as f:
+        buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+    w = _Walker(buf, path)
+    if buf[:4].tobytes() != b"GGUF":
+        raise w.fail("no GGUF magic")
+    w.take(4, "magic")
+    version = w.u32("the version")
+    if version not in (2, 3):
+        raise BabyLlamaError(f"{path}: GGUF version {version} is not supported (2 and 3 are; big-endian files "
+                             "are not)")
+    n_tensors, n_keys = w.u64("the tensor count"), w.u64("the metadata count")
+    if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
+        raise w.fail(f"{n_tensors:,} tensors and {n_keys:,} metadata entries")
+    meta = {}
+    for i in range(n_keys):
+        key = w.text(f"metadata key {i}", MAX_NAME)
+        if key in meta:
+            raise w.fail(f"metadata key {key} appears twice")
+        meta[key] = w.value(w.u32(f"the type of {key}"), key, read_array=key in WANTED_ARRAYS)
+    alignment = meta.get("general.alignment", 32)
+    if not is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
+        raise w.fail("general.alignment must be a power of two")
+    tensors = [_tensor_info(w, gguf) for _ in range(n_tensors)]
+    data_start = -(-w.off // alignment) * alignment
+    _check_tiling(w, tensors, data_start, size, alignment)
+    for t in tensors:
+        t.data = _view(buf, t, gguf)
+    return meta, {t.name: t for t in tensors}
+
+
+def _tensor_info(w: _Walker, gguf) -> GGUFTensor:
+    name = w.text("a tensor name", MAX_NAME)
+    n_dims = w.u32(f"the rank of {name}")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise w.fail(f"tensor {name} has {n_dims} dimensions")
+    dims = tuple(w.u64(f"the shape of {name}") for _ in range(n_dims))
+    kind = w.u32(f"the type of {name}")
+    rel = w.u64(f"the offset of {name}")
+    try:
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise w.fail(f"tensor {name} has the unknown type {kind}") from None
+    if qtype.name in ("I8", "I16", "I32", "I64"):
+        raise BabyLlamaError(f"{w.path}: tensor {name} holds integers ({qtype.name}), not weights")
+    if any(d < 1 or d > 1 << 32 for d in dims) or math.prod(dims) > 1 << 40:
+        raise w.fail(f"tensor {name} has the shape {list(dims)}")
+    if dims[0] % block:
+        raise w.fail(f"tensor {name}: rows of {dims[0]} do not split into {qtype.name} blocks of {block}")
+    return GGUFTensor(name, qtype, dims, rel, math.prod(dims) // block * type_bytes)
+
+
+def _check_tiling(w: _Walker, tensors: list[GGUFTensor], data_start: int, size: int, alignment: int) -> None:
+    """Tensor data starts at `data_start`; each tensor at an aligned offset, the next right after it (after
+    alignment padding), the last one ending within the file. Offsets become absolute."""
+    names = set()
+    expected = 0
+    for t in sorted(tensors, key=lambda t: t.data_offset):
+        if t.name in names:
+            raise BabyLlamaError(f"{w.path}: tensor {t.name} appears twice")
+        names.add(t.name)
+        if t.data_offset != expected:
+            what = "overlaps the tensor before it" if t.data_offset < expected else "leaves a gap before it"
+            raise BabyLlamaError(f"{w.path}: tensor {t.name} at data offset {t.data_offset} {what} (expected "
+                                 f"{expected}); the file is corrupt")
+        expected = -(-(t.data_offset + t.n_bytes) // alignment) * alignment
+        t.data_offset += data_start
+        if t.data_offset + t.n_bytes > size:
+            raise BabyLlamaError(f"{w.path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes:,}, past the "
+                                 f"end of the file ({size:,} bytes): truncated or corrupt")
+    if tensors and size - (data_start + expected) >= alignment:
+        raise BabyLlamaError(f"{w.path}: {size - data_start - expected:,} bytes after the last tensor; the file is "
+                             "corrupt")
+
+
+def _view(buf: np.ndarray, t: GGUFTensor, gguf) -> np.ndarray:
+    """The tensor's bytes as the gguf package's reader lays them out: float types as their dtype, the
+    others as uint8 rows of blocks (what gguf.quants.dequantize takes)."""
+    shape = tuple(reversed(t.shape))
+    dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(t.tensor_type.name)
+    if dtype is None:
+        dtype, shape = np.uint8, _gguf().quants.quant_shape_to_byte_shape(shape, t.tensor_type)
+    return np.frombuffer(buf, dtype, math.prod(shape), t.data_offset).reshape(shape)
+
+
 def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
               notes: list[ConversionNote] | None = None) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
@@ -203,17 +402,11 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     to `notes`."""
     gguf = _gguf()
     path = Path(path)
-    if not path.is_file():
-        raise BabyLlamaError(f"{path}: no such file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise BabyLlamaError(f"{path}: not a readable GGUF file ({e})") from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    meta, tensors = read_gguf(path)
+    fields = Fields(meta, str(path))
     arch = meta.get("general.architecture")
     if arch != ARCH:
-        raise BabyLlamaError(f"{path}: unsupported architecture '{arch}' (only 'llama' GGUF files)")
-    tensors = {t.name: t for t in reader.tensors}
+        raise BabyLlamaError(f"{path}: unsupported architecture {arch!r} (only 'llama' GGUF files)")
 
     converted: dict[str, ConversionNote] = {}
     float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
@@ -224,51 +417,77 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
             raise KeyError(name)
         t = tensors[key]
         kind = t.tensor_type.name.lower()
-        if not keep_quantized or t.tensor_type in float_types or len(t.shape) != 2:
-            return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        cols = int(t.shape[0])  # GGUF lists dimensions innermost first
-        if kind in KINDS:
-            return BlockTensor(kind, t.data, cols)
-        note = converted.setdefault(kind, ConversionNote(t.tensor_type.name, nearest_kind(t.tensor_type)))
-        return _convert(t.data, t.tensor_type, cols, note)
-
-    def field(key: str, default=None):
-        value = meta.get(f"{ARCH}.{key}", default)
-        if value is None:
-            raise BabyLlamaError(f"{path}: metadata {ARCH}.{key} is missing")
-        return value
+        try:
+            with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
+                if not keep_quantized or t.tensor_type in float_types or len(t.shape) != 2:
+                    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                cols = int(t.shape[0])  # GGUF lists dimensions innermost first
+                if kind in KINDS:
+                    return BlockTensor(kind, t.data, cols)
+                note = converted.setdefault(kind, ConversionNote(t.tensor_type.name, nearest_kind(t.tensor_type)))
+                return _convert(t.data, t.tensor_type, cols, note)
+        except (NotImplementedError, ValueError) as e:  # types the package cannot dequantize
+            raise BabyLlamaError(f"{path}: cannot read tensor {key} of type {t.tensor_type.name} ({e})") from None
 
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise BabyLlamaError(f"{path}: tensor token_embd.weight is missing")
-    n_heads = int(field("attention.head_count"))
-    args = ModelArgs(
-        dim=int(field("embedding_length")), n_layers=int(field("block_count")), n_heads=n_heads,
-        n_kv_heads=int(field("attention.head_count_kv", n_heads)), hidden_dim=int(field("feed_forward_length")),
+    if len(emb.shape) != 2:
+        raise BabyLlamaError(f"{path}: tensor token_embd.weight has the shape {list(emb.shape)}, not a matrix")
+    llama = Fields(meta, str(path), prefix=f"{ARCH}.")
+    n_heads = llama.int("attention.head_count", hi=LIMITS["n_heads"])
+    context = max_seq_len or llama.int("context_length", hi=LIMITS["max_seq_len"])
+    args = checked_args(
+        str(path), dim=llama.int("embedding_length", hi=LIMITS["dim"]),
+        n_layers=llama.int("block_count", hi=LIMITS["n_layers"]), n_heads=n_heads,
+        n_kv_heads=llama.int("attention.head_count_kv", n_heads, hi=LIMITS["n_kv_heads"]),
+        hidden_dim=llama.int("feed_forward_length", hi=LIMITS["hidden_dim"]),
         vocab_size=int(emb.shape[1]),  # GGUF lists dimensions innermost first: (dim, vocab)
-        norm_eps=_shortest(field("attention.layer_norm_rms_epsilon", DEFAULT_NORM_EPS)),
-        rope_theta=_shortest(field("rope.freq_base", DEFAULT_ROPE_THETA)),
-        max_seq_len=int(max_seq_len or field("context_length")),
-        shared_classifier="output.weight" not in tensors,
+        norm_eps=_shortest(llama.float("attention.layer_norm_rms_epsilon", DEFAULT_NORM_EPS)),
+        rope_theta=_shortest(llama.float("rope.freq_base", DEFAULT_ROPE_THETA)),
+        max_seq_len=context, shared_classifier="output.weight" not in tensors,
     )
-    rope_dims = int(field("rope.dimension_count", args.head_size))
+    rope_dims = llama.int("rope.dimension_count", args.head_size)
     if rope_dims != args.head_size:
         raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
+    known = {gguf_name(k) for k in expected_shapes(args)}
+    unexpected = sorted(set(tensors) - known - {"output.weight"} - _IGNORED)
+    if unexpected:
+        raise BabyLlamaError(f"{path}: unexpected tensor {unexpected[0]} (block_count says {args.n_layers} layers; "
+                             "not a plain Llama model?)")
     weights = from_state_dict(args, get, str(path), display=gguf_name)
     if notes is not None:
         notes.extend(converted.values())
+    return weights, _read_vocab(fields, path)
 
-    vocab = None
-    if "tokenizer.ggml.tokens" in meta:
-        if meta.get("tokenizer.ggml.model") != "llama":
-            raise BabyLlamaError(f"{path}: tokenizer '{meta.get('tokenizer.ggml.model')}' is not sentencepiece")
-        tokens = list(meta["tokenizer.ggml.tokens"])
-        vocab = Vocab(tokens, [float(s) for s in meta.get("tokenizer.ggml.scores", [0.0] * len(tokens))],
-                      [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))],
-                      unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 0)),
-                      bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
-                      eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
-    return weights, vocab
+
+_IGNORED = {"rope_freqs.weight"}  # llama.cpp's rope scaling factors: absent from plain Llama models' files
+
+
+def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
+    """The sentencepiece vocabulary the file carries, each array checked against the token list."""
+    if not fields.has("tokenizer.ggml.tokens"):
+        return None
+    model = fields.str("tokenizer.ggml.model", "")
+    if model != "llama":
+        raise BabyLlamaError(f"{path}: tokenizer {model!r} is not sentencepiece ('llama')")
+    tokens = fields.list("tokenizer.ggml.tokens", max_len=LIMITS["vocab_size"])
+    n = len(tokens)
+    if not all(isinstance(t, str) for t in tokens):
+        raise BabyLlamaError(f"{path}: tokenizer.ggml.tokens must be a list of strings")
+    scores = fields.list("tokenizer.ggml.scores", [0.0] * n)
+    types = fields.list("tokenizer.ggml.token_type", [1] * n)
+    for key, values in (("scores", scores), ("token_type", types)):
+        if len(values) != n:
+            raise BabyLlamaError(f"{path}: tokenizer.ggml.{key} has {len(values):,} entries for {n:,} tokens")
+    if not all(is_number(s) and math.isfinite(s) for s in scores):
+        raise BabyLlamaError(f"{path}: tokenizer.ggml.scores must be finite numbers")
+    if not all(is_int(t) and 1 <= t <= 6 for t in types):
+        raise BabyLlamaError(f"{path}: tokenizer.ggml.token_type must hold token types 1 to 6")
+    ids = {key: fields.int(f"tokenizer.ggml.{key}_token_id", default, lo=0, hi=n - 1)
+           for key, default in (("unknown", 0), ("bos", 1), ("eos", 2))}
+    return Vocab(tokens, [float(s) for s in scores], [int(t) for t in types], unk_id=ids["unknown"],
+                 bos_id=ids["bos"], eos_id=ids["eos"])
 
 
 def _shortest(value: float) -> float:

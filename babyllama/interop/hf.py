@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
-from ..errors import BabyLlamaError
-from ..formats import Weights
+from .. import safeio
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
+from ..errors import BabyLlamaError, first_line, missing_extra
+from ..fields import Fields
+from ..formats import Weights, check_writable
 from .state_dict import expected_shapes, from_state_dict, to_state_dict
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
@@ -68,40 +69,40 @@ def halves_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def args_from_config(config: dict, max_seq_len: int | None = None, source: str = "config.json") -> ModelArgs:
-    """ModelArgs from a Hugging Face LlamaConfig dict, refusing what babyllama's engine cannot run."""
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
+    """ModelArgs from a Hugging Face LlamaConfig dict, refusing what babyllama's engine cannot run; every
+    field's type and range is checked (`"tie_word_embeddings": "false"` is a string, not a bool)."""
+    f = Fields(config, source)
+    model_type = f.str("model_type", None)
+    archs = f.list("architectures", [])
     if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
-        what = model_type or ", ".join(archs) or "unknown"
+        what = model_type or ", ".join(map(str, archs)) or "unknown"
         raise BabyLlamaError(f"{source}: unsupported architecture '{what}' (only Llama models, model_type "
                              "'llama' / LlamaForCausalLM, can be converted)")
-    act = config.get("hidden_act", "silu")
+    act = f.str("hidden_act", "silu")
     if act != "silu":
         raise BabyLlamaError(f"{source}: hidden_act '{act}' is not supported (Llama uses silu)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
+    if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
         raise BabyLlamaError(f"{source}: attention/MLP biases are not supported by the llama2.c format")
     # transformers 5 nests rope settings in rope_parameters; 4.x had rope_theta + rope_scaling at the top
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise BabyLlamaError(f"{source}: rope scaling '{rope_type}' is not supported (only plain RoPE)")
-    theta = config.get("rope_theta", rope.get("rope_theta", DEFAULT_ROPE_THETA))
-    try:
-        dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        args = ModelArgs(
-            dim=dim, n_layers=int(config["num_hidden_layers"]), n_heads=n_heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            hidden_dim=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
-            norm_eps=float(config.get("rms_norm_eps", DEFAULT_NORM_EPS)), rope_theta=float(theta),
-            max_seq_len=int(max_seq_len or config.get("max_position_embeddings") or 2048),
-            shared_classifier=bool(config.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise BabyLlamaError(f"{source}: field {e.args[0]} is missing") from None
-    except (TypeError, ValueError) as e:
-        raise BabyLlamaError(f"{source}: malformed field: {e}") from None
-    head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim != dim // n_heads:
+    ropes = [f.sub(key) for key in ("rope_parameters", "rope_scaling") if f.has(key)]
+    for rope in ropes:
+        rope_type = rope.str("rope_type", None) or rope.str("type", "default")
+        if rope_type != "default":
+            raise BabyLlamaError(f"{source}: rope scaling '{rope_type}' is not supported (only plain RoPE)")
+    nested = [rope.float("rope_theta") for rope in ropes if rope.has("rope_theta")]
+    theta = f.float("rope_theta", None) or (nested[0] if nested else DEFAULT_ROPE_THETA)
+    n_heads = f.int("num_attention_heads", hi=LIMITS["n_heads"])
+    args = checked_args(
+        source, dim=f.int("hidden_size", hi=LIMITS["dim"]), n_layers=f.int("num_hidden_layers", hi=LIMITS["n_layers"]),
+        n_heads=n_heads, n_kv_heads=f.int("num_key_value_heads", n_heads, hi=LIMITS["n_kv_heads"]),
+        hidden_dim=f.int("intermediate_size", hi=LIMITS["hidden_dim"]),
+        vocab_size=f.int("vocab_size", hi=LIMITS["vocab_size"]),
+        norm_eps=f.float("rms_norm_eps", DEFAULT_NORM_EPS), rope_theta=theta,
+        max_seq_len=max_seq_len or f.int("max_position_embeddings", 2048, hi=LIMITS["max_seq_len"]),
+        shared_classifier=f.bool("tie_word_embeddings", False),
+    )
+    head_dim = f.int("head_dim", None, hi=LIMITS["dim"])
+    if head_dim is not None and head_dim != args.head_size:
         raise BabyLlamaError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads; "
                              "the llama2.c format cannot express it")
     return args
@@ -165,18 +166,34 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
     shards: list[Path] = []
     for f in files:
         if f.name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(f.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise BabyLlamaError(f"{f}: not a valid shard index ({e})") from None
-            for name in dict.fromkeys(weight_map.values()):
-                shard = f.parent / name
-                if not shard.is_file():
-                    raise BabyLlamaError(f"{shard}: missing (listed in {f.name})")
-                shards.append(shard)
+            shards.extend(_index_shards(f))
         else:
-            shards.append(f)
+            shards.append(safeio.check_regular(f, "weight file"))
     return config, list(dict.fromkeys(shards))
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a *.index.json names: each must lie in the index's folder (a name such as
+    "../x.safetensors" or an absolute path is refused; the file itself may be a symlink, as in Hugging
+    Face's cache, where snapshots/ links into blobs/)."""
+    weight_map = Fields(safeio.read_json(index, "shard index"), str(index)).dict("weight_map")
+    names = list(dict.fromkeys(weight_map.values()))
+    if not names or not all(isinstance(n, str) for n in names):
+        raise BabyLlamaError(f"{index}: weight_map must map tensor names to shard file names")
+    folder = index.parent
+    real_folder = folder.resolve()
+    shards = []
+    for name in names:
+        rel = Path(name)
+        if rel.is_absolute() or rel.anchor or ".." in rel.parts or not rel.parts or "\\" in name:
+            raise BabyLlamaError(f"{index}: shard {name!r} is not a file inside the model folder")
+        shard = folder / rel
+        if not shard.parent.resolve().is_relative_to(real_folder):
+            raise BabyLlamaError(f"{index}: shard {name!r} resolves outside the model folder")
+        if not shard.is_file():
+            raise BabyLlamaError(f"{shard}: missing (listed in {index.name})")
+        shards.append(safeio.check_regular(shard, "weight file"))
+    return shards
 
 
 def _read_bf16(path: Path, name: str) -> np.ndarray:
@@ -189,41 +206,57 @@ def _read_bf16(path: Path, name: str) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
 
 
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
-    """name -> loader for every tensor of every shard (safetensors opened lazily, torch files mmapped)."""
+    """name -> loader for every tensor of every shard (safetensors opened lazily, torch files mmapped).
+    Only floating-point tensors are weights: an integer tensor is refused, not converted."""
     index: dict[str, Callable[[], np.ndarray]] = {}
     for shard in shards:
         if shard.suffix == ".safetensors":
             try:
                 from safetensors import safe_open
             except ImportError:
-                raise BabyLlamaError("reading safetensors needs: pip install 'babyllama[interop]'") from None
+                raise missing_extra("reading safetensors", "interop") from None
             try:
-                handle = safe_open(str(shard), framework="numpy")
+                handle = safe_open(str(safeio.check_regular(shard, "weight file")), framework="numpy")
+                dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
             except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
                 raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None
+            _check_dtypes(shard, dtypes)
 
             def load(name: str, handle=handle, shard=shard) -> np.ndarray:
                 if handle.get_slice(name).get_dtype() == "BF16":
                     return _read_bf16(shard, name)
                 return handle.get_tensor(name)
 
-            index.update({name: (lambda n=name, f=load: f(n)) for name in handle.keys()})
+            index.update({name: (lambda n=name, f=load: f(n)) for name in dtypes})
         else:
             state = _torch_load(shard)
+            if not isinstance(state, dict) or not all(hasattr(t, "is_floating_point") for t in state.values()):
+                raise BabyLlamaError(f"{shard}: not a state dict of tensors")
+            _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
             index.update({name: (lambda t=t: t.float().numpy()) for name, t in state.items()})
     return index
+
+
+def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
+    for name, dtype in dtypes.items():
+        if dtype not in _FLOAT_DTYPES and not _IGNORED.fullmatch(name):
+            raise BabyLlamaError(f"{shard}: tensor {name} holds {dtype} values, not floating-point weights")
 
 
 def _torch_load(path: Path) -> dict:
     try:
         import torch
     except ImportError:
-        raise BabyLlamaError(f"reading {path.name} needs PyTorch: pip install 'babyllama[interop]'") from None
+        raise missing_extra(f"reading {path.name} (a PyTorch file)", "interop") from None
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return torch.load(safeio.check_regular(path, "weight file"), map_location="cpu", mmap=True,
+                          weights_only=True)
     except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
+        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None) -> Weights:
@@ -231,10 +264,7 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     config_path, shards = _resolve(paths)
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise BabyLlamaError(f"{config_path}: not valid JSON ({e})") from None
+    config = safeio.read_json(config_path, "config.json")
     args = args_from_config(config, max_seq_len, str(config_path))
     index = _tensor_index(shards)
     source = str(Path(paths[0]))
@@ -267,7 +297,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     try:
         from safetensors.numpy import save_file
     except ImportError:
-        raise BabyLlamaError("writing safetensors needs: pip install 'babyllama[interop]'") from None
+        raise missing_extra("writing safetensors", "interop") from None
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
@@ -277,6 +307,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     if stale:
         raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
     args = weights.args
+    check_writable(args, outdir)
     if tokenizer_model is not None:
         _check_sentencepiece(tokenizer_model, args.vocab_size)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -288,12 +319,14 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         elif name.endswith("attention.wk.weight"):
             t = interleaved_to_halves(t, args.n_kv_heads)
         tensors[hf_name(name)] = np.ascontiguousarray(t)
-    save_file(tensors, str(outdir / "model.safetensors"), metadata={"format": "pt"})
-    (outdir / "config.json").write_text(json.dumps(config_from_args(args), indent=2) + "\n")
-    (outdir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    with safeio.pending(outdir / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     if tokenizer_model is not None:
-        shutil.copyfile(tokenizer_model, outdir / "tokenizer.model")
-        (outdir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(args), indent=2) + "\n")
+        safeio.copy_file(tokenizer_model, outdir / "tokenizer.model", "tokenizer")
+        safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
+    safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    # config.json last: a folder that a kill interrupted has no config (or the old one over old weights)
+    safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args), indent=2) + "\n")
     return outdir
 
 

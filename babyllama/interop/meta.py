@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs, llama_hidden_dim
-from ..errors import BabyLlamaError
-from ..formats import Weights
+from .. import safeio
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args, llama_hidden_dim
+from ..errors import BabyLlamaError, first_line, missing_extra
+from ..fields import Fields
+from ..formats import Weights, check_writable
 from .state_dict import from_state_dict, to_state_dict
 
 LLAMA2_CONTEXT = 4096
@@ -47,7 +49,7 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise BabyLlamaError("Meta checkpoints are PyTorch files: pip install 'babyllama[interop]'") from None
+        raise missing_extra("reading Meta checkpoints (PyTorch files)", "interop") from None
     return torch
 
 
@@ -62,37 +64,37 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None) -> Weig
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise BabyLlamaError(f"{folder}: no consolidated.*.pth shards")
-    try:
-        params = json.loads(params_path.read_text())
-    except ValueError as e:
-        raise BabyLlamaError(f"{params_path}: not valid JSON ({e})") from None
-    if params.get("use_scaled_rope"):
+    params = Fields(safeio.read_json(params_path, "params.json"), str(params_path))
+    if params.data.get("use_scaled_rope"):
         raise BabyLlamaError(f"{params_path}: scaled RoPE (Llama 3.1) is not supported")
-    if params.get("moe") or params.get("vision_chunk_size"):
+    if params.data.get("moe") or params.data.get("vision_chunk_size"):
         raise BabyLlamaError(f"{params_path}: unsupported architecture (only dense text Llama models)")
 
     torch = _torch()
-    states = []
-    for shard in shards:
-        try:
-            states.append(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
-        except Exception as e:  # pickle, zip or runtime errors for a damaged file
-            raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({e})") from None
+    states = [_load_shard(torch, shard) for shard in shards]
 
     def get(name: str) -> np.ndarray:
         parts = [s[name] for s in states if name in s]
         if len(parts) != len(states):
             raise KeyError(name)
+        if not all(p.is_floating_point() for p in parts):
+            raise BabyLlamaError(f"{folder}: tensor {name} holds {parts[0].dtype} values, not floating-point weights")
         axis = shard_axis(name)
         if axis is None or len(parts) == 1:
             return parts[0].float().numpy()
-        return torch.cat(parts, dim=axis).float().numpy()
+        try:
+            return torch.cat(parts, dim=axis).float().numpy()
+        except RuntimeError:
+            shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+            raise BabyLlamaError(f"{folder}: the shards of {name} do not fit together ({shapes})") from None
 
     try:
         emb = get("tok_embeddings.weight")
         output = get("output.weight")
     except KeyError as e:
         raise BabyLlamaError(f"{folder}: tensor {e.args[0]} is missing") from None
+    if emb.ndim != 2 or output.ndim != 2:
+        raise BabyLlamaError(f"{folder}: tok_embeddings and output must be matrices")
     cache = {"tok_embeddings.weight": emb, "output.weight": output}
     args = _args_from_params(params, emb.shape[0], emb.shape[1], max_seq_len, params_path)
     # Meta's models never tie the classifier; one we wrote from a tied model has it equal to the embedding
@@ -100,23 +102,35 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None) -> Weig
     return from_state_dict(args, lambda n: cache[n] if n in cache else get(n), str(folder))
 
 
-def _args_from_params(params: dict, vocab: int, dim: int, max_seq_len: int | None, source: Path) -> ModelArgs:
+def _load_shard(torch, shard: Path) -> dict:
     try:
-        n_heads = int(params["n_heads"])
-        args = ModelArgs(
-            dim=int(params["dim"]), n_layers=int(params["n_layers"]), n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-            vocab_size=vocab if int(params.get("vocab_size", -1)) <= 0 else int(params["vocab_size"]),
-            hidden_dim=llama_hidden_dim(int(params["dim"]), int(params.get("multiple_of", 256)),
-                                        params.get("ffn_dim_multiplier")),
-            norm_eps=float(params.get("norm_eps", DEFAULT_NORM_EPS)),
-            rope_theta=float(params.get("rope_theta", DEFAULT_ROPE_THETA)),
-            max_seq_len=int(max_seq_len or params.get("max_seq_len") or LLAMA2_CONTEXT),
-        )
-    except KeyError as e:
-        raise BabyLlamaError(f"{source}: field {e.args[0]} is missing") from None
-    except (TypeError, ValueError) as e:
-        raise BabyLlamaError(f"{source}: malformed field: {e}") from None
+        state = torch.load(safeio.check_regular(shard, "checkpoint shard"), map_location="cpu", mmap=True,
+                           weights_only=True)
+    except BabyLlamaError:
+        raise
+    except Exception as e:  # pickle, zip or runtime errors for a damaged file
+        raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise BabyLlamaError(f"{shard}: not a state dict of tensors")
+    return state
+
+
+def _args_from_params(params: Fields, vocab: int, dim: int, max_seq_len: int | None, source: Path) -> ModelArgs:
+    n_dim = params.int("dim", hi=LIMITS["dim"])
+    n_heads = params.int("n_heads", hi=LIMITS["n_heads"])
+    vocab_size = params.int("vocab_size", -1, lo=-1, hi=LIMITS["vocab_size"])
+    try:
+        hidden_dim = llama_hidden_dim(n_dim, params.int("multiple_of", 256, hi=LIMITS["hidden_dim"]),
+                                      params.float("ffn_dim_multiplier", None))
+    except ValueError as e:
+        raise BabyLlamaError(f"{source}: {e}") from None
+    args = checked_args(
+        str(source), dim=n_dim, n_layers=params.int("n_layers", hi=LIMITS["n_layers"]), n_heads=n_heads,
+        n_kv_heads=params.int("n_kv_heads", n_heads, hi=LIMITS["n_kv_heads"]),
+        vocab_size=vocab if vocab_size <= 0 else vocab_size, hidden_dim=hidden_dim,
+        norm_eps=params.float("norm_eps", DEFAULT_NORM_EPS), rope_theta=params.float("rope_theta", DEFAULT_ROPE_THETA),
+        max_seq_len=max_seq_len or params.int("max_seq_len", LLAMA2_CONTEXT, hi=LIMITS["max_seq_len"]),
+    )
     if args.dim != dim:
         raise BabyLlamaError(f"{source}: dim {args.dim} but tok_embeddings has {dim} columns")
     return args
@@ -127,6 +141,7 @@ def save_meta(weights: Weights, folder: str | os.PathLike, n_shards: int = 1) ->
     `load_meta` reads; used to test it and to hand a model to Meta-format tools)."""
     torch = _torch()
     args = weights.args
+    check_writable(args, folder)
     sd = to_state_dict(weights)
     sd.setdefault("output.weight", sd["tok_embeddings.weight"])  # Meta's model always has its own output
     for name, t in sd.items():
@@ -141,8 +156,9 @@ def save_meta(weights: Weights, folder: str | os.PathLike, n_shards: int = 1) ->
             axis = shard_axis(name)
             piece = t if axis is None else np.split(t, n_shards, axis=axis)[rank]
             shard[name] = torch.from_numpy(np.array(piece))  # a writable copy (the weights may be a read-only map)
-        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
-    (folder / "params.json").write_text(json.dumps(_params_from_args(args)) + "\n")
+        with safeio.atomic_write(folder / f"consolidated.{rank:02d}.pth") as f:
+            torch.save(shard, f)
+    safeio.write_text(folder / "params.json", json.dumps(_params_from_args(args)) + "\n")
     return folder
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
-from ..formats import LAYER_MATRICES, Weights
+from ..formats import LAYER_MATRICES, Weights, all_finite
 from ..quant import BlockTensor
 
 LAYER_NAMES = {
@@ -84,10 +84,15 @@ def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[s
             raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
         quantized = isinstance(t, BlockTensor)  # kept as it is (GGUF's Q8_0/Q4_0 blocks)
         t = t if quantized else np.asarray(t)
+        if not quantized and t.dtype.kind != "f":
+            raise BabyLlamaError(f"{source}: tensor {display(name)} holds {t.dtype} values, not floating-point weights")
         if tuple(t.shape) != shape:
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
-        return t if quantized else t.astype(np.float32, copy=False)
+        t = t if quantized else t.astype(np.float32, copy=False)
+        if not all_finite(t.scales() if quantized else t):
+            raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
+        return t
 
     shapes = expected_shapes(args)
     L = args.n_layers

@@ -10,12 +10,15 @@ layout that single-device, DDP and FSDP runs share), scaler, model_args (ModelAr
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from ..config import ModelArgs
-from ..errors import BabyLlamaError
+from .. import safeio
+from ..config import ModelArgs, checked_args
+from ..errors import BabyLlamaError, first_line
+from ..interop.state_dict import expected_shapes
 from ..model import Transformer
 
 FORMAT = "babyllama-checkpoint-1"
@@ -23,44 +26,77 @@ CKPT_NAME = "ckpt.pt"
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with safeio.atomic_write(path) as f:
         torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / CKPT_NAME
-    if not path.is_file():
+    if not path.exists():
         raise BabyLlamaError(f"checkpoint not found: {path}")
+    safeio.check_regular(path, "checkpoint")
+    if path.stat().st_size == 0:
+        raise BabyLlamaError(f"{path}: empty checkpoint (a write that was interrupted?)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file
-        raise BabyLlamaError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise BabyLlamaError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
+            not isinstance(ckpt.get("model_args"), dict):
         raise BabyLlamaError(f"{path}: not a babyllama training checkpoint")
     return ckpt
 
 
-def model_from(ckpt: dict) -> Transformer:
+def model_from(ckpt: dict, source: str = "checkpoint") -> Transformer:
+    """The checkpoint's model, after its shape and every tensor were checked against each other (a model is
+    only built, and its memory only allocated, for a shape the tensors present confirm)."""
     if ckpt.get("lora"):
         raise BabyLlamaError("a LoRA fine-tuning checkpoint holds only the adapter: use its base model with "
                              "--lora (its run folder, or adapter.safetensors in it)")
-    args = ModelArgs.from_dict(ckpt["model_args"])
-    args.dropout = 0.0  # inference
+    known = {f.name for f in fields(ModelArgs)}
+    values = {k: v for k, v in ckpt["model_args"].items() if k in known}
+    values["dropout"] = 0.0  # inference
+    args = checked_args(source, **values)
+    sd = _strip_prefixes(ckpt["model"])
+    expected = expected_shapes(args)
+    if args.shared_classifier:
+        expected["output.weight"] = expected["tok_embeddings.weight"]  # tied: saved under both names
+    for name, t in sd.items():
+        if name not in expected:
+            raise BabyLlamaError(f"{source}: unexpected tensor {name} for a model of {args.n_layers} layers")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise BabyLlamaError(f"{source}: {name} is not a floating-point tensor")
+        if tuple(t.shape) != expected[name]:
+            raise BabyLlamaError(f"{source}: tensor {name} has shape {tuple(t.shape)}, model_args imply "
+                                 f"{expected[name]}")
+        if not bool(torch.isfinite(t).all()):
+            raise BabyLlamaError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
+    missing = [n for n in expected if n not in sd and n != "output.weight"]
+    if missing:
+        raise BabyLlamaError(f"{source}: tensor {missing[0]} is missing")
     model = Transformer(args)
-    model.load_state_dict(_strip_prefixes(ckpt["model"]))
+    model.load_state_dict(sd, strict=not args.shared_classifier or "output.weight" in sd)
     return model.eval()
+
+
+def check_resumable(ckpt: dict, source: str) -> None:
+    """What resuming reads besides the model: optimizer state, counters, generator states, config."""
+    ok = (isinstance(ckpt.get("optimizer"), dict) and isinstance(ckpt.get("config"), dict) and
+          isinstance(ckpt.get("iter_num"), int) and not isinstance(ckpt.get("iter_num"), bool) and
+          ckpt["iter_num"] >= 0 and isinstance(ckpt.get("best_val_loss"), (int, float)) and
+          isinstance(ckpt.get("rng"), dict) and
+          all(isinstance(ckpt["rng"].get(k), torch.Tensor) and ckpt["rng"][k].dtype == torch.uint8
+              for k in ("torch", "data")))
+    if not ok:
+        raise BabyLlamaError(f"{source}: not a resumable training checkpoint (its optimizer state, counters or "
+                             "generator states are missing or malformed)")
 
 
 def load_model(path: str | os.PathLike) -> Transformer:
     """The model of a training checkpoint, fp32 on the CPU, in eval mode."""
-    return model_from(load(path))
+    return model_from(load(path), str(path))
 
 
 def _strip_prefixes(sd: dict) -> dict:

@@ -4,11 +4,11 @@ config replaces the defaults, so `--init_from=resume --max_iters=N` continues th
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs
+from .. import safeio
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs, checked_args
 from ..errors import BabyLlamaError
 
 
@@ -70,16 +70,11 @@ class TrainConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: known GPUs' bf16 peak, else MFU not shown
 
     def model_args(self) -> ModelArgs:
-        args = ModelArgs(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                         n_kv_heads=self.n_kv_heads or self.n_heads, vocab_size=self.vocab_size,
-                         multiple_of=self.multiple_of, max_seq_len=self.max_seq_len, dropout=self.dropout,
-                         norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                         shared_classifier=self.shared_classifier)
-        try:
-            args.validate()
-        except ValueError as e:
-            raise BabyLlamaError(f"invalid model shape: {e}") from None
-        return args
+        return checked_args("training config", dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                            n_kv_heads=self.n_kv_heads or self.n_heads, vocab_size=self.vocab_size,
+                            multiple_of=self.multiple_of, max_seq_len=self.max_seq_len, dropout=self.dropout,
+                            norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                            shared_classifier=self.shared_classifier)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,15 +107,9 @@ def parse_value(key: str, text: str):
 
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise BabyLlamaError(f"cannot read config file {path}: {e.strerror or e}") from None
+    text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES)
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
+        data = safeio.parse_json(text, str(path))
     else:
         try:
             import tomllib
@@ -128,7 +117,7 @@ def read_config_file(path: str | Path) -> dict:
             raise BabyLlamaError("TOML config files need Python 3.11+; use a .json config") from None
         try:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, RecursionError) as e:
             raise BabyLlamaError(f"{path}: invalid TOML: {e}") from None
     if not isinstance(data, dict):
         raise BabyLlamaError(f"{path}: a config file holds key = value pairs")
@@ -155,7 +144,7 @@ def build_config(config_file: str | None = None, overrides: dict | None = None,
     cfg = TrainConfig().to_dict()
     cfg.update(defaults or {})
     if resume_config:
-        cfg.update({k: v for k, v in resume_config.items() if k in FIELDS})
+        apply(cfg, {k: v for k, v in resume_config.items() if k in FIELDS}, "the checkpoint's config")
     if config_file:
         apply(cfg, read_config_file(config_file), str(config_file))
     apply(cfg, overrides or {}, "command line")
@@ -172,8 +161,10 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
     if cfg.init_from == "resume":
         from . import checkpoint
 
-        saved = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)["config"]
-        return build_config(config_file, overrides, resume_config=saved)
+        path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
+        saved = checkpoint.load(path)
+        checkpoint.check_resumable(saved, str(path))
+        return build_config(config_file, overrides, resume_config=saved["config"])
     check(cfg)
     return cfg
 

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .. import safeio
 from ..documents import iter_documents
 from ..errors import BabyLlamaError
+from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".json")
@@ -83,9 +84,7 @@ def read_documents(path: Path, skip_bad_lines: bool = False) -> Iterator[str]:
                 print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
             docs = [text for _, text in data.items]
         else:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, list):
-                raise BabyLlamaError(f"{path}: a .json input must hold a list of documents")
+            data = safeio.read_json(path, "data file", max_bytes=None, expect=list)
             docs = [_doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
     except UnicodeDecodeError:
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
@@ -204,15 +203,13 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
             for f in files:
                 docs = list(read_documents(f, skip_bad_lines))
                 name = shard_name(f, root)
-                tmp = out / (name + ".tmp")
                 step = f.stat().st_size / max(1, len(docs))
                 batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
-                with open(tmp, "wb") as sink:
+                with safeio.atomic_write(out / name) as sink:
                     for batch, ids in zip(batches, pool.map(_encode_batch, batches)):
                         sink.write(ids.tobytes())
                         n_tokens += len(ids)
                         bar.update(step * len(batch))
-                os.replace(tmp, out / name)
                 shards["val" if is_val_shard(name) else "train"].append(name)
         bar.close()
     _install_tokenizer(Path(tokenizer), out / TOKENIZER_BIN)
@@ -220,7 +217,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     if kind == CHAT:
         meta["kind"] = CHAT
         meta["conversations"] = sum(len(offsets) - 1 for _, _, offsets in encoded.values())
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return meta
 
 
@@ -256,12 +253,11 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
 
 
 def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
-    """NAME.bin, NAME.mask and NAME.idx, each written under a temporary name and renamed."""
+    """NAME.bin, NAME.mask and NAME.idx, each written atomically (safeio.atomic_write)."""
     for target, array in ((path, ids), (path.with_suffix(MASK_SUFFIX), mask), (path.with_suffix(INDEX_SUFFIX),
                                                                               offsets)):
-        tmp = target.with_name(target.name + ".tmp")
-        array.tofile(tmp)
-        os.replace(tmp, target)
+        with safeio.atomic_write(target) as f:
+            array.tofile(f)
 
 
 def _install_tokenizer(src: Path, dst: Path) -> None:
@@ -271,7 +267,7 @@ def _install_tokenizer(src: Path, dst: Path) -> None:
 
         Tokenizer.from_sentencepiece(src).save(dst)
     elif src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
+        safeio.copy_file(src, dst, "tokenizer")
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -284,8 +280,8 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     if not data_dir.is_dir():
         raise BabyLlamaError(f"data_dir not found: {data_dir} (run `babyllama data pretokenize` first)")
     meta_path = data_dir / META
-    if meta_path.is_file():
-        return json.loads(meta_path.read_text())
+    if meta_path.exists():
+        return _checked_meta(safeio.read_json(meta_path, "meta.json"), meta_path)
     names = sorted(p.name for p in data_dir.glob("*.bin") if p.name != TOKENIZER_BIN)
     if not names:
         raise BabyLlamaError(f"{data_dir}: no token shards (run `babyllama data pretokenize` first)")
@@ -294,16 +290,49 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     return {"vocab_size": 0, "shards": {"val": [], "train": names}}
 
 
-def split_arrays(data_dir: str | os.PathLike, split: str) -> list[np.ndarray]:
-    """Memory-mapped token arrays of `split` ("train" or "val"). Without validation shards the last
-    VAL_FRACTION of the training tokens is held out (and no longer trained on)."""
+def _checked_meta(meta: dict, path: Path) -> dict:
+    """meta.json's fields typed; shard names must be plain file names inside its folder."""
+    f = Fields(meta, str(path))
+    shards = f.sub("shards")
+    checked = {"vocab_size": f.int("vocab_size", 0, lo=0, hi=65536),
+               "shards": {split: shards.list(split, []) for split in ("train", "val")}}
+    kind = f.str("kind", TEXT)
+    if kind not in (TEXT, CHAT):
+        raise BabyLlamaError(f"{path}: kind must be {TEXT!r} or {CHAT!r}, got {kind!r}")
+    if kind == CHAT:
+        checked.update(kind=CHAT, conversations=f.int("conversations", 0, lo=0))
+    for names in checked["shards"].values():
+        for name in names:
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise BabyLlamaError(f"{path}: shard {name!r} is not a file name in its folder")
+    return checked
+
+
+def _tokens(path: Path, vocab_size: int) -> np.ndarray:
+    """A shard's uint16 tokens, memory-mapped, after checking that it is whole (an even, non-zero number of
+    bytes) and that every id fits the vocabulary (an out-of-range id would index past the embedding)."""
+    size = safeio.file_size(path, "token shard")
+    if size == 0 or size % 2:
+        raise BabyLlamaError(f"{path}: {size} bytes is not a whole number of uint16 tokens (a torn or foreign file)")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if vocab_size and int(tokens.max()) >= vocab_size:
+        raise BabyLlamaError(f"{path}: holds token id {int(tokens.max())}, outside the vocabulary of {vocab_size}")
+    return tokens
+
+
+def split_arrays(data_dir: str | os.PathLike, split: str, vocab_size: int = 0) -> list[np.ndarray]:
+    """Memory-mapped token arrays of `split` ("train" or "val"), every id checked against `vocab_size` when
+    given. Without validation shards the last VAL_FRACTION of the training tokens is held out (and no longer
+    trained on)."""
     data_dir = Path(data_dir)
     shards = read_meta(data_dir)["shards"]
-    arrays = lambda names: [np.memmap(data_dir / n, dtype=np.uint16, mode="r") for n in names]  # noqa: E731
+    arrays = lambda names: [_tokens(data_dir / n, vocab_size) for n in names]  # noqa: E731
     if shards.get("val"):
         return arrays(shards[split])
     if len(shards["train"]) > 1:  # no validation shard named: llama2.c's rule, the first shard
         return arrays(shards["train"][:1] if split == "val" else shards["train"][1:])
+    if not shards["train"]:
+        raise BabyLlamaError(f"{data_dir}: no training shards")
     (whole,) = arrays(shards["train"])
     cut = int(len(whole) * (1 - VAL_FRACTION))
     return [whole[cut:]] if split == "val" else [whole[:cut]]
@@ -390,18 +419,16 @@ class Examples:
         return x.to(device), y.to(device)
 
 
-def chat_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(tokens, mask, bounds) of `split`'s chat shards. Without validation shards the last VAL_FRACTION of
-    the training conversations is held out (and no longer trained on)."""
+def chat_shards(data_dir: str | os.PathLike, split: str,
+                vocab_size: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(tokens, mask, bounds) of `split`'s chat shards, each checked whole (see `_chat_shard`). Without
+    validation shards the last VAL_FRACTION of the training conversations is held out (and no longer trained
+    on)."""
     data_dir = Path(data_dir)
     shards = read_meta(data_dir)["shards"]
 
     def load(name: str):
-        path = data_dir / name
-        offsets = np.fromfile(path.with_suffix(INDEX_SUFFIX), dtype=np.int64)
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        mask = np.memmap(path.with_suffix(MASK_SUFFIX), dtype=np.uint8, mode="r")
-        return tokens, mask, np.column_stack([offsets[:-1], offsets[1:]])
+        return _chat_shard(data_dir / name, vocab_size)
 
     if shards.get("val"):
         return [load(n) for n in shards[split]]
@@ -418,9 +445,25 @@ def chat_shards(data_dir: str | os.PathLike, split: str) -> list[tuple[np.ndarra
     return out
 
 
-def open_split(data_dir: str | os.PathLike, split: str, seq_len: int) -> Windows | Examples:
-    """Training batches of `split`: whole conversations for chat data, random windows for plain text."""
+def _chat_shard(path: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chat shard's tokens, mask and conversation bounds: a mask byte per token, offsets from 0 to the
+    token count that never go back (anything else is a torn or foreign file)."""
+    tokens = _tokens(path, vocab_size)
+    mask_path, index_path = path.with_suffix(MASK_SUFFIX), path.with_suffix(INDEX_SUFFIX)
+    index_bytes = safeio.file_size(index_path, "chat index")
+    if safeio.file_size(mask_path, "chat mask") != len(tokens) or index_bytes % 8 or index_bytes < 16:
+        raise BabyLlamaError(f"{path}: its mask or index does not match its {len(tokens):,} tokens (a torn file?)")
+    offsets = np.fromfile(index_path, dtype=np.int64)
+    if offsets[0] != 0 or offsets[-1] != len(tokens) or (np.diff(offsets) < 0).any():
+        raise BabyLlamaError(f"{index_path}: conversation offsets that do not cover the shard's tokens")
+    mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+    return tokens, mask, np.column_stack([offsets[:-1], offsets[1:]])
+
+
+def open_split(data_dir: str | os.PathLike, split: str, seq_len: int, vocab_size: int = 0) -> Windows | Examples:
+    """Training batches of `split`: whole conversations for chat data, random windows for plain text; token
+    ids are checked against `vocab_size` when given."""
     what = f"{data_dir} ({split})"
     if read_meta(data_dir).get("kind") == CHAT:
-        return Examples(chat_shards(data_dir, split), seq_len, what)
-    return Windows(split_arrays(data_dir, split), seq_len, what)
+        return Examples(chat_shards(data_dir, split, vocab_size), seq_len, what)
+    return Windows(split_arrays(data_dir, split, vocab_size), seq_len, what)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import sys
 import tarfile
 from pathlib import Path
 
+from .. import safeio
 from ..errors import BabyLlamaError
 
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
@@ -30,8 +32,10 @@ def advertised_sha256(headers) -> str | None:
     return None
 
 
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60) -> Path:
-    """Fetch `url` into `dest` (continuing a previous partial download) and verify its sha256."""
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60,
+             time_limit: float | None = None) -> Path:
+    """Fetch `url` into `dest` (continuing a previous partial download, within `time_limit` seconds) and
+    verify its sha256."""
     from ..download import fetch
 
     dest = Path(dest)
@@ -40,7 +44,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
         _verify(dest, sha256)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    headers = fetch(url, dest, timeout=timeout)
+    headers = fetch(url, dest, timeout=timeout, time_limit=time_limit)
     _verify(dest, sha256 or advertised_sha256(headers))
     return dest
 
@@ -67,11 +71,24 @@ def _verify(path: Path, expected: str | None) -> None:
 
 
 def extract(archive: Path, dest: str | os.PathLike) -> Path:
-    """Unpack a .tar.gz into `dest`, refusing members that would land outside it."""
+    """Unpack a .tar.gz into `dest`, refusing members that would land outside it. A new `dest` is unpacked
+    under a temporary name and renamed when complete, so a kill never leaves a half-unpacked folder that
+    looks finished."""
     dest = Path(dest)
+    if dest.exists():
+        return _extract(archive, dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # what an interrupted earlier run left
+    _extract(archive, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _extract(archive: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(safeio.check_regular(archive, "archive")) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, filter="data")
             else:  # Python < 3.10.12 has no extraction filters: check paths ourselves

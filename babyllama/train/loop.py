@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import safeio
 from ..adapter import ADAPTER_FILE, save_adapter
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 from ..model import Transformer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
@@ -151,8 +151,8 @@ class Trainer:
         base = finetune.open_base(cfg) if cfg.base and (ckpt is None or cfg.lora_rank) else None
         self.data_dir = self._open_data_dir(base)
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
-        self.train_data = open_split(self.data_dir, "train", cfg.max_seq_len)
-        self.val_data = open_split(self.data_dir, "val", cfg.max_seq_len)
+        self.train_data = open_split(self.data_dir, "train", cfg.max_seq_len, cfg.vocab_size)
+        self.val_data = open_split(self.data_dir, "val", cfg.max_seq_len, cfg.vocab_size)
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         if cfg.base:
@@ -178,7 +178,11 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
         self.iter_num, self.best_val_loss = 0, float("inf")
         if ckpt is not None:
-            self._restore(ckpt)
+            try:
+                self._restore(ckpt)
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:  # states that do not fit this model
+                raise BabyLlamaError(f"cannot resume from {self.out_dir / checkpoint.CKPT_NAME}: {first_line(e)}") \
+                    from None
         if cfg.compile:
             model = torch.compile(model)
         if self.dist.enabled and not cfg.fsdp:
@@ -382,7 +386,7 @@ class Trainer:
         """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there."""
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
         if src.is_file() and not dst.exists():
-            shutil.copyfile(src, dst)
+            safeio.copy_file(src, dst, "tokenizer")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -390,6 +394,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
+        checkpoint.check_resumable(ckpt, str(Path(cfg.out_dir) / checkpoint.CKPT_NAME))
         saved = ckpt["config"]
         changed = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k) and
                    not (k == "vocab_size" and getattr(cfg, k) == 0)]

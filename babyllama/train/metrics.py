@@ -7,6 +7,10 @@ import json
 import os
 from pathlib import Path
 
+from .. import safeio
+from ..errors import BabyLlamaError
+from ..fields import is_int, is_number
+
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
@@ -29,13 +33,16 @@ def peak_flops(device, dtype: str, override: float = 0.0) -> float | None:
 
 
 class MetricsLog:
+    """Appends one JSON line per record. A run killed mid-write leaves a torn last line, which the reader
+    skips; the file is rewritten (atomically) only when a run starts or resumes."""
+
     def __init__(self, out_dir: str | os.PathLike, resume_from_iter: int | None = None):
         self.path = Path(out_dir) / METRICS_NAME
         if resume_from_iter is None:
-            self.path.write_text("")
+            safeio.write_text(self.path, "")
         else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
             kept = [r for r in read_metrics(self.path) if self._before(r, resume_from_iter)]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            safeio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     @staticmethod
     def _before(record: dict, it: int) -> bool:
@@ -47,10 +54,26 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl: objects with an integer "iter". A torn last line (a kill during a
+    write) is skipped; any other line that is not such a record is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = safeio.read_text(path, "metrics file").split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and is_int(record.get("iter"))):
+            if n == len(lines):  # no newline after it: the write was cut short
+                break
+            raise BabyLlamaError(f"{path}:{n}: not a metrics record; remove the line (or the file) to go on")
+        records.append(record)
+    return records
 
 
 def plot_losses(out_dir: str | os.PathLike) -> Path | None:
@@ -61,8 +84,8 @@ def plot_losses(out_dir: str | os.PathLike) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = read_metrics(Path(out_dir) / METRICS_NAME)
-    steps = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    steps = [(r["iter"], r["loss"]) for r in records if is_number(r.get("loss"))]
+    evals = [(r["iter"], r["val_loss"]) for r in records if is_number(r.get("val_loss"))]
     if not steps and not evals:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -13,7 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import BabyLlamaError
+from .. import safeio
+from ..errors import BabyLlamaError, require
 from .data import input_files, read_documents
 
 
@@ -21,8 +22,7 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
                 max_chars: int = 200_000_000) -> tuple[Path, Path]:
     """Train tok{vocab_size}.model on the documents of `input_path` (at most `max_chars` characters,
     like llama2.c's first 10 shards) and write its llama2.c export tok{vocab_size}.bin beside it."""
-    import sentencepiece as spm
-
+    spm = require("sentencepiece", "train", "training a vocabulary")
     from ..tokenizer import Tokenizer
 
     if not 259 < vocab_size <= 65536:
@@ -31,20 +31,21 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = out / f"tok{vocab_size}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
         text_file = Path(tmp) / "vocab_input.txt"
         _write_training_text(input_path, text_file, max_chars)
         try:
             spm.SentencePieceTrainer.train(
-                input=str(text_file), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size,
+                input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
+                vocab_size=vocab_size,
                 input_format="text", character_coverage=1.0,
                 num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
                 byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
                 remove_extra_whitespaces=False, max_sentence_length=1 << 20, minloglevel=2)
         except RuntimeError as e:
             raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}") from None
-    model = prefix.with_suffix(".model")
-    prefix.with_suffix(".vocab").unlink(missing_ok=True)
+        model = prefix.with_suffix(".model")
+        safeio.commit(Path(tmp) / model.name, model)
     binary = prefix.with_suffix(".bin")
     Tokenizer.from_sentencepiece(model).save(binary)
     return model, binary

@@ -1,0 +1,206 @@
+"""Files the safe way, for every reader and writer in babyllama.
+
+Reading: only regular files are opened. A named pipe would block `open()` until a writer appears, a
+device such as /dev/zero never ends, and a directory is not a file: all three are refused with one line
+before anything is read (`check_regular` for libraries that open a path themselves, `open_regular` for
+our own reads, which opens without blocking and checks the descriptor, so a pipe swapped in after the
+check is refused too). JSON is parsed with a size bound and one error type.
+
+Writing: `atomic_write` (and `commit` for libraries that write a path themselves) writes to NAME.tmp
+beside the target, fsyncs it, renames it over the target and fsyncs the folder: after a crash or a kill
+the target is either the old file or the complete new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import BabyLlamaError
+
+MAX_JSON_BYTES = 64 << 20  # config files, shard indexes, params.json, meta.json: a few MB at most
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _refuse(path: Path, what: str, mode: int) -> BabyLlamaError:
+    return BabyLlamaError(f"{what} {path} is {_kind(mode)}, not a regular file")
+
+
+def _os_error(path: Path, what: str, e: OSError) -> BabyLlamaError:
+    if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+        return BabyLlamaError(f"{what} not found: {path}")
+    return BabyLlamaError(f"cannot read {what} {path}: {e.strerror or e}")
+
+
+def check_regular(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path` as a Path when it names a regular file (symlinks followed); one-line error otherwise."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise _os_error(path, what, e if isinstance(e, OSError) else OSError(str(e))) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, what, st.st_mode)
+    return path
+
+
+def open_regular(path: str | os.PathLike, what: str = "file", mode: str = "rb", encoding: str | None = None) -> IO:
+    """Open a regular file for reading; a pipe, device or directory is refused without blocking."""
+    if mode not in ("rb", "r"):
+        raise ValueError("open_regular reads only")
+    path = Path(path)
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    except IsADirectoryError:
+        raise _refuse(path, what, stat.S_IFDIR) from None
+    except (OSError, ValueError) as e:
+        raise _os_error(path, what, e if isinstance(e, OSError) else OSError(str(e))) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, what, st.st_mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, mode, encoding=encoding if mode == "r" else None)
+    except BaseException:
+        os.close(fd)
+        raise
+    return f
+
+
+def file_size(path: str | os.PathLike, what: str = "file") -> int:
+    return os.stat(check_regular(path, what)).st_size
+
+
+def read_bytes(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> bytes:
+    """The whole of a regular file, refused (before reading) when larger than `max_bytes`."""
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise BabyLlamaError(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} such a file can be")
+        try:
+            return f.read()
+        except OSError as e:
+            raise _os_error(Path(path), what, e) from None
+
+
+def read_text(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> str:
+    data = read_bytes(path, what, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BabyLlamaError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """json.loads with one error type: malformed or absurdly nested JSON is a BabyLlamaError."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BabyLlamaError(f"{where}: invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES,
+              expect: type | None = dict) -> Any:
+    """A JSON file's value; with `expect`, the top-level value must be of that type (an object by default)."""
+    value = parse_json(read_bytes(path, what, max_bytes), str(path))
+    if expect is not None and not isinstance(value, expect):
+        name = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        raise BabyLlamaError(f"{path}: {what} must hold {name}, not {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """Where a new version of `path` is written before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Finish a write made to `tmp` by name (a library's writer): fsync it, rename it to `path`, fsync the
+    folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def pending(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name for a library to write `path` by name; committed when the block ends without an
+    error, removed otherwise."""
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """A file object whose contents replace `path` only once the block completes (temp name, fsync, rename)."""
+    if mode not in ("wb", "w"):
+        raise ValueError("atomic_write writes whole files: mode 'wb' or 'w'")
+    with pending(path) as tmp:
+        with open(tmp, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike, what: str = "file") -> Path:
+    """Copy a regular file atomically."""
+    with open_regular(src, what) as f, atomic_write(dst) as out:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+    return Path(dst)

@@ -1,0 +1,707 @@
+"""Hostile inputs, one test per case found by trying babyllama as a hostile user would (docs/reliability.md):
+every file and flag ends in babyllama's one-line error or a correct run, never a traceback, a signal, a hang,
+unbounded memory or silently wrong output. The cases that once ate memory run under an address-space limit
+(`run_limited`), so that they fail rather than swap the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    ROOT,
+    byte_tokenizer,
+    one_line_error,
+    random_weights,
+    run_cli,
+    run_limited,
+    tiny_args,
+)
+
+from babyllama import formats
+from babyllama.errors import BabyLlamaError
+from babyllama.loading import BUILTIN_MODEL, BUILTIN_TOKENIZER
+
+GIB = 1 << 30
+TORCH_AS = 3 * GIB  # importing torch alone maps ~0.65 GB
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A v1 model and its tokenizer.bin (beside it, as run finds it)."""
+    d = tmp_path_factory.mktemp("tiny")
+    formats.save(random_weights(tiny_args(vocab_size=300)), d / "m.bin")
+    byte_tokenizer(300).save(d / "tokenizer.bin")
+    return d / "m.bin", d / "tokenizer.bin"
+
+
+def patched(src: Path, dst: Path, offset: int, fmt: str, *values) -> Path:
+    data = bytearray(src.read_bytes())
+    struct.pack_into(fmt, data, offset, *values)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def ok(result) -> None:
+    err = result.stderr.decode(errors="replace")
+    assert not getattr(result, "timed_out", False), f"hung: {err}"
+    assert result.returncode == 0 and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------- threads
+
+
+def test_threads_flag_beyond_the_cap_is_one_line(tiny):
+    model, tok = tiny
+    r = run_limited(["run", str(model), "-n", "4", "--threads", "90000"], 2 * GIB)
+    one_line_error(r, "--threads 90000 is more than babyllama uses")
+
+
+def test_thread_count_in_the_environment_is_lowered_to_the_cap(tiny):
+    model, _ = tiny
+    r = run_limited(["run", str(model), "-n", "4", "-t", "0"], 2 * GIB, env={"OMP_NUM_THREADS": "100000"})
+    ok(r)
+    assert b"OMP_NUM_THREADS=100000 lowered to" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def test_builtin_with_a_huge_header_seq_len_runs_in_little_memory(tmp_path):
+    """A v1 header's seq_len is not covered by the size check: the cache and RoPE tables follow -n instead."""
+    big = patched(BUILTIN_MODEL, tmp_path / "m.bin", 32, "<i", 1 << 20)
+    (tmp_path / "tokenizer.bin").write_bytes(BUILTIN_TOKENIZER.read_bytes())
+    r = run_limited(["run", str(big), "-n", "16", "-t", "0"], GIB)
+    ok(r)
+    assert r.max_rss < 400 << 20
+    # the whole context (-n 0) would need 5 GiB of cache: refused in one line, before allocating it
+    one_line_error(run_limited(["run", str(big), "-n", "0", "-t", "0"], GIB), "KV cache of 1,048,576 positions")
+
+
+def test_rope_tables_follow_the_context_used(tmp_path):
+    """head size 256 and seq_len 2**24: eager RoPE tables would take 16 GiB."""
+    args = tiny_args(dim=256, n_heads=1, n_kv_heads=1, n_layers=1, hidden_dim=64, max_seq_len=1 << 24)
+    formats.save(random_weights(args), tmp_path / "m.bin")
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    ok(run_limited(["run", str(tmp_path / "m.bin"), "-n", "8", "-t", "0"], GIB))
+
+
+def _hf_folder(tmp_path, **config_changes) -> Path:
+    pytest.importorskip("safetensors")
+    from babyllama.interop.hf import save_hf
+
+    folder = save_hf(random_weights(tiny_args(vocab_size=300)), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hf_layer_count_is_bounded_before_anything_is_sized_by_it(tmp_path, tiny):
+    folder = _hf_folder(tmp_path, num_hidden_layers=10**7)
+    r = run_limited(["run", str(folder), "-z", str(tiny[1]), "-n", "4"], 2 * GIB)
+    one_line_error(r, "num_hidden_layers must be an integer in [1, 1024]")
+
+
+def test_meta_layer_count_is_bounded(tmp_path):
+    pytest.importorskip("torch")
+    from babyllama.interop.meta import save_meta
+
+    folder = save_meta(random_weights(tiny_args(vocab_size=300)), tmp_path / "meta")
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps(dict(params, n_layers=10**8)))
+    r = run_limited(["export", str(tmp_path / "o.bin"), "--meta-llama", str(folder)], TORCH_AS)
+    one_line_error(r, "n_layers must be an integer in [1, 1024]")
+
+
+def gguf_file(path: Path, vocab=None, dtype: str = "f32") -> Path:
+    pytest.importorskip("gguf")
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    save_gguf(random_weights(tiny_args(vocab_size=300)), path, vocab or from_tokenizer(byte_tokenizer(300)), dtype)
+    return path
+
+
+def value_offset(data: bytes, key: str) -> int:
+    """Where the value of GGUF metadata `key` starts (after the key string and its u32 type)."""
+    raw = key.encode()
+    at = data.index(struct.pack("<Q", len(raw)) + raw)
+    return at + 8 + len(raw) + 4
+
+
+def test_gguf_block_count_is_bounded(tmp_path):
+    good = gguf_file(tmp_path / "m.gguf")
+    bad = patched(good, tmp_path / "bad.gguf", value_offset(good.read_bytes(), "llama.block_count"), "<I",
+                  4_000_000_000)
+    r = run_limited(["export", str(tmp_path / "o.bin"), "--model", str(bad)], 2 * GIB)
+    one_line_error(r, "llama.block_count must be an integer in [1, 1024]")
+
+
+def test_a_device_as_tokenizer_is_refused(tiny):
+    model, _ = tiny
+    one_line_error(run_limited(["run", str(model), "-z", "/dev/zero", "-n", "4"], GIB), "/dev/zero is a device")
+
+
+def test_batch_file_memory_does_not_grow_with_the_file(tmp_path):
+    """3,000 prompts on the built-in model: every KV cache allocated up front needed ~4 GB; through the pool
+    of --parallel slots the run stays small, and prints every sequence in order."""
+    n = 3000
+    (tmp_path / "prompts.txt").write_text("".join(f"Tom{i % 7}\n" for i in range(n)))
+    r = run_limited(["run", "--batch-file", str(tmp_path / "prompts.txt"), "-n", "4", "-t", "0"], GIB, timeout=300)
+    ok(r)
+    heads = [line for line in r.stdout.split(b"\n") if line.startswith(b"=== sequence ")]
+    assert len(heads) == n and heads[0].startswith(b"=== sequence 1/3000 ")
+    assert heads[-1].startswith(b"=== sequence 3000/3000 ")
+    assert r.max_rss < 400 << 20
+
+
+def test_a_one_line_megabyte_document_is_tokenized_in_bounded_memory(tmp_path, tiny):
+    """BPE over one 1 MB word: the symbol lists and the merge heap as Python objects took ~100 MB."""
+    (tmp_path / "small.txt").write_text("x\n")
+    (tmp_path / "big.txt").write_text("x" * 1_000_000)
+    runs = [run_limited(["eval", str(tiny[0]), "--data", str(tmp_path / name)], GIB, timeout=300)
+            for name in ("small.txt", "big.txt")]
+    for r in runs:
+        ok(r)
+    assert runs[1].max_rss - runs[0].max_rss < 40 << 20
+
+
+# ------------------------------------------------------------------------------------------- hangs
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "{fifo}"], ["run", "{model}", "-z", "{fifo}"], ["run", "{model}", "--batch-file", "{fifo}"],
+    ["eval", "{model}", "--data", "{fifo}"], ["export", "{out}", "--model", "{fifo}"],
+], ids=["model", "tokenizer", "batch-file", "eval-data", "export"])
+def test_a_named_pipe_is_refused_not_waited_on(argv, fifo, tiny, tmp_path):
+    names = {"fifo": str(fifo), "model": str(tiny[0]), "out": str(tmp_path / "o.bin")}
+    r = run_limited([a.format(**names) for a in argv], GIB, timeout=20)
+    one_line_error(r, "is a named pipe, not a regular file")
+
+
+class _Drip(BaseHTTPRequestHandler):
+    """Promises 1,000 bytes and sends one every 0.3 s (or drips its status line, with `headers_too`)."""
+
+    def do_GET(self):  # noqa: N802
+        try:
+            if self.server.headers_too:
+                for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.3)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("headers_too", [False, True], ids=["body", "headers"])
+def test_download_from_a_dripping_server_hits_the_time_limit(tmp_path, headers_too):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads, server.headers_too = True, headers_too
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        start = time.monotonic()
+        r = run_limited(["download", "stories260K", "--dir", str(tmp_path), "--url-base", url, "--time-limit", "2"],
+                        GIB, timeout=60)
+        one_line_error(r, "took longer than the time limit of 2 s")
+        assert time.monotonic() - start < 30
+        r = run_limited(["data", "download", "--url", f"{url}/x.tar.gz", "--data-dir", str(tmp_path),
+                         "--time-limit", "2"], GIB, timeout=60)
+        one_line_error(r, "took longer than the time limit of 2 s")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------- silent garbage
+
+
+def _tensor_info(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (file offset of its type field, of its data-offset field), found with the gguf package."""
+    import gguf
+
+    info = {}
+    for t in gguf.GGUFReader(path).tensors:
+        at = t.field.offset + 8 + len(t.name.encode()) + 4 + 8 * len(t.shape)
+        info[t.name] = (at, at + 4)
+    return info
+
+
+def _tensor_offsets(path: Path) -> dict[str, int]:
+    data = path.read_bytes()
+    return {name: struct.unpack_from("<Q", data, at)[0] for name, (_, at) in _tensor_info(path).items()}
+
+
+@pytest.mark.parametrize("change,message", [
+    ("shift", "leaves a gap before it"),
+    ("overlap", "overlaps the tensor before it"),
+    ("zero", "overlaps the tensor before it"),
+    ("f16", "leaves a gap before it"),
+    ("i32", "holds integers (I32)"),
+    ("block_count", "unexpected tensor blk.1"),
+])
+def test_gguf_layout_is_checked(tmp_path, change, message):
+    good = gguf_file(tmp_path / "m.gguf")
+    info, offsets = _tensor_info(good), _tensor_offsets(good)
+    data = bytearray(good.read_bytes())
+    names = sorted(offsets, key=offsets.get)
+    middle, before = names[len(names) // 2], names[len(names) // 2 - 1]
+    if change == "shift":
+        struct.pack_into("<Q", data, info[middle][1], offsets[middle] + 32)
+    elif change == "overlap":
+        struct.pack_into("<Q", data, info[middle][1], offsets[before])
+    elif change == "zero":
+        for _, at in info.values():
+            struct.pack_into("<Q", data, at, 0)
+    elif change in ("f16", "i32"):
+        struct.pack_into("<I", data, info["blk.0.attn_q.weight"][0], {"f16": 1, "i32": 26}[change])
+    else:
+        struct.pack_into("<I", data, value_offset(bytes(data), "llama.block_count"), 1)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(tmp_path / "bad.gguf")), message)
+
+
+def test_gguf_scores_shorter_than_the_tokens_are_refused(tmp_path):
+    from babyllama.interop.vocab import from_tokenizer
+
+    vocab = from_tokenizer(byte_tokenizer(300))
+    vocab.scores = vocab.scores[:100]
+    bad = gguf_file(tmp_path / "m.gguf", vocab)
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(bad)),
+                   "tokenizer.ggml.scores has 100 entries for 300 tokens")
+
+
+def test_hf_tie_word_embeddings_must_be_a_bool(tmp_path, tiny):
+    folder = _hf_folder(tmp_path, tie_word_embeddings="false")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"),
+                   "field tie_word_embeddings must be true or false, got 'false'")
+
+
+def test_hf_integer_tensors_are_refused(tmp_path, tiny):
+    from safetensors.numpy import load_file, save_file
+
+    folder = _hf_folder(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = (tensors[name] * 100).astype(np.int32)
+    save_file(tensors, folder / "model.safetensors")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), f"{name} holds I32 values")
+
+    torch = pytest.importorskip("torch")
+    state = {k: torch.from_numpy(v) for k, v in tensors.items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), f"{name} holds torch.int32 values")
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "{abs}", "sub/../../outside.safetensors"])
+def test_hf_weight_map_stays_inside_the_model_folder(tmp_path, tiny, entry):
+    folder = _hf_folder(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "sub").mkdir()
+    names = json.loads(outside.read_bytes()[8:8 + struct.unpack("<Q", outside.read_bytes()[:8])[0]])
+    index = {"weight_map": {n: entry.format(abs=outside) for n in names if n != "__metadata__"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), "outside.safetensors")
+
+
+def test_hf_shards_may_be_symlinks_into_a_cache(tmp_path, tiny):
+    """Hugging Face's cache: snapshots/REV/ holds links into blobs/."""
+    folder = _hf_folder(tmp_path)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (folder / "model.safetensors").rename(blobs / "abc123")
+    (folder / "model.safetensors").symlink_to(Path("..") / "blobs" / "abc123")
+    names = [n for n in json.loads((blobs / "abc123").read_bytes()[8:8 + struct.unpack(
+        "<Q", (blobs / "abc123").read_bytes()[:8])[0]]) if n != "__metadata__"]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names,
+                                                                                                 "model.safetensors")}))
+    ok(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_weights_are_refused_at_load_naming_the_tensor(tmp_path, tiny, value):
+    w = random_weights(tiny_args(vocab_size=300))
+    w.wq[1][3, 5] = value
+    formats.save(w, tmp_path / "m.bin")
+    one_line_error(run_cli("run", str(tmp_path / "m.bin"), "-z", str(tiny[1]), "-n", "4"),
+                   "tensor wq of layer 1 holds NaN or infinite values")
+    (tmp_path / "d.txt").write_text("Once upon a time.\n")
+    one_line_error(run_cli("eval", str(tmp_path / "m.bin"), "-z", str(tiny[1]), "--data", str(tmp_path / "d.txt")),
+                   "tensor wq of layer 1 holds NaN")
+
+
+def test_nan_in_a_q8_0_scale_is_refused(tmp_path, tiny):
+    formats.save(formats.load(tiny[0]), tmp_path / "q.bin", version=2, group_size=32)
+    q = formats.load(tmp_path / "q.bin")
+    raw = bytearray((tmp_path / "q.bin").read_bytes())
+    scale_at = q.w1[0].s.__array_interface__["data"][0] - q.rms_att.__array_interface__["data"][0] + 256
+    struct.pack_into("<f", raw, scale_at, np.nan)
+    (tmp_path / "q.bin").write_bytes(bytes(raw))
+    one_line_error(run_cli("run", str(tmp_path / "q.bin"), "-z", str(tiny[1]), "-n", "4"), "w1 of layer 0")
+
+
+def test_nan_in_hf_weights_names_the_hf_tensor(tmp_path, tiny):
+    from safetensors.numpy import load_file, save_file
+
+    folder = _hf_folder(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"][0] = np.inf
+    save_file(tensors, folder / "model.safetensors")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"),
+                   "tensor model.norm.weight holds NaN or infinite values")
+
+
+@pytest.mark.parametrize("seq_len", ["2147483647", "2147483648"])
+def test_export_refuses_a_context_no_reader_takes_back(tmp_path, tiny, seq_len):
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(tiny[0]), "--max-seq-len", seq_len),
+                   f"max_seq_len {seq_len} is beyond what babyllama accepts")
+    assert not (tmp_path / "o.bin").exists()
+
+
+def test_hf_rope_scaling_must_be_an_object_even_beside_rope_parameters(tmp_path, tiny):
+    folder = _hf_folder(tmp_path, rope_scaling="12")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), "field rope_scaling must be an object")
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta"])
+def test_hf_infinite_eps_or_theta_is_refused_on_read(tmp_path, tiny, field):
+    folder = _hf_folder(tmp_path)
+    text = (folder / "config.json").read_text()
+    config = json.loads(text)
+    config[field] = 1e400  # json.dumps writes Infinity, which json.loads reads back
+    (folder / "config.json").write_text(json.dumps(config))
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--hf", str(folder)),
+                   f"field {field} must be a positive finite number")
+
+
+# ------------------------------------------------------------------------------------------- tracebacks
+
+
+def test_sampler_refuses_nan_logits_and_nan_settings():
+    from babyllama.sampler import Sampler
+
+    for sampler in (Sampler(1.0, 0.9, 1), Sampler(1.0, 1.0, 1), Sampler(0.0)):
+        with pytest.raises(BabyLlamaError, match="NaN logits"):
+            sampler.sample(np.array([0.5, np.nan, 1.0], dtype=np.float32))
+        with pytest.raises(BabyLlamaError, match="infinite logits"):
+            sampler.sample(np.array([0.5, np.inf, 1.0], dtype=np.float32))
+    assert Sampler(1.0, 0.9, 1).sample(np.array([0.5, -np.inf, 1.0], dtype=np.float32)) in (0, 2)
+    for bad in ({"temperature": float("nan")}, {"topp": float("nan")}):
+        with pytest.raises(ValueError):
+            Sampler(**bad)
+
+
+@pytest.mark.parametrize("flag", [["-t", "nan"], ["-p", "nan"], ["--temperature=-inf"]])
+def test_nan_sampling_flags_are_one_line(tiny, flag):
+    one_line_error(run_cli("run", str(tiny[0]), "-n", "4", *flag), "must be")
+
+
+def _gguf_cases(good: bytes) -> dict[str, bytes]:
+    """Truncations and inflated counts/lengths, each of which made the gguf reader raise or loop."""
+    tokens_len = value_offset(good, "tokenizer.ggml.tokens") + 4  # after the array's item type
+    first_token = tokens_len + 8
+    name_len = good.index(b"token_embd.weight") - 8
+    cases = {f"truncated-{n}": good[:n] for n in (5, 12, 20, 30, 100, len(good) // 3, len(good) - 100, len(good) - 1)}
+    for what, at, fmt, value in [
+        ("tensor-count", 8, "<Q", 1 << 40), ("kv-count", 16, "<Q", 1 << 40), ("kv-count-small", 16, "<Q", 3),
+        ("token-array", tokens_len, "<Q", 1 << 60), ("token-array-2", tokens_len, "<Q", 2_000_000),
+        ("string-length", first_token, "<Q", 1 << 62), ("name-length", name_len, "<Q", 1 << 40),
+        ("n-dims", name_len + 8 + len("token_embd.weight"), "<I", 1 << 31),
+        ("version", 4, "<I", 7), ("key-type", value_offset(good, "llama.block_count") - 4, "<I", 99),
+    ]:
+        data = bytearray(good)
+        struct.pack_into(fmt, data, at, value)
+        cases[what] = bytes(data)
+    key = good.index(b"llama.block_count")
+    cases["key-not-utf8"] = good[:key] + b"\xff" + good[key + 1:]
+    eos = good.index(b"tokenizer.ggml.eos_token_id")
+    cases["duplicate-key"] = good[:eos] + b"tokenizer.ggml.bos_token_id" + good[eos + 27:]
+    return cases
+
+
+def test_gguf_truncated_or_inflated_headers_are_one_line(tmp_path):
+    good = gguf_file(tmp_path / "m.gguf").read_bytes()
+    code = ("import sys\nfrom babyllama.cli import main\n"
+            "for p in sys.argv[1:]:\n"
+            "    print(p, main(['export', p + '.bin', '--model', p]), file=sys.stderr, flush=True)\n")
+    paths = []
+    for name, data in _gguf_cases(good).items():
+        (tmp_path / f"{name}.gguf").write_bytes(data)
+        paths.append(str(tmp_path / f"{name}.gguf"))
+    r = run_limited([], 2 * GIB, timeout=120, program=[sys.executable, "-c", code, *paths])
+    err = r.stderr.decode()
+    assert not r.timed_out and r.returncode == 0 and "Traceback" not in err, err
+    results = [line for line in err.splitlines() if line.startswith(str(tmp_path))]
+    assert len(results) == len(paths) and all(line.endswith(" 1") for line in results), err
+    assert err.count("babyllama: error: ") == len(paths), err
+
+
+@pytest.mark.parametrize("where,changes,message", [
+    ("gguf", {"llama.attention.head_count": 0}, "head_count must be an integer in [1, 4096]"),
+    ("hf", {"num_attention_heads": 0}, "num_attention_heads must be an integer in [1, 4096]"),
+    ("meta", {"multiple_of": 0}, "multiple_of must be an integer in [1, "),
+    ("meta", {"n_heads": 0}, "n_heads must be an integer in [1, 4096]"),
+])
+def test_zero_divisors_are_one_line(tmp_path, where, changes, message):
+    if where == "gguf":
+        good = gguf_file(tmp_path / "m.gguf")
+        (key, value), = changes.items()
+        src = patched(good, tmp_path / "bad.gguf", value_offset(good.read_bytes(), key), "<I", value)
+        argv = ["--model", str(src)]
+    elif where == "hf":
+        argv = ["--hf", str(_hf_folder(tmp_path, **changes))]
+    else:
+        pytest.importorskip("torch")
+        from babyllama.interop.meta import save_meta
+
+        folder = save_meta(random_weights(tiny_args(vocab_size=300)), tmp_path / "meta")
+        params = json.loads((folder / "params.json").read_text())
+        (folder / "params.json").write_text(json.dumps(dict(params, **changes)))
+        argv = ["--meta-llama", str(folder)]
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), *argv), message)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"llama"', "null", "[" * 100_000 + "]" * 100_000, "{"],
+                         ids=["list", "string", "null", "deep", "torn"])
+@pytest.mark.parametrize("where", ["hf", "meta"])
+def test_json_configs_of_the_wrong_shape_are_one_line(tmp_path, text, where):
+    if where == "hf":
+        folder = _hf_folder(tmp_path)
+        (folder / "config.json").write_text(text)
+        argv = ["--hf", str(folder)]
+    else:
+        pytest.importorskip("torch")
+        from babyllama.interop.meta import save_meta
+
+        folder = save_meta(random_weights(tiny_args(vocab_size=300)), tmp_path / "meta")
+        (folder / "params.json").write_text(text)
+        argv = ["--meta-llama", str(folder)]
+    name = "config.json" if where == "hf" else "params.json"
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), *argv), name)
+
+
+@pytest.mark.parametrize("vocab", [1, 2])
+def test_a_vocabulary_without_room_for_bos_is_refused(tmp_path, tiny, vocab):
+    bad = patched(tiny[0], tmp_path / "m.bin", 8 + 5 * 4, "<i", vocab)
+    one_line_error(run_cli("run", str(bad), "-n", "4"), f"vocab_size {vocab} cannot hold")
+
+
+@pytest.mark.parametrize("data", [b"\0\0\0\0", b"\0\0\0\0" + struct.pack("<fi", 0.0, 1) + b"a"],
+                         ids=["no-tokens", "one-token"])
+def test_a_tokenizer_without_its_control_tokens_is_refused(tmp_path, data):
+    """Found by test_fuzz.py: a tokenizer.bin of no tokens loaded, then encoding indexed <unk> (IndexError),
+    e.g. in `data pretokenize`, which takes the tokenizer's own vocabulary size."""
+    from babyllama.tokenizer import Tokenizer
+
+    (tmp_path / "tok.bin").write_bytes(data)
+    with pytest.raises(BabyLlamaError, match="it needs <unk>, <s> and </s>"):
+        Tokenizer.load(tmp_path / "tok.bin").encode("0")
+    pytest.importorskip("tqdm")
+    (tmp_path / "d.txt").write_text("Once upon a time.\n")
+    one_line_error(run_cli("data", "pretokenize", "--input", str(tmp_path / "d.txt"), "--tokenizer",
+                           str(tmp_path / "tok.bin"), "--out-dir", str(tmp_path / "out")), "it needs <unk>")
+
+
+def test_eval_seq_len_zero_is_refused_like_negative(tiny, tmp_path):
+    (tmp_path / "d.txt").write_text("Once upon a time.\n")
+    for n in ("0", "-5"):
+        one_line_error(run_cli("eval", str(tiny[0]), "--data", str(tmp_path / "d.txt"), "--seq-len", n),
+                       "--seq-len must be in [1, 64]")
+
+
+def test_metrics_with_a_torn_last_line_resume(tmp_path):
+    from babyllama.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n{"iter": 3, "lo')
+    assert [r["iter"] for r in read_metrics(path)] == [1, 2]
+    MetricsLog(tmp_path, resume_from_iter=2)
+    assert path.read_text() == '{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n'
+    path.write_text('{"iter": 1}\nnot json\n{"iter": 3}\n')
+    with pytest.raises(BabyLlamaError, match="metrics.jsonl:2: not a metrics record"):
+        read_metrics(path)
+
+
+def test_training_resumes_over_a_torn_metrics_line_and_refuses_a_foreign_optimizer(tmp_path):
+    """A kill during a metrics write leaves half a line: resuming skips it (it raised JSONDecodeError)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tqdm")
+    from conftest import make_story_corpus
+
+    from babyllama.train.config import resolve_config
+    from babyllama.train.data import pretokenize
+    from babyllama.train.loop import train
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    pretokenize(make_story_corpus(tmp_path / "stories.txt", 60), tmp_path / "tok.bin", tmp_path / "data", workers=1)
+    run = {"out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "dim": "32", "n_layers": "1",
+           "n_heads": "4", "max_seq_len": "32", "batch_size": "4", "gradient_accumulation_steps": "1",
+           "eval_interval": "2", "eval_iters": "1", "max_iters": "4", "device": "cpu", "warmup_iters": "0"}
+    train(resolve_config(None, run))
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iter": 5, "loss": 1.2, "l')
+    resumed = train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "init_from": "resume",
+                                          "max_iters": "6"}))
+    assert resumed["iter"] == 6
+    assert [json.loads(line)["iter"] for line in metrics.read_text().splitlines()][-1] == 6  # every line whole
+
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["optimizer"] = {"state": {}, "param_groups": "nonsense"}
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    with pytest.raises(BabyLlamaError, match="cannot resume from"):
+        train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "8"}))
+
+
+def test_empty_or_torn_checkpoint_is_one_line(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--checkpoint", str(tmp_path / "ckpt.pt")),
+                   "empty checkpoint")
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--checkpoint", str(tmp_path / "ckpt.pt")),
+                   "cannot read checkpoint")
+
+
+def test_checkpoint_whose_model_args_disagree_with_its_tensors(tmp_path):
+    pytest.importorskip("torch")
+    from conftest import torch_checkpoint
+
+    from babyllama.train import checkpoint
+
+    model = torch_checkpoint(tmp_path / "good.pt", tiny_args(vocab_size=300))
+    for change, message in (({"n_layers": 1000}, "is missing"), ({"n_layers": 10**7}, "n_layers 10000000 is beyond"),
+                            ({"dim": "32"}, "dim must be a positive integer"), ({"multiple_of": 0}, "multiple_of")):
+        args = dict(tiny_args(vocab_size=300).to_dict(), hidden_dim=None if "multiple_of" in change else 64, **change)
+        checkpoint.save({"model": model.state_dict(), "model_args": args}, tmp_path / "bad.pt")
+        r = run_limited(["export", str(tmp_path / "o.bin"), "--checkpoint", str(tmp_path / "bad.pt")], TORCH_AS)
+        one_line_error(r, message)
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["train", "--data_dir=x"], "torch", "train"),
+    (["data", "train-vocab", "--vocab-size", "300"], "sentencepiece", "train"),
+    (["data", "pretokenize", "--tokenizer", "x.bin"], "tqdm", "train"),
+])
+def test_commands_without_their_extras_name_both_install_commands(argv, module, extra, tmp_path):
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from babyllama.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = run_limited(argv, TORCH_AS, program=[sys.executable, "-c", code, *argv], cwd=tmp_path)
+    line = one_line_error(r, f"pip install 'babyllama[{extra}]'")
+    assert f"pip install -e '.[{extra}]'" in line
+
+
+# ------------------------------------------------------------------------------------------- bounded batches
+
+
+def test_stream_batch_keeps_at_most_max_slots_live_and_yields_in_order():
+    from conftest import assert_greedy_agree
+
+    from babyllama.engine import Engine
+    from babyllama.generate import generate, stream_batch
+    from babyllama.sampler import Sampler
+
+    e = Engine(random_weights(tiny_args(), scale=0.2))
+    prompts = [[1, 5 + i, 9 + 2 * i][: 2 + i % 2] for i in range(11)]
+    steps = [6 + (3 * i) % 11 for i in range(11)]
+    made = []
+    real = e.new_cache
+
+    def spy(n_slots=1, seq_len=None):
+        made.append((n_slots, seq_len))
+        return real(n_slots, seq_len)
+
+    e.new_cache = spy
+    got = list(stream_batch(e, prompts, steps, [Sampler(0.0) for _ in prompts], max_slots=3))
+    assert made == [(3, max(steps))]
+    assert [i for i, _ in got] == list(range(11))
+    for (_, seq), p, n in zip(got, prompts, steps):
+        alone = list(generate(e, p, n, Sampler(0.0)))
+        assert_greedy_agree(alone, seq.generated, lambda k, p=p, seq=seq: e.forward(
+            p + seq.generated[:k], range(len(p) + k), e.new_cache(), logits="last")[0], 1e-2)
+
+
+def test_caches_and_rope_tables_follow_the_positions_used():
+    from babyllama.engine import Engine
+    from babyllama.generate import generate
+    from babyllama.sampler import Sampler
+
+    e = Engine(random_weights(tiny_args(max_seq_len=4096), scale=0.2))
+    assert len(e.cos) == 0
+    made = []
+    real = e.new_cache
+    e.new_cache = lambda n_slots=1, seq_len=None: made.append(seq_len) or real(n_slots, seq_len)
+    assert len(list(generate(e, [1, 5], 10, Sampler(0.0)))) <= 9
+    assert made == [10] and len(e.cos) < 4096
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
+    from babyllama import memory
+    from babyllama.engine import KVCache
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    with pytest.raises(BabyLlamaError, match="KV cache of 4,096 positions x 2 sequence"):
+        KVCache(tiny_args(), n_slots=2, seq_len=4096)
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+
+
+def test_a_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch, tiny):
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"old")
+
+    def boom(f, a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(formats, "_f32", boom)
+    with pytest.raises(OSError):
+        formats.save(formats.load(tiny[0]), target)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
+
+
+def test_a_write_killed_midway_leaves_no_torn_target(tmp_path):
+    """SIGKILL while a large model is written: the target is absent (or the old one), never torn."""
+    code = ("import sys, numpy as np\nsys.path.insert(0, 'tests')\n"
+            "from conftest import random_weights, tiny_args\nfrom babyllama import formats\n"
+            "w = random_weights(tiny_args(dim=512, hidden_dim=2048, n_layers=8, vocab_size=4000))\n"
+            "print('ready', flush=True)\nwhile True:\n    formats.save(w, sys.argv[1])\n")
+    target = tmp_path / "big.bin"
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT, env=env, stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(1.5)
+    proc.kill()
+    proc.wait()
+    if target.exists():  # a complete earlier write: it must load
+        formats.load(target)
