@@ -33,7 +33,6 @@ error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +308,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     if size < 24:
         raise BabyLlamaError(f"{path}: not a readable GGUF file (only {size} bytes)")
     with safeio.open_regular(path, "GGUF file") as f:
-        buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        buf = np.memmap(f, dtype=np.uint8, mode="r")
     w = _Walker(buf, path)
     if buf[:4].tobytes() != b"GGUF":
         raise w.fail("no GGUF magic")
@@ -390,7 +389,7 @@ def _view(buf: np.ndarray, t: GGUFTensor, gguf) -> np.ndarray:
     dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(t.tensor_type.name)
     if dtype is None:
         dtype, shape = np.uint8, _gguf().quants.quant_shape_to_byte_shape(shape, t.tensor_type)
-    return np.frombuffer(buf, dtype, math.prod(shape), t.data_offset).reshape(shape)
+    return buf[t.data_offset:t.data_offset + t.n_bytes].view(dtype).reshape(shape)
 
 
 def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
