@@ -195,6 +195,22 @@ def test_a_named_pipe_is_refused_not_waited_on(argv, fifo, tiny, tmp_path):
     one_line_error(r, "is a named pipe, not a regular file")
 
 
+def test_a_named_pipe_as_the_model_card_is_not_waited_on(tmp_path):
+    """`serve` reads model.json beside the model: a pipe there is skipped like a missing card."""
+    from babyllama.cli.serve import model_card
+
+    os.mkfifo(tmp_path / "model.json")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.json").write_text("[1, 2]")
+    cards = []
+    reader = threading.Thread(target=lambda: cards.extend(model_card(str(tmp_path / d / "m.bin")) for d in ("", "bad")),
+                              daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "blocked on the pipe"
+    assert cards == [{}, {}]
+
+
 class _Drip(BaseHTTPRequestHandler):
     """Promises 1,000 bytes and sends one every 0.3 s (or drips its status line, with `headers_too`)."""
 

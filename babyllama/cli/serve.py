@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
 from pathlib import Path
 
@@ -66,11 +65,12 @@ def is_loopback(host: str) -> bool:
 def model_card(checkpoint: str | None) -> dict:
     """The model card beside the model (model.json), if any: its name and chat template."""
     from ..loading import BUILTIN_CARD
+    from ..safeio import read_json
 
     path = BUILTIN_CARD if checkpoint is None else Path(checkpoint).with_name("model.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
+    except BabyLlamaError:
         return {}
 
 
