@@ -188,15 +188,19 @@ class Tokenizer:
     def decode_piece(self, prev: int, token: int) -> bytes:
         """What run.c prints for `token` following `prev`: the leading space dropped after BOS, byte
         tokens as their byte, and a lone unprintable byte suppressed (run.c's safe_printf)."""
+        piece = self._piece_after(prev, token)
+        if len(piece) == 1 and piece[0] not in _PRINTABLE:
+            return b""
+        return piece
+
+    def _piece_after(self, prev: int, token: int) -> bytes:
+        """`token`'s piece as run.c decodes it after `prev`: its leading space dropped after BOS, a byte
+        token (<0xAB>) as that byte."""
         piece = self.pieces[token]
         if prev == BOS and piece.startswith(b" "):
             piece = piece[1:]
         m = _BYTE_PIECE.fullmatch(piece)
-        if m:
-            piece = bytes([int(m.group(1), 16)])
-        if len(piece) == 1 and piece[0] not in _PRINTABLE:
-            return b""
-        return piece
+        return bytes([int(m.group(1), 16)]) if m else piece
 
     def token_bytes(self, prev: int, token: int) -> bytes:
         """The bytes `token` adds to the text after `prev`: run.c's piece rules (its leading space dropped
@@ -204,12 +208,7 @@ class Tokenizer:
         kept (it is part of a UTF-8 character), and nothing for the control tokens BOS and EOS."""
         if token in (BOS, EOS):
             return b""
-        piece = self.pieces[token]
-        if prev == BOS and piece.startswith(b" "):
-            piece = piece[1:]
-        m = _BYTE_PIECE.fullmatch(piece)
-        if m:
-            piece = bytes([int(m.group(1), 16)])
+        piece = self._piece_after(prev, token)
         if len(piece) == 1 and piece[0] < 0x80 and piece[0] not in _PRINTABLE:
             return b""
         return piece
