@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGE = ROOT / "babyllama"
@@ -187,3 +188,16 @@ def test_run_and_chat_work_with_torch_blocked():
     out = proc.stdout.decode()
     assert out.startswith("Once upon a time") and "Assistant: " in out
     assert "heavy modules loaded: []" in out
+
+
+def test_import_from_the_checkouts_parent_folder_finds_the_package(tmp_path):
+    """A folder named babyllama (the checkout, seen from its parent) must not shadow the installed package as
+    a namespace package: the editable install puts the checkout on sys.path (pyproject's package-dir)."""
+    import babyllama
+
+    if Path(babyllama.__file__).resolve().parent != PACKAGE.resolve():
+        pytest.skip("babyllama is not installed in editable mode from this checkout (pip install -e .)")
+    (tmp_path / "babyllama").symlink_to(ROOT, target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-c", "import babyllama; print(babyllama.load.__name__)"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "load", proc.stderr
