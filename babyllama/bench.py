@@ -406,6 +406,21 @@ class Busy:
             p.wait()
 
 
+def startup(repeats: int = 5) -> dict:
+    """Wall milliseconds (medians) of a whole `babyllama run` process with the built-in model and 2 positions
+    (interpreter, imports, loading, the first tokens), after one unmeasured run that compiles and caches the
+    kernels if needed; beside a bare interpreter's start."""
+    def wall(cmd: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        return 1000 * (time.perf_counter() - start)
+
+    run_cmd = [sys.executable, "-m", "babyllama", "run", "-n", "2", "-t", "0"]
+    wall(run_cmd)
+    return {"run_ms": _median([wall(run_cmd) for _ in range(repeats)]),
+            "python_ms": _median([wall([sys.executable, "-c", "pass"]) for _ in range(repeats)])}
+
+
 def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
     """Measure every row of `plan`: (rows, bandwidth). The bandwidth is measured first, before any co-runner
     starts. On a PyTorch device (cpu, cuda) only fp32 files are measured and there is no plain row."""

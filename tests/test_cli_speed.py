@@ -158,6 +158,11 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 10:.0f}%)"
 
 
+def test_bench_startup_times_a_whole_run_process_beside_a_bare_interpreter():
+    t = bench.startup(repeats=1)
+    assert t["run_ms"] > t["python_ms"] > 0  # a run imports, loads and generates on top of the interpreter
+
+
 def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))

@@ -86,6 +86,11 @@ def cmd_bench(args) -> int:
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
     text = f"Machine: {machine}{busy}\n\n" + bench.table(rows, args.batch, args.prompt_len, bandwidth)
+    if bench.BUILTIN in shapes and args.device == "numpy":
+        t = bench.startup()
+        text += (f"\nStart-up: `babyllama run` with the built-in model, 2 positions, kernels already compiled: "
+                 f"{t['run_ms']:.0f} ms wall per process (median of 5; a bare `python -c pass`: "
+                 f"{t['python_ms']:.0f} ms)\n")
     print(text)
     if args.output:
         from ..safeio import write_text
