@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, run_cli, shared_file
 
 from babyllama import formats
-from babyllama.api import BUILTIN_MODEL, BUILTIN_TOKENIZER
 from babyllama.catalog import BUILTIN_CARD, builtin_card
+from babyllama.loading import BUILTIN_MODEL, BUILTIN_TOKENIZER
 from babyllama.tokenizer import Tokenizer
 
 SIZE_BUDGET = 8_000_000  # model + tokenizer + card, bytes
