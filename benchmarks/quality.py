@@ -56,7 +56,8 @@ def main() -> None:
     from babyllama.loading import BUILTIN_MODEL, BUILTIN_TOKENIZER
     from babyllama.tokenizer import Tokenizer
 
-    models = [("built-in (1.5M)", BUILTIN_MODEL, BUILTIN_TOKENIZER)]
+    builtin_params = formats.load(BUILTIN_MODEL).args.param_count()
+    models = [(f"built-in ({builtin_params / 1e6:.2f}M)", BUILTIN_MODEL, BUILTIN_TOKENIZER)]
     s260k = SHARED / "fixtures" / "stories260K.bin"
     if s260k.is_file():
         models.append(("stories260K", s260k, SHARED / "fixtures" / "tok512.bin"))
