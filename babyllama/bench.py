@@ -81,13 +81,24 @@ def _source_weights(shape: str):
     return random_model(shape_args(shape))
 
 
+def _stem(shape: str) -> str:
+    """The cached files' name stem: "random-SHAPE", or for the built-in model one keyed on its file's sha256, so
+    that a retrained built-in model is never measured through an older one's cached copies."""
+    if shape != BUILTIN:
+        return f"random-{shape}"
+    import hashlib
+
+    from .loading import BUILTIN_MODEL
+    return f"builtin-{hashlib.sha256(Path(BUILTIN_MODEL).read_bytes()).hexdigest()[:12]}"
+
+
 def model_file(shape: str, fmt: str, directory: Path, version: int | None = None) -> Path:
     """The cached model file for (shape, fmt) in `version` (default: fp32 1, Q8_0 2, Q4_0 3), built on first use."""
     from . import formats
 
     version = FORMATS[fmt] if version is None else version
     suffix = "" if version == FORMATS[fmt] else f"-v{version}"
-    path = directory / f"{'' if shape == BUILTIN else 'random-'}{shape}-{fmt}{suffix}.bin"
+    path = directory / f"{_stem(shape)}-{fmt}{suffix}.bin"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
         formats.save(_source_weights(shape), path, version=version)
@@ -116,7 +127,7 @@ def gguf_file(shape: str, fmt: str, directory: Path) -> Path:
     from .interop.gguf import save_gguf
     from .interop.vocab import load_vocab
 
-    path = directory / f"{'' if shape == BUILTIN else 'random-'}{shape}-{fmt}.gguf"
+    path = directory / f"{_stem(shape)}-{fmt}.gguf"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
         save_gguf(_source_weights(shape), path, load_vocab(tokenizer_file(shape, directory)), GGUF_TYPES[fmt])

@@ -232,6 +232,20 @@ def test_bench_builds_and_caches_models(tmp_path, monkeypatch):
     assert bench.model_file("tiny", "q8_0", tmp_path).stat().st_mtime_ns == mtime  # cached, not rebuilt
 
 
+def test_bench_caches_the_builtin_model_by_its_content(tmp_path, monkeypatch):
+    """A retrained built-in model gets its own cached copies, never an older model's."""
+    import babyllama.loading
+
+    paths = []
+    for n_layers in (1, 2):
+        builtin = tmp_path / f"builtin-{n_layers}.bin"
+        formats.save(random_weights(tiny_args(n_layers=n_layers)), builtin)
+        monkeypatch.setattr(babyllama.loading, "BUILTIN_MODEL", builtin)
+        paths.append(bench.model_file(bench.BUILTIN, "q8_0", tmp_path))
+        assert formats.read_header(paths[-1])[0].n_layers == n_layers
+    assert paths[0] != paths[1] and paths[0].exists()
+
+
 def test_importing_babyllama_shortens_thread_spin_waits_unless_set():
     """The pools' spin-wait settings are read when NumPy/the kernels load: `import babyllama` must set them
     first, and leave a user's own values alone."""
