@@ -68,7 +68,7 @@ def test_the_chat_model_follows_requests_better_than_its_base(tmp_path):
     scores = {}
     for name, model in (("chat", BUILTIN_CHAT), ("base", BUILTIN_MODEL)):
         proc = run_cli("eval", str(model), "--instruct", str(tmp_path / "requests.jsonl"), "--json",
-                       "--max-new-tokens", "200")
+                       "--max-new-tokens", "460")
         assert proc.returncode == 0, proc.stderr.decode()
         scores[name] = json.loads(proc.stdout)
     assert scores["chat"]["requests"] == 24
