@@ -12,12 +12,14 @@ means the Llama 2 defaults 10000 and 1e-5, so files stay readable both ways.
 
 from __future__ import annotations
 
+import io
 import mmap as _mmap
 import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -129,7 +131,8 @@ class Weights:
         """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""
         if not self.quantized:
             return self
-        mats = {name: np.stack([dense(m) for m in stack]) for name, stack in self.layer_matrices().items()}
+        mats: dict[str, Any] = {name: np.stack([dense(m) for m in stack])
+                                for name, stack in self.layer_matrices().items()}
         emb = dense(self.tok_embeddings)
         wcls = emb if self.args.shared_classifier else dense(self.wcls)
         return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final,
@@ -146,7 +149,7 @@ class Weights:
                 return m
             return quantize_q4_0(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs)
 
-        mats = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
+        mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
         wcls = emb if self.args.shared_classifier else q4(self.wcls)
         return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=wcls, version=3,
@@ -167,10 +170,12 @@ class Weights:
             return self.to_fp32().quantize(group_size)
         gs = group_size or default_group_size(self.args)
         check_group_size(self.args, gs)
-        mats = {name: [quantize_q80(m, gs) for m in stack] for name, stack in self.layer_matrices().items()}
-        qcls = quantize_q80(self.wcls, gs)
+        # not quantized: the matrices are dense fp32 arrays
+        mats: dict[str, Any] = {name: [quantize_q80(cast(np.ndarray, m), gs) for m in stack]
+                                for name, stack in self.layer_matrices().items()}
+        qcls = quantize_q80(cast(np.ndarray, self.wcls), gs)
         # the embedding is stored quantized too (runq.c dequantizes it at load): same values as a v2 file
-        qemb = qcls if self.args.shared_classifier else quantize_q80(self.tok_embeddings, gs)
+        qemb = qcls if self.args.shared_classifier else quantize_q80(cast(np.ndarray, self.tok_embeddings), gs)
         emb = qemb.dequantize()
         return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
@@ -292,7 +297,8 @@ def _map_file(path: str | os.PathLike) -> np.ndarray:
 def _read_whole(path: str | os.PathLike) -> np.ndarray:
     with safeio.open_regular(path, "model file") as f:
         buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
-        f.readinto(memoryview(buf))
+        # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
+        cast(io.BufferedReader, f).readinto(memoryview(buf))  # type: ignore[arg-type]
     buf.flags.writeable = False  # like the read-only map: weights are never modified in place
     return buf
 
@@ -306,7 +312,7 @@ class _Cursor:
     def take(self, dtype: type, *shape: int) -> np.ndarray:
         n = int(np.prod(shape))
         nbytes = n * np.dtype(dtype).itemsize
-        arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
+        arr: np.ndarray = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
         self.offset += nbytes
         return arr
 
@@ -329,6 +335,9 @@ def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
     shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+    mats: dict[str, Any]
+    emb: Matrix
+    wcls: Matrix
 
     if version == 0:
         emb = c.take(np.float32, V, d)
@@ -479,15 +488,17 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
                 for t in (w.tok_embeddings, *(m for name in LAYER_MATRICES for m in getattr(w, name))):
                     f.write(np.ascontiguousarray(t.data).tobytes())
                 if not args.shared_classifier:
-                    f.write(np.ascontiguousarray(w.wcls.data).tobytes())
-            else:
-                emb_q = w.wcls if args.shared_classifier else quantize_q80(w.tok_embeddings, w.group_size)
+                    f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).data).tobytes())
+            else:  # quantize(): Q8_0 matrices and classifier, the embedding dense
+                qcls = cast(QTensor, w.wcls)
+                emb_q = qcls if args.shared_classifier else quantize_q80(cast(np.ndarray, w.tok_embeddings),
+                                                                         w.group_size)
                 _q8(f, emb_q)
                 for name in LAYER_MATRICES:
                     for t in getattr(w, name):
                         _q8(f, t)
                 if not args.shared_classifier:
-                    _q8(f, w.wcls)
+                    _q8(f, qcls)
 
 
 def _legacy_rope_tables(args: ModelArgs) -> np.ndarray:

@@ -16,6 +16,7 @@ rotary order, exactly as `Weights` holds them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +40,9 @@ def layer_key(layer: int, field: str) -> str:
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of a model of `args`' shape, in file order, with its shape."""
     d, h, kv, V = args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
-    per_layer = {"rms_att": (d,), "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
-                 "rms_ffn": (d,), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
-    shapes = {"tok_embeddings.weight": (V, d)}
+    per_layer: dict[str, tuple[int, ...]] = {"rms_att": (d,), "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
+                                             "rms_ffn": (d,), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, d)}
     for layer in range(args.n_layers):
         shapes.update({layer_key(layer, f): s for f, s in per_layer.items()})
     shapes["norm.weight"] = (d,)
@@ -65,7 +66,8 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
     return sd
 
 
-def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[str], np.ndarray],
+def from_state_dict(args: ModelArgs,
+                    get: Mapping[str, np.ndarray | BlockTensor] | Callable[[str], np.ndarray | BlockTensor],
                     source: str = "model", display: Callable[[str], str] = str) -> Weights:
     """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
     function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
@@ -77,7 +79,8 @@ def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[s
     except ValueError as e:
         raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
 
-    def fetch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32 array, or a BlockTensor kept as it is
+        t: Any
         try:
             t = lookup(name)
         except KeyError:
@@ -97,12 +100,12 @@ def from_state_dict(args: ModelArgs, get: Mapping[str, np.ndarray] | Callable[[s
     shapes = expected_shapes(args)
     L = args.n_layers
 
-    def stack(field: str) -> np.ndarray:
+    def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
         return rows if any(isinstance(r, BlockTensor) for r in rows) else np.stack(rows)
 
     emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
-    mats = {name: stack(name) for name in LAYER_MATRICES}
+    mats: dict[str, Any] = {name: stack(name) for name in LAYER_MATRICES}
     wcls = emb if args.shared_classifier else fetch("output.weight", shapes["output.weight"])
     return Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
                    rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)
