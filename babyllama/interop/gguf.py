@@ -36,6 +36,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -218,7 +219,7 @@ class GGUFTensor:
     """A tensor of a GGUF file, with the attributes of the gguf package's ReaderTensor that loading uses."""
 
     name: str
-    tensor_type: object  # gguf.GGMLQuantizationType
+    tensor_type: Any  # gguf.GGMLQuantizationType
     shape: tuple[int, ...]  # innermost first, as GGUF lists them
     data_offset: int  # absolute, in the file
     n_bytes: int
@@ -261,6 +262,11 @@ class _Walker:
     def u64(self, what: str) -> int:
         return self.scalar(10, what)
 
+    @overload
+    def text(self, what: str, max_len: int | None = None, read: Literal[True] = True) -> str: ...
+    @overload
+    def text(self, what: str, max_len: int | None = None, *, read: bool) -> str | None: ...
+
     def text(self, what: str, max_len: int | None = None, read: bool = True) -> str | None:
         n = self.u64(f"the length of {what}")
         if max_len is not None and n > max_len:
@@ -290,8 +296,8 @@ class _Walker:
         if count > MAX_ARRAY or count * least > len(self.buf) - self.off:
             raise self.fail(f"{what} claims {count:,} entries, more than the file holds")
         if item == _STRING:
-            values = [self.text(what, read=read_array) for _ in range(count)]
-            return values if read_array else Skipped(count)
+            strings = [self.text(what, read=read_array) for _ in range(count)]
+            return strings if read_array else Skipped(count)
         start = self.take(count * least, what)
         if not read_array:
             return Skipped(count)
@@ -386,7 +392,8 @@ def _view(buf: np.ndarray, t: GGUFTensor, gguf) -> np.ndarray:
     """The tensor's bytes as the gguf package's reader lays them out: float types as their dtype, the
     others as uint8 rows of blocks (what gguf.quants.dequantize takes)."""
     shape = tuple(reversed(t.shape))
-    dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(t.tensor_type.name)
+    floats: dict[str, type[np.generic]] = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+    dtype = floats.get(t.tensor_type.name)
     if dtype is None:
         dtype, shape = np.uint8, _gguf().quants.quant_shape_to_byte_shape(shape, t.tensor_type)
     return buf[t.data_offset:t.data_offset + t.n_bytes].view(dtype).reshape(shape)
@@ -415,16 +422,18 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         if key not in tensors:
             raise KeyError(name)
         t = tensors[key]
+        data = t.data
+        assert data is not None  # read_gguf maps every tensor
         kind = t.tensor_type.name.lower()
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
                 if not keep_quantized or t.tensor_type in float_types or len(t.shape) != 2:
-                    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                    return np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
                 cols = int(t.shape[0])  # GGUF lists dimensions innermost first
                 if kind in KINDS:
-                    return BlockTensor(kind, t.data, cols)
+                    return BlockTensor(kind, data, cols)
                 note = converted.setdefault(kind, ConversionNote(t.tensor_type.name, nearest_kind(t.tensor_type)))
-                return _convert(t.data, t.tensor_type, cols, note)
+                return _convert(data, t.tensor_type, cols, note)
         except (NotImplementedError, ValueError) as e:  # types the package cannot dequantize
             raise BabyLlamaError(f"{path}: cannot read tensor {key} of type {t.tensor_type.name} ({e})") from None
 

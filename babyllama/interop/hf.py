@@ -47,6 +47,7 @@ def hf_name(name: str) -> str:
     if name in _TOP:
         return _TOP[name]
     m = _LAYER.fullmatch(name)
+    assert m is not None  # callers pass the names of expected_shapes
     return f"model.layers.{m.group(1)}.{_HF_PARTS[m.group(2)]}.weight"
 
 
@@ -141,12 +142,12 @@ def config_from_args(args: ModelArgs) -> dict:
 
 def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
     """(config.json, weight files) from a checkpoint directory or an explicit list of files."""
-    paths = [Path(p) for p in paths]
-    for p in paths:
+    given = [Path(p) for p in paths]
+    for p in given:
         if not p.exists():
             raise BabyLlamaError(f"{p}: no such file or directory")
-    if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
+    if len(given) == 1 and given[0].is_dir():
+        folder = given[0]
         for pattern in ("model.safetensors.index.json", "model.safetensors", "*.safetensors",
                         "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"):
             found = sorted(folder.glob(pattern))
@@ -157,8 +158,8 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
             raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
         config = folder / "config.json"
     else:
-        config = next((p for p in paths if p.name == "config.json"), paths[0].parent / "config.json")
-        files = [p for p in paths if p.name != "config.json"]
+        config = next((p for p in given if p.name == "config.json"), given[0].parent / "config.json")
+        files = [p for p in given if p.name != "config.json"]
         if not files:
             raise BabyLlamaError("--hf: give a model directory or its weight files")
     if not config.is_file():
