@@ -114,12 +114,13 @@ def parse_json(text: str | bytes, where: str) -> Any:
             from None
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES,
+def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int | None = MAX_JSON_BYTES,
               expect: type | None = dict) -> Any:
     """A JSON file's value; with `expect`, the top-level value must be of that type (an object by default)."""
     value = parse_json(read_bytes(path, what, max_bytes), str(path))
     if expect is not None and not isinstance(value, expect):
-        name = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        names: dict[type, str] = {dict: "an object", list: "a list"}
+        name = names.get(expect, expect.__name__)
         raise BabyLlamaError(f"{path}: {what} must hold {name}, not {type(value).__name__}")
     return value
 

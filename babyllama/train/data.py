@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -73,6 +74,7 @@ def _doc_text(item, where: str) -> str:
 
 def read_documents(path: Path, skip_bad_lines: bool = False) -> Iterator[str]:
     """The documents of one input file, stripped of surrounding whitespace, empty ones skipped."""
+    docs: Iterable[str]
     try:
         if path.suffix == ".txt":
             docs = iter_documents(path)
@@ -82,7 +84,7 @@ def read_documents(path: Path, skip_bad_lines: bool = False) -> Iterator[str]:
                 raise BabyLlamaError(f"{path}: chat records, not plain text")
             if data.bad:
                 print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
-            docs = [text for _, text in data.items]
+            docs = [cast(str, text) for _, text in data.items]  # TEXT records: strings
         else:
             data = safeio.read_json(path, "data file", max_bytes=None, expect=list)
             docs = [_doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
@@ -115,7 +117,7 @@ def load_encoder(path: str | os.PathLike):
     return tok.vocab_size, lambda texts: [tok.encode(t, bos=False) for t in texts]
 
 
-_worker_encode = None
+_worker_encode: Any = None  # a worker's texts -> ids function, or its Tokenizer for chat records
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -189,7 +191,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens) for f in files}
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
-    shards = {"train": [], "val": []}
+    shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
         for f, (ids, mask, offsets) in encoded.items():
@@ -247,9 +249,9 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     if not kept:
         raise BabyLlamaError(f"{path}: no conversations left to train on (an empty dataset)")
     offsets = np.cumsum([0] + [len(ids) for ids, _ in kept], dtype=np.int64)
-    ids = np.fromiter((t for i, _ in kept for t in i), dtype=np.uint16, count=int(offsets[-1]))
-    mask = np.fromiter((m for _, ms in kept for m in ms), dtype=np.uint8, count=int(offsets[-1]))
-    return ids, mask, offsets
+    all_ids = np.fromiter((t for i, _ in kept for t in i), dtype=np.uint16, count=int(offsets[-1]))
+    all_mask = np.fromiter((m for _, ms in kept for m in ms), dtype=np.uint8, count=int(offsets[-1]))
+    return all_ids, all_mask, offsets
 
 
 def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
@@ -413,10 +415,10 @@ class Examples:
             ids, keep = tokens[start:end].astype(np.int64), mask[start + 1:end].astype(bool)
             x[r, :len(ids) - 1] = ids[:-1]
             y[r, :len(ids) - 1] = np.where(keep, ids[1:], -1)
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         if device.type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
+            return xt.pin_memory().to(device, non_blocking=True), yt.pin_memory().to(device, non_blocking=True)
+        return xt.to(device), yt.to(device)
 
 
 def chat_shards(data_dir: str | os.PathLike, split: str,

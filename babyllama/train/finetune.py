@@ -60,6 +60,7 @@ def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tupl
     """The model to train and, for LoRA, the adapter's config (rank, alpha, dropout, targets, base identity).
     `base` is None when a full fine-tune resumes: its checkpoint holds every weight."""
     if base is None:
+        assert ckpt is not None  # no base only when resuming a full fine-tune
         args = ModelArgs.from_dict(ckpt["model_args"])
         args.dropout = cfg.dropout
         return Transformer(args), None

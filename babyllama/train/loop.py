@@ -26,6 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -183,13 +184,14 @@ class Trainer:
             except (RuntimeError, KeyError, ValueError, TypeError) as e:  # states that do not fit this model
                 raise BabyLlamaError(f"cannot resume from {self.out_dir / checkpoint.CKPT_NAME}: {first_line(e)}") \
                     from None
+        wrapped: torch.nn.Module = model
         if cfg.compile:
-            model = torch.compile(model)
+            wrapped = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule around the model
         if self.dist.enabled and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.model = model
+            wrapped = DDP(wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = wrapped
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -275,7 +277,8 @@ class Trainer:
         if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) and not last_micro_step:
             return self.model.no_sync()
         if self.cfg.fsdp:
-            self.raw.set_requires_gradient_sync(last_micro_step)
+            # fully_shard() swaps in an FSDP class with this method; torch's stubs cannot know it
+            self.raw.set_requires_gradient_sync(last_micro_step)  # type: ignore[operator]
         return contextlib.nullcontext()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -328,6 +331,7 @@ class Trainer:
         if self.dist.master:
             print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                   flush=True)
+            assert self.metrics is not None  # the master process keeps the metrics log
             self.metrics.write(iter=self.iter_num, train_loss=losses["train"], val_loss=losses["val"])
         if self.iter_num > 0 and not self.cfg.eval_only:
             self.save_checkpoint()
@@ -380,6 +384,7 @@ class Trainer:
         mfu_text = f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""
         print(f"{self.iter_num} | loss {loss:.4f} | lr {lr:e} | {dt * 1000:.2f}ms | tok/s {tok_s:,.0f}{mfu_text}",
               flush=True)
+        assert self.metrics is not None  # called on the master process, which keeps the metrics log
         self.metrics.write(iter=self.iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
 
     def _install_tokenizer(self) -> None:
