@@ -70,6 +70,7 @@ def backend() -> Kernels:
     """The backend in use (chosen on first call)."""
     if _backend is None:
         use_backend()
+    assert _backend is not None  # use_backend() sets it or raises
     return _backend
 
 

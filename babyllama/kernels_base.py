@@ -16,7 +16,7 @@ Reference arithmetic (the plain path, what every fast path is tested against):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -65,10 +65,11 @@ class Kernels(Protocol):
         """A description of the model for `forward_step`, or None when the backend has no one-call step."""
         ...
 
-    def forward_step(self, plan: object, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+    def forward_step(self, plan: Any, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                      keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """A decode-sized step in one call: embedding, every block, final norm and classifier for the step's
-        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len, hs)."""
+        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len, hs).
+        `plan` is what this backend's step_plan returned (its own type: Any here)."""
         ...
 
 
@@ -188,11 +189,12 @@ class NumpyKernels:
         return 1
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
-        if isinstance(ws[0], np.ndarray):
-            return [x @ w.T for w in ws]
+        if isinstance(ws[0], np.ndarray):  # the first matrix stands for all of them
+            return [x @ w.T for w in cast("Sequence[np.ndarray]", ws)]
+        quantized = cast("Sequence[QTensor | BlockTensor]", ws)
         if x.shape[0] >= QUANT_GEMM_MIN_ROWS:
-            return quantized_gemm(x, ws, self.dequantize)
-        return [matmul_quantized(x, w) for w in ws]
+            return quantized_gemm(x, quantized, self.dequantize)
+        return [matmul_quantized(x, w) for w in quantized]
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         return dense(w)

@@ -76,9 +76,9 @@ class _Layer(ctypes.Structure):
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in
-                ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size")] + \
-               [("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", _Mat),
+    _fields_ = [*[(name, ctypes.c_int64) for name in
+                  ("n_layers", "dim", "hidden_dim", "n_heads", "kv_heads", "head_size")],
+                ("eps", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("embeddings", _Mat),
                 ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("n_positions", ctypes.c_int64),
                 ("cls", _Mat), ("rms_final", ctypes.c_void_p)]
 
@@ -122,7 +122,7 @@ def _compiler_identity(cc: str) -> str:
 def cpu_signature() -> str:
     """What identifies this CPU for -march=native: its model and feature flags (Linux), else what the platform
     module knows."""
-    fields = {}
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -205,7 +205,7 @@ def _address(a: np.ndarray) -> int:
     """Where a's data starts (a is contiguous). The buffer route is 5x faster than __array_interface__,
     which matters at ~40 calls per layer, but needs a writable array (weights are read-only maps)."""
     if a.flags.writeable:
-        return ctypes.addressof(_char_view(a))
+        return ctypes.addressof(_char_view(a))  # type: ignore[arg-type]  # NumPy's stubs: no __buffer__ before 3.12
     return a.__array_interface__["data"][0]
 
 
@@ -449,15 +449,15 @@ class NativeKernels:
         norm and the classifier for the step's rows `rows`: logits (len(rows), vocab)."""
         if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
             raise ValueError("the cache must be writable contiguous float32 arrays")
-        tokens, positions, slots, rows = (np.ascontiguousarray(a, dtype=np.int64)
-                                          for a in (tokens, positions, slots, rows))
+        tokens, positions, slots, row_ids = (np.ascontiguousarray(a, dtype=np.int64)
+                                             for a in (tokens, positions, slots, rows))
         n = len(tokens)
         if not (len(positions) == len(slots) == n):
             raise ValueError("tokens, positions and slots must have one entry per token")
-        logits = np.empty((len(rows), plan.weights.args.vocab_size), dtype=np.float32)
+        logits = np.empty((len(row_ids), plan.weights.args.vocab_size), dtype=np.float32)
         err = self.lib.forward_step(ctypes.byref(plan.struct), _address(tokens), n, _address(slots),
                                     _address(positions), _address(keys), _address(values), keys.shape[1],
-                                    keys.shape[3], _address(rows), len(rows), _address(logits))
+                                    keys.shape[3], _address(row_ids), len(row_ids), _address(logits))
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
         return logits

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TypeGuard
 
 # Threads sleep between parallel regions instead of spinning: on a machine whose cores are shared
 # (oversubscribed), spinning waiters starve the workers and decode gets several times slower. Set
@@ -119,7 +120,15 @@ def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 
 
 def set_threads(n: int) -> None:
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
+def _all_dense(ws: Sequence[Matrix]) -> TypeGuard[Sequence[np.ndarray]]:
+    return all(isinstance(w, np.ndarray) for w in ws)
+
+
+def _all_q8(ws: Sequence[Matrix]) -> TypeGuard[Sequence[QTensor]]:
+    return all(isinstance(w, QTensor) for w in ws)
 
 
 class NumbaKernels(NumpyKernels):
@@ -136,12 +145,12 @@ class NumbaKernels(NumpyKernels):
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
-        if all(isinstance(w, np.ndarray) for w in ws):
+        if _all_dense(ws):
             if rows <= F32_KERNEL_MAX_ROWS and sum(w.size for w in ws) >= self.f32_min_elements:
                 return matmul_f32_many(x, ws)
             return [x @ w.T for w in ws]
         if rows >= QUANT_GEMM_MIN_ROWS:
             return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
-        if all(isinstance(w, QTensor) for w in ws) and len({w.group_size for w in ws}) == 1:
+        if _all_q8(ws) and len({w.group_size for w in ws}) == 1:
             return matmul_q8_many(x, ws)
         return [x @ w.T if isinstance(w, np.ndarray) else matmul_quantized(x, w) for w in ws]

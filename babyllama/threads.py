@@ -91,7 +91,7 @@ def _set_loaded(n: int) -> None:
         pass
     if "numba" in sys.modules:
         import numba
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     native = sys.modules.get("babyllama.kernels_native")
     if native is not None:
         native.set_threads(n)
