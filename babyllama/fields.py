@@ -8,6 +8,7 @@ naming the file and the key.
 
 from __future__ import annotations
 
+import builtins
 import math
 from numbers import Integral, Real
 from typing import Any
@@ -92,7 +93,7 @@ class Fields:
             raise self._bad(key, "a string", value)
         return value
 
-    def list(self, key: str, default: Any = REQUIRED, max_len: int | None = None) -> Any:
+    def list(self, key: builtins.str, default: Any = REQUIRED, max_len: builtins.int | None = None) -> Any:
         present, value = self._value(key, default)
         if not present:
             return value
@@ -103,7 +104,7 @@ class Fields:
                                  f"{max_len:,}")
         return list(value)
 
-    def dict(self, key: str, default: Any = REQUIRED) -> Any:
+    def dict(self, key: builtins.str, default: Any = REQUIRED) -> Any:
         present, value = self._value(key, default)
         if not present:
             return value
@@ -111,6 +112,6 @@ class Fields:
             raise self._bad(key, "an object", value)
         return value
 
-    def sub(self, key: str) -> Fields:
+    def sub(self, key: builtins.str) -> Fields:
         """The object under `key` (absent or null: an empty one) as Fields."""
         return Fields(self.dict(key, {}), f"{self.source} ({self.prefix + key})")

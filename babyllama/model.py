@@ -18,6 +18,8 @@ generation loop in generate.py (and the `run` printing code) drives PyTorch unch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import numpy as np
 import torch
@@ -151,6 +153,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    freqs_cos: torch.Tensor  # RoPE tables: non-persistent buffers (register_buffer)
+    freqs_sin: torch.Tensor
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         args.validate()
@@ -204,7 +209,8 @@ class Transformer(nn.Module):
         seq = torch.arange(self.args.max_seq_len, device=tokens.device)
         mask = (seq[None, :] <= positions[:, None])[:, None, None, :]
         h = self.tok_embeddings(tokens)[None]
-        for layer, layer_cache in zip(self.layers, cache):
+        # nn.ModuleList is not generic: its items are typed as nn.Module
+        for layer, layer_cache in zip(cast("Iterable[TransformerBlock]", self.layers), cache):
             h = layer.decode_step(h, cos, sin, layer_cache, slots, positions, mask)
         return self.output(self.norm(h))[0]
 
@@ -274,7 +280,7 @@ class TorchEngine:
         self.model = (model if dtype is None else model.cast(dtype)).to(device).eval()
         self.args = model.args
         self.device = torch.device(device)
-        self._decode = self.model.decode_step
+        self._decode: Callable[..., torch.Tensor] = self.model.decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode = torch.compile(self.model.decode_step, mode=mode, dynamic=False)
@@ -311,9 +317,9 @@ class TorchEngine:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
         if len(np.unique(slots)) == len(slots):  # one token per sequence: the batched decode step
-            logits = self._decode(*(torch.from_numpy(a).to(self.device) for a in (tokens, positions, slots)),
-                                  cache.layers)
-            return logits.float().cpu().numpy()
+            out = self._decode(*(torch.from_numpy(a).to(self.device) for a in (tokens, positions, slots)),
+                               cache.layers)
+            return out.float().cpu().numpy()
         rows = []
         for start, end, slot, pos0 in segments(slots, positions):
             ids = torch.from_numpy(tokens[start:end]).to(self.device)[None]
