@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def weights_sha256(weights: Weights) -> str:
     for name, t in to_state_dict(weights).items():
         t = np.ascontiguousarray(t, dtype="<f4")
         h.update(f"{name}{t.shape}".encode())
-        h.update(memoryview(t).cast("B"))
+        h.update(memoryview(t).cast("B"))  # type: ignore[arg-type]  # NumPy's stubs: no __buffer__ before 3.12
     return h.hexdigest()
 
 
@@ -165,7 +166,7 @@ def merge(weights: Weights, adapter: Adapter, what: str = "this model") -> Weigh
     """`weights` with the adapter folded in (W + (alpha/r)·B·A for every adapted matrix), fp32."""
     check_base(adapter, weights, what)
     w = weights.to_fp32()
-    merged = {}
+    merged: dict[str, Any] = {}
     for target in adapter.targets:
         stack = np.array(getattr(w, target), dtype=np.float32)  # a copy: the file's arrays are read-only
         for layer in range(w.args.n_layers):

@@ -68,12 +68,12 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary embeddings")
-        for name, limit in FLOAT_LIMITS.items():
+        for name, float_limit in FLOAT_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-            if value > limit:
-                raise ValueError(f"{name} {value:g} is beyond what babyllama accepts ({limit:g})")
+            if value > float_limit:
+                raise ValueError(f"{name} {value:g} is beyond what babyllama accepts ({float_limit:g})")
 
     def param_count(self) -> int:
         L, d, h, kv = self.n_layers, self.dim, self.hidden_dim, self.kv_dim

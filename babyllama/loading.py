@@ -28,6 +28,7 @@ from .formats import Weights
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from .interop.gguf import ConversionNote
     from .interop.vocab import Vocab
 
 ASSETS = Path(__file__).parent / "assets"
@@ -120,7 +121,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = Tr
     elif kind == "gguf":
         from .interop.gguf import load_gguf
 
-        conversions = []
+        conversions: list[ConversionNote] = []
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
     elif kind == "hf":

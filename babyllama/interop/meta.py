@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,9 +166,9 @@ def save_meta(weights: Weights, folder: str | os.PathLike, n_shards: int = 1) ->
 def _params_from_args(args: ModelArgs) -> dict:
     """params.json for `args`. Meta derives hidden_dim from multiple_of and ffn_dim_multiplier; any width
     is reachable with multiple_of = hidden_dim and a multiplier that lands within (0, hidden_dim]."""
-    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-              "vocab_size": -1, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta}
+    params: dict[str, Any] = {
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "vocab_size": -1, "multiple_of": args.multiple_of, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta}
     if llama_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier) != args.hidden_dim:
         params["multiple_of"] = args.hidden_dim
         params["ffn_dim_multiplier"] = args.hidden_dim / int(2 * (4 * args.dim) / 3)
