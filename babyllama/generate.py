@@ -175,7 +175,8 @@ class Batch:
     def _plan(self) -> list[tuple[Sequence, int, int]]:
         """This step's runs (sequence, first window position, end): every decode token, then prefill chunks
         while the budget lasts (always at least one)."""
-        decoding, prefilling = [], []
+        decoding: list[Sequence] = []
+        prefilling: list[Sequence] = []
         for seq in self.active:
             if seq.done:
                 continue
@@ -199,7 +200,8 @@ class Batch:
         if limit is None:
             return [runs]
         singles = [r for r in runs if r[2] - r[1] == 1]
-        calls, small, size = [singles] if singles else [], [], 0
+        small: list = []
+        calls, size = [singles] if singles else [], 0
         for run in runs:
             n = run[2] - run[1]
             if n == 1:
@@ -219,7 +221,9 @@ class Batch:
         runs = self._plan()
         rows = {}
         for call in self._calls(runs):
-            tokens, positions, slots = [], [], []
+            tokens: list[int] = []
+            positions: list[int] = []
+            slots: list[int] = []
             for seq, start, end in call:
                 tokens.extend(seq.window()[start:end])
                 positions.extend(range(start, end))

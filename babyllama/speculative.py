@@ -61,7 +61,8 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
 
     while len(tokens) <= max_pos:
         n_draft = max(0, min(k, max_pos - len(tokens)))
-        drafted, qs = [], []
+        drafted: list[int] = []
+        qs: list[np.ndarray] = []
         for j in range(n_draft):  # 1. draft, one token at a time (the first call catches the draft up)
             if j == 0:
                 row = draft.forward(tokens[d_fed:], range(d_fed, len(tokens)), dcache, logits="last")[-1]
@@ -80,6 +81,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         t_fed = len(tokens) + len(drafted)
 
         new, n_ok = [], 0  # 3. accept / reject
+        fix: int | None
         for i, d in enumerate(drafted):
             if greedy:
                 best = int(np.argmax(logits[i]))
@@ -90,6 +92,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
                 ok = rng.f32() < min(1.0, p[d] / qs[i][d])
                 fix = None if ok else sample_mult(_residual(p, qs[i]), rng.f32())
             if not ok:
+                assert fix is not None  # a rejected draft always gets its replacement
                 new.append(fix)
                 break
             new.append(d)
