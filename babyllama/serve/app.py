@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -39,7 +40,9 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     async def count_and_authorize(request: Request, call_next):
         path = request.url.path
         endpoint = path if path in KNOWN_PATHS else "other"
-        if needs_key(config, request) and not key_matches(config.api_key, request.headers.get("authorization", "")):
+        # needs_key: only when a key is set
+        if needs_key(config, request) and not key_matches(cast(str, config.api_key),
+                                                          request.headers.get("authorization", "")):
             metrics.requests.labels(endpoint, "401").inc()
             return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                            "authentication_error", code="invalid_api_key"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
@@ -59,7 +59,7 @@ class Common(BaseModel):
 
     @property
     def stops(self) -> list[str]:
-        return self.stop or []
+        return cast("list[str]", self.stop or [])  # _stops turned a single string into a list
 
     @property
     def include_usage(self) -> bool:

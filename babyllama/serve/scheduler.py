@@ -159,10 +159,11 @@ class Scheduler:
             self._finish(job, "cancelled" if job.cancelled else "timeout")
 
     def _finish(self, job: Job, reason: str) -> None:
-        self.batch.release(job.seq)
+        seq = _running_seq(job)
+        self.batch.release(seq)
         self.running.remove(job)
         if reason != "cancelled":
-            job.emit(job.index, Finished(reason, len(job.seq.generated)))
+            job.emit(job.index, Finished(reason, len(seq.generated)))
 
     def _step(self) -> None:
         out = self.batch.step()
@@ -178,11 +179,18 @@ class Scheduler:
             job.last_token_at = now
             logprob, top = (None, None)
             if job.logprobs is not None:
+                assert seq.logits is not None  # the row its new token was sampled from
                 logprob, top = top_logprobs(seq.logits, token, job.logprobs)
             job.emit(job.index, Token(token, logprob, top))
         with self._cond:
-            for job in [j for j in self.running if j.seq.done]:
-                self._finish(job, job.seq.stop_reason or "length")
+            for job in [j for j in self.running if _running_seq(j).done]:
+                self._finish(job, _running_seq(job).stop_reason or "length")
+
+
+def _running_seq(job: Job) -> Sequence:
+    """A running job's sequence (set when it was admitted)."""
+    assert job.seq is not None
+    return job.seq
 
 
 def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[int, object], None]:
