@@ -22,10 +22,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
 
-SHAPES = {
+if TYPE_CHECKING:
+    from .kernels_native import NativeKernels
+
+SHAPES: dict[str, dict[str, Any]] = {
     "15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
     "42M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=1024),
     "110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=1024),
@@ -292,8 +296,9 @@ def kernels_description() -> str:
 
     k = kernels.backend()
     if k.name == "native":
-        version = subprocess.run([k.compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        return f"native C ({version}, {k.isa()}, pool of {k.threads()} threads)"
+        native = cast("NativeKernels", k)
+        version = subprocess.run([native.compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        return f"native C ({version}, {native.isa()}, pool of {native.threads()} threads)"
     if k.name == "numba":
         import numba
         return f"numba {numba.__version__} (no C compiler)"
@@ -405,7 +410,8 @@ class Busy:
     """N co-runner processes spinning on the CPU while the measurements run (a busy laptop)."""
 
     def __init__(self, n: int):
-        self.n, self.procs = n, []
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Busy:
         self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE]) for _ in range(self.n)]
@@ -515,6 +521,7 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     lines = []
     bw = (bandwidth or {}).get("gbps")
     if bw:
+        assert bandwidth is not None  # bw came from it
         lines.append(f"Memory bandwidth (this run, {bandwidth['threads']} threads reading {bandwidth['mib']} MiB): "
                      f"**{bw:.1f} GB/s**\n")
     head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "

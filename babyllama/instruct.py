@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 from . import safeio
 from .chat_template import check_messages
@@ -208,7 +209,7 @@ def find_topic(story: str) -> Topic | None:
         noun, name = m.groups()
         return Topic(f"{article(noun)} {noun} named {name}", [noun, name])
     tokens = [t.lower() for t in _TOKEN.findall(story)]
-    nouns = Counter()
+    nouns: Counter[str] = Counter()
     for prev, word, after in zip(tokens, tokens[1:], tokens[2:] + ["."]):
         if (prev in DETERMINERS and (after in STOPWORDS or not after[0].isalpha()) and word[0].isalpha()
                 and word not in STOPWORDS and word not in ADJECTIVES and word not in GENERIC_NOUNS):
@@ -228,7 +229,8 @@ def article(noun: str) -> str:
 
 def document_frequencies(stories: Iterable[str]) -> tuple[Counter, int]:
     """How many stories use each lowercase word, and how many stories there are."""
-    df, n = Counter(), 0
+    df: Counter[str] = Counter()
+    n = 0
     for story in stories:
         df.update({w for w in words_of(story) if w.islower()})
         n += 1
@@ -414,8 +416,9 @@ def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> l
             raise BabyLlamaError(f"{path}:{lineno}: \"words\" and \"topic_words\" must be lists of strings")
         if not words and not topic_words:
             raise BabyLlamaError(f"{path}:{lineno}: nothing to score: the record has no \"words\" or \"topic_words\"")
-        first_reply = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        out.append((messages[:first_reply], words, topic_words))
+        chat = cast("list[dict]", messages)  # chat records: lists of messages
+        first_reply = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
+        out.append((chat[:first_reply], words, topic_words))
         if max_examples and len(out) >= max_examples:
             break
     return out

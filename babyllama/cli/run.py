@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import cast
 
 from ..errors import BabyLlamaError
 from .common import (
@@ -189,12 +190,13 @@ def generate_batch_file(model, args, steps: int) -> int:
     ids = [tok.encode(p, bos=True) for p in prompts]
     del prompts
     base = args.seed or int(time.time())
-    samplers = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
+    samplers: list[Sampler | None] = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
     start = time.perf_counter()
     out = sys.stdout.buffer
     total = 0
-    for i, seq in stream_batch(model.engine, ids, steps, samplers, max_new=args.max_new_tokens,
-                               max_slots=args.parallel):
+    # a sampler is dropped (None) only once its sequence is printed
+    for i, seq in stream_batch(model.engine, ids, steps, cast("list[Sampler]", samplers),
+                               max_new=args.max_new_tokens, max_slots=args.parallel):
         out.write(f"=== sequence {i + 1}/{len(ids)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
                   .encode())
         text = BytesIO()
