@@ -28,7 +28,7 @@ DATA=$SHARED/data/tinystories
 TEACHER=$SHARED/fixtures/stories260K.bin
 TOKENIZER=$SHARED/fixtures/tok512.bin
 WORK=${WORK:-out/builtin}
-GEN_STORIES=${GEN_STORIES:-16000}  # per generating process; two processes
+GEN_STORIES=${GEN_STORIES:-5000}  # per generating process; two processes: 10,000 stories
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
