@@ -92,7 +92,7 @@ class Weights:
     a model read from GGUF may mix types."""
 
     args: ModelArgs
-    tok_embeddings: Matrix  # (vocab, dim): fp32 (dequantized for Q8_0 files, as runq.c does), or Q4_0/Q8_0 blocks
+    tok_embeddings: Matrix  # (vocab, dim): fp32, or quantized (its rows dequantized as tokens are embedded)
     rms_att: np.ndarray  # (L, dim)
     rms_ffn: np.ndarray  # (L, dim)
     rms_final: np.ndarray  # (dim,)
@@ -125,7 +125,10 @@ class Weights:
         e = self.tok_embeddings
         if isinstance(e, BlockTensor):
             return e.dequantize(np.asarray(tokens))
-        return dense(e)[tokens].astype(np.float32)
+        if isinstance(e, QTensor):  # the same products as dequantizing the whole table, for these rows only
+            t = np.asarray(tokens)
+            return QTensor(e.q[t], e.s[t], e.group_size).dequantize()
+        return e[tokens].astype(np.float32)
 
     def to_fp32(self) -> Weights:
         """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""
@@ -174,10 +177,9 @@ class Weights:
         mats: dict[str, Any] = {name: [quantize_q80(cast(np.ndarray, m), gs) for m in stack]
                                 for name, stack in self.layer_matrices().items()}
         qcls = quantize_q80(cast(np.ndarray, self.wcls), gs)
-        # the embedding is stored quantized too (runq.c dequantizes it at load): same values as a v2 file
+        # the embedding is quantized too, as a v2 file stores it; its rows are dequantized as tokens are embedded
         qemb = qcls if self.args.shared_classifier else quantize_q80(cast(np.ndarray, self.tok_embeddings), gs)
-        emb = qemb.dequantize()
-        return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
+        return Weights(self.args, qemb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
 
 
@@ -357,7 +359,7 @@ def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
         qemb = c.take_q8(V, d, gs)
         mats = {name: [c.take_q8(*shapes[name], gs) for _ in range(L)] for name in LAYER_MATRICES}
-        emb = qemb.dequantize()
+        emb = qemb  # kept quantized (runq.c dequantizes the table at load): rows are dequantized when embedded
         wcls = qemb if args.shared_classifier else c.take_q8(V, d, gs)
     else:  # the embedding table stays Q4_0 too: rows are dequantized as tokens are embedded
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
@@ -489,16 +491,14 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
                     f.write(np.ascontiguousarray(t.data).tobytes())
                 if not args.shared_classifier:
                     f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).data).tobytes())
-            else:  # quantize(): Q8_0 matrices and classifier, the embedding dense
-                qcls = cast(QTensor, w.wcls)
-                emb_q = qcls if args.shared_classifier else quantize_q80(cast(np.ndarray, w.tok_embeddings),
-                                                                         w.group_size)
-                _q8(f, emb_q)
+            else:  # quantize(): Q8_0 matrices, classifier and embedding table
+                emb = w.tok_embeddings
+                _q8(f, emb if isinstance(emb, QTensor) else quantize_q80(dense(emb), w.group_size))
                 for name in LAYER_MATRICES:
                     for t in getattr(w, name):
                         _q8(f, t)
                 if not args.shared_classifier:
-                    _q8(f, qcls)
+                    _q8(f, cast(QTensor, w.wcls))
 
 
 def _legacy_rope_tables(args: ModelArgs) -> np.ndarray:

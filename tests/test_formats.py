@@ -129,8 +129,13 @@ def test_quantize_in_memory_equals_v2_file(tmp_path, shared):
     w = random_weights(tiny_args(shared_classifier=shared))
     formats.save(w, tmp_path / "q.bin", version=2, group_size=16)
     from_file, in_memory = formats.load(tmp_path / "q.bin"), w.quantize(16)
-    np.testing.assert_array_equal(from_file.tok_embeddings, in_memory.tok_embeddings)
+    for emb in (from_file.tok_embeddings, in_memory.tok_embeddings):
+        assert isinstance(emb, formats.QTensor)  # kept quantized: rows are dequantized as tokens are embedded
+    np.testing.assert_array_equal(from_file.tok_embeddings.q, in_memory.tok_embeddings.q)
+    np.testing.assert_array_equal(from_file.tok_embeddings.s, in_memory.tok_embeddings.s)
     np.testing.assert_array_equal(from_file.wcls.q, in_memory.wcls.q)
+    tokens = np.array([5, 0, 5, w.args.vocab_size - 1])
+    np.testing.assert_array_equal(from_file.embed(tokens), from_file.tok_embeddings.dequantize()[tokens])
 
 
 # ------------------------------------------------------------------------------ version 3 (Q4_0 blocks)
