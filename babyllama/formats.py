@@ -165,8 +165,10 @@ class Weights:
         return self.quantize() if kind == "q8_0" else self.quantize_q4()
 
     def quantize(self, group_size: int | None = None) -> Weights:
-        """The same model with its matrices (and classifier) in Q8_0 (runq.c's, group size `group_size`)."""
-        current = {m.group_size if isinstance(m, QTensor) else 0 for m in (*self.wq, *self.w2, self.wcls)}
+        """The same model with its matrices, classifier and embedding table in Q8_0 (runq.c's, group size
+        `group_size`)."""
+        current = {m.group_size if isinstance(m, QTensor) else 0
+                   for m in (*self.wq, *self.w2, self.wcls, self.tok_embeddings)}
         if current == {self.group_size} and self.group_size and group_size in (None, self.group_size):
             return self
         if self.quantized:
@@ -492,8 +494,7 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
                 if not args.shared_classifier:
                     f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).data).tobytes())
             else:  # quantize(): Q8_0 matrices, classifier and embedding table
-                emb = w.tok_embeddings
-                _q8(f, emb if isinstance(emb, QTensor) else quantize_q80(dense(emb), w.group_size))
+                _q8(f, cast(QTensor, w.tok_embeddings))
                 for name in LAYER_MATRICES:
                     for t in getattr(w, name):
                         _q8(f, t)
