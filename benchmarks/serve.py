@@ -11,7 +11,11 @@ For each (shape, format) in one run on one machine:
   arrivals 7 streams decoding while --long-prompt-token prompts arrive one per second: their TTFT p50/p99;
   burst    7 streams decoding when 8 such prompts arrive at once: TTFT p50/p99, and the running streams'
            time between tokens (p50/p99/max) while the burst is prefilled (chunked prefill bounds it).
-Models come from babyllama.bench (cached under ~/.cache/babyllama/bench or $BABYLLAMA_BENCH_DIR); the
+Clients are threads of this process, each streaming over a plain socket (HTTP/1.1, de-chunking and splitting
+the events by hand) and parsing no JSON but the last chunk's `usage`: the tokens counted are the ones the
+server reports having generated and sent; a chunk's arrival time is that of the read that brought it. An HTTP
+library and a JSON parse per chunk cost the client about as much CPU per token as the server spends, on the
+same cores. Models come from babyllama.bench (cached under ~/.cache/babyllama/bench or $BABYLLAMA_BENCH_DIR); the
 tokenizer is Meta's 32000-token one from ../shared/fixtures (-z to name another). Prompts are token ids
 (distinct random ones: no prefix reuse). With --pause-pid, the process in that file (a background training
 job) is stopped (SIGSTOP) for the measurements and always continued (SIGCONT) after. The load average is
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,7 +103,8 @@ class Server:
 
 
 class Stream:
-    """One streamed completion: when it was sent, when each content chunk came."""
+    """One streamed completion over a plain socket: when it was sent, when each chunk with text came, and the
+    tokens the server reports having generated and sent (the stream's `usage`)."""
 
     def __init__(self, url: str, prompt: list[int], tokens: int, seed: int):
         self.sent = time.perf_counter()
@@ -106,20 +112,56 @@ class Stream:
         self.n = 0
         body = {"prompt": prompt, "max_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "seed": seed,
                 "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    self.n = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"] and chunk["choices"][0]["text"]:
-                    self.times.append(time.perf_counter())
+        for at, event in sse_events(url, "/v1/completions", json.dumps(body).encode()):
+            if event.startswith(b'{"id"') and b'"usage":{' in event:
+                self.n = json.loads(event)["usage"]["completion_tokens"]
+            elif event.startswith(b"{") and b'"text":""' not in event:
+                self.times.append(at)
 
     @property
     def ttft(self) -> float:
         return self.times[0] - self.sent
+
+
+def sse_events(url: str, path: str, body: bytes):
+    """POST body and yield (arrival time, data of each server-sent event) from the chunked answer. A client
+    this thin (no HTTP library, one JSON parse per stream) leaves the benchmark's shared cores to the server."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=600) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += recv(sock)
+        head, raw = raw.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 200") or b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"unexpected answer: {head[:200]!r}")
+        text = b""  # the de-chunked body not yet split into events
+        at = time.perf_counter()
+        while True:
+            while b"\r\n" not in raw:
+                raw += recv(sock)
+                at = time.perf_counter()
+            size_line, rest = raw.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            while len(rest) < size + 2:
+                rest += recv(sock)
+                at = time.perf_counter()
+            text += rest[:size]
+            raw = rest[size + 2:]
+            *events, text = text.split(b"\n\n")
+            for event in events:
+                if event.startswith(b"data: "):
+                    yield at, event[6:]
+            if size == 0:
+                return
+
+
+def recv(sock) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise RuntimeError("the server closed the connection mid-answer")
+    return data
 
 
 def prompt_ids(seed: int, n: int) -> list[int]:
