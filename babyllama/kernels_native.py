@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import sampler
 from .formats import Matrix, QTensor, Weights
 from .kernels_base import dequantize_rows, quantize_rows, quantized_gemm
 from .quant import BlockTensor
@@ -256,10 +257,13 @@ class NativeKernels:
         self.lib.gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
         self.lib.gemm.restype = ctypes.c_int
         self.lib.set_sgemm.argtypes = [ptr, ctypes.c_int]
+        self.lib.first_above.argtypes = [ptr, i64, ctypes.c_float]
+        self.lib.first_above.restype = i64
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         self.configure_threads()
+        sampler.use_cdf_search(self.first_above)
 
     # ------------------------------------------------------------------------------------------ threads
 
@@ -283,6 +287,13 @@ class NativeKernels:
     def isa(self) -> str:
         """The instruction set the library was compiled for: avx512-vnni, avx512, avx2-vnni, avx2 or scalar."""
         return self.lib.kernel_isa().decode()
+
+    def first_above(self, probs: np.ndarray, coin: float) -> int:
+        """sampler.sample_mult's index (the first whose running fp32 sum of `probs` exceeds `coin`) in one pass
+        without the CDF; probs: contiguous float32."""
+        if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
+            raise ValueError("probabilities must be a contiguous float32 vector")
+        return self.lib.first_above(_address(probs), len(probs), coin)
 
     # --------------------------------------------------------------------------------------- products
 

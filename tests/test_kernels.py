@@ -331,6 +331,19 @@ class _Recording:
         return getattr(self._inner, attr)
 
 
+def test_first_above_is_the_cumsum_search(native):
+    """Sampling's CDF search in C: the index np.cumsum + searchsorted give, ties and a coin past the end
+    included (the same fp32 additions in the same order)."""
+    r = np.random.default_rng(5)
+    for trial in range(300):
+        probs = Sampler(1.0, 1.0, 1).probs(r.standard_normal(int(r.integers(1, 40000))) * r.uniform(0.1, 10))
+        cdf = np.cumsum(probs, dtype=np.float32)
+        coins = [r.random(), cdf[r.integers(0, len(cdf))], cdf[-1], 0.0, 1.0]
+        for coin in np.array(coins, dtype=np.float32):
+            want = min(int(np.searchsorted(cdf, coin, side="right")), len(probs) - 1)
+            assert native.first_above(probs, float(coin)) == want, (trial, coin)
+
+
 def test_every_backend_implements_the_protocol():
     backends = [NumpyKernels(), PlainKernels()]
     numba = pytest.importorskip("babyllama.kernels_numba")

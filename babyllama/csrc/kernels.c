@@ -1552,3 +1552,18 @@ uint64_t read_memory(const void *p, int64_t n_pages) {
     pool_run_on(pool.threads, read_chunk, &r, n_pages, 16);
     return atomic_load(&r.sum);
 }
+
+/* ------------------------------------------------------------------------------------------- sampling */
+
+/* The first index whose running sum of p (fp32, added in order: np.cumsum's values) exceeds `coin`; n - 1 when
+ * none does. Sampling's search through the CDF without writing the CDF: NumPy's cumsum takes ~3 ns an element,
+ * a sixth of a small model's decode step at 32000 tokens. Plain adds in order, no reassociation (no -ffast-math),
+ * so the index is the one np.searchsorted(np.cumsum(p), coin, side="right") finds. */
+int64_t first_above(const float *p, int64_t n, float coin) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        sum += p[i];
+        if (sum > coin) return i;
+    }
+    return n > 0 ? n - 1 : 0;
+}
