@@ -160,6 +160,59 @@ def test_streamed_text_is_whole_utf8_characters(tokenizer):
     assert [text.push(t) for t in ids[:2]] == ["", ""] and text.stopped
 
 
+def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
+    """A step's tokens (or a backlog) go out as one chunk of text per choice: the same text, whole UTF-8
+    characters; a token with logprobs keeps a chunk of its own; the templated chunk is the generic one."""
+    import asyncio
+
+    from conftest import byte_tokenizer, random_weights, tiny_args
+
+    from babyllama.api import Model
+    from babyllama.sampler import Sampler
+    from babyllama.serve import protocol as p
+    from babyllama.serve.scheduler import Finished, Job, Token
+    from babyllama.serve.service import Choice, Pending, ServeConfig, Service
+
+    tok = byte_tokenizer(300)
+    service = Service(Model(random_weights(tiny_args()), tok), ServeConfig(model_name="m"))
+
+    def pending(**kw) -> Pending:
+        req = p.CompletionRequest(prompt=[1], stream=True, n=2, **kw)
+        choices = [Choice(Job([1], 8, Sampler(0.0), lambda i, e: None, index=i), p.ChoiceText(tok, BOS, req.stops))
+                   for i in range(2)]
+        return Pending(req, False, 1, choices, asyncio.Queue(), id="cmpl-x")
+
+    def chunks(blocks: list[bytes]) -> list[dict]:
+        events = b"".join(blocks).split(b"\n\n")
+        assert events[-1] == b"" and all(e.startswith(b"data: {") for e in events[:-1])
+        return [json.loads(e[6:]) for e in events[:-1]]
+
+    emoji = [tok.byte_ids[b] for b in "é😀".encode()]
+    events = [(0, Token(t)) for t in emoji] + [(1, Token(tok.byte_ids[ord("a")])), (0, Finished("length", 6)),
+                                                 (1, Token(tok.byte_ids[ord("b")]))]
+    together, failed = service.stream_block(pending(), events)
+    assert not failed
+    got = chunks(together)
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in got] == \
+        [(0, "é😀", None), (0, "", "length"), (1, "ab", None)]
+    one_by_one = pending()
+    apart = chunks([b for e in events for b in service.stream_block(one_by_one, [e])[0]])
+    assert [c["choices"][0]["text"] for c in apart] == ["é", "😀", "a", "", "b"]
+    assert {c["created"] for c in apart} == {one_by_one.created}
+
+    lp = pending(logprobs=1)
+    logged = chunks(service.stream_block(lp, [(0, Token(t, -0.5, [(t, -0.5)])) for t in emoji[:3]])[0])
+    assert [c["choices"][0]["text"] for c in logged] == ["", "é", ""]
+    assert all(c["choices"][0]["logprobs"]["token_logprobs"] == [-0.5] for c in logged)
+
+    for kw in ({}, {"stream_options": {"include_usage": True}}):
+        for chat in (False, True):
+            x = pending(**kw)
+            x.chat = chat
+            for text in ("plain", 'q"uo\\te\n\u2028\x00é😀'):
+                assert service.text_chunk(x, 1, text) == service.chunk(x, 1, text, None)
+
+
 @pytest.fixture(scope="module")
 def byte_server(tmp_path_factory):
     """A random model whose vocabulary is mostly byte tokens: its text is full of characters split across

@@ -13,9 +13,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Model
-from .metrics import CONTENT_TYPE
+from .metrics import CONTENT_TYPE, Metrics
 from .service import APIError, ClientGone, ServeConfig, Service
 
 STATIC = Path(__file__).parent / "static"
@@ -35,20 +36,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     app.state.service = service
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
-
-    @app.middleware("http")
-    async def count_and_authorize(request: Request, call_next):
-        path = request.url.path
-        endpoint = path if path in KNOWN_PATHS else "other"
-        # needs_key: only when a key is set
-        if needs_key(config, request) and not key_matches(cast(str, config.api_key),
-                                                          request.headers.get("authorization", "")):
-            metrics.requests.labels(endpoint, "401").inc()
-            return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                           "authentication_error", code="invalid_api_key"))
-        response = await call_next(request)
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountAndAuthorize, config=config, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -96,6 +84,38 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class CountAndAuthorize:
+    """Refuses requests without the key (when one is set) and counts answers by endpoint and status. Plain ASGI,
+    not Starlette's BaseHTTPMiddleware: that one relays every chunk of a stream through a task and a memory
+    stream of its own, a cost paid per token."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = request.url.path
+        endpoint = path if path in KNOWN_PATHS else "other"
+        # needs_key: only when a key is set
+        if needs_key(self.config, request) and not key_matches(cast(str, self.config.api_key),
+                                                               request.headers.get("authorization", "")):
+            self.metrics.requests.labels(endpoint, "401").inc()
+            response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                               "authentication_error", code="invalid_api_key"))
+            await response(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def needs_key(config: ServeConfig, request: Request) -> bool:

@@ -162,8 +162,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
-    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict | None = None,
+             created: int | None = None) -> dict:
+    """An answer or a streamed chunk; `created` (default: now) is the same in every chunk of a stream."""
+    out = {"id": rid, "object": kind, "created": int(time.time()) if created is None else created, "model": model,
+           "choices": choices}
     if usage_ is not None:
         out["usage"] = usage_
     return out

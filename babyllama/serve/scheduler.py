@@ -158,18 +158,24 @@ class Scheduler:
         for job in [j for j in self.running if j.cancelled or now > j.deadline]:
             self._finish(job, "cancelled" if job.cancelled else "timeout")
 
-    def _finish(self, job: Job, reason: str) -> None:
+    def _finish(self, job: Job, reason: str, deliveries: Deliveries | None = None) -> None:
         seq = _running_seq(job)
         self.batch.release(seq)
         self.running.remove(job)
-        if reason != "cancelled":
-            job.emit(job.index, Finished(reason, len(seq.generated)))
+        if reason == "cancelled":
+            return
+        event = Finished(reason, len(seq.generated))
+        if deliveries is not None:
+            deliveries.add(job, event)
+        else:
+            job.emit(job.index, event)
 
     def _step(self) -> None:
         out = self.batch.step()
         now = time.monotonic()
         self.metrics.generated.inc(len(out))
         by_seq = {id(job.seq): job for job in self.running}
+        deliveries = Deliveries()
         for seq, token in out:
             job = by_seq[id(seq)]
             if job.last_token_at is None:
@@ -181,10 +187,11 @@ class Scheduler:
             if job.logprobs is not None:
                 assert seq.logits is not None  # the row its new token was sampled from
                 logprob, top = top_logprobs(seq.logits, token, job.logprobs)
-            job.emit(job.index, Token(token, logprob, top))
+            deliveries.add(job, Token(token, logprob, top))
         with self._cond:
             for job in [j for j in self.running if _running_seq(j).done]:
-                self._finish(job, _running_seq(job).stop_reason or "length")
+                self._finish(job, _running_seq(job).stop_reason or "length", deliveries)
+        deliveries.send()
 
 
 def _running_seq(job: Job) -> Sequence:
@@ -193,11 +200,48 @@ def _running_seq(job: Job) -> Sequence:
     return job.seq
 
 
-def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable[[int, object], None]:
-    """A job's `emit`: puts (choice index, event) on an asyncio queue from the scheduler thread."""
-    def emit(index: int, event: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-        except RuntimeError:  # the event loop has closed (the server is shutting down): nobody is listening
-            pass
-    return emit
+class Emitter:
+    """A job's `emit` that puts (choice index, event) on an asyncio queue from the scheduler thread. A step's
+    events for every job go over in one hand-off (`Deliveries`): waking the event loop once per token and
+    stream costs more than the small model's step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, index: int, event: object) -> None:
+        hand_over(self.loop, [(self.queue, (index, event))])
+
+
+class Deliveries:
+    """One step's events, handed to each event loop at once (jobs with another `emit` get theirs directly)."""
+
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[int, object]]]] = {}
+
+    def add(self, job: Job, event: object) -> None:
+        emit = job.emit
+        if isinstance(emit, Emitter):
+            self.by_loop.setdefault(emit.loop, []).append((emit.queue, (job.index, event)))
+        else:
+            emit(job.index, event)
+
+    def send(self) -> None:
+        for loop, items in self.by_loop.items():
+            hand_over(loop, items)
+
+
+def hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, tuple[int, object]]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the event loop has closed (the server is shutting down): nobody is listening
+        pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, tuple[int, object]]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Emitter:
+    """A job's `emit` for a request whose events go to `queue` on `loop`."""
+    return Emitter(loop, queue)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
 from pydantic import ValidationError
 
 from ..api import Model
@@ -75,6 +75,8 @@ class Pending:
     events: asyncio.Queue
     echo: str = ""
     id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    templates: dict[int, tuple[str, str]] = field(default_factory=dict)  # Service.text_chunk's, per choice
 
     @property
     def jobs(self) -> list[Job]:
@@ -259,9 +261,13 @@ class Service:
                 lp = p.completion_logprobs(self.tok, choice.tokens, 0) if req.logprobs is not None else None
                 out.append({"index": i, "text": content, "logprobs": lp, "finish_reason": choice.finish})
         return p.envelope("chat.completion" if pending.chat else "text_completion", pending.id,
-                          self.config.model_name, out, pending.usage())
+                          self.config.model_name, out, pending.usage(), pending.created)
 
     async def stream(self, pending: Pending) -> AsyncIterator[bytes]:
+        """The answer as server-sent events. Each wake-up takes every event that has arrived (one step's tokens
+        come together) and writes one block: a choice's consecutive tokens become one chunk of text (unless
+        logprobs ask for a chunk per token), so a client that reads slower than the tokens come gets fewer,
+        larger chunks instead of a growing backlog."""
         req, choices = pending.req, pending.choices
         try:
             for i in range(len(choices)):
@@ -269,36 +275,76 @@ class Service:
                     yield self.chunk(pending, i, None, None, first=True)
                 elif pending.echo:
                     yield self.chunk(pending, i, pending.echo, None)
-            while any(c.finish is None for c in choices):
-                i, event = await pending.events.get()
-                choice = choices[i]
-                if choice.finish is not None:
-                    continue
-                if isinstance(event, Token):
-                    piece = self.take_token(choice, event)
-                    if piece or event.logprob is not None:
-                        yield self.chunk(pending, i, piece, None, event)
-                    if choice.finish is not None:
-                        yield self.chunk(pending, i, None, choice.finish)
-                    continue
-                choice.job.over = True
-                if event.reason in ("timeout", "error"):
-                    self.cancel(pending.jobs, event.reason)
-                    error = self.failure(event)
-                    yield sse(error.body)
-                    break
-                rest = choice.text.finish()
-                choice.finish = event.reason
-                if rest:
-                    yield self.chunk(pending, i, rest, None)
-                yield self.chunk(pending, i, None, choice.finish)
-            else:
-                if req.include_usage:
-                    kind = "chat.completion.chunk" if pending.chat else "text_completion"
-                    yield sse(p.envelope(kind, pending.id, self.config.model_name, [], pending.usage()))
-            yield format_sse_event(data_str="[DONE]")
+            failed = False
+            while not failed and any(c.finish is None for c in choices):
+                events = [await pending.events.get()]
+                while not pending.events.empty():
+                    events.append(pending.events.get_nowait())
+                block, failed = self.stream_block(pending, events)
+                if block:
+                    yield b"".join(block)
+            if not failed and req.include_usage:
+                kind = "chat.completion.chunk" if pending.chat else "text_completion"
+                yield sse(p.envelope(kind, pending.id, self.config.model_name, [], pending.usage(), pending.created))
+            yield DONE
         finally:
             self.cancel(pending.jobs, "disconnected")
+
+    def stream_block(self, pending: Pending, events: list[tuple[int, Token | Finished]]) -> tuple[list[bytes], bool]:
+        """The chunks for events that arrived together, and whether the answer failed (an error event ends
+        it)."""
+        choices, out = pending.choices, []
+        texts: dict[int, list[str]] = {}  # text of plain tokens not yet in a chunk, per choice
+
+        def flush(i: int) -> None:
+            pieces = texts.pop(i, None)
+            if pieces:
+                out.append(self.text_chunk(pending, i, "".join(pieces)))
+
+        for i, event in events:
+            choice = choices[i]
+            if choice.finish is not None:
+                continue  # tokens of a choice cut at a stop string, generated before the cut took effect
+            if isinstance(event, Token):
+                piece = self.take_token(choice, event)
+                if event.logprob is not None:
+                    flush(i)
+                    out.append(self.chunk(pending, i, piece, None, event))
+                elif piece:
+                    texts.setdefault(i, []).append(piece)
+                if choice.finish is not None:
+                    flush(i)
+                    out.append(self.chunk(pending, i, None, choice.finish))
+                continue
+            choice.job.over = True
+            if event.reason in ("timeout", "error"):
+                for j in list(texts):
+                    flush(j)
+                self.cancel(pending.jobs, event.reason)
+                out.append(sse(self.failure(event).body))
+                return out, True
+            rest = choice.text.finish()
+            choice.finish = event.reason
+            if rest:
+                texts.setdefault(i, []).append(rest)
+            flush(i)
+            out.append(self.chunk(pending, i, None, choice.finish))
+        for j in list(texts):
+            flush(j)
+        return out, False
+
+    def text_chunk(self, pending: Pending, i: int, text: str) -> bytes:
+        """`chunk(pending, i, text, None)` (plain text, no finish reason, no logprobs) from a template made once
+        per choice: the chunk sent for nearly every token."""
+        template = pending.templates.get(i)
+        if template is None:
+            marker = "\0"  # encoded as an escape, which nothing else in the chunk can contain
+            whole = self.chunk(pending, i, marker, None).decode()
+            head, found, tail = whole.partition(compact(marker))
+            assert found and compact(marker) not in tail
+            template = pending.templates[i] = head, tail
+        head, tail = template
+        return (head + compact(text) + tail).encode()
 
     def chunk(self, pending: Pending, i: int, piece: str | None, finish: str | None, token: Token | None = None,
               first: bool = False) -> bytes:
@@ -316,7 +362,7 @@ class Service:
                 offset = pending.choices[i].text.sent - len(piece or "")
                 choice["logprobs"] = p.completion_logprobs(self.tok, [token], offset)
             kind = "text_completion"
-        body = p.envelope(kind, pending.id, self.config.model_name, [choice])
+        body = p.envelope(kind, pending.id, self.config.model_name, [choice], created=pending.created)
         if req.include_usage:
             body["usage"] = None
         return sse(body)
@@ -336,8 +382,15 @@ def choice_seed(base: int, i: int) -> int:
 
 
 def sse(body: dict) -> bytes:
-    """One server-sent event carrying `body` as compact JSON."""
-    return format_sse_event(data_str=json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+    """One server-sent event carrying `body` as compact JSON (which has no line breaks: one `data:` line)."""
+    return b"data: " + compact(body).encode() + b"\n\n"
+
+
+def compact(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+DONE = b"data: [DONE]\n\n"
 
 
 def validation_message(e: ValidationError) -> str:
