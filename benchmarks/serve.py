@@ -10,7 +10,8 @@ For each (shape, format) in one run on one machine:
            token included) and p50/p99 time to first token;
   arrivals 7 streams decoding while --long-prompt-token prompts arrive one per second: their TTFT p50/p99;
   burst    7 streams decoding when 8 such prompts arrive at once: TTFT p50/p99, and the running streams'
-           time between tokens (p50/p99/max) while the burst is prefilled (chunked prefill bounds it).
+           time between tokens (p50/p99/max) while the burst is prefilled (chunked prefill bounds it): between
+           chunks, strictly (a chunk holds a step's token, or several when the server's event loop fell behind).
 Clients are threads of this process, each streaming over a plain socket (HTTP/1.1, de-chunking and splitting
 the events by hand) and parsing no JSON but the last chunk's `usage`: the tokens counted are the ones the
 server reports having generated and sent; a chunk's arrival time is that of the read that brought it. An HTTP
