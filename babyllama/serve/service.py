@@ -222,7 +222,10 @@ class Service:
 
     async def next_event(self, request: Request, pending: Pending) -> tuple[int, Token | Finished]:
         """The next (choice index, event) of a whole answer; cancels every job when the client goes away while
-        it waits. (A stream notices a gone client when a write fails: its generator is then cancelled.)"""
+        it waits. (A stream notices a gone client when a write fails: its generator is then cancelled.) Events
+        already there are taken without a wait (a step's tokens come together)."""
+        if not pending.events.empty():
+            return pending.events.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(pending.events.get(), DISCONNECT_POLL_S)
