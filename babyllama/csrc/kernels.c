@@ -402,7 +402,9 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
  *    one register, see dots_q4_simd, meet theirs in one load). Steps past the last block are zero.
  *  - Q8 types with AVX-512 (a weight w is read as the unsigned byte w + 128): a correction of
  *    -128 * (sum of the group's values): runq.c's groups one each; llama.cpp's Q8_0 blocks, two a step, in
- *    lanes 0 and 8 of 16, with each block's scale repeated over its 8 lanes. */
+ *    lanes 0 and 8 of 16, with each block's scale repeated over its 8 lanes; for groups of 64 each scale
+ *    repeated over 8 lanes (two groups' folded sums, see dots_q8_g64_simd). runq.c's groups of 32 (c32, d32):
+ *    per 64 values 16 corrections (lanes 0 and 8), per four groups 16 scales, each over 4 lanes. */
 typedef struct {
     int64_t gs;
     int8_t *q;
@@ -411,6 +413,9 @@ typedef struct {
     int8_t *q4;
     int32_t *c4, *c8;
     float *d4, *d8;
+    int64_t c32_stride, d32_stride; /* runq.c's groups of 32 (AVX-512): per token, entries of c32, d32 */
+    int32_t *c32;
+    float *d32;
 } QAct;
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
@@ -418,7 +423,10 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
     for (int64_t g = 0; g < n_tok * (n / gs); g++) {
         const float *v = x + g * gs;
         float amax = 0.0f;
-        for (int64_t k = 0; k < gs; k++) amax = fmaxf(amax, fabsf(v[k]));
+        /* a vectorized max reduction (exact in any order) instead of fmaxf, which the compiler calls out of line
+         * for its NaN rule (no different here: amax is never NaN, and a NaN value is skipped either way) */
+#pragma omp simd reduction(max : amax)
+        for (int64_t k = 0; k < gs; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
         float scale = amax / 127.0f;
         float safe = scale != 0.0f ? scale : 1.0f;
         xs[g] = scale;
@@ -928,6 +936,53 @@ ALWAYS_INLINE void dots_q8_g64_simd(const uint8_t *w, const float *ws, const QAc
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
+/* runq.c's Q8_0 with groups of 32: 64 weights (two groups, lanes 0-7 and 8-15) a vpdpbusd, read as unsigned
+ * (w + 128, each group's correction -128 * sum of x at its first lane); two registers' sums folded into one
+ * (128-bit quarters 0 + 1 and 2 + 3 of each: quarter j is group j of the four), then converted and scaled by
+ * w_s * x_s once per four groups. A last odd register is folded with zeros. */
+ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int64_t groups, const QAct *a,
+                               int64_t n, int nt, __m512 *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    int64_t bytes = groups * 32;
+    /* the weights of missing groups read as zeros (unsigned: after the flip) */
+    __m512i u0 = _mm512_setzero_si512();
+    if (bytes >= 64) u0 = _mm512_xor_si512(_mm512_loadu_si512(w + g * 32), flip);
+    else u0 = _mm512_maskz_mov_epi8(first_bytes(bytes), _mm512_xor_si512(_mm512_maskz_loadu_epi8(
+                                                                       first_bytes(bytes), w + g * 32), flip));
+    __m512i u1 = _mm512_setzero_si512();
+    if (bytes >= 128) u1 = _mm512_xor_si512(_mm512_loadu_si512(w + g * 32 + 64), flip);
+    else if (bytes > 64)
+        u1 = _mm512_maskz_mov_epi8(first_bytes(bytes - 64),
+                                   _mm512_xor_si512(_mm512_maskz_loadu_epi8(first_bytes(bytes - 64), w + g * 32 + 64),
+                                                    flip));
+    __m128 s4 = groups >= 4 ? _mm_loadu_ps(ws + g) : _mm_maskz_loadu_ps((__mmask8)((1u << groups) - 1), ws + g);
+    __m512 wsv = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(s4));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q + t * n + g * 32;
+        const int32_t *c = a->c32 + t * a->c32_stride + g * 8;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(c), u0, _mm512_loadu_si512(x));
+        __m512i s1 = bytes > 64 ? _mm512_dpbusd_epi32(_mm512_loadu_si512(c + 16), u1, _mm512_loadu_si512(x + 64))
+                                : _mm512_setzero_si512();
+        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, 0x88), _mm512_shuffle_i32x4(s0, s1, 0xDD));
+        __m512 xd = _mm512_loadu_ps(a->d32 + t * a->d32_stride + g * 4);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(wsv, xd), acc[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q8_g32_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
+                                    float *res) {
+    int64_t n_groups = n / 32, g = 0;
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (; g + 4 <= n_groups; g += 4) q8_g32_step(w, ws, g, 4, a, n, nt, acc);
+    if (g < n_groups) q8_g32_step(w, ws, g, n_groups - g, a, n, nt, acc);
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
 /* runq.c's Q8_0 with groups of a multiple of 64: 64 weights a vpdpbusd, read as unsigned (w + 128, the
  * correction -128 * sum of x starts each group's sum) */
 ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt, float *res) {
@@ -1003,6 +1058,7 @@ DEFINE_ROWS(rows_q8_blocks_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8_0, a
 DEFINE_ROWS(rows_q8_blocks, PREFETCH_BYTES, dots_q8_blocks_simd(w, n / BLOCK, a, NT, res))
 DEFINE_ROWS(rows_q8, PREFETCH_BYTES, dots_q8_simd(w, ws, a, n, NT, res))
 DEFINE_ROWS(rows_q8_g64, PREFETCH_BYTES, dots_q8_g64_simd(w, ws, a, n, NT, res))
+DEFINE_ROWS(rows_q8_g32, PREFETCH_BYTES, dots_q8_g32_simd(w, ws, a, n, NT, res))
 #endif
 
 /* the row kernels for m's type and group size */
@@ -1010,6 +1066,7 @@ static const RowsFn *rows_kernels(const Mat *m) {
 #ifdef HAVE_ZMM_INT8
     if (m->type == W_Q8_0) return rows_q8_blocks;
     if (m->type == W_Q8 && m->gs == 64) return rows_q8_g64;
+    if (m->type == W_Q8 && m->gs == 32) return rows_q8_g32;
     if (m->type == W_Q8 && m->gs % 64 == 0) return rows_q8;
 #endif
 #ifdef __AVX2__
@@ -1033,6 +1090,7 @@ static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64
         if (at.q4) at.q4 += t0 * a->q4_stride, at.c4 += t0 * a->c4_stride, at.d4 += t0 * a->d4_stride;
         if (at.c8) at.c8 += t0 * a->c8_stride;
         if (at.d8) at.d8 += t0 * a->d8_stride;
+        if (at.c32) at.c32 += t0 * a->c32_stride, at.d32 += t0 * a->d32_stride;
         kernels[nt](m, lo, hi, &at, n, out + n_tok * m->row0 + t0 * m->rows, m->rows, accumulate);
     }
 }
@@ -1085,6 +1143,22 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     for (int l = 0; l < 8; l++) a->d8[t * a->d8_stride + g * 8 + l] = a->d[t * n_groups + g];
             }
     }
+    if ((types & (1u << W_Q8)) && gs == 32) {
+        /* runq.c's groups of 32, two a 64-byte register (lanes 0-7, 8-15): per register 16 corrections, at lanes
+         * 0 and 8; per four groups 16 scales, each repeated over the 4 lanes its group has after the fold */
+        int64_t pairs = (n_groups + 1) / 2;
+        a->c32_stride = pairs * 16;
+        a->d32_stride = (pairs + 1) / 2 * 16;
+        a->c32 = calloc(n_tok * a->c32_stride, sizeof(int32_t));
+        a->d32 = calloc(n_tok * a->d32_stride + 16, sizeof(float));
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t sum = 0;
+                for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
+                a->c32[t * a->c32_stride + g * 8] = -128 * sum;
+                for (int l = 0; l < 4; l++) a->d32[t * a->d32_stride + g * 4 + l] = a->d[t * n_groups + g];
+            }
+    }
 #endif
     (void)types, (void)n_tok, (void)n_groups; /* without SIMD kernels, the plain activations suffice */
 }
@@ -1097,6 +1171,8 @@ static void free_activations(QAct *a) {
     free(a->d4);
     free(a->c8);
     free(a->d8);
+    free(a->c32);
+    free(a->d32);
 }
 
 /* ------------------------------------------------------------------------------------------ products */
