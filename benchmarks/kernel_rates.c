@@ -4,7 +4,7 @@
  * step; one below it means the arithmetic is the limit.
  *
  *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/kernel_rates.c babyllama/csrc/kernels.c -o /tmp/rates -lm
- *   /tmp/rates [ROWS=1024] [N=768] [THREADS=1]
+ *   /tmp/rates [ROWS=1024] [N=768] [THREADS=1] [TYPES=0123: fp32, runq.c Q8_0, Q8_0 blocks, Q4_0] [CALLS=200]
  *   (-march=x86-64-v3 instead: the AVX2 paths)
  */
 #include <stdint.h>
@@ -31,11 +31,14 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     int64_t rows = argc > 1 ? atol(argv[1]) : 1024, n = argc > 2 ? atol(argv[2]) : 768;
-    int threads = argc > 3 ? atoi(argv[3]) : 1;
+    int threads = argc > 3 ? atoi(argv[3]) : 1, calls = argc > 5 ? atoi(argv[5]) : 200;
+    const char *types = argc > 4 ? argv[4] : "0123";
     const char *names[4] = {"fp32", "Q8_0 (runq.c, gs 64)", "Q8_0 (llama.cpp blocks)", "Q4_0"};
     pool_configure(threads, 1, -1);
-    printf("%s, %ld x %ld weights, %d thread(s): best of 200 calls\n", kernel_isa(), (long)rows, (long)n, threads);
+    printf("%s, %ld x %ld weights, %d thread(s): best of %d calls\n", kernel_isa(), (long)rows, (long)n, threads,
+           calls);
     for (int type = 0; type < 4; type++) {
+        if (!strchr(types, '0' + type)) continue;
         int64_t bb = type == 3 ? 18 : 34, rb = type == 0 ? 4 * n : type == 1 ? n + 4 * (n / 64) : n / 32 * bb;
         uint8_t *w = malloc(rows * rb);
         for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)rand();
@@ -50,7 +53,7 @@ int main(int argc, char **argv) {
             float *x = malloc(nt * n * sizeof(float)), *out = malloc(nt * rows * sizeof(float));
             for (int64_t i = 0; i < nt * n; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;
             double best = 1e9;
-            for (int it = 0; it < 200; it++) {
+            for (int it = 0; it < calls; it++) {
                 double t = now();
                 matmul(x, nt, n, &m, 1, out, NULL);
                 t = now() - t;

@@ -75,6 +75,33 @@ def test_quantized_products_match_the_reference(native, kind, rows):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", QUANTIZERS)
+@pytest.mark.parametrize("n", [288, 320, 2048])  # 9 and 10 blocks, 5 groups of 64: the kernels' partial last steps
+def test_quantized_products_match_the_reference_on_every_row_length(native, kind, n):
+    gs = int(kind.split("gs")[1]) if "gs" in kind else 32
+    if n % gs:
+        pytest.skip(f"groups of {gs} do not divide {n}")
+    w = rng.standard_normal((19, n)).astype(np.float32)
+    q = QUANTIZERS[kind](w)
+    for rows in (1, 8):
+        x = rng.standard_normal((rows, n)).astype(np.float32)
+        got, ref = native.matmul(x, [q])[0], matmul_quantized(x, q)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", QUANTIZERS)
+def test_a_row_does_not_depend_on_its_neighbours(native, kind):
+    """The exactness rule across rows: a weight row's result is the same whichever rows share the call with it
+    (where a chunk of rows starts or ends, how many follow)."""
+    n = 320
+    w = rng.standard_normal((23, n)).astype(np.float32)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    full = native.matmul(x, [QUANTIZERS[kind](w)])[0]
+    for lo, hi in ((1, 23), (2, 9), (5, 6), (3, 20)):
+        part = native.matmul(x, [QUANTIZERS[kind](w[lo:hi])])[0]
+        np.testing.assert_array_equal(part, full[:, lo:hi])
+
+
 def test_mixed_types_in_one_call(native):
     """A GGUF model mixes types (Q4_0 beside Q8_0 blocks, fp32); one call takes them all, and at most two
     group sizes."""

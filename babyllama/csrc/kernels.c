@@ -386,8 +386,10 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
  * several at a time into 512-bit registers (Ice Lake, Zen 4 and later) */
 #define HAVE_ZMM_INT8 1
 #define Q4_GROUP 4 /* Q4_0 blocks per step */
+#define Q4_D_COPIES 2 /* copies of a step's activation scales in the layout */
 #else
 #define Q4_GROUP 2
+#define Q4_D_COPIES 1
 #endif
 
 /* Quantized activations: values (n_tok, n) and scales (n_tok, n / gs), and the layouts the SIMD kernels read,
@@ -396,18 +398,24 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
  *    nibbles (each block's first 16), then those that meet the high ones (the last 16), the blocks interleaved
  *    4 bytes at a time so that int32 lane l of a step's sums belongs to block l % Q4_GROUP; per block a
  *    correction -8 * (sum of its values), which starts its sum so that the weights' unsigned nibbles q stand
- *    for q - 8, and its scale. Steps past the last block are zero.
+ *    for q - 8, and its scale (AVX-512: each step's Q4_GROUP scales twice, so that two steps' sums folded into
+ *    one register, see dots_q4_simd, meet theirs in one load). Steps past the last block are zero.
  *  - Q8 types with AVX-512 (a weight w is read as the unsigned byte w + 128): a correction of
  *    -128 * (sum of the group's values): runq.c's groups one each; llama.cpp's Q8_0 blocks, two a step, in
- *    lanes 0 and 8 of 16, with each block's scale repeated over its 8 lanes. */
+ *    lanes 0 and 8 of 16, with each block's scale repeated over its 8 lanes; for groups of 64 each scale
+ *    repeated over 8 lanes (two groups' folded sums, see dots_q8_g64_simd). runq.c's groups of 32 (c32, d32):
+ *    per 64 values 16 corrections (lanes 0 and 8), per four groups 16 scales, each over 4 lanes. */
 typedef struct {
     int64_t gs;
     int8_t *q;
     float *d;
-    int64_t q4_stride, c4_stride, c8_stride; /* per token: bytes of q4, entries of c4/d4, entries of c8/d8 */
+    int64_t q4_stride, c4_stride, d4_stride, c8_stride, d8_stride; /* per token: bytes of q4, entries of the rest */
     int8_t *q4;
     int32_t *c4, *c8;
     float *d4, *d8;
+    int64_t c32_stride, d32_stride; /* runq.c's groups of 32 (AVX-512): per token, entries of c32, d32 */
+    int32_t *c32;
+    float *d32;
 } QAct;
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
@@ -415,7 +423,10 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
     for (int64_t g = 0; g < n_tok * (n / gs); g++) {
         const float *v = x + g * gs;
         float amax = 0.0f;
-        for (int64_t k = 0; k < gs; k++) amax = fmaxf(amax, fabsf(v[k]));
+        /* a vectorized max reduction (exact in any order) instead of fmaxf, which the compiler calls out of line
+         * for its NaN rule (no different here: amax is never NaN, and a NaN value is skipped either way) */
+#pragma omp simd reduction(max : amax)
+        for (int64_t k = 0; k < gs; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
         float scale = amax / 127.0f;
         float safe = scale != 0.0f ? scale : 1.0f;
         xs[g] = scale;
@@ -452,7 +463,19 @@ static inline void store(float *o, float value, int accumulate) { *o = accumulat
  * prefetchers alone left them well below the memory bandwidth. fp32 rows are 4x longer in bytes and the same
  * prefetch made single-token products slower, so only batched fp32 products prefetch (further ahead: with
  * several tokens' arithmetic per weight the prefetchers alone fell behind). */
+/* The AVX-512 Q4_0 kernel is the exception: its rows take fewer instructions per byte, and with the prefetches
+ * it read a matrix out of DRAM at 14-22 GB/s on one Zen 4 core against 24-26 without (the hardware prefetchers
+ * alone keep up). Both can be set at compile time (-D) for measurements. */
+#ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 6144
+#endif
+#ifndef Q4_PREFETCH_BYTES
+#ifdef HAVE_ZMM_INT8
+#define Q4_PREFETCH_BYTES 0
+#else
+#define Q4_PREFETCH_BYTES PREFETCH_BYTES
+#endif
+#endif
 #define F32_BATCH_PREFETCH_BYTES 8192
 
 /* ------------------------------------------------------------------------------------------- fp32 */
@@ -711,7 +734,7 @@ ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int
             __m256i s = _mm256_zextsi128_si256(_mm_loadl_epi64((const __m128i *)(a->c4 + t * a->c4_stride + step * 2)));
             s = dot2_u4s8(s, lo, _mm256_loadu_si256((const __m256i *)x), hi,
                           _mm256_loadu_si256((const __m256i *)(x + 32)));
-            __m256 xd = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(a->d4 + t * a->c4_stride + step * 2)));
+            __m256 xd = _mm256_castpd_ps(_mm256_broadcast_sd((const double *)(a->d4 + t * a->d4_stride + step * 2)));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(wd, xd), acc[t]);
         }
     }
@@ -730,9 +753,9 @@ ALWAYS_INLINE void load_blocks(const uint8_t *p, int64_t bytes, __m512i *a0, __m
 }
 
 /* Byte-permute indices (for each output byte, which of the 128 input bytes of two registers it takes), made
- * once: Q4_0's four blocks' 16 bytes of nibbles and their fp16 scales each repeated over 4 lanes; Q8_0's two
- * blocks' 32 values and their scales each over 8 lanes. */
-static uint8_t Q4_QS_INDEX[64], Q4_D_INDEX[64], Q8_QS_INDEX[64], Q8_D_INDEX[64];
+ * once: Q4_0's four blocks' 16 bytes of nibbles, and two steps' scales as their folded sums' lanes need them;
+ * Q8_0's two blocks' 32 values and their scales each over 8 lanes. */
+static uint8_t Q4_QS_INDEX[64], Q4_D2_INDEX[64], Q8_QS_INDEX[64], Q8_D_INDEX[64];
 
 static void block_index(uint8_t *idx, int64_t block_bytes, int64_t per_block, int64_t first) {
     for (int j = 0; j < 64; j++) idx[j] = (uint8_t)(block_bytes * (j / per_block) + first + j % per_block);
@@ -743,41 +766,107 @@ static void scale_index(uint8_t *idx, int64_t block_bytes, int lanes) {
 }
 
 __attribute__((constructor)) static void make_indices(void) {
-    for (int j = 0; j < 64; j++) { /* Q4_0: the blocks interleaved 4 bytes at a time, scales [d0..d3] x 4 */
+    for (int j = 0; j < 64; j++) { /* Q4_0: the blocks interleaved 4 bytes at a time */
         Q4_QS_INDEX[j] = (uint8_t)(18 * ((j / 4) % 4) + 2 + 4 * (j / 16) + j % 4);
-        Q4_D_INDEX[j] = (uint8_t)(18 * ((j / 2) % 4) + j % 2);
+        /* two steps' scales out of the first register of each (indices 0-63 and 64-127): fp16 number e < 16
+         * (lane e of the fold) is step e / 8's block e % 4; bytes 32-63 unused */
+        Q4_D2_INDEX[j] = (uint8_t)(64 * ((j / 16) % 2) + 18 * ((j / 2) % 4) + j % 2);
     }
     block_index(Q8_QS_INDEX, 34, 32, 2);
     scale_index(Q8_D_INDEX, 34, 8);
 }
 
-/* Q4_0, four blocks a step on the Q4_0 activation layout (see QAct): one byte permute gathers the four blocks'
- * 64 bytes of nibbles out of their 72 (interleaved 4 bytes at a time), another their four scales (repeated 4
- * times), then low and high nibbles (unsigned) meet the activations in two vpdpbusd; each block's int32 sum
- * (lanes l % 4) starts at its correction (-8 * sum of x) and is scaled by d_w * d_x */
+/* Q4_0 on the Q4_0 activation layout (see QAct), two steps of four blocks at a time. Per step, one byte permute
+ * gathers the four blocks' 64 bytes of nibbles out of their 72 (interleaved 4 bytes at a time), and low and high
+ * nibbles (unsigned) meet the activations in two vpdpbusd: 16 int32 lanes, lane l of block l % 4, starting at
+ * the blocks' corrections (-8 * sum of x). The two steps' lanes are then folded into one register (128-bit
+ * quarters 0 + 2 and 1 + 3 of each: lanes 0-7 the first step, 8-15 the second, block l % 4), so that the
+ * conversion to float and the scaling by d_w * d_x (one permute gathers both steps' eight fp16 scales) cost one
+ * instruction each per eight blocks instead of per four. A row is read front to back (one row at a time: rows
+ * interleaved measured slower out of DRAM), and its operations do not depend on the token count. */
+ALWAYS_INLINE void q4_zmm_load(const uint8_t *p, int64_t bytes, __m512i *a0, __m512i *a1) {
+    if (bytes >= 72) { /* a full step: the permutes read bytes 64..71 of the second register only */
+        *a0 = _mm512_loadu_si512(p);
+        *a1 = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(p + 64)));
+    } else if (bytes > 0) {
+        load_blocks(p, bytes, a0, a1);
+    } else {
+        *a0 = *a1 = _mm512_setzero_si512();
+    }
+}
+
+/* the high nibble of every byte: one GF(2) affine map where the CPU has it (bit i of the result is bit i + 4) */
+ALWAYS_INLINE __m512i high_nibbles(__m512i v) {
+#ifdef __GFNI__
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
+    return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+#endif
+}
+
+/* steps k and k + 1 of one row (bytes0, bytes1: how many of their 72 bytes exist; bytes1 = 0: step k alone, the
+ * second half of the fold zero) for nt tokens */
+ALWAYS_INLINE void q4_zmm_steps(const uint8_t *w, int64_t k, int64_t bytes0, int64_t bytes1, const QAct *a, int nt,
+                                __m512 *acc) {
+    const __m512i qs_idx = _mm512_loadu_si512(Q4_QS_INDEX), d_idx = _mm512_loadu_si512(Q4_D2_INDEX);
+    __m512i a0[2], a1[2], lo[2], hi[2];
+    q4_zmm_load(w + k * 72, bytes0, &a0[0], &a1[0]);
+    q4_zmm_load(w + k * 72 + 72, bytes1, &a0[1], &a1[1]);
+    UNROLL
+    for (int j = 0; j < 2; j++) {
+        __m512i qs = _mm512_permutex2var_epi8(a0[j], qs_idx, a1[j]);
+        lo[j] = _mm512_and_si512(qs, _mm512_set1_epi8(0x0F));
+        hi[j] = high_nibbles(qs);
+    }
+    __m512 wd = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a0[0], d_idx, a0[1])));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q4 + t * a->q4_stride + k * 128;
+        const int32_t *c = a->c4 + t * a->c4_stride + k * 4;
+        __m512i s[2];
+        UNROLL
+        for (int j = 0; j < 2; j++) {
+            if (j == 1 && bytes1 == 0) {
+                s[1] = _mm512_setzero_si512();
+                break;
+            }
+            s[j] = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(c + 4 * j)));
+            s[j] = _mm512_dpbusd_epi32(s[j], lo[j], _mm512_loadu_si512(x + 128 * j));
+            s[j] = _mm512_dpbusd_epi32(s[j], hi[j], _mm512_loadu_si512(x + 128 * j + 64));
+        }
+        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(s[0], s[1], 0x44), _mm512_shuffle_i32x4(s[0], s[1], 0xEE));
+        __m512 xd = _mm512_loadu_ps(a->d4 + t * a->d4_stride + k * 8);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(wd, xd), acc[t]);
+    }
+}
+
+/* a lone last block g (rows of 8k + 1 blocks, such as dim 288's nine): its 32 products in one 256-bit vpdpbusd
+ * on the plain activations (low nibbles meet values 0-15, high ones 16-31), converted and scaled in the low half
+ * of the accumulators: a fraction of a whole step's work */
+ALWAYS_INLINE void q4_last_block(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    const uint8_t *block = w + g * 18;
+    __m128i q = _mm_loadu_si128((const __m128i *)(block + 2)), low = _mm_set1_epi8(0x0F);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+    float wd = fp16_to_f32(load_u16(block));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i s = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a->c4[t * a->c4_stride + g]));
+        s = _mm256_dpbusd_epi32(s, u, _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK)));
+        acc[t] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(s)),
+                                 _mm512_set1_ps(wd * a->d[t * (n / BLOCK) + g]), acc[t]);
+    }
+}
+
 ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
-    const __m512i qs_idx = _mm512_loadu_si512(Q4_QS_INDEX), d_idx = _mm512_loadu_si512(Q4_D_INDEX);
-    const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t step = 0; step < (nb + 3) / 4; step++) {
-        __m512i a0, a1;
-        int64_t left = (nb - 4 * step) * 18;
-        load_blocks(w + step * 72, left < 72 ? left : 72, &a0, &a1);
-        __m512i qs = _mm512_permutex2var_epi8(a0, qs_idx, a1);
-        __m512i lo = _mm512_and_si512(qs, low), hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), low);
-        __m512 wd = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi8(a0, d_idx, a1)));
-        UNROLL
-        for (int t = 0; t < nt; t++) {
-            const int8_t *x = a->q4 + t * a->q4_stride + step * 128;
-            __m512i s = _mm512_zextsi128_si512(_mm_loadu_si128((const __m128i *)(a->c4 + t * a->c4_stride + step * 4)));
-            s = _mm512_dpbusd_epi32(s, lo, _mm512_loadu_si512(x));
-            s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(x + 64));
-            __m512 scale = _mm512_mul_ps(wd, _mm512_broadcast_f32x4(_mm_loadu_ps(a->d4 + t * a->c4_stride + step * 4)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
-        }
-    }
+    int64_t k = 0;
+    for (; 4 * k + 8 <= nb; k += 2) q4_zmm_steps(w, k, 72, 72, a, nt, acc);
+    int64_t left = nb - 4 * k; /* blocks, < 8 */
+    if (left > 4) q4_zmm_steps(w, k, 72, (left - 4) * 18, a, nt, acc);
+    else if (left > 1) q4_zmm_steps(w, k, left * 18, 0, a, nt, acc);
+    else if (left == 1) q4_last_block(w, 4 * k, a, nb * BLOCK, nt, acc);
     UNROLL
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
@@ -800,10 +889,96 @@ ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct 
         for (int t = 0; t < nt; t++) {
             __m512i s = _mm512_loadu_si512(a->c8 + t * a->c8_stride + step * 16);
             s = _mm512_dpbusd_epi32(s, u, _mm512_loadu_si512(a->q + t * nb * 32 + step * 64));
-            __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(a->d8 + t * a->c8_stride + step * 16));
+            __m512 scale = _mm512_mul_ps(wd, _mm512_loadu_ps(a->d8 + t * a->d8_stride + step * 16));
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
         }
     }
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* runq.c's Q8_0 with groups of 64, two groups a step: each group's 64 weights read as unsigned (w + 128, the
+ * correction -128 * sum of x starts its int32 sum) in one vpdpbusd, then the two groups' 16 lanes folded into one
+ * register (128-bit quarters 0 + 1 and 2 + 3 of each: lanes 0-7 the first group, 8-15 the second), so that the
+ * conversion to float and the scaling by w_s * x_s cost one instruction each per two groups. An odd last group
+ * is folded with zeros. A row's operations do not depend on the token count. */
+ALWAYS_INLINE void q8_g64_step(const uint8_t *w, const float *ws, int64_t g, int both, const QAct *a, int64_t n,
+                               int nt, __m512 *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(w + g * 64), flip);
+    __m512i u1 = both ? _mm512_xor_si512(_mm512_loadu_si512(w + g * 64 + 64), flip) : _mm512_setzero_si512();
+    __m128 pair = both ? _mm_castpd_ps(_mm_load_sd((const double *)(ws + g))) : _mm_load_ss(ws + g);
+    __m512 wsv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(pair));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q + t * n + g * 64;
+        const int32_t *c = a->c8 + t * a->c8_stride + g;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_zextsi128_si512(_mm_cvtsi32_si128(c[0])), u0, _mm512_loadu_si512(x));
+        __m512i s1 = both ? _mm512_dpbusd_epi32(_mm512_zextsi128_si512(_mm_cvtsi32_si128(c[1])), u1,
+                                                _mm512_loadu_si512(x + 64))
+                          : _mm512_setzero_si512();
+        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, 0x44), _mm512_shuffle_i32x4(s0, s1, 0xEE));
+        __m512 xd = _mm512_loadu_ps(a->d8 + t * a->d8_stride + g * 8);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(wsv, xd), acc[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q8_g64_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
+                                    float *res) {
+    int64_t n_groups = n / 64, g = 0;
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (; g + 2 <= n_groups; g += 2) q8_g64_step(w, ws, g, 1, a, n, nt, acc);
+    if (g < n_groups) q8_g64_step(w, ws, g, 0, a, n, nt, acc);
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+/* runq.c's Q8_0 with groups of 32: 64 weights (two groups, lanes 0-7 and 8-15) a vpdpbusd, read as unsigned
+ * (w + 128, each group's correction -128 * sum of x at its first lane); two registers' sums folded into one
+ * (128-bit quarters 0 + 1 and 2 + 3 of each: quarter j is group j of the four), then converted and scaled by
+ * w_s * x_s once per four groups. A last odd register is folded with zeros. */
+ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int64_t groups, const QAct *a,
+                               int64_t n, int nt, __m512 *acc) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    int64_t bytes = groups * 32;
+    /* the weights of missing groups read as zeros (unsigned: after the flip) */
+    __m512i u0 = _mm512_setzero_si512();
+    if (bytes >= 64) u0 = _mm512_xor_si512(_mm512_loadu_si512(w + g * 32), flip);
+    else u0 = _mm512_maskz_mov_epi8(first_bytes(bytes), _mm512_xor_si512(_mm512_maskz_loadu_epi8(
+                                                                       first_bytes(bytes), w + g * 32), flip));
+    __m512i u1 = _mm512_setzero_si512();
+    if (bytes >= 128) u1 = _mm512_xor_si512(_mm512_loadu_si512(w + g * 32 + 64), flip);
+    else if (bytes > 64)
+        u1 = _mm512_maskz_mov_epi8(first_bytes(bytes - 64),
+                                   _mm512_xor_si512(_mm512_maskz_loadu_epi8(first_bytes(bytes - 64), w + g * 32 + 64),
+                                                    flip));
+    __m128 s4 = groups >= 4 ? _mm_loadu_ps(ws + g) : _mm_maskz_loadu_ps((__mmask8)((1u << groups) - 1), ws + g);
+    __m512 wsv = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(s4));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q + t * n + g * 32;
+        const int32_t *c = a->c32 + t * a->c32_stride + g * 8;
+        __m512i s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(c), u0, _mm512_loadu_si512(x));
+        __m512i s1 = bytes > 64 ? _mm512_dpbusd_epi32(_mm512_loadu_si512(c + 16), u1, _mm512_loadu_si512(x + 64))
+                                : _mm512_setzero_si512();
+        __m512i v = _mm512_add_epi32(_mm512_shuffle_i32x4(s0, s1, 0x88), _mm512_shuffle_i32x4(s0, s1, 0xDD));
+        __m512 xd = _mm512_loadu_ps(a->d32 + t * a->d32_stride + g * 4);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(wsv, xd), acc[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q8_g32_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
+                                    float *res) {
+    int64_t n_groups = n / 32, g = 0;
+    __m512 acc[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
+    for (; g + 4 <= n_groups; g += 4) q8_g32_step(w, ws, g, 4, a, n, nt, acc);
+    if (g < n_groups) q8_g32_step(w, ws, g, n_groups - g, a, n, nt, acc);
     UNROLL
     for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
@@ -841,51 +1016,57 @@ ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a
 typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out, int64_t stride,
                        int accumulate);
 
-/* the row loop around one dots call: weights row i (and its Q8 scales), a prefetch of the stream ahead */
-#define ROW_LOOP(DOTS)                                                                                       \
+/* the row loop around one dots call: weights row i (and its Q8 scales), a prefetch PF bytes ahead in the stream
+ * (0: none) */
+#define ROW_LOOP(PF, DOTS)                                                                                   \
     int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
     for (int64_t i = lo; i < hi; i++) {                                                                      \
         const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * rb; \
         const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;                                      \
-        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + PREFETCH_BYTES);             \
+        if (PF)                                                                                              \
+            for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + (PF));                   \
         float res[8];                                                                                        \
         DOTS;                                                                                                \
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
         (void)ws;                                                                                            \
     }
 
-#define DEFINE_ROWS(NAME, DOTS)                                                                                  \
-    DEFINE_ROWS_NT(NAME, DOTS, 1) DEFINE_ROWS_NT(NAME, DOTS, 2) DEFINE_ROWS_NT(NAME, DOTS, 3)                  \
-    DEFINE_ROWS_NT(NAME, DOTS, 4) DEFINE_ROWS_NT(NAME, DOTS, 5) DEFINE_ROWS_NT(NAME, DOTS, 6)                  \
-    DEFINE_ROWS_NT(NAME, DOTS, 7) DEFINE_ROWS_NT(NAME, DOTS, 8)                                                \
+#define DEFINE_ROWS(NAME, PF, DOTS)                                                                              \
+    DEFINE_ROWS_NT(NAME, PF, DOTS, 1) DEFINE_ROWS_NT(NAME, PF, DOTS, 2) DEFINE_ROWS_NT(NAME, PF, DOTS, 3)      \
+    DEFINE_ROWS_NT(NAME, PF, DOTS, 4) DEFINE_ROWS_NT(NAME, PF, DOTS, 5) DEFINE_ROWS_NT(NAME, PF, DOTS, 6)      \
+    DEFINE_ROWS_NT(NAME, PF, DOTS, 7) DEFINE_ROWS_NT(NAME, PF, DOTS, 8)                                        \
     static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
                                    NAME##_8};
-#define DEFINE_ROWS_NT(NAME, DOTS, nt)                                                                         \
+#define DEFINE_ROWS_NT(NAME, PF, DOTS, nt)                                                                     \
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
                                                       int64_t n, float *out, int64_t stride, int accumulate) { \
         enum { NT = nt };                                                                                      \
-        ROW_LOOP(DOTS)                                                                                         \
+        ROW_LOOP(PF, DOTS)                                                                                     \
     }
 
 static void dots_int8_scalar_nt(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
                                 float *res) {
     dots_int8_scalar(w, ws, type, a, n, nt, res);
 }
-DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
+DEFINE_ROWS(rows_scalar, PREFETCH_BYTES, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
 #ifdef __AVX2__
-DEFINE_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, res))
-DEFINE_ROWS(rows_q8_avx2, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
-DEFINE_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
+DEFINE_ROWS(rows_q4, Q4_PREFETCH_BYTES, dots_q4_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q8_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
+DEFINE_ROWS(rows_q8_blocks_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
 #endif
 #ifdef HAVE_ZMM_INT8
-DEFINE_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, res))
-DEFINE_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, res))
+DEFINE_ROWS(rows_q8_blocks, PREFETCH_BYTES, dots_q8_blocks_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q8, PREFETCH_BYTES, dots_q8_simd(w, ws, a, n, NT, res))
+DEFINE_ROWS(rows_q8_g64, PREFETCH_BYTES, dots_q8_g64_simd(w, ws, a, n, NT, res))
+DEFINE_ROWS(rows_q8_g32, PREFETCH_BYTES, dots_q8_g32_simd(w, ws, a, n, NT, res))
 #endif
 
 /* the row kernels for m's type and group size */
 static const RowsFn *rows_kernels(const Mat *m) {
 #ifdef HAVE_ZMM_INT8
     if (m->type == W_Q8_0) return rows_q8_blocks;
+    if (m->type == W_Q8 && m->gs == 64) return rows_q8_g64;
+    if (m->type == W_Q8 && m->gs == 32) return rows_q8_g32;
     if (m->type == W_Q8 && m->gs % 64 == 0) return rows_q8;
 #endif
 #ifdef __AVX2__
@@ -906,9 +1087,10 @@ static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64
         QAct at = *a;
         at.q += t0 * n;
         at.d += t0 * n_groups;
-        if (at.q4) at.q4 += t0 * a->q4_stride, at.c4 += t0 * a->c4_stride, at.d4 += t0 * a->c4_stride;
+        if (at.q4) at.q4 += t0 * a->q4_stride, at.c4 += t0 * a->c4_stride, at.d4 += t0 * a->d4_stride;
         if (at.c8) at.c8 += t0 * a->c8_stride;
-        if (at.d8) at.d8 += t0 * a->c8_stride;
+        if (at.d8) at.d8 += t0 * a->d8_stride;
+        if (at.c32) at.c32 += t0 * a->c32_stride, at.d32 += t0 * a->d32_stride;
         kernels[nt](m, lo, hi, &at, n, out + n_tok * m->row0 + t0 * m->rows, m->rows, accumulate);
     }
 }
@@ -921,9 +1103,10 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
         int64_t steps = (n_groups + Q4_GROUP - 1) / Q4_GROUP;
         a->q4_stride = steps * Q4_GROUP * BLOCK;
         a->c4_stride = steps * Q4_GROUP;
+        a->d4_stride = steps * Q4_GROUP * Q4_D_COPIES;
         a->q4 = calloc(n_tok * a->q4_stride + 64, 1);
         a->c4 = calloc(n_tok * a->c4_stride + 16, sizeof(int32_t));
-        a->d4 = calloc(n_tok * a->c4_stride + 16, sizeof(float));
+        a->d4 = calloc(n_tok * a->d4_stride + 16, sizeof(float));
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t g = 0; g < n_groups; g++) {
                 const int8_t *src = a->q + t * n + g * BLOCK;
@@ -936,26 +1119,44 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                 int32_t sum = 0;
                 for (int k = 0; k < BLOCK; k++) sum += src[k];
                 a->c4[t * a->c4_stride + g] = -8 * sum;
-                a->d4[t * a->c4_stride + g] = a->d[t * n_groups + g];
+                for (int c = 0; c < Q4_D_COPIES; c++)
+                    a->d4[t * a->d4_stride + (step * Q4_D_COPIES + c) * Q4_GROUP + b] = a->d[t * n_groups + g];
             }
     }
 #endif
 #ifdef HAVE_ZMM_INT8
     int blocks = (types & (1u << W_Q8_0)) && gs == BLOCK, groups = (types & (1u << W_Q8)) && gs % 64 == 0;
     if (blocks || groups) {
-        /* Q8_0 blocks: per pair of blocks 16 lanes (8 each); runq.c's groups: one each */
-        int64_t per = blocks ? 8 : 1;
+        /* corrections: Q8_0 blocks, per pair of blocks 16 lanes (8 each); runq.c's groups, one each. Scales,
+         * for Q8_0 blocks and groups of 64: each repeated over 8 lanes, pairs of blocks or groups padded */
+        int64_t per = blocks ? 8 : 1, scales = blocks || gs == 64;
         a->c8_stride = blocks ? (n_groups + 1) / 2 * 16 : n_groups;
+        a->d8_stride = scales ? (n_groups + 1) / 2 * 16 : 0;
         a->c8 = calloc(n_tok * a->c8_stride, sizeof(int32_t));
-        a->d8 = blocks ? calloc(n_tok * a->c8_stride, sizeof(float)) : NULL;
+        a->d8 = scales ? calloc(n_tok * a->d8_stride + 16, sizeof(float)) : NULL;
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t g = 0; g < n_groups; g++) {
                 int32_t sum = 0;
                 for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
-                int64_t lane = t * a->c8_stride + g * per;
-                a->c8[lane] = -128 * sum;
-                if (blocks)
-                    for (int l = 0; l < 8; l++) a->d8[lane + l] = a->d[t * n_groups + g];
+                a->c8[t * a->c8_stride + g * per] = -128 * sum;
+                if (scales)
+                    for (int l = 0; l < 8; l++) a->d8[t * a->d8_stride + g * 8 + l] = a->d[t * n_groups + g];
+            }
+    }
+    if ((types & (1u << W_Q8)) && gs == 32) {
+        /* runq.c's groups of 32, two a 64-byte register (lanes 0-7, 8-15): per register 16 corrections, at lanes
+         * 0 and 8; per four groups 16 scales, each repeated over the 4 lanes its group has after the fold */
+        int64_t pairs = (n_groups + 1) / 2;
+        a->c32_stride = pairs * 16;
+        a->d32_stride = (pairs + 1) / 2 * 16;
+        a->c32 = calloc(n_tok * a->c32_stride, sizeof(int32_t));
+        a->d32 = calloc(n_tok * a->d32_stride + 16, sizeof(float));
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t sum = 0;
+                for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
+                a->c32[t * a->c32_stride + g * 8] = -128 * sum;
+                for (int l = 0; l < 4; l++) a->d32[t * a->d32_stride + g * 4 + l] = a->d[t * n_groups + g];
             }
     }
 #endif
@@ -970,6 +1171,8 @@ static void free_activations(QAct *a) {
     free(a->d4);
     free(a->c8);
     free(a->d8);
+    free(a->c32);
+    free(a->d32);
 }
 
 /* ------------------------------------------------------------------------------------------ products */

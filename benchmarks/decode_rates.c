@@ -1,0 +1,119 @@
+/* One decode token's worth of babyllama's quantized products (csrc/kernels.c `matmul`), without Python: the
+ * matrices of a model shape grouped as a decode step calls them (wq/wk/wv, wo, w1/w3, w2 per layer, then the
+ * classifier), random weights in process memory, median of many tokens. With the 110M shape the weights
+ * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache. Prints
+ * ms per token, weight GB/s and the implied tok/s bound per weight type, token count and thread count.
+ *
+ *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/decode_rates.c babyllama/csrc/kernels.c -o /tmp/decode -lm
+ *   /tmp/decode [SHAPE=110M|15M] [THREADS=1,2] [TOKENS=1,8]
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    const void *w;
+    const float *s;
+    int64_t rows, row0;
+    int32_t type, gs;
+} Mat;
+int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
+void pool_configure(int threads, int explicit_threads, int spin_us);
+const char *kernel_isa(void);
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+static int cmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* a random matrix of `rows` rows of n weights of `type` (1: runq.c Q8 with group gs, 2: Q8_0 blocks, 3: Q4_0) */
+static Mat matrix(int type, int64_t rows, int64_t n, int gs, int64_t row0) {
+    int64_t bytes = type == 1 ? rows * n : rows * (n / 32) * (type == 2 ? 34 : 18);
+    uint8_t *w = malloc(bytes);
+    for (int64_t i = 0; i < bytes; i++) w[i] = (uint8_t)(rand() >> 7);
+    float *s = NULL;
+    if (type == 1) {
+        s = malloc(rows * (n / gs) * sizeof(float));
+        for (int64_t i = 0; i < rows * (n / gs); i++) s[i] = 0.001f;
+    } else {
+        int64_t bb = type == 2 ? 34 : 18;
+        for (int64_t b = 0; b < rows * (n / 32); b++) memcpy(w + b * bb, &(uint16_t){0x1400}, 2);
+    }
+    return (Mat){w, s, rows, row0, type, type == 1 ? gs : 32};
+}
+
+int main(int argc, char **argv) {
+    const char *shape = argc > 1 ? argv[1] : "110M";
+    const char *thread_list = argc > 2 ? argv[2] : "1,2", *token_list = argc > 3 ? argv[3] : "1,8";
+    int big = strcmp(shape, "15M") != 0;
+    int64_t d = big ? 768 : 288, h = big ? 2048 : 768, L = big ? 12 : 6, V = 32000;
+    int gs = big ? 64 : 32; /* runq.c's group size for the shape (halved until it divides dim and hidden) */
+    const char *names[4] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0"};
+    printf("%s, %s shape\n", kernel_isa(), shape);
+    for (int type = 1; type <= 3; type++) {
+        /* per layer: qkv (3 matrices), wo, w13 (2), w2; then the classifier */
+        Mat *m = malloc((L * 7 + 1) * sizeof(Mat));
+        int64_t bytes = 0;
+        for (int l = 0; l < L; l++) {
+            Mat *q = m + 7 * l;
+            for (int j = 0; j < 3; j++) q[j] = matrix(type, d, d, gs, j * d);
+            q[3] = matrix(type, d, d, gs, 0);
+            q[4] = matrix(type, h, d, gs, 0);
+            q[5] = matrix(type, h, d, gs, h);
+            q[6] = matrix(type, d, h, gs, 0);
+        }
+        m[7 * L] = matrix(type, V, d, gs, 0);
+        for (int j = 0; j < 7 * L + 1; j++) {
+            int64_t n = j < 7 * L && j % 7 == 6 ? h : d, blocks = m[j].rows * (n / 32);
+            bytes += type == 1 ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * (type == 2 ? 34 : 18);
+        }
+        for (const char *tp = thread_list; *tp;) {
+            int threads = atoi(tp);
+            pool_configure(threads, 1, -1);
+            for (const char *kp = token_list; *kp;) {
+                int nt = atoi(kp);
+                float *x = malloc(nt * h * sizeof(float)), *out = malloc(nt * V * sizeof(float));
+                for (int64_t i = 0; i < nt * h; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;
+                enum { RUNS = 41 };
+                double ts[RUNS];
+                for (int r = -3; r < RUNS; r++) {
+                    double t = now();
+                    for (int l = 0; l < L; l++) {
+                        Mat *q = m + 7 * l;
+                        matmul(x, nt, d, q, 3, out, NULL);
+                        matmul(x, nt, d, q + 3, 1, out, NULL);
+                        matmul(x, nt, d, q + 4, 2, out, NULL);
+                        matmul(x, nt, h, q + 6, 1, out, NULL);
+                    }
+                    matmul(x, nt, d, m + 7 * L, 1, out, NULL);
+                    if (r >= 0) ts[r] = now() - t;
+                }
+                qsort(ts, RUNS, sizeof(double), cmp);
+                double med = ts[RUNS / 2];
+                printf("  %-12s %d thread(s) %d token(s): %7.3f ms  %6.1f GB/s  %7.1f steps/s (best %.3f ms)\n",
+                       names[type], threads, nt, med * 1e3, bytes / med / 1e9, 1 / med, ts[0] * 1e3);
+                fflush(stdout);
+                free(x);
+                free(out);
+                while (*kp && *kp != ',') kp++;
+                if (*kp) kp++;
+            }
+            while (*tp && *tp != ',') tp++;
+            if (*tp) tp++;
+        }
+        for (int j = 0; j < 7 * L + 1; j++) {
+            free((void *)m[j].w);
+            free((void *)m[j].s);
+        }
+        free(m);
+    }
+    return 0;
+}
