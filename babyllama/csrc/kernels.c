@@ -277,7 +277,11 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
  * measuring (PROBE_JOBS jobs on every thread, then as many on the caller's alone, comparing bytes per second)
  * and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load
- * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. */
+ * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A measurement
+ * compares products of one token count only (that of its first job): per byte of weights a product of several
+ * tokens takes longer than one of a single token, and not in proportion, so a prompt's step measured on every
+ * thread against the decode steps after it on one decided by what ran, not by how. Jobs of another count pass
+ * unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
 #define PROBE_JOBS 48
 #define EXPLOIT_JOBS 2048
 
@@ -286,17 +290,31 @@ static struct {
     int phase;          /* 0: measuring all threads, 1: measuring one, 2: running `choice` */
     int choice;         /* 1: all threads, 0: the caller's alone */
     int64_t jobs;       /* jobs in this phase */
+    int64_t tokens;     /* the token count of the products being measured */
+    int64_t others;     /* jobs of another count passed since the last one of `tokens` */
     double ns[2], bytes[2];
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, {0, 0}, {0, 0}};
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, 0, 0, {0, 0}, {0, 0}};
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
 static int adapt_mode(void) { return adapt.phase == 0 ? 1 : adapt.phase == 1 ? 0 : adapt.choice; }
 
-static void adapt_record(int multi, int64_t bytes, int64_t ns) {
+static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
     if (adapt.phase < 2) {
-        adapt.ns[multi] += (double)ns;
+        if (adapt.phase == 0 && adapt.jobs == 0) adapt.tokens = n_tok;
+        if (n_tok != adapt.tokens) {
+            if (++adapt.others < PROBE_JOBS) {
+                pthread_mutex_unlock(&adapt.lock);
+                return;
+            }
+            adapt.phase = 0; /* measure again, on this count */
+            adapt.jobs = 0;
+            adapt.tokens = n_tok;
+            adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        }
+        adapt.others = 0;
+        adapt.ns[multi] += (double)ns; /* by how the job ran: the phase may have changed since it started */
         adapt.bytes[multi] += (double)bytes;
     }
     if (++adapt.jobs >= (adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS)) {
@@ -311,9 +329,9 @@ static void adapt_record(int multi, int64_t bytes, int64_t ns) {
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
  * for work under PARALLEL_MIN_BYTES, and on all threads or one as the adaptation finds faster (products only:
- * `adaptive`; other work follows the current choice). */
+ * `adaptive` is their token count; 0 for other work, which follows the current choice). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
-                              int adaptive) {
+                              int64_t adaptive) {
     if (pool.explicit_threads || pool.threads == 1) {
         pool_run_on(pool.threads, fn, ctx, n_items, chunk);
         return;
@@ -325,7 +343,7 @@ static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t ch
     int multi = adapt_mode();
     int64_t start = adaptive ? now_ns() : 0;
     pool_run_on(multi ? pool.threads : 1, fn, ctx, n_items, chunk);
-    if (adaptive) adapt_record(multi, work_bytes, now_ns() - start);
+    if (adaptive) adapt_record(multi, adaptive, work_bytes, now_ns() - start);
 }
 
 static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
@@ -1193,7 +1211,7 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, 1);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
