@@ -6,7 +6,7 @@
  *
  *  - F32: memory-bound for one row (every weight is read once per token), so the point is to stream the
  *    weights at full bandwidth on all threads. Several rows x[t] make it arithmetic-bound on AVX-512 (8 tokens:
- *    16 FLOP per weight byte), so blocks of weight rows x tokens share every load (see f32_block).
+ *    16 FLOP per 4-byte weight), so blocks of weight rows x tokens share every load (see f32_block).
  *  - Q8 (runq.c's scheme, babyllama .bin version 2): int8 values (rows, n) and one fp32 scale per group of gs.
  *  - Q8_0 and Q4_0 in llama.cpp's block layout (GGUF, babyllama .bin version 3): blocks of 32 weights, each an
  *    fp16 scale followed by 32 int8 values (Q8_0) or 16 bytes of nibbles q, weight = q - 8 (Q4_0): byte j
