@@ -5,8 +5,8 @@
  * a forced instruction set such as -march=x86-64-v3) and called through ctypes. Weight types (Mat.type):
  *
  *  - F32: memory-bound for one row (every weight is read once per token), so the point is to stream the
- *    weights at full bandwidth on all threads; for several rows x[t] each weight row is loaded once and used
- *    for all of them from L1.
+ *    weights at full bandwidth on all threads. Several rows x[t] make it arithmetic-bound on AVX-512 (8 tokens:
+ *    16 FLOP per 4-byte weight), so blocks of weight rows x tokens share every load (see f32_block).
  *  - Q8 (runq.c's scheme, babyllama .bin version 2): int8 values (rows, n) and one fp32 scale per group of gs.
  *  - Q8_0 and Q4_0 in llama.cpp's block layout (GGUF, babyllama .bin version 3): blocks of 32 weights, each an
  *    fp16 scale followed by 32 int8 values (Q8_0) or 16 bytes of nibbles q, weight = q - 8 (Q4_0): byte j
@@ -277,7 +277,11 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
  * measuring (PROBE_JOBS jobs on every thread, then as many on the caller's alone, comparing bytes per second)
  * and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load
- * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. */
+ * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A measurement
+ * compares products of one token count only (that of its first job): per byte of weights a product of several
+ * tokens takes longer than one of a single token, and not in proportion, so a prompt's step measured on every
+ * thread against the decode steps after it on one decided by what ran, not by how. Jobs of another count pass
+ * unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
 #define PROBE_JOBS 48
 #define EXPLOIT_JOBS 2048
 
@@ -286,17 +290,31 @@ static struct {
     int phase;          /* 0: measuring all threads, 1: measuring one, 2: running `choice` */
     int choice;         /* 1: all threads, 0: the caller's alone */
     int64_t jobs;       /* jobs in this phase */
+    int64_t tokens;     /* the token count of the products being measured */
+    int64_t others;     /* jobs of another count passed since the last one of `tokens` */
     double ns[2], bytes[2];
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, {0, 0}, {0, 0}};
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, 0, 0, {0, 0}, {0, 0}};
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
 static int adapt_mode(void) { return adapt.phase == 0 ? 1 : adapt.phase == 1 ? 0 : adapt.choice; }
 
-static void adapt_record(int multi, int64_t bytes, int64_t ns) {
+static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
     if (adapt.phase < 2) {
-        adapt.ns[multi] += (double)ns;
+        if (adapt.phase == 0 && adapt.jobs == 0) adapt.tokens = n_tok;
+        if (n_tok != adapt.tokens) {
+            if (++adapt.others < PROBE_JOBS) {
+                pthread_mutex_unlock(&adapt.lock);
+                return;
+            }
+            adapt.phase = 0; /* measure again, on this count */
+            adapt.jobs = 0;
+            adapt.tokens = n_tok;
+            adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        }
+        adapt.others = 0;
+        adapt.ns[multi] += (double)ns; /* by how the job ran: the phase may have changed since it started */
         adapt.bytes[multi] += (double)bytes;
     }
     if (++adapt.jobs >= (adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS)) {
@@ -311,9 +329,9 @@ static void adapt_record(int multi, int64_t bytes, int64_t ns) {
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
  * for work under PARALLEL_MIN_BYTES, and on all threads or one as the adaptation finds faster (products only:
- * `adaptive`; other work follows the current choice). */
+ * `adaptive` is their token count; 0 for other work, which follows the current choice). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
-                              int adaptive) {
+                              int64_t adaptive) {
     if (pool.explicit_threads || pool.threads == 1) {
         pool_run_on(pool.threads, fn, ctx, n_items, chunk);
         return;
@@ -325,7 +343,7 @@ static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t ch
     int multi = adapt_mode();
     int64_t start = adaptive ? now_ns() : 0;
     pool_run_on(multi ? pool.threads : 1, fn, ctx, n_items, chunk);
-    if (adaptive) adapt_record(multi, work_bytes, now_ns() - start);
+    if (adaptive) adapt_record(multi, adaptive, work_bytes, now_ns() - start);
 }
 
 static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
@@ -499,8 +517,19 @@ static inline float tail_dot(const float *w, const float *x, int64_t from, int64
 #if defined(HAVE_AVX512)
 /* Tokens whose dots one pass over a weight row computes (each weight vector loaded once for all of them). */
 #define F32_TOKENS_PER_PASS 8
-/* res[t] = dot(w, x[t]) for t < nt: per token two accumulators over 32 floats a step, then one 16-float step,
- * then the last n % 16 under a mask; the order is the same for any nt */
+
+/* The sum of v's 16 lanes as a tree: lane j + (j + 8), then + 4, + 2, + 1 (GCC's _mm512_reduce_add_ps; written
+ * out so that every compiler sums in this order, which f32_sums16 below repeats for 16 vectors at once) */
+ALWAYS_INLINE float hsum16(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_shuffle_ps(q, q, 0x4E));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+/* res[t] = dot(w, x[t]) for t < nt: per token two accumulators, a0 over the 16-float blocks at k = 0, 32, 64,
+ * ... and a1 over those at 16, 48, ..., then one more 16-float block into a0 and the last n % 16 under a mask
+ * into a1; res = hsum16(a0 + a1). Every batched fp32 path computes each token's dot in exactly this order. */
 ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int nt, float *res) {
     __m512 a0[8], a1[8];
     UNROLL
@@ -528,7 +557,130 @@ ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int 
         for (int t = 0; t < nt; t++) a1[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + t * n + k), a1[t]);
     }
     UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
+    for (int t = 0; t < nt; t++) res[t] = hsum16(_mm512_add_ps(a0[t], a1[t]));
+}
+
+/* Several weight rows at once (a decode step of several tokens is arithmetic-bound here, not memory-bound).
+ * One row against 8 tokens needs a load of x per FMA, and the load port, not the FMA units, set the pace;
+ * R rows x T tokens take R + T loads per R * T FMAs. The two accumulators of dots_f32_simd per (row, token)
+ * would be 2 R T registers, so the blocks run each chain on its own: a pass over the a0 blocks, then one over
+ * the a1 blocks, each with R T accumulators in registers; every sum is the same as dots_f32_simd's. */
+
+/* loops over up to 16 accumulators, unrolled whole so that they stay in registers */
+#define UNROLL16 _Pragma("GCC unroll 16")
+
+/* The 16 lane sums of v[0..15] at once: lane s = hsum16(v[s]), in hsum16's order (each step pairs the same
+ * lanes, two vectors side by side per instruction) */
+ALWAYS_INLINE __m512 f32_sums16(const __m512 *v) {
+    /* the steps below leave the sum of input slot q + 4 e in lane 4 q + e: slot q + 4 e takes v[4 q + e] */
+    static const int slot[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+    __m512 h[8], q[4], p[2];
+    UNROLL16
+    for (int i = 0; i < 8; i++) /* j + (j + 8): a's eight sums in the low half, b's in the high one */
+        h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[slot[2 * i]], v[slot[2 * i + 1]], 0x44),
+                             _mm512_shuffle_f32x4(v[slot[2 * i]], v[slot[2 * i + 1]], 0xEE));
+    UNROLL16
+    for (int i = 0; i < 4; i++) /* + 4: one vector's four sums per 128-bit lane */
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0xDD));
+    UNROLL16
+    for (int i = 0; i < 2; i++) /* + 2 */
+        p[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(p[0], p[1], 0x88), _mm512_shuffle_ps(p[0], p[1], 0xDD)); /* + 1 */
+}
+
+/* acc[r T + t] += w[r][k : k + 16] . x[t][k : k + 16] for k = from, from + 32, ... while k + 16 <= to: one
+ * chain's blocks. x is loaded into a register once for the R rows (an asm barrier keeps the compiler from
+ * folding a load into each FMA). `prefetch`: also ask for the same lines of a later block of rows, ahead by
+ * whole blocks, into L2 (the pass over the a1 blocks reads lines the a0 pass brought in). */
+ALWAYS_INLINE void f32_chain(const float *w, const float *x, int64_t n, int R, int T, int64_t from, int64_t to,
+                             __m512 *acc, int64_t prefetch) {
+    __m512 a[16];
+    UNROLL16
+    for (int j = 0; j < R * T; j++) a[j] = acc[j];
+    for (int64_t k = from; k + 16 <= to; k += 32) {
+        __m512 wv[4];
+        UNROLL16
+        for (int r = 0; r < R; r++) {
+            wv[r] = _mm512_loadu_ps(w + r * n + k);
+            if (prefetch) {
+                _mm_prefetch((const char *)(w + r * n + k + prefetch), _MM_HINT_T1);
+                _mm_prefetch((const char *)(w + r * n + k + 16 + prefetch), _MM_HINT_T1);
+            }
+        }
+        UNROLL16
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_loadu_ps(x + t * n + k);
+            __asm__("" : "+v"(xv));
+            UNROLL16
+            for (int r = 0; r < R; r++) a[r * T + t] = _mm512_fmadd_ps(wv[r], xv, a[r * T + t]);
+        }
+    }
+    UNROLL16
+    for (int j = 0; j < R * T; j++) acc[j] = a[j];
+}
+
+/* out[t * stride + r] (=, or += with accumulate) dot(w[r], x[t]) for R rows and T tokens, R T <= 16 */
+ALWAYS_INLINE void f32_block(const float *w, const float *x, int64_t n, int R, int T, float *out, int64_t stride,
+                             int accumulate) {
+    __m512 a0[16], a1[16], sums[16];
+    UNROLL16
+    for (int j = 0; j < R * T; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+    int64_t n32 = n / 32 * 32, block = R * n;
+    int64_t prefetch = (F32_BATCH_PREFETCH_BYTES / 4 + block - 1) / block * block;
+    f32_chain(w, x, n, R, T, 0, n32, a0, prefetch);
+    f32_chain(w, x, n, R, T, 16, n32, a1, 0);
+    int64_t k = n32;
+    if (k + 16 <= n) {
+        f32_chain(w, x, n, R, T, k, k + 16, a0, 0);
+        k += 16;
+    }
+    if (k < n) {
+        __mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
+        UNROLL16
+        for (int r = 0; r < R; r++) {
+            __m512 wv = _mm512_maskz_loadu_ps(mask, w + r * n + k);
+            UNROLL16
+            for (int t = 0; t < T; t++)
+                a1[r * T + t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + t * n + k), a1[r * T + t]);
+        }
+    }
+    UNROLL16
+    for (int t = 0; t < T; t++) /* token-major for the stores */
+        UNROLL16
+        for (int r = 0; r < R; r++) sums[t * R + r] = _mm512_add_ps(a0[r * T + t], a1[r * T + t]);
+    UNROLL16
+    for (int j = R * T; j < 16; j++) sums[j] = _mm512_setzero_ps();
+    float res[16];
+    _mm512_storeu_ps(res, f32_sums16(sums));
+    UNROLL16
+    for (int t = 0; t < T; t++)
+        UNROLL16
+        for (int r = 0; r < R; r++) store(&out[t * stride + r], res[t * R + r], accumulate);
+}
+
+/* Rows per block: 2 rows x 8 tokens; for long rows (w2's hidden_dim) 4 x 4, whose x (4 tokens) stays nearer in
+ * cache than 8 tokens' would (measured on Zen 4: 110M's w2, 2048 long, 5.8 ms against 8.5 for 2 x 8 at 8
+ * tokens on one core; 768 long rows: 4.5 against 5.8) */
+#define F32_LONG_ROW 1024
+/* rows a pass of T tokens covers before the next pass (more than T tokens) */
+#define F32_SPAN_BYTES (64 * 1024)
+
+static void f32_blocks_r2(const float *w, const float *x, int64_t n, int T, float *out, int64_t stride, int acc) {
+    switch (T) { /* constant sizes keep the accumulators in registers */
+#define F32_BLOCK(c) case c: f32_block(w, x, n, 2, c, out, stride, acc); return;
+        F32_BLOCK(1) F32_BLOCK(2) F32_BLOCK(3) F32_BLOCK(4) F32_BLOCK(5) F32_BLOCK(6) F32_BLOCK(7) F32_BLOCK(8)
+#undef F32_BLOCK
+    }
+}
+
+static void f32_blocks_r4(const float *w, const float *x, int64_t n, int T, float *out, int64_t stride, int acc) {
+    switch (T) {
+#define F32_BLOCK(c) case c: f32_block(w, x, n, 4, c, out, stride, acc); return;
+        F32_BLOCK(1) F32_BLOCK(2) F32_BLOCK(3) F32_BLOCK(4)
+#undef F32_BLOCK
+    }
 }
 #elif defined(__AVX2__)
 /* three tokens' four accumulators and the four weight vectors fill the 16 AVX2 registers */
@@ -584,17 +736,42 @@ static void dots_f32(const float *w, const float *x, int64_t n, int nt, float *r
     for (int t = 0; t < nt; t++) res[t] = tail_dot(w, x + t * n, 0, n);
 }
 
-/* rows [lo, hi) of m for every token, a row at a time (one sequential stream for the prefetchers) for
- * F32_TOKENS_PER_PASS tokens a pass; noinline: compiled into its caller the loop measured slower */
+/* rows [lo, hi) of m for every token. One token: a row at a time (one sequential stream for the prefetchers;
+ * memory-bound). Several (AVX-512): blocks of rows x tokens (f32_block), the rows that do not fill a block a
+ * row at a time; else a row at a time for F32_TOKENS_PER_PASS tokens a pass. Every way gives each token the
+ * same sums. noinline: compiled into its caller the loop measured slower. */
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
     const float *w = (const float *)m->w;
-    for (int64_t i = lo; i < hi; i++)
+    float *o = out + n_tok * m->row0;
+    int64_t i = lo;
+#if defined(HAVE_AVX512)
+    if (n_tok > 1) {
+        int R = n > F32_LONG_ROW ? 4 : 2, T = n > F32_LONG_ROW ? 4 : 8;
+        /* more than T tokens: every pass of T tokens over a span of rows small enough to stay in L2 for the
+         * next pass (the rows would come from memory again, and each pass's x stays in L1) */
+        int64_t span = F32_SPAN_BYTES / (4 * n) / R * R, blocks_end = lo + (hi - lo) / R * R;
+        span = span > R ? span : R;
+        for (int64_t s = lo; s < blocks_end; s += span) {
+            int64_t e = s + span < blocks_end ? s + span : blocks_end;
+            for (int64_t t0 = 0; t0 < n_tok; t0 += T) {
+                int nt = n_tok - t0 < T ? (int)(n_tok - t0) : T;
+                for (int64_t j = s; j < e; j += R) {
+                    float *oj = o + t0 * m->rows + j;
+                    if (R == 4) f32_blocks_r4(w + j * n, x + t0 * n, n, nt, oj, m->rows, accumulate);
+                    else f32_blocks_r2(w + j * n, x + t0 * n, n, nt, oj, m->rows, accumulate);
+                }
+            }
+        }
+        i = blocks_end;
+    }
+#endif
+    for (; i < hi; i++)
         for (int64_t t0 = 0; t0 < n_tok; t0 += F32_TOKENS_PER_PASS) {
             int nt = n_tok - t0 < F32_TOKENS_PER_PASS ? (int)(n_tok - t0) : F32_TOKENS_PER_PASS;
             float res[8];
             dots_f32(w + i * n, x + t0 * n, n, nt, res);
-            for (int t = 0; t < nt; t++) store(&out[n_tok * m->row0 + (t0 + t) * m->rows + i], res[t], accumulate);
+            for (int t = 0; t < nt; t++) store(&o[(t0 + t) * m->rows + i], res[t], accumulate);
         }
 }
 
@@ -1237,7 +1414,7 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, 1);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
