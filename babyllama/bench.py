@@ -440,13 +440,19 @@ def startup(repeats: int = 5) -> dict:
 
 def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
     """Measure every row of `plan`: (rows, bandwidth). The bandwidth is measured first, before any co-runner
-    starts. On a PyTorch device (cpu, cuda) only fp32 files are measured and there is no plain row."""
+    starts, and without co-runners again before each shape's rows (bandwidth["shapes"]): a VM's bandwidth
+    drifts over minutes, and each decode figure is compared with the one measured beside it. On a PyTorch
+    device (cpu, cuda) only fp32 files are measured and there is no plain row."""
     bandwidth = {} if plan.device != "numpy" else _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib})
     formats = plan.formats if plan.device == "numpy" else ("fp32",)
     paths = plan.paths if plan.device == "numpy" else ("fast",)
     rows: list[Row] = []
     with Busy(plan.busy):
         for shape in plan.shapes:
+            if bandwidth.get("gbps") and not plan.busy:
+                beside = _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib}).get("gbps")
+                if beside:
+                    bandwidth.setdefault("shapes", {})[shape] = beside
             for fmt in formats:
                 for setting in plan.thread_settings:
                     env = _thread_env(setting)
@@ -520,10 +526,13 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     """The rows as a markdown table, the bandwidth line above it and the notes and ratios below."""
     lines = []
     bw = (bandwidth or {}).get("gbps")
+    beside = (bandwidth or {}).get("shapes") or {}
     if bw:
         assert bandwidth is not None  # bw came from it
+        where = ("; beside each model's rows: " + ", ".join(f"{k} {v:.1f}" for k, v in beside.items()) +
+                 " GB/s (each row's % is of its model's figure)") if beside else ""
         lines.append(f"Memory bandwidth (this run, {bandwidth['threads']} threads reading {bandwidth['mib']} MiB): "
-                     f"**{bw:.1f} GB/s**\n")
+                     f"**{bw:.1f} GB/s** at the start{where}\n")
     head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "
             f"| prefill tok/s | B={batch} decode tok/s | TTFT ms | peak RSS MiB |")
     lines += [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -537,7 +546,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
             continue
         decode = res.get("decode")
         gbps = decode * res["decode_bytes"] / 1e9 if decode and res.get("decode_bytes") else None
-        share = f"{gbps:.1f} ({100 * gbps / bw:.0f}%)" if gbps and bw else _cell(gbps, ".1f")
+        limit = beside.get(r.shape, bw)
+        share = f"{gbps:.1f} ({100 * gbps / limit:.0f}%)" if gbps and limit else _cell(gbps, ".1f")
         lines.append(f"| {r.shape} | {FORMAT_LABELS[r.fmt]} | {r.engine} | {r.threads} | {_cell(decode, '.1f')} | "
                      f"{share} | {_cell(res.get('sampled'), '.1f')} | {_cell(res.get('prefill'), '.0f')} | "
                      f"{_cell(res.get('batch'), '.1f')} | {_cell(res.get('ttft_ms'), '.0f')} | "

@@ -156,6 +156,12 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     share = [line for line in text.splitlines() if "| babyllama |" in line][0].split("|")[6]
     gbps = rows[1].result["decode"] * rows[1].result["decode_bytes"] / 1e9
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 10:.0f}%)"
+    # measured again beside the model's rows: the share is of that figure
+    text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64,
+                                                                "shapes": {"tiny": 4.0}})
+    assert "**10.0 GB/s** at the start; beside each model's rows: tiny 4.0 GB/s" in text
+    share = [line for line in text.splitlines() if "| babyllama |" in line][0].split("|")[6]
+    assert share.strip() == f"{gbps:.1f} ({100 * gbps / 4:.0f}%)"
 
 
 def test_bench_startup_times_a_whole_run_process_beside_a_bare_interpreter():
@@ -172,6 +178,17 @@ def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     assert all(rows[0].result[key] > 0 for key in ("decode", "prefill", "batch", "ttft_ms"))
     line = [x for x in bench.table(rows, batch=2, prompt_len=16).splitlines() if x.startswith("| tiny |")][0]
     assert "| babyllama --device cpu |" in line
+
+
+def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    plan = bench.Plan(["tiny"], ("fp32",), repeats=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+                      bandwidth_mib=8)
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    assert bandwidth["gbps"] > 0 and set(bandwidth["shapes"]) == {"tiny"} and bandwidth["shapes"]["tiny"] > 0
+    line = [x for x in bench.table(rows, 2, 16, bandwidth).splitlines() if x.startswith("| tiny |")][0]
+    gbps = rows[0].result["decode"] * rows[0].result["decode_bytes"] / 1e9
+    assert f"({100 * gbps / bandwidth['shapes']['tiny']:.0f}%)" in line
 
 
 def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(tmp_path, monkeypatch):
@@ -192,6 +209,7 @@ def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(
                       references={"run.c": str(fake)}, thread_settings=("default", "1"), busy=1, bandwidth_mib=8)
     rows, bandwidth = bench.run(plan, tmp_path, log=log)
     assert bandwidth["gbps"] > 0 and seen and set(seen) == {1} and not any(bench.BUSY_CODE in p for p in _children())
+    assert "shapes" not in bandwidth  # beside co-runners the bandwidth is the one measured before they started
     assert [(r.fmt, r.engine, r.threads) for r in rows] == [
         ("fp32", "run.c", "default"), ("fp32", "babyllama", "default"), ("fp32", "run.c", "1"),
         ("fp32", "babyllama", "1"), ("q4_0", "babyllama", "default"), ("q4_0", "babyllama", "1")]
