@@ -136,10 +136,10 @@ def test_requested_words_weigh_exactly_their_reply_tokens(tmp_path):
     messages = [{"role": "user", "content": "Use play and rain."}, {"role": "assistant", "content": reply}]
     ids, mask = encode_chat(tok, messages, generation=False)
     start = mask.index(1)
-    # each whole-word use with the space before it (the reply is encoded after a space, as sentencepiece
-    # does; "Play" capitalized counts, "playing" does not), found in the text rather than the tokens
-    spans = [m.span() for m in re.finditer(r" (?:[Pp]lay|[Rr]ain)(?![a-z])", " " + reply)]
-    assert len(spans) == 4
+    # the first whole-word use of each word with the space before it (the reply is encoded after a space, as
+    # sentencepiece does; "Play" capitalized counts, "playing" does not), found in the text, not the tokens
+    spans = [next(re.finditer(rf" (?:{w})(?![a-z])", " " + reply)).span() for w in ("[Pp]lay", "[Rr]ain")]
+    assert spans == [(0, 5), (12, 17)]
     chars = [tok.token_bytes(0, t).decode() for t in ids[start:-1]]
     assert "".join(chars) == " " + reply
     bounds = np.cumsum([0] + [len(c) for c in chars])

@@ -17,9 +17,9 @@ the vocabulary size and which shards are training and validation data (a shard w
 
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
 (uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
-EOS, `word_weight` on the reply tokens that spell a word the request asked for, when the records say which:
-`babyllama data instruct`'s "words") and `NAME.idx` (int64, the offset where each conversation starts, and
-the end). Training draws whole conversations (`Examples`) and takes the loss on the masked tokens only,
+EOS, `word_weight` on the reply tokens that spell the first use of a word the request asked for, when the
+records say which: `babyllama data instruct`'s "words") and `NAME.idx` (int64, the offset where each
+conversation starts, and the end). Training draws whole conversations (`Examples`) and takes the loss on the masked tokens only,
 weighted; plain text is drawn as random windows (`Windows`).
 """
 
@@ -153,17 +153,20 @@ def _encode_conversations(conversations: list[tuple[list[dict], list[str]]]) -> 
 
 
 def weigh_words(tokenizer, ids: list[int], mask: list[int], words: Iterable[str], weight: int) -> list[int]:
-    """`mask` with `weight` on the reply tokens that spell one of `words` as a whole word (after a space or
-    not, lower case or capitalized): a requested word is a few tokens among a story's hundreds, and a small
-    model learns to use it only when those tokens count for more than the rest of the story."""
+    """`mask` with `weight` on the reply tokens that spell the first use of each of `words` as a whole word
+    (after a space or not, lower case or capitalized). A requested word is a few tokens among a story's
+    hundreds, and a small model learns to use it only when those tokens count for more than the rest; only
+    the first use, since a request asks for each word once and weighing every repeat teaches repeating it."""
     out = list(mask)
-    spellings = {tuple(tokenizer.encode(form, bos=False)) for w in words
-                 for form in (f" {w}", w, f" {w.capitalize()}", w.capitalize())}
-    for spelled in filter(None, spellings):
-        n = len(spelled)
-        for i in range(len(ids) - n + 1):
-            if mask[i] and tuple(ids[i:i + n]) == spelled and not _continues_word(tokenizer, ids, i + n):
-                out[i:i + n] = [weight] * n
+    for word in words:
+        spellings = {tuple(tokenizer.encode(form, bos=False))
+                     for form in (f" {word}", word, f" {word.capitalize()}", word.capitalize())}
+        uses = [(i, len(spelled)) for spelled in filter(None, spellings) for i in range(len(ids) - len(spelled) + 1)
+                if mask[i] and tuple(ids[i:i + len(spelled)]) == spelled
+                and not _continues_word(tokenizer, ids, i + len(spelled))]
+        if uses:
+            i, n = min(uses)
+            out[i:i + n] = [weight] * n
     return out
 
 
