@@ -155,7 +155,7 @@ def test_requested_words_weigh_exactly_their_reply_tokens(tmp_path):
     # pretokenized: the weights are the mask bytes, and the batch hands them to the loss (targets shifted)
     src = tmp_path / "src"
     src.mkdir()
-    write_lines(src / "train.jsonl", {"messages": messages, "words": ["play", "rain"]})
+    write_lines(src / "train.jsonl", {"messages": messages, "words": ["play"], "topic_words": ["rain"]})
     write_lines(src / "val.jsonl", {"messages": messages, "words": ["play", "rain"]})
     meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, word_weight=7)
     assert meta["word_weight"] == 7

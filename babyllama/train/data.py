@@ -18,7 +18,7 @@ the vocabulary size and which shards are training and validation data (a shard w
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
 (uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
 EOS, `word_weight` on the reply tokens that spell the first use of a word the request asked for, when the
-records say which: `babyllama data instruct`'s "words") and `NAME.idx` (int64, the offset where each
+records say which: `babyllama data instruct`'s "words" and "topic_words") and `NAME.idx` (int64, the offset where each
 conversation starts, and the end). Training draws whole conversations (`Examples`) and takes the loss on the masked tokens only,
 weighted; plain text is drawn as random windows (`Windows`).
 """
@@ -293,9 +293,14 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
 
 
 def _requested_words(record: dict) -> list[str]:
-    """The "words" a record's request asked for (instruction data), when it says so with a list of strings."""
-    words = record.get("words")
-    return [w for w in words if isinstance(w, str) and w.strip()] if isinstance(words, list) else []
+    """What a record's request asked for by name (instruction data): its "words" and its topic's
+    "topic_words" ("cat", "Tom"), where the record gives them as lists of strings."""
+    out = []
+    for key in ("words", "topic_words"):
+        value = record.get(key)
+        if isinstance(value, list):
+            out += [w for w in value if isinstance(w, str) and w.strip()]
+    return out
 
 
 def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
