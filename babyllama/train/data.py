@@ -18,9 +18,9 @@ the vocabulary size and which shards are training and validation data (a shard w
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
 (uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
 EOS, `word_weight` on the reply tokens that spell the first use of a word the request asked for, when the
-records say which: `babyllama data instruct`'s "words" and "topic_words") and `NAME.idx` (int64, the offset where each
-conversation starts, and the end). Training draws whole conversations (`Examples`) and takes the loss on the masked tokens only,
-weighted; plain text is drawn as random windows (`Windows`).
+records say which: `babyllama data instruct`'s "words" and "topic_words") and `NAME.idx` (int64, the offset
+where each conversation starts, and the end). Training draws whole conversations (`Examples`) and takes the
+loss on the masked tokens only, weighted; plain text is drawn as random windows (`Windows`).
 """
 
 from __future__ import annotations
