@@ -238,9 +238,9 @@ def document_frequencies(stories: Iterable[str]) -> tuple[Counter, int]:
 
 
 def pick_words(story: str, df: Counter, n_stories: int, exclude: Iterable[str], rng: random.Random,
-               k: int = N_WORDS, max_df: float = MAX_WORD_DF) -> list[str]:
+               k: int = N_WORDS, max_df: float = MAX_WORD_DF, first: int = 0) -> list[str]:
     """k distinct words of the story that the corpus uses rarely (in at most `max_df` of its stories), in
-    story order."""
+    story order; with `first`, drawn from the first `first` such words only (the story's opening uses them)."""
     excluded = {stem(w.lower()) for w in exclude}
     seen, candidates = set(excluded), []
     for w in words_of(story):
@@ -248,6 +248,8 @@ def pick_words(story: str, df: Counter, n_stories: int, exclude: Iterable[str], 
                 and MIN_WORD_DF <= df[w] <= max_df * n_stories):
             seen.add(stem(w))  # one form of a word: not both "book" and "books"
             candidates.append(w)
+    if first:
+        candidates = candidates[:max(first, k)]
     if len(candidates) < k:
         return []
     chosen = set(rng.sample(candidates, k))
@@ -284,10 +286,10 @@ def make_request(topic: Topic | None, words: list[str], rng: random.Random) -> t
 
 
 def instruction_record(story: str, df: Counter, n_stories: int, rng: random.Random,
-                       max_df: float = MAX_WORD_DF) -> dict | None:
+                       max_df: float = MAX_WORD_DF, first: int = 0) -> dict | None:
     """One training/eval record for `story`: the request, the story as the reply, and what was asked."""
     topic = find_topic(story)
-    words = pick_words(story, df, n_stories, topic.words if topic else (), rng, max_df=max_df)
+    words = pick_words(story, df, n_stories, topic.words if topic else (), rng, max_df=max_df, first=first)
     if topic is None and not words:
         return None
     request, topic, words = make_request(topic, words, rng)
@@ -301,12 +303,14 @@ def exchange(request: str, reply: str, topic: Topic | None, words: list[str]) ->
 
 
 def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1, fits=None,
-                      max_df: float = MAX_WORD_DF) -> tuple[list[dict], list[dict], dict]:
+                      max_df: float = MAX_WORD_DF, first: int = 0) -> tuple[list[dict], list[dict], dict]:
     """(train records, held-out records, counts). Stories are split first (a seeded shuffle; the held-out
     stories never appear in training), then each training story gets `per_story` requests (their words and
     phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context."""
     if val_count < 0 or per_story < 1:
         raise BabyLlamaError("--val-count must be >= 0 and --per-story >= 1")
+    if first < 0:
+        raise BabyLlamaError("--early-words must be >= 0 (0: words from anywhere in the story)")
     if val_count >= len(stories):
         raise BabyLlamaError(f"--val-count {val_count} leaves no training stories (there are {len(stories)})")
     df, n = document_frequencies(stories)
@@ -318,7 +322,7 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
     for rank, i in enumerate(order):
         split = "val" if rank < val_count else "train"
         for _ in range(1 if split == "val" else per_story):
-            record = instruction_record(stories[i], df, n, rng, max_df)
+            record = instruction_record(stories[i], df, n, rng, max_df, first)
             if record is None:
                 counts["no_request"] += 1
             elif fits is not None and not fits(record):

@@ -183,10 +183,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0,
-                cache: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: list | None = None, weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens (batch, seq) → (logits (batch, seq, vocab), loss or None). With `targets`, the mean
-        cross-entropy (-1 targets ignored). `cache` (one (k, v) pair per layer) and `start_pos` are for
-        generation: the tokens sit at positions start_pos.. and attend to everything cached before them."""
+        cross-entropy (-1 targets ignored), or with `weights` (like targets) its weighted mean
+        sum(w·ce) / sum(w). `cache` (one (k, v) pair per layer) and `start_pos` are for generation: the
+        tokens sit at positions start_pos.. and attend to everything cached before them."""
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.args.max_seq_len}")
@@ -198,7 +200,13 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            flat = logits.float().view(-1, logits.size(-1))
+            if weights is None:
+                loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
+            else:
+                w = weights.reshape(-1).float() * (targets.reshape(-1) != -1)
+                ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="none")
+                loss = (ce * w).sum() / w.sum().clamp_min(1e-9)
         return logits, loss
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

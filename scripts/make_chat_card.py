@@ -2,9 +2,11 @@
 and write its card (chat.json): data, settings, losses and the instruction-following scores of the base and
 of the chat model on the held-out requests (`babyllama eval --instruct`), with sample replies.
 
-    python scripts/make_chat_card.py WORK --base babyllama/assets/model.bin [--train-seconds S]
+    python scripts/make_chat_card.py WORK --base babyllama/assets/model.bin
 
-WORK holds data/ (`babyllama data instruct`) and run/ (`babyllama finetune`). Used by scripts/train_chat.sh."""
+WORK holds the two stages of scripts/train_chat.sh: data/ and run/ (requests with words from anywhere in the
+story), words/ and run2/ (words from the story's opening, weighted); each run folder also holds `seconds` and
+`command` as the script wrote them. Used by scripts/train_chat.sh."""
 
 from __future__ import annotations
 
@@ -28,29 +30,49 @@ def score(model, requests) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.to_dict(N_SAMPLES).items()}
 
 
+def stage(run: Path, data: Path) -> dict:
+    """What the card says of one fine-tuning stage."""
+    ckpt = checkpoint.load(run / "ckpt.pt")
+    cfg = ckpt["config"]
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    read = lambda name: (run / name).read_text().strip() if (run / name).exists() else None  # noqa: E731
+    seconds = read("seconds")
+    return {
+        "method": "LoRA" if cfg.get("lora_rank") else "full fine-tuning",
+        "iters": ckpt["iter_num"],
+        "loss": "cross-entropy on the assistant replies and their EOS only" + (
+            f", the tokens of requested words weighted {cfg['word_weight']}x (validation unweighted)"
+            if cfg.get("word_weight", 1) > 1 else ""),
+        "train_requests": len((data / "instruct_train.jsonl").read_text().splitlines()),
+        "train_tokens": meta["tokens"],
+        "val_loss_in_training": round(ckpt["best_val_loss"], 4),
+        "wall_seconds": int(seconds) if seconds else None,
+        "command": read("command"),
+        "config": {k: v for k, v in cfg.items() if k not in ("out_dir", "data_dir", "data")},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path)
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[1] / "babyllama" / "assets")
-    p.add_argument("--train-seconds", type=float, default=None)
-    p.add_argument("--command", default=None, help="the fine-tuning command, for the card")
     a = p.parse_args()
 
-    run, data = a.work / "run", a.work / "data"
-    ckpt = checkpoint.load(run / "ckpt.pt")
-    cfg = ckpt["config"]
+    run1, run2 = a.work / "run", a.work / "run2"
     chat = a.assets / "chat.bin"
-    export(load_source(checkpoint=str(run)), chat, "bin", version=2)
+    export(load_source(checkpoint=str(run2)), chat, "bin", version=2)
     weights = formats.load(chat)
-    held_out = data / "instruct_val.jsonl"
-    requests = eval_requests(held_out)
     tokenizer = a.assets / "tokenizer.bin"
-    scores = {"base": score(api.load(a.base, tokenizer), requests),
-              "chat": score(api.load(chat, tokenizer), requests),
-              "chat_fp32": score(api.load(run, tokenizer), requests)}
-    meta = json.loads((run / "data" / "meta.json").read_text())
-    train_lines = (data / "instruct_train.jsonl").read_text().splitlines()
+    models = {"base": api.load(a.base, tokenizer), "chat": api.load(chat, tokenizer),
+              "chat_fp32": api.load(run2, tokenizer), "stage1_fp32": api.load(run1, tokenizer)}
+    held_out = {"words_from_openings": a.work / "words" / "instruct_val.jsonl",
+                "words_from_anywhere": a.work / "data" / "instruct_val.jsonl"}
+    scores = {}
+    for name, path in held_out.items():
+        requests = eval_requests(path)
+        scores[name] = {"file": path.name, "sha256": sha256(path), "requests": len(requests),
+                        **{m: score(model, requests) for m, model in models.items()}}
     card = {
         "name": "babyllama-chat",
         "description": "The built-in story model fine-tuned on instruction pairs made from its own training stories "
@@ -64,31 +86,22 @@ def main() -> None:
                   "tokenizer.bin": "shared with the base model (model.json)"},
         "base": {"file": a.base.name, "sha256": sha256(a.base)},
         "data": {
-            "source": "train-00.txt (TinyStories training stories; valid.txt is never used)",
+            "source": "train-00.txt (TinyStories training stories; valid.txt is never used); the same 300 stories "
+                      "held out in both stages",
             "made_by": "babyllama data instruct (requests: a topic or character and three rare words taken from "
-                       "the story itself, in one of 21 phrasings; the story is the reply)",
-            "train_requests": len(train_lines),
-            "held_out_requests": len(requests),
-            "held_out_sha256": sha256(held_out),
-            "train_tokens": meta["tokens"],
+                       "the story itself, in one of 21 phrasings; the story is the reply); stage 2 with "
+                       "--early-words 4 (the words drawn from the story's first four candidates)",
         },
-        "training": {
-            "method": "LoRA" if cfg.get("lora_rank") else "full fine-tuning",
-            "iters": ckpt["iter_num"],
-            "loss": "cross-entropy on the assistant replies and their EOS only",
-            "val_loss_in_training": round(ckpt["best_val_loss"], 4),
-            "wall_seconds": round(a.train_seconds) if a.train_seconds else None,
-            "machine": machine(),
-            "command": a.command,
-            "config": {k: v for k, v in cfg.items() if k not in ("out_dir", "data_dir", "data", "base")},
-        },
+        "training": {"stage1": stage(run1, a.work / "data"), "stage2": stage(run2, a.work / "words"),
+                     "machine": machine()},
         "eval": {
             "instruct": scores,
-            "command": f"babyllama eval MODEL --instruct {held_out} (greedy, each reply until EOS or the context)",
+            "command": "babyllama eval MODEL --instruct FILE (greedy, each reply until EOS or the context)",
             "notes": "word_share: requested words used in the reply (whole words, any case); topic_share: replies "
                      "that mention every word of the requested topic (e.g. cat and Tom); chat: the shipped Q8_0 "
-                     "file; chat_fp32: the fine-tune before quantization; base: the story model given the same "
-                     "[INST] prompts.",
+                     "file; chat_fp32: the fine-tune before quantization; stage1_fp32: after the first stage; base: "
+                     "the story model given the same [INST] prompts. words_from_openings is the held-out split of "
+                     "stage 2's data, words_from_anywhere that of stage 1 (the same stories).",
         },
         "reproduce": "scripts/train_chat.sh",
     }
@@ -96,9 +109,11 @@ def main() -> None:
     files = [a.assets / n for n in ("model.bin", "tokenizer.bin", "model.json", "chat.bin", "chat.json")]
     print(f"installed {chat} ({card['params']} params, {chat.stat().st_size:,} bytes); all model files "
           f"{sum(f.stat().st_size for f in files if f.exists()):,} bytes")
-    for name, s in scores.items():
-        print(f"{name:10s} words used {100 * s['word_share']:5.1f}%  topic {100 * s['topic_share']:5.1f}%  "
-              f"all words {100 * s['all_words_share']:5.1f}%")
+    for split, by_model in scores.items():
+        for name, s in by_model.items():
+            if isinstance(s, dict):
+                print(f"{split:20s} {name:12s} words used {100 * s['word_share']:5.1f}%  topic "
+                      f"{100 * s['topic_share']:5.1f}%  all words {100 * s['all_words_share']:5.1f}%")
 
 
 if __name__ == "__main__":

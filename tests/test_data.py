@@ -118,7 +118,7 @@ def test_windows_are_next_token_pairs(tmp_path):
     train, val = split_arrays(tmp_path, "train"), split_arrays(tmp_path, "val")
     assert [len(a) for a in train] == [900] and val[0][0] == 900
     w = Windows(train, 16, "test")
-    x, y = w.batch(w.draw(32, torch.Generator().manual_seed(0)), torch.device("cpu"))
+    x, y, _ = w.batch(w.draw(32, torch.Generator().manual_seed(0)), torch.device("cpu"))
     assert x.shape == y.shape == (32, 16)
     assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
     assert int(y.max()) < 900  # never reads the held-out tokens

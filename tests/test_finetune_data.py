@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -108,7 +109,7 @@ def test_mask_marks_exactly_the_assistant_tokens_of_a_two_turn_conversation(tmp_
     assert offsets.tolist()[:2] == [0, len(ids)] and len(mask) == offsets[-1]
 
     examples = open_split(tmp_path / "out", "val", seq_len=len(ids) - 1)
-    x, y = examples.batch(np.array([0]), torch.device("cpu"))
+    x, y, _ = examples.batch(np.array([0]), torch.device("cpu"))
     assert x[0].tolist() == ids[:-1]
     # the target at position t is token t+1, kept only where token t+1 belongs to a reply (or its EOS)
     learned = [t for t in range(len(ids) - 1) if y[0, t] != -1]
@@ -117,12 +118,74 @@ def test_mask_marks_exactly_the_assistant_tokens_of_a_two_turn_conversation(tmp_
 
     # conversations of different lengths share a batch: padded inputs, ignored targets
     train = open_split(tmp_path / "out", "train", seq_len=len(ids) - 1)
-    x, y = train.batch(np.array([1, 0]), torch.device("cpu"))
+    x, y, _ = train.batch(np.array([1, 0]), torch.device("cpu"))
     short = len(encode_chat(tok, [{"role": "user", "content": "Short?"},
                                   {"role": "assistant", "content": "Yes."}], generation=False)[0])
     assert x.shape == (2, len(ids) - 1) and (y[0, short - 1:] == -1).all() and (x[0, short - 1:] == 0).all()
     with pytest.raises(BabyLlamaError, match="more than the context holds"):
         open_split(tmp_path / "out", "val", seq_len=len(ids) - 2)
+
+
+def test_requested_words_weigh_exactly_their_reply_tokens(tmp_path):
+    from babyllama.train.data import open_split, pretokenize, weigh_words
+
+    torch = pytest.importorskip("torch")
+    tok = byte_tokenizer(300)
+    tok.save(tmp_path / "tok.bin")
+    reply = "Play in the rain. We were playing, then rain fell on the play."
+    messages = [{"role": "user", "content": "Use play and rain."}, {"role": "assistant", "content": reply}]
+    ids, mask = encode_chat(tok, messages, generation=False)
+    start = mask.index(1)
+    # the first whole-word use of each word with the space before it (the reply is encoded after a space, as
+    # sentencepiece does; "Play" capitalized counts, "playing" does not), found in the text, not the tokens
+    spans = [next(re.finditer(rf" (?:{w})(?![a-z])", " " + reply)).span() for w in ("[Pp]lay", "[Rr]ain")]
+    assert spans == [(0, 5), (12, 17)]
+    chars = [tok.token_bytes(0, t).decode() for t in ids[start:-1]]
+    assert "".join(chars) == " " + reply
+    bounds = np.cumsum([0] + [len(c) for c in chars])
+    expected = list(mask)
+    for a, b in spans:
+        for i in range(len(chars)):
+            if bounds[i] < b and bounds[i + 1] > a:
+                expected[start + i] = 7
+    weighted = weigh_words(tok, ids, mask, ["play", "rain"], 7)
+    assert weighted == expected and weighted.count(7) > 0 and weighted[:start] == [0] * start
+    assert weigh_words(tok, ids, [0] * len(ids), ["play"], 7) == [0] * len(ids)  # never outside a reply
+
+    # pretokenized: the weights are the mask bytes, and the batch hands them to the loss (targets shifted)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "train.jsonl", {"messages": messages, "words": ["play"], "topic_words": ["rain"]})
+    write_lines(src / "val.jsonl", {"messages": messages, "words": ["play", "rain"]})
+    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, word_weight=7)
+    assert meta["word_weight"] == 7
+    assert np.fromfile(tmp_path / "out" / "train.mask", dtype=np.uint8).tolist() == expected
+    x, y, w = open_split(tmp_path / "out", "train", seq_len=len(ids)).batch(np.array([0]), torch.device("cpu"))
+    assert w is not None and w[0].tolist() == [float(v) for v in expected[1:]]
+    assert [t for t in range(len(ids) - 1) if y[0, t] != -1] == [t for t in range(len(ids) - 1) if expected[t + 1]]
+    plain = pretokenize(src, tmp_path / "tok.bin", tmp_path / "plain", workers=1)
+    assert open_split(tmp_path / "plain", "train", seq_len=len(ids)).batch(np.array([0]),
+                                                                          torch.device("cpu"))[2] is None
+    assert plain["word_weight"] == 1
+
+
+def test_weighted_loss_is_the_weighted_mean_of_the_targets_cross_entropy():
+    torch = pytest.importorskip("torch")
+    from babyllama.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(vocab_size=64, max_seq_len=16)).eval()
+    x = torch.randint(64, (2, 10))
+    y = torch.randint(64, (2, 10))
+    y[0, :3] = -1
+    w = torch.rand(2, 10) * 5
+    logits, plain = model(x, y)
+    _, weighted = model(x, y, weights=w)
+    _, ones = model(x, y, weights=torch.ones(2, 10))
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 64), y.view(-1), ignore_index=-1, reduction="none")
+    keep = (y.view(-1) != -1).float()
+    assert torch.allclose(weighted, (ce * w.view(-1) * keep).sum() / (w.view(-1) * keep).sum(), rtol=1e-6)
+    assert torch.allclose(ones, plain, rtol=1e-6) and not torch.allclose(weighted, plain, rtol=1e-3)
 
 
 def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
@@ -163,6 +226,12 @@ def test_topics_and_words_come_from_the_story():
     words = pick_words(story, df, n, topic.words, random.Random(0))
     assert len(words) == 3 and all(uses_word(story, w) for w in words)
     assert not {"happy", "cat", "the", "was"} & set(words)  # common in the corpus, the topic, or function words
+    # first=N: only the story's first N candidates (in order: ball, began, rain, rolled, splash)
+    assert set(pick_words(story, df, n, topic.words, random.Random(0), k=5)) == {"ball", "began", "rain",
+                                                                                   "rolled", "splash"}
+    for seed in range(20):
+        early = pick_words(story, df, n, topic.words, random.Random(seed), first=4)
+        assert len(early) == 3 and set(early) <= {"ball", "began", "rain", "rolled"}
 
 
 def test_data_instruct_makes_a_held_out_split_with_varied_requests(tmp_path):

@@ -36,6 +36,9 @@ def add(sub) -> None:
                    help="skip malformed .jsonl lines (and conversations longer than --max-seq-len), with a count")
     t.add_argument("--max-seq-len", type=int, default=None,
                    help="refuse chat conversations that do not fit this context (the model's max_seq_len)")
+    t.add_argument("--word-weight", type=int, default=1,
+                   help="loss weight of reply tokens that spell a word the request asked for (instruction "
+                        "records' \"words\"; default 1: every reply token alike)")
     t.set_defaults(func=cmd_data_pretokenize)
 
     i = steps.add_parser(
@@ -52,6 +55,9 @@ def add(sub) -> None:
     i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
     i.add_argument("--max-word-df", type=float, default=None,
                    help="ask only for words that at most this share of the stories use (default 0.05)")
+    i.add_argument("--early-words", type=int, default=0,
+                   help="draw the words from the story's first N candidates, so its opening uses them (0: from "
+                        "anywhere in the story)")
     i.add_argument("--model", default=None,
                    help="keep the pairs that fit this model's context, with its tokenizer (default: the built-in)")
     i.add_argument("-z", "--tokenizer", default=None, help="the model's tokenizer, if not found beside it")
@@ -101,8 +107,10 @@ def cmd_data_pretokenize(args) -> int:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
+    if not 1 <= args.word_weight <= 255:
+        raise BabyLlamaError(f"--word-weight must be in [1, 255], got {args.word_weight}")
     meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None, skip_bad_lines=args.skip_bad_lines,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, word_weight=args.word_weight)
     what = f" ({meta['conversations']:,} conversations)" if meta.get("kind") == "chat" else ""
     print(f"wrote {meta['tokens']:,} tokens{what} in {len(meta['shards']['train'])} train and "
           f"{len(meta['shards']['val'])} val shards to {out}")
@@ -126,7 +134,8 @@ def cmd_data_instruct(args) -> int:
         raise BabyLlamaError(f"{args.input}: no stories")
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
-    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df)
+    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
+                                           args.early_words)
     if not train:
         raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
                              f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")

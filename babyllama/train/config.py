@@ -58,6 +58,7 @@ class TrainConfig:
     tokenizer: str = ""  # the base's tokenizer, when it carries none and none lies beside it
     data: str = ""  # raw .txt/.jsonl/.json data, pretokenized into out_dir/data with the base's tokenizer
     skip_bad_lines: bool = False  # skip malformed lines (and over-long conversations) of `data`, with a count
+    word_weight: int = 1  # loss weight of a requested word's first use in a reply (instruction data's words, topic)
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -199,6 +200,8 @@ def check_finetune(cfg: TrainConfig) -> None:
         return
     if cfg.lora_rank < 0:
         raise BabyLlamaError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    if not 1 <= cfg.word_weight <= 255:  # a mask byte holds it
+        raise BabyLlamaError(f"word_weight must be in [1, 255], got {cfg.word_weight}")
     if cfg.lora_rank:
         if not cfg.lora_alpha > 0:
             raise BabyLlamaError(f"lora_alpha must be positive, got {cfg.lora_alpha}")

@@ -16,9 +16,11 @@ the vocabulary size and which shards are training and validation data (a shard w
 "val"); tokenizer.bin is copied beside them so that later steps find it.
 
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
-(uint8, 1 on the tokens a fine-tune learns: the assistant replies and their EOS) and `NAME.idx` (int64, the
-offset where each conversation starts, and the end). Training draws whole conversations (`Examples`) and
-takes the loss on the masked tokens only; plain text is drawn as random windows (`Windows`).
+(uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
+EOS, `word_weight` on the reply tokens that spell the first use of a word the request asked for, when the
+records say which: `babyllama data instruct`'s "words" and "topic_words") and `NAME.idx` (int64, the offset
+where each conversation starts, and the end). Training draws whole conversations (`Examples`) and takes the
+loss on the masked tokens only, weighted; plain text is drawn as random windows (`Windows`).
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def load_encoder(path: str | os.PathLike):
 
 
 _worker_encode: Any = None  # a worker's texts -> ids function, or its Tokenizer for chat records
+_worker_word_weight = 1  # a chat worker's weight for the tokens of requested words
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -125,9 +128,10 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_encode = load_encoder(tokenizer_path)[1]
 
 
-def _init_chat_worker(tokenizer_path: str) -> None:
-    global _worker_encode
+def _init_chat_worker(tokenizer_path: str, word_weight: int = 1) -> None:
+    global _worker_encode, _worker_word_weight
     _worker_encode = _chat_tokenizer(Path(tokenizer_path))
+    _worker_word_weight = word_weight
 
 
 def _chat_tokenizer(path: Path):
@@ -136,10 +140,39 @@ def _chat_tokenizer(path: Path):
     return Tokenizer.from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.load(path)
 
 
-def _encode_conversations(conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+def _encode_conversations(conversations: list[tuple[list[dict], list[str]]]) -> list[tuple[list[int], list[int]]]:
     from ..chat_template import encode_chat
 
-    return [encode_chat(_worker_encode, messages, generation=False) for messages in conversations]
+    out = []
+    for messages, words in conversations:
+        ids, mask = encode_chat(_worker_encode, messages, generation=False)
+        if words and _worker_word_weight > 1:
+            mask = weigh_words(_worker_encode, ids, mask, words, _worker_word_weight)
+        out.append((ids, mask))
+    return out
+
+
+def weigh_words(tokenizer, ids: list[int], mask: list[int], words: Iterable[str], weight: int) -> list[int]:
+    """`mask` with `weight` on the reply tokens that spell the first use of each of `words` as a whole word
+    (after a space or not, lower case or capitalized). A requested word is a few tokens among a story's
+    hundreds, and a small model learns to use it only when those tokens count for more than the rest; only
+    the first use, since a request asks for each word once and weighing every repeat teaches repeating it."""
+    out = list(mask)
+    for word in words:
+        spellings = {tuple(tokenizer.encode(form, bos=False))
+                     for form in (f" {word}", word, f" {word.capitalize()}", word.capitalize())}
+        uses = [(i, len(spelled)) for spelled in filter(None, spellings) for i in range(len(ids) - len(spelled) + 1)
+                if mask[i] and tuple(ids[i:i + len(spelled)]) == spelled
+                and not _continues_word(tokenizer, ids, i + len(spelled))]
+        if uses:
+            i, n = min(uses)
+            out[i:i + n] = [weight] * n
+    return out
+
+
+def _continues_word(tokenizer, ids: list[int], i: int) -> bool:
+    """Whether token i (if any) goes on spelling the word before it ("play" + "ing")."""
+    return i < len(ids) and tokenizer.piece_bytes(ids[i])[:1].isalpha()
 
 
 def _encode_batch(texts: list[str]) -> np.ndarray:
@@ -168,11 +201,12 @@ def file_kind(path: Path, skip_bad_lines: bool = False) -> str:
 
 def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
                 workers: int | None = None, batch_docs: int = 256, skip_bad_lines: bool = False,
-                max_tokens: int | None = None) -> dict:
+                max_tokens: int | None = None, word_weight: int = 1) -> dict:
     """Encode every document of `input_path` (BOS first) into uint16 shards in `out_dir`, one per input
     file, using `workers` processes; chat .jsonl files become chat shards (see the module docstring), where
     `max_tokens` bounds a conversation's length. Malformed lines (and over-long conversations) stop it
-    before anything is written, unless `skip_bad_lines`. Returns the meta.json contents."""
+    before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
+    words in chat replies (see the module docstring). Returns the meta.json contents."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -188,7 +222,8 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     if vocab_size > 65536:
         raise BabyLlamaError(f"vocabulary of {vocab_size} tokens does not fit uint16 shards")
     if kind == CHAT:
-        encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens) for f in files}
+        encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens, word_weight)
+                   for f in files}
     out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     shards: dict[str, list[str]] = {"train": [], "val": []}
@@ -219,21 +254,24 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     if kind == CHAT:
         meta["kind"] = CHAT
         meta["conversations"] = sum(len(offsets) - 1 for _, _, offsets in encoded.values())
+        meta["word_weight"] = word_weight
     safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return meta
 
 
 def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines: bool,
-                      max_tokens: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      max_tokens: int | None, word_weight: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token ids, mask, conversation offsets) of one chat .jsonl file, every conversation checked."""
     from concurrent.futures import ProcessPoolExecutor
 
     data = read_jsonl(path, skip_bad_lines)
     bad = list(data.bad)
     linenos, conversations = zip(*data.items)
-    batches = [list(conversations[i:i + 256]) for i in range(0, len(conversations), 256)]
+    words = [_requested_words(record) for record in data.records]
+    pairs = list(zip(conversations, words))
+    batches = [pairs[i:i + 256] for i in range(0, len(pairs), 256)]
     with ProcessPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(batches))),
-                             initializer=_init_chat_worker, initargs=(str(tokenizer),)) as pool:
+                             initializer=_init_chat_worker, initargs=(str(tokenizer), word_weight)) as pool:
         encoded = [pair for batch in pool.map(_encode_conversations, batches) for pair in batch]
     kept = []
     for lineno, (ids, mask) in zip(linenos, encoded):
@@ -252,6 +290,17 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     all_ids = np.fromiter((t for i, _ in kept for t in i), dtype=np.uint16, count=int(offsets[-1]))
     all_mask = np.fromiter((m for _, ms in kept for m in ms), dtype=np.uint8, count=int(offsets[-1]))
     return all_ids, all_mask, offsets
+
+
+def _requested_words(record: dict) -> list[str]:
+    """What a record's request asked for by name (instruction data): its "words" and its topic's
+    "topic_words" ("cat", "Tom"), where the record gives them as lists of strings."""
+    out = []
+    for key in ("words", "topic_words"):
+        value = record.get(key)
+        if isinstance(value, list):
+            out += [w for w in value if isinstance(w, str) and w.strip()]
+    return out
 
 
 def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray) -> None:
@@ -371,7 +420,7 @@ class Windows:
             xy = xy.pin_memory().to(device, non_blocking=True)
         else:
             xy = xy.to(device)
-        return xy[:, :-1], xy[:, 1:]
+        return xy[:, :-1], xy[:, 1:], None  # every target weighs the same
 
 
 class Examples:
@@ -404,21 +453,27 @@ class Examples:
         return torch.randint(len(self.rows), (n,), generator=generator).numpy()
 
     def batch(self, picks: np.ndarray, device):
+        """(inputs, targets), and the targets' weights (float) when the shards weigh some tokens above 1
+        (`pretokenize`'s word_weight), else None."""
         import torch
 
         rows = self.rows[picks]
         width = int((rows[:, 2] - rows[:, 1]).max()) - 1
         x = np.zeros((len(rows), width), dtype=np.int64)
         y = np.full((len(rows), width), -1, dtype=np.int64)
+        w = np.zeros((len(rows), width), dtype=np.float32)
         for r, (shard, start, end) in enumerate(rows):
             tokens, mask, _ = self.shards[shard]
-            ids, keep = tokens[start:end].astype(np.int64), mask[start + 1:end].astype(bool)
+            ids, weight = tokens[start:end].astype(np.int64), mask[start + 1:end]
             x[r, :len(ids) - 1] = ids[:-1]
-            y[r, :len(ids) - 1] = np.where(keep, ids[1:], -1)
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+            y[r, :len(ids) - 1] = np.where(weight > 0, ids[1:], -1)
+            w[r, :len(ids) - 1] = weight
+        tensors = [torch.from_numpy(a) for a in ((x, y, w) if w.max() > 1 else (x, y))]
         if device.type == "cuda":
-            return xt.pin_memory().to(device, non_blocking=True), yt.pin_memory().to(device, non_blocking=True)
-        return xt.to(device), yt.to(device)
+            tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+        else:
+            tensors = [t.to(device) for t in tensors]
+        return tensors[0], tensors[1], (tensors[2] if len(tensors) == 3 else None)
 
 
 def chat_shards(data_dir: str | os.PathLike, split: str,

@@ -44,7 +44,7 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
     tokenizer = data_dir / TOKENIZER_BIN
     tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
     meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
-                       max_tokens=cfg.max_seq_len + 1)
+                       max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight)
     kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
     print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
 

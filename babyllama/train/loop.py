@@ -264,7 +264,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.cfg.seed + 1)
             total = 0.0
             for _ in range(self.cfg.eval_iters):
-                x, y = data.batch(data.draw(self.cfg.batch_size, gen), self.device)
+                x, y = data.batch(data.draw(self.cfg.batch_size, gen), self.device)[:2]  # unweighted
                 with self.autocast:
                     _, loss = self.model(x, y)
                 total += loss.item()
@@ -281,10 +281,11 @@ class Trainer:
             self.raw.set_requires_gradient_sync(last_micro_step)  # type: ignore[operator]
         return contextlib.nullcontext()
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss of one micro-batch: cross-entropy, or with a teacher the distillation loss."""
+    def loss(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of one micro-batch: cross-entropy (weighted per target when the data weighs its
+        tokens), or with a teacher the distillation loss."""
         if self.teacher is None:
-            return self.model(x, y)[1]
+            return self.model(x, y, weights=weights)[1]
         logits, _ = self.model(x)
         with torch.no_grad():
             teacher_logits, _ = self.teacher(x)
@@ -300,10 +301,10 @@ class Trainer:
         starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)
         total = torch.zeros((), device=self.device)
         for m in range(self.accum):
-            x, y = self.train_data.batch(starts[m * W + r], self.device)
+            x, y, weights = self.train_data.batch(starts[m * W + r], self.device)
             with self._sync_context(m == self.accum - 1):
                 with self.autocast:
-                    loss = self.loss(x, y)
+                    loss = self.loss(x, y, weights)
                 loss = loss / self.accum
                 self.scaler.scale(loss).backward()
             total += loss.detach()
