@@ -13,21 +13,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct {
-    const void *w;
-    const float *s;
-    int64_t rows, row0;
-    int32_t type, gs;
-} Mat;
-int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
-void pool_configure(int threads, int explicit_threads, int spin_us);
-const char *kernel_isa(void);
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + 1e-9 * t.tv_nsec;
-}
+#include "kernels_c_api.h"
 
 static int cmp(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;

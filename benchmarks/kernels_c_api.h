@@ -1,0 +1,25 @@
+/* What the C benchmarks (kernel_rates.c, decode_rates.c) call in babyllama/csrc/kernels.c, declared as that
+ * file defines it (the Mat layout must stay in step with kernels.c's), and their clock. */
+#ifndef BABYLLAMA_KERNELS_C_API_H
+#define BABYLLAMA_KERNELS_C_API_H
+
+#include <stdint.h>
+#include <time.h>
+
+typedef struct {
+    const void *w;
+    const float *s;
+    int64_t rows, row0;
+    int32_t type, gs;
+} Mat;
+int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
+void pool_configure(int threads, int explicit_threads, int spin_us);
+const char *kernel_isa(void);
+
+static inline double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+#endif
