@@ -107,8 +107,6 @@ def cmd_data_pretokenize(args) -> int:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
-    if not 1 <= args.word_weight <= 255:
-        raise BabyLlamaError(f"--word-weight must be in [1, 255], got {args.word_weight}")
     meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None, skip_bad_lines=args.skip_bad_lines,
                        max_tokens=max_tokens, word_weight=args.word_weight)
     what = f" ({meta['conversations']:,} conversations)" if meta.get("kind") == "chat" else ""

@@ -211,6 +211,9 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
 
     from tqdm import tqdm
 
+    if not 1 <= word_weight <= 255:  # a mask byte holds it
+        raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
+
     root, out = Path(input_path), Path(out_dir)
     files = input_files(root)
     kinds = {f: file_kind(f, skip_bad_lines) for f in files}
@@ -415,11 +418,7 @@ class Windows:
         for w, s in zip(which, starts):
             off = s - (self.ends[w - 1] if w else 0)
             rows.append(self.arrays[w][off: off + self.seq_len + 1])
-        xy = torch.from_numpy(np.stack(rows).astype(np.int64))
-        if device.type == "cuda":
-            xy = xy.pin_memory().to(device, non_blocking=True)
-        else:
-            xy = xy.to(device)
+        xy = _to_device(torch.from_numpy(np.stack(rows).astype(np.int64)), device)
         return xy[:, :-1], xy[:, 1:], None  # every target weighs the same
 
 
@@ -468,12 +467,15 @@ class Examples:
             x[r, :len(ids) - 1] = ids[:-1]
             y[r, :len(ids) - 1] = np.where(weight > 0, ids[1:], -1)
             w[r, :len(ids) - 1] = weight
-        tensors = [torch.from_numpy(a) for a in ((x, y, w) if w.max() > 1 else (x, y))]
-        if device.type == "cuda":
-            tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
-        else:
-            tensors = [t.to(device) for t in tensors]
-        return tensors[0], tensors[1], (tensors[2] if len(tensors) == 3 else None)
+        weights = _to_device(torch.from_numpy(w), device) if w.max() > 1 else None
+        return _to_device(torch.from_numpy(x), device), _to_device(torch.from_numpy(y), device), weights
+
+
+def _to_device(t, device):
+    """A batch tensor on `device`: through pinned memory, without waiting, on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def chat_shards(data_dir: str | os.PathLike, split: str,
