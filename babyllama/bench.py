@@ -443,14 +443,17 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
     starts, and without co-runners again before each shape's rows (bandwidth["shapes"]): a VM's bandwidth
     drifts over minutes, and each decode figure is compared with the one measured beside it. On a PyTorch
     device (cpu, cuda) only fp32 files are measured and there is no plain row."""
-    bandwidth = {} if plan.device != "numpy" else _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib})
+    def probe() -> dict:
+        return _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib})
+
+    bandwidth = {} if plan.device != "numpy" else probe()
     formats = plan.formats if plan.device == "numpy" else ("fp32",)
     paths = plan.paths if plan.device == "numpy" else ("fast",)
     rows: list[Row] = []
     with Busy(plan.busy):
         for shape in plan.shapes:
             if bandwidth.get("gbps") and not plan.busy:
-                beside = _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib}).get("gbps")
+                beside = probe().get("gbps")
                 if beside:
                     bandwidth.setdefault("shapes", {})[shape] = beside
             for fmt in formats:
