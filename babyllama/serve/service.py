@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.sse import EventSourceResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 
 from ..api import Model
@@ -386,14 +386,14 @@ def choice_seed(base: int, i: int) -> int:
 
 def sse(body: dict) -> bytes:
     """One server-sent event carrying `body` as compact JSON (which has no line breaks: one `data:` line)."""
-    return b"data: " + compact(body).encode() + b"\n\n"
+    return format_sse_event(data_str=compact(body))
 
 
 def compact(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-DONE = b"data: [DONE]\n\n"
+DONE = format_sse_event(data_str="[DONE]")
 
 
 def validation_message(e: ValidationError) -> str:
