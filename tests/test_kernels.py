@@ -93,14 +93,15 @@ def test_quantized_products_match_the_reference_on_every_row_length(native, kind
 @pytest.mark.parametrize("kind", QUANTIZERS)
 def test_a_row_does_not_depend_on_its_neighbours(native, kind):
     """The exactness rule across rows: a weight row's result is the same whichever rows share the call with it
-    (where a chunk of rows starts or ends, how many follow)."""
+    (where a chunk of rows starts or ends, how many follow; one token's rows are summed sixteen at a time)."""
     n = 320
-    w = rng.standard_normal((23, n)).astype(np.float32)
-    x = rng.standard_normal((3, n)).astype(np.float32)
-    full = native.matmul(x, [QUANTIZERS[kind](w)])[0]
-    for lo, hi in ((1, 23), (2, 9), (5, 6), (3, 20)):
-        part = native.matmul(x, [QUANTIZERS[kind](w[lo:hi])])[0]
-        np.testing.assert_array_equal(part, full[:, lo:hi])
+    w = rng.standard_normal((41, n)).astype(np.float32)
+    for tokens in (1, 3):
+        x = rng.standard_normal((tokens, n)).astype(np.float32)
+        full = native.matmul(x, [QUANTIZERS[kind](w)])[0]
+        for lo, hi in ((1, 41), (2, 9), (5, 6), (3, 20), (7, 40), (16, 33)):
+            part = native.matmul(x, [QUANTIZERS[kind](w[lo:hi])])[0]
+            np.testing.assert_array_equal(part, full[:, lo:hi])
 
 
 def test_mixed_types_in_one_call(native):

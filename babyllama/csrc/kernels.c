@@ -477,22 +477,16 @@ static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, cons
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* Quantized products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
+/* The AVX2 quantized products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
  * prefetchers alone left them well below the memory bandwidth. fp32 rows are 4x longer in bytes and the same
  * prefetch made single-token products slower, so only batched fp32 products prefetch (further ahead: with
- * several tokens' arithmetic per weight the prefetchers alone fell behind). */
-/* The AVX-512 Q4_0 kernel is the exception: its rows take fewer instructions per byte, and with the prefetches
- * it read a matrix out of DRAM at 14-22 GB/s on one Zen 4 core against 24-26 without (the hardware prefetchers
- * alone keep up). Both can be set at compile time (-D) for measurements. */
+ * several tokens' arithmetic per weight the prefetchers alone fell behind). The AVX-512 int8 rows do not
+ * prefetch (see DEFINE_ZMM_ROWS). Can be set at compile time (-D) for measurements. */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 6144
 #endif
-#ifndef Q4_PREFETCH_BYTES
-#ifdef HAVE_ZMM_INT8
-#define Q4_PREFETCH_BYTES 0
-#else
-#define Q4_PREFETCH_BYTES PREFETCH_BYTES
-#endif
+#ifndef ZMM_PREFETCH_BYTES
+#define ZMM_PREFETCH_BYTES 0
 #endif
 #define F32_BATCH_PREFETCH_BYTES 8192
 
@@ -1034,8 +1028,7 @@ ALWAYS_INLINE void q4_last_block(const uint8_t *w, int64_t g, const QAct *a, int
     }
 }
 
-ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
-    __m512 acc[8];
+ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, __m512 *acc) {
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -1044,16 +1037,13 @@ ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int
     if (left > 4) q4_zmm_steps(w, k, 72, (left - 4) * 18, a, nt, acc);
     else if (left > 1) q4_zmm_steps(w, k, left * 18, 0, a, nt, acc);
     else if (left == 1) q4_last_block(w, 4 * k, a, nb * BLOCK, nt, acc);
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
 /* llama.cpp's Q8_0, two blocks a step: the 64 int8 weights gathered out of 68 bytes and read as unsigned
  * (w + 128, the correction -128 * sum of x starts each block's sum), the scales repeated over 8 lanes */
-ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, float *res) {
+ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, __m512 *acc) {
     const __m512i qs_idx = _mm512_loadu_si512(Q8_QS_INDEX), d_idx = _mm512_loadu_si512(Q8_D_INDEX);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t step = 0; step < (nb + 1) / 2; step++) {
@@ -1070,8 +1060,6 @@ ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct 
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[t]);
         }
     }
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
 /* runq.c's Q8_0 with groups of 64, two groups a step: each group's 64 weights read as unsigned (w + 128, the
@@ -1102,15 +1090,12 @@ ALWAYS_INLINE void q8_g64_step(const uint8_t *w, const float *ws, int64_t g, int
 }
 
 ALWAYS_INLINE void dots_q8_g64_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
-                                    float *res) {
+                                    __m512 *acc) {
     int64_t n_groups = n / 64, g = 0;
-    __m512 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (; g + 2 <= n_groups; g += 2) q8_g64_step(w, ws, g, 1, a, n, nt, acc);
     if (g < n_groups) q8_g64_step(w, ws, g, 0, a, n, nt, acc);
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
 /* runq.c's Q8_0 with groups of 32: 64 weights (two groups, lanes 0-7 and 8-15) a vpdpbusd, read as unsigned
@@ -1149,23 +1134,19 @@ ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int
 }
 
 ALWAYS_INLINE void dots_q8_g32_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
-                                    float *res) {
+                                    __m512 *acc) {
     int64_t n_groups = n / 32, g = 0;
-    __m512 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (; g + 4 <= n_groups; g += 4) q8_g32_step(w, ws, g, 4, a, n, nt, acc);
     if (g < n_groups) q8_g32_step(w, ws, g, n_groups - g, a, n, nt, acc);
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
 /* runq.c's Q8_0 with groups of a multiple of 64: 64 weights a vpdpbusd, read as unsigned (w + 128, the
  * correction -128 * sum of x starts each group's sum) */
-ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt, float *res) {
+ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt, __m512 *acc) {
     int64_t gs = a->gs, n_groups = n / gs;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t g = 0; g < n_groups; g++) {
@@ -1182,8 +1163,6 @@ ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_set1_ps(ws[g] * a->d[t * n_groups + g]),
                                      acc[t]);
     }
-    UNROLL
-    for (int t = 0; t < nt; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 }
 #endif
 
@@ -1221,21 +1200,68 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
         ROW_LOOP(PF, DOTS)                                                                                     \
     }
 
+#ifdef HAVE_ZMM_INT8
+/* The AVX-512 int8 rows: DOTS leaves each token's 16 partial sums of a row in acc[t], summed in hsum16's tree.
+ * One token's rows go sixteen at a time: their sums side by side (f32_sums16, the same tree, so the same result
+ * as one row alone whatever the chunk's bounds) and one store for sixteen outputs; the horizontal sums of single
+ * rows cost a fifth of a 288-long row's time. No software prefetch: these kernels take few instructions per byte
+ * and the hardware prefetchers keep up (with a prefetch 6 KiB ahead, runq.c-layout Q8_0 rows of the 110M shape
+ * read DRAM ~8% slower on two Zen 4 cores, and Q4_0 rows 14-22 GB/s on one core against 24-26 without). */
+#define ZMM_ROW(i, DOTS)                                                                                     \
+    const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + (i) * n : (const uint8_t *)m->w + (i) * rb; \
+    const float *ws = m->type == W_Q8 ? m->s + (i) * n_groups : NULL;                                        \
+    if (ZMM_PREFETCH_BYTES)                                                                                  \
+        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + ZMM_PREFETCH_BYTES);         \
+    __m512 acc[8];                                                                                           \
+    DOTS;                                                                                                    \
+    (void)ws;
+
+#define DEFINE_ZMM_ROWS(NAME, DOTS)                                                                              \
+    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 1) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 2) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 3)      \
+    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 4) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 5) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 6)      \
+    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 7) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 8)                                        \
+    static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
+                                   NAME##_8};
+#define DEFINE_ZMM_ROWS_NT(NAME, DOTS, nt)                                                                     \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        int64_t rb = row_bytes(m, n), n_groups = n / a->gs, i = lo;                                            \
+        if (NT == 1)                                                                                           \
+            for (; i + 16 <= hi; i += 16) {                                                                    \
+                __m512 rows[16];                                                                               \
+                for (int r = 0; r < 16; r++) {                                                                 \
+                    ZMM_ROW(i + r, DOTS)                                                                       \
+                    rows[r] = acc[0];                                                                          \
+                }                                                                                              \
+                __m512 sums = f32_sums16(rows);                                                                \
+                if (accumulate) sums = _mm512_add_ps(_mm512_loadu_ps(out + i), sums);                          \
+                _mm512_storeu_ps(out + i, sums);                                                               \
+            }                                                                                                  \
+        for (; i < hi; i++) {                                                                                  \
+            ZMM_ROW(i, DOTS)                                                                                   \
+            for (int t = 0; t < NT; t++) store(&out[t * stride + i], hsum16(acc[t]), accumulate);              \
+        }                                                                                                      \
+    }
+#endif
+
 static void dots_int8_scalar_nt(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
                                 float *res) {
     dots_int8_scalar(w, ws, type, a, n, nt, res);
 }
 DEFINE_ROWS(rows_scalar, PREFETCH_BYTES, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
 #ifdef __AVX2__
-DEFINE_ROWS(rows_q4, Q4_PREFETCH_BYTES, dots_q4_simd(w, n / BLOCK, a, NT, res))
 DEFINE_ROWS(rows_q8_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
 DEFINE_ROWS(rows_q8_blocks_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
 #endif
 #ifdef HAVE_ZMM_INT8
-DEFINE_ROWS(rows_q8_blocks, PREFETCH_BYTES, dots_q8_blocks_simd(w, n / BLOCK, a, NT, res))
-DEFINE_ROWS(rows_q8, PREFETCH_BYTES, dots_q8_simd(w, ws, a, n, NT, res))
-DEFINE_ROWS(rows_q8_g64, PREFETCH_BYTES, dots_q8_g64_simd(w, ws, a, n, NT, res))
-DEFINE_ROWS(rows_q8_g32, PREFETCH_BYTES, dots_q8_g32_simd(w, ws, a, n, NT, res))
+DEFINE_ZMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8_g32, dots_q8_g32_simd(w, ws, a, n, NT, acc))
+#elif defined(__AVX2__)
+DEFINE_ROWS(rows_q4, PREFETCH_BYTES, dots_q4_simd(w, n / BLOCK, a, NT, res))
 #endif
 
 /* the row kernels for m's type and group size */
