@@ -392,6 +392,23 @@ def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
 
 
+def test_a_data_dir_made_with_another_word_weight_is_refused(tmp_path, capsys):
+    """The mask shards hold the requested words' loss weight: a run asking for another is stopped in one line
+    (it would train with the shards' weight and record its own)."""
+    from babyllama.cli import main
+    from babyllama.train.data import pretokenize
+
+    root = make_task(tmp_path / "task")
+    pretokenize(root / "data", root / "tokenizer.bin", tmp_path / "tok", workers=1, word_weight=3)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", max_iters=1, eval_iters=1).items()
+            if k != "data"]
+    assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=5"]) == 1
+    err = capsys.readouterr().err
+    assert "was pretokenized with word_weight 3, this run asks for 5" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=3"]) == 0
+
+
 def test_train_refuses_lora_without_a_base(capsys):
     from babyllama.cli import main
 

@@ -354,7 +354,8 @@ def _checked_meta(meta: dict, path: Path) -> dict:
     if kind not in (TEXT, CHAT):
         raise BabyLlamaError(f"{path}: kind must be {TEXT!r} or {CHAT!r}, got {kind!r}")
     if kind == CHAT:
-        checked.update(kind=CHAT, conversations=f.int("conversations", 0, lo=0))
+        checked.update(kind=CHAT, conversations=f.int("conversations", 0, lo=0),
+                       word_weight=f.int("word_weight", 1, lo=1, hi=255))
     for names in checked["shards"].values():
         for name in names:
             if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..adapter import base_identity, parse_targets
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
+from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from .config import TrainConfig
@@ -47,6 +48,16 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
                        max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight)
     kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
     print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
+
+
+def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
+    """The mask shards carry the requested words' loss weight: a run must ask for the weight they were made
+    with, or it would train with another than it records."""
+    made = int(meta.get("word_weight", 1))
+    if meta.get("kind") == CHAT and made != cfg.word_weight:
+        raise BabyLlamaError(f"{data_dir} was pretokenized with word_weight {made}, this run asks for "
+                             f"{cfg.word_weight}: pretokenize it again with --word-weight {cfg.word_weight} "
+                             "(or pass --data)")
 
 
 def check_vocab(cfg: TrainConfig, data_dir: Path) -> None:
