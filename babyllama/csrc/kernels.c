@@ -1172,49 +1172,48 @@ ALWAYS_INLINE void dots_q8_simd(const uint8_t *w, const float *ws, const QAct *a
 typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out, int64_t stride,
                        int accumulate);
 
-/* the row loop around one dots call: weights row i (and its Q8 scales), a prefetch PF bytes ahead in the stream
- * (0: none) */
-#define ROW_LOOP(PF, DOTS)                                                                                   \
+/* weights row i of m (and its Q8 scales), and a prefetch PF bytes ahead of it in the stream (0: none) */
+#define ROW_WEIGHTS(i, PF)                                                                                   \
+    const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + (i) * n : (const uint8_t *)m->w + (i) * rb; \
+    const float *ws = m->type == W_Q8 ? m->s + (i) * n_groups : NULL;                                        \
+    if (PF)                                                                                                  \
+        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + (PF));                       \
+    (void)ws;
+
+/* the row loop around one dots call */
+#define ROW_LOOP(DOTS)                                                                                       \
     int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
     for (int64_t i = lo; i < hi; i++) {                                                                      \
-        const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * rb; \
-        const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;                                      \
-        if (PF)                                                                                              \
-            for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + (PF));                   \
+        ROW_WEIGHTS(i, PREFETCH_BYTES)                                                                       \
         float res[8];                                                                                        \
         DOTS;                                                                                                \
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
-        (void)ws;                                                                                            \
     }
 
-#define DEFINE_ROWS(NAME, PF, DOTS)                                                                              \
-    DEFINE_ROWS_NT(NAME, PF, DOTS, 1) DEFINE_ROWS_NT(NAME, PF, DOTS, 2) DEFINE_ROWS_NT(NAME, PF, DOTS, 3)      \
-    DEFINE_ROWS_NT(NAME, PF, DOTS, 4) DEFINE_ROWS_NT(NAME, PF, DOTS, 5) DEFINE_ROWS_NT(NAME, PF, DOTS, 6)      \
-    DEFINE_ROWS_NT(NAME, PF, DOTS, 7) DEFINE_ROWS_NT(NAME, PF, DOTS, 8)                                        \
+#define DEFINE_ROWS(NAME, DOTS)                                                                              \
+    DEFINE_ROWS_NT(NAME, DOTS, 1) DEFINE_ROWS_NT(NAME, DOTS, 2) DEFINE_ROWS_NT(NAME, DOTS, 3)              \
+    DEFINE_ROWS_NT(NAME, DOTS, 4) DEFINE_ROWS_NT(NAME, DOTS, 5) DEFINE_ROWS_NT(NAME, DOTS, 6)              \
+    DEFINE_ROWS_NT(NAME, DOTS, 7) DEFINE_ROWS_NT(NAME, DOTS, 8)                                            \
     static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
                                    NAME##_8};
-#define DEFINE_ROWS_NT(NAME, PF, DOTS, nt)                                                                     \
+#define DEFINE_ROWS_NT(NAME, DOTS, nt)                                                                         \
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
                                                       int64_t n, float *out, int64_t stride, int accumulate) { \
         enum { NT = nt };                                                                                      \
-        ROW_LOOP(PF, DOTS)                                                                                     \
+        ROW_LOOP(DOTS)                                                                                         \
     }
 
 #ifdef HAVE_ZMM_INT8
 /* The AVX-512 int8 rows: DOTS leaves each token's 16 partial sums of a row in acc[t], summed in hsum16's tree.
  * One token's rows go sixteen at a time: their sums side by side (f32_sums16, the same tree, so the same result
  * as one row alone whatever the chunk's bounds) and one store for sixteen outputs; the horizontal sums of single
- * rows cost a fifth of a 288-long row's time. No software prefetch: these kernels take few instructions per byte
+ * rows cost a seventh to a fifth of a 288-long row's time. No software prefetch: these kernels take few instructions per byte
  * and the hardware prefetchers keep up (with a prefetch 6 KiB ahead, runq.c-layout Q8_0 rows of the 110M shape
  * read DRAM ~8% slower on two Zen 4 cores, and Q4_0 rows 14-22 GB/s on one core against 24-26 without). */
 #define ZMM_ROW(i, DOTS)                                                                                     \
-    const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + (i) * n : (const uint8_t *)m->w + (i) * rb; \
-    const float *ws = m->type == W_Q8 ? m->s + (i) * n_groups : NULL;                                        \
-    if (ZMM_PREFETCH_BYTES)                                                                                  \
-        for (int64_t off = 0; off < rb; off += 64) __builtin_prefetch(w + off + ZMM_PREFETCH_BYTES);         \
+    ROW_WEIGHTS(i, ZMM_PREFETCH_BYTES)                                                                       \
     __m512 acc[8];                                                                                           \
-    DOTS;                                                                                                    \
-    (void)ws;
+    DOTS;
 
 #define DEFINE_ZMM_ROWS(NAME, DOTS)                                                                              \
     DEFINE_ZMM_ROWS_NT(NAME, DOTS, 1) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 2) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 3)      \
@@ -1249,10 +1248,10 @@ static void dots_int8_scalar_nt(const uint8_t *w, const float *ws, int type, con
                                 float *res) {
     dots_int8_scalar(w, ws, type, a, n, nt, res);
 }
-DEFINE_ROWS(rows_scalar, PREFETCH_BYTES, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
+DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
 #ifdef __AVX2__
-DEFINE_ROWS(rows_q8_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
-DEFINE_ROWS(rows_q8_blocks_avx2, PREFETCH_BYTES, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
+DEFINE_ROWS(rows_q8_avx2, dots_int8_avx2(w, ws, W_Q8, a, n, NT, res))
+DEFINE_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
 #endif
 #ifdef HAVE_ZMM_INT8
 DEFINE_ZMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
@@ -1261,7 +1260,7 @@ DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g32, dots_q8_g32_simd(w, ws, a, n, NT, acc))
 #elif defined(__AVX2__)
-DEFINE_ROWS(rows_q4, PREFETCH_BYTES, dots_q4_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, res))
 #endif
 
 /* the row kernels for m's type and group size */
