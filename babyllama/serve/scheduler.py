@@ -240,8 +240,3 @@ def hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, 
 def _put_all(items: list[tuple[asyncio.Queue, tuple[int, object]]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
-
-
-def emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Emitter:
-    """A job's `emit` for a request whose events go to `queue` on `loop`."""
-    return Emitter(loop, queue)

@@ -21,7 +21,7 @@ from ..sampler import Sampler
 from ..tokenizer import BOS
 from . import protocol as p
 from .metrics import Metrics
-from .scheduler import Finished, Job, QueueFull, Scheduler, Token, emitter
+from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, Token
 
 DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
 ZERO_SEED = 0x5EED  # seed 0's stand-in (run.c reads 0 as "the time")
@@ -182,7 +182,7 @@ class Service:
             raise APIError(400, f"n={req.n} is more than this server queues at once ({self.config.queue})",
                            param="n")
         events: asyncio.Queue = asyncio.Queue()
-        emit = emitter(asyncio.get_running_loop(), events)
+        emit = Emitter(asyncio.get_running_loop(), events)
         deadline = time.monotonic() + self.config.timeout_s
         base = req.seed if req.seed is not None else time.time_ns() % 2**32
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i)), emit, index=i,

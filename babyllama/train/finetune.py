@@ -19,7 +19,7 @@ from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from .config import TrainConfig
-from .data import TOKENIZER_BIN, pretokenize, read_meta
+from .data import TOKENIZER_BIN, pretokenize
 from .lora import apply_lora
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
@@ -60,8 +60,8 @@ def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
                              "(or pass --data)")
 
 
-def check_vocab(cfg: TrainConfig, data_dir: Path) -> None:
-    vocab = int(read_meta(data_dir).get("vocab_size") or 0)
+def check_vocab(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
+    vocab = int(meta.get("vocab_size") or 0)
     if vocab and vocab != cfg.vocab_size:
         raise BabyLlamaError(f"{data_dir} was tokenized with a {vocab}-token vocabulary, the base model has "
                              f"{cfg.vocab_size}: pretokenize with the base's tokenizer (or pass --data)")

@@ -215,7 +215,7 @@ class Trainer:
         if meta is None:
             raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
         if cfg.base:
-            finetune.check_vocab(cfg, data_dir)
+            finetune.check_vocab(cfg, meta, data_dir)
             finetune.check_word_weight(cfg, meta, data_dir)
         if cfg.vocab_size == 0:
             cfg.vocab_size = int(meta.get("vocab_size") or 0)
