@@ -308,3 +308,16 @@ def test_torchrun_two_processes_match_one(pipeline, single_process_reference, tm
     assert np.allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=1e-4)
     a, b = load_model(out / "ckpt.pt"), load_model(single_process_reference / "ckpt.pt")
     assert all(torch.allclose(p, b.state_dict()[k], atol=1e-5) for k, p in a.state_dict().items())
+
+
+def test_device_cuda_without_an_index_picks_the_current_gpu(monkeypatch):
+    """`--device=cuda` (no index) on one GPU: torch.cuda.set_device needs an index, so the loop gives it the
+    current GPU's."""
+    from babyllama.train import loop
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+    dist_info, device = loop.setup_distributed("cuda")
+    assert device == torch.device("cuda", 0) and chosen == [device] and not dist_info.enabled

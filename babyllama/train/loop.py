@@ -69,6 +69,8 @@ def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
             raise BabyLlamaError("device cuda requested but no CUDA GPU is available (use --device=cpu)")
         if d.enabled:
             device = torch.device("cuda", d.local_rank)
+        elif device.index is None:  # "cuda": the current GPU (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if d.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
