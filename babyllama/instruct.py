@@ -303,25 +303,30 @@ def exchange(request: str, reply: str, topic: Topic | None, words: list[str]) ->
 
 
 def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1, fits=None,
-                      max_df: float = MAX_WORD_DF, first: int = 0) -> tuple[list[dict], list[dict], dict]:
-    """(train records, held-out records, counts). Stories are split first (a seeded shuffle; the held-out
+                      max_df: float = MAX_WORD_DF, first: int = 0, dev_count: int = 0,
+                      ) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(train records, held-out records, dev records, counts). Stories are split first (a seeded shuffle; the held-out
     stories never appear in training), then each training story gets `per_story` requests (their words and
-    phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context."""
-    if val_count < 0 or per_story < 1:
-        raise BabyLlamaError("--val-count must be >= 0 and --per-story >= 1")
+    phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context.
+    The next `dev_count` stories of the shuffle are held out as the dev split, one request each: the split to
+    choose settings on, so that the held-out one stays for reporting. The held-out records do not depend on
+    `dev_count` (they are drawn first)."""
+    if val_count < 0 or dev_count < 0 or per_story < 1:
+        raise BabyLlamaError("--val-count and --dev-count must be >= 0 and --per-story >= 1")
     if first < 0:
         raise BabyLlamaError("--early-words must be >= 0 (0: words from anywhere in the story)")
-    if val_count >= len(stories):
-        raise BabyLlamaError(f"--val-count {val_count} leaves no training stories (there are {len(stories)})")
+    if val_count + dev_count >= len(stories):
+        raise BabyLlamaError(f"--val-count {val_count} and --dev-count {dev_count} leave no training stories (there "
+                             f"are {len(stories)})")
     df, n = document_frequencies(stories)
     rng = random.Random(seed)
     order = list(range(len(stories)))
     rng.shuffle(order)
     counts = {"stories": len(stories), "no_request": 0, "too_long": 0}
-    splits: dict[str, list[dict]] = {"val": [], "train": []}
+    splits: dict[str, list[dict]] = {"val": [], "dev": [], "train": []}
     for rank, i in enumerate(order):
-        split = "val" if rank < val_count else "train"
-        for _ in range(1 if split == "val" else per_story):
+        split = "val" if rank < val_count else "dev" if rank < val_count + dev_count else "train"
+        for _ in range(per_story if split == "train" else 1):
             record = instruction_record(stories[i], df, n, rng, max_df, first)
             if record is None:
                 counts["no_request"] += 1
@@ -329,8 +334,8 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
                 counts["too_long"] += 1
             else:
                 splits[split].append(record)
-    counts.update(train=len(splits["train"]), val=len(splits["val"]))
-    return splits["train"], splits["val"], counts
+    counts.update(train=len(splits["train"]), val=len(splits["val"]), dev=len(splits["dev"]))
+    return splits["train"], splits["val"], splits["dev"], counts
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:

@@ -4,25 +4,37 @@ of the chat model on the held-out requests (`babyllama eval --instruct`), with s
 
     python scripts/make_chat_card.py WORK --base babyllama/assets/model.bin
 
-WORK holds the two stages of scripts/train_chat.sh: data/ and run/ (requests with words from anywhere in the
-story), words/ and run2/ (words from the story's opening, weighted); each run folder also holds `seconds` and
-`command` as the script wrote them. Used by scripts/train_chat.sh."""
+WORK is scripts/train_chat.sh's folder: the request sets rare/, common/ and anywhere/ (each with its held-out
+instruct_val.jsonl), tune/ (the fine-tuning data) and run/, the fine-tuning run: its `command`, `seconds`,
+`metrics.jsonl` and data/meta.json, and the weights as ckpt.pt or, for a run made elsewhere, model.bin (its fp32
+export). Used by scripts/train_chat.sh."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from make_card import machine, sha256
 
 from babyllama import api, formats
+from babyllama.cli import build_parser
+from babyllama.cli.train import config_overrides
 from babyllama.export import export
 from babyllama.instruct import eval_requests, score_instructions
 from babyllama.loading import load_source
-from babyllama.train import checkpoint
+from babyllama.train.config import FINETUNE_DEFAULTS, resolve_config
 
 N_SAMPLES = 3
+# config keys the card leaves out: paths, and the model's shape (the base's, in the card's "config")
+NOT_SETTINGS = {"out_dir", "data_dir", "data", "init_from", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                "multiple_of", "max_seq_len", "norm_eps", "rope_theta", "shared_classifier"}
+HELD_OUT = {  # split name in the card -> request set of scripts/train_chat.sh
+    "words_from_openings": "rare",
+    "common_words_from_openings": "common",
+    "words_from_anywhere": "anywhere",
+}
 
 
 def score(model, requests) -> dict:
@@ -30,25 +42,33 @@ def score(model, requests) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.to_dict(N_SAMPLES).items()}
 
 
-def stage(run: Path, data: Path) -> dict:
-    """What the card says of one fine-tuning stage."""
-    ckpt = checkpoint.load(run / "ckpt.pt")
-    cfg = ckpt["config"]
+def run_config(command: str) -> dict:
+    """The settings a `python -m babyllama finetune ...` command ran with: defaults, config file, then flags."""
+    args = build_parser().parse_args(shlex.split(command)[2:])  # after "-m babyllama"
+    return resolve_config(args.config, config_overrides(args), defaults=FINETUNE_DEFAULTS).to_dict()
+
+
+def training(run: Path, work: Path) -> dict:
+    """What the card says of the fine-tuning run."""
+    command = (run / "command").read_text().strip()
+    cfg = run_config(command)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     meta = json.loads((run / "data" / "meta.json").read_text())
-    read = lambda name: (run / name).read_text().strip() if (run / name).exists() else None  # noqa: E731
-    seconds = read("seconds")
+    seconds = (run / "seconds").read_text().strip() if (run / "seconds").exists() else None
+    train_files = sorted((work / "tune").glob("*_train.jsonl"))
     return {
         "method": "LoRA" if cfg.get("lora_rank") else "full fine-tuning",
-        "iters": ckpt["iter_num"],
+        "iters": evals[-1]["iter"],
         "loss": "cross-entropy on the assistant replies and their EOS only" + (
             f", the tokens of requested words weighted {cfg['word_weight']}x (validation unweighted)"
             if cfg.get("word_weight", 1) > 1 else ""),
-        "train_requests": len((data / "instruct_train.jsonl").read_text().splitlines()),
-        "train_tokens": meta["tokens"],
-        "val_loss_in_training": round(ckpt["best_val_loss"], 4),
+        "train_requests": {f.name: len(f.read_text().splitlines()) for f in train_files},
+        "tokens": meta["tokens"],
+        "val_loss": {"split": "dev (rare words from openings)",
+                     "by_iter": {e["iter"]: round(e["val_loss"], 4) for e in evals}},
         "wall_seconds": int(seconds) if seconds else None,
-        "command": read("command"),
-        "config": {k: v for k, v in cfg.items() if k not in ("out_dir", "data_dir", "data")},
+        "command": command,
+        "config": {k: v for k, v in cfg.items() if k not in NOT_SETTINGS},
     }
 
 
@@ -56,22 +76,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path)
     p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--machine", default=None, help="where the run trained (default: this machine's CPU)")
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[1] / "babyllama" / "assets")
     a = p.parse_args()
 
-    run1, run2 = a.work / "run", a.work / "run2"
+    run = a.work / "run"
+    weights_of_run = {"checkpoint": str(run)} if (run / "ckpt.pt").exists() else {"model": str(run / "model.bin")}
     chat = a.assets / "chat.bin"
-    export(load_source(checkpoint=str(run2)), chat, "bin", version=2)
+    export(load_source(**weights_of_run), chat, "bin", version=2)
     weights = formats.load(chat)
     tokenizer = a.assets / "tokenizer.bin"
+    fp32 = run if (run / "ckpt.pt").exists() else run / "model.bin"
     models = {"base": api.load(a.base, tokenizer), "chat": api.load(chat, tokenizer),
-              "chat_fp32": api.load(run2, tokenizer), "stage1_fp32": api.load(run1, tokenizer)}
-    held_out = {"words_from_openings": a.work / "words" / "instruct_val.jsonl",
-                "words_from_anywhere": a.work / "data" / "instruct_val.jsonl"}
+              "chat_fp32": api.load(fp32, tokenizer)}
     scores = {}
-    for name, path in held_out.items():
+    for name, folder in HELD_OUT.items():
+        path = a.work / folder / "instruct_val.jsonl"
         requests = eval_requests(path)
-        scores[name] = {"file": path.name, "sha256": sha256(path), "requests": len(requests),
+        scores[name] = {"file": f"{folder}/{path.name}", "sha256": sha256(path), "requests": len(requests),
                         **{m: score(model, requests) for m, model in models.items()}}
     card = {
         "name": "babyllama-chat",
@@ -86,22 +108,23 @@ def main() -> None:
                   "tokenizer.bin": "shared with the base model (model.json)"},
         "base": {"file": a.base.name, "sha256": sha256(a.base)},
         "data": {
-            "source": "train-00.txt (TinyStories training stories; valid.txt is never used); the same 300 stories "
-                      "held out in both stages",
-            "made_by": "babyllama data instruct (requests: a topic or character and three rare words taken from "
-                       "the story itself, in one of 21 phrasings; the story is the reply); stage 2 with "
-                       "--early-words 4 (the words drawn from the story's first four candidates)",
+            "source": "train-00.txt (TinyStories training stories; valid.txt is never used): a seeded shuffle holds "
+                      "300 stories out for the scores below and the next 200 as the dev split (the run's validation "
+                      "loss; the settings were chosen on it); every request set holds out the same stories",
+            "made_by": "babyllama data instruct: a request for the story's own character or topic and three of its "
+                       "words, in one of 21 phrasings, the story as the reply; training: rare words (used by at "
+                       "most 5% of the stories) from the story's opening (--early-words 4, 12 requests per story) "
+                       "and commoner ones (--max-word-df 0.2, 6 per story)",
         },
-        "training": {"stage1": stage(run1, a.work / "data"), "stage2": stage(run2, a.work / "words"),
-                     "machine": machine()},
+        "training": {**training(run, a.work), "machine": a.machine or machine()},
         "eval": {
             "instruct": scores,
             "command": "babyllama eval MODEL --instruct FILE (greedy, each reply until EOS or the context)",
             "notes": "word_share: requested words used in the reply (whole words, any case); topic_share: replies "
                      "that mention every word of the requested topic (e.g. cat and Tom); chat: the shipped Q8_0 "
-                     "file; chat_fp32: the fine-tune before quantization; stage1_fp32: after the first stage; base: "
-                     "the story model given the same [INST] prompts. words_from_openings is the held-out split of "
-                     "stage 2's data, words_from_anywhere that of stage 1 (the same stories).",
+                     "file; chat_fp32: the fine-tune before quantization; base: the story model given the same "
+                     "[INST] prompts. words_from_openings and common_words_from_openings ask for words as the "
+                     "training requests do; words_from_anywhere for rare words from anywhere in the story.",
         },
         "reproduce": "scripts/train_chat.sh",
     }

@@ -35,13 +35,13 @@ def test_shipped_model_files_fit_the_budget_and_match_the_chat_card():
                                                          "scripts/train_chat.sh"
     chat, base = formats.load(BUILTIN_CHAT), formats.load(BUILTIN_MODEL)
     assert chat.quantized and chat.args.to_dict() == base.args.to_dict() == {**c["config"]}
-    for split in ("words_from_openings", "words_from_anywhere"):
+    for split in ("words_from_openings", "common_words_from_openings", "words_from_anywhere"):
         scores = c["eval"]["instruct"][split]
         assert scores["chat"]["requests"] == scores["base"]["requests"] == scores["requests"] > 100
         assert scores["chat"]["word_share"] > scores["base"]["word_share"]
     assert c["reproduce"] == "scripts/train_chat.sh"
-    assert c["training"]["stage1"]["iters"] > 0 and c["training"]["stage2"]["iters"] > 0
-    assert c["training"]["stage2"]["config"]["word_weight"] > 1
+    assert c["training"]["iters"] == c["training"]["config"]["max_iters"] > 0
+    assert c["training"]["config"]["word_weight"] > 1
 
 
 def test_chat_without_a_model_uses_the_chat_model_and_run_the_story_model():
@@ -60,14 +60,16 @@ def test_chat_without_a_model_uses_the_chat_model_and_run_the_story_model():
 
 def test_the_chat_model_follows_requests_better_than_its_base(tmp_path):
     """Requests about stories the chat model never saw (scripts/train_chat.sh's held-out stories: the same
-    seeded split of train-00.txt, words from the stories' openings as in its second stage), greedy: the chat
-    model mentions the requested topic and uses the requested words more often than the story model. The
-    card's full figures (chat.json, docs/finetune.md) come from the script's own run."""
+    seeded split of train-00.txt, rare words from the stories' openings as in its training requests), greedy:
+    the chat model mentions the requested topic and uses the requested words far more often than the story
+    model, and uses most of them (51 of 66 words on these 24 requests with the shipped model, on AVX2 and
+    AVX-512; the card's 85% is over all 227 held-out requests: 60% leaves room for near-ties between CPUs
+    while failing a model that does not follow requests)."""
     from babyllama.instruct import make_instructions, write_jsonl
     from babyllama.train.data import read_documents
 
     data = shared_file("data/tinystories/train-00.txt")
-    _, held_out, _ = make_instructions(list(read_documents(data)), 300, seed=0, first=4)
+    _, held_out, _, _ = make_instructions(list(read_documents(data)), 300, seed=0, first=4)
     requests = [r for r in held_out if len(r["messages"][1]["content"]) < 700][:24]
     write_jsonl(requests, tmp_path / "requests.jsonl")
     scores = {}
@@ -79,4 +81,5 @@ def test_the_chat_model_follows_requests_better_than_its_base(tmp_path):
     assert scores["chat"]["requests"] == 24
     assert scores["chat"]["topic_hits"] >= scores["base"]["topic_hits"] + 4
     assert scores["chat"]["words_used"] >= scores["base"]["words_used"] + 8
+    assert scores["chat"]["words_used"] >= 0.6 * scores["chat"]["words_requested"]
     assert scores["chat"]["finished"] >= scores["base"]["finished"]

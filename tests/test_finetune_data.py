@@ -261,11 +261,17 @@ def test_held_out_stories_never_appear_in_training():
     names = [f"Rex{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(100)]
     stories = [f"Once upon a time there was a dog named {n}. {n} liked the garden. The garden was green."
                for n in names]
-    train, val, counts = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0)
-    assert counts == {"stories": 100, "no_request": 0, "too_long": 0, "train": 270, "val": 10}
+    train, val, dev, counts = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0)
+    assert counts == {"stories": 100, "no_request": 0, "too_long": 0, "train": 270, "val": 10, "dev": 0}
     replies = lambda records: {r["messages"][1]["content"] for r in records}  # noqa: E731
     assert len(replies(val)) == 10 and len(replies(train)) == 90 and not replies(val) & replies(train)
     assert len({r["messages"][0]["content"] for r in train}) > 200  # three different requests per story
+    assert dev == []
+    # a dev split: the next stories of the same shuffle, one request each; the held-out records stay the same
+    train2, val2, dev2, counts2 = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0, dev_count=15)
+    assert val2 == val and counts2["dev"] == 15 and counts2["train"] == 225
+    assert len(replies(dev2)) == 15 and not replies(dev2) & (replies(val2) | replies(train2))
+    assert replies(train2) | replies(dev2) == replies(train)
 
 
 def _tiny_model(tmp_path):

@@ -50,6 +50,9 @@ def add(sub) -> None:
     i.add_argument("--input", default=DEFAULT_INPUT, help=f"stories: text/jsonl/json file or folder ({DEFAULT_INPUT})")
     i.add_argument("--out-dir", default="data/instruct", help="where the .jsonl files go (data/instruct)")
     i.add_argument("--val-count", type=int, default=200, help="stories held out for evaluation (200)")
+    i.add_argument("--dev-count", type=int, default=0,
+                   help="the next N stories are held out as a dev split (OUT_DIR/instruct_dev.jsonl) to choose "
+                        "settings on, keeping instruct_val.jsonl for reporting (0)")
     i.add_argument("--per-story", type=int, default=1, help="requests per training story, each drawn anew (1)")
     i.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
     i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
@@ -132,15 +135,19 @@ def cmd_data_instruct(args) -> int:
         raise BabyLlamaError(f"{args.input}: no stories")
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
-    train, val, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
-                                           args.early_words)
+    train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
+                                                args.early_words, args.dev_count)
     if not train:
         raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
                              f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
     out = Path(args.out_dir)
     write_jsonl(train, out / "instruct_train.jsonl")
     write_jsonl(val, out / "instruct_val.jsonl")
-    print(f"wrote {counts['train']:,} training and {counts['val']:,} held-out requests from {counts['stories']:,} "
-          f"stories to {out} ({counts['too_long']:,} left out: longer than the context of {seq_len}; "
+    if args.dev_count:
+        write_jsonl(dev, out / "instruct_dev.jsonl")
+    dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
+    print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "
+          f"{counts['stories']:,} stories to {out} ({counts['too_long']:,} left out: longer than the context of "
+          f"{seq_len}; "
           f"{counts['no_request']:,} without a topic or words to ask for)")
     return 0
