@@ -109,14 +109,15 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
 
 
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
-         quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool = True,
+         quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool | None = None,
          compile: bool = False, lora: str | os.PathLike | None = None) -> Model:
     """Load a model (default: the built-in one) of any format babyllama reads (a .bin, GGUF, Hugging Face or
     Meta folder, training checkpoint: see loading.py) with its tokenizer (`tokenizer`, else the model's own,
     else tokenizer.bin beside it, else the built-in one when the vocabularies match).
     `quantize` "q8_0" or "q4_0" converts the weights on load; `plain` selects the unoptimized reference
     engine; `device` "cpu" or "cuda" runs the PyTorch model instead of the NumPy engine (`compile`: its
-    decode step through torch.compile); `mmap=False` reads the weights into memory (see formats.load).
+    decode step through torch.compile); `mmap` True maps the file, False reads the weights into memory, None
+    (the default) reads files that take at most a quarter of the free memory (see formats.load).
     `lora` merges a LoRA adapter (its .safetensors, or the fine-tuning run's folder) into the weights first:
     it must have been trained on this very model (see adapter.py)."""
     source = open_model(builtin_model() if model is None else model, mmap=mmap)

@@ -172,7 +172,7 @@ def decode_bytes(weights) -> int:
 
 
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
-            mmap: bool = True, device: str = "numpy", compile: bool = False, sampled: bool = False) -> dict:
+            mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False) -> dict:
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
     (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
     run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
@@ -398,7 +398,7 @@ class Plan:
     plain_repeats: int = 1
     references: dict[str, str] = field(default_factory=dict)  # "run.c"/"runq.c" -> executable
     llamacpp: bool = False
-    mmap: bool = True
+    mmap: bool | None = None  # None: formats.load's default (read small files, map large ones)
     device: str = "numpy"
     compile: bool = False
     thread_settings: tuple[str, ...] = ("default",)
@@ -468,8 +468,9 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
 
 
 def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log) -> Row:
-    mapped = plan.mmap or path_name == "plain"  # the plain baseline always maps the file
-    engine = "plain NumPy" if path_name == "plain" else "babyllama" + ("" if mapped else " --no-mmap")
+    mmap = True if path_name == "plain" else plan.mmap  # the plain baseline always maps the file
+    flag = {None: "", True: " --mmap", False: " --no-mmap"}[mmap]
+    engine = "plain NumPy" if path_name == "plain" else "babyllama" + flag
     if plan.device != "numpy":
         engine += f" --device {plan.device}" + (" --compile" if plan.compile else "")
     row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
@@ -477,7 +478,7 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
     spec = {"kind": "ours", "path": str(model_file(shape, fmt, directory)), "plain": not fast,
             "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
-            "prompt_len": plan.prompt_len, "mmap": mapped, "device": plan.device, "compile": plan.compile,
+            "prompt_len": plan.prompt_len, "mmap": mmap, "device": plan.device, "compile": plan.compile,
             "sampled": shape == BUILTIN}
     log(f"measuring {shape} {fmt} {engine} (threads {row.threads}) ...")
     try:

@@ -70,7 +70,7 @@ class Engine:
     (native: the embedding, every layer as in `_block` with the norms, the SwiGLU gate and the residual
     additions inside the products, then the classifier), since Python's per-call overhead otherwise rivals a
     small model's arithmetic. `kernels=` pins a backend object (tests use it to run two builds side by side).
-    Weights are never copied (they stay memory-mapped unless loaded with mmap=False)."""
+    Weights are never copied (they are the mapped file, or the buffer it was read into)."""
 
     def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None):
         self.w = weights

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from . import safeio
+from . import memory, safeio
 from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from .errors import BabyLlamaError
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor, quantize_q4_0
@@ -329,12 +329,16 @@ class _Cursor:
         return BlockTensor("q4_0", self.take(np.uint8, out, _q4_bytes(n)), n)
 
 
-def load(path: str | os.PathLike, mmap: bool = True) -> Weights:
-    """Memory-map a llama2.c model file (any version) into `Weights`: loading is instant and memory grows
-    only with what is touched. `mmap=False` reads the file into process memory instead (llama.cpp's
-    --no-mmap), which NumPy backs with transparent huge pages where the kernel allows. The map gets huge
-    pages too when the file is read cold (see _map_file)."""
+def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
+    """A llama2.c model file (any version) as `Weights`, viewing the file's bytes without copies.
+    `mmap=True` maps the file: loading is instant and memory grows only with what is touched (the map gets
+    huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
+    (llama.cpp's --no-mmap), which NumPy backs with transparent huge pages where the kernel allows: faster
+    decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
+    ones (memory.read_by_default)."""
     args, version, gs, header = read_header(path)
+    if mmap is None:
+        mmap = not memory.read_by_default(os.path.getsize(path))
     buf = _map_file(path) if mmap else _read_whole(path)
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size

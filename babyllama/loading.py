@@ -108,7 +108,7 @@ def detect_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------- opening
 
 
-def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = True,
+def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
     GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
@@ -150,7 +150,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool = Tr
 
 
 def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,
-                hf: list[str] | None = None, max_seq_len: int | None = None, mmap: bool = True) -> Source:
+                hf: list[str] | None = None, max_seq_len: int | None = None, mmap: bool | None = None) -> Source:
     """`export`'s sources, one of which is given: the format named by the flag rather than detected (an HF
     checkpoint may also be given as its weight files with config.json beside them)."""
     if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):

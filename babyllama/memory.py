@@ -38,6 +38,31 @@ def available_bytes() -> int | None:
     return min(known) if known else None
 
 
+def memory_free() -> int | None:
+    """Memory the kernel can still give without swapping (MemAvailable: free pages plus reclaimable cache),
+    within the address-space limit; None where /proc/meminfo is not there."""
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    limit = _address_space_left()
+    return free if limit is None else min(free, limit)
+
+
+READ_SHARE = 0.25  # a model file up to this share of the free memory is read into memory by default
+
+
+def read_by_default(nbytes: int) -> bool:
+    """Whether a model file of `nbytes` is read into process memory rather than mapped, when neither is asked
+    for: read where it takes at most a quarter of the free memory. Read weights sit in 2 MB transparent huge
+    pages (NumPy asks for them), a map of a file already in the page cache in 4 KiB pages, and decode, which
+    streams every weight once per token, runs faster from the former (docs/speed.md). Larger files are
+    mapped: loading stays instant and memory grows only with what is touched."""
+    free = memory_free()
+    return free is not None and nbytes <= READ_SHARE * free
+
+
 def check_fits(nbytes: int, what: str, hint: str = "") -> None:
     """Refuse an allocation of `nbytes` that cannot fit in memory, naming it."""
     limit = available_bytes()

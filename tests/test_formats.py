@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_no_mmap_load_reads_the_same_read_only_weights(tmp_path, version):
     w = random_weights(tiny_args(dim=64, hidden_dim=128))
     path = tmp_path / "m.bin"
     formats.save(w, path, version=version)
-    mapped, read = formats.load(path), formats.load(path, mmap=False)
+    mapped, read = formats.load(path, mmap=True), formats.load(path, mmap=False)
     for name in ("tok_embeddings", "rms_att", "rms_ffn", "rms_final", "wcls", *MATRICES):
         a, b = getattr(mapped, name), getattr(read, name)
         if read.quantized:  # QTensors (or lists of them): compare their int8 values and scales
@@ -51,6 +52,32 @@ def test_no_mmap_load_reads_the_same_read_only_weights(tmp_path, version):
     m, q = (w.wq[0].q if w.quantized else w.wq for w in (mapped, read))
     assert isinstance(owner(m), mmap.mmap) and not m.flags.writeable  # a view of the file, not a copy
     assert not isinstance(owner(q), mmap.mmap) and not q.flags.writeable
+
+
+def _owner(a):  # what holds the bytes behind a view
+    return _owner(a.base) if isinstance(a, np.ndarray) else a.obj if isinstance(a, memoryview) else a
+
+
+@pytest.mark.parametrize("free, mapped", [(None, True), (2**20, True), (2**30, False)],
+                         ids=["unknown-free-memory", "file-over-a-quarter", "file-under-a-quarter"])
+def test_default_load_reads_files_that_fit_easily_and_maps_the_rest(tmp_path, monkeypatch, free, mapped):
+    """Without mmap=..., a file of at most a quarter of the free memory is read into memory, a larger one (or
+    one whose fit cannot be told) mapped."""
+    from babyllama import memory
+
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(dim=64, hidden_dim=128)), path, version=1)
+    assert 2**18 < path.stat().st_size <= 2**28  # over a quarter of 1 MiB, under a quarter of 1 GiB
+    monkeypatch.setattr(memory, "memory_free", lambda: free)
+    assert isinstance(_owner(formats.load(path).wq), mmap.mmap) == mapped
+
+
+def test_memory_free_reads_the_kernels_estimate():
+    free = __import__("babyllama.memory", fromlist=["memory_free"]).memory_free()
+    if not os.path.exists("/proc/meminfo"):
+        assert free is None
+    else:
+        assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import BabyLlamaError
-from .common import add_compile, add_threads
+from .common import add_compile, add_mmap, add_threads
 
 
 def add(sub) -> None:
@@ -28,7 +28,7 @@ def add(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
-    p.add_argument("--no-mmap", action="store_true", help="babyllama rows read the weights into memory (run --no-mmap)")
+    add_mmap(p, "babyllama rows: ")
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
@@ -80,7 +80,7 @@ def cmd_bench(args) -> int:
     check_device(args.device, args.compile)  # here, as one line, rather than in a child process
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
-                      args.llamacpp, not args.no_mmap, args.device, args.compile, settings, args.busy,
+                      args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
                       args.bandwidth_mib)
     rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
                                 log=lambda m: print(m, file=sys.stderr, flush=True))

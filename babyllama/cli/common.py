@@ -99,3 +99,13 @@ def text_arg(value: str | None, flag: str) -> str:
     except UnicodeEncodeError:
         raise BabyLlamaError(f"{flag} is not valid UTF-8 text") from None
     return value
+
+
+def add_mmap(p, who: str = "") -> None:
+    """--mmap / --no-mmap (args.mmap: True, False, or None for the default rule of formats.load)."""
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--mmap", dest="mmap", action="store_true", default=None,
+                   help=f"{who}map the model file (instant load, memory only for what is touched)")
+    m.add_argument("--no-mmap", dest="mmap", action="store_false",
+                   help=f"{who}read the weights into memory (faster decode; the default for files up to a "
+                        "quarter of the free memory)")

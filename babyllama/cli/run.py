@@ -9,6 +9,7 @@ from typing import cast
 from ..errors import BabyLlamaError
 from .common import (
     add_compile,
+    add_mmap,
     add_model_flags,
     add_sampling_flags,
     add_threads,
@@ -61,8 +62,7 @@ def add(sub) -> None:
 
 def add_engine_flags(p) -> None:
     p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
-    p.add_argument("--no-mmap", action="store_true",
-                   help="read the weights into memory instead of mapping the file (faster decode, full RSS)")
+    add_mmap(p)
     p.add_argument("--device", default="numpy",
                    help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")
     add_compile(p)
@@ -79,7 +79,7 @@ def load_model(args):
         path = builtin_chat_model()
     model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),
                  plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
-                 mmap=not getattr(args, "no_mmap", False), compile=getattr(args, "compile", False),
+                 mmap=getattr(args, "mmap", None), compile=getattr(args, "compile", False),
                  lora=args.lora)
     if model.source_kind != "bin" or args.lora:
         print(f"babyllama: {model.description}", file=sys.stderr)
@@ -134,7 +134,7 @@ def load_draft(args):
     from ..api import make_engine
     from ..loading import open_model
 
-    weights = open_model(args.draft, mmap=not args.no_mmap).weights
+    weights = open_model(args.draft, mmap=args.mmap).weights
     if args.quantize:
         weights = weights.quantize_as(args.quantize)
     return make_engine(weights, args.device, args.plain, args.compile)
