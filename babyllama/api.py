@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from . import formats
-from .engine import Engine
+from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
@@ -19,9 +19,9 @@ class Model:
     """A loaded model: weights, engine and tokenizer together, with the generation calls the CLI makes."""
 
     def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy",
-                 compile: bool = False, source_kind: str = "bin", description: str = ""):
+                 compile: bool = False, source_kind: str = "bin", description: str = "", kv_cache: str = "auto"):
         self.weights = weights
-        self.engine = make_engine(weights, device, plain, compile)
+        self.engine = make_engine(weights, device, plain, compile, kv_cache)
         self.tokenizer = tokenizer
         self.source_kind = source_kind  # the format it was read from (loading.KINDS)
         self.description = description  # one line: what was loaded
@@ -93,13 +93,25 @@ def check_device(device: str, compile: bool = False) -> None:
         raise BabyLlamaError(f"--device {device} requested but no CUDA GPU is available")
 
 
-def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False):
+def check_kv_cache(kv_cache: str, device: str = "numpy") -> None:
+    """A one-line error unless `kv_cache` names a cache type the engine on `device` takes."""
+    if kv_cache not in KV_CACHE_TYPES:
+        raise BabyLlamaError(f"unknown KV cache type {kv_cache!r} (choose {', '.join(KV_CACHE_TYPES)})")
+    if kv_cache != "auto" and device != "numpy":
+        raise BabyLlamaError("--kv-cache works with the NumPy engine only (the PyTorch engine keeps its cache in "
+                             "its compute type: fp32 on cpu, bf16 on cuda)")
+
+
+def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False,
+                kv_cache: str = "auto"):
     """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
     (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
-    have the same `forward`/`new_cache` interface, so every generation loop runs on either."""
+    have the same `forward`/`new_cache` interface, so every generation loop runs on either. `kv_cache`: the
+    NumPy engine's cache type, "auto" (f16 for Q8_0/Q4_0 weights, f32 otherwise), "f32" or "f16"."""
     check_device(device, compile)
+    check_kv_cache(kv_cache, device)
     if device == "numpy":
-        return Engine(weights, plain=plain)
+        return Engine(weights, plain=plain, kv_cache=kv_cache)
     import torch
 
     from .model import TorchEngine, Transformer
@@ -110,7 +122,7 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
 
 def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
          quantize: str | None = None, plain: bool = False, device: str = "numpy", mmap: bool | None = None,
-         compile: bool = False, lora: str | os.PathLike | None = None) -> Model:
+         compile: bool = False, lora: str | os.PathLike | None = None, kv_cache: str = "auto") -> Model:
     """Load a model (default: the built-in one) of any format babyllama reads (a .bin, GGUF, Hugging Face or
     Meta folder, training checkpoint: see loading.py) with its tokenizer (`tokenizer`, else the model's own,
     else tokenizer.bin beside it, else the built-in one when the vocabularies match).
@@ -119,7 +131,10 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     decode step through torch.compile); `mmap` True maps the file, False reads the weights into memory, None
     (the default) reads files that take at most a quarter of the free memory (see formats.load).
     `lora` merges a LoRA adapter (its .safetensors, or the fine-tuning run's folder) into the weights first:
-    it must have been trained on this very model (see adapter.py)."""
+    it must have been trained on this very model (see adapter.py). `kv_cache` is the KV cache's element type:
+    "f32", "f16" (half the bytes attention reads per token), or "auto": f16 when the weights are quantized
+    (Q8_0/Q4_0, as loaded or by `quantize`), f32 otherwise."""
+    check_kv_cache(kv_cache, device)  # before the model is read
     source = open_model(builtin_model() if model is None else model, mmap=mmap)
     weights = source.weights
     description = source.describe()
@@ -132,6 +147,6 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     if quantize is not None:
         weights = weights.quantize_as(quantize)
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
-                 source_kind=source.kind, description=description)
+                 source_kind=source.kind, description=description, kv_cache=kv_cache)
 
-__all__ = ["Model", "load", "make_engine", "check_device", "clamp_steps", "BOS"]
+__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "clamp_steps", "BOS"]

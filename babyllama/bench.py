@@ -172,7 +172,8 @@ def decode_bytes(weights) -> int:
 
 
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
-            mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False) -> dict:
+            mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False,
+            kv_cache: str = "auto") -> dict:
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
     (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
     run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
@@ -191,7 +192,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     weights = formats.load(path, mmap=mmap)
-    engine = make_engine(weights, device, plain, compile)
+    engine = make_engine(weights, device, plain, compile, kv_cache)
     seq_len = weights.args.max_seq_len
     prompt = [1] + rng.integers(3, weights.args.vocab_size, prompt_len - 1).tolist()
 
@@ -404,6 +405,7 @@ class Plan:
     thread_settings: tuple[str, ...] = ("default",)
     busy: int = 0
     bandwidth_mib: int = 512
+    kv_cache: str = "auto"  # the NumPy engine's KV cache type (engine.KV_CACHE_TYPES)
 
 
 class Busy:
@@ -473,13 +475,15 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
     engine = "plain NumPy" if path_name == "plain" else "babyllama" + flag
     if plan.device != "numpy":
         engine += f" --device {plan.device}" + (" --compile" if plan.compile else "")
+    if plan.kv_cache != "auto":
+        engine += f" --kv-cache {plan.kv_cache}"
     row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
     fast = path_name == "fast"
     spec = {"kind": "ours", "path": str(model_file(shape, fmt, directory)), "plain": not fast,
             "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
             "prompt_len": plan.prompt_len, "mmap": mmap, "device": plan.device, "compile": plan.compile,
-            "sampled": shape == BUILTIN}
+            "sampled": shape == BUILTIN, "kv_cache": plan.kv_cache}
     log(f"measuring {shape} {fmt} {engine} (threads {row.threads}) ...")
     try:
         row.result = _run_child(spec, env)
@@ -563,7 +567,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              f"x decode tok/s; sampled: -t 1 -p 0.9 (trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
-             "or N set explicitly (--threads / OMP_NUM_THREADS).")
+             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
+             "unless the engine column names --kv-cache.")
     text = "\n".join(lines) + "\n\n" + notes + "\n"
     ratios = _ratios(rows)
     if ratios:

@@ -21,27 +21,50 @@ from .formats import Weights
 from .kernels_base import Kernels, apply_rope, rmsnorm, segments, silu  # noqa: F401 (re-exported)
 from .memory import allocation_failed, check_fits
 
+# `kv_cache` settings: "f32" and "f16" name the cache's element type; "auto" is f16 for quantized weights (Q8_0,
+# Q4_0: their products round weights and activations to 8- or 4-bit steps, far coarser than fp16's 11-bit
+# significands) and f32 otherwise (fp32 models compute exactly what llama2.c's run.c computes).
+KV_CACHE_TYPES = ("auto", "f32", "f16")
+
+
+def kv_cache_dtype(weights: Weights, kv_cache: str = "auto") -> type[np.floating]:
+    """The cache element type that setting `kv_cache` gives for `weights`."""
+    if kv_cache not in KV_CACHE_TYPES:
+        raise ValueError(f"unknown KV cache type {kv_cache!r} (choose {', '.join(KV_CACHE_TYPES)})")
+    if kv_cache == "auto":
+        kv_cache = "f16" if weights.quantized else "f32"
+    return np.float16 if kv_cache == "f16" else np.float32
+
 
 class KVCache:
     """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len, head_size),
-    so that one head's keys are a contiguous (positions, head_size) matrix for attention's products.
+    so that one head's keys are a contiguous (positions, head_size) matrix for attention's products. `dtype`
+    float32, or float16 (half the memory and half the bytes attention reads per token): values are rounded to
+    it as they are written, and read back as float32 for the arithmetic.
 
     np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill; callers size
     `seq_len` by the positions they will use, not by the header's context, and a cache that could never fit
     in memory is refused up front."""
 
-    def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None):
+    def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None,
+                 dtype: type[np.floating] = np.float32):
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise ValueError(f"a KV cache holds float32 or float16, not {np.dtype(dtype)}")
         self.seq_len = seq_len or args.max_seq_len
         shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len, args.head_size)
-        nbytes = 2 * 4 * int(np.prod(shape, dtype=np.float64))
+        nbytes = 2 * np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.float64))
         what = f"a KV cache of {self.seq_len:,} positions x {n_slots} sequence(s)"
         hint = "lower -n / --steps (or the batch's slots)"
         check_fits(nbytes, what, hint)
         try:
-            self.k = np.zeros(shape, dtype=np.float32)
-            self.v = np.zeros(shape, dtype=np.float32)
+            self.k = np.zeros(shape, dtype=dtype)
+            self.v = np.zeros(shape, dtype=dtype)
         except MemoryError:
             raise allocation_failed(what, nbytes, hint) from None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.k.dtype
 
     @property
     def n_slots(self) -> int:
@@ -70,13 +93,16 @@ class Engine:
     (native: the embedding, every layer as in `_block` with the norms, the SwiGLU gate and the residual
     additions inside the products, then the classifier), since Python's per-call overhead otherwise rivals a
     small model's arithmetic. `kernels=` pins a backend object (tests use it to run two builds side by side).
-    Weights are never copied (they are the mapped file, or the buffer it was read into)."""
+    Weights are never copied (they are the mapped file, or the buffer it was read into). `kv_cache` ("auto",
+    "f32", "f16"; see KV_CACHE_TYPES) sets the element type of the caches `new_cache` makes (`kv_dtype`)."""
 
-    def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None):
+    def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None,
+                 kv_cache: str = "auto"):
         self.w = weights
         self.args = weights.args
         self.args.validate()
         self.plain = plain
+        self.kv_dtype = kv_cache_dtype(weights, kv_cache)
         self._pinned = kernels
         self.cos = self.sin = np.empty((0, self.args.head_size // 2), dtype=np.float32)
         self._plan_for: Kernels | None = None
@@ -101,8 +127,10 @@ class Engine:
         return self._pinned or kernels.backend()
 
     def new_cache(self, n_slots: int = 1, seq_len: int | None = None) -> KVCache:
-        """A cache for `n_slots` sequences of up to `seq_len` positions (default: the model's context)."""
-        cache = KVCache(self.args, n_slots, min(seq_len or self.args.max_seq_len, self.args.max_seq_len))
+        """A cache for `n_slots` sequences of up to `seq_len` positions (default: the model's context), of the
+        engine's `kv_dtype`."""
+        cache = KVCache(self.args, n_slots, min(seq_len or self.args.max_seq_len, self.args.max_seq_len),
+                        self.kv_dtype)
         self._ensure_rope(cache.seq_len)
         return cache
 
@@ -137,10 +165,11 @@ class Engine:
     def shift_cache(self, cache: KVCache, slot: int, start: int, delta: int, end: int) -> None:
         """Context shift without recomputation: the entries of `slot` at positions [start + delta, end) move
         to [start, end - delta) in every layer, keys rotated back by delta positions (RoPE: R(p - d) = R(-d)
-        R(p)); what lay in [start, start + delta) is dropped."""
+        R(p)); what lay in [start, start + delta) is dropped. Keys are rotated in fp32 and stored back in the
+        cache's type."""
         kc, vc = cache.k[:, slot], cache.v[:, slot]  # (L, kv_heads, seq_len, hs)
         keys = kc[:, :, start + delta:end]
-        rows = keys.reshape(-1, 1, self.args.head_size)
+        rows = keys.astype(np.float32).reshape(-1, 1, self.args.head_size)
         cos = np.broadcast_to(self.cos[delta], (len(rows), len(self.cos[delta])))
         sin = np.broadcast_to(-self.sin[delta], cos.shape)  # rotation by -delta
         kc[:, :, start:end - delta] = apply_rope(rows, cos, sin).reshape(keys.shape)

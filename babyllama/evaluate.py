@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .documents import iter_documents
-from .engine import Engine, KVCache
+from .engine import Engine
 from .errors import BabyLlamaError
 from .progress import progress_bar
 from .tokenizer import Tokenizer
@@ -85,7 +85,7 @@ class Scorer:
         self.engine = engine
         self.seq_len = seq_len
         self.n_slots = max(1, batch_tokens // seq_len)
-        self.cache = KVCache(engine.args, self.n_slots, seq_len)
+        self.cache = engine.new_cache(self.n_slots, seq_len)  # of the engine's KV cache type
         self.pending: list[tuple[list[int], list[int]]] = []
 
     def add(self, inputs: list[int], targets: list[int]) -> float:

@@ -30,8 +30,9 @@ QUANT_GEMM_MIN_ROWS = 16
 
 @runtime_checkable
 class Kernels(Protocol):
-    """What engine.py needs from a kernel backend. Arrays are float32; `ws` hold fp32 arrays, QTensor or
-    BlockTensor matrices in nn.Linear layout (out, in), all reading the same input."""
+    """What engine.py needs from a kernel backend. Arrays are float32 (the KV cache float32 or float16); `ws`
+    hold fp32 arrays, QTensor or BlockTensor matrices in nn.Linear layout (out, in), all reading the same
+    input."""
 
     name: str
 
@@ -57,8 +58,9 @@ class Kernels(Protocol):
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                   keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs) with each token's cos/sin (N, hs/2); k and v
-        written into one layer's cache keys/values (slots, kv_heads, seq_len, hs) at (slots[i], positions[i]);
-        then each token's causal attention over its slot up to its position: (N, n_heads * hs)."""
+        written into one layer's cache keys/values (slots, kv_heads, seq_len, hs; float32, or float16: rounded
+        to nearest even as written) at (slots[i], positions[i]); then each token's causal attention over its
+        slot up to its position, in float32: (N, n_heads * hs)."""
         ...
 
     def step_plan(self, weights: Weights, cos: np.ndarray, sin: np.ndarray) -> object | None:
@@ -68,7 +70,8 @@ class Kernels(Protocol):
     def forward_step(self, plan: Any, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                      keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """A decode-sized step in one call: embedding, every block, final norm and classifier for the step's
-        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len, hs).
+        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len, hs),
+        float32 or float16.
         `plan` is what this backend's step_plan returned (its own type: Any here)."""
         ...
 
@@ -161,7 +164,9 @@ def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, i
 
 def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos0: int) -> np.ndarray:
     """Causal attention of T queries (T, n_heads, head_size) at positions pos0..pos0+T-1 over keys/values
-    (kv_heads, P, head_size), grouped so that n_heads/kv_heads query heads share each key/value head."""
+    (kv_heads, P, head_size), grouped so that n_heads/kv_heads query heads share each key/value head. Keys and
+    values of an fp16 cache are read as float32: the arithmetic is float32 either way."""
+    keys, values = keys.astype(np.float32, copy=False), values.astype(np.float32, copy=False)
     t, n_heads, hs = q.shape
     kvh = keys.shape[0]
     g = n_heads // kvh

@@ -59,6 +59,7 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0 = range(4)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
+KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
 
 
 class _Mat(ctypes.Structure):
@@ -243,10 +244,10 @@ class NativeKernels:
         self.lib.matmul.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr, ptr]
         self.lib.matmul.restype = ctypes.c_int
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
-        self.lib.attention_step.argtypes = [ptr] * 9 + [i64] * 5 + [ptr]
+        self.lib.attention_step.argtypes = [ptr] * 7 + [ctypes.c_int] + [ptr] * 2 + [i64] * 5 + [ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, i64, ptr]
         self.lib.dequantize.argtypes = [ptr, i64, ptr]
-        self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr]
+        self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
         self.lib.kernel_isa.restype = ctypes.c_char_p
@@ -411,17 +412,16 @@ class NativeKernels:
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                   keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """See Kernels.attention. q and k are rotated in place (when contiguous float32; else copies are); the
-        cache arrays must be writable and contiguous."""
-        if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
-            raise ValueError("the cache must be writable contiguous float32 arrays")
+        cache arrays must be writable and contiguous, float32 or float16 (both the same)."""
+        kv_type = _cache_type(keys, values)
         q, k, v, cos, sin = (_contiguous(a) for a in (q, k, v, cos, sin))
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         n, n_heads, hs = q.shape
         out = np.empty((n, n_heads * hs), dtype=np.float32)
         self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin), _address(keys),
-                                _address(values), _address(slots), _address(positions), n, n_heads, keys.shape[1],
-                                keys.shape[2], hs, _address(out))
+                                _address(values), kv_type, _address(slots), _address(positions), n, n_heads,
+                                keys.shape[1], keys.shape[2], hs, _address(out))
         return out
 
     def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -457,9 +457,9 @@ class NativeKernels:
         """A decode-sized step in one call: tokens (N,) embedded, every transformer block (RoPE at each
         token's position, keys/values written into the cache arrays (L, slots, kv_heads, seq_len, hs) at
         (slots[i], positions[i]), each token attending over its slot up to its position), then the final
-        norm and the classifier for the step's rows `rows`: logits (len(rows), vocab)."""
-        if not all(c.flags.c_contiguous and c.dtype == np.float32 and c.flags.writeable for c in (keys, values)):
-            raise ValueError("the cache must be writable contiguous float32 arrays")
+        norm and the classifier for the step's rows `rows`: logits (len(rows), vocab). The cache arrays are
+        float32 or float16 (fp32 arithmetic either way)."""
+        kv_type = _cache_type(keys, values)
         tokens, positions, slots, row_ids = (np.ascontiguousarray(a, dtype=np.int64)
                                              for a in (tokens, positions, slots, rows))
         n = len(tokens)
@@ -467,7 +467,7 @@ class NativeKernels:
             raise ValueError("tokens, positions and slots must have one entry per token")
         logits = np.empty((len(row_ids), plan.weights.args.vocab_size), dtype=np.float32)
         err = self.lib.forward_step(ctypes.byref(plan.struct), _address(tokens), n, _address(slots),
-                                    _address(positions), _address(keys), _address(values), keys.shape[1],
+                                    _address(positions), _address(keys), _address(values), kv_type, keys.shape[1],
                                     keys.shape[3], _address(row_ids), len(row_ids), _address(logits))
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
@@ -530,6 +530,15 @@ def _checked(a: np.ndarray) -> np.ndarray:
     if not (a.flags.c_contiguous and a.dtype == np.float32):
         raise ValueError("arrays that C reads through stored pointers must be contiguous float32")
     return a
+
+
+def _cache_type(keys: np.ndarray, values: np.ndarray) -> int:
+    """C's code for the cache arrays' element type (KV_TYPES), after checking that C may write them."""
+    kv_type = KV_TYPES.get(keys.dtype)
+    if kv_type is None or values.dtype != keys.dtype or not all(c.flags.c_contiguous and c.flags.writeable
+                                                                for c in (keys, values)):
+        raise ValueError("the cache must be writable contiguous arrays, both float32 or both float16")
+    return kv_type
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:

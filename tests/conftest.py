@@ -40,6 +40,30 @@ def tok512() -> Path:
     return shared_file("fixtures/tok512.bin")
 
 
+def cpu_has(*flags: str) -> bool:
+    from babyllama import kernels_native
+
+    have = kernels_native.cpu_flags()
+    return have is not None and set(flags) <= have
+
+
+def native_build(arch: str):
+    """The native kernels built for instruction set `arch` (kernels_native.ARCHES, or any -march value), or a
+    skip saying why they cannot run here."""
+    from babyllama import kernels_native
+
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    needs = kernels_native.ARCHES[arch][1] if arch in kernels_native.ARCHES else set()
+    if needs and not cpu_has(*needs):
+        pytest.skip(f"the CPU lacks {', '.join(sorted(needs - (kernels_native.cpu_flags() or set())))}: the "
+                    f"{arch} build cannot run here")
+    k = kernels_native.load(arch)
+    if k is None:
+        pytest.skip(f"the {arch} build failed (compiler too old for its -march?)")
+    return k
+
+
 def random_weights(args: ModelArgs, seed: int = 0, scale: float = 0.05) -> formats.Weights:
     """A model of `args`' shape with random fp32 weights (norm gains near 1)."""
     rng = np.random.default_rng(seed)

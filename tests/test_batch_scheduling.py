@@ -49,11 +49,11 @@ def test_a_sequence_decodes_the_same_whatever_shares_its_steps(engine, companion
 
 
 @pytest.mark.skipif(backend().name != "native", reason="batch invariance is the native kernels' property")
-@pytest.mark.parametrize("quantize", [False, True])
-def test_decodes_in_one_call_or_many_give_the_same_numbers(engine, quantize):
+@pytest.mark.parametrize("quantize,kv_cache", [(False, "f32"), (True, "f32"), (False, "f16"), (True, "f16")])
+def test_decodes_in_one_call_or_many_give_the_same_numbers(engine, quantize, kv_cache):
     """20 sequences decoding: one call for all, or calls of 8, or one each, give bit-identical logits (the
-    engine's one-call step for single tokens, in fp32 and Q8_0)."""
-    e = Engine(engine.w.quantize()) if quantize else engine
+    engine's one-call step for single tokens, in fp32 and Q8_0, with an fp32 or fp16 KV cache)."""
+    e = Engine(engine.w.quantize() if quantize else engine.w, kv_cache=kv_cache)
     rows = {}
     for calls in (1, 8, 20):
         batch = Batch(e, 20)

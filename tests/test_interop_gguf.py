@@ -293,6 +293,9 @@ def test_running_a_gguf_keeps_its_quantized_tensors_and_export_reads_fp32(tmp_pa
     assert "(q4_0, converted in memory)" in running.describe()
     exporting = load_source(model=str(path))
     assert exporting.weights.kinds() == "fp32"
+    from babyllama.engine import Engine
+
+    assert Engine(running.weights).kv_dtype == np.float16 and Engine(exporting.weights).kv_dtype == np.float32
     np.testing.assert_array_equal(exporting.weights.wq, running.weights.to_fp32().wq)
     r = run_cli("run", str(path), "-t", "0", "-n", "12")
     assert r.returncode == 0, r.stderr.decode()

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, random_weights, tiny_args
+from conftest import assert_greedy_agree, cpu_has, native_build, random_weights, tiny_args
 
 from babyllama import kernels, kernels_native
 from babyllama.engine import Engine
@@ -24,34 +24,20 @@ rng = np.random.default_rng(11)
 ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx512 (no VNNI), avx512-vnni (no VBMI)
 
 
-def _cpu_has(*flags: str) -> bool:
-    have = kernels_native.cpu_flags()
-    return have is not None and set(flags) <= have
-
-
 @pytest.fixture(params=ARCHES, scope="module")
 def native(request):
     """The native kernels built for `arch`: the CPU's own instruction set, and each forced one it can run
     (AVX2 alone, AVX-512 without VNNI, AVX-512 with VNNI but not VBMI: each has code paths of its own)."""
-    if kernels_native.compiler() is None:
-        pytest.skip("no C compiler: the native kernels cannot be built here")
-    needs = kernels_native.ARCHES[request.param][1]
-    if needs and not _cpu_has(*needs):
-        pytest.skip(f"the CPU lacks {', '.join(sorted(needs - (kernels_native.cpu_flags() or set())))}: the "
-                    f"{request.param} build cannot run here")
-    k = kernels_native.load(request.param)
-    if k is None:
-        pytest.skip(f"the {request.param} build failed (compiler too old for its -march?)")
-    return k
+    return native_build(request.param)
 
 
 def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
-    if not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+    if not cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
         pytest.skip("the CPU lacks AVX-512: its kernels cannot be tested here")
     k = kernels_native.load("native")
     if k is None:
         pytest.skip("no C compiler")
-    assert k.isa() == ("avx512-vnni" if _cpu_has("avx512_vnni") else "avx512")
+    assert k.isa() == ("avx512-vnni" if cpu_has("avx512_vnni") else "avx512")
     assert kernels_native.load("avx2").isa() == "avx2"
 
 
@@ -252,7 +238,7 @@ def test_quantized_engine_matches_plain(native, kind):
 def test_native_builds_agree_within_tolerance():
     """AVX-512 and AVX2 sum in different orders: logits agree closely, not bit for bit."""
     builds = [kernels_native.load(a) for a in ("native", "avx2")]
-    if None in builds or not _cpu_has("avx2"):
+    if None in builds or not cpu_has("avx2"):
         pytest.skip("both builds are needed")
     w = _model("q4_0")
     tokens = rng.integers(0, w.args.vocab_size, 8).tolist()

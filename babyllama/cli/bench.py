@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import BabyLlamaError
-from .common import add_compile, add_mmap, add_threads
+from .common import add_compile, add_kv_cache, add_mmap, add_threads
 
 
 def add(sub) -> None:
@@ -29,6 +29,7 @@ def add(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
     add_mmap(p, "babyllama rows: ")
+    add_kv_cache(p)
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
@@ -76,12 +77,13 @@ def cmd_bench(args) -> int:
             raise BabyLlamaError(f"--reference {exe}: not an executable file")
         references[name] = exe
     machine = bench.describe_machine()
-    from ..api import check_device
+    from ..api import check_device, check_kv_cache
     check_device(args.device, args.compile)  # here, as one line, rather than in a child process
+    check_kv_cache(args.kv_cache, args.device)
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
-                      args.bandwidth_mib)
+                      args.bandwidth_mib, args.kv_cache)
     rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""

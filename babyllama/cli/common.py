@@ -7,6 +7,7 @@ import argparse
 from ..errors import BabyLlamaError
 
 DEFAULT_STEPS = 256  # run.c's -n
+KV_CACHE_CHOICES = ("auto", "f32", "f16")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,6 +28,14 @@ def add_model_flags(p, what: str = "model", default: str = "the built-in story m
     p.add_argument("--lora", metavar="ADAPTER", default=None,
                    help="merge this LoRA adapter (adapter.safetensors, or the `babyllama finetune` run folder "
                         "holding it) into the model's weights at load; it must come from this very model")
+    add_kv_cache(p)
+
+
+def add_kv_cache(p) -> None:
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                   help="the KV cache's element type: f16 halves the bytes attention reads per token; auto: f16 "
+                        "for quantized weights (Q8_0, Q4_0), f32 for fp32 ones, whose output then stays run.c's "
+                        "exactly (auto)")
 
 
 def add_sampling_flags(p) -> None:

@@ -80,7 +80,7 @@ def load_model(args):
     model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),
                  plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
                  mmap=getattr(args, "mmap", None), compile=getattr(args, "compile", False),
-                 lora=args.lora)
+                 lora=args.lora, kv_cache=args.kv_cache)
     if model.source_kind != "bin" or args.lora:
         print(f"babyllama: {model.description}", file=sys.stderr)
     return model
@@ -137,7 +137,7 @@ def load_draft(args):
     weights = open_model(args.draft, mmap=args.mmap).weights
     if args.quantize:
         weights = weights.quantize_as(args.quantize)
-    return make_engine(weights, args.device, args.plain, args.compile)
+    return make_engine(weights, args.device, args.plain, args.compile, args.kv_cache)
 
 
 def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None) -> int:

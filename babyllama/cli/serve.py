@@ -87,7 +87,7 @@ def cmd_serve(args) -> int:
     card = model_card(args.checkpoint)
     template = args.chat_template or card.get("chat_template")
     get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
-    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora)
+    model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
     if args.model_name:
         name = args.model_name
     elif args.checkpoint is None:
@@ -101,6 +101,6 @@ def cmd_serve(args) -> int:
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
     print(f"babyllama: {model.description}; serving {config.model_name!r} on http://{args.host}:{args.port} "
-          f"({args.slots} slots)", file=sys.stderr)
+          f"({args.slots} slots, {model.engine.kv_dtype.__name__} KV cache)", file=sys.stderr)
     serve.run(serve.create_app(model, config), args.host, args.port, args.log_level)
     return 0

@@ -19,6 +19,9 @@
  * the same products, with VNNI's vpdpbusd where the CPU has it (one instruction for four products summed into
  * int32), else AVX2's maddubs (pairs into int16: at most 2 * 128 * 127, no overflow) and madd.
  *
+ * The KV cache that attention reads holds fp32 or IEEE fp16 keys and values (KV_F32, KV_F16; attention_step):
+ * fp16 values are rounded to nearest even as they are written and read back into the same fp32 arithmetic.
+ *
  * Exactness: every output row's arithmetic is the same whatever the thread count, the chunk a thread takes and
  * the number of tokens in the call (a token's sums run in the same order for 1 token or 8), so a sequence
  * decoded alone or in a batch gets identical logits. Different instruction sets (AVX2, AVX-512) sum in
@@ -368,6 +371,35 @@ static inline float fp16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+#endif
+}
+
+/* f32 -> fp16, rounded to nearest even (as NumPy's float16 conversion rounds): F16C's vcvtps2ph where the CPU
+ * has it, else the same rounding in integer arithmetic (NaN stays a quiet NaN, overflow becomes infinity) */
+static inline uint16_t f32_to_fp16(float f) {
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t x, sign;
+    memcpy(&x, &f, 4);
+    sign = (x >> 16) & 0x8000;
+    x &= 0x7fffffff;
+    if (x >= 0x47800000) /* |f| >= 65536, inf, nan */
+        return sign | (x > 0x7f800000 ? 0x7e00 | ((x >> 13) & 0x3ff) : 0x7c00);
+    if (x < 0x38800000) { /* below 2^-14: a subnormal half (or zero), rounded by a float addition that
+                             puts the half's last bit at the float's last one */
+        float magic, sum;
+        uint32_t magic_bits = 126u << 23, bits;
+        memcpy(&magic, &magic_bits, 4);
+        memcpy(&sum, &x, 4);
+        sum += magic;
+        memcpy(&bits, &sum, 4);
+        return sign | (uint16_t)(bits - magic_bits);
+    }
+    /* normal: rebias the exponent, add just under half a unit of the kept mantissa plus its last bit (ties
+     * to even), truncate; a carry out of the mantissa rounds up to the next exponent (65520 and up: inf) */
+    x += ((uint32_t)(15 - 127) << 23) + 0xfff + ((x >> 13) & 1);
+    return sign | (uint16_t)(x >> 13);
 #endif
 }
 
@@ -1669,8 +1701,58 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
     for (int64_t t = 0; t < n_tok; t++) swiglu_row(a + t * n, b + t * n, n, out + t * n);
 }
 
-/* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous); returns the maximum */
-static float attention_scores(const float *q, const float *keys, int64_t n_pos, int64_t hs, float scale, float *scores) {
+/* The KV cache holds fp32 (KV_F32) or IEEE fp16 (KV_F16: half the bytes attention reads). Attention's
+ * arithmetic is the same fp32 for both; only the loads of cached keys and values differ (kv_load1/kv_load8,
+ * which the always-inlined functions below receive with a constant type, so each type gets its own code). */
+enum { KV_F32 = 0, KV_F16 = 1 };
+
+ALWAYS_INLINE int64_t kv_size(int type) { return type == KV_F16 ? 2 : 4; }
+
+/* element i of cache memory p as fp32 */
+ALWAYS_INLINE float kv_load1(const void *p, int64_t i, int type) {
+    return type == KV_F16 ? fp16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#ifdef __AVX2__
+/* elements i..i+7 of cache memory p as fp32 */
+ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t i, int type) {
+    if (type == KV_F32) return _mm256_loadu_ps((const float *)p + i);
+#ifdef __F16C__
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+#else
+    float t[8];
+    for (int j = 0; j < 8; j++) t[j] = fp16_to_f32(((const uint16_t *)p)[i + j]);
+    return _mm256_loadu_ps(t);
+#endif
+}
+#endif
+
+/* x (n values) stored at element `at` of cache memory p: copied (fp32), or each value rounded to the nearest
+ * fp16, ties to even (the same value whichever of the paths below converts it) */
+static void kv_store(void *p, int64_t at, const float *x, int64_t n, int type) {
+    if (type == KV_F32) {
+        memcpy((float *)p + at, x, n * sizeof(float));
+        return;
+    }
+    uint16_t *o = (uint16_t *)p + at;
+    int64_t i = 0;
+#if defined(HAVE_AVX512)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(o + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(o + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; i++) o[i] = f32_to_fp16(x[i]);
+}
+
+/* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous, of cache type `type`);
+ * returns the maximum */
+ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type, int64_t n_pos, int64_t hs,
+                                     float scale, float *scores) {
     float max = -INFINITY;
     int64_t p = 0;
 #ifdef __AVX2__
@@ -1679,14 +1761,14 @@ static float attention_scores(const float *q, const float *keys, int64_t n_pos, 
          * vector of eight sums with a tree of horizontal adds */
         __m256 vmax = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
         for (; p + 8 <= n_pos; p += 8) {
-            const float *k = keys + p * hs;
             __m256 acc[8];
             UNROLL
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < hs; i += 8) {
                 __m256 qv = _mm256_loadu_ps(q + i);
                 UNROLL
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(k + j * hs + i), qv, acc[j]);
+                for (int j = 0; j < 8; j++)
+                    acc[j] = _mm256_fmadd_ps(kv_load8(keys, (p + j) * hs + i, type), qv, acc[j]);
             }
             __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
             __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -1703,7 +1785,7 @@ static float attention_scores(const float *q, const float *keys, int64_t n_pos, 
 #endif
     for (; p < n_pos; p++) {
         float dot = 0.0f;
-        for (int64_t i = 0; i < hs; i++) dot += q[i] * keys[p * hs + i];
+        for (int64_t i = 0; i < hs; i++) dot += q[i] * kv_load1(keys, p * hs + i, type);
         scores[p] = dot * scale;
         max = fmaxf(max, scores[p]);
     }
@@ -1731,34 +1813,35 @@ static float softmax_weights(float *scores, int64_t n_pos, float max) {
 }
 
 #ifdef __AVX2__
-/* out[0 : 8 nv] = inv_sum * sum_p weights[p] * values[p][0 : 8 nv] (values rows hs apart), the sums kept in
- * nv registers; called with a constant nv so that they stay there */
-ALWAYS_INLINE void weighted_values(const float *weights, const float *values, int64_t n_pos, int64_t hs, int nv,
-                                   float inv_sum, float *out) {
+/* out[0 : 8 nv] = inv_sum * sum_p weights[p] * values[p][c0 : c0 + 8 nv] (values rows hs apart, of cache type
+ * `type`), the sums kept in nv registers; called with a constant nv so that they stay there */
+ALWAYS_INLINE void weighted_values(const float *weights, const void *values, int type, int64_t c0, int64_t n_pos,
+                                   int64_t hs, int nv, float inv_sum, float *out) {
     __m256 acc[8];
     UNROLL
     for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < n_pos; p++) {
         __m256 wp = _mm256_broadcast_ss(weights + p);
         UNROLL
-        for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(wp, _mm256_loadu_ps(values + p * hs + 8 * c), acc[c]);
+        for (int c = 0; c < nv; c++)
+            acc[c] = _mm256_fmadd_ps(wp, kv_load8(values, p * hs + c0 + 8 * c, type), acc[c]);
     }
     UNROLL
     for (int c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv_sum)));
 }
 #endif
 
-/* out = sum_p weights[p] / sum * values[p] over n_pos rows of hs values */
-static void attention_output(const float *weights, const float *values, int64_t n_pos, int64_t hs, float sum,
-                             float *out) {
+/* out = sum_p weights[p] / sum * values[p] over n_pos rows of hs values (of cache type `type`) */
+ALWAYS_INLINE void attention_output(const float *weights, const void *values, int type, int64_t n_pos, int64_t hs,
+                                    float sum, float *out) {
     float inv_sum = 1.0f / sum;
 #ifdef __AVX2__
     if (hs % 8 == 0) {
         for (int64_t c0 = 0; c0 < hs; c0 += 64) {
             int nv = hs - c0 >= 64 ? 8 : (int)(hs - c0) / 8;
-            const float *v = values + c0;
             switch (nv) {
-#define WEIGHTED_VALUES(k) case k: weighted_values(weights, v, n_pos, hs, k, inv_sum, out + c0); break;
+#define WEIGHTED_VALUES(k) \
+    case k: weighted_values(weights, values, type, c0, n_pos, hs, k, inv_sum, out + c0); break;
                 WEIGHTED_VALUES(1) WEIGHTED_VALUES(2) WEIGHTED_VALUES(3) WEIGHTED_VALUES(4)
                 WEIGHTED_VALUES(5) WEIGHTED_VALUES(6) WEIGHTED_VALUES(7) WEIGHTED_VALUES(8)
 #undef WEIGHTED_VALUES
@@ -1770,56 +1853,67 @@ static void attention_output(const float *weights, const float *values, int64_t 
     for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
     for (int64_t p = 0; p < n_pos; p++) {
         float wgt = weights[p] * inv_sum;
-        for (int64_t i = 0; i < hs; i++) out[i] += wgt * values[p * hs + i];
+        for (int64_t i = 0; i < hs; i++) out[i] += wgt * kv_load1(values, p * hs + i, type);
     }
 }
 
 typedef struct {
-    const float *q, *kc, *vc;
+    const float *q;
+    const void *kc, *vc;
+    int kv_type;
     const int64_t *slots, *positions;
     int64_t n_tok, n_heads, kv_heads, seq_len, hs, max_pos;
     float *out;
 } Attention;
 
+/* one task: query head h of token t over its slot's cached positions 0..position */
+ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *scores, int type) {
+    int64_t group = a->n_heads / a->kv_heads, hs = a->hs;
+    float scale = 1.0f / sqrtf((float)hs);
+    int64_t h = task / a->n_tok, t = task % a->n_tok, n_pos = a->positions[t] + 1;
+    int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * hs, size = kv_size(type);
+    const void *keys = (const char *)a->kc + head * size, *values = (const char *)a->vc + head * size;
+    float max = attention_scores(a->q + (t * a->n_heads + h) * hs, keys, type, n_pos, hs, scale, scores);
+    float sum = softmax_weights(scores, n_pos, max);
+    attention_output(scores, values, type, n_pos, hs, sum, a->out + (t * a->n_heads + h) * hs);
+}
+
 /* tasks [lo, hi): task = head * n_tok + token */
 static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
     const Attention *a = ctx;
-    int64_t group = a->n_heads / a->kv_heads, hs = a->hs;
-    float scale = 1.0f / sqrtf((float)hs);
     float *scores = malloc((a->max_pos + 1) * sizeof(float));
     for (int64_t task = lo; task < hi; task++) {
-        int64_t h = task / a->n_tok, t = task % a->n_tok, n_pos = a->positions[t] + 1;
-        int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * hs;
-        float max = attention_scores(a->q + (t * a->n_heads + h) * hs, a->kc + head, n_pos, hs, scale, scores);
-        float sum = softmax_weights(scores, n_pos, max);
-        attention_output(scores, a->vc + head, n_pos, hs, sum, a->out + (t * a->n_heads + h) * hs);
+        if (a->kv_type == KV_F16)
+            attention_task(a, task, scores, KV_F16);
+        else
+            attention_task(a, task, scores, KV_F32);
     }
     free(scores);
 }
 
 /* One attention step for n_tok tokens, each with its own sequence slot and position (a decode step, a
  * batched one, a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in place with each
- * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len, hs)
- * at (slot, position); then each token's causal attention over its slot's positions 0..position (all keys
- * are stored first, so tokens of one sequence see each other's). Query head h reads kv head
- * h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task, head-major so that
- * a prompt's consecutive tasks reuse one head's keys and values from cache. */
-void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
-                    const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
+ * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len, hs;
+ * fp32 or fp16 as kv_type says) at (slot, position); then each token's causal attention over its slot's
+ * positions 0..position (all keys are stored first, so tokens of one sequence see each other's). Query head
+ * h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task,
+ * head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
+void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, void *kc, void *vc,
+                    int kv_type, const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
                     int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
     rope(q, n_tok, n_heads, hs, cos, sin);
     rope(k, n_tok, kv_heads, hs, cos, sin);
     int64_t max_pos = 0, work = 0;
     for (int64_t t = 0; t < n_tok; t++) {
         max_pos = positions[t] > max_pos ? positions[t] : max_pos;
-        work += 8 * (positions[t] + 1) * hs * n_heads; /* bytes of keys and values read */
+        work += 2 * kv_size(kv_type) * (positions[t] + 1) * hs * n_heads; /* bytes of keys and values read */
         for (int64_t h = 0; h < kv_heads; h++) {
             int64_t at = ((slots[t] * kv_heads + h) * seq_len + positions[t]) * hs;
-            memcpy(kc + at, k + (t * kv_heads + h) * hs, hs * sizeof(float));
-            memcpy(vc + at, v + (t * kv_heads + h) * hs, hs * sizeof(float));
+            kv_store(kc, at, k + (t * kv_heads + h) * hs, hs, kv_type);
+            kv_store(vc, at, v + (t * kv_heads + h) * hs, hs, kv_type);
         }
     }
-    Attention a = {q, kc, vc, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
+    Attention a = {q, kc, vc, kv_type, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
     pool_run(attention_chunk, &a, n_tok * n_heads, 1, work);
 }
 
@@ -1848,11 +1942,13 @@ typedef struct {
  * _block), x (n_tok, dim) updated in place; the caller embeds before and applies the classifier after.
  * Per layer: qkv = W·rms(x); attention_step (RoPE, cache writes at each token's slot and position,
  * attention); x += Wo·att; h = W1·rms(x), W3·rms(x); x += W2·(silu(h1) * h3). The cache arrays are
- * (n_layers, n_slots, kv_heads, seq_len, head_size). One call per step instead of five per layer: at
- * the sizes where decode is fast, Python's per-call cost was most of a step. */
-static void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, float *kc,
-                           float *vc, int64_t n_slots, int64_t seq_len, const int64_t *slots, const int64_t *positions) {
-    int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size, layer_cache = n_slots * kv_dim * seq_len;
+ * (n_layers, n_slots, kv_heads, seq_len, head_size), fp32 or fp16 as kv_type says. One call per step instead of
+ * five per layer: at the sizes where decode is fast, Python's per-call cost was most of a step. */
+static void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
+                           void *vc, int kv_type, int64_t n_slots, int64_t seq_len, const int64_t *slots,
+                           const int64_t *positions) {
+    int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size;
+    int64_t layer_cache = n_slots * kv_dim * seq_len * kv_size(kv_type); /* bytes */
     float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
     float *att = malloc(n_tok * dim * sizeof(float));
     float *h13 = malloc(2 * n_tok * m->hidden_dim * sizeof(float));
@@ -1861,9 +1957,9 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
         matmul(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
-        attention_step(qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin, kc + l * layer_cache,
-                       vc + l * layer_cache, slots, positions, n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size,
-                       att);
+        attention_step(qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin,
+                       (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type, slots, positions, n_tok,
+                       m->n_heads, m->kv_heads, seq_len, m->head_size, att);
         matmul(att, n_tok, dim, &ly->wo, 1, x, &residual);
         matmul(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
         matmul(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
@@ -1884,7 +1980,7 @@ static int out_of_range(const int64_t *a, int64_t n, int64_t end) {
  * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
  * or an output row lies outside its table (see kernels_native.STEP_ERRORS). */
 int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int64_t *slots,
-                  const int64_t *positions, float *kc, float *vc, int64_t n_slots, int64_t seq_len,
+                  const int64_t *positions, void *kc, void *vc, int kv_type, int64_t n_slots, int64_t seq_len,
                   const int64_t *out_rows, int64_t n_out, float *logits) {
     int64_t dim = m->dim, half = m->head_size / 2;
     if (out_of_range(tokens, n_tok, m->embeddings.rows)) return 1;
@@ -1898,7 +1994,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
         memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
         memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
     }
-    forward_layers(m, x, n_tok, cos, sin, kc, vc, n_slots, seq_len, slots, positions);
+    forward_layers(m, x, n_tok, cos, sin, kc, vc, kv_type, n_slots, seq_len, slots, positions);
     float *rows = malloc(n_out * dim * sizeof(float));
     for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
     Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
