@@ -44,7 +44,8 @@ def score(model, requests) -> dict:
 
 def run_config(command: str) -> dict:
     """The settings a `python -m babyllama finetune ...` command ran with: defaults, config file, then flags."""
-    args = build_parser().parse_args(shlex.split(command)[2:])  # after "-m babyllama"
+    argv = shlex.split(command)
+    args = build_parser().parse_args(argv[argv.index("babyllama") + 1:])  # "python -m babyllama finetune ..."
     return resolve_config(args.config, config_overrides(args), defaults=FINETUNE_DEFAULTS).to_dict()
 
 

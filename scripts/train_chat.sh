@@ -5,6 +5,9 @@
 #
 #   scripts/train_chat.sh [DATA_DIR]      (default DATA_DIR: ../shared/data/tinystories)
 #
+# TUNE_ARGS (extra --key=value settings for finetune) and ASSETS (where chat.bin and chat.json go, default
+# babyllama/assets) let a smoke test run the whole script small and elsewhere.
+#
 # Only DATA_DIR/train-00.txt is read (never valid.txt). `data instruct` shuffles its stories with seed 0 and holds
 # the first 300 out for the scores (instruct_val.jsonl) and the next 200 as the dev split (instruct_dev.jsonl:
 # the run's validation loss, and what the settings were chosen on); every request set below holds out the same
@@ -30,10 +33,11 @@ cp "$WORK/common/instruct_train.jsonl" "$WORK/tune/common_train.jsonl"
 cp "$WORK/rare/instruct_train.jsonl" "$WORK/tune/rare_train.jsonl"
 cp "$WORK/rare/instruct_dev.jsonl" "$WORK/tune/rare_dev_val.jsonl"
 # 3. full fine-tuning from the story model, timed for the card
-TUNE=(python -m babyllama finetune scripts/chat.toml --base="$BASE" --data="$WORK/tune" --out_dir="$WORK/run")
+TUNE=(python -m babyllama finetune scripts/chat.toml --base="$BASE" --data="$WORK/tune" --out_dir="$WORK/run"
+      ${TUNE_ARGS:-})
 start=$(date +%s)
 "${TUNE[@]}"
 echo "$(( $(date +%s) - start ))" > "$WORK/run/seconds"
 echo "${TUNE[*]}" > "$WORK/run/command"
 # 4. export as Q8_0 into babyllama/assets/chat.bin, score base and chat model on the held-out requests, card
-PYTHONPATH=.:scripts python scripts/make_chat_card.py "$WORK" --base "$BASE"
+PYTHONPATH=.:scripts python scripts/make_chat_card.py "$WORK" --base "$BASE" ${ASSETS:+--assets "$ASSETS"}
