@@ -49,6 +49,15 @@ def run_config(command: str) -> dict:
     return resolve_config(args.config, config_overrides(args), defaults=FINETUNE_DEFAULTS).to_dict()
 
 
+def training_machine() -> str:
+    """Where `finetune` trains by default here: the GPU if there is one, else the CPU's threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name()} GPU (bf16 autocast)"
+    return f"{machine().split(',')[0]}, {torch.get_num_threads()} threads"
+
+
 def training(run: Path, work: Path) -> dict:
     """What the card says of the fine-tuning run."""
     command = (run / "command").read_text().strip()
@@ -77,7 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("work", type=Path)
     p.add_argument("--base", type=Path, required=True)
-    p.add_argument("--machine", default=None, help="where the run trained (default: this machine's CPU)")
+    p.add_argument("--machine", default=None, help="where the run trained (default: this machine's GPU, else its CPU)")
     p.add_argument("--assets", type=Path, default=Path(__file__).resolve().parents[1] / "babyllama" / "assets")
     a = p.parse_args()
 
@@ -117,7 +126,7 @@ def main() -> None:
                        "most 5% of the stories) from the story's opening (--early-words 4, 12 requests per story) "
                        "and commoner ones (--max-word-df 0.2, 6 per story)",
         },
-        "training": {**training(run, a.work), "machine": a.machine or machine()},
+        "training": {**training(run, a.work), "machine": a.machine or training_machine()},
         "eval": {
             "instruct": scores,
             "command": "babyllama eval MODEL --instruct FILE (greedy, each reply until EOS or the context)",
