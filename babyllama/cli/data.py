@@ -148,6 +148,5 @@ def cmd_data_instruct(args) -> int:
     dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
     print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "
           f"{counts['stories']:,} stories to {out} ({counts['too_long']:,} left out: longer than the context of "
-          f"{seq_len}; "
-          f"{counts['no_request']:,} without a topic or words to ask for)")
+          f"{seq_len}; {counts['no_request']:,} without a topic or words to ask for)")
     return 0

@@ -1222,12 +1222,14 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
     }
 
-#define DEFINE_ROWS(NAME, DOTS)                                                                              \
-    DEFINE_ROWS_NT(NAME, DOTS, 1) DEFINE_ROWS_NT(NAME, DOTS, 2) DEFINE_ROWS_NT(NAME, DOTS, 3)              \
-    DEFINE_ROWS_NT(NAME, DOTS, 4) DEFINE_ROWS_NT(NAME, DOTS, 5) DEFINE_ROWS_NT(NAME, DOTS, 6)              \
-    DEFINE_ROWS_NT(NAME, DOTS, 7) DEFINE_ROWS_NT(NAME, DOTS, 8)                                            \
+/* NAME_1 .. NAME_8 from DEFINE_NT(NAME, DOTS, nt), one per token count, and the table NAME[nt] of them */
+#define DEFINE_NT_TABLE(DEFINE_NT, NAME, DOTS)                                                                 \
+    DEFINE_NT(NAME, DOTS, 1) DEFINE_NT(NAME, DOTS, 2) DEFINE_NT(NAME, DOTS, 3) DEFINE_NT(NAME, DOTS, 4)        \
+    DEFINE_NT(NAME, DOTS, 5) DEFINE_NT(NAME, DOTS, 6) DEFINE_NT(NAME, DOTS, 7) DEFINE_NT(NAME, DOTS, 8)        \
     static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
                                    NAME##_8};
+
+#define DEFINE_ROWS(NAME, DOTS) DEFINE_NT_TABLE(DEFINE_ROWS_NT, NAME, DOTS)
 #define DEFINE_ROWS_NT(NAME, DOTS, nt)                                                                         \
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
                                                       int64_t n, float *out, int64_t stride, int accumulate) { \
@@ -1247,12 +1249,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
     __m512 acc[8];                                                                                           \
     DOTS;
 
-#define DEFINE_ZMM_ROWS(NAME, DOTS)                                                                              \
-    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 1) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 2) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 3)      \
-    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 4) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 5) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 6)      \
-    DEFINE_ZMM_ROWS_NT(NAME, DOTS, 7) DEFINE_ZMM_ROWS_NT(NAME, DOTS, 8)                                        \
-    static const RowsFn NAME[9] = {NULL, NAME##_1, NAME##_2, NAME##_3, NAME##_4, NAME##_5, NAME##_6, NAME##_7, \
-                                   NAME##_8};
+#define DEFINE_ZMM_ROWS(NAME, DOTS) DEFINE_NT_TABLE(DEFINE_ZMM_ROWS_NT, NAME, DOTS)
 #define DEFINE_ZMM_ROWS_NT(NAME, DOTS, nt)                                                                     \
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
                                                       int64_t n, float *out, int64_t stride, int accumulate) { \
