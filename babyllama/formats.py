@@ -335,10 +335,12 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
     huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
     (llama.cpp's --no-mmap), which NumPy backs with transparent huge pages where the kernel allows: faster
     decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
-    ones (memory.read_by_default)."""
+    ones (memory.read_by_default), and maps version 3 (Q4_0) files: decode steps read the copy of their
+    matrices that the native kernels regroup in memory (kernels_native.RegroupedQ4), so reading the file too
+    would hold them twice."""
     args, version, gs, header = read_header(path)
     if mmap is None:
-        mmap = not memory.read_by_default(os.path.getsize(path))
+        mmap = version == 3 or not memory.read_by_default(os.path.getsize(path))
     buf = _map_file(path) if mmap else _read_whole(path)
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size

@@ -24,15 +24,16 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from . import sampler
+from . import memory, sampler
 from .formats import Matrix, QTensor, Weights
 from .kernels_base import dequantize_rows, quantize_rows, quantized_gemm
-from .quant import BlockTensor
+from .quant import BLOCK, BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
@@ -57,7 +58,7 @@ F32_KERNEL_MAX_ROWS = 8
 # 16 tokens: 64 ms vs 206 dequantized; at 32: 108 vs 152; at 48 dequantizing wins: 151 vs 178).
 QUANT_NATIVE_GEMM_MIN_ROWS = 48
 
-W_F32, W_Q8, W_Q8_0, W_Q4_0 = range(4)
+W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
 
@@ -89,8 +90,10 @@ class ModelPlan:
     """A model described to C once (see `NativeKernels.step_plan`); holds the arrays behind its pointers so
     that they stay valid."""
 
-    def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array):
+    def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array,
+                 regrouped: np.ndarray | None):
         self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
+        self.regrouped = regrouped  # the Q4_0R copies the step reads instead of the weights' Q4_0 matrices
 
 
 # forward_step's return codes: which of its index arrays held a value outside its table
@@ -211,7 +214,17 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _fill(m: _Mat, w: Matrix, row0: int) -> None:
+@dataclass
+class RegroupedQ4:
+    """A Q4_0 matrix with each row's bytes regrouped for the AVX-512 kernels (kernels.c's W_Q4_0R: 16 blocks'
+    nibbles interleaved 4 bytes at a time, their scales after them; the same size). Made by
+    `NativeKernels.regroup_q4`; decode steps read these instead of the weights' own blocks."""
+
+    data: np.ndarray  # uint8 (rows, cols / 32 * 18)
+    shape: tuple[int, int]
+
+
+def _fill(m: _Mat, w: Matrix | RegroupedQ4, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
     if isinstance(w, QTensor):
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
@@ -222,6 +235,8 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
         if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
             raise ValueError("block-quantized weights must be C-contiguous uint8")
         m.w, m.s, m.type, m.gs = _address(w.data), None, BLOCK_TYPES[w.kind], w.group_size
+    elif isinstance(w, RegroupedQ4):
+        m.w, m.s, m.type, m.gs = _address(w.data), None, W_Q4_0R, BLOCK
     else:
         if not (w.flags.c_contiguous and w.dtype == np.float32):
             raise ValueError("fp32 weights must be C-contiguous float32")
@@ -260,6 +275,8 @@ class NativeKernels:
         self.lib.set_sgemm.argtypes = [ptr, ctypes.c_int]
         self.lib.first_above.argtypes = [ptr, i64, ctypes.c_float]
         self.lib.first_above.restype = i64
+        self.lib.regroup_q4.argtypes = [ptr, ptr, i64, i64]
+        self.lib.regroup_q4.restype = ctypes.c_int
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
@@ -271,7 +288,7 @@ class NativeKernels:
     def configure_threads(self, n: int | None = None) -> None:
         """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
         (explicit), else every CPU this process may use, with small products kept on one thread.
-        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 50)."""
+        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 200)."""
         explicit = n is not None
         if n is None:
             env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
@@ -436,19 +453,48 @@ class NativeKernels:
         pointers)."""
         a = w.args
         layers = (_Layer * a.n_layers)()
+        products = []  # (C matrices, the weights they describe): what a step multiplies by
         for i, ly in enumerate(layers):
-            _describe(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]])
-            _describe(ly.w13, [w.w1[i], w.w3[i]])
-            _describe(_one(ly.wo), [w.wo[i]])
-            _describe(_one(ly.w2), [w.w2[i]])
+            products += [(ly.qkv, [w.wq[i], w.wk[i], w.wv[i]]), (ly.w13, [w.w1[i], w.w3[i]]),
+                         (_one(ly.wo), [w.wo[i]]), (_one(ly.w2), [w.w2[i]])]
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
         struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, a.norm_eps, layers)
+        products.append((_one(struct.cls), [w.wcls]))
+        for mats, ws in products:
+            _describe(mats, ws)
         emb = w.tok_embeddings if not isinstance(w.tok_embeddings, np.ndarray) else _checked(w.tok_embeddings)
         _describe(_one(struct.embeddings), [emb])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
-        _describe(_one(struct.cls), [w.wcls])
         struct.rms_final = _address(_checked(w.rms_final))
-        return ModelPlan(w, (cos, sin), struct, layers)
+        return ModelPlan(w, (cos, sin), struct, layers, self._regroup(products))
+
+    def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> RegroupedQ4 | None:
+        """w (Q4_0) regrouped for this build's kernels, into `out` (uint8, w's size) when given; None where the
+        build has no kernels for it (no AVX-512 VNNI/VBMI)."""
+        data = np.empty_like(w.data) if out is None else out.reshape(w.data.shape)
+        if self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
+            return None
+        return RegroupedQ4(data, w.shape)
+
+    def _regroup(self, described: list[tuple[ctypes.Array, list[Matrix]]]) -> np.ndarray | None:
+        """Point the described Q4_0 matrices at copies regrouped for this build's kernels, all in one buffer
+        (NumPy gives it huge pages, as it does a file read into memory), and return it; None (the weights'
+        own blocks stay in use) where the build has no such kernels, there is no Q4_0 matrix, or the copies
+        would take more than a quarter of the free memory (memory.read_by_default)."""
+        pairs = [(mats, j, w) for mats, ws in described for j, w in enumerate(ws)
+                 if isinstance(w, BlockTensor) and w.kind == "q4_0"]
+        total = sum(w.nbytes for _, _, w in pairs)
+        if not pairs or not memory.read_by_default(total):
+            return None
+        buf = np.empty(total, dtype=np.uint8)
+        at = 0
+        for mats, j, w in pairs:
+            regrouped = self.regroup_q4(w, buf[at:at + w.nbytes])
+            if regrouped is None:
+                return None
+            _fill(mats[j], regrouped, mats[j].row0)
+            at += w.nbytes
+        return buf
 
     describe = step_plan
 

@@ -15,6 +15,7 @@ typedef struct {
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
+int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n);
 
 static inline double now(void) {
     struct timespec t;

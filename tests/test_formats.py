@@ -72,6 +72,18 @@ def test_default_load_reads_files_that_fit_easily_and_maps_the_rest(tmp_path, mo
     assert isinstance(_owner(formats.load(path).wq), mmap.mmap) == mapped
 
 
+def test_default_load_maps_q4_0_files(tmp_path, monkeypatch):
+    """Version 3 (Q4_0) files are mapped by default, however much memory is free: decode reads the native
+    kernels' regrouped copy of their matrices, and a read copy would be a second one."""
+    from babyllama import memory
+
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(dim=64, hidden_dim=128)).quantize_q4(), path, version=3)
+    monkeypatch.setattr(memory, "memory_free", lambda: 2**30)
+    assert isinstance(_owner(formats.load(path).wq[0].data), mmap.mmap)
+    assert not isinstance(_owner(formats.load(path, mmap=False).wq[0].data), mmap.mmap)
+
+
 def test_memory_free_reads_the_kernels_estimate():
     free = __import__("babyllama.memory", fromlist=["memory_free"]).memory_free()
     if not os.path.exists("/proc/meminfo"):

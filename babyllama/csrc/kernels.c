@@ -97,7 +97,8 @@ static struct {
     int workers;            /* threads started (ids 1..workers; the caller is 0) */
     int threads;            /* threads a job may use, caller included */
     int explicit_threads;   /* set by the user (--threads, OMP_NUM_THREADS): used for every job */
-    int64_t spin_ns;        /* how long an idle thread spins before it sleeps */
+    int64_t spin_ns;        /* how long an idle thread spins before it sleeps (200 us: longer than the Python
+                             * between two decode steps, so that a step does not start by waking threads) */
     /* the current job: written before its runs are published, read only after a successful claim */
     ChunkFn fn;
     void *ctx;
@@ -105,7 +106,7 @@ static struct {
     _Atomic int64_t done;   /* chunks finished */
     Run runs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
-          50000, NULL, NULL, 0, 1, 0, {{0}}};
+          200000, NULL, NULL, 0, 1, 0, {{0}}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -231,8 +232,12 @@ void pool_configure(int threads, int explicit_threads, int spin_us) {
 int kernel_threads(void) { return pool.threads; }
 
 /* Work below this many bytes (weights, or keys and values) stays on one thread unless threads were set
- * explicitly: waking a second thread and sharing the result costs more than it saves (see docs/speed.md). */
+ * explicitly: waking a second thread and sharing the result costs more than it saves (see docs/speed.md).
+ * Attention splits from far less: it runs between products, while the other threads still spin, and a decode
+ * step's attention over a short context (110M: 64 positions, 200 KB a layer) took a tenth of the step on one
+ * thread. */
 #define PARALLEL_MIN_BYTES (512 * 1024)
+#define ATTENTION_MIN_BYTES (64 * 1024)
 
 /* Run fn over items [0, n_items) in chunks of `chunk` items on up to `threads` threads (the caller included)
  * and return when every chunk is done. */
@@ -331,15 +336,15 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 }
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
- * for work under PARALLEL_MIN_BYTES, and on all threads or one as the adaptation finds faster (products only:
+ * for work under min_bytes, and on all threads or one as the adaptation finds faster (products only:
  * `adaptive` is their token count; 0 for other work, which follows the current choice). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
-                              int64_t adaptive) {
+                              int64_t adaptive, int64_t min_bytes) {
     if (pool.explicit_threads || pool.threads == 1) {
         pool_run_on(pool.threads, fn, ctx, n_items, chunk);
         return;
     }
-    if (work_bytes < PARALLEL_MIN_BYTES) {
+    if (work_bytes < min_bytes) {
         fn(ctx, 0, n_items);
         return;
     }
@@ -350,7 +355,7 @@ static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t ch
 }
 
 static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
-    pool_run_adaptive(fn, ctx, n_items, chunk, work_bytes, 0);
+    pool_run_adaptive(fn, ctx, n_items, chunk, work_bytes, 0, PARALLEL_MIN_BYTES);
 }
 
 /* --------------------------------------------------------------------------------------- fp16, types */
@@ -409,9 +414,17 @@ static inline uint16_t load_u16(const uint8_t *p) {
     return v;
 }
 
-enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3 };
+enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4 };
 #define BLOCK 32
-static const int64_t BLOCK_BYTES[4] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2};
+static const int64_t BLOCK_BYTES[5] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2};
+
+/* Q4_0R: Q4_0 rows with each row's bytes regrouped for the AVX-512 kernels (repack_q4; the same bytes per
+ * block). A row's blocks go in groups of G = 16 while 16 are left, then at most one group of 8 and one of 4,
+ * and its last 0-3 blocks stay as they are (G = 1). A group of G blocks is 4 vectors of 4G bytes, vector j
+ * holding bytes 4j..4j+3 of block l's 16 bytes of nibbles in its 4-byte lane l, then the G blocks' fp16
+ * scales: one vpdpbusd on a vector sums four products of each of G blocks into the block's own int32 lane,
+ * with no byte permutes. */
+static inline int q4r_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
 
 typedef struct {
     const void *w;      /* F32: fp32 (rows, n); Q8: int8 (rows, n); Q8_0/Q4_0: blocks, rows one after another */
@@ -466,6 +479,8 @@ typedef struct {
     int64_t c32_stride, d32_stride; /* runq.c's groups of 32 (AVX-512): per token, entries of c32, d32 */
     int32_t *c32;
     float *d32;
+    int8_t *q16;  /* Q4_0R: per token its n values in the weights' groups (see W_Q4_0R) */
+    int32_t *c16; /* and per block -8 * (sum of its values) */
 } QAct;
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
@@ -946,6 +961,81 @@ ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int
 }
 #endif
 
+#ifdef __AVX2__
+/* Q4_0R (see W_Q4_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time: lanes
+ * 8h..8h+7 of a group of G blocks (G = 16: h = 0 or 1; G = 8 or 4: h = 0, lanes past G zero). Per token, the
+ * four vectors' low nibbles meet values 4v.. and their high ones the values 16 bytes further on, each block's
+ * int32 sum in its own lane, started at its correction; then one conversion and one multiply-add by d_w * d_x
+ * for the 8 blocks, into acc8. No byte shuffles: the weights were regrouped once, when the model was loaded. */
+ALWAYS_INLINE __m256i q4r_load8(const void *p, int G) {
+    return G >= 8 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p));
+}
+
+ALWAYS_INLINE void q4r_lanes8(const uint8_t *w, int64_t b0, int G, int h, const QAct *a, int64_t n, int nt,
+                              __m256 *acc8) {
+    const uint8_t *g = w + b0 * 18;
+    int64_t nb = n / BLOCK, first = b0 + 8 * h;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i lo[4], hi[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        __m256i v = q4r_load8(g + 4 * G * j + 32 * h, G);
+        lo[j] = _mm256_and_si256(v, low);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    __m128i h16 = G == 4 ? _mm_loadl_epi64((const __m128i *)(g + 16 * G)) : _mm_loadu_si128((const __m128i *)(g + 16 * G + 16 * h));
+    __m256 wd = _mm256_cvtph_ps(h16);
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q16 + t * n + b0 * BLOCK + 32 * h;
+        __m256i s0 = q4r_load8(a->c16 + t * nb + first, G), s1 = _mm256_setzero_si256();
+        s0 = dot2_u4s8(s0, lo[0], q4r_load8(x, G), lo[1], q4r_load8(x + 4 * G, G));
+        s1 = dot2_u4s8(s1, lo[2], q4r_load8(x + 8 * G, G), lo[3], q4r_load8(x + 12 * G, G));
+        s0 = dot2_u4s8(s0, hi[0], q4r_load8(x + 16 * G, G), hi[1], q4r_load8(x + 20 * G, G));
+        s1 = dot2_u4s8(s1, hi[2], q4r_load8(x + 24 * G, G), hi[3], q4r_load8(x + 28 * G, G));
+        __m256 xd = _mm256_castsi256_ps(q4r_load8(a->d + t * nb + first, G));
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_mul_ps(wd, xd), acc8[t]);
+    }
+}
+
+/* a block left as it is (G = 1): its 32 products on the plain activations (low nibbles meet values 0-15, high
+ * ones 16-31), into acc8 */
+ALWAYS_INLINE void q4r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *block = w + g * 18;
+    int64_t nb = n / BLOCK;
+    __m128i q = _mm_loadu_si128((const __m128i *)(block + 2)), low = _mm_set1_epi8(0x0F);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+    float wd = fp16_to_f32(load_u16(block));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i s = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a->c16[t * nb + g]));
+        s = dot_u8s8(s, u, _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK)));
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
+    }
+}
+
+/* a row's groups of 8 and 4 and its last blocks, into acc8 (from block b on) */
+ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    int64_t nb = n / BLOCK;
+    if (nb - b >= 8) q4r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
+}
+
+#ifndef HAVE_ZMM_INT8
+ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, float *res) {
+    int64_t nb = n / BLOCK, b = 0;
+    __m256 acc8[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) q4r_lanes8(w, b, 16, 0, a, n, nt, acc8), q4r_lanes8(w, b, 16, 1, a, n, nt, acc8);
+    q4r_tail(w, b, a, n, nt, acc8);
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = hsum8(acc8[t]);
+}
+#endif
+#endif
+
 #ifdef HAVE_ZMM_INT8
 static inline __mmask64 first_bytes(int64_t k) { return k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << k) - 1); }
 
@@ -1069,6 +1159,46 @@ ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int
     if (left > 4) q4_zmm_steps(w, k, 72, (left - 4) * 18, a, nt, acc);
     else if (left > 1) q4_zmm_steps(w, k, left * 18, 0, a, nt, acc);
     else if (left == 1) q4_last_block(w, 4 * k, a, nb * BLOCK, nt, acc);
+}
+
+/* Q4_0R (see W_Q4_0R) on the activations regrouped the same way (q16): a group of 16 blocks in 8 vpdpbusd per
+ * token (four vectors' low nibbles, then their high ones, meeting the values 16 bytes further on), each block's
+ * int32 sum in its own lane, started at its correction; then one conversion and one multiply-add by d_w * d_x
+ * per group. */
+ALWAYS_INLINE void q4r_group16(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    const uint8_t *g = w + b0 * 18;
+    int64_t nb = n / BLOCK;
+    __m512i lo[4], hi[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        __m512i v = _mm512_loadu_si512(g + 64 * j);
+        lo[j] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+        hi[j] = high_nibbles(v);
+    }
+    __m512 wd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(g + 256)));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q16 + t * n + b0 * BLOCK;
+        __m512i s0 = _mm512_loadu_si512(a->c16 + t * nb + b0), s1 = _mm512_setzero_si512();
+        UNROLL
+        for (int v = 0; v < 8; v += 2) {
+            s0 = _mm512_dpbusd_epi32(s0, v < 4 ? lo[v] : hi[v - 4], _mm512_loadu_si512(x + 64 * v));
+            s1 = _mm512_dpbusd_epi32(s1, v < 4 ? lo[v + 1] : hi[v - 3], _mm512_loadu_si512(x + 64 * v + 64));
+        }
+        __m512 xd = _mm512_loadu_ps(a->d + t * nb + b0);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(wd, xd), acc[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    int64_t nb = n / BLOCK, b = 0;
+    __m256 acc8[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) q4r_group16(w, b, a, n, nt, acc);
+    q4r_tail(w, b, a, n, nt, acc8);
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
 }
 
 /* llama.cpp's Q8_0, two blocks a step: the 64 int8 weights gathered out of 68 bytes and read as unsigned
@@ -1284,12 +1414,14 @@ DEFINE_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, res))
 #endif
 #ifdef HAVE_ZMM_INT8
 DEFINE_ZMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
+DEFINE_ZMM_ROWS(rows_q4r, dots_q4r_simd(w, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g32, dots_q8_g32_simd(w, ws, a, n, NT, acc))
 #elif defined(__AVX2__)
 DEFINE_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, res))
+DEFINE_ROWS(rows_q4r, dots_q4r_simd(w, a, n, NT, res))
 #endif
 
 /* the row kernels for m's type and group size */
@@ -1302,6 +1434,7 @@ static const RowsFn *rows_kernels(const Mat *m) {
 #endif
 #ifdef __AVX2__
     if (m->type == W_Q4_0) return rows_q4;
+    if (m->type == W_Q4_0R) return rows_q4r;
     if (m->gs % 32 == 0) return m->type == W_Q8 ? rows_q8_avx2 : rows_q8_blocks_avx2;
 #endif
     (void)m;
@@ -1322,6 +1455,7 @@ static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64
         if (at.c8) at.c8 += t0 * a->c8_stride;
         if (at.d8) at.d8 += t0 * a->d8_stride;
         if (at.c32) at.c32 += t0 * a->c32_stride, at.d32 += t0 * a->d32_stride;
+        if (at.q16) at.q16 += t0 * n, at.c16 += t0 * n_groups;
         kernels[nt](m, lo, hi, &at, n, out + n_tok * m->row0 + t0 * m->rows, m->rows, accumulate);
     }
 }
@@ -1353,6 +1487,29 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                 for (int c = 0; c < Q4_D_COPIES; c++)
                     a->d4[t * a->d4_stride + (step * Q4_D_COPIES + c) * Q4_GROUP + b] = a->d[t * n_groups + g];
             }
+    }
+    if ((types & (1u << W_Q4_0R)) && gs == BLOCK) {
+        a->q16 = malloc(n_tok * n + 64);
+        a->c16 = malloc((n_tok * n_groups + 16) * sizeof(int32_t));
+        for (int64_t t = 0; t < n_tok; t++) {
+            const int8_t *x = a->q + t * n;
+            int8_t *dst = a->q16 + t * n;
+            for (int64_t b0 = 0, G; b0 < n_groups; b0 += G) {
+                G = q4r_group(n_groups - b0);
+                if (G == 1) {
+                    memcpy(dst + b0 * BLOCK, x + b0 * BLOCK, BLOCK);
+                    continue;
+                }
+                for (int v = 0; v < 8; v++) /* vector v < 4 meets low nibbles (values 4v..), then high ones (4v..) */
+                    for (int64_t l = 0; l < G; l++)
+                        memcpy(dst + b0 * BLOCK + 4 * G * v + 4 * l, x + (b0 + l) * BLOCK + 4 * v, 4);
+            }
+            for (int64_t g = 0; g < n_groups; g++) {
+                int32_t sum = 0;
+                for (int k = 0; k < BLOCK; k++) sum += x[g * BLOCK + k];
+                a->c16[t * n_groups + g] = -8 * sum;
+            }
+        }
     }
 #endif
 #ifdef HAVE_ZMM_INT8
@@ -1404,6 +1561,8 @@ static void free_activations(QAct *a) {
     free(a->d8);
     free(a->c32);
     free(a->d32);
+    free(a->q16);
+    free(a->c16);
 }
 
 /* ------------------------------------------------------------------------------------------ products */
@@ -1468,14 +1627,74 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok, PARALLEL_MIN_BYTES);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
 }
 
+/* Q4_0 rows (rows, n) regrouped as Q4_0R (see W_Q4_0R) into dst (the same size; not src), or back with
+ * `unpack`: groups of 4 bytes move */
+static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int unpack) {
+    int64_t nb = n / BLOCK, rb = nb * 18;
+    for (int64_t i = 0; i < rows; i++) {
+        const uint8_t *s = src + i * rb;
+        uint8_t *d = dst + i * rb;
+        for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
+            G = q4r_group(nb - b0);
+            const int64_t at = b0 * 18;
+            if (G == 1) {
+                memcpy(d + at, s + at, 18);
+                continue;
+            }
+            for (int64_t l = 0; l < G; l++) {
+                int64_t block = at + 18 * l, scale = at + 16 * G + 2 * l;
+                memcpy(unpack ? d + block : d + scale, unpack ? s + scale : s + block, 2);
+                for (int j = 0; j < 4; j++) {
+                    int64_t packed = at + 4 * G * j + 4 * l, plain = block + 2 + 4 * j;
+                    memcpy(unpack ? d + plain : d + packed, unpack ? s + packed : s + plain, 4);
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    const uint8_t *src;
+    uint8_t *dst;
+    int64_t n;
+} Regroup;
+
+static void regroup_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Regroup *r = ctx;
+    int64_t rb = r->n / BLOCK * 18;
+    q4r_permute_rows(r->src + lo * rb, r->dst + lo * rb, hi - lo, r->n, 0);
+}
+
+/* dst = the Q4_0 matrix src (rows, n) regrouped as Q4_0R (see W_Q4_0R) for this build's kernels; returns 0, or
+ * 1 where the build has no Q4_0R kernel (keep Q4_0 there) */
+int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n) {
+#ifdef __AVX2__
+    Regroup r = {src, dst, n};
+    pool_run(regroup_chunk, &r, rows, 256, rows * (n / BLOCK) * 18);
+    return 0;
+#else
+    (void)src, (void)dst, (void)rows, (void)n, (void)regroup_chunk;
+    return 1;
+#endif
+}
+
 /* row i of a quantized m (rows of n weights) as fp32 */
 static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
+    if (m->type == W_Q4_0R) { /* back to Q4_0 blocks first */
+        int64_t rb = n / BLOCK * 18;
+        uint8_t *row = malloc(rb);
+        q4r_permute_rows((const uint8_t *)m->w + i * rb, row, 1, n, 1);
+        Mat blocks = {row, NULL, 1, 0, W_Q4_0, BLOCK};
+        dequantize_row(&blocks, 0, n, o);
+        free(row);
+        return;
+    }
     if (m->type == W_F32) {
         memcpy(o, (const float *)m->w + i * n, n * sizeof(float));
         return;
@@ -1911,7 +2130,7 @@ void attention_step(float *q, float *k, const float *v, const float *cos, const 
         }
     }
     Attention a = {q, kc, vc, kv_type, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
-    pool_run(attention_chunk, &a, n_tok * n_heads, 1, work);
+    pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, ATTENTION_MIN_BYTES);
 }
 
 /* ------------------------------------------------------------------- a whole decode step's layers */
