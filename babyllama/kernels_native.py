@@ -288,7 +288,7 @@ class NativeKernels:
     def configure_threads(self, n: int | None = None) -> None:
         """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
         (explicit), else every CPU this process may use, with small products kept on one thread.
-        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 200)."""
+        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 50)."""
         explicit = n is not None
         if n is None:
             env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()

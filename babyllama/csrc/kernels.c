@@ -97,8 +97,7 @@ static struct {
     int workers;            /* threads started (ids 1..workers; the caller is 0) */
     int threads;            /* threads a job may use, caller included */
     int explicit_threads;   /* set by the user (--threads, OMP_NUM_THREADS): used for every job */
-    int64_t spin_ns;        /* how long an idle thread spins before it sleeps (200 us: longer than the Python
-                             * between two decode steps, so that a step does not start by waking threads) */
+    int64_t spin_ns;        /* how long an idle thread spins before it sleeps */
     /* the current job: written before its runs are published, read only after a successful claim */
     ChunkFn fn;
     void *ctx;
@@ -106,7 +105,7 @@ static struct {
     _Atomic int64_t done;   /* chunks finished */
     Run runs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
-          200000, NULL, NULL, 0, 1, 0, {{0}}};
+          50000, NULL, NULL, 0, 1, 0, {{0}}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
