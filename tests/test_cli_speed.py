@@ -219,6 +219,15 @@ def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(
     assert "| tiny | Q4_0 | babyllama | 1 |" in text and "- tiny fp32 run.c: run.c (" in text
 
 
+def test_bench_reports_q4_0_over_q8_0_beside_their_weight_bytes():
+    rows = [bench.Row("tiny", fmt, "babyllama", threads, {"decode": tok_s, "decode_bytes": nbytes})
+            for fmt, threads, tok_s, nbytes in (("q8_0", "default", 100.0, 340), ("q4_0", "default", 150.0, 180),
+                                                 ("q8_0", "1", 80.0, 340), ("q4_0", "1", 96.0, 180))]
+    text = bench.table(rows, 2, 16)
+    assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer); tiny 1.20x (1t) (weight bytes "
+            "1.89x fewer)") in text
+
+
 def _children() -> list[str]:
     """The command lines of this process's children (Linux /proc)."""
     out = []
