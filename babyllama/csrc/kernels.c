@@ -232,9 +232,9 @@ int kernel_threads(void) { return pool.threads; }
 
 /* Work below this many bytes (weights, or keys and values) stays on one thread unless threads were set
  * explicitly: waking a second thread and sharing the result costs more than it saves (see docs/speed.md).
- * Attention splits from far less: it runs between products, while the other threads still spin, and a decode
- * step's attention over a short context (110M: 64 positions, 200 KB a layer) took a tenth of the step on one
- * thread. */
+ * A decode step's attention splits from far less where it runs between products on the pool (forward_layers),
+ * while the other threads still spin: over a short context (110M: 64 positions, 200 KB a layer) it took a
+ * tenth of the step on one thread. */
 #define PARALLEL_MIN_BYTES (512 * 1024)
 #define ATTENTION_MIN_BYTES (64 * 1024)
 
@@ -2113,9 +2113,10 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
  * positions 0..position (all keys are stored first, so tokens of one sequence see each other's). Query head
  * h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task,
  * head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
-void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, void *kc, void *vc,
-                    int kv_type, const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
-                    int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
+static void attention_split_from(int64_t min_bytes, float *q, float *k, const float *v, const float *cos,
+                                 const float *sin, void *kc, void *vc, int kv_type, const int64_t *slots,
+                                 const int64_t *positions, int64_t n_tok, int64_t n_heads, int64_t kv_heads,
+                                 int64_t seq_len, int64_t hs, float *out) {
     rope(q, n_tok, n_heads, hs, cos, sin);
     rope(k, n_tok, kv_heads, hs, cos, sin);
     int64_t max_pos = 0, work = 0;
@@ -2129,7 +2130,15 @@ void attention_step(float *q, float *k, const float *v, const float *cos, const 
         }
     }
     Attention a = {q, kc, vc, kv_type, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
-    pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, ATTENTION_MIN_BYTES);
+    pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, min_bytes);
+}
+
+/* the attention step on its own (a prompt's, between BLAS products): split across threads as products are */
+void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, void *kc, void *vc,
+                    int kv_type, const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
+                    int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
+    attention_split_from(PARALLEL_MIN_BYTES, q, k, v, cos, sin, kc, vc, kv_type, slots, positions, n_tok, n_heads,
+                         kv_heads, seq_len, hs, out);
 }
 
 /* ------------------------------------------------------------------- a whole decode step's layers */
@@ -2167,14 +2176,20 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
     float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
     float *att = malloc(n_tok * dim * sizeof(float));
     float *h13 = malloc(2 * n_tok * m->hidden_dim * sizeof(float));
+    /* attention splits from ATTENTION_MIN_BYTES where the product before it runs on the pool's threads (which
+     * then still spin); a small model's products run on the caller, whose threads may be asleep by then: its
+     * attention splits as products do */
+    int64_t qkv_bytes = 0;
+    for (int j = 0; j < 3; j++) qkv_bytes += row_bytes(&m->layers[0].qkv[j], dim) * m->layers[0].qkv[j].rows;
+    int64_t attention_min = qkv_bytes * n_tok >= PARALLEL_MIN_BYTES ? ATTENTION_MIN_BYTES : PARALLEL_MIN_BYTES;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
         matmul(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
-        attention_step(qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin,
-                       (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type, slots, positions, n_tok,
-                       m->n_heads, m->kv_heads, seq_len, m->head_size, att);
+        attention_split_from(attention_min, qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin,
+                             (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type, slots, positions,
+                             n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size, att);
         matmul(att, n_tok, dim, &ly->wo, 1, x, &residual);
         matmul(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
         matmul(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
