@@ -582,19 +582,16 @@ def _ratios(rows: list[Row]) -> str:
     """babyllama's decode speed over each reference's, per model, format and thread setting; and its Q4_0
     decode over its Q8_0 decode, beside how many times fewer weight bytes Q4_0 reads (the most it could gain
     where decode is bound by reading them)."""
-    ours = {(r.shape, r.fmt, r.threads): r.result["decode"] for r in rows
-            if r.engine == "babyllama" and r.result.get("decode")}
-    bytes_of = {(r.shape, r.fmt, r.threads): r.result.get("decode_bytes") or 1 for r in rows
-                if r.engine == "babyllama" and r.result.get("decode")}
+    ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.engine == "babyllama" and r.result.get("decode")}
     parts = [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
-             + f" {ours[(r.shape, r.fmt, r.threads)] / r.result['decode']:.2f}x" for r in rows
+             + f" {ours[(r.shape, r.fmt, r.threads)]['decode'] / r.result['decode']:.2f}x" for r in rows
              if not r.is_ours and r.engine != "plain NumPy" and r.result.get("decode")
              and (r.shape, r.fmt, r.threads) in ours]
     lines = ["decode speed of babyllama / reference: " + "; ".join(parts)] if parts else []
-    q4 = [f"{shape} {ours[(shape, 'q4_0', t)] / ours[(shape, 'q8_0', t)]:.2f}x"
+    q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
-          + f" (weight bytes {bytes_of[(shape, 'q8_0', t)] / bytes_of[(shape, 'q4_0', t)]:.2f}x fewer)"
-          for shape, fmt, t in ours if fmt == "q4_0" and (shape, "q8_0", t) in ours]
+          + f" (weight bytes {ours[(shape, 'q8_0', t)]['decode_bytes'] / ours[(shape, 'q4_0', t)]['decode_bytes']:.2f}x"
+          " fewer)" for shape, fmt, t in ours if fmt == "q4_0" and (shape, "q8_0", t) in ours]
     if q4:
         lines.append("babyllama Q4_0 / Q8_0 decode: " + "; ".join(q4))
     return "\n".join(lines)

@@ -216,7 +216,7 @@ def _address(a: np.ndarray) -> int:
 
 @dataclass
 class RegroupedQ4:
-    """A Q4_0 matrix with each row's bytes regrouped for the AVX-512 kernels (kernels.c's W_Q4_0R: 16 blocks'
+    """A Q4_0 matrix with each row's bytes regrouped for the SIMD kernels (kernels.c's W_Q4_0R: 16 blocks'
     nibbles interleaved 4 bytes at a time, their scales after them; the same size). Made by
     `NativeKernels.regroup_q4`; decode steps read these instead of the weights' own blocks."""
 
@@ -470,7 +470,7 @@ class NativeKernels:
 
     def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> RegroupedQ4 | None:
         """w (Q4_0) regrouped for this build's kernels, into `out` (uint8, w's size) when given; None where the
-        build has no kernels for it (no AVX-512 VNNI/VBMI)."""
+        build has no kernels for it (no AVX2)."""
         data = np.empty_like(w.data) if out is None else out.reshape(w.data.shape)
         if self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
             return None

@@ -117,4 +117,4 @@ def add_mmap(p, who: str = "") -> None:
                    help=f"{who}map the model file (instant load, memory only for what is touched)")
     m.add_argument("--no-mmap", dest="mmap", action="store_false",
                    help=f"{who}read the weights into memory (faster decode; the default for files up to a "
-                        "quarter of the free memory)")
+                        "quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs)")

@@ -417,7 +417,7 @@ enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4 };
 #define BLOCK 32
 static const int64_t BLOCK_BYTES[5] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2};
 
-/* Q4_0R: Q4_0 rows with each row's bytes regrouped for the AVX-512 kernels (repack_q4; the same bytes per
+/* Q4_0R: Q4_0 rows with each row's bytes regrouped for the SIMD kernels (regroup_q4; the same bytes per
  * block). A row's blocks go in groups of G = 16 while 16 are left, then at most one group of 8 and one of 4,
  * and its last 0-3 blocks stay as they are (G = 1). A group of G blocks is 4 vectors of 4G bytes, vector j
  * holding bytes 4j..4j+3 of block l's 16 bytes of nibbles in its 4-byte lane l, then the G blocks' fp16
@@ -1499,7 +1499,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     memcpy(dst + b0 * BLOCK, x + b0 * BLOCK, BLOCK);
                     continue;
                 }
-                for (int v = 0; v < 8; v++) /* vector v < 4 meets low nibbles (values 4v..), then high ones (4v..) */
+                for (int v = 0; v < 8; v++) /* vector v: values 4v..4v+3 of each block (low nibbles, then high) */
                     for (int64_t l = 0; l < G; l++)
                         memcpy(dst + b0 * BLOCK + 4 * G * v + 4 * l, x + (b0 + l) * BLOCK + 4 * v, 4);
             }
