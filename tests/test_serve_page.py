@@ -54,6 +54,7 @@ def test_chat_page_streams_a_reply(browser):
         page.fill("#temperature", "0")
         page.dispatch_event("#temperature", "input")
         page.fill("#prompt", "Tell me a story about a cat.")
+        count_updates(page)
         with page.expect_response("**/v1/chat/completions") as answer:
             page.press("#prompt", "Enter")
         page.wait_for_function("document.querySelector('.msg.assistant') && "
@@ -61,7 +62,12 @@ def test_chat_page_streams_a_reply(browser):
         page.wait_for_function("!document.getElementById('send').disabled", timeout=30_000)
         events = [json.loads(line[6:]) for line in answer.value.text().splitlines() if line.startswith("data: {")]
         streamed = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
-        assert sum(1 for piece in streamed if piece) > 20  # the reply came as a stream of pieces
+        # The reply came as a stream of pieces and the page showed it growing. How many pieces depends on the
+        # machine: the server joins the tokens that arrived while the reader was busy into one chunk, and the
+        # built-in model makes thousands of tokens a second, so a loaded machine sees fewer, larger pieces.
+        pieces = [piece for piece in streamed if piece]
+        assert len(pieces) > 1 and all(len(piece) < len("".join(pieces)) for piece in pieces)
+        assert page.evaluate("window.updates") > 1
         assert page.text_content(".msg.assistant") == "".join(streamed)  # the page shows exactly what came
         assert "tokens/s" in page.text_content("#speed")
         assert page.text_content(".msg.user") == "Tell me a story about a cat."
