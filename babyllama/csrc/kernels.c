@@ -230,11 +230,16 @@ void pool_configure(int threads, int explicit_threads, int spin_us) {
 
 int kernel_threads(void) { return pool.threads; }
 
-/* Work below this many bytes (weights, or keys and values) stays on one thread unless threads were set
- * explicitly: waking a second thread and sharing the result costs more than it saves (see docs/speed.md).
- * A decode step's attention splits from far less where it runs between products on the pool (forward_layers),
- * while the other threads still spin: over a short context (110M: 64 positions, 200 KB a layer) it took a
- * tenth of the step on one thread. */
+/* Work below these sizes stays on one thread unless threads were set explicitly: waking a second thread and
+ * sharing the result costs more than it saves (see docs/speed.md). Products are sized by their multiply-adds
+ * (weights x tokens), whatever the format: a product of 128 K of them (a 15M model's layer products) took most
+ * of a small model's step on one thread (15M Q4_0: ~3,000 tok/s, ~3,900 split), while the built-in model's
+ * fp32 layers (under 100 K each, read from cache in a few microseconds) lose on a busy machine when split.
+ * Other work (bytes of weights, or of keys and values): from PARALLEL_MIN_BYTES. A decode step's attention
+ * splits from ATTENTION_MIN_BYTES where it runs between products on the pool (forward_layers), while the other
+ * threads still spin: over a short context (110M: 64 positions, 200 KB a layer) it took a tenth of the step on
+ * one thread. */
+#define PRODUCT_MIN_MACS (128 * 1024)
 #define PARALLEL_MIN_BYTES (512 * 1024)
 #define ATTENTION_MIN_BYTES (64 * 1024)
 
@@ -335,15 +340,15 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 }
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
- * for work under min_bytes, and on all threads or one as the adaptation finds faster (products only:
+ * for work too small to `split`, and on all threads or one as the adaptation finds faster (products only:
  * `adaptive` is their token count; 0 for other work, which follows the current choice). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
-                              int64_t adaptive, int64_t min_bytes) {
+                              int64_t adaptive, int split) {
     if (pool.explicit_threads || pool.threads == 1) {
         pool_run_on(pool.threads, fn, ctx, n_items, chunk);
         return;
     }
-    if (work_bytes < min_bytes) {
+    if (!split) {
         fn(ctx, 0, n_items);
         return;
     }
@@ -354,7 +359,7 @@ static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t ch
 }
 
 static void pool_run(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes) {
-    pool_run_adaptive(fn, ctx, n_items, chunk, work_bytes, 0, PARALLEL_MIN_BYTES);
+    pool_run_adaptive(fn, ctx, n_items, chunk, work_bytes, 0, work_bytes >= PARALLEL_MIN_BYTES);
 }
 
 /* --------------------------------------------------------------------------------------- fp16, types */
@@ -1626,7 +1631,7 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok, PARALLEL_MIN_BYTES);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok, rows * n * n_tok >= PRODUCT_MIN_MACS);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     free(owned);
     return 0;
@@ -2130,7 +2135,7 @@ static void attention_split_from(int64_t min_bytes, float *q, float *k, const fl
         }
     }
     Attention a = {q, kc, vc, kv_type, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
-    pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, min_bytes);
+    pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, work >= min_bytes);
 }
 
 /* the attention step on its own (a prompt's, between BLAS products): split across threads as products are */
@@ -2178,10 +2183,10 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
     float *h13 = malloc(2 * n_tok * m->hidden_dim * sizeof(float));
     /* attention splits from ATTENTION_MIN_BYTES where the product before it runs on the pool's threads (which
      * then still spin); a small model's products run on the caller, whose threads may be asleep by then: its
-     * attention splits as products do */
-    int64_t qkv_bytes = 0;
-    for (int j = 0; j < 3; j++) qkv_bytes += row_bytes(&m->layers[0].qkv[j], dim) * m->layers[0].qkv[j].rows;
-    int64_t attention_min = qkv_bytes * n_tok >= PARALLEL_MIN_BYTES ? ATTENTION_MIN_BYTES : PARALLEL_MIN_BYTES;
+     * attention splits as other work does */
+    int64_t qkv_rows = 0;
+    for (int j = 0; j < 3; j++) qkv_rows += m->layers[0].qkv[j].rows;
+    int64_t attention_min = qkv_rows * dim * n_tok >= PRODUCT_MIN_MACS ? ATTENTION_MIN_BYTES : PARALLEL_MIN_BYTES;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
