@@ -121,9 +121,12 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray) -> int:
-        check_logits(logits)
         if self.temperature == 0.0:
-            return int(np.argmax(logits))
+            best = int(np.argmax(logits))  # the first NaN where there is one, else the largest (+inf included)
+            if not math.isfinite(logits[best]):
+                check_logits(logits)
+            return best
+        check_logits(logits)
         probs = self.probs(logits)
         coin = self.rng.f32()
         if 0.0 < self.topp < 1.0:
