@@ -232,14 +232,13 @@ int kernel_threads(void) { return pool.threads; }
 
 /* Work below these sizes stays on one thread unless threads were set explicitly: waking a second thread and
  * sharing the result costs more than it saves (see docs/speed.md). Products are sized by their multiply-adds
- * (weights x tokens), whatever the format: a product of 128 K of them (a 15M model's layer products) took most
- * of a small model's step on one thread (15M Q4_0: ~3,000 tok/s, ~3,900 split), while the built-in model's
- * fp32 layers (under 100 K each, read from cache in a few microseconds) lose on a busy machine when split.
+ * (weights x tokens), whatever the format, and split from 32 K of them as the adaptation decides (the built-in
+ * model's layer products are 45-90 K: on one thread, small models' layer products were most of their step).
  * Other work (bytes of weights, or of keys and values): from PARALLEL_MIN_BYTES. A decode step's attention
  * splits from ATTENTION_MIN_BYTES where it runs between products on the pool (forward_layers), while the other
  * threads still spin: over a short context (110M: 64 positions, 200 KB a layer) it took a tenth of the step on
  * one thread. */
-#define PRODUCT_MIN_MACS (128 * 1024)
+#define PRODUCT_MIN_MACS (32 * 1024)
 #define PARALLEL_MIN_BYTES (512 * 1024)
 #define ATTENTION_MIN_BYTES (64 * 1024)
 
@@ -289,23 +288,32 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
  * measuring (PROBE_JOBS jobs on every thread, then as many on the caller's alone, comparing bytes per second)
  * and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load
- * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A measurement
- * compares products of one token count only (that of its first job): per byte of weights a product of several
- * tokens takes longer than one of a single token, and not in proportion, so a prompt's step measured on every
- * thread against the decode steps after it on one decided by what ran, not by how. Jobs of another count pass
- * unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
+ * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A phase also
+ * lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends where a decode
+ * step (forward_step) begins, so that both measured phases hold whole steps: a small model's products differ
+ * several-fold in bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step
+ * compared different mixes of them (products outside decode steps end a phase after 4 x its jobs). A
+ * measurement compares products of one token count only (that of its first job): per byte of weights a product
+ * of several tokens takes longer than one of a single token, and not in proportion, so a prompt's step measured
+ * on every thread against the decode steps after it on one decided by what ran, not by how. Jobs of another
+ * count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
 #define PROBE_JOBS 48
 #define EXPLOIT_JOBS 2048
+#define PROBE_NS 2000000LL      /* 2 ms */
+#define EXPLOIT_NS 100000000LL  /* 100 ms */
 
 static struct {
     pthread_mutex_t lock;
     int phase;          /* 0: measuring all threads, 1: measuring one, 2: running `choice` */
     int choice;         /* 1: all threads, 0: the caller's alone */
     int64_t jobs;       /* jobs in this phase */
+    int64_t phase_ns;   /* their time */
+    int64_t last_step;  /* steps_begun at the last recorded job */
     int64_t tokens;     /* the token count of the products being measured */
     int64_t others;     /* jobs of another count passed since the last one of `tokens` */
     double ns[2], bytes[2];
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, 0, 0, {0, 0}, {0, 0}};
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}};
+static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a step begins */
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
@@ -321,7 +329,7 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
                 return;
             }
             adapt.phase = 0; /* measure again, on this count */
-            adapt.jobs = 0;
+            adapt.jobs = adapt.phase_ns = 0;
             adapt.tokens = n_tok;
             adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
         }
@@ -329,12 +337,17 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
         adapt.ns[multi] += (double)ns; /* by how the job ran: the phase may have changed since it started */
         adapt.bytes[multi] += (double)bytes;
     }
-    if (++adapt.jobs >= (adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS)) {
+    adapt.phase_ns += ns;
+    int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
+    int64_t limit = adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS, new_step = step != adapt.last_step;
+    adapt.last_step = step;
+    if (++adapt.jobs >= limit && adapt.phase_ns >= (adapt.phase == 2 ? EXPLOIT_NS : PROBE_NS) &&
+        (new_step || adapt.jobs >= 4 * limit)) {
         if (adapt.phase == 1)
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
         if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
         adapt.phase = (adapt.phase + 1) % 3;
-        adapt.jobs = 0;
+        adapt.jobs = adapt.phase_ns = 0;
     }
     pthread_mutex_unlock(&adapt.lock);
 }
@@ -2222,6 +2235,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     if (out_of_range(positions, n_tok, seq_len < m->n_positions ? seq_len : m->n_positions)) return 2;
     if (out_of_range(slots, n_tok, n_slots)) return 3;
     if (out_of_range(out_rows, n_out, n_tok)) return 4;
+    atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
     float *x = malloc(n_tok * dim * sizeof(float));
     float *cos = malloc(n_tok * half * sizeof(float)), *sin = malloc(n_tok * half * sizeof(float));
     for (int64_t t = 0; t < n_tok; t++) {
