@@ -286,25 +286,30 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
 
 /* Without an explicit thread count the pool adapts to the machine: a busy one (another process on a core) can
  * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
- * measuring (PROBE_JOBS jobs on every thread, then as many on the caller's alone, comparing bytes per second)
- * and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load
- * is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A phase also
- * lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends where a decode
- * step (forward_step) begins, so that both measured phases hold whole steps: a small model's products differ
- * several-fold in bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step
- * compared different mixes of them (products outside decode steps end a phase after 4 x its jobs). A
- * measurement compares products of one token count only (that of its first job): per byte of weights a product
- * of several tokens takes longer than one of a single token, and not in proportion, so a prompt's step measured
- * on every thread against the decode steps after it on one decided by what ran, not by how. Jobs of another
- * count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
+ * measuring (PROBE_JOBS jobs on the caller's thread alone, then as many on every thread, comparing bytes per
+ * second) and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change
+ * of load is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A
+ * phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends
+ * where a decode step (forward_step) begins, so that both measured phases hold whole steps: a small model's
+ * products differ several-fold in bytes per second (the classifier from memory, the layers from cache), and
+ * windows cut mid-step compared different mixes of them (products outside decode steps end a phase after 4 x
+ * its jobs). Every thread is measured second, and only until it is clearly losing (a quarter slower than one
+ * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
+ * milliseconds for a preempted one, and a whole phase of that was a large part of a small model's first 256
+ * tokens. The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
+ * A measurement compares products of one token count only (that of its first job): per byte of weights a
+ * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
+ * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
+ * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
 #define PROBE_JOBS 48
 #define EXPLOIT_JOBS 2048
 #define PROBE_NS 2000000LL      /* 2 ms */
+#define LOSING_JOBS 8
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
 
 static struct {
     pthread_mutex_t lock;
-    int phase;          /* 0: measuring all threads, 1: measuring one, 2: running `choice` */
+    int phase;          /* 0: measuring one thread, 1: measuring all, 2: running `choice` */
     int choice;         /* 1: all threads, 0: the caller's alone */
     int64_t jobs;       /* jobs in this phase */
     int64_t phase_ns;   /* their time */
@@ -317,7 +322,7 @@ static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a st
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
-static int adapt_mode(void) { return adapt.phase == 0 ? 1 : adapt.phase == 1 ? 0 : adapt.choice; }
+static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1 : adapt.choice; }
 
 static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
@@ -334,6 +339,11 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
             adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
         }
         adapt.others = 0;
+        if (adapt.phase == 1 && adapt.jobs == 0) { /* it woke the threads the phase before let sleep: not timed */
+            adapt.jobs++;
+            pthread_mutex_unlock(&adapt.lock);
+            return;
+        }
         adapt.ns[multi] += (double)ns; /* by how the job ran: the phase may have changed since it started */
         adapt.bytes[multi] += (double)bytes;
     }
@@ -341,8 +351,10 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
     int64_t limit = adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS, new_step = step != adapt.last_step;
     adapt.last_step = step;
-    if (++adapt.jobs >= limit && adapt.phase_ns >= (adapt.phase == 2 ? EXPLOIT_NS : PROBE_NS) &&
-        (new_step || adapt.jobs >= 4 * limit)) {
+    int losing = adapt.phase == 1 && adapt.jobs >= LOSING_JOBS && adapt.phase_ns >= PROBE_NS / 4 &&
+                 1.25 * adapt.bytes[1] * adapt.ns[0] < adapt.bytes[0] * adapt.ns[1];
+    if ((++adapt.jobs >= limit && adapt.phase_ns >= (adapt.phase == 2 ? EXPLOIT_NS : PROBE_NS) &&
+         (new_step || adapt.jobs >= 4 * limit)) || losing) {
         if (adapt.phase == 1)
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
         if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
