@@ -302,9 +302,9 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
  * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
 #define PROBE_JOBS 48
-#define EXPLOIT_JOBS 2048
 #define PROBE_NS 2000000LL      /* 2 ms */
 #define LOSING_JOBS 8
+#define EXPLOIT_JOBS 2048
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
 
 static struct {
@@ -349,7 +349,8 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     }
     adapt.phase_ns += ns;
     int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
-    int64_t limit = adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS, new_step = step != adapt.last_step;
+    int64_t limit = adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS;
+    int new_step = step != adapt.last_step;
     adapt.last_step = step;
     int losing = adapt.phase == 1 && adapt.jobs >= LOSING_JOBS && adapt.phase_ns >= PROBE_NS / 4 &&
                  1.25 * adapt.bytes[1] * adapt.ns[0] < adapt.bytes[0] * adapt.ns[1];
