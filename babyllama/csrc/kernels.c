@@ -456,6 +456,25 @@ static const int64_t BLOCK_BYTES[5] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK
  * with no byte permutes. */
 static inline int q4r_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
 
+/* The interleave both sides of a Q4_0R product share: `words` 4-byte words of each of G blocks (`stride` bytes
+ * apart in `plain`), word v of block l at 4G·v + 4l in `packed`; `unpack` copies the other way (only the
+ * side copied to is written). */
+static void q4r_words(uint8_t *packed, uint8_t *plain, int64_t G, int words, int64_t stride, int unpack) {
+    for (int v = 0; v < words; v++)
+        for (int64_t l = 0; l < G; l++) {
+            uint8_t *p = packed + 4 * G * v + 4 * l, *q = plain + l * stride + 4 * v;
+            memcpy(unpack ? q : p, unpack ? p : q, 4);
+        }
+}
+
+/* the correction that starts a Q4_0 block's int32 sum: the weights' unsigned nibbles q stand for q - 8, so
+ * -8 * (sum of the block's 32 activation values) */
+static inline int32_t q4_correction(const int8_t *x) {
+    int32_t sum = 0;
+    for (int k = 0; k < BLOCK; k++) sum += x[k];
+    return -8 * sum;
+}
+
 typedef struct {
     const void *w;      /* F32: fp32 (rows, n); Q8: int8 (rows, n); Q8_0/Q4_0: blocks, rows one after another */
     const float *s;     /* Q8: scales (rows, n / gs); else unused */
@@ -1511,9 +1530,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     memcpy(dst + Q4_GROUP * k + 4 * b, src + k, 4);
                     memcpy(dst + Q4_GROUP * 16 + Q4_GROUP * k + 4 * b, src + 16 + k, 4);
                 }
-                int32_t sum = 0;
-                for (int k = 0; k < BLOCK; k++) sum += src[k];
-                a->c4[t * a->c4_stride + g] = -8 * sum;
+                a->c4[t * a->c4_stride + g] = q4_correction(src);
                 for (int c = 0; c < Q4_D_COPIES; c++)
                     a->d4[t * a->d4_stride + (step * Q4_D_COPIES + c) * Q4_GROUP + b] = a->d[t * n_groups + g];
             }
@@ -1530,15 +1547,10 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     memcpy(dst + b0 * BLOCK, x + b0 * BLOCK, BLOCK);
                     continue;
                 }
-                for (int v = 0; v < 8; v++) /* vector v: values 4v..4v+3 of each block (low nibbles, then high) */
-                    for (int64_t l = 0; l < G; l++)
-                        memcpy(dst + b0 * BLOCK + 4 * G * v + 4 * l, x + (b0 + l) * BLOCK + 4 * v, 4);
+                /* vector v: values 4v..4v+3 of each block (those the low nibbles meet, then the high ones') */
+                q4r_words((uint8_t *)dst + b0 * BLOCK, (uint8_t *)x + b0 * BLOCK, G, 8, BLOCK, 0);
             }
-            for (int64_t g = 0; g < n_groups; g++) {
-                int32_t sum = 0;
-                for (int k = 0; k < BLOCK; k++) sum += x[g * BLOCK + k];
-                a->c16[t * n_groups + g] = -8 * sum;
-            }
+            for (int64_t g = 0; g < n_groups; g++) a->c16[t * n_groups + g] = q4_correction(x + g * BLOCK);
         }
     }
 #endif
@@ -1677,14 +1689,13 @@ static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int
                 memcpy(d + at, s + at, 18);
                 continue;
             }
-            for (int64_t l = 0; l < G; l++) {
+            for (int64_t l = 0; l < G; l++) { /* the scales, after the nibbles */
                 int64_t block = at + 18 * l, scale = at + 16 * G + 2 * l;
                 memcpy(unpack ? d + block : d + scale, unpack ? s + scale : s + block, 2);
-                for (int j = 0; j < 4; j++) {
-                    int64_t packed = at + 4 * G * j + 4 * l, plain = block + 2 + 4 * j;
-                    memcpy(unpack ? d + plain : d + packed, unpack ? s + packed : s + plain, 4);
-                }
             }
+            /* the 16 bytes of nibbles after each block's scale: 4 words */
+            if (unpack) q4r_words((uint8_t *)s + at, d + at + 2, G, 4, 18, 1);
+            else q4r_words(d + at, (uint8_t *)s + at + 2, G, 4, 18, 0);
         }
     }
 }
