@@ -487,13 +487,15 @@ class NativeKernels:
         if not pairs or not memory.read_by_default(total):
             return None
         buf = np.empty(total, dtype=np.uint8)
-        at = 0
-        for mats, j, w in pairs:
-            regrouped = self.regroup_q4(w, buf[at:at + w.nbytes])
-            if regrouped is None:
+        copies, at = [], 0
+        for _, _, w in pairs:
+            copy = self.regroup_q4(w, buf[at:at + w.nbytes])
+            if copy is None:  # before any matrix points into buf
                 return None
-            _fill(mats[j], regrouped, mats[j].row0)
+            copies.append(copy)
             at += w.nbytes
+        for (mats, j, _), copy in zip(pairs, copies, strict=True):
+            _fill(mats[j], copy, mats[j].row0)
         return buf
 
     describe = step_plan
