@@ -44,12 +44,7 @@ static Mat matrix(int type, int64_t rows, int64_t n, int gs, int64_t row0) {
         int64_t bb = type == 2 ? 34 : 18;
         for (int64_t b = 0; b < rows * (n / 32); b++) memcpy(w + b * bb, &(uint16_t){0x1400}, 2);
     }
-    if (type == 4) { /* regrouped in place through a copy */
-        uint8_t *blocks = malloc(bytes);
-        memcpy(blocks, w, bytes);
-        if (regroup_q4(blocks, w, rows, n)) type = 3; /* no Q4_0R kernels in this build */
-        free(blocks);
-    }
+    if (type == 4 && regroup_q4_in_place(w, rows, n)) type = 3; /* no Q4_0R kernels in this build */
     return (Mat){w, s, rows, row0, type, type == 1 ? gs : 32};
 }
 

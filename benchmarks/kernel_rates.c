@@ -35,13 +35,7 @@ int main(int argc, char **argv) {
             for (int64_t b = 0; b < rows * n / 32; b++) memcpy(w + b * bb, &(uint16_t){0x2000}, 2); /* fp16 scales */
         float *s = malloc(rows * (n / 64) * sizeof(float));
         for (int64_t i = 0; i < rows * (n / 64); i++) s[i] = 0.01f;
-        if (type == 4) { /* regrouped in place through a copy */
-            uint8_t *blocks = malloc(rows * rb);
-            memcpy(blocks, w, rows * rb);
-            int kept = regroup_q4(blocks, w, rows, n);
-            free(blocks);
-            if (kept) continue; /* no Q4_0R kernels in this build */
-        }
+        if (type == 4 && regroup_q4_in_place(w, rows, n)) continue; /* no Q4_0R kernels in this build */
         Mat m = {w, type == 1 ? s : NULL, rows, 0, type, type == 0 ? 0 : type == 1 ? 64 : 32};
         for (int nt = 1; nt <= 8; nt *= 8) {
             float *x = malloc(nt * n * sizeof(float)), *out = malloc(nt * rows * sizeof(float));

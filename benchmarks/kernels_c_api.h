@@ -4,6 +4,8 @@
 #define BABYLLAMA_KERNELS_C_API_H
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 typedef struct {
@@ -16,6 +18,17 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
 int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n);
+
+/* the Q4_0 matrix w (rows, n) regrouped in place (through a copy) as decode steps read it; returns 1 and leaves
+ * w as it was where the build has no Q4_0R kernels */
+static inline int regroup_q4_in_place(uint8_t *w, int64_t rows, int64_t n) {
+    int64_t bytes = rows * (n / 32) * 18;
+    uint8_t *blocks = malloc(bytes);
+    memcpy(blocks, w, bytes);
+    int kept = regroup_q4(blocks, w, rows, n);
+    free(blocks);
+    return kept;
+}
 
 static inline double now(void) {
     struct timespec t;
