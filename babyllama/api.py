@@ -107,7 +107,7 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
     (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
     have the same `forward`/`new_cache` interface, so every generation loop runs on either. `kv_cache`: the
-    NumPy engine's cache type, "auto" (f16 for Q8_0/Q4_0 weights, f32 otherwise), "f32" or "f16"."""
+    NumPy engine's cache type, "auto" (f16 for Q8_0/Q4_0 weights, f32 otherwise), "f32", "f16" or "q8_0"."""
     check_device(device, compile)
     check_kv_cache(kv_cache, device)
     if device == "numpy":
@@ -131,9 +131,10 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     decode step through torch.compile); `mmap` True maps the file, False reads the weights into memory, None
     (the default) reads files that take at most a quarter of the free memory (see formats.load).
     `lora` merges a LoRA adapter (its .safetensors, or the fine-tuning run's folder) into the weights first:
-    it must have been trained on this very model (see adapter.py). `kv_cache` is the KV cache's element type:
-    "f32", "f16" (half the bytes attention reads per token), or "auto": f16 when the weights are quantized
-    (Q8_0/Q4_0, as loaded or by `quantize`), f32 otherwise."""
+    it must have been trained on this very model (see adapter.py). `kv_cache` is the KV cache's type:
+    "f32", "f16" (half the bytes attention reads per token), "q8_0" (int8 with a scale per 32 values: about
+    half of fp16's bytes), or "auto": f16 when the weights are quantized (Q8_0/Q4_0, as loaded or by
+    `quantize`), f32 otherwise."""
     check_kv_cache(kv_cache, device)  # before the model is read
     source = open_model(builtin_model() if model is None else model, mmap=mmap)
     weights = source.weights

@@ -18,41 +18,54 @@ import numpy as np
 from . import kernels
 from .config import ModelArgs
 from .formats import Weights
-from .kernels_base import Kernels, apply_rope, rmsnorm, segments, silu  # noqa: F401 (re-exported)
+from .kernels_base import Kernels, apply_rope, kv_q8_dtype, kv_read, kv_write, rmsnorm, segments, silu  # noqa: F401
 from .memory import allocation_failed, check_fits
 
-# `kv_cache` settings: "f32" and "f16" name the cache's element type; "auto" is f16 for quantized weights (Q8_0,
+# `kv_cache` settings: "f32", "f16" and "q8_0" name the cache's rows; "auto" is f16 for quantized weights (Q8_0,
 # Q4_0: their products round weights and activations to 8- or 4-bit steps, far coarser than fp16's 11-bit
-# significands) and f32 otherwise (fp32 models compute exactly what llama2.c's run.c computes).
-KV_CACHE_TYPES = ("auto", "f32", "f16")
+# significands) and f32 otherwise (fp32 models compute exactly what llama2.c's run.c computes). q8_0 (llama.cpp's
+# -ctk/-ctv q8_0) holds a head's row of keys or values as int8 values with one fp32 scale per 32: about half of
+# fp16's bytes, for long contexts and for decode that reads the cache at memory speed.
+KV_CACHE_TYPES = ("auto", "f32", "f16", "q8_0")
 
 
-def kv_cache_dtype(weights: Weights, kv_cache: str = "auto") -> type[np.floating]:
-    """The cache element type that setting `kv_cache` gives for `weights`."""
+def kv_cache_dtype(weights: Weights, kv_cache: str = "auto") -> np.dtype:
+    """The cache row type that setting `kv_cache` gives for `weights`."""
     if kv_cache not in KV_CACHE_TYPES:
         raise ValueError(f"unknown KV cache type {kv_cache!r} (choose {', '.join(KV_CACHE_TYPES)})")
     if kv_cache == "auto":
         kv_cache = "f16" if weights.quantized else "f32"
-    return np.float16 if kv_cache == "f16" else np.float32
+    if kv_cache == "q8_0":
+        return kv_q8_dtype(weights.args.head_size)
+    return np.dtype(np.float16 if kv_cache == "f16" else np.float32)
+
+
+def kv_cache_name(dtype: np.dtype) -> str:
+    """The `kv_cache` setting that names a cache row type: f32, f16 or q8_0."""
+    return "q8_0" if dtype.names else {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}[np.dtype(dtype)]
 
 
 class KVCache:
-    """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len, head_size),
-    so that one head's keys are a contiguous (positions, head_size) matrix for attention's products. `dtype`
-    float32, or float16 (half the memory and half the bytes attention reads per token): values are rounded to
-    it as they are written, and read back as float32 for the arithmetic.
+    """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len) of rows of
+    head_size values, so that one head's keys are a contiguous (positions, head_size) matrix for attention's
+    products. `dtype` float32 (arrays (..., seq_len, head_size)), float16 (half the memory and half the bytes
+    attention reads per token), or Q8_0 rows (kernels_base.kv_q8_dtype, arrays (..., seq_len) of them: about a
+    quarter of float32's bytes): values are rounded to it as they are written (kv_write), and read back as
+    float32 for the arithmetic (kv_read).
 
     np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill; callers size
     `seq_len` by the positions they will use, not by the header's context, and a cache that could never fit
     in memory is refused up front."""
 
     def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None,
-                 dtype: type[np.floating] = np.float32):
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float16)):
-            raise ValueError(f"a KV cache holds float32 or float16, not {np.dtype(dtype)}")
+                 dtype: np.dtype | type[np.floating] = np.float32):
+        dtype = np.dtype(dtype)
+        q8 = kv_q8_dtype(args.head_size)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float16), q8):
+            raise ValueError(f"a KV cache holds float32, float16 or Q8_0 rows ({q8}), not {dtype}")
         self.seq_len = seq_len or args.max_seq_len
-        shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len, args.head_size)
-        nbytes = 2 * np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.float64))
+        shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len) + (() if dtype == q8 else (args.head_size,))
+        nbytes = 2 * dtype.itemsize * int(np.prod(shape, dtype=np.float64))
         what = f"a KV cache of {self.seq_len:,} positions x {n_slots} sequence(s)"
         hint = "lower -n / --steps (or the batch's slots)"
         check_fits(nbytes, what, hint)
@@ -94,7 +107,7 @@ class Engine:
     additions inside the products, then the classifier), since Python's per-call overhead otherwise rivals a
     small model's arithmetic. `kernels=` pins a backend object (tests use it to run two builds side by side).
     Weights are never copied (they are the mapped file, or the buffer it was read into). `kv_cache` ("auto",
-    "f32", "f16"; see KV_CACHE_TYPES) sets the element type of the caches `new_cache` makes (`kv_dtype`)."""
+    "f32", "f16", "q8_0"; see KV_CACHE_TYPES) sets the row type of the caches `new_cache` makes (`kv_dtype`)."""
 
     def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None,
                  kv_cache: str = "auto"):
@@ -167,12 +180,13 @@ class Engine:
         to [start, end - delta) in every layer, keys rotated back by delta positions (RoPE: R(p - d) = R(-d)
         R(p)); what lay in [start, start + delta) is dropped. Keys are rotated in fp32 and stored back in the
         cache's type."""
-        kc, vc = cache.k[:, slot], cache.v[:, slot]  # (L, kv_heads, seq_len, hs)
-        keys = kc[:, :, start + delta:end]
-        rows = keys.astype(np.float32).reshape(-1, 1, self.args.head_size)
+        kc, vc = cache.k[:, slot], cache.v[:, slot]  # (L, kv_heads, seq_len) rows
+        keys = kv_read(kc[:, :, start + delta:end])
+        rows = keys.reshape(-1, 1, self.args.head_size)
         cos = np.broadcast_to(self.cos[delta], (len(rows), len(self.cos[delta])))
         sin = np.broadcast_to(-self.sin[delta], cos.shape)  # rotation by -delta
-        kc[:, :, start:end - delta] = apply_rope(rows, cos, sin).reshape(keys.shape)
+        rotated = apply_rope(rows, cos, sin).reshape(keys.shape)
+        kv_write(kc, (slice(None), slice(None), slice(start, end - delta)), rotated)
         vc[:, :, start:end - delta] = vc[:, :, start + delta:end].copy()
 
     def _block(self, k: Kernels, x, layer, cache, slots, positions, cos, sin) -> None:

@@ -15,13 +15,14 @@ Reference arithmetic (the plain path, what every fast path is tested against):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
 from .formats import Matrix, QTensor, Weights, dense
-from .quant import BlockTensor
+from .quant import BLOCK, BlockTensor
 
 # Rows at or above which a quantized product is done as dequantize + sgemm instead of the int8 reference:
 # the same sum as runq.c's (exact int8 products, per-group scales), only rounded differently, and far faster.
@@ -58,9 +59,9 @@ class Kernels(Protocol):
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                   keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """RoPE on q (N, n_heads, hs) and k (N, kv_heads, hs) with each token's cos/sin (N, hs/2); k and v
-        written into one layer's cache keys/values (slots, kv_heads, seq_len, hs; float32, or float16: rounded
-        to nearest even as written) at (slots[i], positions[i]); then each token's causal attention over its
-        slot up to its position, in float32: (N, n_heads * hs)."""
+        written into one layer's cache keys/values (slots, kv_heads, seq_len rows of hs values: float32,
+        float16 rounded to nearest even as written, or Q8_0 rows, see kv_write) at (slots[i], positions[i]);
+        then each token's causal attention over its slot up to its position, in float32: (N, n_heads * hs)."""
         ...
 
     def step_plan(self, weights: Weights, cos: np.ndarray, sin: np.ndarray) -> object | None:
@@ -70,8 +71,8 @@ class Kernels(Protocol):
     def forward_step(self, plan: Any, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                      keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """A decode-sized step in one call: embedding, every block, final norm and classifier for the step's
-        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len, hs),
-        float32 or float16.
+        rows `rows`: logits (len(rows), vocab). keys/values: the whole cache (L, slots, kv_heads, seq_len rows
+        of hs values), float32, float16 or Q8_0 rows.
         `plan` is what this backend's step_plan returned (its own type: Any here)."""
         ...
 
@@ -92,6 +93,43 @@ def quantize_rows(x: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_rows(xq: np.ndarray, xs: np.ndarray, gs: int) -> np.ndarray:
     n_rows, n = xq.shape
     return (xq.reshape(n_rows, n // gs, gs).astype(np.float32) * xs[:, :, None]).reshape(n_rows, n)
+
+
+# ------------------------------------------------------------------------------------ KV cache rows
+
+
+def kv_group(head_size: int) -> int:
+    """A Q8_0 cache row's group size: llama.cpp's blocks of 32, or the whole row where the head size is not a
+    multiple of 32 (kernels.c's kv_group)."""
+    return BLOCK if head_size % BLOCK == 0 else head_size
+
+
+@functools.cache  # asked for on every decode step
+def kv_q8_dtype(head_size: int) -> np.dtype:
+    """A Q8_0 cache row, as kernels.c reads it: head_size int8 values ("q"), then one fp32 scale ("d") per group
+    of kv_group(head_size) values; value = q * d. 72 bytes for a head of 64 (fp16: 128)."""
+    return np.dtype([("q", np.int8, (head_size,)), ("d", np.float32, (head_size // kv_group(head_size),))])
+
+
+def kv_write(cache: np.ndarray, index: Any, x: np.ndarray) -> None:
+    """Rows x (..., head_size) of float32 written into cache[index]: as they are (a float32 cache), rounded to
+    float16, or quantized per group (Q8_0 rows; quantize_rows, the activations' rule)."""
+    if cache.dtype.names is None:
+        cache[index] = x
+        return
+    hs = x.shape[-1]
+    q, d = quantize_rows(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, hs), kv_group(hs))
+    cache["q"][index] = q.reshape(x.shape)
+    cache["d"][index] = d.reshape(*x.shape[:-1], d.shape[-1])
+
+
+def kv_read(rows: np.ndarray) -> np.ndarray:
+    """Cache rows as float32 (..., head_size): Q8_0 rows dequantized (q * d, one rounding per value)."""
+    if rows.dtype.names is None:
+        return rows.astype(np.float32, copy=False)
+    q, d = rows["q"], rows["d"]
+    groups = q.reshape(*q.shape[:-1], d.shape[-1], -1).astype(np.float32) * d[..., None]
+    return groups.reshape(q.shape)
 
 
 def int_weights(w: QTensor | BlockTensor) -> tuple[np.ndarray, np.ndarray, int]:
@@ -214,12 +252,13 @@ class NumpyKernels:
         n_heads = q.shape[1]
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)  # query and key heads in one NumPy call
         q, k = qk[:, :n_heads], qk[:, n_heads:]
-        keys[slots, :, positions] = k
-        values[slots, :, positions] = v
+        kv_write(keys, (slots, slice(None), positions), k)
+        kv_write(values, (slots, slice(None), positions), v)
         att = np.empty((q.shape[0], n_heads * q.shape[2]), dtype=np.float32)
         for start, end, slot, pos0 in segments(slots, positions):
             end_pos = pos0 + (end - start)
-            att[start:end] = attend(q[start:end], keys[slot, :, :end_pos], values[slot, :, :end_pos], pos0)
+            att[start:end] = attend(q[start:end], kv_read(keys[slot, :, :end_pos]),
+                                    kv_read(values[slot, :, :end_pos]), pos0)
         return att
 
     def step_plan(self, weights: Weights, cos: np.ndarray, sin: np.ndarray) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import memory, sampler
 from .formats import Matrix, QTensor, Weights
-from .kernels_base import dequantize_rows, quantize_rows, quantized_gemm
+from .kernels_base import dequantize_rows, kv_q8_dtype, quantize_rows, quantized_gemm
 from .quant import BLOCK, BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -61,6 +61,7 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
+KV_Q8 = 2  # kernels.c's KV_Q8: rows of kernels_base.kv_q8_dtype
 
 
 class _Mat(ctypes.Structure):
@@ -429,8 +430,8 @@ class NativeKernels:
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                   keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """See Kernels.attention. q and k are rotated in place (when contiguous float32; else copies are); the
-        cache arrays must be writable and contiguous, float32 or float16 (both the same)."""
-        kv_type = _cache_type(keys, values)
+        cache arrays must be writable and contiguous, float32, float16 or Q8_0 rows (both the same)."""
+        kv_type = _cache_type(keys, values, q.shape[2])
         q, k, v, cos, sin = (_contiguous(a) for a in (q, k, v, cos, sin))
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
@@ -506,8 +507,8 @@ class NativeKernels:
         token's position, keys/values written into the cache arrays (L, slots, kv_heads, seq_len, hs) at
         (slots[i], positions[i]), each token attending over its slot up to its position), then the final
         norm and the classifier for the step's rows `rows`: logits (len(rows), vocab). The cache arrays are
-        float32 or float16 (fp32 arithmetic either way)."""
-        kv_type = _cache_type(keys, values)
+        float32, float16 or Q8_0 rows (fp32 arithmetic in every case)."""
+        kv_type = _cache_type(keys, values, plan.weights.args.head_size)
         tokens, positions, slots, row_ids = (np.ascontiguousarray(a, dtype=np.int64)
                                              for a in (tokens, positions, slots, rows))
         n = len(tokens)
@@ -580,12 +581,13 @@ def _checked(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _cache_type(keys: np.ndarray, values: np.ndarray) -> int:
-    """C's code for the cache arrays' element type (KV_TYPES), after checking that C may write them."""
-    kv_type = KV_TYPES.get(keys.dtype)
+def _cache_type(keys: np.ndarray, values: np.ndarray, head_size: int) -> int:
+    """C's code for the cache arrays' row type (KV_TYPES, or KV_Q8 for Q8_0 rows of `head_size` values), after
+    checking that C may write them."""
+    kv_type = KV_Q8 if keys.dtype == kv_q8_dtype(head_size) else KV_TYPES.get(keys.dtype)
     if kv_type is None or values.dtype != keys.dtype or not all(c.flags.c_contiguous and c.flags.writeable
                                                                 for c in (keys, values)):
-        raise ValueError("the cache must be writable contiguous arrays, both float32 or both float16")
+        raise ValueError("the cache must be writable contiguous arrays of one type: float32, float16 or Q8_0 rows")
     return kv_type
 
 

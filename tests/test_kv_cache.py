@@ -21,7 +21,7 @@ from babyllama.api import load, make_engine
 from babyllama.engine import Engine, KVCache, kv_cache_dtype
 from babyllama.errors import BabyLlamaError
 from babyllama.generate import Batch, Sequence, generate
-from babyllama.kernels_base import NumpyKernels, apply_rope, attend, segments
+from babyllama.kernels_base import NumpyKernels, apply_rope, attend, kv_q8_dtype, segments
 from babyllama.loading import BUILTIN_MODEL
 from babyllama.sampler import Sampler
 
@@ -155,12 +155,13 @@ def test_native_decode_with_f16_cache_matches_numpy(native):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
 @pytest.mark.parametrize("kind", ["fp32", "q8_0", "q4_0"])
-def test_f16_cache_decoded_alone_or_in_a_batch_is_identical(native, kind):
-    """The exactness rule with an fp16 cache: a sequence's logits are the same bits alone, with 2 others, or in
-    a batch of 12, on 1 thread or 3."""
+def test_reduced_cache_decoded_alone_or_in_a_batch_is_identical(native, kind, kv):
+    """The exactness rule with an fp16 or a Q8_0 cache: a sequence's logits are the same bits alone, with 2
+    others, or in a batch of 12, on 1 thread or 3."""
     w = _model(kind)
-    engine = Engine(w, kernels=native, kv_cache="f16")
+    engine = Engine(w, kernels=native, kv_cache=kv)
     prompts = [rng.integers(3, w.args.vocab_size, 4).tolist() for _ in range(12)]
 
     def decode(batch: list[int], threads: int) -> list[np.ndarray]:
@@ -237,7 +238,7 @@ def test_kv_cache_setting_errors():
         make_engine(w, kv_cache="f8")
     with pytest.raises(BabyLlamaError, match="NumPy engine only"):
         load(kv_cache="f16", device="cpu")
-    with pytest.raises(ValueError, match="float32 or float16"):
+    with pytest.raises(ValueError, match="float32, float16 or Q8_0 rows"):
         KVCache(w.args, 1, 8, dtype=np.float64)
     native = kernels_native.load()
     if native is not None:  # C is handed matching, writable arrays only
@@ -246,7 +247,7 @@ def test_kv_cache_setting_errors():
         plan = native.step_plan(w, e.cos, e.sin)
         for keys, values in ((f32.k, f16.v), (f16.k, f32.v), (f16.k, f16.v.astype(np.float64)),
                              (f16.k[:, :, :, ::2], f16.v[:, :, :, ::2])):
-            with pytest.raises(ValueError, match="both float32 or both float16"):
+            with pytest.raises(ValueError, match="arrays of one type: float32, float16 or Q8_0 rows"):
                 native.forward_step(plan, np.array([3]), np.array([0]), np.array([0]), keys, values, [0])
 
 
@@ -263,19 +264,27 @@ def test_memory_check_counts_two_bytes_per_f16_entry(monkeypatch):
     assert asked == [4 * per_entry, 2 * per_entry]
 
 
+def shifted_cache(kv: str):
+    """A 20-token sequence in slot 1 of a cache of type `kv`, then shifted: positions 3..7 dropped, 8..19 moved
+    down to 3..14. Returns the engine, the tokens, the cache and slot 1's keys and values before the shift."""
+    args = tiny_args(max_seq_len=32)
+    e = Engine(random_weights(args, scale=0.2), kv_cache=kv)
+    tokens = np.random.default_rng(5).integers(0, args.vocab_size, 20)
+    cache = e.new_cache(2)
+    e.forward(tokens, np.arange(20), cache, slots=np.ones(20, int))
+    old_k, old_v = cache.k[:, 1].copy(), cache.v[:, 1].copy()
+    e.shift_cache(cache, 1, 3, 5, 20)
+    return e, tokens, cache, old_k, old_v
+
+
 def test_shift_cache_with_an_f16_cache_rotates_in_fp32():
     """Context shift on an fp16 cache: the moved keys are np.float16 of the old fp16 keys read as float32 and
     rotated back by delta in fp32 (one rounding, on the way back in); values move bit for bit; and the keys
     are within fp16 rounding of a fresh run's at the new positions: the stored key and the rotated one are each
     rounded once (2^-11 relative), and a rotated element mixes its pair, so the bound is relative to the keys'
     size (3 x 2^-11 of the largest), not to the element's."""
-    args = tiny_args(max_seq_len=32)
-    e = Engine(random_weights(args, scale=0.2), kv_cache="f16")
-    tokens = np.random.default_rng(5).integers(0, args.vocab_size, 20)
-    cache = e.new_cache(2)
-    e.forward(tokens, np.arange(20), cache, slots=np.ones(20, int))
-    old_k, old_v = cache.k[:, 1].copy(), cache.v[:, 1].copy()
-    e.shift_cache(cache, 1, 3, 5, 20)  # drop positions 3..7, move 8..19 down to 3..14
+    e, tokens, cache, old_k, old_v = shifted_cache("f16")
+    args = e.args
     assert cache.k.dtype == cache.v.dtype == np.float16
     moved = old_k[:, :, 8:20].astype(np.float32)
     hs = args.head_size
@@ -293,16 +302,23 @@ def test_shift_cache_with_an_f16_cache_rotates_in_fp32():
     np.testing.assert_allclose(layer0, fresh0, rtol=0, atol=3 * 2.0 ** -11 * np.abs(fresh0).max())
 
 
-def test_context_shift_generation_with_an_f16_cache():
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+def test_context_shift_generation_with_a_reduced_cache(kv):
     """--rotate-keys generation past seq_len on an fp16 cache: the fast and plain engines give the same tokens
-    (as test_speed checks for the fp32 cache), and before seq_len they are those of a run without the shift."""
+    (as test_speed checks for the fp32 cache); on a Q8_0 cache (whose 8-bit steps can turn an ulp between the
+    paths into a step) the same up to the first near-tie; and before seq_len they are those of a run without
+    the shift."""
     args = tiny_args(max_seq_len=24)
     w = random_weights(args, scale=0.2)
     prompt = [1, 17, 18]
-    fast, plain = Engine(w, kv_cache="f16"), Engine(w, plain=True, kv_cache="f16")
+    fast, plain = Engine(w, kv_cache=kv), Engine(w, plain=True, kv_cache=kv)
     runs = [list(generate(e, prompt, 70, Sampler(0.0), context_shift=True, rotate_keys=True)) for e in (fast, plain)]
     assert len(runs[0]) == 70 + 1 - len(prompt)
-    assert runs[0] == runs[1]
+    if kv == "f16":
+        assert runs[0] == runs[1]
+    else:
+        assert_greedy_agree(runs[1], runs[0], lambda i: logits_after(plain, prompt + runs[1][:i]), max_margin=0.05,
+                            min_same=args.max_seq_len - len(prompt))
     unshifted = list(generate(fast, prompt, args.max_seq_len, Sampler(0.0)))
     assert unshifted[:-1] == runs[0][:len(unshifted) - 1]
 
@@ -328,16 +344,19 @@ def test_eval_uses_the_engines_cache_type(tmp_path):
     assert nats["f16"] != nats["f32"] and nats["f16"] == pytest.approx(nats["f32"], rel=1e-3)
 
 
-def test_batch_with_f16_cache_matches_single_streams():
-    """Batch (the server's scheduler) over an fp16 cache: each sequence's greedy tokens equal its solo run's, up
-    to the first near-tie (the batch prefills in one BLAS call, a solo run through the decode kernel)."""
-    w = _model("q8_0", max_seq_len=64)
-    e = Engine(w)
-    assert e.kv_dtype == np.float16
+@pytest.mark.parametrize("kind, kv", [("q8_0", "auto"), ("q4_0", "q8_0")])
+def test_batch_with_reduced_cache_matches_single_streams(kind, kv):
+    """Batch (the server's scheduler) over an fp16 cache (auto, for quantized weights) or a Q8_0 one: each
+    sequence's greedy tokens equal its solo run's, up to the first near-tie (the batch prefills in one BLAS
+    call, a solo run through the decode kernel)."""
+    w = _model(kind, max_seq_len=64)
+    e = Engine(w, kv_cache=kv)
+    want = np.dtype(np.float16) if kv == "auto" else kv_q8_dtype(w.args.head_size)
+    assert e.kv_dtype == want
     prompts = [[1, 10, 11], [1, 50], [1, 7, 8, 9, 10, 11]]
     singles = [list(generate(e, p, 30, Sampler(0.0))) for p in prompts]
     batch = Batch(e, n_slots=3)
-    assert batch.cache.k.dtype == np.float16
+    assert batch.cache.k.dtype == want
     seqs = [batch.add(Sequence(list(p), Sampler(0.0), 30)) for p in prompts]
     while any(not s.done for s in seqs):
         batch.step()
@@ -374,7 +393,7 @@ def test_cli_passes_kv_cache_to_the_engine(tmp_path, monkeypatch, capsys):
     assert main(["serve", *common, "--kv-cache", "f32"]) == 0
     assert seen == [("auto", np.float16), ("f32", np.float32), ("f32", np.float32), ("f16", np.float16),
                     ("f32", np.float32)]
-    assert "(8 slots, float32 KV cache)" in capsys.readouterr().err
+    assert "(8 slots, f32 KV cache)" in capsys.readouterr().err
 
     specs = []
     monkeypatch.setattr(bench, "_run_child", lambda spec, env=None: specs.append(spec) or {})

@@ -7,7 +7,7 @@ import argparse
 from ..errors import BabyLlamaError
 
 DEFAULT_STEPS = 256  # run.c's -n
-KV_CACHE_CHOICES = ("auto", "f32", "f16")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
+KV_CACHE_CHOICES = ("auto", "f32", "f16", "q8_0")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,9 +33,9 @@ def add_model_flags(p, what: str = "model", default: str = "the built-in story m
 
 def add_kv_cache(p) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
-                   help="the KV cache's element type: f16 halves the bytes attention reads per token; auto: f16 "
-                        "for quantized weights (Q8_0, Q4_0), f32 for fp32 ones, whose output then stays run.c's "
-                        "exactly (auto)")
+                   help="the KV cache's type: f16 halves the bytes attention reads per token, q8_0 (int8 with "
+                        "a scale per 32 values) about halves them again; auto: f16 for quantized weights (Q8_0, "
+                        "Q4_0), f32 for fp32 ones, whose output then stays run.c's exactly (auto)")
 
 
 def add_sampling_flags(p) -> None:

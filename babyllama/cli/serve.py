@@ -83,6 +83,7 @@ def cmd_serve(args) -> int:
                              "is missing)") from None
     from ..api import load
     from ..chat_template import get_template
+    from ..engine import kv_cache_name
 
     card = model_card(args.checkpoint)
     template = args.chat_template or card.get("chat_template")
@@ -101,6 +102,6 @@ def cmd_serve(args) -> int:
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
     print(f"babyllama: {model.description}; serving {config.model_name!r} on http://{args.host}:{args.port} "
-          f"({args.slots} slots, {model.engine.kv_dtype.__name__} KV cache)", file=sys.stderr)
+          f"({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} KV cache)", file=sys.stderr)
     serve.run(serve.create_app(model, config), args.host, args.port, args.log_level)
     return 0

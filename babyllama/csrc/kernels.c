@@ -19,8 +19,9 @@
  * the same products, with VNNI's vpdpbusd where the CPU has it (one instruction for four products summed into
  * int32), else AVX2's maddubs (pairs into int16: at most 2 * 128 * 127, no overflow) and madd.
  *
- * The KV cache that attention reads holds fp32 or IEEE fp16 keys and values (KV_F32, KV_F16; attention_step):
- * fp16 values are rounded to nearest even as they are written and read back into the same fp32 arithmetic.
+ * The KV cache that attention reads holds fp32 or IEEE fp16 keys and values, or Q8_0 rows (KV_F32, KV_F16,
+ * KV_Q8; attention_step): fp16 values are rounded to nearest even as they are written, Q8_0 rows quantized
+ * per group like the activations, and both are read back into the same fp32 arithmetic.
  *
  * Exactness: every output row's arithmetic is the same whatever the thread count, the chunk a thread takes and
  * the number of tokens in the call (a token's sums run in the same order for 1 token or 8), so a sequence
@@ -1958,21 +1959,52 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
     for (int64_t t = 0; t < n_tok; t++) swiglu_row(a + t * n, b + t * n, n, out + t * n);
 }
 
-/* The KV cache holds fp32 (KV_F32) or IEEE fp16 (KV_F16: half the bytes attention reads). Attention's
- * arithmetic is the same fp32 for both; only the loads of cached keys and values differ (kv_load1/kv_load8,
- * which the always-inlined functions below receive with a constant type, so each type gets its own code). */
-enum { KV_F32 = 0, KV_F16 = 1 };
+/* The KV cache holds rows of head_size (hs) keys or values: fp32 (KV_F32), IEEE fp16 (KV_F16: half the bytes
+ * attention reads), or Q8_0 rows (KV_Q8: hs int8 values, then one fp32 scale per group of kv_group(hs) values,
+ * value = q * scale; about a quarter of fp32's bytes). Attention's arithmetic is the same fp32 for all; only the
+ * loads of cached keys and values differ (kv_load1/kv_load8, which the always-inlined functions below receive
+ * with a constant type, so each type gets its own code). engine.py's KVCache makes the same rows. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2 };
 
-ALWAYS_INLINE int64_t kv_size(int type) { return type == KV_F16 ? 2 : 4; }
+/* a Q8_0 row's groups: llama.cpp's blocks of 32, or the whole row where hs is not a multiple of 32 (written
+ * without a division by a run-time value: these sit in attention's inner loops) */
+ALWAYS_INLINE int64_t kv_groups(int64_t hs) { return hs % BLOCK == 0 ? hs / BLOCK : 1; }
+ALWAYS_INLINE int64_t kv_group_of(int64_t col, int64_t hs) { return hs % BLOCK == 0 ? col / BLOCK : 0; }
 
-/* element i of cache memory p as fp32 */
-ALWAYS_INLINE float kv_load1(const void *p, int64_t i, int type) {
+ALWAYS_INLINE int64_t kv_row_bytes(int type, int64_t hs) {
+    return type == KV_Q8 ? hs + (int64_t)sizeof(float) * kv_groups(hs) : (type == KV_F16 ? 2 : 4) * hs;
+}
+
+/* a Q8_0 row's scale for value `col` */
+ALWAYS_INLINE float kv_scale(const int8_t *row, int64_t col, int64_t hs) {
+    float d;
+    memcpy(&d, row + hs + sizeof(float) * kv_group_of(col, hs), sizeof(float));
+    return d;
+}
+
+/* value `col` of row `row` of cache memory p (rows of hs values) as fp32 */
+ALWAYS_INLINE float kv_load1(const void *p, int64_t row, int64_t col, int64_t hs, int type) {
+    if (type == KV_Q8) {
+        const int8_t *r = (const int8_t *)p + row * kv_row_bytes(KV_Q8, hs);
+        return (float)r[col] * kv_scale(r, col, hs);
+    }
+    int64_t i = row * hs + col;
     return type == KV_F16 ? fp16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 #ifdef __AVX2__
-/* elements i..i+7 of cache memory p as fp32 */
-ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t i, int type) {
+/* 8 int8 values as fp32 */
+ALWAYS_INLINE __m256 int8x8_to_ps(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* values col..col+7 of row `row` of cache memory p as fp32 (col a multiple of 8, and hs too) */
+ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t row, int64_t col, int64_t hs, int type) {
+    if (type == KV_Q8) {
+        const int8_t *r = (const int8_t *)p + row * kv_row_bytes(KV_Q8, hs);
+        return _mm256_mul_ps(int8x8_to_ps(r + col), _mm256_set1_ps(kv_scale(r, col, hs)));
+    }
+    int64_t i = row * hs + col;
     if (type == KV_F32) return _mm256_loadu_ps((const float *)p + i);
 #ifdef __F16C__
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
@@ -1984,14 +2016,23 @@ ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t i, int type) {
 }
 #endif
 
-/* x (n values) stored at element `at` of cache memory p: copied (fp32), or each value rounded to the nearest
- * fp16, ties to even (the same value whichever of the paths below converts it) */
-static void kv_store(void *p, int64_t at, const float *x, int64_t n, int type) {
+/* x (hs values) stored as row `row` of cache memory p: copied (fp32), each value rounded to the nearest fp16,
+ * ties to even (the same value whichever of the paths below converts it), or quantized per group (Q8_0, as
+ * quantize_q8 does the activations) */
+static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type) {
+    int64_t n = hs;
     if (type == KV_F32) {
-        memcpy((float *)p + at, x, n * sizeof(float));
+        memcpy((float *)p + row * hs, x, n * sizeof(float));
         return;
     }
-    uint16_t *o = (uint16_t *)p + at;
+    if (type == KV_Q8) {
+        int8_t *r = (int8_t *)p + row * kv_row_bytes(KV_Q8, hs);
+        float scales[kv_groups(hs)];
+        quantize_q8(x, 1, hs, hs / kv_groups(hs), r, scales);
+        memcpy(r + hs, scales, sizeof scales);
+        return;
+    }
+    uint16_t *o = (uint16_t *)p + row * hs;
     int64_t i = 0;
 #if defined(HAVE_AVX512)
     for (; i + 16 <= n; i += 16)
@@ -2006,6 +2047,48 @@ static void kv_store(void *p, int64_t at, const float *x, int64_t n, int type) {
     for (; i < n; i++) o[i] = f32_to_fp16(x[i]);
 }
 
+#ifdef __AVX2__
+/* the dot products of q with four Q8_0 rows (r, r + rb, r + 2 rb, r + 3 rb; hs a multiple of 8) as eight
+ * partial sums each, acc[j]: per group, q times the row's int8 values, then scaled by the row's scale for the
+ * group (kv_load8's per-value scaling would cost two more instructions per 8 values) */
+ALWAYS_INLINE void q8_dots4(const float *q, const int8_t *r, int64_t rb, int64_t hs, __m256 *acc) {
+    int64_t ng = kv_groups(hs), g = hs / ng;
+    UNROLL
+    for (int j = 0; j < 4; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < ng; gi++) {
+        __m256 part[4];
+        UNROLL
+        for (int j = 0; j < 4; j++) part[j] = _mm256_setzero_ps();
+        for (int64_t i = gi * g; i < (gi + 1) * g; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            UNROLL
+            for (int j = 0; j < 4; j++) part[j] = _mm256_fmadd_ps(int8x8_to_ps(r + j * rb + i), qv, part[j]);
+        }
+        UNROLL
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm256_fmadd_ps(part[j], _mm256_set1_ps(kv_scale(r + j * rb, gi * g, hs)), acc[j]);
+    }
+}
+
+/* attention_scores' loop for Q8_0 rows (hs a multiple of 8) from key 0 on, four keys at a time (q8_dots4);
+ * returns the first key not done */
+ALWAYS_INLINE int64_t q8_scores(const float *q, const int8_t *keys, int64_t n_pos, int64_t hs, float scale,
+                                float *scores, __m128 *vmax) {
+    int64_t rb = kv_row_bytes(KV_Q8, hs), p = 0;
+    for (; p + 4 <= n_pos; p += 4) {
+        __m256 acc[4];
+        q8_dots4(q, keys + p * rb, rb, hs, acc);
+        /* lanes 0-3: the four keys' sums of lanes 0-3, lanes 4-7 of lanes 4-7; then the halves added */
+        __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        __m128 dots = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
+                                 _mm_set1_ps(scale));
+        _mm_storeu_ps(scores + p, dots);
+        *vmax = _mm_max_ps(*vmax, dots);
+    }
+    return p;
+}
+#endif
+
 /* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous, of cache type `type`);
  * returns the maximum */
 ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type, int64_t n_pos, int64_t hs,
@@ -2013,7 +2096,13 @@ ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type,
     float max = -INFINITY;
     int64_t p = 0;
 #ifdef __AVX2__
-    if (hs % 8 == 0) {
+    if (type == KV_Q8 && hs % 8 == 0) {
+        __m128 vmax = _mm_set1_ps(-INFINITY);
+        p = q8_scores(q, keys, n_pos, hs, scale, scores, &vmax);
+        float lanes[4];
+        _mm_storeu_ps(lanes, vmax);
+        for (int j = 0; j < 4; j++) max = fmaxf(max, lanes[j]);
+    } else if (hs % 8 == 0) {
         /* eight keys at a time: eight dot products accumulated side by side, then reduced into one
          * vector of eight sums with a tree of horizontal adds */
         __m256 vmax = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
@@ -2025,7 +2114,7 @@ ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type,
                 __m256 qv = _mm256_loadu_ps(q + i);
                 UNROLL
                 for (int j = 0; j < 8; j++)
-                    acc[j] = _mm256_fmadd_ps(kv_load8(keys, (p + j) * hs + i, type), qv, acc[j]);
+                    acc[j] = _mm256_fmadd_ps(kv_load8(keys, p + j, i, hs, type), qv, acc[j]);
             }
             __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
             __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -2042,7 +2131,7 @@ ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type,
 #endif
     for (; p < n_pos; p++) {
         float dot = 0.0f;
-        for (int64_t i = 0; i < hs; i++) dot += q[i] * kv_load1(keys, p * hs + i, type);
+        for (int64_t i = 0; i < hs; i++) dot += q[i] * kv_load1(keys, p, i, hs, type);
         scores[p] = dot * scale;
         max = fmaxf(max, scores[p]);
     }
@@ -2078,10 +2167,22 @@ ALWAYS_INLINE void weighted_values(const float *weights, const void *values, int
     UNROLL
     for (int c = 0; c < nv; c++) acc[c] = _mm256_setzero_ps();
     for (int64_t p = 0; p < n_pos; p++) {
+        if (type == KV_Q8) { /* each group's scale folded into the position's weight */
+            const int8_t *r = (const int8_t *)values + p * kv_row_bytes(KV_Q8, hs);
+            __m256 wg = _mm256_setzero_ps();
+            UNROLL
+            for (int c = 0; c < nv; c++) {
+                int64_t col = c0 + 8 * c;
+                if (c == 0 || (hs % BLOCK == 0 && col % BLOCK == 0))
+                    wg = _mm256_set1_ps(weights[p] * kv_scale(r, col, hs));
+                acc[c] = _mm256_fmadd_ps(wg, int8x8_to_ps(r + col), acc[c]);
+            }
+            continue;
+        }
         __m256 wp = _mm256_broadcast_ss(weights + p);
         UNROLL
         for (int c = 0; c < nv; c++)
-            acc[c] = _mm256_fmadd_ps(wp, kv_load8(values, p * hs + c0 + 8 * c, type), acc[c]);
+            acc[c] = _mm256_fmadd_ps(wp, kv_load8(values, p, c0 + 8 * c, hs, type), acc[c]);
     }
     UNROLL
     for (int c = 0; c < nv; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv_sum)));
@@ -2110,7 +2211,7 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
     for (int64_t i = 0; i < hs; i++) out[i] = 0.0f;
     for (int64_t p = 0; p < n_pos; p++) {
         float wgt = weights[p] * inv_sum;
-        for (int64_t i = 0; i < hs; i++) out[i] += wgt * kv_load1(values, p * hs + i, type);
+        for (int64_t i = 0; i < hs; i++) out[i] += wgt * kv_load1(values, p, i, hs, type);
     }
 }
 
@@ -2128,8 +2229,8 @@ ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *score
     int64_t group = a->n_heads / a->kv_heads, hs = a->hs;
     float scale = 1.0f / sqrtf((float)hs);
     int64_t h = task / a->n_tok, t = task % a->n_tok, n_pos = a->positions[t] + 1;
-    int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * hs, size = kv_size(type);
-    const void *keys = (const char *)a->kc + head * size, *values = (const char *)a->vc + head * size;
+    int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * kv_row_bytes(type, hs); /* bytes */
+    const void *keys = (const char *)a->kc + head, *values = (const char *)a->vc + head;
     float max = attention_scores(a->q + (t * a->n_heads + h) * hs, keys, type, n_pos, hs, scale, scores);
     float sum = softmax_weights(scores, n_pos, max);
     attention_output(scores, values, type, n_pos, hs, sum, a->out + (t * a->n_heads + h) * hs);
@@ -2142,6 +2243,8 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; task++) {
         if (a->kv_type == KV_F16)
             attention_task(a, task, scores, KV_F16);
+        else if (a->kv_type == KV_Q8)
+            attention_task(a, task, scores, KV_Q8);
         else
             attention_task(a, task, scores, KV_F32);
     }
@@ -2150,9 +2253,10 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
 
 /* One attention step for n_tok tokens, each with its own sequence slot and position (a decode step, a
  * batched one, a prompt): RoPE on q (n_tok, n_heads, hs) and k (n_tok, kv_heads, hs) in place with each
- * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len, hs;
- * fp32 or fp16 as kv_type says) at (slot, position); then each token's causal attention over its slot's
- * positions 0..position (all keys are stored first, so tokens of one sequence see each other's). Query head
+ * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len rows
+ * of hs values: fp32, fp16 or Q8_0 as kv_type says) at (slot, position); then each token's causal attention
+ * over its slot's positions 0..position (all keys are stored first, so tokens of one sequence see each
+ * other's). Query head
  * h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task,
  * head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
 static void attention_split_from(int64_t min_bytes, float *q, float *k, const float *v, const float *cos,
@@ -2164,9 +2268,9 @@ static void attention_split_from(int64_t min_bytes, float *q, float *k, const fl
     int64_t max_pos = 0, work = 0;
     for (int64_t t = 0; t < n_tok; t++) {
         max_pos = positions[t] > max_pos ? positions[t] : max_pos;
-        work += 2 * kv_size(kv_type) * (positions[t] + 1) * hs * n_heads; /* bytes of keys and values read */
+        work += 2 * kv_row_bytes(kv_type, hs) * (positions[t] + 1) * n_heads; /* bytes of keys and values read */
         for (int64_t h = 0; h < kv_heads; h++) {
-            int64_t at = ((slots[t] * kv_heads + h) * seq_len + positions[t]) * hs;
+            int64_t at = (slots[t] * kv_heads + h) * seq_len + positions[t]; /* row */
             kv_store(kc, at, k + (t * kv_heads + h) * hs, hs, kv_type);
             kv_store(vc, at, v + (t * kv_heads + h) * hs, hs, kv_type);
         }
@@ -2208,13 +2312,14 @@ typedef struct {
  * _block), x (n_tok, dim) updated in place; the caller embeds before and applies the classifier after.
  * Per layer: qkv = W·rms(x); attention_step (RoPE, cache writes at each token's slot and position,
  * attention); x += Wo·att; h = W1·rms(x), W3·rms(x); x += W2·(silu(h1) * h3). The cache arrays are
- * (n_layers, n_slots, kv_heads, seq_len, head_size), fp32 or fp16 as kv_type says. One call per step instead of
- * five per layer: at the sizes where decode is fast, Python's per-call cost was most of a step. */
+ * (n_layers, n_slots, kv_heads, seq_len) rows of head_size values, fp32, fp16 or Q8_0 as kv_type says. One
+ * call per step instead of five per layer: at the sizes where decode is fast, Python's per-call cost was most
+ * of a step. */
 static void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
                            void *vc, int kv_type, int64_t n_slots, int64_t seq_len, const int64_t *slots,
                            const int64_t *positions) {
     int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size;
-    int64_t layer_cache = n_slots * kv_dim * seq_len * kv_size(kv_type); /* bytes */
+    int64_t layer_cache = n_slots * m->kv_heads * seq_len * kv_row_bytes(kv_type, m->head_size); /* bytes */
     float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
     float *att = malloc(n_tok * dim * sizeof(float));
     float *h13 = malloc(2 * n_tok * m->hidden_dim * sizeof(float));
