@@ -582,7 +582,7 @@ def _ratios(rows: list[Row]) -> str:
     """babyllama's decode speed over each reference's, per model, format and thread setting; and its Q4_0
     decode over its Q8_0 decode, beside how many times fewer weight bytes Q4_0 reads (the most it could gain
     where decode is bound by reading them)."""
-    ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.engine == "babyllama" and r.result.get("decode")}
+    ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.is_ours and r.result.get("decode")}
     parts = [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
              + f" {ours[(r.shape, r.fmt, r.threads)]['decode'] / r.result['decode']:.2f}x" for r in rows
              if not r.is_ours and r.engine != "plain NumPy" and r.result.get("decode")

@@ -226,6 +226,11 @@ def test_bench_reports_q4_0_over_q8_0_beside_their_weight_bytes():
     text = bench.table(rows, 2, 16)
     assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer); tiny 1.20x (1t) (weight bytes "
             "1.89x fewer)") in text
+    # rows of another KV cache (`bench --kv-cache q8_0`) are babyllama's too
+    for r in rows:
+        r.engine = "babyllama --kv-cache q8_0"
+    text = bench.table(rows, 2, 16)
+    assert "babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer); tiny 1.20x (1t)" in text
 
 
 def _children() -> list[str]:
