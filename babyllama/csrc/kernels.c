@@ -565,8 +565,8 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
 /* Scratch for what a product prepares once per call and every thread then reads (its fused input, the
  * activations quantized and laid out): taken in turn from a ring per calling thread instead of malloc, which
  * hands the same lines back call after call, lines the other threads have just read, so that each write
- * first had to take them back from those threads' caches. On this project's 2-vCPU VM, at times when that
- * costs most, the ring cut a 110M Q4_0 decode step's set-up from ~135 to ~100 us (docs/speed.md). A request
+ * first had to take them back from those threads' caches (measured: a 110M Q4_0 decode step's serial set-up
+ * ~135 us with malloc, ~92 with the ring; docs/speed.md). A request
  * over SCRATCH_MAX comes from malloc; a product takes at most 23 buffers, so a live buffer is never handed out
  * again before it is released. */
 #define SCRATCH_BYTES (2 << 20)
