@@ -100,7 +100,7 @@ def dequantize_rows(xq: np.ndarray, xs: np.ndarray, gs: int) -> np.ndarray:
 
 def kv_group(head_size: int) -> int:
     """A Q8_0 cache row's group size: llama.cpp's blocks of 32, or the whole row where the head size is not a
-    multiple of 32 (kernels.c's kv_group)."""
+    multiple of 32 (kernels.c's kv_groups counts them)."""
     return BLOCK if head_size % BLOCK == 0 else head_size
 
 
@@ -128,8 +128,8 @@ def kv_read(rows: np.ndarray) -> np.ndarray:
     if rows.dtype.names is None:
         return rows.astype(np.float32, copy=False)
     q, d = rows["q"], rows["d"]
-    groups = q.reshape(*q.shape[:-1], d.shape[-1], -1).astype(np.float32) * d[..., None]
-    return groups.reshape(q.shape)
+    hs, n_groups = q.shape[-1], d.shape[-1]
+    return dequantize_rows(q.reshape(-1, hs), d.reshape(-1, n_groups), hs // n_groups).reshape(q.shape)
 
 
 def int_weights(w: QTensor | BlockTensor) -> tuple[np.ndarray, np.ndarray, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_greedy_agree, byte_tokenizer, logits_after, native_build, random_weights, tiny_args
-from test_kv_cache import shifted_cache
+from test_kv_cache import BUILDS, _model, shifted_cache
 
 from babyllama import formats, kernels_native
 from babyllama.engine import Engine, KVCache, kv_cache_dtype, kv_cache_name
@@ -19,7 +19,6 @@ from babyllama.loading import BUILTIN_MODEL
 from babyllama.sampler import Sampler
 
 rng = np.random.default_rng(23)
-BUILDS = (*kernels_native.ARCHES, "x86-64")  # every instruction set the CPU runs, and the scalar build
 HEAD_SIZES = [8, 40, 64]  # one group of 8 (not a multiple of 32) and of 40 (8 + 32: AVX2's 8 at a time), two of 32
 
 
@@ -121,12 +120,6 @@ def test_q8_cache_attention_reads_into_fp32_arithmetic(native, head_size):
     f32 = native.attention(q, k, v, cos, sin, keys32, values32, slots, positions)
     for row in range(len(slots)):  # per token: the value rows' magnitudes differ by up to 2^24 between tokens
         np.testing.assert_allclose(got[row], f32[row], rtol=0, atol=4e-2 * np.abs(f32[row]).max())
-
-
-def _model(kind: str, **kw):
-    args = tiny_args(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=320, **kw)
-    w = random_weights(args, scale=0.2)
-    return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
 
 
 def test_native_decode_with_q8_cache_matches_numpy(native):

@@ -566,9 +566,8 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
  * activations quantized and laid out): taken in turn from a ring per calling thread instead of malloc, which
  * hands the same lines back call after call, lines the other threads have just read, so that each write
  * first had to take them back from those threads' caches (measured: a 110M Q4_0 decode step's serial set-up
- * ~135 us with malloc, ~92 with the ring; docs/speed.md). A request
- * over SCRATCH_MAX comes from malloc; a product takes at most 23 buffers, so a live buffer is never handed out
- * again before it is released. */
+ * ~135 us with malloc, ~92 with the ring; docs/speed.md). A request over SCRATCH_MAX comes from malloc; a
+ * product takes at most 23 buffers, so a live buffer is never handed out again before it is released. */
 #define SCRATCH_BYTES (2 << 20)
 #define SCRATCH_MAX (SCRATCH_BYTES / 32)
 
@@ -1987,10 +1986,11 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
 }
 
 /* The KV cache holds rows of head_size (hs) keys or values: fp32 (KV_F32), IEEE fp16 (KV_F16: half the bytes
- * attention reads), or Q8_0 rows (KV_Q8: hs int8 values, then one fp32 scale per group of kv_group(hs) values,
- * value = q * scale; about a quarter of fp32's bytes). Attention's arithmetic is the same fp32 for all; only the
- * loads of cached keys and values differ (kv_load1/kv_load8, which the always-inlined functions below receive
- * with a constant type, so each type gets its own code). engine.py's KVCache makes the same rows. */
+ * attention reads), or Q8_0 rows (KV_Q8: hs int8 values, then one fp32 scale for each of the row's kv_groups(hs)
+ * groups, value = q * scale; about a quarter of fp32's bytes). Attention's arithmetic is the same fp32 for all;
+ * only the loads of cached keys and values differ (kv_load1/kv_load8, q8_dots4 and weighted_values' Q8_0 loop,
+ * which the always-inlined functions below receive with a constant type, so each type gets its own code).
+ * engine.py's KVCache makes the same rows. */
 enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2 };
 
 /* a Q8_0 row's groups: llama.cpp's blocks of 32, or the whole row where hs is not a multiple of 32 (written
@@ -2025,12 +2025,9 @@ ALWAYS_INLINE __m256 int8x8_to_ps(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-/* values col..col+7 of row `row` of cache memory p as fp32 (col a multiple of 8, and hs too) */
+/* values col..col+7 of row `row` of fp32 or fp16 cache memory p as fp32 (col a multiple of 8, and hs too;
+ * Q8_0 rows are read by q8_dots4 and weighted_values, which apply a group's scale once) */
 ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t row, int64_t col, int64_t hs, int type) {
-    if (type == KV_Q8) {
-        const int8_t *r = (const int8_t *)p + row * kv_row_bytes(KV_Q8, hs);
-        return _mm256_mul_ps(int8x8_to_ps(r + col), _mm256_set1_ps(kv_scale(r, col, hs)));
-    }
     int64_t i = row * hs + col;
     if (type == KV_F32) return _mm256_loadu_ps((const float *)p + i);
 #ifdef __F16C__
@@ -2047,9 +2044,8 @@ ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t row, int64_t col, int64_t h
  * ties to even (the same value whichever of the paths below converts it), or quantized per group (Q8_0, as
  * quantize_q8 does the activations) */
 static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type) {
-    int64_t n = hs;
     if (type == KV_F32) {
-        memcpy((float *)p + row * hs, x, n * sizeof(float));
+        memcpy((float *)p + row * hs, x, hs * sizeof(float));
         return;
     }
     if (type == KV_Q8) {
@@ -2062,16 +2058,16 @@ static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type)
     uint16_t *o = (uint16_t *)p + row * hs;
     int64_t i = 0;
 #if defined(HAVE_AVX512)
-    for (; i + 16 <= n; i += 16)
+    for (; i + 16 <= hs; i += 16)
         _mm256_storeu_si256((__m256i *)(o + i),
                             _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
 #ifdef __F16C__
-    for (; i + 8 <= n; i += 8)
+    for (; i + 8 <= hs; i += 8)
         _mm_storeu_si128((__m128i *)(o + i),
                          _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
-    for (; i < n; i++) o[i] = f32_to_fp16(x[i]);
+    for (; i < hs; i++) o[i] = f32_to_fp16(x[i]);
 }
 
 #ifdef __AVX2__
@@ -2283,9 +2279,8 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
  * token's cos/sin (n_tok, hs/2); k and v stored in the layer's cache kc, vc (slots, kv_heads, seq_len rows
  * of hs values: fp32, fp16 or Q8_0 as kv_type says) at (slot, position); then each token's causal attention
  * over its slot's positions 0..position (all keys are stored first, so tokens of one sequence see each
- * other's). Query head
- * h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token) pair per task,
- * head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
+ * other's). Query head h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token)
+ * pair per task, head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
 static void attention_split_from(int64_t min_bytes, float *q, float *k, const float *v, const float *cos,
                                  const float *sin, void *kc, void *vc, int kv_type, const int64_t *slots,
                                  const int64_t *positions, int64_t n_tok, int64_t n_heads, int64_t kv_heads,
