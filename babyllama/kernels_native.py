@@ -32,7 +32,7 @@ import numpy as np
 
 from . import memory, sampler
 from .formats import Matrix, QTensor, Weights
-from .kernels_base import dequantize_rows, kv_q8_dtype, quantize_rows, quantized_gemm
+from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BlockTensor
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -266,11 +266,12 @@ class NativeKernels:
         self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
+        self.lib.pool_split_jobs.restype = ctypes.c_int64
         self.lib.kernel_isa.restype = ctypes.c_char_p
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.lib.read_memory.argtypes = [ptr, i64]
         self.lib.read_memory.restype = ctypes.c_uint64
-        self.lib.quantize_q8.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        self.lib.round_q8.argtypes = [ptr, i64, i64, i64, ptr]
         self.lib.gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
         self.lib.gemm.restype = ctypes.c_int
         self.lib.set_sgemm.argtypes = [ptr, ctypes.c_int]
@@ -374,11 +375,16 @@ class NativeKernels:
             return self.matmul(x, ws)
         if not self._gemm:
             return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
-        out = []
-        for w in ws:  # quantized weights meet runq.c's rounding of x (quantized and dequantized per group)
-            xd = x if isinstance(w, np.ndarray) else dequantize_rows(*_grouped(quantize_rows(x, w.group_size), x),
-                                                                     w.group_size)
-            out.append(self.gemm(xd, [w])[0])
+        # quantized weights meet runq.c's rounding of x (quantized and dequantized per group), made once per
+        # group size; the matrices that take the same x go to sgemm in one call
+        by_x: dict[int | None, list[int]] = {}
+        for i, w in enumerate(ws):
+            by_x.setdefault(None if isinstance(w, np.ndarray) else w.group_size, []).append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(ws)
+        for gs, idx in by_x.items():
+            xd = x if gs is None else self.round_activations(x, gs)
+            for i, r in zip(idx, self.gemm(xd, [ws[i] for i in idx]), strict=True):
+                out[i] = r
         return out
 
     def gemm(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
@@ -405,13 +411,13 @@ class NativeKernels:
         self.lib.dequantize(ctypes.byref(m), w.shape[1], _address(out))
         return out
 
-    def quantize_activations(self, x: np.ndarray, gs: int) -> tuple[np.ndarray, np.ndarray]:
-        """The C quantization of activations (N, n) per group of gs (kernels_base.quantize_rows' arithmetic)."""
+    def round_activations(self, x: np.ndarray, gs: int) -> np.ndarray:
+        """x (N, n) quantized per group of gs and dequantized again, in C (kernels_base.quantize_rows and
+        dequantize_rows' arithmetic): what a prompt's sgemm multiplies quantized weights by."""
         x = _contiguous(x)
-        q = np.empty(x.shape, dtype=np.int8)
-        s = np.empty((x.shape[0], x.shape[1] // gs), dtype=np.float32)
-        self.lib.quantize_q8(_address(x), x.shape[0], x.shape[1], gs, _address(q), _address(s))
-        return q, s
+        out = np.empty_like(x)
+        self.lib.round_q8(_address(x), x.shape[0], x.shape[1], gs, _address(out))
+        return out
 
     def read_memory(self, buf: np.ndarray) -> int:
         """Read buf (C-contiguous, a whole number of 4 KiB pages) on every thread: the memory-bandwidth probe."""
@@ -552,11 +558,6 @@ def _hand_over_blas(lib: ctypes.CDLL) -> bool:
         lib.set_sgemm(ctypes.cast(found[0], ctypes.c_void_p), int(found[1]))
         return True
     return False
-
-
-def _grouped(qs: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """quantize_rows' values back in x's shape, with the scales."""
-    return qs[0].reshape(x.shape), qs[1]
 
 
 def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:

@@ -104,9 +104,10 @@ static struct {
     void *ctx;
     int64_t n_items, chunk;
     _Atomic int64_t done;   /* chunks finished */
+    int64_t split_jobs;     /* jobs run on more than one thread (read by tests) */
     Run runs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
-          50000, NULL, NULL, 0, 1, 0, {{0}}};
+          50000, NULL, NULL, 0, 1, 0, 0, {{0}}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -231,6 +232,8 @@ void pool_configure(int threads, int explicit_threads, int spin_us) {
 
 int kernel_threads(void) { return pool.threads; }
 
+int64_t pool_split_jobs(void) { return pool.split_jobs; }
+
 /* Work below these sizes stays on one thread unless threads were set explicitly: waking a second thread and
  * sharing the result costs more than it saves (see docs/speed.md). Products are sized by their multiply-adds
  * (weights x tokens), whatever the format, and split from 32 K of them as the adaptation decides (the built-in
@@ -259,6 +262,7 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
         fn(ctx, 0, n_items);
         return;
     }
+    pool.split_jobs++;
     pool.fn = fn;
     pool.ctx = ctx;
     pool.n_items = n_items;
@@ -368,7 +372,9 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
  * for work too small to `split`, and on all threads or one as the adaptation finds faster (products only:
- * `adaptive` is their token count; 0 for other work, which follows the current choice). */
+ * `adaptive` is their token count; 0 for other work, which follows the last choice made, all threads before
+ * the first: while products measure one thread, a prompt's sgemm and a step's attention are not measured,
+ * and a first prompt ran on one thread at half speed because no decode step had moved the measuring on). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
                               int64_t adaptive, int split) {
     if (pool.explicit_threads || pool.threads == 1) {
@@ -379,7 +385,7 @@ static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t ch
         fn(ctx, 0, n_items);
         return;
     }
-    int multi = adapt_mode();
+    int multi = adaptive ? adapt_mode() : adapt.choice;
     int64_t start = adaptive ? now_ns() : 0;
     pool_run_on(multi ? pool.threads : 1, fn, ctx, n_items, chunk);
     if (adaptive) adapt_record(multi, adaptive, work_bytes, now_ns() - start);
@@ -458,13 +464,11 @@ static const int64_t BLOCK_BYTES[5] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK
 static inline int q4r_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
 
 /* The interleave both sides of a Q4_0R product share: `words` 4-byte words of each of G blocks (`stride` bytes
- * apart in `plain`), word v of block l at 4G·v + 4l in `packed`; `unpack` copies the other way (only the
- * side copied to is written). */
-static void q4r_words(uint8_t *packed, uint8_t *plain, int64_t G, int words, int64_t stride, int unpack) {
+ * apart in `plain`), word v of block l at 4G·v + 4l in `packed`. */
+static void q4r_words(uint8_t *packed, const uint8_t *plain, int64_t G, int words, int64_t stride) {
     for (int v = 0; v < words; v++)
         for (int64_t l = 0; l < G; l++) {
-            uint8_t *p = packed + 4 * G * v + 4 * l, *q = plain + l * stride + 4 * v;
-            memcpy(unpack ? q : p, unpack ? p : q, 4);
+            memcpy(packed + 4 * G * v + 4 * l, plain + l * stride + 4 * v, 4);
         }
 }
 
@@ -548,6 +552,17 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
         /* rintf: ties to even, like NumPy's reference (runq.c's roundf rounds ties away from zero) */
         for (int64_t k = 0; k < gs; k++) xq[g * gs + k] = (int8_t)rintf(v[k] / safe);
     }
+}
+
+/* out (n_tok, n) = x quantized per group of gs and back (value times scale): the rounding runq.c's products
+ * give x, for a prompt's products in fp32 sgemm */
+void round_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, float *out) {
+    int8_t *q = malloc(n_tok * n);
+    float *s = malloc(n_tok * (n / gs) * sizeof(float));
+    quantize_q8(x, n_tok, n, gs, q, s);
+    for (int64_t i = 0; i < n_tok * n; i++) out[i] = (float)q[i] * s[i / gs];
+    free(q);
+    free(s);
 }
 
 /* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
@@ -1584,7 +1599,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     continue;
                 }
                 /* vector v: values 4v..4v+3 of each block (those the low nibbles meet, then the high ones') */
-                q4r_words((uint8_t *)dst + b0 * BLOCK, (uint8_t *)x + b0 * BLOCK, G, 8, BLOCK, 0);
+                q4r_words((uint8_t *)dst + b0 * BLOCK, (const uint8_t *)x + b0 * BLOCK, G, 8, BLOCK);
             }
             for (int64_t g = 0; g < n_groups; g++) a->c16[t * n_groups + g] = q4_correction(x + g * BLOCK);
         }
@@ -1702,9 +1717,9 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
     return 0;
 }
 
-/* Q4_0 rows (rows, n) regrouped as Q4_0R (see W_Q4_0R) into dst (the same size; not src), or back with
- * `unpack`: groups of 4 bytes move */
-static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int unpack) {
+/* Q4_0 rows (rows, n) regrouped as Q4_0R (see W_Q4_0R) into dst (the same size; not src): groups of 4 bytes
+ * move */
+static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n) {
     int64_t nb = n / BLOCK, rb = nb * 18;
     for (int64_t i = 0; i < rows; i++) {
         const uint8_t *s = src + i * rb;
@@ -1718,11 +1733,10 @@ static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int
             }
             for (int64_t l = 0; l < G; l++) { /* the scales, after the nibbles */
                 int64_t block = at + 18 * l, scale = at + 16 * G + 2 * l;
-                memcpy(unpack ? d + block : d + scale, unpack ? s + scale : s + block, 2);
+                memcpy(d + scale, s + block, 2);
             }
             /* the 16 bytes of nibbles after each block's scale: 4 words */
-            if (unpack) q4r_words((uint8_t *)s + at, d + at + 2, G, 4, 18, 1);
-            else q4r_words(d + at, (uint8_t *)s + at + 2, G, 4, 18, 0);
+            q4r_words(d + at, s + at + 2, G, 4, 18);
         }
     }
 }
@@ -1736,7 +1750,7 @@ typedef struct {
 static void regroup_chunk(void *ctx, int64_t lo, int64_t hi) {
     const Regroup *r = ctx;
     int64_t rb = r->n / BLOCK * 18;
-    q4r_permute_rows(r->src + lo * rb, r->dst + lo * rb, hi - lo, r->n, 0);
+    q4r_permute_rows(r->src + lo * rb, r->dst + lo * rb, hi - lo, r->n);
 }
 
 /* dst = the Q4_0 matrix src (rows, n) regrouped as Q4_0R (see W_Q4_0R) for this build's kernels; returns 0, or
@@ -1752,49 +1766,68 @@ int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n) {
 #endif
 }
 
+/* o (gs values) = a group's values times its scale: int8 values, or Q4_0's 16 bytes of nibbles (`nibbles`:
+ * weights 0-15 in the low nibbles, 16-31 in the high ones, each standing for nibble - 8) */
+ALWAYS_INLINE void dequantize_group(const uint8_t *v, int nibbles, int64_t gs, float scale, float *o) {
+    int64_t k = 0;
+#ifdef __AVX2__
+    __m256 vs = _mm256_set1_ps(scale);
+    if (!nibbles) {
+        for (; k + 8 <= gs; k += 8) {
+            __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + k)));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+        }
+    } else {
+        __m128i q = _mm_loadu_si128((const __m128i *)v), low = _mm_set1_epi8(0x0F);
+        __m128i halves[2] = {_mm_and_si128(q, low), _mm_and_si128(_mm_srli_epi16(q, 4), low)};
+        for (int h = 0; h < 2; h++)
+            for (int c = 0; c < 2; c++) {
+                __m128i bytes = c ? _mm_srli_si128(halves[h], 8) : halves[h];
+                __m256i q32 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_set1_epi32(8));
+                _mm256_storeu_ps(o + 16 * h + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
+            }
+        k = gs;
+    }
+#endif
+    for (; k < gs; k++) o[k] = (float)(nibbles ? q4_value(v, k) : (int8_t)v[k]) * scale;
+}
+
 /* row i of a quantized m (rows of n weights) as fp32 */
 static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
-    if (m->type == W_Q4_0R) { /* back to Q4_0 blocks first */
-        int64_t rb = n / BLOCK * 18;
-        uint8_t *row = malloc(rb);
-        q4r_permute_rows((const uint8_t *)m->w + i * rb, row, 1, n, 1);
-        Mat blocks = {row, NULL, 1, 0, W_Q4_0, BLOCK};
-        dequantize_row(&blocks, 0, n, o);
-        free(row);
-        return;
-    }
     if (m->type == W_F32) {
         memcpy(o, (const float *)m->w + i * n, n * sizeof(float));
+        return;
+    }
+    if (m->type == W_Q4_0R) { /* each block's nibbles gathered from its group's four words (see W_Q4_0R) */
+        const uint8_t *row = (const uint8_t *)m->w + i * row_bytes(m, n);
+        for (int64_t b0 = 0, nb = n / BLOCK, G; b0 < nb; b0 += G) {
+            G = q4r_group(nb - b0);
+            const uint8_t *at = row + b0 * 18;
+            for (int64_t l = 0; l < G; l++) {
+                uint8_t qs[16];
+                if (G == 1) memcpy(qs, at + 2, 16);
+                else
+                    for (int v = 0; v < 4; v++) memcpy(qs + 4 * v, at + 4 * G * v + 4 * l, 4);
+                float scale = fp16_to_f32(load_u16(G == 1 ? at : at + 16 * G + 2 * l));
+                dequantize_group(qs, 1, BLOCK, scale, o + (b0 + l) * BLOCK);
+            }
+        }
         return;
     }
     int64_t gs = m->type == W_Q8 ? m->gs : BLOCK, n_groups = n / gs;
     const uint8_t *w = m->type == W_Q8 ? (const uint8_t *)m->w + i * n : (const uint8_t *)m->w + i * row_bytes(m, n);
     const float *ws = m->type == W_Q8 ? m->s + i * n_groups : NULL;
-    for (int64_t g = 0; g < n_groups; g++) {
-        float scale;
-        const uint8_t *v = group_values(w, ws, m->type, g, gs, &scale);
-        float *og = o + g * gs;
-        int64_t k = 0;
-#ifdef __AVX2__
-        __m256 vs = _mm256_set1_ps(scale);
-        if (m->type != W_Q4_0) {
-            for (; k + 8 <= gs; k += 8) {
-                __m256i q32 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + k)));
-                _mm256_storeu_ps(og + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
-            }
-        } else { /* weights 0-15 in the low nibbles, 16-31 in the high ones */
-            __m128i q = _mm_loadu_si128((const __m128i *)v), low = _mm_set1_epi8(0x0F);
-            __m128i halves[2] = {_mm_and_si128(q, low), _mm_and_si128(_mm_srli_epi16(q, 4), low)};
-            for (int h = 0; h < 2; h++)
-                for (int c = 0; c < 2; c++) {
-                    __m128i bytes = c ? _mm_srli_si128(halves[h], 8) : halves[h];
-                    __m256i q32 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_set1_epi32(8));
-                    _mm256_storeu_ps(og + 16 * h + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(q32), vs));
-                }
-            k = gs;
+    float scale;
+    if (m->type == W_Q4_0) { /* a loop per kind, so that each inlines only its own case */
+        for (int64_t g = 0; g < n_groups; g++) {
+            const uint8_t *v = group_values(w, ws, W_Q4_0, g, BLOCK, &scale);
+            dequantize_group(v, 1, BLOCK, scale, o + g * BLOCK);
         }
-#endif
-        for (; k < gs; k++) og[k] = (float)(m->type == W_Q4_0 ? q4_value(v, k) : (int8_t)v[k]) * scale;
+        return;
+    }
+    for (int64_t g = 0; g < n_groups; g++) {
+        const uint8_t *v = group_values(w, ws, m->type, g, gs, &scale);
+        dequantize_group(v, 0, gs, scale, o + g * gs);
     }
 }
 
