@@ -1,0 +1,56 @@
+"""The C benchmarks (benchmarks/kernel_rates.c, benchmarks/decode_rates.c) declare what they call in
+csrc/kernels.c themselves (benchmarks/kernels_c_api.h): they are built against today's kernels.c and run on
+small sizes, so that a change of a signature or of the Mat layout shows here, not when someone next measures."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from babyllama import kernels_native
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Build a benchmark (its name without .c) and return its executable's path."""
+    cc = kernels_native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler: the C benchmarks cannot be built here")
+    out = tmp_path_factory.mktemp("benchmarks")
+    kernels_o = out / "kernels.o"
+    flags = ["-O2", "-march=native", "-fopenmp-simd", "-pthread"]
+    subprocess.run([cc, *flags, "-c", str(kernels_native.SOURCE), "-o", str(kernels_o)], check=True)
+
+    def make(name: str) -> Path:
+        exe = out / name
+        subprocess.run([cc, *flags, str(BENCHMARKS / f"{name}.c"), str(kernels_o), "-o", str(exe), "-lm"],
+                       check=True)
+        return exe
+
+    return make
+
+
+def _run(exe: Path, *args: str) -> str:
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def test_kernel_rates_measures_every_weight_type(build):
+    out = _run(build("kernel_rates"), "64", "256", "1", "01234", "3")
+    rates = re.findall(r"^  (.+?)\s+([18]) token\(s\):\s+([\d.]+) us\s+([\d.]+) GB/s", out, re.M)
+    assert [(name.strip(), int(t)) for name, t, _, _ in rates] == [
+        (name, t) for name in ("fp32", "Q8_0 (runq.c, gs 64)", "Q8_0 (llama.cpp blocks)", "Q4_0", "Q4_0 regrouped")
+        for t in (1, 8)]
+    assert all(float(us) > 0 and float(gbs) > 0 for _, _, us, gbs in rates)
+
+
+def test_decode_rates_runs_a_decode_tokens_products(build):
+    out = _run(build("decode_rates"), "15M", "1", "1")
+    steps = re.findall(r"^  (.+?)\s+1 thread\(s\) 1 token\(s\):\s+([\d.]+) ms\s+([\d.]+) GB/s", out, re.M)
+    assert [name.strip() for name, _, _ in steps] == ["Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped"]
+    assert all(float(ms) > 0 and float(gbs) > 0 for _, ms, gbs in steps)
