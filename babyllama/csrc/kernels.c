@@ -305,7 +305,10 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
  * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
- * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs. */
+ * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs.
+ * A process opens with a phase on every thread as short as a probe: its first prompt, with nothing measured
+ * yet, ran on the caller's thread alone (twice as long on an idle machine), and a busy machine pays for the
+ * opening no more than for a probe of every thread. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
 #define LOSING_JOBS 8
@@ -315,6 +318,7 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
 static struct {
     pthread_mutex_t lock;
     int phase;          /* 0: measuring one thread, 1: measuring all, 2: running `choice` */
+    int opening;        /* the first phase 2, before anything was measured: as short as a probe */
     int choice;         /* 1: all threads, 0: the caller's alone */
     int64_t jobs;       /* jobs in this phase */
     int64_t phase_ns;   /* their time */
@@ -322,7 +326,7 @@ static struct {
     int64_t tokens;     /* the token count of the products being measured */
     int64_t others;     /* jobs of another count passed since the last one of `tokens` */
     double ns[2], bytes[2];
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 0, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}};
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}};
 static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a step begins */
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
@@ -354,16 +358,18 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     }
     adapt.phase_ns += ns;
     int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
-    int64_t limit = adapt.phase == 2 ? EXPLOIT_JOBS : PROBE_JOBS;
+    int exploit = adapt.phase == 2 && !adapt.opening;
+    int64_t limit = exploit ? EXPLOIT_JOBS : PROBE_JOBS;
     int new_step = step != adapt.last_step;
     adapt.last_step = step;
     int losing = adapt.phase == 1 && adapt.jobs >= LOSING_JOBS && adapt.phase_ns >= PROBE_NS / 4 &&
                  1.25 * adapt.bytes[1] * adapt.ns[0] < adapt.bytes[0] * adapt.ns[1];
-    if ((++adapt.jobs >= limit && adapt.phase_ns >= (adapt.phase == 2 ? EXPLOIT_NS : PROBE_NS) &&
+    if ((++adapt.jobs >= limit && adapt.phase_ns >= (exploit ? EXPLOIT_NS : PROBE_NS) &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
         if (adapt.phase == 1)
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
         if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        adapt.opening = 0;
         adapt.phase = (adapt.phase + 1) % 3;
         adapt.jobs = adapt.phase_ns = 0;
     }
