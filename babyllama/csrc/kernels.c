@@ -301,7 +301,11 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * its jobs). Every thread is measured second, and only until it is clearly losing (a quarter slower than one
  * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
  * milliseconds for a preempted one, and a whole phase of that was a large part of a small model's first 256
- * tokens. The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
+ * tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer than the OS gives a thread at a
+ * time beside a co-runner: a 2 ms phase could fall wholly in a stretch where the co-runner was not on the
+ * worker's core, win, and then run every thread for 100 ms of waits (110M Q8_0 at 85% of one thread, a
+ * built-in model's run at 87%, in single runs).
+ * The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
  * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
@@ -311,6 +315,7 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * opening no more than for a probe of every thread. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
+#define PROBE_ALL_NS 8000000LL  /* 8 ms: the all-threads phase, unless it loses first */
 #define LOSING_JOBS 8
 #define EXPLOIT_JOBS 2048
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
@@ -364,7 +369,8 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     adapt.last_step = step;
     int losing = adapt.phase == 1 && adapt.jobs >= LOSING_JOBS && adapt.phase_ns >= PROBE_NS / 4 &&
                  1.25 * adapt.bytes[1] * adapt.ns[0] < adapt.bytes[0] * adapt.ns[1];
-    if ((++adapt.jobs >= limit && adapt.phase_ns >= (exploit ? EXPLOIT_NS : PROBE_NS) &&
+    int64_t min_ns = exploit ? EXPLOIT_NS : adapt.phase == 1 ? PROBE_ALL_NS : PROBE_NS;
+    if ((++adapt.jobs >= limit && adapt.phase_ns >= min_ns &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
         if (adapt.phase == 1)
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
