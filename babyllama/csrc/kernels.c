@@ -302,17 +302,17 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
  * milliseconds for a preempted one, and a whole phase of that was a large part of a small model's first 256
  * tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer than the OS gives a thread at a
- * time beside a co-runner: a 2 ms phase could fall wholly in a stretch where the co-runner was not on the
- * worker's core, win, and then run every thread for 100 ms of waits (110M Q8_0 at 85% of one thread, a
- * built-in model's run at 87%, in single runs).
+ * time beside a co-runner: a phase as short as the one-thread one can fall wholly in a stretch where the
+ * co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (measured with 2 ms:
+ * single busy runs at 85-87% of one thread; see docs/speed.md).
  * The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
  * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
  * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs.
- * A process opens with a phase on every thread as short as a probe: its first prompt, with nothing measured
- * yet, ran on the caller's thread alone (twice as long on an idle machine), and a busy machine pays for the
- * opening no more than for a probe of every thread. */
+ * A process opens with a phase on every thread as short as a probe: with nothing measured yet, its first
+ * prompt would otherwise run on the caller's thread alone (twice as long on an idle machine), and a busy
+ * machine pays for the opening no more than for a probe of every thread. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
 #define PROBE_ALL_NS 8000000LL  /* 8 ms: the all-threads phase, unless it loses first */
@@ -385,8 +385,8 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
  * for work too small to `split`, and on all threads or one as the adaptation finds faster (products only:
  * `adaptive` is their token count; 0 for other work, which follows the last choice made, all threads before
- * the first: while products measure one thread, a prompt's sgemm and a step's attention are not measured,
- * and a first prompt ran on one thread at half speed because no decode step had moved the measuring on). */
+ * the first: a prompt's sgemm and a step's attention are not measured, and following the measuring phases
+ * would put a prompt on one thread until decode steps move the measuring on). */
 static void pool_run_adaptive(ChunkFn fn, void *ctx, int64_t n_items, int64_t chunk, int64_t work_bytes,
                               int64_t adaptive, int split) {
     if (pool.explicit_threads || pool.threads == 1) {
