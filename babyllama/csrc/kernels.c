@@ -549,17 +549,21 @@ typedef struct {
     int32_t *c16; /* and per block -8 * (sum of its values) */
 } QAct;
 
+/* a group's scale, max |v| / 127, for gs values v */
+static inline float group_scale(const float *v, int64_t gs) {
+    float amax = 0.0f;
+    /* a vectorized max reduction (exact in any order) instead of fmaxf, which the compiler calls out of line
+     * for its NaN rule (no different here: amax is never NaN, and a NaN value is skipped either way) */
+#pragma omp simd reduction(max : amax)
+    for (int64_t k = 0; k < gs; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
+    return amax / 127.0f;
+}
+
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
 void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *xq, float *xs) {
     for (int64_t g = 0; g < n_tok * (n / gs); g++) {
         const float *v = x + g * gs;
-        float amax = 0.0f;
-        /* a vectorized max reduction (exact in any order) instead of fmaxf, which the compiler calls out of line
-         * for its NaN rule (no different here: amax is never NaN, and a NaN value is skipped either way) */
-#pragma omp simd reduction(max : amax)
-        for (int64_t k = 0; k < gs; k++) amax = fabsf(v[k]) > amax ? fabsf(v[k]) : amax;
-        float scale = amax / 127.0f;
-        float safe = scale != 0.0f ? scale : 1.0f;
+        float scale = group_scale(v, gs), safe = scale != 0.0f ? scale : 1.0f;
         xs[g] = scale;
         /* rintf: ties to even, like NumPy's reference (runq.c's roundf rounds ties away from zero) */
         for (int64_t k = 0; k < gs; k++) xq[g * gs + k] = (int8_t)rintf(v[k] / safe);
@@ -567,14 +571,16 @@ void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *x
 }
 
 /* out (n_tok, n) = x quantized per group of gs and back (value times scale): the rounding runq.c's products
- * give x, for a prompt's products in fp32 sgemm */
+ * give x, for a prompt's products in fp32 sgemm. rintf(v / safe) is the int8 value itself (an integer within
+ * +-127), so it is scaled as it is, group by group in vectors. */
 void round_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, float *out) {
-    int8_t *q = malloc(n_tok * n);
-    float *s = malloc(n_tok * (n / gs) * sizeof(float));
-    quantize_q8(x, n_tok, n, gs, q, s);
-    for (int64_t i = 0; i < n_tok * n; i++) out[i] = (float)q[i] * s[i / gs];
-    free(q);
-    free(s);
+    for (int64_t g = 0; g < n_tok * (n / gs); g++) {
+        const float *v = x + g * gs;
+        float *o = out + g * gs;
+        float scale = group_scale(v, gs), safe = scale != 0.0f ? scale : 1.0f;
+#pragma omp simd
+        for (int64_t k = 0; k < gs; k++) o[k] = rintf(v[k] / safe) * scale + 0.0f; /* -0 as +0, as int8 has it */
+    }
 }
 
 /* Fused forms (the calls a decode step makes, see engine.py): a product may read rmsnorm(x) * norm_w or
