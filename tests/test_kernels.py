@@ -18,7 +18,15 @@ from babyllama import kernels, kernels_native
 from babyllama.engine import Engine
 from babyllama.formats import QTensor, quantize_q80
 from babyllama.generate import generate
-from babyllama.kernels_base import Kernels, NumpyKernels, PlainKernels, dequantize_rows, matmul_quantized, quantize_rows
+from babyllama.kernels_base import (
+    Kernels,
+    NumpyKernels,
+    PlainKernels,
+    dequantize_rows,
+    matmul_quantized,
+    quantize_rows,
+    quantized_gemm,
+)
 from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
 from babyllama.sampler import Sampler
 
@@ -508,13 +516,29 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # a value rounded to 0 is +0, as in int8
 
 
+def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native):
+    """On AVX-512 VNNI builds a Q4_0 prompt's products run the decode kernel (faster there than dequantize +
+    sgemm): each row of the prompt bit for bit what decoding its token alone gives; elsewhere sgemm, within
+    float rounding of it. A Q8_0 matrix beside it still goes to sgemm."""
+    q = quantize_q4_0(rng.standard_normal((96, 256)).astype(np.float32))
+    q8 = quantize_q8_0(rng.standard_normal((40, 256)).astype(np.float32))
+    x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, 256)).astype(np.float32)
+    got, beside = native.matmul_many(x, [q, q8])
+    by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
+    if native.isa() in kernels_native.INT8_Q4_PROMPT_ISAS:
+        np.testing.assert_array_equal(got, by_token)
+    else:
+        np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
+    np.testing.assert_array_equal(beside, native.matmul_many(x, [q8])[0])
+    want = quantized_gemm(x, [q8], lambda m: m.dequantize())[0]
+    np.testing.assert_allclose(beside, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("kind", ["fp32", "q8_0 gs64", "q8_0 blocks", "q4_0"])
 def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
     """Many rows: NumPy's sgemm called from the pool's threads on chunks of weight rows (quantized rows
     dequantized a chunk at a time), the same sums as NumPy's own call on the dequantized weights (after runq.c's
     rounding of x for quantized weights)."""
-    from babyllama.kernels_base import quantized_gemm
-
     w = rng.standard_normal((300, 256)).astype(np.float32)
     m = w if kind == "fp32" else QUANTIZERS[kind](w)
     x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 2, 256)).astype(np.float32)
