@@ -59,7 +59,7 @@ F32_KERNEL_MAX_ROWS = 8
 QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts of any length: AVX-512 VNNI takes 64
 # multiply-adds an instruction, and a Q4_0 weight row is half the bytes (256-token prompts, 2-vCPU Zen 4:
-# built-in model, 15M, 42M, 110M 24-33% faster; Q8_0 gained on the small models only, and lost 9% on 42M).
+# built-in model, 15M, 42M, 110M 26-33% faster; Q8_0 gained on the small models only, and lost 9% on 42M).
 INT8_Q4_PROMPT_ISAS = {"avx512-vnni"}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
