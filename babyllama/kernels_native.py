@@ -378,22 +378,25 @@ class NativeKernels:
             return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else self.gemm(x, ws)
         if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
             return self.matmul(x, ws)
-        if not self._gemm:
-            return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
-        # quantized weights meet runq.c's rounding of x (quantized and dequantized per group), made once per
-        # group size; the matrices that take the same x go to sgemm in one call. Q4_0 on the builds of
-        # INT8_Q4_PROMPT_ISAS: the int8 kernel, as decode steps compute.
-        by_x: dict[int | str | None, list[int]] = {}
+        # Q4_0 on the builds of INT8_Q4_PROMPT_ISAS: the int8 kernel, as decode steps compute. The rest meet
+        # runq.c's rounding of x (quantized and dequantized per group), made once per group size, and the
+        # matrices that take the same x go to sgemm in one call (NumPy without it).
+        int8 = [i for i, w in enumerate(ws)
+                if self._int8_q4_prompts and isinstance(w, BlockTensor) and w.kind == "q4_0"]
+        by_x: dict[int | None, list[int]] = {}
         for i, w in enumerate(ws):
-            int8 = self._int8_q4_prompts and isinstance(w, BlockTensor) and w.kind == "q4_0"
-            by_x.setdefault("int8" if int8 else None if isinstance(w, np.ndarray) else w.group_size, []).append(i)
-        out: list[np.ndarray] = [np.empty(0)] * len(ws)
-        for key, idx in by_x.items():
+            if i not in int8:
+                by_x.setdefault(None if isinstance(w, np.ndarray) else w.group_size, []).append(i)
+        calls = [(int8, self.matmul(x, [ws[i] for i in int8]))] if int8 else []
+        for gs, idx in by_x.items():
             mats = [ws[i] for i in idx]
-            if key == "int8":
-                results = self.matmul(x, mats)
+            if not self._gemm:
+                calls.append((idx, [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0]
+                                    for w in mats]))
             else:
-                results = self.gemm(x if key is None else self.round_activations(x, int(key)), mats)
+                calls.append((idx, self.gemm(x if gs is None else self.round_activations(x, gs), mats)))
+        out: list[np.ndarray] = [np.empty(0)] * len(ws)
+        for idx, results in calls:
             for i, r in zip(idx, results, strict=True):
                 out[i] = r
         return out

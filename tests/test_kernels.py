@@ -516,10 +516,12 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # a value rounded to 0 is +0, as in int8
 
 
-def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native):
+@pytest.mark.parametrize("sgemm", [True, False])  # False: no sgemm was found, NumPy's products instead
+def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
     """On AVX-512 VNNI builds a Q4_0 prompt's products run the decode kernel (faster there than dequantize +
     sgemm): each row of the prompt bit for bit what decoding its token alone gives; elsewhere sgemm, within
     float rounding of it. A Q8_0 matrix beside it still goes to sgemm."""
+    monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     q = quantize_q4_0(rng.standard_normal((96, 256)).astype(np.float32))
     q8 = quantize_q8_0(rng.standard_normal((40, 256)).astype(np.float32))
     x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, 256)).astype(np.float32)
