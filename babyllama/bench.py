@@ -171,6 +171,14 @@ def decode_bytes(weights) -> int:
     return layers + nbytes(weights.wcls)
 
 
+def kv_read_bytes(args, value_bytes: float, n_tok: int) -> int:
+    """KV cache bytes a decode step reads, on average over a run of n_tok steps from the start of a sequence:
+    the keys and values of every layer and kv head at the (n_tok + 5) / 2 positions a step of the run attends
+    to on average (its first timed step sits at position 2). value_bytes per cached value: 4 (f32), 2 (f16),
+    or a Q8_0 row's bytes over its values."""
+    return int(2 * args.n_layers * args.kv_dim * value_bytes * (n_tok + 5) / 2)
+
+
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
             mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False,
             kv_cache: str = "auto") -> dict:
@@ -235,6 +243,10 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     res["decode_tokens"] = n_tok
     res["repeats"] = repeats
     res["decode_bytes"] = decode_bytes(weights)
+    kv = getattr(engine, "kv_dtype", None)  # the NumPy engine's cache rows; the PyTorch one's are not counted
+    if kv is not None:
+        per_value = kv.itemsize / (1 if kv.names is None else weights.args.head_size)
+        res["kv_bytes"] = kv_read_bytes(weights.args, per_value, n_tok)
     return res
 
 
@@ -493,6 +505,8 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
 
 
 def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, directory: Path, log) -> list[Row]:
+    from . import formats
+
     rows = []
     for name, exe in plan.references.items():
         ref_fmt, version = REFERENCES[name]
@@ -503,7 +517,9 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
         try:
             model = model_file(shape, fmt, directory, version)
             speed = reference_decode(exe, model, tokenizer_file(shape, directory), plan.tokens, plan.repeats, env)
-            row.result = {"decode": speed, "decode_bytes": _file_decode_bytes(model)}
+            weights = formats.load(model)  # run.c and runq.c keep their KV cache in fp32
+            row.result = {"decode": speed, "decode_bytes": decode_bytes(weights),
+                          "kv_bytes": kv_read_bytes(weights.args, 4, plan.tokens)}
         except (RuntimeError, OSError) as e:
             row.error = f"{name} ({exe}) failed: {e}"
         rows.append(row)
@@ -518,12 +534,6 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
             row.error = f"llama.cpp failed: {e}"
         rows.append(row)
     return rows
-
-
-def _file_decode_bytes(path: Path) -> int:
-    from . import formats
-
-    return decode_bytes(formats.load(path))
 
 
 def _cell(value, spec: str) -> str:
@@ -553,7 +563,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
                          + " – |" * 6)
             continue
         decode = res.get("decode")
-        gbps = decode * res["decode_bytes"] / 1e9 if decode and res.get("decode_bytes") else None
+        read = res.get("decode_bytes", 0) + res.get("kv_bytes", 0)
+        gbps = decode * read / 1e9 if decode and res.get("decode_bytes") else None
         limit = beside.get(r.shape, bw)
         share = f"{gbps:.1f} ({100 * gbps / limit:.0f}%)" if gbps and limit else _cell(gbps, ".1f")
         lines.append(f"| {r.shape} | {FORMAT_LABELS[r.fmt]} | {r.engine} | {r.threads} | {_cell(decode, '.1f')} | "
@@ -563,8 +574,9 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     plain = [r for r in rows if r.engine == "plain NumPy" and r.result]
     plain_note = (f" (plain rows: {plain[0].result['decode_tokens']} tokens, {plain[0].result['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
-    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: weight bytes read per token "
-             f"x decode tok/s; sampled: -t 1 -p 0.9 (trained model only); prefill: one {prompt_len}-token prompt in "
+    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: bytes read per token (the "
+             "weights, and the KV cache at the run's average position) x decode tok/s; sampled: -t 1 -p 0.9 "
+             f"(trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
              "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
@@ -580,8 +592,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
 
 def _ratios(rows: list[Row]) -> str:
     """babyllama's decode speed over each reference's, per model, format and thread setting; and its Q4_0
-    decode over its Q8_0 decode, beside how many times fewer weight bytes Q4_0 reads (the most it could gain
-    where decode is bound by reading them)."""
+    decode over its Q8_0 decode, beside how many times fewer bytes Q4_0 reads, its weights alone and with the
+    KV cache (the most it could gain where decode is bound by reading them)."""
     ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.is_ours and r.result.get("decode")}
     parts = [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
              + f" {ours[(r.shape, r.fmt, r.threads)]['decode'] / r.result['decode']:.2f}x" for r in rows
@@ -590,11 +602,18 @@ def _ratios(rows: list[Row]) -> str:
     lines = ["decode speed of babyllama / reference: " + "; ".join(parts)] if parts else []
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
-          + f" (weight bytes {ours[(shape, 'q8_0', t)]['decode_bytes'] / ours[(shape, 'q4_0', t)]['decode_bytes']:.2f}x"
-          " fewer)" for shape, fmt, t in ours if fmt == "q4_0" and (shape, "q8_0", t) in ours]
+          + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "
+          f"{_fewer(ours, shape, t, 'decode_bytes', 'kv_bytes'):.2f}x)"
+          for shape, fmt, t in ours if fmt == "q4_0" and (shape, "q8_0", t) in ours]
     if q4:
         lines.append("babyllama Q4_0 / Q8_0 decode: " + "; ".join(q4))
     return "\n".join(lines)
+
+
+def _fewer(ours: dict, shape: str, threads: str, *keys: str) -> float:
+    """How many times fewer of the bytes `keys` add up to Q4_0's decode step reads than Q8_0's."""
+    q8, q4 = ours[(shape, "q8_0", threads)], ours[(shape, "q4_0", threads)]
+    return sum(q8.get(k, 0) for k in keys) / sum(q4.get(k, 0) for k in keys)
 
 
 if __name__ == "__main__":

@@ -159,16 +159,15 @@ class Engine:
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
         self._ensure_rope(min(cache.seq_len, a.max_seq_len))
-        if len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens):
-            plan = self._plan(k)
-            if plan is not None:  # one call, which checks the indices itself
-                return k.forward_step(plan, tokens, positions, slots, cache.k, cache.v, rows)
+        plan = self._plan(k)  # made before a first prompt too: it sets up the copies that products read
+        if plan is not None and (len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens)):
+            return k.forward_step(plan, tokens, positions, slots, cache.k, cache.v, rows)  # checks the indices
         for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),
                                   (slots, cache.n_slots, "slots")):  # NumPy would wrap negative indices
             if values.min(initial=0) < 0 or values.max(initial=0) >= end:
                 raise ValueError(f"{what} must lie in [0, {end})")
         cos, sin = self.cos[positions], self.sin[positions]
-        x = w.embed(tokens)
+        x = k.embed(w.tok_embeddings, tokens)
         for layer in range(a.n_layers):
             self._block(k, x, layer, cache, slots, positions, cos, sin)
         if logits == "last":

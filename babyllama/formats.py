@@ -71,6 +71,16 @@ def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:
 Matrix = np.ndarray | QTensor | BlockTensor
 
 
+def table_rows(m: Matrix, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of m as fp32 (N, cols): the same values as dense(m)[rows], dequantizing only those rows."""
+    rows = np.asarray(rows)
+    if isinstance(m, BlockTensor):
+        return m.dequantize(rows)
+    if isinstance(m, QTensor):
+        return QTensor(m.q[rows], m.s[rows], m.group_size).dequantize()
+    return m[rows].astype(np.float32)
+
+
 def dense(m: Matrix) -> np.ndarray:
     """m as an fp32 array (dequantized when quantized)."""
     return m if isinstance(m, np.ndarray) else m.dequantize()
@@ -122,13 +132,7 @@ class Weights:
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """The embedding rows of `tokens` as fp32 (N, dim)."""
-        e = self.tok_embeddings
-        if isinstance(e, BlockTensor):
-            return e.dequantize(np.asarray(tokens))
-        if isinstance(e, QTensor):  # the same products as dequantizing the whole table, for these rows only
-            t = np.asarray(tokens)
-            return QTensor(e.q[t], e.s[t], e.group_size).dequantize()
-        return e[tokens].astype(np.float32)
+        return table_rows(self.tok_embeddings, tokens)
 
     def to_fp32(self) -> Weights:
         """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
-from .formats import Matrix, QTensor, Weights, dense
+from .formats import Matrix, QTensor, Weights, dense, table_rows
 from .quant import BLOCK, BlockTensor
 
 # Rows at or above which a quantized product is done as dequantize + sgemm instead of the int8 reference:
@@ -47,6 +47,10 @@ class Kernels(Protocol):
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         """w as fp32."""
+        ...
+
+    def embed(self, table: Matrix, tokens: np.ndarray) -> np.ndarray:
+        """Rows `tokens` of the embedding table as fp32 (N, dim): formats.table_rows' values."""
         ...
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -241,6 +245,9 @@ class NumpyKernels:
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         return dense(w)
+
+    def embed(self, table: Matrix, tokens: np.ndarray) -> np.ndarray:
+        return table_rows(table, tokens)
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return rmsnorm(x, weight, eps)

@@ -23,15 +23,16 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 
 from . import memory, sampler
-from .formats import Matrix, QTensor, Weights
+from .formats import Matrix, QTensor, Weights, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BlockTensor
 
@@ -96,7 +97,7 @@ class ModelPlan:
     that they stay valid."""
 
     def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array,
-                 regrouped: np.ndarray | None):
+                 regrouped: list[RegroupedQ4]):
         self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
         self.regrouped = regrouped  # the Q4_0R copies the step reads instead of the weights' Q4_0 matrices
 
@@ -267,6 +268,8 @@ class NativeKernels:
         self.lib.attention_step.argtypes = [ptr] * 7 + [ctypes.c_int] + [ptr] * 2 + [i64] * 5 + [ptr]
         self.lib.swiglu.argtypes = [ptr, ptr, i64, i64, ptr]
         self.lib.dequantize.argtypes = [ptr, i64, ptr]
+        self.lib.dequantize_rows.argtypes = [ptr, ptr, i64, i64, ptr]
+        self.lib.dequantize_rows.restype = ctypes.c_int
         self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
@@ -287,6 +290,8 @@ class NativeKernels:
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_prompts = self.isa() in INT8_Q4_PROMPT_ISAS
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
+        # id(Q4_0 matrix) -> (a weak reference to it, its regrouped copy): what every product reads for it
+        self._copies: dict[int, tuple[weakref.ref, RegroupedQ4]] = {}
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
 
@@ -334,7 +339,7 @@ class NativeKernels:
         n = ws[0].shape[1]
         if any(w.shape[1] != n for w in ws):
             raise ValueError("the matrices of one call must have the same row length")
-        bounds = _describe(mats, ws)
+        bounds = _describe(mats, [self._copy_of(w) for w in ws])
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
         self._plans[key] = (tuple(ws), mats, bounds, n)  # holding ws keeps their ids from being reused
@@ -420,9 +425,23 @@ class NativeKernels:
         if isinstance(w, np.ndarray):
             return w
         m = _Mat()
-        _fill(m, w, 0)
+        _fill(m, self._copy_of(w), 0)
         out = np.empty(w.shape, dtype=np.float32)
         self.lib.dequantize(ctypes.byref(m), w.shape[1], _address(out))
+        return out
+
+    def embed(self, table: Matrix, tokens: np.ndarray) -> np.ndarray:
+        """Rows `tokens` of the table as fp32, read from its regrouped copy where it has one (a shared
+        classifier's), so that a prompt touches the same bytes as decode steps."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        m = _Mat()
+        try:
+            _fill(m, self._copy_of(table), 0)
+        except ValueError:  # arrays C does not read (not contiguous, another dtype)
+            return table_rows(table, tokens)
+        out = np.empty((len(tokens), table.shape[1]), dtype=np.float32)
+        if self.lib.dequantize_rows(ctypes.byref(m), _address(tokens), len(tokens), table.shape[1], _address(out)):
+            raise ValueError(f"token ids must lie in [0, {table.shape[0]})")
         return out
 
     def round_activations(self, x: np.ndarray, gs: int) -> np.ndarray:
@@ -481,13 +500,14 @@ class NativeKernels:
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
         struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, a.norm_eps, layers)
         products.append((_one(struct.cls), [w.wcls]))
+        regrouped = self._regroup([m for _, ws in products for m in ws])
         for mats, ws in products:
-            _describe(mats, ws)
+            _describe(mats, [self._copy_of(m) for m in ws])
         emb = w.tok_embeddings if not isinstance(w.tok_embeddings, np.ndarray) else _checked(w.tok_embeddings)
-        _describe(_one(struct.embeddings), [emb])
+        _describe(_one(struct.embeddings), [self._copy_of(emb)])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
         struct.rms_final = _address(_checked(w.rms_final))
-        return ModelPlan(w, (cos, sin), struct, layers, self._regroup(products))
+        return ModelPlan(w, (cos, sin), struct, layers, regrouped)
 
     def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> RegroupedQ4 | None:
         """w (Q4_0) regrouped for this build's kernels, into `out` (uint8, w's size) when given; None where the
@@ -497,27 +517,40 @@ class NativeKernels:
             return None
         return RegroupedQ4(data, w.shape)
 
-    def _regroup(self, described: list[tuple[ctypes.Array, list[Matrix]]]) -> np.ndarray | None:
-        """Point the described Q4_0 matrices at copies regrouped for this build's kernels, all in one buffer
-        (NumPy gives it huge pages, as it does a file read into memory), and return it; None (the weights'
-        own blocks stay in use) where the build has no such kernels, there is no Q4_0 matrix, or the copies
-        would take more than a quarter of the free memory (memory.read_by_default)."""
-        pairs = [(mats, j, w) for mats, ws in described for j, w in enumerate(ws)
-                 if isinstance(w, BlockTensor) and w.kind == "q4_0"]
-        total = sum(w.nbytes for _, _, w in pairs)
-        if not pairs or not memory.read_by_default(total):
-            return None
-        buf = np.empty(total, dtype=np.uint8)
-        copies, at = [], 0
-        for _, _, w in pairs:
-            copy = self.regroup_q4(w, buf[at:at + w.nbytes])
-            if copy is None:  # before any matrix points into buf
-                return None
-            copies.append(copy)
-            at += w.nbytes
-        for (mats, j, _), copy in zip(pairs, copies, strict=True):
-            _fill(mats[j], copy, mats[j].row0)
-        return buf
+    def _copy_of(self, w: Matrix) -> Matrix | RegroupedQ4:
+        """What products read for w: its regrouped copy where `_regroup` made one, else w itself."""
+        entry = self._copies.get(id(w))
+        return entry[1] if entry is not None and entry[0]() is w else w
+
+    def _forget_copy(self, key: int, _: weakref.ref) -> None:
+        """A matrix with a copy is gone: so is its copy (and the id may name another matrix next)."""
+        self._copies.pop(key, None)
+
+    def _regroup(self, ws: Sequence[Matrix]) -> list[RegroupedQ4]:
+        """Copies of the Q4_0 matrices among ws regrouped for this build's kernels, made once per matrix for
+        every product that reads it (decode steps, prompts, embedding rows), the new ones in one buffer (NumPy
+        gives it huge pages, as it does a file read into memory); returns the copies ws read. None are made
+        (the weights' own blocks stay in use) where the build has no such kernels or the new copies would take
+        more than a quarter of the free memory (memory.read_by_default). A file-mapped matrix's pages are then
+        handed back (memory.release_mapped): resident memory holds one copy of the weights, not two."""
+        todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and w.kind == "q4_0"
+                     and self._copy_of(w) is w}.values())
+        total = sum(w.nbytes for w in todo)
+        if todo and memory.read_by_default(total):
+            buf = np.empty(total, dtype=np.uint8)
+            made, at = [], 0
+            for w in todo:
+                copy = self.regroup_q4(w, buf[at:at + w.nbytes])
+                if copy is None:  # no Q4_0R kernels in this build
+                    break
+                made.append((w, copy))
+                at += w.nbytes
+            for w, copy in made:
+                self._copies[id(w)] = (weakref.ref(w, partial(self._forget_copy, id(w))), copy)
+                memory.release_mapped(w.data)
+            if made:
+                self._plans.clear()  # descriptions made before point at the blocks
+        return [c for c in {id(w): self._copy_of(w) for w in ws}.values() if isinstance(c, RegroupedQ4)]
 
     describe = step_plan
 
@@ -574,7 +607,7 @@ def _hand_over_blas(lib: ctypes.CDLL) -> bool:
     return False
 
 
-def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:
+def _describe(mats: ctypes.Array, ws: Sequence[Matrix | RegroupedQ4]) -> list[tuple[int, int]]:
     """Fill mats with ws, stacked one result after another; returns each one's (first row, end row)."""
     bounds, row0 = [], 0
     for m, w in zip(mats, ws, strict=True):

@@ -4,7 +4,12 @@ failure or the kernel's OOM killer half-way through a run."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
+
+import numpy as np
 
 from .errors import BabyLlamaError
 
@@ -75,3 +80,34 @@ def allocation_failed(what: str, nbytes: int, hint: str = "") -> BabyLlamaError:
     """The error for a MemoryError raised while allocating `what`."""
     return BabyLlamaError(f"{what} needs {nbytes / 2**30:.1f} GiB, which could not be allocated"
                           f"{'; ' + hint if hint else ''}")
+
+
+MADV_DONTNEED = 4  # Linux: unmap the range from this process; a file's pages stay in the page cache
+
+
+def _read_only_file_map(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one read-only mapping of a file (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    return "w" not in fields[1] and int(fields[4]) != 0 and len(fields) > 5
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def release_mapped(a: np.ndarray) -> None:
+    """Hand back the whole pages under `a` where it is a view of a read-only mapped file: this process stops
+    holding them resident, and a later read maps them again from the page cache (the same bytes). For a
+    matrix that a copy now stands in for, so that resident memory holds the copy alone. Anything else
+    (memory read or computed, a writable map, another OS) is left alone."""
+    if not sys.platform.startswith("linux") or not a.flags.c_contiguous:
+        return
+    start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start and _read_only_file_map(start, end):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

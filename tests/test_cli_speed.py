@@ -150,11 +150,13 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
         for key in ("decode", "sampled", "prefill", "batch", "ttft_ms", "rss_mib"):
             assert res[key] > 0
         assert res["decode_bytes"] == path.stat().st_size - 256 - 4 * (2 * 2 * 32 + 32)  # all but header, norms
+        # fp32 keys and values of 2 layers x 2 kv heads of 8 over 8 timed steps at positions 2-9 (3-10 attended)
+        assert res["kv_bytes"] == 2 * 2 * (2 * 8) * 4 * (3 + 10) / 2
     text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64})
     assert text.count("| tiny | fp32 |") == 2 and "plain NumPy" in text
     assert "Memory bandwidth (this run, 2 threads reading 64 MiB): **10.0 GB/s**" in text
     share = [line for line in text.splitlines() if "| babyllama |" in line][0].split("|")[6]
-    gbps = rows[1].result["decode"] * rows[1].result["decode_bytes"] / 1e9
+    gbps = rows[1].result["decode"] * (rows[1].result["decode_bytes"] + rows[1].result["kv_bytes"]) / 1e9
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 10:.0f}%)"
     # measured again beside the model's rows: the share is of that figure
     text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64,
@@ -187,7 +189,7 @@ def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monk
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
     assert bandwidth["gbps"] > 0 and set(bandwidth["shapes"]) == {"tiny"} and bandwidth["shapes"]["tiny"] > 0
     line = [x for x in bench.table(rows, 2, 16, bandwidth).splitlines() if x.startswith("| tiny |")][0]
-    gbps = rows[0].result["decode"] * rows[0].result["decode_bytes"] / 1e9
+    gbps = rows[0].result["decode"] * (rows[0].result["decode_bytes"] + rows[0].result["kv_bytes"]) / 1e9
     assert f"({100 * gbps / bandwidth['shapes']['tiny']:.0f}%)" in line
 
 
@@ -219,18 +221,21 @@ def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(
     assert "| tiny | Q4_0 | babyllama | 1 |" in text and "- tiny fp32 run.c: run.c (" in text
 
 
-def test_bench_reports_q4_0_over_q8_0_beside_their_weight_bytes():
-    rows = [bench.Row("tiny", fmt, "babyllama", threads, {"decode": tok_s, "decode_bytes": nbytes})
-            for fmt, threads, tok_s, nbytes in (("q8_0", "default", 100.0, 340), ("q4_0", "default", 150.0, 180),
-                                                 ("q8_0", "1", 80.0, 340), ("q4_0", "1", 96.0, 180))]
-    text = bench.table(rows, 2, 16)
-    assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer); tiny 1.20x (1t) (weight bytes "
-            "1.89x fewer)") in text
+def test_bench_reports_q4_0_over_q8_0_beside_their_bytes():
+    rows = [bench.Row("tiny", fmt, "babyllama", threads,
+                      {"decode": tok_s, "decode_bytes": mb * 1e6, "kv_bytes": 20e6})
+            for fmt, threads, tok_s, mb in (("q8_0", "default", 100.0, 340), ("q4_0", "default", 150.0, 180),
+                                             ("q8_0", "1", 80.0, 340), ("q4_0", "1", 96.0, 180))]
+    text = bench.table(rows, 2, 16, {"gbps": 40.0, "threads": 2, "mib": 64})
+    assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer, with the KV cache 1.80x); "
+            "tiny 1.20x (1t) (weight bytes 1.89x fewer, with the KV cache 1.80x)") in text
+    assert "| tiny | Q4_0 | babyllama | default | 150.0 | 30.0 (75%) |" in text  # (180 + 20) MB x 150 tok/s
     # rows of another KV cache (`bench --kv-cache q8_0`) are babyllama's too
     for r in rows:
         r.engine = "babyllama --kv-cache q8_0"
     text = bench.table(rows, 2, 16)
-    assert "babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer); tiny 1.20x (1t)" in text
+    assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.50x (weight bytes 1.89x fewer, with the KV cache 1.80x); "
+            "tiny 1.20x") in text
 
 
 def _children() -> list[str]:

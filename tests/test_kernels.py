@@ -5,6 +5,7 @@ the thread pool, the build cache's keys, and the backend protocol that engine.py
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -12,11 +13,11 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, cpu_has, native_build, random_weights, tiny_args
+from conftest import assert_greedy_agree, byte_tokenizer, cpu_has, native_build, random_weights, tiny_args
 
-from babyllama import kernels, kernels_native
+from babyllama import formats, kernels, kernels_native, memory
 from babyllama.engine import Engine
-from babyllama.formats import QTensor, quantize_q80
+from babyllama.formats import QTensor, quantize_q80, table_rows
 from babyllama.generate import generate
 from babyllama.kernels_base import (
     Kernels,
@@ -216,10 +217,11 @@ def _wide_q4_model():
 
 def test_decode_steps_read_regrouped_q4_copies(native, monkeypatch):
     """The step plan holds the layers' and the classifier's Q4_0 matrices regrouped, in one buffer of their
-    size; its logits agree with the blocks' kernel's within float rounding (4e-7 of the largest logit),
-    amplified where an activation lands on the other side of a quantization step in a later layer (as in
-    test_quantized_engine_matches_plain: seen here at 0.1% of the mean logit; allowed 1%, 5% of the largest),
-    and it keeps the blocks when the copy would take more than a quarter of the free memory. The prompt comes
+    size, made once for every engine on those matrices; its logits agree with the blocks' kernel's within float
+    rounding (4e-7 of the largest logit), amplified where an activation lands on the other side of a
+    quantization step in a later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean
+    logit; allowed 1%, 5% of the largest), and it keeps the blocks when the copy would take more than a quarter
+    of the free memory. The prompt comes
     from its own generator: how far a flip carries depends on the draw (over 30 draws the mean difference ran
     0-0.9% of the mean logit), so a draw that moved with the tests before this one made the bound a lottery."""
     w = _wide_q4_model()
@@ -227,12 +229,17 @@ def test_decode_steps_read_regrouped_q4_copies(native, monkeypatch):
     regrouped = Engine(w, kernels=native)
     a = regrouped.forward(tokens, range(6), regrouped.new_cache())
     q4 = [m for ms in w.layer_matrices().values() for m in ms] + [w.wcls]
-    plan = regrouped._plan(native)
-    assert plan.regrouped is not None and plan.regrouped.nbytes == sum(m.nbytes for m in q4)
+    copies = regrouped._plan(native).regrouped
+    assert sorted(c.shape for c in copies) == sorted(m.shape for m in q4)
+    assert {c.data.base.ctypes.data for c in copies} == {copies[0].data.base.ctypes.data}  # one buffer
+    assert sum(c.data.nbytes for c in copies) == copies[0].data.base.nbytes == sum(m.nbytes for m in q4)
+    again = Engine(w, kernels=native)
+    again.new_cache()
+    assert [id(c) for c in again._plan(native).regrouped] == [id(c) for c in copies]  # made once per matrix
     monkeypatch.setattr(kernels_native.memory, "read_by_default", lambda nbytes: False)
-    blocks = Engine(w, kernels=native)
+    blocks = Engine(_wide_q4_model(), kernels=native)  # the same weights in other objects, with no copies
     b = blocks.forward(tokens, range(6), blocks.new_cache())
-    assert blocks._plan(native).regrouped is None
+    assert blocks._plan(native).regrouped == []
     np.testing.assert_allclose(a, b, rtol=0, atol=5e-2 * np.abs(b).max())
     assert np.abs(a - b).mean() < 1e-2 * np.abs(b).mean()
 
@@ -446,7 +453,7 @@ class _Recording:
     """A Kernels that forwards the protocol's methods to another and records the calls; anything else raises,
     so the engine cannot reach around the protocol."""
 
-    PROTOCOL = ("name", "threads", "matmul_many", "dequantize", "rmsnorm", "swiglu", "attention", "step_plan",
+    PROTOCOL = ("name", "threads", "matmul_many", "dequantize", "embed", "rmsnorm", "swiglu", "attention", "step_plan",
                 "forward_step")
 
     def __init__(self, inner: Kernels):
@@ -557,3 +564,73 @@ def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
             np.testing.assert_array_equal(g, alone)
     finally:
         native.configure_threads()
+
+
+def _resident_bytes(a: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds a's first byte (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if head.count("-") == 1 and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= a.ctypes.data < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
+@pytest.mark.parametrize("fmt", ["bin", "gguf"])
+def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
+    """A mapped Q4_0 file's matrices run from the kernels' regrouped copy: decode steps, a prompt's products
+    and its embedding rows all read the copy, and the file's pages under the copied matrices are handed back,
+    so memory holds the model once. Loading reads every page (the scales' finiteness check); after a prompt
+    and a decode step only the matrices without a copy, and the pages at their edges, are resident."""
+    from babyllama.interop.gguf import load_gguf, save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    if native.regroup_q4(quantize_q4_0(np.ones((1, 32), np.float32))) is None:
+        pytest.skip(f"the {native.isa()} build has no regrouped Q4_0 kernels, so nothing stands in for the file")
+    args = tiny_args(dim=512, hidden_dim=1536, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=4096, max_seq_len=128)
+    w = random_weights(args, scale=0.1).quantize_q4()
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "bin":
+        formats.save(w, path, version=3)
+        loaded = formats.load(path, mmap=True)
+    else:
+        save_gguf(w, path, from_tokenizer(byte_tokenizer(4096)), "q4_0")
+        loaded = load_gguf(path, keep_quantized=True)[0]
+    anchor, size = loaded.wq[0].data, path.stat().st_size
+    assert _resident_bytes(anchor) > 0.8 * size
+    engine = Engine(loaded, kernels=native)
+    cache = engine.new_cache(seq_len=80)
+    prompt = engine.forward(list(range(3, 4096, 64)), range(64), cache, logits="last")  # rows all over the table
+    engine.forward([int(prompt.argmax())], [64], cache)
+    mats = [loaded.tok_embeddings, loaded.wcls, *(m for ms in loaded.layer_matrices().values() for m in ms)]
+    copied = {id(m): m.nbytes for m in mats if native._copy_of(m) is not m}
+    assert sum(copied.values()) > 0.8 * size
+    edges = 2 * mmap.PAGESIZE * len(copied) + 64 * 1024  # pages shared with a neighbour; the kernel's fault-around
+    assert _resident_bytes(anchor) <= size - sum(copied.values()) + edges
+
+
+def test_embedding_rows_are_the_tables_rows(native):
+    """A prompt's embedding lookup in C (kernels.c's dequantize_rows) gives formats.table_rows' values for every
+    table type, from a Q4_0 table's regrouped copy too; an id outside the table is refused."""
+    table = rng.standard_normal((96, 64)).astype(np.float32)
+    tokens = np.array([5, 0, 95, 5, 17])
+    q4 = quantize_q4_0(table)
+    native._regroup([q4])
+    assert native._copy_of(q4) is not q4 or native.regroup_q4(q4) is None
+    for t in (table, quantize_q80(table, 32), quantize_q8_0(table), quantize_q4_0(table), q4):
+        np.testing.assert_array_equal(native.embed(t, tokens), table_rows(t, tokens))
+    with pytest.raises(ValueError, match="token ids"):
+        native.embed(q4, np.array([3, 96]))
+
+
+def test_releasing_pages_leaves_memory_that_is_not_a_file_map_alone():
+    """memory.release_mapped drops a read-only file map's pages only: the kernel would zero anonymous memory
+    (a matrix read or computed) that it was asked to drop."""
+    a = np.arange(4 * mmap.PAGESIZE, dtype=np.uint8)
+    memory.release_mapped(a)
+    np.testing.assert_array_equal(a, np.arange(4 * mmap.PAGESIZE, dtype=np.uint8))

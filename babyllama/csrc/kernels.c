@@ -1867,6 +1867,16 @@ void dequantize(const Mat *m, int64_t n, float *out) {
     pool_run(dequantize_chunk, &d, m->rows, 64, m->rows * n * 4);
 }
 
+static int out_of_range(const int64_t *a, int64_t n, int64_t end);
+
+/* out (n_rows, n) = the rows `rows` of m as fp32 (a prompt's embedding lookup); 1, before writing anything,
+ * when a row index lies outside m */
+int dequantize_rows(const Mat *m, const int64_t *rows, int64_t n_rows, int64_t n, float *out) {
+    if (out_of_range(rows, n_rows, m->rows)) return 1;
+    for (int64_t t = 0; t < n_rows; t++) dequantize_row(m, rows[t], n, out + t * n);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------- prompts (BLAS sgemm) */
 
 /* A prompt's products are compute-bound and run in the BLAS library's sgemm (NumPy's, handed over by
