@@ -384,7 +384,15 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
     weights = Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
                       path=str(path), **mats)
     check_finite(weights, str(path))
+    if mmap and not args.shared_classifier:  # the check read it all; decode reads a row of it per token
+        for a in matrix_arrays(emb):
+            memory.release_mapped(a)
     return weights
+
+
+def matrix_arrays(m: Matrix) -> list[np.ndarray]:
+    """The arrays that hold m's bytes."""
+    return [m.q, m.s] if isinstance(m, QTensor) else [m.data] if isinstance(m, BlockTensor) else [m]
 
 
 def named_tensors(weights: Weights):

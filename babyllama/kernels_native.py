@@ -537,19 +537,15 @@ class NativeKernels:
                      and self._copy_of(w) is w}.values())
         total = sum(w.nbytes for w in todo)
         if todo and memory.read_by_default(total):
-            buf = np.empty(total, dtype=np.uint8)
-            made, at = [], 0
-            for w in todo:
+            buf, at = np.empty(total, dtype=np.uint8), 0
+            for w in todo:  # each matrix's pages handed back as soon as its copy is made: no peak of two
                 copy = self.regroup_q4(w, buf[at:at + w.nbytes])
                 if copy is None:  # no Q4_0R kernels in this build
                     break
-                made.append((w, copy))
-                at += w.nbytes
-            for w, copy in made:
                 self._copies[id(w)] = (weakref.ref(w, partial(self._forget_copy, id(w))), copy)
                 memory.release_mapped(w.data)
-            if made:
-                self._plans.clear()  # descriptions made before point at the blocks
+                at += w.nbytes
+            self._plans.clear()  # descriptions made before point at the blocks
         return [c for c in {id(w): self._copy_of(w) for w in ws}.values() if isinstance(c, RegroupedQ4)]
 
     describe = step_plan

@@ -374,3 +374,17 @@ def torch_logits(model, tokens) -> np.ndarray:
     with torch.no_grad():
         logits, _ = model(torch.tensor([list(tokens)]))
     return logits[0].numpy()
+
+
+def resident_bytes(a: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds a's first byte (Linux: /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if head.count("-") == 1 and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= a.ctypes.data < hi
+            elif inside and head == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the array")

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_args
+from conftest import random_weights, resident_bytes, tiny_args
 
 from babyllama import formats
 from babyllama.errors import BabyLlamaError
@@ -70,6 +70,23 @@ def test_default_load_reads_files_that_fit_easily_and_maps_the_rest(tmp_path, mo
     assert 2**18 < path.stat().st_size <= 2**28  # over a quarter of 1 MiB, under a quarter of 1 GiB
     monkeypatch.setattr(memory, "memory_free", lambda: free)
     assert isinstance(_owner(formats.load(path).wq), mmap.mmap) == mapped
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
+@pytest.mark.parametrize("version", [0, 3])
+def test_a_mapped_embedding_table_apart_from_the_classifier_is_not_held(tmp_path, version):
+    """Loading checks every weight for NaN/Inf (fp32 values, Q4_0 blocks' scales), which reads the whole map
+    of these versions; an embedding table that is not also the classifier is then handed back (a row per token
+    is all decode reads of it), the matrices stay resident."""
+    args = tiny_args(dim=256, hidden_dim=512, n_layers=2, vocab_size=4096, shared_classifier=False)
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(args), path, version=version)
+    w = formats.load(path, mmap=True)
+    table = sum(a.nbytes for a in formats.matrix_arrays(w.tok_embeddings))
+    layers = sum(sum(a.nbytes for a in formats.matrix_arrays(m)) for ms in w.layer_matrices().values() for m in ms)
+    assert table > path.stat().st_size / 4 and layers > path.stat().st_size / 4
+    held = resident_bytes(formats.matrix_arrays(w.wq[0])[0])
+    assert layers <= held <= path.stat().st_size - table + 8 * mmap.PAGESIZE + 64 * 1024
 
 
 def test_default_load_maps_q4_0_files(tmp_path, monkeypatch):

@@ -13,7 +13,15 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, byte_tokenizer, cpu_has, native_build, random_weights, tiny_args
+from conftest import (
+    assert_greedy_agree,
+    byte_tokenizer,
+    cpu_has,
+    native_build,
+    random_weights,
+    resident_bytes,
+    tiny_args,
+)
 
 from babyllama import formats, kernels, kernels_native, memory
 from babyllama.engine import Engine
@@ -566,20 +574,6 @@ def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
         native.configure_threads()
 
 
-def _resident_bytes(a: np.ndarray) -> int:
-    """Resident bytes of the mapping that holds a's first byte (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if head.count("-") == 1 and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= a.ctypes.data < hi
-            elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no mapping holds the array")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
 @pytest.mark.parametrize("fmt", ["bin", "gguf"])
 def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
@@ -602,7 +596,7 @@ def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
         save_gguf(w, path, from_tokenizer(byte_tokenizer(4096)), "q4_0")
         loaded = load_gguf(path, keep_quantized=True)[0]
     anchor, size = loaded.wq[0].data, path.stat().st_size
-    assert _resident_bytes(anchor) > 0.8 * size
+    assert resident_bytes(anchor) > 0.8 * size
     engine = Engine(loaded, kernels=native)
     cache = engine.new_cache(seq_len=80)
     prompt = engine.forward(list(range(3, 4096, 64)), range(64), cache, logits="last")  # rows all over the table
@@ -611,7 +605,7 @@ def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
     copied = {id(m): m.nbytes for m in mats if native._copy_of(m) is not m}
     assert sum(copied.values()) > 0.8 * size
     edges = 2 * mmap.PAGESIZE * len(copied) + 64 * 1024  # pages shared with a neighbour; the kernel's fault-around
-    assert _resident_bytes(anchor) <= size - sum(copied.values()) + edges
+    assert resident_bytes(anchor) <= size - sum(copied.values()) + edges
 
 
 def test_embedding_rows_are_the_tables_rows(native):

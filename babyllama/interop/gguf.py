@@ -40,7 +40,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from .. import safeio
+from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int, is_number
@@ -464,6 +464,13 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         raise BabyLlamaError(f"{path}: unexpected tensor {unexpected[0]} (block_count says {args.n_layers} layers; "
                              "not a plain Llama model?)")
     weights = from_state_dict(args, get, str(path), display=gguf_name)
+    # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
+    # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
+    streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
+                if isinstance(m, BlockTensor)}
+    for t in tensors.values():
+        if t.data is not None and id(t.data) not in streamed:
+            memory.release_mapped(t.data)
     if notes is not None:
         notes.extend(converted.values())
     return weights, _read_vocab(fields, path)
