@@ -159,7 +159,7 @@ class Engine:
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
         self._ensure_rope(min(cache.seq_len, a.max_seq_len))
-        plan = self._plan(k)  # made before a first prompt too: it sets up the copies that products read
+        plan = self._plan(k)  # made before a first prompt too: it puts Q4_0 matrices in the order the kernels read
         if plan is not None and (len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens)):
             return k.forward_step(plan, tokens, positions, slots, cache.k, cache.v, rows)  # checks the indices
         for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),

@@ -159,8 +159,13 @@ class Weights:
         mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
         wcls = emb if self.args.shared_classifier else q4(self.wcls)
-        return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final, wcls=wcls, version=3,
+        return Weights(self.args, emb, *self._own_norms(), wcls=wcls, version=3,
                        path=self.path, **mats)
+
+    def _own_norms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the norm gains: views would keep a whole file read into memory alive, which a model
+        quantized from it no longer needs."""
+        return np.array(self.rms_att), np.array(self.rms_ffn), np.array(self.rms_final)
 
     def quantize_as(self, kind: str) -> Weights:
         """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3)."""
@@ -185,7 +190,7 @@ class Weights:
         qcls = quantize_q80(cast(np.ndarray, self.wcls), gs)
         # the embedding is quantized too, as a v2 file stores it; its rows are dequantized as tokens are embedded
         qemb = qcls if self.args.shared_classifier else quantize_q80(cast(np.ndarray, self.tok_embeddings), gs)
-        return Weights(self.args, qemb, self.rms_att, self.rms_ffn, self.rms_final, wcls=qcls,
+        return Weights(self.args, qemb, *self._own_norms(), wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
 
 
@@ -339,9 +344,9 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
     huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
     (llama.cpp's --no-mmap), which NumPy backs with transparent huge pages where the kernel allows: faster
     decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
-    ones (memory.read_by_default), and maps version 3 (Q4_0) files: decode steps read the copy of their
-    matrices that the native kernels regroup in memory (kernels_native.RegroupedQ4), so reading the file too
-    would hold them twice."""
+    ones (memory.read_by_default), and maps version 3 (Q4_0) files: the native kernels regroup their matrices
+    into process memory on the first call and hand the file's pages back (kernels_native's _regroup), so
+    reading the file too would only add a copy to throw away."""
     args, version, gs, header = read_header(path)
     if mmap is None:
         mmap = version == 3 or not memory.read_by_default(os.path.getsize(path))
@@ -508,9 +513,9 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
                     _f32(f, w.wcls)
             elif version == 3:
                 for t in (w.tok_embeddings, *(m for name in LAYER_MATRICES for m in getattr(w, name))):
-                    f.write(np.ascontiguousarray(t.data).tobytes())
+                    f.write(np.ascontiguousarray(cast(BlockTensor, t).block_bytes()).tobytes())
                 if not args.shared_classifier:
-                    f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).data).tobytes())
+                    f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).block_bytes()).tobytes())
             else:  # quantize(): Q8_0 matrices, classifier and embedding table
                 _q8(f, cast(QTensor, w.tok_embeddings))
                 for name in LAYER_MATRICES:

@@ -23,16 +23,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from . import memory, sampler
-from .formats import Matrix, QTensor, Weights, table_rows
+from .formats import Matrix, QTensor, Weights, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BlockTensor
 
@@ -97,9 +95,9 @@ class ModelPlan:
     that they stay valid."""
 
     def __init__(self, weights: Weights, rope: tuple[np.ndarray, np.ndarray], struct: _Model, layers: ctypes.Array,
-                 regrouped: list[RegroupedQ4]):
+                 arrays: list[np.ndarray]):
         self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
-        self.regrouped = regrouped  # the Q4_0R copies the step reads instead of the weights' Q4_0 matrices
+        self.arrays = arrays  # every matrix's bytes the struct points at (a matrix may be regrouped later)
 
 
 # forward_step's return codes: which of its index arrays held a value outside its table
@@ -220,17 +218,7 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-@dataclass
-class RegroupedQ4:
-    """A Q4_0 matrix with each row's bytes regrouped for the SIMD kernels (kernels.c's W_Q4_0R: 16 blocks'
-    nibbles interleaved 4 bytes at a time, their scales after them; the same size). Made by
-    `NativeKernels.regroup_q4`; decode steps read these instead of the weights' own blocks."""
-
-    data: np.ndarray  # uint8 (rows, cols / 32 * 18)
-    shape: tuple[int, int]
-
-
-def _fill(m: _Mat, w: Matrix | RegroupedQ4, row0: int) -> None:
+def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
     if isinstance(w, QTensor):
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
@@ -240,9 +228,7 @@ def _fill(m: _Mat, w: Matrix | RegroupedQ4, row0: int) -> None:
     elif isinstance(w, BlockTensor):
         if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
             raise ValueError("block-quantized weights must be C-contiguous uint8")
-        m.w, m.s, m.type, m.gs = _address(w.data), None, BLOCK_TYPES[w.kind], w.group_size
-    elif isinstance(w, RegroupedQ4):
-        m.w, m.s, m.type, m.gs = _address(w.data), None, W_Q4_0R, BLOCK
+        m.w, m.s, m.type, m.gs = _address(w.data), None, W_Q4_0R if w.regrouped else BLOCK_TYPES[w.kind], BLOCK
     else:
         if not (w.flags.c_contiguous and w.dtype == np.float32):
             raise ValueError("fp32 weights must be C-contiguous float32")
@@ -290,8 +276,6 @@ class NativeKernels:
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_prompts = self.isa() in INT8_Q4_PROMPT_ISAS
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
-        # id(Q4_0 matrix) -> (a weak reference to it, its regrouped copy): what every product reads for it
-        self._copies: dict[int, tuple[weakref.ref, RegroupedQ4]] = {}
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
 
@@ -331,18 +315,19 @@ class NativeKernels:
         """(C descriptions of ws, each one's (first row, end row) in the stacked result, their common row length).
         Results are laid out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views
         need no copy."""
-        key = tuple(id(w) for w in ws)
+        held = (*ws, *(w.data for w in ws if isinstance(w, BlockTensor)))  # a matrix regrouped since: a new key
+        key = tuple(id(a) for a in held)
         plan = self._plans.get(key)
-        if plan is not None and all(a is b for a, b in zip(plan[0], ws)):
+        if plan is not None and all(a is b for a, b in zip(plan[0], held)):
             return plan[1], plan[2], plan[3]
         mats = (_Mat * len(ws))()
         n = ws[0].shape[1]
         if any(w.shape[1] != n for w in ws):
             raise ValueError("the matrices of one call must have the same row length")
-        bounds = _describe(mats, [self._copy_of(w) for w in ws])
+        bounds = _describe(mats, ws)
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
-        self._plans[key] = (tuple(ws), mats, bounds, n)  # holding ws keeps their ids from being reused
+        self._plans[key] = (held, mats, bounds, n)  # holding them keeps their ids from being reused
         return mats, bounds, n
 
     @staticmethod
@@ -425,18 +410,17 @@ class NativeKernels:
         if isinstance(w, np.ndarray):
             return w
         m = _Mat()
-        _fill(m, self._copy_of(w), 0)
+        _fill(m, w, 0)
         out = np.empty(w.shape, dtype=np.float32)
         self.lib.dequantize(ctypes.byref(m), w.shape[1], _address(out))
         return out
 
     def embed(self, table: Matrix, tokens: np.ndarray) -> np.ndarray:
-        """Rows `tokens` of the table as fp32, read from its regrouped copy where it has one (a shared
-        classifier's), so that a prompt touches the same bytes as decode steps."""
+        """Rows `tokens` of the table as fp32, in C (a regrouped table, a shared classifier's, included)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         m = _Mat()
         try:
-            _fill(m, self._copy_of(table), 0)
+            _fill(m, table, 0)
         except ValueError:  # arrays C does not read (not contiguous, another dtype)
             return table_rows(table, tokens)
         out = np.empty((len(tokens), table.shape[1]), dtype=np.float32)
@@ -500,53 +484,46 @@ class NativeKernels:
             ly.rms_att, ly.rms_ffn = _address(_checked(w.rms_att[i])), _address(_checked(w.rms_ffn[i]))
         struct = _Model(a.n_layers, a.dim, a.hidden_dim, a.n_heads, a.n_kv_heads, a.head_size, a.norm_eps, layers)
         products.append((_one(struct.cls), [w.wcls]))
-        regrouped = self._regroup([m for _, ws in products for m in ws])
+        self._regroup([m for _, ws in products for m in ws])
         for mats, ws in products:
-            _describe(mats, [self._copy_of(m) for m in ws])
+            _describe(mats, ws)
         emb = w.tok_embeddings if not isinstance(w.tok_embeddings, np.ndarray) else _checked(w.tok_embeddings)
-        _describe(_one(struct.embeddings), [self._copy_of(emb)])
+        _describe(_one(struct.embeddings), [emb])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
         struct.rms_final = _address(_checked(w.rms_final))
-        return ModelPlan(w, (cos, sin), struct, layers, regrouped)
+        arrays = [a for m in (emb, *(m for _, ws in products for m in ws)) for a in matrix_arrays(m)]
+        return ModelPlan(w, (cos, sin), struct, layers, arrays)
 
-    def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> RegroupedQ4 | None:
-        """w (Q4_0) regrouped for this build's kernels, into `out` (uint8, w's size) when given; None where the
-        build has no kernels for it (no AVX2)."""
+    def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> BlockTensor | None:
+        """w (Q4_0 blocks) regrouped for this build's kernels, its bytes in `out` (uint8, w's size) when given;
+        None where the build has no kernels for it (no AVX2) or w is regrouped already."""
         data = np.empty_like(w.data) if out is None else out.reshape(w.data.shape)
-        if self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
+        if w.regrouped or self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
             return None
-        return RegroupedQ4(data, w.shape)
+        return BlockTensor("q4_0", data, w.cols, regrouped=True)
 
-    def _copy_of(self, w: Matrix) -> Matrix | RegroupedQ4:
-        """What products read for w: its regrouped copy where `_regroup` made one, else w itself."""
-        entry = self._copies.get(id(w))
-        return entry[1] if entry is not None and entry[0]() is w else w
-
-    def _forget_copy(self, key: int, _: weakref.ref) -> None:
-        """A matrix with a copy is gone: so is its copy (and the id may name another matrix next)."""
-        self._copies.pop(key, None)
-
-    def _regroup(self, ws: Sequence[Matrix]) -> list[RegroupedQ4]:
-        """Copies of the Q4_0 matrices among ws regrouped for this build's kernels, made once per matrix for
-        every product that reads it (decode steps, prompts, embedding rows), the new ones in one buffer (NumPy
-        gives it huge pages, as it does a file read into memory); returns the copies ws read. None are made
-        (the weights' own blocks stay in use) where the build has no such kernels or the new copies would take
-        more than a quarter of the free memory (memory.read_by_default). A file-mapped matrix's pages are then
-        handed back (memory.release_mapped): resident memory holds one copy of the weights, not two."""
+    def _regroup(self, ws: Sequence[Matrix]) -> None:
+        """Put the Q4_0 matrices among ws in the order this build's kernels read (kernels.c's W_Q4_0R; the same
+        bytes per row, permuted), once per matrix and for every reader: their bytes are replaced by a regrouped
+        copy (one buffer for all, which NumPy gives huge pages, as it does a file read into memory), so
+        decode steps, prompts and embedding rows read it and the blocks are let go: freed where they were
+        process memory (quantized on load), handed back where they were a file's pages (memory.release_mapped;
+        a later read maps them again from the page cache). Nothing changes where the build has no such kernels
+        or the copies would take more than a quarter of the free memory (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and w.kind == "q4_0"
-                     and self._copy_of(w) is w}.values())
+                     and not w.regrouped}.values())
         total = sum(w.nbytes for w in todo)
-        if todo and memory.read_by_default(total):
-            buf, at = np.empty(total, dtype=np.uint8), 0
-            for w in todo:  # each matrix's pages handed back as soon as its copy is made: no peak of two
-                copy = self.regroup_q4(w, buf[at:at + w.nbytes])
-                if copy is None:  # no Q4_0R kernels in this build
-                    break
-                self._copies[id(w)] = (weakref.ref(w, partial(self._forget_copy, id(w))), copy)
-                memory.release_mapped(w.data)
-                at += w.nbytes
-            self._plans.clear()  # descriptions made before point at the blocks
-        return [c for c in {id(w): self._copy_of(w) for w in ws}.values() if isinstance(c, RegroupedQ4)]
+        if not todo or not memory.read_by_default(total):
+            return
+        buf, at = np.empty(total, dtype=np.uint8), 0
+        for w in todo:  # matrix by matrix: the blocks and their copy are both held for one matrix at most
+            copy = self.regroup_q4(w, buf[at:at + w.nbytes])
+            if copy is None:  # no Q4_0R kernels in this build
+                return
+            memory.release_mapped(w.data)
+            w.data, w.regrouped = copy.data, True
+            at += w.nbytes
+        self._plans.clear()  # their descriptions hold the blocks
 
     describe = step_plan
 
@@ -603,7 +580,7 @@ def _hand_over_blas(lib: ctypes.CDLL) -> bool:
     return False
 
 
-def _describe(mats: ctypes.Array, ws: Sequence[Matrix | RegroupedQ4]) -> list[tuple[int, int]]:
+def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:
     """Fill mats with ws, stacked one result after another; returns each one's (first row, end row)."""
     bounds, row0 = [], 0
     for m, w in zip(mats, ws, strict=True):

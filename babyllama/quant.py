@@ -11,7 +11,7 @@ llama.cpp's reference ones (quantize_row_q4_0_ref / quantize_row_q8_0_ref) bit f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,15 +22,20 @@ KINDS = tuple(BLOCK_BYTES)
 
 @dataclass
 class BlockTensor:
-    """A (rows, cols) matrix in one of llama.cpp's block layouts: `data` is uint8 (rows, cols/32 * block bytes)."""
+    """A (rows, cols) matrix in one of llama.cpp's block layouts: `data` is uint8 (rows, cols/32 * block bytes).
+    `regrouped` (Q4_0 only): each row's bytes are in the order the native kernels read (kernels.c's W_Q4_0R,
+    see q4r_blocks), which they put a matrix in on its first use; everything here reads it as Q4_0 blocks."""
 
     kind: str  # "q4_0" or "q8_0"
     data: np.ndarray
     cols: int
+    regrouped: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if self.kind not in BLOCK_BYTES:
             raise ValueError(f"unknown block type {self.kind!r}")
+        if self.regrouped and self.kind != "q4_0":
+            raise ValueError("only Q4_0 matrices are regrouped")
         row_bytes = self.cols // BLOCK * BLOCK_BYTES[self.kind]
         if self.cols % BLOCK or self.data.ndim != 2 or self.data.shape[1] != row_bytes:
             raise ValueError(f"{self.kind} data of shape {self.data.shape} does not hold rows of {self.cols} weights")
@@ -49,7 +54,14 @@ class BlockTensor:
 
     def _blocks(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         data = self.data[rows]
+        if self.regrouped:
+            return q4r_blocks(data)
         return data.reshape(data.shape[0], self.cols // BLOCK, BLOCK_BYTES[self.kind])
+
+    def block_bytes(self) -> np.ndarray:
+        """The matrix as llama.cpp's blocks, one row of bytes per row (what a file stores): `data` itself, or
+        a copy back in block order where it is regrouped."""
+        return self._blocks().reshape(self.data.shape) if self.regrouped else self.data
 
     def scales(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """The blocks' scales as fp32: (rows, cols/32)."""
@@ -71,6 +83,31 @@ class BlockTensor:
         n = q.shape[0]
         out = q.reshape(n, -1, BLOCK).astype(np.float32) * self.scales(rows)[:, :, None]
         return out.reshape(n, self.cols)
+
+
+def q4r_group(left: int) -> int:
+    """How many blocks kernels.c's W_Q4_0R takes in the next group of a row with `left` blocks to go."""
+    return 16 if left >= 16 else 8 if left >= 8 else 4 if left >= 4 else 1
+
+
+def q4r_blocks(data: np.ndarray) -> np.ndarray:
+    """Rows of Q4_0 bytes in kernels.c's W_Q4_0R order (rows, nb * 18) back as blocks (rows, nb, 18). A row's
+    blocks go in groups of 16, then at most one of 8 and one of 4 (q4r_group), its last 0-3 blocks as they
+    are; a group of G is four vectors of G 4-byte lanes (lane l of vector v: bytes 4v..4v+3 of block l's
+    nibbles), then the G blocks' fp16 scales."""
+    rows, nb = data.shape[0], data.shape[1] // BLOCK_BYTES["q4_0"]
+    out = np.empty((rows, nb, BLOCK_BYTES["q4_0"]), dtype=np.uint8)
+    b0 = 0
+    while b0 < nb:
+        g = q4r_group(nb - b0)
+        group = data[:, 18 * b0:18 * (b0 + g)]
+        if g == 1:
+            out[:, b0] = group
+        else:
+            out[:, b0:b0 + g, 2:] = group[:, :16 * g].reshape(rows, 4, g, 4).transpose(0, 2, 1, 3).reshape(rows, g, 16)
+            out[:, b0:b0 + g, :2] = group[:, 16 * g:].reshape(rows, g, 2)
+        b0 += g
+    return out
 
 
 def _blocks_of(w: np.ndarray) -> np.ndarray:

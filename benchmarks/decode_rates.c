@@ -1,7 +1,7 @@
 /* One decode token's worth of babyllama's quantized products (csrc/kernels.c `matmul`), without Python: the
  * matrices of a model shape grouped as a decode step calls them (wq/wk/wv, wo, w1/w3, w2 per layer, then the
  * classifier), random weights in process memory (2 MB pages where the kernel allows), median of many tokens;
- * Q4_0 as it is stored and regrouped as decode steps read it (kernels_native.RegroupedQ4). With the 110M shape the weights
+ * Q4_0 as it is stored and regrouped as the native kernels read it (quant.BlockTensor.regrouped). With the 110M shape the weights
  * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache. Prints
  * ms per token, weight GB/s and the implied tok/s bound per weight type, token count and thread count.
  *

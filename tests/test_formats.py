@@ -261,3 +261,38 @@ def test_q4_quantizer_matches_llama_cpp():
         q = ours(w)
         np.testing.assert_array_equal(q.data, gguf.quants.quantize(w, qtype))
         np.testing.assert_array_equal(q.dequantize(), gguf.quants.dequantize(q.data, qtype))
+
+
+def test_a_q4_0_model_saves_the_same_bytes_after_it_ran(tmp_path):
+    """Running a Q4_0 model puts its matrices in the native kernels' byte order; a file written from it after
+    holds llama.cpp's blocks all the same."""
+    from babyllama.engine import Engine
+
+    w = random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)).quantize_q4()
+    formats.save(w, tmp_path / "before.bin", version=3)
+    engine = Engine(w)
+    engine.forward([1, 2], range(2), engine.new_cache())
+    if not w.wq[0].regrouped:
+        pytest.skip("the kernels here keep Q4_0 blocks as they are (no native build with AVX2)")
+    formats.save(w, tmp_path / "after.bin", version=3)
+    assert (tmp_path / "after.bin").read_bytes() == (tmp_path / "before.bin").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantizing_on_load_lets_the_file_read_into_memory_go(tmp_path, kind):
+    """`--quantize` on a file read into memory keeps nothing of it: the norms are copied, not views that would
+    hold the whole fp32 buffer (110M: 438 MB) alive beside the quantized model."""
+    import gc
+    import weakref
+
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args()), path)
+    w = formats.load(path, mmap=False)
+    owner = w.rms_att
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    read = weakref.ref(owner)
+    q = w.quantize_as(kind)
+    del w, owner
+    gc.collect()
+    assert read() is None and q.rms_att.shape == (2, 32)

@@ -305,3 +305,21 @@ def test_running_a_gguf_keeps_its_quantized_tensors_and_export_reads_fp32(tmp_pa
     np.testing.assert_array_equal(exporting.weights.wq, running.weights.to_fp32().wq)
     r = run_cli("run", str(path), "-t", "0", "-n", "12")
     assert r.returncode == 0, r.stderr.decode()
+
+
+def test_a_q4_0_model_exports_the_same_gguf_after_it_ran(tmp_path):
+    """A Q4_0 model's matrices, put in the native kernels' byte order by running it, go into a GGUF file as
+    llama.cpp's blocks all the same."""
+    from babyllama.engine import Engine
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    w = random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)).quantize_q4()
+    vocab = from_tokenizer(byte_tokenizer(320))
+    save_gguf(w, tmp_path / "before.gguf", vocab, "q4_0", name="m")
+    engine = Engine(w)
+    engine.forward([1, 2], range(2), engine.new_cache())
+    if not w.wq[0].regrouped:
+        pytest.skip("the kernels here keep Q4_0 blocks as they are (no native build with AVX2)")
+    save_gguf(w, tmp_path / "after.gguf", vocab, "q4_0", name="m")
+    assert (tmp_path / "after.gguf").read_bytes() == (tmp_path / "before.gguf").read_bytes()

@@ -5,11 +5,13 @@ the thread pool, the build cache's keys, and the backend protocol that engine.py
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -212,9 +214,32 @@ def test_regrouped_q4_dequantizes_to_the_same_weights(native, n):
     np.testing.assert_array_equal(native.dequantize(_regrouped(native, q)), q.dequantize())
 
 
-def test_a_build_without_avx2_keeps_q4_0_blocks():
+@pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 768, 800, 2080])
+def test_regrouped_q4_bytes_read_back_as_the_blocks(native, n):
+    """NumPy reads a regrouped matrix (quant.q4r_blocks) as the Q4_0 blocks it came from, byte for byte, for
+    every kind of group: files written from it, the plain path and embedding rows see the same weights."""
+    q = quantize_q4_0(rng.standard_normal((24, n)).astype(np.float32))
+    r = _regrouped(native, q)
+    assert r.regrouped and r.data.shape == q.data.shape
+    np.testing.assert_array_equal(r.block_bytes(), q.data)
+    np.testing.assert_array_equal(r.values(), q.values())
+    np.testing.assert_array_equal(r.dequantize(np.array([3, 0, 23])), q.dequantize(np.array([3, 0, 23])))
+
+
+def test_a_build_without_avx2_keeps_q4_0_blocks_and_reads_regrouped_ones():
+    """The plain C build has no regrouped kernels, so it makes no copies; handed a matrix another build
+    regrouped, it gathers each block back and gets its sums bit for bit as from the blocks."""
     plain = native_build("x86-64")
-    assert plain.regroup_q4(quantize_q4_0(rng.standard_normal((4, 64)).astype(np.float32))) is None
+    q = quantize_q4_0(rng.standard_normal((21, 800)).astype(np.float32))
+    assert plain.regroup_q4(q) is None
+    plain._regroup([q])
+    assert not q.regrouped
+    if not cpu_has("avx2"):
+        pytest.skip("no build on this CPU regroups")
+    r = native_build("avx2").regroup_q4(q)
+    x = rng.standard_normal((11, 800)).astype(np.float32)
+    np.testing.assert_array_equal(plain.matmul(x, [r])[0], plain.matmul(x, [q])[0])
+    np.testing.assert_array_equal(plain.dequantize(r), q.dequantize())
 
 
 def _wide_q4_model():
@@ -223,31 +248,37 @@ def _wide_q4_model():
                           scale=0.1).quantize_q4()
 
 
-def test_decode_steps_read_regrouped_q4_copies(native, monkeypatch):
-    """The step plan holds the layers' and the classifier's Q4_0 matrices regrouped, in one buffer of their
-    size, made once for every engine on those matrices; its logits agree with the blocks' kernel's within float
-    rounding (4e-7 of the largest logit), amplified where an activation lands on the other side of a
-    quantization step in a later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean
-    logit; allowed 1%, 5% of the largest), and it keeps the blocks when the copy would take more than a quarter
-    of the free memory. The prompt comes
-    from its own generator: how far a flip carries depends on the draw (over 30 draws the mean difference ran
-    0-0.9% of the mean logit), so a draw that moved with the tests before this one made the bound a lottery."""
+def test_a_models_q4_0_matrices_are_regrouped_once_for_every_reader(native, monkeypatch):
+    """A model's first call puts the layers' and the classifier's Q4_0 matrices in the kernels' order, in one
+    buffer of their size, and lets the blocks go (quantized on load: freed); a second engine on the same
+    weights reads them as they are. Its logits agree with the blocks' kernel's within float rounding (4e-7 of
+    the largest logit), amplified where an activation lands on the other side of a quantization step in a
+    later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean logit; allowed 1%,
+    5% of the largest); the blocks stay when the copy would take more than a quarter of the free memory. The
+    prompt comes from its own generator: how far a flip carries depends on the draw (over 30 draws the mean
+    difference ran 0-0.9% of the mean logit), so a draw that moved with the tests before this one made the
+    bound a lottery."""
     w = _wide_q4_model()
+    if native.regroup_q4(w.wq[0]) is None:
+        pytest.skip(f"the {native.isa()} build has no regrouped Q4_0 kernels")
+    q4 = [m for ms in w.layer_matrices().values() for m in ms] + [w.wcls]
+    blocks_before = [weakref.ref(m.data.base if m.data.base is not None else m.data) for m in q4]
     tokens = np.random.default_rng(0).integers(0, w.args.vocab_size, 6).tolist()
     regrouped = Engine(w, kernels=native)
     a = regrouped.forward(tokens, range(6), regrouped.new_cache())
-    q4 = [m for ms in w.layer_matrices().values() for m in ms] + [w.wcls]
-    copies = regrouped._plan(native).regrouped
-    assert sorted(c.shape for c in copies) == sorted(m.shape for m in q4)
-    assert {c.data.base.ctypes.data for c in copies} == {copies[0].data.base.ctypes.data}  # one buffer
-    assert sum(c.data.nbytes for c in copies) == copies[0].data.base.nbytes == sum(m.nbytes for m in q4)
+    assert all(m.regrouped for m in q4) and len({m.data.base.ctypes.data for m in q4}) == 1  # one buffer
+    assert q4[0].data.base.nbytes == sum(m.nbytes for m in q4)
+    gc.collect()
+    assert all(ref() is None for ref in blocks_before)  # held once
+    data = [m.data for m in q4]
     again = Engine(w, kernels=native)
-    again.new_cache()
-    assert [id(c) for c in again._plan(native).regrouped] == [id(c) for c in copies]  # made once per matrix
+    again.forward(tokens[:1], [0], again.new_cache())
+    assert all(m.data is d for m, d in zip(q4, data, strict=True))
     monkeypatch.setattr(kernels_native.memory, "read_by_default", lambda nbytes: False)
-    blocks = Engine(_wide_q4_model(), kernels=native)  # the same weights in other objects, with no copies
+    w_blocks = _wide_q4_model()  # the same weights, not regrouped
+    blocks = Engine(w_blocks, kernels=native)
     b = blocks.forward(tokens, range(6), blocks.new_cache())
-    assert blocks._plan(native).regrouped == []
+    assert not any(m.regrouped for ms in w_blocks.layer_matrices().values() for m in ms)
     np.testing.assert_allclose(a, b, rtol=0, atol=5e-2 * np.abs(b).max())
     assert np.abs(a - b).mean() < 1e-2 * np.abs(b).mean()
 
@@ -602,7 +633,7 @@ def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
     prompt = engine.forward(list(range(3, 4096, 64)), range(64), cache, logits="last")  # rows all over the table
     engine.forward([int(prompt.argmax())], [64], cache)
     mats = [loaded.tok_embeddings, loaded.wcls, *(m for ms in loaded.layer_matrices().values() for m in ms)]
-    copied = {id(m): m.nbytes for m in mats if native._copy_of(m) is not m}
+    copied = {id(m): m.nbytes for m in mats if m.regrouped}
     assert sum(copied.values()) > 0.8 * size
     edges = 2 * mmap.PAGESIZE * len(copied) + 64 * 1024  # pages shared with a neighbour; the kernel's fault-around
     assert resident_bytes(anchor) <= size - sum(copied.values()) + edges
@@ -614,8 +645,9 @@ def test_embedding_rows_are_the_tables_rows(native):
     table = rng.standard_normal((96, 64)).astype(np.float32)
     tokens = np.array([5, 0, 95, 5, 17])
     q4 = quantize_q4_0(table)
+    regroups = native.regroup_q4(q4) is not None
     native._regroup([q4])
-    assert native._copy_of(q4) is not q4 or native.regroup_q4(q4) is None
+    assert q4.regrouped == regroups
     for t in (table, quantize_q80(table, 32), quantize_q8_0(table), quantize_q4_0(table), q4):
         np.testing.assert_array_equal(native.embed(t, tokens), table_rows(t, tokens))
     with pytest.raises(ValueError, match="token ids"):

@@ -484,6 +484,23 @@ static void q4r_words(uint8_t *packed, const uint8_t *plain, int64_t G, int word
         }
 }
 
+/* lane l of the Q4_0R group of G blocks at `at` as Q4_0's 18 bytes: the block's scale, then its nibbles */
+static void q4r_lane(const uint8_t *at, int64_t G, int64_t l, uint8_t *out) {
+    if (G == 1) {
+        memcpy(out, at, 18);
+        return;
+    }
+    memcpy(out, at + 16 * G + 2 * l, 2);
+    for (int v = 0; v < 4; v++) memcpy(out + 2 + 4 * v, at + 4 * G * v + 4 * l, 4);
+}
+
+/* block b of a Q4_0R row of n weights as Q4_0's 18 bytes (plain C builds, which have no Q4_0R kernel) */
+static void q4r_block(const uint8_t *row, int64_t n, int64_t b, uint8_t *out) {
+    int64_t nb = n / BLOCK, b0 = 0, G = q4r_group(nb);
+    for (; b0 + G <= b; G = q4r_group(nb - b0)) b0 += G;
+    q4r_lane(row + b0 * 18, G, b - b0, out);
+}
+
 /* the correction that starts a Q4_0 block's int32 sum: the weights' unsigned nibbles q stand for q - 8, so
  * -8 * (sum of the block's 32 activation values) */
 static inline int32_t q4_correction(const int8_t *x) {
@@ -962,12 +979,20 @@ static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const 
         float acc = 0.0f;
         for (int64_t g = 0; g < n_groups; g++) {
             float scale;
-            const uint8_t *v = group_values(w, ws, type, g, gs, &scale);
+            uint8_t block[18];
+            const uint8_t *v;
+            if (type == W_Q4_0R) { /* the block gathered back into Q4_0's order: the same sum */
+                q4r_block(w, n, g, block);
+                scale = fp16_to_f32(load_u16(block));
+                v = block + 2;
+            } else {
+                v = group_values(w, ws, type, g, gs, &scale);
+            }
             /* two loops with the operands' signedness plain to see: gcc 12 with -march=cascadelake vectorizes a
              * mixed loop into vpdpbusd, which takes the int8 weights as unsigned (wrong sums) */
             const int8_t *xg = x + g * gs, *sv = (const int8_t *)v;
             int32_t dot = 0;
-            if (type == W_Q4_0)
+            if (type == W_Q4_0 || type == W_Q4_0R)
                 for (int64_t k = 0; k < gs; k++) dot += q4_value(v, k) * (int32_t)xg[k];
             else
                 for (int64_t k = 0; k < gs; k++) dot += (int32_t)sv[k] * (int32_t)xg[k];
@@ -1822,12 +1847,9 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
             G = q4r_group(nb - b0);
             const uint8_t *at = row + b0 * 18;
             for (int64_t l = 0; l < G; l++) {
-                uint8_t qs[16];
-                if (G == 1) memcpy(qs, at + 2, 16);
-                else
-                    for (int v = 0; v < 4; v++) memcpy(qs + 4 * v, at + 4 * G * v + 4 * l, 4);
-                float scale = fp16_to_f32(load_u16(G == 1 ? at : at + 16 * G + 2 * l));
-                dequantize_group(qs, 1, BLOCK, scale, o + (b0 + l) * BLOCK);
+                uint8_t block[18];
+                q4r_lane(at, G, l, block);
+                dequantize_group(block + 2, 1, BLOCK, fp16_to_f32(load_u16(block)), o + (b0 + l) * BLOCK);
             }
         }
         return;

@@ -127,7 +127,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     kept = _block_tensors(weights, dtype)
     for key, t in to_state_dict(weights).items():
         if key in kept:  # already in the file's type: its bytes as they are
-            w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].data), raw_dtype=qtype)
+            w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].block_bytes()), raw_dtype=qtype)
         elif t.ndim == 1 or dtype == "f32":
             w.add_tensor(gguf_name(key), t)
         elif dtype == "f16" or t.shape[1] % BLOCK:
