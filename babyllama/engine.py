@@ -19,7 +19,7 @@ from . import kernels
 from .config import ModelArgs
 from .formats import Weights
 from .kernels_base import Kernels, apply_rope, kv_q8_dtype, kv_read, kv_write, rmsnorm, segments, silu  # noqa: F401
-from .memory import allocation_failed, check_fits
+from .memory import allocation_failed, check_fits, small_pages
 
 # `kv_cache` settings: "f32", "f16" and "q8_0" name the cache's rows; "auto" is f16 for quantized weights (Q8_0,
 # Q4_0: their products round weights and activations to 8- or 4-bit steps, far coarser than fp16's 11-bit
@@ -53,9 +53,11 @@ class KVCache:
     quarter of float32's bytes): values are rounded to it as they are written (kv_write), and read back as
     float32 for the arithmetic (kv_read).
 
-    np.zeros maps untouched pages lazily, so a large cache costs memory only as positions fill; callers size
-    `seq_len` by the positions they will use, not by the header's context, and a cache that could never fit
-    in memory is refused up front."""
+    np.zeros maps untouched pages lazily, and the cache asks for 4 KiB pages (memory.small_pages: with NumPy's
+    2 MB huge pages the first position written in every head's region would make all of it resident), so a
+    large cache costs memory only as positions fill (decode speed the same either way, measured); callers
+    size `seq_len` by the positions they will use, not by the header's context, and a cache that could never
+    fit in memory is refused up front."""
 
     def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None,
                  dtype: np.dtype | type[np.floating] = np.float32):
@@ -74,6 +76,8 @@ class KVCache:
             self.v = np.zeros(shape, dtype=dtype)
         except MemoryError:
             raise allocation_failed(what, nbytes, hint) from None
+        small_pages(self.k)
+        small_pages(self.v)
 
     @property
     def dtype(self) -> np.dtype:

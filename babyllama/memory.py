@@ -83,6 +83,23 @@ def allocation_failed(what: str, nbytes: int, hint: str = "") -> BabyLlamaError:
 
 
 MADV_DONTNEED = 4  # Linux: unmap the range from this process; a file's pages stay in the page cache
+MADV_NOHUGEPAGE = 15  # Linux: back the range with 4 KiB pages only
+
+
+def _madvise(start: int, end: int, advice: int) -> None:
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+def small_pages(a: np.ndarray) -> None:
+    """Back a (contiguous, not yet touched) with 4 KiB pages: NumPy asks for 2 MB transparent huge pages for
+    large arrays, and the first write anywhere in one makes the whole 2 MB resident. For arrays written a
+    little at a time all over, as a KV cache is (a row per position in every head's region), that would
+    make all of it resident at the first step instead of as positions fill. Linux only; else nothing."""
+    if sys.platform.startswith("linux") and a.flags.c_contiguous:
+        start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+        _madvise(start, (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE, MADV_NOHUGEPAGE)
 
 
 def _read_only_file_map(start: int, end: int) -> bool:
@@ -109,5 +126,4 @@ def release_mapped(a: np.ndarray) -> None:
     start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start and _read_only_file_map(start, end):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        _madvise(start, end, MADV_DONTNEED)

@@ -377,14 +377,18 @@ def torch_logits(model, tokens) -> np.ndarray:
 
 
 def resident_bytes(a: np.ndarray) -> int:
-    """Resident bytes of the mapping that holds a's first byte (Linux: /proc/self/smaps)."""
-    inside = False
+    """Resident bytes of the mappings that hold a's bytes (Linux: /proc/self/smaps; madvise on part of a
+    mapping splits it, so there may be several), whole mappings counted."""
+    start, end = a.ctypes.data, a.ctypes.data + a.nbytes
+    inside, total, found = False, 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()[0]
             if head.count("-") == 1 and not head.endswith(":"):
                 lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= a.ctypes.data < hi
+                inside = lo < end and start < hi
+                found |= inside
             elif inside and head == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no mapping holds the array")
+                total += int(line.split()[1]) * 1024
+    assert found, "no mapping holds the array"
+    return total

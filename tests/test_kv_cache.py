@@ -5,6 +5,8 @@ effect on a quantized model's logits is bounded; "auto" picks the type from the 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import (
@@ -13,6 +15,7 @@ from conftest import (
     logits_after,
     native_build,
     random_weights,
+    resident_bytes,
     tiny_args,
 )
 
@@ -410,3 +413,14 @@ def test_cli_passes_kv_cache_to_the_engine(tmp_path, monkeypatch, capsys):
     assert main(["run", *common, "--kv-cache", "f16", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "--kv-cache works with the NumPy engine only" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
+def test_a_kv_cache_is_resident_as_its_positions_fill():
+    """A server's slots and a long context are sized up front: the first position of every head takes a page
+    of each, not the whole cache (2 MB huge pages would make all of it resident at the first step)."""
+    args = tiny_args(dim=512, n_heads=8, n_kv_heads=8, n_layers=4, max_seq_len=2048)
+    cache = KVCache(args, n_slots=4, seq_len=2048, dtype=np.float16)  # 32 MiB of keys, as much of values
+    cache.k[:, :, :, 0] = 1
+    cache.v[:, :, :, 0] = 1
+    assert resident_bytes(cache.k) < 0.1 * cache.k.nbytes
