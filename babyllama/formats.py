@@ -390,8 +390,7 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
                       path=str(path), **mats)
     check_finite(weights, str(path))
     if mmap and not args.shared_classifier:  # the check read it all; decode reads a row of it per token
-        for a in matrix_arrays(emb):
-            memory.release_mapped(a)
+        memory.release_mapped(*matrix_arrays(emb))
     return weights
 
 

@@ -515,14 +515,15 @@ class NativeKernels:
         total = sum(w.nbytes for w in todo)
         if not todo or not memory.read_by_default(total):
             return
-        buf, at = np.empty(total, dtype=np.uint8), 0
-        for w in todo:  # matrix by matrix: the blocks and their copy are both held for one matrix at most
+        buf, at, blocks = np.empty(total, dtype=np.uint8), 0, []
+        for w in todo:
             copy = self.regroup_q4(w, buf[at:at + w.nbytes])
             if copy is None:  # no Q4_0R kernels in this build
                 return
-            memory.release_mapped(w.data)
+            blocks.append(w.data)
             w.data, w.regrouped = copy.data, True
             at += w.nbytes
+        memory.release_mapped(*blocks)  # process memory is freed as `blocks` goes
         self._plans.clear()  # their descriptions hold the blocks
 
     describe = step_plan

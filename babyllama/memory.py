@@ -102,28 +102,38 @@ def small_pages(a: np.ndarray) -> None:
         _madvise(start, (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE, MADV_NOHUGEPAGE)
 
 
-def _read_only_file_map(start: int, end: int) -> bool:
-    """Whether [start, end) lies in one read-only mapping of a file (/proc/self/maps)."""
+def _read_only_file_maps() -> list[tuple[int, int]]:
+    """The address ranges of this process's read-only mappings of files (/proc/self/maps)."""
+    maps = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
                 fields = line.split()
-                lo, hi = (int(v, 16) for v in fields[0].split("-"))
-                if lo <= start and end <= hi:
-                    return "w" not in fields[1] and int(fields[4]) != 0 and len(fields) > 5
+                if len(fields) > 5 and "w" not in fields[1] and int(fields[4]) != 0:
+                    lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                    maps.append((lo, hi))
     except (OSError, ValueError, IndexError):
         pass
-    return False
+    return maps
 
 
-def release_mapped(a: np.ndarray) -> None:
-    """Hand back the whole pages under `a` where it is a view of a read-only mapped file: this process stops
-    holding them resident, and a later read maps them again from the page cache (the same bytes). For a
-    matrix that a copy now stands in for, so that resident memory holds the copy alone. Anything else
-    (memory read or computed, a writable map, another OS) is left alone."""
-    if not sys.platform.startswith("linux") or not a.flags.c_contiguous:
+def release_mapped(*arrays: np.ndarray) -> None:
+    """Hand back the pages under `arrays` that lie in read-only maps of files: this process stops holding them
+    resident, and a later read maps them again from the page cache (the same bytes). For matrices that a copy
+    now stands in for, so that resident memory holds the copy alone. Per map, one call covers everything from
+    the first such array's first whole page to the last one's last: each call costs the other cores a TLB
+    flush, and what lies between (norms, say) is only read again from the cache. Anything else (memory read
+    or computed, a writable map, another OS) is left alone."""
+    if not sys.platform.startswith("linux"):
         return
-    start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start and _read_only_file_map(start, end):
+    spans: dict[tuple[int, int], tuple[int, int]] = {}
+    maps = _read_only_file_maps()
+    for a in arrays:
+        start = -(-a.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        where = next(((lo, hi) for lo, hi in maps if lo <= start and end <= hi), None)
+        if a.flags.c_contiguous and end > start and where is not None:
+            lo, hi = spans.get(where, (start, end))
+            spans[where] = (min(lo, start), max(hi, end))
+    for start, end in spans.values():
         _madvise(start, end, MADV_DONTNEED)

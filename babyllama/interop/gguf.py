@@ -468,9 +468,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
     streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
                 if isinstance(m, BlockTensor)}
-    for t in tensors.values():
-        if t.data is not None and id(t.data) not in streamed:
-            memory.release_mapped(t.data)
+    memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
     return weights, _read_vocab(fields, path)
