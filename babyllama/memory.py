@@ -122,8 +122,8 @@ def release_mapped(*arrays: np.ndarray) -> None:
     resident, and a later read maps them again from the page cache (the same bytes). For matrices that a copy
     now stands in for, so that resident memory holds the copy alone. Per map, one call covers everything from
     the first such array's first whole page to the last one's last: each call costs the other cores a TLB
-    flush, and what lies between (norms, say) is only read again from the cache. Anything else (memory read
-    or computed, a writable map, another OS) is left alone."""
+    flush, and what lies between (norms, another matrix) is mapped again from the cache on its next read.
+    Anything else (memory read or computed, a writable map, another OS) is left alone."""
     if not sys.platform.startswith("linux"):
         return
     spans: dict[tuple[int, int], tuple[int, int]] = {}
