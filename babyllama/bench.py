@@ -164,11 +164,10 @@ def peak_rss_mib() -> float:
 
 def decode_bytes(weights) -> int:
     """Weight bytes a decode step reads: every layer matrix and the classifier (one embedding row aside)."""
-    def nbytes(m) -> int:
-        return m.q.nbytes + m.s.nbytes if hasattr(m, "q") else m.nbytes
+    from .formats import matrix_arrays
 
-    layers = sum(nbytes(m) for stack in weights.layer_matrices().values() for m in stack)
-    return layers + nbytes(weights.wcls)
+    mats = [weights.wcls, *(m for stack in weights.layer_matrices().values() for m in stack)]
+    return sum(a.nbytes for m in mats for a in matrix_arrays(m))
 
 
 def kv_read_bytes(args, value_bytes: float, n_tok: int) -> int:

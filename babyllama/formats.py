@@ -130,10 +130,6 @@ class Weights:
         mats = [self.wcls, *(m for stack in self.layer_matrices().values() for m in stack)]
         return ", ".join(sorted({quant_kind(m) for m in mats}))
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        """The embedding rows of `tokens` as fp32 (N, dim)."""
-        return table_rows(self.tok_embeddings, tokens)
-
     def to_fp32(self) -> Weights:
         """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""
         if not self.quantized:

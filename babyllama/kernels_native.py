@@ -497,8 +497,10 @@ class NativeKernels:
     def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> BlockTensor | None:
         """w (Q4_0 blocks) regrouped for this build's kernels, its bytes in `out` (uint8, w's size) when given;
         None where the build has no kernels for it (no AVX2) or w is regrouped already."""
+        if w.regrouped:
+            return None
         data = np.empty_like(w.data) if out is None else out.reshape(w.data.shape)
-        if w.regrouped or self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
+        if self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
             return None
         return BlockTensor("q4_0", data, w.cols, regrouped=True)
 

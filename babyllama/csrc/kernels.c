@@ -1889,7 +1889,12 @@ void dequantize(const Mat *m, int64_t n, float *out) {
     pool_run(dequantize_chunk, &d, m->rows, 64, m->rows * n * 4);
 }
 
-static int out_of_range(const int64_t *a, int64_t n, int64_t end);
+/* whether any of a[0..n) lies outside [0, end) */
+static int out_of_range(const int64_t *a, int64_t n, int64_t end) {
+    for (int64_t i = 0; i < n; i++)
+        if (a[i] < 0 || a[i] >= end) return 1;
+    return 0;
+}
 
 /* out (n_rows, n) = the rows `rows` of m as fp32 (a prompt's embedding lookup); 1, before writing anything,
  * when a row index lies outside m */
@@ -2451,12 +2456,6 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
     free(h13);
 }
 
-static int out_of_range(const int64_t *a, int64_t n, int64_t end) {
-    for (int64_t i = 0; i < n; i++)
-        if (a[i] < 0 || a[i] >= end) return 1;
-    return 0;
-}
-
 /* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
  * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
  * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
@@ -2472,8 +2471,8 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
     float *x = malloc(n_tok * dim * sizeof(float));
     float *cos = malloc(n_tok * half * sizeof(float)), *sin = malloc(n_tok * half * sizeof(float));
+    (void)dequantize_rows(&m->embeddings, tokens, n_tok, dim, x); /* the ids were checked above */
     for (int64_t t = 0; t < n_tok; t++) {
-        dequantize_row(&m->embeddings, tokens[t], dim, x + t * dim);
         memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
         memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
     }
