@@ -165,6 +165,29 @@ def test_a_row_alone_or_in_a_batch_is_identical(native, kind):
         np.testing.assert_array_equal(together, alone)
 
 
+def _rows(m, lo: int, hi: int):
+    """Rows [lo, hi) of a weight matrix of any kind, as a matrix of its own."""
+    if isinstance(m, np.ndarray):
+        return m[lo:hi]
+    if isinstance(m, QTensor):
+        return QTensor(m.q[lo:hi], m.s[lo:hi], m.group_size)
+    return BlockTensor(m.kind, m.data[lo:hi], m.cols)
+
+
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS])
+def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
+    """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
+    thread's chunk, eight one-token rows side by side), and a row's result does not depend on which rows share
+    its pass, so on where a chunk starts or ends either."""
+    w = rng.standard_normal((45, 576)).astype(np.float32)  # Q4_0 regrouped: 16 blocks, then two alone
+    m = w if kind == "fp32" else QUANTIZERS[kind](w)
+    for tokens in (1, 2, 8):
+        x = rng.standard_normal((tokens, 576)).astype(np.float32)
+        whole = native.matmul(x, [m])[0]
+        for lo, hi in ((0, 1), (1, 9), (3, 45), (5, 21), (37, 45)):
+            np.testing.assert_array_equal(native.matmul(x, [_rows(m, lo, hi)])[0], whole[:, lo:hi])
+
+
 @pytest.mark.parametrize("kind", ["q8_0 blocks", "q4_0"])
 def test_dequantize_is_exact(native, kind):
     q = QUANTIZERS[kind](rng.standard_normal((24, 128)).astype(np.float32))
