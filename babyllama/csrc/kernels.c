@@ -872,10 +872,10 @@ static void f32_blocks_r4(const float *w, const float *x, int64_t n, int T, floa
 #elif defined(__AVX2__)
 /* three tokens' four accumulators and the four weight vectors fill the 16 AVX2 registers */
 #define F32_TOKENS_PER_PASS 3
-/* res[t] = dot(w, x[t]) for t < nt <= 3: per token four accumulators over 32 floats a step (four loads in
- * flight rather than one FMA chain), then 8-float steps into the first, then the n % 8 last in scalar; the
- * order is the same for any nt */
-ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int nt, float *res) {
+/* sum8[t] = the 8 partial sums of dot(w, x[t][0 : n - n % 8]) for t < nt <= 3: per token four accumulators
+ * over 32 floats a step (four loads in flight rather than one FMA chain), then 8-float steps into the first,
+ * then the four added pairwise; the order is the same for any nt */
+ALWAYS_INLINE void f32_partials(const float *w, const float *x, int64_t n, int nt, __m256 *sum8) {
     __m256 a[3][4];
     UNROLL
     for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = a[t][2] = a[t][3] = _mm256_setzero_ps();
@@ -900,9 +900,15 @@ ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int 
         for (int t = 0; t < nt; t++) a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * n + k8), a[t][0]);
     }
     UNROLL
-    for (int t = 0; t < nt; t++)
-        res[t] = hsum8(_mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3]))) +
-                 tail_dot(w, x + t * n, k8, n);
+    for (int t = 0; t < nt; t++) sum8[t] = _mm256_add_ps(_mm256_add_ps(a[t][0], a[t][1]), _mm256_add_ps(a[t][2], a[t][3]));
+}
+
+/* res[t] = dot(w, x[t]): the partial sums' horizontal sum, plus the n % 8 last products in scalar */
+ALWAYS_INLINE void dots_f32_simd(const float *w, const float *x, int64_t n, int nt, float *res) {
+    __m256 sum8[3];
+    f32_partials(w, x, n, nt, sum8);
+    UNROLL
+    for (int t = 0; t < nt; t++) res[t] = hsum8(sum8[t]) + tail_dot(w, x + t * n, n - n % 8, n);
 }
 #else
 #define F32_TOKENS_PER_PASS 8
@@ -952,6 +958,17 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
         }
         i = blocks_end;
     }
+#elif defined(__AVX2__)
+    /* one token, rows of a multiple of 8: eight rows' horizontal sums side by side (f32_sums8: hsum8's tree; the
+     * tail_dot of no products added as in dots_f32_simd), one store for eight: the same results as a row at a time */
+    if (n_tok == 1 && n % 8 == 0)
+        for (; i + 8 <= hi; i += 8) {
+            __m256 v[8];
+            for (int r = 0; r < 8; r++) f32_partials(w + (i + r) * n, x, n, 1, &v[r]);
+            __m256 sums = _mm256_add_ps(f32_sums8(v), _mm256_setzero_ps());
+            if (accumulate) sums = _mm256_add_ps(_mm256_loadu_ps(o + i), sums);
+            _mm256_storeu_ps(o + i, sums);
+        }
 #endif
     for (; i < hi; i++)
         for (int64_t t0 = 0; t0 < n_tok; t0 += F32_TOKENS_PER_PASS) {
