@@ -7,9 +7,11 @@ Models: the built-in story model ("builtin": trained, so its sampled decode mean
 models of the tinyllamas shapes (vocab 32000), built once and cached as .bin files under
 ~/.cache/babyllama/bench or --cache-dir / $BABYLLAMA_BENCH_DIR: version 1 (fp32), 2 (Q8_0), 3 (Q4_0), plus the
 version 0 file and a tokenizer.bin that run.c reads, and GGUF files for llama.cpp. Each (model, engine,
-thread setting) is measured in a fresh subprocess so that its peak RSS is its own; every figure is the median
-of --repeats runs. `--busy N` starts N spinning co-runner processes for the measurements (a busy laptop);
-`--thread-settings default,1,2` measures each thread setting in turn.
+thread setting) is measured in a fresh subprocess so that its peak RSS is its own. The rows of a model are measured
+--rounds times in turn (a VM's speed drifts by tens of percent within minutes: each round sees every row once,
+so rows compared with each other are measured close in time), and every figure is the median over the rounds
+of the median of --repeats runs in one process. `--busy N` starts N spinning co-runner processes for the
+measurements (a busy laptop); `--thread-settings default,1,2` measures each thread setting in turn.
 """
 
 from __future__ import annotations
@@ -417,6 +419,7 @@ class Plan:
     busy: int = 0
     bandwidth_mib: int = 512
     kv_cache: str = "auto"  # the NumPy engine's KV cache type (engine.KV_CACHE_TYPES)
+    rounds: int = 1  # times each model's rows are measured in turn (the plain baseline once)
 
 
 class Busy:
@@ -465,19 +468,56 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
     rows: list[Row] = []
     with Busy(plan.busy):
         for shape in plan.shapes:
-            if bandwidth.get("gbps") and not plan.busy:
-                beside = probe().get("gbps")
-                if beside:
-                    bandwidth.setdefault("shapes", {})[shape] = beside
-            for fmt in formats:
-                for setting in plan.thread_settings:
-                    env = _thread_env(setting)
-                    rows += _references(plan, shape, fmt, setting, env, directory, log)
-                    for path_name in paths:
-                        if path_name == "plain" and setting != plan.thread_settings[0]:
-                            continue  # the reference path is single-threaded NumPy: measured once
-                        rows.append(_ours(plan, shape, fmt, setting, path_name, env, directory, log))
+            rounds, probes = [], []
+            for n in range(plan.rounds):
+                if bandwidth.get("gbps") and not plan.busy:
+                    beside = probe().get("gbps")
+                    if beside:
+                        probes.append(beside)
+                if plan.rounds > 1:
+                    log(f"round {n + 1} of {plan.rounds}")
+                rounds.append(_shape_rows(plan, shape, formats, paths, n == 0, directory, log))
+            if probes:
+                bandwidth.setdefault("shapes", {})[shape] = _median(probes)
+            rows += merge_rounds(rounds)
     return rows, bandwidth
+
+
+def _shape_rows(plan: Plan, shape: str, formats, paths, first: bool, directory: Path, log) -> list[Row]:
+    """One round of a model's rows: each format and thread setting, the references beside ours."""
+    rows: list[Row] = []
+    for fmt in formats:
+        for setting in plan.thread_settings:
+            env = _thread_env(setting)
+            rows += _references(plan, shape, fmt, setting, env, directory, log)
+            for path_name in paths:
+                if path_name == "plain" and (setting != plan.thread_settings[0] or not first):
+                    continue  # the reference path is single-threaded NumPy and slow: measured once
+                rows.append(_ours(plan, shape, fmt, setting, path_name, env, directory, log))
+    return rows
+
+
+def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
+    """One row per (model, engine, thread setting) over the rounds that measured it, in the first round's order:
+    the median of each figure (runs: their total), or the first failure where a round failed."""
+    by_key: dict[tuple, list[Row]] = {}
+    for measured in rounds:
+        for r in measured:
+            by_key.setdefault((r.shape, r.fmt, r.engine, r.threads), []).append(r)
+    merged = []
+    for (shape, fmt, engine, threads), seen in by_key.items():
+        row = Row(shape, fmt, engine, threads)
+        failures = [r.error for r in seen if r.error]
+        if failures:
+            row.error = failures[0]
+        else:
+            row.result = {key: sum(r.result[key] for r in seen) if key == "repeats"
+                          else _median([r.result[key] for r in seen])
+                          if all(isinstance(r.result.get(key), (int, float)) for r in seen) else value
+                          for key, value in seen[0].result.items()}
+            row.result["rounds"] = len(seen)
+        merged.append(row)
+    return merged
 
 
 def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log) -> Row:
@@ -573,8 +613,11 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     plain = [r for r in rows if r.engine == "plain NumPy" and r.result]
     plain_note = (f" (plain rows: {plain[0].result['decode_tokens']} tokens, {plain[0].result['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
-    notes = (f"decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: bytes read per token (the "
-             "weights, and the KV cache at the run's average position) x decode tok/s; sampled: -t 1 -p 0.9 "
+    rounds = max((r.result.get("rounds", 1) for r in rows if r.result and r.engine != "plain NumPy"), default=1)
+    rounds_note = (f"Each figure: the median of {rounds} rounds, a model's rows measured in turn in each. "
+                   if rounds > 1 else "")
+    notes = (f"{rounds_note}decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: bytes read per "
+             "token (the weights, and the KV cache at the run's average position) x decode tok/s; sampled: -t 1 -p 0.9 "
              f"(trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "

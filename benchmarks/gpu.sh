@@ -11,6 +11,6 @@ out=${1:-out/gpu}; shapes=${2:-110M,1B}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$out/device.txt"
-common=(--device cuda --shapes "$shapes" --repeats 3 --tokens 256 --batch 8 --prompt-len 256 --cache-dir "${MODELS_DIR:-/tmp/babyllama-bench}")
+common=(--device cuda --shapes "$shapes" --rounds 1 --repeats 3 --tokens 256 --batch 8 --prompt-len 256 --cache-dir "${MODELS_DIR:-/tmp/babyllama-bench}")
 python3 -m babyllama bench "${common[@]}" --output "$out/eager.md"
 python3 -m babyllama bench "${common[@]}" --compile --output "$out/compiled.md"

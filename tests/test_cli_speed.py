@@ -316,3 +316,31 @@ def test_q4_on_load_equals_the_version_3_file_and_the_plain_path(tmp_path):
     plain = run_cli("run", *flags, "--quantize", "q4_0", "--plain")
     assert from_file.returncode == plain.returncode == 0
     assert in_memory.stdout == from_file.stdout == plain.stdout and len(in_memory.stdout) > 100
+
+
+def test_bench_measures_a_models_rows_in_rounds_and_reports_medians(tmp_path, monkeypatch):
+    """--rounds: each of a model's rows once per round, in turn (the slow plain baseline only in the first), merged
+    into one row per (model, engine, thread setting) with each figure's median over the rounds."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    measured = []
+    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), repeats=1, tokens=8, batch=2, prompt_len=16, bandwidth_mib=8,
+                      rounds=3, plain_tokens=4)
+    rows, bandwidth = bench.run(plan, tmp_path, log=measured.append)
+    order = [m.removeprefix("measuring tiny ").split(" (")[0] for m in measured if m.startswith("measuring")]
+    assert order == ["fp32 plain NumPy", "fp32 babyllama", "q8_0 plain NumPy", "q8_0 babyllama"] + \
+        ["fp32 babyllama", "q8_0 babyllama"] * 2
+    assert [(r.fmt, r.engine, r.result["rounds"]) for r in rows] == [
+        ("fp32", "plain NumPy", 1), ("fp32", "babyllama", 3), ("q8_0", "plain NumPy", 1), ("q8_0", "babyllama", 3)]
+    assert rows[1].result["repeats"] == 3 and bandwidth["shapes"]["tiny"] > 0
+    assert "Each figure: the median of 3 rounds" in bench.table(rows, 2, 16, bandwidth)
+
+
+def test_merged_rounds_take_each_figures_median_and_keep_a_failure():
+    def row(decode, ttft, error=None):
+        return bench.Row("tiny", "q4_0", "babyllama", "default", {} if error else
+                         {"decode": decode, "ttft_ms": ttft, "repeats": 2, "decode_bytes": 100}, error)
+
+    (merged,) = bench.merge_rounds([[row(10.0, 5.0)], [row(30.0, 4.0)], [row(20.0, 9.0)]])
+    assert merged.result == {"decode": 20.0, "ttft_ms": 5.0, "repeats": 6, "decode_bytes": 100, "rounds": 3}
+    (failed,) = bench.merge_rounds([[row(10.0, 5.0)], [row(0, 0, "llama.cpp failed: no file")]])
+    assert failed.error == "llama.cpp failed: no file" and not failed.result

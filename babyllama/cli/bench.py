@@ -20,7 +20,12 @@ def add(sub) -> None:
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)
-    p.add_argument("--repeats", type=int, default=3, help="runs per figure; the median is reported (3)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="times each model's rows are measured in turn, each in a fresh process; the median over "
+                        "the rounds is reported, so that rows compared with each other are measured close in "
+                        "time on a machine whose speed drifts (3)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per figure within one round's process; their median is the round's figure (1)")
     p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
     p.add_argument("--plain-tokens", type=int, default=32,
                    help="tokens decoded per run on the slow plain baseline (32)")
@@ -64,7 +69,8 @@ def cmd_bench(args) -> int:
     settings = tuple(s.strip() for s in args.thread_settings.split(",") if s.strip())
     if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
         raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")
-    for name in ("repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len", "bandwidth_mib"):
+    for name in ("rounds", "repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len",
+                 "bandwidth_mib"):
         if getattr(args, name) < 1:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     if args.busy < 0:
@@ -83,7 +89,7 @@ def cmd_bench(args) -> int:
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
-                      args.bandwidth_mib, args.kv_cache)
+                      args.bandwidth_mib, args.kv_cache, args.rounds)
     rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
