@@ -10,7 +10,8 @@ version 0 file and a tokenizer.bin that run.c reads, and GGUF files for llama.cp
 thread setting) is measured in a fresh subprocess so that its peak RSS is its own. The rows of a model are measured
 --rounds times in turn (a VM's speed drifts by tens of percent within minutes: each round sees every row once,
 so rows compared with each other are measured close in time), and every figure is the median over the rounds
-of the median of --repeats runs in one process. `--busy N` starts N spinning co-runner processes for the
+of the median of the runs in one process: at least --repeats, and more while they last under a second in all
+(a tiny model's run takes milliseconds). `--busy N` starts N spinning co-runner processes for the
 measurements (a busy laptop); `--thread-settings default,1,2` measures each thread setting in turn.
 """
 
@@ -22,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -149,6 +151,22 @@ def _median(xs: list[float]) -> float:
     return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
+# A figure's runs in one process (or of one reference program) last at least this long in all: the built-in
+# model decodes 256 tokens in ~50 ms, and one interruption of a few milliseconds moved a single run by 30%.
+MIN_SECONDS = 1.0
+MAX_RUNS = 100
+
+
+def median_of_runs(run: Callable[[], float], repeats: int, min_seconds: float = MIN_SECONDS) -> float:
+    """The median of what `run` returns over `repeats` calls, and more calls (at most MAX_RUNS) while they
+    have taken less than `min_seconds` in all."""
+    values: list[float] = []
+    start = time.perf_counter()
+    while len(values) < repeats or (time.perf_counter() - start < min_seconds and len(values) < MAX_RUNS):
+        values.append(run())
+    return _median(values)
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (MiB): VmHWM, which starts afresh at exec (ru_maxrss keeps the
     parent's size at fork, so a child of a large process would report at least that), else ru_maxrss."""
@@ -235,11 +253,11 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         decode(batch, 4)
     n_tok = min(tokens, seq_len - 2)
     res = {"ttft_ms": 1000 * ttft}
-    res["decode"] = _median([decode(1, n_tok) for _ in range(repeats)])
+    res["decode"] = median_of_runs(lambda: decode(1, n_tok), repeats)
     if sampled:
-        res["sampled"] = _median([decode(1, n_tok, 1.0, 0.9) for _ in range(repeats)])
-    res["prefill"] = _median([prefill() for _ in range(repeats)])
-    res["batch"] = _median([decode(batch, max(8, n_tok // 4)) for _ in range(repeats)])
+        res["sampled"] = median_of_runs(lambda: decode(1, n_tok, 1.0, 0.9), repeats)
+    res["prefill"] = median_of_runs(prefill, repeats)
+    res["batch"] = median_of_runs(lambda: decode(batch, max(8, n_tok // 4)), repeats)
     res["rss_mib"] = peak_rss_mib()
     res["decode_tokens"] = n_tok
     res["repeats"] = repeats
@@ -258,8 +276,7 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None)
 
     llm = Llama(model_path=str(path), n_ctx=tokens + 8, n_threads=threads or len(os.sched_getaffinity(0)),
                 n_threads_batch=threads or len(os.sched_getaffinity(0)), verbose=False)
-    speeds = []
-    for _ in range(repeats):
+    def decode() -> float:
         llm.reset()
         gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
         next(gen)
@@ -268,8 +285,9 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None)
             n += 1
             if n >= tokens - 2:
                 break
-        speeds.append(n / (time.perf_counter() - start))
-    return {"decode": _median(speeds), "decode_tokens": tokens, "repeats": repeats}
+        return n / (time.perf_counter() - start)
+
+    return {"decode": median_of_runs(decode, repeats), "decode_tokens": tokens, "repeats": repeats}
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
@@ -383,18 +401,18 @@ def _run_child(spec: dict, env: dict | None = None) -> dict:
 def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeats: int,
                      env: dict | None = None) -> float:
     """Median "achieved tok/s" of llama2.c's run.c/runq.c (or a program with their command line) decoding
-    `tokens` positions greedily after a one-letter prompt, with `tokenizer`; RuntimeError with the program's
-    last line when it fails."""
-    speeds = []
-    for _ in range(repeats):
+    `tokens` positions greedily after a one-letter prompt, with `tokenizer` (runs as median_of_runs makes
+    them); RuntimeError with the program's last line when it fails."""
+    def decode() -> float:
         cmd = [exe, str(model), "-z", str(tokenizer), "-n", str(tokens), "-t", "0", "-i", "a"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, errors="replace")
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if out.returncode != 0 or not found:
             lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
             raise RuntimeError(lines[-1][:200])
-        speeds.append(float(found[-1].split(":", 1)[1]))
-    return _median(speeds)
+        return float(found[-1].split(":", 1)[1])
+
+    return median_of_runs(decode, repeats)
 
 
 @dataclass
@@ -614,8 +632,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     plain_note = (f" (plain rows: {plain[0].result['decode_tokens']} tokens, {plain[0].result['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
     rounds = max((r.result.get("rounds", 1) for r in rows if r.result and r.engine != "plain NumPy"), default=1)
-    rounds_note = (f"Each figure: the median of {rounds} rounds, a model's rows measured in turn in each. "
-                   if rounds > 1 else "")
+    rounds_note = (f"Each figure: the median of {rounds} rounds, a model's rows measured in turn in each, of "
+                   f"the median of runs lasting at least {MIN_SECONDS:g} s in all. " if rounds > 1 else "")
     notes = (f"{rounds_note}decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: bytes read per "
              "token (the weights, and the KV cache at the run's average position) x decode tok/s; sampled: -t 1 -p 0.9 "
              f"(trained model only); prefill: one {prompt_len}-token prompt in "

@@ -344,3 +344,23 @@ def test_merged_rounds_take_each_figures_median_and_keep_a_failure():
     assert merged.result == {"decode": 20.0, "ttft_ms": 5.0, "repeats": 6, "decode_bytes": 100, "rounds": 3}
     (failed,) = bench.merge_rounds([[row(10.0, 5.0)], [row(0, 0, "llama.cpp failed: no file")]])
     assert failed.error == "llama.cpp failed: no file" and not failed.result
+
+
+def test_a_figure_takes_more_runs_while_they_last_under_the_minimum_time(monkeypatch):
+    clock = [0.0]  # a run of `step` seconds on a fake clock: the counts do not depend on the machine
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def runs(step: float, repeats: int, min_seconds: float) -> list[float]:
+        values: list[float] = []
+
+        def run() -> float:
+            clock[0] += step
+            values.append(float(len(values)))
+            return values[-1]
+
+        assert bench.median_of_runs(run, repeats, min_seconds) == bench._median(values)
+        return values
+
+    assert len(runs(0.01, 1, 0.2)) == 20  # short runs: as many as fill the minimum time
+    assert len(runs(0.5, 3, 0.2)) == 3  # long ones: the repeats asked for
+    assert len(runs(0.0, 1, 0.2)) == bench.MAX_RUNS  # and never more than MAX_RUNS

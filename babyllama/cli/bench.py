@@ -25,7 +25,8 @@ def add(sub) -> None:
                         "the rounds is reported, so that rows compared with each other are measured close in "
                         "time on a machine whose speed drifts (3)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs per figure within one round's process; their median is the round's figure (1)")
+                   help="runs per figure within one round's process, at least (more while they last under 1 s "
+                        "in all); their median is the round's figure (1)")
     p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
     p.add_argument("--plain-tokens", type=int, default=32,
                    help="tokens decoded per run on the slow plain baseline (32)")
