@@ -421,7 +421,7 @@ class Plan:
 
     shapes: list[str]
     formats: tuple[str, ...] = tuple(FORMATS)
-    repeats: int = 3
+    repeats: int = 1  # runs per figure in one process, at least (median_of_runs)
     tokens: int = 256
     batch: int = 8
     prompt_len: int = 256
@@ -437,7 +437,7 @@ class Plan:
     busy: int = 0
     bandwidth_mib: int = 512
     kv_cache: str = "auto"  # the NumPy engine's KV cache type (engine.KV_CACHE_TYPES)
-    rounds: int = 1  # times each model's rows are measured in turn (the plain baseline once)
+    rounds: int = 3  # times each model's rows are measured in turn (the plain baseline once)
 
 
 class Busy:
@@ -529,13 +529,19 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
         if failures:
             row.error = failures[0]
         else:
-            row.result = {key: sum(r.result[key] for r in seen) if key == "repeats"
-                          else _median([r.result[key] for r in seen])
-                          if all(isinstance(r.result.get(key), (int, float)) for r in seen) else value
-                          for key, value in seen[0].result.items()}
+            row.result = {key: _merged_figure(key, [r.result.get(key) for r in seen]) for key in seen[0].result}
             row.result["rounds"] = len(seen)
         merged.append(row)
     return merged
+
+
+def _merged_figure(key: str, values: list) -> Any:
+    """One result entry over the rounds: runs add up, figures take their median, anything else the first's."""
+    if key == "repeats":
+        return sum(values)
+    if all(isinstance(v, (int, float)) for v in values):
+        return _median(values)
+    return values[0]
 
 
 def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log) -> Row:

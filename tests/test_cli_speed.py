@@ -174,7 +174,7 @@ def test_bench_startup_times_a_whole_run_process_beside_a_bare_interpreter():
 def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
-    plan = bench.Plan(["tiny"], repeats=1, tokens=8, batch=2, prompt_len=16, device="cpu")
+    plan = bench.Plan(["tiny"], rounds=1, tokens=8, batch=2, prompt_len=16, device="cpu")
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
     assert [(r.engine, r.fmt) for r in rows] == [("babyllama --device cpu", "fp32")] and bandwidth == {}
     assert all(rows[0].result[key] > 0 for key in ("decode", "prefill", "batch", "ttft_ms"))
@@ -184,7 +184,7 @@ def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
 
 def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
-    plan = bench.Plan(["tiny"], ("fp32",), repeats=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+    plan = bench.Plan(["tiny"], ("fp32",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
                       bandwidth_mib=8)
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
     assert bandwidth["gbps"] > 0 and set(bandwidth["shapes"]) == {"tiny"} and bandwidth["shapes"]["tiny"] > 0
@@ -207,7 +207,7 @@ def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(
         if "measuring" in message:
             seen.append(sum(1 for p in _children() if bench.BUSY_CODE in p))
 
-    plan = bench.Plan(["tiny"], ("fp32", "q4_0"), repeats=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+    plan = bench.Plan(["tiny"], ("fp32", "q4_0"), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
                       references={"run.c": str(fake)}, thread_settings=("default", "1"), busy=1, bandwidth_mib=8)
     rows, bandwidth = bench.run(plan, tmp_path, log=log)
     assert bandwidth["gbps"] > 0 and seen and set(seen) == {1} and not any(bench.BUSY_CODE in p for p in _children())

@@ -131,7 +131,7 @@ def test_bench_reference_rows_and_ratios(llama2c_ref, tmp_path, monkeypatch):
     from babyllama import bench
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=32))
-    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), repeats=1, tokens=16, batch=2, prompt_len=8, paths=("fast",),
+    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), rounds=1, tokens=16, batch=2, prompt_len=8, paths=("fast",),
                       references={"run.c": str(llama2c_ref), "runq.c": str(llama2c_ref)}, bandwidth_mib=8)
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
     refs = [r for r in rows if r.engine in ("run.c", "runq.c")]

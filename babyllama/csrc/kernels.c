@@ -694,6 +694,11 @@ static inline __m256 f32_sums8(const __m256 *v) {
     __m256 q1 = _mm256_add_ps(_mm256_shuffle_ps(h[2], h[3], 0x44), _mm256_shuffle_ps(h[2], h[3], 0xEE));
     return _mm256_add_ps(_mm256_shuffle_ps(q0, q1, 0x88), _mm256_shuffle_ps(q0, q1, 0xDD)); /* + 1 */
 }
+
+/* `store` for eight consecutive outputs */
+static inline void store8(float *o, __m256 values, int accumulate) {
+    _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), values) : values);
+}
 #endif
 
 /* scalar sum of w[k] x[k] for k in [from, n): the tail of a row whose length is not a multiple of 8 */
@@ -967,9 +972,7 @@ static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t
         for (; i + 8 <= hi; i += 8) {
             __m256 v[8];
             for (int r = 0; r < 8; r++) f32_partials(w + (i + r) * n, x, n, 1, &v[r]);
-            __m256 sums = _mm256_add_ps(f32_sums8(v), _mm256_setzero_ps());
-            if (accumulate) sums = _mm256_add_ps(_mm256_loadu_ps(o + i), sums);
-            _mm256_storeu_ps(o + i, sums);
+            store8(o + i, _mm256_add_ps(f32_sums8(v), _mm256_setzero_ps()), accumulate);
         }
 #endif
     for (; i < hi; i++)
@@ -1593,9 +1596,7 @@ DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
-                __m256 sums = f32_sums8(rows);                                                                 \
-                if (accumulate) sums = _mm256_add_ps(_mm256_loadu_ps(out + i), sums);                          \
-                _mm256_storeu_ps(out + i, sums);                                                               \
+                store8(out + i, f32_sums8(rows), accumulate);                                                  \
             }                                                                                                  \
         for (; i < hi; i++) {                                                                                  \
             ROW_WEIGHTS(i, PREFETCH_BYTES)                                                                     \
