@@ -260,6 +260,7 @@ class NativeKernels:
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
         self.lib.pool_split_jobs.restype = ctypes.c_int64
+        self.lib.pool_sleeps.restype = ctypes.c_int64
         self.lib.kernel_isa.restype = ctypes.c_char_p
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.lib.read_memory.argtypes = [ptr, i64]
@@ -284,7 +285,8 @@ class NativeKernels:
     def configure_threads(self, n: int | None = None) -> None:
         """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
         (explicit), else every CPU this process may use, with small products kept on one thread.
-        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default 50)."""
+        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default: 500 while every thread is
+        used by the adaptation, else 50; see kernels.c spin_limit)."""
         explicit = n is not None
         if n is None:
             env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()

@@ -481,6 +481,47 @@ def test_a_first_prompt_runs_on_every_thread():
     assert threads >= 2 and split == 2
 
 
+STEPS_WITH_GAPS = """
+import time
+import numpy as np
+from babyllama import kernels_native
+k = kernels_native.load()
+w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
+k.matmul(x, [w])  # starts the threads
+before = k.lib.pool_sleeps()
+for _ in range(20):  # fewer products than a phase of the adaptation holds: every one runs on every thread
+    k.matmul(x, [w])
+    end = time.perf_counter() + 200e-6
+    while time.perf_counter() < end:  # the Python between two decode steps
+        pass
+print(k.lib.pool_split_jobs(), k.lib.pool_sleeps() - before)
+"""
+
+
+def test_threads_stay_awake_between_steps_where_every_thread_is_used():
+    """Between two decode steps Python runs for 50-200 us. Where the adaptation uses every thread, idle threads
+    spin through such a gap instead of going to sleep and waking late for the next step's first products. With
+    an explicit thread count they spin 50 us and sleep (nothing tells whether a co-runner wants the core).
+    BABYLLAMA_SPIN_US sets the spin in either case."""
+    native_build("native")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip("one CPU: no second thread")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
+
+    def sleeps(**extra: str) -> int:
+        out = subprocess.run([sys.executable, "-c", STEPS_WITH_GAPS], env=env | extra, capture_output=True,
+                             text=True, check=True)
+        split, slept = map(int, out.stdout.split())
+        assert split == 21  # every product ran on the threads
+        return slept
+
+    assert sleeps(OMP_NUM_THREADS="2") >= 15 and sleeps(BABYLLAMA_SPIN_US="50") >= 15  # 200 us outlast 50
+    # the fewest of three runs: an OS that preempts a spinning thread for 500 us puts it to sleep too
+    assert min(sleeps() for _ in range(3)) <= 2
+    assert min(sleeps(OMP_NUM_THREADS="2", BABYLLAMA_SPIN_US="1000") for _ in range(3)) <= 2
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_runs_products_without_the_parents_threads(native):
     w = rng.standard_normal((4096, 256)).astype(np.float32)

@@ -98,16 +98,17 @@ static struct {
     int workers;            /* threads started (ids 1..workers; the caller is 0) */
     int threads;            /* threads a job may use, caller included */
     int explicit_threads;   /* set by the user (--threads, OMP_NUM_THREADS): used for every job */
-    int64_t spin_ns;        /* how long an idle thread spins before it sleeps */
+    int64_t spin_ns;        /* how long an idle thread spins before it sleeps (BABYLLAMA_SPIN_US); -1: spin_limit */
     /* the current job: written before its runs are published, read only after a successful claim */
     ChunkFn fn;
     void *ctx;
     int64_t n_items, chunk;
     _Atomic int64_t done;   /* chunks finished */
     int64_t split_jobs;     /* jobs run on more than one thread (read by tests) */
+    int64_t sleeps;         /* times an idle thread went to sleep (read by tests; under sleep_lock) */
     Run runs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
-          50000, NULL, NULL, 0, 1, 0, 0, {{0}}};
+          -1, NULL, NULL, 0, 1, 0, 0, 0, {{0}}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -159,15 +160,18 @@ static void take_part(int self, int n_runs) {
     if (ran) atomic_fetch_add_explicit(&pool.done, ran, memory_order_release);
 }
 
+static int64_t spin_limit(void);
+
 static uint64_t wait_for_job(uint64_t seen) {
     int64_t start = now_ns();
     for (int i = 1;; i++) {
         uint64_t s = atomic_load_explicit(&pool.seq, memory_order_acquire);
         if (s != seen) return s;
-        if (i % 256 == 0 && now_ns() - start > pool.spin_ns) break;
+        if (i % 256 == 0 && now_ns() - start > spin_limit()) break;
         cpu_relax();
     }
     pthread_mutex_lock(&pool.sleep_lock);
+    pool.sleeps++;
     atomic_fetch_add(&pool.sleeping, 1); /* seq_cst with the publisher's seq bump: no lost wake-up */
     uint64_t s;
     while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
@@ -223,18 +227,26 @@ static void register_fork_handler(void) {
 }
 
 /* Thread count for later jobs: `threads` (caller included, capped at MAX_THREADS); `explicit_threads`: the
- * user asked for it, so every job splits (else jobs below PARALLEL_MIN_BYTES stay on the caller's thread). */
+ * user asked for it, so every job splits (else jobs below PARALLEL_MIN_BYTES stay on the caller's thread).
+ * spin_us: how long idle threads spin before they sleep; negative: as spin_limit decides. */
 void pool_configure(int threads, int explicit_threads, int spin_us) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, register_fork_handler);
     pool.threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     pool.explicit_threads = explicit_threads;
-    if (spin_us >= 0) pool.spin_ns = (int64_t)spin_us * 1000;
+    pool.spin_ns = spin_us < 0 ? -1 : (int64_t)spin_us * 1000;
 }
 
 int kernel_threads(void) { return pool.threads; }
 
 int64_t pool_split_jobs(void) { return pool.split_jobs; }
+
+int64_t pool_sleeps(void) {
+    pthread_mutex_lock(&pool.sleep_lock);
+    int64_t n = pool.sleeps;
+    pthread_mutex_unlock(&pool.sleep_lock);
+    return n;
+}
 
 /* Work below these sizes stays on one thread unless threads were set explicitly: waking a second thread and
  * sharing the result costs more than it saves (see docs/speed.md). Products are sized by their multiply-adds
@@ -339,6 +351,23 @@ static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a st
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
 static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1 : adapt.choice; }
+
+/* How long an idle thread spins before it sleeps, unless set (BABYLLAMA_SPIN_US). Where the adaptation runs
+ * products on every thread, SPIN_NS: longer than the gap between two decode steps (the Python between them
+ * takes 50-200 us), so that the next step's first products find the threads awake; with 50 us a worker slept
+ * 1.5 times a 110M step on a Zen 3 VM and woke late for it. SHORT_SPIN_NS where the adaptation runs products on
+ * the caller's thread alone or measures that (a busy machine), and where threads were set explicitly (nothing
+ * tells whether the machine is busy): a thread spinning beside a co-runner uses up its share of the core and
+ * is then preempted in the middle of the next job (two explicit threads beside a co-runner decoded 110M Q4_0
+ * 25% slower with 500 us spins than with 50, and as slow with spins that ended once a thread found itself
+ * preempted). */
+#define SPIN_NS 500000LL
+#define SHORT_SPIN_NS 50000LL
+
+static int64_t spin_limit(void) {
+    if (pool.spin_ns >= 0) return pool.spin_ns;
+    return !pool.explicit_threads && adapt_mode() == 1 ? SPIN_NS : SHORT_SPIN_NS;
+}
 
 static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
