@@ -98,6 +98,7 @@ class ModelPlan:
                  arrays: list[np.ndarray]):
         self.weights, self.rope, self.struct, self.layers = weights, rope, struct, layers
         self.arrays = arrays  # every matrix's bytes the struct points at (a matrix may be regrouped later)
+        self.ref, self.vocab_size = ctypes.byref(struct), weights.args.vocab_size  # what each step passes
 
 
 # forward_step's return codes: which of its index arrays held a value outside its table
@@ -277,6 +278,7 @@ class NativeKernels:
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_prompts = self.isa() in INT8_Q4_PROMPT_ISAS
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
+        self._last_cache: tuple = (None, None, 0, 0, 0)  # forward_step's cache arrays, their type and addresses
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
 
@@ -539,16 +541,24 @@ class NativeKernels:
         (slots[i], positions[i]), each token attending over its slot up to its position), then the final
         norm and the classifier for the step's rows `rows`: logits (len(rows), vocab). The cache arrays are
         float32, float16 or Q8_0 rows (fp32 arithmetic in every case)."""
-        kv_type = _cache_type(keys, values, plan.weights.args.head_size)
-        tokens, positions, slots, row_ids = (np.ascontiguousarray(a, dtype=np.int64)
-                                             for a in (tokens, positions, slots, rows))
+        last_keys, last_values, kv_type, keys_at, values_at = self._last_cache
+        if keys is not last_keys or values is not last_values:  # the same arrays come back every step
+            kv_type = _cache_type(keys, values, plan.weights.args.head_size)
+            keys_at, values_at = _address(keys), _address(values)
+            self._last_cache = (keys, values, kv_type, keys_at, values_at)
+        elif not (keys.flags.writeable and values.flags.writeable):
+            _cache_type(keys, values, plan.weights.args.head_size)  # raises
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        row_ids = np.ascontiguousarray(rows, dtype=np.int64)
         n = len(tokens)
         if not (len(positions) == len(slots) == n):
             raise ValueError("tokens, positions and slots must have one entry per token")
-        logits = np.empty((len(row_ids), plan.weights.args.vocab_size), dtype=np.float32)
-        err = self.lib.forward_step(ctypes.byref(plan.struct), _address(tokens), n, _address(slots),
-                                    _address(positions), _address(keys), _address(values), kv_type, keys.shape[1],
-                                    keys.shape[3], _address(row_ids), len(row_ids), _address(logits))
+        logits = np.empty((len(row_ids), plan.vocab_size), dtype=np.float32)
+        err = self.lib.forward_step(plan.ref, _address(tokens), n, _address(slots), _address(positions), keys_at,
+                                    values_at, kv_type, keys.shape[1], keys.shape[3], _address(row_ids),
+                                    len(row_ids), _address(logits))
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
         return logits

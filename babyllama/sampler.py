@@ -122,7 +122,7 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         if self.temperature == 0.0:
-            best = int(np.argmax(logits))  # the first NaN where there is one, else the largest (+inf included)
+            best = int(logits.argmax())  # the first NaN where there is one, else the largest (+inf included)
             if not math.isfinite(logits[best]):
                 check_logits(logits)
             return best

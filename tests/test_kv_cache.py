@@ -252,6 +252,11 @@ def test_kv_cache_setting_errors():
                              (f16.k[:, :, :, ::2], f16.v[:, :, :, ::2])):
             with pytest.raises(ValueError, match="arrays of one type: float32, float16 or Q8_0 rows"):
                 native.forward_step(plan, np.array([3]), np.array([0]), np.array([0]), keys, values, [0])
+        step = (plan, np.array([3]), np.array([0]), np.array([0]), f16.k, f16.v, [0])
+        assert native.forward_step(*step).shape == (1, w.args.vocab_size)
+        f16.v.flags.writeable = False  # the arrays of the step before (their checks are kept), now read-only
+        with pytest.raises(ValueError, match="writable contiguous arrays"):
+            native.forward_step(*step)
 
 
 def test_memory_check_counts_two_bytes_per_f16_entry(monkeypatch):
