@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -278,7 +279,8 @@ class NativeKernels:
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_prompts = self.isa() in INT8_Q4_PROMPT_ISAS
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
-        self._last_cache: tuple = (None, None, 0, 0, 0)  # forward_step's cache arrays, their type and addresses
+        # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
+        self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
 
@@ -541,11 +543,11 @@ class NativeKernels:
         (slots[i], positions[i]), each token attending over its slot up to its position), then the final
         norm and the classifier for the step's rows `rows`: logits (len(rows), vocab). The cache arrays are
         float32, float16 or Q8_0 rows (fp32 arithmetic in every case)."""
-        last_keys, last_values, kv_type, keys_at, values_at = self._last_cache
-        if keys is not last_keys or values is not last_values:  # the same arrays come back every step
+        last_plan, last_keys, last_values, kv_type, keys_at, values_at = self._last_cache
+        if plan is not last_plan() or keys is not last_keys() or values is not last_values():  # the same come back
             kv_type = _cache_type(keys, values, plan.weights.args.head_size)
             keys_at, values_at = _address(keys), _address(values)
-            self._last_cache = (keys, values, kv_type, keys_at, values_at)
+            self._last_cache = (weakref.ref(plan), weakref.ref(keys), weakref.ref(values), kv_type, keys_at, values_at)
         elif not (keys.flags.writeable and values.flags.writeable):
             _cache_type(keys, values, plan.weights.args.head_size)  # raises
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)

@@ -5,7 +5,9 @@ effect on a quantized model's logits is bounded; "auto" picks the type from the 
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -257,6 +259,10 @@ def test_kv_cache_setting_errors():
         f16.v.flags.writeable = False  # the arrays of the step before (their checks are kept), now read-only
         with pytest.raises(ValueError, match="writable contiguous arrays"):
             native.forward_step(*step)
+        gone = weakref.ref(f16.k), weakref.ref(plan)
+        del f16, step, plan, keys, values  # (the last two: views of f16.k and f16.v)
+        gc.collect()
+        assert gone[0]() is None and gone[1]() is None  # what the step remembers does not keep them alive
 
 
 def test_memory_check_counts_two_bytes_per_f16_entry(monkeypatch):
