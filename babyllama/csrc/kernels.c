@@ -369,6 +369,8 @@ static int64_t spin_limit(void) {
     return !pool.explicit_threads && adapt_mode() == 1 ? SPIN_NS : SHORT_SPIN_NS;
 }
 
+int64_t pool_spin_us(void) { return spin_limit() / 1000; } /* read by tests */
+
 static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
     if (adapt.phase < 2) {
