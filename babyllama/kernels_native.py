@@ -274,6 +274,8 @@ class NativeKernels:
         self.lib.set_sgemm.argtypes = [ptr, ctypes.c_int]
         self.lib.first_above.argtypes = [ptr, i64, ctypes.c_float]
         self.lib.first_above.restype = i64
+        self.lib.sample_topp.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+        self.lib.sample_topp.restype = i64
         self.lib.regroup_q4.argtypes = [ptr, ptr, i64, i64]
         self.lib.regroup_q4.restype = ctypes.c_int
         self.path = path
@@ -284,6 +286,7 @@ class NativeKernels:
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
+        sampler.use_topp_sampler(self.sample_topp)
 
     # ------------------------------------------------------------------------------------------ threads
 
@@ -315,6 +318,13 @@ class NativeKernels:
         if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
             raise ValueError("probabilities must be a contiguous float32 vector")
         return self.lib.first_above(_address(probs), len(probs), coin)
+
+    def sample_topp(self, probs: np.ndarray, topp: np.float32, cutoff: np.float32, coin: np.float32) -> int:
+        """sampler.sample_topp's token (run.c's top-p sampling, the same fp32 arithmetic) in one call; -1 where
+        no token reaches the cutoff. probs: contiguous float32."""
+        if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
+            raise ValueError("probabilities must be a contiguous float32 vector")
+        return self.lib.sample_topp(_address(probs), len(probs), topp, cutoff, coin)
 
     # --------------------------------------------------------------------------------------- products
 

@@ -50,6 +50,16 @@ def use_cdf_search(search: Callable[[np.ndarray, float], int] | None) -> None:
     _cdf_search = search
 
 
+# run.c's top-p sampling in one call (the native kernels lend theirs: the same fp32 arithmetic as
+# sample_topp's NumPy path, so the same token); None: NumPy.
+_topp_sampler: Callable[[np.ndarray, np.float32, np.float32, np.float32], int] | None = None
+
+
+def use_topp_sampler(sampler: Callable[[np.ndarray, np.float32, np.float32, np.float32], int] | None) -> None:
+    global _topp_sampler
+    _topp_sampler = sampler
+
+
 def sample_mult(probs: np.ndarray, coin: np.float32) -> int:
     """First index whose running CDF exceeds the coin (the last index if rounding leaves it short)."""
     search = _cdf_search
@@ -60,22 +70,38 @@ def sample_mult(probs: np.ndarray, coin: np.float32) -> int:
     return min(i, len(probs) - 1)
 
 
+def _cutoff(n: int, topp: float) -> np.float32:
+    """run.c's floor for top-p candidates: below (1-topp)/(n-1) a token cannot be in the nucleus."""
+    return np.float32((1.0 - np.float32(topp)) / (n - 1))
+
+
 def nucleus(probs: np.ndarray, topp: float) -> tuple[np.ndarray, np.ndarray]:
-    """run.c's top-p set: drop candidates below (1-topp)/(n-1) before sorting (they cannot be in it, and
-    sorting the whole vocabulary is what costs), then keep the smallest prefix, by falling probability,
-    whose mass exceeds topp. Returns its token ids and their running mass."""
-    n = len(probs)
-    cutoff = np.float32((1.0 - np.float32(topp)) / (n - 1))
-    cand = np.flatnonzero(probs >= cutoff)
-    cand = cand[np.argsort(-probs[cand], kind="stable")]
-    cum = np.cumsum(probs[cand], dtype=np.float32)
+    """run.c's top-p set: drop candidates below the cutoff before sorting (they cannot be in it, and sorting
+    the whole vocabulary is what costs), then keep the smallest prefix, by falling probability, whose mass
+    exceeds topp. Returns its token ids and their running mass."""
+    cand = np.flatnonzero(probs >= _cutoff(len(probs), topp))
+    if not len(cand):  # topp under 1/n on a flat distribution (run.c reads out of bounds): the top token
+        cand = np.array([probs.argmax()])
+    p = probs[cand]
+    order = np.argsort(-p, kind="stable")
+    cand, cum = cand[order], np.cumsum(p[order], dtype=np.float32)
     over = np.flatnonzero(cum > np.float32(topp))
     last = int(over[0]) if len(over) else len(cand) - 1
     return cand[: last + 1], cum[: last + 1]
 
 
 def sample_topp(probs: np.ndarray, topp: float, coin: np.float32) -> int:
-    """run.c's nucleus sampling: a coin scaled by the nucleus's mass, looked up in its running mass."""
+    """run.c's nucleus sampling: a coin scaled by the nucleus's mass, looked up in its running mass. Where the
+    most likely token alone holds more than topp (often, for a trained model), the nucleus is that token and
+    any coin picks it: the first of the largest, as the stable sort would put it."""
+    top = int(probs.argmax())
+    if probs[top] > np.float32(topp):
+        return top
+    native = _topp_sampler
+    if native is not None and probs.dtype == np.float32 and probs.ndim == 1 and probs.flags.c_contiguous:
+        token = native(probs, np.float32(topp), _cutoff(len(probs), topp), coin)
+        if token >= 0:
+            return token
     cand, cum = nucleus(probs, topp)
     r = np.float32(coin * cum[-1])
     i = int(np.searchsorted(cum, r, side="right"))
@@ -126,7 +152,8 @@ class Sampler:
             if not math.isfinite(logits[best]):
                 check_logits(logits)
             return best
-        check_logits(logits)
+        if not math.isfinite(logits[int(logits.argmax())]):  # argmax: the first NaN where there is one
+            check_logits(logits)
         probs = self.probs(logits)
         coin = self.rng.f32()
         if 0.0 < self.topp < 1.0:

@@ -26,7 +26,7 @@ from conftest import (
     tiny_args,
 )
 
-from babyllama import formats, kernels, kernels_native, memory
+from babyllama import formats, kernels, kernels_native, memory, sampler
 from babyllama.engine import Engine
 from babyllama.formats import QTensor, quantize_q80, table_rows
 from babyllama.generate import generate
@@ -622,6 +622,26 @@ def test_first_above_is_the_cumsum_search(native):
         for coin in np.array(coins, dtype=np.float32):
             want = min(int(np.searchsorted(cdf, coin, side="right")), len(probs) - 1)
             assert native.first_above(probs, float(coin)) == want, (trial, coin)
+
+
+def test_top_p_sampling_in_c_is_the_numpy_one(native):
+    """run.c's top-p sampling in C picks the token sampler.nucleus and its search pick in NumPy: flat and peaked
+    distributions, ties (a stable order: the lower id first), every kind of coin, nuclei of one token to
+    thousands."""
+    r = np.random.default_rng(6)
+    for trial in range(400):
+        n = int(r.choice([2, 3, 7, 512, 4096, 32000]))
+        logits = r.standard_normal(n) * r.choice([0.01, 1.0, 5.0, 30.0])
+        if trial % 3 == 0:  # ties: some values repeated
+            logits = np.round(logits, 1)
+        probs = Sampler(1.0, 1.0, 1).probs(logits)
+        for topp in (0.01, 0.5, 0.9, 0.999):
+            cand, cum = sampler.nucleus(probs, topp)
+            for coin in np.array([0.0, r.random(), 0.999999, 1.0], dtype=np.float32):
+                rr = np.float32(coin * cum[-1])
+                want = int(cand[min(int(np.searchsorted(cum, rr, side="right")), len(cand) - 1)])
+                got = native.sample_topp(probs, np.float32(topp), sampler._cutoff(n, topp), coin)
+                assert got == want, (trial, n, topp, coin)
 
 
 def test_every_backend_implements_the_protocol():

@@ -82,3 +82,20 @@ def test_top_logprobs_are_log_softmax_of_the_logits():
     assert top_logprobs(logits, 0)[1] == []
     assert len(top_logprobs(logits, 0, k=10)[1]) == 4
     assert np.exp([p for _, p in top_logprobs(logits, 0, k=4)[1]]).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_top_p_below_one_over_the_vocabulary_takes_the_top_token(native, monkeypatch):
+    """With topp under 1/n no token of a flat distribution reaches run.c's candidate floor (1-topp)/(n-1)
+    (run.c then reads out of bounds): the nucleus is the most likely token, which alone holds more than topp."""
+    from babyllama import sampler as sampler_module
+
+    if not native:
+        monkeypatch.setattr(sampler_module, "_topp_sampler", None)
+    logits = np.array([0.3, 0.1, 0.35, 0.2, 0.0, 0.35, 0.25], dtype=np.float32)
+    s = Sampler(temperature=1.0, topp=0.01, seed=3)
+    assert {s.sample(logits) for _ in range(20)} == {2}
+    dist = s.distribution(logits)
+    assert dist[2] == 1.0 and dist.sum() == 1.0
+    probs = s.probs(logits)
+    assert sample_topp(probs, 0.01, np.float32(0.5)) == 2

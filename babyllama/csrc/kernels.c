@@ -2635,3 +2635,51 @@ int64_t first_above(const float *p, int64_t n, float coin) {
     }
     return n > 0 ? n - 1 : 0;
 }
+
+typedef struct {
+    float p;
+    int64_t i;
+} Candidate;
+
+/* falling probability, and the lower index first among equal ones: the order of a stable sort */
+static int by_falling_probability(const void *a, const void *b) {
+    const Candidate *x = a, *y = b;
+    if (x->p != y->p) return x->p > y->p ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+/* run.c's top-p sampling as sampler.sample_topp does it in NumPy, with the same fp32 arithmetic: the tokens at
+ * or above `cutoff` in falling probability, the nucleus cut after the first whose running mass exceeds topp,
+ * then the coin scaled by the nucleus's mass looked up in that running mass; where no token reaches the
+ * cutoff, the first most likely one (as sampler.nucleus). Returns the token, or -1 where memory runs out (the
+ * caller then takes the NumPy path). NumPy's ~15 calls took ~40 us a token on small vocabularies, a fifth of
+ * a small model's decode step. */
+int64_t sample_topp(const float *probs, int64_t n, float topp, float cutoff, float coin) {
+    int64_t m = 0, top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        m += probs[i] >= cutoff;
+        top = probs[i] > probs[top] ? i : top;
+    }
+    if (m == 0) return top;
+    Candidate *c = malloc(m * sizeof(Candidate));
+    if (c == NULL) return -1;
+    for (int64_t i = 0, k = 0; i < n; i++)
+        if (probs[i] >= cutoff) c[k++] = (Candidate){probs[i], i};
+    qsort(c, m, sizeof(Candidate), by_falling_probability);
+    int64_t last = m - 1;
+    float mass = 0.0f;
+    for (int64_t k = 0; k < m; k++) {
+        mass += c[k].p;
+        c[k].p = mass; /* from here on: the running mass */
+        if (mass > topp) {
+            last = k;
+            break;
+        }
+    }
+    float r = coin * c[last].p;
+    int64_t k = 0;
+    while (k < last && !(c[k].p > r)) k++;
+    int64_t token = c[k].i;
+    free(c);
+    return token;
+}
