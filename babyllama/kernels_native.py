@@ -321,7 +321,7 @@ class NativeKernels:
 
     def sample_topp(self, probs: np.ndarray, topp: np.float32, cutoff: np.float32, coin: np.float32) -> int:
         """sampler.sample_topp's token (run.c's top-p sampling, the same fp32 arithmetic) in one call; -1 where
-        no token reaches the cutoff. probs: contiguous float32."""
+        C could not allocate its candidates. probs: contiguous float32."""
         if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
             raise ValueError("probabilities must be a contiguous float32 vector")
         return self.lib.sample_topp(_address(probs), len(probs), topp, cutoff, coin)

@@ -147,13 +147,11 @@ class Sampler:
         return out
 
     def sample(self, logits: np.ndarray) -> int:
-        if self.temperature == 0.0:
-            best = int(logits.argmax())  # the first NaN where there is one, else the largest (+inf included)
-            if not math.isfinite(logits[best]):
-                check_logits(logits)
-            return best
-        if not math.isfinite(logits[int(logits.argmax())]):  # argmax: the first NaN where there is one
+        best = int(logits.argmax())  # the first NaN where there is one, else the largest (+inf included)
+        if not math.isfinite(logits[best]):
             check_logits(logits)
+        if self.temperature == 0.0:
+            return best
         probs = self.probs(logits)
         coin = self.rng.f32()
         if 0.0 < self.topp < 1.0:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from babyllama.sampler import Rng, Sampler, sample_mult, sample_topp
+from babyllama.sampler import Rng, Sampler, nucleus, sample_mult, sample_topp
 
 
 def reference_u32(state: int) -> tuple[int, int]:
@@ -84,18 +84,17 @@ def test_top_logprobs_are_log_softmax_of_the_logits():
     assert np.exp([p for _, p in top_logprobs(logits, 0, k=4)[1]]).sum() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_top_p_below_one_over_the_vocabulary_takes_the_top_token(native, monkeypatch):
+def test_a_top_p_below_one_over_the_vocabulary_takes_the_top_token():
     """With topp under 1/n no token of a flat distribution reaches run.c's candidate floor (1-topp)/(n-1)
-    (run.c then reads out of bounds): the nucleus is the most likely token, which alone holds more than topp."""
-    from babyllama import sampler as sampler_module
-
-    if not native:
-        monkeypatch.setattr(sampler_module, "_topp_sampler", None)
+    (run.c then reads out of bounds): the nucleus is the most likely token, which alone holds more than topp.
+    Sampling takes it at once; the nucleus itself (what `distribution` truncates to) is that token. C's sampler
+    on such a distribution: test_kernels.py (flat ones of 2, 3 and 7 tokens at topp 0.01)."""
     logits = np.array([0.3, 0.1, 0.35, 0.2, 0.0, 0.35, 0.25], dtype=np.float32)
     s = Sampler(temperature=1.0, topp=0.01, seed=3)
     assert {s.sample(logits) for _ in range(20)} == {2}
-    dist = s.distribution(logits)
-    assert dist[2] == 1.0 and dist.sum() == 1.0
     probs = s.probs(logits)
     assert sample_topp(probs, 0.01, np.float32(0.5)) == 2
+    cand, cum = nucleus(probs, 0.01)
+    assert cand.tolist() == [2] and cum[-1] == probs[2]
+    dist = s.distribution(logits)
+    assert dist[2] == 1.0 and dist.sum() == 1.0
