@@ -1,7 +1,8 @@
 /* One decode token's worth of babyllama's quantized products (csrc/kernels.c `matmul`), without Python: the
  * matrices of a model shape grouped as a decode step calls them (wq/wk/wv, wo, w1/w3, w2 per layer, then the
- * classifier), random weights in process memory (2 MB pages where the kernel allows), median of many tokens;
- * Q4_0 as it is stored and regrouped as the native kernels read it (quant.BlockTensor.regrouped). With the 110M shape the weights
+ * classifier), random weights in process memory (2 MB pages where the kernel allows); the weight types take
+ * turns a token at a time, median of 41 tokens each; Q4_0 as it is stored and regrouped as the native kernels
+ * read it (quant.BlockTensor.regrouped). With the 110M shape the weights
  * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache. Prints
  * ms per token, weight GB/s and the implied tok/s bound per weight type, token count and thread count.
  *
@@ -48,6 +49,18 @@ static Mat matrix(int type, int64_t rows, int64_t n, int gs, int64_t row0) {
     return (Mat){w, s, rows, row0, type, type == 1 ? gs : 32};
 }
 
+/* one decode token's products over the model's matrices m (L layers of 7, then the classifier) */
+static void token(const Mat *m, int64_t L, int64_t d, int64_t h, int nt, const float *x, float *out) {
+    for (int64_t l = 0; l < L; l++) {
+        const Mat *q = m + 7 * l;
+        matmul(x, nt, d, q, 3, out, NULL);
+        matmul(x, nt, d, q + 3, 1, out, NULL);
+        matmul(x, nt, d, q + 4, 2, out, NULL);
+        matmul(x, nt, h, q + 6, 1, out, NULL);
+    }
+    matmul(x, nt, d, m + 7 * L, 1, out, NULL);
+}
+
 int main(int argc, char **argv) {
     const char *shape = argc > 1 ? argv[1] : "110M";
     const char *thread_list = argc > 2 ? argv[2] : "1,2", *token_list = argc > 3 ? argv[3] : "1,8";
@@ -56,10 +69,11 @@ int main(int argc, char **argv) {
     int gs = big ? 64 : 32; /* runq.c's group size for the shape (halved until it divides dim and hidden) */
     const char *names[5] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped"};
     printf("%s, %s shape\n", kernel_isa(), shape);
+    Mat *models[5];
+    int64_t bytes[5] = {0};
     for (int type = 1; type <= 4; type++) {
         /* per layer: qkv (3 matrices), wo, w13 (2), w2; then the classifier */
-        Mat *m = malloc((L * 7 + 1) * sizeof(Mat));
-        int64_t bytes = 0;
+        Mat *m = models[type] = malloc((L * 7 + 1) * sizeof(Mat));
         for (int l = 0; l < L; l++) {
             Mat *q = m + 7 * l;
             for (int j = 0; j < 3; j++) q[j] = matrix(type, d, d, gs, j * d);
@@ -71,47 +85,47 @@ int main(int argc, char **argv) {
         m[7 * L] = matrix(type, V, d, gs, 0);
         for (int j = 0; j < 7 * L + 1; j++) {
             int64_t n = j < 7 * L && j % 7 == 6 ? h : d, blocks = m[j].rows * (n / 32);
-            bytes += type == 1 ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * (type == 2 ? 34 : 18);
+            bytes[type] += type == 1 ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * (type == 2 ? 34 : 18);
         }
-        for (const char *tp = thread_list; *tp;) {
-            int threads = atoi(tp);
-            pool_configure(threads, 1, -1);
-            for (const char *kp = token_list; *kp;) {
-                int nt = atoi(kp);
-                float *x = malloc(nt * h * sizeof(float)), *out = malloc(nt * V * sizeof(float));
-                for (int64_t i = 0; i < nt * h; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;
-                enum { RUNS = 41 };
-                double ts[RUNS];
-                for (int r = -3; r < RUNS; r++) {
+    }
+    for (const char *tp = thread_list; *tp;) {
+        int threads = atoi(tp);
+        pool_configure(threads, 1, -1);
+        for (const char *kp = token_list; *kp;) {
+            int nt = atoi(kp);
+            float *x = malloc(nt * h * sizeof(float)), *out = malloc(nt * V * sizeof(float));
+            for (int64_t i = 0; i < nt * h; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;
+            /* the types take turns, a token each: a VM's memory bandwidth drifts within seconds, and figures
+             * measured one after another compared moments as much as kernels */
+            enum { RUNS = 41 };
+            double ts[5][RUNS];
+            for (int r = -3; r < RUNS; r++)
+                for (int type = 1; type <= 4; type++) {
                     double t = now();
-                    for (int l = 0; l < L; l++) {
-                        Mat *q = m + 7 * l;
-                        matmul(x, nt, d, q, 3, out, NULL);
-                        matmul(x, nt, d, q + 3, 1, out, NULL);
-                        matmul(x, nt, d, q + 4, 2, out, NULL);
-                        matmul(x, nt, h, q + 6, 1, out, NULL);
-                    }
-                    matmul(x, nt, d, m + 7 * L, 1, out, NULL);
-                    if (r >= 0) ts[r] = now() - t;
+                    token(models[type], L, d, h, nt, x, out);
+                    if (r >= 0) ts[type][r] = now() - t;
                 }
-                qsort(ts, RUNS, sizeof(double), cmp);
-                double med = ts[RUNS / 2];
+            for (int type = 1; type <= 4; type++) {
+                qsort(ts[type], RUNS, sizeof(double), cmp);
+                double med = ts[type][RUNS / 2];
                 printf("  %-14s %d thread(s) %d token(s): %7.3f ms  %6.1f GB/s  %7.1f steps/s (best %.3f ms)\n",
-                       names[type], threads, nt, med * 1e3, bytes / med / 1e9, 1 / med, ts[0] * 1e3);
-                fflush(stdout);
-                free(x);
-                free(out);
-                while (*kp && *kp != ',') kp++;
-                if (*kp) kp++;
+                       names[type], threads, nt, med * 1e3, bytes[type] / med / 1e9, 1 / med, ts[type][0] * 1e3);
             }
-            while (*tp && *tp != ',') tp++;
-            if (*tp) tp++;
+            fflush(stdout);
+            free(x);
+            free(out);
+            while (*kp && *kp != ',') kp++;
+            if (*kp) kp++;
         }
+        while (*tp && *tp != ',') tp++;
+        if (*tp) tp++;
+    }
+    for (int type = 1; type <= 4; type++) {
         for (int j = 0; j < 7 * L + 1; j++) {
-            free((void *)m[j].w);
-            free((void *)m[j].s);
+            free((void *)models[type][j].w);
+            free((void *)models[type][j].s);
         }
-        free(m);
+        free(models[type]);
     }
     return 0;
 }
