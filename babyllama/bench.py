@@ -157,14 +157,19 @@ MIN_SECONDS = 1.0
 MAX_RUNS = 100
 
 
-def median_of_runs(run: Callable[[], float], repeats: int, min_seconds: float = MIN_SECONDS) -> float:
-    """The median of what `run` returns over `repeats` calls, and more calls (at most MAX_RUNS) while they
-    have taken less than `min_seconds` in all."""
+def runs_of(run: Callable[[], float], repeats: int, min_seconds: float = MIN_SECONDS) -> list[float]:
+    """What `run` returns over `repeats` calls, and more calls (at most MAX_RUNS) while they have taken less
+    than `min_seconds` in all."""
     values: list[float] = []
     start = time.perf_counter()
     while len(values) < repeats or (time.perf_counter() - start < min_seconds and len(values) < MAX_RUNS):
         values.append(run())
-    return _median(values)
+    return values
+
+
+def median_of_runs(run: Callable[[], float], repeats: int, min_seconds: float = MIN_SECONDS) -> float:
+    """The median of runs_of(run, repeats, min_seconds)."""
+    return _median(runs_of(run, repeats, min_seconds))
 
 
 def peak_rss_mib() -> float:
@@ -253,14 +258,15 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         decode(batch, 4)
     n_tok = min(tokens, seq_len - 2)
     res = {"ttft_ms": 1000 * ttft}
-    res["decode"] = median_of_runs(lambda: decode(1, n_tok), repeats)
+    decodes = runs_of(lambda: decode(1, n_tok), repeats)
+    res["decode"] = _median(decodes)
     if sampled:
         res["sampled"] = median_of_runs(lambda: decode(1, n_tok, 1.0, 0.9), repeats)
     res["prefill"] = median_of_runs(prefill, repeats)
     res["batch"] = median_of_runs(lambda: decode(batch, max(8, n_tok // 4)), repeats)
     res["rss_mib"] = peak_rss_mib()
     res["decode_tokens"] = n_tok
-    res["repeats"] = repeats
+    res["repeats"] = len(decodes)  # decode runs made: at least `repeats`
     res["decode_bytes"] = decode_bytes(weights)
     kv = getattr(engine, "kv_dtype", None)  # the NumPy engine's cache rows; the PyTorch one's are not counted
     if kv is not None:
@@ -271,7 +277,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 
 def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None) -> dict:
     """llama.cpp (llama-cpp-python) on a GGUF file: greedy decode of `tokens` positions from [BOS, 3], timed
-    from the second generated token like the other rows; median of `repeats`."""
+    from the second generated token like the other rows; the median of runs_of(decode, repeats)."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=tokens + 8, n_threads=threads or len(os.sched_getaffinity(0)),
@@ -287,7 +293,8 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None)
                 break
         return n / (time.perf_counter() - start)
 
-    return {"decode": median_of_runs(decode, repeats), "decode_tokens": tokens, "repeats": repeats}
+    decodes = runs_of(decode, repeats)
+    return {"decode": _median(decodes), "decode_tokens": tokens, "repeats": len(decodes)}
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
