@@ -140,14 +140,13 @@ def test_bench_reports_the_decode_runs_it_made(tmp_path, monkeypatch):
     decode runs its median is of, not how many were asked for."""
     path = tmp_path / "tiny.bin"
     formats.save(random_weights(tiny_args()), path)
-    made = []
+    made, runs_of = [], bench.runs_of
 
     def counted(run, repeats, min_seconds=0.3):
         values = runs_of(run, repeats, min_seconds)
         made.append(len(values))
         return values
 
-    runs_of = bench.runs_of
     monkeypatch.setattr(bench, "runs_of", counted)
     res = bench.measure(path, False, repeats=1, tokens=8, batch=2, prompt_len=16)
     assert made[0] > 1 and res["repeats"] == made[0]  # the first figure is the decode
