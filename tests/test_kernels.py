@@ -182,21 +182,23 @@ def _rows(m, lo: int, hi: int):
     return dataclasses.replace(m, data=m.data[lo:hi])
 
 
-@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, "q4_0 regrouped"])
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, "q4_0 regrouped", "q4_0 regrouped, rows paired"])
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
-    thread's chunk, eight one-token rows side by side), and a row's result does not depend on which rows share
-    its pass, so on where a chunk starts or ends either."""
+    thread's chunk, eight one-token rows side by side, two rows' groups of 4 Q4_0 blocks in one vector), and a
+    row's result does not depend on which rows share its pass, so on where a chunk starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
-    w = gen.standard_normal((45, 576)).astype(np.float32)  # regrouped Q4_0 rows: a group of 16 blocks, two alone
+    # regrouped Q4_0 rows of 576: a group of 16 blocks, two alone; of 480: groups of 8 and 4, three alone
+    n = 480 if kind.endswith("paired") else 576
+    w = gen.standard_normal((45, n)).astype(np.float32)
     if kind == "fp32":
         m = w
-    elif kind == "q4_0 regrouped":
+    elif kind.startswith("q4_0 regrouped"):
         m = _regrouped(native, quantize_q4_0(w))
     else:
         m = QUANTIZERS[kind](w)
     for tokens in (1, 2, 8):
-        x = gen.standard_normal((tokens, 576)).astype(np.float32)
+        x = gen.standard_normal((tokens, n)).astype(np.float32)
         whole = native.matmul(x, [m])[0]
         for lo, hi in ((0, 1), (1, 9), (3, 45), (5, 21), (37, 45)):
             np.testing.assert_array_equal(native.matmul(x, [_rows(m, lo, hi)])[0], whole[:, lo:hi])
@@ -231,15 +233,16 @@ def test_regrouped_q4_products_match_q4_0_blocks(native, n):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_regrouped_q4_rows_alone_or_in_a_batch_are_identical(native):
-    q = quantize_q4_0(rng.standard_normal((40, 800)).astype(np.float32))
+@pytest.mark.parametrize("n", [800, 128])  # 16 + 8 + 1 blocks; one group of 4 (rows go in pairs)
+def test_regrouped_q4_rows_alone_or_in_a_batch_are_identical(native, n):
+    q = quantize_q4_0(rng.standard_normal((40, n)).astype(np.float32))
     r = _regrouped(native, q)
-    x = rng.standard_normal((12, 800)).astype(np.float32)
+    x = rng.standard_normal((12, n)).astype(np.float32)
     alone = np.concatenate([native.matmul(x[i:i + 1], [r])[0] for i in range(12)])
     for batch in (2, 3, 8, 12):
         together = np.concatenate([native.matmul(x[i:i + batch], [r])[0] for i in range(0, 12, batch)])
         np.testing.assert_array_equal(together, alone)
-    part = native.matmul(x[:3], [_regrouped(native, BlockTensor("q4_0", q.data[5:23], 800))])[0]
+    part = native.matmul(x[:3], [_regrouped(native, BlockTensor("q4_0", q.data[5:23], n))])[0]
     np.testing.assert_array_equal(part, alone[:3, 5:23])
 
 

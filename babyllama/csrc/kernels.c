@@ -1235,6 +1235,58 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     for (; nb - b >= 16; b += 16) q4r_lanes8(w, b, 16, 0, a, n, nt, acc8), q4r_lanes8(w, b, 16, 1, a, n, nt, acc8);
     q4r_tail(w, b, a, n, nt, acc8);
 }
+
+/* q4r_lanes8's group of 4 (which fills half a vector) for two rows at once: lanes 0-3 row a's blocks, 4-7 row
+ * b's, against the token's values repeated in both halves. Each lane's arithmetic is q4r_lanes8's (the same
+ * int32 sums, conversion and multiply-add into the same partial sum of its row), so a row's result is the same
+ * paired or alone. */
+ALWAYS_INLINE __m256i q4r_both_halves(const void *p) { return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)); }
+
+ALWAYS_INLINE void q4r_pair4(const uint8_t *wa, const uint8_t *wb, int64_t b0, const QAct *a, int64_t n, int nt,
+                             __m256 *acc_a, __m256 *acc_b) {
+    const uint8_t *ga = wa + b0 * 18, *gb = wb + b0 * 18;
+    int64_t nb = n / BLOCK;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i lo[4], hi[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(gb + 16 * j)),
+                                     _mm_loadu_si128((const __m128i *)(ga + 16 * j)));
+        lo[j] = _mm256_and_si256(v, low);
+        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    __m256 wd = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(ga + 64)),
+                                                   _mm_loadl_epi64((const __m128i *)(gb + 64))));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q16 + t * n + b0 * BLOCK;
+        __m256i s0 = q4r_both_halves(a->c16 + t * nb + b0), s1 = _mm256_setzero_si256();
+        s0 = dot2_u4s8(s0, lo[0], q4r_both_halves(x), lo[1], q4r_both_halves(x + 16));
+        s1 = dot2_u4s8(s1, lo[2], q4r_both_halves(x + 32), lo[3], q4r_both_halves(x + 48));
+        s0 = dot2_u4s8(s0, hi[0], q4r_both_halves(x + 64), hi[1], q4r_both_halves(x + 80));
+        s1 = dot2_u4s8(s1, hi[2], q4r_both_halves(x + 96), hi[3], q4r_both_halves(x + 112));
+        __m256 xd = _mm256_castsi256_ps(q4r_both_halves(a->d + t * nb + b0));
+        __m256 p = _mm256_permute2f128_ps(acc_a[t], acc_b[t], 0x20); /* the two rows' lanes 0-3 */
+        p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1)), _mm256_mul_ps(wd, xd), p);
+        acc_a[t] = _mm256_permute2f128_ps(p, acc_a[t], 0x30);
+        acc_b[t] = _mm256_permute2f128_ps(p, acc_b[t], 0x31);
+    }
+}
+
+/* dots_q4r_simd of rows a and b (whose groups include one of 4), that group paired (q4r_pair4) */
+ALWAYS_INLINE void dots_q4r_pair(const uint8_t *wa, const uint8_t *wb, const QAct *a, int64_t n, int nt,
+                                 __m256 *acc_a, __m256 *acc_b) {
+    int64_t nb = n / BLOCK, b = 0;
+    UNROLL
+    for (int t = 0; t < nt; t++) acc_a[t] = acc_b[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) {
+        q4r_lanes8(wa, b, 16, 0, a, n, nt, acc_a), q4r_lanes8(wa, b, 16, 1, a, n, nt, acc_a);
+        q4r_lanes8(wb, b, 16, 0, a, n, nt, acc_b), q4r_lanes8(wb, b, 16, 1, a, n, nt, acc_b);
+    }
+    if (nb - b >= 8) q4r_lanes8(wa, b, 8, 0, a, n, nt, acc_a), q4r_lanes8(wb, b, 8, 0, a, n, nt, acc_b), b += 8;
+    q4r_pair4(wa, wb, b, a, n, nt, acc_a, acc_b);
+    for (b += 4; b < nb; b++) q4r_single(wa, b, a, n, nt, acc_a), q4r_single(wb, b, a, n, nt, acc_b);
+}
 #endif
 #endif
 
@@ -1655,7 +1707,42 @@ DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g32, dots_q8_g32_simd(w, ws, a, n, NT, acc))
 #elif defined(__AVX2__)
 DEFINE_YMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
-DEFINE_YMM_ROWS(rows_q4r, dots_q4r_simd(w, a, n, NT, acc))
+DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
+
+/* Q4_0R rows with a group of 4 (4-7 or 12-15 blocks past their groups of 16) go two at a time
+ * (dots_q4r_pair); other rows, and the last row of an odd count, as rows_q4r_alone */
+#define Q4R_PAIR(i, acc_a, acc_b)                                                                             \
+    {                                                                                                          \
+        const uint8_t *wa = (const uint8_t *)m->w + (i) * rb;                                                  \
+        for (int64_t off = 0; off < 2 * rb; off += 64) __builtin_prefetch(wa + off + PREFETCH_BYTES);          \
+        dots_q4r_pair(wa, wa + rb, a, n, NT, acc_a, acc_b);                                                    \
+    }
+#define DEFINE_Q4R_ROWS_NT(NAME, DOTS, nt)                                                                     \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        int64_t rb = row_bytes(m, n), i = lo;                                                                  \
+        if (n / BLOCK % 8 < 4) { /* no group of 4 */                                                           \
+            rows_q4r_alone[NT](m, lo, hi, a, n, out, stride, accumulate);                                      \
+            return;                                                                                            \
+        }                                                                                                      \
+        if (NT == 1)                                                                                           \
+            for (; i + 8 <= hi; i += 8) {                                                                      \
+                __m256 rows[8];                                                                                \
+                for (int r = 0; r < 8; r += 2) Q4R_PAIR(i + r, rows + r, rows + r + 1)                         \
+                store8(out + i, f32_sums8(rows), accumulate);                                                  \
+            }                                                                                                  \
+        for (; i + 2 <= hi; i += 2) {                                                                          \
+            __m256 acc_a[8], acc_b[8];                                                                         \
+            Q4R_PAIR(i, acc_a, acc_b)                                                                          \
+            for (int t = 0; t < NT; t++) {                                                                     \
+                store(&out[t * stride + i], hsum8(acc_a[t]), accumulate);                                      \
+                store(&out[t * stride + i + 1], hsum8(acc_b[t]), accumulate);                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+        if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
+    }
+DEFINE_NT_TABLE(DEFINE_Q4R_ROWS_NT, rows_q4r, _)
 #endif
 
 /* the row kernels for m's type and group size */
