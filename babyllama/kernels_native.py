@@ -220,6 +220,13 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _logits(a: np.ndarray) -> np.ndarray:
+    """a, checked to be what the sampling functions read: one contiguous float32 vector."""
+    if not (a.flags.c_contiguous and a.dtype == np.float32 and a.ndim == 1):
+        raise ValueError("logits must be a contiguous float32 vector")
+    return a
+
+
 def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
     if isinstance(w, QTensor):
@@ -276,6 +283,9 @@ class NativeKernels:
         self.lib.first_above.restype = i64
         self.lib.sample_topp.argtypes = [ptr, i64, ctypes.c_float, ctypes.c_float, ctypes.c_float]
         self.lib.sample_topp.restype = i64
+        self.lib.sample_logits.argtypes = [ptr, i64, ctypes.c_double, ctypes.c_double, ctypes.c_float]
+        self.lib.sample_logits.restype = i64
+        self.lib.softmax_logits.argtypes = [ptr, i64, ctypes.c_double, ptr]
         self.lib.regroup_q4.argtypes = [ptr, ptr, i64, i64]
         self.lib.regroup_q4.restype = ctypes.c_int
         self.path = path
@@ -287,6 +297,7 @@ class NativeKernels:
         self.configure_threads()
         sampler.use_cdf_search(self.first_above)
         sampler.use_topp_sampler(self.sample_topp)
+        sampler.use_logits_sampler(self.sample_logits)
 
     # ------------------------------------------------------------------------------------------ threads
 
@@ -325,6 +336,20 @@ class NativeKernels:
         if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
             raise ValueError("probabilities must be a contiguous float32 vector")
         return self.lib.sample_topp(_address(probs), len(probs), topp, cutoff, coin)
+
+    def softmax_logits(self, logits: np.ndarray, temperature: float) -> np.ndarray:
+        """The probabilities `sample_logits` draws from: softmax(logits / temperature) in fp32, within a few units
+        in the last place of sampler.softmax's (another exponential, another order of the sum)."""
+        logits = _logits(logits)
+        probs = np.empty_like(logits)
+        self.lib.softmax_logits(_address(logits), len(logits), temperature, _address(probs))
+        return probs
+
+    def sample_logits(self, logits: np.ndarray, temperature: float, topp: float, coin: np.float32) -> int:
+        """Sampler.sample's token for temperature > 0 in one call (run.c's procedure on `softmax_logits`'
+        probabilities, with the caller's coin); -1 where C could not allocate. logits: contiguous float32."""
+        logits = _logits(logits)
+        return self.lib.sample_logits(_address(logits), len(logits), temperature, topp, coin)
 
     # --------------------------------------------------------------------------------------- products
 

@@ -1,6 +1,8 @@
-"""Choosing the next token from logits, exactly as run.c does (so `-s SEED` reproduces run.c's text).
+"""Choosing the next token from logits by run.c's procedure (so `-s SEED` reproduces run.c's text).
 
-All arithmetic is fp32 like run.c's; the random generator is run.c's xorshift64*.
+All arithmetic is fp32 like run.c's; the random generator is run.c's xorshift64*. Where the native kernels are
+loaded, a draw at temperature > 0 is one C call (`_logits_sampler`): its softmax rounds differently from
+NumPy's in the last bits, the search through the probabilities is the same.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ _topp_sampler: Callable[[np.ndarray, np.float32, np.float32, np.float32], int] |
 def use_topp_sampler(sampler: Callable[[np.ndarray, np.float32, np.float32, np.float32], int] | None) -> None:
     global _topp_sampler
     _topp_sampler = sampler
+
+
+# Sampler.sample for temperature > 0 in one call (the native kernels lend theirs: run.c's procedure on their own
+# softmax, whose probabilities agree with `softmax`'s to a few units in the last place, so a coin within that of a
+# boundary between two tokens may pick the other; the search itself is the same); None: NumPy.
+_logits_sampler: Callable[[np.ndarray, float, float, np.float32], int] | None = None
+
+
+def use_logits_sampler(sampler: Callable[[np.ndarray, float, float, np.float32], int] | None) -> None:
+    global _logits_sampler
+    _logits_sampler = sampler
 
 
 def sample_mult(probs: np.ndarray, coin: np.float32) -> int:
@@ -152,8 +165,13 @@ class Sampler:
             check_logits(logits)
         if self.temperature == 0.0:
             return best
-        probs = self.probs(logits)
         coin = self.rng.f32()
+        native = _logits_sampler
+        if native is not None and logits.dtype == np.float32 and logits.ndim == 1 and logits.flags.c_contiguous:
+            token = native(logits, self.temperature, self.topp, coin)  # a tenth of the NumPy calls' time
+            if token >= 0:
+                return token
+        probs = self.probs(logits)
         if 0.0 < self.topp < 1.0:
             return sample_topp(probs, self.topp, coin)
         return sample_mult(probs, coin)

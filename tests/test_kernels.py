@@ -40,7 +40,7 @@ from babyllama.kernels_base import (
     quantized_gemm,
 )
 from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
-from babyllama.sampler import Sampler
+from babyllama.sampler import Rng, Sampler
 
 rng = np.random.default_rng(11)
 ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx512 (no VNNI), avx512-vnni (no VBMI)
@@ -651,6 +651,81 @@ def test_top_p_sampling_in_c_is_the_numpy_one(native):
                 want = int(cand[min(int(np.searchsorted(cum, rr, side="right")), len(cand) - 1)])
                 got = native.sample_topp(probs, np.float32(topp), sampler._cutoff(n, topp), coin)
                 assert got == want, (trial, n, topp, coin)
+
+
+def _sampling_cases(r: np.random.Generator, trials: int):
+    """(logits, temperature, topp) of every kind: flat and peaked, -inf entries, 2 to 32000 tokens, top-p on
+    and off."""
+    for trial in range(trials):
+        n = int(r.choice([2, 7, 512, 4096, 32000]))
+        logits = (r.standard_normal(n) * r.choice([0.01, 1.0, 5.0, 30.0])).astype(np.float32)
+        if trial % 4 == 0:
+            logits[r.integers(0, n, n // 3)] = -np.inf
+            logits[0] = 0.0  # one finite at least
+        yield logits, float(r.choice([1.0, 0.8, 1.7])), float(r.choice([0.0, 0.5, 0.9, 0.999, 1.0]))
+
+
+def test_softmax_in_c_is_numpys_within_rounding(native):
+    """The C sampler's probabilities: NumPy's softmax of logits / temperature to 1e-6 of each (another
+    exponential, another order of the sum), the ones below e^-87 of the largest 0, -inf ones exactly 0."""
+    r = np.random.default_rng(8)
+    for logits, temperature, _ in _sampling_cases(r, 120):
+        got, want = native.softmax_logits(logits, temperature), Sampler(temperature, 1.0, 1).probs(logits)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-37)
+        assert np.all(got[np.isneginf(logits)] == 0)
+
+
+def test_sampling_in_c_is_run_cs_search_on_its_probabilities(native, monkeypatch):
+    """sample_logits picks exactly the token NumPy's search (top-p or the plain CDF) picks on the C softmax's
+    probabilities, for every kind of distribution and coin."""
+    monkeypatch.setattr(sampler, "_cdf_search", None)  # NumPy's own search: cumsum, sort
+    monkeypatch.setattr(sampler, "_topp_sampler", None)
+    r = np.random.default_rng(9)
+    for logits, temperature, topp in _sampling_cases(r, 300):
+        probs = native.softmax_logits(logits, temperature)
+        for coin in np.array([0.0, r.random(), r.random(), 0.999999], dtype=np.float32):
+            if 0.0 < topp < 1.0:
+                want = sampler.sample_topp(probs, topp, coin)
+            else:
+                want = sampler.sample_mult(probs, coin)
+            assert native.sample_logits(logits, temperature, topp, coin) == want, (len(logits), temperature, topp)
+
+
+def _distance_to_a_boundary(probs: np.ndarray, topp: float, coin: np.float32) -> float:
+    """How far NumPy's draw from probs lies from changing its answer: the scaled coin from the nearest edge of
+    the running mass, and with top-p, the mass or the largest probability from topp."""
+    if not 0.0 < topp < 1.0:
+        return float(np.min(np.abs(np.cumsum(probs, dtype=np.float64) - coin)))
+    _, cum = sampler.nucleus(probs, topp)
+    return min(abs(float(probs.max()) - topp), float(np.min(np.abs(cum - topp))),
+               float(np.min(np.abs(cum - coin * cum[-1]))))
+
+
+def test_the_c_sampler_draws_numpys_tokens_but_at_near_ties(native, monkeypatch):
+    """Sampler.sample through C (the default with the native kernels) and through NumPy, on one seed: the same
+    token on every draw but where the coin lies within the two softmaxes' rounding (1e-6) of a boundary between
+    two tokens, or the two tokens' probabilities are that close (their order in the nucleus is a tie). On
+    distributions whose probabilities are not all within rounding of each other: over a near-flat one (logits
+    within 0.01) rounding reorders thousands of candidates, which the two tests above cover."""
+    assert sampler._logits_sampler is not None, "the native kernels lend Sampler their sampler"
+    r = np.random.default_rng(10)
+    differ = 0
+    cases = ((x, t, p) for x, t, p in _sampling_cases(r, 600) if np.ptp(x[np.isfinite(x)]) > 1.0)
+    for i, (logits, temperature, topp) in enumerate(cases):
+        fast, slow = Sampler(temperature, topp, 100 + i), Sampler(temperature, topp, 100 + i)
+        with monkeypatch.context() as m:
+            m.setattr(sampler, "_logits_sampler", None)
+            want = [slow.sample(logits) for _ in range(5)]
+        got = [fast.sample(logits) for _ in range(5)]
+        coins = Rng(100 + i)  # the coins both drew, in order
+        for g, w in zip(got, want):
+            coin = coins.f32()
+            if g != w:
+                differ += 1
+                probs = slow.probs(logits)
+                tie = abs(float(probs[g]) - float(probs[w])) <= 1e-6 * float(max(probs[g], probs[w]))
+                assert tie or _distance_to_a_boundary(probs, topp, coin) < 1e-6, (i, g, w)
+    assert differ <= 4
 
 
 def test_every_backend_implements_the_protocol():

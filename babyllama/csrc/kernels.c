@@ -2779,3 +2779,62 @@ int64_t sample_topp(const float *probs, int64_t n, float topp, float cutoff, flo
     free(c);
     return token;
 }
+
+/* probs = softmax(logits / temperature) over n values (temperature 1: the logits as they are), as
+ * sampler.softmax computes it (the maximum subtracted, each exponential divided by their sum in fp32) but with
+ * this file's exponential (exp8; 0 below e^-87, where NumPy's gives a subnormal or 0) and the sum accumulated in
+ * fp64 (NumPy's pairwise fp32 sum is as close; a plain fp32 one over 32000 values drifts by 1e-6): the
+ * probabilities agree with NumPy's to a few units in the last place, not bit for bit. */
+void softmax_logits(const float *logits, int64_t n, double temperature, float *probs) {
+    float t = (float)temperature, max = -INFINITY;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        probs[i] = temperature == 1.0 ? logits[i] : logits[i] / t;
+        max = probs[i] > max ? probs[i] : max;
+    }
+    int64_t i = 0;
+#ifdef __AVX2__
+    __m256 vmax = _mm256_set1_ps(max), floor = _mm256_set1_ps(-87.3f);
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_sub_ps(_mm256_loadu_ps(probs + i), vmax);
+        __m256 e = _mm256_and_ps(exp8(x), _mm256_cmp_ps(x, floor, _CMP_GE_OQ));
+        _mm256_storeu_ps(probs + i, e);
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(s0, s1));
+    sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+    for (; i < n; i++) {
+        float x = probs[i] - max;
+        probs[i] = x >= -87.3f ? expf(x) : 0.0f;
+        sum += probs[i];
+    }
+    float total = (float)sum;
+    for (int64_t j = 0; j < n; j++) probs[j] /= total;
+}
+
+/* Sampler.sample for temperature > 0 in one call: run.c's draw from softmax_logits' probabilities with the
+ * caller's coin, top-p where 0 < topp < 1 (the most likely token where it alone holds more than topp, else
+ * sample_topp with run.c's cutoff (1 - topp) / (n - 1)), else the whole distribution (first_above). The search
+ * is NumPy's exactly; only the probabilities differ in their last bits (softmax_logits), so a coin that falls
+ * within that of a boundary between two tokens may pick the other. Returns the token, or -1 where memory could
+ * not be allocated. */
+int64_t sample_logits(const float *logits, int64_t n, double temperature, double topp, float coin) {
+    float *probs = malloc(n * sizeof(float));
+    if (probs == NULL) return -1;
+    softmax_logits(logits, n, temperature, probs);
+    int64_t token;
+    if (topp > 0.0 && topp < 1.0) {
+        float p = (float)topp;
+        int64_t top = 0;
+        for (int64_t i = 1; i < n; i++) top = probs[i] > probs[top] ? i : top;
+        token = probs[top] > p ? top : sample_topp(probs, n, p, (float)((1.0 - (double)p) / (double)(n - 1)), coin);
+    } else {
+        token = first_above(probs, n, coin);
+    }
+    free(probs);
+    return token;
+}
