@@ -168,7 +168,7 @@ class Sampler:
         coin = self.rng.f32()
         native = _logits_sampler
         if native is not None and logits.dtype == np.float32 and logits.ndim == 1 and logits.flags.c_contiguous:
-            token = native(logits, self.temperature, self.topp, coin)  # a tenth of the NumPy calls' time
+            token = native(logits, self.temperature, self.topp, coin)  # one C call instead of a dozen NumPy ones
             if token >= 0:
                 return token
         probs = self.probs(logits)
