@@ -220,10 +220,10 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _logits(a: np.ndarray) -> np.ndarray:
-    """a, checked to be what the sampling functions read: one contiguous float32 vector."""
+def _vector(a: np.ndarray, what: str) -> np.ndarray:
+    """a, checked to be what the sampling functions read: one contiguous float32 vector (of `what`)."""
     if not (a.flags.c_contiguous and a.dtype == np.float32 and a.ndim == 1):
-        raise ValueError("logits must be a contiguous float32 vector")
+        raise ValueError(f"{what} must be a contiguous float32 vector")
     return a
 
 
@@ -326,21 +326,17 @@ class NativeKernels:
     def first_above(self, probs: np.ndarray, coin: float) -> int:
         """sampler.sample_mult's index (the first whose running fp32 sum of `probs` exceeds `coin`) in one pass
         without the CDF; probs: contiguous float32."""
-        if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
-            raise ValueError("probabilities must be a contiguous float32 vector")
-        return self.lib.first_above(_address(probs), len(probs), coin)
+        return self.lib.first_above(_address(_vector(probs, "probabilities")), len(probs), coin)
 
     def sample_topp(self, probs: np.ndarray, topp: np.float32, cutoff: np.float32, coin: np.float32) -> int:
         """sampler.sample_topp's token (run.c's top-p sampling, the same fp32 arithmetic) in one call; -1 where
         C could not allocate its candidates. probs: contiguous float32."""
-        if not (probs.flags.c_contiguous and probs.dtype == np.float32 and probs.ndim == 1):
-            raise ValueError("probabilities must be a contiguous float32 vector")
-        return self.lib.sample_topp(_address(probs), len(probs), topp, cutoff, coin)
+        return self.lib.sample_topp(_address(_vector(probs, "probabilities")), len(probs), topp, cutoff, coin)
 
     def softmax_logits(self, logits: np.ndarray, temperature: float) -> np.ndarray:
         """The probabilities `sample_logits` draws from: softmax(logits / temperature) in fp32, within a few units
         in the last place of sampler.softmax's (another exponential, another order of the sum)."""
-        logits = _logits(logits)
+        logits = _vector(logits, "logits")
         probs = np.empty_like(logits)
         self.lib.softmax_logits(_address(logits), len(logits), temperature, _address(probs))
         return probs
@@ -348,7 +344,7 @@ class NativeKernels:
     def sample_logits(self, logits: np.ndarray, temperature: float, topp: float, coin: np.float32) -> int:
         """Sampler.sample's token for temperature > 0 in one call (run.c's procedure on `softmax_logits`'
         probabilities, with the caller's coin); -1 where C could not allocate. logits: contiguous float32."""
-        logits = _logits(logits)
+        logits = _vector(logits, "logits")
         return self.lib.sample_logits(_address(logits), len(logits), temperature, topp, coin)
 
     # --------------------------------------------------------------------------------------- products
