@@ -2339,6 +2339,20 @@ static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type)
     for (; i < hs; i++) o[i] = f32_to_fp16(x[i]);
 }
 
+/* While the keys of rows [p, p + n) are scored, ask for the same rows' values: attention reads a head's values
+ * only after its softmax, and a short run of rows (a head's 16-64 KB at the contexts of a 110M decode) gives the
+ * hardware prefetchers little to follow, so without this the values came from DRAM a few lines at a time.
+ * fp16 and Q8_0 caches only: fp32 rows are twice as long, and asking for eight of them (2 KB) beside the
+ * eight keys being read made attention slower. Off with -DKV_PREFETCH=0 (for measurements). */
+#ifndef KV_PREFETCH
+#define KV_PREFETCH 1
+#endif
+ALWAYS_INLINE void prefetch_values(const void *values, int64_t p, int64_t n, int64_t row_bytes) {
+    const char *v = (const char *)values + p * row_bytes;
+    if (KV_PREFETCH)
+        for (int64_t off = 0; off < n * row_bytes; off += 64) __builtin_prefetch(v + off);
+}
+
 #ifdef __AVX2__
 /* the dot products of q with four Q8_0 rows (r, r + rb, r + 2 rb, r + 3 rb; hs a multiple of 8) as eight
  * partial sums each, acc[j]: per group, q times the row's int8 values, then scaled by the row's scale for the
@@ -2364,10 +2378,11 @@ ALWAYS_INLINE void q8_dots4(const float *q, const int8_t *r, int64_t rb, int64_t
 
 /* attention_scores' loop for Q8_0 rows (hs a multiple of 8) from key 0 on, four keys at a time (q8_dots4);
  * returns the first key not done */
-ALWAYS_INLINE int64_t q8_scores(const float *q, const int8_t *keys, int64_t n_pos, int64_t hs, float scale,
-                                float *scores, __m128 *vmax) {
+ALWAYS_INLINE int64_t q8_scores(const float *q, const int8_t *keys, const void *values, int64_t n_pos, int64_t hs,
+                                float scale, float *scores, __m128 *vmax) {
     int64_t rb = kv_row_bytes(KV_Q8, hs), p = 0;
     for (; p + 4 <= n_pos; p += 4) {
+        prefetch_values(values, p, 4, rb);
         __m256 acc[4];
         q8_dots4(q, keys + p * rb, rb, hs, acc);
         /* lanes 0-3: the four keys' sums of lanes 0-3, lanes 4-7 of lanes 4-7; then the halves added */
@@ -2383,14 +2398,14 @@ ALWAYS_INLINE int64_t q8_scores(const float *q, const int8_t *keys, int64_t n_po
 
 /* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous, of cache type `type`);
  * returns the maximum */
-ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type, int64_t n_pos, int64_t hs,
-                                     float scale, float *scores) {
+ALWAYS_INLINE float attention_scores(const float *q, const void *keys, const void *values, int type, int64_t n_pos,
+                                     int64_t hs, float scale, float *scores) {
     float max = -INFINITY;
     int64_t p = 0;
 #ifdef __AVX2__
     if (type == KV_Q8 && hs % 8 == 0) {
         __m128 vmax = _mm_set1_ps(-INFINITY);
-        p = q8_scores(q, keys, n_pos, hs, scale, scores, &vmax);
+        p = q8_scores(q, keys, values, n_pos, hs, scale, scores, &vmax);
         float lanes[4];
         _mm_storeu_ps(lanes, vmax);
         for (int j = 0; j < 4; j++) max = fmaxf(max, lanes[j]);
@@ -2399,6 +2414,7 @@ ALWAYS_INLINE float attention_scores(const float *q, const void *keys, int type,
          * vector of eight sums with a tree of horizontal adds */
         __m256 vmax = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
         for (; p + 8 <= n_pos; p += 8) {
+            if (type != KV_F32) prefetch_values(values, p, 8, kv_row_bytes(type, hs));
             __m256 acc[8];
             UNROLL
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
@@ -2523,7 +2539,7 @@ ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *score
     int64_t h = task / a->n_tok, t = task % a->n_tok, n_pos = a->positions[t] + 1;
     int64_t head = (a->slots[t] * a->kv_heads + h / group) * a->seq_len * kv_row_bytes(type, hs); /* bytes */
     const void *keys = (const char *)a->kc + head, *values = (const char *)a->vc + head;
-    float max = attention_scores(a->q + (t * a->n_heads + h) * hs, keys, type, n_pos, hs, scale, scores);
+    float max = attention_scores(a->q + (t * a->n_heads + h) * hs, keys, values, type, n_pos, hs, scale, scores);
     float sum = softmax_weights(scores, n_pos, max);
     attention_output(scores, values, type, n_pos, hs, sum, a->out + (t * a->n_heads + h) * hs);
 }
