@@ -57,10 +57,14 @@ F32_KERNEL_MAX_ROWS = 8
 # reads each weight row once for 8 tokens at a time, so it keeps the lead up to ~32 tokens (110M Q8_0 at
 # 16 tokens: 64 ms vs 206 dequantized; at 32: 108 vs 152; at 48 dequantizing wins: 151 vs 178).
 QUANT_NATIVE_GEMM_MIN_ROWS = 48
-# Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts of any length: AVX-512 VNNI takes 64
-# multiply-adds an instruction, and a Q4_0 weight row is half the bytes (256-token prompts, 2-vCPU Zen 4:
-# built-in model, 15M, 42M, 110M 26-33% faster; Q8_0 gained on the small models only, and lost 9% on 42M).
-INT8_Q4_PROMPT_ISAS = {"avx512-vnni"}
+# Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts, each with the shortest weight rows it
+# takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes
+# (256-token prompts, 2-vCPU Zen 4: built-in model, 15M, 42M, 110M 26-33% faster; Q8_0 gained on the small
+# models only, and lost 9% on 42M). AVX2 reads the regrouped rows 8 blocks a step: on two Zen 3 cores (no
+# VNNI; two explicit threads, 256 tokens, medians of fresh processes) 42M 1,786 -> 2,333 tok/s, 110M 637 ->
+# 890, and per matrix rows of 768 or 2048 values 0.68-0.75x the time, 256-288 level, 128 1.4x: the built-in
+# model's (dim 128) stay on sgemm. AVX2 with VNNI (avx2-vnni) runs the same sums in fewer instructions.
+INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
@@ -290,7 +294,7 @@ class NativeKernels:
         self.lib.regroup_q4.restype = ctypes.c_int
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
-        self._int8_q4_prompts = self.isa() in INT8_Q4_PROMPT_ISAS
+        self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
@@ -400,17 +404,22 @@ class NativeKernels:
             raise ValueError("one call takes matrices of at most two quantization group sizes")
         return views
 
+    def q4_prompt_on_int8(self, w: Matrix) -> bool:
+        """Whether a prompt's product with w runs the int8 decode kernel rather than dequantize + sgemm: Q4_0
+        matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, with rows at least that long."""
+        return (self._int8_q4_min_cols is not None and isinstance(w, BlockTensor) and w.kind == "q4_0"
+                and w.cols >= self._int8_q4_min_cols)
+
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
         if all(isinstance(w, np.ndarray) for w in ws):
             return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else self.gemm(x, ws)
         if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
             return self.matmul(x, ws)
-        # Q4_0 on the builds of INT8_Q4_PROMPT_ISAS: the int8 kernel, as decode steps compute. The rest meet
-        # runq.c's rounding of x (quantized and dequantized per group), made once per group size, and the
-        # matrices that take the same x go to sgemm in one call (NumPy without it).
-        int8 = [i for i, w in enumerate(ws)
-                if self._int8_q4_prompts and isinstance(w, BlockTensor) and w.kind == "q4_0"]
+        # Q4_0 where this build's int8 kernel is the faster (q4_prompt_on_int8): computed as decode steps compute.
+        # The rest meet runq.c's rounding of x (quantized and dequantized per group), made once per group size,
+        # and the matrices that take the same x go to sgemm in one call (NumPy without it).
+        int8 = [i for i, w in enumerate(ws) if self.q4_prompt_on_int8(w)]
         by_x: dict[int | None, list[int]] = {}
         for i, w in enumerate(ws):
             if i not in int8:

@@ -774,22 +774,54 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
 
 @pytest.mark.parametrize("sgemm", [True, False])  # False: no sgemm was found, NumPy's products instead
 def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """On AVX-512 VNNI builds a Q4_0 prompt's products run the decode kernel (faster there than dequantize +
-    sgemm): each row of the prompt bit for bit what decoding its token alone gives; elsewhere sgemm, within
-    float rounding of it. A Q8_0 matrix beside it still goes to sgemm."""
+    """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI builds; AVX2 ones
+    for rows of 256 values or more) a Q4_0 prompt's products run the decode kernel: each row of the prompt bit for
+    bit what decoding its token alone gives; elsewhere sgemm, within float rounding of it (and not the same
+    sums). A Q8_0 matrix beside it still goes to sgemm."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
-    q = quantize_q4_0(rng.standard_normal((96, 256)).astype(np.float32))
-    q8 = quantize_q8_0(rng.standard_normal((40, 256)).astype(np.float32))
-    x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, 256)).astype(np.float32)
-    got, beside = native.matmul_many(x, [q, q8])
-    by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-    if native.isa() in kernels_native.INT8_Q4_PROMPT_ISAS:
-        np.testing.assert_array_equal(got, by_token)
-    else:
-        np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
-    np.testing.assert_array_equal(beside, native.matmul_many(x, [q8])[0])
-    want = quantized_gemm(x, [q8], lambda m: m.dequantize())[0]
-    np.testing.assert_allclose(beside, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    min_cols = kernels_native.INT8_Q4_PROMPT_MIN_COLS.get(native.isa())
+    for cols in (128, 256):
+        q = quantize_q4_0(rng.standard_normal((96, cols)).astype(np.float32))
+        q8 = quantize_q8_0(rng.standard_normal((40, cols)).astype(np.float32))
+        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
+        got, beside = native.matmul_many(x, [q, q8])
+        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
+        if min_cols is not None and cols >= min_cols:
+            np.testing.assert_array_equal(got, by_token)
+        else:
+            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
+            assert not np.array_equal(got, by_token)
+        np.testing.assert_array_equal(beside, native.matmul_many(x, [q8])[0])
+        want = quantized_gemm(x, [q8], lambda m: m.dequantize())[0]
+        np.testing.assert_allclose(beside, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+PROMPT_PRODUCTS = """
+import numpy as np
+from babyllama import kernels_native, quant
+k = kernels_native.load()
+w, x = quant.quantize_q4_0(np.ones((512, 256), np.float32)), np.ones((64, 256), np.float32)
+before = k.lib.pool_split_jobs()
+for _ in range(300):
+    k.matmul(x, [w])  # a 64-token prompt's products on the int8 kernel, back to back
+print(k.threads(), k.lib.pool_split_jobs() - before)
+"""
+
+
+def test_prompt_sized_products_do_not_start_a_measurement():
+    """The adaptation measures decode-sized products only (and every product of a decode step): a prompt's
+    products on the int8 kernel follow its last choice, as a prompt's sgemm does, instead of starting a
+    measurement on their own token count whose one-thread phase then holds whole prompts (here, after the
+    process's opening phase of 192 products, the rest would have run on the caller's thread alone)."""
+    native_build("native")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip("one CPU: there is no second thread to split a product onto")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
+    out = subprocess.run([sys.executable, "-c", PROMPT_PRODUCTS], env=env, capture_output=True, text=True,
+                         check=True)
+    threads, split = map(int, out.stdout.split())
+    assert threads >= 2 and split == 300
 
 
 @pytest.mark.parametrize("kind", ["fp32", "q8_0 gs64", "q8_0 blocks", "q4_0"])

@@ -323,7 +323,8 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
  * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
- * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs.
+ * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs
+ * (a prompt's products are not measured at all: MEASURED_MAX_TOKENS).
  * A process opens with a phase on every thread as short as a probe: with nothing measured yet, its first
  * prompt would otherwise run on the caller's thread alone (twice as long on an idle machine), and a busy
  * machine pays for the opening no more than for a probe of every thread. */
@@ -1905,10 +1906,17 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
     }
 }
 
-/* out = x @ w.T for each matrix of mats (n_mats, stacked in out as their row0 say; any mix of types, each
- * quantized one with a group size dividing n), with the fused forms of f (may be NULL). Returns 0, or 1 when
- * there are more than two group sizes. */
-int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
+/* The most tokens of a product the adaptation measures when it is called on its own (engine.py's
+ * FUSED_MAX_TOKENS: a decode-sized step). More are a prompt's (the int8 kernel's share of one, where it takes
+ * Q4_0 prompts): those follow the last choice as a prompt's sgemm does. Measured, a 256-token prompt's 48
+ * products restarted the measurement on their own count (PROBE_JOBS of them in a row), and the next prompt's
+ * products then ran on one thread for the one-thread phase. Every product of a decode step (forward_step,
+ * batched ones of any size) is measured. */
+#define MEASURED_MAX_TOKENS 8
+
+/* matmul, with `measured`: whether the adaptation times it (see MEASURED_MAX_TOKENS) */
+static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
+                   const Fusion *f, int measured) {
     Product p = {NULL, n_tok, n, mats, n_mats, out, f != NULL && f->accumulate, {{0}}, 0};
     unsigned types[2] = {0, 0};
     int64_t rows = 0, bytes = 0, max_rb = 1;
@@ -1935,10 +1943,18 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
         lay_out_activations(a, n_tok, n, types[i]);
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
-    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, n_tok, rows * n * n_tok >= PRODUCT_MIN_MACS);
+    pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, measured ? n_tok : 0,
+                      rows * n * n_tok >= PRODUCT_MIN_MACS);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
     scratch_free(owned);
     return 0;
+}
+
+/* out = x @ w.T for each matrix of mats (n_mats, stacked in out as their row0 say; any mix of types, each
+ * quantized one with a group size dividing n), with the fused forms of f (may be NULL). Returns 0, or 1 when
+ * there are more than two group sizes. */
+int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
+    return product(x, n_tok, n, mats, n_mats, out, f, n_tok <= MEASURED_MAX_TOKENS);
 }
 
 /* Q4_0 rows (rows, n) regrouped as Q4_0R (see W_Q4_0R) into dst (the same size; not src): groups of 4 bytes
@@ -2640,13 +2656,13 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
-        matmul(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att);
+        product(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att, 1);
         attention_split_from(attention_min, qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin,
                              (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type, slots, positions,
                              n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size, att);
-        matmul(att, n_tok, dim, &ly->wo, 1, x, &residual);
-        matmul(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn);
-        matmul(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated);
+        product(att, n_tok, dim, &ly->wo, 1, x, &residual, 1);
+        product(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn, 1);
+        product(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated, 1);
     }
     free(qkv);
     free(att);
@@ -2677,7 +2693,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     float *rows = malloc(n_out * dim * sizeof(float));
     for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
     Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
-    matmul(rows, n_out, dim, &m->cls, 1, logits, &final_norm);
+    product(rows, n_out, dim, &m->cls, 1, logits, &final_norm, 1);
     free(x);
     free(cos);
     free(sin);
