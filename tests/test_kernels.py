@@ -464,6 +464,18 @@ def test_many_threads_and_concurrent_callers(native):
         native.configure_threads()
 
 
+def run_with_default_threads(script: str, skip_why: str) -> str:
+    """stdout of `script` run in a fresh process with the pool's default threads (no OMP_NUM_THREADS or
+    BABYLLAMA_SPIN_US); skipped with `skip_why` where there is one CPU."""
+    native_build("native")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip(f"one CPU: {skip_why}")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout
+
+
 FIRST_PROMPT = """
 import numpy as np
 from babyllama import kernels_native
@@ -480,13 +492,8 @@ def test_a_first_prompt_runs_on_every_thread():
     """In a fresh process nothing has been measured yet: a prompt's sgemm (not one of the products the pool
     measures) and the first products run on every thread, not on the caller's alone, where they took twice as
     long."""
-    native_build("native")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus < 2:
-        pytest.skip("one CPU: there is no second thread to split a prompt onto")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-c", FIRST_PROMPT], env=env, capture_output=True, text=True, check=True)
-    threads, split = map(int, out.stdout.split())
+    out = run_with_default_threads(FIRST_PROMPT, "there is no second thread to split a prompt onto")
+    threads, split = map(int, out.split())
     assert threads >= 2 and split == 2
 
 
@@ -529,14 +536,8 @@ def test_threads_stay_awake_between_steps_where_every_thread_is_used():
     spin through such a gap instead of going to sleep and waking late for the next step's first products. With
     an explicit thread count they spin 50 us and sleep (nothing tells whether a co-runner wants the core).
     BABYLLAMA_SPIN_US (pool_configure's spin) sets the spin in either case."""
-    native_build("native")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus < 2:
-        pytest.skip("one CPU: no second thread")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
-    out = subprocess.run([sys.executable, "-c", STEPS_WITH_GAPS], env=env, capture_output=True, text=True,
-                         check=True)
-    *spins, adaptive, explicit, set_short, set_long = map(int, out.stdout.split())
+    out = run_with_default_threads(STEPS_WITH_GAPS, "no second thread")
+    *spins, adaptive, explicit, set_short, set_long = map(int, out.split())
     assert spins == [500, 50, 50, 1000]  # default (every thread), explicit threads, BABYLLAMA_SPIN_US, both
     # gaps of 1 ms: a sleep each after a 50 us spin, but for wake-ups that come too late to see a job or a
     # gap at all (12-21 of 20 measured on a Zen 3 VM)
@@ -813,14 +814,8 @@ def test_prompt_sized_products_do_not_start_a_measurement():
     products on the int8 kernel follow its last choice, as a prompt's sgemm does, instead of starting a
     measurement on their own token count whose one-thread phase then holds whole prompts (here, after the
     process's opening phase of 192 products, the rest would have run on the caller's thread alone)."""
-    native_build("native")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus < 2:
-        pytest.skip("one CPU: there is no second thread to split a product onto")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
-    out = subprocess.run([sys.executable, "-c", PROMPT_PRODUCTS], env=env, capture_output=True, text=True,
-                         check=True)
-    threads, split = map(int, out.stdout.split())
+    out = run_with_default_threads(PROMPT_PRODUCTS, "there is no second thread to split a product onto")
+    threads, split = map(int, out.split())
     assert threads >= 2 and split == 300
 
 
