@@ -63,7 +63,8 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # models only, and lost 9% on 42M). AVX2 reads the regrouped rows 8 blocks a step: on two Zen 3 cores (no
 # VNNI; two explicit threads, 256 tokens, medians of fresh processes) 42M 1,786 -> 2,333 tok/s, 110M 637 ->
 # 890, and per matrix rows of 768 or 2048 values 0.68-0.75x the time, 256-288 level, 128 1.4x: the built-in
-# model's (dim 128) stay on sgemm. AVX2 with VNNI (avx2-vnni) runs the same sums in fewer instructions.
+# model's (dim 128) stay on sgemm. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer
+# instructions.
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)

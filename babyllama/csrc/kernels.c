@@ -1909,8 +1909,8 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
 /* The most tokens of a product the adaptation measures when it is called on its own (engine.py's
  * FUSED_MAX_TOKENS: a decode-sized step). More are a prompt's (the int8 kernel's share of one, where it takes
  * Q4_0 prompts): those follow the last choice as a prompt's sgemm does. Measured, a 256-token prompt's 48
- * products restarted the measurement on their own count (PROBE_JOBS of them in a row), and the next prompt's
- * products then ran on one thread for the one-thread phase. Every product of a decode step (forward_step,
+ * products would start the measurement again on their own count (PROBE_JOBS of them in a row), and the next
+ * prompt would then run on one thread for the one-thread phase. Every product of a decode step (forward_step,
  * batched ones of any size) is measured. */
 #define MEASURED_MAX_TOKENS 8
 
