@@ -102,31 +102,6 @@ def small_pages(a: np.ndarray) -> None:
         _madvise(start, (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE, MADV_NOHUGEPAGE)
 
 
-# glibc's mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-KEEP_FREED_BYTES = 64 << 20
-HEAP_BELOW_BYTES = 4 << 20
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc's malloc keep memory this process frees for its next allocations: blocks under 4 MiB come
-    from the heap, and up to 64 MiB freed at its top stays mapped. A prompt's activations and the kernels'
-    buffers are allocated and freed anew by every step; with glibc's defaults the larger ones are mapped fresh
-    each time, and every page faults in and is zeroed again (a 256-token prompt of a 15M model: ~7,300 page
-    faults, a third of its time). Larger blocks (a KV cache, most often) are still mapped, so that they take
-    memory as they are written. The `babyllama` command calls this; a program that imports the package decides
-    for itself. Returns whether the settings took (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-
-
 def _read_only_file_maps() -> list[tuple[int, int]]:
     """The address ranges of this process's read-only mappings of files (/proc/self/maps)."""
     maps = []
