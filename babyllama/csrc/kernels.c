@@ -1908,10 +1908,10 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
 
 /* The most tokens of a product the adaptation measures when it is called on its own (engine.py's
  * FUSED_MAX_TOKENS: a decode-sized step). More are a prompt's (the int8 kernel's share of one, where it takes
- * Q4_0 prompts): those follow the last choice as a prompt's sgemm does. Measured, a 256-token prompt's 48
- * products would start the measurement again on their own count (PROBE_JOBS of them in a row), and the next
- * prompt would then run on one thread for the one-thread phase. Every product of a decode step (forward_step,
- * batched ones of any size) is measured. */
+ * Q4_0 prompts): those follow the last choice as a prompt's sgemm does. Were they measured, a 256-token
+ * prompt's 48 products would start the measurement again on their own count (PROBE_JOBS of them in a row),
+ * and the next prompt would then run on one thread for the one-thread phase. Every product of a decode step
+ * (forward_step, batched ones of any size) is measured. */
 #define MEASURED_MAX_TOKENS 8
 
 /* matmul, with `measured`: whether the adaptation times it (see MEASURED_MAX_TOKENS) */
@@ -2779,9 +2779,9 @@ static int by_falling_probability(const void *a, const void *b) {
 /* run.c's top-p sampling as sampler.sample_topp does it in NumPy, with the same fp32 arithmetic: the tokens at
  * or above `cutoff` in falling probability, the nucleus cut after the first whose running mass exceeds topp,
  * then the coin scaled by the nucleus's mass looked up in that running mass; where the most likely token alone
- * holds more than topp, or no token reaches the cutoff, the first most likely one (as sampler.nucleus). Returns the token, or -1 where memory runs out (the
- * caller then takes the NumPy path). NumPy's ~15 calls took ~40 us a token on small vocabularies, a fifth of
- * a small model's decode step. */
+ * holds more than topp, or no token reaches the cutoff, the first most likely one (as sampler.nucleus).
+ * Returns the token, or -1 where memory runs out (the caller then takes the NumPy path). NumPy's ~15 calls
+ * took ~40 us a token on small vocabularies, a fifth of a small model's decode step. */
 int64_t sample_topp(const float *probs, int64_t n, float topp, float cutoff, float coin) {
     int64_t m = 0, top = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -2849,11 +2849,10 @@ void softmax_logits(const float *logits, int64_t n, double temperature, float *p
 }
 
 /* Sampler.sample for temperature > 0 in one call: run.c's draw from softmax_logits' probabilities with the
- * caller's coin, top-p where 0 < topp < 1 (sample_topp with run.c's cutoff (1 - topp) / (n - 1), sampler._cutoff),
- * else the whole distribution (first_above). The search
- * is NumPy's exactly; only the probabilities differ in their last bits (softmax_logits), so a coin that falls
- * within that of a boundary between two tokens may pick the other. Returns the token, or -1 where memory could
- * not be allocated. */
+ * caller's coin, top-p where 0 < topp < 1 (sample_topp with run.c's cutoff (1 - topp) / (n - 1), as
+ * sampler._cutoff), else the whole distribution (first_above). The search is NumPy's exactly; only the
+ * probabilities differ in their last bits (softmax_logits), so a coin that falls within that of a boundary
+ * between two tokens may pick the other. Returns the token, or -1 where memory could not be allocated. */
 int64_t sample_logits(const float *logits, int64_t n, double temperature, double topp, float coin) {
     float *probs = malloc(n * sizeof(float));
     if (probs == NULL) return -1;
