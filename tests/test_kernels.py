@@ -182,14 +182,21 @@ def _rows(m, lo: int, hi: int):
     return dataclasses.replace(m, data=m.data[lo:hi])
 
 
-@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, "q4_0 regrouped", "q4_0 regrouped, rows paired"])
+# regrouped Q4_0 rows of 576 values: a group of 16 blocks, two alone; of 128: one group of 4 (rows in pairs on
+# AVX2, in fours on AVX-512 VBMI); of 480: groups of 8 and 4, three alone, and of 992: 16, 8, 4 and three
+# alone (in pairs on AVX2)
+Q4R_ROW_KINDS = {"q4_0 regrouped": 576, "q4_0 regrouped, a group of 4": 128, "q4_0 regrouped, 8 + 4 + 3": 480,
+                 "q4_0 regrouped, 16 + 8 + 4 + 3": 992}
+
+
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *Q4R_ROW_KINDS])
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
-    thread's chunk, eight one-token rows side by side, two rows' groups of 4 Q4_0 blocks in one vector), and a
-    row's result does not depend on which rows share its pass, so on where a chunk starts or ends either."""
+    thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
+    rows in one vector), and a row's result does not depend on which rows share its pass, so on where a chunk
+    starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
-    # regrouped Q4_0 rows of 576: a group of 16 blocks, two alone; of 480: groups of 8 and 4, three alone
-    n = 480 if kind.endswith("paired") else 576
+    n = Q4R_ROW_KINDS.get(kind, 576)
     w = gen.standard_normal((45, n)).astype(np.float32)
     if kind == "fp32":
         m = w
@@ -217,8 +224,9 @@ def _regrouped(native, q: BlockTensor):
     return r
 
 
-# singles, a group of 4 (+ singles), 8 + 1, 16 + 8 + 4 + 3, 16 + 8 (dim 768), 16 x 4 + 1, ...
-@pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 480, 512, 768, 800, 2080])
+# blocks: 1 and 3 alone, a group of 4 (+ 3 alone), 8 + 1, 8 + 4 + 3, 16, 16 + 4, 16 + 8 (dim 768), 16 + 8 + 1,
+# 16 + 8 + 4 + 3, 16 x 4 + 1
+@pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 480, 512, 640, 768, 800, 992, 2080])
 def test_regrouped_q4_products_match_q4_0_blocks(native, n):
     """Decode steps read Q4_0 matrices regrouped (kernels.c's W_Q4_0R: 16, 8 or 4 blocks per group, the last
     0-3 blocks as they are): the same integer sums per block, added in another order, so within float
@@ -233,7 +241,7 @@ def test_regrouped_q4_products_match_q4_0_blocks(native, n):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("n", [800, 128])  # 16 + 8 + 1 blocks; one group of 4 (rows go in pairs)
+@pytest.mark.parametrize("n", [800, 128])  # 16 + 8 + 1 blocks; one group of 4 (rows in pairs or fours)
 def test_regrouped_q4_rows_alone_or_in_a_batch_are_identical(native, n):
     q = quantize_q4_0(rng.standard_normal((40, n)).astype(np.float32))
     r = _regrouped(native, q)

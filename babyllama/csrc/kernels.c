@@ -1456,6 +1456,56 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
 }
 
+/* Rows of one group of 4 Q4_0R blocks (n = 128: a dim-128 model's), four at a time (row r at w + r * rb):
+ * q4r_lanes8's group of 4 fills a quarter of a 512-bit vector, so lanes 4r..4r+3 hold row r's blocks, against
+ * the token's values repeated in every quarter. Each lane's arithmetic is q4r_lanes8's (the same int32 sums,
+ * conversion and multiply-add), and row r's partial sums leave in lanes 0-3 of acc[r][t], the rest zero, as
+ * dots_q4r_simd leaves them: a row's result is the same in a quad or alone. Rows with other groups before or
+ * after a group of 4 go alone: passing their partial sums through the quad's lanes and back measured slower
+ * than the rows alone at 8 tokens. */
+ALWAYS_INLINE __m512i q4r_quarters(const void *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
+
+ALWAYS_INLINE __m512i q4r_rows4(const uint8_t *p, int64_t rb) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)p));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + rb)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 2 * rb)), 2);
+    return _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(p + 3 * rb)), 3);
+}
+
+ALWAYS_INLINE void dots_q4r_quad(const uint8_t *w, int64_t rb, const QAct *a, int nt, __m512 acc[4][8]) {
+    __m512i lo[4], hi[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        __m512i v = q4r_rows4(w + 16 * j, rb);
+        lo[j] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+        hi[j] = high_nibbles(v);
+    }
+#define Q4R_SCALES(r) _mm_loadl_epi64((const __m128i *)(w + (r) * rb + 64))
+    __m512 wd = _mm512_cvtph_ps(_mm256_set_m128i(_mm_unpacklo_epi64(Q4R_SCALES(2), Q4R_SCALES(3)),
+                                                 _mm_unpacklo_epi64(Q4R_SCALES(0), Q4R_SCALES(1))));
+#undef Q4R_SCALES
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        const int8_t *x = a->q16 + t * 4 * BLOCK;
+        __m512i s0 = q4r_quarters(a->c16 + t * 4), s1 = _mm512_setzero_si512();
+        s0 = _mm512_dpbusd_epi32(s0, lo[0], q4r_quarters(x));
+        s1 = _mm512_dpbusd_epi32(s1, lo[1], q4r_quarters(x + 16));
+        s0 = _mm512_dpbusd_epi32(s0, lo[2], q4r_quarters(x + 32));
+        s1 = _mm512_dpbusd_epi32(s1, lo[3], q4r_quarters(x + 48));
+        s0 = _mm512_dpbusd_epi32(s0, hi[0], q4r_quarters(x + 64));
+        s1 = _mm512_dpbusd_epi32(s1, hi[1], q4r_quarters(x + 80));
+        s0 = _mm512_dpbusd_epi32(s0, hi[2], q4r_quarters(x + 96));
+        s1 = _mm512_dpbusd_epi32(s1, hi[3], q4r_quarters(x + 112));
+        __m512 xd = _mm512_castsi512_ps(q4r_quarters(a->d + t * 4));
+        __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(wd, xd),
+                                   _mm512_setzero_ps());
+        acc[0][t] = _mm512_zextps128_ps512(_mm512_castps512_ps128(p));
+        acc[1][t] = _mm512_zextps128_ps512(_mm512_extractf32x4_ps(p, 1));
+        acc[2][t] = _mm512_zextps128_ps512(_mm512_extractf32x4_ps(p, 2));
+        acc[3][t] = _mm512_zextps128_ps512(_mm512_extractf32x4_ps(p, 3));
+    }
+}
+
 /* llama.cpp's Q8_0, two blocks a step: the 64 int8 weights gathered out of 68 bytes and read as unsigned
  * (w + 128, the correction -128 * sum of x starts each block's sum), the scales repeated over 8 lanes */
 ALWAYS_INLINE void dots_q8_blocks_simd(const uint8_t *w, int64_t nb, const QAct *a, int nt, __m512 *acc) {
@@ -1701,7 +1751,40 @@ DEFINE_YMM_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, acc
 #endif
 #ifdef HAVE_ZMM_INT8
 DEFINE_ZMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
-DEFINE_ZMM_ROWS(rows_q4r, dots_q4r_simd(w, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
+
+/* Q4_0R rows of one group of 4 blocks go four at a time (dots_q4r_quad); other rows, and the last rows of a
+ * count not a multiple of 4, as rows_q4r_alone */
+#define DEFINE_ZMM_Q4R_ROWS_NT(NAME, DOTS, nt)                                                                 \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        int64_t rb = row_bytes(m, n), i = lo;                                                                  \
+        if (n != 4 * BLOCK) {                                                                                  \
+            rows_q4r_alone[NT](m, lo, hi, a, n, out, stride, accumulate);                                      \
+            return;                                                                                            \
+        }                                                                                                      \
+        if (NT == 1)                                                                                           \
+            for (; i + 16 <= hi; i += 16) {                                                                    \
+                __m512 rows[16];                                                                               \
+                for (int r = 0; r < 16; r += 4) {                                                              \
+                    __m512 quad[4][8];                                                                         \
+                    dots_q4r_quad((const uint8_t *)m->w + (i + r) * rb, rb, a, NT, quad);                      \
+                    for (int k = 0; k < 4; k++) rows[r + k] = quad[k][0];                                      \
+                }                                                                                              \
+                __m512 sums = f32_sums16(rows);                                                                \
+                if (accumulate) sums = _mm512_add_ps(_mm512_loadu_ps(out + i), sums);                          \
+                _mm512_storeu_ps(out + i, sums);                                                               \
+            }                                                                                                  \
+        for (; i + 4 <= hi; i += 4) {                                                                          \
+            __m512 quad[4][8];                                                                                 \
+            dots_q4r_quad((const uint8_t *)m->w + i * rb, rb, a, NT, quad);                                    \
+            for (int k = 0; k < 4; k++)                                                                        \
+                for (int t = 0; t < NT; t++) store(&out[t * stride + i + k], hsum16(quad[k][t]), accumulate);  \
+        }                                                                                                      \
+        if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
+    }
+DEFINE_NT_TABLE(DEFINE_ZMM_Q4R_ROWS_NT, rows_q4r, _)
 DEFINE_ZMM_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
