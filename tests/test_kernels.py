@@ -506,12 +506,21 @@ def test_a_first_prompt_runs_on_every_thread():
 
 
 STEPS_WITH_GAPS = """
+import glob
 import time
 import numpy as np
 from babyllama import kernels_native
 k = kernels_native.load()
 w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
 k.matmul(x, [w])  # starts the threads
+
+
+def preemptions():  # the times the OS took a CPU from this process's threads (Linux; 0 elsewhere)
+    total = 0
+    for status in glob.glob("/proc/self/task/*/status"):
+        with open(status) as f:
+            total += sum(int(line.split()[1]) for line in f if line.startswith("nonvoluntary_ctxt_switches"))
+    return total
 
 
 def sleeps(threads, explicit, spin_us, gap):
@@ -526,14 +535,24 @@ def sleeps(threads, explicit, spin_us, gap):
     return k.lib.pool_sleeps() - before[0]
 
 
+# sleeps in gaps shorter than the spin, less those a preemption explains (a spinning thread descheduled, or
+# the gap stretched, past its spin sleeps once): the fewest over three tries
+def unexplained_sleeps(threads, explicit, spin_us, gap):
+    def one():
+        before = preemptions()
+        n = sleeps(threads, explicit, spin_us, gap)
+        return max(0, n - (preemptions() - before))
+    return min(one() for _ in range(3))
+
+
 # first the default: a process's first phase of the adaptation uses every thread for these products
 spins = [k.lib.pool_spin_us()]
-adaptive = min(sleeps(2, 0, -1, 200e-6) for _ in range(3))
+adaptive = unexplained_sleeps(2, 0, -1, 200e-6)
 explicit = sleeps(2, 1, -1, 1e-3)
 spins.append(k.lib.pool_spin_us())
 set_short = sleeps(2, 0, 50, 1e-3)
 spins.append(k.lib.pool_spin_us())
-set_long = min(sleeps(2, 1, 1000, 200e-6) for _ in range(3))
+set_long = unexplained_sleeps(2, 1, 1000, 200e-6)
 spins.append(k.lib.pool_spin_us())
 print(*spins, adaptive, explicit, set_short, set_long)
 """
@@ -550,8 +569,8 @@ def test_threads_stay_awake_between_steps_where_every_thread_is_used():
     # gaps of 1 ms: a sleep each after a 50 us spin, but for wake-ups that come too late to see a job or a
     # gap at all (12-21 of 20 measured on a Zen 3 VM)
     assert explicit >= 8 and set_short >= 8
-    # gaps of 200 us, within the spin; the fewest of three: an OS that preempts a spinning thread for as long
-    # puts it to sleep too
+    # gaps of 200 us, within the spin: no sleeps but those that preemptions explain (a busy machine, e.g. a
+    # compiler on both cores, took 7 of 20 in the fewest of three tries)
     assert adaptive <= 2 and set_long <= 2
 
 
