@@ -323,6 +323,9 @@ def _child(spec: dict) -> dict:
         return measure_bandwidth(**spec)
     if kind == "llamacpp":
         return measure_llamacpp(Path(spec.pop("path")), **spec)
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()  # as the `babyllama` command runs
     return measure(Path(spec.pop("path")), **spec)
 
 

@@ -19,7 +19,7 @@ from . import kernels
 from .config import ModelArgs
 from .formats import Weights
 from .kernels_base import Kernels, apply_rope, kv_q8_dtype, kv_read, kv_write, rmsnorm, segments, silu  # noqa: F401
-from .memory import allocation_failed, check_fits, small_pages
+from .memory import allocation_failed, check_fits, small_pages, zeros_mapped
 
 # `kv_cache` settings: "f32", "f16" and "q8_0" name the cache's rows; "auto" is f16 for quantized weights (Q8_0,
 # Q4_0: their products round weights and activations to 8- or 4-bit steps, far coarser than fp16's 11-bit
@@ -53,9 +53,10 @@ class KVCache:
     quarter of float32's bytes): values are rounded to it as they are written (kv_write), and read back as
     float32 for the arithmetic (kv_read).
 
-    np.zeros maps untouched pages lazily, and the cache asks for 4 KiB pages (memory.small_pages: with NumPy's
-    2 MB huge pages the first position written in every head's region would make all of it resident), so a
-    large cache costs memory only as positions fill (decode speed the same either way, measured); callers
+    The cache is pages mapped for it alone (memory.zeros_mapped), untouched until written, in 4 KiB pages
+    (memory.small_pages: with 2 MB huge pages the first position written in every head's region would make
+    all of it resident), so a cache costs memory only as positions fill (decode speed the same either way,
+    measured); callers
     size `seq_len` by the positions they will use, not by the header's context, and a cache that could never
     fit in memory is refused up front."""
 
@@ -72,8 +73,8 @@ class KVCache:
         hint = "lower -n / --steps (or the batch's slots)"
         check_fits(nbytes, what, hint)
         try:
-            self.k = np.zeros(shape, dtype=dtype)
-            self.v = np.zeros(shape, dtype=dtype)
+            self.k = zeros_mapped(shape, dtype)
+            self.v = zeros_mapped(shape, dtype)
         except MemoryError:
             raise allocation_failed(what, nbytes, hint) from None
         small_pages(self.k)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import assert_greedy_agree, logits_after, random_weights, tiny_args
@@ -130,3 +133,40 @@ def test_q8_engine_close_to_fp32_on_stories260k(stories260k, tok512, tmp_path):
     l8 = e8.forward(toks, range(64), e8.new_cache())
     assert np.abs(l32 - l8).max() < 0.5
     assert (l32.argmax(-1) == l8.argmax(-1)).mean() > 0.9
+
+
+FREED_MEMORY = """
+import resource, sys
+from babyllama.memory import keep_freed_memory
+if sys.argv[2] == "keep" and not keep_freed_memory():
+    print("untuned")
+    sys.exit(0)
+from babyllama.api import make_engine
+from babyllama.loading import open_model
+engine = make_engine(open_model(sys.argv[1]).weights, "numpy", False, False, "auto")
+prompt = [1] + [3 + i % 200 for i in range(255)]
+cache = engine.new_cache(1, len(prompt))  # the same positions each time: its pages fault in once
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    engine.forward(prompt, range(len(prompt)), cache, logits="last")
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (Linux)")
+def test_prompts_reuse_freed_memory_where_the_command_asks_for_it(tmp_path):
+    """A prompt's activations and the kernels' buffers are allocated anew every step. With glibc's defaults the
+    large ones are mapped fresh each time and every page faults in again; after memory.keep_freed_memory (what
+    the `babyllama` command does at start) a later prompt of the same size reuses what the last one freed."""
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(dim=256, hidden_dim=768, n_layers=2, n_heads=4, n_kv_heads=4,
+                                          vocab_size=256, max_seq_len=512)), path, version=1)
+    runs = {how: subprocess.run([sys.executable, "-c", FREED_MEMORY, str(path), how], capture_output=True,
+                                text=True, check=True).stdout.split() for how in ("keep", "default")}
+    if runs["keep"] == ["untuned"]:
+        pytest.skip("not glibc: no mallopt")
+    keep, default = int(runs["keep"][0]), int(runs["default"][0])
+    assert default > 500  # 256 x 768 floats a step, mapped fresh: the case this guards against happens here
+    assert keep < 50

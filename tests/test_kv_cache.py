@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -435,3 +438,31 @@ def test_a_kv_cache_is_resident_as_its_positions_fill():
     cache.k[:, :, :, 0] = 1
     cache.v[:, :, :, 0] = 1
     assert resident_bytes(cache.k) < 0.1 * cache.k.nbytes
+
+
+SMALL_CACHE = """
+import sys
+import numpy as np
+from babyllama.engine import KVCache
+from babyllama.memory import keep_freed_memory
+from conftest import resident_bytes, tiny_args
+if not keep_freed_memory():
+    print("untuned")
+    sys.exit(0)
+cache = KVCache(tiny_args(dim=256, n_heads=4, n_kv_heads=4, n_layers=4, max_seq_len=2048), 1, 2048, np.float16)
+cache.k[:, :, :, 0] = 1
+print(resident_bytes(cache.k) / cache.k.nbytes, cache.k.ctypes.data % 4096, cache.k.flags.writeable)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
+def test_a_small_kv_cache_is_resident_as_it_fills_where_freed_memory_is_kept():
+    """The `babyllama` command has glibc serve blocks under 32 MiB from its heap (memory.keep_freed_memory),
+    where a block is zeroed by a memset and so made resident at once; a KV cache is pages mapped for it alone,
+    so a 4 MiB one (keys) still takes memory only as positions fill."""
+    out = subprocess.run([sys.executable, "-c", SMALL_CACHE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout.split()
+    if out == ["untuned"]:
+        pytest.skip("not glibc: no mallopt")
+    share, offset, writeable = float(out[0]), int(out[1]), out[2]
+    assert share < 0.1 and offset == 0 and writeable == "True"

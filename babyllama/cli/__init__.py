@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import BabyLlamaError
+from ..memory import keep_freed_memory
 from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     quiet_library_warnings()
+    keep_freed_memory()
     try:
         from ..threads import configure
         configure(getattr(args, "threads", None))
