@@ -56,9 +56,8 @@ class KVCache:
     The cache is pages mapped for it alone (memory.zeros_mapped), untouched until written, in 4 KiB pages
     (memory.small_pages: with 2 MB huge pages the first position written in every head's region would make
     all of it resident), so a cache costs memory only as positions fill (decode speed the same either way,
-    measured); callers
-    size `seq_len` by the positions they will use, not by the header's context, and a cache that could never
-    fit in memory is refused up front."""
+    measured); callers size `seq_len` by the positions they will use, not by the header's context, and a
+    cache that could never fit in memory is refused up front."""
 
     def __init__(self, args: ModelArgs, n_slots: int = 1, seq_len: int | None = None,
                  dtype: np.dtype | type[np.floating] = np.float32):

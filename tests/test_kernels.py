@@ -802,9 +802,9 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
 
 @pytest.mark.parametrize("sgemm", [True, False])  # False: no sgemm was found, NumPy's products instead
 def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI builds; AVX2 ones
-    for rows of 256 values or more) a Q4_0 prompt's products run the decode kernel: each row of the prompt bit for
-    bit what decoding its token alone gives; elsewhere sgemm, within float rounding of it (and not the same
+    """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI and AVX2 builds,
+    for rows of 256 values or more) a Q4_0 prompt's products run the decode kernel: each row of the prompt bit
+    for bit what decoding its token alone gives; elsewhere sgemm, within float rounding of it (and not the same
     sums). A Q8_0 matrix beside it still goes to sgemm."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     min_cols = kernels_native.INT8_Q4_PROMPT_MIN_COLS.get(native.isa())
