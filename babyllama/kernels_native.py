@@ -58,15 +58,14 @@ F32_KERNEL_MAX_ROWS = 8
 # 16 tokens: 64 ms vs 206 dequantized; at 32: 108 vs 152; at 48 dequantizing wins: 151 vs 178).
 QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts, each with the shortest weight rows it
-# takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes
-# (256-token prompts, 2-vCPU Zen 4: 15M, 42M, 110M 26-33% faster; Q8_0 gained on the small models only, and
-# lost 9% on 42M); per matrix, with freed memory kept (memory.keep_freed_memory), rows of 288-768 values took
-# 0.41-0.96x sgemm's time, 352 0.87x, 256 0.58-0.93x, 128 0.99-1.34x, so the built-in model's (dim 128) stay on
-# sgemm (its prompts: 10% faster than all on int8). AVX2 reads the regrouped rows 8 blocks a step: on two Zen 3
-# cores (no VNNI; two explicit threads, 256 tokens, medians of fresh processes) 42M 1,786 -> 2,333 tok/s, 110M
-# 637 -> 890, and per matrix rows of 768 or 2048 values 0.68-0.75x the time, 256-288 level, 128 1.4x. AVX2 with
-# VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
-INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 256, "avx2": 256, "avx2-vnni": 256}
+# takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes:
+# on two Zen 4 cores (256 tokens, freed memory kept) every matrix measured took 0.41-0.99x sgemm's time (128 x
+# 128 to 768 x 288), the built-in model's whole prompt 1.03-1.06x as fast as with its rows of 128 on sgemm.
+# AVX2 reads the regrouped rows 8 blocks a step: on two Zen 3 cores (no VNNI; two explicit threads, 256 tokens,
+# medians of fresh processes) 42M 1,786 -> 2,333 tok/s, 110M 637 -> 890; per matrix, rows of 192-768 values
+# took 0.64-0.97x the time (the AVX2 build on Zen 4) and rows of 128 1.05-1.19x, so the built-in model's (dim
+# 128) stay on sgemm there. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
+INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}

@@ -802,9 +802,9 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
 
 @pytest.mark.parametrize("sgemm", [True, False])  # False: no sgemm was found, NumPy's products instead
 def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI and AVX2 builds,
-    for rows of 256 values or more) a Q4_0 prompt's products run the decode kernel: each row of the prompt bit
-    for bit what decoding its token alone gives; elsewhere sgemm, within float rounding of it (and not the same
+    """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI builds; AVX2 ones
+    for rows of 256 values or more) a Q4_0 prompt's products run the decode kernel: each row of the prompt bit for
+    bit what decoding its token alone gives; elsewhere sgemm, within float rounding of it (and not the same
     sums). A Q8_0 matrix beside it still goes to sgemm."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     min_cols = kernels_native.INT8_Q4_PROMPT_MIN_COLS.get(native.isa())
@@ -822,6 +822,27 @@ def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monke
         np.testing.assert_array_equal(beside, native.matmul_many(x, [q8])[0])
         want = quantized_gemm(x, [q8], lambda m: m.dequantize())[0]
         np.testing.assert_allclose(beside, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_prompts_product_of_a_small_matrix_is_split_across_threads(native):
+    """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a decode step's product (~32 KB a chunk, kept: more chunks
+    cost more than they gain at 1-8 tokens), so it runs on one thread. A prompt's product does 8 passes of 8
+    tokens over those rows and more: its rows are cut into chunks for every thread."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cpus < 2:
+        pytest.skip("one CPU: nothing to split across")
+    w = quantize_q4_0(rng.standard_normal((128, 128)).astype(np.float32))
+    x = rng.standard_normal((64, 128)).astype(np.float32)
+    native.configure_threads(2)
+    try:
+        splits = []
+        for tokens in (64, 4):
+            before = native.lib.pool_split_jobs()
+            native.matmul(x[:tokens], [w])
+            splits.append(native.lib.pool_split_jobs() - before)
+        assert splits == [1, 0]
+    finally:
+        native.configure_threads()
 
 
 PROMPT_PRODUCTS = """
