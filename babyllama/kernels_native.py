@@ -34,6 +34,7 @@ from . import memory, sampler
 from .formats import Matrix, QTensor, Weights, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BlockTensor
+from .threads import usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
@@ -317,7 +318,7 @@ class NativeKernels:
             if env.isdigit() and int(env) > 0:
                 n, explicit = int(env), True
             else:
-                n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                n = usable_cpus()
         spin = os.environ.get("BABYLLAMA_SPIN_US", "")
         self.lib.pool_configure(n, int(explicit), int(spin) if spin.isdigit() else -1)
 

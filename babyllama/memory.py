@@ -93,8 +93,9 @@ def _madvise(start: int, end: int, advice: int) -> None:
 
 
 def small_pages(a: np.ndarray) -> None:
-    """Back a (contiguous, not yet touched) with 4 KiB pages: NumPy asks for 2 MB transparent huge pages for
-    large arrays, and the first write anywhere in one makes the whole 2 MB resident. For arrays written a
+    """Back a (contiguous, not yet touched) with 4 KiB pages: with 2 MB transparent huge pages (NumPy asks for
+    them for its large arrays; a kernel set to use them everywhere gives them to any map, zeros_mapped's too)
+    the first write anywhere in one makes the whole 2 MB resident. For arrays written a
     little at a time all over, as a KV cache is (a row per position in every head's region), that would
     make all of it resident at the first step instead of as positions fill. Linux only; else nothing."""
     if sys.platform.startswith("linux") and a.flags.c_contiguous:

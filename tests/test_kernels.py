@@ -41,6 +41,7 @@ from babyllama.kernels_base import (
 )
 from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
 from babyllama.sampler import Rng, Sampler
+from babyllama.threads import usable_cpus
 
 rng = np.random.default_rng(11)
 ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx512 (no VNNI), avx512-vnni (no VBMI)
@@ -476,8 +477,7 @@ def run_with_default_threads(script: str, skip_why: str) -> str:
     """stdout of `script` run in a fresh process with the pool's default threads (no OMP_NUM_THREADS or
     BABYLLAMA_SPIN_US); skipped with `skip_why` where there is one CPU."""
     native_build("native")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus < 2:
+    if usable_cpus() < 2:
         pytest.skip(f"one CPU: {skip_why}")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "BABYLLAMA_SPIN_US")}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
@@ -828,8 +828,7 @@ def test_a_prompts_product_of_a_small_matrix_is_split_across_threads(native):
     """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a decode step's product (~32 KB a chunk, kept: more chunks
     cost more than they gain at 1-8 tokens), so it runs on one thread. A prompt's product does 8 passes of 8
     tokens over those rows and more: its rows are cut into chunks for every thread."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cpus < 2:
+    if usable_cpus() < 2:
         pytest.skip("one CPU: nothing to split across")
     w = quantize_q4_0(rng.standard_normal((128, 128)).astype(np.float32))
     x = rng.standard_normal((64, 128)).astype(np.float32)
