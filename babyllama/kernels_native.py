@@ -67,6 +67,14 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # took 0.64-0.97x the time (the AVX2 build on Zen 4) and rows of 128 1.05-1.19x, so the built-in model's (dim
 # 128) stay on sgemm there. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
+# Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout, each with the smallest
+# group size it takes them from. Two Zen 4 cores (256 tokens, in one process, medians of 7): groups of 64
+# took 0.62-0.75x sgemm's time on 512 x 1536 to 2048 x 768 (the 110M model's whole prompt 1.30-1.41x as fast)
+# and 0.94-1.00x on rows of 128; groups of 32, summed per 32, 0.76-1.15x (768 x 2048: 1.15x; whole prompts of
+# the built-in model, 15M and 42M 0.93-1.29x), so they stay on sgemm. llama.cpp's blocks (GGUF Q8_0), whose
+# values are gathered out of 34-byte blocks first, took 1.08-1.22x the time of sgemm on whole prompts; they
+# stay on sgemm, as do AVX2 builds (`maddubs`: whole prompts 0.84-1.03x as fast).
+INT8_Q8_PROMPT_MIN_GROUP = {"avx512-vnni": 64}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
@@ -297,6 +305,7 @@ class NativeKernels:
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
+        self._int8_q8_min_group = INT8_Q8_PROMPT_MIN_GROUP.get(self.isa())  # None: never
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
@@ -406,11 +415,14 @@ class NativeKernels:
             raise ValueError("one call takes matrices of at most two quantization group sizes")
         return views
 
-    def q4_prompt_on_int8(self, w: Matrix) -> bool:
+    def prompt_on_int8(self, w: Matrix) -> bool:
         """Whether a prompt's product with w runs the int8 decode kernel rather than dequantize + sgemm: Q4_0
-        matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, with rows at least that long."""
-        return (self._int8_q4_min_cols is not None and isinstance(w, BlockTensor) and w.kind == "q4_0"
-                and w.cols >= self._int8_q4_min_cols)
+        matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, with rows at least that long; runq.c-layout Q8_0
+        ones on the builds of INT8_Q8_PROMPT_MIN_GROUP, in groups at least that large."""
+        if isinstance(w, BlockTensor):
+            return w.kind == "q4_0" and self._int8_q4_min_cols is not None and w.cols >= self._int8_q4_min_cols
+        return (isinstance(w, QTensor) and self._int8_q8_min_group is not None
+                and w.group_size >= self._int8_q8_min_group)
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
@@ -418,10 +430,10 @@ class NativeKernels:
             return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else self.gemm(x, ws)
         if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
             return self.matmul(x, ws)
-        # Q4_0 where this build's int8 kernel is the faster (q4_prompt_on_int8): computed as decode steps compute.
+        # Where this build's int8 kernel is the faster (prompt_on_int8): computed as decode steps compute.
         # The rest meet runq.c's rounding of x (quantized and dequantized per group), made once per group size,
         # and the matrices that take the same x go to sgemm in one call (NumPy without it).
-        int8 = [i for i, w in enumerate(ws) if self.q4_prompt_on_int8(w)]
+        int8 = [i for i, w in enumerate(ws) if self.prompt_on_int8(w)]
         by_x: dict[int | None, list[int]] = {}
         for i, w in enumerate(ws):
             if i not in int8:
