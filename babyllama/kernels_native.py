@@ -67,14 +67,16 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # took 0.64-0.97x the time (the AVX2 build on Zen 4) and rows of 128 1.05-1.19x, so the built-in model's (dim
 # 128) stay on sgemm there. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
-# Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout, each with the smallest
-# group size it takes them from. Two Zen 4 cores (256 tokens, in one process, medians of 7): groups of 64
-# took 0.62-0.75x sgemm's time on 512 x 1536 to 2048 x 768 (the 110M model's whole prompt 1.30-1.41x as fast)
-# and 0.94-1.00x on rows of 128; groups of 32, summed per 32, 0.76-1.15x (768 x 2048: 1.15x; whole prompts of
-# the built-in model, 15M and 42M 0.93-1.29x), so they stay on sgemm. llama.cpp's blocks (GGUF Q8_0), whose
-# values are gathered out of 34-byte blocks first, took 1.08-1.22x the time of sgemm on whole prompts; they
-# stay on sgemm, as do AVX2 builds (`maddubs`: whole prompts 0.84-1.03x as fast).
-INT8_Q8_PROMPT_MIN_GROUP = {"avx512-vnni": 64}
+# Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout: per group size, the
+# shortest weight rows it takes them from. Two Zen 4 cores (256 tokens, the two routes alternating in one
+# process, medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 512 x 1536 to 2048 x 768 and 0.94-1.00x
+# on rows of 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512
+# values (512 x 1536, 1376 x 512, 768 x 2048, ...; 42M's whole prompt 1.23x and 1.24x as fast) but 1.01-1.15x on
+# rows of 288 (nine groups: a third step of four for the last one), so the 15M model takes it for w2 alone and
+# the built-in model (rows of 128 and 352: 0.68-0.92x per matrix, whole prompts 0.97-1.02x) not at all.
+# llama.cpp's Q8_0 blocks, whose values are gathered out of 34-byte blocks first, took 1.08-1.22x the time of
+# sgemm on whole prompts, and AVX2 builds (`maddubs`) 0.97-1.19x: both stay on sgemm.
+INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
@@ -305,7 +307,7 @@ class NativeKernels:
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
-        self._int8_q8_min_group = INT8_Q8_PROMPT_MIN_GROUP.get(self.isa())  # None: never
+        self._int8_q8_min_cols = INT8_Q8_PROMPT_MIN_COLS.get(self.isa(), {})  # per group size; none: never
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
@@ -417,12 +419,12 @@ class NativeKernels:
 
     def prompt_on_int8(self, w: Matrix) -> bool:
         """Whether a prompt's product with w runs the int8 decode kernel rather than dequantize + sgemm: Q4_0
-        matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, with rows at least that long; runq.c-layout Q8_0
-        ones on the builds of INT8_Q8_PROMPT_MIN_GROUP, in groups at least that large."""
+        matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, runq.c-layout Q8_0 ones on those of
+        INT8_Q8_PROMPT_MIN_COLS, with rows at least that long."""
         if isinstance(w, BlockTensor):
             return w.kind == "q4_0" and self._int8_q4_min_cols is not None and w.cols >= self._int8_q4_min_cols
-        return (isinstance(w, QTensor) and self._int8_q8_min_group is not None
-                and w.group_size >= self._int8_q8_min_group)
+        min_cols = self._int8_q8_min_cols.get(w.group_size) if isinstance(w, QTensor) else None
+        return min_cols is not None and w.shape[1] >= min_cols
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]

@@ -826,17 +826,17 @@ def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monke
 
 @pytest.mark.parametrize("sgemm", [True, False])
 def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """runq.c-layout Q8_0 in groups of 64 goes to the int8 kernel on AVX-512 VNNI builds (each row of the prompt bit
-    for bit what decoding its token alone gives); groups of 32 and every other build stay on sgemm, within float
-    rounding of it."""
+    """runq.c-layout Q8_0 goes to the int8 kernel on AVX-512 VNNI builds in groups of 64, and in groups of 32 from
+    rows of 512 values (each row of the prompt bit for bit what decoding its token alone gives); shorter rows of
+    groups of 32, and every other build, stay on sgemm, within float rounding of it."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
-    min_group = kernels_native.INT8_Q8_PROMPT_MIN_GROUP.get(native.isa())
-    x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, 256)).astype(np.float32)
-    for gs in (32, 64):
-        q = quantize_q80(rng.standard_normal((80, 256)).astype(np.float32), gs)
+    min_cols = kernels_native.INT8_Q8_PROMPT_MIN_COLS.get(native.isa(), {})
+    for gs, cols in ((32, 256), (32, 512), (64, 256)):
+        q = quantize_q80(rng.standard_normal((80, cols)).astype(np.float32), gs)
+        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
         got = native.matmul_many(x, [q])[0]
         by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-        if min_group is not None and gs >= min_group:
+        if gs in min_cols and cols >= min_cols[gs]:
             np.testing.assert_array_equal(got, by_token)
         else:
             np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
