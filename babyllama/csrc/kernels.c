@@ -1604,13 +1604,32 @@ ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int
     }
 }
 
+/* q8_g32_step for a row's last group alone (rows of 288 values: nine groups) in 256- and 128-bit arithmetic:
+ * its lanes' sums, conversion and scaling are those of a whole step's quarter 0, the other lanes of the
+ * multiply-add by zero as there, so a row gets the same result at half the step's cost */
+ALWAYS_INLINE void q8_g32_last(const uint8_t *w, const float *ws, int64_t g, const QAct *a, int64_t n, int nt,
+                               __m512 *acc) {
+    __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + g * 32)), _mm256_set1_epi8((char)0x80));
+    __m128 wsv = _mm_set1_ps(ws[g]);
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
+                                        _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * 32)));
+        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        v = _mm_add_epi32(v, _mm_loadu_si128((const __m128i *)(a->c32 + t * a->c32_stride + g * 4)));
+        __m128 scale = _mm_mul_ps(wsv, _mm_loadu_ps(a->d32 + t * a->d32_stride + g * 4));
+        acc[t] = _mm512_fmadd_ps(_mm512_zextps128_ps512(_mm_cvtepi32_ps(v)), _mm512_zextps128_ps512(scale), acc[t]);
+    }
+}
+
 ALWAYS_INLINE void dots_q8_g32_simd(const uint8_t *w, const float *ws, const QAct *a, int64_t n, int nt,
                                     __m512 *acc) {
     int64_t n_groups = n / 32, g = 0;
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps();
     for (; g + 4 <= n_groups; g += 4) q8_g32_step(w, ws, g, 4, a, n, nt, acc);
-    if (g < n_groups) q8_g32_step(w, ws, g, n_groups - g, a, n, nt, acc);
+    if (g + 1 == n_groups) q8_g32_last(w, ws, g, a, n, nt, acc);
+    else if (g < n_groups) q8_g32_step(w, ws, g, n_groups - g, a, n, nt, acc);
 }
 
 /* runq.c's Q8_0 with groups of a multiple of 64: 64 weights a vpdpbusd, read as unsigned (w + 128, the
