@@ -275,13 +275,17 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     return res
 
 
-def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None) -> dict:
+def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None, prompt_len: int = 256) -> dict:
     """llama.cpp (llama-cpp-python) on a GGUF file: greedy decode of `tokens` positions from [BOS, 3], timed
-    from the second generated token like the other rows; the median of runs_of(decode, repeats)."""
+    from the second generated token like the other rows, and the prefill of the `prompt_len`-token prompt
+    `measure` gives babyllama (the same ids), in one batch; medians of runs_of(..., repeats)."""
+    import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=tokens + 8, n_threads=threads or len(os.sched_getaffinity(0)),
-                n_threads_batch=threads or len(os.sched_getaffinity(0)), verbose=False)
+    n_threads = threads or len(os.sched_getaffinity(0))
+    llm = Llama(model_path=str(path), n_ctx=max(tokens, prompt_len) + 8, n_batch=max(prompt_len, 8),
+                n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    prompt = [1] + np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len - 1).tolist()
     def decode() -> float:
         llm.reset()
         gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
@@ -293,8 +297,15 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None)
                 break
         return n / (time.perf_counter() - start)
 
+    def prefill() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        return prompt_len / (time.perf_counter() - start)
+
     decodes = runs_of(decode, repeats)
-    return {"decode": _median(decodes), "decode_tokens": tokens, "repeats": len(decodes)}
+    return {"decode": _median(decodes), "prefill": median_of_runs(prefill, repeats), "decode_tokens": tokens,
+            "repeats": len(decodes)}
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
@@ -601,7 +612,8 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
         log(f"measuring {shape} {fmt} llama.cpp (threads {setting}) ...")
         try:
             spec = {"kind": "llamacpp", "path": str(gguf_file(shape, fmt, directory)), "repeats": plan.repeats,
-                    "tokens": plan.tokens, "threads": None if setting == "default" else int(setting)}
+                    "tokens": plan.tokens, "threads": None if setting == "default" else int(setting),
+                    "prompt_len": plan.prompt_len}
             row.result = _run_child(spec, env)
         except (RuntimeError, OSError) as e:
             row.error = f"llama.cpp failed: {e}"
@@ -667,15 +679,14 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
 
 
 def _ratios(rows: list[Row]) -> str:
-    """babyllama's decode speed over each reference's, per model, format and thread setting; and its Q4_0
+    """babyllama's decode speed over each reference's, per model, format and thread setting (and its prefill
+    speed, where the reference measured one: llama.cpp); and its Q4_0
     decode over its Q8_0 decode, beside how many times fewer bytes Q4_0 reads, its weights alone and with the
     KV cache (the most it could gain where decode is bound by reading them)."""
     ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.is_ours and r.result.get("decode")}
-    parts = [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
-             + f" {ours[(r.shape, r.fmt, r.threads)]['decode'] / r.result['decode']:.2f}x" for r in rows
-             if not r.is_ours and r.engine != "plain NumPy" and r.result.get("decode")
-             and (r.shape, r.fmt, r.threads) in ours]
-    lines = ["decode speed of babyllama / reference: " + "; ".join(parts)] if parts else []
+    lines = [f"{what} speed of babyllama / reference: " + "; ".join(parts)
+             for what, parts in (("decode", _versus(rows, ours, "decode")), ("prefill", _versus(rows, ours, "prefill")))
+             if parts]
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
           + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "
@@ -684,6 +695,14 @@ def _ratios(rows: list[Row]) -> str:
     if q4:
         lines.append("babyllama Q4_0 / Q8_0 decode: " + "; ".join(q4))
     return "\n".join(lines)
+
+
+def _versus(rows: list[Row], ours: dict, key: str) -> list[str]:
+    """babyllama's figure `key` over each reference row's, where both measured it: 'shape format vs engine Nx'."""
+    return [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
+            + f" {ours[(r.shape, r.fmt, r.threads)][key] / r.result[key]:.2f}x" for r in rows
+            if not r.is_ours and r.engine != "plain NumPy" and r.result.get(key)
+            and ours.get((r.shape, r.fmt, r.threads), {}).get(key)]
 
 
 def _fewer(ours: dict, shape: str, threads: str, *keys: str) -> float:

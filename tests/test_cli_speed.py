@@ -255,6 +255,31 @@ def test_bench_reports_q4_0_over_q8_0_beside_their_bytes():
             "tiny 1.20x") in text
 
 
+def test_bench_reports_prefill_against_a_reference_that_measured_it():
+    rows = [bench.Row("tiny", "q8_0", "babyllama", "default", {"decode": 200.0, "prefill": 900.0}),
+            bench.Row("tiny", "q8_0", "llama.cpp", "default", {"decode": 100.0, "prefill": 600.0}),
+            bench.Row("tiny", "q8_0", "runq.c", "default", {"decode": 50.0})]  # no prefill: no ratio
+    text = bench.table(rows, 2, 16)
+    assert "decode speed of babyllama / reference: tiny Q8_0 vs llama.cpp 2.00x; tiny Q8_0 vs runq.c 4.00x" in text
+    assert "prefill speed of babyllama / reference: tiny Q8_0 vs llama.cpp 1.50x\n" in text + "\n"
+    assert "| tiny | Q8_0 | llama.cpp | default | 100.0 | – | – | 600 |" in text
+
+
+def test_bench_measures_llama_cpp_decode_and_prefill_on_the_same_models(tmp_path, monkeypatch):
+    """`bench --llamacpp` runs llama.cpp (llama-cpp-python, the `bench` extra) on GGUF exports of the same
+    models: its decode and its prefill of the same prompt, and the babyllama / llama.cpp ratios of both
+    (plumbing only: no speed is asserted)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
+    plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, tokens=16, batch=2, prompt_len=24, paths=("fast",),
+                      llamacpp=True, bandwidth_mib=8)
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    (ref,) = [r for r in rows if r.engine == "llama.cpp"]
+    assert ref.error is None and ref.result["decode"] > 0 and ref.result["prefill"] > 0
+    text = bench.table(rows, 2, 24, bandwidth)
+    assert "tiny Q8_0 vs llama.cpp" in text.split("prefill speed of babyllama / reference: ")[1]
+
+
 def _children() -> list[str]:
     """The command lines of this process's children (Linux /proc)."""
     out = []
