@@ -71,9 +71,10 @@ INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # shortest weight rows it takes them from. Two Zen 4 cores (256 tokens, the two routes alternating in one
 # process, medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 512 x 1536 to 2048 x 768 and 0.94-1.00x
 # on rows of 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512
-# values (512 x 1536, 1376 x 512, 768 x 2048, ...; 42M's whole prompt 1.23x and 1.24x as fast) but 1.01-1.15x on
-# rows of 288 (nine groups: a third step of four for the last one), so the 15M model takes it for w2 alone and
-# the built-in model (rows of 128 and 352: 0.68-0.92x per matrix, whole prompts 0.97-1.02x) not at all.
+# values (512 x 1536, 1376 x 512, 768 x 2048, ...; 42M's whole prompt 1.18-1.25x as fast), rows of 288 0.89-0.95x
+# and of 128 and 352 0.68-0.92x, but whole prompts with those rows on int8 too were no faster (15M: 9,579 and
+# 7,608 tok/s against 9,676 and 7,639 with its w2 alone there; the built-in model's 28,332 and 26,000 against
+# 28,387 and 26,610 all on sgemm), so they stay on sgemm.
 # llama.cpp's Q8_0 blocks, whose values are gathered out of 34-byte blocks first, took 1.08-1.22x the time of
 # sgemm on whole prompts, and AVX2 builds (`maddubs`) 0.97-1.19x: both stay on sgemm.
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
