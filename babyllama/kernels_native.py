@@ -288,7 +288,6 @@ class NativeKernels:
         self.lib.pool_split_jobs.restype = ctypes.c_int64
         self.lib.pool_sleeps.restype = ctypes.c_int64
         self.lib.pool_spin_us.restype = ctypes.c_int64
-        self.lib.adapt_choice.argtypes = [ctypes.c_int, ctypes.c_double, ctypes.c_double]
         self.lib.kernel_isa.restype = ctypes.c_char_p
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.lib.read_memory.argtypes = [ptr, i64]

@@ -505,17 +505,6 @@ def test_a_first_prompt_runs_on_every_thread():
     assert threads >= 2 and split == 2
 
 
-def test_the_pool_goes_back_to_every_thread_only_where_that_is_clearly_faster(native):
-    """The adaptation's choice after a measurement: on every thread it stays while that is at least as fast as one
-    thread; on one thread (a co-runner made every thread the slower way) it goes back only for 1.15x or more, so
-    that a few milliseconds measured while the co-runner was off the worker's core do not buy a whole phase of
-    waits on a preempted thread."""
-    choose = native.lib.adapt_choice
-    assert choose(1, 10.0, 10.0) == 1 and choose(1, 10.0, 9.9) == 0 and choose(1, 10.0, 19.0) == 1
-    assert choose(0, 10.0, 11.0) == 0 and choose(0, 10.0, 11.4) == 0
-    assert choose(0, 10.0, 11.6) == 1 and choose(0, 10.0, 19.0) == 1
-
-
 STEPS_WITH_GAPS = """
 import glob
 import time

@@ -334,14 +334,6 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
 #define LOSING_JOBS 8
 #define EXPLOIT_JOBS 2048
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
-/* Running on the caller's thread alone, the pool goes back to every thread only where that measured at least this
- * much faster; running on every thread, it leaves as soon as one thread is faster. A wrong choice of every thread
- * beside a co-runner costs a whole phase of waits on a preempted thread (110M decode at ~0.75x of one thread),
- * and a measurement of a few milliseconds there can catch the co-runner off the worker's core; where every thread
- * is the better choice (an idle machine) it is faster by far more than this. Beside one co-runner, 256-token
- * blocks alternating in one process: whole phases on every thread in 3 and 3 of 6 and 5 blocks (110M Q4_0, Q8_0)
- * with no margin, in none with this one. */
-#define SWITCH_TO_ALL 1.15
 
 static struct {
     pthread_mutex_t lock;
@@ -380,11 +372,6 @@ static int64_t spin_limit(void) {
 
 int64_t pool_spin_us(void) { return spin_limit() / 1000; } /* read by tests */
 
-/* the choice after a measurement (1: every thread), from the current one and the two ways' bytes per ns */
-int adapt_choice(int current, double one_thread, double every_thread) {
-    return every_thread >= one_thread * (current ? 1.0 : SWITCH_TO_ALL);
-}
-
 static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if (pthread_mutex_trylock(&adapt.lock) != 0) return; /* another caller records: skip this one */
     if (adapt.phase < 2) {
@@ -420,7 +407,7 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     if ((++adapt.jobs >= limit && adapt.phase_ns >= min_ns &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
         if (adapt.phase == 1)
-            adapt.choice = adapt_choice(adapt.choice, adapt.bytes[0] / adapt.ns[0], adapt.bytes[1] / adapt.ns[1]);
+            adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
         if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
         adapt.opening = 0;
         adapt.phase = (adapt.phase + 1) % 3;
