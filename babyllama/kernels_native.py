@@ -69,7 +69,7 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout: per group size, the
 # shortest weight rows it takes them from. Two Zen 4 cores (256 tokens, the two routes alternating in one
-# process, medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 512 x 1536 to 2048 x 768 and 0.94-1.00x
+# process, medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 768 x 768 to 2304 x 768 and 0.94-1.00x
 # on rows of 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512
 # values (512 x 1536, 1376 x 512, 768 x 2048, ...; 42M's whole prompt 1.18-1.25x as fast), rows of 288 0.89-0.95x
 # and of 128 and 352 0.68-0.92x, but whole prompts with those rows on int8 too were no faster (15M: 9,579 and
