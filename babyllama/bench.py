@@ -203,14 +203,20 @@ def kv_read_bytes(args, value_bytes: float, n_tok: int) -> int:
     return int(2 * args.n_layers * args.kv_dim * value_bytes * (n_tok + 5) / 2)
 
 
+def prefill_prompt(vocab_size: int, prompt_len: int) -> list[int]:
+    """The prompt every engine's prefill row is timed on: BOS and `prompt_len` - 1 fixed random ids (not 0-2,
+    the special tokens)."""
+    import numpy as np
+
+    return [1] + np.random.default_rng(0).integers(3, vocab_size, prompt_len - 1).tolist()
+
+
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
             mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False,
             kv_cache: str = "auto") -> dict:
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
     (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
     run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
-    import numpy as np
-
     from . import formats
     from .api import make_engine
     from .generate import Batch, Sequence
@@ -221,12 +227,11 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 
         if device.startswith("cuda"):
             torch.cuda.init()
-    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     weights = formats.load(path, mmap=mmap)
     engine = make_engine(weights, device, plain, compile, kv_cache)
     seq_len = weights.args.max_seq_len
-    prompt = [1] + rng.integers(3, weights.args.vocab_size, prompt_len - 1).tolist()
+    prompt = prefill_prompt(weights.args.vocab_size, prompt_len)
 
     def first_token() -> float:
         b = Batch(engine, 1)
@@ -279,13 +284,12 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None,
     """llama.cpp (llama-cpp-python) on a GGUF file: greedy decode of `tokens` positions from [BOS, 3], timed
     from the second generated token like the other rows, and the prefill of the `prompt_len`-token prompt
     `measure` gives babyllama (the same ids), in one batch; medians of runs_of(..., repeats)."""
-    import numpy as np
     from llama_cpp import Llama
 
     n_threads = threads or len(os.sched_getaffinity(0))
     llm = Llama(model_path=str(path), n_ctx=max(tokens, prompt_len) + 8, n_batch=max(prompt_len, 8),
                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
-    prompt = [1] + np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len - 1).tolist()
+    prompt = prefill_prompt(llm.n_vocab(), prompt_len)
     def decode() -> float:
         llm.reset()
         gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
@@ -685,8 +689,7 @@ def _ratios(rows: list[Row]) -> str:
     KV cache (the most it could gain where decode is bound by reading them)."""
     ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.is_ours and r.result.get("decode")}
     lines = [f"{what} speed of babyllama / reference: " + "; ".join(parts)
-             for what, parts in (("decode", _versus(rows, ours, "decode")), ("prefill", _versus(rows, ours, "prefill")))
-             if parts]
+             for what in ("decode", "prefill") if (parts := _versus(rows, ours, what))]
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
           + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "

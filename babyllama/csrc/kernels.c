@@ -1570,8 +1570,8 @@ ALWAYS_INLINE void dots_q8_g64_simd(const uint8_t *w, const float *ws, const QAc
  * j of the four), the four groups' corrections (-128 * sum of x, at lanes 0, 4, 8, 12) added in one load, then
  * converted and scaled by w_s * x_s once per four groups. Starting each register's sums at its two corrections
  * instead took a load more per 64 weights, the port a step of 8 or more tokens waits on (the same int32 sums:
- * 256-token products took 0.76-0.96x the time, 8-token ones 0.68-1.08x, one core of Zen 4). A last odd register is folded
- * with zeros. */
+ * 256-token products took 0.76-0.96x the time, 8-token ones 0.68-1.08x, one core of Zen 4). A last odd
+ * register is folded with zeros. */
 ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int64_t groups, const QAct *a,
                                int64_t n, int nt, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
