@@ -75,12 +75,19 @@ INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # and of 128 and 352 0.68-0.92x, but whole prompts with those rows on int8 too were no faster (15M: 9,579 and
 # 7,608 tok/s against 9,676 and 7,639 with its w2 alone there; the built-in model's 28,332 and 26,000 against
 # 28,387 and 26,610 all on sgemm), so they stay on sgemm.
-# llama.cpp's Q8_0 blocks, whose values are gathered out of 34-byte blocks first, took 1.08-1.22x the time of
-# sgemm on whole prompts, and AVX2 builds (`maddubs`) 0.97-1.19x: both stay on sgemm.
+# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts: they stay on sgemm.
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
+# Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
+# shortest rows it takes them from. Two Zen 4 cores, 256-token prompts of GGUF Q8_0 files, the two routes
+# alternating in one process (medians of 7): 110M 1.72-1.83x as fast, 42M 1.63x, 15M 1.31-1.41x; the built-in
+# model's (rows of 128 and 352) 0.89-0.94x, with its rows of 128 on sgemm 1.03x. The AVX2 build on Zen 4 gained
+# 1.04-1.11x (not measured on an AVX2-only CPU): it stays on sgemm. Blocks not regrouped (their values gathered
+# out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there too.
+INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256}
 
-W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R = range(5)
+W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R = range(6)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
+REGROUPED_TYPES = {"q8_0": W_Q8_0R, "q4_0": W_Q4_0R}
 KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
 KV_Q8 = 2  # kernels.c's KV_Q8: rows of kernels_base.kv_q8_dtype
 
@@ -254,7 +261,8 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     elif isinstance(w, BlockTensor):
         if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
             raise ValueError("block-quantized weights must be C-contiguous uint8")
-        m.w, m.s, m.type, m.gs = _address(w.data), None, W_Q4_0R if w.regrouped else BLOCK_TYPES[w.kind], BLOCK
+        types = REGROUPED_TYPES if w.regrouped else BLOCK_TYPES
+        m.w, m.s, m.type, m.gs = _address(w.data), None, types[w.kind], BLOCK
     else:
         if not (w.flags.c_contiguous and w.dtype == np.float32):
             raise ValueError("fp32 weights must be C-contiguous float32")
@@ -303,12 +311,13 @@ class NativeKernels:
         self.lib.sample_logits.argtypes = [ptr, i64, ctypes.c_double, ctypes.c_double, ctypes.c_float]
         self.lib.sample_logits.restype = i64
         self.lib.softmax_logits.argtypes = [ptr, i64, ctypes.c_double, ptr]
-        self.lib.regroup_q4.argtypes = [ptr, ptr, i64, i64]
-        self.lib.regroup_q4.restype = ctypes.c_int
+        self.lib.regroup_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+        self.lib.regroup_blocks.restype = ctypes.c_int
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
         self._int8_q8_min_cols = INT8_Q8_PROMPT_MIN_COLS.get(self.isa(), {})  # per group size; none: never
+        self._int8_q8r_min_cols = INT8_Q8R_PROMPT_MIN_COLS.get(self.isa())  # None: never
         self._plans: dict[tuple[int, ...], tuple[tuple, ctypes.Array, list[tuple[int, int]], int]] = {}
         # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
@@ -423,7 +432,8 @@ class NativeKernels:
         matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, runq.c-layout Q8_0 ones on those of
         INT8_Q8_PROMPT_MIN_COLS, with rows at least that long."""
         if isinstance(w, BlockTensor):
-            return w.kind == "q4_0" and self._int8_q4_min_cols is not None and w.cols >= self._int8_q4_min_cols
+            min_cols = self._int8_q4_min_cols if w.kind == "q4_0" else self._int8_q8r_min_cols if w.regrouped else None
+            return min_cols is not None and w.cols >= min_cols
         min_cols = self._int8_q8_min_cols.get(w.group_size) if isinstance(w, QTensor) else None
         return min_cols is not None and w.shape[1] >= min_cols
 
@@ -558,33 +568,33 @@ class NativeKernels:
         arrays = [a for m in (emb, *(m for _, ws in products for m in ws)) for a in matrix_arrays(m)]
         return ModelPlan(w, (cos, sin), struct, layers, arrays)
 
-    def regroup_q4(self, w: BlockTensor, out: np.ndarray | None = None) -> BlockTensor | None:
-        """w (Q4_0 blocks) regrouped for this build's kernels, its bytes in `out` (uint8, w's size) when given;
-        None where the build has no kernels for it (no AVX2) or w is regrouped already."""
+    def regroup(self, w: BlockTensor, out: np.ndarray | None = None) -> BlockTensor | None:
+        """w (Q4_0 or Q8_0 blocks) regrouped for this build's kernels, its bytes in `out` (uint8, w's size) when
+        given; None where the build has no kernels for it (no AVX2) or w is regrouped already."""
         if w.regrouped:
             return None
         data = np.empty_like(w.data) if out is None else out.reshape(w.data.shape)
-        if self.lib.regroup_q4(_address(w.data), _address(data), w.shape[0], w.shape[1]) != 0:
+        if self.lib.regroup_blocks(_address(w.data), _address(data), w.shape[0], w.shape[1], BLOCK_TYPES[w.kind]):
             return None
-        return BlockTensor("q4_0", data, w.cols, regrouped=True)
+        return BlockTensor(w.kind, data, w.cols, regrouped=True)
 
     def _regroup(self, ws: Sequence[Matrix]) -> None:
-        """Put the Q4_0 matrices among ws in the order this build's kernels read (kernels.c's W_Q4_0R; the same
-        bytes per row, permuted), once per matrix and for every reader: their bytes are replaced by a regrouped
-        copy (one buffer for all, which NumPy gives huge pages, as it does a file read into memory), so
-        decode steps, prompts and embedding rows read it and the blocks are let go: freed where they were
-        process memory (quantized on load), handed back where they were a file's pages (memory.release_mapped;
-        a later read maps them again from the page cache). Nothing changes where the build has no such kernels
-        or the copies would take more than a quarter of the free memory (memory.read_by_default)."""
-        todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and w.kind == "q4_0"
-                     and not w.regrouped}.values())
+        """Put the block matrices (Q4_0, Q8_0) among ws in the order this build's kernels read (kernels.c's
+        W_Q4_0R, W_Q8_0R; the same bytes per row, permuted), once per matrix and for every reader: their bytes
+        are replaced by a regrouped copy (one buffer for all, which NumPy gives huge pages, as it does a file read
+        into memory), so decode steps, prompts and embedding rows read it and the blocks are let go: freed where
+        they were process memory (quantized or converted on load), handed back where they were a file's pages
+        (memory.release_mapped; a later read maps them again from the page cache). Nothing changes where the
+        build has no such kernels or the copies would take more than a quarter of the free memory
+        (memory.read_by_default)."""
+        todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and not w.regrouped}.values())
         total = sum(w.nbytes for w in todo)
         if not todo or not memory.read_by_default(total):
             return
         buf, at, blocks = np.empty(total, dtype=np.uint8), 0, []
         for w in todo:
-            copy = self.regroup_q4(w, buf[at:at + w.nbytes])
-            if copy is None:  # no Q4_0R kernels in this build
+            copy = self.regroup(w, buf[at:at + w.nbytes])
+            if copy is None:  # no regrouped kernels in this build
                 return
             blocks.append(w.data)
             w.data, w.regrouped = copy.data, True

@@ -23,8 +23,8 @@ KINDS = tuple(BLOCK_BYTES)
 @dataclass
 class BlockTensor:
     """A (rows, cols) matrix in one of llama.cpp's block layouts: `data` is uint8 (rows, cols/32 * block bytes).
-    `regrouped` (Q4_0 only): each row's bytes are in the order the native kernels read (kernels.c's W_Q4_0R,
-    see q4r_blocks), which they put a matrix in on its first use; everything here reads it as Q4_0 blocks."""
+    `regrouped`: each row's bytes are in the order the native kernels read (kernels.c's W_Q4_0R and W_Q8_0R,
+    see regrouped_blocks), which they put a matrix in on its first use; everything here reads it as blocks."""
 
     kind: str  # "q4_0" or "q8_0"
     data: np.ndarray
@@ -34,8 +34,6 @@ class BlockTensor:
     def __post_init__(self):
         if self.kind not in BLOCK_BYTES:
             raise ValueError(f"unknown block type {self.kind!r}")
-        if self.regrouped and self.kind != "q4_0":
-            raise ValueError("only Q4_0 matrices are regrouped")
         row_bytes = self.cols // BLOCK * BLOCK_BYTES[self.kind]
         if self.cols % BLOCK or self.data.ndim != 2 or self.data.shape[1] != row_bytes:
             raise ValueError(f"{self.kind} data of shape {self.data.shape} does not hold rows of {self.cols} weights")
@@ -55,7 +53,7 @@ class BlockTensor:
     def _blocks(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         data = self.data[rows]
         if self.regrouped:
-            return q4r_blocks(data)
+            return regrouped_blocks(data, self.kind)
         return data.reshape(data.shape[0], self.cols // BLOCK, BLOCK_BYTES[self.kind])
 
     def block_bytes(self) -> np.ndarray:
@@ -85,27 +83,30 @@ class BlockTensor:
         return out.reshape(n, self.cols)
 
 
-def q4r_group(left: int) -> int:
-    """How many blocks kernels.c's W_Q4_0R takes in the next group of a row with `left` blocks to go."""
+def regrouped_group(left: int) -> int:
+    """How many blocks kernels.c's regrouped rows (W_Q4_0R, W_Q8_0R) take in the next group of a row with `left`
+    blocks to go."""
     return 16 if left >= 16 else 8 if left >= 8 else 4 if left >= 4 else 1
 
 
-def q4r_blocks(data: np.ndarray) -> np.ndarray:
-    """Rows of Q4_0 bytes in kernels.c's W_Q4_0R order (rows, nb * 18) back as blocks (rows, nb, 18). A row's
-    blocks go in groups of 16, then at most one of 8 and one of 4 (q4r_group), its last 0-3 blocks as they
-    are; a group of G is four vectors of G 4-byte lanes (lane l of vector v: bytes 4v..4v+3 of block l's
-    nibbles), then the G blocks' fp16 scales."""
-    rows, nb = data.shape[0], data.shape[1] // BLOCK_BYTES["q4_0"]
-    out = np.empty((rows, nb, BLOCK_BYTES["q4_0"]), dtype=np.uint8)
+def regrouped_blocks(data: np.ndarray, kind: str) -> np.ndarray:
+    """Rows of Q4_0 or Q8_0 bytes in kernels.c's regrouped order (rows, nb * block bytes) back as blocks (rows,
+    nb, block bytes). A row's blocks go in groups of 16, then at most one of 8 and one of 4 (regrouped_group),
+    its last 0-3 blocks as they are; a group of G is 4 (Q4_0) or 8 (Q8_0) vectors of G 4-byte lanes (lane l of
+    vector v: bytes 4v..4v+3 of block l's nibbles or values), then the G blocks' fp16 scales."""
+    bb = BLOCK_BYTES[kind]
+    rows, nb, words = data.shape[0], data.shape[1] // bb, (bb - 2) // 4
+    out = np.empty((rows, nb, bb), dtype=np.uint8)
     b0 = 0
     while b0 < nb:
-        g = q4r_group(nb - b0)
-        group = data[:, 18 * b0:18 * (b0 + g)]
+        g = regrouped_group(nb - b0)
+        group = data[:, bb * b0:bb * (b0 + g)]
         if g == 1:
             out[:, b0] = group
         else:
-            out[:, b0:b0 + g, 2:] = group[:, :16 * g].reshape(rows, 4, g, 4).transpose(0, 2, 1, 3).reshape(rows, g, 16)
-            out[:, b0:b0 + g, :2] = group[:, 16 * g:].reshape(rows, g, 2)
+            packed = group[:, :4 * words * g].reshape(rows, words, g, 4)
+            out[:, b0:b0 + g, 2:] = packed.transpose(0, 2, 1, 3).reshape(rows, g, 4 * words)
+            out[:, b0:b0 + g, :2] = group[:, 4 * words * g:].reshape(rows, g, 2)
         b0 += g
     return out
 

@@ -17,15 +17,15 @@ typedef struct {
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
-int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n);
+int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type);
 
-/* the Q4_0 matrix w (rows, n) regrouped in place (through a copy) as decode steps read it; returns 1 and leaves
- * w as it was where the build has no Q4_0R kernels */
-static inline int regroup_q4_in_place(uint8_t *w, int64_t rows, int64_t n) {
-    int64_t bytes = rows * (n / 32) * 18;
+/* the Q4_0 or Q8_0 (type 3 or 2) matrix w (rows, n) regrouped in place (through a copy) as decode steps read it;
+ * returns 1 and leaves w as it was where the build has no regrouped kernels */
+static inline int regroup_in_place(uint8_t *w, int64_t rows, int64_t n, int type) {
+    int64_t bytes = rows * (n / 32) * (type == 3 ? 18 : 34);
     uint8_t *blocks = malloc(bytes);
     memcpy(blocks, w, bytes);
-    int kept = regroup_q4(blocks, w, rows, n);
+    int kept = regroup_blocks(blocks, w, rows, n, type);
     free(blocks);
     return kept;
 }

@@ -174,8 +174,8 @@ def test_a_row_alone_or_in_a_batch_is_identical(native, kind):
 
 
 def _rows(m, lo: int, hi: int):
-    """Rows [lo, hi) of a weight matrix of any kind, as a matrix of its own (a regrouped Q4_0 row is permuted
-    within itself, so its rows slice like any other's)."""
+    """Rows [lo, hi) of a weight matrix of any kind, as a matrix of its own (a regrouped row is permuted within
+    itself, so its rows slice like any other's)."""
     if isinstance(m, np.ndarray):
         return m[lo:hi]
     if isinstance(m, QTensor):
@@ -183,26 +183,27 @@ def _rows(m, lo: int, hi: int):
     return dataclasses.replace(m, data=m.data[lo:hi])
 
 
-# regrouped Q4_0 rows of 576 values: a group of 16 blocks, two alone; of 128: one group of 4 (rows in pairs on
+# regrouped rows of 576 values: a group of 16 blocks, two alone; of 128: one group of 4 (Q4_0 rows in pairs on
 # AVX2, in fours on AVX-512 VBMI); of 480: groups of 8 and 4, three alone, and of 992: 16, 8, 4 and three
-# alone (in pairs on AVX2)
-Q4R_ROW_KINDS = {"q4_0 regrouped": 576, "q4_0 regrouped, a group of 4": 128, "q4_0 regrouped, 8 + 4 + 3": 480,
-                 "q4_0 regrouped, 16 + 8 + 4 + 3": 992}
+# alone (Q4_0 rows in pairs on AVX2)
+REGROUPED_ROW_KINDS = {f"{kind} regrouped{groups}": n for kind in ("q4_0", "q8_0") for groups, n in
+                       (("", 576), (", a group of 4", 128), (", 8 + 4 + 3", 480), (", 16 + 8 + 4 + 3", 992))}
+BLOCK_QUANTIZERS = {"q4_0": quantize_q4_0, "q8_0": quantize_q8_0}
 
 
-@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *Q4R_ROW_KINDS])
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *REGROUPED_ROW_KINDS])
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
     thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
     rows in one vector), and a row's result does not depend on which rows share its pass, so on where a chunk
     starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
-    n = Q4R_ROW_KINDS.get(kind, 576)
+    n = REGROUPED_ROW_KINDS.get(kind, 576)
     w = gen.standard_normal((45, n)).astype(np.float32)
     if kind == "fp32":
         m = w
-    elif kind.startswith("q4_0 regrouped"):
-        m = _regrouped(native, quantize_q4_0(w))
+    elif kind in REGROUPED_ROW_KINDS:
+        m = _regrouped(native, BLOCK_QUANTIZERS[kind[:4]](w))
     else:
         m = QUANTIZERS[kind](w)
     for tokens in (1, 2, 8):
@@ -219,20 +220,21 @@ def test_dequantize_is_exact(native, kind):
 
 
 def _regrouped(native, q: BlockTensor):
-    """q regrouped for native's Q4_0R kernels (every build with AVX2 has them)."""
-    r = native.regroup_q4(q)
-    assert r is not None, f"the {native.isa()} build has Q4_0R kernels"
+    """q regrouped for native's Q4_0R or Q8_0R kernels (every build with AVX2 has them)."""
+    r = native.regroup(q)
+    assert r is not None, f"the {native.isa()} build has regrouped kernels"
     return r
 
 
 # blocks: 1 and 3 alone, a group of 4 (+ 3 alone), 8 + 1, 8 + 4 + 3, 16, 16 + 4, 16 + 8 (dim 768), 16 + 8 + 1,
 # 16 + 8 + 4 + 3, 16 x 4 + 1
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 @pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 480, 512, 640, 768, 800, 992, 2080])
-def test_regrouped_q4_products_match_q4_0_blocks(native, n):
-    """Decode steps read Q4_0 matrices regrouped (kernels.c's W_Q4_0R: 16, 8 or 4 blocks per group, the last
-    0-3 blocks as they are): the same integer sums per block, added in another order, so within float
-    rounding of the Q4_0 kernel and of the reference, for every grouping of a row and token count."""
-    q = quantize_q4_0(rng.standard_normal((37, n)).astype(np.float32))
+def test_regrouped_products_match_the_blocks(native, kind, n):
+    """Decode steps read Q4_0 and Q8_0 matrices regrouped (kernels.c's W_Q4_0R, W_Q8_0R: 16, 8 or 4 blocks per
+    group, the last 0-3 blocks as they are): the same integer sums per block, added in another order, so within
+    float rounding of the blocks' kernel and of the reference, for every grouping of a row and token count."""
+    q = BLOCK_QUANTIZERS[kind](rng.standard_normal((37, n)).astype(np.float32))
     r = _regrouped(native, q)
     assert r.data.shape == q.data.shape and not np.array_equal(r.data, q.data) or n < 128
     for tokens in (1, 3, 8, 11):
@@ -242,32 +244,35 @@ def test_regrouped_q4_products_match_q4_0_blocks(native, n):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("n", [800, 128])  # 16 + 8 + 1 blocks; one group of 4 (rows in pairs or fours)
-def test_regrouped_q4_rows_alone_or_in_a_batch_are_identical(native, n):
-    q = quantize_q4_0(rng.standard_normal((40, n)).astype(np.float32))
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
+@pytest.mark.parametrize("n", [800, 128])  # 16 + 8 + 1 blocks; one group of 4 (Q4_0 rows in pairs or fours)
+def test_regrouped_rows_alone_or_in_a_batch_are_identical(native, kind, n):
+    q = BLOCK_QUANTIZERS[kind](rng.standard_normal((40, n)).astype(np.float32))
     r = _regrouped(native, q)
     x = rng.standard_normal((12, n)).astype(np.float32)
     alone = np.concatenate([native.matmul(x[i:i + 1], [r])[0] for i in range(12)])
     for batch in (2, 3, 8, 12):
         together = np.concatenate([native.matmul(x[i:i + batch], [r])[0] for i in range(0, 12, batch)])
         np.testing.assert_array_equal(together, alone)
-    part = native.matmul(x[:3], [_regrouped(native, BlockTensor("q4_0", q.data[5:23], n))])[0]
+    part = native.matmul(x[:3], [_regrouped(native, BlockTensor(kind, q.data[5:23], n))])[0]
     np.testing.assert_array_equal(part, alone[:3, 5:23])
 
 
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 @pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 768, 800, 2080])
-def test_regrouped_q4_dequantizes_to_the_same_weights(native, n):
-    """A prompt's products dequantize Q4_0R rows straight from their groups: every kind of group gives back
-    exactly Q4_0's weights."""
-    q = quantize_q4_0(rng.standard_normal((24, n)).astype(np.float32))
+def test_regrouped_rows_dequantize_to_the_same_weights(native, kind, n):
+    """A prompt's products dequantize regrouped rows straight from their groups: every kind of group gives back
+    exactly the blocks' weights."""
+    q = BLOCK_QUANTIZERS[kind](rng.standard_normal((24, n)).astype(np.float32))
     np.testing.assert_array_equal(native.dequantize(_regrouped(native, q)), q.dequantize())
 
 
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 @pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 768, 800, 2080])
-def test_regrouped_q4_bytes_read_back_as_the_blocks(native, n):
-    """NumPy reads a regrouped matrix (quant.q4r_blocks) as the Q4_0 blocks it came from, byte for byte, for
+def test_regrouped_bytes_read_back_as_the_blocks(native, kind, n):
+    """NumPy reads a regrouped matrix (quant.regrouped_blocks) as the blocks it came from, byte for byte, for
     every kind of group: files written from it, the plain path and embedding rows see the same weights."""
-    q = quantize_q4_0(rng.standard_normal((24, n)).astype(np.float32))
+    q = BLOCK_QUANTIZERS[kind](rng.standard_normal((24, n)).astype(np.float32))
     r = _regrouped(native, q)
     assert r.regrouped and r.data.shape == q.data.shape
     np.testing.assert_array_equal(r.block_bytes(), q.data)
@@ -275,31 +280,39 @@ def test_regrouped_q4_bytes_read_back_as_the_blocks(native, n):
     np.testing.assert_array_equal(r.dequantize(np.array([3, 0, 23])), q.dequantize(np.array([3, 0, 23])))
 
 
-def test_a_build_without_avx2_keeps_q4_0_blocks_and_reads_regrouped_ones():
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
+def test_a_build_without_avx2_keeps_the_blocks_and_reads_regrouped_ones(kind):
     """The plain C build has no regrouped kernels, so it makes no copies; handed a matrix another build
     regrouped, it gathers each block back and gets its sums bit for bit as from the blocks."""
     plain = native_build("x86-64")
-    q = quantize_q4_0(rng.standard_normal((21, 800)).astype(np.float32))
-    assert plain.regroup_q4(q) is None
+    q = BLOCK_QUANTIZERS[kind](rng.standard_normal((21, 800)).astype(np.float32))
+    assert plain.regroup(q) is None
     plain._regroup([q])
     assert not q.regrouped
     if not cpu_has("avx2"):
         pytest.skip("no build on this CPU regroups")
-    r = native_build("avx2").regroup_q4(q)
+    r = native_build("avx2").regroup(q)
     x = rng.standard_normal((11, 800)).astype(np.float32)
     np.testing.assert_array_equal(plain.matmul(x, [r])[0], plain.matmul(x, [q])[0])
     np.testing.assert_array_equal(plain.dequantize(r), q.dequantize())
 
 
-def _wide_q4_model():
-    """Rows of 8 + 1 blocks (dim 288) and 16 + 8 (hidden 768): every kind of Q4_0R group in a decode step."""
-    return random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320),
-                          scale=0.1).quantize_q4()
+def _wide_model(kind: str = "q4_0"):
+    """Rows of 8 + 1 blocks (dim 288) and 16 + 8 (hidden 768): every kind of regrouped group in a decode step, in
+    Q4_0 or in llama.cpp's Q8_0 blocks (what a GGUF file's Q8_0 tensors are)."""
+    w = random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320), scale=0.1)
+    if kind == "q4_0":
+        return w.quantize_q4()
+    emb = quantize_q8_0(w.tok_embeddings)
+    wcls = emb if w.args.shared_classifier else quantize_q8_0(w.wcls)
+    return formats.Weights(w.args, emb, w.rms_att, w.rms_ffn, w.rms_final, wcls=wcls,
+                           **{name: [quantize_q8_0(m) for m in stack] for name, stack in w.layer_matrices().items()})
 
 
-def test_a_models_q4_0_matrices_are_regrouped_once_for_every_reader(native, monkeypatch):
-    """A model's first call puts the layers' and the classifier's Q4_0 matrices in the kernels' order, in one
-    buffer of their size, and lets the blocks go (quantized on load: freed); a second engine on the same
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
+def test_a_models_block_matrices_are_regrouped_once_for_every_reader(native, monkeypatch, kind):
+    """A model's first call puts the layers' and the classifier's Q4_0 or Q8_0 blocks in the kernels' order, in
+    one buffer of their size, and lets the blocks go (quantized on load: freed); a second engine on the same
     weights reads them as they are. Its logits agree with the blocks' kernel's within float rounding (4e-7 of
     the largest logit), amplified where an activation lands on the other side of a quantization step in a
     later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean logit; allowed 1%,
@@ -307,9 +320,9 @@ def test_a_models_q4_0_matrices_are_regrouped_once_for_every_reader(native, monk
     prompt comes from its own generator: how far a flip carries depends on the draw (over 30 draws the mean
     difference ran 0-0.9% of the mean logit), so a draw that moved with the tests before this one made the
     bound a lottery."""
-    w = _wide_q4_model()
-    if native.regroup_q4(w.wq[0]) is None:
-        pytest.skip(f"the {native.isa()} build has no regrouped Q4_0 kernels")
+    w = _wide_model(kind)
+    if native.regroup(w.wq[0]) is None:
+        pytest.skip(f"the {native.isa()} build has no regrouped kernels")
     q4 = [m for ms in w.layer_matrices().values() for m in ms] + [w.wcls]
     blocks_before = [weakref.ref(m.data.base if m.data.base is not None else m.data) for m in q4]
     tokens = np.random.default_rng(0).integers(0, w.args.vocab_size, 6).tolist()
@@ -324,7 +337,7 @@ def test_a_models_q4_0_matrices_are_regrouped_once_for_every_reader(native, monk
     again.forward(tokens[:1], [0], again.new_cache())
     assert all(m.data is d for m, d in zip(q4, data, strict=True))
     monkeypatch.setattr(kernels_native.memory, "read_by_default", lambda nbytes: False)
-    w_blocks = _wide_q4_model()  # the same weights, not regrouped
+    w_blocks = _wide_model(kind)  # the same weights, not regrouped
     blocks = Engine(w_blocks, kernels=native)
     b = blocks.forward(tokens, range(6), blocks.new_cache())
     assert not any(m.regrouped for ms in w_blocks.layer_matrices().values() for m in ms)
@@ -338,11 +351,11 @@ def _model(kind: str):
     return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
 
 
-@pytest.mark.parametrize("kind", ["fp32", "q8_0", "q4_0", "q4_0 wide"])
+@pytest.mark.parametrize("kind", ["fp32", "q8_0", "q4_0", "q4_0 wide", "q8_0 blocks wide"])
 def test_decoded_alone_or_in_a_batch_gives_identical_logits(native, kind):
     """The exactness rule, whole steps: a sequence's logits are the same whether it is decoded alone, with 2
     others, or in a batch of 12 (more than one pass of 8 tokens), and on 1 thread or 3."""
-    w = _wide_q4_model() if kind == "q4_0 wide" else _model(kind)
+    w = _wide_model(kind[:4]) if kind.endswith("wide") else _model(kind)
     engine = Engine(w, kernels=native)
     prompts = [rng.integers(3, w.args.vocab_size, 4).tolist() for _ in range(12)]
 
@@ -843,6 +856,26 @@ def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(nativ
             assert not np.array_equal(got, by_token)
 
 
+@pytest.mark.parametrize("sgemm", [True, False])
+def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
+    """llama.cpp's Q8_0 blocks, regrouped, go to the int8 kernel on AVX-512 VNNI builds from rows of 256 values
+    (each row of the prompt bit for bit what decoding its token alone gives); rows of 128, blocks not regrouped
+    and every other build stay on sgemm, within float rounding of it."""
+    monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
+    min_cols = kernels_native.INT8_Q8R_PROMPT_MIN_COLS.get(native.isa())
+    for cols, regroup in ((128, True), (288, True), (768, True), (768, False)):
+        q = quantize_q8_0(rng.standard_normal((80, cols)).astype(np.float32))
+        q = _regrouped(native, q) if regroup else q
+        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
+        got = native.matmul_many(x, [q])[0]
+        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
+        if regroup and min_cols is not None and cols >= min_cols:
+            np.testing.assert_array_equal(got, by_token)
+        else:
+            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
+            assert not np.array_equal(got, by_token)
+
+
 def test_a_prompts_product_of_a_small_matrix_is_split_across_threads(native):
     """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a decode step's product (~32 KB a chunk, kept: more chunks
     cost more than they gain at 1-8 tokens), so it runs on one thread. A prompt's product does 8 passes of 8
@@ -909,25 +942,26 @@ def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
-@pytest.mark.parametrize("fmt", ["bin", "gguf"])
-def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
-    """A mapped Q4_0 file's matrices run from the kernels' regrouped copy: decode steps, a prompt's products
-    and its embedding rows all read the copy, and the file's pages under the copied matrices are handed back,
-    so memory holds the model once. Loading reads every page (the scales' finiteness check); after a prompt
-    and a decode step only the matrices without a copy, and the pages at their edges, are resident."""
+@pytest.mark.parametrize("fmt, kind", [("bin", "q4_0"), ("gguf", "q4_0"), ("gguf", "q8_0")])
+def test_a_mapped_block_model_is_resident_once(native, tmp_path, fmt, kind):
+    """A mapped Q4_0 or Q8_0 file's matrices run from the kernels' regrouped copy: decode steps, a prompt's
+    products and its embedding rows all read the copy, and the file's pages under the copied matrices are handed
+    back, so memory holds the model once. Loading reads every page (the scales' finiteness check); after a
+    prompt and a decode step only the matrices without a copy, and the pages at their edges, are resident."""
     from babyllama.interop.gguf import load_gguf, save_gguf
     from babyllama.interop.vocab import from_tokenizer
 
-    if native.regroup_q4(quantize_q4_0(np.ones((1, 32), np.float32))) is None:
-        pytest.skip(f"the {native.isa()} build has no regrouped Q4_0 kernels, so nothing stands in for the file")
+    if native.regroup(BLOCK_QUANTIZERS[kind](np.ones((1, 32), np.float32))) is None:
+        pytest.skip(f"the {native.isa()} build has no regrouped kernels, so nothing stands in for the file")
     args = tiny_args(dim=512, hidden_dim=1536, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=4096, max_seq_len=128)
-    w = random_weights(args, scale=0.1).quantize_q4()
+    w = random_weights(args, scale=0.1)
+    w = w.quantize_q4() if kind == "q4_0" else w
     path = tmp_path / f"m.{fmt}"
     if fmt == "bin":
         formats.save(w, path, version=3)
         loaded = formats.load(path, mmap=True)
     else:
-        save_gguf(w, path, from_tokenizer(byte_tokenizer(4096)), "q4_0")
+        save_gguf(w, path, from_tokenizer(byte_tokenizer(4096)), kind)
         loaded = load_gguf(path, keep_quantized=True)[0]
     anchor, size = loaded.wq[0].data, path.stat().st_size
     assert resident_bytes(anchor) > 0.8 * size
@@ -944,14 +978,14 @@ def test_a_mapped_q4_0_model_is_resident_once(native, tmp_path, fmt):
 
 def test_embedding_rows_are_the_tables_rows(native):
     """A prompt's embedding lookup in C (kernels.c's dequantize_rows) gives formats.table_rows' values for every
-    table type, from a Q4_0 table's regrouped copy too; an id outside the table is refused."""
+    table type, from a Q4_0 or Q8_0 table's regrouped copy too; an id outside the table is refused."""
     table = rng.standard_normal((96, 64)).astype(np.float32)
     tokens = np.array([5, 0, 95, 5, 17])
-    q4 = quantize_q4_0(table)
-    regroups = native.regroup_q4(q4) is not None
-    native._regroup([q4])
-    assert q4.regrouped == regroups
-    for t in (table, quantize_q80(table, 32), quantize_q8_0(table), quantize_q4_0(table), q4):
+    q4, q8 = quantize_q4_0(table), quantize_q8_0(table)
+    regroups = native.regroup(q4) is not None
+    native._regroup([q4, q8])
+    assert q4.regrouped == q8.regrouped == regroups
+    for t in (table, quantize_q80(table, 32), quantize_q8_0(table), quantize_q4_0(table), q4, q8):
         np.testing.assert_array_equal(native.embed(t, tokens), table_rows(t, tokens))
     with pytest.raises(ValueError, match="token ids"):
         native.embed(q4, np.array([3, 96]))

@@ -11,6 +11,8 @@
  *  - Q8_0 and Q4_0 in llama.cpp's block layout (GGUF, babyllama .bin version 3): blocks of 32 weights, each an
  *    fp16 scale followed by 32 int8 values (Q8_0) or 16 bytes of nibbles q, weight = q - 8 (Q4_0): byte j
  *    holds weight j in its low nibble and weight j + 16 in its high one.
+ *  - Q4_0R and Q8_0R: the same blocks, each row's bytes regrouped once for the SIMD kernels (see W_Q4_0R), the
+ *    order decode steps read a model's Q4_0 and Q8_0 blocks in.
  *
  * Quantized products quantize the activations per group like the weights (scale = max|x|/127,
  * q = round(x/scale); groups of gs for Q8, of 32 for the block types) and compute
@@ -497,42 +499,47 @@ static inline uint16_t load_u16(const uint8_t *p) {
     return v;
 }
 
-enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4 };
+enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4, W_Q8_0R = 5 };
 #define BLOCK 32
-static const int64_t BLOCK_BYTES[5] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2};
+static const int64_t BLOCK_BYTES[6] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2, 2 + BLOCK};
 
-/* Q4_0R: Q4_0 rows with each row's bytes regrouped for the SIMD kernels (regroup_q4; the same bytes per
- * block). A row's blocks go in groups of G = 16 while 16 are left, then at most one group of 8 and one of 4,
- * and its last 0-3 blocks stay as they are (G = 1). A group of G blocks is 4 vectors of 4G bytes, vector j
- * holding bytes 4j..4j+3 of block l's 16 bytes of nibbles in its 4-byte lane l, then the G blocks' fp16
- * scales: one vpdpbusd on a vector sums four products of each of G blocks into the block's own int32 lane,
- * with no byte permutes. */
-static inline int q4r_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
+/* Q4_0R, Q8_0R: Q4_0 or Q8_0 rows with each row's bytes regrouped for the SIMD kernels (regroup_blocks; the
+ * same bytes per block). A row's blocks go in groups of G = 16 while 16 are left, then at most one group of 8
+ * and one of 4, and its last 0-3 blocks stay as they are (G = 1). A group of G blocks is `words` vectors of 4G
+ * bytes (Q4_0R: 4, its 16 bytes of nibbles; Q8_0R: 8, its 32 values), vector j holding bytes 4j..4j+3 of block
+ * l's in its 4-byte lane l, then the G blocks' fp16 scales: one vpdpbusd on a vector sums four products of each
+ * of G blocks into the block's own int32 lane, with no byte permutes. */
+static inline int rg_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
 
-/* The interleave both sides of a Q4_0R product share: `words` 4-byte words of each of G blocks (`stride` bytes
- * apart in `plain`), word v of block l at 4G·v + 4l in `packed`. */
-static void q4r_words(uint8_t *packed, const uint8_t *plain, int64_t G, int words, int64_t stride) {
+/* 4-byte words per block of a regrouped type (or of the blocks it came from) */
+static inline int rg_words(int type) { return type == W_Q4_0R || type == W_Q4_0 ? 4 : 8; }
+
+/* The interleave both sides of a regrouped product share: `words` 4-byte words of each of G blocks (`stride`
+ * bytes apart in `plain`), word v of block l at 4G·v + 4l in `packed`. */
+static void rg_interleave(uint8_t *packed, const uint8_t *plain, int64_t G, int words, int64_t stride) {
     for (int v = 0; v < words; v++)
         for (int64_t l = 0; l < G; l++) {
             memcpy(packed + 4 * G * v + 4 * l, plain + l * stride + 4 * v, 4);
         }
 }
 
-/* lane l of the Q4_0R group of G blocks at `at` as Q4_0's 18 bytes: the block's scale, then its nibbles */
-static void q4r_lane(const uint8_t *at, int64_t G, int64_t l, uint8_t *out) {
+/* lane l of the regrouped group of G blocks at `at` (blocks of `words` words) as the block's bytes: its scale,
+ * then its nibbles or values */
+static void rg_lane(const uint8_t *at, int64_t G, int64_t l, int words, uint8_t *out) {
     if (G == 1) {
-        memcpy(out, at, 18);
+        memcpy(out, at, 2 + 4 * words);
         return;
     }
-    memcpy(out, at + 16 * G + 2 * l, 2);
-    for (int v = 0; v < 4; v++) memcpy(out + 2 + 4 * v, at + 4 * G * v + 4 * l, 4);
+    memcpy(out, at + 4 * words * G + 2 * l, 2);
+    for (int v = 0; v < words; v++) memcpy(out + 2 + 4 * v, at + 4 * G * v + 4 * l, 4);
 }
 
-/* block b of a Q4_0R row of n weights as Q4_0's 18 bytes (plain C builds, which have no Q4_0R kernel) */
-static void q4r_block(const uint8_t *row, int64_t n, int64_t b, uint8_t *out) {
-    int64_t nb = n / BLOCK, b0 = 0, G = q4r_group(nb);
-    for (; b0 + G <= b; G = q4r_group(nb - b0)) b0 += G;
-    q4r_lane(row + b0 * 18, G, b - b0, out);
+/* block b of a regrouped row of n weights as its block's bytes (plain C builds, which have no regrouped
+ * kernels) */
+static void rg_block(const uint8_t *row, int64_t n, int64_t b, int type, uint8_t *out) {
+    int64_t nb = n / BLOCK, b0 = 0, G = rg_group(nb);
+    for (; b0 + G <= b; G = rg_group(nb - b0)) b0 += G;
+    rg_lane(row + b0 * BLOCK_BYTES[type], G, b - b0, rg_words(type), out);
 }
 
 /* the correction that starts a Q4_0 block's int32 sum: the weights' unsigned nibbles q stand for q - 8, so
@@ -596,8 +603,8 @@ typedef struct {
     int64_t c32_stride, d32_stride; /* runq.c's groups of 32 (AVX-512): per token, entries of c32, d32 */
     int32_t *c32;
     float *d32;
-    int8_t *q16;  /* Q4_0R: per token its n values in the weights' groups (see W_Q4_0R) */
-    int32_t *c16; /* and per block -8 * (sum of its values) */
+    int8_t *q16;  /* Q4_0R, Q8_0R: per token its n values in the weights' groups (see W_Q4_0R) */
+    int32_t *c16; /* and per block -8 * (sum of its values) (Q8_0R's AVX-512 kernel starts at 16 times it) */
 } QAct;
 
 /* a group's scale, max |v| / 127, for gs values v */
@@ -1044,10 +1051,10 @@ static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const 
         float acc = 0.0f;
         for (int64_t g = 0; g < n_groups; g++) {
             float scale;
-            uint8_t block[18];
+            uint8_t block[2 + BLOCK];
             const uint8_t *v;
-            if (type == W_Q4_0R) { /* the block gathered back into Q4_0's order: the same sum */
-                q4r_block(w, n, g, block);
+            if (type == W_Q4_0R || type == W_Q8_0R) { /* the block gathered back into its order: the same sum */
+                rg_block(w, n, g, type, block);
                 scale = fp16_to_f32(load_u16(block));
                 v = block + 2;
             } else {
@@ -1228,6 +1235,78 @@ ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t 
     for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
 }
 
+/* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time (lanes
+ * 8h..8h+7 of a group of G = 16 or 8 blocks, as q4r_lanes8): vector j's values meet values 4j..4j+3 of each
+ * block as |w| x (x * sign(w)) (at most 2 * 128 * 127 a byte pair, so maddubs cannot saturate), each block's
+ * exact int32 sum in its own lane; then one conversion and one multiply-add by d_w * d_x for the 8 blocks, into
+ * acc8. The weight vectors go one at a time, each to every token, so that a build with 16 vector registers
+ * holds them. */
+ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int64_t b0, int G, int h, const QAct *a, int64_t n, int nt,
+                              __m256 *acc8) {
+    const uint8_t *g = w + b0 * 34;
+    int64_t nb = n / BLOCK, first = b0 + 8 * h;
+    __m256i isum[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
+    UNROLL
+    for (int j = 0; j < 8; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(g + 4 * G * j + 32 * h)), u = _mm256_abs_epi8(v);
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(a->q16 + t * n + b0 * BLOCK + 4 * G * j + 32 * h));
+            isum[t] = dot_u8s8(isum[t], u, _mm256_sign_epi8(x, v));
+        }
+    }
+    __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 32 * G + 16 * h)));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256 xd = _mm256_loadu_ps(a->d + t * nb + first);
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(wd, xd), acc8[t]);
+    }
+}
+
+/* a group of 4 Q8_0R blocks, whose words fill half a vector: 4 whole vectors, vector k's lanes 0-3 meeting
+ * values 8k..8k+3 of blocks 0-3 and lanes 4-7 values 8k+4..8k+7 (as q8r_lanes8 otherwise); the halves' int32
+ * sums added, then one conversion and one multiply-add into lanes 0-3 of acc8 */
+ALWAYS_INLINE void q8r_group4(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * 34;
+    int64_t nb = n / BLOCK;
+    __m256i isum[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
+    UNROLL
+    for (int k = 0; k < 4; k++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(g + 32 * k)), u = _mm256_abs_epi8(v);
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(a->q16 + t * n + b0 * BLOCK + 32 * k));
+            isum[t] = dot_u8s8(isum[t], u, _mm256_sign_epi8(x, v));
+        }
+    }
+    __m128 wd = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(g + 128)));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum[t]), _mm256_extracti128_si256(isum[t], 1));
+        __m128 p = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(wd, _mm_loadu_ps(a->d + t * nb + b0)),
+                                _mm256_castps256_ps128(acc8[t]));
+        acc8[t] = _mm256_blend_ps(acc8[t], _mm256_castps128_ps256(p), 0x0F);
+    }
+}
+
+/* a Q8_0 block left as it is (G = 1): its 32 products on the plain activations, into acc8 */
+ALWAYS_INLINE void q8r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *block = w + g * 34;
+    int64_t nb = n / BLOCK;
+    __m256i v = _mm256_loadu_si256((const __m256i *)(block + 2)), u = _mm256_abs_epi8(v);
+    float wd = fp16_to_f32(load_u16(block));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK));
+        __m256i s = dot_u8s8(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, v));
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
+    }
+}
+
 #ifndef HAVE_ZMM_INT8
 ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
     int64_t nb = n / BLOCK, b = 0;
@@ -1235,6 +1314,16 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
     for (; nb - b >= 16; b += 16) q4r_lanes8(w, b, 16, 0, a, n, nt, acc8), q4r_lanes8(w, b, 16, 1, a, n, nt, acc8);
     q4r_tail(w, b, a, n, nt, acc8);
+}
+
+ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    int64_t nb = n / BLOCK, b = 0;
+    UNROLL
+    for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) q8r_lanes8(w, b, 16, 0, a, n, nt, acc8), q8r_lanes8(w, b, 16, 1, a, n, nt, acc8);
+    if (nb - b >= 8) q8r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q8r_group4(w, b, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q8r_single(w, b, a, n, nt, acc8);
 }
 
 /* q4r_lanes8's group of 4 (which fills half a vector) for two rows at once: lanes 0-3 row a's blocks, 4-7 row
@@ -1452,6 +1541,72 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
     for (; nb - b >= 16; b += 16) q4r_group16(w, b, a, n, nt, acc);
     q4r_tail(w, b, a, n, nt, acc8);
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
+}
+
+/* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (q16), in 512-bit registers: the weights read as
+ * unsigned (w + 128), each block's int32 sum in its own lane(s), started at its correction -128 * (sum of its
+ * values) (16 times Q4_0's -8 * sum). A group's `vectors` registers of weights, flipped to unsigned: */
+ALWAYS_INLINE void q8r_unsigned(const uint8_t *g, int vectors, __m512i *u) {
+    UNROLL
+    for (int j = 0; j < vectors; j++) u[j] = _mm512_xor_si512(_mm512_loadu_si512(g + 64 * j), _mm512_set1_epi8((char)0x80));
+}
+
+/* and their int32 sums with the activations at x, from the corrections c, in two chains */
+ALWAYS_INLINE __m512i q8r_sums(const __m512i *u, int vectors, const int8_t *x, __m512i c) {
+    __m512i s0 = c, s1 = _mm512_setzero_si512();
+    UNROLL
+    for (int j = 0; j < vectors; j += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, u[j], _mm512_loadu_si512(x + 64 * j));
+        s1 = _mm512_dpbusd_epi32(s1, u[j + 1], _mm512_loadu_si512(x + 64 * j + 64));
+    }
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* a group of 16 blocks: 8 vpdpbusd per token, then one conversion and one multiply-add by d_w * d_x */
+ALWAYS_INLINE void q8r_group16(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    const uint8_t *g = w + b0 * 34;
+    int64_t nb = n / BLOCK;
+    __m512i u[8];
+    q8r_unsigned(g, 8, u);
+    __m512 wd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(g + 512)));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m512i c = _mm512_slli_epi32(_mm512_loadu_si512(a->c16 + t * nb + b0), 4);
+        __m512i s = q8r_sums(u, 8, a->q16 + t * n + b0 * BLOCK, c);
+        __m512 xd = _mm512_loadu_ps(a->d + t * nb + b0);
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wd, xd), acc[t]);
+    }
+}
+
+/* a group of 8 blocks: 4 vpdpbusd per token, register k's lanes 0-7 meeting values 8k..8k+3 of blocks 0-7 and
+ * lanes 8-15 values 8k+4..8k+7; the two halves' int32 sums added, then as q8r_lanes8 into acc8 */
+ALWAYS_INLINE void q8r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * 34;
+    int64_t nb = n / BLOCK;
+    __m512i u[4];
+    q8r_unsigned(g, 4, u);
+    __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 256)));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i c = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(a->c16 + t * nb + b0)), 4);
+        __m512i s = q8r_sums(u, 4, a->q16 + t * n + b0 * BLOCK, _mm512_zextsi256_si512(c));
+        __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+        __m256 xd = _mm256_loadu_ps(a->d + t * nb + b0);
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_mul_ps(wd, xd), acc8[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    int64_t nb = n / BLOCK, b = 0;
+    __m256 acc8[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) q8r_group16(w, b, a, n, nt, acc);
+    if (nb - b >= 8) q8r_group8(w, b, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q8r_group4(w, b, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q8r_single(w, b, a, n, nt, acc8);
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
 }
@@ -1808,6 +1963,7 @@ DEFINE_ZMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
         if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
     }
 DEFINE_NT_TABLE(DEFINE_ZMM_Q4R_ROWS_NT, rows_q4r, _)
+DEFINE_ZMM_ROWS(rows_q8r, dots_q8r_simd(w, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
@@ -1850,6 +2006,7 @@ DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
         if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
     }
 DEFINE_NT_TABLE(DEFINE_Q4R_ROWS_NT, rows_q4r, _)
+DEFINE_YMM_ROWS(rows_q8r, dots_q8r_simd(w, a, n, NT, acc))
 #endif
 
 /* the row kernels for m's type and group size */
@@ -1863,6 +2020,7 @@ static const RowsFn *rows_kernels(const Mat *m) {
 #ifdef __AVX2__
     if (m->type == W_Q4_0) return rows_q4;
     if (m->type == W_Q4_0R) return rows_q4r;
+    if (m->type == W_Q8_0R) return rows_q8r;
     if (m->type == W_Q8_0) return rows_q8_blocks_avx2;
     if (m->gs == 64) return rows_q8_g64_avx2;
     if (m->gs == 32) return rows_q8_g32_avx2;
@@ -1917,20 +2075,21 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     a->d4[t * a->d4_stride + (step * Q4_D_COPIES + c) * Q4_GROUP + b] = a->d[t * n_groups + g];
             }
     }
-    if ((types & (1u << W_Q4_0R)) && gs == BLOCK) {
+    if ((types & (1u << W_Q4_0R | 1u << W_Q8_0R)) && gs == BLOCK) {
         a->q16 = scratch_alloc(n_tok * n + 64, 0);
         a->c16 = scratch_alloc((n_tok * n_groups + 16) * sizeof(int32_t), 0);
         for (int64_t t = 0; t < n_tok; t++) {
             const int8_t *x = a->q + t * n;
             int8_t *dst = a->q16 + t * n;
             for (int64_t b0 = 0, G; b0 < n_groups; b0 += G) {
-                G = q4r_group(n_groups - b0);
+                G = rg_group(n_groups - b0);
                 if (G == 1) {
                     memcpy(dst + b0 * BLOCK, x + b0 * BLOCK, BLOCK);
                     continue;
                 }
-                /* vector v: values 4v..4v+3 of each block (those the low nibbles meet, then the high ones') */
-                q4r_words((uint8_t *)dst + b0 * BLOCK, (const uint8_t *)x + b0 * BLOCK, G, 8, BLOCK);
+                /* vector v: values 4v..4v+3 of each block (Q4_0R: those the low nibbles meet, then the high
+                 * ones'; Q8_0R: those its vector v meets) */
+                rg_interleave((uint8_t *)dst + b0 * BLOCK, (const uint8_t *)x + b0 * BLOCK, G, 8, BLOCK);
             }
             for (int64_t g = 0; g < n_groups; g++) a->c16[t * n_groups + g] = q4_correction(x + g * BLOCK);
         }
@@ -2070,26 +2229,26 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
     return product(x, n_tok, n, mats, n_mats, out, f, n_tok <= MEASURED_MAX_TOKENS);
 }
 
-/* Q4_0 rows (rows, n) regrouped as Q4_0R (see W_Q4_0R) into dst (the same size; not src): groups of 4 bytes
- * move */
-static void q4r_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n) {
-    int64_t nb = n / BLOCK, rb = nb * 18;
+/* Q4_0 or Q8_0 rows (rows, n) regrouped as Q4_0R or Q8_0R (see W_Q4_0R) into dst (the same size; not src):
+ * groups of 4 bytes move */
+static void rg_permute_rows(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int words) {
+    int64_t nb = n / BLOCK, bb = 2 + 4 * words, rb = nb * bb;
     for (int64_t i = 0; i < rows; i++) {
         const uint8_t *s = src + i * rb;
         uint8_t *d = dst + i * rb;
         for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
-            G = q4r_group(nb - b0);
-            const int64_t at = b0 * 18;
+            G = rg_group(nb - b0);
+            const int64_t at = b0 * bb;
             if (G == 1) {
-                memcpy(d + at, s + at, 18);
+                memcpy(d + at, s + at, bb);
                 continue;
             }
-            for (int64_t l = 0; l < G; l++) { /* the scales, after the nibbles */
-                int64_t block = at + 18 * l, scale = at + 16 * G + 2 * l;
+            for (int64_t l = 0; l < G; l++) { /* the scales, after the nibbles or values */
+                int64_t block = at + bb * l, scale = at + 4 * words * G + 2 * l;
                 memcpy(d + scale, s + block, 2);
             }
-            /* the 16 bytes of nibbles after each block's scale: 4 words */
-            q4r_words(d + at, s + at + 2, G, 4, 18);
+            /* the nibbles or values after each block's scale */
+            rg_interleave(d + at, s + at + 2, G, words, bb);
         }
     }
 }
@@ -2098,23 +2257,26 @@ typedef struct {
     const uint8_t *src;
     uint8_t *dst;
     int64_t n;
+    int words;
 } Regroup;
 
 static void regroup_chunk(void *ctx, int64_t lo, int64_t hi) {
     const Regroup *r = ctx;
-    int64_t rb = r->n / BLOCK * 18;
-    q4r_permute_rows(r->src + lo * rb, r->dst + lo * rb, hi - lo, r->n);
+    int64_t rb = r->n / BLOCK * (2 + 4 * r->words);
+    rg_permute_rows(r->src + lo * rb, r->dst + lo * rb, hi - lo, r->n, r->words);
 }
 
-/* dst = the Q4_0 matrix src (rows, n) regrouped as Q4_0R (see W_Q4_0R) for this build's kernels; returns 0, or
- * 1 where the build has no Q4_0R kernel (keep Q4_0 there) */
-int regroup_q4(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n) {
+/* dst = the Q4_0 or Q8_0 (`type`: W_Q4_0, W_Q8_0) matrix src (rows, n) regrouped as Q4_0R or Q8_0R (see
+ * W_Q4_0R) for this build's kernels; returns 0, or 1 where the build has no kernel for it (keep the blocks
+ * there) */
+int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type) {
 #ifdef __AVX2__
-    Regroup r = {src, dst, n};
-    pool_run(regroup_chunk, &r, rows, 256, rows * (n / BLOCK) * 18);
+    if (type != W_Q4_0 && type != W_Q8_0) return 1;
+    Regroup r = {src, dst, n, rg_words(type)};
+    pool_run(regroup_chunk, &r, rows, 256, rows * (n / BLOCK) * BLOCK_BYTES[type]);
     return 0;
 #else
-    (void)src, (void)dst, (void)rows, (void)n, (void)regroup_chunk;
+    (void)src, (void)dst, (void)rows, (void)n, (void)type, (void)regroup_chunk;
     return 1;
 #endif
 }
@@ -2151,15 +2313,16 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
         memcpy(o, (const float *)m->w + i * n, n * sizeof(float));
         return;
     }
-    if (m->type == W_Q4_0R) { /* each block's nibbles gathered from its group's four words (see W_Q4_0R) */
+    if (m->type == W_Q4_0R || m->type == W_Q8_0R) { /* each block gathered from its group (see W_Q4_0R) */
         const uint8_t *row = (const uint8_t *)m->w + i * row_bytes(m, n);
+        int words = rg_words(m->type), nibbles = m->type == W_Q4_0R;
         for (int64_t b0 = 0, nb = n / BLOCK, G; b0 < nb; b0 += G) {
-            G = q4r_group(nb - b0);
-            const uint8_t *at = row + b0 * 18;
+            G = rg_group(nb - b0);
+            const uint8_t *at = row + b0 * BLOCK_BYTES[m->type];
             for (int64_t l = 0; l < G; l++) {
-                uint8_t block[18];
-                q4r_lane(at, G, l, block);
-                dequantize_group(block + 2, 1, BLOCK, fp16_to_f32(load_u16(block)), o + (b0 + l) * BLOCK);
+                uint8_t block[2 + BLOCK];
+                rg_lane(at, G, l, words, block);
+                dequantize_group(block + 2, nibbles, BLOCK, fp16_to_f32(load_u16(block)), o + (b0 + l) * BLOCK);
             }
         }
         return;
