@@ -46,6 +46,9 @@ FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 # the llama2.c programs and the file versions they read: run.c version 0 (fp32), runq.c version 2 (Q8_0)
 REFERENCES = {"run.c": ("fp32", 0), "runq.c": ("q8_0", 2)}
 GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0"}
+# babyllama's rows on the GGUF files llama.cpp reads (`--gguf`): llama.cpp's Q8_0 and Q4_0 blocks as stored
+GGUF_ENGINE = "babyllama (GGUF)"
+GGUF_FORMATS = ("q8_0", "q4_0")
 PATHS = ("plain", "fast")
 BUSY_CODE = "while True: pass"
 
@@ -217,9 +220,9 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     """Time one model file on one path (the NumPy engine, or the PyTorch one on `device`); returns medians
     (tok/s, ms), peak RSS (MiB) and the weight bytes a decode step reads. `sampled`: also decode with
     run.c's default sampling (-t 1 -p 0.9), which is only representative on a trained model."""
-    from . import formats
     from .api import make_engine
     from .generate import Batch, Sequence
+    from .loading import open_model
     from .sampler import Sampler
 
     if device != "numpy":  # torch and the CUDA context load once per process: in no shape's TTFT
@@ -228,7 +231,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         if device.startswith("cuda"):
             torch.cuda.init()
     t0 = time.perf_counter()
-    weights = formats.load(path, mmap=mmap)
+    weights = open_model(path, mmap=mmap).weights  # a .bin file, or a GGUF file's tensors as they are stored
     engine = make_engine(weights, device, plain, compile, kv_cache)
     seq_len = weights.args.max_seq_len
     prompt = prefill_prompt(weights.args.vocab_size, prompt_len)
@@ -401,7 +404,13 @@ class Row:
 
     @property
     def is_ours(self) -> bool:
-        return self.engine.startswith("babyllama")
+        """babyllama on the model's own file (the rows the references are compared with)."""
+        return self.engine.startswith("babyllama") and not self.on_gguf
+
+    @property
+    def on_gguf(self) -> bool:
+        """babyllama on the GGUF file llama.cpp reads."""
+        return self.engine.startswith(GGUF_ENGINE)
 
 
 def _thread_env(setting: str) -> dict:
@@ -463,6 +472,7 @@ class Plan:
     bandwidth_mib: int = 512
     kv_cache: str = "auto"  # the NumPy engine's KV cache type (engine.KV_CACHE_TYPES)
     rounds: int = 3  # times each model's rows are measured in turn (the plain baseline once)
+    gguf: bool = False  # also babyllama on the GGUF files of the quantized formats (GGUF_FORMATS)
 
 
 class Busy:
@@ -537,6 +547,8 @@ def _shape_rows(plan: Plan, shape: str, formats, paths, first: bool, directory: 
                 if path_name == "plain" and (setting != plan.thread_settings[0] or not first):
                     continue  # the reference path is single-threaded NumPy and slow: measured once
                 rows.append(_ours(plan, shape, fmt, setting, path_name, env, directory, log))
+            if plan.gguf and fmt in GGUF_FORMATS:
+                rows.append(_ours(plan, shape, fmt, setting, "fast", env, directory, log, gguf=True))
     return rows
 
 
@@ -569,17 +581,20 @@ def _merged_figure(key: str, values: list) -> Any:
     return values[0]
 
 
-def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log) -> Row:
+def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log,
+          gguf: bool = False) -> Row:
+    """babyllama's row on the model's file (`gguf`: on the GGUF file llama.cpp reads, always mapped)."""
     mmap = True if path_name == "plain" else plan.mmap  # the plain baseline always maps the file
-    flag = {None: "", True: " --mmap", False: " --no-mmap"}[mmap]
-    engine = "plain NumPy" if path_name == "plain" else "babyllama" + flag
+    flag = {None: "", True: " --mmap", False: " --no-mmap"}[None if gguf else mmap]
+    engine = "plain NumPy" if path_name == "plain" else (GGUF_ENGINE if gguf else "babyllama") + flag
     if plan.device != "numpy":
         engine += f" --device {plan.device}" + (" --compile" if plan.compile else "")
     if plan.kv_cache != "auto":
         engine += f" --kv-cache {plan.kv_cache}"
     row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
     fast = path_name == "fast"
-    spec = {"kind": "ours", "path": str(model_file(shape, fmt, directory)), "plain": not fast,
+    path = gguf_file(shape, fmt, directory) if gguf else model_file(shape, fmt, directory)
+    spec = {"kind": "ours", "path": str(path), "plain": not fast,
             "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
             "prompt_len": plan.prompt_len, "mmap": mmap, "device": plan.device, "compile": plan.compile,
@@ -690,6 +705,10 @@ def _ratios(rows: list[Row]) -> str:
     ours = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.is_ours and r.result.get("decode")}
     lines = [f"{what} speed of babyllama / reference: " + "; ".join(parts)
              for what in ("decode", "prefill") if (parts := _versus(rows, ours, what))]
+    on_gguf = {(r.shape, r.fmt, r.threads): r.result for r in rows if r.on_gguf and r.result.get("decode")}
+    lines += [f"{what} speed of babyllama / llama.cpp on the same GGUF file: " + "; ".join(parts)
+              for what in ("decode", "prefill")
+              if (parts := _versus([r for r in rows if r.engine == "llama.cpp"], on_gguf, what))]
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
           + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "
@@ -704,7 +723,7 @@ def _versus(rows: list[Row], ours: dict, key: str) -> list[str]:
     """babyllama's figure `key` over each reference row's, where both measured it: 'shape format vs engine Nx'."""
     return [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
             + f" {ours[(r.shape, r.fmt, r.threads)][key] / r.result[key]:.2f}x" for r in rows
-            if not r.is_ours and r.engine != "plain NumPy" and r.result.get(key)
+            if not r.is_ours and not r.on_gguf and r.engine != "plain NumPy" and r.result.get(key)
             and ours.get((r.shape, r.fmt, r.threads), {}).get(key)]
 
 

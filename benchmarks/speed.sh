@@ -8,7 +8,8 @@
 # (pip install 'babyllama[bench]'). PAUSE_PID: a process to stop (SIGSTOP) while measuring and resume
 # (SIGCONT) afterwards, even on failure, e.g. a background training run. Writes OUT_DIR (default out/speed):
 #   idle.md     every model (built-in, 15M, 42M, 110M) x format (fp32, Q8_0, Q4_0): babyllama, the plain
-#               NumPy baseline, run.c/runq.c, llama.cpp, with the memory bandwidth of the same run
+#               NumPy baseline, run.c/runq.c, llama.cpp (and babyllama on llama.cpp's GGUF files), with the
+#               memory bandwidth of the same run
 #   busy.md     one spinning co-runner: default threads beside --threads 1 and 2 (built-in, 15M, 110M)
 #   quality.md  bits per byte in fp32, Q8_0, Q4_0 and of llama.cpp-quantized GGUF files (benchmarks/quality.py)
 #   gguf.md     llama.cpp-quantized 110M GGUF files run by babyllama: load, RSS, decode (benchmarks/gguf_files.py)
@@ -28,7 +29,7 @@ refs=()
 [ -n "${RUN:-}" ] && refs+=(--reference "$RUN")
 [ -n "${RUNQ:-}" ] && refs+=(--reference-q "$RUNQ")
 llamacpp=()
-"$py" -c "import llama_cpp" 2>/dev/null && llamacpp=(--llamacpp)
+"$py" -c "import llama_cpp" 2>/dev/null && llamacpp=(--llamacpp --gguf)
 
 echo "load before: $(cat /proc/loadavg)" | tee "$out/load.txt"
 "$py" -m babyllama bench --shapes builtin,15M,42M,110M "${refs[@]}" "${llamacpp[@]}" --output "$out/idle.md"

@@ -265,6 +265,35 @@ def test_bench_reports_prefill_against_a_reference_that_measured_it():
     assert "| tiny | Q8_0 | llama.cpp | default | 100.0 | – | – | 600 |" in text
 
 
+def test_bench_reports_babyllama_against_llama_cpp_on_the_same_gguf_file():
+    """`bench --gguf` rows (babyllama on the GGUF file llama.cpp reads) get a ratio line of their own against
+    llama.cpp's rows, and stay out of the line that compares babyllama's own files with the references."""
+    rows = [bench.Row("tiny", "q8_0", "babyllama", "default", {"decode": 200.0, "prefill": 900.0}),
+            bench.Row("tiny", "q8_0", "llama.cpp", "default", {"decode": 100.0, "prefill": 600.0}),
+            bench.Row("tiny", "q8_0", bench.GGUF_ENGINE, "default", {"decode": 150.0, "prefill": 1200.0})]
+    text = bench.table(rows, 2, 16)
+    assert "decode speed of babyllama / reference: tiny Q8_0 vs llama.cpp 2.00x\n" in text
+    assert "prefill speed of babyllama / reference: tiny Q8_0 vs llama.cpp 1.50x\n" in text
+    assert "decode speed of babyllama / llama.cpp on the same GGUF file: tiny Q8_0 vs llama.cpp 1.50x\n" in text
+    assert "prefill speed of babyllama / llama.cpp on the same GGUF file: tiny Q8_0 vs llama.cpp 2.00x" in text
+    assert "| tiny | Q8_0 | babyllama (GGUF) | default | 150.0 |" in text
+
+
+def test_bench_times_babyllama_on_the_gguf_files(tmp_path, monkeypatch):
+    """`bench --gguf` measures babyllama on GGUF exports of the quantized models (llama.cpp's Q8_0 blocks, run
+    as they are stored: regrouped, not dequantized), beside its rows on its own files; fp32 gets no such row."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
+    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), rounds=1, tokens=16, batch=2, prompt_len=24, paths=("fast",),
+                      gguf=True, bandwidth_mib=8)
+    rows, _ = bench.run(plan, tmp_path, log=lambda m: None)
+    assert [(r.fmt, r.engine) for r in rows] == [("fp32", "babyllama"), ("q8_0", "babyllama"),
+                                                 ("q8_0", bench.GGUF_ENGINE)]
+    gguf_row = rows[-1]
+    assert gguf_row.error is None and gguf_row.result["decode"] > 0 and gguf_row.result["prefill"] > 0
+    # run as stored (34 bytes per 32 weights, like runq.c's groups of 64 here), not dequantized to fp32
+    assert gguf_row.result["decode_bytes"] == rows[1].result["decode_bytes"] < rows[0].result["decode_bytes"] / 3
+
+
 def test_bench_measures_llama_cpp_decode_and_prefill_on_the_same_models(tmp_path, monkeypatch):
     """`bench --llamacpp` runs llama.cpp (llama-cpp-python, the `bench` extra) on GGUF exports of the same
     models: its decode and its prefill of the same prompt, and the babyllama / llama.cpp ratios of both

@@ -46,6 +46,9 @@ def add(sub) -> None:
                    help="llama2.c's runq.c executable: timed the same way on the version-2 (Q8_0) files")
     p.add_argument("--llamacpp", action="store_true",
                    help="also time llama.cpp (llama-cpp-python) on GGUF files of the same models (f32, q8_0, q4_0)")
+    p.add_argument("--gguf", action="store_true",
+                   help="also time babyllama on GGUF files of the same models, Q8_0 and Q4_0 (llama.cpp's blocks as "
+                        "stored: the files --llamacpp times llama.cpp on)")
     p.add_argument("--busy", type=int, default=0, metavar="N",
                    help="start N spinning co-runner processes for the measurements (a busy machine)")
     p.add_argument("--thread-settings", default="default", metavar="LIST",
@@ -90,7 +93,7 @@ def cmd_bench(args) -> int:
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
-                      args.bandwidth_mib, args.kv_cache, args.rounds)
+                      args.bandwidth_mib, args.kv_cache, args.rounds, args.gguf)
     rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
