@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -205,6 +206,10 @@ def _convert(data: np.ndarray, qtype, cols: int, note: ConversionNote) -> BlockT
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
             12: "<f8"}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
+# the same types as struct formats: the header's scalars are read one at a time (a vocabulary's 32,000 string
+# lengths, say), where NumPy's per-call cost was most of a GGUF file's load time
+_STRUCTS = {kind: struct.Struct("<" + {"u1": "B", "i1": "b", "u2": "H", "i2": "h", "u4": "I", "i4": "i", "f4": "f",
+                                       "u8": "Q", "i8": "q", "f8": "d"}[code[1:]]) for kind, code in _SCALARS.items()}
 MAX_KEYS = 1 << 16  # metadata entries
 MAX_TENSORS = 16 * LIMITS["n_layers"] + 16
 MAX_NAME = 1 << 16  # bytes of a key or tensor name
@@ -240,6 +245,7 @@ class _Walker:
 
     def __init__(self, buf: np.ndarray, path: Path):
         self.buf, self.path, self.off = buf, path, 0
+        self.bytes = buf.data  # the same bytes as a memoryview, read without NumPy's per-call cost
 
     def fail(self, what: str) -> BabyLlamaError:
         return BabyLlamaError(f"{self.path}: corrupt GGUF header: {what} (at byte {self.off})")
@@ -252,8 +258,8 @@ class _Walker:
         return start
 
     def scalar(self, kind: int, what: str):
-        dtype = np.dtype(_SCALARS[kind])
-        value = np.frombuffer(self.buf, dtype, 1, self.take(dtype.itemsize, what))[0].item()
+        form = _STRUCTS[kind]
+        value = form.unpack_from(self.bytes, self.take(form.size, what))[0]
         return bool(value) if kind == _BOOL else value
 
     def u32(self, what: str) -> int:
@@ -275,7 +281,7 @@ class _Walker:
         if not read:
             return None
         try:
-            return self.buf[start:start + n].tobytes().decode("utf-8")
+            return str(self.bytes[start:start + n], "utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
