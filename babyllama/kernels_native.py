@@ -430,7 +430,8 @@ class NativeKernels:
     def prompt_on_int8(self, w: Matrix) -> bool:
         """Whether a prompt's product with w runs the int8 decode kernel rather than dequantize + sgemm: Q4_0
         matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, runq.c-layout Q8_0 ones on those of
-        INT8_Q8_PROMPT_MIN_COLS, with rows at least that long."""
+        INT8_Q8_PROMPT_MIN_COLS, llama.cpp's Q8_0 blocks regrouped on those of INT8_Q8R_PROMPT_MIN_COLS, with
+        rows at least that long."""
         if isinstance(w, BlockTensor):
             min_cols = self._int8_q4_min_cols if w.kind == "q4_0" else self._int8_q8r_min_cols if w.regrouped else None
             return min_cols is not None and w.cols >= min_cols
