@@ -39,6 +39,7 @@ from babyllama.kernels_base import (
     quantize_rows,
     quantized_gemm,
 )
+from babyllama.quant import QUANTIZERS as BLOCK_QUANTIZERS
 from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
 from babyllama.sampler import Rng, Sampler
 from babyllama.threads import usable_cpus
@@ -188,7 +189,6 @@ def _rows(m, lo: int, hi: int):
 # alone (Q4_0 rows in pairs on AVX2)
 REGROUPED_ROW_KINDS = {f"{kind} regrouped{groups}": n for kind in ("q4_0", "q8_0") for groups, n in
                        (("", 576), (", a group of 4", 128), (", 8 + 4 + 3", 480), (", 16 + 8 + 4 + 3", 992))}
-BLOCK_QUANTIZERS = {"q4_0": quantize_q4_0, "q8_0": quantize_q8_0}
 
 
 @pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *REGROUPED_ROW_KINDS])
