@@ -7,7 +7,16 @@ import os
 
 import numpy as np
 import pytest
-from conftest import byte_tokenizer, engine_logits, random_weights, resident_bytes, run_cli, tiny_args, torch_checkpoint
+from conftest import (
+    ROOT,
+    byte_tokenizer,
+    engine_logits,
+    random_weights,
+    resident_bytes,
+    run_cli,
+    tiny_args,
+    torch_checkpoint,
+)
 
 from babyllama import formats
 from babyllama.cli import main
@@ -209,6 +218,34 @@ def test_gguf_q4_0_and_q8_0_run_as_mapped_blocks(tmp_path, sp_model):
                                       b.forward(TOKENS[:5], range(5), b.new_cache()))
         # the default read dequantizes, as export always has
         np.testing.assert_array_equal(load_gguf(tmp_path / f"m-{dtype}.gguf")[0].wq, got.to_fp32().wq)
+
+
+def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model):
+    """F32, F16, Q8_0 and Q4_0 files run without the gguf package (an extra, whose import alone takes ~60 ms
+    of a run's start): the same text as with it. Other types need it, and say so in one line. The types'
+    numbers and block sizes are the package's."""
+    from babyllama.interop.gguf import _OWN_TYPES
+
+    for t in _OWN_TYPES.values():
+        qtype = gguf.GGMLQuantizationType(t.id)
+        assert (qtype.name, *gguf.GGML_QUANT_SIZES[qtype]) == (t.name, t.block, t.type_bytes)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "gguf.py").write_text("raise ImportError('the gguf package is not installed')\n")
+    without = {"PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])}
+    for dtype in ("f32", "f16", "q8_0", "q4_0"):
+        export_gguf(tmp_path, dtype, tied=dtype == "q4_0", tokenizer=sp_model)
+        argv = ("run", str(tmp_path / f"m-{dtype}.gguf"), "-t", "0", "-n", "24", "-i", "the")
+        r, ref = run_cli(*argv, env=without), run_cli(*argv)
+        assert r.returncode == 0 and ref.returncode == 0, r.stderr.decode()
+        assert len(r.stdout) > 20 and r.stdout == ref.stdout, dtype
+    T = gguf.GGMLQuantizationType
+    args = tiny_args(dim=256, vocab_size=300)
+    write_gguf(tmp_path / "q6_k.gguf", args, {"token_embd.weight": (random_blocks(T.Q6_K, 300, 256,
+                                                                                   np.random.default_rng(1)), T.Q6_K)})
+    r = run_cli("run", str(tmp_path / "q6_k.gguf"), "-n", "4", env=without)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and "needs babyllama's 'interop' extra" in err[0], err
 
 
 MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -1,6 +1,7 @@
 """llama.cpp's GGUF ⇄ `Weights` (+ vocabulary). Written with the `gguf` package's writer; read by `read_gguf`,
 which checks every count, length, type and offset of the file before trusting it (the package's reader loops
-or raises assorted errors on corrupt files), and dequantized with the package's `quants`.
+or raises assorted errors on corrupt files). F32, F16, Q8_0 and Q4_0 tensors are read without the package (its
+import alone takes ~60 ms of a run's start); other types are dequantized with its `quants`.
 
 What goes in a file llama.cpp loads as architecture "llama":
   - metadata `llama.*`: context_length, embedding_length, block_count, feed_forward_length,
@@ -37,14 +38,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, overload
 
 import numpy as np
 
 from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
-from ..fields import Fields, is_int, is_number
+from ..fields import Fields, is_int
 from ..formats import Weights, check_writable
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -174,11 +174,9 @@ class ConversionNote:
                 f"{100 * self.relative_rms_error:.2f}% of the weights' RMS (on top of {self.source}'s own)")
 
 
-def nearest_kind(qtype) -> str:
+def nearest_kind(qtype: TensorType) -> str:
     """babyllama's block type nearest in bits per weight to a llama.cpp type (Q4_0 4.5, Q8_0 8.5)."""
-    gguf = _gguf()
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return "q8_0" if 8 * size / block >= 6.5 else "q4_0"
+    return "q8_0" if 8 * qtype.type_bytes / qtype.block >= 6.5 else "q4_0"
 
 
 # rows dequantized at a time when converting: bounds the fp32 scratch (and the gguf package's temporaries, a
@@ -186,14 +184,13 @@ def nearest_kind(qtype) -> str:
 _CONVERT_ELEMENTS = 1 << 20
 
 
-def _convert(data: np.ndarray, qtype, cols: int, note: ConversionNote) -> BlockTensor:
+def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNote) -> BlockTensor:
     """A tensor of another llama.cpp type (rows of `cols` weights) as `note.target` blocks, a few rows at a time."""
-    gguf = _gguf()
     rows = data.shape[0]
     out = np.empty((rows, cols // BLOCK * BLOCK_BYTES[note.target]), dtype=np.uint8)
     step = max(1, _CONVERT_ELEMENTS // cols)
     for r in range(0, rows, step):
-        ref = np.asarray(gguf.quants.dequantize(data[r:r + step], qtype), dtype=np.float32).reshape(-1, cols)
+        ref = _dequantized(data[r:r + step], qtype).reshape(-1, cols)
         q = QUANTIZERS[note.target](ref)
         out[r:r + step] = q.data
         note.err_sq += float(np.square(q.dequantize() - ref, dtype=np.float64).sum())
@@ -219,12 +216,50 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 WANTED_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
 
+@dataclass(frozen=True)
+class TensorType:
+    """A llama.cpp tensor type (ggml_type): its number in the file, its name, weights and bytes per block."""
+
+    id: int
+    name: str
+    block: int
+    type_bytes: int
+
+
+# The types a model is run from without the gguf package (ggml.h's numbers; the package is imported, ~60 ms,
+# only for the others; tests check these against it).
+_OWN_TYPES = {t.id: t for t in (TensorType(0, "F32", 1, 4), TensorType(1, "F16", 1, 2),
+                                TensorType(2, "Q4_0", BLOCK, BLOCK_BYTES["q4_0"]),
+                                TensorType(8, "Q8_0", BLOCK, BLOCK_BYTES["q8_0"]))}
+
+
+def tensor_type(kind: int) -> TensorType | None:
+    """The tensor type numbered `kind` in a GGUF file; None where the gguf package does not know it."""
+    if kind in _OWN_TYPES:
+        return _OWN_TYPES[kind]
+    gguf = _gguf()
+    try:
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        return None
+    return TensorType(kind, qtype.name, block, type_bytes)
+
+
+def _dequantized(data: np.ndarray, qtype: TensorType) -> np.ndarray:
+    """A tensor's weights as fp32: F32/F16 as they are viewed (_view), other types by the gguf package."""
+    if qtype.name in ("F32", "F16"):
+        return np.asarray(data, dtype=np.float32)
+    gguf = _gguf()
+    return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(qtype.id)), dtype=np.float32)
+
+
 @dataclass
 class GGUFTensor:
     """A tensor of a GGUF file, with the attributes of the gguf package's ReaderTensor that loading uses."""
 
     name: str
-    tensor_type: Any  # gguf.GGMLQuantizationType
+    tensor_type: TensorType
     shape: tuple[int, ...]  # innermost first, as GGUF lists them
     data_offset: int  # absolute, in the file
     n_bytes: int
@@ -268,22 +303,37 @@ class _Walker:
     def u64(self, what: str) -> int:
         return self.scalar(10, what)
 
-    @overload
-    def text(self, what: str, max_len: int | None = None, read: Literal[True] = True) -> str: ...
-    @overload
-    def text(self, what: str, max_len: int | None = None, *, read: bool) -> str | None: ...
-
-    def text(self, what: str, max_len: int | None = None, read: bool = True) -> str | None:
+    def text(self, what: str, max_len: int | None = None) -> str:
         n = self.u64(f"the length of {what}")
         if max_len is not None and n > max_len:
             raise self.fail(f"{what} claims {n:,} bytes")
         start = self.take(n, what)
-        if not read:
-            return None
         try:
             return str(self.bytes[start:start + n], "utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
+
+    def strings(self, count: int, what: str, read: bool) -> list[str]:
+        """`count` strings in a row (a vocabulary's tokens): text()'s checks in one loop, with one call per string
+        for its length instead of six (a 32,000-token header reads in half the time)."""
+        mv, off, end, length = self.bytes, self.off, len(self.buf), _STRUCTS[10].unpack_from
+        out: list[str] = []
+        for _ in range(count):
+            self.off = off  # where a failure is reported, as take() reports it
+            if off + 8 > end:
+                raise self.fail(f"the length of {what} runs past the end of the file")
+            n = length(mv, off)[0]
+            self.off = off = off + 8
+            if n > end - off:
+                raise self.fail(f"{what} runs past the end of the file")
+            if read:
+                try:
+                    out.append(str(mv[off:off + n], "utf-8"))
+                except UnicodeDecodeError:
+                    raise self.fail(f"{what} is not UTF-8") from None
+            off += n
+        self.off = off
+        return out
 
     def value(self, kind: int, what: str, read_array: bool = True):
         """One metadata value: a scalar, a string, or an array of either (read into a list when `read_array`,
@@ -302,7 +352,7 @@ class _Walker:
         if count > MAX_ARRAY or count * least > len(self.buf) - self.off:
             raise self.fail(f"{what} claims {count:,} entries, more than the file holds")
         if item == _STRING:
-            strings = [self.text(what, read=read_array) for _ in range(count)]
+            strings = self.strings(count, what, read_array)
             return strings if read_array else Skipped(count)
         start = self.take(count * least, what)
         if not read_array:
@@ -315,7 +365,6 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     """A GGUF file's metadata and tensors, everything checked before it is trusted: the header's counts and
     lengths, UTF-8 text, value and tensor types (integer tensors refused), shapes, and that the tensors lie
     inside the file, aligned, in order, without overlap or gaps. Tensor data stay memory-mapped."""
-    gguf = _gguf()
     size = safeio.file_size(path, "GGUF file")
     if size < 24:
         raise BabyLlamaError(f"{path}: not a readable GGUF file (only {size} bytes)")
@@ -341,15 +390,15 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     alignment = meta.get("general.alignment", 32)
     if not is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
         raise w.fail("general.alignment must be a power of two")
-    tensors = [_tensor_info(w, gguf) for _ in range(n_tensors)]
+    tensors = [_tensor_info(w) for _ in range(n_tensors)]
     data_start = -(-w.off // alignment) * alignment
     _check_tiling(w, tensors, data_start, size, alignment)
     for t in tensors:
-        t.data = _view(buf, t, gguf)
+        t.data = _view(buf, t)
     return meta, {t.name: t for t in tensors}
 
 
-def _tensor_info(w: _Walker, gguf) -> GGUFTensor:
+def _tensor_info(w: _Walker) -> GGUFTensor:
     name = w.text("a tensor name", MAX_NAME)
     n_dims = w.u32(f"the rank of {name}")
     if not 1 <= n_dims <= MAX_DIMS:
@@ -357,18 +406,16 @@ def _tensor_info(w: _Walker, gguf) -> GGUFTensor:
     dims = tuple(w.u64(f"the shape of {name}") for _ in range(n_dims))
     kind = w.u32(f"the type of {name}")
     rel = w.u64(f"the offset of {name}")
-    try:
-        qtype = gguf.GGMLQuantizationType(kind)
-        block, type_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    except (ValueError, KeyError):
-        raise w.fail(f"tensor {name} has the unknown type {kind}") from None
+    qtype = tensor_type(kind)
+    if qtype is None:
+        raise w.fail(f"tensor {name} has the unknown type {kind}")
     if qtype.name in ("I8", "I16", "I32", "I64"):
         raise BabyLlamaError(f"{w.path}: tensor {name} holds integers ({qtype.name}), not weights")
     if any(d < 1 or d > 1 << 32 for d in dims) or math.prod(dims) > 1 << 40:
         raise w.fail(f"tensor {name} has the shape {list(dims)}")
-    if dims[0] % block:
-        raise w.fail(f"tensor {name}: rows of {dims[0]} do not split into {qtype.name} blocks of {block}")
-    return GGUFTensor(name, qtype, dims, rel, math.prod(dims) // block * type_bytes)
+    if dims[0] % qtype.block:
+        raise w.fail(f"tensor {name}: rows of {dims[0]} do not split into {qtype.name} blocks of {qtype.block}")
+    return GGUFTensor(name, qtype, dims, rel, math.prod(dims) // qtype.block * qtype.type_bytes)
 
 
 def _check_tiling(w: _Walker, tensors: list[GGUFTensor], data_start: int, size: int, alignment: int) -> None:
@@ -394,14 +441,14 @@ def _check_tiling(w: _Walker, tensors: list[GGUFTensor], data_start: int, size: 
                              "corrupt")
 
 
-def _view(buf: np.ndarray, t: GGUFTensor, gguf) -> np.ndarray:
+def _view(buf: np.ndarray, t: GGUFTensor) -> np.ndarray:
     """The tensor's bytes as the gguf package's reader lays them out: float types as their dtype, the
     others as uint8 rows of blocks (what gguf.quants.dequantize takes)."""
     shape = tuple(reversed(t.shape))
     floats: dict[str, type[np.generic]] = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
     dtype = floats.get(t.tensor_type.name)
     if dtype is None:
-        dtype, shape = np.uint8, _gguf().quants.quant_shape_to_byte_shape(shape, t.tensor_type)
+        dtype, shape = np.uint8, (*shape[:-1], shape[-1] // t.tensor_type.block * t.tensor_type.type_bytes)
     return buf[t.data_offset:t.data_offset + t.n_bytes].view(dtype).reshape(shape)
 
 
@@ -412,7 +459,6 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, other quantized types are converted
     to the nearest of them (see the module's docstring), with one ConversionNote per converted type appended
     to `notes`."""
-    gguf = _gguf()
     path = Path(path)
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
@@ -421,7 +467,6 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         raise BabyLlamaError(f"{path}: unsupported architecture {arch!r} (only 'llama' GGUF files)")
 
     converted: dict[str, ConversionNote] = {}
-    float_types = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
     def get(name: str) -> np.ndarray | BlockTensor:
         key = gguf_name(name)
@@ -433,8 +478,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         kind = t.tensor_type.name.lower()
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
-                if not keep_quantized or t.tensor_type in float_types or len(t.shape) != 2:
-                    return np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+                if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
+                    return _dequantized(data, t.tensor_type)
                 cols = int(t.shape[0])  # GGUF lists dimensions innermost first
                 if kind in KINDS:
                     return BlockTensor(kind, data, cols)
@@ -480,6 +525,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     return weights, _read_vocab(fields, path)
 
 
+_FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, whatever keep_quantized says
 _IGNORED = {"rope_freqs.weight"}  # llama.cpp's rope scaling factors: absent from plain Llama models' files
 
 
@@ -499,13 +545,16 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
     for key, values in (("scores", scores), ("token_type", types)):
         if len(values) != n:
             raise BabyLlamaError(f"{path}: tokenizer.ggml.{key} has {len(values):,} entries for {n:,} tokens")
-    if not all(is_number(s) and math.isfinite(s) for s in scores):
+    # a GGUF array holds one type: NumPy reads the lists as numbers only if they are (bools and strings not)
+    score_values, type_values = np.asarray(scores), np.asarray(types)
+    if score_values.dtype.kind not in "iuf" or not np.isfinite(score_values).all():
         raise BabyLlamaError(f"{path}: tokenizer.ggml.scores must be finite numbers")
-    if not all(is_int(t) and 1 <= t <= 6 for t in types):
+    if (type_values.dtype.kind not in "iuf" or (type_values % 1 != 0).any() or (type_values < 1).any()
+            or (type_values > 6).any()):
         raise BabyLlamaError(f"{path}: tokenizer.ggml.token_type must hold token types 1 to 6")
     ids = {key: fields.int(f"tokenizer.ggml.{key}_token_id", default, lo=0, hi=n - 1)
            for key, default in (("unknown", 0), ("bos", 1), ("eos", 2))}
-    return Vocab(tokens, [float(s) for s in scores], [int(t) for t in types], unk_id=ids["unknown"],
+    return Vocab(tokens, score_values.astype(float).tolist(), type_values.astype(int).tolist(), unk_id=ids["unknown"],
                  bos_id=ids["bos"], eos_id=ids["eos"])
 
 
