@@ -583,25 +583,25 @@ class NativeKernels:
         """Put the block matrices (Q4_0, Q8_0) among ws in the order this build's kernels read (kernels.c's
         W_Q4_0R, W_Q8_0R; the same bytes per row, permuted), once per matrix and for every reader: their bytes
         are replaced by a regrouped copy (one buffer for all, which NumPy gives huge pages, as it does a file read
-        into memory), so decode steps, prompts and embedding rows read it and the blocks are let go: freed where
-        they were process memory (quantized or converted on load), handed back where they were a file's pages
-        (memory.release_mapped; a later read maps them again from the page cache). Nothing changes where the
+        into memory), so decode steps, prompts and embedding rows read it and the blocks are let go as each
+        matrix is copied: freed where they were process memory (quantized or converted on load), handed back
+        where they were a file's pages (memory.release_mapped; a later read maps them again from the page cache),
+        so that memory holds the blocks and their copy together for one matrix at most. Nothing changes where the
         build has no such kernels or the copies would take more than a quarter of the free memory
         (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and not w.regrouped}.values())
         total = sum(w.nbytes for w in todo)
         if not todo or not memory.read_by_default(total):
             return
-        buf, at, blocks = np.empty(total, dtype=np.uint8), 0, []
+        self._plans.clear()  # their descriptions hold the blocks
+        buf, at, maps = np.empty(total, dtype=np.uint8), 0, memory.read_only_file_maps()
         for w in todo:
             copy = self.regroup(w, buf[at:at + w.nbytes])
             if copy is None:  # no regrouped kernels in this build
                 return
-            blocks.append(w.data)
-            w.data, w.regrouped = copy.data, True
+            blocks, w.data, w.regrouped = w.data, copy.data, True
+            memory.release_mapped(blocks, maps=maps)  # process memory is freed as `blocks` goes
             at += w.nbytes
-        memory.release_mapped(*blocks)  # process memory is freed as `blocks` goes
-        self._plans.clear()  # their descriptions hold the blocks
 
     describe = step_plan
 

@@ -943,11 +943,12 @@ def test_prompt_products_run_blas_sgemm_on_the_pool(native, kind):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident size in /proc")
 @pytest.mark.parametrize("fmt, kind", [("bin", "q4_0"), ("gguf", "q4_0"), ("gguf", "q8_0")])
-def test_a_mapped_block_model_is_resident_once(native, tmp_path, fmt, kind):
+def test_a_mapped_block_model_is_resident_once(native, tmp_path, fmt, kind, monkeypatch):
     """A mapped Q4_0 or Q8_0 file's matrices run from the kernels' regrouped copy: decode steps, a prompt's
     products and its embedding rows all read the copy, and the file's pages under the copied matrices are handed
     back, so memory holds the model once. Loading reads every page (the scales' finiteness check); after a
-    prompt and a decode step only the matrices without a copy, and the pages at their edges, are resident."""
+    prompt and a decode step only the matrices without a copy, and the pages at their edges, are resident. The
+    pages go as each matrix is copied: the file and the copies made so far are never resident together."""
     from babyllama.interop.gguf import load_gguf, save_gguf
     from babyllama.interop.vocab import from_tokenizer
 
@@ -965,6 +966,14 @@ def test_a_mapped_block_model_is_resident_once(native, tmp_path, fmt, kind):
         loaded = load_gguf(path, keep_quantized=True)[0]
     anchor, size = loaded.wq[0].data, path.stat().st_size
     assert resident_bytes(anchor) > 0.8 * size
+    held, copies, regroup = [], [], native.regroup  # before each copy: the file's resident bytes + the copies
+
+    def watched_copy(w, out=None):
+        held.append(resident_bytes(anchor) + sum(copies))
+        copies.append(w.nbytes)
+        return regroup(w, out)
+
+    monkeypatch.setattr(native, "regroup", watched_copy)
     engine = Engine(loaded, kernels=native)
     cache = engine.new_cache(seq_len=80)
     prompt = engine.forward(list(range(3, 4096, 64)), range(64), cache, logits="last")  # rows all over the table
@@ -974,6 +983,7 @@ def test_a_mapped_block_model_is_resident_once(native, tmp_path, fmt, kind):
     assert sum(copied.values()) > 0.8 * size
     edges = 2 * mmap.PAGESIZE * len(copied) + 64 * 1024  # pages shared with a neighbour; the kernel's fault-around
     assert resident_bytes(anchor) <= size - sum(copied.values()) + edges
+    assert len(held) == len(copied) and max(held) <= size + edges, (max(held), size)
 
 
 def test_embedding_rows_are_the_tables_rows(native):
