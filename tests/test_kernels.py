@@ -876,10 +876,10 @@ def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, 
             assert not np.array_equal(got, by_token)
 
 
-def test_a_prompts_product_of_a_small_matrix_is_split_across_threads(native):
-    """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a decode step's product (~32 KB a chunk, kept: more chunks
-    cost more than they gain at 1-8 tokens), so it runs on one thread. A prompt's product does 8 passes of 8
-    tokens over those rows and more: its rows are cut into chunks for every thread."""
+def test_a_product_of_several_tokens_splits_a_small_matrix_across_threads(native):
+    """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a one-token product (~32 KB a chunk), so it runs on one
+    thread. A prompt's product (8 passes of 8 tokens over those rows and more) and a batched decode step's (2-8
+    tokens) cut its rows into chunks for every thread."""
     if usable_cpus() < 2:
         pytest.skip("one CPU: nothing to split across")
     w = quantize_q4_0(rng.standard_normal((128, 128)).astype(np.float32))
@@ -887,11 +887,11 @@ def test_a_prompts_product_of_a_small_matrix_is_split_across_threads(native):
     native.configure_threads(2)
     try:
         splits = []
-        for tokens in (64, 4):
+        for tokens in (64, 4, 2, 1):
             before = native.lib.pool_split_jobs()
             native.matmul(x[:tokens], [w])
             splits.append(native.lib.pool_split_jobs() - before)
-        assert splits == [1, 0]
+        assert splits == [1, 1, 1, 0]
     finally:
         native.configure_threads()
 
