@@ -42,6 +42,14 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def worker_count() -> int:
+    """Threads for work split in Python (NumPy releasing the GIL), such as converting a file's tensors on load:
+    OMP_NUM_THREADS where it is set (as --threads sets it), else every usable CPU, at most max_threads()."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
+    n = int(value) if value.isdigit() and int(value) > 0 else usable_cpus()
+    return min(n, max_threads())
+
+
 def max_threads() -> int:
     """The most threads babyllama starts in any pool: 4 per usable CPU, and at least 16."""
     return max(16, 4 * usable_cpus())

@@ -324,6 +324,24 @@ def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_pa
                                atol=1e-4 * np.abs(logits).max(), rtol=0)
 
 
+def test_converting_on_threads_gives_the_same_blocks_and_error(monkeypatch):
+    """A converted tensor's rows go to several threads a few at a time: the blocks and the reported error are
+    the same on one thread as on three."""
+    from babyllama.interop import gguf as ours
+
+    T = gguf.GGMLQuantizationType
+    data = random_blocks(T.Q4_K, 300, 256, np.random.default_rng(2))
+    monkeypatch.setattr(ours, "_CONVERT_ELEMENTS", 64 * 256)  # chunks of 64 rows: five of them
+    results = []
+    for threads in (1, 3):
+        monkeypatch.setattr(ours, "worker_count", lambda threads=threads: threads)
+        note = ours.ConversionNote("Q4_K", "q4_0")
+        blocks = ours._convert(data, ours.tensor_type(T.Q4_K.value), 256, note)
+        results.append((blocks.data, note.err_sq, note.ref_sq))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1:] == results[1][1:] and results[0][1] > 0
+
+
 def test_running_a_gguf_keeps_its_quantized_tensors_and_export_reads_fp32(tmp_path, sp_model):
     """`run`/`chat`/`eval` (loading.open_model) keep a Q4_0 file's tensors as they are and say what was
     converted; `export` (loading.load_source) reads every tensor as fp32, as it always has."""
