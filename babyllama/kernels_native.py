@@ -34,7 +34,7 @@ from . import memory, sampler
 from .formats import Matrix, QTensor, Weights, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BlockTensor
-from .threads import usable_cpus
+from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
@@ -333,13 +333,11 @@ class NativeKernels:
         (explicit), else every CPU this process may use, with small products kept on one thread.
         BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default: 500 while every thread is
         used by the adaptation, else 50; see kernels.c spin_limit)."""
+        if n is None:
+            n = explicit_threads()
         explicit = n is not None
         if n is None:
-            env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-            if env.isdigit() and int(env) > 0:
-                n, explicit = int(env), True
-            else:
-                n = usable_cpus()
+            n = usable_cpus()
         spin = os.environ.get("BABYLLAMA_SPIN_US", "")
         self.lib.pool_configure(n, int(explicit), int(spin) if spin.isdigit() else -1)
 

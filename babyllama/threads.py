@@ -42,12 +42,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def explicit_threads() -> int | None:
+    """The thread count the environment sets (as --threads sets it): OMP_NUM_THREADS's first level, or None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def worker_count() -> int:
     """Threads for work split in Python (NumPy releasing the GIL), such as converting a file's tensors on load:
-    OMP_NUM_THREADS where it is set (as --threads sets it), else every usable CPU, at most max_threads()."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0]
-    n = int(value) if value.isdigit() and int(value) > 0 else usable_cpus()
-    return min(n, max_threads())
+    explicit_threads(), else every usable CPU, at most max_threads()."""
+    return min(explicit_threads() or usable_cpus(), max_threads())
 
 
 def max_threads() -> int:
