@@ -80,10 +80,12 @@ INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
 # shortest rows it takes them from. Two Zen 4 cores, 256-token prompts of GGUF Q8_0 files, the two routes
 # alternating in one process (medians of 7): 110M 1.72-1.83x as fast, 42M 1.63x, 15M 1.31-1.41x; the built-in
-# model's (rows of 128 and 352) 0.89-0.94x, with its rows of 128 on sgemm 1.03x. The AVX2 build on Zen 4 gained
-# 1.04-1.11x (not measured on an AVX2-only CPU): it stays on sgemm. Blocks not regrouped (their values gathered
-# out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there too.
-INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256}
+# model's (rows of 128 and 352) 0.89-0.94x, with its rows of 128 on sgemm 1.03x. AVX2 (`maddubs`) on two Zen 3
+# cores, the same way: 110M 1.15-1.19x as fast, 42M 1.11-1.17x; 15M 0.99-1.04x with every matrix on int8 and
+# 1.08-1.11x with its w2 alone there (rows of 768; its others are 288 long), so from rows of 512. AVX2 with VNNI
+# (avx2-vnni; not measured) runs the same sums in fewer instructions. Blocks not regrouped (their values gathered
+# out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there.
+INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256, "avx2": 512, "avx2-vnni": 512}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R = range(6)
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}

@@ -859,8 +859,9 @@ def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(nativ
 @pytest.mark.parametrize("sgemm", [True, False])
 def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
     """llama.cpp's Q8_0 blocks, regrouped, go to the int8 kernel on AVX-512 VNNI builds from rows of 256 values
-    (each row of the prompt bit for bit what decoding its token alone gives); rows of 128, blocks not regrouped
-    and every other build stay on sgemm, within float rounding of it."""
+    and on AVX2 builds from rows of 512 (each row of the prompt bit for bit what decoding its token alone
+    gives); shorter rows, blocks not regrouped and every other build stay on sgemm, within float rounding of
+    it."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     min_cols = kernels_native.INT8_Q8R_PROMPT_MIN_COLS.get(native.isa())
     for cols, regroup in ((128, True), (288, True), (768, True), (768, False)):
