@@ -33,7 +33,7 @@ import numpy as np
 from . import memory, sampler
 from .formats import Matrix, QTensor, Weights, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
-from .quant import BLOCK, BlockTensor
+from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -315,6 +315,8 @@ class NativeKernels:
         self.lib.softmax_logits.argtypes = [ptr, i64, ctypes.c_double, ptr]
         self.lib.regroup_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
         self.lib.regroup_blocks.restype = ctypes.c_int
+        self.lib.convert_ggml_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ctypes.c_int, ptr, ptr]
+        self.lib.convert_ggml_rows.restype = ctypes.c_int
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
@@ -578,6 +580,25 @@ class NativeKernels:
         if self.lib.regroup_blocks(_address(w.data), _address(data), w.shape[0], w.shape[1], BLOCK_TYPES[w.kind]):
             return None
         return BlockTensor(w.kind, data, w.cols, regrouped=True)
+
+    def convert_ggml(self, data: np.ndarray, ggml_type: int, cols: int, kind: str,
+                     out: np.ndarray | None = None) -> tuple[BlockTensor, float, float] | None:
+        """Rows of llama.cpp blocks of type `ggml_type` (uint8, one row of `cols` weights each) as `kind` blocks
+        ("q4_0" or "q8_0"; their bytes in `out` when given, C-contiguous), with the sums of the squared error and
+        of the squared weights (float64); None for a type the C code does not convert (interop/gguf.py then uses
+        the gguf package). The blocks are those of the gguf package's dequantizer followed by quant.py's
+        quantizer; a block with a weight that is not finite gets a NaN scale."""
+        data = np.ascontiguousarray(data)
+        shape = (data.shape[0], cols // BLOCK * BLOCK_BYTES[kind])
+        out = np.empty(shape, dtype=np.uint8) if out is None else out
+        if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 of shape {shape}")
+        sums = np.zeros(2, dtype=np.float64)
+        failed = self.lib.convert_ggml_rows(ggml_type, _address(data), data.shape[0], cols, BLOCK_TYPES[kind],
+                                            _address(out), _address(sums))
+        if failed == 2:
+            raise MemoryError("no memory for a row of converted weights")
+        return None if failed else (BlockTensor(kind, out, cols), float(sums[0]), float(sums[1]))
 
     def _regroup(self, ws: Sequence[Matrix]) -> None:
         """Put the block matrices (Q4_0, Q8_0) among ws in the order this build's kernels read (kernels.c's

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,8 +20,9 @@ from conftest import (
     torch_checkpoint,
 )
 
-from babyllama import formats
+from babyllama import formats, kernels_native
 from babyllama.cli import main
+from babyllama.errors import BabyLlamaError
 from babyllama.interop.state_dict import to_state_dict
 
 gguf = pytest.importorskip("gguf")
@@ -239,11 +242,19 @@ def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model)
         r, ref = run_cli(*argv, env=without), run_cli(*argv)
         assert r.returncode == 0 and ref.returncode == 0, r.stderr.decode()
         assert len(r.stdout) > 20 and r.stdout == ref.stdout, dtype
-    T = gguf.GGMLQuantizationType
-    args = tiny_args(dim=256, vocab_size=300)
-    write_gguf(tmp_path / "q6_k.gguf", args, {"token_embd.weight": (random_blocks(T.Q6_K, 300, 256,
-                                                                                   np.random.default_rng(1)), T.Q6_K)})
-    r = run_cli("run", str(tmp_path / "q6_k.gguf"), "-n", "4", env=without)
+    # the types the native kernels convert: the same blocks without the package; where the kernels are not
+    # native, the package converts them, and its absence is one line naming the extra
+    write_mixed_gguf(tmp_path / "mixed.gguf")
+    load = ("from babyllama.interop.gguf import load_gguf; import hashlib, sys; "
+            f"w, _ = load_gguf({str(tmp_path / 'mixed.gguf')!r}, keep_quantized=True); "
+            "print(hashlib.sha256(b''.join(m.block_bytes().tobytes() for ms in w.layer_matrices().values() "
+            "for m in ms) + w.wcls.block_bytes().tobytes()).hexdigest())")
+    if kernels_native.load() is not None:
+        r, ref = (subprocess.run([sys.executable, "-c", load], capture_output=True, env={**os.environ, **env})
+                  for env in (without, {"PYTHONPATH": str(ROOT)}))
+        assert r.returncode == 0 and ref.returncode == 0, r.stderr.decode()
+        assert len(r.stdout) == 65 and r.stdout == ref.stdout
+    r = run_cli("run", str(tmp_path / "mixed.gguf"), "-n", "4", env={**without, "BABYLLAMA_KERNELS": "numpy"})
     err = r.stderr.decode().strip().splitlines()
     assert r.returncode == 1 and len(err) == 1 and "needs babyllama's 'interop' extra" in err[0], err
 
@@ -278,17 +289,16 @@ def write_gguf(path, args, tensors: dict[str, tuple[np.ndarray, object]]) -> Non
     w.close()
 
 
-def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_path):
-    """Q4_1, Q5_0, Q5_1 and Q2_K-Q5_K become Q4_0 and Q6_K becomes Q8_0 on load (never fp32), each within that
-    type's quantization error of the file's own values, with the error reported per source type; the model
-    then runs on the kernels like any other."""
-    from babyllama.engine import Engine
-    from babyllama.interop.gguf import load_gguf
+CONVERTED_KINDS = ("Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
+
+def write_mixed_gguf(path) -> dict:
+    """A model whose matrices take turns among CONVERTED_KINDS (the embedding Q6_K, the classifier Q4_K);
+    returns its tensors."""
     T = gguf.GGMLQuantizationType
     rng = np.random.default_rng(0)
     args = tiny_args(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=4, vocab_size=300, shared_classifier=False)
-    kinds = [T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+    kinds = [T[k] for k in CONVERTED_KINDS]
     tensors = {"token_embd.weight": (random_blocks(T.Q6_K, 300, 256, rng), T.Q6_K),
                "output.weight": (random_blocks(T.Q4_K, 300, 256, rng), T.Q4_K),
                "output_norm.weight": (np.ones(256, np.float32), T.F32)}
@@ -300,16 +310,26 @@ def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_pa
             tensors[f"blk.{layer}.{name}.weight"] = (random_blocks(qtype, rows, cols, rng), qtype)
         for norm in ("attn_norm", "ffn_norm"):
             tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(256, np.float32), T.F32)
-    path = tmp_path / "mixed.gguf"
     write_gguf(path, args, tensors)
+    return tensors
 
+
+def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_path):
+    """Q4_1, Q5_0, Q5_1 and Q2_K-Q5_K become Q4_0 and Q6_K becomes Q8_0 on load (never fp32), each within that
+    type's quantization error of the file's own values, with the error reported per source type; the model
+    then runs on the kernels like any other."""
+    from babyllama.engine import Engine
+    from babyllama.interop.gguf import load_gguf
+
+    path = tmp_path / "mixed.gguf"
+    tensors = write_mixed_gguf(path)
     notes = []
     w, vocab = load_gguf(path, keep_quantized=True, notes=notes)
     assert vocab is None and w.kinds() == "q4_0, q8_0 blocks"
     if os.path.exists("/proc/self/smaps"):  # every matrix was converted: what the checks read of the file is let go
         edges = 2 * mmap.PAGESIZE * len(tensors) + 64 * 1024  # pages two tensors share; the kernel's fault-around
         assert resident_bytes(w.rms_final) <= edges < path.stat().st_size / 2  # rms_final: a view of the map
-    assert {n.source: n.target for n in notes} == {**{k.name: "q4_0" for k in kinds[:-1]}, "Q6_K": "q8_0"}
+    assert {n.source: n.target for n in notes} == {**{k: "q4_0" for k in CONVERTED_KINDS[:-1]}, "Q6_K": "q8_0"}
     reference = load_gguf(path)[0]  # every tensor dequantized to fp32
     for note in notes:
         bound = 0.01 if note.target == "q8_0" else 0.1  # random blocks: 0.5% and ~6% measured
@@ -322,6 +342,55 @@ def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_pa
     plain = Engine(w, plain=True)
     np.testing.assert_allclose(logits, plain.forward([1, 2, 3], range(3), plain.new_cache()),
                                atol=1e-4 * np.abs(logits).max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", CONVERTED_KINDS)
+def test_the_native_conversion_gives_the_blocks_of_the_gguf_package_and_our_quantizer(name):
+    """kernels.c converts each of these types in one pass: the same Q4_0/Q8_0 blocks as the gguf package's
+    dequantizer followed by quant.py's quantizer (the error's sums within float64 rounding of NumPy's), on
+    blocks with random values and scales of both signs."""
+    from babyllama.interop import gguf as ours
+    from babyllama.quant import QUANTIZERS
+
+    native = kernels_native.load()
+    if native is None:
+        pytest.skip("no native kernels (no C compiler)")
+    qtype = gguf.GGMLQuantizationType[name]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(5)
+    for cols in (256, 768):
+        data = rng.integers(0, 256, (300, cols // block, size), dtype=np.uint8)
+        for off in FP16_FIELDS[name]:
+            scales = rng.uniform(-0.004, 0.004, (300, cols // block, 1)).astype(np.float16)
+            data[:, :, off:off + 2] = scales.view(np.uint8)
+        data = data.reshape(300, -1)
+        kind = ours.nearest_kind(ours.tensor_type(qtype.value))
+        ref = ours._dequantized(data, ours.tensor_type(qtype.value)).reshape(-1, cols)
+        want = QUANTIZERS[kind](ref)
+        got, err_sq, ref_sq = native.convert_ggml(data, qtype.value, cols, kind)
+        np.testing.assert_array_equal(got.data, want.data)
+        assert err_sq == pytest.approx(float(np.square(want.dequantize() - ref, dtype=np.float64).sum()), rel=1e-12)
+        assert ref_sq == pytest.approx(float(np.square(ref, dtype=np.float64).sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("kernels", ["native", "numpy"])
+def test_a_converted_tensor_with_a_nan_scale_is_refused(tmp_path, kernels, monkeypatch):
+    """A Q4_K tensor whose scale is NaN makes NaN weights: loading refuses the file, whichever route converts."""
+    from babyllama.interop import gguf as ours
+
+    if kernels == "numpy":
+        monkeypatch.setattr(ours, "_native_kernels", lambda: None)
+    elif kernels_native.load() is None:
+        pytest.skip("no native kernels (no C compiler)")
+    path = tmp_path / "mixed.gguf"
+    tensors = write_mixed_gguf(path)
+    data, qtype = tensors["output.weight"]
+    data = data.reshape(300, -1, 144)
+    data[7, 0, 0:2] = np.array([np.nan], np.float16).view(np.uint8)
+    write_gguf(path, tiny_args(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=4, vocab_size=300,
+                               shared_classifier=False), {**tensors, "output.weight": (data.reshape(300, -1), qtype)})
+    with pytest.raises(BabyLlamaError, match="tensor output.weight holds NaN or infinite values"):
+        ours.load_gguf(path, keep_quantized=True)
 
 
 def test_converting_on_threads_gives_the_same_blocks_and_error(monkeypatch):

@@ -37,6 +37,7 @@
  * machine (a co-runner on a core) from stalling every product at a barrier.
  */
 #define _GNU_SOURCE
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -2384,6 +2385,208 @@ int dequantize_rows(const Mat *m, const int64_t *rows, int64_t n_rows, int64_t n
     for (int64_t t = 0; t < n_rows; t++) dequantize_row(m, rows[t], n, out + t * n);
     return 0;
 }
+
+/* ------------------------------------------------------------- llama.cpp's other block types, on load */
+
+/* A GGUF file's tensors of other llama.cpp types (Q4_1, Q5_0, Q5_1, Q2_K-Q6_K; ggml.h's numbers below) become
+ * Q4_0 or Q8_0 blocks when a model is loaded: each row dequantized to fp32 and quantized again, with the error
+ * that adds. The arithmetic is the gguf package's dequantizer's and quant.py's quantizers', operation for
+ * operation (a product and a sum are two roundings: nothing here may fuse them into one multiply-add), so the
+ * blocks are those of the NumPy route, only made in one pass over the row instead of six. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+enum { G_Q4_1 = 3, G_Q5_0 = 6, G_Q5_1 = 7, G_Q2_K = 10, G_Q3_K = 11, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14 };
+#define QK_K 256
+
+/* weights and bytes per block of the types converted here; 0 for the others */
+static void ggml_block_size(int type, int64_t *weights, int64_t *bytes) {
+    static const int16_t sizes[][3] = {{G_Q4_1, 32, 20},   {G_Q5_0, 32, 22},   {G_Q5_1, 32, 24},
+                                       {G_Q2_K, QK_K, 84}, {G_Q3_K, QK_K, 110}, {G_Q4_K, QK_K, 144},
+                                       {G_Q5_K, QK_K, 176}, {G_Q6_K, QK_K, 210}};
+    *weights = *bytes = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (sizes[i][0] == type) *weights = sizes[i][1], *bytes = sizes[i][2];
+}
+
+/* Q4_K's and Q5_K's 6-bit scale and min of sub-block s (0-7) out of their 12 packed bytes */
+static void k_scale_min(const uint8_t *sc, int s, int *scale, int *min) {
+    if (s < 4) {
+        *scale = sc[s] & 63, *min = sc[4 + s] & 63;
+    } else {
+        *scale = (sc[4 + s] & 0x0F) | ((sc[s - 4] >> 2) & 0x30);
+        *min = (sc[4 + s] >> 4) | ((sc[s] >> 2) & 0x30);
+    }
+}
+
+/* o[j] = d[j / run] * q[j] - m[j / run] (m NULL: no minus) for j < n: the gguf package's two roundings */
+static void scale_values(const int8_t *q, const float *d, const float *m, int run, int n, float *o) {
+    for (int s = 0; s < n / run; s++) {
+        float ds = d[s], ms = m ? m[s] : 0.0f;
+        for (int j = s * run; j < (s + 1) * run; j++) {
+            float p = ds * (float)q[j];
+            o[j] = m ? p - ms : p;
+        }
+    }
+}
+
+/* one block of `type` at b as fp32 weights (the block's count of them): its integer values and the scales
+ * (and mins) of its runs of 16 or 32 first, each run in the package's arithmetic */
+static void dequantize_ggml_block(int type, const uint8_t *b, float *o) {
+    int8_t q[QK_K];
+    float d[16], m[16];
+    switch (type) {
+    case G_Q4_1: case G_Q5_0: case G_Q5_1: { /* d, [m,] [qh,] 16 bytes of low nibbles: weight j and j + 16 */
+        const uint8_t *qs = b + (type == G_Q4_1 ? 4 : type == G_Q5_0 ? 6 : 8);
+        uint32_t high = 0;
+        if (type != G_Q4_1) memcpy(&high, b + (type == G_Q5_1 ? 4 : 2), 4);
+        for (int j = 0; j < 16; j++) q[j] = (int8_t)(qs[j] & 0x0F), q[j + 16] = (int8_t)(qs[j] >> 4);
+        for (int j = 0; j < 32; j++) q[j] = (int8_t)(q[j] | ((high >> j) & 1) << 4);
+        d[0] = fp16_to_f32(load_u16(b));
+        if (type == G_Q5_0) { /* d * (q - 16) */
+            for (int j = 0; j < 32; j++) q[j] = (int8_t)(q[j] - 16);
+            scale_values(q, d, NULL, 32, 32, o);
+        } else { /* Q4_1 and Q5_1 add their min: (d * q) + m */
+            m[0] = fp16_to_f32(load_u16(b + 2));
+            for (int j = 0; j < 32; j++) {
+                float p = d[0] * (float)q[j];
+                o[j] = p + m[0];
+            }
+        }
+        break;
+    }
+    case G_Q2_K: { /* 16 scale bytes (low nibble: scale, high: min), 64 bytes of 2-bit values, d, dmin */
+        float dd = fp16_to_f32(load_u16(b + 80)), dmin = fp16_to_f32(load_u16(b + 82));
+        for (int s = 0; s < 16; s++) d[s] = dd * (float)(b[s] & 0x0F), m[s] = dmin * (float)(b[s] >> 4);
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 32; i++) q[128 * h + 32 * k + i] = (int8_t)((b[16 + 32 * h + i] >> (2 * k)) & 3);
+        scale_values(q, d, m, 16, QK_K, o);
+        break;
+    }
+    case G_Q3_K: { /* 32 bytes of high bits, 64 of 2-bit values, 12 of 6-bit scales, d */
+        const uint8_t *hmask = b, *sc = b + 96;
+        float dd = fp16_to_f32(load_u16(b + 108));
+        for (int s = 0; s < 16; s++) {
+            int low = (s < 8 ? sc[s] : sc[s - 8] >> 4) & 0x0F, high = (sc[8 + s % 4] >> (2 * (s / 4))) & 3;
+            d[s] = dd * (float)((int8_t)(low | high << 4) - 32);
+        }
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 32; i++) {
+                    int e = 128 * h + 32 * k + i;
+                    q[e] = (int8_t)(((b[32 + 32 * h + i] >> (2 * k)) & 3) - (((hmask[i] >> (e / 32)) & 1) ? 0 : 4));
+                }
+        scale_values(q, d, NULL, 16, QK_K, o);
+        break;
+    }
+    case G_Q4_K: case G_Q5_K: { /* d, dmin, 12 bytes of scales and mins, [32 bytes of high bits,] nibbles */
+        float dd = fp16_to_f32(load_u16(b)), dmin = fp16_to_f32(load_u16(b + 2));
+        const uint8_t *qh = b + 16, *qs = b + (type == G_Q4_K ? 16 : 48);
+        for (int s = 0; s < 8; s++) {
+            int scale, min;
+            k_scale_min(b + 4, s, &scale, &min);
+            d[s] = dd * (float)scale, m[s] = dmin * (float)min;
+            for (int i = 0; i < 32; i++) q[32 * s + i] = (int8_t)((qs[32 * (s / 2) + i] >> (4 * (s % 2))) & 0x0F);
+            if (type == G_Q5_K)
+                for (int i = 0; i < 32; i++) q[32 * s + i] = (int8_t)(q[32 * s + i] | ((qh[i] >> s) & 1) << 4);
+        }
+        scale_values(q, d, m, 32, QK_K, o);
+        break;
+    }
+    case G_Q6_K: { /* 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales, d */
+        const uint8_t *ql = b, *qh = b + 128;
+        float dd = fp16_to_f32(load_u16(b + 208));
+        for (int s = 0; s < 16; s++) d[s] = dd * (float)(int8_t)b[192 + s];
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int i = 0; i < 32; i++) {
+                    int low = (ql[64 * h + 32 * (k % 2) + i] >> (4 * (k / 2))) & 0x0F;
+                    q[128 * h + 32 * k + i] = (int8_t)((low | ((qh[32 * h + i] >> (2 * k)) & 3) << 4) - 32);
+                }
+        scale_values(q, d, NULL, 16, QK_K, o);
+        break;
+    }
+    }
+}
+
+/* 32 weights as a Q8_0 or Q4_0 block at out (quant.py's quantize_q8_0 and quantize_q4_0); adds the squared
+ * error of its weights as fp32 (the block's dequantization minus x) and the squares of x to sums[0], sums[1].
+ * A block with a weight that is not finite (a corrupt file's scale) gets a NaN scale, which loading refuses. */
+static void quantize_block(const float *x, int kind, uint8_t *out, double *sums) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int j = 0; j < 32; j++) {
+        float a = fabsf(x[j]);
+        finite &= a <= FLT_MAX;
+        amax = a > amax ? a : amax;
+    }
+    if (!finite) {
+        memset(out, 0, BLOCK_BYTES[kind]);
+        memcpy(out, &(uint16_t){0x7e00}, 2);
+        sums[0] = sums[1] = NAN;
+        return;
+    }
+    float first_max = x[0]; /* Q4_0: the first weight of largest magnitude, as NumPy's argmax finds it */
+    for (int j = 31; j >= 0; j--) first_max = fabsf(x[j]) == amax ? x[j] : first_max;
+    float d = kind == W_Q8_0 ? amax / 127.0f : first_max / -8.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t h = f32_to_fp16(d);
+    float stored = fp16_to_f32(h);
+    memcpy(out, &h, 2);
+    int q[32];
+    if (kind == W_Q8_0) {
+        for (int j = 0; j < 32; j++) { /* halves away from zero, on the fp32 product (exact in double) */
+            double v = (double)(x[j] * inv);
+            q[j] = (int)(v + (v < 0.0 ? -0.5 : 0.5));
+            out[2 + j] = (uint8_t)(int8_t)q[j];
+        }
+    } else {
+        for (int j = 0; j < 32; j++) {
+            float v = x[j] * inv;
+            v = v + 8.5f;
+            q[j] = v >= 15.0f ? 15 : v > 0.0f ? (int)v : 0; /* trunc, at most 15 */
+        }
+        for (int j = 0; j < 16; j++) out[2 + j] = (uint8_t)(q[j] | q[j + 16] << 4);
+    }
+    double err[8] = {0}, ref[8] = {0}; /* eight running sums a block, added in order */
+    for (int j0 = 0; j0 < 32; j0 += 8)
+        for (int k = 0; k < 8; k++) {
+            int j = j0 + k;
+            float e = (float)(kind == W_Q4_0 ? q[j] - 8 : q[j]) * stored - x[j];
+            err[k] += (double)e * (double)e;
+            ref[k] += (double)x[j] * (double)x[j];
+        }
+    for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
+}
+
+/* rows of `cols` weights of ggml type `type` at src as W_Q4_0 or W_Q8_0 (`kind`) blocks at dst, the error's
+ * sums added to sums[0..1] row after row; 1, writing nothing, for a type not converted here or rows that its
+ * blocks (or 32) do not divide, 2 where memory could not be allocated */
+int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, int kind, uint8_t *dst,
+                      double *sums) {
+    int64_t per_block, block_bytes;
+    ggml_block_size(type, &per_block, &block_bytes);
+    if (per_block == 0 || cols % per_block || cols % BLOCK || (kind != W_Q4_0 && kind != W_Q8_0)) return 1;
+    float *row = malloc(cols * sizeof(float));
+    if (row == NULL) return 2;
+    int64_t in_bytes = cols / per_block * block_bytes, out_bytes = cols / BLOCK * BLOCK_BYTES[kind];
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < cols / per_block; b++)
+            dequantize_ggml_block(type, src + r * in_bytes + b * block_bytes, row + b * per_block);
+        for (int64_t b = 0; b < cols / BLOCK; b++)
+            quantize_block(row + b * BLOCK, kind, dst + r * out_bytes + b * BLOCK_BYTES[kind], sums);
+    }
+    free(row);
+    return 0;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 /* ------------------------------------------------------------------------------- prompts (BLAS sgemm) */
 

@@ -1,7 +1,8 @@
 """llama.cpp's GGUF ⇄ `Weights` (+ vocabulary). Written with the `gguf` package's writer; read by `read_gguf`,
 which checks every count, length, type and offset of the file before trusting it (the package's reader loops
 or raises assorted errors on corrupt files). F32, F16, Q8_0 and Q4_0 tensors are read without the package (its
-import alone takes ~60 ms of a run's start); other types are dequantized with its `quants`.
+import alone takes ~60 ms of a run's start), and so are Q4_1, Q5_0, Q5_1 and Q2_K-Q6_K where the native kernels
+convert them (kernels.c's convert_ggml_rows); other types are dequantized with its `quants`.
 
 What goes in a file llama.cpp loads as architecture "llama":
   - metadata `llama.*`: context_length, embedding_length, block_count, feed_forward_length,
@@ -27,8 +28,9 @@ Reading quantized files (`load_gguf(..., keep_quantized=True)`, what running a G
 Q4_0 tensors are the block layout babyllama's kernels run (quant.BlockTensor), so they stay views of the
 memory-mapped file; every other llama.cpp type that the gguf package can dequantize (Q4_1, Q5_0, Q5_1,
 Q2_K-Q6_K, the IQ types, ...) is converted on load to the nearest of the two by bits per weight (under 6.5:
-Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32; the conversion's
-error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
+Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32: by the native
+kernels where they convert the type, else by the package's dequantizer and quant.py's quantizer (the same
+blocks); the conversion's error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
 """
 
 from __future__ import annotations
@@ -194,8 +196,13 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
     rows = data.shape[0]
     out = np.empty((rows, cols // BLOCK * BLOCK_BYTES[note.target]), dtype=np.uint8)
     step = max(1, _CONVERT_ELEMENTS // cols)
+    native = _native_kernels()
 
     def rows_from(r: int) -> tuple[float, float, tuple]:
+        # the native kernels, where they convert this type: the same blocks in one pass over the rows
+        done = native.convert_ggml(data[r:r + step], qtype.id, cols, note.target, out[r:r + step]) if native else None
+        if done is not None:
+            return done[1], done[2], ()
         ref = _dequantized(data[r:r + step], qtype).reshape(-1, cols)
         q = QUANTIZERS[note.target](ref)
         out[r:r + step] = q.data
@@ -212,6 +219,15 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
             note.ref_sq += ref_sq
     note.tensors += 1
     return BlockTensor(note.target, out, cols)
+
+
+def _native_kernels():
+    """The native kernels where they are the backend in use (they convert the common llama.cpp types), else
+    None."""
+    from .. import kernels
+
+    backend = kernels.backend()
+    return backend if backend.name == "native" else None
 
 
 # GGUF's metadata value types (gguf.GGUFValueType): the scalars' NumPy types, and the two variable-size kinds
@@ -242,10 +258,15 @@ class TensorType:
 
 
 # The types a model is run from without the gguf package (ggml.h's numbers; the package is imported, ~60 ms,
-# only for the others; tests check these against it).
+# only for the others; tests check these against it): those the kernels run, and those the native kernels
+# convert (kernels.c's convert_ggml_rows; without them, these are dequantized by the package).
 _OWN_TYPES = {t.id: t for t in (TensorType(0, "F32", 1, 4), TensorType(1, "F16", 1, 2),
                                 TensorType(2, "Q4_0", BLOCK, BLOCK_BYTES["q4_0"]),
-                                TensorType(8, "Q8_0", BLOCK, BLOCK_BYTES["q8_0"]))}
+                                TensorType(8, "Q8_0", BLOCK, BLOCK_BYTES["q8_0"]),
+                                TensorType(3, "Q4_1", 32, 20), TensorType(6, "Q5_0", 32, 22),
+                                TensorType(7, "Q5_1", 32, 24), TensorType(10, "Q2_K", 256, 84),
+                                TensorType(11, "Q3_K", 256, 110), TensorType(12, "Q4_K", 256, 144),
+                                TensorType(13, "Q5_K", 256, 176), TensorType(14, "Q6_K", 256, 210))}
 
 
 def tensor_type(kind: int) -> TensorType | None:
