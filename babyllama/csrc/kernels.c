@@ -2393,11 +2393,14 @@ int dequantize_rows(const Mat *m, const int64_t *rows, int64_t n_rows, int64_t n
  * that adds. The arithmetic is the gguf package's dequantizer's and quant.py's quantizers', operation for
  * operation (a product and a sum are two roundings: nothing here may fuse them into one multiply-add), so the
  * blocks are those of the NumPy route, only made in one pass over the row instead of six. */
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__) /* clang's pragma holds for the compound statement it opens (at file scope: the file's rest) */
+#define NO_FUSED_MULTIPLY_ADD _Pragma("clang fp contract(off)")
+#else
+#define NO_FUSED_MULTIPLY_ADD
+#if defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-#elif defined(__clang__)
-#pragma clang fp contract(off)
+#endif
 #endif
 
 enum { G_Q4_1 = 3, G_Q5_0 = 6, G_Q5_1 = 7, G_Q2_K = 10, G_Q3_K = 11, G_Q4_K = 12, G_Q5_K = 13, G_Q6_K = 14 };
@@ -2425,6 +2428,7 @@ static void k_scale_min(const uint8_t *sc, int s, int *scale, int *min) {
 
 /* o[j] = d[j / run] * q[j] - m[j / run] (m NULL: no minus) for j < n: the gguf package's two roundings */
 static void scale_values(const int8_t *q, const float *d, const float *m, int run, int n, float *o) {
+    NO_FUSED_MULTIPLY_ADD
     for (int s = 0; s < n / run; s++) {
         float ds = d[s], ms = m ? m[s] : 0.0f;
         for (int j = s * run; j < (s + 1) * run; j++) {
@@ -2437,6 +2441,7 @@ static void scale_values(const int8_t *q, const float *d, const float *m, int ru
 /* one block of `type` at b as fp32 weights (the block's count of them): its integer values and the scales
  * (and mins) of its runs of 16 or 32 first, each run in the package's arithmetic */
 static void dequantize_ggml_block(int type, const uint8_t *b, float *o) {
+    NO_FUSED_MULTIPLY_ADD
     int8_t q[QK_K];
     float d[16], m[16];
     switch (type) {
@@ -2518,6 +2523,7 @@ static void dequantize_ggml_block(int type, const uint8_t *b, float *o) {
  * error of its weights as fp32 (the block's dequantization minus x) and the squares of x to sums[0], sums[1].
  * A block with a weight that is not finite (a corrupt file's scale) gets a NaN scale, which loading refuses. */
 static void quantize_block(const float *x, int kind, uint8_t *out, double *sums) {
+    NO_FUSED_MULTIPLY_ADD
     float amax = 0.0f;
     int finite = 1;
     for (int j = 0; j < 32; j++) {
@@ -2587,6 +2593,7 @@ int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+#undef NO_FUSED_MULTIPLY_ADD
 
 /* ------------------------------------------------------------------------------- prompts (BLAS sgemm) */
 
