@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from . import formats
+from . import formats, kernels
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
@@ -146,7 +146,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         weights = merge(weights, adapter, str(source.path))
         description += f", LoRA adapter {adapter.path} merged (rank {adapter.rank})"
     if quantize is not None:
-        weights = weights.quantize_as(quantize)
+        weights = weights.quantize_as(quantize, kernels.q4_0_blocks)
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 

@@ -105,14 +105,14 @@ def _stem(shape: str) -> str:
 
 def model_file(shape: str, fmt: str, directory: Path, version: int | None = None) -> Path:
     """The cached model file for (shape, fmt) in `version` (default: fp32 1, Q8_0 2, Q4_0 3), built on first use."""
-    from . import formats
+    from . import formats, kernels
 
     version = FORMATS[fmt] if version is None else version
     suffix = "" if version == FORMATS[fmt] else f"-v{version}"
     path = directory / f"{_stem(shape)}-{fmt}{suffix}.bin"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
-        formats.save(_source_weights(shape), path, version=version)
+        formats.save(_source_weights(shape), path, version=version, quantize_q4=kernels.q4_0_blocks)
     return path
 
 

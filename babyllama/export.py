@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import formats
+from . import formats, kernels
 from .errors import BabyLlamaError
 from .formats import Weights
 from .loading import TOKENIZER_BIN, Source, find_tokenizer
@@ -84,7 +84,7 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
             explicit: bool) -> list[Path]:
     if out.is_dir():
         raise BabyLlamaError(f"{out} is a directory; give the .bin file to write")
-    formats.save(src.weights, out, version, group_size)
+    formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
     written = [out]
     # a .bin model is run with tokenizer.bin beside it: write one when a tokenizer came with the model
     if tok is not None and tok.suffix == ".model":

@@ -16,7 +16,7 @@ import io
 import mmap as _mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -141,16 +141,17 @@ class Weights:
         return Weights(self.args, emb, self.rms_att, self.rms_ffn, self.rms_final,
                        wcls=wcls, version=self.version, path=self.path, **mats)
 
-    def quantize_q4(self) -> Weights:
+    def quantize_q4(self, quantize: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Weights:
         """The same model in Q4_0 (llama.cpp's blocks of 32, what version 3 files hold), embedding table and
         classifier included; a matrix whose rows do not split into blocks of 32 gets runq.c's Q8_0 instead (as
-        llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are."""
+        llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are. `quantize`:
+        quant.py's quantizer, or one that writes the same bytes faster (kernels.quantize_blocks)."""
         gs = default_group_size(self.args)
 
         def q4(m: Matrix) -> Matrix:
             if isinstance(m, BlockTensor) and m.kind == "q4_0":
                 return m
-            return quantize_q4_0(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs)
+            return quantize(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs)
 
         mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
@@ -163,11 +164,12 @@ class Weights:
         quantized from it no longer needs."""
         return np.array(self.rms_att), np.array(self.rms_ffn), np.array(self.rms_final)
 
-    def quantize_as(self, kind: str) -> Weights:
-        """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3)."""
+    def quantize_as(self, kind: str, quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Weights:
+        """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3, its
+        blocks made by `quantize_q4`)."""
         if kind not in QUANTIZE_KINDS:
             raise BabyLlamaError(f"unknown quantization {kind!r} (choose {', '.join(QUANTIZE_KINDS)})")
-        return self.quantize() if kind == "q8_0" else self.quantize_q4()
+        return self.quantize() if kind == "q8_0" else self.quantize_q4(quantize_q4)
 
     def quantize(self, group_size: int | None = None) -> Weights:
         """The same model with its matrices, classifier and embedding table in Q8_0 (runq.c's, group size
@@ -463,8 +465,10 @@ def check_writable(args: ModelArgs, path: str | os.PathLike) -> None:
         raise BabyLlamaError(f"cannot write {path}: invalid model shape: {e}") from None
 
 
-def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size: int | None = None) -> None:
-    """Write `weights` as a llama2.c model file (atomically: see safeio.atomic_write)."""
+def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size: int | None = None,
+         quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> None:
+    """Write `weights` as a llama2.c model file (atomically: see safeio.atomic_write); version 3's Q4_0 blocks
+    made by `quantize_q4` (Weights.quantize_q4)."""
     args = weights.args
     if version not in (0, 1, 2, 3):
         raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1, 2 or 3)")
@@ -475,7 +479,7 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
     check_writable(args, path)
     if version == 3:
         check_q4_shape(args)
-        w = weights.quantize_q4()
+        w = weights.quantize_q4(quantize_q4)
     else:
         w = weights.to_fp32() if version < 2 else weights.quantize(group_size)
     L = args.n_layers

@@ -30,6 +30,7 @@ from .kernels_base import (
     matmul_quantized,
     quantize_rows,
 )
+from .quant import QUANTIZERS, BlockTensor
 
 BACKENDS = ("native", "numba", "numpy")
 _backend: Kernels | None = None  # chosen on first use
@@ -84,5 +85,21 @@ def matmul(x: np.ndarray, w: Matrix) -> np.ndarray:
     return matmul_many(x, [w])[0]
 
 
+def quantize_blocks(w: np.ndarray, kind: str) -> BlockTensor:
+    """w (rows, cols) as `kind` blocks ("q4_0" or "q8_0"): in C on every thread where the native kernels are
+    the backend (the same bytes), else by quant.py's quantizers (the reference)."""
+    from . import kernels_native
+
+    k = backend()
+    return k.quantize_blocks(w, kind) if isinstance(k, kernels_native.NativeKernels) else QUANTIZERS[kind](w)
+
+
+
+def q4_0_blocks(w: np.ndarray) -> BlockTensor:
+    """quantize_blocks(w, "q4_0"): what Weights.quantize_q4 and version-3 files take as their quantizer."""
+    return quantize_blocks(w, "q4_0")
+
+
 __all__ = ["BACKENDS", "PLAIN", "QUANT_GEMM_MIN_ROWS", "Kernels", "backend", "dequantize_rows", "matmul",
-           "matmul_many", "matmul_plain", "matmul_q8", "matmul_quantized", "quantize_rows", "use_backend"]
+           "matmul_many", "matmul_plain", "matmul_q8", "matmul_quantized", "q4_0_blocks", "quantize_blocks",
+           "quantize_rows", "use_backend"]

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import weakref
 from collections.abc import Sequence
@@ -215,6 +216,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     source = SOURCE.read_bytes()
     directory = directory or cache_root()
     identity = f"{_compiler_identity(cc)}\n{cpu_signature()}"
+    announced = False
     for flags in flag_sets(arch):
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
@@ -223,6 +225,9 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         if failed.exists():
             continue
         directory.mkdir(parents=True, exist_ok=True)
+        if not announced and sys.stderr is not None and sys.stderr.isatty():  # ~15 s on two cores: say why
+            print("babyllama: compiling the C kernels for this CPU (once; cached) ...", file=sys.stderr, flush=True)
+            announced = True
         # compile to a temporary name and rename: concurrent first runs never load a half-written library
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
@@ -317,6 +322,8 @@ class NativeKernels:
         self.lib.regroup_blocks.restype = ctypes.c_int
         self.lib.convert_ggml_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ctypes.c_int, ptr, ptr]
         self.lib.convert_ggml_rows.restype = ctypes.c_int
+        self.lib.quantize_blocks.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
+        self.lib.quantize_blocks.restype = ctypes.c_int
         self.path = path
         self._gemm = _hand_over_blas(self.lib)
         self._int8_q4_min_cols = INT8_Q4_PROMPT_MIN_COLS.get(self.isa())  # None: never
@@ -580,6 +587,16 @@ class NativeKernels:
         if self.lib.regroup_blocks(_address(w.data), _address(data), w.shape[0], w.shape[1], BLOCK_TYPES[w.kind]):
             return None
         return BlockTensor(w.kind, data, w.cols, regrouped=True)
+
+    def quantize_blocks(self, w: np.ndarray, kind: str) -> BlockTensor:
+        """w (rows, cols; cols a multiple of 32) as `kind` blocks ("q4_0" or "q8_0") on the pool's threads:
+        quant.py's quantizer byte for byte."""
+        w = _contiguous(w)
+        if w.ndim != 2 or w.shape[1] % BLOCK:
+            raise ValueError(f"rows of {w.shape[-1]} weights do not split into blocks of {BLOCK}")
+        out = np.empty((w.shape[0], w.shape[1] // BLOCK * BLOCK_BYTES[kind]), dtype=np.uint8)
+        self.lib.quantize_blocks(_address(w), w.shape[0], w.shape[1], BLOCK_TYPES[kind], _address(out))
+        return BlockTensor(kind, out, w.shape[1])
 
     def convert_ggml(self, data: np.ndarray, ggml_type: int, cols: int, kind: str,
                      out: np.ndarray | None = None) -> tuple[BlockTensor, float, float] | None:

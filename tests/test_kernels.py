@@ -281,6 +281,33 @@ def test_regrouped_bytes_read_back_as_the_blocks(native, kind, n):
 
 
 @pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
+def test_the_native_quantizer_writes_the_reference_blocks(native, kind):
+    """kernels.c's quantize_blocks (`--quantize q4_0`, export to version 3 or GGUF) writes quant.py's blocks
+    byte for byte, on every thread: random rows and blocks that test the rules (all zeros, -0.0 first, the
+    largest magnitude twice with both signs, values whose scale overflows fp16, a subnormal scale, exact
+    halves)."""
+    w = rng.standard_normal((301, 96)).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1, :32] = 0.0
+    w[1, 0] = -0.0
+    w[2, 5], w[2, 9] = -3.0, 3.0
+    w[3, 9], w[3, 5] = -3.0, 3.0
+    w[4, :32] *= 1e9
+    w[5, :32] *= 1e-9
+    w[6, :32] = np.concatenate([[127.0], np.arange(31) - 15.5])  # a Q8_0 scale of 1: values at halves
+    native.configure_threads(2)
+    try:
+        got = native.quantize_blocks(w, kind)
+    finally:
+        native.configure_threads()
+    with np.errstate(over="ignore"):  # the scale of row 4's first block is infinite in fp16
+        want = BLOCK_QUANTIZERS[kind](w)
+    np.testing.assert_array_equal(got.data, want.data)
+    with pytest.raises(ValueError):
+        native.quantize_blocks(w[:, :40], kind)
+
+
+@pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 def test_a_build_without_avx2_keeps_the_blocks_and_reads_regrouped_ones(kind):
     """The plain C build has no regrouped kernels, so it makes no copies; handed a matrix another build
     regrouped, it gathers each block back and gets its sums bit for bit as from the blocks."""

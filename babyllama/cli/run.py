@@ -131,12 +131,13 @@ def check_speed_flags(args) -> None:
 
 
 def load_draft(args):
+    from .. import kernels
     from ..api import make_engine
     from ..loading import open_model
 
     weights = open_model(args.draft, mmap=args.mmap).weights
     if args.quantize:
-        weights = weights.quantize_as(args.quantize)
+        weights = weights.quantize_as(args.quantize, kernels.q4_0_blocks)
     return make_engine(weights, args.device, args.plain, args.compile, args.kv_cache)
 
 

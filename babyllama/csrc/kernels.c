@@ -2520,7 +2520,8 @@ static void dequantize_ggml_block(int type, const uint8_t *b, float *o) {
 }
 
 /* 32 weights as a Q8_0 or Q4_0 block at out (quant.py's quantize_q8_0 and quantize_q4_0); adds the squared
- * error of its weights as fp32 (the block's dequantization minus x) and the squares of x to sums[0], sums[1].
+ * error of its weights as fp32 (the block's dequantization minus x) and the squares of x to sums[0], sums[1]
+ * (unless sums is NULL).
  * A block with a weight that is not finite (a corrupt file's scale) gets a NaN scale, which loading refuses. */
 static void quantize_block(const float *x, int kind, uint8_t *out, double *sums) {
     NO_FUSED_MULTIPLY_ADD
@@ -2534,7 +2535,7 @@ static void quantize_block(const float *x, int kind, uint8_t *out, double *sums)
     if (!finite) {
         memset(out, 0, BLOCK_BYTES[kind]);
         memcpy(out, &(uint16_t){0x7e00}, 2);
-        sums[0] = sums[1] = NAN;
+        if (sums) sums[0] = sums[1] = NAN;
         return;
     }
     float first_max = x[0]; /* Q4_0: the first weight of largest magnitude, as NumPy's argmax finds it */
@@ -2558,6 +2559,7 @@ static void quantize_block(const float *x, int kind, uint8_t *out, double *sums)
         }
         for (int j = 0; j < 16; j++) out[2 + j] = (uint8_t)(q[j] | q[j + 16] << 4);
     }
+    if (!sums) return;
     double err[8] = {0}, ref[8] = {0}; /* eight running sums a block, added in order */
     for (int j0 = 0; j0 < 32; j0 += 8)
         for (int k = 0; k < 8; k++) {
@@ -2587,6 +2589,30 @@ int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, 
             quantize_block(row + b * BLOCK, kind, dst + r * out_bytes + b * BLOCK_BYTES[kind], sums);
     }
     free(row);
+    return 0;
+}
+
+typedef struct {
+    const float *x;
+    int64_t cols;
+    int kind;
+    uint8_t *dst;
+} QuantizeRows;
+
+static void quantize_rows_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const QuantizeRows *q = ctx;
+    int64_t nb = q->cols / BLOCK, bb = BLOCK_BYTES[q->kind];
+    for (int64_t r = lo; r < hi; r++)
+        for (int64_t b = 0; b < nb; b++) quantize_block(q->x + r * q->cols + b * BLOCK, q->kind, q->dst + (r * nb + b) * bb, NULL);
+}
+
+/* x (rows, cols) as W_Q4_0 or W_Q8_0 (`kind`) blocks at dst, on the pool: quant.py's quantize_q4_0 and
+ * quantize_q8_0 byte for byte (a block with a weight that is not finite gets a NaN scale); 1, writing nothing,
+ * for rows that 32 does not divide or another kind */
+int quantize_blocks(const float *x, int64_t rows, int64_t cols, int kind, uint8_t *dst) {
+    if (cols % BLOCK || (kind != W_Q4_0 && kind != W_Q8_0)) return 1;
+    QuantizeRows q = {x, cols, kind, dst};
+    pool_run(quantize_rows_chunk, &q, rows, (32768 + cols - 1) / cols, rows * cols * (int64_t)sizeof(float));
     return 0;
 }
 

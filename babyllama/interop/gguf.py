@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
+
+if TYPE_CHECKING:
+    from ..kernels_native import NativeKernels
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "llama"
@@ -100,6 +104,8 @@ def add_llama_metadata(w, args: ModelArgs) -> None:
 def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
               name: str | None = None) -> Path:
     """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0, q4_0)."""
+    from .. import kernels
+
     gguf = _gguf()
     if dtype not in DTYPES:
         raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
@@ -139,7 +145,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         elif dtype == "f16" or t.shape[1] % BLOCK:
             w.add_tensor(gguf_name(key), t.astype(np.float16))
         else:
-            w.add_tensor(gguf_name(key), QUANTIZERS[dtype](t).data, raw_dtype=qtype)
+            w.add_tensor(gguf_name(key), kernels.quantize_blocks(t, dtype).data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -221,13 +227,13 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
     return BlockTensor(note.target, out, cols)
 
 
-def _native_kernels():
+def _native_kernels() -> NativeKernels | None:
     """The native kernels where they are the backend in use (they convert the common llama.cpp types), else
     None."""
-    from .. import kernels
+    from .. import kernels, kernels_native
 
     backend = kernels.backend()
-    return backend if backend.name == "native" else None
+    return backend if isinstance(backend, kernels_native.NativeKernels) else None
 
 
 # GGUF's metadata value types (gguf.GGUFValueType): the scalars' NumPy types, and the two variable-size kinds
