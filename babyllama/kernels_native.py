@@ -640,6 +640,8 @@ class NativeKernels:
             blocks, w.data, w.regrouped = w.data, copy.data, True
             memory.release_mapped(blocks, maps=maps)  # process memory is freed as `blocks` goes
             at += w.nbytes
+        del blocks
+        memory.return_freed_memory()  # the blocks made on load: freed, and not kept for later allocations
 
     describe = step_plan
 

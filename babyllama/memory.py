@@ -143,6 +143,21 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
+def return_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the system now (glibc's malloc_trim), whatever
+    keep_freed_memory set: after a model's blocks made on load (quantized, or converted from llama.cpp's other
+    types) are freed for their regrouped copy, their memory would otherwise stay with the process, as much as
+    the model again. Returns whether anything was returned (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))
+
+
 def read_only_file_maps() -> list[tuple[int, int]]:
     """The address ranges of this process's read-only mappings of files (/proc/self/maps; ~0.5 ms to read
     with NumPy's and the kernels' libraries mapped)."""

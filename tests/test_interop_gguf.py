@@ -393,6 +393,51 @@ def test_a_converted_tensor_with_a_nan_scale_is_refused(tmp_path, kernels, monke
         ours.load_gguf(path, keep_quantized=True)
 
 
+CONVERTED_RSS = """
+import sys
+from babyllama.engine import Engine
+from babyllama.interop.gguf import load_gguf
+from babyllama.memory import keep_freed_memory
+
+keep_freed_memory()  # as the babyllama command runs
+
+def rss():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+before = rss()
+w, _ = load_gguf(sys.argv[1], keep_quantized=True)
+engine = Engine(w)
+engine.forward([1, 2], [0, 1], engine.new_cache())
+print(rss() - before, sum(m.nbytes for ms in w.layer_matrices().values() for m in ms))
+"""
+
+
+def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
+    """The blocks converted on load are copied into the kernels' order on the first step and freed: their
+    memory goes back to the system instead of staying with the allocator (which the babyllama command tells to
+    keep what is freed), so the process holds the model's blocks about once (without that, about twice)."""
+    if kernels_native.load() is None or not os.path.exists("/proc/self/status"):
+        pytest.skip("needs the native kernels (which regroup the blocks) and /proc")
+    T = gguf.GGMLQuantizationType
+    args = tiny_args(dim=1024, hidden_dim=4096, n_heads=8, n_kv_heads=8, vocab_size=300, shared_classifier=True)
+    rng = np.random.default_rng(3)
+    tensors = {"token_embd.weight": (np.zeros((300, 1024), np.float32), T.F32),
+               "output_norm.weight": (np.ones(1024, np.float32), T.F32)}
+    shapes = {"attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024), "attn_output": (1024, 1024),
+              "ffn_gate": (4096, 1024), "ffn_down": (1024, 4096), "ffn_up": (4096, 1024)}
+    for layer in range(args.n_layers):
+        for name, (rows, cols) in shapes.items():
+            tensors[f"blk.{layer}.{name}.weight"] = (random_blocks(T.Q6_K, rows, cols, rng), T.Q6_K)
+        for norm in ("attn_norm", "ffn_norm"):
+            tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(1024, np.float32), T.F32)
+    write_gguf(tmp_path / "q6_k.gguf", args, tensors)
+    r = subprocess.run([sys.executable, "-c", CONVERTED_RSS, str(tmp_path / "q6_k.gguf")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    grown, blocks = map(int, r.stdout.split())
+    assert blocks > 30e6 and grown < 1.4 * blocks, (grown, blocks)
+
+
 def test_converting_on_threads_gives_the_same_blocks_and_error(monkeypatch):
     """A converted tensor's rows go to several threads a few at a time: the blocks and the reported error are
     the same on one thread as on three."""
