@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from .kernels_base import (
     quantize_rows,
 )
 from .quant import QUANTIZERS, BlockTensor
+
+if TYPE_CHECKING:
+    from .kernels_native import NativeKernels
 
 BACKENDS = ("native", "numba", "numpy")
 _backend: Kernels | None = None  # chosen on first use
@@ -85,14 +89,20 @@ def matmul(x: np.ndarray, w: Matrix) -> np.ndarray:
     return matmul_many(x, [w])[0]
 
 
-def quantize_blocks(w: np.ndarray, kind: str) -> BlockTensor:
-    """w (rows, cols) as `kind` blocks ("q4_0" or "q8_0"): in C on every thread where the native kernels are
-    the backend (the same bytes), else by quant.py's quantizers (the reference)."""
+def native_backend() -> NativeKernels | None:
+    """The backend in use where it is the native kernels (which also quantize, and convert llama.cpp's other
+    block types, in C), else None."""
     from . import kernels_native
 
     k = backend()
-    return k.quantize_blocks(w, kind) if isinstance(k, kernels_native.NativeKernels) else QUANTIZERS[kind](w)
+    return k if isinstance(k, kernels_native.NativeKernels) else None
 
+
+def quantize_blocks(w: np.ndarray, kind: str) -> BlockTensor:
+    """w (rows, cols) as `kind` blocks ("q4_0" or "q8_0"): in C on every thread where the native kernels are
+    the backend (the same bytes), else by quant.py's quantizers (the reference)."""
+    native = native_backend()
+    return native.quantize_blocks(w, kind) if native else QUANTIZERS[kind](w)
 
 
 def q4_0_blocks(w: np.ndarray) -> BlockTensor:
@@ -101,5 +111,5 @@ def q4_0_blocks(w: np.ndarray) -> BlockTensor:
 
 
 __all__ = ["BACKENDS", "PLAIN", "QUANT_GEMM_MIN_ROWS", "Kernels", "backend", "dequantize_rows", "matmul",
-           "matmul_many", "matmul_plain", "matmul_q8", "matmul_quantized", "q4_0_blocks", "quantize_blocks",
-           "quantize_rows", "use_backend"]
+           "matmul_many", "matmul_plain", "matmul_q8", "matmul_quantized", "native_backend", "q4_0_blocks",
+           "quantize_blocks", "quantize_rows", "use_backend"]

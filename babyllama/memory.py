@@ -133,13 +133,9 @@ def keep_freed_memory() -> bool:
     pages of their own (zeros_mapped), so they still take memory only as positions fill. The `babyllama`
     command calls this; a program that imports the package decides for itself. Returns whether the settings
     took (glibc only)."""
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
@@ -148,14 +144,21 @@ def return_freed_memory() -> bool:
     keep_freed_memory set: after a model's blocks made on load (quantized, or converted from llama.cpp's other
     types) are freed for their regrouped copy, their memory would otherwise stay with the process, as much as
     the model again. Returns whether anything was returned (glibc only)."""
+    malloc_trim = _glibc("malloc_trim", ctypes.c_size_t)
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(name: str, *argtypes):
+    """glibc's function `name` with its argument types, or None (not Linux, or a C library without it: musl
+    has neither mallopt nor malloc_trim)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(malloc_trim(0))
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
 
 
 def read_only_file_maps() -> list[tuple[int, int]]:

@@ -42,7 +42,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -55,9 +54,6 @@ from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
-
-if TYPE_CHECKING:
-    from ..kernels_native import NativeKernels
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "llama"
@@ -202,7 +198,9 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
     rows = data.shape[0]
     out = np.empty((rows, cols // BLOCK * BLOCK_BYTES[note.target]), dtype=np.uint8)
     step = max(1, _CONVERT_ELEMENTS // cols)
-    native = _native_kernels()
+    from .. import kernels
+
+    native = kernels.native_backend()
 
     def rows_from(r: int) -> tuple[float, float, tuple]:
         # the native kernels, where they convert this type: the same blocks in one pass over the rows
@@ -225,15 +223,6 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
             note.ref_sq += ref_sq
     note.tensors += 1
     return BlockTensor(note.target, out, cols)
-
-
-def _native_kernels() -> NativeKernels | None:
-    """The native kernels where they are the backend in use (they convert the common llama.cpp types), else
-    None."""
-    from .. import kernels, kernels_native
-
-    backend = kernels.backend()
-    return backend if isinstance(backend, kernels_native.NativeKernels) else None
 
 
 # GGUF's metadata value types (gguf.GGUFValueType): the scalars' NumPy types, and the two variable-size kinds
