@@ -651,6 +651,7 @@ def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatc
         open(cmd[cmd.index("-o") + 1], "wb").close()
         return type("Done", (), {"returncode": 0})()
 
+    kernels_native._compiler_identity(kernels_native.compiler())  # asked of the real compiler (cached) first
     monkeypatch.setattr(kernels_native.subprocess, "run", fake_run)
     native = kernels_native.build(tmp_path, "native")
     assert kernels_native.build(tmp_path, "native") == native and len(calls) == 1  # cached
@@ -661,6 +662,35 @@ def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatc
     monkeypatch.setattr(kernels_native, "_compiler_identity", lambda cc: "another compiler")
     other_cc = kernels_native.build(tmp_path, "native")
     assert len({native, forced, other_cpu, other_cc}) == 4 and len(calls) == 4
+
+
+def test_the_build_compiles_on_every_cpu_and_falls_back_to_one_job(tmp_path, monkeypatch):
+    """With more than one CPU the library is compiled as GCC's parallel link-time optimization (-flto=N); a
+    compiler that refuses it (clang) compiles without it, into the same cached file (the job count is not part
+    of the key), and no attempt is marked failed. With one CPU there is no -flto attempt."""
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler")
+    calls = []
+
+    def no_lto(cmd, **kw):
+        calls.append(cmd)
+        if any(a.startswith("-flto") for a in cmd):
+            return type("Done", (), {"returncode": 1})()
+        open(cmd[cmd.index("-o") + 1], "wb").close()
+        return type("Done", (), {"returncode": 0})()
+
+    kernels_native._compiler_identity(kernels_native.compiler())  # asked of the real compiler (cached) first
+    monkeypatch.setattr(kernels_native.subprocess, "run", no_lto)
+    monkeypatch.setattr(kernels_native, "usable_cpus", lambda: 2)
+    lib = kernels_native.build(tmp_path / "two", "native")
+    assert [a for a in calls[0] if a.startswith("-flto")] == ["-flto=2"]
+    assert calls[1] == [a for a in calls[0] if a != "-flto=2"] and len(calls) == 2
+    assert lib is not None and lib.exists() and not list((tmp_path / "two").glob("*.failed"))
+
+    calls.clear()
+    monkeypatch.setattr(kernels_native, "usable_cpus", lambda: 1)
+    one = kernels_native.build(tmp_path / "one", "native")
+    assert len(calls) == 1 and not any(a.startswith("-flto") for a in calls[0]) and one.name == lib.name
 
 
 def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch):

@@ -336,16 +336,18 @@ def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
     corrupt file is removed so that the next run rebuilds it."""
     if native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
+    built = kernels_native.build()  # in the usual cache (where other tests have built it): its file name
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("BABYLLAMA_CACHE", str(blocker))  # cache root below a regular file
     assert kernels_native.load() is None
 
     monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path / "cache"))
-    lib = kernels_native.build()
+    lib = kernels_native.cache_root() / built.name  # the library this cache would hold, corrupt
+    lib.parent.mkdir(parents=True)
     lib.write_bytes(b"not a shared library")
     assert kernels_native.load() is None and not lib.exists()
-    assert kernels_native.load() is not None  # rebuilt
+    assert kernels_native.load() is not None and lib.exists()  # rebuilt
 
 
 @pytest.mark.parametrize("head_size", [8, 12, 48, 96, 128])  # 12: the scalar path; 96, 128: two AVX2 chunks
