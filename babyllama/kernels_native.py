@@ -633,7 +633,8 @@ class NativeKernels:
         into memory), so decode steps, prompts and embedding rows read it and the blocks are let go as each
         matrix is copied: freed where they were process memory (quantized or converted on load), handed back
         where they were a file's pages (memory.release_mapped; a later read maps them again from the page cache),
-        so that memory holds the blocks and their copy together for one matrix at most. Nothing changes where the
+        so that memory holds the blocks and their copy together for one matrix (a file's) or an eighth of the
+        model (process memory, returned to the system that often) at most. Nothing changes where the
         build has no such kernels or the copies would take more than a quarter of the free memory
         (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and not w.regrouped}.values())
@@ -642,15 +643,21 @@ class NativeKernels:
             return
         self._plans.clear()  # their descriptions hold the blocks
         buf, at, maps = np.empty(total, dtype=np.uint8), 0, memory.read_only_file_maps()
+        # the blocks made on load, freed as their copies are made, go back to the system every eighth of the
+        # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
+        every, since = min(total // 8, 64 << 20), 0
         for w in todo:
             copy = self.regroup(w, buf[at:at + w.nbytes])
             if copy is None:  # no regrouped kernels in this build
                 return
             blocks, w.data, w.regrouped = w.data, copy.data, True
-            memory.release_mapped(blocks, maps=maps)  # process memory is freed as `blocks` goes
-            at += w.nbytes
-        del blocks
-        memory.return_freed_memory()  # the blocks made on load: freed, and not kept for later allocations
+            memory.release_mapped(blocks, maps=maps)
+            del blocks  # process memory is freed here
+            at, since = at + w.nbytes, since + w.nbytes
+            if since >= every:
+                memory.return_freed_memory()
+                since = 0
+        memory.return_freed_memory()
 
     describe = step_plan
 

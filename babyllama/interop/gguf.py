@@ -495,6 +495,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         raise BabyLlamaError(f"{path}: unsupported architecture {arch!r} (only 'llama' GGUF files)")
 
     converted: dict[str, ConversionNote] = {}
+    maps = memory.read_only_file_maps()
 
     def get(name: str) -> np.ndarray | BlockTensor:
         key = gguf_name(name)
@@ -512,7 +513,9 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 if kind in KINDS:
                     return BlockTensor(kind, data, cols)
                 note = converted.setdefault(kind, ConversionNote(t.tensor_type.name, nearest_kind(t.tensor_type)))
-                return _convert(data, t.tensor_type, cols, note)
+                blocks = _convert(data, t.tensor_type, cols, note)
+                memory.release_mapped(data, maps=maps)  # read once: memory holds the file and its conversion
+                return blocks                           # together for one tensor at a time
         except (NotImplementedError, ValueError) as e:  # types the package cannot dequantize
             raise BabyLlamaError(f"{path}: cannot read tensor {key} of type {t.tensor_type.name} ({e})") from None
 
