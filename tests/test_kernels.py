@@ -639,20 +639,28 @@ def test_read_memory_reads_every_byte(native):
 # ------------------------------------------------------------------------------------------ the build cache
 
 
-def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
-    """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
-    each gets its own file."""
+def fake_compiler(monkeypatch, refuses=lambda cmd: False) -> list[list[str]]:
+    """The build's compiler runs recorded instead of run (the list returned): each writes an empty library, or
+    fails where `refuses(cmd)`. The real compiler's identity (cached) is asked first, as builds ask it."""
     if kernels_native.compiler() is None:
         pytest.skip("no C compiler")
     calls = []
 
-    def fake_run(cmd, **kw):
+    def run(cmd, **kw):
         calls.append(cmd)
-        open(cmd[cmd.index("-o") + 1], "wb").close()
-        return type("Done", (), {"returncode": 0})()
+        if not refuses(cmd):
+            open(cmd[cmd.index("-o") + 1], "wb").close()
+        return type("Done", (), {"returncode": 1 if refuses(cmd) else 0})()
 
-    kernels_native._compiler_identity(kernels_native.compiler())  # asked of the real compiler (cached) first
-    monkeypatch.setattr(kernels_native.subprocess, "run", fake_run)
+    kernels_native._compiler_identity(kernels_native.compiler())
+    monkeypatch.setattr(kernels_native.subprocess, "run", run)
+    return calls
+
+
+def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
+    """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
+    each gets its own file."""
+    calls = fake_compiler(monkeypatch)
     native = kernels_native.build(tmp_path, "native")
     assert kernels_native.build(tmp_path, "native") == native and len(calls) == 1  # cached
     forced = kernels_native.build(tmp_path, "avx2")
@@ -668,19 +676,7 @@ def test_the_build_compiles_on_every_cpu_and_falls_back_to_one_job(tmp_path, mon
     """With more than one CPU the library is compiled as GCC's parallel link-time optimization (-flto=N); a
     compiler that refuses it (clang) compiles without it, into the same cached file (the job count is not part
     of the key), and no attempt is marked failed. With one CPU there is no -flto attempt."""
-    if kernels_native.compiler() is None:
-        pytest.skip("no C compiler")
-    calls = []
-
-    def no_lto(cmd, **kw):
-        calls.append(cmd)
-        if any(a.startswith("-flto") for a in cmd):
-            return type("Done", (), {"returncode": 1})()
-        open(cmd[cmd.index("-o") + 1], "wb").close()
-        return type("Done", (), {"returncode": 0})()
-
-    kernels_native._compiler_identity(kernels_native.compiler())  # asked of the real compiler (cached) first
-    monkeypatch.setattr(kernels_native.subprocess, "run", no_lto)
+    calls = fake_compiler(monkeypatch, refuses=lambda cmd: any(a.startswith("-flto") for a in cmd))
     monkeypatch.setattr(kernels_native, "usable_cpus", lambda: 2)
     lib = kernels_native.build(tmp_path / "two", "native")
     assert [a for a in calls[0] if a.startswith("-flto")] == ["-flto=2"]
