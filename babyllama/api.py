@@ -136,7 +136,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     half of fp16's bytes), or "auto": f16 when the weights are quantized (Q8_0/Q4_0, as loaded or by
     `quantize`), f32 otherwise."""
     check_kv_cache(kv_cache, device)  # before the model is read
-    source = open_model(builtin_model() if model is None else model, mmap=mmap)
+    source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None)
     weights = source.weights
     description = source.describe()
     if lora is not None:

@@ -55,17 +55,26 @@ class QTensor:
         return (self.q.reshape(out, n // g, g).astype(np.float32) * self.s[:, :, None]).reshape(out, n)
 
 
+QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows quantized at a time: NumPy's temporaries stay this size
+
+
 def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:
-    """Symmetric int8 per group: scale = max|w| / 127, q = round(w / scale); an all-zero group gets scale 0."""
-    w = np.asarray(w, dtype=np.float32)
+    """Symmetric int8 per group: scale = max|w| / 127, q = round(w / scale); an all-zero group gets scale 0.
+    Rows go a few MiB at a time, so that the temporaries are not each the size of the matrix (a 32000-token
+    classifier is 98 MB per dim of 768)."""
     out, n = w.shape
     if n % group_size:
         raise ValueError(f"row length {n} is not a multiple of group size {group_size}")
-    groups = w.reshape(out, n // group_size, group_size)
-    scale = np.abs(groups).max(axis=2) / 127.0
-    safe = np.where(scale == 0, 1.0, scale)
-    q = np.round(groups / safe[:, :, None]).astype(np.int8)
-    return QTensor(q.reshape(out, n), scale.astype(np.float32), group_size)
+    q = np.empty((out, n), np.int8)
+    scale = np.empty((out, n // group_size), np.float32)
+    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * n))
+    for r in range(0, out, step):
+        groups = np.asarray(w[r:r + step], dtype=np.float32).reshape(-1, n // group_size, group_size)
+        s = np.abs(groups).max(axis=2) / 127.0
+        safe = np.where(s == 0, 1.0, s)
+        q[r:r + step] = np.round(groups / safe[:, :, None]).astype(np.int8).reshape(-1, n)
+        scale[r:r + step] = s
+    return QTensor(q, scale, group_size)
 
 
 Matrix = np.ndarray | QTensor | BlockTensor
@@ -147,17 +156,32 @@ class Weights:
         llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are. `quantize`:
         quant.py's quantizer, or one that writes the same bytes faster (kernels.quantize_blocks)."""
         gs = default_group_size(self.args)
+        release = self._release_after()
 
         def q4(m: Matrix) -> Matrix:
             if isinstance(m, BlockTensor) and m.kind == "q4_0":
                 return m
-            return quantize(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs)
+            return release(m, quantize(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs))
 
         mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
         wcls = emb if self.args.shared_classifier else q4(self.wcls)
         return Weights(self.args, emb, *self._own_norms(), wcls=wcls, version=3,
                        path=self.path, **mats)
+
+    @staticmethod
+    def _release_after() -> Callable[[Matrix, Matrix], Matrix]:
+        """release(m, copy): hands back the pages of m where they are a mapped file's (memory.release_mapped)
+        and returns its quantized copy, so that quantizing a mapped model holds one fp32 matrix at a time
+        besides the copies, not the whole file. A later read of m maps the same bytes again."""
+        maps = memory.read_only_file_maps()
+
+        def release(m: Matrix, copy: Matrix) -> Matrix:
+            if isinstance(m, np.ndarray):
+                memory.release_mapped(m, maps=maps)
+            return copy
+
+        return release
 
     def _own_norms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the norm gains: views would keep a whole file read into memory alive, which a model
@@ -182,12 +206,15 @@ class Weights:
             return self.to_fp32().quantize(group_size)
         gs = group_size or default_group_size(self.args)
         check_group_size(self.args, gs)
-        # not quantized: the matrices are dense fp32 arrays
-        mats: dict[str, Any] = {name: [quantize_q80(cast(np.ndarray, m), gs) for m in stack]
-                                for name, stack in self.layer_matrices().items()}
-        qcls = quantize_q80(cast(np.ndarray, self.wcls), gs)
+        release = self._release_after()
+
+        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense fp32 arrays
+            return release(m, quantize_q80(cast(np.ndarray, m), gs))
+
+        mats: dict[str, Any] = {name: [q8(m) for m in stack] for name, stack in self.layer_matrices().items()}
+        qcls = q8(self.wcls)
         # the embedding is quantized too, as a v2 file stores it; its rows are dequantized as tokens are embedded
-        qemb = qcls if self.args.shared_classifier else quantize_q80(cast(np.ndarray, self.tok_embeddings), gs)
+        qemb = qcls if self.args.shared_classifier else q8(self.tok_embeddings)
         return Weights(self.args, qemb, *self._own_norms(), wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
 
@@ -336,7 +363,7 @@ class _Cursor:
         return BlockTensor("q4_0", self.take(np.uint8, out, _q4_bytes(n)), n)
 
 
-def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
+def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = False) -> Weights:
     """A llama2.c model file (any version) as `Weights`, viewing the file's bytes without copies.
     `mmap=True` maps the file: loading is instant and memory grows only with what is touched (the map gets
     huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
@@ -344,10 +371,13 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
     decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
     ones (memory.read_by_default), and maps version 3 (Q4_0) files: the native kernels regroup their matrices
     into process memory on the first call and hand the file's pages back (kernels_native's _regroup), so
-    reading the file too would only add a copy to throw away."""
+    reading the file too would only add a copy to throw away. `read_once`: the caller reads each weight once
+    more and keeps none of them (it quantizes them, see Weights.quantize_as): the file is mapped unless `mmap`
+    is False, and the pages of each tensor are handed back once it is checked, so that memory never holds the
+    whole file."""
     args, version, gs, header = read_header(path)
     if mmap is None:
-        mmap = version == 3 or not memory.read_by_default(os.path.getsize(path))
+        mmap = version == 3 or read_once or not memory.read_by_default(os.path.getsize(path))
     buf = _map_file(path) if mmap else _read_whole(path)
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
@@ -386,7 +416,7 @@ def load(path: str | os.PathLike, mmap: bool | None = None) -> Weights:
         raise BabyLlamaError(f"{path}: the file changed while it was read ({buf.size} bytes, expected {c.offset})")
     weights = Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
                       path=str(path), **mats)
-    check_finite(weights, str(path))
+    check_finite(weights, str(path), release=mmap and read_once)
     if mmap and not args.shared_classifier:  # the check read it all; decode reads a row of it per token
         memory.release_mapped(*matrix_arrays(emb))
     return weights
@@ -427,12 +457,16 @@ def all_finite(a: np.ndarray) -> bool:
     return bool(np.isfinite(a).all())
 
 
-def check_finite(weights: Weights, source: str) -> None:
+def check_finite(weights: Weights, source: str, release: bool = False) -> None:
     """NaN or Inf in any weight makes every logit NaN (the model then prints <unk>s, eval a loss of nan):
-    refuse it at load, naming the tensor."""
+    refuse it at load, naming the tensor. `release`: hand each tensor's pages back after its check where they
+    are a mapped file's (memory.release_mapped)."""
+    maps = memory.read_only_file_maps() if release else []
     for name, a in named_tensors(weights):
         if not all_finite(a):
             raise BabyLlamaError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
+        if release:
+            memory.release_mapped(a, maps=maps)
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -449,7 +483,11 @@ def _header_v12(args: ModelArgs, version: int, group_size: int) -> bytes:
 
 
 def _f32(f, a) -> None:
-    f.write(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    """Write a as fp32 without a copy where it is one already, then hand its pages back where they are a
+    mapped file's (an export reads each tensor once: memory holds one at a time, not the whole source)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    f.write(a.reshape(-1).view(np.uint8))
+    memory.release_mapped(a)
 
 
 def _q8(f, t: QTensor) -> None:

@@ -109,14 +109,15 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
-               max_seq_len: int | None = None, keep_quantized: bool = True) -> Source:
+               max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
     GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
-    those (interop/gguf.py); False reads every tensor as fp32."""
+    those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are quantized next
+    and then dropped: a llama2.c file is mapped, never resident as a whole (formats.load)."""
     path = Path(path)
     kind = kind or detect_format(path)
     if kind == "bin":
-        weights = formats.load(path, mmap=mmap)
+        weights = formats.load(path, mmap=mmap, read_once=read_once)
         source = Source(weights, kind, path)
     elif kind == "gguf":
         from .interop.gguf import load_gguf
@@ -161,8 +162,9 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
-            # export converts the values it reads: every tensor as fp32, as the file holds it
-            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, keep_quantized=False)
+            # export converts the values it reads: every tensor as fp32, as the file holds it, each written out
+            # once (quantized, or as it is) and then dropped
+            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, keep_quantized=False, read_once=True)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 

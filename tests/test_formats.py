@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import random_weights, resident_bytes, tiny_args
+from conftest import ROOT, random_weights, resident_bytes, tiny_args
 
 from babyllama import formats
 from babyllama.errors import BabyLlamaError
@@ -297,3 +299,65 @@ def test_quantizing_on_load_lets_the_file_read_into_memory_go(tmp_path, kind):
     del w, owner
     gc.collect()
     assert read() is None and q.rms_att.shape == (2, 32)
+
+
+READ_ONCE_PEAK = """
+import sys
+from babyllama import api, export, loading
+from babyllama.memory import keep_freed_memory
+
+keep_freed_memory()  # as the babyllama command runs
+
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+path, job = sys.argv[1], sys.argv[2]
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS:")
+if job.startswith("load"):
+    api.load(path, quantize=job.split()[1], mmap=None if job.split()[2] == "default" else True)
+else:
+    export.export(loading.load_source(model=path), sys.argv[3], "bin", version=int(job.split()[1]))
+print(status("VmHWM:") - before)
+"""
+
+
+def _matrix_bytes(w: formats.Weights) -> list[int]:
+    mats = [w.tok_embeddings, w.wcls, *(m for ms in w.layer_matrices().values() for m in ms)]
+    return [sum(a.nbytes for a in formats.matrix_arrays(m)) for m in mats]
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
+@pytest.mark.parametrize("job", ["load q8_0 default", "load q4_0 default", "load q4_0 mapped", "export 1",
+                                 "export 2", "export 3"])
+def test_quantizing_or_exporting_a_file_never_holds_all_of_it(tmp_path, job):
+    """A model quantized on load (`--quantize`; a file this size is read into memory by default) or exported
+    is read once: its file is mapped and each fp32 tensor's pages handed back once it is checked, quantized or
+    written, so the peak is the quantized copy and about one fp32 matrix (before: the whole file beside the
+    copy, and the Q8_0 quantizer's temporaries each the size of the matrix)."""
+    args = tiny_args(dim=1024, hidden_dim=4096, n_layers=1, n_heads=8, n_kv_heads=8, vocab_size=512,
+                     shared_classifier=False)
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(args), path, version=1)
+    fp32 = formats.load(path)
+    kind = {"export 1": None, "export 2": "q8_0", "export 3": "q4_0"}.get(job, job.split()[-2])
+    kept = sum(_matrix_bytes(fp32.quantize_as(kind))) if kind else 0
+    r = subprocess.run([sys.executable, "-c", READ_ONCE_PEAK, str(path), job, str(tmp_path / "out.bin")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    peak, size = int(r.stdout), path.stat().st_size
+    assert size > 60e6 and peak < kept + max(_matrix_bytes(fp32)) + 16 * 2**20, (peak, kept, size)
+
+
+def test_q8_quantizer_gives_the_same_values_a_few_rows_at_a_time(monkeypatch):
+    """quantize_q80 goes through a matrix a few MiB of rows at a time: the same values and scales as in one go,
+    a partial last chunk included."""
+    w = np.random.default_rng(5).standard_normal((37, 256)).astype(np.float32)
+    w[3, 64:128] = 0  # an all-zero group
+    whole = formats.quantize_q80(w, 64)
+    monkeypatch.setattr(formats, "QUANTIZE_CHUNK_BYTES", 5 * 4 * 256)  # five rows a chunk: eight chunks
+    chunked = formats.quantize_q80(w, 64)
+    np.testing.assert_array_equal(chunked.q, whole.q)
+    np.testing.assert_array_equal(chunked.s, whole.s)
+    assert whole.s[3, 1] == 0 and chunked.q.dtype == np.int8 and chunked.s.dtype == np.float32
