@@ -448,6 +448,47 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
     assert blocks > 30e6 and grown < 1.4 * blocks and peak < 1.6 * blocks, (grown, peak, blocks)
 
 
+FP32_RSS = """
+import sys
+from babyllama.loading import open_model
+
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS:")
+w = open_model(sys.argv[1]).weights
+print(status("VmHWM:") - before, sum(m.nbytes for m in w.layer_matrices().values()))
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
+def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path):
+    """A GGUF's F32 layer matrices are copied into (layers, out, in) stacks; the file's pages under each stack's
+    matrices are handed back once it is made, so that loading peaks at the model once and one stack's file
+    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x)."""
+    T = gguf.GGMLQuantizationType
+    args = tiny_args(dim=1024, hidden_dim=4096, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=300,
+                     shared_classifier=True)
+    rng = np.random.default_rng(4)
+    tensors = {"token_embd.weight": (np.zeros((300, 1024), np.float32), T.F32),
+               "output_norm.weight": (np.ones(1024, np.float32), T.F32)}
+    shapes = {"attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024), "attn_output": (1024, 1024),
+              "ffn_gate": (4096, 1024), "ffn_down": (1024, 4096), "ffn_up": (4096, 1024)}
+    for layer in range(args.n_layers):
+        for name, shape in shapes.items():
+            tensors[f"blk.{layer}.{name}.weight"] = (rng.standard_normal(shape, np.float32) * 0.02, T.F32)
+        for norm in ("attn_norm", "ffn_norm"):
+            tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(1024, np.float32), T.F32)
+    write_gguf(tmp_path / "f32.gguf", args, tensors)
+    r = subprocess.run([sys.executable, "-c", FP32_RSS, str(tmp_path / "f32.gguf")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    peak, layers = map(int, r.stdout.split())
+    assert layers > 100e6 and peak < 1.4 * layers, (peak, layers)
+
+
 def test_converting_on_threads_gives_the_same_blocks_and_error(monkeypatch):
     """A converted tensor's rows go to several threads a few at a time: the blocks and the reported error are
     the same on one thread as on three."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import memory
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
 from ..formats import LAYER_MATRICES, Weights, all_finite
@@ -102,7 +103,11 @@ def from_state_dict(args: ModelArgs,
 
     def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
-        return rows if any(isinstance(r, BlockTensor) for r in rows) else np.stack(rows)
+        if any(isinstance(r, BlockTensor) for r in rows):
+            return rows
+        stacked = np.stack(rows)
+        memory.release_mapped(*rows)  # views of a mapped file (GGUF's F32): the copy alone stays resident
+        return stacked
 
     emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
     mats: dict[str, Any] = {name: stack(name) for name in LAYER_MATRICES}
