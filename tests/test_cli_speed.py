@@ -40,6 +40,15 @@ def test_threads_and_draft_keep_run_c_output(stories260k, tok512):
     assert b"(100.0%)" in proc.stderr
 
 
+def test_quantize_reaches_the_draft_model(stories260k, tok512):
+    """`--quantize` quantizes the `--draft` model too (read once from its file, like the model itself): the Q8_0
+    model as its own draft is the Q8_0 model's greedy output, every draft accepted."""
+    alone = run(stories260k, tok512, *GREEDY, "--quantize", "q8_0")
+    proc = run(stories260k, tok512, *GREEDY, "--quantize", "q8_0", "--draft", str(stories260k), "--draft-k", "3")
+    assert proc.stdout == alone.stdout != golden("s260k_t0_n200.txt")
+    assert b"(100.0%)" in proc.stderr
+
+
 def test_device_cpu_runs_the_pytorch_model(stories260k, tok512):
     pytest.importorskip("torch")
     out = run(stories260k, tok512, *GREEDY, "--device", "cpu").stdout
