@@ -112,8 +112,9 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
     GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
-    those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are quantized next
-    and then dropped: a llama2.c file is mapped, never resident as a whole (formats.load)."""
+    those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are read once more
+    (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
+    (formats.load)."""
     path = Path(path)
     kind = kind or detect_format(path)
     if kind == "bin":
