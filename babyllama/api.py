@@ -136,7 +136,9 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     half of fp16's bytes), or "auto": f16 when the weights are quantized (Q8_0/Q4_0, as loaded or by
     `quantize`), f32 otherwise."""
     check_kv_cache(kv_cache, device)  # before the model is read
-    source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None)
+    # a LoRA adapter is merged into the fp32 weights, quantized after it
+    source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,
+                        quantize=quantize if lora is None else None)
     weights = source.weights
     description = source.describe()
     if lora is not None:
@@ -145,8 +147,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         adapter = load_adapter(lora)
         weights = merge(weights, adapter, str(source.path))
         description += f", LoRA adapter {adapter.path} merged (rank {adapter.rank})"
-    if quantize is not None:
-        weights = weights.quantize_as(quantize, kernels.q4_0_blocks)
+        if quantize is not None:
+            weights = weights.quantize_as(quantize, kernels.q4_0_blocks)
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 

@@ -159,9 +159,10 @@ class Weights:
         release = self._release_after()
 
         def q4(m: Matrix) -> Matrix:
-            if isinstance(m, BlockTensor) and m.kind == "q4_0":
-                return m
-            return release(m, quantize(dense(m)) if m.shape[1] % BLOCK == 0 else quantize_q80(dense(m), gs))
+            if (isinstance(m, BlockTensor) and m.kind == "q4_0"
+                    or isinstance(m, QTensor) and m.shape[1] % BLOCK and m.group_size == gs):
+                return m  # already what quantize_matrix makes of it
+            return release(m, quantize_matrix(dense(m), "q4_0", gs, quantize))
 
         mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
@@ -209,7 +210,7 @@ class Weights:
         release = self._release_after()
 
         def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense fp32 arrays
-            return release(m, quantize_q80(cast(np.ndarray, m), gs))
+            return release(m, quantize_matrix(cast(np.ndarray, m), "q8_0", gs))
 
         mats: dict[str, Any] = {name: [q8(m) for m in stack] for name, stack in self.layer_matrices().items()}
         qcls = q8(self.wcls)
@@ -217,6 +218,15 @@ class Weights:
         qemb = qcls if self.args.shared_classifier else q8(self.tok_embeddings)
         return Weights(self.args, qemb, *self._own_norms(), wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
+
+
+def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
+                    quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Matrix:
+    """An fp32 matrix as `--quantize KIND` makes it: "q8_0" runq.c's Q8_0 in groups of `group_size`; "q4_0"
+    llama.cpp's Q4_0 (made by `quantize_q4`), or runq.c's Q8_0 where its rows do not split into blocks of 32."""
+    if kind == "q4_0" and w.shape[1] % BLOCK == 0:
+        return quantize_q4(w)
+    return quantize_q80(w, group_size)
 
 
 def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:

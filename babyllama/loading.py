@@ -109,12 +109,17 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
-               max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False) -> Source:
+               max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
+               quantize: str | None = None) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
     GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
     those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are read once more
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
-    (formats.load)."""
+    (formats.load). `quantize` ("q8_0" or "q4_0", `--quantize`): the weights quantized on load
+    (Weights.quantize_as), read once; a GGUF file's F32/F16 matrices each as it is read (load_gguf)."""
+    if quantize is not None and quantize not in formats.QUANTIZE_KINDS:
+        raise BabyLlamaError(f"unknown quantization {quantize!r} (choose {', '.join(formats.QUANTIZE_KINDS)})")
+    read_once = read_once or quantize is not None
     path = Path(path)
     kind = kind or detect_format(path)
     if kind == "bin":
@@ -124,7 +129,8 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         from .interop.gguf import load_gguf
 
         conversions: list[ConversionNote] = []
-        weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions)
+        weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
+                                   quantize=quantize)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
     elif kind == "hf":
         from .interop.hf import load_hf
@@ -148,6 +154,10 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
             source.weights.args.validate()
         except ValueError as e:
             raise BabyLlamaError(f"--max-seq-len: {e}") from None
+    if quantize is not None:
+        from . import kernels
+
+        source.weights = source.weights.quantize_as(quantize, kernels.q4_0_blocks)
     return source
 
 

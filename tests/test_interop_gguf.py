@@ -450,6 +450,7 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
 
 FP32_RSS = """
 import sys
+from babyllama import formats
 from babyllama.loading import open_model
 
 def status(field):
@@ -458,17 +459,16 @@ def status(field):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) starts again from here
 before = status("VmRSS:")
-w = open_model(sys.argv[1]).weights
-print(status("VmHWM:") - before, sum(m.nbytes for m in w.layer_matrices().values()))
+w = open_model(sys.argv[1], quantize=None if sys.argv[2] == "-" else sys.argv[2]).weights
+print(status("VmHWM:") - before, sum(a.nbytes for ms in w.layer_matrices().values() for m in ms
+                                     for a in formats.matrix_arrays(m)))
 """
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
-def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path):
-    """A GGUF's F32 layer matrices are copied into (layers, out, in) stacks; the file's pages under each stack's
-    matrices are handed back once it is made, so that loading peaks at the model once and one stack's file
-    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x)."""
+def write_f32_gguf(path, dtype: str = "f32", nan_at: str | None = None):
+    """A GGUF of two layers of dim 1024 (134 MB of layer matrices in fp32), its matrices in F32 or F16."""
     T = gguf.GGMLQuantizationType
+    qtype = T.F32 if dtype == "f32" else T.F16
     args = tiny_args(dim=1024, hidden_dim=4096, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=300,
                      shared_classifier=True)
     rng = np.random.default_rng(4)
@@ -478,15 +478,68 @@ def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path):
               "ffn_gate": (4096, 1024), "ffn_down": (1024, 4096), "ffn_up": (4096, 1024)}
     for layer in range(args.n_layers):
         for name, shape in shapes.items():
-            tensors[f"blk.{layer}.{name}.weight"] = (rng.standard_normal(shape, np.float32) * 0.02, T.F32)
+            m = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32 if dtype == "f32" else np.float16)
+            if f"blk.{layer}.{name}" == nan_at:
+                m[5, 7] = np.nan
+            tensors[f"blk.{layer}.{name}.weight"] = (m, qtype)
         for norm in ("attn_norm", "ffn_norm"):
             tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(1024, np.float32), T.F32)
-    write_gguf(tmp_path / "f32.gguf", args, tensors)
-    r = subprocess.run([sys.executable, "-c", FP32_RSS, str(tmp_path / "f32.gguf")], capture_output=True,
+    write_gguf(path, args, tensors)
+    return path
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
+@pytest.mark.parametrize("quantize", ["-", "q8_0", "q4_0"])
+def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, quantize):
+    """A GGUF's F32 layer matrices are copied into (layers, out, in) stacks; the file's pages under each stack's
+    matrices are handed back once it is made, so that loading peaks at the model once and one stack's file
+    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x). Quantized on load, each
+    matrix is quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the
+    fp32 model."""
+    path = write_f32_gguf(tmp_path / "f32.gguf")
+    r = subprocess.run([sys.executable, "-c", FP32_RSS, str(path), quantize], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
     peak, layers = map(int, r.stdout.split())
-    assert layers > 100e6 and peak < 1.4 * layers, (peak, layers)
+    if quantize == "-":
+        assert layers > 100e6 and peak < 1.4 * layers, (peak, layers)
+    else:  # the largest matrix, ffn_gate's, is 16 MiB in fp32
+        assert layers < 40e6 and peak < layers + 2 * 16 * 2**20, (peak, layers)
+
+
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_quantizing_a_gguf_on_load_is_quantizing_it_after(tmp_path, dtype, quantize, sp_model):
+    """Quantized as each matrix is read, a GGUF's F32/F16 model is the one quantize_as makes of it loaded whole:
+    the same types, group size and bytes."""
+    from babyllama import kernels
+    from babyllama.loading import open_model
+
+    export_gguf(tmp_path, dtype, tied=False, tokenizer=sp_model)
+    path = tmp_path / f"m-{dtype}.gguf"
+    on_load = open_model(path, quantize=quantize).weights
+    after = open_model(path).weights.quantize_as(quantize, kernels.q4_0_blocks)
+    assert on_load.kinds() == after.kinds() == ("q4_0" if quantize == "q4_0" else "q8_0 gs 32")
+    assert (on_load.version, on_load.group_size) == (after.version, after.group_size)
+    for a, b in zip(named_matrices(on_load), named_matrices(after), strict=True):
+        for x, y in zip(formats.matrix_arrays(a), formats.matrix_arrays(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(on_load.rms_att, after.rms_att)
+
+
+def named_matrices(w: formats.Weights):
+    return [w.tok_embeddings, w.wcls, *(m for ms in w.layer_matrices().values() for m in ms)]
+
+
+def test_a_nan_is_refused_when_it_is_quantized_on_load(tmp_path):
+    """A NaN in an F16 matrix is refused by name when the model is quantized on load (the quantizers give its
+    block a NaN scale), as when it is read whole."""
+    from babyllama.loading import open_model
+
+    path = write_f32_gguf(tmp_path / "nan.gguf", "f16", nan_at="blk.1.ffn_up")
+    for quantize in (None, "q8_0", "q4_0"):
+        with pytest.raises(BabyLlamaError, match="tensor blk.1.ffn_up.weight holds NaN or infinite values"):
+            open_model(path, quantize=quantize)
 
 
 def test_converting_on_threads_gives_the_same_blocks_and_error(monkeypatch):

@@ -131,13 +131,10 @@ def check_speed_flags(args) -> None:
 
 
 def load_draft(args):
-    from .. import kernels
     from ..api import make_engine
     from ..loading import open_model
 
-    weights = open_model(args.draft, mmap=args.mmap, read_once=args.quantize is not None).weights
-    if args.quantize:
-        weights = weights.quantize_as(args.quantize, kernels.q4_0_blocks)
+    weights = open_model(args.draft, mmap=args.mmap, quantize=args.quantize).weights
     return make_engine(weights, args.device, args.plain, args.compile, args.kv_cache)
 
 

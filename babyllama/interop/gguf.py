@@ -40,7 +40,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import Weights, check_writable
+from ..formats import Matrix, Weights, check_writable, default_group_size, quantize_matrix
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -481,12 +481,14 @@ def _view(buf: np.ndarray, t: GGUFTensor) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
-              notes: list[ConversionNote] | None = None) -> tuple[Weights, Vocab | None]:
+              notes: list[ConversionNote] | None = None, quantize: str | None = None) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
     By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
     reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, other quantized types are converted
     to the nearest of them (see the module's docstring), with one ConversionNote per converted type appended
-    to `notes`."""
+    to `notes`. `quantize` ("q8_0" or "q4_0", what `--quantize` asks): every matrix read as fp32 is quantized
+    as soon as it is read (formats.quantize_matrix, what Weights.quantize_as would make of it later) and its
+    file bytes handed back, so that a large F16 or F32 file never needs memory for its fp32 copy."""
     path = Path(path)
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
@@ -497,7 +499,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     converted: dict[str, ConversionNote] = {}
     maps = memory.read_only_file_maps()
 
-    def get(name: str) -> np.ndarray | BlockTensor:
+    def get(name: str) -> Matrix:
         key = gguf_name(name)
         if key not in tensors:
             raise KeyError(name)
@@ -508,7 +510,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
-                    return _dequantized(data, t.tensor_type)
+                    dense = _dequantized(data, t.tensor_type)
+                    return dense if quantize is None or dense.ndim != 2 else quantized_on_load(dense, data)
                 cols = int(t.shape[0])  # GGUF lists dimensions innermost first
                 if kind in KINDS:
                     return BlockTensor(kind, data, cols)
@@ -518,6 +521,14 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 return blocks                           # together for one tensor at a time
         except (NotImplementedError, ValueError) as e:  # types the package cannot dequantize
             raise BabyLlamaError(f"{path}: cannot read tensor {key} of type {t.tensor_type.name} ({e})") from None
+
+    def quantized_on_load(dense: np.ndarray, data: np.ndarray) -> Matrix:
+        from .. import kernels
+
+        assert quantize is not None  # a NaN or Inf makes its block's scale NaN: refused by from_state_dict
+        m = quantize_matrix(dense, quantize, default_group_size(args), kernels.q4_0_blocks)
+        memory.release_mapped(data, maps=maps)
+        return m
 
     emb = tensors.get("token_embd.weight")
     if emb is None:
@@ -546,6 +557,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         raise BabyLlamaError(f"{path}: unexpected tensor {unexpected[0]} (block_count says {args.n_layers} layers; "
                              "not a plain Llama model?)")
     weights = from_state_dict(args, get, str(path), display=gguf_name)
+    if quantize == "q8_0":  # runq.c's groups: Weights.quantize keeps the model as it is
+        weights = replace(weights, version=2, group_size=default_group_size(args))
     # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
     streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))

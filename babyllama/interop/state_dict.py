@@ -23,7 +23,7 @@ import numpy as np
 from .. import memory
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
-from ..formats import LAYER_MATRICES, Weights, all_finite
+from ..formats import LAYER_MATRICES, Matrix, QTensor, Weights, all_finite
 from ..quant import BlockTensor
 
 LAYER_NAMES = {
@@ -68,7 +68,7 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
 
 
 def from_state_dict(args: ModelArgs,
-                    get: Mapping[str, np.ndarray | BlockTensor] | Callable[[str], np.ndarray | BlockTensor],
+                    get: Mapping[str, Matrix] | Callable[[str], Matrix],
                     source: str = "model", display: Callable[[str], str] = str) -> Weights:
     """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
     function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
@@ -86,15 +86,15 @@ def from_state_dict(args: ModelArgs,
             t = lookup(name)
         except KeyError:
             raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
-        quantized = isinstance(t, BlockTensor)  # kept as it is (GGUF's Q8_0/Q4_0 blocks)
-        t = t if quantized else np.asarray(t)
+        quantized = isinstance(t, (BlockTensor, QTensor))  # kept as it is (GGUF's Q8_0/Q4_0 blocks, or quantized
+        t = t if quantized else np.asarray(t)               # on load)
         if not quantized and t.dtype.kind != "f":
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds {t.dtype} values, not floating-point weights")
         if tuple(t.shape) != shape:
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
         t = t if quantized else t.astype(np.float32, copy=False)
-        if not all_finite(t.scales() if quantized else t):
+        if not all_finite(t.scales() if isinstance(t, BlockTensor) else t.s if isinstance(t, QTensor) else t):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
         return t
 
@@ -103,7 +103,7 @@ def from_state_dict(args: ModelArgs,
 
     def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
-        if any(isinstance(r, BlockTensor) for r in rows):
+        if any(isinstance(r, (BlockTensor, QTensor)) for r in rows):
             return rows
         stacked = np.stack(rows)
         memory.release_mapped(*rows)  # views of a mapped file (GGUF's F32): the copy alone stays resident
