@@ -429,18 +429,8 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
         pytest.skip("needs the native kernels (which regroup the blocks), /proc (resetting its peak) and glibc's "
                     "malloc_trim")
     T = gguf.GGMLQuantizationType
-    args = tiny_args(dim=1024, hidden_dim=4096, n_heads=8, n_kv_heads=8, vocab_size=300, shared_classifier=True)
     rng = np.random.default_rng(3)
-    tensors = {"token_embd.weight": (np.zeros((300, 1024), np.float32), T.F32),
-               "output_norm.weight": (np.ones(1024, np.float32), T.F32)}
-    shapes = {"attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024), "attn_output": (1024, 1024),
-              "ffn_gate": (4096, 1024), "ffn_down": (1024, 4096), "ffn_up": (4096, 1024)}
-    for layer in range(args.n_layers):
-        for name, (rows, cols) in shapes.items():
-            tensors[f"blk.{layer}.{name}.weight"] = (random_blocks(T.Q6_K, rows, cols, rng), T.Q6_K)
-        for norm in ("attn_norm", "ffn_norm"):
-            tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(1024, np.float32), T.F32)
-    write_gguf(tmp_path / "q6_k.gguf", args, tensors)
+    write_dim1024_gguf(tmp_path / "q6_k.gguf", lambda name, shape: (random_blocks(T.Q6_K, *shape, rng), T.Q6_K))
     r = subprocess.run([sys.executable, "-c", CONVERTED_RSS, str(tmp_path / "q6_k.gguf")], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
@@ -465,27 +455,37 @@ print(status("VmHWM:") - before, sum(a.nbytes for ms in w.layer_matrices().value
 """
 
 
-def write_f32_gguf(path, dtype: str = "f32", nan_at: str | None = None):
-    """A GGUF of two layers of dim 1024 (134 MB of layer matrices in fp32), its matrices in F32 or F16."""
+def write_dim1024_gguf(path, matrix):
+    """A GGUF of two layers of dim 1024 (hidden 4096, 300 tokens, tied classifier: 134 MB of layer matrices in
+    fp32), each layer matrix `matrix(name, (rows, cols))` -> (data, type) ("blk.N.attn_q", ...), norms of ones."""
     T = gguf.GGMLQuantizationType
-    qtype = T.F32 if dtype == "f32" else T.F16
     args = tiny_args(dim=1024, hidden_dim=4096, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=300,
                      shared_classifier=True)
-    rng = np.random.default_rng(4)
     tensors = {"token_embd.weight": (np.zeros((300, 1024), np.float32), T.F32),
                "output_norm.weight": (np.ones(1024, np.float32), T.F32)}
     shapes = {"attn_q": (1024, 1024), "attn_k": (1024, 1024), "attn_v": (1024, 1024), "attn_output": (1024, 1024),
               "ffn_gate": (4096, 1024), "ffn_down": (1024, 4096), "ffn_up": (4096, 1024)}
     for layer in range(args.n_layers):
         for name, shape in shapes.items():
-            m = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32 if dtype == "f32" else np.float16)
-            if f"blk.{layer}.{name}" == nan_at:
-                m[5, 7] = np.nan
-            tensors[f"blk.{layer}.{name}.weight"] = (m, qtype)
+            tensors[f"blk.{layer}.{name}.weight"] = matrix(f"blk.{layer}.{name}", shape)
         for norm in ("attn_norm", "ffn_norm"):
             tensors[f"blk.{layer}.{norm}.weight"] = (np.ones(1024, np.float32), T.F32)
     write_gguf(path, args, tensors)
     return path
+
+
+def write_f32_gguf(path, dtype: str = "f32", nan_at: str | None = None):
+    """write_dim1024_gguf's model with random matrices in F32 or F16, a NaN in the one named `nan_at`."""
+    qtype = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16
+    rng = np.random.default_rng(4)
+
+    def matrix(name, shape):
+        m = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32 if dtype == "f32" else np.float16)
+        if name == nan_at:
+            m[5, 7] = np.nan
+        return m, qtype
+
+    return write_dim1024_gguf(path, matrix)
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
