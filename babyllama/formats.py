@@ -192,8 +192,7 @@ class Weights:
     def quantize_as(self, kind: str, quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Weights:
         """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3, its
         blocks made by `quantize_q4`)."""
-        if kind not in QUANTIZE_KINDS:
-            raise BabyLlamaError(f"unknown quantization {kind!r} (choose {', '.join(QUANTIZE_KINDS)})")
+        check_quantize_kind(kind)
         return self.quantize() if kind == "q8_0" else self.quantize_q4(quantize_q4)
 
     def quantize(self, group_size: int | None = None) -> Weights:
@@ -218,6 +217,12 @@ class Weights:
         qemb = qcls if self.args.shared_classifier else q8(self.tok_embeddings)
         return Weights(self.args, qemb, *self._own_norms(), wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
+
+
+def check_quantize_kind(kind: str) -> None:
+    """Refuse a `--quantize` kind other than QUANTIZE_KINDS in one line."""
+    if kind not in QUANTIZE_KINDS:
+        raise BabyLlamaError(f"unknown quantization {kind!r} (choose {', '.join(QUANTIZE_KINDS)})")
 
 
 def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
@@ -440,16 +445,17 @@ def matrix_arrays(m: Matrix) -> list[np.ndarray]:
 def named_tensors(weights: Weights):
     """(name, float array) for every float tensor of `weights` (a quantized matrix contributes its scales),
     layer stacks one layer at a time."""
-    yield "tok_embeddings", _floats(weights.tok_embeddings)
+    yield "tok_embeddings", checked_floats(weights.tok_embeddings)
     for name in ("rms_att", "rms_ffn", *LAYER_MATRICES):
         for layer, m in enumerate(getattr(weights, name)):
-            yield f"{name} of layer {layer}", _floats(m)
+            yield f"{name} of layer {layer}", checked_floats(m)
     yield "rms_final", weights.rms_final
     if not weights.args.shared_classifier:
-        yield "wcls", _floats(weights.wcls)
+        yield "wcls", checked_floats(weights.wcls)
 
 
-def _floats(m) -> np.ndarray:
+def checked_floats(m: Matrix) -> np.ndarray:
+    """What the NaN/Inf check of m reads: a quantized matrix's scales, else its values."""
     if isinstance(m, QTensor):
         return m.s
     if isinstance(m, BlockTensor):

@@ -117,8 +117,8 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
     (formats.load). `quantize` ("q8_0" or "q4_0", `--quantize`): the weights quantized on load
     (Weights.quantize_as), read once; a GGUF file's F32/F16 matrices each as it is read (load_gguf)."""
-    if quantize is not None and quantize not in formats.QUANTIZE_KINDS:
-        raise BabyLlamaError(f"unknown quantization {quantize!r} (choose {', '.join(formats.QUANTIZE_KINDS)})")
+    if quantize is not None:
+        formats.check_quantize_kind(quantize)  # before the model is read
     read_once = read_once or quantize is not None
     path = Path(path)
     kind = kind or detect_format(path)

@@ -108,6 +108,26 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Pat
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
 
 
+MEMORY_PRELUDE = """
+def status(field):  # a /proc/self/status figure in bytes
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+def peak_from_here():  # resident bytes now; the peak (VmHWM) starts again from here
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS:")
+"""
+
+
+def run_memory_script(script: str, *args: str) -> list[int]:
+    """Run `script` in a fresh interpreter with the package on its path, after MEMORY_PRELUDE (its `status` and
+    `peak_from_here`); the integers it prints. Callers skip where /proc/self/clear_refs cannot be written."""
+    r = subprocess.run([sys.executable, "-c", MEMORY_PRELUDE + script, *args], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    return [int(v) for v in r.stdout.split()]
+
+
 @dataclass
 class Limited:
     """What `run_limited` saw: exit code (negative: killed by that signal), output, the child's peak

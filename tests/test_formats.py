@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import mmap
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, random_weights, resident_bytes, tiny_args
+from conftest import random_weights, resident_bytes, run_memory_script, tiny_args
 
 from babyllama import formats
 from babyllama.errors import BabyLlamaError
@@ -308,13 +306,8 @@ from babyllama.memory import keep_freed_memory
 
 keep_freed_memory()  # as the babyllama command runs
 
-def status(field):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
-
 path, job = sys.argv[1], sys.argv[2]
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from here
-before = status("VmRSS:")
+before = peak_from_here()
 if job.startswith("load"):
     api.load(path, quantize=job.split()[1], mmap=None if job.split()[2] == "default" else True)
 else:
@@ -343,10 +336,7 @@ def test_quantizing_or_exporting_a_file_never_holds_all_of_it(tmp_path, job):
     fp32 = formats.load(path)
     kind = {"export 1": None, "export 2": "q8_0", "export 3": "q4_0"}.get(job, job.split()[-2])
     kept = sum(_matrix_bytes(fp32.quantize_as(kind))) if kind else 0
-    r = subprocess.run([sys.executable, "-c", READ_ONCE_PEAK, str(path), job, str(tmp_path / "out.bin")],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    peak, size = int(r.stdout), path.stat().st_size
+    [peak], size = run_memory_script(READ_ONCE_PEAK, str(path), job, str(tmp_path / "out.bin")), path.stat().st_size
     assert size > 60e6 and peak < kept + max(_matrix_bytes(fp32)) + 16 * 2**20, (peak, kept, size)
 
 

@@ -16,6 +16,7 @@ from conftest import (
     random_weights,
     resident_bytes,
     run_cli,
+    run_memory_script,
     tiny_args,
     torch_checkpoint,
 )
@@ -402,12 +403,7 @@ from babyllama.memory import keep_freed_memory
 
 keep_freed_memory()  # as the babyllama command runs
 
-def status(field):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from here
-before = status("VmRSS:")
+before = peak_from_here()
 w, _ = load_gguf(sys.argv[1], keep_quantized=True)
 engine = Engine(w)
 engine.forward([1, 2], [0, 1], engine.new_cache())
@@ -431,10 +427,7 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
     T = gguf.GGMLQuantizationType
     rng = np.random.default_rng(3)
     write_dim1024_gguf(tmp_path / "q6_k.gguf", lambda name, shape: (random_blocks(T.Q6_K, *shape, rng), T.Q6_K))
-    r = subprocess.run([sys.executable, "-c", CONVERTED_RSS, str(tmp_path / "q6_k.gguf")], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    grown, peak, blocks = map(int, r.stdout.split())
+    grown, peak, blocks = run_memory_script(CONVERTED_RSS, str(tmp_path / "q6_k.gguf"))
     assert blocks > 30e6 and grown < 1.4 * blocks and peak < 1.6 * blocks, (grown, peak, blocks)
 
 
@@ -443,12 +436,7 @@ import sys
 from babyllama import formats
 from babyllama.loading import open_model
 
-def status(field):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from here
-before = status("VmRSS:")
+before = peak_from_here()
 w = open_model(sys.argv[1], quantize=None if sys.argv[2] == "-" else sys.argv[2]).weights
 print(status("VmHWM:") - before, sum(a.nbytes for ms in w.layer_matrices().values() for m in ms
                                      for a in formats.matrix_arrays(m)))
@@ -497,10 +485,7 @@ def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, quantize):
     matrix is quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the
     fp32 model."""
     path = write_f32_gguf(tmp_path / "f32.gguf")
-    r = subprocess.run([sys.executable, "-c", FP32_RSS, str(path), quantize], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
-    peak, layers = map(int, r.stdout.split())
+    peak, layers = run_memory_script(FP32_RSS, str(path), quantize)
     if quantize == "-":
         assert layers > 100e6 and peak < 1.4 * layers, (peak, layers)
     else:  # the largest matrix, ffn_gate's, is 16 MiB in fp32

@@ -23,7 +23,7 @@ import numpy as np
 from .. import memory
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
-from ..formats import LAYER_MATRICES, Matrix, QTensor, Weights, all_finite
+from ..formats import LAYER_MATRICES, Matrix, QTensor, Weights, all_finite, checked_floats
 from ..quant import BlockTensor
 
 LAYER_NAMES = {
@@ -94,7 +94,7 @@ def from_state_dict(args: ModelArgs,
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
         t = t if quantized else t.astype(np.float32, copy=False)
-        if not all_finite(t.scales() if isinstance(t, BlockTensor) else t.s if isinstance(t, QTensor) else t):
+        if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
         return t
 
