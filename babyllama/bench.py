@@ -42,10 +42,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 BUILTIN = "builtin"  # the trained built-in model (babyllama/assets/model.bin) and its tokenizer
 FORMATS = {"fp32": 1, "q8_0": 2, "q4_0": 3}
-FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+# formats that only a GGUF file holds (F16: llama.cpp's half-precision weights), measured on babyllama's GGUF row
+# and llama.cpp's, on the same file
+GGUF_ONLY_FORMATS = ("f16",)
+FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0", "f16": "F16"}
 # the llama2.c programs and the file versions they read: run.c version 0 (fp32), runq.c version 2 (Q8_0)
 REFERENCES = {"run.c": ("fp32", 0), "runq.c": ("q8_0", 2)}
-GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0"}
+GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "f16": "f16"}
 # babyllama's rows on the GGUF files llama.cpp reads (`--gguf`): llama.cpp's Q8_0 and Q4_0 blocks as stored
 GGUF_ENGINE = "babyllama (GGUF)"
 GGUF_FORMATS = ("q8_0", "q4_0")
@@ -543,11 +546,11 @@ def _shape_rows(plan: Plan, shape: str, formats, paths, first: bool, directory: 
         for setting in plan.thread_settings:
             env = _thread_env(setting)
             rows += _references(plan, shape, fmt, setting, env, directory, log)
-            for path_name in paths:
+            for path_name in paths if fmt not in GGUF_ONLY_FORMATS else ():
                 if path_name == "plain" and (setting != plan.thread_settings[0] or not first):
                     continue  # the reference path is single-threaded NumPy and slow: measured once
                 rows.append(_ours(plan, shape, fmt, setting, path_name, env, directory, log))
-            if plan.gguf and fmt in GGUF_FORMATS:
+            if plan.gguf and fmt in GGUF_FORMATS or fmt in GGUF_ONLY_FORMATS:
                 rows.append(_ours(plan, shape, fmt, setting, "fast", env, directory, log, gguf=True))
     return rows
 
@@ -686,8 +689,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              f"(trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
-             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
-             "unless the engine column names --kv-cache.")
+             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32 "
+             "and F16, unless the engine column names --kv-cache.")
     text = "\n".join(lines) + "\n\n" + notes + "\n"
     ratios = _ratios(rows)
     if ratios:

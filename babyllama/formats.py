@@ -91,14 +91,19 @@ def table_rows(m: Matrix, rows: np.ndarray) -> np.ndarray:
 
 
 def dense(m: Matrix) -> np.ndarray:
-    """m as an fp32 array (dequantized when quantized)."""
-    return m if isinstance(m, np.ndarray) else m.dequantize()
+    """m as an fp32 array (dequantized when quantized, converted when fp16)."""
+    return m.astype(np.float32, copy=False) if isinstance(m, np.ndarray) else m.dequantize()
+
+
+def is_fp32(m: Matrix | Sequence[Matrix]) -> bool:
+    """Whether m (a matrix, or a layer stack) is a dense fp32 array, as opposed to a quantized matrix or fp16 values."""
+    return isinstance(m, np.ndarray) and m.dtype == np.float32
 
 
 def quant_kind(m: Matrix) -> str:
     """"fp32", "q8_0 gs N" (runq.c's Q8_0 with group size N) or a llama.cpp block type ("q4_0", "q8_0 blocks")."""
     if isinstance(m, np.ndarray):
-        return "fp32"
+        return "fp32" if m.dtype == np.float32 else "f16"
     if isinstance(m, QTensor):
         return f"q8_0 gs {m.group_size}"
     return "q8_0 blocks" if m.kind == "q8_0" else m.kind
@@ -107,8 +112,9 @@ def quant_kind(m: Matrix) -> str:
 @dataclass
 class Weights:
     """All of a model's tensors, nn.Linear layout (out_features, in_features). Layer stacks are indexed
-    by layer: an (L, out, in) array for fp32, a list of quantized matrices (QTensor, BlockTensor) otherwise;
-    a model read from GGUF may mix types."""
+    by layer: an (L, out, in) array for fp32 (or fp16: an F16 GGUF's matrices, which the native kernels read as
+    they are and everything else converts, see `dense`), a list of quantized matrices (QTensor, BlockTensor)
+    otherwise; a model read from GGUF may mix types."""
 
     args: ModelArgs
     tok_embeddings: Matrix  # (vocab, dim): fp32, or quantized (its rows dequantized as tokens are embedded)
@@ -140,8 +146,8 @@ class Weights:
         return ", ".join(sorted({quant_kind(m) for m in mats}))
 
     def to_fp32(self) -> Weights:
-        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing)."""
-        if not self.quantized:
+        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing, converting fp16)."""
+        if all(is_fp32(m) for m in (self.tok_embeddings, self.wcls, *self.layer_matrices().values())):
             return self
         mats: dict[str, Any] = {name: np.stack([dense(m) for m in stack])
                                 for name, stack in self.layer_matrices().items()}
@@ -208,8 +214,8 @@ class Weights:
         check_group_size(self.args, gs)
         release = self._release_after()
 
-        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense fp32 arrays
-            return release(m, quantize_matrix(cast(np.ndarray, m), "q8_0", gs))
+        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense arrays (fp32, or fp16 converted)
+            return release(m, quantize_matrix(dense(m), "q8_0", gs))
 
         mats: dict[str, Any] = {name: [q8(m) for m in stack] for name, stack in self.layer_matrices().items()}
         qcls = q8(self.wcls)

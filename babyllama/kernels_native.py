@@ -88,7 +88,8 @@ INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
 # out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there.
 INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256, "avx2": 512, "avx2-vnni": 512}
 
-W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R = range(6)
+W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16 = range(7)
+DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 REGROUPED_TYPES = {"q8_0": W_Q8_0R, "q4_0": W_Q4_0R}
 KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
@@ -280,9 +281,9 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
         types = REGROUPED_TYPES if w.regrouped else BLOCK_TYPES
         m.w, m.s, m.type, m.gs = _address(w.data), None, types[w.kind], BLOCK
     else:
-        if not (w.flags.c_contiguous and w.dtype == np.float32):
-            raise ValueError("fp32 weights must be C-contiguous float32")
-        m.w, m.s, m.type, m.gs = _address(w), None, W_F32, 0
+        if not (w.flags.c_contiguous and w.dtype in DENSE_TYPES):
+            raise ValueError("dense weights must be C-contiguous float32 or float16")
+        m.w, m.s, m.type, m.gs = _address(w), None, DENSE_TYPES[w.dtype], 0
     m.rows, m.row0 = w.shape[0], row0
 
 
@@ -500,7 +501,7 @@ class NativeKernels:
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         """w as fp32, on every thread."""
-        if isinstance(w, np.ndarray):
+        if isinstance(w, np.ndarray) and w.dtype == np.float32:
             return w
         m = _Mat()
         _fill(m, w, 0)
@@ -580,7 +581,7 @@ class NativeKernels:
         self._regroup([m for _, ws in products for m in ws])
         for mats, ws in products:
             _describe(mats, ws)
-        emb = w.tok_embeddings if not isinstance(w.tok_embeddings, np.ndarray) else _checked(w.tok_embeddings)
+        emb = w.tok_embeddings  # C reads it through a stored pointer: _fill refuses anything but the array itself
         _describe(_one(struct.embeddings), [emb])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
         struct.rms_final = _address(_checked(w.rms_final))

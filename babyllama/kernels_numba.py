@@ -124,7 +124,7 @@ def set_threads(n: int) -> None:
 
 
 def _all_dense(ws: Sequence[Matrix]) -> TypeGuard[Sequence[np.ndarray]]:
-    return all(isinstance(w, np.ndarray) for w in ws)
+    return all(isinstance(w, np.ndarray) and w.dtype == np.float32 for w in ws)  # fp16 ones: NumPy's product
 
 
 def _all_q8(ws: Sequence[Matrix]) -> TypeGuard[Sequence[QTensor]]:

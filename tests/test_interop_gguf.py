@@ -477,17 +477,18 @@ def write_f32_gguf(path, dtype: str = "f32", nan_at: str | None = None):
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
-@pytest.mark.parametrize("quantize", ["-", "q8_0", "q4_0"])
-def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, quantize):
+@pytest.mark.parametrize("dtype,quantize", [("f32", "-"), ("f32", "q8_0"), ("f32", "q4_0"), ("f16", "-")])
+def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, dtype, quantize):
     """A GGUF's F32 layer matrices are copied into (layers, out, in) stacks; the file's pages under each stack's
     matrices are handed back once it is made, so that loading peaks at the model once and one stack's file
-    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x). Quantized on load, each
-    matrix is quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the
-    fp32 model."""
-    path = write_f32_gguf(tmp_path / "f32.gguf")
+    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x). F16 matrices stay F16 (half
+    the bytes; converted to fp32 the peak would be over twice their size). Quantized on load, each matrix is
+    quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the fp32 model."""
+    path = write_f32_gguf(tmp_path / f"{dtype}.gguf", dtype)
     peak, layers = run_memory_script(FP32_RSS, str(path), quantize)
     if quantize == "-":
-        assert layers > 100e6 and peak < 1.4 * layers, (peak, layers)
+        expected = 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * (4 if dtype == "f32" else 2)  # 134 or 67 MB
+        assert layers == expected and peak < 1.4 * layers, (peak, layers)
     else:  # the largest matrix, ffn_gate's, is 16 MiB in fp32
         assert layers < 40e6 and peak < layers + 2 * 16 * 2**20, (peak, layers)
 
@@ -581,3 +582,37 @@ def test_a_q4_0_model_exports_the_same_gguf_after_it_ran(tmp_path):
         pytest.skip("the kernels here keep Q4_0 blocks as they are (no native build with AVX2)")
     save_gguf(w, tmp_path / "after.gguf", vocab, "q4_0", name="m")
     assert (tmp_path / "after.gguf").read_bytes() == (tmp_path / "before.gguf").read_bytes()
+
+
+def test_an_f16_gguf_runs_its_halves_as_they_are(tmp_path, sp_model):
+    """An F16 file's matrices stay fp16 (memory-mapped, half the bytes of fp32); the kernels read each weight as
+    the fp32 value it stands for, so every path gives exactly the logits of the model converted to fp32: a
+    prompt, decode steps, sequences decoded together; the command line the text of the file exported to a
+    version 1 .bin (fp32)."""
+    from babyllama.engine import Engine
+    from babyllama.loading import open_model
+
+    export_gguf(tmp_path, "f16", tied=False, tokenizer=sp_model)
+    path = tmp_path / "m-f16.gguf"
+    w16 = open_model(path).weights
+    assert w16.kinds() == "f16" and not w16.quantized
+    assert all(m.dtype == np.float16 for m in (w16.tok_embeddings, w16.wcls, *w16.layer_matrices().values()))
+    w32 = w16.to_fp32()
+    assert w32.kinds() == "fp32"
+    np.testing.assert_array_equal(w32.wq, w16.wq.astype(np.float32))
+    e16, e32 = Engine(w16), Engine(w32)
+    for n in (1, 4, len(TOKENS)):  # a decode step, a short prompt, a long one (sgemm)
+        np.testing.assert_array_equal(engine_logits(w16, TOKENS[:n]), engine_logits(w32, TOKENS[:n]))
+    caches = e16.new_cache(3), e32.new_cache(3)
+    tokens, slots = np.array(TOKENS[:3]), np.arange(3)
+    for pos in range(3):  # three sequences a step at a time, together
+        got, want = (e.forward(tokens + pos, np.full(3, pos), c, slots) for e, c in zip((e16, e32), caches))
+        np.testing.assert_array_equal(got, want)
+    plain = Engine(w16, plain=True)  # NumPy converts the halves and multiplies in fp32: other sums, same values
+    np.testing.assert_allclose(plain.forward(TOKENS, np.arange(len(TOKENS)), plain.new_cache()),
+                               engine_logits(w32, TOKENS), rtol=1e-4, atol=1e-4)
+    back = tmp_path / "f16-as-fp32.bin"
+    assert main(["export", str(back), "--model", str(path)]) == 0
+    texts = [run_cli("run", str(m), "-z", str(sp_model), "-t", "0", "-n", "40", "-i", "the") for m in (path, back)]
+    assert all(r.returncode == 0 for r in texts), texts[0].stderr.decode()
+    assert len(texts[0].stdout) > 40 and texts[0].stdout == texts[1].stdout

@@ -1061,3 +1061,37 @@ def test_releasing_pages_leaves_memory_that_is_not_a_file_map_alone():
     a = np.arange(4 * mmap.PAGESIZE, dtype=np.uint8)
     memory.release_mapped(a)
     np.testing.assert_array_equal(a, np.arange(4 * mmap.PAGESIZE, dtype=np.uint8))
+
+
+# rows of 100 (a tail of 4 past the vectors), 120, 200, 256 and 1030 (the AVX-512 batched blocks' long-row form)
+@pytest.mark.parametrize("n", [100, 120, 200, 256, 1030])
+def test_f16_weights_give_exactly_the_products_of_their_fp32_values(native, n):
+    """F16 matrices (an F16 GGUF's, run as the file holds them): the fp32 kernels load each weight converted to
+    fp32 and sum in their own order, so every path (one token, batched decode steps, fused forms, a prompt's
+    sgemm, embedding rows, dequantizing) gives bit for bit what the fp32 matrix of the converted values gives."""
+    gen = np.random.default_rng(n)
+    w16 = (gen.standard_normal((37, n)) * 0.1).astype(np.float16)
+    w16[0, :6] = [6e-8, -6e-8, 3e-6, -5e-5, 65504, -0.0]  # subnormal halves, the largest, a negative zero
+    w32 = w16.astype(np.float32)
+    for tokens in (1, 2, 3, 5, 8, 11, 64):  # 64: matmul_many's dequantize + sgemm
+        x = gen.standard_normal((tokens, n)).astype(np.float32)
+        np.testing.assert_array_equal(native.matmul(x, [w16])[0], native.matmul(x, [w32])[0])
+        np.testing.assert_array_equal(native.matmul_many(x, [w16])[0], native.matmul_many(x, [w32])[0])
+    x, g = gen.standard_normal((2, n)).astype(np.float32), gen.standard_normal((2, n)).astype(np.float32)
+    norm = (gen.standard_normal(n).astype(np.float32), 1e-5)
+    for fused in ({"norm": norm}, {"gate": g}):
+        np.testing.assert_array_equal(native.matmul(x, [w16], **fused)[0], native.matmul(x, [w32], **fused)[0])
+    y = gen.standard_normal((2, 37)).astype(np.float32)
+    into16, into32 = y.copy(), y.copy()
+    native.matmul(x, [w16], into=into16)
+    native.matmul(x, [w32], into=into32)
+    np.testing.assert_array_equal(into16, into32)
+    mixed = [w16, quantize_q8_0(w32[:, : n // 32 * 32]) if n % 32 else quantize_q8_0(w32), w32]
+    if n % 32 == 0:  # with quantized matrices in the same call
+        got = native.matmul(x, mixed)
+        np.testing.assert_array_equal(got[0], got[2])
+        np.testing.assert_array_equal(got[0], native.matmul(x, [w32])[0])
+    np.testing.assert_array_equal(native.dequantize(w16), w32)
+    ids = np.array([0, 36, 5, 0])
+    np.testing.assert_array_equal(native.embed(w16, ids), w32[ids])
+    np.testing.assert_allclose(native.matmul(x, [w16])[0], x @ w32.T, rtol=1e-4, atol=1e-3)

@@ -16,7 +16,9 @@ def add(sub) -> None:
     p.add_argument("--shapes", default="builtin,15M,42M,110M",
                    help="comma-separated, of builtin (the trained built-in model), 15M, 42M, 110M, 1B (TinyLlama's "
                         "shape, for GPUs); default %(default)s")
-    p.add_argument("--formats", default="fp32,q8_0,q4_0", help="comma-separated weight formats (%(default)s)")
+    p.add_argument("--formats", default="fp32,q8_0,q4_0",
+                   help="comma-separated weight formats (%(default)s); f16: llama.cpp's F16 GGUF file (babyllama "
+                        "on it, and llama.cpp with --llamacpp)")
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)
@@ -68,8 +70,9 @@ def cmd_bench(args) -> int:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
                              f"{bench.BUILTIN}, {', '.join(bench.SHAPES)}")
     fmts = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    if not fmts or any(f not in bench.FORMATS for f in fmts):
-        raise BabyLlamaError(f"--formats takes {', '.join(bench.FORMATS)}, got {args.formats!r}")
+    known = (*bench.FORMATS, *bench.GGUF_ONLY_FORMATS)
+    if not fmts or any(f not in known for f in fmts):
+        raise BabyLlamaError(f"--formats takes {', '.join(known)}, got {args.formats!r}")
     settings = tuple(s.strip() for s in args.thread_settings.split(",") if s.strip())
     if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
         raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")

@@ -509,6 +509,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         kind = t.tensor_type.name.lower()
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
+                if keep_quantized and quantize is None and t.tensor_type.name == "F16" and len(t.shape) == 2:
+                    return data  # run as it is, mapped: the kernels read fp16 as fp32 (W_F16)
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
                     dense = _dequantized(data, t.tensor_type)
                     return dense if quantize is None or dense.ndim != 2 else quantized_on_load(dense, data)
@@ -563,13 +565,15 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
     streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
                 if isinstance(m, BlockTensor)}
+    if isinstance(weights.wcls, np.ndarray) and weights.wcls.dtype == np.float16:  # an F16 classifier, kept mapped
+        streamed.add(id(weights.wcls))
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
     return weights, _read_vocab(fields, path)
 
 
-_FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, whatever keep_quantized says
+_FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, but for F16 matrices kept as they are
 _IGNORED = {"rope_freqs.weight"}  # llama.cpp's rope scaling factors: absent from plain Llama models' files
 
 

@@ -80,7 +80,7 @@ def from_state_dict(args: ModelArgs,
     except ValueError as e:
         raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
 
-    def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32 array, or a BlockTensor kept as it is
+    def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32 or fp16 array, or a quantized matrix
         t: Any
         try:
             t = lookup(name)
@@ -93,7 +93,8 @@ def from_state_dict(args: ModelArgs,
         if tuple(t.shape) != shape:
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
-        t = t if quantized else t.astype(np.float32, copy=False)
+        if not (quantized or t.dtype == np.float16 and len(shape) == 2):  # fp16 matrices are kept: the kernels
+            t = t.astype(np.float32, copy=False)                           # read them as fp32 (W_F16)
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
         return t
