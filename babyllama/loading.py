@@ -116,7 +116,8 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are read once more
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
     (formats.load). `quantize` ("q8_0" or "q4_0", `--quantize`): the weights quantized on load
-    (Weights.quantize_as), read once; a GGUF file's F32/F16 matrices each as it is read (load_gguf)."""
+    (Weights.quantize_as), read once; a GGUF file's, a Hugging Face or Meta checkpoint's matrices each as it is
+    read (from_state_dict), so that memory never holds the fp32 model."""
     if quantize is not None:
         formats.check_quantize_kind(quantize)  # before the model is read
     read_once = read_once or quantize is not None
@@ -136,12 +137,12 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         from .interop.hf import load_hf
 
         folder = path if path.is_dir() else path.parent
-        source = Source(load_hf([path], max_seq_len), kind, path, _first_file(folder / "tokenizer.model"))
+        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / "tokenizer.model"))
     elif kind == "meta":
         from .interop.meta import load_meta
 
         # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
-        source = Source(load_meta(path, max_seq_len), kind, path,
+        source = Source(load_meta(path, max_seq_len, quantize), kind, path,
                         _first_file(path / "tokenizer.model", path.parent / "tokenizer.model"))
     elif kind == "checkpoint":
         ckpt = path / CKPT_NAME if path.is_dir() else path

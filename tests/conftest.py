@@ -119,6 +119,20 @@ def peak_from_here():  # resident bytes now; the peak (VmHWM) starts again from 
 """
 
 
+# open_model(argv[1], quantize=argv[2] or "-" for none): the peak resident bytes it adds, and the bytes of the
+# layer matrices it returns
+LOAD_PEAK = """
+import sys
+from babyllama import formats
+from babyllama.loading import open_model
+
+before = peak_from_here()
+w = open_model(sys.argv[1], quantize=None if sys.argv[2] == "-" else sys.argv[2]).weights
+print(status("VmHWM:") - before, sum(a.nbytes for ms in w.layer_matrices().values() for m in ms
+                                     for a in formats.matrix_arrays(m)))
+"""
+
+
 def run_memory_script(script: str, *args: str) -> list[int]:
     """Run `script` in a fresh interpreter with the package on its path, after MEMORY_PRELUDE (its `status` and
     `peak_from_here`); the integers it prints. Callers skip where /proc/self/clear_refs cannot be written."""

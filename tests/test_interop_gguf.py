@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    LOAD_PEAK,
     ROOT,
     byte_tokenizer,
     engine_logits,
@@ -431,18 +432,6 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
     assert blocks > 30e6 and grown < 1.4 * blocks and peak < 1.6 * blocks, (grown, peak, blocks)
 
 
-FP32_RSS = """
-import sys
-from babyllama import formats
-from babyllama.loading import open_model
-
-before = peak_from_here()
-w = open_model(sys.argv[1], quantize=None if sys.argv[2] == "-" else sys.argv[2]).weights
-print(status("VmHWM:") - before, sum(a.nbytes for ms in w.layer_matrices().values() for m in ms
-                                     for a in formats.matrix_arrays(m)))
-"""
-
-
 def write_dim1024_gguf(path, matrix):
     """A GGUF of two layers of dim 1024 (hidden 4096, 300 tokens, tied classifier: 134 MB of layer matrices in
     fp32), each layer matrix `matrix(name, (rows, cols))` -> (data, type) ("blk.N.attn_q", ...), norms of ones."""
@@ -485,7 +474,7 @@ def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, dtype, quantize):
     the bytes; converted to fp32 the peak would be over twice their size). Quantized on load, each matrix is
     quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the fp32 model."""
     path = write_f32_gguf(tmp_path / f"{dtype}.gguf", dtype)
-    peak, layers = run_memory_script(FP32_RSS, str(path), quantize)
+    peak, layers = run_memory_script(LOAD_PEAK, str(path), quantize)
     if quantize == "-":
         expected = 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * (4 if dtype == "f32" else 2)  # 134 or 67 MB
         assert layers == expected and peak < 1.4 * layers, (peak, layers)

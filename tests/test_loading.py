@@ -5,9 +5,10 @@ generated-token budgets."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
-from conftest import random_weights, run_cli, tiny_args, torch_checkpoint
+from conftest import LOAD_PEAK, random_weights, run_cli, run_memory_script, tiny_args, torch_checkpoint
 
 from babyllama import formats
 from babyllama.loading import detect_format, open_model
@@ -164,3 +165,59 @@ def test_prompt_longer_than_steps_warns(stories260k, tok512):
     proc = run_cli("run", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "3", "-i", "Once upon a time")
     assert proc.returncode == 0
     assert b"warning: the prompt is" in proc.stderr and b"nothing will be generated" in proc.stderr
+
+
+def _matrix_arrays(w: formats.Weights) -> list:
+    """Every matrix's arrays (values, scales or blocks), embedding and classifier first, layer by layer after."""
+    mats = (w.tok_embeddings, w.wcls, *(m for ms in w.layer_matrices().values() for m in ms))
+    return [a for m in mats for a in formats.matrix_arrays(m)]
+
+
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
+def test_checkpoint_folders_are_quantized_as_they_are_read(tmp_path, tiny_bin, quantize):
+    """`--quantize` on a Hugging Face folder (fp32 or fp16 safetensors) or a Meta one quantizes each matrix as it
+    is read: the same types, labels and bytes as quantizing the model read whole."""
+    pytest.importorskip("safetensors")
+    pytest.importorskip("torch")
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from babyllama import kernels
+    from babyllama.interop.meta import save_meta
+
+    hf = tmp_path / "hf"
+    assert run_cli("export", str(hf), "--to", "hf", "--model", str(tiny_bin)).returncode == 0
+    hf16 = tmp_path / "hf16"
+    hf16.mkdir()
+    (hf16 / "config.json").write_bytes((hf / "config.json").read_bytes())
+    save_file({k: v.astype(np.float16) for k, v in load_file(hf / "model.safetensors").items()},
+              hf16 / "model.safetensors")
+    meta = save_meta(formats.load(tiny_bin), tmp_path / "meta", 2)
+    for folder in (hf, hf16, meta):
+        on_load = open_model(folder, quantize=quantize).weights
+        after = open_model(folder).weights.quantize_as(quantize, kernels.q4_0_blocks)
+        assert on_load.kinds() == after.kinds() and "fp32" not in on_load.kinds() and "f16" not in on_load.kinds()
+        assert (on_load.version, on_load.group_size) == (after.version, after.group_size)
+        for x, y in zip(_matrix_arrays(on_load), _matrix_arrays(after), strict=True):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(on_load.rms_ffn, after.rms_ffn)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
+def test_a_hugging_face_folder_is_read_a_tensor_at_a_time(tmp_path):
+    """A Hugging Face folder of 134 MB of fp32 layer matrices (dim 1024, hidden 4096, two layers) quantized on
+    load peaks at the quantized model and about two fp32 matrices (ffn_gate's is 16 MiB), never the fp32 model;
+    read as it is, at the model once and a little (each tensor is read from the file into memory of its own,
+    not left mapped beside the copy: 2.3x the layers before)."""
+    pytest.importorskip("safetensors")
+    args = tiny_args(dim=1024, hidden_dim=4096, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=300,
+                     shared_classifier=True)
+    formats.save(random_weights(args, seed=1, scale=0.02), tmp_path / "m.bin")
+    folder = tmp_path / "hf"
+    assert run_cli("export", str(folder), "--to", "hf", "--model", str(tmp_path / "m.bin")).returncode == 0
+    for quantize in ("q4_0", "q8_0", "-"):
+        peak, layers = run_memory_script(LOAD_PEAK, str(folder), quantize)
+        if quantize == "-":
+            assert layers == 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 4 and peak < 1.4 * layers, (peak, layers)
+        else:
+            assert layers < 40e6 and peak < layers + 2 * 16 * 2**20, (quantize, peak, layers)

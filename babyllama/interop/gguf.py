@@ -40,7 +40,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import Matrix, Weights, check_writable, default_group_size, quantize_matrix
+from ..formats import Matrix, Weights, check_writable
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -509,11 +509,13 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         kind = t.tensor_type.name.lower()
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
-                if keep_quantized and quantize is None and t.tensor_type.name == "F16" and len(t.shape) == 2:
-                    return data  # run as it is, mapped: the kernels read fp16 as fp32 (W_F16)
+                if keep_quantized and t.tensor_type.name == "F16" and len(t.shape) == 2:
+                    return data  # mapped, run as it is (the kernels read fp16 as fp32: W_F16) or quantized
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
-                    dense = _dequantized(data, t.tensor_type)
-                    return dense if quantize is None or dense.ndim != 2 else quantized_on_load(dense, data)
+                    dense = _dequantized(data, t.tensor_type)  # F32: the mapped view itself
+                    if quantize is not None and dense is not data:  # a converted copy, quantized next: the
+                        memory.release_mapped(data, maps=maps)      # file's bytes are read once
+                    return dense
                 cols = int(t.shape[0])  # GGUF lists dimensions innermost first
                 if kind in KINDS:
                     return BlockTensor(kind, data, cols)
@@ -523,14 +525,6 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 return blocks                           # together for one tensor at a time
         except (NotImplementedError, ValueError) as e:  # types the package cannot dequantize
             raise BabyLlamaError(f"{path}: cannot read tensor {key} of type {t.tensor_type.name} ({e})") from None
-
-    def quantized_on_load(dense: np.ndarray, data: np.ndarray) -> Matrix:
-        from .. import kernels
-
-        assert quantize is not None  # a NaN or Inf makes its block's scale NaN: refused by from_state_dict
-        m = quantize_matrix(dense, quantize, default_group_size(args), kernels.q4_0_blocks)
-        memory.release_mapped(data, maps=maps)
-        return m
 
     emb = tensors.get("token_embd.weight")
     if emb is None:
@@ -558,9 +552,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     if unexpected:
         raise BabyLlamaError(f"{path}: unexpected tensor {unexpected[0]} (block_count says {args.n_layers} layers; "
                              "not a plain Llama model?)")
-    weights = from_state_dict(args, get, str(path), display=gguf_name)
-    if quantize == "q8_0":  # runq.c's groups: Weights.quantize keeps the model as it is
-        weights = replace(weights, version=2, group_size=default_group_size(args))
+    weights = from_state_dict(args, get, str(path), display=gguf_name, quantize=quantize)
     # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
     streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))

@@ -197,22 +197,35 @@ def _index_shards(index: Path) -> list[Path]:
     return shards
 
 
-def _read_bf16(path: Path, name: str) -> np.ndarray:
-    """A bfloat16 safetensors tensor as fp32 (numpy has no bfloat16: it is the top half of an fp32)."""
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    """(where the tensors' bytes start, the header: name -> dtype, shape, data_offsets) of a safetensors file
+    that safetensors has already opened (and so checked)."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n))[name]
-    start, end = meta["data_offsets"]
-    raw = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + n + start)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(meta["shape"])
+        return 8 + n, json.loads(f.read(n))
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+                                      "BF16": np.dtype("<u2")}
+
+
+def _read_tensor(path: Path, data_start: int, meta: dict) -> np.ndarray:
+    """A safetensors tensor read from the file into memory of its own: float types as they are stored, bfloat16
+    as fp32 (numpy has no bfloat16: it is the top half of an fp32). Not through safetensors' memory map, whose
+    pages stay resident until the file is closed: a model read (and quantized) a tensor at a time would hold the
+    whole file besides."""
+    dtype = _NUMPY_DTYPES[meta["dtype"]]
+    start, end = meta["data_offsets"]
+    t = np.fromfile(path, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data_start + start)
+    if meta["dtype"] == "BF16":
+        t = (t.astype(np.uint32) << 16).view(np.float32)
+    return t.reshape(meta["shape"])
 
 
 def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
-    """name -> loader for every tensor of every shard (safetensors opened lazily, torch files mmapped).
-    Only floating-point tensors are weights: an integer tensor is refused, not converted."""
+    """name -> loader for every tensor of every shard (safetensors' read from the file when asked for, torch
+    files mmapped). Only floating-point tensors are weights: an integer tensor is refused, not converted."""
     index: dict[str, Callable[[], np.ndarray]] = {}
     for shard in shards:
         if shard.suffix == ".safetensors":
@@ -226,13 +239,9 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
             except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
                 raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None
             _check_dtypes(shard, dtypes)
-
-            def load(name: str, handle=handle, shard=shard) -> np.ndarray:
-                if handle.get_slice(name).get_dtype() == "BF16":
-                    return _read_bf16(shard, name)
-                return handle.get_tensor(name)
-
-            index.update({name: (lambda n=name, f=load: f(n)) for name in dtypes})
+            data_start, header = _safetensors_header(shard)
+            index.update({name: (lambda s=shard, d=data_start, m=header[name]: _read_tensor(s, d, m))
+                          for name in dtypes})
         else:
             state = _torch_load(shard)
             if not isinstance(state, dict) or not all(hasattr(t, "is_floating_point") for t in state.values()):
@@ -260,8 +269,10 @@ def _torch_load(path: Path) -> dict:
         raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
-def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None) -> Weights:
-    """Read a Hugging Face Llama checkpoint (a directory, or its weight files with config.json beside them)."""
+def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,
+            quantize: str | None = None) -> Weights:
+    """Read a Hugging Face Llama checkpoint (a directory, or its weight files with config.json beside them);
+    `quantize`: each matrix quantized as it is read (from_state_dict)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     config_path, shards = _resolve(paths)
@@ -286,7 +297,7 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
                 t = halves_to_interleaved(t, heads)
         return t
 
-    return from_state_dict(args, get, source, display=hf_name)
+    return from_state_dict(args, get, source, display=hf_name, quantize=quantize)
 
 
 # ----------------------------------------------------------------------------------------------- writing

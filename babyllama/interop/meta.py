@@ -54,8 +54,9 @@ def _torch():
     return torch
 
 
-def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None) -> Weights:
-    """Read a Meta checkpoint directory (params.json + consolidated.*.pth) into `Weights`."""
+def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantize: str | None = None) -> Weights:
+    """Read a Meta checkpoint directory (params.json + consolidated.*.pth) into `Weights`; `quantize`: each
+    matrix quantized as it is read (from_state_dict)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BabyLlamaError(f"{folder}: not a directory (a Meta checkpoint is a folder with params.json)")
@@ -100,7 +101,8 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None) -> Weig
     args = _args_from_params(params, emb.shape[0], emb.shape[1], max_seq_len, params_path)
     # Meta's models never tie the classifier; one we wrote from a tied model has it equal to the embedding
     args.shared_classifier = output.shape == emb.shape and np.array_equal(output, emb)
-    return from_state_dict(args, lambda n: cache[n] if n in cache else get(n), str(folder))
+    # each tensor is fetched once: popped, the two read ahead are dropped once used (quantized, with quantize)
+    return from_state_dict(args, lambda n: cache.pop(n) if n in cache else get(n), str(folder), quantize=quantize)
 
 
 def _load_shard(torch, shard: Path) -> dict:

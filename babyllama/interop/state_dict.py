@@ -16,6 +16,7 @@ rotary order, exactly as `Weights` holds them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,18 @@ import numpy as np
 from .. import memory
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
-from ..formats import LAYER_MATRICES, Matrix, QTensor, Weights, all_finite, checked_floats
+from ..formats import (
+    LAYER_MATRICES,
+    Matrix,
+    QTensor,
+    Weights,
+    all_finite,
+    check_quantize_kind,
+    checked_floats,
+    default_group_size,
+    dense,
+    quantize_matrix,
+)
 from ..quant import BlockTensor
 
 LAYER_NAMES = {
@@ -69,16 +81,24 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
 
 def from_state_dict(args: ModelArgs,
                     get: Mapping[str, Matrix] | Callable[[str], Matrix],
-                    source: str = "model", display: Callable[[str], str] = str) -> Weights:
+                    source: str = "model", display: Callable[[str], str] = str,
+                    quantize: str | None = None) -> Weights:
     """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
     function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
     against the shape `args` implies, so a wrong config or a truncated file is one clear error, naming
-    the tensor as the source file does (`display` maps llama2.c names to the file's)."""
+    the tensor as the source file does (`display` maps llama2.c names to the file's). `quantize` ("q8_0" or
+    "q4_0", `--quantize`): each dense matrix is quantized as soon as it is read and checked (what
+    Weights.quantize_as would make of it) and its pages handed back where they are a mapped file's, so that
+    memory never holds the model in fp32; quantized matrices are kept as they are."""
     lookup = get.__getitem__ if isinstance(get, Mapping) else get
     try:
         args.validate()
     except ValueError as e:
         raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
+    if quantize is not None:
+        check_quantize_kind(quantize)
+    group_size = default_group_size(args)
+    maps = memory.read_only_file_maps() if quantize is not None else []
 
     def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32 or fp16 array, or a quantized matrix
         t: Any
@@ -97,7 +117,17 @@ def from_state_dict(args: ModelArgs,
             t = t.astype(np.float32, copy=False)                           # read them as fp32 (W_F16)
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
+        if quantize is not None and not quantized and len(shape) == 2:
+            return quantized_on_read(t)
         return t
+
+    def quantized_on_read(t: np.ndarray) -> Matrix:
+        from .. import kernels
+
+        assert quantize is not None
+        m = quantize_matrix(dense(t), quantize, group_size, kernels.q4_0_blocks)
+        memory.release_mapped(t, maps=maps)  # a mapped file's pages (a GGUF's F32/F16): read once
+        return m
 
     shapes = expected_shapes(args)
     L = args.n_layers
@@ -113,5 +143,8 @@ def from_state_dict(args: ModelArgs,
     emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
     mats: dict[str, Any] = {name: stack(name) for name in LAYER_MATRICES}
     wcls = emb if args.shared_classifier else fetch("output.weight", shapes["output.weight"])
-    return Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
-                   rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)
+    weights = Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
+                      rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)
+    if quantize == "q8_0":  # runq.c's groups, labelled as Weights.quantize labels them (which then keeps them)
+        return replace(weights, version=2, group_size=group_size)
+    return weights
