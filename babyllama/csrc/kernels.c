@@ -2378,7 +2378,11 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
     }
     if (m->type == W_F16) {
         const uint16_t *h = (const uint16_t *)m->w + i * n;
-        for (int64_t k = 0; k < n; k++) o[k] = fp16_to_f32(h[k]);
+        int64_t k = 0;
+#ifdef __AVX2__
+        for (; k + 8 <= n; k += 8) _mm256_storeu_ps(o + k, w_load8(h, k, 1));
+#endif
+        for (; k < n; k++) o[k] = fp16_to_f32(h[k]);
         return;
     }
     if (m->type == W_Q4_0R || m->type == W_Q8_0R) { /* each block gathered from its group (see W_Q4_0R) */
