@@ -30,7 +30,8 @@ memory-mapped file; every other llama.cpp type that the gguf package can dequant
 Q2_K-Q6_K, the IQ types, ...) is converted on load to the nearest of the two by bits per weight (under 6.5:
 Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32: by the native
 kernels where they convert the type, else by the package's dequantizer and quant.py's quantizer (the same
-blocks); the conversion's error is reported (`ConversionNote`). F32/F16/BF16 tensors become fp32 arrays.
+blocks); the conversion's error is reported (`ConversionNote`). F16 matrices stay fp16 (the native kernels'
+W_F16 reads them as the fp32 values they stand for); other F32/F16/BF16 tensors become fp32 arrays.
 """
 
 from __future__ import annotations
@@ -484,11 +485,12 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
               notes: list[ConversionNote] | None = None, quantize: str | None = None) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
     By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
-    reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, other quantized types are converted
-    to the nearest of them (see the module's docstring), with one ConversionNote per converted type appended
-    to `notes`. `quantize` ("q8_0" or "q4_0", what `--quantize` asks): every matrix read as fp32 is quantized
-    as soon as it is read (formats.quantize_matrix, what Weights.quantize_as would make of it later) and its
-    file bytes handed back, so that a large F16 or F32 file never needs memory for its fp32 copy."""
+    reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 matrices mapped fp16 arrays
+    (which the native kernels read as fp32), other quantized types are converted to the nearest of Q8_0/Q4_0
+    (see the module's docstring), with one ConversionNote per converted type appended to `notes`. `quantize`
+    ("q8_0" or "q4_0", what `--quantize` asks): every F32/F16 matrix is quantized as soon as it is read and its
+    file bytes handed back (from_state_dict), so that a large F16 or F32 file never needs memory for its fp32
+    copy."""
     path = Path(path)
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
