@@ -776,13 +776,13 @@ ALWAYS_INLINE __m512 w_load16_masked(__mmask16 mask, const void *w, int64_t i, i
 #endif
 
 /* scalar sum of w[k] x[k] for k in [from, n): the tail of a row whose length is not a multiple of 8. Each
- * product is rounded before it is added (the asm hides it from the compiler, which would otherwise fuse some
- * multiply-adds and not others depending on how the weight was loaded: fp32 and fp16 rows must agree). */
+ * product is rounded before it is added (stored through a volatile, which the compiler cannot fuse into the
+ * add: it would otherwise fuse some multiply-adds and not others depending on how the weight was loaded, and
+ * fp32 and fp16 rows must agree). At most 7 products a row. */
 ALWAYS_INLINE float tail_dot(const void *w, const float *x, int64_t from, int64_t n, int half) {
     float acc = 0.0f;
     for (int64_t k = from; k < n; k++) {
-        float product = w_get(w, k, half) * x[k];
-        __asm__("" : "+x"(product));
+        volatile float product = w_get(w, k, half) * x[k];
         acc += product;
     }
     return acc;
