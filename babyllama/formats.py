@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def dense(m: Matrix) -> np.ndarray:
     return m.astype(np.float32, copy=False) if isinstance(m, np.ndarray) else m.dequantize()
 
 
-def is_fp32(m: Matrix | Sequence[Matrix]) -> bool:
+def is_fp32(m: Matrix | Sequence[Matrix]) -> TypeGuard[np.ndarray]:
     """Whether m (a matrix, or a layer stack) is a dense fp32 array, as opposed to a quantized matrix or fp16 values."""
     return isinstance(m, np.ndarray) and m.dtype == np.float32
 

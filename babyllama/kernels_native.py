@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, sampler
-from .formats import Matrix, QTensor, Weights, matrix_arrays, table_rows
+from .formats import Matrix, QTensor, Weights, is_fp32, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .threads import explicit_threads, usable_cpus
@@ -501,7 +501,7 @@ class NativeKernels:
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         """w as fp32, on every thread."""
-        if isinstance(w, np.ndarray) and w.dtype == np.float32:
+        if is_fp32(w):
             return w
         m = _Mat()
         _fill(m, w, 0)

@@ -27,7 +27,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from .formats import Matrix, QTensor  # noqa: E402
+from .formats import Matrix, QTensor, is_fp32  # noqa: E402
 from .kernels_base import QUANT_GEMM_MIN_ROWS, NumpyKernels, matmul_quantized, quantized_gemm  # noqa: E402
 
 # Rows up to which an fp32 product may use the numba kernel instead of BLAS, and the size (weights summed over
@@ -124,7 +124,7 @@ def set_threads(n: int) -> None:
 
 
 def _all_dense(ws: Sequence[Matrix]) -> TypeGuard[Sequence[np.ndarray]]:
-    return all(isinstance(w, np.ndarray) and w.dtype == np.float32 for w in ws)  # fp16 ones: NumPy's product
+    return all(is_fp32(w) for w in ws)  # fp16 ones: NumPy's product
 
 
 def _all_q8(ws: Sequence[Matrix]) -> TypeGuard[Sequence[QTensor]]:

@@ -50,7 +50,7 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import Matrix, Weights, check_writable
+from ..formats import Matrix, Weights, check_writable, matrix_arrays
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -557,10 +557,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     weights = from_state_dict(args, get, str(path), display=gguf_name, quantize=quantize)
     # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
-    streamed = {id(m.data) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
-                if isinstance(m, BlockTensor)}
-    if isinstance(weights.wcls, np.ndarray) and weights.wcls.dtype == np.float16:  # an F16 classifier, kept mapped
-        streamed.add(id(weights.wcls))
+    streamed = {id(a) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
+                for a in matrix_arrays(m)}  # blocks, or a classifier kept as the file holds it (F16, F32)
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())

@@ -205,9 +205,10 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         return 8 + n, json.loads(f.read(n))
 
 
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# the float types a weight may have, as the file stores them (bfloat16 as its bits: see _read_tensor)
 _NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
                                       "BF16": np.dtype("<u2")}
+_FLOAT_DTYPES = tuple(_NUMPY_DTYPES)
 
 
 def _read_tensor(path: Path, data_start: int, meta: dict) -> np.ndarray:
