@@ -22,7 +22,7 @@ from conftest import (
     torch_checkpoint,
 )
 
-from babyllama import formats, kernels_native
+from babyllama import formats, kernels, kernels_native
 from babyllama.cli import main
 from babyllama.errors import BabyLlamaError
 from babyllama.interop.state_dict import to_state_dict
@@ -586,6 +586,8 @@ def test_an_f16_gguf_runs_its_halves_as_they_are(tmp_path, sp_model):
     w16 = open_model(path).weights
     assert w16.kinds() == "f16" and not w16.quantized
     assert all(m.dtype == np.float16 for m in (w16.tok_embeddings, w16.wcls, *w16.layer_matrices().values()))
+    if kernels.backend().name != "native":  # numba multiplies fp32 matrices its own way, fp16 ones through NumPy
+        pytest.skip("the fp16 = fp32 exactness is the native kernels', which are not in use here")
     w32 = w16.to_fp32()
     assert w32.kinds() == "fp32"
     np.testing.assert_array_equal(w32.wq, w16.wq.astype(np.float32))
