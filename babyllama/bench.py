@@ -42,13 +42,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 BUILTIN = "builtin"  # the trained built-in model (babyllama/assets/model.bin) and its tokenizer
 FORMATS = {"fp32": 1, "q8_0": 2, "q4_0": 3}
-# formats that only a GGUF file holds (F16: llama.cpp's half-precision weights), measured on babyllama's GGUF row
-# and llama.cpp's, on the same file
-GGUF_ONLY_FORMATS = ("f16",)
-FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0", "f16": "F16"}
+# formats that only a GGUF file holds (F16, BF16: 16-bit weights), measured on babyllama's GGUF row and
+# llama.cpp's, on the same file
+GGUF_ONLY_FORMATS = ("f16", "bf16")
+FORMAT_LABELS = {"fp32": "fp32", "q8_0": "Q8_0", "q4_0": "Q4_0", "f16": "F16", "bf16": "BF16"}
 # the llama2.c programs and the file versions they read: run.c version 0 (fp32), runq.c version 2 (Q8_0)
 REFERENCES = {"run.c": ("fp32", 0), "runq.c": ("q8_0", 2)}
-GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "f16": "f16"}
+GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "f16": "f16", "bf16": "bf16"}
 # babyllama's rows on the GGUF files llama.cpp reads (`--gguf`): llama.cpp's Q8_0 and Q4_0 blocks as stored
 GGUF_ENGINE = "babyllama (GGUF)"
 GGUF_FORMATS = ("q8_0", "q4_0")

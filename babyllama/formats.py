@@ -55,6 +55,38 @@ class QTensor:
         return (self.q.reshape(out, n // g, g).astype(np.float32) * self.s[:, :, None]).reshape(out, n)
 
 
+@dataclass
+class BF16Tensor:
+    """A (rows, cols) matrix of bfloat16 values (what Hugging Face and Meta checkpoints and BF16 GGUF tensors
+    usually hold): `bits` is uint16 (rows, cols), each the top half of the fp32 it stands for. NumPy has no
+    bfloat16, so the bits stay integers, never used as numbers: everything that computes reads the values
+    through `dequantize` (exact: a 16-bit shift), and the native kernels read the bits as they are (kernels.c's
+    W_BF16). A dense matrix (formats.is_dense), not a quantized one."""
+
+    bits: np.ndarray
+
+    def __post_init__(self):
+        if self.bits.dtype != np.uint16 or self.bits.ndim != 2:
+            raise ValueError(f"bfloat16 bits must be a uint16 matrix, not {self.bits.dtype} of shape {self.bits.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.bits.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def dequantize(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """The matrix (or the rows selected) as fp32, exactly."""
+        return bf16_to_f32(self.bits[rows])
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values given as their uint16 bits, as fp32 (exactly)."""
+    return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+
+
 QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows quantized at a time: NumPy's temporaries stay this size
 
 
@@ -77,13 +109,13 @@ def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:
     return QTensor(q, scale, group_size)
 
 
-Matrix = np.ndarray | QTensor | BlockTensor
+Matrix = np.ndarray | QTensor | BlockTensor | BF16Tensor
 
 
 def table_rows(m: Matrix, rows: np.ndarray) -> np.ndarray:
     """Rows `rows` of m as fp32 (N, cols): the same values as dense(m)[rows], dequantizing only those rows."""
     rows = np.asarray(rows)
-    if isinstance(m, BlockTensor):
+    if isinstance(m, (BlockTensor, BF16Tensor)):
         return m.dequantize(rows)
     if isinstance(m, QTensor):
         return QTensor(m.q[rows], m.s[rows], m.group_size).dequantize()
@@ -91,7 +123,7 @@ def table_rows(m: Matrix, rows: np.ndarray) -> np.ndarray:
 
 
 def dense(m: Matrix) -> np.ndarray:
-    """m as an fp32 array (dequantized when quantized, converted when fp16)."""
+    """m as an fp32 array (dequantized when quantized, converted when fp16 or bf16)."""
     return m.astype(np.float32, copy=False) if isinstance(m, np.ndarray) else m.dequantize()
 
 
@@ -100,10 +132,18 @@ def is_fp32(m: Matrix | Sequence[Matrix]) -> TypeGuard[np.ndarray]:
     return isinstance(m, np.ndarray) and m.dtype == np.float32
 
 
+def is_quantized(m: Matrix) -> TypeGuard[QTensor | BlockTensor]:
+    """Whether m is quantized (its products quantize the activations too), as opposed to dense: weights held as
+    numbers (fp32, fp16 or bf16), multiplied as they are in fp32 arithmetic."""
+    return isinstance(m, (QTensor, BlockTensor))
+
+
 def quant_kind(m: Matrix) -> str:
     """"fp32", "q8_0 gs N" (runq.c's Q8_0 with group size N) or a llama.cpp block type ("q4_0", "q8_0 blocks")."""
     if isinstance(m, np.ndarray):
         return "fp32" if m.dtype == np.float32 else "f16"
+    if isinstance(m, BF16Tensor):
+        return "bf16"
     if isinstance(m, QTensor):
         return f"q8_0 gs {m.group_size}"
     return "q8_0 blocks" if m.kind == "q8_0" else m.kind
@@ -113,8 +153,8 @@ def quant_kind(m: Matrix) -> str:
 class Weights:
     """All of a model's tensors, nn.Linear layout (out_features, in_features). Layer stacks are indexed
     by layer: an (L, out, in) array for fp32 (or fp16: an F16 GGUF's matrices, which the native kernels read as
-    they are and everything else converts, see `dense`), a list of quantized matrices (QTensor, BlockTensor)
-    otherwise; a model read from GGUF may mix types."""
+    they are and everything else converts, see `dense`), a list of matrices otherwise (quantized: QTensor,
+    BlockTensor; or bf16: BF16Tensor, dense like fp16); a model read from GGUF may mix types."""
 
     args: ModelArgs
     tok_embeddings: Matrix  # (vocab, dim): fp32, or quantized (its rows dequantized as tokens are embedded)
@@ -135,7 +175,7 @@ class Weights:
 
     @property
     def quantized(self) -> bool:
-        return not all(isinstance(m, np.ndarray) for m in (self.tok_embeddings, self.wcls, *self.wq, *self.w2))
+        return any(is_quantized(m) for m in (self.tok_embeddings, self.wcls, *self.wq, *self.w2))
 
     def layer_matrices(self) -> dict[str, Sequence[Matrix]]:
         return {name: getattr(self, name) for name in LAYER_MATRICES}
@@ -146,7 +186,7 @@ class Weights:
         return ", ".join(sorted({quant_kind(m) for m in mats}))
 
     def to_fp32(self) -> Weights:
-        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing, converting fp16)."""
+        """The same model with every matrix as a dense fp32 (L, out, in) array (dequantizing, converting fp16/bf16)."""
         if all(is_fp32(m) for m in (self.tok_embeddings, self.wcls, *self.layer_matrices().values())):
             return self
         mats: dict[str, Any] = {name: np.stack([dense(m) for m in stack])
@@ -184,8 +224,8 @@ class Weights:
         maps = memory.read_only_file_maps()
 
         def release(m: Matrix, copy: Matrix) -> Matrix:
-            if isinstance(m, np.ndarray):
-                memory.release_mapped(m, maps=maps)
+            if not is_quantized(m):
+                memory.release_mapped(*matrix_arrays(m), maps=maps)
             return copy
 
         return release
@@ -214,7 +254,7 @@ class Weights:
         check_group_size(self.args, gs)
         release = self._release_after()
 
-        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense arrays (fp32, or fp16 converted)
+        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense (fp32, or fp16/bf16 converted)
             return release(m, quantize_matrix(dense(m), "q8_0", gs))
 
         mats: dict[str, Any] = {name: [q8(m) for m in stack] for name, stack in self.layer_matrices().items()}
@@ -445,7 +485,9 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
 
 def matrix_arrays(m: Matrix) -> list[np.ndarray]:
     """The arrays that hold m's bytes."""
-    return [m.q, m.s] if isinstance(m, QTensor) else [m.data] if isinstance(m, BlockTensor) else [m]
+    if isinstance(m, QTensor):
+        return [m.q, m.s]
+    return [m.data] if isinstance(m, BlockTensor) else [m.bits] if isinstance(m, BF16Tensor) else [m]
 
 
 def named_tensors(weights: Weights):
@@ -460,8 +502,8 @@ def named_tensors(weights: Weights):
         yield "wcls", checked_floats(weights.wcls)
 
 
-def checked_floats(m: Matrix) -> np.ndarray:
-    """What the NaN/Inf check of m reads: a quantized matrix's scales, else its values."""
+def checked_floats(m: Matrix) -> np.ndarray | BF16Tensor:
+    """What the NaN/Inf check of m reads (all_finite): a quantized matrix's scales, else its values."""
     if isinstance(m, QTensor):
         return m.s
     if isinstance(m, BlockTensor):
@@ -469,10 +511,19 @@ def checked_floats(m: Matrix) -> np.ndarray:
     return m
 
 
-def all_finite(a: np.ndarray) -> bool:
+def all_finite(a: np.ndarray | BF16Tensor) -> bool:
     """No NaN or Inf in `a`. A float32 sum is finite whenever every term is, unless it overflows (only for
     absurd weights), so the exact check runs only then; the sum streams the tensor once, without
-    temporaries (110M parameters: ~40 ms)."""
+    temporaries (110M parameters: ~40 ms). bfloat16: no value with every exponent bit set, i.e. no 15-bit
+    magnitude (the bits but the sign) of 0x7F80 or more, checked a chunk at a time."""
+    if isinstance(a, BF16Tensor):
+        flat, step = a.bits.reshape(-1), QUANTIZE_CHUNK_BYTES // 2
+        chunk = np.empty(min(step, flat.size), dtype=np.uint16)
+        for i in range(0, flat.size, step):
+            part = np.bitwise_and(flat[i:i + step], 0x7FFF, out=chunk[:min(step, flat.size - i)])
+            if part.max() >= 0x7F80:
+                return False
+        return True
     with np.errstate(all="ignore"):  # the NaN or overflow is what is being looked for
         if np.isfinite(np.add.reduce(a, axis=None, dtype=np.float32)):
             return True
@@ -488,7 +539,7 @@ def check_finite(weights: Weights, source: str, release: bool = False) -> None:
         if not all_finite(a):
             raise BabyLlamaError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
         if release:
-            memory.release_mapped(a, maps=maps)
+            memory.release_mapped(a.bits if isinstance(a, BF16Tensor) else a, maps=maps)
 
 
 # ----------------------------------------------------------------------------------------------- writing

@@ -21,7 +21,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
-from .formats import Matrix, QTensor, Weights, dense, table_rows
+from .formats import Matrix, QTensor, Weights, dense, is_quantized, table_rows
 from .quant import BLOCK, BlockTensor
 
 # Rows at or above which a quantized product is done as dequantize + sgemm instead of the int8 reference:
@@ -158,9 +158,7 @@ matmul_q8 = matmul_quantized  # runq.c's name for it
 
 
 def matmul_plain(x: np.ndarray, w: Matrix) -> np.ndarray:
-    if isinstance(w, np.ndarray):
-        return x @ w.T
-    return matmul_quantized(x, w)
+    return matmul_quantized(x, w) if is_quantized(w) else x @ dense(w).T
 
 
 def quantized_gemm(x: np.ndarray, ws: Sequence[QTensor | BlockTensor], dequantize) -> list[np.ndarray]:
@@ -236,8 +234,8 @@ class NumpyKernels:
         return 1
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
-        if isinstance(ws[0], np.ndarray):  # the first matrix stands for all of them
-            return [x @ w.T for w in cast("Sequence[np.ndarray]", ws)]
+        if not is_quantized(ws[0]):  # the first matrix stands for all of them
+            return [x @ dense(w).T for w in ws]
         quantized = cast("Sequence[QTensor | BlockTensor]", ws)
         if x.shape[0] >= QUANT_GEMM_MIN_ROWS:
             return quantized_gemm(x, quantized, self.dequantize)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, sampler
-from .formats import Matrix, QTensor, Weights, is_fp32, matrix_arrays, table_rows
+from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
 from .kernels_base import kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .threads import explicit_threads, usable_cpus
@@ -88,7 +88,7 @@ INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
 # out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there.
 INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256, "avx2": 512, "avx2-vnni": 512}
 
-W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16 = range(7)
+W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16 = range(8)
 DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 REGROUPED_TYPES = {"q8_0": W_Q8_0R, "q4_0": W_Q4_0R}
@@ -280,6 +280,10 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
             raise ValueError("block-quantized weights must be C-contiguous uint8")
         types = REGROUPED_TYPES if w.regrouped else BLOCK_TYPES
         m.w, m.s, m.type, m.gs = _address(w.data), None, types[w.kind], BLOCK
+    elif isinstance(w, BF16Tensor):
+        if not w.bits.flags.c_contiguous:
+            raise ValueError("bfloat16 weights must be C-contiguous")
+        m.w, m.s, m.type, m.gs = _address(w.bits), None, W_BF16, 0
     else:
         if not (w.flags.c_contiguous and w.dtype in DENSE_TYPES):
             raise ValueError("dense weights must be C-contiguous float32 or float16")
@@ -459,7 +463,7 @@ class NativeKernels:
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
-        if all(isinstance(w, np.ndarray) for w in ws):
+        if not any(is_quantized(w) for w in ws):
             return self.matmul(x, ws) if rows <= F32_KERNEL_MAX_ROWS else self.gemm(x, ws)
         if rows < QUANT_NATIVE_GEMM_MIN_ROWS:
             return self.matmul(x, ws)
@@ -470,12 +474,12 @@ class NativeKernels:
         by_x: dict[int | None, list[int]] = {}
         for i, w in enumerate(ws):
             if i not in int8:
-                by_x.setdefault(None if isinstance(w, np.ndarray) else w.group_size, []).append(i)
+                by_x.setdefault(w.group_size if is_quantized(w) else None, []).append(i)
         calls = [(int8, self.matmul(x, [ws[i] for i in int8]))] if int8 else []
         for gs, idx in by_x.items():
             mats = [ws[i] for i in idx]
             if not self._gemm:
-                calls.append((idx, [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0]
+                calls.append((idx, [quantized_gemm(x, [w], self.dequantize)[0] if is_quantized(w) else x @ dense(w).T
                                     for w in mats]))
             else:
                 calls.append((idx, self.gemm(x if gs is None else self.round_activations(x, gs), mats)))

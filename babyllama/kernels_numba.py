@@ -27,7 +27,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from .formats import Matrix, QTensor, is_fp32  # noqa: E402
+from .formats import Matrix, QTensor, dense, is_fp32, is_quantized  # noqa: E402
 from .kernels_base import QUANT_GEMM_MIN_ROWS, NumpyKernels, matmul_quantized, quantized_gemm  # noqa: E402
 
 # Rows up to which an fp32 product may use the numba kernel instead of BLAS, and the size (weights summed over
@@ -150,7 +150,7 @@ class NumbaKernels(NumpyKernels):
                 return matmul_f32_many(x, ws)
             return [x @ w.T for w in ws]
         if rows >= QUANT_GEMM_MIN_ROWS:
-            return [x @ w.T if isinstance(w, np.ndarray) else quantized_gemm(x, [w], self.dequantize)[0] for w in ws]
+            return [quantized_gemm(x, [w], self.dequantize)[0] if is_quantized(w) else x @ dense(w).T for w in ws]
         if _all_q8(ws) and len({w.group_size for w in ws}) == 1:
             return matmul_q8_many(x, ws)
-        return [x @ w.T if isinstance(w, np.ndarray) else matmul_quantized(x, w) for w in ws]
+        return [matmul_quantized(x, w) if is_quantized(w) else x @ dense(w).T for w in ws]

@@ -303,20 +303,22 @@ def test_bench_times_babyllama_on_the_gguf_files(tmp_path, monkeypatch):
     assert gguf_row.result["decode_bytes"] == rows[1].result["decode_bytes"] < rows[0].result["decode_bytes"] / 3
 
 
-def test_bench_times_an_f16_gguf_as_it_is_stored(tmp_path, monkeypatch):
-    """`--formats f16`: babyllama on llama.cpp's F16 GGUF file (no .bin holds F16, so no other row of ours), its
-    weights read as the file stores them: half the bytes of the fp32 row's."""
+def test_bench_times_16_bit_ggufs_as_they_are_stored(tmp_path, monkeypatch):
+    """`--formats f16,bf16`: babyllama on llama.cpp's F16 and BF16 GGUF files (no .bin holds them, so no other
+    row of ours), their weights read as the files store them: half the bytes of the fp32 row's."""
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
-    plan = bench.Plan(["tiny"], ("fp32", "f16"), rounds=1, tokens=16, batch=2, prompt_len=24, paths=("fast",),
-                      bandwidth_mib=8)
+    plan = bench.Plan(["tiny"], ("fp32", "f16", "bf16"), rounds=1, tokens=16, batch=2, prompt_len=24,
+                      paths=("fast",), bandwidth_mib=8)
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
-    assert [(r.fmt, r.engine) for r in rows] == [("fp32", "babyllama"), ("f16", bench.GGUF_ENGINE)]
-    f16 = rows[1]
-    assert f16.error is None and f16.result["decode"] > 0 and f16.result["prefill"] > 0
-    assert f16.result["decode_bytes"] == rows[0].result["decode_bytes"] / 2
-    assert "| tiny | F16 | babyllama (GGUF) |" in bench.table(rows, 2, 24, bandwidth)
+    assert [(r.fmt, r.engine) for r in rows] == [("fp32", "babyllama"), ("f16", bench.GGUF_ENGINE),
+                                                 ("bf16", bench.GGUF_ENGINE)]
+    for half in rows[1:]:
+        assert half.error is None and half.result["decode"] > 0 and half.result["prefill"] > 0
+        assert half.result["decode_bytes"] == rows[0].result["decode_bytes"] / 2
+    table = bench.table(rows, 2, 24, bandwidth)
+    assert "| tiny | F16 | babyllama (GGUF) |" in table and "| tiny | BF16 | babyllama (GGUF) |" in table
     proc = run_cli("bench", "--formats", "f8")
-    assert proc.returncode == 1 and b"--formats takes fp32, q8_0, q4_0, f16, got 'f8'" in proc.stderr
+    assert proc.returncode == 1 and b"--formats takes fp32, q8_0, q4_0, f16, bf16, got 'f8'" in proc.stderr
 
 
 def test_bench_measures_llama_cpp_decode_and_prefill_on_the_same_models(tmp_path, monkeypatch):

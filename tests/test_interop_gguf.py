@@ -110,6 +110,22 @@ def test_gguf_q8_0_within_quantization_error(tmp_path, sp_model):
         assert not np.array_equal(got, t)
 
 
+def test_gguf_bf16_export_rounds_to_nearest_even(tmp_path, sp_model):
+    """`--dtype bf16`: the matrices are the fp32 weights rounded to bfloat16 as PyTorch rounds them, norms f32;
+    the file says MOSTLY_BF16."""
+    torch = pytest.importorskip("torch")
+    w, reader = export_gguf(tmp_path, "bf16", tied=True, tokenizer=sp_model)
+    assert {k: f.contents() for k, f in reader.fields.items()}["general.file_type"] == 32
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    tensors = gguf_tensors(reader)
+    for name, t in to_state_dict(w).items():
+        key = gguf_name(name)
+        want = t if t.ndim == 1 else torch.from_numpy(t).to(torch.bfloat16).float().numpy()
+        assert types[key] == (gguf.GGMLQuantizationType.F32 if t.ndim == 1 else gguf.GGMLQuantizationType.BF16)
+        np.testing.assert_array_equal(tensors[key].reshape(t.shape), want)
+        assert t.ndim == 1 or not np.array_equal(want, t)
+
+
 def test_gguf_f16_and_back_to_bin(tmp_path, sp_model):
     w, reader = export_gguf(tmp_path, "f16", tied=False, tokenizer=sp_model)
     tensors = gguf_tensors(reader)
@@ -226,7 +242,7 @@ def test_gguf_q4_0_and_q8_0_run_as_mapped_blocks(tmp_path, sp_model):
 
 
 def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model):
-    """F32, F16, Q8_0 and Q4_0 files run without the gguf package (an extra, whose import alone takes ~60 ms
+    """F32, F16, BF16, Q8_0 and Q4_0 files run without the gguf package (an extra, whose import alone takes ~60 ms
     of a run's start): the same text as with it. Other types need it, and say so in one line. The types'
     numbers and block sizes are the package's."""
     from babyllama.interop.gguf import _OWN_TYPES
@@ -238,7 +254,7 @@ def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model)
     blocked.mkdir()
     (blocked / "gguf.py").write_text("raise ImportError('the gguf package is not installed')\n")
     without = {"PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)])}
-    for dtype in ("f32", "f16", "q8_0", "q4_0"):
+    for dtype in ("f32", "f16", "bf16", "q8_0", "q4_0"):
         export_gguf(tmp_path, dtype, tied=dtype == "q4_0", tokenizer=sp_model)
         argv = ("run", str(tmp_path / f"m-{dtype}.gguf"), "-t", "0", "-n", "24", "-i", "the")
         r, ref = run_cli(*argv, env=without), run_cli(*argv)
@@ -452,40 +468,45 @@ def write_dim1024_gguf(path, matrix):
 
 
 def write_f32_gguf(path, dtype: str = "f32", nan_at: str | None = None):
-    """write_dim1024_gguf's model with random matrices in F32 or F16, a NaN in the one named `nan_at`."""
-    qtype = gguf.GGMLQuantizationType.F32 if dtype == "f32" else gguf.GGMLQuantizationType.F16
+    """write_dim1024_gguf's model with random matrices in F32, F16 or BF16, a NaN in the one named `nan_at`."""
+    qtype = gguf.GGMLQuantizationType[dtype.upper()]
     rng = np.random.default_rng(4)
 
     def matrix(name, shape):
-        m = (rng.standard_normal(shape, np.float32) * 0.02).astype(np.float32 if dtype == "f32" else np.float16)
+        m = rng.standard_normal(shape, np.float32) * np.float32(0.02)
         if name == nan_at:
             m[5, 7] = np.nan
-        return m, qtype
+        if dtype == "bf16":  # its bits, truncated (a NaN stays one)
+            return (m.view(np.uint32) >> 16).astype(np.uint16), qtype
+        return m.astype(np.float32 if dtype == "f32" else np.float16), qtype
 
     return write_dim1024_gguf(path, matrix)
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
-@pytest.mark.parametrize("dtype,quantize", [("f32", "-"), ("f32", "q8_0"), ("f32", "q4_0"), ("f16", "-")])
+@pytest.mark.parametrize("dtype,quantize", [("f32", "-"), ("f32", "q8_0"), ("f32", "q4_0"), ("f16", "-"),
+                                           ("f16", "q4_0"), ("bf16", "-"), ("bf16", "q4_0")])
 def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, dtype, quantize):
     """A GGUF's F32 layer matrices are copied into (layers, out, in) stacks; the file's pages under each stack's
     matrices are handed back once it is made, so that loading peaks at the model once and one stack's file
-    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x). F16 matrices stay F16 (half
-    the bytes; converted to fp32 the peak would be over twice their size). Quantized on load, each matrix is
-    quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the fp32 model."""
+    pages (here 1.28x the layers), not the mapped file and the copy together (2.0x). F16 and BF16 matrices stay
+    as they are (half the bytes; converted to fp32 the peak would be over twice their size). Quantized on load,
+    each matrix is quantized as it is read: the peak is the quantized model and about one fp32 matrix, never the
+    fp32 model."""
     path = write_f32_gguf(tmp_path / f"{dtype}.gguf", dtype)
     peak, layers = run_memory_script(LOAD_PEAK, str(path), quantize)
     if quantize == "-":
         expected = 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * (4 if dtype == "f32" else 2)  # 134 or 67 MB
         assert layers == expected and peak < 1.4 * layers, (peak, layers)
-    else:  # the largest matrix, ffn_gate's, is 16 MiB in fp32
-        assert layers < 40e6 and peak < layers + 2 * 16 * 2**20, (peak, layers)
+    else:  # the largest matrix, ffn_gate's, is 16 MiB in fp32 (and 8 in the file, read while its copy is made)
+        converted = 0 if dtype == "f32" else 8 * 2**20
+        assert layers < 40e6 and peak < layers + 2 * 16 * 2**20 + converted, (peak, layers)
 
 
 @pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_quantizing_a_gguf_on_load_is_quantizing_it_after(tmp_path, dtype, quantize, sp_model):
-    """Quantized as each matrix is read, a GGUF's F32/F16 model is the one quantize_as makes of it loaded whole:
+    """Quantized as each matrix is read, a GGUF's F32/F16/BF16 model is the one quantize_as makes of it loaded whole:
     the same types, group size and bytes."""
     from babyllama import kernels
     from babyllama.loading import open_model
@@ -506,12 +527,13 @@ def named_matrices(w: formats.Weights):
     return [w.tok_embeddings, w.wcls, *(m for ms in w.layer_matrices().values() for m in ms)]
 
 
-def test_a_nan_is_refused_when_it_is_quantized_on_load(tmp_path):
-    """A NaN in an F16 matrix is refused by name when the model is quantized on load (the quantizers give its
-    block a NaN scale), as when it is read whole."""
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_a_nan_is_refused_when_it_is_quantized_on_load(tmp_path, dtype):
+    """A NaN in an F16 or BF16 matrix is refused by name when the model is quantized on load (the quantizers
+    give its block a NaN scale), as when it is read whole (BF16: checked on its bits)."""
     from babyllama.loading import open_model
 
-    path = write_f32_gguf(tmp_path / "nan.gguf", "f16", nan_at="blk.1.ffn_up")
+    path = write_f32_gguf(tmp_path / "nan.gguf", dtype, nan_at="blk.1.ffn_up")
     for quantize in (None, "q8_0", "q4_0"):
         with pytest.raises(BabyLlamaError, match="tensor blk.1.ffn_up.weight holds NaN or infinite values"):
             open_model(path, quantize=quantize)
@@ -573,24 +595,30 @@ def test_a_q4_0_model_exports_the_same_gguf_after_it_ran(tmp_path):
     assert (tmp_path / "after.gguf").read_bytes() == (tmp_path / "before.gguf").read_bytes()
 
 
-def test_an_f16_gguf_runs_its_halves_as_they_are(tmp_path, sp_model):
-    """An F16 file's matrices stay fp16 (memory-mapped, half the bytes of fp32); the kernels read each weight as
-    the fp32 value it stands for, so every path gives exactly the logits of the model converted to fp32: a
-    prompt, decode steps, sequences decoded together; the command line the text of the file exported to a
-    version 1 .bin (fp32)."""
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_a_16_bit_gguf_runs_its_weights_as_they_are(tmp_path, sp_model, dtype):
+    """An F16 or BF16 file's matrices stay as the file holds them (memory-mapped, half the bytes of fp32); the
+    kernels read each weight as the fp32 value it stands for, so every path gives exactly the logits of the model
+    converted to fp32: a prompt, decode steps, sequences decoded together; the command line the text of the file
+    exported to a version 1 .bin (fp32)."""
     from babyllama.engine import Engine
+    from babyllama.formats import BF16Tensor, dense
     from babyllama.loading import open_model
 
-    export_gguf(tmp_path, "f16", tied=False, tokenizer=sp_model)
-    path = tmp_path / "m-f16.gguf"
+    export_gguf(tmp_path, dtype, tied=False, tokenizer=sp_model)
+    path = tmp_path / f"m-{dtype}.gguf"
     w16 = open_model(path).weights
-    assert w16.kinds() == "f16" and not w16.quantized
-    assert all(m.dtype == np.float16 for m in (w16.tok_embeddings, w16.wcls, *w16.layer_matrices().values()))
-    if kernels.backend().name != "native":  # numba multiplies fp32 matrices its own way, fp16 ones through NumPy
-        pytest.skip("the fp16 = fp32 exactness is the native kernels', which are not in use here")
+    assert w16.kinds() == dtype and not w16.quantized
+    matrices = [w16.tok_embeddings, w16.wcls, *(m for stack in w16.layer_matrices().values() for m in stack)]
+    if dtype == "f16":
+        assert all(m.dtype == np.float16 for m in matrices)
+    else:
+        assert all(isinstance(m, BF16Tensor) for m in matrices)
+    if kernels.backend().name != "native":  # numba multiplies fp32 matrices its own way, 16-bit ones through NumPy
+        pytest.skip("the 16-bit = fp32 exactness is the native kernels', which are not in use here")
     w32 = w16.to_fp32()
     assert w32.kinds() == "fp32"
-    np.testing.assert_array_equal(w32.wq, w16.wq.astype(np.float32))
+    np.testing.assert_array_equal(w32.wq, np.stack([dense(m) for m in w16.wq]))
     e16, e32 = Engine(w16), Engine(w32)
     for n in (1, 4, len(TOKENS)):  # a decode step, a short prompt, a long one (sgemm)
         np.testing.assert_array_equal(engine_logits(w16, TOKENS[:n]), engine_logits(w32, TOKENS[:n]))
@@ -599,10 +627,10 @@ def test_an_f16_gguf_runs_its_halves_as_they_are(tmp_path, sp_model):
     for pos in range(3):  # three sequences a step at a time, together
         got, want = (e.forward(tokens + pos, np.full(3, pos), c, slots) for e, c in zip((e16, e32), caches))
         np.testing.assert_array_equal(got, want)
-    plain = Engine(w16, plain=True)  # NumPy converts the halves and multiplies in fp32: other sums, same values
+    plain = Engine(w16, plain=True)  # NumPy converts the weights and multiplies in fp32: other sums, same values
     np.testing.assert_allclose(plain.forward(TOKENS, np.arange(len(TOKENS)), plain.new_cache()),
                                engine_logits(w32, TOKENS), rtol=1e-4, atol=1e-4)
-    back = tmp_path / "f16-as-fp32.bin"
+    back = tmp_path / f"{dtype}-as-fp32.bin"
     assert main(["export", str(back), "--model", str(path)]) == 0
     texts = [run_cli("run", str(m), "-z", str(sp_model), "-t", "0", "-n", "40", "-i", "the") for m in (path, back)]
     assert all(r.returncode == 0 for r in texts), texts[0].stderr.decode()

@@ -95,6 +95,29 @@ def test_hf_max_seq_len_override_and_bf16(tmp_path):
     np.testing.assert_array_equal(w.w2[1], want["model.layers.1.mlp.down_proj.weight"])
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "pytorch"])
+def test_a_bf16_hf_checkpoint_runs_in_bf16(tmp_path, layout):
+    """A bfloat16 checkpoint (safetensors or pytorch_model.bin) runs with its matrices as they are stored
+    (BF16Tensor: half the memory of fp32; the kernels read each weight as the fp32 value it stands for), q/k rows
+    permuted back to Meta's order as the fp32 ones are: transformers' logits for the same bfloat16 weights in
+    fp32 arithmetic; fp16 ones stay fp16."""
+    from babyllama.formats import BF16Tensor
+    from babyllama.loading import open_model
+
+    model = make_hf_model(2, False)
+    save_as(model.to(torch.bfloat16), tmp_path / "hf", layout)
+    got = open_model(tmp_path / "hf").weights
+    assert got.kinds() == "bf16" and not got.quantized
+    assert all(isinstance(m, BF16Tensor) for m in (got.tok_embeddings, got.wcls, *got.wq, *got.wk, *got.w2))
+    assert got.rms_att.dtype == np.float32
+    reference = make_hf_model(2, False)  # the bfloat16 weights in an fp32 model (whose RoPE tables stay fp32)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ours, theirs = engine_logits(got, TOKENS), hf_logits(reference, TOKENS)
+    assert np.abs(ours - theirs).max() <= 1e-4
+    save_as(model.to(torch.float16), tmp_path / "hf16", layout)
+    assert open_model(tmp_path / "hf16").weights.kinds() == "f16"
+
+
 # ------------------------------------------------------------------------------------------- round trip
 
 

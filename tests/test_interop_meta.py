@@ -96,3 +96,33 @@ def test_meta_bad_inputs(tmp_path, capsys):
     assert "no consolidated.*.pth shards" in error("--meta-llama", str(folder))
     (folder / "params.json").unlink()
     assert "params.json: missing" in error("--meta-llama", str(folder))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bf16_meta_checkpoint_keeps_its_matrices_in_bf16(tmp_path, tied):
+    """Meta ships bfloat16 shards: their matrices (split across shards or not) stay bfloat16 (BF16Tensor: half the
+    memory of fp32, which the native kernels read as the fp32 values they stand for), the norms become fp32; the
+    values are the fp32 model's rounded as PyTorch rounds to bfloat16, and the classifier is still recognised as
+    the embedding's when it is."""
+    from babyllama.formats import BF16Tensor, dense
+    from babyllama.interop.meta import load_meta
+
+    w = random_weights(tiny_args(rope_theta=1e6, norm_eps=1e-6, shared_classifier=tied), seed=5, scale=0.2)
+    folder = save_meta(w, tmp_path / "llama-tiny", 2)
+    for shard in folder.glob("consolidated.*.pth"):
+        torch.save({k: t.to(torch.bfloat16) for k, t in torch.load(shard, weights_only=True).items()}, shard)
+    got = load_meta(folder)
+    assert got.kinds() == "bf16" and got.args.shared_classifier == tied
+    assert all(isinstance(m, BF16Tensor) for m in (got.tok_embeddings, got.wcls, *got.wq, *got.w2))
+    assert got.rms_att.dtype == np.float32
+
+    def rounded(a: np.ndarray) -> np.ndarray:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).float().numpy()
+
+    for name in ("wq", "wo", "w2"):
+        for layer in range(w.args.n_layers):
+            np.testing.assert_array_equal(dense(getattr(got, name)[layer]), rounded(getattr(w, name)[layer]))
+    np.testing.assert_array_equal(dense(got.tok_embeddings), rounded(w.tok_embeddings))
+    np.testing.assert_array_equal(got.rms_att, rounded(w.rms_att))  # stored in bf16 too: exact in fp32
+    # the same values run as bf16 and as fp32 (exactly the same on the native kernels: see the GGUF tests)
+    assert np.abs(engine_logits(got, TOKENS) - engine_logits(got.to_fp32(), TOKENS)).max() <= 1e-5

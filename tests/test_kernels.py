@@ -28,7 +28,7 @@ from conftest import (
 
 from babyllama import formats, kernels, kernels_native, memory, sampler
 from babyllama.engine import Engine
-from babyllama.formats import QTensor, quantize_q80, table_rows
+from babyllama.formats import BF16Tensor, Matrix, QTensor, bf16_to_f32, quantize_q80, table_rows
 from babyllama.generate import generate
 from babyllama.kernels_base import (
     Kernels,
@@ -1063,16 +1063,29 @@ def test_releasing_pages_leaves_memory_that_is_not_a_file_map_alone():
     np.testing.assert_array_equal(a, np.arange(4 * mmap.PAGESIZE, dtype=np.uint8))
 
 
+def half_weights(kind: str, gen: np.random.Generator, rows: int, n: int) -> tuple[Matrix, np.ndarray]:
+    """A (rows, n) matrix stored as `kind` ("f16": IEEE halves, "bf16": bfloat16 bits), and the fp32 values it
+    stands for; row 0 starts with edge values: subnormals, the largest (fp16) or a huge one (bf16), -0."""
+    w = (gen.standard_normal((rows, n)) * 0.1).astype(np.float32)
+    if kind == "f16":
+        w16 = w.astype(np.float16)
+        w16[0, :6] = [6e-8, -6e-8, 3e-6, -5e-5, 65504, -0.0]
+        return w16, w16.astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncated: any bfloat16 values will do
+    bits[0, :6] = [0x0001, 0x8001, 0x0080, 0x7149, 0x8000, 0x3F80]  # subnormals, the least normal, ~1e30, -0, 1
+    return BF16Tensor(bits), bf16_to_f32(bits)
+
+
 # rows of 100 (a tail of 4 past the vectors), 120, 200, 256 and 1030 (the AVX-512 batched blocks' long-row form)
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
 @pytest.mark.parametrize("n", [100, 120, 200, 256, 1030])
-def test_f16_weights_give_exactly_the_products_of_their_fp32_values(native, n):
-    """F16 matrices (an F16 GGUF's, run as the file holds them): the fp32 kernels load each weight converted to
-    fp32 and sum in their own order, so every path (one token, batched decode steps, fused forms, a prompt's
-    sgemm, embedding rows, dequantizing) gives bit for bit what the fp32 matrix of the converted values gives."""
+def test_half_weights_give_exactly_the_products_of_their_fp32_values(native, n, kind):
+    """F16 and BF16 matrices (an F16 or BF16 GGUF's, a Hugging Face checkpoint's bfloat16, run as stored): the
+    fp32 kernels load each weight converted to fp32 and sum in their own order, so every path (one token,
+    batched decode steps, fused forms, a prompt's sgemm, embedding rows, dequantizing) gives bit for bit what the
+    fp32 matrix of the converted values gives."""
     gen = np.random.default_rng(n)
-    w16 = (gen.standard_normal((37, n)) * 0.1).astype(np.float16)
-    w16[0, :6] = [6e-8, -6e-8, 3e-6, -5e-5, 65504, -0.0]  # subnormal halves, the largest, a negative zero
-    w32 = w16.astype(np.float32)
+    w16, w32 = half_weights(kind, gen, 37, n)
     for tokens in (1, 2, 3, 5, 8, 11, 64):  # 64: matmul_many's dequantize + sgemm
         x = gen.standard_normal((tokens, n)).astype(np.float32)
         np.testing.assert_array_equal(native.matmul(x, [w16])[0], native.matmul(x, [w32])[0])
@@ -1086,7 +1099,8 @@ def test_f16_weights_give_exactly_the_products_of_their_fp32_values(native, n):
     native.matmul(x, [w16], into=into16)
     native.matmul(x, [w32], into=into32)
     np.testing.assert_array_equal(into16, into32)
-    mixed = [w16, quantize_q8_0(w32[:, : n // 32 * 32]) if n % 32 else quantize_q8_0(w32), w32]
+    bounded = np.tanh(w32)  # a Q8_0 matrix beside them (whose fp16 scales the huge bf16 weight would overflow)
+    mixed = [w16, quantize_q8_0(bounded[:, : n // 32 * 32]) if n % 32 else quantize_q8_0(bounded), w32]
     if n % 32 == 0:  # with quantized matrices in the same call
         got = native.matmul(x, mixed)
         np.testing.assert_array_equal(got[0], got[2])

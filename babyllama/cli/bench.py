@@ -17,8 +17,8 @@ def add(sub) -> None:
                    help="comma-separated, of builtin (the trained built-in model), 15M, 42M, 110M, 1B (TinyLlama's "
                         "shape, for GPUs); default %(default)s")
     p.add_argument("--formats", default="fp32,q8_0,q4_0",
-                   help="comma-separated weight formats (%(default)s); f16: llama.cpp's F16 GGUF file (babyllama "
-                        "on it, and llama.cpp with --llamacpp)")
+                   help="comma-separated weight formats (%(default)s); f16, bf16: llama.cpp's F16 or BF16 GGUF "
+                        "file (babyllama on it, and llama.cpp with --llamacpp)")
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)

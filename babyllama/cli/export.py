@@ -25,7 +25,7 @@ def add(sub) -> None:
     p.add_argument("--version", type=int, choices=(0, 1, 2, 3), default=None,
                    help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0, 3 Q4_0 (babyllama only) (default 1)")
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
-    p.add_argument("--dtype", choices=("f32", "f16", "q8_0", "q4_0"), default=None,
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None,
                    help="GGUF tensor type (default f32)")
     p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
                    "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")

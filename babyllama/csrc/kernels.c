@@ -7,8 +7,9 @@
  *  - F32: memory-bound for one row (every weight is read once per token), so the point is to stream the
  *    weights at full bandwidth on all threads. Several rows x[t] make it arithmetic-bound on AVX-512 (8 tokens:
  *    16 FLOP per 4-byte weight), so blocks of weight rows x tokens share every load (see f32_block).
- *  - F16: IEEE half-precision weights (an F16 GGUF's), read by the F32 code converted exactly to fp32 as they
- *    are loaded: the same sums as F32 on the converted values, from half the bytes.
+ *  - F16, BF16: IEEE half-precision weights (an F16 GGUF's) or bfloat16 ones (a BF16 GGUF's, a Hugging Face
+ *    checkpoint's), read by the F32 code converted exactly to fp32 as they are loaded: the same sums as F32 on
+ *    the converted values, from half the bytes.
  *  - Q8 (runq.c's scheme, babyllama .bin version 2): int8 values (rows, n) and one fp32 scale per group of gs.
  *  - Q8_0 and Q4_0 in llama.cpp's block layout (GGUF, babyllama .bin version 3): blocks of 32 weights, each an
  *    fp16 scale followed by 32 int8 values (Q8_0) or 16 bytes of nibbles q, weight = q - 8 (Q4_0): byte j
@@ -502,12 +503,14 @@ static inline uint16_t load_u16(const uint8_t *p) {
     return v;
 }
 
-/* W_F16: fp32 weights stored as IEEE halves (an F16 GGUF's tensors, as the file holds them). The fp32 kernels
- * read them, converting each weight to fp32 (exactly) as they load it, and sum in their own order: an F16 matrix
- * gives bit for bit what the fp32 matrix of its converted values gives, from half the bytes. */
-enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4, W_Q8_0R = 5, W_F16 = 6 };
+/* W_F16, W_BF16: fp32 weights stored as IEEE halves (an F16 GGUF's tensors, as the file holds them) or as
+ * bfloat16 (a BF16 GGUF's or Hugging Face checkpoint's). The fp32 kernels read them, converting each weight to
+ * fp32 (exactly) as they load it, and sum in their own order: such a matrix gives bit for bit what the fp32
+ * matrix of its converted values gives, from half the bytes. */
+enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4, W_Q8_0R = 5, W_F16 = 6, W_BF16 = 7 };
 #define BLOCK 32
-static const int64_t BLOCK_BYTES[7] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2, 2 + BLOCK, 0};
+static const int64_t BLOCK_BYTES[8] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2, 2 + BLOCK, 0, 0};
+static inline int is_dense(int type) { return type == W_F32 || type == W_F16 || type == W_BF16; }
 
 /* Q4_0R, Q8_0R: Q4_0 or Q8_0 rows with each row's bytes regrouped for the SIMD kernels (regroup_blocks; the
  * same bytes per block). A row's blocks go in groups of G = 16 while 16 are left, then at most one group of 8
@@ -569,7 +572,7 @@ typedef struct {
 static int64_t row_bytes(const Mat *m, int64_t n) {
     switch (m->type) {
     case W_F32: return 4 * n;
-    case W_F16: return 2 * n;
+    case W_F16: case W_BF16: return 2 * n;
     case W_Q8: return n + 4 * (n / m->gs);
     default: return n / BLOCK * BLOCK_BYTES[m->type];
     }
@@ -747,31 +750,48 @@ static inline void store8(float *o, __m256 values, int accumulate) {
 }
 #endif
 
-/* Dense weights (the fp32 kernels below): w points at fp32 values, or at fp16 ones when `half` (W_F16), each
- * converted to fp32 as it is loaded; `half` is a constant wherever these are inlined. */
-ALWAYS_INLINE const void *w_at(const void *w, int64_t i, int half) { return (const char *)w + i * (half ? 2 : 4); }
-ALWAYS_INLINE float w_get(const void *w, int64_t i, int half) {
-    return half ? fp16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+/* Dense weights (the fp32 kernels below): `wt` says what w points at, fp32 values (W_F32), IEEE halves (W_F16)
+ * or bfloat16 ones (W_BF16, the top 16 bits of an fp32), each converted to fp32 (exactly) as it is loaded; `wt`
+ * is a constant wherever these are inlined. */
+ALWAYS_INLINE const void *w_at(const void *w, int64_t i, int wt) {
+    return (const char *)w + i * (wt == W_F32 ? 4 : 2);
+}
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+ALWAYS_INLINE float w_get(const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    return wt == W_F16 ? fp16_to_f32(h) : bf16_to_f32(h);
 }
 #ifdef __AVX2__
-ALWAYS_INLINE __m256 w_load8(const void *w, int64_t i, int half) {
-    if (!half) return _mm256_loadu_ps((const float *)w + i);
+ALWAYS_INLINE __m256 w_load8(const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return _mm256_loadu_ps((const float *)w + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)w_at(w, i, wt));
+    if (wt == W_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 #ifdef __F16C__
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w_at(w, i, 1)));
+    return _mm256_cvtph_ps(h);
 #else
     float v[8];
-    for (int j = 0; j < 8; j++) v[j] = w_get(w, i + j, 1);
+    for (int j = 0; j < 8; j++) v[j] = w_get(w, i + j, wt);
     return _mm256_loadu_ps(v);
 #endif
 }
 #endif
 #if defined(HAVE_AVX512)
-ALWAYS_INLINE __m512 w_load16(const void *w, int64_t i, int half) {
-    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w_at(w, i, 1))) : _mm512_loadu_ps((const float *)w + i);
+ALWAYS_INLINE __m512 widen16(__m256i h, int wt) {
+    return wt == W_F16 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-ALWAYS_INLINE __m512 w_load16_masked(__mmask16 mask, const void *w, int64_t i, int half) {
-    return half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, w_at(w, i, 1)))
-                : _mm512_maskz_loadu_ps(mask, (const float *)w + i);
+ALWAYS_INLINE __m512 w_load16(const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return _mm512_loadu_ps((const float *)w + i);
+    return widen16(_mm256_loadu_si256((const __m256i *)w_at(w, i, wt)), wt);
+}
+ALWAYS_INLINE __m512 w_load16_masked(__mmask16 mask, const void *w, int64_t i, int wt) {
+    if (wt == W_F32) return _mm512_maskz_loadu_ps(mask, (const float *)w + i);
+    return widen16(_mm256_maskz_loadu_epi16(mask, w_at(w, i, wt)), wt);
 }
 #endif
 
@@ -779,10 +799,10 @@ ALWAYS_INLINE __m512 w_load16_masked(__mmask16 mask, const void *w, int64_t i, i
  * product is rounded before it is added (stored through a volatile, which the compiler cannot fuse into the
  * add: it would otherwise fuse some multiply-adds and not others depending on how the weight was loaded, and
  * fp32 and fp16 rows must agree). At most 7 products a row. */
-ALWAYS_INLINE float tail_dot(const void *w, const float *x, int64_t from, int64_t n, int half) {
+ALWAYS_INLINE float tail_dot(const void *w, const float *x, int64_t from, int64_t n, int wt) {
     float acc = 0.0f;
     for (int64_t k = from; k < n; k++) {
-        volatile float product = w_get(w, k, half) * x[k];
+        volatile float product = w_get(w, k, wt) * x[k];
         acc += product;
     }
     return acc;
@@ -804,14 +824,14 @@ ALWAYS_INLINE float hsum16(__m512 v) {
 /* res[t] = dot(w, x[t]) for t < nt: per token two accumulators, a0 over the 16-float blocks at k = 0, 32, 64,
  * ... and a1 over those at 16, 48, ..., then one more 16-float block into a0 and the last n % 16 under a mask
  * into a1; res = hsum16(a0 + a1). Every batched fp32 path computes each token's dot in exactly this order. */
-ALWAYS_INLINE void dots_f32_simd(const void *w, const float *x, int64_t n, int nt, float *res, int half) {
+ALWAYS_INLINE void dots_f32_simd(const void *w, const float *x, int64_t n, int nt, float *res, int wt) {
     __m512 a0[8], a1[8];
     UNROLL
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-        __m512 w0 = w_load16(w, k, half), w1 = w_load16(w, k + 16, half);
-        if (nt > 1) _mm_prefetch((const char *)w_at(w, k, half) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
+        __m512 w0 = w_load16(w, k, wt), w1 = w_load16(w, k + 16, wt);
+        if (nt > 1) _mm_prefetch((const char *)w_at(w, k, wt) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
         UNROLL
         for (int t = 0; t < nt; t++) {
             a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + k), a0[t]);
@@ -819,14 +839,14 @@ ALWAYS_INLINE void dots_f32_simd(const void *w, const float *x, int64_t n, int n
         }
     }
     if (k + 16 <= n) {
-        __m512 w0 = w_load16(w, k, half);
+        __m512 w0 = w_load16(w, k, wt);
         UNROLL
         for (int t = 0; t < nt; t++) a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * n + k), a0[t]);
         k += 16;
     }
     if (k < n) {
         __mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
-        __m512 w0 = w_load16_masked(mask, w, k, half);
+        __m512 w0 = w_load16_masked(mask, w, k, wt);
         UNROLL
         for (int t = 0; t < nt; t++) a1[t] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + t * n + k), a1[t]);
     }
@@ -869,7 +889,7 @@ ALWAYS_INLINE __m512 f32_sums16(const __m512 *v) {
  * folding a load into each FMA). `prefetch`: also ask for the same lines of a later block of rows, ahead by
  * whole blocks, into L2 (the pass over the a1 blocks reads lines the a0 pass brought in). */
 ALWAYS_INLINE void f32_chain(const void *w, const float *x, int64_t n, int R, int T, int64_t from, int64_t to,
-                             __m512 *acc, int64_t prefetch, int half) {
+                             __m512 *acc, int64_t prefetch, int wt) {
     __m512 a[16];
     UNROLL16
     for (int j = 0; j < R * T; j++) a[j] = acc[j];
@@ -877,10 +897,10 @@ ALWAYS_INLINE void f32_chain(const void *w, const float *x, int64_t n, int R, in
         __m512 wv[4];
         UNROLL16
         for (int r = 0; r < R; r++) {
-            wv[r] = w_load16(w, r * n + k, half);
+            wv[r] = w_load16(w, r * n + k, wt);
             if (prefetch) {
-                _mm_prefetch((const char *)w_at(w, r * n + k + prefetch, half), _MM_HINT_T1);
-                _mm_prefetch((const char *)w_at(w, r * n + k + 16 + prefetch, half), _MM_HINT_T1);
+                _mm_prefetch((const char *)w_at(w, r * n + k + prefetch, wt), _MM_HINT_T1);
+                _mm_prefetch((const char *)w_at(w, r * n + k + 16 + prefetch, wt), _MM_HINT_T1);
             }
         }
         UNROLL16
@@ -897,24 +917,24 @@ ALWAYS_INLINE void f32_chain(const void *w, const float *x, int64_t n, int R, in
 
 /* out[t * stride + r] (=, or += with accumulate) dot(w[r], x[t]) for R rows and T tokens, R T <= 16 */
 ALWAYS_INLINE void f32_block(const void *w, const float *x, int64_t n, int R, int T, float *out, int64_t stride,
-                             int accumulate, int half) {
+                             int accumulate, int wt) {
     __m512 a0[16], a1[16], sums[16];
     UNROLL16
     for (int j = 0; j < R * T; j++) a0[j] = a1[j] = _mm512_setzero_ps();
     int64_t n32 = n / 32 * 32, block = R * n;
     int64_t prefetch = (F32_BATCH_PREFETCH_BYTES / 4 + block - 1) / block * block;
-    f32_chain(w, x, n, R, T, 0, n32, a0, prefetch, half);
-    f32_chain(w, x, n, R, T, 16, n32, a1, 0, half);
+    f32_chain(w, x, n, R, T, 0, n32, a0, prefetch, wt);
+    f32_chain(w, x, n, R, T, 16, n32, a1, 0, wt);
     int64_t k = n32;
     if (k + 16 <= n) {
-        f32_chain(w, x, n, R, T, k, k + 16, a0, 0, half);
+        f32_chain(w, x, n, R, T, k, k + 16, a0, 0, wt);
         k += 16;
     }
     if (k < n) {
         __mmask16 mask = (__mmask16)((1u << (n - k)) - 1);
         UNROLL16
         for (int r = 0; r < R; r++) {
-            __m512 wv = w_load16_masked(mask, w, r * n + k, half);
+            __m512 wv = w_load16_masked(mask, w, r * n + k, wt);
             UNROLL16
             for (int t = 0; t < T; t++)
                 a1[r * T + t] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + t * n + k), a1[r * T + t]);
@@ -942,18 +962,18 @@ ALWAYS_INLINE void f32_block(const void *w, const float *x, int64_t n, int R, in
 #define F32_SPAN_BYTES (64 * 1024)
 
 ALWAYS_INLINE void f32_blocks_r2(const void *w, const float *x, int64_t n, int T, float *out, int64_t stride, int acc,
-                                 int half) {
+                                 int wt) {
     switch (T) { /* constant sizes keep the accumulators in registers */
-#define F32_BLOCK(c) case c: f32_block(w, x, n, 2, c, out, stride, acc, half); return;
+#define F32_BLOCK(c) case c: f32_block(w, x, n, 2, c, out, stride, acc, wt); return;
         F32_BLOCK(1) F32_BLOCK(2) F32_BLOCK(3) F32_BLOCK(4) F32_BLOCK(5) F32_BLOCK(6) F32_BLOCK(7) F32_BLOCK(8)
 #undef F32_BLOCK
     }
 }
 
 ALWAYS_INLINE void f32_blocks_r4(const void *w, const float *x, int64_t n, int T, float *out, int64_t stride, int acc,
-                                 int half) {
+                                 int wt) {
     switch (T) {
-#define F32_BLOCK(c) case c: f32_block(w, x, n, 4, c, out, stride, acc, half); return;
+#define F32_BLOCK(c) case c: f32_block(w, x, n, 4, c, out, stride, acc, wt); return;
         F32_BLOCK(1) F32_BLOCK(2) F32_BLOCK(3) F32_BLOCK(4)
 #undef F32_BLOCK
     }
@@ -964,15 +984,15 @@ ALWAYS_INLINE void f32_blocks_r4(const void *w, const float *x, int64_t n, int T
 /* sum8[t] = the 8 partial sums of dot(w, x[t][0 : n - n % 8]) for t < nt <= 3: per token four accumulators
  * over 32 floats a step (four loads in flight rather than one FMA chain), then 8-float steps into the first,
  * then the four added pairwise; the order is the same for any nt */
-ALWAYS_INLINE void f32_partials(const void *w, const float *x, int64_t n, int nt, __m256 *sum8, int half) {
+ALWAYS_INLINE void f32_partials(const void *w, const float *x, int64_t n, int nt, __m256 *sum8, int wt) {
     __m256 a[3][4];
     UNROLL
     for (int t = 0; t < nt; t++) a[t][0] = a[t][1] = a[t][2] = a[t][3] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-        __m256 w0 = w_load8(w, k, half), w1 = w_load8(w, k + 8, half);
-        __m256 w2 = w_load8(w, k + 16, half), w3 = w_load8(w, k + 24, half);
-        if (nt > 1) _mm_prefetch((const char *)w_at(w, k, half) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
+        __m256 w0 = w_load8(w, k, wt), w1 = w_load8(w, k + 8, wt);
+        __m256 w2 = w_load8(w, k + 16, wt), w3 = w_load8(w, k + 24, wt);
+        if (nt > 1) _mm_prefetch((const char *)w_at(w, k, wt) + F32_BATCH_PREFETCH_BYTES, _MM_HINT_T0);
         UNROLL
         for (int t = 0; t < nt; t++) {
             const float *xt = x + t * n + k;
@@ -984,7 +1004,7 @@ ALWAYS_INLINE void f32_partials(const void *w, const float *x, int64_t n, int nt
     }
     int64_t k8 = k;
     for (; k8 + 8 <= n; k8 += 8) {
-        __m256 w0 = w_load8(w, k8, half);
+        __m256 w0 = w_load8(w, k8, wt);
         UNROLL
         for (int t = 0; t < nt; t++) a[t][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * n + k8), a[t][0]);
     }
@@ -993,21 +1013,21 @@ ALWAYS_INLINE void f32_partials(const void *w, const float *x, int64_t n, int nt
 }
 
 /* res[t] = dot(w, x[t]): the partial sums' horizontal sum, plus the n % 8 last products in scalar */
-ALWAYS_INLINE void dots_f32_simd(const void *w, const float *x, int64_t n, int nt, float *res, int half) {
+ALWAYS_INLINE void dots_f32_simd(const void *w, const float *x, int64_t n, int nt, float *res, int wt) {
     __m256 sum8[3];
-    f32_partials(w, x, n, nt, sum8, half);
+    f32_partials(w, x, n, nt, sum8, wt);
     UNROLL
-    for (int t = 0; t < nt; t++) res[t] = hsum8(sum8[t]) + tail_dot(w, x + t * n, n - n % 8, n, half);
+    for (int t = 0; t < nt; t++) res[t] = hsum8(sum8[t]) + tail_dot(w, x + t * n, n - n % 8, n, wt);
 }
 #else
 #define F32_TOKENS_PER_PASS 8
 #endif
 
 /* res[t] = dot(w, x[t]) for one weight row and nt <= F32_TOKENS_PER_PASS rows of x (rows of n floats) */
-ALWAYS_INLINE void dots_f32(const void *w, const float *x, int64_t n, int nt, float *res, int half) {
+ALWAYS_INLINE void dots_f32(const void *w, const float *x, int64_t n, int nt, float *res, int wt) {
 #if defined(__AVX2__)
     switch (nt) { /* a constant token count lets the compiler keep every accumulator in a register */
-#define DOTS_F32(c) case c: dots_f32_simd(w, x, n, c, res, half); return;
+#define DOTS_F32(c) case c: dots_f32_simd(w, x, n, c, res, wt); return;
         DOTS_F32(1) DOTS_F32(2) DOTS_F32(3)
 #if F32_TOKENS_PER_PASS == 8
         DOTS_F32(4) DOTS_F32(5) DOTS_F32(6) DOTS_F32(7) DOTS_F32(8)
@@ -1015,7 +1035,7 @@ ALWAYS_INLINE void dots_f32(const void *w, const float *x, int64_t n, int nt, fl
 #undef DOTS_F32
     }
 #endif
-    for (int t = 0; t < nt; t++) res[t] = tail_dot(w, x + t * n, 0, n, half);
+    for (int t = 0; t < nt; t++) res[t] = tail_dot(w, x + t * n, 0, n, wt);
 }
 
 /* rows [lo, hi) of m for every token. One token: a row at a time (one sequential stream for the prefetchers;
@@ -1023,7 +1043,7 @@ ALWAYS_INLINE void dots_f32(const void *w, const float *x, int64_t n, int nt, fl
  * row at a time; else a row at a time for F32_TOKENS_PER_PASS tokens a pass. Every way gives each token the
  * same sums. */
 ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok, int64_t n,
-                              float *out, int accumulate, int half) {
+                              float *out, int accumulate, int wt) {
     const void *w = m->w;
     float *o = out + n_tok * m->row0;
     int64_t i = lo;
@@ -1040,8 +1060,8 @@ ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float 
                 int nt = n_tok - t0 < T ? (int)(n_tok - t0) : T;
                 for (int64_t j = s; j < e; j += R) {
                     float *oj = o + t0 * m->rows + j;
-                    if (R == 4) f32_blocks_r4(w_at(w, j * n, half), x + t0 * n, n, nt, oj, m->rows, accumulate, half);
-                    else f32_blocks_r2(w_at(w, j * n, half), x + t0 * n, n, nt, oj, m->rows, accumulate, half);
+                    if (R == 4) f32_blocks_r4(w_at(w, j * n, wt), x + t0 * n, n, nt, oj, m->rows, accumulate, wt);
+                    else f32_blocks_r2(w_at(w, j * n, wt), x + t0 * n, n, nt, oj, m->rows, accumulate, wt);
                 }
             }
         }
@@ -1053,7 +1073,7 @@ ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float 
     if (n_tok == 1 && n % 8 == 0)
         for (; i + 8 <= hi; i += 8) {
             __m256 v[8];
-            for (int r = 0; r < 8; r++) f32_partials(w_at(w, (i + r) * n, half), x, n, 1, &v[r], half);
+            for (int r = 0; r < 8; r++) f32_partials(w_at(w, (i + r) * n, wt), x, n, 1, &v[r], wt);
             store8(o + i, _mm256_add_ps(f32_sums8(v), _mm256_setzero_ps()), accumulate);
         }
 #endif
@@ -1061,7 +1081,7 @@ ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float 
         for (int64_t t0 = 0; t0 < n_tok; t0 += F32_TOKENS_PER_PASS) {
             int nt = n_tok - t0 < F32_TOKENS_PER_PASS ? (int)(n_tok - t0) : F32_TOKENS_PER_PASS;
             float res[8];
-            dots_f32(w_at(w, i * n, half), x + t0 * n, n, nt, res, half);
+            dots_f32(w_at(w, i * n, wt), x + t0 * n, n, nt, res, wt);
             for (int t = 0; t < nt; t++) store(&o[(t0 + t) * m->rows + i], res[t], accumulate);
         }
 }
@@ -1069,12 +1089,17 @@ ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float 
 /* noinline: compiled into its caller the loop measured slower */
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
-    rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, 0);
+    rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, W_F32);
 }
 
 static __attribute__((noinline)) void rows_f16(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
-    rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, 1);
+    rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, W_F16);
+}
+
+static __attribute__((noinline)) void rows_bf16(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
+                                                int64_t n, float *out, int accumulate) {
+    rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, W_BF16);
 }
 
 /* ----------------------------------------------------------------------------- quantized (int8) rows */
@@ -2232,6 +2257,7 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
         if (a >= b) continue;
         if (m->type == W_F32) rows_f32(m, a, b, p->x, p->n_tok, p->n, p->out, p->accumulate);
         else if (m->type == W_F16) rows_f16(m, a, b, p->x, p->n_tok, p->n, p->out, p->accumulate);
+        else if (m->type == W_BF16) rows_bf16(m, a, b, p->x, p->n_tok, p->n, p->out, p->accumulate);
         else rows_int8(m, a, b, acts_for(p, m->gs), p->n_tok, p->n, p->out, p->accumulate);
     }
 }
@@ -2256,7 +2282,7 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
         rows = m->row0 + m->rows > rows ? m->row0 + m->rows : rows;
         bytes += rb * m->rows;
         max_rb = rb > max_rb ? rb : max_rb;
-        if (m->type == W_F32 || m->type == W_F16) continue;
+        if (is_dense(m->type)) continue;
         int i = 0;
         while (i < p.n_acts && p.acts[i].gs != m->gs) i++;
         if (i == 2) return 1;
@@ -2376,13 +2402,16 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
         memcpy(o, (const float *)m->w + i * n, n * sizeof(float));
         return;
     }
-    if (m->type == W_F16) {
+    if (m->type == W_F16 || m->type == W_BF16) {
         const uint16_t *h = (const uint16_t *)m->w + i * n;
         int64_t k = 0;
 #ifdef __AVX2__
-        for (; k + 8 <= n; k += 8) _mm256_storeu_ps(o + k, w_load8(h, k, 1));
+        if (m->type == W_F16)
+            for (; k + 8 <= n; k += 8) _mm256_storeu_ps(o + k, w_load8(h, k, W_F16));
+        else
+            for (; k + 8 <= n; k += 8) _mm256_storeu_ps(o + k, w_load8(h, k, W_BF16));
 #endif
-        for (; k < n; k++) o[k] = fp16_to_f32(h[k]);
+        for (; k < n; k++) o[k] = w_get(h, k, m->type);
         return;
     }
     if (m->type == W_Q4_0R || m->type == W_Q8_0R) { /* each block gathered from its group (see W_Q4_0R) */

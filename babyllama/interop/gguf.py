@@ -1,6 +1,6 @@
 """llama.cpp's GGUF ⇄ `Weights` (+ vocabulary). Written with the `gguf` package's writer; read by `read_gguf`,
 which checks every count, length, type and offset of the file before trusting it (the package's reader loops
-or raises assorted errors on corrupt files). F32, F16, Q8_0 and Q4_0 tensors are read without the package (its
+or raises assorted errors on corrupt files). F32, F16, BF16, Q8_0 and Q4_0 tensors are read without the package (its
 import alone takes ~60 ms of a run's start), and so are Q4_1, Q5_0, Q5_1 and Q2_K-Q6_K where the native kernels
 convert them (kernels.c's convert_ggml_rows); other types are dequantized with its `quants`.
 
@@ -18,7 +18,7 @@ Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotate
 convert_hf_to_gguf.py un-permutes Hugging Face's q/k back to Meta's row order. `Weights` already holds
 that order, so q/k are written unchanged (the Hugging Face permutation lives only in hf.py).
 
-Tensor types: "f32", "f16", "q8_0" or "q4_0" for the matrices (llama.cpp's block types: blocks of 32 with an
+Tensor types: "f32", "f16", "bf16", "q8_0" or "q4_0" for the matrices (llama.cpp's block types: blocks of 32 with an
 fp16 scale; babyllama's own Q8_0 .bin groups differ, so matrices are re-quantized from fp32, while Q4_0
 matrices of a version-3 model are written as they are). Norm vectors stay
 f32, as llama.cpp requires; a matrix whose rows do not split into 32-blocks falls back to f16, as
@@ -31,7 +31,8 @@ Q2_K-Q6_K, the IQ types, ...) is converted on load to the nearest of the two by 
 Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32: by the native
 kernels where they convert the type, else by the package's dequantizer and quant.py's quantizer (the same
 blocks); the conversion's error is reported (`ConversionNote`). F16 matrices stay fp16 (the native kernels'
-W_F16 reads them as the fp32 values they stand for); other F32/F16/BF16 tensors become fp32 arrays.
+W_F16 reads them as the fp32 values they stand for), BF16 ones as their bits (formats.BF16Tensor, read by W_BF16);
+other F32/F16/BF16 tensors become fp32 arrays.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import Matrix, Weights, check_writable, matrix_arrays
+from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
 
-DTYPES = ("f32", "f16", "q8_0", "q4_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCH = "llama"
 # llama2.c per-layer name fragment -> llama.cpp's (blk.N.<name>.weight)
 _BLOCK = {
@@ -100,7 +101,8 @@ def add_llama_metadata(w, args: ModelArgs) -> None:
 
 def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
               name: str | None = None) -> Path:
-    """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, q8_0, q4_0)."""
+    """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, bf16, q8_0, q4_0;
+    bf16 rounded to nearest even by the gguf package)."""
     from .. import kernels
 
     gguf = _gguf()
@@ -112,9 +114,11 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
                              f"{args.vocab_size}")
     path = Path(path)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+             "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
     check_writable(args, path)
     tmp = safeio.temp_path(path)
@@ -139,6 +143,8 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
             w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].block_bytes()), raw_dtype=qtype)
         elif t.ndim == 1 or dtype == "f32":
             w.add_tensor(gguf_name(key), t)
+        elif dtype == "bf16":
+            w.add_tensor(gguf_name(key), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         elif dtype == "f16" or t.shape[1] % BLOCK:
             w.add_tensor(gguf_name(key), t.astype(np.float16))
         else:
@@ -257,7 +263,7 @@ class TensorType:
 # only for the others; tests check these against it): those the kernels run, and those the native kernels
 # convert (kernels.c's convert_ggml_rows; without them, these are dequantized by the package).
 _OWN_TYPES = {t.id: t for t in (TensorType(0, "F32", 1, 4), TensorType(1, "F16", 1, 2),
-                                TensorType(2, "Q4_0", BLOCK, BLOCK_BYTES["q4_0"]),
+                                TensorType(30, "BF16", 1, 2), TensorType(2, "Q4_0", BLOCK, BLOCK_BYTES["q4_0"]),
                                 TensorType(8, "Q8_0", BLOCK, BLOCK_BYTES["q8_0"]),
                                 TensorType(3, "Q4_1", 32, 20), TensorType(6, "Q5_0", 32, 22),
                                 TensorType(7, "Q5_1", 32, 24), TensorType(10, "Q2_K", 256, 84),
@@ -279,9 +285,11 @@ def tensor_type(kind: int) -> TensorType | None:
 
 
 def _dequantized(data: np.ndarray, qtype: TensorType) -> np.ndarray:
-    """A tensor's weights as fp32: F32/F16 as they are viewed (_view), other types by the gguf package."""
+    """A tensor's weights as fp32: F32/F16/BF16 as they are viewed (_view), other types by the gguf package."""
     if qtype.name in ("F32", "F16"):
         return np.asarray(data, dtype=np.float32)
+    if qtype.name == "BF16":
+        return bf16_to_f32(data)
     gguf = _gguf()
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(qtype.id)), dtype=np.float32)
 
@@ -471,10 +479,11 @@ def _check_tiling(w: _Walker, tensors: list[GGUFTensor], data_start: int, size: 
 
 
 def _view(buf: np.ndarray, t: GGUFTensor) -> np.ndarray:
-    """The tensor's bytes as the gguf package's reader lays them out: float types as their dtype, the
-    others as uint8 rows of blocks (what gguf.quants.dequantize takes)."""
+    """The tensor's bytes as the gguf package's reader lays them out: float types as their dtype (BF16 as
+    uint16 bits), the others as uint8 rows of blocks (what gguf.quants.dequantize takes)."""
     shape = tuple(reversed(t.shape))
-    floats: dict[str, type[np.generic]] = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+    floats: dict[str, type[np.generic]] = {"F32": np.float32, "F16": np.float16, "F64": np.float64,
+                                           "BF16": np.uint16}  # bfloat16 as its bits (see BF16Tensor)
     dtype = floats.get(t.tensor_type.name)
     if dtype is None:
         dtype, shape = np.uint8, (*shape[:-1], shape[-1] // t.tensor_type.block * t.tensor_type.type_bytes)
@@ -485,12 +494,12 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
               notes: list[ConversionNote] | None = None, quantize: str | None = None) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
     By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
-    reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 matrices mapped fp16 arrays
-    (which the native kernels read as fp32), other quantized types are converted to the nearest of Q8_0/Q4_0
-    (see the module's docstring), with one ConversionNote per converted type appended to `notes`. `quantize`
-    ("q8_0" or "q4_0", what `--quantize` asks): every F32/F16 matrix is quantized as soon as it is read and its
-    file bytes handed back (from_state_dict), so that a large F16 or F32 file never needs memory for its fp32
-    copy."""
+    reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 and BF16 matrices mapped (fp16
+    arrays, BF16Tensors: the native kernels read both as fp32), other quantized types are converted to the
+    nearest of Q8_0/Q4_0 (see the module's docstring), with one ConversionNote per converted type appended to
+    `notes`. `quantize` ("q8_0" or "q4_0", what `--quantize` asks): every F32/F16/BF16 matrix is quantized as
+    soon as it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory
+    for its fp32 copy."""
     path = Path(path)
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
@@ -511,8 +520,9 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         kind = t.tensor_type.name.lower()
         try:
             with np.errstate(all="ignore"):  # NaN scales give NaN weights, refused by from_state_dict
-                if keep_quantized and t.tensor_type.name == "F16" and len(t.shape) == 2:
-                    return data  # mapped, run as it is (the kernels read fp16 as fp32: W_F16) or quantized
+                if keep_quantized and t.tensor_type.name in ("F16", "BF16") and len(t.shape) == 2:
+                    # mapped, run as it is (the kernels read fp16 and bf16 as fp32: W_F16, W_BF16) or quantized
+                    return BF16Tensor(data) if t.tensor_type.name == "BF16" else data
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
                     dense = _dequantized(data, t.tensor_type)  # F32: the mapped view itself
                     if quantize is not None and dense is not data:  # a converted copy, quantized next: the
@@ -558,14 +568,14 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
     streamed = {id(a) for m in (weights.wcls, *(m for ms in weights.layer_matrices().values() for m in ms))
-                for a in matrix_arrays(m)}  # blocks, or a classifier kept as the file holds it (F16, F32)
+                for a in matrix_arrays(m)}  # blocks, or a classifier kept as the file holds it (F16, BF16, F32)
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
     return weights, _read_vocab(fields, path)
 
 
-_FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, but for F16 matrices kept as they are
+_FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, but for F16 and BF16 matrices kept as they are
 _IGNORED = {"rope_freqs.weight"}  # llama.cpp's rope scaling factors: absent from plain Llama models' files
 
 

@@ -27,8 +27,8 @@ from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, first_line, missing_extra
 from ..fields import Fields
-from ..formats import Weights, check_writable
-from .state_dict import expected_shapes, from_state_dict, to_state_dict
+from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable
+from .state_dict import expected_shapes, from_state_dict, to_state_dict, torch_weight
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
 _HF_PARTS = {
@@ -211,23 +211,24 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {"F64": np.dtype("<f8"), "F32": np.dtype("<
 _FLOAT_DTYPES = tuple(_NUMPY_DTYPES)
 
 
-def _read_tensor(path: Path, data_start: int, meta: dict) -> np.ndarray:
-    """A safetensors tensor read from the file into memory of its own: float types as they are stored, bfloat16
-    as fp32 (numpy has no bfloat16: it is the top half of an fp32). Not through safetensors' memory map, whose
-    pages stay resident until the file is closed: a model read (and quantized) a tensor at a time would hold the
-    whole file besides."""
+def _read_tensor(path: Path, data_start: int, meta: dict) -> np.ndarray | BF16Tensor:
+    """A safetensors tensor read from the file into memory of its own: float types as they are stored, a
+    bfloat16 matrix as its bits (BF16Tensor: numpy has no bfloat16), other bfloat16 tensors as fp32. Not through
+    safetensors' memory map, whose pages stay resident until the file is closed: a model read (and quantized) a
+    tensor at a time would hold the whole file besides."""
     dtype = _NUMPY_DTYPES[meta["dtype"]]
     start, end = meta["data_offsets"]
     t = np.fromfile(path, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data_start + start)
+    t = t.reshape(meta["shape"])
     if meta["dtype"] == "BF16":
-        t = (t.astype(np.uint32) << 16).view(np.float32)
-    return t.reshape(meta["shape"])
+        return BF16Tensor(t) if t.ndim == 2 else bf16_to_f32(t)
+    return t
 
 
-def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
+def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF16Tensor]]:
     """name -> loader for every tensor of every shard (safetensors' read from the file when asked for, torch
     files mmapped). Only floating-point tensors are weights: an integer tensor is refused, not converted."""
-    index: dict[str, Callable[[], np.ndarray]] = {}
+    index: dict[str, Callable[[], np.ndarray | BF16Tensor]] = {}
     for shard in shards:
         if shard.suffix == ".safetensors":
             try:
@@ -248,7 +249,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray]]:
             if not isinstance(state, dict) or not all(hasattr(t, "is_floating_point") for t in state.values()):
                 raise BabyLlamaError(f"{shard}: not a state dict of tensors")
             _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
-            index.update({name: (lambda t=t: t.float().numpy()) for name, t in state.items()})
+            index.update({name: (lambda t=t: torch_weight(t)) for name, t in state.items()})
     return index
 
 
@@ -287,14 +288,16 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
     if unexpected:
         raise BabyLlamaError(f"{source}: unexpected tensor {unexpected[0]} (not a plain Llama model?)")
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | BF16Tensor:
         key = hf_name(name)
         if key not in index:
             raise KeyError(name)
         t = index[key]()
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and t.ndim == 2:
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")) and len(t.shape) == 2:
             heads = args.n_heads if ".wq." in name else args.n_kv_heads
             if t.shape[0] % (2 * heads) == 0:  # a wrong shape is reported by from_state_dict
+                if isinstance(t, BF16Tensor):
+                    return BF16Tensor(halves_to_interleaved(t.bits, heads))
                 t = halves_to_interleaved(t, heads)
         return t
 

@@ -28,8 +28,8 @@ from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args, llama_hidden_dim
 from ..errors import BabyLlamaError, first_line, missing_extra
 from ..fields import Fields
-from ..formats import Weights, check_writable
-from .state_dict import from_state_dict, to_state_dict
+from ..formats import BF16Tensor, Weights, check_writable, matrix_arrays
+from .state_dict import from_state_dict, to_state_dict, torch_weight
 
 LLAMA2_CONTEXT = 4096
 _ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
@@ -75,7 +75,7 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     torch = _torch()
     states = [_load_shard(torch, shard) for shard in shards]
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | BF16Tensor:
         parts = [s[name] for s in states if name in s]
         if len(parts) != len(states):
             raise KeyError(name)
@@ -83,9 +83,9 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
             raise BabyLlamaError(f"{folder}: tensor {name} holds {parts[0].dtype} values, not floating-point weights")
         axis = shard_axis(name)
         if axis is None or len(parts) == 1:
-            return parts[0].float().numpy()
+            return torch_weight(parts[0])
         try:
-            return torch.cat(parts, dim=axis).float().numpy()
+            return torch_weight(torch.cat(parts, dim=axis))
         except RuntimeError:
             shapes = ", ".join(str(tuple(p.shape)) for p in parts)
             raise BabyLlamaError(f"{folder}: the shards of {name} do not fit together ({shapes})") from None
@@ -95,12 +95,13 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
         output = get("output.weight")
     except KeyError as e:
         raise BabyLlamaError(f"{folder}: tensor {e.args[0]} is missing") from None
-    if emb.ndim != 2 or output.ndim != 2:
+    if len(emb.shape) != 2 or len(output.shape) != 2:
         raise BabyLlamaError(f"{folder}: tok_embeddings and output must be matrices")
     cache = {"tok_embeddings.weight": emb, "output.weight": output}
     args = _args_from_params(params, emb.shape[0], emb.shape[1], max_seq_len, params_path)
     # Meta's models never tie the classifier; one we wrote from a tied model has it equal to the embedding
-    args.shared_classifier = output.shape == emb.shape and np.array_equal(output, emb)
+    args.shared_classifier = (output.shape == emb.shape and type(output) is type(emb)
+                              and all(map(np.array_equal, matrix_arrays(output), matrix_arrays(emb))))
     # each tensor is fetched once: popped, the two read ahead are dropped once used (quantized, with quantize)
     return from_state_dict(args, lambda n: cache.pop(n) if n in cache else get(n), str(folder), quantize=quantize)
 

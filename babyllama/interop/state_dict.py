@@ -26,6 +26,7 @@ from ..config import ModelArgs
 from ..errors import BabyLlamaError
 from ..formats import (
     LAYER_MATRICES,
+    BF16Tensor,
     Matrix,
     QTensor,
     Weights,
@@ -34,6 +35,8 @@ from ..formats import (
     checked_floats,
     default_group_size,
     dense,
+    is_quantized,
+    matrix_arrays,
     quantize_matrix,
 )
 from ..quant import BlockTensor
@@ -79,6 +82,19 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
     return sd
 
 
+def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
+    """A PyTorch tensor as from_state_dict takes it: a bfloat16 matrix as its bits (BF16Tensor) and an fp16 one
+    as fp16, both sharing the tensor's memory (kept as they are: the kernels read them as fp32); anything else
+    as an fp32 copy."""
+    import torch
+
+    if t.dim() == 2 and t.dtype == torch.bfloat16:
+        return BF16Tensor(t.contiguous().view(torch.int16).numpy().view(np.uint16))
+    if t.dim() == 2 and t.dtype == torch.float16:
+        return t.contiguous().numpy()
+    return t.float().numpy()
+
+
 def from_state_dict(args: ModelArgs,
                     get: Mapping[str, Matrix] | Callable[[str], Matrix],
                     source: str = "model", display: Callable[[str], str] = str,
@@ -100,41 +116,47 @@ def from_state_dict(args: ModelArgs,
     group_size = default_group_size(args)
     maps = memory.read_only_file_maps() if quantize is not None else []
 
-    def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32 or fp16 array, or a quantized matrix
+    def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32, fp16 or bf16 matrix, or a quantized one
         t: Any
         try:
             t = lookup(name)
         except KeyError:
             raise BabyLlamaError(f"{source}: tensor {display(name)} is missing") from None
-        quantized = isinstance(t, (BlockTensor, QTensor))  # kept as it is (GGUF's Q8_0/Q4_0 blocks, or quantized
-        t = t if quantized else np.asarray(t)               # on load)
-        if not quantized and t.dtype.kind != "f":
+        kept = isinstance(t, (BlockTensor, QTensor, BF16Tensor))  # kept as it is (GGUF's Q8_0/Q4_0 blocks, bf16
+        t = t if kept else np.asarray(t)                           # matrices, or matrices quantized on load)
+        if not kept and t.dtype.kind != "f":
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds {t.dtype} values, not floating-point weights")
         if tuple(t.shape) != shape:
             raise BabyLlamaError(
                 f"{source}: tensor {display(name)} has shape {tuple(t.shape)}, the config implies {shape}")
-        if not (quantized or t.dtype == np.float16 and len(shape) == 2):  # fp16 matrices are kept: the kernels
-            t = t.astype(np.float32, copy=False)                           # read them as fp32 (W_F16)
+        if not (kept or t.dtype == np.float16 and len(shape) == 2):  # fp16 matrices are kept: the kernels
+            t = t.astype(np.float32, copy=False)                      # read them as fp32 (W_F16)
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
-        if quantize is not None and not quantized and len(shape) == 2:
+        if quantize is not None and not is_quantized(t) and len(shape) == 2:
             return quantized_on_read(t)
         return t
 
-    def quantized_on_read(t: np.ndarray) -> Matrix:
+    def quantized_on_read(t: np.ndarray | BF16Tensor) -> Matrix:
         from .. import kernels
 
         assert quantize is not None
-        m = quantize_matrix(dense(t), quantize, group_size, kernels.q4_0_blocks)
-        memory.release_mapped(t, maps=maps)  # a mapped file's pages (a GGUF's F32/F16): read once
+        # a mapped file's pages (a GGUF's) are read once: handed back after quantizing, or, for fp16 and bf16,
+        # as soon as their fp32 copy is made
+        values = dense(t)
+        if values is not t:
+            memory.release_mapped(*matrix_arrays(t), maps=maps)
+        m = quantize_matrix(values, quantize, group_size, kernels.q4_0_blocks)
+        if values is t:
+            memory.release_mapped(t, maps=maps)
         return m
 
     shapes = expected_shapes(args)
     L = args.n_layers
 
-    def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized
+    def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized or bf16
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
-        if any(isinstance(r, (BlockTensor, QTensor)) for r in rows):
+        if not all(isinstance(r, np.ndarray) for r in rows):
             return rows
         stacked = np.stack(rows)
         memory.release_mapped(*rows)  # views of a mapped file (GGUF's F32): the copy alone stays resident
