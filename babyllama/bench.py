@@ -689,8 +689,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              f"(trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
-             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32 "
-             "and F16, unless the engine column names --kv-cache.")
+             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
+             "F16 and BF16, unless the engine column names --kv-cache.")
     text = "\n".join(lines) + "\n\n" + notes + "\n"
     ratios = _ratios(rows)
     if ratios:

@@ -351,3 +351,32 @@ def test_q8_quantizer_gives_the_same_values_a_few_rows_at_a_time(monkeypatch):
     np.testing.assert_array_equal(chunked.q, whole.q)
     np.testing.assert_array_equal(chunked.s, whole.s)
     assert whole.s[3, 1] == 0 and chunked.q.dtype == np.int8 and chunked.s.dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_16_bit_weights_are_checked_for_nan_and_inf_on_their_bits(kind, monkeypatch):
+    """all_finite reads fp16 and bf16 matrices' bits a chunk at a time: Inf and NaN of either sign are found
+    anywhere (the last chunk included, and in a strided view), the largest finite values, subnormals and -0
+    pass."""
+    monkeypatch.setattr(formats, "QUANTIZE_CHUNK_BYTES", 64)  # chunks of 32 values: 7 for 200
+    bits = {"f16": {"inf": 0x7C00, "nan": 0x7E00, "max": 0x7BFF}, "bf16": {"inf": 0x7F80, "nan": 0x7FC0, "max": 0x7F7F}}
+
+    def matrix(values: np.ndarray):
+        u = values.reshape(10, 20)
+        return u.view(np.float16) if kind == "f16" else formats.BF16Tensor(u)
+
+    base = np.full(200, 0x3C00 if kind == "f16" else 0x3F80, dtype=np.uint16)  # 1.0
+    base[[3, 4, 5]] = [0x0001, 0x8000, bits[kind]["max"] | 0x8000]
+    assert formats.all_finite(matrix(base))
+    base[6] = bits[kind]["max"]
+    assert formats.all_finite(matrix(base))
+    for at in (0, 31, 32, 199):
+        for bad in ("inf", "nan"):
+            for sign in (0, 0x8000):
+                m = base.copy()
+                m[at] = bits[kind][bad] | sign
+                assert not formats.all_finite(matrix(m)), (at, bad, sign)
+    strided = base.copy()
+    strided[42] = bits[kind]["inf"]  # row 4, column 2 of (20, 10): among the even columns
+    view = strided.reshape(20, 10)[:, ::2]
+    assert not formats.all_finite(view.view(np.float16) if kind == "f16" else formats.BF16Tensor(view))

@@ -221,3 +221,21 @@ def test_a_hugging_face_folder_is_read_a_tensor_at_a_time(tmp_path):
             assert layers == 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 4 and peak < 1.4 * layers, (peak, layers)
         else:
             assert layers < 40e6 and peak < layers + 2 * 16 * 2**20, (quantize, peak, layers)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="resets the peak RSS through /proc")
+def test_a_bf16_hugging_face_folder_stays_bf16_in_memory(tmp_path):
+    """The same folder in bfloat16 (what checkpoints usually hold): its matrices stay bfloat16 (67 MB of layers,
+    half the fp32 model), and loading peaks near that, not at the fp32 model (134 MB)."""
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    args = tiny_args(dim=1024, hidden_dim=4096, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=300,
+                     shared_classifier=True)
+    formats.save(random_weights(args, seed=1, scale=0.02), tmp_path / "m.bin")
+    folder = tmp_path / "hf"
+    assert run_cli("export", str(folder), "--to", "hf", "--model", str(tmp_path / "m.bin")).returncode == 0
+    tensors = safetensors_torch.load_file(folder / "model.safetensors")
+    safetensors_torch.save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, folder / "model.safetensors")
+    peak, layers = run_memory_script(LOAD_PEAK, str(folder), "-")
+    assert layers == 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2 and peak < 1.4 * layers, (peak, layers)
+

@@ -35,6 +35,7 @@ from ..formats import (
     checked_floats,
     default_group_size,
     dense,
+    is_fp32,
     is_quantized,
     matrix_arrays,
     quantize_matrix,
@@ -154,10 +155,10 @@ def from_state_dict(args: ModelArgs,
     shapes = expected_shapes(args)
     L = args.n_layers
 
-    def stack(field: str) -> Any:  # an (L, ...) array, or a list when any layer's matrix is quantized or bf16
+    def stack(field: str) -> Any:  # an (L, ...) fp32 array, or the layers' matrices as they are (a list)
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
-        if not all(isinstance(r, np.ndarray) for r in rows):
-            return rows
+        if not all(is_fp32(r) for r in rows):  # quantized, fp16 or bf16: kept where they are (a mapped file's
+            return rows                         # pages, or the tensor read), not copied into a stack
         stacked = np.stack(rows)
         memory.release_mapped(*rows)  # views of a mapped file (GGUF's F32): the copy alone stays resident
         return stacked
