@@ -34,7 +34,7 @@ HEADER_V12 = 256
 EXT_OFFSET = 48  # float64 rope_theta, float64 norm_eps
 DEFAULT_GROUP_SIZE = 64
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-QUANTIZE_KINDS = ("q8_0", "q4_0")
+QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)
 
 
 @dataclass
@@ -85,6 +85,28 @@ class BF16Tensor:
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 values given as their uint16 bits, as fp32 (exactly)."""
     return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+
+
+def to_bf16(w: np.ndarray) -> BF16Tensor:
+    """An fp32 matrix rounded to bfloat16 as PyTorch rounds (to nearest, ties to even; a NaN stays a quiet NaN),
+    a few MiB of rows at a time."""
+    out = np.empty(w.shape, dtype=np.uint16)
+    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(1, w.shape[1])))
+    for r in range(0, w.shape[0], step):
+        u = np.ascontiguousarray(w[r:r + step], dtype=np.float32).view(np.uint32)
+        rounded = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16  # carries into the exponent
+        out[r:r + step] = np.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x0040, rounded)
+    return BF16Tensor(out)
+
+
+def to_f16(w: np.ndarray) -> np.ndarray:
+    """An fp32 matrix rounded to fp16 (to nearest, ties to even); refused in one line where a weight lies beyond
+    fp16's range (it would become infinite), which bf16's range holds."""
+    with np.errstate(over="ignore"):  # checked below
+        half = np.asarray(w).astype(np.float16)
+    if not all_finite(half) and all_finite(np.asarray(w, dtype=np.float32)):
+        raise BabyLlamaError("weights beyond fp16's range (|w| > 65504): use bf16")
+    return half
 
 
 QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows quantized at a time: NumPy's temporaries stay this size
@@ -236,10 +258,26 @@ class Weights:
         return np.array(self.rms_att), np.array(self.rms_ffn), np.array(self.rms_final)
 
     def quantize_as(self, kind: str, quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Weights:
-        """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2) or "q4_0" (llama.cpp's, version 3, its
-        blocks made by `quantize_q4`)."""
+        """`--quantize KIND` on load: "q8_0" (runq.c's Q8_0, version 2), "q4_0" (llama.cpp's, version 3, its
+        blocks made by `quantize_q4`), "f16" or "bf16" (to_16_bit)."""
         check_quantize_kind(kind)
+        if kind in ("f16", "bf16"):
+            return self.to_16_bit(kind)
         return self.quantize() if kind == "q8_0" else self.quantize_q4(quantize_q4)
+
+    def to_16_bit(self, kind: str) -> Weights:
+        """The same model with its matrices, classifier and embedding table rounded to "f16" or "bf16" (to
+        nearest even), which the native kernels read as the fp32 values they stand for: half the bytes of fp32 a
+        token, at a rounding error fp32 arithmetic adds to every product anyway; matrices of that type kept."""
+        release = self._release_after()
+
+        def rounded(m: Matrix) -> Matrix:
+            return m if quant_kind(m) == kind else release(m, quantize_matrix(dense(m), kind, 0))
+
+        mats: dict[str, Any] = {name: [rounded(m) for m in stack] for name, stack in self.layer_matrices().items()}
+        emb = rounded(self.tok_embeddings)
+        wcls = emb if self.args.shared_classifier else rounded(self.wcls)
+        return Weights(self.args, emb, *self._own_norms(), wcls=wcls, version=1, path=self.path, **mats)
 
     def quantize(self, group_size: int | None = None) -> Weights:
         """The same model with its matrices, classifier and embedding table in Q8_0 (runq.c's, group size
@@ -274,7 +312,12 @@ def check_quantize_kind(kind: str) -> None:
 def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
                     quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Matrix:
     """An fp32 matrix as `--quantize KIND` makes it: "q8_0" runq.c's Q8_0 in groups of `group_size`; "q4_0"
-    llama.cpp's Q4_0 (made by `quantize_q4`), or runq.c's Q8_0 where its rows do not split into blocks of 32."""
+    llama.cpp's Q4_0 (made by `quantize_q4`), or runq.c's Q8_0 where its rows do not split into blocks of 32;
+    "f16", "bf16" rounded to those."""
+    if kind == "f16":
+        return to_f16(w)
+    if kind == "bf16":
+        return to_bf16(w)
     if kind == "q4_0" and w.shape[1] % BLOCK == 0:
         return quantize_q4(w)
     return quantize_q80(w, group_size)

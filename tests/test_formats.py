@@ -380,3 +380,67 @@ def test_16_bit_weights_are_checked_for_nan_and_inf_on_their_bits(kind, monkeypa
     strided[42] = bits[kind]["inf"]  # row 4, column 2 of (20, 10): among the even columns
     view = strided.reshape(20, 10)[:, ::2]
     assert not formats.all_finite(view.view(np.float16) if kind == "f16" else formats.BF16Tensor(view))
+
+
+def test_rounding_to_bf16_is_pytorchs():
+    """to_bf16 rounds as PyTorch does: to nearest, ties to even (both ways), the largest values to infinity, NaN
+    and infinities kept, across the whole exponent range; a few rows at a time."""
+    torch = pytest.importorskip("torch")
+    gen = np.random.default_rng(3)
+    x = (gen.standard_normal((300, 80)) * np.logspace(-44, 38, 80)).astype(np.float32)
+    ties = (gen.integers(0, 0x7F7F, 80).astype(np.uint32) << 16) | 0x8000  # halfway: even and odd below
+    x[1] = ties.view(np.float32)
+    x[2] = (ties | 0x80000000).view(np.float32)
+    x[0, :7] = [np.nan, -np.nan, np.inf, -np.inf, 3.4028235e38, -0.0, 1e-45]
+    x[0, 7] = np.array([0x7F800001], np.uint32).view(np.float32)[0]  # a NaN whose rounding would carry
+    ours = formats.to_bf16(x)
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    values = ~np.isnan(x)
+    np.testing.assert_array_equal(ours.bits[values], theirs[values])
+    assert np.isnan(formats.bf16_to_f32(ours.bits[0, [0, 1, 7]])).all()
+    assert (formats.bf16_to_f32(ours.bits[1]) != x[1]).all()  # the ties did move
+
+
+def test_quantize_f16_refuses_weights_beyond_its_range(tmp_path):
+    """`--quantize f16` on weights fp16 cannot hold: one line that says to use bf16, exit 1; bf16 runs them."""
+    from conftest import byte_tokenizer, run_cli
+
+    w = random_weights(tiny_args(), seed=2)
+    w.w2[1][3, 4] = 7e4
+    formats.save(w, tmp_path / "m.bin")
+    byte_tokenizer().save(tmp_path / "tokenizer.bin")
+    argv = ("run", str(tmp_path / "m.bin"), "-n", "8", "-t", "0", "--quantize")
+    r = run_cli(*argv, "f16")
+    assert r.returncode == 1 and r.stderr.decode().strip().count("\n") == 0
+    assert "beyond fp16's range" in r.stderr.decode() and "bf16" in r.stderr.decode()
+    assert run_cli(*argv, "bf16").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_quantize_to_16_bits_rounds_every_matrix(tmp_path, kind):
+    """`--quantize f16|bf16` on an fp32 file: every matrix, the embedding table and the classifier rounded to
+    nearest (NumPy's fp16 rounding; to_bf16, PyTorch's), norms kept in fp32; the native kernels then give
+    exactly the logits of the fp32 model holding the rounded values."""
+    from conftest import engine_logits
+
+    from babyllama import kernels
+    from babyllama.loading import open_model
+
+    w = random_weights(tiny_args(shared_classifier=False), seed=4, scale=0.2)
+    formats.save(w, tmp_path / "m.bin")
+    got = open_model(tmp_path / "m.bin", quantize=kind).weights
+    assert got.kinds() == kind and formats.quant_kind(got.tok_embeddings) == kind and not got.quantized
+
+    def rounded(m: np.ndarray) -> np.ndarray:
+        return m.astype(np.float16).astype(np.float32) if kind == "f16" else formats.to_bf16(m).dequantize()
+
+    for name in formats.LAYER_MATRICES:
+        for a, b in zip(getattr(got, name), getattr(w, name), strict=True):
+            np.testing.assert_array_equal(formats.dense(a), rounded(b))
+            assert not np.array_equal(formats.dense(a), b)
+    np.testing.assert_array_equal(formats.dense(got.wcls), rounded(w.wcls))
+    np.testing.assert_array_equal(got.rms_ffn, w.rms_ffn)
+    if kernels.backend().name != "native":
+        pytest.skip("the 16-bit = fp32 exactness is the native kernels'")
+    tokens = list(range(1, 30))
+    np.testing.assert_array_equal(engine_logits(got, tokens), engine_logits(got.to_fp32(), tokens))

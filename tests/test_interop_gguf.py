@@ -503,7 +503,7 @@ def test_an_fp32_gguf_is_resident_once_as_it_loads(tmp_path, dtype, quantize):
         assert layers < 40e6 and peak < layers + 2 * 16 * 2**20 + converted, (peak, layers)
 
 
-@pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_0", "bf16"])
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_quantizing_a_gguf_on_load_is_quantizing_it_after(tmp_path, dtype, quantize, sp_model):
     """Quantized as each matrix is read, a GGUF's F32/F16/BF16 model is the one quantize_as makes of it loaded whole:
@@ -515,7 +515,7 @@ def test_quantizing_a_gguf_on_load_is_quantizing_it_after(tmp_path, dtype, quant
     path = tmp_path / f"m-{dtype}.gguf"
     on_load = open_model(path, quantize=quantize).weights
     after = open_model(path).weights.quantize_as(quantize, kernels.q4_0_blocks)
-    assert on_load.kinds() == after.kinds() == ("q4_0" if quantize == "q4_0" else "q8_0 gs 32")
+    assert on_load.kinds() == after.kinds() == {"q4_0": "q4_0", "q8_0": "q8_0 gs 32", "bf16": "bf16"}[quantize]
     assert (on_load.version, on_load.group_size) == (after.version, after.group_size)
     for a, b in zip(named_matrices(on_load), named_matrices(after), strict=True):
         for x, y in zip(formats.matrix_arrays(a), formats.matrix_arrays(b), strict=True):

@@ -173,10 +173,10 @@ def _matrix_arrays(w: formats.Weights) -> list:
     return [a for m in mats for a in formats.matrix_arrays(m)]
 
 
-@pytest.mark.parametrize("quantize", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_0", "f16", "bf16"])
 def test_checkpoint_folders_are_quantized_as_they_are_read(tmp_path, tiny_bin, quantize):
-    """`--quantize` on a Hugging Face folder (fp32 or fp16 safetensors) or a Meta one quantizes each matrix as it
-    is read: the same types, labels and bytes as quantizing the model read whole."""
+    """`--quantize` on a Hugging Face folder (fp32 or fp16 safetensors) or a Meta one quantizes (or rounds to 16
+    bits) each matrix as it is read: the same types, labels and bytes as doing it to the model read whole."""
     pytest.importorskip("safetensors")
     pytest.importorskip("torch")
     import numpy as np
@@ -196,7 +196,9 @@ def test_checkpoint_folders_are_quantized_as_they_are_read(tmp_path, tiny_bin, q
     for folder in (hf, hf16, meta):
         on_load = open_model(folder, quantize=quantize).weights
         after = open_model(folder).weights.quantize_as(quantize, kernels.q4_0_blocks)
-        assert on_load.kinds() == after.kinds() and "fp32" not in on_load.kinds() and "f16" not in on_load.kinds()
+        kinds = on_load.kinds()
+        assert kinds == after.kinds() and (kinds == quantize if quantize in ("f16", "bf16") else
+                                           "fp32" not in kinds and "f16" not in kinds)
         assert (on_load.version, on_load.group_size) == (after.version, after.group_size)
         for x, y in zip(_matrix_arrays(on_load), _matrix_arrays(after), strict=True):
             np.testing.assert_array_equal(x, y)

@@ -8,6 +8,9 @@ from ..errors import BabyLlamaError
 
 DEFAULT_STEPS = 256  # run.c's -n
 KV_CACHE_CHOICES = ("auto", "f32", "f16", "q8_0")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
+QUANTIZE_CHOICES = ("q8_0", "q4_0", "f16", "bf16")  # formats.QUANTIZE_KINDS, likewise
+QUANTIZE_HELP = ("the weights' type on load: runq.c's Q8_0, llama.cpp's 4-bit Q4_0, or rounded to f16 or bf16 "
+                 "(half the bytes of fp32, read as fp32 by the native kernels)")
 
 
 class Parser(argparse.ArgumentParser):

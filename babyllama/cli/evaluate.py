@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_flags
+from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags
 
 
 def add(sub) -> None:
@@ -22,7 +22,7 @@ def add(sub) -> None:
                       help="instruction-following instead: greedy replies to the requests of FILE (.jsonl from "
                            "`babyllama data instruct`); prints the share of requested words the replies use and "
                            "the share that mention the requested topic")
-    p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after the story in which N predicted tokens are reached (stories stay whole)")

@@ -8,6 +8,8 @@ from typing import cast
 
 from ..errors import BabyLlamaError
 from .common import (
+    QUANTIZE_CHOICES,
+    QUANTIZE_HELP,
     add_compile,
     add_mmap,
     add_model_flags,
@@ -61,7 +63,7 @@ def add(sub) -> None:
 
 
 def add_engine_flags(p) -> None:
-    p.add_argument("--quantize", choices=("q8_0", "q4_0"), default=None, help="quantize the weights on load")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add_mmap(p)
     p.add_argument("--device", default="numpy",
                    help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")

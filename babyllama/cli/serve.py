@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BabyLlamaError
-from .common import add_model_flags, add_threads
+from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, add_threads
 
 
 def add(sub) -> None:
@@ -23,7 +23,7 @@ def add(sub) -> None:
     p.add_argument("--queue", type=int, default=64, help="requests (choices) that may wait for a slot; "
                                                          "beyond, 429 (64)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
-    p.add_argument("--quantize", choices=("q8_0",), default=None, help="quantize fp32 weights on load")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--chat-template", default=None,
                    help="chat template name (default: the model card's chat_template, else llama2)")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the file's name)")

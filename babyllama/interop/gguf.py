@@ -497,7 +497,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 and BF16 matrices mapped (fp16
     arrays, BF16Tensors: the native kernels read both as fp32), other quantized types are converted to the
     nearest of Q8_0/Q4_0 (see the module's docstring), with one ConversionNote per converted type appended to
-    `notes`. `quantize` ("q8_0" or "q4_0", what `--quantize` asks): every F32/F16/BF16 matrix is quantized as
+    `notes`. `quantize` (formats.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as
     soon as it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory
     for its fp32 copy."""
     path = Path(path)

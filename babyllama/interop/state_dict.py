@@ -38,6 +38,7 @@ from ..formats import (
     is_fp32,
     is_quantized,
     matrix_arrays,
+    quant_kind,
     quantize_matrix,
 )
 from ..quant import BlockTensor
@@ -103,10 +104,11 @@ def from_state_dict(args: ModelArgs,
     """Assemble `Weights` of `args`' shape from tensors under llama2.c names. `get` is a mapping or a
     function name -> array (so converters can load lazily, one tensor at a time); every tensor is checked
     against the shape `args` implies, so a wrong config or a truncated file is one clear error, naming
-    the tensor as the source file does (`display` maps llama2.c names to the file's). `quantize` ("q8_0" or
-    "q4_0", `--quantize`): each dense matrix is quantized as soon as it is read and checked (what
-    Weights.quantize_as would make of it) and its pages handed back where they are a mapped file's, so that
-    memory never holds the model in fp32; quantized matrices are kept as they are."""
+    the tensor as the source file does (`display` maps llama2.c names to the file's). `quantize` ("q8_0",
+    "q4_0", "f16" or "bf16", `--quantize`): each dense matrix is quantized (rounded) as soon as it is read and
+    checked (what Weights.quantize_as would make of it) and its pages handed back where they are a mapped
+    file's, so that memory never holds the model in fp32; quantized matrices (and 16-bit ones of the type asked
+    for) are kept as they are."""
     lookup = get.__getitem__ if isinstance(get, Mapping) else get
     try:
         args.validate()
@@ -134,7 +136,7 @@ def from_state_dict(args: ModelArgs,
             t = t.astype(np.float32, copy=False)                      # read them as fp32 (W_F16)
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
-        if quantize is not None and not is_quantized(t) and len(shape) == 2:
+        if quantize is not None and not is_quantized(t) and len(shape) == 2 and quant_kind(t) != quantize:
             return quantized_on_read(t)
         return t
 
