@@ -61,7 +61,7 @@ class BF16Tensor:
     usually hold): `bits` is uint16 (rows, cols), each the top half of the fp32 it stands for. NumPy has no
     bfloat16, so the bits stay integers, never used as numbers: everything that computes reads the values
     through `dequantize` (exact: a 16-bit shift), and the native kernels read the bits as they are (kernels.c's
-    W_BF16). A dense matrix (formats.is_dense), not a quantized one."""
+    W_BF16). A dense matrix like an fp32 or fp16 array, not a quantized one (is_quantized)."""
 
     bits: np.ndarray
 
