@@ -44,9 +44,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         raise BabyLlamaError(f"--version applies to .bin output, not --to {to}")
     if group_size is not None and (to != "bin" or version != 2):
         raise BabyLlamaError("--group-size applies to --version 2 (Q8_0) .bin output only")
-    if dtype is not None and to != "gguf":
-        hint = " (use --version 2 for Q8_0 .bin files)" if to == "bin" else ""
-        raise BabyLlamaError(f"--dtype applies to GGUF output, not --to {to}{hint}")
+    if dtype is not None and to == "bin":
+        raise BabyLlamaError("--dtype applies to GGUF and Hugging Face output, not --to bin (use --version 2 for "
+                             "Q8_0 .bin files)")
+    if dtype is not None and to == "hf" and dtype not in ("f32", "f16", "bf16"):
+        raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
     tok = Path(tokenizer) if tokenizer else src.tokenizer
     if tok is not None and not tok.is_file():
         raise BabyLlamaError(f"tokenizer {tok}: no such file")
@@ -66,7 +68,7 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         if tok is not None and tok.suffix != ".model" and tokenizer is None:
             tok = None  # only a sentencepiece model can go in a Hugging Face directory
-        save_hf(src.weights, out, tok)
+        save_hf(src.weights, out, tok, dtype or "f32")
         if adapter is None:
             return [out]
         from .adapter import save_peft

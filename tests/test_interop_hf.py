@@ -150,6 +150,33 @@ def test_bin_to_hf_round_trip(tmp_path, sp_model, tied):
     assert (tmp_path / "tokenizer.bin").is_file()  # the directory's tokenizer.model came along
 
 
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_hf_export_in_16_bits(tmp_path, dtype):
+    """`export --to hf --dtype f16|bf16`: every tensor (norms too, as Hugging Face checkpoints hold them) the fp32
+    export's rounded as PyTorch rounds, config.json naming the type; transformers runs it (in fp32 arithmetic)
+    as our engine runs the folder read back, its matrices kept in that type."""
+    from safetensors.torch import load_file
+
+    from babyllama.loading import open_model
+
+    w = random_weights(tiny_args(vocab_size=320, rope_theta=250000.0, norm_eps=1e-6), seed=3, scale=0.2)
+    formats.save(w, tmp_path / "m.bin")
+    for folder, extra in (("hf32", ()), ("hf16", ("--dtype", dtype))):
+        r = run_cli("export", str(tmp_path / folder), "--to", "hf", "--model", str(tmp_path / "m.bin"), *extra)
+        assert r.returncode == 0, r.stderr.decode()
+    torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    config = json.loads((tmp_path / "hf16" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == str(torch_dtype).removeprefix("torch.")
+    fp32, half = (load_file(tmp_path / folder / "model.safetensors") for folder in ("hf32", "hf16"))
+    assert fp32.keys() == half.keys()
+    for name, t in fp32.items():
+        assert half[name].dtype == torch_dtype and torch.equal(half[name], t.to(torch_dtype)), name
+    ours = open_model(tmp_path / "hf16").weights
+    assert ours.kinds() == dtype
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf16", torch_dtype=torch.float32).eval()
+    assert np.abs(hf_logits(model, TOKENS) - engine_logits(ours, TOKENS)).max() <= 1e-4
+
+
 def test_checkpoint_to_hf_same_logits(tmp_path, sp_model):
     """Our training checkpoint -> Hugging Face directory -> transformers: the same logits as our model."""
     args = tiny_args(vocab_size=320, rope_theta=20000.0, shared_classifier=True)
@@ -225,7 +252,10 @@ def test_hf_bad_inputs(tmp_path, capsys):
 
     shutil.copytree(folder, tmp_path / "hf2")
     (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
-    assert "--dtype applies to GGUF output" in _error(capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "f16")
+    assert "--dtype applies to GGUF and Hugging Face output, not --to bin" in _error(
+        capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "f16")
+    assert "--dtype q8_0 applies to GGUF output; Hugging Face output takes f32, f16 or bf16" in _error(
+        capsys, str(tmp_path / "hf3"), "--to", "hf", "--hf", str(tmp_path / "hf2"), "--dtype", "q8_0")
     (tmp_path / "hf2" / "pytorch_model.bin").write_bytes(b"")
     assert "already holds another checkpoint (pytorch_model.bin)" in _error(
         capsys, str(tmp_path / "hf2"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))

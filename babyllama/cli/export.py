@@ -26,7 +26,7 @@ def add(sub) -> None:
                    help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0, 3 Q4_0 (babyllama only) (default 1)")
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None,
-                   help="GGUF tensor type (default f32)")
+                   help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16) (default f32)")
     p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
                    "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")
     p.add_argument("--max-seq-len", type=int, default=None,

@@ -27,7 +27,7 @@ from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, first_line, missing_extra
 from ..fields import Fields
-from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable
+from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
 from .state_dict import expected_shapes, from_state_dict, to_state_dict, torch_weight
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
@@ -109,8 +109,9 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
     return args
 
 
-def config_from_args(args: ModelArgs) -> dict:
-    """The config.json of a LlamaForCausalLM with `args`' shape (keys both transformers 4.x and 5 read)."""
+def config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
+    """The config.json of a LlamaForCausalLM with `args`' shape and weights of `dtype` (keys both transformers 4.x
+    and 5 read)."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -132,8 +133,8 @@ def config_from_args(args: ModelArgs) -> dict:
         "tie_word_embeddings": args.shared_classifier,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "torch_dtype": "float32",
-        "dtype": "float32",
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
 
 
@@ -307,11 +308,19 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None) -> Path:
-    """Write `outdir`/config.json + model.safetensors (fp32), and tokenizer.model + tokenizer_config.json
-    when a sentencepiece model is given, so that transformers' Auto* classes load the directory."""
+# `export --to hf --dtype`: the tensors' type in model.safetensors, as config.json names it
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None,
+            dtype: str = "f32") -> Path:
+    """Write `outdir`/config.json + model.safetensors (every tensor in `dtype`: f32, or f16/bf16 rounded to
+    nearest even, as Hugging Face checkpoints usually ship), and tokenizer.model + tokenizer_config.json when a
+    sentencepiece model is given, so that transformers' Auto* classes load the directory."""
+    if dtype not in HF_DTYPES:
+        raise BabyLlamaError(f"a Hugging Face folder holds {', '.join(HF_DTYPES)} tensors, not {dtype}")
     try:
-        from safetensors.numpy import save_file
+        import safetensors  # noqa: F401  (its writers: _save_safetensors)
     except ImportError:
         raise missing_extra("writing safetensors", "interop") from None
     outdir = Path(outdir)
@@ -334,16 +343,38 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
             t = interleaved_to_halves(t, args.n_heads)
         elif name.endswith("attention.wk.weight"):
             t = interleaved_to_halves(t, args.n_kv_heads)
+        if dtype == "f16":
+            t = to_f16(t)
+        elif dtype == "bf16":  # its bits (numpy has no bfloat16)
+            t = to_bf16(t.reshape(len(t), -1)).bits.reshape(t.shape)
         tensors[hf_name(name)] = np.ascontiguousarray(t)
     with safeio.pending(outdir / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        _save_safetensors(tensors, tmp, bf16=dtype == "bf16")
     if tokenizer_model is not None:
         safeio.copy_file(tokenizer_model, outdir / "tokenizer.model", "tokenizer")
         safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
     safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
     # config.json last: a folder that a kill interrupted has no config (or the old one over old weights)
-    safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args), indent=2) + "\n")
+    safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
     return outdir
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, bf16: bool = False) -> None:
+    """safetensors' own writer: its NumPy one, or for bfloat16 tensors (given as their uint16 bits, which NumPy
+    cannot hold as numbers) its PyTorch one, the bits viewed as torch.bfloat16 without conversion."""
+    metadata = {"format": "pt"}
+    if not bf16:
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    try:
+        import torch
+        from safetensors.torch import save_file as save_torch
+    except ImportError:
+        raise missing_extra("writing bfloat16 safetensors", "interop") from None
+    save_torch({name: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) for name, bits in tensors.items()},
+               str(path), metadata=metadata)
 
 
 def _tokenizer_config(args: ModelArgs) -> dict:
