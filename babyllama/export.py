@@ -47,8 +47,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if dtype is not None and to == "bin":
         raise BabyLlamaError("--dtype applies to GGUF and Hugging Face output, not --to bin (use --version 2 for "
                              "Q8_0 .bin files)")
-    if dtype is not None and to == "hf" and dtype not in ("f32", "f16", "bf16"):
-        raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
+    if dtype is not None and to == "hf":
+        from .interop.hf import HF_DTYPES
+
+        if dtype not in HF_DTYPES:
+            raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
     tok = Path(tokenizer) if tokenizer else src.tokenizer
     if tok is not None and not tok.is_file():
         raise BabyLlamaError(f"tokenizer {tok}: no such file")

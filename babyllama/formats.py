@@ -161,7 +161,8 @@ def is_quantized(m: Matrix) -> TypeGuard[QTensor | BlockTensor]:
 
 
 def quant_kind(m: Matrix) -> str:
-    """"fp32", "q8_0 gs N" (runq.c's Q8_0 with group size N) or a llama.cpp block type ("q4_0", "q8_0 blocks")."""
+    """"fp32", "f16", "bf16", "q8_0 gs N" (runq.c's Q8_0 with group size N) or a llama.cpp block type ("q4_0",
+    "q8_0 blocks")."""
     if isinstance(m, np.ndarray):
         return "fp32" if m.dtype == np.float32 else "f16"
     if isinstance(m, BF16Tensor):
@@ -590,7 +591,7 @@ def check_finite(weights: Weights, source: str, release: bool = False) -> None:
         if not all_finite(a):
             raise BabyLlamaError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
         if release:
-            memory.release_mapped(a.bits if isinstance(a, BF16Tensor) else a, maps=maps)
+            memory.release_mapped(*matrix_arrays(a), maps=maps)
 
 
 # ----------------------------------------------------------------------------------------------- writing

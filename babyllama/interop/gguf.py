@@ -51,7 +51,7 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays
+from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -102,7 +102,7 @@ def add_llama_metadata(w, args: ModelArgs) -> None:
 def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: str = "f32",
               name: str | None = None) -> Path:
     """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, bf16, q8_0, q4_0;
-    bf16 rounded to nearest even by the gguf package)."""
+    bf16 rounded by formats.to_bf16, as `--quantize bf16` rounds)."""
     from .. import kernels
 
     gguf = _gguf()
@@ -144,7 +144,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         elif t.ndim == 1 or dtype == "f32":
             w.add_tensor(gguf_name(key), t)
         elif dtype == "bf16":
-            w.add_tensor(gguf_name(key), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(key), to_bf16(t).bits, raw_dtype=qtype)
         elif dtype == "f16" or t.shape[1] % BLOCK:
             w.add_tensor(gguf_name(key), t.astype(np.float16))
         else:
