@@ -1,5 +1,5 @@
-"""The numba backend (`pip install babyllama[fast]`), for machines without a C compiler: compiled fp32 and
-runq.c-Q8_0 products; everything else as the NumPy backend does it. Importing this module without numba
+"""The numba backend (`pip install babyllama[fast]`), for machines without a C compiler: compiled fp32, fp16,
+bf16 and runq.c-Q8_0 products; everything else as the NumPy backend does it. Importing this module without numba
 raises ImportError, and kernels.py falls back to NumPy.
 
 runq.c's product, row by row: the activations are quantized per group of `gs` values (scale = max|x|/127,
@@ -27,7 +27,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from .formats import Matrix, QTensor, dense, is_fp32, is_quantized  # noqa: E402
+from .formats import BF16Tensor, Matrix, QTensor, dense, is_fp32, is_quantized  # noqa: E402
 from .kernels_base import QUANT_GEMM_MIN_ROWS, NumpyKernels, matmul_quantized, quantized_gemm  # noqa: E402
 
 # Rows up to which an fp32 product may use the numba kernel instead of BLAS, and the size (weights summed over
@@ -90,15 +90,56 @@ def _matmul1_f32(x, w, out):
             out[t, i] = acc
 
 
-def matmul_f32_many(x: np.ndarray, ws: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """x @ w.T for fp32 matrices, a few rows of x: decode is memory-bound and this streams each weight
-    once like BLAS's gemv, but its idle threads sleep (see OMP_WAIT_POLICY above) where OpenBLAS's spin,
-    which on a shared machine made 2-thread BLAS decode several times slower than 1 thread."""
+# every IEEE fp16 bit pattern's fp32 bits (256 KB, NumPy's exact conversion): numba has no float16 on CPUs, and a
+# lookup widens a weight exactly without the branches that subnormals and infinities take in bit arithmetic
+F16_TO_F32_BITS = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _matmul1_16bit(x, w, bf16, out, f16_bits=F16_TO_F32_BITS):
+    """x @ w.T for a matrix of 16-bit values given as their uint16 bits (bfloat16 where bf16, else IEEE fp16):
+    each row widened to fp32 into a small buffer (exactly) and then summed as _matmul1_f32 sums, so the
+    matrix is read at its own size instead of converted whole at every product."""
+    rows, n = w.shape
+    n_blocks = (rows + 15) // 16
+    for blk in prange(n_blocks):
+        bits = np.empty(n, dtype=np.uint32)
+        row = bits.view(np.float32)
+        for i in range(blk * 16, min(rows, blk * 16 + 16)):
+            if bf16:
+                for k in range(n):
+                    bits[k] = np.uint32(w[i, k]) << 16
+            else:
+                for k in range(n):
+                    bits[k] = f16_bits[w[i, k]]
+            for t in range(x.shape[0]):
+                acc = np.float32(0.0)
+                for k in range(n):
+                    acc += row[k] * x[t, k]
+                out[t, i] = acc
+
+
+def _bits16(w: Matrix) -> tuple[np.ndarray, bool]:
+    """A 16-bit matrix's uint16 bits (contiguous) and whether they are bfloat16."""
+    if isinstance(w, BF16Tensor):
+        return np.ascontiguousarray(w.bits), True
+    return np.ascontiguousarray(w).view(np.uint16), False
+
+
+def matmul_dense_many(x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
+    """x @ w.T for dense matrices (fp32, or fp16/bf16 read at their own size), a few rows of x: decode is
+    memory-bound and this streams each weight once like BLAS's gemv, but its idle threads sleep (see
+    OMP_WAIT_POLICY above) where OpenBLAS's spin, which on a shared machine made 2-thread BLAS decode several
+    times slower than 1 thread."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     outs = []
     for w in ws:
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-        _matmul1_f32(x, w, out)
+        if is_fp32(w):
+            _matmul1_f32(x, w, out)
+        else:
+            bits, bf16 = _bits16(w)
+            _matmul1_16bit(x, bits, bf16, out)
         outs.append(out)
     return outs
 
@@ -123,8 +164,8 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
-def _all_dense(ws: Sequence[Matrix]) -> TypeGuard[Sequence[np.ndarray]]:
-    return all(is_fp32(w) for w in ws)  # fp16 ones: NumPy's product
+def _all_fp32(ws: Sequence[Matrix]) -> TypeGuard[Sequence[np.ndarray]]:
+    return all(is_fp32(w) for w in ws)
 
 
 def _all_q8(ws: Sequence[Matrix]) -> TypeGuard[Sequence[QTensor]]:
@@ -132,8 +173,8 @@ def _all_q8(ws: Sequence[Matrix]) -> TypeGuard[Sequence[QTensor]]:
 
 
 class NumbaKernels(NumpyKernels):
-    """numba's products for fp32 decode (large matrices) and runq.c's Q8_0; NumPy for the rest (llama.cpp's
-    block types take the reference arithmetic)."""
+    """numba's products for decode steps on fp32 (large matrices), fp16 and bf16, and runq.c's Q8_0; NumPy for
+    the rest (llama.cpp's block types take the reference arithmetic)."""
 
     name = "numba"
 
@@ -145,10 +186,11 @@ class NumbaKernels(NumpyKernels):
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         rows = x.shape[0]
-        if _all_dense(ws):
-            if rows <= F32_KERNEL_MAX_ROWS and sum(w.size for w in ws) >= self.f32_min_elements:
-                return matmul_f32_many(x, ws)
-            return [x @ w.T for w in ws]
+        if not any(is_quantized(w) for w in ws):
+            # fp16/bf16 take the kernel at any size: BLAS would need them converted whole at every product
+            if rows <= F32_KERNEL_MAX_ROWS and (not _all_fp32(ws) or sum(w.size for w in ws) >= self.f32_min_elements):
+                return matmul_dense_many(x, ws)
+            return [x @ dense(w).T for w in ws]
         if rows >= QUANT_GEMM_MIN_ROWS:
             return [quantized_gemm(x, [w], self.dequantize)[0] if is_quantized(w) else x @ dense(w).T for w in ws]
         if _all_q8(ws) and len({w.group_size for w in ws}) == 1:

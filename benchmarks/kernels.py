@@ -108,7 +108,7 @@ def main() -> None:
         timed("Q4_0 native C kernel, grouped calls (chosen)", grouped(native.matmul, Q4, quantize_q4_0(cls)))
     try:
         from babyllama import kernels_numba
-        timed("fp32 numba kernel, grouped launches", grouped(kernels_numba.matmul_f32_many, W, cls))
+        timed("fp32 numba kernel, grouped launches", grouped(kernels_numba.matmul_dense_many, W, cls))
         timed("Q8_0 numba kernel, grouped launches (fallback)", grouped(kernels_numba.matmul_q8_many, Q, qcls))
     except ImportError:
         print("numba absent: numba candidates skipped")

@@ -614,7 +614,7 @@ def test_a_16_bit_gguf_runs_its_weights_as_they_are(tmp_path, sp_model, dtype):
         assert all(m.dtype == np.float16 for m in matrices)
     else:
         assert all(isinstance(m, BF16Tensor) for m in matrices)
-    if kernels.backend().name != "native":  # numba multiplies fp32 matrices its own way, 16-bit ones through NumPy
+    if kernels.backend().name != "native":  # numba: small fp32 matrices through BLAS, 16-bit ones in its own loop
         pytest.skip("the 16-bit = fp32 exactness is the native kernels', which are not in use here")
     w32 = w16.to_fp32()
     assert w32.kinds() == "fp32"
