@@ -1126,8 +1126,8 @@ def test_numba_widens_every_fp16_bit_pattern_exactly():
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_numba_multiplies_16_bit_matrices_as_stored(kind, monkeypatch):
     """The numba backend's decode-sized products read fp16 and bf16 matrices at their own size, a row widened at
-    a time, instead of converting the whole matrix at every product (a bf16 model decoded ~20x slower than its
-    fp32 one that way): the same values as the fp32 product of the converted weights, without converting them."""
+    a time, instead of converting the whole matrix at every product: the same values as the fp32 product of the
+    converted weights, without converting them."""
     kn = pytest.importorskip("babyllama.kernels_numba")
     gen = np.random.default_rng(7)
     w16, w32 = half_weights(kind, gen, 300, 256)
