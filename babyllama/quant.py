@@ -118,32 +118,52 @@ def _blocks_of(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1, BLOCK)
 
 
-def _pack(kind: str, d: np.ndarray, qs: np.ndarray, cols: int) -> BlockTensor:
-    rows, nb = d.shape
-    out = np.empty((rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+def _pack(out: np.ndarray, d: np.ndarray, qs: np.ndarray) -> None:
+    """blocks (rows, nb, block bytes) = each block's fp16 scale, then its packed values"""
     out[:, :, :2] = d.astype(np.float16)[:, :, None].view(np.uint8)
     out[:, :, 2:] = qs
-    return BlockTensor(kind, out.reshape(rows, -1), cols)
 
 
-def quantize_q8_0(w: np.ndarray) -> BlockTensor:
-    """llama.cpp's Q8_0: d = max|w| / 127, q = round(w / d) (halves away from zero), d stored as fp16."""
-    blocks = _blocks_of(w)
+def _q8_0_rows(blocks: np.ndarray, out: np.ndarray) -> None:
     d = np.abs(blocks).max(axis=2) / np.float32(127)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
     scaled = (blocks * inv[:, :, None]).astype(np.float64)  # exact: the rounding below sees the fp32 product
     q = np.trunc(scaled + np.copysign(0.5, scaled)).astype(np.int8)
-    return _pack("q8_0", d, q.view(np.uint8), w.shape[1])
+    _pack(out, d, q.view(np.uint8))
 
 
-def quantize_q4_0(w: np.ndarray) -> BlockTensor:
-    """llama.cpp's Q4_0: d = (the block's value of largest magnitude) / -8, q = min(15, trunc(w / d + 8.5))."""
-    blocks = _blocks_of(w)
+def _q4_0_rows(blocks: np.ndarray, out: np.ndarray) -> None:
     first_max = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
     d = first_max / np.float32(-8)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
     q = np.minimum(15, (blocks * inv[:, :, None] + np.float32(8.5)).astype(np.int8)).astype(np.uint8)
-    return _pack("q4_0", d, q[:, :, :BLOCK // 2] | (q[:, :, BLOCK // 2:] << 4), w.shape[1])
+    _pack(out, d, q[:, :, :BLOCK // 2] | (q[:, :, BLOCK // 2:] << 4))
+
+
+# Rows are quantized a few at a time (about this many weights), so that the temporaries of the arithmetic above
+# (several times the rows' fp32 bytes) stay small beside the matrix being quantized.
+CHUNK_WEIGHTS = 1 << 18
+
+
+def _quantize(kind: str, w: np.ndarray) -> BlockTensor:
+    blocks = _blocks_of(w)
+    rows, nb = blocks.shape[:2]
+    out = np.empty((rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    step = max(1, CHUNK_WEIGHTS // max(1, nb * BLOCK))
+    quantize_rows = _q4_0_rows if kind == "q4_0" else _q8_0_rows
+    for r in range(0, rows, step):
+        quantize_rows(blocks[r:r + step], out[r:r + step])
+    return BlockTensor(kind, out.reshape(rows, -1), nb * BLOCK)
+
+
+def quantize_q8_0(w: np.ndarray) -> BlockTensor:
+    """llama.cpp's Q8_0: d = max|w| / 127, q = round(w / d) (halves away from zero), d stored as fp16."""
+    return _quantize("q8_0", w)
+
+
+def quantize_q4_0(w: np.ndarray) -> BlockTensor:
+    """llama.cpp's Q4_0: d = (the block's value of largest magnitude) / -8, q = min(15, trunc(w / d + 8.5))."""
+    return _quantize("q4_0", w)
 
 
 QUANTIZERS = {"q4_0": quantize_q4_0, "q8_0": quantize_q8_0}

@@ -108,7 +108,12 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Pat
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
 
 
+# The kernel backend is chosen (and its libraries loaded: numba's LLVM alone is ~70 MB resident) before any
+# figure is taken, so that the scripts measure the model's memory, not the backend's code.
 MEMORY_PRELUDE = """
+from babyllama import kernels
+kernels.backend()
+
 def status(field):  # a /proc/self/status figure in bytes
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
 

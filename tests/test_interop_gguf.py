@@ -267,7 +267,9 @@ def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model)
             f"w, _ = load_gguf({str(tmp_path / 'mixed.gguf')!r}, keep_quantized=True); "
             "print(hashlib.sha256(b''.join(m.block_bytes().tobytes() for ms in w.layer_matrices().values() "
             "for m in ms) + w.wcls.block_bytes().tobytes()).hexdigest())")
-    if kernels_native.load() is not None:
+    from babyllama import kernels
+
+    if kernels.native_backend() is not None:
         r, ref = (subprocess.run([sys.executable, "-c", load], capture_output=True, env={**os.environ, **env})
                   for env in (without, {"PYTHONPATH": str(ROOT)}))
         assert r.returncode == 0 and ref.returncode == 0, r.stderr.decode()
@@ -435,12 +437,13 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
     keep what is freed), so the process holds the model's blocks about once (without that, about twice), and
     at no point more than about once and a bit: the file's bytes are handed back as each tensor is converted,
     the freed blocks every eighth of the model as they are copied."""
+    from babyllama import kernels
     from babyllama.memory import _glibc
 
     peak_reset = os.access("/proc/self/clear_refs", os.W_OK)
-    if kernels_native.load() is None or not peak_reset or _glibc("malloc_trim") is None:
-        pytest.skip("needs the native kernels (which regroup the blocks), /proc (resetting its peak) and glibc's "
-                    "malloc_trim")
+    if kernels.native_backend() is None or not peak_reset or _glibc("malloc_trim") is None:
+        pytest.skip("needs the native kernels as the backend (they regroup the blocks), /proc (resetting its peak) "
+                    "and glibc's malloc_trim")
     T = gguf.GGMLQuantizationType
     rng = np.random.default_rng(3)
     write_dim1024_gguf(tmp_path / "q6_k.gguf", lambda name, shape: (random_blocks(T.Q6_K, *shape, rng), T.Q6_K))

