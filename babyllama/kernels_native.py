@@ -209,7 +209,8 @@ def _runs_here(arch: str) -> bool:
 def build(directory: Path | None = None, arch: str | None = None) -> Path | None:
     """The shared library for this source and instruction set, compiled with the first flag set that works
     and cached; None without a compiler or when every flag set fails (the caller falls back). A failed attempt
-    leaves a marker so that later runs do not pay for it again."""
+    leaves a marker (the command and the compiler's last words) so that later runs do not pay for it again;
+    where every attempt of this call failed, one line on stderr says so: the fallback is several times slower."""
     cc = compiler()
     if cc is None:
         return None
@@ -217,7 +218,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     source = SOURCE.read_bytes()
     directory = directory or cache_root()
     identity = f"{_compiler_identity(cc)}\n{cpu_signature()}"
-    announced = False
+    announced, failures = False, []
     for flags in flag_sets(arch):
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
@@ -233,11 +234,18 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
         cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
-        if any(subprocess.run(c, capture_output=True, text=True).returncode == 0 for c in _in_parallel(cmd)):
-            os.replace(tmp, lib)
-            return lib
+        for c in _in_parallel(cmd):
+            attempt = subprocess.run(c, capture_output=True, text=True)
+            if attempt.returncode == 0:
+                os.replace(tmp, lib)
+                return lib
         os.unlink(tmp)
-        failed.write_text(" ".join(cmd) + "\n")
+        errors = attempt.stderr.strip().splitlines()[-20:]
+        failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
+        failures.append(failed)
+    if failures and sys.stderr is not None:  # every flag set failed, these here and now
+        print(f"babyllama: the C kernels did not compile with {cc} (see {failures[0]}); running without them, "
+              f"several times slower", file=sys.stderr, flush=True)
     return None
 
 

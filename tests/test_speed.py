@@ -275,9 +275,10 @@ def test_fast_fp32_engine_with_kernels_matches_plain(q8_backend, monkeypatch):
                         min_same=10)
 
 
-def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
+def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch, capsys):
     """A compiler that rejects a flag (here OpenMP's simd pragmas) still yields a library from the next flag
-    set; one that fails everything yields None once and is not retried."""
+    set; one that fails everything yields None and one line on stderr naming the compiler and a marker that keeps
+    its error, once: the next build tries nothing and says nothing."""
     if native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
     real = kernels_native.compiler()
@@ -293,11 +294,18 @@ def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch):
     np.testing.assert_allclose(k.matmul(x, [w])[0], x @ w.T, rtol=1e-5, atol=1e-5)
 
     broken = tmp_path / "broken"
-    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.write_text("#!/bin/sh\necho 'kernels.c:1: error: this compiler is broken' >&2\nexit 1\n")
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
+    capsys.readouterr()
     assert kernels_native.build(tmp_path / "bad", arch="native") is None
-    assert len(list((tmp_path / "bad").glob("*.failed"))) == len(kernels_native.flag_sets("native"))
+    markers = list((tmp_path / "bad").glob("*.failed"))
+    assert len(markers) == len(kernels_native.flag_sets("native"))
+    assert all("this compiler is broken" in m.read_text() for m in markers)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"did not compile with {broken} (see " in err[0], err
+    assert any(f"(see {m})" in err[0] for m in markers), err
+    assert kernels_native.build(tmp_path / "bad", arch="native") is None and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("quantized", [False, True])
