@@ -26,7 +26,7 @@ import numpy as np
 from . import memory, safeio
 from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from .errors import BabyLlamaError
-from .quant import BLOCK, BLOCK_BYTES, BlockTensor, quantize_q4_0
+from .quant import BLOCK, BLOCK_BYTES, QUANTIZE_CHUNK_BYTES, BlockTensor, quantize_q4_0
 
 MAGIC = 0x616B3432  # "ak42" little-endian
 HEADER_V0 = 7 * 4
@@ -107,9 +107,6 @@ def to_f16(w: np.ndarray) -> np.ndarray:
     if not all_finite(half) and all_finite(np.asarray(w, dtype=np.float32)):
         raise BabyLlamaError("weights beyond fp16's range (|w| > 65504): use bf16")
     return half
-
-
-QUANTIZE_CHUNK_BYTES = 4 << 20  # fp32 rows quantized at a time: NumPy's temporaries stay this size
 
 
 def quantize_q80(w: np.ndarray, group_size: int) -> QTensor:

@@ -140,19 +140,19 @@ def _q4_0_rows(blocks: np.ndarray, out: np.ndarray) -> None:
     _pack(out, d, q[:, :, :BLOCK // 2] | (q[:, :, BLOCK // 2:] << 4))
 
 
-# Rows are quantized a few at a time (about this many weights), so that the temporaries of the arithmetic above
-# (several times the rows' fp32 bytes) stay small beside the matrix being quantized.
-CHUNK_WEIGHTS = 1 << 18
+# fp32 rows quantized at a time (here and by formats' quantizers): NumPy's temporaries, several times the rows'
+# bytes, stay this size rather than the matrix's
+QUANTIZE_CHUNK_BYTES = 4 << 20
+_ROW_QUANTIZERS = {"q4_0": _q4_0_rows, "q8_0": _q8_0_rows}
 
 
 def _quantize(kind: str, w: np.ndarray) -> BlockTensor:
     blocks = _blocks_of(w)
     rows, nb = blocks.shape[:2]
     out = np.empty((rows, nb, BLOCK_BYTES[kind]), dtype=np.uint8)
-    step = max(1, CHUNK_WEIGHTS // max(1, nb * BLOCK))
-    quantize_rows = _q4_0_rows if kind == "q4_0" else _q8_0_rows
+    step = max(1, QUANTIZE_CHUNK_BYTES // (4 * max(1, nb * BLOCK)))
     for r in range(0, rows, step):
-        quantize_rows(blocks[r:r + step], out[r:r + step])
+        _ROW_QUANTIZERS[kind](blocks[r:r + step], out[r:r + step])
     return BlockTensor(kind, out.reshape(rows, -1), nb * BLOCK)
 
 

@@ -17,7 +17,7 @@ from conftest import (
     tiny_args,
 )
 
-from babyllama import bench, formats
+from babyllama import bench, formats, kernels
 
 GREEDY = ["-t", "0", "-n", "200"]
 
@@ -43,8 +43,6 @@ def test_threads_and_draft_keep_run_c_output(stories260k, tok512):
 def test_quantize_reaches_the_draft_model(stories260k, tok512):
     """`--quantize` quantizes the `--draft` model too (read once from its file, like the model itself): the Q8_0
     model as its own draft is the Q8_0 model's greedy output, every draft accepted."""
-    from babyllama import kernels
-
     if kernels.native_backend() is None:
         pytest.skip("the verify step's rows equal single steps only on the native kernels (NumPy's attention sums "
                     "a 4-token step's scores and values in other orders than a 1-token one's)")

@@ -267,8 +267,6 @@ def test_the_kernels_types_are_read_without_the_gguf_package(tmp_path, sp_model)
             f"w, _ = load_gguf({str(tmp_path / 'mixed.gguf')!r}, keep_quantized=True); "
             "print(hashlib.sha256(b''.join(m.block_bytes().tobytes() for ms in w.layer_matrices().values() "
             "for m in ms) + w.wcls.block_bytes().tobytes()).hexdigest())")
-    from babyllama import kernels
-
     if kernels.native_backend() is not None:
         r, ref = (subprocess.run([sys.executable, "-c", load], capture_output=True, env={**os.environ, **env})
                   for env in (without, {"PYTHONPATH": str(ROOT)}))
@@ -437,7 +435,6 @@ def test_a_converted_model_is_resident_once_after_its_first_step(tmp_path):
     keep what is freed), so the process holds the model's blocks about once (without that, about twice), and
     at no point more than about once and a bit: the file's bytes are handed back as each tensor is converted,
     the freed blocks every eighth of the model as they are copied."""
-    from babyllama import kernels
     from babyllama.memory import _glibc
 
     peak_reset = os.access("/proc/self/clear_refs", os.W_OK)

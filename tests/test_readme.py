@@ -108,8 +108,8 @@ def test_tour_outputs_stay_in_ignored_folders():
     for c in written:
         for target in re.findall(r"(?:--out_dir=|--data-dir |--data_dir=|export )(\S+)", c):
             assert target.startswith("out/"), c
-    top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True) \
-        if shutil.which("git") else None
-    if top is not None and top.returncode == 0 and Path(top.stdout.strip()).resolve() == ROOT.resolve():
-        ignored = subprocess.run(["git", "check-ignore", "-q", "out/anything"], cwd=ROOT)
-        assert ignored.returncode == 0
+    if shutil.which("git"):
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True)
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == ROOT.resolve():
+            ignored = subprocess.run(["git", "check-ignore", "-q", "out/anything"], cwd=ROOT)
+            assert ignored.returncode == 0
