@@ -19,9 +19,11 @@ from .sampler import Sampler
 from .tokenizer import EOS
 
 
-def _read_line(prompt: str) -> str | None:
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
+def _read_line(printer: Printer, prompt: str) -> str | None:
+    """A line of stdin without its newline; None at the end of input (a closed stdin included)."""
+    if sys.stdin is None:
+        return None
+    printer.write(prompt)
     line = sys.stdin.readline()
     return None if line == "" else line.rstrip("\n")
 
@@ -29,17 +31,17 @@ def _read_line(prompt: str) -> str | None:
 def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
          raw: bool = False) -> int:
     """Chat until stdin ends. `max_new` caps each reply (0: up to the context window)."""
-    if system is None and sys.stdin.isatty():
-        system = _read_line("Enter system prompt (optional): ")
+    printer = Printer(model.tokenizer, raw)
+    if system is None and sys.stdin is not None and sys.stdin.isatty():
+        system = _read_line(printer, "Enter system prompt (optional): ")
         if system is None:
             return 0
     seq_len = model.args.max_seq_len
     batch = Batch(model.engine, 1)
-    printer = Printer(model.tokenizer, raw)
     seq: Sequence | None = None
     while True:
         if not user:
-            user = _read_line("User: ")
+            user = _read_line(printer, "User: ")
             if user is None:  # end of input
                 return 0
         messages = [{"role": "user", "content": user}]
@@ -58,8 +60,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         else:
             seq.max_new = budget
             seq.extend(turn)
-        sys.stdout.write("Assistant: ")
-        sys.stdout.flush()
+        printer.write("Assistant: ")
         printer.restart(turn[-1])
         while not seq.done:
             for _, token in batch.step():

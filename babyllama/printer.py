@@ -10,18 +10,43 @@ characters disappear. For ASCII text the two are the same bytes.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import BinaryIO
 
+from .errors import BabyLlamaError
 from .tokenizer import BOS, Tokenizer
+
+
+def stdout_bytes() -> BinaryIO:
+    """The byte stream under stdout; one error line when stdout is closed (`>&-`)."""
+    if sys.stdout is None:
+        raise BabyLlamaError("standard output is closed: nowhere to print the text")
+    return sys.stdout.buffer
+
+
+def write_out(out: BinaryIO, data: bytes) -> None:
+    """Write and flush `data`. A stream that fails (a full disk) is one error line; a reader that went away
+    (BrokenPipeError) is left to the CLI, which ends quietly on it."""
+    try:
+        if data:
+            out.write(data)
+        out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        if sys.stdout is not None and out is sys.stdout.buffer:
+            # the bytes still buffered would fail again, noisily, when the interpreter flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise BabyLlamaError(f"cannot write the output: {e.strerror or e}") from None
 
 
 class Printer:
     def __init__(self, tokenizer: Tokenizer, raw: bool = False, out: BinaryIO | None = None, prev: int = BOS):
         self.tokenizer = tokenizer
         self.raw = raw
-        self.out = out if out is not None else sys.stdout.buffer
+        self.out = out if out is not None else stdout_bytes()
         self.prev = prev
         self.text = tokenizer.stream(prev)
 
@@ -44,9 +69,7 @@ class Printer:
             self.token(t)
 
     def write(self, data: bytes | str) -> None:
-        if data:
-            self.out.write(data.encode() if isinstance(data, str) else data)
-        self.out.flush()
+        write_out(self.out, data.encode() if isinstance(data, str) else data)
 
     def end(self, newline: bool = True) -> None:
         """Print what is held back (an unfinished character) and, like run.c, a final newline."""

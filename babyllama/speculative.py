@@ -46,11 +46,11 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
                          k: int = 4, stop_ids: Iterable[int] = (BOS,), stats: SpecStats | None = None,
                          max_new: int | None = None) -> Iterator[int]:
     """Stream the target's tokens after `prompt_ids` (run.c semantics: `steps` positions in all; at most
-    `max_new` tokens when given)."""
+    `max_new` tokens when given). A draft with a shorter context drafts while its context lasts."""
     check_pair(target, draft)
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
-    max_pos = min(steps, target.args.max_seq_len, draft.args.max_seq_len)
+    max_pos = min(steps, target.args.max_seq_len)
     if max_new is not None:
         max_pos = min(max_pos, len(prompt_ids) + max_new - 1)
     tcache, dcache = target.new_cache(1), draft.new_cache(1)
@@ -60,7 +60,9 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
     rng = sampler.rng
 
     while len(tokens) <= max_pos:
-        n_draft = max(0, min(k, max_pos - len(tokens)))
+        # the j-th drafted token comes from the draft's position len(tokens) - 1 + j: past the draft's context
+        # the target goes on alone (rounds of no drafted tokens are plain decode steps)
+        n_draft = max(0, min(k, max_pos - len(tokens), draft.args.max_seq_len + 1 - len(tokens)))
         drafted: list[int] = []
         qs: list[np.ndarray] = []
         for j in range(n_draft):  # 1. draft, one token at a time (the first call catches the draft up)

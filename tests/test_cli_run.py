@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
-from conftest import run_cli
+import pytest
+from conftest import ROOT, run_cli
 
 from babyllama.chat_template import chat_prompt
 from babyllama.tokenizer import EOS
@@ -145,3 +150,83 @@ def test_chat_subcommand_is_run_in_chat_mode(stories260k, tok512):
     same = run_cli("run", str(stories260k), "-z", str(tok512), "-m", "chat", "-t", "0", "-n", "60", "-y", "Be kind.",
                    input="Hello\n")
     assert proc.stdout == same.stdout
+
+
+def shell_cli(redirect: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m babyllama ARGS REDIRECT` through the shell (closed or odd standard streams)."""
+    cmd = " ".join([shlex.quote(sys.executable), "-m", "babyllama", *map(shlex.quote, args), redirect])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(["sh", "-c", cmd], input=input.encode() if input else None, capture_output=True,
+                          timeout=120, cwd=ROOT, env=env)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, text: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.startswith(f"babyllama: error: {text}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("mode", [["chat"], ["chat", "-y", "Be kind."], ["run", "-m", "chat"]])
+def test_chat_with_stdin_closed_ends_as_at_the_end_of_input(mode):
+    proc = shell_cli("<&-", *mode, "-t", "0", "-n", "20")
+    assert proc.returncode == 0 and proc.stderr == b"", proc.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["run"], ["chat"], ["run", "--batch-file", "PROMPTS"]])
+def test_closed_or_full_stdout_is_one_error_line(command, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once\nA dog\n")
+    args = [str(prompts) if a == "PROMPTS" else a for a in command] + ["-t", "0", "-n", "40"]
+    one_error_line(shell_cli(">&-", *args, input="Hi\n"), "standard output is closed")
+    if Path("/dev/full").exists():  # writes to it fail with ENOSPC
+        one_error_line(shell_cli("> /dev/full", *args, input="Hi\n"), "cannot write the output: No space left")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--parallel", "4"], "--parallel works with --batch-file only"),
+    (["--n-keep", "5"], "--n-keep works with --context-shift only"),
+    (["--draft-k", "3"], "--draft-k works with --draft only"),
+    (["--batch-file", "PROMPTS", "-i", "Hi"], "--batch-file gives the prompts"),
+    (["--plain", "--device", "cpu"], "--plain is the NumPy reference engine"),
+    (["--context-shift", "--n-keep", "257"], "--n-keep must be at most half the context (256), got 257"),
+])
+def test_flags_without_their_partner_are_refused(flags, message, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once\n")
+    one_error_line(run_cli("run", "-n", "5", *[str(prompts) if f == "PROMPTS" else f for f in flags]), message)
+
+
+def test_an_empty_model_path_is_a_usage_error():
+    proc = run_cli("run", "")
+    assert proc.returncode == 2 and b"the path is empty" in proc.stderr
+
+
+def test_a_prompt_longer_than_the_context(stories260k, tok512):
+    """run.c's rule (the prompt printed, nothing generated) with a warning that names the cause; with
+    --context-shift, --max-new-tokens alone bounds the run and the window slides past the prompt."""
+    prompt = "Once upon a time there was a dog. " * 60  # ~600 tokens: more than the 512 positions
+    base = ["run", str(stories260k), "-z", str(tok512), "-t", "0", "-i", prompt]
+    proc = run_cli(*base, "--max-new-tokens", "30")
+    assert proc.returncode == 0 and proc.stdout.decode() == prompt.rstrip(" ")[:len(proc.stdout) - 1] + "\n"
+    assert b"more than the model's context (512)" in proc.stderr and b"--context-shift" in proc.stderr
+    shifted = run_cli(*base, "--max-new-tokens", "30", "--context-shift")
+    assert shifted.returncode == 0, shifted.stderr.decode()
+    assert len(shifted.stdout) > len(proc.stdout) + 30 and b"warning" not in shifted.stderr
+
+
+def test_chat_takes_max_new_tokens_0_as_up_to_the_context(stories260k, tok512):
+    proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "--max-new-tokens", "0", input="Hi\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout.split(b"Assistant: ")[1]) > 400  # the story model runs on, far past run.c's 256 steps
+
+
+def test_batch_file_has_a_prompt_per_line_empty_ones_included(stories260k, tok512, tmp_path):
+    """Every line is a prompt, an empty one included (a story from BOS); only the newline that ends the file
+    makes none."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n")
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "20", "--batch-file", str(prompts))
+    assert proc.returncode == 0, proc.stderr.decode()
+    sections = proc.stdout.split(b"=== sequence ")[1:]
+    assert len(sections) == 2 and sections[0].split(b"===\n", 1)[1] == sections[1].split(b"===\n", 1)[1]
+    prompts.write_text("")
+    one_error_line(run_cli("run", "--batch-file", str(prompts)), f"batch file {prompts} has no prompts")

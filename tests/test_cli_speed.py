@@ -40,6 +40,19 @@ def test_threads_and_draft_keep_run_c_output(stories260k, tok512):
     assert b"(100.0%)" in proc.stderr
 
 
+def test_a_draft_with_a_shorter_context_drafts_while_it_lasts(stories260k, tok512, tmp_path):
+    """The model as its own draft with a 64-position header: the target's greedy output to 200 positions
+    (run.c's), the draft's tokens all accepted while its context lasts and the target alone after that."""
+    from dataclasses import replace
+
+    weights = formats.load(stories260k)
+    short = tmp_path / "short.bin"
+    formats.save(replace(weights, args=replace(weights.args, max_seq_len=64)), short)
+    proc = run(stories260k, tok512, *GREEDY, "--draft", str(short), "--draft-k", "3")
+    assert proc.stdout == golden("s260k_t0_n200.txt")
+    assert b"(100.0%)" in proc.stderr
+
+
 def test_quantize_reaches_the_draft_model(stories260k, tok512):
     """`--quantize` quantizes the `--draft` model too (read once from its file, like the model itself): the Q8_0
     model as its own draft is the Q8_0 model's greedy output, every draft accepted."""

@@ -79,11 +79,13 @@ def test_offline_is_one_clear_line(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: connection refused, as offline as it gets here
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = run_cli("download", "stories15M", "--dir", str(tmp_path), "--url-base", f"http://127.0.0.1:{port}")
+    proc = run_cli("download", "stories15M", "--dir", str(tmp_path / "models"), "--url-base",
+                   f"http://127.0.0.1:{port}")
     assert proc.returncode == 1
     err = proc.stderr.decode()
     assert err.startswith("babyllama: error: download failed: cannot reach http://127.0.0.1:") and "no internet" in err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "models").exists()  # the folders made for it, left empty, are gone again
 
 
 def test_unknown_name(tmp_path):

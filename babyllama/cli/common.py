@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_model_flags(p, what: str = "model", default: str = "the built-in story model") -> None:
     """The model (any format babyllama reads) and its tokenizer."""
-    p.add_argument("checkpoint", nargs="?", metavar="MODEL",
+    p.add_argument("checkpoint", nargs="?", metavar="MODEL", type=non_empty_path,
                    help=f"the {what}: a llama2.c .bin (v0/v1/v2), a GGUF file, a Hugging Face or Meta folder, or "
                         f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
@@ -34,6 +34,13 @@ def add_model_flags(p, what: str = "model", default: str = "the built-in story m
     add_kv_cache(p)
 
 
+def non_empty_path(text: str) -> str:
+    """A path argument: an empty one would name the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
 def add_kv_cache(p) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
                    help="the KV cache's type: f16 halves the bytes attention reads per token, q8_0 (int8 with "
@@ -41,16 +48,24 @@ def add_kv_cache(p) -> None:
                         "Q4_0), f32 for fp32 ones, whose output then stays run.c's exactly (auto)")
 
 
-def add_sampling_flags(p) -> None:
-    """run.c's generation flags (short forms) with the long names people type."""
+def add_sampling_flags(p, per_reply: bool = False) -> None:
+    """run.c's generation flags (short forms) with the long names people type; `per_reply`: chat's -n and
+    --max-new-tokens, which budget each reply."""
     p.add_argument("-t", "--temperature", dest="temperature", type=float, default=1.0,
                    help="temperature, 0 = greedy (1.0)")
-    p.add_argument("-p", "--top-p", dest="topp", type=float, default=0.9, help="top-p in [0,1], 1 = off (0.9)")
-    p.add_argument("-s", "--seed", dest="seed", type=int, default=0, help="random seed (default: time)")
-    p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
-                   help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
+    p.add_argument("-p", "--top-p", dest="topp", type=float, default=0.9,
+                   help="top-p in [0,1]; 0 or 1 = off, as in run.c (0.9)")
+    p.add_argument("-s", "--seed", dest="seed", type=int, default=0, help="random seed; 0 = the time (default)")
+    if per_reply:
+        p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
+                       help=f"tokens per reply, 0 = up to the context window ({DEFAULT_STEPS})")
+        p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                       help="the same as -n (the name `run` and the server use)")
+    else:
+        p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
+                       help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
+        p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                       help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
     p.add_argument("-i", "--prompt", dest="prompt", default=None, help="input prompt")
     p.add_argument("--raw-bytes", action="store_true",
                    help="print exactly run.c's bytes (it drops every character sent as byte tokens) instead of "
@@ -59,7 +74,8 @@ def add_sampling_flags(p) -> None:
 
 def add_threads(p) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for BLAS and the kernels (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else all)")
+                   help="threads for BLAS and the kernels (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else "
+                        "every core, one when a busy machine makes that faster)")
 
 
 def add_time_limit(p) -> None:
@@ -82,15 +98,16 @@ def add_compile(p) -> None:
                    help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
 
 
-def check_sampling_flags(args) -> None:
+def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
+    """One-line errors for values out of range; `zero_new_tokens`: --max-new-tokens 0 means no limit (chat)."""
     if not args.temperature >= 0:  # also refuses nan
         raise BabyLlamaError(f"temperature (-t) must be >= 0, got {args.temperature}")
     if not 0.0 <= args.topp <= 1.0:
         raise BabyLlamaError(f"top-p (-p) must be in [0, 1], got {args.topp}")
     if args.steps is not None and args.steps < 0:
         raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise BabyLlamaError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_new_tokens is not None and args.max_new_tokens < (0 if zero_new_tokens else 1):
+        raise BabyLlamaError(f"--max-new-tokens must be >= {0 if zero_new_tokens else 1}, got {args.max_new_tokens}")
     if args.seed < 0:
         raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
 

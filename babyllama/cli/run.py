@@ -21,6 +21,7 @@ from .common import (
 )
 
 DEFAULT_PARALLEL = 16
+DRAFT_K = 4
 
 
 def add(sub) -> None:
@@ -32,20 +33,22 @@ def add(sub) -> None:
     p.add_argument("-y", "--system", dest="system", default=None, help="system prompt in chat mode")
     add_engine_flags(p)
     p.add_argument("--batch-file", default=None, metavar="FILE",
-                   help="generate for every line of FILE at once (one prompt per line); sequence i uses seed+i")
-    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help="generate for every line of FILE at once (one prompt per line; an empty line is an empty "
+                        "prompt, a story from BOS); sequence i uses seed+i")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
                    help=f"with --batch-file: sequences generated together, each with its own KV cache; the "
                         f"others wait for a free slot ({DEFAULT_PARALLEL})")
     p.add_argument("--context-shift", action="store_true",
                    help="when seq_len is reached, keep the first --n-keep tokens and slide the rest (-n may "
                         "exceed seq_len)")
-    p.add_argument("--n-keep", type=int, default=None, help="tokens kept by --context-shift (default: the prompt)")
+    p.add_argument("--n-keep", type=int, default=None,
+                   help="tokens kept by --context-shift, at most half the context (default: the prompt, up to that)")
     p.add_argument("--rotate-keys", action="store_true",
                    help="with --context-shift: move the cached keys/values and re-rotate the keys instead of "
                         "recomputing the kept window (faster; the kept entries still carry the dropped context)")
     p.add_argument("--draft", default=None, metavar="SMALL.bin",
                    help="speculative decoding with this draft model (same tokenizer)")
-    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round with --draft (4)")
+    p.add_argument("--draft-k", type=int, default=None, help=f"tokens drafted per round with --draft ({DRAFT_K})")
     p.add_argument("--plain", action="store_true", help="use the unoptimized reference engine (for comparison)")
     p.set_defaults(func=cmd_run)
 
@@ -54,12 +57,12 @@ def add(sub) -> None:
                                    "use up to -n / --max-new-tokens tokens (0: up to the context window); the "
                                    "oldest turns slide out when the conversation outgrows the context.")
     add_model_flags(c, default="the built-in chat model (the story model fine-tuned to follow requests)")
-    add_sampling_flags(c)
+    add_sampling_flags(c, per_reply=True)
     c.add_argument("-y", "--system", dest="system", default=None,
                    help="system prompt (asked for on stdin only when stdin is a terminal)")
     add_engine_flags(c)
-    c.set_defaults(func=cmd_run, mode="chat", batch_file=None, parallel=DEFAULT_PARALLEL, context_shift=False,
-                   n_keep=None, rotate_keys=False, draft=None, draft_k=4, plain=False, builtin="chat")
+    c.set_defaults(func=cmd_run, mode="chat", batch_file=None, parallel=None, context_shift=False,
+                   n_keep=None, rotate_keys=False, draft=None, draft_k=None, plain=False, builtin="chat")
 
 
 def add_engine_flags(p) -> None:
@@ -92,7 +95,7 @@ def cmd_run(args) -> int:
     from ..api import clamp_steps
     from ..sampler import Sampler
 
-    check_sampling_flags(args)
+    check_sampling_flags(args, zero_new_tokens=args.mode == "chat")
     prompt = text_arg(args.prompt, "prompt (-i)")
     system = text_arg(args.system, "system prompt (-y)") if args.system is not None else None
     check_speed_flags(args)
@@ -103,9 +106,10 @@ def cmd_run(args) -> int:
 
         max_new = args.max_new_tokens if args.max_new_tokens is not None else steps_flag(args)
         return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes)
+    check_n_keep(args.n_keep, model.args.max_seq_len)
     steps = steps_flag(args)
-    if args.context_shift and not args.batch_file and not args.draft:
-        steps = steps or model.args.max_seq_len  # -n may go past seq_len
+    if args.context_shift:  # -n may go past seq_len; with --max-new-tokens alone, that bounds the output
+        steps = steps or (sys.maxsize if args.max_new_tokens is not None else model.args.max_seq_len)
     else:
         steps = clamp_steps(steps, model.args.max_seq_len)
     if args.batch_file:
@@ -116,20 +120,36 @@ def cmd_run(args) -> int:
 
 
 def check_speed_flags(args) -> None:
+    """Flags that exclude each other, and flags given without the one they work with (refused rather than
+    ignored)."""
     exclusive = [name for name, on in (("--batch-file", args.batch_file), ("--draft", args.draft),
                                        ("--context-shift", args.context_shift)) if on]
     if len(exclusive) > 1:
         raise BabyLlamaError(f"{' and '.join(exclusive)} cannot be combined")
     if exclusive and args.mode == "chat":
         raise BabyLlamaError(f"{exclusive[0]} works in generate mode only (-m generate)")
-    if args.draft_k < 1:
-        raise BabyLlamaError(f"--draft-k must be >= 1, got {args.draft_k}")
-    if args.rotate_keys and not args.context_shift:
-        raise BabyLlamaError("--rotate-keys works with --context-shift only")
+    for flag, given, needs, present in (("--rotate-keys", args.rotate_keys, "--context-shift", args.context_shift),
+                                        ("--n-keep", args.n_keep is not None, "--context-shift", args.context_shift),
+                                        ("--draft-k", args.draft_k is not None, "--draft", args.draft),
+                                        ("--parallel", args.parallel is not None, "--batch-file", args.batch_file)):
+        if given and not present:
+            raise BabyLlamaError(f"{flag} works with {needs} only")
+    if args.batch_file and args.prompt is not None:
+        raise BabyLlamaError("--batch-file gives the prompts: -i/--prompt cannot be combined with it")
+    if args.plain and args.device != "numpy":
+        raise BabyLlamaError("--plain is the NumPy reference engine: it cannot be combined with --device "
+                             f"{args.device}")
+    for flag, value in (("--draft-k", args.draft_k), ("--parallel", args.parallel)):
+        if value is not None and value < 1:
+            raise BabyLlamaError(f"{flag} must be >= 1, got {value}")
     if args.n_keep is not None and args.n_keep < 0:
         raise BabyLlamaError(f"--n-keep must be >= 0, got {args.n_keep}")
-    if args.parallel < 1:
-        raise BabyLlamaError(f"--parallel must be >= 1, got {args.parallel}")
+
+
+def check_n_keep(n_keep: int | None, seq_len: int) -> None:
+    """A context shift keeps at most half the context, so that every shift frees room to go on."""
+    if n_keep is not None and n_keep > seq_len // 2:
+        raise BabyLlamaError(f"--n-keep must be at most half the context ({seq_len // 2}), got {n_keep}")
 
 
 def load_draft(args):
@@ -147,8 +167,7 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
 
     ids = model.tokenizer.encode(prompt, bos=True)
     if len(ids) > steps:
-        print(f"babyllama: warning: the prompt is {len(ids)} tokens (with BOS) but -n/--steps allows {steps} "
-              "positions: nothing will be generated (raise -n, or use --max-new-tokens)", file=sys.stderr)
+        warn_prompt_too_long(len(ids), steps, model.args.max_seq_len)
     printer = Printer(model.tokenizer, raw=args.raw_bytes)
     printer.tokens(ids[1: steps + 1])
     start, n = None, 0
@@ -156,7 +175,7 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
         from ..speculative import SpecStats, speculative_generate
 
         stats = SpecStats()
-        stream = speculative_generate(model.engine, draft, ids, steps, sampler, k=args.draft_k, stats=stats,
+        stream = speculative_generate(model.engine, draft, ids, steps, sampler, k=args.draft_k or DRAFT_K, stats=stats,
                                       max_new=args.max_new_tokens)
     else:
         stream = generate(model.engine, ids, steps, sampler, context_shift=args.context_shift, n_keep=args.n_keep,
@@ -175,6 +194,18 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
     return 0
 
 
+def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int) -> None:
+    """run.c prints such a prompt and generates nothing; say why, and what would help."""
+    if n_prompt > seq_len:
+        why = f"more than the model's context ({seq_len})"
+        fix = "shorten it, or use --context-shift to slide the window"
+    else:
+        why = f"but -n/--steps allows {steps} positions"
+        fix = "raise -n, or use --max-new-tokens"
+    print(f"babyllama: warning: the prompt is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
+          f"({fix})", file=sys.stderr)
+
+
 def generate_batch_file(model, args, steps: int) -> int:
     """Every line of --batch-file is a prompt; they are generated together (--parallel at a time) and printed
     in order, each after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`, as soon as it and
@@ -182,7 +213,7 @@ def generate_batch_file(model, args, steps: int) -> int:
     from io import BytesIO
 
     from ..generate import stream_batch
-    from ..printer import Printer
+    from ..printer import Printer, stdout_bytes, write_out
     from ..sampler import Sampler
 
     prompts = read_prompts(args.batch_file)
@@ -192,19 +223,18 @@ def generate_batch_file(model, args, steps: int) -> int:
     base = args.seed or int(time.time())
     samplers: list[Sampler | None] = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
     start = time.perf_counter()
-    out = sys.stdout.buffer
+    out = stdout_bytes()
     total = 0
     # a sampler is dropped (None) only once its sequence is printed
     for i, seq in stream_batch(model.engine, ids, steps, cast("list[Sampler]", samplers),
-                               max_new=args.max_new_tokens, max_slots=args.parallel):
-        out.write(f"=== sequence {i + 1}/{len(ids)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
-                  .encode())
+                               max_new=args.max_new_tokens, max_slots=args.parallel or DEFAULT_PARALLEL):
         text = BytesIO()
+        text.write(f"=== sequence {i + 1}/{len(ids)} ({len(seq.generated)} tokens, {seq.stop_reason}) ===\n"
+                   .encode())
         printer = Printer(tok, raw=args.raw_bytes, out=text)
         printer.tokens(ids[i][1: steps + 1] + seq.generated)
         printer.end()
-        out.write(text.getvalue())
-        out.flush()
+        write_out(out, text.getvalue())
         total += len(seq.generated)
         ids[i] = samplers[i] = None  # printed: nothing of it is kept
     elapsed = time.perf_counter() - start
@@ -218,7 +248,7 @@ def read_prompts(path: str) -> list[str]:
 
     text = safeio.read_text(path, "batch file")
     prompts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    while prompts and prompts[-1] == "":
+    if prompts[-1] == "":  # the newline that ends the last line, not an empty prompt after it
         prompts.pop()
     if not prompts:
         raise BabyLlamaError(f"batch file {path} has no prompts")
