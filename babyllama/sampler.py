@@ -130,8 +130,26 @@ def check_logits(logits: np.ndarray) -> None:
                              "overflow in fp32 (or are corrupt)")
 
 
+def overflows(top: float, temperature: float) -> bool:
+    """Whether the largest logit divided by the temperature leaves fp32 (a temperature near 0, or one that rounds
+    to 0 in fp32): softmax(logits / temperature) is then NaN, and what sampling tends to as the temperature goes
+    to 0 is the argmax. The division is the one the softmax makes, in fp32."""
+    t = np.float32(temperature)
+    if abs(float(top)) < float(t) * 3e38:  # well below fp32's largest, 3.4e38 (every draw: no NumPy error state)
+        return False
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return not np.isfinite(np.float32(top) / t)
+
+
+def one_hot(n: int, i: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.float32)
+    out[i] = 1.0
+    return out
+
+
 class Sampler:
-    """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p."""
+    """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p (the argmax
+    too where the temperature is so small that logits / temperature overflow fp32: its limit)."""
 
     def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None):
         if not temperature >= 0:  # also refuses NaN
@@ -145,7 +163,13 @@ class Sampler:
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """The distribution this sampler draws from (before top-p truncation)."""
         x = np.asarray(logits, dtype=np.float32)
-        return softmax(x if self.temperature == 1.0 else x / np.float32(self.temperature))  # x / 1 is x
+        if self.temperature == 1.0:
+            return softmax(x)  # x / 1 is x
+        best = int(x.argmax())
+        if overflows(x[best], self.temperature):
+            return one_hot(len(x), best)
+        with np.errstate(over="ignore"):  # a logit far below the largest may reach -inf: its probability is 0
+            return softmax(x / np.float32(self.temperature))
 
     def distribution(self, logits: np.ndarray) -> np.ndarray:
         """The distribution `sample` draws from, top-p truncation included (renormalized): what
@@ -165,7 +189,9 @@ class Sampler:
             check_logits(logits)
         if self.temperature == 0.0:
             return best
-        coin = self.rng.f32()
+        coin = self.rng.f32()  # drawn even where it is not needed: later draws do not depend on this one's path
+        if overflows(logits[best], self.temperature):
+            return best
         native = _logits_sampler
         if native is not None and logits.dtype == np.float32 and logits.ndim == 1 and logits.flags.c_contiguous:
             token = native(logits, self.temperature, self.topp, coin)  # one C call instead of a dozen NumPy ones

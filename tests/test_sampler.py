@@ -102,3 +102,53 @@ def test_a_top_p_below_one_over_the_vocabulary_takes_the_top_token():
     assert cand.tolist() == [2] and cum[-1] == probs[2]
     dist = s.distribution(logits)
     assert dist[2] == 1.0 and dist.sum() == 1.0
+
+
+TINY_TEMPERATURES = [1e-38, 1e-40, 1e-45, 5e-324]  # in [0, 2], but logits / T leave fp32 (5e-324 rounds to 0)
+
+
+def _logits_for_tiny_temperatures() -> list[np.ndarray]:
+    """Logits where a tiny temperature overflows: mixed signs, all negative, zeros (0 / 0 where T rounds to 0)
+    with a -inf, and a first largest one repeated."""
+    mixed = np.random.default_rng(5).normal(0, 3, 512).astype(np.float32)
+    negative = -np.abs(mixed) - 1
+    zeros = np.zeros(16, dtype=np.float32)
+    zeros[[3, 9]] = [-np.inf, 0.5]
+    tie = np.array([0.1, 20.0, -4.0, 20.0], dtype=np.float32)
+    return [mixed, negative, zeros, tie]
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+@pytest.mark.parametrize("path", ["default", "numpy"])
+def test_a_temperature_too_small_for_fp32_samples_the_argmax(temperature, path, monkeypatch):
+    """As T goes to 0 sampling becomes greedy: where logits / T overflow fp32 (the softmax would be NaN) every
+    seed and top-p gives -t 0's token, and `distribution` is all on it. "default": through the native kernels'
+    one-call sampler where they load; "numpy": NumPy's softmax and search."""
+    from babyllama import kernels, sampler
+
+    kernels.backend()  # the native kernels lend their sampler when they are the backend
+    if path == "numpy":
+        for name in ("_logits_sampler", "_topp_sampler", "_cdf_search"):
+            monkeypatch.setattr(sampler, name, None)
+    for logits in _logits_for_tiny_temperatures():
+        greedy = Sampler(0.0).sample(logits)
+        for topp in (0.0, 0.5, 0.9, 1.0):
+            assert {Sampler(temperature, topp, seed).sample(logits) for seed in range(1, 6)} == {greedy}
+        dist = Sampler(temperature, 0.9, 1).distribution(logits)
+        assert dist[greedy] == 1.0 and dist.sum() == 1.0
+
+
+@pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
+def test_the_c_sampler_takes_the_argmax_where_logits_over_the_temperature_overflow(temperature):
+    from babyllama import kernels
+
+    native = kernels.native_backend()
+    if native is None:
+        pytest.skip("the native kernels are not the backend")
+    for logits in _logits_for_tiny_temperatures():
+        greedy = int(logits.argmax())
+        probs = native.softmax_logits(logits, temperature)
+        assert probs[greedy] == 1.0 and probs.sum() == 1.0
+        for topp in (0.0, 0.9, 1.0):
+            for coin in np.array([0.0, 0.5, 0.999999], dtype=np.float32):
+                assert native.sample_logits(logits, temperature, topp, coin) == greedy

@@ -3424,6 +3424,17 @@ int64_t sample_topp(const float *probs, int64_t n, float topp, float cutoff, flo
     return token;
 }
 
+/* The distribution that softmax(logits / temperature) tends to as the temperature goes to 0: all on the first
+ * largest logit (the argmax, as sampler.Sampler.sample takes it). */
+static void argmax_distribution(const float *logits, int64_t n, float *probs) {
+    int64_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        top = logits[i] > logits[top] ? i : top;
+        probs[i] = 0.0f;
+    }
+    probs[top] = 1.0f;
+}
+
 /* probs = softmax(logits / temperature) over n values (temperature 1: the logits as they are), as
  * sampler.softmax computes it (the maximum subtracted, each exponential divided by their sum in fp32) but with
  * this file's exponential (exp8; 0 below e^-87, where NumPy's gives a subnormal or 0) and the sum accumulated in
@@ -3435,6 +3446,10 @@ void softmax_logits(const float *logits, int64_t n, double temperature, float *p
     for (int64_t i = 0; i < n; i++) {
         probs[i] = temperature == 1.0 ? logits[i] : logits[i] / t;
         max = probs[i] > max ? probs[i] : max;
+    }
+    if (!isfinite(max)) { /* logits / temperature left fp32 (a temperature near 0): the limit, as sampler.overflows */
+        argmax_distribution(logits, n, probs);
+        return;
     }
     int64_t i = 0;
 #ifdef __AVX2__
