@@ -111,6 +111,12 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ encoding
 
+    def most_bytes_per_token(self) -> int:
+        """The most bytes of text one token of `encode` stands for: its longest mergeable piece, or a character
+        missing from the vocabulary (up to 4 bytes), which becomes one UNK where there are no byte tokens."""
+        longest = max((len(p) for p in self.piece_ids), default=1)
+        return longest if self.byte_ids else max(longest, 4)
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [BOS] if bos else []
         if text:
@@ -188,12 +194,12 @@ class Tokenizer:
     def decode_piece(self, prev: int, token: int) -> bytes:
         """What run.c prints for `token` following `prev`: the leading space dropped after BOS, byte
         tokens as their byte, and a lone unprintable byte suppressed (run.c's safe_printf)."""
-        piece = self._piece_after(prev, token)
+        piece = self.piece_after(prev, token)
         if len(piece) == 1 and piece[0] not in _PRINTABLE:
             return b""
         return piece
 
-    def _piece_after(self, prev: int, token: int) -> bytes:
+    def piece_after(self, prev: int, token: int) -> bytes:
         """`token`'s piece as run.c decodes it after `prev`: its leading space dropped after BOS, a byte
         token (<0xAB>) as that byte."""
         piece = self.pieces[token]
@@ -208,7 +214,7 @@ class Tokenizer:
         kept (it is part of a UTF-8 character), and nothing for the control tokens BOS and EOS."""
         if token in (BOS, EOS):
             return b""
-        piece = self._piece_after(prev, token)
+        piece = self.piece_after(prev, token)
         if len(piece) == 1 and piece[0] < 0x80 and piece[0] not in _PRINTABLE:
             return b""
         return piece

@@ -330,6 +330,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400),  # would change the answer: refused
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, 400),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400),  # wrong types are refused, not converted
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.0}, 400),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400),
+    ("/v1/completions", {"prompt": [True, 5]}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400),
     ("/v1/chat/completions", {"messages": []}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400),
@@ -464,6 +470,8 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
         assert done.wait(10)
         assert [type(e) for _, e in events[1:]] == [Token, Token, Token, Finished]
         assert sched.status() == {"slots": 1, "active": 0, "queued": 0} and sched.healthy
+        # status() waited for the step that finished the job to let go of the lock: the gauges are set by then
+        assert sched.metrics.registry.get_sample_value("babyllama_active_slots") == 0
     finally:
         sched.stop()
 
@@ -474,6 +482,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     (["--timeout", "0"], "--timeout must be > 0"),
     (["--chat-template", "nope"], "unknown chat template 'nope'"),
     (["--api-key", " "], "--api-key must not be empty"),
+    (["--api-key", "clé"], "--api-key must be printable ASCII"),
     (["/no/such/model.bin"], "not found"),
 ])
 def test_serve_flags_are_checked_in_one_line(flags, message):
@@ -509,3 +518,145 @@ def test_readme_serve_examples(server):
         assert json.loads(out.stdout)["choices"][0]["text"] == run_text("Once upon a time", 40)
     out = subprocess.run([sys.executable, "-c", local(py[0])], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and len(out.stdout) > 20, out.stderr
+
+
+def test_null_means_the_default(server):
+    """OpenAI reads null as "not set" (LiteLLM sends null for every field it leaves unset)."""
+    nulls = dict.fromkeys(["model", "top_p", "n", "stream", "stream_options", "seed", "stop", "user"])
+    r = server.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                                        "echo": None, "logprobs": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [run_text("Once upon a time", 8)]
+    r = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                             "temperature": None, "logprobs": None, "top_logprobs": None,
+                                             "max_completion_tokens": None, **nulls})
+    assert r.status_code == 200, r.text
+    choice, = r.json()["choices"]
+    assert choice["logprobs"] is None and r.json()["usage"]["completion_tokens"] <= 4
+    r = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stream": True,
+                                        "stream_options": {"include_usage": None}})
+    assert r.status_code == 200 and '"usage"' not in r.text
+
+
+def test_a_temperature_too_small_for_fp32_gives_the_greedy_text(client):
+    greedy = run_text("Once upon a time", 12)
+    for seed in (1, 2):
+        r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1e-45,
+                                      seed=seed)
+        assert r.choices[0].text == greedy
+
+
+def test_the_prompt_counts_once_however_many_choices(client, tokenizer):
+    n_prompt = len(tokenizer.encode("Once upon a time", bos=True))
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=5, temperature=1.0, seed=3)
+    whole = client.completions.create(n=3, **kw)
+    assert whole.usage.prompt_tokens == n_prompt
+    assert whole.usage.completion_tokens == sum(len(c.text) > 0 for c in whole.choices) * 5 or \
+        any(c.finish_reason == "stop" for c in whole.choices)
+    streamed = list(client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    assert streamed[-1].usage.prompt_tokens == n_prompt
+    assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_neutral_response_format_and_developer_role(client):
+    def reply(role: str, **kw) -> str:
+        messages = [{"role": role, "content": "You tell short stories."},
+                    {"role": "user", "content": "Tell me a story."}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                              **kw).choices[0].message.content
+
+    text = reply("system")
+    assert reply("system", response_format={"type": "text"}) == text  # OpenAI's default, so neutral
+    assert reply("developer") == text  # newer clients' name for the system prompt
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": [True, 5]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", b'{"prompt": ', None),  # not JSON: no field to name
+])
+def test_validation_errors_name_the_field(server, path, body, param):
+    r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("prompt", ["", "Once upon a"])
+def test_logprobs_text_offsets_index_the_text(client, prompt):
+    """Each token's text_offset is where its text starts in the choice's text, text held back for a possible stop
+    string included; after BOS (an empty prompt) the first token shows its piece as the text does, without the
+    leading space."""
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=2, stop=["a zebra!"])
+    choice = client.completions.create(**kw).choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    assert all(top[token] == chosen for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    if not prompt:
+        assert not choice.text.startswith(" ") and not lp.tokens[0].startswith(" ")
+    chunks = [c.choices[0].logprobs for c in client.completions.create(stream=True, **kw) if c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset
+
+
+def test_head_cors_and_idle_gauges(server, client):
+    """HEAD on /health and / (health checkers probe with it); a CORS preflight for any request header (OpenAI's
+    SDKs add X-Stainless-*); after the last request the active-slots gauge is back to 0, as /health says."""
+    for path in ("/health", "/"):
+        r = httpx.head(server.url + path)
+        assert (r.status_code, r.content) == (200, b"")
+    r = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,x-stainless-retry-count"})
+    assert r.status_code == 200, r.text
+    assert "x-stainless-retry-count" in r.headers["access-control-allow-headers"].lower()
+    complete(client, "Once upon a time", 8)
+    assert server.wait_idle()["active"] == 0
+    assert server.metric("babyllama_active_slots") == 0
+
+
+def test_text_that_cannot_fit_the_context_is_refused_before_encoding(monkeypatch):
+    """A prompt of more bytes than the context's tokens can cover (a token covers at most its longest piece's
+    bytes) is refused without being encoded; one that may fit is encoded beside the event loop, not on it."""
+    import asyncio
+
+    from conftest import byte_tokenizer, random_weights, tiny_args
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    tok = byte_tokenizer(300)
+    on_loop: list[bool] = []
+    encode = tok.encode
+
+    def watched_encode(*args, **kw):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(tok, "encode", watched_encode)
+    seq_len = 64
+    longest = max(len(tok.piece_bytes(i)) for i in range(3, tok.vocab_size))  # "tok299": 6 bytes
+    app = create_app(Model(random_weights(tiny_args(max_seq_len=seq_len)), tok), ServeConfig(model_name="m"))
+    with TestClient(app) as http:
+        for path, body in (("/v1/completions", {"prompt": "x" * (seq_len * longest + 1)}),
+                           ("/v1/chat/completions", {"messages": [
+                               {"role": "system", "content": "x" * (seq_len * longest // 2)},
+                               {"role": "user", "content": "x" * (seq_len * longest // 2 + 1)}]})):
+            r = http.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            assert "more than the model's context of 64 tokens can hold" in r.json()["error"]["message"]
+        assert on_loop == []
+        r = http.post("/v1/completions", json={"prompt": "x" * 100})  # 100 tokens: too long, found by encoding
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert on_loop and not any(on_loop)

@@ -119,3 +119,49 @@ def test_stop_button_and_api_key(browser, slow_model):
         page.close()
     finally:
         server.stop()
+
+
+def test_a_long_conversation_leaves_out_its_oldest_turns_and_a_failed_turn_is_forgotten(browser):
+    """On the built-in model (context 512) with replies of up to 300 tokens, a second turn of 128 tokens never
+    fits beside the first: the page leaves out the oldest exchange (keeping the system prompt) and the turn is
+    answered. A turn that fails (alone longer than the context) leaves nothing in the conversation: the next
+    turn is sent as if it had not been typed."""
+    server = Server("--slots", "2")
+    turn = "The cat sat on the mat and the dog ran in the park. " * 6  # 128 tokens
+    sent: list[list[dict]] = []
+    try:
+        page = browser.new_page()
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)["messages"])
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.fill("#system", "You are a storyteller.")
+        page.fill("#temperature", "0")
+        page.dispatch_event("#temperature", "input")
+        page.fill("#max-tokens", "300")
+        system = {"role": "system", "content": "You are a storyteller."}
+
+        def say(text: str, n_turns: int) -> None:
+            page.fill("#prompt", text)
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n_turns} && "
+                                   "!document.getElementById('send').disabled", timeout=60_000)
+
+        say(turn.strip(), 1)
+        first_reply = page.text_content(".msg.assistant")
+        assert first_reply
+        say("word " * 600, 2)
+        assert page.text_content(".msg.error").startswith("Error: ")
+        n_before = len(sent)
+        say(turn.strip(), 3)
+        replies = page.query_selector_all(".msg.assistant")
+        assert len(replies) == 2 and replies[1].text_content() and not page.query_selector_all(".msg.error")[1:]
+        assert "earliest turns" in page.text_content("#status")
+        user = {"role": "user", "content": turn.strip()}
+        # the failed turn is not sent again; the exchange that does not fit is left out, the system prompt kept
+        assert sent[n_before:] == [[system, user, {"role": "assistant", "content": first_reply}, user],
+                                   [system, user]]
+        assert all(m["content"] for messages in sent for m in messages)
+        page.close()
+    finally:
+        server.stop()

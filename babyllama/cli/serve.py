@@ -51,6 +51,9 @@ def check_flags(args) -> None:
         raise BabyLlamaError(f"--timeout must be > 0, got {args.timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise BabyLlamaError("--api-key must not be empty")
+    if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
+        # HTTP headers carry ASCII: a client could never send such a key
+        raise BabyLlamaError("--api-key must be printable ASCII (it travels in an HTTP header)")
 
 
 def is_loopback(host: str) -> bool:

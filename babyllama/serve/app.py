@@ -34,8 +34,9 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="babyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    # any request header: OpenAI's SDKs add their own (X-Stainless-*), and a browser asks before sending them
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type"])
+                       allow_headers=["*"])
     app.add_middleware(CountAndAuthorize, config=config, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -52,7 +53,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     async def _client_gone(request: Request, exc: ClientGone):
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # health checkers probe with HEAD
     async def health():
         ok = scheduler.healthy
         return JSONResponse({"status": "ok" if ok else "error", **scheduler.status()}, status_code=200 if ok else 503)
@@ -78,7 +79,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request):
         return await service.chat(request)
 
-    @app.get("/")
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
         return FileResponse(STATIC / "index.html")
 

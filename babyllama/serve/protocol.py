@@ -7,7 +7,8 @@ import time
 import uuid
 from typing import Annotated, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..tokenizer import Tokenizer
 
@@ -17,16 +18,38 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class StreamOptions(BaseModel):
-    include_usage: StrictBool = False
+def field_error(param: str, message: str) -> PydanticCustomError:
+    """A validation error that names the request field it is about (the answer's `param`) where pydantic's
+    location cannot: one raised by a check of the whole request."""
+    return PydanticCustomError("value_error", message, {"param": param})
+
+
+class Strict(BaseModel):
+    """A request object as OpenAI reads it: values of the wrong type are refused, not converted ("1" is no
+    number, true no integer; an integer is a float), and null for an optional field means its default
+    (clients such as LiteLLM send null for every field they leave unset)."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, f in cls.model_fields.items() if not f.is_required()}
+        return {k: v for k, v in data.items() if not (v is None and k in optional)}
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
 
 
 # OpenAI fields that would change the answer and that this server does not implement: refused unless neutral
 UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "best_of": 1, "suffix": None,
-               "tools": None, "functions": None, "response_format": None}
+               "tools": None, "functions": None, "response_format": {"type": "text"}}
 
 
-class Common(BaseModel):
+class Common(Strict):
     """Fields both endpoints take. Other fields (user, metadata, ...) are ignored, as OpenAI's clients may send
     them; those of UNSUPPORTED are refused unless they ask for the default."""
 
@@ -36,7 +59,7 @@ class Common(BaseModel):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
-    stream: StrictBool = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
@@ -54,7 +77,7 @@ class Common(BaseModel):
         for name, neutral in UNSUPPORTED.items():
             value = (self.model_extra or {}).get(name)
             if value not in (None, neutral) and value != {} and value != []:
-                raise ValueError(f"{name} is not supported by this server")
+                raise field_error(name, f"{name} is not supported by this server")
         return self
 
     @property
@@ -69,33 +92,43 @@ class Common(BaseModel):
 class CompletionRequest(Common):
     prompt: str | Annotated[list[int], Field(min_length=1)] = ""
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: StrictBool = False
+    echo: bool = False
 
     @model_validator(mode="after")
     def _echo(self):
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not supported")
+            raise field_error("echo", "echo with logprobs (the prompt's log-probabilities) is not supported")
         return self
 
 
-class ContentPart(BaseModel):
+class ContentPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
+    def template_role(self) -> str:
+        """The role the chat template knows: newer OpenAI clients send their system prompt as "developer"."""
+        return "system" if self.role == "developer" else self.role
+
 
 class ChatRequest(Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: StrictBool = False
+    logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise field_error("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
 
     @property
     def reply_budget(self) -> int | None:
@@ -110,6 +143,7 @@ class ChoiceText:
     the first stop string. Text that could be the start of a stop string is held back until it is not."""
 
     def __init__(self, tokenizer: Tokenizer, prev: int, stops: list[str]):
+        self.prev = prev  # the token the choice's first token follows
         self.stream = tokenizer.stream(prev)
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
@@ -140,6 +174,11 @@ class ChoiceText:
             out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         self.sent += len(out)
         return out
+
+    @property
+    def decoded(self) -> int:
+        """Characters decoded so far, held-back ones included: where the next token's text starts."""
+        return self.sent + len(self.pending)
 
     def _partial_stop_length(self) -> int:
         """The longest tail of the pending text that is the start of a stop string."""
@@ -172,23 +211,23 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict 
     return out
 
 
-def token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token as OpenAI's logprobs show it: its bytes as text (a byte token's lone byte as U+FFFD)."""
-    return tokenizer.piece_bytes(token).decode("utf-8", errors="replace")
+def token_text(tokenizer: Tokenizer, token: int, prev: int | None = None) -> str:
+    """A token as OpenAI's logprobs show it: its bytes as text (a byte token's lone byte as U+FFFD); after
+    `prev` BOS without its leading space, as the text shows it there."""
+    data = tokenizer.piece_bytes(token) if prev is None else tokenizer.piece_after(prev, token)
+    return data.decode("utf-8", errors="replace")
 
 
-def completion_logprobs(tokenizer: Tokenizer, entries: list, offset0: int) -> dict:
-    """The completions API's logprobs object for a choice's tokens (entries: scheduler.Token)."""
-    tokens, lps, tops, offsets = [], [], [], []
-    offset = offset0
+def completion_logprobs(tokenizer: Tokenizer, entries: list, offsets: list[int], prev: int) -> dict:
+    """The completions API's logprobs object for a choice's tokens (entries: scheduler.Token) that follow the
+    token `prev`; offsets: where each token's text starts in the choice's text."""
+    tokens, lps, tops = [], [], []
     for e in entries:
-        text = token_text(tokenizer, e.id)
-        tokens.append(text)
+        tokens.append(token_text(tokenizer, e.id, prev))
         lps.append(e.logprob)
-        tops.append({token_text(tokenizer, i): lp for i, lp in e.top or []})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        tops.append({token_text(tokenizer, i, prev): lp for i, lp in e.top or []})
+        prev = e.id
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
 def chat_logprobs(tokenizer: Tokenizer, entries: list) -> dict:

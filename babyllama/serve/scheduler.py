@@ -128,8 +128,7 @@ class Scheduler:
                         return
                     self._drop_ended(time.monotonic())
                     self._admit()
-                    self.metrics.queue_depth.set(len(self.waiting))
-                    self.metrics.active_slots.set(len(self.running))
+                    self._publish_gauges()
                 if self.running:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - a bug: reported by /health, and every waiting job ends
@@ -191,7 +190,12 @@ class Scheduler:
         with self._cond:
             for job in [j for j in self.running if _running_seq(j).done]:
                 self._finish(job, _running_seq(job).stop_reason or "length", deliveries)
+            self._publish_gauges()  # the loop may now sleep until the next request: the gauges must be true
         deliveries.send()
+
+    def _publish_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.active_slots.set(len(self.running))
 
 
 def _running_seq(job: Job) -> Sequence:

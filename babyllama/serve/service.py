@@ -18,7 +18,7 @@ from ..api import Model
 from ..chat_template import encode_chat
 from ..errors import BabyLlamaError
 from ..sampler import Sampler
-from ..tokenizer import BOS
+from ..tokenizer import BOS, Tokenizer
 from . import protocol as p
 from .metrics import Metrics
 from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, Token
@@ -61,7 +61,13 @@ class Choice:
     job: Job
     text: p.ChoiceText
     tokens: list[Token] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # where each token's text starts in the choice's text
     finish: str | None = None
+
+    def logprobs(self, tok: Tokenizer, start: int = 0) -> dict:
+        """The completions API's logprobs of the tokens from `start` on."""
+        prev = self.tokens[start - 1].id if start > 0 else self.text.prev
+        return p.completion_logprobs(tok, self.tokens[start:], self.offsets[start:], prev)
 
 
 @dataclass
@@ -83,7 +89,8 @@ class Pending:
         return [c.job for c in self.choices]
 
     def usage(self) -> dict:
-        return p.usage(self.n_prompt * len(self.choices), sum(len(c.tokens) for c in self.choices))
+        """OpenAI's count: the prompt once, however many choices continue it."""
+        return p.usage(self.n_prompt, sum(len(c.tokens) for c in self.choices))
 
 
 class Service:
@@ -93,6 +100,7 @@ class Service:
         self.seq_len = model.args.max_seq_len
         self.vocab_size = model.args.vocab_size
         self.metrics = Metrics(config.slots)
+        self.bytes_per_token = self.tok.most_bytes_per_token()
         self.scheduler = Scheduler(model.engine, config.slots, config.queue, self.metrics,
                                    config.max_tokens_per_step, config.prefix_min)
 
@@ -109,7 +117,7 @@ class Service:
 
     async def completions(self, request: Request):
         req = await self.parse(request, p.CompletionRequest)
-        ids = self.prompt_ids(req.prompt)
+        ids = await self.prompt_ids(req.prompt)
         max_new = req.max_tokens or 16
         self.check_room(len(ids), max_new, "prompt")
         echo = self.prompt_text(req.prompt, ids) if req.echo else ""
@@ -117,9 +125,10 @@ class Service:
 
     async def chat(self, request: Request):
         req = await self.parse(request, p.ChatRequest)
+        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
+        self.check_text_fits(sum(len(m["content"].encode()) for m in messages), "conversation", "messages")
         try:
-            ids, _ = encode_chat(self.tok, [{"role": m.role, "content": m.text()} for m in req.messages],
-                                 template=self.config.chat_template)
+            ids, _ = await asyncio.to_thread(encode_chat, self.tok, messages, template=self.config.chat_template)
         except BabyLlamaError as e:
             raise APIError(400, str(e), param="messages") from None
         if len(ids) >= self.seq_len:
@@ -152,13 +161,15 @@ class Service:
         try:
             req = schema.model_validate_json(raw or b"null")
         except ValidationError as e:
-            raise APIError(400, validation_message(e)) from None
+            raise APIError(400, validation_message(e), param=validation_param(e)) from None
         self.check_model(req.model)
         return req
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids; a long text is encoded beside the event loop, not on it."""
         if isinstance(prompt, str):
-            return self.tok.encode(prompt, bos=True)
+            self.check_text_fits(len(prompt.encode()), "prompt", "prompt")
+            return await asyncio.to_thread(self.tok.encode, prompt, bos=True)
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
         return list(prompt)
@@ -166,6 +177,14 @@ class Service:
     def prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """What echo repeats: the prompt as given, or the text of its token ids."""
         return prompt if isinstance(prompt, str) else self.tok.decode_text(ids[1:] if ids[0] == BOS else ids)
+
+    def check_text_fits(self, n_bytes: int, what: str, param: str) -> None:
+        """Refuses text that can never fit the context before encoding it (which takes seconds for a megabyte):
+        a token stands for at most `most_bytes_per_token` bytes of it."""
+        if n_bytes > self.seq_len * self.bytes_per_token:
+            raise APIError(400, f"the {what} is {n_bytes} bytes, more than the model's context of {self.seq_len} "
+                                f"tokens can hold (a token covers at most {self.bytes_per_token} bytes); "
+                                f"shorten the {what}", param=param, code="context_length_exceeded")
 
     def check_room(self, n_prompt: int, max_new: int, param: str) -> None:
         if n_prompt + max_new > self.seq_len:
@@ -212,6 +231,7 @@ class Service:
     def take_token(self, choice: Choice, token: Token) -> str:
         """The text to send for a token; at a stop string the choice ends (its slot is freed next step)."""
         choice.tokens.append(token)
+        choice.offsets.append(choice.text.decoded)
         piece = choice.text.push(token.id)
         if choice.text.stopped:
             choice.finish = "stop"
@@ -261,7 +281,7 @@ class Service:
                             "logprobs": p.chat_logprobs(self.tok, choice.tokens) if req.logprobs else None,
                             "finish_reason": choice.finish})
             else:
-                lp = p.completion_logprobs(self.tok, choice.tokens, 0) if req.logprobs is not None else None
+                lp = choice.logprobs(self.tok) if req.logprobs is not None else None
                 out.append({"index": i, "text": content, "logprobs": lp, "finish_reason": choice.finish})
         return p.envelope("chat.completion" if pending.chat else "text_completion", pending.id,
                           self.config.model_name, out, pending.usage(), pending.created)
@@ -362,8 +382,8 @@ class Service:
         else:
             choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
             if token is not None and req.logprobs is not None:
-                offset = pending.choices[i].text.sent - len(piece or "")
-                choice["logprobs"] = p.completion_logprobs(self.tok, [token], offset)
+                this = pending.choices[i]
+                choice["logprobs"] = this.logprobs(self.tok, len(this.tokens) - 1)  # the token just taken
             kind = "text_completion"
         body = p.envelope(kind, pending.id, self.config.model_name, [choice], created=pending.created)
         if req.include_usage:
@@ -394,6 +414,16 @@ def compact(value) -> str:
 
 
 DONE = format_sse_event(data_str="[DONE]")
+
+
+def validation_param(e: ValidationError) -> str | None:
+    """The request field the first error is about, as OpenAI's `param` names it: the top-level field (pydantic's
+    deeper locations name union members, "prompt.list[int].0"), or the field a whole-request check names."""
+    err = e.errors(include_url=False)[0]
+    named = (err.get("ctx") or {}).get("param")
+    if named is not None:
+        return str(named)
+    return str(err["loc"][0]) if err["loc"] else None
 
 
 def validation_message(e: ValidationError) -> str:

@@ -1,7 +1,7 @@
 // The chat page: posts the conversation to /v1/chat/completions and shows the streamed reply.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const history = [];  // {role, content} of the conversation so far
+const history = [];  // {role, content} of the conversation so far: user and assistant turns, alternating
 let controller = null;
 
 for (const id of ["temperature", "top-p"]) {
@@ -26,8 +26,30 @@ function bubble(role, text) {
   return div;
 }
 
-async function errorText(response) {
-  try { return (await response.json()).error.message; } catch (e) { return response.statusText; }
+async function errorOf(response) {
+  try { return (await response.json()).error || {message: response.statusText}; }
+  catch (e) { return {message: response.statusText}; }
+}
+
+// Posts the conversation; while it is too long for the model's context, leaves out its oldest exchange (a user
+// turn and its reply; the system prompt stays) and tries again, until only the new turn is left. Returns the
+// response and how many turns of `history` it left out.
+async function postConversation(signal) {
+  for (let dropped = 0; ; dropped += 2) {
+    const messages = [];
+    const system = $("system").value.trim();
+    if (system) messages.push({role: "system", content: system});
+    messages.push(...history.slice(dropped));
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), signal,
+      body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
+                            top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
+                            stream_options: {include_usage: true}}),
+    });
+    if (r.ok) return {r, dropped};
+    const error = await errorOf(r);
+    if (error.code !== "context_length_exceeded" || history.length - dropped < 3) throw new Error(error.message);
+  }
 }
 
 async function loadModel() {
@@ -37,24 +59,18 @@ async function loadModel() {
 }
 
 async function send(text) {
-  const messages = [];
-  const system = $("system").value.trim();
-  if (system) messages.push({role: "system", content: system});
   history.push({role: "user", content: text});
-  messages.push(...history);
   bubble("user", text);
   const out = bubble("assistant", "");
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
-  let reply = "", tokens = 0, chunks = 0, first = null, reason = null;
+  let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false;
   try {
-    const r = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
-                            top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
-                            stream_options: {include_usage: true}}),
-    });
-    if (!r.ok) throw new Error(await errorText(r));
+    const {r, dropped} = await postConversation(controller.signal);
+    if (dropped) {
+      history.splice(0, dropped);  // the next turns would not fit with them either
+      $("status").textContent = "earliest turns left out to fit the model's context";
+    }
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
@@ -84,13 +100,16 @@ async function send(text) {
     if (first !== null && tokens > 1) showSpeed(tokens - 1, first);
   } catch (e) {
     if (e.name === "AbortError") reason = "stopped";
-    else { out.className = "msg error"; out.textContent = "Error: " + e.message; }
+    else { failed = true; out.className = "msg error"; out.textContent = "Error: " + e.message; }
   } finally {
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
-  history.push({role: "assistant", content: reply});
-  if (reason) $("status").textContent = reason === "length" ? "reply cut at max tokens" : (reason === "stopped" ? "stopped" : "");
+  // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
+  if (failed || !reply) history.pop();
+  else history.push({role: "assistant", content: reply});
+  if (reason === "length") $("status").textContent = "reply cut at max tokens";
+  else if (reason === "stopped") $("status").textContent = "stopped";
 }
 
 // tokens after the first over the time since it came (a streamed chunk carries one token's text)
