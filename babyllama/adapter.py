@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import safeio
 from .errors import BabyLlamaError
 from .formats import LAYER_MATRICES, Weights
 from .interop.state_dict import LAYER_NAMES, to_state_dict
@@ -107,14 +108,11 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> list[Path]:
     from safetensors.numpy import save_file
 
     tensors_path, config_path = adapter_paths(path)
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_path.with_name(tensors_path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.tensors.items()}, str(tmp),
-              metadata={"format": FORMAT})
-    os.replace(tmp, tensors_path)
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(adapter.config(), indent=2) + "\n")
-    os.replace(tmp, config_path)
+    safeio.output_file(tensors_path, "adapter")
+    with safeio.pending(tensors_path, "adapter") as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in adapter.tensors.items()}, str(tmp),
+                  metadata={"format": FORMAT})
+    safeio.write_text(config_path, json.dumps(adapter.config(), indent=2) + "\n")
     return [tensors_path, config_path]
 
 
@@ -202,8 +200,7 @@ def save_peft(adapter: Adapter, weights: Weights, outdir: str | os.PathLike) -> 
     from .interop.hf import interleaved_to_halves
 
     args = weights.args
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = safeio.output_dir(outdir, "adapter folder")
     tensors = {}
     for target in adapter.targets:
         shape = tuple(getattr(weights, target)[0].shape)
@@ -215,10 +212,11 @@ def save_peft(adapter: Adapter, weights: Weights, outdir: str | os.PathLike) -> 
             prefix = f"base_model.model.model.layers.{layer}.{module}.{PEFT_MODULES[target]}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
-    save_file(tensors, str(outdir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with safeio.pending(outdir / "adapter_model.safetensors", "adapter") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
               "lora_dropout": adapter.dropout, "target_modules": [PEFT_MODULES[t] for t in adapter.targets],
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
               "use_dora": False, "modules_to_save": None, "base_model_name_or_path": None}
-    (outdir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    safeio.write_text(outdir / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return outdir

@@ -1,7 +1,7 @@
 """The one exception type for user-facing mistakes.
 
-The CLI turns a `BabyLlamaError` into a single line on stderr and a non-zero exit; anything else is a bug
-and keeps its traceback.
+The CLI turns a `BabyLlamaError` into a single line on stderr and a non-zero exit, and so an `OSError` that
+escapes (the system's refusal, named with its file); anything else is a bug and keeps its traceback.
 """
 
 

@@ -3,7 +3,7 @@ sentencepiece tokenizers into tokenizer.bin (`export-tokenizer`).
 
 Sources are read by `loading.load_source` (a training checkpoint, a .bin or GGUF file, Meta's or a Hugging Face
 checkpoint), with a LoRA adapter merged in when one is given (--lora; a Hugging Face export then also carries
-the adapter in PEFT's layout, in OUT/adapter). Targets: a .bin of version 0/1/2 (--to bin), a Hugging Face
+the adapter in PEFT's layout, in OUT/adapter). Targets: a .bin of version 0-3 (--to bin), a Hugging Face
 directory (--to hf), a GGUF file (--to gguf). The converters themselves live in `babyllama.interop`; this
 module only picks them and the tokenizer that goes with the model.
 """
@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import formats, kernels
+from . import formats, kernels, safeio
 from .errors import BabyLlamaError
 from .formats import Weights
 from .loading import TOKENIZER_BIN, Source, find_tokenizer
@@ -25,10 +25,11 @@ TARGETS = ("bin", "hf", "gguf")
 
 
 def infer_target(out: str, to: str | None) -> str:
-    """--to, else from OUT's name: .gguf -> gguf, .bin -> bin, anything else -> a Hugging Face directory."""
+    """--to, else from OUT's name (any case): .gguf -> gguf, .bin -> bin, anything else -> a Hugging Face
+    directory."""
     if to:
         return to
-    suffix = Path(out).suffix
+    suffix = Path(out).suffix.lower()
     return {".gguf": "gguf", ".bin": "bin"}.get(suffix, "hf")
 
 
@@ -62,8 +63,6 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         adapter, base = load_adapter(lora), src.weights
         src = replace(src, weights=merge(base, adapter, str(src.path)))
-    if to != "hf":
-        out.parent.mkdir(parents=True, exist_ok=True)
     if to == "bin":
         return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit=tokenizer is not None)
     if to == "hf":
@@ -71,7 +70,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         if tok is not None and tok.suffix != ".model" and tokenizer is None:
             tok = None  # only a sentencepiece model can go in a Hugging Face directory
+        if tok is None:
+            _check_folder_tokenizer(out, src.weights.args.vocab_size)
         save_hf(src.weights, out, tok, dtype or "f32")
+        if tok is None:
+            _note_folder_tokenizer(out)
         if adapter is None:
             return [out]
         from .adapter import save_peft
@@ -81,17 +84,33 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
     if dtype is not None and dtype not in DTYPES:
         raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
-    save_gguf(src.weights, out, _gguf_vocab(src, tok), dtype or "f32")
+    vocab = _gguf_vocab(src, tok)
+    save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
     return [out]
 
 
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
             explicit: bool) -> list[Path]:
-    if out.is_dir():
-        raise BabyLlamaError(f"{out} is a directory; give the .bin file to write")
+    """The model at `out` and, when a tokenizer came with it, tokenizer.bin beside it (a .bin model is run with
+    the one beside it); everything is checked before anything is written."""
+    if out.name == TOKENIZER_BIN:
+        raise BabyLlamaError(f"{out}: a .bin model finds its tokenizer under the name {TOKENIZER_BIN} beside it; "
+                             "choose another name for the model")
+    safeio.output_file(out)
+    tokenizer = _bin_tokenizer(src, tok)
+    tok_out = out.with_name(TOKENIZER_BIN)
+    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit):
+        tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
-    written = [out]
-    # a .bin model is run with tokenizer.bin beside it: write one when a tokenizer came with the model
+    if tokenizer is None:
+        return [out]
+    tokenizer.save(tok_out)
+    return [out, tok_out]
+
+
+def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
+    """The tokenizer that came with the model (--tokenizer, the source's file or vocabulary), checked against
+    the model's vocabulary size; None when there is none."""
     if tok is not None and tok.suffix == ".model":
         tokenizer = Tokenizer.from_sentencepiece(tok)
     elif tok is not None:
@@ -99,28 +118,66 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     elif src.vocab is not None:
         tokenizer = src.vocab.to_tokenizer()
     else:
-        return written
+        return None
     _check_vocab(tokenizer.vocab_size, src.weights.args.vocab_size, tok)
-    tok_out = out.with_name(TOKENIZER_BIN)
-    if tok_out.exists() and not explicit:
-        if _same_tokenizer(tok_out, tokenizer):
-            return written
-        # one found beside the source does not replace the user's file; an explicit --tokenizer does
+    return tokenizer
+
+
+def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool) -> bool:
+    """Whether `tokenizer` is written over tok_out. One found beside the source does not replace the user's
+    file, which another model in the folder may use, unless --tokenizer says so; a file whose vocabulary
+    size differs can never serve this model, so the export is refused rather than leaving a model that
+    cannot run."""
+    safeio.check_target(tok_out, "tokenizer")
+    if not tok_out.exists():
+        return True
+    if tok is not None and tok_out.samefile(tok):
+        return False
+    if explicit:
+        return True
+    existing = _readable_tokenizer(tok_out)
+    if existing is not None and existing.vocab_size != tokenizer.vocab_size:
+        raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
+                             f"{tokenizer.vocab_size}: pass --tokenizer to replace it, or export into another folder")
+    if existing is None or not _same_tokenizer(existing, tokenizer):
         print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer "
               "(pass --tokenizer to replace it, or -z when running)", file=sys.stderr)
-        return written
-    if not (tok is not None and tok_out.exists() and tok_out.samefile(tok)):
-        tokenizer.save(tok_out)
-        written.append(tok_out)
-    return written
+    return False
 
 
-def _same_tokenizer(path: Path, tokenizer: Tokenizer) -> bool:
+def _readable_tokenizer(path: Path) -> Tokenizer | None:
     try:
-        other = Tokenizer.load(path)
+        return Tokenizer.load(path)
     except BabyLlamaError:
-        return False
+        return None
+
+
+def _same_tokenizer(other: Tokenizer, tokenizer: Tokenizer) -> bool:
     return other.pieces == tokenizer.pieces and bool((other.scores == tokenizer.scores).all())
+
+
+def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
+    """A Hugging Face export that carries no tokenizer leaves the folder's tokenizer.model (an earlier
+    export's) in place: refused when its vocabulary size shows it belongs to another model. Refused, not
+    removed: the folder is the user's."""
+    held = out / "tokenizer.model"
+    if not held.is_file():
+        return
+    from .interop.vocab import load_vocab
+
+    n = len(load_vocab(held).tokens)
+    if n != vocab_size:
+        raise BabyLlamaError(f"{held} has {n} tokens but this model's vocab_size is {vocab_size} (a tokenizer of "
+                             "another model): pass --tokenizer TOK.model to replace it, or choose an empty folder")
+
+
+def _note_folder_tokenizer(out: Path) -> None:
+    if (out / "tokenizer.model").is_file():
+        print(f"note: kept the existing {out / 'tokenizer.model'} (pass --tokenizer TOK.model to replace it)",
+              file=sys.stderr)
+    else:
+        print(f"note: {out} has no tokenizer.model (the source carries no sentencepiece model): pass --tokenizer "
+              "TOK.model to add one, or -z TOKENIZER when running it", file=sys.stderr)
 
 
 def _gguf_vocab(src: Source, tok: Path | None):
@@ -159,7 +216,11 @@ def report(paths: list[Path], weights: Weights) -> None:
 
 
 def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """A sentencepiece .model as a llama2.c tokenizer.bin (default: the same name with .bin)."""
-    out = Path(out) if out else Path(model).with_suffix(".bin")
+    """A sentencepiece .model as a llama2.c tokenizer.bin (default: the same name with .bin), its folder
+    created where missing."""
+    safeio.check_regular(model, "sentencepiece model")
+    out = safeio.output_file(Path(out) if out else Path(model).with_suffix(".bin"), "tokenizer")
+    if out.exists() and out.samefile(model):
+        raise BabyLlamaError(f"{out} is the sentencepiece model itself: choose another output (-o)")
     Tokenizer.from_sentencepiece(model).save(out)
     return out

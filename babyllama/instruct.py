@@ -339,13 +339,10 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    path = safeio.output_file(path)
+    with safeio.atomic_write(path, "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

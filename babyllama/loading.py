@@ -2,16 +2,17 @@
 
 `open_model(path)` tells the format by content, not by name, and converts in memory to `Weights`:
 
-    llama2.c .bin (versions 0, 1, 2)   memory-mapped as is (formats.py)
+    llama2.c .bin (versions 0-3)       memory-mapped as is (formats.py)
     GGUF (llama.cpp)                   its vocabulary becomes the tokenizer (interop/gguf.py)
-    Hugging Face folder                config.json + safetensors / pytorch_model.bin (interop/hf.py)
+    Hugging Face folder                config.json + safetensors / pytorch_model.bin (interop/hf.py); also
+                                       a .safetensors or *.index.json file of one, config.json beside it
     Meta folder                        params.json + consolidated.*.pth (interop/meta.py)
     training checkpoint                ckpt.pt or its run folder (train/checkpoint.py, needs torch)
 
 `tokenizer_for(source, path)` picks the tokenizer: the one given, else the one the model carries (GGUF's
-vocabulary, an HF/Meta folder's tokenizer.model), else tokenizer.bin beside the model, else the built-in
-one when its vocabulary has the model's size. The API (`api.load`), `export`, the catalog and the CLI all
-come here, so every command reads models the same way.
+vocabulary, an HF/Meta folder's tokenizer.model); for a .bin or a checkpoint, else tokenizer.bin beside the
+model, else the built-in one when its vocabulary has the model's size. The API (`api.load`), `export`, the
+catalog and the CLI all come here, so every command reads models the same way.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOKENIZER_BIN = "tokenizer.bin"
 CKPT_NAME = "ckpt.pt"  # train/checkpoint.py's name (not imported: that module needs torch)
 
 KINDS = ("bin", "gguf", "hf", "meta", "checkpoint")
+HF_FILE_SUFFIXES = (".safetensors", ".index.json")
 _DESCRIPTIONS = {"bin": "llama2.c .bin", "gguf": "GGUF", "hf": "Hugging Face", "meta": "Meta checkpoint",
                  "checkpoint": "training checkpoint"}
 
@@ -89,6 +91,8 @@ def detect_format(path: str | os.PathLike) -> str:
                              "config.json or Meta's params.json)")
     if path.suffix == ".pt" and not path.exists():
         return "checkpoint"  # whose reader says that the checkpoint is missing
+    if path.name.endswith(HF_FILE_SUFFIXES):
+        return "hf"  # a Hugging Face weight file or shard index, with config.json beside it (as export --hf takes)
     with safeio.open_regular(path, "model file") as f:
         try:
             head = f.read(8)

@@ -6,9 +6,12 @@ before anything is read (`check_regular` for libraries that open a path themselv
 our own reads, which opens without blocking and checks the descriptor, so a pipe swapped in after the
 check is refused too). JSON is parsed with a size bound and one error type.
 
-Writing: `atomic_write` (and `commit` for libraries that write a path themselves) writes to NAME.tmp
-beside the target, fsyncs it, renames it over the target and fsyncs the folder: after a crash or a kill
-the target is either the old file or the complete new one, never a torn one.
+Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path themselves) writes to
+NAME.tmp beside the target, fsyncs it, renames it over the target and fsyncs the folder: after a crash or a
+kill the target is either the old file or the complete new one, never a torn one. The rename would put a
+regular file in place of whatever is there, so a target that exists and is not a regular file (a directory,
+a named pipe, a device) is refused before anything is written. `output_file` and `output_dir` make an
+output's folders; a place that cannot be written is one line naming the output and the reason.
 """
 
 from __future__ import annotations
@@ -128,6 +131,61 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def _cannot_write(path: Path, what: str, e: OSError) -> BabyLlamaError:
+    blocker = _file_in_the_way(path) if isinstance(e, (FileExistsError, NotADirectoryError)) else None
+    reason = f"{blocker} is not a directory" if blocker else (e.strerror or str(e))
+    return BabyLlamaError(f"cannot write {what} {path}: {reason}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that exists, when it is not a directory."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_target(path: str | os.PathLike, what: str = "output") -> Path:
+    """`path` as a Path when nothing is there or a regular file is (to be replaced); one-line error otherwise."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise _cannot_write(path, what, e) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, what, st.st_mode)
+    return path
+
+
+def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """The folder `path`, created with its parents where missing; one-line error where it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(path, what, e) from None
+    return path
+
+
+def output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """`path` ready to be written: its folder created, the target checked (`check_target`)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(path, what, e) from None
+    return check_target(path, what)
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """Where a new version of `path` is written before it is renamed into place."""
     path = Path(path)
@@ -148,11 +206,13 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+def commit(tmp: str | os.PathLike, path: str | os.PathLike, what: str = "output") -> Path:
     """Finish a write made to `tmp` by name (a library's writer): fsync it, rename it to `path`, fsync the
-    folder."""
+    folder. The file gets the mode of any new file: safetensors' writer creates its files 0600."""
+    check_target(path, what)
     fd = os.open(tmp, os.O_RDONLY)
     try:
+        os.fchmod(fd, new_file_mode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -162,25 +222,35 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def pending(path: str | os.PathLike) -> Iterator[Path]:
+def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """A temporary name for a library to write `path` by name; committed when the block ends without an
-    error, removed otherwise."""
+    error, removed otherwise. The target is checked first (`check_target`); an OSError of the write itself
+    (one naming no file, or the temporary file or the target) becomes one line naming `path`."""
+    path = check_target(path, what)
     tmp = temp_path(path)
     try:
         yield tmp
-        commit(tmp, path)
-    except BaseException:
+        commit(tmp, path, what)
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and _names(e, tmp, path):
+            raise _cannot_write(path, what, e) from None
         raise
 
 
+def _names(e: OSError, *paths: Path) -> bool:
+    """Whether `e` is about one of `paths`, or names no file (a write's ENOSPC, EIO)."""
+    return e.filename is None or os.fspath(e.filename) in map(os.fspath, paths)
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
+                 what: str = "output") -> Iterator[IO]:
     """A file object whose contents replace `path` only once the block completes (temp name, fsync, rename)."""
     if mode not in ("wb", "w"):
         raise ValueError("atomic_write writes whole files: mode 'wb' or 'w'")
-    with pending(path) as tmp:
+    with pending(path, what) as tmp:
         with open(tmp, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
             yield f
             f.flush()

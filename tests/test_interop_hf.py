@@ -261,3 +261,14 @@ def test_hf_bad_inputs(tmp_path, capsys):
         capsys, str(tmp_path / "hf2"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
     assert "--version applies to .bin output" in _error(capsys, str(tmp_path / "d"), "--to", "hf", "--hf",
                                                          str(tmp_path / "hf2"), "--version", "2")
+
+
+def test_rope_parameters_theta_wins_over_a_disagreeing_top_level_one():
+    """transformers 5 reads rope_parameters; a config whose two thetas disagree runs as it runs it."""
+    from babyllama.interop.hf import args_from_config, config_from_args
+
+    config = config_from_args(tiny_args())
+    config.update(rope_theta=20000.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    assert args_from_config(config).rope_theta == 10000.0
+    del config["rope_parameters"]
+    assert args_from_config(config).rope_theta == 20000.0

@@ -241,3 +241,20 @@ def test_a_bf16_hugging_face_folder_stays_bf16_in_memory(tmp_path):
     peak, layers = run_memory_script(LOAD_PEAK, str(folder), "-")
     assert layers == 2 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2 and peak < 1.4 * layers, (peak, layers)
 
+
+
+def test_a_hugging_face_weight_file_or_index_runs_like_its_folder(tmp_path, tiny_bin, sp_model):
+    """What `export --hf` takes, `run` takes too: the folder's model.safetensors or its shard index."""
+    pytest.importorskip("safetensors")
+    import json
+
+    folder = tmp_path / "hf"
+    assert run_cli("export", str(folder), "--model", str(tiny_bin), "--tokenizer", str(sp_model)).returncode == 0
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
+        weight_map = {name: "model.safetensors" for name in f.keys()}
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert detect_format(index) == "hf" and detect_format(folder / "model.safetensors") == "hf"
+    assert _greedy(index).stdout == _greedy(folder / "model.safetensors").stdout == _greedy(tiny_bin).stdout

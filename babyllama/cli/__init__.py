@@ -4,9 +4,10 @@ subcommand runs so that `babyllama run` stays light (no torch, and NumPy only af
 
 from __future__ import annotations
 
+import os
 import sys
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 from ..memory import keep_freed_memory
 from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
@@ -55,3 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
         return 0
+    except OSError as e:  # the system refused a file (a full disk, a read-only folder), not a bug to trace
+        where = f": {os.fsdecode(e.filename)}" if e.filename is not None else ""
+        print(f"babyllama: error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
+        return 1

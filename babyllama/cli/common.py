@@ -23,11 +23,12 @@ class Parser(argparse.ArgumentParser):
 def add_model_flags(p, what: str = "model", default: str = "the built-in story model") -> None:
     """The model (any format babyllama reads) and its tokenizer."""
     p.add_argument("checkpoint", nargs="?", metavar="MODEL", type=non_empty_path,
-                   help=f"the {what}: a llama2.c .bin (v0/v1/v2), a GGUF file, a Hugging Face or Meta folder, or "
+                   help=f"the {what}: a llama2.c .bin (v0-v3), a GGUF file, a Hugging Face or Meta folder, or "
                         f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
-                   help="tokenizer.bin or sentencepiece .model (default: the model's own, else tokenizer.bin "
-                        "beside it, else the built-in one)")
+                   help="tokenizer.bin or sentencepiece .model (default: the model's own; for a .bin or a "
+                        "checkpoint, else tokenizer.bin beside it, else the built-in one when the vocabulary "
+                        "sizes match)")
     p.add_argument("--lora", metavar="ADAPTER", default=None,
                    help="merge this LoRA adapter (adapter.safetensors, or the `babyllama finetune` run folder "
                         "holding it) into the model's weights at load; it must come from this very model")
@@ -90,6 +91,27 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
     return value
 
 

@@ -7,10 +7,11 @@ from ..errors import BabyLlamaError
 
 def add(sub) -> None:
     p = sub.add_parser(
-        "export", help="convert models: .bin, Meta, Hugging Face -> .bin (v0/v1/v2), Hugging Face, GGUF",
-        description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0/1/2 "
-                    "as llama2.c's export.py), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
-                    "without --to it is guessed from OUT's name (.bin, .gguf, else a directory).")
+        "export", help="convert models: .bin, GGUF, Meta, Hugging Face, checkpoint -> .bin (v0-v3), Hugging Face, "
+                       "GGUF",
+        description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0-2 as "
+                    "llama2.c's export.py, 3 Q4_0), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
+                    "without --to it is guessed from OUT's name in any case (.bin, .gguf, else a directory).")
     p.add_argument("output", metavar="OUT", help="file or directory to write")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", help="a babyllama training checkpoint (ckpt.pt or its folder)")
@@ -35,7 +36,8 @@ def add(sub) -> None:
 
     t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin")
     t.add_argument("model", help="the sentencepiece .model")
-    t.add_argument("-o", "--output", default=None, help="the .bin to write (default: MODEL with .bin)")
+    t.add_argument("-o", "--output", default=None,
+                   help="the .bin to write, its folders created (default: MODEL with .bin)")
     t.set_defaults(func=cmd_export_tokenizer)
 
 

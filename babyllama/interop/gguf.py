@@ -121,39 +121,38 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
     check_writable(args, path)
-    tmp = safeio.temp_path(path)
-    w = gguf.GGUFWriter(tmp, ARCH)
-    w.add_name(name or path.stem)
-    w.add_file_type(file_type)
-    add_llama_metadata(w, args)
+    with safeio.pending(path) as tmp:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        w.add_name(name or path.stem)
+        w.add_file_type(file_type)
+        add_llama_metadata(w, args)
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.tokens)
-    w.add_token_scores(vocab.scores)
-    w.add_token_types(vocab.types)
-    w.add_bos_token_id(vocab.bos_id)
-    w.add_eos_token_id(vocab.eos_id)
-    w.add_unk_token_id(vocab.unk_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(vocab.tokens)
+        w.add_token_scores(vocab.scores)
+        w.add_token_types(vocab.types)
+        w.add_bos_token_id(vocab.bos_id)
+        w.add_eos_token_id(vocab.eos_id)
+        w.add_unk_token_id(vocab.unk_id)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
 
-    kept = _block_tensors(weights, dtype)
-    for key, t in to_state_dict(weights).items():
-        if key in kept:  # already in the file's type: its bytes as they are
-            w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].block_bytes()), raw_dtype=qtype)
-        elif t.ndim == 1 or dtype == "f32":
-            w.add_tensor(gguf_name(key), t)
-        elif dtype == "bf16":
-            w.add_tensor(gguf_name(key), to_bf16(t).bits, raw_dtype=qtype)
-        elif dtype == "f16" or t.shape[1] % BLOCK:
-            w.add_tensor(gguf_name(key), t.astype(np.float16))
-        else:
-            w.add_tensor(gguf_name(key), kernels.quantize_blocks(t, dtype).data, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    safeio.commit(tmp, path)
+        kept = _block_tensors(weights, dtype)
+        for key, t in to_state_dict(weights).items():
+            if key in kept:  # already in the file's type: its bytes as they are
+                w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].block_bytes()), raw_dtype=qtype)
+            elif t.ndim == 1 or dtype == "f32":
+                w.add_tensor(gguf_name(key), t)
+            elif dtype == "bf16":
+                w.add_tensor(gguf_name(key), to_bf16(t).bits, raw_dtype=qtype)
+            elif dtype == "f16" or t.shape[1] % BLOCK:
+                w.add_tensor(gguf_name(key), t.astype(np.float16))
+            else:
+                w.add_tensor(gguf_name(key), kernels.quantize_blocks(t, dtype).data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
     return path
 
 

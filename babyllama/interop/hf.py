@@ -85,13 +85,12 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
     if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
         raise BabyLlamaError(f"{source}: attention/MLP biases are not supported by the llama2.c format")
     # transformers 5 nests rope settings in rope_parameters; 4.x had rope_theta + rope_scaling at the top
-    ropes = [f.sub(key) for key in ("rope_parameters", "rope_scaling") if f.has(key)]
-    for rope in ropes:
+    ropes = {key: f.sub(key) for key in ("rope_parameters", "rope_scaling") if f.has(key)}
+    for rope in ropes.values():
         rope_type = rope.str("rope_type", None) or rope.str("type", "default")
         if rope_type != "default":
             raise BabyLlamaError(f"{source}: rope scaling '{rope_type}' is not supported (only plain RoPE)")
-    nested = [rope.float("rope_theta") for rope in ropes if rope.has("rope_theta")]
-    theta = f.float("rope_theta", None) or (nested[0] if nested else DEFAULT_ROPE_THETA)
+    theta = _rope_theta(f, ropes)
     n_heads = f.int("num_attention_heads", hi=LIMITS["n_heads"])
     args = checked_args(
         source, dim=f.int("hidden_size", hi=LIMITS["dim"]), n_layers=f.int("num_hidden_layers", hi=LIMITS["n_layers"]),
@@ -107,6 +106,15 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
         raise BabyLlamaError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads; "
                              "the llama2.c format cannot express it")
     return args
+
+
+def _rope_theta(f: Fields, ropes: dict[str, Fields]) -> float:
+    """rope_parameters' theta, else the top-level one, else rope_scaling's: transformers 5 reads
+    rope_parameters first, so a config whose two thetas disagree runs as transformers 5 runs it."""
+    thetas = [ropes["rope_parameters"].float("rope_theta", None) if "rope_parameters" in ropes else None,
+              f.float("rope_theta", None),
+              ropes["rope_scaling"].float("rope_theta", None) if "rope_scaling" in ropes else None]
+    return next((t for t in thetas if t is not None), DEFAULT_ROPE_THETA)
 
 
 def config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
@@ -159,6 +167,9 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
             raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
         config = folder / "config.json"
     else:
+        if len(given) > 1 and any(p.is_dir() for p in given):
+            raise BabyLlamaError("--hf takes one model folder, or weight files (with config.json beside them), "
+                                 "not several folders")
         config = next((p for p in given if p.name == "config.json"), given[0].parent / "config.json")
         files = [p for p in given if p.name != "config.json"]
         if not files:
@@ -335,7 +346,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     check_writable(args, outdir)
     if tokenizer_model is not None:
         _check_sentencepiece(tokenizer_model, args.vocab_size)
-    outdir.mkdir(parents=True, exist_ok=True)
+    safeio.output_dir(outdir)
 
     tensors = {}
     for name, t in to_state_dict(weights).items():

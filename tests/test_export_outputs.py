@@ -1,0 +1,224 @@
+"""Where `export` and `export-tokenizer` write: targets that are not regular files, unusable folders,
+tokenizers checked before anything is written, tokenizers left from earlier exports, file modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import byte_tokenizer, random_weights, tiny_args
+
+from babyllama import formats, safeio
+from babyllama.cli import build_parser, main
+from babyllama.errors import BabyLlamaError
+from babyllama.export import infer_target
+from babyllama.tokenizer import Tokenizer
+
+
+def one_line(capsys, *argv: str, code: int = 1) -> str:
+    """Run `babyllama ARGV` in this process: exit `code` and one error line on stderr."""
+    assert main(list(argv)) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("babyllama: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A random 300-token model with its tokenizer.bin beside it, in a folder of its own."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    formats.save(random_weights(tiny_args()), folder / "m.bin")
+    byte_tokenizer(300).save(folder / "tokenizer.bin")
+    return folder / "m.bin"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, tiny, capsys) -> Path:
+    """The tiny model as GGUF: a source that carries its vocabulary."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "src" / "m.gguf"
+    assert main(["export", str(out), "--model", str(tiny), "--tokenizer", str(tiny.with_name("tokenizer.bin"))]) == 0
+    capsys.readouterr()
+    return out
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------- targets and folders
+
+
+@pytest.mark.parametrize("name, extra", [("p.bin", []), ("p.gguf", ["--tokenizer", "{tok}"])])
+def test_export_refuses_a_named_pipe_as_output_and_leaves_it(tmp_path, capsys, tiny, name, extra):
+    if name.endswith(".gguf"):
+        pytest.importorskip("gguf")
+    pipe = tmp_path / name
+    os.mkfifo(pipe)
+    argv = [a.format(tok=tiny.with_name("tokenizer.bin")) for a in extra]
+    msg = one_line(capsys, "export", str(pipe), "--model", str(tiny), *argv)
+    assert f"output {pipe} is a named pipe, not a regular file" in msg
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and leftovers(tmp_path) == []
+
+
+def test_export_tokenizer_refuses_a_named_pipe_as_output(tmp_path, capsys, sp_model):
+    pipe = tmp_path / "p.bin"
+    os.mkfifo(pipe)
+    assert "is a named pipe, not a regular file" in one_line(capsys, "export-tokenizer", str(sp_model), "-o",
+                                                             str(pipe))
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+
+def test_every_atomic_write_refuses_a_target_that_is_not_a_regular_file(tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for write in (lambda: safeio.write_text(pipe, "x"), lambda: safeio.commit(tmp_path / "new", pipe)):
+        (tmp_path / "new").write_text("x")
+        with pytest.raises(BabyLlamaError, match="is a named pipe"):
+            write()
+        assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "{file}/x.bin", "--model", "{model}"], "cannot write output {file}/x.bin: {file} is not a directory"),
+    (["export", "{file}/x", "--to", "hf", "--model", "{model}"], "{file} is not a directory"),
+    (["export", "{file}/x.gguf", "--model", "{model}", "--tokenizer", "{tok}"], "{file} is not a directory"),
+    (["export", "{dir}", "--to", "gguf", "--model", "{model}", "--tokenizer", "{tok}"],
+     "output {dir} is a directory, not a regular file"),
+    (["export", "{dir}", "--to", "bin", "--model", "{model}"], "output {dir} is a directory, not a regular file"),
+    (["export", "/proc/babyllama-test/x.bin", "--model", "{model}"], "cannot write output /proc/babyllama-test"),
+    (["export", "/proc/babyllama-test", "--to", "hf", "--model", "{model}"],
+     "cannot write output folder /proc/babyllama-test"),
+    (["export-tokenizer", "{sp}", "-o", "{dir}"], "tokenizer {dir} is a directory, not a regular file"),
+    (["export-tokenizer", "{sp}", "-o", "{file}/t.bin"], "{file} is not a directory"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40])
+def test_an_unusable_output_location_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny, sp_model, argv, message):
+    if any(a.endswith(".gguf") or a == "gguf" for a in argv):
+        pytest.importorskip("gguf")
+    if any(a.startswith("/proc") for a in argv) and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where no file can be created")
+    names = {"file": tmp_path / "a_file", "dir": tmp_path / "a_dir", "model": tiny, "sp": sp_model,
+             "tok": tiny.with_name("tokenizer.bin")}
+    names["file"].write_text("not a folder")
+    names["dir"].mkdir()
+    assert message.format(**names) in one_line(capsys, *(a.format(**names) for a in argv))
+    assert leftovers(tmp_path) == [] and list(names["dir"].iterdir()) == []
+
+
+def test_export_tokenizer_creates_the_output_folders(tmp_path, capsys, sp_model):
+    out = tmp_path / "no" / "such" / "tok.bin"
+    assert main(["export-tokenizer", str(sp_model), "-o", str(out)]) == 0
+    assert Tokenizer.load(out).vocab_size == 320
+
+
+def test_an_os_error_escaping_a_command_is_one_line(monkeypatch, capsys, sp_model):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/tok.bin")
+
+    monkeypatch.setattr("babyllama.export.export_tokenizer", refuse)
+    assert one_line(capsys, "export-tokenizer", str(sp_model)) == \
+        "babyllama: error: Permission denied: /somewhere/tok.bin"
+
+
+def test_export_tokenizer_refuses_to_overwrite_its_own_input(tmp_path, capsys, sp_model):
+    model = tmp_path / "same.model"
+    model.write_bytes(sp_model.read_bytes())
+    assert "is the sentencepiece model itself" in one_line(capsys, "export-tokenizer", str(model), "-o", str(model))
+    assert model.read_bytes() == sp_model.read_bytes()
+
+
+def test_the_output_format_is_guessed_in_any_case():
+    assert [infer_target(n, None) for n in ("UP.BIN", "m.Gguf", "m.bin", "folder")] == ["bin", "gguf", "bin", "hf"]
+
+
+def test_help_names_every_bin_version_and_where_the_tokenizer_falls_back():
+    parser = build_parser()
+    assert "v0-v3" in parser.format_help()
+    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert "3 Q4_0" in sub["export"].format_help()
+    eval_help = " ".join(sub["eval"].format_help().split())
+    assert "(v0-v3)" in eval_help and "for a .bin or a checkpoint, else tokenizer.bin" in eval_help
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_a_bin_export_checks_the_tokenizer_before_writing_the_model(tmp_path, capsys, tiny):
+    out = tmp_path / "out" / "wt.bin"
+    out.parent.mkdir()
+    out.write_bytes(b"the user's file")
+    byte_tokenizer(400).save(tmp_path / "big.bin")
+    msg = one_line(capsys, "export", str(out), "--model", str(tiny), "--tokenizer", str(tmp_path / "big.bin"))
+    assert "has 400 tokens but the model's vocab_size is 300" in msg
+    assert out.read_bytes() == b"the user's file" and not out.with_name("tokenizer.bin").exists()
+
+
+def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_path, capsys, tiny_gguf):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    byte_tokenizer(400).save(folder / "tokenizer.bin")
+    msg = one_line(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
+    assert "tokenizer.bin has 400 tokens, so it cannot serve this model of 300" in msg
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
+    assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
+
+
+def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, capsys, tiny_gguf):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    mine = Tokenizer([b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"x%d" % i for i in range(297)], [0.0] * 300)
+    mine.save(folder / "tokenizer.bin")
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf)]) == 0
+    assert "note: kept the existing" in capsys.readouterr().err
+    assert Tokenizer.load(folder / "tokenizer.bin").pieces == mine.pieces
+
+
+def test_a_model_export_is_never_named_tokenizer_bin(tmp_path, capsys, tiny_gguf):
+    out = tmp_path / "tk" / "tokenizer.bin"
+    assert "choose another name for the model" in one_line(capsys, "export", str(out), "--model", str(tiny_gguf))
+    assert not out.exists()
+
+
+def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_path, capsys, tiny, sp_model):
+    pytest.importorskip("safetensors")
+    folder = tmp_path / "hf"
+    other = tmp_path / "other.bin"
+    formats.save(random_weights(tiny_args(vocab_size=320)), other)
+    assert main(["export", str(folder), "--model", str(other), "--tokenizer", str(sp_model)]) == 0
+    before = (folder / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    msg = one_line(capsys, "export", str(folder), "--model", str(tiny))
+    assert "tokenizer.model has 320 tokens but this model's vocab_size is 300" in msg
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert main(["export", str(folder), "--model", str(other), "--dtype", "f16"]) == 0  # the same model again
+    assert "note: kept the existing" in capsys.readouterr().err and (folder / "tokenizer.model").is_file()
+
+
+def test_gguf_to_hf_says_the_folder_has_no_tokenizer(tmp_path, capsys, tiny_gguf):
+    pytest.importorskip("safetensors")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tiny_gguf)]) == 0
+    assert "has no tokenizer.model" in capsys.readouterr().err
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+
+
+def test_written_safetensors_get_the_umask_mode(tmp_path, tiny):
+    pytest.importorskip("safetensors")
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(tmp_path / "hf"), "--model", str(tiny)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_hf_takes_one_folder(tmp_path, capsys, tiny):
+    pytest.importorskip("safetensors")
+    for name in ("a", "b"):
+        assert main(["export", str(tmp_path / name), "--model", str(tiny)]) == 0
+    capsys.readouterr()
+    msg = one_line(capsys, "export", str(tmp_path / "y.bin"), "--hf", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert "--hf takes one model folder, or weight files" in msg
