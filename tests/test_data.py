@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -180,3 +181,125 @@ def test_config_file_rejects_unknown_keys_and_wrong_types(tmp_path):
     (tmp_path / "c.toml").write_text('dim = 64\nlearning_rate = 1\ncompile = true\n')
     cfg = build_config(tmp_path / "c.toml", {"dim": "96", "max_iters": "2e3"})
     assert (cfg.dim, cfg.learning_rate, cfg.compile, cfg.max_iters) == (96, 1.0, True, 2000)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def one_line(capsys, argv: list[str], code: int = 1) -> str:
+    """`babyllama ARGV` in this process: exit `code` (2: argparse's usage error) and one error line."""
+    if code == 2:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    else:
+        assert main(argv) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and ": error: " in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def tok300(tmp_path):
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    return tmp_path / "tok.bin"
+
+
+@pytest.mark.parametrize("text", ["", "<|endoftext|>\n\n<|endoftext|>\n"], ids=["empty", "separators"])
+def test_pretokenize_refuses_input_without_documents_before_writing(tmp_path, capsys, tok300, text):
+    (tmp_path / "in.txt").write_text(text)
+    out = tmp_path / "shards"
+    msg = one_line(capsys, ["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
+                            "--out-dir", str(out)])
+    assert "in.txt: no documents to pretokenize" in msg and not out.exists()
+
+
+def test_pretokenize_writes_no_shard_for_a_file_without_documents(tmp_path, tok300):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    (tmp_path / "in" / "b.txt").write_text("")
+    meta = pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
+    assert meta["shards"] == {"train": ["a.bin"], "val": []}
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "train-vocab", "--vocab-size", "300", "--input", "{text}", "--data-dir", "{file}"],
+    ["data", "pretokenize", "--tokenizer", "{tok}", "--input", "{text}", "--out-dir", "{file}"],
+    ["data", "pretokenize", "--tokenizer", "{tok}", "--input", "{text}", "--out-dir", "{file}/sub"],
+    ["data", "instruct", "--input", "{text}", "--out-dir", "{file}"],
+    ["data", "download", "--url", "file://{text}", "--data-dir", "{file}"],
+    ["data", "pretokenize", "--tokenizer", "{tok}", "--input", "{text}", "--out-dir", "/proc/babyllama-test"],
+], ids=lambda v: " ".join(v[:2] + v[-2:-1]))
+def test_data_commands_with_an_unusable_output_folder_are_one_line(tmp_path, capsys, tok300, argv):
+    if "train-vocab" in argv:
+        pytest.importorskip("sentencepiece")
+    if "/proc/babyllama-test" in argv and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc, where no folder can be created")
+    names = {"text": tmp_path / "in.txt", "file": tmp_path / "a_file", "tok": tok300}
+    names["text"].write_text("Once upon a time there was a cat. The cat sat on the mat.\n")
+    names["file"].write_text("not a folder")
+    msg = one_line(capsys, [a.format(**names) for a in argv])
+    assert msg.startswith("babyllama: error: cannot write ")
+    assert "a_file is not a directory" in msg or "No such file or directory" in msg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "0"], "--max-chars: must be a positive integer"),
+    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "-5"], "--max-chars: must be a positive integer"),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "0"], "--workers: must be a positive integer"),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "-1"], "--workers: must be a positive integer"),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--max-seq-len", "0"], "--max-seq-len: must be a positive"),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--vocab-size", "512"], "not allowed with argument"),
+    (["data", "instruct", "--max-word-df", "-1"], "--max-word-df: must be a share in (0, 1]"),
+    (["data", "instruct", "--max-word-df", "1.5"], "--max-word-df: must be a share in (0, 1]"),
+    (["data", "instruct", "--max-stories", "-2"], "--max-stories: must be a positive integer"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v[1:])[:48])
+def test_numeric_data_flags_are_checked(capsys, argv, message):
+    assert message in one_line(capsys, argv, code=2)
+
+
+def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsys):
+    pytest.importorskip("sentencepiece")
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy played with ball tree big red".split()
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(words, 12)) + "."}) for _ in range(400)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:200] + ["not json"] + lines[200:]) + "\n")
+    argv = ["data", "train-vocab", "--vocab-size", "300", "--input", str(bad), "--data-dir", str(tmp_path / "v")]
+    assert "pass --skip-bad-lines" in one_line(capsys, argv)
+    assert main(argv + ["--skip-bad-lines"]) == 0
+    assert (tmp_path / "v" / "tok300.model").is_file()
+
+
+def _tar_with(path, name: str, body: bytes) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+
+
+@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal"])
+def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, kind):
+    if kind == "not-an-archive":
+        src = tmp_path / "small.txt"
+        src.write_text("hello\n")
+        message = "not a readable tar archive"
+    else:
+        src = tmp_path / "evil.tar.gz"
+        _tar_with(src, "../escaped.txt", b"x")
+        message = "cannot extract"
+    data = tmp_path / "dl"
+    assert main(["data", "download", "--url", src.as_uri(), "--data-dir", str(data)]) == 1
+    err = capsys.readouterr().err.splitlines()  # the archive's sha256, then the error
+    assert len(err) == 2 and err[0].startswith("sha256 ") and err[1].startswith("babyllama: error: "), err
+    assert message in err[1]
+    assert [p.name for p in data.iterdir()] == [src.name]  # the download itself, nothing unpacked
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_download_checks_the_sha256_format_before_downloading(tmp_path, capsys):
+    src = tmp_path / "a.tar.gz"
+    _tar_with(src, "a.txt", b"x")
+    msg = one_line(capsys, ["data", "download", "--url", src.as_uri(), "--data-dir", str(tmp_path / "dl"),
+                            "--sha256", "00"])
+    assert "--sha256 must be 64 hexadecimal digits" in msg and not (tmp_path / "dl").exists()

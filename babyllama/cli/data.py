@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..errors import BabyLlamaError, require
-from .common import Parser, add_time_limit
+from .common import Parser, add_time_limit, positive_int, share
+
+SKIP_BAD_LINES_HELP = "skip malformed .jsonl lines, with a count"
 
 
 def add(sub) -> None:
@@ -22,19 +24,22 @@ def add(sub) -> None:
     v.add_argument("--vocab-size", type=int, required=True, help="number of tokens, e.g. 4096")
     v.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     v.add_argument("--data-dir", default="data", help="where tok{N}.model and tok{N}.bin go (data)")
-    v.add_argument("--max-chars", type=int, default=200_000_000, help="characters of input to learn from")
+    v.add_argument("--max-chars", type=positive_int, default=200_000_000, help="characters of input to learn from")
+    v.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
     v.set_defaults(func=cmd_data_train_vocab)
 
     t = steps.add_parser("pretokenize", help="encode documents into uint16 token shards, BOS before each")
     t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
-    t.add_argument("--vocab-size", type=int, default=0, help="use data/tok{N}.model from train-vocab")
-    t.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
+    which = t.add_mutually_exclusive_group()
+    which.add_argument("--vocab-size", type=positive_int, default=None,
+                       help="use data/tok{N}.model from train-vocab")
+    which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
     t.add_argument("--out-dir", default=None, help="shard folder (default: DATA_DIR/tok{N})")
-    t.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    t.add_argument("--workers", type=positive_int, default=None, help="encoding processes (default: all cores)")
     t.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed .jsonl lines (and conversations longer than --max-seq-len), with a count")
-    t.add_argument("--max-seq-len", type=int, default=None,
+    t.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="refuse chat conversations that do not fit this context (the model's max_seq_len)")
     t.add_argument("--word-weight", type=int, default=1,
                    help="loss weight of reply tokens that spell a word the request asked for (instruction "
@@ -54,9 +59,9 @@ def add(sub) -> None:
                    help="the next N stories are held out as a dev split (OUT_DIR/instruct_dev.jsonl) to choose "
                         "settings on, keeping instruct_val.jsonl for reporting (0)")
     i.add_argument("--per-story", type=int, default=1, help="requests per training story, each drawn anew (1)")
-    i.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
+    i.add_argument("--max-stories", type=positive_int, default=None, help="use only the first N stories")
     i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
-    i.add_argument("--max-word-df", type=float, default=None,
+    i.add_argument("--max-word-df", type=share, default=None,
                    help="ask only for words that at most this share of the stories use (default 0.05)")
     i.add_argument("--early-words", type=int, default=0,
                    help="draw the words from the story's first N candidates, so its opening uses them (0: from "
@@ -64,6 +69,7 @@ def add(sub) -> None:
     i.add_argument("--model", default=None,
                    help="keep the pairs that fit this model's context, with its tokenizer (default: the built-in)")
     i.add_argument("-z", "--tokenizer", default=None, help="the model's tokenizer, if not found beside it")
+    i.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
     i.set_defaults(func=cmd_data_instruct)
 
 
@@ -73,8 +79,9 @@ DEFAULT_INPUT = "data/TinyStories_all_data"
 def cmd_data_download(args) -> int:
     from pathlib import Path
 
-    from ..train.download import TINYSTORIES_URL, download, extract
+    from ..train.download import TINYSTORIES_URL, check_sha256, download, extract
 
+    check_sha256(args.sha256)
     url = args.url or TINYSTORIES_URL
     name = Path(url.split("?")[0]).name or "download.tar.gz"
     archive = download(url, Path(args.data_dir) / name, args.sha256, time_limit=args.time_limit)
@@ -88,7 +95,7 @@ def cmd_data_train_vocab(args) -> int:
     require("sentencepiece", "train", "data train-vocab")
     from ..train.vocab import train_vocab
 
-    model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars)
+    model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars, args.skip_bad_lines)
     print(f"wrote {model} and {binary}")
     return 0
 
@@ -110,7 +117,7 @@ def cmd_data_pretokenize(args) -> int:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
-    meta = pretokenize(args.input, tokenizer, out, workers=args.workers or None, skip_bad_lines=args.skip_bad_lines,
+    meta = pretokenize(args.input, tokenizer, out, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                        max_tokens=max_tokens, word_weight=args.word_weight)
     what = f" ({meta['conversations']:,} conversations)" if meta.get("kind") == "chat" else ""
     print(f"wrote {meta['tokens']:,} tokens{what} in {len(meta['shards']['train'])} train and "
@@ -120,8 +127,8 @@ def cmd_data_pretokenize(args) -> int:
 
 def cmd_data_instruct(args) -> int:
     from itertools import islice
-    from pathlib import Path
 
+    from .. import safeio
     from ..chat_template import encode_chat
     from ..instruct import MAX_WORD_DF, make_instructions, write_jsonl
     from ..loading import builtin_model, open_model, tokenizer_for
@@ -129,10 +136,11 @@ def cmd_data_instruct(args) -> int:
 
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
-    stories = list(islice((doc for path in input_files(args.input) for doc in read_documents(path)),
-                          args.max_stories))
+    documents = (doc for path in input_files(args.input) for doc in read_documents(path, args.skip_bad_lines))
+    stories = list(islice(documents, args.max_stories))
     if not stories:
         raise BabyLlamaError(f"{args.input}: no stories")
+    out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
     train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
@@ -140,7 +148,6 @@ def cmd_data_instruct(args) -> int:
     if not train:
         raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
                              f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
-    out = Path(args.out_dir)
     write_jsonl(train, out / "instruct_train.jsonl")
     write_jsonl(val, out / "instruct_val.jsonl")
     if args.dev_count:

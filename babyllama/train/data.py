@@ -25,6 +25,7 @@ loss on the masked tokens only, weighted; plain text is drawn as random windows 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -227,21 +228,25 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     if kind == CHAT:
         encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens, word_weight)
                    for f in files}
-    out.mkdir(parents=True, exist_ok=True)
     workers = max(1, workers or os.cpu_count() or 1)
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
+        safeio.output_dir(out)
         for f, (ids, mask, offsets) in encoded.items():
             name = shard_name(f, root)
             _write_chat_shard(out / name, ids, mask, offsets)
             n_tokens += len(ids)
             shards["val" if is_val_shard(name) else "train"].append(name)
     else:
+        by_file = _documents_by_file(files, skip_bad_lines)
+        first = next(by_file, None)
+        if first is None:
+            raise BabyLlamaError(f"{root}: no documents to pretokenize")
+        safeio.output_dir(out)
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="pretokenize")
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
-            for f in files:
-                docs = list(read_documents(f, skip_bad_lines))
+            for f, docs in itertools.chain([first], by_file):
                 name = shard_name(f, root)
                 step = f.stat().st_size / max(1, len(docs))
                 batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
@@ -260,6 +265,15 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         meta["word_weight"] = word_weight
     safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return meta
+
+
+def _documents_by_file(files: list[Path], skip_bad_lines: bool) -> Iterator[tuple[Path, list[str]]]:
+    """(file, its documents) for each of `files` that holds any: a file without any gets no shard (an empty
+    one holds no whole token, and training refuses it)."""
+    for f in files:
+        docs = list(read_documents(f, skip_bad_lines))
+        if docs:
+            yield f, docs
 
 
 def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines: bool,

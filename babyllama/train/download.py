@@ -17,11 +17,18 @@ import tarfile
 from pathlib import Path
 
 from .. import safeio
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 CHUNK = 1 << 20
 _SHA256 = re.compile(r'^(?:W/)?"?([0-9a-f]{64})"?$')
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def check_sha256(sha256: str | None) -> None:
+    """--sha256 must be a digest (64 hex digits), checked before anything is downloaded."""
+    if sha256 is not None and not _HEX_DIGEST.fullmatch(sha256):
+        raise BabyLlamaError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
 
 
 def advertised_sha256(headers) -> str | None:
@@ -38,12 +45,13 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
     verify its sha256."""
     from ..download import fetch
 
+    check_sha256(sha256)
     dest = Path(dest)
     if dest.is_file():
         print(f"{dest} already downloaded", file=sys.stderr)
         _verify(dest, sha256)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    safeio.output_dir(dest.parent, "data folder")
     headers = fetch(url, dest, timeout=timeout, time_limit=time_limit)
     _verify(dest, sha256 or advertised_sha256(headers))
     return dest
@@ -73,20 +81,24 @@ def _verify(path: Path, expected: str | None) -> None:
 def extract(archive: Path, dest: str | os.PathLike) -> Path:
     """Unpack a .tar.gz into `dest`, refusing members that would land outside it. A new `dest` is unpacked
     under a temporary name and renamed when complete, so a kill never leaves a half-unpacked folder that
-    looks finished."""
+    looks finished; a refused archive leaves nothing."""
     dest = Path(dest)
     if dest.exists():
         return _extract(archive, dest)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = safeio.temp_path(dest)
     if tmp.exists():
         shutil.rmtree(tmp)  # what an interrupted earlier run left
-    _extract(archive, tmp)
+    try:
+        _extract(archive, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, dest)
     return dest
 
 
 def _extract(archive: Path, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
+    safeio.output_dir(dest)
     try:
         with tarfile.open(safeio.check_regular(archive, "archive")) as tar:
             if hasattr(tarfile, "data_filter"):
@@ -97,6 +109,9 @@ def _extract(archive: Path, dest: Path) -> Path:
                     if not (root / m.name).resolve().is_relative_to(root) or m.issym() or m.islnk():
                         raise BabyLlamaError(f"{archive}: unsafe member {m.name!r}")
                 tar.extractall(dest)
+    except tarfile.ReadError:
+        raise BabyLlamaError(f"cannot extract {archive}: not a readable tar archive (.tar, .tar.gz, .tar.bz2 or "
+                             ".tar.xz)") from None
     except (tarfile.TarError, OSError) as e:
-        raise BabyLlamaError(f"cannot extract {archive}: {e}") from None
+        raise BabyLlamaError(f"cannot extract {archive}: {first_line(e)}") from None
     return dest

@@ -19,21 +19,21 @@ from .data import input_files, read_documents
 
 
 def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | os.PathLike,
-                max_chars: int = 200_000_000) -> tuple[Path, Path]:
+                max_chars: int = 200_000_000, skip_bad_lines: bool = False) -> tuple[Path, Path]:
     """Train tok{vocab_size}.model on the documents of `input_path` (at most `max_chars` characters,
-    like llama2.c's first 10 shards) and write its llama2.c export tok{vocab_size}.bin beside it."""
+    like llama2.c's first 10 shards; malformed .jsonl lines skipped with `skip_bad_lines`) and write its
+    llama2.c export tok{vocab_size}.bin beside it."""
     spm = require("sentencepiece", "train", "training a vocabulary")
     from ..tokenizer import Tokenizer
 
     if not 259 < vocab_size <= 65536:
         raise BabyLlamaError(f"--vocab-size must be in 260..65536 (3 control + 256 byte tokens + merges), "
                              f"got {vocab_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = safeio.output_dir(out_dir)
     prefix = out / f"tok{vocab_size}"
     with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
         text_file = Path(tmp) / "vocab_input.txt"
-        _write_training_text(input_path, text_file, max_chars)
+        _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
         try:
             spm.SentencePieceTrainer.train(
                 input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
@@ -51,13 +51,13 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     return model, binary
 
 
-def _write_training_text(input_path, dest: Path, max_chars: int) -> None:
+def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
     """One document per line, as llama2.c does (documents' own newlines stay: sentencepiece sees each line
     as a sentence)."""
     written = 0
     with open(dest, "w", encoding="utf-8") as f:
         for path in input_files(input_path):
-            for doc in read_documents(path):
+            for doc in read_documents(path, skip_bad_lines):
                 f.write(doc + "\n")
                 written += len(doc) + 1
                 if written >= max_chars:
