@@ -84,9 +84,10 @@ class JsonlFile:
     bad: list[tuple[int, str]]  # (line number, reason) of every malformed line
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> JsonlFile:
+def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable: bool = True) -> JsonlFile:
     """Every record of a .jsonl file. Malformed lines (bad JSON, an unknown role, a plain-text record in a chat
-    file, ...) stop here with one line naming them, unless `skip_bad_lines` (the caller reports `bad`)."""
+    file, ...) stop here with one line naming them, unless `skip_bad_lines` (the caller reports `bad`); the line
+    points at --skip-bad-lines where the command has it (`skippable`)."""
     path = Path(path)
     out = JsonlFile("", [], [], [])
     try:
@@ -117,7 +118,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> JsonlFi
         if kind == CHAT:
             out.records.append(item)
     if out.bad and not skip_bad_lines:
-        raise BabyLlamaError(describe_bad_lines(path, out.bad) + " (fix them, or pass --skip-bad-lines)")
+        raise BabyLlamaError(describe_bad_lines(path, out.bad) + (" (fix them, or pass --skip-bad-lines)"
+                                                                   if skippable else " (fix them)"))
     if not out.items:
         raise BabyLlamaError(f"{path}: no records (an empty dataset)")
     return out
@@ -410,7 +412,7 @@ class InstructScore:
 def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> list[tuple[list[dict], list, list]]:
     """(messages up to the first reply, requested words, topic words) of each record of an instruction file
     (`babyllama data instruct` writes them: "words" and "topic_words" beside "messages")."""
-    data = read_jsonl(path)
+    data = read_jsonl(path, skippable=False)  # `eval --instruct` scores every record it is given
     if data.kind != CHAT:
         raise BabyLlamaError(f"{path}: plain-text records; --instruct needs instruction records "
                              "(babyllama data instruct makes them)")

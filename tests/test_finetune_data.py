@@ -296,10 +296,13 @@ def test_eval_instruct_errors_are_one_line(tmp_path):
     model = _tiny_model(tmp_path)
     write_lines(tmp_path / "plain.jsonl", {"text": "a story"})
     write_lines(tmp_path / "nowords.jsonl", {"prompt": "p", "response": "r"})
+    (tmp_path / "bad.jsonl").write_text("{bad\n")
     for path, message in ((tmp_path / "plain.jsonl", "plain-text records"),
                           (tmp_path / "nowords.jsonl", "nothing to score"),
-                          (tmp_path / "missing.jsonl", "not found")):
+                          (tmp_path / "missing.jsonl", "not found"),
+                          (tmp_path / "bad.jsonl", "line 1: invalid JSON")):
         proc = run_cli("eval", str(model), "--instruct", str(path))
         err = proc.stderr.decode().strip()
         assert proc.returncode == 1 and message in err and len(err.splitlines()) == 1, err
+        assert "--skip-bad-lines" not in err  # eval has no such flag
 
