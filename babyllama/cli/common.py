@@ -84,35 +84,29 @@ def add_time_limit(p) -> None:
                    help="give up on a transfer after this long (default: 2 hours); run again to resume it")
 
 
-def positive_seconds(text: str) -> float:
+def _checked_number(text: str, parse, ok, kind: str, rule: str):
+    """An argparse value: `text` parsed, and refused (a usage error) unless `ok`."""
     try:
-        value = float(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"invalid {kind}: {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    return _checked_number(text, float, lambda v: 0 < v < float("inf"), "number of seconds",
+                           "a positive number of seconds")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _checked_number(text, int, lambda v: v >= 1, "integer", "a positive integer")
 
 
 def share(text: str) -> float:
     """A fraction in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
-    return value
+    return _checked_number(text, float, lambda v: 0 < v <= 1, "number", "a share in (0, 1]")
 
 
 def add_compile(p) -> None:
