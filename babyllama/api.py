@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ class Model:
         -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
         also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
         (default: the time) makes sampling reproducible."""
+        check_generation([prompt], steps, temperature, topp, max_new_tokens)
         ids = self.tokenizer.encode(prompt, bos=True)
         text = self.tokenizer.stream(ids[-1])
         sampler = Sampler(temperature, topp, seed)
@@ -61,13 +63,39 @@ class Model:
         each, in order."""
         from .generate import generate_batch
 
-        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
+        if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
+            raise BabyLlamaError("generate_batch takes a list of prompts, not one string (generate takes one)")
         per_seq = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
+        check_generation(prompts, per_seq, temperature, topp, max_new_tokens)
+        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
         samplers = [Sampler(temperature, topp, base + i) for i in range(len(prompts))]
         seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens)
         return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_generation(prompts, steps, temperature, topp, max_new_tokens) -> None:
+    """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
+    if not all(isinstance(p, str) for p in prompts):
+        raise BabyLlamaError("a prompt must be a string")
+    for n in steps if isinstance(steps, list) else [steps]:
+        if not _integer(n) or n < 0:
+            raise BabyLlamaError(f"steps must be an integer >= 0, got {n!r}")
+    if not _number(temperature) or not temperature >= 0:  # also refuses NaN
+        raise BabyLlamaError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not _number(topp) or not 0.0 <= topp <= 1.0:
+        raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
+    if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):
+        raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:
@@ -135,6 +163,9 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     "f32", "f16" (half the bytes attention reads per token), "q8_0" (int8 with a scale per 32 values: about
     half of fp16's bytes), or "auto": f16 when the weights are quantized (Q8_0/Q4_0, as loaded or by
     `quantize`), f32 otherwise."""
+    for what, value in (("model", model), ("tokenizer", tokenizer), ("lora", lora)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise BabyLlamaError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
     check_kv_cache(kv_cache, device)  # before the model is read
     # a LoRA adapter is merged into the fp32 weights, quantized after it
     source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,

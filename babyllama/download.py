@@ -36,7 +36,7 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
                    show_progress: bool = True, time_limit: float | None = None) -> Path:
     """Fetch `model`'s files into folder/NAME/ (files already there are kept); returns the model path."""
     dest = Path(folder) / model.name
-    created = missing_folders(dest)
+    created = safeio.missing_folders(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -47,29 +47,11 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
             if not target.is_file():
                 fetch(f.url(url_base), target, show_progress, time_limit=time_limit)
     except BaseException:
-        remove_empty(created)  # a partial file (resumed next time) keeps its folder
+        safeio.remove_empty(created)  # a partial file (resumed next time) keeps its folder
         raise
     model_path = dest / model.model_file
     check_files(model_path, dest / "tokenizer.bin")
     return model_path
-
-
-def missing_folders(path: Path) -> list[Path]:
-    """`path` and its parents that do not exist yet, deepest first: what mkdir(parents=True) would create."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 class Deadline:

@@ -179,6 +179,24 @@ def output_file(path: str | os.PathLike, what: str = "output") -> Path:
     return check_target(path, what)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first: what mkdir(parents=True) would create."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def new_file_mode() -> int:
     """The mode `open()` gives a new file under the current umask."""
     umask = os.umask(0o022)

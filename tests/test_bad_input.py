@@ -125,3 +125,34 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     proc = run_cli("run", str(model), "-z", str(tok), "-n", "100000", "-t", "0")
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.endswith(b"\n")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.generate("x", topp=2), "topp must be in [0, 1], got 2"),
+    (lambda m: m.generate("x", topp=-0.5), "topp must be in [0, 1]"),
+    (lambda m: m.generate("x", temperature=-1), "temperature must be a number >= 0"),
+    (lambda m: m.generate("x", temperature=float("nan")), "temperature must be a number >= 0"),
+    (lambda m: m.generate("x", max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (lambda m: m.generate("x", steps="10"), "steps must be an integer >= 0, got '10'"),
+    (lambda m: m.generate(None), "a prompt must be a string"),
+    (lambda m: list(m.stream("x", steps=-1)), "steps must be an integer >= 0"),
+    (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
+    (lambda m: m.generate_batch(["a", 5]), "a prompt must be a string"),
+])
+def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
+    from babyllama.api import load
+    from babyllama.errors import BabyLlamaError
+
+    model = load(good_model[0], good_model[1])
+    with pytest.raises(BabyLlamaError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(model)
+    import numpy as np
+    assert model.generate("x", steps=np.int64(4), temperature=np.float32(0)).startswith("x")  # NumPy numbers are fine
+
+
+def test_load_wants_paths():
+    from babyllama.api import load
+    from babyllama.errors import BabyLlamaError
+
+    with pytest.raises(BabyLlamaError, match="model must be a path"):
+        load(123)

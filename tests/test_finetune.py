@@ -357,6 +357,12 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
     (None, ["--lora_rank=4", "--lora_targets=wq,wz"], "lora targets must be some of wq,wk,wv,wo,w1,w2,w3"),
     (None, ["--data_dir=x"], "--data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR"),
     (None, ["--lora_rank=4", "--fsdp"], "fsdp=true is for full training"),
+    (None, ["--learning_rate=nan"], "learning_rate must be a finite number >= 0, got nan"),
+    (None, ["--learning_rate=-1"], "learning_rate must be a finite number >= 0, got -1"),
+    (None, ["--beta1=1.5"], "beta1 must be in [0, 1), got 1.5"),
+    (None, ["--device=tpu"], "unknown device 'tpu' (auto, cpu, cuda, cuda:N or mps)"),
+    (None, ["--max_seq_len=4096"], "max_seq_len 4096 is more than the base model's context (96)"),
+    (None, ["--lora_rank=100000"], "lora_rank 100000 is more than the smallest side (16)"),
     ([{"prompt": "a", "response": "b"}, "{oops", {"messages": [{"role": "robot", "content": "x"}]}], [],
      "2 malformed lines: line 2: invalid JSON (Expecting property name enclosed in double quotes); line 3: message 0 "
      "has unknown role 'robot'"),
@@ -376,6 +382,22 @@ def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys,
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
     assert "step 0" not in captured.out and not (tmp_path / "out" / "ckpt.pt").exists()
+    if lines is None:  # refused before any data was written: no empty out_dir left behind
+        assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_another_lora_rank_says_so(tmp_path, capsys, one_thread):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=4, max_iters=2, eval_interval=2,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    capsys.readouterr()
+    assert main(["finetune", *argv, "--lora_rank=8", "--max_iters=4", "--init_from=resume"]) == 1
+    err = capsys.readouterr().err
+    assert "the checkpoint's LoRA rank 4 and targets wq,wk,wv,wo,w1,w2,w3 differ from this run's (8," in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
@@ -407,6 +429,15 @@ def test_a_data_dir_made_with_another_word_weight_is_refused(tmp_path, capsys):
     assert "was pretokenized with word_weight 3, this run asks for 5" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "ckpt.pt").exists()
     assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=3"]) == 0
+
+
+def test_a_run_refused_while_setting_up_leaves_no_out_dir(tmp_path, capsys):
+    from babyllama.cli import main
+
+    assert main(["train", f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path / 'runs' / 'out'}",
+                 "--device=cpu"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_train_refuses_lora_without_a_base(capsys):

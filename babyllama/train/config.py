@@ -4,6 +4,8 @@ config replaces the defaults, so `--init_from=resume --max_iters=N` continues th
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -190,6 +192,27 @@ def check(cfg: TrainConfig) -> None:
         raise BabyLlamaError(f"kd_temperature must be positive, got {cfg.kd_temperature}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    check_optimizer(cfg)
+    check_device(cfg.device)
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """AdamW's settings and the schedule's, before torch refuses them with a traceback mid-setup."""
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(cfg, key)
+        if not 0.0 <= value < math.inf:  # also refuses NaN
+            raise BabyLlamaError(f"{key} must be a finite number >= 0, got {value}")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise BabyLlamaError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    if not DEVICE.fullmatch(device):
+        raise BabyLlamaError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
 
 
 def check_finetune(cfg: TrainConfig) -> None:

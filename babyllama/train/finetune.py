@@ -20,17 +20,24 @@ from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from .config import TrainConfig
 from .data import TOKENIZER_BIN, pretokenize
-from .lora import apply_lora
+from .lora import apply_lora, check_rank
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
               "shared_classifier")
 
 
 def open_base(cfg: TrainConfig) -> Source:
-    """The base model, fp32, with its context set to max_seq_len (0: its own), and cfg's shape keys set to it."""
-    source = open_model(cfg.base, cfg.base_format or None, max_seq_len=cfg.max_seq_len or None)
+    """The base model, fp32, with its context set to max_seq_len (0: its own; never longer: the base was not
+    trained beyond it), and cfg's shape keys set to it."""
+    source = open_model(cfg.base, cfg.base_format or None)
     source.weights = source.weights.to_fp32()
     args = source.weights.args
+    if cfg.max_seq_len > args.max_seq_len:
+        raise BabyLlamaError(f"max_seq_len {cfg.max_seq_len} is more than the base model's context "
+                             f"({args.max_seq_len}): fine-tune within it (0: the base's)")
+    args.max_seq_len = cfg.max_seq_len or args.max_seq_len
+    if cfg.lora_rank:
+        check_rank(cfg.lora_rank, cfg.lora_targets, args)  # before the data is prepared
     for key in SHAPE_KEYS:
         setattr(cfg, key, getattr(args, key))
     cfg.max_seq_len = args.max_seq_len
@@ -79,8 +86,14 @@ def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tupl
     if not cfg.lora_rank:
         return model, None
     identity = base_identity(base.weights)
-    if ckpt is not None and ckpt.get("lora", {}).get("base") != identity:
+    saved = ckpt.get("lora", {}) if ckpt is not None else None
+    if saved is not None and saved.get("base") != identity:
         raise BabyLlamaError(f"cannot resume: {cfg.base} is not the base model this LoRA run started from")
+    if saved is not None and (saved.get("rank"), saved.get("targets")) != (cfg.lora_rank,
+                                                                          parse_targets(cfg.lora_targets)):
+        raise BabyLlamaError(f"cannot resume: the checkpoint's LoRA rank {saved.get('rank')} and targets "
+                             f"{','.join(saved.get('targets') or [])} differ from this run's ({cfg.lora_rank}, "
+                             f"{cfg.lora_targets})")
     apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     return model, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                    "targets": parse_targets(cfg.lora_targets), "base": identity}

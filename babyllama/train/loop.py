@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .. import safeio
 from ..adapter import ADAPTER_FILE, save_adapter
-from ..errors import BabyLlamaError, first_line
+from ..errors import BabyLlamaError
 from ..model import Transformer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
@@ -184,8 +184,8 @@ class Trainer:
             try:
                 self._restore(ckpt)
             except (RuntimeError, KeyError, ValueError, TypeError) as e:  # states that do not fit this model
-                raise BabyLlamaError(f"cannot resume from {self.out_dir / checkpoint.CKPT_NAME}: {first_line(e)}") \
-                    from None
+                raise BabyLlamaError(f"cannot resume from {self.out_dir / checkpoint.CKPT_NAME}: "
+                                     f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
         wrapped: torch.nn.Module = model
         if cfg.compile:
             wrapped = cast(torch.nn.Module, torch.compile(model))  # an OptimizedModule around the model
@@ -409,7 +409,12 @@ def train(cfg: TrainConfig) -> dict:
                    not (k == "vocab_size" and getattr(cfg, k) == 0)]
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
-    trainer = Trainer(cfg, ckpt)
+    created = safeio.missing_folders(Path(cfg.out_dir))
+    try:
+        trainer = Trainer(cfg, ckpt)
+    except BaseException:
+        safeio.remove_empty(created)  # a run refused while setting up leaves no empty out_dir behind
+        raise
     try:
         return trainer.run()
     finally:

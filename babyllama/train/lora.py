@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter import Adapter, parse_targets
+from ..config import ModelArgs
+from ..errors import BabyLlamaError
 from ..interop.state_dict import LAYER_NAMES
 from ..model import Transformer
 
@@ -57,6 +59,18 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float, targ
             parent = getattr(layer, parent_name)
             setattr(parent, attr, LoRALinear(getattr(parent, attr), rank, alpha, dropout))
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def check_rank(rank: int, targets: str | list[str], args: ModelArgs) -> None:
+    """A rank above the smaller side of a matrix it adapts adds parameters (and memory) but nothing the update
+    could express: refused."""
+    names = set(parse_targets(targets))
+    sides = [args.dim]  # wq, wo: dim x dim; every matrix has dim on one side
+    sides += [args.kv_dim] if names & {"wk", "wv"} else []
+    sides += [args.hidden_dim] if names & {"w1", "w2", "w3"} else []
+    if rank > min(sides):
+        raise BabyLlamaError(f"lora_rank {rank} is more than the smallest side ({min(sides)}) of the matrices it "
+                             "adapts")
 
 
 def is_factor(name: str) -> bool:
