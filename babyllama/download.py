@@ -36,19 +36,15 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
                    show_progress: bool = True, time_limit: float | None = None) -> Path:
     """Fetch `model`'s files into folder/NAME/ (files already there are kept); returns the model path."""
     dest = Path(folder) / model.name
-    created = safeio.missing_folders(dest)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BabyLlamaError(f"cannot create {dest}: {e.strerror}") from None
-    try:
+    with safeio.new_folders_removed_on_error(dest):
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BabyLlamaError(f"cannot create {dest}: {e.strerror}") from None
         for f in model.files:
             target = dest / f.save_as
             if not target.is_file():
                 fetch(f.url(url_base), target, show_progress, time_limit=time_limit)
-    except BaseException:
-        safeio.remove_empty(created)  # a partial file (resumed next time) keeps its folder
-        raise
     model_path = dest / model.model_file
     check_files(model_path, dest / "tokenizer.bin")
     return model_path

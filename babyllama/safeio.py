@@ -159,42 +159,47 @@ def check_target(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def _make_folder(folder: Path, path: Path, what: str) -> None:
+    """mkdir -p `folder`, the folder of (or the) output `path`; one line naming `path` where it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(path, what, e) from None
+
+
 def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """The folder `path`, created with its parents where missing; one-line error where it cannot be."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _cannot_write(path, what, e) from None
+    _make_folder(path, path, what)
     return path
 
 
 def output_file(path: str | os.PathLike, what: str = "output") -> Path:
     """`path` ready to be written: its folder created, the target checked (`check_target`)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _cannot_write(path, what, e) from None
+    _make_folder(path.parent, path, what)
     return check_target(path, what)
 
 
-def missing_folders(path: Path) -> list[Path]:
-    """`path` and its parents that do not exist yet, deepest first: what mkdir(parents=True) would create."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+@contextlib.contextmanager
+def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
+    """A block that may create the folder `path` and its missing parents: if it fails, those of them it made
+    are removed again while they are empty (what a failed run wrote into them stays, a resumable partial
+    download for one)."""
+    created = []
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:  # deepest first: the order they can be removed in
+        created.append(folder)
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def new_file_mode() -> int:

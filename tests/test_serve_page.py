@@ -44,15 +44,20 @@ def count_updates(page) -> None:
     }""")
 
 
+def greedy_storyteller(page) -> None:
+    """A system prompt, and temperature 0 (the input event the slider's label follows)."""
+    page.fill("#system", "You are a storyteller.")
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "input")
+
+
 def test_chat_page_streams_a_reply(browser):
     server = Server("--slots", "2")
     try:
         page = browser.new_page(viewport={"width": 1100, "height": 640})
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('model').textContent === 'babyllama-stories'")
-        page.fill("#system", "You are a storyteller.")
-        page.fill("#temperature", "0")
-        page.dispatch_event("#temperature", "input")
+        greedy_storyteller(page)
         page.fill("#prompt", "Tell me a story about a cat.")
         count_updates(page)
         with page.expect_response("**/v1/chat/completions") as answer:
@@ -135,9 +140,7 @@ def test_a_long_conversation_leaves_out_its_oldest_turns_and_a_failed_turn_is_fo
                 if r.url.endswith("/v1/chat/completions") else None)
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        page.fill("#system", "You are a storyteller.")
-        page.fill("#temperature", "0")
-        page.dispatch_event("#temperature", "input")
+        greedy_storyteller(page)
         page.fill("#max-tokens", "300")
         system = {"role": "system", "content": "You are a storyteller."}
 

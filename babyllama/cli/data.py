@@ -79,9 +79,8 @@ DEFAULT_INPUT = "data/TinyStories_all_data"
 def cmd_data_download(args) -> int:
     from pathlib import Path
 
-    from ..train.download import TINYSTORIES_URL, check_sha256, download, extract
+    from ..train.download import TINYSTORIES_URL, download, extract
 
-    check_sha256(args.sha256)
     url = args.url or TINYSTORIES_URL
     name = Path(url.split("?")[0]).name or "download.tar.gz"
     archive = download(url, Path(args.data_dir) / name, args.sha256, time_limit=args.time_limit)

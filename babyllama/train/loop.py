@@ -409,12 +409,8 @@ def train(cfg: TrainConfig) -> dict:
                    not (k == "vocab_size" and getattr(cfg, k) == 0)]
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
-    created = safeio.missing_folders(Path(cfg.out_dir))
-    try:
+    with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
         trainer = Trainer(cfg, ckpt)
-    except BaseException:
-        safeio.remove_empty(created)  # a run refused while setting up leaves no empty out_dir behind
-        raise
     try:
         return trainer.run()
     finally:
