@@ -18,7 +18,8 @@ from pathlib import Path
 from . import formats, kernels, safeio
 from .errors import BabyLlamaError
 from .formats import Weights
-from .loading import TOKENIZER_BIN, Source, find_tokenizer
+from .interop.vocab import Vocab
+from .loading import TOKENIZER_BIN, Source
 from .tokenizer import Tokenizer
 
 TARGETS = ("bin", "hf", "gguf")
@@ -68,12 +69,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if to == "hf":
         from .interop.hf import save_hf
 
-        if tok is not None and tok.suffix != ".model" and tokenizer is None:
-            tok = None  # only a sentencepiece model can go in a Hugging Face directory
-        if tok is None:
+        sp_model = _hf_tokenizer(src, tok, explicit=tokenizer is not None)
+        if sp_model is None:
             _check_folder_tokenizer(out, src.weights.args.vocab_size)
-        save_hf(src.weights, out, tok, dtype or "f32")
-        if tok is None:
+        save_hf(src.weights, out, sp_model, dtype or "f32")
+        if sp_model is None:
             _note_folder_tokenizer(out)
         if adapter is None:
             return [out]
@@ -156,6 +156,24 @@ def _same_tokenizer(other: Tokenizer, tokenizer: Tokenizer) -> bool:
     return other.pieces == tokenizer.pieces and bool((other.scores == tokenizer.scores).all())
 
 
+def _hf_tokenizer(src: Source, tok: Path | None, explicit: bool) -> Path | bytes | None:
+    """What a Hugging Face folder gets as its tokenizer.model: a sentencepiece .model as it is, else one written
+    from the vocabulary that came with the model (a tokenizer.bin, a GGUF's own), else none. Without the
+    protobuf package that writing needs, an explicit --tokenizer is an error and an implicit one a note."""
+    from .interop.vocab import can_write_sentencepiece
+
+    if tok is not None and tok.suffix == ".model":
+        return tok
+    vocab = _source_vocab(src, tok)
+    if vocab is None:
+        return None
+    if not explicit and not can_write_sentencepiece():
+        print("note: writing tokenizer.model from the model's vocabulary needs the protobuf package "
+              "(pip install protobuf)", file=sys.stderr)
+        return None
+    return vocab.to_sentencepiece()
+
+
 def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
     """A Hugging Face export that carries no tokenizer leaves the folder's tokenizer.model (an earlier
     export's) in place: refused when its vocabulary size shows it belongs to another model. Refused, not
@@ -180,18 +198,30 @@ def _note_folder_tokenizer(out: Path) -> None:
               "TOK.model to add one, or -z TOKENIZER when running it", file=sys.stderr)
 
 
-def _gguf_vocab(src: Source, tok: Path | None):
-    """GGUF files carry their vocabulary: --tokenizer, else the source's, else tokenizer.bin beside the .bin."""
+def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:
+    """GGUF files carry their vocabulary: the source's (see `_source_vocab`), which must exist."""
+    vocab = _source_vocab(src, tok)
+    if vocab is None:
+        raise BabyLlamaError(f"no tokenizer found for {src.path}: a GGUF file carries the model's tokenizer: put "
+                             f"{TOKENIZER_BIN} beside it or pass --tokenizer TOK.model (or tokenizer.bin)")
+    return vocab
+
+
+def _source_vocab(src: Source, tok: Path | None) -> Vocab | None:
+    """The vocabulary exported with a model: --tokenizer, else the source's own (a GGUF's), else the tokenizer.bin
+    beside a .bin. Not the built-in one that `run` falls back on for a vocabulary of its size: a guess that shows
+    at once in what `run` prints would here be written into a file as the model's tokenizer."""
     from .interop.vocab import load_vocab
 
+    beside = src.path.with_name(TOKENIZER_BIN)
     if tok is not None:
         vocab = load_vocab(tok)
     elif src.vocab is not None:
         vocab = src.vocab
-    elif src.kind == "bin":
-        vocab = load_vocab(find_tokenizer(src.path, src.weights.args.vocab_size))
+    elif src.kind == "bin" and beside.is_file():
+        vocab = load_vocab(beside)
     else:
-        raise BabyLlamaError("a GGUF file carries the model's tokenizer: pass --tokenizer TOK.model (or tokenizer.bin)")
+        return None
     _check_vocab(len(vocab.tokens), src.weights.args.vocab_size, tok)
     return vocab
 

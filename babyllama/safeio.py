@@ -202,11 +202,24 @@ def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def new_file_mode() -> int:
-    """The mode `open()` gives a new file under the current umask."""
+def current_umask() -> int:
+    """The process's umask, read from /proc where Linux shows it: setting it to read it back (the portable way)
+    changes it for a moment for every thread of the process, the server's included."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0o022)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask."""
+    return 0o666 & ~current_umask()
 
 
 def temp_path(path: str | os.PathLike) -> Path:

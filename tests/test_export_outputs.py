@@ -182,7 +182,7 @@ def test_a_model_export_is_never_named_tokenizer_bin(tmp_path, capsys, tiny_gguf
     assert not out.exists()
 
 
-def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_path, capsys, tiny, sp_model):
+def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_path, capsys, sp_model):
     pytest.importorskip("safetensors")
     folder = tmp_path / "hf"
     other = tmp_path / "other.bin"
@@ -190,18 +190,70 @@ def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_p
     assert main(["export", str(folder), "--model", str(other), "--tokenizer", str(sp_model)]) == 0
     before = (folder / "model.safetensors").read_bytes()
     capsys.readouterr()
-    msg = one_line(capsys, "export", str(folder), "--model", str(tiny))
+    (tmp_path / "lone").mkdir()
+    formats.save(random_weights(tiny_args()), tmp_path / "lone" / "m.bin")  # no vocabulary anywhere
+    msg = one_line(capsys, "export", str(folder), "--model", str(tmp_path / "lone" / "m.bin"))
     assert "tokenizer.model has 320 tokens but this model's vocab_size is 300" in msg
     assert (folder / "model.safetensors").read_bytes() == before
     assert main(["export", str(folder), "--model", str(other), "--dtype", "f16"]) == 0  # the same model again
     assert "note: kept the existing" in capsys.readouterr().err and (folder / "tokenizer.model").is_file()
 
 
-def test_gguf_to_hf_says_the_folder_has_no_tokenizer(tmp_path, capsys, tiny_gguf):
+# byte_tokenizer merges " th" and "he" but lacks the piece "h" (a trained vocabulary holds the characters of its
+# merges), so run.c's encoder and sentencepiece part ways on "the": these texts keep to what both reach alike
+TEXTS = ["eat a toe", " tea  at  ", "héllo\n\nworld 42", ""]
+
+
+def encodes_as(sp_model: Path, tokenizer: Tokenizer) -> bool:
+    """sentencepiece with `sp_model` encodes TEXTS as `tokenizer` does."""
+    spm = pytest.importorskip("sentencepiece")
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    return all(sp.encode(text) == tokenizer.encode(text, bos=False) for text in TEXTS)
+
+
+def test_gguf_to_hf_writes_its_vocabulary_as_tokenizer_model(tmp_path, capsys, tiny_gguf, tiny):
     pytest.importorskip("safetensors")
+    pytest.importorskip("google.protobuf")
     assert main(["export", str(tmp_path / "hf"), "--model", str(tiny_gguf)]) == 0
+    assert "tokenizer.model" not in capsys.readouterr().err
+    assert encodes_as(tmp_path / "hf" / "tokenizer.model", Tokenizer.load(tiny.with_name("tokenizer.bin")))
+    assert (tmp_path / "hf" / "tokenizer_config.json").is_file()
+
+
+def test_an_explicit_tokenizer_bin_goes_to_hf_as_tokenizer_model(tmp_path, tiny):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("google.protobuf")
+    other = byte_tokenizer(300)
+    other.pieces[-1] = b"zz"  # not the one beside the model: the one given wins
+    other.save(tmp_path / "other.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tiny), "--tokenizer", str(tmp_path / "other.bin")]) == 0
+    assert encodes_as(tmp_path / "hf" / "tokenizer.model", other)
+    spm = pytest.importorskip("sentencepiece")
+    assert spm.SentencePieceProcessor(model_file=str(tmp_path / "hf" / "tokenizer.model")).id_to_piece(299) == "zz"
+
+
+def test_hf_export_of_a_model_without_a_vocabulary_says_so(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    formats.save(random_weights(tiny_args()), tmp_path / "lone.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "lone.bin")]) == 0
     assert "has no tokenizer.model" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "tokenizer.model").exists()
+
+
+def test_without_protobuf_the_vocabulary_is_a_note_or_a_one_line_error(tmp_path, capsys, tiny, monkeypatch):
+    pytest.importorskip("safetensors")
+    from babyllama.interop import vocab
+
+    def no_protobuf():
+        raise ModuleNotFoundError("No module named 'google.protobuf'")
+
+    monkeypatch.setattr(vocab, "_import_sentencepiece_proto", no_protobuf)
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tiny)]) == 0
+    assert "needs the protobuf package" in capsys.readouterr().err
+    assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    msg = one_line(capsys, "export", str(tmp_path / "hf2"), "--model", str(tiny), "--tokenizer",
+                   str(tiny.with_name("tokenizer.bin")))
+    assert "writing a sentencepiece tokenizer.model needs babyllama's 'interop' extra" in msg
 
 
 def test_written_safetensors_get_the_umask_mode(tmp_path, tiny):
@@ -222,3 +274,18 @@ def test_hf_takes_one_folder(tmp_path, capsys, tiny):
     capsys.readouterr()
     msg = one_line(capsys, "export", str(tmp_path / "y.bin"), "--hf", str(tmp_path / "a"), str(tmp_path / "b"))
     assert "--hf takes one model folder, or weight files" in msg
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from Linux's /proc")
+def test_new_file_mode_reads_the_umask_without_setting_it(monkeypatch):
+    """Setting the umask to read it would change it for every thread of the process (the server's too)."""
+    old = os.umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        assert safeio.new_file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)

@@ -202,6 +202,25 @@ def test_llama2_tokenizer_goes_to_hf(tmp_path):
     assert tok(text)["input_ids"] == [1] + ref.encode(text)
 
 
+def test_a_trained_models_tokenizer_bin_goes_to_hf_as_tokenizer_model(tmp_path):
+    """stories260K with its tokenizer.bin beside it (no .model anywhere): the folder's tokenizer.model, written
+    from the vocabulary, makes transformers encode TinyStories as babyllama (run.c's encoder) does."""
+    from conftest import shared_file
+
+    from babyllama.tokenizer import Tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copyfile(shared_file("fixtures/stories260K.bin"), src / "m.bin")
+    shutil.copyfile(shared_file("fixtures/tok512.bin"), src / "tokenizer.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(src / "m.bin")]) == 0
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = Tokenizer.load(src / "tokenizer.bin")
+    lines = [line for line in shared_file("data/tinystories/valid.txt").read_text().splitlines() if line][:300]
+    for text in lines + ["Once upon a time, Élodie saw 123 cats! 🐈"]:
+        assert hf(text)["input_ids"] == ours.encode(text, bos=True), text
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 

@@ -53,6 +53,24 @@ def test_from_sentencepiece_reproduces_llama2c_export(llama_pair, tmp_path):
     assert (tmp_path / "tok.bin").read_bytes() == shared_file("fixtures/llama2-tokenizer.bin").read_bytes()
 
 
+def test_llama2c_tokenizer_bin_becomes_metas_sentencepiece_model_again(llama_pair):
+    """tokenizer.bin -> Vocab -> a sentencepiece .model: it encodes and decodes as Meta's original does."""
+    pytest.importorskip("google.protobuf")
+    import sentencepiece as spm
+
+    from babyllama.interop.vocab import load_vocab
+
+    sp, _ = llama_pair
+    rebuilt = spm.SentencePieceProcessor(model_proto=load_vocab(shared_file("fixtures/llama2-tokenizer.bin"))
+                                         .to_sentencepiece())
+    text = shared_file("data/tinystories/valid.txt").read_text()[:40000]
+    for t in [text, *TRICKY]:
+        ids = sp.encode(t)
+        assert rebuilt.encode(t) == ids and rebuilt.decode(ids) == sp.decode(ids)
+    assert [rebuilt.id_to_piece(i) for i in range(32000)] == [sp.id_to_piece(i) for i in range(32000)]
+    assert all(rebuilt.is_byte(i) == sp.is_byte(i) and rebuilt.is_control(i) == sp.is_control(i) for i in range(300))
+
+
 def test_tok512_agrees_with_run_c_on_plain_text(tok512):
     tok = Tokenizer.load(tok512, 512)
     ids = tok.encode("Once upon a time, a little dog", bos=True)

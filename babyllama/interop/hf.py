@@ -323,11 +323,12 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
 HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
-def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None,
+def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | bytes | None = None,
             dtype: str = "f32") -> Path:
     """Write `outdir`/config.json + model.safetensors (every tensor in `dtype`: f32, or f16/bf16 rounded to
     nearest even, as Hugging Face checkpoints usually ship), and tokenizer.model + tokenizer_config.json when a
-    sentencepiece model is given, so that transformers' Auto* classes load the directory."""
+    sentencepiece model is given (its file, or its bytes: `Vocab.to_sentencepiece`), so that transformers'
+    Auto* classes load the directory."""
     if dtype not in HF_DTYPES:
         raise BabyLlamaError(f"a Hugging Face folder holds {', '.join(HF_DTYPES)} tensors, not {dtype}")
     try:
@@ -344,7 +345,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
     args = weights.args
     check_writable(args, outdir)
-    if tokenizer_model is not None:
+    if tokenizer_model is not None and not isinstance(tokenizer_model, bytes):
         _check_sentencepiece(tokenizer_model, args.vocab_size)
     safeio.output_dir(outdir)
 
@@ -361,8 +362,11 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         tensors[hf_name(name)] = np.ascontiguousarray(t)
     with safeio.pending(outdir / "model.safetensors") as tmp:
         _save_safetensors(tensors, tmp, bf16=dtype == "bf16")
-    if tokenizer_model is not None:
+    if isinstance(tokenizer_model, bytes):
+        safeio.write_bytes(outdir / "tokenizer.model", tokenizer_model)
+    elif tokenizer_model is not None:
         safeio.copy_file(tokenizer_model, outdir / "tokenizer.model", "tokenizer")
+    if tokenizer_model is not None:
         safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
     safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
     # config.json last: a folder that a kill interrupted has no config (or the old one over old weights)
@@ -399,7 +403,8 @@ def _tokenizer_config(args: ModelArgs) -> dict:
 
 
 def _check_sentencepiece(path: str | os.PathLike, vocab_size: int) -> None:
-    """A Hugging Face directory can only carry a sentencepiece model (tokenizer.bin has lost its types)."""
+    """A Hugging Face directory carries a sentencepiece model: its .model file here (a tokenizer.bin goes in
+    as `load_vocab(path).to_sentencepiece()`'s bytes)."""
     path = Path(path)
     if not path.is_file():
         raise BabyLlamaError(f"tokenizer {path}: no such file")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, missing_extra
 from ..tokenizer import BOS, EOS, UNK, Tokenizer, open_sentencepiece
 
 # sentencepiece's (and GGUF's) token types
@@ -42,6 +42,51 @@ class Vocab:
                 text = "\n</s>\n"
             pieces.append(text.replace(SPACE, " ").encode("utf-8"))
         return Tokenizer(pieces, self.scores)
+
+
+    def to_sentencepiece(self) -> bytes:
+        """The bytes of a sentencepiece `.model` holding this vocabulary, set up as Llama's is (BPE, the
+        identity normalization, a dummy prefix space, spaces kept, byte fallback): what transformers'
+        LlamaTokenizer reads. sentencepiece encodes with it as with the model the vocabulary came from,
+        since BPE encoding depends only on the pieces, their scores and types, and that set-up."""
+        pb = _sentencepiece_proto()
+        model = pb.ModelProto()
+        for text, score, kind in zip(self.tokens, self.scores, self.types, strict=True):
+            model.pieces.add(piece=text, score=score, type=kind)
+        t = model.trainer_spec
+        t.model_type = pb.TrainerSpec.BPE
+        t.vocab_size = len(self.tokens)
+        t.byte_fallback = BYTE in self.types
+        t.split_digits = t.allow_whitespace_only_pieces = True
+        t.unk_id, t.bos_id, t.eos_id, t.pad_id = self.unk_id, self.bos_id, self.eos_id, -1
+        t.unk_piece, t.bos_piece, t.eos_piece = (self.tokens[i] for i in (self.unk_id, self.bos_id, self.eos_id))
+        n = model.normalizer_spec
+        n.name = "identity"
+        n.add_dummy_prefix, n.remove_extra_whitespaces, n.escape_whitespaces = True, False, True
+        return model.SerializeToString()
+
+
+def can_write_sentencepiece() -> bool:
+    """Whether `Vocab.to_sentencepiece` can run here (sentencepiece's protobuf module imports)."""
+    try:
+        _sentencepiece_proto()
+    except BabyLlamaError:
+        return False
+    return True
+
+
+def _sentencepiece_proto():
+    """sentencepiece's protobuf module for .model files (it needs the protobuf package)."""
+    try:
+        return _import_sentencepiece_proto()
+    except ImportError:
+        raise missing_extra("writing a sentencepiece tokenizer.model", "interop") from None
+
+
+def _import_sentencepiece_proto():
+    from sentencepiece import sentencepiece_model_pb2
+
+    return sentencepiece_model_pb2
 
 
 def load_vocab(path: str | os.PathLike) -> Vocab:
