@@ -21,6 +21,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
+from .errors import BabyLlamaError
 from .formats import Matrix, QTensor, Weights, dense, is_quantized, table_rows
 from .quant import BLOCK, BlockTensor
 
@@ -115,9 +116,24 @@ def kv_q8_dtype(head_size: int) -> np.dtype:
     return np.dtype([("q", np.int8, (head_size,)), ("d", np.float32, (head_size // kv_group(head_size),))])
 
 
+def kv_overflow() -> BabyLlamaError:
+    """The error for a key or value beyond fp16's range written into an fp16 cache: attention would read an
+    infinity the model never computed (the native kernels return it as step error 5)."""
+    return BabyLlamaError("a key or value exceeds the range of the fp16 KV cache (65,504), the default for "
+                          "quantized weights: run with --kv-cache f32 (or q8_0)")
+
+
 def kv_write(cache: np.ndarray, index: Any, x: np.ndarray) -> None:
     """Rows x (..., head_size) of float32 written into cache[index]: as they are (a float32 cache), rounded to
-    float16, or quantized per group (Q8_0 rows; quantize_rows, the activations' rule)."""
+    float16 (an overflow raises `kv_overflow`), or quantized per group (Q8_0 rows; quantize_rows, the
+    activations' rule)."""
+    if cache.dtype == np.float16:
+        with np.errstate(over="ignore"):
+            rows = x.astype(np.float16)
+        cache[index] = rows  # written first, as the native kernels do
+        if np.isinf(rows).any():
+            raise kv_overflow()
+        return
     if cache.dtype.names is None:
         cache[index] = x
         return

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import memory, sampler
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
-from .kernels_base import kv_q8_dtype, quantized_gemm
+from .kernels_base import kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .threads import explicit_threads, usable_cpus
 
@@ -131,6 +131,7 @@ class ModelPlan:
 
 
 # forward_step's return codes: which of its index arrays held a value outside its table
+KV_OVERFLOW = 5  # forward_step's code after a step that wrote an fp16 infinity into the cache
 STEP_ERRORS = {1: "token ids must lie in [0, vocab_size)", 2: "positions must lie in [0, seq_len)",
                3: "slots must lie in [0, the cache's slots)", 4: "rows must index the step's tokens"}
 
@@ -315,6 +316,7 @@ class NativeKernels:
         self.lib.matmul.restype = ctypes.c_int
         self.lib.rmsnorm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr]
         self.lib.attention_step.argtypes = [ptr] * 7 + [ctypes.c_int] + [ptr] * 2 + [i64] * 5 + [ptr]
+        self.lib.attention_step.restype = ctypes.c_int
         self.lib.swiglu.argtypes = [ptr, ptr, i64, i64, ptr]
         self.lib.dequantize.argtypes = [ptr, i64, ptr]
         self.lib.dequantize_rows.argtypes = [ptr, ptr, i64, i64, ptr]
@@ -566,9 +568,10 @@ class NativeKernels:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         n, n_heads, hs = q.shape
         out = np.empty((n, n_heads * hs), dtype=np.float32)
-        self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin), _address(keys),
-                                _address(values), kv_type, _address(slots), _address(positions), n, n_heads,
-                                keys.shape[1], keys.shape[2], hs, _address(out))
+        if self.lib.attention_step(_address(q), _address(k), _address(v), _address(cos), _address(sin),
+                                   _address(keys), _address(values), kv_type, _address(slots), _address(positions), n,
+                                   n_heads, keys.shape[1], keys.shape[2], hs, _address(out)):
+            raise kv_overflow()
         return out
 
     def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -699,6 +702,8 @@ class NativeKernels:
         err = self.lib.forward_step(plan.ref, _address(tokens), n, _address(slots), _address(positions), keys_at,
                                     values_at, kv_type, keys.shape[1], keys.shape[3], _address(row_ids),
                                     len(row_ids), _address(logits))
+        if err == KV_OVERFLOW:
+            raise kv_overflow()
         if err:  # checked in C before anything is read or written: NumPy's min/max cost more than the step
             raise ValueError(STEP_ERRORS[err])
         return logits

@@ -81,11 +81,15 @@ def attention_inputs(head_size: int, n_heads: int = 4, kv_heads: int = 2):
     return args, (q, k, v, engine.cos[positions], engine.sin[positions]), history, slots, positions
 
 
-def run_attention(kernels, inputs, history, slots, positions, dtype):
+def run_attention(kernels, inputs, history, slots, positions, dtype, overflows: bool = False):
     """kernels.attention on fresh copies of the inputs with a cache of `dtype` holding `history`: (out, keys,
-    values)."""
+    values). `overflows`: values beyond fp16's range are written, and the call must say so (out: None)."""
     keys, values = history.astype(dtype), history.astype(dtype)
     q, k, v, cos, sin = (a.copy() for a in inputs)
+    if overflows:
+        with pytest.raises(BabyLlamaError, match=r"exceeds the range of the fp16 KV cache .* --kv-cache f32"):
+            kernels.attention(q, k, v, cos, sin, keys, values, slots, positions)
+        return None, keys, values
     out = kernels.attention(q, k, v, cos, sin, keys, values, slots, positions)
     return out, keys, values
 
@@ -99,7 +103,7 @@ def test_f16_cache_writes_are_numpy_float16_bit_for_bit(native, head_size):
     for kernels in (native, NumpyKernels()):
         with np.errstate(over="ignore", invalid="ignore"):  # the values that overflow fp16, and their products
             _, k32, v32 = run_attention(kernels, inputs, history, slots, positions, np.float32)
-            _, k16, v16 = run_attention(kernels, inputs, history, slots, positions, np.float16)
+            _, k16, v16 = run_attention(kernels, inputs, history, slots, positions, np.float16, overflows=True)
             want = v32[written].astype(np.float16)
         np.testing.assert_array_equal(v32[written], inputs[2])
         np.testing.assert_array_equal(bits(v16[written]), bits(want))
@@ -161,6 +165,24 @@ def test_native_decode_with_f16_cache_matches_numpy(native):
         np.testing.assert_array_equal(bits(c16.v[0]), bits(c32.v[0].astype(np.float16)))
     a, b = out["native", "f16"][0], out["numpy", "f16"][0]
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.abs(b).max())
+
+
+def test_keys_beyond_fp16_range_are_an_error_not_other_text(native):
+    """Layer 0's keys scaled up 1e5 and its queries down as much: the same model in fp32 (q·k unchanged), with keys
+    past fp16's 65,504. An fp16 cache would store infinities there, which attention scores as -inf or NaN, so
+    every path stops with one error naming --kv-cache f32: a prompt (BLAS products, attention_step), a decode
+    step (forward_step), NumPy's engine; the f32 cache runs the model."""
+    w = _model("fp32")
+    w.wk[0] *= 1e5
+    w.wq[0] /= 1e5
+    toks = np.random.default_rng(5).integers(3, w.args.vocab_size, 12).tolist()  # the module's rng left as it was
+    for kernels in (native, NumpyKernels()):
+        e = Engine(w, kernels=kernels, kv_cache="f16")
+        for tokens in (toks, toks[:1]):  # longer than FUSED_MAX_TOKENS, then one decode token
+            with pytest.raises(BabyLlamaError, match=r"exceeds the range of the fp16 KV cache .* --kv-cache f32"):
+                e.forward(tokens, range(len(tokens)), e.new_cache())
+        f32 = Engine(w, kernels=kernels, kv_cache="f32")
+        assert np.isfinite(f32.forward(toks, range(12), f32.new_cache())).all()
 
 
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])

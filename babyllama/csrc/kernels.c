@@ -2939,18 +2939,19 @@ ALWAYS_INLINE __m256 kv_load8(const void *p, int64_t row, int64_t col, int64_t h
 
 /* x (hs values) stored as row `row` of cache memory p: copied (fp32), each value rounded to the nearest fp16,
  * ties to even (the same value whichever of the paths below converts it), or quantized per group (Q8_0, as
- * quantize_q8 does the activations) */
-static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type) {
+ * quantize_q8 does the activations). Returns 1 where a value became an fp16 infinity (|x| beyond 65,504):
+ * attention would then read a key or value the model never computed, and score it as -inf or NaN. */
+static int kv_store(void *p, int64_t row, const float *x, int64_t hs, int type) {
     if (type == KV_F32) {
         memcpy((float *)p + row * hs, x, hs * sizeof(float));
-        return;
+        return 0;
     }
     if (type == KV_Q8) {
         int8_t *r = (int8_t *)p + row * kv_row_bytes(KV_Q8, hs);
         float scales[kv_groups(hs)];
         quantize_q8(x, 1, hs, hs / kv_groups(hs), r, scales);
         memcpy(r + hs, scales, sizeof scales);
-        return;
+        return 0;
     }
     uint16_t *o = (uint16_t *)p + row * hs;
     int64_t i = 0;
@@ -2965,6 +2966,9 @@ static void kv_store(void *p, int64_t row, const float *x, int64_t hs, int type)
                          _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
     for (; i < hs; i++) o[i] = f32_to_fp16(x[i]);
+    int infinite = 0;
+    for (i = 0; i < hs; i++) infinite |= (o[i] & 0x7FFF) == 0x7C00;
+    return infinite;
 }
 
 /* While the keys of rows [p, p + n) are scored, ask for the same rows' values: attention reads a head's values
@@ -3194,32 +3198,35 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
  * over its slot's positions 0..position (all keys are stored first, so tokens of one sequence see each
  * other's). Query head h reads kv head h / (n_heads / kv_heads). out (n_tok, n_heads * hs). One (head, token)
  * pair per task, head-major so that a prompt's consecutive tasks reuse one head's keys and values from cache. */
-static void attention_split_from(int64_t min_bytes, float *q, float *k, const float *v, const float *cos,
+static int attention_split_from(int64_t min_bytes, float *q, float *k, const float *v, const float *cos,
                                  const float *sin, void *kc, void *vc, int kv_type, const int64_t *slots,
                                  const int64_t *positions, int64_t n_tok, int64_t n_heads, int64_t kv_heads,
                                  int64_t seq_len, int64_t hs, float *out) {
     rope(q, n_tok, n_heads, hs, cos, sin);
     rope(k, n_tok, kv_heads, hs, cos, sin);
     int64_t max_pos = 0, work = 0;
+    int overflow = 0;
     for (int64_t t = 0; t < n_tok; t++) {
         max_pos = positions[t] > max_pos ? positions[t] : max_pos;
         work += 2 * kv_row_bytes(kv_type, hs) * (positions[t] + 1) * n_heads; /* bytes of keys and values read */
         for (int64_t h = 0; h < kv_heads; h++) {
             int64_t at = (slots[t] * kv_heads + h) * seq_len + positions[t]; /* row */
-            kv_store(kc, at, k + (t * kv_heads + h) * hs, hs, kv_type);
-            kv_store(vc, at, v + (t * kv_heads + h) * hs, hs, kv_type);
+            overflow |= kv_store(kc, at, k + (t * kv_heads + h) * hs, hs, kv_type);
+            overflow |= kv_store(vc, at, v + (t * kv_heads + h) * hs, hs, kv_type);
         }
     }
     Attention a = {q, kc, vc, kv_type, slots, positions, n_tok, n_heads, kv_heads, seq_len, hs, max_pos, out};
     pool_run_adaptive(attention_chunk, &a, n_tok * n_heads, 1, work, 0, work >= min_bytes);
+    return overflow;
 }
 
-/* the attention step on its own (a prompt's, between BLAS products): split across threads as products are */
-void attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, void *kc, void *vc,
+/* the attention step on its own (a prompt's, between BLAS products): split across threads as products are.
+ * Returns 1 where a key or value overflowed an fp16 cache (see kv_store), else 0. */
+int attention_step(float *q, float *k, const float *v, const float *cos, const float *sin, void *kc, void *vc,
                     int kv_type, const int64_t *slots, const int64_t *positions, int64_t n_tok, int64_t n_heads,
                     int64_t kv_heads, int64_t seq_len, int64_t hs, float *out) {
-    attention_split_from(PARALLEL_MIN_BYTES, q, k, v, cos, sin, kc, vc, kv_type, slots, positions, n_tok, n_heads,
-                         kv_heads, seq_len, hs, out);
+    return attention_split_from(PARALLEL_MIN_BYTES, q, k, v, cos, sin, kc, vc, kv_type, slots, positions, n_tok,
+                                n_heads, kv_heads, seq_len, hs, out);
 }
 
 /* ------------------------------------------------------------------- a whole decode step's layers */
@@ -3250,7 +3257,7 @@ typedef struct {
  * (n_layers, n_slots, kv_heads, seq_len) rows of head_size values, fp32, fp16 or Q8_0 as kv_type says. One
  * call per step instead of five per layer: at the sizes where decode is fast, Python's per-call cost was most
  * of a step. */
-static void forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
+static int forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
                            void *vc, int kv_type, int64_t n_slots, int64_t seq_len, const int64_t *slots,
                            const int64_t *positions) {
     int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size;
@@ -3264,14 +3271,16 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
     int64_t qkv_rows = 0;
     for (int j = 0; j < 3; j++) qkv_rows += m->layers[0].qkv[j].rows;
     int64_t attention_min = qkv_rows * dim * n_tok >= PRODUCT_MIN_MACS ? ATTENTION_MIN_BYTES : PARALLEL_MIN_BYTES;
+    int overflow = 0;
     for (int64_t l = 0; l < m->n_layers; l++) {
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
         product(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att, 1);
-        attention_split_from(attention_min, qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos, sin,
-                             (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type, slots, positions,
-                             n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size, att);
+        overflow |= attention_split_from(attention_min, qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos,
+                                         sin, (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type,
+                                         slots, positions, n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size,
+                                         att);
         product(att, n_tok, dim, &ly->wo, 1, x, &residual, 1);
         product(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn, 1);
         product(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated, 1);
@@ -3279,12 +3288,14 @@ static void forward_layers(const Model *m, float *x, int64_t n_tok, const float 
     free(qkv);
     free(att);
     free(h13);
+    return overflow;
 }
 
 /* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
  * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
  * logits (n_out, vocab). Returns 0, or before touching anything 1-4 when a token id, a position, a slot
- * or an output row lies outside its table (see kernels_native.STEP_ERRORS). */
+ * or an output row lies outside its table (see kernels_native.STEP_ERRORS), or after the step 5 when a key or
+ * value overflowed an fp16 cache (see kv_store). */
 int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int64_t *slots,
                   const int64_t *positions, void *kc, void *vc, int kv_type, int64_t n_slots, int64_t seq_len,
                   const int64_t *out_rows, int64_t n_out, float *logits) {
@@ -3301,7 +3312,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
         memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
         memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
     }
-    forward_layers(m, x, n_tok, cos, sin, kc, vc, kv_type, n_slots, seq_len, slots, positions);
+    int overflow = forward_layers(m, x, n_tok, cos, sin, kc, vc, kv_type, n_slots, seq_len, slots, positions);
     float *rows = malloc(n_out * dim * sizeof(float));
     for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
     Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
@@ -3310,7 +3321,7 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
     free(cos);
     free(sin);
     free(rows);
-    return 0;
+    return overflow ? 5 : 0;
 }
 
 /* ---------------------------------------------------------------------------- memory bandwidth probe */
