@@ -38,7 +38,7 @@ class Model:
         -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
         also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
         (default: the time) makes sampling reproducible."""
-        check_generation([prompt], steps, temperature, topp, max_new_tokens)
+        check_generation([prompt], steps, temperature, topp, max_new_tokens, seed)
         ids = self.tokenizer.encode(prompt, bos=True)
         text = self.tokenizer.stream(ids[-1])
         sampler = Sampler(temperature, topp, seed)
@@ -66,7 +66,9 @@ class Model:
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
             raise BabyLlamaError("generate_batch takes a list of prompts, not one string (generate takes one)")
         per_seq = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
-        check_generation(prompts, per_seq, temperature, topp, max_new_tokens)
+        if len(per_seq) != len(prompts):
+            raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
+        check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed)
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
@@ -83,8 +85,10 @@ def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_generation(prompts, steps, temperature, topp, max_new_tokens) -> None:
+def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
+    if seed is not None and not _integer(seed):
+        raise BabyLlamaError(f"seed must be an integer (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise BabyLlamaError("a prompt must be a string")
     for n in steps if isinstance(steps, list) else [steps]:

@@ -22,7 +22,7 @@ class Rng:
     """run.c's xorshift64* generator: `random_u32` and `random_f32` on a 64-bit state."""
 
     def __init__(self, seed: int):
-        self.state = seed & _MASK64
+        self.state = int(seed) & _MASK64  # a NumPy integer would overflow the mask
 
     def u32(self) -> int:
         s = self.state

@@ -138,6 +138,9 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: list(m.stream("x", steps=-1)), "steps must be an integer >= 0"),
     (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
     (lambda m: m.generate_batch(["a", 5]), "a prompt must be a string"),
+    (lambda m: m.generate_batch(["a", "b"], steps=[5]), "steps holds 1 values for 2 prompts"),
+    (lambda m: m.generate("x", seed="42"), "seed must be an integer .or None., got '42'"),
+    (lambda m: m.generate_batch(["a"], seed=1.5), "seed must be an integer"),
 ])
 def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     from babyllama.api import load
@@ -147,7 +150,8 @@ def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     with pytest.raises(BabyLlamaError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(model)
     import numpy as np
-    assert model.generate("x", steps=np.int64(4), temperature=np.float32(0)).startswith("x")  # NumPy numbers are fine
+    # NumPy numbers are fine
+    assert model.generate("x", steps=np.int64(4), temperature=np.float32(0), seed=np.int32(3)).startswith("x")
 
 
 def test_load_wants_paths():

@@ -185,6 +185,7 @@ def test_closed_or_full_stdout_is_one_error_line(command, tmp_path):
     (["--parallel", "4"], "--parallel works with --batch-file only"),
     (["--n-keep", "5"], "--n-keep works with --context-shift only"),
     (["--draft-k", "3"], "--draft-k works with --draft only"),
+    (["-y", "You are a pirate."], "-y/--system works with -m chat only"),
     (["--batch-file", "PROMPTS", "-i", "Hi"], "--batch-file gives the prompts"),
     (["--plain", "--device", "cpu"], "--plain is the NumPy reference engine"),
     (["--context-shift", "--n-keep", "257"], "--n-keep must be at most half the context (256), got 257"),

@@ -119,6 +119,9 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     ("a story\n", ["--max-stories", "0"], b"--max-stories must be >= 1"),
     ("a story\n", ["--max-tokens", "-3"], b"--max-tokens must be >= 1"),
     ("a story\n", ["--seq-len", "65"], b"--seq-len must be in [1, 64]"),
+    ("a story\n", ["--max-examples", "3"], b"--max-examples works with --instruct only"),
+    ("a story\n", ["--max-new-tokens", "3"], b"--max-new-tokens works with --instruct only"),
+    ("a story\n", ["--samples", "0"], b"--samples works with --instruct only"),
 ])
 def test_cli_eval_bad_inputs(tiny_model, tmp_path, content, flags, message):
     data = tmp_path / "data.txt"
@@ -130,6 +133,15 @@ def test_cli_eval_bad_inputs(tiny_model, tmp_path, content, flags, message):
     assert proc.returncode == 1
     assert proc.stderr.startswith(b"babyllama: error: ") and message in proc.stderr
     assert b"Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["--max-stories", "2"], ["--max-tokens", "9"], ["--seq-len", "32"]])
+def test_cli_eval_instruct_refuses_the_text_flags(tiny_model, tmp_path, flags):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"request": "Write a story.", "words": ["cat"], "topic": null}\n')
+    proc = run_cli("eval", str(tiny_model), "--instruct", str(requests), *flags)
+    assert proc.returncode == 1 and proc.stderr.startswith(b"babyllama: error: ")
+    assert f"{flags[0]} works with --data only".encode() in proc.stderr
 
 
 def test_cli_eval_needs_data(tiny_model):

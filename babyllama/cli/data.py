@@ -35,7 +35,8 @@ def add(sub) -> None:
                        help="use data/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
-    t.add_argument("--out-dir", default=None, help="shard folder (default: DATA_DIR/tok{N})")
+    t.add_argument("--out-dir", default=None,
+                   help="shard folder (default: DATA_DIR/tok{N}, or DATA_DIR/tokenizer with --tokenizer)")
     t.add_argument("--workers", type=positive_int, default=None, help="encoding processes (default: all cores)")
     t.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed .jsonl lines (and conversations longer than --max-seq-len), with a count")

@@ -30,7 +30,7 @@ def add(sub) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="--instruct: score only the first N requests")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="--instruct: cap each reply (default: until EOS or the end of the context)")
-    p.add_argument("--samples", type=int, default=0, help="--instruct: also print the first N replies")
+    p.add_argument("--samples", type=int, default=None, help="--instruct: also print the first N replies")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -42,6 +42,7 @@ def cmd_eval(args) -> int:
     from ..loading import BUILTIN_MODEL
     from .run import load_model
 
+    check_eval_flags(args)
     model = load_model(args)
     if args.instruct:
         return eval_instruct(model, args)
@@ -60,6 +61,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# flags that apply to one kind of evaluation only: refused with the other rather than ignored
+TEXT_FLAGS = ("max_stories", "max_tokens", "seq_len")
+INSTRUCT_FLAGS = ("max_examples", "max_new_tokens", "samples")
+
+
+def check_eval_flags(args) -> None:
+    from ..errors import BabyLlamaError
+
+    wrong, needs = (TEXT_FLAGS, "--data") if args.instruct else (INSTRUCT_FLAGS, "--instruct")
+    for flag in wrong:
+        if getattr(args, flag) is not None:
+            raise BabyLlamaError(f"--{flag.replace('_', '-')} works with {needs} only")
+    if args.samples is not None and args.samples < 0:
+        raise BabyLlamaError(f"--samples must be >= 0, got {args.samples}")
+
+
 def eval_instruct(model, args) -> int:
     import json
 
@@ -74,7 +91,7 @@ def eval_instruct(model, args) -> int:
     s = score_instructions(model, eval_requests(args.instruct, args.max_examples), args.max_new_tokens)
     name = str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
     if args.json:
-        print(json.dumps({"model": name, "instruct": args.instruct, **s.to_dict(args.samples)}))
+        print(json.dumps({"model": name, "instruct": args.instruct, **s.to_dict(args.samples or 0)}))
         return 0
     print(f"model        {name}")
     print(f"requests     {s.requests} from {args.instruct} ({s.word_requests} ask for words, {s.topic_requests} for "
@@ -84,7 +101,7 @@ def eval_instruct(model, args) -> int:
     print(f"topic        {100 * s.topic_share:.1f}% of replies mention the requested topic")
     print(f"replies      {100 * s.finished / s.requests:.1f}% end with EOS; {s.reply_tokens / s.requests:.0f} "
           "tokens on average")
-    for sample in s.samples[:args.samples]:
+    for sample in s.samples[:args.samples or 0]:
         print(f"\n> {sample['request']}\n{sample['reply']}\n[words used: {', '.join(sample['used']) or '-'} of "
               f"{', '.join(sample['words']) or '-'}; topic: {sample['topic_hit']}]")
     return 0

@@ -131,7 +131,8 @@ def check_speed_flags(args) -> None:
     for flag, given, needs, present in (("--rotate-keys", args.rotate_keys, "--context-shift", args.context_shift),
                                         ("--n-keep", args.n_keep is not None, "--context-shift", args.context_shift),
                                         ("--draft-k", args.draft_k is not None, "--draft", args.draft),
-                                        ("--parallel", args.parallel is not None, "--batch-file", args.batch_file)):
+                                        ("--parallel", args.parallel is not None, "--batch-file", args.batch_file),
+                                        ("-y/--system", args.system is not None, "-m chat", args.mode == "chat")):
         if given and not present:
             raise BabyLlamaError(f"{flag} works with {needs} only")
     if args.batch_file and args.prompt is not None:
