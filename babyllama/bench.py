@@ -53,7 +53,7 @@ GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "f16": "f16", "bf16
 GGUF_ENGINE = "babyllama (GGUF)"
 GGUF_FORMATS = ("q8_0", "q4_0")
 PATHS = ("plain", "fast")
-BUSY_CODE = "while True: pass"
+BUSY_CODE = "import os; os.write(1, b'1'); os.close(1)\nwhile True: pass"  # says it runs, then spins
 
 
 def shape_args(name: str) -> ModelArgs:
@@ -486,7 +486,12 @@ class Busy:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Busy:
-        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE]) for _ in range(self.n)]
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE], stdout=subprocess.PIPE)
+                      for _ in range(self.n)]
+        for p in self.procs:  # Popen returns before the interpreter has even started: measure once they spin
+            assert p.stdout is not None
+            p.stdout.read(1)
+            p.stdout.close()
         return self
 
     def __exit__(self, *exc) -> None:
