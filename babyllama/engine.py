@@ -45,6 +45,13 @@ def kv_cache_name(dtype: np.dtype) -> str:
     return "q8_0" if dtype.names else {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}[np.dtype(dtype)]
 
 
+def kv_cache_layout(args: ModelArgs, n_slots: int, seq_len: int, dtype: np.dtype) -> tuple[tuple[int, ...], int]:
+    """A KVCache's shape (of its keys, and of its values) and the bytes of both, for rows of `dtype`."""
+    flat = dtype == kv_q8_dtype(args.head_size)  # a Q8_0 row is one element of its structured dtype
+    shape = (args.n_layers, n_slots, args.n_kv_heads, seq_len) + (() if flat else (args.head_size,))
+    return shape, 2 * dtype.itemsize * int(np.prod(shape, dtype=np.float64))
+
+
 class KVCache:
     """Keys and values of every layer for `n_slots` sequences: arrays (L, slots, kv_heads, seq_len) of rows of
     head_size values, so that one head's keys are a contiguous (positions, head_size) matrix for attention's
@@ -66,8 +73,7 @@ class KVCache:
         if dtype not in (np.dtype(np.float32), np.dtype(np.float16), q8):
             raise ValueError(f"a KV cache holds float32, float16 or Q8_0 rows ({q8}), not {dtype}")
         self.seq_len = seq_len or args.max_seq_len
-        shape = (args.n_layers, n_slots, args.n_kv_heads, self.seq_len) + (() if dtype == q8 else (args.head_size,))
-        nbytes = 2 * dtype.itemsize * int(np.prod(shape, dtype=np.float64))
+        shape, nbytes = kv_cache_layout(args, n_slots, self.seq_len, dtype)
         what = f"a KV cache of {self.seq_len:,} positions x {n_slots} sequence(s)"
         hint = "lower -n / --steps (or the batch's slots)"
         check_fits(nbytes, what, hint)

@@ -33,9 +33,12 @@ class Server:
             cmd += ["--api-key", api_key]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._stderr = b""
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 60) -> None:
+    def _wait_ready(self, timeout: float = 300) -> None:
+        """Until /health answers: the server listens once its kernels are built (on a machine's first run, a
+        minute or more of compiling)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -48,6 +51,12 @@ class Server:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("the server did not start in time")
+
+    def log(self) -> str:
+        """What the server has written to stderr so far (read without waiting for more)."""
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        self._stderr += self.proc.stderr.read() or b""
+        return self._stderr.decode(errors="replace")
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -429,6 +429,7 @@ def test_cli_passes_kv_cache_to_the_engine(tmp_path, monkeypatch, capsys):
     (tmp_path / "d.txt").write_text("a b c\n<|endoftext|>\n", encoding="utf-8")
     assert main(["eval", *common, "--data", str(tmp_path / "d.txt"), "--kv-cache", "f16"]) == 0
     monkeypatch.setattr(serve, "create_app", lambda model, config: None)
+    monkeypatch.setattr(serve, "listen", lambda host, port: [])
     monkeypatch.setattr(serve, "run", lambda *args: None)
     assert main(["serve", *common, "--kv-cache", "f32"]) == 0
     assert seen == [("auto", np.float16), ("f32", np.float32), ("f32", np.float32), ("f16", np.float16),

@@ -231,6 +231,7 @@ def test_cli_takes_q8_cache(tmp_path, monkeypatch, capsys):
     (tmp_path / "d.txt").write_text("a b c\n<|endoftext|>\n", encoding="utf-8")
     assert main(["eval", *common, "--data", str(tmp_path / "d.txt")]) == 0
     monkeypatch.setattr(serve, "create_app", lambda model, config: None)
+    monkeypatch.setattr(serve, "listen", lambda host, port: [])
     monkeypatch.setattr(serve, "run", lambda *args: None)
     assert main(["serve", *common]) == 0
     assert seen == ["q8_0"] * 3

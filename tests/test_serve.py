@@ -200,10 +200,15 @@ def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
     assert [c["choices"][0]["text"] for c in apart] == ["é", "😀", "a", "", "b"]
     assert {c["created"] for c in apart} == {one_by_one.created}
 
+    # with logprobs, a token's log-probabilities go with the chunk that starts its text: "é"'s two byte tokens
+    # together, the emoji's four with the emoji, the end of the choice in a chunk of its own
     lp = pending(logprobs=1)
-    logged = chunks(service.stream_block(lp, [(0, Token(t, -0.5, [(t, -0.5)])) for t in emoji[:3]])[0])
-    assert [c["choices"][0]["text"] for c in logged] == ["", "é", ""]
-    assert all(c["choices"][0]["logprobs"]["token_logprobs"] == [-0.5] for c in logged)
+    logged = chunks(b for t in emoji for b in service.stream_block(lp, [(0, Token(t, -0.5, [(t, -0.5)]))])[0])
+    logged += chunks(service.stream_block(lp, [(0, Finished("length", 6))])[0])
+    assert [(c["choices"][0]["text"], (c["choices"][0]["logprobs"] or {}).get("text_offset"),
+             c["choices"][0]["finish_reason"]) for c in logged] == \
+        [("é", [0, 0], None), ("😀", [1, 1, 1, 1], None), ("", None, "length")]
+    assert [v for c in logged[:2] for v in c["choices"][0]["logprobs"]["token_logprobs"]] == [-0.5] * 6
 
     for kw in ({}, {"stream_options": {"include_usage": True}}):
         for chat in (False, True):
@@ -368,14 +373,48 @@ def keyed():
 
 
 def test_api_key(keyed):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                    {"Authorization": "Basic s3cret"}, {"Authorization": "Bearers3cret"},
+                    {"Authorization": "Bearer s3cret2"}):
         r = httpx.post(keyed.url + "/v1/completions", json={"prompt": "x"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    for scheme in ("bearer", "BEARER", "Bearer "):  # the scheme is case-insensitive (RFC 7235)
+        r = httpx.post(keyed.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                       headers={"Authorization": f"{scheme} s3cret"})
+        assert r.status_code == 200, (scheme, r.text)
     assert httpx.get(keyed.url + "/metrics").status_code == 401
     assert httpx.get(keyed.url + "/health").status_code == 200 and httpx.get(keyed.url + "/").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert keyed.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_the_queue_counts_only_choices_that_wait(keyed):
+    """--slots 1 --queue 2, idle: three choices fit (one in the slot, two waiting); four never can (400)."""
+    assert keyed.wait_idle()["active"] == 0
+    r = keyed.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4, "n": 3})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3, r.text
+    r = keyed.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4, "n": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "n=4 is more choices than this server takes at once (3: 1 slots and a queue of 2)" in r.text
+
+
+def test_the_scheduler_queues_only_jobs_that_find_no_slot():
+    from conftest import random_weights, tiny_args
+
+    from babyllama.engine import Engine
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Job, QueueFull, Scheduler
+
+    def jobs(n: int) -> list[Job]:
+        return [Job([1], 4, Sampler(0.0), lambda i, e: None) for _ in range(n)]
+
+    sched = Scheduler(Engine(random_weights(tiny_args())), slots=4, queue_size=2, metrics=Metrics(4))
+    sched.submit(jobs(5))  # not started: nothing runs, four find a slot, one waits
+    sched.submit(jobs(1))
+    with pytest.raises(QueueFull):
+        sched.submit(jobs(1))
 
 
 def test_full_queue_answers_429_with_retry_after(keyed):
@@ -457,8 +496,8 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     late = Job([1, 5, 6], 10, Sampler(0.0), emit, index=0, deadline=time.monotonic() - 1)
     gone = Job([1, 5, 6], 10, Sampler(0.0), emit, index=1)
     gone.cancel()
-    with pytest.raises(QueueFull):
-        sched.submit([late, gone, Job([1], 1, Sampler(0.0), emit)])
+    with pytest.raises(QueueFull):  # one would find the free slot, three would wait
+        sched.submit([late, gone, Job([1], 1, Sampler(0.0), emit), Job([1], 1, Sampler(0.0), emit)])
     sched.submit([late, gone])
     sched.start()
     try:
@@ -483,6 +522,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     (["--chat-template", "nope"], "unknown chat template 'nope'"),
     (["--api-key", " "], "--api-key must not be empty"),
     (["--api-key", "clé"], "--api-key must be printable ASCII"),
+    (["--slots", "10000000"], "lower --slots, or choose a smaller --kv-cache"),  # before it says "serving"
     (["/no/such/model.bin"], "not found"),
 ])
 def test_serve_flags_are_checked_in_one_line(flags, message):
@@ -583,6 +623,69 @@ def test_neutral_response_format_and_developer_role(client):
 def test_validation_errors_name_the_field(server, path, body, param):
     r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', "temperature", "finite number"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', "top_p", "finite number"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "temperature",
+     "finite number"),
+    ("/v1/completions", {"prompt": "x", "max_completion_tokens": 5}, "max_completion_tokens", "takes max_tokens"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": False}, "frequency_penalty", "valid number"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": "0"}, "presence_penalty", "valid number"),
+    ("/v1/completions", {"prompt": "x", "best_of": True}, "best_of", "valid integer"),
+])
+def test_validation_messages_say_what_is_wrong(server, path, body, param, message):
+    r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert message in r.json()["error"]["message"], r.text
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_text(client):
+    """A stop string cuts the text before token k: the logprobs (completions: tokens and text_offset, chat:
+    content), whole and streamed, keep only the tokens that begin inside the text."""
+    kw = dict(model=MODEL, max_tokens=30, temperature=0)
+    full = client.completions.create(prompt="Once upon a time", logprobs=0, **kw).choices[0]
+    lp = full.logprobs
+    k = next(k for k in range(3, len(lp.tokens)) if lp.tokens[k].startswith(" ") and
+             full.text.find(lp.tokens[k]) == lp.text_offset[k])  # a stop string that starts at token k
+    stop = lp.tokens[k]
+    cut = client.completions.create(prompt="Once upon a time", logprobs=0, stop=[stop], **kw).choices[0]
+    assert cut.text == full.text[:lp.text_offset[k]] and cut.finish_reason == "stop"
+    assert (cut.logprobs.tokens, cut.logprobs.text_offset) == (lp.tokens[:k], lp.text_offset[:k])
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        prompt="Once upon a time", logprobs=0, stop=[stop], stream=True, **kw) if c.choices[0].logprobs]
+    assert [o for c in streamed for o in c.text_offset] == lp.text_offset[:k]
+
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    whole = client.chat.completions.create(messages=messages, logprobs=True, **kw).choices[0]
+    pieces = [c.token for c in whole.logprobs.content]
+    text = whole.message.content
+    starts = [len(text) - len("".join(pieces[i:])) for i in range(len(pieces))]  # where each begins in the text
+    k = next(k for k in range(3, len(pieces)) if pieces[k].startswith(" ") and text.find(pieces[k]) == starts[k])
+    cut = client.chat.completions.create(messages=messages, logprobs=True, stop=[pieces[k]], **kw).choices[0]
+    assert cut.message.content == text[:starts[k]]
+    assert [c.token for c in cut.logprobs.content] == pieces[:k]
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+        messages=messages, logprobs=True, stop=[pieces[k]], stream=True, **kw) if c.choices[0].logprobs]
+    assert [e.token for c in streamed for e in c.content] == pieces[:k]
+
+
+def test_every_seed_samples_its_own_text(client):
+    """Seed 0 stands for a seed that no other request's choice uses (0x5EED is an ordinary seed); choice 0 of
+    seed S is `babyllama run -s S`."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=20, temperature=1.0, top_p=0.9)
+
+    def texts(seed: int, n: int = 1) -> list[str]:
+        r = client.completions.create(seed=seed, n=n, **kw)
+        return [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    zero = texts(0)
+    assert texts(0) == zero  # reproducible
+    assert zero[0] not in texts(0x5EED) + texts(0x5EED - 1, n=2)
+    out = run_cli("run", "-t", "1.0", "-p", "0.9", "-s", "5", "-i", "Once upon a time", "--max-new-tokens", "20")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode() == "Once upon a time" + texts(5)[0] + "\n"
 
 
 @pytest.mark.parametrize("prompt", ["", "Once upon a"])

@@ -20,15 +20,15 @@ def add(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
     p.add_argument("--slots", type=int, default=8, help="sequences generated at once (8)")
-    p.add_argument("--queue", type=int, default=64, help="requests (choices) that may wait for a slot; "
-                                                         "beyond, 429 (64)")
+    p.add_argument("--queue", type=int, default=64, help="choices that may wait for a slot (those that find one "
+                                                         "free do not wait); beyond, 429 (64)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--chat-template", default=None,
                    help="chat template name (default: the model card's chat_template, else llama2)")
     p.add_argument("--model-name", default=None, help="the model id clients name (default: the file's name)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included "
-                                                                "(600)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, from its arrival: "
+                                                                "its body's upload and queueing included (600)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body (1 MiB)")
     p.add_argument("--chunk", type=int, default=128, metavar="TOKENS",
                    help="prompt tokens prefilled per step beside the running decodes (128)")
@@ -98,13 +98,40 @@ def cmd_serve(args) -> int:
         name = card.get("name", "babyllama")
     else:
         name = Path(args.checkpoint).name
-    if not is_loopback(args.host) and not args.api_key:
-        print(f"babyllama: warning: listening on {args.host} without --api-key: anyone who reaches this address "
-              "can use the model", file=sys.stderr)
     config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
-    print(f"babyllama: {model.description}; serving {config.model_name!r} on http://{args.host}:{args.port} "
-          f"({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} KV cache)", file=sys.stderr)
-    serve.run(serve.create_app(model, config), args.host, args.port, args.log_level)
+    check_slots_fit(model, args.slots)
+    warm_up(model.engine)
+    app = serve.create_app(model, config)
+    sockets = serve.listen(args.host, args.port)
+    port = args.port or sockets[0].getsockname()[1]  # --port 0: the free port the system chose
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"babyllama: warning: listening on {args.host} without --api-key: anyone who reaches this address "
+              "can use the model", file=sys.stderr)
+    print(f"babyllama: {model.description}; serving {config.model_name!r} on "
+          f"http://{serve.address(args.host, port)} ({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} "
+          "KV cache)", file=sys.stderr)
+    serve.run(app, sockets, args.log_level)
     return 0
+
+
+def check_slots_fit(model, slots: int) -> None:
+    """Refuses a batch's KV cache (--slots of the whole context each) that cannot fit in memory, naming the
+    flags that shrink it (the cache itself would name `run`'s)."""
+    from ..engine import kv_cache_layout
+    from ..memory import check_fits
+
+    seq_len = model.args.max_seq_len
+    _, nbytes = kv_cache_layout(model.args, slots, seq_len, model.engine.kv_dtype)
+    check_fits(nbytes, f"the KV cache of {slots} slots x {seq_len:,} positions (the model's context)",
+               "lower --slots, or choose a smaller --kv-cache (f16, or q8_0: about half of f16)")
+
+
+def warm_up(engine) -> None:
+    """One decode step in a cache of its own: the kernels are built (on a machine's first use: a minute or
+    more) and loaded now, as `run`'s first step does, so that the server listens, and /health says ok, only
+    once a request can be answered at once."""
+    from ..tokenizer import BOS
+
+    engine.forward([BOS], [0], engine.new_cache(1, 1), logits="last")

@@ -5,14 +5,72 @@ extra (FastAPI, uvicorn, prometheus-client)."""
 
 from __future__ import annotations
 
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+from ..errors import BabyLlamaError
 from .app import create_app
 from .service import ServeConfig
 
-__all__ = ["ServeConfig", "create_app", "run"]
+__all__ = ["ServeConfig", "address", "create_app", "listen", "run"]
+
+GRACE_S = 5  # uvicorn's wait for requests in flight once told to stop (they end at once: Service.shut_down)
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` with uvicorn until interrupted."""
-    import uvicorn
+def address(host: str, port: int) -> str:
+    """HOST:PORT as a URL writes it ([::1]:8000 for an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to (those uvicorn would bind), or a one-line error
+    that names the address and why (in use, not this machine's, unknown): bound before the server says that it
+    serves, so that it says so only once it does. Port 0 picks a free port, the same for every address."""
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise cannot_listen(host, port, e) from None
+    sockets: list[socket.socket] = []
+    bound = port
+    try:
+        for family, kind, proto, _, where in dict.fromkeys(found):  # getaddrinfo may repeat an address
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" beside "0.0.0.0", as asyncio
+            sock.bind((where[0], bound, *where[2:]))
+            sock.listen()
+            bound = sock.getsockname()[1]  # with port 0, the port the first address got
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise cannot_listen(host, port, e) from None
+    return sockets
+
+
+def cannot_listen(host: str, port: int, e: OSError) -> BabyLlamaError:
+    why = e.strerror or str(e)
+    return BabyLlamaError(f"cannot listen on {address(host, port)}: {why[:1].lower()}{why[1:]}")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which on the signal to stop (Ctrl-C, SIGTERM) first ends every request in flight (a
+    whole answer gets a 503, a stream an error event), so that none is still generating when the grace period
+    ends (uvicorn would then cancel its task: a traceback, and a plain-text 500)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.app.state.service.shut_down()
+        await super().shutdown(sockets)
+
+
+def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
+    """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop."""
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
+    Server(config, app).run(sockets=sockets)

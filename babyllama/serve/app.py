@@ -126,8 +126,10 @@ def needs_key(config: ServeConfig, request: Request) -> bool:
 
 
 def key_matches(key: str, authorization: str) -> bool:
-    """`Authorization: Bearer KEY`, compared in constant time."""
-    return hmac.compare_digest(authorization.encode(), f"Bearer {key}".encode())
+    """`Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 has it), the key compared in constant
+    time."""
+    scheme, _, credentials = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), key.encode())
 
 
 def error_response(exc: APIError) -> JSONResponse:

@@ -20,8 +20,9 @@ class Metrics:
         self.prefix_reused = Counter("babyllama_prefix_reused_tokens",
                                      "prompt tokens whose keys and values were reused from a slot's cache", registry=r)
         self.generated = Counter("babyllama_generated_tokens", "tokens generated", registry=r)
-        self.cancelled = Counter("babyllama_cancelled_requests", "requests ended early (client gone, timeout)",
-                                 ["reason"], registry=r)
+        self.cancelled = Counter("babyllama_cancelled_requests",
+                                 "requests ended before their answer was complete, each once (client gone, time "
+                                 "limit, shutdown, error)", ["reason"], registry=r)
         self.queue_depth = Gauge("babyllama_queue_depth", "sequences waiting for a slot", registry=r)
         self.active_slots = Gauge("babyllama_active_slots", "slots generating now", registry=r)
         Gauge("babyllama_slots", "slots (sequences generated at once)", registry=r).set(slots)

@@ -14,8 +14,9 @@ from ..tokenizer import Tokenizer
 
 MAX_CHOICES = 16
 MAX_STOP = 4
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+# NaN and infinities (JSON's NaN and Infinity literals, which Python's json reads) are no sampling setting
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 def field_error(param: str, message: str) -> PydanticCustomError:
@@ -51,7 +52,8 @@ UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None
 
 class Common(Strict):
     """Fields both endpoints take. Other fields (user, metadata, ...) are ignored, as OpenAI's clients may send
-    them; those of UNSUPPORTED are refused unless they ask for the default."""
+    them; those of UNSUPPORTED are refused unless they ask for the default (the numeric ones are typed, so
+    that `false` or "0" is refused as in every other number field, not read as 0)."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -63,6 +65,9 @@ class Common(Strict):
     stream_options: StreamOptions | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    best_of: int = 1
 
     @field_validator("stop")
     @classmethod
@@ -75,7 +80,7 @@ class Common(Strict):
     @model_validator(mode="after")
     def _unsupported(self):
         for name, neutral in UNSUPPORTED.items():
-            value = (self.model_extra or {}).get(name)
+            value = getattr(self, name, None)  # a declared field, or one of model_extra
             if value not in (None, neutral) and value != {} and value != []:
                 raise field_error(name, f"{name} is not supported by this server")
         return self
@@ -98,6 +103,13 @@ class CompletionRequest(Common):
     def _echo(self):
         if self.echo and self.logprobs is not None:
             raise field_error("echo", "echo with logprobs (the prompt's log-probabilities) is not supported")
+        return self
+
+    @model_validator(mode="after")
+    def _chat_only_fields(self):
+        if getattr(self, "max_completion_tokens", None) is not None:
+            raise field_error("max_completion_tokens", "max_completion_tokens is a chat completions field; "
+                                                       "/v1/completions takes max_tokens")
         return self
 
 

@@ -41,7 +41,8 @@ class Token:
 @dataclass
 class Finished:
     """The end of one choice: reason "stop" (a stop token), "length" (max_tokens or the context), "timeout"
-    (the server's time limit) or "cancelled"."""
+    (the server's time limit) or "error" (the scheduler failed); the HTTP side adds "shutdown" (the server is
+    stopping)."""
 
     reason: str
     n_generated: int
@@ -60,7 +61,6 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which the job is ended ("timeout")
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
-    over: bool = False  # its answer is complete (set by the HTTP side)
     seq: Sequence | None = None
     last_token_at: float | None = None
 
@@ -95,9 +95,11 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue a request's jobs together, or raise QueueFull when they do not fit."""
+        """Queue a request's jobs together, or raise QueueFull when more jobs would wait for a slot than the
+        queue holds (jobs that find a free slot do not wait: they are admitted at the next step)."""
         with self._cond:
-            if len(self.waiting) + len(jobs) > self.queue_size:
+            free = self.slots - len(self.running)
+            if len(self.waiting) + len(jobs) - free > self.queue_size:
                 raise QueueFull
             self.waiting.extend(jobs)
             self.metrics.queue_depth.set(len(self.waiting))

@@ -5,6 +5,7 @@ as server-sent events (whole UTF-8 characters, cut at stop strings)."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from ..api import Model
 from ..chat_template import encode_chat
@@ -23,8 +25,11 @@ from . import protocol as p
 from .metrics import Metrics
 from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, Token
 
-DISCONNECT_POLL_S = 0.5  # how often a whole (not streamed) answer checks that its client is still there
-ZERO_SEED = 0x5EED  # seed 0's stand-in (run.c reads 0 as "the time")
+DISCONNECT_POLL_S = 0.25  # how often a whole (not streamed) answer checks that its client is still there
+# seed 0's stand-in (run.c reads 0 as "the time"): no other choice's seed reaches it (seeds are below 2**63, and
+# choice i adds i < MAX_CHOICES), so seed 0 is reproducible without repeating another seed's text
+ZERO_SEED = 2**64 - 1
+FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the whole request, not one choice
 
 
 @dataclass
@@ -63,14 +68,28 @@ class Choice:
     tokens: list[Token] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each token's text starts in the choice's text
     finish: str | None = None
+    reported: int = 0  # tokens whose log-probabilities a stream has sent
 
-    def logprobs(self, tok: Tokenizer, start: int = 0) -> dict:
-        """The completions API's logprobs of the tokens from `start` on."""
+    def answered(self) -> int:
+        """How many of its tokens belong to the answer (and so to its logprobs): those whose text begins inside
+        the text sent so far, as tokens past a stop string's cut do not, and once the choice has ended
+        otherwise, all (the last ones may have no text of their own: a character's first bytes)."""
+        if self.finish is not None and not self.text.stopped:
+            return len(self.tokens)
+        return bisect.bisect_left(self.offsets, self.text.sent)  # offsets never decrease
+
+    def take_unreported(self) -> tuple[int, int]:
+        """The tokens [start, end) of the answer not yet reported by a stream, now counted as reported."""
+        start, self.reported = self.reported, max(self.reported, self.answered())
+        return start, self.reported
+
+    def completion_logprobs(self, tok: Tokenizer, start: int, end: int) -> dict:
+        """The completions API's logprobs of the tokens [start, end)."""
         prev = self.tokens[start - 1].id if start > 0 else self.text.prev
-        return p.completion_logprobs(tok, self.tokens[start:], self.offsets[start:], prev)
+        return p.completion_logprobs(tok, self.tokens[start:end], self.offsets[start:end], prev)
 
 
-@dataclass
+@dataclass(eq=False)  # one object per request: hashed by identity (Service.live)
 class Pending:
     """A request whose choices are generating: what its answer needs."""
 
@@ -83,10 +102,21 @@ class Pending:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     templates: dict[int, tuple[str, str]] = field(default_factory=dict)  # Service.text_chunk's, per choice
+    ended_early: str | None = None  # why the request ended before its answer was complete, once it has
+    client_checked: float = field(default_factory=time.monotonic)  # when a whole answer last polled its client
 
     @property
     def jobs(self) -> list[Job]:
         return [c.job for c in self.choices]
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the answer reports log-probabilities (completions: logprobs 0 reports the chosen token's)."""
+        return bool(self.req.logprobs) if self.chat else self.req.logprobs is not None
+
+    @property
+    def complete(self) -> bool:
+        return all(c.finish is not None for c in self.choices)
 
     def usage(self) -> dict:
         """OpenAI's count: the prompt once, however many choices continue it."""
@@ -103,6 +133,8 @@ class Service:
         self.bytes_per_token = self.tok.most_bytes_per_token()
         self.scheduler = Scheduler(model.engine, config.slots, config.queue, self.metrics,
                                    config.max_tokens_per_step, config.prefix_min)
+        self.live: set[Pending] = set()  # the requests being answered
+        self.closing = asyncio.Event()  # set when the server shuts down: no request is taken any more
 
     # ------------------------------------------------------------------ the endpoints
 
@@ -116,15 +148,17 @@ class Service:
                                 f"{self.config.model_name!r})", param="model", code="model_not_found")
 
     async def completions(self, request: Request):
-        req = await self.parse(request, p.CompletionRequest)
+        deadline = self.deadline()
+        req = await self.parse(request, p.CompletionRequest, deadline)
         ids = await self.prompt_ids(req.prompt)
         max_new = req.max_tokens or 16
         self.check_room(len(ids), max_new, "prompt")
         echo = self.prompt_text(req.prompt, ids) if req.echo else ""
-        return await self.answer(request, req, ids, max_new, req.logprobs, chat=False, echo=echo)
+        return await self.answer(request, req, ids, max_new, req.logprobs, deadline, chat=False, echo=echo)
 
     async def chat(self, request: Request):
-        req = await self.parse(request, p.ChatRequest)
+        deadline = self.deadline()
+        req = await self.parse(request, p.ChatRequest, deadline)
         messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
         self.check_text_fits(sum(len(m["content"].encode()) for m in messages), "conversation", "messages")
         try:
@@ -138,11 +172,38 @@ class Service:
         max_new = req.reply_budget or self.seq_len - len(ids)
         self.check_room(len(ids), max_new, "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        return await self.answer(request, req, ids, max_new, top, chat=True)
+        return await self.answer(request, req, ids, max_new, top, deadline, chat=True)
+
+    def deadline(self) -> float:
+        """When a request that arrives now must be answered (time.monotonic()): its body's upload, queueing
+        and generation all count."""
+        return time.monotonic() + self.config.timeout_s
 
     # ------------------------------------------------------------------ checking a request
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, deadline: float) -> bytes:
+        """The body, by the request's deadline (else 408, and the connection is closed: the rest of the body
+        will not be read) unless the server shuts down first (503), refused (413) past max_body_bytes without
+        reading the rest. A client that goes away while sending it is a ClientGone."""
+        upload = asyncio.ensure_future(self.receive_body(request))
+        shutdown = asyncio.ensure_future(self.closing.wait())
+        try:
+            done, _ = await asyncio.wait({upload, shutdown}, timeout=max(deadline - time.monotonic(), 0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            upload.cancel()  # no-op once done; else the rest of the body is not wanted
+            shutdown.cancel()
+        if upload in done:
+            try:
+                return upload.result()
+            except ClientDisconnect:
+                raise ClientGone from None
+        if shutdown in done:
+            raise self.failure("shutdown")
+        raise APIError(408, f"the request body did not arrive within the server's time limit "
+                            f"({self.config.timeout_s:g} s)", code="body_timeout", headers={"Connection": "close"})
+
+    async def receive_body(self, request: Request) -> bytes:
         """The body, refused (413, as an OpenAI error) past max_body_bytes without reading the rest."""
         limit = self.config.max_body_bytes
         too_large = APIError(413, f"the request body is larger than this server takes ({limit} bytes)",
@@ -156,8 +217,8 @@ class Service:
                 raise too_large
         return bytes(body)
 
-    async def parse(self, request: Request, schema):
-        raw = await self.read_body(request)
+    async def parse(self, request: Request, schema, deadline: float):
+        raw = await self.read_body(request, deadline)
         try:
             req = schema.model_validate_json(raw or b"null")
         except ValidationError as e:
@@ -194,15 +255,17 @@ class Service:
 
     # ------------------------------------------------------------------ generating
 
-    async def answer(self, request: Request, req, ids: list[int], max_new: int, logprobs: int | None, chat: bool,
-                     echo: str = ""):
+    async def answer(self, request: Request, req, ids: list[int], max_new: int, logprobs: int | None,
+                     deadline: float, chat: bool, echo: str = ""):
         """Queue one job per choice (choice i samples with seed + i), then answer whole or as a stream."""
-        if req.n > self.config.queue:
-            raise APIError(400, f"n={req.n} is more than this server queues at once ({self.config.queue})",
-                           param="n")
+        if self.closing.is_set():
+            raise self.failure("shutdown")
+        most = self.config.slots + self.config.queue  # choices that find a slot, and those that may wait for one
+        if req.n > most:
+            raise APIError(400, f"n={req.n} is more choices than this server takes at once ({most}: "
+                                f"{self.config.slots} slots and a queue of {self.config.queue})", param="n")
         events: asyncio.Queue = asyncio.Queue()
         emit = Emitter(asyncio.get_running_loop(), events)
-        deadline = time.monotonic() + self.config.timeout_s
         base = req.seed if req.seed is not None else time.time_ns() % 2**32
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i)), emit, index=i,
                     logprobs=logprobs, deadline=deadline) for i in range(req.n)]
@@ -219,14 +282,46 @@ class Service:
             return EventSourceResponse(self.stream(pending))
         return await self.whole(request, pending)
 
-    def cancel(self, jobs: list[Job], reason: str) -> None:
-        """Stop the jobs still generating (a client gone, a time limit): their slots are freed between steps."""
-        live = [j for j in jobs if not (j.cancelled or j.over)]
-        for job in live:
+    def stop_jobs(self, jobs: list[Job]) -> None:
+        """Stop the jobs (those still queued or generating): their slots are freed between steps."""
+        for job in jobs:
             job.cancel()
-        if live:
+        self.scheduler.wake()
+
+    def end_early(self, pending: Pending, reason: str) -> None:
+        """End a request before its answer is complete (its client gone, its time limit, the server's shutdown, an
+        error): its jobs stop, and babyllama_cancelled_requests_total counts it once, under the first reason."""
+        if pending.ended_early is None:
+            pending.ended_early = reason
             self.metrics.cancelled.labels(reason).inc()
-            self.scheduler.wake()
+        self.stop_jobs(pending.jobs)
+
+    def end_unfinished(self, pending: Pending) -> None:
+        """What every answer does as it ends: an incomplete one ended early (if nothing else ended it, its
+        client went away: the stream's write failed, or the handler was cancelled)."""
+        self.live.discard(pending)
+        if not pending.complete:
+            self.end_early(pending, "disconnected")
+
+    def shut_down(self) -> None:
+        """The server is stopping: every request still uploading, queued or generating ends now (a whole answer
+        with a 503, a stream with an error event), and new ones are refused, so that nothing waits for the grace
+        period."""
+        self.closing.set()
+        for pending in list(self.live):
+            self.interrupt(pending)
+
+    def interrupt(self, pending: Pending) -> None:
+        """Stop a request's jobs and hand its answer the shutdown event (which ends it, as a failure would)."""
+        self.stop_jobs(pending.jobs)
+        pending.events.put_nowait((0, Finished("shutdown", 0)))
+
+    def track(self, pending: Pending) -> None:
+        """Count an answer that begins among those shut_down ends (a stream begins once its response is sent:
+        if shut_down ran before, it is interrupted now)."""
+        self.live.add(pending)
+        if self.closing.is_set():
+            self.interrupt(pending)
 
     def take_token(self, choice: Choice, token: Token) -> str:
         """The text to send for a token; at a stop string the choice ends (its slot is freed next step)."""
@@ -235,53 +330,61 @@ class Service:
         piece = choice.text.push(token.id)
         if choice.text.stopped:
             choice.finish = "stop"
-            choice.job.over = True
-            choice.job.cancel()
-            self.scheduler.wake()
+            self.stop_jobs([choice.job])
         return piece
 
     async def next_event(self, request: Request, pending: Pending) -> tuple[int, Token | Finished]:
-        """The next (choice index, event) of a whole answer; cancels every job when the client goes away while
-        it waits. (A stream notices a gone client when a write fails: its generator is then cancelled.) Events
-        already there are taken without a wait (a step's tokens come together)."""
-        if not pending.events.empty():
-            return pending.events.get_nowait()
+        """The next (choice index, event) of a whole answer. Every DISCONNECT_POLL_S, whether events keep coming
+        or not, it checks that the client is still there, and ends the request when it is not. (A stream
+        notices a gone client when a write fails: its generator is then cancelled.) Events already there are
+        taken without a wait (a step's tokens come together)."""
         while True:
+            wait = pending.client_checked + DISCONNECT_POLL_S - time.monotonic()
+            if wait <= 0:
+                await self.check_client(request, pending)
+                continue
+            if not pending.events.empty():
+                return pending.events.get_nowait()
             try:
-                return await asyncio.wait_for(pending.events.get(), DISCONNECT_POLL_S)
+                return await asyncio.wait_for(pending.events.get(), wait)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel(pending.jobs, "disconnected")
-                    raise ClientGone from None
+                continue
+
+    async def check_client(self, request: Request, pending: Pending) -> None:
+        pending.client_checked = time.monotonic()
+        if await request.is_disconnected():
+            self.end_early(pending, "disconnected")
+            raise ClientGone
 
     async def whole(self, request: Request, pending: Pending) -> dict:
         parts = [[pending.echo] for _ in pending.choices]
+        self.track(pending)
         try:
-            while any(c.finish is None for c in pending.choices):
+            while not pending.complete:
                 i, event = await self.next_event(request, pending)
+                if isinstance(event, Finished) and event.reason in FAILURES:
+                    self.end_early(pending, event.reason)
+                    raise self.failure(event.reason)
                 choice = pending.choices[i]
                 if choice.finish is not None:
                     continue  # tokens of a choice cut at a stop string, generated before the cut took effect
                 if isinstance(event, Token):
                     parts[i].append(self.take_token(choice, event))
                     continue
-                choice.job.over = True
-                if event.reason in ("timeout", "error"):
-                    self.cancel(pending.jobs, event.reason)
-                    raise self.failure(event)
                 parts[i].append(choice.text.finish())
                 choice.finish = event.reason
         finally:
-            self.cancel(pending.jobs, "disconnected")
-        req, out = pending.req, []
+            self.end_unfinished(pending)
+        out = []
         for i, choice in enumerate(pending.choices):
             content = "".join(parts[i])
+            n = choice.answered()
             if pending.chat:
                 out.append({"index": i, "message": {"role": "assistant", "content": content},
-                            "logprobs": p.chat_logprobs(self.tok, choice.tokens) if req.logprobs else None,
+                            "logprobs": p.chat_logprobs(self.tok, choice.tokens[:n]) if pending.logprobs else None,
                             "finish_reason": choice.finish})
             else:
-                lp = choice.logprobs(self.tok) if req.logprobs is not None else None
+                lp = choice.completion_logprobs(self.tok, 0, n) if pending.logprobs else None
                 out.append({"index": i, "text": content, "logprobs": lp, "finish_reason": choice.finish})
         return p.envelope("chat.completion" if pending.chat else "text_completion", pending.id,
                           self.config.model_name, out, pending.usage(), pending.created)
@@ -289,9 +392,10 @@ class Service:
     async def stream(self, pending: Pending) -> AsyncIterator[bytes]:
         """The answer as server-sent events. Each wake-up takes every event that has arrived (one step's tokens
         come together) and writes one block: a choice's consecutive tokens become one chunk of text (unless
-        logprobs ask for a chunk per token), so a client that reads slower than the tokens come gets fewer,
-        larger chunks instead of a growing backlog."""
+        logprobs ask for a chunk per token: see stream_block), so a client that reads slower than the tokens
+        come gets fewer, larger chunks instead of a growing backlog."""
         req, choices = pending.req, pending.choices
+        self.track(pending)
         try:
             for i in range(len(choices)):
                 if pending.chat:
@@ -299,7 +403,7 @@ class Service:
                 elif pending.echo:
                     yield self.chunk(pending, i, pending.echo, None)
             failed = False
-            while not failed and any(c.finish is None for c in choices):
+            while not failed and not pending.complete:
                 events = [await pending.events.get()]
                 while not pending.events.empty():
                     events.append(pending.events.get_nowait())
@@ -311,11 +415,13 @@ class Service:
                 yield sse(p.envelope(kind, pending.id, self.config.model_name, [], pending.usage(), pending.created))
             yield DONE
         finally:
-            self.cancel(pending.jobs, "disconnected")
+            self.end_unfinished(pending)
 
     def stream_block(self, pending: Pending, events: list[tuple[int, Token | Finished]]) -> tuple[list[bytes], bool]:
         """The chunks for events that arrived together, and whether the answer failed (an error event ends
-        it)."""
+        it). With logprobs, a token's log-probabilities go in the chunk that carries the start of its text: text
+        held back (a possible stop string, a character's first bytes) holds them back too, and a token past a
+        stop string's cut is not reported."""
         choices, out = pending.choices, []
         texts: dict[int, list[str]] = {}  # text of plain tokens not yet in a chunk, per choice
 
@@ -325,33 +431,29 @@ class Service:
                 out.append(self.text_chunk(pending, i, "".join(pieces)))
 
         for i, event in events:
+            if isinstance(event, Finished) and event.reason in FAILURES:
+                for j in list(texts):
+                    flush(j)
+                self.end_early(pending, event.reason)
+                out.append(sse(self.failure(event.reason).body))
+                return out, True
             choice = choices[i]
             if choice.finish is not None:
                 continue  # tokens of a choice cut at a stop string, generated before the cut took effect
             if isinstance(event, Token):
                 piece = self.take_token(choice, event)
-                if event.logprob is not None:
-                    flush(i)
-                    out.append(self.chunk(pending, i, piece, None, event))
-                elif piece:
-                    texts.setdefault(i, []).append(piece)
-                if choice.finish is not None:
-                    flush(i)
-                    out.append(self.chunk(pending, i, None, choice.finish))
-                continue
-            choice.job.over = True
-            if event.reason in ("timeout", "error"):
-                for j in list(texts):
-                    flush(j)
-                self.cancel(pending.jobs, event.reason)
-                out.append(sse(self.failure(event).body))
-                return out, True
-            rest = choice.text.finish()
-            choice.finish = event.reason
-            if rest:
-                texts.setdefault(i, []).append(rest)
-            flush(i)
-            out.append(self.chunk(pending, i, None, choice.finish))
+            else:
+                piece = choice.text.finish()
+                choice.finish = event.reason
+            if pending.logprobs:
+                start, end = choice.take_unreported()
+                if piece or end > start:
+                    out.append(self.chunk(pending, i, piece, None, (start, end)))
+            elif piece:
+                texts.setdefault(i, []).append(piece)
+            if choice.finish is not None:
+                flush(i)
+                out.append(self.chunk(pending, i, None, choice.finish))
         for j in list(texts):
             flush(j)
         return out, False
@@ -369,39 +471,42 @@ class Service:
         head, tail = template
         return (head + compact(text) + tail).encode()
 
-    def chunk(self, pending: Pending, i: int, piece: str | None, finish: str | None, token: Token | None = None,
-              first: bool = False) -> bytes:
-        """One streamed chunk of choice i: its new text (or, first, the chat's role), its finish reason."""
-        req = pending.req
+    def chunk(self, pending: Pending, i: int, piece: str | None, finish: str | None,
+              logged: tuple[int, int] | None = None, first: bool = False) -> bytes:
+        """One streamed chunk of choice i: its new text (or, first, the chat's role), its finish reason, and the
+        log-probabilities of its tokens [start, end) when `logged` names them."""
+        this = pending.choices[i]
         if pending.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            if token is not None and req.logprobs:
-                choice["logprobs"] = p.chat_logprobs(self.tok, [token])
+            if logged is not None:
+                choice["logprobs"] = p.chat_logprobs(self.tok, this.tokens[logged[0]:logged[1]])
             kind = "chat.completion.chunk"
         else:
             choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
-            if token is not None and req.logprobs is not None:
-                this = pending.choices[i]
-                choice["logprobs"] = this.logprobs(self.tok, len(this.tokens) - 1)  # the token just taken
+            if logged is not None:
+                choice["logprobs"] = this.completion_logprobs(self.tok, *logged)
             kind = "text_completion"
         body = p.envelope(kind, pending.id, self.config.model_name, [choice], created=pending.created)
-        if req.include_usage:
+        if pending.req.include_usage:
             body["usage"] = None
         return sse(body)
 
-    def failure(self, event: Finished) -> APIError:
-        if event.reason == "timeout":
+    def failure(self, reason: str) -> APIError:
+        """The error that ends a request for one of FAILURES."""
+        if reason == "timeout":
             return APIError(504, f"the request ran past the server's time limit ({self.config.timeout_s:g} s)",
                             "server_error", code="timeout")
+        if reason == "shutdown":
+            return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         return APIError(500, "the generation failed on the server (see its log)", "server_error",
                         code="internal_error")
 
 
 def choice_seed(base: int, i: int) -> int:
     """Choice i samples with seed base + i (run.c's -s); 0, which run.c reads as "the time", becomes a fixed
-    stand-in so that seed 0 is reproducible too."""
-    return (base + i) % 2**64 or ZERO_SEED
+    stand-in (ZERO_SEED) so that seed 0 is reproducible too."""
+    return base + i or ZERO_SEED
 
 
 def sse(body: dict) -> bytes:

@@ -1,0 +1,242 @@
+"""`babyllama serve` around its requests: clients that go away (before their body is sent, while a whole
+answer generates), bodies that stall, time limits and how they are counted, Ctrl-C with requests in flight,
+and start-up (the address to listen on, the slots' memory, the kernels built before it listens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
+from serve_helpers import ROOT, Server, free_port
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+LONG = {"prompt": "x", "max_tokens": 2000, "temperature": 0}  # seconds of generation on the slow model
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> str:
+    """A random model with a 2048-token context whose greedy text never ends early: BOS's and EOS's classifier
+    rows are zero, so their logits (0) lose to the largest of the other 298. 2000 tokens take seconds."""
+    from babyllama import formats
+
+    folder = tmp_path_factory.mktemp("slow")
+    weights = random_weights(tiny_args(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=384,
+                                       max_seq_len=2048, shared_classifier=False))
+    weights.wcls[1:3] = 0
+    formats.save(weights, folder / "m.bin", version=1)
+    byte_tokenizer(300).save(folder / "tokenizer.bin")
+    return str(folder / "m.bin")
+
+
+@pytest.fixture(scope="module")
+def strict(slow_model):
+    """The slow model with a one-second time limit: a long answer always runs past it."""
+    s = Server(slow_model, "--slots", "2", "--timeout", "1")
+    yield s
+    s.stop()
+
+
+def cancelled(server: Server, reason: str) -> float:
+    found = re.search(rf'babyllama_cancelled_requests_total\{{reason="{reason}"\}} (\S+)', server.get("/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+def answered(server: Server, status: int) -> float:
+    found = re.search(rf'babyllama_requests_total\{{endpoint="/v1/completions",status="{status}"\}} (\S+)',
+                      server.get("/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the condition did not come true in time"
+        time.sleep(0.05)
+
+
+def raw_request(server: Server, body: bytes, length: int | None = None) -> socket.socket:
+    """A connection that has sent a POST to /v1/completions with `body` and a Content-Length of `length`
+    (default: the body's)."""
+    conn = socket.create_connection(("127.0.0.1", server.port))
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body) if length is None else length, body))
+    return conn
+
+
+def reply(conn: socket.socket) -> tuple[bytes, bytes]:
+    """The status line and headers, and the body, of the answer on `conn`, read until the server closes the
+    connection."""
+    conn.settimeout(60)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    conn.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_a_whole_answer_whose_client_leaves_while_tokens_flow_is_cancelled(slow_model):
+    """The client of a whole (not streamed) answer goes away while its tokens keep coming: the request is
+    cancelled (counted once, as disconnected) and its slot freed long before max_tokens."""
+    server = Server(slow_model, "--slots", "1")
+    try:
+        generated = server.metric("babyllama_generated_tokens_total")
+        conn = raw_request(server, json.dumps(LONG).encode())
+        wait_for(lambda: server.metric("babyllama_generated_tokens_total") > generated + 20)  # tokens flow
+        conn.close()
+        wait_for(lambda: server.get("/health").json()["active"] == 0)
+        assert cancelled(server, "disconnected") == 1
+        assert server.metric("babyllama_generated_tokens_total") - generated < LONG["max_tokens"]
+    finally:
+        server.stop()
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_error(strict):
+    """Content-Length promises more than the client sends before it closes: the request ends as a gone
+    client's (499, counted), nothing logged."""
+    gone = answered(strict, 499)
+    raw_request(strict, b'{"prompt": "x"', length=100).close()
+    wait_for(lambda: answered(strict, 499) == gone + 1)
+    assert "Traceback" not in strict.log() and "ClientDisconnect" not in strict.log()
+    assert strict.get("/health").json()["status"] == "ok"
+
+
+def test_a_body_that_stalls_runs_into_the_time_limit(strict):
+    """Headers, 10 of the 100 bytes promised, then nothing: the time limit (--timeout 1) covers the body too:
+    408 in OpenAI's error shape, and the connection is closed."""
+    head, body = reply(raw_request(strict, b'{"prompt":', length=100))  # read until the server closes it
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    error = json.loads(body)["error"]
+    assert error["code"] == "body_timeout" and "time limit (1 s)" in error["message"]
+
+
+def test_every_request_past_its_time_limit_is_counted_once(strict):
+    """A whole answer and a stream of one choice, and a whole answer of three, all run past --timeout: each
+    request is counted once as a timeout (not once per choice, and not zero times for one choice)."""
+    before = cancelled(strict, "timeout")
+
+    def ask(kind: str):
+        if kind == "stream":
+            with httpx.stream("POST", strict.url + "/v1/completions", json={**LONG, "stream": True},
+                              timeout=60) as r:
+                return [line for line in r.iter_lines() if line.startswith("data:")]
+        return strict.post("/v1/completions", {**LONG, "n": 3 if kind == "three" else 1})
+
+    with ThreadPoolExecutor(3) as pool:
+        one, three, stream = pool.map(ask, ["one", "three", "stream"])
+    assert one.status_code == three.status_code == 504 and one.json()["error"]["code"] == "timeout"
+    assert json.loads(stream[-2][5:])["error"]["code"] == "timeout" and stream[-1] == "data: [DONE]"
+    assert cancelled(strict, "timeout") == before + 3
+    assert strict.wait_idle()["active"] == 0
+
+
+def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
+    """SIGINT with a whole answer and a stream generating, a request queued and one still sending its body:
+    each ends at once, the whole answers and the upload with OpenAI's 503, the stream with an error event and
+    [DONE]; the server exits (130, as Ctrl-C) without waiting out uvicorn's grace period, and logs no
+    traceback."""
+    server = Server(slow_model, "--slots", "2")
+    answers: dict[str, object] = {}
+
+    def whole(name: str) -> None:
+        answers[name] = server.post("/v1/completions", LONG)
+
+    def stream() -> None:
+        with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+            answers["stream"] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+    threads = [threading.Thread(target=whole, args=("whole",)), threading.Thread(target=stream)]
+    # sent first: by the time /health shows the others under way, the server is reading its body
+    upload = raw_request(server, b'{"prompt":', length=100)
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: server.get("/health").json()["active"] == 2)
+        threads.append(threading.Thread(target=whole, args=("queued",)))
+        threads[-1].start()
+        wait_for(lambda: server.get("/health").json()["queued"] == 1)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 130
+        head, body = reply(upload)
+        assert head.startswith(b"HTTP/1.1 503 "), head + body
+        assert json.loads(body)["error"]["code"] == "shutting_down"
+        for t in threads:
+            t.join(timeout=60)
+        for name in ("whole", "queued"):
+            r = answers[name]
+            assert isinstance(r, httpx.Response) and r.status_code == 503, name
+            assert r.json()["error"] == {"message": "the server is shutting down", "type": "server_error",
+                                         "param": None, "code": "shutting_down"}
+        events = answers["stream"]
+        assert isinstance(events, list) and events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][5:])["error"]["code"] == "shutting_down"
+        log = server.log()
+        assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
+    finally:
+        server.stop()
+
+
+def test_an_address_it_cannot_listen_on_is_one_error_line():
+    """A port in use, or an address that is not this machine's: one error line (exit 1), and no "serving"
+    line before it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host, why in (("127.0.0.1", "address already in use"),
+                          ("192.0.2.1", "cannot assign requested address")):  # TEST-NET-1: nobody's address
+            out = run_cli("serve", "--host", host, "--port", str(port))
+            err = out.stderr.decode()
+            assert out.returncode == 1 and "serving" not in err and "Traceback" not in err, err
+            assert err.splitlines()[-1] == f"babyllama: error: cannot listen on {host}:{port}: {why}", err
+
+
+def test_port_0_serves_on_the_port_it_got(slow_model):
+    """--port 0: the "serving" line names the free port the system chose, where the server answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", slow_model, "--port", "0",
+                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        line = b""
+        while b"serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited"
+        port = int(re.search(rb"http://127\.0\.0\.1:(\d+) ", line).group(1))
+        assert port != 0
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_kernels_are_built_before_the_server_listens(monkeypatch, capsys):
+    """Start-up builds and loads the kernels (as `run`'s first step does) before it binds the address: a
+    cold start's first request does not wait for a compiler, and /health is not ok before it can answer."""
+    from babyllama import kernels, serve
+    from babyllama.cli import main
+
+    monkeypatch.setattr(kernels, "_backend", None)  # as in a fresh process: chosen (and built) on first use
+    loaded_when_listening = []
+
+    def listen(host: str, port: int) -> list:
+        loaded_when_listening.append(kernels._backend is not None)
+        return []
+
+    monkeypatch.setattr(serve, "listen", listen)
+    monkeypatch.setattr(serve, "run", lambda *args: None)
+    assert main(["serve", "--port", str(free_port())]) == 0
+    assert loaded_when_listening == [True]
+    assert "serving 'babyllama-stories'" in capsys.readouterr().err
