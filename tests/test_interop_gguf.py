@@ -635,3 +635,118 @@ def test_a_16_bit_gguf_runs_its_weights_as_they_are(tmp_path, sp_model, dtype):
     texts = [run_cli("run", str(m), "-z", str(sp_model), "-t", "0", "-n", "40", "-i", "the") for m in (path, back)]
     assert all(r.returncode == 0 for r in texts), texts[0].stderr.decode()
     assert len(texts[0].stdout) > 40 and texts[0].stdout == texts[1].stdout
+
+
+# ------------------------------------------------------------ what llama.cpp would run differently: refused
+
+
+def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | None = None):
+    """A small llama GGUF written with the gguf package (random fp32 weights, a byte vocabulary): babyllama's
+    llama.* keys, then `metadata` (key -> value: str, bool, int (uint32) or float (float32); added, or replacing
+    a key above) and extra fp32 `tensors`."""
+    from babyllama.interop.gguf import add_llama_metadata
+    from babyllama.interop.vocab import from_tokenizer
+
+    args = args or tiny_args(vocab_size=320)
+    vocab = from_tokenizer(byte_tokenizer(args.vocab_size))
+    w = gguf.GGUFWriter(path, "llama")
+    add_llama_metadata(w, args)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    T = gguf.GGUFValueType
+    for key, value in (metadata or {}).items():
+        kind = {str: T.STRING, bool: T.BOOL, int: T.UINT32, float: T.FLOAT32}[type(value)]
+        w.add_key_value(key, value, kind)
+    for name, t in {**{gguf_name(k): t for k, t in to_state_dict(random_weights(args, seed=2)).items()},
+                    **(tensors or {})}.items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("metadata,tensors,pattern", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, {},
+     "rope scaling 'linear' with factor 4 is not supported"),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 8.0,
+      "llama.rope.scaling.original_context_length": 16}, {}, "rope scaling 'yarn' with factor 8 is not supported"),
+    ({"llama.rope.scale_linear": 2.0}, {}, "rope scaling 'linear' with factor 2 is not supported"),
+    ({"llama.rope.scaling.attn_factor": 1.5}, {}, "rope.scaling.attn_factor 1.5 is not supported"),
+    ({}, {"rope_freqs.weight": np.float32([1, 1, 8, 8])}, "tensor rope_freqs.weight scales RoPE's frequencies"),
+])
+def test_rope_scaling_is_refused(tmp_path, metadata, tensors, pattern):
+    """llama.cpp applies a GGUF's rope scaling (a scaling type with its factor, the older rope.scale_linear, an
+    attention factor, Llama 3.1's rope_freqs factors); the engine runs plain RoPE, so such a file is refused in
+    one line rather than run as another model (or exported with "rope_scaling": null)."""
+    path = llama_gguf(tmp_path / "scaled.gguf", metadata=metadata, tensors=tensors)
+    from conftest import one_line_error
+
+    one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
+    one_line_error(run_cli("export", str(tmp_path / "hf"), "--to", "hf", "--model", str(path)), pattern)
+
+
+@pytest.mark.parametrize("metadata,tensors", [
+    ({}, {}),
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, {}),  # "none": llama.cpp never scales
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}, {}),
+    ({"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 1.0}, {}),
+    ({"llama.rope.scaling.attn_factor": 1.0}, {"rope_freqs.weight": np.ones(4, np.float32)}),
+])
+def test_plain_rope_written_out_is_accepted(tmp_path, metadata, tensors):
+    """Scaling type "none", a factor of 1 (or 0, llama.cpp's "unset"), an attention factor of 1 and rope_freqs
+    factors that are all ones are plain RoPE: the same model as the file without them."""
+    from babyllama.interop.gguf import load_gguf
+
+    plain = load_gguf(llama_gguf(tmp_path / "plain.gguf"))[0]
+    written = load_gguf(llama_gguf(tmp_path / "written.gguf", metadata=metadata, tensors=tensors))[0]
+    assert written.args == plain.args
+    np.testing.assert_array_equal(engine_logits(written, TOKENS[:6]), engine_logits(plain, TOKENS[:6]))
+
+
+@pytest.mark.parametrize("metadata,pattern", [
+    ({"tokenizer.ggml.bos_token_id": 5}, "tokenizer.ggml.bos_token_id 5: not supported"),
+    ({"tokenizer.ggml.eos_token_id": 7}, "tokenizer.ggml.eos_token_id 7: not supported"),
+    ({"tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1},
+     "tokenizer.ggml.bos_token_id 2, tokenizer.ggml.eos_token_id 1: not supported"),
+    ({"tokenizer.ggml.add_bos_token": False}, "tokenizer.ggml.add_bos_token false: not supported"),
+    ({"tokenizer.ggml.add_eos_token": True}, "tokenizer.ggml.add_eos_token true: not supported"),
+])
+def test_special_tokens_other_than_llama2cs_are_refused(tmp_path, metadata, pattern):
+    """The engine prepends BOS id 1 to every prompt and a chat reply ends at EOS id 2 (llama2.c's convention);
+    llama.cpp follows the file's own ids and add_bos/add_eos flags, so a file that sets them otherwise is refused
+    in one line saying what differs."""
+    from conftest import one_line_error
+
+    path = llama_gguf(tmp_path / "specials.gguf", metadata=metadata)
+    err = one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
+    assert "llama2.c's convention (BOS id 1 prepended to every prompt, EOS id 2" in err
+
+
+def test_llama2cs_special_tokens_written_out_are_accepted(tmp_path):
+    """The ids 1 and 2 and add_bos_token true, add_eos_token false written out (as babyllama's export and llama.cpp's
+    converter write them) or absent: the file runs."""
+    from babyllama.interop.gguf import load_gguf
+
+    written = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+               "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+    for metadata in ({}, written):
+        vocab = load_gguf(llama_gguf(tmp_path / "m.gguf", metadata=metadata))[1]
+        assert vocab is not None and (vocab.bos_id, vocab.eos_id) == (1, 2)
+
+
+def test_a_rotary_dimension_larger_than_the_head_says_so(tmp_path):
+    """rope.dimension_count must be the head size (embedding_length / head_count): larger is named as such;
+    smaller is a partial rotary embedding."""
+    from conftest import one_line_error
+
+    args = tiny_args(dim=64, n_heads=16, n_kv_heads=8, vocab_size=320)  # heads of 4
+    larger = llama_gguf(tmp_path / "larger.gguf", args, {"llama.rope.dimension_count": 8})
+    one_line_error(run_cli("run", str(larger), "-n", "4"),
+                   "the rotary dimension (rope.dimension_count 8) is larger than the head size 4 "
+                   "(embedding_length 64 / head_count 16)")
+    partial = llama_gguf(tmp_path / "partial.gguf", args, {"llama.rope.dimension_count": 2})
+    one_line_error(run_cli("run", str(partial), "-n", "4"), "partial rotary embedding (2 of 4) is not supported")

@@ -13,6 +13,10 @@ What goes in a file llama.cpp loads as architecture "llama":
   - tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), `output`
     omitted when the classifier is tied to the embedding (llama.cpp then reuses token_embd).
 
+Reading refuses what llama.cpp would run differently from the engine: rope scaling (a scaling factor, an
+attention factor, rope_freqs factors other than ones), partial rotary embeddings, and special tokens other than
+llama2.c's (BOS 1 prepended to every prompt, EOS 2).
+
 Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotates interleaved pairs
 (x[2i], x[2i+1]) exactly as Meta, llama2.c and babyllama's engine do; that is why llama.cpp's
 convert_hf_to_gguf.py un-permutes Hugging Face's q/k back to Meta's row order. `Weights` already holds
@@ -54,6 +58,7 @@ from ..fields import Fields, is_int
 from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
+from ..tokenizer import BOS, EOS, UNK
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
 from .vocab import Vocab
 
@@ -555,14 +560,14 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         rope_theta=_shortest(llama.float("rope.freq_base", DEFAULT_ROPE_THETA)),
         max_seq_len=context, shared_classifier="output.weight" not in tensors,
     )
-    rope_dims = llama.int("rope.dimension_count", args.head_size)
-    if rope_dims != args.head_size:
-        raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
+    _check_rotary_dimension(llama.int("rope.dimension_count", args.head_size), args, path)
+    _check_plain_rope(llama, tensors, path)
     known = {gguf_name(k) for k in expected_shapes(args)}
     unexpected = sorted(set(tensors) - known - {"output.weight"} - _IGNORED)
     if unexpected:
         raise BabyLlamaError(f"{path}: unexpected tensor {unexpected[0]} (block_count says {args.n_layers} layers; "
                              "not a plain Llama model?)")
+    vocab = _read_vocab(fields, path)  # checked before the weights are read: a refused file costs no load
     weights = from_state_dict(args, get, str(path), display=gguf_name, quantize=quantize)
     # The checks read every tensor's pages; the file's bytes that decode steps will not stream (the sources of
     # tensors converted on load, an embedding table apart from the classifier: a row per token) are handed back.
@@ -571,11 +576,42 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
-    return weights, _read_vocab(fields, path)
+    return weights, vocab
 
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, but for F16 and BF16 matrices kept as they are
-_IGNORED = {"rope_freqs.weight"}  # llama.cpp's rope scaling factors: absent from plain Llama models' files
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency RoPE factors (llama.cpp divides each frequency by one)
+_IGNORED = {ROPE_FREQS}  # once _check_plain_rope has found it all ones: plain RoPE, nothing to load
+
+
+def _check_rotary_dimension(rope_dims: int, args: ModelArgs, path: Path) -> None:
+    """The engine rotates every dimension of a head: rope.dimension_count must be the head size."""
+    if rope_dims > args.head_size:
+        raise BabyLlamaError(f"{path}: the rotary dimension (rope.dimension_count {rope_dims}) is larger than the "
+                             f"head size {args.head_size} (embedding_length {args.dim} / head_count {args.n_heads})")
+    if rope_dims != args.head_size:
+        raise BabyLlamaError(f"{path}: partial rotary embedding ({rope_dims} of {args.head_size}) is not supported")
+
+
+def _check_plain_rope(llama: Fields, tensors: dict[str, GGUFTensor], path: Path) -> None:
+    """Refuse what llama.cpp applies to RoPE beyond plain rotation, which the engine does not run: a scaling
+    factor other than 1 under any scaling type but "none" (linear, yarn, ...; the factor is rope.scaling.factor,
+    else the older rope.scale_linear, 0 meaning 1, as llama.cpp reads them), an attention factor other than 1
+    (it scales the rotated q and k), or per-frequency factors (rope_freqs.weight) other than all ones."""
+    scaling = llama.str("rope.scaling.type", "linear")  # llama.cpp's default when the key is absent
+    factor = llama.float("rope.scaling.factor", None, positive=False)
+    if factor is None:
+        factor = llama.float("rope.scale_linear", 0.0, positive=False)
+    if scaling != "none" and factor not in (0.0, 1.0):
+        raise BabyLlamaError(f"{path}: rope scaling '{scaling}' with factor {factor:g} is not supported "
+                             "(only plain RoPE)")
+    attn_factor = llama.float("rope.scaling.attn_factor", 1.0, positive=False)
+    if attn_factor != 1.0:
+        raise BabyLlamaError(f"{path}: rope.scaling.attn_factor {attn_factor:g} is not supported (only plain RoPE)")
+    freqs = tensors.get(ROPE_FREQS)
+    if freqs is not None and freqs.data is not None and not np.all(_dequantized(freqs.data, freqs.tensor_type) == 1):
+        raise BabyLlamaError(f"{path}: tensor {ROPE_FREQS} scales RoPE's frequencies (Llama 3.1's rope scaling), "
+                             "which is not supported (only plain RoPE)")
 
 
 def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
@@ -602,9 +638,25 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
             or (type_values > 6).any()):
         raise BabyLlamaError(f"{path}: tokenizer.ggml.token_type must hold token types 1 to 6")
     ids = {key: fields.int(f"tokenizer.ggml.{key}_token_id", default, lo=0, hi=n - 1)
-           for key, default in (("unknown", 0), ("bos", 1), ("eos", 2))}
+           for key, default in (("unknown", UNK), ("bos", BOS), ("eos", EOS))}
+    _check_llama2c_specials(fields, ids, path)
     return Vocab(tokens, score_values.astype(float).tolist(), type_values.astype(int).tolist(), unk_id=ids["unknown"],
                  bos_id=ids["bos"], eos_id=ids["eos"])
+
+
+def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> None:
+    """The engine runs llama2.c's convention: BOS (id 1) before every prompt and nothing after it, EOS (id 2) the
+    end of a chat reply. llama.cpp follows the file's own special tokens instead, so a file whose tokens differ
+    would run differently here: refused, naming what differs (absent keys mean llama2.c's values)."""
+    differs = [f"tokenizer.ggml.{key}_token_id {ids[key]}" for key, want in (("bos", BOS), ("eos", EOS))
+               if ids[key] != want]
+    if not fields.bool("tokenizer.ggml.add_bos_token", True):
+        differs.append("tokenizer.ggml.add_bos_token false")
+    if fields.bool("tokenizer.ggml.add_eos_token", False):
+        differs.append("tokenizer.ggml.add_eos_token true")
+    if differs:
+        raise BabyLlamaError(f"{path}: {', '.join(differs)}: not supported, babyllama runs llama2.c's convention "
+                             f"(BOS id {BOS} prepended to every prompt, EOS id {EOS}, none added after a prompt)")
 
 
 def _shortest(value: float) -> float:
