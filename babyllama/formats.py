@@ -379,10 +379,13 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
                         n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size, max_seq_len=seq_len,
                         shared_classifier=shared, rope_theta=theta or DEFAULT_ROPE_THETA,
                         norm_eps=eps or DEFAULT_NORM_EPS)
-    if version == 2:
-        check_group_size(args, group_size)
-    if version == 3:
-        check_q4_shape(args, group_size)
+    try:
+        if version == 2:
+            check_group_size(args, group_size)
+        if version == 3:
+            check_q4_shape(args, group_size)
+    except BabyLlamaError as e:  # a corrupt header (or a version field changed), not a bad flag
+        raise BabyLlamaError(f"{path}: invalid version {version} header: {e}") from None
 
     expected = header_bytes + body_size(args, version, group_size)
     if size != expected:

@@ -61,6 +61,21 @@ def test_v2_with_bad_group_size(tmp_path, good_model):
     assert_one_line_error(run_cli("run", str(tmp_path / "q.bin"), "-z", str(tok)), "group size 7 must divide")
 
 
+@pytest.mark.parametrize("version,pattern", [
+    (2, "invalid version 2 header: Q8_0 group size 0 must divide dim 32 and hidden_dim 64"),
+    (3, "invalid version 3 header: version 3 (Q4_0) needs blocks of 32 (header: 0)"),
+])
+def test_a_changed_version_field_names_the_file_and_its_header(tmp_path, good_model, version, pattern):
+    """A version 1 file whose version field says 2 or 3 has no group size (zeros): the error names the file and
+    says that its header is invalid."""
+    model, tok = good_model
+    raw = bytearray(model.read_bytes())
+    struct.pack_into("<i", raw, 4, version)
+    bad = tmp_path / "changed.bin"
+    bad.write_bytes(raw)
+    assert_one_line_error(run_cli("run", str(bad), "-z", str(tok)), f"{bad}: {pattern}")
+
+
 def test_missing_model(tmp_path):
     assert_one_line_error(run_cli("run", str(tmp_path / "nope.bin")), "model file not found")
 

@@ -282,6 +282,28 @@ def test_hf_bad_inputs(tmp_path, capsys):
                                                          str(tmp_path / "hf2"), "--version", "2")
 
 
+def test_an_architecture_refusal_names_what_is_not_llama():
+    """A config without model_type says that it is missing (not that LlamaForCausalLM is unsupported); one whose
+    architectures list a class besides LlamaForCausalLM names that class (not the model type 'llama')."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.interop.hf import args_from_config, config_from_args
+
+    config = config_from_args(tiny_args())
+    del config["model_type"]
+    with pytest.raises(BabyLlamaError) as e:
+        args_from_config(config)
+    assert str(e.value) == ("config.json: field model_type is missing (a Llama config says 'llama'; only Llama models "
+                            "can be converted)")
+    config = config_from_args(tiny_args())
+    config["architectures"] = ["LlamaForCausalLM", "LlavaForConditionalGeneration"]
+    with pytest.raises(BabyLlamaError, match="unsupported architecture 'LlavaForConditionalGeneration' "):
+        args_from_config(config)
+    config["model_type"] = "mistral"
+    with pytest.raises(BabyLlamaError, match="unsupported architecture 'mistral' "):
+        args_from_config(config)
+    assert args_from_config(config_from_args(tiny_args())) == tiny_args()
+
+
 def test_rope_parameters_theta_wins_over_a_disagreeing_top_level_one():
     """transformers 5 reads rope_parameters; a config whose two thetas disagree runs as it runs it."""
     from babyllama.interop.hf import args_from_config, config_from_args

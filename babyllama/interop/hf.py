@@ -73,12 +73,7 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
     """ModelArgs from a Hugging Face LlamaConfig dict, refusing what babyllama's engine cannot run; every
     field's type and range is checked (`"tie_word_embeddings": "false"` is a string, not a bool)."""
     f = Fields(config, source)
-    model_type = f.str("model_type", None)
-    archs = f.list("architectures", [])
-    if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
-        what = model_type or ", ".join(map(str, archs)) or "unknown"
-        raise BabyLlamaError(f"{source}: unsupported architecture '{what}' (only Llama models, model_type "
-                             "'llama' / LlamaForCausalLM, can be converted)")
+    _check_llama_architecture(f, source)
     act = f.str("hidden_act", "silu")
     if act != "silu":
         raise BabyLlamaError(f"{source}: hidden_act '{act}' is not supported (Llama uses silu)")
@@ -106,6 +101,19 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
         raise BabyLlamaError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads; "
                              "the llama2.c format cannot express it")
     return args
+
+
+def _check_llama_architecture(f: Fields, source: str) -> None:
+    """model_type 'llama', and no class but LlamaForCausalLM in `architectures` (where the config lists them);
+    a refusal names the model type or class that is not Llama's."""
+    model_type = f.str("model_type", None)
+    if model_type is None:
+        raise BabyLlamaError(f"{source}: field model_type is missing (a Llama config says 'llama'; only Llama "
+                             "models can be converted)")
+    other = next((str(a) for a in f.list("architectures", []) if a != "LlamaForCausalLM"), None)
+    if model_type != "llama" or other is not None:
+        raise BabyLlamaError(f"{source}: unsupported architecture '{other if model_type == 'llama' else model_type}' "
+                             "(only Llama models, model_type 'llama' / LlamaForCausalLM, can be converted)")
 
 
 def _rope_theta(f: Fields, ropes: dict[str, Fields]) -> float:
