@@ -6,8 +6,8 @@ in kernels_base.py that engine.py calls through), chosen on first use:
     numba   fp32 and runq.c-Q8_0 products in numba (`pip install babyllama[fast]`), for machines without a
             compiler; NumPy for the rest;
     numpy   BLAS for fp32, the reference arithmetic for quantized decode.
-`use_backend` or BABYLLAMA_KERNELS=native|numba|numpy picks one; one that cannot load falls back down the
-list. Prompts (many rows) go to BLAS sgemm on every backend, quantized weights dequantized first.
+`use_backend` or BABYLLAMA_KERNELS=native|numba|numpy (in any case) picks one; one that cannot load falls back
+down the list. Prompts (many rows) go to BLAS sgemm on every backend, quantized weights dequantized first.
 `matmul_plain` is the readable reference every fast path is tested against.
 """
 
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .errors import BabyLlamaError
 from .formats import Matrix
 from .kernels_base import (
     QUANT_GEMM_MIN_ROWS,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .kernels_native import NativeKernels
 
 BACKENDS = ("native", "numba", "numpy")
+KERNELS_VARIABLE = "BABYLLAMA_KERNELS"
 _backend: Kernels | None = None  # chosen on first use
 PLAIN: Kernels = PlainKernels()
 
@@ -56,19 +58,32 @@ def _load(name: str) -> Kernels | None:
 
 
 def use_backend(name: str | None = None) -> str:
-    """Select the kernel backend ("native", "numba" or "numpy"); None: $BABYLLAMA_KERNELS if set, else the
-    first that works here. A named backend that is unavailable falls back down the list. Returns the
-    name in use."""
+    """Select the kernel backend ("native", "numba" or "numpy", in any case); None: $BABYLLAMA_KERNELS if set,
+    else the first that works here. A named backend that is unavailable falls back down the list. Returns the
+    name in use. An unknown name is a ValueError, an unknown $BABYLLAMA_KERNELS a BabyLlamaError (the user's
+    setting, reported in one line)."""
     global _backend
-    wanted = name or os.environ.get("BABYLLAMA_KERNELS") or BACKENDS[0]
-    if wanted not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {wanted!r}; choose from {', '.join(BACKENDS)}")
+    if name is not None:
+        wanted = name.strip().lower()
+        if wanted not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
+    else:
+        wanted = _backend_from_environment()
     for candidate in BACKENDS[BACKENDS.index(wanted):]:
         kernels = _load(candidate)
         if kernels is not None:
             _backend = kernels
             return candidate
     raise AssertionError("unreachable: numpy is always available")
+
+
+def _backend_from_environment() -> str:
+    """$BABYLLAMA_KERNELS (any case; unset or empty: the first backend), checked."""
+    value = os.environ.get(KERNELS_VARIABLE, "")
+    wanted = value.strip().lower() or BACKENDS[0]
+    if wanted not in BACKENDS:
+        raise BabyLlamaError(f"{KERNELS_VARIABLE}={value!r} is not a kernel backend (choose {', '.join(BACKENDS)})")
+    return wanted
 
 
 def backend() -> Kernels:

@@ -7,7 +7,8 @@ that do not wait for each other at barriers (kernels.c's pool).
 
 The shared library is built once per source version, compiler, flags and CPU (its feature flags and model:
 a `-march=native` library built on one CPU is never loaded on another) and cached under
-~/.cache/babyllama/native or $BABYLLAMA_CACHE/native. BABYLLAMA_NATIVE_ARCH picks the instruction set:
+~/.cache/babyllama/native or $BABYLLAMA_CACHE/native, with its size and SHA-256 beside it: a library that does
+not match them is built again rather than loaded. BABYLLAMA_NATIVE_ARCH picks the instruction set:
 "native" (default: everything this CPU has, AVX-512 and VNNI included), "avx2" (x86-64-v3: the AVX2 paths,
 also on an AVX-512 machine, which is how tests cover them), "avx512" (x86-64-v4, no VNNI), "avx512-vnni" (no
 VBMI), or any other -march value. Without a compiler, or
@@ -16,11 +17,13 @@ with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numb
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -209,7 +212,8 @@ def _runs_here(arch: str) -> bool:
 
 def build(directory: Path | None = None, arch: str | None = None) -> Path | None:
     """The shared library for this source and instruction set, compiled with the first flag set that works
-    and cached; None without a compiler or when every flag set fails (the caller falls back). A failed attempt
+    and cached (a cached one is used while it matches the fingerprint its build recorded, else compiled again);
+    None without a compiler or when every flag set fails (the caller falls back). A failed attempt
     leaves a marker (the command and the compiler's last words) so that later runs do not pay for it again;
     where every attempt of this call failed, one line on stderr says so: the fallback is several times slower."""
     cc = compiler()
@@ -223,7 +227,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     for flags in flag_sets(arch):
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
-        if lib.exists():
+        if is_intact(lib):
             return lib
         if failed.exists():
             continue
@@ -235,12 +239,17 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
         cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
-        for c in _in_parallel(cmd):
-            attempt = subprocess.run(c, capture_output=True, text=True)
-            if attempt.returncode == 0:
-                os.replace(tmp, lib)
-                return lib
-        os.unlink(tmp)
+        try:
+            for c in _in_parallel(cmd):
+                attempt = _run_compiler(c)
+                if attempt.returncode == 0:
+                    # the fingerprint first: a library under its name always has one (a concurrent build's at
+                    # worst, whose mismatch costs one more build)
+                    fingerprint_path(lib).write_text(fingerprint(Path(tmp)) + "\n")
+                    os.replace(tmp, lib)
+                    return lib
+        finally:  # an interrupted or failed compile leaves no temporary library behind
+            Path(tmp).unlink(missing_ok=True)
         errors = attempt.stderr.strip().splitlines()[-20:]
         failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
         failures.append(failed)
@@ -248,6 +257,53 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         print(f"babyllama: the C kernels did not compile with {cc} (see {failures[0]}); running without them, "
               f"several times slower", file=sys.stderr, flush=True)
     return None
+
+
+def fingerprint_path(lib: Path) -> Path:
+    """Where the size and SHA-256 of a cached library are recorded when its build succeeds."""
+    return lib.with_suffix(".sha256")
+
+
+def fingerprint(lib: Path) -> str:
+    """A library's size and SHA-256 (~1 ms for its ~0.5 MB)."""
+    data = lib.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def is_intact(lib: Path) -> bool:
+    """Whether lib is the library its build wrote, byte for byte: a cached library that was truncated (a full
+    disk, a copy cut short) still loads, then dies of SIGBUS at the first call into its missing pages. A library
+    that is missing, damaged or has no fingerprint (another version's cache) is built again."""
+    try:
+        return fingerprint_path(lib).read_text().strip() == fingerprint(lib)
+    except OSError:
+        return False
+
+
+def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run one compile in a process group of its own, and stop the whole group (the driver, cc1, the LTO jobs)
+    when this process stops waiting for it, whatever the reason (Ctrl-C, a signal turned into an exception):
+    killing the driver alone leaves its jobs compiling for a minute."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        _stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to proc's process group (GCC's driver and LTO wrapper then remove their temporary files), then,
+    once proc has exited or 5 s have passed, SIGKILL to whatever of the group is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # nothing of the group is left
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    proc.wait()
 
 
 def _in_parallel(cmd: list[str]) -> list[list[str]]:

@@ -639,21 +639,25 @@ def test_read_memory_reads_every_byte(native):
 # ------------------------------------------------------------------------------------------ the build cache
 
 
+FAKE_LIBRARY = b"\x7fELF" + bytes(4092)
+
+
 def fake_compiler(monkeypatch, refuses=lambda cmd: False) -> list[list[str]]:
-    """The build's compiler runs recorded instead of run (the list returned): each writes an empty library, or
+    """The build's compiler runs recorded instead of run (the list returned): each writes FAKE_LIBRARY, or
     fails where `refuses(cmd)`. The real compiler's identity (cached) is asked first, as builds ask it."""
     if kernels_native.compiler() is None:
         pytest.skip("no C compiler")
     calls = []
 
-    def run(cmd, **kw):
+    def run(cmd):
         calls.append(cmd)
         if not refuses(cmd):
-            open(cmd[cmd.index("-o") + 1], "wb").close()
-        return type("Done", (), {"returncode": 1 if refuses(cmd) else 0})()
+            with open(cmd[cmd.index("-o") + 1], "wb") as f:
+                f.write(FAKE_LIBRARY)
+        return subprocess.CompletedProcess(cmd, 1 if refuses(cmd) else 0, "", "")
 
     kernels_native._compiler_identity(kernels_native.compiler())
-    monkeypatch.setattr(kernels_native.subprocess, "run", run)
+    monkeypatch.setattr(kernels_native, "_run_compiler", run)
     return calls
 
 
@@ -689,9 +693,131 @@ def test_the_build_compiles_on_every_cpu_and_falls_back_to_one_job(tmp_path, mon
     assert len(calls) == 1 and not any(a.startswith("-flto") for a in calls[0]) and one.name == lib.name
 
 
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    """A build records the library's size and SHA-256 beside it; a cached library that no longer matches them
+    (truncated, a byte changed) or has no record (a cache older than the record) is compiled again before anything
+    loads it, and an intact one is not."""
+    calls = fake_compiler(monkeypatch)
+    lib = kernels_native.build(tmp_path, "native")
+    assert lib is not None and kernels_native.is_intact(lib) and len(calls) == 1
+    assert kernels_native.fingerprint_path(lib).read_text().split()[0] == str(len(FAKE_LIBRARY))
+    assert kernels_native.build(tmp_path, "native") == lib and len(calls) == 1  # intact: cached
+
+    def damaged(change):
+        change()
+        assert not kernels_native.is_intact(lib)
+        n = len(calls)
+        assert kernels_native.build(tmp_path, "native") == lib and len(calls) == n + 1
+        assert lib.read_bytes() == FAKE_LIBRARY and kernels_native.is_intact(lib)
+
+    damaged(lambda: os.truncate(lib, 1000))
+    damaged(lambda: lib.write_bytes(b"\x7fELF" + b"\x01" + bytes(4091)))
+    damaged(lambda: kernels_native.fingerprint_path(lib).unlink())
+    damaged(lambda: lib.unlink())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, kernels_native.fingerprint_path(lib).name])
+
+
+def copying_compiler(tmp_path, library) -> dict:
+    """The environment of a run whose C compiler is a script that "compiles" by copying `library` (the real
+    kernels, built for this CPU) to its output, with its own cache folder."""
+    cc = tmp_path / "copycc"
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "copycc 1"; exit 0; }\n'
+                  'while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\n'
+                  f'cp {library} "$out"\n')
+    cc.chmod(0o755)
+    return {"CC": str(cc), "BABYLLAMA_CACHE": str(tmp_path / "cache"), "BABYLLAMA_KERNELS": "native",
+            "BABYLLAMA_NATIVE_ARCH": "native"}
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
+    """A cached library cut short (here to half its size) still loads with ctypes, and the first call into its
+    missing pages killed every later run with SIGBUS; it is now built again before it is loaded, and the run
+    gives the same text."""
+    from conftest import run_cli
+
+    native = kernels.native_backend()
+    if native is None:
+        pytest.skip("the native kernels are not the backend here")
+    env = copying_compiler(tmp_path, native.path)
+    argv = ("run", "-t", "0", "-n", "24", "-i", "Once upon")
+    first = run_cli(*argv, env=env)
+    assert first.returncode == 0, first.stderr.decode()
+    [lib] = (tmp_path / "cache" / "native").glob("*.so")
+    os.truncate(lib, lib.stat().st_size // 2)
+    again = run_cli(*argv, env=env)
+    assert again.returncode == 0, (again.returncode, again.stderr.decode())
+    assert again.stdout == first.stdout and len(first.stdout) > 24
+    assert lib.read_bytes() == native.path.read_bytes()
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie waiting for its parent is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes' states from /proc")
+def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path):
+    """SIGINT to a process compiling the kernels: the compiler's whole process group is stopped (not only the
+    driver, whose jobs would compile on for a minute) and the temporary library is removed."""
+    import signal
+    import time
+
+    from conftest import ROOT
+
+    pids = tmp_path / "pids"
+    cc = tmp_path / "slowcc"  # a driver that leaves the work to a child of its own, as gcc leaves it to cc1
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "slowcc 1"; exit 0; }\n'
+                  f'sleep 120 &\necho $$ $! > {pids}.tmp && mv {pids}.tmp {pids}\nwait\n')
+    cc.chmod(0o755)
+    cache = tmp_path / "cache"
+    script = "import sys; from pathlib import Path; from babyllama import kernels_native; " \
+             "kernels_native.build(Path(sys.argv[1]))"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cache)], stderr=subprocess.PIPE,
+                            env={**os.environ, "CC": str(cc), "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not pids.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert pids.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no compile started"
+    driver, job = map(int, pids.read_text().split())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and b"KeyboardInterrupt" in err
+    deadline = time.monotonic() + 5  # the signals are delivered, the processes' ends follow
+    while (alive(driver) or alive(job)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(driver) and not alive(job)
+    assert list(cache.glob("*.so")) == [] and list(cache.glob("*.sha256")) == []
+
+
 def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch):
     monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"sse2", "avx"})
     assert kernels_native.load("avx2") is None
+
+
+def test_babyllama_kernels_is_read_in_any_case_and_another_value_is_one_line(monkeypatch):
+    """BABYLLAMA_KERNELS=NATIVE (or " NumPy ") picks that backend; a value that names none is one error line
+    naming the variable and the choices, not a ValueError's traceback."""
+    from conftest import one_line_error, run_cli
+
+    from babyllama.errors import BabyLlamaError
+
+    try:
+        monkeypatch.setenv("BABYLLAMA_KERNELS", " NumPy ")
+        assert kernels.use_backend() == "numpy" and kernels.backend().name == "numpy"
+        monkeypatch.setenv("BABYLLAMA_KERNELS", "bogus")
+        with pytest.raises(BabyLlamaError, match="BABYLLAMA_KERNELS='bogus' is not a kernel backend"):
+            kernels.use_backend()
+    finally:
+        monkeypatch.undo()
+        kernels.use_backend()
+    r = run_cli("run", "-t", "0", "-n", "8", env={"BABYLLAMA_KERNELS": "NATIVE"})
+    assert r.returncode == 0 and len(r.stdout) > 8, r.stderr.decode()
+    one_line_error(run_cli("run", "-n", "8", env={"BABYLLAMA_KERNELS": "bogus"}),
+                   "BABYLLAMA_KERNELS='bogus' is not a kernel backend (choose native, numba, numpy)")
 
 
 # ------------------------------------------------------------------------------------ the backend protocol

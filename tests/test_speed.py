@@ -341,8 +341,9 @@ def test_native_fused_products_match_numpy(quantized, rows):
 
 
 def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
-    """An unwritable cache folder or a corrupt cached library means no native kernels, not a crash; the
-    corrupt file is removed so that the next run rebuilds it."""
+    """An unwritable cache folder, or a cached library that cannot be loaded although it matches the record of its
+    build (so build() returns it), means no native kernels, not a crash; the library is removed so that the next
+    run rebuilds it. (One that does not match its record is rebuilt before it is loaded: test_kernels.py.)"""
     if native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
     built = kernels_native.build()  # in the usual cache (where other tests have built it): its file name
@@ -355,6 +356,7 @@ def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
     lib = kernels_native.cache_root() / built.name  # the library this cache would hold, corrupt
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"not a shared library")
+    kernels_native.fingerprint_path(lib).write_text(kernels_native.fingerprint(lib))
     assert kernels_native.load() is None and not lib.exists()
     assert kernels_native.load() is not None and lib.exists()  # rebuilt
 
