@@ -160,8 +160,9 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     for a .bin or a checkpoint, else tokenizer.bin beside it, else the built-in one when the vocabularies match).
     `quantize` (q8_0, q4_0, f16, bf16) converts the weights on load; `plain` selects the unoptimized reference
     engine; `device` "cpu" or "cuda" runs the PyTorch model instead of the NumPy engine (`compile`: its
-    decode step through torch.compile); `mmap` True maps the file, False reads the weights into memory, None
-    (the default) reads files that take at most a quarter of the free memory (see formats.load).
+    decode step through torch.compile); `mmap`, for a llama2.c .bin file only (refused for other formats, which
+    are read their own way: a GGUF file is always mapped), True maps the file, False reads the weights into memory,
+    None (the default) reads files that take at most a quarter of the free memory (see formats.load).
     `lora` merges a LoRA adapter (its .safetensors, or the fine-tuning run's folder) into the weights first:
     it must have been trained on this very model (see adapter.py). `kv_cache` is the KV cache's type:
     "f32", "f16" (half the bytes attention reads per token), "q8_0" (int8 with a scale per 32 values: about

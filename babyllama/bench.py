@@ -592,8 +592,9 @@ def _merged_figure(key: str, values: list) -> Any:
 def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: dict, directory: Path, log,
           gguf: bool = False) -> Row:
     """babyllama's row on the model's file (`gguf`: on the GGUF file llama.cpp reads, always mapped)."""
-    mmap = True if path_name == "plain" else plan.mmap  # the plain baseline always maps the file
-    flag = {None: "", True: " --mmap", False: " --no-mmap"}[None if gguf else mmap]
+    # the plain baseline always maps the file; a GGUF file is always mapped (--mmap applies to .bin files only)
+    mmap = None if gguf else True if path_name == "plain" else plan.mmap
+    flag = {None: "", True: " --mmap", False: " --no-mmap"}[mmap]
     engine = "plain NumPy" if path_name == "plain" else (GGUF_ENGINE if gguf else "babyllama") + flag
     if plan.device != "numpy":
         engine += f" --device {plan.device}" + (" --compile" if plan.compile else "")

@@ -127,6 +127,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     read_once = read_once or quantize is not None
     path = Path(path)
     kind = kind or detect_format(path)
+    check_mmap_applies(mmap, kind, path)
     if kind == "bin":
         weights = formats.load(path, mmap=mmap, read_once=read_once)
         source = Source(weights, kind, path)
@@ -164,6 +165,21 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
 
         source.weights = source.weights.quantize_as(quantize, kernels.q4_0_blocks)
     return source
+
+
+# how the formats other than llama2.c's are read, whatever --mmap / --no-mmap would ask
+_READ_WITHOUT_CHOICE = {"gguf": "a GGUF file is always memory-mapped",
+                        "hf": "a Hugging Face checkpoint is converted as it is read",
+                        "meta": "a Meta checkpoint is converted as it is read",
+                        "checkpoint": "a training checkpoint is converted as it is read"}
+
+
+def check_mmap_applies(mmap: bool | None, kind: str, path: Path) -> None:
+    """--mmap / --no-mmap (`mmap=` in the API) choose how a llama2.c .bin file is read (formats.load); for any
+    other format the choice is refused rather than ignored."""
+    if mmap is not None and kind in _READ_WITHOUT_CHOICE:
+        flag = "--mmap (mmap=True)" if mmap else "--no-mmap (mmap=False)"
+        raise BabyLlamaError(f"{path}: {flag} applies to llama2.c .bin files only; {_READ_WITHOUT_CHOICE[kind]}")
 
 
 def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,

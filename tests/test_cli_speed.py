@@ -319,6 +319,17 @@ def test_bench_times_babyllama_on_the_gguf_files(tmp_path, monkeypatch):
     assert gguf_row.result["decode_bytes"] == rows[1].result["decode_bytes"] < rows[0].result["decode_bytes"] / 3
 
 
+def test_bench_mmap_flags_apply_to_its_bin_rows_only(tmp_path, monkeypatch):
+    """`bench --mmap --gguf`: the .bin rows map their files, the GGUF rows run (a GGUF file is always mapped; the
+    flag, refused for GGUF models, is not passed on to them) and say no flag."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
+    plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+                      gguf=True, bandwidth_mib=8, mmap=True)
+    rows, _ = bench.run(plan, tmp_path, log=lambda m: None)
+    assert [r.engine for r in rows] == ["babyllama --mmap", bench.GGUF_ENGINE]
+    assert all(r.error is None and r.result["decode"] > 0 for r in rows), [r.error for r in rows]
+
+
 def test_bench_times_16_bit_ggufs_as_they_are_stored(tmp_path, monkeypatch):
     """`--formats f16,bf16`: babyllama on llama.cpp's F16 and BF16 GGUF files (no .bin holds them, so no other
     row of ours), their weights read as the files store them: half the bytes of the fp32 row's."""

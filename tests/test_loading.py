@@ -88,6 +88,36 @@ def test_eval_reads_any_format_too(tmp_path, tiny_bin, sp_model):
     assert figures[0].split(b'"data"')[1] == figures[1].split(b'"data"')[1]
 
 
+def test_mmap_flags_are_refused_for_formats_they_do_not_apply_to(tmp_path, tiny_bin, sp_model):
+    """--mmap / --no-mmap (mmap= in the API) choose how a .bin file is read; a GGUF file is always mapped and the
+    checkpoint formats are converted as they are read, so for those the flags are one error line, not ignored."""
+    from conftest import one_line_error
+
+    from babyllama import api
+    from babyllama.errors import BabyLlamaError
+
+    pytest.importorskip("gguf")
+    gguf = tmp_path / "m.gguf"
+    assert run_cli("export", str(gguf), "--model", str(tiny_bin), "--tokenizer", str(sp_model)).returncode == 0
+    for flag in ("--mmap", "--no-mmap"):
+        one_line_error(run_cli("run", str(gguf), "-n", "4", flag),
+                       f"{gguf}: {flag} (mmap={flag == '--mmap'}) applies to llama2.c .bin files only; a GGUF file "
+                       "is always memory-mapped")
+        assert _greedy(tiny_bin, flag).stdout == _greedy(tiny_bin).stdout
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "params.json").write_text("{}")
+    for path, what in ((gguf, "a GGUF file is always memory-mapped"),
+                       (tmp_path / "hf", "a Hugging Face checkpoint is converted as it is read"),
+                       (tmp_path / "meta", "a Meta checkpoint is converted as it is read"),
+                       (tmp_path / "ckpt.pt", "a training checkpoint is converted as it is read")):
+        for mmap in (True, False):
+            with pytest.raises(BabyLlamaError, match=f"applies to llama2.c .bin files only; {what}"):
+                api.load(path, mmap=mmap)
+    assert api.load(gguf).source_kind == "gguf"
+
+
 def test_open_model_describes_what_it_loaded(tiny_bin):
     source = open_model(tiny_bin)
     assert source.kind == "bin" and "dim 32, 2 layers, vocab 320" in source.describe()

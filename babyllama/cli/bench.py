@@ -36,7 +36,7 @@ def add(sub) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
-    add_mmap(p, "babyllama rows: ")
+    add_mmap(p, "babyllama's .bin rows: ")
     add_kv_cache(p)
     p.add_argument("--cache-dir", default=None, help="where random models are cached "
                                                      "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
