@@ -75,7 +75,8 @@ class KVCache:
         self.seq_len = seq_len or args.max_seq_len
         shape, nbytes = kv_cache_layout(args, n_slots, self.seq_len, dtype)
         what = f"a KV cache of {self.seq_len:,} positions x {n_slots} sequence(s)"
-        hint = "lower -n / --steps (or the batch's slots)"
+        hint = ("size it for fewer positions (run -n, eval --seq-len) or sequences (run --parallel), or choose a "
+                "smaller --kv-cache (f16, or q8_0: about half of f16)")
         check_fits(nbytes, what, hint)
         try:
             self.k = zeros_mapped(shape, dtype)
@@ -138,7 +139,8 @@ class Engine:
             return
         a = self.args
         n = min(a.max_seq_len, max(n_positions, 2 * len(self.cos)))
-        check_fits(4 * 8 * n * (a.head_size // 2), f"RoPE tables for {n:,} positions", "lower -n / --steps")
+        check_fits(4 * 8 * n * (a.head_size // 2), f"RoPE tables for {n:,} positions",
+                   "size the run for fewer positions (run -n, eval --seq-len)")
         self.cos, self.sin = rope_tables(a.head_size, n, a.rope_theta)
         self._plan_for = None  # the step plan points at the old tables
 

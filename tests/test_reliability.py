@@ -84,6 +84,11 @@ def test_builtin_with_a_huge_header_seq_len_runs_in_little_memory(tmp_path):
     assert r.max_rss < 400 << 20
     # the whole context (-n 0) would need 5 GiB of cache: refused in one line, before allocating it
     one_line_error(run_limited(["run", str(big), "-n", "0", "-t", "0"], GIB), "KV cache of 1,048,576 positions")
+    # eval's way to a smaller cache is its --seq-len, which the message names beside run's -n
+    (tmp_path / "story.txt").write_text("Once upon a time there was a cat.\n")
+    msg = one_line_error(run_limited(["eval", str(big), "--data", str(tmp_path / "story.txt")], GIB), "KV cache of")
+    assert "eval --seq-len" in msg
+    ok(run_limited(["eval", str(big), "--data", str(tmp_path / "story.txt"), "--seq-len", "64"], GIB))
 
 
 def test_rope_tables_follow_the_context_used(tmp_path):

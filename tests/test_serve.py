@@ -540,7 +540,8 @@ def test_loopback_hosts():
 
 def test_readme_serve_examples(server):
     """The README's Serve section, as written, against the server (its port for 8000): the curl command prints
-    `run -t 0`'s text; the openai example streams a reply."""
+    `run -t 0`'s text; the openai example streams a reply from the chat model that the section's second
+    command serves."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Serve"):]
     section = section[:section.index("\n## ")]
@@ -556,7 +557,15 @@ def test_readme_serve_examples(server):
     if shutil.which("curl"):
         out = subprocess.run(["bash", "-c", local(sh[1])], capture_output=True, text=True, timeout=60)
         assert json.loads(out.stdout)["choices"][0]["text"] == run_text("Once upon a time", 40)
-    out = subprocess.run([sys.executable, "-c", local(py[0])], capture_output=True, text=True, timeout=60)
+    chat_command = sh[0].splitlines()[1].split("#")[0].split()
+    assert chat_command[:2] == ["babyllama", "serve"] and (ROOT / chat_command[2]).is_file()
+    chat_server = Server(str(ROOT / chat_command[2]))
+    try:
+        chat_port = f"127.0.0.1:{chat_server.port}"
+        out = subprocess.run([sys.executable, "-c", py[0].replace("127.0.0.1:8000", chat_port)], capture_output=True,
+                             text=True, timeout=60)
+    finally:
+        chat_server.stop()
     assert out.returncode == 0 and len(out.stdout) > 20, out.stderr
 
 
@@ -763,3 +772,30 @@ def test_text_that_cannot_fit_the_context_is_refused_before_encoding(monkeypatch
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 200, r.text
         assert on_loop and not any(on_loop)
+
+
+def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, monkeypatch, capsys):
+    """NAME.json beside NAME.bin is its card (the assets' chat.bin and chat.json): the card's name is the model id
+    and its chat template is used; a model without a card is served under its file name. Another model's
+    model.json in the same folder is not this model's card."""
+    from babyllama import serve
+    from babyllama.cli import main
+    from babyllama.loading import BUILTIN_CHAT, BUILTIN_MODEL
+
+    configs = []
+    monkeypatch.setattr(serve, "create_app", lambda model, config: configs.append(config))
+    monkeypatch.setattr(serve, "listen", lambda host, port: [])
+    monkeypatch.setattr(serve, "run", lambda *args: None)
+    assert main(["serve", str(BUILTIN_CHAT)]) == 0
+    chat_card = json.loads(BUILTIN_CHAT.with_suffix(".json").read_text())
+    assert configs[-1].model_name == chat_card["name"] == "babyllama-chat"
+    assert main(["serve", str(BUILTIN_MODEL)]) == 0
+    assert configs[-1].model_name == "babyllama-stories"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copyfile(BUILTIN_MODEL, folder / "other.bin")
+    shutil.copyfile(BUILTIN_TOKENIZER, folder / "tokenizer.bin")
+    (folder / "model.json").write_text(json.dumps({"name": "not-this-one", "chat_template": "no-such-template"}))
+    assert main(["serve", str(folder / "other.bin")]) == 0
+    assert configs[-1].model_name == "other.bin"
+    capsys.readouterr()

@@ -26,7 +26,8 @@ def add(sub) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--chat-template", default=None,
                    help="chat template name (default: the model card's chat_template, else llama2)")
-    p.add_argument("--model-name", default=None, help="the model id clients name (default: the file's name)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients name (default: the model card's name, else the file's name)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, from its arrival: "
                                                                 "its body's upload and queueing included (600)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body (1 MiB)")
@@ -66,11 +67,16 @@ def is_loopback(host: str) -> bool:
 
 
 def model_card(checkpoint: str | None) -> dict:
-    """The model card beside the model (model.json), if any: its name and chat template."""
+    """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
+    NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
+    model folder its model.json."""
     from ..loading import BUILTIN_CARD
     from ..safeio import read_json
 
-    path = BUILTIN_CARD if checkpoint is None else Path(checkpoint).with_name("model.json")
+    if checkpoint is None:
+        path = BUILTIN_CARD
+    else:
+        path = Path(checkpoint) / "model.json" if Path(checkpoint).is_dir() else Path(checkpoint).with_suffix(".json")
     try:
         return read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
     except BabyLlamaError:
@@ -92,12 +98,7 @@ def cmd_serve(args) -> int:
     template = args.chat_template or card.get("chat_template")
     get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
-    if args.model_name:
-        name = args.model_name
-    elif args.checkpoint is None:
-        name = card.get("name", "babyllama")
-    else:
-        name = Path(args.checkpoint).name
+    name = args.model_name or card.get("name") or (Path(args.checkpoint).name if args.checkpoint else "babyllama")
     config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
