@@ -41,10 +41,16 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
             dest.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BabyLlamaError(f"cannot create {dest}: {e.strerror}") from None
-        for f in model.files:
-            target = dest / f.save_as
-            if not target.is_file():
-                fetch(f.url(url_base), target, show_progress, time_limit=time_limit)
+        fetched = []
+        try:
+            for f in model.files:
+                target = dest / f.save_as
+                if not target.is_file():
+                    fetch(f.url(url_base), target, show_progress, time_limit=time_limit)
+                    fetched.append(target)
+        except BabyLlamaError:
+            _remove_if_no_model(dest / model.model_file, fetched)  # an error page saved as the model
+            raise
     model_path = dest / model.model_file
     check_files(model_path, dest / "tokenizer.bin")
     return model_path
@@ -161,6 +167,16 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
                              "again to resume")
     safeio.commit(part, target)
     return resp.headers
+
+
+def _remove_if_no_model(model_path: Path, fetched: list[Path]) -> None:
+    """A model file this run fetched whose header is not a model's (a mirror's HTML page) is removed, so that a
+    failed download leaves no such 'model' behind, whatever failed after it."""
+    if model_path in fetched:
+        try:
+            formats.read_header(model_path)
+        except BabyLlamaError:
+            model_path.unlink(missing_ok=True)
 
 
 def check_files(model_path: Path, tokenizer_path: Path) -> None:

@@ -75,6 +75,15 @@ def test_error_page_instead_of_model_is_rejected(mirror, tmp_path):
     assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()  # next run fetches again
 
 
+def test_error_page_as_model_and_a_missing_tokenizer_leave_no_model(mirror, tmp_path):
+    base, server, _ = mirror
+    server.files["/stories260K/stories260K.bin"] = b"<html>rate limited</html>"
+    del server.files["/stories260K/tok512.bin"]
+    with pytest.raises(BabyLlamaError, match="HTTP 404"):
+        download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
+    assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()
+
+
 def test_offline_is_one_clear_line(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: connection refused, as offline as it gets here
         s.bind(("127.0.0.1", 0))
