@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import time
+import warnings
 from collections.abc import Iterator
 
 from . import formats, kernels
@@ -40,10 +41,13 @@ class Model:
         (default: the time) makes sampling reproducible."""
         check_generation([prompt], steps, temperature, topp, max_new_tokens, seed)
         ids = self.tokenizer.encode(prompt, bos=True)
+        positions = clamp_steps(steps, self.args.max_seq_len)
+        if len(ids) >= positions:  # as run.c, nothing follows such a prompt: the CLI warns too
+            warnings.warn(f"the prompt is {len(ids)} tokens (with BOS) and steps allows {positions} positions (the "
+                          "context at most): nothing is generated", stacklevel=2)
         text = self.tokenizer.stream(ids[-1])
         sampler = Sampler(temperature, topp, seed)
-        for token in generate(self.engine, ids, clamp_steps(steps, self.args.max_seq_len), sampler,
-                              max_new=max_new_tokens):
+        for token in generate(self.engine, ids, positions, sampler, max_new=max_new_tokens):
             piece = text.push(token)
             if piece:
                 yield piece

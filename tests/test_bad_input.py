@@ -4,6 +4,7 @@ no giant allocation."""
 from __future__ import annotations
 
 import struct
+import warnings
 
 import pytest
 from conftest import one_line_error as assert_one_line_error
@@ -167,6 +168,17 @@ def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     import numpy as np
     # NumPy numbers are fine
     assert model.generate("x", steps=np.int64(4), temperature=np.float32(0), seed=np.int32(3)).startswith("x")
+
+
+def test_the_python_api_warns_when_a_prompt_leaves_no_room(good_model):
+    from babyllama.api import load
+
+    model = load(good_model[0], good_model[1])
+    with pytest.warns(UserWarning, match=r"the prompt is \d+ tokens .* nothing is generated"):
+        assert model.generate("Once upon a time " * 40, max_new_tokens=10) == "Once upon a time " * 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.generate("Once", steps=8, temperature=0) != "Once"
 
 
 def test_load_wants_paths():
