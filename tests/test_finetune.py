@@ -462,3 +462,24 @@ def test_torchrun_lora_two_processes_match_one(tmp_path, one_thread):
     assert "rank 1 of 2: gloo on cpu (DDP)" in proc.stdout
     one, two = load_adapter(tmp_path / "one"), load_adapter(tmp_path / "two")
     assert all(np.allclose(one.tensors[k], two.tensors[k], atol=1e-5) for k in one.tensors)
+
+
+def test_a_data_dir_made_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, capsys):
+    """Shards encoded with other pieces (the same vocabulary size) would train the base on mis-encoded text."""
+    from babyllama.cli import main
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.data import pretokenize
+
+    root = make_task(tmp_path / "task")
+    tok = Tokenizer.load(root / "tokenizer.bin")
+    other = Tokenizer(tok.pieces[:259] + list(reversed(tok.pieces[259:271])) + tok.pieces[271:], tok.scores.tolist())
+    other.save(tmp_path / "other.bin")
+    pretokenize(root / "data", tmp_path / "other.bin", tmp_path / "tok", workers=1)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", max_iters=1, eval_iters=1).items()
+            if k != "data"]
+    assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}"]) == 1
+    err = capsys.readouterr().err
+    assert "was tokenized with another tokenizer than the base model's" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    pretokenize(root / "data", root / "tokenizer.bin", tmp_path / "same", workers=1)
+    assert main(["finetune", *argv, f"--data_dir={tmp_path / 'same'}"]) == 0

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
-from conftest import make_story_corpus, random_weights, run_cli, tiny_args  # noqa: E402
+from conftest import byte_tokenizer, make_story_corpus, random_weights, run_cli, tiny_args  # noqa: E402
 
 from babyllama import formats  # noqa: E402
 from babyllama.engine import Engine  # noqa: E402
@@ -321,3 +321,62 @@ def test_device_cuda_without_an_index_picks_the_current_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
     dist_info, device = loop.setup_distributed("cuda")
     assert device == torch.device("cuda", 0) and chosen == [device] and not dist_info.enabled
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+
+def other_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """byte_tokenizer's size with other merges: the same vocabulary size, other ids for the same text."""
+    tok = byte_tokenizer(vocab_size)
+    pieces = list(tok.pieces)
+    pieces[259:271] = reversed(pieces[259:271])
+    return Tokenizer(pieces, tok.scores.tolist())
+
+
+def text_shards(root, tokenizer: Tokenizer, name: str):
+    """A few stories pretokenized with `tokenizer` into root/name (tokenizer.bin beside the shards)."""
+    from babyllama.train.data import pretokenize
+
+    corpus = root / f"{name}_corpus"
+    corpus.mkdir(parents=True)
+    make_story_corpus(corpus / "train.txt", 40, seed=0)
+    make_story_corpus(corpus / "valid.txt", 8, seed=1)
+    tokenizer.save(root / f"{name}.bin")
+    pretokenize(corpus, root / f"{name}.bin", root / name, workers=1)
+    return root / name
+
+
+def tiny_run(data_dir, out_dir, **kw) -> dict:
+    """Settings for a two-step run of a tiny model on the CPU."""
+    base = dict(data_dir=str(data_dir), out_dir=str(out_dir), dim="32", n_layers="1", n_heads="2",
+                max_seq_len="32", batch_size="4", gradient_accumulation_steps="1", max_iters="2",
+                eval_interval="2", eval_iters="1", warmup_iters="0", device="cpu")
+    return {**base, **{k: str(v) for k, v in kw.items()}}
+
+
+def test_a_new_run_installs_its_datas_tokenizer_and_a_resume_checks_it(tmp_path, one_thread):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    first, second = text_shards(tmp_path, byte_tokenizer(300), "a"), text_shards(tmp_path, other_tokenizer(), "b")
+    out = tmp_path / "out"
+    train(resolve_config(None, tiny_run(first, out)))
+    train(resolve_config(None, tiny_run(second, out)))  # a new run in the same folder
+    assert (out / "tokenizer.bin").read_bytes() == (second / "tokenizer.bin").read_bytes()
+    with pytest.raises(BabyLlamaError, match=r"cannot resume: .*a/tokenizer.bin is not the tokenizer this run"):
+        train(resolve_config(None, {"out_dir": str(out), "init_from": "resume", "max_iters": "4",
+                                    "data_dir": str(first)}))
+    assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume", "max_iters": "4"}))["iter"] == 4
+
+
+def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data = text_shards(tmp_path, byte_tokenizer(300), "a")
+    with pytest.raises(BabyLlamaError, match=r"vocab_size 1000 differs from the data's \(300, "):
+        train(resolve_config(None, tiny_run(data, tmp_path / "out", vocab_size=1000)))
+    assert not (tmp_path / "out").exists()

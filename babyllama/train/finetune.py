@@ -18,8 +18,9 @@ from ..errors import BabyLlamaError
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from .config import TrainConfig
-from .data import TOKENIZER_BIN, pretokenize
+from .data import TOKENIZER_BIN, pretokenize, same_tokenizer
 from .lora import apply_lora, check_rank
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
@@ -67,11 +68,31 @@ def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
                              "(or pass --data)")
 
 
-def check_vocab(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
+def check_vocab(cfg: TrainConfig, meta: dict, data_dir: Path, base: Source | None = None) -> None:
+    """Shards must be encoded with the base's tokenizer: the same size, and with `base`, the same pieces and
+    scores as its tokenizer (when the shards' folder holds theirs)."""
     vocab = int(meta.get("vocab_size") or 0)
     if vocab and vocab != cfg.vocab_size:
         raise BabyLlamaError(f"{data_dir} was tokenized with a {vocab}-token vocabulary, the base model has "
                              f"{cfg.vocab_size}: pretokenize with the base's tokenizer (or pass --data)")
+    shards_tokenizer = data_dir / TOKENIZER_BIN
+    if base is None or not shards_tokenizer.is_file():
+        return
+    known = _known_tokenizer(cfg, base)
+    if known is not None and not same_tokenizer(Tokenizer.load(shards_tokenizer), known):
+        raise BabyLlamaError(f"{data_dir} was tokenized with another tokenizer than the base model's "
+                             f"({shards_tokenizer} differs): pretokenize with the base's tokenizer (or pass --data)")
+
+
+def _known_tokenizer(cfg: TrainConfig, base: Source) -> Tokenizer | None:
+    """The base's tokenizer (--tokenizer, else its own or one beside it), or None for a base without one:
+    then the shards' tokenizer is the only one there is."""
+    if cfg.tokenizer:
+        return tokenizer_for(base, cfg.tokenizer)
+    try:
+        return tokenizer_for(base)
+    except BabyLlamaError:
+        return None
 
 
 def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tuple[Transformer, dict | None]:

@@ -35,9 +35,10 @@ from .. import safeio
 from ..adapter import ADAPTER_FILE, save_adapter
 from ..errors import BabyLlamaError
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import TOKENIZER_BIN, open_split, read_meta
+from .data import TOKENIZER_BIN, open_split, read_meta, same_tokenizer
 from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
@@ -153,6 +154,8 @@ class Trainer:
         # a fine-tune's base (not needed when a full fine-tune resumes: its checkpoint holds every weight)
         base = finetune.open_base(cfg) if cfg.base and (ckpt is None or cfg.lora_rank) else None
         self.data_dir = self._open_data_dir(base)
+        if ckpt is not None:
+            self._check_tokenizer()
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
         self.train_data = open_split(self.data_dir, "train", cfg.max_seq_len, cfg.vocab_size)
         self.val_data = open_split(self.data_dir, "val", cfg.max_seq_len, cfg.vocab_size)
@@ -217,12 +220,16 @@ class Trainer:
         if meta is None:
             raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
         if cfg.base:
-            finetune.check_vocab(cfg, meta, data_dir)
+            finetune.check_vocab(cfg, meta, data_dir, base if cfg.data_dir else None)
             finetune.check_word_weight(cfg, meta, data_dir)
+        data_vocab = int(meta.get("vocab_size") or 0)
         if cfg.vocab_size == 0:
-            cfg.vocab_size = int(meta.get("vocab_size") or 0)
+            cfg.vocab_size = data_vocab
             if not cfg.vocab_size:
                 raise BabyLlamaError(f"{data_dir} has no meta.json: set --vocab_size")
+        elif data_vocab and cfg.vocab_size != data_vocab:  # the model could not be run with the data's tokenizer
+            raise BabyLlamaError(f"vocab_size {cfg.vocab_size} differs from the data's ({data_vocab}, "
+                                 f"{data_dir / 'meta.json'}): leave vocab_size at 0 to take the data's")
         return data_dir
 
     # ------------------------------------------------------------------------------------ state
@@ -345,7 +352,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, master = self.cfg, self.dist.master
         if master:
-            self._install_tokenizer()
+            self._install_tokenizer(resumed=cfg.init_from == "resume")
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
@@ -391,11 +398,21 @@ class Trainer:
         assert self.metrics is not None  # called on the master process, which keeps the metrics log
         self.metrics.write(iter=self.iter_num, loss=loss, lr=lr, dt_ms=dt * 1000, tokens_per_s=tok_s, mfu=mfu)
 
-    def _install_tokenizer(self) -> None:
-        """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there."""
+    def _check_tokenizer(self) -> None:
+        """A resumed run goes on with the tokenizer its checkpoint was trained with: the data's must be it."""
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
-        if src.is_file() and not dst.exists():
+        if src.is_file() and dst.is_file() and not same_tokenizer(Tokenizer.load(src), Tokenizer.load(dst)):
+            raise BabyLlamaError(f"cannot resume: {src} is not the tokenizer this run was trained with ({dst}); "
+                                 "resume with the run's data, or start a new run")
+
+    def _install_tokenizer(self, resumed: bool) -> None:
+        """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there. A new run
+        replaces what an earlier run in out_dir left, which belongs to that run's model."""
+        src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
+        if src.is_file() and not (resumed and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
+        elif not src.is_file() and not resumed:
+            dst.unlink(missing_ok=True)
 
 
 def train(cfg: TrainConfig) -> dict:
