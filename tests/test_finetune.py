@@ -483,3 +483,24 @@ def test_a_data_dir_made_with_another_tokenizer_of_the_same_size_is_refused(tmp_
     assert not (tmp_path / "out").exists()
     pretokenize(root / "data", root / "tokenizer.bin", tmp_path / "same", workers=1)
     assert main(["finetune", *argv, f"--data_dir={tmp_path / 'same'}"]) == 0
+
+
+@pytest.mark.parametrize("word_weight", [1, 3])
+def test_gradient_accumulation_keeps_the_loss_the_mean_over_the_global_batchs_reply_tokens(tmp_path, one_thread,
+                                                                                         word_weight):
+    """batch 4 x 1 micro-batch and batch 2 x 2 micro-batches draw the same conversations: the same mean over
+    their reply tokens, so the same loss and update (conversations' replies differ in length)."""
+    root = make_task(tmp_path / "task")
+    same = dict(lora_rank=0, max_iters=1, eval_interval=100, eval_iters=1, word_weight=word_weight,
+                learning_rate="1e-2", warmup_iters=0)
+    runs = {}
+    for batch, accum in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch}"
+        result = train(resolve_config(None, settings(root, out, batch_size=batch, gradient_accumulation_steps=accum,
+                                                     **same), defaults=FINETUNE_DEFAULTS))
+        runs[batch] = result["loss"], torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    (loss4, w4), (loss2, w2) = runs[4], runs[2]
+    assert loss2 == pytest.approx(loss4, rel=1e-5)
+    # AdamW's first step moves each weight by about lr (1e-2) times the sign of its gradient: a gradient near 0
+    # may move by less in one run than in the other from rounding alone
+    assert all(torch.allclose(w2[k], w4[k], atol=1e-4) for k in w4)

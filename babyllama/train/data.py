@@ -433,6 +433,10 @@ class Windows:
 
         return torch.randint(int(self.ends[-1]), (n,), generator=generator).numpy()
 
+    def target_weight(self, starts: np.ndarray, weighted: bool = True) -> float:
+        """How much the targets of a batch weigh in the loss: every position of every window, alike."""
+        return float(len(starts) * self.seq_len)
+
     def batch(self, starts: np.ndarray, device):
         import torch
 
@@ -473,6 +477,15 @@ class Examples:
         import torch
 
         return torch.randint(len(self.rows), (n,), generator=generator).numpy()
+
+    def target_weight(self, picks: np.ndarray, weighted: bool = True) -> float:
+        """How much the targets of a batch weigh in the loss: the sum of their mask weights (`weighted`), or how
+        many there are (the reply tokens)."""
+        total = 0
+        for shard, start, end in self.rows[picks]:
+            weight = self.shards[shard][1][start + 1:end]
+            total += int(weight.sum(dtype=np.int64)) if weighted else int(np.count_nonzero(weight))
+        return float(total)
 
     def batch(self, picks: np.ndarray, device):
         """(inputs, targets), and the targets' weights (float) when the shards weigh some tokens above 1

@@ -302,20 +302,28 @@ class Trainer:
         return distill.distillation_loss(logits, teacher_logits, y, self.cfg.kd_alpha, self.cfg.kd_temperature)
 
     def step(self) -> torch.Tensor:
-        """One optimizer step over this rank's share of a global batch; returns its mean micro-batch loss."""
+        """One optimizer step over this rank's share of a global batch; returns that share of the global batch's
+        mean loss (the mean over all its targets: the ranks' shares add up to it)."""
         cfg, W, r = self.cfg, self.dist.world, self.dist.rank
         lr = lr_at(cfg, self.iter_num)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         starts = self.train_data.draw(cfg.gradient_accumulation_steps * cfg.batch_size, self.data_gen)
         starts = starts.reshape(cfg.gradient_accumulation_steps, cfg.batch_size)
+        # every rank draws the whole global batch, so each knows its total target weight without a collective
+        weighted = self.teacher is None  # distillation averages over the targets unweighted
+        global_weight = sum(self.train_data.target_weight(s, weighted) for s in starts)
         total = torch.zeros((), device=self.device)
         for m in range(self.accum):
-            x, y, weights = self.train_data.batch(starts[m * W + r], self.device)
+            picks = starts[m * W + r]
+            x, y, weights = self.train_data.batch(picks, self.device)
+            # a micro-batch's mean counts by its share of the global batch's targets (DDP divides the summed
+            # gradients by W); for windows, where every micro-batch holds as many targets, this is self.accum
+            share = global_weight / (W * self.train_data.target_weight(picks, weighted))
             with self._sync_context(m == self.accum - 1):
                 with self.autocast:
                     loss = self.loss(x, y, weights)
-                loss = loss / self.accum
+                loss = loss / share
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if cfg.grad_clip > 0:
