@@ -504,3 +504,21 @@ def test_gradient_accumulation_keeps_the_loss_the_mean_over_the_global_batchs_re
     # AdamW's first step moves each weight by about lr (1e-2) times the sign of its gradient: a gradient near 0
     # may move by less in one run than in the other from rounding alone
     assert all(torch.allclose(w2[k], w4[k], atol=1e-4) for k in w4)
+
+
+def test_resume_with_other_data_is_refused(tmp_path, capsys, one_thread):
+    """A resumed fine-tune trains on what its first run pretokenized: other --data is refused, not ignored."""
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=4, max_iters=2, eval_interval=2,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "other" / "more.jsonl", [conversation(random.Random(1)) for _ in range(8)])
+    capsys.readouterr()
+    assert main(["finetune", *argv, f"--data={tmp_path / 'other'}", "--max_iters=4", "--init_from=resume"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume with other data: this run trains on {root / 'data'}, not {tmp_path / 'other'}" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["finetune", *argv, "--max_iters=4", "--init_from=resume"]) == 0

@@ -380,3 +380,33 @@ def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
     with pytest.raises(BabyLlamaError, match=r"vocab_size 1000 differs from the data's \(300, "):
         train(resolve_config(None, tiny_run(data, tmp_path / "out", vocab_size=1000)))
     assert not (tmp_path / "out").exists()
+
+
+def evaluations(out_dir) -> list[int]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["iter"] for r in records if "val_loss" in r]
+
+
+def test_a_resumed_run_keeps_the_evaluation_at_its_checkpoint(tmp_path, one_thread):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data = text_shards(tmp_path, byte_tokenizer(300), "a")
+    train(resolve_config(None, tiny_run(data, tmp_path / "out")))
+    train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "4"}))
+    assert evaluations(tmp_path / "out") == [0, 2, 4]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, other = text_shards(tmp_path, byte_tokenizer(300), "a"), text_shards(tmp_path, other_tokenizer(), "b")
+    out = tmp_path / "out"
+    train(resolve_config(None, tiny_run(data, out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    settings = {"out_dir": str(out), "init_from": "resume"} if resume else tiny_run(other, out)
+    train(resolve_config(None, {**settings, "eval_only": "true"}))
+    assert "val loss" in capsys.readouterr().out  # it did evaluate
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

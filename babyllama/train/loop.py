@@ -204,7 +204,9 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype
                          else contextlib.nullcontext())
         self.peak = peak_flops(self.device, self.dtype, cfg.peak_flops)
-        self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None) if self.dist.master else None
+        # an evaluation alone leaves the run's logs as they are
+        keeps_logs = self.dist.master and not cfg.eval_only
+        self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None) if keeps_logs else None
 
     def _open_data_dir(self, base) -> Path:
         """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
@@ -350,16 +352,16 @@ class Trainer:
         if self.dist.master:
             print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                   flush=True)
-            assert self.metrics is not None  # the master process keeps the metrics log
+        if self.metrics is not None:
             self.metrics.write(iter=self.iter_num, train_loss=losses["train"], val_loss=losses["val"])
         if self.iter_num > 0 and not self.cfg.eval_only:
             self.save_checkpoint()
-        if self.dist.master:
+        if self.metrics is not None:
             plot_losses(self.out_dir)
 
     def run(self) -> dict:
         cfg, master = self.cfg, self.dist.master
-        if master:
+        if master and not cfg.eval_only:
             self._install_tokenizer(resumed=cfg.init_from == "resume")
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
@@ -423,6 +425,15 @@ class Trainer:
             dst.unlink(missing_ok=True)
 
 
+def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
+    """A resumed fine-tune trains on the data its first run pretokenized into out_dir/data: other --data would
+    be silently ignored."""
+    first = saved.get("data")
+    if cfg.data and isinstance(first, str) and first and Path(cfg.data).resolve() != Path(first).resolve():
+        raise BabyLlamaError(f"cannot resume with other data: this run trains on {first}, not {cfg.data} "
+                             "(start a new run in another out_dir to train on it)")
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss"}."""
     ckpt = None
@@ -434,6 +445,7 @@ def train(cfg: TrainConfig) -> dict:
                    not (k == "vocab_size" and getattr(cfg, k) == 0)]
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
+        _check_same_data(cfg, saved)
     with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
         trainer = Trainer(cfg, ckpt)
     try:

@@ -41,12 +41,8 @@ class MetricsLog:
         if resume_from_iter is None:
             safeio.write_text(self.path, "")
         else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
-            kept = [r for r in read_metrics(self.path) if self._before(r, resume_from_iter)]
+            kept = [r for r in read_metrics(self.path) if r["iter"] <= resume_from_iter]
             safeio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    @staticmethod
-    def _before(record: dict, it: int) -> bool:
-        return record["iter"] < it or (record["iter"] == it and "loss" in record)
 
     def write(self, **record) -> None:
         with open(self.path, "a") as f:
