@@ -26,6 +26,7 @@ import numpy as np
 
 from . import safeio
 from .errors import BabyLlamaError
+from .fields import Fields
 from .formats import LAYER_MATRICES, Weights
 from .interop.state_dict import LAYER_NAMES, to_state_dict
 
@@ -122,16 +123,23 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if not p.is_file():
             raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "
                                  "beside it)")
+    config = safeio.read_json(config_path, "adapter config")
+    if config.get("format") != FORMAT:
+        raise BabyLlamaError(f"{config_path}: not a babyllama adapter config (format {config.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+    fields = Fields(config, str(config_path))
+    rank, alpha = fields.int("rank"), fields.float("alpha")
+    dropout = fields.float("dropout", 0.0, positive=False)
+    if not 0.0 <= dropout < 1.0:
+        raise BabyLlamaError(f"{config_path}: field dropout must be in [0, 1), got {dropout}")
     try:
-        config = json.loads(config_path.read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"format {config.get('format')!r}, expected {FORMAT!r}")
-        rank, alpha = int(config["rank"]), float(config["alpha"])
-        targets, base = parse_targets(config["targets"]), dict(config["base"])
-        if not isinstance(base.get("args"), dict) or not isinstance(base.get("sha256"), str):
-            raise ValueError("no base identity (args and sha256)")
-    except (ValueError, KeyError, TypeError) as e:
-        raise BabyLlamaError(f"{config_path}: not a babyllama adapter config ({e})") from None
+        targets = parse_targets(fields.list("targets"))
+    except BabyLlamaError as e:
+        raise BabyLlamaError(f"{config_path}: {e}") from None
+    base = fields.dict("base")
+    identity = fields.sub("base")  # checked here, so that merging can compare it with a model's
+    identity.dict("args")
+    identity.str("sha256")
     try:
         from safetensors.numpy import load_file
     except ImportError:
@@ -140,7 +148,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         tensors = load_file(str(tensors_path))
     except Exception as e:  # safetensors raises its own error type for a corrupt file
         raise BabyLlamaError(f"{tensors_path}: not a readable safetensors file ({e})") from None
-    return Adapter(rank, alpha, targets, base, tensors, float(config.get("dropout", 0.0)), tensors_path)
+    return Adapter(rank, alpha, targets, base, tensors, dropout, tensors_path)
 
 
 # ------------------------------------------------------------------------------------------------ merging

@@ -148,6 +148,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train"], "set --data_dir"),
     (["train", "--dim=abc"], "dim must be int, got 'abc'"),
     (["train", "--compile=maybe"], "compile must be true or false"),
+    (["train", "--seed=99999999999999999999"], "seed must be in [0, 2**63), got 99999999999999999999"),
+    (["train", "--seed=-1"], "seed must be in [0, 2**63), got -1"),
     (["train", "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16"),
     (["train", "nope.toml"], "config file not found: nope.toml"),
     (["train", "--init_from=resume", "--out_dir=empty"], "checkpoint not found: empty/ckpt.pt"),

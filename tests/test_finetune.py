@@ -522,3 +522,30 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys, one_thread):
     assert f"cannot resume with other data: this run trains on {root / 'data'}, not {tmp_path / 'other'}" in err
     assert len(err.strip().splitlines()) == 1
     assert main(["finetune", *argv, "--max_iters=4", "--init_from=resume"]) == 0
+
+
+@pytest.mark.parametrize("config, message", [
+    ("[]", "adapter config must hold an object, not list"),
+    ("null", "adapter config must hold an object, not NoneType"),
+    ('{"dropout": "x"}', "field dropout must be a finite number, got 'x'"),
+    ('{"dropout": 1.5}', "field dropout must be in [0, 1), got 1.5"),
+    ('{"alpha": NaN}', "field alpha must be a positive finite number, got nan"),
+    ('{"rank": "4"}', "field rank must be an integer, got '4'"),
+    ('{"targets": [["wq"]]}', "lora targets must be some of wq,wk,wv,wo,w1,w2,w3"),
+    ('{"base": {"args": {}}}', "field sha256 is missing"),
+    ("[" * 100000 + "]" * 100000, "invalid JSON"),
+], ids=["list", "null", "dropout-text", "dropout-range", "alpha-nan", "rank-text", "targets", "base", "deep"])
+def test_a_hand_edited_adapter_config_is_one_line(lora_run, tmp_path, capsys, config, message):
+    """run/export --lora read adapter.json: what does not hold an adapter's settings is refused in one line."""
+    from babyllama.cli import main
+
+    root, _, _ = lora_run
+    saved = json.loads((root / "lora" / "adapter.json").read_text())
+    text = json.dumps({**saved, **json.loads(config, parse_constant=float)}) if config.startswith("{") else config
+    (tmp_path / "adapter.json").write_text(text)
+    (tmp_path / "adapter.safetensors").write_bytes((root / "lora" / "adapter.safetensors").read_bytes())
+    for argv in (["run", str(root / "base.bin"), "-n", "4"], ["export", str(tmp_path / "m.bin"), "--model",
+                                                               str(root / "base.bin")]):
+        assert main([*argv, "--lora", str(tmp_path / "adapter.json")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("babyllama: error: ") and message in err[0], err

@@ -410,3 +410,12 @@ def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_
     train(resolve_config(None, {**settings, "eval_only": "true"}))
     assert "val loss" in capsys.readouterr().out  # it did evaluate
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_device_mps_without_mps_is_one_line(monkeypatch, capsys, tmp_path):
+    from babyllama.cli import main
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main(["train", "--device=mps", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: device mps requested but MPS is not available here (use --device=cpu)"]

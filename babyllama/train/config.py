@@ -88,6 +88,7 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 FINETUNE_DEFAULTS = {"max_seq_len": 0, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "max_iters": 500, "warmup_iters": 20, "min_lr": 1e-4, "weight_decay": 0.0, "eval_interval": 100,
                      "eval_iters": 20, "log_interval": 10}
+SEED_LIMIT = 2 ** 63  # torch seeds are 64-bit; the run also seeds with seed + 1 and seed + rank
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
               "rope_theta", "shared_classifier")
 
@@ -184,6 +185,8 @@ def check(cfg: TrainConfig) -> None:
     if cfg.max_seq_len < 0 or (cfg.max_seq_len == 0 and not cfg.base):
         raise BabyLlamaError(f"max_seq_len must be positive (0: the base model's, when fine-tuning), "
                              f"got {cfg.max_seq_len}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise BabyLlamaError(f"seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         raise BabyLlamaError("max_iters and warmup_iters must be >= 0")
     if not 0.0 <= cfg.kd_alpha <= 1.0:

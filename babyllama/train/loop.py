@@ -73,6 +73,8 @@ def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
         elif device.index is None:  # "cuda": the current GPU (set_device needs an index)
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BabyLlamaError("device mps requested but MPS is not available here (use --device=cpu)")
     if d.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return d, device
