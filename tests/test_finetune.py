@@ -440,11 +440,27 @@ def test_a_run_refused_while_setting_up_leaves_no_out_dir(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_train_refuses_lora_without_a_base(capsys):
+@pytest.mark.parametrize("flag", ["--lora_rank=8", "--word_weight=999", "--lora_alpha=-5", "--lora_targets=zz",
+                                  "--base_format=bogus", "--tokenizer=/nonexistent", "--skip_bad_lines",
+                                  "--lora_dropout=0.5", "--data=x"])
+def test_train_refuses_fine_tuning_settings_without_a_base(capsys, flag):
     from babyllama.cli import main
 
-    assert main(["train", "--lora_rank=8", "--data_dir=x"]) == 1
-    assert "needs a base model to fine-tune" in capsys.readouterr().err
+    assert main(["train", flag, "--data_dir=x"]) == 1
+    key = flag[2:].split("=")[0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"babyllama: error: {key} needs a base model to fine-tune (babyllama finetune --base=MODEL)"]
+
+
+def test_train_points_a_base_to_finetune(tmp_path, capsys):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    assert main(["train", f"--base={root / 'base.bin'}", f"--data={root / 'data'}",
+                 f"--out_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "to fine-tune a base model use babyllama finetune --base=MODEL" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import require
+from ..errors import BabyLlamaError, require
 from .common import add_sampling_flags, check_sampling_flags, steps_flag, text_arg
 
 
@@ -44,7 +44,11 @@ def cmd_train(args) -> int:
     from ..train.config import resolve_config
     from ..train.loop import train
 
-    train(resolve_config(args.config, config_overrides(args)))
+    cfg = resolve_config(args.config, config_overrides(args))
+    if cfg.base:  # one command per job: finetune has its own defaults and messages for a base
+        raise BabyLlamaError("train starts from random weights; to fine-tune a base model use babyllama finetune "
+                             "--base=MODEL")
+    train(cfg)
     return 0
 
 

@@ -218,10 +218,14 @@ def check_device(device: str) -> None:
         raise BabyLlamaError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
 
 
+FINETUNE_KEYS = ("base_format", "tokenizer", "data", "skip_bad_lines", "word_weight", "lora_rank", "lora_alpha",
+                 "lora_dropout", "lora_targets")
+
+
 def check_finetune(cfg: TrainConfig) -> None:
-    if not cfg.base:
-        for key in ("data", "lora_rank"):
-            if getattr(cfg, key):
+    if not cfg.base:  # without a base nothing would read them: a setting given would be silently ignored
+        for key in FINETUNE_KEYS:
+            if getattr(cfg, key) != FIELDS[key].default:
                 raise BabyLlamaError(f"{key} needs a base model to fine-tune (babyllama finetune --base=MODEL)")
         return
     if cfg.lora_rank < 0:
