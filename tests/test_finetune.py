@@ -382,8 +382,7 @@ def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys,
     captured = capsys.readouterr()
     assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
     assert "step 0" not in captured.out and not (tmp_path / "out" / "ckpt.pt").exists()
-    if lines is None:  # refused before any data was written: no empty out_dir left behind
-        assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()  # refused before training: nothing left behind
 
 
 def test_resume_with_another_lora_rank_says_so(tmp_path, capsys, one_thread):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import safeio
 from ..adapter import base_identity, parse_targets
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
@@ -49,11 +50,16 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
     """Pretokenize `cfg.data` into `data_dir` with the base's tokenizer."""
     if base is None:
         raise BabyLlamaError(f"{data_dir}: the pretokenized data of this run is missing")
-    data_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = data_dir / TOKENIZER_BIN
-    tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
-    meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
-                       max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight)
+    with safeio.new_folders_removed_on_error(data_dir):
+        safeio.output_dir(data_dir, "data folder")
+        tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
+        try:
+            meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
+                               max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight)
+        except BaseException:  # refused data: no tokenizer.bin left to pass for this run's
+            tokenizer.unlink(missing_ok=True)
+            raise
     kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
     print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
 
