@@ -564,3 +564,20 @@ def test_a_hand_edited_adapter_config_is_one_line(lora_run, tmp_path, capsys, co
         assert main([*argv, "--lora", str(tmp_path / "adapter.json")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("babyllama: error: ") and message in err[0], err
+
+
+def test_throughput_counts_the_tokens_the_chat_batches_hold(tmp_path, one_thread):
+    """Chat batches are padded to their longest conversation, not to max_seq_len: tokens/s (and MFU) count the
+    input positions the model was given."""
+    root = make_task(tmp_path / "task")
+    trainer = Trainer(resolve_config(None, settings(root, tmp_path / "out", max_iters=2, eval_interval=100,
+                                                    eval_iters=1), defaults=FINETUNE_DEFAULTS))
+    given = []
+    trainer.raw.tok_embeddings.register_forward_hook(
+        lambda module, inputs, _: given.append(inputs[0].numel()) if module.training else None)
+    trainer.run()
+    steps = [r for r in records(tmp_path / "out") if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2] and len(given) == 2
+    for record, tokens in zip(steps, given):
+        assert record["tokens_per_s"] * record["dt_ms"] / 1000 == pytest.approx(tokens)
+    assert sum(given) < 2 * trainer.tokens_per_iter  # 16 conversations of ~20 tokens, not 16 x 96

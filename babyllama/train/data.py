@@ -435,7 +435,11 @@ class Windows:
 
     def target_weight(self, starts: np.ndarray, weighted: bool = True) -> float:
         """How much the targets of a batch weigh in the loss: every position of every window, alike."""
-        return float(len(starts) * self.seq_len)
+        return float(self.tokens(starts))
+
+    def tokens(self, starts: np.ndarray) -> int:
+        """How many input positions a batch holds."""
+        return len(starts) * self.seq_len
 
     def batch(self, starts: np.ndarray, device):
         import torch
@@ -487,13 +491,21 @@ class Examples:
             total += int(weight.sum(dtype=np.int64)) if weighted else int(np.count_nonzero(weight))
         return float(total)
 
+    def _width(self, rows: np.ndarray) -> int:
+        """The input length of a batch of these rows: its longest conversation less its last token."""
+        return int((rows[:, 2] - rows[:, 1]).max()) - 1
+
+    def tokens(self, picks: np.ndarray) -> int:
+        """How many input positions a batch holds, padding included."""
+        return len(picks) * self._width(self.rows[picks])
+
     def batch(self, picks: np.ndarray, device):
         """(inputs, targets), and the targets' weights (float) when the shards weigh some tokens above 1
         (`pretokenize`'s word_weight), else None."""
         import torch
 
         rows = self.rows[picks]
-        width = int((rows[:, 2] - rows[:, 1]).max()) - 1
+        width = self._width(rows)
         x = np.zeros((len(rows), width), dtype=np.int64)
         y = np.full((len(rows), width), -1, dtype=np.int64)
         w = np.zeros((len(rows), width), dtype=np.float32)

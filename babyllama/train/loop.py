@@ -38,7 +38,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import TOKENIZER_BIN, open_split, read_meta, same_tokenizer
+from .data import TOKENIZER_BIN, Examples, open_split, read_meta, same_tokenizer
 from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
@@ -158,7 +158,8 @@ class Trainer:
         self.data_dir = self._open_data_dir(base)
         if ckpt is not None:
             self._check_tokenizer()
-        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.max_seq_len  # at most
+        self.tokens_seen = 0  # input positions processed by all ranks (chat batches pad to their longest only)
         self.train_data = open_split(self.data_dir, "train", cfg.max_seq_len, cfg.vocab_size)
         self.val_data = open_split(self.data_dir, "val", cfg.max_seq_len, cfg.vocab_size)
 
@@ -317,6 +318,7 @@ class Trainer:
         # every rank draws the whole global batch, so each knows its total target weight without a collective
         weighted = self.teacher is None  # distillation averages over the targets unweighted
         global_weight = sum(self.train_data.target_weight(s, weighted) for s in starts)
+        self.tokens_seen += sum(self.train_data.tokens(s) for s in starts)
         total = torch.zeros((), device=self.device)
         for m in range(self.accum):
             picks = starts[m * W + r]
@@ -370,7 +372,7 @@ class Trainer:
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
             base = f", fine-tuning {cfg.base}" if cfg.base else ""
             print(f"model: {n_params / 1e6:.2f}M parameters{lora}{base}, {self.dist.world} process(es) on "
-                  f"{self.device}, {self.dtype}; {self.tokens_per_iter:,} tokens per iteration", flush=True)
+                  f"{self.device}, {self.dtype}; {self._tokens_per_iter_text()}", flush=True)
             if self.teacher is not None:
                 print(f"distilling from {cfg.teacher} (kd_alpha {cfg.kd_alpha}, kd_temperature "
                       f"{cfg.kd_temperature})", flush=True)
@@ -378,32 +380,37 @@ class Trainer:
         if cfg.eval_only:
             self.evaluate_and_save()
             return {"iter": self.iter_num, "best_val_loss": self.best_val_loss}
-        flops_per_iter = self.raw.flops_per_token() * self.tokens_per_iter
+        flops_per_token = self.raw.flops_per_token()
         last_loss, evaluated_at = float("nan"), None
-        t0, t0_iter = time.perf_counter(), self.iter_num
+        t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
         while self.iter_num < cfg.max_iters:
             # evaluate before training (a new run) and every eval_interval steps, not again on resume
             if self.iter_num % cfg.eval_interval == 0 and (self.iter_num != start_iter or start_iter == 0):
                 self.evaluate_and_save()
                 evaluated_at = self.iter_num
-                t0, t0_iter = time.perf_counter(), self.iter_num  # evaluation time is not training time
+                t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen  # not training time
             lr = lr_at(cfg, self.iter_num)
             loss = self.step()
             if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
                 last_loss = self.global_mean(loss)  # also waits for the device: the timing below is real
-                dt = (time.perf_counter() - t0) / (self.iter_num - t0_iter)
-                t0, t0_iter = time.perf_counter(), self.iter_num
+                elapsed = time.perf_counter() - t0
+                dt, tok_s = elapsed / (self.iter_num - t0_iter), (self.tokens_seen - t0_tokens) / elapsed
+                t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
                 if master:
-                    self._log_step(last_loss, lr, dt, flops_per_iter)
+                    self._log_step(last_loss, lr, dt, tok_s, flops_per_token)
         if evaluated_at != self.iter_num:
             self.evaluate_and_save()
         if self.dist.enabled:
             dist.barrier()
         return {"iter": self.iter_num, "loss": last_loss, "best_val_loss": self.best_val_loss}
 
-    def _log_step(self, loss: float, lr: float, dt: float, flops_per_iter: float) -> None:
-        tok_s = self.tokens_per_iter / dt
-        mfu = flops_per_iter / dt / (self.peak * self.dist.world) if self.peak else None
+    def _tokens_per_iter_text(self) -> str:
+        if isinstance(self.train_data, Examples):
+            return f"up to {self.tokens_per_iter:,} tokens per iteration (conversations padded to a batch's longest)"
+        return f"{self.tokens_per_iter:,} tokens per iteration"
+
+    def _log_step(self, loss: float, lr: float, dt: float, tok_s: float, flops_per_token: float) -> None:
+        mfu = flops_per_token * tok_s / (self.peak * self.dist.world) if self.peak else None
         mfu_text = f" | mfu {100 * mfu:.2f}%" if mfu is not None else ""
         print(f"{self.iter_num} | loss {loss:.4f} | lr {lr:e} | {dt * 1000:.2f}ms | tok/s {tok_s:,.0f}{mfu_text}",
               flush=True)
