@@ -305,3 +305,25 @@ def test_download_checks_the_sha256_format_before_downloading(tmp_path, capsys):
     msg = one_line(capsys, ["data", "download", "--url", src.as_uri(), "--data-dir", str(tmp_path / "dl"),
                             "--sha256", "00"])
     assert "--sha256 must be 64 hexadecimal digits" in msg and not (tmp_path / "dl").exists()
+
+
+@pytest.mark.parametrize("name, is_val", [
+    ("festival_stories", False), ("intervals", False), ("evaluation", False), ("train", False),
+    ("TinyStories-valid", True), ("TinyStoriesV2-GPT4-valid", True), ("instruct_val", True), ("validation", True),
+    ("val_part0", True),
+])
+def test_a_validation_shard_has_val_valid_or_validation_as_a_word(name, is_val):
+    from babyllama.train.data import is_val_shard
+
+    assert is_val_shard(f"{name}.bin") == is_val
+
+
+def test_a_lone_file_is_training_data_unless_named_validation(tmp_path, tok300):
+    (tmp_path / "festival_stories.txt").write_text("".join(f"Story {i}.\n<|endoftext|>\n" for i in range(50)))
+    meta = pretokenize(tmp_path / "festival_stories.txt", tok300, tmp_path / "a", workers=1)
+    assert meta["shards"] == {"train": ["festival_stories.bin"], "val": []}
+    assert len(split_arrays(tmp_path / "a", "train")[0]) > 0
+    (tmp_path / "valid.txt").write_text("Story.\n")
+    pretokenize(tmp_path / "valid.txt", tok300, tmp_path / "b", workers=1)
+    with pytest.raises(BabyLlamaError, match=r"b: no training shards, only validation data \(valid.bin: a name "):
+        split_arrays(tmp_path / "b", "train")

@@ -306,3 +306,24 @@ def test_eval_instruct_errors_are_one_line(tmp_path):
         assert proc.returncode == 1 and message in err and len(err.splitlines()) == 1, err
         assert "--skip-bad-lines" not in err  # eval has no such flag
 
+
+
+def test_an_empty_jsonl_file_gets_no_shard_like_an_empty_txt(tmp_path):
+    from babyllama.train.data import pretokenize
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_lines(data / "instruct_train.jsonl", {"prompt": "Say hi", "response": "hi"}, {"prompt": "a", "response": "b"})
+    (data / "instruct_val.jsonl").write_text("\n")
+    meta = pretokenize(data, tmp_path / "tok.bin", tmp_path / "shards", workers=1)
+    assert meta["kind"] == "chat" and meta["shards"] == {"train": ["instruct_train.bin"], "val": []}
+
+
+def test_data_instruct_without_held_out_stories_writes_no_empty_file(tmp_path, capsys):
+    from babyllama.cli import main
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 40, seed=3)
+    assert main(["data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"), "--val-count", "0",
+                 "--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl"]

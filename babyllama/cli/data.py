@@ -149,9 +149,9 @@ def cmd_data_instruct(args) -> int:
         raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
                              f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
     write_jsonl(train, out / "instruct_train.jsonl")
-    write_jsonl(val, out / "instruct_val.jsonl")
-    if args.dev_count:
-        write_jsonl(dev, out / "instruct_dev.jsonl")
+    for records, name in ((val, "instruct_val.jsonl"), (dev, "instruct_dev.jsonl")):
+        if records:  # an empty file would be a data file without a record
+            write_jsonl(records, out / name)
     dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
     print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "
           f"{counts['stories']:,} stories to {out} ({counts['too_long']:,} left out: longer than the context of "

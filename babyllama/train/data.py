@@ -12,8 +12,8 @@ Inputs (`--input PATH`, a file or a folder searched recursively):
 
 Pretokenized layout (llama2.c's): every document is encoded with BOS in front and the token ids of all
 documents of one input file are concatenated into one shard of uint16 (`NAME.bin`). meta.json records
-the vocabulary size and which shards are training and validation data (a shard whose name contains
-"val"); tokenizer.bin is copied beside them so that later steps find it.
+the vocabulary size and which shards are training and validation data (a shard whose name has the word
+"val", "valid" or "validation"); tokenizer.bin is copied beside them so that later steps find it.
 
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
 (uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -194,8 +195,13 @@ def shard_name(path: Path, root: Path) -> str:
     return "_".join(rel.with_suffix("").parts) + ".bin"
 
 
+VAL_WORDS = {"val", "valid", "validation"}
+
+
 def is_val_shard(name: str) -> bool:
-    return "val" in Path(name).stem.lower()
+    """Whether a shard holds validation data: its name has one of VAL_WORDS as a word (instruct_val,
+    TinyStories-valid), not merely inside one (festival_stories)."""
+    return not VAL_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
 
 
 def file_kind(path: Path, skip_bad_lines: bool = False) -> str:
@@ -219,7 +225,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
 
     root, out = Path(input_path), Path(out_dir)
-    files = input_files(root)
+    files = _without_blank_jsonl(input_files(root))
     kinds = {f: file_kind(f, skip_bad_lines) for f in files}
     if len(set(kinds.values())) > 1:
         chat = next(f for f, k in kinds.items() if k == CHAT)
@@ -268,6 +274,18 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         meta["word_weight"] = word_weight
     safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return meta
+
+
+def _without_blank_jsonl(files: list[Path]) -> list[Path]:
+    """`files` less the .jsonl files without a record, which get no shard as an empty .txt gets none; when all
+    are such, the first stays, so that reading it says the data is empty."""
+    kept = [f for f in files if f.suffix != ".jsonl" or _has_a_line(f)]
+    return kept or files[:1]
+
+
+def _has_a_line(path: Path) -> bool:
+    with safeio.open_regular(path, "data file") as f:
+        return any(line.strip() for line in f)
 
 
 def _documents_by_file(files: list[Path], skip_bad_lines: bool) -> Iterator[tuple[Path, list[str]]]:
@@ -397,12 +415,21 @@ def _tokens(path: Path, vocab_size: int) -> np.ndarray:
     return tokens
 
 
+def _shards(data_dir: Path) -> dict[str, list[str]]:
+    """meta.json's train and val shard names, when there is training data."""
+    shards = read_meta(data_dir)["shards"]
+    if shards.get("val") and not shards["train"]:
+        raise BabyLlamaError(f"{data_dir}: no training shards, only validation data ({', '.join(shards['val'])}: "
+                             "a name with the word val, valid or validation)")
+    return shards
+
+
 def split_arrays(data_dir: str | os.PathLike, split: str, vocab_size: int = 0) -> list[np.ndarray]:
     """Memory-mapped token arrays of `split` ("train" or "val"), every id checked against `vocab_size` when
     given. Without validation shards the last VAL_FRACTION of the training tokens is held out (and no longer
     trained on)."""
     data_dir = Path(data_dir)
-    shards = read_meta(data_dir)["shards"]
+    shards = _shards(data_dir)
     arrays = lambda names: [_tokens(data_dir / n, vocab_size) for n in names]  # noqa: E731
     if shards.get("val"):
         return arrays(shards[split])
@@ -532,7 +559,7 @@ def chat_shards(data_dir: str | os.PathLike, split: str,
     validation shards the last VAL_FRACTION of the training conversations is held out (and no longer trained
     on)."""
     data_dir = Path(data_dir)
-    shards = read_meta(data_dir)["shards"]
+    shards = _shards(data_dir)
 
     def load(name: str):
         return _chat_shard(data_dir / name, vocab_size)
