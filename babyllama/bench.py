@@ -60,6 +60,16 @@ def shape_args(name: str) -> ModelArgs:
     return ModelArgs(vocab_size=32000, **SHAPES[name])
 
 
+def context_of(shape: str) -> int:
+    """The context (max_seq_len) of a shape's model: the longest prompt its prefill can time."""
+    if shape == BUILTIN:
+        from . import formats
+        from .loading import BUILTIN_MODEL
+
+        return formats.read_header(BUILTIN_MODEL)[0].max_seq_len
+    return shape_args(shape).max_seq_len
+
+
 def cache_dir(override: str | None = None) -> Path:
     base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or Path.home() / ".cache" / "babyllama" / "bench"
     path = Path(base)

@@ -456,3 +456,24 @@ def test_engine_rejects_indices_outside_its_tables(n, q8_backend):
         assert not cache.k.any() and not cache.v.any()
     good = e.forward(ok_tokens, ok_positions, cache, logits="last")
     assert good.shape == (1, args.vocab_size) and np.isfinite(good).all()
+
+
+def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path, capsys, monkeypatch):
+    """A prompt longer than a model's context has no prefill to time, and an output that cannot be written
+    would lose the table: both are refused before anything is measured; --output's folders are made."""
+    from babyllama import bench
+    from babyllama.cli import main
+
+    measured = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: measured.append(1) or ([], None))
+    argv = ["bench", "--shapes", "15M", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--prompt-len", "300"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --prompt-len 300 is longer than the 15M model's context (256 tokens)"]
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--output", str(tmp_path / "file" / "table.md")]) == 1
+    assert not measured
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write bench table" in err[0] and "file is not a directory" in err[0], err
+    assert main([*argv, "--prompt-len", "256", "--output", str(tmp_path / "new" / "table.md")]) == 0
+    assert measured and (tmp_path / "new" / "table.md").read_text().startswith("Machine: ")

@@ -62,7 +62,7 @@ def add(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .. import bench
+    from .. import bench, safeio
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in bench.SHAPES and s != bench.BUILTIN]
@@ -82,6 +82,11 @@ def cmd_bench(args) -> int:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     if args.busy < 0:
         raise BabyLlamaError("--busy must be >= 0")
+    for shape in shapes:  # a longer prompt would be cut to the context, and its prefill figure made up
+        if args.prompt_len > bench.context_of(shape):
+            raise BabyLlamaError(f"--prompt-len {args.prompt_len} is longer than the {shape} model's context "
+                                 f"({bench.context_of(shape)} tokens)")
+    output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
     references = {}
     for name, exe in (("run.c", args.reference), ("runq.c", args.reference_q)):
         if exe is None:
@@ -107,8 +112,6 @@ def cmd_bench(args) -> int:
                  f"{t['run_ms']:.0f} ms wall per process (median of 5; a bare `python -c pass`: "
                  f"{t['python_ms']:.0f} ms)\n")
     print(text)
-    if args.output:
-        from ..safeio import write_text
-
-        write_text(args.output, text)
+    if output is not None:
+        safeio.write_text(output, text)
     return 0
