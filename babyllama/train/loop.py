@@ -365,8 +365,9 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, master = self.cfg, self.dist.master
-        if master and not cfg.eval_only:
-            self._install_tokenizer(resumed=cfg.init_from == "resume")
+        if master:
+            if not cfg.eval_only:  # an evaluation alone writes nothing into out_dir
+                self._install_tokenizer(resumed=cfg.init_from == "resume")
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
