@@ -366,7 +366,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, master = self.cfg, self.dist.master
         if master:
-            if not cfg.eval_only:  # an evaluation alone writes nothing into out_dir
+            if not cfg.eval_only:  # an evaluation alone leaves a run's files as they are
                 self._install_tokenizer(resumed=cfg.init_from == "resume")
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
