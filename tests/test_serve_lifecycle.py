@@ -29,11 +29,12 @@ LONG = {"prompt": "x", "max_tokens": 2000, "temperature": 0}  # seconds of gener
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
     """A random model with a 2048-token context whose greedy text never ends early: BOS's and EOS's classifier
-    rows are zero, so their logits (0) lose to the largest of the other 298. 2000 tokens take seconds."""
+    rows are zero, so their logits (0) lose to the largest of the other 298. 14M parameters: 2000 tokens take
+    seconds on a fast machine too (a 1M-parameter model finished them inside the one-second limit)."""
     from babyllama import formats
 
     folder = tmp_path_factory.mktemp("slow")
-    weights = random_weights(tiny_args(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=384,
+    weights = random_weights(tiny_args(dim=384, n_layers=8, n_heads=6, n_kv_heads=6, hidden_dim=1024,
                                        max_seq_len=2048, shared_classifier=False))
     weights.wcls[1:3] = 0
     formats.save(weights, folder / "m.bin", version=1)
