@@ -51,8 +51,8 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
         except BabyLlamaError:
             _remove_if_no_model(dest / model.model_file, fetched)  # an error page saved as the model
             raise
-    model_path = dest / model.model_file
-    check_files(model_path, dest / "tokenizer.bin")
+        model_path = dest / model.model_file
+        check_files(model_path, dest / "tokenizer.bin")  # inside: a refused download leaves no empty folder
     return model_path
 
 

@@ -310,7 +310,7 @@ def test_download_checks_the_sha256_format_before_downloading(tmp_path, capsys):
 @pytest.mark.parametrize("name, is_val", [
     ("festival_stories", False), ("intervals", False), ("evaluation", False), ("train", False),
     ("TinyStories-valid", True), ("TinyStoriesV2-GPT4-valid", True), ("instruct_val", True), ("validation", True),
-    ("val_part0", True),
+    ("val_part0", True), ("instruct_dev", True), ("devil_stories", False), ("instruct_train", False),
 ])
 def test_a_validation_shard_has_val_valid_or_validation_as_a_word(name, is_val):
     from babyllama.train.data import is_val_shard

@@ -73,6 +73,7 @@ def test_error_page_instead_of_model_is_rejected(mirror, tmp_path):
     with pytest.raises(BabyLlamaError, match="not a usable model"):
         download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
     assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()  # next run fetches again
+    assert not (tmp_path / "models").exists()  # nor the folders it made
 
 
 def test_error_page_as_model_and_a_missing_tokenizer_leave_no_model(mirror, tmp_path):

@@ -799,3 +799,44 @@ def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, 
     assert main(["serve", str(folder / "other.bin")]) == 0
     assert configs[-1].model_name == "other.bin"
     capsys.readouterr()
+
+
+def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on():
+    """Token 7's layer-0 value lies beyond fp16's range (its embedding alone has a first component, which wv
+    multiplies by 1e6): a step holding it raises the fp16 KV cache's error. Its jobs end with that message and
+    the scheduler serves the next job (it used to die, and every later request failed)."""
+    import time
+
+    from conftest import random_weights, tiny_args
+
+    from babyllama.engine import Engine
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Finished, Job, Scheduler, Token
+
+    w = random_weights(tiny_args())
+    w.tok_embeddings[:, 0] = 0
+    w.tok_embeddings[7, 0] = 1
+    w.wv[0][:, 0] = 1e6
+    events, done = [], threading.Event()
+
+    def emit(index, event):
+        events.append((index, event))
+        if isinstance(event, Finished):
+            done.set()
+
+    sched = Scheduler(Engine(w, kv_cache="f16"), slots=2, queue_size=4, metrics=Metrics(2), prefix_min=1)
+    sched.start()
+    try:
+        sched.submit([Job([1, 5, 7, 6], 5, Sampler(0.0), emit, index=0)])
+        assert done.wait(10)
+        (_, end), = events
+        assert end.reason == "error" and "exceeds the range of the fp16 KV cache" in end.message
+        done.clear()
+        sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit, index=1)])
+        assert done.wait(10)
+        assert [type(e) for _, e in events[1:]] == [Token, Token, Token, Finished] and events[-1][1].reason == "length"
+        time.sleep(0.1)
+        assert sched.healthy and sched.status()["active"] == 0
+    finally:
+        sched.stop()

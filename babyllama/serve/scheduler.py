@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..engine import Engine
+from ..errors import BabyLlamaError
 from ..generate import Batch, Sequence
 from ..sampler import Sampler, top_logprobs
 from ..tokenizer import BOS, EOS
@@ -41,11 +42,12 @@ class Token:
 @dataclass
 class Finished:
     """The end of one choice: reason "stop" (a stop token), "length" (max_tokens or the context), "timeout"
-    (the server's time limit) or "error" (the scheduler failed); the HTTP side adds "shutdown" (the server is
-    stopping)."""
+    (the server's time limit) or "error" (the model's arithmetic failed, `message` says how, or the scheduler
+    failed); the HTTP side adds "shutdown" (the server is stopping)."""
 
     reason: str
     n_generated: int
+    message: str | None = None
 
 
 @dataclass
@@ -132,7 +134,10 @@ class Scheduler:
                     self._admit()
                     self._publish_gauges()
                 if self.running:
-                    self._step()
+                    try:
+                        self._step()
+                    except BabyLlamaError as e:  # the model, not the server: e.g. keys beyond the fp16 cache
+                        self._fail_running(str(e))
         except BaseException as e:  # noqa: BLE001 - a bug: reported by /health, and every waiting job ends
             self.error = e
             with self._cond:
@@ -170,6 +175,18 @@ class Scheduler:
             deliveries.add(job, event)
         else:
             job.emit(job.index, event)
+
+    def _fail_running(self, message: str) -> None:
+        """End every job of a step that raised with an error that says why; the server goes on. Their slots'
+        cache rows are not offered as a prefix again (a failed step may have written some of them)."""
+        with self._cond:
+            for job in list(self.running):
+                seq = _running_seq(job)
+                seq.n_fed = 0  # nothing in its slot is offered as a reusable prefix
+                self.batch.release(seq)
+                self.running.remove(job)
+                job.emit(job.index, Finished("error", len(seq.generated), message))
+            self._publish_gauges()
 
     def _step(self) -> None:
         out = self.batch.step()

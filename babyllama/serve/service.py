@@ -364,7 +364,7 @@ class Service:
                 i, event = await self.next_event(request, pending)
                 if isinstance(event, Finished) and event.reason in FAILURES:
                     self.end_early(pending, event.reason)
-                    raise self.failure(event.reason)
+                    raise self.failure(event.reason, event.message)
                 choice = pending.choices[i]
                 if choice.finish is not None:
                     continue  # tokens of a choice cut at a stop string, generated before the cut took effect
@@ -435,7 +435,7 @@ class Service:
                 for j in list(texts):
                     flush(j)
                 self.end_early(pending, event.reason)
-                out.append(sse(self.failure(event.reason).body))
+                out.append(sse(self.failure(event.reason, event.message).body))
                 return out, True
             choice = choices[i]
             if choice.finish is not None:
@@ -492,13 +492,16 @@ class Service:
             body["usage"] = None
         return sse(body)
 
-    def failure(self, reason: str) -> APIError:
-        """The error that ends a request for one of FAILURES."""
+    def failure(self, reason: str, message: str | None = None) -> APIError:
+        """The error that ends a request for one of FAILURES (`message`: what failed in the model's arithmetic,
+        for "error")."""
         if reason == "timeout":
             return APIError(504, f"the request ran past the server's time limit ({self.config.timeout_s:g} s)",
                             "server_error", code="timeout")
         if reason == "shutdown":
             return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
+        if message:
+            return APIError(500, f"the model failed on this request: {message}", "server_error", code="model_error")
         return APIError(500, "the generation failed on the server (see its log)", "server_error",
                         code="internal_error")
 

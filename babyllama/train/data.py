@@ -195,12 +195,12 @@ def shard_name(path: Path, root: Path) -> str:
     return "_".join(rel.with_suffix("").parts) + ".bin"
 
 
-VAL_WORDS = {"val", "valid", "validation"}
+VAL_WORDS = {"val", "valid", "validation", "dev"}  # dev: `data instruct --dev-count`'s held-out split
 
 
 def is_val_shard(name: str) -> bool:
-    """Whether a shard holds validation data: its name has one of VAL_WORDS as a word (instruct_val,
-    TinyStories-valid), not merely inside one (festival_stories)."""
+    """Whether a shard holds held-out data (validation, never trained on): its name has one of VAL_WORDS as a
+    word (instruct_val, instruct_dev, TinyStories-valid), not merely inside one (festival_stories, devil)."""
     return not VAL_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
 
 
