@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -96,6 +97,13 @@ def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     pieces += [f"tok{i}".encode() for i in range(vocab_size - len(pieces))]
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)]
     return Tokenizer(pieces, scores)
+
+
+def sigint_default() -> None:
+    """A `preexec_fn` for children that a test interrupts with SIGINT: a shell starts background jobs with SIGINT
+    ignored and children inherit that (Python then installs no KeyboardInterrupt handler), so in a suite run
+    with `&` they would not see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Path | None = None,

@@ -766,7 +766,7 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
     import signal
     import time
 
-    from conftest import ROOT
+    from conftest import ROOT, sigint_default
 
     pids = tmp_path / "pids"
     cc = tmp_path / "slowcc"  # a driver that leaves the work to a child of its own, as gcc leaves it to cc1
@@ -777,7 +777,7 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
     script = "import sys; from pathlib import Path; from babyllama import kernels_native; " \
              "kernels_native.build(Path(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", script, str(cache)], stderr=subprocess.PIPE,
-                            env={**os.environ, "CC": str(cc), "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "CC": str(cc), "PYTHONPATH": str(ROOT)}, preexec_fn=sigint_default)
     deadline = time.monotonic() + 60
     while not pids.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

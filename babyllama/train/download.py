@@ -103,11 +103,12 @@ def _extract(archive: Path, dest: Path) -> Path:
         with tarfile.open(safeio.check_regular(archive, "archive")) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, filter="data")
-            else:  # Python < 3.10.12 has no extraction filters: check paths ourselves
+            else:  # Pythons before 3.10.12 / 3.11.4 have no extraction filters: check paths ourselves
                 root = dest.resolve()
                 for m in tar.getmembers():
                     if not (root / m.name).resolve().is_relative_to(root) or m.issym() or m.islnk():
-                        raise BabyLlamaError(f"{archive}: unsafe member {m.name!r}")
+                        raise BabyLlamaError(f"cannot extract {archive}: unsafe member {m.name!r} (a link, or a "
+                                             "path outside the folder)")
                 tar.extractall(dest)
     except tarfile.ReadError:
         raise BabyLlamaError(f"cannot extract {archive}: not a readable tar archive (.tar, .tar.gz, .tar.bz2 or "
