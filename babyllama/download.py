@@ -37,10 +37,7 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
     """Fetch `model`'s files into folder/NAME/ (files already there are kept); returns the model path."""
     dest = Path(folder) / model.name
     with safeio.new_folders_removed_on_error(dest):
-        try:
-            dest.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BabyLlamaError(f"cannot create {dest}: {e.strerror}") from None
+        safeio.output_dir(dest, "model folder")
         fetched = []
         try:
             for f in model.files:

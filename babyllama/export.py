@@ -139,7 +139,7 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
         raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
                              f"{tokenizer.vocab_size}: pass --tokenizer to replace it, or export into another folder")
-    if existing is None or not _same_tokenizer(existing, tokenizer):
+    if existing is None or not existing.same_as(tokenizer):
         print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer "
               "(pass --tokenizer to replace it, or -z when running)", file=sys.stderr)
     return False
@@ -150,10 +150,6 @@ def _readable_tokenizer(path: Path) -> Tokenizer | None:
         return Tokenizer.load(path)
     except BabyLlamaError:
         return None
-
-
-def _same_tokenizer(other: Tokenizer, tokenizer: Tokenizer) -> bool:
-    return other.pieces == tokenizer.pieces and bool((other.scores == tokenizer.scores).all())
 
 
 def _hf_tokenizer(src: Source, tok: Path | None, explicit: bool) -> Path | bytes | None:

@@ -109,6 +109,10 @@ class Tokenizer:
             scores.append(sp.get_score(i))
         return cls(pieces, scores)
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """Whether `other` encodes as this tokenizer does: the same pieces with the same merge scores."""
+        return self.pieces == other.pieces and np.array_equal(self.scores, other.scores)
+
     # ------------------------------------------------------------------ encoding
 
     def most_bytes_per_token(self) -> int:

@@ -242,12 +242,12 @@ def test_hf_export_of_a_model_without_a_vocabulary_says_so(tmp_path, capsys):
 
 def test_without_protobuf_the_vocabulary_is_a_note_or_a_one_line_error(tmp_path, capsys, tiny, monkeypatch):
     pytest.importorskip("safetensors")
-    from babyllama.interop import vocab
+    import sys
 
-    def no_protobuf():
-        raise ModuleNotFoundError("No module named 'google.protobuf'")
-
-    monkeypatch.setattr(vocab, "_import_sentencepiece_proto", no_protobuf)
+    sentencepiece = pytest.importorskip("sentencepiece")
+    # the import fails as it does without protobuf: the module is neither loaded nor loadable
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)
     assert main(["export", str(tmp_path / "hf"), "--model", str(tiny)]) == 0
     assert "needs the protobuf package" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "tokenizer.model").exists()

@@ -83,9 +83,10 @@ def cmd_bench(args) -> int:
     if args.busy < 0:
         raise BabyLlamaError("--busy must be >= 0")
     for shape in shapes:  # a longer prompt would be cut to the context, and its prefill figure made up
-        if args.prompt_len > bench.context_of(shape):
+        context = bench.context_of(shape)
+        if args.prompt_len > context:
             raise BabyLlamaError(f"--prompt-len {args.prompt_len} is longer than the {shape} model's context "
-                                 f"({bench.context_of(shape)} tokens)")
+                                 f"({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
     references = {}
     for name, exe in (("run.c", args.reference), ("runq.c", args.reference_q)):

@@ -78,14 +78,9 @@ def can_write_sentencepiece() -> bool:
 def _sentencepiece_proto():
     """sentencepiece's protobuf module for .model files (it needs the protobuf package)."""
     try:
-        return _import_sentencepiece_proto()
+        from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise missing_extra("writing a sentencepiece tokenizer.model", "interop") from None
-
-
-def _import_sentencepiece_proto():
-    from sentencepiece import sentencepiece_model_pb2
-
     return sentencepiece_model_pb2
 
 

@@ -32,7 +32,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,9 +41,6 @@ from ..documents import iter_documents
 from ..errors import BabyLlamaError
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_jsonl
-
-if TYPE_CHECKING:
-    from ..tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
@@ -347,11 +344,6 @@ def _write_chat_shard(path: Path, ids: np.ndarray, mask: np.ndarray, offsets: np
                                                                               offsets)):
         with safeio.atomic_write(target) as f:
             array.tofile(f)
-
-
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    """Whether two Tokenizers encode alike: the same pieces with the same merge scores."""
-    return a.pieces == b.pieces and np.array_equal(a.scores, b.scores)
 
 
 def _install_tokenizer(src: Path, dst: Path) -> None:

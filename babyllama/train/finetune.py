@@ -21,7 +21,7 @@ from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
-from .data import TOKENIZER_BIN, pretokenize, same_tokenizer
+from .data import TOKENIZER_BIN, pretokenize
 from .lora import apply_lora, check_rank
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
@@ -85,7 +85,7 @@ def check_vocab(cfg: TrainConfig, meta: dict, data_dir: Path, base: Source | Non
     if base is None or not shards_tokenizer.is_file():
         return
     known = _known_tokenizer(cfg, base)
-    if known is not None and not same_tokenizer(Tokenizer.load(shards_tokenizer), known):
+    if known is not None and not Tokenizer.load(shards_tokenizer).same_as(known):
         raise BabyLlamaError(f"{data_dir} was tokenized with another tokenizer than the base model's "
                              f"({shards_tokenizer} differs): pretokenize with the base's tokenizer (or pass --data)")
 

@@ -38,7 +38,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import TOKENIZER_BIN, Examples, open_split, read_meta, same_tokenizer
+from .data import TOKENIZER_BIN, Examples, open_split, read_meta
 from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
@@ -421,7 +421,7 @@ class Trainer:
     def _check_tokenizer(self) -> None:
         """A resumed run goes on with the tokenizer its checkpoint was trained with: the data's must be it."""
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
-        if src.is_file() and dst.is_file() and not same_tokenizer(Tokenizer.load(src), Tokenizer.load(dst)):
+        if src.is_file() and dst.is_file() and not Tokenizer.load(src).same_as(Tokenizer.load(dst)):
             raise BabyLlamaError(f"cannot resume: {src} is not the tokenizer this run was trained with ({dst}); "
                                  "resume with the run's data, or start a new run")
 
