@@ -38,27 +38,35 @@ class Model:
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
         also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
-        (default: the time) makes sampling reproducible."""
+        (default: the time) makes sampling reproducible. The arguments are checked on the call, before the
+        first piece is asked for."""
+        return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens)
+
+    def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+                 seed: int | None = None, max_new_tokens: int | None = None) -> str:
+        """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
+        return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens))
+
+    def _pieces(self, prompt: str, steps: int, temperature: float, topp: float, seed: int | None,
+                max_new_tokens: int | None) -> Iterator[str]:
+        """`stream`'s work for its two public callers: checks and warnings now (a warning names the caller's
+        caller: the user's line), the pieces as they are iterated."""
         check_generation([prompt], steps, temperature, topp, max_new_tokens, seed)
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
-        if len(ids) >= positions:  # as run.c, nothing follows such a prompt: the CLI warns too
-            warnings.warn(f"the prompt is {len(ids)} tokens (with BOS) and steps allows {positions} positions (the "
-                          "context at most): nothing is generated", stacklevel=2)
-        text = self.tokenizer.stream(ids[-1])
-        sampler = Sampler(temperature, topp, seed)
-        for token in generate(self.engine, ids, positions, sampler, max_new=max_new_tokens):
+        warn_if_no_room(len(ids), positions, stacklevel=3)
+        return self._decode(generate(self.engine, ids, positions, Sampler(temperature, topp, seed),
+                                     max_new=max_new_tokens), ids[-1])
+
+    def _decode(self, tokens: Iterator[int], prev: int) -> Iterator[str]:
+        text = self.tokenizer.stream(prev)
+        for token in tokens:
             piece = text.push(token)
             if piece:
                 yield piece
         rest = text.flush()
         if rest:
             yield rest
-
-    def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int | None = None, max_new_tokens: int | None = None) -> str:
-        """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
-        return prompt + "".join(self.stream(prompt, steps, temperature, topp, seed, max_new_tokens))
 
     def generate_batch(self, prompts: list[str], steps: int | list[int] = 256, temperature: float = 1.0,
                        topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
@@ -104,6 +112,15 @@ def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=Non
         raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
     if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):
         raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")
+
+
+def warn_if_no_room(n_ids: int, positions: int, stacklevel: int, which: str = "the prompt") -> None:
+    """As run.c, nothing follows a prompt longer than the positions allowed (one that fills them exactly gets
+    the token sampled at its last position): say so (the CLI warns too).
+    `stacklevel` is what warnings.warn would take in the caller."""
+    if n_ids > positions:
+        warnings.warn(f"{which} is {n_ids} tokens (with BOS) and steps allows {positions} positions (the context "
+                      "at most): nothing is generated", stacklevel=stacklevel + 1)
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:

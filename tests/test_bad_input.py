@@ -181,6 +181,21 @@ def test_the_python_api_warns_when_a_prompt_leaves_no_room(good_model):
         assert model.generate("Once", steps=8, temperature=0) != "Once"
 
 
+def test_the_no_room_warning_points_at_the_callers_line(good_model):
+    from babyllama.api import load
+
+    model = load(good_model[0], good_model[1])
+    n = len(model.tokenizer.encode("Once upon a time", bos=True))
+    for call in (lambda: model.generate("Once upon a time", steps=n - 1),
+                 lambda: list(model.stream("Once upon a time", steps=n - 1))):
+        with pytest.warns(UserWarning, match="nothing is generated") as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__]
+    with warnings.catch_warnings():  # a prompt that fills the positions exactly still gets one token
+        warnings.simplefilter("error")
+        assert model.generate("Once upon a time", steps=n, temperature=0) != "Once upon a time"
+
+
 def test_load_wants_paths():
     from babyllama.api import load
     from babyllama.errors import BabyLlamaError
