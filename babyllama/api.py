@@ -83,6 +83,8 @@ class Model:
         check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed)
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
+        for i, (prompt_ids, positions) in enumerate(zip(ids, per_seq)):
+            warn_if_no_room(len(prompt_ids), positions, stacklevel=2, which=f"prompt {i}")
         base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
         samplers = [Sampler(temperature, topp, base + i) for i in range(len(prompts))]
         seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens)

@@ -196,6 +196,18 @@ def test_the_no_room_warning_points_at_the_callers_line(good_model):
         assert model.generate("Once upon a time", steps=n, temperature=0) != "Once upon a time"
 
 
+def test_generate_batch_warns_about_each_prompt_that_leaves_no_room(good_model):
+    from babyllama.api import load
+
+    model = load(good_model[0], good_model[1])
+    n = len(model.tokenizer.encode("Once upon a time", bos=True))
+    with pytest.warns(UserWarning, match="nothing is generated") as caught:
+        out = model.generate_batch(["Once", "Once upon a time", "Once upon a time"], steps=[n, n - 1, n], temperature=0)
+    assert [str(w.message).split(" is ")[0] for w in caught] == ["prompt 1"]
+    assert [w.filename for w in caught] == [__file__]
+    assert out[1] == "Once upon a time" and out[2] != "Once upon a time"
+
+
 def test_load_wants_paths():
     from babyllama.api import load
     from babyllama.errors import BabyLlamaError
