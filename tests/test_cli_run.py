@@ -231,3 +231,15 @@ def test_batch_file_has_a_prompt_per_line_empty_ones_included(stories260k, tok51
     assert len(sections) == 2 and sections[0].split(b"===\n", 1)[1] == sections[1].split(b"===\n", 1)[1]
     prompts.write_text("")
     one_error_line(run_cli("run", "--batch-file", str(prompts)), f"batch file {prompts} has no prompts")
+
+
+def test_batch_file_warns_about_each_prompt_that_leaves_no_room(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time " * 20 + "\nHi\n" + "x " * 600 + "\n")
+    proc = run_cli("run", "-t", "0", "-n", "30", "--batch-file", str(prompts))
+    assert proc.returncode == 0, proc.stderr.decode()
+    warned = [line for line in proc.stderr.decode().splitlines() if "nothing will be generated" in line]
+    assert len(warned) == 2
+    assert "the prompt on line 1 is" in warned[0] and "allows 30 positions" in warned[0]
+    assert "the prompt on line 3 is" in warned[1] and "more than the model's context" in warned[1]
+    assert "--context-shift" not in warned[1]  # it cannot be combined with --batch-file

@@ -195,15 +195,17 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
     return 0
 
 
-def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int) -> None:
-    """run.c prints such a prompt and generates nothing; say why, and what would help."""
+def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int, which: str = "the prompt",
+                         can_shift: bool = True) -> None:
+    """run.c prints such a prompt and generates nothing; say why, and what would help (`can_shift`: whether
+    --context-shift may be added)."""
     if n_prompt > seq_len:
         why = f"more than the model's context ({seq_len})"
-        fix = "shorten it, or use --context-shift to slide the window"
+        fix = "shorten it, or use --context-shift to slide the window" if can_shift else "shorten it"
     else:
         why = f"but -n/--steps allows {steps} positions"
         fix = "raise -n, or use --max-new-tokens"
-    print(f"babyllama: warning: the prompt is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
+    print(f"babyllama: warning: {which} is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
           f"({fix})", file=sys.stderr)
 
 
@@ -221,6 +223,10 @@ def generate_batch_file(model, args, steps: int) -> int:
     tok = model.tokenizer
     ids = [tok.encode(p, bos=True) for p in prompts]
     del prompts
+    for i, prompt_ids in enumerate(ids):
+        if len(prompt_ids) > steps:
+            warn_prompt_too_long(len(prompt_ids), steps, model.args.max_seq_len, f"the prompt on line {i + 1}",
+                                 can_shift=False)
     base = args.seed or int(time.time())
     samplers: list[Sampler | None] = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
     start = time.perf_counter()
