@@ -13,6 +13,8 @@ rms(x) = x / sqrt(mean(x²) + eps) * g;  RoPE rotates pairs (2i, 2i+1) of each h
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import kernels
@@ -131,6 +133,9 @@ class Engine:
         self.cos = self.sin = np.empty((0, self.args.head_size // 2), dtype=np.float32)
         self._plan_for: Kernels | None = None
         self._step_plan: object | None = None
+        # threads sharing the engine (one loaded model): a table grown by one while another builds its step
+        # plan would leave that plan on the old, shorter tables (a refused position)
+        self._tables_lock = threading.Lock()
 
     def _ensure_rope(self, n_positions: int) -> None:
         """RoPE tables for positions [0, n_positions) at least: built as far as the caches in use reach (grown
@@ -156,7 +161,8 @@ class Engine:
         engine's `kv_dtype`."""
         cache = KVCache(self.args, n_slots, min(seq_len or self.args.max_seq_len, self.args.max_seq_len),
                         self.kv_dtype)
-        self._ensure_rope(cache.seq_len)
+        with self._tables_lock:
+            self._ensure_rope(cache.seq_len)
         return cache
 
     def forward(self, tokens, positions, cache: KVCache, slots=None, logits: str = "all") -> np.ndarray:
@@ -170,8 +176,9 @@ class Engine:
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
-        self._ensure_rope(min(cache.seq_len, a.max_seq_len))
-        plan = self._plan(k)  # made before a first prompt too: it puts Q4_0 matrices in the order the kernels read
+        with self._tables_lock:  # the plan and the tables it points at, consistent (tables only grow)
+            self._ensure_rope(min(cache.seq_len, a.max_seq_len))
+            plan = self._plan(k)  # made before a first prompt too: it puts Q4_0 matrices in the order kernels read
         if plan is not None and (len(tokens) <= FUSED_MAX_TOKENS or len(runs) == len(tokens)):
             return k.forward_step(plan, tokens, positions, slots, cache.k, cache.v, rows)  # checks the indices
         for values, end, what in ((tokens, a.vocab_size, "token ids"), (positions, cache.seq_len, "positions"),

@@ -170,3 +170,43 @@ def test_prompts_reuse_freed_memory_where_the_command_asks_for_it(tmp_path):
     keep, default = int(runs["keep"][0]), int(runs["default"][0])
     assert default > 500  # 256 x 768 floats a step, mapped fresh: the case this guards against happens here
     assert keep < 50
+
+
+class PlanWaitsForAGrowth:
+    """The backend, but its step plan is built only once another thread has grown the RoPE tables (or after
+    half a second): the interleaving of two threads sharing one engine that left a plan on the old tables."""
+
+    def __init__(self, inner):
+        import threading
+
+        self.inner, self.building, self.grown = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step_plan(self, weights, cos, sin):
+        self.building.set()
+        self.grown.wait(0.5)
+        return self.inner.step_plan(weights, cos, sin)
+
+
+def test_threads_sharing_an_engine_never_leave_its_step_plan_on_old_tables():
+    import threading
+
+    from babyllama.kernels import backend
+
+    if backend().name != "native":
+        pytest.skip("only the native kernels have a step plan")
+    k = PlanWaitsForAGrowth(backend())
+    engine = Engine(random_weights(tiny_args()), kernels=k)
+    short = engine.new_cache(1, seq_len=4)
+    first = threading.Thread(target=engine.forward, args=([1], [0], short))
+    first.start()
+    k.building.wait(5)
+    long = engine.new_cache(1, seq_len=64)  # another thread's longer run grows the tables meanwhile
+    k.grown.set()
+    first.join()
+    fresh = Engine(random_weights(tiny_args()), kernels=backend())
+    ref = fresh.forward([1] * 41, range(41), fresh.new_cache(1, seq_len=64))[-1]
+    engine.forward([1] * 40, range(40), long)
+    np.testing.assert_allclose(engine.forward([1], [40], long)[-1], ref, rtol=1e-5, atol=1e-5)
