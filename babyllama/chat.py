@@ -50,8 +50,8 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         turn, _ = encode_chat(model.tokenizer, messages)
         user = None
         if len(turn) >= seq_len:
-            print(f"babyllama: this turn has {len(turn)} tokens, more than the context window ({seq_len}) "
-                  "holds; skipped", file=sys.stderr)
+            print(f"babyllama: this turn has {len(turn)} tokens: the context window ({seq_len}) leaves no room for "
+                  "a reply; skipped", file=sys.stderr)
             continue
         budget = max_new or seq_len
         if seq is None:  # the first turn (and its system prompt) stays when older turns slide out

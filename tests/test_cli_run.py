@@ -243,3 +243,19 @@ def test_batch_file_warns_about_each_prompt_that_leaves_no_room(tmp_path):
     assert "the prompt on line 1 is" in warned[0] and "allows 30 positions" in warned[0]
     assert "the prompt on line 3 is" in warned[1] and "more than the model's context" in warned[1]
     assert "--context-shift" not in warned[1]  # it cannot be combined with --batch-file
+
+
+def test_chat_skips_a_turn_that_fills_the_context_and_says_why():
+    from babyllama import load
+    from babyllama.chat_template import encode_chat
+    from babyllama.loading import builtin_chat_model
+
+    model = load(builtin_chat_model())
+    turn = "dog " * (model.args.max_seq_len // 2 - 20)
+    while (n := len(encode_chat(model.tokenizer, [{"role": "user", "content": turn}])[0])) < model.args.max_seq_len:
+        turn += "a "
+    assert n == model.args.max_seq_len
+    proc = run_cli("chat", "-t", "0", "-n", "5", input=turn + "\nHi\n")
+    assert proc.returncode == 0 and proc.stdout.decode().count("Assistant: ") == 1
+    assert proc.stderr.decode() == (f"babyllama: this turn has {n} tokens: the context window ({n}) leaves no room "
+                                    "for a reply; skipped\n")
