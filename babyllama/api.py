@@ -13,7 +13,7 @@ from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
-from .sampler import Sampler
+from .sampler import Sampler, choice_seed
 from .tokenizer import BOS, Tokenizer
 
 
@@ -38,8 +38,8 @@ class Model:
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
         also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
-        (default: the time) makes sampling reproducible. The arguments are checked on the call, before the
-        first piece is asked for."""
+        (default: the time) makes sampling reproducible (0 included, unlike run.c's -s 0: as in the server).
+        The arguments are checked on the call, before the first piece is asked for."""
         return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens)
 
     def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
@@ -55,7 +55,8 @@ class Model:
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
         warn_if_no_room(len(ids), positions, stacklevel=3)
-        return self._decode(generate(self.engine, ids, positions, Sampler(temperature, topp, seed),
+        sampler = Sampler(temperature, topp, None if seed is None else choice_seed(seed))
+        return self._decode(generate(self.engine, ids, positions, sampler,
                                      max_new=max_new_tokens), ids[-1])
 
     def _decode(self, tokens: Iterator[int], prev: int) -> Iterator[str]:
@@ -85,8 +86,8 @@ class Model:
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         for i, (prompt_ids, positions) in enumerate(zip(ids, per_seq)):
             warn_if_no_room(len(prompt_ids), positions, stacklevel=2, which=f"prompt {i}")
-        base = seed or int(time.time())  # distinct seeds: equal ones would sample the same tokens
-        samplers = [Sampler(temperature, topp, base + i) for i in range(len(prompts))]
+        base = int(time.time()) if seed is None else seed  # distinct seeds: equal ones would sample the same tokens
+        samplers = [Sampler(temperature, topp, choice_seed(base, i)) for i in range(len(prompts))]
         seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens)
         return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
 
@@ -101,8 +102,8 @@ def _number(value) -> bool:
 
 def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
-    if seed is not None and not _integer(seed):
-        raise BabyLlamaError(f"seed must be an integer (or None), got {seed!r}")
+    if seed is not None and not (_integer(seed) and seed >= 0):
+        raise BabyLlamaError(f"seed must be an integer >= 0 (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise BabyLlamaError("a prompt must be a string")
     for n in steps if isinstance(steps, list) else [steps]:

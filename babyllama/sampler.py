@@ -147,6 +147,18 @@ def one_hot(n: int, i: int) -> np.ndarray:
     return out
 
 
+# seed 0's stand-in (run.c reads 0 as "the time") where 0 is a seed like any other (the Python API, the server): no
+# other seed they sample with reaches it (the server's are below 2**63 plus a choice index under MAX_CHOICES), so
+# seed 0 is reproducible without repeating another seed's text
+ZERO_SEED = 2**64 - 1
+
+
+def choice_seed(base: int, i: int = 0) -> int:
+    """Sequence (choice) i samples with seed base + i (run.c's -s); 0, which run.c reads as "the time", becomes a
+    fixed stand-in (ZERO_SEED) so that seed 0 is reproducible too."""
+    return base + i or ZERO_SEED
+
+
 class Sampler:
     """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p (the argmax
     too where the temperature is so small that logits / temperature overflow fp32: its limit)."""

@@ -155,7 +155,8 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
     (lambda m: m.generate_batch(["a", 5]), "a prompt must be a string"),
     (lambda m: m.generate_batch(["a", "b"], steps=[5]), "steps holds 1 values for 2 prompts"),
-    (lambda m: m.generate("x", seed="42"), "seed must be an integer .or None., got '42'"),
+    (lambda m: m.generate("x", seed="42"), "seed must be an integer >= 0 .or None., got '42'"),
+    (lambda m: m.generate("x", seed=-1), "seed must be an integer >= 0 .or None., got -1"),
     (lambda m: m.generate_batch(["a"], seed=1.5), "seed must be an integer"),
 ])
 def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
@@ -168,6 +169,23 @@ def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     import numpy as np
     # NumPy numbers are fine
     assert model.generate("x", steps=np.int64(4), temperature=np.float32(0), seed=np.int32(3)).startswith("x")
+
+
+def test_the_python_api_takes_seed_0_as_a_seed_not_the_time(good_model, monkeypatch):
+    """run.c's -s 0 means the time; the API's default (None) does, and seed=0 is reproducible as the server's."""
+    import time
+
+    from babyllama.api import load
+
+    model = load(good_model[0], good_model[1])
+    kw = dict(steps=30, temperature=1.0, topp=1.0)
+    monkeypatch.setattr(time, "time", lambda: 1000.0)
+    first = model.generate("x", seed=0, **kw)
+    batch = model.generate_batch(["x", "x"], seed=0, **kw)
+    monkeypatch.setattr(time, "time", lambda: 2000.0)
+    assert model.generate("x", seed=0, **kw) == first == batch[0]
+    assert batch[1] == model.generate("x", seed=1, **kw)
+    assert "".join(model.stream("x", seed=0, **kw)) == first[1:]
 
 
 def test_the_python_api_warns_when_a_prompt_leaves_no_room(good_model):

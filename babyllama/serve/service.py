@@ -19,16 +19,13 @@ from starlette.requests import ClientDisconnect
 from ..api import Model
 from ..chat_template import encode_chat
 from ..errors import BabyLlamaError
-from ..sampler import Sampler
+from ..sampler import Sampler, choice_seed
 from ..tokenizer import BOS, Tokenizer
 from . import protocol as p
 from .metrics import Metrics
 from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, Token
 
 DISCONNECT_POLL_S = 0.25  # how often a whole (not streamed) answer checks that its client is still there
-# seed 0's stand-in (run.c reads 0 as "the time"): no other choice's seed reaches it (seeds are below 2**63, and
-# choice i adds i < MAX_CHOICES), so seed 0 is reproducible without repeating another seed's text
-ZERO_SEED = 2**64 - 1
 FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the whole request, not one choice
 
 
@@ -504,12 +501,6 @@ class Service:
             return APIError(500, f"the model failed on this request: {message}", "server_error", code="model_error")
         return APIError(500, "the generation failed on the server (see its log)", "server_error",
                         code="internal_error")
-
-
-def choice_seed(base: int, i: int) -> int:
-    """Choice i samples with seed base + i (run.c's -s); 0, which run.c reads as "the time", becomes a fixed
-    stand-in (ZERO_SEED) so that seed 0 is reproducible too."""
-    return base + i or ZERO_SEED
 
 
 def sse(body: dict) -> bytes:
