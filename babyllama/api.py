@@ -6,7 +6,8 @@ import numbers
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 from . import formats, kernels
 from .engine import KV_CACHE_TYPES, Engine
@@ -78,7 +79,13 @@ class Model:
 
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
             raise BabyLlamaError("generate_batch takes a list of prompts, not one string (generate takes one)")
-        per_seq = [steps] * len(prompts) if isinstance(steps, int) else list(steps)
+        per_seq: list[int]
+        if _integer(steps):
+            per_seq = [cast(int, steps)] * len(prompts)
+        elif isinstance(steps, Iterable) and not isinstance(steps, str):
+            per_seq = list(steps)
+        else:
+            raise BabyLlamaError(f"steps must be an integer >= 0 or a list of them (one per prompt), got {steps!r}")
         if len(per_seq) != len(prompts):
             raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
         check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed)

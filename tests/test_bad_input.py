@@ -155,6 +155,8 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
     (lambda m: m.generate_batch(["a", 5]), "a prompt must be a string"),
     (lambda m: m.generate_batch(["a", "b"], steps=[5]), "steps holds 1 values for 2 prompts"),
+    (lambda m: m.generate_batch(["a"], steps="10"), "steps must be an integer >= 0 or a list of them"),
+    (lambda m: m.generate_batch(["a"], steps=2.5), "steps must be an integer >= 0 or a list of them"),
     (lambda m: m.generate("x", seed="42"), "seed must be an integer >= 0 .or None., got '42'"),
     (lambda m: m.generate("x", seed=-1), "seed must be an integer >= 0 .or None., got -1"),
     (lambda m: m.generate_batch(["a"], seed=1.5), "seed must be an integer"),
@@ -169,6 +171,8 @@ def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     import numpy as np
     # NumPy numbers are fine
     assert model.generate("x", steps=np.int64(4), temperature=np.float32(0), seed=np.int32(3)).startswith("x")
+    assert model.generate_batch(["x"], steps=np.int64(4), temperature=0)[0] == model.generate("x", 4, 0)
+    assert model.generate_batch(["x"], steps=np.array([4]), temperature=0)[0] == model.generate("x", 4, 0)
 
 
 def test_the_python_api_takes_seed_0_as_a_seed_not_the_time(good_model, monkeypatch):
