@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import cast
 
 from . import formats, kernels
+from .config import default_steps
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
@@ -33,25 +34,27 @@ class Model:
     def args(self):
         return self.weights.args
 
-    def stream(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+    def stream(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
                seed: int | None = None, max_new_tokens: int | None = None) -> Iterator[str]:
         """Yield the text generated after `prompt`, piece by piece as tokens are sampled (a character split
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
-        -n does (BOS and the prompt included; 0 or more than the context: the context); `max_new_tokens`
-        also bounds the generated tokens. temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
+        -n does (BOS and the prompt included; 0 or more than the context: the context; None, as -n unset: 256,
+        or the context when `max_new_tokens` is given); `max_new_tokens` also bounds the generated tokens.
+        temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
         (default: the time) makes sampling reproducible (0 included, unlike run.c's -s 0: as in the server).
         The arguments are checked on the call, before the first piece is asked for."""
         return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens)
 
-    def generate(self, prompt: str = "", steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
+    def generate(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
                  seed: int | None = None, max_new_tokens: int | None = None) -> str:
         """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
         return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens))
 
-    def _pieces(self, prompt: str, steps: int, temperature: float, topp: float, seed: int | None,
+    def _pieces(self, prompt: str, steps: int | None, temperature: float, topp: float, seed: int | None,
                 max_new_tokens: int | None) -> Iterator[str]:
         """`stream`'s work for its two public callers: checks and warnings now (a warning names the caller's
         caller: the user's line), the pieces as they are iterated."""
+        steps = default_steps(steps, max_new_tokens)
         check_generation([prompt], steps, temperature, topp, max_new_tokens, seed)
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
@@ -70,16 +73,18 @@ class Model:
         if rest:
             yield rest
 
-    def generate_batch(self, prompts: list[str], steps: int | list[int] = 256, temperature: float = 1.0,
+    def generate_batch(self, prompts: list[str], steps: int | list[int] | None = None, temperature: float = 1.0,
                        topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
-        own; `steps` may differ per prompt; sequence i samples with seed + i. Returns prompt + continuation for
-        each, in order."""
+        own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. Returns prompt +
+        continuation for each, in order."""
         from .generate import generate_batch
 
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
             raise BabyLlamaError("generate_batch takes a list of prompts, not one string (generate takes one)")
         per_seq: list[int]
+        if steps is None:
+            steps = default_steps(None, max_new_tokens)
         if _integer(steps):
             per_seq = [cast(int, steps)] * len(prompts)
         elif isinstance(steps, Iterable) and not isinstance(steps, str):

@@ -10,6 +10,15 @@ from .errors import BabyLlamaError
 
 DEFAULT_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_STEPS = 256  # run.c's -n: positions a generation runs, the prompt included
+
+
+def default_steps(steps: int | None, max_new_tokens: int | None) -> int:
+    """`steps` as given; None: run.c's 256, or 0 (the whole context) when `max_new_tokens` bounds the output
+    (the rule of `run -n`, and of the Python API's steps)."""
+    if steps is not None:
+        return steps
+    return 0 if max_new_tokens is not None else DEFAULT_STEPS
 
 # The largest value of each shape field babyllama accepts from any file: far beyond every released Llama
 # (405B: dim 16384, 126 layers, hidden 53248, 128 heads; vocabularies up to 256k; contexts up to 1M), small

@@ -192,6 +192,23 @@ def test_the_python_api_takes_seed_0_as_a_seed_not_the_time(good_model, monkeypa
     assert "".join(model.stream("x", seed=0, **kw)) == first[1:]
 
 
+def test_max_new_tokens_alone_lets_the_python_api_run_to_the_context_as_the_cli_does(tmp_path):
+    """-n unset with --max-new-tokens runs up to the context (cli.common.steps_flag); steps unset does too."""
+    from conftest import byte_tokenizer
+
+    from babyllama.api import load
+
+    formats.save(random_weights(tiny_args(vocab_size=300, max_seq_len=400)), tmp_path / "m.bin", version=1)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    model = load(tmp_path / "m.bin", tmp_path / "tok.bin")
+    kw = dict(temperature=0, max_new_tokens=300)
+    whole = model.generate("x", steps=0, **kw)
+    assert len(whole) > len(model.generate("x", steps=256, **kw))  # no stop token before 256 positions
+    assert model.generate("x", **kw) == whole == model.generate_batch(["x"], **kw)[0]
+    assert "".join(model.stream("x", **kw)) == whole[1:]
+    assert model.generate("x", temperature=0) == model.generate("x", steps=256, temperature=0)
+
+
 def test_the_python_api_warns_when_a_prompt_leaves_no_room(good_model):
     from babyllama.api import load
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_STEPS, default_steps
 from ..errors import BabyLlamaError
 
-DEFAULT_STEPS = 256  # run.c's -n
 KV_CACHE_CHOICES = ("auto", "f32", "f16", "q8_0")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
 QUANTIZE_CHOICES = ("q8_0", "q4_0", "f16", "bf16")  # formats.QUANTIZE_KINDS, likewise
 QUANTIZE_HELP = ("the weights' type on load: runq.c's Q8_0, llama.cpp's 4-bit Q4_0, or rounded to f16 or bf16 "
@@ -130,9 +130,7 @@ def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
 
 def steps_flag(args) -> int:
     """-n as given; unset, run.c's 256, or 0 (the whole context) when --max-new-tokens bounds the output."""
-    if args.steps is not None:
-        return args.steps
-    return 0 if args.max_new_tokens is not None else DEFAULT_STEPS
+    return default_steps(args.steps, args.max_new_tokens)
 
 
 def text_arg(value: str | None, flag: str) -> str:
