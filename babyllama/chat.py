@@ -59,7 +59,9 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
         else:
             seq.max_new = budget
-            seq.extend(turn)
+            # a reply cut by its budget did not end with EOS: the template (every reply ends with EOS, as the
+            # server and fine-tuning render a conversation) gets it before the next turn
+            seq.extend(([EOS] if seq.stop_reason == "length" else []) + turn)
         printer.write("Assistant: ")
         printer.restart(turn[-1])
         while not seq.done:

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from babyllama.chat_template import chat_prompt
-from babyllama.tokenizer import EOS
+from babyllama.tokenizer import EOS, Tokenizer
 
 
 def test_prompt_is_echoed_and_steps_count_positions(stories260k, tok512):
@@ -33,7 +33,8 @@ def test_chat_gives_every_turn_its_own_budget(stories260k, tok512):
     assert "Enter system prompt" not in out  # -y given
     replies = out.split("Assistant: ")[1:]
     assert len(replies) == 2
-    assert all(len(r.split("\nUser: ")[0].split()) >= 10 for r in replies), replies
+    tok = Tokenizer.load(tok512)
+    assert all(len(tok.encode(r.split("\nUser: ")[0], bos=False)) >= 30 for r in replies), replies  # of 40
 
 
 class ScriptedSampler:
@@ -75,6 +76,30 @@ def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512)
     turn2 = len(model.tokenizer.encode(chat_prompt("second question")))
     # turn 1 prompt + 3 answers + EOS, turn 2 prompt + 3 answers (its EOS is sampled, not fed)
     assert len(positions) == turn1 + 3 + 1 + turn2 + 3
+
+
+def test_a_reply_cut_by_its_budget_ends_with_eos_before_the_next_turn(monkeypatch, stories260k, tok512):
+    """The conversation in the cache is the template's (chat_template.encode_chat): every reply ends with EOS,
+    also one that -n cut short."""
+    from babyllama import load
+    from babyllama.chat import chat
+    from babyllama.chat_template import encode_chat
+
+    model = load(stories260k, tok512)
+    fed: list[int] = []
+    real_forward = model.engine.forward
+
+    def recording_forward(tokens, *args, **kw):
+        fed.extend(tokens)
+        return real_forward(tokens, *args, **kw)
+
+    monkeypatch.setattr(model.engine, "forward", recording_forward)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), write_through=True))
+    assert chat(model, ScriptedSampler(10), 3, None, None) == 0  # 3 tokens a reply: cut before the EOS
+    turns = [encode_chat(model.tokenizer, [{"role": "user", "content": text}])[0] for text in ("first", "second")]
+    # the second reply's last token is sampled, never fed
+    assert fed == turns[0] + [301, 302, 303, EOS] + turns[1] + [304, 305]
 
 
 def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
