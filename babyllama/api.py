@@ -82,6 +82,9 @@ class Model:
 
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
             raise BabyLlamaError("generate_batch takes a list of prompts, not one string (generate takes one)")
+        if not isinstance(prompts, Iterable):
+            raise BabyLlamaError(f"generate_batch takes a list of prompts, got {type(prompts).__name__}")
+        prompts = list(prompts)  # a generator or a tuple too
         per_seq: list[int]
         if steps is None:
             steps = default_steps(None, max_new_tokens)

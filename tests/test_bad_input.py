@@ -153,6 +153,7 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate(None), "a prompt must be a string"),
     (lambda m: list(m.stream("x", steps=-1)), "steps must be an integer >= 0"),
     (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
+    (lambda m: m.generate_batch(None), "generate_batch takes a list of prompts, got NoneType"),
     (lambda m: m.generate_batch(["a", 5]), "a prompt must be a string"),
     (lambda m: m.generate_batch(["a", "b"], steps=[5]), "steps holds 1 values for 2 prompts"),
     (lambda m: m.generate_batch(["a"], steps="10"), "steps must be an integer >= 0 or a list of them"),
@@ -173,6 +174,7 @@ def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     assert model.generate("x", steps=np.int64(4), temperature=np.float32(0), seed=np.int32(3)).startswith("x")
     assert model.generate_batch(["x"], steps=np.int64(4), temperature=0)[0] == model.generate("x", 4, 0)
     assert model.generate_batch(["x"], steps=np.array([4]), temperature=0)[0] == model.generate("x", 4, 0)
+    assert model.generate_batch((p for p in ["x"]), steps=4, temperature=0) == [model.generate("x", 4, 0)]
 
 
 def test_the_python_api_takes_seed_0_as_a_seed_not_the_time(good_model, monkeypatch):
