@@ -284,3 +284,18 @@ def test_chat_skips_a_turn_that_fills_the_context_and_says_why():
     assert proc.returncode == 0 and proc.stdout.decode().count("Assistant: ") == 1
     assert proc.stderr.decode() == (f"babyllama: this turn has {n} tokens: the context window ({n}) leaves no room "
                                     "for a reply; skipped\n")
+
+
+def test_chat_ends_on_ctrl_c_with_130_and_no_traceback():
+    """README: Ctrl-C ends the chat at once (exit 130), as one quiet exit, not a KeyboardInterrupt trace."""
+    import signal
+
+    from conftest import sigint_default
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "chat", "-n", "5", "-y", ""], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=sigint_default)
+    assert proc.stdout.read(len(b"User: ")) == b"User: "  # waiting for the first turn
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == b""
