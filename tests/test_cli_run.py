@@ -237,6 +237,11 @@ def test_a_prompt_longer_than_the_context(stories260k, tok512):
     shifted = run_cli(*base, "--max-new-tokens", "30", "--context-shift")
     assert shifted.returncode == 0, shifted.stderr.decode()
     assert len(shifted.stdout) > len(proc.stdout) + 30 and b"warning" not in shifted.stderr
+    for flags in (["--context-shift"], ["--context-shift", "-n", "300"]):  # then -n is the limit, not the context
+        limited = run_cli(*base, *flags)
+        n = flags[-1] if flags[-1] != "--context-shift" else "256"
+        assert f"but -n/--steps allows {n} positions".encode() in limited.stderr, limited.stderr
+        assert b"more than the model's context" not in limited.stderr
 
 
 def test_chat_takes_max_new_tokens_0_as_up_to_the_context(stories260k, tok512):

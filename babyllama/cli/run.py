@@ -168,7 +168,7 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
 
     ids = model.tokenizer.encode(prompt, bos=True)
     if len(ids) > steps:
-        warn_prompt_too_long(len(ids), steps, model.args.max_seq_len)
+        warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len)
     printer = Printer(model.tokenizer, raw=args.raw_bytes)
     printer.tokens(ids[1: steps + 1])
     start, n = None, 0
@@ -195,13 +195,13 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
     return 0
 
 
-def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int, which: str = "the prompt",
+def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: str = "the prompt",
                          can_shift: bool = True) -> None:
-    """run.c prints such a prompt and generates nothing; say why, and what would help (`can_shift`: whether
-    --context-shift may be added)."""
-    if n_prompt > seq_len:
+    """run.c prints such a prompt and generates nothing; say why, and what would help (`seq_len`: the context,
+    None where it does not bound the run (--context-shift); `can_shift`: whether --context-shift may be added)."""
+    if seq_len is not None and n_prompt > seq_len:
         why = f"more than the model's context ({seq_len})"
-        fix = "shorten it, or use --context-shift to slide the window" if can_shift else "shorten it"
+        fix = "shorten it, or slide the window: --context-shift with --max-new-tokens" if can_shift else "shorten it"
     else:
         why = f"but -n/--steps allows {steps} positions"
         fix = "raise -n, or use --max-new-tokens"
