@@ -13,6 +13,7 @@ import sys
 
 from .api import Model
 from .chat_template import encode_chat
+from .errors import BabyLlamaError
 from .generate import Batch, Sequence
 from .printer import Printer
 from .sampler import Sampler
@@ -28,6 +29,14 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
+def _check_system_fits(model: Model, system: str, seq_len: int) -> None:
+    """A system prompt that fills the context window alone would have every turn skipped: one error instead."""
+    n = len(encode_chat(model.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}])[0])
+    if n >= seq_len:
+        raise BabyLlamaError(f"the system prompt takes {n} tokens (in its first turn): the context window ({seq_len}) "
+                             "leaves no room for a turn and a reply")
+
+
 def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
          raw: bool = False) -> int:
     """Chat until stdin ends. `max_new` caps each reply (0: up to the context window)."""
@@ -37,6 +46,8 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         if system is None:
             return 0
     seq_len = model.args.max_seq_len
+    if system:
+        _check_system_fits(model, system, seq_len)
     batch = Batch(model.engine, 1)
     seq: Sequence | None = None
     while True:

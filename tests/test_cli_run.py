@@ -291,6 +291,13 @@ def test_chat_skips_a_turn_that_fills_the_context_and_says_why():
                                     "for a reply; skipped\n")
 
 
+def test_chat_refuses_a_system_prompt_that_fills_the_context():
+    """Every turn would be skipped: one error line at the start instead."""
+    proc = run_cli("chat", "-n", "5", "-y", "dog " * 300, input="Hi\n")
+    one_error_line(proc, "the system prompt takes")
+    assert b"leaves no room for a turn and a reply" in proc.stderr and b"User: " not in proc.stdout
+
+
 def test_chat_ends_on_ctrl_c_with_130_and_no_traceback():
     """README: Ctrl-C ends the chat at once (exit 130), as one quiet exit, not a KeyboardInterrupt trace."""
     import signal
