@@ -263,6 +263,15 @@ def test_batch_file_has_a_prompt_per_line_empty_ones_included(stories260k, tok51
     one_error_line(run_cli("run", "--batch-file", str(prompts)), f"batch file {prompts} has no prompts")
 
 
+def test_batch_file_from_a_windows_editor_has_the_same_prompts(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends (Notepad's) are not part of the prompts."""
+    windows, unix = tmp_path / "windows.txt", tmp_path / "unix.txt"
+    windows.write_bytes(b"\xef\xbb\xbfOnce\r\nThe dog\r\n")
+    unix.write_bytes(b"Once\nThe dog\n")
+    outs = [run_cli("run", "-t", "0", "-n", "12", "--batch-file", str(f)) for f in (windows, unix)]
+    assert outs[0].returncode == outs[1].returncode == 0 and outs[0].stdout == outs[1].stdout
+
+
 def test_batch_file_warns_about_each_prompt_that_leaves_no_room(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time " * 20 + "\nHi\n" + "x " * 600 + "\n")
