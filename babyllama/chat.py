@@ -56,12 +56,14 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             if user is None:  # end of input
                 return 0
         messages = [{"role": "user", "content": user}]
-        if seq is None and system:
+        if seq is None and system:  # until a first turn is answered
             messages.insert(0, {"role": "system", "content": system})
+        with_system = len(messages) > 1
         turn, _ = encode_chat(model.tokenizer, messages)
         user = None
         if len(turn) >= seq_len:
-            print(f"babyllama: this turn has {len(turn)} tokens: the context window ({seq_len}) leaves no room for "
+            what = "this turn with the system prompt" if with_system else "this turn"
+            print(f"babyllama: {what} has {len(turn)} tokens: the context window ({seq_len}) leaves no room for "
                   "a reply; skipped", file=sys.stderr)
             continue
         budget = max_new or seq_len

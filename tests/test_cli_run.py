@@ -298,6 +298,11 @@ def test_chat_skips_a_turn_that_fills_the_context_and_says_why():
     assert proc.returncode == 0 and proc.stdout.decode().count("Assistant: ") == 1
     assert proc.stderr.decode() == (f"babyllama: this turn has {n} tokens: the context window ({n}) leaves no room "
                                     "for a reply; skipped\n")
+    # with a system prompt that fits alone, the first turn carries it: the message says so
+    system = "dog " * (model.args.max_seq_len // 2 - 30)
+    proc = run_cli("chat", "-t", "0", "-n", "5", "-y", system, input="cat " * 40 + "\n")
+    assert proc.returncode == 0 and "Assistant: " not in proc.stdout.decode()
+    assert proc.stderr.decode().startswith("babyllama: this turn with the system prompt has "), proc.stderr
 
 
 def test_chat_refuses_a_system_prompt_that_fills_the_context():
