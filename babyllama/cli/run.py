@@ -168,7 +168,8 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
 
     ids = model.tokenizer.encode(prompt, bos=True)
     if len(ids) > steps:
-        warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len)
+        warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len,
+                             can_shift=draft is None)  # --draft refuses --context-shift
     printer = Printer(model.tokenizer, raw=args.raw_bytes)
     printer.tokens(ids[1: steps + 1])
     start, n = None, 0
