@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import cast
 
 from . import formats, kernels
-from .config import default_steps
+from .config import DEFAULT_PARALLEL, default_steps
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
@@ -74,10 +74,12 @@ class Model:
             yield rest
 
     def generate_batch(self, prompts: list[str], steps: int | list[int] | None = None, temperature: float = 1.0,
-                       topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None) -> list[str]:
+                       topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None,
+                       parallel: int = DEFAULT_PARALLEL) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
-        own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. Returns prompt +
-        continuation for each, in order."""
+        own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. At most
+        `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot, and the
+        text is the same whatever `parallel` is). Returns prompt + continuation for each, in order."""
         from .generate import generate_batch
 
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
@@ -97,13 +99,15 @@ class Model:
         if len(per_seq) != len(prompts):
             raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
         check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed)
+        if not (_integer(parallel) and parallel >= 1):
+            raise BabyLlamaError(f"parallel must be an integer >= 1, got {parallel!r}")
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         for i, (prompt_ids, positions) in enumerate(zip(ids, per_seq)):
             warn_if_no_room(len(prompt_ids), positions, stacklevel=2, which=f"prompt {i}")
         base = int(time.time()) if seed is None else seed  # distinct seeds: equal ones would sample the same tokens
         samplers = [Sampler(temperature, topp, choice_seed(base, i)) for i in range(len(prompts))]
-        seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens)
+        seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens, max_slots=int(parallel))
         return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
 
 

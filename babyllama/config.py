@@ -11,6 +11,7 @@ from .errors import BabyLlamaError
 DEFAULT_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_STEPS = 256  # run.c's -n: positions a generation runs, the prompt included
+DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each holds a KV cache)
 
 
 def default_steps(steps: int | None, max_new_tokens: int | None) -> int:

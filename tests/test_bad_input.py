@@ -161,6 +161,8 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate("x", seed="42"), "seed must be an integer >= 0 .or None., got '42'"),
     (lambda m: m.generate("x", seed=-1), "seed must be an integer >= 0 .or None., got -1"),
     (lambda m: m.generate_batch(["a"], seed=1.5), "seed must be an integer"),
+    (lambda m: m.generate_batch(["a"], parallel=0), "parallel must be an integer >= 1, got 0"),
+    (lambda m: m.generate_batch(["a"], parallel=2.0), "parallel must be an integer >= 1, got 2.0"),
 ])
 def test_the_python_api_checks_what_the_cli_checks(good_model, call, message):
     from babyllama.api import load

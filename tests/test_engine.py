@@ -101,6 +101,33 @@ def test_batch_generation_equals_single_streams():
             assert s.stop_reason == "length" and len(s.tokens) == 21
 
 
+def test_python_generate_batch_keeps_at_most_parallel_sequences_live(tmp_path, monkeypatch):
+    """generate_batch holds `parallel` KV caches at most (default 16, as run --batch-file), not one per prompt;
+    each sequence's numbers do not depend on what shares its steps, so the text is the same."""
+    from conftest import byte_tokenizer
+
+    from babyllama import generate as gen
+    from babyllama.api import load
+
+    formats.save(random_weights(tiny_args(vocab_size=300), scale=0.3), tmp_path / "m.bin", version=1)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    model = load(tmp_path / "m.bin", tmp_path / "tok.bin")
+    slots = []
+
+    class CountedBatch(gen.Batch):
+        def __init__(self, engine, n_slots, *args, **kw):
+            slots.append(n_slots)
+            super().__init__(engine, n_slots, *args, **kw)
+
+    monkeypatch.setattr(gen, "Batch", CountedBatch)
+    prompts = [f"p{i}" for i in range(20)]
+    few = model.generate_batch(prompts, steps=12, seed=7, parallel=3)
+    default = model.generate_batch(prompts, steps=12, seed=7)
+    every = model.generate_batch(prompts, steps=12, seed=7, parallel=20)
+    assert slots == [3, 16, 20]
+    assert few == default == every and len(set(few)) > 1
+
+
 def test_chunked_prefill_equals_one_shot():
     w = random_weights(tiny_args(), scale=0.3)
     e = Engine(w)

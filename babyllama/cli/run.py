@@ -6,6 +6,7 @@ import sys
 import time
 from typing import cast
 
+from ..config import DEFAULT_PARALLEL
 from ..errors import BabyLlamaError
 from .common import (
     QUANTIZE_CHOICES,
@@ -20,7 +21,6 @@ from .common import (
     text_arg,
 )
 
-DEFAULT_PARALLEL = 16
 DRAFT_K = 4
 
 
