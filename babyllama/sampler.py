@@ -22,7 +22,9 @@ class Rng:
     """run.c's xorshift64* generator: `random_u32` and `random_f32` on a 64-bit state."""
 
     def __init__(self, seed: int):
-        self.state = int(seed) & _MASK64  # a NumPy integer would overflow the mask
+        # a NumPy integer would overflow the mask; state 0 is xorshift's fixed point (every draw 0), which a
+        # seed that is a multiple of 2**64 would reach: it takes seed 0's stand-in instead
+        self.state = int(seed) & _MASK64 or ZERO_SEED
 
     def u32(self) -> int:
         s = self.state

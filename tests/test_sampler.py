@@ -22,6 +22,17 @@ def test_rng_is_xorshift64star():
     assert 0.0 <= f < 1.0 and f.dtype == np.float32
 
 
+def test_a_seed_that_masks_to_zero_does_not_draw_zeros_forever():
+    """xorshift's state 0 draws 0 every time (a sampler that always takes the first token); a seed of 2**64 (or
+    a multiple) would reach it through the 64-bit mask, so it takes seed 0's stand-in as the API does."""
+    from babyllama.sampler import ZERO_SEED
+
+    for seed in (2**64, 3 * 2**64):
+        rng, stand_in = Rng(seed), Rng(ZERO_SEED)
+        draws = [rng.u32() for _ in range(5)]
+        assert draws == [stand_in.u32() for _ in range(5)] and any(draws)
+
+
 def test_greedy_takes_first_max():
     s = Sampler(temperature=0.0, seed=1)
     assert s.sample(np.array([0.1, 3.0, 3.0, -1.0], dtype=np.float32)) == 1
