@@ -4,12 +4,17 @@ One sequence holds the whole conversation (each turn is appended to the same KV 
 chat_template.py as the server and fine-tuning render it). Unlike run.c, where all turns share one `-n`
 budget of positions, every reply gets its own budget of generated tokens (`max_new`), and when the
 conversation outgrows the context window the oldest turns are dropped (context shift), the first turn (with
-the system prompt) kept. The system prompt comes from `-y`; only on a terminal is it asked for.
+the system prompt) kept. The system prompt comes from `-y`; only on a terminal is it asked for, and only
+there does Ctrl-C stop a reply and go on with the chat (elsewhere it ends the program, as at the prompt).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 from .api import Model
 from .chat_template import encode_chat
@@ -29,6 +34,28 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops_the_reply(interactive: bool) -> Iterator[Callable[[], bool]]:
+    """Yields "was Ctrl-C pressed?". On a terminal the first Ctrl-C only asks the reply to stop: the loop ends it
+    after the step in progress, so the cache and the sequence stay consistent; a second one (a long prompt
+    step) ends the program as usual."""
+    pressed: list[bool] = []
+    if not interactive:
+        yield lambda: False
+        return
+
+    def handler(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _check_system_fits(model: Model, system: str, seq_len: int) -> None:
     """A system prompt that fills the context window alone would have every turn skipped: one error instead."""
     n = len(encode_chat(model.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}])[0])
@@ -41,7 +68,9 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
          raw: bool = False) -> int:
     """Chat until stdin ends. `max_new` caps each reply (0: up to the context window)."""
     printer = Printer(model.tokenizer, raw)
-    if system is None and sys.stdin is not None and sys.stdin.isatty():
+    # a signal handler can only be set from the main thread
+    interactive = sys.stdin is not None and sys.stdin.isatty() and threading.current_thread() is threading.main_thread()
+    if system is None and interactive:
         system = _read_line(printer, "Enter system prompt (optional): ")
         if system is None:
             return 0
@@ -77,8 +106,11 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             seq.extend(([EOS] if seq.stop_reason == "length" else []) + turn)
         printer.write("Assistant: ")
         printer.restart(turn[-1])
-        while not seq.done:
-            for _, token in batch.step():
-                printer.token(token)
+        with _ctrl_c_stops_the_reply(interactive) as stopped:
+            while not seq.done and not stopped():
+                for _, token in batch.step():
+                    printer.token(token)
+        if not seq.done:  # stopped by Ctrl-C: as a reply cut by its budget, it gets EOS before the next turn
+            seq.done, seq.stop_reason = True, "length"
         printer.end()
 

@@ -99,6 +99,18 @@ def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     return Tokenizer(pieces, scores)
 
 
+def never_ending_model(folder: Path) -> Path:
+    """A random model with a 2048-token context whose greedy text never ends early (BOS's and EOS's classifier
+    rows are zero, so their logits (0) lose to the largest of the other 298), and a byte tokenizer beside it.
+    14M parameters: 2000 tokens take seconds on a fast machine too. Returns the model's path."""
+    weights = random_weights(tiny_args(dim=384, n_layers=8, n_heads=6, n_kv_heads=6, hidden_dim=1024,
+                                       max_seq_len=2048, shared_classifier=False))
+    weights.wcls[1:3] = 0
+    formats.save(weights, folder / "m.bin", version=1)
+    byte_tokenizer(300).save(folder / "tokenizer.bin")
+    return folder / "m.bin"
+
+
 def sigint_default() -> None:
     """A `preexec_fn` for children that a test interrupts with SIGINT: a shell starts background jobs with SIGINT
     ignored and children inherit that (Python then installs no KeyboardInterrupt handler), so in a suite run

@@ -327,3 +327,46 @@ def test_chat_ends_on_ctrl_c_with_130_and_no_traceback():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == b""
+
+
+def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):
+    """On a terminal, Ctrl-C during a reply ends that reply (the next prompt comes at once, the reply far short
+    of the 2000 tokens it would run to); Ctrl-C at the prompt then ends the chat with 130, no traceback."""
+    import pty
+    import select
+    import signal
+    import time
+
+    from conftest import never_ending_model, sigint_default
+
+    model = never_ending_model(tmp_path)
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "chat", str(model), "-n", "2000", "-t", "0",
+                             "-y", ""], stdin=slave, stdout=slave, stderr=slave, env=env, preexec_fn=sigint_default)
+    os.close(slave)
+    seen = b""
+
+    def read_until(pattern: bytes, after: int = 0, more: int = 0) -> int:
+        """The end of `pattern` at or past `after`, once `more` bytes follow it."""
+        nonlocal seen
+        deadline = time.monotonic() + 120
+        while (at := seen.find(pattern, after)) < 0 or len(seen) < at + len(pattern) + more:
+            assert time.monotonic() < deadline, seen[-300:]
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        return at + len(pattern)
+
+    try:
+        read_until(b"User: ")
+        os.write(master, b"hi\n")
+        reply = read_until(b"Assistant: ", more=20)  # the reply under way
+        proc.send_signal(signal.SIGINT)
+        prompt = read_until(b"User: ", reply)
+        assert len(seen[reply:prompt]) < 1000 and proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"Traceback" not in seen
