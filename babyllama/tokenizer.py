@@ -30,6 +30,7 @@ from .config import LIMITS
 from .errors import BabyLlamaError, missing_extra
 
 UNK, BOS, EOS = 0, 1, 2
+META_SPACE = "\u2581"  # sentencepiece's stand-in for a space in its pieces ("▁"), a space in tokenizer.bin
 MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
@@ -105,7 +106,7 @@ class Tokenizer:
                 text = "\n<s>\n"
             elif i == sp.eos_id():
                 text = "\n</s>\n"
-            pieces.append(text.replace("\u2581", " ").encode("utf-8"))
+            pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
             scores.append(sp.get_score(i))
         return cls(pieces, scores)
 
@@ -124,7 +125,8 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [BOS] if bos else []
         if text:
-            ids.extend(self._bpe(" " + text))
+            # sentencepiece escapes spaces as "▁" before encoding, so a "▁" in the text is a space to it too
+            ids.extend(self._bpe(" " + text.replace(META_SPACE, " ")))
         if eos:
             ids.append(EOS)
         return ids

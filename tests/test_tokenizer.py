@@ -86,3 +86,13 @@ def test_decode_piece_follows_run_c(llama_pair):
     assert tok.decode_piece(the, 3 + 0x07) == b""  # unprintable control byte suppressed
     assert tok.decode_piece(the, 3 + 0xE4) == b""  # a lone high byte is not printable either (run.c)
     assert tok.decode_piece(the, 3 + ord("\n")) == b"\n"
+
+
+@pytest.mark.parametrize("text", ["\u2581", "\u2581\u2581", "a\u2581b", "\u2581x  \u2581", "x\u2581"])
+def test_a_typed_meta_space_encodes_as_sentencepiece_does(llama_pair, text):
+    """sentencepiece escapes spaces as "▁" before it encodes: a "▁" in the text is a space to it (tokenizer.bin
+    stores that character as a space, so spelling it as bytes would give other tokens)."""
+    sp, tok = llama_pair
+    ids = tok.encode(text, bos=False)
+    assert ids == sp.encode(text)
+    assert tok.decode(ids) == sp.decode(ids) == text.replace("\u2581", " ")

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BabyLlamaError, missing_extra
-from ..tokenizer import BOS, EOS, UNK, Tokenizer, open_sentencepiece
+from ..tokenizer import BOS, EOS, META_SPACE, UNK, Tokenizer, open_sentencepiece
 
 # sentencepiece's (and GGUF's) token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _BIN_SPECIAL = {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}  # what tokenizer.bin stores as "\n<s>\n" etc.
 
@@ -40,7 +39,7 @@ class Vocab:
                 text = "\n<s>\n"
             elif i == self.eos_id:
                 text = "\n</s>\n"
-            pieces.append(text.replace(SPACE, " ").encode("utf-8"))
+            pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
         return Tokenizer(pieces, self.scores)
 
 
@@ -125,6 +124,6 @@ def from_tokenizer(tok: Tokenizer) -> Vocab:
         except UnicodeDecodeError:
             raise BabyLlamaError(f"tokenizer token {i} ({piece!r}) is not valid UTF-8; "
                                  "GGUF vocabularies hold text pieces") from None
-        tokens.append(text.replace(" ", SPACE))
+        tokens.append(text.replace(" ", META_SPACE))
         types.append(BYTE if _BYTE_PIECE.fullmatch(text) else NORMAL)
     return Vocab(tokens, [float(s) for s in tok.scores], types)
