@@ -714,6 +714,7 @@ def test_plain_rope_written_out_is_accepted(tmp_path, metadata, tensors):
      "tokenizer.ggml.bos_token_id 2, tokenizer.ggml.eos_token_id 1: not supported"),
     ({"tokenizer.ggml.add_bos_token": False}, "tokenizer.ggml.add_bos_token false: not supported"),
     ({"tokenizer.ggml.add_eos_token": True}, "tokenizer.ggml.add_eos_token true: not supported"),
+    ({"tokenizer.ggml.unknown_token_id": 5}, "tokenizer.ggml.unknown_token_id 5: not supported"),
 ])
 def test_special_tokens_other_than_llama2cs_are_refused(tmp_path, metadata, pattern):
     """The engine prepends BOS id 1 to every prompt and a chat reply ends at EOS id 2 (llama2.c's convention);
