@@ -275,6 +275,18 @@ def open_sentencepiece(model_path: str | os.PathLike):
         raise missing_extra("reading a sentencepiece .model file", "train") from None
     safeio.check_regular(model_path, "sentencepiece model")
     try:
-        return spm.SentencePieceProcessor(model_file=str(model_path))
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as e:
         raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
+    _check_special_ids(sp, model_path)
+    return sp
+
+
+def _check_special_ids(sp, model_path: str | os.PathLike) -> None:
+    """Everything here (tokenizer.bin, the engine, training data) takes ids 0, 1, 2 as <unk>, <s>, </s>, as
+    llama2.c does: a model trained with other ids would be converted and run with the wrong tokens."""
+    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id())
+    if ids != (UNK, BOS, EOS):
+        raise BabyLlamaError(f"sentencepiece model {model_path} has <unk>, <s>, </s> at ids {ids[0]}, {ids[1]}, "
+                             f"{ids[2]} (-1: none); babyllama needs them at {UNK}, {BOS}, {EOS} as llama2.c does "
+                             "(sentencepiece's defaults)")

@@ -344,9 +344,10 @@ def serve():
         s.server_close()
 
 
-def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0, **options) -> Path:
     """A small sentencepiece BPE model with Llama 2's settings (byte fallback, no normalization, digits
-    split), trained in a second on made-up sentences: any vocab size from ~300 up."""
+    split), trained in a second on made-up sentences: any vocab size from ~300 up. `options`: more of the
+    trainer's settings."""
     spm = pytest.importorskip("sentencepiece")
     import io
 
@@ -358,7 +359,7 @@ def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0) -> Pat
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0,
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    split_digits=True, allow_whitespace_only_pieces=True,
-                                   minloglevel=2, num_threads=1)
+                                   minloglevel=2, num_threads=1, **options)
     path.write_bytes(buf.getvalue())
     return path
 

@@ -96,3 +96,25 @@ def test_a_typed_meta_space_encodes_as_sentencepiece_does(llama_pair, text):
     ids = tok.encode(text, bos=False)
     assert ids == sp.encode(text)
     assert tok.decode(ids) == sp.decode(ids) == text.replace("\u2581", " ")
+
+
+@pytest.mark.parametrize("ids", [dict(unk_id=3, bos_id=0, eos_id=1, pad_id=2), dict(bos_id=-1, eos_id=-1)])
+def test_a_sentencepiece_model_with_other_special_ids_is_refused(tmp_path, capsys, ids):
+    """Everything runs ids 0/1/2 as <unk>, <s>, </s> (llama2.c's layout): a .model trained with other ids is
+    refused in one line rather than converted into a tokenizer.bin or GGUF vocabulary whose BOS is another token."""
+    from conftest import random_weights, tiny_args, train_sentencepiece
+
+    from babyllama import formats
+    from babyllama.cli import main
+
+    model = train_sentencepiece(tmp_path / "odd.model", 320, **ids)
+    formats.save(random_weights(tiny_args(vocab_size=320)), tmp_path / "m.bin")
+    for argv in (["export-tokenizer", str(model)],
+                 ["export", str(tmp_path / "m.gguf"), "--model", str(tmp_path / "m.bin"), "--tokenizer", str(model)],
+                 ["export", str(tmp_path / "out" / "m.bin"), "--model", str(tmp_path / "m.bin"),
+                  "--tokenizer", str(model)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert "needs them at 0, 1, 2 as llama2.c does" in err and "\n" not in err
+    assert not (tmp_path / "odd.bin").exists() and not (tmp_path / "m.gguf").exists()
+    assert not (tmp_path / "out" / "m.bin").exists()
