@@ -64,29 +64,32 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         adapter, base = load_adapter(lora), src.weights
         src = replace(src, weights=merge(base, adapter, str(src.path)))
-    if to == "bin":
-        return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit=tokenizer is not None)
-    if to == "hf":
-        from .interop.hf import save_hf
+    explicit = tokenizer is not None
+    # the folders made for OUT go again when a check refuses the export: a refused export leaves nothing
+    with safeio.new_folders_removed_on_error(out if to == "hf" else out.parent):
+        if to == "bin":
+            return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit)
+        if to == "hf":
+            from .interop.hf import save_hf
 
-        sp_model = _hf_tokenizer(src, tok, explicit=tokenizer is not None)
-        if sp_model is None:
-            _check_folder_tokenizer(out, src.weights.args.vocab_size)
-        save_hf(src.weights, out, sp_model, dtype or "f32")
-        if sp_model is None:
-            _note_folder_tokenizer(out)
-        if adapter is None:
-            return [out]
-        from .adapter import save_peft
+            sp_model = _hf_tokenizer(src, tok, explicit)
+            if sp_model is None:
+                _check_folder_tokenizer(out, src.weights.args.vocab_size)
+            save_hf(src.weights, out, sp_model, dtype or "f32")
+            if sp_model is None:
+                _note_folder_tokenizer(out)
+            if adapter is None:
+                return [out]
+            from .adapter import save_peft
 
-        return [out, save_peft(adapter, base, out / "adapter")]
-    from .interop.gguf import DTYPES, save_gguf
+            return [out, save_peft(adapter, base, out / "adapter")]
+        from .interop.gguf import DTYPES, save_gguf
 
-    if dtype is not None and dtype not in DTYPES:
-        raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
-    vocab = _gguf_vocab(src, tok)
-    save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
-    return [out]
+        if dtype is not None and dtype not in DTYPES:
+            raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
+        vocab = _gguf_vocab(src, tok)
+        save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
+        return [out]
 
 
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
@@ -245,8 +248,10 @@ def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = N
     """A sentencepiece .model as a llama2.c tokenizer.bin (default: the same name with .bin), its folder
     created where missing."""
     safeio.check_regular(model, "sentencepiece model")
-    out = safeio.output_file(Path(out) if out else Path(model).with_suffix(".bin"), "tokenizer")
-    if out.exists() and out.samefile(model):
-        raise BabyLlamaError(f"{out} is the sentencepiece model itself: choose another output (-o)")
-    Tokenizer.from_sentencepiece(model).save(out)
+    out = Path(out) if out else Path(model).with_suffix(".bin")
+    with safeio.new_folders_removed_on_error(out.parent):
+        safeio.output_file(out, "tokenizer")
+        if out.exists() and out.samefile(model):
+            raise BabyLlamaError(f"{out} is the sentencepiece model itself: choose another output (-o)")
+        Tokenizer.from_sentencepiece(model).save(out)
     return out

@@ -108,6 +108,24 @@ def test_an_unusable_output_location_is_one_line_and_leaves_nothing(tmp_path, ca
     assert leftovers(tmp_path) == [] and list(names["dir"].iterdir()) == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["export", "{new}/m.bin", "--model", "{model}", "--tokenizer", "{big}"],
+    ["export", "{new}/m.bin", "--model", "{model}", "--version", "3"],
+    ["export", "{new}/m.gguf", "--model", "{model}", "--tokenizer", "{big}"],
+    ["export", "{new}/hf", "--model", "{model}", "--tokenizer", "{big}"],
+    ["export-tokenizer", "{model}", "-o", "{new}/tok.bin"],
+], ids=lambda v: " ".join(v)[:40])
+def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys, tiny, argv):
+    """OUT's missing folders are made before the model and tokenizer checks that may refuse the export: a refused
+    one removes them again."""
+    pytest.importorskip("gguf")
+    byte_tokenizer(400).save(tmp_path / "big.bin")
+    names = {"new": tmp_path / "new" / "deeper", "model": tiny, "big": tmp_path / "big.bin"}
+    formats.save(random_weights(tiny_args(hidden_dim=48)), tiny)  # rows of 48: no Q4_0 blocks (version 3)
+    one_line(capsys, *(a.format(**names) for a in argv))
+    assert not (tmp_path / "new").exists()
+
+
 def test_export_tokenizer_creates_the_output_folders(tmp_path, capsys, sp_model):
     out = tmp_path / "no" / "such" / "tok.bin"
     assert main(["export-tokenizer", str(sp_model), "-o", str(out)]) == 0
