@@ -21,6 +21,7 @@ import math
 import os
 import re
 import struct
+import sys
 from array import array
 
 import numpy as np
@@ -117,10 +118,9 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
 
     def most_bytes_per_token(self) -> int:
-        """The most bytes of text one token of `encode` stands for: its longest mergeable piece, or a character
-        missing from the vocabulary (up to 4 bytes), which becomes one UNK where there are no byte tokens."""
-        longest = max((len(p) for p in self.piece_ids), default=1)
-        return longest if self.byte_ids else max(longest, 4)
+        """The most bytes of text one token of `encode` stands for: its longest mergeable piece; without byte
+        tokens no bound (sys.maxsize), since a run of characters missing from the vocabulary becomes one UNK."""
+        return max((len(p) for p in self.piece_ids), default=1) if self.byte_ids else sys.maxsize
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [BOS] if bos else []
@@ -140,7 +140,7 @@ class Tokenizer:
                 ids.append(tid)
             elif self.byte_ids:
                 ids.extend(self.byte_ids.get(x, UNK) for x in b)
-            else:
+            elif not ids or ids[-1] != UNK:  # as sentencepiece does, a run of unknown characters is one UNK
                 ids.append(UNK)
         return ids
 

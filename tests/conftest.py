@@ -355,11 +355,11 @@ def train_sentencepiece(path: Path, vocab_size: int = 320, seed: int = 0, **opti
     words = "the a cat dog sat on mat ran to park sun was happy little girl boy played with ball tree big red".split()
     lines = [" ".join(rng.choice(words, 12)) + "." for _ in range(400)]
     buf = io.BytesIO()
+    settings = dict(model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+                    allow_whitespace_only_pieces=True, minloglevel=2, num_threads=1)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   split_digits=True, allow_whitespace_only_pieces=True,
-                                   minloglevel=2, num_threads=1, **options)
+                                   **{**settings, **options})
     path.write_bytes(buf.getvalue())
     return path
 

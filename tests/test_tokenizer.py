@@ -118,3 +118,17 @@ def test_a_sentencepiece_model_with_other_special_ids_is_refused(tmp_path, capsy
         assert "needs them at 0, 1, 2 as llama2.c does" in err and "\n" not in err
     assert not (tmp_path / "odd.bin").exists() and not (tmp_path / "m.gguf").exists()
     assert not (tmp_path / "out" / "m.bin").exists()
+
+
+def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sentencepiece(tmp_path):
+    """A vocabulary without byte tokens: sentencepiece gives a run of characters it has no piece for one <unk>."""
+    import sentencepiece as spm
+    from conftest import train_sentencepiece
+
+    model = train_sentencepiece(tmp_path / "nobytes.model", 100, byte_fallback=False)
+    sp, tok = spm.SentencePieceProcessor(model_file=str(model)), Tokenizer.from_sentencepiece(model)
+    assert not tok.byte_ids
+    for text in ["日本", "the 日本語 cat", "xyz", "日 本", "the QQQ", "😀😀", "", "QQ\u2581QQ"]:
+        ids = tok.encode(text, bos=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids)
