@@ -278,6 +278,10 @@ def test_hf_bad_inputs(tmp_path, capsys):
     (tmp_path / "hf2" / "pytorch_model.bin").write_bytes(b"")
     assert "already holds another checkpoint (pytorch_model.bin)" in _error(
         capsys, str(tmp_path / "hf2"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
+    (tmp_path / "hf4").mkdir()  # another model's fast tokenizer, which transformers would load instead of ours
+    (tmp_path / "hf4" / "tokenizer.json").write_text("{}")
+    assert "already holds another checkpoint (tokenizer.json)" in _error(
+        capsys, str(tmp_path / "hf4"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
     assert "--version applies to .bin output" in _error(capsys, str(tmp_path / "d"), "--to", "hf", "--hf",
                                                          str(tmp_path / "hf2"), "--version", "2")
 

@@ -346,8 +346,9 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
-    # transformers prefers an index or a pytorch_model.bin over our model.safetensors: never leave one stale
-    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin"))
+    # transformers prefers an index or a pytorch_model.bin over our model.safetensors, and a tokenizer.json over
+    # our tokenizer.model: never leave one stale
+    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin")) or p.name == "tokenizer.json"
              or (p.suffix == ".safetensors" and p.name != "model.safetensors")] if outdir.is_dir() else []
     if stale:
         raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
