@@ -751,3 +751,24 @@ def test_a_rotary_dimension_larger_than_the_head_says_so(tmp_path):
                    "(embedding_length 64 / head_count 16)")
     partial = llama_gguf(tmp_path / "partial.gguf", args, {"llama.rope.dimension_count": 2})
     one_line_error(run_cli("run", str(partial), "-n", "4"), "partial rotary embedding (2 of 4) is not supported")
+
+
+@pytest.mark.parametrize("dtype, tensor, why", [
+    ("f16", "blk.0.attn_q.weight", ""),
+    ("q8_0", "blk.0.ffn_down.weight", " (its rows of 80 do not split into q8_0 blocks: written as f16)"),
+])
+def test_a_weight_beyond_fp16s_range_refuses_f16_gguf_output(tmp_path, capsys, dtype, tensor, why):
+    """fp16 tensors (--dtype f16, and a matrix whose rows do not split into blocks of 32) would hold infinities
+    where a weight lies beyond 65504, which every reader refuses as a corrupt file: refused in one line, naming the
+    tensor, as Hugging Face f16 output refuses it; bf16 holds such weights."""
+    args = tiny_args(vocab_size=300, hidden_dim=80)
+    w = random_weights(args, seed=1)
+    w.wq[0, 0, 0] = w.w2[0, 0, 0] = 7e4
+    formats.save(w, tmp_path / "m.bin")
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(out), "--model", str(tmp_path / "m.bin"), "--dtype", dtype]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"babyllama: error: tensor {tensor}{why}: weights beyond fp16's range (|w| > 65504): use bf16"
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    assert main(["export", str(out), "--model", str(tmp_path / "m.bin"), "--dtype", "bf16"]) == 0

@@ -55,7 +55,7 @@ from .. import memory, safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16
+from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16, to_f16
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
 from ..threads import worker_count
 from ..tokenizer import BOS, EOS, UNK
@@ -151,7 +151,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
             elif dtype == "bf16":
                 w.add_tensor(gguf_name(key), to_bf16(t).bits, raw_dtype=qtype)
             elif dtype == "f16" or t.shape[1] % BLOCK:
-                w.add_tensor(gguf_name(key), t.astype(np.float16))
+                w.add_tensor(gguf_name(key), _f16(t, gguf_name(key), dtype))
             else:
                 w.add_tensor(gguf_name(key), kernels.quantize_blocks(t, dtype).data, raw_dtype=qtype)
         w.write_header_to_file()
@@ -159,6 +159,16 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         w.write_tensors_to_file()
         w.close()
     return path
+
+
+def _f16(t: np.ndarray, name: str, dtype: str) -> np.ndarray:
+    """`t` rounded to fp16 (for `dtype` f16, or its fallback), refused in one line naming the tensor where a
+    weight would become infinite."""
+    try:
+        return to_f16(t)
+    except BabyLlamaError as e:
+        why = "" if dtype == "f16" else f" (its rows of {t.shape[1]} do not split into {dtype} blocks: written as f16)"
+        raise BabyLlamaError(f"tensor {name}{why}: {e}") from None
 
 
 def _block_tensors(weights: Weights, kind: str) -> dict[str, BlockTensor]:
