@@ -235,17 +235,38 @@ class Tokenizer:
         return "".join(stream.push(t) for t in ids) + stream.flush()
 
     def decode(self, ids: list[int]) -> str:
-        """The text for `ids` as sentencepiece decodes it (control tokens skipped, dummy prefix removed)."""
-        out = bytearray()
+        """The text for `ids` as sentencepiece decodes it: control tokens skipped, <unk> as " ⁇ ", the dummy prefix
+        (the leading space of the first piece other than a control token) removed, and each run of byte tokens as
+        UTF-8 where every byte that is not part of a whole character becomes U+FFFD."""
+        parts: list[str] = []
+        run = bytearray()  # consecutive byte tokens; any other token ends the run
+        first = True
         for t in ids:
-            if t in (UNK, BOS, EOS) and t < 3:
-                if t == UNK:
-                    out += " \u2047 ".encode()
+            piece = self.pieces[t]
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m:
+                run.append(int(m.group(1), 16))
+                first = False
                 continue
-            out += self.piece_bytes(t)
-        if out.startswith(b" "):
-            del out[:1]
-        return out.decode("utf-8", errors="replace")
+            parts.append(_utf8_per_byte(run))
+            run.clear()
+            if t in (BOS, EOS):
+                continue
+            if t == UNK:
+                parts.append(" \u2047 ")
+            else:
+                parts.append(_utf8_per_byte(piece[1:] if first and piece.startswith(b" ") else piece))
+            first = False
+        return "".join(parts) + _utf8_per_byte(run)
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape kept aside
+
+
+def _utf8_per_byte(data: bytes | bytearray) -> str:
+    """UTF-8 text with one U+FFFD for each byte that is not part of a whole character, as sentencepiece decodes
+    (Python's "replace" gives one for a cut-off character's bytes together)."""
+    return _UNDECODED.sub("\ufffd", data.decode("utf-8", errors="surrogateescape"))
 
 
 class TextStream:

@@ -132,3 +132,16 @@ def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sent
         ids = tok.encode(text, bos=False)
         assert ids == sp.encode(text), text
         assert tok.decode(ids) == sp.decode(ids)
+
+
+@pytest.mark.parametrize("ids", [
+    [0, 278], [0, 0, 29871], [3 + 0x20, 278], [1, 29871, 278], [29871, 29871, 278],  # the dummy prefix
+    [3 + 0xE5, 3 + 0xA1], [3 + 0xED, 3 + 0xA0, 3 + 0x80], [3 + 0xC0, 3 + 0x80],  # bytes of no whole character
+    [3 + 0xC3, 1, 3 + 0xA9], [3 + 0xC3, 0, 3 + 0xA9], [3 + 0xC3, 3 + 0xA9, 278], [3 + 0xC3, 278],
+])
+def test_decode_of_any_ids_is_sentencepieces(llama_pair, ids):
+    """Ids that no text encodes to (what a model may generate) decode as sentencepiece decodes them: only the first
+    piece's leading space is the dummy prefix (not <unk>'s, not a byte token's), and within a run of byte tokens
+    each byte that is not part of a whole character is one U+FFFD."""
+    sp, tok = llama_pair
+    assert tok.decode(ids) == sp.decode(ids)
