@@ -715,6 +715,7 @@ def test_plain_rope_written_out_is_accepted(tmp_path, metadata, tensors):
     ({"tokenizer.ggml.add_bos_token": False}, "tokenizer.ggml.add_bos_token false: not supported"),
     ({"tokenizer.ggml.add_eos_token": True}, "tokenizer.ggml.add_eos_token true: not supported"),
     ({"tokenizer.ggml.unknown_token_id": 5}, "tokenizer.ggml.unknown_token_id 5: not supported"),
+    ({"tokenizer.ggml.add_space_prefix": False}, "tokenizer.ggml.add_space_prefix false: not supported"),
 ])
 def test_special_tokens_other_than_llama2cs_are_refused(tmp_path, metadata, pattern):
     """The engine prepends BOS id 1 to every prompt and a chat reply ends at EOS id 2 (llama2.c's convention);
@@ -733,7 +734,8 @@ def test_llama2cs_special_tokens_written_out_are_accepted(tmp_path):
     from babyllama.interop.gguf import load_gguf
 
     written = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
-               "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+               "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+               "tokenizer.ggml.add_space_prefix": True}
     for metadata in ({}, written):
         vocab = load_gguf(llama_gguf(tmp_path / "m.gguf", metadata=metadata))[1]
         assert vocab is not None and (vocab.bos_id, vocab.eos_id) == (1, 2)

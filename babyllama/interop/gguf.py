@@ -15,7 +15,7 @@ What goes in a file llama.cpp loads as architecture "llama":
 
 Reading refuses what llama.cpp would run differently from the engine: rope scaling (a scaling factor, an
 attention factor, rope_freqs factors other than ones), partial rotary embeddings, and special tokens other than
-llama2.c's (BOS 1 prepended to every prompt, EOS 2, <unk> 0).
+llama2.c's (BOS 1 prepended to every prompt, EOS 2, <unk> 0, a space before the text).
 
 Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotates interleaved pairs
 (x[2i], x[2i+1]) exactly as Meta, llama2.c and babyllama's engine do; that is why llama.cpp's
@@ -657,18 +657,21 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
 def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> None:
     """The engine runs llama2.c's convention: BOS (id 1) before every prompt and nothing after it, EOS (id 2) the
     end of a chat reply, <unk> id 0 (what a character without a piece or byte token becomes, and what decoding
-    shows as " ⁇ "). llama.cpp follows the file's own special tokens instead, so a file whose tokens differ
-    would run differently here: refused, naming what differs (absent keys mean llama2.c's values)."""
+    shows as " ⁇ "), and sentencepiece's dummy prefix (a space before the text). llama.cpp follows the file's own
+    special tokens and prefix flag instead, so a file whose settings differ would run differently here: refused,
+    naming what differs (absent keys mean llama2.c's values)."""
     differs = [f"tokenizer.ggml.{key}_token_id {ids[key]}" for key, want in (("unknown", UNK), ("bos", BOS),
                                                                               ("eos", EOS)) if ids[key] != want]
     if not fields.bool("tokenizer.ggml.add_bos_token", True):
         differs.append("tokenizer.ggml.add_bos_token false")
     if fields.bool("tokenizer.ggml.add_eos_token", False):
         differs.append("tokenizer.ggml.add_eos_token true")
+    if not fields.bool("tokenizer.ggml.add_space_prefix", True):  # llama.cpp would encode "Hi" without " Hi"'s space
+        differs.append("tokenizer.ggml.add_space_prefix false")
     if differs:
         raise BabyLlamaError(f"{path}: {', '.join(differs)}: not supported, babyllama runs llama2.c's convention "
                              f"(BOS id {BOS} prepended to every prompt, EOS id {EOS}, none added after a prompt, "
-                             f"<unk> id {UNK})")
+                             f"<unk> id {UNK}, a space put before the text)")
 
 
 def _shortest(value: float) -> float:
