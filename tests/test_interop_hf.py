@@ -317,3 +317,15 @@ def test_rope_parameters_theta_wins_over_a_disagreeing_top_level_one():
     assert args_from_config(config).rope_theta == 10000.0
     del config["rope_parameters"]
     assert args_from_config(config).rope_theta == 20000.0
+
+
+def test_a_config_without_rms_norm_eps_runs_with_transformers_default():
+    """transformers runs a Llama config.json without rms_norm_eps with LlamaConfig's default, 1e-6 (not Llama 2's
+    1e-5, which is the default of llama2.c's .bin files)."""
+    from babyllama.interop.hf import args_from_config, config_from_args
+
+    config = config_from_args(tiny_args(norm_eps=1e-5))
+    del config["rms_norm_eps"]
+    assert args_from_config(config).norm_eps == 1e-6
+    transformers = pytest.importorskip("transformers")
+    assert transformers.LlamaConfig(**config).rms_norm_eps == 1e-6

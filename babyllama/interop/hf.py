@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import safeio
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
+from ..config import DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, first_line, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
@@ -69,6 +69,10 @@ def halves_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ config
 
 
+# transformers' LlamaConfig default, which a config.json without rms_norm_eps runs with (not Llama 2's 1e-5)
+HF_NORM_EPS = 1e-6
+
+
 def args_from_config(config: dict, max_seq_len: int | None = None, source: str = "config.json") -> ModelArgs:
     """ModelArgs from a Hugging Face LlamaConfig dict, refusing what babyllama's engine cannot run; every
     field's type and range is checked (`"tie_word_embeddings": "false"` is a string, not a bool)."""
@@ -92,7 +96,7 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
         n_heads=n_heads, n_kv_heads=f.int("num_key_value_heads", n_heads, hi=LIMITS["n_kv_heads"]),
         hidden_dim=f.int("intermediate_size", hi=LIMITS["hidden_dim"]),
         vocab_size=f.int("vocab_size", hi=LIMITS["vocab_size"]),
-        norm_eps=f.float("rms_norm_eps", DEFAULT_NORM_EPS), rope_theta=theta,
+        norm_eps=f.float("rms_norm_eps", HF_NORM_EPS), rope_theta=theta,
         max_seq_len=max_seq_len or f.int("max_position_embeddings", 2048, hi=LIMITS["max_seq_len"]),
         shared_classifier=f.bool("tie_word_embeddings", False),
     )
