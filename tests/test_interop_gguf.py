@@ -640,16 +640,21 @@ def test_a_16_bit_gguf_runs_its_weights_as_they_are(tmp_path, sp_model, dtype):
 # ------------------------------------------------------------ what llama.cpp would run differently: refused
 
 
-def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | None = None):
+class _WriterWithoutArchitecture(gguf.GGUFWriter):
+    def add_architecture(self) -> None:  # the writer's constructor adds general.architecture: leave it out
+        pass
+
+
+def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | None = None, arch: str | None = "llama"):
     """A small llama GGUF written with the gguf package (random fp32 weights, a byte vocabulary): babyllama's
     llama.* keys, then `metadata` (key -> value: str, bool, int (uint32) or float (float32); added, or replacing
-    a key above) and extra fp32 `tensors`."""
+    a key above) and extra fp32 `tensors`; general.architecture `arch` (None: no such key)."""
     from babyllama.interop.gguf import add_llama_metadata
     from babyllama.interop.vocab import from_tokenizer
 
     args = args or tiny_args(vocab_size=320)
     vocab = from_tokenizer(byte_tokenizer(args.vocab_size))
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch) if arch else _WriterWithoutArchitecture(path, "llama")
     add_llama_metadata(w, args)
     w.add_tokenizer_model("llama")
     w.add_token_list(vocab.tokens)
@@ -774,3 +779,16 @@ def test_a_weight_beyond_fp16s_range_refuses_f16_gguf_output(tmp_path, capsys, d
     assert err == f"babyllama: error: tensor {tensor}{why}: weights beyond fp16's range (|w| > 65504): use bf16"
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     assert main(["export", str(out), "--model", str(tmp_path / "m.bin"), "--dtype", "bf16"]) == 0
+
+
+@pytest.mark.parametrize("arch, pattern", [
+    ("mistral", "unsupported architecture 'mistral' (only 'llama' GGUF files)"),
+    ("qwen2", "unsupported architecture 'qwen2' (only 'llama' GGUF files)"),
+    (None, "general.architecture is missing (only 'llama' GGUF files, which say so)"),
+])
+def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path, arch, pattern):
+    from conftest import one_line_error
+
+    path = llama_gguf(tmp_path / "other.gguf", arch=arch)
+    one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
+    one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(path)), pattern)

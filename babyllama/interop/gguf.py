@@ -518,6 +518,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
     arch = meta.get("general.architecture")
+    if arch is None:
+        raise BabyLlamaError(f"{path}: general.architecture is missing (only 'llama' GGUF files, which say so)")
     if arch != ARCH:
         raise BabyLlamaError(f"{path}: unsupported architecture {arch!r} (only 'llama' GGUF files)")
 
