@@ -69,18 +69,18 @@ class Tokenizer:
         off = 4
         while off < len(data):
             if off + 8 > len(data):
-                raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt")
+                raise _unreadable(path, data, "tokenizer file is truncated or corrupt")
             score, n = struct.unpack_from("<fi", data, off)
             off += 8
             if n < 0 or off + n > len(data) or (max_len > 0 and n > max_len):
-                raise BabyLlamaError(f"{path}: tokenizer file is truncated or corrupt (token {len(pieces)})")
+                raise _unreadable(path, data, f"tokenizer file is truncated or corrupt (token {len(pieces)})")
             if not math.isfinite(score):
-                raise BabyLlamaError(f"{path}: token {len(pieces)} has the score {score}; the file is corrupt")
+                raise _unreadable(path, data, f"token {len(pieces)} has the score {score}; the file is corrupt")
             pieces.append(data[off:off + n])
             scores.append(score)
             off += n
             if len(pieces) > LIMITS["vocab_size"]:
-                raise BabyLlamaError(f"{path}: more than {LIMITS['vocab_size']:,} tokens; not a tokenizer.bin")
+                raise _unreadable(path, data, f"more than {LIMITS['vocab_size']:,} tokens; not a tokenizer.bin")
         if len(pieces) < 3:  # <unk>, <s> and </s> at least: encoding falls back to <unk>
             raise BabyLlamaError(f"{path}: a tokenizer.bin of {len(pieces)} tokens (it needs <unk>, <s> and </s>)")
         if vocab_size is not None and len(pieces) != vocab_size:
@@ -267,6 +267,18 @@ def _utf8_per_byte(data: bytes | bytearray) -> str:
     """UTF-8 text with one U+FFFD for each byte that is not part of a whole character, as sentencepiece decodes
     (Python's "replace" gives one for a cut-off character's bytes together)."""
     return _UNDECODED.sub("\ufffd", data.decode("utf-8", errors="surrogateescape"))
+
+
+# files given as a tokenizer.bin by mistake, told by their first bytes
+_OTHER_FILES = ((b"GGUF", "a GGUF model file (which carries its own vocabulary)"),
+                (struct.pack("<I", 0x616B3432), "a llama2.c model file"),
+                (b"{", "a JSON file (Hugging Face's tokenizer.json? pass the sentencepiece tokenizer.model)"))
+
+
+def _unreadable(path: str | os.PathLike, data: bytes, detail: str) -> BabyLlamaError:
+    """A tokenizer.bin that does not parse: what the file is instead where its first bytes say, else `detail`."""
+    kind = next((kind for head, kind in _OTHER_FILES if data.lstrip().startswith(head)), None)
+    return BabyLlamaError(f"{path}: not a tokenizer.bin but {kind}" if kind else f"{path}: {detail}")
 
 
 class TextStream:

@@ -145,3 +145,26 @@ def test_decode_of_any_ids_is_sentencepieces(llama_pair, ids):
     each byte that is not part of a whole character is one U+FFFD."""
     sp, tok = llama_pair
     assert tok.decode(ids) == sp.decode(ids)
+
+
+def test_a_model_or_json_file_given_as_tokenizer_bin_says_what_it_is(tmp_path):
+    """A GGUF or llama2.c model, or Hugging Face's tokenizer.json, passed where a tokenizer.bin goes is named as
+    what it is, not as a truncated or corrupt tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    from conftest import random_weights, tiny_args
+
+    from babyllama import formats
+    from babyllama.errors import BabyLlamaError
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    w.add_block_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    formats.save(random_weights(tiny_args()), tmp_path / "m.bin")
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    for name, kind in (("m.gguf", "a GGUF model file"), ("m.bin", "a llama2.c model file"),
+                       ("tokenizer.json", "a JSON file (Hugging Face's tokenizer.json?")):
+        with pytest.raises(BabyLlamaError) as e:
+            Tokenizer.load(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: not a tokenizer.bin but {kind}")
