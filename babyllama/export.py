@@ -55,8 +55,8 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         if dtype not in HF_DTYPES:
             raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
     tok = Path(tokenizer) if tokenizer else src.tokenizer
-    if tok is not None and not tok.is_file():
-        raise BabyLlamaError(f"tokenizer {tok}: no such file")
+    if tok is not None:
+        safeio.check_regular(tok, "tokenizer file")
     out = Path(out)
     adapter = None
     if lora is not None:

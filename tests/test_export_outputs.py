@@ -307,3 +307,13 @@ def test_new_file_mode_reads_the_umask_without_setting_it(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def test_a_tokenizer_that_is_a_folder_is_named_so(tmp_path, capsys, tiny):
+    """--tokenizer naming a folder (or nothing) says which, not 'no such file' for a folder that exists."""
+    (tmp_path / "folder").mkdir()
+    assert "tokenizer file " + str(tmp_path / "folder") + " is a directory, not a regular file" in one_line(
+        capsys, "export", str(tmp_path / "o.bin"), "--model", str(tiny), "--tokenizer", str(tmp_path / "folder"))
+    assert "tokenizer file not found: " + str(tmp_path / "nope") in one_line(
+        capsys, "export", str(tmp_path / "o.bin"), "--model", str(tiny), "--tokenizer", str(tmp_path / "nope"))
+    assert not (tmp_path / "o.bin").exists()
