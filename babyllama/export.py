@@ -54,7 +54,7 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         if dtype not in HF_DTYPES:
             raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
-    tok = Path(tokenizer) if tokenizer else src.tokenizer
+    tok = Path(tokenizer) if tokenizer else src.tokenizer or _tokenizer_beside(src)
     if tok is not None:
         safeio.check_regular(tok, "tokenizer file")
     out = Path(out)
@@ -206,19 +206,23 @@ def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:
     return vocab
 
 
+def _tokenizer_beside(src: Source) -> Path | None:
+    """The tokenizer.bin beside a .bin source, which `run` runs it with. Not the built-in one that `run` falls back
+    on for a vocabulary of its size: a guess that shows at once in what `run` prints would here be written into a
+    file as the model's tokenizer."""
+    beside = src.path.with_name(TOKENIZER_BIN)
+    return beside if src.kind == "bin" and beside.is_file() else None
+
+
 def _source_vocab(src: Source, tok: Path | None) -> Vocab | None:
-    """The vocabulary exported with a model: --tokenizer, else the source's own (a GGUF's), else the tokenizer.bin
-    beside a .bin. Not the built-in one that `run` falls back on for a vocabulary of its size: a guess that shows
-    at once in what `run` prints would here be written into a file as the model's tokenizer."""
+    """The vocabulary exported with a model: `tok` (--tokenizer, a file that came with the source, the tokenizer.bin
+    beside a .bin), else the source's own (a GGUF's)."""
     from .interop.vocab import load_vocab
 
-    beside = src.path.with_name(TOKENIZER_BIN)
     if tok is not None:
         vocab = load_vocab(tok)
     elif src.vocab is not None:
         vocab = src.vocab
-    elif src.kind == "bin" and beside.is_file():
-        vocab = load_vocab(beside)
     else:
         return None
     _check_vocab(len(vocab.tokens), src.weights.args.vocab_size, tok)

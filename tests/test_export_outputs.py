@@ -174,6 +174,16 @@ def test_a_bin_export_checks_the_tokenizer_before_writing_the_model(tmp_path, ca
     assert out.read_bytes() == b"the user's file" and not out.with_name("tokenizer.bin").exists()
 
 
+@pytest.mark.parametrize("version", ["0", "2"])
+def test_a_bin_export_of_a_bin_carries_the_tokenizer_beside_it(tmp_path, capsys, tiny, version):
+    """The tokenizer.bin beside a .bin source is the model's (what `run` runs it with): a .bin export into another
+    folder writes it beside OUT, as GGUF and Hugging Face exports carry it."""
+    out = tmp_path / "out" / "m.bin"
+    assert main(["export", str(out), "--model", str(tiny), "--version", version]) == 0
+    assert out.with_name("tokenizer.bin").read_bytes() == tiny.with_name("tokenizer.bin").read_bytes()
+    assert f"wrote {out.with_name('tokenizer.bin')}" in capsys.readouterr().err
+
+
 def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_path, capsys, tiny_gguf):
     folder = tmp_path / "d"
     folder.mkdir()
