@@ -201,8 +201,10 @@ def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:
     """GGUF files carry their vocabulary: the source's (see `_source_vocab`), which must exist."""
     vocab = _source_vocab(src, tok)
     if vocab is None:
+        # where the source's own tokenizer would have been found (loading.open_model)
+        where = "tokenizer.model in its folder" if src.kind in ("hf", "meta") else f"{TOKENIZER_BIN} beside it"
         raise BabyLlamaError(f"no tokenizer found for {src.path}: a GGUF file carries the model's tokenizer: put "
-                             f"{TOKENIZER_BIN} beside it or pass --tokenizer TOK.model (or tokenizer.bin)")
+                             f"{where} or pass --tokenizer TOK.model (or tokenizer.bin)")
     return vocab
 
 

@@ -184,6 +184,11 @@ def test_gguf_bad_inputs(tmp_path, capsys, sp_model):
 
     out = str(tmp_path / "x.gguf")
     assert "no tokenizer found" in error(out, "--model", str(tmp_path / "odd.bin"))
+    assert "put tokenizer.bin beside it or pass --tokenizer" in error(out, "--model", str(tmp_path / "odd.bin"))
+    from babyllama.interop.hf import save_hf
+
+    save_hf(w, tmp_path / "hf")  # a Hugging Face source finds its tokenizer.model in its folder, never a .bin beside
+    assert "put tokenizer.model in its folder or pass --tokenizer" in error(out, "--hf", str(tmp_path / "hf"))
     assert "has 320 tokens but the model's vocab_size is 333" in error(
         out, "--model", str(tmp_path / "odd.bin"), "--tokenizer", str(sp_model))
     assert "--version applies to .bin output, not --to gguf" in error(
