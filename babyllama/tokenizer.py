@@ -1,8 +1,9 @@
 """The llama2.c tokenizer (`tokenizer.bin`): byte-level BPE driven by piece scores, as sentencepiece does it.
 
 Encoding follows sentencepiece's BPE (the tool that trained these vocabularies, so it is the truth):
-a dummy-prefix space, spaces kept as part of pieces, each character looked up as a piece or else spelled
-as `<0xXX>` byte tokens, then repeatedly the adjacent pair whose concatenation is the best-scoring piece
+a dummy-prefix space, spaces kept as part of pieces (a typed "▁" is a space too), each character looked up as a
+piece or else spelled as `<0xXX>` byte tokens (without byte tokens, a run of such characters is one `<unk>`),
+then repeatedly the adjacent pair whose concatenation is the best-scoring piece
 is merged (leftmost on ties). Unlike run.c's simplification, control tokens (`<s>`, `</s>`, `<unk>`) and
 byte tokens never come out of a merge, so typing "<s>" or "<0x41>" gives ordinary text tokens. The merge
 loop uses a heap over a linked list of symbols: O(n log n), not a rescan of the text per merge.
