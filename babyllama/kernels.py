@@ -32,7 +32,7 @@ from .kernels_base import (
     matmul_quantized,
     quantize_rows,
 )
-from .quant import QUANTIZERS, BlockTensor
+from .quant import QUANTIZERS, BlockTensor, check_scales_fit
 
 if TYPE_CHECKING:
     from .kernels_native import NativeKernels
@@ -117,7 +117,7 @@ def quantize_blocks(w: np.ndarray, kind: str) -> BlockTensor:
     """w (rows, cols) as `kind` blocks ("q4_0" or "q8_0"): in C on every thread where the native kernels are
     the backend (the same bytes), else by quant.py's quantizers (the reference)."""
     native = native_backend()
-    return native.quantize_blocks(w, kind) if native else QUANTIZERS[kind](w)
+    return check_scales_fit(native.quantize_blocks(w, kind) if native else QUANTIZERS[kind](w))
 
 
 def q4_0_blocks(w: np.ndarray) -> BlockTensor:

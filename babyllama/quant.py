@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import BabyLlamaError
+
 BLOCK = 32
 BLOCK_BYTES = {"q4_0": 2 + BLOCK // 2, "q8_0": 2 + BLOCK}
 KINDS = tuple(BLOCK_BYTES)
@@ -81,6 +83,20 @@ class BlockTensor:
         n = q.shape[0]
         out = q.reshape(n, -1, BLOCK).astype(np.float32) * self.scales(rows)[:, :, None]
         return out.reshape(n, self.cols)
+
+
+def check_scales_fit(t: BlockTensor) -> BlockTensor:
+    """`t` (fresh from a quantizer, not regrouped) if every block's fp16 scale is finite. A scale is the block's
+    largest |weight| / 8 (Q4_0) or / 127 (Q8_0): beyond fp16's 65,504 it is infinite and the block's weights
+    NaN, so a model with weights past 524,032 (Q4_0) or 8,319,008 (Q8_0) cannot be held in these blocks."""
+    blocks = t.data.reshape(t.data.shape[0], -1, BLOCK_BYTES[t.kind])
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)
+    if not np.isfinite(scales).all():
+        limit = 65504 * (8 if t.kind == "q4_0" else 127)
+        raise BabyLlamaError(f"a weight beyond {limit:,} in magnitude does not fit {t.kind.upper()}'s fp16 block "
+                             "scales: keep this model in fp32, or in runq.c's Q8_0, whose scales are fp32 "
+                             "(--quantize q8_0, .bin version 2)")
+    return t
 
 
 def regrouped_group(left: int) -> int:

@@ -257,3 +257,29 @@ def test_load_wants_paths():
 
     with pytest.raises(BabyLlamaError, match="model must be a path"):
         load(123)
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("command", [("run", "M", "--quantize", "q4_0", "-n", "4"),
+                                     ("export", "OUT.gguf", "--model", "M", "--dtype", "q8_0"),
+                                     ("export", "OUT.bin", "--model", "M", "--version", "3")])
+def test_weights_beyond_the_fp16_block_scales_are_refused_not_run_as_nan(tmp_path, backend, command):
+    """Q4_0/Q8_0 blocks keep an fp16 scale (largest |w| / 8 or / 127): a weight of 1e10 would make it infinite
+    and its block NaN, which ran as garbage text with exit 0; now one line that says what fits."""
+    from conftest import byte_tokenizer
+
+    from babyllama import kernels_native
+
+    if backend == "native" and kernels_native.compiler() is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    weights = random_weights(tiny_args(vocab_size=300))
+    weights.wq[0][3, 7] = 1e10
+    formats.save(weights, tmp_path / "m.bin", version=1)
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    args = [str(tmp_path / "m.bin") if a == "M" else a.replace("OUT", str(tmp_path / "out")) for a in command]
+    proc = run_cli(*args, env={"BABYLLAMA_KERNELS": backend})
+    assert proc.returncode == 1, proc.stderr
+    kind = "Q8_0" if "q8_0" in command else "Q4_0"
+    assert proc.stderr.decode().endswith(f"does not fit {kind}'s fp16 block scales: keep this model in fp32, or in "
+                                         "runq.c's Q8_0, whose scales are fp32 (--quantize q8_0, .bin version 2)\n")
+    assert not list(tmp_path.glob("out*"))
