@@ -72,6 +72,9 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         if to == "hf":
             from .interop.hf import save_hf
 
+            if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
+                raise BabyLlamaError(f"{out} holds an adapter folder from another export ({out / 'adapter'}), which "
+                                     "does not belong to this model: remove it or choose an empty folder")
             sp_model = _hf_tokenizer(src, tok, explicit)
             if sp_model is None:
                 _check_folder_tokenizer(out, src.weights.args.vocab_size)

@@ -230,6 +230,12 @@ def test_peft_loads_the_hugging_face_adapter_with_our_logits(lora_run, tmp_path)
         merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned_hf").eval()(tokens).logits
     assert (with_peft - ours).abs().max() <= 1e-4 and (merged - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 0.01  # the adapter matters: a no-op would pass the checks above
+    # the plain model exported over the tuned folder would sit beside an adapter that is not its own
+    proc = run_cli("export", str(tmp_path / "tuned_hf"), "--model", str(root / "base.bin"))
+    assert proc.returncode == 1 and "holds an adapter folder from another export" in proc.stderr.decode()
+    proc = run_cli("export", str(tmp_path / "tuned_hf"), "--model", str(root / "base.bin"),
+                   "--lora", str(root / "lora"))
+    assert proc.returncode == 0, proc.stderr.decode()  # the same export again: its own adapter is replaced
 
 
 # ------------------------------------------------------------------------------------------------ resume
