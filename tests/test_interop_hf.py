@@ -263,6 +263,14 @@ def test_hf_bad_inputs(tmp_path, capsys):
     scaled = dict(config, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
     (folder / "config.json").write_text(json.dumps(scaled))
     assert "rope scaling 'llama3' is not supported" in _error(capsys, out, "--hf", str(folder))
+    (folder / "config.json").write_text(json.dumps(dict(config, rope_scaling={"type": "linear", "factor": 2.0})))
+    assert "rope scaling 'linear' is not supported" in _error(capsys, out, "--hf", str(folder))
+    (folder / "config.json").write_text(json.dumps(dict(config, rope_scaling={"type": "linear", "factor": 1.0})))
+    assert main(["export", out, "--hf", str(folder)]) == 0  # positions divided by 1: plain RoPE
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["export", str(tmp_path / "plain.bin"), "--hf", str(folder)]) == 0
+    assert (tmp_path / "plain.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
+    capsys.readouterr()
     (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
     msg = _error(capsys, out, "--hf", str(folder))
     assert "model.layers.0.mlp.gate_proj.weight has shape (80, 32), the config implies (96, 32)" in msg

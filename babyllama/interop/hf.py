@@ -87,7 +87,9 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
     ropes = {key: f.sub(key) for key in ("rope_parameters", "rope_scaling") if f.has(key)}
     for rope in ropes.values():
         rope_type = rope.str("rope_type", None) or rope.str("type", "default")
-        if rope_type != "default":
+        # linear scaling divides positions by its factor: by 1 it is plain RoPE (as the GGUF reader takes it)
+        plain = rope_type == "default" or rope_type == "linear" and rope.float("factor", None) == 1.0
+        if not plain:
             raise BabyLlamaError(f"{source}: rope scaling '{rope_type}' is not supported (only plain RoPE)")
     theta = _rope_theta(f, ropes)
     n_heads = f.int("num_attention_heads", hi=LIMITS["n_heads"])
