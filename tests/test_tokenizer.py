@@ -18,7 +18,7 @@ TRICKY = [
 
 @pytest.fixture(scope="module")
 def llama_pair():
-    import sentencepiece as spm
+    spm = pytest.importorskip("sentencepiece")
 
     sp = spm.SentencePieceProcessor(model_file=str(shared_file("fixtures/llama2-tokenizer.model")))
     tok = Tokenizer.load(shared_file("fixtures/llama2-tokenizer.bin"), 32000)
