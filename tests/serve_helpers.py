@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import sigint_default
+
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
 

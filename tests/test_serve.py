@@ -12,15 +12,14 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from conftest import run_cli
 from serve_helpers import ROOT, Server
 
 from babyllama.loading import BUILTIN_TOKENIZER
-from babyllama.serve.protocol import ChoiceText
 from babyllama.tokenizer import BOS, Tokenizer
 
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -151,6 +150,8 @@ def test_logprobs(client):
 def test_streamed_text_is_whole_utf8_characters(tokenizer):
     """A character sent as byte tokens (here "é" = C3 A9 and "😀" = F0 9F 98 80) is held back until complete
     and never split by a stop-string check; a stop string that starts like held-back text still cuts."""
+    from babyllama.serve.protocol import ChoiceText
+
     ids = [tokenizer.byte_ids[b] for b in "é😀".encode()]
     text = ChoiceText(tokenizer, BOS, stops=["😀!"])
     pieces = [text.push(t) for t in ids]

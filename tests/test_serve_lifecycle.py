@@ -15,11 +15,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
 from serve_helpers import ROOT, Server, free_port
 
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
