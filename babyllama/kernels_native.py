@@ -12,7 +12,8 @@ not match them is built again rather than loaded. BABYLLAMA_NATIVE_ARCH picks th
 "native" (default: everything this CPU has, AVX-512 and VNNI included), "avx2" (x86-64-v3: the AVX2 paths,
 also on an AVX-512 machine, which is how tests cover them), "avx512" (x86-64-v4, no VNNI), "avx512-vnni" (no
 VBMI), or any other -march value. Without a compiler, or
-with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then NumPy.
+with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then NumPy; where the kernels
+were wanted, one line on stderr says why they are not used (no compiler: on the first run only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, sampler
+from .errors import first_line
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
 from .kernels_base import kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
@@ -144,6 +146,31 @@ def cache_root() -> Path:
     return Path(base) / "native"
 
 
+_said: set[str] = set()
+
+
+def _fall_back(reason: str) -> None:
+    """One line on stderr, once a process: why the kernels are not used. The fallback is several times slower,
+    which a user would otherwise take for the speed of babyllama."""
+    if reason not in _said and sys.stderr is not None:
+        _said.add(reason)
+        print(f"babyllama: {reason}; running without them, several times slower", file=sys.stderr, flush=True)
+
+
+def _no_compiler(directory: Path | None) -> None:
+    """Say that no C compiler was found, on the first run only: a marker in the cache keeps later runs quiet
+    (where the cache cannot be written, every run says it)."""
+    try:
+        marker = (directory or cache_root()) / "no-compiler"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("no C compiler was found (cc, gcc or clang on PATH, or $CC); said once\n")
+    except OSError:
+        pass
+    _fall_back("no C compiler (cc, gcc or clang on PATH, or $CC) to build the C kernels with")
+
+
 def compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -218,6 +245,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     where every attempt of this call failed, one line on stderr says so: the fallback is several times slower."""
     cc = compiler()
     if cc is None:
+        _no_compiler(directory)
         return None
     arch = arch_name(arch)
     source = SOURCE.read_bytes()
@@ -253,9 +281,8 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         errors = attempt.stderr.strip().splitlines()[-20:]
         failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
         failures.append(failed)
-    if failures and sys.stderr is not None:  # every flag set failed, these here and now
-        print(f"babyllama: the C kernels did not compile with {cc} (see {failures[0]}); running without them, "
-              f"several times slower", file=sys.stderr, flush=True)
+    if failures:  # every flag set failed, these here and now
+        _fall_back(f"the C kernels did not compile with {cc} (see {failures[0]})")
     return None
 
 
@@ -838,13 +865,16 @@ _loaded: dict[Path, NativeKernels] = {}
 def load(arch: str | None = None) -> NativeKernels | None:
     """The native kernels for instruction set `arch` (default $BABYLLAMA_NATIVE_ARCH, else "native"), or None
     (the caller falls back) when disabled (BABYLLAMA_NATIVE=0), when the CPU lacks a forced instruction set,
-    when no compiler works, when the cache folder is not writable, or when the cached library cannot be loaded
-    (it is then removed, to be rebuilt next time). One object per library."""
+    when no compiler works, when the cache folder is not writable, or when the built library cannot be loaded
+    (one line on stderr says which). One object per library."""
     if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" or not _runs_here(arch_name(arch)):
         return None
     try:
         path = build(arch=arch)
-    except OSError:  # e.g. a read-only home: run without the kernels rather than fail
+    except OSError as e:  # e.g. a read-only home: run without the kernels rather than fail
+        where = f": {os.fsdecode(e.filename)}" if e.filename is not None else ""
+        _fall_back(f"cannot build the C kernels in their cache ({e.strerror or first_line(e)}{where}; "
+                   f"BABYLLAMA_CACHE names another folder)")
         return None
     if path is None:
         return None
@@ -852,8 +882,11 @@ def load(arch: str | None = None) -> NativeKernels | None:
         return _loaded[path]
     try:
         kernels = NativeKernels(path)
-    except (OSError, AttributeError):  # a truncated or foreign library in the cache
-        path.unlink(missing_ok=True)
+    except (OSError, AttributeError) as e:
+        # build() returned it, so it is the library the compiler wrote, byte for byte: building it again would
+        # fail the same way (a folder mounted noexec refuses every library in it), at ~15 s a run; it stays
+        _fall_back(f"cannot load the C kernels built in {path.parent} ({first_line(e)}: a folder mounted noexec? "
+                   f"BABYLLAMA_CACHE names another)")
         return None
     _loaded[path] = kernels
     return kernels

@@ -340,25 +340,51 @@ def test_native_fused_products_match_numpy(quantized, rows):
         native.matmul(x, ws, into=y)
 
 
-def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch):
+def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch, capsys):
     """An unwritable cache folder, or a cached library that cannot be loaded although it matches the record of its
-    build (so build() returns it), means no native kernels, not a crash; the library is removed so that the next
-    run rebuilds it. (One that does not match its record is rebuilt before it is loaded: test_kernels.py.)"""
+    build (so build() returns it: a folder mounted noexec refuses every library), means no native kernels and one
+    line on stderr saying why, not a crash; the library stays, since building it again would fail the same way
+    (it was compiled again on every run, ~15 s each). (One that does not match its record is rebuilt before it is
+    loaded: test_kernels.py.)"""
     if native_unavailable():
         pytest.skip("no C compiler: the native kernels cannot be built here")
     built = kernels_native.build()  # in the usual cache (where other tests have built it): its file name
+    monkeypatch.setattr(kernels_native, "_said", set())
+    capsys.readouterr()
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("BABYLLAMA_CACHE", str(blocker))  # cache root below a regular file
     assert kernels_native.load() is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("babyllama: cannot build the C kernels in their cache ("), err
+    assert str(blocker) in err[0] and err[0].endswith("running without them, several times slower"), err
 
     monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path / "cache"))
-    lib = kernels_native.cache_root() / built.name  # the library this cache would hold, corrupt
+    lib = kernels_native.cache_root() / built.name  # the library this cache would hold, unloadable
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"not a shared library")
     kernels_native.fingerprint_path(lib).write_text(kernels_native.fingerprint(lib))
-    assert kernels_native.load() is None and not lib.exists()
-    assert kernels_native.load() is not None and lib.exists()  # rebuilt
+    monkeypatch.setattr(kernels_native, "_run_compiler", lambda cmd: pytest.fail(f"compiled again: {cmd}"))
+    assert kernels_native.load() is None and lib.read_bytes() == b"not a shared library"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"babyllama: cannot load the C kernels built in {lib.parent} ("), err
+    assert kernels_native.load() is None and capsys.readouterr().err == ""  # said once a process
+
+
+def test_without_a_compiler_the_first_run_says_so_once(tmp_path):
+    """Without a C compiler the kernels fall back to numba or NumPy, several times slower: the first run says so
+    in one line (it said nothing), later runs do not (a marker in the cache)."""
+    from conftest import run_cli
+
+    env = {"PATH": str(tmp_path / "empty"), "CC": "", "BABYLLAMA_CACHE": str(tmp_path / "cache"),
+           "BABYLLAMA_KERNELS": "native"}
+    notes = []
+    for _ in range(2):
+        r = run_cli("run", "-t", "0", "-n", "8", env=env)
+        assert r.returncode == 0 and r.stdout.startswith(b"Once upon a time"), r.stderr.decode()
+        notes.append([line for line in r.stderr.decode().splitlines() if line.startswith("babyllama:")])
+    assert notes == [["babyllama: no C compiler (cc, gcc or clang on PATH, or $CC) to build the C kernels with; "
+                      "running without them, several times slower"], []]
 
 
 @pytest.mark.parametrize("head_size", [8, 12, 48, 96, 128])  # 12: the scalar path; 96, 128: two AVX2 chunks
