@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
+from .safeio import home_cache
 
 if TYPE_CHECKING:
     from .kernels_native import NativeKernels
@@ -71,7 +72,7 @@ def context_of(shape: str) -> int:
 
 
 def cache_dir(override: str | None = None) -> Path:
-    base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or Path.home() / ".cache" / "babyllama" / "bench"
+    base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or home_cache("bench", instead="BABYLLAMA_BENCH_DIR")
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -17,6 +17,7 @@ output's folders; a place that cannot be written is one line naming the output a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -226,6 +227,16 @@ def temp_path(path: str | os.PathLike) -> Path:
     """Where a new version of `path` is written before it is renamed into place."""
     path = Path(path)
     return path.with_name(path.name + ".tmp")
+
+
+def home_cache(*parts: str, instead: str) -> Path:
+    """~/.cache/babyllama/PARTS. Where no home folder can be found (no $HOME and no password entry: a container
+    run as an arbitrary user id), an OSError that names `instead`, the setting that puts the folder elsewhere."""
+    try:
+        home = Path.home()
+    except (KeyError, RuntimeError):  # Python 3.10: pwd's KeyError; 3.11 on: RuntimeError
+        raise OSError(errno.ENOENT, f"no home folder to keep babyllama's cache in (set HOME or {instead})") from None
+    return home.joinpath(".cache", "babyllama", *parts)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -371,6 +371,22 @@ def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch, capsys)
     assert kernels_native.load() is None and capsys.readouterr().err == ""  # said once a process
 
 
+def test_native_load_without_a_home_folder_is_one_line(monkeypatch, capsys):
+    """No $HOME and no password entry (a container run as an arbitrary user id): Path.home() raises (KeyError on
+    Python 3.10, RuntimeError later), which was a traceback; now the kernels are skipped with one line that names
+    the setting that places their cache elsewhere."""
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("BABYLLAMA_CACHE", raising=False)
+    monkeypatch.setattr(kernels_native.Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(kernels_native, "_said", set())
+    monkeypatch.setattr(kernels_native, "compiler", lambda: "cc")
+    assert kernels_native.load() is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no home folder to keep babyllama's cache in (set HOME or BABYLLAMA_CACHE)" in err[0], err
+
+
 def test_without_a_compiler_the_first_run_says_so_once(tmp_path):
     """Without a C compiler the kernels fall back to numba or NumPy, several times slower: the first run says so
     in one line (it said nothing), later runs do not (a marker in the cache)."""
