@@ -26,12 +26,28 @@ from .tokenizer import EOS
 
 
 def _read_line(printer: Printer, prompt: str) -> str | None:
-    """A line of stdin without its newline; None at the end of input (a closed stdin included)."""
+    """A line of stdin without its line ending; None at the end of input (a closed stdin included). Lines are
+    UTF-8 whatever the locale says, as printed text is: a line that is not is skipped with a note (the locale's
+    strict decoder raised a traceback, and a non-UTF-8 locale turned every accented letter into junk bytes)."""
     if sys.stdin is None:
         return None
-    printer.write(prompt)
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
+    while True:
+        printer.write(prompt)
+        line = _stdin_line()
+        if not line:
+            return None
+        try:
+            return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            print("babyllama: this line is not valid UTF-8 text; skipped", file=sys.stderr)
+
+
+def _stdin_line() -> bytes:
+    """stdin's next line as bytes (b"" at its end)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream put in stdin's place (an embedding program, a test)
+        return sys.stdin.readline().encode("utf-8", "surrogateescape")
+    return buffer.readline()
 
 
 @contextlib.contextmanager

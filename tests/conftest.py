@@ -118,13 +118,14 @@ def sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 120, cwd: Path | None = None,
+def run_cli(*args: str, input: str | bytes | None = None, timeout: float = 120, cwd: Path | None = None,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m babyllama ARGS` as a user would; returns the completed process (bytes stdout).
     `env` adds to the environment; the package is found from any `cwd`."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                 **(env or {})}
-    return subprocess.run([sys.executable, "-m", "babyllama", *args], input=input.encode() if input else None,
+    stdin = input.encode() if isinstance(input, str) else input
+    return subprocess.run([sys.executable, "-m", "babyllama", *args], input=stdin or None,
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
 
 

@@ -177,6 +177,34 @@ def test_chat_subcommand_is_run_in_chat_mode(stories260k, tok512):
     assert proc.stdout == same.stdout
 
 
+UTF8_LOCALE = {"LC_ALL": "C.UTF-8", "PYTHONUTF8": "1"}
+ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  # no UTF-8 mode, no coercion
+
+
+@pytest.mark.parametrize("command, text", [(["run", "-n", "30", "-i", "Le café était très"], None),
+                                           (["chat", "-n", "30"], "Éric and Zoë met at the café, señor.\n")])
+def test_text_is_read_as_utf8_under_a_locale_that_is_not(command, text):
+    """Under LC_ALL=C without Python's UTF-8 mode (argv and stdin decoded as ASCII) a UTF-8 prompt gives the same
+    text as under a UTF-8 locale: -i was refused as not UTF-8, and chat fed every accented letter to the model as
+    junk byte tokens."""
+    runs = [run_cli(*command, "-t", "0", input=text, env=env) for env in (UTF8_LOCALE, ASCII_LOCALE)]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr.decode()
+    assert runs[1].stdout == runs[0].stdout
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_reads_crlf_lines():
+    """A piped line that is not UTF-8 is skipped with a note, and the chat goes on (a strict UTF-8 locale's
+    decoder, as en_US.UTF-8 has, raised a traceback); a CRLF line is the same turn as its LF twin."""
+    argv = ("chat", "-t", "0", "-n", "20")
+    strict = {"PYTHONIOENCODING": "utf-8:strict"}
+    proc = run_cli(*argv, input=b"caf\xe9\nHello\r\n", env=strict)
+    assert proc.returncode == 0, proc.stderr.decode()
+    notes = [line for line in proc.stderr.decode().splitlines() if line.startswith("babyllama:")]
+    assert notes == ["babyllama: this line is not valid UTF-8 text; skipped"]
+    plain = run_cli(*argv, input=b"Hello\n", env=strict)
+    assert proc.stdout == b"User: " + plain.stdout
+
+
 def shell_cli(redirect: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     """`python -m babyllama ARGS REDIRECT` through the shell (closed or odd standard streams)."""
     cmd = " ".join([shlex.quote(sys.executable), "-m", "babyllama", *map(shlex.quote, args), redirect])

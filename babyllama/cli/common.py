@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..config import DEFAULT_STEPS, default_steps
 from ..errors import BabyLlamaError
@@ -134,13 +135,18 @@ def steps_flag(args) -> int:
 
 
 def text_arg(value: str | None, flag: str) -> str:
-    """Command-line text must be valid UTF-8 (Python keeps undecodable bytes as lone surrogates)."""
+    """Command-line text must be valid UTF-8 (Python keeps bytes its locale cannot decode as lone surrogates;
+    under a locale that is not UTF-8, such as LC_ALL=C without Python's UTF-8 mode, those bytes may well be
+    UTF-8, and are read as such)."""
     if value is None:
         return ""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise BabyLlamaError(f"{flag} is not valid UTF-8 text") from None
+        try:
+            return os.fsencode(value).decode("utf-8")
+        except UnicodeError:
+            raise BabyLlamaError(f"{flag} is not valid UTF-8 text") from None
     return value
 
 
