@@ -205,6 +205,27 @@ def test_chat_skips_a_line_that_is_not_utf8_and_reads_crlf_lines():
     assert proc.stdout == b"User: " + plain.stdout
 
 
+def stderr_closed_run(read: int | None = None) -> tuple[bytes, int]:
+    """`babyllama run -t 0 -n 200` with its stderr closed (`2>&-`): what it printed (the first `read` bytes, then
+    the pipe closed as `| head -c` does) and its exit status."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "run", "-t", "0", "-n", "200"], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    assert proc.stdout is not None
+    out = proc.stdout.read(read) if read else proc.stdout.read()
+    proc.stdout.close()
+    return out, proc.wait(timeout=120)
+
+
+def test_a_closed_stderr_keeps_notes_out_of_the_text():
+    """With stderr closed, print(file=sys.stderr) wrote to stdout: the tok/s line ended up in the story, and
+    a reader that went away (`2>&- | head -c 10`) made the run exit 1 (sys.stderr.close() on None)."""
+    plain = run_cli("run", "-t", "0", "-n", "200")
+    assert plain.returncode == 0 and b"achieved tok/s" in plain.stderr
+    assert stderr_closed_run() == (plain.stdout, 0)
+    assert stderr_closed_run(read=10) == (plain.stdout[:10], 0)
+
+
 def shell_cli(redirect: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     """`python -m babyllama ARGS REDIRECT` through the shell (closed or odd standard streams)."""
     cmd = " ".join([shlex.quote(sys.executable), "-m", "babyllama", *map(shlex.quote, args), redirect])

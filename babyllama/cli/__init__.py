@@ -36,7 +36,16 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", module=r"torch\.serialization")
 
 
+def keep_stderr() -> None:
+    """With stderr closed (`2>&-`) Python's sys.stderr is None, and print(file=sys.stderr) writes to stdout:
+    notes, errors and the tok/s line would land in the text. They go to /dev/null instead, which also takes
+    descriptor 2, so that no file opened later gets it."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # for the life of the process
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
