@@ -420,3 +420,18 @@ def test_device_mps_without_mps_is_one_line(monkeypatch, capsys, tmp_path):
     assert main(["train", "--device=mps", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["babyllama: error: device mps requested but MPS is not available here (use --device=cpu)"]
+
+
+def test_a_toml_config_reads_with_tomli_where_python_has_no_tomllib(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib: a TOML config (the training docs' stories15M.toml) was refused there; it is read
+    with tomli, tomllib's original, which the train extra installs on 3.10 (here tomllib stands in for it)."""
+    import sys
+
+    from babyllama.train.config import read_config_file
+
+    tomllib = pytest.importorskip("tomllib", reason="stands in for tomli (Python 3.11+)")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib fails, as on Python 3.10
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    config = tmp_path / "run.toml"
+    config.write_text('dim = 64\nout_dir = "out"\n')
+    assert read_config_file(config) == {"dim": 64, "out_dir": "out"}

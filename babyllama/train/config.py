@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import ModuleType
 
 from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs, checked_args
@@ -109,16 +110,26 @@ def parse_value(key: str, text: str):
         raise BabyLlamaError(f"{key} must be {kind.__name__}, got {text!r}") from None
 
 
+def _toml_reader() -> ModuleType:
+    """Python's tomllib, or on Python 3.10 tomli, its original (the train extra installs it there)."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise BabyLlamaError("TOML config files need Python 3.11+ or tomli (pip install tomli); "
+                                 "or use a .json config") from None
+    return tomllib
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES)
     if path.suffix == ".json":
         data = safeio.parse_json(text, str(path))
     else:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            raise BabyLlamaError("TOML config files need Python 3.11+; use a .json config") from None
+        tomllib = _toml_reader()
         try:
             data = tomllib.loads(text)
         except (tomllib.TOMLDecodeError, RecursionError) as e:
