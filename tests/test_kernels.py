@@ -220,9 +220,11 @@ def test_dequantize_is_exact(native, kind):
 
 
 def _regrouped(native, q: BlockTensor):
-    """q regrouped for native's Q4_0R or Q8_0R kernels (every build with AVX2 has them)."""
+    """q regrouped for native's Q4_0R or Q8_0R kernels, or a skip where the build has none (every build with
+    AVX2 has them; a CPU without AVX2 runs the scalar build)."""
     r = native.regroup(q)
-    assert r is not None, f"the {native.isa()} build has regrouped kernels"
+    if r is None:
+        pytest.skip(f"the {native.isa()} build has no regrouped kernels")
     return r
 
 
