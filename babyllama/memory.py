@@ -8,6 +8,7 @@ import ctypes
 import mmap
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -36,23 +37,63 @@ def _address_space_left() -> int | None:
         return None
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where cgroups are mounted (v2 there, v1's memory controller below it)
+CGROUP_SELF = Path("/proc/self/cgroup")  # this process's cgroups: "0::/PATH" (v2), "N:memory:/PATH" (v1)
+# (the folder below CGROUP_ROOT, the limit file, the usage file) of cgroup v2 and v1's memory controller
+CGROUP_MEMORY = {2: ("", "memory.max", "memory.current"),
+                 1: ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")}
+
+
+def _cgroup_memory() -> tuple[int, int] | None:
+    """The tightest memory limit of this process's cgroups and those above them (cgroup v2's memory.max, v1's
+    memory.limit_in_bytes), with that cgroup's usage; None without one. A container's limit (docker --memory,
+    Kubernetes) is such a limit, and inside it physical memory and MemAvailable are the host's: the kernel's
+    OOM killer ends a process that trusts them."""
+    try:
+        lines = CGROUP_SELF.read_text().splitlines()
+    except OSError:
+        return None
+    tightest = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version = 2 if line.startswith("0::") else 1 if "memory" in controllers.split(",") else None
+        if version is None:
+            continue
+        below, limit_file, usage_file = CGROUP_MEMORY[version]
+        parts = [p for p in path.strip().split("/") if p]
+        if ".." in parts:  # a cgroup outside this namespace's view: only the root's files are there
+            parts = []
+        for depth in range(len(parts), -1, -1):  # a container sees its own cgroup as the root
+            folder = CGROUP_ROOT.joinpath(below, *parts[:depth])
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit != "max" and (tightest is None or int(limit) < tightest[0]):
+                    tightest = (int(limit), int((folder / usage_file).read_text()))
+            except (OSError, ValueError):
+                continue
+    return tightest
+
+
 def available_bytes() -> int | None:
-    """The most one allocation may take here: the smaller of physical memory and what the address-space
-    limit leaves; None when neither is known."""
-    known = [b for b in (_physical_bytes(), _address_space_left()) if b is not None]
+    """The most one allocation may take here: the smallest of physical memory, the cgroup's memory limit and
+    what the address-space limit leaves; None when none is known."""
+    cgroup = _cgroup_memory()
+    known = [b for b in (_physical_bytes(), cgroup[0] if cgroup else None, _address_space_left()) if b is not None]
     return min(known) if known else None
 
 
 def memory_free() -> int | None:
     """Memory the kernel can still give without swapping (MemAvailable: free pages plus reclaimable cache),
-    within the address-space limit; None where /proc/meminfo is not there."""
+    within the cgroup's limit (less its usage) and the address-space limit; None where /proc/meminfo is not
+    there."""
     try:
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    limit = _address_space_left()
-    return free if limit is None else min(free, limit)
+    cgroup = _cgroup_memory()
+    limits = [free, max(cgroup[0] - cgroup[1], 0) if cgroup else None, _address_space_left()]
+    return min(b for b in limits if b is not None)
 
 
 READ_SHARE = 0.25  # a model file up to this share of the free memory is read into memory by default

@@ -693,6 +693,41 @@ def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
         KVCache(tiny_args(), n_slots=2, seq_len=4096)
 
 
+def test_a_containers_memory_limit_bounds_allocations_and_reads(tmp_path, monkeypatch):
+    """In a container limited to 1 GiB (cgroup v2's memory.max, here on the cgroup above this process's one; v1's
+    memory.limit_in_bytes alike)
+    physical memory and MemAvailable are the host's: a cache that fits the host but not the container got the
+    OOM killer instead of the one-line refusal, and a model file up to a quarter of the host's free memory was
+    read into the container's memory instead of mapped."""
+    from babyllama import memory
+    from babyllama.engine import KVCache
+
+    own = tmp_path / "kubepods" / "pod1"
+    own.mkdir(parents=True)
+    (own / "memory.max").write_text("max\n")
+    (own / "memory.current").write_text(f"{300 << 20}\n")
+    (own.parent / "memory.max").write_text(f"{1 << 30}\n")
+    (own.parent / "memory.current").write_text(f"{400 << 20}\n")
+    (tmp_path / "self").write_text("0::/kubepods/pod1\n")
+    monkeypatch.setattr(memory, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(memory, "CGROUP_SELF", tmp_path / "self")
+    monkeypatch.setattr(memory, "_physical_bytes", lambda: 64 << 30)
+    monkeypatch.setattr(memory, "_address_space_left", lambda: None)
+    assert memory.available_bytes() == 1 << 30
+    assert memory.memory_free() <= (1 << 30) - (400 << 20)
+    assert not memory.read_by_default(300 << 20)  # more than a quarter of what the container has left
+    with pytest.raises(BabyLlamaError, match="more than this machine can give"):
+        KVCache(tiny_args(max_seq_len=1 << 20, dim=512, n_heads=8, n_kv_heads=8), seq_len=1 << 20)
+    (tmp_path / "self").write_text("0::/\n")  # a process whose cgroups set no limit
+    assert memory.available_bytes() == 64 << 30
+    v1 = tmp_path / "memory"  # cgroup v1 (older hosts): a container sees its cgroup as the hierarchy's root
+    v1.mkdir()
+    (v1 / "memory.limit_in_bytes").write_text(f"{512 << 20}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{100 << 20}\n")
+    (tmp_path / "self").write_text("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert memory.available_bytes() == 512 << 20 and memory.memory_free() <= 412 << 20
+
+
 # ------------------------------------------------------------------------------------------- atomic writes
 
 
