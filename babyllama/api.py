@@ -183,8 +183,8 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     (bf16), its decode step compiled with torch.compile when `compile` (CUDA graphs on CUDA); both engines
     have the same `forward`/`new_cache` interface, so every generation loop runs on either. `kv_cache`: the
     NumPy engine's cache type, "auto" (f16 for Q8_0/Q4_0 weights, f32 otherwise), "f32", "f16" or "q8_0"."""
+    check_kv_cache(kv_cache, device)  # first: a flag clash needs no PyTorch to be told
     check_device(device, compile)
-    check_kv_cache(kv_cache, device)
     if device == "numpy":
         return Engine(weights, plain=plain, kv_cache=kv_cache)
     import torch

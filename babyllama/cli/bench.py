@@ -97,8 +97,8 @@ def cmd_bench(args) -> int:
         references[name] = exe
     machine = bench.describe_machine()
     from ..api import check_device, check_kv_cache
+    check_kv_cache(args.kv_cache, args.device)  # first: a flag clash needs no PyTorch to be told
     check_device(args.device, args.compile)  # here, as one line, rather than in a child process
-    check_kv_cache(args.kv_cache, args.device)
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
