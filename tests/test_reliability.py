@@ -326,9 +326,9 @@ def test_hf_tie_word_embeddings_must_be_a_bool(tmp_path, tiny):
 
 
 def test_hf_integer_tensors_are_refused(tmp_path, tiny):
+    folder = _hf_folder(tmp_path)  # skips without safetensors
     from safetensors.numpy import load_file, save_file
 
-    folder = _hf_folder(tmp_path)
     tensors = load_file(folder / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
     tensors[name] = (tensors[name] * 100).astype(np.int32)
@@ -391,9 +391,9 @@ def test_nan_in_a_q8_0_scale_is_refused(tmp_path, tiny):
 
 
 def test_nan_in_hf_weights_names_the_hf_tensor(tmp_path, tiny):
+    folder = _hf_folder(tmp_path)  # skips without safetensors
     from safetensors.numpy import load_file, save_file
 
-    folder = _hf_folder(tmp_path)
     tensors = load_file(folder / "model.safetensors")
     tensors["model.norm.weight"][0] = np.inf
     save_file(tensors, folder / "model.safetensors")
