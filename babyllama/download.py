@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import os
 import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -124,6 +125,19 @@ def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = T
             raise
 
 
+def _unreachable(url: str, e: Exception) -> BabyLlamaError:
+    """Why `url` could not be opened, and what to do: a certificate that does not verify is no network fault
+    (a Python without CA certificates: macOS's python.org installers ship without them)."""
+    reason = getattr(e, "reason", None) or e
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        hint = ("this Python could not verify the server's certificate: without CA certificates? (macOS: run "
+                "the Install Certificates command that came with Python; else install ca-certificates or set "
+                "SSL_CERT_FILE)")
+    else:
+        hint = "no internet connection? Fetch the file elsewhere and pass its path to babyllama"
+    return BabyLlamaError(f"download failed: cannot reach {url} ({reason}); {hint}")
+
+
 def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline: Deadline):
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
@@ -138,9 +152,7 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
             return _fetch(url, target, show_progress, timeout, deadline)
         raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError, HTTPException, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise BabyLlamaError(f"download failed: cannot reach {url} ({reason}); no internet connection? "
-                             "Fetch the file elsewhere and pass its path to babyllama") from None
+        raise _unreachable(url, e) from None
     with resp:
         if have and resp.status != 206:
             have = 0  # the server ignored the Range header and sends the whole file

@@ -85,6 +85,26 @@ def test_error_page_as_model_and_a_missing_tokenizer_leave_no_model(mirror, tmp_
     assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()
 
 
+def test_a_certificate_that_does_not_verify_says_so(tmp_path, monkeypatch):
+    """A Python without CA certificates (macOS's python.org installers) fails every HTTPS download on the
+    certificate; the error said "no internet connection?", which sent the user the wrong way."""
+    import ssl
+    import urllib.error
+
+    from babyllama import download
+
+    class Refused:
+        def open(self, *args, **kw):
+            why = "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate"
+            raise urllib.error.URLError(ssl.SSLCertVerificationError(1, why))
+
+    monkeypatch.setattr(download.Deadline, "opener", lambda self: Refused())
+    with pytest.raises(BabyLlamaError) as e:
+        fetch("https://example.org/m.bin", tmp_path / "m.bin", show_progress=False)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(e.value) and "Install Certificates" in str(e.value)
+    assert "no internet" not in str(e.value)
+
+
 def test_offline_is_one_clear_line(tmp_path):
     with socket.socket() as s:  # a port nobody listens on: connection refused, as offline as it gets here
         s.bind(("127.0.0.1", 0))
