@@ -189,6 +189,7 @@ def test_weighted_loss_is_the_weighted_mean_of_the_targets_cross_entropy():
 
 
 def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
+    pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
     from babyllama.train.data import pretokenize
 
     tok = byte_tokenizer(300)
@@ -309,6 +310,7 @@ def test_eval_instruct_errors_are_one_line(tmp_path):
 
 
 def test_an_empty_jsonl_file_gets_no_shard_like_an_empty_txt(tmp_path):
+    pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
     from babyllama.train.data import pretokenize
 
     byte_tokenizer(300).save(tmp_path / "tok.bin")
