@@ -40,7 +40,7 @@ from .errors import first_line
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
 from .kernels_base import kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
-from .safeio import home_cache
+from .safeio import current_umask, home_cache
 from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -272,6 +272,9 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
             for c in _in_parallel(cmd):
                 attempt = _run_compiler(c)
                 if attempt.returncode == 0:
+                    # mkstemp made it 0600 and the linker only adds x: a library others may load as they run
+                    # programs (a cache several users share), as the umask allows
+                    os.chmod(tmp, 0o777 & ~current_umask())
                     # the fingerprint first: a library under its name always has one (a concurrent build's at
                     # worst, whose mismatch costs one more build)
                     fingerprint_path(lib).write_text(fingerprint(Path(tmp)) + "\n")

@@ -663,6 +663,17 @@ def fake_compiler(monkeypatch, refuses=lambda cmd: False) -> list[list[str]]:
     return calls
 
 
+def test_a_built_library_has_the_mode_of_a_program(tmp_path, monkeypatch):
+    """The library is compiled into a mkstemp file (0600, to which the linker adds x: 0711) and renamed into the
+    cache: users sharing a cache (BABYLLAMA_CACHE) could not load one another's build. It gets the mode a program
+    gets under the umask."""
+    from babyllama.safeio import current_umask
+
+    fake_compiler(monkeypatch)
+    lib = kernels_native.build(tmp_path, "native")
+    assert lib is not None and (lib.stat().st_mode & 0o777) == 0o777 & ~current_umask()
+
+
 def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
     """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
     each gets its own file."""
