@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
 from .safeio import home_cache
+from .threads import usable_cpus
 
 if TYPE_CHECKING:
     from .kernels_native import NativeKernels
@@ -303,7 +304,7 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None,
     `measure` gives babyllama (the same ids), in one batch; medians of runs_of(..., repeats)."""
     from llama_cpp import Llama
 
-    n_threads = threads or len(os.sched_getaffinity(0))
+    n_threads = threads or usable_cpus()
     llm = Llama(model_path=str(path), n_ctx=max(tokens, prompt_len) + 8, n_batch=max(prompt_len, 8),
                 n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
     prompt = prefill_prompt(llm.n_vocab(), prompt_len)
