@@ -14,6 +14,7 @@ down the list. Prompts (many rows) go to BLAS sgemm on every backend, quantized 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,9 @@ def use_backend(name: str | None = None) -> str:
         if kernels is not None:
             _backend = kernels
             return candidate
+        if candidate == wanted == "numba" and sys.stderr is not None:  # asked for by name: say why it is not used
+            print("babyllama: numba is not installed (pip install 'babyllama[fast]'); running on NumPy",
+                  file=sys.stderr, flush=True)
     raise AssertionError("unreachable: numpy is always available")
 
 

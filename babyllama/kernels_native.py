@@ -243,7 +243,8 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     and cached (a cached one is used while it matches the fingerprint its build recorded, else compiled again);
     None without a compiler or when every flag set fails (the caller falls back). A failed attempt
     leaves a marker (the command and the compiler's last words) so that later runs do not pay for it again;
-    where every attempt of this call failed, one line on stderr says so: the fallback is several times slower."""
+    where every flag set failed, now or in an earlier run, one line on stderr says so (and, for the markers,
+    how to try again: a failure may have been passing, a full disk): the fallback is several times slower."""
     cc = compiler()
     if cc is None:
         _no_compiler(directory)
@@ -252,13 +253,14 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     source = SOURCE.read_bytes()
     directory = directory or cache_root()
     identity = f"{_compiler_identity(cc)}\n{cpu_signature()}"
-    announced, failures = False, []
+    announced, failures, known = False, [], []
     for flags in flag_sets(arch):
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
         if is_intact(lib):
             return lib
         if failed.exists():
+            known.append(failed)
             continue
         directory.mkdir(parents=True, exist_ok=True)
         if not announced and sys.stderr is not None and sys.stderr.isatty():  # ~15 s on two cores: say why
@@ -287,6 +289,9 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         failures.append(failed)
     if failures:  # every flag set failed, these here and now
         _fall_back(f"the C kernels did not compile with {cc} (see {failures[0]})")
+    elif known:  # every flag set failed in a run before: the markers say so, and how to try again
+        _fall_back(f"the C kernels did not compile with {cc} in an earlier run (see {known[0]}; remove "
+                   f"{known[0].parent / 'kernels-*.failed'} to try again)")
     return None
 
 

@@ -17,6 +17,7 @@ import weakref
 import numpy as np
 import pytest
 from conftest import (
+    ROOT,
     assert_greedy_agree,
     byte_tokenizer,
     cpu_has,
@@ -674,6 +675,22 @@ def test_a_built_library_has_the_mode_of_a_program(tmp_path, monkeypatch):
     assert lib is not None and (lib.stat().st_mode & 0o777) == 0o777 & ~current_umask()
 
 
+def test_a_build_that_failed_in_an_earlier_run_says_so_and_how_to_retry(tmp_path, monkeypatch, capsys):
+    """Failed attempts leave markers so that later runs do not compile again for nothing; those runs still say,
+    in one line, that they run without the kernels and how to try again (a failure may have passed: a full
+    disk), not silently several times slower."""
+    calls = fake_compiler(monkeypatch, refuses=lambda cmd: True)
+    assert kernels_native.build(tmp_path, "native") is None and calls
+    first = capsys.readouterr().err
+    assert "did not compile" in first and "earlier run" not in first
+    calls.clear()
+    monkeypatch.setattr(kernels_native, "_said", set())  # a later process
+    assert kernels_native.build(tmp_path, "native") is None and not calls
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in an earlier run" in err
+    assert f"remove {tmp_path / 'kernels-*.failed'} to try again" in err
+
+
 def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
     """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
     each gets its own file."""
@@ -831,6 +848,16 @@ def test_babyllama_kernels_is_read_in_any_case_and_another_value_is_one_line(mon
     assert r.returncode == 0 and len(r.stdout) > 8, r.stderr.decode()
     one_line_error(run_cli("run", "-n", "8", env={"BABYLLAMA_KERNELS": "bogus"}),
                    "BABYLLAMA_KERNELS='bogus' is not a kernel backend (choose native, numba, numpy)")
+
+
+def test_numba_asked_for_without_numba_says_it_runs_on_numpy():
+    """BABYLLAMA_KERNELS=numba where numba is not installed falls back to NumPy, as the list goes, with one line
+    that says so (it was silent: a user timing "numba" timed NumPy)."""
+    code = ("import sys; sys.modules['numba'] = None\n"  # an import of numba fails as where it is not installed
+            "from babyllama import kernels; print(kernels.use_backend('numba'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout == "numpy\n"
+    assert r.stderr == "babyllama: numba is not installed (pip install 'babyllama[fast]'); running on NumPy\n"
 
 
 # ------------------------------------------------------------------------------------ the backend protocol
