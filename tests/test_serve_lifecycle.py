@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
+from conftest import never_ending_model, run_cli
 from serve_helpers import ROOT, Server, free_port
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
@@ -28,18 +28,8 @@ LONG = {"prompt": "x", "max_tokens": 2000, "temperature": 0}  # seconds of gener
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
-    """A random model with a 2048-token context whose greedy text never ends early: BOS's and EOS's classifier
-    rows are zero, so their logits (0) lose to the largest of the other 298. 14M parameters: 2000 tokens take
-    seconds on a fast machine too (a 1M-parameter model finished them inside the one-second limit)."""
-    from babyllama import formats
-
-    folder = tmp_path_factory.mktemp("slow")
-    weights = random_weights(tiny_args(dim=384, n_layers=8, n_heads=6, n_kv_heads=6, hidden_dim=1024,
-                                       max_seq_len=2048, shared_classifier=False))
-    weights.wcls[1:3] = 0
-    formats.save(weights, folder / "m.bin", version=1)
-    byte_tokenizer(300).save(folder / "tokenizer.bin")
-    return str(folder / "m.bin")
+    """conftest.never_ending_model: 2000 greedy tokens take seconds, on a fast machine too."""
+    return str(never_ending_model(tmp_path_factory.mktemp("slow")))
 
 
 @pytest.fixture(scope="module")
