@@ -150,11 +150,12 @@ def cache_root() -> Path:
 _said: set[str] = set()
 
 
-def _fall_back(reason: str) -> None:
-    """One line on stderr, once a process: why the kernels are not used. The fallback is several times slower,
-    which a user would otherwise take for the speed of babyllama."""
-    if reason not in _said and sys.stderr is not None:
-        _said.add(reason)
+def _fall_back(reason: str, topic: str | None = None) -> None:
+    """One line on stderr, once a process for each `topic` (default: the reason itself): why the kernels are not
+    used. The fallback is several times slower, which a user would otherwise take for the speed of babyllama."""
+    topic = topic or reason
+    if topic not in _said and sys.stderr is not None:
+        _said.add(topic)
         print(f"babyllama: {reason}; running without them, several times slower", file=sys.stderr, flush=True)
 
 
@@ -287,11 +288,12 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         errors = attempt.stderr.strip().splitlines()[-20:]
         failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
         failures.append(failed)
+    topic = f"build {directory} {cc} {arch}"  # said once a process, failed now or in an earlier run
     if failures:  # every flag set failed, these here and now
-        _fall_back(f"the C kernels did not compile with {cc} (see {failures[0]})")
+        _fall_back(f"the C kernels did not compile with {cc} (see {failures[0]})", topic)
     elif known:  # every flag set failed in a run before: the markers say so, and how to try again
         _fall_back(f"the C kernels did not compile with {cc} in an earlier run (see {known[0]}; remove "
-                   f"{known[0].parent / 'kernels-*.failed'} to try again)")
+                   f"{known[0].parent / 'kernels-*.failed'} to try again)", topic)
     return None
 
 
