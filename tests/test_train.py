@@ -397,6 +397,19 @@ def test_a_resumed_run_keeps_the_evaluation_at_its_checkpoint(tmp_path, one_thre
     assert evaluations(tmp_path / "out") == [0, 2, 4]
 
 
+def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    train(resolve_config(None, tiny_run(data, out)))
+    log, ckpt = (out / "metrics.jsonl").read_bytes(), (out / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume"}))["iter"] == 2
+    assert "nothing to train: the run is at step 2 and max_iters is 2" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_bytes() == log and (out / "ckpt.pt").read_bytes() == ckpt
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
     from babyllama.train.config import resolve_config

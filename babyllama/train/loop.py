@@ -382,11 +382,15 @@ class Trainer:
             self.evaluate_and_save()
             return {"iter": self.iter_num, "best_val_loss": self.best_val_loss}
         flops_per_token = self.raw.flops_per_token()
-        last_loss, evaluated_at = float("nan"), None
+        # a checkpoint is written only by an evaluation: a resumed run's first step was evaluated already
+        last_loss, evaluated_at = float("nan"), (start_iter if cfg.init_from == "resume" else None)
+        if master and cfg.init_from == "resume" and start_iter >= cfg.max_iters:
+            print(f"nothing to train: the run is at step {start_iter} and max_iters is {cfg.max_iters} "
+                  f"(raise --max_iters to go on)", flush=True)
         t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
         while self.iter_num < cfg.max_iters:
             # evaluate before training (a new run) and every eval_interval steps, not again on resume
-            if self.iter_num % cfg.eval_interval == 0 and (self.iter_num != start_iter or start_iter == 0):
+            if self.iter_num % cfg.eval_interval == 0 and self.iter_num != evaluated_at:
                 self.evaluate_and_save()
                 evaluated_at = self.iter_num
                 t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen  # not training time
