@@ -371,6 +371,25 @@ def test_a_new_run_installs_its_datas_tokenizer_and_a_resume_checks_it(tmp_path,
     assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume", "max_iters": "4"}))["iter"] == 4
 
 
+def test_a_tokenizer_put_in_out_dir_is_kept_when_the_data_has_none(tmp_path, one_thread, capsys):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    (data / "tokenizer.bin").unlink()
+    out.mkdir()
+    (tmp_path / "a.bin").rename(out / "tokenizer.bin")  # the data's tokenizer, put there by hand
+    mine = (out / "tokenizer.bin").read_bytes()
+    train(resolve_config(None, tiny_run(data, out)))
+    assert (out / "tokenizer.bin").read_bytes() == mine
+    assert f"note: {data} has no tokenizer.bin: kept {out / 'tokenizer.bin'}" in capsys.readouterr().err
+    byte_tokenizer(400).save(out / "tokenizer.bin")  # one that cannot be this model's
+    with pytest.raises(BabyLlamaError, match=r"tokenizer.bin has 400 tokens, so it cannot serve this model of 300"):
+        train(resolve_config(None, tiny_run(data, tmp_path / "out")))
+    assert (out / "tokenizer.bin").is_file()
+
+
 def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
     from babyllama.errors import BabyLlamaError
     from babyllama.train.config import resolve_config

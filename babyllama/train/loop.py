@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,12 +432,20 @@ class Trainer:
 
     def _install_tokenizer(self, resumed: bool) -> None:
         """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there. A new run
-        replaces what an earlier run in out_dir left, which belongs to that run's model."""
+        replaces what an earlier run in out_dir left, which belongs to that run's model. Data without one
+        leaves out_dir's in place (the user may have put it there): kept when it fits the model's vocabulary,
+        else refused, as export does with a folder's tokenizer."""
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
         if src.is_file() and not (resumed and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
-        elif not src.is_file() and not resumed:
-            dst.unlink(missing_ok=True)
+        elif not src.is_file() and not resumed and dst.exists():
+            n = Tokenizer.load(dst).vocab_size
+            if n != self.cfg.vocab_size:
+                raise BabyLlamaError(f"{dst} has {n} tokens, so it cannot serve this model of {self.cfg.vocab_size} "
+                                     f"and {self.data_dir} has no {TOKENIZER_BIN}: remove it, or train in another "
+                                     "out_dir")
+            print(f"note: {self.data_dir} has no {TOKENIZER_BIN}: kept {dst}, which sample, run and export will use "
+                  "with this model", file=sys.stderr, flush=True)
 
 
 def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
