@@ -501,7 +501,7 @@ def test_engine_rejects_indices_outside_its_tables(n, q8_backend):
 
 
 def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path, capsys, monkeypatch):
-    """A prompt longer than a model's context has no prefill to time, and an output that cannot be written
+    """A prompt or a decode longer than a model's context cannot be timed, and an output that cannot be written
     would lose the table: both are refused before anything is measured; --output's folders are made."""
     from babyllama import bench
     from babyllama.cli import main
@@ -512,6 +512,9 @@ def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path
     assert main([*argv, "--prompt-len", "300"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["babyllama: error: --prompt-len 300 is longer than the 15M model's context (256 tokens)"]
+    assert main([*argv, "--tokens", "257"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --tokens 257 is longer than the 15M model's context (256 tokens)"]
     (tmp_path / "file").write_text("x")
     assert main([*argv, "--output", str(tmp_path / "file" / "table.md")]) == 1
     assert not measured

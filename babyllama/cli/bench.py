@@ -82,11 +82,11 @@ def cmd_bench(args) -> int:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     if args.busy < 0:
         raise BabyLlamaError("--busy must be >= 0")
-    for shape in shapes:  # a longer prompt would be cut to the context, and its prefill figure made up
+    for shape in shapes:  # a longer prompt or decode would be cut to the context, and its figure made up
         context = bench.context_of(shape)
-        if args.prompt_len > context:
-            raise BabyLlamaError(f"--prompt-len {args.prompt_len} is longer than the {shape} model's context "
-                                 f"({context} tokens)")
+        for flag, n in (("--prompt-len", args.prompt_len), ("--tokens", args.tokens)):
+            if n > context:
+                raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
     references = {}
     for name, exe in (("run.c", args.reference), ("runq.c", args.reference_q)):
