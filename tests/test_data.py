@@ -273,6 +273,23 @@ def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsy
     assert (tmp_path / "v" / "tok300.model").is_file()
 
 
+@pytest.mark.parametrize("vocab_size, message", [
+    (262, "the text needs at least 275 tokens (3 control + 256 byte tokens + one per distinct character): "
+          "raise --vocab-size to 275 or more"),
+    (2000, "the text has too few distinct pieces: --vocab-size must be at most "),
+])
+def test_train_vocab_says_which_vocab_sizes_the_text_allows_and_leaves_no_folder(tmp_path, capsys, vocab_size,
+                                                                                 message):
+    pytest.importorskip("sentencepiece")
+    (tmp_path / "in.txt").write_text("Once upon a time there was a cat")  # 16 distinct characters, no newline
+    out = tmp_path / "new" / "vocab"
+    msg = one_line(capsys, ["data", "train-vocab", "--vocab-size", str(vocab_size), "--input",
+                            str(tmp_path / "in.txt"), "--data-dir", str(out)])
+    assert msg.startswith(f"babyllama: error: sentencepiece could not train a {vocab_size}-token vocabulary: "
+                          f"{message}") and "character_coverage" not in msg, msg
+    assert not (tmp_path / "new").exists()
+
+
 def _tar_with(path, name: str, body: bytes) -> None:
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo(name)

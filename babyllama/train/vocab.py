@@ -10,6 +10,7 @@ encoder's (babyllama.tokenizer), which never collapses whitespace.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,26 +30,41 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     if not 259 < vocab_size <= 65536:
         raise BabyLlamaError(f"--vocab-size must be in 260..65536 (3 control + 256 byte tokens + merges), "
                              f"got {vocab_size}")
-    out = safeio.output_dir(out_dir)
-    prefix = out / f"tok{vocab_size}"
-    with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
-        text_file = Path(tmp) / "vocab_input.txt"
-        _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
-        try:
-            spm.SentencePieceTrainer.train(
-                input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
-                vocab_size=vocab_size,
-                input_format="text", character_coverage=1.0,
-                num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
-                byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-                remove_extra_whitespaces=False, max_sentence_length=1 << 20, minloglevel=2)
-        except RuntimeError as e:
-            raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}") from None
-        model = prefix.with_suffix(".model")
-        safeio.commit(Path(tmp) / model.name, model)
+    with safeio.new_folders_removed_on_error(out_dir):  # a refused vocabulary leaves no empty folder
+        out = safeio.output_dir(out_dir)
+        prefix = out / f"tok{vocab_size}"
+        with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
+            text_file = Path(tmp) / "vocab_input.txt"
+            _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
+                    vocab_size=vocab_size,
+                    input_format="text", character_coverage=1.0,
+                    num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
+                    byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, max_sentence_length=1 << 20, minloglevel=2)
+            except RuntimeError as e:
+                raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: "
+                                     f"{_sentencepiece_reason(str(e))}") from None
+            model = prefix.with_suffix(".model")
+            safeio.commit(Path(tmp) / model.name, model)
     binary = prefix.with_suffix(".bin")
     Tokenizer.from_sentencepiece(model).save(binary)
     return model, binary
+
+
+def _sentencepiece_reason(message: str) -> str:
+    """sentencepiece's own words for why it could not train, in this command's terms: its messages name its
+    C++ source line and options (character_coverage) this command does not have."""
+    few_chars = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if few_chars:
+        return (f"the text needs at least {few_chars[2]} tokens (3 control + 256 byte tokens + one per distinct "
+                f"character): raise --vocab-size to {few_chars[2]} or more")
+    too_many = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+    if too_many:
+        return f"the text has too few distinct pieces: --vocab-size must be at most {too_many[1]} for it"
+    return message.rsplit("] ", 1)[-1].strip() or message
 
 
 def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
@@ -64,3 +80,4 @@ def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines:
                     return
     if written == 0:
         raise BabyLlamaError(f"{input_path}: no text to train a vocabulary on")
+
