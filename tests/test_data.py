@@ -290,6 +290,20 @@ def test_train_vocab_says_which_vocab_sizes_the_text_allows_and_leaves_no_folder
     assert not (tmp_path / "new").exists()
 
 
+def test_train_vocab_learns_from_a_line_longer_than_sentencepiece_takes(tmp_path):
+    pytest.importorskip("sentencepiece")
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.vocab import MAX_LINE_BYTES, train_vocab
+
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy".split()
+    text = " ".join(np.random.default_rng(0).choice(words, MAX_LINE_BYTES // 3))
+    assert len(text) > MAX_LINE_BYTES and "\n" not in text
+    (tmp_path / "in.txt").write_text(text)
+    _, binary = train_vocab(tmp_path / "in.txt", 300, tmp_path / "v")
+    sample = text[:1000]
+    assert len(Tokenizer.load(binary).encode(sample, bos=False)) < 0.8 * len(sample)  # merges learnt from it
+
+
 def _tar_with(path, name: str, body: bytes) -> None:
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo(name)

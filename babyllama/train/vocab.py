@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .. import safeio
 from ..errors import BabyLlamaError, require
 from .data import input_files, read_documents
+
+MAX_LINE_BYTES = 1 << 20  # sentencepiece's max_sentence_length: it skips longer lines
 
 
 def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | os.PathLike,
@@ -43,7 +46,7 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
                     input_format="text", character_coverage=1.0,
                     num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
                     byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-                    remove_extra_whitespaces=False, max_sentence_length=1 << 20, minloglevel=2)
+                    remove_extra_whitespaces=False, max_sentence_length=MAX_LINE_BYTES, minloglevel=2)
             except RuntimeError as e:
                 raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: "
                                      f"{_sentencepiece_reason(str(e))}") from None
@@ -69,15 +72,25 @@ def _sentencepiece_reason(message: str) -> str:
 
 def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
     """One document per line, as llama2.c does (documents' own newlines stay: sentencepiece sees each line
-    as a sentence)."""
+    as a sentence); lines longer than sentencepiece takes are cut into pieces it takes (at spaces where they
+    have them), else it would skip them."""
     written = 0
     with open(dest, "w", encoding="utf-8") as f:
         for path in input_files(input_path):
             for doc in read_documents(path, skip_bad_lines):
-                f.write(doc + "\n")
+                f.writelines(piece + "\n" for line in doc.split("\n") for piece in _short_lines(line))
                 written += len(doc) + 1
                 if written >= max_chars:
                     return
     if written == 0:
         raise BabyLlamaError(f"{input_path}: no text to train a vocabulary on")
 
+
+def _short_lines(line: str, limit: int = MAX_LINE_BYTES // 4) -> Iterator[str]:
+    """`line` in pieces of at most `limit` characters (4 UTF-8 bytes at most each), cut after a space where
+    the piece has one."""
+    while len(line) > limit:
+        cut = line.rfind(" ", 0, limit) + 1 or limit
+        yield line[:cut]
+        line = line[cut:]
+    yield line
