@@ -1,7 +1,7 @@
 """Text files of documents, the TinyStories way: documents separated by lines holding exactly
-`<|endoftext|>` (surrounding whitespace ignored); a file without such lines is one document. Documents
-are stripped of surrounding whitespace and empty ones skipped. Shared by `babyllama data` (vocabulary,
-pretokenize) and `babyllama eval`, so both see the same documents."""
+`<|endoftext|>` (surrounding whitespace ignored); a file without such lines is one document. Lines may end
+in "\n" or "\r\n" (read as "\n"). Documents are stripped of surrounding whitespace and empty ones skipped.
+Shared by `babyllama data` (vocabulary, pretokenize) and `babyllama eval`, so both see the same documents."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
         consumed = 0
         for lineno, raw in enumerate(f, 1):
             consumed += len(raw)
-            try:
-                line = raw.decode("utf-8")
+            try:  # Windows line endings read as newlines, as Python's text files do: "\r" is no part of the text
+                line = raw.decode("utf-8").replace("\r\n", "\n")
             except UnicodeDecodeError:
                 raise BabyLlamaError(f"{path}:{lineno}: not UTF-8 text") from None
             if line.strip() != SEPARATOR:

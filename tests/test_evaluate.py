@@ -32,6 +32,9 @@ def test_documents_split_on_separator_lines_and_stripped(tmp_path):
     plain = tmp_path / "p.txt"
     plain.write_text("no separators\nat all\n", encoding="utf-8")
     assert list(iter_documents(plain)) == ["no separators\nat all"]
+    windows_file = tmp_path / "w.txt"  # Windows line endings: the same documents
+    windows_file.write_bytes(b"first story\r\n<|endoftext|>\r\nsecond\r\nline two\r\n")
+    assert list(iter_documents(windows_file)) == ["first story", "second\nline two"]
 
 
 def test_windows_predict_every_token_after_bos_once():
