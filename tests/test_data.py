@@ -224,6 +224,19 @@ def test_pretokenize_writes_no_shard_for_a_file_without_documents(tmp_path, tok3
     assert meta["shards"] == {"train": ["a.bin"], "val": []}
 
 
+def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300):
+    """A new run replaces shards one by one: the earlier run's meta.json must not describe a mix of both."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    (tmp_path / "in" / "b.txt").write_text("Another story.")
+    meta = pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
+    assert meta["shards"] == {"train": ["a.bin", "b.bin"], "val": []}
+    (tmp_path / "in" / "b.txt").write_bytes(b"not \xff UTF-8")
+    with pytest.raises(BabyLlamaError, match="b.txt:1: not UTF-8 text"):
+        pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
+    assert not (tmp_path / "shards" / "meta.json").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["data", "train-vocab", "--vocab-size", "300", "--input", "{text}", "--data-dir", "{file}"],
     ["data", "pretokenize", "--tokenizer", "{tok}", "--input", "{text}", "--out-dir", "{file}"],

@@ -238,7 +238,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
-        safeio.output_dir(out)
+        _start_writing(out)
         for f, (ids, mask, offsets) in encoded.items():
             name = shard_name(f, root)
             _write_chat_shard(out / name, ids, mask, offsets)
@@ -249,7 +249,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         first = next(by_file, None)
         if first is None:
             raise BabyLlamaError(f"{root}: no documents to pretokenize")
-        safeio.output_dir(out)
+        _start_writing(out)
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="pretokenize")
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
             for f, docs in itertools.chain([first], by_file):
@@ -271,6 +271,13 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         meta["word_weight"] = word_weight
     safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return meta
+
+
+def _start_writing(out: Path) -> None:
+    """The shard folder, made, without an earlier meta.json: until this run writes its own, the folder is
+    incomplete (an interrupted run would leave an earlier meta.json describing shards it replaced)."""
+    safeio.output_dir(out)
+    (out / META).unlink(missing_ok=True)
 
 
 def _without_blank_jsonl(files: list[Path]) -> list[Path]:
