@@ -147,6 +147,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["data", "train-vocab", "--vocab-size", "512", "--input", "missing"], "input not found: missing"),
     (["train"], "set --data_dir"),
     (["train", "--dim=abc"], "dim must be int, got 'abc'"),
+    (["train", "--max_iters=2.5e0"], "max_iters must be int, got '2.5e0'"),
+    (["train", "--batch_size=1e400"], "batch_size must be int, got '1e400'"),
     (["train", "--compile=maybe"], "compile must be true or false"),
     (["train", "--seed=99999999999999999999"], "seed must be in [0, 2**63), got 99999999999999999999"),
     (["train", "--seed=-1"], "seed must be in [0, 2**63), got -1"),

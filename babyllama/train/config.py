@@ -105,7 +105,12 @@ def parse_value(key: str, text: str):
             return False
         raise BabyLlamaError(f"{key} must be true or false, got {text!r}")
     try:
-        return kind(text) if kind is not int else int(float(text)) if "e" in text.lower() else int(text)
+        if kind is int and "e" in text.lower():  # 2e3, as nanoGPT's configurator reads it: whole numbers only
+            value = float(text)
+            if not value.is_integer():  # a fraction, or inf/nan (1e400)
+                raise ValueError(text)
+            return int(value)
+        return kind(text)
     except ValueError:
         raise BabyLlamaError(f"{key} must be {kind.__name__}, got {text!r}") from None
 
