@@ -203,12 +203,19 @@ def check(cfg: TrainConfig) -> None:
                              f"got {cfg.max_seq_len}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise BabyLlamaError(f"seed must be in [0, 2**63), got {cfg.seed}")
+    if not cfg.out_dir.strip():  # it would write the run's files into the current folder
+        raise BabyLlamaError("out_dir must name a folder, got ''")
     if cfg.max_iters < 0 or cfg.warmup_iters < 0:
         raise BabyLlamaError("max_iters and warmup_iters must be >= 0")
+    for key in ("lr_decay_iters", "vocab_size"):  # 0: max_iters, the data's vocabulary
+        if getattr(cfg, key) < 0:
+            raise BabyLlamaError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.kd_alpha <= 1.0:
         raise BabyLlamaError(f"kd_alpha must be in [0, 1], got {cfg.kd_alpha}")
-    if cfg.kd_temperature <= 0.0:
-        raise BabyLlamaError(f"kd_temperature must be positive, got {cfg.kd_temperature}")
+    if not 0.0 < cfg.kd_temperature < math.inf:  # also refuses NaN
+        raise BabyLlamaError(f"kd_temperature must be positive and finite, got {cfg.kd_temperature}")
+    if not 0.0 <= cfg.peak_flops < math.inf:
+        raise BabyLlamaError(f"peak_flops must be a finite number >= 0 (0: known GPUs'), got {cfg.peak_flops}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")
     check_optimizer(cfg)
