@@ -429,6 +429,28 @@ def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys
     assert (out / "metrics.jsonl").read_bytes() == log and (out / "ckpt.pt").read_bytes() == ckpt
 
 
+def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch):
+    from babyllama.cli import main
+    from babyllama.train.loop import Trainer
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    step = Trainer.step
+
+    def interrupted_at_3(self):
+        if self.iter_num == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", interrupted_at_3)
+    argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted at step 3; {out / 'ckpt.pt'} holds step 2: --init_from=resume goes on from there"
+    monkeypatch.setattr(Trainer, "step", step)
+    assert main(["train", f"--out_dir={out}", "--init_from=resume"]) == 0
+    assert evaluations(out) == [0, 2, 4, 6]
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
     from babyllama.train.config import resolve_config

@@ -186,7 +186,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: global batches
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
-        self.iter_num, self.best_val_loss = 0, float("inf")
+        self.iter_num, self.best_val_loss, self.last_loss = 0, float("inf"), float("nan")
+        self.saved_at: int | None = None  # the step of the checkpoint in out_dir, once there is this run's
         if ckpt is not None:
             try:
                 self._restore(ckpt)
@@ -244,7 +245,7 @@ class Trainer:
         _load_state_dicts(self.raw, self.optimizer, ckpt, lora=self.lora is not None)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.iter_num = int(ckpt["iter_num"])
+        self.iter_num = self.saved_at = int(ckpt["iter_num"])
         self.best_val_loss = float(ckpt["best_val_loss"])
         rng = ckpt["rng"]
         self.data_gen.set_state(rng["data"])
@@ -268,6 +269,7 @@ class Trainer:
                          "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
                          "lora": self.lora},
                         self.out_dir / checkpoint.CKPT_NAME)
+        self.saved_at = self.iter_num
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -382,12 +384,34 @@ class Trainer:
         if cfg.eval_only:
             self.evaluate_and_save()
             return {"iter": self.iter_num, "best_val_loss": self.best_val_loss}
-        flops_per_token = self.raw.flops_per_token()
         # a checkpoint is written only by an evaluation: a resumed run's first step was evaluated already
-        last_loss, evaluated_at = float("nan"), (start_iter if cfg.init_from == "resume" else None)
+        evaluated_at = start_iter if cfg.init_from == "resume" else None
         if master and cfg.init_from == "resume" and start_iter >= cfg.max_iters:
             print(f"nothing to train: the run is at step {start_iter} and max_iters is {cfg.max_iters} "
                   f"(raise --max_iters to go on)", flush=True)
+        try:
+            self._train(evaluated_at)
+        except KeyboardInterrupt:
+            if master:
+                print(self._interrupted_text(), file=sys.stderr, flush=True)
+            raise
+        if self.dist.enabled:
+            dist.barrier()
+        return {"iter": self.iter_num, "loss": self.last_loss, "best_val_loss": self.best_val_loss}
+
+    def _interrupted_text(self) -> str:
+        """What a Ctrl-C leaves: the checkpoint of the last evaluation, which a resume goes on from."""
+        ckpt = self.out_dir / checkpoint.CKPT_NAME
+        if self.saved_at is None:
+            kept = (f"{ckpt} is an earlier run's" if ckpt.exists() else "no checkpoint was written yet") + \
+                f" (this run writes one every eval_interval={self.cfg.eval_interval} steps)"
+        else:
+            kept = f"{ckpt} holds step {self.saved_at}: --init_from=resume goes on from there"
+        return f"interrupted at step {self.iter_num}; {kept}"
+
+    def _train(self, evaluated_at: int | None) -> None:
+        cfg, master = self.cfg, self.dist.master
+        flops_per_token = self.raw.flops_per_token()
         t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
         while self.iter_num < cfg.max_iters:
             # evaluate before training (a new run) and every eval_interval steps, not again on resume
@@ -398,17 +422,14 @@ class Trainer:
             lr = lr_at(cfg, self.iter_num)
             loss = self.step()
             if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
-                last_loss = self.global_mean(loss)  # also waits for the device: the timing below is real
+                self.last_loss = self.global_mean(loss)  # also waits for the device: the timing below is real
                 elapsed = time.perf_counter() - t0
                 dt, tok_s = elapsed / (self.iter_num - t0_iter), (self.tokens_seen - t0_tokens) / elapsed
                 t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
                 if master:
-                    self._log_step(last_loss, lr, dt, tok_s, flops_per_token)
+                    self._log_step(self.last_loss, lr, dt, tok_s, flops_per_token)
         if evaluated_at != self.iter_num:
             self.evaluate_and_save()
-        if self.dist.enabled:
-            dist.barrier()
-        return {"iter": self.iter_num, "loss": last_loss, "best_val_loss": self.best_val_loss}
 
     def _tokens_per_iter_text(self) -> str:
         if isinstance(self.train_data, Examples):
