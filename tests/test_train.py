@@ -451,6 +451,26 @@ def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread
     assert evaluations(out) == [0, 2, 4, 6]
 
 
+def test_a_new_run_stopped_before_its_first_checkpoint_leaves_the_earlier_runs_pair(tmp_path, one_thread,
+                                                                                      monkeypatch):
+    """ckpt.pt and tokenizer.bin in out_dir go together: sample and export read them as one model."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import Trainer, train
+
+    first, second = text_shards(tmp_path, byte_tokenizer(300), "a"), text_shards(tmp_path, other_tokenizer(), "b")
+    out = tmp_path / "out"
+    train(resolve_config(None, tiny_run(first, out)))
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "tokenizer.bin")}
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(resolve_config(None, tiny_run(second, out)))
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
     from babyllama.train.config import resolve_config

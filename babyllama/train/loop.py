@@ -188,6 +188,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
         self.iter_num, self.best_val_loss, self.last_loss = 0, float("inf"), float("nan")
         self.saved_at: int | None = None  # the step of the checkpoint in out_dir, once there is this run's
+        self.tokenizer_installed = False  # the data's tokenizer.bin copied beside this run's checkpoint
         if ckpt is not None:
             try:
                 self._restore(ckpt)
@@ -258,6 +259,8 @@ class Trainer:
         model_sd, optim_sd = _state_dicts(self.raw, self.optimizer)  # collective under FSDP
         if not self.dist.master:
             return
+        if not self.tokenizer_installed:
+            self._install_tokenizer()
         if self.lora is not None:  # the base stays where it is: the checkpoint holds the adapter only
             model_sd = {k: v for k, v in model_sd.items() if is_factor(k)}
             save_adapter(adapter_from_state(model_sd, self.lora), self.out_dir / ADAPTER_FILE)
@@ -370,7 +373,7 @@ class Trainer:
         cfg, master = self.cfg, self.dist.master
         if master:
             if not cfg.eval_only:  # an evaluation alone leaves a run's files as they are
-                self._install_tokenizer(resumed=cfg.init_from == "resume")
+                self._check_kept_tokenizer()
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
@@ -451,15 +454,20 @@ class Trainer:
             raise BabyLlamaError(f"cannot resume: {src} is not the tokenizer this run was trained with ({dst}); "
                                  "resume with the run's data, or start a new run")
 
-    def _install_tokenizer(self, resumed: bool) -> None:
-        """Keep the data's tokenizer.bin beside the checkpoint: sample and export look for it there. A new run
-        replaces what an earlier run in out_dir left, which belongs to that run's model. Data without one
-        leaves out_dir's in place (the user may have put it there): kept when it fits the model's vocabulary,
-        else refused, as export does with a folder's tokenizer."""
+    def _install_tokenizer(self) -> None:
+        """Keep the data's tokenizer.bin beside the checkpoint (sample and export look for it there), written
+        with this run's first checkpoint: until then out_dir's tokenizer.bin belongs to the checkpoint an
+        earlier run left there. A resumed run keeps its own."""
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
-        if src.is_file() and not (resumed and dst.exists()):
+        if src.is_file() and not (self.cfg.init_from == "resume" and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
-        elif not src.is_file() and not resumed and dst.exists():
+        self.tokenizer_installed = True
+
+    def _check_kept_tokenizer(self) -> None:
+        """Data without a tokenizer.bin leaves out_dir's in place (the user may have put it there): kept when
+        it fits the model's vocabulary, else refused, as export does with a folder's tokenizer."""
+        src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
+        if not src.is_file() and self.cfg.init_from != "resume" and dst.exists():
             n = Tokenizer.load(dst).vocab_size
             if n != self.cfg.vocab_size:
                 raise BabyLlamaError(f"{dst} has {n} tokens, so it cannot serve this model of {self.cfg.vocab_size} "
