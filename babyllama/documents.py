@@ -1,7 +1,8 @@
 """Text files of documents, the TinyStories way: documents separated by lines holding exactly
 `<|endoftext|>` (surrounding whitespace ignored); a file without such lines is one document. Lines may end
 in "\n" or "\r\n" (read as "\n"). Documents are stripped of surrounding whitespace and empty ones skipped.
-Shared by `babyllama data` (vocabulary, pretokenize) and `babyllama eval`, so both see the same documents."""
+Shared by `babyllama data` (vocabulary, pretokenize) and `babyllama eval` (through instruct.read_documents,
+which reads .jsonl and .json files of documents too), so both see the same documents."""
 
 from __future__ import annotations
 
@@ -44,3 +45,4 @@ def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
             on_bytes(consumed)
         if text:
             yield text
+

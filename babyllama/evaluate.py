@@ -3,7 +3,8 @@
 What is counted, exactly (the contract behind every number this module prints):
 
 - Documents. The file is split on lines that are exactly `<|endoftext|>` (the layout of the TinyStories
-  .txt files); a file without such lines is a single document. Each document is stripped of surrounding
+  .txt files); a file without such lines is a single document. A .jsonl or .json file holds documents as
+  `babyllama data pretokenize` reads them (instruct.read_documents). Each document is stripped of surrounding
   whitespace, as `babyllama data pretokenize` and llama2.c's tinystories.py do; empty ones are skipped.
 - Tokens. A document is encoded as training sees it: BOS, then the tokens of its text (no EOS). Every
   token after BOS is predicted exactly once, from the tokens before it in the same document.
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .documents import iter_documents
 from .engine import Engine
 from .errors import BabyLlamaError
+from .instruct import read_documents
 from .progress import progress_bar
 from .tokenizer import Tokenizer
 
@@ -123,7 +124,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, data: str | os.PathLike, seq_
     result = EvalResult()
     size = Path(data).stat().st_size if Path(data).is_file() else None
     with progress_bar(total=size, unit="B", unit_scale=True, desc="eval", disable=not show_progress) as bar:
-        for text in iter_documents(data, on_bytes=bar.update):
+        for text in read_documents(Path(data), on_bytes=bar.update):
             ids = tokenizer.encode(text, bos=True)
             result.documents += 1
             result.bytes += len(text.encode("utf-8"))

@@ -8,7 +8,8 @@ Records (one JSON object per line of a .jsonl file) come in three kinds, told ap
     {"text": ...} / {"story": ...} / a JSON string                              plain text
 
 `read_jsonl` reads a whole file as one kind (set by its first good line), keeping each line's number so a
-malformed line is reported where it is.
+malformed line is reported where it is. `read_documents` reads the plain-text documents of any data file
+(.jsonl, a .json list, or text), for `babyllama data` and `babyllama eval` alike.
 
 `make_instructions` turns stories into requests in the spirit of TinyStories-Instruct, without any outside
 model: the topic (a character, "a cat named Tom", or the story's most frequent noun) and three required
@@ -27,14 +28,16 @@ import json
 import os
 import random
 import re
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
 
 from . import safeio
 from .chat_template import check_messages
+from .documents import iter_documents
 from .errors import BabyLlamaError
 
 # ------------------------------------------------------------------------------------------------ records
@@ -459,3 +462,41 @@ def score_instructions(model, requests: Sequence[tuple[list[dict], list, list]],
                           len(seq.generated))
             bar.update(len(chunk))
     return score
+
+
+def _doc_text(item, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in ("text", "story"):
+            if isinstance(item.get(key), str):
+                return item[key]
+    raise BabyLlamaError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
+
+
+def read_documents(path: Path, skip_bad_lines: bool = False, on_bytes=None) -> Iterator[str]:
+    """The documents of one file (.jsonl, .json, else text: documents.iter_documents), stripped of surrounding
+    whitespace, empty ones skipped; malformed .jsonl lines refused, or skipped with a count. `on_bytes`: as
+    iter_documents (text only)."""
+    docs: Iterable[str]
+    try:
+        if path.suffix == ".jsonl":
+            data = read_jsonl(path, skip_bad_lines)
+            if data.kind == CHAT:
+                raise BabyLlamaError(f"{path}: chat records, not plain text")
+            if data.bad:
+                print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
+            docs = [cast(str, text) for _, text in data.items]  # TEXT records: strings
+        elif path.suffix == ".json":
+            data = safeio.read_json(path, "data file", max_bytes=None, expect=list)
+            docs = [_doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
+        else:
+            docs = iter_documents(path, on_bytes)
+    except UnicodeDecodeError:
+        raise BabyLlamaError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
+    for doc in docs:
+        doc = doc.strip()
+        if doc:
+            yield doc

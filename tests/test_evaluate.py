@@ -92,6 +92,19 @@ def test_slices_keep_stories_whole(tmp_path):
     assert (two.documents, two.tokens) == (2, first + len(tok.encode(STORIES[1])) - 1)
 
 
+def test_json_and_jsonl_stories_score_like_the_same_text(tmp_path):
+    """The stories, not the JSON around them: as `data pretokenize` reads those files."""
+    args = tiny_args()
+    engine, tok = Engine(random_weights(args)), byte_tokenizer(args.vocab_size)
+    want = evaluate(engine, tok, write_stories(tmp_path / "d.txt", STORIES), show_progress=False)
+    (tmp_path / "d.json").write_text(json.dumps([{"story": s} for s in STORIES]))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in STORIES))
+    for name in ("d.json", "d.jsonl"):
+        got = evaluate(engine, tok, tmp_path / name, show_progress=False)
+        assert (got.documents, got.tokens, got.bytes) == (want.documents, want.tokens, want.bytes)
+        assert got.nats == pytest.approx(want.nats)
+
+
 @pytest.fixture
 def tiny_model(tmp_path):
     args = tiny_args()

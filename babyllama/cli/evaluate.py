@@ -9,7 +9,8 @@ def add(sub) -> None:
     p = sub.add_parser(
         "eval", help="loss, perplexity and bits per byte of a model on a text file of stories",
         description="Score a model on held-out text. The file is split into stories on lines that are exactly "
-        "<|endoftext|> (TinyStories layout; a file without them is one document); each story is stripped and "
+        "<|endoftext|> (TinyStories layout; a file without them is one document; a .jsonl/.json file holds "
+        "stories as `data pretokenize` reads them); each story is stripped and "
         "encoded with BOS, as pretokenize does, and every token after BOS is predicted once. Stories longer "
         "than the context are cut into consecutive windows of at most seq_len tokens (a later window starts "
         "without the earlier context). Prints mean loss per predicted token (nats), perplexity = exp(loss), "
@@ -17,7 +18,7 @@ def add(sub) -> None:
         "with different vocabularies compare.")
     add_model_flags(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", help="text file to score (e.g. TinyStories valid.txt)")
+    what.add_argument("--data", help="file of stories to score: text (e.g. TinyStories valid.txt), .jsonl or .json")
     what.add_argument("--instruct", metavar="FILE",
                       help="instruction-following instead: greedy replies to the requests of FILE (.jsonl from "
                            "`babyllama data instruct`); prints the share of requested words the replies use and "

@@ -32,15 +32,14 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from .. import safeio
-from ..documents import iter_documents
 from ..errors import BabyLlamaError
 from ..fields import Fields
-from ..instruct import CHAT, TEXT, describe_bad_lines, read_jsonl
+from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
@@ -64,42 +63,6 @@ def input_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
     return files
-
-
-def _doc_text(item, where: str) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        for key in ("text", "story"):
-            if isinstance(item.get(key), str):
-                return item[key]
-    raise BabyLlamaError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
-
-
-def read_documents(path: Path, skip_bad_lines: bool = False) -> Iterator[str]:
-    """The documents of one input file, stripped of surrounding whitespace, empty ones skipped."""
-    docs: Iterable[str]
-    try:
-        if path.suffix == ".txt":
-            docs = iter_documents(path)
-        elif path.suffix == ".jsonl":
-            data = read_jsonl(path, skip_bad_lines)
-            if data.kind == CHAT:
-                raise BabyLlamaError(f"{path}: chat records, not plain text")
-            if data.bad:
-                print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
-            docs = [cast(str, text) for _, text in data.items]  # TEXT records: strings
-        else:
-            data = safeio.read_json(path, "data file", max_bytes=None, expect=list)
-            docs = [_doc_text(item, f"{path}[{i}]") for i, item in enumerate(data)]
-    except UnicodeDecodeError:
-        raise BabyLlamaError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
-    for doc in docs:
-        doc = doc.strip()
-        if doc:
-            yield doc
 
 
 # ------------------------------------------------------------------------------------------------ encoding
