@@ -89,11 +89,11 @@ def cmd_bench(args) -> int:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
     references = {}
-    for name, exe in (("run.c", args.reference), ("runq.c", args.reference_q)):
+    for name, flag, exe in (("run.c", "--reference", args.reference), ("runq.c", "--reference-q", args.reference_q)):
         if exe is None:
             continue
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
-            raise BabyLlamaError(f"--reference {exe}: not an executable file")
+            raise BabyLlamaError(f"{flag} {exe}: not an executable file")
         references[name] = exe
     machine = bench.describe_machine()
     from ..api import check_device, check_kv_cache
