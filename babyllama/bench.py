@@ -456,9 +456,11 @@ def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeat
         cmd = [exe, str(model), "-z", str(tokenizer), "-n", str(tokens), "-t", "0", "-i", "a"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, errors="replace")
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
-        if out.returncode != 0 or not found:
+        if out.returncode != 0:
             lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
             raise RuntimeError(lines[-1][:200])
+        if not found:  # its last line would read as the reason it failed, when it only ran
+            raise RuntimeError("it printed no 'achieved tok/s:' line on stderr, as llama2.c's run.c does")
         return float(found[-1].split(":", 1)[1])
 
     return median_of_runs(decode, repeats)

@@ -263,6 +263,14 @@ def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(
     assert "| tiny | Q4_0 | babyllama | 1 |" in text and "- tiny fp32 run.c: run.c (" in text
 
 
+def test_a_reference_that_prints_no_speed_is_not_reported_by_its_last_line(tmp_path):
+    fake = tmp_path / "run"
+    fake.write_text("#!/bin/sh\necho 'Once upon a time'\n")  # exits 0, its speed line missing
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=r"^it printed no 'achieved tok/s:' line on stderr, as llama2.c's run.c"):
+        bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
+
+
 def test_bench_reports_q4_0_over_q8_0_beside_their_bytes():
     rows = [bench.Row("tiny", fmt, "babyllama", threads,
                       {"decode": tok_s, "decode_bytes": mb * 1e6, "kv_bytes": 20e6})
