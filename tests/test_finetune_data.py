@@ -329,3 +329,17 @@ def test_data_instruct_without_held_out_stories_writes_no_empty_file(tmp_path, c
     assert main(["data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"), "--val-count", "0",
                  "--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5"]) == 0
     assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl"]
+
+
+def test_data_instruct_again_leaves_no_earlier_held_out_split(tmp_path, capsys):
+    """A held-out file of an earlier split holds stories the new split may train on: kept, it would be scored
+    (finetune's validation, eval --instruct) as held out."""
+    from babyllama.cli import main
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 40, seed=3)
+    argv = ["data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"),
+            "--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5"]
+    assert main([*argv, "--val-count", "5", "--dev-count", "5"]) == 0
+    assert main([*argv, "--val-count", "5", "--seed", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl", "instruct_val.jsonl"]
+    assert f"removed {tmp_path / 'ins' / 'instruct_dev.jsonl'}: an earlier run's" in capsys.readouterr().err

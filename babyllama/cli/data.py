@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import BabyLlamaError, require
 from .common import Parser, add_time_limit, positive_int, share
 
@@ -152,6 +154,10 @@ def cmd_data_instruct(args) -> int:
     for records, name in ((val, "instruct_val.jsonl"), (dev, "instruct_dev.jsonl")):
         if records:  # an empty file would be a data file without a record
             write_jsonl(records, out / name)
+        elif (out / name).exists():  # an earlier split's held-out stories, which this run may train on
+            (out / name).unlink()
+            print(f"removed {out / name}: an earlier run's held-out split, which this run's does not keep",
+                  file=sys.stderr)
     dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
     print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "
           f"{counts['stories']:,} stories to {out} ({counts['too_long']:,} left out: longer than the context of "
