@@ -333,6 +333,9 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     """meta.json of a pretokenized folder; for a folder of llama2.c shards (no meta.json), every .bin
     except tokenizer.bin, with llama2.c's convention that the first shard is the validation data."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise BabyLlamaError(f"data_dir {data_dir} is a file: give the folder that holds the shards "
+                             f"({data_dir.parent})")
     if not data_dir.is_dir():
         raise BabyLlamaError(f"data_dir not found: {data_dir} (run `babyllama data pretokenize` first)")
     meta_path = data_dir / META
