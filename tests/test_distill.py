@@ -156,3 +156,32 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
         train(resolve_config(None, settings(setup, tmp_path / "out", teacher=other, max_iters=1)))
     with pytest.raises(BabyLlamaError, match="teacher: model file not found"):
         train(resolve_config(None, settings(setup, tmp_path / "out", teacher=tmp_path / "missing.bin", max_iters=1)))
+
+
+def tokenizer64(order: int = 1):
+    """A VOCAB-token tokenizer; order -1 lists the same pieces' ids the other way round."""
+    from babyllama.tokenizer import Tokenizer
+
+    pieces = [bytes([97 + i % 26]) * (1 + i // 26) for i in range(VOCAB - 3)]
+    return Tokenizer([b"<unk>", b"<s>", b"</s>"] + pieces[::order], [0.0] * VOCAB)
+
+
+def test_teacher_with_a_tokenizer_other_than_the_datas_is_refused(setup, tmp_path):
+    """The same vocabulary size, other pieces: the teacher's distributions would be over other tokens."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.bin", "val.bin", "meta.json"):
+        (data / name).write_bytes((setup / "data" / name).read_bytes())
+    tokenizer64().save(data / "tokenizer.bin")
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "teacher.bin").write_bytes((setup / "teacher.bin").read_bytes())
+    tokenizer64(order=-1).save(folder / "tokenizer.bin")
+    kw = dict(data_dir=data, teacher=folder / "teacher.bin", max_iters=1)
+    with pytest.raises(BabyLlamaError, match=r"teacher .* was trained with .*teacher/tokenizer.bin, not with the da"):
+        train(resolve_config(None, settings(setup, tmp_path / "out", **kw)))
+    tokenizer64().save(folder / "tokenizer.bin")  # the data's: taken
+    assert train(resolve_config(None, settings(setup, tmp_path / "out", **kw)))["iter"] == 1

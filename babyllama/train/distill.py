@@ -13,17 +13,23 @@ cross-entropy's whatever the temperature T. Validation losses stay plain cross-e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from .. import formats
 from ..errors import BabyLlamaError
 from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .data import TOKENIZER_BIN
 
 
-def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device) -> Transformer:
+def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,
+                 data_tokenizer: Path | None = None) -> Transformer:
     """The teacher of `path`, frozen and in eval mode on `device`; it must share the student's vocabulary
-    and cover its context length."""
+    (its size, and where both are known, the tokenizer: the tokenizer.bin beside it, as `run` takes it, and
+    the data's `data_tokenizer`) and cover its context length."""
     try:
         weights = formats.load(path)
     except BabyLlamaError as e:
@@ -32,6 +38,11 @@ def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device)
     if args.vocab_size != vocab_size:
         raise BabyLlamaError(f"teacher {path} has a {args.vocab_size}-token vocabulary, the data {vocab_size}: "
                              "distillation needs the same tokenizer")
+    beside = Path(path).with_name(TOKENIZER_BIN)  # same-sized vocabularies can still give other ids
+    if data_tokenizer is not None and data_tokenizer.is_file() and beside.is_file() and \
+            not Tokenizer.load(beside).same_as(Tokenizer.load(data_tokenizer)):
+        raise BabyLlamaError(f"teacher {path} was trained with {beside}, not with the data's tokenizer "
+                             f"({data_tokenizer}): distillation needs the same tokenizer")
     if args.max_seq_len < seq_len:
         raise BabyLlamaError(f"teacher {path} has a context of {args.max_seq_len} tokens, shorter than "
                              f"max_seq_len={seq_len}")

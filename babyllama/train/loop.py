@@ -180,8 +180,8 @@ class Trainer:
             for layer in model.layers:
                 fully_shard(layer)
             fully_shard(model)
-        self.teacher = (distill.load_teacher(cfg.teacher, cfg.vocab_size, cfg.max_seq_len, self.device)
-                        if cfg.teacher else None)
+        self.teacher = (distill.load_teacher(cfg.teacher, cfg.vocab_size, cfg.max_seq_len, self.device,
+                                             self.data_dir / TOKENIZER_BIN) if cfg.teacher else None)
         self.optimizer = make_optimizer(model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: global batches
