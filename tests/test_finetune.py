@@ -468,6 +468,32 @@ def test_train_points_a_base_to_finetune(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_each_command_points_a_resume_of_the_others_run_to_it(tmp_path, capsys, one_thread):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    out = tmp_path / "out"
+    argv = [f"--{k}={v}" for k, v in settings(root, out, max_iters=2, eval_interval=2, eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"babyllama: error: {out} holds a fine-tuning run (base {root / 'base.bin'}): resume it with "
+                   f"babyllama finetune --init_from=resume --out_dir={out}"]
+    pretrained = tmp_path / "pretrained"
+    (pretrained / "ckpt.pt").parent.mkdir()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    from babyllama.train.config import FIELDS, FINETUNE_KEYS
+
+    for key in ("base", *FINETUNE_KEYS):  # a run from random weights, as `train` writes it
+        ckpt["config"][key] = FIELDS[key].default
+    torch.save(ckpt, pretrained / "ckpt.pt")
+    assert main(["finetune", "--init_from=resume", f"--out_dir={pretrained}", "--max_iters=4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"babyllama: error: {pretrained} holds a run trained from random weights: resume it with "
+                   f"babyllama train --init_from=resume --out_dir={pretrained}"]
+
+
 # ------------------------------------------------------------------------------------------------ torchrun
 
 

@@ -36,6 +36,9 @@ def cmd_finetune(args) -> int:
         if folder:
             overrides.update(base=folder, base_format=kind)
     cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
+    if not cfg.base and cfg.init_from == "resume":
+        raise BabyLlamaError(f"{cfg.out_dir} holds a run trained from random weights: resume it with babyllama train "
+                             f"--init_from=resume --out_dir={cfg.out_dir}")
     if not cfg.base:
         raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
                              "--meta-llama DIR")

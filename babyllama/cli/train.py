@@ -45,6 +45,9 @@ def cmd_train(args) -> int:
     from ..train.loop import train
 
     cfg = resolve_config(args.config, config_overrides(args))
+    if cfg.base and cfg.init_from == "resume":
+        raise BabyLlamaError(f"{cfg.out_dir} holds a fine-tuning run (base {cfg.base}): resume it with babyllama "
+                             f"finetune --init_from=resume --out_dir={cfg.out_dir}")
     if cfg.base:  # one command per job: finetune has its own defaults and messages for a base
         raise BabyLlamaError("train starts from random weights; to fine-tune a base model use babyllama finetune "
                              "--base=MODEL")
