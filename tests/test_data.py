@@ -232,6 +232,21 @@ def test_pretokenize_writes_no_shard_for_a_file_without_documents(tmp_path, tok3
     assert meta["shards"] == {"train": ["a.bin"], "val": []}
 
 
+def test_shards_written_inside_the_input_folder_are_not_read_as_input(tmp_path, tok300):
+    """`--input data` beside `--data-dir data`: the shard folder's meta.json is output, not a .json of stories."""
+    pytest.importorskip("sentencepiece")
+    from babyllama.train.vocab import train_vocab
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stories.txt").write_text("A story about a cat.\n<|endoftext|>\nA story about a dog.\n")
+    for _ in range(2):
+        meta = pretokenize(data, tok300, data / "tok", workers=1)
+        assert meta["shards"] == {"train": ["stories.bin"], "val": []}
+    train_vocab(data, 280, data)
+    assert (data / "tok280.model").is_file()
+
+
 def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300):
     """A new run replaces shards one by one: the earlier run's meta.json must not describe a mix of both."""
     (tmp_path / "in").mkdir()

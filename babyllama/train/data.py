@@ -59,10 +59,16 @@ def input_files(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise BabyLlamaError(f"input not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p))
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
     return files
+
+
+def _is_shards_meta(path: Path) -> bool:
+    """Whether `path` is the meta.json of a folder pretokenize wrote (beside its tokenizer.bin): output, not
+    documents, when that folder lies inside the input folder (`--input data` and `--data-dir data`)."""
+    return path.name == META and (path.parent / TOKENIZER_BIN).is_file()
 
 
 # ------------------------------------------------------------------------------------------------ encoding
