@@ -122,6 +122,8 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     engine = Engine(formats.load(tiny_model))
     want = evaluate(engine, byte_tokenizer(), data, show_progress=False)
     assert got["tokens"] == want.tokens and got["loss"] == pytest.approx(want.loss, rel=1e-6)
+    quantized = run_cli("eval", str(tiny_model), "--data", str(data), "--json", "--quantize", "q8_0")
+    assert json.loads(quantized.stdout)["model"] == f"{tiny_model} --quantize q8_0"  # other figures, said so
     table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
     assert table.returncode == 0, table.stderr.decode()
     assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout

@@ -40,7 +40,6 @@ def cmd_eval(args) -> int:
     import json
 
     from ..evaluate import evaluate
-    from ..loading import BUILTIN_MODEL
     from .run import load_model
 
     check_eval_flags(args)
@@ -50,16 +49,24 @@ def cmd_eval(args) -> int:
     r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
                  max_tokens=args.max_tokens)
     if args.json:
-        print(json.dumps({"model": str(args.checkpoint or BUILTIN_MODEL), "data": args.data, **r.to_dict()}))
+        print(json.dumps({"model": model_name(args), "data": args.data, **r.to_dict()}))
         return 0
     seq_len = args.seq_len or model.args.max_seq_len
-    print(f"model       {args.checkpoint or BUILTIN_MODEL}")
+    print(f"model       {model_name(args)}")
     print(f"data        {args.data}: {r.documents:,} stories, {r.bytes:,} bytes")
     print(f"tokens      {r.tokens:,} predicted in {r.windows:,} windows of <= {seq_len}")
     print(f"loss        {r.loss:.4f} nats/token")
     print(f"perplexity  {r.perplexity:.3f}")
     print(f"bits/byte   {r.bits_per_byte:.4f}")
     return 0
+
+
+def model_name(args) -> str:
+    """The model the figures are of: the file, with the adapter and the quantization it ran with."""
+    from ..loading import BUILTIN_MODEL
+
+    return (str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
+            + (f" --quantize {args.quantize}" if args.quantize else ""))
 
 
 # flags that apply to one kind of evaluation only: refused with the other rather than ignored
@@ -83,14 +90,13 @@ def eval_instruct(model, args) -> int:
 
     from ..errors import BabyLlamaError
     from ..instruct import eval_requests, score_instructions
-    from ..loading import BUILTIN_MODEL
 
     for flag in ("max_examples", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise BabyLlamaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     s = score_instructions(model, eval_requests(args.instruct, args.max_examples), args.max_new_tokens)
-    name = str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
+    name = model_name(args)
     if args.json:
         print(json.dumps({"model": name, "instruct": args.instruct, **s.to_dict(args.samples or 0)}))
         return 0
