@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 
 import numpy as np
@@ -176,6 +177,18 @@ def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, 
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("babyllama: error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("command, module", [("train", "matplotlib"), ("finetune", "torch")])
+def test_training_without_a_package_of_the_train_extra_is_one_line(tmp_path, capsys, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # not installed
+    assert main([command, f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--base=x.bin"
+                 if command == "finetune" else "--max_iters=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"babyllama: error: {command} needs babyllama's 'train' extra: pip install torch==2.13.0 && "
+                   "pip install 'babyllama[train]' (in a source checkout: pip install torch==2.13.0 && pip install "
+                   "-e '.[train]')"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_file_rejects_unknown_keys_and_wrong_types(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import BabyLlamaError
-from .train import add_config_flags, config_overrides
+from .train import add_config_flags, config_overrides, require_training
 
 
 def add(sub) -> None:
@@ -28,6 +28,7 @@ def add(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
+    require_training("finetune")
     from ..train.config import FINETUNE_DEFAULTS, resolve_config
     from ..train.loop import train
 

@@ -39,8 +39,14 @@ def config_overrides(args) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
+def require_training(what: str) -> None:
+    """PyTorch, and matplotlib for loss.png (written from the first evaluation on), before anything runs."""
+    for module in ("torch", "matplotlib"):
+        require(module, "train", what)
+
+
 def cmd_train(args) -> int:
-    require("torch", "train", "train")
+    require_training("train")
     from ..train.config import resolve_config
     from ..train.loop import train
 
