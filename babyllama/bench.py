@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
-from .safeio import home_cache
+from .safeio import home_cache, output_dir
 from .threads import usable_cpus
 
 if TYPE_CHECKING:
@@ -74,9 +74,7 @@ def context_of(shape: str) -> int:
 
 def cache_dir(override: str | None = None) -> Path:
     base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or home_cache("bench", instead="BABYLLAMA_BENCH_DIR")
-    path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return output_dir(base, "bench model cache")
 
 
 def random_model(args: ModelArgs, seed: int = 0):

@@ -523,5 +523,9 @@ def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path
     assert not measured
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write bench table" in err[0] and "file is not a directory" in err[0], err
+    assert main(["bench", "--shapes", "15M", "--cache-dir", str(tmp_path / "file")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"babyllama: error: cannot write bench model cache {tmp_path / 'file'}: {tmp_path / 'file'} is "
+                   "not a directory"]
     assert main([*argv, "--prompt-len", "256", "--output", str(tmp_path / "new" / "table.md")]) == 0
     assert measured and (tmp_path / "new" / "table.md").read_text().startswith("Machine: ")
