@@ -237,6 +237,16 @@ def test_pretokenize_refuses_input_without_documents_before_writing(tmp_path, ca
     assert "in.txt: no documents to pretokenize" in msg and not out.exists()
 
 
+@pytest.mark.parametrize("flag", [["--word-weight", "3"], ["--max-seq-len", "64"]])
+def test_pretokenize_refuses_chat_flags_on_plain_text(tmp_path, capsys, tok300, flag):
+    (tmp_path / "in.txt").write_text("A story.")
+    msg = one_line(capsys, ["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
+                            "--out-dir", str(tmp_path / "shards"), *flag])
+    assert msg.endswith(f"--word-weight and --max-seq-len apply to chat records (.jsonl conversations); "
+                        f"{tmp_path / 'in.txt'} holds plain text")
+    assert not (tmp_path / "shards").exists()
+
+
 def test_pretokenize_writes_no_shard_for_a_file_without_documents(tmp_path, tok300):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("A story.")

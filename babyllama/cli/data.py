@@ -118,6 +118,8 @@ def cmd_data_pretokenize(args) -> int:
     else:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
+    if args.word_weight != 1 or args.max_seq_len:
+        check_chat_input(args.input, args.skip_bad_lines)
     max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
     meta = pretokenize(args.input, tokenizer, out, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                        max_tokens=max_tokens, word_weight=args.word_weight)
@@ -125,6 +127,16 @@ def cmd_data_pretokenize(args) -> int:
     print(f"wrote {meta['tokens']:,} tokens{what} in {len(meta['shards']['train'])} train and "
           f"{len(meta['shards']['val'])} val shards to {out}")
     return 0
+
+
+def check_chat_input(input_path: str, skip_bad_lines: bool) -> None:
+    """--word-weight and --max-seq-len act on chat records: given for plain text, they would do nothing."""
+    from ..instruct import CHAT
+    from ..train.data import file_kind, input_files
+
+    if all(file_kind(f, skip_bad_lines) != CHAT for f in input_files(input_path)):
+        raise BabyLlamaError(f"--word-weight and --max-seq-len apply to chat records (.jsonl conversations); "
+                             f"{input_path} holds plain text")
 
 
 def cmd_data_instruct(args) -> int:
