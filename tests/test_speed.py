@@ -518,6 +518,12 @@ def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path
     assert main([*argv, "--reference-q", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"babyllama: error: --reference-q {tmp_path}: not an executable file"]
+    assert main([*argv, "--formats", "fp32", "--reference-q", sys.executable]) == 1  # runq.c reads Q8_0 only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --reference-q times runq.c on q8_0 files: add q8_0 to --formats"]
+    assert main([*argv, "--formats", "fp32", "--gguf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --gguf times babyllama on q8_0 and q4_0 GGUF files: add one of them to --formats"]
     (tmp_path / "file").write_text("x")
     assert main([*argv, "--output", str(tmp_path / "file" / "table.md")]) == 1
     assert not measured

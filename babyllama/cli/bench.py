@@ -73,6 +73,9 @@ def cmd_bench(args) -> int:
     known = (*bench.FORMATS, *bench.GGUF_ONLY_FORMATS)
     if not fmts or any(f not in known for f in fmts):
         raise BabyLlamaError(f"--formats takes {', '.join(known)}, got {args.formats!r}")
+    if args.gguf and not set(bench.GGUF_FORMATS) & set(fmts):
+        raise BabyLlamaError(f"--gguf times babyllama on {' and '.join(bench.GGUF_FORMATS)} GGUF files: add one of "
+                             "them to --formats")
     settings = tuple(s.strip() for s in args.thread_settings.split(",") if s.strip())
     if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
         raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")
@@ -94,6 +97,9 @@ def cmd_bench(args) -> int:
             continue
         if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
             raise BabyLlamaError(f"{flag} {exe}: not an executable file")
+        needs = bench.REFERENCES[name][0]  # a reference row sits beside babyllama's on the same format
+        if needs not in fmts:
+            raise BabyLlamaError(f"{flag} times {name} on {needs} files: add {needs} to --formats")
         references[name] = exe
     machine = bench.describe_machine()
     from ..api import check_device, check_kv_cache
