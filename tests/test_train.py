@@ -471,6 +471,18 @@ def test_a_new_run_stopped_before_its_first_checkpoint_leaves_the_earlier_runs_p
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_a_new_run_over_a_checkpoint_says_it_replaces_it(tmp_path, one_thread, capsys):
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    train(resolve_config(None, tiny_run(data, out)))
+    assert "note: " not in capsys.readouterr().err
+    train(resolve_config(None, tiny_run(data, out)))
+    assert (f"note: {out / 'ckpt.pt'} holds an earlier run, which this new run replaces at its first checkpoint "
+            "(step 2); --init_from=resume continues it instead") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
     from babyllama.train.config import resolve_config

@@ -374,6 +374,7 @@ class Trainer:
         if master:
             if not cfg.eval_only:  # an evaluation alone leaves a run's files as they are
                 self._check_kept_tokenizer()
+                self._note_replaced_checkpoint()
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
@@ -462,6 +463,14 @@ class Trainer:
         if src.is_file() and not (self.cfg.init_from == "resume" and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
         self.tokenizer_installed = True
+
+    def _note_replaced_checkpoint(self) -> None:
+        """A new run in a folder with a checkpoint replaces it at its first one: a forgotten --init_from=resume
+        would lose the earlier run, so say so while it can still be stopped."""
+        ckpt, first = self.out_dir / checkpoint.CKPT_NAME, min(self.cfg.eval_interval, self.cfg.max_iters)
+        if self.cfg.init_from != "resume" and ckpt.exists() and first > 0:
+            print(f"note: {ckpt} holds an earlier run, which this new run replaces at its first checkpoint (step "
+                  f"{first}); --init_from=resume continues it instead", file=sys.stderr, flush=True)
 
     def _check_kept_tokenizer(self) -> None:
         """Data without a tokenizer.bin leaves out_dir's in place (the user may have put it there): kept when
