@@ -94,7 +94,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
     path = Path(path)
     out = JsonlFile("", [], [], [])
     try:
-        lines = safeio.read_bytes(path, "data file").decode("utf-8").splitlines()  # a regular file only
+        # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at
+        lines = safeio.read_bytes(path, "data file").decode("utf-8").split("\n")  # a regular file only
     except UnicodeDecodeError:
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
     for lineno, line in enumerate(lines, 1):

@@ -16,6 +16,7 @@ from babyllama.chat_template import encode_chat
 from babyllama.errors import BabyLlamaError
 from babyllama.instruct import (
     BOTH,
+    TEXT,
     InstructScore,
     document_frequencies,
     find_topic,
@@ -46,6 +47,16 @@ def test_records_are_told_apart_by_their_keys(tmp_path):
                                 {"role": "assistant", "content": "r"}]
     text = write_lines(tmp_path / "text.jsonl", {"text": "a"}, '"b"', {"story": "c"})
     assert read_jsonl(text).kind == "text" and [t for _, t in read_jsonl(text).items] == ["a", "b", "c"]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028, \\x85 and \\x0c raw: they are no line ends."""
+    path = tmp_path / "d.jsonl"
+    texts = ["one\u2028two", "form\x0cfeed \x85 next", "plain"]
+    path.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts).encode())
+    data = read_jsonl(path)
+    assert data.kind == TEXT and not data.bad and [text for _, text in data.items] == texts
+    assert [n for n, _ in data.items] == [1, 2, 3]
 
 
 def test_malformed_lines_are_reported_with_their_numbers_or_skipped(tmp_path):
