@@ -1,11 +1,13 @@
 """Text files of documents, the TinyStories way: documents separated by lines holding exactly
 `<|endoftext|>` (surrounding whitespace ignored); a file without such lines is one document. Lines may end
-in "\n" or "\r\n" (read as "\n"). Documents are stripped of surrounding whitespace and empty ones skipped.
-Shared by `babyllama data` (vocabulary, pretokenize) and `babyllama eval` (through instruct.read_documents,
-which reads .jsonl and .json files of documents too), so both see the same documents."""
+in "\n" or "\r\n" (read as "\n"); a leading UTF-8 byte-order mark is dropped. Documents are stripped of
+surrounding whitespace and empty ones skipped. Shared by `babyllama data` (vocabulary, pretokenize) and
+`babyllama eval` (through instruct.read_documents, which reads .jsonl and .json files of documents too), so
+both see the same documents."""
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,8 @@ def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
         consumed = 0
         for lineno, raw in enumerate(f, 1):
             consumed += len(raw)
+            if lineno == 1:  # a byte-order mark (Windows editors write one) is no part of the first document
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             try:  # Windows line endings read as newlines, as Python's text files do: "\r" is no part of the text
                 line = raw.decode("utf-8").replace("\r\n", "\n")
             except UnicodeDecodeError:

@@ -94,8 +94,9 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
     path = Path(path)
     out = JsonlFile("", [], [], [])
     try:
-        # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at
-        lines = safeio.read_bytes(path, "data file").decode("utf-8").split("\n")  # a regular file only
+        # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at;
+        # utf-8-sig: a byte-order mark (Windows editors write one) before the first line is no part of it
+        lines = safeio.read_bytes(path, "data file").decode("utf-8-sig").split("\n")  # a regular file only
     except UnicodeDecodeError:
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
     for lineno, line in enumerate(lines, 1):

@@ -35,6 +35,8 @@ def test_documents_split_on_separator_lines_and_stripped(tmp_path):
     windows_file = tmp_path / "w.txt"  # Windows line endings: the same documents
     windows_file.write_bytes(b"first story\r\n<|endoftext|>\r\nsecond\r\nline two\r\n")
     assert list(iter_documents(windows_file)) == ["first story", "second\nline two"]
+    windows_file.write_bytes(b"\xef\xbb\xbf<|endoftext|>\nfirst story\n")  # a byte-order mark: not text
+    assert list(iter_documents(windows_file)) == ["first story"]
 
 
 def test_windows_predict_every_token_after_bos_once():

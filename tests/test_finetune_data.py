@@ -49,11 +49,12 @@ def test_records_are_told_apart_by_their_keys(tmp_path):
     assert read_jsonl(text).kind == "text" and [t for _, t in read_jsonl(text).items] == ["a", "b", "c"]
 
 
-def test_jsonl_lines_end_at_newlines_only(tmp_path):
-    """JSON strings may hold U+2028, \\x85 and \\x0c raw: they are no line ends."""
+def test_jsonl_lines_end_at_newlines_only_after_any_byte_order_mark(tmp_path):
+    """JSON strings may hold U+2028, \\x85 and \\x0c raw: they are no line ends, nor is a leading BOM text."""
     path = tmp_path / "d.jsonl"
     texts = ["one\u2028two", "form\x0cfeed \x85 next", "plain"]
-    path.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts).encode())
+    body = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     data = read_jsonl(path)
     assert data.kind == TEXT and not data.bad and [text for _, text in data.items] == texts
     assert [n for n, _ in data.items] == [1, 2, 3]
