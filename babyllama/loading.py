@@ -11,7 +11,7 @@
 
 `tokenizer_for(source, path)` picks the tokenizer: the one given, else the one the model carries (GGUF's
 vocabulary, an HF/Meta folder's tokenizer.model); for a .bin or a checkpoint, else tokenizer.bin beside the
-model, else the built-in one when its vocabulary has the model's size. The API (`api.load`), `export`, the
+model, else (a .bin only) the built-in one when its vocabulary has the model's size. The API (`api.load`), `export`, the
 catalog and the CLI all come here, so every command reads models the same way.
 """
 
@@ -254,6 +254,9 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
         return load_tokenizer(source.tokenizer, vocab_size)
     if source.kind in ("hf", "meta"):
         raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
+    if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
+        raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
+                             "tokenizer the run's data was encoded with (-z/--tokenizer)")
     return Tokenizer.load(find_tokenizer(source.path, vocab_size), vocab_size)
 
 

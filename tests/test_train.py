@@ -390,6 +390,21 @@ def test_a_tokenizer_put_in_out_dir_is_kept_when_the_data_has_none(tmp_path, one
     assert (out / "tokenizer.bin").is_file()
 
 
+def test_a_checkpoint_without_its_tokenizer_asks_for_one(tmp_path, one_thread):
+    """Not the built-in tokenizer of the same size: the run's data had its own (here other_tokenizer)."""
+    from babyllama.api import load
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, out = text_shards(tmp_path, other_tokenizer(512), "a"), tmp_path / "out"
+    train(resolve_config(None, tiny_run(data, out)))
+    (out / "tokenizer.bin").unlink()
+    with pytest.raises(BabyLlamaError, match=r"no tokenizer.bin beside .*ckpt.pt \(training puts its data's there\)"):
+        load(out)
+    assert load(out, data / "tokenizer.bin").tokenizer.same_as(other_tokenizer(512))
+
+
 def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
     from babyllama.errors import BabyLlamaError
     from babyllama.train.config import resolve_config
