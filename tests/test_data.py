@@ -201,6 +201,9 @@ def test_config_file_rejects_unknown_keys_and_wrong_types(tmp_path):
     (tmp_path / "b.json").write_text('{"dim": "big"}')
     with pytest.raises(BabyLlamaError, match="dim must be int"):
         build_config(tmp_path / "b.json")
+    for name, body in (("bom.toml", "dim = 72\n"), ("bom.json", '{"dim": 72}')):  # as Windows editors save them
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert build_config(tmp_path / name).dim == 72
     (tmp_path / "c.toml").write_text('dim = 64\nlearning_rate = 1\ncompile = true\n')
     cfg = build_config(tmp_path / "c.toml", {"dim": "96", "max_iters": "2e3"})
     assert (cfg.dim, cfg.learning_rate, cfg.compile, cfg.max_iters) == (96, 1.0, True, 2000)
