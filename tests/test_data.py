@@ -163,6 +163,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train", "--init_from=resume", "--out_dir=empty"], "checkpoint not found: empty/ckpt.pt"),
     (["train", "--data_dir=empty"], "empty: no token shards"),
     (["train", "--data_dir=cfg.toml"], "data_dir cfg.toml is a file: give the folder that holds the shards (.)"),
+    (["train", "--device=cpu", "--out_dir=cfg.toml/run"],
+     "cannot write run folder (out_dir) cfg.toml/run: cfg.toml is not a directory"),
     (["sample", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
     (["export", "o.bin", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
     (["export", "o.bin", "--checkpoint", "cfg.toml"], "cannot read checkpoint cfg.toml"),

@@ -147,7 +147,7 @@ class Trainer:
                   f"{' (FSDP)' if cfg.fsdp else ' (DDP)'}", flush=True)
         self.out_dir = Path(cfg.out_dir)
         if self.dist.master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            safeio.output_dir(self.out_dir, "run folder (out_dir)")
         W = self.dist.world
         if cfg.gradient_accumulation_steps % W:
             raise BabyLlamaError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be a "
