@@ -515,6 +515,9 @@ def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path
     assert main([*argv, "--tokens", "257"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["babyllama: error: --tokens 257 is longer than the 15M model's context (256 tokens)"]
+    assert main([*argv, "--plain-tokens", "300"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --plain-tokens 300 is longer than the 15M model's context (256 tokens)"]
     assert main([*argv, "--reference-q", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"babyllama: error: --reference-q {tmp_path}: not an executable file"]

@@ -87,7 +87,8 @@ def cmd_bench(args) -> int:
         raise BabyLlamaError("--busy must be >= 0")
     for shape in shapes:  # a longer prompt or decode would be cut to the context, and its figure made up
         context = bench.context_of(shape)
-        for flag, n in (("--prompt-len", args.prompt_len), ("--tokens", args.tokens)):
+        for flag, n in (("--prompt-len", args.prompt_len), ("--tokens", args.tokens),
+                        ("--plain-tokens", 0 if args.no_plain else args.plain_tokens)):
             if n > context:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
