@@ -524,6 +524,10 @@ def test_bench_checks_the_prompt_length_and_the_output_before_measuring(tmp_path
     assert main([*argv, "--formats", "fp32", "--reference-q", sys.executable]) == 1  # runq.c reads Q8_0 only
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["babyllama: error: --reference-q times runq.c on q8_0 files: add q8_0 to --formats"]
+    assert main([*argv, "--device", "cpu", "--formats", "fp32,q8_0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["babyllama: error: --device cpu runs the PyTorch engine on fp32 files only: --formats fp32 (the "
+                   "default with --device)"]
     assert main([*argv, "--formats", "fp32", "--gguf"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["babyllama: error: --gguf times babyllama on q8_0 and q4_0 GGUF files: add one of them to --formats"]

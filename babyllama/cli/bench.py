@@ -9,6 +9,8 @@ import sys
 from ..errors import BabyLlamaError
 from .common import add_compile, add_kv_cache, add_mmap, add_threads
 
+DEFAULT_FORMATS = "fp32,q8_0,q4_0"
+
 
 def add(sub) -> None:
     p = sub.add_parser("bench", help="measure decode/prefill/batched speed (fp32, Q8_0, Q4_0) against the plain "
@@ -16,9 +18,9 @@ def add(sub) -> None:
     p.add_argument("--shapes", default="builtin,15M,42M,110M",
                    help="comma-separated, of builtin (the trained built-in model), 15M, 42M, 110M, 1B (TinyLlama's "
                         "shape, for GPUs); default %(default)s")
-    p.add_argument("--formats", default="fp32,q8_0,q4_0",
-                   help="comma-separated weight formats (%(default)s); f16, bf16: llama.cpp's F16 or BF16 GGUF "
-                        "file (babyllama on it, and llama.cpp with --llamacpp)")
+    p.add_argument("--formats", default=None,
+                   help=f"comma-separated weight formats ({DEFAULT_FORMATS}; fp32 with --device cpu or cuda); f16, "
+                        "bf16: llama.cpp's F16 or BF16 GGUF file (babyllama on it, and llama.cpp with --llamacpp)")
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)
@@ -69,10 +71,15 @@ def cmd_bench(args) -> int:
     if unknown or not shapes:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
                              f"{bench.BUILTIN}, {', '.join(bench.SHAPES)}")
-    fmts = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    torch_engine = args.device != "numpy"
+    given = args.formats if args.formats is not None else "fp32" if torch_engine else DEFAULT_FORMATS
+    fmts = tuple(f.strip() for f in given.split(",") if f.strip())
     known = (*bench.FORMATS, *bench.GGUF_ONLY_FORMATS)
     if not fmts or any(f not in known for f in fmts):
-        raise BabyLlamaError(f"--formats takes {', '.join(known)}, got {args.formats!r}")
+        raise BabyLlamaError(f"--formats takes {', '.join(known)}, got {given!r}")
+    if torch_engine and fmts != ("fp32",):  # the rows of other formats would be left out without a word
+        raise BabyLlamaError(f"--device {args.device} runs the PyTorch engine on fp32 files only: --formats fp32 "
+                             "(the default with --device)")
     if args.gguf and not set(bench.GGUF_FORMATS) & set(fmts):
         raise BabyLlamaError(f"--gguf times babyllama on {' and '.join(bench.GGUF_FORMATS)} GGUF files: add one of "
                              "them to --formats")
