@@ -431,6 +431,21 @@ def test_a_resumed_run_keeps_the_evaluation_at_its_checkpoint(tmp_path, one_thre
     assert evaluations(tmp_path / "out") == [0, 2, 4]
 
 
+def test_resuming_from_another_folder_says_how_to_find_the_data(tmp_path, one_thread, monkeypatch):
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    text_shards(tmp_path, byte_tokenizer(300), "a")
+    monkeypatch.chdir(tmp_path)
+    train(resolve_config(None, tiny_run("a", tmp_path / "out")))  # data_dir "a", relative
+    monkeypatch.chdir(tmp_path / "out")
+    resume = {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "4"}
+    with pytest.raises(BabyLlamaError, match=r"^data_dir not found: a \(the run's, as given when it started; from "):
+        train(resolve_config(None, resume))
+    assert train(resolve_config(None, {**resume, "data_dir": str(tmp_path / "a")}))["iter"] == 4
+
+
 def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train

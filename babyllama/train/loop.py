@@ -224,6 +224,9 @@ class Trainer:
                 finetune.prepare_data(cfg, base, data_dir)
             if self.dist.enabled:
                 dist.barrier()
+        if cfg.init_from == "resume" and cfg.data_dir and not data_dir.exists():  # relative to where it started
+            raise BabyLlamaError(f"data_dir not found: {data_dir} (the run's, as given when it started; from "
+                                 "another folder, or with the data moved, pass --data_dir)")
         meta = read_meta(data_dir) if cfg.data_dir or cfg.data else None
         if meta is None:
             raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize`")
