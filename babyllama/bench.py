@@ -445,6 +445,9 @@ def _run_child(spec: dict, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+REFERENCE_TIMEOUT = 600.0  # seconds one reference run may take (110M fp32, 256 tokens: ~5 s on 2 cores)
+
+
 def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeats: int,
                      env: dict | None = None) -> float:
     """Median "achieved tok/s" of llama2.c's run.c/runq.c (or a program with their command line) decoding
@@ -452,7 +455,11 @@ def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeat
     them); RuntimeError with the program's last line when it fails."""
     def decode() -> float:
         cmd = [exe, str(model), "-z", str(tokenizer), "-n", str(tokens), "-t", "0", "-i", "a"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, errors="replace")
+        try:  # a program that waits for input or hangs would stop the whole benchmark
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, errors="replace",
+                                 stdin=subprocess.DEVNULL, timeout=REFERENCE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"it ran past {REFERENCE_TIMEOUT:.0f} s and was stopped") from None
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if out.returncode != 0:
             lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
