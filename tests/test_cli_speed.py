@@ -182,6 +182,25 @@ def test_bench_rejects_unknown_shape():
     assert proc.returncode == 1 and b"unknown shape(s) 7B" in proc.stderr
 
 
+def test_bench_measures_a_name_given_twice_once(monkeypatch, tmp_path):
+    """--shapes builtin,builtin (or a format or thread setting given twice) measured the same rows twice."""
+    from babyllama.cli import main
+    from babyllama.errors import BabyLlamaError
+
+    plans = []
+
+    def planned(plan, *args, **kw):
+        plans.append(plan)
+        raise BabyLlamaError("planned only")
+
+    monkeypatch.setattr(bench, "run", planned)
+    code = main(["bench", "--shapes", "builtin, 15M,builtin", "--formats", "fp32,q8_0,fp32", "--thread-settings",
+                 "default,1,default", "--no-plain", "--cache-dir", str(tmp_path)])
+    assert code == 1 and len(plans) == 1
+    assert (plans[0].shapes, plans[0].formats, plans[0].thread_settings) == (
+        ["builtin", "15M"], ("fp32", "q8_0"), ("default", "1"))
+
+
 def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     path = tmp_path / "tiny.bin"
     formats.save(random_weights(tiny_args()), path)
@@ -268,6 +287,17 @@ def test_a_reference_that_prints_no_speed_is_not_reported_by_its_last_line(tmp_p
     fake.write_text("#!/bin/sh\necho 'Once upon a time'\n")  # exits 0, its speed line missing
     fake.chmod(0o755)
     with pytest.raises(RuntimeError, match=r"^it printed no 'achieved tok/s:' line on stderr, as llama2.c's run.c"):
+        bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
+
+
+def test_a_reference_that_hangs_is_stopped_and_reported(tmp_path, monkeypatch):
+    """A reference that never ends (here: one waiting for input that never comes) is stopped after
+    REFERENCE_TIMEOUT and reported as the reason its row is missing; the benchmark goes on."""
+    fake = tmp_path / "run"
+    fake.write_text("#!/bin/sh\nread line\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(bench, "REFERENCE_TIMEOUT", 1.0)
+    with pytest.raises(RuntimeError, match=r"^it ran past 1 s and was stopped$"):
         bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
 
 

@@ -63,17 +63,22 @@ def add(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _names(value: str) -> list[str]:
+    """A comma-separated flag's names, each once, in order: a name given twice would be measured twice."""
+    return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+
+
 def cmd_bench(args) -> int:
     from .. import bench, safeio
 
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    shapes = _names(args.shapes)
     unknown = [s for s in shapes if s not in bench.SHAPES and s != bench.BUILTIN]
     if unknown or not shapes:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
                              f"{bench.BUILTIN}, {', '.join(bench.SHAPES)}")
     torch_engine = args.device != "numpy"
     given = args.formats if args.formats is not None else "fp32" if torch_engine else DEFAULT_FORMATS
-    fmts = tuple(f.strip() for f in given.split(",") if f.strip())
+    fmts = tuple(_names(given))
     known = (*bench.FORMATS, *bench.GGUF_ONLY_FORMATS)
     if not fmts or any(f not in known for f in fmts):
         raise BabyLlamaError(f"--formats takes {', '.join(known)}, got {given!r}")
@@ -83,7 +88,7 @@ def cmd_bench(args) -> int:
     if args.gguf and not set(bench.GGUF_FORMATS) & set(fmts):
         raise BabyLlamaError(f"--gguf times babyllama on {' and '.join(bench.GGUF_FORMATS)} GGUF files: add one of "
                              "them to --formats")
-    settings = tuple(s.strip() for s in args.thread_settings.split(",") if s.strip())
+    settings = tuple(_names(args.thread_settings))
     if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
         raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")
     for name in ("rounds", "repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len",
