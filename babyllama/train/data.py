@@ -13,7 +13,7 @@ Inputs (`--input PATH`, a file or a folder searched recursively):
 Pretokenized layout (llama2.c's): every document is encoded with BOS in front and the token ids of all
 documents of one input file are concatenated into one shard of uint16 (`NAME.bin`). meta.json records
 the vocabulary size and which shards are training and validation data (a shard whose name has the word
-"val", "valid" or "validation"); tokenizer.bin is copied beside them so that later steps find it.
+"val", "valid", "validation" or "dev"); tokenizer.bin is copied beside them so that later steps find it.
 
 Chat data (meta.json "kind": "chat") keeps every conversation whole: beside `NAME.bin` lie `NAME.mask`
 (uint8, the weight of each token as a target: 0 outside the assistant replies, 1 on the replies and their
@@ -162,6 +162,7 @@ def shard_name(path: Path, root: Path) -> str:
 
 
 VAL_WORDS = {"val", "valid", "validation", "dev"}  # dev: `data instruct --dev-count`'s held-out split
+VAL_WORDS_TEXT = "val, valid, validation or dev"
 
 
 def is_val_shard(name: str) -> bool:
@@ -391,7 +392,7 @@ def _shards(data_dir: Path) -> dict[str, list[str]]:
     shards = read_meta(data_dir)["shards"]
     if shards.get("val") and not shards["train"]:
         raise BabyLlamaError(f"{data_dir}: no training shards, only validation data ({', '.join(shards['val'])}: "
-                             "a name with the word val, valid or validation)")
+                             f"a name with the word {VAL_WORDS_TEXT})")
     return shards
 
 
