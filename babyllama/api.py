@@ -200,7 +200,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
          compile: bool = False, lora: str | os.PathLike | None = None, kv_cache: str = "auto") -> Model:
     """Load a model (default: the built-in one) of any format babyllama reads (a .bin, GGUF, Hugging Face or
     Meta folder, training checkpoint: see loading.py) with its tokenizer (`tokenizer`, else the model's own,
-    for a .bin or a checkpoint, else tokenizer.bin beside it, else the built-in one when the vocabularies match).
+    for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one when the vocabularies
+    match).
     `quantize` (q8_0, q4_0, f16, bf16) converts the weights on load; `plain` selects the unoptimized reference
     engine; `device` "cpu" or "cuda" runs the PyTorch model instead of the NumPy engine (`compile`: its
     decode step through torch.compile); `mmap`, for a llama2.c .bin file only (refused for other formats, which

@@ -419,3 +419,13 @@ def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):
         proc.kill()
         os.close(master)
     assert b"Traceback" not in seen
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "eval", "serve"])
+def test_tokenizer_help_says_the_builtin_fallback_is_for_bin_files_only(command, capsys):
+    from babyllama.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one" in text

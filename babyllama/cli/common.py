@@ -28,8 +28,8 @@ def add_model_flags(p, what: str = "model", default: str = "the built-in story m
                         f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
                    help="tokenizer.bin or sentencepiece .model (default: the model's own; for a .bin or a "
-                        "checkpoint, else tokenizer.bin beside it, else the built-in one when the vocabulary "
-                        "sizes match)")
+                        "checkpoint, tokenizer.bin beside it, else for a .bin the built-in one when the "
+                        "vocabulary sizes match)")
     p.add_argument("--lora", metavar="ADAPTER", default=None,
                    help="merge this LoRA adapter (adapter.safetensors, or the `babyllama finetune` run folder "
                         "holding it) into the model's weights at load; it must come from this very model")
