@@ -457,6 +457,21 @@ def test_train_refuses_fine_tuning_settings_without_a_base(capsys, flag):
     assert err == [f"babyllama: error: {key} needs a base model to fine-tune (babyllama finetune --base=MODEL)"]
 
 
+def test_train_help_offers_no_fine_tuning_setting_and_finetune_help_offers_them(capsys):
+    from babyllama.cli import build_parser
+    from babyllama.train.config import FINETUNE_KEYS
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        return capsys.readouterr().out
+
+    train, finetune = help_of("train"), help_of("finetune")
+    for key in ("base", *FINETUNE_KEYS):
+        assert f"--{key} " not in train and f"--{key} " in finetune, key
+    assert "--max_iters " in train and "--teacher " in train
+
+
 def test_train_points_a_base_to_finetune(tmp_path, capsys):
     from babyllama.cli import main
 

@@ -17,12 +17,18 @@ def add_train(sub) -> None:
                                    "defaults, then CONFIG (TOML or JSON), then --key=value flags. Run under "
                                    "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
     p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
-    add_config_flags(p)
+    from ..train.config import FINETUNE_KEYS
+
+    # train refuses the fine-tuning keys in one line (check_finetune, cmd_train): parsed, but not offered
+    add_config_flags(p, hidden=("base", *FINETUNE_KEYS))
     p.set_defaults(func=cmd_train)
 
 
-def add_config_flags(p, defaults: dict | None = None) -> None:
-    """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true."""
+def add_config_flags(p, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:
+    """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true.
+    The `hidden` keys are parsed but left out of --help."""
+    import argparse
+
     from ..train.config import FIELDS, TrainConfig
 
     knobs = p.add_argument_group("settings (--key=value)")
@@ -32,7 +38,7 @@ def add_config_flags(p, defaults: dict | None = None) -> None:
         boolean = isinstance(default, bool)
         knobs.add_argument(*spellings, dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
                            nargs="?" if boolean else None, const="true" if boolean else None,
-                           help=f"(default {default!r})")
+                           help=argparse.SUPPRESS if name in hidden else f"(default {default!r})")
 
 
 def config_overrides(args) -> dict:
