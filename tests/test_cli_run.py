@@ -429,3 +429,17 @@ def test_tokenizer_help_says_the_builtin_fallback_is_for_bin_files_only(command,
         build_parser().parse_args([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one" in text
+
+
+def test_chat_help_says_what_i_and_m_chat_do(capsys):
+    from babyllama.cli import build_parser
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "-i PROMPT, --prompt PROMPT the first user turn (the others come from stdin)" in help_of("chat")
+    run = help_of("run")
+    assert "-i is the first user turn, the others come from stdin, -n budgets each reply" in run
+    assert "-i PROMPT, --prompt PROMPT input prompt" in run

@@ -68,7 +68,8 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
                        help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
         p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                        help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
-    p.add_argument("-i", "--prompt", dest="prompt", default=None, help="input prompt")
+    p.add_argument("-i", "--prompt", dest="prompt", default=None,
+                   help="the first user turn (the others come from stdin)" if per_reply else "input prompt")
     p.add_argument("--raw-bytes", action="store_true",
                    help="print exactly run.c's bytes (it drops every character sent as byte tokens) instead of "
                         "whole UTF-8 characters")

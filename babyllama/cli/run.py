@@ -29,7 +29,9 @@ def add(sub) -> None:
                        description="Generate text from a model, like llama2.c's ./run.")
     add_model_flags(p)
     add_sampling_flags(p)
-    p.add_argument("-m", "--mode", dest="mode", choices=("generate", "chat"), default="generate", help="mode")
+    p.add_argument("-m", "--mode", dest="mode", choices=("generate", "chat"), default="generate",
+                   help="generate (continue the prompt) or chat (as `babyllama chat`: -i is the first user turn, "
+                        "the others come from stdin, -n budgets each reply) (generate)")
     p.add_argument("-y", "--system", dest="system", default=None, help="system prompt in chat mode")
     add_engine_flags(p)
     p.add_argument("--batch-file", default=None, metavar="FILE",
