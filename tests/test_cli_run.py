@@ -443,3 +443,24 @@ def test_chat_help_says_what_i_and_m_chat_do(capsys):
     run = help_of("run")
     assert "-i is the first user turn, the others come from stdin, -n budgets each reply" in run
     assert "-i PROMPT, --prompt PROMPT input prompt" in run
+
+
+def test_every_command_has_a_description_and_every_flag_a_help_text():
+    import argparse
+
+    from babyllama.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser, name: str):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    yield from parsers(child, f"{name} {sub}")
+
+    missing = []
+    for name, parser in parsers(build_parser(), "babyllama"):
+        if not parser.description:
+            missing.append(f"{name}: no description")
+        missing += [f"{name} {action.option_strings or action.dest}: no help" for action in parser._actions
+                    if action.help is None and not isinstance(action, argparse._SubParsersAction)]
+    assert not missing, missing

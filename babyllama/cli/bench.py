@@ -13,8 +13,12 @@ DEFAULT_FORMATS = "fp32,q8_0,q4_0"
 
 
 def add(sub) -> None:
-    p = sub.add_parser("bench", help="measure decode/prefill/batched speed (fp32, Q8_0, Q4_0) against the plain "
-                                     "NumPy baseline, llama2.c and llama.cpp, with the machine's memory bandwidth")
+    about = ("measure decode/prefill/batched speed (fp32, Q8_0, Q4_0) against the plain NumPy baseline, llama2.c "
+             "and llama.cpp, with the machine's memory bandwidth")
+    p = sub.add_parser("bench", help=about,
+                       description=f"{about[0].upper()}{about[1:]}. Random-weight models of the tinyllamas shapes "
+                                   "are built once (cached); every row runs in a fresh process, each model's rows "
+                                   "--rounds times in turn, and the medians are reported.")
     p.add_argument("--shapes", default="builtin,15M,42M,110M",
                    help="comma-separated, of builtin (the trained built-in model), 15M, 42M, 110M, 1B (TinyLlama's "
                         "shape, for GPUs); default %(default)s")

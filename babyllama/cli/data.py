@@ -15,22 +15,31 @@ def add(sub) -> None:
                        description="Prepare training data (llama2.c's tinystories.py).")
     steps = p.add_subparsers(dest="data_command", metavar="STEP", parser_class=Parser, required=True)
 
-    d = steps.add_parser("download", help="download and unpack TinyStories (or another .tar.gz with --url)")
+    d = steps.add_parser("download", help="download and unpack TinyStories (or another .tar.gz with --url)",
+                         description="Download TinyStories_all_data.tar.gz (or the .tar.gz at --url) into DATA_DIR, "
+                                     "resuming an interrupted transfer, check its sha256 and unpack it there.")
     d.add_argument("--url", default=None, help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
     d.add_argument("--data-dir", default="data", help="where the archive and its contents go (data)")
     add_time_limit(d)
     d.set_defaults(func=cmd_data_download)
 
-    v = steps.add_parser("train-vocab", help="train a sentencepiece BPE vocabulary (llama2.c's settings)")
+    v = steps.add_parser("train-vocab", help="train a sentencepiece BPE vocabulary (llama2.c's settings)",
+                         description="Train a sentencepiece BPE vocabulary of --vocab-size tokens on the documents "
+                                     "of --input (llama2.c's settings, runs of spaces kept) into "
+                                     "DATA_DIR/tok{N}.model and its llama2.c tokenizer, DATA_DIR/tok{N}.bin.")
     v.add_argument("--vocab-size", type=int, required=True, help="number of tokens, e.g. 4096")
     v.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     v.add_argument("--data-dir", default="data", help="where tok{N}.model and tok{N}.bin go (data)")
-    v.add_argument("--max-chars", type=positive_int, default=200_000_000, help="characters of input to learn from")
+    v.add_argument("--max-chars", type=positive_int, default=200_000_000,
+                   help="characters of input to learn from (200,000,000)")
     v.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
     v.set_defaults(func=cmd_data_train_vocab)
 
-    t = steps.add_parser("pretokenize", help="encode documents into uint16 token shards, BOS before each")
+    t = steps.add_parser("pretokenize", help="encode documents into uint16 token shards, BOS before each",
+                         description="Encode every document of --input, BOS in front, into one uint16 token shard "
+                                     "per input file, written with meta.json and tokenizer.bin into the shard "
+                                     "folder that train --data_dir and finetune --data_dir read.")
     t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     which = t.add_mutually_exclusive_group()
     which.add_argument("--vocab-size", type=positive_int, default=None,

@@ -34,7 +34,9 @@ def add(sub) -> None:
                    help="context length to record (default: the source's; Meta checkpoints: 4096)")
     p.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin")
+    t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin",
+                       description="Convert a sentencepiece .model into llama2.c's tokenizer.bin (the bytes "
+                                   "llama2.c's tokenizer.py writes); its <unk>, <s>, </s> must be ids 0, 1, 2.")
     t.add_argument("model", help="the sentencepiece .model")
     t.add_argument("-o", "--output", default=None,
                    help="the .bin to write, its folders created (default: MODEL with .bin)")

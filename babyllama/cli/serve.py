@@ -35,7 +35,8 @@ def add(sub) -> None:
                    help="prompt tokens prefilled per step beside the running decodes (128)")
     p.add_argument("--prefix-min", type=int, default=16, metavar="TOKENS",
                    help="reuse a free slot's cached prefix of at least this many tokens; 0 = never (16)")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level; info logs a line per request (info)")
     add_threads(p)
     p.set_defaults(func=cmd_serve)
 
