@@ -146,6 +146,16 @@ def test_bad_teacher_settings_are_one_line_errors(setup, tmp_path, kw, message):
         train(resolve_config(None, settings(setup, tmp_path, teacher=setup / "teacher.bin", max_iters=1, **kw)))
 
 
+@pytest.mark.parametrize("key", ["kd_alpha", "kd_temperature"])
+def test_distillation_settings_without_a_teacher_are_refused(tmp_path, key):
+    from babyllama.train.config import resolve_config
+
+    with pytest.raises(BabyLlamaError, match=f"^{key} needs a teacher to distill from"):
+        resolve_config(None, {"data_dir": str(tmp_path), "out_dir": str(tmp_path / "out"), key: "0.9"})
+    assert getattr(resolve_config(None, {"data_dir": str(tmp_path), key: "0.5" if key == "kd_alpha" else "1"}),
+                   key) in (0.5, 1.0)  # the default value itself is what no teacher means
+
+
 def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train

@@ -215,6 +215,10 @@ def check(cfg: TrainConfig) -> None:
         raise BabyLlamaError(f"kd_alpha must be in [0, 1], got {cfg.kd_alpha}")
     if not 0.0 < cfg.kd_temperature < math.inf:  # also refuses NaN
         raise BabyLlamaError(f"kd_temperature must be positive and finite, got {cfg.kd_temperature}")
+    if not cfg.teacher:  # without a teacher nothing reads them: a setting given would be silently ignored
+        for key in ("kd_alpha", "kd_temperature"):
+            if getattr(cfg, key) != FIELDS[key].default:
+                raise BabyLlamaError(f"{key} needs a teacher to distill from (--teacher=MODEL.bin)")
     if not 0.0 <= cfg.peak_flops < math.inf:
         raise BabyLlamaError(f"peak_flops must be a finite number >= 0 (0: known GPUs'), got {cfg.peak_flops}")
     if not 0.0 <= cfg.dropout < 1.0:
