@@ -481,6 +481,10 @@ def test_train_points_a_base_to_finetune(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "to fine-tune a base model use babyllama finetune --base=MODEL" in err[0]
     assert not (tmp_path / "out").exists()
+    # without data too: the base is the mistake to name, not fine-tuning's missing data
+    assert main(["train", f"--base={root / 'base.bin'}", f"--out_dir={tmp_path / 'out'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "to fine-tune a base model use babyllama finetune --base=MODEL" in err[0], err
 
 
 def test_each_command_points_a_resume_of_the_others_run_to_it(tmp_path, capsys, one_thread):

@@ -53,18 +53,25 @@ def require_training(what: str) -> None:
 
 def cmd_train(args) -> int:
     require_training("train")
-    from ..train.config import resolve_config
+    from ..train.config import build_config, resolve_config
     from ..train.loop import train
 
-    cfg = resolve_config(args.config, config_overrides(args))
+    overrides = config_overrides(args)
+    # before the settings are checked, which would ask a base given here for fine-tuning's data
+    if build_config(args.config, overrides, checked=False).base:
+        raise_base_given()
+    cfg = resolve_config(args.config, overrides)
     if cfg.base and cfg.init_from == "resume":
         raise BabyLlamaError(f"{cfg.out_dir} holds a fine-tuning run (base {cfg.base}): resume it with babyllama "
                              f"finetune --init_from=resume --out_dir={cfg.out_dir}")
-    if cfg.base:  # one command per job: finetune has its own defaults and messages for a base
-        raise BabyLlamaError("train starts from random weights; to fine-tune a base model use babyllama finetune "
-                             "--base=MODEL")
     train(cfg)
     return 0
+
+
+def raise_base_given() -> None:
+    """One command per job: finetune has its own defaults and messages for a base."""
+    raise BabyLlamaError("train starts from random weights; to fine-tune a base model use babyllama finetune "
+                         "--base=MODEL")
 
 
 def add_sample(sub) -> None:
