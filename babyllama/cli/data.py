@@ -43,7 +43,7 @@ def add(sub) -> None:
     t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     which = t.add_mutually_exclusive_group()
     which.add_argument("--vocab-size", type=positive_int, default=None,
-                       help="use data/tok{N}.model from train-vocab")
+                       help="use DATA_DIR/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
     t.add_argument("--out-dir", default=None,
