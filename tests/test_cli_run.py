@@ -464,3 +464,12 @@ def test_every_command_has_a_description_and_every_flag_a_help_text():
         missing += [f"{name} {action.option_strings or action.dest}: no help" for action in parser._actions
                     if action.help is None and not isinstance(action, argparse._SubParsersAction)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("command", [["chat"], ["run", "-m", "chat"]])
+def test_chat_refuses_two_different_reply_budgets(command, capsys):
+    from babyllama.cli import main
+
+    assert main([*command, "-n", "6", "--max-new-tokens", "5"]) == 1
+    assert capsys.readouterr().err.strip() == ("babyllama: error: -n 6 and --max-new-tokens 5 both set each reply's "
+                                               "budget in chat: give one of them")

@@ -128,6 +128,10 @@ def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
         raise BabyLlamaError(f"--max-new-tokens must be >= {0 if zero_new_tokens else 1}, got {args.max_new_tokens}")
     if args.seed < 0:
         raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
+    if zero_new_tokens and None not in (args.steps, args.max_new_tokens) and args.steps != args.max_new_tokens:
+        # in chat both are each reply's budget: one of two different values would be dropped without a word
+        raise BabyLlamaError(f"-n {args.steps} and --max-new-tokens {args.max_new_tokens} both set each reply's "
+                             "budget in chat: give one of them")
 
 
 def steps_flag(args) -> int:
