@@ -473,3 +473,19 @@ def test_chat_refuses_two_different_reply_budgets(command, capsys):
     assert main([*command, "-n", "6", "--max-new-tokens", "5"]) == 1
     assert capsys.readouterr().err.strip() == ("babyllama: error: -n 6 and --max-new-tokens 5 both set each reply's "
                                                "budget in chat: give one of them")
+
+
+def test_threads_help_names_the_variable_the_kernels_read(capsys):
+    from babyllama.cli import build_parser
+    from babyllama.threads import explicit_threads
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: OMP_NUM_THREADS, else every core" in text
+    with pytest.MonkeyPatch.context() as mp:  # OPENBLAS_NUM_THREADS is not a count for the kernels' pool
+        mp.delenv("OMP_NUM_THREADS", raising=False)
+        mp.setenv("OPENBLAS_NUM_THREADS", "1")
+        assert explicit_threads() is None
+        mp.setenv("OMP_NUM_THREADS", "1")
+        assert explicit_threads() == 1

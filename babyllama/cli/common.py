@@ -77,8 +77,8 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
 
 def add_threads(p) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for BLAS and the kernels (default: OMP_NUM_THREADS/OPENBLAS_NUM_THREADS, else "
-                        "every core, one when a busy machine makes that faster)")
+                   help="threads for BLAS and the kernels (default: OMP_NUM_THREADS, else every core, one when "
+                        "a busy machine makes that faster; OPENBLAS_NUM_THREADS sets BLAS's and numba's alone)")
 
 
 def add_time_limit(p) -> None:
