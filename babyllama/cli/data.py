@@ -17,7 +17,9 @@ def add(sub) -> None:
 
     d = steps.add_parser("download", help="download and unpack TinyStories (or another .tar.gz with --url)",
                          description="Download TinyStories_all_data.tar.gz (or the .tar.gz at --url) into DATA_DIR, "
-                                     "resuming an interrupted transfer, check its sha256 and unpack it there.")
+                                     "resuming an interrupted transfer, check its sha256 and unpack it into "
+                                     "DATA_DIR/NAME (the archive's name without .tar.gz: data/TinyStories_all_data, "
+                                     "where train-vocab and pretokenize look by default).")
     d.add_argument("--url", default=None, help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
     d.add_argument("--data-dir", default="data", help="where the archive and its contents go (data)")
