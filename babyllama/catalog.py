@@ -1,4 +1,4 @@
-"""The models babyllama knows by name: the built-in story model and llama2.c's public TinyStories
+"""The models babyllama knows by name: the built-in story and chat models and llama2.c's public TinyStories
 checkpoints (karpathy/tinyllamas on the Hugging Face hub), with where to download them.
 
 Figures for the public models are quoted from llama2.c's README ("models" table, karpathy/llama2.c at
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import BabyLlamaError
-from .loading import BUILTIN_CARD, BUILTIN_MODEL, BUILTIN_TOKENIZER
+from .loading import BUILTIN_CARD, BUILTIN_CHAT, BUILTIN_CHAT_CARD, BUILTIN_MODEL, BUILTIN_TOKENIZER
 
 TINYLLAMAS = "https://huggingface.co/karpathy/tinyllamas/resolve/main"
 LLAMA2C_RAW = "https://raw.githubusercontent.com/karpathy/llama2.c/master"
@@ -87,17 +87,30 @@ def builtin() -> KnownModel | None:
                       c["max_seq_len"], c["vocab_size"], card["eval"]["valid"]["loss"], BUILTIN_MODEL.stat().st_size)
 
 
+def builtin_chat() -> KnownModel | None:
+    """The built-in chat model (the story model fine-tuned to follow requests); no val loss: its figures are
+    how well it follows requests (its card's eval)."""
+    if not (BUILTIN_CHAT.is_file() and BUILTIN_TOKENIZER.is_file() and BUILTIN_CHAT_CARD.is_file()):
+        return None
+    card = json.loads(BUILTIN_CHAT_CARD.read_text(encoding="utf-8"))
+    c = card["config"]
+    return KnownModel("builtin-chat", card["params"], c["dim"], c["n_layers"], c["n_heads"], c["n_kv_heads"],
+                      c["max_seq_len"], c["vocab_size"], None, BUILTIN_CHAT.stat().st_size)
+
+
+SHIPPED_USE = {"builtin": (BUILTIN_MODEL, "babyllama run"), "builtin-chat": (BUILTIN_CHAT, "babyllama chat")}
+
+
 def known_models() -> list[KnownModel]:
-    own = builtin()
-    return ([own] if own else []) + list(PUBLIC)
+    return [m for m in (builtin(), builtin_chat()) if m] + list(PUBLIC)
 
 
 def find(name: str) -> KnownModel:
     for m in PUBLIC:
         if m.name.lower() == name.lower():
             return m
-    if name == "builtin":
-        raise BabyLlamaError("the built-in model ships with babyllama: nothing to download (babyllama run)")
+    if name in SHIPPED_USE:
+        raise BabyLlamaError(f"{name} ships with babyllama: nothing to download ({SHIPPED_USE[name][1]})")
     names = ", ".join(m.name for m in PUBLIC)
     raise BabyLlamaError(f"unknown model {name!r}; known: {names} (see babyllama models)")
 
@@ -118,10 +131,12 @@ def table() -> str:
         if m.files:
             lines.append(f"{m.name}: babyllama download {m.name}  ({m.files[0].url()})")
         else:
-            lines.append(f"builtin: ships with babyllama ({BUILTIN_MODEL}); babyllama run")
+            path, use = SHIPPED_USE[m.name]
+            lines.append(f"{m.name}: ships with babyllama ({path}); {use}")
     lines += ["",
               "* val loss: mean loss per token of the model's own vocabulary on TinyStories validation text.",
               f"  Public models: as reported in llama2.c's README ({LLAMA2C_README}).",
               "  builtin: babyllama eval on the 188-story valid.txt (its card: babyllama/assets/model.json).",
+              "  builtin-chat: how well it follows requests instead (eval --instruct; its card: chat.json).",
               "  Losses of different vocabularies don't compare; bits per byte (babyllama eval) does."]
     return "\n".join(lines)

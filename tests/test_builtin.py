@@ -109,3 +109,11 @@ def test_models_lists_the_builtin_with_its_card_loss():
     row = next(line for line in proc.stdout.decode().splitlines() if line.startswith("builtin "))
     card = builtin_card()
     assert f"{card['val_loss']:.3f}" in row and f" {card['config']['vocab_size']} " in row
+    # the chat model beside it: its size, no val loss (its figures are how it follows requests), how to use it
+    lines = proc.stdout.decode().splitlines()
+    chat = next(line for line in lines if line.startswith("builtin-chat "))
+    assert chat.split()[1:] == ["1.27M", "128", "6", "4", "4", "512", "512", "-", "1.44", "MB"]
+    assert any(line.startswith("builtin-chat: ships with babyllama (") and line.endswith("chat.bin); babyllama chat")
+               for line in lines)
+    proc = run_cli("download", "builtin-chat")
+    assert proc.returncode == 1 and b"builtin-chat ships with babyllama: nothing to download" in proc.stderr
