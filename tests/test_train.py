@@ -523,10 +523,15 @@ def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_
     train(resolve_config(None, tiny_run(data, out)))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     settings = {"out_dir": str(out), "init_from": "resume"} if resume else tiny_run(other, out)
+    capsys.readouterr()
     train(resolve_config(None, {**settings, "eval_only": "true"}))
-    printed = capsys.readouterr().out
-    assert "model: " in printed and "val loss" in printed  # it did evaluate
+    printed = capsys.readouterr()
+    assert "model: " in printed.out and "val loss" in printed.out  # it did evaluate
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # without resume it evaluates fresh weights, not the checkpoint beside them: said, as that loss is no run's
+    untrained = (f"note: --eval_only without --init_from=resume evaluates freshly initialized weights, not "
+                 f"{out / 'ckpt.pt'} (add --init_from=resume for that)")
+    assert (untrained in printed.err) != resume
 
 
 def test_device_mps_without_mps_is_one_line(monkeypatch, capsys, tmp_path):

@@ -378,6 +378,8 @@ class Trainer:
             if not cfg.eval_only:  # an evaluation alone leaves a run's files as they are
                 self._check_kept_tokenizer()
                 self._note_replaced_checkpoint()
+            else:
+                self._note_untrained_evaluation()
             n_params = sum(p.numel() for p in self.raw.parameters())
             trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
             lora = f" (LoRA rank {cfg.lora_rank}: {trained:,} trained)" if self.lora else ""
@@ -474,6 +476,14 @@ class Trainer:
         if self.cfg.init_from != "resume" and ckpt.exists() and first > 0:
             print(f"note: {ckpt} holds an earlier run, which this new run replaces at its first checkpoint (step "
                   f"{first}); --init_from=resume continues it instead", file=sys.stderr, flush=True)
+
+    def _note_untrained_evaluation(self) -> None:
+        """--eval_only evaluates the weights the run starts from: without --init_from=resume (or a base to
+        fine-tune) those are random, which a user who meant out_dir's checkpoint would take for its loss."""
+        ckpt = self.out_dir / checkpoint.CKPT_NAME
+        if self.cfg.init_from != "resume" and not self.cfg.base and ckpt.exists():
+            print(f"note: --eval_only without --init_from=resume evaluates freshly initialized weights, not {ckpt} "
+                  "(add --init_from=resume for that)", file=sys.stderr, flush=True)
 
     def _check_kept_tokenizer(self) -> None:
         """Data without a tokenizer.bin leaves out_dir's in place (the user may have put it there): kept when
