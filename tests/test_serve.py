@@ -147,6 +147,32 @@ def test_logprobs(client):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_chat_logprobs_tokens_join_into_the_content(client, tokenizer):
+    """A chat reply is decoded as after BOS (its first piece without the leading space): its logprobs show the
+    tokens as the content has them, so their texts and bytes join into the content, whole and streamed, and the
+    first token's alternatives drop that space too."""
+    from babyllama.serve.protocol import chat_logprobs
+    from babyllama.serve.scheduler import Token
+
+    once = tokenizer.encode(" Once", bos=False)
+    assert tokenizer.pieces[once[0]].startswith(b" ")
+    first, = chat_logprobs(tokenizer, [Token(once[0], -0.5, [(once[0], -0.5)])], BOS)["content"]
+    assert first["token"] == first["top_logprobs"][0]["token"] == tokenizer.pieces[once[0]][1:].decode()
+    assert bytes(first["bytes"]) == first["token"].encode()
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=12,
+              temperature=0, logprobs=True, top_logprobs=5)
+    choice = client.chat.completions.create(**kw).choices[0]
+    content = choice.logprobs.content
+    assert "".join(c.token for c in content) == choice.message.content
+    assert b"".join(bytes(c.bytes) for c in content) == choice.message.content.encode()
+    assert not any(t.token.startswith(" ") for t in content[0].top_logprobs)
+    assert any(t.token.startswith(" ") for c in content[1:] for t in c.top_logprobs)  # later ones keep theirs
+    streamed = [e.token for c in client.chat.completions.create(stream=True, **kw)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [c.token for c in content]
+
+
 def test_streamed_text_is_whole_utf8_characters(tokenizer):
     """A character sent as byte tokens (here "é" = C3 A9 and "😀" = F0 9F 98 80) is held back until complete
     and never split by a stop-string check; a stop string that starts like held-back text still cuts."""

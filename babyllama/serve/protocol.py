@@ -223,11 +223,10 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict 
     return out
 
 
-def token_text(tokenizer: Tokenizer, token: int, prev: int | None = None) -> str:
+def token_text(tokenizer: Tokenizer, token: int, prev: int) -> str:
     """A token as OpenAI's logprobs show it: its bytes as text (a byte token's lone byte as U+FFFD); after
     `prev` BOS without its leading space, as the text shows it there."""
-    data = tokenizer.piece_bytes(token) if prev is None else tokenizer.piece_after(prev, token)
-    return data.decode("utf-8", errors="replace")
+    return tokenizer.piece_after(prev, token).decode("utf-8", errors="replace")
 
 
 def completion_logprobs(tokenizer: Tokenizer, entries: list, offsets: list[int], prev: int) -> dict:
@@ -242,13 +241,19 @@ def completion_logprobs(tokenizer: Tokenizer, entries: list, offsets: list[int],
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_logprobs(tokenizer: Tokenizer, entries: list) -> dict:
-    """The chat API's logprobs object: {content: [{token, logprob, bytes, top_logprobs}]}."""
-    def one(token: int, lp: float) -> dict:
-        return {"token": token_text(tokenizer, token), "logprob": lp, "bytes": list(tokenizer.piece_bytes(token))}
+def chat_logprobs(tokenizer: Tokenizer, entries: list, prev: int) -> dict:
+    """The chat API's logprobs object: {content: [{token, logprob, bytes, top_logprobs}]} for a reply's tokens
+    (entries: scheduler.Token) that follow the token `prev`: the reply's first token after BOS without its
+    leading space, as the content has it, so that the tokens (and their bytes) join into the content."""
+    def one(token: int, lp: float, after: int) -> dict:
+        return {"token": token_text(tokenizer, token, after), "logprob": lp,
+                "bytes": list(tokenizer.piece_after(after, token))}
 
-    return {"content": [{**one(e.id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top or []]}
-                        for e in entries]}
+    content = []
+    for e in entries:
+        content.append({**one(e.id, e.logprob, prev), "top_logprobs": [one(i, lp, prev) for i, lp in e.top or []]})
+        prev = e.id
+    return {"content": content}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

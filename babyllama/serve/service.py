@@ -82,8 +82,15 @@ class Choice:
 
     def completion_logprobs(self, tok: Tokenizer, start: int, end: int) -> dict:
         """The completions API's logprobs of the tokens [start, end)."""
-        prev = self.tokens[start - 1].id if start > 0 else self.text.prev
-        return p.completion_logprobs(tok, self.tokens[start:end], self.offsets[start:end], prev)
+        return p.completion_logprobs(tok, self.tokens[start:end], self.offsets[start:end], self.prev(start))
+
+    def chat_logprobs(self, tok: Tokenizer, start: int, end: int) -> dict:
+        """The chat API's logprobs of the tokens [start, end)."""
+        return p.chat_logprobs(tok, self.tokens[start:end], self.prev(start))
+
+    def prev(self, k: int) -> int:
+        """The token that token k follows."""
+        return self.tokens[k - 1].id if k > 0 else self.text.prev
 
 
 @dataclass(eq=False)  # one object per request: hashed by identity (Service.live)
@@ -378,7 +385,7 @@ class Service:
             n = choice.answered()
             if pending.chat:
                 out.append({"index": i, "message": {"role": "assistant", "content": content},
-                            "logprobs": p.chat_logprobs(self.tok, choice.tokens[:n]) if pending.logprobs else None,
+                            "logprobs": choice.chat_logprobs(self.tok, 0, n) if pending.logprobs else None,
                             "finish_reason": choice.finish})
             else:
                 lp = choice.completion_logprobs(self.tok, 0, n) if pending.logprobs else None
@@ -477,7 +484,7 @@ class Service:
             delta = {"role": "assistant", "content": ""} if first else ({"content": piece} if piece else {})
             choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             if logged is not None:
-                choice["logprobs"] = p.chat_logprobs(self.tok, this.tokens[logged[0]:logged[1]])
+                choice["logprobs"] = this.chat_logprobs(self.tok, *logged)
             kind = "chat.completion.chunk"
         else:
             choice = {"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
