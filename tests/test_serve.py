@@ -646,6 +646,31 @@ def test_neutral_response_format_and_developer_role(client):
     assert reply("developer") == text  # newer clients' name for the system prompt
 
 
+@pytest.mark.parametrize("field, value", [
+    ("tool_choice", "required"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("function_call", {"name": "f"}), ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+])
+def test_asking_for_a_tool_call_or_audio_is_refused(client, field, value):
+    """A reply that must be a tool call, or that must carry audio, is one this server cannot give: refused (the
+    client raises BadRequestError naming the field) rather than answered with plain text."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       **{field: value})
+    assert e.value.param == field and "not supported" in e.value.message
+
+
+def test_fields_that_ask_for_a_plain_reply_are_neutral(client):
+    """tool_choice "none"/"auto" (no tools), function_call "none"/"auto", modalities ["text"] and an empty suffix
+    ask for what the server does anyway: the same text."""
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    text = client.chat.completions.create(**kw).choices[0].message.content
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto"}, {"function_call": "auto"},
+                  {"modalities": ["text"]}):
+        assert client.chat.completions.create(**kw, **extra).choices[0].message.content == text, extra
+    assert complete(client, PROMPTS[0], 8, suffix="") == run_text(PROMPTS[0], 8)
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": [True, 5]}, "prompt"),

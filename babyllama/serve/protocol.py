@@ -45,9 +45,12 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-# OpenAI fields that would change the answer and that this server does not implement: refused unless neutral
-UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "best_of": 1, "suffix": None,
-               "tools": None, "functions": None, "response_format": {"type": "text"}}
+# OpenAI fields that would change the answer and that this server does not implement: refused unless null, empty
+# ({}, [], "") or one of the values that ask for what the server does anyway (a text reply, no tool call)
+UNSUPPORTED: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": (), "best_of": (1,), "suffix": (),
+    "tools": (), "functions": (), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"), "modalities": (["text"],), "audio": ()}
 
 
 class Common(Strict):
@@ -81,7 +84,7 @@ class Common(Strict):
     def _unsupported(self):
         for name, neutral in UNSUPPORTED.items():
             value = getattr(self, name, None)  # a declared field, or one of model_extra
-            if value not in (None, neutral) and value != {} and value != []:
+            if value not in (None, {}, [], "", *neutral):
                 raise field_error(name, f"{name} is not supported by this server")
         return self
 
