@@ -147,6 +147,18 @@ def test_logprobs(client):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_completion_top_logprobs_always_show_the_sampled_token(client):
+    """As OpenAI's: a sampled token that is not among the k likeliest is added to its top_logprobs (up to k + 1
+    entries), so top_logprobs[i][tokens[i]] is always token_logprobs[i]; logprobs 0 shows the sampled one alone."""
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=30, temperature=1.0, seed=3)
+    lp = client.completions.create(logprobs=1, **kw).choices[0].logprobs
+    assert all(top[token] == chosen and len(top) <= 2
+               for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # a token sampled below the likeliest
+    zero = client.completions.create(logprobs=0, **kw).choices[0].logprobs
+    assert zero.top_logprobs == [{t: chosen} for t, chosen in zip(zero.tokens, zero.token_logprobs)]
+
+
 def test_chat_logprobs_tokens_join_into_the_content(client, tokenizer):
     """A chat reply is decoded as after BOS (its first piece without the leading space): its logprobs show the
     tokens as the content has them, so their texts and bytes join into the content, whole and streamed, and the
