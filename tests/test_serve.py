@@ -159,6 +159,20 @@ def test_completion_top_logprobs_always_show_the_sampled_token(client):
     assert zero.top_logprobs == [{t: chosen} for t, chosen in zip(zero.tokens, zero.token_logprobs)]
 
 
+def test_top_logprobs_of_tokens_that_read_the_same_keep_the_sampled_ones(tokenizer):
+    """Lone byte tokens all read U+FFFD: in a completion's top_logprobs (a dict keyed by text) the sampled token's
+    log-probability wins that key, else the likeliest's, never a less likely one's."""
+    from babyllama.serve.protocol import completion_logprobs
+    from babyllama.serve.scheduler import Token
+
+    e6, e7, e8 = (tokenizer.pieces.index(f"<0x{b:02X}>".encode()) for b in (0xE6, 0xE7, 0xE8))
+    top = [(e6, -1.0), (e7, -2.0), (e8, -3.0)]
+    lp = completion_logprobs(tokenizer, [Token(e7, -2.0, top), Token(e6, -1.0, top), Token(e8, -3.0, top[:1])],
+                             [0, 0, 0], BOS)
+    assert lp["tokens"] == ["\ufffd"] * 3
+    assert lp["top_logprobs"] == [{"\ufffd": -2.0}, {"\ufffd": -1.0}, {"\ufffd": -3.0}]
+
+
 def test_chat_logprobs_tokens_join_into_the_content(client, tokenizer):
     """A chat reply is decoded as after BOS (its first piece without the leading space): its logprobs show the
     tokens as the content has them, so their texts and bytes join into the content, whole and streamed, and the

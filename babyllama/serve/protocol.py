@@ -235,14 +235,16 @@ def token_text(tokenizer: Tokenizer, token: int, prev: int) -> str:
 def completion_logprobs(tokenizer: Tokenizer, entries: list, offsets: list[int], prev: int) -> dict:
     """The completions API's logprobs object for a choice's tokens (entries: scheduler.Token) that follow the
     token `prev`; offsets: where each token's text starts in the choice's text. As OpenAI's, a token's
-    top_logprobs always show the sampled token: up to k + 1 entries when it is not among the k likeliest."""
+    top_logprobs always show the sampled token: up to k + 1 entries when it is not among the k likeliest.
+    Tokens that read the same (lone bytes, all U+FFFD) share a key: the sampled one's, else the likeliest's."""
     tokens, lps, tops = [], [], []
     for e in entries:
         tokens.append(token_text(tokenizer, e.id, prev))
         lps.append(e.logprob)
-        top = {token_text(tokenizer, i, prev): lp for i, lp in e.top or []}
-        if all(i != e.id for i, _ in e.top or []):
-            top[tokens[-1]] = e.logprob
+        top: dict[str, float] = {}
+        for i, lp in e.top or []:
+            top.setdefault(token_text(tokenizer, i, prev), lp)
+        top[tokens[-1]] = e.logprob
         tops.append(top)
         prev = e.id
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": list(offsets)}
