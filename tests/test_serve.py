@@ -147,6 +147,19 @@ def test_logprobs(client):
     assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
 
 
+def test_a_list_of_one_prompt_is_that_prompt(client, tokenizer):
+    """OpenAI's prompt may be a list of prompts (LangChain's OpenAI LLM always sends one): a list of one string or
+    one token list is that prompt; several are refused in words, not with pydantic's union errors."""
+    text = complete(client, PROMPTS[0], 8)
+    assert complete(client, [PROMPTS[0]], 8) == text
+    ids = tokenizer.encode(PROMPTS[0], bos=True)
+    assert complete(client, [ids], 8) == text
+    for prompts in ([PROMPTS[0], PROMPTS[1]], [ids, ids]):
+        with pytest.raises(openai.BadRequestError) as e:
+            complete(client, prompts, 8)
+        assert e.value.param == "prompt" and "a list of 2 prompts is not supported" in e.value.message
+
+
 def test_completion_top_logprobs_always_show_the_sampled_token(client):
     """As OpenAI's: a sampled token that is not among the k likeliest is added to its top_logprobs (up to k + 1
     entries), so top_logprobs[i][tokens[i]] is always token_logprobs[i]; logprobs 0 shows the sampled one alone."""

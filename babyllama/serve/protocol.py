@@ -102,6 +102,16 @@ class CompletionRequest(Common):
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        # OpenAI also takes a list of prompts (strings or token lists), which clients such as LangChain send
+        if isinstance(v, list) and v and all(isinstance(x, (str, list)) for x in v):
+            if len(v) == 1:
+                return v[0]
+            raise ValueError(f"a list of {len(v)} prompts is not supported: send one request per prompt")
+        return v
+
     @model_validator(mode="after")
     def _echo(self):
         if self.echo and self.logprobs is not None:
