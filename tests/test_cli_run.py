@@ -295,6 +295,22 @@ def test_a_prompt_longer_than_the_context(stories260k, tok512):
     assert b"more than the model's context (512)" in drafted.stderr and b"--context-shift" not in drafted.stderr
 
 
+def test_a_prompt_longer_than_n_points_at_the_flag_not_given(tmp_path):
+    """-n bounds the prompt too (run.c's positions): the warning's remedy is --max-new-tokens, and when that was
+    given alongside -n, leaving -n out (not "use --max-new-tokens", which is there already)."""
+    prompt = "Once upon a time there was a dog. " * 4
+    alone = run_cli("run", "-t", "0", "-n", "10", "-i", prompt)
+    assert alone.returncode == 0 and b"(raise -n, or use --max-new-tokens)" in alone.stderr, alone.stderr
+    for flags in ([], ["--batch-file", "PROMPTS"]):
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text(prompt + "\n")
+        args = [str(prompts) if f == "PROMPTS" else f for f in flags] or ["-i", prompt]
+        both = run_cli("run", "-t", "0", "-n", "10", "--max-new-tokens", "5", *args)
+        assert both.returncode == 0, both.stderr
+        assert b"raise -n, or leave it out: --max-new-tokens alone counts generated tokens only" in both.stderr
+        assert b"use --max-new-tokens" not in both.stderr
+
+
 def test_chat_takes_max_new_tokens_0_as_up_to_the_context(stories260k, tok512):
     proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "--max-new-tokens", "0", input="Hi\n")
     assert proc.returncode == 0, proc.stderr.decode()

@@ -171,7 +171,8 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
     ids = model.tokenizer.encode(prompt, bos=True)
     if len(ids) > steps:
         warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len,
-                             can_shift=draft is None)  # --draft refuses --context-shift
+                             can_shift=draft is None,  # --draft refuses --context-shift
+                             max_new=args.max_new_tokens is not None)
     printer = Printer(model.tokenizer, raw=args.raw_bytes)
     printer.tokens(ids[1: steps + 1])
     start, n = None, 0
@@ -199,15 +200,17 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
 
 
 def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: str = "the prompt",
-                         can_shift: bool = True) -> None:
+                         can_shift: bool = True, max_new: bool = False) -> None:
     """run.c prints such a prompt and generates nothing; say why, and what would help (`seq_len`: the context,
-    None where it does not bound the run (--context-shift); `can_shift`: whether --context-shift may be added)."""
+    None where it does not bound the run (--context-shift); `can_shift`: whether --context-shift may be added;
+    `max_new`: whether --max-new-tokens was given, with -n: then leaving -n out is the remedy)."""
     if seq_len is not None and n_prompt > seq_len:
         why = f"more than the model's context ({seq_len})"
         fix = "shorten it, or slide the window: --context-shift with --max-new-tokens" if can_shift else "shorten it"
     else:
         why = f"but -n/--steps allows {steps} positions"
-        fix = "raise -n, or use --max-new-tokens"
+        fix = ("raise -n, or leave it out: --max-new-tokens alone counts generated tokens only" if max_new
+               else "raise -n, or use --max-new-tokens")
     print(f"babyllama: warning: {which} is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
           f"({fix})", file=sys.stderr)
 
@@ -229,7 +232,7 @@ def generate_batch_file(model, args, steps: int) -> int:
     for i, prompt_ids in enumerate(ids):
         if len(prompt_ids) > steps:
             warn_prompt_too_long(len(prompt_ids), steps, model.args.max_seq_len, f"the prompt on line {i + 1}",
-                                 can_shift=False)
+                                 can_shift=False, max_new=args.max_new_tokens is not None)
     base = args.seed or int(time.time())
     samplers: list[Sampler | None] = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
     start = time.perf_counter()
