@@ -160,6 +160,15 @@ def test_a_list_of_one_prompt_is_that_prompt(client, tokenizer):
         assert e.value.param == "prompt" and "a list of 2 prompts is not supported" in e.value.message
 
 
+def test_a_reply_budget_past_the_context_names_the_field_that_asked(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=messages, **{field: 5000})
+        assert e.value.code == "context_length_exceeded" and f"{field} asks for 5000 more" in e.value.message
+        assert e.value.message.endswith(f"lower {field}")
+
+
 def test_completion_top_logprobs_always_show_the_sampled_token(client):
     """As OpenAI's: a sampled token that is not among the k likeliest is added to its top_logprobs (up to k + 1
     entries), so top_logprobs[i][tokens[i]] is always token_logprobs[i]; logprobs 0 shows the sampled one alone."""

@@ -174,7 +174,8 @@ class Service:
                                 "tokens and leaves no room for a reply", param="messages",
                            code="context_length_exceeded")
         max_new = req.reply_budget or self.seq_len - len(ids)
-        self.check_room(len(ids), max_new, "messages")
+        self.check_room(len(ids), max_new, "messages",
+                        "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         top = (req.top_logprobs or 0) if req.logprobs else None
         return await self.answer(request, req, ids, max_new, top, deadline, chat=True)
 
@@ -251,10 +252,11 @@ class Service:
                                 f"tokens can hold (a token covers at most {self.bytes_per_token} bytes); "
                                 f"shorten the {what}", param=param, code="context_length_exceeded")
 
-    def check_room(self, n_prompt: int, max_new: int, param: str) -> None:
+    def check_room(self, n_prompt: int, max_new: int, param: str, budget: str = "max_tokens") -> None:
+        """`budget`: the request field that asked for `max_new` tokens, as the message names it."""
         if n_prompt + max_new > self.seq_len:
             raise APIError(400, f"the model's context is {self.seq_len} tokens, but the prompt is {n_prompt} tokens "
-                                f"and max_tokens asks for {max_new} more; shorten the prompt or lower max_tokens",
+                                f"and {budget} asks for {max_new} more; shorten the prompt or lower {budget}",
                            param=param, code="context_length_exceeded")
 
     # ------------------------------------------------------------------ generating
