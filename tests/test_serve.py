@@ -169,6 +169,16 @@ def test_a_reply_budget_past_the_context_names_the_field_that_asked(client):
         assert e.value.message.endswith(f"lower {field}")
 
 
+def test_a_base_url_without_v1_gets_a_404_that_says_where_the_api_is(server):
+    """openai.OpenAI(base_url="http://HOST:PORT"), /v1 left out: the 404 says where the path is."""
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert "the API is under /v1: /v1/chat/completions" in e.value.message
+    assert "under /v1" in server.get("/models/x").json()["error"]["message"]
+    assert server.get("/nope").json()["error"]["message"] == "no such path: /nope"
+
+
 def test_completion_top_logprobs_always_show_the_sampled_token(client):
     """As OpenAI's: a sampled token that is not among the k likeliest is added to its top_logprobs (up to k + 1
     entries), so top_logprobs[i][tokens[i]] is always token_logprobs[i]; logprobs 0 shows the sampled one alone."""

@@ -46,7 +46,8 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
         if exc.status_code == 404:
-            return error_response(APIError(404, f"no such path: {request.url.path}", "not_found_error"))
+            path = request.url.path
+            return error_response(APIError(404, f"no such path: {path}{v1_hint(path)}", "not_found_error"))
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(ClientGone)
@@ -117,6 +118,13 @@ class CountAndAuthorize:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+def v1_hint(path: str) -> str:
+    """For an API path without its /v1 (a client's base URL given without it, a common slip): where it is."""
+    if f"/v1{path}" in KNOWN_PATHS or path.startswith("/models/"):
+        return f" (the API is under /v1: {'/v1' + path}; a client's base URL ends with /v1)"
+    return ""
 
 
 def needs_key(config: ServeConfig, request: Request) -> bool:
