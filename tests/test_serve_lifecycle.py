@@ -134,6 +134,18 @@ def test_every_request_past_its_time_limit_is_counted_once(strict):
     assert strict.wait_idle()["active"] == 0
 
 
+def test_the_official_client_does_not_retry_a_request_past_its_time_limit(strict):
+    """OpenAI's SDK retries a 5xx twice by default, each attempt running up to --timeout again: the 504 says
+    x-should-retry: false, so the client raises after the one attempt."""
+    openai = pytest.importorskip("openai")
+    before = answered(strict, 504)
+    client = openai.OpenAI(base_url=strict.url + "/v1", api_key="none", max_retries=2)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=client.models.list().data[0].id, **LONG)
+    assert e.value.status_code == 504 and e.value.response.headers["x-should-retry"] == "false"
+    assert answered(strict, 504) == before + 1
+
+
 def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
     """SIGINT with a whole answer and a stream generating, a request queued and one still sending its body:
     each ends at once, the whole answers and the upload with OpenAI's 503, the stream with an error event and

@@ -502,8 +502,10 @@ class Service:
         """The error that ends a request for one of FAILURES (`message`: what failed in the model's arithmetic,
         for "error")."""
         if reason == "timeout":
+            # the same request would run past the limit again: OpenAI's SDKs retry a 5xx (twice by default, each
+            # attempt up to --timeout) unless told not to
             return APIError(504, f"the request ran past the server's time limit ({self.config.timeout_s:g} s)",
-                            "server_error", code="timeout")
+                            "server_error", code="timeout", headers={"x-should-retry": "false"})
         if reason == "shutdown":
             return APIError(503, "the server is shutting down", "server_error", code="shutting_down")
         if message:
