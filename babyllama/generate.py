@@ -89,7 +89,9 @@ class Sequence:
         # the tokens, and positions keep.. are the ones dropped either way
         self.n_keep = keep = min(self.n_keep, seq_len // 2)
         slidable = len(self.tokens) - self.n_dropped - keep
-        delta = max(slidable - (seq_len - keep) // 2, 1)
+        # half the room after the kept tokens stays, and at least the newest token (sampled, not yet fed):
+        # with a context of 1 or 2 that half is 0
+        delta = slidable - max((seq_len - keep) // 2, 1)
         self.n_dropped += delta
         return delta
 

@@ -176,6 +176,24 @@ def _window_at(tokens: list[int], n_keep: int, seq_len: int) -> list[int]:
     return seq.window()
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("seq_len", [1, 2, 3])
+def test_context_shift_in_a_context_of_a_few_positions(seq_len, rotate):
+    """Half of a context of 1 or 2 after the kept tokens is no position: a shift still keeps the token just
+    sampled (it is the next input), and generation goes on for every step asked for."""
+    e = Engine(random_weights(tiny_args(max_seq_len=seq_len), scale=0.3))
+    prompt = [1, 17]
+    out = list(generate(e, prompt, 12, Sampler(0.0), context_shift=True, rotate_keys=rotate, stop_ids=()))
+    assert len(out) == 12 + 1 - len(prompt)
+    tokens = prompt + out
+    for n in range(seq_len + 1, len(tokens)):
+        window = _window_at(tokens[:n], len(prompt), seq_len)
+        assert window[-1] == tokens[n - 1] and len(window) <= seq_len, (n, window)
+        if not rotate:  # recomputed windows: each token is the greedy choice of a fresh run over its window
+            fresh = e.forward(window, range(len(window)), e.new_cache(), logits="last")[0]
+            assert int(np.argmax(fresh)) == tokens[n] or fresh.max() - fresh[tokens[n]] < 1e-2, n
+
+
 def test_context_shift_window_keeps_the_prefix():
     seq = Sequence(list(range(30)), Sampler(0.0), 100, context_shift=True, n_keep=4)
     seq.shift_if_full(20)
