@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -250,12 +250,15 @@ class NumpyKernels:
         return 1
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
-        if not is_quantized(ws[0]):  # the first matrix stands for all of them
+        """Each matrix by its own type: a GGUF model may give one call quantized and dense matrices (attn_v
+        kept in F16 beside Q4_0 attn_q, say)."""
+        quantized = [w for w in ws if is_quantized(w)]
+        if not quantized:
             return [x @ dense(w).T for w in ws]
-        quantized = cast("Sequence[QTensor | BlockTensor]", ws)
-        if x.shape[0] >= QUANT_GEMM_MIN_ROWS:
-            return quantized_gemm(x, quantized, self.dequantize)
-        return [matmul_quantized(x, w) for w in quantized]
+        if x.shape[0] < QUANT_GEMM_MIN_ROWS:
+            return [matmul_plain(x, w) for w in ws]
+        products = iter(quantized_gemm(x, quantized, self.dequantize))
+        return [next(products) if is_quantized(w) else x @ dense(w).T for w in ws]
 
     def dequantize(self, w: Matrix) -> np.ndarray:
         return dense(w)

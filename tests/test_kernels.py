@@ -134,6 +134,32 @@ def test_mixed_types_in_one_call(native):
         native.matmul(x, [quantize_q80(ws[0], 64), quantize_q80(ws[1], 16), quantize_q4_0(ws[2])])
 
 
+def _backends() -> list[Kernels]:
+    """Every backend this machine can run: NumPy, the plain reference, numba where installed, native builds."""
+    found: list[Kernels] = [NumpyKernels(), PlainKernels()]
+    try:
+        from babyllama.kernels_numba import NumbaKernels
+    except ImportError:
+        pass
+    else:
+        found.append(NumbaKernels(f32_min_elements=0))
+    return found + [k for k in (kernels_native.load(a) for a in ARCHES) if k is not None]
+
+
+@pytest.mark.parametrize("rows", [3, 20])  # a decode-sized product, and a prompt's (dequantize + sgemm)
+def test_every_backend_takes_quantized_and_dense_matrices_in_one_call(rows):
+    """A GGUF model may hold one layer's wq, wk, wv in different types (a quantized file with attn_v kept in
+    F16): every backend multiplies each by its own arithmetic, whichever comes first."""
+    ws = [rng.standard_normal((m, 128)).astype(np.float32) for m in (24, 16, 8)]
+    x = rng.standard_normal((rows, 128)).astype(np.float32)
+    for mats in ([quantize_q4_0(ws[0]), ws[1].astype(np.float16), quantize_q80(ws[2], 64)],
+                 [ws[0], quantize_q8_0(ws[1]), formats.to_bf16(ws[2])]):
+        for k in _backends():
+            for got, m in zip(k.matmul_many(x, mats), mats, strict=True):
+                ref = matmul_quantized(x, m) if formats.is_quantized(m) else x @ formats.dense(m).T
+                np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max(), err_msg=k.name)
+
+
 def test_extreme_integer_weights(native):
     """int8 -128 and +-127 (files from other quantizers may hold -128) and Q4_0's 0 and 15 (-8 and +7): the
     byte multiply-adds' |w| and sums must neither wrap nor saturate."""
