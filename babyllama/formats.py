@@ -395,10 +395,12 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
 
 
 def check_q4_shape(args: ModelArgs, block: int = BLOCK) -> None:
-    """Version 3 stores every matrix in Q4_0 blocks of 32 along its rows."""
-    if block != BLOCK or args.dim % BLOCK or args.hidden_dim % BLOCK:
-        raise BabyLlamaError(f"version 3 (Q4_0) needs blocks of {BLOCK} (header: {block}) dividing dim {args.dim} "
-                             f"and hidden_dim {args.hidden_dim}")
+    """Version 3 stores every matrix in Q4_0 blocks of 32 along its rows (`block`: a header's group size)."""
+    if block != BLOCK:
+        raise BabyLlamaError(f"version 3 (Q4_0) has blocks of {BLOCK}, not {block}")
+    if args.dim % BLOCK or args.hidden_dim % BLOCK:
+        raise BabyLlamaError(f"version 3 (Q4_0) needs blocks of {BLOCK} dividing dim {args.dim} and hidden_dim "
+                             f"{args.hidden_dim}")
 
 
 def _q8_bytes(numel: int, gs: int) -> int:
@@ -641,7 +643,10 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
             "export version 1 or 2 instead")
     check_writable(args, path)
     if version == 3:
-        check_q4_shape(args)
+        try:
+            check_q4_shape(args)
+        except BabyLlamaError as e:
+            raise BabyLlamaError(f"cannot write {path}: {e} (version 2, Q8_0, takes any shape)") from None
         w = weights.quantize_q4(quantize_q4)
     else:
         w = weights.to_fp32() if version < 2 else weights.quantize(group_size)

@@ -64,7 +64,7 @@ def test_v2_with_bad_group_size(tmp_path, good_model):
 
 @pytest.mark.parametrize("version,pattern", [
     (2, "invalid version 2 header: Q8_0 group size 0 must divide dim 32 and hidden_dim 64"),
-    (3, "invalid version 3 header: version 3 (Q4_0) needs blocks of 32 (header: 0)"),
+    (3, "invalid version 3 header: version 3 (Q4_0) has blocks of 32, not 0"),
 ])
 def test_a_changed_version_field_names_the_file_and_its_header(tmp_path, good_model, version, pattern):
     """A version 1 file whose version field says 2 or 3 has no group size (zeros): the error names the file and
