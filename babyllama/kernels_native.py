@@ -289,10 +289,12 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
         failures.append(failed)
     topic = f"build {directory} {cc} {arch}"  # said once a process, failed now or in an earlier run
+    # a forced instruction set is named: a misspelled BABYLLAMA_NATIVE_ARCH is no compiler's fault
+    with_cc = cc if arch == "native" else f"{cc} for the instruction set {arch!r} (BABYLLAMA_NATIVE_ARCH)"
     if failures:  # every flag set failed, these here and now
-        _fall_back(f"the C kernels did not compile with {cc} (see {failures[0]})", topic)
+        _fall_back(f"the C kernels did not compile with {with_cc} (see {failures[0]})", topic)
     elif known:  # every flag set failed in a run before: the markers say so, and how to try again
-        _fall_back(f"the C kernels did not compile with {cc} in an earlier run (see {known[0]}; remove "
+        _fall_back(f"the C kernels did not compile with {with_cc} in an earlier run (see {known[0]}; remove "
                    f"{known[0].parent / 'kernels-*.failed'} to try again)", topic)
     return None
 

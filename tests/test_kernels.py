@@ -717,6 +717,17 @@ def test_a_build_that_failed_in_an_earlier_run_says_so_and_how_to_retry(tmp_path
     assert f"remove {tmp_path / 'kernels-*.failed'} to try again" in err
 
 
+def test_a_forced_instruction_set_that_does_not_compile_is_named(tmp_path, monkeypatch, capsys):
+    """BABYLLAMA_NATIVE_ARCH takes any -march value: one the compiler refuses (a typo) is named in the line that
+    says the kernels are not used, not taken for a broken compiler."""
+    fake_compiler(monkeypatch, refuses=lambda cmd: "-march=haswel" in cmd)
+    assert kernels_native.build(tmp_path, "haswel") is None
+    err = capsys.readouterr().err
+    assert "for the instruction set 'haswel' (BABYLLAMA_NATIVE_ARCH)" in err and len(err.splitlines()) == 1
+    assert kernels_native.build(tmp_path, "native") is not None
+    assert "instruction set" not in capsys.readouterr().err
+
+
 def test_the_build_cache_is_keyed_on_compiler_flags_and_cpu(tmp_path, monkeypatch):
     """A library built for one CPU (or by another compiler, or with other flags) is never loaded on another:
     each gets its own file."""
