@@ -177,6 +177,15 @@ def check_kv_cache(kv_cache: str, device: str = "numpy") -> None:
                              "its compute type: fp32 on cpu, bf16 on cuda)")
 
 
+def check_quantize(quantize: str | None, device: str = "numpy") -> None:
+    """A one-line error where `quantize` asks for Q8_0 or Q4_0 arithmetic that the engine on `device` lacks: the
+    PyTorch engine would dequantize the weights again and compute in its own type (f16 and bf16 weights are the
+    numbers they stand for in either engine)."""
+    if quantize in ("q8_0", "q4_0") and device != "numpy":
+        raise BabyLlamaError(f"--quantize {quantize} works with the NumPy engine only (the PyTorch engine would "
+                             "dequantize the weights and compute in fp32 on cpu, bf16 on cuda)")
+
+
 def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False,
                 kv_cache: str = "auto"):
     """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
@@ -216,6 +225,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise BabyLlamaError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
     check_kv_cache(kv_cache, device)  # before the model is read
+    check_quantize(quantize, device)
     # a LoRA adapter is merged into the fp32 weights, quantized after it
     source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,
                         quantize=quantize if lora is None else None)
@@ -232,4 +242,5 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 
-__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "clamp_steps", "BOS"]
+__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_quantize", "clamp_steps",
+           "BOS"]

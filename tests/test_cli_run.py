@@ -262,6 +262,7 @@ def test_closed_or_full_stdout_is_one_error_line(command, tmp_path):
     (["-y", "You are a pirate."], "-y/--system works with -m chat only"),
     (["--batch-file", "PROMPTS", "-i", "Hi"], "--batch-file gives the prompts"),
     (["--plain", "--device", "cpu"], "--plain is the NumPy reference engine"),
+    (["--quantize", "q4_0", "--device", "cpu"], "--quantize q4_0 works with the NumPy engine only"),
     (["--context-shift", "--n-keep", "257"], "--n-keep must be at most half the context (256), got 257"),
 ])
 def test_flags_without_their_partner_are_refused(flags, message, tmp_path):
