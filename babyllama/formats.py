@@ -5,9 +5,9 @@ Everything meets in `Weights`: readers memory-map the file and hand out views (n
 what Q8_0 dequantizes), writers take a `Weights` and stream tensors out. Layouts are documented in
 docs/formats.md. Every header is checked against the file size before anything is mapped.
 
-babyllama extension (versions 1 and 2 only): the 256-byte header has spare room after llama2.c's
-fields. At offset 48 we store float64 rope_theta and at 56 float64 norm_eps; 0 (what llama2.c writes)
-means the Llama 2 defaults 10000 and 1e-5, so files stay readable both ways.
+babyllama extension (versions 1, 2 and 3; version 0 has no header): the 256-byte header has spare room after
+llama2.c's fields. At offset 48 we store float64 rope_theta and at 56 float64 norm_eps; 0 (what llama2.c
+writes) means the Llama 2 defaults 10000 and 1e-5, so files stay readable both ways.
 """
 
 from __future__ import annotations
