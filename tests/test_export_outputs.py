@@ -158,7 +158,8 @@ def test_help_names_every_bin_version_and_where_the_tokenizer_falls_back():
     sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert "3 Q4_0" in sub["export"].format_help()
     eval_help = " ".join(sub["eval"].format_help().split())
-    assert "(v0-v3)" in eval_help and "for a .bin or a checkpoint, else tokenizer.bin" in eval_help
+    assert "(v0-v3)" in eval_help
+    assert "for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one" in eval_help
 
 
 # ------------------------------------------------------------------------------------------- tokenizers
