@@ -102,9 +102,10 @@ def read_bytes(path: str | os.PathLike, what: str = "file", max_bytes: int | Non
 
 
 def read_text(path: str | os.PathLike, what: str = "file", max_bytes: int | None = None) -> str:
+    """A UTF-8 text file's text, without the byte-order mark Windows editors put first (no part of the text)."""
     data = read_bytes(path, what, max_bytes)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise BabyLlamaError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 

@@ -259,8 +259,7 @@ def generate_batch_file(model, args, steps: int) -> int:
 def read_prompts(path: str) -> list[str]:
     from .. import safeio
 
-    # a Windows editor's byte-order mark and line ends are the file's, not the prompts'
-    text = safeio.read_text(path, "batch file").removeprefix("\ufeff")
+    text = safeio.read_text(path, "batch file")  # a Windows editor's line ends are the file's, not the prompts'
     prompts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if prompts[-1] == "":  # the newline that ends the last line, not an empty prompt after it
         prompts.pop()

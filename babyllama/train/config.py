@@ -130,8 +130,7 @@ def _toml_reader() -> ModuleType:
 
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
-    # a byte-order mark (Windows editors write one) would be the TOML or JSON's first character
-    text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES).removeprefix("\ufeff")
+    text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES)
     if path.suffix == ".json":
         data = safeio.parse_json(text, str(path))
     else:
