@@ -54,7 +54,9 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
 
         if dtype not in HF_DTYPES:
             raise BabyLlamaError(f"--dtype {dtype} applies to GGUF output; Hugging Face output takes f32, f16 or bf16")
-    tok = Path(tokenizer) if tokenizer else src.tokenizer or _tokenizer_beside(src)
+    # not the built-in tokenizer that `run` falls back on for a .bin of its vocabulary size: a guess that shows at
+    # once in what `run` prints would here be written into a file as the model's tokenizer
+    tok = Path(tokenizer) if tokenizer else src.tokenizer
     if tok is not None:
         safeio.check_regular(tok, "tokenizer file")
     out = Path(out)
@@ -209,14 +211,6 @@ def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:
         raise BabyLlamaError(f"no tokenizer found for {src.path}: a GGUF file carries the model's tokenizer: put "
                              f"{where} or pass --tokenizer TOK.model (or tokenizer.bin)")
     return vocab
-
-
-def _tokenizer_beside(src: Source) -> Path | None:
-    """The tokenizer.bin beside a .bin source, which `run` runs it with. Not the built-in one that `run` falls back
-    on for a vocabulary of its size: a guess that shows at once in what `run` prints would here be written into a
-    file as the model's tokenizer."""
-    beside = src.path.with_name(TOKENIZER_BIN)
-    return beside if src.kind == "bin" and beside.is_file() else None
 
 
 def _source_vocab(src: Source, tok: Path | None) -> Vocab | None:

@@ -130,7 +130,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     check_mmap_applies(mmap, kind, path)
     if kind == "bin":
         weights = formats.load(path, mmap=mmap, read_once=read_once)
-        source = Source(weights, kind, path)
+        source = Source(weights, kind, path, _first_file(path.with_name(TOKENIZER_BIN)))  # run.c's -z default
     elif kind == "gguf":
         from .interop.gguf import load_gguf
 
@@ -215,12 +215,9 @@ def _first_file(*candidates: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------- tokenizers
 
 
-def find_tokenizer(model_path: str | os.PathLike, vocab_size: int) -> Path:
-    """run.c's -z default, made helpful: tokenizer.bin beside the model, else the built-in one when its
-    vocabulary has the model's size."""
-    beside = Path(model_path).with_name(TOKENIZER_BIN)
-    if beside.is_file():
-        return beside
+def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Path:
+    """run.c's -z default made helpful, for a .bin with no tokenizer.bin beside it: the built-in tokenizer when
+    its vocabulary has the model's size."""
     if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
         return BUILTIN_TOKENIZER
     raise BabyLlamaError(
@@ -257,7 +254,7 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
     if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
         raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
                              "tokenizer the run's data was encoded with (-z/--tokenizer)")
-    return Tokenizer.load(find_tokenizer(source.path, vocab_size), vocab_size)
+    return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)
 
 
 def builtin_model() -> Path:
