@@ -15,7 +15,7 @@ from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
-from .sampler import Sampler, choice_seed
+from .sampler import Controls, Sampler, choice_seed
 from .tokenizer import BOS, Tokenizer
 
 
@@ -35,31 +35,39 @@ class Model:
         return self.weights.args
 
     def stream(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
-               seed: int | None = None, max_new_tokens: int | None = None) -> Iterator[str]:
+               seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
+               repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> Iterator[str]:
         """Yield the text generated after `prompt`, piece by piece as tokens are sampled (a character split
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context; None, as -n unset: 256,
         or the context when `max_new_tokens` is given); `max_new_tokens` also bounds the generated tokens.
         temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
         (default: the time) makes sampling reproducible (0 included, unlike run.c's -s 0: as in the server).
+        `top_k`, `min_p`, `repeat_penalty` over the last `repeat_last_n` tokens, `presence_penalty` and
+        `frequency_penalty` are llama.cpp's and OpenAI's sampling controls (sampler.Controls; the defaults: off).
         The arguments are checked on the call, before the first piece is asked for."""
-        return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens)
+        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
+        return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls)
 
     def generate(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int | None = None, max_new_tokens: int | None = None) -> str:
+                 seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0) -> str:
         """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
-        return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens))
+        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
+        return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls))
 
     def _pieces(self, prompt: str, steps: int | None, temperature: float, topp: float, seed: int | None,
-                max_new_tokens: int | None) -> Iterator[str]:
+                max_new_tokens: int | None, controls: Controls) -> Iterator[str]:
         """`stream`'s work for its two public callers: checks and warnings now (a warning names the caller's
         caller: the user's line), the pieces as they are iterated."""
         steps = default_steps(steps, max_new_tokens)
-        check_generation([prompt], steps, temperature, topp, max_new_tokens, seed)
+        check_generation([prompt], steps, temperature, topp, max_new_tokens, seed, controls)
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
         warn_if_no_room(len(ids), positions, stacklevel=3)
-        sampler = Sampler(temperature, topp, None if seed is None else choice_seed(seed))
+        sampler = Sampler(temperature, topp, None if seed is None else choice_seed(seed), controls)
         return self._decode(generate(self.engine, ids, positions, sampler,
                                      max_new=max_new_tokens), ids[-1])
 
@@ -75,11 +83,14 @@ class Model:
 
     def generate_batch(self, prompts: list[str], steps: int | list[int] | None = None, temperature: float = 1.0,
                        topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None,
-                       parallel: int = DEFAULT_PARALLEL) -> list[str]:
+                       parallel: int = DEFAULT_PARALLEL, *, top_k: int = 0, min_p: float = 0.0,
+                       repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
+                       frequency_penalty: float = 0.0) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
         own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. At most
         `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot, and the
-        text is the same whatever `parallel` is). Returns prompt + continuation for each, in order."""
+        text is the same whatever `parallel` is); the sampling controls are `stream`'s. Returns prompt +
+        continuation for each, in order."""
         from .generate import generate_batch
 
         if isinstance(prompts, str):  # a string is a sequence too: of one-character prompts
@@ -98,7 +109,8 @@ class Model:
             raise BabyLlamaError(f"steps must be an integer >= 0 or a list of them (one per prompt), got {steps!r}")
         if len(per_seq) != len(prompts):
             raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
-        check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed)
+        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
+        check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed, controls)
         if not (_integer(parallel) and parallel >= 1):
             raise BabyLlamaError(f"parallel must be an integer >= 1, got {parallel!r}")
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
@@ -106,7 +118,7 @@ class Model:
         for i, (prompt_ids, positions) in enumerate(zip(ids, per_seq)):
             warn_if_no_room(len(prompt_ids), positions, stacklevel=2, which=f"prompt {i}")
         base = int(time.time()) if seed is None else seed  # distinct seeds: equal ones would sample the same tokens
-        samplers = [Sampler(temperature, topp, choice_seed(base, i)) for i in range(len(prompts))]
+        samplers = [Sampler(temperature, topp, choice_seed(base, i), controls) for i in range(len(prompts))]
         seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens, max_slots=int(parallel))
         return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
 
@@ -119,7 +131,8 @@ def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None) -> None:
+def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None,
+                     controls: Controls | None = None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
     if seed is not None and not (_integer(seed) and seed >= 0):
         raise BabyLlamaError(f"seed must be an integer >= 0 (or None), got {seed!r}")
@@ -134,6 +147,9 @@ def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=Non
         raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
     if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):
         raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")
+    problem = controls.problem() if controls is not None else None
+    if problem:
+        raise BabyLlamaError(" ".join(problem))
 
 
 def warn_if_no_room(n_ids: int, positions: int, stacklevel: int, which: str = "the prompt") -> None:

@@ -239,7 +239,7 @@ class Batch:
             if seq.pending():
                 continue  # a long prompt still being prefilled in chunks
             seq.logits = rows[id(seq)]
-            nxt = seq.sampler.sample(seq.logits)
+            nxt = seq.sampler.sample(seq.logits, seq.tokens, seq.generated)
             seq.tokens.append(nxt)
             if nxt in seq.stop_ids:
                 seq.done, seq.stop_reason = True, "stop"

@@ -8,8 +8,11 @@ NumPy's in the last bits, the search through the probabilities is the same.
 from __future__ import annotations
 
 import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -161,18 +164,114 @@ def choice_seed(base: int, i: int = 0) -> int:
     return base + i or ZERO_SEED
 
 
+# Each control's (type, whether a value is in range, the rule a message states): the one range check of the CLI,
+# the Python API and the server. NaN fails every comparison, so it is refused too.
+CONTROL_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "top_k": (numbers.Integral, lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "min_p": (numbers.Real, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0: off)"),
+    "repeat_penalty": (numbers.Real, lambda v: 0.0 < v < math.inf, "a number > 0 (1: off)"),
+    "repeat_last_n": (numbers.Integral, lambda v: v >= -1, "an integer >= -1 (-1: every token, 0: off)"),
+    "presence_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
+    "frequency_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
+}
+
+
+@dataclass(frozen=True)
+class Controls:
+    """llama.cpp's and OpenAI's sampling controls, a step before run.c's draw (the defaults leave it out):
+
+    - penalties, on a copy of the logits: llama.cpp's repeat penalty on each distinct token among the last
+      `repeat_last_n` tokens of the sequence, prompt included (a positive logit divided by it, a negative one
+      multiplied); then OpenAI's `logit -= count * frequency_penalty + (count > 0) * presence_penalty`, count being
+      how often the token was generated so far in this choice (the prompt not counted);
+    - then the candidates: those whose probability is at least `min_p` times the likeliest's (on the penalized
+      logits before temperature, as llama.cpp's default order has it), of which the `top_k` likeliest (ties: the
+      lower token id first, so top_k 1 is greedy's token).
+
+    Temperature and top-p then apply to the candidates as run.c applies them to the whole vocabulary."""
+
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def problem(self) -> tuple[str, str] | None:
+        """The first control out of range: its name and "must be RULE, got VALUE" (each interface names it its
+        own way: a flag, an argument, a request field); None when all are in range."""
+        for name, (kind, ok, rule) in CONTROL_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+                return name, f"must be {rule}, got {value!r}"
+        return None
+
+    @property
+    def penalizes(self) -> bool:
+        return (self.repeat_penalty != 1.0 and self.repeat_last_n != 0) or bool(self.presence_penalty) \
+            or bool(self.frequency_penalty)
+
+    @property
+    def neutral(self) -> bool:
+        """Whether every control is off: sampling is then run.c's alone."""
+        return not (self.top_k or self.min_p or self.penalizes)
+
+    def penalize(self, logits: np.ndarray, tokens: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        """The logits after the penalties (a float32 copy; `logits` itself when there are none). `tokens`: the
+        sequence so far, prompt included; `generated`: the tokens this choice generated so far."""
+        if not self.penalizes:
+            return logits
+        x = np.array(logits, dtype=np.float32)
+        if self.repeat_penalty != 1.0 and self.repeat_last_n != 0:
+            recent = tokens if self.repeat_last_n < 0 else tokens[-self.repeat_last_n:]
+            ids = np.unique(np.asarray(recent, dtype=np.int64))
+            v = x[ids]
+            penalty = np.float32(self.repeat_penalty)
+            with np.errstate(over="ignore", divide="ignore"):  # a penalty beyond fp32's range: the logit's limit
+                x[ids] = np.where(v > 0, v / penalty, v * penalty)
+        if (self.presence_penalty or self.frequency_penalty) and len(generated):
+            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+            x[ids] -= (counts * self.frequency_penalty + self.presence_penalty).astype(np.float32)
+        return x
+
+    def candidates(self, logits: np.ndarray) -> np.ndarray | None:
+        """The ids that min_p and top_k keep, ascending (so that run.c's draw on them breaks ties as on the whole
+        vocabulary); None: every token."""
+        ids = None
+        if self.min_p > 0.0:
+            # p_i / p_max = exp(x_i - x_max) >= min_p
+            ids = np.flatnonzero(logits >= logits.max() + np.float32(math.log(self.min_p)))
+        n = len(logits) if ids is None else len(ids)
+        if 0 < self.top_k < n:
+            x = logits if ids is None else logits[ids]
+            kth = np.partition(x, n - self.top_k)[n - self.top_k]  # the k-th largest
+            above = np.flatnonzero(x > kth)
+            keep = np.concatenate([above, np.flatnonzero(x == kth)[: self.top_k - len(above)]])
+            keep.sort()
+            ids = keep if ids is None else ids[keep]
+        return ids
+
+
 class Sampler:
     """temperature 0 → argmax; otherwise softmax(logits / temperature) sampled plainly or with top-p (the argmax
-    too where the temperature is so small that logits / temperature overflow fp32: its limit)."""
+    too where the temperature is so small that logits / temperature overflow fp32: its limit). `controls` (see
+    Controls) first penalize the logits and choose the candidates; the greedy token is then the penalized logits'
+    argmax."""
 
-    def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None):
+    def __init__(self, temperature: float = 1.0, topp: float = 0.9, seed: int | None = None,
+                 controls: Controls | None = None):
         if not temperature >= 0:  # also refuses NaN
             raise ValueError("temperature must be >= 0")
         if math.isnan(topp):
             raise ValueError("top-p must be a number in [0, 1]")
+        problem = controls.problem() if controls is not None else None
+        if problem:
+            raise ValueError(" ".join(problem))
         self.temperature = float(temperature)
         self.topp = float(topp)
         self.rng = Rng(seed if seed else int(time.time()))
+        # None where every control is off: run.c's sampling, untouched
+        self.controls = None if controls is None or controls.neutral else controls
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """The distribution this sampler draws from (before top-p truncation)."""
@@ -186,9 +285,19 @@ class Sampler:
             return softmax(x / np.float32(self.temperature))
 
     def distribution(self, logits: np.ndarray) -> np.ndarray:
-        """The distribution `sample` draws from, top-p truncation included (renormalized): what
-        speculative decoding compares between draft and target. Needs temperature > 0."""
+        """The distribution `sample` draws from, top-p truncation and the controls' candidates included
+        (renormalized): what speculative decoding compares between draft and target. The penalties, which need
+        the sequence, are left out (speculative decoding refuses them). Needs temperature > 0."""
         check_logits(logits)
+        x = np.asarray(logits, dtype=np.float32)
+        ids = self.controls.candidates(x) if self.controls is not None else None
+        if ids is None:
+            return self._distribution(x)
+        out = np.zeros(len(x), dtype=np.float32)  # the candidates' distribution, in the whole vocabulary's places
+        out[ids] = self._distribution(x[ids]) if len(ids) > 1 else 1.0
+        return out
+
+    def _distribution(self, logits: np.ndarray) -> np.ndarray:
         probs = self.probs(logits)
         if not 0.0 < self.topp < 1.0:
             return probs
@@ -197,13 +306,36 @@ class Sampler:
         out[keep] = probs[keep] / cum[-1]
         return out
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray, tokens: Sequence[int] = (), generated: Sequence[int] = ()) -> int:
+        """The next token after `tokens` (the sequence so far, prompt included, of which `generated` are the tokens
+        this choice generated): what the controls' penalties look at; run.c's sampling looks at the logits only."""
         best = int(logits.argmax())  # the first NaN where there is one, else the largest (+inf included)
         if not math.isfinite(logits[best]):
             check_logits(logits)
+        if self.controls is not None:
+            return self._sample_controlled(self.controls, logits, tokens, generated)
         if self.temperature == 0.0:
             return best
         coin = self.rng.f32()  # drawn even where it is not needed: later draws do not depend on this one's path
+        return self._draw(logits, best, coin)
+
+    def _sample_controlled(self, controls: Controls, logits: np.ndarray, tokens: Sequence[int],
+                           generated: Sequence[int]) -> int:
+        """`sample` with the controls: penalties, then run.c's draw among the candidates."""
+        x = controls.penalize(logits, tokens, generated)
+        if self.temperature == 0.0:
+            return int(x.argmax())  # min_p and top_k always keep the (first) argmax
+        coin = self.rng.f32()
+        ids = controls.candidates(x)
+        if ids is None:
+            return self._draw(x, int(x.argmax()), coin)
+        if len(ids) == 1:
+            return int(ids[0])
+        sub = np.ascontiguousarray(x[ids], dtype=np.float32)
+        return int(ids[self._draw(sub, int(sub.argmax()), coin)])
+
+    def _draw(self, logits: np.ndarray, best: int, coin: np.float32) -> int:
+        """run.c's draw at temperature > 0 with `coin`; `best`: the logits' argmax."""
         if overflows(logits[best], self.temperature):
             return best
         native = _logits_sampler

@@ -48,6 +48,9 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
     """Stream the target's tokens after `prompt_ids` (run.c semantics: `steps` positions in all; at most
     `max_new` tokens when given). A draft with a shorter context drafts while its context lasts."""
     check_pair(target, draft)
+    if sampler.controls is not None and sampler.controls.penalizes:
+        raise BabyLlamaError("speculative decoding cannot apply repeat, presence or frequency penalties (they "
+                             "depend on each drafted token)")
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
     max_pos = min(steps, target.args.max_seq_len)

@@ -43,7 +43,7 @@ class ScriptedSampler:
     def __init__(self, answer_len: int):
         self.answer_len, self.n = answer_len, 0
 
-    def sample(self, logits):
+    def sample(self, logits, tokens=(), generated=()):
         self.n += 1
         if self.n > self.answer_len:
             self.n = 0
@@ -142,7 +142,7 @@ def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
         def __init__(self):
             self.seq = [300, BOS, 301, EOS]
 
-        def sample(self, logits):
+        def sample(self, logits, tokens=(), generated=()):
             return self.seq.pop(0)
 
     model = load(stories260k, tok512)

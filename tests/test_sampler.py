@@ -1,7 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 
-from babyllama.sampler import Rng, Sampler, nucleus, sample_mult, sample_topp
+from babyllama.sampler import Rng, Sampler, nucleus, sample_mult, sample_topp, softmax
 
 
 def reference_u32(state: int) -> tuple[int, int]:
@@ -163,3 +165,151 @@ def test_the_c_sampler_takes_the_argmax_where_logits_over_the_temperature_overfl
         for topp in (0.0, 0.9, 1.0):
             for coin in np.array([0.0, 0.5, 0.999999], dtype=np.float32):
                 assert native.sample_logits(logits, temperature, topp, coin) == greedy
+
+
+# ------------------------------------------------------------------ llama.cpp's and OpenAI's sampling controls
+
+
+def _logits(n: int = 64, seed: int = 0, scale: float = 2.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature, topp", [(0.0, 0.9), (1.0, 0.9), (0.7, 1.0), (1.3, 0.0)])
+def test_neutral_controls_leave_run_c_sampling_untouched(temperature, topp):
+    """Controls at their defaults are no controls: the sampler keeps run.c's path (the native one-call draw where
+    the kernels load) and draws the same tokens, seed for seed."""
+    from babyllama.sampler import Controls
+
+    logits = _logits(512, 1)
+    with_controls = Sampler(temperature, topp, 9, Controls())
+    assert with_controls.controls is None
+    plain = Sampler(temperature, topp, 9)
+    assert [with_controls.sample(logits, [1, 5, 5], [5]) for _ in range(200)] == \
+        [plain.sample(logits) for _ in range(200)]
+
+
+def test_top_k_1_is_greedy_and_top_k_keeps_the_k_likeliest():
+    from babyllama.sampler import Controls
+
+    for seed in range(20):
+        logits = _logits(100, seed)
+        assert Sampler(1.0, 0.9, seed + 1, Controls(top_k=1)).sample(logits) == int(logits.argmax())
+    ties = np.array([0.5, 3.0, 1.0, 3.0, 3.0], dtype=np.float32)
+    assert {Sampler(1.5, 1.0, s, Controls(top_k=1)).sample(ties) for s in range(1, 30)} == {1}  # greedy's token
+    assert Controls(top_k=2).candidates(ties).tolist() == [1, 3]  # ties: the lower ids first
+    logits = _logits(200, 3)
+    s = Sampler(1.0, 1.0, 4, Controls(top_k=5))
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    assert {s.sample(logits) for _ in range(500)} == top5
+    dist = s.distribution(logits)
+    keep = sorted(top5)
+    np.testing.assert_allclose(dist[keep], softmax(logits[keep]), rtol=1e-6)
+    assert dist.sum() == pytest.approx(1.0) and set(np.flatnonzero(dist).tolist()) == top5
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_likeliest():
+    from babyllama.sampler import Controls
+
+    logits = np.log(np.array([0.5, 0.2, 0.04, 0.16, 0.1], dtype=np.float32))
+    assert Controls(min_p=0.3).candidates(logits).tolist() == [0, 1, 3]  # p >= 0.3 * 0.5 = 0.15
+    assert Controls(min_p=1.0).candidates(logits).tolist() == [0]
+    # before temperature: a high temperature flattens the draw, not the candidate set
+    s = Sampler(2.0, 1.0, 5, Controls(min_p=0.3))
+    assert {s.sample(logits) for _ in range(400)} == {0, 1, 3}
+    assert {Sampler(2.0, 0.9, seed, Controls(min_p=1.0)).sample(logits) for seed in range(1, 20)} == {0}
+    assert set(np.flatnonzero(s.distribution(logits)).tolist()) == {0, 1, 3}
+
+
+def test_candidates_that_keep_every_token_draw_run_c_s_token():
+    """The draw among the candidates is run.c's on their logits: where min_p keeps the whole vocabulary, the
+    token is the plain sampler's, coin for coin."""
+    from babyllama.sampler import Controls
+
+    logits = _logits(300, 7, scale=1.0)  # every probability within e^-8 of the likeliest
+    for topp in (0.9, 1.0):
+        controlled = Sampler(1.0, topp, 11, Controls(min_p=1e-9))
+        plain = Sampler(1.0, topp, 11)
+        assert [controlled.sample(logits) for _ in range(300)] == [plain.sample(logits) for _ in range(300)]
+
+
+def test_repeat_penalty_is_llama_cpp_s_over_the_last_n_tokens():
+    from babyllama.sampler import Controls
+
+    logits = np.array([2.0, -1.0, 3.0, 0.5, -2.0], dtype=np.float32)
+    tokens = [0, 1, 3, 1]  # the prompt and what was generated, oldest first
+    out = Controls(repeat_penalty=2.0, repeat_last_n=3).penalize(logits, tokens, [3, 1])
+    assert out.tolist() == [2.0, -2.0, 3.0, 0.25, -2.0]  # 0 is older than the last 3; each token once
+    assert Controls(repeat_penalty=2.0, repeat_last_n=-1).penalize(logits, tokens, []).tolist() == \
+        [1.0, -2.0, 3.0, 0.25, -2.0]
+    assert Controls(repeat_penalty=2.0, repeat_last_n=0).penalize(logits, tokens, []) is logits
+    assert logits.tolist() == [2.0, -1.0, 3.0, 0.5, -2.0]  # the model's logits are not changed
+
+
+def test_presence_and_frequency_penalties_are_openai_s_over_the_generated_tokens():
+    from babyllama.sampler import Controls
+
+    logits = np.zeros(5, dtype=np.float32)
+    out = Controls(presence_penalty=0.5, frequency_penalty=0.25).penalize(logits, [1, 4, 4, 2, 2, 2], [2, 2, 2, 0])
+    assert out.tolist() == [-0.75, 0.0, -1.25, 0.0, 0.0]  # count * 0.25 + 0.5; prompt tokens (4) not counted
+    negative = Controls(presence_penalty=-1.0).penalize(logits, [], [3])
+    assert negative.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_greedy_applies_the_penalties_then_takes_the_argmax():
+    from babyllama.sampler import Controls
+
+    logits = np.array([1.0, 3.0, 2.5], dtype=np.float32)
+    assert Sampler(0.0).sample(logits, [1], [1]) == 1
+    assert Sampler(0.0, controls=Controls(repeat_penalty=1.5)).sample(logits, [1], [1]) == 2  # 3 / 1.5 = 2 < 2.5
+    assert Sampler(0.0, controls=Controls(frequency_penalty=0.4)).sample(logits, [1, 1], [1, 1]) == 2
+    assert Sampler(0.0, controls=Controls(presence_penalty=0.4)).sample(logits, [1, 1], [1, 1]) == 1
+
+
+def test_penalties_lower_the_repeats_of_the_built_in_model():
+    """Greedy text from the built-in story model repeats its tokens (its most frequent one 9 times in 150): each
+    penalty has its most repeated token come back less often."""
+    from collections import Counter
+
+    import babyllama
+    from babyllama.generate import generate
+    from babyllama.sampler import Controls
+
+    model = babyllama.load()
+    prompt = model.tokenizer.encode("Once upon a time", bos=True)
+
+    def most_repeated(**controls) -> int:
+        tokens = list(generate(model.engine, prompt, 256, Sampler(0.0, controls=Controls(**controls)), max_new=150))
+        assert len(tokens) == 150
+        return Counter(tokens).most_common(1)[0][1]
+
+    plain = most_repeated()
+    for controls in ({"repeat_penalty": 1.5}, {"frequency_penalty": 1.0}, {"presence_penalty": 2.0}):
+        assert most_repeated(**controls) < plain, controls
+    assert model.generate("Once upon a time", temperature=0.0, max_new_tokens=30, top_k=0, min_p=0.0,
+                          repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0) == \
+        model.generate("Once upon a time", temperature=0.0, max_new_tokens=30)
+
+
+@pytest.mark.parametrize("controls, message", [
+    ({"top_k": -1}, "top_k must be an integer >= 0 (0: off), got -1"),
+    ({"top_k": 2.0}, "top_k must be an integer"),
+    ({"min_p": 1.5}, "min_p must be in [0, 1]"),
+    ({"min_p": float("nan")}, "min_p must be in [0, 1]"),
+    ({"repeat_penalty": 0.0}, "repeat_penalty must be a number > 0"),
+    ({"repeat_penalty": float("inf")}, "repeat_penalty must be a number > 0"),
+    ({"repeat_last_n": -2}, "repeat_last_n must be an integer >= -1"),
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": True}, "frequency_penalty must be in [-2, 2]"),
+])
+def test_out_of_range_controls_are_one_error(controls, message):
+    import babyllama
+    from babyllama.errors import BabyLlamaError
+    from babyllama.sampler import Controls
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Sampler(1.0, 0.9, 1, Controls(**controls))
+    model = babyllama.load()
+    for call in (model.generate, model.stream, lambda p, **kw: model.generate_batch([p], **kw)):
+        with pytest.raises(BabyLlamaError, match=re.escape(message)):
+            call("Hi", **controls)

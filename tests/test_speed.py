@@ -244,6 +244,23 @@ def test_speculative_sampling_preserves_the_target_distribution():
     assert tv < 0.05, (counts / n, exact)
 
 
+def test_speculative_sampling_takes_top_k_and_min_p_and_refuses_penalties():
+    """The draft and the target sample among the same candidates: top_k 1 (or min_p 1) is greedy's text at any
+    temperature. The penalties depend on each drafted token: refused, not ignored."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.sampler import Controls
+
+    t = Engine(random_weights(tiny_args(), seed=0, scale=0.2))
+    d = Engine(random_weights(tiny_args(n_layers=1), seed=5, scale=0.2))
+    greedy = list(generate(t, [1, 9, 8], 40, Sampler(0.0)))
+    for controls in (Controls(top_k=1), Controls(min_p=1.0)):
+        for seed in (1, 2):
+            assert list(speculative_generate(t, d, [1, 9, 8], 40, Sampler(1.5, 0.9, seed, controls), k=3)) == greedy
+    for controls in (Controls(repeat_penalty=1.1), Controls(presence_penalty=0.5), Controls(frequency_penalty=1)):
+        with pytest.raises(BabyLlamaError, match="cannot apply repeat, presence or frequency penalties"):
+            list(speculative_generate(t, d, [1, 9, 8], 40, Sampler(1.0, 0.9, 1, controls)))
+
+
 def _threads_seen(env_extra: dict, threads: int | None) -> str:
     """numba's thread count and OPENBLAS_NUM_THREADS in a fresh process after threads.configure."""
     code = ("import sys; from babyllama.threads import configure; configure(int(sys.argv[1]) or None)\n"
