@@ -513,3 +513,40 @@ def test_threads_help_names_the_variable_the_kernels_read(capsys):
         assert explicit_threads() is None
         mp.setenv("OMP_NUM_THREADS", "1")
         assert explicit_threads() == 1
+
+
+def test_sampling_controls_reach_run_chat_and_batch_files(tmp_path):
+    """llama.cpp's flags: --top-k 1 samples greedy's text at any temperature and seed (generate, --batch-file,
+    chat), and a penalty changes greedy's text."""
+    def text(*flags: str, input: str | None = None) -> bytes:
+        proc = run_cli(*flags, "--max-new-tokens", "30", input=input)
+        assert proc.returncode == 0, proc.stderr.decode()
+        return proc.stdout
+
+    greedy = text("run", "-i", "Once upon a time", "-t", "0")
+    assert text("run", "-i", "Once upon a time", "-t", "1.5", "-s", "3", "--top-k", "1") == greedy
+    assert text("run", "-i", "Once upon a time", "-t", "0", "--repeat-penalty", "1.5") != greedy
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    batch = text("run", "--batch-file", str(prompts), "-t", "0")
+    assert text("run", "--batch-file", str(prompts), "-t", "1.5", "--top-k", "1") == batch
+    assert text("run", "--batch-file", str(prompts), "-t", "0", "--repeat-penalty", "1.5") != batch
+    chat = text("chat", "-t", "0", input="Tell me a story.\n")
+    assert text("chat", "-t", "1.5", "--top-k", "1", input="Tell me a story.\n") == chat
+    assert text("chat", "-t", "0", "--repeat-penalty", "2", input="Tell me a story.\n") != chat
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-k", "-1"], "--top-k must be an integer >= 0 (0: off), got -1"),
+    (["--min-p", "1.5"], "--min-p must be in [0, 1] (0: off), got 1.5"),
+    (["--min-p", "nan"], "--min-p must be in [0, 1] (0: off), got nan"),
+    (["--repeat-penalty", "0"], "--repeat-penalty must be a number > 0 (1: off), got 0.0"),
+    (["--repeat-last-n", "-2"], "--repeat-last-n must be an integer >= -1 (-1: every token, 0: off), got -2"),
+    (["--presence-penalty", "2.5"], "--presence-penalty must be in [-2, 2] (0: off), got 2.5"),
+    (["--frequency-penalty", "-3"], "--frequency-penalty must be in [-2, 2] (0: off), got -3.0"),
+    (["--draft", "x.bin", "--repeat-penalty", "1.1"], "--draft cannot apply --repeat-penalty"),
+])
+def test_sampling_controls_out_of_range_are_one_error_line(flags, message):
+    one_error_line(run_cli("run", "-n", "5", *flags), message)
+    if "--draft" not in flags:
+        one_error_line(run_cli("chat", *flags, input="Hi\n"), message)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_STEPS, default_steps
 from ..errors import BabyLlamaError
+
+if TYPE_CHECKING:
+    from ..sampler import Controls, Sampler
 
 KV_CACHE_CHOICES = ("auto", "f32", "f16", "q8_0")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
 QUANTIZE_CHOICES = ("q8_0", "q4_0", "f16", "bf16")  # formats.QUANTIZE_KINDS, likewise
@@ -58,6 +62,7 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
     p.add_argument("-p", "--top-p", dest="topp", type=float, default=0.9,
                    help="top-p in [0,1]; 0 or 1 = off, as in run.c (0.9)")
     p.add_argument("-s", "--seed", dest="seed", type=int, default=0, help="random seed; 0 = the time (default)")
+    add_control_flags(p)
     if per_reply:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
                        help=f"tokens per reply, 0 = up to the context window ({DEFAULT_STEPS})")
@@ -73,6 +78,40 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
     p.add_argument("--raw-bytes", action="store_true",
                    help="print exactly run.c's bytes (it drops every character sent as byte tokens) instead of "
                         "whole UTF-8 characters")
+
+
+def add_control_flags(p) -> None:
+    """llama.cpp's sampling flags (sampler.Controls), all off by default: sampling is then run.c's."""
+    g = p.add_argument_group("sampling controls (llama.cpp's flags; off by default: run.c's sampling)")
+    g.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K likeliest tokens; 0 = off (0)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the likeliest (before temperature); 0 = off (0)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
+                   help="divide the positive logits (multiply the negative ones) of the tokens among the last "
+                        "--repeat-last-n, prompt included, by X; 1 = off (1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+                   help="tokens --repeat-penalty looks back over; -1 = all of them, 0 = off (64)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
+                   help="OpenAI's: subtract X from the logit of every token generated so far, in [-2, 2] (0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                   help="OpenAI's: subtract X times its count so far from each generated token's logit, "
+                        "in [-2, 2] (0)")
+
+
+def controls(args) -> Controls:
+    """The sampling controls the flags ask for (sampler.Controls)."""
+    from ..sampler import Controls  # NumPy loads after --threads: imported here, not above
+
+    return Controls(args.top_k, args.min_p, args.repeat_penalty, args.repeat_last_n, args.presence_penalty,
+                    args.frequency_penalty)
+
+
+def make_sampler(args, seed: int | None) -> Sampler:
+    """A sampler with the flags' temperature, top-p and controls, and `seed` (None: the time)."""
+    from ..sampler import Sampler
+
+    return Sampler(args.temperature, args.topp, seed, controls(args))
 
 
 def add_threads(p) -> None:
@@ -128,6 +167,10 @@ def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
         raise BabyLlamaError(f"--max-new-tokens must be >= {0 if zero_new_tokens else 1}, got {args.max_new_tokens}")
     if args.seed < 0:
         raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
+    problem = controls(args).problem()
+    if problem:
+        name, rule = problem
+        raise BabyLlamaError(f"--{name.replace('_', '-')} {rule}")
     if zero_new_tokens and None not in (args.steps, args.max_new_tokens) and args.steps != args.max_new_tokens:
         # in chat both are each reply's budget: one of two different values would be dropped without a word
         raise BabyLlamaError(f"-n {args.steps} and --max-new-tokens {args.max_new_tokens} both set each reply's "

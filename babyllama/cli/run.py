@@ -17,6 +17,8 @@ from .common import (
     add_sampling_flags,
     add_threads,
     check_sampling_flags,
+    controls,
+    make_sampler,
     steps_flag,
     text_arg,
 )
@@ -95,14 +97,13 @@ def load_model(args):
 
 def cmd_run(args) -> int:
     from ..api import clamp_steps
-    from ..sampler import Sampler
 
     check_sampling_flags(args, zero_new_tokens=args.mode == "chat")
     prompt = text_arg(args.prompt, "prompt (-i)")
     system = text_arg(args.system, "system prompt (-y)") if args.system is not None else None
     check_speed_flags(args)
     model = load_model(args)
-    sampler = Sampler(args.temperature, args.topp, args.seed or None)
+    sampler = make_sampler(args, args.seed or None)
     if args.mode == "chat":
         from ..chat import chat
 
@@ -137,6 +138,9 @@ def check_speed_flags(args) -> None:
                                         ("-y/--system", args.system is not None, "-m chat", args.mode == "chat")):
         if given and not present:
             raise BabyLlamaError(f"{flag} works with {needs} only")
+    if args.draft and controls(args).penalizes:
+        raise BabyLlamaError("--draft cannot apply --repeat-penalty, --presence-penalty or --frequency-penalty "
+                             "(they depend on each drafted token)")
     if args.batch_file and args.prompt is not None:
         raise BabyLlamaError("--batch-file gives the prompts: -i/--prompt cannot be combined with it")
     if args.plain and args.device != "numpy":
@@ -234,7 +238,7 @@ def generate_batch_file(model, args, steps: int) -> int:
             warn_prompt_too_long(len(prompt_ids), steps, model.args.max_seq_len, f"the prompt on line {i + 1}",
                                  can_shift=False, max_new=args.max_new_tokens is not None)
     base = args.seed or int(time.time())
-    samplers: list[Sampler | None] = [Sampler(args.temperature, args.topp, base + i) for i in range(len(ids))]
+    samplers: list[Sampler | None] = [make_sampler(args, base + i) for i in range(len(ids))]
     start = time.perf_counter()
     out = stdout_bytes()
     total = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import BabyLlamaError, require
-from .common import add_sampling_flags, check_sampling_flags, steps_flag, text_arg
+from .common import add_sampling_flags, check_sampling_flags, make_sampler, steps_flag, text_arg
 
 
 def add(sub) -> None:
@@ -87,7 +87,6 @@ def add_sample(sub) -> None:
 
 def cmd_sample(args) -> int:
     from ..api import clamp_steps, load
-    from ..sampler import Sampler
     from .run import generate_and_print
 
     check_sampling_flags(args)
@@ -99,4 +98,4 @@ def cmd_sample(args) -> int:
     model = load(args.checkpoint, args.tokenizer, device=device)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
-    return generate_and_print(model, Sampler(args.temperature, args.topp, args.seed or None), prompt, steps, args)
+    return generate_and_print(model, make_sampler(args, args.seed or None), prompt, steps, args)
