@@ -417,7 +417,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "word " * 400}, 400),  # longer than the context
     ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, 400),  # leaves no room in any test model's context
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, 400),  # would change the answer: refused
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, 400),  # OpenAI's range is [-2, 2]
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -2.5}, 400),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400),
+    ("/v1/completions", {"prompt": "x", "top_k": 1.5}, 400),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400),
+    ("/v1/completions", {"prompt": "x", "repeat_penalty": 0}, 400),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": -1.0}, 400),
+    ("/v1/completions", {"prompt": "x", "repeat_penalty": 1.1, "repetition_penalty": 1.2}, 400),
+    ("/v1/completions", {"prompt": "x", "repeat_last_n": -2}, 400),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, 400),
@@ -733,7 +741,10 @@ def test_fields_that_ask_for_a_plain_reply_are_neutral(client):
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"prompt": [True, 5]}, "prompt"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
-    ("/v1/completions", {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_p": 2}, "min_p"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
@@ -950,3 +961,40 @@ def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on()
         assert sched.healthy and sched.status()["active"] == 0
     finally:
         sched.stop()
+
+
+def run_with(prompt: str, n: int, *flags: str) -> str:
+    """`run_text` with more flags."""
+    out = run_cli("run", "-i", prompt, "--max-new-tokens", str(n), *flags)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode()[len(prompt):-1]
+
+
+def test_sampling_controls_give_run_s_text(client):
+    """llama.cpp's controls through the request body (the openai client's extra_body: top_k, min_p,
+    repeat_penalty or repetition_penalty, repeat_last_n) and OpenAI's penalties as the client's own arguments
+    give the text of `babyllama run` with the same flags; top_k 1 is greedy at any temperature."""
+    prompt = PROMPTS[0]
+    greedy = complete(client, prompt, 40)
+    penalized = run_with(prompt, 40, "-t", "0", "--repeat-penalty", "1.5")
+    assert penalized != greedy
+    assert complete(client, prompt, 40, extra_body={"repeat_penalty": 1.5}) == penalized
+    assert complete(client, prompt, 40, extra_body={"repetition_penalty": 1.5}) == penalized
+    assert complete(client, prompt, 40, extra_body={"repeat_penalty": 1.5, "repeat_last_n": 4}) == \
+        run_with(prompt, 40, "-t", "0", "--repeat-penalty", "1.5", "--repeat-last-n", "4")
+    assert complete(client, prompt, 40, frequency_penalty=1.0, presence_penalty=0.5) == \
+        run_with(prompt, 40, "-t", "0", "--frequency-penalty", "1", "--presence-penalty", "0.5")
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=40, seed=5)
+    assert client.completions.create(temperature=1.5, extra_body={"top_k": 1}, **kw).choices[0].text == greedy
+    sampled = client.completions.create(temperature=1.0, **kw).choices[0].text
+    assert client.completions.create(temperature=1.0, extra_body={"top_k": -1}, **kw).choices[0].text == sampled
+    assert client.completions.create(temperature=1.0, extra_body={"min_p": 0.05}, **kw).choices[0].text == \
+        run_with(prompt, 40, "-t", "1", "-p", "1", "-s", "5", "--min-p", "0.05")
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chat = dict(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    plain = client.chat.completions.create(**chat).choices[0].message.content
+    assert client.chat.completions.create(**chat, extra_body={"repeat_penalty": 2.0}).choices[0].message.content \
+        != plain
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**chat, extra_body={"top_k": -5})
+    assert e.value.param == "top_k" and "top_k must be an integer >= 0" in e.value.message

@@ -10,6 +10,7 @@ from typing import Annotated, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..sampler import Controls
 from ..tokenizer import Tokenizer
 
 MAX_CHOICES = 16
@@ -48,7 +49,7 @@ class StreamOptions(Strict):
 # OpenAI fields that would change the answer and that this server does not implement: refused unless null, empty
 # ({}, [], "") or one of the values that ask for what the server does anyway (a text reply, no tool call)
 UNSUPPORTED: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": (), "best_of": (1,), "suffix": (),
+    "logit_bias": (), "best_of": (1,), "suffix": (),
     "tools": (), "functions": (), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
     "function_call": ("none", "auto"), "modalities": (["text"],), "audio": ()}
 
@@ -70,6 +71,13 @@ class Common(Strict):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # llama.cpp's server's sampling controls (sampler.Controls; ranges checked there); repetition_penalty is the
+    # name vLLM's and Hugging Face's clients send for repeat_penalty; top_k -1 (vLLM's "off") is 0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float | None = None
+    repetition_penalty: float | None = None
+    repeat_last_n: int = 64
     best_of: int = 1
 
     @field_validator("stop")
@@ -87,6 +95,26 @@ class Common(Strict):
             if value not in (None, {}, [], "", *neutral):
                 raise field_error(name, f"{name} is not supported by this server")
         return self
+
+    @model_validator(mode="after")
+    def _controls(self):
+        both = None not in (self.repeat_penalty, self.repetition_penalty)
+        if both and self.repeat_penalty != self.repetition_penalty:
+            raise field_error("repetition_penalty", "repeat_penalty and repetition_penalty are one setting: give "
+                                                    "one of them")
+        problem = self.controls.problem()
+        if problem:
+            name, rule = problem
+            if name == "repeat_penalty" and self.repeat_penalty is None:
+                name = "repetition_penalty"  # the name the request used
+            raise field_error(name, f"{name} {rule}")
+        return self
+
+    @property
+    def controls(self) -> Controls:
+        repeat = self.repeat_penalty if self.repeat_penalty is not None else self.repetition_penalty
+        return Controls(0 if self.top_k == -1 else self.top_k, self.min_p, 1.0 if repeat is None else repeat,
+                        self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
 
     @property
     def stops(self) -> list[str]:

@@ -273,8 +273,9 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         emit = Emitter(asyncio.get_running_loop(), events)
         base = req.seed if req.seed is not None else time.time_ns() % 2**32
-        jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i)), emit, index=i,
-                    logprobs=logprobs, deadline=deadline) for i in range(req.n)]
+        controls = req.controls
+        jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i), controls), emit,
+                    index=i, logprobs=logprobs, deadline=deadline) for i in range(req.n)]
         try:
             self.scheduler.submit(jobs)
         except QueueFull:
