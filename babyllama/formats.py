@@ -13,9 +13,11 @@ writes) means the Llama 2 defaults 10000 and 1e-5, so files stay readable both w
 from __future__ import annotations
 
 import io
+import math
 import mmap as _mmap
 import os
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +288,7 @@ class Weights:
             return self
         if self.quantized:
             return self.to_fp32().quantize(group_size)
-        gs = group_size or default_group_size(self.args)
+        gs = group_size or chosen_group_size(self.args)
         check_group_size(self.args, gs)
         release = self._release_after()
 
@@ -323,10 +325,25 @@ def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
 
 def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
     """runq.c's rule (halve until it divides dim), also required to divide hidden_dim so that no group
-    straddles two rows of w2."""
+    straddles two rows of w2. Where that leaves fewer than 32 (the SIMD kernels' sizes are multiples of 32;
+    smaller ones all take the plain loop), the largest size up to `start` dividing both instead: halving
+    alone gives a hidden_dim with odd factors only (171) groups of 1, 5 bytes a weight, where 9 divides it."""
     gs = start
     while gs > 1 and (args.dim % gs or args.hidden_dim % gs):
         gs //= 2
+    if gs >= 32:
+        return gs
+    common = math.gcd(args.dim, args.hidden_dim)
+    return max(d for d in range(1, min(start, common) + 1) if common % d == 0)
+
+
+def chosen_group_size(args: ModelArgs) -> int:
+    """default_group_size for `--quantize q8_0` or a version 2 export, with a one-line note on stderr where
+    the shape leaves groups so small that Q8_0 takes more bytes a weight than f16 (1 + 4 / group size)."""
+    gs = default_group_size(args)
+    if gs < 4:
+        print(f"note: Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "
+              f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than f16's 2", file=sys.stderr)
     return gs
 
 

@@ -180,6 +180,19 @@ def test_default_group_size_divides_dim_and_hidden():
     assert formats.default_group_size(tiny_args(dim=768, hidden_dim=2048, n_heads=12)) == 64
 
 
+def test_group_size_for_odd_hidden_dim_and_note_where_small(tmp_path, capsys):
+    # halving 64 reaches 1 on a hidden_dim with odd factors only; 9 divides both
+    assert formats.default_group_size(tiny_args(dim=288, hidden_dim=171, n_heads=6)) == 9
+    w = random_weights(tiny_args(dim=32, hidden_dim=45))
+    assert w.quantize().group_size == 1  # gcd 1: 5 bytes a weight, said in one line
+    assert capsys.readouterr().err.count("note: Q8_0 in groups of 1") == 1
+    formats.save(w, tmp_path / "q.bin", version=2)
+    assert "more than f16's 2" in capsys.readouterr().err
+    w.quantize(1)  # asked for: no note
+    random_weights(tiny_args(dim=32, hidden_dim=48)).quantize()  # groups of 16: no note either
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_quantize_in_memory_equals_v2_file(tmp_path, shared):
     w = random_weights(tiny_args(shared_classifier=shared))
