@@ -24,6 +24,7 @@ import re
 import struct
 import sys
 from array import array
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -98,9 +99,14 @@ class Tokenizer:
                 f.write(piece)
 
     @classmethod
-    def from_sentencepiece(cls, model_path: str | os.PathLike) -> Tokenizer:
-        """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space)."""
+    def from_sentencepiece(cls, model_path: str | os.PathLike, note: bool = True) -> Tokenizer:
+        """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space); `note`:
+        say in one line on stderr what of its text normalization the conversion leaves out."""
         sp = open_sentencepiece(model_path)
+        left_out = _normalization(sp) if note else []
+        if left_out:
+            print(f"warning: sentencepiece model {model_path} has {' and '.join(left_out)}, which a tokenizer.bin "
+                  "cannot carry: text they would change encodes differently from sentencepiece", file=sys.stderr)
         pieces, scores = [], []
         for i in range(sp.vocab_size()):
             text = sp.id_to_piece(i)
@@ -314,6 +320,63 @@ def open_sentencepiece(model_path: str | os.PathLike):
         raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
     _check_special_ids(sp, model_path)
     return sp
+
+
+def _normalization(sp) -> list[str]:
+    """What a sentencepiece model does to text before encoding that tokenizer.bin's encoder (text as it is,
+    after one dummy-prefix space) does not: its NormalizerSpec (ModelProto field 3: name 1, precompiled_charsmap
+    2, add_dummy_prefix 3, remove_extra_whitespaces 4, the last two true where absent), read from the wire
+    format, since the protobuf package is no part of the train extra. Nothing where it does not parse."""
+    try:
+        spec = next((v for f, v in _proto_fields(sp.serialized_model_proto()) if f == 3 and isinstance(v, bytes)),
+                    b"")
+        fields = dict(_proto_fields(spec))
+    except (ValueError, IndexError):
+        return []
+    raw_name = fields.get(1, b"")
+    name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else ""
+    left_out = []
+    if name not in ("", "identity") or fields.get(2):
+        left_out.append(f"{name or 'a custom'} normalization")
+    if fields.get(4, 1):
+        left_out.append("remove_extra_whitespaces")
+    if not fields.get(3, 1):
+        left_out.append("no dummy prefix")
+    return left_out
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of a serialized protobuf message: varints as ints, length-delimited fields as bytes;
+    fixed-width ones are skipped."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+            yield field, value
+        elif wire == 2:
+            size, i = _varint(data, i)
+            if i + size > len(data):
+                raise ValueError("truncated field")
+            yield field, data[i:i + size]
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """The varint at data[i:] and the index after it (IndexError where the data ends inside it)."""
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, i
 
 
 def _check_special_ids(sp, model_path: str | os.PathLike) -> None:

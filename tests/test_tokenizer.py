@@ -134,6 +134,23 @@ def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sent
         assert tok.decode(ids) == sp.decode(ids)
 
 
+def test_converting_a_normalizing_sentencepiece_model_warns_in_one_line(tmp_path, capsys, sp_model):
+    """tokenizer.bin encodes text as it is: a .model that normalizes (nmt_nfkc) or squeezes whitespace encodes
+    such text otherwise, which the conversion says, naming both; Llama's settings (sp_model's) convert silently."""
+    from conftest import train_sentencepiece
+
+    from babyllama.cli import main
+
+    model = train_sentencepiece(tmp_path / "nfkc.model", 320, normalization_rule_name="nmt_nfkc",
+                                remove_extra_whitespaces=True)
+    assert main(["export-tokenizer", str(model)]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("warning:"))
+    assert str(model) in line and "nmt_nfkc normalization and remove_extra_whitespaces" in line
+    Tokenizer.from_sentencepiece(sp_model)
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("ids", [
     [0, 278], [0, 0, 29871], [3 + 0x20, 278], [1, 29871, 278], [29871, 29871, 278],  # the dummy prefix
     [3 + 0xE5, 3 + 0xA1], [3 + 0xED, 3 + 0xA0, 3 + 0x80], [3 + 0xC0, 3 + 0x80],  # bytes of no whole character

@@ -108,7 +108,8 @@ def _init_chat_worker(tokenizer_path: str, word_weight: int = 1) -> None:
 def _chat_tokenizer(path: Path):
     from ..tokenizer import Tokenizer
 
-    return Tokenizer.from_sentencepiece(path) if path.suffix == ".model" else Tokenizer.load(path)
+    # each worker converts the model; _install_tokenizer's conversion warns once about what it leaves out
+    return Tokenizer.from_sentencepiece(path, note=False) if path.suffix == ".model" else Tokenizer.load(path)
 
 
 def _encode_conversations(conversations: list[tuple[list[dict], list[str]]]) -> list[tuple[list[int], list[int]]]:
