@@ -4,15 +4,15 @@ and runq.c, llama.cpp through llama-cpp-python), next to the machine's memory ba
 same run.
 
 Models: the built-in story model ("builtin": trained, so its sampled decode means something) and random-weight
-models of the tinyllamas shapes (vocab 32000), built once and cached as .bin files under
-~/.cache/babyllama/bench or --cache-dir / $BABYLLAMA_BENCH_DIR: version 1 (fp32), 2 (Q8_0), 3 (Q4_0), plus the
-version 0 file and a tokenizer.bin that run.c reads, and GGUF files for llama.cpp. Each (model, engine,
-thread setting) is measured in a fresh subprocess so that its peak RSS is its own. The rows of a model are measured
---rounds times in turn (a VM's speed drifts by tens of percent within minutes: each round sees every row once,
-so rows compared with each other are measured close in time), and every figure is the median over the rounds
-of the median of the runs in one process: at least --repeats, and more while they last under a second in all
-(a tiny model's run takes milliseconds). `--busy N` starts N spinning co-runner processes for the
-measurements (a busy laptop); `--thread-settings default,1,2` measures each thread setting in turn.
+models of the tinyllamas shapes (vocab 32000), built once and cached as .bin files under $BABYLLAMA_CACHE/bench or
+~/.cache/babyllama/bench (--cache-dir or $BABYLLAMA_BENCH_DIR: elsewhere): version 1 (fp32), 2 (Q8_0), 3 (Q4_0),
+plus the version 0 file and a tokenizer.bin that run.c reads, and GGUF files for llama.cpp. Each (model, engine,
+thread setting) is measured in a fresh subprocess so that its peak RSS is its own. The rows of a model are
+measured --rounds times in turn (a VM's speed drifts by tens of percent within minutes: each round sees every row
+once, so rows compared with each other are measured close in time), and every figure is the median over the rounds
+of the median of the runs in one process: at least --repeats, and more while they last under a second in all (a
+tiny model's run takes milliseconds). `--busy N` starts N spinning co-runner processes for the measurements (a
+busy laptop); `--thread-settings default,1,2` measures each thread setting in turn.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
-from .safeio import home_cache, output_dir
+from .safeio import cache_folder, output_dir
 from .threads import usable_cpus
 
 if TYPE_CHECKING:
@@ -73,7 +73,9 @@ def context_of(shape: str) -> int:
 
 
 def cache_dir(override: str | None = None) -> Path:
-    base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or home_cache("bench", instead="BABYLLAMA_BENCH_DIR")
+    """Where the bench models are cached: `override` (--cache-dir), else $BABYLLAMA_BENCH_DIR, else the "bench"
+    folder of babyllama's cache ($BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench), made where missing."""
+    base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or cache_folder("bench")
     return output_dir(base, "bench model cache")
 
 

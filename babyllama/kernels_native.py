@@ -40,7 +40,7 @@ from .errors import first_line
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
 from .kernels_base import kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
-from .safeio import current_umask, home_cache
+from .safeio import cache_folder, current_umask
 from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -143,8 +143,7 @@ STEP_ERRORS = {1: "token ids must lie in [0, vocab_size)", 2: "positions must li
 
 
 def cache_root() -> Path:
-    base = os.environ.get("BABYLLAMA_CACHE")
-    return Path(base) / "native" if base else home_cache("native", instead="BABYLLAMA_CACHE")
+    return cache_folder("native")
 
 
 _said: set[str] = set()

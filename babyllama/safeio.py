@@ -240,6 +240,12 @@ def home_cache(*parts: str, instead: str) -> Path:
     return home.joinpath(".cache", "babyllama", *parts)
 
 
+def cache_folder(name: str) -> Path:
+    """babyllama's cache folder `name`: $BABYLLAMA_CACHE/NAME, else ~/.cache/babyllama/NAME (home_cache)."""
+    base = os.environ.get("BABYLLAMA_CACHE")
+    return Path(base) / name if base else home_cache(name, instead="BABYLLAMA_CACHE")
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename inside `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:

@@ -12,15 +12,15 @@ For each (shape, format) in one run on one machine:
   burst    7 streams decoding when 8 such prompts arrive at once: TTFT p50/p99, and the running streams'
            time between tokens (p50/p99/max) while the burst is prefilled (chunked prefill bounds it): between
            chunks, strictly (a chunk holds a step's token, or several when the server's event loop fell behind).
-Clients are threads of this process, each streaming over a plain socket (HTTP/1.1, de-chunking and splitting
-the events by hand) and parsing no JSON but the last chunk's `usage`: the tokens counted are the ones the
-server reports having generated and sent; a chunk's arrival time is that of the read that brought it. An HTTP
-library and a JSON parse per chunk cost the client about as much CPU per token as the server spends, on the
-same cores. Models come from babyllama.bench (cached under ~/.cache/babyllama/bench or $BABYLLAMA_BENCH_DIR); the
-tokenizer is Meta's 32000-token one from ../shared/fixtures (-z to name another). Prompts are token ids
-(distinct random ones: no prefix reuse). With --pause-pid, the process in that file (a background training
-job) is stopped (SIGSTOP) for the measurements and always continued (SIGCONT) after. The load average is
-printed with every phase: the figures only mean something on an otherwise idle machine.
+Clients are threads of this process, each streaming over a plain socket (HTTP/1.1, de-chunking and splitting the
+events by hand) and parsing no JSON but the last chunk's `usage`: the tokens counted are the ones the server
+reports having generated and sent; a chunk's arrival time is that of the read that brought it. An HTTP library and
+a JSON parse per chunk cost the client about as much CPU per token as the server spends, on the same cores. Models
+come from babyllama.bench (cached under $BABYLLAMA_BENCH_DIR, $BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench);
+the tokenizer is Meta's 32000-token one from ../shared/fixtures (-z to name another). Prompts are token ids
+(distinct random ones: no prefix reuse). With --pause-pid, the process in that file (a background training job) is
+stopped (SIGSTOP) for the measurements and always continued (SIGCONT) after. The load average is printed with
+every phase: the figures only mean something on an otherwise idle machine.
 """
 
 from __future__ import annotations

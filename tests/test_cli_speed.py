@@ -177,6 +177,17 @@ def test_bench_reports_the_decode_runs_it_made(tmp_path, monkeypatch):
     assert made[0] > 1 and res["repeats"] == made[0]  # the first figure is the decode
 
 
+def test_bench_caches_its_models_under_babyllama_cache(tmp_path, monkeypatch):
+    """BABYLLAMA_CACHE moves every cache of babyllama's, the bench models' too; BABYLLAMA_BENCH_DIR and
+    --cache-dir still name the bench's own folder."""
+    monkeypatch.delenv("BABYLLAMA_BENCH_DIR", raising=False)
+    monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path / "cache"))
+    assert bench.cache_dir() == tmp_path / "cache" / "bench" and (tmp_path / "cache" / "bench").is_dir()
+    monkeypatch.setenv("BABYLLAMA_BENCH_DIR", str(tmp_path / "bench"))
+    assert bench.cache_dir() == tmp_path / "bench"
+    assert bench.cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
 def test_bench_rejects_unknown_shape():
     proc = run_cli("bench", "--shapes", "7B")
     assert proc.returncode == 1 and b"unknown shape(s) 7B" in proc.stderr

@@ -44,8 +44,8 @@ def add(sub) -> None:
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
     add_mmap(p, "babyllama's .bin rows: ")
     add_kv_cache(p)
-    p.add_argument("--cache-dir", default=None, help="where random models are cached "
-                                                     "(~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR)")
+    p.add_argument("--cache-dir", default=None, help="where random models are cached ($BABYLLAMA_BENCH_DIR, "
+                                                     "else $BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench)")
     p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
     p.add_argument("--reference", default=None, metavar="RUN",
                    help="llama2.c's run.c executable: timed on version-0 files of the same fp32 models, with a "

@@ -2,11 +2,11 @@
 # Decode speed of llama2c_ref (our re-implementation of llama2.c's run.c / runq.c) on babyllama's cached
 # bench models: 3 runs each of 256 greedy steps with OMP_NUM_THREADS=2, median "achieved tok/s" printed.
 #   bash benchmarks/llama2c_ref/bench.sh [MODEL_NAME ...]     (default: all six; e.g. random-15M-fp32)
-# Models come from `babyllama bench` (~/.cache/babyllama/bench, or $BABYLLAMA_BENCH_DIR).
+# Models come from `babyllama bench` ($BABYLLAMA_BENCH_DIR, else $BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench).
 # Env: CC (default gcc), STEPS (256), RUNS (3), OMP_NUM_THREADS (2).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-dir=${BABYLLAMA_BENCH_DIR:-$HOME/.cache/babyllama/bench}
+dir=${BABYLLAMA_BENCH_DIR:-${BABYLLAMA_CACHE:-$HOME/.cache/babyllama}/bench}
 steps=${STEPS:-256}
 runs=${RUNS:-3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
