@@ -152,10 +152,14 @@ _said: set[str] = set()
 def _fall_back(reason: str, topic: str | None = None) -> None:
     """One line on stderr, once a process for each `topic` (default: the reason itself): why the kernels are not
     used. The fallback is several times slower, which a user would otherwise take for the speed of babyllama."""
-    topic = topic or reason
+    _say_once(f"{reason}; running without them, several times slower", topic or reason)
+
+
+def _say_once(line: str, topic: str) -> None:
+    """`line` on stderr after "babyllama: ", once a process for each `topic`."""
     if topic not in _said and sys.stderr is not None:
         _said.add(topic)
-        print(f"babyllama: {reason}; running without them, several times slower", file=sys.stderr, flush=True)
+        print(f"babyllama: {line}", file=sys.stderr, flush=True)
 
 
 def _no_compiler(directory: Path | None) -> None:
@@ -173,10 +177,16 @@ def _no_compiler(directory: Path | None) -> None:
 
 
 def compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+    """$CC, else the first of cc, gcc and clang on PATH. A $CC that names no command is said once a process: the
+    kernels are then built (and cached) with another compiler than the one asked for."""
+    wanted = os.environ.get("CC")
+    if wanted and shutil.which(wanted):
+        return wanted
+    found = next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
+    if wanted:
+        instead = f"the C kernels are built with {found} instead" if found else "no other C compiler either"
+        _say_once(f"CC={wanted!r} names no command on PATH; {instead}", f"CC {wanted}")
+    return found
 
 
 @cache

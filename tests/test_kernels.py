@@ -717,6 +717,25 @@ def test_a_build_that_failed_in_an_earlier_run_says_so_and_how_to_retry(tmp_path
     assert f"remove {tmp_path / 'kernels-*.failed'} to try again" in err
 
 
+def test_cc_naming_no_command_is_said_once_with_the_compiler_taken_instead(monkeypatch, capsys):
+    """CC naming a missing command (a typo, an uninstalled compiler) is not followed silently by cc: one line
+    says which compiler builds the kernels instead, once a process; a CC that exists is taken quietly."""
+    import shutil
+
+    monkeypatch.setattr(kernels_native, "_said", set())
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in ("cc", "gcc") else None)
+    monkeypatch.setenv("CC", "gcc-99")
+    assert kernels_native.compiler() == kernels_native.compiler() == "cc"
+    err = capsys.readouterr().err.strip()
+    assert err == "babyllama: CC='gcc-99' names no command on PATH; the C kernels are built with cc instead"
+    monkeypatch.setenv("CC", "gcc")
+    assert kernels_native.compiler() == "gcc" and capsys.readouterr().err == ""
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CC", "tcc")
+    assert kernels_native.compiler() is None
+    assert "CC='tcc' names no command on PATH; no other C compiler either" in capsys.readouterr().err
+
+
 def test_a_forced_instruction_set_that_does_not_compile_is_named(tmp_path, monkeypatch, capsys):
     """BABYLLAMA_NATIVE_ARCH takes any -march value: one the compiler refuses (a typo) is named in the line that
     says the kernels are not used, not taken for a broken compiler."""
