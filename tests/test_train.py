@@ -482,23 +482,33 @@ def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread
 
 
 def test_a_new_run_stopped_before_its_first_checkpoint_leaves_the_earlier_runs_pair(tmp_path, one_thread,
-                                                                                      monkeypatch):
-    """ckpt.pt and tokenizer.bin in out_dir go together: sample and export read them as one model."""
+                                                                                      monkeypatch, capsys):
+    """ckpt.pt and tokenizer.bin in out_dir go together: sample and export read them as one model; so do
+    metrics.jsonl and loss.png, which a resume of that checkpoint goes on with. The new run's log so far is
+    metrics.pending.jsonl, which the interruption names."""
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import Trainer, train
 
     first, second = text_shards(tmp_path, byte_tokenizer(300), "a"), text_shards(tmp_path, other_tokenizer(), "b")
     out = tmp_path / "out"
-    train(resolve_config(None, tiny_run(first, out)))
-    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "tokenizer.bin")}
+    train(resolve_config(None, tiny_run(first, out, max_iters=4)))
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "tokenizer.bin", "metrics.jsonl", "loss.png")}
+    step = Trainer.step
 
     def interrupted(self):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "step", interrupted)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         train(resolve_config(None, tiny_run(second, out)))
     assert {name: (out / name).read_bytes() for name in before} == before
+    assert capsys.readouterr().err.strip().endswith(
+        f"so is metrics.jsonl: this run's log is {out / 'metrics.pending.jsonl'}")
+    assert evaluations(out) == [0, 2, 4] and (out / "metrics.pending.jsonl").exists()
+    monkeypatch.setattr(Trainer, "step", step)
+    train(resolve_config(None, {"out_dir": str(out), "init_from": "resume", "max_iters": "6"}))
+    assert evaluations(out) == [0, 2, 4, 6] and not (out / "metrics.pending.jsonl").exists()
 
 
 def test_a_new_run_over_a_checkpoint_says_it_replaces_it(tmp_path, one_thread, capsys):
@@ -511,6 +521,8 @@ def test_a_new_run_over_a_checkpoint_says_it_replaces_it(tmp_path, one_thread, c
     train(resolve_config(None, tiny_run(data, out)))
     assert (f"note: {out / 'ckpt.pt'} holds an earlier run, which this new run replaces at its first checkpoint "
             "(step 2); --init_from=resume continues it instead") in capsys.readouterr().err
+    # from that checkpoint on, metrics.jsonl is the new run's log alone
+    assert evaluations(out) == [0, 2] and not (out / "metrics.pending.jsonl").exists()
 
 
 @pytest.mark.parametrize("resume", [False, True])

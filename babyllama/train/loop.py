@@ -212,7 +212,8 @@ class Trainer:
         self.peak = peak_flops(self.device, self.dtype, cfg.peak_flops)
         # an evaluation alone leaves the run's logs as they are
         keeps_logs = self.dist.master and not cfg.eval_only
-        self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None) if keeps_logs else None
+        replaces = ckpt is None and (self.out_dir / checkpoint.CKPT_NAME).exists()
+        self.metrics = MetricsLog(self.out_dir, self.iter_num if ckpt else None, replaces) if keeps_logs else None
 
     def _open_data_dir(self, base) -> Path:
         """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
@@ -276,6 +277,8 @@ class Trainer:
                          "lora": self.lora},
                         self.out_dir / checkpoint.CKPT_NAME)
         self.saved_at = self.iter_num
+        if self.metrics is not None:
+            self.metrics.checkpointed()
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -369,7 +372,7 @@ class Trainer:
             self.metrics.write(iter=self.iter_num, train_loss=losses["train"], val_loss=losses["val"])
         if self.iter_num > 0 and not self.cfg.eval_only:
             self.save_checkpoint()
-        if self.metrics is not None:
+        if self.metrics is not None and not self.metrics.pending:  # loss.png goes with out_dir's checkpoint too
             plot_losses(self.out_dir)
 
     def run(self) -> dict:
@@ -414,6 +417,8 @@ class Trainer:
         if self.saved_at is None:
             kept = (f"{ckpt} is an earlier run's" if ckpt.exists() else "no checkpoint was written yet") + \
                 f" (this run writes one every eval_interval={self.cfg.eval_interval} steps)"
+            if self.metrics is not None and self.metrics.pending:
+                kept += f"; so is {self.metrics.final.name}: this run's log is {self.metrics.path}"
         else:
             kept = f"{ckpt} holds step {self.saved_at}: --init_from=resume goes on from there"
         return f"interrupted at step {self.iter_num}; {kept}"

@@ -12,6 +12,7 @@ from ..errors import BabyLlamaError
 from ..fields import is_int, is_number
 
 METRICS_NAME = "metrics.jsonl"
+PENDING_METRICS_NAME = "metrics.pending.jsonl"  # a new run's log until its first checkpoint
 PLOT_NAME = "loss.png"
 
 # dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name
@@ -34,15 +35,33 @@ def peak_flops(device, dtype: str, override: float = 0.0) -> float | None:
 
 class MetricsLog:
     """Appends one JSON line per record. A run killed mid-write leaves a torn last line, which the reader
-    skips; the file is rewritten (atomically) only when a run starts or resumes."""
+    skips; the file is rewritten (atomically) only when a run starts or resumes. A new run in a folder that
+    holds an earlier run's checkpoint (`replaces`) logs to metrics.pending.jsonl until `checkpointed()` (at its
+    first checkpoint) moves that over metrics.jsonl: a run stopped before then leaves the earlier run's
+    checkpoint and log together, as a resume of it needs them."""
 
-    def __init__(self, out_dir: str | os.PathLike, resume_from_iter: int | None = None):
-        self.path = Path(out_dir) / METRICS_NAME
+    def __init__(self, out_dir: str | os.PathLike, resume_from_iter: int | None = None, replaces: bool = False):
+        self.final = Path(out_dir) / METRICS_NAME
+        pending = self.final.with_name(PENDING_METRICS_NAME)
+        self.path = pending if replaces and resume_from_iter is None else self.final
+        if self.path != pending:  # the log of a new run that never reached a checkpoint: no run's any more
+            pending.unlink(missing_ok=True)
         if resume_from_iter is None:
             safeio.write_text(self.path, "")
         else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
             kept = [r for r in read_metrics(self.path) if r["iter"] <= resume_from_iter]
             safeio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    @property
+    def pending(self) -> bool:
+        """Whether the records go to metrics.pending.jsonl (out_dir's checkpoint is still an earlier run's)."""
+        return self.path != self.final
+
+    def checkpointed(self) -> None:
+        """The run wrote a checkpoint: its log is metrics.jsonl from now on."""
+        if self.pending:
+            safeio.commit(self.path, self.final, "metrics file")
+            self.path = self.final
 
     def write(self, **record) -> None:
         with open(self.path, "a") as f:
