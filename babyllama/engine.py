@@ -20,7 +20,17 @@ import numpy as np
 from . import kernels
 from .config import ModelArgs
 from .formats import Weights
-from .kernels_base import Kernels, apply_rope, kv_q8_dtype, kv_read, kv_write, rmsnorm, segments, silu  # noqa: F401
+from .kernels_base import (  # noqa: F401
+    Kernels,
+    apply_rope,
+    check_step_lengths,
+    kv_q8_dtype,
+    kv_read,
+    kv_write,
+    rmsnorm,
+    segments,
+    silu,
+)
 from .memory import allocation_failed, check_fits, small_pages, zeros_mapped
 
 # `kv_cache` settings: "f32", "f16" and "q8_0" name the cache's rows; "auto" is f16 for quantized weights (Q8_0,
@@ -174,6 +184,7 @@ class Engine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
+        check_step_lengths(tokens, positions, slots)
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
         with self._tables_lock:  # the plan and the tables it points at, consistent (tables only grow)

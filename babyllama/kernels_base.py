@@ -208,6 +208,15 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out.reshape(t, h, hs)
 
 
+def check_step_lengths(tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> None:
+    """A step's token ids, positions and slots: one of each per token, at least one token (one line, whichever
+    path runs the step; NumPy would otherwise broadcast or fail deep inside a layer)."""
+    if not len(tokens):
+        raise ValueError("a step needs at least one token")
+    if not len(positions) == len(slots) == len(tokens):
+        raise ValueError("tokens, positions and slots must have one entry per token")
+
+
 def segments(slots: np.ndarray, positions: np.ndarray) -> list[tuple[int, int, int, int]]:
     """Split a token batch into runs of one slot at consecutive positions: (start, end, slot, first_pos)."""
     n = len(slots)

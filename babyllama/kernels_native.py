@@ -38,7 +38,7 @@ import numpy as np
 from . import memory, sampler
 from .errors import first_line
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
-from .kernels_base import kv_overflow, kv_q8_dtype, quantized_gemm
+from .kernels_base import check_step_lengths, kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .safeio import cache_folder, current_umask
 from .threads import explicit_threads, usable_cpus
@@ -800,9 +800,8 @@ class NativeKernels:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         row_ids = np.ascontiguousarray(rows, dtype=np.int64)
+        check_step_lengths(tokens, positions, slots)
         n = len(tokens)
-        if not (len(positions) == len(slots) == n):
-            raise ValueError("tokens, positions and slots must have one entry per token")
         logits = np.empty((len(row_ids), plan.vocab_size), dtype=np.float32)
         err = self.lib.forward_step(plan.ref, _address(tokens), n, _address(slots), _address(positions), keys_at,
                                     values_at, kv_type, keys.shape[1], keys.shape[3], _address(row_ids),

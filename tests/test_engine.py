@@ -237,3 +237,21 @@ def test_threads_sharing_an_engine_never_leave_its_step_plan_on_old_tables():
     ref = fresh.forward([1] * 41, range(41), fresh.new_cache(1, seq_len=64))[-1]
     engine.forward([1] * 40, range(40), long)
     np.testing.assert_allclose(engine.forward([1], [40], long)[-1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("tokens, positions, slots, message", [
+    ([1, 2, 3], [0, 1], None, "one entry per token"),
+    ([1, 2], [0, 1, 2], None, "one entry per token"),
+    ([1, 2, 3], [0, 1, 2], [0, 0], "one entry per token"),
+    ([1] * 20, list(range(19)), None, "one entry per token"),  # a prompt past the one-call step's size
+    ([5], [], None, "one entry per token"),
+    ([], [], None, "at least one token"),
+])
+def test_forward_refuses_lengths_that_do_not_match_in_one_line_on_every_path(plain, tokens, positions, slots,
+                                                                             message):
+    """The per-op NumPy path (plain, or a long prompt) says what the one-call step says, not a broadcast error
+    from inside a layer."""
+    engine = Engine(random_weights(tiny_args()), plain=plain)
+    with pytest.raises(ValueError, match=message):
+        engine.forward(tokens, positions, engine.new_cache(2), slots)
