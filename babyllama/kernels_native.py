@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -180,7 +181,7 @@ def compiler() -> str | None:
     """$CC, else the first of cc, gcc and clang on PATH. A $CC that names no command is said once a process: the
     kernels are then built (and cached) with another compiler than the one asked for."""
     wanted = os.environ.get("CC")
-    if wanted and shutil.which(wanted):
+    if wanted and shutil.which(cc_command(wanted)[0]):
         return wanted
     found = next((name for name in ("cc", "gcc", "clang") if shutil.which(name)), None)
     if wanted:
@@ -189,14 +190,27 @@ def compiler() -> str | None:
     return found
 
 
+def cc_command(cc: str) -> list[str]:
+    """A compiler setting as the words of a command: a path to a compiler as it is (spaces and all), else split
+    as a shell would (CC="ccache gcc" or "gcc -m64", as make takes it)."""
+    if shutil.which(cc):
+        return [cc]
+    try:
+        return shlex.split(cc) or [cc]
+    except ValueError:  # an unclosed quote: no command either way
+        return [cc]
+
+
 @cache
 def _compiler_identity(cc: str) -> str:
-    """The compiler's resolved path and version line: a different compiler under the same name rebuilds."""
+    """The compiler's resolved path (and its other words: CC="gcc -m64"), and version line: a different compiler
+    under the same name, or other options, rebuilds."""
+    words = cc_command(cc)
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*words, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    return f"{shutil.which(cc)} {version.splitlines()[0] if version else ''}"
+    return " ".join([str(shutil.which(words[0])), *words[1:], version.splitlines()[0] if version else ""])
 
 
 @cache
@@ -279,7 +293,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         # compile to a temporary name and rename: concurrent first runs never load a half-written library
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        cmd = [cc, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [*cc_command(cc), *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
         try:
             for c in _in_parallel(cmd):
                 attempt = _run_compiler(c)

@@ -736,6 +736,20 @@ def test_cc_naming_no_command_is_said_once_with_the_compiler_taken_instead(monke
     assert "CC='tcc' names no command on PATH; no other C compiler either" in capsys.readouterr().err
 
 
+def test_cc_of_several_words_is_run_as_a_command_line(tmp_path, monkeypatch, capsys):
+    """CC="ccache gcc" or "gcc -m64" (make's way: a launcher, or options) is run as those words, not passed over
+    as naming no command; a build with other words is another library than the plain compiler's."""
+    calls = fake_compiler(monkeypatch)
+    real = kernels_native.compiler()
+    plain = kernels_native.build(tmp_path, "native")
+    monkeypatch.setattr(kernels_native, "_said", set())
+    monkeypatch.setenv("CC", f"env {real}")
+    assert kernels_native.compiler() == f"env {real}" and kernels_native.cc_command(f"env {real}") == ["env", real]
+    calls.clear()
+    assert kernels_native.build(tmp_path, "native") not in (None, plain)
+    assert calls and calls[0][:2] == ["env", real] and capsys.readouterr().err == ""
+
+
 def test_a_forced_instruction_set_that_does_not_compile_is_named(tmp_path, monkeypatch, capsys):
     """BABYLLAMA_NATIVE_ARCH takes any -march value: one the compiler refuses (a typo) is named in the line that
     says the kernels are not used, not taken for a broken compiler."""
