@@ -50,6 +50,19 @@ def test_logits_match_numpy_engine_at_every_position(kw):
     assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("tokens, positions, slots, message", [
+    ([1, 2, 3], [0, 1], None, "one entry per token"),
+    ([1, 2], [0, 1, 2], None, "one entry per token"),
+    ([1, 2], [0, 1], [0, 1, 1], "one entry per token"),
+    ([], [], None, "at least one token"),
+])
+def test_torch_engine_refuses_lengths_that_do_not_match_as_the_numpy_engine_does(tokens, positions, slots, message):
+    """A shorter positions or slots list was zipped with the tokens: logits for positions never asked for."""
+    te = TorchEngine(Transformer.from_weights(random_weights(tiny_args())))
+    with pytest.raises(ValueError, match=message):
+        te.forward(tokens, positions, te.new_cache(2), slots)
+
+
 def test_kv_cache_generation_path_matches_full_forward():
     args = tiny_args()
     w = random_weights(args, seed=4, scale=0.2)
