@@ -103,10 +103,8 @@ class Tokenizer:
         """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space); `note`:
         say in one line on stderr what of its text normalization the conversion leaves out."""
         sp = open_sentencepiece(model_path)
-        left_out = _normalization(sp) if note else []
-        if left_out:
-            print(f"warning: sentencepiece model {model_path} has {' and '.join(left_out)}, which a tokenizer.bin "
-                  "cannot carry: text they would change encodes differently from sentencepiece", file=sys.stderr)
+        if note:
+            warn_normalization(sp, model_path, "a tokenizer.bin")
         pieces, scores = [], []
         for i in range(sp.vocab_size()):
             text = sp.id_to_piece(i)
@@ -320,6 +318,15 @@ def open_sentencepiece(model_path: str | os.PathLike):
         raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
     _check_special_ids(sp, model_path)
     return sp
+
+
+def warn_normalization(sp, model_path: str | os.PathLike, into: str) -> None:
+    """One line on stderr where the sentencepiece model `sp` (from `model_path`) normalizes text, which `into`
+    (a vocabulary without its normalizer, encoding text as it is) leaves out."""
+    left_out = _normalization(sp)
+    if left_out:
+        print(f"warning: sentencepiece model {model_path} has {' and '.join(left_out)}, which {into} cannot "
+              "carry: text they would change encodes differently from sentencepiece", file=sys.stderr)
 
 
 def _normalization(sp) -> list[str]:

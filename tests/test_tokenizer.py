@@ -137,8 +137,9 @@ def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sent
 def test_converting_a_normalizing_sentencepiece_model_warns_in_one_line(tmp_path, capsys, sp_model):
     """tokenizer.bin encodes text as it is: a .model that normalizes (nmt_nfkc) or squeezes whitespace encodes
     such text otherwise, which the conversion says, naming both; Llama's settings (sp_model's) convert silently."""
-    from conftest import train_sentencepiece
+    from conftest import random_weights, tiny_args, train_sentencepiece
 
+    from babyllama import formats
     from babyllama.cli import main
 
     model = train_sentencepiece(tmp_path / "nfkc.model", 320, normalization_rule_name="nmt_nfkc",
@@ -147,8 +148,15 @@ def test_converting_a_normalizing_sentencepiece_model_warns_in_one_line(tmp_path
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("warning:"))
     assert str(model) in line and "nmt_nfkc normalization and remove_extra_whitespaces" in line
+    assert "which a tokenizer.bin cannot carry" in line
     Tokenizer.from_sentencepiece(sp_model)
     assert "warning" not in capsys.readouterr().err
+    # a GGUF vocabulary (llama.cpp's llama tokenizer) encodes text as it is too
+    pytest.importorskip("gguf")
+    formats.save(random_weights(tiny_args(vocab_size=320)), tmp_path / "m.bin")
+    assert main(["export", str(tmp_path / "m.gguf"), "--model", str(tmp_path / "m.bin"), "--tokenizer",
+                 str(model)]) == 0
+    assert "which a GGUF vocabulary cannot carry" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ids", [
