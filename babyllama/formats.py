@@ -325,13 +325,13 @@ def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
 
 def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
     """runq.c's rule (halve until it divides dim), also required to divide hidden_dim so that no group
-    straddles two rows of w2. Where that leaves fewer than 32 (the SIMD kernels' sizes are multiples of 32;
-    smaller ones all take the plain loop), the largest size up to `start` dividing both instead: halving
-    alone gives a hidden_dim with odd factors only (171) groups of 1, 5 bytes a weight, where 9 divides it."""
+    straddles two rows of w2. Where that leaves fewer than 4 (more bytes a weight than f16), the largest size
+    up to `start` dividing both instead: halving alone gives a hidden_dim with odd factors only (171) groups of
+    1, 5 bytes a weight, where 9 divides it. Shapes halving serves keep llama2.c's export's size."""
     gs = start
     while gs > 1 and (args.dim % gs or args.hidden_dim % gs):
         gs //= 2
-    if gs >= 32:
+    if gs >= 4:
         return gs
     common = math.gcd(args.dim, args.hidden_dim)
     return max(d for d in range(1, min(start, common) + 1) if common % d == 0)

@@ -190,6 +190,8 @@ def test_group_size_for_odd_hidden_dim_and_note_where_small(tmp_path, capsys):
     assert "more than f16's 2" in capsys.readouterr().err
     w.quantize(1)  # asked for: no note
     random_weights(tiny_args(dim=32, hidden_dim=48)).quantize()  # groups of 16: no note either
+    # halving's size stays where it is 4 or more (llama2.c's export's choice), though 48 would divide both
+    assert formats.default_group_size(tiny_args(dim=48, hidden_dim=144, n_heads=6)) == 16
     assert capsys.readouterr().err == ""
 
 
