@@ -184,7 +184,7 @@ class Engine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
-        check_step_lengths(tokens, positions, slots)
+        check_step_lengths(tokens, positions, slots, logits)
         runs = segments(slots, positions)
         rows = [end - 1 for _, end, _, _ in runs] if logits == "last" else range(len(tokens))
         with self._tables_lock:  # the plan and the tables it points at, consistent (tables only grow)

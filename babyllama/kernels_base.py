@@ -208,9 +208,12 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out.reshape(t, h, hs)
 
 
-def check_step_lengths(tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> None:
+def check_step_lengths(tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, logits: str = "all") -> None:
     """A step's token ids, positions and slots: one of each per token, at least one token (one line, whichever
-    path runs the step; NumPy would otherwise broadcast or fail deep inside a layer)."""
+    path runs the step; NumPy would otherwise broadcast or fail deep inside a layer); `logits` one of the two
+    the engines know (any other word would be taken for "all")."""
+    if logits not in ("all", "last"):
+        raise ValueError(f'logits must be "all" or "last", got {logits!r}')
     if not len(tokens):
         raise ValueError("a step needs at least one token")
     if not len(positions) == len(slots) == len(tokens):

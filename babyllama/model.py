@@ -324,7 +324,7 @@ class TorchEngine:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
-        check_step_lengths(tokens, positions, slots)  # as the NumPy engine: not a shorter list zipped
+        check_step_lengths(tokens, positions, slots, logits)  # as the NumPy engine: not a shorter list zipped
         if len(np.unique(slots)) == len(slots):  # one token per sequence: the batched decode step
             out = self._decode(*(torch.from_numpy(a).to(self.device) for a in (tokens, positions, slots)),
                                cache.layers)

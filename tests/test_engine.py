@@ -255,3 +255,10 @@ def test_forward_refuses_lengths_that_do_not_match_in_one_line_on_every_path(pla
     engine = Engine(random_weights(tiny_args()), plain=plain)
     with pytest.raises(ValueError, match=message):
         engine.forward(tokens, positions, engine.new_cache(2), slots)
+
+
+def test_forward_refuses_an_unknown_logits_word():
+    """A typo ("Last") would otherwise return every row, as "all" does."""
+    engine = Engine(random_weights(tiny_args()))
+    with pytest.raises(ValueError, match='logits must be "all" or "last", got \'Last\''):
+        engine.forward([1, 2], [0, 1], engine.new_cache(1), logits="Last")
