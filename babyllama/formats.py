@@ -223,7 +223,7 @@ class Weights:
         classifier included; a matrix whose rows do not split into blocks of 32 gets runq.c's Q8_0 instead (as
         llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are. `quantize`:
         quant.py's quantizer, or one that writes the same bytes faster (kernels.quantize_blocks)."""
-        gs = default_group_size(self.args)
+        gs = chosen_group_size(self.args, "q4_0")
         release = self._release_after()
 
         def q4(m: Matrix) -> Matrix:
@@ -337,11 +337,13 @@ def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
     return max(d for d in range(1, min(start, common) + 1) if common % d == 0)
 
 
-def chosen_group_size(args: ModelArgs) -> int:
-    """default_group_size for `--quantize q8_0` or a version 2 export, with a one-line note on stderr where
-    the shape leaves groups so small that Q8_0 takes more bytes a weight than f16 (1 + 4 / group size)."""
+def chosen_group_size(args: ModelArgs, kind: str = "q8_0") -> int:
+    """default_group_size for quantizing to `kind` (a version 2 or 3 export, `--quantize`), with a one-line note
+    on stderr where the shape leaves Q8_0 groups so small that they take more bytes a weight than f16
+    (1 + 4 / group size): under Q8_0 always, under Q4_0 where rows not made of blocks of 32 fall back to Q8_0."""
     gs = default_group_size(args)
-    if gs < 4:
+    q8_used = kind == "q8_0" or args.dim % BLOCK or args.hidden_dim % BLOCK
+    if gs < 4 and q8_used:
         print(f"note: Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "
               f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than f16's 2", file=sys.stderr)
     return gs

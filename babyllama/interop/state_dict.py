@@ -117,7 +117,7 @@ def from_state_dict(args: ModelArgs,
         raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
     if quantize is not None:
         check_quantize_kind(quantize)
-    group_size = chosen_group_size(args) if quantize == "q8_0" else default_group_size(args)
+    group_size = chosen_group_size(args, quantize) if quantize is not None else default_group_size(args)
     maps = memory.read_only_file_maps() if quantize is not None else []
 
     def fetch(name: str, shape: tuple[int, ...]) -> Any:  # an fp32, fp16 or bf16 matrix, or a quantized one
