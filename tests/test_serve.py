@@ -998,3 +998,38 @@ def test_sampling_controls_give_run_s_text(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**chat, extra_body={"top_k": -5})
     assert e.value.param == "top_k" and "top_k must be an integer >= 0" in e.value.message
+
+
+def test_once_the_scheduler_has_died_requests_are_refused_not_left_waiting(monkeypatch):
+    """A bug that kills the scheduler thread ends the jobs it held with an error; a request that comes after is
+    refused at once (the server's 500) instead of waiting forever in a queue that nothing reads, past its time
+    limit too, and /health no longer counts the ended jobs as active."""
+    from conftest import random_weights, tiny_args
+
+    from babyllama.engine import Engine
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Finished, Job, Scheduler, SchedulerFailed
+
+    def step():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback: expected here
+    events, done = [], threading.Event()
+
+    def emit(index, event):
+        events.append((index, event))
+        done.set()
+
+    sched = Scheduler(Engine(random_weights(tiny_args())), slots=2, queue_size=4, metrics=Metrics(2))
+    monkeypatch.setattr(sched.batch, "step", step)
+    sched.start()
+    try:
+        sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit)])
+        assert done.wait(10) and events == [(0, Finished("error", 0))]
+        sched._thread.join(10)
+        assert not sched.healthy and sched.status() == {"slots": 2, "active": 0, "queued": 0}
+        with pytest.raises(SchedulerFailed):
+            sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit)])
+    finally:
+        sched.stop()

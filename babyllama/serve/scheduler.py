@@ -30,6 +30,10 @@ class QueueFull(Exception):
     """More requests wait than the queue holds: the client should retry later (HTTP 429)."""
 
 
+class SchedulerFailed(Exception):
+    """The scheduler thread has died (a bug, in the server's log): no job would ever run, so none is taken."""
+
+
 @dataclass
 class Token:
     """One generated token, with its log-probabilities when asked for."""
@@ -98,8 +102,11 @@ class Scheduler:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue a request's jobs together, or raise QueueFull when more jobs would wait for a slot than the
-        queue holds (jobs that find a free slot do not wait: they are admitted at the next step)."""
+        queue holds (jobs that find a free slot do not wait: they are admitted at the next step), or
+        SchedulerFailed once the scheduler thread has died (queued jobs would wait forever: nothing ends them)."""
         with self._cond:
+            if self.error is not None:
+                raise SchedulerFailed
             free = self.slots - len(self.running)
             if len(self.waiting) + len(jobs) - free > self.queue_size:
                 raise QueueFull
@@ -143,6 +150,9 @@ class Scheduler:
             with self._cond:
                 for job in [*self.running, *self.waiting]:
                     job.emit(job.index, Finished("error", len(job.seq.generated) if job.seq else 0))
+                self.running.clear()  # ended: /health and the gauges no longer count them
+                self.waiting.clear()
+                self._publish_gauges()
             raise
 
     def _admit(self) -> None:

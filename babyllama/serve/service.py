@@ -23,7 +23,7 @@ from ..sampler import Sampler, choice_seed
 from ..tokenizer import BOS, Tokenizer
 from . import protocol as p
 from .metrics import Metrics
-from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, Token
+from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, SchedulerFailed, Token
 
 DISCONNECT_POLL_S = 0.25  # how often a whole (not streamed) answer checks that its client is still there
 FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the whole request, not one choice
@@ -281,6 +281,8 @@ class Service:
         except QueueFull:
             raise APIError(429, "the server is busy (its queue is full); retry shortly", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except SchedulerFailed:
+            raise self.failure("error") from None
         self.metrics.prompt_tokens.inc(len(ids) * req.n)
         # a chat reply is decoded as after BOS (no leading space); a completion continues its prompt
         choices = [Choice(job, p.ChoiceText(self.tok, BOS if chat else ids[-1], req.stops)) for job in jobs]
