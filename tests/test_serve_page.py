@@ -168,3 +168,40 @@ def test_a_long_conversation_leaves_out_its_oldest_turns_and_a_failed_turn_is_fo
         page.close()
     finally:
         server.stop()
+
+
+def test_a_new_conversation_while_a_reply_streams_drops_that_turn(browser, tmp_path):
+    """"New conversation" clicked while a reply streams stops it (its slot is freed) and forgets the turn: the
+    next message starts the new conversation alone (were the old reply kept as the cleared conversation's
+    first turn, every later request would be refused as not starting with a user turn)."""
+    from conftest import never_ending_model
+
+    server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
+    sent: list[list[dict]] = []
+    try:
+        page = browser.new_page()
+        page.on("request", lambda r: sent.append(json.loads(r.post_data)["messages"])
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "1500")  # seconds of generation: still streaming when the button is clicked
+        count_updates(page)
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("window.updates > 3")
+        page.click("#clear")
+        page.wait_for_function("!document.getElementById('send').disabled")
+        assert server.wait_idle()["active"] == 0  # the reply was stopped, not left generating for nobody
+        assert page.query_selector_all("#log .msg") == [] and page.text_content("#status") == ""
+        page.fill("#max-tokens", "5")
+        page.fill("#prompt", "Again")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 2 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert not page.query_selector_all(".msg.error") and page.text_content(".msg.assistant")
+        assert sent[-1] == [{"role": "system", "content": "You are a storyteller."},
+                            {"role": "user", "content": "Again"}]
+        page.close()
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 const $ = (id) => document.getElementById(id);
 const history = [];  // {role, content} of the conversation so far: user and assistant turns, alternating
 let controller = null;
+let conversation = 0;  // counts "New conversation" clicks: a reply still streaming then belongs to none
 
 for (const id of ["temperature", "top-p"]) {
   $(id).addEventListener("input", () => { $(id + "-out").value = $(id).value; });
@@ -59,6 +60,7 @@ async function loadModel() {
 }
 
 async function send(text) {
+  const mine = conversation;
   history.push({role: "user", content: text});
   bubble("user", text);
   const out = bubble("assistant", "");
@@ -105,6 +107,7 @@ async function send(text) {
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
+  if (mine !== conversation) return;  // the conversation was cleared meanwhile, this turn with it
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
@@ -129,6 +132,10 @@ $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
-$("clear").addEventListener("click", () => { history.length = 0; $("log").textContent = ""; $("status").textContent = ""; });
+$("clear").addEventListener("click", () => {
+  conversation += 1;
+  if (controller) controller.abort();  // a reply still streaming belonged to the conversation cleared
+  history.length = 0; $("log").textContent = ""; $("status").textContent = "";
+});
 $("api-key").addEventListener("change", loadModel);
 loadModel();
