@@ -482,6 +482,21 @@ def test_api_key(keyed):
     assert keyed.client().completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
 
 
+def test_a_page_of_another_origin_can_read_the_401(keyed):
+    """A wrong key from a browser page of another origin: the 401 carries CORS headers, so that the page reads
+    OpenAI's error instead of a failed fetch; it is counted as a 401 all the same."""
+    def refused() -> float:
+        found = re.search(r'babyllama_requests_total\{endpoint="/v1/models",status="401"\} (\S+)',
+                          keyed.get("/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    before = refused()
+    r = httpx.get(keyed.url + "/v1/models", headers={"Origin": "http://example.com", "Authorization": "Bearer no"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers.get("access-control-allow-origin") == "*"
+    assert refused() == before + 1
+
+
 def test_the_queue_counts_only_choices_that_wait(keyed):
     """--slots 1 --queue 2, idle: three choices fit (one in the slot, two waiting); four never can (400)."""
     assert keyed.wait_idle()["active"] == 0

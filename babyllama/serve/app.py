@@ -34,10 +34,13 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="babyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    # the last added runs first: every answer is counted, and the key is checked inside CORS, so that a page of
+    # another origin can read the 401 (without CORS headers a browser shows it only as a failed fetch)
+    app.add_middleware(Authorize, config=config)
     # any request header: OpenAI's SDKs add their own (X-Stainless-*), and a browser asks before sending them
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["*"])
-    app.add_middleware(CountAndAuthorize, config=config, metrics=metrics)
+    app.add_middleware(Count, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -88,29 +91,19 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     return app
 
 
-class CountAndAuthorize:
-    """Refuses requests without the key (when one is set) and counts answers by endpoint and status. Plain ASGI,
-    not Starlette's BaseHTTPMiddleware: that one relays every chunk of a stream through a task and a memory
-    stream of its own, a cost paid per token."""
+class Count:
+    """Counts answers by endpoint and status. Plain ASGI, as Authorize: Starlette's BaseHTTPMiddleware relays
+    every chunk of a stream through a task and a memory stream of its own, a cost paid per token."""
 
-    def __init__(self, app: ASGIApp, config: ServeConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request = Request(scope)
-        path = request.url.path
+        path = Request(scope).url.path
         endpoint = path if path in KNOWN_PATHS else "other"
-        # needs_key: only when a key is set
-        if needs_key(self.config, request) and not key_matches(cast(str, self.config.api_key),
-                                                               request.headers.get("authorization", "")):
-            self.metrics.requests.labels(endpoint, "401").inc()
-            response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                               "authentication_error", code="invalid_api_key"))
-            await response(scope, receive, send)
-            return
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -118,6 +111,25 @@ class CountAndAuthorize:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class Authorize:
+    """Refuses requests without the key (when one is set)."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            # needs_key: only when a key is set
+            if needs_key(self.config, request) and not key_matches(cast(str, self.config.api_key),
+                                                                   request.headers.get("authorization", "")):
+                response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                   "authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def v1_hint(path: str) -> str:
