@@ -205,3 +205,24 @@ def test_a_new_conversation_while_a_reply_streams_drops_that_turn(browser, tmp_p
         page.close()
     finally:
         server.stop()
+
+
+def test_the_key_message_follows_the_key_typed(browser):
+    """The page of a server that needs a key says so; a wrong key typed is said to be refused, and once the
+    right one is typed the model's name shows and no message about the key stays."""
+    server = Server("--slots", "1", api_key="k3y")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('needs an API key')")
+        page.fill("#api-key", "wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('status').textContent.includes('refused')")
+        assert page.text_content("#model") == ""
+        page.fill("#api-key", "k3y")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model').textContent === 'babyllama-stories'")
+        assert page.text_content("#status") == ""
+        page.close()
+    finally:
+        server.stop()

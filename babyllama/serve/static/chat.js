@@ -53,10 +53,17 @@ async function postConversation(signal) {
   }
 }
 
+// the model's name, or (on a 401) what is wrong with the key: none typed, or one the server refuses
 async function loadModel() {
   const r = await fetch("/v1/models", {headers: headers()});
-  if (r.ok) $("model").textContent = (await r.json()).data[0].id;
-  else if (r.status === 401) $("status").textContent = "This server needs an API key: type it on the left.";
+  if (r.ok) {
+    $("model").textContent = (await r.json()).data[0].id;
+    $("status").textContent = "";
+  } else if (r.status === 401) {
+    $("model").textContent = "";
+    $("status").textContent = $("api-key").value.trim() ? "The server refused this API key."
+                                                        : "This server needs an API key: type it on the left.";
+  }
 }
 
 async function send(text) {
