@@ -243,3 +243,18 @@ def test_the_kernels_are_built_before_the_server_listens(monkeypatch, capsys):
     assert main(["serve", "--port", str(free_port())]) == 0
     assert loaded_when_listening == [True]
     assert "serving 'babyllama-stories'" in capsys.readouterr().err
+
+
+def test_an_ipv6_host_in_brackets_is_that_address(monkeypatch, capsys):
+    """--host [::1], as a URL writes the address: the server listens on ::1 (a loopback address: no warning)
+    and names it http://[::1]:PORT; the bracketed name is not looked up as a host name."""
+    from babyllama import serve
+    from babyllama.cli import main
+
+    hosts = []
+    monkeypatch.setattr(serve, "listen", lambda host, port: hosts.append(host) or [])
+    monkeypatch.setattr(serve, "run", lambda *args: None)
+    port = free_port()
+    assert main(["serve", "--host", "[::1]", "--port", str(port)]) == 0
+    err = capsys.readouterr().err
+    assert hosts == ["::1"] and f"on http://[::1]:{port} (" in err and "warning" not in err, err

@@ -58,6 +58,11 @@ def check_flags(args) -> None:
         raise BabyLlamaError("--api-key must be printable ASCII (it travels in an HTTP header)")
 
 
+def unbracketed(host: str) -> str:
+    """The host as getaddrinfo takes it: an IPv6 address written as in a URL ([::1]) is the address (::1)."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -86,6 +91,7 @@ def model_card(checkpoint: str | None) -> dict:
 
 def cmd_serve(args) -> int:
     check_flags(args)
+    args.host = unbracketed(args.host)
     try:
         from .. import serve
     except ImportError as e:
