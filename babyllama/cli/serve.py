@@ -56,6 +56,9 @@ def check_flags(args) -> None:
     if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
         # HTTP headers carry ASCII: a client could never send such a key
         raise BabyLlamaError("--api-key must be printable ASCII (it travels in an HTTP header)")
+    if args.api_key is not None and args.api_key != args.api_key.strip():
+        # HTTP drops the spaces around a header's value, and the bearer scheme those before the key
+        raise BabyLlamaError("--api-key must not begin or end with a space (a client could never send them)")
 
 
 def unbracketed(host: str) -> str:
