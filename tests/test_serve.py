@@ -631,6 +631,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     (["--api-key", " "], "--api-key must not be empty"),
     (["--api-key", "clé"], "--api-key must be printable ASCII"),
     (["--api-key", " k3y"], "--api-key must not begin or end with a space"),
+    (["--host", ""], "--host must not be empty"),
     (["--slots", "10000000"], "lower --slots, or choose a smaller --kv-cache"),  # before it says "serving"
     (["/no/such/model.bin"], "not found"),
 ])

@@ -47,6 +47,9 @@ def check_flags(args) -> None:
                              ("--max-body", args.max_body, 1)):
         if value < low:
             raise BabyLlamaError(f"{name} must be >= {low}, got {value}")
+    if not args.host.strip():
+        # an unset variable (--host "$HOST"): it would listen on every address, and name its URL http://:PORT
+        raise BabyLlamaError("--host must not be empty (0.0.0.0 and :: listen on every address)")
     if args.port > 65535:
         raise BabyLlamaError(f"--port must be <= 65535, got {args.port}")
     if not args.timeout > 0:
