@@ -226,3 +226,24 @@ def test_the_key_message_follows_the_key_typed(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_enter_that_confirms_an_input_method_candidate_does_not_send(browser):
+    """Japanese, Chinese or Korean typed through an input method: the Enter that picks a candidate (a keydown
+    while composing) only ends the composition; the message is sent by the next Enter."""
+    server = Server("--slots", "1")
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.fill("#prompt", "ねこ")
+        page.evaluate("""() => document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown',
+            {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))""")
+        page.wait_for_timeout(300)
+        assert page.input_value("#prompt") == "ねこ" and page.query_selector_all("#log .msg") == []
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 2")
+        assert page.text_content(".msg.user") == "ねこ"
+        page.close()
+    finally:
+        server.stop()

@@ -136,6 +136,9 @@ $("composer").addEventListener("submit", (e) => {
   send(text);
 });
 $("prompt").addEventListener("keydown", (e) => {
+  // an Enter while an input method composes (Japanese, Chinese, Korean) picks a candidate; Safari reports
+  // that keydown only by keyCode 229
+  if (e.isComposing || e.keyCode === 229) return;
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
