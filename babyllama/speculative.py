@@ -21,7 +21,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import BabyLlamaError
-from .sampler import Sampler, sample_mult
+from .sampler import Sampler, check_logits, sample_mult
 from .tokenizer import BOS
 
 
@@ -74,7 +74,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             else:
                 row = draft.forward([drafted[-1]], [len(tokens) + j - 1], dcache, logits="last")[-1]
             if greedy:
-                drafted.append(int(np.argmax(row)))
+                drafted.append(_argmax(row))
             else:
                 qs.append(sampler.distribution(row))
                 drafted.append(sample_mult(qs[-1], rng.f32()))
@@ -89,7 +89,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         fix: int | None
         for i, d in enumerate(drafted):
             if greedy:
-                best = int(np.argmax(logits[i]))
+                best = _argmax(logits[i])
                 ok = best == d
                 fix = best
             else:
@@ -104,7 +104,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             n_ok += 1
         else:
             row = logits[len(drafted)]
-            new.append(int(np.argmax(row)) if greedy else sample_mult(sampler.distribution(row), rng.f32()))
+            new.append(_argmax(row) if greedy else sample_mult(sampler.distribution(row), rng.f32()))
         stats.rounds += 1
         stats.drafted += len(drafted)
         stats.accepted += n_ok
@@ -118,6 +118,13 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             yield tok
             if len(tokens) > max_pos:
                 return
+
+
+def _argmax(logits: np.ndarray) -> int:
+    """The greedy choice, refused as the plain path's sampler refuses it where the logits hold a NaN or +inf (a
+    model whose arithmetic overflowed): argmax would pick the first NaN, token 0, as if it were text."""
+    check_logits(logits)
+    return int(np.argmax(logits))
 
 
 def _residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from conftest import assert_greedy_agree, logits_after, random_weights, tiny_arg
 
 from babyllama import kernels, kernels_native
 from babyllama.engine import Engine
+from babyllama.errors import BabyLlamaError
 from babyllama.generate import Sequence, generate, generate_batch
 from babyllama.kernels_base import NumpyKernels
 from babyllama.sampler import Sampler
@@ -218,6 +219,21 @@ def test_speculative_greedy_is_identical_to_plain(quantized):
     stats = SpecStats()
     list(speculative_generate(t, Engine(target), [1, 9], 40, Sampler(0.0), k=4, stats=stats))
     assert stats.accepted == stats.drafted > 0
+
+
+@pytest.mark.parametrize("broken", ["target", "draft"])
+def test_speculative_greedy_refuses_nan_logits_as_plain_decoding_does(broken):
+    """A model whose arithmetic overflows (NaN logits) is an error in plain greedy decoding; speculative greedy
+    decoding must not print token 0 (argmax's pick among NaNs) in its place."""
+    good = random_weights(tiny_args(), seed=0, scale=0.2)
+    bad = random_weights(tiny_args(shared_classifier=False), seed=0, scale=0.2)
+    bad.rms_final = bad.rms_final * np.float32(1e20)
+    bad.wcls = bad.wcls * np.float32(1e20)  # products of 1e40: inf of both signs, summed to NaN
+    t, d = (Engine(bad), Engine(good)) if broken == "target" else (Engine(good), Engine(bad))
+    with pytest.raises(BabyLlamaError, match="NaN logits"):
+        list(generate(Engine(bad), [1, 9, 8], 20, Sampler(0.0)))
+    with pytest.raises(BabyLlamaError, match="NaN logits"):
+        list(speculative_generate(t, d, [1, 9, 8], 20, Sampler(0.0), k=3))
 
 
 def test_speculative_sampling_preserves_the_target_distribution():
