@@ -77,7 +77,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
                 drafted.append(_argmax(row))
             else:
                 qs.append(sampler.distribution(row))
-                drafted.append(sample_mult(qs[-1], rng.f32()))
+                drafted.append(_draw(qs[-1], rng.f32()))
         if drafted:
             d_fed = len(tokens) + len(drafted) - 1
         # 2. verify: the target's distributions after the last token and after each drafted token
@@ -95,7 +95,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             else:
                 p = sampler.distribution(logits[i])
                 ok = rng.f32() < min(1.0, p[d] / qs[i][d])
-                fix = None if ok else sample_mult(_residual(p, qs[i]), rng.f32())
+                fix = None if ok else _draw(_residual(p, qs[i]), rng.f32())
             if not ok:
                 assert fix is not None  # a rejected draft always gets its replacement
                 new.append(fix)
@@ -104,7 +104,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             n_ok += 1
         else:
             row = logits[len(drafted)]
-            new.append(_argmax(row) if greedy else sample_mult(sampler.distribution(row), rng.f32()))
+            new.append(_argmax(row) if greedy else _draw(sampler.distribution(row), rng.f32()))
         stats.rounds += 1
         stats.drafted += len(drafted)
         stats.accepted += n_ok
@@ -125,6 +125,14 @@ def _argmax(logits: np.ndarray) -> int:
     model whose arithmetic overflowed): argmax would pick the first NaN, token 0, as if it were text."""
     check_logits(logits)
     return int(np.argmax(logits))
+
+
+def _draw(dist: np.ndarray, coin: np.float32) -> int:
+    """sample_mult's token, but never one of probability 0: where rounding leaves the running sum short of the
+    coin, sample_mult takes the last index, which a top-p distribution or a residual gives no mass (the
+    acceptance test's p/q is then 0/0, and the token one the target cannot sample)."""
+    token = sample_mult(dist, coin)
+    return token if dist[token] > 0 else int(np.flatnonzero(dist)[-1])
 
 
 def _residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -236,6 +236,22 @@ def test_speculative_greedy_refuses_nan_logits_as_plain_decoding_does(broken):
         list(speculative_generate(t, d, [1, 9, 8], 20, Sampler(0.0), k=3))
 
 
+def test_speculative_sampling_never_draws_a_token_outside_the_top_p_set():
+    """Top-p distributions are zero outside their nucleus, and a coin at or above their running sum's fp32 total
+    (1 - 2**-24 is a coin run.c's generator draws) finds no index: the draw must still be a token of the
+    nucleus, not the vocabulary's last one, which the target would then accept (p/q of 0/0)."""
+    args = tiny_args(n_layers=1)
+    target = Engine(random_weights(args, seed=0, scale=0.6))
+    draft = Engine(random_weights(args, seed=9, scale=0.6))
+    prompt = [1, 2]
+    sampler = Sampler(1.0, 0.9, 1)
+    sampler.rng.f32 = lambda: np.float32(1 - 2**-24)  # every coin the largest one
+    out = list(speculative_generate(target, draft, prompt, 16, sampler, k=3, stop_ids=()))
+    for i, token in enumerate(out):
+        p = sampler.distribution(logits_after(target, prompt + out[:i]))
+        assert p[token] > 0, (i, token)
+
+
 def test_speculative_sampling_preserves_the_target_distribution():
     """Exact marginal of the 2nd generated token under the target vs its empirical frequency."""
     args = tiny_args(vocab_size=6, n_layers=1)
