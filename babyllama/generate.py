@@ -107,8 +107,11 @@ class Sequence:
             self.done, self.stop_reason = True, "length"
 
 
+PREFILL_CHUNK = 512  # prompt tokens a step of `generate` (and `run`) prefills: Batch's default token budget
+
+
 class Batch:
-    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = 512, prefix_min: int = 0,
+    def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = PREFILL_CHUNK, prefix_min: int = 0,
                  seq_len: int | None = None):
         """`seq_len`: positions each slot holds (default: the model's context); a batch whose sequences stop
         within -n positions needs no more, whatever the header's seq_len says."""

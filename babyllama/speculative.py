@@ -2,13 +2,17 @@
 
 Each round (Leviathan et al. 2023, Chen et al. 2023):
   1. the draft samples d_1..d_k one by one from its distributions q_1..q_k;
-  2. the target runs [last token, d_1..d_k] in ONE forward pass, giving its distributions p_1..p_{k+1};
+  2. the target runs [last token, d_1..d_k] in one pass (one call for k < FUSED_MAX_TOKENS, else calls of that
+     many), giving its distributions p_1..p_{k+1};
   3. d_i is accepted with probability min(1, p_i(d_i) / q_i(d_i)), in order; at the first rejection a
      token is drawn from norm(max(0, p_i - q_i)) instead and the round ends; if all k are accepted, a
      bonus token is drawn from p_{k+1}.
 Every token so produced is distributed exactly as the target's own sampling would be. With temperature 0
 both "distributions" are one-hot argmaxes: a draft token is kept iff it is the target's argmax, so the
-output is token for token the target's greedy output. Keys/values of rejected tokens stay in the caches
+output is token for token the target's greedy output: the target's calls are shaped as plain decoding's (the
+prompt prefilled alone, as `generate` prefills it, then steps whose rows equal one-token decode steps' bit for
+bit with the native kernels; the other backends run such a step through other product shapes, within 1e-5), so
+its logits are the plain path's. Keys/values of rejected tokens stay in the caches
 but lie beyond the accepted length, so the next round simply overwrites them.
 """
 
@@ -19,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import Engine
+from .engine import FUSED_MAX_TOKENS, Engine
 from .errors import BabyLlamaError
+from .generate import PREFILL_CHUNK
 from .sampler import Sampler, check_logits, sample_mult
 from .tokenizer import BOS
 
@@ -66,6 +71,8 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         # the j-th drafted token comes from the draft's position len(tokens) - 1 + j: past the draft's context
         # the target goes on alone (rounds of no drafted tokens are plain decode steps)
         n_draft = max(0, min(k, max_pos - len(tokens), draft.args.max_seq_len + 1 - len(tokens)))
+        if len(tokens) - t_fed > 1:  # the prompt: the target prefills it alone, as plain decoding does
+            n_draft = 0
         drafted: list[int] = []
         qs: list[np.ndarray] = []
         for j in range(n_draft):  # 1. draft, one token at a time (the first call catches the draft up)
@@ -81,8 +88,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         if drafted:
             d_fed = len(tokens) + len(drafted) - 1
         # 2. verify: the target's distributions after the last token and after each drafted token
-        logits = target.forward(tokens[t_fed:] + drafted, range(t_fed, len(tokens) + len(drafted)), tcache,
-                                logits="all")[-(len(drafted) + 1):]
+        logits = _target_logits(target, tcache, tokens[t_fed:] + drafted, t_fed, len(drafted) + 1)
         t_fed = len(tokens) + len(drafted)
 
         new, n_ok = [], 0  # 3. accept / reject
@@ -118,6 +124,18 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
             yield tok
             if len(tokens) > max_pos:
                 return
+
+
+def _target_logits(target: Engine, cache, new: list[int], start: int, n_rows: int) -> np.ndarray:
+    """The target's logits for the last `n_rows` of `new` (fed at positions start..), from the calls plain decoding
+    makes, so that greedy output is the plain path's token for token (other call shapes run other kernels: with
+    Q8_0 weights, 48 rows or more take the dequantized sgemm and fewer the int8 kernel, logits up to 0.06 apart): a
+    prompt in Batch's prefill chunks, its last row only; a token and its drafts in steps of at most
+    FUSED_MAX_TOKENS, the one-call step whose rows are one-token decode steps' bit for bit."""
+    size, logits = (PREFILL_CHUNK, "last") if n_rows == 1 else (FUSED_MAX_TOKENS, "all")
+    rows = [target.forward(new[i:i + size], range(start + i, start + min(i + size, len(new))), cache, logits=logits)
+            for i in range(0, len(new), size)]
+    return np.concatenate(rows)[-n_rows:]
 
 
 def _argmax(logits: np.ndarray) -> int:
