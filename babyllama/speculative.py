@@ -61,7 +61,9 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
     max_pos = min(steps, target.args.max_seq_len)
     if max_new is not None:
         max_pos = min(max_pos, len(prompt_ids) + max_new - 1)
-    tcache, dcache = target.new_cache(1), draft.new_cache(1)
+    # every position fed lies below max_pos: caches (and the RoPE tables they bring) follow it, as plain decoding's
+    # follow -n, not the header's context
+    tcache, dcache = target.new_cache(1, seq_len=max(max_pos, 1)), draft.new_cache(1, seq_len=max(max_pos, 1))
     tokens = list(prompt_ids)
     t_fed = d_fed = 0  # tokens whose keys/values each cache holds
     greedy = sampler.temperature == 0.0

@@ -274,6 +274,20 @@ def test_speculative_verification_computes_the_plain_paths_logits(quantized, pro
     assert stats.drafted > 0
 
 
+def test_speculative_caches_and_rope_tables_follow_the_positions_used():
+    """As plain decoding's: a model whose header claims a huge context would otherwise get caches and RoPE
+    tables for all of it (a 2**20 context: 10x the memory and time of the run without --draft; 2**24: refused)."""
+    target = Engine(random_weights(tiny_args(max_seq_len=4096), scale=0.2))
+    draft = Engine(random_weights(tiny_args(max_seq_len=4096, n_layers=1), seed=5, scale=0.2))
+    made = []
+    for e in (target, draft):
+        real = e.new_cache
+        e.new_cache = lambda n_slots=1, seq_len=None, real=real: made.append(seq_len) or real(n_slots, seq_len)
+    out = list(speculative_generate(target, draft, [1, 5], 10, Sampler(0.0), k=4, stop_ids=()))
+    assert out == list(generate(Engine(target.w), [1, 5], 10, Sampler(0.0), stop_ids=()))
+    assert made == [10, 10] and len(target.cos) < 4096 and len(draft.cos) < 4096
+
+
 @pytest.mark.parametrize("broken", ["target", "draft"])
 def test_speculative_greedy_refuses_nan_logits_as_plain_decoding_does(broken):
     """A model whose arithmetic overflows (NaN logits) is an error in plain greedy decoding; speculative greedy
