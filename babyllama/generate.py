@@ -261,6 +261,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next(i for i in range(n) if a[i] != b[i]) if n else 0
 
 
+def positions_reached(n_prompt: int, steps: int, max_new: int | None) -> int:
+    """The forward positions a sequence of `n_prompt` tokens can use: `steps` (run.c's -n), or fewer where
+    `max_new` generated tokens stop it first (the last one is sampled, never fed). A cache sized by it (and the
+    model's context) holds everything the sequence feeds: where that is the whole context, a context shift can
+    come; else it never does."""
+    return steps if max_new is None else min(steps, n_prompt + max_new - 1)
+
+
 def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler,
              stop_ids: Iterable[int] = (BOS,), context_shift: bool = False, n_keep: int | None = None,
              rotate_keys: bool = False, max_new: int | None = None) -> Iterator[int]:
@@ -268,7 +276,8 @@ def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler
     `max_new` generated tokens when given). With `context_shift`, `steps` may exceed seq_len; `n_keep`
     (default: the prompt) tokens stay in the window, and `rotate_keys` shifts the cache instead of
     recomputing it (see the module's docstring)."""
-    batch = Batch(engine, 1, seq_len=None if context_shift else steps)
+    # a context shift that can come needs the whole context (the window is the cache); else the positions reached
+    batch = Batch(engine, 1, seq_len=positions_reached(len(prompt_ids), steps, max_new))
     keep = len(prompt_ids) if n_keep is None else n_keep
     seq = batch.add(Sequence(list(prompt_ids), sampler, steps, frozenset(stop_ids), context_shift=context_shift,
                              n_keep=keep, rotate_keys=rotate_keys, max_new=max_new))
@@ -302,7 +311,8 @@ def stream_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int
     if not n:
         return
     slots = max(1, min(n, max_slots or n))
-    batch = Batch(engine, slots, seq_len=max(1, min(max(steps), engine.args.max_seq_len)))
+    reached = max(positions_reached(len(p), s, max_new) for p, s in zip(prompts, steps))
+    batch = Batch(engine, slots, seq_len=max(1, min(reached, engine.args.max_seq_len)))
     stops = frozenset(stop_ids)
     live: dict[int, tuple[int, Sequence]] = {}  # id(sequence) -> (index, sequence)
     finished: dict[int, Sequence] = {}

@@ -25,7 +25,7 @@ import numpy as np
 
 from .engine import FUSED_MAX_TOKENS, Engine
 from .errors import BabyLlamaError
-from .generate import PREFILL_CHUNK
+from .generate import PREFILL_CHUNK, positions_reached
 from .sampler import Sampler, check_logits, sample_mult
 from .tokenizer import BOS
 
@@ -58,9 +58,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
                              "depend on each drafted token)")
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
-    max_pos = min(steps, target.args.max_seq_len)
-    if max_new is not None:
-        max_pos = min(max_pos, len(prompt_ids) + max_new - 1)
+    max_pos = min(positions_reached(len(prompt_ids), steps, max_new), target.args.max_seq_len)
     # every position fed lies below max_pos: caches (and the RoPE tables they bring) follow it, as plain decoding's
     # follow -n, not the header's context
     tcache, dcache = target.new_cache(1, seq_len=max(max_pos, 1)), draft.new_cache(1, seq_len=max(max_pos, 1))

@@ -684,6 +684,31 @@ def test_caches_and_rope_tables_follow_the_positions_used():
     assert made == [10] and len(e.cos) < 4096
 
 
+def test_caches_follow_max_new_tokens_and_a_context_shift_that_never_comes():
+    """`run --max-new-tokens N` (-n then the whole context) and `--context-shift -n N` within the context reach
+    at most prompt + N positions: the cache and RoPE tables stop there too, as they do for -n, instead of
+    spanning the header's context (2**20 positions claimed: 440 MB, where -n 16 takes 43 MB)."""
+    from babyllama.engine import Engine
+    from babyllama.generate import generate, stream_batch
+    from babyllama.sampler import Sampler
+
+    e = Engine(random_weights(tiny_args(max_seq_len=4096), scale=0.2))
+    made = []
+    real = e.new_cache
+    e.new_cache = lambda n_slots=1, seq_len=None: made.append(seq_len) or real(n_slots, seq_len)
+    greedy = list(generate(e, [1, 5, 6], 4096, Sampler(0.0), stop_ids=(), max_new=8))
+    assert len(greedy) == 8 and made == [10]
+    shifted = list(generate(e, [1, 5, 6], 4096, Sampler(0.0), stop_ids=(), max_new=8, context_shift=True))
+    assert shifted == greedy and made[1] == 10
+    assert len(list(generate(e, [1, 5], 12, Sampler(0.0), stop_ids=(), context_shift=True))) == 11
+    assert made[2] == 12
+    seqs = [seq for _, seq in stream_batch(e, [[1, 5], [1, 5, 6, 7]], 4096, [Sampler(0.0)] * 2, stop_ids=(),
+                                           max_new=8)]
+    assert [len(s.generated) for s in seqs] == [8, 8] and made[3] == 11
+    assert seqs[1].generated == list(generate(e, [1, 5, 6, 7], 4096, Sampler(0.0), stop_ids=(), max_new=8))
+    assert len(e.cos) < 4096
+
+
 def test_a_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
     from babyllama import memory
     from babyllama.engine import KVCache
