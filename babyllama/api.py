@@ -42,8 +42,8 @@ class Model:
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context; None, as -n unset: 256,
         or the context when `max_new_tokens` is given); `max_new_tokens` also bounds the generated tokens.
-        temperature 0 is greedy; `topp` 1 turns top-p off; `seed`
-        (default: the time) makes sampling reproducible (0 included, unlike run.c's -s 0: as in the server).
+        temperature 0 is greedy; `topp` 1 turns top-p off; `seed` (default: a new one each call) makes sampling
+        reproducible (0 included, unlike run.c's -s 0: as in the server).
         `top_k`, `min_p`, `repeat_penalty` over the last `repeat_last_n` tokens, `presence_penalty` and
         `frequency_penalty` are llama.cpp's and OpenAI's sampling controls (sampler.Controls; the defaults: off).
         The arguments are checked on the call, before the first piece is asked for."""
@@ -67,7 +67,7 @@ class Model:
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
         warn_if_no_room(len(ids), positions, stacklevel=3)
-        sampler = Sampler(temperature, topp, None if seed is None else choice_seed(seed), controls)
+        sampler = Sampler(temperature, topp, choice_seed(unseeded() if seed is None else seed), controls)
         return self._decode(generate(self.engine, ids, positions, sampler,
                                      max_new=max_new_tokens), ids[-1])
 
@@ -117,10 +117,17 @@ class Model:
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
         for i, (prompt_ids, positions) in enumerate(zip(ids, per_seq)):
             warn_if_no_room(len(prompt_ids), positions, stacklevel=2, which=f"prompt {i}")
-        base = int(time.time()) if seed is None else seed  # distinct seeds: equal ones would sample the same tokens
+        base = unseeded() if seed is None else seed  # distinct seeds: equal ones would sample the same tokens
         samplers = [Sampler(temperature, topp, choice_seed(base, i), controls) for i in range(len(prompts))]
         seqs = generate_batch(self.engine, ids, per_seq, samplers, max_new=max_new_tokens, max_slots=int(parallel))
         return [p + self.tokenizer.decode_text(s.generated, ids_[-1]) for p, ids_, s in zip(prompts, ids, seqs)]
+
+
+def unseeded() -> int:
+    """The seed of a call that names none: the clock in nanoseconds, so that every call samples anew (its seconds,
+    run.c's rule for -s 0, gave every call within a second the same text); below 2**32, so that seed + i of a
+    call's choices stays clear of seed 0's stand-in."""
+    return time.time_ns() % 2**32
 
 
 def _integer(value) -> bool:

@@ -128,6 +128,26 @@ def test_python_generate_batch_keeps_at_most_parallel_sequences_live(tmp_path, m
     assert few == default == every and len(set(few)) > 1
 
 
+def test_python_calls_without_a_seed_sample_anew_each_time(tmp_path, monkeypatch):
+    """A call that names no seed samples with a new one: seeded by the clock's seconds (run.c's rule for -s 0),
+    every call within a second told the same story again."""
+    import time
+
+    from conftest import byte_tokenizer
+
+    from babyllama.api import load
+
+    formats.save(random_weights(tiny_args(vocab_size=300), scale=0.3), tmp_path / "m.bin", version=1)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    model = load(tmp_path / "m.bin", tmp_path / "tok.bin")
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)  # every call within the same second
+    kw = dict(max_new_tokens=12, temperature=1.0, topp=1.0)
+    assert len({model.generate("p", **kw) for _ in range(3)}) == 3
+    assert len({"".join(model.stream("p", **kw)) for _ in range(3)}) == 3
+    assert model.generate_batch(["p", "q"], **kw) != model.generate_batch(["p", "q"], **kw)
+    assert model.generate("p", seed=5, **kw) == model.generate("p", seed=5, **kw)  # a seed still reproduces
+
+
 def test_chunked_prefill_equals_one_shot():
     w = random_weights(tiny_args(), scale=0.3)
     e = Engine(w)

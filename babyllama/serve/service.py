@@ -16,7 +16,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from ..api import Model
+from ..api import Model, unseeded
 from ..chat_template import encode_chat
 from ..errors import BabyLlamaError
 from ..sampler import Sampler, choice_seed
@@ -272,7 +272,7 @@ class Service:
                                 f"{self.config.slots} slots and a queue of {self.config.queue})", param="n")
         events: asyncio.Queue = asyncio.Queue()
         emit = Emitter(asyncio.get_running_loop(), events)
-        base = req.seed if req.seed is not None else time.time_ns() % 2**32
+        base = req.seed if req.seed is not None else unseeded()
         controls = req.controls
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i), controls), emit,
                     index=i, logprobs=logprobs, deadline=deadline) for i in range(req.n)]
