@@ -77,7 +77,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         qs: list[np.ndarray] = []
         for j in range(n_draft):  # 1. draft, one token at a time (the first call catches the draft up)
             if j == 0:
-                row = draft.forward(tokens[d_fed:], range(d_fed, len(tokens)), dcache, logits="last")[-1]
+                row = _logits(draft, dcache, tokens[d_fed:], d_fed, 1)[-1]
             else:
                 row = draft.forward([drafted[-1]], [len(tokens) + j - 1], dcache, logits="last")[-1]
             if greedy:
@@ -88,7 +88,7 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
         if drafted:
             d_fed = len(tokens) + len(drafted) - 1
         # 2. verify: the target's distributions after the last token and after each drafted token
-        logits = _target_logits(target, tcache, tokens[t_fed:] + drafted, t_fed, len(drafted) + 1)
+        logits = _logits(target, tcache, tokens[t_fed:] + drafted, t_fed, len(drafted) + 1)
         t_fed = len(tokens) + len(drafted)
 
         new, n_ok = [], 0  # 3. accept / reject
@@ -126,14 +126,16 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
                 return
 
 
-def _target_logits(target: Engine, cache, new: list[int], start: int, n_rows: int) -> np.ndarray:
-    """The target's logits for the last `n_rows` of `new` (fed at positions start..), from the calls plain decoding
-    makes, so that greedy output is the plain path's token for token (other call shapes run other kernels: with
-    Q8_0 weights, 48 rows or more take the dequantized sgemm and fewer the int8 kernel, logits up to 0.06 apart): a
-    prompt in Batch's prefill chunks, its last row only; a token and its drafts in steps of at most
-    FUSED_MAX_TOKENS, the one-call step whose rows are one-token decode steps' bit for bit."""
+def _logits(model: Engine, cache, new: list[int], start: int, n_rows: int) -> np.ndarray:
+    """A model's logits for the last `n_rows` of `new` (fed at positions start..), from the calls plain decoding
+    makes, so that the target's greedy output is the plain path's token for token (other call shapes run other
+    kernels: with Q8_0 weights, 48 rows or more take the dequantized sgemm and fewer the int8 kernel, logits up to
+    0.06 apart): a prompt in Batch's prefill chunks, its last row only (one call of all of it would hold every
+    token's activations at once, and on the NumPy backends attention scores for every pair of its tokens); a token
+    and its drafts in steps of at most FUSED_MAX_TOKENS, the one-call step whose rows are one-token decode steps'
+    bit for bit."""
     size, logits = (PREFILL_CHUNK, "last") if n_rows == 1 else (FUSED_MAX_TOKENS, "all")
-    rows = [target.forward(new[i:i + size], range(start + i, start + min(i + size, len(new))), cache, logits=logits)
+    rows = [model.forward(new[i:i + size], range(start + i, start + min(i + size, len(new))), cache, logits=logits)
             for i in range(0, len(new), size)]
     return np.concatenate(rows)[-n_rows:]
 

@@ -288,6 +288,28 @@ def test_speculative_caches_and_rope_tables_follow_the_positions_used():
     assert made == [10, 10] and len(target.cos) < 4096 and len(draft.cos) < 4096
 
 
+def test_speculative_prefills_a_long_prompt_in_chunks_in_both_models():
+    """A prompt goes through either model in PREFILL_CHUNK-token calls, as plain decoding prefills it: one call of
+    all of it holds attention scores for every pair of its tokens (a 16k-token prompt: a GiB per head)."""
+    from babyllama.generate import PREFILL_CHUNK
+
+    target = Engine(random_weights(tiny_args(max_seq_len=2048), scale=0.2))
+    draft = Engine(random_weights(tiny_args(max_seq_len=2048, n_layers=1), seed=5, scale=0.2))
+    sizes: dict[str, list[int]] = {"target": [], "draft": []}
+
+    def counted(name, forward):
+        def spy(tokens, *a, **kw):
+            sizes[name].append(len(tokens))
+            return forward(tokens, *a, **kw)
+        return spy
+
+    target.forward, draft.forward = counted("target", target.forward), counted("draft", draft.forward)
+    prompt = [1] + rng.integers(3, 300, 1100).tolist()
+    out = list(speculative_generate(target, draft, prompt, len(prompt) + 8, Sampler(0.0), k=4))
+    assert len(out) == 9 and sizes["draft"]
+    assert max(sizes["target"]) == max(sizes["draft"]) == PREFILL_CHUNK
+
+
 @pytest.mark.parametrize("broken", ["target", "draft"])
 def test_speculative_greedy_refuses_nan_logits_as_plain_decoding_does(broken):
     """A model whose arithmetic overflows (NaN logits) is an error in plain greedy decoding; speculative greedy
