@@ -141,6 +141,14 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     proc = run_cli("run", str(model), "-z", str(tok), "-n", "100000", "-t", "0")
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.endswith(b"\n")
+    # not without a word: the run stops at the context, well before the positions asked for
+    assert b"warning: -n 100000 is more than the model's context (64 positions); it runs 64: --context-shift" \
+        in proc.stderr, proc.stderr.decode()
+    assert proc.stdout == run_cli("run", str(model), "-z", str(tok), "-n", "64", "-t", "0").stdout
+    drafted = run_cli("run", str(model), "-z", str(tok), "-n", "65", "--draft", str(model), "-t", "0").stderr
+    assert b"it runs 64\n" in drafted and b"--context-shift" not in drafted  # which --draft refuses
+    bounded = run_cli("run", str(model), "-z", str(tok), "-n", "100000", "--max-new-tokens", "3", "-t", "0")
+    assert bounded.returncode == 0 and b"warning" not in bounded.stderr  # 3 tokens: the context is no limit here
 
 
 @pytest.mark.parametrize("call, message", [

@@ -114,6 +114,9 @@ def cmd_run(args) -> int:
     if args.context_shift:  # -n may go past seq_len; with --max-new-tokens alone, that bounds the output
         steps = steps or (sys.maxsize if args.max_new_tokens is not None else model.args.max_seq_len)
     else:
+        # --max-new-tokens bounds the run on its own (-n then defaults to the context): -n is no promise there
+        if args.steps is not None and args.steps > model.args.max_seq_len and args.max_new_tokens is None:
+            warn_steps_beyond_context(args.steps, model.args.max_seq_len, can_shift=not (args.draft or args.batch_file))
         steps = clamp_steps(steps, model.args.max_seq_len)
     if args.batch_file:
         return generate_batch_file(model, args, steps)
@@ -201,6 +204,14 @@ def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None
         print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
               f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens", file=sys.stderr)
     return 0
+
+
+def warn_steps_beyond_context(steps: int, seq_len: int, can_shift: bool) -> None:
+    """run.c runs at most the context's positions whatever -n asks for: say so, rather than stop short without a
+    word (`can_shift`: whether --context-shift may be added to go on)."""
+    fix = ": --context-shift goes on past it" if can_shift else ""
+    print(f"babyllama: warning: -n {steps} is more than the model's context ({seq_len} positions); it runs "
+          f"{seq_len}{fix}", file=sys.stderr)
 
 
 def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: str = "the prompt",
