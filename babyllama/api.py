@@ -88,8 +88,9 @@ class Model:
                        frequency_penalty: float = 0.0) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
         own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. At most
-        `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot, and the
-        text is the same whatever `parallel` is); the sampling controls are `stream`'s. Returns prompt +
+        `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot; on the
+        native kernels, whose rows do not depend on the batch, the text is the same whatever `parallel` is, on
+        the numpy and numba backends the same up to rounding); the sampling controls are `stream`'s. Returns prompt +
         continuation for each, in order."""
         from .generate import generate_batch
 
