@@ -391,18 +391,28 @@ def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys,
     assert not (tmp_path / "out").exists()  # refused before training: nothing left behind
 
 
-def test_resume_with_another_lora_rank_says_so(tmp_path, capsys, one_thread):
+@pytest.mark.parametrize("first, flags, message", [
+    (4, ["--lora_rank=8"], "the checkpoint's LoRA rank 4, targets wq,wk,wv,wo,w1,w2,w3 and alpha 16.0 differ from "
+                           "this run's (8,"),
+    (4, ["--lora_alpha=64"], "and alpha 16.0 differ from this run's (4, wq,wk,wv,wo,w1,w2,w3, 64.0)"),
+    (4, ["--lora_rank=0"], "holds a LoRA run of rank 4, and this run asks for full fine-tuning"),
+    (0, ["--lora_rank=4"], "holds a full fine-tune, and this run asks for LoRA rank 4"),
+])
+def test_resume_with_another_lora_setting_says_so(tmp_path, capsys, one_thread, first, flags, message):
     from babyllama.cli import main
 
     root = make_task(tmp_path / "task")
-    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=4, max_iters=2, eval_interval=2,
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=first, max_iters=2, eval_interval=2,
                                                 eval_iters=1).items()]
     assert main(["finetune", *argv]) == 0
+    adapter = (tmp_path / "out" / "adapter.json").read_bytes() if first else None
     capsys.readouterr()
-    assert main(["finetune", *argv, "--lora_rank=8", "--max_iters=4", "--init_from=resume"]) == 1
+    assert main(["finetune", *argv, *flags, "--max_iters=4", "--init_from=resume"]) == 1
     err = capsys.readouterr().err
-    assert "the checkpoint's LoRA rank 4 and targets wq,wk,wv,wo,w1,w2,w3 differ from this run's (8," in err, err
+    assert message in err, err
     assert len(err.strip().splitlines()) == 1
+    if first:  # the run's adapter stays as it was trained
+        assert (tmp_path / "out" / "adapter.json").read_bytes() == adapter
 
 
 def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):

@@ -104,6 +104,8 @@ def _known_tokenizer(cfg: TrainConfig, base: Source) -> Tokenizer | None:
 def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tuple[Transformer, dict | None]:
     """The model to train and, for LoRA, the adapter's config (rank, alpha, dropout, targets, base identity).
     `base` is None when a full fine-tune resumes: its checkpoint holds every weight."""
+    if ckpt is not None:
+        check_resumed_mode(cfg, ckpt)
     if base is None:
         assert ckpt is not None  # no base only when resuming a full fine-tune
         args = ModelArgs.from_dict(ckpt["model_args"])
@@ -113,14 +115,29 @@ def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tupl
     if not cfg.lora_rank:
         return model, None
     identity = base_identity(base.weights)
-    saved = ckpt.get("lora", {}) if ckpt is not None else None
-    if saved is not None and saved.get("base") != identity:
+    if ckpt is not None and ckpt["lora"].get("base") != identity:
         raise BabyLlamaError(f"cannot resume: {cfg.base} is not the base model this LoRA run started from")
-    if saved is not None and (saved.get("rank"), saved.get("targets")) != (cfg.lora_rank,
-                                                                          parse_targets(cfg.lora_targets)):
-        raise BabyLlamaError(f"cannot resume: the checkpoint's LoRA rank {saved.get('rank')} and targets "
-                             f"{','.join(saved.get('targets') or [])} differ from this run's ({cfg.lora_rank}, "
-                             f"{cfg.lora_targets})")
     apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     return model, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                    "targets": parse_targets(cfg.lora_targets), "base": identity}
+
+
+def check_resumed_mode(cfg: TrainConfig, ckpt: dict) -> None:
+    """A resumed run trains what its checkpoint holds: every weight, or LoRA factors of the same rank, targets
+    and alpha (alpha/r scales what the trained factors add: another alpha is another model, not the run's)."""
+    saved = ckpt.get("lora")
+    if not saved and cfg.lora_rank:
+        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a full fine-tune, and this run asks for LoRA "
+                             f"rank {cfg.lora_rank} (resume without --lora_rank, or start a new run)")
+    if saved and not cfg.lora_rank:
+        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a LoRA run of rank {saved.get('rank')}, and this "
+                             "run asks for full fine-tuning (lora_rank 0): resume without --lora_rank, or start a "
+                             "new run from a model merged with the adapter")
+    if not saved:
+        return
+    ours = (cfg.lora_rank, parse_targets(cfg.lora_targets), cfg.lora_alpha)
+    theirs = (saved.get("rank"), saved.get("targets"), saved.get("alpha"))
+    if ours != theirs:
+        raise BabyLlamaError(f"cannot resume: the checkpoint's LoRA rank {theirs[0]}, targets "
+                             f"{','.join(theirs[1] or [])} and alpha {theirs[2]} differ from this run's "
+                             f"({cfg.lora_rank}, {cfg.lora_targets}, {cfg.lora_alpha})")
