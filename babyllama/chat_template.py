@@ -69,7 +69,7 @@ def check_messages(messages: Sequence, generation: bool = True) -> list[tuple[st
                                  f"message; got {role} where {expected} belongs")
     last = "user" if generation else "assistant"
     if not body or body[-1][0] != last:
-        raise BabyLlamaError(f"the conversation must end with a {last} message")
+        raise BabyLlamaError(f"the conversation must end with {'a user' if generation else 'an assistant'} message")
     return pairs
 
 

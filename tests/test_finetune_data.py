@@ -77,7 +77,7 @@ def test_malformed_lines_are_reported_with_their_numbers_or_skipped(tmp_path):
     assert "line 4: a text record in a file of chat records" in msg and "and 2 more" in msg
     data = read_jsonl(path, skip_bad_lines=True)
     assert [n for n, _ in data.items] == [1, 7] and [n for n, _ in data.bad] == [2, 3, 4, 5, 6]
-    assert "must end with" in dict(data.bad)[5] and "must both be strings" in dict(data.bad)[6]
+    assert "must end with an assistant message" in dict(data.bad)[5] and "must both be strings" in dict(data.bad)[6]
     write_lines(tmp_path / "empty.jsonl", "", "")
     with pytest.raises(BabyLlamaError, match="no records"):
         read_jsonl(tmp_path / "empty.jsonl")
