@@ -415,6 +415,27 @@ def test_resume_with_another_lora_setting_says_so(tmp_path, capsys, one_thread, 
         assert (tmp_path / "out" / "adapter.json").read_bytes() == adapter
 
 
+def test_the_suggested_chat_command_runs_the_adapter_with_the_runs_tokenizer(tmp_path, capsys, one_thread):
+    """A base whose tokenizer was given (--tokenizer: none beside it, none inside it) needs it named again to
+    chat: the line that suggests the chat command names it, quoted."""
+    import shlex
+
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    (tmp_path / "my tok").mkdir()
+    (root / "tokenizer.bin").rename(tmp_path / "my tok" / "tok.bin")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=4, max_iters=1, eval_interval=1,
+                                                eval_iters=1, tokenizer=tmp_path / "my tok" / "tok.bin").items()]
+    assert main(["finetune", *argv]) == 0
+    suggested = capsys.readouterr().out.strip().splitlines()[-1].split("try: ")[1]
+    command = shlex.split(suggested)
+    assert command[:2] == ["babyllama", "chat"], suggested
+    proc = run_cli(*command[1:], "-n", "4", input="Please say bob\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert b"Assistant:" in proc.stdout
+
+
 def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
     from babyllama.cli import main
 

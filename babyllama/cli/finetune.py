@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from ..errors import BabyLlamaError
 from .train import add_config_flags, config_overrides, require_training
 
@@ -46,7 +48,11 @@ def cmd_finetune(args) -> int:
     train(cfg)
     out = cfg.out_dir
     if cfg.lora_rank:
-        print(f"adapter: {out}/adapter.safetensors (+ adapter.json); try: babyllama chat {cfg.base} --lora {out}")
+        # the base's tokenizer, when the run was given one, is not found beside the base: chat needs it named
+        tokenizer = ["-z", cfg.tokenizer] if cfg.tokenizer else []
+        print(f"adapter: {out}/adapter.safetensors (+ adapter.json); try: "
+              f"{shlex.join(['babyllama', 'chat', cfg.base, *tokenizer, '--lora', out])}")
     else:
-        print(f"model: {out}/ckpt.pt; try: babyllama chat {out}, or babyllama export OUT.bin --checkpoint {out}")
+        print(f"model: {out}/ckpt.pt; try: {shlex.join(['babyllama', 'chat', out])}, or "
+              f"{shlex.join(['babyllama', 'export', 'OUT.bin', '--checkpoint', out])}")
     return 0
