@@ -221,6 +221,24 @@ def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=3, skip_bad_lines=True)
 
 
+def test_a_single_conversation_without_a_validation_file_says_it_is_too_few(tmp_path):
+    pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
+    from babyllama.train.data import open_split, pretokenize
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "chat.jsonl", {"prompt": "p", "response": "r"})
+    pretokenize(src, tmp_path / "tok.bin", tmp_path / "one", workers=1)
+    for split in ("train", "val"):
+        with pytest.raises(BabyLlamaError, match="1 conversation, too few to hold one out for validation: add more, "
+                                                 "or a validation file"):
+            open_split(tmp_path / "one", split, seq_len=96)
+    write_lines(src / "chat.jsonl", {"prompt": "p", "response": "r"}, {"prompt": "q", "response": "s"})
+    pretokenize(src, tmp_path / "tok.bin", tmp_path / "two", workers=1)
+    assert [len(open_split(tmp_path / "two", split, seq_len=96)) for split in ("train", "val")] == [1, 1]
+
+
 # ------------------------------------------------------------------------------------------------ instruct
 
 

@@ -541,7 +541,10 @@ def chat_shards(data_dir: str | os.PathLike, split: str,
         return [load(n) for n in shards[split]]
     loaded = [load(n) for n in shards["train"]]
     total = sum(len(b) for _, _, b in loaded)
-    n_val = max(1, int(total * VAL_FRACTION)) if total > 1 else 0
+    if total < 2:  # one conversation cannot be both trained on and held out
+        raise BabyLlamaError(f"{data_dir}: {total} conversation, too few to hold one out for validation: add more, "
+                             f"or a validation file (a name with the word {VAL_WORDS_TEXT})")
+    n_val = max(1, int(total * VAL_FRACTION))
     out, seen = [], 0  # conversations [0, total - n_val) train, the rest validation
     for tokens, mask, bounds in loaded:
         cut = min(max(total - n_val - seen, 0), len(bounds))
