@@ -35,8 +35,13 @@ def cmd_finetune(args) -> int:
     from ..train.loop import train
 
     overrides = config_overrides(args)
-    for folder, kind in ((args.hf, "hf"), (args.meta_llama, "meta")):
+    for folder, kind, flag in ((args.hf, "hf", "--hf"), (args.meta_llama, "meta", "--meta-llama")):
         if folder:
+            other = [f"--{key}={overrides[key]}" for key, value in (("base", folder), ("base_format", kind))
+                     if overrides.get(key, value) != value]
+            if other:  # two bases, or two formats for one: neither may be silently dropped
+                raise BabyLlamaError(f"{' and '.join(other)} contradict{'s' if len(other) == 1 else ''} {flag} "
+                                     f"{folder}, which names the base ({kind}): give one")
             overrides.update(base=folder, base_format=kind)
     cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
     if not cfg.base and cfg.init_from == "resume":
