@@ -154,6 +154,10 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
 # ------------------------------------------------------------------------------------------------ merging
 
 
+class OtherBase(BabyLlamaError):
+    """An adapter given a model it was not trained on."""
+
+
 def check_base(adapter: Adapter, weights: Weights, what: str = "this model") -> None:
     """One clear line unless `weights` is the model the adapter was trained on."""
     name = adapter.path or "the adapter"
@@ -161,11 +165,11 @@ def check_base(adapter: Adapter, weights: Weights, what: str = "this model") -> 
     differ = [f"{k} {adapter.base['args'].get(k)} vs {args[k]}" for k in IDENTITY_KEYS
               if adapter.base["args"].get(k) != args[k]]
     if differ:
-        raise BabyLlamaError(f"{name} was trained on another model than {what} ({', '.join(differ)})")
+        raise OtherBase(f"{name} was trained on another model than {what} ({', '.join(differ)})")
     if weights_sha256(weights) != adapter.base["sha256"]:
         hint = (": a quantized copy of the base is another base; merge into the fp32 base first, then quantize "
                 "(babyllama export OUT.bin --model BASE --lora ADAPTER --version 2)") if weights.quantized else ""
-        raise BabyLlamaError(f"{name} was trained on another base than {what} (same shape, other weights{hint})")
+        raise OtherBase(f"{name} was trained on another base than {what} (same shape, other weights{hint})")
 
 
 def merge(weights: Weights, adapter: Adapter, what: str = "this model") -> Weights:

@@ -209,6 +209,26 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
     assert proc.returncode == 1 and "adapter file not found" in proc.stderr.decode()
 
 
+def test_chat_without_a_model_says_the_adapter_needs_its_base_named(tmp_path):
+    """`chat --lora` with no model runs the built-in chat model (Q8_0): an adapter of the story model it was
+    fine-tuned from is told to name its base, not that a quantized copy is another base."""
+    from babyllama.adapter import Adapter, base_identity, lora_key, save_adapter
+
+    story = formats.load(ROOT / "babyllama" / "assets" / "model.bin")
+    a = story.args
+    tensors = {lora_key(layer, "wq", which): np.zeros(shape, dtype=np.float32) for layer in range(a.n_layers)
+               for which, shape in (("A", (2, a.dim)), ("B", (a.dim, 2)))}
+    save_adapter(Adapter(2, 4.0, ["wq"], base_identity(story), tensors), tmp_path / "adapter.safetensors")
+    proc = run_cli("chat", "--lora", str(tmp_path), "-n", "4", input="Hi\n")
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1, err
+    assert "was not trained on the built-in chat model, which chat runs when no MODEL is named: name the model it " \
+           "was trained on" in err and "quantized" not in err
+    proc = run_cli("chat", str(ROOT / "babyllama" / "assets" / "model.bin"), "--lora", str(tmp_path), "-n", "4",
+                   input="Hi\n")
+    assert proc.returncode == 0 and b"Assistant:" in proc.stdout, proc.stderr.decode()
+
+
 def test_peft_loads_the_hugging_face_adapter_with_our_logits(lora_run, tmp_path):
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")

@@ -80,16 +80,25 @@ def add_engine_flags(p) -> None:
 
 def load_model(args):
     """The model the flags name, with one line on stderr when it was converted from another format."""
+    from ..adapter import OtherBase
     from ..api import load
     from ..loading import builtin_chat_model
 
     path = args.checkpoint
     if path is None and getattr(args, "builtin", None) == "chat":
         path = builtin_chat_model()
-    model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),
-                 plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
-                 mmap=getattr(args, "mmap", None), compile=getattr(args, "compile", False),
-                 lora=args.lora, kv_cache=args.kv_cache)
+    try:
+        model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),
+                     plain=getattr(args, "plain", False), device=getattr(args, "device", "numpy"),
+                     mmap=getattr(args, "mmap", None), compile=getattr(args, "compile", False),
+                     lora=args.lora, kv_cache=args.kv_cache)
+    except OtherBase:
+        if args.checkpoint is not None or path is None:
+            raise
+        # the adapter's base was left out, not quantized: the built-in chat model is no copy of any base
+        raise BabyLlamaError(f"{args.lora} was not trained on the built-in chat model, which chat runs when no MODEL "
+                             f"is named: name the model it was trained on (babyllama chat MODEL --lora {args.lora})"
+                             ) from None
     if model.source_kind != "bin" or args.lora:
         print(f"babyllama: {model.description}", file=sys.stderr)
     return model
