@@ -473,6 +473,9 @@ def _doc_text(item, where: str) -> str:
         for key in ("text", "story"):
             if isinstance(item.get(key), str):
                 return item[key]
+        if not {"messages", "prompt", "response"}.isdisjoint(item):  # a chat record: a .json list holds documents
+            raise BabyLlamaError(f"{where}: a chat record in a .json file: chat data is read from .jsonl files, one "
+                                 "conversation per line")
     raise BabyLlamaError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
 
 

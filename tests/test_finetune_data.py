@@ -83,6 +83,20 @@ def test_malformed_lines_are_reported_with_their_numbers_or_skipped(tmp_path):
         read_jsonl(tmp_path / "empty.jsonl")
 
 
+def test_chat_records_in_a_json_list_are_pointed_to_jsonl(tmp_path):
+    from babyllama.instruct import read_documents
+
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"messages": [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello"}]}]))
+    with pytest.raises(BabyLlamaError, match=r"chat.json\[0\]: a chat record in a .json file: chat data is read from "
+                                             r".jsonl files, one conversation per line"):
+        list(read_documents(path))
+    path.write_text(json.dumps([{"title": "no text"}]))
+    with pytest.raises(BabyLlamaError, match=r"chat.json\[0\]: expected a string or an object with a \"text\""):
+        list(read_documents(path))
+
+
 # ------------------------------------------------------------------------------------------------ shards
 
 
