@@ -20,7 +20,7 @@ from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .config import TrainConfig
+from .config import FIELDS, TrainConfig
 from .data import TOKENIZER_BIN, pretokenize
 from .lora import apply_lora, check_rank
 
@@ -40,10 +40,20 @@ def open_base(cfg: TrainConfig) -> Source:
     args.max_seq_len = cfg.max_seq_len or args.max_seq_len
     if cfg.lora_rank:
         check_rank(cfg.lora_rank, cfg.lora_targets, args)  # before the data is prepared
+    check_shape_keys(cfg, args)
     for key in SHAPE_KEYS:
         setattr(cfg, key, getattr(args, key))
     cfg.max_seq_len = args.max_seq_len
     return source
+
+
+def check_shape_keys(cfg: TrainConfig, args: ModelArgs) -> None:
+    """The base's shape replaces the config's: a shape key set to another value would be silently dropped."""
+    other = [f"{key} {getattr(cfg, key)} (the base's: {getattr(args, key)})" for key in SHAPE_KEYS
+             if getattr(cfg, key) not in (FIELDS[key].default, getattr(args, key))]
+    if other:
+        raise BabyLlamaError(f"a fine-tune keeps its base model's shape: {', '.join(other)}; leave "
+                             f"{' and '.join(o.split()[0] for o in other)} out")
 
 
 def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
