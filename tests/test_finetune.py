@@ -492,6 +492,30 @@ def test_a_data_dir_made_with_another_word_weight_is_refused(tmp_path, capsys):
     assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=3"]) == 0
 
 
+def test_a_word_weight_with_nothing_to_weigh_is_refused(tmp_path, capsys):
+    """word_weight weighs the reply tokens of requested words: plain text, or chat records that name no word,
+    would train as if it were 1."""
+    from babyllama.cli import main
+    from babyllama.train.data import pretokenize
+
+    root = make_task(tmp_path / "task")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "stories.txt").write_text("tom and ann went out. " * 200)
+    pretokenize(tmp_path / "text", root / "tokenizer.bin", tmp_path / "tok", workers=1)
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Please say tom", "response": "tom tom"}] * 4)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", max_iters=1, eval_iters=1).items()
+            if k != "data"]
+    capsys.readouterr()
+    for data, message in ((f"--data_dir={tmp_path / 'tok'}", "holds plain text"),
+                          (f"--data={tmp_path / 'text'}", "holds plain text"),
+                          (f"--data={tmp_path / 'plain.jsonl'}", "--word-weight 5 weighs nothing in")):
+        assert main(["finetune", *argv, data, "--word_weight=5"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+    assert main(["finetune", *argv, f"--data={root / 'data'}", "--word_weight=5", "--max_iters=0"]) == 0
+
+
 def test_a_run_refused_while_setting_up_leaves_no_out_dir(tmp_path, capsys):
     from babyllama.cli import main
 

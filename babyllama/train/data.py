@@ -199,12 +199,17 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         chat = next(f for f, k in kinds.items() if k == CHAT)
         raise BabyLlamaError(f"{root} mixes chat records ({chat.name}) with plain text: pretokenize them apart")
     kind = kinds[files[0]]
+    if kind == TEXT and word_weight > 1:  # nothing would read it
+        raise BabyLlamaError(f"--word-weight weighs the requested words in chat replies: {root} holds plain text")
     vocab_size, _ = load_encoder(tokenizer)
     if vocab_size > 65536:
         raise BabyLlamaError(f"vocabulary of {vocab_size} tokens does not fit uint16 shards")
     if kind == CHAT:
         encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens, word_weight)
                    for f in files}
+        if word_weight > 1 and not any(mask.max(initial=0) > 1 for _, mask, _ in encoded.values()):
+            raise BabyLlamaError(f"--word-weight {word_weight} weighs nothing in {root}: no reply uses a word its "
+                                 "record asks for (\"words\", \"topic_words\": babyllama data instruct writes them)")
     workers = max(1, workers or os.cpu_count() or 1)
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0

@@ -78,6 +78,8 @@ def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
     """The mask shards carry the requested words' loss weight: a run must ask for the weight they were made
     with, or it would train with another than it records."""
     made = int(meta.get("word_weight", 1))
+    if meta.get("kind") != CHAT and cfg.word_weight != 1:  # nothing would read it
+        raise BabyLlamaError(f"word_weight weighs the requested words in chat replies: {data_dir} holds plain text")
     if meta.get("kind") == CHAT and made != cfg.word_weight:
         raise BabyLlamaError(f"{data_dir} was pretokenized with word_weight {made}, this run asks for "
                              f"{cfg.word_weight}: pretokenize it again with --word-weight {cfg.word_weight} "
