@@ -391,6 +391,8 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
     (None, ["--lora_rank=100000"], "lora_rank 100000 is more than the smallest side (16)"),
     (None, ["--dim=64", "--n_kv_heads=4"], "a fine-tune keeps its base model's shape: dim 64 (the base's: 32), "
                                            "n_kv_heads 4 (the base's: 2); leave dim and n_kv_heads out"),
+    (None, ["--lora_alpha=32"], "lora_alpha is a LoRA setting: give lora_rank too (lora_rank 0 is full fine-tuning)"),
+    (None, ["--lora_targets=wq"], "lora_targets is a LoRA setting: give lora_rank too"),
     (None, ["--hf=h"], "base.bin contradicts --hf h, which names the base (hf): give one"),
     (None, ["--meta-llama=m", "--base_format=hf"], "and --base_format=hf contradict --meta-llama m, which names the "
                                                    "base (meta): give one"),

@@ -269,6 +269,10 @@ def check_finetune(cfg: TrainConfig) -> None:
         parse_targets(cfg.lora_targets)
         if cfg.fsdp:
             raise BabyLlamaError("LoRA runs replicate the model (DDP): fsdp=true is for full training")
+    else:  # full fine-tuning reads none of them: a forgotten lora_rank would train every weight unnoticed
+        for key in ("lora_alpha", "lora_dropout", "lora_targets"):
+            if getattr(cfg, key) != FIELDS[key].default:
+                raise BabyLlamaError(f"{key} is a LoRA setting: give lora_rank too (lora_rank 0 is full fine-tuning)")
     if bool(cfg.data) == bool(cfg.data_dir):
         raise BabyLlamaError("fine-tuning needs its data: --data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR "
                              "(pretokenized with the base's tokenizer), one of them")
