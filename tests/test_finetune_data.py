@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import byte_tokenizer, make_story_corpus, random_weights, run_cli, tiny_args
+from conftest import ROOT, byte_tokenizer, make_story_corpus, random_weights, run_cli, tiny_args
 
 from babyllama import formats
 from babyllama.chat_template import encode_chat
@@ -193,6 +193,23 @@ def test_requested_words_weigh_exactly_their_reply_tokens(tmp_path):
     assert open_split(tmp_path / "plain", "train", seq_len=len(ids)).batch(np.array([0]),
                                                                           torch.device("cpu"))[2] is None
     assert plain["word_weight"] == 1
+
+
+def test_a_requested_word_after_a_quote_or_a_line_break_is_its_first_use():
+    """The first use of a word need not follow a space: after a quote or at a paragraph's start it is the first
+    use all the same (and "football" is no use of "ball")."""
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.data import weigh_words
+
+    tok = Tokenizer.load(ROOT / "babyllama" / "assets" / "tokenizer.bin")  # sentencepiece-style " word" pieces
+    reply = 'The football flew.\nBall games are fun. "Stop!" said Tom. He threw the ball. Stop.'
+    messages = [{"role": "user", "content": "Use ball and stop."}, {"role": "assistant", "content": reply}]
+    ids, mask = encode_chat(tok, messages, generation=False)
+    weighted = weigh_words(tok, ids, mask, ["ball", "stop"], 9)
+    spelled = [tok.piece_bytes(t) for t, w in zip(ids, weighted) if w == 9]
+    assert b"".join(spelled) == b"BallStop", spelled  # the tokens of "Ball" after the line break, "Stop" after '"'
+    first = weighted.index(9)
+    assert b"".join(tok.piece_bytes(t) for t in ids[first - 2:first]).endswith(b".\n")
 
 
 def test_weighted_loss_is_the_weighted_mean_of_the_targets_cross_entropy():

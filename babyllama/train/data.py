@@ -126,25 +126,27 @@ def _encode_conversations(conversations: list[tuple[list[dict], list[str]]]) -> 
 
 def weigh_words(tokenizer, ids: list[int], mask: list[int], words: Iterable[str], weight: int) -> list[int]:
     """`mask` with `weight` on the reply tokens that spell the first use of each of `words` as a whole word
-    (after a space or not, lower case or capitalized). A requested word is a few tokens among a story's
-    hundreds, and a small model learns to use it only when those tokens count for more than the rest; only
-    the first use, since a request asks for each word once and weighing every repeat teaches repeating it."""
+    (lower case or capitalized, after a space, a quote or any other non-letter), found in the replies' text. A
+    requested word is a few tokens among a story's hundreds, and a small model learns to use it only when those
+    tokens count for more than the rest; only the first use, since a request asks for each word once and
+    weighing every repeat teaches repeating it."""
+    from bisect import bisect_left, bisect_right
+
+    from ..tokenizer import EOS
+
+    # every token outside the replies (and BOS/EOS) reads as a non-letter: no match runs across it
+    pieces = [tokenizer.piece_bytes(t) if m and t > EOS else b"\0" for t, m in zip(ids, mask)]
+    text = b"".join(pieces)
+    starts = np.cumsum([0] + [len(p) for p in pieces]).tolist()
     out = list(mask)
     for word in words:
-        spellings = {tuple(tokenizer.encode(form, bos=False))
-                     for form in (f" {word}", word, f" {word.capitalize()}", word.capitalize())}
-        uses = [(i, len(spelled)) for spelled in filter(None, spellings) for i in range(len(ids) - len(spelled) + 1)
-                if mask[i] and tuple(ids[i:i + len(spelled)]) == spelled
-                and not _continues_word(tokenizer, ids, i + len(spelled))]
-        if uses:
-            i, n = min(uses)
-            out[i:i + n] = [weight] * n
+        forms = b"|".join(re.escape(form.encode()) for form in sorted({word, word.capitalize()}))
+        # the space before the word counts with it (its own token where the vocabulary has no " word" piece)
+        use = re.search(rb"(?: |(?<![A-Za-z]))(?:" + forms + rb")(?![A-Za-z])", text)
+        if use:  # the tokens that overlap the word's bytes
+            first, end = bisect_right(starts, use.start()) - 1, bisect_left(starts, use.end())
+            out[first:end] = [weight] * (end - first)
     return out
-
-
-def _continues_word(tokenizer, ids: list[int], i: int) -> bool:
-    """Whether token i (if any) goes on spelling the word before it ("play" + "ing")."""
-    return i < len(ids) and tokenizer.piece_bytes(ids[i])[:1].isalpha()
 
 
 def _encode_batch(texts: list[str]) -> np.ndarray:
