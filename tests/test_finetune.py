@@ -518,6 +518,19 @@ def test_a_word_weight_with_nothing_to_weigh_is_refused(tmp_path, capsys):
     assert main(["finetune", *argv, f"--data={root / 'data'}", "--word_weight=5", "--max_iters=0"]) == 0
 
 
+def test_a_run_folder_inside_its_data_folder_is_not_read_as_data(tmp_path, capsys, one_thread):
+    """--out_dir inside --data: a second run must not read the first's metrics.jsonl and adapter.json as data."""
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    argv = [f"--{k}={v}" for k, v in settings(root, root / "data" / "run", lora_rank=4, max_iters=1, eval_interval=1,
+                                                eval_iters=1).items()]
+    for _ in range(2):
+        assert main(["finetune", *argv]) == 0, capsys.readouterr().err
+        assert "(224 conversations" in capsys.readouterr().out
+    assert (root / "data" / "run" / "metrics.jsonl").is_file()
+
+
 def test_a_run_refused_while_setting_up_leaves_no_out_dir(tmp_path, capsys):
     from babyllama.cli import main
 

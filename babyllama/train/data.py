@@ -51,7 +51,9 @@ VAL_FRACTION = 0.1  # held out of a lone training shard when no validation shard
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def input_files(path: str | os.PathLike) -> list[Path]:
+def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """The data files of `path` (a file, or a folder searched recursively), less those in `exclude` when that
+    folder lies inside it (a fine-tune's out_dir: its metrics.jsonl and adapter.json are no documents)."""
     path = Path(path)
     if path.is_file():
         if path.suffix not in SUFFIXES:
@@ -59,7 +61,11 @@ def input_files(path: str | os.PathLike) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise BabyLlamaError(f"input not found: {path}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p))
+    skipped = Path(exclude).resolve() if exclude is not None else None
+    if skipped is not None and (skipped == path.resolve() or not skipped.is_relative_to(path.resolve())):
+        skipped = None  # not a folder inside the input: the input is not what it holds
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p)
+                   and not (skipped is not None and p.resolve().is_relative_to(skipped)))
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
     return files
@@ -181,12 +187,13 @@ def file_kind(path: Path, skip_bad_lines: bool = False) -> str:
 
 def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
                 workers: int | None = None, batch_docs: int = 256, skip_bad_lines: bool = False,
-                max_tokens: int | None = None, word_weight: int = 1) -> dict:
+                max_tokens: int | None = None, word_weight: int = 1, exclude: str | os.PathLike | None = None) -> dict:
     """Encode every document of `input_path` (BOS first) into uint16 shards in `out_dir`, one per input
     file, using `workers` processes; chat .jsonl files become chat shards (see the module docstring), where
     `max_tokens` bounds a conversation's length. Malformed lines (and over-long conversations) stop it
     before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
-    words in chat replies (see the module docstring). Returns the meta.json contents."""
+    words in chat replies (see the module docstring). Files in `exclude` (a folder inside `input_path`) are
+    left out. Returns the meta.json contents."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
@@ -195,7 +202,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
 
     root, out = Path(input_path), Path(out_dir)
-    files = _without_blank_jsonl(input_files(root))
+    files = _without_blank_jsonl(input_files(root, exclude))
     kinds = {f: file_kind(f, skip_bad_lines) for f in files}
     if len(set(kinds.values())) > 1:
         chat = next(f for f, k in kinds.items() if k == CHAT)

@@ -66,7 +66,8 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
         tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
         try:
             meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
-                               max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight)
+                               max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight,
+                               exclude=cfg.out_dir)  # the run's own files, when it runs inside its data
         except BaseException:  # refused data: no tokenizer.bin left to pass for this run's
             tokenizer.unlink(missing_ok=True)
             raise
