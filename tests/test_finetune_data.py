@@ -404,3 +404,17 @@ def test_data_instruct_again_leaves_no_earlier_held_out_split(tmp_path, capsys):
     assert main([*argv, "--val-count", "5", "--seed", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl", "instruct_val.jsonl"]
     assert f"removed {tmp_path / 'ins' / 'instruct_dev.jsonl'}: an earlier run's" in capsys.readouterr().err
+
+
+def test_data_instruct_again_into_a_folder_inside_its_input_reads_the_stories_only(tmp_path, capsys):
+    """--out-dir inside --input: the requests an earlier run wrote there are no stories to read again."""
+    from babyllama.cli import main
+
+    (tmp_path / "stories").mkdir()
+    make_story_corpus(tmp_path / "stories" / "stories.txt", 40, seed=3)
+    argv = ["data", "instruct", "--input", str(tmp_path / "stories"), "--out-dir", str(tmp_path / "stories" / "ins"),
+            "--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5", "--val-count", "5"]
+    assert main(argv) == 0
+    first = (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes() == first

@@ -161,7 +161,8 @@ def cmd_data_instruct(args) -> int:
 
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
-    documents = (doc for path in input_files(args.input) for doc in read_documents(path, args.skip_bad_lines))
+    documents = (doc for path in input_files(args.input, exclude=args.out_dir)  # an earlier run's output: no stories
+                 for doc in read_documents(path, args.skip_bad_lines))
     stories = list(islice(documents, args.max_stories))
     if not stories:
         raise BabyLlamaError(f"{args.input}: no stories")
