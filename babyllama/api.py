@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import cast
 
 from . import formats, kernels
@@ -260,9 +261,11 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
 
         adapter = load_adapter(lora)
         weights = merge(weights, adapter, str(source.path))
-        description += f", LoRA adapter {adapter.path} merged (rank {adapter.rank})"
         if quantize is not None:
             weights = weights.quantize_as(quantize, kernels.q4_0_blocks)
+        # the weights that run: merged in fp32 (whatever the base's type), then quantized if asked
+        description = (f"{replace(source, weights=weights).describe()}, LoRA adapter {adapter.path} merged "
+                       f"(rank {adapter.rank})")
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 

@@ -201,7 +201,9 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
         load(tmp_path / "wide.bin", tok, lora=lora)
     with pytest.raises(BabyLlamaError, match="a quantized copy of the base is another base"):
         load(tmp_path / "q8.bin", tok, lora=lora)
-    assert load(root / "base.bin", tok, quantize="q8_0", lora=lora).weights.quantized  # merged, then quantized
+    merged = load(root / "base.bin", tok, quantize="q8_0", lora=lora)
+    assert merged.weights.quantized  # merged, then quantized; and said so
+    assert f"({merged.weights.kinds()}), LoRA adapter" in merged.description and "fp32" not in merged.description
     proc = run_cli("run", str(tmp_path / "other.bin"), "-z", str(tok), "--lora", str(lora), "-n", "8")
     err = proc.stderr.decode().strip()
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "another base" in err
