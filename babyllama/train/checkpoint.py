@@ -53,8 +53,10 @@ def model_from(ckpt: dict, source: str = "checkpoint") -> Transformer:
     """The checkpoint's model, after its shape and every tensor were checked against each other (a model is
     only built, and its memory only allocated, for a shape the tensors present confirm)."""
     if ckpt.get("lora"):
-        raise BabyLlamaError("a LoRA fine-tuning checkpoint holds only the adapter: use its base model with "
-                             "--lora (its run folder, or adapter.safetensors in it)")
+        base = (ckpt.get("config") or {}).get("base")
+        named = f" ({base})" if isinstance(base, str) and base else ""
+        raise BabyLlamaError(f"{source} is a LoRA fine-tune, which holds only the adapter: run its base model{named} "
+                             "with --lora (the run folder, or adapter.safetensors in it)")
     known = {f.name for f in fields(ModelArgs)}
     values = {k: v for k, v in ckpt["model_args"].items() if k in known}
     values["dropout"] = 0.0  # inference
