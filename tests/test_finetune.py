@@ -545,6 +545,26 @@ def test_a_run_folder_inside_its_data_folder_is_not_read_as_data(tmp_path, capsy
     assert (root / "data" / "run" / "metrics.jsonl").is_file()
 
 
+def test_a_checkpoint_is_not_fine_tuned_into_its_own_folder(tmp_path, capsys, one_thread):
+    """--base=RUN --out_dir=RUN would replace the base's ckpt.pt with the fine-tune's (a LoRA run's holds only
+    the adapter of a base then gone)."""
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    full = [f"--{k}={v}" for k, v in settings(root, tmp_path / "full", lora_rank=0, max_iters=1, eval_interval=1,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *full]) == 0
+    saved = (tmp_path / "full" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    for base, out in ((tmp_path / "full", tmp_path / "full"), (tmp_path / "full" / "ckpt.pt", f"{tmp_path}/full/")):
+        argv = [f"--{k}={v}" for k, v in settings(root, out, base=base, max_iters=1, eval_iters=1).items()]
+        assert main(["finetune", *argv]) == 1
+        err = capsys.readouterr().err
+        assert f"the base model {base} would be replaced: this run writes its ckpt.pt into out_dir" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "full" / "ckpt.pt").read_bytes() == saved
+
+
 def test_a_run_refused_while_setting_up_leaves_no_out_dir(tmp_path, capsys):
     from babyllama.cli import main
 

@@ -17,7 +17,7 @@ from ..adapter import base_identity, parse_targets
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
 from ..instruct import CHAT
-from ..loading import Source, open_model, tokenizer_for
+from ..loading import CKPT_NAME, Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .config import FIELDS, TrainConfig
@@ -31,6 +31,7 @@ SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_
 def open_base(cfg: TrainConfig) -> Source:
     """The base model, fp32, with its context set to max_seq_len (0: its own; never longer: the base was not
     trained beyond it), and cfg's shape keys set to it."""
+    check_base_outside_run(cfg)
     source = open_model(cfg.base, cfg.base_format or None)
     source.weights = source.weights.to_fp32()
     args = source.weights.args
@@ -45,6 +46,15 @@ def open_base(cfg: TrainConfig) -> Source:
         setattr(cfg, key, getattr(args, key))
     cfg.max_seq_len = args.max_seq_len
     return source
+
+
+def check_base_outside_run(cfg: TrainConfig) -> None:
+    """A base that is out_dir itself (its checkpoint, or a model folder) would be replaced, or turned into a
+    checkpoint folder, by the run's own ckpt.pt."""
+    base, out = Path(cfg.base).resolve(), Path(cfg.out_dir).resolve()
+    if base in (out, out / CKPT_NAME):
+        raise BabyLlamaError(f"the base model {cfg.base} would be replaced: this run writes its {CKPT_NAME} into "
+                             f"out_dir {cfg.out_dir}; fine-tune into another out_dir")
 
 
 def check_shape_keys(cfg: TrainConfig, args: ModelArgs) -> None:
