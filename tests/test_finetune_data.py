@@ -418,3 +418,17 @@ def test_data_instruct_again_into_a_folder_inside_its_input_reads_the_stories_on
     first = (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes()
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes() == first
+
+
+def test_data_instruct_counts_the_requests_it_leaves_out(tmp_path, capsys):
+    """With --per-story N a story too long for the context is N requests left out, and said so as requests."""
+    from babyllama.cli import main
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 20, seed=3)
+    with open(corpus, "a") as f:
+        f.write("Once upon a time, a cat named Tom ran. " * 40 + "\n<|endoftext|>\n")  # > 640 byte tokens
+    argv = ["data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"), "--model",
+            str(_tiny_model(tmp_path)), "--max-word-df", "0.5", "--val-count", "0", "--per-story", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "from 21 stories" in out and "(left out: 3 requests longer than the context of 640," in out, out

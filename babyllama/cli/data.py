@@ -172,8 +172,9 @@ def cmd_data_instruct(args) -> int:
     train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
                                                 args.early_words, args.dev_count)
     if not train:
-        raise BabyLlamaError(f"no training requests: of {counts['stories']} stories, {counts['too_long']} are longer "
-                             f"than the context of {seq_len} and {counts['no_request']} have nothing to ask for")
+        raise BabyLlamaError(f"no training requests from {counts['stories']} stories: {counts['too_long']} requests "
+                             f"are longer than the context of {seq_len}, {counts['no_request']} had nothing to ask "
+                             "for")
     write_jsonl(train, out / "instruct_train.jsonl")
     for records, name in ((val, "instruct_val.jsonl"), (dev, "instruct_dev.jsonl")):
         if records:  # an empty file would be a data file without a record
@@ -183,7 +184,8 @@ def cmd_data_instruct(args) -> int:
             print(f"removed {out / name}: an earlier run's held-out split, which this run's does not keep",
                   file=sys.stderr)
     dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
+    # requests, not stories, are counted: a training story is asked for --per-story times
     print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "
-          f"{counts['stories']:,} stories to {out} ({counts['too_long']:,} left out: longer than the context of "
-          f"{seq_len}; {counts['no_request']:,} without a topic or words to ask for)")
+          f"{counts['stories']:,} stories to {out} (left out: {counts['too_long']:,} requests longer than the context "
+          f"of {seq_len}, {counts['no_request']:,} with nothing to ask for: no topic or words in their story)")
     return 0
