@@ -61,6 +61,10 @@ def record_kind(item) -> str:
 def record_messages(item: dict) -> list[dict]:
     """A chat record as a checked conversation ending with an assistant reply; ValueError if malformed."""
     if "messages" in item:
+        ignored = [key for key in ("system", "prompt", "response") if key in item]
+        if ignored:  # read as well, they would be silently dropped
+            raise ValueError(f'"messages" holds the whole conversation: a record with it takes no "{ignored[0]}" '
+                             '(a system prompt is its first message, {"role": "system", ...})')
         messages = item["messages"]
     else:
         if not isinstance(item.get("prompt"), str) or not isinstance(item.get("response"), str):

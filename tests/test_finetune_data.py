@@ -97,6 +97,17 @@ def test_chat_records_in_a_json_list_are_pointed_to_jsonl(tmp_path):
         list(read_documents(path))
 
 
+def test_a_messages_record_with_a_system_or_prompt_key_beside_is_malformed(tmp_path):
+    """A top-level "system" (or "prompt"/"response") beside "messages" would be dropped unseen."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    path = write_lines(tmp_path / "chat.jsonl", {"messages": turns, "words": ["hello"]},
+                       {"system": "Be kind.", "messages": turns}, {"messages": turns, "prompt": "Hi"})
+    data = read_jsonl(path, skip_bad_lines=True)
+    assert [n for n, _ in data.items] == [1] and [n for n, _ in data.bad] == [2, 3]
+    assert 'a record with it takes no "system" (a system prompt is its first message' in dict(data.bad)[2]
+    assert 'takes no "prompt"' in dict(data.bad)[3]
+
+
 # ------------------------------------------------------------------------------------------------ shards
 
 
