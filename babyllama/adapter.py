@@ -29,6 +29,7 @@ from .errors import BabyLlamaError
 from .fields import Fields
 from .formats import LAYER_MATRICES, Weights
 from .interop.state_dict import LAYER_NAMES, to_state_dict
+from .loading import CKPT_NAME
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -119,6 +120,9 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> list[Path]:
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
     tensors_path, config_path = adapter_paths(path)
+    if Path(path).is_dir() and not tensors_path.exists() and (Path(path) / CKPT_NAME).is_file():
+        raise BabyLlamaError(f"{path} holds a {CKPT_NAME} but no adapter: a full fine-tune (lora_rank 0), like any "
+                             f"training run, is a model of its own; run it as the model (babyllama chat {path})")
     for p in (tensors_path, config_path):
         if not p.is_file():
             raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "

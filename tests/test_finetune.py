@@ -209,6 +209,11 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "another base" in err
     proc = run_cli("run", str(root / "base.bin"), "-z", str(tok), "--lora", str(tmp_path / "none"), "-n", "8")
     assert proc.returncode == 1 and "adapter file not found" in proc.stderr.decode()
+    (tmp_path / "full").mkdir()  # a full fine-tune's run folder: a model, not an adapter
+    (tmp_path / "full" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(BabyLlamaError, match=r"full holds a ckpt.pt but no adapter: a full fine-tune \(lora_rank 0\), "
+                                             r"like any training run, is a model of its own; run it as the model"):
+        load(root / "base.bin", tok, lora=tmp_path / "full")
 
 
 def test_chat_without_a_model_says_the_adapter_needs_its_base_named(tmp_path):
