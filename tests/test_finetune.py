@@ -482,6 +482,24 @@ def test_the_suggested_chat_command_runs_the_adapter_with_the_runs_tokenizer(tmp
     assert b"Assistant:" in proc.stdout
 
 
+def test_resume_from_another_folder_says_where_the_base_is_looked_for(tmp_path, capsys, monkeypatch, one_thread):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    monkeypatch.chdir(root)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", base="base.bin", max_iters=1, eval_interval=1,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    resume = ["finetune", f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=2"]
+    assert main(resume) == 1
+    err = capsys.readouterr().err
+    assert "base model not found: base.bin (the run's, as given when it started; from another folder, or with the " \
+           "base moved, pass --base)" in err and len(err.strip().splitlines()) == 1, err
+    assert main([*resume, f"--base={root / 'base.bin'}"]) == 0
+
+
 def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
     from babyllama.cli import main
 

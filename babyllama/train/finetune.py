@@ -32,6 +32,9 @@ def open_base(cfg: TrainConfig) -> Source:
     """The base model, fp32, with its context set to max_seq_len (0: its own; never longer: the base was not
     trained beyond it), and cfg's shape keys set to it."""
     check_base_outside_run(cfg)
+    if cfg.init_from == "resume" and not Path(cfg.base).exists():  # relative to where the run started
+        raise BabyLlamaError(f"base model not found: {cfg.base} (the run's, as given when it started; from another "
+                             "folder, or with the base moved, pass --base)")
     source = open_model(cfg.base, cfg.base_format or None)
     source.weights = source.weights.to_fp32()
     args = source.weights.args
