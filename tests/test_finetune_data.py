@@ -392,6 +392,9 @@ def test_an_empty_jsonl_file_gets_no_shard_like_an_empty_txt(tmp_path):
     (data / "instruct_val.jsonl").write_text("\n")
     meta = pretokenize(data, tmp_path / "tok.bin", tmp_path / "shards", workers=1)
     assert meta["kind"] == "chat" and meta["shards"] == {"train": ["instruct_train.bin"], "val": []}
+    (data / "notes.txt").write_text("\n  \n<|endoftext|>\n")  # no document: no plain text among the chat files
+    meta = pretokenize(data, tmp_path / "tok.bin", tmp_path / "shards", workers=1)
+    assert meta["kind"] == "chat" and meta["shards"] == {"train": ["instruct_train.bin"], "val": []}
 
 
 def test_data_instruct_without_held_out_stories_writes_no_empty_file(tmp_path, capsys):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import safeio
+from ..documents import iter_documents
 from ..errors import BabyLlamaError
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
@@ -203,7 +204,8 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
 
     root, out = Path(input_path), Path(out_dir)
     files = _without_blank_jsonl(input_files(root, exclude))
-    kinds = {f: file_kind(f, skip_bad_lines) for f in files}
+    kinds = _without_blank_text({f: file_kind(f, skip_bad_lines) for f in files})
+    files = list(kinds)
     if len(set(kinds.values())) > 1:
         chat = next(f for f, k in kinds.items() if k == CHAT)
         raise BabyLlamaError(f"{root} mixes chat records ({chat.name}) with plain text: pretokenize them apart")
@@ -270,6 +272,13 @@ def _without_blank_jsonl(files: list[Path]) -> list[Path]:
     are such, the first stays, so that reading it says the data is empty."""
     kept = [f for f in files if f.suffix != ".jsonl" or _has_a_line(f)]
     return kept or files[:1]
+
+
+def _without_blank_text(kinds: dict[Path, str]) -> dict[Path, str]:
+    """Among chat files, the .txt files without a document are no plain text to mix with them: left out."""
+    if CHAT not in kinds.values():
+        return kinds
+    return {f: k for f, k in kinds.items() if f.suffix != ".txt" or next(iter_documents(f), None) is not None}
 
 
 def _has_a_line(path: Path) -> bool:
