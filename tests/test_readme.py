@@ -100,6 +100,15 @@ def test_python_example_runs(shell_env):
     assert proc.stdout.decode().startswith("Once upon a time")
 
 
+def test_every_bin_the_tour_exports_has_a_folder_of_its_own():
+    """A .bin export writes its tokenizer.bin beside it and keeps one already there, so two models of the tour
+    in one folder would leave the second running with the first one's tokenizer."""
+    targets = [Path(t) for c in all_commands() for t in re.findall(r"^babyllama export (\S+\.bin)\b", c)]
+    assert len(targets) >= 2
+    folders = [t.parent for t in targets]
+    assert len(set(folders)) == len(folders), targets
+
+
 def test_tour_outputs_stay_in_ignored_folders():
     """What the tour writes goes to out/, which git ignores (checked where the tree is a git checkout of its own,
     not an unpacked archive)."""
