@@ -147,15 +147,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["data", "train-vocab", "--vocab-size", "100"], "--vocab-size must be in 260..65536"),
     (["data", "train-vocab", "--vocab-size", "512", "--input", "missing"], "input not found: missing"),
     (["train"], "set --data_dir"),
-    (["train", "--dim=abc"], "dim must be int, got 'abc'"),
-    (["train", "--max_iters=2.5e0"], "max_iters must be int, got '2.5e0'"),
-    (["train", "--batch_size=1e400"], "batch_size must be int, got '1e400'"),
     (["train", "--out_dir="], "out_dir must name a folder, got ''"),
     (["train", "--lr_decay_iters=-1"], "lr_decay_iters must be >= 0, got -1"),
     (["train", "--vocab_size=-1"], "vocab_size must be >= 0, got -1"),
     (["train", "--kd_temperature=nan"], "kd_temperature must be positive and finite, got nan"),
     (["train", "--peak_flops=-1"], "peak_flops must be a finite number >= 0 (0: known GPUs'), got -1.0"),
-    (["train", "--compile=maybe"], "compile must be true or false"),
     (["train", "--seed=99999999999999999999"], "seed must be in [0, 2**63), got 99999999999999999999"),
     (["train", "--seed=-1"], "seed must be in [0, 2**63), got -1"),
     (["train", "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16"),
@@ -179,6 +175,18 @@ def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, 
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("babyllama: error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--dim=abc"], "argument --dim: dim must be int, got 'abc'"),
+    (["train", "--max_iters=2.5e0"], "max_iters must be int, got '2.5e0'"),
+    (["train", "--batch_size=1e400"], "batch_size must be int, got '1e400'"),
+    (["train", "--compile=maybe"], "argument --compile: compile must be true or false, got 'maybe'"),
+    (["finetune", "--lora-rank", "x"], "lora_rank must be int, got 'x'"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_a_training_flag_whose_value_does_not_parse_is_a_usage_error(argv, message, capsys):
+    """As for every other command's flags (README: exit 2 when the command line does not parse)."""
+    assert message in one_line(capsys, argv, code=2)
 
 
 @pytest.mark.parametrize("command, module", [("train", "matplotlib"), ("finetune", "torch")])

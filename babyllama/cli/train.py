@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import BabyLlamaError, require
 from .common import add_sampling_flags, check_sampling_flags, make_sampler, steps_flag, text_arg
 
@@ -37,8 +39,24 @@ def add_config_flags(p, defaults: dict | None = None, hidden: tuple[str, ...] = 
         spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         boolean = isinstance(default, bool)
         knobs.add_argument(*spellings, dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
-                           nargs="?" if boolean else None, const="true" if boolean else None,
+                           type=flag_value(name), nargs="?" if boolean else None, const=True if boolean else None,
                            help=argparse.SUPPRESS if name in hidden else f"(default {default!r})")
+
+
+def flag_value(key: str) -> Callable[[str], object]:
+    """argparse's converter for config key `key`: a value that is not of the key's type (`--dim=abc`) is a
+    command line that does not parse, exit 2 as for every other command's flags (a config file's stays 1)."""
+    import argparse
+
+    from ..train.config import parse_value
+
+    def convert(text: str) -> object:
+        try:
+            return parse_value(key, text)
+        except BabyLlamaError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def config_overrides(args) -> dict:
