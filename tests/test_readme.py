@@ -100,6 +100,11 @@ def test_python_example_runs(shell_env):
     assert proc.stdout.decode().startswith("Once upon a time")
 
 
+def test_the_readme_says_where_run_finds_a_tokenizer_as_the_help_does():
+    text = " ".join(README.read_text(encoding="utf-8").replace("`", "").split())
+    assert "for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one" in text
+
+
 def test_every_bin_the_tour_exports_has_a_folder_of_its_own():
     """A .bin export writes its tokenizer.bin beside it and keeps one already there, so two models of the tour
     in one folder would leave the second running with the first one's tokenizer."""
