@@ -144,7 +144,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["data", "pretokenize", "--input", "."], "give --vocab-size N"),
     (["data", "pretokenize", "--vocab-size", "999", "--data-dir", "nowhere"], "nowhere/tok999.model not found"),
-    (["data", "train-vocab", "--vocab-size", "100"], "--vocab-size must be in 260..65536"),
+    (["data", "train-vocab", "--vocab-size", "100", "--input", "."], "--vocab-size must be in 260..65536"),
     (["data", "train-vocab", "--vocab-size", "512", "--input", "missing"], "input not found: missing"),
     (["train"], "set --data_dir"),
     (["train", "--out_dir="], "out_dir must name a folder, got ''"),
@@ -175,6 +175,22 @@ def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, 
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("babyllama: error: ") and message in err[-1], err
+
+
+@pytest.mark.parametrize("argv", [["data", "train-vocab", "--vocab-size", "512"],
+                                  ["data", "pretokenize", "--tokenizer", "tok.bin"], ["data", "instruct"]],
+                         ids=lambda argv: argv[1])
+def test_a_missing_default_input_says_to_download_it(argv, tmp_path, monkeypatch, capsys):
+    """training.md's walk-through starts with `babyllama data download`; without it the default --input,
+    data/TinyStories_all_data, is absent, and the error says how to get it."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("tqdm")
+    monkeypatch.chdir(tmp_path)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == ("babyllama: error: input not found: data/TinyStories_all_data (the "
+                                               "default --input): run `babyllama data download` first, or give "
+                                               "--input FILE_OR_FOLDER")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -90,6 +90,16 @@ def add(sub) -> None:
 DEFAULT_INPUT = "data/TinyStories_all_data"
 
 
+def check_input(path: str) -> None:
+    """The default --input is what `data download` unpacks: when it is missing, say how to get it, not only
+    that a path the user never typed is absent."""
+    from pathlib import Path
+
+    if path == DEFAULT_INPUT and not Path(path).exists():
+        raise BabyLlamaError(f"input not found: {path} (the default --input): run `babyllama data download` first, "
+                             "or give --input FILE_OR_FOLDER")
+
+
 def cmd_data_download(args) -> int:
     from pathlib import Path
 
@@ -108,6 +118,7 @@ def cmd_data_train_vocab(args) -> int:
     require("sentencepiece", "train", "data train-vocab")
     from ..train.vocab import train_vocab
 
+    check_input(args.input)
     model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars, args.skip_bad_lines)
     print(f"wrote {model} and {binary}")
     return 0
@@ -128,6 +139,7 @@ def cmd_data_pretokenize(args) -> int:
                                  f"--vocab-size {args.vocab_size}` first")
     else:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
+    check_input(args.input)
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     if args.word_weight != 1 or args.max_seq_len:
         check_chat_input(args.input, args.skip_bad_lines)
@@ -159,6 +171,7 @@ def cmd_data_instruct(args) -> int:
     from ..loading import builtin_model, open_model, tokenizer_for
     from ..train.data import input_files, read_documents
 
+    check_input(args.input)
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
     documents = (doc for path in input_files(args.input, exclude=args.out_dir)  # an earlier run's output: no stories
