@@ -581,3 +581,15 @@ def test_a_toml_config_reads_with_tomli_where_python_has_no_tomllib(tmp_path, mo
     config = tmp_path / "run.toml"
     config.write_text('dim = 64\nout_dir = "out"\n')
     assert read_config_file(config) == {"dim": 64, "out_dir": "out"}
+
+
+def test_mfu_is_shown_only_against_a_known_peak_as_the_training_docs_say():
+    from conftest import ROOT
+
+    from babyllama.train.metrics import peak_flops
+
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, "bfloat16") is None and peak_flops(cpu, "float32", 2e12) == 2e12
+    text = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
+    assert "where a peak to measure against is known, MFU" in text
+    assert "on CPU, or on a GPU not in the table, no MFU without `--peak_flops`" in text
