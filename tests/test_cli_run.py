@@ -550,3 +550,15 @@ def test_sampling_controls_out_of_range_are_one_error_line(flags, message):
     one_error_line(run_cli("run", "-n", "5", *flags), message)
     if "--draft" not in flags:
         one_error_line(run_cli("chat", *flags, input="Hi\n"), message)
+
+
+def test_models_help_names_both_built_in_models(capsys):
+    """`babyllama models` lists the built-in story model and the chat model (README: Models)."""
+    from babyllama.catalog import table
+    from babyllama.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "models list the built-in story and chat models and the public llama2.c checkpoints" in text
+    assert table().splitlines()[1].startswith("builtin ") and table().splitlines()[2].startswith("builtin-chat ")

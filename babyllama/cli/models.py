@@ -11,7 +11,7 @@ def add(sub) -> None:
 
 
 def add_models(sub) -> None:
-    p = sub.add_parser("models", help="list the built-in model and the public llama2.c checkpoints",
+    p = sub.add_parser("models", help="list the built-in story and chat models and the public llama2.c checkpoints",
                        description="The models babyllama knows by name, with their shape, reported val loss, "
                        "size and where to get them.")
     p.set_defaults(func=cmd_models)
