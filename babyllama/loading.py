@@ -241,6 +241,21 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
     vocab_size = source.weights.args.vocab_size
     if path is not None:
         return load_tokenizer(path, vocab_size)
+    carried = carried_tokenizer(source)
+    if carried is not None:
+        return carried
+    if source.kind in ("hf", "meta"):
+        raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
+    if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
+        raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
+                             "tokenizer the run's data was encoded with (-z/--tokenizer)")
+    return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)
+
+
+def carried_tokenizer(source: Source) -> Tokenizer | None:
+    """The tokenizer `source` brought along (a GGUF's vocabulary, a folder's tokenizer.model, the tokenizer.bin
+    beside a .bin or a checkpoint), or None: no fallback guessed."""
+    vocab_size = source.weights.args.vocab_size
     if source.vocab is not None:
         tok = source.vocab.to_tokenizer()
         if tok.vocab_size != vocab_size:
@@ -249,12 +264,7 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
         return tok
     if source.tokenizer is not None:
         return load_tokenizer(source.tokenizer, vocab_size)
-    if source.kind in ("hf", "meta"):
-        raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
-    if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
-        raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
-                             "tokenizer the run's data was encoded with (-z/--tokenizer)")
-    return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)
+    return None
 
 
 def builtin_model() -> Path:

@@ -160,6 +160,22 @@ def test_draft_with_another_vocabulary_is_refused(stories260k, tok512, tmp_path)
     assert proc.returncode == 1 and b"must share a tokenizer" in proc.stderr
 
 
+def test_draft_with_another_tokenizer_of_the_same_size_is_refused(stories260k, tok512, tmp_path):
+    """Same-sized vocabularies can hold other pieces: a draft whose tokenizer.bin is not the model's is refused
+    (its drafts would almost all be rejected); with the model's tokenizer beside it, it drafts."""
+    import shutil
+
+    draft = tmp_path / "draft.bin"
+    shutil.copyfile(stories260k, draft)
+    byte_tokenizer(512).save(tmp_path / "tokenizer.bin")
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), *GREEDY, "--draft", str(draft))
+    assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1
+    assert proc.stderr.startswith(b"babyllama: error: the draft model ") and b"another tokenizer" in proc.stderr
+    shutil.copyfile(tok512, tmp_path / "tokenizer.bin")
+    proc = run(stories260k, tok512, *GREEDY, "--draft", str(draft))
+    assert proc.stdout == golden("s260k_t0_n200.txt") and b"(100.0%)" in proc.stderr
+
+
 def test_bench_reports_the_decode_runs_it_made(tmp_path, monkeypatch):
     """A figure takes more runs than --repeats while they last under the minimum time: the row says how many
     decode runs its median is of, not how many were asked for."""

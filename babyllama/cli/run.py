@@ -130,7 +130,7 @@ def cmd_run(args) -> int:
     if args.batch_file:
         return generate_batch_file(model, args, steps)
     if args.draft:
-        return generate_and_print(model, sampler, prompt, steps, args, draft=load_draft(args))
+        return generate_and_print(model, sampler, prompt, steps, args, draft=load_draft(args, model.tokenizer))
     return generate_and_print(model, sampler, prompt, steps, args)
 
 
@@ -171,12 +171,18 @@ def check_n_keep(n_keep: int | None, seq_len: int) -> None:
         raise BabyLlamaError(f"--n-keep must be at most half the context ({seq_len // 2}), got {n_keep}")
 
 
-def load_draft(args):
+def load_draft(args, tokenizer):
+    """The --draft model's engine. A draft whose own tokenizer (beside it, or inside it) is not the model's
+    `tokenizer` is refused: its ids would stand for other pieces, and nearly every drafted token be rejected."""
     from ..api import make_engine
-    from ..loading import open_model
+    from ..loading import carried_tokenizer, open_model
 
-    weights = open_model(args.draft, mmap=args.mmap, quantize=args.quantize).weights
-    return make_engine(weights, args.device, args.plain, args.compile, args.kv_cache)
+    source = open_model(args.draft, mmap=args.mmap, quantize=args.quantize)
+    own = carried_tokenizer(source)
+    if own is not None and not own.same_as(tokenizer):
+        raise BabyLlamaError(f"the draft model {args.draft} comes with another tokenizer than the model's "
+                             f"({source.tokenizer or 'its own vocabulary'}): a draft must share the model's tokenizer")
+    return make_engine(source.weights, args.device, args.plain, args.compile, args.kv_cache)
 
 
 def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None) -> int:
