@@ -593,3 +593,24 @@ def test_mfu_is_shown_only_against_a_known_peak_as_the_training_docs_say():
     text = " ".join((ROOT / "docs" / "training.md").read_text(encoding="utf-8").split())
     assert "where a peak to measure against is known, MFU" in text
     assert "on CPU, or on a GPU not in the table, no MFU without `--peak_flops`" in text
+
+
+def test_the_training_docs_torchrun_commands_fit_their_config(tmp_path):
+    """Each process accumulates gradient_accumulation_steps / N micro-batches: a torchrun line of
+    docs/training.md that runs stories15M.toml (its TOML block) on N processes needs N to divide its steps."""
+    import re
+
+    from conftest import ROOT
+
+    from babyllama.train.config import read_config_file
+
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n## stories15M.toml\n(.*?)```", text, flags=re.S)
+    assert block
+    (tmp_path / "stories15M.toml").write_text(block.group(1))
+    steps = read_config_file(tmp_path / "stories15M.toml")["gradient_accumulation_steps"]
+    runs = re.findall(r"torchrun .*--nproc_per_node=(\d+) -m babyllama train stories15M\.toml(.*)", text)
+    assert runs
+    for nproc, rest in runs:
+        given = re.search(r"--gradient_accumulation_steps=(\d+)", rest)
+        assert (int(given.group(1)) if given else steps) % int(nproc) == 0, (nproc, rest)
