@@ -221,6 +221,9 @@ def kv_read_bytes(args, value_bytes: float, n_tok: int) -> int:
     return int(2 * args.n_layers * args.kv_dim * value_bytes * (n_tok + 5) / 2)
 
 
+TTFT_PROMPT = 16  # prompt tokens of the time-to-first-token figure (fewer when --prompt-len is shorter)
+
+
 def prefill_prompt(vocab_size: int, prompt_len: int) -> list[int]:
     """The prompt every engine's prefill row is timed on: BOS and `prompt_len` - 1 fixed random ids (not 0-2,
     the special tokens)."""
@@ -253,11 +256,11 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
 
     def first_token() -> float:
         b = Batch(engine, 1)
-        b.add(Sequence(prompt[:16], Sampler(0.0), seq_len))
+        b.add(Sequence(prompt[:TTFT_PROMPT], Sampler(0.0), seq_len))
         b.step()
         return time.perf_counter()
 
-    ttft = first_token() - t0  # load (memory map) + engine + 16-token prompt + first sample
+    ttft = first_token() - t0  # load (memory map) + engine + the prompt's first tokens + first sample
 
     def decode(n_seq: int, n_tok: int, temperature: float = 0.0, topp: float = 1.0) -> float:
         b = Batch(engine, n_seq)
@@ -715,7 +718,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              "token (the weights, and the KV cache at the run's average position) x decode tok/s; sampled: -t 1 -p 0.9 "
              f"(trained model only); prefill: one {prompt_len}-token prompt in "
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
-             "engine set-up + 16-token prompt + first token, in process. threads: default (the pool decides), "
+             f"engine set-up + {min(TTFT_PROMPT, prompt_len)}-token prompt + first token, in process. threads: "
+             "default (the pool decides), "
              "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
              "F16 and BF16, unless the engine column names --kv-cache.")
     text = "\n".join(lines) + "\n\n" + notes + "\n"

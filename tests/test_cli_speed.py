@@ -254,6 +254,14 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 4:.0f}%)"
 
 
+def test_bench_notes_name_the_prompts_the_figures_were_measured_on():
+    """TTFT is timed on the prefill prompt's first 16 tokens: a shorter --prompt-len shortens it too."""
+    rows = [bench.Row("tiny", "fp32", "babyllama", result={"decode": 1.0, "ttft_ms": 1.0})]
+    for prompt_len, ttft in ((256, 16), (8, 8)):
+        notes = bench.table(rows, batch=2, prompt_len=prompt_len)
+        assert f"prefill: one {prompt_len}-token prompt" in notes and f"+ {ttft}-token prompt + first token" in notes
+
+
 def test_bench_startup_times_a_whole_run_process_beside_a_bare_interpreter():
     t = bench.startup(repeats=1)
     assert t["run_ms"] > t["python_ms"] > 0  # a run imports, loads and generates on top of the interpreter
