@@ -1050,3 +1050,17 @@ def test_once_the_scheduler_has_died_requests_are_refused_not_left_waiting(monke
             sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit)])
     finally:
         sched.stop()
+
+
+def test_serve_without_its_extra_names_the_install_command_for_a_checkout_too(monkeypatch, capsys):
+    """As every other extra's hint: the released package's install command and a source checkout's."""
+    from babyllama.cli import main
+
+    for name in [m for m in sys.modules if m == "babyllama.serve" or m.startswith("babyllama.serve.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr("babyllama.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # not installed
+    assert main(["serve"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "babyllama: error: babyllama serve (uvicorn is missing) needs babyllama's 'serve' extra: pip install "
+        "'babyllama[serve]' (in a source checkout: pip install -e '.[serve]')")

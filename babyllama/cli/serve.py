@@ -6,7 +6,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, missing_extra
 from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, add_threads
 
 
@@ -100,9 +100,8 @@ def cmd_serve(args) -> int:
     args.host = unbracketed(args.host)
     try:
         from .. import serve
-    except ImportError as e:
-        raise BabyLlamaError(f"babyllama serve needs the serve extra: pip install 'babyllama[serve]' ({e.name} "
-                             "is missing)") from None
+    except ImportError as e:  # the released package's install command and a source checkout's
+        raise missing_extra(f"babyllama serve ({e.name} is missing)", "serve") from None
     from ..api import load
     from ..chat_template import get_template
     from ..engine import kv_cache_name
