@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import safeio
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
 from .formats import LAYER_MATRICES, Weights
 from .interop.state_dict import LAYER_NAMES, to_state_dict
@@ -147,7 +147,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     try:
         from safetensors.numpy import load_file
     except ImportError:
-        raise BabyLlamaError("LoRA adapters need safetensors: pip install 'babyllama[interop]'") from None
+        raise missing_extra("reading a LoRA adapter (safetensors)", "interop") from None
     try:
         tensors = load_file(str(tensors_path))
     except Exception as e:  # safetensors raises its own error type for a corrupt file

@@ -784,3 +784,18 @@ def test_throughput_counts_the_tokens_the_chat_batches_hold(tmp_path, one_thread
     for record, tokens in zip(steps, given):
         assert record["tokens_per_s"] * record["dt_ms"] / 1000 == pytest.approx(tokens)
     assert sum(given) < 2 * trainer.tokens_per_iter  # 16 conversations of ~20 tokens, not 16 x 96
+
+
+def test_an_adapter_without_safetensors_installed_names_the_extra_with_torch_first(tmp_path, monkeypatch):
+    """The interop extra holds torch: its hint installs the CPU wheel first (a bare `pip install
+    'babyllama[interop]'` would pull a multi-GB CUDA build), and names a checkout's command too."""
+    from babyllama.adapter import Adapter, base_identity, save_adapter
+
+    w = random_weights(ARGS, seed=1)
+    save_adapter(Adapter(4, 8.0, ["wq"], base_identity(w), {}), tmp_path / "adapter.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)  # not installed
+    with pytest.raises(BabyLlamaError) as e:
+        load_adapter(tmp_path)
+    assert str(e.value) == ("reading a LoRA adapter (safetensors) needs babyllama's 'interop' extra: pip install "
+                            "torch==2.13.0 && pip install 'babyllama[interop]' (in a source checkout: pip install "
+                            "torch==2.13.0 && pip install -e '.[interop]')")
