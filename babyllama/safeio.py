@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,7 +280,8 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike, what: str = "output"
 def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """A temporary name for a library to write `path` by name; committed when the block ends without an
     error, removed otherwise. The target is checked first (`check_target`); an OSError of the write itself
-    (one naming no file, or the temporary file or the target) becomes one line naming `path`."""
+    (one naming no file, or the temporary file or the target), also one behind a library's own error type (a
+    full disk under torch.save or safetensors), becomes one line naming `path`."""
     path = check_target(path, what)
     tmp = temp_path(path)
     try:
@@ -288,9 +290,27 @@ def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and _names(e, tmp, path):
-            raise _cannot_write(path, what, e) from None
+        system = _system_error(e)
+        if system is not None and _names(system, tmp, path):
+            raise _cannot_write(path, what, system) from None
         raise
+
+
+def _system_error(e: BaseException) -> OSError | None:
+    """The system's refusal behind a failed write: `e` itself, the OSError a library's own error was raised
+    while handling (torch.save's RuntimeError), or the one it names in its message (safetensors' Rust
+    writer: "... (os error 27)"); None for our own errors and for anything else."""
+    if isinstance(e, BabyLlamaError) or not isinstance(e, Exception):
+        return None
+    seen: BaseException | None = e
+    for _ in range(8):  # a chain is short; a cycle must not loop
+        if seen is None:
+            break
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else None
 
 
 def _names(e: OSError, *paths: Path) -> bool:

@@ -328,3 +328,55 @@ def test_a_tokenizer_that_is_a_folder_is_named_so(tmp_path, capsys, tiny):
     assert "tokenizer file not found: " + str(tmp_path / "nope") in one_line(
         capsys, "export", str(tmp_path / "o.bin"), "--model", str(tiny), "--tokenizer", str(tmp_path / "nope"))
     assert not (tmp_path / "o.bin").exists()
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_file_limit():
+    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets): a disk that fills up."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = 16 << 10
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard file-size limit is below the test's")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _save_hf(out: Path, dtype: str) -> None:
+    pytest.importorskip("safetensors")
+    if dtype == "bf16":
+        pytest.importorskip("torch")
+    from babyllama.interop.hf import save_hf
+
+    save_hf(random_weights(tiny_args()), out, dtype=dtype)
+
+
+def _save_checkpoint(out: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from babyllama.train import checkpoint
+
+    checkpoint.save({"model": {"w": torch.zeros(20_000)}}, out)
+
+
+@pytest.mark.parametrize("write, target", [
+    (lambda out: _save_hf(out, "f32"), "model.safetensors"),
+    (lambda out: _save_hf(out, "bf16"), "model.safetensors"),
+    (_save_checkpoint, "ckpt.pt"),
+], ids=["hf", "hf-bf16", "checkpoint"])
+def test_a_full_disk_under_a_library_writer_is_one_line_and_keeps_the_old_file(tmp_path, small_file_limit, write,
+                                                                                 target):
+    """safetensors and torch.save report a failed write with their own error types (SafetensorError, a
+    RuntimeError raised while handling the OSError): the same one line as our own writers, the old file kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / target).write_bytes(b"old")
+    path = out if target == "model.safetensors" else out / target
+    with pytest.raises(BabyLlamaError, match=f"cannot write output .*{target}: File too large"):
+        write(path)
+    assert (out / target).read_bytes() == b"old" and leftovers(tmp_path) == []
