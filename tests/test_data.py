@@ -20,7 +20,7 @@ from conftest import byte_tokenizer, run_cli  # noqa: E402
 from babyllama.cli import main  # noqa: E402
 from babyllama.errors import BabyLlamaError  # noqa: E402
 from babyllama.tokenizer import BOS  # noqa: E402
-from babyllama.train.data import Windows, pretokenize, read_documents, split_arrays  # noqa: E402
+from babyllama.train.data import Windows, pretokenize, read_documents, read_meta, split_arrays  # noqa: E402
 
 STORIES = [f"Story {i}: the cat sat on mat number {i}.\nThen it slept." for i in range(300)]
 
@@ -310,6 +310,24 @@ def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300
     with pytest.raises(BabyLlamaError, match="b.txt:1: not UTF-8 text"):
         pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
     assert not (tmp_path / "shards" / "meta.json").exists()
+
+
+def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
+    """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
+    the earlier b.bin) must be refused, not trained on, until a run completes it."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    (tmp_path / "in" / "b.txt").write_text("Another story.")
+    shards = tmp_path / "shards"
+    pretokenize(tmp_path / "in", tok300, shards, workers=1)
+    (tmp_path / "in" / "b.txt").write_bytes(b"not \xff UTF-8")
+    with pytest.raises(BabyLlamaError, match="not UTF-8 text"):
+        pretokenize(tmp_path / "in", tok300, shards, workers=1)
+    with pytest.raises(BabyLlamaError, match="an unfinished `babyllama data pretokenize`.*run it again"):
+        split_arrays(shards, "train")
+    (tmp_path / "in" / "b.txt").write_text("Another story.")
+    pretokenize(tmp_path / "in", tok300, shards, workers=1)
+    assert read_meta(shards)["shards"]["train"] == ["a.bin", "b.bin"]
 
 
 @pytest.mark.parametrize("argv", [

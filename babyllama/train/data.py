@@ -44,6 +44,7 @@ from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_json
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
+INCOMPLETE = "pretokenize.incomplete"  # in a shard folder from the start of pretokenize until meta.json is written
 MASK_SUFFIX, INDEX_SUFFIX = ".mask", ".idx"  # beside a chat shard NAME.bin: NAME.mask, NAME.idx
 TOKENIZER_BIN = "tokenizer.bin"
 VAL_FRACTION = 0.1  # held out of a lone training shard when no validation shard exists
@@ -257,13 +258,16 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         meta["conversations"] = sum(len(offsets) - 1 for _, _, offsets in encoded.values())
         meta["word_weight"] = word_weight
     safeio.write_text(out / META, json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
+    (out / INCOMPLETE).unlink()
     return meta
 
 
 def _start_writing(out: Path) -> None:
-    """The shard folder, made, without an earlier meta.json: until this run writes its own, the folder is
-    incomplete (an interrupted run would leave an earlier meta.json describing shards it replaced)."""
+    """The shard folder, made, marked incomplete and without an earlier meta.json until this run writes its own:
+    an interrupted run would leave an earlier meta.json describing shards it replaced, and without the mark a
+    folder without meta.json would read as llama2.c's shards (every .bin, old and new alike)."""
     safeio.output_dir(out)
+    safeio.write_text(out / INCOMPLETE, "babyllama data pretokenize is writing this folder, or was interrupted\n")
     (out / META).unlink(missing_ok=True)
 
 
@@ -369,6 +373,9 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
                              f"({data_dir.parent})")
     if not data_dir.is_dir():
         raise BabyLlamaError(f"data_dir not found: {data_dir} (run `babyllama data pretokenize` first)")
+    if (data_dir / INCOMPLETE).exists():
+        raise BabyLlamaError(f"{data_dir}: an unfinished `babyllama data pretokenize` (interrupted, or still "
+                             f"running: {INCOMPLETE}): run it again to completion")
     meta_path = data_dir / META
     if meta_path.exists():
         return _checked_meta(safeio.read_json(meta_path, "meta.json"), meta_path)
