@@ -453,3 +453,18 @@ def resident_bytes(a: np.ndarray) -> int:
                 total += int(line.split()[1]) * 1024
     assert found, "no mapping holds the array"
     return total
+
+
+@pytest.fixture
+def small_file_limit():
+    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets): a disk that fills up."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit = 16 << 10
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("the hard file-size limit is below the test's")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

@@ -379,6 +379,21 @@ def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsy
     assert (tmp_path / "v" / "tok300.model").is_file()
 
 
+def test_train_vocab_on_a_full_disk_names_what_it_could_not_write(tmp_path, request):
+    """The copy of the text sentencepiece trains on is as large as the text: a full disk there is one line naming
+    the folder, not a bare "File too large", and leaves no folder behind."""
+    pytest.importorskip("sentencepiece")
+    from babyllama.train.vocab import train_vocab
+
+    text = tmp_path / "in.txt"
+    with open(text, "w") as f:
+        f.write("A cat sat on the mat.\n<|endoftext|>\n" * 1000)  # 35 KB: over the limit, set once it is written
+    request.getfixturevalue("small_file_limit")
+    with pytest.raises(BabyLlamaError, match=r"cannot write the text sentencepiece trains on into .*v .*File too "):
+        train_vocab(text, 300, tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+
+
 @pytest.mark.parametrize("vocab_size, message", [
     (262, "the text needs at least 275 tokens (3 control + 256 byte tokens + one per distinct character): "
           "raise --vocab-size to 275 or more"),

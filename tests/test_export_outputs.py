@@ -333,21 +333,6 @@ def test_a_tokenizer_that_is_a_folder_is_named_so(tmp_path, capsys, tiny):
 # ------------------------------------------------------------------------------------------- a full disk
 
 
-@pytest.fixture
-def small_file_limit():
-    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets): a disk that fills up."""
-    resource = pytest.importorskip("resource")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    limit = 16 << 10
-    if hard != resource.RLIM_INFINITY and hard < limit:
-        pytest.skip("the hard file-size limit is below the test's")
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
 def _save_hf(out: Path, dtype: str) -> None:
     pytest.importorskip("safetensors")
     if dtype == "bf16":

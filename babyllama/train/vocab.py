@@ -38,7 +38,13 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
         prefix = out / f"tok{vocab_size}"
         with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
             text_file = Path(tmp) / "vocab_input.txt"
-            _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
+            try:
+                _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
+            except OSError as e:  # a full disk: the copy is as large as the text (up to --max-chars)
+                if e.filename is not None:  # an input file's error names it already
+                    raise
+                raise BabyLlamaError(f"cannot write the text sentencepiece trains on into {out} (a temporary "
+                                     f"copy of the input): {e.strerror or e}") from None
             try:
                 spm.SentencePieceTrainer.train(
                     input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
