@@ -172,6 +172,21 @@ def test_gguf_vocab_from_tokenizer_bin(tmp_path):
     assert tokens[i] == "\u2581the" and types[i] == 1
 
 
+def test_a_gguf_file_name_that_is_not_utf8_still_names_the_model(tmp_path):
+    """general.name comes from the file name, and GGUF strings are UTF-8: a name's other bytes (a Latin-1 name on
+    Linux) become U+FFFD instead of a UnicodeEncodeError."""
+    if sys.platform != "linux":
+        pytest.skip("file names of any bytes are Linux's (macOS and Windows store Unicode names)")
+    from babyllama.interop.gguf import read_gguf, save_gguf
+    from babyllama.interop.vocab import load_vocab
+
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    out = tmp_path / os.fsdecode(b"caf\xe9.gguf")
+    save_gguf(random_weights(tiny_args()), out, load_vocab(tmp_path / "tokenizer.bin"))
+    assert read_gguf(out)[0]["general.name"] == "caf\ufffd"
+    assert main(["run", str(out), "-n", "4", "-t", "0"]) == 0
+
+
 def test_gguf_bad_inputs(tmp_path, capsys, sp_model):
     w = random_weights(tiny_args(vocab_size=333), seed=1)
     formats.save(w, tmp_path / "odd.bin")

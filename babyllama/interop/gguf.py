@@ -128,7 +128,8 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     check_writable(args, path)
     with safeio.pending(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
-        w.add_name(name or path.stem)
+        # GGUF strings are UTF-8: a file name's bytes that are not (a Latin-1 name) become U+FFFD
+        w.add_name(name or os.fsencode(path.stem).decode("utf-8", "replace"))
         w.add_file_type(file_type)
         add_llama_metadata(w, args)
 
