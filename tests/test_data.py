@@ -312,6 +312,19 @@ def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300
     assert not (tmp_path / "shards" / "meta.json").exists()
 
 
+def test_a_folder_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path, tok300):
+    """A UTF-8 locale's stdout is strict: the report naming a Latin-1 output folder (bytes Python keeps as lone
+    surrogates) was a UnicodeEncodeError after the shards were written; it prints the name's own bytes."""
+    if sys.platform != "linux":
+        pytest.skip("file names of any bytes are Linux's (macOS and Windows store Unicode names)")
+    (tmp_path / "in.txt").write_text("A story about a cat.\n")
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")
+    r = run_cli("data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
+                "--out-dir", out, "--workers", "1", env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout.rstrip().endswith(b"/caf\xe9")
+
+
 def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
     """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
     the earlier b.bin) must be refused, not trained on, until a run completes it."""

@@ -44,8 +44,19 @@ def keep_stderr() -> None:
         sys.stderr = open(os.devnull, "w")  # for the life of the process
 
 
+def print_file_names_as_bytes() -> None:
+    """A Linux file name is bytes, which Python keeps as lone surrogates where they are not UTF-8 (a Latin-1
+    folder name): stdout writes those bytes back as they were, as `ls` prints them, instead of failing on the
+    report of a command that has done its work (a UTF-8 locale's stdout is strict; C.UTF-8's already does this).
+    Generated text goes out as bytes of its own (printer.py) and is not affected."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_stderr()
+    print_file_names_as_bytes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
