@@ -459,10 +459,13 @@ def _map_file(path: str | os.PathLike) -> np.ndarray:
 
 
 def _read_whole(path: str | os.PathLike) -> np.ndarray:
+    """The file's bytes, as many as there were: a file cut short while it is read (rewritten in place) gives
+    fewer than its size said, never uninitialized memory in their place."""
     with safeio.open_regular(path, "model file") as f:
         buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
         # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
-        cast(io.BufferedReader, f).readinto(memoryview(buf))  # type: ignore[arg-type]
+        n = cast(io.BufferedReader, f).readinto(memoryview(buf))  # type: ignore[arg-type]
+    buf = buf[:n]
     buf.flags.writeable = False  # like the read-only map: weights are never modified in place
     return buf
 
@@ -505,6 +508,9 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
     if mmap is None:
         mmap = version == 3 or read_once or not memory.read_by_default(os.path.getsize(path))
     buf = _map_file(path) if mmap else _read_whole(path)
+    expected = header + body_size(args, version, gs)
+    if buf.size != expected:  # the file changed between the header check and the map or read
+        raise BabyLlamaError(f"{path}: the file changed while it was read ({buf.size} bytes, expected {expected})")
     c = _Cursor(buf, header)
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
     shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
@@ -538,8 +544,6 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
         mats = {name: [c.take_q4(*shapes[name]) for _ in range(L)] for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take_q4(V, d)
         gs = 0
-    if c.offset != buf.size:  # the file changed between the header check and the map
-        raise BabyLlamaError(f"{path}: the file changed while it was read ({buf.size} bytes, expected {c.offset})")
     weights = Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
                       path=str(path), **mats)
     check_finite(weights, str(path), release=mmap and read_once)

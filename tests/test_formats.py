@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -252,6 +253,36 @@ def test_q4_file_size_is_checked(tmp_path):
     path.write_bytes(path.read_bytes()[:-18])  # one block short
     with pytest.raises(BabyLlamaError, match="truncated"):
         formats.load(path)
+
+
+@pytest.mark.parametrize("when", ["after its header was checked", "while it is read"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_file_cut_short_while_it_loads_is_one_line(tmp_path, monkeypatch, when, mmap):
+    """A model rewritten in place (cp over it) as it loads: fewer bytes than its header implies are refused in one
+    line, never a NumPy ValueError, and never read as weights with uninitialized memory for the missing tail."""
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args()), path)
+    real_fstat = os.fstat
+
+    def cut_short() -> None:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+
+    if when == "after its header was checked":
+        real_header = formats.read_header
+        monkeypatch.setattr(formats, "read_header", lambda p: (real_header(p), cut_short())[0])
+    else:  # the size is taken, then the file shrinks before its bytes are read
+        def fstat(fd):
+            st = real_fstat(fd)
+            if sys._getframe(1).f_code.co_name == "_read_whole":
+                cut_short()
+            return st
+
+        monkeypatch.setattr(formats.os, "fstat", fstat)
+        if mmap:
+            pytest.skip("a map has the size of the file when it is made")
+    with pytest.raises(BabyLlamaError, match="the file changed while it was read"):
+        formats.load(path, mmap=mmap)
 
 
 def test_q4_needs_rows_of_whole_blocks(tmp_path):
