@@ -212,6 +212,28 @@ def test_gguf_bad_inputs(tmp_path, capsys, sp_model):
     assert "not a readable GGUF file" in error(str(tmp_path / "y.bin"), "--model", str(tmp_path / "bad.gguf"))
 
 
+def test_a_gguf_file_cut_short_after_its_size_was_taken_is_one_line(tmp_path, monkeypatch):
+    """The tensors are checked against the map's bytes, not the size taken before it was made (a file rewritten in
+    place as it is opened): a NumPy ValueError otherwise."""
+    from babyllama.interop import gguf as ours
+    from babyllama.interop.vocab import load_vocab
+
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    path = tmp_path / "m.gguf"
+    ours.save_gguf(random_weights(tiny_args()), path, load_vocab(tmp_path / "tokenizer.bin"))
+    real_size = ours.safeio.file_size
+
+    def size_then_cut(p, what="file"):
+        size = real_size(p, what)
+        with open(path, "r+b") as f:
+            f.truncate(size - 1000)
+        return size
+
+    monkeypatch.setattr(ours.safeio, "file_size", size_then_cut)
+    with pytest.raises(BabyLlamaError, match="past the end of the file"):
+        ours.read_gguf(path)
+
+
 def test_stories260k_through_gguf_runs_like_run_c(tmp_path):
     """A real trained model (GQA, tied) and its tokenizer.bin through GGUF and back: `run` still prints
     exactly run.c's greedy text."""

@@ -444,7 +444,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
         raise w.fail("general.alignment must be a power of two")
     tensors = [_tensor_info(w) for _ in range(n_tensors)]
     data_start = -(-w.off // alignment) * alignment
-    _check_tiling(w, tensors, data_start, size, alignment)
+    _check_tiling(w, tensors, data_start, buf.size, alignment)  # the map's size: the file may have changed since
     for t in tensors:
         t.data = _view(buf, t)
     return meta, {t.name: t for t in tensors}
