@@ -12,6 +12,7 @@ from conftest import engine_logits, random_weights, run_cli, tiny_args, torch_ch
 
 from babyllama import formats
 from babyllama.cli import main
+from babyllama.errors import BabyLlamaError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -292,6 +293,26 @@ def test_hf_bad_inputs(tmp_path, capsys):
         capsys, str(tmp_path / "hf4"), "--to", "hf", "--model", str(_tiny_bin(tmp_path)))
     assert "--version applies to .bin output" in _error(capsys, str(tmp_path / "d"), "--to", "hf", "--hf",
                                                          str(tmp_path / "hf2"), "--version", "2")
+
+
+def test_a_safetensors_file_cut_short_after_it_was_opened_is_one_line(tmp_path, monkeypatch):
+    """safetensors checks a file's size when it opens it; the tensors are read later, one at a time: a file cut
+    short in between (rewritten in place) is one line, not a NumPy reshape ValueError."""
+    from babyllama.interop import hf
+
+    hf.save_hf(random_weights(tiny_args()), tmp_path / "hf")
+    shard = tmp_path / "hf" / "model.safetensors"
+    real_header = hf._safetensors_header
+
+    def header_then_cut(path):
+        found = real_header(path)
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size - 1000)
+        return found
+
+    monkeypatch.setattr(hf, "_safetensors_header", header_then_cut)
+    with pytest.raises(BabyLlamaError, match="the file changed while it was read"):
+        hf.load_hf(tmp_path / "hf")
 
 
 def test_an_architecture_refusal_names_what_is_not_llama():

@@ -244,7 +244,10 @@ def _read_tensor(path: Path, data_start: int, meta: dict) -> np.ndarray | BF16Te
     tensor at a time would hold the whole file besides."""
     dtype = _NUMPY_DTYPES[meta["dtype"]]
     start, end = meta["data_offsets"]
-    t = np.fromfile(path, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data_start + start)
+    count = (end - start) // dtype.itemsize
+    t = np.fromfile(path, dtype=dtype, count=count, offset=data_start + start)
+    if t.size != count:  # safetensors checked the file's size when it opened it: it was cut short since
+        raise BabyLlamaError(f"{path}: the file changed while it was read (a tensor ends past its end)")
     t = t.reshape(meta["shape"])
     if meta["dtype"] == "BF16":
         return BF16Tensor(t) if t.ndim == 2 else bf16_to_f32(t)
