@@ -108,6 +108,24 @@ def test_a_messages_record_with_a_system_or_prompt_key_beside_is_malformed(tmp_p
     assert 'takes no "prompt"' in dict(data.bad)[3]
 
 
+def test_a_json_escape_of_a_lone_surrogate_is_a_bad_line_not_a_traceback(tmp_path, capsys):
+    """JSON may spell half a UTF-16 pair ("\\ud800"), which decodes to no character: written back as UTF-8 (data
+    instruct, train-vocab's copy) or encoded for eval it was a UnicodeEncodeError. A pair stays a character."""
+    from babyllama.cli import main
+    from babyllama.instruct import read_documents
+
+    path = write_lines(tmp_path / "s.jsonl", '{"text": "a smile \\ud83d\\ude00"}', '{"text": "half \\ud800 a pair"}',
+                       {"prompt": "p \udfff", "response": "r"})
+    data = read_jsonl(path, skip_bad_lines=True)
+    assert [text for _, text in data.items] == ["a smile \U0001f600"]
+    assert [n for n, _ in data.bad] == [2, 3] and "half a UTF-16 surrogate pair" in data.bad[0][1]
+    (tmp_path / "s.json").write_text(json.dumps(["fine", {"story": "x \ud800"}]))
+    with pytest.raises(BabyLlamaError, match=r"s.json\[1\]: a \\u escape of half a UTF-16 surrogate pair"):
+        list(read_documents(tmp_path / "s.json"))
+    assert main(["data", "instruct", "--input", str(path), "--out-dir", str(tmp_path / "out")]) == 1
+    assert "line 2: a \\u escape of half a UTF-16 surrogate pair" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ shards
 
 
