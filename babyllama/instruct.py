@@ -43,20 +43,6 @@ from .errors import BabyLlamaError
 # ------------------------------------------------------------------------------------------------ records
 
 CHAT, TEXT = "chat", "text"
-# what a JSON escape of half a UTF-16 surrogate pair ("\ud800" alone) decodes to: no character, so no UTF-8 text
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-LONE_SURROGATE_TEXT = "a \\u escape of half a UTF-16 surrogate pair, which is no character (not UTF-8 text)"
-
-
-def has_lone_surrogate(value) -> bool:
-    """Whether a parsed JSON value holds a string with a lone surrogate anywhere (keys included)."""
-    if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_lone_surrogate(v) for v in value)
-    return False
 
 
 def record_kind(item) -> str:
@@ -122,8 +108,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
             continue
         try:
             item = json.loads(line)
-            if has_lone_surrogate(item):
-                raise ValueError(LONE_SURROGATE_TEXT)
+            if safeio.has_lone_surrogate(item):
+                raise ValueError(safeio.LONE_SURROGATE)
             kind = record_kind(item)
             if out.kind and kind != out.kind:
                 raise ValueError(f"a {kind} record in a file of {out.kind} records (line "
@@ -487,13 +473,6 @@ def score_instructions(model, requests: Sequence[tuple[list[dict], list, list]],
 
 
 def _doc_text(item, where: str) -> str:
-    text = _doc_field(item, where)
-    if has_lone_surrogate(text):
-        raise BabyLlamaError(f"{where}: {LONE_SURROGATE_TEXT}")
-    return text
-
-
-def _doc_field(item, where: str) -> str:
     if isinstance(item, str):
         return item
     if isinstance(item, dict):

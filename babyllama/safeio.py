@@ -111,13 +111,35 @@ def read_text(path: str | os.PathLike, what: str = "file", max_bytes: int | None
         raise BabyLlamaError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
 
 
+# what a JSON escape of half a UTF-16 surrogate pair ("\ud800" alone) decodes to: no character, which cannot be
+# written as UTF-8 (a path, a document written back) nor encoded
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = "a \\u escape of half a UTF-16 surrogate pair, which is no character"
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string with a lone surrogate anywhere (keys included)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
+
+
 def parse_json(text: str | bytes, where: str) -> Any:
-    """json.loads with one error type: malformed or absurdly nested JSON is a BabyLlamaError."""
+    """json.loads with one error type: malformed or absurdly nested JSON, or a string that is no text (a lone
+    surrogate), is a BabyLlamaError."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        lone = has_lone_surrogate(value)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BabyLlamaError(f"{where}: invalid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
             from None
+    if lone:
+        raise BabyLlamaError(f"{where}: invalid JSON ({LONE_SURROGATE})")
+    return value
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int | None = MAX_JSON_BYTES,

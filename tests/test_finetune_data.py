@@ -120,7 +120,7 @@ def test_a_json_escape_of_a_lone_surrogate_is_a_bad_line_not_a_traceback(tmp_pat
     assert [text for _, text in data.items] == ["a smile \U0001f600"]
     assert [n for n, _ in data.bad] == [2, 3] and "half a UTF-16 surrogate pair" in data.bad[0][1]
     (tmp_path / "s.json").write_text(json.dumps(["fine", {"story": "x \ud800"}]))
-    with pytest.raises(BabyLlamaError, match=r"s.json\[1\]: a \\u escape of half a UTF-16 surrogate pair"):
+    with pytest.raises(BabyLlamaError, match=r"s.json: invalid JSON \(a \\u escape of half a UTF-16 surrogate pair"):
         list(read_documents(tmp_path / "s.json"))
     assert main(["data", "instruct", "--input", str(path), "--out-dir", str(tmp_path / "out")]) == 1
     assert "line 2: a \\u escape of half a UTF-16 surrogate pair" in capsys.readouterr().err

@@ -614,3 +614,17 @@ def test_the_training_docs_torchrun_commands_fit_their_config(tmp_path):
     for nproc, rest in runs:
         given = re.search(r"--gradient_accumulation_steps=(\d+)", rest)
         assert (int(given.group(1)) if given else steps) % int(nproc) == 0, (nproc, rest)
+
+
+def test_a_json_config_with_a_lone_surrogate_escape_is_one_line(tmp_path):
+    """JSON may spell half a UTF-16 pair ("\\ud800"), which is no character: as out_dir it was a UnicodeEncodeError
+    traceback when the folder was made. Refused when the file is read, as every JSON file babyllama reads."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import read_config_file
+
+    config = tmp_path / "run.json"
+    config.write_text('{"out_dir": "out\\ud800", "dim": 64}')
+    with pytest.raises(BabyLlamaError, match=r"run.json: invalid JSON \(a \\u escape of half a UTF-16 surrogate"):
+        read_config_file(config)
+    config.write_text('{"out_dir": "out\\ud83d\\ude00"}')  # a whole pair is a character
+    assert read_config_file(config) == {"out_dir": "out\U0001f600"}
