@@ -353,6 +353,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             os.fsync(f.fileno())
 
 
+def append_text(path: str | os.PathLike, text: str, what: str = "output") -> None:
+    """Append `text` to the log `path` (not atomic: a torn last line is for its reader to skip); a write the
+    system refuses (a full disk) is one line naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _cannot_write(Path(path), what, e) from None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_write(path) as f:
         f.write(data)

@@ -572,6 +572,25 @@ def test_metrics_with_a_torn_last_line_resume(tmp_path):
         read_metrics(path)
 
 
+def test_a_full_disk_under_the_metrics_log_and_loss_plot_names_the_file(tmp_path, request):
+    """Appending to metrics.jsonl and drawing loss.png on a full disk said only "File too large" (no file named)
+    and left loss.tmp.png behind; both now name their file, and the plot keeps the old one whole."""
+    pytest.importorskip("matplotlib")
+    from babyllama.train.metrics import MetricsLog, plot_losses
+
+    log = MetricsLog(tmp_path)
+    for i in range(1, 1000):  # 30 KB
+        log.write(iter=i, loss=3.0 / i)
+    (tmp_path / "loss.png").write_bytes(b"old plot")
+    request.getfixturevalue("small_file_limit")  # metrics.jsonl is over it already, and a plot is more
+    with pytest.raises(BabyLlamaError, match="cannot write metrics log .*metrics.jsonl: File too large"):
+        log.write(iter=1000, loss=0.01)
+    with pytest.raises(BabyLlamaError, match="cannot write loss plot .*loss.png: File too large"):
+        plot_losses(tmp_path)
+    assert (tmp_path / "loss.png").read_bytes() == b"old plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
 def test_training_resumes_over_a_torn_metrics_line_and_refuses_a_foreign_optimizer(tmp_path):
     """A kill during a metrics write leaves half a line: resuming skips it (it raised JSONDecodeError)."""
     torch = pytest.importorskip("torch")

@@ -64,8 +64,7 @@ class MetricsLog:
             self.path = self.final
 
     def write(self, **record) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        safeio.append_text(self.path, json.dumps(record) + "\n", "metrics log")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -113,8 +112,9 @@ def plot_losses(out_dir: str | os.PathLike) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     path = Path(out_dir) / PLOT_NAME
-    tmp = path.with_name("loss.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with safeio.pending(path, "loss plot") as tmp:  # a full disk: one line naming loss.png, no torn file
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
