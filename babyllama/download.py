@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
+from typing import BinaryIO
 
 from . import formats, safeio
 from .catalog import KnownModel
@@ -159,14 +160,13 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
         try:
-            with open(part, "ab" if have else "wb") as out, progress_bar(
+            with _open_part(part, have) as out, progress_bar(
                     total=total, initial=have, unit="B", unit_scale=True, desc=target.name,
                     disable=not show_progress) as bar:
                 while chunk := resp.read1(CHUNK):  # whatever has arrived, so the deadline is seen promptly
-                    out.write(chunk)
+                    _write_part(out, part, chunk)
                     bar.update(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
+                _write_part(out, part, b"")
         except (TimeoutError, OSError, HTTPException, ValueError) as e:
             raise BabyLlamaError(f"download failed: interrupted ({e}); run the same command again to "
                                  "resume") from None
@@ -176,6 +176,31 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
                              "again to resume")
     safeio.commit(part, target)
     return resp.headers
+
+
+def _cannot_write_part(part: Path, e: OSError) -> BabyLlamaError:
+    """A local write failure (a full disk, a read-only folder) is no interrupted transfer: say which file."""
+    return BabyLlamaError(f"download failed: cannot write {part}: {e.strerror or e} (what it holds is kept: run "
+                          "the same command again to resume once it can be written)")
+
+
+def _open_part(part: Path, have: int) -> BinaryIO:
+    try:
+        return open(part, "ab" if have else "wb")
+    except OSError as e:
+        raise _cannot_write_part(part, e) from None
+
+
+def _write_part(out: BinaryIO, part: Path, chunk: bytes) -> None:
+    """Append `chunk` to the .part file; an empty chunk flushes and fsyncs it."""
+    try:
+        if chunk:
+            out.write(chunk)
+        else:
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as e:
+        raise _cannot_write_part(part, e) from None
 
 
 def _remove_if_no_model(model_path: Path, fetched: list[Path]) -> None:

@@ -52,6 +52,17 @@ def test_interrupted_download_resumes(mirror, tmp_path, server_ranges):
     assert not (tmp_path / "m.bin.part").exists()
 
 
+def test_a_full_disk_is_no_interrupted_transfer(mirror, tmp_path, small_file_limit):
+    """A .part that cannot be written was reported as "interrupted ([Errno 27] File too large)"; the message names
+    the file, and what it holds stays for the resume."""
+    base, server, model_bytes = mirror
+    assert len(model_bytes) > 16 << 10
+    with pytest.raises(BabyLlamaError, match=r"download failed: cannot write .*m.bin.part: File too large \(what it "
+                                             r"holds is kept: run the same command again to resume"):
+        fetch(f"{base}/stories260K/stories260K.bin", tmp_path / "m.bin", show_progress=False)
+    assert (tmp_path / "m.bin.part").read_bytes() == model_bytes[:16 << 10]
+
+
 def test_stale_part_longer_than_file_starts_over(mirror, tmp_path):
     base, server, model_bytes = mirror
     (tmp_path / "m.bin.part").write_bytes(model_bytes + b"junk")
