@@ -157,16 +157,18 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
 
 
 def _cannot_write(path: Path, what: str, e: OSError) -> BabyLlamaError:
-    blocker = _file_in_the_way(path) if isinstance(e, (FileExistsError, NotADirectoryError)) else None
-    reason = f"{blocker} is not a directory" if blocker else (e.strerror or str(e))
-    return BabyLlamaError(f"cannot write {what} {path}: {reason}")
+    blocker = _in_the_way(path) if isinstance(e, (FileExistsError, NotADirectoryError)) else None
+    return BabyLlamaError(f"cannot write {what} {path}: {blocker or e.strerror or e}")
 
 
-def _file_in_the_way(path: Path) -> Path | None:
-    """The nearest of `path` and its parents that exists, when it is not a directory."""
+def _in_the_way(path: Path) -> str | None:
+    """What keeps the folders of `path` from being made: the nearest of it and its parents that exists, when it
+    is not a directory, or a symbolic link to nothing (mkdir's bare "File exists" for either)."""
     for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
         if p.exists():
-            return None if p.is_dir() else p
+            return None if p.is_dir() else f"{p} is not a directory"
     return None
 
 

@@ -94,6 +94,9 @@ def test_every_atomic_write_refuses_a_target_that_is_not_a_regular_file(tmp_path
      "cannot write output folder /proc/babyllama-test"),
     (["export-tokenizer", "{sp}", "-o", "{dir}"], "tokenizer {dir} is a directory, not a regular file"),
     (["export-tokenizer", "{sp}", "-o", "{file}/t.bin"], "{file} is not a directory"),
+    (["export", "{link}/x.bin", "--model", "{model}"],
+     "cannot write output {link}/x.bin: {link} is a symbolic link to {dir}/gone, which does not exist"),
+    (["export", "{link}", "--to", "hf", "--model", "{model}"], "{link} is a symbolic link to {dir}/gone, which"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40])
 def test_an_unusable_output_location_is_one_line_and_leaves_nothing(tmp_path, capsys, tiny, sp_model, argv, message):
     if any(a.endswith(".gguf") or a == "gguf" for a in argv):
@@ -101,9 +104,10 @@ def test_an_unusable_output_location_is_one_line_and_leaves_nothing(tmp_path, ca
     if any(a.startswith("/proc") for a in argv) and not Path("/proc/self").is_dir():
         pytest.skip("needs Linux's /proc, where no file can be created")
     names = {"file": tmp_path / "a_file", "dir": tmp_path / "a_dir", "model": tiny, "sp": sp_model,
-             "tok": tiny.with_name("tokenizer.bin")}
+             "tok": tiny.with_name("tokenizer.bin"), "link": tmp_path / "a_link"}
     names["file"].write_text("not a folder")
     names["dir"].mkdir()
+    names["link"].symlink_to(names["dir"] / "gone")  # mkdir says only "File exists" for a link to nothing
     assert message.format(**names) in one_line(capsys, *(a.format(**names) for a in argv))
     assert leftovers(tmp_path) == [] and list(names["dir"].iterdir()) == []
 
