@@ -631,6 +631,22 @@ def test_empty_or_torn_checkpoint_is_one_line(tmp_path):
                    "cannot read checkpoint")
 
 
+def test_a_checkpoint_cut_short_says_so(tmp_path):
+    """A ckpt.pt cut short (a copy or download interrupted) read as "[Errno 22] Invalid argument" or as miniz's
+    "failed finding central directory": the zip directory torch.save writes last is missing, and the line says so."""
+    pytest.importorskip("torch")
+    from conftest import torch_checkpoint
+
+    from babyllama.train import checkpoint
+
+    torch_checkpoint(tmp_path / "good.pt", tiny_args(vocab_size=300))
+    data = (tmp_path / "good.pt").read_bytes()
+    for cut in (5000, len(data) // 2, len(data) - 10):
+        (tmp_path / "ckpt.pt").write_bytes(data[:cut])
+        with pytest.raises(BabyLlamaError, match=r"ckpt.pt: not a whole PyTorch checkpoint \(no zip directory at"):
+            checkpoint.load(tmp_path / "ckpt.pt")
+
+
 def test_checkpoint_whose_model_args_disagree_with_its_tensors(tmp_path):
     pytest.importorskip("torch")
     from conftest import torch_checkpoint
