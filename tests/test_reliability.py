@@ -632,19 +632,25 @@ def test_empty_or_torn_checkpoint_is_one_line(tmp_path):
 
 
 def test_a_checkpoint_cut_short_says_so(tmp_path):
-    """A ckpt.pt cut short (a copy or download interrupted) read as "[Errno 22] Invalid argument" or as miniz's
-    "failed finding central directory": the zip directory torch.save writes last is missing, and the line says so."""
+    """A ckpt.pt or a Meta .pth cut short (a copy or download interrupted) read as "[Errno 22] Invalid argument" or
+    as miniz's "failed finding central directory": the zip directory torch.save writes last is missing, and the
+    line says so."""
     pytest.importorskip("torch")
     from conftest import torch_checkpoint
 
+    from babyllama.interop.meta import load_meta, save_meta
     from babyllama.train import checkpoint
 
     torch_checkpoint(tmp_path / "good.pt", tiny_args(vocab_size=300))
     data = (tmp_path / "good.pt").read_bytes()
     for cut in (5000, len(data) // 2, len(data) - 10):
         (tmp_path / "ckpt.pt").write_bytes(data[:cut])
-        with pytest.raises(BabyLlamaError, match=r"ckpt.pt: not a whole PyTorch checkpoint \(no zip directory at"):
+        with pytest.raises(BabyLlamaError, match=r"ckpt.pt: not a whole PyTorch file: no zip directory at its end"):
             checkpoint.load(tmp_path / "ckpt.pt")
+    shard = save_meta(random_weights(tiny_args(vocab_size=300)), tmp_path / "meta") / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:5000])  # Meta's shards are torch.save's zips too
+    with pytest.raises(BabyLlamaError, match=r"00.pth: not a readable PyTorch checkpoint \(not a whole PyTorch file"):
+        load_meta(tmp_path / "meta")
 
 
 def test_checkpoint_whose_model_args_disagree_with_its_tensors(tmp_path):

@@ -25,10 +25,10 @@ import numpy as np
 
 from .. import safeio
 from ..config import DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
-from ..errors import BabyLlamaError, first_line, missing_extra
+from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
-from .state_dict import expected_shapes, from_state_dict, to_state_dict, torch_weight
+from .state_dict import expected_shapes, from_state_dict, to_state_dict, torch_load_failure, torch_weight
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
 _HF_PARTS = {
@@ -297,7 +297,7 @@ def _torch_load(path: Path) -> dict:
         return torch.load(safeio.check_regular(path, "weight file"), map_location="cpu", mmap=True,
                           weights_only=True)
     except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({torch_load_failure(path, e)})") from None
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,

@@ -26,10 +26,10 @@ import numpy as np
 
 from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args, llama_hidden_dim
-from ..errors import BabyLlamaError, first_line, missing_extra
+from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, check_writable, matrix_arrays
-from .state_dict import from_state_dict, to_state_dict, torch_weight
+from .state_dict import from_state_dict, to_state_dict, torch_load_failure, torch_weight
 
 LLAMA2_CONTEXT = 4096
 _ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
@@ -113,7 +113,7 @@ def _load_shard(torch, shard: Path) -> dict:
     except BabyLlamaError:
         raise
     except Exception as e:  # pickle, zip or runtime errors for a damaged file
-        raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+        raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({torch_load_failure(shard, e)})") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise BabyLlamaError(f"{shard}: not a state dict of tensors")
     return state

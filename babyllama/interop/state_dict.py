@@ -15,6 +15,8 @@ rotary order, exactly as `Weights` holds them.
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -23,7 +25,7 @@ import numpy as np
 
 from .. import memory
 from ..config import ModelArgs
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 from ..formats import (
     LAYER_MATRICES,
     BF16Tensor,
@@ -83,6 +85,17 @@ def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
     if not w.args.shared_classifier:
         sd["output.weight"] = np.asarray(w.wcls, dtype=np.float32)
     return sd
+
+
+def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
+    """Why torch.load could not read `path`, on one line. torch.save writes a zip whose directory is its last
+    bytes: a zip without one was cut short (an interrupted copy or download), which torch reports as "[Errno 22]
+    Invalid argument" or miniz's "failed finding central directory"."""
+    with open(path, "rb") as f:
+        zip_start = f.read(4) == b"PK\x03\x04"
+    if zip_start and not zipfile.is_zipfile(path):
+        return "not a whole PyTorch file: no zip directory at its end (cut short?)"
+    return first_line(e)
 
 
 def torch_weight(t: Any) -> np.ndarray | BF16Tensor:

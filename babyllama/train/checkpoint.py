@@ -10,7 +10,6 @@ layout that single-device, DDP and FSDP runs share), scaler, model_args (ModelAr
 from __future__ import annotations
 
 import os
-import zipfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import torch
 
 from .. import safeio
 from ..config import ModelArgs, checked_args
-from ..errors import BabyLlamaError, first_line
-from ..interop.state_dict import expected_shapes
+from ..errors import BabyLlamaError
+from ..interop.state_dict import expected_shapes, torch_load_failure
 from ..model import Transformer
 
 FORMAT = "babyllama-checkpoint-1"
@@ -43,10 +42,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip, whose directory is its last bytes
-            raise BabyLlamaError(f"cannot read checkpoint {path}: not a whole PyTorch checkpoint (no zip directory at "
-                                 "its end: cut short, or not a checkpoint)") from None
-        raise BabyLlamaError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+        raise BabyLlamaError(f"cannot read checkpoint {path}: {torch_load_failure(path, e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
         raise BabyLlamaError(f"{path}: not a babyllama training checkpoint")
