@@ -325,6 +325,18 @@ def test_a_folder_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path, tok30
     assert r.stdout.rstrip().endswith(b"/caf\xe9")
 
 
+def test_pretokenize_stopped_by_an_error_ends_stderr_with_the_error_line(tmp_path, tok300):
+    """The progress bar was closed only at exit, after the error line; it closes as the error leaves, and a bar is
+    drawn only on a terminal (progress_bar, as eval and download draw theirs)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    (tmp_path / "in" / "b.txt").write_bytes(b"not \xff UTF-8")
+    r = run_cli("data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in"), "--out-dir",
+                str(tmp_path / "shards"), "--workers", "1")
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines() == [f"babyllama: error: {tmp_path / 'in' / 'b.txt'}:1: not UTF-8 text"]
+
+
 def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
     """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
     the earlier b.bin) must be refused, not trained on, until a run completes it."""

@@ -41,6 +41,7 @@ from ..documents import iter_documents
 from ..errors import BabyLlamaError
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
+from ..progress import progress_bar
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
@@ -198,8 +199,6 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     left out. Returns the meta.json contents."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm import tqdm
-
     if not 1 <= word_weight <= 255:  # a mask byte holds it
         raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
 
@@ -238,8 +237,10 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         if first is None:
             raise BabyLlamaError(f"{root}: no documents to pretokenize")
         _start_writing(out)
-        bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="pretokenize")
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
+        # closed before an error leaves the block: the error line is the last one on stderr
+        with progress_bar(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+                          desc="pretokenize") as bar, \
+                ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
             for f, docs in itertools.chain([first], by_file):
                 name = shard_name(f, root)
                 step = f.stat().st_size / max(1, len(docs))
@@ -250,7 +251,6 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
                         n_tokens += len(ids)
                         bar.update(step * len(batch))
                 shards["val" if is_val_shard(name) else "train"].append(name)
-        bar.close()
     _install_tokenizer(Path(tokenizer), out / TOKENIZER_BIN)
     meta = {"vocab_size": vocab_size, "tokenizer": str(tokenizer), "tokens": n_tokens, "shards": shards}
     if kind == CHAT:
