@@ -266,7 +266,8 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     """The shared library for this source and instruction set, compiled with the first flag set that works
     and cached (a cached one is used while it matches the fingerprint its build recorded, else compiled again);
     None without a compiler or when every flag set fails (the caller falls back). A failed attempt
-    leaves a marker (the command and the compiler's last words) so that later runs do not pay for it again;
+    leaves a marker (the command and the compiler's last words) so that later runs do not pay for it again,
+    unless the machine failed it (out of disk or memory: `_machine_failure`), when the next run tries again;
     where every flag set failed, now or in an earlier run, one line on stderr says so (and, for the markers,
     how to try again: a failure may have been passing, a full disk): the fallback is several times slower."""
     cc = compiler()
@@ -278,6 +279,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     directory = directory or cache_root()
     identity = f"{_compiler_identity(cc)}\n{cpu_signature()}"
     announced, failures, known = False, [], []
+    topic = f"build {directory} {cc} {arch}"  # said once a process, failed now or in an earlier run
     for flags in flag_sets(arch):
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
@@ -308,10 +310,13 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
                     return lib
         finally:  # an interrupted or failed compile leaves no temporary library behind
             Path(tmp).unlink(missing_ok=True)
+        passing = _machine_failure(attempt)
+        if passing:  # no marker: the next run tries again; nor other flags now, which would fail alike
+            _fall_back(f"the C kernels could not be compiled now ({passing}); the next run tries again", topic)
+            return None
         errors = attempt.stderr.strip().splitlines()[-20:]
         failed.write_text("\n".join([" ".join(cmd), *errors]) + "\n")
         failures.append(failed)
-    topic = f"build {directory} {cc} {arch}"  # said once a process, failed now or in an earlier run
     # a forced instruction set is named: a misspelled BABYLLAMA_NATIVE_ARCH is no compiler's fault
     with_cc = cc if arch == "native" else f"{cc} for the instruction set {arch!r} (BABYLLAMA_NATIVE_ARCH)"
     if failures:  # every flag set failed, these here and now
@@ -319,6 +324,22 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
     elif known:  # every flag set failed in a run before: the markers say so, and how to try again
         _fall_back(f"the C kernels did not compile with {with_cc} in an earlier run (see {known[0]}; remove "
                    f"{known[0].parent / 'kernels-*.failed'} to try again)", topic)
+    return None
+
+
+# what a compiler says when the machine, not the compiler or its flags, stopped it: a full disk or quota, a file
+# size limit, memory (the OOM killer's SIGKILL shows as "Killed signal terminated program cc1")
+MACHINE_FAILURES = ("No space left on device", "Disk quota exceeded", "File size limit exceeded", "File too large",
+                    "Cannot allocate memory", "out of memory", "Killed signal terminated program")
+
+
+def _machine_failure(attempt: subprocess.CompletedProcess) -> str | None:
+    """Why a compile failed, where the machine failed it (a failure that may pass, which leaves no marker)."""
+    if attempt.returncode < 0:
+        return f"the compiler was stopped by signal {-attempt.returncode}"
+    for line in reversed(attempt.stderr.splitlines()):
+        if any(words in line for words in MACHINE_FAILURES):
+            return line.strip()
     return None
 
 

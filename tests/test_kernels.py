@@ -750,6 +750,33 @@ def test_cc_of_several_words_is_run_as_a_command_line(tmp_path, monkeypatch, cap
     assert calls and calls[0][:2] == ["env", real] and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("stderr, code", [
+    ("cc: internal compiler error: File size limit exceeded signal terminated program cc1\n", 4),
+    ("/usr/bin/ld: final link failed: No space left on device\ncollect2: error: ld returned 1 exit status\n", 1),
+    ("cc: fatal error: Killed signal terminated program cc1\n", 1),
+    ("", -9),
+], ids=["file-size-limit", "full-disk", "out-of-memory", "killed"])
+def test_a_compile_the_machine_failed_leaves_no_marker(tmp_path, monkeypatch, capsys, stderr, code):
+    """A full disk or memory is no compiler's fault and may pass: such a failure was marked like a broken compiler,
+    and every later run went without the kernels (several times slower) until the marker was removed by hand. It
+    leaves no marker and tries no other flags; the next run compiles."""
+    calls = fake_compiler(monkeypatch)
+    real = kernels_native._run_compiler
+
+    def machine_fails(cmd):
+        real(cmd)
+        return subprocess.CompletedProcess(cmd, code, "", stderr)
+
+    monkeypatch.setattr(kernels_native, "_run_compiler", machine_fails)
+    monkeypatch.setattr(kernels_native, "usable_cpus", lambda: 1)  # one attempt per flag set
+    assert kernels_native.build(tmp_path, "native") is None and len(calls) == 1
+    err = capsys.readouterr().err.strip()
+    assert "could not be compiled now" in err and "the next run tries again" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*.failed"))
+    monkeypatch.setattr(kernels_native, "_run_compiler", real)
+    assert kernels_native.build(tmp_path, "native") is not None
+
+
 def test_a_forced_instruction_set_that_does_not_compile_is_named(tmp_path, monkeypatch, capsys):
     """BABYLLAMA_NATIVE_ARCH takes any -march value: one the compiler refuses (a typo) is named in the line that
     says the kernels are not used, not taken for a broken compiler."""
