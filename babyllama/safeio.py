@@ -6,11 +6,12 @@ before anything is read (`check_regular` for libraries that open a path themselv
 our own reads, which opens without blocking and checks the descriptor, so a pipe swapped in after the
 check is refused too). JSON is parsed with a size bound and one error type.
 
-Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path themselves) writes to
-NAME.tmp beside the target, fsyncs it, renames it over the target and fsyncs the folder: after a crash or a
-kill the target is either the old file or the complete new one, never a torn one. The rename would put a
-regular file in place of whatever is there, so a target that exists and is not a regular file (a directory,
-a named pipe, a device) is refused before anything is written. `output_file` and `output_dir` make an
+Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path themselves) writes to a new
+NAME.XXXXXXXX.tmp beside the target (its own, should another process write the same target), fsyncs it,
+renames it over the target and fsyncs the folder: after a crash or a kill the target is either the old file
+or the complete new one, never a torn one. The rename would put a regular file in place of whatever is
+there, so a target that exists and is not a regular file (a directory, a named pipe, a device) is refused
+before anything is written. `output_file` and `output_dir` make an
 output's folders; a place that cannot be written is one line naming the output and the reason.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -255,6 +257,18 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def _new_temp(path: Path, what: str) -> Path:
+    """A new empty file beside `path`, NAME.XXXXXXXX.tmp, for this write alone: two processes writing one target
+    (a run started twice on one out_dir) would otherwise write into one temporary file, and the first rename
+    would publish the mix of both."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, what, e) from None
+    os.close(fd)
+    return Path(name)
+
+
 def home_cache(*parts: str, instead: str) -> Path:
     """~/.cache/babyllama/PARTS. Where no home folder can be found (no $HOME and no password entry: a container
     run as an arbitrary user id), an OSError that names `instead`, the setting that puts the folder elsewhere."""
@@ -307,7 +321,7 @@ def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     (one naming no file, or the temporary file or the target), also one behind a library's own error type (a
     full disk under torch.save or safetensors), becomes one line naming `path`."""
     path = check_target(path, what)
-    tmp = temp_path(path)
+    tmp = _new_temp(path, what)
     try:
         yield tmp
         commit(tmp, path, what)

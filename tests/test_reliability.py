@@ -810,6 +810,24 @@ def test_a_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch, tiny):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]
 
 
+def test_two_writers_of_one_target_never_publish_a_mix(tmp_path):
+    """Two processes writing one target (a run started twice on one out_dir) shared NAME.tmp: the second's open
+    emptied the first's file, the first rename published it, and the first writer went on writing into the
+    published file. Each write has its own temporary file: the target is one writer's whole bytes."""
+    from babyllama import safeio
+
+    target = tmp_path / "ckpt.pt"
+    with safeio.atomic_write(target) as first:
+        first.write(b"A" * 1000)
+        first.flush()
+        with safeio.atomic_write(target) as second:
+            second.write(b"B" * 10)
+        assert target.read_bytes() == b"B" * 10
+        first.write(b"A" * 1000)
+    assert target.read_bytes() == b"A" * 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
 def test_a_write_killed_midway_leaves_no_torn_target(tmp_path):
     """SIGKILL while a large model is written: the target is absent (or the old one), never torn."""
     code = ("import sys, numpy as np\nsys.path.insert(0, 'tests')\n"
