@@ -434,6 +434,20 @@ def evaluations(out_dir) -> list[int]:
     return [r["iter"] for r in records if "val_loss" in r]
 
 
+def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(tmp_path, one_thread, capsys):
+    """ckpt.pt (or a LoRA run's adapter files) being a folder failed the first checkpoint's write, after
+    eval_interval steps of training that were then lost; it is refused before the first step."""
+    from babyllama.cli import main
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    (out / "ckpt.pt").mkdir(parents=True)
+    argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6, eval_interval=4).items())]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"babyllama: error: checkpoint {out / 'ckpt.pt'} is a directory, not a regular file"
+    assert evaluations(out) == []
+
+
 def test_a_resumed_run_keeps_the_evaluation_at_its_checkpoint(tmp_path, one_thread):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .. import safeio
-from ..adapter import ADAPTER_FILE, save_adapter
+from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..errors import BabyLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -380,6 +380,7 @@ class Trainer:
         if master:
             if not cfg.eval_only:  # an evaluation alone leaves a run's files as they are
                 self._check_kept_tokenizer()
+                self._check_checkpoint_targets()
                 self._note_replaced_checkpoint()
             else:
                 self._note_untrained_evaluation()
@@ -473,6 +474,15 @@ class Trainer:
         if src.is_file() and not (self.cfg.init_from == "resume" and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
         self.tokenizer_installed = True
+
+    def _check_checkpoint_targets(self) -> None:
+        """The files the first checkpoint writes, checked before training: a folder (or a pipe) in the place of one
+        would otherwise fail the write only after eval_interval steps, with that training lost."""
+        targets = [self.out_dir / checkpoint.CKPT_NAME]
+        if self.lora is not None:
+            targets += adapter_paths(self.out_dir / ADAPTER_FILE)
+        for path in targets:
+            safeio.check_target(path, "checkpoint")
 
     def _note_replaced_checkpoint(self) -> None:
         """A new run in a folder with a checkpoint replaces it at its first one: a forgotten --init_from=resume
