@@ -77,6 +77,16 @@ def test_a_changed_version_field_names_the_file_and_its_header(tmp_path, good_mo
     assert_one_line_error(run_cli("run", str(bad), "-z", str(tok)), f"{bad}: {pattern}")
 
 
+def test_a_file_name_with_a_newline_keeps_the_error_on_one_line(tmp_path, capsys):
+    """Linux file names may hold any byte but / and NUL: a newline in one split the error line in two (a control
+    character would reach the terminal as it is). They are shown escaped."""
+    from babyllama.cli import main
+
+    assert main(["run", str(tmp_path / "no\nsuch\x1b[2J.bin"), "-n", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"babyllama: error: model file not found: {tmp_path}/no\\nsuch\\x1b[2J.bin\n"
+
+
 def test_missing_model(tmp_path):
     assert_one_line_error(run_cli("run", str(tmp_path / "nope.bin")), "model file not found")
 

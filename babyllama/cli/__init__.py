@@ -5,6 +5,7 @@ subcommand runs so that `babyllama run` stays light (no torch, and NumPy only af
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from ..errors import BabyLlamaError, first_line
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         configure(getattr(args, "threads", None))
         return args.func(args) or 0
     except BabyLlamaError as e:
-        print(f"babyllama: error: {e}", file=sys.stderr)
+        print(f"babyllama: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -78,5 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:  # the system refused a file (a full disk, a read-only folder), not a bug to trace
         where = f": {os.fsdecode(e.filename)}" if e.filename is not None else ""
-        print(f"babyllama: error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
+        print(f"babyllama: error: {one_line(f'{e.strerror or first_line(e)}{where}')}", file=sys.stderr)
         return 1
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(message: str) -> str:
+    """The error on one line: a file name may hold a newline (Linux allows any byte but / and NUL), which would
+    split it; control characters are shown escaped, as repr() shows them ("\\n")."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
