@@ -261,8 +261,11 @@ def _new_temp(path: Path, what: str) -> Path:
     """A new empty file beside `path`, NAME.XXXXXXXX.tmp, for this write alone: two processes writing one target
     (a run started twice on one out_dir) would otherwise write into one temporary file, and the first rename
     would publish the mix of both."""
+    prefix = path.name  # cut to 200 bytes, so that the temporary name fits where the target's does (255 bytes)
+    while len(os.fsencode(prefix)) > 200:
+        prefix = prefix[:-1]
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f"{prefix}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _cannot_write(path, what, e) from None
     os.close(fd)

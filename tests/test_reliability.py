@@ -826,6 +826,9 @@ def test_two_writers_of_one_target_never_publish_a_mix(tmp_path):
         first.write(b"A" * 1000)
     assert target.read_bytes() == b"A" * 2000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    for longest in ("m" * 251 + ".bin", "é" * 125 + ".bin"):  # 255 bytes: the temporary file's name must fit too
+        safeio.write_bytes(tmp_path / longest, b"x")
+        assert (tmp_path / longest).read_bytes() == b"x"
 
 
 def test_a_write_killed_midway_leaves_no_torn_target(tmp_path):
