@@ -404,6 +404,25 @@ def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsy
     assert (tmp_path / "v" / "tok300.model").is_file()
 
 
+def test_train_vocab_into_a_read_only_folder_names_the_folder(tmp_path, monkeypatch):
+    """Its work folder is made inside the output folder: a folder it may not write in was refused naming the random
+    name the work folder would have had ("Permission denied: v/tmpk3x9"), a file that does not exist."""
+    pytest.importorskip("sentencepiece")
+    import tempfile
+
+    from babyllama.train.vocab import train_vocab
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "in.txt").write_text("A cat sat on the mat.\n")
+
+    def refused(suffix=None, prefix=None, dir=None):  # what mkdir answers in a read-only folder (as non-root)
+        raise PermissionError(13, "Permission denied", os.path.join(dir, "tmpk3x9"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(BabyLlamaError, match=f"^cannot write output folder {tmp_path / 'v'}: Permission denied$"):
+        train_vocab(tmp_path / "in.txt", 300, tmp_path / "v")
+
+
 def test_train_vocab_on_a_full_disk_names_what_it_could_not_write(tmp_path, request):
     """The copy of the text sentencepiece trains on is as large as the text: a full disk there is one line naming
     the folder, not a bare "File too large", and leaves no folder behind."""

@@ -36,7 +36,7 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     with safeio.new_folders_removed_on_error(out_dir):  # a refused vocabulary leaves no empty folder
         out = safeio.output_dir(out_dir)
         prefix = out / f"tok{vocab_size}"
-        with tempfile.TemporaryDirectory(dir=out) as tmp:  # in `out`, so that the model moves in with a rename
+        with _work_folder(out) as tmp:  # in `out`, so that the model moves in with a rename
             text_file = Path(tmp) / "vocab_input.txt"
             try:
                 _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
@@ -61,6 +61,15 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     binary = prefix.with_suffix(".bin")
     Tokenizer.from_sentencepiece(model).save(binary)
     return model, binary
+
+
+def _work_folder(out: Path) -> tempfile.TemporaryDirectory:
+    """A temporary folder in `out`; one that cannot be made there (a read-only folder) is one line naming `out`,
+    not the random name it would have had."""
+    try:
+        return tempfile.TemporaryDirectory(dir=out)
+    except OSError as e:
+        raise BabyLlamaError(f"cannot write output folder {out}: {e.strerror or e}") from None
 
 
 def _sentencepiece_reason(message: str) -> str:
