@@ -158,9 +158,17 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int |
 # ------------------------------------------------------------------------------------------------ writing
 
 
+# NumPy's tofile (the gguf writer's) reports a short write by its counts alone, without the system's reason
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
 def _cannot_write(path: Path, what: str, e: OSError) -> BabyLlamaError:
     blocker = _in_the_way(path) if isinstance(e, (FileExistsError, NotADirectoryError)) else None
-    return BabyLlamaError(f"cannot write {what} {path}: {blocker or e.strerror or e}")
+    reason = blocker or e.strerror or str(e)
+    short = _SHORT_WRITE.fullmatch(reason) if e.strerror is None else None
+    if short:
+        reason = f"the write stopped short ({short[2]} of {short[1]} bytes written: a full disk, or a file size limit?)"
+    return BabyLlamaError(f"cannot write {what} {path}: {reason}")
 
 
 def _in_the_way(path: Path) -> str | None:

@@ -353,19 +353,29 @@ def _save_checkpoint(out: Path) -> None:
     checkpoint.save({"model": {"w": torch.zeros(20_000)}}, out)
 
 
-@pytest.mark.parametrize("write, target", [
-    (lambda out: _save_hf(out, "f32"), "model.safetensors"),
-    (lambda out: _save_hf(out, "bf16"), "model.safetensors"),
-    (_save_checkpoint, "ckpt.pt"),
-], ids=["hf", "hf-bf16", "checkpoint"])
+def _save_gguf(out: Path) -> None:
+    pytest.importorskip("gguf")
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    save_gguf(random_weights(tiny_args()), out, from_tokenizer(byte_tokenizer(300)))
+
+
+@pytest.mark.parametrize("write, target, reason", [
+    (lambda out: _save_hf(out, "f32"), "model.safetensors", "File too large"),
+    (lambda out: _save_hf(out, "bf16"), "model.safetensors", "File too large"),
+    (_save_checkpoint, "ckpt.pt", "File too large"),
+    (_save_gguf, "m.gguf", r"the write stopped short \(\d+ of \d+ bytes written: a full disk, or a file size limit"),
+], ids=["hf", "hf-bf16", "checkpoint", "gguf"])
 def test_a_full_disk_under_a_library_writer_is_one_line_and_keeps_the_old_file(tmp_path, small_file_limit, write,
-                                                                                 target):
+                                                                                 target, reason):
     """safetensors and torch.save report a failed write with their own error types (SafetensorError, a
-    RuntimeError raised while handling the OSError): the same one line as our own writers, the old file kept."""
+    RuntimeError raised while handling the OSError), NumPy's tofile (the gguf writer's) by its byte counts alone:
+    the same one line as our own writers, the old file kept."""
     out = tmp_path / "out"
     out.mkdir()
     (out / target).write_bytes(b"old")
     path = out if target == "model.safetensors" else out / target
-    with pytest.raises(BabyLlamaError, match=f"cannot write output .*{target}: File too large"):
+    with pytest.raises(BabyLlamaError, match=f"cannot write output .*{target}: {reason}"):
         write(path)
     assert (out / target).read_bytes() == b"old" and leftovers(tmp_path) == []
