@@ -239,6 +239,30 @@ def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def folder_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """An exclusive lock on the existing folder `path` for the block: a flock on the folder itself, so that no
+    lock file is left behind, and gone with the process however it ends. A folder another process holds is
+    BabyLlamaError(busy); where locks are not to be had (no fcntl, a file system without them) the block runs
+    without one."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BabyLlamaError(busy) from None
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(fd)
+
+
 def current_umask() -> int:
     """The process's umask, read from /proc where Linux shows it: setting it to read it back (the portable way)
     changes it for a moment for every thread of the process, the server's included."""

@@ -535,10 +535,21 @@ def train(cfg: TrainConfig) -> dict:
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
         _check_same_data(cfg, saved)
-    with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
-        trainer = Trainer(cfg, ckpt)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.dist.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    with contextlib.ExitStack() as held:
+        with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
+            if int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only:
+                held.enter_context(_run_folder_lock(cfg.out_dir))
+            trainer = Trainer(cfg, ckpt)
+        try:
+            return trainer.run()
+        finally:
+            if trainer.dist.enabled and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run_folder_lock(out_dir: str) -> contextlib.AbstractContextManager:
+    """One run at a time writes a run folder: a second one (the command started again in another terminal) would
+    empty the first's metrics.jsonl at once and then replace its checkpoints with its own."""
+    safeio.output_dir(out_dir, "run folder (out_dir)")
+    return safeio.folder_lock(out_dir, f"another training run is writing {out_dir}: wait for it to end, or choose "
+                                       "another out_dir")
