@@ -647,6 +647,10 @@ def test_a_checkpoint_cut_short_says_so(tmp_path):
         (tmp_path / "ckpt.pt").write_bytes(data[:cut])
         with pytest.raises(BabyLlamaError, match=r"ckpt.pt: not a whole PyTorch file: no zip directory at its end"):
             checkpoint.load(tmp_path / "ckpt.pt")
+    from babyllama.interop.state_dict import torch_load_failure
+
+    os.mkfifo(tmp_path / "swapped")  # a file replaced by a pipe after torch failed on it: read without blocking
+    assert torch_load_failure(tmp_path / "swapped", OSError("torch's words")) == "torch's words"
     shard = save_meta(random_weights(tiny_args(vocab_size=300)), tmp_path / "meta") / "consolidated.00.pth"
     shard.write_bytes(shard.read_bytes()[:5000])  # Meta's shards are torch.save's zips too
     with pytest.raises(BabyLlamaError, match=r"00.pth: not a readable PyTorch checkpoint \(not a whole PyTorch file"):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import memory
+from .. import memory, safeio
 from ..config import ModelArgs
 from ..errors import BabyLlamaError, first_line
 from ..formats import (
@@ -91,8 +91,11 @@ def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
     """Why torch.load could not read `path`, on one line. torch.save writes a zip whose directory is its last
     bytes: a zip without one was cut short (an interrupted copy or download), which torch reports as "[Errno 22]
     Invalid argument" or miniz's "failed finding central directory"."""
-    with open(path, "rb") as f:
-        zip_start = f.read(4) == b"PK\x03\x04"
+    try:
+        with safeio.open_regular(path, "PyTorch file") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"
+    except (BabyLlamaError, OSError):  # gone or replaced since torch tried it: torch's words stand
+        return first_line(e)
     if zip_start and not zipfile.is_zipfile(path):
         return "not a whole PyTorch file: no zip directory at its end (cut short?)"
     return first_line(e)
