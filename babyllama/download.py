@@ -116,9 +116,12 @@ def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = T
     transfer may take at most `time_limit` seconds (default TIME_LIMIT_S). Returns the response headers
     (e.g. for a checksum the server advertises)."""
     time_limit = time_limit or TIME_LIMIT_S
-    with Deadline(time_limit) as deadline:
+    target = Path(target)
+    # two downloads of one file would append to the same .part, and the first rename would publish the mix
+    busy = f"another download into {target.parent} is running: wait for it to end"
+    with Deadline(time_limit) as deadline, safeio.folder_lock(target.parent, busy):
         try:
-            return _fetch(url, Path(target), show_progress, timeout, deadline)
+            return _fetch(url, target, show_progress, timeout, deadline)
         except BabyLlamaError:
             if deadline.expired:
                 raise BabyLlamaError(f"download failed: {url} took longer than the time limit of {time_limit:g} s; "

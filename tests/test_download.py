@@ -63,6 +63,20 @@ def test_a_full_disk_is_no_interrupted_transfer(mirror, tmp_path, small_file_lim
     assert (tmp_path / "m.bin.part").read_bytes() == model_bytes[:16 << 10]
 
 
+def test_a_second_download_into_a_folder_in_use_is_refused(mirror, tmp_path):
+    """Two downloads of one file appended to the same .part (the second resuming from wherever the first was), and
+    the first rename published the mix: a folder another download is writing is refused."""
+    from babyllama import safeio
+
+    base, server, model_bytes = mirror
+    with safeio.folder_lock(tmp_path, "held"):  # as the first download's process holds it
+        with pytest.raises(BabyLlamaError, match=f"another download into {tmp_path} is running"):
+            fetch(f"{base}/stories260K/stories260K.bin", tmp_path / "m.bin", show_progress=False)
+    assert not (tmp_path / "m.bin.part").exists() and server.log == []
+    fetch(f"{base}/stories260K/stories260K.bin", tmp_path / "m.bin", show_progress=False)
+    assert (tmp_path / "m.bin").read_bytes() == model_bytes
+
+
 def test_stale_part_longer_than_file_starts_over(mirror, tmp_path):
     base, server, model_bytes = mirror
     (tmp_path / "m.bin.part").write_bytes(model_bytes + b"junk")
