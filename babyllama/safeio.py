@@ -239,16 +239,26 @@ def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
         raise
 
 
+_LOCKED: set[tuple[int, int]] = set()  # (device, inode) of the folders this process holds (folder_lock)
+
+
 @contextlib.contextmanager
 def folder_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
     """An exclusive lock on the existing folder `path` for the block: a flock on the folder itself, so that no
     lock file is left behind, and gone with the process however it ends. A folder another process holds is
-    BabyLlamaError(busy); where locks are not to be had (no fcntl, a file system without them) the block runs
-    without one."""
+    BabyLlamaError(busy); one this process holds already (a fine-tune pretokenizing into its own run folder) is
+    entered again; where locks are not to be had (no fcntl, a file system without them) the block runs without
+    one."""
     try:
         import fcntl
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except (ImportError, OSError):
+        yield
+        return
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    if key in _LOCKED:
+        os.close(fd)
         yield
         return
     try:
@@ -258,7 +268,11 @@ def folder_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
             raise BabyLlamaError(busy) from None
         except OSError:
             pass  # no locks on this file system
-        yield
+        _LOCKED.add(key)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(key)
     finally:
         os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -468,3 +469,16 @@ def small_file_limit():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@contextlib.contextmanager
+def folder_held_elsewhere(path):
+    """The folder `path` locked as another process's safeio.folder_lock holds it: a flock of its own (flock locks
+    belong to an open file, so this conflicts with this process's folder_lock too)."""
+    fcntl = pytest.importorskip("fcntl")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)

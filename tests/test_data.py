@@ -337,6 +337,24 @@ def test_pretokenize_stopped_by_an_error_ends_stderr_with_the_error_line(tmp_pat
     assert r.stderr.decode().splitlines() == [f"babyllama: error: {tmp_path / 'in' / 'b.txt'}:1: not UTF-8 text"]
 
 
+def test_a_second_pretokenize_into_a_folder_in_use_is_refused(tmp_path, tok300):
+    """Two pretokenize runs into one folder mixed their shards under the last one's meta.json (and the first to end
+    removed the unfinished mark while the other still wrote): a folder another process writes is refused. One
+    this process holds (a fine-tune pretokenizing into its own run folder) is not."""
+    from conftest import folder_held_elsewhere
+
+    from babyllama import safeio
+
+    (tmp_path / "in.txt").write_text("A story.")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with folder_held_elsewhere(shards):
+        with pytest.raises(BabyLlamaError, match=f"another pretokenize is writing {shards}"):
+            pretokenize(tmp_path / "in.txt", tok300, shards, workers=1)
+    with safeio.folder_lock(shards, "held by this process"):
+        assert pretokenize(tmp_path / "in.txt", tok300, shards, workers=1)["shards"]["train"] == ["in.bin"]
+
+
 def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
     """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
     the earlier b.bin) must be refused, not trained on, until a run completes it."""

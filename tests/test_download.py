@@ -66,10 +66,10 @@ def test_a_full_disk_is_no_interrupted_transfer(mirror, tmp_path, small_file_lim
 def test_a_second_download_into_a_folder_in_use_is_refused(mirror, tmp_path):
     """Two downloads of one file appended to the same .part (the second resuming from wherever the first was), and
     the first rename published the mix: a folder another download is writing is refused."""
-    from babyllama import safeio
+    from conftest import folder_held_elsewhere
 
     base, server, model_bytes = mirror
-    with safeio.folder_lock(tmp_path, "held"):  # as the first download's process holds it
+    with folder_held_elsewhere(tmp_path):  # as the first download's process holds it
         with pytest.raises(BabyLlamaError, match=f"another download into {tmp_path} is running"):
             fetch(f"{base}/stories260K/stories260K.bin", tmp_path / "m.bin", show_progress=False)
     assert not (tmp_path / "m.bin.part").exists() and server.log == []

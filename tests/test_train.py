@@ -451,7 +451,8 @@ def test_a_folder_where_the_checkpoint_goes_is_refused_before_training(tmp_path,
 def test_a_second_run_into_a_run_folder_in_use_is_refused(tmp_path, one_thread, capsys):
     """The same command started again while the first runs (another terminal) emptied the first's metrics.jsonl
     at once and replaced its checkpoints with its own: refused while another process holds the folder."""
-    from babyllama import safeio
+    from conftest import folder_held_elsewhere
+
     from babyllama.cli import main
 
     data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
@@ -459,7 +460,7 @@ def test_a_second_run_into_a_run_folder_in_use_is_refused(tmp_path, one_thread, 
     assert main(argv) == 0
     log = (out / "metrics.jsonl").read_bytes()
     capsys.readouterr()
-    with safeio.folder_lock(out, "held"):  # as the first run's process holds it (a lock per open folder)
+    with folder_held_elsewhere(out):  # as the first run's process holds it
         assert main(argv) == 1
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"babyllama: error: another training run is writing {out}: wait for it to end, or choose another out_dir")

@@ -25,6 +25,7 @@ loss on the masked tokens only, weighted; plain text is drawn as random windows 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -197,6 +198,14 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
     words in chat replies (see the module docstring). Files in `exclude` (a folder inside `input_path`) are
     left out. Returns the meta.json contents."""
+    with contextlib.ExitStack() as held:  # the folder's lock, from the first write (_start_writing) to meta.json
+        return _pretokenize(held, input_path, tokenizer, out_dir, workers, batch_docs, skip_bad_lines, max_tokens,
+                            word_weight, exclude)
+
+
+def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, tokenizer: str | os.PathLike,
+                 out_dir: str | os.PathLike, workers: int | None, batch_docs: int, skip_bad_lines: bool,
+                 max_tokens: int | None, word_weight: int, exclude: str | os.PathLike | None) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     if not 1 <= word_weight <= 255:  # a mask byte holds it
@@ -225,7 +234,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
-        _start_writing(out)
+        _start_writing(out, held)
         for f, (ids, mask, offsets) in encoded.items():
             name = shard_name(f, root)
             _write_chat_shard(out / name, ids, mask, offsets)
@@ -236,7 +245,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
         first = next(by_file, None)
         if first is None:
             raise BabyLlamaError(f"{root}: no documents to pretokenize")
-        _start_writing(out)
+        _start_writing(out, held)
         # closed before an error leaves the block: the error line is the last one on stderr
         with progress_bar(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                           desc="pretokenize") as bar, \
@@ -262,11 +271,14 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     return meta
 
 
-def _start_writing(out: Path) -> None:
-    """The shard folder, made, marked incomplete and without an earlier meta.json until this run writes its own:
-    an interrupted run would leave an earlier meta.json describing shards it replaced, and without the mark a
-    folder without meta.json would read as llama2.c's shards (every .bin, old and new alike)."""
+def _start_writing(out: Path, held: contextlib.ExitStack) -> None:
+    """The shard folder, made, locked (two runs into one folder would mix their shards under the last one's
+    meta.json), marked incomplete and without an earlier meta.json until this run writes its own: an interrupted
+    run would leave an earlier meta.json describing shards it replaced, and without the mark a folder without
+    meta.json would read as llama2.c's shards (every .bin, old and new alike)."""
     safeio.output_dir(out)
+    held.enter_context(safeio.folder_lock(out, f"another pretokenize is writing {out}: wait for it to end, or "
+                                               "choose another --out-dir"))
     safeio.write_text(out / INCOMPLETE, "babyllama data pretokenize is writing this folder, or was interrupted\n")
     (out / META).unlink(missing_ok=True)
 
