@@ -209,7 +209,11 @@ def weights_from_checkpoint(path: str | os.PathLike) -> Weights:
 
 
 def _first_file(*candidates: Path) -> Path | None:
-    return next((p for p in candidates if p.is_file()), None)
+    """The first of `candidates` (where a model's tokenizer is looked for) whose name is there. One that is no file
+    (a symbolic link to nothing, a folder) is returned too, for its reader to refuse should it be needed (no -z):
+    passed over, the run would go on with another tokenizer (the built-in one, for a .bin of its vocabulary size)
+    and print garbage without a word."""
+    return next((p for p in candidates if os.path.lexists(p)), None)
 
 
 # ------------------------------------------------------------------------------------------- tokenizers

@@ -46,6 +46,8 @@ def _refuse(path: Path, what: str, mode: int) -> BabyLlamaError:
 
 
 def _os_error(path: Path, what: str, e: OSError) -> BabyLlamaError:
+    if isinstance(e, FileNotFoundError) and path.is_symlink():
+        return BabyLlamaError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if isinstance(e, (FileNotFoundError, NotADirectoryError)):
         return BabyLlamaError(f"{what} not found: {path}")
     return BabyLlamaError(f"cannot read {what} {path}: {e.strerror or e}")

@@ -118,6 +118,27 @@ def test_mmap_flags_are_refused_for_formats_they_do_not_apply_to(tmp_path, tiny_
     assert api.load(gguf).source_kind == "gguf"
 
 
+@pytest.mark.parametrize("broken", ["link", "folder"])
+def test_a_broken_tokenizer_beside_a_model_is_refused_not_replaced_by_the_builtin_one(tmp_path, capsys, broken):
+    """A tokenizer.bin beside a .bin that is a symbolic link to nothing (its target moved) or a folder was passed
+    over, and a .bin of the built-in tokenizer's vocabulary size ran with that one instead: garbage, without a
+    word. It is refused where it would be used; -z still runs the model."""
+    from babyllama.cli import main
+    from babyllama.loading import BUILTIN_TOKENIZER
+
+    model = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(vocab_size=Tokenizer.load(BUILTIN_TOKENIZER).vocab_size)), model)
+    if broken == "link":
+        (tmp_path / "tokenizer.bin").symlink_to(tmp_path / "moved" / "tok.bin")
+        why = f"tokenizer.bin is a symbolic link to {tmp_path / 'moved' / 'tok.bin'}, which does not exist"
+    else:
+        (tmp_path / "tokenizer.bin").mkdir()
+        why = "tokenizer.bin is a directory, not a regular file"
+    assert main(["run", str(model), "-n", "4", "-t", "0"]) == 1
+    assert why in capsys.readouterr().err
+    assert main(["run", str(model), "-n", "4", "-t", "0", "-z", str(BUILTIN_TOKENIZER)]) == 0
+
+
 def test_open_model_describes_what_it_loaded(tiny_bin):
     source = open_model(tiny_bin)
     assert source.kind == "bin" and "dim 32, 2 layers, vocab 320" in source.describe()
