@@ -81,11 +81,13 @@ def detect_format(path: str | os.PathLike) -> str:
     """Which of KINDS `path` holds, from its content (a folder: the files in it)."""
     path = Path(path)
     if path.is_dir():
-        if (path / CKPT_NAME).is_file():
+        # by name: one that is no file (a link to nothing, as a Hugging Face cache's after its blob went) is
+        # for its reader to name, not a reason to say the folder holds no model
+        if os.path.lexists(path / CKPT_NAME):
             return "checkpoint"
-        if (path / "config.json").is_file():
+        if os.path.lexists(path / "config.json"):
             return "hf"
-        if (path / "params.json").is_file():
+        if os.path.lexists(path / "params.json"):
             return "meta"
         raise BabyLlamaError(f"{path}: a folder that holds no model babyllama reads (ckpt.pt, a Hugging Face "
                              "config.json or Meta's params.json)")

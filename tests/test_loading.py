@@ -11,6 +11,7 @@ import pytest
 from conftest import LOAD_PEAK, random_weights, run_cli, run_memory_script, tiny_args, torch_checkpoint
 
 from babyllama import formats
+from babyllama.errors import BabyLlamaError
 from babyllama.loading import detect_format, open_model
 from babyllama.printer import Printer
 from babyllama.tokenizer import BOS, Tokenizer
@@ -137,6 +138,17 @@ def test_a_broken_tokenizer_beside_a_model_is_refused_not_replaced_by_the_builti
     assert main(["run", str(model), "-n", "4", "-t", "0"]) == 1
     assert why in capsys.readouterr().err
     assert main(["run", str(model), "-n", "4", "-t", "0", "-z", str(BUILTIN_TOKENIZER)]) == 0
+
+
+@pytest.mark.parametrize("name", ["config.json", "ckpt.pt", "params.json"])
+def test_a_model_folder_whose_file_links_to_nothing_says_so(tmp_path, name):
+    """A Hugging Face cache's snapshot links its files into blobs/: a link whose blob went was passed over, and the
+    folder said to hold "no model babyllama reads"; the link is named."""
+    (tmp_path / name).symlink_to(tmp_path / "blobs" / "gone")
+    if name == "config.json":
+        (tmp_path / "model.safetensors").write_bytes(b"")  # its blob is still there
+    with pytest.raises(BabyLlamaError, match=f"{name} is a symbolic link to {tmp_path / 'blobs' / 'gone'}, which "):
+        open_model(tmp_path)
 
 
 def test_open_model_describes_what_it_loaded(tiny_bin):

@@ -188,8 +188,9 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
         files = [p for p in given if p.name != "config.json"]
         if not files:
             raise BabyLlamaError("--hf: give a model directory or its weight files")
-    if not config.is_file():
+    if not os.path.lexists(config):
         raise BabyLlamaError(f"{config}: missing (a Hugging Face model needs its config.json)")
+    safeio.check_regular(config, "config.json")
     shards: list[Path] = []
     for f in files:
         if f.name.endswith(".index.json"):

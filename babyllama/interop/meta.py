@@ -61,8 +61,9 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     if not folder.is_dir():
         raise BabyLlamaError(f"{folder}: not a directory (a Meta checkpoint is a folder with params.json)")
     params_path = folder / "params.json"
-    if not params_path.is_file():
+    if not os.path.lexists(params_path):
         raise BabyLlamaError(f"{params_path}: missing (not a Meta checkpoint directory?)")
+    safeio.check_regular(params_path, "params.json")
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise BabyLlamaError(f"{folder}: no consolidated.*.pth shards")

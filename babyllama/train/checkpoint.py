@@ -34,7 +34,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / CKPT_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         raise BabyLlamaError(f"checkpoint not found: {path}")
     safeio.check_regular(path, "checkpoint")
     if path.stat().st_size == 0:
