@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from . import safeio
+from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
 from .formats import LAYER_MATRICES, Weights
 from .interop.state_dict import LAYER_NAMES, to_state_dict
-from .loading import CKPT_NAME
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"

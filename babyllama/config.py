@@ -12,6 +12,7 @@ DEFAULT_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_STEPS = 256  # run.c's -n: positions a generation runs, the prompt included
 DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each holds a KV cache)
+CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 
 
 def default_steps(steps: int | None, max_new_tokens: int | None) -> int:

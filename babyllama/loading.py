@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, safeio
+from .config import CKPT_NAME
 from .errors import BabyLlamaError, require
 from .formats import Weights
 from .tokenizer import Tokenizer
@@ -39,7 +40,6 @@ BUILTIN_CARD = ASSETS / "model.json"
 BUILTIN_CHAT = ASSETS / "chat.bin"  # the story model fine-tuned to follow requests (scripts/train_chat.sh)
 BUILTIN_CHAT_CARD = ASSETS / "chat.json"
 TOKENIZER_BIN = "tokenizer.bin"
-CKPT_NAME = "ckpt.pt"  # train/checkpoint.py's name (not imported: that module needs torch)
 
 KINDS = ("bin", "gguf", "hf", "meta", "checkpoint")
 HF_FILE_SUFFIXES = (".safetensors", ".index.json")

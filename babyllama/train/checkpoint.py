@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from .. import safeio
-from ..config import ModelArgs, checked_args
+from ..config import CKPT_NAME, ModelArgs, checked_args
 from ..errors import BabyLlamaError
 from ..interop.state_dict import expected_shapes, torch_load_failure
 from ..model import Transformer
 
 FORMAT = "babyllama-checkpoint-1"
-CKPT_NAME = "ckpt.pt"
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
