@@ -4,7 +4,9 @@ and `babyllama download NAME` (a known model and its tokenizer).
 Each file streams into `NAME.part` beside its destination and is renamed into place only when complete
 (and fsynced), so a half-downloaded model is never mistaken for a model. An interrupted download resumes:
 the next run asks the server for the rest with an HTTP Range request (and starts over if the server ignores
-it). A transfer has a total time limit: urllib's timeout only bounds each wait for data, which a server
+it). The first response's validator (a strong ETag, else Last-Modified) is kept in `NAME.part.validator` and sent
+as `If-Range`, so a file that changed on the server since is fetched whole instead of completed with the new
+file's tail. A transfer has a total time limit: urllib's timeout only bounds each wait for data, which a server
 dripping one byte every few seconds never trips.
 """
 
@@ -144,22 +146,28 @@ def _unreachable(url: str, e: Exception) -> BabyLlamaError:
 
 def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline: Deadline):
     part = target.with_name(target.name + ".part")
+    validator_file = target.with_name(target.name + ".part.validator")
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": f"babyllama/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        if validator := _read_validator(validator_file):
+            headers["If-Range"] = validator
     try:
         resp = deadline.opener().open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing left to send from that offset: our .part is stale, start over
             part.unlink()
+            validator_file.unlink(missing_ok=True)
             return _fetch(url, target, show_progress, timeout, deadline)
         raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError, HTTPException, ValueError) as e:
         raise _unreachable(url, e) from None
     with resp:
         if have and resp.status != 206:
-            have = 0  # the server ignored the Range header and sends the whole file
+            have = 0  # the server ignored the Range header, or the file changed (If-Range): it sends the whole file
+        if not have:
+            _keep_validator(validator_file, resp.headers)
         length = resp.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
         try:
@@ -178,7 +186,29 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
         raise BabyLlamaError(f"download failed: ended early ({got} of {total} bytes); run the same command "
                              "again to resume")
     safeio.commit(part, target)
+    validator_file.unlink(missing_ok=True)
     return resp.headers
+
+
+def _keep_validator(path: Path, headers) -> None:
+    """Note what identifies this version of the file, for the If-Range of a resume. A weak ETag may not be
+    used in If-Range; without a validator a resume sends Range alone, as there is nothing better to ask."""
+    etag = headers.get("ETag")
+    validator = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+    try:
+        if validator:
+            path.write_text(validator, encoding="ascii", errors="replace")
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        raise _cannot_write_part(path, e) from None
+
+
+def _read_validator(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip() or None
+    except OSError:
+        return None
 
 
 def _cannot_write_part(part: Path, e: OSError) -> BabyLlamaError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -285,12 +286,14 @@ def make_story_corpus(path: Path, n_stories: int, seed: int = 0) -> Path:
 
 class RangeServer(ThreadingHTTPServer):
     """A local HTTP server for download tests. Serves `files` ({URL path: bytes}, or one payload at any
-    path), honours `Range: bytes=N-` (416 past the end) unless `honour_ranges` is False, advertises
+    path) with a strong ETag (a hash of the bytes), honours `Range: bytes=N-` (416 past the end) unless
+    `honour_ranges` is False, and an `If-Range` that names another version with the whole file; advertises
     `advertised` as a sha256 the way Hugging Face does, and logs (path, Range header) per request."""
 
     def __init__(self, files: dict[str, bytes] | bytes, advertised: str | None = None):
         self.files, self.advertised = files, advertised
         self.honour_ranges = True
+        self.cut_after: int | None = None  # send this many bytes of the next response, then close (a lost connection)
         self.log: list[tuple[str, str | None]] = []
         super().__init__(("127.0.0.1", 0), _RangeHandler)
 
@@ -310,7 +313,9 @@ class _RangeHandler(BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
-        partial = bool(rng) and srv.honour_ranges
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if_range = self.headers.get("If-Range")
+        partial = bool(rng) and srv.honour_ranges and if_range in (None, etag)
         start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if partial else 0
         if start >= len(data) > 0:
             self.send_response(416)
@@ -320,10 +325,15 @@ class _RangeHandler(BaseHTTPRequestHandler):
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", etag)
         if srv.advertised:
             self.send_header("X-Linked-Etag", f'"{srv.advertised}"')
         self.end_headers()
-        self.wfile.write(data[start:])
+        body = data[start:]
+        if srv.cut_after is not None:
+            body, srv.cut_after = body[:srv.cut_after], None
+            self.close_connection = True
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass

@@ -52,6 +52,23 @@ def test_interrupted_download_resumes(mirror, tmp_path, server_ranges):
     assert not (tmp_path / "m.bin.part").exists()
 
 
+def test_a_file_changed_on_the_server_since_the_partial_download_is_fetched_whole(mirror, tmp_path):
+    """A resume asked for the rest with Range alone: a file replaced on the server in between was completed with
+    the new file's tail behind the old file's head. The first response's ETag goes along as If-Range."""
+    base, server, old = mirror
+    url = f"{base}/stories260K/stories260K.bin"
+    server.cut_after = 1000
+    with pytest.raises(BabyLlamaError, match="download failed: ended early"):
+        fetch(url, tmp_path / "m.bin", show_progress=False)
+    assert (tmp_path / "m.bin.part").read_bytes() == old[:1000]
+    new = bytes(b ^ 0xFF for b in old)
+    server.files["/stories260K/stories260K.bin"] = new
+    fetch(url, tmp_path / "m.bin", show_progress=False)
+    assert (tmp_path / "m.bin").read_bytes() == new
+    assert not (tmp_path / "m.bin.part").exists() and not (tmp_path / "m.bin.part.validator").exists()
+    assert server.ranges == [None, "bytes=1000-"]
+
+
 def test_a_full_disk_is_no_interrupted_transfer(mirror, tmp_path, small_file_limit):
     """A .part that cannot be written was reported as "interrupted ([Errno 27] File too large)"; the message names
     the file, and what it holds stays for the resume."""
