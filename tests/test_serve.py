@@ -303,6 +303,43 @@ def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
                 assert service.text_chunk(x, 1, text) == service.chunk(x, 1, text, None)
 
 
+def test_a_stream_waiting_for_its_first_token_sends_keepalive_comments():
+    """A stream queued for a slot (or prefilling a long prompt) wrote nothing until its first token, so a proxy's
+    or client's read timeout could drop it: it sends an SSE comment every keepalive_s until then, none after."""
+    import asyncio
+
+    from conftest import byte_tokenizer, random_weights, tiny_args
+
+    from babyllama.api import Model
+    from babyllama.sampler import Sampler
+    from babyllama.serve import protocol as p
+    from babyllama.serve.scheduler import Finished, Job, Token
+    from babyllama.serve.service import KEEPALIVE, Choice, Pending, ServeConfig, Service
+
+    tok = byte_tokenizer(300)
+    service = Service(Model(random_weights(tiny_args()), tok), ServeConfig(model_name="m", keepalive_s=0.05))
+    req = p.CompletionRequest(prompt=[1], stream=True)
+    pending = Pending(req, False, 1, [Choice(Job([1], 8, Sampler(0.0), lambda i, e: None), p.ChoiceText(tok, BOS,
+                                                                                                     req.stops))],
+                      asyncio.Queue(), id="cmpl-x")
+
+    async def read() -> list[bytes]:
+        got, stream = [], service.stream(pending)
+        got.append(await stream.__anext__())
+        got.append(await stream.__anext__())  # two comments while nothing comes
+        for t in b"hi":
+            pending.events.put_nowait((0, Token(tok.byte_ids[t])))
+        got.append(await stream.__anext__())
+        await asyncio.sleep(0.2)  # tokens flowed: waiting now sends nothing
+        pending.events.put_nowait((0, Finished("length", 2)))
+        got += [b async for b in stream]
+        return got
+
+    got = asyncio.run(asyncio.wait_for(read(), 10))
+    assert got[:2] == [KEEPALIVE, KEEPALIVE] and KEEPALIVE == b": keep-alive\n\n"
+    assert b'"text":"hi"' in got[2] and KEEPALIVE not in got[3:] and got[-1] == b"data: [DONE]\n\n"
+
+
 @pytest.fixture(scope="module")
 def byte_server(tmp_path_factory):
     """A random model whose vocabulary is mostly byte tokens: its text is full of characters split across

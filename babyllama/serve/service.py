@@ -41,6 +41,7 @@ class ServeConfig:
     prefix_min: int = 16  # 0: no prefix reuse
     chat_template: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
+    keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
 
 
 class APIError(Exception):
@@ -413,7 +414,11 @@ class Service:
                     yield self.chunk(pending, i, pending.echo, None)
             failed = False
             while not failed and not pending.complete:
-                events = [await pending.events.get()]
+                try:
+                    events = [await self.next_stream_event(pending)]
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    yield KEEPALIVE
+                    continue
                 while not pending.events.empty():
                     events.append(pending.events.get_nowait())
                 block, failed = self.stream_block(pending, events)
@@ -425,6 +430,15 @@ class Service:
             yield DONE
         finally:
             self.end_unfinished(pending)
+
+    async def next_stream_event(self, pending: Pending) -> tuple[int, Token | Finished]:
+        """The stream's next event. Until the first one (a request queued for a slot, a long prompt prefilled)
+        nothing else would be written for minutes, and proxies and clients with a read timeout (nginx: 60 s)
+        would drop the connection: raises asyncio.TimeoutError every `keepalive_s` for a comment line to be sent. Once
+        tokens flow, the wait has no timer (one per token would cost more than the comment saves)."""
+        if pending.choices and any(c.tokens or c.finish for c in pending.choices):
+            return await pending.events.get()
+        return await asyncio.wait_for(pending.events.get(), self.config.keepalive_s)
 
     def stream_block(self, pending: Pending, events: list[tuple[int, Token | Finished]]) -> tuple[list[bytes], bool]:
         """The chunks for events that arrived together, and whether the answer failed (an error event ends
@@ -527,6 +541,7 @@ def compact(value) -> str:
 
 
 DONE = format_sse_event(data_str="[DONE]")
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients (EventSource, openai's, httpx-sse) skip it
 
 
 def validation_param(e: ValidationError) -> str | None:
