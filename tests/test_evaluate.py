@@ -125,7 +125,11 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     want = evaluate(engine, byte_tokenizer(), data, show_progress=False)
     assert got["tokens"] == want.tokens and got["loss"] == pytest.approx(want.loss, rel=1e-6)
     quantized = run_cli("eval", str(tiny_model), "--data", str(data), "--json", "--quantize", "q8_0")
-    assert json.loads(quantized.stdout)["model"] == f"{tiny_model} --quantize q8_0"  # other figures, said so
+    assert {k: got[k] for k in ("model", "lora", "quantize", "kv_cache")} == \
+        {"model": str(tiny_model), "lora": None, "quantize": None, "kv_cache": "f32"}
+    settings = json.loads(quantized.stdout)  # other figures, said so in fields of their own
+    assert {k: settings[k] for k in ("model", "quantize", "kv_cache")} == \
+        {"model": str(tiny_model), "quantize": "q8_0", "kv_cache": "f16"}
     table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
     assert table.returncode == 0, table.stderr.decode()
     assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout

@@ -49,7 +49,7 @@ def cmd_eval(args) -> int:
     r = evaluate(model.engine, model.tokenizer, args.data, seq_len=args.seq_len, max_documents=args.max_stories,
                  max_tokens=args.max_tokens)
     if args.json:
-        print(json.dumps({"model": model_name(args), "data": args.data, **r.to_dict()}))
+        print(json.dumps({**run_settings(args, model), "data": args.data, **r.to_dict()}))
         return 0
     seq_len = args.seq_len or model.args.max_seq_len
     print(f"model       {model_name(args)}")
@@ -67,6 +67,16 @@ def model_name(args) -> str:
 
     return (str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
             + (f" --quantize {args.quantize}" if args.quantize else ""))
+
+
+def run_settings(args, model) -> dict:
+    """What the figures are of, as JSON fields: the model file, the adapter, the weights' type on load and the KV
+    cache's type (each changes the figures), so that a script comparing runs reads them without parsing."""
+    from ..engine import kv_cache_name
+    from ..loading import BUILTIN_MODEL
+
+    return {"model": str(args.checkpoint or BUILTIN_MODEL), "lora": args.lora, "quantize": args.quantize,
+            "kv_cache": kv_cache_name(model.engine.kv_dtype)}
 
 
 # flags that apply to one kind of evaluation only: refused with the other rather than ignored
@@ -98,7 +108,7 @@ def eval_instruct(model, args) -> int:
     s = score_instructions(model, eval_requests(args.instruct, args.max_examples), args.max_new_tokens)
     name = model_name(args)
     if args.json:
-        print(json.dumps({"model": name, "instruct": args.instruct, **s.to_dict(args.samples or 0)}))
+        print(json.dumps({**run_settings(args, model), "instruct": args.instruct, **s.to_dict(args.samples or 0)}))
         return 0
     print(f"model        {name}")
     print(f"requests     {s.requests} from {args.instruct} ({s.word_requests} ask for words, {s.topic_requests} for "
