@@ -64,6 +64,9 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if lora is not None:
         from .adapter import load_adapter, merge
 
+        if out.exists() and out.samefile(src.path):
+            raise BabyLlamaError(f"{out} is the base model: the merged model written over it would leave the adapter "
+                                 "without the base it was trained on; write it to another file")
         adapter, base = load_adapter(lora), src.weights
         src = replace(src, weights=merge(base, adapter, str(src.path)))
     explicit = tokenizer is not None

@@ -127,6 +127,21 @@ def test_lora_lowers_the_held_out_loss_and_trains_the_adapter_only(lora_run):
     assert any(np.abs(adapter.tensors[k]).max() > 0 for k in factors if k.endswith("lora_B"))
 
 
+def test_a_merged_export_over_its_own_base_is_refused(lora_run, tmp_path):
+    """`export BASE --model BASE --lora A` replaced the base with the merged model: the adapter's base was gone."""
+    import shutil
+
+    root, _, _ = lora_run
+    shutil.copy(root / "base.bin", tmp_path / "base.bin")
+    shutil.copy(root / "tokenizer.bin", tmp_path / "tokenizer.bin")
+    before = (tmp_path / "base.bin").read_bytes()
+    proc = run_cli("export", str(tmp_path / "base.bin"), "--model", str(tmp_path / "base.bin"), "--lora",
+                   str(root / "lora"))
+    assert proc.returncode == 1 and proc.stderr.decode().count("\n") == 1
+    assert "is the base model: the merged model written over it would leave the adapter" in proc.stderr.decode()
+    assert (tmp_path / "base.bin").read_bytes() == before
+
+
 def test_merged_adapter_computes_what_the_unmerged_model_does(lora_run, tmp_path):
     """NumPy engine on the merged export vs PyTorch with the factors unmerged: logits within 1e-4 (measured
     ~2e-6), greedy tokens equal up to a near-tie; `run --lora` and `run MERGED.bin` print the same text."""
