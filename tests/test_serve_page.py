@@ -270,3 +270,46 @@ def test_enter_that_confirms_an_input_method_candidate_does_not_send(browser):
         page.close()
     finally:
         server.stop()
+
+
+def set_control(page, control: str, value: str) -> None:
+    """A sampling control typed in (a range input's label follows its input event)."""
+    page.fill(control, value)
+    page.dispatch_event(control, "input")
+
+
+def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
+    """Left at their defaults, the controls under "More sampling controls" add nothing to the request; set, they
+    are sent as the fields serve reads, and the page shows the reply the API gives for the same request."""
+    server = Server("--slots", "1")
+    sent: list[dict] = []
+    try:
+        page = browser.new_page()
+        page.on("request", lambda r: sent.append(json.loads(r.post_data))
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "60")
+        prompt = "Tell me a story about a cat."
+        send_and_read_stream(page, prompt)
+        assert set(sent[-1]) == {"messages", "stream", "temperature", "top_p", "max_tokens", "stream_options"}
+        plain = page.text_content(".msg.assistant")
+
+        page.click("#clear")
+        page.click("#more-sampling summary")
+        controls = {"top_k": 5, "min_p": 0.05, "repeat_penalty": 1.3, "repeat_last_n": 32, "presence_penalty": 0.5,
+                    "frequency_penalty": 0.4}
+        for field, value in controls.items():
+            set_control(page, "#" + field.replace("_", "-"), str(value))
+        assert page.text_content("#presence-penalty-out") == "0.5"
+        send_and_read_stream(page, prompt)
+        body = sent[-1]
+        assert {k: body[k] for k in controls} == controls
+        shown = page.text_content(".msg.assistant")
+        api = server.post("/v1/chat/completions", {k: body[k] for k in body if k not in ("stream", "stream_options")})
+        assert api.status_code == 200
+        assert shown == api.json()["choices"][0]["message"]["content"] != plain  # the penalties changed the reply
+        page.close()
+    finally:
+        server.stop()

@@ -5,7 +5,22 @@ const history = [];  // {role, content} of the conversation so far: user and ass
 let controller = null;
 let conversation = 0;  // counts "New conversation" clicks: a reply still streaming then belongs to none
 
-for (const id of ["temperature", "top-p"]) {
+// llama.cpp's sampling controls: [input, the request field serve reads, the value that is off]. Each is sent only
+// when set (an input left empty is off), so that a page left at its defaults sends what it always did
+const CONTROLS = [["top-k", "top_k", 0], ["min-p", "min_p", 0], ["repeat-penalty", "repeat_penalty", 1],
+                  ["repeat-last-n", "repeat_last_n", 64], ["presence-penalty", "presence_penalty", 0],
+                  ["frequency-penalty", "frequency_penalty", 0]];
+
+function controls() {
+  const fields = {};
+  for (const [id, field, off] of CONTROLS) {
+    const text = $(id).value.trim();
+    if (text !== "" && +text !== off) fields[field] = +text;
+  }
+  return fields;
+}
+
+for (const id of ["temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty"]) {
   $(id).addEventListener("input", () => { $(id + "-out").value = $(id).value; });
 }
 $("api-key").value = sessionStorage.getItem("babyllama-key") || "";
@@ -45,7 +60,7 @@ async function postConversation(signal) {
       method: "POST", headers: headers(), signal,
       body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
                             top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
-                            stream_options: {include_usage: true}}),
+                            ...controls(), stream_options: {include_usage: true}}),
     });
     if (r.ok) return {r, dropped};
     const error = await errorOf(r);
