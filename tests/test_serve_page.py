@@ -313,3 +313,20 @@ def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_on_a_phone_s_width_the_conversation_and_the_composer_get_the_width(browser):
+    """At 375 px the settings go above the conversation: beside it, they left the replies a word a line, the
+    message box a few pixels and the stop button off the screen."""
+    server = Server("--slots", "1")
+    try:
+        page = browser.new_page(viewport={"width": 375, "height": 667})
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        box = {name: page.locator(name).bounding_box() for name in ("#log", "#prompt", "#send", "#stop", "aside")}
+        assert box["#log"]["width"] > 300 and box["#prompt"]["width"] > 150
+        assert all(0 <= b["x"] and b["x"] + b["width"] <= 375 for b in box.values())
+        assert box["#stop"]["y"] + box["#stop"]["height"] <= 667 and box["aside"]["height"] < 667 / 2
+        page.close()
+    finally:
+        server.stop()
