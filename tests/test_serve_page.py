@@ -330,3 +330,36 @@ def test_on_a_phone_s_width_the_conversation_and_the_composer_get_the_width(brow
         page.close()
     finally:
         server.stop()
+
+
+def test_the_page_works_behind_a_proxy_s_path_prefix(browser):
+    """A reverse proxy that serves the server under /llama/ (each request's URL rewritten, as the proxy would):
+    the page's style, script and API calls go to the page's own path, not to the site's root."""
+    server = Server("--slots", "1")
+    prefix = server.url + "/llama/"
+    asked: list[str] = []
+
+    def proxy(route) -> None:
+        url = route.request.url
+        asked.append(url)
+        if url.startswith(prefix):
+            route.continue_(url=server.url + "/" + url[len(prefix):])
+        else:
+            route.fulfill(status=404, body="not behind the proxy")
+
+    try:
+        page = browser.new_page()
+        page.route("**/*", proxy)
+        page.goto(prefix)
+        page.wait_for_function("document.getElementById('model').textContent === 'babyllama-stories'")
+        page.fill("#max-tokens", "8")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 2 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert page.text_content(".msg.assistant") and not page.query_selector_all(".msg.error")
+        assert page.evaluate("getComputedStyle(document.getElementById('send')).color") == "rgb(255, 255, 255)"
+        assert asked and all(url.startswith(prefix) for url in asked)
+        page.close()
+    finally:
+        server.stop()

@@ -1,4 +1,5 @@
-// The chat page: posts the conversation to /v1/chat/completions and shows the streamed reply.
+// The chat page: posts the conversation to /v1/chat/completions and shows the streamed reply. Its URLs are
+// relative to the page's (as are index.html's), so that it works behind a proxy that serves it under a path.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const history = [];  // {role, content} of the conversation so far: user and assistant turns, alternating
@@ -56,7 +57,7 @@ async function postConversation(signal) {
     const system = $("system").value.trim();
     if (system) messages.push({role: "system", content: system});
     messages.push(...history.slice(dropped));
-    const r = await fetch("/v1/chat/completions", {
+    const r = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), signal,
       body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
                             top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
@@ -70,7 +71,7 @@ async function postConversation(signal) {
 
 // the model's name, or (on a 401) what is wrong with the key: none typed, or one the server refuses
 async function loadModel() {
-  const r = await fetch("/v1/models", {headers: headers()});
+  const r = await fetch("v1/models", {headers: headers()});
   if (r.ok) {
     $("model").textContent = (await r.json()).data[0].id;
     $("status").textContent = "";
