@@ -555,9 +555,13 @@ def validation_param(e: ValidationError) -> str | None:
 
 
 def validation_message(e: ValidationError) -> str:
-    """pydantic's errors as one line: where and what ("max_tokens: Input should be greater than or equal to 1")."""
+    """pydantic's errors as one line: where and what ("max_tokens: Input should be greater than or equal to 1").
+    A whole-request check's message names its field itself ("top_k must be ..."): it has no place to prefix."""
     parts = []
     for err in e.errors(include_url=False)[:3]:
+        if not err["loc"] and (err.get("ctx") or {}).get("param") is not None:
+            parts.append(err["msg"])
+            continue
         where = ".".join(str(x) for x in err["loc"]) or "body"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
