@@ -363,3 +363,50 @@ def test_the_page_works_behind_a_proxy_s_path_prefix(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_a_server_gone_mid_reply_or_before_the_message_is_said_so(browser, tmp_path):
+    """A reply whose stream ends without its [DONE] (the connection closed) was taken for a whole reply, and
+    the server killed while a reply streams was "network error": both say that the connection was lost, and the
+    turn is forgotten. A proxy's error page is named by its status. A message sent to a server that is gone said
+    "Failed to fetch"; the page says that the server cannot be reached."""
+    from conftest import never_ending_model
+
+    server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
+    lost = "Error: the connection to the server was lost before the reply was complete"
+    try:
+        page = browser.new_page()  # a proxy's error page, then a connection closed after a piece of the reply
+        answers = [dict(status=502, content_type="text/html", body="<h1>Bad Gateway</h1>"),
+                   dict(status=200, content_type="text/event-stream",
+                        body='data: {"choices": [{"index": 0, "delta": {"content": "Once"}}]}\n\n')]
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(**answers.pop(0)))
+        page.goto(server.url + "/")
+        for n in (1, 2):
+            page.fill("#prompt", "Hello")
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('.msg.error').length === {n}")
+        assert [e.text_content() for e in page.query_selector_all(".msg.error")] == ["Error: 502 Bad Gateway", lost]
+        page.close()
+
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "1500")
+        count_updates(page)
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("window.updates > 3")
+        server.proc.kill()
+        page.wait_for_function("!document.getElementById('send').disabled")
+        assert page.text_content(".msg.error") == lost
+        page.fill("#prompt", "Again")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.error').length === 2")
+        assert page.query_selector_all(".msg.error")[1].text_content() == \
+            "Error: cannot reach the server: is babyllama serve still running?"
+        page.dispatch_event("#api-key", "change")  # the model's name asked for again
+        page.wait_for_function("document.getElementById('status').textContent.includes('cannot reach')")
+        page.close()
+    finally:
+        server.stop()

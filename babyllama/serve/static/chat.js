@@ -43,9 +43,27 @@ function bubble(role, text) {
   return div;
 }
 
+// the server's error, or for an answer that is not one (a proxy's page) its status: "502 Bad Gateway"
 async function errorOf(response) {
-  try { return (await response.json()).error || {message: response.statusText}; }
-  catch (e) { return {message: response.statusText}; }
+  const status = {message: (response.status + " " + response.statusText).trim()};
+  try { return (await response.json()).error || status; }
+  catch (e) { return status; }
+}
+
+// A browser says only "Failed to fetch" (or "network error") when the server is gone: these say which
+const UNREACHABLE = "cannot reach the server: is babyllama serve still running?";
+const LOST = "the connection to the server was lost before the reply was complete";
+
+// fetch, whose network failure becomes UNREACHABLE (an abort stays an abort)
+async function request(url, init) {
+  try { return await fetch(url, init); }
+  catch (e) { throw e.name === "AbortError" ? e : new Error(UNREACHABLE); }
+}
+
+// the next piece of a streamed answer, whose network failure becomes LOST
+async function readPiece(reader) {
+  try { return await reader.read(); }
+  catch (e) { throw e.name === "AbortError" ? e : new Error(LOST); }
 }
 
 // Posts the conversation; while it is too long for the model's context, leaves out its oldest exchange (a user
@@ -57,7 +75,7 @@ async function postConversation(signal) {
     const system = $("system").value.trim();
     if (system) messages.push({role: "system", content: system});
     messages.push(...history.slice(dropped));
-    const r = await fetch("v1/chat/completions", {
+    const r = await request("v1/chat/completions", {
       method: "POST", headers: headers(), signal,
       body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
                             top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
@@ -71,7 +89,9 @@ async function postConversation(signal) {
 
 // the model's name, or (on a 401) what is wrong with the key: none typed, or one the server refuses
 async function loadModel() {
-  const r = await fetch("v1/models", {headers: headers()});
+  let r;
+  try { r = await request("v1/models", {headers: headers()}); }
+  catch (e) { $("status").textContent = "Error: " + e.message; return; }
   if (r.ok) {
     $("model").textContent = (await r.json()).data[0].id;
     $("status").textContent = "";
@@ -79,6 +99,9 @@ async function loadModel() {
     $("model").textContent = "";
     $("status").textContent = $("api-key").value.trim() ? "The server refused this API key."
                                                         : "This server needs an API key: type it on the left.";
+  } else {
+    $("model").textContent = "";
+    $("status").textContent = "Error: " + (await errorOf(r)).message;
   }
 }
 
@@ -89,7 +112,7 @@ async function send(text) {
   const out = bubble("assistant", "");
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
-  let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false;
+  let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false, complete = false;
   try {
     const {r, dropped} = await postConversation(controller.signal);
     if (dropped) {
@@ -99,14 +122,15 @@ async function send(text) {
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const {value, done} = await reader.read();
+      const {value, done} = await readPiece(reader);
       if (done) break;
       buffer += decoder.decode(value, {stream: true});
       let end;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
         const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
-        if (!data || data === "[DONE]") continue;
+        if (data === "[DONE]") complete = true;
+        if (!data || complete) continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
@@ -122,6 +146,7 @@ async function send(text) {
         if (first !== null && chunks > 1) showSpeed(chunks - 1, first);
       }
     }
+    if (!complete) throw new Error(LOST);  // the answer ends with [DONE]: a server killed mid-reply sends none
     if (first !== null && tokens > 1) showSpeed(tokens - 1, first);
   } catch (e) {
     if (e.name === "AbortError") reason = "stopped";
