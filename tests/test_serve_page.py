@@ -231,8 +231,9 @@ def test_a_new_conversation_while_a_reply_streams_drops_that_turn(browser, tmp_p
 
 
 def test_the_key_message_follows_the_key_typed(browser):
-    """The page of a server that needs a key says so; a wrong key typed is said to be refused, and once the
-    right one is typed the model's name shows and no message about the key stays."""
+    """The page of a server that needs a key says so; a wrong key typed is said to be refused, one that is not
+    printable ASCII is said to be no key, and once the right one is typed the model's name shows and no message
+    about the key stays."""
     server = Server("--slots", "1", api_key="k3y")
     try:
         page = browser.new_page()
@@ -242,6 +243,15 @@ def test_the_key_message_follows_the_key_typed(browser):
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('status').textContent.includes('refused')")
         assert page.text_content("#model") == ""
+        # a key no HTTP header can carry: fetch refused it with a TypeError, read as the server being gone
+        page.fill("#api-key", "clé")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('status').textContent.includes('printable ASCII')")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.error').length === 1")
+        assert page.text_content(".msg.error") == \
+            "Error: the API key typed has characters an API key cannot have (it is printable ASCII)"
         page.fill("#api-key", "k3y")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('model').textContent === 'babyllama-stories'")

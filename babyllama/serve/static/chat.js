@@ -27,9 +27,13 @@ for (const id of ["temperature", "top-p", "min-p", "presence-penalty", "frequenc
 $("api-key").value = sessionStorage.getItem("babyllama-key") || "";
 $("api-key").addEventListener("change", () => sessionStorage.setItem("babyllama-key", $("api-key").value));
 
+// A key with other characters than printable ASCII can be no server's (serve refuses such an --api-key), and
+// fetch would refuse to send it with a TypeError that request() could not tell from a server that is gone
 function headers() {
   const h = {"Content-Type": "application/json"};
   const key = $("api-key").value.trim();
+  if (!/^[\x20-\x7e]*$/.test(key)) throw new Error("the API key typed has characters an API key cannot have "
+                                                    + "(it is printable ASCII)");
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
 }
