@@ -420,3 +420,31 @@ def test_a_server_gone_mid_reply_or_before_the_message_is_said_so(browser, tmp_p
         page.close()
     finally:
         server.stop()
+
+
+def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(browser):
+    """Without max tokens a reply runs to the end of the context, which the status line called "max tokens";
+    and a reply cut at max tokens after the oldest turns were left out replaced that news with its own."""
+    server = Server("--slots", "1")
+    turn = ("The cat sat on the mat and the dog ran in the park. " * 24)[:1200]  # 501 tokens: 11 left of 512
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        set_control(page, "#temperature", "0")  # and no system prompt: the turn alone fills the context
+        page.fill("#max-tokens", "")
+
+        def say(text: str, n_turns: int) -> str:
+            page.fill("#prompt", text)
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n_turns} && "
+                                   "!document.getElementById('send').disabled", timeout=60_000)
+            assert not page.query_selector_all(".msg.error")
+            return page.text_content("#status")
+
+        assert say(turn, 1) == "reply cut at the end of the model's context"
+        page.fill("#max-tokens", "5")
+        assert say("Hello", 2) == "earliest turns left out to fit the model's context; reply cut at max tokens"
+        page.close()
+    finally:
+        server.stop()

@@ -73,7 +73,7 @@ async function readPiece(reader) {
 // Posts the conversation; while it is too long for the model's context, leaves out its oldest exchange (a user
 // turn and its reply; the system prompt stays) and tries again, until only the new turn is left. Returns the
 // response and how many turns of `history` it left out.
-async function postConversation(signal) {
+async function postConversation(signal, maxTokens) {
   for (let dropped = 0; ; dropped += 2) {
     const messages = [];
     const system = $("system").value.trim();
@@ -82,7 +82,7 @@ async function postConversation(signal) {
     const r = await request("v1/chat/completions", {
       method: "POST", headers: headers(), signal,
       body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
-                            top_p: +$("top-p").value, max_tokens: +$("max-tokens").value || undefined,
+                            top_p: +$("top-p").value, max_tokens: maxTokens,
                             ...controls(), stream_options: {include_usage: true}}),
     });
     if (r.ok) return {r, dropped};
@@ -117,11 +117,14 @@ async function send(text) {
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
   let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false, complete = false;
+  const maxTokens = +$("max-tokens").value || undefined;  // none: the rest of the context
+  const notes = [];  // what the status line says of this turn
   try {
-    const {r, dropped} = await postConversation(controller.signal);
+    const {r, dropped} = await postConversation(controller.signal, maxTokens);
     if (dropped) {
       history.splice(0, dropped);  // the next turns would not fit with them either
-      $("status").textContent = "earliest turns left out to fit the model's context";
+      notes.push("earliest turns left out to fit the model's context");
+      $("status").textContent = notes.join("; ");
     }
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
@@ -163,8 +166,11 @@ async function send(text) {
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
-  if (reason === "length") $("status").textContent = "reply cut at max tokens";
-  else if (reason === "stopped") $("status").textContent = "stopped";
+  if (reason === "length") {
+    notes.push(maxTokens ? "reply cut at max tokens" : "reply cut at the end of the model's context");
+  }
+  else if (reason === "stopped") notes.push("stopped");
+  $("status").textContent = notes.join("; ");
 }
 
 // tokens after the first over the time since it came (a streamed chunk carries one token's text)
