@@ -448,3 +448,37 @@ def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(bro
         page.close()
     finally:
         server.stop()
+
+
+def test_a_reply_s_html_is_text_and_an_empty_reply_is_said_so(browser):
+    """The reply's text is shown as text (markup in it is not run), and a reply that ends before any text (the
+    model's first token an end of text), which the page leaves out of the conversation, is said to be so: it
+    was an empty bubble and nothing else."""
+    server = Server("--slots", "1")
+    markup = '<img src=x onerror="window.ran = 1"><b>bold</b> **not bold**'
+
+    def stream(*contents: str) -> str:
+        chunks = [{"choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]} for c in contents]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    answers = [stream(markup[:12], markup[12:]), stream()]
+    try:
+        page = browser.new_page()
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, content_type="text/event-stream", body=answers.pop(0)))
+        page.goto(server.url + "/")
+        for n, text in enumerate(["<script>window.ran = 2</script>", "Hello"], 1):
+            page.fill("#prompt", text)
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n} && "
+                                   "!document.getElementById('send').disabled")
+        assert [m.text_content() for m in page.query_selector_all("#log .msg")] == \
+            ["<script>window.ran = 2</script>", markup, "Hello", ""]
+        assert page.query_selector_all("#log img, #log b, #log script") == []
+        assert page.evaluate("window.ran") is None
+        assert page.text_content("#status") == \
+            "the model ended its reply before any text: this turn is left out of the conversation"
+        page.close()
+    finally:
+        server.stop()

@@ -166,6 +166,8 @@ async function send(text) {
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
+  if (!failed && !reply && reason !== "stopped") notes.push("the model ended its reply before any text: this turn "
+                                                           + "is left out of the conversation");
   if (reason === "length") {
     notes.push(maxTokens ? "reply cut at max tokens" : "reply cut at the end of the model's context");
   }
