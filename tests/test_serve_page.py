@@ -312,7 +312,7 @@ def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
                     "frequency_penalty": 0.4}
         for field, value in controls.items():
             set_control(page, "#" + field.replace("_", "-"), str(value))
-        assert page.text_content("#presence-penalty-out") == "0.5"
+        assert page.text_content("#presence-penalty-out") == "0.5" and page.is_visible("#top-k")  # shown: it is set
         send_and_read_stream(page, prompt)
         body = sent[-1]
         assert {k: body[k] for k in controls} == controls
@@ -479,6 +479,49 @@ def test_a_reply_s_html_is_text_and_an_empty_reply_is_said_so(browser):
         assert page.evaluate("window.ran") is None
         assert page.text_content("#status") == \
             "the model ended its reply before any text: this turn is left out of the conversation"
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_a_reload_keeps_the_conversation_and_the_settings(browser):
+    """A reload of the page (a phone's browser reloads a tab it had put away) lost the conversation and every
+    setting but the key: the log, the turns sent with the next message and the settings are kept for the tab."""
+    server = Server("--slots", "1")
+    sent: list[dict] = []
+    try:
+        page = browser.new_page()
+        page.on("request", lambda r: sent.append(json.loads(r.post_data))
+                if r.url.endswith("/v1/chat/completions") else None)
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "8")
+        page.click("#more-sampling summary")
+        set_control(page, "#top-k", "7")
+        set_control(page, "#presence-penalty", "0.5")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 2 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        log = [(m.get_attribute("class"), m.text_content()) for m in page.query_selector_all("#log .msg")]
+        page.reload()
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        assert [(m.get_attribute("class"), m.text_content()) for m in page.query_selector_all("#log .msg")] == log
+        assert [page.input_value(i) for i in ("#system", "#temperature", "#max-tokens", "#top-k")] == \
+            ["You are a storyteller.", "0", "8", "7"]
+        assert page.text_content("#presence-penalty-out") == "0.5" and page.is_visible("#top-k")  # shown: it is set
+        page.fill("#prompt", "Again")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 4 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert sent[-1]["messages"] == [*sent[0]["messages"], {"role": "assistant", "content": log[1][1]},
+                                        {"role": "user", "content": "Again"}]
+        assert sent[-1]["top_k"] == 7 and sent[-1]["presence_penalty"] == 0.5
+        page.click("#clear")
+        page.reload()
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        assert page.query_selector_all("#log .msg") == []
         page.close()
     finally:
         server.stop()

@@ -21,8 +21,36 @@ function controls() {
   return fields;
 }
 
-for (const id of ["temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty"]) {
+const SLIDERS = ["temperature", "top-p", "min-p", "presence-penalty", "frequency-penalty"];  // each with an output
+for (const id of SLIDERS) {
   $(id).addEventListener("input", () => { $(id + "-out").value = $(id).value; });
+}
+
+// The conversation (what the log shows, and the turns sent) and the settings outlive a reload of the page (a
+// phone's browser reloads a tab it had put away): kept for the tab's session, as the key is
+const SETTINGS = ["system", "max-tokens", ...SLIDERS, ...CONTROLS.map(([id]) => id)];
+
+function saveConversation() {
+  const log = [...$("log").children].map((div) => [div.className.replace("msg ", ""), div.textContent]);
+  sessionStorage.setItem("babyllama-conversation", JSON.stringify({history, log}));
+}
+
+function saveSettings() {
+  const settings = Object.fromEntries(SETTINGS.map((id) => [id, $(id).value]));
+  sessionStorage.setItem("babyllama-settings", JSON.stringify(settings));
+}
+
+function restore() {
+  try {
+    const settings = JSON.parse(sessionStorage.getItem("babyllama-settings")) || {};
+    for (const id of SETTINGS) if (typeof settings[id] === "string") $(id).value = settings[id];
+    for (const id of SLIDERS) $(id + "-out").value = $(id).value;
+    if (Object.keys(controls()).length) $("more-sampling").open = true;  // a control in use is in sight
+    const saved = JSON.parse(sessionStorage.getItem("babyllama-conversation"));
+    if (!saved) return;
+    history.push(...saved.history);
+    for (const [role, text] of saved.log) bubble(role, text);
+  } catch (e) {}  // nothing usable saved: a fresh page
 }
 $("api-key").value = sessionStorage.getItem("babyllama-key") || "";
 $("api-key").addEventListener("change", () => sessionStorage.setItem("babyllama-key", $("api-key").value));
@@ -166,6 +194,7 @@ async function send(text) {
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
+  saveConversation();
   if (!failed && !reply && reason !== "stopped") notes.push("the model ended its reply before any text: this turn "
                                                            + "is left out of the conversation");
   if (reason === "length") {
@@ -199,6 +228,9 @@ $("clear").addEventListener("click", () => {
   conversation += 1;
   if (controller) controller.abort();  // a reply still streaming belonged to the conversation cleared
   history.length = 0; $("log").textContent = ""; $("status").textContent = "";
+  saveConversation();
 });
+for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
 $("api-key").addEventListener("change", loadModel);
+restore();
 loadModel();
