@@ -239,6 +239,8 @@ def test_the_key_message_follows_the_key_typed(browser):
         page = browser.new_page()
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('status').textContent.includes('needs an API key')")
+        # the field is not "on the left" on a phone's width, where the settings are above the conversation
+        assert page.text_content("#status") == "This server needs an API key: type it in the API key field."
         page.fill("#api-key", "wrong")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('status').textContent.includes('refused')")

@@ -130,7 +130,7 @@ async function loadModel() {
   } else if (r.status === 401) {
     $("model").textContent = "";
     $("status").textContent = $("api-key").value.trim() ? "The server refused this API key."
-                                                        : "This server needs an API key: type it on the left.";
+                                                        : "This server needs an API key: type it in the API key field.";
   } else {
     $("model").textContent = "";
     $("status").textContent = "Error: " + (await errorOf(r)).message;
