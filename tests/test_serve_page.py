@@ -527,3 +527,30 @@ def test_a_reload_keeps_the_conversation_and_the_settings(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_a_reader_who_scrolls_up_while_a_reply_streams_is_left_there(browser, tmp_path):
+    """Each piece of a reply scrolled the log to the bottom, pulling away a reader who had scrolled up to read
+    while it streamed; the log follows the reply only while it is scrolled to the bottom."""
+    from conftest import never_ending_model
+
+    server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
+    try:
+        page = browser.new_page(viewport={"width": 800, "height": 400})
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "1500")
+        count_updates(page)
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        log = "document.getElementById('log')"
+        page.wait_for_function(f"{log}.scrollTop > 100")  # followed while at the bottom
+        page.evaluate(f"{log}.scrollTop = 0")
+        updates = page.evaluate("window.updates")
+        page.wait_for_function(f"window.updates > {updates + 5}")
+        assert page.evaluate(f"{log}.scrollTop") == 0
+        page.click("#stop")
+        page.close()
+    finally:
+        server.stop()

@@ -66,12 +66,20 @@ function headers() {
   return h;
 }
 
+// Text added to the log: the log follows it to the bottom, unless the reader has scrolled up to read (a line's
+// height from the bottom or more), where it is left; a message the user sends is always brought into view
+function follow(add, always = false) {
+  const log = $("log");
+  const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 20;
+  add();
+  if (atBottom || always) log.scrollTop = log.scrollHeight;
+}
+
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = "msg " + role;
   div.textContent = text;
-  $("log").appendChild(div);
-  $("log").scrollTop = $("log").scrollHeight;
+  follow(() => $("log").appendChild(div), role === "user");
   return div;
 }
 
@@ -173,8 +181,8 @@ async function send(text) {
           if (c.delta && c.delta.content) {
             if (first === null) first = performance.now();
             chunks += 1;
-            reply += c.delta.content; out.textContent = reply;
-            $("log").scrollTop = $("log").scrollHeight;
+            reply += c.delta.content;
+            follow(() => { out.textContent = reply; });
           }
           if (c.finish_reason) reason = c.finish_reason;
         }
