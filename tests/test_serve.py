@@ -66,7 +66,12 @@ def test_models_health_and_page(server, client):
     assert server.get("/health").json() == {"status": "ok", "slots": 16, "active": 0, "queued": 0}
     page = server.get("/")
     assert page.status_code == 200 and "<title>babyllama chat</title>" in page.text
-    assert server.get("/static/chat.js").status_code == 200
+    script = server.get("/static/chat.js")
+    assert script.status_code == 200
+    # revalidated on every load, not cached by heuristics: an upgraded server's page never runs a stale script
+    assert page.headers["cache-control"] == script.headers["cache-control"] == "no-cache"
+    revalidated = httpx.get(server.url + "/static/chat.js", headers={"If-None-Match": script.headers["etag"]})
+    assert revalidated.status_code == 304
     assert "babyllama_slots 16.0" in server.get("/metrics").text
 
 

@@ -21,6 +21,9 @@ from .service import APIError, ClientGone, ServeConfig, Service
 
 STATIC = Path(__file__).parent / "static"
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+# The page and its files are revalidated on every load (their ETag and Last-Modified make that a 304): left to a
+# browser's heuristic caching, a page from an upgraded server could run with a stale script or style
+PAGE_CACHING = {"Cache-Control": "no-cache"}
 
 
 def create_app(model: Model, config: ServeConfig) -> FastAPI:
@@ -85,10 +88,19 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=PAGE_CACHING)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", PageFiles(directory=STATIC), name="static")
     return app
+
+
+class PageFiles(StaticFiles):
+    """The page's script and style, with PAGE_CACHING."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_CACHING)
+        return response
 
 
 class Count:
