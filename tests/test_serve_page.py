@@ -329,7 +329,7 @@ def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
 
 def test_on_a_phone_s_width_the_conversation_and_the_composer_get_the_width(browser):
     """At 375 px the settings go above the conversation: beside it, they left the replies a word a line, the
-    message box a few pixels and the stop button off the screen."""
+    message box a few pixels and the stop button off the screen. A long word is broken inside its bubble."""
     server = Server("--slots", "1")
     try:
         page = browser.new_page(viewport={"width": 375, "height": 667})
@@ -339,6 +339,14 @@ def test_on_a_phone_s_width_the_conversation_and_the_composer_get_the_width(brow
         assert box["#log"]["width"] > 300 and box["#prompt"]["width"] > 150
         assert all(0 <= b["x"] and b["x"] + b["width"] <= 375 for b in box.values())
         assert box["#stop"]["y"] + box["#stop"]["height"] <= 667 and box["aside"]["height"] < 667 / 2
+        # a word longer than the width (a URL, a path) is broken inside its bubble, not run out of it
+        page.fill("#max-tokens", "4")
+        page.fill("#prompt", "https://example.com/" + "a" * 200)
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelectorAll('#log .msg').length === 2 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert page.evaluate("""() => [...document.querySelectorAll('#log, #log .msg')]
+                                      .every((e) => e.scrollWidth <= e.clientWidth)""")
         page.close()
     finally:
         server.stop()
