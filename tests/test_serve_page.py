@@ -562,3 +562,24 @@ def test_a_reader_who_scrolls_up_while_a_reply_streams_is_left_there(browser, tm
         page.close()
     finally:
         server.stop()
+
+
+def test_the_page_works_where_the_browser_refuses_storage(browser):
+    """Storage refused (Chrome set to block sites' data, where reading sessionStorage throws; a full quota): the
+    page still chats, and only a reload forgets. The key's read threw as the script started: a dead page."""
+    server = Server("--slots", "1")
+    try:
+        page = browser.new_page()
+        page.add_init_script("""Object.defineProperty(window, 'sessionStorage', {get() {
+            throw new DOMException("Failed to read the 'sessionStorage' property", 'SecurityError'); }});""")
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.fill("#api-key", "k")
+        page.dispatch_event("#api-key", "change")
+        page.fill("#max-tokens", "3")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.getElementById('status').textContent === 'reply cut at max tokens'")
+        page.close()
+    finally:
+        server.stop()

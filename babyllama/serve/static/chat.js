@@ -30,14 +30,18 @@ for (const id of SLIDERS) {
 // phone's browser reloads a tab it had put away): kept for the tab's session, as the key is
 const SETTINGS = ["system", "max-tokens", ...SLIDERS, ...CONTROLS.map(([id]) => id)];
 
+// storage refused (full, or turned off by the browser's settings) only means that a reload forgets
+function keep(name, value) {
+  try { sessionStorage.setItem(name, value); } catch (e) {}
+}
+
 function saveConversation() {
   const log = [...$("log").children].map((div) => [div.className.replace("msg ", ""), div.textContent]);
-  sessionStorage.setItem("babyllama-conversation", JSON.stringify({history, log}));
+  keep("babyllama-conversation", JSON.stringify({history, log}));
 }
 
 function saveSettings() {
-  const settings = Object.fromEntries(SETTINGS.map((id) => [id, $(id).value]));
-  sessionStorage.setItem("babyllama-settings", JSON.stringify(settings));
+  keep("babyllama-settings", JSON.stringify(Object.fromEntries(SETTINGS.map((id) => [id, $(id).value]))));
 }
 
 function restore() {
@@ -52,8 +56,9 @@ function restore() {
     for (const [role, text] of saved.log) bubble(role, text);
   } catch (e) {}  // nothing usable saved: a fresh page
 }
-$("api-key").value = sessionStorage.getItem("babyllama-key") || "";
-$("api-key").addEventListener("change", () => sessionStorage.setItem("babyllama-key", $("api-key").value));
+
+try { $("api-key").value = sessionStorage.getItem("babyllama-key") || ""; } catch (e) {}
+$("api-key").addEventListener("change", () => keep("babyllama-key", $("api-key").value));
 
 // A key with other characters than printable ASCII can be no server's (serve refuses such an --api-key), and
 // fetch would refuse to send it with a TypeError that request() could not tell from a server that is gone
