@@ -410,6 +410,15 @@ def test_disconnect_frees_the_slot(server):
     assert disconnected() == before + 1
 
 
+def test_a_stream_tells_proxies_not_to_buffer_it(server):
+    """Behind nginx (the chat page under a path prefix, say), a stream left to nginx's default buffering came in
+    bursts of kilobytes; the answer says not to buffer it (X-Accel-Buffering) nor keep it."""
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json=body) as r:
+        assert r.headers["x-accel-buffering"] == "no" and r.headers["cache-control"] == "no-cache"
+        assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
+
+
 def test_prefix_reuse_prefills_only_the_suffix(server, client, tokenizer):
     """Two prompts share a 200-token prefix: the second prefills only its own tokens (/metrics counts them) and
     its greedy text equals a fresh prefill's (`run`), up to a near-tie the logprobs would show."""

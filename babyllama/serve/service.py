@@ -27,6 +27,9 @@ from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, SchedulerFa
 
 DISCONNECT_POLL_S = 0.25  # how often a whole (not streamed) answer checks that its client is still there
 FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the whole request, not one choice
+# a stream is passed on as it comes: nginx buffers a proxied answer unless told not to (X-Accel-Buffering), and a
+# stream is never an answer to keep
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -289,7 +292,7 @@ class Service:
         choices = [Choice(job, p.ChoiceText(self.tok, BOS if chat else ids[-1], req.stops)) for job in jobs]
         pending = Pending(req, chat, len(ids), choices, events, echo, p.new_id("chatcmpl" if chat else "cmpl"))
         if req.stream:
-            return EventSourceResponse(self.stream(pending))
+            return EventSourceResponse(self.stream(pending), headers=STREAM_HEADERS)
         return await self.whole(request, pending)
 
     def stop_jobs(self, jobs: list[Job]) -> None:
