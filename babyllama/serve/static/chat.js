@@ -132,7 +132,7 @@ async function postConversation(signal, maxTokens) {
   }
 }
 
-// the model's name, or (on a 401) what is wrong with the key: none typed, or one the server refuses
+// the model's name, or (on a 401) what is wrong with the key: none typed, or one the server refuses; or the error
 async function loadModel() {
   let r;
   try { r = await request("v1/models", {headers: headers()}); }
