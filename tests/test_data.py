@@ -548,3 +548,16 @@ def test_data_with_only_a_dev_shard_is_refused_naming_dev_among_the_validation_w
     pretokenize(tmp_path / "instruct_dev.txt", tok300, tmp_path / "d", workers=1)
     with pytest.raises(BabyLlamaError, match=r"\(instruct_dev.bin: a name with the word val, valid, validation or dev"):
         split_arrays(tmp_path / "d", "train")
+
+
+def test_llama2c_tinystories_spellings_train_and_pretokenize(tmp_path):
+    """tinystories.py's `train_vocab --vocab_size=N` and `pretokenize --vocab_size=N` work as written."""
+    pytest.importorskip("sentencepiece")
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy played with ball tree big red".split()
+    rng = np.random.default_rng(0)
+    stories = "\n<|endoftext|>\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(200))
+    (tmp_path / "stories.txt").write_text(stories)
+    common = ["--input", str(tmp_path / "stories.txt"), "--data-dir", str(tmp_path / "data")]
+    assert main(["data", "train_vocab", "--vocab_size=300", *common]) == 0
+    assert main(["data", "pretokenize", "--vocab_size=300", *common, "--workers", "1"]) == 0
+    assert read_meta(tmp_path / "data" / "tok300")["vocab_size"] == 300

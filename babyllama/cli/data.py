@@ -26,11 +26,12 @@ def add(sub) -> None:
     add_time_limit(d)
     d.set_defaults(func=cmd_data_download)
 
-    v = steps.add_parser("train-vocab", help="train a sentencepiece BPE vocabulary (llama2.c's settings)",
+    v = steps.add_parser("train-vocab", aliases=["train_vocab"],
+                         help="train a sentencepiece BPE vocabulary (llama2.c's settings)",
                          description="Train a sentencepiece BPE vocabulary of --vocab-size tokens on the documents "
                                      "of --input (llama2.c's settings, runs of spaces kept) into "
                                      "DATA_DIR/tok{N}.model and its llama2.c tokenizer, DATA_DIR/tok{N}.bin.")
-    v.add_argument("--vocab-size", type=int, required=True, help="number of tokens, e.g. 4096")
+    v.add_argument("--vocab-size", "--vocab_size", type=int, required=True, help="number of tokens, e.g. 4096")
     v.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     v.add_argument("--data-dir", default="data", help="where tok{N}.model and tok{N}.bin go (data)")
     v.add_argument("--max-chars", type=positive_int, default=200_000_000,
@@ -44,7 +45,7 @@ def add(sub) -> None:
                                      "folder that train --data_dir and finetune --data_dir read.")
     t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     which = t.add_mutually_exclusive_group()
-    which.add_argument("--vocab-size", type=positive_int, default=None,
+    which.add_argument("--vocab-size", "--vocab_size", type=positive_int, default=None,
                        help="use DATA_DIR/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
