@@ -666,3 +666,36 @@ def test_a_json_config_with_a_lone_surrogate_escape_is_one_line(tmp_path):
         read_config_file(config)
     config.write_text('{"out_dir": "out\\ud83d\\ude00"}')  # a whole pair is a character
     assert read_config_file(config) == {"out_dir": "out\U0001f600"}
+
+
+@pytest.fixture
+def llama2c_checkpoint(tmp_path):
+    """A checkpoint as llama2.c's train.py writes it: a compiled model's state dict (`_orig_mod.` names), its
+    model_args and config (train.py's keys), best_val_loss a tensor; tokenizer.bin beside it."""
+    model = Transformer.from_weights(random_weights(tiny_args(hidden_dim=0), seed=5, scale=0.3))
+    model_args = {k: v for k, v in model.args.to_dict().items()
+                  if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len")}
+    config = {"out_dir": "out", "always_save_checkpoint": False, "wandb_log": False, "vocab_source": "custom",
+              **model_args, "dropout": 0.0, "compile": True}
+    out = tmp_path / "out15M"
+    out.mkdir()
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": model_args,
+                "iter_num": 100, "best_val_loss": torch.tensor(3.5), "config": config}, out / "ckpt.pt")
+    byte_tokenizer(300).save(out / "tokenizer.bin")
+    return out / "ckpt.pt"
+
+
+def test_sample_takes_sample_py_start_file_and_num_samples(llama2c_checkpoint, tmp_path, capsysbinary, monkeypatch):
+    """sample.py's `--start=FILE:prompt.txt --num_samples=2 --max_new_tokens=N --top_k=K`, on a llama2.c
+    checkpoint: the file's text is the prompt, and each sample is followed by sample.py's line of dashes."""
+    from babyllama.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_text("the cat")
+    argv = ["sample", f"--checkpoint={llama2c_checkpoint}", "--device", "cpu", "-t", "0", "--max_new_tokens=8",
+            "--top_k=300"]
+    assert main([*argv, "-i", "the cat"]) == 0
+    one = capsysbinary.readouterr().out
+    assert one.startswith(b"the cat") and b"-----" not in one
+    assert main([*argv, "--start=FILE:prompt.txt", "--num_samples=2"]) == 0
+    assert capsysbinary.readouterr().out == (one + b"---------------\n") * 2

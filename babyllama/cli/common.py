@@ -66,12 +66,12 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
     if per_reply:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
                        help=f"tokens per reply, 0 = up to the context window ({DEFAULT_STEPS})")
-        p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+        p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, metavar="N",
                        help="the same as -n (the name `run` and the server use)")
     else:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
                        help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
-        p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+        p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, metavar="N",
                        help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
     p.add_argument("-i", "--prompt", dest="prompt", default=None,
                    help="the first user turn (the others come from stdin)" if per_reply else "input prompt")
@@ -83,7 +83,7 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
 def add_control_flags(p) -> None:
     """llama.cpp's sampling flags (sampler.Controls), all off by default: sampling is then run.c's."""
     g = p.add_argument_group("sampling controls (llama.cpp's flags; off by default: run.c's sampling)")
-    g.add_argument("--top-k", type=int, default=0, metavar="K",
+    g.add_argument("--top-k", "--top_k", type=int, default=0, metavar="K",
                    help="sample among the K likeliest tokens; 0 = off (0)")
     g.add_argument("--min-p", type=float, default=0.0, metavar="P",
                    help="drop tokens less likely than P times the likeliest (before temperature); 0 = off (0)")

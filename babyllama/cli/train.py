@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import BabyLlamaError, require
-from .common import add_sampling_flags, check_sampling_flags, make_sampler, steps_flag, text_arg
+from .common import add_sampling_flags, check_sampling_flags, make_sampler, positive_int, steps_flag, text_arg
 
 
 def add(sub) -> None:
@@ -99,8 +99,29 @@ def add_sample(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
     p.add_argument("-z", "--tokenizer", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
     add_sampling_flags(p)
+    p.add_argument("--start", default=None,
+                   help="sample.py's name for the prompt (-i); FILE:PATH reads it from the file PATH")
+    p.add_argument("--num-samples", "--num_samples", type=positive_int, default=1, metavar="N",
+                   help="samples to draw, each followed by a line of dashes when there are several, as sample.py "
+                        "prints them (1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
+
+
+SAMPLE_SEPARATOR = "---------------"  # what sample.py prints after each sample
+
+
+def sample_prompt(args) -> str:
+    """-i, or sample.py's --start (FILE:PATH: the text of the file PATH)."""
+    if args.start is None:
+        return text_arg(args.prompt, "prompt (-i)")
+    if args.prompt is not None:
+        raise BabyLlamaError("-i and --start both give the prompt: give one of them")
+    if not args.start.startswith("FILE:"):
+        return text_arg(args.start, "prompt (--start)")
+    from .. import safeio
+
+    return safeio.read_text(args.start[len("FILE:"):], "prompt file (--start=FILE:...)")
 
 
 def cmd_sample(args) -> int:
@@ -108,7 +129,7 @@ def cmd_sample(args) -> int:
     from .run import generate_and_print
 
     check_sampling_flags(args)
-    prompt = text_arg(args.prompt, "prompt (-i)")
+    prompt = sample_prompt(args)
     device = args.device
     if device == "auto":
         torch = require("torch", "train", "sample")
@@ -116,4 +137,9 @@ def cmd_sample(args) -> int:
     model = load(args.checkpoint, args.tokenizer, device=device)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
-    return generate_and_print(model, make_sampler(args, args.seed or None), prompt, steps, args)
+    sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
+    for _ in range(args.num_samples):
+        generate_and_print(model, sampler, prompt, steps, args)
+        if args.num_samples > 1:
+            print(SAMPLE_SEPARATOR, flush=True)
+    return 0
