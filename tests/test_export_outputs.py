@@ -379,3 +379,19 @@ def test_a_full_disk_under_a_library_writer_is_one_line_and_keeps_the_old_file(t
     with pytest.raises(BabyLlamaError, match=f"cannot write output .*{target}: {reason}"):
         write(path)
     assert (out / target).read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, tiny):
+    """export.py's `--version -1 --dtype fp16` (its Hugging Face export) writes a Hugging Face folder of fp16
+    tensors, whatever OUT is named; `--dtype fp32` is f32."""
+    pytest.importorskip("safetensors")
+    import json
+
+    out = tmp_path / "hf.bin"  # llama2.c writes the folder at the path given
+    assert main(["export", str(out), "--model", str(tiny), "--version", "-1", "--dtype", "fp16"]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    assert main(["export", str(tmp_path / "hf32"), "--model", str(tiny), "--dtype", "fp32"]) == 0
+    assert json.loads((tmp_path / "hf32" / "config.json").read_text())["torch_dtype"] == "float32"
+    capsys.readouterr()
+    assert "is Hugging Face output, not --to gguf" in one_line(
+        capsys, "export", str(tmp_path / "m.gguf"), "--model", str(tiny), "--version", "-1", "--to", "gguf")

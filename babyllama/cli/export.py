@@ -23,11 +23,13 @@ def add(sub) -> None:
                    help="merge this LoRA adapter (from `babyllama finetune` on the source model) into the weights; "
                         "a Hugging Face export also gets the adapter in PEFT's layout in OUT/adapter")
     p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
-    p.add_argument("--version", type=int, choices=(0, 1, 2, 3), default=None,
-                   help=".bin version: 0 legacy fp32, 1 fp32, 2 Q8_0, 3 Q4_0 (babyllama only) (default 1)")
+    p.add_argument("--version", type=int, choices=(-1, 0, 1, 2, 3), default=None,
+                   help=".bin version: 0 legacy fp32 (llama2.c's default, what run.c reads), 1 fp32, 2 Q8_0, 3 Q4_0 "
+                        "(babyllama only) (default 1); -1: a Hugging Face directory, as llama2.c's export.py")
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
-    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None,
-                   help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16) (default f32)")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None, type=dtype_name,
+                   help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16; llama2.c's fp32 and "
+                        "fp16 too) (default f32)")
     p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
                    "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -43,17 +45,36 @@ def add(sub) -> None:
     t.set_defaults(func=cmd_export_tokenizer)
 
 
+LLAMA2C_DTYPES = {"fp32": "f32", "fp16": "f16"}  # export.py's --dtype names
+
+
+def dtype_name(text: str) -> str:
+    return LLAMA2C_DTYPES.get(text, text)
+
+
+def target(args) -> str:
+    """--to, or OUT's name; llama2.c's `--version -1` is its Hugging Face export."""
+    from ..export import infer_target
+
+    if args.version == -1:
+        if args.to not in (None, "hf"):
+            raise BabyLlamaError(f"--version -1 is Hugging Face output, not --to {args.to}")
+        args.version = None
+        return "hf"
+    return infer_target(args.output, args.to)
+
+
 def cmd_export(args) -> int:
-    from ..export import export, infer_target, report
+    from ..export import export, report
     from ..loading import load_source
 
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if args.group_size is not None and args.group_size <= 0:
         raise BabyLlamaError(f"--group-size must be positive, got {args.group_size}")
+    to = target(args)
     src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
                       max_seq_len=args.max_seq_len)
-    to = infer_target(args.output, args.to)
     written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
                      tokenizer=args.tokenizer, lora=args.lora)
     report(written, src.weights)
