@@ -699,3 +699,21 @@ def test_sample_takes_sample_py_start_file_and_num_samples(llama2c_checkpoint, t
     assert one.startswith(b"the cat") and b"-----" not in one
     assert main([*argv, "--start=FILE:prompt.txt", "--num_samples=2"]) == 0
     assert capsysbinary.readouterr().out == (one + b"---------------\n") * 2
+
+
+@pytest.mark.parametrize("always, saved_at", [(True, 4), (False, 3)])
+def test_always_save_checkpoint_false_keeps_the_best_evaluations_checkpoint(tmp_path, one_thread, monkeypatch,
+                                                                             always, saved_at):
+    """llama2.c's always_save_checkpoint: false writes ckpt.pt only at an evaluation whose val loss is the best
+    yet (llama2.c's default); true (babyllama's) at every evaluation."""
+    from babyllama.train import checkpoint
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import Trainer, train
+
+    val_losses = iter([5.0, 3.0, 4.0, 2.0, 6.0])  # steps 0-4: the best at step 3
+    monkeypatch.setattr(Trainer, "estimate_loss", lambda self: {"train": 1.0, "val": next(val_losses)})
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+
+    train(resolve_config(None, tiny_run(data, out, max_iters=4, eval_interval=1, always_save_checkpoint=always)))
+    ckpt = checkpoint.load(out)
+    assert ckpt["iter_num"] == saved_at and ckpt["best_val_loss"] == 2.0

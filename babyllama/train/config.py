@@ -24,6 +24,7 @@ class TrainConfig:
     eval_interval: int = 2000
     eval_iters: int = 100
     eval_only: bool = False
+    always_save_checkpoint: bool = True  # false: an evaluation writes ckpt.pt only when the val loss is the best yet
     log_interval: int = 1
     seed: int = 1337
     # model

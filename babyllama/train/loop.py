@@ -353,6 +353,10 @@ class Trainer:
         self.iter_num += 1
         return total
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process: the same answer on every one, as a collective save needs."""
+        return self.global_mean(torch.tensor(float(flag), device=self.device)) > 0
+
     def global_mean(self, value: torch.Tensor) -> float:
         if self.dist.enabled:
             value = value.clone()
@@ -364,13 +368,15 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         losses = self.estimate_loss()
+        improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.dist.master:
             print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                   flush=True)
         if self.metrics is not None:
             self.metrics.write(iter=self.iter_num, train_loss=losses["train"], val_loss=losses["val"])
-        if self.iter_num > 0 and not self.cfg.eval_only:
+        if self.iter_num > 0 and not self.cfg.eval_only and (self.cfg.always_save_checkpoint or
+                                                             self.any_rank(improved)):
             self.save_checkpoint()
         if self.metrics is not None and not self.metrics.pending:  # loss.png goes with out_dir's checkpoint too
             plot_losses(self.out_dir)
