@@ -561,3 +561,23 @@ def test_llama2c_tinystories_spellings_train_and_pretokenize(tmp_path):
     assert main(["data", "train_vocab", "--vocab_size=300", *common]) == 0
     assert main(["data", "pretokenize", "--vocab_size=300", *common, "--workers", "1"]) == 0
     assert read_meta(tmp_path / "data" / "tok300")["vocab_size"] == 300
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--wandb_log=True"], "wandb_log is a setting of llama2.c's train.py, not babyllama's: babyllama "
+                                    "does not log to Weights & Biases: every logged step and evaluation goes to "
+                                    "out_dir/metrics.jsonl"),
+    (["train", "--wandb_project=llamac"], "wandb_project is a setting of llama2.c's train.py"),
+    (["train", "--vocab_source=custom"], "vocab_source is a setting of llama2.c's train.py, not babyllama's: the "
+                                         "vocabulary is the data's: give --data_dir"),
+    (["train", "--wandb_log=False"], "set --data_dir"),  # what babyllama does anyway: the run's own error follows
+    (["train", "llama2c.toml"], "llama2c.toml: vocab_source is a setting of llama2.c's train.py"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    """llama2.c's wandb_* and vocab_source keys: one line saying what babyllama does instead, not argparse's
+    'unrecognized arguments' or 'unknown config key'."""
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama2c.toml").write_text('wandb_log = false\nvocab_source = "custom"\n')
+    assert message in one_line(capsys, argv)

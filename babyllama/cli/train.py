@@ -31,16 +31,23 @@ def add_config_flags(p, defaults: dict | None = None, hidden: tuple[str, ...] = 
     The `hidden` keys are parsed but left out of --help."""
     import argparse
 
-    from ..train.config import FIELDS, TrainConfig
+    from ..train.config import FIELDS, LLAMA2C_ONLY, TrainConfig
 
     knobs = p.add_argument_group("settings (--key=value)")
     for name in FIELDS:
         default = (defaults or {}).get(name, getattr(TrainConfig, name))
-        spellings = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
         boolean = isinstance(default, bool)
-        knobs.add_argument(*spellings, dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
+        knobs.add_argument(*spellings(name), dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
                            type=flag_value(name), nargs="?" if boolean else None, const=True if boolean else None,
                            help=argparse.SUPPRESS if name in hidden else f"(default {default!r})")
+    for name in LLAMA2C_ONLY:  # parsed so that the config check can say what to do instead
+        knobs.add_argument(*spellings(name), dest=f"cfg_{name}", default=None, nargs="?", const=True,
+                           help=argparse.SUPPRESS)
+
+
+def spellings(key: str) -> list[str]:
+    """--key, and --key-with-dashes where that differs."""
+    return list(dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"]))
 
 
 def flag_value(key: str) -> Callable[[str], object]:

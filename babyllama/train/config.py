@@ -145,8 +145,32 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+WANDB_NOTE = ("babyllama does not log to Weights & Biases: every logged step and evaluation goes to "
+              "out_dir/metrics.jsonl, plotted in out_dir/loss.png")
+# llama2.c train.py's keys that babyllama has no setting for, and what to do instead
+LLAMA2C_ONLY = {
+    "wandb_log": WANDB_NOTE,
+    "wandb_project": WANDB_NOTE,
+    "wandb_run_name": WANDB_NOTE,
+    "vocab_source": "the vocabulary is the data's: give --data_dir, the shard folder (`babyllama data pretokenize "
+                    "--vocab-size N` writes data/tokN; for Llama 2's vocabulary, --tokenizer tokenizer.model)",
+}
+
+
+def check_llama2c_only(key: str, value: object, source: str) -> None:
+    """A llama2.c key babyllama has no setting for: one line saying what to do instead. wandb_log=false asks for
+    what babyllama does anyway, and passes."""
+    if key == "wandb_log" and (value is False or str(value).strip().lower() in ("0", "false", "no", "off")):
+        return
+    raise BabyLlamaError(f"{source}: {key} is a setting of llama2.c's train.py, not babyllama's: "
+                         f"{LLAMA2C_ONLY[key]}")
+
+
 def apply(cfg: dict, updates: dict, source: str) -> None:
     for key, value in updates.items():
+        if key in LLAMA2C_ONLY:
+            check_llama2c_only(key, value, source)
+            continue
         if key not in FIELDS:
             raise BabyLlamaError(f"{source}: unknown config key {key!r}")
         kind = type(getattr(TrainConfig, key))
