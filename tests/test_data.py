@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 
@@ -581,3 +582,22 @@ def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, mes
     monkeypatch.chdir(tmp_path)
     (tmp_path / "llama2c.toml").write_text('wandb_log = false\nvocab_source = "custom"\n')
     assert message in one_line(capsys, argv)
+
+
+def test_a_llama2c_python_config_file_is_read_without_running_it(tmp_path):
+    """llama2.c's configurator takes `python train.py config/file.py`: its `key = value` lines are read (comments,
+    a docstring, negative numbers, True/False), checked as any setting; anything else is refused by line."""
+    pytest.importorskip("torch")
+    from babyllama.train.config import build_config
+
+    (tmp_path / "tiny.py").write_text('"""a tiny run"""\n# the model\ndim = 64  # small\nn_layers = 2\n'
+                                      "compile = False\nout_dir = 'out-tiny'\nlearning_rate = 1e-3\n")
+    cfg = build_config(tmp_path / "tiny.py", {"n_layers": "3"})
+    assert (cfg.dim, cfg.n_layers, cfg.compile, cfg.out_dir, cfg.learning_rate) == (64, 3, False, "out-tiny", 1e-3)
+    for body, message in (("import os\n", "tiny.py, line 1: a Python config file is read, not run"),
+                          ("dim = 64\nbatch_size = 4 * 8\n", "tiny.py, line 2: a Python config file is read, not run"),
+                          ("dim = 'big'\n", "dim must be int"),
+                          ("dim = (\n", "invalid Python")):
+        (tmp_path / "tiny.py").write_text(body)
+        with pytest.raises(BabyLlamaError, match=re.escape(message)):
+            build_config(tmp_path / "tiny.py")

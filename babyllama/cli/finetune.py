@@ -21,7 +21,8 @@ def add(sub) -> None:
                     "written; use it with `run/chat --lora` or `export --lora`. Without it every weight is "
                     "trained and OUT_DIR/ckpt.pt is a model of its own. Settings: the defaults, then CONFIG, "
                     "then --key=value flags (fine-tuning's defaults differ from train's: see below).")
-    p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    p.add_argument("config", nargs="?",
+                   help="config file (.toml, .json, or llama2.c's .py of key = value lines) with the settings")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf", metavar="DIR", help="the base is this Hugging Face Llama folder")
     src.add_argument("--meta-llama", metavar="DIR", help="the base is this Meta checkpoint folder")

@@ -16,9 +16,11 @@ def add(sub) -> None:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model with PyTorch (torchrun for DDP/FSDP)",
                        description="Train a Llama 2 model (llama2.c's train.py). Settings come from the "
-                                   "defaults, then CONFIG (TOML or JSON), then --key=value flags. Run under "
+                                   "defaults, then CONFIG (TOML, JSON or a .py of key = value lines), then "
+                                   "--key=value flags. Run under "
                                    "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
-    p.add_argument("config", nargs="?", help="config file (.toml or .json) with key = value settings")
+    p.add_argument("config", nargs="?",
+                   help="config file (.toml, .json, or llama2.c's .py of key = value lines) with the settings")
     from ..train.config import FINETUNE_KEYS
 
     # train refuses the fine-tuning keys in one line (check_finetune, cmd_train): parsed, but not offered

@@ -1,6 +1,7 @@
 """TrainConfig: every knob of a training run (llama2.c train.py's names), from defaults, a config file
-(TOML or JSON, flat keys) and `--key=value` overrides, in that order. When resuming, the checkpoint's
-config replaces the defaults, so `--init_from=resume --max_iters=N` continues the same run."""
+(TOML, JSON or llama2.c's Python `key = value` lines; flat keys) and `--key=value` overrides, in that order.
+When resuming, the checkpoint's config replaces the defaults, so `--init_from=resume --max_iters=N` continues
+the same run."""
 
 from __future__ import annotations
 
@@ -134,6 +135,8 @@ def read_config_file(path: str | Path) -> dict:
     text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES)
     if path.suffix == ".json":
         data = safeio.parse_json(text, str(path))
+    elif path.suffix == ".py":
+        data = read_python_config(text, path)
     else:
         tomllib = _toml_reader()
         try:
@@ -142,6 +145,29 @@ def read_config_file(path: str | Path) -> dict:
             raise BabyLlamaError(f"{path}: invalid TOML: {e}") from None
     if not isinstance(data, dict):
         raise BabyLlamaError(f"{path}: a config file holds key = value pairs")
+    return data
+
+
+def read_python_config(text: str, path: Path) -> dict:
+    """A llama2.c/nanoGPT config file (`key = value` Python lines), read without running it: only assignments
+    of literals (numbers, strings, booleans), each checked like any other setting."""
+    import ast
+
+    try:
+        tree = ast.parse(text, str(path))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise BabyLlamaError(f"{path}: invalid Python: {e}") from None
+    data = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # a docstring
+            continue
+        try:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                raise ValueError
+            data[node.targets[0].id] = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            raise BabyLlamaError(f"{path}, line {node.lineno}: a Python config file is read, not run: it may only "
+                                 "assign a literal to a key (key = 123, key = 'text', key = True)") from None
     return data
 
 
