@@ -226,8 +226,11 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
     its vocabulary has the model's size."""
     if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
         return BUILTIN_TOKENIZER
+    # run.c's own default is tokenizer.bin in the current folder: a llama2.c user has one there
+    here = (f" (run.c's default, {TOKENIZER_BIN} in the current folder, is read only when given: -z {TOKENIZER_BIN})"
+            if os.path.lexists(TOKENIZER_BIN) else "")
     raise BabyLlamaError(
-        f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z")
+        f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z{here}")
 
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:

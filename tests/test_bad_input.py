@@ -107,6 +107,17 @@ def test_no_tokenizer_beside_model(tmp_path, good_model):
     assert_one_line_error(run_cli("run", str(lone)), "no tokenizer found")
 
 
+def test_no_tokenizer_beside_model_names_the_one_run_c_would_read(tmp_path, good_model):
+    """run.c's -z default is ./tokenizer.bin; babyllama looks beside the model: with one in the current folder,
+    the error says it is not read unless given."""
+    model, tok = good_model
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lone.bin").write_bytes(model.read_bytes())
+    (tmp_path / "tokenizer.bin").write_bytes(tok.read_bytes())
+    assert_one_line_error(run_cli("run", "models/lone.bin", cwd=tmp_path),
+                          "is read only when given: -z tokenizer.bin")
+
+
 def test_mismatched_tokenizer(good_model, tok512):
     model, _ = good_model
     assert_one_line_error(run_cli("run", str(model), "-z", str(tok512)),
