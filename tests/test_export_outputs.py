@@ -136,6 +136,18 @@ def test_export_tokenizer_creates_the_output_folders(tmp_path, capsys, sp_model)
     assert Tokenizer.load(out).vocab_size == 320
 
 
+def test_export_tokenizer_takes_llama2c_tokenizer_py_flag(tmp_path, capsys, sp_model):
+    """tokenizer.py's `-t/--tokenizer-model PATH`: the .bin is written beside the .model, as tokenizer.py does."""
+    import shutil
+
+    model = tmp_path / "tok.model"
+    shutil.copy(sp_model, model)
+    assert main(["export-tokenizer", f"--tokenizer-model={model}"]) == 0
+    assert Tokenizer.load(tmp_path / "tok.bin").vocab_size == 320
+    assert "give the sentencepiece .model once" in one_line(capsys, "export-tokenizer", str(model), "-t", str(model))
+    assert "give the sentencepiece .model once" in one_line(capsys, "export-tokenizer")
+
+
 def test_an_os_error_escaping_a_command_is_one_line(monkeypatch, capsys, sp_model):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/somewhere/tok.bin")

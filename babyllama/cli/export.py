@@ -39,7 +39,9 @@ def add(sub) -> None:
     t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin",
                        description="Convert a sentencepiece .model into llama2.c's tokenizer.bin (the bytes "
                                    "llama2.c's tokenizer.py writes); its <unk>, <s>, </s> must be ids 0, 1, 2.")
-    t.add_argument("model", help="the sentencepiece .model")
+    t.add_argument("model", nargs="?", help="the sentencepiece .model")
+    t.add_argument("-t", "--tokenizer-model", default=None, metavar="MODEL",
+                   help="the same, by llama2.c tokenizer.py's flag")
     t.add_argument("-o", "--output", default=None,
                    help="the .bin to write, its folders created (default: MODEL with .bin)")
     t.set_defaults(func=cmd_export_tokenizer)
@@ -84,5 +86,7 @@ def cmd_export(args) -> int:
 def cmd_export_tokenizer(args) -> int:
     from ..export import export_tokenizer
 
-    print(f"wrote {export_tokenizer(args.model, args.output)}")
+    if (args.model is None) == (args.tokenizer_model is None):
+        raise BabyLlamaError("give the sentencepiece .model once: as MODEL or as -t/--tokenizer-model")
+    print(f"wrote {export_tokenizer(args.model or args.tokenizer_model, args.output)}")
     return 0
