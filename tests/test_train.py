@@ -717,3 +717,14 @@ def test_always_save_checkpoint_false_keeps_the_best_evaluations_checkpoint(tmp_
     train(resolve_config(None, tiny_run(data, out, max_iters=4, eval_interval=1, always_save_checkpoint=always)))
     ckpt = checkpoint.load(out)
     assert ckpt["iter_num"] == saved_at and ckpt["best_val_loss"] == 2.0
+
+
+def test_resuming_a_llama2c_checkpoint_says_what_reads_it(llama2c_checkpoint, tmp_path):
+    """llama2.c's ckpt.pt cannot be resumed here: the error says so and what does read it, rather than that the
+    file is malformed."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+
+    with pytest.raises(BabyLlamaError, match=r"was written by llama2.c's train.py, whose runs babyllama cannot "
+                                             r"resume .* `babyllama finetune --base=CKPT` trains on"):
+        resolve_config(None, {"out_dir": str(llama2c_checkpoint.parent), "init_from": "resume"})

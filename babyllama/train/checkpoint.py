@@ -90,9 +90,19 @@ def check_resumable(ckpt: dict, source: str) -> None:
           isinstance(ckpt.get("rng"), dict) and
           all(isinstance(ckpt["rng"].get(k), torch.Tensor) and ckpt["rng"][k].dtype == torch.uint8
               for k in ("torch", "data")))
+    if not ok and is_llama2c(ckpt):
+        raise BabyLlamaError(f"{source} was written by llama2.c's train.py, whose runs babyllama cannot resume (no "
+                             "data-sampler state, the optimizer's keyed otherwise): run, sample and export read it, "
+                             "and `babyllama finetune --base=CKPT` trains on from its weights")
     if not ok:
         raise BabyLlamaError(f"{source}: not a resumable training checkpoint (its optimizer state, counters or "
                              "generator states are missing or malformed)")
+
+
+def is_llama2c(ckpt: dict) -> bool:
+    """Whether a checkpoint is llama2.c train.py's: no format tag, and its config holds train.py's own keys."""
+    config = ckpt.get("config")
+    return "format" not in ckpt and isinstance(config, dict) and "vocab_source" in config
 
 
 def load_model(path: str | os.PathLike) -> Transformer:
