@@ -163,6 +163,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train", "--device=cpu", "--out_dir=cfg.toml/run"],
      "cannot write run folder (out_dir) cfg.toml/run: cfg.toml is not a directory"),
     (["sample", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["sample"], "checkpoint not found: out/ckpt.pt"),  # sample.py's default, train's default out_dir
     (["export", "o.bin", "--checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
     (["export", "o.bin", "--checkpoint", "cfg.toml"], "cannot read checkpoint cfg.toml"),
     (["export-tokenizer", "missing.model"], "sentencepiece model not found: missing.model"),

@@ -105,7 +105,9 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a training checkpoint with PyTorch",
                        description="Generate from a checkpoint (llama2.c's sample.py) with the PyTorch model; "
                                    "run's sampling flags.")
-    p.add_argument("--checkpoint", required=True, help="ckpt.pt (or the folder holding it)")
+    p.add_argument("--checkpoint", default="out/ckpt.pt",
+                   help="ckpt.pt (or the folder holding it) (default: out/ckpt.pt, train's default out_dir, as in "
+                        "sample.py)")
     p.add_argument("-z", "--tokenizer", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
     add_sampling_flags(p)
     p.add_argument("--start", default=None,
