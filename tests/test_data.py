@@ -572,7 +572,10 @@ def test_llama2c_tinystories_spellings_train_and_pretokenize(tmp_path):
     (["train", "--wandb_project=llamac"], "wandb_project is a setting of llama2.c's train.py"),
     (["train", "--vocab_source=custom"], "vocab_source is a setting of llama2.c's train.py, not babyllama's: the "
                                          "vocabulary is the data's: give --data_dir"),
-    (["train", "--wandb_log=False"], "set --data_dir"),  # what babyllama does anyway: the run's own error follows
+    # wandb_log=false is what babyllama does anyway: the run's own error follows
+    (["train", "--wandb_log=False"], "set --data_dir=DIR, a folder made by `babyllama data pretokenize`"),
+    (["train", "--vocab_size=4096"], "set --data_dir=data/tok4096, a folder made by `babyllama data pretokenize "
+                                     "--vocab-size 4096` (train.py's vocab_size does not find it here)"),
     (["train", "llama2c.toml"], "llama2c.toml: vocab_source is a setting of llama2.c's train.py"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, message, tmp_path, monkeypatch,
