@@ -605,3 +605,24 @@ def test_a_llama2c_python_config_file_is_read_without_running_it(tmp_path):
         (tmp_path / "tiny.py").write_text(body)
         with pytest.raises(BabyLlamaError, match=re.escape(message)):
             build_config(tmp_path / "tiny.py")
+
+
+@pytest.mark.parametrize("files, split", [
+    (["data00.json", "data01.json", "data02.json"], "2 train shards and 1 val shard (the first, data00.bin, as in "
+                                                    "llama2.c: none is named val)"),
+    (["stories.txt"], "1 shard (its last 10% held out for validation: no shard is named val)"),
+    (["train.txt", "valid.txt"], "1 train and 1 val shards"),
+    (["chat.jsonl"], "1 shard(s) (the last 10% of the conversations held out for validation: no shard is named "
+                     "val)"),
+], ids=["llama2c-shards", "one", "named", "chat"])
+def test_pretokenize_reports_the_split_training_will_use(tmp_path, capsys, tok300, files, split):
+    """Several shards none named val: training holds out the first, as llama2.c does; the report said
+    '3 train and 0 val shards'."""
+    (tmp_path / "in").mkdir()
+    for name in files:
+        body = {".json": json.dumps([{"story": "A cat sat."}]), ".txt": "A cat sat.\n",
+                ".jsonl": json.dumps({"prompt": "Hi.", "response": "A cat sat."}) + "\n"}[os.path.splitext(name)[1]]
+        (tmp_path / "in" / name).write_text(body)
+    assert main(["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in"), "--out-dir",
+                 str(tmp_path / "shards"), "--workers", "1"]) == 0
+    assert f" in {split} to " in capsys.readouterr().out

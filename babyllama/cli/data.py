@@ -129,7 +129,7 @@ def cmd_data_pretokenize(args) -> int:
     from pathlib import Path
 
     require("tqdm", "train", "data pretokenize")
-    from ..train.data import pretokenize
+    from ..train.data import pretokenize, split_text
 
     if args.tokenizer:
         tokenizer = Path(args.tokenizer)
@@ -147,9 +147,9 @@ def cmd_data_pretokenize(args) -> int:
     max_tokens = args.max_seq_len + 1 if args.max_seq_len else None
     meta = pretokenize(args.input, tokenizer, out, workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                        max_tokens=max_tokens, word_weight=args.word_weight)
-    what = f" ({meta['conversations']:,} conversations)" if meta.get("kind") == "chat" else ""
-    print(f"wrote {meta['tokens']:,} tokens{what} in {len(meta['shards']['train'])} train and "
-          f"{len(meta['shards']['val'])} val shards to {out}")
+    chat = meta.get("kind") == "chat"
+    what = f" ({meta['conversations']:,} conversations)" if chat else ""
+    print(f"wrote {meta['tokens']:,} tokens{what} in {split_text(meta['shards'], chat)} to {out}")
     return 0
 
 

@@ -457,6 +457,20 @@ def split_arrays(data_dir: str | os.PathLike, split: str, vocab_size: int = 0) -
     return [whole[cut:]] if split == "val" else [whole[:cut]]
 
 
+def split_text(shards: dict[str, list[str]], chat: bool = False) -> str:
+    """How training will split these shards (the rule of split_arrays, or of chat_shards), in words."""
+    train, val = shards["train"], shards.get("val") or []
+    if val:
+        return f"{len(train)} train and {len(val)} val shards"
+    if chat:
+        return (f"{len(train)} shard(s) (the last {VAL_FRACTION:.0%} of the conversations held out for validation: "
+                "no shard is named val)")
+    if len(train) > 1:
+        return (f"{len(train) - 1} train shards and 1 val shard (the first, {train[0]}, as in llama2.c: none is "
+                "named val)")
+    return f"1 shard (its last {VAL_FRACTION:.0%} held out for validation: no shard is named val)"
+
+
 class Windows:
     """Random windows of seq_len+1 tokens (inputs and next-token targets) over token arrays, drawn with
     a torch.Generator whose state the checkpoint keeps (so resumed runs see the same batches)."""
