@@ -700,6 +700,12 @@ def test_sample_takes_sample_py_start_file_and_num_samples(llama2c_checkpoint, t
     assert main([*argv, "--start=FILE:prompt.txt", "--num_samples=2"]) == 0
     assert capsysbinary.readouterr().out == (one + b"---------------\n") * 2
 
+    compiled = []  # sample.py's --compile=True: the decode step goes through torch.compile (a stand-in here)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    assert main([*argv, "-i", "the cat", "--compile=False"]) == 0 and not compiled
+    assert main([*argv, "-i", "the cat", "--compile=True"]) == 0 and compiled
+    assert capsysbinary.readouterr().out == one * 2
+
 
 @pytest.mark.parametrize("always, saved_at", [(True, 4), (False, 3)])
 def test_always_save_checkpoint_false_keeps_the_best_evaluations_checkpoint(tmp_path, one_thread, monkeypatch,

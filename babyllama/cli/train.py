@@ -116,6 +116,8 @@ def add_sample(sub) -> None:
                    help="samples to draw, each followed by a line of dashes when there are several, as sample.py "
                         "prints them (1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--compile", nargs="?", const=True, default=False, type=flag_value("compile"), metavar="BOOL",
+                   help="compile the decode step with torch.compile (sample.py's --compile=True) (false)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -145,7 +147,7 @@ def cmd_sample(args) -> int:
     if device == "auto":
         torch = require("torch", "train", "sample")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load(args.checkpoint, args.tokenizer, device=device)
+    model = load(args.checkpoint, args.tokenizer, device=device, compile=args.compile)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
     sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
