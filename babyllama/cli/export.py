@@ -14,7 +14,8 @@ def add(sub) -> None:
                     "without --to it is guessed from OUT's name in any case (.bin, .gguf, else a directory).")
     p.add_argument("output", metavar="OUT", help="file or directory to write")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT", help="a babyllama training checkpoint (ckpt.pt or its folder)")
+    src.add_argument("--checkpoint", metavar="CKPT",
+                     help="a training checkpoint, babyllama's or llama2.c train.py's (ckpt.pt or its folder)")
     src.add_argument("--model", metavar="FILE", help="a llama2.c/babyllama .bin (any version) or a .gguf file")
     src.add_argument("--meta-llama", metavar="DIR", help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
     src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",

@@ -44,7 +44,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
         raise BabyLlamaError(f"cannot read checkpoint {path}: {torch_load_failure(path, e)}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
-        raise BabyLlamaError(f"{path}: not a babyllama training checkpoint")
+        raise BabyLlamaError(f"{path}: not a training checkpoint (babyllama's or llama2.c's: model and model_args)")
     return ckpt
 
 
