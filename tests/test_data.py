@@ -570,12 +570,14 @@ def test_llama2c_tinystories_spellings_train_and_pretokenize(tmp_path):
                                     "does not log to Weights & Biases: every logged step and evaluation goes to "
                                     "out_dir/metrics.jsonl"),
     (["train", "--wandb_project=llamac"], "wandb_project is a setting of llama2.c's train.py"),
-    (["train", "--vocab_source=custom"], "vocab_source is a setting of llama2.c's train.py, not babyllama's: the "
-                                         "vocabulary is the data's: give --data_dir"),
+    (["train", "--vocab_source=llama2"], "vocab_source is a setting of llama2.c's train.py, not babyllama's: "
+                                         "Llama 2's vocabulary is the data's here: pretokenize with `babyllama data "
+                                         "pretokenize --tokenizer tokenizer.model` and give --data_dir"),
     # wandb_log=false is what babyllama does anyway: the run's own error follows
-    (["train", "--wandb_log=False"], "set --data_dir=DIR, a folder made by `babyllama data pretokenize`"),
-    (["train", "--vocab_size=4096"], "set --data_dir=data/tok4096, a folder made by `babyllama data pretokenize "
-                                     "--vocab-size 4096` (train.py's vocab_size does not find it here)"),
+    (["train", "--wandb_log=False"], "set --data_dir to a folder made by `babyllama data pretokenize` (or "
+                                     "--vocab_size=N for data/tokN, as llama2.c's train.py finds it)"),
+    # train.py's README command: the data is looked for where train.py (and pretokenize --vocab-size) puts it
+    (["train", "--vocab_source=custom", "--vocab_size=4096"], "data_dir not found: data/tok4096"),
     (["train", "llama2c.toml"], "llama2c.toml: vocab_source is a setting of llama2.c's train.py"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, message, tmp_path, monkeypatch,
@@ -584,7 +586,7 @@ def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, mes
     'unrecognized arguments' or 'unknown config key'."""
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "llama2c.toml").write_text('wandb_log = false\nvocab_source = "custom"\n')
+    (tmp_path / "llama2c.toml").write_text('wandb_log = false\nvocab_source = "llama2"\n')
     assert message in one_line(capsys, argv)
 
 

@@ -734,3 +734,19 @@ def test_resuming_a_llama2c_checkpoint_says_what_reads_it(llama2c_checkpoint, tm
     with pytest.raises(BabyLlamaError, match=r"was written by llama2.c's train.py, whose runs babyllama cannot "
                                              r"resume .* `babyllama finetune --base=CKPT` trains on"):
         resolve_config(None, {"out_dir": str(llama2c_checkpoint.parent), "init_from": "resume"})
+
+
+def test_vocab_size_finds_the_data_where_llama2c_puts_it(tmp_path, one_thread, monkeypatch):
+    """llama2.c's `train.py --vocab_source=custom --vocab_size=N` trains on data/tokN (where `data pretokenize
+    --vocab-size N` writes too); the folder is recorded, so a resume finds it."""
+    from babyllama.train import checkpoint
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    text_shards(tmp_path / "data", byte_tokenizer(300), "tok300")
+    settings = {k: v for k, v in tiny_run("", "out").items() if k != "data_dir"}
+    train(resolve_config(None, {**settings, "vocab_source": "custom", "vocab_size": "300"}))
+    assert checkpoint.load("out")["config"]["data_dir"] == "data/tok300"
+    assert train(resolve_config(None, {"out_dir": "out", "init_from": "resume", "max_iters": "4"}))["iter"] == 4

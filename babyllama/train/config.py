@@ -20,7 +20,7 @@ from ..errors import BabyLlamaError
 class TrainConfig:
     # I/O
     out_dir: str = "out"
-    data_dir: str = ""  # pretokenized shards (`babyllama data pretokenize`)
+    data_dir: str = ""  # pretokenized shards (`babyllama data pretokenize`); "": data/tok{vocab_size}, as llama2.c
     init_from: str = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
     eval_interval: int = 2000
     eval_iters: int = 100
@@ -178,15 +178,18 @@ LLAMA2C_ONLY = {
     "wandb_log": WANDB_NOTE,
     "wandb_project": WANDB_NOTE,
     "wandb_run_name": WANDB_NOTE,
-    "vocab_source": "the vocabulary is the data's: give --data_dir, the shard folder (`babyllama data pretokenize "
-                    "--vocab-size N` writes data/tokN; for Llama 2's vocabulary, --tokenizer tokenizer.model)",
+    "vocab_source": "Llama 2's vocabulary is the data's here: pretokenize with `babyllama data pretokenize "
+                    "--tokenizer tokenizer.model` and give --data_dir, the shard folder",
 }
 
 
 def check_llama2c_only(key: str, value: object, source: str) -> None:
-    """A llama2.c key babyllama has no setting for: one line saying what to do instead. wandb_log=false asks for
-    what babyllama does anyway, and passes."""
+    """A llama2.c key babyllama has no setting for: one line saying what to do instead. Values that ask for what
+    babyllama does anyway pass: wandb_log=false, and vocab_source=custom (data_dir defaults to data/tokN from
+    vocab_size, as train.py finds it)."""
     if key == "wandb_log" and (value is False or str(value).strip().lower() in ("0", "false", "no", "off")):
+        return
+    if key == "vocab_source" and value == "custom":
         return
     raise BabyLlamaError(f"{source}: {key} is a setting of llama2.c's train.py, not babyllama's: "
                          f"{LLAMA2C_ONLY[key]}")
@@ -236,6 +239,10 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
         saved = checkpoint.load(path)
         checkpoint.check_resumable(saved, str(path))
         return build_config(config_file, overrides, resume_config=saved["config"])
+    if not (cfg.data_dir or cfg.base) and cfg.vocab_size:
+        # llama2.c's train.py finds its data from vocab_size: data/tokN, which `data pretokenize --vocab-size N`
+        # writes too; the folder is recorded in the checkpoint's config, for a resume to read
+        cfg.data_dir = f"data/tok{cfg.vocab_size}"
     check(cfg)
     return cfg
 

@@ -230,7 +230,8 @@ class Trainer:
                                  "another folder, or with the data moved, pass --data_dir)")
         meta = read_meta(data_dir) if cfg.data_dir or cfg.data else None
         if meta is None:
-            raise BabyLlamaError(data_dir_missing(cfg.vocab_size))
+            raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize` (or --vocab_size=N "
+                                 "for data/tokN, as llama2.c's train.py finds it)")
         if cfg.base:
             finetune.check_vocab(cfg, meta, data_dir, base if cfg.data_dir else None)
             finetune.check_word_weight(cfg, meta, data_dir)
@@ -518,14 +519,6 @@ class Trainer:
                                      "out_dir")
             print(f"note: {self.data_dir} has no {TOKENIZER_BIN}: kept {dst}, which sample, run and export will use "
                   "with this model", file=sys.stderr, flush=True)
-
-
-def data_dir_missing(vocab_size: int) -> str:
-    """The error for a run without data_dir. llama2.c's train.py finds data/tokN from vocab_size: given one, the
-    folder `data pretokenize --vocab-size N` writes is named."""
-    folder = f"data/tok{vocab_size}" if vocab_size else "DIR"
-    return (f"set --data_dir={folder}, a folder made by `babyllama data pretokenize"
-            f"{f' --vocab-size {vocab_size}' if vocab_size else ''}` (train.py's vocab_size does not find it here)")
 
 
 def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
