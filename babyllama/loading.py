@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -225,12 +226,25 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
     """run.c's -z default made helpful, for a .bin with no tokenizer.bin beside it: the built-in tokenizer when
     its vocabulary has the model's size."""
     if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
+        if another_tokenizer_here():
+            print(f"babyllama: note: {model_path} runs with the built-in tokenizer; the {TOKENIZER_BIN} in the "
+                  f"current folder, run.c's default, is read only when given: -z {TOKENIZER_BIN}", file=sys.stderr)
         return BUILTIN_TOKENIZER
     # run.c's own default is tokenizer.bin in the current folder: a llama2.c user has one there
     here = (f" (run.c's default, {TOKENIZER_BIN} in the current folder, is read only when given: -z {TOKENIZER_BIN})"
             if os.path.lexists(TOKENIZER_BIN) else "")
     raise BabyLlamaError(
         f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z{here}")
+
+
+def another_tokenizer_here() -> bool:
+    """Whether the current folder holds a tokenizer.bin other than the built-in one: run.c would read it."""
+    here = Path(TOKENIZER_BIN)
+    try:
+        return here.is_file() and (here.stat().st_size != BUILTIN_TOKENIZER.stat().st_size or
+                                   here.read_bytes() != BUILTIN_TOKENIZER.read_bytes())
+    except OSError:  # unreadable: a note cannot be sure of it, and the run does not read it
+        return False
 
 
 def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:

@@ -7,8 +7,8 @@ import struct
 import warnings
 
 import pytest
+from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
 from conftest import one_line_error as assert_one_line_error
-from conftest import random_weights, run_cli, tiny_args
 
 from babyllama import formats
 
@@ -312,3 +312,20 @@ def test_weights_beyond_the_fp16_block_scales_are_refused_not_run_as_nan(tmp_pat
     assert proc.stderr.decode().endswith(f"does not fit {kind}'s fp16 block scales: keep this model in fp32, or in "
                                          "runq.c's Q8_0, whose scales are fp32 (--quantize q8_0, .bin version 2)\n")
     assert not list(tmp_path.glob("out*"))
+
+
+def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path):
+    """A .bin of the built-in tokenizer's size with no tokenizer.bin beside it runs with the built-in one; a
+    different tokenizer.bin in the current folder (run.c's default) gets a note, the built-in one itself none."""
+    from babyllama.loading import BUILTIN_TOKENIZER
+
+    (tmp_path / "models").mkdir()
+    formats.save(random_weights(tiny_args(vocab_size=512)), tmp_path / "models" / "m.bin")
+    argv = ("run", "models/m.bin", "-t", "0", "-n", "3")
+    byte_tokenizer(512).save(tmp_path / "tokenizer.bin")
+    note = "runs with the built-in tokenizer; the tokenizer.bin in the current folder, run.c's default, is read"
+    proc = run_cli(*argv, cwd=tmp_path)
+    assert proc.returncode == 0 and note in proc.stderr.decode()
+    (tmp_path / "tokenizer.bin").write_bytes(BUILTIN_TOKENIZER.read_bytes())
+    proc = run_cli(*argv, cwd=tmp_path)
+    assert proc.returncode == 0 and "note" not in proc.stderr.decode()
