@@ -403,6 +403,9 @@ def test_data_commands_with_an_unusable_output_folder_are_one_line(tmp_path, cap
     (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "-1"], "--workers: must be a positive integer"),
     (["data", "pretokenize", "--tokenizer", "t.bin", "--max-seq-len", "0"], "--max-seq-len: must be a positive"),
     (["data", "pretokenize", "--tokenizer", "t.bin", "--vocab-size", "512"], "not allowed with argument"),
+    (["data", "pretokenize", "--vocab_size=0"], "0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer "
+                                                "with Meta's tokenizer.model instead"),
+    (["data", "pretokenize", "--vocab-size", "-3"], "--vocab_size: must be a positive integer, got -3"),
     (["data", "instruct", "--max-word-df", "-1"], "--max-word-df: must be a share in (0, 1]"),
     (["data", "instruct", "--max-word-df", "1.5"], "--max-word-df: must be a share in (0, 1]"),
     (["data", "instruct", "--max-stories", "-2"], "--max-stories: must be a positive integer"),

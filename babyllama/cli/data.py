@@ -45,7 +45,7 @@ def add(sub) -> None:
                                      "folder that train --data_dir and finetune --data_dir read.")
     t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     which = t.add_mutually_exclusive_group()
-    which.add_argument("--vocab-size", "--vocab_size", type=positive_int, default=None,
+    which.add_argument("--vocab-size", "--vocab_size", type=pretokenize_vocab_size, default=None,
                        help="use DATA_DIR/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
     t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
@@ -89,6 +89,16 @@ def add(sub) -> None:
 
 
 DEFAULT_INPUT = "data/TinyStories_all_data"
+
+
+def pretokenize_vocab_size(text: str) -> int:
+    """A positive --vocab-size; tinystories.py's 0 (Llama 2's vocabulary) is said in this command's terms."""
+    import argparse
+
+    if text.strip() == "0":
+        raise argparse.ArgumentTypeError("0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer with Meta's "
+                                         "tokenizer.model instead")
+    return positive_int(text)
 
 
 def check_input(path: str) -> None:
