@@ -72,12 +72,6 @@ class Source:
 # ------------------------------------------------------------------------------------------- detection
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A babyllama training checkpoint: a .pt file, or a training run's folder holding ckpt.pt."""
-    path = Path(path)
-    return path.suffix == ".pt" or (path / CKPT_NAME).is_file()
-
-
 def detect_format(path: str | os.PathLike) -> str:
     """Which of KINDS `path` holds, from its content (a folder: the files in it)."""
     path = Path(path)
