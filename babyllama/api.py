@@ -16,7 +16,7 @@ from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
-from .sampler import Controls, Sampler, choice_seed
+from .sampler import SEED_LIMIT, Controls, Sampler, choice_seed
 from .tokenizer import BOS, Tokenizer
 
 
@@ -143,8 +143,8 @@ def _number(value) -> bool:
 def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None,
                      controls: Controls | None = None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
-    if seed is not None and not (_integer(seed) and seed >= 0):
-        raise BabyLlamaError(f"seed must be an integer >= 0 (or None), got {seed!r}")
+    if seed is not None and not (_integer(seed) and 0 <= seed < SEED_LIMIT):
+        raise BabyLlamaError(f"seed must be an integer in [0, 2**63) (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise BabyLlamaError("a prompt must be a string")
     for n in steps if isinstance(steps, list) else [steps]:

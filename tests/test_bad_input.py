@@ -187,8 +187,10 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate_batch(["a", "b"], steps=[5]), "steps holds 1 values for 2 prompts"),
     (lambda m: m.generate_batch(["a"], steps="10"), "steps must be an integer >= 0 or a list of them"),
     (lambda m: m.generate_batch(["a"], steps=2.5), "steps must be an integer >= 0 or a list of them"),
-    (lambda m: m.generate("x", seed="42"), "seed must be an integer >= 0 .or None., got '42'"),
-    (lambda m: m.generate("x", seed=-1), "seed must be an integer >= 0 .or None., got -1"),
+    (lambda m: m.generate("x", seed="42"), "seed must be an integer in .0, 2..63. .or None., got '42'"),
+    (lambda m: m.generate("x", seed=-1), "seed must be an integer in .0, 2..63. .or None., got -1"),
+    # the generator keeps 64 bits: this one would sample seed 0's text
+    (lambda m: m.generate("x", seed=2**64 - 1), "seed must be an integer in .0, 2..63. .or None., got 1844674"),
     (lambda m: m.generate_batch(["a"], seed=1.5), "seed must be an integer"),
     (lambda m: m.generate_batch(["a"], parallel=0), "parallel must be an integer >= 1, got 0"),
     (lambda m: m.generate_batch(["a"], parallel=2.0), "parallel must be an integer >= 1, got 2.0"),

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..sampler import Controls
+from ..sampler import SEED_LIMIT, Controls
 from ..tokenizer import Tokenizer
 
 MAX_CHOICES = 16
@@ -67,7 +67,7 @@ class Common(Strict):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
