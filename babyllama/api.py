@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import cast
 
 from . import formats, kernels
-from .config import DEFAULT_PARALLEL, default_steps
+from .config import DEFAULT_PARALLEL, ModelArgs, default_steps
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .generate import generate
@@ -32,7 +32,7 @@ class Model:
         self.description = description  # one line: what was loaded
 
     @property
-    def args(self):
+    def args(self) -> ModelArgs:
         return self.weights.args
 
     def stream(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
@@ -127,8 +127,8 @@ class Model:
 
 def unseeded() -> int:
     """The seed of a call that names none: the clock in nanoseconds, so that every call samples anew (its seconds,
-    run.c's rule for -s 0, gave every call within a second the same text); below 2**32, so that seed + i of a
-    call's choices stays clear of seed 0's stand-in."""
+    run.c's rule for -s 0, would give every call within a second the same text); below 2**32, so that seed + i of
+    a call's choices stays clear of seed 0's stand-in."""
     return time.time_ns() % 2**32
 
 
@@ -140,8 +140,8 @@ def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_generation(prompts, steps, temperature, topp, max_new_tokens, seed=None,
-                     controls: Controls | None = None) -> None:
+def check_generation(prompts: list[str], steps: int | list[int], temperature: float, topp: float,
+                     max_new_tokens: int | None, seed: int | None = None, controls: Controls | None = None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
     if seed is not None and not (_integer(seed) and 0 <= seed < SEED_LIMIT):
         raise BabyLlamaError(f"seed must be an integer in [0, 2**63) (or None), got {seed!r}")
