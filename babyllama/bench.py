@@ -33,6 +33,7 @@ from .safeio import cache_folder, output_dir
 from .threads import usable_cpus
 
 if TYPE_CHECKING:
+    from .formats import Weights
     from .kernels_native import NativeKernels
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -79,8 +80,8 @@ def cache_dir(override: str | None = None) -> Path:
     return output_dir(base, "bench model cache")
 
 
-def random_model(args: ModelArgs, seed: int = 0):
-    """Random weights of `args`' shape (std 0.02 like a fresh init, norm gains 1): a `Weights`."""
+def random_model(args: ModelArgs, seed: int = 0) -> Weights:
+    """Random weights of `args`' shape (std 0.02 like a fresh init, norm gains 1)."""
     import numpy as np
 
     from .formats import Weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import safeio
@@ -18,7 +18,7 @@ from .errors import BabyLlamaError
 SEPARATOR = "<|endoftext|>"
 
 
-def iter_documents(path: str | os.PathLike, on_bytes=None) -> Iterator[str]:
+def iter_documents(path: str | os.PathLike, on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
     """Stream the documents of a text file, reading it line by line.
     `on_bytes(n)` is told how many bytes of the file each document consumed (for a progress bar)."""
     path = Path(path)

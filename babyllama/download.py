@@ -113,7 +113,7 @@ class Deadline:
 
 
 def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = TIMEOUT_S,
-          time_limit: float | None = None):
+          time_limit: float | None = None) -> http.client.HTTPMessage:
     """Download `url` to `target` through `target.part`, resuming a previous partial download; the whole
     transfer may take at most `time_limit` seconds (default TIME_LIMIT_S). Returns the response headers
     (e.g. for a checksum the server advertises)."""

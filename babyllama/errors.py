@@ -4,6 +4,8 @@ The CLI turns a `BabyLlamaError` into a single line on stderr and a non-zero exi
 escapes (the system's refusal, named with its file); anything else is a bug and keeps its traceback.
 """
 
+from types import ModuleType
+
 
 class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
@@ -17,7 +19,7 @@ def missing_extra(what: str, extra: str) -> BabyLlamaError:
                           f"(in a source checkout: {torch_first}pip install -e '.[{extra}]')")
 
 
-def require(module: str, extra: str, what: str):
+def require(module: str, extra: str, what: str) -> ModuleType:
     """Import `module`, or raise `missing_extra(what, extra)`."""
     import importlib
 

@@ -18,7 +18,7 @@ import mmap as _mmap
 import os
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard, cast
@@ -559,7 +559,7 @@ def matrix_arrays(m: Matrix) -> list[np.ndarray]:
     return [m.data] if isinstance(m, BlockTensor) else [m.bits] if isinstance(m, BF16Tensor) else [m]
 
 
-def named_tensors(weights: Weights):
+def named_tensors(weights: Weights) -> Iterator[tuple[str, np.ndarray | BF16Tensor]]:
     """(name, float array) for every float tensor of `weights` (a quantized matrix contributes its scales),
     layer stacks one layer at a time."""
     yield "tok_embeddings", checked_floats(weights.tok_embeddings)

@@ -34,7 +34,7 @@ does: no recomputation, but the kept entries still carry what they saw of the dr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -287,8 +287,8 @@ def generate(engine: Engine, prompt_ids: list[int], steps: int, sampler: Sampler
 
 
 def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
-                   stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None,
-                   max_slots: int | None = None) -> list[Sequence]:
+                   stop_ids: Iterable[int] = (BOS,), on_token: Callable[[int, int], object] | None = None,
+                   max_new: int | None = None, max_slots: int | None = None) -> list[Sequence]:
     """Generate after every prompt (one `Batch`; `steps` may differ per sequence and each stops on its own,
     also after `max_new` generated tokens when given). At most `max_slots` sequences (default: all) are live
     at once, each in its own cache slot; the others wait and join as slots free. `on_token(index, token)` is
@@ -298,8 +298,8 @@ def generate_batch(engine: Engine, prompts: list[list[int]], steps: int | list[i
 
 
 def stream_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int], samplers: list[Sampler],
-                 stop_ids: Iterable[int] = (BOS,), on_token=None, max_new: int | None = None,
-                 max_slots: int | None = None) -> Iterator[tuple[int, Sequence]]:
+                 stop_ids: Iterable[int] = (BOS,), on_token: Callable[[int, int], object] | None = None,
+                 max_new: int | None = None, max_slots: int | None = None) -> Iterator[tuple[int, Sequence]]:
     """`generate_batch`, yielding (index, sequence) in prompt order as soon as each is finished and all before
     it are, so a caller can print and drop them: memory stays bounded by `max_slots` live sequences (their KV
     cache) plus at most LOOKAHEAD x `max_slots` finished ones waiting for an earlier, longer one."""

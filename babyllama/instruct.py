@@ -30,7 +30,7 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -45,7 +45,7 @@ from .errors import BabyLlamaError
 CHAT, TEXT = "chat", "text"
 
 
-def record_kind(item) -> str:
+def record_kind(item: object) -> str:
     """CHAT or TEXT by the record's keys; ValueError for anything else."""
     if isinstance(item, str):
         return TEXT
@@ -79,7 +79,7 @@ def record_messages(item: dict) -> list[dict]:
     return messages
 
 
-def record_text(item) -> str:
+def record_text(item: str | dict) -> str:
     return item if isinstance(item, str) else item["text"] if isinstance(item.get("text"), str) else item["story"]
 
 
@@ -136,7 +136,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
     return out
 
 
-def describe_bad_lines(path, bad: Sequence[tuple[int, str]], show: int = 3) -> str:
+def describe_bad_lines(path: str | os.PathLike, bad: Sequence[tuple[int, str]], show: int = 3) -> str:
     """One line: how many lines are malformed, and the first few with their reasons."""
     shown = "; ".join(f"line {n}: {why}" for n, why in bad[:show])
     more = f"; and {len(bad) - show} more" if len(bad) > show else ""
@@ -485,7 +485,8 @@ def _doc_text(item, where: str) -> str:
     raise BabyLlamaError(f"{where}: expected a string or an object with a \"text\" or \"story\" field")
 
 
-def read_documents(path: Path, skip_bad_lines: bool = False, on_bytes=None) -> Iterator[str]:
+def read_documents(path: Path, skip_bad_lines: bool = False,
+                   on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
     """The documents of one file (.jsonl, .json, else text: documents.iter_documents), stripped of surrounding
     whitespace, empty ones skipped; malformed .jsonl lines refused, or skipped with a count. `on_bytes`: as
     iter_documents (text only)."""

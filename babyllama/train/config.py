@@ -96,7 +96,7 @@ MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_se
               "rope_theta", "shared_classifier")
 
 
-def parse_value(key: str, text: str):
+def parse_value(key: str, text: str) -> bool | int | float | str:
     """A command-line string as the type of config field `key`."""
     kind = type(getattr(TrainConfig, key))
     if kind is bool:

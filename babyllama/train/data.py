@@ -31,7 +31,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,9 @@ def _is_shards_meta(path: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ encoding
 
 
-def load_encoder(path: str | os.PathLike):
-    """text → ids (no BOS) with a sentencepiece .model (fast, C++) or a llama2.c tokenizer.bin."""
+def load_encoder(path: str | os.PathLike) -> tuple[int, Callable[[list[str]], list[list[int]]]]:
+    """(vocab size, texts → their ids, no BOS) with a sentencepiece .model (fast, C++) or a llama2.c
+    tokenizer.bin."""
     path = Path(path)
     if not path.is_file():
         raise BabyLlamaError(f"tokenizer not found: {path}")
