@@ -95,8 +95,3 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence, generation: bool = Tru
             ids += reply
             mask += [1] * len(reply)
     return ids, mask
-
-
-def chat_prompt(user: str, system: str | None = None, template: str | None = None) -> str:
-    """The text of one user turn (the system prompt only on the first turn)."""
-    return get_template(template).turn(user, system)

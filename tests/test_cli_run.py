@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from babyllama.chat_template import chat_prompt
+from babyllama.chat_template import get_template
 from babyllama.tokenizer import EOS, Tokenizer
 
 
@@ -72,8 +72,8 @@ def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512)
     assert text.count("Assistant: ") == 2 and text.endswith("User: ")
     positions = [p for call in fed for p in call]
     assert positions == list(range(len(positions)))  # one KV cache, positions never restart
-    turn1 = len(model.tokenizer.encode(chat_prompt("first question", "sys")))
-    turn2 = len(model.tokenizer.encode(chat_prompt("second question")))
+    turn1 = len(model.tokenizer.encode(get_template().turn("first question", "sys")))
+    turn2 = len(model.tokenizer.encode(get_template().turn("second question", None)))
     # turn 1 prompt + 3 answers + EOS, turn 2 prompt + 3 answers (its EOS is sampled, not fed)
     assert len(positions) == turn1 + 3 + 1 + turn2 + 3
 
@@ -156,8 +156,8 @@ def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
 
 
 def test_chat_template_is_llama2():
-    assert chat_prompt("Hi", "Be brief.") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
-    assert chat_prompt("Hi") == "[INST] Hi [/INST]"
+    assert get_template().turn("Hi", "Be brief.") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+    assert get_template().turn("Hi", None) == "[INST] Hi [/INST]"
 
 
 def test_python_module_and_help():
