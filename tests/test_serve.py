@@ -278,7 +278,7 @@ def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
         return [json.loads(e[6:]) for e in events[:-1]]
 
     emoji = [tok.byte_ids[b] for b in "é😀".encode()]
-    events = [(0, Token(t)) for t in emoji] + [(1, Token(tok.byte_ids[ord("a")])), (0, Finished("length", 6)),
+    events = [(0, Token(t)) for t in emoji] + [(1, Token(tok.byte_ids[ord("a")])), (0, Finished("length")),
                                                  (1, Token(tok.byte_ids[ord("b")]))]
     together, failed = service.stream_block(pending(), events)
     assert not failed
@@ -294,7 +294,7 @@ def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
     # together, the emoji's four with the emoji, the end of the choice in a chunk of its own
     lp = pending(logprobs=1)
     logged = chunks(b for t in emoji for b in service.stream_block(lp, [(0, Token(t, -0.5, [(t, -0.5)]))])[0])
-    logged += chunks(service.stream_block(lp, [(0, Finished("length", 6))])[0])
+    logged += chunks(service.stream_block(lp, [(0, Finished("length"))])[0])
     assert [(c["choices"][0]["text"], (c["choices"][0]["logprobs"] or {}).get("text_offset"),
              c["choices"][0]["finish_reason"]) for c in logged] == \
         [("é", [0, 0], None), ("😀", [1, 1, 1, 1], None), ("", None, "length")]
@@ -662,7 +662,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     try:
         assert done.wait(10)
         time.sleep(0.2)
-        assert events == [(0, Finished("timeout", 0))]  # the cancelled job never ran nor answered
+        assert events == [(0, Finished("timeout"))]  # the cancelled job never ran nor answered
         done.clear()
         sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit, index=2)])
         assert done.wait(10)
@@ -1096,7 +1096,7 @@ def test_once_the_scheduler_has_died_requests_are_refused_not_left_waiting(monke
     sched.start()
     try:
         sched.submit([Job([1, 5, 6], 3, Sampler(0.0), emit)])
-        assert done.wait(10) and events == [(0, Finished("error", 0))]
+        assert done.wait(10) and events == [(0, Finished("error"))]
         sched._thread.join(10)
         assert not sched.healthy and sched.status() == {"slots": 2, "active": 0, "queued": 0}
         with pytest.raises(SchedulerFailed):

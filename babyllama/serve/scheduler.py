@@ -50,7 +50,6 @@ class Finished:
     failed); the HTTP side adds "shutdown" (the server is stopping)."""
 
     reason: str
-    n_generated: int
     message: str | None = None
 
 
@@ -149,7 +148,7 @@ class Scheduler:
             self.error = e
             with self._cond:
                 for job in [*self.running, *self.waiting]:
-                    job.emit(job.index, Finished("error", len(job.seq.generated) if job.seq else 0))
+                    job.emit(job.index, Finished("error"))
                 self.running.clear()  # ended: /health and the gauges no longer count them
                 self.waiting.clear()
                 self._publish_gauges()
@@ -170,7 +169,7 @@ class Scheduler:
         for job in [j for j in self.waiting if j.cancelled or now > j.deadline]:
             self.waiting.remove(job)
             if not job.cancelled:
-                job.emit(job.index, Finished("timeout", 0))
+                job.emit(job.index, Finished("timeout"))
         for job in [j for j in self.running if j.cancelled or now > j.deadline]:
             self._finish(job, "cancelled" if job.cancelled else "timeout")
 
@@ -180,7 +179,7 @@ class Scheduler:
         self.running.remove(job)
         if reason == "cancelled":
             return
-        event = Finished(reason, len(seq.generated))
+        event = Finished(reason)
         if deliveries is not None:
             deliveries.add(job, event)
         else:
@@ -195,7 +194,7 @@ class Scheduler:
                 seq.n_fed = 0  # nothing in its slot is offered as a reusable prefix
                 self.batch.release(seq)
                 self.running.remove(job)
-                job.emit(job.index, Finished("error", len(seq.generated), message))
+                job.emit(job.index, Finished("error", message))
             self._publish_gauges()
 
     def _step(self) -> None:

@@ -327,7 +327,7 @@ class Service:
     def interrupt(self, pending: Pending) -> None:
         """Stop a request's jobs and hand its answer the shutdown event (which ends it, as a failure would)."""
         self.stop_jobs(pending.jobs)
-        pending.events.put_nowait((0, Finished("shutdown", 0)))
+        pending.events.put_nowait((0, Finished("shutdown")))
 
     def track(self, pending: Pending) -> None:
         """Count an answer that begins among those shut_down ends (a stream begins once its response is sent:
