@@ -14,6 +14,7 @@ from . import formats, kernels
 from .config import DEFAULT_PARALLEL, ModelArgs, default_steps
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
+from .fields import is_number
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
 from .sampler import SEED_LIMIT, Controls, Sampler, choice_seed
@@ -136,10 +137,6 @@ def _integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_generation(prompts: list[str], steps: int | list[int], temperature: float, topp: float,
                      max_new_tokens: int | None, seed: int | None = None, controls: Controls | None = None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
@@ -150,9 +147,9 @@ def check_generation(prompts: list[str], steps: int | list[int], temperature: fl
     for n in steps if isinstance(steps, list) else [steps]:
         if not _integer(n) or n < 0:
             raise BabyLlamaError(f"steps must be an integer >= 0, got {n!r}")
-    if not _number(temperature) or not temperature >= 0:  # also refuses NaN
+    if not is_number(temperature) or not temperature >= 0:  # also refuses NaN
         raise BabyLlamaError(f"temperature must be a number >= 0, got {temperature!r}")
-    if not _number(topp) or not 0.0 <= topp <= 1.0:
+    if not is_number(topp) or not 0.0 <= topp <= 1.0:
         raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
     if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):
         raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")

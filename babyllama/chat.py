@@ -28,7 +28,8 @@ from .tokenizer import EOS
 def _read_line(printer: Printer, prompt: str) -> str | None:
     """A line of stdin without its line ending; None at the end of input (a closed stdin included). Lines are
     UTF-8 whatever the locale says, as printed text is: a line that is not is skipped with a note (the locale's
-    strict decoder raised a traceback, and a non-UTF-8 locale turned every accented letter into junk bytes)."""
+    strict decoder would raise a traceback, and a non-UTF-8 locale would turn every accented letter into junk
+    bytes)."""
     if sys.stdin is None:
         return None
     while True:
