@@ -1,4 +1,5 @@
-"""Model files: write/read round trips for versions 0, 1, 2 and the header checks."""
+"""Model files: write/read round trips for versions 0-3 (fp32, Q8_0, Q4_0), memory-mapped or read, quantizing to
+Q8_0, Q4_0, f16 and bf16 on load, and the header checks."""
 
 from __future__ import annotations
 

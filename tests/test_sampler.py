@@ -1,3 +1,6 @@
+"""The sampler: run.c's xorshift64* generator, greedy, multinomial and top-p draws (C and NumPy alike), and the
+sampling controls (top-k, min-p, llama.cpp's repeat penalty, OpenAI's presence and frequency penalties)."""
+
 import re
 
 import numpy as np
