@@ -3,9 +3,9 @@ in kernels_base.py that engine.py calls through), chosen on first use:
     native  C kernels (csrc/kernels.c) built on first use with the system compiler (kernels_native.py):
             AVX-512/VNNI or AVX2 int8 products for Q8_0 and Q4_0, streaming fp32 products, one-call decode
             steps, a thread pool that survives a busy machine;
-    numba   fp32 and runq.c-Q8_0 products in numba (`pip install babyllama[fast]`), for machines without a
-            compiler; NumPy for the rest;
-    numpy   BLAS for fp32, the reference arithmetic for quantized decode.
+    numba   fp32 (large matrices), fp16, bf16 and runq.c-Q8_0 products in numba (`pip install babyllama[fast]`),
+            for machines without a compiler; NumPy for the rest;
+    numpy   BLAS for fp32 (fp16 and bf16 converted to it), the reference arithmetic for quantized decode.
 `use_backend` or BABYLLAMA_KERNELS=native|numba|numpy (in any case) picks one; one that cannot load falls back
 down the list. Prompts (many rows) go to BLAS sgemm on every backend, quantized weights dequantized first.
 `matmul_plain` is the readable reference every fast path is tested against.

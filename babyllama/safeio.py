@@ -300,7 +300,8 @@ def new_file_mode() -> int:
 
 
 def temp_path(path: str | os.PathLike) -> Path:
-    """Where a new version of `path` is written before it is renamed into place."""
+    """NAME.tmp beside `path`: a fixed name for a folder built there and renamed into place, so that what an
+    interrupted run left is found and removed by the next (files get a name of their own: `_new_temp`)."""
     path = Path(path)
     return path.with_name(path.name + ".tmp")
 
