@@ -1,6 +1,6 @@
 """The NumPy inference engine: Llama 2's forward pass over a batch of tokens with a KV cache.
 
-One call, `Engine.forward(tokens, positions, slots)`, serves every caller: a prompt (many tokens of one
+One call, `Engine.forward(tokens, positions, cache, slots)`, serves every caller: a prompt (many tokens of one
 sequence: causal attention inside the chunk), a decode step (one token each of several sequences) or a
 mix of both, as a batching server schedules them. Each token names its cache slot (which sequence it
 belongs to) and its position in that sequence. The engine knows nothing of files, tokenizers or sampling.
@@ -20,16 +20,14 @@ import numpy as np
 from . import kernels
 from .config import ModelArgs
 from .formats import Weights
-from .kernels_base import (  # noqa: F401
+from .kernels_base import (
     Kernels,
     apply_rope,
     check_step_lengths,
     kv_q8_dtype,
     kv_read,
     kv_write,
-    rmsnorm,
     segments,
-    silu,
 )
 from .memory import allocation_failed, check_fits, small_pages, zeros_mapped
 

@@ -468,8 +468,8 @@ def test_native_build_falls_back_through_flag_sets(tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize("rows", [1, 5])
 def test_native_fused_products_match_numpy(quantized, rows):
     """The fused forms a decode step uses: norm= reads rmsnorm(x)*g, gate= reads silu(x)*g, into= adds."""
-    from babyllama.engine import rmsnorm, silu
     from babyllama.formats import quantize_q80
+    from babyllama.kernels_base import rmsnorm, silu
 
     native = kernels_native.load()
     if native is None:
