@@ -45,11 +45,11 @@ from .safeio import cache_folder, current_umask
 from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
-# -march values for the named instruction sets, tried in order (older compilers lack x86-64-v3)
 # The instruction sets a build can be forced to (BABYLLAMA_NATIVE_ARCH), each as the compiler flags to try in
-# order and the CPU features (as /proc/cpuinfo names them) it needs to run: AVX2 alone; AVX-512 without VNNI
-# (Skylake-X); AVX-512 with VNNI but without VBMI's byte permutes (Cascade Lake). Each has its own code paths
-# (and, with those CPUs' tuning, its own compiler choices), so the tests run every one the CPU can.
+# order (older compilers lack x86-64-v3) and the CPU features (as /proc/cpuinfo names them) it needs to run: AVX2
+# alone; AVX-512 without VNNI (Skylake-X); AVX-512 with VNNI but without VBMI's byte permutes (Cascade Lake). Each
+# has its own code paths (and, with those CPUs' tuning, its own compiler choices), so the tests run every one the
+# CPU can.
 AVX2_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
 AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 ARCHES = {
