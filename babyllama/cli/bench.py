@@ -3,6 +3,7 @@ llama.cpp and the memory bandwidth."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -12,7 +13,7 @@ from .common import add_compile, add_kv_cache, add_mmap, add_threads
 DEFAULT_FORMATS = "fp32,q8_0,q4_0"
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     about = ("measure decode/prefill/batched speed (fp32, Q8_0, Q4_0) against the plain NumPy baseline, llama2.c "
              "and llama.cpp, with the machine's memory bandwidth")
     p = sub.add_parser("bench", help=about,
@@ -72,7 +73,7 @@ def _names(value: str) -> list[str]:
     return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench, safeio
 
     shapes = _names(args.shapes)

@@ -25,7 +25,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_model_flags(p, what: str = "model", default: str = "the built-in story model") -> None:
+def add_model_flags(p: argparse.ArgumentParser, what: str = "model", default: str = "the built-in story model") -> None:
     """The model (any format babyllama reads) and its tokenizer."""
     p.add_argument("checkpoint", nargs="?", metavar="MODEL", type=non_empty_path,
                    help=f"the {what}: a llama2.c .bin (v0-v3), a GGUF file, a Hugging Face or Meta folder, or "
@@ -47,14 +47,14 @@ def non_empty_path(text: str) -> str:
     return text
 
 
-def add_kv_cache(p) -> None:
+def add_kv_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
                    help="the KV cache's type: f16 halves the bytes attention reads per token, q8_0 (int8 with "
                         "a scale per 32 values) about halves them again; auto: f16 for quantized weights (Q8_0, "
                         "Q4_0), f32 for fp32 ones, whose output then stays run.c's exactly (auto)")
 
 
-def add_sampling_flags(p, per_reply: bool = False) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False) -> None:
     """run.c's generation flags (short forms) with the long names people type; `per_reply`: chat's -n and
     --max-new-tokens, which budget each reply."""
     p.add_argument("-t", "--temperature", dest="temperature", type=float, default=1.0,
@@ -80,7 +80,7 @@ def add_sampling_flags(p, per_reply: bool = False) -> None:
                         "whole UTF-8 characters")
 
 
-def add_control_flags(p) -> None:
+def add_control_flags(p: argparse.ArgumentParser) -> None:
     """llama.cpp's sampling flags (sampler.Controls), all off by default: sampling is then run.c's."""
     g = p.add_argument_group("sampling controls (llama.cpp's flags; off by default: run.c's sampling)")
     g.add_argument("--top-k", "--top_k", type=int, default=0, metavar="K",
@@ -99,7 +99,7 @@ def add_control_flags(p) -> None:
                         "in [-2, 2] (0)")
 
 
-def controls(args) -> Controls:
+def controls(args: argparse.Namespace) -> Controls:
     """The sampling controls the flags ask for (sampler.Controls)."""
     from ..sampler import Controls  # NumPy loads after --threads: imported here, not above
 
@@ -107,20 +107,20 @@ def controls(args) -> Controls:
                     args.frequency_penalty)
 
 
-def make_sampler(args, seed: int | None) -> Sampler:
+def make_sampler(args: argparse.Namespace, seed: int | None) -> Sampler:
     """A sampler with the flags' temperature, top-p and controls, and `seed` (None: the time)."""
     from ..sampler import Sampler
 
     return Sampler(args.temperature, args.topp, seed, controls(args))
 
 
-def add_threads(p) -> None:
+def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for BLAS and the kernels (default: OMP_NUM_THREADS, else every core, one when "
                         "a busy machine makes that faster; OPENBLAS_NUM_THREADS sets BLAS's and numba's alone)")
 
 
-def add_time_limit(p) -> None:
+def add_time_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=positive_seconds, default=None, metavar="SECONDS",
                    help="give up on a transfer after this long (default: 2 hours); run again to resume it")
 
@@ -150,12 +150,12 @@ def share(text: str) -> float:
     return _checked_number(text, float, lambda v: 0 < v <= 1, "number", "a share in (0, 1]")
 
 
-def add_compile(p) -> None:
+def add_compile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
 
 
-def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
+def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False) -> None:
     """One-line errors for values out of range; `zero_new_tokens`: --max-new-tokens 0 means no limit (chat)."""
     if not args.temperature >= 0:  # also refuses nan
         raise BabyLlamaError(f"temperature (-t) must be >= 0, got {args.temperature}")
@@ -177,7 +177,7 @@ def check_sampling_flags(args, zero_new_tokens: bool = False) -> None:
                              "budget in chat: give one of them")
 
 
-def steps_flag(args) -> int:
+def steps_flag(args: argparse.Namespace) -> int:
     """-n as given; unset, run.c's 256, or 0 (the whole context) when --max-new-tokens bounds the output."""
     return default_steps(args.steps, args.max_new_tokens)
 
@@ -198,7 +198,7 @@ def text_arg(value: str | None, flag: str) -> str:
     return value
 
 
-def add_mmap(p, who: str = "") -> None:
+def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
     """--mmap / --no-mmap (args.mmap: True, False, or None for the default rule of formats.load); llama2.c .bin
     files only (loading.check_mmap_applies refuses them for other formats)."""
     m = p.add_mutually_exclusive_group()

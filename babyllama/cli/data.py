@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import BabyLlamaError, require
@@ -10,7 +11,7 @@ from .common import Parser, add_time_limit, positive_int, share
 SKIP_BAD_LINES_HELP = "skip malformed .jsonl lines, with a count"
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare training data: download, train-vocab, pretokenize, instruct",
                        description="Prepare training data (llama2.c's tinystories.py).")
     steps = p.add_subparsers(dest="data_command", metavar="STEP", parser_class=Parser, required=True)
@@ -111,7 +112,7 @@ def check_input(path: str) -> None:
                              "or give --input FILE_OR_FOLDER")
 
 
-def cmd_data_download(args) -> int:
+def cmd_data_download(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..train.download import TINYSTORIES_URL, download, extract
@@ -125,7 +126,7 @@ def cmd_data_download(args) -> int:
     return 0
 
 
-def cmd_data_train_vocab(args) -> int:
+def cmd_data_train_vocab(args: argparse.Namespace) -> int:
     require("sentencepiece", "train", "data train-vocab")
     from ..train.vocab import train_vocab
 
@@ -135,7 +136,7 @@ def cmd_data_train_vocab(args) -> int:
     return 0
 
 
-def cmd_data_pretokenize(args) -> int:
+def cmd_data_pretokenize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     require("tqdm", "train", "data pretokenize")
@@ -173,7 +174,7 @@ def check_chat_input(input_path: str, skip_bad_lines: bool) -> None:
                              f"{input_path} holds plain text")
 
 
-def cmd_data_instruct(args) -> int:
+def cmd_data_instruct(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from .. import safeio

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags
 
+if TYPE_CHECKING:
+    from ..api import Model
 
-def add(sub) -> None:
+
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="loss, perplexity and bits per byte of a model on a text file of stories",
         description="Score a model on held-out text. The file is split into stories on lines that are exactly "
@@ -36,7 +42,7 @@ def add(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from ..evaluate import evaluate
@@ -61,7 +67,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def model_name(args) -> str:
+def model_name(args: argparse.Namespace) -> str:
     """The model the figures are of: the file, with the adapter and the quantization it ran with."""
     from ..loading import BUILTIN_MODEL
 
@@ -84,7 +90,7 @@ TEXT_FLAGS = ("max_stories", "max_tokens", "seq_len")
 INSTRUCT_FLAGS = ("max_examples", "max_new_tokens", "samples")
 
 
-def check_eval_flags(args) -> None:
+def check_eval_flags(args: argparse.Namespace) -> None:
     from ..errors import BabyLlamaError
 
     wrong, needs = (TEXT_FLAGS, "--data") if args.instruct else (INSTRUCT_FLAGS, "--instruct")
@@ -95,7 +101,7 @@ def check_eval_flags(args) -> None:
         raise BabyLlamaError(f"--samples must be >= 0, got {args.samples}")
 
 
-def eval_instruct(model, args) -> int:
+def eval_instruct(model: Model, args: argparse.Namespace) -> int:
     import json
 
     from ..errors import BabyLlamaError

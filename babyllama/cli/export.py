@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..errors import BabyLlamaError
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="convert models: .bin, GGUF, Meta, Hugging Face, checkpoint -> .bin (v0-v3), Hugging Face, "
                        "GGUF",
@@ -55,7 +57,7 @@ def dtype_name(text: str) -> str:
     return LLAMA2C_DTYPES.get(text, text)
 
 
-def target(args) -> str:
+def target(args: argparse.Namespace) -> str:
     """--to, or OUT's name; llama2.c's `--version -1` is its Hugging Face export."""
     from ..export import infer_target
 
@@ -67,7 +69,7 @@ def target(args) -> str:
     return infer_target(args.output, args.to)
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export, report
     from ..loading import load_source
 
@@ -84,7 +86,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_export_tokenizer(args) -> int:
+def cmd_export_tokenizer(args: argparse.Namespace) -> int:
     from ..export import export_tokenizer
 
     if (args.model is None) == (args.tokenizer_model is None):

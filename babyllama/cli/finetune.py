@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 
 from ..errors import BabyLlamaError
 from .train import add_config_flags, config_overrides, require_training
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     from ..train.config import FINETUNE_DEFAULTS
 
     p = sub.add_parser(
@@ -30,7 +31,7 @@ def add(sub) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def cmd_finetune(args) -> int:
+def cmd_finetune(args: argparse.Namespace) -> int:
     require_training("finetune")
     from ..train.config import FINETUNE_DEFAULTS, resolve_config
     from ..train.loop import train

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
+
 from .common import add_time_limit
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     add_models(sub)
     add_download(sub)
 
 
-def add_models(sub) -> None:
+def add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in story and chat models and the public llama2.c checkpoints",
                        description="The models babyllama knows by name, with their shape, reported val loss, "
                        "size and where to get them.")
     p.set_defaults(func=cmd_models)
 
 
-def cmd_models(args) -> int:
+def cmd_models(args: argparse.Namespace) -> int:
     from ..catalog import table
 
     print(table())
     return 0
 
 
-def add_download(sub) -> None:
+def add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download a public checkpoint and its tokenizer (see babyllama models)",
                        description="Fetch a known model into DIR/NAME/ (model .bin + tokenizer.bin), resuming an "
                        "interrupted download. Needs internet; files already there are kept.")
@@ -36,7 +38,7 @@ def add_download(sub) -> None:
     p.set_defaults(func=cmd_download)
 
 
-def cmd_download(args) -> int:
+def cmd_download(args: argparse.Namespace) -> int:
     from ..catalog import find
     from ..download import download_model
 

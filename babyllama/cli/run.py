@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..config import DEFAULT_PARALLEL
 from ..errors import BabyLlamaError
@@ -23,10 +24,16 @@ from .common import (
     text_arg,
 )
 
+if TYPE_CHECKING:
+    from ..api import Model
+    from ..engine import Engine
+    from ..sampler import Sampler
+    from ..tokenizer import Tokenizer
+
 DRAFT_K = 4
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text or chat with a model (run.c's flags)",
                        description="Generate text from a model, like llama2.c's ./run.")
     add_model_flags(p)
@@ -69,7 +76,7 @@ def add(sub) -> None:
                    n_keep=None, rotate_keys=False, draft=None, draft_k=None, plain=False, builtin="chat")
 
 
-def add_engine_flags(p) -> None:
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     add_mmap(p)
     p.add_argument("--device", default="numpy",
@@ -78,7 +85,7 @@ def add_engine_flags(p) -> None:
     add_threads(p)
 
 
-def load_model(args):
+def load_model(args: argparse.Namespace) -> Model:
     """The model the flags name, with one line on stderr when it was converted from another format."""
     from ..adapter import OtherBase
     from ..api import load
@@ -104,7 +111,7 @@ def load_model(args):
     return model
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from ..api import clamp_steps
 
     check_sampling_flags(args, zero_new_tokens=args.mode == "chat")
@@ -134,7 +141,7 @@ def cmd_run(args) -> int:
     return generate_and_print(model, sampler, prompt, steps, args)
 
 
-def check_speed_flags(args) -> None:
+def check_speed_flags(args: argparse.Namespace) -> None:
     """Flags that exclude each other, and flags given without the one they work with (refused rather than
     ignored)."""
     exclusive = [name for name, on in (("--batch-file", args.batch_file), ("--draft", args.draft),
@@ -171,7 +178,7 @@ def check_n_keep(n_keep: int | None, seq_len: int) -> None:
         raise BabyLlamaError(f"--n-keep must be at most half the context ({seq_len // 2}), got {n_keep}")
 
 
-def load_draft(args, tokenizer):
+def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     """The --draft model's engine. A draft whose own tokenizer (beside it, or inside it) is not the model's
     `tokenizer` is refused: its ids would stand for other pieces, and nearly every drafted token be rejected."""
     from ..api import make_engine
@@ -185,7 +192,8 @@ def load_draft(args, tokenizer):
     return make_engine(source.weights, args.device, args.plain, args.compile, args.kv_cache)
 
 
-def generate_and_print(model, sampler, prompt: str, steps: int, args, draft=None) -> int:
+def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, args: argparse.Namespace,
+                       draft: Engine | None = None) -> int:
     """Echo the prompt as it is fed (like run.c), stream the generated text, then report tok/s on stderr."""
     from ..generate import generate
     from ..printer import Printer
@@ -245,7 +253,7 @@ def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: 
           f"({fix})", file=sys.stderr)
 
 
-def generate_batch_file(model, args, steps: int) -> int:
+def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
     """Every line of --batch-file is a prompt; they are generated together (--parallel at a time) and printed
     in order, each after a delimiter line `=== sequence I/N (K tokens, stop|length) ===`, as soon as it and
     every one before it are done."""
@@ -253,7 +261,6 @@ def generate_batch_file(model, args, steps: int) -> int:
 
     from ..generate import stream_batch
     from ..printer import Printer, stdout_bytes, write_out
-    from ..sampler import Sampler
 
     prompts = read_prompts(args.batch_file)
     tok = model.tokenizer

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BabyLlamaError, missing_extra
 from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, add_threads
 
+if TYPE_CHECKING:
+    from ..api import Model
 
-def add(sub) -> None:
+
+def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page",
                        description="Serve a model over HTTP: OpenAI's /v1/completions and /v1/chat/completions "
                                    "(streamed or not), /v1/models, /health, /metrics, and a chat page at /. "
@@ -41,7 +46,7 @@ def add(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def check_flags(args) -> None:
+def check_flags(args: argparse.Namespace) -> None:
     for name, value, low in (("--port", args.port, 0), ("--slots", args.slots, 1), ("--queue", args.queue, 1),
                              ("--chunk", args.chunk, 1), ("--prefix-min", args.prefix_min, 0),
                              ("--max-body", args.max_body, 1)):
@@ -95,7 +100,7 @@ def model_card(checkpoint: str | None) -> dict:
         return {}
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     check_flags(args)
     args.host = unbracketed(args.host)
     try:
@@ -129,7 +134,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def check_slots_fit(model, slots: int) -> None:
+def check_slots_fit(model: Model, slots: int) -> None:
     """Refuses a batch's KV cache (--slots of the whole context each) that cannot fit in memory, naming the
     flags that shrink it (the cache itself would name `run`'s)."""
     from ..engine import kv_cache_layout

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 from ..errors import BabyLlamaError, require
 from .common import add_sampling_flags, check_sampling_flags, make_sampler, positive_int, steps_flag, text_arg
 
 
-def add(sub) -> None:
+def add(sub: argparse._SubParsersAction) -> None:
     add_train(sub)
     add_sample(sub)
 
 
-def add_train(sub) -> None:
+def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with PyTorch (torchrun for DDP/FSDP)",
                        description="Train a Llama 2 model (llama2.c's train.py). Settings come from the "
                                    "defaults, then CONFIG (TOML, JSON or a .py of key = value lines), then "
@@ -28,7 +29,7 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def add_config_flags(p, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:
+def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:
     """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true.
     The `hidden` keys are parsed but left out of --help."""
     import argparse
@@ -68,7 +69,7 @@ def flag_value(key: str) -> Callable[[str], object]:
     return convert
 
 
-def config_overrides(args) -> dict:
+def config_overrides(args: argparse.Namespace) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
@@ -78,7 +79,7 @@ def require_training(what: str) -> None:
         require(module, "train", what)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     require_training("train")
     from ..train.config import build_config, resolve_config
     from ..train.loop import train
@@ -101,7 +102,7 @@ def raise_base_given() -> None:
                          "--base=MODEL")
 
 
-def add_sample(sub) -> None:
+def add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a training checkpoint with PyTorch",
                        description="Generate from a checkpoint (llama2.c's sample.py) with the PyTorch model; "
                                    "run's sampling flags.")
@@ -124,7 +125,7 @@ def add_sample(sub) -> None:
 SAMPLE_SEPARATOR = "---------------"  # what sample.py prints after each sample
 
 
-def sample_prompt(args) -> str:
+def sample_prompt(args: argparse.Namespace) -> str:
     """-i, or sample.py's --start (FILE:PATH: the text of the file PATH)."""
     if args.start is None:
         return text_arg(args.prompt, "prompt (-i)")
@@ -137,7 +138,7 @@ def sample_prompt(args) -> str:
     return safeio.read_text(args.start[len("FILE:"):], "prompt file (--start=FILE:...)")
 
 
-def cmd_sample(args) -> int:
+def cmd_sample(args: argparse.Namespace) -> int:
     from ..api import clamp_steps, load
     from .run import generate_and_print
 
