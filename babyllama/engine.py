@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import kernels
 from .config import ModelArgs
@@ -173,7 +174,8 @@ class Engine:
             self._ensure_rope(cache.seq_len)
         return cache
 
-    def forward(self, tokens, positions, cache: KVCache, slots=None, logits: str = "all") -> np.ndarray:
+    def forward(self, tokens: ArrayLike, positions: ArrayLike, cache: KVCache, slots: ArrayLike | None = None,
+                logits: str = "all") -> np.ndarray:
         """Run `tokens` (N,) at `positions` (N,) through the model, writing their keys/values into
         `cache` at `slots` (N,; default slot 0). A token attends to its slot's cached positions up to its
         own. Returns logits (N, vocab) for logits="all", or only for the last token of each run of

@@ -16,7 +16,7 @@ Reference arithmetic (the plain path, what every fast path is tested against):
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -177,7 +177,8 @@ def matmul_plain(x: np.ndarray, w: Matrix) -> np.ndarray:
     return matmul_quantized(x, w) if is_quantized(w) else x @ dense(w).T
 
 
-def quantized_gemm(x: np.ndarray, ws: Sequence[QTensor | BlockTensor], dequantize) -> list[np.ndarray]:
+def quantized_gemm(x: np.ndarray, ws: Sequence[QTensor | BlockTensor],
+                   dequantize: Callable[[Matrix], np.ndarray]) -> list[np.ndarray]:
     """Many rows: quantize-dequantize the activations (runq.c's rounding of x) and multiply in fp32 BLAS."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rounded: dict[int, np.ndarray] = {}
@@ -284,7 +285,8 @@ class NumpyKernels:
     def swiglu(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return silu(a) * b
 
-    def attention(self, q, k, v, cos, sin, keys, values, slots, positions) -> np.ndarray:
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                  keys: np.ndarray, values: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> np.ndarray:
         n_heads = q.shape[1]
         qk = apply_rope(np.concatenate([q, k], axis=1), cos, sin)  # query and key heads in one NumPy call
         q, k = qk[:, :n_heads], qk[:, n_heads:]
@@ -300,7 +302,8 @@ class NumpyKernels:
     def step_plan(self, weights: Weights, cos: np.ndarray, sin: np.ndarray) -> None:
         return None
 
-    def forward_step(self, plan, tokens, positions, slots, keys, values, rows) -> np.ndarray:
+    def forward_step(self, plan: Any, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
+                     keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         raise NotImplementedError("the NumPy backend has no one-call step (step_plan returns None)")
 
 

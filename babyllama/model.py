@@ -24,6 +24,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import nn
 
 from .config import ModelArgs
@@ -318,7 +319,8 @@ class TorchEngine:
             v[slot, start:end - delta] = v[slot, start + delta:end].clone()
 
     @torch.inference_mode()
-    def forward(self, tokens, positions, cache: TorchEngine.Cache, slots=None, logits: str = "all") -> np.ndarray:
+    def forward(self, tokens: ArrayLike, positions: ArrayLike, cache: TorchEngine.Cache, slots: ArrayLike | None = None,
+                logits: str = "all") -> np.ndarray:
         from .kernels_base import check_step_lengths, segments
 
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
