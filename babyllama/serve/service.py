@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -26,6 +27,7 @@ from .metrics import Metrics
 from .scheduler import Emitter, Finished, Job, QueueFull, Scheduler, SchedulerFailed, Token
 
 DISCONNECT_POLL_S = 0.25  # how often a whole (not streamed) answer checks that its client is still there
+RequestT = TypeVar("RequestT", p.CompletionRequest, p.ChatRequest)  # the request shapes `parse` validates
 FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the whole request, not one choice
 # a stream is passed on as it comes: nginx buffers a proxied answer unless told not to (X-Accel-Buffering), and a
 # stream is never an answer to keep
@@ -155,7 +157,7 @@ class Service:
             raise APIError(404, f"the model {name!r} does not exist here (this server runs "
                                 f"{self.config.model_name!r})", param="model", code="model_not_found")
 
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> dict | EventSourceResponse:
         deadline = self.deadline()
         req = await self.parse(request, p.CompletionRequest, deadline)
         ids = await self.prompt_ids(req.prompt)
@@ -164,7 +166,7 @@ class Service:
         echo = self.prompt_text(req.prompt, ids) if req.echo else ""
         return await self.answer(request, req, ids, max_new, req.logprobs, deadline, chat=False, echo=echo)
 
-    async def chat(self, request: Request):
+    async def chat(self, request: Request) -> dict | EventSourceResponse:
         deadline = self.deadline()
         req = await self.parse(request, p.ChatRequest, deadline)
         messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
@@ -226,7 +228,7 @@ class Service:
                 raise too_large
         return bytes(body)
 
-    async def parse(self, request: Request, schema, deadline: float):
+    async def parse(self, request: Request, schema: type[RequestT], deadline: float) -> RequestT:
         raw = await self.read_body(request, deadline)
         try:
             req = schema.model_validate_json(raw or b"null")
@@ -265,8 +267,8 @@ class Service:
 
     # ------------------------------------------------------------------ generating
 
-    async def answer(self, request: Request, req, ids: list[int], max_new: int, logprobs: int | None,
-                     deadline: float, chat: bool, echo: str = ""):
+    async def answer(self, request: Request, req: p.CompletionRequest | p.ChatRequest, ids: list[int], max_new: int,
+                     logprobs: int | None, deadline: float, chat: bool, echo: str = "") -> dict | EventSourceResponse:
         """Queue one job per choice (choice i samples with seed + i), then answer whole or as a stream."""
         if self.closing.is_set():
             raise self.failure("shutdown")
