@@ -26,7 +26,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from .errors import BabyLlamaError
 
@@ -65,10 +65,8 @@ def check_regular(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
-def open_regular(path: str | os.PathLike, what: str = "file", mode: str = "rb", encoding: str | None = None) -> IO:
-    """Open a regular file for reading; a pipe, device or directory is refused without blocking."""
-    if mode not in ("rb", "r"):
-        raise ValueError("open_regular reads only")
+def open_regular(path: str | os.PathLike, what: str = "file") -> BinaryIO:
+    """Open a regular file for reading bytes; a pipe, device or directory is refused without blocking."""
     path = Path(path)
     nonblock = getattr(os, "O_NONBLOCK", 0)
     try:
@@ -83,7 +81,7 @@ def open_regular(path: str | os.PathLike, what: str = "file", mode: str = "rb", 
             raise _refuse(path, what, st.st_mode)
         if nonblock:
             os.set_blocking(fd, True)
-        f = os.fdopen(fd, mode, encoding=encoding if mode == "r" else None)
+        f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
@@ -409,13 +407,13 @@ def _names(e: OSError, *paths: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
-                 what: str = "output") -> Iterator[IO]:
-    """A file object whose contents replace `path` only once the block completes (temp name, fsync, rename)."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", what: str = "output") -> Iterator[IO]:
+    """A file object whose contents replace `path` only once the block completes (temp name, fsync, rename);
+    mode "w" writes UTF-8 text."""
     if mode not in ("wb", "w"):
         raise ValueError("atomic_write writes whole files: mode 'wb' or 'w'")
     with pending(path, what) as tmp:
-        with open(tmp, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as f:
+        with open(tmp, mode, encoding="utf-8" if mode == "w" else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
