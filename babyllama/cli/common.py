@@ -25,10 +25,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_model_flags(p: argparse.ArgumentParser, what: str = "model", default: str = "the built-in story model") -> None:
+def add_model_flags(p: argparse.ArgumentParser, default: str = "the built-in story model") -> None:
     """The model (any format babyllama reads) and its tokenizer."""
     p.add_argument("checkpoint", nargs="?", metavar="MODEL", type=non_empty_path,
-                   help=f"the {what}: a llama2.c .bin (v0-v3), a GGUF file, a Hugging Face or Meta folder, or "
+                   help=f"the model: a llama2.c .bin (v0-v3), a GGUF file, a Hugging Face or Meta folder, or "
                         f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
     p.add_argument("-z", "--tokenizer", dest="tokenizer",
                    help="tokenizer.bin or sentencepiece .model (default: the model's own; for a .bin or a "
