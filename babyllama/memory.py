@@ -1,6 +1,9 @@
-"""How much memory this process may still use, so that a large allocation sized by a file (a KV cache for a
+"""Memory. How much this process may still use, so that a large allocation sized by a file (a KV cache for a
 header's seq_len, RoPE tables) is refused with one clear line instead of a MemoryError, an address-space
-failure or the kernel's OOM killer half-way through a run."""
+failure or the kernel's OOM killer half-way through a run; whether a model file is read or mapped when neither
+is asked for (`read_by_default`); and how pages are held: a KV cache's zero pages of its own in 4 KiB pages
+(`zeros_mapped`, `small_pages`), glibc's malloc keeping what a step frees for the next (`keep_freed_memory`,
+`return_freed_memory`), a mapped file's pages handed back once a copy stands in for them (`release_mapped`)."""
 
 from __future__ import annotations
 
