@@ -1,5 +1,6 @@
 """ModelArgs: the one description of a Llama 2 model's shape, shared by the .bin formats, the NumPy engine,
-the PyTorch model, the exporters and the CLI."""
+the PyTorch model, the exporters and the CLI; and the few defaults every layer above shares (run.c's -n, the
+sequences a batch generates at once, a training run's checkpoint name)."""
 
 from __future__ import annotations
 

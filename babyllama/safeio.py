@@ -13,6 +13,9 @@ or the complete new one, never a torn one. The rename would put a regular file i
 there, so a target that exists and is not a regular file (a directory, a named pipe, a device) is refused
 before anything is written. `output_file` and `output_dir` make an
 output's folders; a place that cannot be written is one line naming the output and the reason.
+
+Also here: a lock on a folder that two processes must not write at once (`folder_lock`), and babyllama's cache
+folders (`cache_folder`: $BABYLLAMA_CACHE, else ~/.cache/babyllama).
 """
 
 from __future__ import annotations
