@@ -179,9 +179,9 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
 
     from .. import safeio
     from ..chat_template import encode_chat
-    from ..instruct import MAX_WORD_DF, make_instructions, write_jsonl
+    from ..instruct import MAX_WORD_DF, make_instructions, read_documents, write_jsonl
     from ..loading import builtin_model, open_model, tokenizer_for
-    from ..train.data import input_files, read_documents
+    from ..train.data import input_files
 
     check_input(args.input)
     source = open_model(args.model or builtin_model())

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .. import safeio
 from ..errors import BabyLlamaError, require
-from .data import input_files, read_documents
+from ..instruct import read_documents
+from .data import input_files
 
 MAX_LINE_BYTES = 1 << 20  # sentencepiece's max_sentence_length: it skips longer lines
 
