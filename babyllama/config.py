@@ -14,6 +14,9 @@ DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_STEPS = 256  # run.c's -n: positions a generation runs, the prompt included
 DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each holds a KV cache)
 CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
+# a model's tokenizer beside it (run.c's -z default), which pretokenize puts beside its shards and training beside
+# its checkpoint
+TOKENIZER_BIN = "tokenizer.bin"
 
 
 def default_steps(steps: int | None, max_new_tokens: int | None) -> int:

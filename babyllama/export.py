@@ -16,10 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import formats, kernels, safeio
+from .config import TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .formats import Weights
 from .interop.vocab import Vocab
-from .loading import TOKENIZER_BIN, Source
+from .loading import Source
 from .tokenizer import Tokenizer, open_sentencepiece, warn_normalization
 
 TARGETS = ("bin", "hf", "gguf")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, safeio
-from .config import CKPT_NAME
+from .config import CKPT_NAME, TOKENIZER_BIN
 from .errors import BabyLlamaError, require
 from .formats import Weights
 from .tokenizer import Tokenizer
@@ -40,7 +40,6 @@ BUILTIN_TOKENIZER = ASSETS / "tokenizer.bin"
 BUILTIN_CARD = ASSETS / "model.json"
 BUILTIN_CHAT = ASSETS / "chat.bin"  # the story model fine-tuned to follow requests (scripts/train_chat.sh)
 BUILTIN_CHAT_CARD = ASSETS / "chat.json"
-TOKENIZER_BIN = "tokenizer.bin"
 
 KINDS = ("bin", "gguf", "hf", "meta", "checkpoint")
 HF_FILE_SUFFIXES = (".safetensors", ".index.json")

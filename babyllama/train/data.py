@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .. import safeio
+from ..config import TOKENIZER_BIN
 from ..documents import iter_documents
 from ..errors import BabyLlamaError
 from ..fields import Fields
@@ -48,7 +49,6 @@ SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
 INCOMPLETE = "pretokenize.incomplete"  # in a shard folder from the start of pretokenize until meta.json is written
 MASK_SUFFIX, INDEX_SUFFIX = ".mask", ".idx"  # beside a chat shard NAME.bin: NAME.mask, NAME.idx
-TOKENIZER_BIN = "tokenizer.bin"
 VAL_FRACTION = 0.1  # held out of a lone training shard when no validation shard exists
 
 

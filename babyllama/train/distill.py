@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import formats
+from ..config import TOKENIZER_BIN
 from ..errors import BabyLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .data import TOKENIZER_BIN
 
 
 def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,

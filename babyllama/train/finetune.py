@@ -14,14 +14,14 @@ from pathlib import Path
 
 from .. import safeio
 from ..adapter import base_identity, parse_targets
-from ..config import ModelArgs
+from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs
 from ..errors import BabyLlamaError
 from ..instruct import CHAT
-from ..loading import CKPT_NAME, Source, open_model, tokenizer_for
+from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .config import FIELDS, TrainConfig
-from .data import TOKENIZER_BIN, pretokenize
+from .data import pretokenize
 from .lora import apply_lora, check_rank
 
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",

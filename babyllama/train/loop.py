@@ -34,12 +34,13 @@ import torch.distributed as dist
 
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
+from ..config import TOKENIZER_BIN
 from ..errors import BabyLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import TOKENIZER_BIN, Examples, open_split, read_meta
+from .data import Examples, open_split, read_meta
 from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
