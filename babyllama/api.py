@@ -11,13 +11,13 @@ from dataclasses import replace
 from typing import cast
 
 from . import formats, kernels
-from .config import DEFAULT_PARALLEL, ModelArgs, default_steps
+from .config import DEFAULT_PARALLEL, SEED_LIMIT, ModelArgs, default_steps
 from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .fields import is_number
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
-from .sampler import SEED_LIMIT, Controls, Sampler, choice_seed
+from .sampler import Controls, Sampler, choice_seed
 from .tokenizer import BOS, Tokenizer
 
 

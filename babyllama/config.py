@@ -13,6 +13,10 @@ DEFAULT_NORM_EPS = 1e-5
 DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_STEPS = 256  # run.c's -n: positions a generation runs, the prompt included
 DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each holds a KV cache)
+# seeds the Python API, the server and training take are below it: run.c's generator and torch's keep 64 bits,
+# so a larger seed would sample another's text (2**64 - 1 seed 0's, 2**64 + 7 seed 7's), with room left for a
+# choice index or a rank added to it
+SEED_LIMIT = 2**63
 CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # a model's tokenizer beside it (run.c's -z default), which pretokenize puts beside its shards and training beside
 # its checkpoint

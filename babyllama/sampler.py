@@ -153,12 +153,9 @@ def one_hot(n: int, i: int) -> np.ndarray:
 
 
 # seed 0's stand-in (run.c reads 0 as "the time") where 0 is a seed like any other (the Python API, the server): no
-# other seed they sample with reaches it (theirs are below SEED_LIMIT, plus a choice index), so seed 0 is
+# other seed they sample with reaches it (theirs are below config.SEED_LIMIT, plus a choice index), so seed 0 is
 # reproducible without repeating another seed's text
 ZERO_SEED = 2**64 - 1
-# the seeds the Python API and the server take are below it: the generator keeps 64 bits, so a larger seed would
-# sample another's text (2**64 - 1 seed 0's, 2**64 + 7 seed 7's)
-SEED_LIMIT = 2**63
 
 
 def choice_seed(base: int, i: int = 0) -> int:

@@ -10,7 +10,8 @@ from typing import Annotated, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..sampler import SEED_LIMIT, Controls
+from ..config import SEED_LIMIT
+from ..sampler import Controls
 from ..tokenizer import Tokenizer
 
 MAX_CHOICES = 16

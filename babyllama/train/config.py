@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import safeio
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, ModelArgs, checked_args
+from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, SEED_LIMIT, ModelArgs, checked_args
 from ..errors import BabyLlamaError
 
 
@@ -91,7 +91,6 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 FINETUNE_DEFAULTS = {"max_seq_len": 0, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "max_iters": 500, "warmup_iters": 20, "min_lr": 1e-4, "weight_decay": 0.0, "eval_interval": 100,
                      "eval_iters": 20, "log_interval": 10}
-SEED_LIMIT = 2 ** 63  # torch seeds are 64-bit; the run also seeds with seed + 1 and seed + rank
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
               "rope_theta", "shared_classifier")
 
