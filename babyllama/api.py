@@ -18,7 +18,7 @@ from .fields import is_number
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
 from .sampler import Controls, Sampler, choice_seed
-from .tokenizer import BOS, Tokenizer
+from .tokenizer import Tokenizer
 
 
 class Model:
@@ -266,5 +266,4 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 
-__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_quantize", "clamp_steps",
-           "BOS"]
+__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_quantize", "clamp_steps"]

@@ -41,7 +41,7 @@ import numpy as np
 
 from .engine import FUSED_MAX_TOKENS, Engine
 from .sampler import Sampler
-from .tokenizer import BOS, EOS
+from .tokenizer import BOS
 
 
 @dataclass
@@ -339,4 +339,4 @@ def stream_batch(engine: Engine, prompts: list[list[int]], steps: int | list[int
 LOOKAHEAD = 16  # finished sequences that may wait for an earlier one, per slot
 
 
-__all__ = ["Batch", "Sequence", "generate", "generate_batch", "stream_batch", "BOS", "EOS"]
+__all__ = ["Batch", "Sequence", "generate", "generate_batch", "stream_batch"]
