@@ -23,7 +23,6 @@ from babyllama.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BABYLLAMA_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
 
 
 def shared_file(rel: str) -> Path:

@@ -51,10 +51,6 @@ def greedy(weights: formats.Weights, prompt: list[int], steps: int, plain: bool 
     return list(generate(Engine(weights, plain=plain, kv_cache="f32"), prompt, steps, Sampler(0.0)))
 
 
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def test_fp32_matches_babyllama_and_run_c_golden(llama2c_ref):
     model = shared_file("fixtures/stories260K.bin")
     tok = Tokenizer.load(shared_file("fixtures/tok512.bin"), 512)

@@ -23,10 +23,6 @@ from babyllama.speculative import SpecStats, speculative_generate
 rng = np.random.default_rng(3)
 
 
-def q8_weights(**kw):
-    return random_weights(tiny_args(**kw), scale=0.2).quantize()
-
-
 @pytest.fixture(params=kernels.BACKENDS)
 def q8_backend(request):
     """Run a test with each kernel backend: the C kernels, numba, and the NumPy fallback."""
