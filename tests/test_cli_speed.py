@@ -292,7 +292,7 @@ def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monk
 def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(tmp_path, monkeypatch):
     """Plumbing of one run: the bandwidth figure, a co-runner process per --busy while the rows are measured
     (and gone after), a row per thread setting, Q4_0 rows, and a reference that fails reported in one line
-    instead of a traceback (llama2.c's run.c without a tokenizer used to end the bench)."""
+    instead of a traceback that ends the bench (as llama2.c's run.c fails without a tokenizer)."""
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
     fake = tmp_path / "run"
     fake.write_text("#!/bin/sh\necho \"couldn't load tokenizer.bin\" >&2\nexit 1\n")

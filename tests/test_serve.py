@@ -993,7 +993,7 @@ def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, 
 def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on():
     """Token 7's layer-0 value lies beyond fp16's range (its embedding alone has a first component, which wv
     multiplies by 1e6): a step holding it raises the fp16 KV cache's error. Its jobs end with that message and
-    the scheduler serves the next job (it used to die, and every later request failed)."""
+    the scheduler serves the next job (were its thread to die, every later request would fail)."""
     import time
 
     from conftest import random_weights, tiny_args
