@@ -221,7 +221,7 @@ def test_prompts_reuse_freed_memory_where_the_command_asks_for_it(tmp_path):
 
 class PlanWaitsForAGrowth:
     """The backend, but its step plan is built only once another thread has grown the RoPE tables (or after
-    half a second): the interleaving of two threads sharing one engine that left a plan on the old tables."""
+    half a second): the interleaving of two threads sharing one engine that would leave a plan on the old tables."""
 
     def __init__(self, inner):
         import threading

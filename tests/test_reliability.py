@@ -1,6 +1,6 @@
 """Hostile inputs, one test per case found by trying babyllama as a hostile user would (docs/reliability.md):
 every file and flag ends in babyllama's one-line error or a correct run, never a traceback, a signal, a hang,
-unbounded memory or silently wrong output. The cases that once ate memory run under an address-space limit
+unbounded memory or silently wrong output. The cases that could eat memory run under an address-space limit
 (`run_limited`), so that they fail rather than swap the machine."""
 
 from __future__ import annotations
@@ -573,8 +573,8 @@ def test_metrics_with_a_torn_last_line_resume(tmp_path):
 
 
 def test_a_full_disk_under_the_metrics_log_and_loss_plot_names_the_file(tmp_path, request):
-    """Appending to metrics.jsonl and drawing loss.png on a full disk said only "File too large" (no file named)
-    and left loss.tmp.png behind; both now name their file, and the plot keeps the old one whole."""
+    """Appending to metrics.jsonl and drawing loss.png on a full disk: both errors name their file (not a bare
+    "File too large"), and the plot keeps the old loss.png whole and leaves no loss.tmp.png behind."""
     pytest.importorskip("matplotlib")
     from babyllama.train.metrics import MetricsLog, plot_losses
 
