@@ -296,7 +296,7 @@ def test_load_wants_paths():
                                      ("export", "OUT.bin", "--model", "M", "--version", "3")])
 def test_weights_beyond_the_fp16_block_scales_are_refused_not_run_as_nan(tmp_path, backend, command):
     """Q4_0/Q8_0 blocks keep an fp16 scale (largest |w| / 8 or / 127): a weight of 1e10 would make it infinite
-    and its block NaN, which ran as garbage text with exit 0; now one line that says what fits."""
+    and its block NaN, which would run as garbage text with exit 0: one line says what fits instead."""
     from conftest import byte_tokenizer
 
     from babyllama import kernels_native

@@ -858,7 +858,7 @@ def copying_compiler(tmp_path, library) -> dict:
 
 def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     """A cached library cut short (here to half its size) still loads with ctypes, and the first call into its
-    missing pages killed every later run with SIGBUS; it is now built again before it is loaded, and the run
+    missing pages would kill every later run with SIGBUS: it is built again before it is loaded, and the run
     gives the same text."""
     from conftest import run_cli
 

@@ -525,8 +525,8 @@ def test_native_load_falls_back_on_unusable_cache(tmp_path, monkeypatch, capsys)
 
 def test_native_load_without_a_home_folder_is_one_line(monkeypatch, capsys):
     """No $HOME and no password entry (a container run as an arbitrary user id): Path.home() raises (KeyError on
-    Python 3.10, RuntimeError later), which was a traceback; now the kernels are skipped with one line that names
-    the setting that places their cache elsewhere."""
+    Python 3.10, RuntimeError later): the kernels are skipped with one line that names the setting that places
+    their cache elsewhere, not a traceback."""
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
