@@ -185,8 +185,8 @@ ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}  #
                                            (["chat", "-n", "30"], "Éric and Zoë met at the café, señor.\n")])
 def test_text_is_read_as_utf8_under_a_locale_that_is_not(command, text):
     """Under LC_ALL=C without Python's UTF-8 mode (argv and stdin decoded as ASCII) a UTF-8 prompt gives the same
-    text as under a UTF-8 locale: -i was refused as not UTF-8, and chat fed every accented letter to the model as
-    junk byte tokens."""
+    text as under a UTF-8 locale: -i is not refused as not UTF-8, nor does chat feed every accented letter to the
+    model as junk byte tokens."""
     runs = [run_cli(*command, "-t", "0", input=text, env=env) for env in (UTF8_LOCALE, ASCII_LOCALE)]
     assert [r.returncode for r in runs] == [0, 0], runs[1].stderr.decode()
     assert runs[1].stdout == runs[0].stdout

@@ -428,8 +428,9 @@ def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsy
 
 
 def test_train_vocab_into_a_read_only_folder_names_the_folder(tmp_path, monkeypatch):
-    """Its work folder is made inside the output folder: a folder it may not write in was refused naming the random
-    name the work folder would have had ("Permission denied: v/tmpk3x9"), a file that does not exist."""
+    """Its work folder is made inside the output folder: a folder it may not write in is refused naming that folder,
+    not the random name the work folder would have had ("Permission denied: v/tmpk3x9"), a file that does not
+    exist."""
     pytest.importorskip("sentencepiece")
     import tempfile
 

@@ -607,8 +607,8 @@ def test_device_mps_without_mps_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_a_toml_config_reads_with_tomli_where_python_has_no_tomllib(tmp_path, monkeypatch):
-    """Python 3.10 has no tomllib: a TOML config (the training docs' stories15M.toml) was refused there; it is read
-    with tomli, tomllib's original, which the train extra installs on 3.10 (here tomllib stands in for it)."""
+    """Python 3.10 has no tomllib: a TOML config (the training docs' stories15M.toml) is read there with tomli,
+    tomllib's original, which the train extra installs on 3.10 (here tomllib stands in for it)."""
     import sys
 
     from babyllama.train.config import read_config_file
