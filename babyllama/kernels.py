@@ -8,7 +8,7 @@ in kernels_base.py that engine.py calls through), chosen on first use:
     numpy   BLAS for fp32 (fp16 and bf16 converted to it), the reference arithmetic for quantized decode.
 `use_backend` or BABYLLAMA_KERNELS=native|numba|numpy (in any case) picks one; one that cannot load falls back
 down the list. Prompts (many rows) go to BLAS sgemm on every backend, quantized weights dequantized first.
-`matmul_plain` is the readable reference every fast path is tested against.
+kernels_base.matmul_plain is the readable reference every fast path is tested against.
 """
 
 from __future__ import annotations
@@ -22,17 +22,7 @@ import numpy as np
 
 from .errors import BabyLlamaError
 from .formats import Matrix
-from .kernels_base import (
-    QUANT_GEMM_MIN_ROWS,
-    Kernels,
-    NumpyKernels,
-    PlainKernels,
-    dequantize_rows,
-    matmul_plain,
-    matmul_q8,
-    matmul_quantized,
-    quantize_rows,
-)
+from .kernels_base import QUANT_GEMM_MIN_ROWS, Kernels, NumpyKernels, PlainKernels, matmul_q8
 from .quant import QUANTIZERS, BlockTensor, check_scales_fit
 
 if TYPE_CHECKING:
@@ -129,6 +119,5 @@ def q4_0_blocks(w: np.ndarray) -> BlockTensor:
     return quantize_blocks(w, "q4_0")
 
 
-__all__ = ["BACKENDS", "PLAIN", "QUANT_GEMM_MIN_ROWS", "Kernels", "backend", "dequantize_rows", "matmul",
-           "matmul_many", "matmul_plain", "matmul_q8", "matmul_quantized", "native_backend", "q4_0_blocks",
-           "quantize_blocks", "quantize_rows", "use_backend"]
+__all__ = ["BACKENDS", "PLAIN", "QUANT_GEMM_MIN_ROWS", "Kernels", "backend", "matmul", "matmul_many", "matmul_q8",
+           "native_backend", "q4_0_blocks", "quantize_blocks", "use_backend"]
