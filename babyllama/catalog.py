@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .config import TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .loading import BUILTIN_CARD, BUILTIN_CHAT, BUILTIN_CHAT_CARD, BUILTIN_MODEL, BUILTIN_TOKENIZER
 
@@ -24,7 +25,7 @@ LLAMA2C_README = "https://github.com/karpathy/llama2.c#models"
 class RemoteFile:
     base: str  # the URL folder it lives in (a --url-base mirror replaces it)
     path: str  # path under that folder
-    save_as: str  # file name in the download folder (tokenizer.bin is found beside the model)
+    save_as: str  # file name in the download folder (TOKENIZER_BIN is found beside the model)
 
     def url(self, base: str | None = None) -> str:
         return f"{(base or self.base).rstrip('/')}/{self.path}"
@@ -53,11 +54,11 @@ def _tinyllama(name: str, params: str, dim: int, layers: int, heads: int, kv: in
                size: int) -> KnownModel:
     if name == "stories260K":  # a folder of its own, with its 512-token tokenizer
         files = (RemoteFile(TINYLLAMAS, f"{name}/{name}.bin", f"{name}.bin"),
-                 RemoteFile(TINYLLAMAS, f"{name}/tok512.bin", "tokenizer.bin"))
+                 RemoteFile(TINYLLAMAS, f"{name}/tok512.bin", TOKENIZER_BIN))
         vocab = 512
     else:  # Llama 2's 32000-token sentencepiece vocabulary, as llama2.c's tokenizer.bin
         files = (RemoteFile(TINYLLAMAS, f"{name}.bin", f"{name}.bin"),
-                 RemoteFile(LLAMA2C_RAW, "tokenizer.bin", "tokenizer.bin"))
+                 RemoteFile(LLAMA2C_RAW, "tokenizer.bin", TOKENIZER_BIN))
         vocab = 32000
     return KnownModel(name, params, dim, layers, heads, kv, seq, vocab, loss, size, files)
 

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from . import formats, safeio
 from .catalog import KnownModel
+from .config import TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .progress import progress_bar
 from .tokenizer import Tokenizer
@@ -53,7 +54,7 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
             _remove_if_no_model(dest / model.model_file, fetched)  # an error page saved as the model
             raise
         model_path = dest / model.model_file
-        check_files(model_path, dest / "tokenizer.bin")  # inside: a refused download leaves no empty folder
+        check_files(model_path, dest / TOKENIZER_BIN)  # inside: a refused download leaves no empty folder
     return model_path
 
 
