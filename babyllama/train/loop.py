@@ -40,7 +40,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
-from .data import Examples, open_split, read_meta
+from .data import META, Examples, open_split, read_meta
 from .lora import adapter_from_state, is_factor
 from .metrics import MetricsLog, peak_flops, plot_losses
 
@@ -220,7 +220,7 @@ class Trainer:
         """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
         cfg = self.cfg
         data_dir = Path(cfg.data_dir or self.out_dir / "data")
-        resumed = cfg.init_from == "resume" and (data_dir / "meta.json").is_file()  # keeps what the first run made
+        resumed = cfg.init_from == "resume" and (data_dir / META).is_file()  # keeps what the first run made
         if cfg.data and not resumed:
             if self.dist.master:
                 finetune.prepare_data(cfg, base, data_dir)
