@@ -90,6 +90,14 @@ def tiny_args(**kw) -> ModelArgs:
     return ModelArgs(**base)
 
 
+def tiny_model(kind: str, **kw) -> formats.Weights:
+    """A random model of rows wide enough for every kernel's blocks (dim 64, grouped-query heads), as `kind`:
+    fp32, q8_0 (runq.c's groups) or q4_0 (llama.cpp's blocks)."""
+    args = tiny_args(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=320, **kw)
+    w = random_weights(args, scale=0.2)
+    return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
+
+
 def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     """A tokenizer with llama2.c's special and byte tokens plus a few merges, padded to vocab_size."""
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{i:02X}>".encode() for i in range(256)]

@@ -25,6 +25,7 @@ from conftest import (
     random_weights,
     resident_bytes,
     tiny_args,
+    tiny_model,
 )
 
 from babyllama import formats, kernels, kernels_native, memory, sampler
@@ -401,17 +402,11 @@ def test_a_models_block_matrices_are_regrouped_once_for_every_reader(native, mon
     assert np.abs(a - b).mean() < 1e-2 * np.abs(b).mean()
 
 
-def _model(kind: str):
-    args = tiny_args(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=320)
-    w = random_weights(args, scale=0.2)
-    return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
-
-
 @pytest.mark.parametrize("kind", ["fp32", "q8_0", "q4_0", "q4_0 wide", "q8_0 blocks wide"])
 def test_decoded_alone_or_in_a_batch_gives_identical_logits(native, kind):
     """The exactness rule, whole steps: a sequence's logits are the same whether it is decoded alone, with 2
     others, or in a batch of 12 (more than one pass of 8 tokens), and on 1 thread or 3."""
-    w = _wide_model(kind[:4]) if kind.endswith("wide") else _model(kind)
+    w = _wide_model(kind[:4]) if kind.endswith("wide") else tiny_model(kind)
     engine = Engine(w, kernels=native)
     prompts = [rng.integers(3, w.args.vocab_size, 4).tolist() for _ in range(12)]
 
@@ -468,7 +463,7 @@ def test_quantized_engine_matches_plain(native, kind):
     step in a later layer, which moves later rows' logits (measured over seeds and models: up to 2% of the
     largest logit, 1% on average); a wrong product would move them by their own size. Greedy decoding agrees up
     to the first near-tie."""
-    w = _model(kind)
+    w = tiny_model(kind)
     fast, plain = Engine(w, kernels=native), Engine(w, plain=True)
     tokens = np.random.default_rng(5).integers(0, w.args.vocab_size, 60).tolist()
     for n in (60, 20, 3):  # 60 rows: the prompt's dequantize + sgemm path; 20 and 3: the int8 kernels
@@ -498,7 +493,7 @@ def test_native_builds_agree_within_tolerance(kind):
     builds = [kernels_native.load(a) for a in ("native", "avx2")]
     if None in builds or not cpu_has("avx2"):
         pytest.skip("both builds are needed")
-    w = _model(kind)
+    w = tiny_model(kind)
     engines = [Engine(w, kernels=k) for k in builds]
     tolerance = 1e-4 if kind == "fp32" else 2e-2
     prompts = np.random.default_rng(3).integers(0, w.args.vocab_size, (4, 8)).tolist()
@@ -1102,7 +1097,7 @@ def test_the_engine_calls_kernels_only_through_the_protocol(inner):
     k = NumpyKernels() if inner == "numpy" else kernels_native.load()
     if k is None:
         pytest.skip("no C compiler")
-    w = _model("q4_0")
+    w = tiny_model("q4_0")
     rec = _Recording(k)
     e = Engine(w, kernels=rec)
     want = Engine(w, kernels=k)

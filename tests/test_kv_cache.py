@@ -22,6 +22,7 @@ from conftest import (
     random_weights,
     resident_bytes,
     tiny_args,
+    tiny_model,
 )
 
 from babyllama import formats, kernels_native
@@ -134,12 +135,6 @@ def test_f16_cache_attention_reads_into_fp32_arithmetic(native, head_size):
     np.testing.assert_allclose(got, f32, rtol=0, atol=4e-3 * np.abs(f32).max())
 
 
-def _model(kind: str, **kw):
-    args = tiny_args(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=320, **kw)
-    w = random_weights(args, scale=0.2)
-    return {"fp32": w, "q8_0": w.quantize(), "q4_0": w.quantize_q4()}[kind]
-
-
 def test_native_decode_with_f16_cache_matches_numpy(native):
     """Whole forward passes (a prompt through attention_step, then decode steps of 2 slots through forward_step)
     with an fp16 cache: C against the NumPy engine. fp32 weights, so that both compute the same keys and values
@@ -147,7 +142,7 @@ def test_native_decode_with_f16_cache_matches_numpy(native):
     and values are np.float16 of the f32 cache's exactly (they depend on the embeddings only); logits agree to
     2e-4 of their largest, where an f32 cache agrees to ~2e-6: a key or value whose fp32 result differs by an
     ulp between the two paths may round to the neighbouring fp16, 2^-11 away."""
-    w = _model("fp32")
+    w = tiny_model("fp32")
     out = {}
     for name, kernels in (("native", native), ("numpy", NumpyKernels())):
         for kv in ("f16", "f32"):
@@ -172,7 +167,7 @@ def test_keys_beyond_fp16_range_are_an_error_not_other_text(native):
     past fp16's 65,504. An fp16 cache would store infinities there, which attention scores as -inf or NaN, so
     every path stops with one error naming --kv-cache f32: a prompt (BLAS products, attention_step), a decode
     step (forward_step), NumPy's engine; the f32 cache runs the model."""
-    w = _model("fp32")
+    w = tiny_model("fp32")
     w.wk[0] *= 1e5
     w.wq[0] /= 1e5
     toks = np.random.default_rng(5).integers(3, w.args.vocab_size, 12).tolist()  # the module's rng left as it was
@@ -190,7 +185,7 @@ def test_keys_beyond_fp16_range_are_an_error_not_other_text(native):
 def test_reduced_cache_decoded_alone_or_in_a_batch_is_identical(native, kind, kv):
     """The exactness rule with an fp16 or a Q8_0 cache: a sequence's logits are the same bits alone, with 2
     others, or in a batch of 12, on 1 thread or 3."""
-    w = _model(kind)
+    w = tiny_model(kind)
     engine = Engine(w, kernels=native, kv_cache=kv)
     prompts = [rng.integers(3, w.args.vocab_size, 4).tolist() for _ in range(12)]
 
@@ -239,7 +234,7 @@ def test_f16_and_f32_caches_agree_on_a_quantized_model(kind):
 
 
 def test_auto_picks_f16_for_quantized_weights_and_f32_for_fp32(tmp_path):
-    w = _model("fp32")
+    w = tiny_model("fp32")
     assert Engine(w).kv_dtype == np.float32 and Engine(w).new_cache().k.dtype == np.float32
     for quantized in (w.quantize(), w.quantize_q4(), w.quantize_as("q8_0")):
         e = Engine(quantized)
@@ -262,7 +257,7 @@ def test_auto_picks_f16_for_quantized_weights_and_f32_for_fp32(tmp_path):
 
 
 def test_kv_cache_setting_errors():
-    w = _model("fp32")
+    w = tiny_model("fp32")
     with pytest.raises(ValueError, match="unknown KV cache type 'bf16'"):
         Engine(w, kv_cache="bf16")
     with pytest.raises(BabyLlamaError, match="unknown KV cache type"):
@@ -297,7 +292,7 @@ def test_memory_check_counts_two_bytes_per_f16_entry(monkeypatch):
 
     asked = []
     monkeypatch.setattr(engine_module, "check_fits", lambda nbytes, what, hint: asked.append(nbytes))
-    args = _model("fp32").args
+    args = tiny_model("fp32").args
     for dtype in (np.float32, np.float16):
         KVCache(args, 3, 16, dtype)
     per_entry = 2 * args.n_layers * 3 * args.n_kv_heads * 16 * args.head_size
@@ -389,7 +384,7 @@ def test_batch_with_reduced_cache_matches_single_streams(kind, kv):
     """Batch (the server's scheduler) over an fp16 cache (auto, for quantized weights) or a Q8_0 one: each
     sequence's greedy tokens equal its solo run's, up to the first near-tie (the batch prefills in one BLAS
     call, a solo run through the decode kernel)."""
-    w = _model(kind, max_seq_len=64)
+    w = tiny_model(kind, max_seq_len=64)
     e = Engine(w, kv_cache=kv)
     want = np.dtype(np.float16) if kv == "auto" else kv_q8_dtype(w.args.head_size)
     assert e.kv_dtype == want
@@ -421,7 +416,7 @@ def test_cli_passes_kv_cache_to_the_engine(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(api, "Engine", spy)
     model, tok = tmp_path / "q.bin", tmp_path / "tok.bin"
-    formats.save(_model("fp32", max_seq_len=32), model, version=2)
+    formats.save(tiny_model("fp32", max_seq_len=32), model, version=2)
     byte_tokenizer(320).save(tok)
     common = [str(model), "-z", str(tok)]
     assert main(["run", *common, "-n", "6", "-t", "0"]) == 0
