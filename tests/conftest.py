@@ -266,6 +266,22 @@ def one_line_error(result, pattern: str, code: int = 1) -> str:
     return lines[0]
 
 
+def cli_error(capsys, *argv: str, code: int = 1) -> str:
+    """`babyllama ARGV` run in this process: exit `code` (2: argparse's usage error) and one error line on
+    stderr, which is returned."""
+    from babyllama.cli import main
+
+    if code == 2:
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(argv))
+        assert exit_info.value.code == 2
+    else:
+        assert main(list(argv)) == code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("babyllama") and ": error: " in err[0], err
+    return err[0]
+
+
 _NAMES = ["Tim", "Lily", "Sam", "Mia", "Ben", "Anna", "Max", "Sue"]
 _ANIMALS = ["cat", "dog", "bird", "fish", "frog", "duck"]
 _PLACES = ["park", "garden", "forest", "beach", "house", "school"]

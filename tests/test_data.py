@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("tqdm")
 
-from conftest import byte_tokenizer, run_cli  # noqa: E402
+from conftest import byte_tokenizer, cli_error, run_cli  # noqa: E402
 
 from babyllama.cli import main  # noqa: E402
 from babyllama.errors import BabyLlamaError  # noqa: E402
@@ -204,7 +204,7 @@ def test_a_missing_default_input_says_to_download_it(argv, tmp_path, monkeypatch
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_a_training_flag_whose_value_does_not_parse_is_a_usage_error(argv, message, capsys):
     """As for every other command's flags (README: exit 2 when the command line does not parse)."""
-    assert message in one_line(capsys, argv, code=2)
+    assert message in cli_error(capsys, *argv, code=2)
 
 
 @pytest.mark.parametrize("command, module", [("train", "matplotlib"), ("finetune", "torch")])
@@ -240,19 +240,6 @@ def test_config_file_rejects_unknown_keys_and_wrong_types(tmp_path):
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def one_line(capsys, argv: list[str], code: int = 1) -> str:
-    """`babyllama ARGV` in this process: exit `code` (2: argparse's usage error) and one error line."""
-    if code == 2:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-    else:
-        assert main(argv) == code
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and ": error: " in err[0], err
-    return err[0]
-
-
 @pytest.fixture
 def tok300(tmp_path):
     byte_tokenizer(300).save(tmp_path / "tok.bin")
@@ -263,16 +250,16 @@ def tok300(tmp_path):
 def test_pretokenize_refuses_input_without_documents_before_writing(tmp_path, capsys, tok300, text):
     (tmp_path / "in.txt").write_text(text)
     out = tmp_path / "shards"
-    msg = one_line(capsys, ["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
-                            "--out-dir", str(out)])
+    msg = cli_error(capsys, "data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
+                    "--out-dir", str(out))
     assert "in.txt: no documents to pretokenize" in msg and not out.exists()
 
 
 @pytest.mark.parametrize("flag", [["--word-weight", "3"], ["--max-seq-len", "64"]])
 def test_pretokenize_refuses_chat_flags_on_plain_text(tmp_path, capsys, tok300, flag):
     (tmp_path / "in.txt").write_text("A story.")
-    msg = one_line(capsys, ["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
-                            "--out-dir", str(tmp_path / "shards"), *flag])
+    msg = cli_error(capsys, "data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in.txt"),
+                    "--out-dir", str(tmp_path / "shards"), *flag)
     assert msg.endswith(f"--word-weight and --max-seq-len apply to chat records (.jsonl conversations); "
                         f"{tmp_path / 'in.txt'} holds plain text")
     assert not (tmp_path / "shards").exists()
@@ -391,7 +378,7 @@ def test_data_commands_with_an_unusable_output_folder_are_one_line(tmp_path, cap
     names = {"text": tmp_path / "in.txt", "file": tmp_path / "a_file", "tok": tok300}
     names["text"].write_text("Once upon a time there was a cat. The cat sat on the mat.\n")
     names["file"].write_text("not a folder")
-    msg = one_line(capsys, [a.format(**names) for a in argv])
+    msg = cli_error(capsys, *(a.format(**names) for a in argv))
     assert msg.startswith("babyllama: error: cannot write ")
     assert "a_file is not a directory" in msg or "No such file or directory" in msg
 
@@ -411,7 +398,7 @@ def test_data_commands_with_an_unusable_output_folder_are_one_line(tmp_path, cap
     (["data", "instruct", "--max-stories", "-2"], "--max-stories: must be a positive integer"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v[1:])[:48])
 def test_numeric_data_flags_are_checked(capsys, argv, message):
-    assert message in one_line(capsys, argv, code=2)
+    assert message in cli_error(capsys, *argv, code=2)
 
 
 def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsys):
@@ -422,7 +409,7 @@ def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsy
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:200] + ["not json"] + lines[200:]) + "\n")
     argv = ["data", "train-vocab", "--vocab-size", "300", "--input", str(bad), "--data-dir", str(tmp_path / "v")]
-    assert "pass --skip-bad-lines" in one_line(capsys, argv)
+    assert "pass --skip-bad-lines" in cli_error(capsys, *argv)
     assert main(argv + ["--skip-bad-lines"]) == 0
     assert (tmp_path / "v" / "tok300.model").is_file()
 
@@ -472,8 +459,8 @@ def test_train_vocab_says_which_vocab_sizes_the_text_allows_and_leaves_no_folder
     pytest.importorskip("sentencepiece")
     (tmp_path / "in.txt").write_text("Once upon a time there was a cat")  # 16 distinct characters, no newline
     out = tmp_path / "new" / "vocab"
-    msg = one_line(capsys, ["data", "train-vocab", "--vocab-size", str(vocab_size), "--input",
-                            str(tmp_path / "in.txt"), "--data-dir", str(out)])
+    msg = cli_error(capsys, "data", "train-vocab", "--vocab-size", str(vocab_size), "--input",
+                    str(tmp_path / "in.txt"), "--data-dir", str(out))
     assert msg.startswith(f"babyllama: error: sentencepiece could not train a {vocab_size}-token vocabulary: "
                           f"{message}") and "character_coverage" not in msg, msg
     assert not (tmp_path / "new").exists()
@@ -522,8 +509,8 @@ def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, 
 def test_download_checks_the_sha256_format_before_downloading(tmp_path, capsys):
     src = tmp_path / "a.tar.gz"
     _tar_with(src, "a.txt", b"x")
-    msg = one_line(capsys, ["data", "download", "--url", src.as_uri(), "--data-dir", str(tmp_path / "dl"),
-                            "--sha256", "00"])
+    msg = cli_error(capsys, "data", "download", "--url", src.as_uri(), "--data-dir", str(tmp_path / "dl"),
+                    "--sha256", "00")
     assert "--sha256 must be 64 hexadecimal digits" in msg and not (tmp_path / "dl").exists()
 
 

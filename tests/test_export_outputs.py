@@ -8,21 +8,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import byte_tokenizer, random_weights, tiny_args
+from conftest import byte_tokenizer, cli_error, random_weights, tiny_args
 
 from babyllama import formats, safeio
 from babyllama.cli import build_parser, main
 from babyllama.errors import BabyLlamaError
 from babyllama.export import infer_target
 from babyllama.tokenizer import Tokenizer
-
-
-def one_line(capsys, *argv: str, code: int = 1) -> str:
-    """Run `babyllama ARGV` in this process: exit `code` and one error line on stderr."""
-    assert main(list(argv)) == code
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("babyllama: error: "), err
-    return err[0]
 
 
 @pytest.fixture
@@ -59,7 +51,7 @@ def test_export_refuses_a_named_pipe_as_output_and_leaves_it(tmp_path, capsys, t
     pipe = tmp_path / name
     os.mkfifo(pipe)
     argv = [a.format(tok=tiny.with_name("tokenizer.bin")) for a in extra]
-    msg = one_line(capsys, "export", str(pipe), "--model", str(tiny), *argv)
+    msg = cli_error(capsys, "export", str(pipe), "--model", str(tiny), *argv)
     assert f"output {pipe} is a named pipe, not a regular file" in msg
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and leftovers(tmp_path) == []
 
@@ -67,7 +59,7 @@ def test_export_refuses_a_named_pipe_as_output_and_leaves_it(tmp_path, capsys, t
 def test_export_tokenizer_refuses_a_named_pipe_as_output(tmp_path, capsys, sp_model):
     pipe = tmp_path / "p.bin"
     os.mkfifo(pipe)
-    assert "is a named pipe, not a regular file" in one_line(capsys, "export-tokenizer", str(sp_model), "-o",
+    assert "is a named pipe, not a regular file" in cli_error(capsys, "export-tokenizer", str(sp_model), "-o",
                                                              str(pipe))
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode)
 
@@ -108,7 +100,7 @@ def test_an_unusable_output_location_is_one_line_and_leaves_nothing(tmp_path, ca
     names["file"].write_text("not a folder")
     names["dir"].mkdir()
     names["link"].symlink_to(names["dir"] / "gone")  # mkdir says only "File exists" for a link to nothing
-    assert message.format(**names) in one_line(capsys, *(a.format(**names) for a in argv))
+    assert message.format(**names) in cli_error(capsys, *(a.format(**names) for a in argv))
     assert leftovers(tmp_path) == [] and list(names["dir"].iterdir()) == []
 
 
@@ -126,7 +118,7 @@ def test_a_refused_export_leaves_no_folder_behind(tmp_path, capsys, tiny, argv):
     byte_tokenizer(400).save(tmp_path / "big.bin")
     names = {"new": tmp_path / "new" / "deeper", "model": tiny, "big": tmp_path / "big.bin"}
     formats.save(random_weights(tiny_args(hidden_dim=48)), tiny)  # rows of 48: no Q4_0 blocks (version 3)
-    one_line(capsys, *(a.format(**names) for a in argv))
+    cli_error(capsys, *(a.format(**names) for a in argv))
     assert not (tmp_path / "new").exists()
 
 
@@ -153,14 +145,14 @@ def test_an_os_error_escaping_a_command_is_one_line(monkeypatch, capsys, sp_mode
         raise PermissionError(13, "Permission denied", "/somewhere/tok.bin")
 
     monkeypatch.setattr("babyllama.export.export_tokenizer", refuse)
-    assert one_line(capsys, "export-tokenizer", str(sp_model)) == \
+    assert cli_error(capsys, "export-tokenizer", str(sp_model)) == \
         "babyllama: error: Permission denied: /somewhere/tok.bin"
 
 
 def test_export_tokenizer_refuses_to_overwrite_its_own_input(tmp_path, capsys, sp_model):
     model = tmp_path / "same.model"
     model.write_bytes(sp_model.read_bytes())
-    assert "is the sentencepiece model itself" in one_line(capsys, "export-tokenizer", str(model), "-o", str(model))
+    assert "is the sentencepiece model itself" in cli_error(capsys, "export-tokenizer", str(model), "-o", str(model))
     assert model.read_bytes() == sp_model.read_bytes()
 
 
@@ -187,7 +179,7 @@ def test_a_bin_export_checks_the_tokenizer_before_writing_the_model(tmp_path, ca
     out.parent.mkdir()
     out.write_bytes(b"the user's file")
     byte_tokenizer(400).save(tmp_path / "big.bin")
-    msg = one_line(capsys, "export", str(out), "--model", str(tiny), "--tokenizer", str(tmp_path / "big.bin"))
+    msg = cli_error(capsys, "export", str(out), "--model", str(tiny), "--tokenizer", str(tmp_path / "big.bin"))
     assert "has 400 tokens but the model's vocab_size is 300" in msg
     assert out.read_bytes() == b"the user's file" and not out.with_name("tokenizer.bin").exists()
 
@@ -206,7 +198,7 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     folder = tmp_path / "d"
     folder.mkdir()
     byte_tokenizer(400).save(folder / "tokenizer.bin")
-    msg = one_line(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
+    msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
     assert "tokenizer.bin has 400 tokens, so it cannot serve this model of 300" in msg
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
@@ -224,7 +216,7 @@ def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, caps
 
 def test_a_model_export_is_never_named_tokenizer_bin(tmp_path, capsys, tiny_gguf):
     out = tmp_path / "tk" / "tokenizer.bin"
-    assert "choose another name for the model" in one_line(capsys, "export", str(out), "--model", str(tiny_gguf))
+    assert "choose another name for the model" in cli_error(capsys, "export", str(out), "--model", str(tiny_gguf))
     assert not out.exists()
 
 
@@ -238,7 +230,7 @@ def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_p
     capsys.readouterr()
     (tmp_path / "lone").mkdir()
     formats.save(random_weights(tiny_args()), tmp_path / "lone" / "m.bin")  # no vocabulary anywhere
-    msg = one_line(capsys, "export", str(folder), "--model", str(tmp_path / "lone" / "m.bin"))
+    msg = cli_error(capsys, "export", str(folder), "--model", str(tmp_path / "lone" / "m.bin"))
     assert "tokenizer.model has 320 tokens but this model's vocab_size is 300" in msg
     assert (folder / "model.safetensors").read_bytes() == before
     assert main(["export", str(folder), "--model", str(other), "--dtype", "f16"]) == 0  # the same model again
@@ -297,7 +289,7 @@ def test_without_protobuf_the_vocabulary_is_a_note_or_a_one_line_error(tmp_path,
     assert main(["export", str(tmp_path / "hf"), "--model", str(tiny)]) == 0
     assert "needs the protobuf package" in capsys.readouterr().err
     assert not (tmp_path / "hf" / "tokenizer.model").exists()
-    msg = one_line(capsys, "export", str(tmp_path / "hf2"), "--model", str(tiny), "--tokenizer",
+    msg = cli_error(capsys, "export", str(tmp_path / "hf2"), "--model", str(tiny), "--tokenizer",
                    str(tiny.with_name("tokenizer.bin")))
     assert "writing a sentencepiece tokenizer.model needs babyllama's 'interop' extra" in msg
 
@@ -318,7 +310,7 @@ def test_hf_takes_one_folder(tmp_path, capsys, tiny):
     for name in ("a", "b"):
         assert main(["export", str(tmp_path / name), "--model", str(tiny)]) == 0
     capsys.readouterr()
-    msg = one_line(capsys, "export", str(tmp_path / "y.bin"), "--hf", str(tmp_path / "a"), str(tmp_path / "b"))
+    msg = cli_error(capsys, "export", str(tmp_path / "y.bin"), "--hf", str(tmp_path / "a"), str(tmp_path / "b"))
     assert "--hf takes one model folder, or weight files" in msg
 
 
@@ -340,9 +332,9 @@ def test_new_file_mode_reads_the_umask_without_setting_it(monkeypatch):
 def test_a_tokenizer_that_is_a_folder_is_named_so(tmp_path, capsys, tiny):
     """--tokenizer naming a folder (or nothing) says which, not 'no such file' for a folder that exists."""
     (tmp_path / "folder").mkdir()
-    assert "tokenizer file " + str(tmp_path / "folder") + " is a directory, not a regular file" in one_line(
+    assert "tokenizer file " + str(tmp_path / "folder") + " is a directory, not a regular file" in cli_error(
         capsys, "export", str(tmp_path / "o.bin"), "--model", str(tiny), "--tokenizer", str(tmp_path / "folder"))
-    assert "tokenizer file not found: " + str(tmp_path / "nope") in one_line(
+    assert "tokenizer file not found: " + str(tmp_path / "nope") in cli_error(
         capsys, "export", str(tmp_path / "o.bin"), "--model", str(tiny), "--tokenizer", str(tmp_path / "nope"))
     assert not (tmp_path / "o.bin").exists()
 
