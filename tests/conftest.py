@@ -278,7 +278,9 @@ def cli_error(capsys, *argv: str, code: int = 1) -> str:
     else:
         assert main(list(argv)) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("babyllama") and ": error: " in err[0], err
+    # argparse names the subcommand ("babyllama data pretokenize: error: ..."); babyllama's own line does not
+    prefix = "babyllama" if code == 2 else "babyllama: error: "
+    assert len(err) == 1 and err[0].startswith(prefix) and ": error: " in err[0], err
     return err[0]
 
 
