@@ -206,7 +206,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def decode_bytes(weights) -> int:
+def decode_bytes(weights: Weights) -> int:
     """Weight bytes a decode step reads: every layer matrix and the classifier (one embedding row aside)."""
     from .formats import matrix_arrays
 
@@ -214,7 +214,7 @@ def decode_bytes(weights) -> int:
     return sum(a.nbytes for m in mats for a in matrix_arrays(m))
 
 
-def kv_read_bytes(args, value_bytes: float, n_tok: int) -> int:
+def kv_read_bytes(args: ModelArgs, value_bytes: float, n_tok: int) -> int:
     """KV cache bytes a decode step reads, on average over a run of n_tok steps from the start of a sequence:
     the keys and values of every layer and kv head at the (n_tok + 5) / 2 positions a step of the run attends
     to on average (its first timed step sits at position 2). value_bytes per cached value: 4 (f32), 2 (f16),

@@ -315,7 +315,8 @@ def exchange(request: str, reply: str, topic: Topic | None, words: list[str]) ->
             "topic": topic.text if topic else None, "topic_words": topic.words if topic else [], "words": words}
 
 
-def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1, fits=None,
+def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1,
+                      fits: Callable[[dict], bool] | None = None,
                       max_df: float = MAX_WORD_DF, first: int = 0, dev_count: int = 0,
                       ) -> tuple[list[dict], list[dict], list[dict], dict]:
     """(train records, held-out records, dev records, counts). Stories are split first (a seeded shuffle; the held-out

@@ -33,7 +33,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from ..errors import BabyLlamaError
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
 from ..progress import progress_bar
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".json")
 META = "meta.json"
@@ -135,7 +138,8 @@ def _encode_conversations(conversations: list[tuple[list[dict], list[str]]]) -> 
     return out
 
 
-def weigh_words(tokenizer, ids: list[int], mask: list[int], words: Iterable[str], weight: int) -> list[int]:
+def weigh_words(tokenizer: Tokenizer, ids: list[int], mask: list[int], words: Iterable[str],
+                weight: int) -> list[int]:
     """`mask` with `weight` on the reply tokens that spell the first use of each of `words` as a whole word
     (lower case or capitalized, after a space, a quote or any other non-letter), found in the replies' text. A
     requested word is a few tokens among a story's hundreds, and a small model learns to use it only when those

@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tarfile
+from http.client import HTTPMessage
 from pathlib import Path
 
 from .. import safeio
@@ -31,7 +32,8 @@ def check_sha256(sha256: str | None) -> None:
         raise BabyLlamaError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}")
 
 
-def advertised_sha256(headers) -> str | None:
+def advertised_sha256(headers: HTTPMessage) -> str | None:
+    """The sha256 a server advertises for the file (Hugging Face's X-Linked-Etag or ETag), or None."""
     for key in ("X-Linked-Etag", "ETag"):
         m = _SHA256.match((headers.get(key) or "").strip())
         if m:
