@@ -46,6 +46,8 @@ from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_json
 from ..progress import progress_bar
 
 if TYPE_CHECKING:
+    import torch
+
     from ..tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".json")
@@ -488,7 +490,7 @@ class Windows:
             raise BabyLlamaError(f"{what}: not enough tokens for one window of max_seq_len+1={seq_len + 1}")
         self.ends = np.cumsum(counts)
 
-    def draw(self, n: int, generator) -> np.ndarray:
+    def draw(self, n: int, generator: torch.Generator) -> np.ndarray:
         """n window starts, as indices into the concatenation of every array's valid starts."""
         import torch
 
@@ -502,7 +504,8 @@ class Windows:
         """How many input positions a batch holds."""
         return len(starts) * self.seq_len
 
-    def batch(self, starts: np.ndarray, device):
+    def batch(self, starts: np.ndarray,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         import torch
 
         which = np.searchsorted(self.ends, starts, side="right")
@@ -538,7 +541,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def draw(self, n: int, generator) -> np.ndarray:
+    def draw(self, n: int, generator: torch.Generator) -> np.ndarray:
         import torch
 
         return torch.randint(len(self.rows), (n,), generator=generator).numpy()
@@ -560,7 +563,8 @@ class Examples:
         """How many input positions a batch holds, padding included."""
         return len(picks) * self._width(self.rows[picks])
 
-    def batch(self, picks: np.ndarray, device):
+    def batch(self, picks: np.ndarray,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(inputs, targets), and the targets' weights (float) when the shards weigh some tokens above 1
         (`pretokenize`'s word_weight), else None."""
         import torch
@@ -580,7 +584,7 @@ class Examples:
         return _to_device(torch.from_numpy(x), device), _to_device(torch.from_numpy(y), device), weights
 
 
-def _to_device(t, device):
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch tensor on `device`: through pinned memory, without waiting, on CUDA."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
