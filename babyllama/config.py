@@ -21,6 +21,7 @@ CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # a model's tokenizer beside it (run.c's -z default), which pretokenize puts beside its shards and training beside
 # its checkpoint
 TOKENIZER_BIN = "tokenizer.bin"
+SENTENCEPIECE_MODEL = "tokenizer.model"  # a Hugging Face or Meta folder's tokenizer, in it (Meta: or beside it)
 
 
 def default_steps(steps: int | None, max_new_tokens: int | None) -> int:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import formats, kernels, safeio
-from .config import TOKENIZER_BIN
+from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .formats import Weights
 from .interop.vocab import Vocab
@@ -186,7 +186,7 @@ def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
     """A Hugging Face export that carries no tokenizer leaves the folder's tokenizer.model (an earlier
     export's) in place: refused when its vocabulary size shows it belongs to another model. Refused, not
     removed: the folder is the user's."""
-    held = out / "tokenizer.model"
+    held = out / SENTENCEPIECE_MODEL
     if not held.is_file():
         return
     from .interop.vocab import load_vocab
@@ -198,7 +198,7 @@ def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def _note_folder_tokenizer(out: Path) -> None:
-    if (out / "tokenizer.model").is_file():
+    if (out / SENTENCEPIECE_MODEL).is_file():
         print(f"note: kept the existing {out / 'tokenizer.model'} (pass --tokenizer TOK.model to replace it)",
               file=sys.stderr)
     else:

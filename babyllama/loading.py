@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, safeio
-from .config import CKPT_NAME, TOKENIZER_BIN
+from .config import CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, require
 from .formats import Weights
 from .tokenizer import Tokenizer
@@ -138,13 +138,13 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         from .interop.hf import load_hf
 
         folder = path if path.is_dir() else path.parent
-        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / "tokenizer.model"))
+        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL))
     elif kind == "meta":
         from .interop.meta import load_meta
 
         # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
         source = Source(load_meta(path, max_seq_len, quantize), kind, path,
-                        _first_file(path / "tokenizer.model", path.parent / "tokenizer.model"))
+                        _first_file(path / SENTENCEPIECE_MODEL, path.parent / SENTENCEPIECE_MODEL))
     elif kind == "checkpoint":
         ckpt = path / CKPT_NAME if path.is_dir() else path
         source = Source(weights_from_checkpoint(ckpt), kind, ckpt, _first_file(ckpt.parent / TOKENIZER_BIN))
@@ -186,7 +186,7 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
         from .interop.hf import load_hf
 
         first = Path(hf[0])
-        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / "tokenizer.model"))
+        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / SENTENCEPIECE_MODEL))
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:

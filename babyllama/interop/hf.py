@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import safeio
-from ..config import DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
+from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
@@ -382,9 +382,9 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     with safeio.pending(outdir / "model.safetensors") as tmp:
         _save_safetensors(tensors, tmp, bf16=dtype == "bf16")
     if isinstance(tokenizer_model, bytes):
-        safeio.write_bytes(outdir / "tokenizer.model", tokenizer_model)
+        safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
     elif tokenizer_model is not None:
-        safeio.copy_file(tokenizer_model, outdir / "tokenizer.model", "tokenizer")
+        safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
     if tokenizer_model is not None:
         safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
     safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
