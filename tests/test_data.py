@@ -578,7 +578,7 @@ def test_llama2c_train_keys_without_a_babyllama_setting_say_what_to_do(argv, mes
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "llama2c.toml").write_text('wandb_log = false\nvocab_source = "llama2"\n')
-    assert message in one_line(capsys, argv)
+    assert message in cli_error(capsys, *argv)
 
 
 def test_a_llama2c_python_config_file_is_read_without_running_it(tmp_path):

@@ -136,11 +136,11 @@ def test_export_tokenizer_takes_llama2c_tokenizer_py_flag(tmp_path, capsys, sp_m
     shutil.copy(sp_model, model)
     assert main(["export-tokenizer", f"--tokenizer-model={model}"]) == 0
     assert Tokenizer.load(tmp_path / "tok.bin").vocab_size == 320
-    assert "give the sentencepiece .model once" in one_line(capsys, "export-tokenizer", str(model), "-t", str(model))
-    assert "give the sentencepiece .model once" in one_line(capsys, "export-tokenizer")
+    assert "give the sentencepiece .model once" in cli_error(capsys, "export-tokenizer", str(model), "-t", str(model))
+    assert "give the sentencepiece .model once" in cli_error(capsys, "export-tokenizer")
 
 
-def test_an_os_error_escaping_a_command_is_one_line(monkeypatch, capsys, sp_model):
+def test_an_os_error_escaping_a_command_is_cli_error(monkeypatch, capsys, sp_model):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/somewhere/tok.bin")
 
@@ -398,5 +398,5 @@ def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, t
     assert main(["export", str(tmp_path / "hf32"), "--model", str(tiny), "--dtype", "fp32"]) == 0
     assert json.loads((tmp_path / "hf32" / "config.json").read_text())["torch_dtype"] == "float32"
     capsys.readouterr()
-    assert "is Hugging Face output, not --to gguf" in one_line(
+    assert "is Hugging Face output, not --to gguf" in cli_error(
         capsys, "export", str(tmp_path / "m.gguf"), "--model", str(tiny), "--version", "-1", "--to", "gguf")
