@@ -135,6 +135,27 @@ def test_weights_round_trip_through_the_model():
             assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(w, name))), name
 
 
+@pytest.mark.parametrize("extra, llama2c_reads", [
+    ({}, True), (dict(n_kv_heads=2, hidden_dim=200, norm_eps=1e-6), True), (dict(ffn_dim_multiplier=1.3), True),
+    (dict(rope_theta=500000.0), False), (dict(shared_classifier=False), False)])
+def test_checkpoint_model_args_are_llama2c_s_where_it_computes_the_same_model(tmp_path, extra, llama2c_reads):
+    """A checkpoint's model_args carried babyllama's every field, and llama2.c's export.py and sample.py
+    (ModelArgs(**model_args)) refused all of them; now its fields alone where its model is the same, and the
+    others (which it would refuse) only where they change the model. Read back, the model is the same."""
+    import dataclasses
+
+    from babyllama.config import ModelArgs
+    from babyllama.train import checkpoint
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=96, max_seq_len=32, **extra)
+    saved = checkpoint.portable_model_args(args)
+    assert (set(saved) <= set(checkpoint.LLAMA2C_MODEL_ARGS)) == llama2c_reads
+    model = Transformer(args)
+    checkpoint.save({"model": model.state_dict(), "model_args": saved}, tmp_path / "ckpt.pt")
+    back = checkpoint.model_from(checkpoint.load(tmp_path / "ckpt.pt")).args
+    assert back == dataclasses.replace(args, ffn_dim_multiplier=None)  # its effect is in hidden_dim, which is kept
+
+
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
@@ -183,6 +204,9 @@ def test_training_loss_falls_and_artifacts_are_written(pipeline):
     assert not list(out.glob("*.tmp"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 200 and ckpt["model_args"]["dim"] == 64 and ckpt["config"]["max_iters"] == 200
+    # llama2.c's export.py and sample.py build ModelArgs(**model_args): its fields only, for a model it computes
+    assert set(ckpt["model_args"]) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
+                                       "multiple_of", "norm_eps", "max_seq_len", "dropout"}
     assert ckpt["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals))
 
 

@@ -3,7 +3,8 @@ reads them (no pickled classes, nothing executed on load). Written to a temporar
 crash never leaves a half-written ckpt.pt.
 
 Contents: model (state dict), optimizer (keyed by parameter name, the torch.distributed.checkpoint
-layout that single-device, DDP and FSDP runs share), scaler, model_args (ModelArgs as a dict), config
+layout that single-device, DDP and FSDP runs share), scaler, model_args (ModelArgs as llama2.c names it: see
+portable_model_args), config
 (TrainConfig as a dict), iter_num, best_val_loss, rng (torch CPU/CUDA and data-sampler generator states).
 """
 
@@ -16,12 +17,32 @@ from pathlib import Path
 import torch
 
 from .. import safeio
-from ..config import CKPT_NAME, ModelArgs, checked_args
+from ..config import CKPT_NAME, DEFAULT_ROPE_THETA, ModelArgs, checked_args
 from ..errors import BabyLlamaError
 from ..interop.state_dict import expected_shapes, torch_load_failure
 from ..model import Transformer
 
 FORMAT = "babyllama-checkpoint-1"
+
+
+# the fields of llama2.c model.py's ModelArgs, which its export.py and sample.py build as ModelArgs(**model_args)
+LLAMA2C_MODEL_ARGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                      "norm_eps", "max_seq_len", "dropout")
+
+
+def portable_model_args(args: ModelArgs) -> dict:
+    """model_args for a checkpoint: llama2.c's fields only where llama2.c computes the same model, so that its
+    export.py and sample.py read what we train. What its model cannot compute (another RoPE base, a classifier
+    of its own) is written as well, and its ModelArgs then refuses the unknown key instead of building a
+    different model. ffn_dim_multiplier is left out: hidden_dim holds its effect. Readers take the missing fields'
+    defaults, which are llama2.c's fixed choices."""
+    d = args.to_dict()
+    out = {k: d[k] for k in LLAMA2C_MODEL_ARGS}
+    if args.rope_theta != DEFAULT_ROPE_THETA:
+        out["rope_theta"] = args.rope_theta
+    if not args.shared_classifier:
+        out["shared_classifier"] = False
+    return out
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
