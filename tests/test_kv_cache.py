@@ -340,7 +340,7 @@ def test_shift_cache_with_an_f16_cache_rotates_in_fp32():
 @pytest.mark.parametrize("kv", ["f16", "q8_0"])
 def test_context_shift_generation_with_a_reduced_cache(kv):
     """--rotate-keys generation past seq_len on an fp16 cache: the fast and plain engines give the same tokens
-    (as test_speed checks for the fp32 cache); on a Q8_0 cache (whose 8-bit steps can turn an ulp between the
+    (as test_fast_paths checks for the fp32 cache); on a Q8_0 cache (whose 8-bit steps can turn an ulp between the
     paths into a step) the same up to the first near-tie; and before seq_len they are those of a run without
     the shift."""
     args = tiny_args(max_seq_len=24)
