@@ -28,7 +28,7 @@ from . import safeio
 from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
-from .formats import LAYER_MATRICES, Weights
+from .formats import LAYER_MATRICES, Weights, all_finite
 from .interop.state_dict import LAYER_NAMES, to_state_dict
 
 FORMAT = "babyllama-lora-1"
@@ -179,15 +179,31 @@ def check_base(adapter: Adapter, weights: Weights, what: str = "this model") -> 
 def merge(weights: Weights, adapter: Adapter, what: str = "this model") -> Weights:
     """`weights` with the adapter folded in (W + (alpha/r)·B·A for every adapted matrix), fp32."""
     check_base(adapter, weights, what)
+    check_names(adapter, weights.args.n_layers)
     w = weights.to_fp32()
     merged: dict[str, Any] = {}
     for target in adapter.targets:
         stack = np.array(getattr(w, target), dtype=np.float32)  # a copy: the file's arrays are read-only
         for layer in range(w.args.n_layers):
             a, b = adapter_pair(adapter, layer, target, stack[layer].shape)
-            stack[layer] += np.float32(adapter.scale) * (b @ a)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below, naming the adapter
+                stack[layer] += np.float32(adapter.scale) * (b @ a)
+            if not all_finite(stack[layer]):
+                raise BabyLlamaError(f"{adapter.path}: merging it overflows fp32 in {target} of layer {layer} "
+                                     f"(alpha {adapter.alpha:g}, rank {adapter.rank}): the adapter is corrupt")
         merged[target] = stack
     return replace(w, **merged)
+
+
+def check_names(adapter: Adapter, n_layers: int) -> None:
+    """Refuse a tensor that no adapted matrix reads: another layer count, a target adapter.json does not list,
+    or not a LoRA factor at all (left out, it would change nothing while the file claims to)."""
+    expected = {lora_key(layer, target, which) for layer in range(n_layers) for target in adapter.targets
+                for which in "AB"}
+    unknown = sorted(set(adapter.tensors) - expected)
+    if unknown:
+        raise BabyLlamaError(f"{adapter.path}: tensor {unknown[0]} is none of the adapter's (targets "
+                             f"{','.join(adapter.targets)} of {n_layers} layers, lora_A and lora_B)")
 
 
 def adapter_pair(adapter: Adapter, layer: int, target: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +216,12 @@ def adapter_pair(adapter: Adapter, layer: int, target: str, shape: tuple[int, in
         t = adapter.tensors[key]
         if tuple(t.shape) != want:
             raise BabyLlamaError(f"{adapter.path}: tensor {key} has shape {tuple(t.shape)}, expected {want}")
-        pair.append(t.astype(np.float32, copy=False))
+        if not np.issubdtype(t.dtype, np.floating):
+            raise BabyLlamaError(f"{adapter.path}: tensor {key} holds {t.dtype} values, not floating-point ones")
+        t = t.astype(np.float32, copy=False)
+        if not all_finite(t):
+            raise BabyLlamaError(f"{adapter.path}: tensor {key} holds NaN or infinite values; the adapter is corrupt")
+        pair.append(t)
     return pair[0], pair[1]
 
 

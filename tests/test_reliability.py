@@ -342,6 +342,50 @@ def test_hf_integer_tensors_are_refused(tmp_path, tiny):
     one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), f"{name} holds torch.int32 values")
 
 
+def _adapter_cases() -> dict:
+    """name -> (edit of an adapter's wq factors of layer 0, what the error line says)."""
+    key = "layers.0.attention.wq.lora_A"
+
+    def nan(t):
+        t[key] = t[key].copy()
+        t[key][0, 0] = np.nan
+
+    return {"nan": (nan, f"tensor {key} holds NaN or infinite values"),
+            "int32": (lambda t: t.update({key: (t[key] * 100).astype(np.int32)}), f"tensor {key} holds int32 values"),
+            "overflow": (lambda t: t.update({key: t[key] * np.float32(1e20), key[:-1] + "B": t[key[:-1] + "B"] * 1e20}),
+                         "merging it overflows fp32 in wq of layer 0"),
+            "other-layer": (lambda t: t.update({"layers.7.attention.wq.lora_A": t[key]}),
+                            "tensor layers.7.attention.wq.lora_A is none of the adapter's"),
+            "other-target": (lambda t: t.update({"layers.0.attention.wk.lora_A": t[key]}),
+                             "tensor layers.0.attention.wk.lora_A is none of the adapter's")}
+
+
+@pytest.mark.parametrize("case", list(_adapter_cases()))
+def test_a_corrupt_lora_adapter_is_refused_naming_it(tmp_path, tiny, capsys, case):
+    """An adapter's factors are checked as a model's weights are: NaN or an integer type in adapter.safetensors,
+    a merge that overflows, or a tensor no adapted matrix reads is one line naming the adapter; export writes
+    nothing (it wrote a model every reader then refused) and run does not get as far as NaN logits."""
+    pytest.importorskip("safetensors")
+    from safetensors.numpy import save_file
+
+    from babyllama.adapter import Adapter, base_identity, save_adapter
+    from babyllama.cli import main
+
+    weights = formats.load(tiny[0])
+    rng = np.random.default_rng(0)
+    tensors = {f"layers.{n}.attention.wq.lora_{x}": rng.standard_normal(shape).astype(np.float32)
+               for n in range(weights.args.n_layers) for x, shape in (("A", (2, 32)), ("B", (32, 2)))}
+    save_adapter(Adapter(2, 4.0, ["wq"], base_identity(weights), tensors), tmp_path / "adapter.safetensors")
+    edit, message = _adapter_cases()[case]
+    edit(tensors)
+    save_file(tensors, tmp_path / "adapter.safetensors")  # as it is: save_adapter would write fp32
+    for argv in (["export", str(tmp_path / "merged.bin"), "--model", str(tiny[0])], ["run", str(tiny[0]), "-n", "4"]):
+        assert main([*argv, "--lora", str(tmp_path)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"babyllama: error: {tmp_path / 'adapter.safetensors'}: ") and message in err[-1], err
+    assert not (tmp_path / "merged.bin").exists()
+
+
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "{abs}", "sub/../../outside.safetensors"])
 def test_hf_weight_map_stays_inside_the_model_folder(tmp_path, tiny, entry):
     folder = _hf_folder(tmp_path)
