@@ -66,6 +66,8 @@ class Tokenizer:
         if len(data) < 4:
             raise BabyLlamaError(f"{path}: not a tokenizer.bin (too short)")
         (max_len,) = struct.unpack_from("<i", data, 0)
+        if not 0 <= max_len <= len(data):  # llama2.c sizes its buffers by it: written back, it would overflow them
+            raise _unreadable(path, data, f"max_token_length {max_len} is corrupt (a {len(data)}-byte file)")
         pieces: list[bytes] = []
         scores: list[float] = []
         off = 4
@@ -74,8 +76,11 @@ class Tokenizer:
                 raise _unreadable(path, data, "tokenizer file is truncated or corrupt")
             score, n = struct.unpack_from("<fi", data, off)
             off += 8
-            if n < 0 or off + n > len(data) or (max_len > 0 and n > max_len):
+            if n < 0 or off + n > len(data):
                 raise _unreadable(path, data, f"tokenizer file is truncated or corrupt (token {len(pieces)})")
+            if max_len > 0 and n > max_len:
+                raise _unreadable(path, data, f"token {len(pieces)} is {n} bytes, longer than the header's "
+                                              f"max_token_length {max_len}; the file is corrupt")
             if not math.isfinite(score):
                 raise _unreadable(path, data, f"token {len(pieces)} has the score {score}; the file is corrupt")
             pieces.append(data[off:off + n])

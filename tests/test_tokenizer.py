@@ -193,3 +193,28 @@ def test_a_model_or_json_file_given_as_tokenizer_bin_says_what_it_is(tmp_path):
         with pytest.raises(BabyLlamaError) as e:
             Tokenizer.load(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: not a tokenizer.bin but {kind}")
+
+
+@pytest.mark.parametrize("max_len,message", [
+    (-1, "max_token_length -1 is corrupt"),
+    (1 << 30, f"max_token_length {1 << 30} is corrupt"),
+    (3, "token 0 is 5 bytes, longer than the header's max_token_length 3"),
+])
+def test_a_corrupt_max_token_length_is_refused_not_written_back(tmp_path, max_len, message):
+    """llama2.c sizes its encoder's buffer by the header's max_token_length: a negative or absurd one was read
+    and written back by `export` (run.c then overflows its buffer); one shorter than a token was called a
+    truncated file."""
+    import struct
+
+    from conftest import byte_tokenizer
+
+    from babyllama.errors import BabyLlamaError
+
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    data = bytearray((tmp_path / "tokenizer.bin").read_bytes())
+    struct.pack_into("<i", data, 0, max_len)
+    (tmp_path / "tokenizer.bin").write_bytes(bytes(data))
+    with pytest.raises(BabyLlamaError) as e:
+        Tokenizer.load(tmp_path / "tokenizer.bin")
+    assert str(e.value) == f"{tmp_path / 'tokenizer.bin'}: {message}" + ("; the file is corrupt" if max_len == 3 else
+                                                                         f" (a {len(data)}-byte file)")
