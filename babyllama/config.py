@@ -88,6 +88,8 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head size {self.head_size} must be even for rotary embeddings")
+        if not isinstance(self.shared_classifier, bool):  # a string such as "no" would read as true
+            raise ValueError(f"shared_classifier must be true or false, got {self.shared_classifier!r}")
         for name, float_limit in FLOAT_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):

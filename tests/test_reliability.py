@@ -716,6 +716,37 @@ def test_checkpoint_whose_model_args_disagree_with_its_tensors(tmp_path):
         one_line_error(r, message)
 
 
+def _checkpoint_edits(torch) -> dict:
+    """name -> (edit of a checkpoint's state dict or model_args, what the error line says)."""
+    emb = "tok_embeddings.weight"
+    return {
+        "int-key": (lambda sd, _: sd.update({5: sd[emb]}), "unexpected tensor 5 for a model of 2 layers"),
+        "float8": (lambda sd, _: sd.update({emb: sd[emb].to(torch.float8_e4m3fn)}),
+                   f"{emb} is a torch.float8_e4m3fn tensor, not dense"),
+        "sparse": (lambda sd, _: sd.update({emb: sd[emb].to_sparse()}), f"{emb} is a torch.sparse_coo torch.float32"),
+        "shared-text": (lambda _, args: args.update(shared_classifier="no"),
+                        "shared_classifier must be true or false, got 'no'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["int-key", "float8", "sparse", "shared-text"])
+def test_checkpoint_tensors_and_args_of_the_wrong_kind_are_one_line(case):
+    """A checkpoint's state dict is a user's file: a key that is not a name, a float8 or sparse tensor (which
+    the NaN check and loading cannot take) raised AttributeError/NotImplementedError; a model_args
+    shared_classifier of "no" read as true."""
+    torch = pytest.importorskip("torch")
+    from babyllama.model import Transformer
+    from babyllama.train import checkpoint
+
+    args = tiny_args(vocab_size=300)
+    sd, values = dict(Transformer(args).state_dict()), args.to_dict()
+    edit, message = _checkpoint_edits(torch)[case]
+    edit(sd, values)
+    with pytest.raises(BabyLlamaError) as e:
+        checkpoint.model_from({"model": sd, "model_args": values}, "ckpt.pt")
+    assert str(e.value).startswith("ckpt.pt: ") and message in str(e.value)
+
+
 @pytest.mark.parametrize("argv,module,extra", [
     (["train", "--data_dir=x"], "torch", "train"),
     (["data", "train-vocab", "--vocab-size", "300"], "sentencepiece", "train"),

@@ -23,6 +23,8 @@ from ..interop.state_dict import expected_shapes, torch_load_failure
 from ..model import Transformer
 
 FORMAT = "babyllama-checkpoint-1"
+# what a model's weights may be held as; other floating types (float8) lack the operations loading needs
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # the fields of llama2.c model.py's ModelArgs, which its export.py and sample.py build as ModelArgs(**model_args)
@@ -88,8 +90,10 @@ def model_from(ckpt: dict, source: str = "checkpoint") -> Transformer:
     for name, t in sd.items():
         if name not in expected:
             raise BabyLlamaError(f"{source}: unexpected tensor {name} for a model of {args.n_layers} layers")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise BabyLlamaError(f"{source}: {name} is not a floating-point tensor")
+        if not isinstance(t, torch.Tensor) or t.dtype not in WEIGHT_DTYPES or t.layout != torch.strided:
+            layout = "" if not isinstance(t, torch.Tensor) or t.layout == torch.strided else f"{t.layout} "
+            what = f"a {layout}{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise BabyLlamaError(f"{source}: {name} is {what}, not dense float32/16, bfloat16 or float64 weights")
         if tuple(t.shape) != expected[name]:
             raise BabyLlamaError(f"{source}: tensor {name} has shape {tuple(t.shape)}, model_args imply "
                                  f"{expected[name]}")
@@ -136,7 +140,7 @@ def _strip_prefixes(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
+            if isinstance(k, str) and k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
     return out
