@@ -135,6 +135,36 @@ def two_turn():
             {"role": "user", "content": "A story?"}, {"role": "assistant", "content": "Once upon a time."}]
 
 
+@pytest.mark.parametrize("case,message", [
+    ("silent-mask", "conversation 2 has no reply token (a mask weight above 0) to learn"),
+    ("first-weighed", "conversation 2's first token has the mask weight 1, not 0"),
+    ("empty", "conversation 2 has 0 tokens, nothing to learn"),
+])
+def test_a_chat_shard_whose_conversations_have_nothing_to_learn_is_refused(tmp_path, case, message):
+    """A mask without a reply token in a conversation (a batch of only such had no loss to average:
+    ZeroDivisionError mid-training), one weighing a first token, or an index with an empty conversation (a
+    negative batch width) is a torn or foreign shard, refused when the data is opened."""
+    from babyllama.train.data import open_split, pretokenize
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    write_lines(tmp_path / "chat.jsonl", *({"prompt": f"Say {w}", "response": w} for w in ("a", "b", "c", "d")))
+    pretokenize(tmp_path / "chat.jsonl", tmp_path / "tok.bin", tmp_path / "out", workers=1)
+    mask = np.fromfile(tmp_path / "out" / "chat.mask", dtype=np.uint8)
+    offsets = np.fromfile(tmp_path / "out" / "chat.idx", dtype=np.int64)
+    open_split(tmp_path / "out", "train", seq_len=64)  # as written: fine
+    if case == "empty":
+        np.insert(offsets, 1, offsets[1]).tofile(tmp_path / "out" / "chat.idx")
+    elif case == "silent-mask":
+        mask[offsets[1]:offsets[2]] = 0
+    else:
+        mask[offsets[1]] = 1
+    mask.tofile(tmp_path / "out" / "chat.mask")
+    with pytest.raises(BabyLlamaError) as e:
+        open_split(tmp_path / "out", "train", seq_len=64)
+    assert str(e.value) == f"{tmp_path / 'out' / 'chat.bin'}: {message}" + (
+        " (a torn or foreign index?)" if case == "empty" else " (a torn or foreign mask?)")
+
+
 def test_mask_marks_exactly_the_assistant_tokens_of_a_two_turn_conversation(tmp_path):
     from babyllama.train.data import open_split, pretokenize
 

@@ -632,7 +632,28 @@ def _chat_shard(path: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np
     if offsets[0] != 0 or offsets[-1] != len(tokens) or (np.diff(offsets) < 0).any():
         raise BabyLlamaError(f"{index_path}: conversation offsets that do not cover the shard's tokens")
     mask = np.memmap(mask_path, dtype=np.uint8, mode="r")
+    _check_targets(path, mask, offsets)
     return tokens, mask, np.column_stack([offsets[:-1], offsets[1:]])
+
+
+def _check_targets(path: Path, mask: np.ndarray, offsets: np.ndarray) -> None:
+    """Every conversation has something to learn, as pretokenize writes it: two tokens or more, the first (BOS)
+    weighing 0, and a reply token (weight above 0) after it. A batch of conversations without one has no loss to
+    average (a division by zero), an empty one no input. One pass over the mask; a few bytes per conversation."""
+    starts = offsets[:-1]
+    short = np.flatnonzero(np.diff(offsets) < 2)
+    if len(short):
+        raise BabyLlamaError(f"{path}: conversation {short[0] + 1} has {offsets[short[0] + 1] - starts[short[0]]} "
+                             "tokens, nothing to learn (a torn or foreign index?)")
+    firsts = np.flatnonzero(mask[starts])
+    if len(firsts):
+        raise BabyLlamaError(f"{path}: conversation {firsts[0] + 1}'s first token has the mask weight "
+                             f"{mask[starts[firsts[0]]]}, not 0 (a torn or foreign mask?)")
+    # with every first token weighing 0, the max over [start + 1, next start] is the max over one's targets
+    silent = np.flatnonzero(np.maximum.reduceat(mask, starts + 1) == 0)
+    if len(silent):
+        raise BabyLlamaError(f"{path}: conversation {silent[0] + 1} has no reply token (a mask weight above 0) to "
+                             "learn (a torn or foreign mask?)")
 
 
 def open_split(data_dir: str | os.PathLike, split: str, seq_len: int, vocab_size: int = 0) -> Windows | Examples:
