@@ -624,6 +624,17 @@ def test_train_refuses_fine_tuning_settings_without_a_base(capsys, flag):
     assert err == [f"babyllama: error: {key} needs a base model to fine-tune (babyllama finetune --base=MODEL)"]
 
 
+@pytest.mark.parametrize("alpha", ["inf", "nan", "0"])
+def test_lora_alpha_must_be_finite(tmp_path, alpha):
+    """lora_alpha = inf (TOML reads it) trained with every loss NaN and wrote an adapter no reader takes."""
+    from babyllama.train.config import build_config
+
+    config = tmp_path / "lora.toml"
+    config.write_text(f"lora_rank = 2\nlora_alpha = {alpha}\n")
+    with pytest.raises(BabyLlamaError, match=r"^lora_alpha must be positive and finite, got "):
+        build_config(str(config), {"base": "base.bin", "data": "chat.jsonl"}, defaults=FINETUNE_DEFAULTS)
+
+
 def test_train_help_offers_no_fine_tuning_setting_and_finetune_help_offers_them(capsys):
     from babyllama.cli import build_parser
     from babyllama.train.config import FINETUNE_KEYS

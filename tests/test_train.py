@@ -645,6 +645,21 @@ def test_a_toml_config_reads_with_tomli_where_python_has_no_tomllib(tmp_path, mo
     assert read_config_file(config) == {"dim": 64, "out_dir": "out"}
 
 
+@pytest.mark.parametrize("text,message", [('dim = "x"', "dim must be int, got 'x'"),
+                                          ('decay_lr = "maybe"', "decay_lr must be true or false, got 'maybe'")])
+def test_a_config_files_text_value_of_the_wrong_type_names_the_file(tmp_path, text, message):
+    """A string where a config file's number or bool goes is parsed as the command line's values are; a bad one
+    named the key alone, where every other config file error names the file."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import build_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(text + "\n")
+    with pytest.raises(BabyLlamaError) as e:
+        build_config(str(config))
+    assert str(e.value) == f"{config}: {message}"
+
+
 def test_mfu_is_shown_only_against_a_known_peak_as_the_training_docs_say():
     from conftest import ROOT
 

@@ -203,7 +203,10 @@ def apply(cfg: dict, updates: dict, source: str) -> None:
             raise BabyLlamaError(f"{source}: unknown config key {key!r}")
         kind = type(getattr(TrainConfig, key))
         if isinstance(value, str) and kind is not str:
-            value = parse_value(key, value)
+            try:
+                value = parse_value(key, value)
+            except BabyLlamaError as e:  # a config file's `dim = "x"` names the file, as its other errors do
+                raise BabyLlamaError(f"{source}: {e}") from None
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -317,8 +320,8 @@ def check_finetune(cfg: TrainConfig) -> None:
     if not 1 <= cfg.word_weight <= 255:  # a mask byte holds it
         raise BabyLlamaError(f"word_weight must be in [1, 255], got {cfg.word_weight}")
     if cfg.lora_rank:
-        if not cfg.lora_alpha > 0:
-            raise BabyLlamaError(f"lora_alpha must be positive, got {cfg.lora_alpha}")
+        if not 0 < cfg.lora_alpha < math.inf:  # an infinite scale makes every loss NaN, and no reader takes it
+            raise BabyLlamaError(f"lora_alpha must be positive and finite, got {cfg.lora_alpha}")
         if not 0.0 <= cfg.lora_dropout < 1.0:
             raise BabyLlamaError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
         from ..adapter import parse_targets
