@@ -110,16 +110,9 @@ class Tokenizer:
         sp = open_sentencepiece(model_path)
         if note:
             warn_normalization(sp, model_path, "a tokenizer.bin")
-        pieces, scores = [], []
-        for i in range(sp.vocab_size()):
-            text = sp.id_to_piece(i)
-            if i == sp.bos_id():
-                text = "\n<s>\n"
-            elif i == sp.eos_id():
-                text = "\n</s>\n"
-            pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
-            scores.append(sp.get_score(i))
-        return cls(pieces, scores)
+        texts, scores = sentencepiece_pieces(sp, model_path)
+        texts[BOS], texts[EOS] = "\n<s>\n", "\n</s>\n"  # the ids _check_special_ids found them at
+        return cls([text.replace(META_SPACE, " ").encode("utf-8") for text in texts], scores)
 
     def same_as(self, other: Tokenizer) -> bool:
         """Whether `other` encodes as this tokenizer does: the same pieces with the same merge scores."""
@@ -321,8 +314,30 @@ def open_sentencepiece(model_path: str | os.PathLike):
         sp = spm.SentencePieceProcessor(model_file=str(model_path))
     except (OSError, RuntimeError) as e:
         raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: {e}") from None
+    except UnicodeDecodeError:  # the binding decodes the library's message, which quotes the file's bytes
+        raise BabyLlamaError(f"cannot load sentencepiece model {model_path}: not a valid model (its parser's "
+                             "message is not text)") from None
     _check_special_ids(sp, model_path)
     return sp
+
+
+def sentencepiece_pieces(sp, model_path: str | os.PathLike) -> tuple[list[str], list[float]]:
+    """The pieces and scores of the sentencepiece model `sp` (from `model_path`), checked: a piece that is not
+    UTF-8 (sentencepiece's Python binding raises UnicodeDecodeError for it) or a NaN/infinite score is one
+    BabyLlamaError, not a traceback or a tokenizer.bin that no reader takes."""
+    pieces, scores = [], []
+    for i in range(sp.vocab_size()):
+        try:
+            pieces.append(sp.id_to_piece(i))
+        except UnicodeDecodeError:
+            raise BabyLlamaError(f"sentencepiece model {model_path}: piece {i} is not UTF-8 text; the file is "
+                                 "corrupt") from None
+        score = float(sp.get_score(i))
+        if not math.isfinite(score):
+            raise BabyLlamaError(f"sentencepiece model {model_path}: piece {i} has the score {score}; the file is "
+                                 "corrupt")
+        scores.append(score)
+    return pieces, scores
 
 
 def warn_normalization(sp, model_path: str | os.PathLike, into: str) -> None:

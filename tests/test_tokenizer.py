@@ -218,3 +218,46 @@ def test_a_corrupt_max_token_length_is_refused_not_written_back(tmp_path, max_le
         Tokenizer.load(tmp_path / "tokenizer.bin")
     assert str(e.value) == f"{tmp_path / 'tokenizer.bin'}: {message}" + ("; the file is corrupt" if max_len == 3 else
                                                                          f" (a {len(data)}-byte file)")
+
+
+@pytest.mark.parametrize("piece,corrupt,message", [
+    (b"<0x73>", b"<0\xdc73>", "not a valid model (its parser's message is not text)"),
+    ("\u2581the".encode(), b"\xff\x96\x81the", "piece 268 is not UTF-8 text; the file is corrupt"),
+])
+def test_a_sentencepiece_model_with_a_piece_that_is_not_utf8_is_one_line(tmp_path, piece, corrupt, message):
+    """sentencepiece's Python binding raises UnicodeDecodeError for a piece that is not UTF-8, and for a load
+    error whose message quotes one: both were tracebacks of export-tokenizer, run -z and the GGUF export."""
+    pytest.importorskip("sentencepiece")
+    from conftest import byte_tokenizer
+
+    from babyllama.errors import BabyLlamaError
+    from babyllama.interop.vocab import can_write_sentencepiece, from_tokenizer, load_vocab
+
+    if not can_write_sentencepiece():
+        pytest.skip("sentencepiece's protobuf module is not importable")
+    data = from_tokenizer(byte_tokenizer(300)).to_sentencepiece()
+    assert data.count(piece) == 1 and len(piece) == len(corrupt)
+    (tmp_path / "t.model").write_bytes(data.replace(piece, corrupt))
+    for read in (Tokenizer.from_sentencepiece, load_vocab):
+        with pytest.raises(BabyLlamaError) as e:
+            read(tmp_path / "t.model")
+        assert str(e.value).endswith(message) and str(tmp_path / "t.model") in str(e.value)
+
+
+def test_a_sentencepiece_model_with_a_nan_score_is_refused_not_converted(tmp_path):
+    """export-tokenizer wrote a NaN score into tokenizer.bin, which every reader (ours included) refuses."""
+    import struct
+
+    pytest.importorskip("sentencepiece")
+    from conftest import byte_tokenizer
+
+    from babyllama.errors import BabyLlamaError
+    from babyllama.interop.vocab import can_write_sentencepiece, from_tokenizer
+
+    if not can_write_sentencepiece():
+        pytest.skip("sentencepiece's protobuf module is not importable")
+    data = from_tokenizer(byte_tokenizer(300)).to_sentencepiece()
+    at = data.index("\u2581the".encode() + b"\x15") + len("\u2581the".encode()) + 1  # the piece's float score
+    (tmp_path / "t.model").write_bytes(data[:at] + struct.pack("<f", float("nan")) + data[at + 4:])
+    with pytest.raises(BabyLlamaError, match=r"t.model: piece 268 has the score nan; the file is corrupt$"):
+        Tokenizer.from_sentencepiece(tmp_path / "t.model")

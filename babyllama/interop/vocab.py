@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BabyLlamaError, missing_extra
-from ..tokenizer import BOS, EOS, META_SPACE, UNK, Tokenizer, open_sentencepiece
+from ..tokenizer import BOS, EOS, META_SPACE, UNK, Tokenizer, open_sentencepiece, sentencepiece_pieces
 
 # sentencepiece's (and GGUF's) token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -95,10 +95,9 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
 
 def _from_sentencepiece(path: Path) -> Vocab:
     sp = open_sentencepiece(path)
-    tokens, scores, types = [], [], []
+    tokens, scores = sentencepiece_pieces(sp, path)
+    types = []
     for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(float(sp.get_score(i)))
         if sp.is_unknown(i):
             types.append(UNKNOWN)
         elif sp.is_control(i):
