@@ -216,6 +216,20 @@ def test_a_named_pipe_as_the_model_card_is_not_waited_on(tmp_path):
     assert cards == [{}, {}]
 
 
+@pytest.mark.parametrize("card", ['{"chat_template": ["llama2"]}', '{"chat_template": {"a": 1}}', '{"name": {"a": 1}}',
+                                  '{"name": 5, "chat_template": ""}'])
+def test_model_card_fields_of_the_wrong_type_are_skipped(tmp_path, card):
+    """A card beside the model whose name or chat_template is not a string is skipped as an unreadable card is:
+    a list as chat_template was a TypeError out of serve, a number or an object as name the model id clients
+    were given."""
+    from babyllama.cli.serve import model_card
+
+    (tmp_path / "m.json").write_text(card)
+    (tmp_path / "good.json").write_text('{"name": "story", "chat_template": "llama2", "params": 3}')
+    assert model_card(str(tmp_path / "m.bin")) == {}
+    assert model_card(str(tmp_path / "good.bin")) == {"name": "story", "chat_template": "llama2"}
+
+
 class _Drip(BaseHTTPRequestHandler):
     """Promises 1,000 bytes and sends one every 0.3 s (or drips its status line, with `headers_too`)."""
 
