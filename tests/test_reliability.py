@@ -679,6 +679,48 @@ def test_training_resumes_over_a_torn_metrics_line_and_refuses_a_foreign_optimiz
         train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "8"}))
 
 
+def test_resuming_checks_the_checkpoints_model_and_optimizer_tensors(tmp_path):
+    """Resuming loaded a state dict with a tensor missing (the fresh initialization kept, unnoticed), an integer
+    or NaN tensor (copied in, trained on), and an optimizer moment of another shape (RuntimeError at the first
+    step): each is now refused before training, naming the tensor."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("tqdm")
+    from conftest import make_story_corpus
+
+    from babyllama.train.config import resolve_config
+    from babyllama.train.data import pretokenize
+    from babyllama.train.loop import train
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    pretokenize(make_story_corpus(tmp_path / "stories.txt", 30), tmp_path / "tok.bin", tmp_path / "data", workers=1)
+    train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"), "dim": "32",
+                                "n_layers": "1", "n_heads": "4", "max_seq_len": "32", "batch_size": "4",
+                                "gradient_accumulation_steps": "1", "eval_interval": "2", "eval_iters": "1",
+                                "max_iters": "2", "device": "cpu", "warmup_iters": "0"}))
+    good = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    wq, emb = "layers.0.attention.wq.weight", "tok_embeddings.weight"
+
+    def edited(model=None, moment=None):
+        ckpt = {**good, "model": {**good["model"], **(model or {})}, "optimizer": {**good["optimizer"]}}
+        if moment is not None:
+            ckpt["optimizer"]["state"] = {**good["optimizer"]["state"],
+                                          emb: {**good["optimizer"]["state"][emb], "exp_avg": moment}}
+        return ckpt
+
+    missing = edited()
+    del missing["model"][wq]
+    for ckpt, message in ((missing, f"tensor {wq} is missing"),
+                          (edited({wq: good["model"][wq].to(torch.int32)}), f"{wq} is a torch.int32 tensor"),
+                          (edited({wq: good["model"][wq] * float("nan")}), f"tensor {wq} holds NaN"),
+                          (edited(moment=good["model"][emb][:3]),
+                           f"optimizer state of {emb}: tensor exp_avg has shape (3, 32), expected (300, 32)")):
+        torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+        with pytest.raises(BabyLlamaError) as e:
+            train(resolve_config(None, {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "4"}))
+        assert str(e.value).startswith(f"cannot resume from {tmp_path / 'out' / 'ckpt.pt'}: "), e.value
+        assert message in str(e.value)
+
+
 def test_empty_or_torn_checkpoint_is_one_line(tmp_path):
     pytest.importorskip("torch")
     (tmp_path / "ckpt.pt").write_bytes(b"")

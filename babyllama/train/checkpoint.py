@@ -87,24 +87,46 @@ def model_from(ckpt: dict, source: str = "checkpoint") -> Transformer:
     expected = expected_shapes(args)
     if args.shared_classifier:
         expected["output.weight"] = expected["tok_embeddings.weight"]  # tied: saved under both names
-    for name, t in sd.items():
+    check_tensors(sd, expected, source, f" for a model of {args.n_layers} layers", optional=("output.weight",))
+    model = Transformer(args)
+    model.load_state_dict(sd, strict=not args.shared_classifier or "output.weight" in sd)
+    return model.eval()
+
+
+def check_tensors(state: dict, expected: dict[str, tuple[int, ...]], source: str, context: str = "",
+                  optional: tuple[str, ...] = ()) -> None:
+    """Every tensor of `state` is one of `expected` (name -> shape; `context` says whose, in the message), dense
+    float of that shape and finite, and every expected one but `optional` is there."""
+    for name, t in state.items():
         if name not in expected:
-            raise BabyLlamaError(f"{source}: unexpected tensor {name} for a model of {args.n_layers} layers")
+            raise BabyLlamaError(f"{source}: unexpected tensor {name}{context}")
         if not isinstance(t, torch.Tensor) or t.dtype not in WEIGHT_DTYPES or t.layout != torch.strided:
             layout = "" if not isinstance(t, torch.Tensor) or t.layout == torch.strided else f"{t.layout} "
             what = f"a {layout}{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
             raise BabyLlamaError(f"{source}: {name} is {what}, not dense float32/16, bfloat16 or float64 weights")
-        if tuple(t.shape) != expected[name]:
-            raise BabyLlamaError(f"{source}: tensor {name} has shape {tuple(t.shape)}, model_args imply "
-                                 f"{expected[name]}")
+        want = tuple(expected[name])
+        if tuple(t.shape) != want:
+            raise BabyLlamaError(f"{source}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
         if not bool(torch.isfinite(t).all()):
             raise BabyLlamaError(f"{source}: tensor {name} holds NaN or infinite values; the file is corrupt")
-    missing = [n for n in expected if n not in sd and n != "output.weight"]
+    missing = [n for n in expected if n not in state and n not in optional]
     if missing:
         raise BabyLlamaError(f"{source}: tensor {missing[0]} is missing")
-    model = Transformer(args)
-    model.load_state_dict(sd, strict=not args.shared_classifier or "output.weight" in sd)
-    return model.eval()
+
+
+def check_resumed_state(ckpt: dict, expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """The model and optimizer states a resumed run loads, against what it trains (`expected`: the model's state
+    names and shapes): loading took an integer tensor in, trained on from NaN, kept a fresh initialization where a
+    tensor was missing, and an optimizer moment of another shape failed at the first step with a traceback."""
+    check_tensors(_strip_prefixes(ckpt["model"]), expected, source)
+    states = ckpt["optimizer"].get("state")
+    if not isinstance(states, dict):
+        raise BabyLlamaError(f"{source}: the optimizer state holds no per-parameter state")
+    for name, state in states.items():
+        moments = {k: v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")} if isinstance(state, dict) else {}
+        if name not in expected or not isinstance(state, dict):
+            raise BabyLlamaError(f"{source}: optimizer state for {name}, which the model does not train")
+        check_tensors(moments, {k: expected[name] for k in moments}, f"{source}: optimizer state of {name}")
 
 
 def check_resumable(ckpt: dict, source: str) -> None:

@@ -126,14 +126,17 @@ def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def _load_state_dicts(model, optimizer, ckpt: dict, lora: bool = False) -> None:
-    """Restore a checkpoint's model and optimizer state; a LoRA checkpoint holds the adapter's factors only."""
+def _load_state_dicts(model, optimizer, ckpt: dict, source: str, lora: bool = False) -> None:
+    """Restore a checkpoint's model and optimizer state, checked first (`source`: how errors begin); a LoRA
+    checkpoint holds the adapter's factors only."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     opts = _state_options(strict=not lora)
     state = checkpoint._strip_prefixes(ckpt["model"])
     if lora and set(state) != {name for name, _ in model.named_parameters() if is_factor(name)}:
         raise BabyLlamaError("cannot resume: the checkpoint's LoRA factors do not match this run's (rank, targets)")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if not lora or is_factor(name)}
+    checkpoint.check_resumed_state(ckpt, expected, source)
     set_model_state_dict(model, state, options=opts)
     set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
 
@@ -249,7 +252,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------ state
 
     def _restore(self, ckpt: dict) -> None:
-        _load_state_dicts(self.raw, self.optimizer, ckpt, lora=self.lora is not None)
+        _load_state_dicts(self.raw, self.optimizer, ckpt, f"cannot resume from {self.out_dir / checkpoint.CKPT_NAME}",
+                          lora=self.lora is not None)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter_num = self.saved_at = int(ckpt["iter_num"])
