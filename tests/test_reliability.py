@@ -400,6 +400,31 @@ def test_a_corrupt_lora_adapter_is_refused_naming_it(tmp_path, tiny, capsys, cas
     assert not (tmp_path / "merged.bin").exists()
 
 
+@pytest.mark.parametrize("case", ["sparse", "int-key"])
+def test_torch_weight_files_with_a_sparse_tensor_or_a_number_as_name_are_one_line(tmp_path, tiny, case):
+    """pytorch_model.bin (and Meta's .pth, through the same check) holding a sparse tensor or a tensor keyed by a
+    number: TypeError tracebacks where the tensors were read."""
+    torch = pytest.importorskip("torch")
+    folder = _hf_folder(tmp_path)  # skips without safetensors
+    from safetensors.torch import load_file
+
+    from babyllama.interop.state_dict import check_torch_state
+
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    if case == "sparse":
+        state[name] = state[name].to_sparse()
+    else:
+        state[7] = state.pop(name)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    message = (f"tensor {name} is stored as torch.sparse_coo, not as dense weights" if case == "sparse" else
+               "a tensor is named 7, not by a string: not a state dict")
+    one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), f"pytorch_model.bin: {message}")
+    with pytest.raises(BabyLlamaError, match=f"^consolidated.00.pth: {message}$"):
+        check_torch_state(state, "consolidated.00.pth")
+
+
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "{abs}", "sub/../../outside.safetensors"])
 def test_hf_weight_map_stays_inside_the_model_folder(tmp_path, tiny, entry):
     folder = _hf_folder(tmp_path)

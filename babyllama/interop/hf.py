@@ -28,7 +28,14 @@ from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs,
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
-from .state_dict import expected_shapes, from_state_dict, to_state_dict, torch_load_failure, torch_weight
+from .state_dict import (
+    check_torch_state,
+    expected_shapes,
+    from_state_dict,
+    to_state_dict,
+    torch_load_failure,
+    torch_weight,
+)
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
 _HF_PARTS = {
@@ -275,9 +282,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
             index.update({name: (lambda s=shard, d=data_start, m=header[name]: _read_tensor(s, d, m))
                           for name in dtypes})
         else:
-            state = _torch_load(shard)
-            if not isinstance(state, dict) or not all(hasattr(t, "is_floating_point") for t in state.values()):
-                raise BabyLlamaError(f"{shard}: not a state dict of tensors")
+            state = check_torch_state(_torch_load(shard), shard)
             _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
             index.update({name: (lambda t=t: torch_weight(t)) for name, t in state.items()})
     return index

@@ -29,7 +29,7 @@ from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, ch
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
 from ..formats import BF16Tensor, Weights, check_writable, matrix_arrays
-from .state_dict import from_state_dict, to_state_dict, torch_load_failure, torch_weight
+from .state_dict import check_torch_state, from_state_dict, to_state_dict, torch_load_failure, torch_weight
 
 LLAMA2_CONTEXT = 4096
 _ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
@@ -115,9 +115,7 @@ def _load_shard(torch, shard: Path) -> dict:
         raise
     except Exception as e:  # pickle, zip or runtime errors for a damaged file
         raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({torch_load_failure(shard, e)})") from None
-    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-        raise BabyLlamaError(f"{shard}: not a state dict of tensors")
-    return state
+    return check_torch_state(state, shard)
 
 
 def _args_from_params(params: Fields, vocab: int, dim: int, max_seq_len: int | None, source: Path) -> ModelArgs:

@@ -101,6 +101,21 @@ def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
     return first_line(e)
 
 
+def check_torch_state(state: Any, source: str | os.PathLike) -> dict:
+    """`state` (what torch.load read from `source`) as a state dict: names to dense tensors, else one line (a
+    key that is not a name, or a sparse tensor, was a TypeError where the tensors are read)."""
+    import torch
+
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise BabyLlamaError(f"{source}: not a state dict of tensors")
+    for name, t in state.items():
+        if not isinstance(name, str):
+            raise BabyLlamaError(f"{source}: a tensor is named {name!r}, not by a string: not a state dict")
+        if t.layout != torch.strided:
+            raise BabyLlamaError(f"{source}: tensor {name} is stored as {t.layout}, not as dense weights")
+    return state
+
+
 def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
     """A PyTorch tensor as from_state_dict takes it: a bfloat16 matrix as its bits (BF16Tensor) and an fp16 one
     as fp16, both sharing the tensor's memory (kept as they are: the kernels read them as fp32); anything else
