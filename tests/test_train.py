@@ -496,6 +496,25 @@ def test_a_second_run_into_a_run_folder_in_use_is_refused(tmp_path, one_thread, 
     assert main(argv) == 0
 
 
+def test_a_run_whose_loss_turns_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, one_thread):
+    """A learning rate that blows the weights up trained on with a NaN loss and wrote its NaN weights over the last
+    good checkpoint at the next evaluation: it stops at the first NaN it logs, the checkpoint left as it was."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    train(resolve_config(None, tiny_run(data, out)))
+    good = (out / "ckpt.pt").read_bytes()
+    resume = {"out_dir": str(out), "init_from": "resume", "max_iters": "12", "eval_interval": "6",
+              "log_interval": "1", "learning_rate": "1e8"}
+    with pytest.raises(BabyLlamaError, match=r"^training diverged: the training loss is nan at step \d+; "
+                                             r".*ckpt.pt holds step 2: --init_from=resume goes on from there\. "
+                                             r"Lower learning_rate \(or lora_alpha\)$"):
+        train(resolve_config(None, resume))
+    assert (out / "ckpt.pt").read_bytes() == good
+
+
 def test_a_resumed_run_keeps_the_evaluation_at_its_checkpoint(tmp_path, one_thread):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train

@@ -374,6 +374,7 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         losses = self.estimate_loss()
+        self.check_finite("validation", losses["val"])
         improved = losses["val"] < self.best_val_loss
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         if self.dist.master:
@@ -424,8 +425,20 @@ class Trainer:
             dist.barrier()
         return {"iter": self.iter_num, "loss": self.last_loss, "best_val_loss": self.best_val_loss}
 
+    def check_finite(self, which: str, loss: float) -> None:
+        """A loss that is NaN or infinite never comes back: stop before a checkpoint of such weights replaces
+        the last good one (every process sees the same all-reduced loss, so all stop together)."""
+        if not math.isfinite(loss):
+            raise BabyLlamaError(f"training diverged: the {which} loss is {loss} at step {self.iter_num}; "
+                                 f"{self._kept_text()}. Lower learning_rate (or lora_alpha)"
+                                 f"{', or train in dtype=float32' if self.dtype != 'float32' else ''}")
+
     def _interrupted_text(self) -> str:
         """What a Ctrl-C leaves: the checkpoint of the last evaluation, which a resume goes on from."""
+        return f"interrupted at step {self.iter_num}; {self._kept_text()}"
+
+    def _kept_text(self) -> str:
+        """Which checkpoint a run that stops now leaves behind."""
         ckpt = self.out_dir / checkpoint.CKPT_NAME
         if self.saved_at is None:
             kept = (f"{ckpt} is an earlier run's" if ckpt.exists() else "no checkpoint was written yet") + \
@@ -434,7 +447,7 @@ class Trainer:
                 kept += f"; so is {self.metrics.final.name}: this run's log is {self.metrics.path}"
         else:
             kept = f"{ckpt} holds step {self.saved_at}: --init_from=resume goes on from there"
-        return f"interrupted at step {self.iter_num}; {kept}"
+        return kept
 
     def _train(self, evaluated_at: int | None) -> None:
         cfg, master = self.cfg, self.dist.master
@@ -450,6 +463,7 @@ class Trainer:
             loss = self.step()
             if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
                 self.last_loss = self.global_mean(loss)  # also waits for the device: the timing below is real
+                self.check_finite("training", self.last_loss)
                 elapsed = time.perf_counter() - t0
                 dt, tok_s = elapsed / (self.iter_num - t0_iter), (self.tokens_seen - t0_tokens) / elapsed
                 t0, t0_iter, t0_tokens = time.perf_counter(), self.iter_num, self.tokens_seen
