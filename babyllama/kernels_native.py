@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import weakref
 from collections.abc import Sequence
 from functools import cache
@@ -916,6 +917,18 @@ def _contiguous(a: np.ndarray) -> np.ndarray:
 
 
 _loaded: dict[Path, NativeKernels] = {}
+# One load (and build) at a time: Python threads that reach their first generation together would otherwise
+# each compile the library (8 threads: 8 compiles of ~15 s sharing the CPUs, minutes before any output).
+_loading = threading.Lock()
+
+
+def _unlock_in_child() -> None:
+    """A forked child gets a fresh lock: the thread that held it (compiling) does not exist there."""
+    global _loading
+    _loading = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 def load(arch: str | None = None) -> NativeKernels | None:
@@ -925,6 +938,12 @@ def load(arch: str | None = None) -> NativeKernels | None:
     (one line on stderr says which). One object per library."""
     if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" or not _runs_here(arch_name(arch)):
         return None
+    with _loading:
+        return _load(arch)
+
+
+def _load(arch: str | None) -> NativeKernels | None:
+    """`load`'s work, with the lock held."""
     try:
         path = build(arch=arch)
     except OSError as e:  # e.g. a read-only home: run without the kernels rather than fail

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -1404,3 +1405,26 @@ def test_numba_multiplies_16_bit_matrices_as_stored(kind, monkeypatch):
         np.testing.assert_allclose(got[1], want, rtol=1e-5, atol=1e-5)
     x = gen.standard_normal((20, 256)).astype(np.float32)  # a prompt: converted, then BLAS
     np.testing.assert_allclose(k.matmul_many(x, [w16])[0], x @ w32.T, rtol=1e-5, atol=1e-5)
+
+
+def test_threads_that_load_the_kernels_together_compile_them_once(tmp_path, monkeypatch):
+    """Python threads that reach their first generation at once all load the kernels: each compiled the library
+    (8 threads: 8 compiles sharing the CPUs, ~3 minutes on two cores before any output). One compiles; the
+    others wait for it and take its library."""
+    calls = fake_compiler(monkeypatch)
+    fake_run = kernels_native._run_compiler
+
+    def slow_compile(cmd):
+        time.sleep(0.3)  # long enough that the other threads arrive while it compiles
+        return fake_run(cmd)
+
+    monkeypatch.setattr(kernels_native, "_run_compiler", slow_compile)
+    monkeypatch.setattr(kernels_native, "usable_cpus", lambda: 1)  # one compile per build
+    monkeypatch.setattr(kernels_native, "_said", set())
+    monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path))
+    threads = [threading.Thread(target=kernels_native.load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1, calls  # the fake library does not load: each thread then falls back, quietly after one line
