@@ -15,6 +15,7 @@ Compiled functions are cached on disk (cache=True), so only the very first run p
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import TypeGuard
 
@@ -160,6 +161,44 @@ def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
     return outs
 
 
+def gnu_openmp_started() -> bool:
+    """Whether numba's parallel functions have run in this process on GNU OpenMP's threads, which a forked child
+    cannot use: numba stops a child that launches one with SIGTERM ("fork() called from a process already using
+    GNU OpenMP, this is unsafe"), and multiprocessing's fork pools then wait forever for the lost task."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # nothing parallel has run: a child starts the threads of its own
+        return False
+    if layer != "omp":  # TBB and the workqueue survive a fork
+        return False
+    from numba.np.ufunc import omppool  # type: ignore[attr-defined]  # a compiled module without stubs
+
+    return omppool.openmp_vendor == "GNU"
+
+
+_forked_from_openmp = False  # this process is a fork of one whose GNU OpenMP threads had started
+_said_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_openmp
+    _forked_from_openmp = _forked_from_openmp or gnu_openmp_started()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _parallel_unsafe() -> bool:
+    """Whether numba's parallel functions cannot run here (a forked child of a GNU OpenMP process): the products
+    then go to NumPy, said once on stderr, rather than the process being killed."""
+    global _said_forked
+    if _forked_from_openmp and not _said_forked and sys.stderr is not None:
+        _said_forked = True
+        print("babyllama: numba's OpenMP threads do not survive a fork; this forked process multiplies with NumPy "
+              "instead (start processes with multiprocessing's 'spawn' to keep numba)", file=sys.stderr, flush=True)
+    return _forked_from_openmp
+
+
 def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
@@ -185,6 +224,8 @@ class NumbaKernels(NumpyKernels):
         return numba.get_num_threads()
 
     def matmul_many(self, x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
+        if _parallel_unsafe():
+            return super().matmul_many(x, ws)
         rows = x.shape[0]
         if not any(is_quantized(w) for w in ws):
             # fp16/bf16 take the kernel at any size: BLAS would need them converted whole at every product

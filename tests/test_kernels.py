@@ -1428,3 +1428,35 @@ def test_threads_that_load_the_kernels_together_compile_them_once(tmp_path, monk
     for t in threads:
         t.join()
     assert len(calls) == 1, calls  # the fake library does not load: each thread then falls back, quietly after one line
+
+
+NUMBA_FORK_SCRIPT = """
+import os, sys
+import numpy as np
+from babyllama import kernels_numba as kn
+w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float16)
+x = np.ones((1, 32), dtype=np.float32)
+k = kn.NumbaKernels()
+k.matmul_many(x, [w])  # numba's threads start here
+import numba
+from numba.np.ufunc import omppool
+if numba.threading_layer() != "omp" or omppool.openmp_vendor != "GNU":
+    print("no GNU OpenMP"); sys.exit(0)
+pid = os.fork()
+if pid == 0:
+    out = k.matmul_many(x, [w])[0]
+    os._exit(0 if np.allclose(out, x @ w.astype(np.float32).T, atol=1e-4) else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+def test_a_process_forked_after_numbas_openmp_threads_ran_still_multiplies():
+    """On the numba backend (no C compiler), a child forked after the parent's products ran on GNU OpenMP's
+    threads (a worker of a multiprocessing fork pool) was stopped by numba with SIGTERM at its first product, and
+    the pool waited forever for the lost task. The child multiplies with NumPy instead, and says so once."""
+    pytest.importorskip("babyllama.kernels_numba")
+    r = subprocess.run([sys.executable, "-c", NUMBA_FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    if r.stdout.strip() == "no GNU OpenMP":
+        pytest.skip("numba's threads are not GNU OpenMP's here (TBB or the workqueue survive a fork)")
+    assert r.stdout.strip() == "0", (r.stdout, r.stderr)
+    assert r.stderr.count("numba's OpenMP threads do not survive a fork") == 1, r.stderr
