@@ -18,6 +18,8 @@ generation loop in generate.py (and the `run` printing code) drives PyTorch unch
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -266,6 +268,32 @@ class Transformer(nn.Module):
         return from_state_dict(ModelArgs.from_dict(self.args.to_dict()), sd)
 
 
+# GNU OpenMP's threads (PyTorch's CPU operations) do not survive a fork: a child's first parallel operation waits
+# for the parent's threads forever. A process forked after the engine ran on the CPU runs PyTorch on one thread.
+_cpu_threads_started = False  # the engine has run on the CPU in this process (or its parent)
+_say_forked = False  # this process is a fork of one where it had, not yet told
+
+
+def _after_fork_in_child() -> None:
+    global _say_forked
+    if _cpu_threads_started and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        _say_forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _note_cpu_use() -> None:
+    """Record that PyTorch's CPU threads may have started; in a forked child, say once why it runs on one."""
+    global _cpu_threads_started, _say_forked
+    _cpu_threads_started = True
+    if _say_forked and sys.stderr is not None:
+        _say_forked = False
+        print("babyllama: PyTorch's OpenMP threads do not survive a fork; this forked process runs PyTorch on one "
+              "thread (start processes with multiprocessing's 'spawn' to keep them)", file=sys.stderr, flush=True)
+
+
 class TorchEngine:
     """The NumPy `Engine.forward` interface on a PyTorch model, so that generate.py's loop (and therefore the
     `run` command's printing) drives PyTorch as is. One cache slot = one row of the batch cache.
@@ -327,6 +355,8 @@ class TorchEngine:
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         slots = np.zeros_like(tokens) if slots is None else np.asarray(slots, dtype=np.int64).reshape(-1)
         check_step_lengths(tokens, positions, slots, logits)  # as the NumPy engine: not a shorter list zipped
+        if self.device.type == "cpu":
+            _note_cpu_use()
         if len(np.unique(slots)) == len(slots):  # one token per sequence: the batched decode step
             out = self._decode(*(torch.from_numpy(a).to(self.device) for a in (tokens, positions, slots)),
                                cache.layers)

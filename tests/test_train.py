@@ -4,6 +4,8 @@ made here (train-vocab → pretokenize → train → export v0/v1/v2 → run, an
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +50,28 @@ def test_logits_match_numpy_engine_at_every_position(kw):
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(tokens)[None])
     assert np.abs(logits[0].numpy() - expected).max() <= 1e-4
+
+
+TORCH_FORK_SCRIPT = """
+import os, signal, sys, torch, babyllama
+torch.set_num_threads(2)
+model = babyllama.load(device="cpu")
+text = model.generate("Once upon a time", steps=40, temperature=0)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hung child ends by SIGALRM
+    os._exit(0 if model.generate("Once upon a time", steps=40, temperature=0) == text else 3)
+print(os.waitpid(pid, 0)[1])
+"""
+
+
+def test_a_process_forked_after_the_torch_engine_ran_still_generates():
+    """PyTorch's CPU operations run on GNU OpenMP's threads, which do not survive a fork: a child forked after the
+    engine ran (a worker of a multiprocessing fork pool) hung forever at its first step. It generates the same
+    text on one thread, and says once why."""
+    r = subprocess.run([sys.executable, "-c", TORCH_FORK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "0", (r.stdout, r.stderr)  # 14: SIGALRM, the child hung
+    assert r.stderr.count("PyTorch's OpenMP threads do not survive a fork") == 1, r.stderr
 
 
 @pytest.mark.parametrize("tokens, positions, slots, message", [
