@@ -557,7 +557,7 @@ class NativeKernels:
         held = (*ws, *(w.data for w in ws if isinstance(w, BlockTensor)))  # a matrix regrouped since: a new key
         key = tuple(id(a) for a in held)
         plan = self._plans.get(key)
-        if plan is not None and all(a is b for a, b in zip(plan[0], held)):
+        if plan is not None and all(ref() is a for ref, a in zip(plan[0], held)):
             return plan[1], plan[2], plan[3]
         mats = (_Mat * len(ws))()
         n = ws[0].shape[1]
@@ -566,7 +566,12 @@ class NativeKernels:
         bounds = _describe(mats, ws)
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
-        self._plans[key] = (held, mats, bounds, n)  # holding them keeps their ids from being reused
+        # weak references: a plan must not keep a dropped model's matrices (its mapped file) alive; it goes when the
+        # first of them does (an id reused by another matrix then gets a plan of its own)
+        def forget(_: weakref.ref, key: tuple[int, ...] = key) -> None:
+            self._plans.pop(key, None)
+
+        self._plans[key] = (tuple(weakref.ref(a, forget) for a in held), mats, bounds, n)
         return mats, bounds, n
 
     @staticmethod

@@ -1460,3 +1460,23 @@ def test_a_process_forked_after_numbas_openmp_threads_ran_still_multiplies():
         pytest.skip("numba's threads are not GNU OpenMP's here (TBB or the workqueue survive a fork)")
     assert r.stdout.strip() == "0", (r.stdout, r.stderr)
     assert r.stderr.count("numba's OpenMP threads do not survive a fork") == 1, r.stderr
+
+
+@pytest.mark.parametrize("quantize", [None, "q8_0", "q4_0"])
+def test_a_dropped_model_is_not_kept_alive_by_the_native_kernels(quantize):
+    """The native kernels keep the C description of a product's matrices for reuse while the same arrays come
+    back. It held the arrays themselves, so a model dropped after a prompt of more than 8 tokens (its products an
+    sgemm, or int8 products of quantized rows) stayed in memory, its file mapped, and every model loaded and
+    dropped so added one (30 loads of a model: 30 copies). The descriptions hold weak references now."""
+    k = native_build("native")
+    w = random_weights(tiny_args(dim=64, hidden_dim=128))
+    if quantize:
+        w = w.quantize_as(quantize, kernels.q4_0_blocks)
+    engine = Engine(w, kernels=k)
+    tokens = np.arange(12)  # more than a fused step takes
+    engine.forward(tokens, tokens, engine.new_cache(seq_len=16))
+    k.matmul(np.ones((1, 64), dtype=np.float32), [w.wo[0]])  # a product's description, whatever the prompt took
+    matrices = [weakref.ref(w.wo[0]), weakref.ref(w.wo if quantize is None else w.wo[1])]
+    del engine, w
+    gc.collect()
+    assert [m() is None for m in matrices] == [True, True]
