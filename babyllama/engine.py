@@ -146,6 +146,19 @@ class Engine:
         # plan would leave that plan on the old, shorter tables (a refused position)
         self._tables_lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """What a pickled engine carries (a model passed to a worker of multiprocessing's spawn or forkserver
+        start methods): the weights and settings. The lock, the RoPE tables and the backend's step plan (C
+        pointers into this process) are made again where it is unpickled."""
+        state = self.__dict__.copy()
+        del state["_tables_lock"]
+        state.update(cos=self.cos[:0], sin=self.sin[:0], _plan_for=None, _step_plan=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tables_lock = threading.Lock()
+
     def _ensure_rope(self, n_positions: int) -> None:
         """RoPE tables for positions [0, n_positions) at least: built as far as the caches in use reach (grown
         by doubling), not for the header's seq_len, which may be far larger than any run needs."""

@@ -282,3 +282,21 @@ def test_forward_refuses_an_unknown_logits_word():
     engine = Engine(random_weights(tiny_args()))
     with pytest.raises(ValueError, match='logits must be "all" or "last", got \'Last\''):
         engine.forward([1, 2], [0, 1], engine.new_cache(1), logits="Last")
+
+
+@pytest.mark.parametrize("quantize", [None, "q4_0"])
+def test_a_model_pickles_and_generates_the_same_text(quantize):
+    """A model passed to a worker of multiprocessing's spawn pool is pickled: the NumPy engine's lock ("cannot
+    pickle '_thread.lock' object") and, once it had run, its step plan's C pointers ("ctypes objects containing
+    pointers cannot be pickled") refused, where the PyTorch engine pickled. The engine now carries its weights and
+    settings and makes the rest again; the copy generates the same text."""
+    import pickle
+
+    from babyllama.api import load
+
+    model = load(quantize=quantize)
+    fresh = pickle.loads(pickle.dumps(model))  # before any step too
+    prompt = "Once upon a time there was a little girl named Lily who"  # a prompt of more than one fused step
+    text = model.generate(prompt, steps=60, temperature=0)
+    assert pickle.loads(pickle.dumps(model)).generate(prompt, steps=60, temperature=0) == text
+    assert fresh.generate(prompt, steps=60, temperature=0) == text
