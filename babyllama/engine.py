@@ -13,7 +13,9 @@ rms(x) = x / sqrt(mean(x²) + eps) * g;  RoPE rotates pairs (2i, 2i+1) of each h
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -120,6 +122,20 @@ def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[np.ndar
 FUSED_MAX_TOKENS = 8
 
 
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _unlock_in_child() -> None:
+    """A forked child gets fresh locks: a thread that held one (building a step plan, which regroups a quantized
+    model's matrices) does not exist there, and the child's first step would wait for it forever. What the lock
+    guards stays consistent: the plan is set only once built, and each matrix is regrouped whole."""
+    for engine in list(_engines):
+        engine._tables_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 class Engine:
     """`plain=True` selects the unoptimized reference path (kernels_base.PlainKernels: one product per matrix,
     quantized products in NumPy): the baseline the fast path is tested and benchmarked against. The fast path
@@ -145,6 +161,7 @@ class Engine:
         # threads sharing the engine (one loaded model): a table grown by one while another builds its step
         # plan would leave that plan on the old, shorter tables (a refused position)
         self._tables_lock = threading.Lock()
+        _engines.add(self)
 
     def __getstate__(self) -> dict:
         """What a pickled engine carries (a model passed to a worker of multiprocessing's spawn or forkserver
@@ -158,6 +175,7 @@ class Engine:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._tables_lock = threading.Lock()
+        _engines.add(self)
 
     def _ensure_rope(self, n_positions: int) -> None:
         """RoPE tables for positions [0, n_positions) at least: built as far as the caches in use reach (grown

@@ -300,3 +300,26 @@ def test_a_model_pickles_and_generates_the_same_text(quantize):
     text = model.generate(prompt, steps=60, temperature=0)
     assert pickle.loads(pickle.dumps(model)).generate(prompt, steps=60, temperature=0) == text
     assert fresh.generate(prompt, steps=60, temperature=0) == text
+
+
+def test_a_process_forked_while_another_thread_builds_a_step_plan_can_generate():
+    """A thread's first step on a model builds its step plan (regrouping a quantized model's matrices) holding the
+    engine's lock; a process forked meanwhile (a multiprocessing pool started beside a first request) inherited
+    the lock held by a thread it does not have, and its first step waited forever. The child gets a fresh lock."""
+    import os
+    import signal
+
+    w = random_weights(tiny_args())
+    engine = Engine(w)
+    engine._tables_lock.acquire()  # where the other thread is when the fork comes
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        signal.alarm(10)  # a hung child ends by SIGALRM
+        code = 3
+        try:
+            engine.forward([1, 2, 3], [0, 1, 2], engine.new_cache(seq_len=8))
+            code = 0
+        finally:
+            os._exit(code)
+    engine._tables_lock.release()
+    assert os.waitpid(pid, 0)[1] == 0  # not 14 (SIGALRM)
