@@ -14,8 +14,10 @@ Compiled functions are cached on disk (cache=True), so only the very first run p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import TypeGuard
 
@@ -137,10 +139,12 @@ def matmul_dense_many(x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
     for w in ws:
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
         if is_fp32(w):
-            _matmul1_f32(x, w, out)
+            with _one_launch():
+                _matmul1_f32(x, w, out)
         else:
             bits, bf16 = _bits16(w)
-            _matmul1_16bit(x, bits, bf16, out)
+            with _one_launch():
+                _matmul1_16bit(x, bits, bf16, out)
         outs.append(out)
     return outs
 
@@ -157,8 +161,23 @@ def matmul_q8_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
     empty_o = outs[0][:, :0]
     mats = [(w.q, w.s) for w in ws] + [(empty_q, empty_s)] * (3 - len(ws))
     o = outs + [empty_o] * (3 - len(ws))
-    _matmul3(xq, xs, mats[0][0], mats[0][1], mats[1][0], mats[1][1], mats[2][0], mats[2][1], gs, o[0], o[1], o[2])
+    with _one_launch():
+        _matmul3(xq, xs, mats[0][0], mats[0][1], mats[1][0], mats[1][1], mats[2][0], mats[2][1], gs, o[0], o[1], o[2])
     return outs
+
+
+_launching = threading.Lock()
+
+
+def _one_launch() -> contextlib.AbstractContextManager:
+    """What a parallel function's launch holds: numba's workqueue threading layer (where neither TBB nor OpenMP
+    loads) aborts the process when two Python threads launch at once ("Concurrent access has been detected"),
+    so there launches take turns, as they do until the first has chosen the layer."""
+    try:
+        threadsafe = numba.threading_layer() != "workqueue"
+    except ValueError:  # no launch yet
+        threadsafe = False
+    return contextlib.nullcontext() if threadsafe else _launching
 
 
 def gnu_openmp_started() -> bool:
@@ -181,8 +200,9 @@ _said_forked = False
 
 
 def _after_fork_in_child() -> None:
-    global _forked_from_openmp
+    global _forked_from_openmp, _launching
     _forked_from_openmp = _forked_from_openmp or gnu_openmp_started()
+    _launching = threading.Lock()  # a launch in another thread of the parent does not finish here
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1480,3 +1480,36 @@ def test_a_dropped_model_is_not_kept_alive_by_the_native_kernels(quantize):
     del engine, w
     gc.collect()
     assert [m() is None for m in matrices] == [True, True]
+
+
+NUMBA_THREADS_SCRIPT = """
+import threading
+import numpy as np
+from babyllama import kernels_numba as kn
+w = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float16)
+x = np.ones((1, 256), dtype=np.float32)
+k = kn.NumbaKernels()
+want = x @ w.astype(np.float32).T
+results = []
+
+def products():
+    results.append(all(np.allclose(k.matmul_many(x, [w])[0], want, atol=1e-3) for _ in range(50)))
+
+threads = [threading.Thread(target=products) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(results)
+"""
+
+
+def test_threads_sharing_a_model_on_numbas_workqueue_layer_take_turns():
+    """Where neither TBB nor OpenMP loads (a slim container: no compiler, no libgomp, the numba backend's place),
+    numba runs its parallel functions on its workqueue layer, which aborted the process (SIGABRT, "Concurrent
+    access has been detected") when Python threads sharing a model launched products at once. They take turns."""
+    pytest.importorskip("babyllama.kernels_numba")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    r = subprocess.run([sys.executable, "-c", NUMBA_THREADS_SCRIPT], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "[True, True, True, True]", (r.returncode, r.stderr[-500:])
