@@ -284,6 +284,18 @@ def test_enter_that_confirms_an_input_method_candidate_does_not_send(browser):
         server.stop()
 
 
+def page_recording_requests(browser, server: Server):
+    """The server's chat page, loaded (the model's name shown), and the list its chat requests' bodies are added
+    to as they are sent."""
+    sent: list[dict] = []
+    page = browser.new_page()
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    return page, sent
+
+
 def set_control(page, control: str, value: str) -> None:
     """A sampling control typed in (a range input's label follows its input event)."""
     page.fill(control, value)
@@ -294,13 +306,8 @@ def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
     """Left at their defaults, the controls under "More sampling controls" add nothing to the request; set, they
     are sent as the fields serve reads, and the page shows the reply the API gives for the same request."""
     server = Server("--slots", "1")
-    sent: list[dict] = []
     try:
-        page = browser.new_page()
-        page.on("request", lambda r: sent.append(json.loads(r.post_data))
-                if r.url.endswith("/v1/chat/completions") else None)
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page, sent = page_recording_requests(browser, server)
         greedy_storyteller(page)
         page.fill("#max-tokens", "60")
         prompt = "Tell me a story about a cat."
@@ -498,13 +505,8 @@ def test_a_reload_keeps_the_conversation_and_the_settings(browser):
     """A reload of the page (a phone's browser reloads a tab it had put away) lost the conversation and every
     setting but the key: the log, the turns sent with the next message and the settings are kept for the tab."""
     server = Server("--slots", "1")
-    sent: list[dict] = []
     try:
-        page = browser.new_page()
-        page.on("request", lambda r: sent.append(json.loads(r.post_data))
-                if r.url.endswith("/v1/chat/completions") else None)
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page, sent = page_recording_requests(browser, server)
         greedy_storyteller(page)
         page.fill("#max-tokens", "8")
         page.click("#more-sampling summary")
