@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, byte_tokenizer, logits_after, native_build, random_weights, tiny_args
-from test_kv_cache import BUILDS, _model, shifted_cache
+from conftest import (
+    assert_greedy_agree,
+    byte_tokenizer,
+    logits_after,
+    native_build,
+    random_weights,
+    tiny_args,
+    tiny_model,
+)
+from test_kv_cache import BUILDS, shifted_cache
 
 from babyllama import formats, kernels_native
 from babyllama.engine import Engine, KVCache, kv_cache_dtype, kv_cache_name
@@ -127,7 +135,7 @@ def test_native_decode_with_q8_cache_matches_numpy(native):
     Q8_0 cache, C against the NumPy engine on fp32 weights: logits agree to 1e-4 of their largest (measured
     ~1e-6: a key or value whose fp32 result differs by an ulp between the paths rarely crosses a rounding
     boundary of its 8-bit step)."""
-    w = _model("fp32")
+    w = tiny_model("fp32")
     out = {}
     toks = rng.integers(3, w.args.vocab_size, 12).tolist()
     for name, kernels in (("native", native), ("numpy", NumpyKernels())):
@@ -164,7 +172,7 @@ def test_q8_cache_on_the_builtin_model(kind):
 def test_q8_cache_setting_and_size():
     """"q8_0" gives Q8_0 rows of the model's head size (never "auto"); the up-front memory check counts their
     bytes; a cache of another row type, or Q8_0 rows of another head size, is refused in NumPy and before C."""
-    w = _model("fp32")
+    w = tiny_model("fp32")
     hs = w.args.head_size
     assert kv_cache_dtype(w, "q8_0") == kv_q8_dtype(hs) and kv_cache_name(kv_q8_dtype(hs)) == "q8_0"
     assert [kv_cache_name(kv_cache_dtype(w, kv)) for kv in ("auto", "f32", "f16")] == ["f32", "f32", "f16"]
@@ -224,7 +232,7 @@ def test_cli_takes_q8_cache(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(api, "Engine", spy)
     model, tok = tmp_path / "m.bin", tmp_path / "tok.bin"
-    formats.save(_model("fp32", max_seq_len=32), model)
+    formats.save(tiny_model("fp32", max_seq_len=32), model)
     byte_tokenizer(320).save(tok)
     common = [str(model), "-z", str(tok), "--kv-cache", "q8_0"]
     assert main(["run", *common, "-n", "20", "-t", "0"]) == 0
