@@ -94,8 +94,6 @@ DEFAULT_INPUT = "data/TinyStories_all_data"
 
 def pretokenize_vocab_size(text: str) -> int:
     """A positive --vocab-size; tinystories.py's 0 (Llama 2's vocabulary) is said in this command's terms."""
-    import argparse
-
     if text.strip() == "0":
         raise argparse.ArgumentTypeError("0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer with Meta's "
                                          "tokenizer.model instead")

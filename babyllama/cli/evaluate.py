@@ -75,7 +75,7 @@ def model_name(args: argparse.Namespace) -> str:
             + (f" --quantize {args.quantize}" if args.quantize else ""))
 
 
-def run_settings(args, model) -> dict:
+def run_settings(args: argparse.Namespace, model: Model) -> dict:
     """What the figures are of, as JSON fields: the model file, the adapter, the weights' type on load and the KV
     cache's type (each changes the figures), so that a script comparing runs reads them without parsing."""
     from ..engine import kv_cache_name

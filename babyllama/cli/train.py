@@ -32,8 +32,6 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:
     """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true.
     The `hidden` keys are parsed but left out of --help."""
-    import argparse
-
     from ..train.config import FIELDS, LLAMA2C_ONLY, TrainConfig
 
     knobs = p.add_argument_group("settings (--key=value)")
@@ -56,8 +54,6 @@ def spellings(key: str) -> list[str]:
 def flag_value(key: str) -> Callable[[str], object]:
     """argparse's converter for config key `key`: a value that is not of the key's type (`--dim=abc`) is a
     command line that does not parse, exit 2 as for every other command's flags (a config file's stays 1)."""
-    import argparse
-
     from ..train.config import parse_value
 
     def convert(text: str) -> object:

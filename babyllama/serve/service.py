@@ -441,7 +441,7 @@ class Service:
         nothing else would be written for minutes, and proxies and clients with a read timeout (nginx: 60 s)
         would drop the connection: raises asyncio.TimeoutError every `keepalive_s` for a comment line to be sent. Once
         tokens flow, the wait has no timer (one per token would cost more than the comment saves)."""
-        if pending.choices and any(c.tokens or c.finish for c in pending.choices):
+        if any(c.tokens or c.finish for c in pending.choices):
             return await pending.events.get()
         return await asyncio.wait_for(pending.events.get(), self.config.keepalive_s)
 
