@@ -102,9 +102,7 @@ def test_chat_page_shows_a_reply_growing_as_it_streams(browser, tmp_path):
 
     server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
     try:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page = open_page(browser, server)
         greedy_storyteller(page)
         page.fill("#max-tokens", "400")
         streamed = send_and_read_stream(page, "Hello")
@@ -215,11 +213,7 @@ def test_a_new_conversation_while_a_reply_streams_drops_that_turn(browser, tmp_p
                 if r.url.endswith("/v1/chat/completions") else None)
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        greedy_storyteller(page)
-        page.fill("#max-tokens", "1500")  # seconds of generation: still streaming when the button is clicked
-        count_updates(page)
-        page.fill("#prompt", "Hello")
-        page.press("#prompt", "Enter")
+        start_long_reply(page)  # seconds of generation: still streaming when the button is clicked
         page.wait_for_function("window.updates > 3")
         page.click("#clear")
         page.wait_for_function("!document.getElementById('send').disabled")
@@ -276,9 +270,7 @@ def test_enter_that_confirms_an_input_method_candidate_does_not_send(browser):
     while composing) only ends the composition; the message is sent by the next Enter."""
     server = Server("--slots", "1")
     try:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page = open_page(browser, server)
         page.fill("#prompt", "ねこ")
         page.evaluate("""() => document.getElementById('prompt').dispatchEvent(new KeyboardEvent('keydown',
             {key: 'Enter', isComposing: true, bubbles: true, cancelable: true}))""")
@@ -292,16 +284,32 @@ def test_enter_that_confirms_an_input_method_candidate_does_not_send(browser):
         server.stop()
 
 
-def page_recording_requests(browser, server: Server):
-    """The server's chat page, loaded (the model's name shown), and the list its chat requests' bodies are added
-    to as they are sent."""
-    sent: list[dict] = []
-    page = browser.new_page()
-    page.on("request", lambda r: sent.append(json.loads(r.post_data))
-            if r.url.endswith("/v1/chat/completions") else None)
+def open_page(browser, server: Server, **options):
+    """The server's chat page in a new tab (`options`: new_page's, e.g. a viewport), once it shows the model's
+    name."""
+    page = browser.new_page(**options)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    return page
+
+
+def page_recording_requests(browser, server: Server):
+    """The server's chat page, loaded, and the list its chat requests' bodies are added to as they are sent."""
+    sent: list[dict] = []
+    page = open_page(browser, server)
+    page.on("request", lambda r: sent.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
     return page, sent
+
+
+def start_long_reply(page) -> None:
+    """A greedy reply to "Hello" of up to 1,500 tokens (seconds of generation) sent, its growth counted in
+    window.updates (count_updates)."""
+    greedy_storyteller(page)
+    page.fill("#max-tokens", "1500")
+    count_updates(page)
+    page.fill("#prompt", "Hello")
+    page.press("#prompt", "Enter")
 
 
 def set_control(page, control: str, value: str) -> None:
@@ -347,9 +355,7 @@ def test_on_a_phone_s_width_the_conversation_and_the_composer_get_the_width(brow
     message box a few pixels and the stop button off the screen. A long word is broken inside its bubble."""
     server = Server("--slots", "1")
     try:
-        page = browser.new_page(viewport={"width": 375, "height": 667})
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page = open_page(browser, server, viewport={"width": 375, "height": 667})
         box = {name: page.locator(name).bounding_box() for name in ("#log", "#prompt", "#send", "#stop", "aside")}
         assert box["#log"]["width"] > 300 and box["#prompt"]["width"] > 150
         assert all(0 <= b["x"] and b["x"] + b["width"] <= 375 for b in box.values())
@@ -423,14 +429,8 @@ def test_a_server_gone_mid_reply_or_before_the_message_is_said_so(browser, tmp_p
         assert [e.text_content() for e in page.query_selector_all(".msg.error")] == ["Error: 502 Bad Gateway", lost]
         page.close()
 
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        greedy_storyteller(page)
-        page.fill("#max-tokens", "1500")
-        count_updates(page)
-        page.fill("#prompt", "Hello")
-        page.press("#prompt", "Enter")
+        page = open_page(browser, server)
+        start_long_reply(page)
         page.wait_for_function("window.updates > 3")
         server.proc.kill()
         page.wait_for_function("!document.getElementById('send').disabled")
@@ -453,9 +453,7 @@ def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(bro
     server = Server("--slots", "1")
     turn = ("The cat sat on the mat and the dog ran in the park. " * 24)[:1200]  # 501 tokens: 11 left of 512
     try:
-        page = browser.new_page()
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page = open_page(browser, server)
         set_control(page, "#temperature", "0")  # and no system prompt: the turn alone fills the context
         page.fill("#max-tokens", "")
 
@@ -554,14 +552,8 @@ def test_a_reader_who_scrolls_up_while_a_reply_streams_is_left_there(browser, tm
 
     server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
     try:
-        page = browser.new_page(viewport={"width": 800, "height": 400})
-        page.goto(server.url + "/")
-        page.wait_for_function("document.getElementById('model').textContent.length > 0")
-        greedy_storyteller(page)
-        page.fill("#max-tokens", "1500")
-        count_updates(page)
-        page.fill("#prompt", "Hello")
-        page.press("#prompt", "Enter")
+        page = open_page(browser, server, viewport={"width": 800, "height": 400})
+        start_long_reply(page)
         log = "document.getElementById('log')"
         page.wait_for_function(f"{log}.scrollTop > 100")  # followed while at the bottom
         page.evaluate(f"{log}.scrollTop = 0")
