@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine import FUSED_MAX_TOKENS, Engine
+from .errors import BabyLlamaError
 from .sampler import Sampler
 from .tokenizer import BOS
 
@@ -54,7 +55,8 @@ class Sequence:
     n_fed: int = 0  # tokens whose keys/values are in the cache
     done: bool = False
     generated: list[int] = field(default_factory=list)
-    stop_reason: str | None = None  # "stop" (a stop token) or "length"
+    stop_reason: str | None = None  # "stop" (a stop token), "length", or "error" (see Batch's isolate_failures)
+    error: str | None = None  # with stop_reason "error": what the model could not compute for this sequence
     context_shift: bool = False  # slide the window instead of stopping at the cache's seq_len
     n_keep: int = 0  # tokens always kept at the start of the window (the prompt, typically)
     n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
@@ -112,9 +114,11 @@ PREFILL_CHUNK = 512  # prompt tokens a step of `generate` (and `run`) prefills: 
 
 class Batch:
     def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = PREFILL_CHUNK, prefix_min: int = 0,
-                 seq_len: int | None = None):
+                 seq_len: int | None = None, isolate_failures: bool = False):
         """`seq_len`: positions each slot holds (default: the model's context); a batch whose sequences stop
-        within -n positions needs no more, whatever the header's seq_len says."""
+        within -n positions needs no more, whatever the header's seq_len says. `isolate_failures`: a model error
+        (BabyLlamaError) in a step ends only the sequences it comes from (`fail`), the others go on; without it,
+        `step` raises it."""
         self.engine = engine
         self.cache = engine.new_cache(n_slots, seq_len=seq_len)
         self.free_slots = list(range(n_slots))[::-1]
@@ -124,6 +128,7 @@ class Batch:
         self.holders: list[Sequence | None] = [None] * n_slots  # the sequence whose entries each slot holds
         # the NumPy engine's batch-invariant call size (see the module's docstring); None: one call a step
         self.call_tokens = FUSED_MAX_TOKENS if isinstance(engine, Engine) else None
+        self.isolate_failures = isolate_failures
 
     def add(self, seq: Sequence) -> Sequence:
         if not self.free_slots:
@@ -224,25 +229,24 @@ class Batch:
     def step(self) -> list[tuple[Sequence, int]]:
         """One forward pass over every runnable sequence; returns the (sequence, new token) pairs."""
         runs = self._plan()
-        rows = {}
+        rows: dict[int, np.ndarray] = {}
         for call in self._calls(runs):
-            tokens: list[int] = []
-            positions: list[int] = []
-            slots: list[int] = []
-            for seq, start, end in call:
-                tokens.extend(seq.window()[start:end])
-                positions.extend(range(start, end))
-                slots.extend([seq.slot] * (end - start))
-            logits = self.engine.forward(tokens, positions, self.cache, slots, logits="last")
-            for (seq, _, _), row in zip(call, logits):
-                rows[id(seq)] = row
+            self._forward(call, rows)
         out = []
         for seq, _, end in runs:
+            if seq.done:
+                continue  # its forward failed (isolate_failures)
             seq.n_fed = end
             if seq.pending():
                 continue  # a long prompt still being prefilled in chunks
             seq.logits = rows[id(seq)]
-            nxt = seq.sampler.sample(seq.logits, seq.tokens, seq.generated)
+            try:
+                nxt = seq.sampler.sample(seq.logits, seq.tokens, seq.generated)
+            except BabyLlamaError as e:  # NaN or infinite logits: this sequence's numbers, not the others'
+                if not self.isolate_failures:
+                    raise
+                self.fail(seq, e)
+                continue
             seq.tokens.append(nxt)
             if nxt in seq.stop_ids:
                 seq.done, seq.stop_reason = True, "stop"
@@ -251,6 +255,38 @@ class Batch:
             seq._check_length()
             out.append((seq, nxt))
         return out
+
+    def _forward(self, call: list[tuple[Sequence, int, int]], rows: dict[int, np.ndarray]) -> None:
+        """One engine call over the runs of `call`, their last logits rows put in `rows`. With isolate_failures, a
+        call that raises a model error is made again one run at a time, so that only the runs that raise it
+        fail: each run writes only its own positions of its own slot, which the retry writes again, and a
+        token's row does not depend on the others in the call (see the module's docstring)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for seq, start, end in call:
+            tokens.extend(seq.window()[start:end])
+            positions.extend(range(start, end))
+            slots.extend([seq.slot] * (end - start))
+        try:
+            logits = self.engine.forward(tokens, positions, self.cache, slots, logits="last")
+        except BabyLlamaError as e:
+            if not self.isolate_failures:
+                raise
+            if len(call) == 1:
+                self.fail(call[0][0], e)
+            else:
+                for run in call:
+                    self._forward([run], rows)
+            return
+        for (seq, _, _), row in zip(call, logits):
+            rows[id(seq)] = row
+
+    def fail(self, seq: Sequence, error: BabyLlamaError) -> None:
+        """End a sequence whose step raised `error` (stop_reason "error"). Its slot's entries are not offered as
+        a prefix again: the failed call may have written some of them."""
+        seq.done, seq.stop_reason, seq.error = True, "error", str(error)
+        seq.n_fed = 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -990,23 +990,29 @@ def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, 
     capsys.readouterr()
 
 
-def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on():
-    """Token 7's layer-0 value lies beyond fp16's range (its embedding alone has a first component, which wv
-    multiplies by 1e6): a step holding it raises the fp16 KV cache's error. Its jobs end with that message and
-    the scheduler serves the next job (were its thread to die, every later request would fail)."""
-    import time
-
+def overflowing_engine():
+    """An engine on fp16 KV cache in which token 7's layer-0 value lies beyond fp16's range (its embedding alone
+    has a first component, which wv multiplies by 1e6): a step holding it raises the cache's error."""
     from conftest import random_weights, tiny_args
 
     from babyllama.engine import Engine
-    from babyllama.sampler import Sampler
-    from babyllama.serve.metrics import Metrics
-    from babyllama.serve.scheduler import Finished, Job, Scheduler, Token
 
     w = random_weights(tiny_args())
     w.tok_embeddings[:, 0] = 0
     w.tok_embeddings[7, 0] = 1
     w.wv[0][:, 0] = 1e6
+    return Engine(w, kv_cache="f16")
+
+
+def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on():
+    """A step holding token 7 raises the fp16 KV cache's error (overflowing_engine). Its job ends with that
+    message and the scheduler serves the next job (were its thread to die, every later request would fail)."""
+    import time
+
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Finished, Job, Scheduler, Token
+
     events, done = [], threading.Event()
 
     def emit(index, event):
@@ -1014,7 +1020,7 @@ def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on()
         if isinstance(event, Finished):
             done.set()
 
-    sched = Scheduler(Engine(w, kv_cache="f16"), slots=2, queue_size=4, metrics=Metrics(2), prefix_min=1)
+    sched = Scheduler(overflowing_engine(), slots=2, queue_size=4, metrics=Metrics(2), prefix_min=1)
     sched.start()
     try:
         sched.submit([Job([1, 5, 7, 6], 5, Sampler(0.0), emit, index=0)])
@@ -1029,6 +1035,49 @@ def test_a_step_the_model_cannot_compute_fails_its_jobs_and_the_server_goes_on()
         assert sched.healthy and sched.status()["active"] == 0
     finally:
         sched.stop()
+
+
+def test_a_failure_of_one_sequence_ends_its_job_only():
+    """Jobs that share steps with one the model cannot compute (a prompt whose value overflows the fp16 cache,
+    in the same engine call as theirs; or a sequence whose sampling meets NaN logits) get all their tokens, the
+    same as alone; the failing jobs end with their own error."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.sampler import Sampler
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Finished, Job, Scheduler, Token
+
+    class NaNSampler(Sampler):
+        def sample(self, logits, tokens=(), generated=()):
+            raise BabyLlamaError("the model produced NaN logits")
+
+    def run(jobs: list[Job]) -> None:
+        sched = Scheduler(overflowing_engine(), slots=3, queue_size=4, metrics=Metrics(3), prefix_min=0)
+        sched.submit(jobs)  # before the thread starts: all admitted into the same first step
+        sched.start()
+        try:
+            assert all(finished[job.index].wait(10) for job in jobs)
+            assert sched.healthy
+        finally:
+            sched.stop()
+
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    finished = {i: threading.Event() for i in events}
+
+    def emit(index, event):
+        events[index].append(event)
+        if isinstance(event, Finished):
+            finished[index].set()
+
+    run([Job([1, 5, 6], 6, Sampler(0.0), emit, index=0)])
+    alone = events[0]
+    assert [type(e) for e in alone] == [Token] * 6 + [Finished]
+    events[0], finished[0] = [], threading.Event()
+    run([Job([1, 5, 7, 6], 5, Sampler(0.0), emit, index=1), Job([1, 5, 6], 6, Sampler(0.0), emit, index=0),
+         Job([1, 8, 9], 5, NaNSampler(0.0), emit, index=2)])
+    assert events[0] == alone
+    (overflow,), (nan,) = events[1], events[2]
+    assert overflow.reason == "error" and "exceeds the range of the fp16 KV cache" in overflow.message
+    assert nan == Finished("error", "the model produced NaN logits")
 
 
 def run_with(prompt: str, n: int, *flags: str) -> str:

@@ -77,7 +77,10 @@ class Job:
 class Scheduler:
     def __init__(self, engine: Engine, slots: int, queue_size: int, metrics: Metrics,
                  max_tokens_per_step: int = 128, prefix_min: int = 16):
-        self.batch = Batch(engine, slots, max_tokens_per_step=max_tokens_per_step, prefix_min=prefix_min)
+        # a model error one sequence's numbers cause (an fp16 cache overflow, NaN logits) ends that sequence's
+        # request only: the others sharing its steps go on
+        self.batch = Batch(engine, slots, max_tokens_per_step=max_tokens_per_step, prefix_min=prefix_min,
+                           isolate_failures=True)
         self.slots = slots
         self.queue_size = queue_size
         self.metrics = metrics
@@ -142,7 +145,7 @@ class Scheduler:
                 if self.running:
                     try:
                         self._step()
-                    except BabyLlamaError as e:  # the model, not the server: e.g. keys beyond the fp16 cache
+                    except BabyLlamaError as e:  # the model, where Batch could not tell which sequence's
                         self._fail_running(str(e))
         except BaseException as e:  # noqa: BLE001 - a bug: reported by /health, and every waiting job ends
             self.error = e
@@ -173,13 +176,13 @@ class Scheduler:
         for job in [j for j in self.running if j.cancelled or now > j.deadline]:
             self._finish(job, "cancelled" if job.cancelled else "timeout")
 
-    def _finish(self, job: Job, reason: str, deliveries: Deliveries | None = None) -> None:
+    def _finish(self, job: Job, reason: str, deliveries: Deliveries | None = None, message: str | None = None) -> None:
         seq = _running_seq(job)
         self.batch.release(seq)
         self.running.remove(job)
         if reason == "cancelled":
             return
-        event = Finished(reason)
+        event = Finished(reason, message)
         if deliveries is not None:
             deliveries.add(job, event)
         else:
@@ -217,7 +220,8 @@ class Scheduler:
             deliveries.add(job, Token(token, logprob, top))
         with self._cond:
             for job in [j for j in self.running if _running_seq(j).done]:
-                self._finish(job, _running_seq(job).stop_reason or "length", deliveries)
+                seq = _running_seq(job)
+                self._finish(job, seq.stop_reason or "length", deliveries, seq.error)
             self._publish_gauges()  # the loop may now sleep until the next request: the gauges must be true
         deliveries.send()
 
