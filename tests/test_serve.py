@@ -678,6 +678,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     (["--slots", "0"], "--slots must be >= 1"),
     (["--port", "70000"], "--port must be <= 65535"),
     (["--timeout", "0"], "--timeout must be > 0"),
+    (["--header-timeout", "-1"], "--header-timeout must be > 0, got -1"),
     (["--chat-template", "nope"], "unknown chat template 'nope'"),
     (["--api-key", " "], "--api-key must not be empty"),
     (["--api-key", "clé"], "--api-key must be printable ASCII"),

@@ -146,6 +146,48 @@ def test_the_official_client_does_not_retry_a_request_past_its_time_limit(strict
     assert answered(strict, 504) == before + 1
 
 
+def closed_by_server(conn: socket.socket, trickle: bytes) -> bool:
+    """Whether the server closes `conn` while the client sends `trickle` a byte at a time, a byte every 0.2 s
+    (a slowloris client, whose headers never end), and then waits up to a minute."""
+    conn.settimeout(0.2)
+    for byte in trickle:
+        try:
+            if conn.recv(1) == b"":
+                return True
+        except TimeoutError:
+            pass
+        try:
+            conn.sendall(bytes([byte]))
+        except OSError:  # reset: closed
+            return True
+    conn.settimeout(60)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_client_whose_headers_never_end_is_disconnected(slow_model):
+    """A connection whose request line and headers trickle in is closed after --header-timeout: when it opens,
+    and on a kept-alive connection after an answer, whose next request's first byte stops uvicorn's keep-alive
+    timer. A request whose headers arrive in time is answered."""
+    server = Server(slow_model, "--header-timeout", "1")
+    try:
+        trickle = b"GET /health HTTP/1.1\r\nHost: test\r\nX-Slow: " + b"a" * 20
+        with socket.create_connection(("127.0.0.1", server.port)) as fresh:
+            assert closed_by_server(fresh, trickle)
+        with socket.create_connection(("127.0.0.1", server.port)) as kept:
+            kept.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            kept.settimeout(60)
+            assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+            assert closed_by_server(kept, trickle)
+        assert server.get("/health").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
     """SIGINT with a whole answer and a stream generating, a request queued and one still sending its body:
     each ends at once, the whole answers and the upload with OpenAI's 503, the stream with an error event and

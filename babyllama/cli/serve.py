@@ -35,6 +35,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="the model id clients name (default: the model card's name, else the file's name)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, from its arrival: "
                                                                 "its body's upload and queueing included (600)")
+    p.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection whose request line and headers have not all arrived this long after it "
+                        "opened or after its previous answer (30)")
     p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body (1 MiB)")
     p.add_argument("--chunk", type=int, default=128, metavar="TOKENS",
                    help="prompt tokens prefilled per step beside the running decodes (128)")
@@ -57,8 +60,9 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BabyLlamaError("--host must not be empty (0.0.0.0 and :: listen on every address)")
     if args.port > 65535:
         raise BabyLlamaError(f"--port must be <= 65535, got {args.port}")
-    if not args.timeout > 0:
-        raise BabyLlamaError(f"--timeout must be > 0, got {args.timeout}")
+    for name, seconds in (("--timeout", args.timeout), ("--header-timeout", args.header_timeout)):
+        if not seconds > 0:
+            raise BabyLlamaError(f"{name} must be > 0, got {seconds:g}")
     if args.api_key is not None and not args.api_key.strip():
         raise BabyLlamaError("--api-key must not be empty")
     if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
@@ -121,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or card.get("name") or (Path(args.checkpoint).name if args.checkpoint else "babyllama")
     config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
+                               header_timeout_s=args.header_timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
     check_slots_fit(model, args.slots)
     warm_up(model.engine)

@@ -5,10 +5,13 @@ extra (FastAPI, uvicorn, prometheus-client)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import BabyLlamaError
 from .app import create_app
@@ -70,7 +73,57 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class HeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, which closes a connection whose request line and headers have not all arrived
+    `header_timeout_s` after it opened or after its previous answer ended. uvicorn has no such limit: a client
+    that sends its headers a byte a minute (slowloris; uvicorn's keep-alive timer stops at the first byte)
+    would hold a connection, and one of the process's file descriptors, forever. The body's upload is limited
+    by the request's time limit (Service.read_body)."""
+
+    header_timeout_s = ServeConfig.header_timeout_s
+    header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.wait_for_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # a request's headers have all arrived
+            self.stop_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:  # the next request's turn
+            self.wait_for_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_header_timer()
+        super().connection_lost(exc)
+
+    def wait_for_headers(self) -> None:
+        self.stop_header_timer()
+        self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_late)
+
+    def stop_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def headers_too_late(self) -> None:
+        self.header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()  # nothing to answer: no request has begun (nginx closes such connections too)
+
+
+def with_header_timeout(seconds: float) -> type[HeaderTimeout]:
+    """The protocol class (uvicorn makes one per connection) with its header time limit."""
+    return type("HeaderTimeout", (HeaderTimeout,), {"header_timeout_s": seconds})
+
+
 def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
-    """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop."""
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S)
+    """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop; a connection whose
+    request headers take longer than its ServeConfig's header_timeout_s is closed."""
+    protocol = with_header_timeout(app.state.service.config.header_timeout_s)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
     Server(config, app).run(sockets=sockets)

@@ -47,6 +47,7 @@ class ServeConfig:
     chat_template: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
+    header_timeout_s: float = 30.0  # a connection whose request line and headers take longer is closed
 
 
 class APIError(Exception):
