@@ -991,6 +991,33 @@ def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, 
     capsys.readouterr()
 
 
+def test_an_adapter_is_served_under_its_own_name(tmp_path, monkeypatch, capsys):
+    """With --lora the model id is the adapter's name, not the base's: its run folder's (given as the folder or as
+    one of the adapter.* files training writes there), else its file's stem; --model-name still decides."""
+    from babyllama import api, serve
+    from babyllama.cli import main
+
+    configs = []
+    monkeypatch.setattr(serve, "create_app", lambda model, config: configs.append(config))
+    monkeypatch.setattr(serve, "listen", lambda host, port: [])
+    monkeypatch.setattr(serve, "run", lambda *args: None)
+    real_load = api.load
+    # the name is the matter here, not the merge (test_finetune's): the base is loaded as it is
+    monkeypatch.setattr(api, "load", lambda checkpoint, tokenizer, lora=None, **kw: real_load(checkpoint, tokenizer,
+                                                                                              **kw))
+    run_dir = tmp_path / "stories-tuned"
+    run_dir.mkdir()
+    for lora, name in ((run_dir, "stories-tuned"), (run_dir / "adapter.safetensors", "stories-tuned"),
+                       (run_dir / "adapter.json", "stories-tuned"), (tmp_path / "kind.safetensors", "kind")):
+        assert main(["serve", "--lora", str(lora)]) == 0
+        assert configs[-1].model_name == name
+    assert main(["serve", "--lora", str(run_dir), "--model-name", "mine"]) == 0
+    assert configs[-1].model_name == "mine"
+    assert main(["serve"]) == 0
+    assert configs[-1].model_name == MODEL
+    capsys.readouterr()
+
+
 def overflowing_engine():
     """An engine on fp16 KV cache in which token 7's layer-0 value lies beyond fp16's range (its embedding alone
     has a first component, which wv multiplies by 1e6): a step holding it raises the cache's error."""

@@ -32,7 +32,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", default=None,
                    help="chat template name (default: the model card's chat_template, else llama2)")
     p.add_argument("--model-name", default=None,
-                   help="the model id clients name (default: the model card's name, else the file's name)")
+                   help="the model id clients name (default: with --lora the adapter's name, else the model "
+                        "card's name, else the file's name)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, from its arrival: "
                                                                 "its body's upload and queueing included (600)")
     p.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -107,6 +108,25 @@ def model_card(checkpoint: str | None) -> dict:
     return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
 
 
+def served_name(checkpoint: str | None, lora: str | None, card: dict) -> str:
+    """The model id clients send when --model-name is not given: with an adapter, the adapter's name (a client of
+    the tuned model must not be told it talks to the base), else the model card's name, else the model file's."""
+    if lora is not None:
+        return adapter_name(Path(lora))
+    return card.get("name") or (Path(checkpoint).name if checkpoint else "babyllama")
+
+
+def adapter_name(path: Path) -> str:
+    """An adapter's name: its folder's (a run's out_dir holds adapter.safetensors and adapter.json, the names
+    training gives them), else its file's stem."""
+    from ..adapter import ADAPTER_FILE
+
+    if path.is_dir() or path.stem == Path(ADAPTER_FILE).stem:
+        folder = path if path.is_dir() else path.parent
+        return folder.resolve().name or str(path)
+    return path.stem
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     check_flags(args)
     args.host = unbracketed(args.host)
@@ -122,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     template = args.chat_template or card.get("chat_template")
     get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
-    name = args.model_name or card.get("name") or (Path(args.checkpoint).name if args.checkpoint else "babyllama")
+    name = args.model_name or served_name(args.checkpoint, args.lora, card)
     config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                header_timeout_s=args.header_timeout,
