@@ -1,6 +1,7 @@
 """ModelArgs: the one description of a Llama 2 model's shape, shared by the .bin formats, the NumPy engine,
 the PyTorch model, the exporters and the CLI; and the few defaults every layer above shares (run.c's -n, the
-sequences a batch generates at once, a training run's checkpoint name)."""
+sequences a batch generates at once, a training run's checkpoint name); and ServeConfig, the server's settings,
+whose defaults `babyllama serve`'s flags take (here, where the CLI reads them without the serve extra)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,21 @@ def llama_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | Non
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ServeConfig:
+    """`babyllama serve`'s settings (serve.create_app takes them; the CLI's flags default to these values)."""
+
+    model_name: str = "babyllama"
+    slots: int = 8
+    queue: int = 64
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    timeout_s: float = 600.0  # per request, queueing included
+    max_tokens_per_step: int = 128
+    prefix_min: int = 16  # 0: no prefix reuse
+    chat_template: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
+    header_timeout_s: float = 30.0  # a connection whose request line and headers take longer is closed

@@ -693,6 +693,30 @@ def test_serve_flags_are_checked_in_one_line(flags, message):
     assert out.returncode == 1 and message in err and err.count("\n") == 1, err
 
 
+SERVE_FLAGS = {"--slots": "slots", "--queue": "queue", "--timeout": "timeout_s", "--header-timeout": "header_timeout_s",
+               "--max-body": "max_body_bytes", "--chunk": "max_tokens_per_step", "--prefix-min": "prefix_min"}
+
+
+def test_serve_flags_default_to_serveconfig_and_the_docs_say_so():
+    """ServeConfig is where the server's defaults are written: `serve` without flags runs with them, its --help
+    shows them, and docs/serve.md's flags table gives the same figures."""
+    import dataclasses
+
+    from babyllama.cli import build_parser
+    from babyllama.config import ServeConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
+    args = build_parser().parse_args(["serve"])
+    table = {row.split("|")[1].strip(): row.split("|")[2].strip()
+             for row in (ROOT / "docs" / "serve.md").read_text().splitlines() if row.startswith("| `--")}
+    for flag, field in SERVE_FLAGS.items():
+        value = defaults[field]
+        assert getattr(args, flag[2:].replace("-", "_")) == value, flag
+        written = f"{value // (1 << 20)} MiB" if field == "max_body_bytes" else f"{value:g}"
+        assert table[f"`{flag}`"] in (written, f"{written} s"), flag
+    assert args.api_key == defaults["api_key"]
+
+
 def test_loopback_hosts():
     from babyllama.cli.serve import is_loopback
 

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import ServeConfig
 from ..errors import BabyLlamaError, missing_extra
 from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, add_threads
 
 if TYPE_CHECKING:
     from ..api import Model
+
+DEFAULTS = ServeConfig()  # the flags' defaults: ServeConfig's, the one place they are written
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +27,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (8000)")
-    p.add_argument("--slots", type=int, default=8, help="sequences generated at once (8)")
-    p.add_argument("--queue", type=int, default=64, help="choices that may wait for a slot (those that find one "
-                                                         "free do not wait); beyond, 429 (64)")
+    p.add_argument("--slots", type=int, default=DEFAULTS.slots, help=f"sequences generated at once ({DEFAULTS.slots})")
+    p.add_argument("--queue", type=int, default=DEFAULTS.queue,
+                   help=f"choices that may wait for a slot (those that find one free do not wait); beyond, 429 "
+                        f"({DEFAULTS.queue})")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
     p.add_argument("--chat-template", default=None,
@@ -34,16 +38,19 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model id clients name (default: with --lora the adapter's name, else the model "
                         "card's name, else the file's name)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, from its arrival: "
-                                                                "its body's upload and queueing included (600)")
-    p.add_argument("--header-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=DEFAULTS.timeout_s,
+                   help=f"seconds a request may take, from its arrival: its body's upload and queueing included "
+                        f"({DEFAULTS.timeout_s:g})")
+    p.add_argument("--header-timeout", type=float, default=DEFAULTS.header_timeout_s, metavar="SECONDS",
                    help="close a connection whose request line and headers have not all arrived this long after it "
-                        "opened or after its previous answer (30)")
-    p.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest request body (1 MiB)")
-    p.add_argument("--chunk", type=int, default=128, metavar="TOKENS",
-                   help="prompt tokens prefilled per step beside the running decodes (128)")
-    p.add_argument("--prefix-min", type=int, default=16, metavar="TOKENS",
-                   help="reuse a free slot's cached prefix of at least this many tokens; 0 = never (16)")
+                        f"opened or after its previous answer ({DEFAULTS.header_timeout_s:g})")
+    p.add_argument("--max-body", type=int, default=DEFAULTS.max_body_bytes, metavar="BYTES",
+                   help=f"largest request body ({DEFAULTS.max_body_bytes:,} bytes)")
+    p.add_argument("--chunk", type=int, default=DEFAULTS.max_tokens_per_step, metavar="TOKENS",
+                   help=f"prompt tokens prefilled per step beside the running decodes ({DEFAULTS.max_tokens_per_step})")
+    p.add_argument("--prefix-min", type=int, default=DEFAULTS.prefix_min, metavar="TOKENS",
+                   help=f"reuse a free slot's cached prefix of at least this many tokens; 0 = never "
+                        f"({DEFAULTS.prefix_min})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level; info logs a line per request (info)")
     add_threads(p)
@@ -143,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
     name = args.model_name or served_name(args.checkpoint, args.lora, card)
-    config = serve.ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
+    config = ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                header_timeout_s=args.header_timeout,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)

@@ -13,9 +13,9 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..config import ServeConfig
 from ..errors import BabyLlamaError
 from .app import create_app
-from .service import ServeConfig
 
 __all__ = ["ServeConfig", "address", "create_app", "listen", "run"]
 

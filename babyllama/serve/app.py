@@ -16,8 +16,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api import Model
+from ..config import ServeConfig
 from .metrics import CONTENT_TYPE, Metrics
-from .service import APIError, ClientGone, ServeConfig, Service
+from .service import APIError, ClientGone, Service
 
 STATIC = Path(__file__).parent / "static"
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}

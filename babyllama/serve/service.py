@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from ..api import Model, unseeded
 from ..chat_template import encode_chat
+from ..config import ServeConfig
 from ..errors import BabyLlamaError
 from ..sampler import Sampler, choice_seed
 from ..tokenizer import BOS, Tokenizer
@@ -32,22 +33,6 @@ FAILURES = ("timeout", "error", "shutdown")  # a Finished event that ends the wh
 # a stream is passed on as it comes: nginx buffers a proxied answer unless told not to (X-Accel-Buffering), and a
 # stream is never an answer to keep
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class ServeConfig:
-    model_name: str = "babyllama"
-    slots: int = 8
-    queue: int = 64
-    api_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    timeout_s: float = 600.0  # per request, queueing included
-    max_tokens_per_step: int = 128
-    prefix_min: int = 16  # 0: no prefix reuse
-    chat_template: str | None = None
-    cors_origins: tuple[str, ...] = ("*",)
-    keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
-    header_timeout_s: float = 30.0  # a connection whose request line and headers take longer is closed
 
 
 class APIError(Exception):
