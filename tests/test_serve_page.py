@@ -585,3 +585,29 @@ def test_the_page_works_where_the_browser_refuses_storage(browser):
         page.close()
     finally:
         server.stop()
+
+
+def style_rules(page, selector: str) -> list[dict]:
+    """The declarations of the page's style rules for `selector` (media rules' included), as the browser kept them
+    (of a property declared twice in a rule, the last that it understands)."""
+    return page.evaluate("""(selector) => [...document.styleSheets].flatMap((sheet) => [...sheet.cssRules])
+        .flatMap((rule) => rule instanceof CSSMediaRule ? [...rule.cssRules] : [rule])
+        .filter((rule) => rule.selectorText === selector)
+        .map((rule) => Object.fromEntries([...rule.style].map((name) => [name, rule.style.getPropertyValue(name)])))""",
+                         selector)
+
+
+def test_the_page_is_as_tall_as_a_phone_s_browser_leaves_it(browser):
+    """The page's height is 100dvh, the height between a phone browser's toolbars (100vh is the height without
+    them: the composer went under the bottom toolbar), and so is the settings' share of it on a phone; 100vh
+    stays as the fallback of browsers without dvh."""
+    server = Server("--slots", "1")
+    try:
+        page = open_page(browser, server, viewport={"width": 375, "height": 667})
+        assert [rule.get("height") for rule in style_rules(page, "body")] == ["100dvh"]
+        assert "33dvh" in [rule.get("max-height") for rule in style_rules(page, "aside")]
+        css = (ROOT / "babyllama" / "serve" / "static" / "chat.css").read_text()
+        assert "height: 100vh; height: 100dvh;" in css and "max-height: 33vh; max-height: 33dvh;" in css
+        page.close()
+    finally:
+        server.stop()
