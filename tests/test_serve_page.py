@@ -611,3 +611,18 @@ def test_the_page_is_as_tall_as_a_phone_s_browser_leaves_it(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_on_phones_no_field_s_text_is_under_16px(browser):
+    """iOS Safari zooms into a field whose text is under 16px when it is focused (and stays zoomed): at a phone's
+    width every field one types in (the message, the system prompt, the numbers, the key) has 16px text."""
+    server = Server("--slots", "1")
+    try:
+        page = open_page(browser, server, viewport={"width": 375, "height": 667})
+        sizes = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('textarea, input')]
+            .filter((e) => e.type !== 'range').map((e) => [e.id, parseFloat(getComputedStyle(e).fontSize)]))""")
+        assert {"prompt", "system", "max-tokens", "top-k", "api-key"} <= set(sizes)
+        assert all(size >= 16 for size in sizes.values()), sizes
+        page.close()
+    finally:
+        server.stop()
