@@ -626,3 +626,32 @@ def test_on_phones_no_field_s_text_is_under_16px(browser):
         page.close()
     finally:
         server.stop()
+
+
+def test_a_reply_waiting_for_a_free_slot_says_so_until_its_first_text(browser, tmp_path):
+    """With the server's one slot busy (another tab's long reply), a message's reply bubble says, after a moment
+    without text, that it waits for a free slot; the reply's text replaces it once the slot is freed, and the hint
+    is never part of the reply (nor of the conversation kept)."""
+    from conftest import never_ending_model
+
+    server = Server(str(never_ending_model(tmp_path)), "--slots", "1")
+    try:
+        busy = open_page(browser, server)
+        start_long_reply(busy)
+        busy.wait_for_function("window.updates > 3")
+        page = open_page(browser, server)
+        page.fill("#max-tokens", "5")
+        page.fill("#prompt", "Hi")
+        page.press("#prompt", "Enter")
+        hint = "getComputedStyle(document.querySelector('.msg.assistant'), '::before').content"
+        page.wait_for_function(f"{hint}.includes('waiting for a free slot')")
+        assert page.text_content(".msg.assistant") == ""
+        busy.click("#stop")
+        page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 0 && "
+                               "!document.getElementById('send').disabled", timeout=60_000)
+        assert page.evaluate(hint) == "none"
+        assert page.get_attribute(".msg.assistant", "data-hint") is None
+        busy.close()
+        page.close()
+    finally:
+        server.stop()

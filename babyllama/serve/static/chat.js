@@ -155,6 +155,7 @@ async function send(text) {
   history.push({role: "user", content: text});
   bubble("user", text);
   const out = bubble("assistant", "");
+  const endHint = hintWhileWaiting(out);
   controller = new AbortController();
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
   let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false, complete = false;
@@ -184,7 +185,7 @@ async function send(text) {
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
         for (const c of chunk.choices) {
           if (c.delta && c.delta.content) {
-            if (first === null) first = performance.now();
+            if (first === null) { first = performance.now(); endHint(); }
             chunks += 1;
             reply += c.delta.content;
             follow(() => { out.textContent = reply; });
@@ -200,6 +201,7 @@ async function send(text) {
     if (e.name === "AbortError") reason = "stopped";
     else { failed = true; out.className = "msg error"; out.textContent = "Error: " + e.message; }
   } finally {
+    endHint();
     controller = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
@@ -215,6 +217,17 @@ async function send(text) {
   }
   else if (reason === "stopped") notes.push("stopped");
   $("status").textContent = notes.join("; ");
+}
+
+// A reply with no text a second after it was asked for waits for a free slot (the server's slots all busy), or
+// for a long prompt to be read: said in its bubble until its first text (the stream's keep-alive comments while
+// it waits are no event a reader sees)
+const WAITING = "waiting for a free slot on the server, or for it to read the conversation…";
+const HINT_AFTER_MS = 1000;
+
+function hintWhileWaiting(out) {
+  const timer = setTimeout(() => { out.dataset.hint = WAITING; }, HINT_AFTER_MS);
+  return () => { clearTimeout(timer); delete out.dataset.hint; };
 }
 
 // tokens after the first over the time since it came (a streamed chunk carries one token's text)
