@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -74,14 +73,16 @@ class Server(uvicorn.Server):
 
 
 class HeaderTimeout(H11Protocol):
-    """uvicorn's h11 protocol, which closes a connection whose request line and headers have not all arrived
+    """uvicorn's h11 protocol, which closes a connection that has not brought a whole request line and headers
     `header_timeout_s` after it opened or after its previous answer ended. uvicorn has no such limit: a client
-    that sends its headers a byte a minute (slowloris; uvicorn's keep-alive timer stops at the first byte)
-    would hold a connection, and one of the process's file descriptors, forever. The body's upload is limited
-    by the request's time limit (Service.read_body)."""
+    that sends its headers a byte a minute (slowloris; uvicorn's keep-alive timer stops at the first byte), or
+    goes on sending the body of a request already answered without it (a 401, a 413), would hold a connection,
+    and one of the process's file descriptors, forever. The body of a request being answered is limited by the
+    request's time limit (Service.read_body)."""
 
     header_timeout_s = ServeConfig.header_timeout_s
     header_timer: asyncio.TimerHandle | None = None
+    answered: object = None  # the request cycle whose answer ended as the timer started (None: none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -89,12 +90,13 @@ class HeaderTimeout(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # a request's headers have all arrived
+        if self.cycle is not self.answered:  # a new request's headers have all arrived: it is being answered
             self.stop_header_timer()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:  # the next request's turn
+        answered = self.cycle
+        super().on_response_complete()  # may begin a pipelined request at once
+        if self.cycle is answered and not self.transport.is_closing():
             self.wait_for_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -103,6 +105,7 @@ class HeaderTimeout(H11Protocol):
 
     def wait_for_headers(self) -> None:
         self.stop_header_timer()
+        self.answered = self.cycle
         self.header_timer = self.loop.call_later(self.header_timeout_s, self.headers_too_late)
 
     def stop_header_timer(self) -> None:
@@ -112,8 +115,8 @@ class HeaderTimeout(H11Protocol):
 
     def headers_too_late(self) -> None:
         self.header_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.close()  # nothing to answer: no request has begun (nginx closes such connections too)
+        if not self.transport.is_closing():
+            self.transport.close()  # no request is being answered (nginx closes such connections too)
 
 
 def with_header_timeout(seconds: float) -> type[HeaderTimeout]:
