@@ -988,6 +988,34 @@ def test_text_that_cannot_fit_the_context_is_refused_before_encoding(monkeypatch
         assert on_loop and not any(on_loop)
 
 
+def test_time_to_first_token_counts_from_the_request_s_arrival(monkeypatch):
+    """babyllama_time_to_first_token_seconds counts from the request's arrival, as /metrics says: the reading of
+    its body and the encoding of its prompt (here made to take 0.5 s) included."""
+    import time
+
+    from conftest import byte_tokenizer, random_weights, tiny_args
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    tok = byte_tokenizer(300)
+    encode = tok.encode
+
+    def slow_encode(*args, **kw):
+        time.sleep(0.5)
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(tok, "encode", slow_encode)
+    app = create_app(Model(random_weights(tiny_args()), tok), ServeConfig(model_name="m"))
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        registry = app.state.service.metrics.registry
+        assert registry.get_sample_value("babyllama_time_to_first_token_seconds_count") == 1
+        assert registry.get_sample_value("babyllama_time_to_first_token_seconds_sum") >= 0.5
+
+
 def test_a_model_file_is_served_under_its_own_cards_name_and_template(tmp_path, monkeypatch, capsys):
     """NAME.json beside NAME.bin is its card (the assets' chat.bin and chat.json): the card's name is the model id
     and its chat template is used; a model without a card is served under its file name. Another model's

@@ -267,7 +267,8 @@ class Service:
         base = req.seed if req.seed is not None else unseeded()
         controls = req.controls
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i), controls), emit,
-                    index=i, logprobs=logprobs, deadline=deadline) for i in range(req.n)]
+                    index=i, logprobs=logprobs, deadline=deadline, submitted=deadline - self.config.timeout_s)
+                for i in range(req.n)]  # submitted: the request's arrival (its time to first token counts from there)
         try:
             self.scheduler.submit(jobs)
         except QueueFull:
