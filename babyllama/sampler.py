@@ -208,30 +208,50 @@ class Controls:
 
     @property
     def penalizes(self) -> bool:
-        return (self.repeat_penalty != 1.0 and self.repeat_last_n != 0) or bool(self.presence_penalty) \
-            or bool(self.frequency_penalty)
+        return self.repeats or self.counts_generated
 
     @property
     def neutral(self) -> bool:
         """Whether every control is off: sampling is then run.c's alone."""
         return not (self.top_k or self.min_p or self.penalizes)
 
+    @property
+    def repeats(self) -> bool:
+        """Whether the repeat penalty applies."""
+        return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
+
+    @property
+    def counts_generated(self) -> bool:
+        """Whether the presence or frequency penalty applies (both look at the generated tokens' counts)."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
     def penalize(self, logits: np.ndarray, tokens: Sequence[int], generated: Sequence[int]) -> np.ndarray:
         """The logits after the penalties (a float32 copy; `logits` itself when there are none). `tokens`: the
-        sequence so far, prompt included; `generated`: the tokens this choice generated so far."""
+        sequence so far, prompt included; `generated`: the tokens this choice generated so far. Counts the
+        history on every call (a Sampler keeps running counts instead: `RunningCounts`)."""
         if not self.penalizes:
             return logits
-        x = np.array(logits, dtype=np.float32)
-        if self.repeat_penalty != 1.0 and self.repeat_last_n != 0:
+        recent_ids = gen_ids = gen_counts = None
+        if self.repeats:
             recent = tokens if self.repeat_last_n < 0 else tokens[-self.repeat_last_n:]
-            ids = np.unique(np.asarray(recent, dtype=np.int64))
-            v = x[ids]
+            recent_ids = np.unique(np.asarray(recent, dtype=np.int64))
+        if self.counts_generated and len(generated):
+            gen_ids, gen_counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        return self.apply_penalties(logits, recent_ids, gen_ids, gen_counts)
+
+    def apply_penalties(self, logits: np.ndarray, recent_ids: np.ndarray | None, gen_ids: np.ndarray | None,
+                        gen_counts: np.ndarray | None) -> np.ndarray:
+        """The penalties on a float32 copy of `logits`: the repeat penalty on `recent_ids` (the distinct tokens of
+        the window, ascending), the presence and frequency penalties on `gen_ids` generated `gen_counts` times
+        (None: that penalty is off, or nothing was generated yet)."""
+        x = np.array(logits, dtype=np.float32)
+        if recent_ids is not None:
+            v = x[recent_ids]
             penalty = np.float32(self.repeat_penalty)
             with np.errstate(over="ignore", divide="ignore"):  # a penalty beyond fp32's range: the logit's limit
-                x[ids] = np.where(v > 0, v / penalty, v * penalty)
-        if (self.presence_penalty or self.frequency_penalty) and len(generated):
-            ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
-            x[ids] -= (counts * self.frequency_penalty + self.presence_penalty).astype(np.float32)
+                x[recent_ids] = np.where(v > 0, v / penalty, v * penalty)
+        if gen_ids is not None and gen_counts is not None:
+            x[gen_ids] -= (gen_counts * self.frequency_penalty + self.presence_penalty).astype(np.float32)
         return x
 
     def candidates(self, logits: np.ndarray) -> np.ndarray | None:
@@ -250,6 +270,41 @@ class Controls:
             keep.sort()
             ids = keep if ids is None else ids[keep]
         return ids
+
+
+class RunningCounts:
+    """How often each token occurs among the last `window` tokens of a growing sequence (window < 0: all of
+    them), kept up to date as it grows: a step counts its new token in and the one leaving the window out, so
+    a penalty costs the same at token 20,000 as at token 20 instead of recounting the history. It follows one
+    list as it is appended to (a chat's tokens across its turns); another list, a shorter one or a changed
+    last token is counted again from scratch."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.source: Sequence[int] | None = None
+        self.seen = 0  # the source's tokens counted so far
+        self.last: int | None = None  # the last of them, to tell a list changed in place
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def update(self, tokens: Sequence[int], vocab_size: int) -> np.ndarray:
+        """The counts (vocab_size int64s) for `tokens` as they are now."""
+        n = len(tokens)
+        if (tokens is not self.source or n < self.seen or len(self.counts) != vocab_size
+                or (self.seen and tokens[self.seen - 1] != self.last)):
+            self.source, self.seen = tokens, 0
+            self.counts = np.zeros(vocab_size, dtype=np.int64)
+        if n > self.seen:
+            self._add(tokens, self.seen, n, 1)
+            if self.window >= 0:  # the window moved from [seen - window, seen) to [n - window, n)
+                self._add(tokens, max(0, self.seen - self.window), max(0, n - self.window), -1)
+            self.seen, self.last = n, tokens[n - 1]
+        return self.counts
+
+    def _add(self, tokens: Sequence[int], start: int, end: int, sign: int) -> None:
+        if end - start == 1:
+            self.counts[tokens[start]] += sign
+        elif end > start:
+            np.add.at(self.counts, np.asarray(tokens[start:end], dtype=np.int64), sign)
 
 
 class Sampler:
@@ -272,6 +327,9 @@ class Sampler:
         self.rng = Rng(seed if seed else int(time.time()))
         # None where every control is off: run.c's sampling, untouched
         self.controls = None if controls is None or controls.neutral else controls
+        # the penalties' counts, kept as the sequence grows
+        self._recent = RunningCounts(controls.repeat_last_n if controls is not None else 0)
+        self._generated = RunningCounts(-1)
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """The distribution this sampler draws from (before top-p truncation)."""
@@ -322,7 +380,7 @@ class Sampler:
     def _sample_controlled(self, controls: Controls, logits: np.ndarray, tokens: Sequence[int],
                            generated: Sequence[int]) -> int:
         """`sample` with the controls: penalties, then run.c's draw among the candidates."""
-        x = controls.penalize(logits, tokens, generated)
+        x = self._penalize(controls, logits, tokens, generated)
         if self.temperature == 0.0:
             return int(x.argmax())  # min_p and top_k always keep the (first) argmax
         coin = self.rng.f32()
@@ -333,6 +391,20 @@ class Sampler:
             return int(ids[0])
         sub = np.ascontiguousarray(x[ids], dtype=np.float32)
         return int(ids[self._draw(sub, int(sub.argmax()), coin)])
+
+    def _penalize(self, controls: Controls, logits: np.ndarray, tokens: Sequence[int],
+                  generated: Sequence[int]) -> np.ndarray:
+        """controls.penalize(logits, tokens, generated), from running counts."""
+        if not controls.penalizes:
+            return logits
+        recent_ids = gen_ids = gen_counts = None
+        if controls.repeats:
+            recent_ids = np.flatnonzero(self._recent.update(tokens, len(logits)))
+        if controls.counts_generated and len(generated):
+            counts = self._generated.update(generated, len(logits))
+            gen_ids = np.flatnonzero(counts)
+            gen_counts = counts[gen_ids]
+        return controls.apply_penalties(logits, recent_ids, gen_ids, gen_counts)
 
     def _draw(self, logits: np.ndarray, best: int, coin: np.float32) -> int:
         """run.c's draw at temperature > 0 with `coin`; `best`: the logits' argmax."""

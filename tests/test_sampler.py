@@ -258,6 +258,70 @@ def test_presence_and_frequency_penalties_are_openai_s_over_the_generated_tokens
     assert negative.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
 
 
+@pytest.mark.parametrize("window", [-1, 1, 3, 17, 64])
+def test_a_sampler_s_running_counts_penalize_as_recounting_the_history_does(window):
+    """The sampler keeps the penalties' counts as the sequence grows; its logits are bit for bit those of
+    Controls.penalize, which counts the whole history, through generated tokens, chat turns (many tokens at
+    once, the generated list started again), new sequences and a list changed in place."""
+    from babyllama.sampler import Controls
+
+    rng = np.random.default_rng(window + 2)
+    controls = Controls(repeat_penalty=1.3, repeat_last_n=window, presence_penalty=0.4, frequency_penalty=-0.7)
+    sampler = Sampler(0.0, controls=controls)
+    vocab = 40
+    tokens, generated = list(rng.integers(0, vocab, 30)), []
+    for _ in range(400):
+        logits = rng.standard_normal(vocab).astype(np.float32) * 3
+        ours = sampler._penalize(controls, logits, tokens, generated)
+        want = controls.penalize(logits, tokens, generated)
+        assert ours.view(np.int32).tolist() == want.view(np.int32).tolist()
+        action = rng.random()
+        if action < 0.8:  # a generated token
+            token = int(rng.integers(0, vocab))
+            tokens.append(token)
+            generated.append(token)
+        elif action < 0.9:  # the next chat turn
+            tokens.extend(int(t) for t in rng.integers(0, vocab, int(rng.integers(1, 90))))
+            generated = []
+        elif action < 0.95:  # another sequence
+            tokens, generated = list(rng.integers(0, vocab, int(rng.integers(1, 50)))), []
+        elif generated:  # the last token replaced in place
+            tokens[-1] = generated[-1] = (tokens[-1] + 1) % vocab
+
+
+class CountedReads(list):
+    """A list that counts the elements read through indexing and slicing (the counts read nothing else)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        CountedReads.reads += len(item) if isinstance(i, slice) else 1
+        return item
+
+    def __array__(self, dtype=None, copy=None):  # NumPy's view of the whole history
+        CountedReads.reads += len(self)
+        return np.array(list(self), dtype=dtype)
+
+
+@pytest.mark.parametrize("window", [-1, 64])
+def test_a_penalized_step_reads_the_new_token_not_the_whole_history(window):
+    """A step's penalties cost the same at token 20,000 as at token 20: after the first step, each reads a few
+    elements of the history (the new token, the one leaving the window), not all of it."""
+    from babyllama.sampler import Controls
+
+    sampler = Sampler(0.0, controls=Controls(repeat_penalty=1.1, repeat_last_n=window, frequency_penalty=0.5))
+    rng = np.random.default_rng(0)
+    tokens, generated = CountedReads(rng.integers(0, 100, 5000).tolist()), CountedReads()
+    logits = rng.standard_normal(100).astype(np.float32)
+    for _ in range(50):
+        CountedReads.reads = 0
+        token = sampler.sample(logits, tokens, generated)
+        tokens.append(token)
+        generated.append(token)
+    assert CountedReads.reads <= 8
+
+
 def test_greedy_applies_the_penalties_then_takes_the_argmax():
     from babyllama.sampler import Controls
 
