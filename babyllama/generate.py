@@ -109,6 +109,9 @@ class Sequence:
             self.done, self.stop_reason = True, "length"
 
 
+# the NumPy engine's first cache size, in positions (a slot's keys and values of stories110M's 12 layers in fp32:
+# 72 MiB of address space, touched only as positions fill); a batch's cache doubles from it as needed
+INITIAL_CACHE = 2048
 PREFILL_CHUNK = 512  # prompt tokens a step of `generate` (and `run`) prefills: Batch's default token budget
 
 
@@ -116,11 +119,17 @@ class Batch:
     def __init__(self, engine: Engine, n_slots: int = 1, max_tokens_per_step: int = PREFILL_CHUNK, prefix_min: int = 0,
                  seq_len: int | None = None, isolate_failures: bool = False):
         """`seq_len`: positions each slot holds (default: the model's context); a batch whose sequences stop
-        within -n positions needs no more, whatever the header's seq_len says. `isolate_failures`: a model error
+        within -n positions needs no more, whatever the header's seq_len says, and its cache is made (or
+        refused) whole. Without it (chat, the server: a conversation's length is not known) the NumPy engine's
+        cache starts at INITIAL_CACHE positions at most and doubles as sequences reach its end (`_make_room`):
+        a model whose header declares a context of 128k or 1M positions takes the memory its conversations
+        fill, and starts where the whole context's cache could not fit. `isolate_failures`: a model error
         (BabyLlamaError) in a step ends only the sequences it comes from (`fail`), the others go on; without it,
         `step` raises it."""
         self.engine = engine
-        self.cache = engine.new_cache(n_slots, seq_len=seq_len)
+        max_seq_len = engine.args.max_seq_len
+        self.seq_len = min(seq_len or max_seq_len, max_seq_len)
+        self.cache = engine.new_cache(n_slots, seq_len=self.seq_len if seq_len else min(self.seq_len, INITIAL_CACHE))
         self.free_slots = list(range(n_slots))[::-1]
         self.active: list[Sequence] = []
         self.max_tokens_per_step = max_tokens_per_step
@@ -136,7 +145,7 @@ class Batch:
         if not seq.tokens:
             raise ValueError("a sequence needs at least one token (BOS)")
         if not seq.context_shift:
-            seq.max_pos = min(seq.max_pos, self.cache.seq_len)
+            seq.max_pos = min(seq.max_pos, self.seq_len)
         seq.slot, reused = self._pick_slot(seq.tokens)
         self.free_slots.remove(seq.slot)
         seq.n_fed = seq.n_reused = reused
@@ -171,7 +180,7 @@ class Batch:
             self.free_slots.append(seq.slot)
 
     def _shift_if_full(self, seq: Sequence) -> None:
-        delta = seq.shift_if_full(self.cache.seq_len)
+        delta = seq.shift_if_full(self.seq_len)
         if not delta:
             return
         if not seq.rotate_keys:
@@ -226,9 +235,24 @@ class Batch:
             size += n
         return calls + ([small] if small else [])
 
+    def _make_room(self, end: int) -> None:
+        """Grow the cache (doubling, up to seq_len) so that it holds positions below `end`, each slot's cached
+        entries copied over (the same values in the same layout: the outputs do not change)."""
+        old = self.cache
+        if end <= old.seq_len:
+            return
+        bigger = self.engine.new_cache(old.n_slots, seq_len=min(self.seq_len, max(end, 2 * old.seq_len)))
+        for slot, holder in enumerate(self.holders):
+            n = min(holder.n_fed, old.seq_len) if holder is not None else 0
+            if n:  # only the written positions: the rest of the new cache stays untouched zero pages
+                bigger.k[:, slot, :, :n] = old.k[:, slot, :, :n]
+                bigger.v[:, slot, :, :n] = old.v[:, slot, :, :n]
+        self.cache = bigger
+
     def step(self) -> list[tuple[Sequence, int]]:
         """One forward pass over every runnable sequence; returns the (sequence, new token) pairs."""
         runs = self._plan()
+        self._make_room(max((end for _, _, end in runs), default=0))
         rows: dict[int, np.ndarray] = {}
         for call in self._calls(runs):
             self._forward(call, rows)

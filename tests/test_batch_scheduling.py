@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, random_weights, tiny_args
+from conftest import assert_greedy_agree, random_weights, tiny_args, tiny_model
 
+import babyllama.generate as gen
 from babyllama.engine import Engine
 from babyllama.generate import Batch, Sequence, common_prefix, generate
 from babyllama.kernels import backend
@@ -153,3 +154,42 @@ def test_common_prefix():
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix([2], [1]) == 0
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_a_cache_that_grows_gives_the_numbers_of_one_made_whole(monkeypatch, kv_cache, rotate):
+    """A Batch sized by the model's context (chat, the server) starts with a small cache and doubles it as its
+    sequences reach the end: the logits are bit for bit those of a cache of the whole context from the start,
+    through chunked prefills, decodes, slots passed on with prefix reuse, and context shifts."""
+    e = Engine(tiny_model("fp32", max_seq_len=128), kv_cache=kv_cache)
+    shared = [1] + list(range(40, 60))
+
+    def run(initial: int) -> tuple[list[list[np.ndarray]], set[int]]:
+        monkeypatch.setattr(gen, "INITIAL_CACHE", initial)
+        batch = Batch(e, 2, max_tokens_per_step=16, prefix_min=4)
+        sizes = {batch.cache.seq_len}
+        waiting = [Sequence(shared + [3, 4], Sampler(0.8, seed=1), 90),
+                   Sequence([1, 5, 6], Sampler(0.8, seed=2), 300, context_shift=True, n_keep=3, rotate_keys=rotate),
+                   Sequence(shared + [7], Sampler(0.8, seed=3), 128),
+                   Sequence([1] + list(range(100, 180)), Sampler(0.8, seed=4), 128)]
+        rows: list[list[np.ndarray]] = [[] for _ in waiting]
+        index = {id(s): i for i, s in enumerate(waiting)}
+        live: list[Sequence] = []
+        while waiting or live:
+            while waiting and batch.free_slots:
+                live.append(batch.add(waiting.pop(0)))
+            for seq, _ in batch.step():
+                rows[index[id(seq)]].append(seq.logits.copy())
+            sizes.add(batch.cache.seq_len)
+            for seq in [s for s in live if s.done]:
+                live.remove(seq)
+                batch.release(seq)
+        return rows, sizes
+
+    grown, sizes = run(4)
+    whole, whole_sizes = run(1 << 20)
+    assert sizes == {4, 16, 32, 64, 128} and whole_sizes == {128}  # a first prefill chunk of 16 skips 8
+    assert [len(r) for r in grown] == [len(r) for r in whole] and sum(map(len, whole)) > 300
+    for a, b in zip(grown, whole):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))

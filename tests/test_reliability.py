@@ -1008,3 +1008,18 @@ def test_a_write_killed_midway_leaves_no_torn_target(tmp_path):
     proc.wait()
     if target.exists():  # a complete earlier write: it must load
         formats.load(target)
+
+
+def test_chat_with_a_huge_header_seq_len_starts_with_a_small_cache(tmp_path):
+    """chat sizes nothing by -n: its cache (and the server's Batch's) starts small and grows with the conversation, so a
+    model whose header declares 2**24 positions (an 8 GiB cache whole) chats in 1 GiB of address space."""
+    args = tiny_args(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, hidden_dim=64, max_seq_len=1 << 24)
+    formats.save(random_weights(args), tmp_path / "m.bin")
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    r = run_limited(["chat", str(tmp_path / "m.bin"), "-n", "8", "-t", "0", "-y", ""], GIB, stdin=b"hi\nmore\n")
+    ok(r)
+    assert r.stdout.count(b"Assistant: ") == 2
+    from babyllama.engine import Engine
+    from babyllama.generate import Batch
+
+    assert Batch(Engine(random_weights(args)), 4).cache.seq_len < 1 << 24

@@ -162,7 +162,7 @@ class Scheduler:
             job = self.waiting.popleft()
             if job.cancelled:
                 continue
-            job.seq = self.batch.add(Sequence(list(job.prompt), job.sampler, self.batch.cache.seq_len, STOP_IDS,
+            job.seq = self.batch.add(Sequence(list(job.prompt), job.sampler, self.batch.seq_len, STOP_IDS,
                                               max_new=job.max_new))
             self.metrics.prefix_reused.inc(job.seq.n_reused)
             self.metrics.prefilled.inc(len(job.prompt) - job.seq.n_reused)
