@@ -13,6 +13,7 @@ from conftest import (
     LOAD_PEAK,
     ROOT,
     byte_tokenizer,
+    cli_error,
     engine_logits,
     random_weights,
     resident_bytes,
@@ -834,3 +835,32 @@ def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path, arch, p
     path = llama_gguf(tmp_path / "other.gguf", arch=arch)
     one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
     one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(path)), pattern)
+
+
+def test_a_vocab_size_or_token_list_that_disagrees_with_the_embedding_is_one_line(tmp_path, capsys):
+    """llama.vocab_size, the token list and the embedding's rows must agree: a file where they do not is refused
+    on load in one line (the embedding sizes the model), not run with a vocabulary it does not have."""
+    from babyllama.interop.gguf import add_llama_metadata, load_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    path = llama_gguf(tmp_path / "vs.gguf", metadata={"llama.vocab_size": 500})
+    msg = cli_error(capsys, "run", str(path), "-n", "4")
+    assert "llama.vocab_size is 500 but tensor token_embd.weight has 320 rows" in msg
+    with pytest.raises(BabyLlamaError, match="llama.vocab_size is 500"):
+        load_gguf(path)
+    args = tiny_args(vocab_size=320)
+    w = gguf.GGUFWriter(tmp_path / "short.gguf", "llama")
+    add_llama_metadata(w, args)
+    vocab = from_tokenizer(byte_tokenizer(300))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    for name, t in to_state_dict(random_weights(args, seed=2)).items():
+        w.add_tensor(gguf_name(name), t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "its vocabulary has 300 tokens but the model's vocab_size is 320" in \
+        cli_error(capsys, "run", str(tmp_path / "short.gguf"), "-n", "4")

@@ -573,6 +573,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         rope_theta=_shortest(llama.float("rope.freq_base", DEFAULT_ROPE_THETA)),
         max_seq_len=context, shared_classifier="output.weight" not in tensors,
     )
+    _check_vocab_size(llama.int("vocab_size", args.vocab_size, hi=LIMITS["vocab_size"]), args, path)
     _check_rotary_dimension(llama.int("rope.dimension_count", args.head_size), args, path)
     _check_plain_rope(llama, tensors, path)
     known = {gguf_name(k) for k in expected_shapes(args)}
@@ -595,6 +596,14 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
 _FLOAT_TYPES = ("F32", "F16", "BF16")  # read as fp32 arrays, but for F16 and BF16 matrices kept as they are
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency RoPE factors (llama.cpp divides each frequency by one)
 _IGNORED = {ROPE_FREQS}  # once _check_plain_rope has found it all ones: plain RoPE, nothing to load
+
+
+def _check_vocab_size(declared: int, args: ModelArgs, path: Path) -> None:
+    """llama.vocab_size, where the file has it, must be the embedding's row count (which sizes the model): a
+    file that says otherwise was put together wrong (llama.cpp refuses it too), whichever of the two is right."""
+    if declared != args.vocab_size:
+        raise BabyLlamaError(f"{path}: llama.vocab_size is {declared:,} but tensor token_embd.weight has "
+                             f"{args.vocab_size:,} rows (one per token)")
 
 
 def _check_rotary_dimension(rope_dims: int, args: ModelArgs, path: Path) -> None:
