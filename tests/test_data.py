@@ -150,6 +150,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train"], "set --data_dir"),
     (["train", "--out_dir="], "out_dir must name a folder, got ''"),
     (["train", "--lr_decay_iters=-1"], "lr_decay_iters must be >= 0, got -1"),
+    (["train", "--warmup_iters=50", "--lr_decay_iters=20"], "warmup_iters 50 is beyond lr_decay_iters 20"),
+    (["train", "--min_lr=1e-3"], "min_lr 0.001 is above learning_rate 0.0005"),
+    (["finetune", "--base=m.bin", "--data=d.txt", "--learning_rate=5e-5"],
+     "min_lr 0.0001 is above learning_rate 5e-05"),
     (["train", "--vocab_size=-1"], "vocab_size must be >= 0, got -1"),
     (["train", "--kd_temperature=nan"], "kd_temperature must be positive and finite, got nan"),
     (["train", "--peak_flops=-1"], "peak_flops must be a finite number >= 0 (0: known GPUs'), got -1.0"),
@@ -169,7 +173,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["export-tokenizer", "missing.model"], "sentencepiece model not found: missing.model"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v)[:40])
 def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
-    if argv[0] in ("train", "sample", "export"):
+    if argv[0] in ("train", "finetune", "sample", "export"):
         pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

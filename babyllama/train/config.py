@@ -295,6 +295,21 @@ def check_optimizer(cfg: TrainConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise BabyLlamaError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """A schedule that cannot do what it says (train/loop.py's lr_at): a warm-up that lr_decay_iters cuts off
+    (the rate would fall from partway up straight to min_lr, never decaying), or a decay that climbs. A warm-up
+    longer than a run that decays at its end (lr_decay_iters 0) is a short run, and allowed."""
+    if not cfg.decay_lr:
+        return
+    if cfg.lr_decay_iters and cfg.warmup_iters > cfg.lr_decay_iters:
+        raise BabyLlamaError(f"warmup_iters {cfg.warmup_iters} is beyond lr_decay_iters {cfg.lr_decay_iters}: the "
+                             "learning rate would drop to min_lr before warming up (warm up for fewer iterations)")
+    if cfg.min_lr > cfg.learning_rate:
+        raise BabyLlamaError(f"min_lr {cfg.min_lr:g} is above learning_rate {cfg.learning_rate:g}: the decay would "
+                             "raise the learning rate (give a min_lr at most learning_rate, or decay_lr=false)")
 
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
