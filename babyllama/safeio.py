@@ -7,12 +7,13 @@ our own reads, which opens without blocking and checks the descriptor, so a pipe
 check is refused too). JSON is parsed with a size bound and one error type.
 
 Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path themselves) writes to a new
-NAME.XXXXXXXX.tmp beside the target (its own, should another process write the same target), fsyncs it,
+NAME.PID.XXXXXXXX.tmp beside the target (its own, should another process write the same target), fsyncs it,
 renames it over the target and fsyncs the folder: after a crash or a kill the target is either the old file
-or the complete new one, never a torn one. The rename would put a regular file in place of whatever is
-there, so a target that exists and is not a regular file (a directory, a named pipe, a device) is refused
-before anything is written. `output_file` and `output_dir` make an
-output's folders; a place that cannot be written is one line naming the output and the reason.
+or the complete new one, never a torn one. An error or Ctrl-C removes the temporary file; one a kill left is
+removed by a later write of the same target once its writer is gone (`_sweep_stale_temps`). The rename
+would put a regular file in place of whatever is there, so a target that exists and is not a regular file (a
+directory, a named pipe, a device) is refused before anything is written. `output_file` and `output_dir` make
+an output's folders; a place that cannot be written is one line naming the output and the reason.
 
 Also here: a lock on a folder that two processes must not write at once (`folder_lock`), and babyllama's cache
 folders (`cache_folder`: $BABYLLAMA_CACHE, else ~/.cache/babyllama).
@@ -27,6 +28,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -307,19 +309,66 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _new_temp(path: Path, what: str) -> Path:
-    """A new empty file beside `path`, NAME.XXXXXXXX.tmp, for this write alone: two processes writing one target
-    (a run started twice on one out_dir) would otherwise write into one temporary file, and the first rename
-    would publish the mix of both."""
-    prefix = path.name  # cut to 200 bytes, so that the temporary name fits where the target's does (255 bytes)
+def _temp_prefix(path: Path) -> str:
+    """NAME.PID. of this process's temporary files for `path`, NAME cut to 200 bytes so that the temporary name
+    fits where the target's does (255 bytes)."""
+    prefix = path.name
     while len(os.fsencode(prefix)) > 200:
         prefix = prefix[:-1]
+    return f"{prefix}.{os.getpid()}."
+
+
+def _new_temp(path: Path, what: str) -> Path:
+    """A new empty file beside `path`, NAME.PID.XXXXXXXX.tmp, for this write alone: two processes writing one
+    target (a run started twice on one out_dir) would otherwise write into one temporary file, and the first
+    rename would publish the mix of both. Stale ones of the same target go first (`_sweep_stale_temps`)."""
+    prefix = _temp_prefix(path)
+    _sweep_stale_temps(path.parent, prefix[: -len(f".{os.getpid()}.")])
     try:
-        fd, name = tempfile.mkstemp(prefix=f"{prefix}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _cannot_write(path, what, e) from None
     os.close(fd)
     return Path(name)
+
+
+STALE_TEMP_AGE = 60.0  # seconds a dead writer's temporary file is left alone (see _sweep_stale_temps)
+
+
+def _sweep_stale_temps(folder: Path, name: str) -> None:
+    """Remove the temporary files that writers of NAME killed outright (SIGKILL, the OOM killer, a power cut)
+    left: an exception or Ctrl-C removes its own (`pending`), a kill cannot. One is stale when its writer's pid
+    (in its name) is no live process here and it has not changed for STALE_TEMP_AGE seconds: a writer on another
+    machine or in another pid namespace sharing the folder, which looks dead from here, is still writing its
+    file, so its file is recent. Only regular files of this exact pattern are touched; anything unexpected
+    (an unreadable folder, a file gone meanwhile) leaves things as they are."""
+    pattern = re.compile(re.escape(name) + r"\.(\d{1,10})\.[a-z0-9_]{8}\.tmp")
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(name)]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or _process_alive(int(found.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > STALE_TEMP_AGE:
+                os.unlink(entry.path)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a live process on this machine (one of another user counts: it may be a writer)."""
+    if pid <= 0:
+        return True  # not a writer's pid: never swept
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def home_cache(*parts: str, instead: str) -> Path:

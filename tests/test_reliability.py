@@ -1023,3 +1023,52 @@ def test_chat_with_a_huge_header_seq_len_starts_with_a_small_cache(tmp_path):
     from babyllama.generate import Batch
 
     assert Batch(Engine(random_weights(args)), 4).cache.seq_len < 1 << 24
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) or an error inside a write removes its temporary file; the old target stays."""
+    from babyllama import safeio
+
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"old")
+    for stop in (KeyboardInterrupt, ValueError):
+        with pytest.raises(stop), safeio.atomic_write(target) as f:
+            f.write(b"new")
+            raise stop()
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_temporary_file_a_kill_left_is_swept_by_the_next_write_once_its_writer_is_gone(tmp_path):
+    """SIGKILL mid-write leaves NAME.PID.XXXXXXXX.tmp; the next write of NAME removes it once no process of that
+    pid lives and the file is a minute old, and leaves alone a live writer's file, a recent one (a writer on
+    another machine looks dead from here), other targets' files, and names not of the pattern."""
+    import subprocess
+
+    from babyllama import safeio
+
+    code = ("import sys, time\nfrom babyllama import safeio\n"
+            "with safeio.atomic_write(sys.argv[1]) as f:\n"
+            "    f.write(b'x' * 1000)\n    f.flush()\n    print('ready', flush=True)\n    time.sleep(60)\n")
+    target = tmp_path / "ckpt.pt"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    proc.kill()
+    proc.wait()
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(f"ckpt.pt.{proc.pid}.") and left.name.endswith(".tmp")
+    old = time.time() - 2 * safeio.STALE_TEMP_AGE
+    dead = proc.pid
+    keep = [f"ckpt.pt.{os.getpid()}.abcdefgh.tmp", f"ckpt.pt.{os.getppid()}.abcdefgh.tmp",  # live writers
+            f"other.pt.{dead}.abcdefgh.tmp", f"ckpt.pt.5.{dead}.abcdefgh.tmp",  # other targets' (ckpt.pt.5)
+            "ckpt.pt.abcdefgh.tmp", f"ckpt.pt.{dead}.abc.tmp", "ckpt.pt.tmp"]  # not this pattern
+    for name in keep:
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / f"ckpt.pt.{dead}.zzzzzzzz.tmp").write_bytes(b"recent")  # changed just now: left for now
+    (tmp_path / f"ckpt.pt.{dead}.folder00.tmp").mkdir()
+    os.utime(left, (old, old))
+    safeio.write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        keep + ["ckpt.pt", f"ckpt.pt.{dead}.zzzzzzzz.tmp", f"ckpt.pt.{dead}.folder00.tmp"])
