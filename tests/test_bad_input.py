@@ -136,6 +136,9 @@ def test_corrupt_tokenizer(tmp_path, good_model):
     (["-n", "many"], "invalid int value", 2),
     (["-t", "-0.5"], "temperature (-t) must be >= 0", 1),
     (["-p", "1.5"], "top-p (-p) must be in [0, 1]", 1),
+    (["-s", "-1"], "seed (-s) must be in [0, 2**63), got -1", 1),
+    # the generator keeps 64 bits: this one would sample seed 7's text, as the Python API refuses it too
+    (["-s", str(2**64 + 7)], "seed (-s) must be in [0, 2**63), got 18446744073709551623", 1),
     (["-m", "talk"], "invalid choice", 2),
     (["--bogus"], "unrecognized arguments", 2),
 ])

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_STEPS, default_steps
+from ..config import DEFAULT_STEPS, SEED_LIMIT, default_steps
 from ..errors import BabyLlamaError
 
 if TYPE_CHECKING:
@@ -165,8 +165,8 @@ def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False
         raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
     if args.max_new_tokens is not None and args.max_new_tokens < (0 if zero_new_tokens else 1):
         raise BabyLlamaError(f"--max-new-tokens must be >= {0 if zero_new_tokens else 1}, got {args.max_new_tokens}")
-    if args.seed < 0:
-        raise BabyLlamaError(f"seed (-s) must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < SEED_LIMIT:  # the generator keeps 64 bits: 2**64 + 7 would sample seed 7's text
+        raise BabyLlamaError(f"seed (-s) must be in [0, 2**63), got {args.seed}")
     problem = controls(args).problem()
     if problem:
         name, rule = problem
