@@ -562,3 +562,25 @@ def test_a_figure_takes_more_runs_while_they_last_under_the_minimum_time(monkeyp
     assert len(runs(0.01, 1, 0.2)) == 20  # short runs: as many as fill the minimum time
     assert len(runs(0.5, 3, 0.2)) == 3  # long ones: the repeats asked for
     assert len(runs(0.0, 1, 0.2)) == bench.MAX_RUNS  # and never more than MAX_RUNS
+
+
+def test_bench_times_no_cache_growth(tmp_path, monkeypatch):
+    """A Batch sized by the model's context grows its cache as it fills (chat, the server); the bench's batches
+    are made whole before the clock runs, so that no timed step copies a cache."""
+    import babyllama.generate as gen
+
+    path = tmp_path / "tiny.bin"
+    formats.save(random_weights(tiny_args()), path)
+    monkeypatch.setattr(gen, "INITIAL_CACHE", 2)
+    grown = []
+    make_room = gen.Batch._make_room
+
+    def counted(self, end):
+        before = self.cache.seq_len
+        make_room(self, end)
+        if self.cache.seq_len != before:
+            grown.append(end)
+
+    monkeypatch.setattr(gen.Batch, "_make_room", counted)
+    bench.measure(path, False, repeats=1, tokens=8, batch=2, prompt_len=16)
+    assert grown == []
