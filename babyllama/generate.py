@@ -110,7 +110,7 @@ class Sequence:
 
 
 # the NumPy engine's first cache size, in positions (a slot's keys and values of stories110M's 12 layers in fp32:
-# 72 MiB of address space, touched only as positions fill); a batch's cache doubles from it as needed
+# 144 MiB of address space, touched only as positions fill); a batch's cache doubles from it as needed
 INITIAL_CACHE = 2048
 PREFILL_CHUNK = 512  # prompt tokens a step of `generate` (and `run`) prefills: Batch's default token budget
 
@@ -120,12 +120,11 @@ class Batch:
                  seq_len: int | None = None, isolate_failures: bool = False):
         """`seq_len`: positions each slot holds (default: the model's context); a batch whose sequences stop
         within -n positions needs no more, whatever the header's seq_len says, and its cache is made (or
-        refused) whole. Without it (chat, the server: a conversation's length is not known) the NumPy engine's
-        cache starts at INITIAL_CACHE positions at most and doubles as sequences reach its end (`_make_room`):
-        a model whose header declares a context of 128k or 1M positions takes the memory its conversations
-        fill, and starts where the whole context's cache could not fit. `isolate_failures`: a model error
-        (BabyLlamaError) in a step ends only the sequences it comes from (`fail`), the others go on; without it,
-        `step` raises it."""
+        refused) whole. Without it (chat: a conversation's length is not known) the NumPy engine's cache starts
+        at INITIAL_CACHE positions at most and doubles as sequences reach its end (`_make_room`): a model whose
+        header declares a context of 128k or 1M positions takes the memory its conversation fills, and starts
+        where the whole context's cache could not fit. `isolate_failures`: a model error (BabyLlamaError) in a
+        step ends only the sequences it comes from (`fail`), the others go on; without it, `step` raises it."""
         self.engine = engine
         max_seq_len = engine.args.max_seq_len
         self.seq_len = min(seq_len or max_seq_len, max_seq_len)

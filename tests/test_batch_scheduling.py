@@ -159,7 +159,7 @@ def test_common_prefix():
 @pytest.mark.parametrize("kv_cache", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_a_cache_that_grows_gives_the_numbers_of_one_made_whole(monkeypatch, kv_cache, rotate):
-    """A Batch sized by the model's context (chat, the server) starts with a small cache and doubles it as its
+    """A Batch sized by the model's context (chat) starts with a small cache and doubles it as its
     sequences reach the end: the logits are bit for bit those of a cache of the whole context from the start,
     through chunked prefills, decodes, slots passed on with prefix reuse, and context shifts."""
     e = Engine(tiny_model("fp32", max_seq_len=128), kv_cache=kv_cache)

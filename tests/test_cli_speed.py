@@ -565,7 +565,7 @@ def test_a_figure_takes_more_runs_while_they_last_under_the_minimum_time(monkeyp
 
 
 def test_bench_times_no_cache_growth(tmp_path, monkeypatch):
-    """A Batch sized by the model's context grows its cache as it fills (chat, the server); the bench's batches
+    """A Batch sized by the model's context grows its cache as it fills (chat); the bench's batches
     are made whole before the clock runs, so that no timed step copies a cache."""
     import babyllama.generate as gen
 

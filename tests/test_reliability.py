@@ -1011,8 +1011,9 @@ def test_a_write_killed_midway_leaves_no_torn_target(tmp_path):
 
 
 def test_chat_with_a_huge_header_seq_len_starts_with_a_small_cache(tmp_path):
-    """chat sizes nothing by -n: its cache (and the server's Batch's) starts small and grows with the conversation, so a
-    model whose header declares 2**24 positions (an 8 GiB cache whole) chats in 1 GiB of address space."""
+    """chat sizes nothing by -n: its cache (a Batch's sized by the model's context) starts small and grows with
+    the conversation, so a model whose header declares 2**24 positions (an 8 GiB cache whole) chats in 1 GiB of
+    address space."""
     args = tiny_args(dim=64, n_heads=4, n_kv_heads=2, n_layers=2, hidden_dim=64, max_seq_len=1 << 24)
     formats.save(random_weights(args), tmp_path / "m.bin")
     byte_tokenizer(300).save(tmp_path / "tokenizer.bin")

@@ -1246,3 +1246,18 @@ def test_serve_without_its_extra_names_the_install_command_for_a_checkout_too(mo
     assert capsys.readouterr().err.strip() == (
         "babyllama: error: babyllama serve (uvicorn is missing) needs babyllama's 'serve' extra: pip install "
         "'babyllama[serve]' (in a source checkout: pip install -e '.[serve]')")
+
+
+def test_the_scheduler_makes_every_slot_s_whole_context_at_start(monkeypatch):
+    """Start-up checks that --slots whole contexts fit; the scheduler's cache is made that size at once (its pages
+    taken as they fill), so that no step of a running request grows it, or fails to (a chat's cache grows)."""
+    from conftest import random_weights, tiny_args
+
+    import babyllama.generate as gen
+    from babyllama.engine import Engine
+    from babyllama.serve.metrics import Metrics
+    from babyllama.serve.scheduler import Scheduler
+
+    monkeypatch.setattr(gen, "INITIAL_CACHE", 2)
+    sched = Scheduler(Engine(random_weights(tiny_args(max_seq_len=96))), slots=3, queue_size=2, metrics=Metrics(3))
+    assert (sched.batch.cache.seq_len, sched.batch.cache.n_slots) == (96, 3)

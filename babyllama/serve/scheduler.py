@@ -77,10 +77,12 @@ class Job:
 class Scheduler:
     def __init__(self, engine: Engine, slots: int, queue_size: int, metrics: Metrics,
                  max_tokens_per_step: int = 128, prefix_min: int = 16):
-        # a model error one sequence's numbers cause (an fp16 cache overflow, NaN logits) ends that sequence's
-        # request only: the others sharing its steps go on
+        # the whole context's cache for every slot, which start-up checked fits (cli/serve.py): made at once (its
+        # pages taken as they fill), so that no step of a running request grows it, or fails to; a model error one
+        # sequence's numbers cause (an fp16 cache overflow, NaN logits) ends that sequence's request only: the
+        # others sharing its steps go on
         self.batch = Batch(engine, slots, max_tokens_per_step=max_tokens_per_step, prefix_min=prefix_min,
-                           isolate_failures=True)
+                           seq_len=engine.args.max_seq_len, isolate_failures=True)
         self.slots = slots
         self.queue_size = queue_size
         self.metrics = metrics
