@@ -358,10 +358,15 @@ def _sweep_stale_temps(folder: Path, name: str) -> None:
                 os.unlink(entry.path)
 
 
+# whether os.kill(pid, 0) only asks whether pid lives: on Windows it terminates the process
+_CAN_PROBE_PIDS = os.name == "posix"
+
+
 def _process_alive(pid: int) -> bool:
-    """Whether `pid` is a live process on this machine (one of another user counts: it may be a writer)."""
-    if pid <= 0:
-        return True  # not a writer's pid: never swept
+    """Whether `pid` is a live process on this machine (one of another user counts: it may be a writer). Where
+    that cannot be asked (Windows), every writer counts as alive: nothing is swept."""
+    if pid <= 0 or not _CAN_PROBE_PIDS:
+        return True  # not a writer's pid, or no way to ask: never swept
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1073,3 +1073,21 @@ def test_a_temporary_file_a_kill_left_is_swept_by_the_next_write_once_its_writer
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         keep + ["ckpt.pt", f"ckpt.pt.{dead}.zzzzzzzz.tmp", f"ckpt.pt.{dead}.folder00.tmp"])
+
+
+def test_where_pids_cannot_be_probed_no_temporary_file_is_swept(tmp_path, monkeypatch):
+    """On Windows os.kill(pid, 0) terminates the process instead of asking about it: there no pid is probed and
+    nothing is swept."""
+    from babyllama import safeio
+
+    def kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig})")
+
+    monkeypatch.setattr(safeio, "_CAN_PROBE_PIDS", False)
+    monkeypatch.setattr(os, "kill", kill)
+    stale = tmp_path / "ckpt.pt.4000000.abcdefgh.tmp"
+    stale.write_bytes(b"")
+    old = time.time() - 2 * safeio.STALE_TEMP_AGE
+    os.utime(stale, (old, old))
+    safeio.write_bytes(tmp_path / "ckpt.pt", b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", stale.name]
