@@ -17,6 +17,7 @@ from .errors import BabyLlamaError, missing_extra
 from .fields import is_number
 from .generate import generate
 from .loading import builtin_model, open_model, tokenizer_for
+from .safeio import has_lone_surrogate
 from .sampler import Controls, Sampler, choice_seed
 from .tokenizer import Tokenizer
 
@@ -144,6 +145,9 @@ def check_generation(prompts: list[str], steps: int | list[int], temperature: fl
         raise BabyLlamaError(f"seed must be an integer in [0, 2**63) (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise BabyLlamaError("a prompt must be a string")
+    if any(has_lone_surrogate(p) for p in prompts):  # the tokenizer would feed the model its CESU-8 bytes
+        raise BabyLlamaError("a prompt holds half a UTF-16 surrogate pair (such as '\\ud800' alone), which is no "
+                             "character: it has no UTF-8 bytes to encode")
     for n in steps if isinstance(steps, list) else [steps]:
         if not _integer(n) or n < 0:
             raise BabyLlamaError(f"steps must be an integer >= 0, got {n!r}")

@@ -183,6 +183,10 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     (lambda m: m.generate("x", max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
     (lambda m: m.generate("x", steps="10"), "steps must be an integer >= 0, got '10'"),
     (lambda m: m.generate(None), "a prompt must be a string"),
+    # a lone surrogate is no character (the server refuses it in JSON; the CLI's -i, bytes that are not UTF-8)
+    (lambda m: m.generate("caf\ud800"), "a prompt holds half a UTF-16 surrogate pair"),
+    (lambda m: m.stream("\udcff"), "a prompt holds half a UTF-16 surrogate pair"),
+    (lambda m: m.generate_batch(["ok", "\udfff!"]), "a prompt holds half a UTF-16 surrogate pair"),
     (lambda m: list(m.stream("x", steps=-1)), "steps must be an integer >= 0"),
     (lambda m: m.generate_batch("ab"), "a list of prompts, not one string"),
     (lambda m: m.generate_batch(None), "generate_batch takes a list of prompts, got NoneType"),
