@@ -635,6 +635,26 @@ def test_lora_alpha_must_be_finite(tmp_path, alpha):
         build_config(str(config), {"base": "base.bin", "data": "chat.jsonl"}, defaults=FINETUNE_DEFAULTS)
 
 
+def test_finetune_min_lr_follows_a_given_learning_rate(tmp_path):
+    """Full fine-tuning's usual rates (2e-5) are below finetune's default min_lr (1e-4): given alone, a rate
+    decays to a tenth of itself; a min_lr given (file or flag) is kept, and one above the rate is refused."""
+    from babyllama.train.config import build_config
+
+    base = {"base": "base.bin", "data": "chat.jsonl"}
+    assert build_config(None, base, defaults=FINETUNE_DEFAULTS).min_lr == FINETUNE_DEFAULTS["min_lr"]
+    small = build_config(None, {**base, "learning_rate": "2e-5"}, defaults=FINETUNE_DEFAULTS)
+    assert small.min_lr == pytest.approx(2e-6)
+    config = tmp_path / "ft.toml"
+    config.write_text("learning_rate = 3e-3\n")
+    assert build_config(str(config), base, defaults=FINETUNE_DEFAULTS).min_lr == pytest.approx(3e-4)
+    config.write_text("min_lr = 0.0\n")
+    assert build_config(str(config), {**base, "learning_rate": "2e-5"}, defaults=FINETUNE_DEFAULTS).min_lr == 0.0
+    with pytest.raises(BabyLlamaError, match=r"^min_lr 0.0001 is above learning_rate 2e-05"):
+        build_config(None, {**base, "learning_rate": "2e-5", "min_lr": "1e-4"}, defaults=FINETUNE_DEFAULTS)
+    # train's defaults are not fine-tuning's: its min_lr stays 0 whatever the rate
+    assert build_config(None, {"learning_rate": "2e-5"}, checked=False).min_lr == 0.0
+
+
 def test_train_help_offers_no_fine_tuning_setting_and_finetune_help_offers_them(capsys):
     from babyllama.cli import build_parser
     from babyllama.train.config import FINETUNE_KEYS

@@ -91,6 +91,10 @@ FIELDS = {f.name: f for f in fields(TrainConfig)}
 FINETUNE_DEFAULTS = {"max_seq_len": 0, "batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "max_iters": 500, "warmup_iters": 20, "min_lr": 1e-4, "weight_decay": 0.0, "eval_interval": 100,
                      "eval_iters": 20, "log_interval": 10}
+# finetune's min_lr where only learning_rate is given: this share of it (llama2.c's train.py: min_lr "should be
+# ~= learning_rate/10 per Chinchilla"; FINETUNE_DEFAULTS' 1e-4 is that share of its 1e-3), so that a smaller rate,
+# full fine-tuning's usual 2e-5 say, decays to a tenth of itself instead of being refused for a min_lr above it
+FINETUNE_MIN_LR_SHARE = 0.1
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
               "rope_theta", "shared_classifier")
 
@@ -216,14 +220,19 @@ def apply(cfg: dict, updates: dict, source: str) -> None:
 
 def build_config(config_file: str | None = None, overrides: dict | None = None,
                  resume_config: dict | None = None, defaults: dict | None = None, checked: bool = True) -> TrainConfig:
-    """Defaults (or a resumed run's config), then the file, then the overrides."""
+    """Defaults (or a resumed run's config), then the file, then the overrides. With FINETUNE_DEFAULTS, a
+    learning_rate given without a min_lr brings min_lr down (or up) to FINETUNE_MIN_LR_SHARE of it."""
     cfg = TrainConfig().to_dict()
     cfg.update(defaults or {})
     if resume_config:
         apply(cfg, {k: v for k, v in resume_config.items() if k in FIELDS}, "the checkpoint's config")
+    given = dict(read_config_file(config_file)) if config_file else {}
     if config_file:
-        apply(cfg, read_config_file(config_file), str(config_file))
+        apply(cfg, given, str(config_file))
     apply(cfg, overrides or {}, "command line")
+    given.update(overrides or {})
+    if defaults is FINETUNE_DEFAULTS and not resume_config and "learning_rate" in given and "min_lr" not in given:
+        cfg["min_lr"] = cfg["learning_rate"] * FINETUNE_MIN_LR_SHARE
     out = TrainConfig(**cfg)
     if checked:
         check(out)
