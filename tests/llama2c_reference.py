@@ -1,12 +1,13 @@
 """llama2.c's training arithmetic, the reference that babyllama's training is checked against: model.py's
 Transformer and configure_optimizers, and train.py's get_lr and the body of its training loop, as in
 karpathy/llama2.c at 350e04fe35433e6d2941dce5a1f53308f87058eb (MIT License, Copyright (c) 2023 Andrej
-Karpathy). The statements are llama2.c's; left out are the non-flash attention path, generation, export,
-MFU and logging."""
+Karpathy), and where sample.py finds a checkpoint's tokenizer. The statements are llama2.c's; left out are
+the non-flash attention path, generation, export, MFU and logging."""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -219,3 +220,11 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, lr: float, 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def sample_py_tokenizer_model(checkpoint: dict) -> str:
+    """The tokenizer model sample.py loads for a checkpoint when not given one (with tinystories.py's
+    get_tokenizer_model_path and tokenizer.py's default)."""
+    vocab_source = checkpoint["config"].get("vocab_source", "llama2")
+    query_vocab_size = 0 if vocab_source == "llama2" else checkpoint["model_args"]["vocab_size"]
+    return "tokenizer.model" if query_vocab_size == 0 else os.path.join("data", f"tok{query_vocab_size}.model")

@@ -3,6 +3,8 @@ seed gives the same initial weights, and the same batches give the same losses a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -117,3 +119,17 @@ def test_the_validation_loss_is_llama2c_s_on_the_same_batches(data_dir, tmp_path
             expected[split] = sum(losses) / len(losses)
     got = t.estimate_loss()
     assert got == pytest.approx(expected, abs=LOSS_TOLERANCE)
+
+
+def test_sample_py_finds_the_runs_tokenizer_where_data_train_vocab_writes_it(data_dir, tmp_path, one_thread):
+    """llama2.c's sample.py picks the tokenizer by the checkpoint config's vocab_source: without one it took Meta's
+    32,000-token tokenizer.model for any model, so a prompt's ids fell outside a small vocabulary (IndexError) and
+    the generated ids decoded as other text."""
+    from babyllama.train import checkpoint
+
+    t = trainer(data_dir, tmp_path / "out", max_iters=1, eval_interval=1, eval_iters=1)
+    t.run()
+    saved = checkpoint.load(tmp_path / "out")
+    assert ref.sample_py_tokenizer_model(saved) == os.path.join("data", "tok300.model")
+    llama2 = {"config": checkpoint.portable_config(saved["config"], 32000), "model_args": {"vocab_size": 32000}}
+    assert ref.sample_py_tokenizer_model(llama2) == "tokenizer.model"

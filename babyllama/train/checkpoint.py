@@ -4,8 +4,8 @@ crash never leaves a half-written ckpt.pt.
 
 Contents: model (state dict), optimizer (keyed by parameter name, the torch.distributed.checkpoint
 layout that single-device, DDP and FSDP runs share), scaler, model_args (ModelArgs as llama2.c names it: see
-portable_model_args), config
-(TrainConfig as a dict), iter_num, best_val_loss, rng (torch CPU/CUDA and data-sampler generator states).
+portable_model_args), config (TrainConfig as a dict, with llama2.c's vocab_source: see portable_config),
+iter_num, best_val_loss, rng (torch CPU/CUDA and data-sampler generator states).
 """
 
 from __future__ import annotations
@@ -45,6 +45,18 @@ def portable_model_args(args: ModelArgs) -> dict:
     if not args.shared_classifier:
         out["shared_classifier"] = False
     return out
+
+
+# the size of Meta's Llama 2 vocabulary, which llama2.c's vocab_source "llama2" names
+LLAMA2_VOCAB_SIZE = 32000
+
+
+def portable_config(config: dict, vocab_size: int) -> dict:
+    """A run's config for a checkpoint, with llama2.c's vocab_source, which its sample.py reads to find the
+    tokenizer: "custom" (data/tokN.model, where `data train-vocab` writes it too) or, for a vocabulary of Meta's
+    size, "llama2" (Meta's tokenizer.model). Without it sample.py takes Meta's for any model: a prompt then
+    holds ids past a small vocabulary, and generated ids decode as other text."""
+    return {**config, "vocab_source": "llama2" if vocab_size == LLAMA2_VOCAB_SIZE else "custom"}
 
 
 def save(state: dict, path: str | os.PathLike) -> None:

@@ -278,7 +278,8 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         checkpoint.save({"model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
-                         "model_args": checkpoint.portable_model_args(self.model_args), "config": self.cfg.to_dict(),
+                         "model_args": checkpoint.portable_model_args(self.model_args),
+                         "config": checkpoint.portable_config(self.cfg.to_dict(), self.model_args.vocab_size),
                          "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
                          "lora": self.lora},
                         self.out_dir / checkpoint.CKPT_NAME)
