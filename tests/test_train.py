@@ -832,3 +832,22 @@ def test_vocab_size_finds_the_data_where_llama2c_puts_it(tmp_path, one_thread, m
     train(resolve_config(None, {**settings, "vocab_source": "custom", "vocab_size": "300"}))
     assert checkpoint.load("out")["config"]["data_dir"] == "data/tok300"
     assert train(resolve_config(None, {"out_dir": "out", "init_from": "resume", "max_iters": "4"}))["iter"] == 4
+
+
+def test_sample_says_when_max_new_tokens_goes_past_the_context(llama2c_checkpoint, tmp_path, capsys, monkeypatch):
+    """sample.py generates every one of --max_new_tokens (over a sliding window); sample stops at the context, and
+    says so instead of printing fewer tokens than asked for without a word."""
+    from babyllama.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    context = torch.load(llama2c_checkpoint, weights_only=True)["model_args"]["max_seq_len"]
+    n_prompt = len(Tokenizer.load(llama2c_checkpoint.parent / "tokenizer.bin").encode("the cat", bos=True))
+    room = context - n_prompt + 1  # run.c's positions: the last prompt position yields the first new token
+    argv = ["sample", f"--checkpoint={llama2c_checkpoint}", "--device", "cpu", "-t", "0", "-i", "the cat"]
+    assert main([*argv, f"--max_new_tokens={room + 1}"]) == 0
+    err = capsys.readouterr().err
+    assert f"--max_new_tokens {room + 1} after the prompt's {n_prompt} tokens" in err
+    assert f"it generates at most {room}" in err
+    assert main([*argv, f"--max_new_tokens={room}"]) == 0  # the context holds them all: nothing to say
+    assert main([*argv, f"--max_new_tokens={room + 1}", "-n", "10"]) == 0  # -n bounds the run, as asked
+    assert "warning" not in capsys.readouterr().err

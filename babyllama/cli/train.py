@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from ..errors import BabyLlamaError, require
@@ -134,6 +135,18 @@ def sample_prompt(args: argparse.Namespace) -> str:
     return safeio.read_text(args.start[len("FILE:"):], "prompt file (--start=FILE:...)")
 
 
+def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, seq_len: int) -> None:
+    """sample.py generates all of --max_new_tokens, over a window of the last max_seq_len tokens once the context is
+    full; sample runs the context's positions (with their cached keys and values) and stops there: say so, rather
+    than print fewer tokens than asked for without a word. A prompt that fills the context has its own warning."""
+    room = seq_len - n_prompt + 1  # as in run.c, the last prompt position yields the first new token
+    if max_new_tokens is not None and 0 < room < max_new_tokens:
+        print(f"babyllama: warning: --max_new_tokens {max_new_tokens} after the prompt's {n_prompt} tokens (with BOS) "
+              f"is more than the model's context ({seq_len} positions) holds: it generates at most {room} (llama2.c's "
+              "sample.py goes on over a sliding window; `babyllama run --context-shift` goes on past the context)",
+              file=sys.stderr)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from ..api import clamp_steps, load
     from .run import generate_and_print
@@ -146,6 +159,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.checkpoint, args.tokenizer, device=device, compile=args.compile)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
+    if steps == model.args.max_seq_len:  # the context bounds the run, not -n
+        warn_new_tokens_beyond_context(len(model.tokenizer.encode(prompt, bos=True)), args.max_new_tokens, steps)
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
     sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
     for _ in range(args.num_samples):
