@@ -175,6 +175,24 @@ def test_steps_beyond_seq_len_are_clamped(good_model):
     assert bounded.returncode == 0 and b"warning" not in bounded.stderr  # 3 tokens: the context is no limit here
 
 
+def test_max_new_tokens_beyond_the_context_is_said(good_model):
+    """--max-new-tokens past what the context holds after the prompt stops at the context: said in one line, with
+    how many it generates (all of them, as the text shows) and what goes on past it."""
+    model, tok = good_model
+    flags = ("run", str(model), "-z", str(tok), "-t", "0")
+    proc = run_cli(*flags, "--max-new-tokens", "65")  # no prompt: BOS alone, 64 positions make 64 tokens
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (b"warning: --max-new-tokens 65 after the prompt's 1 tokens (with BOS) is more than the model's context "
+            b"(64 positions) holds: it generates at most 64 (--context-shift goes on past it)") in proc.stderr
+    assert proc.stdout == run_cli(*flags, "--max-new-tokens", "64").stdout  # what it says it generates
+    for enough in (["--max-new-tokens", "64"], ["--max-new-tokens", "65", "-n", "10"],
+                   ["--max-new-tokens", "65", "--context-shift"]):
+        assert b"warning" not in run_cli(*flags, *enough).stderr, enough
+    drafted = run_cli(*flags, "--max-new-tokens", "65", "--draft", str(model)).stderr
+    assert b"it generates at most 64\n" in drafted
+    assert b"--context-shift" not in drafted  # which --draft refuses
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.generate("x", topp=2), "topp must be in [0, 1], got 2"),
     (lambda m: m.generate("x", topp=-0.5), "topp must be in [0, 1]"),

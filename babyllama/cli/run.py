@@ -193,8 +193,10 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
 
 
 def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, args: argparse.Namespace,
-                       draft: Engine | None = None) -> int:
-    """Echo the prompt as it is fed (like run.c), stream the generated text, then report tok/s on stderr."""
+                       draft: Engine | None = None, warn_context: bool = True) -> int:
+    """Echo the prompt as it is fed (like run.c), stream the generated text, then report tok/s on stderr
+    (`warn_context`: say when the context holds fewer new tokens than --max-new-tokens asks for; `sample` says it
+    once, in its own words, for all its samples)."""
     from ..generate import generate
     from ..printer import Printer
 
@@ -203,6 +205,9 @@ def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, 
         warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len,
                              can_shift=draft is None,  # --draft refuses --context-shift
                              max_new=args.max_new_tokens is not None)
+    elif warn_context and not args.context_shift and steps == model.args.max_seq_len:  # the context bounds the run
+        warn_new_tokens_beyond_context(len(ids), args.max_new_tokens, steps,
+                                       remedy="--context-shift goes on past it" if draft is None else None)
     printer = Printer(model.tokenizer, raw=args.raw_bytes)
     printer.tokens(ids[1: steps + 1])
     start, n = None, 0
@@ -235,6 +240,18 @@ def warn_steps_beyond_context(steps: int, seq_len: int, can_shift: bool) -> None
     fix = ": --context-shift goes on past it" if can_shift else ""
     print(f"babyllama: warning: -n {steps} is more than the model's context ({seq_len} positions); it runs "
           f"{seq_len}{fix}", file=sys.stderr)
+
+
+def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, seq_len: int,
+                                   flag: str = "--max-new-tokens", remedy: str | None = None) -> None:
+    """A run bounded by the context (not by -n) stops there, with fewer new tokens than `flag` asked for: say so,
+    rather than stop short without a word (`remedy`: what goes on past it, if anything). A prompt that fills the
+    context has its own warning."""
+    room = seq_len - n_prompt + 1  # as in run.c, the last prompt position yields the first new token
+    if max_new_tokens is not None and 0 < room < max_new_tokens:
+        print(f"babyllama: warning: {flag} {max_new_tokens} after the prompt's {n_prompt} tokens (with BOS) is more "
+              f"than the model's context ({seq_len} positions) holds: it generates at most {room}"
+              + (f" ({remedy})" if remedy else ""), file=sys.stderr)
 
 
 def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: str = "the prompt",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 from ..errors import BabyLlamaError, require
@@ -135,21 +134,9 @@ def sample_prompt(args: argparse.Namespace) -> str:
     return safeio.read_text(args.start[len("FILE:"):], "prompt file (--start=FILE:...)")
 
 
-def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, seq_len: int) -> None:
-    """sample.py generates all of --max_new_tokens, over a window of the last max_seq_len tokens once the context is
-    full; sample runs the context's positions (with their cached keys and values) and stops there: say so, rather
-    than print fewer tokens than asked for without a word. A prompt that fills the context has its own warning."""
-    room = seq_len - n_prompt + 1  # as in run.c, the last prompt position yields the first new token
-    if max_new_tokens is not None and 0 < room < max_new_tokens:
-        print(f"babyllama: warning: --max_new_tokens {max_new_tokens} after the prompt's {n_prompt} tokens (with BOS) "
-              f"is more than the model's context ({seq_len} positions) holds: it generates at most {room} (llama2.c's "
-              "sample.py goes on over a sliding window; `babyllama run --context-shift` goes on past the context)",
-              file=sys.stderr)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     from ..api import clamp_steps, load
-    from .run import generate_and_print
+    from .run import generate_and_print, warn_new_tokens_beyond_context
 
     check_sampling_flags(args)
     prompt = sample_prompt(args)
@@ -160,11 +147,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load(args.checkpoint, args.tokenizer, device=device, compile=args.compile)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
     if steps == model.args.max_seq_len:  # the context bounds the run, not -n
-        warn_new_tokens_beyond_context(len(model.tokenizer.encode(prompt, bos=True)), args.max_new_tokens, steps)
+        warn_new_tokens_beyond_context(len(model.tokenizer.encode(prompt, bos=True)), args.max_new_tokens, steps,
+                                       "--max_new_tokens", "llama2.c's sample.py goes on over a sliding window; "
+                                       "`babyllama run --context-shift` goes on past the context")
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
     sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
     for _ in range(args.num_samples):
-        generate_and_print(model, sampler, prompt, steps, args)
+        generate_and_print(model, sampler, prompt, steps, args, warn_context=False)
         if args.num_samples > 1:
             print(SAMPLE_SEPARATOR, flush=True)
     return 0
