@@ -44,6 +44,18 @@ def export_gguf(tmp_path, dtype: str, tied: bool, tokenizer=None):
     return w, gguf.GGUFReader(out)
 
 
+def gguf_metadata(reader) -> dict:
+    """The gguf package's reading of a file's metadata: key -> a number, a string or a list of them. Decoded from
+    ReaderField's parts (every gguf since 0.10 has them; ReaderField.contents() came in 0.16)."""
+    def value(field, part: int):
+        if field.types[-1] == gguf.GGUFValueType.STRING:
+            return field.parts[part].tobytes().decode("utf-8")
+        return field.parts[part].tolist()[0]
+
+    return {key: [value(f, i) for i in f.data] if f.types[0] == gguf.GGUFValueType.ARRAY else value(f, f.data[0])
+            for key, f in reader.fields.items()}
+
+
 def gguf_tensors(reader) -> dict[str, np.ndarray]:
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
 
@@ -64,7 +76,7 @@ def test_gguf_f32_metadata_tokenizer_tensors(tmp_path, sp_model):
     import sentencepiece as spm
 
     w, reader = export_gguf(tmp_path, "f32", tied=False, tokenizer=sp_model)
-    meta = {k: f.contents() for k, f in reader.fields.items()}
+    meta = gguf_metadata(reader)
     assert meta["general.architecture"] == "llama"
     assert meta["general.file_type"] == 0
     expect = {"llama.context_length": 64, "llama.embedding_length": 32, "llama.block_count": 2,
@@ -93,7 +105,7 @@ def test_gguf_f32_metadata_tokenizer_tensors(tmp_path, sp_model):
 
 def test_gguf_q8_0_within_quantization_error(tmp_path, sp_model):
     w, reader = export_gguf(tmp_path, "q8_0", tied=True, tokenizer=sp_model)
-    assert {k: f.contents() for k, f in reader.fields.items()}["general.file_type"] == 7
+    assert gguf_metadata(reader)["general.file_type"] == 7
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
     tensors = gguf_tensors(reader)
@@ -116,7 +128,7 @@ def test_gguf_bf16_export_rounds_to_nearest_even(tmp_path, sp_model):
     the file says MOSTLY_BF16."""
     torch = pytest.importorskip("torch")
     w, reader = export_gguf(tmp_path, "bf16", tied=True, tokenizer=sp_model)
-    assert {k: f.contents() for k, f in reader.fields.items()}["general.file_type"] == 32
+    assert gguf_metadata(reader)["general.file_type"] == 32
     types = {t.name: t.tensor_type for t in reader.tensors}
     tensors = gguf_tensors(reader)
     for name, t in to_state_dict(w).items():
@@ -165,7 +177,7 @@ def test_gguf_vocab_from_tokenizer_bin(tmp_path):
     tok = byte_tokenizer(320)
     tok.save(tmp_path / "tokenizer.bin")
     _, reader = export_gguf(tmp_path, "f32", tied=True)
-    meta = {k: f.contents() for k, f in reader.fields.items()}
+    meta = gguf_metadata(reader)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3]
     assert tokens[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6
@@ -706,6 +718,8 @@ def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | No
     T = gguf.GGUFValueType
     for key, value in (metadata or {}).items():
         kind = {str: T.STRING, bool: T.BOOL, int: T.UINT32, float: T.FLOAT32}[type(value)]
+        for added in w.kv_data:  # gguf before 0.17.1 refuses a key given twice instead of replacing it
+            added.pop(key, None)
         w.add_key_value(key, value, kind)
     for name, t in {**{gguf_name(k): t for k, t in to_state_dict(random_weights(args, seed=2)).items()},
                     **(tensors or {})}.items():
