@@ -380,6 +380,7 @@ def test_bench_reports_babyllama_against_llama_cpp_on_the_same_gguf_file():
 def test_bench_times_babyllama_on_the_gguf_files(tmp_path, monkeypatch):
     """`bench --gguf` measures babyllama on GGUF exports of the quantized models (llama.cpp's Q8_0 blocks, run
     as they are stored: regrouped, not dequantized), beside its rows on its own files; fp32 gets no such row."""
+    pytest.importorskip("gguf", reason="the GGUF rows are written with the interop extra")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
     plan = bench.Plan(["tiny"], ("fp32", "q8_0"), rounds=1, tokens=16, batch=2, prompt_len=24, paths=("fast",),
                       gguf=True, bandwidth_mib=8)
@@ -395,6 +396,7 @@ def test_bench_times_babyllama_on_the_gguf_files(tmp_path, monkeypatch):
 def test_bench_mmap_flags_apply_to_its_bin_rows_only(tmp_path, monkeypatch):
     """`bench --mmap --gguf`: the .bin rows map their files, the GGUF rows run (a GGUF file is always mapped; the
     flag, refused for GGUF models, is not passed on to them) and say no flag."""
+    pytest.importorskip("gguf", reason="the GGUF rows are written with the interop extra")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
     plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
                       gguf=True, bandwidth_mib=8, mmap=True)
@@ -406,6 +408,7 @@ def test_bench_mmap_flags_apply_to_its_bin_rows_only(tmp_path, monkeypatch):
 def test_bench_times_16_bit_ggufs_as_they_are_stored(tmp_path, monkeypatch):
     """`--formats f16,bf16`: babyllama on llama.cpp's F16 and BF16 GGUF files (no .bin holds them, so no other
     row of ours), their weights read as the files store them: half the bytes of the fp32 row's."""
+    pytest.importorskip("gguf", reason="the GGUF rows are written with the interop extra")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
     plan = bench.Plan(["tiny"], ("fp32", "f16", "bf16"), rounds=1, tokens=16, batch=2, prompt_len=24,
                       paths=("fast",), bandwidth_mib=8)

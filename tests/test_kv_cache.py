@@ -402,6 +402,7 @@ def test_batch_with_reduced_cache_matches_single_streams(kind, kv):
 def test_cli_passes_kv_cache_to_the_engine(tmp_path, monkeypatch, capsys):
     """`--kv-cache` reaches the engine from run (and its --draft model), eval, serve and bench; a bad choice is
     argparse's usage error; with the PyTorch engine it is a one-line error."""
+    pytest.importorskip("uvicorn", reason="serve's command needs the serve extra")
     import babyllama.api as api
     from babyllama import bench, serve
     from babyllama.cli import main

@@ -218,6 +218,7 @@ def test_shift_cache_with_a_q8_cache():
 
 def test_cli_takes_q8_cache(tmp_path, monkeypatch, capsys):
     """`--kv-cache q8_0` reaches the engine from run, eval and serve (which names it), and bench's row says it."""
+    pytest.importorskip("uvicorn", reason="serve's command needs the serve extra")
     import babyllama.api as api
     from babyllama import bench, serve
     from babyllama.cli import main

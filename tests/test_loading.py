@@ -144,6 +144,8 @@ def test_a_broken_tokenizer_beside_a_model_is_refused_not_replaced_by_the_builti
 def test_a_model_folder_whose_file_links_to_nothing_says_so(tmp_path, name):
     """A Hugging Face cache's snapshot links its files into blobs/: a link whose blob went was passed over, and the
     folder said to hold "no model babyllama reads"; the link is named."""
+    if name == "ckpt.pt":
+        pytest.importorskip("torch", reason="a training checkpoint is read with the train extra")
     (tmp_path / name).symlink_to(tmp_path / "blobs" / "gone")
     if name == "config.json":
         (tmp_path / "model.safetensors").write_bytes(b"")  # its blob is still there

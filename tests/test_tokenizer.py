@@ -122,7 +122,7 @@ def test_a_sentencepiece_model_with_other_special_ids_is_refused(tmp_path, capsy
 
 def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sentencepiece(tmp_path):
     """A vocabulary without byte tokens: sentencepiece gives a run of characters it has no piece for one <unk>."""
-    import sentencepiece as spm
+    spm = pytest.importorskip("sentencepiece")
     from conftest import train_sentencepiece
 
     model = train_sentencepiece(tmp_path / "nobytes.model", 100, byte_fallback=False)
