@@ -444,7 +444,8 @@ def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
 def _system_error(e: BaseException) -> OSError | None:
     """The system's refusal behind a failed write: `e` itself, the OSError a library's own error was raised
     while handling (torch.save's RuntimeError), or the one it names in its message (safetensors' Rust
-    writer: "... (os error 27)"); None for our own errors and for anything else."""
+    writer: "... (os error 27)", or in 0.4.1 Rust's debug form "IoError(Os { code: 27, ... })"); None for
+    our own errors and for anything else."""
     if isinstance(e, BabyLlamaError) or not isinstance(e, Exception):
         return None
     seen: BaseException | None = e
@@ -454,8 +455,11 @@ def _system_error(e: BaseException) -> OSError | None:
         if isinstance(seen, OSError):
             return seen
         seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
-    code = re.search(r"\(os error (\d+)\)", str(e))
-    return OSError(int(code.group(1)), os.strerror(int(code.group(1)))) if code else None
+    code = re.search(r"\(os error (\d+)\)|\bOs \{ code: (\d+)", str(e))
+    if code is None:
+        return None
+    errno = int(code.group(1) or code.group(2))
+    return OSError(errno, os.strerror(errno))
 
 
 def _names(e: OSError, *paths: Path) -> bool:

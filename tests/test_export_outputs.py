@@ -386,6 +386,22 @@ def test_a_full_disk_under_a_library_writer_is_one_line_and_keeps_the_old_file(t
     assert (out / target).read_bytes() == b"old" and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: File too large (os error 27)",
+    'Error while serializing: IoError(Os { code: 27, kind: FileTooLarge, message: "File too large" })',
+], ids=["display", "debug"])
+def test_a_library_error_that_names_the_systems_error_is_one_line(tmp_path, message):
+    """safetensors' Rust writer gives the system's error only in its message: as Rust displays an io::Error, or
+    (safetensors 0.4.1) in its debug form; either is the one line a full disk gets."""
+    class LibraryError(Exception):
+        pass
+
+    with pytest.raises(BabyLlamaError, match=r"cannot write output .*m\.safetensors: File too large$"):
+        with safeio.pending(tmp_path / "m.safetensors"):
+            raise LibraryError(message)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, tiny):
     """export.py's `--version -1 --dtype fp16` (its Hugging Face export) writes a Hugging Face folder of fp16
     tensors, whatever OUT is named; `--dtype fp32` is f32."""
