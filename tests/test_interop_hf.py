@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
+from conftest import ROOT, engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
 
 from babyllama import formats
 from babyllama.cli import main
@@ -201,6 +203,28 @@ def test_llama2_tokenizer_goes_to_hf(tmp_path):
     ref = spm.SentencePieceProcessor(model_file=str(sp))
     text = "Once upon a time, a little dog named Élodie said: hello!"
     assert tok(text)["input_ids"] == [1] + ref.encode(text)
+
+
+SENTENCEPIECE_AFTER_TRANSFORMERS = """
+import sys
+import sentencepiece as spm
+import transformers.utils.sentencepiece_model_pb2_new  # what transformers imports to convert a Llama tokenizer
+sys.path.insert(0, "tests")
+from conftest import byte_tokenizer
+from babyllama.interop.vocab import from_tokenizer
+sp = spm.SentencePieceProcessor(model_proto=from_tokenizer(byte_tokenizer(320)).to_sentencepiece())
+print(sp.vocab_size(), sp.id_to_piece(3 + 0x41))
+"""
+
+
+def test_a_tokenizer_model_is_written_after_transformers_registered_its_copy_of_the_proto():
+    """transformers carries its own sentencepiece_model.proto, and protobuf registers one file of a name per
+    process: a program that converted a Llama tokenizer with transformers, then exports to Hugging Face, still
+    writes tokenizer.model."""
+    r = subprocess.run([sys.executable, "-c", SENTENCEPIECE_AFTER_TRANSFORMERS], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["320", "<0x41>"]
 
 
 def test_a_trained_models_tokenizer_bin_goes_to_hf_as_tokenizer_model(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,29 @@ def can_write_sentencepiece() -> bool:
 
 
 def _sentencepiece_proto():
-    """sentencepiece's protobuf module for .model files (it needs the protobuf package)."""
+    """sentencepiece's protobuf module for .model files (it needs the protobuf package). protobuf registers a
+    .proto file once per process: where another copy of sentencepiece_model.proto came first (transformers'
+    own, imported when it converts a Llama tokenizer), sentencepiece's module cannot load, and that copy's
+    module, which describes the same ModelProto, is used."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise missing_extra("writing a sentencepiece tokenizer.model", "interop") from None
+    except TypeError:  # "Couldn't build proto file into descriptor pool: duplicate file name"
+        registered = _registered_sentencepiece_proto()
+        if registered is None:
+            raise
+        return registered
     return sentencepiece_model_pb2
+
+
+def _registered_sentencepiece_proto():
+    """An imported module generated from sentencepiece_model.proto, or None."""
+    for module in list(sys.modules.values()):
+        descriptor = getattr(module, "DESCRIPTOR", None)
+        if getattr(descriptor, "name", None) == "sentencepiece_model.proto" and hasattr(module, "ModelProto"):
+            return module
+    return None
 
 
 def load_vocab(path: str | os.PathLike) -> Vocab:
