@@ -230,6 +230,14 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
         f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z{here}")
 
 
+def llama2c_vocab_here(vocab_size: int) -> str:
+    """For a checkpoint without a tokenizer beside it (llama2.c's train.py writes none): where llama2.c's
+    tinystories.py put a custom vocabulary of this size, which its sample.py reads, if the current folder has it
+    (named, not read: the run's data may have been encoded with another)."""
+    found = [name for name in (f"data/tok{vocab_size}.model", f"data/tok{vocab_size}.bin") if os.path.isfile(name)]
+    return f" (llama2.c's sample.py would read {found[0]} here: -z {found[0]})" if found else ""
+
+
 def another_tokenizer_here() -> bool:
     """Whether the current folder holds a tokenizer.bin other than the built-in one: run.c would read it."""
     here = Path(TOKENIZER_BIN)
@@ -263,8 +271,9 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
     if source.kind in ("hf", "meta"):
         raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
     if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
+        hint = llama2c_vocab_here(vocab_size)
         raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
-                             "tokenizer the run's data was encoded with (-z/--tokenizer)")
+                             f"tokenizer the run's data was encoded with (-z/--tokenizer){hint}")
     return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)
 
 

@@ -451,7 +451,7 @@ def test_a_tokenizer_put_in_out_dir_is_kept_when_the_data_has_none(tmp_path, one
     assert (out / "tokenizer.bin").is_file()
 
 
-def test_a_checkpoint_without_its_tokenizer_asks_for_one(tmp_path, one_thread):
+def test_a_checkpoint_without_its_tokenizer_asks_for_one(tmp_path, one_thread, monkeypatch):
     """Not the built-in tokenizer of the same size: the run's data had its own (here other_tokenizer)."""
     from babyllama.api import load
     from babyllama.errors import BabyLlamaError
@@ -464,6 +464,13 @@ def test_a_checkpoint_without_its_tokenizer_asks_for_one(tmp_path, one_thread):
     with pytest.raises(BabyLlamaError, match=r"no tokenizer.bin beside .*ckpt.pt \(training puts its data's there\)"):
         load(out)
     assert load(out, data / "tokenizer.bin").tokenizer.same_as(other_tokenizer(512))
+    # where llama2.c's tinystories.py put a vocabulary of this size (its sample.py reads it): named, not read
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "tok512.bin").write_bytes((data / "tokenizer.bin").read_bytes())
+    with pytest.raises(BabyLlamaError, match=r"\(-z/--tokenizer\) \(llama2.c's sample.py would read data/tok512.bin "
+                                             r"here: -z data/tok512.bin\)$"):
+        load(out)
 
 
 def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
