@@ -217,6 +217,29 @@ print(sp.vocab_size(), sp.id_to_piece(3 + 0x41))
 """
 
 
+def test_an_old_sentencepiece_protobuf_module_is_one_line(monkeypatch):
+    """sentencepiece < 0.2's module was generated for protobuf 3 and raises TypeError under protobuf >= 4 (which the
+    train extra alone does not rule out): writing tokenizer.model says what to install, no traceback."""
+    import builtins
+
+    from babyllama.errors import BabyLlamaError
+    from babyllama.interop import vocab
+
+    real_import = builtins.__import__
+
+    def old_pb2(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "sentencepiece" and fromlist and "sentencepiece_model_pb2" in fromlist:
+            raise TypeError("Descriptors cannot be created directly. If this call came from a _pb2.py file, ...")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", old_pb2)
+    monkeypatch.setattr(vocab, "_registered_sentencepiece_proto", lambda: None)  # no other copy loaded either
+    with pytest.raises(BabyLlamaError, match=r"^writing a sentencepiece tokenizer.model: sentencepiece's protobuf "
+                                             r"module does not load \(Descriptors cannot be created directly\); "
+                                             r"install sentencepiece>=0.2 \(the interop extra\)$"):
+        vocab._sentencepiece_proto()
+
+
 def test_a_tokenizer_model_is_written_after_transformers_registered_its_copy_of_the_proto():
     """transformers carries its own sentencepiece_model.proto, and protobuf registers one file of a name per
     process: a program that converted a Llama tokenizer with transformers, then exports to Hugging Face, still

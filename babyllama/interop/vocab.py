@@ -84,10 +84,12 @@ def _sentencepiece_proto():
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
         raise missing_extra("writing a sentencepiece tokenizer.model", "interop") from None
-    except TypeError:  # "Couldn't build proto file into descriptor pool: duplicate file name"
+    except TypeError as e:  # "Couldn't build proto file into descriptor pool: duplicate file name", or an old pb2
         registered = _registered_sentencepiece_proto()
-        if registered is None:
-            raise
+        if registered is None:  # sentencepiece < 0.2's module, generated for protobuf 3, under protobuf >= 4
+            first = str(e).split(".")[0]
+            raise BabyLlamaError(f"writing a sentencepiece tokenizer.model: sentencepiece's protobuf module does not "
+                                 f"load ({first}); install sentencepiece>=0.2 (the interop extra)") from None
         return registered
     return sentencepiece_model_pb2
 
