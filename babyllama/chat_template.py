@@ -3,12 +3,15 @@
 Llama 2's template, as run.c's chat mode and Meta's reference code lay it out: every user turn is its own
 BOS-started segment, the system prompt rides inside the first one, and every assistant reply ends with EOS:
 
-    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user 1} [/INST] {reply 1}</s><s>[INST] {user 2} [/INST] {reply 2}</s>
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user 1} [/INST] {reply 1} </s>
+    <s>[INST] {user 2} [/INST] {reply 2} </s>
 
+A reply ends with a space before EOS (a "▁" token), as Meta's `chat_completion` and the chat_template of Meta's
+Hugging Face checkpoints write it, so a conversation is the ids those give (tests/test_chat_template_hf.py).
 Each part is encoded on its own (the user turn with BOS, the reply as the continuation after `[/INST]`), which
 is exactly what the model sees when it generates: `chat`, the server and fine-tuning all go through
 `encode_chat`, so a model is trained on the token boundaries it later runs with. The mask marks the tokens a
-fine-tune learns from: the replies and their EOS.
+fine-tune learns from: the replies, their closing space and their EOS.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence, generation: bool = Tru
             ids += turn
             mask += [0] * len(turn)
         elif role == "assistant":
-            reply = tokenizer.encode(content.strip(), bos=False) + [EOS]
+            # Meta's reference ends a reply with a space before EOS: the model learns to close with that "▁"
+            reply = tokenizer.encode(content.strip() + " ", bos=False) + [EOS]
             ids += reply
             mask += [1] * len(reply)
     return ids, mask

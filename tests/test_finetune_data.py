@@ -173,9 +173,9 @@ def test_mask_marks_exactly_the_assistant_tokens_of_a_two_turn_conversation(tmp_
     tok.save(tmp_path / "tok.bin")
     # the four parts, encoded by hand as the template lays them out
     turn1 = tok.encode("[INST] <<SYS>>\nBe kind.\n<</SYS>>\n\nHi there [/INST]", bos=True)
-    reply1 = tok.encode("Hello!", bos=False) + [EOS]
+    reply1 = tok.encode("Hello! ", bos=False) + [EOS]  # Meta's reference closes a reply with a space, then EOS
     turn2 = tok.encode("[INST] A story? [/INST]", bos=True)
-    reply2 = tok.encode("Once upon a time.", bos=False) + [EOS]
+    reply2 = tok.encode("Once upon a time. ", bos=False) + [EOS]
     ids = turn1 + reply1 + turn2 + reply2
     a, b, c = len(turn1), len(turn1) + len(reply1), len(turn1) + len(reply1) + len(turn2)
     assert encode_chat(tok, two_turn(), generation=False) == (ids, [0] * a + [1] * (b - a) + [0] * (c - b) +
@@ -226,7 +226,7 @@ def test_requested_words_weigh_exactly_their_reply_tokens(tmp_path):
     spans = [next(re.finditer(rf" (?:{w})(?![a-z])", " " + reply)).span() for w in ("[Pp]lay", "[Rr]ain")]
     assert spans == [(0, 5), (12, 17)]
     chars = [tok.token_bytes(0, t).decode() for t in ids[start:-1]]
-    assert "".join(chars) == " " + reply
+    assert "".join(chars) == " " + reply + " "  # Meta's reference closes a reply with a space before EOS
     bounds = np.cumsum([0] + [len(c) for c in chars])
     expected = list(mask)
     for a, b in spans:
