@@ -32,7 +32,9 @@ class ChatTemplate:
 
 
 def _llama2_turn(user: str, system: str | None = None) -> str:
-    if system:
+    # an empty system message still gets its <<SYS>> block, as in Meta's chat_completion; `chat` (like run.c)
+    # passes no system message at all when its system prompt is empty
+    if system is not None:
         return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
     return f"[INST] {user} [/INST]"
 

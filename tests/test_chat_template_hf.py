@@ -41,6 +41,7 @@ CONVERSATIONS = {
     "four turns": [_msg("user", "1"), _msg("assistant", "one"), _msg("user", "2"), _msg("assistant", "two"),
                    _msg("user", "3"), _msg("assistant", "three"), _msg("user", "4")],
     "padded": [_msg("user", "  hi  "), _msg("assistant", "  yo  "), _msg("user", " x ")],
+    "empty system": [_msg("system", ""), _msg("user", "hi")],
     "empty reply": [_msg("user", "hi"), _msg("assistant", ""), _msg("user", "again")],
     "unicode": [_msg("system", "Réponds en français ☃"), _msg("user", "Ça va? 日本語 🙂"),
                 _msg("assistant", "Très bien 👍"), _msg("user", "ñ")],
