@@ -29,6 +29,7 @@ ROLES = ("system", "user", "assistant")
 class ChatTemplate:
     name: str
     turn: Callable[[str, str | None], str]  # (user text, system prompt or None) -> the turn's text
+    jinja: str  # the same template for transformers' apply_chat_template (tokenizer_config.json's chat_template)
 
 
 def _llama2_turn(user: str, system: str | None = None) -> str:
@@ -39,7 +40,22 @@ def _llama2_turn(user: str, system: str | None = None) -> str:
     return f"[INST] {user} [/INST]"
 
 
-TEMPLATES = {"llama2": ChatTemplate("llama2", _llama2_turn)}
+# the chat_template of Meta's Llama-2-*-chat-hf tokenizer_config.json: on Meta's tokenizer it gives encode_chat's ids
+_LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+TEMPLATES = {"llama2": ChatTemplate("llama2", _llama2_turn, _LLAMA2_JINJA)}
 DEFAULT_TEMPLATE = "llama2"
 
 

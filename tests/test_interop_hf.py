@@ -205,6 +205,25 @@ def test_llama2_tokenizer_goes_to_hf(tmp_path):
     assert tok(text)["input_ids"] == [1] + ref.encode(text)
 
 
+def test_an_exported_tokenizers_chat_template_gives_babyllamas_chat_ids(tmp_path):
+    from conftest import shared_file
+
+    from babyllama.chat_template import encode_chat
+    from babyllama.tokenizer import Tokenizer
+
+    sp = shared_file("fixtures/llama2-tokenizer.model")
+    ours = Tokenizer.load(shared_file("fixtures/llama2-tokenizer.bin"))
+    w = random_weights(tiny_args(vocab_size=32000, n_layers=1), seed=4)
+    formats.save(w, tmp_path / "m.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin"), "--tokenizer", str(sp)]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! Élodie here."}, {"role": "user", "content": "A story?"}]
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert list(ids) == encode_chat(ours, messages)[0]
+
+
 SENTENCEPIECE_AFTER_TRANSFORMERS = """
 import sys
 import sentencepiece as spm

@@ -417,12 +417,16 @@ def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, bf16: bool = F
 
 
 def _tokenizer_config(args: ModelArgs) -> dict:
+    from ..chat_template import get_template
+
     return {
         "tokenizer_class": "LlamaTokenizer",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
         "add_bos_token": True, "add_eos_token": False,
         "legacy": True,  # sentencepiece's own behaviour, which babyllama's tokenizer reproduces
         "model_max_length": args.max_seq_len,
+        # apply_chat_template then gives the ids `chat` and the server feed the model
+        "chat_template": get_template().jinja,
     }
 
 
