@@ -56,7 +56,7 @@ class Source:
     path: Path  # the file or folder it was read from
     tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
     vocab: Vocab | None = None  # a vocabulary carried inside the file (GGUF)
-    conversions: list = field(default_factory=list)  # GGUF: quantized types converted on load, with their cost
+    conversions: list = field(default_factory=list)  # describe()'s notes: GGUF conversions, a foreign chat template
 
     def describe(self) -> str:
         """One line: what was loaded, and from what."""
@@ -108,6 +108,26 @@ def detect_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------- opening
 
 
+def foreign_chat_template_note(folder: Path) -> list[str]:
+    """A note when a Hugging Face folder's tokenizer_config.json holds a chat template other than Llama 2's
+    (a ChatML or Zephyr one, say): babyllama runs no Jinja, so chat and the server still lay a conversation out
+    as Llama 2's [INST] template, which such a model was not tuned on."""
+    from .chat_template import get_template
+
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return []
+    try:
+        template = safeio.read_json(config, "tokenizer_config.json").get("chat_template")
+    except BabyLlamaError:  # the tokenizer's settings are transformers' to check; the weights load without them
+        return []
+    if template is None or (isinstance(template, str) and template.split() == get_template().jinja.split()):
+        return []
+    return ["its tokenizer_config.json has its own chat_template, which babyllama does not run: chat and serve "
+            "use Llama 2's [INST] template"]
+
+
+
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
                quantize: str | None = None) -> Source:
@@ -138,7 +158,8 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         from .interop.hf import load_hf
 
         folder = path if path.is_dir() else path.parent
-        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL))
+        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL),
+                        conversions=foreign_chat_template_note(folder))
     elif kind == "meta":
         from .interop.meta import load_meta
 

@@ -224,6 +224,23 @@ def test_an_exported_tokenizers_chat_template_gives_babyllamas_chat_ids(tmp_path
     assert list(ids) == encode_chat(ours, messages)[0]
 
 
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
+    from babyllama.chat_template import get_template
+    from babyllama.interop.hf import save_hf
+    from babyllama.loading import open_model
+
+    save_hf(random_weights(tiny_args(), seed=1), tmp_path)
+    assert "chat_template" not in open_model(tmp_path).describe()  # no tokenizer_config.json
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": get_template().jinja}))
+    assert "chat_template" not in open_model(tmp_path).describe()  # Llama 2's: what chat and serve render
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert "has its own chat_template, which babyllama does not run" in open_model(tmp_path).describe()
+
+
 SENTENCEPIECE_AFTER_TRANSFORMERS = """
 import sys
 import sentencepiece as spm
