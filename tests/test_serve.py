@@ -1261,3 +1261,16 @@ def test_the_scheduler_makes_every_slot_s_whole_context_at_start(monkeypatch):
     monkeypatch.setattr(gen, "INITIAL_CACHE", 2)
     sched = Scheduler(Engine(random_weights(tiny_args(max_seq_len=96))), slots=3, queue_size=2, metrics=Metrics(3))
     assert (sched.batch.cache.seq_len, sched.batch.cache.n_slots) == (96, 3)
+
+
+@pytest.mark.parametrize("roles", [
+    ("assistant", "user"), ("system", "system", "user"), ("user", "system", "user"), ("user", "user"),
+    ("system", "assistant", "user"), ("user", "assistant"), ("system",), ("user", "assistant", "assistant", "user"),
+])
+def test_a_conversation_out_of_llama2_order_is_one_400(server, roles):
+    """Orders Meta's Llama 2 template has no layout for (transformers' apply_chat_template raises for the
+    alternation ones; a last assistant turn leaves no reply to generate): one 400 naming messages."""
+    messages = [{"role": role, "content": f"turn {i}"} for i, role in enumerate(roles)]
+    r = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "\n" not in r.json()["error"]["message"]
