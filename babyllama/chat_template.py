@@ -12,6 +12,12 @@ Each part is encoded on its own (the user turn with BOS, the reply as the contin
 is exactly what the model sees when it generates: `chat`, the server and fine-tuning all go through
 `encode_chat`, so a model is trained on the token boundaries it later runs with. The mask marks the tokens a
 fine-tune learns from: the replies, their closing space and their EOS.
+
+Whitespace around a message is stripped, as Meta's reference recommends and does, with two deliberate
+differences at the edges: run.c feeds a chat line as typed (so `run -m chat -i "  hi "` differs from run.c,
+whose layout is otherwise the same), and Meta strips the system block and the first user text joined, so with
+a system prompt a user text's leading whitespace survives there, and an empty one drops the "\\n\\n" after
+<</SYS>>; here each user text is stripped on its own, which keeps `chat`'s empty turn run.c's layout.
 """
 
 from __future__ import annotations
