@@ -56,6 +56,17 @@ def gguf_metadata(reader) -> dict:
             for key, f in reader.fields.items()}
 
 
+def test_gguf_carries_llama2s_chat_template_and_reads_back(tmp_path, sp_model):
+    """llama.cpp lays a chat out by the file's tokenizer.chat_template (ChatML when there is none)."""
+    from babyllama.chat_template import get_template
+    from babyllama.loading import open_model
+
+    _, reader = export_gguf(tmp_path, "f32", tied=True, tokenizer=sp_model)
+    meta = gguf_metadata(reader)
+    assert meta["tokenizer.chat_template"] == get_template().jinja and "[INST]" in meta["tokenizer.chat_template"]
+    assert open_model(tmp_path / "m-f32.gguf").weights.args.vocab_size == 320
+
+
 def gguf_tensors(reader) -> dict[str, np.ndarray]:
     return {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
 

@@ -9,7 +9,7 @@ What goes in a file llama.cpp loads as architecture "llama":
     attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon, rope.freq_base,
     rope.dimension_count (= head size), vocab_size; general.file_type for the tensor type;
   - the vocabulary as `tokenizer.ggml.*`: model "llama" (sentencepiece), tokens, scores, token_type,
-    bos/eos/unk ids, add_bos_token;
+    bos/eos/unk ids, add_bos_token; `tokenizer.chat_template`: Llama 2's, as chat_template.py writes it in Jinja;
   - tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), `output`
     omitted when the classifier is tied to the embedding (llama.cpp then reuses token_embd).
 
@@ -109,6 +109,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, bf16, q8_0, q4_0;
     bf16 rounded by formats.to_bf16, as `--quantize bf16` rounds)."""
     from .. import kernels
+    from ..chat_template import get_template
 
     gguf = _gguf()
     if dtype not in DTYPES:
@@ -142,6 +143,8 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         w.add_unk_token_id(vocab.unk_id)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+        # without one llama.cpp's chat falls back to ChatML, a layout these models never saw
+        w.add_chat_template(get_template().jinja)
 
         kept = _block_tensors(weights, dtype)
         for key, t in to_state_dict(weights).items():
