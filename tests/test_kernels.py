@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import mmap
 import os
 import subprocess
@@ -637,6 +638,69 @@ def test_threads_stay_awake_between_steps_where_every_thread_is_used():
     # gaps of 200 us, within the spin: no sleeps but those that preemptions explain (a busy machine, e.g. a
     # compiler on both cores, took 7 of 20 in the fewest of three tries)
     assert adaptive <= 2 and set_long <= 2
+
+
+ADAPTATION = """
+import ctypes, json, sys
+from babyllama import kernels_native
+lib = kernels_native.load().lib
+lib.adapt_test_record.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+state = (ctypes.c_int64 * 4)()
+
+def now():
+    lib.adapt_test_state(state)
+    return {"phase": state[0], "choice": state[1], "streak": state[2], "opening": state[3]}
+
+def job(rate_all, rate_one=10.0, ns=100_000):
+    # one decode step's worth of products in one job, 100 us each, bytes per ns by how the state runs it
+    s = now()
+    multi = 0 if s["phase"] == 0 else 1 if s["phase"] == 1 else s["choice"]
+    lib.adapt_test_record(multi, 1, int(ns * (rate_all if multi else rate_one)), ns, 1)
+    return multi
+
+def until_phase_changes(rate_all, limit=100_000):
+    phase, n = now()["phase"], 0
+    while now()["phase"] == phase and n < limit:
+        job(rate_all)
+        n += 1
+    return n
+
+def cycle(probe_rate, exploit_rate):
+    # the two measuring phases (every thread at probe_rate), then the running phase: its choice at the start and
+    # after 20 ms of jobs, and its length in jobs
+    until_phase_changes(probe_rate)
+    until_phase_changes(probe_rate)
+    chosen = now()["choice"]
+    for _ in range(200):
+        job(exploit_rate)
+    later = now()["choice"]
+    return chosen, later, 200 + until_phase_changes(exploit_rate), now()["streak"]
+
+until_phase_changes(13.0)  # the opening phase, on every thread
+print(json.dumps({
+    # every thread probes faster and runs as fast: kept (an idle machine)
+    "kept": cycle(13.0, 13.0),
+    # every thread probes faster, then runs at 0.7x one thread: the guard goes back to the caller's thread
+    "guarded": cycle(13.0, 7.0),
+    # every thread probes slower three times and more: each phase on one thread twice as long, up to 8x
+    "slower": [cycle(7.0, 7.0) for _ in range(5)],
+    # and faster again: back to 2,048 jobs
+    "faster": cycle(13.0, 13.0),
+}))
+"""
+
+
+def test_the_adaptation_leaves_every_thread_that_runs_slower_than_one_and_backs_off_on_a_busy_machine():
+    """The pool's adaptation (kernels.c, adapt_record) driven with made-up job times: a choice of every thread
+    that then moves fewer bytes per second than 0.85x the caller's thread alone did is undone within 16 ms of
+    jobs (the guard); an idle machine's faster threads keep it; phases that end on one thread back off (2,048
+    jobs, then twice as many each time in a row, up to 8x), and a probe won by every thread ends the back-off."""
+    out = json.loads(run_with_default_threads(ADAPTATION, "the adaptation is not used"))
+    assert out["kept"] == [1, 1, 2048, 0]
+    assert out["guarded"] == [1, 0, 2048, 1]  # a guarded phase counts as one on the caller's thread
+    assert [c[:2] for c in out["slower"]] == [[0, 0]] * 5
+    assert [c[2:] for c in out["slower"]] == [[4096, 2], [8192, 3], [16384, 4], [16384, 5], [16384, 6]]
+    assert out["faster"] == [1, 1, 2048, 0]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

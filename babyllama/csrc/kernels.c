@@ -313,7 +313,8 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
  * measuring (PROBE_JOBS jobs on the caller's thread alone, then as many on every thread, comparing bytes per
  * second) and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change
- * of load is followed within a fraction of a second and an idle machine pays about 1% for the measuring. A
+ * of load is followed within a second (see the guard and the back-off below) and an idle machine pays about 1%
+ * for the measuring. A
  * phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends
  * where a decode step (forward_step) begins, so that both measured phases hold whole steps: a small model's
  * products differ several-fold in bytes per second (the classifier from memory, the layers from cache), and
@@ -333,13 +334,26 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * (a prompt's products are not measured at all: MEASURED_MAX_TOKENS).
  * A process opens with a phase on every thread as short as a probe: with nothing measured yet, its first
  * prompt would otherwise run on the caller's thread alone (twice as long on an idle machine), and a busy
- * machine pays for the opening no more than for a probe of every thread. */
+ * machine pays for the opening no more than for a probe of every thread.
+ * Running every thread by choice is checked as it goes (the guard): once its jobs of the measured count hold
+ * GUARD_NS, at each step's start, if they have moved fewer bytes per second than GUARD_SHARE of what the
+ * caller's thread alone moved in the probe, the rest of the phase runs on the caller's thread. A worker woken
+ * after sleeping through a one-thread phase is favoured by the scheduler for its first milliseconds beside a
+ * co-runner, so an 8 ms probe can win where the 100 ms after it run at two thirds of one thread (110M Q4_0
+ * beside a busy process: 2,048 jobs in 152-172 ms on every thread against 104 ms on one). An idle machine's
+ * all-thread jobs stay at 1.2-1.5x the one-thread rate (memory-bound 110M Q8_0 the least), clear of the guard.
+ * Phases that end on the caller's thread alone back off: each one in a row runs twice as long as the one
+ * before, up to 8x (800 ms), so a machine that stays busy is probed a few times a second rather than ten, and
+ * an idle one is found again within a second. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
 #define PROBE_ALL_NS 8000000LL  /* 8 ms: the all-threads phase, unless it loses first */
 #define LOSING_JOBS 8
 #define EXPLOIT_JOBS 2048
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
+#define GUARD_NS 16000000LL     /* 16 ms */
+#define GUARD_SHARE 0.85
+#define MAX_BACKOFF 3           /* one-thread phases in a row run up to 2^3 times as long */
 
 static struct {
     pthread_mutex_t lock;
@@ -352,7 +366,9 @@ static struct {
     int64_t tokens;     /* the token count of the products being measured */
     int64_t others;     /* jobs of another count passed since the last one of `tokens` */
     double ns[2], bytes[2];
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}};
+    double guard_ns, guard_bytes; /* this phase's jobs of `tokens` run on every thread by choice */
+    int single_streak;  /* phases in a row that ended running on the caller's thread alone */
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}, 0, 0, 0};
 static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a step begins */
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
@@ -404,22 +420,46 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     adapt.phase_ns += ns;
     int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
     int exploit = adapt.phase == 2 && !adapt.opening;
-    int64_t limit = exploit ? EXPLOIT_JOBS : PROBE_JOBS;
+    int backoff = exploit && !adapt.choice ? (adapt.single_streak < MAX_BACKOFF ? adapt.single_streak : MAX_BACKOFF)
+                                           : 0;
+    int64_t limit = exploit ? EXPLOIT_JOBS << backoff : PROBE_JOBS;
     int new_step = step != adapt.last_step;
     adapt.last_step = step;
     int losing = adapt.phase == 1 && adapt.jobs >= LOSING_JOBS && adapt.phase_ns >= PROBE_NS / 4 &&
                  1.25 * adapt.bytes[1] * adapt.ns[0] < adapt.bytes[0] * adapt.ns[1];
-    int64_t min_ns = exploit ? EXPLOIT_NS : adapt.phase == 1 ? PROBE_ALL_NS : PROBE_NS;
+    if (exploit && adapt.choice && multi && n_tok == adapt.tokens) { /* the guard (see above) */
+        adapt.guard_ns += (double)ns;
+        adapt.guard_bytes += (double)bytes;
+        if (adapt.guard_ns >= GUARD_NS && new_step &&
+            adapt.guard_bytes * adapt.ns[0] < GUARD_SHARE * adapt.bytes[0] * adapt.guard_ns)
+            adapt.choice = 0;
+    }
+    int64_t min_ns = exploit ? EXPLOIT_NS << backoff : adapt.phase == 1 ? PROBE_ALL_NS : PROBE_NS;
     if ((++adapt.jobs >= limit && adapt.phase_ns >= min_ns &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
         if (adapt.phase == 1)
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
-        if (adapt.phase == 2) adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        if (adapt.phase == 2) {
+            adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+            adapt.single_streak = adapt.choice ? 0 : adapt.single_streak + 1;
+        }
         adapt.opening = 0;
         adapt.phase = (adapt.phase + 1) % 3;
         adapt.jobs = adapt.phase_ns = 0;
+        adapt.guard_ns = adapt.guard_bytes = 0;
     }
     pthread_mutex_unlock(&adapt.lock);
+}
+
+/* for tests: one job's record as pool_run_adaptive makes it (new_step: a decode step began before it), and the
+ * state it leaves: phase, choice, single_streak, opening */
+void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int new_step) {
+    if (new_step) atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
+    adapt_record(multi, n_tok, bytes, ns);
+}
+
+void adapt_test_state(int64_t *out) {
+    out[0] = adapt.phase, out[1] = adapt.choice, out[2] = adapt.single_streak, out[3] = adapt.opening;
 }
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
