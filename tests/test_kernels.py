@@ -645,18 +645,16 @@ import ctypes, json, sys
 from babyllama import kernels_native
 lib = kernels_native.load().lib
 lib.adapt_test_record.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-state = (ctypes.c_int64 * 4)()
+state = (ctypes.c_int64 * 5)()
 
 def now():
     lib.adapt_test_state(state)
-    return {"phase": state[0], "choice": state[1], "streak": state[2], "opening": state[3]}
+    return {"phase": state[0], "choice": state[1], "streak": state[2], "opening": state[3], "multi": state[4]}
 
 def job(rate_all, rate_one=10.0, ns=100_000):
     # one decode step's worth of products in one job, 100 us each, bytes per ns by how the state runs it
-    s = now()
-    multi = 0 if s["phase"] == 0 else 1 if s["phase"] == 1 else s["choice"]
+    multi = now()["multi"]
     lib.adapt_test_record(multi, 1, int(ns * (rate_all if multi else rate_one)), ns, 1)
-    return multi
 
 def until_phase_changes(rate_all, limit=100_000):
     phase, n = now()["phase"], 0

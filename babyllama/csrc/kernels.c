@@ -452,7 +452,7 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 }
 
 /* for tests: one job's record as pool_run_adaptive makes it (new_step: a decode step began before it), and the
- * state it leaves: phase, choice, single_streak, opening */
+ * state it leaves: phase, choice, single_streak, opening, and how the next job runs (adapt_mode) */
 void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int new_step) {
     if (new_step) atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
     adapt_record(multi, n_tok, bytes, ns);
@@ -460,6 +460,7 @@ void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int 
 
 void adapt_test_state(int64_t *out) {
     out[0] = adapt.phase, out[1] = adapt.choice, out[2] = adapt.single_streak, out[3] = adapt.opening;
+    out[4] = adapt_mode();
 }
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
