@@ -421,6 +421,24 @@ def logits_after(engine, tokens) -> np.ndarray:
     return engine.forward(list(tokens), np.arange(len(tokens)), engine.new_cache(), logits="last")[0]
 
 
+def batched_decode_side_by_side(engine, other, vocab_size: int, steps: int):
+    """Three sequences prompted at different lengths into both engines' caches, then decoded together one token
+    each per step at different positions (the step that --compile captures as a CUDA graph): yields each
+    step's (NumPy engine's logits, `other`'s logits); the NumPy engine's argmax feeds the next step."""
+    caches = engine.new_cache(3), other.new_cache(3)
+    rng = np.random.default_rng(2)
+    for slot, n in enumerate((5, 9, 2)):
+        prompt = rng.integers(0, vocab_size, n)
+        for eng, cache in zip((engine, other), caches):
+            eng.forward(prompt, np.arange(n), cache, slots=np.full(n, slot))
+    slots, positions = np.array([2, 0, 1]), np.array([2, 5, 9])
+    tokens = rng.integers(0, vocab_size, 3)
+    for _ in range(steps):
+        want = engine.forward(tokens, positions, caches[0], slots=slots)
+        yield want, other.forward(tokens, positions, caches[1], slots=slots)
+        tokens, positions = want.argmax(-1), positions + 1
+
+
 def top2_margin(logits: np.ndarray) -> float:
     """The gap between the largest and the second-largest logit of one row."""
     top = np.partition(np.asarray(logits, dtype=np.float64), -2)[-2:]

@@ -9,7 +9,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_greedy_agree, make_story_corpus, random_weights, run_cli, shared_file, tiny_args
+from conftest import (
+    assert_greedy_agree,
+    batched_decode_side_by_side,
+    make_story_corpus,
+    random_weights,
+    run_cli,
+    shared_file,
+    tiny_args,
+)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (PyTorch sees none)")
@@ -41,20 +49,9 @@ def test_the_cuda_engine_stays_near_the_numpy_engine_in_batched_steps(compile):
     w = random_weights(args, seed=6, scale=0.2)
     engine, te = Engine(w), make_engine(w, "cuda", compile=compile)
     assert te.model.output.weight.dtype == torch.bfloat16 and te.device.type == "cuda"
-    caches = engine.new_cache(3), te.new_cache(3)
-    rng = np.random.default_rng(2)
-    for slot, n in enumerate((5, 9, 2)):
-        prompt = rng.integers(0, args.vocab_size, n)
-        for eng, cache in zip((engine, te), caches):
-            eng.forward(prompt, np.arange(n), cache, slots=np.full(n, slot))
-    slots, positions = np.array([2, 0, 1]), np.array([2, 5, 9])
-    tokens = rng.integers(0, args.vocab_size, 3)
-    for _ in range(6):
-        want = engine.forward(tokens, positions, caches[0], slots=slots)
-        got = te.forward(tokens, positions, caches[1], slots=slots)
+    for want, got in batched_decode_side_by_side(engine, te, args.vocab_size, steps=6):
         err = np.abs(got - want)
         assert err.max() <= 0.05 * np.abs(want).max() and err.mean() <= 0.01 * np.abs(want).max()
-        tokens, positions = want.argmax(-1), positions + 1
 
 
 def test_stories260k_greedy_on_cuda_follows_the_numpy_engine_up_to_a_near_tie(stories260k, tok512):

@@ -13,7 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
-from conftest import byte_tokenizer, make_story_corpus, random_weights, run_cli, tiny_args  # noqa: E402
+from conftest import (  # noqa: E402
+    batched_decode_side_by_side,
+    byte_tokenizer,
+    make_story_corpus,
+    random_weights,
+    run_cli,
+    tiny_args,
+)
 
 from babyllama import formats  # noqa: E402
 from babyllama.engine import Engine  # noqa: E402
@@ -112,19 +119,8 @@ def test_batched_decode_step_matches_the_numpy_engine(compile):
     args = tiny_args(n_kv_heads=2)
     w = random_weights(args, seed=6, scale=0.2)
     engine, te = Engine(w), TorchEngine(Transformer.from_weights(w), compile=compile)
-    caches = engine.new_cache(3), te.new_cache(3)
-    rng = np.random.default_rng(2)
-    for slot, n in enumerate((5, 9, 2)):
-        prompt = rng.integers(0, args.vocab_size, n)
-        for eng, cache in zip((engine, te), caches):
-            eng.forward(prompt, np.arange(n), cache, slots=np.full(n, slot))
-    slots, positions = np.array([2, 0, 1]), np.array([2, 5, 9])
-    tokens = rng.integers(0, args.vocab_size, 3)
-    for _ in range(4):
-        want = engine.forward(tokens, positions, caches[0], slots=slots)
-        got = te.forward(tokens, positions, caches[1], slots=slots)
+    for want, got in batched_decode_side_by_side(engine, te, args.vocab_size, steps=4):
         assert np.abs(got - want).max() <= 1e-4
-        tokens, positions = want.argmax(-1), positions + 1
 
 
 @pytest.mark.parametrize("compile", [False, True])
