@@ -595,6 +595,7 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
     for measured in rounds:
         for r in measured:
             by_key.setdefault((r.shape, r.fmt, r.engine, r.threads), []).append(r)
+    shares = default_shares(rounds)
     merged = []
     for (shape, fmt, engine, threads), seen in by_key.items():
         row = Row(shape, fmt, engine, threads)
@@ -604,8 +605,26 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
         else:
             row.result = {key: _merged_figure(key, [r.result.get(key) for r in seen]) for key in seen[0].result}
             row.result["rounds"] = len(seen)
+            if threads == "default" and (shape, fmt, engine) in shares:
+                row.result["default_shares"] = shares[(shape, fmt, engine)]
         merged.append(row)
     return merged
+
+
+def default_shares(rounds: list[list[Row]]) -> dict[tuple, list[float]]:
+    """Per (model, format, engine), round by round: the default thread setting's decode speed over the fastest
+    explicit setting's in the same round (rows measured seconds apart, where the rounds lie minutes apart)."""
+    shares: dict[tuple, list[float]] = {}
+    for measured in rounds:
+        speeds: dict[tuple, dict[str, float]] = {}
+        for r in measured:
+            if not r.error and r.result.get("decode"):
+                speeds.setdefault((r.shape, r.fmt, r.engine), {})[r.threads] = r.result["decode"]
+        for key, by_setting in speeds.items():
+            explicit = [v for t, v in by_setting.items() if t != "default"]
+            if "default" in by_setting and explicit:
+                shares.setdefault(key, []).append(by_setting["default"] / max(explicit))
+    return shares
 
 
 def _merged_figure(key: str, values: list) -> Any:
@@ -747,6 +766,12 @@ def _ratios(rows: list[Row]) -> str:
     lines += [f"{what} speed of babyllama / llama.cpp on the same GGUF file: " + "; ".join(parts)
               for what in ("decode", "prefill")
               if (parts := _versus([r for r in rows if r.engine == "llama.cpp"], on_gguf, what))]
+    shares = [f"{r.shape} {FORMAT_LABELS[r.fmt]} {100 * _median(r.result['default_shares']):.0f}% "
+              f"({100 * min(r.result['default_shares']):.0f}–{100 * max(r.result['default_shares']):.0f}%)"
+              for r in rows if r.is_ours and r.result.get("default_shares")]
+    if shares:
+        lines.append("babyllama's default threads / the faster explicit setting, round by round (median, lowest–"
+                     "highest): " + "; ".join(shares))
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
           + ("" if t == "default" else f" ({t}t)")
           + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "

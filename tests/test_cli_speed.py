@@ -547,6 +547,25 @@ def test_merged_rounds_take_each_figures_median_and_keep_a_failure():
     assert failed.error == "llama.cpp failed: no file" and not failed.result
 
 
+def test_the_default_threads_share_is_taken_round_by_round_against_the_faster_explicit_setting():
+    def round_of(default, one, two, fmt="fp32"):
+        return [bench.Row("tiny", fmt, "babyllama", t, {"decode": v, "decode_bytes": 100})
+                for t, v in (("default", default), ("1", one), ("2", two))]
+
+    # round 2 is slow throughout: its own rows judge it, where the medians (20, 20, 30) would give 67%
+    rounds = [round_of(27.0, 20.0, 30.0), round_of(10.0, 5.0, 10.0), round_of(20.0, 20.0, 40.0)]
+    rows = bench.merge_rounds(rounds)
+    default = next(r for r in rows if r.threads == "default")
+    assert default.result["default_shares"] == [0.9, 1.0, 0.5]
+    assert all("default_shares" not in r.result for r in rows if r.threads != "default")
+    assert "default threads / the faster explicit setting, round by round (median, lowest–highest): " \
+           "tiny fp32 90% (50–100%)" in bench.table(rows, 2, 16)
+    # a setting that failed in a round leaves that round to the others; a run without explicit settings has none
+    rounds[1][2] = bench.Row("tiny", "fp32", "babyllama", "2", {}, "failed")
+    assert bench.default_shares(rounds)[("tiny", "fp32", "babyllama")] == [0.9, 2.0, 0.5]
+    assert bench.default_shares([[r for r in rnd if r.threads == "default"] for rnd in rounds]) == {}
+
+
 def test_a_figure_takes_more_runs_while_they_last_under_the_minimum_time(monkeypatch):
     clock = [0.0]  # a run of `step` seconds on a fake clock: the counts do not depend on the machine
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
