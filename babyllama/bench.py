@@ -161,17 +161,6 @@ def gguf_file(shape: str, fmt: str, directory: Path) -> Path:
     return path
 
 
-def read_through(path: Path) -> Path:
-    """Read the file once (and return its path), so that the row about to use it finds it in the page cache: a
-    VM may reclaim cached file pages between rows (DAMON's proactive reclaim drops pages left untouched for a
-    while), and the row whose turn came first in a round then timed a read from disk as its load."""
-    buf = bytearray(1 << 24)
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return path
-
-
 # ------------------------------------------------------------------------------ one measurement (child)
 
 
@@ -660,7 +649,7 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
         engine += f" --kv-cache {plan.kv_cache}"
     row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
     fast = path_name == "fast"
-    path = read_through(gguf_file(shape, fmt, directory) if gguf else model_file(shape, fmt, directory))
+    path = gguf_file(shape, fmt, directory) if gguf else model_file(shape, fmt, directory)
     spec = {"kind": "ours", "path": str(path), "plain": not fast,
             "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
@@ -685,7 +674,7 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
         row = Row(shape, fmt, name, setting)
         log(f"measuring {shape} {fmt} {name} ({exe}, threads {setting}) ...")
         try:
-            model = read_through(model_file(shape, fmt, directory, version))
+            model = model_file(shape, fmt, directory, version)
             speed = reference_decode(exe, model, tokenizer_file(shape, directory), plan.tokens, plan.repeats, env)
             weights = formats.load(model)  # run.c and runq.c keep their KV cache in fp32
             row.result = {"decode": speed, "decode_bytes": decode_bytes(weights),
@@ -697,9 +686,9 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
         row = Row(shape, fmt, "llama.cpp", setting)
         log(f"measuring {shape} {fmt} llama.cpp (threads {setting}) ...")
         try:
-            path = read_through(gguf_file(shape, fmt, directory))
-            spec = {"kind": "llamacpp", "path": str(path), "repeats": plan.repeats, "tokens": plan.tokens,
-                    "threads": None if setting == "default" else int(setting), "prompt_len": plan.prompt_len}
+            spec = {"kind": "llamacpp", "path": str(gguf_file(shape, fmt, directory)), "repeats": plan.repeats,
+                    "tokens": plan.tokens, "threads": None if setting == "default" else int(setting),
+                    "prompt_len": plan.prompt_len}
             row.result = _run_child(spec, env)
         except (RuntimeError, OSError) as e:
             row.error = f"llama.cpp failed: {e}"

@@ -536,23 +536,6 @@ def test_bench_measures_a_models_rows_in_rounds_and_reports_medians(tmp_path, mo
     assert "Each figure: the median of 3 rounds" in bench.table(rows, 2, 16, bandwidth)
 
 
-def test_each_row_reads_its_model_file_through_right_before_it_is_measured(tmp_path, monkeypatch):
-    """A VM may reclaim cached file pages between rows: each row's file is read once just before its process
-    starts, so that its load is not a read from disk that only some rows pay."""
-    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
-    events: list[tuple[str, str]] = []
-    read_through, run_child = bench.read_through, bench._run_child
-    monkeypatch.setattr(bench, "read_through", lambda path: events.append(("read", str(path))) or read_through(path))
-    monkeypatch.setattr(bench, "_run_child", lambda spec, env=None: events.append(
-        ("run", spec.get("path", spec["kind"]))) or run_child(spec, env))
-    plan = bench.Plan(["tiny"], ("fp32", "q4_0"), paths=("fast",), repeats=1, tokens=4, batch=2, prompt_len=8,
-                      bandwidth_mib=8, rounds=2)
-    bench.run(plan, tmp_path, log=lambda _: None)
-    runs = [i for i, (what, _) in enumerate(events) if what == "run" and events[i][1].endswith(".bin")]
-    assert len(runs) == 4  # two formats, two rounds
-    assert all(events[i - 1] == ("read", events[i][1]) for i in runs)
-
-
 def test_merged_rounds_take_each_figures_median_and_keep_a_failure():
     def row(decode, ttft, error=None):
         return bench.Row("tiny", "q4_0", "babyllama", "default", {} if error else
