@@ -98,7 +98,7 @@ def cuda_training(tmp_path_factory):
 
 
 def test_training_on_cuda_lowers_the_loss_and_reports_mfu(cuda_training):
-    root, proc = cuda_training
+    root, _ = cuda_training
     records = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(evals) == 3 and evals[-1] < 0.6 * evals[0]
