@@ -988,6 +988,28 @@ def test_text_that_cannot_fit_the_context_is_refused_before_encoding(monkeypatch
         assert on_loop and not any(on_loop)
 
 
+def test_health_says_shutting_down_once_the_server_stops():
+    """Between the signal to stop and the last connection's end, /health answers 503 "shutting_down" (a load
+    balancer then sends the requests elsewhere), as the API answers new requests."""
+    from conftest import byte_tokenizer, random_weights, tiny_args
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    app = create_app(Model(random_weights(tiny_args()), byte_tokenizer(300)), ServeConfig(model_name="m"))
+    with TestClient(app) as http:
+        assert http.get("/health").json()["status"] == "ok"
+        app.state.service.shut_down()
+        r = http.get("/health")
+        slots = ServeConfig(model_name="m").slots
+        assert r.status_code == 503 and r.json() == {"status": "shutting_down", "slots": slots, "active": 0,
+                                                     "queued": 0}
+        assert http.head("/health").status_code == 503
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
 def test_time_to_first_token_counts_from_the_request_s_arrival(monkeypatch):
     """babyllama_time_to_first_token_seconds counts from the request's arrival, as /metrics says: the reading of
     its body and the encoding of its prompt (here made to take 0.5 s) included."""

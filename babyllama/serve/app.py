@@ -62,9 +62,9 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # health checkers probe with HEAD
-    async def health():
-        ok = scheduler.healthy
-        return JSONResponse({"status": "ok" if ok else "error", **scheduler.status()}, status_code=200 if ok else 503)
+    async def health():  # 503 once the server shuts down too: a load balancer stops sending it requests
+        status = "error" if not scheduler.healthy else "shutting_down" if service.closing.is_set() else "ok"
+        return JSONResponse({"status": status, **scheduler.status()}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics_page():
