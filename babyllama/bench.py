@@ -295,7 +295,8 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     res["decode_tokens"] = n_tok
     res["repeats"] = len(decodes)  # decode runs made: at least `repeats`
     res["decode_bytes"] = decode_bytes(weights)
-    model = getattr(engine, "model", None)  # the PyTorch engine: the weights as it holds them (bf16 on CUDA)
+    # the PyTorch engine (fp32 files only): the weights as it holds them, bf16 on CUDA
+    model = getattr(engine, "model", None)
     if model is not None:
         res["decode_bytes"] = res["decode_bytes"] * model.output.weight.element_size() // 4
     kv = getattr(engine, "kv_dtype", None)  # the NumPy engine's cache rows; the PyTorch one's are not counted

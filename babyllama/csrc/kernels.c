@@ -314,10 +314,9 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * measuring (PROBE_JOBS jobs on the caller's thread alone, then as many on every thread, comparing bytes per
  * second) and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change
  * of load is followed within a second (see the guard and the back-off below) and an idle machine pays about 1%
- * for the measuring. A
- * phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends
- * where a decode step (forward_step) begins, so that both measured phases hold whole steps: a small model's
- * products differ several-fold in bytes per second (the classifier from memory, the layers from cache), and
+ * for the measuring. A phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does
+ * not decide, and ends where a decode step (forward_step) begins, so that both measured phases hold whole
+ * steps: a small model's products differ several-fold in bytes per second (the classifier from memory, the layers from cache), and
  * windows cut mid-step compared different mixes of them (products outside decode steps end a phase after 4 x
  * its jobs). Every thread is measured second, and only until it is clearly losing (a quarter slower than one
  * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
