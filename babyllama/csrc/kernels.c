@@ -316,8 +316,8 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * of load is followed within a second (see the guard and the back-off below) and an idle machine pays about 1%
  * for the measuring. A phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does
  * not decide, and ends where a decode step (forward_step) begins, so that both measured phases hold whole
- * steps: a small model's products differ several-fold in bytes per second (the classifier from memory, the layers from cache), and
- * windows cut mid-step compared different mixes of them (products outside decode steps end a phase after 4 x
+ * steps: a small model's products differ several-fold in bytes per second (the classifier from memory, the
+ * layers from cache), and windows cut mid-step compared different mixes of them (products outside decode steps end a phase after 4 x
  * its jobs). Every thread is measured second, and only until it is clearly losing (a quarter slower than one
  * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
  * milliseconds for a preempted one, and a whole phase of that was a large part of a small model's first 256
