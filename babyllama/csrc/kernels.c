@@ -309,21 +309,20 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
     pthread_mutex_unlock(&pool.busy);
 }
 
-/* Without an explicit thread count the pool adapts to the machine: a busy one (another process on a core) can
- * make every thread but the caller's a liability, an idle one rewards them all. Products alternate between
- * measuring (PROBE_JOBS jobs on the caller's thread alone, then as many on every thread, comparing bytes per
- * second) and running the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change
- * of load is followed within a second (see the guard and the back-off below) and an idle machine pays about 1%
- * for the measuring. A phase also lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does
- * not decide, and ends where a decode step (forward_step) begins, so that both measured phases hold whole
- * steps: a small model's products differ several-fold in bytes per second (the classifier from memory, the
- * layers from cache), and windows cut mid-step compared different mixes of them (products outside decode steps end a phase after 4 x
- * its jobs). Every thread is measured second, and only until it is clearly losing (a quarter slower than one
- * thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy machine a job split across threads can wait
- * milliseconds for a preempted one, and a whole phase of that was a large part of a small model's first 256
- * tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer than the OS gives a thread at a
- * time beside a co-runner: a phase as short as the one-thread one can fall wholly in a stretch where the
- * co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (measured with 2 ms:
+/* Without an explicit thread count the pool adapts to the machine: a busy one (another process on a core) can make
+ * every thread but the caller's a liability, an idle one rewards them all. Products alternate between measuring
+ * (PROBE_JOBS jobs on the caller's thread alone, then as many on every thread, comparing bytes per second) and running
+ * the faster way for EXPLOIT_JOBS jobs (about 40 decode steps of a 110M model), so a change of load is followed within
+ * a second (see the guard and the back-off below) and an idle machine pays about 1% for the measuring. A phase also
+ * lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends where a decode step
+ * (forward_step) begins, so that both measured phases hold whole steps: a small model's products differ several-fold in
+ * bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step compared different
+ * mixes of them (products outside decode steps end a phase after 4 x its jobs). Every thread is measured second, and
+ * only until it is clearly losing (a quarter slower than one thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy
+ * machine a job split across threads can wait milliseconds for a preempted one, and a whole phase of that was a large
+ * part of a small model's first 256 tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer than the
+ * OS gives a thread at a time beside a co-runner: a phase as short as the one-thread one can fall wholly in a stretch
+ * where the co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (measured with 2 ms:
  * single busy runs at 85-87% of one thread; see docs/speed.md).
  * The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
