@@ -373,6 +373,19 @@ def _child(spec: dict) -> dict:
 # ---------------------------------------------------------------------------------- the table (parent)
 
 
+def compiler_description(cc: str) -> str:
+    """The compiler's version line, with the options a $CC of several words adds (CC="gcc -m64")."""
+    from .kernels_native import cc_command
+
+    words = cc_command(cc)
+    try:
+        version = subprocess.run([*words, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    options = " ".join(words[1:])
+    return (version.splitlines() or [words[0]])[0] + (f", with {options}" if options else "")
+
+
 def kernels_description() -> str:
     """Which kernel backend the fast rows use, and with what."""
     from . import kernels
@@ -380,8 +393,7 @@ def kernels_description() -> str:
     k = kernels.backend()
     if k.name == "native":
         native = cast("NativeKernels", k)
-        version = subprocess.run([native.compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        return f"native C ({version}, {native.isa()}, pool of {native.threads()} threads)"
+        return f"native C ({compiler_description(native.compiler)}, {native.isa()}, pool of {native.threads()} threads)"
     if k.name == "numba":
         import numba
         return f"numba {numba.__version__} (no C compiler)"

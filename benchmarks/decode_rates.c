@@ -70,7 +70,7 @@ int main(int argc, char **argv) {
     int64_t d = big ? 768 : 288, h = big ? 2048 : 768, L = big ? 12 : 6, V = 32000;
     int gs = big ? 64 : 32; /* runq.c's group size for the shape (halved until it divides dim and hidden) */
     const char *names[6] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"};
-    printf("%s, %s shape\n", kernel_isa(), shape);
+    printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape\n", kernel_isa(), (long)kernel_prefetch_bytes(), shape);
     Mat *models[6];
     int64_t bytes[6] = {0};
     for (int type = 1; type <= 5; type++) {

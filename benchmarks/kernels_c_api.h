@@ -17,6 +17,7 @@ typedef struct {
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
+int64_t kernel_prefetch_bytes(void);
 int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type);
 
 /* the Q4_0 or Q8_0 (type 3 or 2) matrix w (rows, n) regrouped in place (through a copy) as decode steps read it;

@@ -267,6 +267,15 @@ def test_bench_startup_times_a_whole_run_process_beside_a_bare_interpreter():
     assert t["run_ms"] > t["python_ms"] > 0  # a run imports, loads and generates on top of the interpreter
 
 
+def test_bench_names_a_compiler_of_several_words_with_its_options():
+    """A $CC with options (CC="gcc -DPREFETCH_BYTES=0", as the kernels' build takes it) is run as those words for
+    its version line, and the options are named beside it; a missing compiler is named, not a traceback."""
+    plain = bench.compiler_description("gcc")
+    assert plain.startswith("gcc") and "with" not in plain
+    assert bench.compiler_description("gcc -DPREFETCH_BYTES=0") == f"{plain}, with -DPREFETCH_BYTES=0"
+    assert bench.compiler_description("no-such-cc-here") == "no-such-cc-here"
+
+
 def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))

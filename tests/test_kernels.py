@@ -5,6 +5,7 @@ the thread pool, the build cache's keys, and the backend protocol that engine.py
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import json
@@ -67,6 +68,15 @@ def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
         pytest.skip("no C compiler")
     assert k.isa() == ("avx512-vnni" if cpu_has("avx512_vnni") else "avx512")
     assert kernels_native.load("avx2").isa() == "avx2"
+
+
+def test_the_avx2_rows_prefetch_only_where_the_cpu_lacks_avx_512(native):
+    """The AVX2 int8 rows' software prefetch distance is chosen when the library loads: 6 KiB ahead on CPUs
+    without AVX-512 (whose prefetchers alone fell behind), none where AVX-512's are there (an AVX2 build forced
+    onto such a CPU reads its weights faster without). Whichever it is, the products are the same (the parity
+    tests run every build)."""
+    native.lib.kernel_prefetch_bytes.restype = ctypes.c_int64
+    assert native.lib.kernel_prefetch_bytes() == (0 if cpu_has("avx512f") else 6144)
 
 
 QUANTIZERS = {

@@ -749,14 +749,28 @@ static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, cons
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* The AVX2 quantized products prefetch this many bytes ahead in a thread's stream of weight rows: the hardware
- * prefetchers alone left them well below the memory bandwidth. fp32 rows are 4x longer in bytes and the same
- * prefetch made single-token products slower, so only batched fp32 products prefetch (further ahead: with
- * several tokens' arithmetic per weight the prefetchers alone fell behind). The AVX-512 int8 rows do not
- * prefetch (see DEFINE_ZMM_ROWS). Can be set at compile time (-D) for measurements. */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 6144
+/* The AVX2 quantized products prefetch prefetch_bytes ahead in a thread's stream of weight rows: on Zen 3 (AVX2
+ * only) the hardware prefetchers alone left them well below the memory bandwidth. A CPU with AVX-512 runs them
+ * (an AVX2 build forced there) as it runs its AVX-512 rows, without: on two Zen 4 cores the 110M shape's
+ * regrouped Q8_0 and Q4_0 products read DRAM 5-19% faster without it (decode_rates, four alternations), so the
+ * distance is chosen when the library loads. fp32 rows are 4x longer in bytes and the same prefetch made
+ * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens'
+ * arithmetic per weight the prefetchers alone fell behind). The AVX-512 int8 rows do not prefetch (see
+ * DEFINE_ZMM_ROWS). -DPREFETCH_BYTES=N fixes the AVX2 distance at compile time (for measurements). */
+#ifdef PREFETCH_BYTES
+static const int64_t prefetch_bytes = PREFETCH_BYTES;
+#else
+static int64_t prefetch_bytes = 6144;
+
+__attribute__((constructor)) static void choose_prefetch_distance(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init(); /* before main: cpu_supports needs the CPU's description read first */
+    if (__builtin_cpu_supports("avx512f")) prefetch_bytes = 0;
 #endif
+}
+#endif
+int64_t kernel_prefetch_bytes(void) { return prefetch_bytes; } /* read by tests */
+
 #ifndef ZMM_PREFETCH_BYTES
 #define ZMM_PREFETCH_BYTES 0
 #endif
@@ -1955,7 +1969,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
 #define ROW_LOOP(DOTS)                                                                                       \
     int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
     for (int64_t i = lo; i < hi; i++) {                                                                      \
-        ROW_WEIGHTS(i, PREFETCH_BYTES)                                                                       \
+        ROW_WEIGHTS(i, prefetch_bytes)                                                                       \
         float res[8];                                                                                        \
         DOTS;                                                                                                \
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
@@ -2034,14 +2048,14 @@ DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
             for (; i + 8 <= hi; i += 8) {                                                                      \
                 __m256 rows[8];                                                                                \
                 for (int r = 0; r < 8; r++) {                                                                  \
-                    ROW_WEIGHTS(i + r, PREFETCH_BYTES)                                                         \
+                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
                 store8(out + i, f32_sums8(rows), accumulate);                                                  \
             }                                                                                                  \
         for (; i < hi; i++) {                                                                                  \
-            ROW_WEIGHTS(i, PREFETCH_BYTES)                                                                     \
+            ROW_WEIGHTS(i, prefetch_bytes)                                                                     \
             __m256 acc[8];                                                                                     \
             DOTS;                                                                                              \
             for (int t = 0; t < NT; t++) store(&out[t * stride + i], hsum8(acc[t]), accumulate);               \
@@ -2103,7 +2117,8 @@ DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
 #define Q4R_PAIR(i, acc_a, acc_b)                                                                             \
     {                                                                                                          \
         const uint8_t *wa = (const uint8_t *)m->w + (i) * rb;                                                  \
-        for (int64_t off = 0; off < 2 * rb; off += 64) __builtin_prefetch(wa + off + PREFETCH_BYTES);          \
+        if (prefetch_bytes)                                                                                    \
+            for (int64_t off = 0; off < 2 * rb; off += 64) __builtin_prefetch(wa + off + prefetch_bytes);      \
         dots_q4r_pair(wa, wa + rb, a, n, NT, acc_a, acc_b);                                                    \
     }
 #define DEFINE_Q4R_ROWS_NT(NAME, DOTS, nt)                                                                     \
