@@ -72,6 +72,18 @@ def get_template(name: str | None = None) -> ChatTemplate:
         raise BabyLlamaError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})") from None
 
 
+def foreign_template_note(template: object, where: str) -> list[str]:
+    """A note when a model carries a chat template other than Llama 2's (a ChatML or Zephyr one, say): babyllama
+    runs no Jinja, so chat and the server still lay a conversation out as Llama 2's [INST] template, which such a
+    model was not tuned on. Llama 2's is recognized by its words (whitespace aside): Meta's Llama-2-chat
+    checkpoints carry it, and so do their llama.cpp conversions and babyllama's own exports. `where`: what holds
+    it (a tokenizer_config.json, a GGUF file)."""
+    if template is None or (isinstance(template, str) and template.split() == _LLAMA2_JINJA.split()):
+        return []
+    return [f"{where} has its own chat_template, which babyllama does not run: chat and serve use Llama 2's "
+            "[INST] template"]
+
+
 def check_messages(messages: Sequence, generation: bool = True) -> list[tuple[str, str]]:
     """The conversation as (role, content) pairs, checked: an optional system message first, then user and
     assistant turns alternating from a user turn; for generation it ends with a user turn, for training

@@ -109,10 +109,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def foreign_chat_template_note(folder: Path) -> list[str]:
-    """A note when a Hugging Face folder's tokenizer_config.json holds a chat template other than Llama 2's
-    (a ChatML or Zephyr one, say): babyllama runs no Jinja, so chat and the server still lay a conversation out
-    as Llama 2's [INST] template, which such a model was not tuned on."""
-    from .chat_template import get_template
+    """chat_template.foreign_template_note for a Hugging Face folder's tokenizer_config.json."""
+    from .chat_template import foreign_template_note
 
     config = folder / "tokenizer_config.json"
     if not config.is_file():
@@ -121,11 +119,7 @@ def foreign_chat_template_note(folder: Path) -> list[str]:
         template = safeio.read_json(config, "tokenizer_config.json").get("chat_template")
     except BabyLlamaError:  # the tokenizer's settings are transformers' to check; the weights load without them
         return []
-    if template is None or (isinstance(template, str) and template.split() == get_template().jinja.split()):
-        return []
-    return ["its tokenizer_config.json has its own chat_template, which babyllama does not run: chat and serve "
-            "use Llama 2's [INST] template"]
-
+    return foreign_template_note(template, "its tokenizer_config.json")
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
@@ -150,7 +144,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     elif kind == "gguf":
         from .interop.gguf import load_gguf
 
-        conversions: list[ConversionNote] = []
+        conversions: list[ConversionNote | str] = []
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
                                    quantize=quantize)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions)

@@ -42,6 +42,11 @@ def tok512() -> Path:
     return shared_file("fixtures/tok512.bin")
 
 
+# a chat template other than Llama 2's (ChatML, as Hugging Face and llama.cpp write it in Jinja)
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def cpu_has(*flags: str) -> bool:
     from babyllama import kernels_native
 

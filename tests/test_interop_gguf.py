@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import (
+    CHATML,
     LOAD_PEAK,
     ROOT,
     byte_tokenizer,
@@ -65,6 +66,30 @@ def test_gguf_carries_llama2s_chat_template_and_reads_back(tmp_path, sp_model):
     meta = gguf_metadata(reader)
     assert meta["tokenizer.chat_template"] == get_template().jinja and "[INST]" in meta["tokenizer.chat_template"]
     assert open_model(tmp_path / "m-f32.gguf").weights.args.vocab_size == 320
+
+
+def test_a_gguf_with_its_own_chat_template_is_noted_on_load(tmp_path, monkeypatch):
+    """A GGUF file whose tokenizer.chat_template is not Llama 2's (a ChatML fine-tune's, say) still runs with
+    Llama 2's [INST] layout: its load line says so. Llama 2's own template (babyllama's exports, llama.cpp's
+    conversions of Meta's chat models: the same words) and a file without one are not noted."""
+    from babyllama import chat_template
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+    from babyllama.loading import open_model
+
+    weights, vocab = random_weights(tiny_args(vocab_size=300)), from_tokenizer(byte_tokenizer(300))
+    notes = {}
+    for name, jinja in (("ours", chat_template.get_template().jinja), ("chatml", CHATML), ("none", None)):
+        template = chat_template.ChatTemplate(name, chat_template._llama2_turn, jinja)
+        monkeypatch.setattr(chat_template, "get_template", lambda name=None, t=template: t)
+        if jinja is None:  # the writer refuses None: a file without the key
+            monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda self, value: None)
+        save_gguf(weights, tmp_path / f"{name}.gguf", vocab)
+        assert ("tokenizer.chat_template" in gguf_metadata(gguf.GGUFReader(tmp_path / f"{name}.gguf"))) == bool(jinja)
+        notes[name] = open_model(tmp_path / f"{name}.gguf").describe()
+    assert "chat_template" not in notes["ours"] and "chat_template" not in notes["none"]
+    assert notes["chatml"].endswith("; the file has its own chat_template, which babyllama does not run: chat and "
+                                    "serve use Llama 2's [INST] template")
 
 
 def gguf_tensors(reader) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
+from conftest import CHATML, ROOT, engine_logits, random_weights, run_cli, tiny_args, torch_checkpoint, torch_logits
 
 from babyllama import formats
 from babyllama.cli import main
@@ -222,10 +222,6 @@ def test_an_exported_tokenizers_chat_template_gives_babyllamas_chat_ids(tmp_path
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     assert list(ids) == encode_chat(ours, messages)[0]
-
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):

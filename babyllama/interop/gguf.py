@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import memory, safeio
+from ..chat_template import foreign_template_note
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
@@ -509,15 +510,17 @@ def _view(buf: np.ndarray, t: GGUFTensor) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
-              notes: list[ConversionNote] | None = None, quantize: str | None = None) -> tuple[Weights, Vocab | None]:
+              notes: list[ConversionNote | str] | None = None, quantize: str | None = None
+              ) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
     By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
     reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 and BF16 matrices mapped (fp16
     arrays, BF16Tensors: the native kernels read both as fp32), other quantized types are converted to the
     nearest of Q8_0/Q4_0 (see the module's docstring), with one ConversionNote per converted type appended to
-    `notes`. `quantize` (formats.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as
-    soon as it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory
-    for its fp32 copy."""
+    `notes`, and a line there when the file's chat template is not Llama 2's (chat_template.foreign_template_note).
+    `quantize` (formats.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as soon as
+    it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory for its
+    fp32 copy."""
     path = Path(path)
     meta, tensors = read_gguf(path)
     fields = Fields(meta, str(path))
@@ -593,6 +596,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
+        notes.extend(foreign_template_note(meta.get("tokenizer.chat_template"), "the file"))
     return weights, vocab
 
 
