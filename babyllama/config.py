@@ -154,3 +154,4 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ("*",)
     keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
     header_timeout_s: float = 30.0  # a connection whose request line and headers take longer is closed
+    max_connections: int = 512  # open connections past this many have their request answered 503 and are closed

@@ -679,6 +679,7 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
     (["--port", "70000"], "--port must be <= 65535"),
     (["--timeout", "0"], "--timeout must be > 0"),
     (["--header-timeout", "-1"], "--header-timeout must be > 0, got -1"),
+    (["--max-connections", "0"], "--max-connections must be >= 1, got 0"),
     (["--chat-template", "nope"], "unknown chat template 'nope'"),
     (["--api-key", " "], "--api-key must not be empty"),
     (["--api-key", "clé"], "--api-key must be printable ASCII"),
@@ -694,7 +695,8 @@ def test_serve_flags_are_checked_in_one_line(flags, message):
 
 
 SERVE_FLAGS = {"--slots": "slots", "--queue": "queue", "--timeout": "timeout_s", "--header-timeout": "header_timeout_s",
-               "--max-body": "max_body_bytes", "--chunk": "max_tokens_per_step", "--prefix-min": "prefix_min"}
+               "--max-body": "max_body_bytes", "--chunk": "max_tokens_per_step", "--prefix-min": "prefix_min",
+               "--max-connections": "max_connections"}
 
 
 def test_serve_flags_default_to_serveconfig_and_the_docs_say_so():

@@ -197,6 +197,53 @@ def test_a_client_whose_headers_never_end_is_disconnected(slow_model):
         server.stop()
 
 
+def answer_and_close(conn: socket.socket) -> bytes:
+    """What the server sends on `conn` until it closes it (within a minute)."""
+    conn.settimeout(60)
+    received = b""
+    while chunk := conn.recv(65536):
+        received += chunk
+    return received
+
+
+def test_connections_past_the_cap_are_answered_503_and_closed(slow_model):
+    """With --max-connections 2 and two connections open (idle, kept alive), a request on a third is answered in
+    OpenAI's error shape, 503 with Retry-After, and that connection is closed; the two go on being served, and
+    once one of them closes a new connection is served again."""
+    server = Server(slow_model, "--max-connections", "2")
+    request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+    try:
+        first, second = (socket.create_connection(("127.0.0.1", server.port)) for _ in range(2))
+        with first, second:
+            with socket.create_connection(("127.0.0.1", server.port)) as third:
+                third.sendall(request)
+                head, _, body = answer_and_close(third).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+            error = json.loads(body)["error"]
+            assert error["code"] == "too_many_connections" and error["type"] == "server_error"
+            second.sendall(request)
+            second.settimeout(60)
+            assert second.recv(65536).startswith(b"HTTP/1.1 200")
+            first.close()
+            deadline = time.monotonic() + 10  # the server learns of the close as its event loop gets to it
+            while server.get("/health").status_code == 503 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert server.get("/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_serve_raises_the_open_files_limit_to_fit_its_connections():
+    """A soft limit on open files below --max-connections' needs (macOS's 256) is raised toward the hard one."""
+    script = ("import resource; from babyllama.serve import open_files_for; "
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard)); open_files_for(512); "
+              "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    soft, hard = (int(v) for v in out.stdout.split())
+    assert soft == (576 if hard < 0 else min(576, hard))  # 512 and 64 for the server's own files; -1: unlimited
+
+
 def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
     """SIGINT with a whole answer and a stream generating, a request queued and one still sending its body:
     each ends at once, the whole answers and the upload with OpenAI's 503, the stream with an error event and

@@ -44,6 +44,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header-timeout", type=float, default=DEFAULTS.header_timeout_s, metavar="SECONDS",
                    help="close a connection whose request line and headers have not all arrived this long after it "
                         f"opened or after its previous answer ({DEFAULTS.header_timeout_s:g})")
+    p.add_argument("--max-connections", type=int, default=DEFAULTS.max_connections, metavar="N",
+                   help="open connections served at once; a request on one past them gets 503 with Retry-After "
+                        f"({DEFAULTS.max_connections})")
     p.add_argument("--max-body", type=int, default=DEFAULTS.max_body_bytes, metavar="BYTES",
                    help=f"largest request body ({DEFAULTS.max_body_bytes:,} bytes)")
     p.add_argument("--chunk", type=int, default=DEFAULTS.max_tokens_per_step, metavar="TOKENS",
@@ -60,7 +63,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     for name, value, low in (("--port", args.port, 0), ("--slots", args.slots, 1), ("--queue", args.queue, 1),
                              ("--chunk", args.chunk, 1), ("--prefix-min", args.prefix_min, 0),
-                             ("--max-body", args.max_body, 1)):
+                             ("--max-body", args.max_body, 1), ("--max-connections", args.max_connections, 1)):
         if value < low:
             raise BabyLlamaError(f"{name} must be >= {low}, got {value}")
     if not args.host.strip():
@@ -152,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or served_name(args.checkpoint, args.lora, card)
     config = ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
-                               header_timeout_s=args.header_timeout,
+                               header_timeout_s=args.header_timeout, max_connections=args.max_connections,
                                max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
     check_slots_fit(model, args.slots)
     warm_up(model.engine)

@@ -6,7 +6,9 @@ extra (FastAPI, uvicorn, prometheus-client)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..config import ServeConfig
 from ..errors import BabyLlamaError
 from .app import create_app
+from .protocol import error_body
 
 __all__ = ["ServeConfig", "address", "create_app", "listen", "run"]
 
@@ -72,20 +75,36 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+async def too_many_connections(scope: dict, receive: Callable, send: Callable) -> None:
+    """The answer on a connection past the server's cap: OpenAI's error shape, 503 with Retry-After (clients
+    retry it), and the connection closed after it."""
+    body = json.dumps(error_body("the server has too many open connections; retry shortly", "server_error",
+                                 code="too_many_connections")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", b"1"), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 class HeaderTimeout(H11Protocol):
-    """uvicorn's h11 protocol, which closes a connection that has not brought a whole request line and headers
-    `header_timeout_s` after it opened or after its previous answer ended. uvicorn has no such limit: a client
-    that sends its headers a byte a minute (slowloris; uvicorn's keep-alive timer stops at the first byte), or
-    goes on sending the body of a request already answered without it (a 401, a 413), would hold a connection,
-    and one of the process's file descriptors, forever. The body of a request being answered is limited by the
-    request's time limit (Service.read_body)."""
+    """uvicorn's h11 protocol, with two limits uvicorn lacks, so that clients cannot hold the process's file
+    descriptors. A connection that has not brought a whole request line and headers `header_timeout_s` after it
+    opened or after its previous answer ended is closed: otherwise a client that sends its headers a byte a
+    minute (slowloris; uvicorn's keep-alive timer stops at the first byte), or goes on sending the body of a
+    request already answered without it (a 401, a 413), would hold its connection forever. The body of a request
+    being answered is limited by the request's time limit (Service.read_body). And a connection opened while
+    `max_connections` others are open has its request answered 503 (`too_many_connections`) and is closed:
+    uvicorn's own limit (limit_concurrency) answers in plain text, not the API's JSON."""
 
     header_timeout_s = ServeConfig.header_timeout_s
+    max_connections = ServeConfig.max_connections
     header_timer: asyncio.TimerHandle | None = None
     answered: object = None  # the request cycle whose answer ended as the timer started (None: none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:  # the set holds this one too
+            self.app = too_many_connections
         self.wait_for_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -119,14 +138,35 @@ class HeaderTimeout(H11Protocol):
             self.transport.close()  # no request is being answered (nginx closes such connections too)
 
 
-def with_header_timeout(seconds: float) -> type[HeaderTimeout]:
-    """The protocol class (uvicorn makes one per connection) with its header time limit."""
-    return type("HeaderTimeout", (HeaderTimeout,), {"header_timeout_s": seconds})
+def with_limits(config: ServeConfig) -> type[HeaderTimeout]:
+    """The protocol class (uvicorn makes one per connection) with `config`'s header time limit and connection cap."""
+    return type("HeaderTimeout", (HeaderTimeout,), {"header_timeout_s": config.header_timeout_s,
+                                                    "max_connections": config.max_connections})
+
+
+def open_files_for(connections: int) -> None:
+    """Raise the process's soft limit on open files (Linux's usual 1,024, macOS's 256) toward its hard limit, so
+    that `connections` sockets fit beside the files the server holds: past the limit accept() fails, and
+    clients would wait unanswered instead of getting the cap's 503."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 64
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard),
+                                                    hard))
+    except (OSError, ValueError):  # not allowed here: the cap then guards fewer connections than it says
+        pass
 
 
 def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
-    """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop; a connection whose
-    request headers take longer than its ServeConfig's header_timeout_s is closed."""
-    protocol = with_header_timeout(app.state.service.config.header_timeout_s)
+    """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
+    ServeConfig's limits on connections (HeaderTimeout)."""
+    open_files_for(app.state.service.config.max_connections)
+    protocol = with_limits(app.state.service.config)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
     Server(config, app).run(sockets=sockets)
