@@ -208,8 +208,8 @@ def answer_and_close(conn: socket.socket) -> bytes:
 
 def test_connections_past_the_cap_are_answered_503_and_closed(slow_model):
     """With --max-connections 2 and two connections open (idle, kept alive), a request on a third is answered in
-    OpenAI's error shape, 503 with Retry-After, and that connection is closed; the two go on being served, and
-    once one of them closes a new connection is served again."""
+    OpenAI's error shape, 503 with Retry-After (and counted in /metrics), and that connection is closed; the two
+    go on being served, and once one of them closes a new connection is served again."""
     server = Server(slow_model, "--max-connections", "2")
     request = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
     try:
@@ -229,6 +229,7 @@ def test_connections_past_the_cap_are_answered_503_and_closed(slow_model):
             while server.get("/health").status_code == 503 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert server.get("/health").status_code == 200
+        assert 'babyllama_requests_total{endpoint="/health",status="503"} 1.0' in server.get("/metrics").text
     finally:
         server.stop()
 

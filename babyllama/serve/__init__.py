@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import ServeConfig
 from ..errors import BabyLlamaError
-from .app import create_app
+from .app import Count, create_app
+from .metrics import Metrics
 from .protocol import error_body
 
 __all__ = ["ServeConfig", "address", "create_app", "listen", "run"]
@@ -75,7 +77,7 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-async def too_many_connections(scope: dict, receive: Callable, send: Callable) -> None:
+async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> None:
     """The answer on a connection past the server's cap: OpenAI's error shape, 503 with Retry-After (clients
     retry it), and the connection closed after it."""
     body = json.dumps(error_body("the server has too many open connections; retry shortly", "server_error",
@@ -98,13 +100,14 @@ class HeaderTimeout(H11Protocol):
 
     header_timeout_s = ServeConfig.header_timeout_s
     max_connections = ServeConfig.max_connections
+    refuse: Callable = staticmethod(too_many_connections)  # the app a connection past the cap is answered by
     header_timer: asyncio.TimerHandle | None = None
     answered: object = None  # the request cycle whose answer ended as the timer started (None: none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:  # the set holds this one too
-            self.app = too_many_connections
+            self.app = self.refuse
         self.wait_for_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -138,10 +141,12 @@ class HeaderTimeout(H11Protocol):
             self.transport.close()  # no request is being answered (nginx closes such connections too)
 
 
-def with_limits(config: ServeConfig) -> type[HeaderTimeout]:
-    """The protocol class (uvicorn makes one per connection) with `config`'s header time limit and connection cap."""
+def with_limits(config: ServeConfig, metrics: Metrics) -> type[HeaderTimeout]:
+    """The protocol class (uvicorn makes one per connection) with `config`'s header time limit and connection cap,
+    its 503s counted in `metrics` as the app's answers are."""
     return type("HeaderTimeout", (HeaderTimeout,), {"header_timeout_s": config.header_timeout_s,
-                                                    "max_connections": config.max_connections})
+                                                    "max_connections": config.max_connections,
+                                                    "refuse": Count(too_many_connections, metrics)})
 
 
 def open_files_for(connections: int) -> None:
@@ -167,6 +172,6 @@ def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> 
     """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
     ServeConfig's limits on connections (HeaderTimeout)."""
     open_files_for(app.state.service.config.max_connections)
-    protocol = with_limits(app.state.service.config)
+    protocol = with_limits(app.state.service.config, app.state.service.metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
     Server(config, app).run(sockets=sockets)
