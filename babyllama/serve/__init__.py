@@ -88,7 +88,7 @@ async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> No
     await send({"type": "http.response.body", "body": body})
 
 
-class HeaderTimeout(H11Protocol):
+class ConnectionLimits(H11Protocol):
     """uvicorn's h11 protocol, with two limits uvicorn lacks, so that clients cannot hold the process's file
     descriptors. A connection that has not brought a whole request line and headers `header_timeout_s` after it
     opened or after its previous answer ended is closed: otherwise a client that sends its headers a byte a
@@ -141,12 +141,12 @@ class HeaderTimeout(H11Protocol):
             self.transport.close()  # no request is being answered (nginx closes such connections too)
 
 
-def with_limits(config: ServeConfig, metrics: Metrics) -> type[HeaderTimeout]:
+def with_limits(config: ServeConfig, metrics: Metrics) -> type[ConnectionLimits]:
     """The protocol class (uvicorn makes one per connection) with `config`'s header time limit and connection cap,
     its 503s counted in `metrics` as the app's answers are."""
-    return type("HeaderTimeout", (HeaderTimeout,), {"header_timeout_s": config.header_timeout_s,
-                                                    "max_connections": config.max_connections,
-                                                    "refuse": Count(too_many_connections, metrics)})
+    limits = {"header_timeout_s": config.header_timeout_s, "max_connections": config.max_connections,
+              "refuse": Count(too_many_connections, metrics)}
+    return type("ConnectionLimits", (ConnectionLimits,), limits)
 
 
 def open_files_for(connections: int) -> None:
@@ -170,7 +170,7 @@ def open_files_for(connections: int) -> None:
 
 def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
     """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
-    ServeConfig's limits on connections (HeaderTimeout)."""
+    ServeConfig's limits on connections (ConnectionLimits)."""
     open_files_for(app.state.service.config.max_connections)
     protocol = with_limits(app.state.service.config, app.state.service.metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
