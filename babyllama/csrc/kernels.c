@@ -1236,7 +1236,8 @@ ALWAYS_INLINE __m256i dot2_u4s8(__m256i acc, __m256i u0, __m256i s0, __m256i u1,
  * alternations). The int32 sums are the same integers either way. */
 ALWAYS_INLINE __m256i dot8_u4s8(__m256i acc, const __m256i *u, const __m256i *s) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
-    __m256i s0 = dot2_u4s8(acc, u[0], s[0], u[1], s[1]), s1 = dot2_u4s8(_mm256_setzero_si256(), u[2], s[2], u[3], s[3]);
+    __m256i s0 = dot2_u4s8(acc, u[0], s[0], u[1], s[1]);
+    __m256i s1 = dot2_u4s8(_mm256_setzero_si256(), u[2], s[2], u[3], s[3]);
     s0 = dot2_u4s8(s0, u[4], s[4], u[5], s[5]);
     s1 = dot2_u4s8(s1, u[6], s[6], u[7], s[7]);
     return _mm256_add_epi32(s0, s1);
