@@ -375,15 +375,11 @@ def _child(spec: dict) -> dict:
 
 def compiler_description(cc: str) -> str:
     """The compiler's version line, with the options a $CC of several words adds (CC="gcc -m64")."""
-    from .kernels_native import cc_command
+    from .kernels_native import cc_command, compiler_version
 
     words = cc_command(cc)
-    try:
-        version = subprocess.run([*words, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
     options = " ".join(words[1:])
-    return (version.splitlines() or [words[0]])[0] + (f", with {options}" if options else "")
+    return (compiler_version(cc) or words[0]) + (f", with {options}" if options else "")
 
 
 def kernels_description() -> str:

@@ -202,16 +202,22 @@ def cc_command(cc: str) -> list[str]:
         return [cc]
 
 
+def compiler_version(cc: str) -> str:
+    """The first line of `cc --version` (a compiler setting of several words run as those words), or "" where it
+    does not run."""
+    try:
+        version = subprocess.run([*cc_command(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return version.splitlines()[0] if version else ""
+
+
 @cache
 def _compiler_identity(cc: str) -> str:
     """The compiler's resolved path (and its other words: CC="gcc -m64"), and version line: a different compiler
     under the same name, or other options, rebuilds."""
     words = cc_command(cc)
-    try:
-        version = subprocess.run([*words, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    return " ".join([str(shutil.which(words[0])), *words[1:], version.splitlines()[0] if version else ""])
+    return " ".join([str(shutil.which(words[0])), *words[1:], compiler_version(cc)])
 
 
 @cache
