@@ -61,13 +61,11 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     if tok is not None:
         safeio.check_regular(tok, "tokenizer file")
     out = Path(out)
+    _check_not_source(out, src, to, lora is not None)
     adapter = None
     if lora is not None:
         from .adapter import load_adapter, merge
 
-        if out.exists() and out.samefile(src.path):
-            raise BabyLlamaError(f"{out} is the base model: the merged model written over it would leave the adapter "
-                                 "without the base it was trained on; write it to another file")
         adapter, base = load_adapter(lora), src.weights
         src = replace(src, weights=merge(base, adapter, str(src.path)))
     explicit = tokenizer is not None
@@ -99,6 +97,21 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         vocab = _gguf_vocab(src, tok)
         save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
         return [out]
+
+
+def _check_not_source(out: Path, src: Source, to: str, merging: bool) -> None:
+    """Refuse to write over the model being read (the file, a link to it, or the folder a checkpoint was read
+    from): the export would replace the source it was asked to convert, and a file still mapped for reading
+    would change under the reader."""
+    read_from_folder = to == "hf" and src.kind == "hf" and src.path.is_file()  # weight files: their folder's
+    written_over = out.exists() and (out.samefile(src.path) or (read_from_folder and out.samefile(src.path.parent)))
+    if not written_over:
+        return
+    if merging:
+        raise BabyLlamaError(f"{out} is the base model: the merged model written over it would leave the adapter "
+                             "without the base it was trained on; write it to another file")
+    raise BabyLlamaError(f"{out} is the model being exported ({src.path}): writing over it would lose it; choose "
+                         "another output")
 
 
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,

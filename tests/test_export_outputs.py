@@ -137,7 +137,7 @@ def test_export_tokenizer_takes_llama2c_tokenizer_py_flag(tmp_path, capsys, sp_m
     assert main(["export-tokenizer", f"--tokenizer-model={model}"]) == 0
     assert Tokenizer.load(tmp_path / "tok.bin").vocab_size == 320
     assert "give the sentencepiece .model once" in cli_error(capsys, "export-tokenizer", str(model), "-t", str(model))
-    assert "give the sentencepiece .model once" in cli_error(capsys, "export-tokenizer")
+    assert "export-tokenizer needs the sentencepiece .model" in cli_error(capsys, "export-tokenizer")
 
 
 def test_an_os_error_escaping_a_command_is_cli_error(monkeypatch, capsys, sp_model):
@@ -416,3 +416,41 @@ def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, t
     capsys.readouterr()
     assert "is Hugging Face output, not --to gguf" in cli_error(
         capsys, "export", str(tmp_path / "m.gguf"), "--model", str(tiny), "--version", "-1", "--to", "gguf")
+
+
+# ------------------------------------------------------------------------------------- the source is not the output
+
+
+@pytest.mark.parametrize("extra", [[], ["--version", "2"], ["--version", "0"]])
+def test_export_refuses_to_write_over_the_model_it_reads(tmp_path, capsys, tiny, extra):
+    before = tiny.read_bytes()
+    link = tmp_path / "link.bin"
+    link.symlink_to(tiny)
+    for out, source in ((tiny, tiny), (tiny, link), (link, tiny)):
+        msg = cli_error(capsys, "export", str(out), "--model", str(source), *extra)
+        assert f"{out} is the model being exported ({source}): writing over it would lose it" in msg
+    assert tiny.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_export_refuses_to_write_a_gguf_over_itself(capsys, tiny_gguf):
+    before = tiny_gguf.read_bytes()
+    msg = cli_error(capsys, "export", str(tiny_gguf), "--model", str(tiny_gguf), "--dtype", "q8_0")
+    assert "is the model being exported" in msg and tiny_gguf.read_bytes() == before
+
+
+def test_export_takes_out_after_the_hf_folder_and_refuses_the_folder_itself(tmp_path, capsys, tiny):
+    pytest.importorskip("safetensors")
+    hf = tmp_path / "hf"
+    assert main(["export", str(hf), "--model", str(tiny)]) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()}
+    weights = next(hf.glob("*.safetensors"))
+    for argv in (["--hf", str(hf), str(hf)], ["--hf", str(weights), str(hf)], [str(hf), "--hf", str(hf)]):
+        assert "is the model being exported" in cli_error(capsys, "export", *argv)
+    assert {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()} == files
+    out = tmp_path / "back.bin"
+    assert main(["export", "--hf", str(hf), str(out)]) == 0  # OUT after the source, as with the other flags
+    assert formats.load(out).args == formats.load(tiny).args
+    capsys.readouterr()
+    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(hf))
+    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(weights), str(weights))

@@ -14,7 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
         description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0-2 as "
                     "llama2.c's export.py, 3 Q4_0), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
                     "without --to it is guessed from OUT's name in any case (.bin, .gguf, else a directory).")
-    p.add_argument("output", metavar="OUT", help="file or directory to write")
+    # optional for argparse only: `--hf DIR OUT` puts OUT among --hf's values (see output_path)
+    p.add_argument("output", metavar="OUT", nargs="?", help="file or directory to write")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT",
                      help="a training checkpoint, babyllama's or llama2.c train.py's (ckpt.pt or its folder)")
@@ -69,10 +70,22 @@ def target(args: argparse.Namespace) -> str:
     return infer_target(args.output, args.to)
 
 
+def output_path(args: argparse.Namespace) -> str:
+    """OUT: given before the source flag, or after `--hf`'s folder or files, whose values it then ends."""
+    from ..loading import HF_FILE_SUFFIXES
+
+    if args.output is None and args.hf is not None and len(args.hf) > 1 and not args.hf[-1].endswith(HF_FILE_SUFFIXES):
+        args.output = args.hf.pop()
+    if args.output is None:
+        raise BabyLlamaError("export needs OUT: the file or directory to write")
+    return args.output
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export, report
     from ..loading import load_source
 
+    output_path(args)
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if args.group_size is not None and args.group_size <= 0:
@@ -89,7 +102,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_export_tokenizer(args: argparse.Namespace) -> int:
     from ..export import export_tokenizer
 
-    if (args.model is None) == (args.tokenizer_model is None):
+    if args.model is None and args.tokenizer_model is None:
+        raise BabyLlamaError("export-tokenizer needs the sentencepiece .model: as MODEL or as -t/--tokenizer-model")
+    if args.model is not None and args.tokenizer_model is not None:
         raise BabyLlamaError("give the sentencepiece .model once: as MODEL or as -t/--tokenizer-model")
     print(f"wrote {export_tokenizer(args.model or args.tokenizer_model, args.output)}")
     return 0
