@@ -854,3 +854,19 @@ def test_sample_says_when_max_new_tokens_goes_past_the_context(llama2c_checkpoin
     assert main([*argv, f"--max_new_tokens={room}"]) == 0  # the context holds them all: nothing to say
     assert main([*argv, f"--max_new_tokens={room + 1}", "-n", "10"]) == 0  # -n bounds the run, as asked
     assert "warning" not in capsys.readouterr().err
+
+
+def test_sample_says_when_steps_or_the_prompt_outgrow_the_context(llama2c_checkpoint, tmp_path, capsys, monkeypatch):
+    """As `run` does, but without pointing at --context-shift, which `sample` does not have."""
+    from babyllama.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    context = torch.load(llama2c_checkpoint, weights_only=True)["model_args"]["max_seq_len"]
+    argv = ["sample", f"--checkpoint={llama2c_checkpoint}", "--device", "cpu", "-t", "0"]
+    assert main([*argv, "-i", "the cat", "-n", str(context + 5)]) == 0
+    err = capsys.readouterr().err
+    assert f"-n {context + 5} is more than the model's context ({context} positions); it runs {context}\n" in err
+    assert main([*argv, "-i", "the cat " * context, "--max_new_tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert f"more than the model's context ({context}): nothing will be generated (shorten it)" in err
+    assert "--context-shift" not in err

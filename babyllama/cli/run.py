@@ -193,17 +193,17 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
 
 
 def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, args: argparse.Namespace,
-                       draft: Engine | None = None, warn_context: bool = True) -> int:
+                       draft: Engine | None = None, warn_context: bool = True, can_shift: bool = True) -> int:
     """Echo the prompt as it is fed (like run.c), stream the generated text, then report tok/s on stderr
     (`warn_context`: say when the context holds fewer new tokens than --max-new-tokens asks for; `sample` says it
-    once, in its own words, for all its samples)."""
+    once, in its own words, for all its samples; `can_shift`: whether the command has --context-shift)."""
     from ..generate import generate
     from ..printer import Printer
 
     ids = model.tokenizer.encode(prompt, bos=True)
     if len(ids) > steps:
         warn_prompt_too_long(len(ids), steps, None if args.context_shift else model.args.max_seq_len,
-                             can_shift=draft is None,  # --draft refuses --context-shift
+                             can_shift=can_shift and draft is None,  # --draft refuses --context-shift
                              max_new=args.max_new_tokens is not None)
     elif warn_context and not args.context_shift and steps == model.args.max_seq_len:  # the context bounds the run
         warn_new_tokens_beyond_context(len(ids), args.max_new_tokens, steps,

@@ -136,7 +136,7 @@ def sample_prompt(args: argparse.Namespace) -> str:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from ..api import clamp_steps, load
-    from .run import generate_and_print, warn_new_tokens_beyond_context
+    from .run import generate_and_print, warn_new_tokens_beyond_context, warn_steps_beyond_context
 
     check_sampling_flags(args)
     prompt = sample_prompt(args)
@@ -145,6 +145,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         torch = require("torch", "train", "sample")
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.checkpoint, args.tokenizer, device=device, compile=args.compile)
+    if args.steps is not None and args.steps > model.args.max_seq_len and args.max_new_tokens is None:
+        warn_steps_beyond_context(args.steps, model.args.max_seq_len, can_shift=False)
     steps = clamp_steps(steps_flag(args), model.args.max_seq_len)
     if steps == model.args.max_seq_len:  # the context bounds the run, not -n
         warn_new_tokens_beyond_context(len(model.tokenizer.encode(prompt, bos=True)), args.max_new_tokens, steps,
@@ -153,7 +155,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
     sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
     for _ in range(args.num_samples):
-        generate_and_print(model, sampler, prompt, steps, args, warn_context=False)
+        generate_and_print(model, sampler, prompt, steps, args, warn_context=False, can_shift=False)
         if args.num_samples > 1:
             print(SAMPLE_SEPARATOR, flush=True)
     return 0
