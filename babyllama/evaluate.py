@@ -124,7 +124,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, data: str | os.PathLike, seq_
     result = EvalResult()
     size = Path(data).stat().st_size if Path(data).is_file() else None
     with progress_bar(total=size, unit="B", unit_scale=True, desc="eval", disable=not show_progress) as bar:
-        for text in read_documents(Path(data), on_bytes=bar.update):
+        for text in read_documents(Path(data), on_bytes=bar.update, skippable=False):  # eval has no skipping
             ids = tokenizer.encode(text, bos=True)
             result.documents += 1
             result.bytes += len(text.encode("utf-8"))

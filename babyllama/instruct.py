@@ -487,14 +487,14 @@ def _doc_text(item, where: str) -> str:
 
 
 def read_documents(path: Path, skip_bad_lines: bool = False,
-                   on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
+                   on_bytes: Callable[[int], object] | None = None, skippable: bool = True) -> Iterator[str]:
     """The documents of one file (.jsonl, .json, else text: documents.iter_documents), stripped of surrounding
     whitespace, empty ones skipped; malformed .jsonl lines refused, or skipped with a count. `on_bytes`: as
-    iter_documents (text only)."""
+    iter_documents (text only); `skippable`: as read_jsonl."""
     docs: Iterable[str]
     try:
         if path.suffix == ".jsonl":
-            data = read_jsonl(path, skip_bad_lines)
+            data = read_jsonl(path, skip_bad_lines, skippable)
             if data.kind == CHAT:
                 raise BabyLlamaError(f"{path}: chat records, not plain text")
             if data.bad:

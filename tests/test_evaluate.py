@@ -133,6 +133,8 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
     assert table.returncode == 0, table.stderr.decode()
     assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout
+    one = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "1")
+    assert b": 1 story, " in one.stdout and b" 1 stories" not in one.stdout
 
 
 @pytest.mark.parametrize("content,flags,message", [
@@ -157,6 +159,14 @@ def test_cli_eval_bad_inputs(tiny_model, tmp_path, content, flags, message):
     assert proc.returncode == 1
     assert proc.stderr.startswith(b"babyllama: error: ") and message in proc.stderr
     assert b"Traceback" not in proc.stderr
+
+
+def test_cli_eval_names_bad_jsonl_lines_without_a_flag_it_lacks(tiny_model, tmp_path):
+    data = tmp_path / "stories.jsonl"
+    data.write_text('{"story": "a"}\n{bad\n', encoding="utf-8")
+    proc = run_cli("eval", str(tiny_model), "--data", str(data))
+    assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1, proc.stderr
+    assert b"line 2" in proc.stderr and proc.stderr.rstrip().endswith(b"(fix them)"), proc.stderr
 
 
 @pytest.mark.parametrize("flags", [["--max-stories", "2"], ["--max-tokens", "9"], ["--seq-len", "32"]])

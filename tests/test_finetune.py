@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -197,6 +198,9 @@ def test_eval_instruct_scores_the_fine_tune_above_the_base(lora_run):
     assert tuned["word_share"] >= 0.8 > base["word_share"]
     sample = tuned["samples"][0]
     assert sample["words"][0] in sample["request"] and sample["used"] == sample["words"]
+    table = run_cli("eval", str(root / "base.bin"), *[a for a in common if a != "--json"])
+    assert table.returncode == 0 and b"\n[words used: " in table.stdout, table.stderr.decode()
+    assert re.search(rb"; topic: (none asked|mentioned|missed)\]\n", table.stdout), table.stdout[-300:]
 
 
 def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):

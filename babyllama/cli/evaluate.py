@@ -59,8 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     seq_len = args.seq_len or model.args.max_seq_len
     print(f"model       {model_name(args)}")
-    print(f"data        {args.data}: {r.documents:,} stories, {r.bytes:,} bytes")
-    print(f"tokens      {r.tokens:,} predicted in {r.windows:,} windows of <= {seq_len}")
+    print(f"data        {args.data}: {counted(r.documents, 'story', 'stories')}, {counted(r.bytes, 'byte')}")
+    print(f"tokens      {r.tokens:,} predicted in {counted(r.windows, 'window')} of <= {seq_len}")
     print(f"loss        {r.loss:.4f} nats/token")
     print(f"perplexity  {r.perplexity:.3f}")
     print(f"bits/byte   {r.bits_per_byte:.4f}")
@@ -126,5 +126,13 @@ def eval_instruct(model: Model, args: argparse.Namespace) -> int:
           "tokens on average")
     for sample in s.samples[:args.samples or 0]:
         print(f"\n> {sample['request']}\n{sample['reply']}\n[words used: {', '.join(sample['used']) or '-'} of "
-              f"{', '.join(sample['words']) or '-'}; topic: {sample['topic_hit']}]")
+              f"{', '.join(sample['words']) or '-'}; topic: {TOPIC_HIT[sample['topic_hit']]}]")
     return 0
+
+
+TOPIC_HIT = {None: "none asked", True: "mentioned", False: "missed"}  # a sample's topic_hit, in words
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """n and the noun, singular for 1: "1 story", "2,000 stories"."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
