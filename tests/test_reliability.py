@@ -782,6 +782,22 @@ def test_a_checkpoint_cut_short_says_so(tmp_path):
         load_meta(tmp_path / "meta")
 
 
+def test_a_checkpoint_that_is_no_pytorch_file_or_holds_objects_says_so_without_torchs_advice(tmp_path):
+    """torch's weights-only error advises loading with weights_only=False, which would run whatever a pickle
+    holds: the line says what the file is instead."""
+    torch = pytest.importorskip("torch")
+    from babyllama.train import checkpoint
+
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"model": {}, "model_args": {}, "code": print}, tmp_path / "objects.pt")
+    for name, message in (("random.pt", "not a PyTorch file (neither torch.save's zip nor a pickle)"),
+                          ("objects.pt", "it holds Python objects besides tensors and plain values")):
+        with pytest.raises(BabyLlamaError) as e:
+            checkpoint.load(tmp_path / name)
+        assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / name}: {message}"), e.value
+        assert "weights_only" not in str(e.value)
+
+
 def test_checkpoint_whose_model_args_disagree_with_its_tensors(tmp_path):
     pytest.importorskip("torch")
     from conftest import torch_checkpoint

@@ -93,11 +93,17 @@ def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
     Invalid argument" or miniz's "failed finding central directory"."""
     try:
         with safeio.open_regular(path, "PyTorch file") as f:
-            zip_start = f.read(4) == b"PK\x03\x04"
+            start = f.read(4)
     except (BabyLlamaError, OSError):  # gone or replaced since torch tried it: torch's words stand
         return first_line(e)
+    zip_start = start == b"PK\x03\x04"
     if zip_start and not zipfile.is_zipfile(path):
         return "not a whole PyTorch file: no zip directory at its end (cut short?)"
+    if not zip_start and not start.startswith(b"\x80"):  # torch.save's zip, or an older one's pickle
+        return "not a PyTorch file (neither torch.save's zip nor a pickle)"
+    if "Weights only load failed" in str(e):  # torch's words advise unpickling anything, which can run code
+        return ("it holds Python objects besides tensors and plain values, which are not unpickled (that could "
+                "run any code)")
     return first_line(e)
 
 
