@@ -254,6 +254,27 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 4:.0f}%)"
 
 
+def test_bench_marks_the_rows_whose_bytes_fit_in_the_cpus_cache(tmp_path):
+    """A model read from cache can pass the memory's bandwidth (the built-in model read 128%): such rows say so."""
+    for index, size in enumerate(("48K", "1024K", "32768K", "junk")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert bench.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert bench.last_level_cache_bytes(tmp_path / "none") == 0
+    res = {"decode": 1000.0, "decode_bytes": 20e6, "kv_bytes": 0}
+    rows = [bench.Row("tiny", "fp32", "babyllama", result=res)]
+
+    def share(cache_bytes: int) -> tuple[str, str]:
+        text = bench.table(rows, 2, 16, {"gbps": 10.0, "threads": 2, "mib": 64, "cache_bytes": cache_bytes})
+        return [x for x in text.splitlines() if x.startswith("| tiny |")][0].split("|")[6].strip(), text
+
+    cell, text = share(32 << 20)
+    assert cell == "20.0 (200%, fits in cache)" and "the CPU's last-level cache (32 MiB)" in text
+    for cache_bytes in (16 << 20, 0):  # smaller than a token's bytes, or unknown
+        cell, text = share(cache_bytes)
+        assert cell == "20.0 (200%)" and "last-level cache" not in text
+
+
 def test_bench_notes_name_the_prompts_the_figures_were_measured_on():
     """TTFT is timed on the prefill prompt's first 16 tokens: a shorter --prompt-len shortens it too."""
     rows = [bench.Row("tiny", "fp32", "babyllama", result={"decode": 1.0, "ttft_ms": 1.0})]
@@ -295,7 +316,9 @@ def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monk
     assert bandwidth["gbps"] > 0 and set(bandwidth["shapes"]) == {"tiny"} and bandwidth["shapes"]["tiny"] > 0
     line = [x for x in bench.table(rows, 2, 16, bandwidth).splitlines() if x.startswith("| tiny |")][0]
     gbps = rows[0].result["decode"] * (rows[0].result["decode_bytes"] + rows[0].result["kv_bytes"]) / 1e9
-    assert f"({100 * gbps / bandwidth['shapes']['tiny']:.0f}%)" in line
+    read = rows[0].result["decode_bytes"] + rows[0].result["kv_bytes"]
+    in_cache = ", fits in cache" if read <= bandwidth["cache_bytes"] else ""  # a tiny model, where sysfs tells
+    assert f"{gbps:.1f} ({100 * gbps / bandwidth['shapes']['tiny']:.0f}%{in_cache})" in line
 
 
 def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(tmp_path, monkeypatch):
