@@ -514,19 +514,37 @@ def resident_bytes(a: np.ndarray) -> int:
     return total
 
 
+_LIFT_AFTER_CALL: list = []  # what undoes a limit set for a test's body alone (small_file_limit)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Limits on this process set for a test are lifted as soon as its body returns: pytest then writes the test's
+    progress to its own output, which may be a file already over the limit (a CI log)."""
+    yield
+    while _LIFT_AFTER_CALL:
+        _LIFT_AFTER_CALL.pop()()
+
+
 @pytest.fixture
 def small_file_limit():
-    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets): a disk that fills up."""
+    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets) while the test's body runs: a
+    disk that fills up."""
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     limit = 16 << 10
     if hard != resource.RLIM_INFINITY and hard < limit:
         pytest.skip("the hard file-size limit is below the test's")
+
+    def lift() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    _LIFT_AFTER_CALL.append(lift)
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        lift()
 
 
 @contextlib.contextmanager
