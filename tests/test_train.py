@@ -870,3 +870,19 @@ def test_sample_says_when_steps_or_the_prompt_outgrow_the_context(llama2c_checkp
     err = capsys.readouterr().err
     assert f"more than the model's context ({context}): nothing will be generated (shorten it)" in err
     assert "--context-shift" not in err
+
+
+def test_a_warm_up_longer_than_the_run_says_how_high_the_rate_gets(capsys):
+    """Allowed (a short run under a long default warm-up, as finetune's 20), but the rate never reaches
+    learning_rate: the warning says what it reaches, which is what lr_at gives the run's last step."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import lr_at
+
+    cfg = resolve_config(None, {"max_iters": "5", "warmup_iters": "10", "learning_rate": "5e-3"})
+    err = capsys.readouterr().err
+    assert "warmup_iters 10 is longer than max_iters 5: the learning rate rises to 0.002 at most" in err
+    assert max(lr_at(cfg, it) for it in range(cfg.max_iters)) == pytest.approx(2e-3)
+    for settings in ({"max_iters": "10", "warmup_iters": "10"}, {"max_iters": "5", "warmup_iters": "10",
+                                                                  "decay_lr": "false"}):
+        resolve_config(None, settings)
+        assert "warmup_iters" not in capsys.readouterr().err

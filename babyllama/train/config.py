@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -310,9 +311,14 @@ def check_optimizer(cfg: TrainConfig) -> None:
 def check_schedule(cfg: TrainConfig) -> None:
     """A schedule that cannot do what it says (train/loop.py's lr_at): a warm-up that lr_decay_iters cuts off
     (the rate would fall from partway up straight to min_lr, never decaying), or a decay that climbs. A warm-up
-    longer than a run that decays at its end (lr_decay_iters 0) is a short run, and allowed."""
+    longer than a run that decays at its end (lr_decay_iters 0) is a short run, and allowed, with a warning: its
+    learning rate never reaches learning_rate."""
     if not cfg.decay_lr:
         return
+    if not cfg.lr_decay_iters and 0 < cfg.max_iters < cfg.warmup_iters:
+        print(f"babyllama: warning: warmup_iters {cfg.warmup_iters} is longer than max_iters {cfg.max_iters}: the "
+              f"learning rate rises to {cfg.learning_rate * (cfg.max_iters - 1) / cfg.warmup_iters:.3g} at most, not "
+              f"learning_rate {cfg.learning_rate:g} (warm up for fewer iterations to reach it)", file=sys.stderr)
     if cfg.lr_decay_iters and cfg.warmup_iters > cfg.lr_decay_iters:
         raise BabyLlamaError(f"warmup_iters {cfg.warmup_iters} is beyond lr_decay_iters {cfg.lr_decay_iters}: the "
                              "learning rate would drop to min_lr before warming up (warm up for fewer iterations)")
