@@ -212,6 +212,12 @@ def check_quantize(quantize: str | None, device: str = "numpy") -> None:
                              "dequantize the weights and compute in fp32 on cpu, bf16 on cuda)")
 
 
+def check_plain(plain: bool, device: str = "numpy") -> None:
+    """A one-line error where the plain reference engine (NumPy's) is asked for on a PyTorch device."""
+    if plain and device != "numpy":
+        raise BabyLlamaError(f"plain is the NumPy reference engine: it cannot run on device {device!r}")
+
+
 def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False,
                 kv_cache: str = "auto"):
     """The NumPy engine (device "numpy"), or the PyTorch KV-cache engine on "cpu" (fp32) or "cuda[:N]"
@@ -219,6 +225,7 @@ def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = F
     have the same `forward`/`new_cache` interface, so every generation loop runs on either. `kv_cache`: the
     NumPy engine's cache type, "auto" (f16 for Q8_0/Q4_0 weights, f32 otherwise), "f32", "f16" or "q8_0"."""
     check_kv_cache(kv_cache, device)  # first: a flag clash needs no PyTorch to be told
+    check_plain(plain, device)
     check_device(device, compile)
     if device == "numpy":
         return Engine(weights, plain=plain, kv_cache=kv_cache)
@@ -250,8 +257,11 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     for what, value in (("model", model), ("tokenizer", tokenizer), ("lora", lora)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise BabyLlamaError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if mmap is not None and not isinstance(mmap, bool):
+        raise BabyLlamaError(f"mmap must be True, False or None, got {mmap!r}")
     check_kv_cache(kv_cache, device)  # before the model is read
     check_quantize(quantize, device)
+    check_plain(plain, device)
     # a LoRA adapter is merged into the fp32 weights, quantized after it
     source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,
                         quantize=quantize if lora is None else None)
@@ -270,4 +280,5 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache)
 
-__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_quantize", "clamp_steps"]
+__all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_plain", "check_quantize",
+           "clamp_steps"]

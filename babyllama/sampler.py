@@ -139,7 +139,8 @@ def overflows(top: float, temperature: float) -> bool:
     """Whether the largest logit divided by the temperature leaves fp32 (a temperature near 0, or one that rounds
     to 0 in fp32): softmax(logits / temperature) is then NaN, and what sampling tends to as the temperature goes
     to 0 is the argmax. The division is the one the softmax makes, in fp32."""
-    t = np.float32(temperature)
+    with np.errstate(over="ignore"):  # a temperature beyond fp32's range is inf there: nothing overflows after it
+        t = np.float32(temperature)
     if abs(float(top)) < float(t) * 3e38:  # well below fp32's largest, 3.4e38 (every draw: no NumPy error state)
         return False
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
@@ -161,7 +162,7 @@ ZERO_SEED = 2**64 - 1
 def choice_seed(base: int, i: int = 0) -> int:
     """Sequence (choice) i samples with seed base + i (run.c's -s); 0, which run.c reads as "the time", becomes a
     fixed stand-in (ZERO_SEED) so that seed 0 is reproducible too."""
-    return base + i or ZERO_SEED
+    return int(base) + i or ZERO_SEED  # int(): a NumPy integer seed would wrap around (with a warning) near 2**63
 
 
 # Each control's (type, whether a value is in range, the rule a message states): the one range check of the CLI,

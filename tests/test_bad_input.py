@@ -315,6 +315,34 @@ def test_load_wants_paths():
         load(123)
 
 
+def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):
+    """`plain` on a PyTorch device (the CLI's --plain --device cpu) and an mmap that is no bool: one error each,
+    before the (here missing) model is read."""
+    from babyllama.api import load
+    from babyllama.errors import BabyLlamaError
+
+    missing = tmp_path / "missing.bin"
+    with pytest.raises(BabyLlamaError, match="plain is the NumPy reference engine: it cannot run on device 'cpu'"):
+        load(missing, plain=True, device="cpu")
+    with pytest.raises(BabyLlamaError, match="mmap must be True, False or None, got 'yes'"):
+        load(missing, mmap="yes")
+
+
+def test_numpy_seeds_and_huge_temperatures_sample_without_numpy_warnings(good_model):
+    """A NumPy integer seed near 2**63 is the same seed as the Python int (no wrap-around in seed + i), and a
+    temperature beyond fp32's range is a very flat distribution: neither leaks a NumPy RuntimeWarning."""
+    import numpy as np
+
+    from babyllama.api import load
+
+    model = load(good_model[0], good_model[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_numpy = model.generate_batch(["Once", "Lily"], steps=12, temperature=1.0, seed=np.int64(2**63 - 1))
+        assert as_numpy == model.generate_batch(["Once", "Lily"], steps=12, temperature=1.0, seed=2**63 - 1)
+        assert model.generate("Once", steps=12, temperature=1e308, seed=3).startswith("Once")
+
+
 @pytest.mark.parametrize("backend", ["native", "numpy"])
 @pytest.mark.parametrize("command", [("run", "M", "--quantize", "q4_0", "-n", "4"),
                                      ("export", "OUT.gguf", "--model", "M", "--dtype", "q8_0"),
