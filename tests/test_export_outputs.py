@@ -32,7 +32,7 @@ def tiny_gguf(tmp_path, tiny, capsys) -> Path:
     """The tiny model as GGUF: a source that carries its vocabulary."""
     pytest.importorskip("gguf")
     out = tmp_path / "src" / "m.gguf"
-    assert main(["export", str(out), "--model", str(tiny), "--tokenizer", str(tiny.with_name("tokenizer.bin"))]) == 0
+    assert main(["export", str(out), "--model", str(tiny), "-z", str(tiny.with_name("tokenizer.bin"))]) == 0  # as run's
     capsys.readouterr()
     return out
 

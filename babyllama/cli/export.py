@@ -34,8 +34,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None, type=dtype_name,
                    help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16; llama2.c's fp32 and "
                         "fp16 too) (default f32)")
-    p.add_argument("--tokenizer", metavar="TOK", help="sentencepiece .model or tokenizer.bin to go with the model "
-                   "(default: the source's own tokenizer.model / tokenizer.bin when there is one)")
+    p.add_argument("-z", "--tokenizer", metavar="TOK",
+                   help="sentencepiece .model or tokenizer.bin to go with the model (as run's -z) (default: the "
+                        "source's own tokenizer.model / tokenizer.bin when there is one)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context length to record (default: the source's; Meta checkpoints: 4096)")
     p.set_defaults(func=cmd_export)
