@@ -215,7 +215,7 @@ def check_quantize(quantize: str | None, device: str = "numpy") -> None:
 def check_plain(plain: bool, device: str = "numpy") -> None:
     """A one-line error where the plain reference engine (NumPy's) is asked for on a PyTorch device."""
     if plain and device != "numpy":
-        raise BabyLlamaError(f"plain is the NumPy reference engine: it cannot run on device {device!r}")
+        raise BabyLlamaError(f"--plain is the NumPy reference engine: it cannot be combined with --device {device}")
 
 
 def make_engine(weights: formats.Weights, device: str = "numpy", plain: bool = False, compile: bool = False,

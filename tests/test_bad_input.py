@@ -322,7 +322,8 @@ def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):
     from babyllama.errors import BabyLlamaError
 
     missing = tmp_path / "missing.bin"
-    with pytest.raises(BabyLlamaError, match="plain is the NumPy reference engine: it cannot run on device 'cpu'"):
+    with pytest.raises(BabyLlamaError, match="--plain is the NumPy reference engine: it cannot be combined with "
+                                             "--device cpu"):
         load(missing, plain=True, device="cpu")
     with pytest.raises(BabyLlamaError, match="mmap must be True, False or None, got 'yes'"):
         load(missing, mmap="yes")

@@ -72,21 +72,22 @@ def target(args: argparse.Namespace) -> str:
 
 
 def output_path(args: argparse.Namespace) -> str:
-    """OUT: given before the source flag, or after `--hf`'s folder or files, whose values it then ends."""
+    """OUT: given before the source flag, or after `--hf`'s folder or files, whose values it then ends (and is
+    taken from)."""
     from ..loading import HF_FILE_SUFFIXES
 
-    if args.output is None and args.hf is not None and len(args.hf) > 1 and not args.hf[-1].endswith(HF_FILE_SUFFIXES):
-        args.output = args.hf.pop()
-    if args.output is None:
-        raise BabyLlamaError("export needs OUT: the file or directory to write")
-    return args.output
+    if args.output is not None:
+        return args.output
+    if args.hf is not None and len(args.hf) > 1 and not args.hf[-1].endswith(HF_FILE_SUFFIXES):
+        return args.hf.pop()
+    raise BabyLlamaError("export needs OUT: the file or directory to write")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export, report
     from ..loading import load_source
 
-    output_path(args)
+    args.output = output_path(args)
     if args.max_seq_len is not None and args.max_seq_len <= 0:
         raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if args.group_size is not None and args.group_size <= 0:

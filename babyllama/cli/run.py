@@ -144,6 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def check_speed_flags(args: argparse.Namespace) -> None:
     """Flags that exclude each other, and flags given without the one they work with (refused rather than
     ignored)."""
+    from ..api import check_plain
+
     exclusive = [name for name, on in (("--batch-file", args.batch_file), ("--draft", args.draft),
                                        ("--context-shift", args.context_shift)) if on]
     if len(exclusive) > 1:
@@ -162,9 +164,7 @@ def check_speed_flags(args: argparse.Namespace) -> None:
                              "(they depend on each drafted token)")
     if args.batch_file and args.prompt is not None:
         raise BabyLlamaError("--batch-file gives the prompts: -i/--prompt cannot be combined with it")
-    if args.plain and args.device != "numpy":
-        raise BabyLlamaError("--plain is the NumPy reference engine: it cannot be combined with --device "
-                             f"{args.device}")
+    check_plain(args.plain, args.device)
     for flag, value in (("--draft-k", args.draft_k), ("--parallel", args.parallel)):
         if value is not None and value < 1:
             raise BabyLlamaError(f"{flag} must be >= 1, got {value}")
