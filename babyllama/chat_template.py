@@ -29,6 +29,7 @@ from .errors import BabyLlamaError
 from .tokenizer import EOS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
+DEVELOPER = "developer"  # newer OpenAI clients send the system prompt under this role: the system message
 
 
 @dataclass(frozen=True)
@@ -90,22 +91,24 @@ def check_messages(messages: Sequence, generation: bool = True) -> list[tuple[st
     with an assistant turn."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise BabyLlamaError("messages must be a non-empty list of {role, content} objects")
-    pairs = []
+    pairs, given = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BabyLlamaError(f"message {i} is not an object with role and content")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
+        if role not in ROLES and role != DEVELOPER:
             raise BabyLlamaError(f"message {i} has unknown role {role!r} (system, user or assistant)")
         if not isinstance(content, str):
             raise BabyLlamaError(f"message {i} ({role}) needs its content as a string")
-        pairs.append((role, content))
-    body = pairs[1:] if pairs[0][0] == "system" else pairs
+        pairs.append(("system" if role == DEVELOPER else role, content))
+        given.append(role)
+    first = 1 if pairs[0][0] == "system" else 0
+    body = pairs[first:]
     for i, (role, _) in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             raise BabyLlamaError(f"messages must alternate user and assistant turns after an optional system "
-                                 f"message; got {role} where {expected} belongs")
+                                 f"message; message {first + i} is {given[first + i]} where {expected} belongs")
     last = "user" if generation else "assistant"
     if not body or body[-1][0] != last:
         raise BabyLlamaError(f"the conversation must end with {'a user' if generation else 'an assistant'} message")

@@ -677,8 +677,10 @@ def test_scheduler_ends_jobs_past_their_time_limit_and_skips_cancelled_ones():
 @pytest.mark.parametrize("flags, message", [
     (["--slots", "0"], "--slots must be >= 1"),
     (["--port", "70000"], "--port must be <= 65535"),
-    (["--timeout", "0"], "--timeout must be > 0"),
-    (["--header-timeout", "-1"], "--header-timeout must be > 0, got -1"),
+    (["--timeout", "0"], "--timeout must be a finite number of seconds > 0, got 0"),
+    (["--timeout", "inf"], "--timeout must be a finite number of seconds > 0, got inf"),
+    (["--header-timeout", "-1"], "--header-timeout must be a finite number of seconds > 0, got -1"),
+    (["--model-name", " "], "--model-name must not be empty"),
     (["--max-connections", "0"], "--max-connections must be >= 1, got 0"),
     (["--chat-template", "nope"], "unknown chat template 'nope'"),
     (["--api-key", " "], "--api-key must not be empty"),
@@ -805,6 +807,9 @@ def test_neutral_response_format_and_developer_role(client):
     text = reply("system")
     assert reply("system", response_format={"type": "text"}) == text  # OpenAI's default, so neutral
     assert reply("developer") == text  # newer clients' name for the system prompt
+    with pytest.raises(openai.BadRequestError, match="message 1 is developer where assistant belongs"):
+        client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "user", "content": "a"}, {"role": "developer", "content": "x"}])
 
 
 @pytest.mark.parametrize("field, value", [
@@ -911,6 +916,8 @@ def test_every_seed_samples_its_own_text(client):
     out = run_cli("run", "-t", "1.0", "-p", "0.9", "-s", "5", "-i", "Once upon a time", "--max-new-tokens", "20")
     assert out.returncode == 0, out.stderr
     assert out.stdout.decode() == "Once upon a time" + texts(5)[0] + "\n"
+    # a negative seed (llama.cpp's front ends send -1) samples anew each time, as no seed does
+    assert len({texts(-1)[0] for _ in range(4)}) > 1
 
 
 @pytest.mark.parametrize("prompt", ["", "Once upon a"])
@@ -937,11 +944,18 @@ def test_head_cors_and_idle_gauges(server, client):
     for path in ("/health", "/"):
         r = httpx.head(server.url + path)
         assert (r.status_code, r.content) == (200, b"")
+    counted = r'babyllama_requests_total\{endpoint="/v1/chat/completions",status="200"\} (\S+)'
+    chats = lambda: [float(n) for n in re.findall(counted, server.get("/metrics").text)]  # noqa: E731
+    before = chats()
     r = httpx.options(server.url + "/v1/chat/completions", headers={
         "Origin": "http://example.com", "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "content-type,x-stainless-retry-count"})
     assert r.status_code == 200, r.text
     assert "x-stainless-retry-count" in r.headers["access-control-allow-headers"].lower()
+    assert chats() == before  # a preflight is no completion
+    for method, path, allowed in (("GET", "/v1/completions", {"POST"}), ("PUT", "/health", {"GET", "HEAD"})):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == allowed, r.headers
     complete(client, "Once upon a time", 8)
     assert server.wait_idle()["active"] == 0
     assert server.metric("babyllama_active_slots") == 0

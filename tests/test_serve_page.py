@@ -71,6 +71,8 @@ def test_chat_page_shows_the_built_in_model_s_reply(browser, model, name):
     server = Server(*([model] if model else []), "--slots", "2")
     try:
         page = browser.new_page(viewport={"width": 1100, "height": 640})
+        failed: list[str] = []  # every request the page makes is answered
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.goto(server.url + "/")
         page.wait_for_function(f"document.getElementById('model').textContent === '{name}'")
         if model is None:
@@ -84,6 +86,9 @@ def test_chat_page_shows_the_built_in_model_s_reply(browser, model, name):
         assert page.text_content(".msg.assistant") == "".join(streamed)  # the page shows exactly what came
         assert "tokens/s" in page.text_content("#speed")
         assert page.text_content(".msg.user") == "Tell me a story about a cat."
+        assert failed == []
+        # an icon of its own: a browser asks for /favicon.ico otherwise, a 404 in its console and in /metrics
+        assert page.eval_on_selector("link[rel=icon]", "e => e.getAttribute('href')") == "data:,"
         if model is not None:
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "chat-page.png"))

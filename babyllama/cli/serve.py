@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,8 +73,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.port > 65535:
         raise BabyLlamaError(f"--port must be <= 65535, got {args.port}")
     for name, seconds in (("--timeout", args.timeout), ("--header-timeout", args.header_timeout)):
-        if not seconds > 0:
-            raise BabyLlamaError(f"{name} must be > 0, got {seconds:g}")
+        if not 0 < seconds < math.inf:
+            raise BabyLlamaError(f"{name} must be a finite number of seconds > 0, got {seconds:g}")
+    if args.model_name is not None and not args.model_name.strip():
+        raise BabyLlamaError("--model-name must not be empty (leave it out to serve under the model's own name)")
     if args.api_key is not None and not args.api_key.strip():
         raise BabyLlamaError("--api-key must not be empty")
     if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):

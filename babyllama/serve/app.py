@@ -55,7 +55,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         if exc.status_code == 404:
             path = request.url.path
             return error_response(APIError(404, f"no such path: {path}{v1_hint(path)}", "not_found_error"))
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+        return error_response(APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))  # Allow
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone):
@@ -112,7 +112,7 @@ class Count:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":  # a browser's CORS preflight: no request
             await self.app(scope, receive, send)
             return
         path = Request(scope).url.path

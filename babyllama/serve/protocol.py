@@ -68,7 +68,7 @@ class Common(Strict):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
+    seed: Annotated[int, Field(ge=-SEED_LIMIT, lt=SEED_LIMIT)] | None = None  # negative: random (llama.cpp's -1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -166,10 +166,6 @@ class Message(Strict):
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-    def template_role(self) -> str:
-        """The role the chat template knows: newer OpenAI clients send their system prompt as "developer"."""
-        return "system" if self.role == "developer" else self.role
 
 
 class ChatRequest(Common):

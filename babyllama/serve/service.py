@@ -155,7 +155,7 @@ class Service:
     async def chat(self, request: Request) -> dict | EventSourceResponse:
         deadline = self.deadline()
         req = await self.parse(request, p.ChatRequest, deadline)
-        messages = [{"role": m.template_role(), "content": m.text()} for m in req.messages]
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]  # developer: the system role
         self.check_text_fits(sum(len(m["content"].encode()) for m in messages), "conversation", "messages")
         try:
             ids, _ = await asyncio.to_thread(encode_chat, self.tok, messages, template=self.config.chat_template)
@@ -264,7 +264,7 @@ class Service:
                                 f"{self.config.slots} slots and a queue of {self.config.queue})", param="n")
         events: asyncio.Queue = asyncio.Queue()
         emit = Emitter(asyncio.get_running_loop(), events)
-        base = req.seed if req.seed is not None else unseeded()
+        base = req.seed if req.seed is not None and req.seed >= 0 else unseeded()
         controls = req.controls
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i), controls), emit,
                     index=i, logprobs=logprobs, deadline=deadline, submitted=deadline - self.config.timeout_s)
