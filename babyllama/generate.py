@@ -24,12 +24,15 @@ Positions follow run.c: a sequence may occupy at most `max_pos + 1` tokens (BOS 
 i.e. `max_pos` forward positions, which is run.c's `-n steps`.
 
 Context shift (`Sequence.context_shift`): when a sequence's tokens no longer fit the cache, the first
-`n_keep` tokens stay, the oldest half of the rest is dropped, and generation goes on past seq_len. The
-cache then holds `window()`: tokens[:n_keep] + tokens[n_keep+n_dropped:]. By default the kept window is
-recomputed from scratch in one batched prefill, so the continuation is exactly what a fresh run on the
-window gives. With `rotate_keys` the cached keys and values of the kept tokens are moved down instead and
-the keys re-rotated to their new positions (RoPE rotations compose: R(p - d) = R(-d)·R(p)), as llama.cpp
-does: no recomputation, but the kept entries still carry what they saw of the dropped tokens.
+`n_keep` tokens stay, the oldest half of the rest is dropped, and generation goes on past seq_len. Input
+added by `extend` (a chat's turns) slides out whole turns at a time: the cut moves to the first turn start
+at or past the half (or the newest turn's start where that makes room), and falls inside a turn only when
+that turn and its reply alone outgrow the room. The cache then holds `window()`: tokens[:n_keep] +
+tokens[n_keep+n_dropped:]. By default the kept window is recomputed from scratch in one batched prefill, so
+the continuation is exactly what a fresh run on the window gives. With `rotate_keys` the cached keys and
+values of the kept tokens are moved down instead and the keys re-rotated to their new positions (RoPE
+rotations compose: R(p - d) = R(-d)·R(p)), as llama.cpp does: no recomputation, but the kept entries still
+carry what they saw of the dropped tokens.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Sequence:
     max_new: int | None = None  # generated tokens allowed (since the last `extend`): OpenAI's max_tokens
     n_reused: int = 0  # leading tokens whose keys/values were already in the slot (prefix reuse)
     logits: np.ndarray | None = None  # the logits row the last token was sampled from
+    turn_starts: list[int] = field(default_factory=list)  # indices of `tokens` where `extend`ed input begins
 
     def pending(self) -> int:
         """Tokens of the window not yet in the cache (1 while decoding)."""
@@ -90,15 +94,27 @@ class Sequence:
         # n_keep can only shrink on the first shift, while nothing is dropped yet: the window is then all of
         # the tokens, and positions keep.. are the ones dropped either way
         self.n_keep = keep = min(self.n_keep, seq_len // 2)
-        slidable = len(self.tokens) - self.n_dropped - keep
+        start = keep + self.n_dropped  # the oldest token that may slide out
+        slidable = len(self.tokens) - start
         # half the room after the kept tokens stays, and at least the newest token (sampled, not yet fed):
         # with a context of 1 or 2 that half is 0
         delta = slidable - max((seq_len - keep) // 2, 1)
+        delta = self._at_turn_start(delta, start, least=slidable - (seq_len - keep))
         self.n_dropped += delta
         return delta
 
+    def _at_turn_start(self, delta: int, start: int, least: int) -> int:
+        """`delta` moved to whole turns: the first turn start at or past it, else the newest turn's when that
+        drops at least `least` (what the window must lose to fit); else `delta` itself."""
+        starts = [s - start for s in self.turn_starts if s > start]
+        if not starts:
+            return delta
+        aligned = next((s for s in starts if s >= delta), starts[-1])
+        return aligned if aligned >= least else delta
+
     def extend(self, ids: Iterable[int]) -> None:
         """Append more input (the next chat turn) and make the sequence runnable again."""
+        self.turn_starts.append(len(self.tokens))
         self.tokens.extend(ids)
         self.generated = []
         self.done, self.stop_reason = False, None

@@ -199,6 +199,43 @@ def test_context_shift_window_keeps_the_prefix():
     assert win[4:] == list(range(30 - len(win) + 4, 30))  # the newest tokens, contiguous
 
 
+def _chat_sequence(first: list[int], *turns: tuple[list[int], list[int]]) -> Sequence:
+    """A chat's sequence: the kept first turn, then (reply, next turn) pairs as chat adds them."""
+    seq = Sequence(list(first), Sampler(0.0), 10**6, context_shift=True, n_keep=len(first))
+    for reply, turn in turns:
+        seq.tokens.extend(reply)
+        seq.extend(turn)
+    return seq
+
+
+def test_context_shift_slides_whole_chat_turns_out():
+    """A turn added by `extend` stays whole: the cut moves from the half to a turn start."""
+    first, reply, turn = list(range(4)), list(range(100, 120)), list(range(200, 210))
+    seq = _chat_sequence(first, (reply, turn))
+    assert seq.shift_if_full(30) == len(reply)  # the half would keep reply[-3:] before the new turn
+    assert seq.window() == first + turn
+    # several old turns: the first turn start at or past the half, the newer ones kept
+    turns = [(list(range(100 * k, 100 * k + 6)), list(range(100 * k + 50, 100 * k + 55))) for k in range(1, 6)]
+    seq = _chat_sequence(first, *turns)
+    seq.shift_if_full(40)
+    window = seq.window()
+    assert window[:4] == first and window[4] in [t[0] for _, t in turns] and len(window) <= 40
+    assert len(window) - 4 <= (40 - 4) // 2 + 5  # past the half by less than a turn and its reply
+    assert window[4:] == seq.tokens[len(seq.tokens) - len(window) + 4:]
+
+
+def test_context_shift_cuts_into_a_turn_only_when_it_and_its_reply_outgrow_the_room():
+    first, turn = list(range(4)), list(range(200, 220))
+    seq = _chat_sequence(first, (list(range(100, 110)), turn))
+    seq.shift_if_full(30)
+    assert seq.window() == first + turn  # the older reply made room
+    for t in range(300, 320):  # the reply to the long turn goes on: its turn's oldest tokens slide out
+        seq.tokens.append(t)
+        seq.shift_if_full(30)
+        assert len(seq.window()) <= 30 and seq.window()[-1] == t
+    assert seq.window()[:4] == first and seq.window()[4] != turn[0]
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_speculative_greedy_is_identical_to_plain(quantized):
     target = random_weights(tiny_args(), seed=0, scale=0.2)
