@@ -119,6 +119,9 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> list[Path]:
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
+    if Path(path).is_file() and Path(path).suffix not in (".safetensors", ".json"):
+        raise BabyLlamaError(f"{path} is no adapter: an adapter is NAME.safetensors with NAME.json beside it, or the "
+                             "folder of a LoRA run that holds them")
     tensors_path, config_path = adapter_paths(path)
     if Path(path).is_dir() and not tensors_path.exists() and (Path(path) / CKPT_NAME).is_file():
         raise BabyLlamaError(f"{path} holds a {CKPT_NAME} but no adapter: a full fine-tune (lora_rank 0), like any "

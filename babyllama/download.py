@@ -19,6 +19,7 @@ import socket
 import ssl
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
@@ -132,16 +133,22 @@ def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = T
             raise
 
 
-def _unreachable(url: str, e: Exception) -> BabyLlamaError:
+def _unreachable(url: str, e: Exception, target: Path) -> BabyLlamaError:
     """Why `url` could not be opened, and what to do: a certificate that does not verify is no network fault
-    (a Python without CA certificates: macOS's python.org installers ship without them)."""
+    (a Python without CA certificates: macOS's python.org installers ship without them), nor is a path given
+    for a URL or a local file that is not there."""
     reason = getattr(e, "reason", None) or e
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
     if isinstance(reason, ssl.SSLCertVerificationError):
         hint = ("this Python could not verify the server's certificate: without CA certificates? (macOS: run "
                 "the Install Certificates command that came with Python; else install ca-certificates or set "
                 "SSL_CERT_FILE)")
-    else:
-        hint = "no internet connection? Fetch the file elsewhere and pass its path to babyllama"
+    elif scheme not in ("http", "https", "ftp", "file"):
+        hint = "a URL is needed (https://..., or file:///... for a local file)"
+    elif scheme == "file":
+        hint = "no such local file"
+    else:  # the commands take a file already at `target` as downloaded
+        hint = f"no internet connection? Fetch it elsewhere and put it at {target}: the same command then takes it"
     return BabyLlamaError(f"download failed: cannot reach {url} ({reason}); {hint}")
 
 
@@ -163,7 +170,7 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
             return _fetch(url, target, show_progress, timeout, deadline)
         raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
     except (urllib.error.URLError, OSError, HTTPException, ValueError) as e:
-        raise _unreachable(url, e) from None
+        raise _unreachable(url, e, target) from None
     with resp:
         if have and resp.status != 206:
             have = 0  # the server ignored the Range header, or the file changed (If-Range): it sends the whole file

@@ -62,6 +62,7 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         safeio.check_regular(tok, "tokenizer file")
     out = Path(out)
     _check_not_source(out, src, to, lora is not None)
+    _check_not_input(out, lora, tok)
     adapter = None
     if lora is not None:
         from .adapter import load_adapter, merge
@@ -112,6 +113,18 @@ def _check_not_source(out: Path, src: Source, to: str, merging: bool) -> None:
                              "without the base it was trained on; write it to another file")
     raise BabyLlamaError(f"{out} is the model being exported ({src.path}): writing over it would lose it; choose "
                          "another output")
+
+
+def _check_not_input(out: Path, lora: str | os.PathLike | None, tok: Path | None) -> None:
+    """Refuse to write over the adapter being merged or the tokenizer being read: both would be lost."""
+    from .adapter import adapter_paths
+
+    inputs = [("the adapter", p) for p in adapter_paths(lora)] if lora is not None else []
+    inputs += [("the tokenizer", tok)] if tok is not None else []
+    for what, path in inputs:
+        if out.exists() and path.exists() and out.samefile(path):
+            raise BabyLlamaError(f"{out} is {what} this export reads ({path}): writing over it would lose it; "
+                                 "choose another output")
 
 
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,

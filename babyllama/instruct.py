@@ -24,6 +24,7 @@ requested topic (every word of `topic_words`).
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -97,13 +98,16 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
     points at --skip-bad-lines where the command has it (`skippable`)."""
     path = Path(path)
     out = JsonlFile("", [], [], [])
-    try:
-        # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at;
-        # utf-8-sig: a byte-order mark (Windows editors write one) before the first line is no part of it
-        lines = safeio.read_bytes(path, "data file").decode("utf-8-sig").split("\n")  # a regular file only
-    except UnicodeDecodeError:
-        raise BabyLlamaError(f"{path}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
+    # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at;
+    # a byte-order mark (Windows editors write one) before the first line is no part of it
+    data = safeio.read_bytes(path, "data file")  # a regular file only
+    lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.bad.append((lineno, f"not UTF-8 text (byte {e.start + 1} of the line)"))
+            continue
         if not line.strip():
             continue
         try:
@@ -132,7 +136,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
         raise BabyLlamaError(describe_bad_lines(path, out.bad) + (" (fix them, or pass --skip-bad-lines)"
                                                                    if skippable else " (fix them)"))
     if not out.items:
-        raise BabyLlamaError(f"{path}: no records (an empty dataset)")
+        raise BabyLlamaError(f"{describe_bad_lines(path, out.bad)}, and no record besides" if out.bad else
+                             f"{path}: no records (an empty dataset)")
     return out
 
 

@@ -234,9 +234,11 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
     """run.c's -z default made helpful, for a .bin with no tokenizer.bin beside it: the built-in tokenizer when
     its vocabulary has the model's size."""
     if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
-        if another_tokenizer_here():
-            print(f"babyllama: note: {model_path} runs with the built-in tokenizer; the {TOKENIZER_BIN} in the "
-                  f"current folder, run.c's default, is read only when given: -z {TOKENIZER_BIN}", file=sys.stderr)
+        # said every time: a model trained with a vocabulary of its own of this size would print garbage
+        here = (f"; the {TOKENIZER_BIN} in the current folder, run.c's default, is read only when given: -z "
+                f"{TOKENIZER_BIN}" if another_tokenizer_here() else "; pass -z if it was trained with another")
+        print(f"babyllama: note: {model_path} has no {TOKENIZER_BIN} beside it and runs with the built-in tokenizer "
+              f"(llama2.c's {vocab_size} tokens){here}", file=sys.stderr)
         return BUILTIN_TOKENIZER
     # run.c's own default is tokenizer.bin in the current folder: a llama2.c user has one there
     here = (f" (run.c's default, {TOKENIZER_BIN} in the current folder, is read only when given: -z {TOKENIZER_BIN})"
@@ -270,7 +272,7 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
         tok = Tokenizer.from_sentencepiece(path)
         if vocab_size is not None and tok.vocab_size != vocab_size:
             raise BabyLlamaError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                                 f"{vocab_size}; pass the tokenizer the model was trained with (-z)")
+                                 f"{vocab_size}; pass the tokenizer the model was trained with (-z/--tokenizer)")
         return tok
     return Tokenizer.load(path, vocab_size)
 

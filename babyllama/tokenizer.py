@@ -93,7 +93,7 @@ class Tokenizer:
         if vocab_size is not None and len(pieces) != vocab_size:
             raise BabyLlamaError(
                 f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}; "
-                "pass the tokenizer the model was trained with (-z)")
+                "pass the tokenizer the model was trained with (-z/--tokenizer)")
         return cls(pieces, scores, max_len)
 
     def save(self, path: str | os.PathLike) -> None:

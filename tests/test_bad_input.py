@@ -373,17 +373,20 @@ def test_weights_beyond_the_fp16_block_scales_are_refused_not_run_as_nan(tmp_pat
 
 
 def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path):
-    """A .bin of the built-in tokenizer's size with no tokenizer.bin beside it runs with the built-in one; a
-    different tokenizer.bin in the current folder (run.c's default) gets a note, the built-in one itself none."""
+    """A .bin of the built-in tokenizer's size with no tokenizer.bin beside it runs with the built-in one, and
+    says so (a model trained with a vocabulary of its own would print garbage); a different tokenizer.bin in the
+    current folder (run.c's default) is named."""
     from babyllama.loading import BUILTIN_TOKENIZER
 
     (tmp_path / "models").mkdir()
     formats.save(random_weights(tiny_args(vocab_size=512)), tmp_path / "models" / "m.bin")
     argv = ("run", "models/m.bin", "-t", "0", "-n", "3")
     byte_tokenizer(512).save(tmp_path / "tokenizer.bin")
-    note = "runs with the built-in tokenizer; the tokenizer.bin in the current folder, run.c's default, is read"
+    note = ("babyllama: note: models/m.bin has no tokenizer.bin beside it and runs with the built-in tokenizer "
+            "(llama2.c's 512 tokens)")
     proc = run_cli(*argv, cwd=tmp_path)
-    assert proc.returncode == 0 and note in proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and note + "; the tokenizer.bin in the current folder, run.c's default, is read" in err
     (tmp_path / "tokenizer.bin").write_bytes(BUILTIN_TOKENIZER.read_bytes())
     proc = run_cli(*argv, cwd=tmp_path)
-    assert proc.returncode == 0 and "note" not in proc.stderr.decode()
+    assert proc.returncode == 0 and note + "; pass -z if it was trained with another\n" in proc.stderr.decode()

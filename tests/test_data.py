@@ -348,6 +348,21 @@ def test_a_second_pretokenize_into_a_folder_in_use_is_refused(tmp_path, tok300):
         assert pretokenize(tmp_path / "in.txt", tok300, shards, workers=1)["shards"]["train"] == ["in.bin"]
 
 
+def test_ctrl_c_during_pretokenize_says_the_folder_is_unfinished(tmp_path, tok300, monkeypatch, capsys):
+    from babyllama.train import data
+
+    (tmp_path / "a.txt").write_text("A story.")
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_install_tokenizer", interrupt)  # after the shards, before meta.json
+    assert main(["data", "pretokenize", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tok300),
+                 "--out-dir", str(tmp_path / "out"), "--workers", "1"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted: {tmp_path / 'out'} is unfinished (pretokenize.incomplete marks it); run the same command again")
+
+
 def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
     """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
     the earlier b.bin) must be refused, not trained on, until a run completes it."""
@@ -535,16 +550,32 @@ def test_a_lone_file_is_training_data_unless_named_validation(tmp_path, tok300):
     assert meta["shards"] == {"train": ["festival_stories.bin"], "val": []}
     assert len(split_arrays(tmp_path / "a", "train")[0]) > 0
     (tmp_path / "valid.txt").write_text("Story.\n")
-    pretokenize(tmp_path / "valid.txt", tok300, tmp_path / "b", workers=1)
-    with pytest.raises(BabyLlamaError, match=r"b: no training shards, only validation data \(valid.bin: a name "):
-        split_arrays(tmp_path / "b", "train")
+    with pytest.raises(BabyLlamaError, match=r"valid.txt: only validation data \(valid.bin: a name with the word "):
+        pretokenize(tmp_path / "valid.txt", tok300, tmp_path / "b", workers=1)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())  # a folder whose meta.json was edited since
+    meta["shards"] = {"train": [], "val": ["festival_stories.bin"]}
+    (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BabyLlamaError, match=r"a: no training shards, only validation data \(festival_stories.bin"):
+        split_arrays(tmp_path / "a", "train")
 
 
 def test_data_with_only_a_dev_shard_is_refused_naming_dev_among_the_validation_words(tmp_path, tok300):
     (tmp_path / "instruct_dev.txt").write_text("Story.\n")
-    pretokenize(tmp_path / "instruct_dev.txt", tok300, tmp_path / "d", workers=1)
     with pytest.raises(BabyLlamaError, match=r"\(instruct_dev.bin: a name with the word val, valid, validation or dev"):
-        split_arrays(tmp_path / "d", "train")
+        pretokenize(tmp_path / "instruct_dev.txt", tok300, tmp_path / "d", workers=1)
+
+
+@pytest.mark.parametrize("names", [("a.txt", "a.jsonl"), ("sub/a.txt", "sub_a.txt")])
+def test_two_files_that_would_share_a_shard_are_refused(tmp_path, tok300, names):
+    for name in names:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "in" / names[0]).write_text("A story.\n")
+    (tmp_path / "in" / names[1]).write_text('"Another story."\n' if names[1].endswith(".jsonl") else "Another.\n")
+    first, second = sorted(tmp_path / "in" / n for n in names)
+    with pytest.raises(BabyLlamaError, match=rf"{first} and {second} would both be pretokenized into the shard "):
+        pretokenize(tmp_path / "in", tok300, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_llama2c_tinystories_spellings_train_and_pretokenize(tmp_path):

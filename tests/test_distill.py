@@ -195,3 +195,20 @@ def test_teacher_with_a_tokenizer_other_than_the_datas_is_refused(setup, tmp_pat
         train(resolve_config(None, settings(setup, tmp_path / "out", **kw)))
     tokenizer64().save(folder / "tokenizer.bin")  # the data's: taken
     assert train(resolve_config(None, settings(setup, tmp_path / "out", **kw)))["iter"] == 1
+
+
+def test_a_teacher_in_any_format_distills_as_its_bin_does(setup, tmp_path):
+    """--teacher reads what every other command reads: a GGUF copy teaches with the .bin's very logits."""
+    pytest.importorskip("gguf")
+    from babyllama.export import export
+    from babyllama.loading import open_model
+    from babyllama.train.distill import load_teacher
+
+    teacher = setup / "teacher.bin"
+    tokenizer64().save(tmp_path / "tok.bin")
+    export(open_model(teacher, keep_quantized=False), tmp_path / "teacher.gguf", "gguf", tokenizer=tmp_path / "tok.bin")
+    tokens = torch.arange(16)[None]
+    a, b = (load_teacher(str(p), VOCAB, 32, torch.device("cpu")) for p in (teacher, tmp_path / "teacher.gguf"))
+    with torch.no_grad():
+        assert torch.equal(a(tokens)[0], b(tokens)[0])
+

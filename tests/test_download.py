@@ -27,16 +27,20 @@ def mirror(serve, tmp_path):
 
 
 def test_download_cli_fetches_model_and_tokenizer_that_run(mirror, tmp_path):
+    import shlex
+
     base, server, model_bytes = mirror
-    proc = run_cli("download", "stories260K", "--dir", str(tmp_path / "models"), "--url-base", base)
+    proc = run_cli("download", "stories260K", "--dir", str(tmp_path / "my models"), "--url-base", base)
     assert proc.returncode == 0, proc.stderr.decode()
-    folder = tmp_path / "models" / "stories260K"
+    folder = tmp_path / "my models" / "stories260K"
+    suggested = proc.stdout.decode().splitlines()[-1].removeprefix("run it: ")
+    assert shlex.split(suggested) == ["babyllama", "run", str(folder / "stories260K.bin")]  # quoted: a space
     assert (folder / "stories260K.bin").read_bytes() == model_bytes
     assert sorted(p.name for p in folder.iterdir()) == ["stories260K.bin", "tokenizer.bin"]  # no .part left
     assert [p for p, _ in server.log] == ["/stories260K/stories260K.bin", "/stories260K/tok512.bin"]
     run = run_cli("run", str(folder / "stories260K.bin"), "-n", "8", "-t", "0")  # tokenizer.bin found beside it
     assert run.returncode == 0, run.stderr.decode()
-    again = run_cli("download", "stories260K", "--dir", str(tmp_path / "models"), "--url-base", base)
+    again = run_cli("download", "stories260K", "--dir", str(tmp_path / "my models"), "--url-base", base)
     assert again.returncode == 0 and len(server.log) == 2  # files already there are not fetched again
 
 
@@ -156,8 +160,19 @@ def test_offline_is_one_clear_line(tmp_path):
     assert proc.returncode == 1
     err = proc.stderr.decode()
     assert err.startswith("babyllama: error: download failed: cannot reach http://127.0.0.1:") and "no internet" in err
+    # what to do offline: the file put where the command looks for it first
+    assert f"put it at {tmp_path / 'models' / 'stories15M' / 'stories15M.bin'}: the same command then takes it" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "models").exists()  # the folders made for it, left empty, are gone again
+
+
+@pytest.mark.parametrize("url, hint", [("/no/such/archive.tar.gz", "a URL is needed (https://..., or file:///"),
+                                       ("file:///no/such/archive.tar.gz", "no such local file")])
+def test_a_path_or_a_missing_local_file_is_no_network_fault(tmp_path, url, hint):
+    proc = run_cli("data", "download", "--url", url, "--data-dir", str(tmp_path / "dl"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and hint in err and "no internet" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "dl").exists()
 
 
 def test_unknown_name(tmp_path):

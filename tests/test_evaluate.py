@@ -161,6 +161,12 @@ def test_cli_eval_bad_inputs(tiny_model, tmp_path, content, flags, message):
     assert b"Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flag", ["--max-stories", "--max-tokens"])
+def test_cli_eval_refuses_a_count_below_one_before_it_loads_the_model(tmp_path, flag):
+    proc = run_cli("eval", str(tmp_path / "no-such-model.bin"), "--data", str(tmp_path / "none.txt"), flag, "0")
+    assert proc.returncode == 1 and proc.stderr == f"babyllama: error: {flag} must be >= 1, got 0\n".encode()
+
+
 def test_cli_eval_names_bad_jsonl_lines_without_a_flag_it_lacks(tiny_model, tmp_path):
     data = tmp_path / "stories.jsonl"
     data.write_text('{"story": "a"}\n{bad\n', encoding="utf-8")

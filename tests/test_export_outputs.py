@@ -432,6 +432,16 @@ def test_export_refuses_to_write_over_the_model_it_reads(tmp_path, capsys, tiny,
     assert tiny.read_bytes() == before and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("to", ["bin", "gguf"])
+def test_export_refuses_to_write_over_the_tokenizer_it_reads(tmp_path, capsys, tiny, to):
+    tok = tmp_path / "tok.bin"
+    byte_tokenizer(formats.load(tiny).args.vocab_size).save(tok)
+    before = tok.read_bytes()
+    msg = cli_error(capsys, "export", str(tok), "--model", str(tiny), "-z", str(tok), "--to", to)
+    assert f"{tok} is the tokenizer this export reads ({tok}): writing over it would lose it" in msg
+    assert tok.read_bytes() == before
+
+
 def test_export_refuses_to_write_a_gguf_over_itself(capsys, tiny_gguf):
     before = tiny_gguf.read_bytes()
     msg = cli_error(capsys, "export", str(tiny_gguf), "--model", str(tiny_gguf), "--dtype", "q8_0")

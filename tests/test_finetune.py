@@ -141,6 +141,14 @@ def test_a_merged_export_over_its_own_base_is_refused(lora_run, tmp_path):
     assert proc.returncode == 1 and proc.stderr.decode().count("\n") == 1
     assert "is the base model: the merged model written over it would leave the adapter" in proc.stderr.decode()
     assert (tmp_path / "base.bin").read_bytes() == before
+    shutil.copytree(root / "lora", tmp_path / "run")
+    adapter = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("adapter.*")}
+    for name in ("adapter.safetensors", "adapter.json"):
+        proc = run_cli("export", str(tmp_path / "run" / name), "--model", str(root / "base.bin"), "--lora",
+                       str(tmp_path / "run"))
+        assert proc.returncode == 1 and proc.stderr.decode().count("\n") == 1
+        assert f"is the adapter this export reads ({tmp_path / 'run' / name})" in proc.stderr.decode()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").glob("adapter.*")} == adapter
 
 
 def test_merged_adapter_computes_what_the_unmerged_model_does(lora_run, tmp_path):
@@ -220,6 +228,8 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
         load(tmp_path / "wide.bin", tok, lora=lora)
     with pytest.raises(BabyLlamaError, match="a quantized copy of the base is another base"):
         load(tmp_path / "q8.bin", tok, lora=lora)
+    with pytest.raises(BabyLlamaError, match="other.bin is no adapter: an adapter is NAME.safetensors with"):
+        load(root / "base.bin", tok, lora=tmp_path / "other.bin")  # a model given for the adapter
     merged = load(root / "base.bin", tok, quantize="q8_0", lora=lora)
     assert merged.weights.quantized  # merged, then quantized; and said so
     assert f"({merged.weights.kinds()}), LoRA adapter" in merged.description and "fp32" not in merged.description
@@ -399,6 +409,20 @@ def test_full_fine_tuning_trains_every_weight_into_a_model_of_its_own(tmp_path, 
     assert proc.returncode == 0 and b"bob bob" in proc.stdout, proc.stderr.decode()
 
 
+def test_shorter_training_windows_keep_the_bases_context(tmp_path, one_thread):
+    """max_seq_len sizes the windows a fine-tune trains on: the model it writes keeps the base's context, in a
+    full fine-tune as a merged adapter does."""
+    root = make_task(tmp_path / "task")
+    out = tmp_path / "short"
+    train(resolve_config(None, settings(root, out, lora_rank=0, max_iters=2, eval_interval=2, eval_iters=1,
+                                        max_seq_len=64), defaults=FINETUNE_DEFAULTS))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["config"]["max_seq_len"] == 64 and ckpt["model_args"]["max_seq_len"] == ARGS.max_seq_len
+    proc = run_cli("export", str(tmp_path / "m.bin"), "--checkpoint", str(out))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert formats.load(tmp_path / "m.bin").args.max_seq_len == ARGS.max_seq_len
+
+
 def test_plain_text_continues_pre_training(tmp_path, one_thread):
     root = make_task(tmp_path / "task")
     (root / "text").mkdir()
@@ -419,7 +443,7 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
 @pytest.mark.parametrize("lines, flags, message", [
     (None, ["--base="], "needs a base model"),
     (None, ["--lora_rank=4", "--lora_targets=wq,wz"], "lora targets must be some of wq,wk,wv,wo,w1,w2,w3"),
-    (None, ["--data_dir=x"], "--data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR"),
+    (None, ["--data_dir=x"], "and --data_dir=x both name the data: give one (--data raw, pretokenized into"),
     (None, ["--lora_rank=4", "--fsdp"], "fsdp=true is for full training"),
     (None, ["--learning_rate=nan"], "learning_rate must be a finite number >= 0, got nan"),
     (None, ["--learning_rate=-1"], "learning_rate must be a finite number >= 0, got -1"),
@@ -438,15 +462,20 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
      "2 malformed lines: line 2: invalid JSON (Expecting property name enclosed in double quotes); line 3: message 0 "
      "has unknown role 'robot'"),
     (["", " "], [], "no records (an empty dataset)"),
-    ([{"prompt": "a", "response": "b" * 200}], [], "tokens, longer than the context (97)"),
+    (["{oops", {"prompt": "a"}], ["--skip_bad_lines=true"], "2 malformed lines: line 1: invalid JSON (Expecting "
+                                                            "property name enclosed in double quotes); line 2: "),
+    ([b'{"prompt": "caf\xe9", "response": "b"}', {"prompt": "a", "response": "b"}], [],
+     "1 malformed line: line 1: not UTF-8 text (byte 16 of the line) (fix them, or pass --skip-bad-lines)"),
+    ([{"prompt": "a", "response": "b" * 200}], [], "tokens, more than max_seq_len 96 + 1"),
 ])
 def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys, lines, flags, message):
     from babyllama.cli import main
 
     root = make_task(tmp_path / "task")
     if lines is not None:
-        (root / "data" / "instruct_train.jsonl").write_text("".join(
-            (json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines))
+        (root / "data" / "instruct_train.jsonl").write_bytes(b"".join(
+            (x if isinstance(x, bytes) else (x if isinstance(x, str) else json.dumps(x)).encode()) + b"\n"
+            for x in lines))
         (root / "data" / "instruct_val.jsonl").unlink()
     argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=0).items()] + flags
     assert main(["finetune", *argv]) == 1
@@ -461,15 +490,18 @@ def test_finetune_mistakes_are_one_line_errors_before_training(tmp_path, capsys,
                            "this run's (8,"),
     (4, ["--lora_alpha=64"], "and alpha 16.0 differ from this run's (4, wq,wk,wv,wo,w1,w2,w3, 64.0)"),
     (4, ["--lora_rank=0"], "holds a LoRA run of rank 4, and this run asks for full fine-tuning"),
+    # the run's own lora_dropout (not a setting of this command) is no reason to name
+    ((4, "--lora_dropout=0.1"), ["--lora_rank=0"], "holds a LoRA run of rank 4, and this run asks for full"),
     (0, ["--lora_rank=4"], "holds a full fine-tune, and this run asks for LoRA rank 4"),
 ])
 def test_resume_with_another_lora_setting_says_so(tmp_path, capsys, one_thread, first, flags, message):
     from babyllama.cli import main
 
+    first, *started_with = first if isinstance(first, tuple) else (first,)
     root = make_task(tmp_path / "task")
     argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=first, max_iters=2, eval_interval=2,
                                                 eval_iters=1).items()]
-    assert main(["finetune", *argv]) == 0
+    assert main(["finetune", *argv, *started_with]) == 0
     adapter = (tmp_path / "out" / "adapter.json").read_bytes() if first else None
     capsys.readouterr()
     assert main(["finetune", *argv, *flags, "--max_iters=4", "--init_from=resume"]) == 1
@@ -790,6 +822,36 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys, one_thread):
     assert f"cannot resume with other data: this run trains on {root / 'data'}, not {tmp_path / 'other'}" in err
     assert len(err.strip().splitlines()) == 1
     assert main(["finetune", *argv, "--max_iters=4", "--init_from=resume"]) == 0
+
+
+def test_a_new_run_keeps_the_earlier_runs_data_until_its_own_first_checkpoint(tmp_path, capsys, one_thread):
+    """out_dir/data is what a resume of out_dir's checkpoint trains on: a new run (or an evaluation) with other
+    --data pretokenizes beside it, and only the new run's first checkpoint moves its data over."""
+    from babyllama.cli import main
+
+    root, out = make_task(tmp_path / "task"), tmp_path / "out"
+    argv = [f"--{k}={v}" for k, v in settings(root, out, lora_rank=4, max_iters=2, eval_interval=2,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "other" / "more.jsonl", [conversation(random.Random(1)) for _ in range(8)])
+    conversations = lambda: json.loads((out / "data" / "meta.json").read_text())["conversations"]  # noqa: E731
+    first = conversations()
+    other = [*argv, f"--data={tmp_path / 'other'}"]
+
+    capsys.readouterr()
+    assert main(["finetune", *other, "--eval_only=true"]) == 0
+    assert conversations() == first and not (out / "data.pending").exists()
+    assert "try:" not in capsys.readouterr().out  # the adapter there is not this run's
+    assert main(["finetune", *other, "--max_iters=0"]) == 0  # no step, so no checkpoint: the earlier run stays
+    assert conversations() == first
+    said = capsys.readouterr().out
+    assert "no checkpoint written" in said and "try:" not in said
+    assert main(["finetune", *argv, "--max_iters=4", "--init_from=resume"]) == 0
+    assert conversations() == first
+    assert main(["finetune", *other]) == 0
+    assert conversations() == 8 != first
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("data")) == ["data"]
 
 
 @pytest.mark.parametrize("config, message", [

@@ -303,7 +303,8 @@ def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
     with pytest.raises(BabyLlamaError, match="mixes chat records .* with plain text"):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1)
     (src / "story.txt").unlink()
-    with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: the conversation has \d+ tokens, longer"):
+    with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: the conversation has \d+ tokens, more than "
+                                             r"max_seq_len 29 \+ 1"):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)
     meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30, skip_bad_lines=True)
     assert meta["conversations"] == 1
@@ -480,6 +481,27 @@ def test_data_instruct_again_into_a_folder_inside_its_input_reads_the_stories_on
     first = (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes()
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes() == first
+
+
+def test_data_instruct_never_writes_over_its_input(tmp_path, capsys):
+    """--out-dir the input's own folder: an earlier run's requests there are skipped; an input file that is one
+    of the files it writes is refused before anything is written."""
+    from babyllama.cli import main
+
+    (tmp_path / "stories").mkdir()
+    make_story_corpus(tmp_path / "stories" / "stories.txt", 40, seed=3)
+    argv = ["data", "instruct", "--out-dir", str(tmp_path / "stories"), "--model", str(_tiny_model(tmp_path)),
+            "--max-word-df", "0.5", "--val-count", "5"]
+    assert main([*argv, "--input", str(tmp_path / "stories")]) == 0
+    first = (tmp_path / "stories" / "instruct_train.jsonl").read_bytes()
+    assert main([*argv, "--input", str(tmp_path / "stories")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "stories" / "instruct_train.jsonl").read_bytes() == first
+    capsys.readouterr()
+    val = tmp_path / "stories" / "instruct_val.jsonl"
+    before = val.read_bytes()
+    assert main([*argv, "--input", str(val)]) == 1
+    assert f"{val} is a file this command writes into --out-dir" in capsys.readouterr().err
+    assert val.read_bytes() == before and (tmp_path / "stories" / "instruct_train.jsonl").read_bytes() == first
 
 
 def test_data_instruct_counts_the_requests_it_leaves_out(tmp_path, capsys):

@@ -646,6 +646,24 @@ def test_a_new_run_over_a_checkpoint_says_it_replaces_it(tmp_path, one_thread, c
     assert evaluations(out) == [0, 2] and not (out / "metrics.pending.jsonl").exists()
 
 
+def test_a_run_that_writes_no_checkpoint_says_why(tmp_path, one_thread, capsys):
+    from babyllama.cli import main
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out).items())]
+    assert main([*argv, "--max_iters=0"]) == 0
+    said = capsys.readouterr().out
+    assert "no checkpoint written: a run saves at its evaluations after step 0, and max_iters is 0" in said
+    assert not (out / "ckpt.pt").exists()
+    assert main(argv) == 0 and (out / "ckpt.pt").exists()
+    assert "no checkpoint written" not in capsys.readouterr().out
+    # a loss that never beats step 0's, with always_save_checkpoint off: llama2.c's rule, said
+    assert main([*argv, "--learning_rate=0", "--always_save_checkpoint=false", "--max_iters=1",
+                 "--eval_interval=1"]) == 0
+    assert (f"none improved on step 0's validation loss (always_save_checkpoint=false); {out / 'ckpt.pt'} is still "
+            "an earlier run's") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_thread, capsys, resume):
     from babyllama.train.config import resolve_config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import BabyLlamaError, require
 from .common import Parser, add_time_limit, positive_int, share
@@ -172,6 +173,25 @@ def check_chat_input(input_path: str, skip_bad_lines: bool) -> None:
                              f"{input_path} holds plain text")
 
 
+INSTRUCT_FILES = ("instruct_train.jsonl", "instruct_val.jsonl", "instruct_dev.jsonl")
+
+
+def _instruct_inputs(input_path: str, out_dir: str) -> list[Path]:
+    """The input's files less an earlier run's output (its requests are no stories); an input that is one of
+    the files this run writes is refused, as it would be written over."""
+    from ..train.data import input_files
+
+    outputs = [p for p in (Path(out_dir) / name for name in INSTRUCT_FILES) if p.exists()]
+    is_output = lambda f: any(f.samefile(o) for o in outputs)  # noqa: E731
+    if Path(input_path).is_file() and is_output(Path(input_path)):
+        raise BabyLlamaError(f"{input_path} is a file this command writes into --out-dir {out_dir}: it would be "
+                             "written over; choose another --out-dir")
+    files = [f for f in input_files(input_path, exclude=out_dir) if not is_output(f)]
+    if not files:
+        raise BabyLlamaError(f"{input_path}: no stories, only an earlier run's requests ({', '.join(INSTRUCT_FILES)})")
+    return files
+
+
 def cmd_data_instruct(args: argparse.Namespace) -> int:
     from itertools import islice
 
@@ -179,12 +199,11 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     from ..chat_template import encode_chat
     from ..instruct import MAX_WORD_DF, make_instructions, read_documents, write_jsonl
     from ..loading import builtin_model, open_model, tokenizer_for
-    from ..train.data import input_files
 
     check_input(args.input)
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
-    documents = (doc for path in input_files(args.input, exclude=args.out_dir)  # an earlier run's output: no stories
+    documents = (doc for path in _instruct_inputs(args.input, args.out_dir)
                  for doc in read_documents(path, args.skip_bad_lines))
     stories = list(islice(documents, args.max_stories))
     if not stories:
@@ -198,8 +217,9 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
         raise BabyLlamaError(f"no training requests from {counts['stories']} stories: {counts['too_long']} requests "
                              f"are longer than the context of {seq_len}, {counts['no_request']} had nothing to ask "
                              "for")
-    write_jsonl(train, out / "instruct_train.jsonl")
-    for records, name in ((val, "instruct_val.jsonl"), (dev, "instruct_dev.jsonl")):
+    train_name, val_name, dev_name = INSTRUCT_FILES
+    write_jsonl(train, out / train_name)
+    for records, name in ((val, val_name), (dev, dev_name)):
         if records:  # an empty file would be a data file without a record
             write_jsonl(records, out / name)
         elif (out / name).exists():  # an earlier split's held-out stories, which this run may train on

@@ -99,18 +99,17 @@ def check_eval_flags(args: argparse.Namespace) -> None:
             raise BabyLlamaError(f"--{flag.replace('_', '-')} works with {needs} only")
     if args.samples is not None and args.samples < 0:
         raise BabyLlamaError(f"--samples must be >= 0, got {args.samples}")
+    for flag in ("max_stories", "max_tokens", "max_examples", "max_new_tokens"):  # before the model loads
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise BabyLlamaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
 def eval_instruct(model: Model, args: argparse.Namespace) -> int:
     import json
 
-    from ..errors import BabyLlamaError
     from ..instruct import eval_requests, score_instructions
 
-    for flag in ("max_examples", "max_new_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise BabyLlamaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     s = score_instructions(model, eval_requests(args.instruct, args.max_examples), args.max_new_tokens)
     name = model_name(args)
     if args.json:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 from ..errors import BabyLlamaError
-from .train import add_config_flags, config_overrides, require_training
+from .train import add_config_flags, config_overrides, no_checkpoint_text, require_training
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -52,9 +53,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not cfg.base:
         raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
                              "--meta-llama DIR")
-    train(cfg)
+    saved_at = train(cfg)["saved_at"]
     out = cfg.out_dir
-    if cfg.lora_rank:
+    if int(os.environ.get("RANK", 0)) != 0:  # torchrun's other processes: the first one says it
+        return 0
+    if saved_at is None:  # nothing to point at: out_dir holds no model of this run
+        if not cfg.eval_only:
+            print(no_checkpoint_text(cfg))
+    elif cfg.lora_rank:
         # the base's tokenizer, when the run was given one, is not found beside the base: chat needs it named
         tokenizer = ["-z", cfg.tokenizer] if cfg.tokenizer else []
         print(f"adapter: {out}/adapter.safetensors (+ adapter.json); try: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from .common import add_time_limit
 
@@ -43,5 +44,5 @@ def cmd_download(args: argparse.Namespace) -> int:
     from ..download import download_model
 
     path = download_model(find(args.name), args.dir, args.url_base, time_limit=args.time_limit)
-    print(f"{path}\nrun it: babyllama run {path}")
+    print(f"{path}\nrun it: {shlex.join(['babyllama', 'run', str(path)])}")
     return 0

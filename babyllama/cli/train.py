@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+from ..config import CKPT_NAME
 from ..errors import BabyLlamaError, require
 from .common import add_sampling_flags, check_sampling_flags, make_sampler, positive_int, steps_flag, text_arg
 
@@ -88,8 +91,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.base and cfg.init_from == "resume":
         raise BabyLlamaError(f"{cfg.out_dir} holds a fine-tuning run (base {cfg.base}): resume it with babyllama "
                              f"finetune --init_from=resume --out_dir={cfg.out_dir}")
-    train(cfg)
+    result = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0 and result["saved_at"] is None and not cfg.eval_only:
+        print(no_checkpoint_text(cfg))
     return 0
+
+
+def no_checkpoint_text(cfg) -> str:
+    """Why a run that ended without an error left no checkpoint of its own in out_dir."""
+    why = ("max_iters is 0" if cfg.max_iters == 0 else  # else the last step's evaluation saves, unless:
+           "none improved on step 0's validation loss (always_save_checkpoint=false)")
+    earlier = Path(cfg.out_dir) / CKPT_NAME
+    kept = f"; {earlier} is still an earlier run's" if earlier.exists() else ""
+    return f"no checkpoint written: a run saves at its evaluations after step 0, and {why}{kept}"
 
 
 def raise_base_given() -> None:

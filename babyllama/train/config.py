@@ -250,13 +250,40 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
         path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
         saved = checkpoint.load(path)
         checkpoint.check_resumable(saved, str(path))
-        return build_config(config_file, overrides, resume_config=saved["config"])
+        resumed = build_config(config_file, overrides, resume_config=saved["config"], checked=False)
+        if resumed.base:  # a LoRA run resumed as full fine-tuning keeps the run's lora_* keys: say that first
+            check_resumed_mode(resumed, saved)
+        check(resumed)
+        return resumed
     if not (cfg.data_dir or cfg.base) and cfg.vocab_size:
         # llama2.c's train.py finds its data from vocab_size: data/tokN, which `data pretokenize --vocab-size N`
         # writes too; the folder is recorded in the checkpoint's config, for a resume to read
         cfg.data_dir = f"data/tok{cfg.vocab_size}"
     check(cfg)
     return cfg
+
+
+def check_resumed_mode(cfg: TrainConfig, ckpt: dict) -> None:
+    """A resumed run trains what its checkpoint holds: every weight, or LoRA factors of the same rank, targets
+    and alpha (alpha/r scales what the trained factors add: another alpha is another model, not the run's)."""
+    saved = ckpt.get("lora")
+    if not saved and cfg.lora_rank:
+        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a full fine-tune, and this run asks for LoRA "
+                             f"rank {cfg.lora_rank} (resume without --lora_rank, or start a new run)")
+    if saved and not cfg.lora_rank:
+        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a LoRA run of rank {saved.get('rank')}, and this "
+                             "run asks for full fine-tuning (lora_rank 0): resume without --lora_rank, or start a "
+                             "new run from a model merged with the adapter")
+    if not saved:
+        return
+    from ..adapter import parse_targets
+
+    ours = (cfg.lora_rank, parse_targets(cfg.lora_targets), cfg.lora_alpha)
+    theirs = (saved.get("rank"), saved.get("targets"), saved.get("alpha"))
+    if ours != theirs:
+        raise BabyLlamaError(f"cannot resume: the checkpoint's LoRA rank {theirs[0]}, targets "
+                             f"{','.join(theirs[1] or [])} and alpha {theirs[2]} differ from this run's "
+                             f"({cfg.lora_rank}, {cfg.lora_targets}, {cfg.lora_alpha})")
 
 
 def check(cfg: TrainConfig) -> None:
@@ -363,6 +390,9 @@ def check_finetune(cfg: TrainConfig) -> None:
         for key in ("lora_alpha", "lora_dropout", "lora_targets"):
             if getattr(cfg, key) != FIELDS[key].default:
                 raise BabyLlamaError(f"{key} is a LoRA setting: give lora_rank too (lora_rank 0 is full fine-tuning)")
-    if bool(cfg.data) == bool(cfg.data_dir):
+    if cfg.data and cfg.data_dir:
+        raise BabyLlamaError(f"--data={cfg.data} and --data_dir={cfg.data_dir} both name the data: give one (--data "
+                             "raw, pretokenized into out_dir; --data_dir pretokenized already)")
+    if not (cfg.data or cfg.data_dir):
         raise BabyLlamaError("fine-tuning needs its data: --data=FILE (raw .txt/.jsonl/.json) or --data_dir=DIR "
                              "(pretokenized with the base's tokenizer), one of them")

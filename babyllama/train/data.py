@@ -181,6 +181,19 @@ def shard_name(path: Path, root: Path) -> str:
     return "_".join(rel.with_suffix("").parts) + ".bin"
 
 
+def shard_names(files: list[Path], root: Path) -> dict[Path, str]:
+    """Each input file's shard name; two files that would share one (a.txt and a.jsonl, sub/a.txt and sub_a.txt)
+    are refused: the second shard would replace the first."""
+    names: dict[str, Path] = {}
+    for f in files:
+        name = shard_name(f, root)
+        if name in names:
+            raise BabyLlamaError(f"{names[name]} and {f} would both be pretokenized into the shard {name}, the "
+                                 "second replacing the first: rename one of them")
+        names[name] = f
+    return {f: name for name, f in names.items()}
+
+
 VAL_WORDS = {"val", "valid", "validation", "dev"}  # dev: `data instruct --dev-count`'s held-out split
 VAL_WORDS_TEXT = "val, valid, validation or dev"
 
@@ -226,6 +239,10 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
         chat = next(f for f, k in kinds.items() if k == CHAT)
         raise BabyLlamaError(f"{root} mixes chat records ({chat.name}) with plain text: pretokenize them apart")
     kind = kinds[files[0]]
+    names = shard_names(files, root)
+    if all(is_val_shard(name) for name in names.values()):  # train would refuse it: say it before the work
+        raise BabyLlamaError(f"{root}: only validation data ({', '.join(names.values())}: a name with the word "
+                             f"{VAL_WORDS_TEXT}); add the training data beside it")
     if kind == TEXT and word_weight > 1:  # nothing would read it
         raise BabyLlamaError(f"--word-weight weighs the requested words in chat replies: {root} holds plain text")
     vocab_size, _ = load_encoder(tokenizer)
@@ -243,7 +260,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     if kind == CHAT:
         _start_writing(out, held)
         for f, (ids, mask, offsets) in encoded.items():
-            name = shard_name(f, root)
+            name = names[f]
             _write_chat_shard(out / name, ids, mask, offsets)
             n_tokens += len(ids)
             shards["val" if is_val_shard(name) else "train"].append(name)
@@ -258,7 +275,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                           desc="pretokenize") as bar, \
                 ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
             for f, docs in itertools.chain([first], by_file):
-                name = shard_name(f, root)
+                name = names[f]
                 step = f.stat().st_size / max(1, len(docs))
                 batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
                 with safeio.atomic_write(out / name) as sink:
@@ -288,6 +305,13 @@ def _start_writing(out: Path, held: contextlib.ExitStack) -> None:
                                                "choose another --out-dir"))
     safeio.write_text(out / INCOMPLETE, "babyllama data pretokenize is writing this folder, or was interrupted\n")
     (out / META).unlink(missing_ok=True)
+
+    def say_if_interrupted(kind, error, trace) -> None:  # the folder now reads as unfinished: say what to do
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
+                  file=sys.stderr, flush=True)
+
+    held.push(say_if_interrupted)
 
 
 def _without_blank_jsonl(files: list[Path]) -> list[Path]:
@@ -335,7 +359,7 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     kept = []
     for lineno, (ids, mask) in zip(linenos, encoded):
         if max_tokens is not None and len(ids) > max_tokens:
-            bad.append((lineno, f"the conversation has {len(ids)} tokens, longer than the context ({max_tokens})"))
+            bad.append((lineno, f"the conversation has {len(ids)} tokens, more than max_seq_len {max_tokens - 1} + 1"))
         else:
             kept.append((ids, mask))
     bad.sort()

@@ -1,6 +1,6 @@
 """Knowledge distillation: a frozen teacher model's next-token distributions as extra training signal.
 
-With `teacher = "path/to/model.bin"` (a llama2.c .bin with the student's vocabulary), every training batch
+With `teacher = "path/to/model.bin"` (any model babyllama reads, with the student's vocabulary), every training batch
 also runs through the teacher, and the loss becomes
 
     kd_alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 − kd_alpha) · CE(student, next token)
@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import formats
-from ..config import TOKENIZER_BIN
 from ..errors import BabyLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -30,23 +28,25 @@ def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,
     """The teacher of `path`, frozen and in eval mode on `device`; it must share the student's vocabulary
     (its size, and where both are known, the tokenizer: the tokenizer.bin beside it, as `run` takes it, and
     the data's `data_tokenizer`) and cover its context length."""
+    from ..loading import carried_tokenizer, open_model
+
     try:
-        weights = formats.load(path)
+        source = open_model(path, keep_quantized=False)  # any format the other commands read
+        carried = carried_tokenizer(source)  # same-sized vocabularies can still give other ids
     except BabyLlamaError as e:
         raise BabyLlamaError(f"teacher: {e}") from None
-    args = weights.args
+    args = source.weights.args
     if args.vocab_size != vocab_size:
         raise BabyLlamaError(f"teacher {path} has a {args.vocab_size}-token vocabulary, the data {vocab_size}: "
                              "distillation needs the same tokenizer")
-    beside = Path(path).with_name(TOKENIZER_BIN)  # same-sized vocabularies can still give other ids
-    if data_tokenizer is not None and data_tokenizer.is_file() and beside.is_file() and \
-            not Tokenizer.load(beside).same_as(Tokenizer.load(data_tokenizer)):
-        raise BabyLlamaError(f"teacher {path} was trained with {beside}, not with the data's tokenizer "
-                             f"({data_tokenizer}): distillation needs the same tokenizer")
+    if data_tokenizer is not None and data_tokenizer.is_file() and carried is not None and \
+            not carried.same_as(Tokenizer.load(data_tokenizer)):
+        raise BabyLlamaError(f"teacher {path} was trained with {source.tokenizer or 'the vocabulary it carries'}, "
+                             f"not with the data's tokenizer ({data_tokenizer}): distillation needs the same tokenizer")
     if args.max_seq_len < seq_len:
         raise BabyLlamaError(f"teacher {path} has a context of {args.max_seq_len} tokens, shorter than "
                              f"max_seq_len={seq_len}")
-    teacher = Transformer.from_weights(weights).to(device).eval()
+    teacher = Transformer.from_weights(source.weights.to_fp32()).to(device).eval()
     teacher.requires_grad_(False)
     return teacher
 

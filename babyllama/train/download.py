@@ -53,8 +53,9 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
         print(f"{dest} already downloaded", file=sys.stderr)
         _verify(dest, sha256)
         return dest
-    safeio.output_dir(dest.parent, "data folder")
-    headers = fetch(url, dest, timeout=timeout, time_limit=time_limit)
+    with safeio.new_folders_removed_on_error(dest.parent):  # a failed download leaves no empty folder
+        safeio.output_dir(dest.parent, "data folder")
+        headers = fetch(url, dest, timeout=timeout, time_limit=time_limit)
     _verify(dest, sha256 or advertised_sha256(headers))
     return dest
 

@@ -2,7 +2,8 @@
 
 The base is any model babyllama reads (loading.open_model: a training checkpoint, a .bin of any version,
 dequantized, a GGUF file, a Hugging Face or Meta folder), fp32. Its shape replaces the config's model keys (so
-the checkpoint records them), its context is the default max_seq_len, and its tokenizer encodes `data` (raw
+the checkpoint records them) and its context stays the model's (max_seq_len sizes the training windows), and
+its tokenizer encodes `data` (raw
 text or chat .jsonl, pretokenized into out_dir/data). With lora_rank > 0 the base is frozen and LoRA factors
 are trained (lora.py); the adapter's config names the base by its identity (adapter.base_identity), which a
 resumed run checks too.
@@ -20,7 +21,7 @@ from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .config import FIELDS, TrainConfig
+from .config import FIELDS, TrainConfig, check_resumed_mode
 from .data import pretokenize
 from .lora import apply_lora, check_rank
 
@@ -29,8 +30,9 @@ SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_
 
 
 def open_base(cfg: TrainConfig) -> Source:
-    """The base model, fp32, with its context set to max_seq_len (0: its own; never longer: the base was not
-    trained beyond it), and cfg's shape keys set to it."""
+    """The base model, fp32, and cfg's shape keys set to it. Training windows are max_seq_len tokens (0: the
+    base's context; never longer: the base was not trained beyond it), but the model keeps the base's context,
+    as a merged LoRA adapter does: shorter windows make training cheaper, not the model's context shorter."""
     check_base_outside_run(cfg)
     if cfg.init_from == "resume" and not Path(cfg.base).exists():  # relative to where the run started
         raise BabyLlamaError(f"base model not found: {cfg.base} (the run's, as given when it started; from another "
@@ -41,13 +43,12 @@ def open_base(cfg: TrainConfig) -> Source:
     if cfg.max_seq_len > args.max_seq_len:
         raise BabyLlamaError(f"max_seq_len {cfg.max_seq_len} is more than the base model's context "
                              f"({args.max_seq_len}): fine-tune within it (0: the base's)")
-    args.max_seq_len = cfg.max_seq_len or args.max_seq_len
     if cfg.lora_rank:
         check_rank(cfg.lora_rank, cfg.lora_targets, args)  # before the data is prepared
     check_shape_keys(cfg, args)
     for key in SHAPE_KEYS:
         setattr(cfg, key, getattr(args, key))
-    cfg.max_seq_len = args.max_seq_len
+    cfg.max_seq_len = cfg.max_seq_len or args.max_seq_len
     return source
 
 
@@ -146,24 +147,3 @@ def make_model(cfg: TrainConfig, base: Source | None, ckpt: dict | None) -> tupl
     apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     return model, {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                    "targets": parse_targets(cfg.lora_targets), "base": identity}
-
-
-def check_resumed_mode(cfg: TrainConfig, ckpt: dict) -> None:
-    """A resumed run trains what its checkpoint holds: every weight, or LoRA factors of the same rank, targets
-    and alpha (alpha/r scales what the trained factors add: another alpha is another model, not the run's)."""
-    saved = ckpt.get("lora")
-    if not saved and cfg.lora_rank:
-        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a full fine-tune, and this run asks for LoRA "
-                             f"rank {cfg.lora_rank} (resume without --lora_rank, or start a new run)")
-    if saved and not cfg.lora_rank:
-        raise BabyLlamaError(f"cannot resume: {cfg.out_dir} holds a LoRA run of rank {saved.get('rank')}, and this "
-                             "run asks for full fine-tuning (lora_rank 0): resume without --lora_rank, or start a "
-                             "new run from a model merged with the adapter")
-    if not saved:
-        return
-    ours = (cfg.lora_rank, parse_targets(cfg.lora_targets), cfg.lora_alpha)
-    theirs = (saved.get("rank"), saved.get("targets"), saved.get("alpha"))
-    if ours != theirs:
-        raise BabyLlamaError(f"cannot resume: the checkpoint's LoRA rank {theirs[0]}, targets "
-                             f"{','.join(theirs[1] or [])} and alpha {theirs[2]} differ from this run's "
-                             f"({cfg.lora_rank}, {cfg.lora_targets}, {cfg.lora_alpha})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -141,6 +142,10 @@ def _load_state_dicts(model, optimizer, ckpt: dict, source: str, lora: bool = Fa
     set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
 
 
+DATA_NAME = "data"  # a fine-tune's --data, pretokenized into out_dir
+PENDING_DATA_NAME = "data.pending"  # a new run's, until its first checkpoint replaces an earlier run's
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, ckpt: dict | None = None):
         self.cfg = cfg
@@ -222,10 +227,15 @@ class Trainer:
     def _open_data_dir(self, base) -> Path:
         """The pretokenized data folder (made here from a fine-tune's `data`), its vocabulary checked."""
         cfg = self.cfg
-        data_dir = Path(cfg.data_dir or self.out_dir / "data")
+        data_dir = Path(cfg.data_dir or self.out_dir / DATA_NAME)
         resumed = cfg.init_from == "resume" and (data_dir / META).is_file()  # keeps what the first run made
         if cfg.data and not resumed:
+            earlier_run = (self.out_dir / checkpoint.CKPT_NAME).exists() and data_dir.exists()
+            if cfg.eval_only or earlier_run:  # out_dir's data stays its checkpoint's (see _commit_data)
+                data_dir = self.out_dir / PENDING_DATA_NAME
             if self.dist.master:
+                if data_dir.name == PENDING_DATA_NAME and data_dir.is_dir():  # what a stopped run left
+                    shutil.rmtree(data_dir)
                 finetune.prepare_data(cfg, base, data_dir)
             if self.dist.enabled:
                 dist.barrier()
@@ -286,6 +296,22 @@ class Trainer:
         self.saved_at = self.iter_num
         if self.metrics is not None:
             self.metrics.checkpointed()
+        self._commit_data()
+
+    def _commit_data(self) -> None:
+        """A new run in a folder that holds an earlier run's checkpoint and data pretokenizes into data.pending,
+        which its first checkpoint moves over data (as its log): a run stopped before then leaves the earlier
+        run's checkpoint and data together, as a resume of it needs them."""
+        if self.data_dir.name != PENDING_DATA_NAME or self.cfg.eval_only:
+            return
+        final, replaced = self.out_dir / DATA_NAME, self.out_dir / f"{DATA_NAME}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        if final.exists():
+            final.rename(replaced)
+        self.data_dir.rename(final)  # the open shards are mapped: they stay readable under the new name
+        safeio.fsync_dir(self.out_dir)
+        shutil.rmtree(replaced, ignore_errors=True)
+        self.data_dir = final
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -409,8 +435,12 @@ class Trainer:
                       f"{cfg.kd_temperature})", flush=True)
         start_iter = self.iter_num
         if cfg.eval_only:
-            self.evaluate_and_save()
-            return {"iter": self.iter_num, "best_val_loss": self.best_val_loss}
+            try:
+                self.evaluate_and_save()
+            finally:
+                if master and self.data_dir.name == PENDING_DATA_NAME:  # nothing of an evaluation stays
+                    shutil.rmtree(self.data_dir, ignore_errors=True)
+            return {"iter": self.iter_num, "best_val_loss": self.best_val_loss, "saved_at": None}
         # a checkpoint is written only by an evaluation: a resumed run's first step was evaluated already
         evaluated_at = start_iter if cfg.init_from == "resume" else None
         if master and cfg.init_from == "resume" and start_iter >= cfg.max_iters:
@@ -424,7 +454,8 @@ class Trainer:
             raise
         if self.dist.enabled:
             dist.barrier()
-        return {"iter": self.iter_num, "loss": self.last_loss, "best_val_loss": self.best_val_loss}
+        return {"iter": self.iter_num, "loss": self.last_loss, "best_val_loss": self.best_val_loss,
+                "saved_at": self.saved_at}
 
     def check_finite(self, which: str, loss: float) -> None:
         """A loss that is NaN or infinite never comes back: stop before a checkpoint of such weights replaces
@@ -446,6 +477,8 @@ class Trainer:
                 f" (this run writes one every eval_interval={self.cfg.eval_interval} steps)"
             if self.metrics is not None and self.metrics.pending:
                 kept += f"; so is {self.metrics.final.name}: this run's log is {self.metrics.path}"
+            if self.data_dir.name == PENDING_DATA_NAME:
+                kept += f"; and {self.out_dir / DATA_NAME}: this run's data is {self.data_dir}"
         else:
             kept = f"{ckpt} holds step {self.saved_at}: --init_from=resume goes on from there"
         return kept
@@ -551,7 +584,9 @@ def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss"}."""
+    """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss", "saved_at"}: saved_at
+    is the step of out_dir's checkpoint when it is this run's (None when it wrote none: an evaluation, or
+    max_iters 0)."""
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
