@@ -257,6 +257,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     for what, value in (("model", model), ("tokenizer", tokenizer), ("lora", lora)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise BabyLlamaError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+        if value is not None and not os.fspath(value):  # it would name the current folder
+            raise BabyLlamaError(f"{what} is an empty path")
     if mmap is not None and not isinstance(mmap, bool):
         raise BabyLlamaError(f"mmap must be True, False or None, got {mmap!r}")
     check_kv_cache(kv_cache, device)  # before the model is read

@@ -171,9 +171,12 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
         return True
     if tok is not None and tok_out.samefile(tok):
         return False
-    if explicit:
-        return True
     existing = _readable_tokenizer(tok_out)
+    if explicit:
+        if existing is not None and existing.vocab_size != tokenizer.vocab_size:  # a model beside it may use it
+            print(f"note: replacing {tok_out} ({existing.vocab_size} tokens) with this model's tokenizer "
+                  f"({tokenizer.vocab_size}): a model in {tok_out.parent} that used it now needs -z", file=sys.stderr)
+        return True
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
         raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
                              f"{tokenizer.vocab_size}: pass --tokenizer to replace it, or export into another folder")

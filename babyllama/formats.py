@@ -663,7 +663,7 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
     if version == 0 and (args.rope_theta != DEFAULT_ROPE_THETA or args.norm_eps != DEFAULT_NORM_EPS):
         raise BabyLlamaError(
             f"version 0 files cannot carry rope_theta={args.rope_theta} / norm_eps={args.norm_eps}; "
-            "export version 1 or 2 instead")
+            "export version 1, 2 or 3 instead")
     check_writable(args, path)
     if version == 3:
         try:

@@ -57,11 +57,15 @@ class Source:
     tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
     vocab: Vocab | None = None  # a vocabulary carried inside the file (GGUF)
     conversions: list = field(default_factory=list)  # describe()'s notes: GGUF conversions, a foreign chat template
+    quantized: bool = False  # the weights quantized on load (--quantize), not run as the file holds them
 
     def describe(self) -> str:
         """One line: what was loaded, and from what."""
         a = self.weights.args
-        how = "" if self.kind == "bin" else ", converted in memory"
+        # a GGUF file's tensors are mapped as stored (its other types' conversions are among the notes)
+        how = {"bin": "", "gguf": ", mapped"}.get(self.kind, ", converted in memory")
+        if self.quantized and self.kind in ("bin", "gguf"):
+            how = ", quantized on load"
         dtype = self.weights.kinds()
         notes = "".join(f"; {c}" for c in self.conversions)
         return (f"loaded {_DESCRIPTIONS[self.kind]} {self.path}: {a.param_count() / 1e6:.2f}M params, dim {a.dim}, "
@@ -96,8 +100,9 @@ def detect_format(path: str | os.PathLike) -> str:
             raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
     if head[:4] == b"GGUF":
         return "gguf"
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip container
-        return "checkpoint"
+    if head[:4] == b"PK\x03\x04":  # torch.save's zip container: a Hugging Face pytorch_model.bin beside its config
+        return "hf" if (path.parent / "config.json").is_file() and path.name.startswith("pytorch_model") \
+            else "checkpoint"
     if len(head) >= 4 and struct.unpack_from("<I", head)[0] == formats.MAGIC:
         return "bin"
     if path.suffix == ".pt":
@@ -175,6 +180,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         from . import kernels
 
         source.weights = source.weights.quantize_as(quantize, kernels.q4_0_blocks)
+        source.quantized = True
     return source
 
 

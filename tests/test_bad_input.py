@@ -313,6 +313,9 @@ def test_load_wants_paths():
 
     with pytest.raises(BabyLlamaError, match="model must be a path"):
         load(123)
+    for kw in ({"model": ""}, {"tokenizer": ""}, {"lora": ""}):  # "" would name the current folder
+        with pytest.raises(BabyLlamaError, match=f"{next(iter(kw))} is an empty path"):
+            load(**kw)
 
 
 def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):

@@ -272,9 +272,19 @@ def test_flags_without_their_partner_are_refused(flags, message, tmp_path):
     one_error_line(run_cli("run", "-n", "5", *[str(prompts) if f == "PROMPTS" else f for f in flags]), message)
 
 
-def test_an_empty_model_path_is_a_usage_error():
-    proc = run_cli("run", "")
-    assert proc.returncode == 2 and b"the path is empty" in proc.stderr
+@pytest.mark.parametrize("flags", [[""], ["-z", ""], ["--lora", ""], ["--batch-file", ""], ["--draft", ""],
+                                   ["--batch-file", "", "--parallel", "2"]])
+def test_an_empty_path_is_a_usage_error(flags):
+    """An unset variable ("$DRAFT") would otherwise name the current folder, or read as the flag left out."""
+    proc = run_cli("run", "-n", "4", *flags)
+    assert proc.returncode == 2 and b"the path is empty" in proc.stderr, proc.stderr
+
+
+def test_run_m_chat_without_a_model_talks_to_the_chat_model():
+    """`run -m chat` is `chat`: without MODEL, both run the built-in chat model."""
+    a = run_cli("run", "-m", "chat", "-t", "0", "-n", "30", input=b"Tell me a story about a cat.\n")
+    b = run_cli("chat", "-t", "0", "-n", "30", input=b"Tell me a story about a cat.\n")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout, (a.stderr, b.stderr)
 
 
 def test_a_prompt_longer_than_the_context(stories260k, tok512):

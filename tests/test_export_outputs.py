@@ -202,6 +202,12 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     assert "tokenizer.bin has 400 tokens, so it cannot serve this model of 300" in msg
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
+    # --tokenizer says replace it: done, and said, as a model beside it may have used it
+    byte_tokenizer(300).save(tmp_path / "tok300.bin")
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf), "-z", str(tmp_path / "tok300.bin")]) == 0
+    assert (f"note: replacing {folder / 'tokenizer.bin'} (400 tokens) with this model's tokenizer (300): a model in "
+            f"{folder} that used it now needs -z") in capsys.readouterr().err
+    assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 300
 
 
 def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, capsys, tiny_gguf):

@@ -453,6 +453,25 @@ def test_k_quants_and_other_types_are_converted_to_the_nearest_block_type(tmp_pa
                                atol=1e-4 * np.abs(logits).max(), rtol=0)
 
 
+@pytest.mark.parametrize("kind, bound", [("q8_0", 0.01), ("f16", 1e-3)])
+def test_a_type_asked_for_is_made_from_the_files_own_weights(tmp_path, kind, bound):
+    """--quantize on a file of other llama.cpp types quantizes the file's own weights: not the nearest block
+    type's conversion of them (Q5_0 through Q4_0 to Q8_0 would keep Q4_0's error)."""
+    from babyllama.formats import dense
+    from babyllama.interop.gguf import load_gguf
+    from babyllama.loading import open_model
+
+    path = tmp_path / "mixed.gguf"
+    write_mixed_gguf(path)
+    source = open_model(path, quantize=kind)
+    reference = load_gguf(path)[0]  # every tensor dequantized to fp32
+    assert not any("converted to q4_0" in str(note) for note in source.conversions)
+    for name in MATRICES:
+        for mine, ref in zip(getattr(source.weights, name), getattr(reference, name), strict=True):
+            err = np.sqrt(np.mean((dense(mine) - ref) ** 2) / np.mean(ref ** 2))
+            assert err < bound, (name, err)
+
+
 @pytest.mark.parametrize("name", CONVERTED_KINDS)
 def test_the_native_conversion_gives_the_blocks_of_the_gguf_package_and_our_quantizer(name):
     """kernels.c converts each of these types in one pass: the same Q4_0/Q8_0 blocks as the gguf package's
@@ -657,7 +676,7 @@ def test_running_a_gguf_keeps_its_quantized_tensors_and_export_reads_fp32(tmp_pa
     path = tmp_path / "m-q4_0.gguf"
     running = open_model(path)
     assert running.weights.kinds() == "q4_0" and running.conversions == []
-    assert "(q4_0, converted in memory)" in running.describe()
+    assert "(q4_0, mapped)" in running.describe()
     exporting = load_source(model=str(path))
     assert exporting.weights.kinds() == "fp32"
     from babyllama.engine import Engine
@@ -885,6 +904,16 @@ def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path, arch, p
     path = llama_gguf(tmp_path / "other.gguf", arch=arch)
     one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
     one_line_error(run_cli("export", str(tmp_path / "o.bin"), "--model", str(path)), pattern)
+
+
+def test_a_file_of_a_split_gguf_model_says_to_merge_them(tmp_path):
+    """llama.cpp's gguf-split writes a model as several files (split.count in the first): one file alone lacks
+    most tensors, which is no corrupt file."""
+    from conftest import one_line_error
+
+    path = llama_gguf(tmp_path / "m-00001-of-00003.gguf", metadata={"split.count": 3, "split.no": 0})
+    one_line_error(run_cli("run", str(path), "-n", "4"),
+                   "one of 3 files of a split GGUF model; merge them into one first")
 
 
 def test_a_vocab_size_or_token_list_that_disagrees_with_the_embedding_is_one_line(tmp_path, capsys):

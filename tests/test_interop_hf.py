@@ -77,6 +77,17 @@ def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
+def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path):
+    """A weight file named for the model runs as a model.safetensors does: not taken for a training checkpoint
+    (both are torch.save zips)."""
+    from babyllama.loading import detect_format, open_model
+
+    folder = save_as(make_hf_model(2, True), tmp_path / "hf", "pytorch")
+    assert detect_format(folder / "pytorch_model.bin") == "hf"
+    by_file, by_folder = (open_model(p).weights for p in (folder / "pytorch_model.bin", folder))
+    np.testing.assert_array_equal(engine_logits(by_file, TOKENS), engine_logits(by_folder, TOKENS))
+
+
 def test_hf_version0_refuses_non_default_theta(tmp_path):
     folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")
     r = run_cli("export", str(tmp_path / "m.bin"), "--hf", str(folder), "--version", "0")

@@ -30,11 +30,11 @@ def add_model_flags(p: argparse.ArgumentParser, default: str = "the built-in sto
     p.add_argument("checkpoint", nargs="?", metavar="MODEL", type=non_empty_path,
                    help=f"the model: a llama2.c .bin (v0-v3), a GGUF file, a Hugging Face or Meta folder, or "
                         f"a training checkpoint (ckpt.pt or its run folder); default: {default}")
-    p.add_argument("-z", "--tokenizer", dest="tokenizer",
+    p.add_argument("-z", "--tokenizer", dest="tokenizer", type=non_empty_path,
                    help="tokenizer.bin or sentencepiece .model (default: the model's own; for a .bin or a "
                         "checkpoint, tokenizer.bin beside it, else for a .bin the built-in one when the "
                         "vocabulary sizes match)")
-    p.add_argument("--lora", metavar="ADAPTER", default=None,
+    p.add_argument("--lora", metavar="ADAPTER", default=None, type=non_empty_path,
                    help="merge this LoRA adapter (adapter.safetensors, or the `babyllama finetune` run folder "
                         "holding it) into the model's weights at load; it must come from this very model")
     add_kv_cache(p)

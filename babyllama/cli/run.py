@@ -20,6 +20,7 @@ from .common import (
     check_sampling_flags,
     controls,
     make_sampler,
+    non_empty_path,
     steps_flag,
     text_arg,
 )
@@ -36,14 +37,14 @@ DRAFT_K = 4
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text or chat with a model (run.c's flags)",
                        description="Generate text from a model, like llama2.c's ./run.")
-    add_model_flags(p)
+    add_model_flags(p, default="the built-in story model, or with -m chat the built-in chat model")
     add_sampling_flags(p)
     p.add_argument("-m", "--mode", dest="mode", choices=("generate", "chat"), default="generate",
                    help="generate (continue the prompt) or chat (as `babyllama chat`: -i is the first user turn, "
                         "the others come from stdin, -n budgets each reply) (generate)")
     p.add_argument("-y", "--system", dest="system", default=None, help="system prompt in chat mode")
     add_engine_flags(p)
-    p.add_argument("--batch-file", default=None, metavar="FILE",
+    p.add_argument("--batch-file", default=None, metavar="FILE", type=non_empty_path,
                    help="generate for every line of FILE at once (one prompt per line; an empty line is an empty "
                         "prompt, a story from BOS); sequence i uses seed+i")
     p.add_argument("--parallel", type=int, default=None, metavar="N",
@@ -57,7 +58,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rotate-keys", action="store_true",
                    help="with --context-shift: move the cached keys/values and re-rotate the keys instead of "
                         "recomputing the kept window (faster; the kept entries still carry the dropped context)")
-    p.add_argument("--draft", default=None, metavar="SMALL.bin",
+    p.add_argument("--draft", default=None, metavar="SMALL.bin", type=non_empty_path,
                    help="speculative decoding with this draft model (same tokenizer)")
     p.add_argument("--draft-k", type=int, default=None, help=f"tokens drafted per round with --draft ({DRAFT_K})")
     p.add_argument("--plain", action="store_true", help="use the unoptimized reference engine (for comparison)")
@@ -73,7 +74,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="system prompt (asked for on stdin only when stdin is a terminal)")
     add_engine_flags(c)
     c.set_defaults(func=cmd_run, mode="chat", batch_file=None, parallel=None, context_shift=False,
-                   n_keep=None, rotate_keys=False, draft=None, draft_k=None, plain=False, builtin="chat")
+                   n_keep=None, rotate_keys=False, draft=None, draft_k=None, plain=False)
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,7 @@ def load_model(args: argparse.Namespace) -> Model:
     from ..loading import builtin_chat_model
 
     path = args.checkpoint
-    if path is None and getattr(args, "builtin", None) == "chat":
+    if path is None and getattr(args, "mode", None) == "chat":  # chat, and run -m chat
         path = builtin_chat_model()
     try:
         model = load(path, args.tokenizer, quantize=getattr(args, "quantize", None),

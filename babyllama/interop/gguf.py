@@ -203,7 +203,8 @@ class ConversionNote:
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.tensors} {self.source} tensors converted to {self.target}: RMS error "
+        tensors = f"{self.tensors} {self.source} tensor{'s' if self.tensors != 1 else ''}"
+        return (f"{tensors} converted to {self.target}: RMS error "
                 f"{100 * self.relative_rms_error:.2f}% of the weights' RMS (on top of {self.source}'s own)")
 
 
@@ -529,6 +530,10 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         raise BabyLlamaError(f"{path}: general.architecture is missing (only 'llama' GGUF files, which say so)")
     if arch != ARCH:
         raise BabyLlamaError(f"{path}: unsupported architecture {arch!r} (only 'llama' GGUF files)")
+    splits = meta.get("split.count")
+    if isinstance(splits, int) and splits > 1:  # the other tensors are in the other files
+        raise BabyLlamaError(f"{path}: one of {splits} files of a split GGUF model; merge them into one first "
+                             "(llama.cpp's llama-gguf-split --merge FIRST-FILE OUT.gguf)")
 
     converted: dict[str, ConversionNote] = {}
     maps = memory.read_only_file_maps()
@@ -546,7 +551,11 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 if keep_quantized and t.tensor_type.name in ("F16", "BF16") and len(t.shape) == 2:
                     # mapped, run as it is (the kernels read fp16 and bf16 as fp32: W_F16, W_BF16) or quantized
                     return BF16Tensor(data) if t.tensor_type.name == "BF16" else data
-                if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2:
+                # asked for another type (`quantize`), a type of no kernel's goes there from the file's own weights,
+                # not through the nearest of ours: a Q5_0 file asked for Q8_0 keeps Q5_0's precision
+                converted_on_load = kind not in KINDS and t.tensor_type.name not in _FLOAT_TYPES
+                if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2 or \
+                        (quantize is not None and converted_on_load):
                     dense = _dequantized(data, t.tensor_type)  # F32: the mapped view itself
                     if quantize is not None and dense is not data:  # a converted copy, quantized next: the
                         memory.release_mapped(data, maps=maps)      # file's bytes are read once
