@@ -577,3 +577,21 @@ def test_models_help_names_both_built_in_models(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "models list the built-in story and chat models and the public llama2.c checkpoints" in text
     assert table().splitlines()[1].startswith("builtin ") and table().splitlines()[2].startswith("builtin-chat ")
+
+
+def test_ctrl_c_while_the_cli_loads_ends_it_without_a_traceback(monkeypatch):
+    """The command's entry point: a Ctrl-C during the imports (the first fraction of a second) is exit 130,
+    as it is later, not Python's traceback."""
+    import builtins
+
+    from babyllama.__main__ import run
+
+    real_import = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1 and (globals or {}).get("__package__") == "babyllama":
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert run() == 130
