@@ -491,7 +491,7 @@ class NativeKernels:
         self.lib.softmax_logits.argtypes = [ptr, i64, ctypes.c_double, ptr]
         self.lib.regroup_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
         self.lib.regroup_blocks.restype = ctypes.c_int
-        self.lib.convert_ggml_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ctypes.c_int, ptr, ptr]
+        self.lib.convert_ggml_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ptr]
         self.lib.convert_ggml_rows.restype = ctypes.c_int
         self.lib.quantize_blocks.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
         self.lib.quantize_blocks.restype = ctypes.c_int
@@ -776,12 +776,13 @@ class NativeKernels:
         return BlockTensor(kind, out, w.shape[1])
 
     def convert_ggml(self, data: np.ndarray, ggml_type: int, cols: int, kind: str,
-                     out: np.ndarray | None = None) -> tuple[BlockTensor, float, float] | None:
+                     out: np.ndarray | None = None, searched: bool = False) -> tuple[BlockTensor, float, float] | None:
         """Rows of llama.cpp blocks of type `ggml_type` (uint8, one row of `cols` weights each) as `kind` blocks
         ("q4_0" or "q8_0"; their bytes in `out` when given, C-contiguous), with the sums of the squared error and
         of the squared weights (float64); None for a type the C code does not convert (interop/gguf.py then uses
         the gguf package). The blocks are those of the gguf package's dequantizer followed by quant.py's
-        quantizer; a block with a weight that is not finite gets a NaN scale."""
+        quantizer (Q4_0 `searched`: quantize_q4_0_searched's); a block with a weight that is not finite gets a NaN
+        scale."""
         data = np.ascontiguousarray(data)
         shape = (data.shape[0], cols // BLOCK * BLOCK_BYTES[kind])
         out = np.empty(shape, dtype=np.uint8) if out is None else out
@@ -789,7 +790,7 @@ class NativeKernels:
             raise ValueError(f"out must be C-contiguous uint8 of shape {shape}")
         sums = np.zeros(2, dtype=np.float64)
         failed = self.lib.convert_ggml_rows(ggml_type, _address(data), data.shape[0], cols, BLOCK_TYPES[kind],
-                                            _address(out), _address(sums))
+                                            int(searched), _address(out), _address(sums))
         if failed == 2:
             raise MemoryError("no memory for a row of converted weights")
         return None if failed else (BlockTensor(kind, out, cols), float(sums[0]), float(sums[1]))

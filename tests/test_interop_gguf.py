@@ -472,13 +472,33 @@ def test_a_type_asked_for_is_made_from_the_files_own_weights(tmp_path, kind, bou
             assert err < bound, (name, err)
 
 
+def test_a_5_bit_grid_made_q4_0_tries_other_scales_and_comes_closer():
+    """Q5_0 weights at llama.cpp's Q4_0 scale sit on its rounding ties for half their values: the conversion
+    searches scales (quant.quantize_q4_0_searched) and reports a smaller error than that scale gives; Q4_K keeps
+    llama.cpp's (the reference blocks)."""
+    from babyllama.interop import gguf as ours
+    from babyllama.quant import quantize_q4_0
+
+    rng = np.random.default_rng(3)
+    for name, searched in (("Q5_0", True), ("Q4_K", False)):
+        qtype = ours.tensor_type(gguf.GGMLQuantizationType[name].value)
+        data = random_blocks(gguf.GGMLQuantizationType[name], 64, 256, rng)
+        ref = ours._dequantized(data, qtype).reshape(-1, 256)
+        note = ours.ConversionNote(name, "q4_0")
+        blocks = ours._convert(data, qtype, 256, note)
+        reference = quantize_q4_0(ref)
+        assert np.array_equal(blocks.data, reference.data) != searched, name
+        reference_error = np.sqrt(np.sum((reference.dequantize() - ref) ** 2) / np.sum(ref ** 2))
+        assert (note.relative_rms_error < 0.95 * reference_error) == searched, (name, note.relative_rms_error)
+
+
 @pytest.mark.parametrize("name", CONVERTED_KINDS)
 def test_the_native_conversion_gives_the_blocks_of_the_gguf_package_and_our_quantizer(name):
     """kernels.c converts each of these types in one pass: the same Q4_0/Q8_0 blocks as the gguf package's
-    dequantizer followed by quant.py's quantizer (the error's sums within float64 rounding of NumPy's), on
+    dequantizer followed by quant.py's conversion quantizer (the error's sums within float64 rounding of NumPy's), on
     blocks with random values and scales of both signs."""
     from babyllama.interop import gguf as ours
-    from babyllama.quant import QUANTIZERS
+    from babyllama.quant import QUANTIZERS, quantize_q4_0_searched
 
     native = kernels_native.load()
     if native is None:
@@ -494,8 +514,9 @@ def test_the_native_conversion_gives_the_blocks_of_the_gguf_package_and_our_quan
         data = data.reshape(300, -1)
         kind = ours.nearest_kind(ours.tensor_type(qtype.value))
         ref = ours._dequantized(data, ours.tensor_type(qtype.value)).reshape(-1, cols)
-        want = QUANTIZERS[kind](ref)
-        got, err_sq, ref_sq = native.convert_ggml(data, qtype.value, cols, kind)
+        searched = kind == "q4_0" and name in ours.SEARCHED_Q4_0_SOURCES
+        want = quantize_q4_0_searched(ref) if searched else QUANTIZERS[kind](ref)
+        got, err_sq, ref_sq = native.convert_ggml(data, qtype.value, cols, kind, searched=searched)
         np.testing.assert_array_equal(got.data, want.data)
         assert err_sq == pytest.approx(float(np.square(want.dequantize() - ref, dtype=np.float64).sum()), rel=1e-12)
         assert ref_sq == pytest.approx(float(np.square(ref, dtype=np.float64).sum()), rel=1e-12)

@@ -2736,11 +2736,67 @@ static void quantize_block(const float *x, int kind, uint8_t *out, double *sums)
     for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
 }
 
-/* rows of `cols` weights of ggml type `type` at src as W_Q4_0 or W_Q8_0 (`kind`) blocks at dst, the error's
+/* quant.py's quantize_q4_0_searched, byte for byte: of the scales first_max / -Q4_0_DIVISORS[c] (fp16, as
+ * stored), the one whose block rounded to nearest (ties to even) has the least squared error, summed in double in
+ * eight lanes added in order (an earlier divisor on a tie). For weights already on another type's grid (a Q5_0 tensor's), where
+ * llama.cpp's divisor 8 alone leaves half the values on rounding ties. Error sums as quantize_block's. */
+static const float Q4_0_DIVISORS[] = {7.5f, 8.25f}; /* quant.py's, which says why these */
+
+static void quantize_block_q4_0_searched(const float *x, uint8_t *out, double *sums) {
+    NO_FUSED_MULTIPLY_ADD
+    float amax = 0.0f;
+    for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
+    if (!(amax <= FLT_MAX)) { /* a weight that is not finite: quantize_block's NaN scale */
+        quantize_block(x, W_Q4_0, out, sums);
+        return;
+    }
+    float first_max = x[0];
+    for (int j = 31; j >= 0; j--) first_max = fabsf(x[j]) == amax ? x[j] : first_max;
+    int best_q[32] = {0};
+    uint16_t best_h = 0;
+    float best_stored = 0.0f;
+    double best_err = 0.0;
+    for (int c = 0; c < (int)(sizeof Q4_0_DIVISORS / sizeof Q4_0_DIVISORS[0]); c++) {
+        uint16_t h = f32_to_fp16(first_max / -Q4_0_DIVISORS[c]);
+        float stored = fp16_to_f32(h), inv = stored != 0.0f ? 1.0f / stored : 0.0f;
+        int q[32];
+        double lanes[8] = {0}, err = 0.0; /* eight running sums, then added in order: as quant.py adds them */
+        for (int j0 = 0; j0 < 32; j0 += 8)
+            for (int k = 0; k < 8; k++) {
+                int j = j0 + k;
+                /* to nearest, ties to even, as NumPy's rint: 1.5 * 2^23 added and taken away (exact for the
+                 * |v| < 2^22 here: |x * inv| is at most the divisor), which vectorizes where nearbyintf did not */
+                float v = (x[j] * inv + 8.0f + 12582912.0f) - 12582912.0f;
+                q[j] = v < 0.0f ? 0 : v > 15.0f ? 15 : (int)v;
+                double e = (double)(q[j] - 8) * (double)stored - (double)x[j];
+                lanes[k] += e * e;
+            }
+        for (int k = 0; k < 8; k++) err += lanes[k];
+        if (c == 0 || err < best_err) {
+            best_err = err, best_h = h, best_stored = stored;
+            memcpy(best_q, q, sizeof q);
+        }
+    }
+    memcpy(out, &best_h, 2);
+    for (int j = 0; j < 16; j++) out[2 + j] = (uint8_t)(best_q[j] | best_q[j + 16] << 4);
+    if (!sums) return;
+    double err[8] = {0}, ref[8] = {0}; /* as quantize_block sums them */
+    for (int j0 = 0; j0 < 32; j0 += 8)
+        for (int k = 0; k < 8; k++) {
+            int j = j0 + k;
+            float e = (float)(best_q[j] - 8) * best_stored - x[j];
+            err[k] += (double)e * (double)e;
+            ref[k] += (double)x[j] * (double)x[j];
+        }
+    for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
+}
+
+/* rows of `cols` weights of ggml type `type` at src as W_Q4_0 (searched: quantize_block_q4_0_searched's) or W_Q8_0
+ * (`kind`) blocks at dst, the error's
  * sums added to sums[0..1] row after row; 1, writing nothing, for a type not converted here or rows that its
  * blocks (or 32) do not divide, 2 where memory could not be allocated */
-int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, int kind, uint8_t *dst,
-                      double *sums) {
+int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, int kind, int searched,
+                      uint8_t *dst, double *sums) {
     int64_t per_block, block_bytes;
     ggml_block_size(type, &per_block, &block_bytes);
     if (per_block == 0 || cols % per_block || cols % BLOCK || (kind != W_Q4_0 && kind != W_Q8_0)) return 1;
@@ -2750,8 +2806,13 @@ int convert_ggml_rows(int type, const uint8_t *src, int64_t rows, int64_t cols, 
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t b = 0; b < cols / per_block; b++)
             dequantize_ggml_block(type, src + r * in_bytes + b * block_bytes, row + b * per_block);
-        for (int64_t b = 0; b < cols / BLOCK; b++)
-            quantize_block(row + b * BLOCK, kind, dst + r * out_bytes + b * BLOCK_BYTES[kind], sums);
+        for (int64_t b = 0; b < cols / BLOCK; b++) {
+            uint8_t *block = dst + r * out_bytes + b * BLOCK_BYTES[kind];
+            if (kind == W_Q4_0 && searched)
+                quantize_block_q4_0_searched(row + b * BLOCK, block, sums);
+            else
+                quantize_block(row + b * BLOCK, kind, block, sums);
+        }
     }
     free(row);
     return 0;

@@ -57,7 +57,7 @@ from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, ch
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
 from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16, to_f16
-from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor
+from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize_q4_0_searched
 from ..threads import worker_count
 from ..tokenizer import BOS, EOS, UNK
 from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
@@ -208,6 +208,13 @@ class ConversionNote:
                 f"{100 * self.relative_rms_error:.2f}% of the weights' RMS (on top of {self.source}'s own)")
 
 
+# Types whose weights, made Q4_0, try other scales than llama.cpp's (quant.quantize_q4_0_searched): their grids
+# (5 bits, or 4 with an offset) put many values on Q4_0's rounding ties at its scale. Measured on random blocks
+# (RMS error of the conversion): Q4_1 6.27 -> 5.65%, Q5_0 7.15 -> 6.46%, Q5_1 6.03 -> 5.75%, Q5_K 5.98 -> 5.76%;
+# Q4_K 6.10 -> 6.00% is not worth the 2.5-3x conversion time (docs/speed.md), and Q2_K, Q3_K come out worse.
+SEARCHED_Q4_0_SOURCES = ("Q4_1", "Q5_0", "Q5_1", "Q5_K")
+
+
 def nearest_kind(qtype: TensorType) -> str:
     """babyllama's block type nearest in bits per weight to a llama.cpp type (Q4_0 4.5, Q8_0 8.5)."""
     return "q8_0" if 8 * qtype.type_bytes / qtype.block >= 6.5 else "q4_0"
@@ -228,14 +235,16 @@ def _convert(data: np.ndarray, qtype: TensorType, cols: int, note: ConversionNot
     from .. import kernels
 
     native = kernels.native_backend()
+    searched = note.target == "q4_0" and qtype.name in SEARCHED_Q4_0_SOURCES
 
     def rows_from(r: int) -> tuple[float, float, tuple]:
         # the native kernels, where they convert this type: the same blocks in one pass over the rows
-        done = native.convert_ggml(data[r:r + step], qtype.id, cols, note.target, out[r:r + step]) if native else None
+        done = native.convert_ggml(data[r:r + step], qtype.id, cols, note.target, out[r:r + step],
+                                   searched) if native else None
         if done is not None:
             return done[1], done[2], ()
         ref = _dequantized(data[r:r + step], qtype).reshape(-1, cols)
-        q = QUANTIZERS[note.target](ref)
+        q = quantize_q4_0_searched(ref) if searched else QUANTIZERS[note.target](ref)
         out[r:r + step] = q.data
         return (float(np.square(q.dequantize() - ref, dtype=np.float64).sum()),
                 float(np.square(ref, dtype=np.float64).sum()), (ref, q))
