@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import random
 import re
@@ -419,8 +420,9 @@ class InstructScore:
 
     def to_dict(self, samples: int = 0) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "samples"}
-        d.update(word_share=self.word_share, topic_share=self.topic_share, all_words_share=self.all_words_share,
-                 mean_reply_tokens=self.reply_tokens / self.requests if self.requests else float("nan"))
+        shares = dict(word_share=self.word_share, topic_share=self.topic_share, all_words_share=self.all_words_share,
+                      mean_reply_tokens=self.reply_tokens / self.requests if self.requests else float("nan"))
+        d.update({k: None if math.isnan(v) else v for k, v in shares.items()})  # JSON has no NaN: null, none asked
         if samples:
             d["samples"] = self.samples[:samples]
         return d

@@ -204,11 +204,13 @@ def test_eval_instruct_scores_the_fine_tune_above_the_base(lora_run):
     tuned, base = json.loads(tuned.stdout), json.loads(base.stdout)
     assert tuned["requests"] == base["requests"] == 24 and tuned["words_requested"] == 24
     assert tuned["word_share"] >= 0.8 > base["word_share"]
+    assert tuned["topic_requests"] == 0 and tuned["topic_share"] is None  # none asked: null (JSON has no NaN)
     sample = tuned["samples"][0]
     assert sample["words"][0] in sample["request"] and sample["used"] == sample["words"]
     table = run_cli("eval", str(root / "base.bin"), *[a for a in common if a != "--json"])
     assert table.returncode == 0 and b"\n[words used: " in table.stdout, table.stderr.decode()
     assert re.search(rb"; topic: (none asked|mentioned|missed)\]\n", table.stdout), table.stdout[-300:]
+    assert b"topic        - (no request asks for a topic)\n" in table.stdout and b"nan" not in table.stdout
 
 
 def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):

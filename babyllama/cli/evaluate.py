@@ -118,9 +118,15 @@ def eval_instruct(model: Model, args: argparse.Namespace) -> int:
     print(f"model        {name}")
     print(f"requests     {s.requests} from {args.instruct} ({s.word_requests} ask for words, {s.topic_requests} for "
           "a topic), greedy replies")
-    print(f"words used   {100 * s.word_share:.1f}% of {s.words_requested} requested words "
-          f"(replies using all of theirs: {100 * s.all_words_share:.1f}%)")
-    print(f"topic        {100 * s.topic_share:.1f}% of replies mention the requested topic")
+    if s.word_requests:
+        print(f"words used   {100 * s.word_share:.1f}% of {s.words_requested} requested words "
+              f"(replies using all of theirs: {100 * s.all_words_share:.1f}%)")
+    else:
+        print("words used   - (no request asks for words)")
+    if s.topic_requests:
+        print(f"topic        {100 * s.topic_share:.1f}% of replies mention the requested topic")
+    else:
+        print("topic        - (no request asks for a topic)")
     print(f"replies      {100 * s.finished / s.requests:.1f}% end with EOS; {s.reply_tokens / s.requests:.0f} "
           "tokens on average")
     for sample in s.samples[:args.samples or 0]:

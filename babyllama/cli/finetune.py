@@ -22,7 +22,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "With --lora-rank R the base stays frozen and OUT_DIR/adapter.safetensors (+ .json) is "
                     "written; use it with `run/chat --lora` or `export --lora`. Without it every weight is "
                     "trained and OUT_DIR/ckpt.pt is a model of its own. Settings: the defaults, then CONFIG, "
-                    "then --key=value flags (fine-tuning's defaults differ from train's: see below).")
+                    "then --key=value flags (the defaults below are fine-tuning's; docs/finetune.md lists those "
+                    "unlike train's).")
     p.add_argument("config", nargs="?",
                    help="config file (.toml, .json, or llama2.c's .py of key = value lines) with the settings")
     src = p.add_mutually_exclusive_group()
