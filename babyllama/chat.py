@@ -11,6 +11,7 @@ there does Ctrl-C stop a reply and go on with the chat (elsewhere it ends the pr
 from __future__ import annotations
 
 import contextlib
+import select
 import signal
 import sys
 import threading
@@ -48,7 +49,18 @@ def _stdin_line() -> bytes:
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream put in stdin's place (an embedding program, a test)
         return sys.stdin.readline().encode("utf-8", "surrogateescape")
+    if sys.stdin.isatty():
+        _wait_for_input(sys.stdin.fileno())
     return buffer.readline()
+
+
+def _wait_for_input(fd: int) -> None:
+    """Until the terminal has a line to read. A Ctrl-C that lands after Python's last check for signals but
+    before a blocking read is handled only when that read returns, after the next Enter; waiting in short polls
+    instead lets the interpreter raise its KeyboardInterrupt between them. (A terminal hands over a line at a
+    time, so no line waits in stdin's buffer unseen by the poll.)"""
+    while not select.select([fd], [], [], 0.1)[0]:
+        pass
 
 
 @contextlib.contextmanager
