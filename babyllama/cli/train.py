@@ -6,10 +6,14 @@ import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import CKPT_NAME
 from ..errors import BabyLlamaError, require
 from .common import add_sampling_flags, check_sampling_flags, make_sampler, positive_int, steps_flag, text_arg
+
+if TYPE_CHECKING:
+    from ..train.config import TrainConfig
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def no_checkpoint_text(cfg) -> str:
+def no_checkpoint_text(cfg: TrainConfig) -> str:
     """Why a run that ended without an error left no checkpoint of its own in out_dir."""
     why = ("max_iters is 0" if cfg.max_iters == 0 else  # else the last step's evaluation saves, unless:
            "none improved on step 0's validation loss (always_save_checkpoint=false)")
