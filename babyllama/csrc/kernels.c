@@ -2684,27 +2684,53 @@ static void dequantize_ggml_block(int type, const uint8_t *b, float *o) {
     }
 }
 
+/* Whether all of a block's 32 weights are finite (a corrupt file's NaN scale makes them NaN) */
+static int block_finite(const float *x) {
+    int finite = 1;
+    for (int j = 0; j < 32; j++) finite &= fabsf(x[j]) <= FLT_MAX;
+    return finite;
+}
+
+/* The largest magnitude of a block's 32 (finite) weights at *amax, and the first weight of that magnitude, as
+ * NumPy's argmax finds it (Q4_0's scale is taken from it with its sign). */
+static float block_first_max(const float *x, float *amax) {
+    float a = 0.0f;
+    for (int j = 0; j < 32; j++) a = fabsf(x[j]) > a ? fabsf(x[j]) : a;
+    float first = x[0];
+    for (int j = 31; j >= 0; j--) first = fabsf(x[j]) == a ? x[j] : first;
+    *amax = a;
+    return first;
+}
+
+/* sums[0] += the squared error of a block's values q (less `offset`) at scale `stored` against x, as fp32, and
+ * sums[1] += the squares of x: eight running sums each, added in order */
+static void add_block_error(const float *x, const int *q, int offset, float stored, double *sums) {
+    NO_FUSED_MULTIPLY_ADD
+    double err[8] = {0}, ref[8] = {0};
+    for (int j0 = 0; j0 < 32; j0 += 8)
+        for (int k = 0; k < 8; k++) {
+            int j = j0 + k;
+            float e = (float)(q[j] - offset) * stored - x[j];
+            err[k] += (double)e * (double)e;
+            ref[k] += (double)x[j] * (double)x[j];
+        }
+    for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
+}
+
 /* 32 weights as a Q8_0 or Q4_0 block at out (quant.py's quantize_q8_0 and quantize_q4_0); adds the squared
  * error of its weights as fp32 (the block's dequantization minus x) and the squares of x to sums[0], sums[1]
  * (unless sums is NULL).
  * A block with a weight that is not finite (a corrupt file's scale) gets a NaN scale, which loading refuses. */
 static void quantize_block(const float *x, int kind, uint8_t *out, double *sums) {
     NO_FUSED_MULTIPLY_ADD
-    float amax = 0.0f;
-    int finite = 1;
-    for (int j = 0; j < 32; j++) {
-        float a = fabsf(x[j]);
-        finite &= a <= FLT_MAX;
-        amax = a > amax ? a : amax;
-    }
-    if (!finite) {
+    if (!block_finite(x)) {
         memset(out, 0, BLOCK_BYTES[kind]);
         memcpy(out, &(uint16_t){0x7e00}, 2);
         if (sums) sums[0] = sums[1] = NAN;
         return;
     }
-    float first_max = x[0]; /* Q4_0: the first weight of largest magnitude, as NumPy's argmax finds it */
-    for (int j = 31; j >= 0; j--) first_max = fabsf(x[j]) == amax ? x[j] : first_max;
+    float amax;
+    float first_max = block_first_max(x, &amax); /* Q4_0: the first weight of largest magnitude */
     float d = kind == W_Q8_0 ? amax / 127.0f : first_max / -8.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
     uint16_t h = f32_to_fp16(d);
     float stored = fp16_to_f32(h);
@@ -2724,34 +2750,24 @@ static void quantize_block(const float *x, int kind, uint8_t *out, double *sums)
         }
         for (int j = 0; j < 16; j++) out[2 + j] = (uint8_t)(q[j] | q[j + 16] << 4);
     }
-    if (!sums) return;
-    double err[8] = {0}, ref[8] = {0}; /* eight running sums a block, added in order */
-    for (int j0 = 0; j0 < 32; j0 += 8)
-        for (int k = 0; k < 8; k++) {
-            int j = j0 + k;
-            float e = (float)(kind == W_Q4_0 ? q[j] - 8 : q[j]) * stored - x[j];
-            err[k] += (double)e * (double)e;
-            ref[k] += (double)x[j] * (double)x[j];
-        }
-    for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
+    if (sums) add_block_error(x, q, kind == W_Q4_0 ? 8 : 0, stored, sums);
 }
 
 /* quant.py's quantize_q4_0_searched, byte for byte: of the scales first_max / -Q4_0_DIVISORS[c] (fp16, as
- * stored), the one whose block rounded to nearest (ties to even) has the least squared error, summed in double in
- * eight lanes added in order (an earlier divisor on a tie). For weights already on another type's grid (a Q5_0 tensor's), where
- * llama.cpp's divisor 8 alone leaves half the values on rounding ties. Error sums as quantize_block's. */
+ * stored), the one whose block rounded to nearest (ties to even) has the least squared error, summed in double
+ * in eight lanes added in order (an earlier divisor on a tie). For weights already on another type's grid (a
+ * Q5_0 tensor's), where llama.cpp's divisor 8 alone leaves half the values on rounding ties. Error sums as
+ * quantize_block's. */
 static const float Q4_0_DIVISORS[] = {7.5f, 8.25f}; /* quant.py's, which says why these */
 
 static void quantize_block_q4_0_searched(const float *x, uint8_t *out, double *sums) {
     NO_FUSED_MULTIPLY_ADD
-    float amax = 0.0f;
-    for (int j = 0; j < 32; j++) amax = fabsf(x[j]) > amax ? fabsf(x[j]) : amax;
-    if (!(amax <= FLT_MAX)) { /* a weight that is not finite: quantize_block's NaN scale */
+    if (!block_finite(x)) { /* quantize_block's NaN scale, which loading refuses */
         quantize_block(x, W_Q4_0, out, sums);
         return;
     }
-    float first_max = x[0];
-    for (int j = 31; j >= 0; j--) first_max = fabsf(x[j]) == amax ? x[j] : first_max;
+    float amax;
+    float first_max = block_first_max(x, &amax);
     int best_q[32] = {0};
     uint16_t best_h = 0;
     float best_stored = 0.0f;
@@ -2779,16 +2795,7 @@ static void quantize_block_q4_0_searched(const float *x, uint8_t *out, double *s
     }
     memcpy(out, &best_h, 2);
     for (int j = 0; j < 16; j++) out[2 + j] = (uint8_t)(best_q[j] | best_q[j + 16] << 4);
-    if (!sums) return;
-    double err[8] = {0}, ref[8] = {0}; /* as quantize_block sums them */
-    for (int j0 = 0; j0 < 32; j0 += 8)
-        for (int k = 0; k < 8; k++) {
-            int j = j0 + k;
-            float e = (float)(best_q[j] - 8) * best_stored - x[j];
-            err[k] += (double)e * (double)e;
-            ref[k] += (double)x[j] * (double)x[j];
-        }
-    for (int k = 0; k < 8; k++) sums[0] += err[k], sums[1] += ref[k];
+    if (sums) add_block_error(x, best_q, 8, best_stored, sums);
 }
 
 /* rows of `cols` weights of ggml type `type` at src as W_Q4_0 (searched: quantize_block_q4_0_searched's) or W_Q8_0
