@@ -217,16 +217,19 @@ class Tokenizer:
         m = _BYTE_PIECE.fullmatch(piece)
         return bytes([int(m.group(1), 16)]) if m else piece
 
-    def token_bytes(self, prev: int, token: int) -> bytes:
-        """The bytes `token` adds to the text after `prev`: run.c's piece rules (its leading space dropped
-        after BOS, a byte token as its byte, a lone unprintable ASCII byte dropped), but every byte >= 0x80
-        kept (it is part of a UTF-8 character), and nothing for the control tokens BOS and EOS."""
-        if token in (BOS, EOS):
-            return b""
+    def shown_piece(self, prev: int, token: int) -> bytes:
+        """`token`'s piece after `prev` as text shows it: run.c's piece rules (its leading space dropped after
+        BOS, a byte token as its byte, a lone unprintable ASCII byte dropped), but every byte >= 0x80 kept (it
+        is part of a UTF-8 character)."""
         piece = self.piece_after(prev, token)
         if len(piece) == 1 and piece[0] < 0x80 and piece[0] not in _PRINTABLE:
             return b""
         return piece
+
+    def token_bytes(self, prev: int, token: int) -> bytes:
+        """The bytes `token` adds to the text after `prev`: its shown_piece, and nothing for the control tokens
+        BOS and EOS."""
+        return b"" if token in (BOS, EOS) else self.shown_piece(prev, token)
 
     def stream(self, prev: int = BOS) -> TextStream:
         """An incremental decoder for the tokens that follow `prev`."""

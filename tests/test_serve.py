@@ -210,6 +210,26 @@ def test_top_logprobs_of_tokens_that_read_the_same_keep_the_sampled_ones(tokeniz
     assert lp["top_logprobs"] == [{"\ufffd": -2.0}, {"\ufffd": -1.0}, {"\ufffd": -3.0}]
 
 
+def test_logprobs_show_a_dropped_control_byte_as_nothing(tokenizer):
+    """A lone unprintable ASCII byte token (<0x1F>) adds nothing to the text (run.c's safe_printf): its logprobs
+    entry reads "" with no bytes, so that the tokens still join into the text; other byte tokens keep theirs."""
+    from babyllama.serve.protocol import chat_logprobs, completion_logprobs
+    from babyllama.serve.scheduler import Token
+
+    unit, tab = (tokenizer.pieces.index(f"<0x{b:02X}>".encode()) for b in (0x1F, 0x09))
+    a = tokenizer.pieces.index(b" a")
+    entries = [Token(a, -1.0, [(unit, -0.5)]), Token(unit, -0.5, None), Token(tab, -2.0, None), Token(a, -1.0, None)]
+    text = b"".join(tokenizer.token_bytes(p, e.id) for p, e in zip([a] + [e.id for e in entries], entries)).decode()
+    assert text == " a\t a"
+    lp = completion_logprobs(tokenizer, entries, [0, 2, 2, 3], a)
+    assert lp["tokens"] == [" a", "", "\t", " a"] and "".join(lp["tokens"]) == text
+    assert lp["top_logprobs"][0] == {"": -0.5, " a": -1.0}
+    content = chat_logprobs(tokenizer, entries, a)["content"]
+    assert [c["token"] for c in content] == lp["tokens"]
+    assert content[1]["bytes"] == [] and content[2]["bytes"] == [9]
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode()
+
+
 def test_chat_logprobs_tokens_join_into_the_content(client, tokenizer):
     """A chat reply is decoded as after BOS (its first piece without the leading space): its logprobs show the
     tokens as the content has them, so their texts and bytes join into the content, whole and streamed, and the

@@ -262,9 +262,9 @@ def envelope(kind: str, rid: str, model: str, choices: list[dict], usage_: dict 
 
 
 def token_text(tokenizer: Tokenizer, token: int, prev: int) -> str:
-    """A token as OpenAI's logprobs show it: its bytes as text (a byte token's lone byte as U+FFFD); after
-    `prev` BOS without its leading space, as the text shows it there."""
-    return tokenizer.piece_after(prev, token).decode("utf-8", errors="replace")
+    """A token as OpenAI's logprobs show it: the bytes it shows in the text (Tokenizer.shown_piece: after BOS
+    without its leading space, a lone unprintable ASCII byte as nothing) as text, a lone byte >= 0x80 as U+FFFD."""
+    return tokenizer.shown_piece(prev, token).decode("utf-8", errors="replace")
 
 
 def completion_logprobs(tokenizer: Tokenizer, entries: list, offsets: list[int], prev: int) -> dict:
@@ -291,7 +291,7 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list, prev: int) -> dict:
     leading space, as the content has it, so that the tokens (and their bytes) join into the content."""
     def one(token: int, lp: float, after: int) -> dict:
         return {"token": token_text(tokenizer, token, after), "logprob": lp,
-                "bytes": list(tokenizer.piece_after(after, token))}
+                "bytes": list(tokenizer.shown_piece(after, token))}
 
     content = []
     for e in entries:
