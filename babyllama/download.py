@@ -55,7 +55,7 @@ def download_model(model: KnownModel, folder: str | os.PathLike, url_base: str |
             _remove_if_no_model(dest / model.model_file, fetched)  # an error page saved as the model
             raise
         model_path = dest / model.model_file
-        check_files(model_path, dest / TOKENIZER_BIN)  # inside: a refused download leaves no empty folder
+        check_files(model_path, dest / TOKENIZER_BIN, fetched)  # inside: a refused download leaves no empty folder
     return model_path
 
 
@@ -138,7 +138,10 @@ def _unreachable(url: str, e: Exception, target: Path) -> BabyLlamaError:
     (a Python without CA certificates: macOS's python.org installers ship without them), nor is a path given
     for a URL or a local file that is not there."""
     reason = getattr(e, "reason", None) or e
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError:  # urlopen's own complaint (an unclosed "[" of an IPv6 address) says what is wrong
+        return BabyLlamaError(f"download failed: {url} is not a valid URL ({reason})")
     if isinstance(reason, ssl.SSLCertVerificationError):
         hint = ("this Python could not verify the server's certificate: without CA certificates? (macOS: run "
                 "the Install Certificates command that came with Python; else install ca-certificates or set "
@@ -254,12 +257,30 @@ def _remove_if_no_model(model_path: Path, fetched: list[Path]) -> None:
             model_path.unlink(missing_ok=True)
 
 
-def check_files(model_path: Path, tokenizer_path: Path) -> None:
-    """A mirror that answers with an HTML page instead of a model must not leave a 'model' behind."""
+def check_files(model_path: Path, tokenizer_path: Path, fetched: list[Path]) -> None:
+    """A mirror that answers with an HTML page instead of a model must not leave a 'model' behind: the files at
+    fault are removed where this run fetched them (so that the next run fetches them again); a file that was
+    already there (the user's own copy) is kept, and so is a good file fetched beside a bad one."""
+    faults: dict[Path, str] = {}
+    args = n_tokens = None
     try:
         args = formats.read_header(model_path)[0]
-        Tokenizer.load(tokenizer_path, args.vocab_size)
     except BabyLlamaError as e:
-        for path in (model_path, tokenizer_path):
-            path.unlink(missing_ok=True)  # so that the next run fetches them again
-        raise BabyLlamaError(f"the downloaded files are not a usable model (removed them): {e}") from None
+        faults[model_path] = str(e)
+    try:
+        n_tokens = len(Tokenizer.load(tokenizer_path).pieces)
+    except BabyLlamaError as e:
+        faults[tokenizer_path] = str(e)
+    if args is not None and n_tokens is not None and n_tokens != args.vocab_size:  # the model read as one
+        faults[tokenizer_path] = (f"tokenizer {tokenizer_path} has {n_tokens} tokens but the model {model_path} "
+                                  f"has a vocab_size of {args.vocab_size}")
+    if faults:
+        notes = []
+        for path in faults:
+            if path in fetched:
+                path.unlink(missing_ok=True)
+                notes.append(f"removed {path.name}")
+            else:
+                notes.append(f"kept {path.name}: it was there before")
+        raise BabyLlamaError(f"the downloaded files are not a usable model ({'; '.join(notes)}): "
+                             + "; ".join(faults.values()))

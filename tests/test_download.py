@@ -118,8 +118,8 @@ def test_error_page_instead_of_model_is_rejected(mirror, tmp_path):
     server.files["/stories260K/stories260K.bin"] = b"<html>rate limited</html>"
     with pytest.raises(BabyLlamaError, match="not a usable model"):
         download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
-    assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()  # next run fetches again
-    assert not (tmp_path / "models").exists()  # nor the folders it made
+    folder = tmp_path / "models" / "stories260K"
+    assert [p.name for p in folder.iterdir()] == ["tokenizer.bin"]  # the next run fetches the model again only
 
 
 def test_error_page_as_model_and_a_missing_tokenizer_leave_no_model(mirror, tmp_path):
@@ -129,6 +129,47 @@ def test_error_page_as_model_and_a_missing_tokenizer_leave_no_model(mirror, tmp_
     with pytest.raises(BabyLlamaError, match="HTTP 404"):
         download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
     assert not (tmp_path / "models" / "stories260K" / "stories260K.bin").exists()
+
+
+@pytest.mark.parametrize("bad", ["model", "tokenizer", "vocabulary"])
+def test_an_unusable_download_removes_only_the_fetched_file_at_fault(mirror, tmp_path, bad):
+    """The offline hint tells users to put a file in place by hand: when the other one, fetched, proves unusable
+    (a mirror's HTML page, a tokenizer of another vocabulary), the user's file stays and only the fetched file
+    at fault goes."""
+    base, server, model_bytes = mirror
+    folder = tmp_path / "models" / "stories260K"
+    folder.mkdir(parents=True)
+    if bad == "model":
+        server.files["/stories260K/stories260K.bin"] = b"<html>log in to the Wi-Fi</html>"
+        mine = folder / "tokenizer.bin"
+        mine.write_bytes(server.files["/stories260K/tok512.bin"])
+        fetched = folder / "stories260K.bin"
+    else:
+        other = tmp_path / "other.bin"
+        byte_tokenizer(tiny_args().vocab_size + 1).save(other)
+        server.files["/stories260K/tok512.bin"] = (b"<html>log in to the Wi-Fi</html>" if bad == "tokenizer" else
+                                                   other.read_bytes())
+        mine = folder / "stories260K.bin"
+        mine.write_bytes(model_bytes)
+        fetched = folder / "tokenizer.bin"
+    kept = mine.read_bytes()
+    with pytest.raises(BabyLlamaError, match=f"not a usable model \\(removed {fetched.name}\\)") as e:
+        download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
+    assert "-z" not in str(e.value)  # download has no such flag
+    assert mine.read_bytes() == kept and not fetched.exists()
+
+
+def test_two_unusable_files_are_both_removed(mirror, tmp_path):
+    base, server, _ = mirror
+    server.files["/stories260K/stories260K.bin"] = server.files["/stories260K/tok512.bin"] = b"<html>busy</html>"
+    with pytest.raises(BabyLlamaError, match=r"\(removed stories260K.bin; removed tokenizer.bin\)"):
+        download_model(catalog.find("stories260K"), tmp_path / "models", base, show_progress=False)
+    assert not (tmp_path / "models").exists()  # nor the folders it made
+
+
+def test_a_malformed_url_is_one_line(tmp_path):
+    with pytest.raises(BabyLlamaError, match=r"http://\[bad/x.bin is not a valid URL"):
+        fetch("http://[bad/x.bin", tmp_path / "x.bin", show_progress=False)
 
 
 def test_a_certificate_that_does_not_verify_says_so(tmp_path, monkeypatch):
