@@ -18,6 +18,7 @@ busy laptop); `--thread-settings default,1,2` measures each thread setting in tu
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -499,7 +500,14 @@ def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeat
             raise RuntimeError(lines[-1][:200])
         if not found:  # its last line would read as the reason it failed, when it only ran
             raise RuntimeError("it printed no 'achieved tok/s:' line on stderr, as llama2.c's run.c does")
-        return float(found[-1].split(":", 1)[1])
+        value = found[-1].split(":", 1)[1].strip()
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):  # a figure the table would print as if measured
+            raise RuntimeError(f"its 'achieved tok/s:' line gives {value[:40]!r}, not a speed")
+        return rate
 
     return median_of_runs(decode, repeats)
 

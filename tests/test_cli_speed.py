@@ -357,6 +357,15 @@ def test_a_reference_that_prints_no_speed_is_not_reported_by_its_last_line(tmp_p
         bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
 
 
+@pytest.mark.parametrize("value", ["abc", "nan", "-5", "0"])
+def test_a_reference_whose_speed_line_is_no_speed_is_reported(tmp_path, value):
+    fake = tmp_path / "run"
+    fake.write_text(f"#!/bin/sh\necho 'achieved tok/s: {value}' >&2\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match=f"^its 'achieved tok/s:' line gives '{value}', not a speed$"):
+        bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
+
+
 def test_a_reference_that_hangs_is_stopped_and_reported(tmp_path, monkeypatch):
     """A reference that never ends (here: one waiting for input that never comes) is stopped after
     REFERENCE_TIMEOUT and reported as the reason its row is missing; the benchmark goes on."""
