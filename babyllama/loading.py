@@ -28,7 +28,7 @@ from . import formats, safeio
 from .config import CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, require
 from .formats import Weights
-from .tokenizer import Tokenizer
+from .tokenizer import TOKENIZER_HINT, Tokenizer
 
 if TYPE_CHECKING:
     from .interop.gguf import ConversionNote
@@ -278,7 +278,7 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
         tok = Tokenizer.from_sentencepiece(path)
         if vocab_size is not None and tok.vocab_size != vocab_size:
             raise BabyLlamaError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                                 f"{vocab_size}; pass the tokenizer the model was trained with (-z/--tokenizer)")
+                                 f"{vocab_size}{TOKENIZER_HINT}")
         return tok
     return Tokenizer.load(path, vocab_size)
 

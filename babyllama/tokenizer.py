@@ -36,6 +36,7 @@ UNK, BOS, EOS = 0, 1, 2
 META_SPACE = "\u2581"  # sentencepiece's stand-in for a space in its pieces ("▁"), a space in tokenizer.bin
 MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+TOKENIZER_HINT = "; pass the tokenizer the model was trained with (-z/--tokenizer)"  # ends a vocabulary mismatch
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
 
 
@@ -92,8 +93,7 @@ class Tokenizer:
             raise BabyLlamaError(f"{path}: a tokenizer.bin of {len(pieces)} tokens (it needs <unk>, <s> and </s>)")
         if vocab_size is not None and len(pieces) != vocab_size:
             raise BabyLlamaError(
-                f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}; "
-                "pass the tokenizer the model was trained with (-z/--tokenizer)")
+                f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}{TOKENIZER_HINT}")
         return cls(pieces, scores, max_len)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -176,6 +176,19 @@ def test_draft_with_another_tokenizer_of_the_same_size_is_refused(stories260k, t
     assert proc.stdout == golden("s260k_t0_n200.txt") and b"(100.0%)" in proc.stderr
 
 
+def test_a_draft_with_a_tokenizer_of_another_size_beside_it_is_named(stories260k, tok512, tmp_path):
+    """The mismatch is the draft's: the error names it, not -z (which sets the model's tokenizer)."""
+    import shutil
+
+    draft = tmp_path / "draft.bin"
+    shutil.copyfile(stories260k, draft)
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), *GREEDY, "--draft", str(draft))
+    assert proc.returncode == 1 and proc.stderr.count(b"\n") == 1
+    assert proc.stderr.startswith(b"babyllama: error: the draft model ") and b"has 300 tokens" in proc.stderr
+    assert b"-z sets the model's" in proc.stderr and b"pass the tokenizer" not in proc.stderr
+
+
 def test_bench_reports_the_decode_runs_it_made(tmp_path, monkeypatch):
     """A figure takes more runs than --repeats while they last under the minimum time: the row says how many
     decode runs its median is of, not how many were asked for."""

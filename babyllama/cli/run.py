@@ -184,9 +184,14 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     `tokenizer` is refused: its ids would stand for other pieces, and nearly every drafted token be rejected."""
     from ..api import make_engine
     from ..loading import carried_tokenizer, open_model
+    from ..tokenizer import TOKENIZER_HINT
 
     source = open_model(args.draft, mmap=args.mmap, quantize=args.quantize)
-    own = carried_tokenizer(source)
+    try:
+        own = carried_tokenizer(source)
+    except BabyLlamaError as e:  # its hint (-z) would set the model's tokenizer, not the draft's
+        raise BabyLlamaError(f"the draft model {args.draft}: {str(e).removesuffix(TOKENIZER_HINT)} (a draft "
+                             "reads the tokenizer beside it or inside it; -z sets the model's)") from None
     if own is not None and not own.same_as(tokenizer):
         raise BabyLlamaError(f"the draft model {args.draft} comes with another tokenizer than the model's "
                              f"({source.tokenizer or 'its own vocabulary'}): a draft must share the model's tokenizer")
