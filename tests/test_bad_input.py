@@ -3,6 +3,7 @@ no giant allocation."""
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 
@@ -191,6 +192,21 @@ def test_max_new_tokens_beyond_the_context_is_said(good_model):
     drafted = run_cli(*flags, "--max-new-tokens", "65", "--draft", str(model)).stderr
     assert b"it generates at most 64\n" in drafted
     assert b"--context-shift" not in drafted  # which --draft refuses
+
+
+def test_max_new_tokens_beyond_the_context_is_said_for_a_batch_file(good_model, tmp_path):
+    """Once, for the longest prompt (the least room), with no --context-shift remedy (--batch-file refuses it)."""
+    model, tok = good_model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\nab\na\n")
+    flags = ("run", str(model), "-z", str(tok), "-t", "0", "--batch-file", str(prompts))
+    proc = run_cli(*flags, "--max-new-tokens", "62")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert re.search(rb"warning: --max-new-tokens 62 after the longest prompt's \(line 2\) (\d+) tokens \(with BOS\) "
+                     rb"is more than the model's context \(64 positions\) holds: it generates at most (\d+)\n",
+                     proc.stderr)
+    assert proc.stderr.count(b"warning") == 1
+    assert b"warning" not in run_cli(*flags, "--max-new-tokens", "62", "-n", "20").stderr
 
 
 @pytest.mark.parametrize("call, message", [

@@ -249,13 +249,14 @@ def warn_steps_beyond_context(steps: int, seq_len: int, can_shift: bool) -> None
 
 
 def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, seq_len: int,
-                                   flag: str = "--max-new-tokens", remedy: str | None = None) -> None:
+                                   flag: str = "--max-new-tokens", remedy: str | None = None,
+                                   which: str = "the prompt's") -> None:
     """A run bounded by the context (not by -n) stops there, with fewer new tokens than `flag` asked for: say so,
     rather than stop short without a word (`remedy`: what goes on past it, if anything). A prompt that fills the
     context has its own warning."""
     room = seq_len - n_prompt + 1  # as in run.c, the last prompt position yields the first new token
     if max_new_tokens is not None and 0 < room < max_new_tokens:
-        print(f"babyllama: warning: {flag} {max_new_tokens} after the prompt's {n_prompt} tokens (with BOS) is more "
+        print(f"babyllama: warning: {flag} {max_new_tokens} after {which} {n_prompt} tokens (with BOS) is more "
               f"than the model's context ({seq_len} positions) holds: it generates at most {room}"
               + (f" ({remedy})" if remedy else ""), file=sys.stderr)
 
@@ -293,6 +294,11 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
         if len(prompt_ids) > steps:
             warn_prompt_too_long(len(prompt_ids), steps, model.args.max_seq_len, f"the prompt on line {i + 1}",
                                  can_shift=False, max_new=args.max_new_tokens is not None)
+    fitting = [(len(p), i) for i, p in enumerate(ids) if len(p) <= steps]
+    if fitting and steps == model.args.max_seq_len:  # the context bounds the sequences: one line for the longest
+        n_prompt, i = max(fitting)
+        warn_new_tokens_beyond_context(n_prompt, args.max_new_tokens, steps,
+                                       which=f"the longest prompt's (line {i + 1})")
     base = args.seed or int(time.time())
     samplers: list[Sampler | None] = [make_sampler(args, base + i) for i in range(len(ids))]
     start = time.perf_counter()
