@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -184,7 +185,7 @@ def check_device(device: str, compile: bool = False) -> None:
         if compile:
             raise BabyLlamaError("--compile works with the PyTorch engine only (--device cpu or cuda)")
         return
-    if device != "cpu" and not device.startswith("cuda"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise BabyLlamaError(f"unknown device {device!r} (numpy, cpu, cuda or cuda:N)")
     try:
         import torch

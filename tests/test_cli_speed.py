@@ -86,6 +86,13 @@ def test_compile_without_the_pytorch_engine_is_one_line():
     assert proc.stderr.count(b"\n") == 1
 
 
+@pytest.mark.parametrize("device", ["cudafoo", "cuda:", "cpu0"])
+def test_a_device_that_is_no_device_name_is_unknown(device):
+    proc = run_cli("run", "-n", "4", "--device", device)
+    assert proc.returncode == 1 and proc.stderr == (f"babyllama: error: unknown device {device!r} (numpy, cpu, cuda "
+                                                    "or cuda:N)\n").encode()
+
+
 def test_device_cuda_without_gpu_is_one_line(stories260k, tok512):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

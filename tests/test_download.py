@@ -167,6 +167,13 @@ def test_two_unusable_files_are_both_removed(mirror, tmp_path):
     assert not (tmp_path / "models").exists()  # nor the folders it made
 
 
+@pytest.mark.parametrize("flags", [["--dir", ""], ["--url-base", ""]])
+def test_download_refuses_an_empty_folder_or_mirror(flags):
+    """An unset variable would otherwise download into the current folder, or from the default site."""
+    proc = run_cli("download", "stories260K", *flags)
+    assert proc.returncode == 2 and b"is empty" in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
 def test_a_malformed_url_is_one_line(tmp_path):
     with pytest.raises(BabyLlamaError, match=r"http://\[bad/x.bin is not a valid URL"):
         fetch("http://[bad/x.bin", tmp_path / "x.bin", show_progress=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .common import add_time_limit
+from .common import add_time_limit, non_empty_path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -32,11 +32,18 @@ def add_download(sub: argparse._SubParsersAction) -> None:
                        description="Fetch a known model into DIR/NAME/ (model .bin + tokenizer.bin), resuming an "
                        "interrupted download. Needs internet; files already there are kept.")
     p.add_argument("name", help="model name, e.g. stories15M (babyllama models lists them)")
-    p.add_argument("--dir", default="models", help="download folder (default: ./models)")
-    p.add_argument("--url-base", default=None,
-                   help="fetch from this mirror instead (same relative paths as the Hugging Face repo)")
+    p.add_argument("--dir", default="models", type=non_empty_path, help="download folder (default: ./models)")
+    p.add_argument("--url-base", default=None, type=non_empty_url,
+                   help="fetch from this mirror instead, laid out as the Hugging Face repo (MIRROR/stories15M.bin, "
+                   "MIRROR/stories260K/tok512.bin), with llama2.c's tokenizer.bin at MIRROR/tokenizer.bin")
     add_time_limit(p)
     p.set_defaults(func=cmd_download)
+
+
+def non_empty_url(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the URL is empty")
+    return text
 
 
 def cmd_download(args: argparse.Namespace) -> int:
