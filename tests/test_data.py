@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,6 +362,59 @@ def test_ctrl_c_during_pretokenize_says_the_folder_is_unfinished(tmp_path, tok30
                  "--out-dir", str(tmp_path / "out"), "--workers", "1"]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"interrupted: {tmp_path / 'out'} is unfinished (pretokenize.incomplete marks it); run the same command again")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
+def test_sigterm_during_pretokenize_unwinds_as_ctrl_c(tmp_path, tok300):
+    """SIGTERM (kill, timeout, a batch scheduler) ended the process at once: its worker slept on forever, holding
+    the folder's lock (a rerun was refused), and its temporary shard stayed. Now the run unwinds as after Ctrl-C
+    (exit 143), and its workers end with it."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ROOT
+
+    words = np.random.default_rng(0).choice(["the", "a", "little", "dog", "ran", "home", "sun"], 6_000_000)
+    (tmp_path / "big.txt").write_text(" ".join(words))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "babyllama", "data", "pretokenize", "--input", str(tmp_path / "big.txt"),
+           "--tokenizer", str(tok300), "--out-dir", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while not (list(out.glob("big.bin.*")) and children.read_text().split()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the shard is being written, by a worker
+    workers = [int(pid) for pid in children.read_text().split()]
+    assert workers and proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 143
+    assert proc.stderr.read().decode().splitlines()[-1] == (
+        f"interrupted: {out} is unfinished (pretokenize.incomplete marks it); run the same command again")
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # (a zombie would still show: none)
+    assert sorted(p.name for p in out.iterdir()) == ["pretokenize.incomplete"]  # no temporary shard left
+    (tmp_path / "big.txt").write_text("A story.")
+    assert pretokenize(tmp_path / "big.txt", tok300, out, workers=1)["shards"]["train"] == ["big.bin"]  # not locked
+
+
+def test_an_input_named_as_the_tokenizer_is_refused(tmp_path, tok300):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "tokenizer.txt").write_text("A story.")
+    (tmp_path / "in" / "valid.txt").write_text("Another story.")
+    with pytest.raises(BabyLlamaError, match="tokenizer.txt would be pretokenized into the shard tokenizer.bin, the "
+                                             "name of the tokenizer written beside the shards: rename it"):
+        pretokenize(tmp_path / "in", tok300, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_more_workers_than_the_limit_are_refused(tmp_path, tok300, capsys):
+    (tmp_path / "a.txt").write_text("A story.")
+    err = cli_error(capsys, "data", "pretokenize", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tok300),
+                    "--out-dir", str(tmp_path / "out"), "--workers", "100000")
+    assert "--workers 100000 is more than 256 encoding processes" in err and not (tmp_path / "out").exists()
 
 
 def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):

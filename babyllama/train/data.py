@@ -110,6 +110,67 @@ _worker_encode: Any = None  # a worker's texts -> ids function, or its Tokenizer
 _worker_word_weight = 1  # a chat worker's weight for the tokens of requested words
 
 
+class Terminated(SystemExit):
+    """SIGTERM during pretokenize: raised in the main thread so that the run unwinds as after Ctrl-C (its
+    workers ended, its temporary shard removed, its folder's lock let go) and exits with status 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes handlers
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker ends when the process that started it does, however it ends (Linux's PR_SET_PDEATHSIG; a
+    worker left behind would sleep forever holding the shard folder's lock, inherited with its descriptors)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
+
+
+def _start_worker(parent: int, init: Callable, *args) -> None:
+    _end_with_parent(parent)
+    init(*args)
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, init: Callable, *args) -> Iterator[Any]:
+    """A multiprocessing pool whose workers end with the block however it ends: after an error, Ctrl-C or
+    SIGTERM its pending batches are dropped and the workers stopped at once (concurrent.futures' pool would
+    first encode every batch already handed to it), and a worker ends with its parent."""
+    import multiprocessing
+
+    pool = multiprocessing.Pool(workers, initializer=_start_worker, initargs=(os.getpid(), init, *args))
+    try:
+        yield pool
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_encode
     _worker_encode = load_encoder(tokenizer_path)[1]
@@ -176,6 +237,18 @@ def _encode_batch(texts: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
+def worker_count(workers: int | None) -> int:
+    """Encoding processes: `workers`, by default one per CPU (at most MAX_WORKERS); more than MAX_WORKERS is
+    refused (each holds a tokenizer and a batch in memory, and more than the CPUs only take turns)."""
+    if workers is not None and workers > MAX_WORKERS:
+        raise BabyLlamaError(f"--workers {workers} is more than {MAX_WORKERS} encoding processes (this machine has "
+                             f"{os.cpu_count() or 1} CPUs)")
+    return max(1, min(workers or os.cpu_count() or 1, MAX_WORKERS))
+
+
+MAX_WORKERS = 256
+
+
 def shard_name(path: Path, root: Path) -> str:
     rel = path.relative_to(root) if root.is_dir() else Path(path.name)
     return "_".join(rel.with_suffix("").parts) + ".bin"
@@ -187,6 +260,9 @@ def shard_names(files: list[Path], root: Path) -> dict[Path, str]:
     names: dict[str, Path] = {}
     for f in files:
         name = shard_name(f, root)
+        if name == TOKENIZER_BIN:  # pretokenize writes its tokenizer there, over the shard
+            raise BabyLlamaError(f"{f} would be pretokenized into the shard {name}, the name of the tokenizer "
+                                 "written beside the shards: rename it")
         if name in names:
             raise BabyLlamaError(f"{names[name]} and {f} would both be pretokenized into the shard {name}, the "
                                  "second replacing the first: rename one of them")
@@ -218,7 +294,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
     words in chat replies (see the module docstring). Files in `exclude` (a folder inside `input_path`) are
     left out. Returns the meta.json contents."""
-    with contextlib.ExitStack() as held:  # the folder's lock, from the first write (_start_writing) to meta.json
+    with _sigterm_unwinds(), contextlib.ExitStack() as held:  # held: the folder's lock, from the first write
         return _pretokenize(held, input_path, tokenizer, out_dir, workers, batch_docs, skip_bad_lines, max_tokens,
                             word_weight, exclude)
 
@@ -226,8 +302,6 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
 def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, tokenizer: str | os.PathLike,
                  out_dir: str | os.PathLike, workers: int | None, batch_docs: int, skip_bad_lines: bool,
                  max_tokens: int | None, word_weight: int, exclude: str | os.PathLike | None) -> dict:
-    from concurrent.futures import ProcessPoolExecutor
-
     if not 1 <= word_weight <= 255:  # a mask byte holds it
         raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
 
@@ -245,6 +319,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                              f"{VAL_WORDS_TEXT}); add the training data beside it")
     if kind == TEXT and word_weight > 1:  # nothing would read it
         raise BabyLlamaError(f"--word-weight weighs the requested words in chat replies: {root} holds plain text")
+    workers = worker_count(workers)
     vocab_size, _ = load_encoder(tokenizer)
     if vocab_size > 65536:
         raise BabyLlamaError(f"vocabulary of {vocab_size} tokens does not fit uint16 shards")
@@ -254,7 +329,6 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
         if word_weight > 1 and not any(mask.max(initial=0) > 1 for _, mask, _ in encoded.values()):
             raise BabyLlamaError(f"--word-weight {word_weight} weighs nothing in {root}: no reply uses a word its "
                                  "record asks for (\"words\", \"topic_words\": babyllama data instruct writes them)")
-    workers = max(1, workers or os.cpu_count() or 1)
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
@@ -273,13 +347,13 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
         # closed before an error leaves the block: the error line is the last one on stderr
         with progress_bar(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                           desc="pretokenize") as bar, \
-                ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer),)) as pool:
+                _worker_pool(workers, _init_worker, str(tokenizer)) as pool:
             for f, docs in itertools.chain([first], by_file):
                 name = names[f]
                 step = f.stat().st_size / max(1, len(docs))
                 batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
                 with safeio.atomic_write(out / name) as sink:
-                    for batch, ids in zip(batches, pool.map(_encode_batch, batches)):
+                    for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
                         sink.write(ids.tobytes())
                         n_tokens += len(ids)
                         bar.update(step * len(batch))
@@ -307,7 +381,7 @@ def _start_writing(out: Path, held: contextlib.ExitStack) -> None:
     (out / META).unlink(missing_ok=True)
 
     def say_if_interrupted(kind, error, trace) -> None:  # the folder now reads as unfinished: say what to do
-        if kind is not None and issubclass(kind, KeyboardInterrupt):
+        if kind is not None and issubclass(kind, (KeyboardInterrupt, Terminated)):
             print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
                   file=sys.stderr, flush=True)
 
@@ -345,17 +419,15 @@ def _documents_by_file(files: list[Path], skip_bad_lines: bool) -> Iterator[tupl
 def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines: bool,
                       max_tokens: int | None, word_weight: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token ids, mask, conversation offsets) of one chat .jsonl file, every conversation checked."""
-    from concurrent.futures import ProcessPoolExecutor
-
     data = read_jsonl(path, skip_bad_lines)
     bad = list(data.bad)
     linenos, conversations = zip(*data.items)
     words = [_requested_words(record) for record in data.records]
     pairs = list(zip(conversations, words))
     batches = [pairs[i:i + 256] for i in range(0, len(pairs), 256)]
-    with ProcessPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(batches))),
-                             initializer=_init_chat_worker, initargs=(str(tokenizer), word_weight)) as pool:
-        encoded = [pair for batch in pool.map(_encode_conversations, batches) for pair in batch]
+    with _worker_pool(min(worker_count(workers), len(batches)), _init_chat_worker, str(tokenizer),
+                      word_weight) as pool:
+        encoded = [pair for batch in pool.imap(_encode_conversations, batches) for pair in batch]
     kept = []
     for lineno, (ids, mask) in zip(linenos, encoded):
         if max_tokens is not None and len(ids) > max_tokens:
