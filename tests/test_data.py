@@ -560,12 +560,20 @@ def _tar_with(path, name: str, body: bytes) -> None:
         tar.addfile(info, io.BytesIO(body))
 
 
-@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal"])
-def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, kind):
+@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal", "bad-crc", "cut"])
+def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, kind, archive):
+    """A corrupt gzip stream is found at its end (its CRC), which tar alone never reads: refused, not unpacked."""
     if kind == "not-an-archive":
         src = tmp_path / "small.txt"
         src.write_text("hello\n")
         message = "not a readable tar archive"
+    elif kind in ("bad-crc", "cut"):
+        src = tmp_path / "bad.tar.gz"
+        body = bytearray(archive)
+        if kind == "bad-crc":
+            body[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the data
+        src.write_bytes(body if kind == "bad-crc" else body[:len(body) - 20])
+        message = "CRC check failed" if kind == "bad-crc" else "ended before the end-of-stream marker"
     else:
         src = tmp_path / "evil.tar.gz"
         _tar_with(src, "../escaped.txt", b"x")

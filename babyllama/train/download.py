@@ -14,11 +14,17 @@ import re
 import shutil
 import sys
 import tarfile
+import zlib
 from http.client import HTTPMessage
 from pathlib import Path
 
 from .. import safeio
 from ..errors import BabyLlamaError, first_line
+
+try:
+    from lzma import LZMAError
+except ImportError:  # a Python built without liblzma reads no .tar.xz at all
+    LZMAError = OSError  # type: ignore[misc,assignment]
 
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
 CHUNK = 1 << 20
@@ -113,9 +119,12 @@ def _extract(archive: Path, dest: Path) -> Path:
                         raise BabyLlamaError(f"cannot extract {archive}: unsafe member {m.name!r} (a link, or a "
                                              "path outside the folder)")
                 tar.extractall(dest)
+            while tar.fileobj.read(CHUNK):  # to the compressed stream's end, where gzip, bz2 and xz check their
+                pass                        # CRC: tar stops at its last member, and would take a corrupt one
     except tarfile.ReadError:
         raise BabyLlamaError(f"cannot extract {archive}: not a readable tar archive (.tar, .tar.gz, .tar.bz2 or "
                              ".tar.xz)") from None
-    except (tarfile.TarError, OSError) as e:
-        raise BabyLlamaError(f"cannot extract {archive}: {first_line(e)}") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error, LZMAError) as e:  # EOFError: a cut archive
+        raise BabyLlamaError(f"cannot extract {archive}: {first_line(e) or type(e).__name__} (a corrupt or "
+                             "incomplete archive? remove it and run again to download afresh)") from None
     return dest
