@@ -8,7 +8,7 @@ import struct
 import warnings
 
 import pytest
-from conftest import byte_tokenizer, random_weights, run_cli, tiny_args
+from conftest import byte_tokenizer, cli_error, random_weights, run_cli, tiny_args
 from conftest import one_line_error as assert_one_line_error
 
 from babyllama import formats
@@ -409,3 +409,27 @@ def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path)
     (tmp_path / "tokenizer.bin").write_bytes(BUILTIN_TOKENIZER.read_bytes())
     proc = run_cli(*argv, cwd=tmp_path)
     assert proc.returncode == 0 and note + "; pass -z if it was trained with another\n" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export-tokenizer", ""], ["export-tokenizer", "-t", ""], ["export-tokenizer", "m.model", "-o", ""],
+    ["export", "", "--model", "m.bin"], ["export", "o.bin", "--model", ""], ["export", "o.bin", "--checkpoint", ""],
+    ["export", "o", "--hf", ""], ["export", "o", "--meta-llama", ""], ["export", "o.bin", "--model", "m", "-z", ""],
+    ["export", "o.bin", "--model", "m", "--lora", ""],
+    ["data", "download", "--url", ""], ["data", "download", "--data-dir", ""],
+    ["data", "train-vocab", "--vocab-size", "300", "--input", ""],
+    ["data", "train-vocab", "--vocab-size", "300", "--data-dir", ""],
+    ["data", "pretokenize", "--input", ""], ["data", "pretokenize", "--tokenizer", ""],
+    ["data", "pretokenize", "--out-dir", ""], ["data", "pretokenize", "--data-dir", ""],
+    ["data", "instruct", "--input", ""], ["data", "instruct", "--out-dir", ""], ["data", "instruct", "--model", ""],
+    ["data", "instruct", "-z", ""],
+    ["eval", "--data", ""], ["eval", "--instruct", ""],
+    ["bench", "--output", ""], ["bench", "--cache-dir", ""], ["bench", "--reference", ""], ["bench", "--reference-q", ""],
+    ["train", ""], ["finetune", ""], ["finetune", "--hf", ""], ["finetune", "--meta-llama", ""],
+    ["download", "stories260K", "--dir", ""], ["download", "stories260K", "--url-base", ""],
+])
+def test_an_empty_path_or_url_is_a_usage_error(argv, capsys):
+    """An unset variable ("$OUT") read as the option left out (a default used instead, silently), or as the
+    current folder (read recursively, or written into): a usage error before anything runs."""
+    err = cli_error(capsys, *argv, code=2)
+    assert re.search(r"the (path|URL) is empty", err), err

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..errors import BabyLlamaError
-from .common import add_compile, add_kv_cache, add_mmap, add_threads
+from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path
 
 DEFAULT_FORMATS = "fp32,q8_0,q4_0"
 
@@ -45,13 +45,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
     add_mmap(p, "babyllama's .bin rows: ")
     add_kv_cache(p)
-    p.add_argument("--cache-dir", default=None, help="where random models are cached ($BABYLLAMA_BENCH_DIR, "
-                                                     "else $BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench)")
-    p.add_argument("--output", default=None, help="also write the table (markdown) to this file")
-    p.add_argument("--reference", default=None, metavar="RUN",
+    p.add_argument("--cache-dir", default=None, type=non_empty_path,
+                   help="where random models are cached ($BABYLLAMA_BENCH_DIR, else $BABYLLAMA_CACHE/bench or "
+                        "~/.cache/babyllama/bench)")
+    p.add_argument("--output", default=None, type=non_empty_path,
+                   help="also write the table (markdown) to this file")
+    p.add_argument("--reference", default=None, metavar="RUN", type=non_empty_path,
                    help="llama2.c's run.c executable: timed on version-0 files of the same fp32 models, with a "
                         "tokenizer (`RUN MODEL -z TOK -n TOKENS -t 0 -i a`, its 'achieved tok/s' line)")
-    p.add_argument("--reference-q", default=None, metavar="RUNQ",
+    p.add_argument("--reference-q", default=None, metavar="RUNQ", type=non_empty_path,
                    help="llama2.c's runq.c executable: timed the same way on the version-2 (Q8_0) files")
     p.add_argument("--llamacpp", action="store_true",
                    help="also time llama.cpp (llama-cpp-python) on GGUF files of the same models (f32, q8_0, q4_0)")

@@ -47,6 +47,13 @@ def non_empty_path(text: str) -> str:
     return text
 
 
+def non_empty_url(text: str) -> str:
+    """A URL argument: an empty one (an unset variable) would read as the option left out."""
+    if not text:
+        raise argparse.ArgumentTypeError("the URL is empty")
+    return text
+
+
 def add_kv_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
                    help="the KV cache's type: f16 halves the bytes attention reads per token, q8_0 (int8 with "

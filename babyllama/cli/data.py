@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BabyLlamaError, require
-from .common import Parser, add_time_limit, positive_int, share
+from .common import Parser, add_time_limit, non_empty_path, non_empty_url, positive_int, share
 
 SKIP_BAD_LINES_HELP = "skip malformed .jsonl lines, with a count"
 
@@ -22,9 +22,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                                      "resuming an interrupted transfer, check its sha256 and unpack it into "
                                      "DATA_DIR/NAME (the archive's name without .tar.gz: data/TinyStories_all_data, "
                                      "where train-vocab and pretokenize look by default).")
-    d.add_argument("--url", default=None, help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
+    d.add_argument("--url", default=None, type=non_empty_url,
+                   help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
-    d.add_argument("--data-dir", default="data", help="where the archive and its contents go (data)")
+    d.add_argument("--data-dir", default="data", type=non_empty_path,
+                   help="where the archive and its contents go (data)")
     add_time_limit(d)
     d.set_defaults(func=cmd_data_download)
 
@@ -34,8 +36,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                                      "of --input (llama2.c's settings, runs of spaces kept) into "
                                      "DATA_DIR/tok{N}.model and its llama2.c tokenizer, DATA_DIR/tok{N}.bin.")
     v.add_argument("--vocab-size", "--vocab_size", type=int, required=True, help="number of tokens, e.g. 4096")
-    v.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
-    v.add_argument("--data-dir", default="data", help="where tok{N}.model and tok{N}.bin go (data)")
+    v.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
+                   help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    v.add_argument("--data-dir", default="data", type=non_empty_path,
+                   help="where tok{N}.model and tok{N}.bin go (data)")
     v.add_argument("--max-chars", type=positive_int, default=200_000_000,
                    help="characters of input to learn from (200,000,000)")
     v.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
@@ -45,13 +49,15 @@ def add(sub: argparse._SubParsersAction) -> None:
                          description="Encode every document of --input, BOS in front, into one uint16 token shard "
                                      "per input file, written with meta.json and tokenizer.bin into the shard "
                                      "folder that train --data_dir and finetune --data_dir read.")
-    t.add_argument("--input", default=DEFAULT_INPUT, help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    t.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
+                   help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
     which = t.add_mutually_exclusive_group()
     which.add_argument("--vocab-size", "--vocab_size", type=pretokenize_vocab_size, default=None,
                        help="use DATA_DIR/tok{N}.model from train-vocab")
-    which.add_argument("--tokenizer", default=None, help="a sentencepiece .model or tokenizer.bin instead")
-    t.add_argument("--data-dir", default="data", help="where tok{N}.model is looked up (data)")
-    t.add_argument("--out-dir", default=None,
+    which.add_argument("--tokenizer", default=None, type=non_empty_path,
+                       help="a sentencepiece .model or tokenizer.bin instead")
+    t.add_argument("--data-dir", default="data", type=non_empty_path, help="where tok{N}.model is looked up (data)")
+    t.add_argument("--out-dir", default=None, type=non_empty_path,
                    help="shard folder (default: DATA_DIR/tok{N}, or DATA_DIR/tokenizer with --tokenizer)")
     t.add_argument("--workers", type=positive_int, default=None, help="encoding processes (default: all cores)")
     t.add_argument("--skip-bad-lines", action="store_true",
@@ -69,8 +75,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "about the story's own character or topic that uses three words taken from the story, in one "
                     "of many phrasings; the story is the reply. Writes OUT_DIR/instruct_train.jsonl and "
                     "OUT_DIR/instruct_val.jsonl (held-out stories, for `babyllama eval --instruct`).")
-    i.add_argument("--input", default=DEFAULT_INPUT, help=f"stories: text/jsonl/json file or folder ({DEFAULT_INPUT})")
-    i.add_argument("--out-dir", default="data/instruct", help="where the .jsonl files go (data/instruct)")
+    i.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
+                   help=f"stories: text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    i.add_argument("--out-dir", default="data/instruct", type=non_empty_path,
+                   help="where the .jsonl files go (data/instruct)")
     i.add_argument("--val-count", type=int, default=200, help="stories held out for evaluation (200)")
     i.add_argument("--dev-count", type=int, default=0,
                    help="the next N stories are held out as a dev split (OUT_DIR/instruct_dev.jsonl) to choose "
@@ -83,9 +91,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--early-words", type=int, default=0,
                    help="draw the words from the story's first N candidates, so its opening uses them (0: from "
                         "anywhere in the story)")
-    i.add_argument("--model", default=None,
+    i.add_argument("--model", default=None, type=non_empty_path,
                    help="keep the pairs that fit this model's context, with its tokenizer (default: the built-in)")
-    i.add_argument("-z", "--tokenizer", default=None, help="the model's tokenizer, if not found beside it")
+    i.add_argument("-z", "--tokenizer", default=None, type=non_empty_path,
+                   help="the model's tokenizer, if not found beside it")
     i.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
     i.set_defaults(func=cmd_data_instruct)
 

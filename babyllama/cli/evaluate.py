@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags
+from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, non_empty_path
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -24,8 +24,9 @@ def add(sub: argparse._SubParsersAction) -> None:
         "with different vocabularies compare.")
     add_model_flags(p)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", help="file of stories to score: text (e.g. TinyStories valid.txt), .jsonl or .json")
-    what.add_argument("--instruct", metavar="FILE",
+    what.add_argument("--data", type=non_empty_path,
+                      help="file of stories to score: text (e.g. TinyStories valid.txt), .jsonl or .json")
+    what.add_argument("--instruct", metavar="FILE", type=non_empty_path,
                       help="instruction-following instead: greedy replies to the requests of FILE (.jsonl from "
                            "`babyllama data instruct`); prints the share of requested words the replies use and "
                            "the share that mention the requested topic")

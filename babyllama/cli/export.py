@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import BabyLlamaError
+from .common import non_empty_path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -15,15 +16,17 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "llama2.c's export.py, 3 Q4_0), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
                     "without --to it is guessed from OUT's name in any case (.bin, .gguf, else a directory).")
     # optional for argparse only: `--hf DIR OUT` puts OUT among --hf's values (see output_path)
-    p.add_argument("output", metavar="OUT", nargs="?", help="file or directory to write")
+    p.add_argument("output", metavar="OUT", nargs="?", type=non_empty_path, help="file or directory to write")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT",
+    src.add_argument("--checkpoint", metavar="CKPT", type=non_empty_path,
                      help="a training checkpoint, babyllama's or llama2.c train.py's (ckpt.pt or its folder)")
-    src.add_argument("--model", metavar="FILE", help="a llama2.c/babyllama .bin (any version) or a .gguf file")
-    src.add_argument("--meta-llama", metavar="DIR", help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
-    src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES",
+    src.add_argument("--model", metavar="FILE", type=non_empty_path,
+                     help="a llama2.c/babyllama .bin (any version) or a .gguf file")
+    src.add_argument("--meta-llama", metavar="DIR", type=non_empty_path,
+                     help="Meta's checkpoint folder (params.json, consolidated.*.pth)")
+    src.add_argument("--hf", nargs="+", metavar="DIR_OR_FILES", type=non_empty_path,
                      help="a Hugging Face Llama folder, or its weight files with config.json beside them")
-    p.add_argument("--lora", metavar="ADAPTER", default=None,
+    p.add_argument("--lora", metavar="ADAPTER", default=None, type=non_empty_path,
                    help="merge this LoRA adapter (from `babyllama finetune` on the source model) into the weights; "
                         "a Hugging Face export also gets the adapter in PEFT's layout in OUT/adapter")
     p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
@@ -34,7 +37,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None, type=dtype_name,
                    help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16; llama2.c's fp32 and "
                         "fp16 too) (default f32)")
-    p.add_argument("-z", "--tokenizer", metavar="TOK",
+    p.add_argument("-z", "--tokenizer", metavar="TOK", type=non_empty_path,
                    help="sentencepiece .model or tokenizer.bin to go with the model (as run's -z) (default: the "
                         "source's own tokenizer.model / tokenizer.bin when there is one)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -44,10 +47,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin",
                        description="Convert a sentencepiece .model into llama2.c's tokenizer.bin (the bytes "
                                    "llama2.c's tokenizer.py writes); its <unk>, <s>, </s> must be ids 0, 1, 2.")
-    t.add_argument("model", nargs="?", help="the sentencepiece .model")
-    t.add_argument("-t", "--tokenizer-model", default=None, metavar="MODEL",
+    t.add_argument("model", nargs="?", type=non_empty_path, help="the sentencepiece .model")
+    t.add_argument("-t", "--tokenizer-model", default=None, metavar="MODEL", type=non_empty_path,
                    help="the same, by llama2.c tokenizer.py's flag")
-    t.add_argument("-o", "--output", default=None,
+    t.add_argument("-o", "--output", default=None, type=non_empty_path,
                    help="the .bin to write, its folders created (default: MODEL with .bin)")
     t.set_defaults(func=cmd_export_tokenizer)
 

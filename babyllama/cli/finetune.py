@@ -7,6 +7,7 @@ import os
 import shlex
 
 from ..errors import BabyLlamaError
+from .common import non_empty_path
 from .train import add_config_flags, config_overrides, no_checkpoint_text, require_training
 
 
@@ -24,11 +25,11 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "trained and OUT_DIR/ckpt.pt is a model of its own. Settings: the defaults, then CONFIG, "
                     "then --key=value flags (the defaults below are fine-tuning's; docs/finetune.md lists those "
                     "unlike train's).")
-    p.add_argument("config", nargs="?",
+    p.add_argument("config", nargs="?", type=non_empty_path,
                    help="config file (.toml, .json, or llama2.c's .py of key = value lines) with the settings")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--hf", metavar="DIR", help="the base is this Hugging Face Llama folder")
-    src.add_argument("--meta-llama", metavar="DIR", help="the base is this Meta checkpoint folder")
+    src.add_argument("--hf", metavar="DIR", type=non_empty_path, help="the base is this Hugging Face Llama folder")
+    src.add_argument("--meta-llama", metavar="DIR", type=non_empty_path, help="the base is this Meta checkpoint folder")
     add_config_flags(p, FINETUNE_DEFAULTS)
     p.set_defaults(func=cmd_finetune)
 

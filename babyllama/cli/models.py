@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .common import add_time_limit, non_empty_path
+from .common import add_time_limit, non_empty_path, non_empty_url
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -38,12 +38,6 @@ def add_download(sub: argparse._SubParsersAction) -> None:
                    "MIRROR/stories260K/tok512.bin), with llama2.c's tokenizer.bin at MIRROR/tokenizer.bin")
     add_time_limit(p)
     p.set_defaults(func=cmd_download)
-
-
-def non_empty_url(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("the URL is empty")
-    return text
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -79,6 +79,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BabyLlamaError("--model-name must not be empty (leave it out to serve under the model's own name)")
     if args.api_key is not None and not args.api_key.strip():
         raise BabyLlamaError("--api-key must not be empty")
+    if args.chat_template is not None and not args.chat_template.strip():
+        raise BabyLlamaError("--chat-template must not be empty (leave it out for the model card's, else llama2)")
     if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
         # HTTP headers carry ASCII: a client could never send such a key
         raise BabyLlamaError("--api-key must be printable ASCII (it travels in an HTTP header)")

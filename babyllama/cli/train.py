@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 from ..config import CKPT_NAME
 from ..errors import BabyLlamaError, require
-from .common import add_sampling_flags, check_sampling_flags, make_sampler, positive_int, steps_flag, text_arg
+from .common import (
+    add_sampling_flags,
+    check_sampling_flags,
+    make_sampler,
+    non_empty_path,
+    positive_int,
+    steps_flag,
+    text_arg,
+)
 
 if TYPE_CHECKING:
     from ..train.config import TrainConfig
@@ -27,7 +35,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                                    "defaults, then CONFIG (TOML, JSON or a .py of key = value lines), then "
                                    "--key=value flags. Run under "
                                    "`torchrun --nproc_per_node=N` to train on N devices with DDP.")
-    p.add_argument("config", nargs="?",
+    p.add_argument("config", nargs="?", type=non_empty_path,
                    help="config file (.toml, .json, or llama2.c's .py of key = value lines) with the settings")
     from ..train.config import FINETUNE_KEYS
 
