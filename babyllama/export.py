@@ -239,7 +239,7 @@ def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:
     """GGUF files carry their vocabulary: the source's (see `_source_vocab`), which must exist."""
     vocab = _source_vocab(src, tok)
     if tok is not None and tok.suffix == ".model":  # llama.cpp encodes a llama vocabulary's text as it is
-        warn_normalization(open_sentencepiece(tok), tok, "a GGUF vocabulary")
+        warn_normalization(open_sentencepiece(tok), tok, "a GGUF vocabulary", keeps_symbols=True)
     if vocab is None:
         # where the source's own tokenizer would have been found (loading.open_model)
         where = "tokenizer.model in its folder" if src.kind in ("hf", "meta") else f"{TOKENIZER_BIN} beside it"

@@ -343,35 +343,49 @@ def sentencepiece_pieces(sp, model_path: str | os.PathLike) -> tuple[list[str], 
     return pieces, scores
 
 
-def warn_normalization(sp, model_path: str | os.PathLike, into: str) -> None:
-    """One line on stderr where the sentencepiece model `sp` (from `model_path`) normalizes text, which `into`
-    (a vocabulary without its normalizer, encoding text as it is) leaves out."""
-    left_out = _normalization(sp)
+def warn_normalization(sp, model_path: str | os.PathLike, into: str, keeps_symbols: bool = False) -> None:
+    """One line on stderr where the sentencepiece model `sp` (from `model_path`) encodes text in a way that `into`
+    (a vocabulary encoded by BPE merges of the text as it is) leaves out: its normalization, a segmentation other
+    than BPE, and (unless `into` `keeps_symbols`, as a GGUF vocabulary's token types do) user-defined symbols."""
+    left_out = _normalization(sp, keeps_symbols)
     if left_out:
         print(f"warning: sentencepiece model {model_path} has {' and '.join(left_out)}, which {into} cannot "
-              "carry: text they would change encodes differently from sentencepiece", file=sys.stderr)
+              "carry: text may encode differently from sentencepiece", file=sys.stderr)
 
 
-def _normalization(sp) -> list[str]:
-    """What a sentencepiece model does to text before encoding that tokenizer.bin's encoder (text as it is,
-    after one dummy-prefix space) does not: its NormalizerSpec (ModelProto field 3: name 1, precompiled_charsmap
-    2, add_dummy_prefix 3, remove_extra_whitespaces 4, the last two true where absent), read from the wire
-    format, since the protobuf package is no part of the train extra. Nothing where it does not parse."""
+_SEGMENTATIONS = {1: "unigram", 3: "word", 4: "char"}  # TrainerSpec.model_type (2: BPE)
+
+
+def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
+    """What a sentencepiece model does to text before and while encoding that tokenizer.bin's encoder (BPE merges
+    of the text as it is, after one dummy-prefix space) does not: its NormalizerSpec (ModelProto field 3: name 1,
+    precompiled_charsmap 2, add_dummy_prefix 3, remove_extra_whitespaces 4, the last two true where absent), a
+    model type other than BPE (TrainerSpec, field 2: model_type 3, unigram where absent) and user-defined symbols
+    (pieces, field 1, of type 4: sentencepiece keeps them whole), read from the wire format, since the protobuf
+    package is no part of the train extra. Nothing where it does not parse."""
     try:
-        spec = next((v for f, v in _proto_fields(sp.serialized_model_proto()) if f == 3 and isinstance(v, bytes)),
-                    b"")
-        fields = dict(_proto_fields(spec))
+        fields = list(_proto_fields(sp.serialized_model_proto()))
+        spec = dict(_proto_fields(next((v for f, v in fields if f == 3 and isinstance(v, bytes)), b"")))
+        trainer = dict(_proto_fields(next((v for f, v in fields if f == 2 and isinstance(v, bytes)), b"")))
+        pieces = [dict(_proto_fields(v)) for f, v in fields if f == 1 and isinstance(v, bytes)]
     except (ValueError, IndexError):
         return []
-    raw_name = fields.get(1, b"")
+    raw_name = spec.get(1, b"")
     name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else ""
     left_out = []
-    if name not in ("", "identity") or fields.get(2):
+    if name not in ("", "identity") or spec.get(2):
         left_out.append(f"{name or 'a custom'} normalization")
-    if fields.get(4, 1):
+    if spec.get(4, 1):
         left_out.append("remove_extra_whitespaces")
-    if not fields.get(3, 1):
+    if not spec.get(3, 1):
         left_out.append("no dummy prefix")
+    model_type = trainer.get(3, 1)
+    if model_type != 2:
+        left_out.append(f"{_SEGMENTATIONS.get(model_type, 'a non-BPE')} segmentation")  # type: ignore[arg-type]
+    symbols = [p.get(1, b"") for p in pieces if p.get(3) == 4]
+    if symbols and not keeps_symbols:
+        shown = ", ".join(s.decode("utf-8", "replace") for s in symbols[:3] if isinstance(s, bytes))
+        left_out.append(f"user-defined symbols ({shown}{', ...' if len(symbols) > 3 else ''})")
     return left_out
 
 

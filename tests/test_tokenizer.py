@@ -134,6 +134,23 @@ def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sent
         assert tok.decode(ids) == sp.decode(ids)
 
 
+@pytest.mark.parametrize("options, said", [
+    (dict(model_type="unigram", vocab_size=300), "has unigram segmentation, which a tokenizer.bin cannot carry"),
+    (dict(user_defined_symbols=["<|im_start|>"]), "has user-defined symbols (<|im_start|>), which a tokenizer.bin"),
+])
+def test_converting_a_unigram_model_or_one_with_user_defined_symbols_warns(tmp_path, capsys, options, said):
+    """tokenizer.bin encodes by BPE merges, piece by piece: a unigram model segments text otherwise, and
+    sentencepiece keeps a user-defined symbol whole, which the merges spell out: said in one line."""
+    from conftest import train_sentencepiece
+
+    from babyllama.cli import main
+
+    model = train_sentencepiece(tmp_path / "m.model", **{"vocab_size": 320, **options})
+    assert main(["export-tokenizer", str(model)]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 1 and str(model) in warnings[0] and said in warnings[0], warnings
+
+
 def test_converting_a_normalizing_sentencepiece_model_warns_in_one_line(tmp_path, capsys, sp_model):
     """tokenizer.bin encodes text as it is: a .model that normalizes (nmt_nfkc) or squeezes whitespace encodes
     such text otherwise, which the conversion says, naming both; Llama's settings (sp_model's) convert silently."""
