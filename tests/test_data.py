@@ -553,6 +553,22 @@ def test_train_vocab_learns_from_a_line_longer_than_sentencepiece_takes(tmp_path
     assert len(Tokenizer.load(binary).encode(sample, bos=False)) < 0.8 * len(sample)  # merges learnt from it
 
 
+def test_train_vocab_decodes_unk_as_sentencepiece_and_tokenizer_bin_agree(tmp_path):
+    """<unk> reads " ⁇ " (sentencepiece's own default): the model stored it as 12 literal characters, so
+    sentencepiece (and a Hugging Face export's tokenizer.model) decoded it as '\\342\\201\\207'."""
+    spm = pytest.importorskip("sentencepiece")
+    from babyllama.tokenizer import Tokenizer
+    from babyllama.train.vocab import train_vocab
+
+    words = "the a cat dog sat on mat ran to park sun was happy little girl boy".split()
+    (tmp_path / "in.txt").write_text("\n".join(" ".join(np.random.default_rng(i).choice(words, 9)) for i in range(300)))
+    model, binary = train_vocab(tmp_path / "in.txt", 300, tmp_path / "v")
+    ids = Tokenizer.load(binary).encode("the cat", bos=False)
+    ids = ids[:1] + [0] + ids[1:]
+    assert spm.SentencePieceProcessor(model_file=str(model)).decode(ids) == Tokenizer.load(binary).decode(ids)
+    assert "\u2047" in Tokenizer.load(binary).decode(ids)
+
+
 def _tar_with(path, name: str, body: bytes) -> None:
     with tarfile.open(path, "w:gz") as tar:
         info = tarfile.TarInfo(name)

@@ -52,7 +52,7 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
                     vocab_size=vocab_size,
                     input_format="text", character_coverage=1.0,
                     num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
-                    byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                    byte_fallback=True, unk_surface=" \u2047 ", normalization_rule_name="identity",
                     remove_extra_whitespaces=False, max_sentence_length=MAX_LINE_BYTES, minloglevel=2)
             except RuntimeError as e:
                 raise BabyLlamaError(f"sentencepiece could not train a {vocab_size}-token vocabulary: "
