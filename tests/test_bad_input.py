@@ -424,7 +424,8 @@ def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path)
     ["data", "instruct", "--input", ""], ["data", "instruct", "--out-dir", ""], ["data", "instruct", "--model", ""],
     ["data", "instruct", "-z", ""],
     ["eval", "--data", ""], ["eval", "--instruct", ""],
-    ["bench", "--output", ""], ["bench", "--cache-dir", ""], ["bench", "--reference", ""], ["bench", "--reference-q", ""],
+    ["bench", "--output", ""], ["bench", "--cache-dir", ""], ["bench", "--reference", ""],
+    ["bench", "--reference-q", ""],
     ["train", ""], ["finetune", ""], ["finetune", "--hf", ""], ["finetune", "--meta-llama", ""],
     ["download", "stories260K", "--dir", ""], ["download", "stories260K", "--url-base", ""],
 ])
