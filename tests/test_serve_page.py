@@ -478,6 +478,65 @@ def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(bro
         server.stop()
 
 
+def test_on_a_phone_s_width_a_long_conversation_scrolls_and_the_composer_stays_in_sight(browser):
+    """The conversation grew the page (a flex item's automatic minimum height is its content's): after a few
+    exchanges the message box was below the screen and the settings a 31 px sliver. It scrolls within its own
+    box now."""
+    server = Server("--slots", "1")
+    try:
+        page = open_page(browser, server, viewport={"width": 375, "height": 667})
+        greedy_storyteller(page)
+        page.fill("#max-tokens", "60")
+        settings = page.locator("aside").bounding_box()["height"]
+        for n in range(1, 6):
+            page.fill("#prompt", f"Tell me story number {n}.")
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n} && "
+                                   "!document.getElementById('send').disabled", timeout=60_000)
+        assert page.evaluate("document.documentElement.scrollHeight") <= 667
+        send = page.locator("#send").bounding_box()
+        assert send["y"] + send["height"] <= 667 and page.locator("aside").bounding_box()["height"] == settings
+        assert page.evaluate("(() => { const log = document.getElementById('log'); "
+                             "return log.scrollHeight > log.clientHeight; })()")  # it scrolls, within itself
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_focus_stop_before_any_text_and_a_reload_while_waiting(browser):
+    """Send clicked, or Stop pressed from the keyboard, left the focus nowhere (a disabled button's); a reply
+    stopped before any text left the turn out of the conversation without a word; a reload while a reply was
+    awaited lost the message sent. (The replies here never come: the requests are held.)"""
+    server = Server("--slots", "1")
+    held: list = []
+    try:
+        page, sent = page_recording_requests(browser, server)
+        page.route("**/v1/chat/completions", lambda route: held.append(route))
+        page.fill("#prompt", "Hello")
+        page.click("#send")
+        page.wait_for_function("!document.getElementById('stop').disabled")
+        assert page.evaluate("document.activeElement.id") == "prompt"
+        page.focus("#stop")
+        page.keyboard.press("Enter")
+        page.wait_for_function("!document.getElementById('send').disabled")
+        assert page.evaluate("document.activeElement.id") == "prompt"
+        assert page.text_content("#status") == "stopped before any text: this turn is left out of the conversation"
+
+        page.fill("#prompt", "My second message")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("!document.getElementById('stop').disabled")
+        log = [m.text_content() for m in page.query_selector_all("#log .msg")]
+        assert log[-2:] == ["My second message", ""]
+        page.reload()
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        assert [m.text_content() for m in page.query_selector_all("#log .msg")] == log[:-2]
+        assert page.input_value("#prompt") == "My second message"  # back in the box, to send again
+        assert [m["content"] for m in sent[-1]["messages"] if m["role"] != "system"] == ["My second message"]
+        page.close()
+    finally:
+        server.stop()
+
+
 def test_a_reply_s_html_is_text_and_an_empty_reply_is_said_so(browser):
     """The reply's text is shown as text (markup in it is not run), and a reply that ends before any text (the
     model's first token an end of text), which the page leaves out of the conversation, is said to be so: it

@@ -35,9 +35,13 @@ function keep(name, value) {
   try { sessionStorage.setItem(name, value); } catch (e) {}
 }
 
-function saveConversation() {
-  const log = [...$("log").children].map((div) => [div.className.replace("msg ", ""), div.textContent]);
-  keep("babyllama-conversation", JSON.stringify({history, log}));
+// `pending`: the text of a turn still waiting for its reply, which a reload puts back in the message box (its
+// two bubbles and its history entry are not kept: a reply still streaming is lost)
+function saveConversation(pending = null) {
+  const divs = [...$("log").children].slice(0, pending === null ? undefined : -2);
+  const log = divs.map((div) => [div.className.replace("msg ", ""), div.textContent]);
+  const turns = pending === null ? history : history.slice(0, -1);
+  keep("babyllama-conversation", JSON.stringify({history: turns, log, pending}));
 }
 
 function saveSettings() {
@@ -54,6 +58,7 @@ function restore() {
     if (!saved) return;
     history.push(...saved.history);
     for (const [role, text] of saved.log) bubble(role, text);
+    if (typeof saved.pending === "string" && !$("prompt").value) $("prompt").value = saved.pending;
   } catch (e) {}  // nothing usable saved: a fresh page
 }
 
@@ -156,7 +161,9 @@ async function send(text) {
   bubble("user", text);
   const out = bubble("assistant", "");
   const endHint = hintWhileWaiting(out);
+  saveConversation(text);
   controller = new AbortController();
+  if (document.activeElement === $("send")) $("prompt").focus();  // disabled, it would leave the focus nowhere
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
   let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false, complete = false;
   const maxTokens = +$("max-tokens").value || undefined;  // none: the rest of the context
@@ -203,16 +210,20 @@ async function send(text) {
   } finally {
     endHint();
     controller = null;
+    const stopFocused = document.activeElement === $("stop");
     $("send").disabled = false; $("stop").disabled = true;
+    if (stopFocused) $("prompt").focus();  // Stop pressed from the keyboard: back to writing
   }
   if (mine !== conversation) return;  // the conversation was cleared meanwhile, this turn with it
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
   saveConversation();
-  if (!failed && !reply && reason !== "stopped") notes.push("the model ended its reply before any text: this turn "
-                                                           + "is left out of the conversation");
-  if (reason === "length") {
+  if (!failed && !reply) {
+    notes.push((reason === "stopped" ? "stopped before any text" : "the model ended its reply before any text")
+               + ": this turn is left out of the conversation");
+  }
+  else if (reason === "length") {
     notes.push(maxTokens ? "reply cut at max tokens" : "reply cut at the end of the model's context");
   }
   else if (reason === "stopped") notes.push("stopped");
