@@ -4,6 +4,10 @@ The CLI turns a `BabyLlamaError` into a single line on stderr and a non-zero exi
 escapes (the system's refusal, named with its file); anything else is a bug and keeps its traceback.
 """
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 
@@ -27,6 +31,30 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise missing_extra(what, extra) from None
+
+
+class Terminated(SystemExit):
+    """SIGTERM (kill, timeout, a batch scheduler, a service manager) turned into an exception in the main thread
+    by `sigterm_unwinds`: the command unwinds as after Ctrl-C (a compile stopped, temporary files removed,
+    workers ended, locks let go) and the process exits with status 143."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Terminated for the block (in the main thread only, where handlers are set), instead of
+    ending the process where it stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def first_line(e: BaseException) -> str:

@@ -1107,3 +1107,30 @@ def test_where_pids_cannot_be_probed_no_temporary_file_is_swept(tmp_path, monkey
     os.utime(stale, (old, old))
     safeio.write_bytes(tmp_path / "ckpt.pt", b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", stale.name]
+
+
+def test_sigterm_unwinds_a_command_as_ctrl_c_does(tmp_path, monkeypatch):
+    """SIGTERM ended a command where it stood: an export's temporary file of up to the whole model stayed, a first
+    run's compiler went on in the background and left its library behind. It now unwinds the command (whatever
+    `finally` and `except BaseException` clean up runs) and the process exits with 143; train and finetune, whose
+    torchrun agent stops workers with it, keep the default."""
+    import signal
+
+    from babyllama import safeio
+    from babyllama.cli import main
+
+    model = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args()), model)
+    commit = safeio.commit
+
+    def terminated_while_writing(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode: never reached in full
+        return commit(*args, **kw)
+
+    monkeypatch.setattr(safeio, "commit", terminated_while_writing)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "out.bin"), "--model", str(model)])
+    assert exit_info.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin"]  # no temporary file left
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was for the command only

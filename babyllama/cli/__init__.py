@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from ..errors import BabyLlamaError, first_line
+from ..errors import BabyLlamaError, first_line, sigterm_unwinds
 from ..memory import keep_freed_memory
 from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ..threads import configure
         configure(getattr(args, "threads", None))
-        return args.func(args) or 0
+        if getattr(args, "sigterm_kills", False):
+            return args.func(args) or 0
+        with sigterm_unwinds():
+            return args.func(args) or 0
     except BabyLlamaError as e:
         print(f"babyllama: error: {one_line(str(e))}", file=sys.stderr)
         return 1

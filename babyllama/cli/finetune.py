@@ -31,7 +31,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--hf", metavar="DIR", type=non_empty_path, help="the base is this Hugging Face Llama folder")
     src.add_argument("--meta-llama", metavar="DIR", type=non_empty_path, help="the base is this Meta checkpoint folder")
     add_config_flags(p, FINETUNE_DEFAULTS)
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, sigterm_kills=True)  # torchrun's agent stops its workers with it
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

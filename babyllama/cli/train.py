@@ -41,7 +41,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
     # train refuses the fine-tuning keys in one line (check_finetune, cmd_train): parsed, but not offered
     add_config_flags(p, hidden=("base", *FINETUNE_KEYS))
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, sigterm_kills=True)  # torchrun's agent stops its workers with it
 
 
 def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:

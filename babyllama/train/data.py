@@ -40,7 +40,7 @@ import numpy as np
 from .. import safeio
 from ..config import TOKENIZER_BIN
 from ..documents import iter_documents
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, Terminated
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
 from ..progress import progress_bar
@@ -108,30 +108,6 @@ def load_encoder(path: str | os.PathLike) -> tuple[int, Callable[[list[str]], li
 
 _worker_encode: Any = None  # a worker's texts -> ids function, or its Tokenizer for chat records
 _worker_word_weight = 1  # a chat worker's weight for the tokens of requested words
-
-
-class Terminated(SystemExit):
-    """SIGTERM during pretokenize: raised in the main thread so that the run unwinds as after Ctrl-C (its
-    workers ended, its temporary shard removed, its folder's lock let go) and exits with status 143."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread takes handlers
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _end_with_parent(parent: int) -> None:
@@ -294,7 +270,7 @@ def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out
     before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
     words in chat replies (see the module docstring). Files in `exclude` (a folder inside `input_path`) are
     left out. Returns the meta.json contents."""
-    with _sigterm_unwinds(), contextlib.ExitStack() as held:  # held: the folder's lock, from the first write
+    with contextlib.ExitStack() as held:  # the folder's lock, from the first write (_start_writing) to meta.json
         return _pretokenize(held, input_path, tokenizer, out_dir, workers, batch_docs, skip_bad_lines, max_tokens,
                             word_weight, exclude)
 
