@@ -214,4 +214,5 @@ def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
                         "touched); refused for other formats (a GGUF file is always mapped)")
     m.add_argument("--no-mmap", dest="mmap", action="store_false",
                    help=f"{who}read the .bin file's weights into memory (faster decode; the default for files up "
-                        "to a quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs)")
+                        "to a quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs, "
+                        "which read, they keep beside it)")
