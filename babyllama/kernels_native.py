@@ -385,7 +385,8 @@ def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to proc's process group (GCC's driver and LTO wrapper then remove their temporary files), then,
+    """SIGTERM to proc's process group (GCC's driver then removes its temporary files, but for an LTO wrapper's
+    two small scratch files in $TMPDIR that GCC itself leaves behind when stopped while it links), then,
     once proc has exited or 5 s have passed, SIGKILL to whatever of the group is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
