@@ -578,6 +578,11 @@ def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys
     assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume"}))["iter"] == 2
     assert "nothing to train: the run is at step 2 and max_iters is 2" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_bytes() == log and (out / "ckpt.pt").read_bytes() == ckpt
+    # records past the checkpoint (a run that went on without saving: always_save_checkpoint=false) stay too
+    later = log + b'{"iter": 3, "loss": 1.0}\n'
+    (out / "metrics.jsonl").write_bytes(later)
+    assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume"}))["iter"] == 2
+    assert (out / "metrics.jsonl").read_bytes() == later
 
 
 def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch):

@@ -35,7 +35,8 @@ def peak_flops(device, dtype: str, override: float = 0.0) -> float | None:
 
 class MetricsLog:
     """Appends one JSON line per record. A run killed mid-write leaves a torn last line, which the reader
-    skips; the file is rewritten (atomically) only when a run starts or resumes. A new run in a folder that
+    skips; the file is rewritten (atomically) only when a run that started or resumed logs its first record (a
+    resume that finds nothing to train leaves it as it is). A new run in a folder that
     holds an earlier run's checkpoint (`replaces`) logs to metrics.pending.jsonl until `checkpointed()` (at its
     first checkpoint) moves that over metrics.jsonl: a run stopped before then leaves the earlier run's
     checkpoint and log together, as a resume of it needs them."""
@@ -44,13 +45,19 @@ class MetricsLog:
         self.final = Path(out_dir) / METRICS_NAME
         pending = self.final.with_name(PENDING_METRICS_NAME)
         self.path = pending if replaces and resume_from_iter is None else self.final
-        if self.path != pending:  # the log of a new run that never reached a checkpoint: no run's any more
-            pending.unlink(missing_ok=True)
-        if resume_from_iter is None:
+        self._pending_name = pending
+        self._resume_from_iter = resume_from_iter
+        self._started = False
+
+    def _start(self) -> None:
+        if self.path != self._pending_name:  # the log of a new run that never reached a checkpoint: no run's
+            self._pending_name.unlink(missing_ok=True)
+        if self._resume_from_iter is None:
             safeio.write_text(self.path, "")
         else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
-            kept = [r for r in read_metrics(self.path) if r["iter"] <= resume_from_iter]
+            kept = [r for r in read_metrics(self.path) if r["iter"] <= self._resume_from_iter]
             safeio.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._started = True
 
     @property
     def pending(self) -> bool:
@@ -59,11 +66,15 @@ class MetricsLog:
 
     def checkpointed(self) -> None:
         """The run wrote a checkpoint: its log is metrics.jsonl from now on."""
+        if not self._started:
+            self._start()
         if self.pending:
             safeio.commit(self.path, self.final, "metrics file")
             self.path = self.final
 
     def write(self, **record) -> None:
+        if not self._started:
+            self._start()
         safeio.append_text(self.path, json.dumps(record) + "\n", "metrics log")
 
 
