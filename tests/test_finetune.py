@@ -270,12 +270,13 @@ def test_chat_without_a_model_says_the_adapter_needs_its_base_named(tmp_path):
 def test_a_lora_run_folder_given_as_the_model_names_its_base(lora_run):
     root, _, _ = lora_run
     for argv in (["run", str(root / "lora"), "-n", "4"], ["export", str(root / "m.bin"), "--checkpoint",
-                                                          str(root / "lora")]):
+                                                          str(root / "lora")],
+                 ["sample", "--checkpoint", str(root / "lora"), "-n", "4"]):
         proc = run_cli(*argv)
         err = proc.stderr.decode().strip()
         assert proc.returncode == 1 and len(err.splitlines()) == 1, err
         assert f"is a LoRA fine-tune, which holds only the adapter: run its base model ({root / 'base.bin'}) with " \
-               "--lora" in err
+               "`babyllama run --lora`" in err and "merge it: `babyllama export OUT.bin --model BASE --lora RUN`" in err
     assert not (root / "m.bin").exists()
 
 

@@ -16,6 +16,7 @@ pytest.importorskip("sentencepiece")
 from conftest import (  # noqa: E402
     batched_decode_side_by_side,
     byte_tokenizer,
+    cli_error,
     make_story_corpus,
     random_weights,
     run_cli,
@@ -909,3 +910,17 @@ def test_a_warm_up_longer_than_the_run_says_how_high_the_rate_gets(capsys):
                                                                   "decay_lr": "false"}):
         resolve_config(None, settings)
         assert "warmup_iters" not in capsys.readouterr().err
+
+
+def test_a_config_file_s_kind_is_its_suffix_in_any_case(tmp_path):
+    from babyllama.train.config import read_config_file
+
+    (tmp_path / "C.JSON").write_text('{"max_iters": 3}')
+    (tmp_path / "C.PY").write_text("max_iters = 4\n")
+    assert read_config_file(tmp_path / "C.JSON") == {"max_iters": 3}
+    assert read_config_file(tmp_path / "C.PY") == {"max_iters": 4}
+
+
+def test_sample_start_file_without_a_path_is_one_line(capsys):
+    err = cli_error(capsys, "sample", "--start=FILE:")
+    assert "--start=FILE: names no file" in err

@@ -157,7 +157,10 @@ def sample_prompt(args: argparse.Namespace) -> str:
         return text_arg(args.start, "prompt (--start)")
     from .. import safeio
 
-    return safeio.read_text(args.start[len("FILE:"):], "prompt file (--start=FILE:...)")
+    path = args.start[len("FILE:"):]
+    if not path:
+        raise BabyLlamaError("--start=FILE: names no file (FILE:PATH reads the prompt from the file PATH)")
+    return safeio.read_text(path, "prompt file (--start=FILE:...)")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

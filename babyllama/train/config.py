@@ -137,9 +137,9 @@ def _toml_reader() -> ModuleType:
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     text = safeio.read_text(path, "config file", safeio.MAX_JSON_BYTES)
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         data = safeio.parse_json(text, str(path))
-    elif path.suffix == ".py":
+    elif path.suffix.lower() == ".py":
         data = read_python_config(text, path)
     else:
         tomllib = _toml_reader()
