@@ -314,9 +314,20 @@ def test_resume_refuses_a_different_model_shape(pipeline, tmp_path, one_thread):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train
 
-    train(resolve_config(None, small_run(pipeline, tmp_path, max_iters=2)))
+    run = small_run(pipeline, tmp_path, max_iters=2, n_kv_heads=0)
+    train(resolve_config(None, run))
     with pytest.raises(BabyLlamaError, match="different model shape"):
         train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", "dim": "32"}))
+    # the same shape said otherwise is no change: n_kv_heads = n_heads (saved as 0), a multiple_of that rounds the
+    # hidden width to the same value
+    cfg = resolve_config(None, run)
+    assert cfg.n_kv_heads == 0
+    from babyllama.config import llama_hidden_dim
+
+    hidden = llama_hidden_dim(cfg.dim, cfg.multiple_of)
+    assert hidden != cfg.multiple_of and llama_hidden_dim(cfg.dim, hidden) == hidden
+    same = {"n_kv_heads": str(cfg.n_heads), "multiple_of": str(hidden), "max_iters": "3"}
+    assert train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", **same}))["iter"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ distributed

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
-from ..config import TOKENIZER_BIN
+from ..config import TOKENIZER_BIN, llama_hidden_dim
 from ..errors import BabyLlamaError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -583,6 +583,20 @@ def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
                              "(start a new run in another out_dir to train on it)")
 
 
+def _shape_value(config: dict, key: str):
+    """What a model-shape setting of `config` makes of the model: n_kv_heads 0 is n_heads, and multiple_of counts
+    through the hidden width it rounds to (n_kv_heads 4 with 4 heads, or multiple_of 48 where it rounds as 32
+    does, is the same model)."""
+    if key == "n_kv_heads":
+        return config.get("n_kv_heads") or config.get("n_heads")
+    if key == "multiple_of":
+        try:
+            return llama_hidden_dim(config["dim"], config["multiple_of"])
+        except (KeyError, TypeError, ValueError):
+            return config.get("multiple_of")
+    return config.get(key)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss", "saved_at"}: saved_at
     is the step of out_dir's checkpoint when it is this run's (None when it wrote none: an evaluation, or
@@ -592,8 +606,8 @@ def train(cfg: TrainConfig) -> dict:
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
         checkpoint.check_resumable(ckpt, str(Path(cfg.out_dir) / checkpoint.CKPT_NAME))
         saved = ckpt["config"]
-        changed = [k for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k) and
-                   not (k == "vocab_size" and getattr(cfg, k) == 0)]
+        changed = [k for k in MODEL_KEYS if k in saved and _shape_value(saved, k) != _shape_value(cfg.to_dict(), k)
+                   and not (k == "vocab_size" and getattr(cfg, k) == 0)]
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
         _check_same_data(cfg, saved)
