@@ -648,8 +648,10 @@ def test_metrics_with_a_torn_last_line_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n{"iter": 3, "lo')
     assert [r["iter"] for r in read_metrics(path)] == [1, 2]
-    MetricsLog(tmp_path, resume_from_iter=2)
-    assert path.read_text() == '{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n'
+    log = MetricsLog(tmp_path, resume_from_iter=2)
+    assert path.read_text().endswith('{"iter": 3, "lo')  # nothing changes until the run logs
+    log.write(iter=3, loss=2.3)
+    assert path.read_text() == '{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n{"iter": 3, "loss": 2.3}\n'
     path.write_text('{"iter": 1}\nnot json\n{"iter": 3}\n')
     with pytest.raises(BabyLlamaError, match="metrics.jsonl:2: not a metrics record"):
         read_metrics(path)
