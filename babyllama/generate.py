@@ -27,8 +27,9 @@ Context shift (`Sequence.context_shift`): when a sequence's tokens no longer fit
 `n_keep` tokens stay, the oldest half of the rest is dropped, and generation goes on past seq_len. Input
 added by `extend` (a chat's turns) slides out whole turns at a time: the cut moves to the first turn start
 at or past the half (or the newest turn's start where that makes room), and falls inside a turn only when
-that turn and its reply alone outgrow the room. The cache then holds `window()`: tokens[:n_keep] +
-tokens[n_keep+n_dropped:]. By default the kept window is recomputed from scratch in one batched prefill, so
+that turn and its reply alone outgrow the room. The dropped tokens leave `tokens` (which is the window the cache
+holds, so that memory stays bounded however long generation goes on); `n_dropped` counts them. By default the
+kept window is recomputed from scratch in one batched prefill, so
 the continuation is exactly what a fresh run on the window gives. With `rotate_keys` the cached keys and
 values of the kept tokens are moved down instead and the keys re-rotated to their new positions (RoPE
 rotations compose: R(p - d) = R(-d)·R(p)), as llama.cpp does: no recomputation, but the kept entries still
@@ -50,24 +51,25 @@ from .tokenizer import BOS
 
 @dataclass
 class Sequence:
-    tokens: list[int]  # prompt and everything generated so far
+    tokens: list[int]  # prompt and everything generated so far, less what context shifts dropped: the window
     sampler: Sampler
     max_pos: int  # forward positions allowed (run.c's steps)
     stop_ids: frozenset[int] = frozenset({BOS})
     slot: int = -1
     n_fed: int = 0  # tokens whose keys/values are in the cache
     done: bool = False
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # since the last `extend` (after a shift: those in the window)
     stop_reason: str | None = None  # "stop" (a stop token), "length", or "error" (see Batch's isolate_failures)
     error: str | None = None  # with stop_reason "error": what the model could not compute for this sequence
     context_shift: bool = False  # slide the window instead of stopping at the cache's seq_len
     n_keep: int = 0  # tokens always kept at the start of the window (the prompt, typically)
-    n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far
+    n_dropped: int = 0  # tokens dropped after the first n_keep by context shifts so far (gone from `tokens`)
     rotate_keys: bool = False  # shift by moving and re-rotating cached keys instead of recomputing
     max_new: int | None = None  # generated tokens allowed (since the last `extend`): OpenAI's max_tokens
     n_reused: int = 0  # leading tokens whose keys/values were already in the slot (prefix reuse)
     logits: np.ndarray | None = None  # the logits row the last token was sampled from
     turn_starts: list[int] = field(default_factory=list)  # indices of `tokens` where `extend`ed input begins
+    n_generated: int = 0  # tokens generated since the last `extend` (max_new counts them)
 
     def pending(self) -> int:
         """Tokens of the window not yet in the cache (1 while decoding)."""
@@ -82,24 +84,25 @@ class Sequence:
 
     def window(self) -> list[int]:
         """The tokens the cache holds (or will hold), position by position."""
-        if not self.n_dropped:
-            return self.tokens
-        return self.tokens[: self.n_keep] + self.tokens[self.n_keep + self.n_dropped:]
+        return self.tokens
 
     def shift_if_full(self, seq_len: int) -> int:
         """Drop the oldest half of the slidable tokens when the window outgrows the cache. Returns how many
         window positions were dropped (0: no shift); they are positions n_keep.. of the window before."""
-        if len(self.tokens) - self.n_dropped <= seq_len:
+        if len(self.tokens) <= seq_len:
             return 0
         # n_keep can only shrink on the first shift, while nothing is dropped yet: the window is then all of
         # the tokens, and positions keep.. are the ones dropped either way
         self.n_keep = keep = min(self.n_keep, seq_len // 2)
-        start = keep + self.n_dropped  # the oldest token that may slide out
-        slidable = len(self.tokens) - start
+        slidable = len(self.tokens) - keep  # tokens[keep] is the oldest that may slide out
         # half the room after the kept tokens stays, and at least the newest token (sampled, not yet fed):
         # with a context of 1 or 2 that half is 0
         delta = slidable - max((seq_len - keep) // 2, 1)
-        delta = self._at_turn_start(delta, start, least=slidable - (seq_len - keep))
+        delta = self._at_turn_start(delta, keep, least=slidable - (seq_len - keep))
+        del self.tokens[keep: keep + delta]
+        self.turn_starts = [s if s <= keep else s - delta for s in self.turn_starts if not keep < s < keep + delta]
+        # the generated tokens the window still holds: the newest, after the kept ones (the prompt's start)
+        del self.generated[: max(0, len(self.generated) - (len(self.tokens) - keep))]
         self.n_dropped += delta
         return delta
 
@@ -116,12 +119,13 @@ class Sequence:
         """Append more input (the next chat turn) and make the sequence runnable again."""
         self.turn_starts.append(len(self.tokens))
         self.tokens.extend(ids)
-        self.generated = []
+        self.generated, self.n_generated = [], 0
         self.done, self.stop_reason = False, None
         self._check_length()
 
     def _check_length(self) -> None:
-        if len(self.tokens) > self.max_pos or (self.max_new is not None and len(self.generated) >= self.max_new):
+        if (len(self.tokens) + self.n_dropped > self.max_pos
+                or (self.max_new is not None and self.n_generated >= self.max_new)):
             self.done, self.stop_reason = True, "length"
 
 
@@ -291,6 +295,7 @@ class Batch:
                 seq.done, seq.stop_reason = True, "stop"
                 continue
             seq.generated.append(nxt)
+            seq.n_generated += 1
             seq._check_length()
             out.append((seq, nxt))
         return out

@@ -171,7 +171,7 @@ CONTROL_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "top_k": (numbers.Integral, lambda v: v >= 0, "an integer >= 0 (0: off)"),
     "min_p": (numbers.Real, lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0: off)"),
     "repeat_penalty": (numbers.Real, lambda v: 0.0 < v < math.inf, "a finite number > 0 (1: off)"),
-    "repeat_last_n": (numbers.Integral, lambda v: v >= -1, "an integer >= -1 (-1: every token, 0: off)"),
+    "repeat_last_n": (numbers.Integral, lambda v: v >= -1, "an integer >= -1 (-1: every token of the window, 0: off)"),
     "presence_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
     "frequency_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
 }

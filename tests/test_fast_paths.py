@@ -191,6 +191,23 @@ def test_context_shift_in_a_context_of_a_few_positions(seq_len, rotate):
             assert int(np.argmax(fresh)) == tokens[n] or fresh.max() - fresh[tokens[n]] < 1e-2, n
 
 
+def test_a_sequence_sliding_past_its_context_holds_only_its_window():
+    """`tokens` and `generated` kept every token of the run (~40 bytes each: an endless --context-shift run grew
+    without bound); the dropped ones now leave them, n_dropped counts them, and -n / max_new count them all."""
+    seq = Sequence([1, 2, 3], Sampler(0.0), 10**6, context_shift=True, n_keep=3)
+    for t in range(5000):
+        seq.tokens.append(t)
+        seq.generated.append(t)
+        seq.n_generated += 1
+        seq.shift_if_full(64)
+        assert len(seq.tokens) <= 64 and len(seq.generated) <= 64
+    assert seq.tokens[:3] == [1, 2, 3] and seq.tokens[3:] == list(range(5000 - len(seq.tokens) + 3, 5000))
+    assert seq.generated == seq.tokens[-len(seq.generated):] and len(seq.tokens) + seq.n_dropped == 5003
+    e = Engine(random_weights(tiny_args(max_seq_len=16), scale=0.3))
+    assert len(list(generate(e, [1, 17], 100, Sampler(0.0), context_shift=True, stop_ids=()))) == 99
+    assert len(list(generate(e, [1, 17], 100, Sampler(0.0), context_shift=True, stop_ids=(), max_new=40))) == 40
+
+
 def test_context_shift_window_keeps_the_prefix():
     seq = Sequence(list(range(30)), Sampler(0.0), 100, context_shift=True, n_keep=4)
     seq.shift_if_full(20)

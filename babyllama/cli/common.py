@@ -98,7 +98,7 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
                    help="divide the positive logits (multiply the negative ones) of the tokens among the last "
                         "--repeat-last-n, prompt included, by X; 1 = off (1.0)")
     g.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
-                   help="tokens --repeat-penalty looks back over; -1 = all of them, 0 = off (64)")
+                   help="tokens --repeat-penalty looks back over; -1 = all of them (in the window), 0 = off (64)")
     g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
                    help="OpenAI's: subtract X from the logit of every token generated so far, in [-2, 2] (0)")
     g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
