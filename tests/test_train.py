@@ -574,9 +574,14 @@ def test_resuming_from_another_folder_says_how_to_find_the_data(tmp_path, one_th
     train(resolve_config(None, tiny_run("a", tmp_path / "out")))  # data_dir "a", relative
     monkeypatch.chdir(tmp_path / "out")
     resume = {"out_dir": str(tmp_path / "out"), "init_from": "resume", "max_iters": "4"}
-    with pytest.raises(BabyLlamaError, match=r"^data_dir not found: a \(the run's, as given when it started; from "):
+    with pytest.raises(BabyLlamaError, match=r"^data_dir not found: a \(a resume reads the data_dir the run started "
+                                             r"with, relative to the folder it started in, unless --data_dir names"):
         train(resolve_config(None, resume))
     assert train(resolve_config(None, {**resume, "data_dir": str(tmp_path / "a")}))["iter"] == 4
+    # data of another vocabulary: the resumed model keeps its own (vocab_size 0 would not help)
+    other = text_shards(tmp_path, byte_tokenizer(400), "b")
+    with pytest.raises(BabyLlamaError, match=r"a resumed model keeps its vocabulary: resume on data pretokenized "):
+        train(resolve_config(None, {**resume, "max_iters": "6", "data_dir": str(other)}))
 
 
 def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys):

@@ -240,8 +240,8 @@ class Trainer:
             if self.dist.enabled:
                 dist.barrier()
         if cfg.init_from == "resume" and cfg.data_dir and not data_dir.exists():  # relative to where it started
-            raise BabyLlamaError(f"data_dir not found: {data_dir} (the run's, as given when it started; from "
-                                 "another folder, or with the data moved, pass --data_dir)")
+            raise BabyLlamaError(f"data_dir not found: {data_dir} (a resume reads the data_dir the run started with, "
+                                 "relative to the folder it started in, unless --data_dir names another)")
         meta = read_meta(data_dir) if cfg.data_dir or cfg.data else None
         if meta is None:
             raise BabyLlamaError("set --data_dir to a folder made by `babyllama data pretokenize` (or --vocab_size=N "
@@ -255,8 +255,10 @@ class Trainer:
             if not cfg.vocab_size:
                 raise BabyLlamaError(f"{data_dir} has no meta.json: set --vocab_size")
         elif data_vocab and cfg.vocab_size != data_vocab:  # the model could not be run with the data's tokenizer
+            fix = ("a resumed model keeps its vocabulary: resume on data pretokenized with the run's tokenizer"
+                   if cfg.init_from == "resume" else "leave vocab_size at 0 to take the data's")
             raise BabyLlamaError(f"vocab_size {cfg.vocab_size} differs from the data's ({data_vocab}, "
-                                 f"{data_dir / 'meta.json'}): leave vocab_size at 0 to take the data's")
+                                 f"{data_dir / 'meta.json'}): {fix}")
         return data_dir
 
     # ------------------------------------------------------------------------------------ state
