@@ -602,6 +602,35 @@ def test_resuming_a_finished_run_adds_no_evaluation(tmp_path, one_thread, capsys
     assert (out / "metrics.jsonl").read_bytes() == later
 
 
+def test_a_torchrun_process_gone_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys,
+                                                                            monkeypatch):
+    """Another process of a torchrun run killed: the survivors' collectives fail with gloo's "Connection reset by
+    peer", which printed a traceback and no word of the checkpoint kept. (Here one process, its failure staged.)
+    A RuntimeError that is no lost peer keeps its traceback."""
+    from babyllama.cli import main
+    from babyllama.train.loop import Trainer
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    step = Trainer.step
+    failure = "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:55500: Connection reset by peer."
+
+    def peer_gone_at_3(self):
+        if self.iter_num == 3:
+            self.dist.world = 2  # as under torchrun
+            raise RuntimeError(failure)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", peer_gone_at_3)
+    argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"babyllama: error: another process of this torchrun run stopped at step 3 (Connection reset by peer); "
+        f"{out / 'ckpt.pt'} holds step 2: --init_from=resume goes on from there")
+    failure = "shape mismatch"
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(argv)
+
+
 def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch):
     from babyllama.cli import main
     from babyllama.train.loop import Trainer

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..config import TOKENIZER_BIN, llama_hidden_dim
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
@@ -454,6 +455,12 @@ class Trainer:
             if master:
                 print(self._interrupted_text(), file=sys.stderr, flush=True)
             raise
+        except RuntimeError as e:  # under torchrun: another process of the run gone (killed, out of memory)
+            if not (self.dist.enabled and _lost_peer(e)):
+                raise
+            said = re.search(r"Connection \w+ by peer", first_line(e))  # gloo's, amid a file name and an address
+            raise BabyLlamaError(f"another process of this torchrun run stopped at step {self.iter_num} "
+                                 f"({said.group() if said else first_line(e)[:160]}); {self._kept_text()}") from None
         if self.dist.enabled:
             dist.barrier()
         return {"iter": self.iter_num, "loss": self.last_loss, "best_val_loss": self.best_val_loss,
@@ -583,6 +590,13 @@ def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
     if cfg.data and isinstance(first, str) and first and Path(cfg.data).resolve() != Path(first).resolve():
         raise BabyLlamaError(f"cannot resume with other data: this run trains on {first}, not {cfg.data} "
                              "(start a new run in another out_dir to train on it)")
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because a process at the other end went away (gloo's "Connection reset by
+    peer" / "closed by peer", NCCL's remote errors), not for a bug of ours, whose traceback stays."""
+    text = str(e)
+    return "by peer" in text or ("NCCL" in text and "remote" in text.lower())
 
 
 def _shape_value(config: dict, key: str):
