@@ -734,6 +734,9 @@ def test_an_evaluation_only_run_leaves_the_runs_files_as_they_are(tmp_path, one_
     untrained = (f"note: --eval_only without --init_from=resume evaluates freshly initialized weights, not "
                  f"{out / 'ckpt.pt'} (add --init_from=resume for that)")
     assert (untrained in printed.err) != resume
+    if not resume:  # into a new out_dir: no folder left behind either
+        train(resolve_config(None, {**tiny_run(data, tmp_path / "new"), "eval_only": "true"}))
+        assert not (tmp_path / "new").exists()
 
 
 def test_device_mps_without_mps_is_one_line(monkeypatch, capsys, tmp_path):

@@ -627,6 +627,7 @@ def train(cfg: TrainConfig) -> dict:
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
         _check_same_data(cfg, saved)
+    new_out_dir = not Path(cfg.out_dir).exists()
     with contextlib.ExitStack() as held:
         with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
             if int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only:
@@ -637,6 +638,9 @@ def train(cfg: TrainConfig) -> dict:
         finally:
             if trainer.dist.enabled and dist.is_initialized():
                 dist.destroy_process_group()
+            if cfg.eval_only and new_out_dir and trainer.dist.master:  # an evaluation writes nothing: no folder
+                with contextlib.suppress(OSError):
+                    Path(cfg.out_dir).rmdir()  # only where it is empty
 
 
 def _run_folder_lock(out_dir: str) -> contextlib.AbstractContextManager:
