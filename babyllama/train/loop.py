@@ -621,9 +621,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.init_from == "resume":
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
         checkpoint.check_resumable(ckpt, str(Path(cfg.out_dir) / checkpoint.CKPT_NAME))
-        saved = ckpt["config"]
-        changed = [k for k in MODEL_KEYS if k in saved and _shape_value(saved, k) != _shape_value(cfg.to_dict(), k)
-                   and not (k == "vocab_size" and getattr(cfg, k) == 0)]
+        saved, asked = ckpt["config"], cfg.to_dict()
+        changed = [k for k in MODEL_KEYS if k in saved and _shape_value(saved, k) != _shape_value(asked, k)
+                   and not (k == "vocab_size" and asked[k] == 0)]
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
         _check_same_data(cfg, saved)
