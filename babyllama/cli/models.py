@@ -35,7 +35,7 @@ def add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="models", type=non_empty_path, help="download folder (default: ./models)")
     p.add_argument("--url-base", default=None, type=non_empty_url,
                    help="fetch from this mirror instead, laid out as the Hugging Face repo (MIRROR/stories15M.bin, "
-                   "MIRROR/stories260K/tok512.bin), with llama2.c's tokenizer.bin at MIRROR/tokenizer.bin")
+                        "MIRROR/stories260K/tok512.bin), with llama2.c's tokenizer.bin at MIRROR/tokenizer.bin")
     add_time_limit(p)
     p.set_defaults(func=cmd_download)
 

@@ -45,13 +45,15 @@ class MetricsLog:
         self.final = Path(out_dir) / METRICS_NAME
         pending = self.final.with_name(PENDING_METRICS_NAME)
         self.path = pending if replaces and resume_from_iter is None else self.final
-        self._pending_name = pending
         self._resume_from_iter = resume_from_iter
         self._started = False
 
     def _start(self) -> None:
-        if self.path != self._pending_name:  # the log of a new run that never reached a checkpoint: no run's
-            self._pending_name.unlink(missing_ok=True)
+        """The log made this run's, once, before its first record (or checkpoint)."""
+        if self._started:
+            return
+        if self.path == self.final:  # the log of a new run that never reached a checkpoint: no run's any more
+            self.final.with_name(PENDING_METRICS_NAME).unlink(missing_ok=True)
         if self._resume_from_iter is None:
             safeio.write_text(self.path, "")
         else:  # drop what a crashed run logged after its last checkpoint: those steps will run again
@@ -66,15 +68,13 @@ class MetricsLog:
 
     def checkpointed(self) -> None:
         """The run wrote a checkpoint: its log is metrics.jsonl from now on."""
-        if not self._started:
-            self._start()
+        self._start()
         if self.pending:
             safeio.commit(self.path, self.final, "metrics file")
             self.path = self.final
 
     def write(self, **record) -> None:
-        if not self._started:
-            self._start()
+        self._start()
         safeio.append_text(self.path, json.dumps(record) + "\n", "metrics log")
 
 
