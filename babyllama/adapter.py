@@ -28,8 +28,8 @@ from . import safeio
 from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
-from .formats import LAYER_MATRICES, Weights, all_finite
-from .interop.state_dict import LAYER_NAMES, to_state_dict
+from .formats import LAYER_MATRICES, Weights, all_finite, dense
+from .interop.state_dict import LAYER_NAMES, held_tensors
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -60,8 +60,8 @@ def parse_targets(text: str | list[str]) -> list[str]:
 def weights_sha256(weights: Weights) -> str:
     """sha256 over every fp32 tensor of the model (name, shape, little-endian bytes), in a fixed order."""
     h = hashlib.sha256()
-    for name, t in to_state_dict(weights).items():
-        t = np.ascontiguousarray(t, dtype="<f4")
+    for name, m in held_tensors(weights).items():  # one tensor in fp32 at a time
+        t = np.ascontiguousarray(dense(m), dtype="<f4")
         h.update(f"{name}{t.shape}".encode())
         h.update(memoryview(t).cast("B"))  # type: ignore[arg-type]  # NumPy's stubs: no __buffer__ before 3.12
     return h.hexdigest()

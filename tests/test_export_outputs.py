@@ -372,6 +372,41 @@ def _save_gguf(out: Path) -> None:
     save_gguf(random_weights(tiny_args()), out, from_tokenizer(byte_tokenizer(300)))
 
 
+@pytest.mark.parametrize("to, dtype", [("gguf", "f32"), ("gguf", "q4_0"), ("hf", "f32"), ("hf", "bf16")])
+def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype):
+    """The GGUF and Hugging Face writers convert and write one tensor at a time: writing a Q8_0 model, whose
+    every tensor is dequantized to fp32 on its turn, peaks far below the fp32 model's size (the packages' own
+    writers take every tensor at once: a second copy of the whole model)."""
+    import tracemalloc
+
+    pytest.importorskip("gguf" if to == "gguf" else "safetensors")
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.hf import save_hf
+    from babyllama.interop.state_dict import to_state_dict
+    from babyllama.interop.vocab import from_tokenizer
+
+    w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2).quantize()
+    fp32_bytes = sum(t.nbytes for t in to_state_dict(w).values())
+    vocab = from_tokenizer(byte_tokenizer(320))
+
+    def write(out: Path) -> None:
+        if to == "gguf":
+            save_gguf(w, out / "m.gguf", vocab, dtype)
+        else:
+            save_hf(w, out, dtype=dtype)
+
+    for folder in ("warm", "out"):
+        (tmp_path / folder).mkdir()
+    write(tmp_path / "warm")  # imports and first-use caches outside the measurement
+    tracemalloc.start()
+    try:
+        write(tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
+
+
 @pytest.mark.parametrize("write, target, reason", [
     (lambda out: _save_hf(out, "f32"), "model.safetensors", "File too large"),
     (lambda out: _save_hf(out, "bf16"), "model.safetensors", "File too large"),

@@ -191,6 +191,33 @@ def test_hf_export_in_16_bits(tmp_path, dtype):
     assert np.abs(hf_logits(model, TOKENS) - engine_logits(ours, TOKENS)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_model_safetensors_has_the_bytes_of_the_packages_own_writer(tmp_path, dtype):
+    """model.safetensors, written a tensor at a time, is byte for byte what safetensors' save_file writes from
+    the whole state dict at once (bfloat16 through its PyTorch writer): Hugging Face's names, its rotary row
+    order, rounded as NumPy and PyTorch round."""
+    from safetensors.numpy import save_file
+    from safetensors.torch import save_file as save_torch
+
+    from babyllama.interop.hf import hf_name, interleaved_to_halves, save_hf
+    from babyllama.interop.state_dict import to_state_dict
+
+    args = tiny_args(vocab_size=320, n_heads=4, n_kv_heads=2)
+    w = random_weights(args, seed=8, scale=0.2).quantize()  # Q8_0: every tensor dequantized on its turn
+    save_hf(w, tmp_path / "hf", dtype=dtype)
+    ref = {}
+    for name, t in to_state_dict(w).items():
+        heads = args.n_heads if name.endswith("wq.weight") else args.n_kv_heads if name.endswith("wk.weight") else 0
+        ref[hf_name(name)] = interleaved_to_halves(t, heads) if heads else t
+    if dtype == "bf16":
+        save_torch({k: torch.from_numpy(t).to(torch.bfloat16) for k, t in ref.items()}, tmp_path / "ref",
+                   metadata={"format": "pt"})
+    else:
+        save_file({k: t.astype(np.float16 if dtype == "f16" else np.float32) for k, t in ref.items()},
+                  tmp_path / "ref", metadata={"format": "pt"})
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tmp_path / "ref").read_bytes()
+
+
 def test_checkpoint_to_hf_same_logits(tmp_path, sp_model):
     """Our training checkpoint -> Hugging Face directory -> transformers: the same logits as our model."""
     args = tiny_args(vocab_size=320, rope_theta=20000.0, shared_classifier=True)

@@ -56,11 +56,11 @@ from ..chat_template import foreign_template_note
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, matrix_arrays, to_bf16, to_f16
+from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, dense, matrix_arrays, to_bf16, to_f16
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize_q4_0_searched
 from ..threads import worker_count
 from ..tokenizer import BOS, EOS, UNK
-from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, layer_key, to_state_dict
+from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, held_tensors, in_turn
 from .vocab import Vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -109,7 +109,6 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
               name: str | None = None) -> Path:
     """Write `weights` and `vocab` as a GGUF file llama.cpp runs; matrices in `dtype` (f32, f16, bf16, q8_0, q4_0;
     bf16 rounded by formats.to_bf16, as `--quantize bf16` rounds)."""
-    from .. import kernels
     from ..chat_template import get_template
 
     gguf = _gguf()
@@ -120,9 +119,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         raise BabyLlamaError(f"the tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is "
                              f"{args.vocab_size}")
     path = Path(path)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_0": gguf.GGMLQuantizationType.Q4_0}[dtype]
+    qtypes = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in DTYPES}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
@@ -147,21 +144,19 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         # without one llama.cpp's chat falls back to ChatML, a layout these models never saw
         w.add_chat_template(get_template().jinja)
 
-        kept = _block_tensors(weights, dtype)
-        for key, t in to_state_dict(weights).items():
-            if key in kept:  # already in the file's type: its bytes as they are
-                w.add_tensor(gguf_name(key), np.ascontiguousarray(kept[key].block_bytes()), raw_dtype=qtype)
-            elif t.ndim == 1 or dtype == "f32":
-                w.add_tensor(gguf_name(key), t)
-            elif dtype == "bf16":
-                w.add_tensor(gguf_name(key), to_bf16(t).bits, raw_dtype=qtype)
-            elif dtype == "f16" or t.shape[1] % BLOCK:
-                w.add_tensor(gguf_name(key), _f16(t, gguf_name(key), dtype))
-            else:
-                w.add_tensor(gguf_name(key), kernels.quantize_blocks(t, dtype).data, raw_dtype=qtype)
+        # the tensors' descriptions first, then each tensor converted and written in turn: one at a time in memory
+        held = held_tensors(weights)
+        shapes = expected_shapes(args)
+        kinds = {key: _written_kind(m, shapes[key], dtype) for key, m in held.items()}
+        for key, kind in kinds.items():
+            block_size, type_size = gguf.GGML_QUANT_SIZES[qtypes[kind]]
+            w.add_tensor_info(gguf_name(key), shapes[key], np.dtype(np.float32),
+                              math.prod(shapes[key]) // block_size * type_size, raw_dtype=qtypes[kind])
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for key, m in in_turn(held):
+            w.write_tensor_data(_written_data(m, kinds[key], gguf_name(key), dtype))
         w.close()
     return path
 
@@ -176,12 +171,31 @@ def _f16(t: np.ndarray, name: str, dtype: str) -> np.ndarray:
         raise BabyLlamaError(f"tensor {name}{why}: {e}") from None
 
 
-def _block_tensors(weights: Weights, kind: str) -> dict[str, BlockTensor]:
-    """The model's matrices that are already `kind` blocks, under llama2.c names."""
-    found = {"tok_embeddings.weight": weights.tok_embeddings, "output.weight": weights.wcls}
-    for name, stack in weights.layer_matrices().items():
-        found.update({layer_key(i, name): m for i, m in enumerate(stack)})
-    return {k: m for k, m in found.items() if isinstance(m, BlockTensor) and m.kind == kind}
+def _written_kind(m: Matrix, shape: tuple[int, ...], dtype: str) -> str:
+    """The type a tensor is written in for `export --dtype dtype`: norm vectors f32 (llama.cpp requires it), a
+    matrix already in that block type as it is, and one whose rows do not split into blocks of 32 f16 (as
+    llama.cpp's converter does)."""
+    if len(shape) == 1:
+        return "f32"
+    if isinstance(m, BlockTensor) and m.kind == dtype or dtype in ("f32", "f16", "bf16"):
+        return dtype
+    return "f16" if shape[1] % BLOCK else dtype
+
+
+def _written_data(m: Matrix, kind: str, name: str, dtype: str) -> np.ndarray:
+    """m's bytes in the file's `kind` (see _written_kind)."""
+    from .. import kernels
+
+    if isinstance(m, BlockTensor) and m.kind == kind:  # already in the file's type: its bytes as they are
+        return np.ascontiguousarray(m.block_bytes())
+    t = dense(m)
+    if kind == "f32":
+        return np.ascontiguousarray(t)
+    if kind == "bf16":
+        return to_bf16(t).bits
+    if kind == "f16":
+        return _f16(t, name, dtype)
+    return kernels.quantize_blocks(t, kind).data
 
 
 # ----------------------------------------------------------------------------------------------- reading

@@ -16,10 +16,13 @@ has n_kv_heads heads, not n_heads (grouped-query models such as TinyLlama): upst
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +30,13 @@ from .. import safeio
 from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
-from ..formats import BF16Tensor, Weights, bf16_to_f32, check_writable, to_bf16, to_f16
+from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, dense, to_bf16, to_f16
 from .state_dict import (
     check_torch_state,
     expected_shapes,
     from_state_dict,
-    to_state_dict,
+    held_tensors,
+    in_turn,
     torch_load_failure,
     torch_weight,
 )
@@ -354,10 +358,6 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     Auto* classes load the directory."""
     if dtype not in HF_DTYPES:
         raise BabyLlamaError(f"a Hugging Face folder holds {', '.join(HF_DTYPES)} tensors, not {dtype}")
-    try:
-        import safetensors  # noqa: F401  (its writers: _save_safetensors)
-    except ImportError:
-        raise missing_extra("writing safetensors", "interop") from None
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
@@ -373,19 +373,24 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         _check_sentencepiece(tokenizer_model, args.vocab_size)
     safeio.output_dir(outdir)
 
-    tensors = {}
-    for name, t in to_state_dict(weights).items():
-        if name.endswith("attention.wq.weight"):
+    held = {hf_name(name): m for name, m in held_tensors(weights).items()}
+    shapes = {hf_name(name): shape for name, shape in expected_shapes(args).items()}
+
+    def converted(name: str, m: Matrix) -> np.ndarray:
+        t = dense(m)
+        if name.endswith("self_attn.q_proj.weight"):
             t = interleaved_to_halves(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
+        elif name.endswith("self_attn.k_proj.weight"):
             t = interleaved_to_halves(t, args.n_kv_heads)
         if dtype == "f16":
-            t = to_f16(t)
-        elif dtype == "bf16":  # its bits (numpy has no bfloat16)
-            t = to_bf16(t.reshape(len(t), -1)).bits.reshape(t.shape)
-        tensors[hf_name(name)] = np.ascontiguousarray(t)
+            return to_f16(t)
+        if dtype == "bf16":  # its bits (numpy has no bfloat16)
+            return to_bf16(t.reshape(len(t), -1)).bits.reshape(t.shape)
+        return t
+
     with safeio.pending(outdir / "model.safetensors") as tmp:
-        _save_safetensors(tensors, tmp, bf16=dtype == "bf16")
+        write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
+                          ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
     if isinstance(tokenizer_model, bytes):
         safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
     elif tokenizer_model is not None:
@@ -398,22 +403,34 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     return outdir
 
 
-def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, bf16: bool = False) -> None:
-    """safetensors' own writer: its NumPy one, or for bfloat16 tensors (given as their uint16 bits, which NumPy
-    cannot hold as numbers) its PyTorch one, the bits viewed as torch.bfloat16 without conversion."""
-    metadata = {"format": "pt"}
-    if not bf16:
-        from safetensors.numpy import save_file
+# safetensors' names of the types `export --to hf --dtype` writes, and their sizes
+SAFETENSORS_DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 
-        save_file(tensors, str(path), metadata=metadata)
-        return
-    try:
-        import torch
-        from safetensors.torch import save_file as save_torch
-    except ImportError:
-        raise missing_extra("writing bfloat16 safetensors", "interop") from None
-    save_torch({name: torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16) for name, bits in tensors.items()},
-               str(path), metadata=metadata)
+
+def write_safetensors(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, np.ndarray]]) -> None:
+    """A safetensors file of the tensors `specs` describes (name -> safetensors dtype, shape), whose (name,
+    array) pairs `tensors` yields in the order of the names, written one at a time: the package's own writers take every
+    tensor at once, i.e. a second copy of the whole model in memory. The same bytes as its save_file (tested):
+    8 bytes of header length, the header as compact JSON padded with spaces to a multiple of 8, then the
+    tensors back to back, ordered by name (its order among tensors of one type). Bfloat16 goes as its bits."""
+    names = sorted(specs)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    end = 0
+    for name in names:
+        kind, shape = specs[name]
+        start, end = end, end + math.prod(shape) * _ITEM_BYTES[kind]
+        header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [start, end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for expected, (name, t) in zip(names, tensors, strict=True):
+            kind, shape = specs[name]
+            if name != expected or t.shape != tuple(shape) or t.itemsize != _ITEM_BYTES[kind]:
+                raise ValueError(f"{name} {t.dtype} {t.shape} given where the header has {expected} {kind} {shape}")
+            f.write(memoryview(np.ascontiguousarray(t)).cast("B"))
 
 
 def _tokenizer_config(args: ModelArgs) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -72,19 +72,35 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
-    """The model's tensors under llama2.c names, fp32 (Q8_0 matrices are dequantized)."""
-    w = weights.to_fp32()
-    sd = {"tok_embeddings.weight": np.asarray(w.tok_embeddings, dtype=np.float32)}
-    for layer in range(w.args.n_layers):
-        sd[layer_key(layer, "rms_att")] = np.asarray(w.rms_att[layer], dtype=np.float32)
-        sd[layer_key(layer, "rms_ffn")] = np.asarray(w.rms_ffn[layer], dtype=np.float32)
+def held_tensors(weights: Weights) -> dict[str, Matrix]:
+    """The model's tensors under llama2.c names as the model holds them (fp32 arrays, quantized or 16-bit
+    matrices; fp32 layer stacks as views of one layer), for writers that convert one tensor at a time and so
+    never hold a second copy of the whole model."""
+    held: dict[str, Matrix] = {"tok_embeddings.weight": weights.tok_embeddings}
+    for layer in range(weights.args.n_layers):
+        held[layer_key(layer, "rms_att")] = weights.rms_att[layer]
+        held[layer_key(layer, "rms_ffn")] = weights.rms_ffn[layer]
         for name in LAYER_MATRICES:
-            sd[layer_key(layer, name)] = np.asarray(getattr(w, name)[layer], dtype=np.float32)
-    sd["norm.weight"] = np.asarray(w.rms_final, dtype=np.float32)
-    if not w.args.shared_classifier:
-        sd["output.weight"] = np.asarray(w.wcls, dtype=np.float32)
-    return sd
+            held[layer_key(layer, name)] = getattr(weights, name)[layer]
+    held["norm.weight"] = weights.rms_final
+    if not weights.args.shared_classifier:
+        held["output.weight"] = weights.wcls
+    return held
+
+
+def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
+    """(name, matrix) of `tensors` in turn, for a writer that converts and writes one before asking for the
+    next: once the caller is done with one, the pages under it are handed back where they are a mapped
+    file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file."""
+    maps = memory.read_only_file_maps()
+    for name, m in tensors.items():
+        yield name, m
+        memory.release_mapped(*matrix_arrays(m), maps=maps)
+
+
+def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
+    """The model's tensors under llama2.c names, fp32 (quantized and 16-bit matrices converted), all at once."""
+    return {name: dense(m) for name, m in held_tensors(weights).items()}
 
 
 def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
