@@ -430,7 +430,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
             kind, shape = specs[name]
             if name != expected or t.shape != tuple(shape) or t.itemsize != _ITEM_BYTES[kind]:
                 raise ValueError(f"{name} {t.dtype} {t.shape} given where the header has {expected} {kind} {shape}")
-            f.write(memoryview(np.ascontiguousarray(t)).cast("B"))
+            f.write(np.ascontiguousarray(t).data)
 
 
 def _tokenizer_config(args: ModelArgs) -> dict:
