@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import re
@@ -152,8 +153,8 @@ def check_generation(prompts: list[str], steps: int | list[int], temperature: fl
     for n in steps if isinstance(steps, list) else [steps]:
         if not _integer(n) or n < 0:
             raise BabyLlamaError(f"steps must be an integer >= 0, got {n!r}")
-    if not is_number(temperature) or not temperature >= 0:  # also refuses NaN
-        raise BabyLlamaError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not is_number(temperature) or not 0 <= temperature < math.inf:  # also refuses NaN
+        raise BabyLlamaError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not is_number(topp) or not 0.0 <= topp <= 1.0:
         raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
     if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):

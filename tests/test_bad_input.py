@@ -135,17 +135,31 @@ def test_corrupt_tokenizer(tmp_path, good_model):
 @pytest.mark.parametrize("flags,pattern,code", [
     (["-n", "-1"], "steps (-n) must be >= 0", 1),
     (["-n", "many"], "invalid int value", 2),
-    (["-t", "-0.5"], "temperature (-t) must be >= 0", 1),
+    (["-t", "-0.5"], "temperature (-t) must be a finite number >= 0, got -0.5", 1),
+    (["-t", "nan"], "temperature (-t) must be a finite number >= 0, got nan", 1),
+    (["-t", "inf"], "temperature (-t) must be a finite number >= 0, got inf", 1),
     (["-p", "1.5"], "top-p (-p) must be in [0, 1]", 1),
     (["-s", "-1"], "seed (-s) must be in [0, 2**63), got -1", 1),
     # the generator keeps 64 bits: this one would sample seed 7's text, as the Python API refuses it too
     (["-s", str(2**64 + 7)], "seed (-s) must be in [0, 2**63), got 18446744073709551623", 1),
     (["-m", "talk"], "invalid choice", 2),
-    (["--bogus"], "unrecognized arguments", 2),
+    (["--bogus"], "babyllama run: error: unrecognized arguments: --bogus (see --help)", 2),
 ])
 def test_bad_flags(good_model, flags, pattern, code):
     model, tok = good_model
     assert_one_line_error(run_cli("run", str(model), "-z", str(tok), *flags), pattern, code)
+
+
+@pytest.mark.parametrize("argv, prefix", [
+    (["data", "pretokenize", "--bogus"], "babyllama data pretokenize: error: "),
+    (["models", "--bogus=1"], "babyllama models: error: "),
+    (["--bogus"], "babyllama: error: "),
+])
+def test_an_unknown_flag_is_said_by_the_command_it_was_given_to(capsys, argv, prefix):
+    """As the command's other usage mistakes are (`babyllama run: error: argument -t...`)."""
+    from conftest import cli_error
+
+    assert cli_error(capsys, *argv, code=2).startswith(f"{prefix}unrecognized arguments: {argv[-1]} (see --help)")
 
 
 def test_unreadable_prompt_bytes(good_model):
@@ -212,8 +226,9 @@ def test_max_new_tokens_beyond_the_context_is_said_for_a_batch_file(good_model, 
 @pytest.mark.parametrize("call, message", [
     (lambda m: m.generate("x", topp=2), "topp must be in [0, 1], got 2"),
     (lambda m: m.generate("x", topp=-0.5), "topp must be in [0, 1]"),
-    (lambda m: m.generate("x", temperature=-1), "temperature must be a number >= 0"),
-    (lambda m: m.generate("x", temperature=float("nan")), "temperature must be a number >= 0"),
+    (lambda m: m.generate("x", temperature=-1), "temperature must be a finite number >= 0"),
+    (lambda m: m.generate("x", temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (lambda m: m.generate("x", temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
     (lambda m: m.generate("x", max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
     (lambda m: m.generate("x", steps="10"), "steps must be an integer >= 0, got '10'"),
     (lambda m: m.generate(None), "a prompt must be a string"),

@@ -365,10 +365,12 @@ def test_ctrl_c_during_pretokenize_says_the_folder_is_unfinished(tmp_path, tok30
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
-def test_sigterm_during_pretokenize_unwinds_as_ctrl_c(tmp_path, tok300):
-    """SIGTERM (kill, timeout, a batch scheduler) ended the process at once: its worker slept on forever, holding
-    the folder's lock (a rerun was refused), and its temporary shard stayed. Now the run unwinds as after Ctrl-C
-    (exit 143), and its workers end with it."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_sigterm_or_ctrl_c_during_pretokenize_unwinds(tmp_path, tok300, how):
+    """SIGTERM (kill, timeout, a batch scheduler) unwinds the run as Ctrl-C does (exit 143; a process ended where
+    it stood would leave its worker asleep for good, holding the folder's lock, and its temporary shard). A
+    terminal's Ctrl-C reaches the workers too (SIGINT to the whole process group): they leave it to the parent,
+    so the run ends in its one line (exit 130), without a traceback from each worker."""
     import signal
     import subprocess
     import time
@@ -379,18 +381,22 @@ def test_sigterm_during_pretokenize_unwinds_as_ctrl_c(tmp_path, tok300):
     (tmp_path / "big.txt").write_text(" ".join(words))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "babyllama", "data", "pretokenize", "--input", str(tmp_path / "big.txt"),
-           "--tokenizer", str(tok300), "--out-dir", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+           "--tokenizer", str(tok300), "--out-dir", str(out), "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     deadline = time.monotonic() + 60
     while not (list(out.glob("big.bin.*")) and children.read_text().split()) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the shard is being written, by a worker
     workers = [int(pid) for pid in children.read_text().split()]
     assert workers and proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 143
-    assert proc.stderr.read().decode().splitlines()[-1] == (
-        f"interrupted: {out} is unfinished (pretokenize.incomplete marks it); run the same command again")
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(30) == (143 if how == "sigterm" else 130)
+    assert proc.stderr.read().decode().splitlines() == [
+        f"interrupted: {out} is unfinished (pretokenize.incomplete marks it); run the same command again"]
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -456,6 +456,9 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
     (None, ["--lora_rank=100000"], "lora_rank 100000 is more than the smallest side (16)"),
     (None, ["--dim=64", "--n_kv_heads=4"], "a fine-tune keeps its base model's shape: dim 64 (the base's: 32), "
                                            "n_kv_heads 4 (the base's: 2); leave dim and n_kv_heads out"),
+    # train's default values, given: as much another shape as any other value
+    (None, ["--dim=288", "--n_layers=6"], "a fine-tune keeps its base model's shape: dim 288 (the base's: 32), "
+                                          "n_layers 6 (the base's: 2); leave dim and n_layers out"),
     (None, ["--lora_alpha=32"], "lora_alpha is a LoRA setting: give lora_rank too (lora_rank 0 is full fine-tuning)"),
     (None, ["--lora_targets=wq"], "lora_targets is a LoRA setting: give lora_rank too"),
     (None, ["--hf=h"], "base.bin contradicts --hf h, which names the base (hf): give one"),
@@ -513,6 +516,37 @@ def test_resume_with_another_lora_setting_says_so(tmp_path, capsys, one_thread, 
     assert len(err.strip().splitlines()) == 1
     if first:  # the run's adapter stays as it was trained
         assert (tmp_path / "out" / "adapter.json").read_bytes() == adapter
+
+
+@pytest.mark.parametrize("lora_rank, flag, message", [
+    # a full fine-tune's checkpoint holds every weight: another base would only be recorded as the run's
+    (0, "copy", "cannot resume with another base: this full fine-tune started from {base}, and its checkpoint holds "
+                "every weight (leave --base out)"),
+    # a LoRA run's base is known by its weights, whatever its shape (not by shape keys the user never gave)
+    (4, "other", "cannot resume: {other} is not the base model this LoRA run started from"),
+    (4, "window", "cannot resume with another training window: this fine-tune trains on windows of max_seq_len 96 "
+                  "(leave max_seq_len out)"),
+    (0, "window", "cannot resume with another training window"),
+])
+def test_resume_with_another_base_or_window_says_so(tmp_path, capsys, one_thread, lora_rank, flag, message):
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=lora_rank, max_iters=2,
+                                                eval_interval=2, eval_iters=1).items()]
+    assert main(["finetune", *argv]) == 0
+    (tmp_path / "copy.bin").write_bytes((root / "base.bin").read_bytes())
+    other = tiny_args(dim=64, n_heads=8, n_kv_heads=8, vocab_size=300, max_seq_len=96)
+    formats.save(random_weights(other), tmp_path / "other.bin", 1)
+    ckpt = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    changed = {"copy": f"--base={tmp_path / 'copy.bin'}", "other": f"--base={tmp_path / 'other.bin'}",
+               "window": "--max_seq_len=48"}[flag]
+    capsys.readouterr()
+    assert main(["finetune", *argv, changed, "--max_iters=4", "--init_from=resume"]) == 1
+    err = capsys.readouterr().err
+    assert message.format(base=root / "base.bin", other=tmp_path / "other.bin") in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == ckpt
 
 
 def test_the_suggested_chat_command_runs_the_adapter_with_the_runs_tokenizer(tmp_path, capsys, one_thread):
@@ -847,11 +881,11 @@ def test_a_new_run_keeps_the_earlier_runs_data_until_its_own_first_checkpoint(tm
     assert conversations() == first and not (out / "data.pending").exists()
     assert "try:" not in capsys.readouterr().out  # the adapter there is not this run's
     assert main(["finetune", *other, "--max_iters=0"]) == 0  # no step, so no checkpoint: the earlier run stays
-    assert conversations() == first
+    assert conversations() == first and (out / "data.pending").is_dir()
     said = capsys.readouterr().out
     assert "no checkpoint written" in said and "try:" not in said
     assert main(["finetune", *argv, "--max_iters=4", "--init_from=resume"]) == 0
-    assert conversations() == first
+    assert conversations() == first and not (out / "data.pending").exists()  # the stopped run's, no run's now
     assert main(["finetune", *other]) == 0
     assert conversations() == 8 != first
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("data")) == ["data"]

@@ -4,6 +4,7 @@ subcommand runs so that `babyllama run` stays light (no torch, and NumPy only af
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -55,11 +56,23 @@ def print_file_names_as_bytes() -> None:
         reconfigure(errors="surrogateescape")
 
 
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that `args` ran, e.g. `babyllama data pretokenize`'s."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     keep_stderr()
     print_file_names_as_bytes()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command they were given to, as its other mistakes are
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -164,8 +165,8 @@ def add_compile(p: argparse.ArgumentParser) -> None:
 
 def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False) -> None:
     """One-line errors for values out of range; `zero_new_tokens`: --max-new-tokens 0 means no limit (chat)."""
-    if not args.temperature >= 0:  # also refuses nan
-        raise BabyLlamaError(f"temperature (-t) must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:  # also refuses nan
+        raise BabyLlamaError(f"temperature (-t) must be a finite number >= 0, got {args.temperature}")
     if not 0.0 <= args.topp <= 1.0:
         raise BabyLlamaError(f"top-p (-p) must be in [0, 1], got {args.topp}")
     if args.steps is not None and args.steps < 0:

@@ -12,7 +12,7 @@ from .train import add_config_flags, config_overrides, no_checkpoint_text, requi
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    from ..train.config import FINETUNE_DEFAULTS
+    from ..train.config import FINETUNE_DEFAULTS, SHAPE_KEYS
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model on text or chat data (full, or LoRA with --lora-rank)",
@@ -30,13 +30,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf", metavar="DIR", type=non_empty_path, help="the base is this Hugging Face Llama folder")
     src.add_argument("--meta-llama", metavar="DIR", type=non_empty_path, help="the base is this Meta checkpoint folder")
-    add_config_flags(p, FINETUNE_DEFAULTS)
+    add_config_flags(p, FINETUNE_DEFAULTS, from_base=SHAPE_KEYS)
     p.set_defaults(func=cmd_finetune, sigterm_kills=True)  # torchrun's agent stops its workers with it
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     require_training("finetune")
-    from ..train.config import FINETUNE_DEFAULTS, resolve_config
+    from ..train.config import FINETUNE_DEFAULTS, read_config_file, resolve_config
     from ..train.loop import train
 
     overrides = config_overrides(args)
@@ -55,7 +55,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not cfg.base:
         raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
                              "--meta-llama DIR")
-    saved_at = train(cfg)["saved_at"]
+    given = set(overrides) | (set(read_config_file(args.config)) if args.config else set())
+    saved_at = train(cfg, given)["saved_at"]
     out = cfg.out_dir
     if int(os.environ.get("RANK", 0)) != 0:  # torchrun's other processes: the first one says it
         return 0

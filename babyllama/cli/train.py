@@ -44,9 +44,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train, sigterm_kills=True)  # torchrun's agent stops its workers with it
 
 
-def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = ()) -> None:
+def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = (),
+                     from_base: tuple[str, ...] = ()) -> None:
     """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true.
-    The `hidden` keys are parsed but left out of --help."""
+    The `hidden` keys are parsed but left out of --help; the `from_base` ones default to the base model's."""
     from ..train.config import FIELDS, LLAMA2C_ONLY, TrainConfig
 
     knobs = p.add_argument_group("settings (--key=value)")
@@ -55,7 +56,8 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, h
         boolean = isinstance(default, bool)
         knobs.add_argument(*spellings(name), dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
                            type=flag_value(name), nargs="?" if boolean else None, const=True if boolean else None,
-                           help=argparse.SUPPRESS if name in hidden else f"(default {default!r})")
+                           help=argparse.SUPPRESS if name in hidden else "(default: the base model's)"
+                           if name in from_base else f"(default {default!r})")
     for name in LLAMA2C_ONLY:  # parsed so that the config check can say what to do instead
         knobs.add_argument(*spellings(name), dest=f"cfg_{name}", default=None, nargs="?", const=True,
                            help=argparse.SUPPRESS)

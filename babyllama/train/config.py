@@ -96,6 +96,9 @@ FINETUNE_DEFAULTS = {"max_seq_len": 0, "batch_size": 16, "gradient_accumulation_
 # ~= learning_rate/10 per Chinchilla"; FINETUNE_DEFAULTS' 1e-4 is that share of its 1e-3), so that a smaller rate,
 # full fine-tuning's usual 2e-5 say, decays to a tenth of itself instead of being refused for a min_lr above it
 FINETUNE_MIN_LR_SHARE = 0.1
+# the model's shape: a fine-tune takes its base's
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
+              "shared_classifier")
 MODEL_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len", "vocab_size", "norm_eps",
               "rope_theta", "shared_classifier")
 

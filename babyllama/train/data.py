@@ -127,6 +127,12 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _start_worker(parent: int, init: Callable, *args) -> None:
+    """A pool worker: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's to handle, which
+    ends the workers through the pool (SIGTERM, the default action: no traceback from each worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with_parent(parent)
     init(*args)
 

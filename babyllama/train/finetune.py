@@ -11,6 +11,7 @@ resumed run checks too.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from .. import safeio
@@ -21,15 +22,12 @@ from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .config import FIELDS, TrainConfig, check_resumed_mode
+from .config import FIELDS, SHAPE_KEYS, TrainConfig, check_resumed_mode
 from .data import pretokenize
 from .lora import apply_lora, check_rank
 
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "vocab_size", "norm_eps", "rope_theta",
-              "shared_classifier")
 
-
-def open_base(cfg: TrainConfig) -> Source:
+def open_base(cfg: TrainConfig, given: Collection[str] | None = None) -> Source:
     """The base model, fp32, and cfg's shape keys set to it. Training windows are max_seq_len tokens (0: the
     base's context; never longer: the base was not trained beyond it), but the model keeps the base's context,
     as a merged LoRA adapter does: shorter windows make training cheaper, not the model's context shorter."""
@@ -45,7 +43,7 @@ def open_base(cfg: TrainConfig) -> Source:
                              f"({args.max_seq_len}): fine-tune within it (0: the base's)")
     if cfg.lora_rank:
         check_rank(cfg.lora_rank, cfg.lora_targets, args)  # before the data is prepared
-    check_shape_keys(cfg, args)
+    check_shape_keys(cfg, args, given)
     for key in SHAPE_KEYS:
         setattr(cfg, key, getattr(args, key))
     cfg.max_seq_len = cfg.max_seq_len or args.max_seq_len
@@ -61,10 +59,15 @@ def check_base_outside_run(cfg: TrainConfig) -> None:
                              f"out_dir {cfg.out_dir}; fine-tune into another out_dir")
 
 
-def check_shape_keys(cfg: TrainConfig, args: ModelArgs) -> None:
-    """The base's shape replaces the config's: a shape key set to another value would be silently dropped."""
+def check_shape_keys(cfg: TrainConfig, args: ModelArgs, given: Collection[str] | None = None) -> None:
+    """The base's shape replaces the config's: a shape key given (`given`: the keys of the run's config file and
+    command line; None: those whose value is not the default) with another value than the base's would be
+    silently dropped."""
+    def set_here(key: str) -> bool:
+        return key in given if given is not None else getattr(cfg, key) != FIELDS[key].default
+
     other = [f"{key} {getattr(cfg, key)} (the base's: {getattr(args, key)})" for key in SHAPE_KEYS
-             if getattr(cfg, key) not in (FIELDS[key].default, getattr(args, key))]
+             if set_here(key) and getattr(cfg, key) != getattr(args, key)]
     if other:
         raise BabyLlamaError(f"a fine-tune keeps its base model's shape: {', '.join(other)}; leave "
                              f"{' and '.join(o.split()[0] for o in other)} out")

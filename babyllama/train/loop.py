@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -148,7 +149,7 @@ PENDING_DATA_NAME = "data.pending"  # a new run's, until its first checkpoint re
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ckpt: dict | None = None):
+    def __init__(self, cfg: TrainConfig, ckpt: dict | None = None, given: Collection[str] | None = None):
         self.cfg = cfg
         self.dist, self.device = setup_distributed(cfg.device)
         self.dtype = resolve_dtype(cfg, self.device)
@@ -165,7 +166,7 @@ class Trainer:
         self.accum = cfg.gradient_accumulation_steps // W  # micro-steps per rank per iteration
 
         # a fine-tune's base (not needed when a full fine-tune resumes: its checkpoint holds every weight)
-        base = finetune.open_base(cfg) if cfg.base and (ckpt is None or cfg.lora_rank) else None
+        base = finetune.open_base(cfg, given) if cfg.base and (ckpt is None or cfg.lora_rank) else None
         self.data_dir = self._open_data_dir(base)
         if ckpt is not None:
             self._check_tokenizer()
@@ -230,6 +231,8 @@ class Trainer:
         cfg = self.cfg
         data_dir = Path(cfg.data_dir or self.out_dir / DATA_NAME)
         resumed = cfg.init_from == "resume" and (data_dir / META).is_file()  # keeps what the first run made
+        if resumed and self.dist.master:  # what a new run stopped before its first checkpoint left: no run's now
+            shutil.rmtree(self.out_dir / PENDING_DATA_NAME, ignore_errors=True)
         if cfg.data and not resumed:
             earlier_run = (self.out_dir / checkpoint.CKPT_NAME).exists() and data_dir.exists()
             if cfg.eval_only or earlier_run:  # out_dir's data stays its checkpoint's (see _commit_data)
@@ -592,6 +595,16 @@ def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
                              "(start a new run in another out_dir to train on it)")
 
 
+def _check_same_base(cfg: TrainConfig, saved: dict) -> None:
+    """A resumed full fine-tune holds every weight in its checkpoint: another --base would be recorded as the
+    run's base without a weight of it trained. (A LoRA run's base is checked by its weights: it may have moved.)"""
+    first = saved.get("base")
+    if (not cfg.lora_rank and cfg.base and isinstance(first, str) and first
+            and Path(cfg.base).resolve() != Path(first).resolve()):
+        raise BabyLlamaError(f"cannot resume with another base: this full fine-tune started from {first}, and its "
+                             f"checkpoint holds every weight (leave --base out)")
+
+
 def _lost_peer(e: RuntimeError) -> bool:
     """Whether a collective failed because a process at the other end went away (gloo's "Connection reset by
     peer" / "closed by peer", NCCL's remote errors), not for a bug of ours, whose traceback stays."""
@@ -613,10 +626,11 @@ def _shape_value(config: dict, key: str):
     return config.get(key)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
     """Run (or resume) training as configured. Returns {"iter", "loss", "best_val_loss", "saved_at"}: saved_at
     is the step of out_dir's checkpoint when it is this run's (None when it wrote none: an evaluation, or
-    max_iters 0)."""
+    max_iters 0). `given`: the keys set by the run's config file and command line, where known (a fine-tune
+    refuses a shape key given with another value than its base's; None: one whose value is not the default)."""
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
@@ -624,15 +638,19 @@ def train(cfg: TrainConfig) -> dict:
         saved, asked = ckpt["config"], cfg.to_dict()
         changed = [k for k in MODEL_KEYS if k in saved and _shape_value(saved, k) != _shape_value(asked, k)
                    and not (k == "vocab_size" and asked[k] == 0)]
+        if cfg.base and changed == ["max_seq_len"]:  # a fine-tune's is the training window, not the model's context
+            raise BabyLlamaError(f"cannot resume with another training window: this fine-tune trains on windows of "
+                                 f"max_seq_len {saved['max_seq_len']} (leave max_seq_len out)")
         if changed:
             raise BabyLlamaError(f"cannot resume with a different model shape ({', '.join(changed)} changed)")
         _check_same_data(cfg, saved)
+        _check_same_base(cfg, saved)
     new_out_dir = not Path(cfg.out_dir).exists()
     with contextlib.ExitStack() as held:
         with safeio.new_folders_removed_on_error(cfg.out_dir):  # a run refused while setting up leaves no empty out_dir
             if int(os.environ.get("RANK", 0)) == 0 and not cfg.eval_only:
                 held.enter_context(_run_folder_lock(cfg.out_dir))
-            trainer = Trainer(cfg, ckpt)
+            trainer = Trainer(cfg, ckpt, given)
         try:
             return trainer.run()
         finally:
