@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import formats, kernels, safeio
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
@@ -22,6 +23,9 @@ from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source
 from .tokenizer import Tokenizer, open_sentencepiece, warn_normalization
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 TARGETS = ("bin", "hf", "gguf")
 
@@ -63,34 +67,21 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     out = Path(out)
     _check_not_source(out, src, to, lora is not None)
     _check_not_input(out, lora, tok)
-    adapter = None
+    adapter, base = None, src.weights
     if lora is not None:
         from .adapter import load_adapter, merge
 
-        adapter, base = load_adapter(lora), src.weights
+        adapter = load_adapter(lora)
         src = replace(src, weights=merge(base, adapter, str(src.path)))
     explicit = tokenizer is not None
-    # the folders made for OUT go again when a check refuses the export: a refused export leaves nothing
-    with safeio.new_folders_removed_on_error(out if to == "hf" else out.parent):
+    # the folders made for OUT (and OUT/adapter) go again when the export fails, and its files are renamed into
+    # place together once all are written: a failed export leaves nothing, and an earlier export in OUT whole
+    made = (out / "adapter" if adapter is not None else out) if to == "hf" else out.parent
+    with safeio.new_folders_removed_on_error(made), safeio.committed_together():
         if to == "bin":
             return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit)
         if to == "hf":
-            from .interop.hf import save_hf
-
-            if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
-                raise BabyLlamaError(f"{out} holds an adapter folder from another export ({out / 'adapter'}), which "
-                                     "does not belong to this model: remove it or choose an empty folder")
-            sp_model = _hf_tokenizer(src, tok, explicit)
-            if sp_model is None:
-                _check_folder_tokenizer(out, src.weights.args.vocab_size)
-            save_hf(src.weights, out, sp_model, dtype or "f32")
-            if sp_model is None:
-                _note_folder_tokenizer(out)
-            if adapter is None:
-                return [out]
-            from .adapter import save_peft
-
-            return [out, save_peft(adapter, base, out / "adapter")]
+            return _to_hf(src, out, dtype, tok, explicit, adapter, base)
         from .interop.gguf import DTYPES, save_gguf
 
         if dtype is not None and dtype not in DTYPES:
@@ -98,6 +89,29 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         vocab = _gguf_vocab(src, tok)
         save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
         return [out]
+
+
+def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit: bool,
+           adapter: Adapter | None, base: Weights) -> list[Path]:
+    """The model as a Hugging Face folder and, with `adapter`, the adapter in PEFT's layout in OUT/adapter
+    (written first: config.json, the model's, is the last file renamed into place)."""
+    from .interop.hf import save_hf
+
+    if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
+        raise BabyLlamaError(f"{out} holds an adapter folder from another export ({out / 'adapter'}), which "
+                             "does not belong to this model: remove it or choose an empty folder")
+    sp_model = _hf_tokenizer(src, tok, explicit)
+    if sp_model is None:
+        _check_folder_tokenizer(out, src.weights.args.vocab_size)
+    written = []
+    if adapter is not None:
+        from .adapter import save_peft
+
+        written.append(save_peft(adapter, base, out / "adapter"))
+    save_hf(src.weights, out, sp_model, dtype or "f32")
+    if sp_model is None:
+        _note_folder_tokenizer(out)
+    return [out, *written]
 
 
 def _check_not_source(out: Path, src: Source, to: str, merging: bool) -> None:
@@ -130,7 +144,8 @@ def _check_not_input(out: Path, lora: str | os.PathLike | None, tok: Path | None
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
             explicit: bool) -> list[Path]:
     """The model at `out` and, when a tokenizer came with it, tokenizer.bin beside it (a .bin model is run with
-    the one beside it); everything is checked before anything is written."""
+    the one beside it); everything is checked before anything is written, and the two files are renamed into
+    place together (`export`'s committed_together)."""
     if out.name == TOKENIZER_BIN:
         raise BabyLlamaError(f"{out}: a .bin model finds its tokenizer under the name {TOKENIZER_BIN} beside it; "
                              "choose another name for the model")

@@ -7,8 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import byte_tokenizer, cli_error, random_weights, tiny_args
+from conftest import SMALL_FILE_LIMIT, byte_tokenizer, cli_error, random_weights, tiny_args
 
 from babyllama import formats, safeio
 from babyllama.cli import build_parser, main
@@ -442,6 +443,89 @@ def test_a_library_error_that_names_the_systems_error_is_one_line(tmp_path, mess
             raise LibraryError(message)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def small_model(folder: Path, tokenizer: Tokenizer, seed: int) -> Path:
+    """folder/m.bin, a model whose files fit under SMALL_FILE_LIMIT (12.5 KB as .bin, 7 KB as bf16 safetensors),
+    with `tokenizer` beside it."""
+    folder.mkdir()
+    args = tiny_args(dim=8, n_heads=2, n_kv_heads=2, hidden_dim=16, n_layers=1)
+    formats.save(random_weights(args, seed), folder / "m.bin")
+    tokenizer.save(folder / "tokenizer.bin")
+    return folder / "m.bin"
+
+
+def long_tokenizer() -> Tokenizer:
+    """byte_tokenizer's 300 tokens with merges of 500 bytes: 25 KB as a tokenizer.bin or a tokenizer.model, more
+    than SMALL_FILE_LIMIT."""
+    short = byte_tokenizer(300)
+    return Tokenizer(short.pieces[:259] + [p + b"-" * 500 for p in short.pieces[259:]], list(short.scores))
+
+
+def zero_adapter(model: Path, folder: Path) -> Path:
+    """A rank-2 LoRA adapter of `model`'s wq whose factors are zeros."""
+    from babyllama.adapter import Adapter, base_identity, lora_key, save_adapter
+
+    weights = formats.load(model)
+    a = weights.args
+    tensors = {lora_key(layer, "wq", which): np.zeros(shape, dtype=np.float32) for layer in range(a.n_layers)
+               for which, shape in (("A", (2, a.dim)), ("B", (a.dim, 2)))}
+    folder.mkdir()
+    save_adapter(Adapter(2, 4.0, ["wq"], base_identity(weights), tensors), folder / "adapter.safetensors")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_failed_hf_export_leaves_the_earlier_export_whole(tmp_path, capsys, file_size_limit):
+    """The new model.safetensors fits, the new tokenizer.model does not (a full disk): the folder keeps the earlier
+    export's files, all of them, never the new model beside the old config and tokenizer; a new folder goes."""
+    pytest.importorskip("safetensors")
+    pytest.importorskip("google.protobuf")
+    old = small_model(tmp_path / "old", byte_tokenizer(300), seed=0)
+    new = small_model(tmp_path / "new", long_tokenizer(), seed=1)
+    out = tmp_path / "hf"
+    assert main(["export", str(out), "--model", str(old), "--dtype", "bf16"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    file_size_limit(SMALL_FILE_LIMIT)
+    msg = cli_error(capsys, "export", str(out), "--model", str(new), "--dtype", "bf16")
+    assert msg.endswith(f"cannot write output {out / 'tokenizer.model'}: File too large")
+    assert snapshot(out) == before  # no temporary file left either
+    adapter = zero_adapter(new, tmp_path / "lora")
+    for extra in ([], ["--lora", str(adapter)]):  # the adapter (written first, in OUT/adapter) goes too
+        cli_error(capsys, "export", str(tmp_path / "fresh" / "hf"), "--model", str(new), "--dtype", "bf16", *extra)
+        assert not (tmp_path / "fresh").exists()
+
+
+def test_a_failed_bin_export_leaves_the_earlier_model_and_tokenizer_whole(tmp_path, capsys, file_size_limit):
+    """m.bin fits, the tokenizer.bin given to replace the old one does not: both old files stay."""
+    out = small_model(tmp_path / "out", byte_tokenizer(300), seed=0)
+    new = small_model(tmp_path / "new", byte_tokenizer(300), seed=1)
+    long_tokenizer().save(tmp_path / "long.bin")
+    before = snapshot(out.parent)
+    file_size_limit(SMALL_FILE_LIMIT)
+    msg = cli_error(capsys, "export", str(out), "--model", str(new), "--tokenizer", str(tmp_path / "long.bin"))
+    assert msg.endswith(f"cannot write output {out.with_name('tokenizer.bin')}: File too large")
+    assert snapshot(out.parent) == before
+
+
+def test_files_written_together_appear_together(tmp_path):
+    """Inside committed_together every write waits for the block's end (a block inside it joins it); an error
+    anywhere removes them all."""
+    with safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "a")
+        with safeio.committed_together():
+            safeio.write_text(tmp_path / "b", "b")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == []
+    assert snapshot(tmp_path) == {"a": b"a", "b": b"b"}
+    with pytest.raises(ValueError), safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "new a")
+        safeio.write_text(tmp_path / "c", "c")
+        raise ValueError
+    assert snapshot(tmp_path) == {"a": b"a", "b": b"b"}
 
 def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, tiny):
     """export.py's `--version -1 --dtype fp16` (its Hugging Face export) writes a Hugging Face folder of fp16

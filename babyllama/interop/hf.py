@@ -388,18 +388,21 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
             return to_bf16(t.reshape(len(t), -1)).bits.reshape(t.shape)
         return t
 
-    with safeio.pending(outdir / "model.safetensors") as tmp:
-        write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
-                          ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
-    if isinstance(tokenizer_model, bytes):
-        safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
-    elif tokenizer_model is not None:
-        safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
-    if tokenizer_model is not None:
-        safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
-    safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
-    # config.json last: a folder that a kill interrupted has no config (or the old one over old weights)
-    safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
+    # every file renamed into place once all are written: a failure (a full disk) on the tokenizer must not leave
+    # the new model beside an earlier export's config and tokenizer. config.json last: a new folder that a kill
+    # interrupted among the renames has no config, so nothing loads it as a model
+    with safeio.committed_together():
+        with safeio.pending(outdir / "model.safetensors") as tmp:
+            write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
+                              ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
+        if isinstance(tokenizer_model, bytes):
+            safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
+        elif tokenizer_model is not None:
+            safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
+        if tokenizer_model is not None:
+            safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
+        safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+        safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
     return outdir
 
 
