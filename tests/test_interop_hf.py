@@ -88,6 +88,31 @@ def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path):
     np.testing.assert_array_equal(engine_logits(by_file, TOKENS), engine_logits(by_folder, TOKENS))
 
 
+
+def test_a_tied_config_over_an_lm_head_of_other_values_runs_untied(tmp_path, capsys):
+    """config.json ties the classifier but the checkpoint keeps an lm_head.weight of other values: run untied with
+    it, as transformers 5 does (with a warning), and say so; an lm_head.weight equal to the embedding is tied."""
+    from safetensors.torch import load_file, save_file
+
+    from babyllama.interop.hf import load_hf
+
+    model = make_hf_model(2, tied=False)
+    folder = save_as(model, tmp_path / "hf", "safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    capsys.readouterr()
+    w = load_hf(folder)
+    assert "says tie_word_embeddings, but the checkpoint's lm_head.weight differs from model.embed_tokens.weight: " \
+           "running it untied" in capsys.readouterr().err
+    assert not w.args.shared_classifier
+    assert np.abs(engine_logits(w, TOKENS) - hf_logits(model, TOKENS)).max() <= 1e-4
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, folder / "model.safetensors")
+    w = load_hf(folder)
+    assert w.args.shared_classifier and "note" not in capsys.readouterr().err
+
 def test_hf_version0_refuses_non_default_theta(tmp_path):
     folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")
     r = run_cli("export", str(tmp_path / "m.bin"), "--hf", str(folder), "--version", "0")

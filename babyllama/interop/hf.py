@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from .state_dict import (
     from_state_dict,
     held_tensors,
     in_turn,
+    same_values,
     torch_load_failure,
     torch_weight,
 )
@@ -340,7 +342,26 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
                 t = halves_to_interleaved(t, heads)
         return t
 
-    return from_state_dict(args, get, source, display=hf_name, quantize=quantize)
+    read_ahead = _classifier_read_ahead(args, index, get, config_path)
+    # each tensor is fetched once: the ones read ahead are popped, and so dropped once used
+    return from_state_dict(args, lambda n: read_ahead.pop(n) if n in read_ahead else get(n), source,
+                           display=hf_name, quantize=quantize)
+
+
+def _classifier_read_ahead(args: ModelArgs, index: dict, get: Callable[[str], np.ndarray | BF16Tensor],
+                           config_path: Path) -> dict[str, np.ndarray | BF16Tensor]:
+    """A config that ties the classifier to the embedding over a checkpoint that keeps an lm_head.weight of other
+    values runs untied, with that lm_head (as transformers 5 runs it, with a warning), said in one line; `args`
+    is changed so. Returns the tensors this read (llama2.c names) for from_state_dict to take."""
+    if not args.shared_classifier or "lm_head.weight" not in index:
+        return {}
+    emb, output = get("tok_embeddings.weight"), get("output.weight")
+    if same_values(emb, output):
+        return {"tok_embeddings.weight": emb}
+    args.shared_classifier = False
+    print(f"note: {config_path} says tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
+          "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does", file=sys.stderr)
+    return {"tok_embeddings.weight": emb, "output.weight": output}
 
 
 # ----------------------------------------------------------------------------------------------- writing

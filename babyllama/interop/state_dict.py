@@ -98,6 +98,16 @@ def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
         memory.release_mapped(*matrix_arrays(m), maps=maps)
 
 
+def same_values(a: Matrix, b: Matrix) -> bool:
+    """Whether two matrices hold the same values: compared as stored where both are of one kind, else as fp32 (an
+    embedding that a checkpoint also keeps, as its own type, for a tied classifier)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    if type(a) is type(b):
+        return all(map(np.array_equal, matrix_arrays(a), matrix_arrays(b)))
+    return bool(np.array_equal(dense(a), dense(b)))
+
+
 def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
     """The model's tensors under llama2.c names, fp32 (quantized and 16-bit matrices converted), all at once."""
     return {name: dense(m) for name, m in held_tensors(weights).items()}
