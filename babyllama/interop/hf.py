@@ -360,7 +360,8 @@ def _classifier_read_ahead(args: ModelArgs, index: dict, get: Callable[[str], np
         return {"tok_embeddings.weight": emb}
     args.shared_classifier = False
     print(f"note: {config_path} says tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
-          "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does", file=sys.stderr)
+          "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does",
+          file=sys.stderr)
     return {"tok_embeddings.weight": emb, "output.weight": output}
 
 
