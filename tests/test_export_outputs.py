@@ -321,6 +321,30 @@ def test_hf_takes_one_folder(tmp_path, capsys, tiny):
     assert "--hf takes one model folder, or weight files" in msg
 
 
+
+@pytest.mark.parametrize("name, refused", [
+    ("tokenizer.json", True),  # transformers loads it before tokenizer.model
+    ("model-00001-of-00002.safetensors", True),  # taken with model.safetensors by tools that glob the shards
+    ("model.safetensors.index.json", True),
+    ("pytorch_model.bin", True),  # read in place of model.safetensors with use_safetensors=False
+    ("pytorch_model-00001-of-00002.bin", True),
+    ("pytorch_model.bin.index.json", True),
+    ("training_args.bin", False),  # not weights
+    ("tokenizer.bin", False),
+])
+def test_an_hf_export_refuses_only_another_checkpoints_files(tmp_path, capsys, tiny, name, refused):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / name).write_bytes(b"another")
+    if refused:
+        msg = cli_error(capsys, "export", str(out), "--to", "hf", "--model", str(tiny))
+        assert msg.endswith(f"{out} already holds another checkpoint ({name}); choose an empty folder")
+        assert sorted(p.name for p in out.iterdir()) == [name]
+    else:
+        assert main(["export", str(out), "--to", "hf", "--model", str(tiny)]) == 0
+        assert (out / "model.safetensors").is_file() and (out / name).read_bytes() == b"another"
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from Linux's /proc")
 def test_new_file_mode_reads_the_umask_without_setting_it(monkeypatch):
     """Setting the umask to read it would change it for every thread of the process (the server's too)."""

@@ -113,6 +113,25 @@ def test_a_tied_config_over_an_lm_head_of_other_values_runs_untied(tmp_path, cap
     w = load_hf(folder)
     assert w.args.shared_classifier and "note" not in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("other", ["sharded", "pytorch"])
+def test_a_folder_with_two_checkpoints_runs_the_one_transformers_loads(tmp_path, other):
+    """A model.safetensors beside another model's shards and index, or its pytorch_model.bin: transformers (4.x and
+    5) reads model.safetensors first, and so does babyllama; so also where the index names shards no longer there
+    (save_pretrained re-saving a sharded folder unsharded leaves its index)."""
+    from babyllama.interop.hf import load_hf
+
+    ours, another = make_hf_model(2, True, seed=0), make_hf_model(2, True, seed=1)
+    folder = save_as(another, tmp_path / "hf", other)
+    ours.save_pretrained(tmp_path / "ours")
+    shutil.copy(tmp_path / "ours" / "model.safetensors", folder)
+    expected = hf_logits(ours, TOKENS)
+    assert np.abs(hf_logits(transformers.AutoModelForCausalLM.from_pretrained(folder), TOKENS) - expected).max() <= 1e-5
+    assert np.abs(engine_logits(load_hf(folder), TOKENS) - expected).max() <= 1e-4
+    for shard in folder.glob("model-*.safetensors"):
+        shard.unlink()
+    assert np.abs(engine_logits(load_hf(folder), TOKENS) - expected).max() <= 1e-4
+
 def test_hf_version0_refuses_non_default_theta(tmp_path):
     folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")
     r = run_cli("export", str(tmp_path / "m.bin"), "--hf", str(folder), "--version", "0")

@@ -15,6 +15,7 @@ has n_kv_heads heads, not n_heads (grouped-query models such as TinyLlama): upst
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -184,14 +185,7 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
             raise BabyLlamaError(f"{p}: no such file or directory")
     if len(given) == 1 and given[0].is_dir():
         folder = given[0]
-        for pattern in ("model.safetensors.index.json", "model.safetensors", "*.safetensors",
-                        "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"):
-            found = sorted(folder.glob(pattern))
-            if found:
-                files = found
-                break
-        else:
-            raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
+        files = _folder_weights(folder)
         config = folder / "config.json"
     else:
         if len(given) > 1 and any(p.is_dir() for p in given):
@@ -211,6 +205,26 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
         else:
             shards.append(safeio.check_regular(f, "weight file"))
     return config, list(dict.fromkeys(shards))
+
+
+# the checkpoint of a folder is the first of these it holds, whatever else is there: transformers' order (4.x and 5),
+# so that a folder holding two (a stale index that save_pretrained left beside a model.safetensors) is one model
+_HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+# else, for weights named otherwise, every file of the first of these patterns that matches
+_OTHER_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    """The weight files (or the shard index) of a checkpoint folder."""
+    for name in _HF_WEIGHT_NAMES:
+        if os.path.lexists(folder / name):  # a link to nothing is named by the reader, not skipped
+            return [folder / name]
+    for pattern in _OTHER_WEIGHTS:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
 
 
 def _index_shards(index: Path) -> list[Path]:
@@ -383,10 +397,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
-    # transformers prefers an index or a pytorch_model.bin over our model.safetensors, and a tokenizer.json over
-    # our tokenizer.model: never leave one stale
-    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin")) or p.name == "tokenizer.json"
-             or (p.suffix == ".safetensors" and p.name != "model.safetensors")] if outdir.is_dir() else []
+    stale = _other_checkpoint_files(outdir)
     if stale:
         raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
     args = weights.args
@@ -426,6 +437,24 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
         safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
     return outdir
+
+
+# another checkpoint's files, which some reader would take instead of the export's or together with them:
+# transformers loads a tokenizer.json before our tokenizer.model, and pytorch_model*.bin in place of our
+# model.safetensors when told not to read safetensors (use_safetensors=False); tools that take every
+# model*.safetensors of a folder as the parts of one model (llama.cpp's convert_hf_to_gguf.py, which also checks
+# the parts against model.safetensors.index.json) would mix other shards with ours, or find that the index
+# names tensors ours lacks. Anything else stays: training_args.bin, a tokenizer.bin, a README are not weights.
+_OTHER_CHECKPOINT = ("tokenizer.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                     "pytorch_model*.bin.index.json")
+
+
+def _other_checkpoint_files(outdir: Path) -> list[str]:
+    """The names of the files in `outdir` that belong to another checkpoint (_OTHER_CHECKPOINT)."""
+    if not outdir.is_dir():
+        return []
+    return sorted(p.name for p in outdir.iterdir() if p.name != "model.safetensors"
+                  and any(fnmatch.fnmatchcase(p.name, pattern) for pattern in _OTHER_CHECKPOINT))
 
 
 # safetensors' names of the types `export --to hf --dtype` writes, and their sizes
