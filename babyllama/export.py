@@ -152,7 +152,7 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     safeio.output_file(out)
     tokenizer = _bin_tokenizer(src, tok)
     tok_out = out.with_name(TOKENIZER_BIN)
-    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit):
+    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
         tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
     if tokenizer is None:
@@ -176,7 +176,7 @@ def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
     return tokenizer
 
 
-def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool) -> bool:
+def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool, source: Path) -> bool:
     """Whether `tokenizer` is written over tok_out. One found beside the source does not replace the user's
     file, which another model in the folder may use, unless --tokenizer says so; a file whose vocabulary
     size differs can never serve this model, so the export is refused rather than leaving a model that
@@ -192,13 +192,24 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
             print(f"note: replacing {tok_out} ({existing.vocab_size} tokens) with this model's tokenizer "
                   f"({tokenizer.vocab_size}): a model in {tok_out.parent} that used it now needs -z", file=sys.stderr)
         return True
+    advice = _tokenizer_replacement(tok, source)
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
         raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
-                             f"{tokenizer.vocab_size}: pass --tokenizer to replace it, or export into another folder")
+                             f"{tokenizer.vocab_size}: {advice}, or export into another folder")
     if existing is None or not existing.same_as(tokenizer):
-        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer "
-              "(pass --tokenizer to replace it, or -z when running)", file=sys.stderr)
+        running = f"-z {tok} when running" if tok is not None else "export into another folder"
+        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer ({advice}, or "
+              f"{running})", file=sys.stderr)
     return False
+
+
+def _tokenizer_replacement(tok: Path | None, source: Path) -> str:
+    """How the model's tokenizer replaces the tokenizer.bin beside OUT: --tokenizer naming its file; a vocabulary
+    inside the source (a GGUF's) is no file that --tokenizer could name, but an export writes it where it finds
+    no tokenizer.bin."""
+    if tok is not None:
+        return f"pass --tokenizer {tok} to replace it"
+    return f"remove it and export again to write the vocabulary inside {source} there"
 
 
 def _readable_tokenizer(path: Path) -> Tokenizer | None:

@@ -200,7 +200,8 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     folder.mkdir()
     byte_tokenizer(400).save(folder / "tokenizer.bin")
     msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
-    assert "tokenizer.bin has 400 tokens, so it cannot serve this model of 300" in msg
+    assert msg.endswith(f"tokenizer.bin has 400 tokens, so it cannot serve this model of 300: remove it and export "
+                        f"again to write the vocabulary inside {tiny_gguf} there, or export into another folder")
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
     # --tokenizer says replace it: done, and said, as a model beside it may have used it
@@ -212,13 +213,29 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
 
 
 def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, capsys, tiny_gguf):
+    """The note says how to put the model's tokenizer there, and following it does: a GGUF's vocabulary is no
+    file --tokenizer could name, but an export writes it where no tokenizer.bin is."""
     folder = tmp_path / "d"
     folder.mkdir()
     mine = Tokenizer([b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"x%d" % i for i in range(297)], [0.0] * 300)
     mine.save(folder / "tokenizer.bin")
     assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf)]) == 0
-    assert "note: kept the existing" in capsys.readouterr().err
+    assert (f"note: kept the existing {folder / 'tokenizer.bin'}, which differs from the model's tokenizer (remove "
+            f"it and export again to write the vocabulary inside {tiny_gguf} there, or export into another folder)"
+            ) in capsys.readouterr().err
     assert Tokenizer.load(folder / "tokenizer.bin").pieces == mine.pieces
+    (folder / "tokenizer.bin").unlink()
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf)]) == 0
+    assert Tokenizer.load(folder / "tokenizer.bin").same_as(byte_tokenizer(300))
+    # a tokenizer file that came with the model is named, for --tokenizer or -z
+    mine.save(folder / "tokenizer.bin")
+    tok = tiny_gguf.with_name("tokenizer.bin")
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf.with_suffix(".bin"))]) == 0
+    assert (f"differs from the model's tokenizer (pass --tokenizer {tok} to replace it, or -z {tok} when running)"
+            ) in capsys.readouterr().err
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf.with_suffix(".bin")), "--tokenizer",
+                 str(tok)]) == 0
+    assert Tokenizer.load(folder / "tokenizer.bin").same_as(byte_tokenizer(300))
 
 
 def test_a_model_export_is_never_named_tokenizer_bin(tmp_path, capsys, tiny_gguf):
