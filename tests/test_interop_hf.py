@@ -49,11 +49,11 @@ def save_as(model, folder, layout: str):
     elif layout == "sharded":
         model.save_pretrained(folder, max_shard_size="20KB")
         assert len(list(folder.glob("model-*.safetensors"))) > 1
-    else:  # pytorch_model.bin, as older checkpoints ship (tied ones still carry lm_head.weight)
-        model.save_pretrained(folder)
+    else:  # pytorch_model.bin, as older checkpoints ship (tied ones still carry lm_head.weight); "legacy": in
+        model.save_pretrained(folder)  # torch's format before its zip (PyTorch 1.6), which cannot be mapped
         for f in folder.glob("*.safetensors"):
             f.unlink()
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        torch.save(model.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=layout != "legacy")
     return folder
 
 
@@ -61,6 +61,7 @@ def save_as(model, folder, layout: str):
     (4, True, "safetensors"),  # multi-head, tied embeddings
     (2, False, "sharded"),  # grouped-query (TinyLlama-style), untied, sharded with an index
     (2, True, "pytorch"),  # pytorch_model.bin
+    (2, False, "legacy"),  # pytorch_model.bin of PyTorch before 1.6, which transformers reads too
 ])
 def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
     model = make_hf_model(n_kv_heads, tied)
@@ -77,12 +78,13 @@ def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path):
+@pytest.mark.parametrize("layout", ["pytorch", "legacy"])
+def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path, layout):
     """A weight file named for the model runs as a model.safetensors does: not taken for a training checkpoint
-    (both are torch.save zips)."""
+    (both are torch.save zips), nor, in torch's format before its zip, for a llama2.c .bin."""
     from babyllama.loading import detect_format, open_model
 
-    folder = save_as(make_hf_model(2, True), tmp_path / "hf", "pytorch")
+    folder = save_as(make_hf_model(2, True), tmp_path / "hf", layout)
     assert detect_format(folder / "pytorch_model.bin") == "hf"
     by_file, by_folder = (open_model(p).weights for p in (folder / "pytorch_model.bin", folder))
     np.testing.assert_array_equal(engine_logits(by_file, TOKENS), engine_logits(by_folder, TOKENS))

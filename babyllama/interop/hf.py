@@ -39,8 +39,8 @@ from .state_dict import (
     from_state_dict,
     held_tensors,
     in_turn,
+    load_torch_weights,
     same_values,
-    torch_load_failure,
     torch_weight,
 )
 
@@ -302,7 +302,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
             index.update({name: (lambda s=shard, d=data_start, m=header[name]: _read_tensor(s, d, m))
                           for name in dtypes})
         else:
-            state = check_torch_state(_torch_load(shard), shard)
+            state = check_torch_state(load_torch_weights(shard, "weight file"), shard)
             _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
             index.update({name: (lambda t=t: torch_weight(t)) for name, t in state.items()})
     return index
@@ -312,18 +312,6 @@ def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
     for name, dtype in dtypes.items():
         if dtype not in _FLOAT_DTYPES and not _IGNORED.fullmatch(name):
             raise BabyLlamaError(f"{shard}: tensor {name} holds {dtype} values, not floating-point weights")
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise missing_extra(f"reading {path.name} (a PyTorch file)", "interop") from None
-    try:
-        return torch.load(safeio.check_regular(path, "weight file"), map_location="cpu", mmap=True,
-                          weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({torch_load_failure(path, e)})") from None
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,
