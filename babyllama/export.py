@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import formats, kernels, safeio
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
@@ -22,6 +23,9 @@ from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source
 from .tokenizer import Tokenizer, open_sentencepiece, warn_normalization
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
 
 TARGETS = ("bin", "hf", "gguf")
 
@@ -63,34 +67,21 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     out = Path(out)
     _check_not_source(out, src, to, lora is not None)
     _check_not_input(out, lora, tok)
-    adapter = None
+    adapter, base = None, src.weights
     if lora is not None:
         from .adapter import load_adapter, merge
 
-        adapter, base = load_adapter(lora), src.weights
+        adapter = load_adapter(lora)
         src = replace(src, weights=merge(base, adapter, str(src.path)))
     explicit = tokenizer is not None
-    # the folders made for OUT go again when a check refuses the export: a refused export leaves nothing
-    with safeio.new_folders_removed_on_error(out if to == "hf" else out.parent):
+    # the folders made for OUT (and OUT/adapter) go again when the export fails, and its files are renamed into
+    # place together once all are written: a failed export leaves nothing, and an earlier export in OUT whole
+    made = (out / "adapter" if adapter is not None else out) if to == "hf" else out.parent
+    with safeio.new_folders_removed_on_error(made), safeio.committed_together():
         if to == "bin":
             return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit)
         if to == "hf":
-            from .interop.hf import save_hf
-
-            if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
-                raise BabyLlamaError(f"{out} holds an adapter folder from another export ({out / 'adapter'}), which "
-                                     "does not belong to this model: remove it or choose an empty folder")
-            sp_model = _hf_tokenizer(src, tok, explicit)
-            if sp_model is None:
-                _check_folder_tokenizer(out, src.weights.args.vocab_size)
-            save_hf(src.weights, out, sp_model, dtype or "f32")
-            if sp_model is None:
-                _note_folder_tokenizer(out)
-            if adapter is None:
-                return [out]
-            from .adapter import save_peft
-
-            return [out, save_peft(adapter, base, out / "adapter")]
+            return _to_hf(src, out, dtype, tok, explicit, adapter, base)
         from .interop.gguf import DTYPES, save_gguf
 
         if dtype is not None and dtype not in DTYPES:
@@ -98,6 +89,29 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         vocab = _gguf_vocab(src, tok)
         save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
         return [out]
+
+
+def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit: bool,
+           adapter: Adapter | None, base: Weights) -> list[Path]:
+    """The model as a Hugging Face folder and, with `adapter`, the adapter in PEFT's layout in OUT/adapter
+    (written first: config.json, the model's, is the last file renamed into place)."""
+    from .interop.hf import save_hf
+
+    if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
+        raise BabyLlamaError(f"{out} holds an adapter folder from another export ({out / 'adapter'}), which "
+                             "does not belong to this model: remove it or choose an empty folder")
+    sp_model = _hf_tokenizer(src, tok, explicit)
+    if sp_model is None:
+        _check_folder_tokenizer(out, src.weights.args.vocab_size)
+    written = []
+    if adapter is not None:
+        from .adapter import save_peft
+
+        written.append(save_peft(adapter, base, out / "adapter"))
+    save_hf(src.weights, out, sp_model, dtype or "f32")
+    if sp_model is None:
+        _note_folder_tokenizer(out)
+    return [out, *written]
 
 
 def _check_not_source(out: Path, src: Source, to: str, merging: bool) -> None:
@@ -130,14 +144,15 @@ def _check_not_input(out: Path, lora: str | os.PathLike | None, tok: Path | None
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
             explicit: bool) -> list[Path]:
     """The model at `out` and, when a tokenizer came with it, tokenizer.bin beside it (a .bin model is run with
-    the one beside it); everything is checked before anything is written."""
+    the one beside it); everything is checked before anything is written, and the two files are renamed into
+    place together (`export`'s committed_together)."""
     if out.name == TOKENIZER_BIN:
         raise BabyLlamaError(f"{out}: a .bin model finds its tokenizer under the name {TOKENIZER_BIN} beside it; "
                              "choose another name for the model")
     safeio.output_file(out)
     tokenizer = _bin_tokenizer(src, tok)
     tok_out = out.with_name(TOKENIZER_BIN)
-    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit):
+    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
         tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
     if tokenizer is None:
@@ -161,7 +176,7 @@ def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
     return tokenizer
 
 
-def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool) -> bool:
+def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool, source: Path) -> bool:
     """Whether `tokenizer` is written over tok_out. One found beside the source does not replace the user's
     file, which another model in the folder may use, unless --tokenizer says so; a file whose vocabulary
     size differs can never serve this model, so the export is refused rather than leaving a model that
@@ -177,13 +192,24 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
             print(f"note: replacing {tok_out} ({existing.vocab_size} tokens) with this model's tokenizer "
                   f"({tokenizer.vocab_size}): a model in {tok_out.parent} that used it now needs -z", file=sys.stderr)
         return True
+    advice = _tokenizer_replacement(tok, source)
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
         raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
-                             f"{tokenizer.vocab_size}: pass --tokenizer to replace it, or export into another folder")
+                             f"{tokenizer.vocab_size}: {advice}, or export into another folder")
     if existing is None or not existing.same_as(tokenizer):
-        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer "
-              "(pass --tokenizer to replace it, or -z when running)", file=sys.stderr)
+        running = f"-z {tok} when running" if tok is not None else "export into another folder"
+        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer ({advice}, or "
+              f"{running})", file=sys.stderr)
     return False
+
+
+def _tokenizer_replacement(tok: Path | None, source: Path) -> str:
+    """How the model's tokenizer replaces the tokenizer.bin beside OUT: --tokenizer naming its file; a vocabulary
+    inside the source (a GGUF's) is no file that --tokenizer could name, but an export writes it where it finds
+    no tokenizer.bin."""
+    if tok is not None:
+        return f"pass --tokenizer {tok} to replace it"
+    return f"remove it and export again to write the vocabulary inside {source} there"
 
 
 def _readable_tokenizer(path: Path) -> Tokenizer | None:

@@ -75,6 +75,10 @@ class Source:
 # ------------------------------------------------------------------------------------------- detection
 
 
+# how torch.save's format before its zip (PyTorch 1.6) opens: pickle protocol 2, then torch's magic number
+_TORCH_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """Which of KINDS `path` holds, from its content (a folder: the files in it)."""
     path = Path(path)
@@ -95,12 +99,14 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"  # a Hugging Face weight file or shard index, with config.json beside it (as export --hf takes)
     with safeio.open_regular(path, "model file") as f:
         try:
-            head = f.read(8)
+            head = f.read(len(_TORCH_LEGACY_HEAD))
         except OSError as e:
             raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
     if head[:4] == b"GGUF":
         return "gguf"
-    if head[:4] == b"PK\x03\x04":  # torch.save's zip container: a Hugging Face pytorch_model.bin beside its config
+    # torch.save's file (its zip, or the older pickle): a Hugging Face pytorch_model.bin beside its config, else a
+    # training checkpoint
+    if head.startswith((b"PK\x03\x04", _TORCH_LEGACY_HEAD)):
         return "hf" if (path.parent / "config.json").is_file() and path.name.startswith("pytorch_model") \
             else "checkpoint"
     if len(head) >= 4 and struct.unpack_from("<I", head)[0] == formats.MAGIC:

@@ -10,7 +10,9 @@ Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path 
 NAME.PID.XXXXXXXX.tmp beside the target (its own, should another process write the same target), fsyncs it,
 renames it over the target and fsyncs the folder: after a crash or a kill the target is either the old file
 or the complete new one, never a torn one. An error or Ctrl-C removes the temporary file; one a kill left is
-removed by a later write of the same target once its writer is gone (`_sweep_stale_temps`). The rename
+removed by a later write of the same target once its writer is gone (`_sweep_stale_temps`). The files of one
+output (a model, its tokenizer, its config) are renamed into place together once all are written
+(`committed_together`), so that a failure on the last leaves none of the others new beside old ones. The rename
 would put a regular file in place of whatever is there, so a target that exists and is not a regular file (a
 directory, a named pipe, a device) is refused before anything is written. `output_file` and `output_dir` make
 an output's folders; a place that cannot be written is one line naming the output and the reason.
@@ -22,6 +24,7 @@ folders (`cache_folder`: $BABYLLAMA_CACHE, else ~/.cache/babyllama).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -31,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 from .errors import BabyLlamaError
 
@@ -421,17 +424,77 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike, what: str = "output"
     return Path(path)
 
 
+class _Written(NamedTuple):
+    """A file written to its temporary name and not yet renamed over its target."""
+
+    tmp: Path
+    path: Path
+    what: str
+
+
+# the files written inside the innermost committed_together block of this thread (None outside one)
+_HELD: contextvars.ContextVar[list[_Written] | None] = contextvars.ContextVar("safeio_held", default=None)
+
+
+@contextlib.contextmanager
+def committed_together() -> Iterator[None]:
+    """A block whose written files (every `pending` in it, and so `atomic_write`, `write_text`, `copy_file`, ...)
+    are renamed over their targets only once the whole block has succeeded, in the order they were written; an
+    error anywhere in it removes them all, leaving every target as it was. A block inside another joins it."""
+    if _HELD.get() is not None:
+        yield
+        return
+    held: list[_Written] = []
+    token = _HELD.set(held)
+    try:
+        yield
+    except BaseException:
+        _remove_temps(held)
+        raise
+    finally:
+        _HELD.reset(token)
+    _commit_all(held)
+
+
+def _commit_all(held: list[_Written]) -> None:
+    """Rename each of `held` into place, every target checked first (one that a folder now stands in for stops
+    them all before any is renamed); an error removes the temporary files not yet renamed."""
+    done = 0
+    try:
+        for written in held:
+            check_target(written.path, written.what)
+        for written in held:
+            commit(*written)
+            done += 1
+    except BaseException as e:
+        _remove_temps(held[done:])
+        if isinstance(e, OSError):
+            raise _cannot_write(held[done].path, held[done].what, e) from None
+        raise
+
+
+def _remove_temps(held: list[_Written]) -> None:
+    for written in held:
+        with contextlib.suppress(OSError):
+            os.unlink(written.tmp)
+
+
 @contextlib.contextmanager
 def pending(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """A temporary name for a library to write `path` by name; committed when the block ends without an
-    error, removed otherwise. The target is checked first (`check_target`); an OSError of the write itself
-    (one naming no file, or the temporary file or the target), also one behind a library's own error type (a
-    full disk under torch.save or safetensors), becomes one line naming `path`."""
+    error (inside `committed_together`, when that block does), removed otherwise. The target is checked first
+    (`check_target`); an OSError of the write itself (one naming no file, or the temporary file or the target),
+    also one behind a library's own error type (a full disk under torch.save or safetensors), becomes one line
+    naming `path`."""
     path = check_target(path, what)
     tmp = _new_temp(path, what)
+    held = _HELD.get()
     try:
         yield tmp
-        commit(tmp, path, what)
+        if held is None:
+            commit(tmp, path, what)
+        else:
+            held.append(_Written(tmp, path, what))
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

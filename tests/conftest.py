@@ -527,24 +527,34 @@ def pytest_runtest_call(item):
 
 
 @pytest.fixture
-def small_file_limit():
-    """Files of this process may grow to 16 KB (RLIMIT_FSIZE, as `ulimit -f` sets) while the test's body runs: a
-    disk that fills up."""
+def file_size_limit():
+    """A function that limits the size files of this process may grow to, from then on for the rest of the test's
+    body (RLIMIT_FSIZE, as `ulimit -f` sets): a disk that fills up."""
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    limit = 16 << 10
-    if hard != resource.RLIM_INFINITY and hard < limit:
-        pytest.skip("the hard file-size limit is below the test's")
 
     def lift() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    _LIFT_AFTER_CALL.append(lift)
+    def limit(nbytes: int) -> None:
+        if hard != resource.RLIM_INFINITY and hard < nbytes:
+            pytest.skip("the hard file-size limit is below the test's")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+        _LIFT_AFTER_CALL.append(lift)
+
     try:
-        yield
+        yield limit
     finally:
         lift()
+
+
+SMALL_FILE_LIMIT = 16 << 10
+
+
+@pytest.fixture
+def small_file_limit(file_size_limit):
+    """Files of this process may grow to SMALL_FILE_LIMIT (16 KB) while the test's body runs."""
+    file_size_limit(SMALL_FILE_LIMIT)
 
 
 @contextlib.contextmanager

@@ -7,8 +7,9 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import byte_tokenizer, cli_error, random_weights, tiny_args
+from conftest import SMALL_FILE_LIMIT, byte_tokenizer, cli_error, random_weights, tiny_args
 
 from babyllama import formats, safeio
 from babyllama.cli import build_parser, main
@@ -199,7 +200,8 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     folder.mkdir()
     byte_tokenizer(400).save(folder / "tokenizer.bin")
     msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
-    assert "tokenizer.bin has 400 tokens, so it cannot serve this model of 300" in msg
+    assert msg.endswith(f"tokenizer.bin has 400 tokens, so it cannot serve this model of 300: remove it and export "
+                        f"again to write the vocabulary inside {tiny_gguf} there, or export into another folder")
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
     # --tokenizer says replace it: done, and said, as a model beside it may have used it
@@ -211,13 +213,29 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
 
 
 def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, capsys, tiny_gguf):
+    """The note says how to put the model's tokenizer there, and following it does: a GGUF's vocabulary is no
+    file --tokenizer could name, but an export writes it where no tokenizer.bin is."""
     folder = tmp_path / "d"
     folder.mkdir()
     mine = Tokenizer([b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"x%d" % i for i in range(297)], [0.0] * 300)
     mine.save(folder / "tokenizer.bin")
     assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf)]) == 0
-    assert "note: kept the existing" in capsys.readouterr().err
+    assert (f"note: kept the existing {folder / 'tokenizer.bin'}, which differs from the model's tokenizer (remove "
+            f"it and export again to write the vocabulary inside {tiny_gguf} there, or export into another folder)"
+            ) in capsys.readouterr().err
     assert Tokenizer.load(folder / "tokenizer.bin").pieces == mine.pieces
+    (folder / "tokenizer.bin").unlink()
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf)]) == 0
+    assert Tokenizer.load(folder / "tokenizer.bin").same_as(byte_tokenizer(300))
+    # a tokenizer file that came with the model is named, for --tokenizer or -z
+    mine.save(folder / "tokenizer.bin")
+    tok = tiny_gguf.with_name("tokenizer.bin")
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf.with_suffix(".bin"))]) == 0
+    assert (f"differs from the model's tokenizer (pass --tokenizer {tok} to replace it, or -z {tok} when running)"
+            ) in capsys.readouterr().err
+    assert main(["export", str(folder / "m.bin"), "--model", str(tiny_gguf.with_suffix(".bin")), "--tokenizer",
+                 str(tok)]) == 0
+    assert Tokenizer.load(folder / "tokenizer.bin").same_as(byte_tokenizer(300))
 
 
 def test_a_model_export_is_never_named_tokenizer_bin(tmp_path, capsys, tiny_gguf):
@@ -319,6 +337,30 @@ def test_hf_takes_one_folder(tmp_path, capsys, tiny):
     msg = cli_error(capsys, "export", str(tmp_path / "y.bin"), "--hf", str(tmp_path / "a"), str(tmp_path / "b"))
     assert "--hf takes one model folder, or weight files" in msg
 
+
+
+@pytest.mark.parametrize("name, refused", [
+    ("tokenizer.json", True),  # transformers loads it before tokenizer.model
+    ("model-00001-of-00002.safetensors", True),  # taken with model.safetensors by tools that glob the shards
+    ("model.safetensors.index.json", True),
+    ("pytorch_model.bin", True),  # read in place of model.safetensors with use_safetensors=False
+    ("pytorch_model-00001-of-00002.bin", True),
+    ("pytorch_model.bin.index.json", True),
+    ("training_args.bin", False),  # not weights
+    ("tokenizer.bin", False),
+])
+def test_an_hf_export_refuses_only_another_checkpoints_files(tmp_path, capsys, tiny, name, refused):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / name).write_bytes(b"another")
+    if refused:
+        msg = cli_error(capsys, "export", str(out), "--to", "hf", "--model", str(tiny))
+        assert msg.endswith(f"{out} already holds another checkpoint ({name}); choose an empty folder")
+        assert sorted(p.name for p in out.iterdir()) == [name]
+    else:
+        assert main(["export", str(out), "--to", "hf", "--model", str(tiny)]) == 0
+        assert (out / "model.safetensors").is_file() and (out / name).read_bytes() == b"another"
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from Linux's /proc")
 def test_new_file_mode_reads_the_umask_without_setting_it(monkeypatch):
@@ -442,6 +484,89 @@ def test_a_library_error_that_names_the_systems_error_is_one_line(tmp_path, mess
             raise LibraryError(message)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def small_model(folder: Path, tokenizer: Tokenizer, seed: int) -> Path:
+    """folder/m.bin, a model whose files fit under SMALL_FILE_LIMIT (12.5 KB as .bin, 7 KB as bf16 safetensors),
+    with `tokenizer` beside it."""
+    folder.mkdir()
+    args = tiny_args(dim=8, n_heads=2, n_kv_heads=2, hidden_dim=16, n_layers=1)
+    formats.save(random_weights(args, seed), folder / "m.bin")
+    tokenizer.save(folder / "tokenizer.bin")
+    return folder / "m.bin"
+
+
+def long_tokenizer() -> Tokenizer:
+    """byte_tokenizer's 300 tokens with merges of 500 bytes: 25 KB as a tokenizer.bin or a tokenizer.model, more
+    than SMALL_FILE_LIMIT."""
+    short = byte_tokenizer(300)
+    return Tokenizer(short.pieces[:259] + [p + b"-" * 500 for p in short.pieces[259:]], list(short.scores))
+
+
+def zero_adapter(model: Path, folder: Path) -> Path:
+    """A rank-2 LoRA adapter of `model`'s wq whose factors are zeros."""
+    from babyllama.adapter import Adapter, base_identity, lora_key, save_adapter
+
+    weights = formats.load(model)
+    a = weights.args
+    tensors = {lora_key(layer, "wq", which): np.zeros(shape, dtype=np.float32) for layer in range(a.n_layers)
+               for which, shape in (("A", (2, a.dim)), ("B", (a.dim, 2)))}
+    folder.mkdir()
+    save_adapter(Adapter(2, 4.0, ["wq"], base_identity(weights), tensors), folder / "adapter.safetensors")
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_failed_hf_export_leaves_the_earlier_export_whole(tmp_path, capsys, file_size_limit):
+    """The new model.safetensors fits, the new tokenizer.model does not (a full disk): the folder keeps the earlier
+    export's files, all of them, never the new model beside the old config and tokenizer; a new folder goes."""
+    pytest.importorskip("safetensors")
+    pytest.importorskip("google.protobuf")
+    old = small_model(tmp_path / "old", byte_tokenizer(300), seed=0)
+    new = small_model(tmp_path / "new", long_tokenizer(), seed=1)
+    out = tmp_path / "hf"
+    assert main(["export", str(out), "--model", str(old), "--dtype", "bf16"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    file_size_limit(SMALL_FILE_LIMIT)
+    msg = cli_error(capsys, "export", str(out), "--model", str(new), "--dtype", "bf16")
+    assert msg.endswith(f"cannot write output {out / 'tokenizer.model'}: File too large")
+    assert snapshot(out) == before  # no temporary file left either
+    adapter = zero_adapter(new, tmp_path / "lora")
+    for extra in ([], ["--lora", str(adapter)]):  # the adapter (written first, in OUT/adapter) goes too
+        cli_error(capsys, "export", str(tmp_path / "fresh" / "hf"), "--model", str(new), "--dtype", "bf16", *extra)
+        assert not (tmp_path / "fresh").exists()
+
+
+def test_a_failed_bin_export_leaves_the_earlier_model_and_tokenizer_whole(tmp_path, capsys, file_size_limit):
+    """m.bin fits, the tokenizer.bin given to replace the old one does not: both old files stay."""
+    out = small_model(tmp_path / "out", byte_tokenizer(300), seed=0)
+    new = small_model(tmp_path / "new", byte_tokenizer(300), seed=1)
+    long_tokenizer().save(tmp_path / "long.bin")
+    before = snapshot(out.parent)
+    file_size_limit(SMALL_FILE_LIMIT)
+    msg = cli_error(capsys, "export", str(out), "--model", str(new), "--tokenizer", str(tmp_path / "long.bin"))
+    assert msg.endswith(f"cannot write output {out.with_name('tokenizer.bin')}: File too large")
+    assert snapshot(out.parent) == before
+
+
+def test_files_written_together_appear_together(tmp_path):
+    """Inside committed_together every write waits for the block's end (a block inside it joins it); an error
+    anywhere removes them all."""
+    with safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "a")
+        with safeio.committed_together():
+            safeio.write_text(tmp_path / "b", "b")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == []
+    assert snapshot(tmp_path) == {"a": b"a", "b": b"b"}
+    with pytest.raises(ValueError), safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "new a")
+        safeio.write_text(tmp_path / "c", "c")
+        raise ValueError
+    assert snapshot(tmp_path) == {"a": b"a", "b": b"b"}
 
 def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, tiny):
     """export.py's `--version -1 --dtype fp16` (its Hugging Face export) writes a Hugging Face folder of fp16

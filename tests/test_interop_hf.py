@@ -49,11 +49,11 @@ def save_as(model, folder, layout: str):
     elif layout == "sharded":
         model.save_pretrained(folder, max_shard_size="20KB")
         assert len(list(folder.glob("model-*.safetensors"))) > 1
-    else:  # pytorch_model.bin, as older checkpoints ship (tied ones still carry lm_head.weight)
-        model.save_pretrained(folder)
+    else:  # pytorch_model.bin, as older checkpoints ship (tied ones still carry lm_head.weight); "legacy": in
+        model.save_pretrained(folder)  # torch's format before its zip (PyTorch 1.6), which cannot be mapped
         for f in folder.glob("*.safetensors"):
             f.unlink()
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        torch.save(model.state_dict(), folder / "pytorch_model.bin", _use_new_zipfile_serialization=layout != "legacy")
     return folder
 
 
@@ -61,6 +61,7 @@ def save_as(model, folder, layout: str):
     (4, True, "safetensors"),  # multi-head, tied embeddings
     (2, False, "sharded"),  # grouped-query (TinyLlama-style), untied, sharded with an index
     (2, True, "pytorch"),  # pytorch_model.bin
+    (2, False, "legacy"),  # pytorch_model.bin of PyTorch before 1.6, which transformers reads too
 ])
 def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
     model = make_hf_model(n_kv_heads, tied)
@@ -77,16 +78,61 @@ def test_hf_import_matches_transformers(tmp_path, n_kv_heads, tied, layout):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path):
+@pytest.mark.parametrize("layout", ["pytorch", "legacy"])
+def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path, layout):
     """A weight file named for the model runs as a model.safetensors does: not taken for a training checkpoint
-    (both are torch.save zips)."""
+    (both are torch.save zips), nor, in torch's format before its zip, for a llama2.c .bin."""
     from babyllama.loading import detect_format, open_model
 
-    folder = save_as(make_hf_model(2, True), tmp_path / "hf", "pytorch")
+    folder = save_as(make_hf_model(2, True), tmp_path / "hf", layout)
     assert detect_format(folder / "pytorch_model.bin") == "hf"
     by_file, by_folder = (open_model(p).weights for p in (folder / "pytorch_model.bin", folder))
     np.testing.assert_array_equal(engine_logits(by_file, TOKENS), engine_logits(by_folder, TOKENS))
 
+
+
+def test_a_tied_config_over_an_lm_head_of_other_values_runs_untied(tmp_path, capsys):
+    """config.json ties the classifier but the checkpoint keeps an lm_head.weight of other values: run untied with
+    it, as transformers 5 does (with a warning), and say so; an lm_head.weight equal to the embedding is tied."""
+    from safetensors.torch import load_file, save_file
+
+    from babyllama.interop.hf import load_hf
+
+    model = make_hf_model(2, tied=False)
+    folder = save_as(model, tmp_path / "hf", "safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    capsys.readouterr()
+    w = load_hf(folder)
+    assert "says tie_word_embeddings, but the checkpoint's lm_head.weight differs from model.embed_tokens.weight: " \
+           "running it untied" in capsys.readouterr().err
+    assert not w.args.shared_classifier
+    assert np.abs(engine_logits(w, TOKENS) - hf_logits(model, TOKENS)).max() <= 1e-4
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, folder / "model.safetensors")
+    w = load_hf(folder)
+    assert w.args.shared_classifier and "note" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other", ["sharded", "pytorch"])
+def test_a_folder_with_two_checkpoints_runs_the_one_transformers_loads(tmp_path, other):
+    """A model.safetensors beside another model's shards and index, or its pytorch_model.bin: transformers (4.x and
+    5) reads model.safetensors first, and so does babyllama; so also where the index names shards no longer there
+    (save_pretrained re-saving a sharded folder unsharded leaves its index)."""
+    from babyllama.interop.hf import load_hf
+
+    ours, another = make_hf_model(2, True, seed=0), make_hf_model(2, True, seed=1)
+    folder = save_as(another, tmp_path / "hf", other)
+    ours.save_pretrained(tmp_path / "ours")
+    shutil.copy(tmp_path / "ours" / "model.safetensors", folder)
+    expected = hf_logits(ours, TOKENS)
+    assert np.abs(hf_logits(transformers.AutoModelForCausalLM.from_pretrained(folder), TOKENS) - expected).max() <= 1e-5
+    assert np.abs(engine_logits(load_hf(folder), TOKENS) - expected).max() <= 1e-4
+    for shard in folder.glob("model-*.safetensors"):
+        shard.unlink()
+    assert np.abs(engine_logits(load_hf(folder), TOKENS) - expected).max() <= 1e-4
 
 def test_hf_version0_refuses_non_default_theta(tmp_path):
     folder = save_as(make_hf_model(2, True), tmp_path / "hf", "safetensors")

@@ -50,6 +50,16 @@ def test_meta_import_matches_model(tmp_path):
     assert np.abs(engine_logits(got, TOKENS) - engine_logits(w, TOKENS)).max() <= 1e-4
 
 
+
+def test_shards_in_torchs_format_before_its_zip_are_read(tmp_path):
+    """Shards torch.save wrote before PyTorch 1.6 (one pickle, which cannot be memory-mapped) are read into memory."""
+    from babyllama.interop.meta import load_meta
+
+    w, folder = meta_model(tmp_path)
+    for shard in folder.glob("consolidated.*.pth"):
+        torch.save(torch.load(shard, weights_only=True), shard, _use_new_zipfile_serialization=False)
+    assert np.abs(engine_logits(load_meta(folder), TOKENS) - engine_logits(w, TOKENS)).max() <= 1e-4
+
 def test_meta_import_of_our_pytorch_model(tmp_path):
     """Our PyTorch model -> Meta layout (2 shards) -> export -> the NumPy engine gives its logits."""
     args = tiny_args(rope_theta=1e6, norm_eps=1e-6, shared_classifier=False)

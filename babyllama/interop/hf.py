@@ -15,11 +15,13 @@ has n_kv_heads heads, not n_heads (grouped-query models such as TinyLlama): upst
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from .state_dict import (
     from_state_dict,
     held_tensors,
     in_turn,
-    torch_load_failure,
+    load_torch_weights,
+    same_values,
     torch_weight,
 )
 
@@ -182,14 +185,7 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
             raise BabyLlamaError(f"{p}: no such file or directory")
     if len(given) == 1 and given[0].is_dir():
         folder = given[0]
-        for pattern in ("model.safetensors.index.json", "model.safetensors", "*.safetensors",
-                        "pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"):
-            found = sorted(folder.glob(pattern))
-            if found:
-                files = found
-                break
-        else:
-            raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
+        files = _folder_weights(folder)
         config = folder / "config.json"
     else:
         if len(given) > 1 and any(p.is_dir() for p in given):
@@ -209,6 +205,26 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
         else:
             shards.append(safeio.check_regular(f, "weight file"))
     return config, list(dict.fromkeys(shards))
+
+
+# the checkpoint of a folder is the first of these it holds, whatever else is there: transformers' order (4.x and 5),
+# so that a folder holding two (a stale index that save_pretrained left beside a model.safetensors) is one model
+_HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+# else, for weights named otherwise, every file of the first of these patterns that matches
+_OTHER_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    """The weight files (or the shard index) of a checkpoint folder."""
+    for name in _HF_WEIGHT_NAMES:
+        if os.path.lexists(folder / name):  # a link to nothing is named by the reader, not skipped
+            return [folder / name]
+    for pattern in _OTHER_WEIGHTS:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found
+    raise BabyLlamaError(f"{folder}: no model.safetensors or pytorch_model.bin (not a Hugging Face model?)")
 
 
 def _index_shards(index: Path) -> list[Path]:
@@ -286,7 +302,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
             index.update({name: (lambda s=shard, d=data_start, m=header[name]: _read_tensor(s, d, m))
                           for name in dtypes})
         else:
-            state = check_torch_state(_torch_load(shard), shard)
+            state = check_torch_state(load_torch_weights(shard, "weight file"), shard)
             _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
             index.update({name: (lambda t=t: torch_weight(t)) for name, t in state.items()})
     return index
@@ -296,18 +312,6 @@ def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
     for name, dtype in dtypes.items():
         if dtype not in _FLOAT_DTYPES and not _IGNORED.fullmatch(name):
             raise BabyLlamaError(f"{shard}: tensor {name} holds {dtype} values, not floating-point weights")
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise missing_extra(f"reading {path.name} (a PyTorch file)", "interop") from None
-    try:
-        return torch.load(safeio.check_regular(path, "weight file"), map_location="cpu", mmap=True,
-                          weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({torch_load_failure(path, e)})") from None
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,
@@ -340,7 +344,27 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
                 t = halves_to_interleaved(t, heads)
         return t
 
-    return from_state_dict(args, get, source, display=hf_name, quantize=quantize)
+    read_ahead = _classifier_read_ahead(args, index, get, config_path)
+    # each tensor is fetched once: the ones read ahead are popped, and so dropped once used
+    return from_state_dict(args, lambda n: read_ahead.pop(n) if n in read_ahead else get(n), source,
+                           display=hf_name, quantize=quantize)
+
+
+def _classifier_read_ahead(args: ModelArgs, index: dict, get: Callable[[str], np.ndarray | BF16Tensor],
+                           config_path: Path) -> dict[str, np.ndarray | BF16Tensor]:
+    """A config that ties the classifier to the embedding over a checkpoint that keeps an lm_head.weight of other
+    values runs untied, with that lm_head (as transformers 5 runs it, with a warning), said in one line; `args`
+    is changed so. Returns the tensors this read (llama2.c names) for from_state_dict to take."""
+    if not args.shared_classifier or "lm_head.weight" not in index:
+        return {}
+    emb, output = get("tok_embeddings.weight"), get("output.weight")
+    if same_values(emb, output):
+        return {"tok_embeddings.weight": emb}
+    args.shared_classifier = False
+    print(f"note: {config_path} says tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
+          "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does",
+          file=sys.stderr)
+    return {"tok_embeddings.weight": emb, "output.weight": output}
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -361,10 +385,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise BabyLlamaError(f"{outdir}: exists and is not a directory")
-    # transformers prefers an index or a pytorch_model.bin over our model.safetensors, and a tokenizer.json over
-    # our tokenizer.model: never leave one stale
-    stale = [p.name for p in outdir.glob("*") if p.name.endswith((".index.json", ".bin")) or p.name == "tokenizer.json"
-             or (p.suffix == ".safetensors" and p.name != "model.safetensors")] if outdir.is_dir() else []
+    stale = _other_checkpoint_files(outdir)
     if stale:
         raise BabyLlamaError(f"{outdir} already holds another checkpoint ({stale[0]}); choose an empty folder")
     args = weights.args
@@ -388,19 +409,40 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
             return to_bf16(t.reshape(len(t), -1)).bits.reshape(t.shape)
         return t
 
-    with safeio.pending(outdir / "model.safetensors") as tmp:
-        write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
-                          ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
-    if isinstance(tokenizer_model, bytes):
-        safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
-    elif tokenizer_model is not None:
-        safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
-    if tokenizer_model is not None:
-        safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
-    safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
-    # config.json last: a folder that a kill interrupted has no config (or the old one over old weights)
-    safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
+    # every file renamed into place once all are written: a failure (a full disk) on the tokenizer must not leave
+    # the new model beside an earlier export's config and tokenizer. config.json last: a new folder that a kill
+    # interrupted among the renames has no config, so nothing loads it as a model
+    with safeio.committed_together():
+        with safeio.pending(outdir / "model.safetensors") as tmp:
+            write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
+                              ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
+        if isinstance(tokenizer_model, bytes):
+            safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
+        elif tokenizer_model is not None:
+            safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
+        if tokenizer_model is not None:
+            safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
+        safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+        safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
     return outdir
+
+
+# another checkpoint's files, which some reader would take instead of the export's or together with them:
+# transformers loads a tokenizer.json before our tokenizer.model, and pytorch_model*.bin in place of our
+# model.safetensors when told not to read safetensors (use_safetensors=False); tools that take every
+# model*.safetensors of a folder as the parts of one model (llama.cpp's convert_hf_to_gguf.py, which also checks
+# the parts against model.safetensors.index.json) would mix other shards with ours, or find that the index
+# names tensors ours lacks. Anything else stays: training_args.bin, a tokenizer.bin, a README are not weights.
+_OTHER_CHECKPOINT = ("tokenizer.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
+                     "pytorch_model*.bin.index.json")
+
+
+def _other_checkpoint_files(outdir: Path) -> list[str]:
+    """The names of the files in `outdir` that belong to another checkpoint (_OTHER_CHECKPOINT)."""
+    if not outdir.is_dir():
+        return []
+    return sorted(p.name for p in outdir.iterdir() if p.name != "model.safetensors"
+                  and any(fnmatch.fnmatchcase(p.name, pattern) for pattern in _OTHER_CHECKPOINT))
 
 
 # safetensors' names of the types `export --to hf --dtype` writes, and their sizes

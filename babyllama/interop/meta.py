@@ -28,8 +28,15 @@ from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args, llama_hidden_dim
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
-from ..formats import BF16Tensor, Weights, check_writable, matrix_arrays
-from .state_dict import check_torch_state, from_state_dict, to_state_dict, torch_load_failure, torch_weight
+from ..formats import BF16Tensor, Weights, check_writable
+from .state_dict import (
+    check_torch_state,
+    from_state_dict,
+    load_torch_weights,
+    same_values,
+    to_state_dict,
+    torch_weight,
+)
 
 LLAMA2_CONTEXT = 4096
 _ROWS = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3", "output")
@@ -74,7 +81,7 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
         raise BabyLlamaError(f"{params_path}: unsupported architecture (only dense text Llama models)")
 
     torch = _torch()
-    states = [_load_shard(torch, shard) for shard in shards]
+    states = [check_torch_state(load_torch_weights(shard, "checkpoint shard"), shard) for shard in shards]
 
     def get(name: str) -> np.ndarray | BF16Tensor:
         parts = [s[name] for s in states if name in s]
@@ -101,21 +108,9 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     cache = {"tok_embeddings.weight": emb, "output.weight": output}
     args = _args_from_params(params, emb.shape[0], emb.shape[1], max_seq_len, params_path)
     # Meta's models never tie the classifier; one we wrote from a tied model has it equal to the embedding
-    args.shared_classifier = (output.shape == emb.shape and type(output) is type(emb)
-                              and all(map(np.array_equal, matrix_arrays(output), matrix_arrays(emb))))
+    args.shared_classifier = same_values(output, emb)
     # each tensor is fetched once: popped, the two read ahead are dropped once used (quantized, with quantize)
     return from_state_dict(args, lambda n: cache.pop(n) if n in cache else get(n), str(folder), quantize=quantize)
-
-
-def _load_shard(torch, shard: Path) -> dict:
-    try:
-        state = torch.load(safeio.check_regular(shard, "checkpoint shard"), map_location="cpu", mmap=True,
-                           weights_only=True)
-    except BabyLlamaError:
-        raise
-    except Exception as e:  # pickle, zip or runtime errors for a damaged file
-        raise BabyLlamaError(f"{shard}: not a readable PyTorch checkpoint ({torch_load_failure(shard, e)})") from None
-    return check_torch_state(state, shard)
 
 
 def _args_from_params(params: Fields, vocab: int, dim: int, max_seq_len: int | None, source: Path) -> ModelArgs:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import memory, safeio
 from ..config import ModelArgs
-from ..errors import BabyLlamaError, first_line
+from ..errors import BabyLlamaError, first_line, missing_extra
 from ..formats import (
     LAYER_MATRICES,
     BF16Tensor,
@@ -98,9 +98,34 @@ def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
         memory.release_mapped(*matrix_arrays(m), maps=maps)
 
 
+def same_values(a: Matrix, b: Matrix) -> bool:
+    """Whether two matrices hold the same values: compared as stored where both are of one kind, else as fp32 (an
+    embedding that a checkpoint also keeps, as its own type, for a tied classifier)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    if type(a) is type(b):
+        return all(map(np.array_equal, matrix_arrays(a), matrix_arrays(b)))
+    return bool(np.array_equal(dense(a), dense(b)))
+
+
 def to_state_dict(weights: Weights) -> dict[str, np.ndarray]:
     """The model's tensors under llama2.c names, fp32 (quantized and 16-bit matrices converted), all at once."""
     return {name: dense(m) for name, m in held_tensors(weights).items()}
+
+
+def load_torch_weights(path: str | os.PathLike, what: str) -> Any:
+    """What torch.load reads from the PyTorch file `path`, tensors and plain values only (weights_only: no pickled
+    code runs), or one line. torch.save's zip (PyTorch 1.6 on) is memory-mapped; an older file, one pickle, cannot
+    be, and is read into memory (transformers reads both)."""
+    try:
+        import torch
+    except ImportError:
+        raise missing_extra(f"reading {os.path.basename(path)} (a PyTorch file)", "interop") from None
+    path = safeio.check_regular(path, what)
+    try:
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file (pickle, zip, runtime)
+        raise BabyLlamaError(f"{path}: not a readable PyTorch checkpoint ({torch_load_failure(path, e)})") from None
 
 
 def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
