@@ -373,6 +373,9 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
     if magic == MAGIC:
         if len(head) < HEADER_V12:
             raise BabyLlamaError(f"{path}: truncated header ({size} bytes, version 1/2 headers are 256)")
+        if version == 0:  # the legacy version has no header: a file with the magic is not one of them
+            raise BabyLlamaError(f"{path}: its header (magic \"ak42\") says version 0, but version 0 (legacy) files "
+                                 "have no header; the header is corrupt")
         if version not in (1, 2, 3):
             raise BabyLlamaError(f"{path}: unsupported model version {version} (babyllama reads 0, 1, 2 and 3)")
         dims = struct.unpack_from("<7i", head, 8)
