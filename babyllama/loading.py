@@ -18,6 +18,7 @@ catalog and the CLI all come here, so every command reads models the same way.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -98,6 +99,9 @@ def detect_format(path: str | os.PathLike) -> str:
             head = f.read(8)
         except OSError as e:
             raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
+    part = folder_part(path)
+    if part is not None:
+        raise BabyLlamaError(f"{path}: {part}, not a model file: pass the folder itself ({path.parent})")
     if head[:4] == b"GGUF":
         return "gguf"
     if head[:4] == b"PK\x03\x04":  # torch.save's zip container: a Hugging Face pytorch_model.bin beside its config
@@ -108,6 +112,21 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.suffix == ".pt":
         return "checkpoint"
     return "bin"  # version 0 has no magic: its header is checked field by field
+
+
+META_SHARD = re.compile(r"consolidated\.\d+\.pth")
+
+
+def folder_part(path: Path) -> str | None:
+    """What `path` is where it is a file of a Hugging Face or Meta model folder that holds no model on its own (the
+    folder's config, a Meta shard, which only its folder's params.json describes); else None."""
+    if path.name == "config.json":
+        return "the config.json of a Hugging Face model folder"
+    if path.name == "params.json":
+        return "the params.json of a Meta checkpoint folder"
+    if META_SHARD.fullmatch(path.name):
+        return "a shard of a Meta checkpoint"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- opening
