@@ -148,10 +148,12 @@ def foreign_chat_template_note(folder: Path) -> list[str]:
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
-               quantize: str | None = None) -> Source:
+               quantize: str | None = None, convert_other_types: bool = True) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
-    GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
-    those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are read once more
+    GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and, where `convert_other_types`, its other quantized types
+    become the nearest of those, which the native kernels run (interop/gguf.py); without it they are read as
+    fp32, the file's own weights (for the PyTorch engine, which computes in fp32 or bf16 whatever it is given,
+    and for export); keep_quantized False reads every tensor as fp32. `read_once`: the weights are read once more
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
     (formats.load). `quantize` (formats.QUANTIZE_KINDS, `--quantize`): the weights quantized on load
     (Weights.quantize_as), read once; a GGUF file's, a Hugging Face or Meta checkpoint's matrices each as it is
@@ -170,7 +172,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
 
         conversions: list[ConversionNote | str] = []
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
-                                   quantize=quantize)
+                                   quantize=quantize, convert_other_types=convert_other_types)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
     elif kind == "hf":
         from .interop.hf import load_hf
