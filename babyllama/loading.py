@@ -232,9 +232,11 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
-            # export converts the values it reads: every tensor as fp32, as the file holds it, each written out
-            # once (quantized, or as it is) and then dropped
-            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, keep_quantized=False, read_once=True)
+            # export writes every tensor once, converted on its turn: a GGUF's tensors stay as the file holds
+            # them (mapped; its types of no kernel's as the fp32 weights they stand for, never through a lossy
+            # conversion), a .bin's are read once and then dropped
+            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, read_once=True,
+                              convert_other_types=False)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 
