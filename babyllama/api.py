@@ -266,9 +266,10 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     check_kv_cache(kv_cache, device)  # before the model is read
     check_quantize(quantize, device)
     check_plain(plain, device)
-    # a LoRA adapter is merged into the fp32 weights, quantized after it
+    # a LoRA adapter is merged into the fp32 weights, quantized after it; the PyTorch engine computes in its own
+    # type, so a GGUF's types of no native kernel's reach it as the file's weights, not converted for the kernels
     source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,
-                        quantize=quantize if lora is None else None)
+                        quantize=quantize if lora is None else None, convert_other_types=device == "numpy")
     weights = source.weights
     description = source.describe()
     if lora is not None:

@@ -251,7 +251,8 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
         if device.startswith("cuda"):
             torch.cuda.init()
     t0 = time.perf_counter()
-    weights = open_model(path, mmap=mmap).weights  # a .bin file, or a GGUF file's tensors as they are stored
+    # a .bin file, or a GGUF file's tensors as `run --device` reads them
+    weights = open_model(path, mmap=mmap, convert_other_types=device == "numpy").weights
     engine = make_engine(weights, device, plain, compile, kv_cache)
     seq_len = weights.args.max_seq_len
     prompt = prefill_prompt(weights.args.vocab_size, prompt_len)

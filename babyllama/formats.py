@@ -227,10 +227,7 @@ class Weights:
         release = self._release_after()
 
         def q4(m: Matrix) -> Matrix:
-            if (isinstance(m, BlockTensor) and m.kind == "q4_0"
-                    or isinstance(m, QTensor) and m.shape[1] % BLOCK and m.group_size == gs):
-                return m  # already what quantize_matrix makes of it
-            return release(m, quantize_matrix(dense(m), "q4_0", gs, quantize))
+            return release(m, as_q4_0(m, gs, quantize))
 
         mats: dict[str, Any] = {name: [q4(m) for m in stack] for name, stack in self.layer_matrices().items()}
         emb = q4(self.tok_embeddings)
@@ -282,18 +279,13 @@ class Weights:
     def quantize(self, group_size: int | None = None) -> Weights:
         """The same model with its matrices, classifier and embedding table in Q8_0 (runq.c's, group size
         `group_size`)."""
-        current = {m.group_size if isinstance(m, QTensor) else 0
-                   for m in (*self.wq, *self.w2, self.wcls, self.tok_embeddings)}
-        if current == {self.group_size} and self.group_size and group_size in (None, self.group_size):
+        gs = self.q8_0_group_size(group_size)
+        if self.holds_q8_0() and gs == self.group_size:
             return self
-        if self.quantized:
-            return self.to_fp32().quantize(group_size)
-        gs = group_size or chosen_group_size(self.args)
-        check_group_size(self.args, gs)
         release = self._release_after()
 
-        def q8(m: Matrix) -> Matrix:  # not quantized: the matrices are dense (fp32, or fp16/bf16 converted)
-            return release(m, quantize_matrix(dense(m), "q8_0", gs))
+        def q8(m: Matrix) -> Matrix:
+            return release(m, as_q8_0(m, gs))
 
         mats: dict[str, Any] = {name: [q8(m) for m in stack] for name, stack in self.layer_matrices().items()}
         qcls = q8(self.wcls)
@@ -301,6 +293,19 @@ class Weights:
         qemb = qcls if self.args.shared_classifier else q8(self.tok_embeddings)
         return Weights(self.args, qemb, *self._own_norms(), wcls=qcls,
                        version=2, group_size=gs, path=self.path, **mats)
+
+    def holds_q8_0(self) -> bool:
+        """Whether the model is in runq.c's Q8_0 throughout, in groups of its `group_size` (a version 2 file)."""
+        current = {m.group_size if isinstance(m, QTensor) else 0
+                   for m in (*self.wq, *self.w2, self.wcls, self.tok_embeddings)}
+        return bool(self.group_size) and current == {self.group_size}
+
+    def q8_0_group_size(self, group_size: int | None = None) -> int:
+        """The group size of the model in runq.c's Q8_0 (quantize, a version 2 file): `group_size`, else the one
+        its Q8_0 matrices share, else chosen_group_size's; one that does not divide dim and hidden_dim is refused."""
+        gs = group_size or (self.group_size if self.holds_q8_0() else chosen_group_size(self.args))
+        check_group_size(self.args, gs)
+        return gs
 
 
 def check_quantize_kind(kind: str) -> None:
@@ -321,6 +326,23 @@ def quantize_matrix(w: np.ndarray, kind: str, group_size: int,
     if kind == "q4_0" and w.shape[1] % BLOCK == 0:
         return quantize_q4(w)
     return quantize_q80(w, group_size)
+
+
+def as_q8_0(m: Matrix, group_size: int) -> QTensor:
+    """m in runq.c's Q8_0 in groups of `group_size`: as it is where it is that already, else quantized from its
+    values."""
+    if isinstance(m, QTensor) and m.group_size == group_size:
+        return m
+    return quantize_q80(dense(m), group_size)
+
+
+def as_q4_0(m: Matrix, group_size: int, quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Matrix:
+    """m as quantize_matrix(..., "q4_0", group_size) makes it, kept as it is where it is that already (Q4_0 blocks,
+    or Q8_0 in groups of `group_size` where its rows do not split into blocks of 32)."""
+    if (isinstance(m, BlockTensor) and m.kind == "q4_0"
+            or isinstance(m, QTensor) and m.shape[1] % BLOCK and m.group_size == group_size):
+        return m
+    return quantize_matrix(dense(m), "q4_0", group_size, quantize_q4)
 
 
 def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
@@ -373,6 +395,9 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
     if magic == MAGIC:
         if len(head) < HEADER_V12:
             raise BabyLlamaError(f"{path}: truncated header ({size} bytes, version 1/2 headers are 256)")
+        if version == 0:  # the legacy version has no header: a file with the magic is not one of them
+            raise BabyLlamaError(f"{path}: its header (magic \"ak42\") says version 0, but version 0 (legacy) files "
+                                 "have no header; the header is corrupt")
         if version not in (1, 2, 3):
             raise BabyLlamaError(f"{path}: unsupported model version {version} (babyllama reads 0, 1, 2 and 3)")
         dims = struct.unpack_from("<7i", head, 8)
@@ -632,17 +657,20 @@ def _header_v12(args: ModelArgs, version: int, group_size: int) -> bytes:
     return bytes(head)
 
 
-def _f32(f, a) -> None:
-    """Write a as fp32 without a copy where it is one already, then hand its pages back where they are a
-    mapped file's (an export reads each tensor once: memory holds one at a time, not the whole source)."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    f.write(a.reshape(-1).view(np.uint8))
-    memory.release_mapped(a)
+def _f32(f, a: np.ndarray) -> None:
+    """Write a as fp32, without a copy where it is one already."""
+    f.write(np.ascontiguousarray(a, dtype=np.float32).reshape(-1).view(np.uint8))
 
 
-def _q8(f, t: QTensor) -> None:
-    f.write(np.ascontiguousarray(t.q, dtype=np.int8).tobytes())
-    _f32(f, t.s)
+def _write_tensor(f, m: Matrix) -> None:
+    """Write m's bytes as a model file holds them: Q8_0 values then scales, Q4_0 blocks, or else fp32 values."""
+    if isinstance(m, QTensor):
+        f.write(np.ascontiguousarray(m.q, dtype=np.int8).tobytes())
+        _f32(f, m.s)
+    elif isinstance(m, BlockTensor):
+        f.write(np.ascontiguousarray(m.block_bytes()).tobytes())
+    else:
+        _f32(f, dense(m))
 
 
 def check_writable(args: ModelArgs, path: str | os.PathLike) -> None:
@@ -656,7 +684,11 @@ def check_writable(args: ModelArgs, path: str | os.PathLike) -> None:
 def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size: int | None = None,
          quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> None:
     """Write `weights` as a llama2.c model file (atomically: see safeio.atomic_write); version 3's Q4_0 blocks
-    made by `quantize_q4` (Weights.quantize_q4)."""
+    made by `quantize_q4` (Weights.quantize_q4). Each tensor is converted to the file's type on its turn, written,
+    and its mapped pages handed back (state_dict.in_turn): memory holds the source model and one converted
+    tensor, never the whole model converted (a Q8_0 or bf16 model written as fp32 would take 2-4x its size)."""
+    from .interop.state_dict import in_turn
+
     args = weights.args
     if version not in (0, 1, 2, 3):
         raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1, 2 or 3)")
@@ -670,49 +702,54 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
             check_q4_shape(args)
         except BabyLlamaError as e:
             raise BabyLlamaError(f"cannot write {path}: {e} (version 2, Q8_0, takes any shape)") from None
-        w = weights.quantize_q4(quantize_q4)
-    else:
-        w = weights.to_fp32() if version < 2 else weights.quantize(group_size)
-    L = args.n_layers
+    header, converted = _file_type(weights, version, group_size, quantize_q4)
     with safeio.atomic_write(path) as f:
-        if version == 0:
-            vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
-            f.write(struct.pack("<7i", args.dim, args.hidden_dim, L, args.n_heads, args.n_kv_heads, vocab,
-                                args.max_seq_len))
-            _f32(f, w.tok_embeddings)
-            _f32(f, w.rms_att)
-            for name in ("wq", "wk", "wv", "wo"):
-                _f32(f, getattr(w, name))
-            _f32(f, w.rms_ffn)
-            for name in ("w1", "w2", "w3"):
-                _f32(f, getattr(w, name))
-            _f32(f, w.rms_final)
-            _f32(f, _legacy_rope_tables(args))
-            if not args.shared_classifier:
-                _f32(f, w.wcls)
-        else:
-            f.write(_header_v12(args, version, BLOCK if version == 3 else w.group_size))
-            _f32(f, w.rms_att)
-            _f32(f, w.rms_ffn)
-            _f32(f, w.rms_final)
-            if version == 1:
-                _f32(f, w.tok_embeddings)
-                for name in LAYER_MATRICES:
-                    _f32(f, getattr(w, name))
-                if not args.shared_classifier:
-                    _f32(f, w.wcls)
-            elif version == 3:
-                for t in (w.tok_embeddings, *(m for name in LAYER_MATRICES for m in getattr(w, name))):
-                    f.write(np.ascontiguousarray(cast(BlockTensor, t).block_bytes()).tobytes())
-                if not args.shared_classifier:
-                    f.write(np.ascontiguousarray(cast(BlockTensor, w.wcls).block_bytes()).tobytes())
-            else:  # quantize(): Q8_0 matrices, classifier and embedding table
-                _q8(f, cast(QTensor, w.tok_embeddings))
-                for name in LAYER_MATRICES:
-                    for t in getattr(w, name):
-                        _q8(f, t)
-                if not args.shared_classifier:
-                    _q8(f, cast(QTensor, w.wcls))
+        f.write(header)
+        for _, m in in_turn(_in_file_order(weights, version)):
+            _write_tensor(f, m if len(m.shape) == 1 else converted(m))
+
+
+def _file_type(weights: Weights, version: int, group_size: int | None,
+               quantize_q4: Callable[[np.ndarray], BlockTensor]) -> tuple[bytes, Callable[[Matrix], Matrix]]:
+    """A `version` file's header for `weights`, and what a matrix becomes in it: fp32 (versions 0 and 1), runq.c's
+    Q8_0 (2: Weights.quantize's), llama.cpp's Q4_0 (3: Weights.quantize_q4's)."""
+    args = weights.args
+    if version == 0:
+        vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
+        return struct.pack("<7i", args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, vocab,
+                           args.max_seq_len), dense
+    if version == 1:
+        return _header_v12(args, version, 0), dense
+    if version == 2:
+        gs = weights.q8_0_group_size(group_size)
+        return _header_v12(args, version, gs), lambda m: as_q8_0(m, gs)
+    gs = chosen_group_size(args, "q4_0")
+    return _header_v12(args, version, BLOCK), lambda m: as_q4_0(m, gs, quantize_q4)
+
+
+def _in_file_order(weights: Weights, version: int) -> dict[str, Matrix]:
+    """Every tensor a `version` file holds, as the model holds it, in the file's order (docs/formats.md): layer
+    stacks one layer after another (the bytes of the stack), version 0's RoPE tables among them."""
+    from .interop.state_dict import held_tensors, layer_key
+
+    held = held_tensors(weights)
+    layers = range(weights.args.n_layers)
+
+    def each_layer(*fields: str) -> list[str]:
+        return [layer_key(layer, name) for name in fields for layer in layers]
+
+    if version == 0:
+        names = ["tok_embeddings.weight", *each_layer("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3"),
+                 "norm.weight"]
+    else:
+        names = [*each_layer("rms_att", "rms_ffn"), "norm.weight", "tok_embeddings.weight",
+                 *each_layer(*LAYER_MATRICES)]
+    ordered = {name: held[name] for name in names}
+    if version == 0:
+        ordered["legacy RoPE tables"] = _legacy_rope_tables(weights.args)
+    if "output.weight" in held:
+        ordered["output.weight"] = held["output.weight"]
+    return ordered
 
 
 def _legacy_rope_tables(args: ModelArgs) -> np.ndarray:

@@ -18,6 +18,7 @@ catalog and the CLI all come here, so every command reads models the same way.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ def detect_format(path: str | os.PathLike) -> str:
             head = f.read(len(_TORCH_LEGACY_HEAD))
         except OSError as e:
             raise BabyLlamaError(f"cannot read model file {path}: {e.strerror or e}") from None
+    part = folder_part(path)
+    if part is not None:
+        raise BabyLlamaError(f"{path}: {part}, not a model file: pass the folder itself ({path.parent})")
     if head[:4] == b"GGUF":
         return "gguf"
     # torch.save's file (its zip, or the older pickle): a Hugging Face pytorch_model.bin beside its config, else a
@@ -114,6 +118,21 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.suffix == ".pt":
         return "checkpoint"
     return "bin"  # version 0 has no magic: its header is checked field by field
+
+
+META_SHARD = re.compile(r"consolidated\.\d+\.pth")
+
+
+def folder_part(path: Path) -> str | None:
+    """What `path` is where it is a file of a Hugging Face or Meta model folder that holds no model on its own (the
+    folder's config, a Meta shard, which only its folder's params.json describes); else None."""
+    if path.name == "config.json":
+        return "the config.json of a Hugging Face model folder"
+    if path.name == "params.json":
+        return "the params.json of a Meta checkpoint folder"
+    if META_SHARD.fullmatch(path.name):
+        return "a shard of a Meta checkpoint"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- opening
@@ -135,10 +154,12 @@ def foreign_chat_template_note(folder: Path) -> list[str]:
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
-               quantize: str | None = None) -> Source:
+               quantize: str | None = None, convert_other_types: bool = True) -> Source:
     """Read the model at `path` (format detected unless `kind` says it) into `Weights`. `keep_quantized`: a
-    GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and its other quantized types become the nearest of
-    those (interop/gguf.py); False reads every tensor as fp32. `read_once`: the weights are read once more
+    GGUF file's Q8_0/Q4_0 tensors stay memory-mapped and, where `convert_other_types`, its other quantized types
+    become the nearest of those, which the native kernels run (interop/gguf.py); without it they are read as
+    fp32, the file's own weights (for the PyTorch engine, which computes in fp32 or bf16 whatever it is given,
+    and for export); keep_quantized False reads every tensor as fp32. `read_once`: the weights are read once more
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
     (formats.load). `quantize` (formats.QUANTIZE_KINDS, `--quantize`): the weights quantized on load
     (Weights.quantize_as), read once; a GGUF file's, a Hugging Face or Meta checkpoint's matrices each as it is
@@ -157,7 +178,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
 
         conversions: list[ConversionNote | str] = []
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
-                                   quantize=quantize)
+                                   quantize=quantize, convert_other_types=convert_other_types)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
     elif kind == "hf":
         from .interop.hf import load_hf
@@ -217,9 +238,11 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
-            # export converts the values it reads: every tensor as fp32, as the file holds it, each written out
-            # once (quantized, or as it is) and then dropped
-            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, keep_quantized=False, read_once=True)
+            # export writes every tensor once, converted on its turn: a GGUF's tensors stay as the file holds
+            # them (mapped; its types of no kernel's as the fp32 weights they stand for, never through a lossy
+            # conversion), a .bin's are read once and then dropped
+            return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, read_once=True,
+                              convert_other_types=False)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 

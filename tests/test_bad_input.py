@@ -64,12 +64,13 @@ def test_v2_with_bad_group_size(tmp_path, good_model):
 
 
 @pytest.mark.parametrize("version,pattern", [
+    (0, 'its header (magic "ak42") says version 0, but version 0 (legacy) files have no header; the header is corrupt'),
     (2, "invalid version 2 header: Q8_0 group size 0 must divide dim 32 and hidden_dim 64"),
     (3, "invalid version 3 header: version 3 (Q4_0) has blocks of 32, not 0"),
 ])
 def test_a_changed_version_field_names_the_file_and_its_header(tmp_path, good_model, version, pattern):
-    """A version 1 file whose version field says 2 or 3 has no group size (zeros): the error names the file and
-    says that its header is invalid."""
+    """A version 1 file whose version field says 2 or 3 has no group size (zeros), and one whose field says 0 has a
+    header that version 0 files do not have: the error names the file and says that its header is invalid."""
     model, tok = good_model
     raw = bytearray(model.read_bytes())
     struct.pack_into("<i", raw, 4, version)

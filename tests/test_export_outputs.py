@@ -414,28 +414,33 @@ def _save_gguf(out: Path) -> None:
     save_gguf(random_weights(tiny_args()), out, from_tokenizer(byte_tokenizer(300)))
 
 
-@pytest.mark.parametrize("to, dtype", [("gguf", "f32"), ("gguf", "q4_0"), ("hf", "f32"), ("hf", "bf16")])
-def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype):
-    """The GGUF and Hugging Face writers convert and write one tensor at a time: writing a Q8_0 model, whose
-    every tensor is dequantized to fp32 on its turn, peaks far below the fp32 model's size (the packages' own
-    writers take every tensor at once: a second copy of the whole model)."""
+@pytest.mark.parametrize("to, dtype, source", [("gguf", "f32", "q8_0"), ("gguf", "q4_0", "q8_0"), ("hf", "f32", "q8_0"),
+                                               ("hf", "bf16", "q8_0"), ("bin", 0, "q8_0"), ("bin", 1, "q8_0"),
+                                               ("bin", 1, "bf16"), ("bin", 2, "q4_0"), ("bin", 3, "q8_0")])
+def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype, source):
+    """The GGUF, Hugging Face and .bin writers convert and write one tensor at a time: writing a Q8_0 model (or a
+    Q4_0 or bf16 one), whose every tensor is dequantized on its turn, peaks far below the fp32 model's size (the
+    packages' own writers take every tensor at once, and the .bin writer converted the whole model first: a second
+    copy of the whole model, in fp32)."""
     import tracemalloc
 
-    pytest.importorskip("gguf" if to == "gguf" else "safetensors")
+    pytest.importorskip({"gguf": "gguf", "hf": "safetensors", "bin": "numpy"}[to])
     from babyllama.interop.gguf import save_gguf
     from babyllama.interop.hf import save_hf
     from babyllama.interop.state_dict import to_state_dict
     from babyllama.interop.vocab import from_tokenizer
 
-    w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2).quantize()
+    w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2).quantize_as(source)
     fp32_bytes = sum(t.nbytes for t in to_state_dict(w).values())
     vocab = from_tokenizer(byte_tokenizer(320))
 
     def write(out: Path) -> None:
         if to == "gguf":
             save_gguf(w, out / "m.gguf", vocab, dtype)
-        else:
+        elif to == "hf":
             save_hf(w, out, dtype=dtype)
+        else:
+            formats.save(w, out / "m.bin", version=dtype)
 
     for folder in ("warm", "out"):
         (tmp_path / folder).mkdir()
@@ -447,6 +452,19 @@ def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype):
     finally:
         tracemalloc.stop()
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
+
+
+# a Q8_0 model written as version 2 keeps its own values and scales
+@pytest.mark.parametrize("source, version", [(source, version) for source in ("q8_0", "q4_0", "f16", "bf16")
+                                             for version in (0, 1, 2, 3) if (source, version) != ("q8_0", 2)])
+def test_a_bin_written_from_any_type_is_the_bin_of_its_fp32_values(tmp_path, source, version):
+    """The .bin writer converts each tensor on its turn: the file is the one the same model gives converted to fp32
+    as a whole first, byte for byte."""
+    w = random_weights(tiny_args(dim=64, hidden_dim=128, vocab_size=320, shared_classifier=False),
+                       scale=0.2).quantize_as(source)
+    formats.save(w, tmp_path / "streamed.bin", version=version)
+    formats.save(w.to_fp32(), tmp_path / "whole.bin", version=version)
+    assert (tmp_path / "streamed.bin").read_bytes() == (tmp_path / "whole.bin").read_bytes()
 
 
 @pytest.mark.parametrize("write, target, reason", [

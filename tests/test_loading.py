@@ -8,7 +8,7 @@ import io
 import os
 
 import pytest
-from conftest import LOAD_PEAK, random_weights, run_cli, run_memory_script, tiny_args, torch_checkpoint
+from conftest import LOAD_PEAK, cli_error, random_weights, run_cli, run_memory_script, tiny_args, torch_checkpoint
 
 from babyllama import formats
 from babyllama.errors import BabyLlamaError
@@ -151,6 +151,33 @@ def test_a_model_folder_whose_file_links_to_nothing_says_so(tmp_path, name):
         (tmp_path / "model.safetensors").write_bytes(b"")  # its blob is still there
     with pytest.raises(BabyLlamaError, match=f"{name} is a symbolic link to {tmp_path / 'blobs' / 'gone'}, which "):
         open_model(tmp_path)
+
+
+FOLDER_FILES = {"config.json": (b'{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}',
+                                "the config.json of a Hugging Face model folder"),
+                "params.json": (b'{"dim": 64, "n_layers": 2, "n_heads": 4}',
+                                "the params.json of a Meta checkpoint folder"),
+                "consolidated.00.pth": (b"PK\x03\x04" + bytes(60), "a shard of a Meta checkpoint")}
+
+
+@pytest.mark.parametrize("name", FOLDER_FILES)
+@pytest.mark.parametrize("command", ["run", "eval", "export", "serve"])
+def test_a_model_folders_own_file_says_to_pass_the_folder(tmp_path, capsys, name, command):
+    """A Hugging Face folder's config.json, a Meta folder's params.json or one of its shards, given where a model is
+    asked for, is no model on its own: one line says what it is and to pass the folder (it was read as a llama2.c
+    header, "dim=538970747 is out of range", or as a training checkpoint)."""
+    if command == "serve":
+        pytest.importorskip("fastapi")
+    content, what = FOLDER_FILES[name]
+    path = tmp_path / "model" / name
+    path.parent.mkdir()
+    path.write_bytes(content)
+    (tmp_path / "stories.txt").write_text("Once upon a time.\n")
+    argv = {"run": ["run", str(path)], "eval": ["eval", str(path), "--data", str(tmp_path / "stories.txt")],
+            "export": ["export", str(tmp_path / "out.bin"), "--model", str(path)],
+            "serve": ["serve", str(path), "--port", "0"]}[command]
+    err = cli_error(capsys, *argv)
+    assert err == f"babyllama: error: {path}: {what}, not a model file: pass the folder itself ({path.parent})"
 
 
 def test_open_model_describes_what_it_loaded(tiny_bin):

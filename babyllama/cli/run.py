@@ -186,7 +186,7 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     from ..loading import carried_tokenizer, open_model
     from ..tokenizer import TOKENIZER_HINT
 
-    source = open_model(args.draft, mmap=args.mmap, quantize=args.quantize)
+    source = open_model(args.draft, mmap=args.mmap, quantize=args.quantize, convert_other_types=args.device == "numpy")
     try:
         own = carried_tokenizer(source)
     except BabyLlamaError as e:  # its hint (-z) would set the model's tokenizer, not the draft's

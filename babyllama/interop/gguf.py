@@ -34,7 +34,9 @@ memory-mapped file; every other llama.cpp type that the gguf package can dequant
 Q2_K-Q6_K, the IQ types, ...) is converted on load to the nearest of the two by bits per weight (under 6.5:
 Q4_0, else Q8_0; so Q6_K becomes Q8_0 and the rest Q4_0), a few rows at a time, never to fp32: by the native
 kernels where they convert the type, else by the package's dequantizer and quant.py's quantizer (the same
-blocks); the conversion's error is reported (`ConversionNote`). F16 matrices stay fp16 (the native kernels'
+blocks); the conversion's error is reported (`ConversionNote`). The conversion serves the native kernels alone:
+for the PyTorch engine and export, which compute in fp32 anyway, those types are dequantized to fp32, the file's
+own weights (`convert_other_types=False`). F16 matrices stay fp16 (the native kernels'
 W_F16 reads them as the fp32 values they stand for), BF16 ones as their bits (formats.BF16Tensor, read by W_BF16);
 other F32/F16/BF16 tensors become fp32 arrays.
 """
@@ -534,14 +536,16 @@ def _view(buf: np.ndarray, t: GGUFTensor) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quantized: bool = False,
-              notes: list[ConversionNote | str] | None = None, quantize: str | None = None
-              ) -> tuple[Weights, Vocab | None]:
+              notes: list[ConversionNote | str] | None = None, quantize: str | None = None,
+              convert_other_types: bool = True) -> tuple[Weights, Vocab | None]:
     """Read a llama-architecture GGUF file into `Weights` and its vocabulary (None when the file has none).
     By default every tensor is dequantized to fp32 (f32, f16, bf16 and the quantized types the gguf package
     reads). `keep_quantized`: Q8_0/Q4_0 tensors stay memory-mapped blocks, F16 and BF16 matrices mapped (fp16
     arrays, BF16Tensors: the native kernels read both as fp32), other quantized types are converted to the
-    nearest of Q8_0/Q4_0 (see the module's docstring), with one ConversionNote per converted type appended to
-    `notes`, and a line there when the file's chat template is not Llama 2's (chat_template.foreign_template_note).
+    nearest of Q8_0/Q4_0 (see the module's docstring) where `convert_other_types`, else dequantized to fp32 (the
+    file's own weights, for what computes in fp32 anyway: the PyTorch engine, export), with one ConversionNote
+    per converted type appended to `notes`, and a line there when the file's chat template is not Llama 2's
+    (chat_template.foreign_template_note).
     `quantize` (formats.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as soon as
     it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory for its
     fp32 copy."""
@@ -574,11 +578,11 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 if keep_quantized and t.tensor_type.name in ("F16", "BF16") and len(t.shape) == 2:
                     # mapped, run as it is (the kernels read fp16 and bf16 as fp32: W_F16, W_BF16) or quantized
                     return BF16Tensor(data) if t.tensor_type.name == "BF16" else data
-                # asked for another type (`quantize`), a type of no kernel's goes there from the file's own weights,
-                # not through the nearest of ours: a Q5_0 file asked for Q8_0 keeps Q5_0's precision
-                converted_on_load = kind not in KINDS and t.tensor_type.name not in _FLOAT_TYPES
+                # asked for another type (`quantize`), or not asked to convert, a type of no kernel's is read as the
+                # file's own weights, not through the nearest of ours: a Q5_0 file asked for Q8_0 keeps Q5_0's precision
+                of_no_kernel = kind not in KINDS and t.tensor_type.name not in _FLOAT_TYPES
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2 or \
-                        (quantize is not None and converted_on_load):
+                        (of_no_kernel and (quantize is not None or not convert_other_types)):
                     dense = _dequantized(data, t.tensor_type)  # F32: the mapped view itself
                     if quantize is not None and dense is not data:  # a converted copy, quantized next: the
                         memory.release_mapped(data, maps=maps)      # file's bytes are read once
