@@ -128,6 +128,8 @@ def folder_part(path: Path) -> str | None:
     folder's config, a Meta shard, which only its folder's params.json describes); else None."""
     if path.name == "config.json":
         return "the config.json of a Hugging Face model folder"
+    if path.suffix == ".json" and (path.parent / "config.json").is_file():  # its tokenizer's or generation's
+        return f"the {path.name} of a Hugging Face model folder"
     if path.name == "params.json":
         return "the params.json of a Meta checkpoint folder"
     if META_SHARD.fullmatch(path.name):

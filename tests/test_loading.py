@@ -157,21 +157,25 @@ FOLDER_FILES = {"config.json": (b'{"architectures": ["LlamaForCausalLM"], "hidde
                                 "the config.json of a Hugging Face model folder"),
                 "params.json": (b'{"dim": 64, "n_layers": 2, "n_heads": 4}',
                                 "the params.json of a Meta checkpoint folder"),
-                "consolidated.00.pth": (b"PK\x03\x04" + bytes(60), "a shard of a Meta checkpoint")}
+                "consolidated.00.pth": (b"PK\x03\x04" + bytes(60), "a shard of a Meta checkpoint"),
+                "tokenizer_config.json": (b'{"bos_token": "<s>"}', "the tokenizer_config.json of a Hugging Face "
+                                                                     "model folder")}
 
 
 @pytest.mark.parametrize("name", FOLDER_FILES)
 @pytest.mark.parametrize("command", ["run", "eval", "export", "serve"])
 def test_a_model_folders_own_file_says_to_pass_the_folder(tmp_path, capsys, name, command):
-    """A Hugging Face folder's config.json, a Meta folder's params.json or one of its shards, given where a model is
-    asked for, is no model on its own: one line says what it is and to pass the folder (it was read as a llama2.c
-    header, "dim=538970747 is out of range", or as a training checkpoint)."""
+    """A Hugging Face folder's config.json (or another of its JSON files), a Meta folder's params.json or one of its
+    shards, given where a model is asked for, is no model on its own: one line says what it is and to pass the
+    folder (it was read as a llama2.c header, "dim=538970747 is out of range", or as a training checkpoint)."""
     if command == "serve":
         pytest.importorskip("fastapi")
     content, what = FOLDER_FILES[name]
     path = tmp_path / "model" / name
     path.parent.mkdir()
     path.write_bytes(content)
+    if name == "tokenizer_config.json":  # beside its folder's config
+        (path.parent / "config.json").write_bytes(FOLDER_FILES["config.json"][0])
     (tmp_path / "stories.txt").write_text("Once upon a time.\n")
     argv = {"run": ["run", str(path)], "eval": ["eval", str(path), "--data", str(tmp_path / "stories.txt")],
             "export": ["export", str(tmp_path / "out.bin"), "--model", str(path)],
