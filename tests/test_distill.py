@@ -156,6 +156,35 @@ def test_distillation_settings_without_a_teacher_are_refused(tmp_path, key):
                    key) in (0.5, 1.0)  # the default value itself is what no teacher means
 
 
+def test_word_weight_under_distillation_is_refused(tmp_path):
+    """Distillation averages over the targets unweighted: a word weight asked for would weigh nothing."""
+    from babyllama.train.config import FINETUNE_DEFAULTS, resolve_config
+
+    asked = {"base": "base.bin", "data": "chat", "out_dir": str(tmp_path / "out"), "teacher": "teacher.bin"}
+    with pytest.raises(BabyLlamaError, match=r"^word_weight 5 weighs the requested words' cross-entropy, and "
+                                             r"distillation \(--teacher\) averages over the targets unweighted"):
+        resolve_config(None, {**asked, "word_weight": "5"}, defaults=FINETUNE_DEFAULTS)
+    assert resolve_config(None, asked, defaults=FINETUNE_DEFAULTS).word_weight == 1
+
+
+def test_a_run_resumed_without_its_teacher_goes_on_with_cross_entropy(setup, tmp_path, capsys):
+    """--teacher= on resume drops the checkpoint's distillation settings with its teacher (they named the run's
+    kd_alpha as given without a teacher); given again, they are refused as without a teacher. A teacher .bin
+    without a tokenizer beside it is noted: its ids cannot be checked against the data's."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    out = tmp_path / "run"
+    train(resolve_config(None, settings(setup, out, teacher=setup / "teacher.bin", kd_alpha=0.8, max_iters=4,
+                                        eval_interval=4)))
+    assert f"note: teacher {setup / 'teacher.bin'} has no tokenizer beside or inside it" in capsys.readouterr().err
+    with pytest.raises(BabyLlamaError, match="^kd_alpha needs a teacher"):
+        resolve_config(None, settings(setup, out, init_from="resume", teacher="", kd_alpha=0.8, max_iters=8))
+    train(resolve_config(None, settings(setup, out, init_from="resume", teacher="", max_iters=8, eval_interval=4)))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert (ckpt["config"]["teacher"], ckpt["config"]["kd_alpha"], ckpt["iter_num"]) == ("", 0.5, 8)
+
+
 def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     from babyllama.train.config import resolve_config
     from babyllama.train.loop import train

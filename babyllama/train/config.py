@@ -235,6 +235,10 @@ def build_config(config_file: str | None = None, overrides: dict | None = None,
         apply(cfg, given, str(config_file))
     apply(cfg, overrides or {}, "command line")
     given.update(overrides or {})
+    if resume_config and resume_config.get("teacher") and not cfg["teacher"]:
+        # a run resumed without its teacher (--teacher=) goes on with plain cross-entropy: the checkpoint's
+        # distillation settings go with the teacher, unless given again (then refused as without a teacher)
+        cfg.update({key: FIELDS[key].default for key in ("kd_alpha", "kd_temperature") if key not in given})
     if defaults is FINETUNE_DEFAULTS and not resume_config and "learning_rate" in given and "min_lr" not in given:
         cfg["min_lr"] = cfg["learning_rate"] * FINETUNE_MIN_LR_SHARE
     out = TrainConfig(**cfg)
@@ -318,6 +322,9 @@ def check(cfg: TrainConfig) -> None:
         for key in ("kd_alpha", "kd_temperature"):
             if getattr(cfg, key) != FIELDS[key].default:
                 raise BabyLlamaError(f"{key} needs a teacher to distill from (--teacher=MODEL.bin)")
+    elif cfg.word_weight != FIELDS["word_weight"].default:  # nothing would weigh the words: say so, as above
+        raise BabyLlamaError(f"word_weight {cfg.word_weight} weighs the requested words' cross-entropy, and "
+                             "distillation (--teacher) averages over the targets unweighted: give one of them")
     if not 0.0 <= cfg.peak_flops < math.inf:
         raise BabyLlamaError(f"peak_flops must be a finite number >= 0 (0: known GPUs'), got {cfg.peak_flops}")
     if not 0.0 <= cfg.dropout < 1.0:
