@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import subprocess
 import sys
 
@@ -724,7 +725,8 @@ def test_the_pytorch_engine_and_export_get_a_files_own_weights_not_the_kernels_c
     byte_tokenizer(300).save(tmp_path / "tok.bin")
     own = load_gguf(path)[0]  # every tensor dequantized to fp32
     model = load(path, tokenizer=tmp_path / "tok.bin", device="cpu")
-    assert "converted" not in model.description
+    assert "converted" not in model.description  # but said, beside "mapped":
+    assert re.search(r"; \d+ \w+ tensors? dequantized to fp32", model.description), model.description
     tokens = [1, 5, 9, 42, 7]
     np.testing.assert_array_equal(logits_after(model.engine, tokens), logits_after(make_engine(own, "cpu"), tokens))
     exporting = load_source(model=str(path)).weights

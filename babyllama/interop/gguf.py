@@ -563,6 +563,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                              "(llama.cpp's llama-gguf-split --merge FIRST-FILE OUT.gguf)")
 
     converted: dict[str, ConversionNote] = {}
+    dequantized: dict[str, int] = {}  # type -> tensors read as fp32 where they could have been converted
     maps = memory.read_only_file_maps()
 
     def get(name: str) -> Matrix:
@@ -583,6 +584,8 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
                 of_no_kernel = kind not in KINDS and t.tensor_type.name not in _FLOAT_TYPES
                 if not keep_quantized or t.tensor_type.name in _FLOAT_TYPES or len(t.shape) != 2 or \
                         (of_no_kernel and (quantize is not None or not convert_other_types)):
+                    if keep_quantized and of_no_kernel and quantize is None:  # said beside what was mapped
+                        dequantized[t.tensor_type.name] = dequantized.get(t.tensor_type.name, 0) + 1
                     dense = _dequantized(data, t.tensor_type)  # F32: the mapped view itself
                     if quantize is not None and dense is not data:  # a converted copy, quantized next: the
                         memory.release_mapped(data, maps=maps)      # file's bytes are read once
@@ -632,6 +635,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     memory.release_mapped(*(t.data for t in tensors.values() if t.data is not None and id(t.data) not in streamed))
     if notes is not None:
         notes.extend(converted.values())
+        notes.extend(f"{n} {kind} tensor{'s' if n > 1 else ''} dequantized to fp32" for kind, n in dequantized.items())
         notes.extend(foreign_template_note(meta.get("tokenizer.chat_template"), "the file"))
     return weights, vocab
 
