@@ -28,8 +28,7 @@ from . import safeio
 from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
-from .formats import LAYER_MATRICES, Weights, all_finite, dense
-from .interop.state_dict import LAYER_NAMES, held_tensors
+from .formats import LAYER_MATRICES, LAYER_NAMES, Weights, all_finite, dense, held_tensors
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"

@@ -584,6 +584,45 @@ def matrix_arrays(m: Matrix) -> list[np.ndarray]:
     return [m.data] if isinstance(m, BlockTensor) else [m.bits] if isinstance(m, BF16Tensor) else [m]
 
 
+# llama2.c's names of a layer's tensors (Meta's checkpoints', model.py's), the hub every converter maps onto
+LAYER_NAMES = {
+    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+    "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3",
+    "rms_att": "attention_norm", "rms_ffn": "ffn_norm",
+}
+
+
+def layer_key(layer: int, field: str) -> str:
+    """The state-dict name of a per-layer `Weights` field, e.g. (0, "wq") -> layers.0.attention.wq.weight."""
+    return f"layers.{layer}.{LAYER_NAMES[field]}.weight"
+
+
+def held_tensors(weights: Weights) -> dict[str, Matrix]:
+    """The model's tensors under llama2.c names as the model holds them (fp32 arrays, quantized or 16-bit
+    matrices; fp32 layer stacks as views of one layer), for writers that convert one tensor at a time and so
+    never hold a second copy of the whole model."""
+    held: dict[str, Matrix] = {"tok_embeddings.weight": weights.tok_embeddings}
+    for layer in range(weights.args.n_layers):
+        held[layer_key(layer, "rms_att")] = weights.rms_att[layer]
+        held[layer_key(layer, "rms_ffn")] = weights.rms_ffn[layer]
+        for name in LAYER_MATRICES:
+            held[layer_key(layer, name)] = getattr(weights, name)[layer]
+    held["norm.weight"] = weights.rms_final
+    if not weights.args.shared_classifier:
+        held["output.weight"] = weights.wcls
+    return held
+
+
+def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
+    """(name, matrix) of `tensors` in turn, for a writer that converts and writes one before asking for the
+    next: once the caller is done with one, the pages under it are handed back where they are a mapped
+    file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file."""
+    maps = memory.read_only_file_maps()
+    for name, m in tensors.items():
+        yield name, m
+        memory.release_mapped(*matrix_arrays(m), maps=maps)
+
+
 def named_tensors(weights: Weights) -> Iterator[tuple[str, np.ndarray | BF16Tensor]]:
     """(name, float array) for every float tensor of `weights` (a quantized matrix contributes its scales),
     layer stacks one layer at a time."""
@@ -685,10 +724,8 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
          quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> None:
     """Write `weights` as a llama2.c model file (atomically: see safeio.atomic_write); version 3's Q4_0 blocks
     made by `quantize_q4` (Weights.quantize_q4). Each tensor is converted to the file's type on its turn, written,
-    and its mapped pages handed back (state_dict.in_turn): memory holds the source model and one converted
+    and its mapped pages handed back (in_turn): memory holds the source model and one converted
     tensor, never the whole model converted (a Q8_0 or bf16 model written as fp32 would take 2-4x its size)."""
-    from .interop.state_dict import in_turn
-
     args = weights.args
     if version not in (0, 1, 2, 3):
         raise BabyLlamaError(f"unknown model file version {version} (choose 0, 1, 2 or 3)")
@@ -730,8 +767,6 @@ def _file_type(weights: Weights, version: int, group_size: int | None,
 def _in_file_order(weights: Weights, version: int) -> dict[str, Matrix]:
     """Every tensor a `version` file holds, as the model holds it, in the file's order (docs/formats.md): layer
     stacks one layer after another (the bytes of the stack), version 0's RoPE tables among them."""
-    from .interop.state_dict import held_tensors, layer_key
-
     held = held_tensors(weights)
     layers = range(weights.args.n_layers)
 

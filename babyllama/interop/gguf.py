@@ -58,11 +58,24 @@ from ..chat_template import foreign_template_note
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields, is_int
-from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, dense, matrix_arrays, to_bf16, to_f16
+from ..formats import (
+    LAYER_NAMES,
+    BF16Tensor,
+    Matrix,
+    Weights,
+    bf16_to_f32,
+    check_writable,
+    dense,
+    held_tensors,
+    in_turn,
+    matrix_arrays,
+    to_bf16,
+    to_f16,
+)
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize_q4_0_searched
 from ..threads import worker_count
 from ..tokenizer import BOS, EOS, UNK
-from .state_dict import LAYER_NAMES, expected_shapes, from_state_dict, held_tensors, in_turn
+from .state_dict import expected_shapes, from_state_dict
 from .vocab import Vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")

@@ -32,13 +32,22 @@ from .. import safeio
 from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra
 from ..fields import Fields
-from ..formats import BF16Tensor, Matrix, Weights, bf16_to_f32, check_writable, dense, to_bf16, to_f16
+from ..formats import (
+    BF16Tensor,
+    Matrix,
+    Weights,
+    bf16_to_f32,
+    check_writable,
+    dense,
+    held_tensors,
+    in_turn,
+    to_bf16,
+    to_f16,
+)
 from .state_dict import (
     check_torch_state,
     expected_shapes,
     from_state_dict,
-    held_tensors,
-    in_turn,
     load_torch_weights,
     same_values,
     torch_weight,

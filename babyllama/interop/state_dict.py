@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -38,24 +38,15 @@ from ..formats import (
     chosen_group_size,
     default_group_size,
     dense,
+    held_tensors,
     is_fp32,
     is_quantized,
+    layer_key,
     matrix_arrays,
     quant_kind,
     quantize_matrix,
 )
 from ..quant import BlockTensor
-
-LAYER_NAMES = {
-    "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-    "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3",
-    "rms_att": "attention_norm", "rms_ffn": "ffn_norm",
-}
-
-
-def layer_key(layer: int, field: str) -> str:
-    """The state-dict name of a per-layer `Weights` field, e.g. (0, "wq") -> layers.0.attention.wq.weight."""
-    return f"layers.{layer}.{LAYER_NAMES[field]}.weight"
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -70,32 +61,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     if not args.shared_classifier:
         shapes["output.weight"] = (V, d)
     return shapes
-
-
-def held_tensors(weights: Weights) -> dict[str, Matrix]:
-    """The model's tensors under llama2.c names as the model holds them (fp32 arrays, quantized or 16-bit
-    matrices; fp32 layer stacks as views of one layer), for writers that convert one tensor at a time and so
-    never hold a second copy of the whole model."""
-    held: dict[str, Matrix] = {"tok_embeddings.weight": weights.tok_embeddings}
-    for layer in range(weights.args.n_layers):
-        held[layer_key(layer, "rms_att")] = weights.rms_att[layer]
-        held[layer_key(layer, "rms_ffn")] = weights.rms_ffn[layer]
-        for name in LAYER_MATRICES:
-            held[layer_key(layer, name)] = getattr(weights, name)[layer]
-    held["norm.weight"] = weights.rms_final
-    if not weights.args.shared_classifier:
-        held["output.weight"] = weights.wcls
-    return held
-
-
-def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
-    """(name, matrix) of `tensors` in turn, for a writer that converts and writes one before asking for the
-    next: once the caller is done with one, the pages under it are handed back where they are a mapped
-    file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file."""
-    maps = memory.read_only_file_maps()
-    for name, m in tensors.items():
-        yield name, m
-        memory.release_mapped(*matrix_arrays(m), maps=maps)
 
 
 def same_values(a: Matrix, b: Matrix) -> bool:

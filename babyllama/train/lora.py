@@ -27,7 +27,7 @@ from torch import nn
 from ..adapter import Adapter, parse_targets
 from ..config import ModelArgs
 from ..errors import BabyLlamaError
-from ..interop.state_dict import LAYER_NAMES
+from ..formats import LAYER_NAMES
 from ..model import Transformer
 
 
