@@ -267,9 +267,11 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     check_quantize(quantize, device)
     check_plain(plain, device)
     # a LoRA adapter is merged into the fp32 weights, quantized after it; the PyTorch engine computes in its own
-    # type, so a GGUF's types of no native kernel's reach it as the file's weights, not converted for the kernels
+    # type, so a GGUF's types of no native kernel's reach it as the file's weights, not converted for the kernels,
+    # and so does a merge: an adapter was trained on (and knows by the hash of) the file's own weights
     source = open_model(builtin_model() if model is None else model, mmap=mmap, read_once=quantize is not None,
-                        quantize=quantize if lora is None else None, convert_other_types=device == "numpy")
+                        quantize=quantize if lora is None else None,
+                        convert_other_types=device == "numpy" and lora is None)
     weights = source.weights
     description = source.describe()
     if lora is not None:

@@ -29,8 +29,10 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,15 +415,20 @@ def commit(tmp: str | os.PathLike, path: str | os.PathLike, what: str = "output"
     """Finish a write made to `tmp` by name (a library's writer): fsync it, rename it to `path`, fsync the
     folder. The file gets the mode of any new file: safetensors' writer creates its files 0600."""
     check_target(path, what)
+    _synced(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    return Path(path)
+
+
+def _synced(tmp: str | os.PathLike) -> None:
+    """`tmp` given a new file's mode and its bytes on disk, before it is renamed over a target."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fchmod(fd, new_file_mode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(Path(path).parent)
-    return Path(path)
 
 
 class _Written(NamedTuple):
@@ -457,20 +464,47 @@ def committed_together() -> Iterator[None]:
 
 
 def _commit_all(held: list[_Written]) -> None:
-    """Rename each of `held` into place, every target checked first (one that a folder now stands in for stops
-    them all before any is renamed); an error removes the temporary files not yet renamed."""
-    done = 0
+    """Rename each of `held` into place: every target checked and every file synced first (the slow part, which an
+    error or Ctrl-C stops before anything is renamed: every temporary file removed), then the renames, with
+    SIGINT and SIGTERM held back until all are done (a signal then ends the process with the new set in place)."""
+    renamed = 0
     try:
         for written in held:
             check_target(written.path, written.what)
         for written in held:
-            commit(*written)
-            done += 1
+            _synced(written.tmp)
+        with _signals_held_back():
+            for written in held:
+                os.replace(written.tmp, written.path)
+                renamed += 1
     except BaseException as e:
-        _remove_temps(held[done:])
-        if isinstance(e, OSError):
-            raise _cannot_write(held[done].path, held[done].what, e) from None
+        _remove_temps(held[renamed:])
+        if isinstance(e, OSError) and renamed < len(held):
+            raise _cannot_write(held[renamed].path, held[renamed].what, e) from None
         raise
+    for folder in dict.fromkeys(written.path.parent for written in held):
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _signals_held_back() -> Iterator[None]:
+    """SIGINT and SIGTERM held while the block runs and raised again as soon as it ends (as KeyboardInterrupt,
+    errors.Terminated where the command unwinds, else their default action). Python runs signal handlers in the
+    main thread only, so elsewhere the block runs as it is; a signal mask would not do: the kernels' threads
+    would take the signal instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def _remove_temps(held: list[_Written]) -> None:

@@ -586,6 +586,41 @@ def test_files_written_together_appear_together(tmp_path):
         raise ValueError
     assert snapshot(tmp_path) == {"a": b"a", "b": b"b"}
 
+
+def test_a_signal_while_files_go_in_together_leaves_the_old_set_or_the_new_one(tmp_path, monkeypatch):
+    """Ctrl-C while the files are synced to disk (the slow part) leaves every target as it was, no temporary file
+    left; one that arrives between the renames is held back until all are done: never new files beside old."""
+    import signal
+
+    for name in "ab":
+        (tmp_path / name).write_text("old")
+    synced = safeio._synced
+
+    def interrupted_at_b(tmp):
+        if Path(tmp).name.startswith("b."):
+            raise KeyboardInterrupt
+        synced(tmp)
+
+    monkeypatch.setattr(safeio, "_synced", interrupted_at_b)
+    with pytest.raises(KeyboardInterrupt), safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "new")
+        safeio.write_text(tmp_path / "b", "new")
+    assert snapshot(tmp_path) == {"a": b"old", "b": b"old"}
+    monkeypatch.setattr(safeio, "_synced", synced)
+    replace = os.replace
+
+    def signalled_after(src, dst):
+        replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", signalled_after)
+    with pytest.raises(KeyboardInterrupt), safeio.committed_together():
+        safeio.write_text(tmp_path / "a", "new")
+        safeio.write_text(tmp_path / "b", "new")
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == {"a": b"new", "b": b"new"}
+
+
 def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, tiny):
     """export.py's `--version -1 --dtype fp16` (its Hugging Face export) writes a Hugging Face folder of fp16
     tensors, whatever OUT is named; `--dtype fp32` is f32."""

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -459,6 +460,8 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
     # train's default values, given: as much another shape as any other value
     (None, ["--dim=288", "--n_layers=6"], "a fine-tune keeps its base model's shape: dim 288 (the base's: 32), "
                                           "n_layers 6 (the base's: 2); leave dim and n_layers out"),
+    (None, ["--multiple_of=7"], "a fine-tune keeps its base model's shape: multiple_of 7 (the base's hidden width 64 "
+                                "is not dim 32's rounded to it); leave multiple_of out"),
     (None, ["--lora_alpha=32"], "lora_alpha is a LoRA setting: give lora_rank too (lora_rank 0 is full fine-tuning)"),
     (None, ["--lora_targets=wq"], "lora_targets is a LoRA setting: give lora_rank too"),
     (None, ["--hf=h"], "base.bin contradicts --hf h, which names the base (hf): give one"),
@@ -520,8 +523,8 @@ def test_resume_with_another_lora_setting_says_so(tmp_path, capsys, one_thread, 
 
 @pytest.mark.parametrize("lora_rank, flag, message", [
     # a full fine-tune's checkpoint holds every weight: another base would only be recorded as the run's
-    (0, "copy", "cannot resume with another base: this full fine-tune started from {base}, and its checkpoint holds "
-                "every weight (leave --base out)"),
+    (0, "copy", "cannot resume with another base: this full fine-tune started from {base} (as given then), and its "
+                "checkpoint holds every weight (leave --base out)"),
     # a LoRA run's base is known by its weights, whatever its shape (not by shape keys the user never gave)
     (4, "other", "cannot resume: {other} is not the base model this LoRA run started from"),
     (4, "window", "cannot resume with another training window: this fine-tune trains on windows of max_seq_len 96 "
@@ -547,6 +550,40 @@ def test_resume_with_another_base_or_window_says_so(tmp_path, capsys, one_thread
     assert message.format(base=root / "base.bin", other=tmp_path / "other.bin") in err, err
     assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == ckpt
+
+
+@pytest.mark.parametrize("flags", [["--n_kv_heads=0"], ["--multiple_of=32", "--n_heads=4"]])  # hidden 96: dim 32's
+def test_shape_keys_that_make_the_bases_shape_are_accepted(tmp_path, flags, one_thread):
+    """n_kv_heads 0 (as many as the heads) on a base whose every head has its own keys, and a multiple_of that
+    rounds to the base's hidden width, make the base's model."""
+    from babyllama.cli import main
+
+    root = tmp_path / "task"
+    make_task(root)
+    args = replace(ARGS, n_kv_heads=ARGS.n_heads, hidden_dim=96)
+    formats.save(random_weights(args, seed=1, scale=0.1), root / "base.bin", 1)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=4, max_iters=1, eval_interval=1,
+                                                eval_iters=1).items()]
+    assert main(["finetune", *argv, *flags]) == 0
+
+
+def test_a_full_fine_tune_resumes_from_another_folder_with_its_base_by_another_path(tmp_path, capsys, monkeypatch,
+                                                                                    one_thread):
+    """The base is recorded as given (relative to where the run started): from another folder, the same file
+    named by its absolute path, or through a link, is the run's base, not another."""
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    monkeypatch.chdir(root)
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", lora_rank=0, max_iters=2, eval_interval=2,
+                                                eval_iters=1, base="base.bin").items()]
+    assert main(["finetune", *argv]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.bin").symlink_to(root / "base.bin")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for base, iters in ((root / "base.bin", 4), ("link.bin", 6)):
+        assert main(["finetune", *argv, f"--base={base}", f"--max_iters={iters}", "--init_from=resume"]) == 0, \
+            capsys.readouterr().err
 
 
 def test_the_suggested_chat_command_runs_the_adapter_with_the_runs_tokenizer(tmp_path, capsys, one_thread):

@@ -734,6 +734,31 @@ def test_the_pytorch_engine_and_export_get_a_files_own_weights_not_the_kernels_c
         np.testing.assert_array_equal(getattr(exporting.to_fp32(), name), getattr(own, name))
 
 
+def test_a_lora_adapter_fine_tuned_on_a_k_quant_gguf_runs_on_every_engine_and_exports(tmp_path):
+    """finetune (PyTorch) trains on a GGUF's own weights, as the PyTorch engine and export read them: the adapter
+    (known by the hash of those weights) merges on the NumPy engine, the PyTorch one and in export alike (trained
+    on the kernels' Q4_0/Q8_0 conversion, it was refused by all but the NumPy engine)."""
+    pytest.importorskip("torch")
+    from babyllama import load
+
+    path = tmp_path / "mixed.gguf"
+    write_mixed_gguf(path)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    (tmp_path / "stories.txt").write_text("Once upon a time there was a cat. The cat sat in the sun.\n" * 40)
+    r = run_cli("finetune", f"--base={path}", f"--tokenizer={tmp_path / 'tok.bin'}",
+                f"--data={tmp_path / 'stories.txt'}", f"--out_dir={tmp_path / 'lora'}", "--lora_rank=2",
+                "--max_iters=2", "--batch_size=2", "--max_seq_len=32", "--eval_interval=2", "--eval_iters=1",
+                "--warmup_iters=1", "--device=cpu", timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    tokens = [1, 5, 9, 42, 7]
+    logits = {device: logits_after(load(path, tokenizer=tmp_path / "tok.bin", lora=tmp_path / "lora",
+                                        device=device).engine, tokens) for device in ("numpy", "cpu")}
+    np.testing.assert_allclose(logits["numpy"], logits["cpu"], atol=1e-4)  # one merged model, two arithmetics
+    r = run_cli("export", str(tmp_path / "merged.bin"), "--model", str(path), "--lora", str(tmp_path / "lora"),
+                "--tokenizer", str(tmp_path / "tok.bin"))
+    assert r.returncode == 0, r.stderr.decode()
+
+
 def test_a_q4_0_model_exports_the_same_gguf_after_it_ran(tmp_path):
     """A Q4_0 model's matrices, put in the native kernels' byte order by running it, go into a GGUF file as
     llama.cpp's blocks all the same."""

@@ -1123,14 +1123,14 @@ def test_sigterm_unwinds_a_command_as_ctrl_c_does(tmp_path, monkeypatch):
 
     model = tmp_path / "m.bin"
     formats.save(random_weights(tiny_args()), model)
-    commit = safeio.commit
+    synced = safeio._synced
 
-    def terminated_while_writing(*args, **kw):
+    def terminated_while_writing(*args, **kw):  # the model's bytes go to disk before it is renamed into place
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises at the next bytecode: never reached in full
-        return commit(*args, **kw)
+        return synced(*args, **kw)
 
-    monkeypatch.setattr(safeio, "commit", terminated_while_writing)
+    monkeypatch.setattr(safeio, "_synced", terminated_while_writing)
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path / "out.bin"), "--model", str(model)])
     assert exit_info.value.code == 143

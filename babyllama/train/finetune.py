@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import safeio
 from ..adapter import base_identity, parse_targets
-from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs
+from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs, llama_hidden_dim
 from ..errors import BabyLlamaError
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
@@ -35,7 +35,9 @@ def open_base(cfg: TrainConfig, given: Collection[str] | None = None) -> Source:
     if cfg.init_from == "resume" and not Path(cfg.base).exists():  # relative to where the run started
         raise BabyLlamaError(f"base model not found: {cfg.base} (the run's, as given when it started; from another "
                              "folder, or with the base moved, pass --base)")
-    source = open_model(cfg.base, cfg.base_format or None)
+    # the file's own weights (a GGUF's K-quants dequantized, not converted for the native kernels), which every
+    # engine and export merge an adapter into
+    source = open_model(cfg.base, cfg.base_format or None, convert_other_types=False)
     source.weights = source.weights.to_fp32()
     args = source.weights.args
     if cfg.max_seq_len > args.max_seq_len:
@@ -66,11 +68,30 @@ def check_shape_keys(cfg: TrainConfig, args: ModelArgs, given: Collection[str] |
     def set_here(key: str) -> bool:
         return key in given if given is not None else getattr(cfg, key) != FIELDS[key].default
 
-    other = [f"{key} {getattr(cfg, key)} (the base's: {getattr(args, key)})" for key in SHAPE_KEYS
-             if set_here(key) and getattr(cfg, key) != getattr(args, key)]
+    other = [f"{key} {getattr(cfg, key)} ({_base_value(key, args)})" for key in SHAPE_KEYS
+             if set_here(key) and not _same_shape(key, getattr(cfg, key), args)]
     if other:
         raise BabyLlamaError(f"a fine-tune keeps its base model's shape: {', '.join(other)}; leave "
                              f"{' and '.join(o.split()[0] for o in other)} out")
+
+
+def _same_shape(key: str, value: object, args: ModelArgs) -> bool:
+    """Whether shape key `key` set to `value` makes the base's model: n_kv_heads 0 means as many as the heads,
+    and multiple_of counts through the hidden width it rounds to (a .bin does not record it)."""
+    if key == "n_kv_heads" and value == 0:
+        return args.n_kv_heads == args.n_heads
+    if key == "multiple_of":
+        try:
+            return isinstance(value, int) and llama_hidden_dim(args.dim, value) == args.hidden_dim
+        except ValueError:
+            return False
+    return value == getattr(args, key)
+
+
+def _base_value(key: str, args: ModelArgs) -> str:
+    if key == "multiple_of":
+        return f"the base's hidden width {args.hidden_dim} is not dim {args.dim}'s rounded to it"
+    return f"the base's: {getattr(args, key)}"
 
 
 def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:

@@ -597,12 +597,16 @@ def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
 
 def _check_same_base(cfg: TrainConfig, saved: dict) -> None:
     """A resumed full fine-tune holds every weight in its checkpoint: another --base would be recorded as the
-    run's base without a weight of it trained. (A LoRA run's base is checked by its weights: it may have moved.)"""
+    run's base without a weight of it trained. The base is recorded as given, relative to the folder the run
+    started in: from another folder it may not be found, and the same file given by another path is the same
+    base. (A LoRA run's base is checked by its weights: it may have moved.)"""
     first = saved.get("base")
-    if (not cfg.lora_rank and cfg.base and isinstance(first, str) and first
-            and Path(cfg.base).resolve() != Path(first).resolve()):
-        raise BabyLlamaError(f"cannot resume with another base: this full fine-tune started from {first}, and its "
-                             f"checkpoint holds every weight (leave --base out)")
+    if cfg.lora_rank or not cfg.base or not isinstance(first, str) or not first:
+        return
+    given, started = Path(cfg.base), Path(first)
+    if given.exists() and started.exists() and not os.path.samefile(given, started):
+        raise BabyLlamaError(f"cannot resume with another base: this full fine-tune started from {first} (as given "
+                             "then), and its checkpoint holds every weight (leave --base out)")
 
 
 def _lost_peer(e: RuntimeError) -> bool:
