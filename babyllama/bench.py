@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
+from .errors import BabyLlamaError
 from .safeio import cache_folder, output_dir
 from .threads import usable_cpus
 
@@ -57,7 +58,18 @@ GGUF_TYPES = {"fp32": "f32", "q8_0": "q8_0", "q4_0": "q4_0", "f16": "f16", "bf16
 GGUF_ENGINE = "babyllama (GGUF)"
 GGUF_FORMATS = ("q8_0", "q4_0")
 PATHS = ("plain", "fast")
-BUSY_CODE = "import os; os.write(1, b'1'); os.close(1)\nwhile True: pass"  # says it runs, then spins
+# A co-runner says it runs, then spins until its parent is gone: a bench ended by SIGKILL (nothing of it runs
+# to stop them) would otherwise leave them spinning for good. The parent is looked at every 0.1 s, the clock
+# in between (vDSO: no system call), so the loop stays on the CPU.
+BUSY_CODE = """import os, sys, time
+parent = int(sys.argv[1])  # the bench's pid: it may have ended before this line runs
+os.write(1, b'1')
+os.close(1)
+while os.getppid() == parent:
+    until = time.monotonic() + 0.1
+    while time.monotonic() < until:
+        pass
+"""
 
 
 def shape_args(name: str) -> ModelArgs:
@@ -547,7 +559,7 @@ class Busy:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Busy:
-        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE], stdout=subprocess.PIPE)
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(os.getpid())], stdout=subprocess.PIPE)
                       for _ in range(self.n)]
         for p in self.procs:  # Popen returns before the interpreter has even started: measure once they spin
             assert p.stdout is not None
@@ -582,7 +594,7 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
     drifts over minutes, and each decode figure is compared with the one measured beside it. On a PyTorch
     device (cpu, cuda) only fp32 files are measured and there is no plain row."""
     def probe() -> dict:
-        return _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib})
+        return _bandwidth_probe(plan)
 
     bandwidth = {} if plan.device != "numpy" else probe()
     formats = plan.formats if plan.device == "numpy" else ("fp32",)
@@ -603,6 +615,14 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
                 bandwidth.setdefault("shapes", {})[shape] = _median(probes)
             rows += merge_rounds(rounds)
     return rows, bandwidth
+
+
+def _bandwidth_probe(plan: Plan) -> dict:
+    """The memory bandwidth, read with the first thread setting's environment (the rows' own, not whatever the
+    parent's environment holds); the setting is named in the table's header."""
+    setting = plan.thread_settings[0]
+    result = _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib}, _thread_env(setting))
+    return {**result, "setting": setting} if result else result
 
 
 def _shape_rows(plan: Plan, shape: str, formats, paths, first: bool, directory: Path, log) -> list[Row]:
@@ -681,8 +701,14 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
     if plan.kv_cache != "auto":
         engine += f" --kv-cache {plan.kv_cache}"
     row = Row(shape, fmt, engine, "1" if path_name == "plain" else setting)
+    if path_name == "plain":  # the single-threaded reference path: BLAS (its only threads) held to one
+        env = _thread_env("1")
     fast = path_name == "fast"
-    path = gguf_file(shape, fmt, directory) if gguf else model_file(shape, fmt, directory)
+    try:
+        path = gguf_file(shape, fmt, directory) if gguf else model_file(shape, fmt, directory)
+    except (BabyLlamaError, OSError) as e:  # the rows already measured are still reported
+        row.error = f"its model file could not be built: {e}"
+        return row
     spec = {"kind": "ours", "path": str(path), "plain": not fast,
             "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
@@ -712,7 +738,7 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
             weights = formats.load(model)  # run.c and runq.c keep their KV cache in fp32
             row.result = {"decode": speed, "decode_bytes": decode_bytes(weights),
                           "kv_bytes": kv_read_bytes(weights.args, 4, plan.tokens)}
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, BabyLlamaError) as e:  # BabyLlamaError: its model file not written
             row.error = f"{name} ({exe}) failed: {e}"
         rows.append(row)
     if plan.llamacpp and fmt in GGUF_TYPES:
@@ -723,7 +749,7 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
                     "tokens": plan.tokens, "threads": None if setting == "default" else int(setting),
                     "prompt_len": plan.prompt_len}
             row.result = _run_child(spec, env)
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, BabyLlamaError) as e:
             row.error = f"llama.cpp failed: {e}"
         rows.append(row)
     return rows
@@ -742,7 +768,9 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
         assert bandwidth is not None  # bw came from it
         where = ("; beside each model's rows: " + ", ".join(f"{k} {v:.1f}" for k, v in beside.items()) +
                  " GB/s (each row's % is of its model's figure)") if beside else ""
-        lines.append(f"Memory bandwidth (this run, {bandwidth['threads']} threads reading {bandwidth['mib']} MiB): "
+        setting = bandwidth.get("setting", "default")
+        lines.append(f"Memory bandwidth (this run, thread setting {setting}: {bandwidth['threads']} threads "
+                     f"reading {bandwidth['mib']} MiB): "
                      f"**{bw:.1f} GB/s** at the start{where}\n")
     head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "
             f"| prefill tok/s | B={batch} decode tok/s | TTFT ms | peak RSS MiB |")
@@ -781,7 +809,7 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              f"engine set-up + {min(TTFT_PROMPT, prompt_len)}-token prompt + first token, in process. threads: "
              "default (the pool decides), "
-             "or N set explicitly (--threads / OMP_NUM_THREADS). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
+             "or N set explicitly (--thread-settings, --threads or OMP_NUM_THREADS; the plain rows: 1). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
              "F16 and BF16, unless the engine column names --kv-cache.")
     if in_cache:
         notes += (f" fits in cache: a token's bytes fit in the CPU's last-level cache ({cache / 2**20:.0f} MiB), so "

@@ -75,13 +75,18 @@ def cap_environment() -> None:
                   f"this machine's {usable_cpus()} CPUs)", file=sys.stderr)
 
 
+def check_count(n: int, flag: str = "--threads") -> None:
+    """One line unless `n` is a thread count babyllama runs: at least 1, at most max_threads()."""
+    if n < 1:
+        raise BabyLlamaError(f"{flag} must be >= 1, got {n}")
+    if n > max_threads():
+        raise BabyLlamaError(f"{flag} {n} is more than babyllama uses on this machine (at most "
+                             f"{max_threads()}: 4 per CPU, {usable_cpus()} CPUs)")
+
+
 def configure(n: int | None = None) -> None:
     if n is not None:
-        if n < 1:
-            raise BabyLlamaError(f"--threads must be >= 1, got {n}")
-        if n > max_threads():
-            raise BabyLlamaError(f"--threads {n} is more than babyllama uses on this machine (at most "
-                                 f"{max_threads()}: 4 per CPU, {usable_cpus()} CPUs)")
+        check_count(n)
         for var in (*BLAS_VARS, "NUMBA_NUM_THREADS"):
             os.environ[var] = str(n)
     else:

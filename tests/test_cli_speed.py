@@ -252,7 +252,7 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
         assert res["kv_bytes"] == 2 * 2 * (2 * 8) * 4 * (3 + 10) / 2
     text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64})
     assert text.count("| tiny | fp32 |") == 2 and "plain NumPy" in text
-    assert "Memory bandwidth (this run, 2 threads reading 64 MiB): **10.0 GB/s**" in text
+    assert "Memory bandwidth (this run, thread setting default: 2 threads reading 64 MiB): **10.0 GB/s**" in text
     share = [line for line in text.splitlines() if "| babyllama |" in line][0].split("|")[6]
     gbps = rows[1].result["decode"] * (rows[1].result["decode_bytes"] + rows[1].result["kv_bytes"]) / 1e9
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 10:.0f}%)"
@@ -503,6 +503,100 @@ def _children() -> list[str]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def test_bench_threads_or_omp_num_threads_is_the_rows_thread_setting(monkeypatch):
+    """--threads N (which sets OMP_NUM_THREADS=N) or OMP_NUM_THREADS=N is the rows' one setting N: the rows'
+    children get only their setting's variables, so it would otherwise reach the header and not the rows."""
+    from babyllama.cli.bench import _thread_settings
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _thread_settings(None, None) == ("default",)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert _thread_settings(None, None) == ("2",)
+    assert _thread_settings("default,1", None) == ("default", "1")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "1", "--thread-settings", "2"], b"not both"),
+    (["--thread-settings", "default,100000"], b"--thread-settings 100000 is more than babyllama uses"),
+])
+def test_bench_thread_flags_are_checked_in_one_line(tmp_path, flags, message):
+    proc = run_cli("bench", *flags, "--cache-dir", str(tmp_path))
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
+def test_bench_rows_and_the_bandwidth_probe_run_with_their_thread_setting(tmp_path, monkeypatch):
+    """Each child gets its setting's variables (the plain row: one thread, as labelled), the bandwidth probe the
+    first setting's, whatever the parent's environment holds."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    seen = []
+
+    def child(spec: dict, env: dict | None = None) -> dict:
+        seen.append((spec["kind"], spec.get("plain"), (env or {}).get("OMP_NUM_THREADS")))
+        return {"decode": 1.0}
+
+    monkeypatch.setattr(bench, "_run_child", child)
+    plan = bench.Plan(["tiny"], ("fp32",), rounds=1, thread_settings=("2", "default"))
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    assert seen == [("bandwidth", None, "2"), ("ours", True, "1"), ("ours", False, "2"), ("ours", False, None)]
+    assert [(r.engine, r.threads) for r in rows] == [("plain NumPy", "1"), ("babyllama", "2"),
+                                                     ("babyllama", "default")]
+    assert bandwidth["setting"] == "2"
+
+
+def test_busy_co_runners_end_when_the_bench_is_killed(tmp_path):
+    """A bench ended by SIGKILL cannot stop its co-runners: they end once their parent is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from babyllama import bench\n"
+            "with bench.Busy(1) as b:\n    print(b.procs[0].pid, flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(Path(bench.__file__).parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    assert parent.stdout is not None
+    co_runner = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(co_runner) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = _running(co_runner)
+    if alive:
+        os.kill(co_runner, signal.SIGKILL)
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie waiting for its reaper has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_model_file_that_cannot_be_built_fails_its_row_only(tmp_path, monkeypatch):
+    """A cache folder that takes no new file (read-only, full) fails the rows whose file is missing; the rows
+    measured before are still reported."""
+    from babyllama.errors import BabyLlamaError
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    monkeypatch.setattr(bench, "_run_child", lambda spec, env=None: {"decode": 1.0})
+
+    def unwritable(*args, **kw):
+        raise BabyLlamaError("cannot write output tiny.gguf: Read-only file system")
+
+    monkeypatch.setattr(bench, "gguf_file", unwritable)
+    plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, paths=("fast",), gguf=True)
+    rows, _ = bench.run(plan, tmp_path, log=lambda m: None)
+    assert [(r.engine, r.error) for r in rows] == [
+        ("babyllama", None), (bench.GGUF_ENGINE, "its model file could not be built: cannot write output tiny.gguf: "
+                                                 "Read-only file system")]
+    assert "- tiny Q8_0 babyllama (GGUF): its model file" in bench.table(rows, 8, 256, {})
 
 
 def test_bench_cli_reports_a_bad_reference_flag_in_one_line(tmp_path):

@@ -62,9 +62,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "stored: the files --llamacpp times llama.cpp on)")
     p.add_argument("--busy", type=int, default=0, metavar="N",
                    help="start N spinning co-runner processes for the measurements (a busy machine)")
-    p.add_argument("--thread-settings", default="default", metavar="LIST",
-                   help="comma-separated thread settings measured in turn: default (the pool decides) or a count "
-                        "(as --threads N); e.g. default,1,2")
+    p.add_argument("--thread-settings", default=None, metavar="LIST",
+                   help="comma-separated thread settings measured in turn: default (every thread variable "
+                        "dropped: the pool decides) or a count; e.g. default,1,2 (default: --threads N or "
+                        "OMP_NUM_THREADS=N as the one setting N, else default)")
     p.add_argument("--bandwidth-mib", type=int, default=512, help="MiB read for the memory-bandwidth figure (512)")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
@@ -73,6 +74,27 @@ def add(sub: argparse._SubParsersAction) -> None:
 def _names(value: str) -> list[str]:
     """A comma-separated flag's names, each once, in order: a name given twice would be measured twice."""
     return list(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+
+
+def _thread_settings(given: str | None, threads: int | None) -> tuple[str, ...]:
+    """The thread settings the rows run with: --thread-settings, else the one count --threads or OMP_NUM_THREADS
+    gives (the rows' children get exactly the variables their setting names, so a count set any other way would
+    reach the header and not the rows), else "default"."""
+    from ..threads import check_count, explicit_threads
+
+    if given is None:
+        count = explicit_threads()  # --threads N has set OMP_NUM_THREADS=N by now
+        return (str(count),) if count else ("default",)
+    if threads is not None:
+        raise BabyLlamaError("bench: give --threads N or --thread-settings LIST, not both (--threads N is "
+                             "--thread-settings N)")
+    settings = tuple(_names(given))
+    if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
+        raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {given!r}")
+    for s in settings:
+        if s != "default":
+            check_count(int(s), "--thread-settings")
+    return settings
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -95,9 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.gguf and not set(bench.GGUF_FORMATS) & set(fmts):
         raise BabyLlamaError(f"--gguf times babyllama on {' and '.join(bench.GGUF_FORMATS)} GGUF files: add one of "
                              "them to --formats")
-    settings = tuple(_names(args.thread_settings))
-    if not settings or any(s != "default" and not (s.isdigit() and int(s) > 0) for s in settings):
-        raise BabyLlamaError(f"--thread-settings takes 'default' and positive counts, got {args.thread_settings!r}")
+    settings = _thread_settings(args.thread_settings, args.threads)
     for name in ("rounds", "repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len",
                  "bandwidth_mib"):
         if getattr(args, name) < 1:
