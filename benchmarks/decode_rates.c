@@ -3,11 +3,12 @@
  * classifier), random weights in process memory (2 MB pages where the kernel allows); the weight types take
  * turns a token at a time, median of 41 tokens each; Q8_0 and Q4_0 blocks as they are stored and regrouped as
  * the native kernels read them (quant.BlockTensor.regrouped). With the 110M shape the weights
- * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache. Prints
+ * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache; 42M lies
+ * between. Prints
  * ms per token, weight GB/s and the implied tok/s bound per weight type, token count and thread count.
  *
  *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/decode_rates.c babyllama/csrc/kernels.c -o /tmp/decode -lm
- *   /tmp/decode [SHAPE=110M|15M] [THREADS=1,2] [TOKENS=1,8]
+ *   /tmp/decode [SHAPE=110M|42M|15M] [THREADS=1,2] [TOKENS=1,8]
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -63,12 +64,24 @@ static void token(const Mat *m, int64_t L, int64_t d, int64_t h, int nt, const f
     matmul(x, nt, d, m + 7 * L, 1, out, NULL);
 }
 
+/* the tinyllamas shapes (babyllama.bench.SHAPES): dim, hidden_dim, n_layers */
+static const struct {
+    const char *name;
+    int64_t d, h, L;
+} SHAPES[] = {{"15M", 288, 768, 6}, {"42M", 512, 1376, 8}, {"110M", 768, 2048, 12}};
+
 int main(int argc, char **argv) {
     const char *shape = argc > 1 ? argv[1] : "110M";
     const char *thread_list = argc > 2 ? argv[2] : "1,2", *token_list = argc > 3 ? argv[3] : "1,8";
-    int big = strcmp(shape, "15M") != 0;
-    int64_t d = big ? 768 : 288, h = big ? 2048 : 768, L = big ? 12 : 6, V = 32000;
-    int gs = big ? 64 : 32; /* runq.c's group size for the shape (halved until it divides dim and hidden) */
+    int k = 0, n_shapes = (int)(sizeof SHAPES / sizeof SHAPES[0]);
+    while (k < n_shapes && strcmp(shape, SHAPES[k].name) != 0) k++;
+    if (k == n_shapes) {
+        fprintf(stderr, "decode_rates: unknown shape %s (15M, 42M or 110M)\n", shape);
+        return 2;
+    }
+    int64_t d = SHAPES[k].d, h = SHAPES[k].h, L = SHAPES[k].L, V = 32000;
+    int gs = 64; /* runq.c's group size for the shape: halved until it divides dim and hidden */
+    while (d % gs || h % gs) gs /= 2;
     const char *names[6] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"};
     printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape\n", kernel_isa(), (long)kernel_prefetch_bytes(), shape);
     Mat *models[6];

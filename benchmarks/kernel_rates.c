@@ -6,6 +6,8 @@
  *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/kernel_rates.c babyllama/csrc/kernels.c -o /tmp/rates -lm
  *   /tmp/rates [ROWS=1024] [N=768] [THREADS=1] [TYPES=012345: fp32, runq.c Q8_0, Q8_0 blocks, Q4_0, Q4_0
  *   and Q8_0 regrouped as decode steps read them] [CALLS=200]
+ *   N: a multiple of 32 (the blocks' size); runq.c's Q8_0 groups are 64 where 64 divides N, else 32, as runq.c
+ *   halves its group size until it divides the model's widths
  *   (-march=x86-64-v3 instead: the AVX2 paths)
  */
 #include <stdint.h>
@@ -20,24 +22,32 @@ int main(int argc, char **argv) {
     int64_t rows = argc > 1 ? atol(argv[1]) : 1024, n = argc > 2 ? atol(argv[2]) : 768;
     int threads = argc > 3 ? atoi(argv[3]) : 1, calls = argc > 5 ? atoi(argv[5]) : 200;
     const char *types = argc > 4 ? argv[4] : "012345";
-    const char *names[6] = {"fp32",  "Q8_0 (runq.c, gs 64)", "Q8_0 (llama.cpp blocks)",
-                            "Q4_0", "Q4_0 regrouped",       "Q8_0 regrouped"};
+    if (rows < 1 || n < 32 || n % 32 != 0) { /* the kernels would compute a product of part of each row */
+        fprintf(stderr, "kernel_rates: ROWS must be >= 1 and N a positive multiple of 32, got %ld x %ld\n",
+                (long)rows, (long)n);
+        return 2;
+    }
+    int gs = n % 64 == 0 ? 64 : 32;
+    char runq_name[32];
+    snprintf(runq_name, sizeof runq_name, "Q8_0 (runq.c, gs %d)", gs);
+    const char *names[6] = {"fp32",  runq_name,        "Q8_0 (llama.cpp blocks)",
+                            "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"};
     pool_configure(threads, 1, -1);
     printf("%s, %ld x %ld weights, %d thread(s): best of %d calls\n", kernel_isa(), (long)rows, (long)n, threads,
            calls);
     for (int type = 0; type < 6; type++) {
         if (!strchr(types, '0' + type)) continue;
-        int64_t bb = type == 3 || type == 4 ? 18 : 34, rb = type == 0 ? 4 * n : type == 1 ? n + 4 * (n / 64) : n / 32 * bb;
+        int64_t bb = type == 3 || type == 4 ? 18 : 34, rb = type == 0 ? 4 * n : type == 1 ? n + 4 * (n / gs) : n / 32 * bb;
         uint8_t *w = malloc(rows * rb);
         for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)rand();
         if (type == 0)
             for (int64_t i = 0; i < rows * n; i++) ((float *)w)[i] = 0.01f * (float)(i % 7);
         if (type >= 2)
             for (int64_t b = 0; b < rows * n / 32; b++) memcpy(w + b * bb, &(uint16_t){0x2000}, 2); /* fp16 scales */
-        float *s = malloc(rows * (n / 64) * sizeof(float));
-        for (int64_t i = 0; i < rows * (n / 64); i++) s[i] = 0.01f;
+        float *s = malloc(rows * (n / gs) * sizeof(float));
+        for (int64_t i = 0; i < rows * (n / gs); i++) s[i] = 0.01f;
         if (type >= 4 && regroup_in_place(w, rows, n, type == 4 ? 3 : 2)) continue; /* no such kernels here */
-        Mat m = {w, type == 1 ? s : NULL, rows, 0, type, type == 0 ? 0 : type == 1 ? 64 : 32};
+        Mat m = {w, type == 1 ? s : NULL, rows, 0, type, type == 0 ? 0 : type == 1 ? gs : 32};
         for (int nt = 1; nt <= 8; nt *= 8) {
             float *x = malloc(nt * n * sizeof(float)), *out = malloc(nt * rows * sizeof(float));
             for (int64_t i = 0; i < nt * n; i++) x[i] = (float)(rand() % 1000) / 500.0f - 1.0f;

@@ -56,3 +56,16 @@ def test_decode_rates_runs_a_decode_tokens_products(build):
     names = ["Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"]
     assert [name.strip() for name, _, _ in steps] == names
     assert all(float(ms) > 0 and float(gbs) > 0 for _, ms, gbs in steps)
+
+
+def test_kernel_rates_takes_runq_c_group_size_and_refuses_partial_rows(build):
+    """Rows of 288 (the 15M shape) are groups of 32 in runq.c; N off the blocks' 32 would time part of a row."""
+    exe = build("kernel_rates")
+    assert "Q8_0 (runq.c, gs 32)" in _run(exe, "64", "288", "1", "1", "3")
+    out = subprocess.run([str(exe), "64", "100", "1", "1", "3"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "N a positive multiple of 32" in out.stderr and not out.stdout
+
+
+def test_decode_rates_refuses_a_shape_it_does_not_know(build):
+    out = subprocess.run([str(build("decode_rates")), "7B", "1", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown shape 7B" in out.stderr and not out.stdout
