@@ -121,7 +121,7 @@ def _source_weights(shape: str):
     return random_model(shape_args(shape))
 
 
-def _stem(shape: str) -> str:
+def model_stem(shape: str) -> str:
     """The cached files' name stem: "random-SHAPE", or for the built-in model one keyed on its file's sha256, so
     that a retrained built-in model is never measured through an older one's cached copies."""
     if shape != BUILTIN:
@@ -138,7 +138,7 @@ def model_file(shape: str, fmt: str, directory: Path, version: int | None = None
 
     version = FORMATS[fmt] if version is None else version
     suffix = "" if version == FORMATS[fmt] else f"-v{version}"
-    path = directory / f"{_stem(shape)}-{fmt}{suffix}.bin"
+    path = directory / f"{model_stem(shape)}-{fmt}{suffix}.bin"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
         formats.save(_source_weights(shape), path, version=version, quantize_q4=kernels.q4_0_blocks)
@@ -167,7 +167,7 @@ def gguf_file(shape: str, fmt: str, directory: Path) -> Path:
     from .interop.gguf import save_gguf
     from .interop.vocab import load_vocab
 
-    path = directory / f"{_stem(shape)}-{fmt}.gguf"
+    path = directory / f"{model_stem(shape)}-{fmt}.gguf"
     if not path.exists():
         print(f"building {path.name} ...", file=sys.stderr, flush=True)
         save_gguf(_source_weights(shape), path, load_vocab(tokenizer_file(shape, directory)), GGUF_TYPES[fmt])
@@ -809,7 +809,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              f"one forward pass; B={batch}: aggregate tok/s of {batch} sequences decoded together; TTFT: load + "
              f"engine set-up + {min(TTFT_PROMPT, prompt_len)}-token prompt + first token, in process. threads: "
              "default (the pool decides), "
-             "or N set explicitly (--thread-settings, --threads or OMP_NUM_THREADS; the plain rows: 1). KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
+             "or N set explicitly (--thread-settings, --threads or OMP_NUM_THREADS; the plain rows: 1). "
+             "KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
              "F16 and BF16, unless the engine column names --kv-cache.")
     if in_cache:
         notes += (f" fits in cache: a token's bytes fit in the CPU's last-level cache ({cache / 2**20:.0f} MiB), so "

@@ -51,6 +51,38 @@ print(json.dumps({"load_s": loaded, "decode": speed, "rss_mib": rss_mib(), "peak
 """
 
 
+HEADER = ("| model | GGUF type | file MiB | runs as | load s | RSS after decoding MiB (over the imports'; the KV "
+          "cache's size) | peak RSS MiB | decode tok/s | conversion |")
+
+
+def quantized_file(directory: Path, shape: str, ftype: str) -> Path:
+    """Where llama.cpp's `ftype` file of the shape's model is cached: named like bench's own files of it (the
+    built-in model's keyed on its content), so that a retrained model is never measured through an old file."""
+    from babyllama import bench
+
+    return directory / f"{bench.model_stem(shape)}-{ftype}.gguf"
+
+
+def failed_row(shape: str, ftype: str, reason: str) -> str:
+    """A table row for a file that could not be made or run: the reason, and a dash in every other cell."""
+    cells = [shape, ftype, "–", f"failed: {reason}"]
+    return "| " + " | ".join(cells + ["–"] * (HEADER.count("|") - 1 - len(cells))) + " |"
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' mistakes, in one line each, before any model is built."""
+    from babyllama import bench
+    from babyllama.errors import BabyLlamaError
+
+    shapes = [bench.BUILTIN, *bench.SHAPES]
+    if args.shape not in shapes:
+        raise BabyLlamaError(f"unknown --shape {args.shape}; choose from {', '.join(shapes)}")
+    context = bench.context_of(args.shape)
+    if not 2 <= args.tokens <= context:  # the first token is not timed: at least one more
+        raise BabyLlamaError(f"--tokens must be from 2 to the {args.shape} model's context ({context}), got "
+                             f"{args.tokens}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="110M")
@@ -58,6 +90,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--dir", default=None, help="where the GGUF files go (default: the bench cache)")
     args = ap.parse_args()
+    check_args(args)
 
     from quality import llamacpp_quantize
 
@@ -65,18 +98,22 @@ def main() -> None:
 
     directory = bench.cache_dir(args.dir)
     f32 = bench.gguf_file(args.shape, "fp32", directory)
-    print("| model | GGUF type | file MiB | runs as | load s | RSS after decoding MiB (over the imports'; the KV "
-          "cache's size) | peak RSS MiB | decode tok/s | conversion |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(HEADER)
+    print("|" + " --- |" * (HEADER.count("|") - 1))
     for ftype in [t for t in args.types.split(",") if t]:
-        path = directory / f"random-{args.shape}-{ftype}.gguf"
+        path = quantized_file(directory, args.shape, ftype)
         if not path.exists():
             print(f"quantizing {path.name} with llama.cpp ...", file=sys.stderr, flush=True)
-            llamacpp_quantize(f32, path, ftype)
+            try:
+                llamacpp_quantize(f32, path, ftype)
+            except (RuntimeError, AttributeError) as e:  # AttributeError: a type llama-cpp-python does not name
+                print(failed_row(args.shape, ftype, str(e)))
+                continue
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.tokens)], capture_output=True,
                              text=True)
         if out.returncode != 0:
-            print(f"| {args.shape} | {ftype} | – | failed: {out.stderr.strip().splitlines()[-1]} | | | | |")
+            lines = out.stderr.strip().splitlines()
+            print(failed_row(args.shape, ftype, lines[-1] if lines else f"exit status {out.returncode}"))
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rss = f"{r['rss_mib']:.0f} ({r['rss_mib'] - r['baseline_mib']:.0f}; {r['kv_cache_mib']:.0f})"
@@ -86,4 +123,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    main()
+    from babyllama.errors import BabyLlamaError
+
+    try:
+        main()
+    except BabyLlamaError as e:
+        sys.exit(f"gguf_files.py: error: {e}")

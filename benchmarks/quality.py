@@ -40,6 +40,29 @@ def llamacpp_quantize(src: Path, dst: Path, ftype_name: str) -> None:
         raise RuntimeError(f"llama_model_quantize {ftype_name} failed")
 
 
+def model_and_tokenizer(spec: str) -> tuple[Path, Path]:
+    """--model PATH[:TOKENIZER]: the model and its tokenizer (tokenizer.bin beside it where none is named)."""
+    path, _, tok = spec.partition(":")
+    return Path(path), Path(tok) if tok else Path(path).with_name("tokenizer.bin")
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """The flags' mistakes, in one line each, before any model is loaded; the --model files and tokenizers."""
+    from babyllama.errors import BabyLlamaError
+
+    if args.max_stories is not None and args.max_stories < 1:
+        raise BabyLlamaError(f"--max-stories must be >= 1, got {args.max_stories}")
+    if not Path(args.data).is_file():
+        raise BabyLlamaError(f"--data {args.data}: no such file")
+    extra = [model_and_tokenizer(spec) for spec in args.model]
+    for path, tok in extra:
+        if not path.is_file():
+            raise BabyLlamaError(f"--model {path}: no such file")
+        if not tok.is_file():
+            raise BabyLlamaError(f"--model {path}: no tokenizer {tok} (give one: --model {path}:TOKENIZER)")
+    return extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(SHARED / "data" / "tinystories" / "valid.txt"))
@@ -48,6 +71,7 @@ def main() -> None:
     ap.add_argument("--gguf-types", default="Q4_K_M,Q6_K,Q5_0",
                     help="llama.cpp file types to quantize the models into ('' for none)")
     args = ap.parse_args()
+    extra = check_args(args)
 
     from babyllama import formats
     from babyllama.bench import decode_bytes
@@ -61,9 +85,7 @@ def main() -> None:
     s260k = SHARED / "fixtures" / "stories260K.bin"
     if s260k.is_file():
         models.append(("stories260K", s260k, SHARED / "fixtures" / "tok512.bin"))
-    for spec in args.model:
-        path, _, tok = spec.partition(":")
-        models.append((Path(path).name, Path(path), Path(tok) if tok else Path(path).with_name("tokenizer.bin")))
+    models += [(path.name, path, tok) for path, tok in extra]
 
     print(f"data: {args.data}" + (f", first {args.max_stories} stories" if args.max_stories else ""), file=sys.stderr)
     print("| model | weights | bits per byte | vs fp32 | weight MB read per token | notes |")
@@ -105,4 +127,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from babyllama.errors import BabyLlamaError
+
+    try:
+        main()
+    except BabyLlamaError as e:
+        sys.exit(f"quality.py: error: {e}")

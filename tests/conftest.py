@@ -143,6 +143,15 @@ def run_cli(*args: str, input: str | bytes | None = None, timeout: float = 120, 
                           capture_output=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie waiting for its parent is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # The kernel backend is chosen (and its libraries loaded: numba's LLVM alone is ~70 MB resident) before any
 # figure is taken, so that the scripts measure the model's memory, not the backend's code.
 MEMORY_PRELUDE = """

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    alive,
     assert_greedy_agree,
     byte_tokenizer,
     logits_after,
@@ -562,21 +563,12 @@ def test_busy_co_runners_end_when_the_bench_is_killed(tmp_path):
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
-    while _running(co_runner) and time.monotonic() < deadline:
+    while alive(co_runner) and time.monotonic() < deadline:
         time.sleep(0.05)
-    alive = _running(co_runner)
-    if alive:
+    left = alive(co_runner)
+    if left:
         os.kill(co_runner, signal.SIGKILL)
-    assert not alive
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` is a process that has not ended (a zombie waiting for its reaper has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert not left
 
 
 def test_a_model_file_that_cannot_be_built_fails_its_row_only(tmp_path, monkeypatch):

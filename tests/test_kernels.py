@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import (
     ROOT,
+    alive,
     assert_greedy_agree,
     byte_tokenizer,
     cpu_has,
@@ -943,15 +944,6 @@ def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path):
     assert again.returncode == 0, (again.returncode, again.stderr.decode())
     assert again.stdout == first.stdout and len(first.stdout) > 24
     assert lib.read_bytes() == native.path.read_bytes()
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` is running (a zombie waiting for its parent is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes' states from /proc")
