@@ -312,6 +312,27 @@ def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
         server.stop()
 
 
+def test_a_server_started_with_sigint_ignored_still_exits_130_on_it(slow_model):
+    """A server started with SIGINT ignored (`nohup`, a background job of a script) still stops on it, and its
+    exit status says so (uvicorn's raising the signal again does nothing there)."""
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", slow_model, "--port", "0",
+                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        line = b""
+        while b"serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server exited"
+        port = int(re.search(rb"http://127\.0\.0\.1:(\d+) ", line).group(1))
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_an_address_it_cannot_listen_on_is_one_error_line():
     """A port in use, or an address that is not this machine's: one error line (exit 1), and no "serving"
     line before it."""

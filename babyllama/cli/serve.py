@@ -173,8 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"babyllama: {model.description}; serving {config.model_name!r} on "
           f"http://{serve.address(args.host, port)} ({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} "
           "KV cache)", file=sys.stderr)
-    serve.run(app, sockets, args.log_level)
-    return 0
+    stopped_by = serve.run(app, sockets, args.log_level)
+    return 0 if stopped_by is None else 128 + stopped_by  # the shell's status for a process a signal ended
 
 
 def check_slots_fit(model: Model, slots: int) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -71,6 +72,12 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
         self.app = app
+        self.stopped_by: int | None = None  # the first signal that told it to stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app.state.service.shut_down()
@@ -168,10 +175,14 @@ def open_files_for(connections: int) -> None:
         pass
 
 
-def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> None:
+def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> int | None:
     """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
-    ServeConfig's limits on connections (ConnectionLimits)."""
+    ServeConfig's limits on connections (ConnectionLimits). Returns the signal that stopped it, if any: uvicorn
+    raises it again as it returns, which does nothing where the process was started with it ignored (`nohup`,
+    a background job of a script)."""
     open_files_for(app.state.service.config.max_connections)
     protocol = with_limits(app.state.service.config, app.state.service.metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
-    Server(config, app).run(sockets=sockets)
+    server = Server(config, app)
+    server.run(sockets=sockets)
+    return server.stopped_by
