@@ -99,10 +99,12 @@ class Sequence:
         # with a context of 1 or 2 that half is 0
         delta = slidable - max((seq_len - keep) // 2, 1)
         delta = self._at_turn_start(delta, keep, least=slidable - (seq_len - keep))
-        del self.tokens[keep: keep + delta]
+        # new lists, not trimmed in place: the sampler's running counts (sampler.RunningCounts) follow a list as
+        # it grows, and a list trimmed by one token whose new last equals its old one would look merely unchanged
+        self.tokens = self.tokens[:keep] + self.tokens[keep + delta:]
         self.turn_starts = [s if s <= keep else s - delta for s in self.turn_starts if not keep < s < keep + delta]
         # the generated tokens the window still holds: the newest, after the kept ones (the prompt's start)
-        del self.generated[: max(0, len(self.generated) - (len(self.tokens) - keep))]
+        self.generated = self.generated[max(0, len(self.generated) - (len(self.tokens) - keep)):]
         self.n_dropped += delta
         return delta
 

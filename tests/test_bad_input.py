@@ -140,9 +140,10 @@ def test_corrupt_tokenizer(tmp_path, good_model):
     (["-t", "nan"], "temperature (-t) must be a finite number >= 0, got nan", 1),
     (["-t", "inf"], "temperature (-t) must be a finite number >= 0, got inf", 1),
     (["-p", "1.5"], "top-p (-p) must be in [0, 1]", 1),
-    (["-s", "-1"], "seed (-s) must be in [0, 2**63), got -1", 1),
+    # run.c reads -s through atoi: an int (a negative one as 2**64 + s)
+    (["-s", str(-2**31 - 1)], "seed (-s) must be in [-2**31, 2**63), got -2147483649", 1),
     # the generator keeps 64 bits: this one would sample seed 7's text, as the Python API refuses it too
-    (["-s", str(2**64 + 7)], "seed (-s) must be in [0, 2**63), got 18446744073709551623", 1),
+    (["-s", str(2**64 + 7)], "seed (-s) must be in [-2**31, 2**63), got 18446744073709551623", 1),
     (["-m", "talk"], "invalid choice", 2),
     (["--bogus"], "babyllama run: error: unrecognized arguments: --bogus (see --help)", 2),
 ])

@@ -17,7 +17,7 @@ from babyllama.engine import Engine
 from babyllama.errors import BabyLlamaError
 from babyllama.generate import Sequence, generate, generate_batch
 from babyllama.kernels_base import NumpyKernels
-from babyllama.sampler import Sampler
+from babyllama.sampler import Controls, Sampler
 from babyllama.speculative import SpecStats, speculative_generate
 
 rng = np.random.default_rng(3)
@@ -206,6 +206,24 @@ def test_a_sequence_sliding_past_its_context_holds_only_its_window():
     e = Engine(random_weights(tiny_args(max_seq_len=16), scale=0.3))
     assert len(list(generate(e, [1, 17], 100, Sampler(0.0), context_shift=True, stop_ids=()))) == 99
     assert len(list(generate(e, [1, 17], 100, Sampler(0.0), context_shift=True, stop_ids=(), max_new=40))) == 40
+
+
+def test_penalties_count_the_window_after_a_shift_that_drops_one_generated_token():
+    """A shift that drops exactly one generated token, the new token equal to the one before it: the list is as
+    long as before with the same last token, and the sampler's running counts must still see that it changed
+    (the dropped token no longer counts, the new one does)."""
+    seq = Sequence([1, 2, 3, 4], Sampler(0.0), 10**6, context_shift=True, n_keep=0)
+    sampler = Sampler(0.0, controls=Controls(frequency_penalty=1.0))
+    logits = np.zeros(32, dtype=np.float32)
+    logits[10], logits[0] = 1.5, 1.0  # 10 wins unless it is still counted (1.5 - 1 < 1)
+    for t in (10, 11, 12, 13):
+        seq.tokens.append(t)
+        seq.generated.append(t)
+        sampler.sample(logits, seq.tokens, seq.generated)  # counts follow the lists as they grow
+    seq.tokens.append(13)
+    seq.generated.append(13)
+    assert seq.shift_if_full(8) == 5 and seq.generated == [11, 12, 13, 13]  # 10, the first generated, dropped
+    assert sampler.sample(logits, seq.tokens, seq.generated) == 10
 
 
 def test_context_shift_window_keeps_the_prefix():

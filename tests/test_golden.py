@@ -36,3 +36,14 @@ def test_no_mmap_and_numpy_kernels_print_the_same_golden_text():
                    env={"BABYLLAMA_KERNELS": "numpy"})
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == expected
+
+
+def test_a_negative_seed_is_read_as_run_c_reads_it():
+    """run.c keeps `atoi(-s)` in an unsigned 64-bit seed and replaces only 0 by the time: -s -5 is the seed
+    2**64 - 5, the same story every time. Its output here, from llama2.c's run.c built from source (gcc -O3, and
+    -Ofast -march=native -fopenmp alike): `./run stories260K.bin -z tok512.bin -s -5 -n 40`."""
+    model, tok = shared_file("fixtures/stories260K.bin"), shared_file("fixtures/tok512.bin")
+    proc = run_cli("run", str(model), "-z", str(tok), "-s", "-5", "-n", "40", "--raw-bytes")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == (b"Once upon a time, there was a little boy named Tim. He liked to play with his toy cars "
+                           b"and run around. One day, he w\n")

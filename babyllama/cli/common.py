@@ -173,8 +173,10 @@ def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False
         raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
     if args.max_new_tokens is not None and args.max_new_tokens < (0 if zero_new_tokens else 1):
         raise BabyLlamaError(f"--max-new-tokens must be >= {0 if zero_new_tokens else 1}, got {args.max_new_tokens}")
-    if not 0 <= args.seed < SEED_LIMIT:  # the generator keeps 64 bits: 2**64 + 7 would sample seed 7's text
-        raise BabyLlamaError(f"seed (-s) must be in [0, 2**63), got {args.seed}")
+    # the generator keeps 64 bits: 2**64 + 7 would sample seed 7's text; a negative seed is run.c's: its atoi's
+    # int read as an unsigned 64-bit number (2**64 + s, which sampler.Rng takes it as)
+    if not -(2**31) <= args.seed < SEED_LIMIT:
+        raise BabyLlamaError(f"seed (-s) must be in [-2**31, 2**63), got {args.seed}")
     problem = controls(args).problem()
     if problem:
         name, rule = problem

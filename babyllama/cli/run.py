@@ -285,6 +285,7 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
 
     from ..generate import stream_batch
     from ..printer import Printer, stdout_bytes, write_out
+    from ..sampler import choice_seed
 
     prompts = read_prompts(args.batch_file)
     tok = model.tokenizer
@@ -300,7 +301,7 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
         warn_new_tokens_beyond_context(n_prompt, args.max_new_tokens, steps,
                                        which=f"the longest prompt's (line {i + 1})")
     base = args.seed or int(time.time())
-    samplers: list[Sampler | None] = [make_sampler(args, base + i) for i in range(len(ids))]
+    samplers: list[Sampler | None] = [make_sampler(args, choice_seed(base, i)) for i in range(len(ids))]
     start = time.perf_counter()
     out = stdout_bytes()
     total = 0
