@@ -424,7 +424,7 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
                         shared_classifier=shared, rope_theta=theta or DEFAULT_ROPE_THETA,
                         norm_eps=eps or DEFAULT_NORM_EPS)
     try:
-        if version == 2:
+        if version == 2 and (group_size <= 0 or dim % group_size):  # hidden_dim: see straddling_groups
             check_group_size(args, group_size)
         if version == 3:
             check_q4_shape(args, group_size)
@@ -513,6 +513,13 @@ class _Cursor:
         s = self.take(np.float32, out, n // gs)
         return QTensor(q, s, gs)
 
+    def take_q8_flat(self, out: int, n: int, gs: int) -> np.ndarray:
+        """A matrix quantized as llama2.c's export.py does, in groups of gs over the whole flattened tensor,
+        dequantized: the weights it stands for, in fp32."""
+        q = self.take(np.int8, out * n // gs, gs)
+        s = self.take(np.float32, out * n // gs)
+        return (q * s[:, None]).reshape(out, n)
+
     def take_q4(self, out: int, n: int) -> BlockTensor:
         return BlockTensor("q4_0", self.take(np.uint8, out, _q4_bytes(n)), n)
 
@@ -557,6 +564,15 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
         emb = c.take(np.float32, V, d)
         mats = {name: c.take(np.float32, L, *shapes[name]) for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take(np.float32, V, d)
+    elif version == 2 and h % gs:
+        rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
+        emb = c.take_q8_flat(V, d, gs)
+        mats = {name: np.stack([c.take_q8_flat(*shapes[name], gs) for _ in range(L)]) for name in LAYER_MATRICES}
+        wcls = emb if args.shared_classifier else c.take_q8_flat(V, d, gs)
+        print(f"note: {path}: its Q8_0 groups of {gs} run across the rows of w2 (hidden_dim {h} is not a multiple "
+              f"of {gs}: llama2.c's export.py writes such files, and runq.c misreads them); the weights they stand "
+              "for are read as fp32 (--quantize q8_0 quantizes them again, in groups within rows)", file=sys.stderr)
+        version, gs = 1, 0
     elif version == 2:
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)
         qemb = c.take_q8(V, d, gs)

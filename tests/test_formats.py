@@ -201,6 +201,49 @@ def test_group_size_for_odd_hidden_dim_and_note_where_small(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def _llama2c_version2(w: formats.Weights, path, gs: int = 64) -> list[np.ndarray]:
+    """`w` written as llama2.c's export.py --version 2 writes it: the group size halved only until it divides
+    dim, each tensor's groups over the whole flattened tensor (quantize_q80's w.reshape(-1, group_size)).
+    Returns the weights each matrix then stands for, in file order."""
+    import struct
+
+    a = w.args
+    while a.dim % gs:
+        gs //= 2
+    head = struct.pack("<Ii7iBi", formats.MAGIC, 2, a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads,
+                       a.vocab_size, a.max_seq_len, int(a.shared_classifier), gs)
+    body = [head.ljust(256, b"\0"), w.rms_att.tobytes(), w.rms_ffn.tobytes(), w.rms_final.tobytes()]
+    mats = [w.tok_embeddings, *(m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(w, name))]
+    stands_for = []
+    for m in mats + ([] if a.shared_classifier else [w.wcls]):
+        groups = np.asarray(m, dtype=np.float32).reshape(-1, gs)
+        scale = (np.abs(groups).max(axis=1) / 127.0).astype(np.float32)
+        q = np.round(groups / scale[:, None]).astype(np.int8)
+        body += [q.tobytes(), scale.tobytes()]
+        stands_for.append((q * scale[:, None]).reshape(m.shape))
+    path.write_bytes(b"".join(body))
+    return stands_for
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_llama2c_version2_files_with_groups_across_rows_read_as_the_weights_they_hold(tmp_path, capsys, shared):
+    """llama2.c's export.py quantizes hidden_dim 96 (dim 64) in groups of 64 over each flattened tensor, so
+    w2's groups run across its rows of 96: such a file is read, each weight its group's int8 value times the
+    group's scale, in fp32 (with a note), rather than refused as a corrupt header."""
+    w = random_weights(tiny_args(dim=64, hidden_dim=96, n_heads=4, shared_classifier=shared))
+    stands_for = _llama2c_version2(w, tmp_path / "l2c.bin")
+    got = formats.load(tmp_path / "l2c.bin")
+    assert "groups of 64 run across the rows of w2 (hidden_dim 96" in capsys.readouterr().err
+    mats = [got.tok_embeddings, *(m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(got, name))]
+    for want, m in zip(stands_for, mats + ([] if shared else [got.wcls]), strict=True):
+        np.testing.assert_array_equal(np.asarray(m), want)
+    assert got.kinds() == "fp32" and (got.wcls is got.tok_embeddings) == shared
+    # dim 64 and hidden_dim 128: the groups lie within rows, so the file runs in Q8_0 as stored
+    _llama2c_version2(random_weights(tiny_args(dim=64, hidden_dim=128, n_heads=4)), tmp_path / "even.bin")
+    even = formats.load(tmp_path / "even.bin")
+    assert even.group_size == 64 and even.quantized and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_quantize_in_memory_equals_v2_file(tmp_path, shared):
     w = random_weights(tiny_args(shared_classifier=shared))

@@ -91,6 +91,21 @@ def test_a_pytorch_model_bin_weight_file_runs_as_its_folder_does(tmp_path, layou
 
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_pytorch_model_bin_of_tensors_that_require_grad_runs(tmp_path, dtype):
+    """llama2.c's export.py --version -1 saves clones of its parameters, which keep requires_grad: they run as
+    the same weights saved without it do (NumPy refuses such tensors until they are detached)."""
+    from babyllama.loading import open_model
+
+    folder = save_as(make_hf_model(2, True).to(dtype), tmp_path / "hf", "pytorch")
+    plain = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    torch.save({k: v.clone().requires_grad_(True) for k, v in plain.items()}, tmp_path / "grad.bin")
+    (tmp_path / "grad.bin").replace(folder / "pytorch_model.bin")
+    reference = save_as(make_hf_model(2, True).to(dtype), tmp_path / "plain", "pytorch")
+    np.testing.assert_array_equal(engine_logits(open_model(folder).weights, TOKENS),
+                                  engine_logits(open_model(reference).weights, TOKENS))
+
 def test_a_tied_config_over_an_lm_head_of_other_values_runs_untied(tmp_path, capsys):
     """config.json ties the classifier but the checkpoint keeps an lm_head.weight of other values: run untied with
     it, as transformers 5 does (with a warning), and say so; an lm_head.weight equal to the embedding is tied."""

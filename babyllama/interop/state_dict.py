@@ -131,9 +131,11 @@ def check_torch_state(state: Any, source: str | os.PathLike) -> dict:
 def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
     """A PyTorch tensor as from_state_dict takes it: a bfloat16 matrix as its bits (BF16Tensor) and an fp16 one
     as fp16, both sharing the tensor's memory (kept as they are: the kernels read them as fp32); anything else
-    as an fp32 copy."""
+    as an fp32 copy. Tensors saved with requires_grad (llama2.c's export.py --version -1 clones its parameters
+    so) are detached first: NumPy cannot take them otherwise."""
     import torch
 
+    t = t.detach()
     if t.dim() == 2 and t.dtype == torch.bfloat16:
         return BF16Tensor(t.contiguous().view(torch.int16).numpy().view(np.uint16))
     if t.dim() == 2 and t.dtype == torch.float16:
