@@ -959,10 +959,31 @@ def test_a_weight_beyond_fp16s_range_refuses_f16_gguf_output(tmp_path, capsys, d
     byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
     out = tmp_path / "m.gguf"
     assert main(["export", str(out), "--model", str(tmp_path / "m.bin"), "--dtype", dtype]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == f"babyllama: error: tensor {tensor}{why}: weights beyond fp16's range (|w| > 65504): use bf16"
+    err = capsys.readouterr().err.strip().splitlines()  # q8_0: a note on the f16 matrices first
+    assert err[-1] == f"babyllama: error: tensor {tensor}{why}: weights beyond fp16's range (|w| > 65504): use bf16"
+    assert len(err) == 1 + (dtype != "f16")
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     assert main(["export", str(out), "--model", str(tmp_path / "m.bin"), "--dtype", "bf16"]) == 0
+
+
+@pytest.mark.parametrize("dim, hidden_dim, dtype, note, file_type", [
+    (32, 80, "q8_0", "2 of 16 matrices written as f16: their rows (of 80)", "MOSTLY_Q8_0"),
+    (48, 100, "q4_0", "16 of 16 matrices written as f16: their rows (of 48, 100)", "MOSTLY_F16"),
+    (32, 96, "q4_0", None, "MOSTLY_Q4_0"),
+])
+def test_matrices_written_as_f16_for_want_of_whole_blocks_are_said(tmp_path, capsys, dim, hidden_dim, dtype, note,
+                                                                   file_type):
+    """Rows that do not split into blocks of 32 are written as f16 (as llama.cpp's converter does): a note says
+    how many, and a file with no matrix in the type asked for says f16 in general.file_type."""
+    w = random_weights(tiny_args(dim=dim, hidden_dim=hidden_dim, n_heads=4, vocab_size=300, shared_classifier=False))
+    formats.save(w, tmp_path / "m.bin")
+    byte_tokenizer(300).save(tmp_path / "tokenizer.bin")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m.gguf"), "--model", str(tmp_path / "m.bin"), "--dtype", dtype]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {note} do not split into {dtype}'s blocks of 32" in err) if note else "note:" not in err, err
+    meta = gguf_metadata(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert meta["general.file_type"] == gguf.LlamaFileType[file_type]
 
 
 @pytest.mark.parametrize("arch, pattern", [

@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -140,6 +141,16 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[dtype]
 
     check_writable(args, path)
+    held = held_tensors(weights)
+    shapes = expected_shapes(args)
+    kinds = {key: _written_kind(m, shapes[key], dtype) for key, m in held.items()}
+    fell_back = sorted({shapes[key][1] for key, kind in kinds.items() if len(shapes[key]) == 2 and kind != dtype})
+    if fell_back:
+        matrices = [kind for key, kind in kinds.items() if len(shapes[key]) == 2]
+        print(f"note: {matrices.count('f16')} of {len(matrices)} matrices written as f16: their rows (of "
+              f"{', '.join(map(str, fell_back))}) do not split into {dtype}'s blocks of {BLOCK}", file=sys.stderr)
+        if dtype not in matrices:  # none is in dtype: the file is f16 (llama.cpp reads the type from here)
+            file_type = gguf.LlamaFileType.MOSTLY_F16
     with safeio.pending(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         # GGUF strings are UTF-8: a file name's bytes that are not (a Latin-1 name) become U+FFFD
@@ -160,9 +171,6 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         w.add_chat_template(get_template().jinja)
 
         # the tensors' descriptions first, then each tensor converted and written in turn: one at a time in memory
-        held = held_tensors(weights)
-        shapes = expected_shapes(args)
-        kinds = {key: _written_kind(m, shapes[key], dtype) for key, m in held.items()}
         for key, kind in kinds.items():
             block_size, type_size = gguf.GGML_QUANT_SIZES[qtypes[kind]]
             w.add_tensor_info(gguf_name(key), shapes[key], np.dtype(np.float32),
