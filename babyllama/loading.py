@@ -108,6 +108,8 @@ def detect_format(path: str | os.PathLike) -> str:
         raise BabyLlamaError(f"{path}: {part}, not a model file: pass the folder itself ({path.parent})")
     if head[:4] == b"GGUF":
         return "gguf"
+    if path.suffix.lower() == ".gguf" and len(head) < 4:  # not a llama2.c file too small for its header either
+        raise BabyLlamaError(f"{path}: file is too small ({len(head)} bytes) to be a GGUF model")
     # torch.save's file (its zip, or the older pickle): a Hugging Face pytorch_model.bin beside its config, else a
     # training checkpoint
     if head.startswith((b"PK\x03\x04", _TORCH_LEGACY_HEAD)):

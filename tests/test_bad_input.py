@@ -47,6 +47,14 @@ def test_corrupt_model_files(tmp_path, content, pattern):
     assert_one_line_error(run_cli("run", str(path), "-n", "4"), pattern)
 
 
+@pytest.mark.parametrize("content", [b"", b"GG"])
+def test_a_gguf_named_file_too_small_for_its_magic_is_called_a_gguf(tmp_path, content):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    assert_one_line_error(run_cli("run", str(path), "-n", "4"),
+                          f"file is too small ({len(content)} bytes) to be a GGUF model")
+
+
 def test_trailing_garbage_is_rejected(tmp_path, good_model):
     model, tok = good_model
     bad = tmp_path / "bad.bin"
