@@ -160,6 +160,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train", "--peak_flops=-1"], "peak_flops must be a finite number >= 0 (0: known GPUs'), got -1.0"),
     (["train", "--seed=99999999999999999999"], "seed must be in [0, 2**63), got 99999999999999999999"),
     (["train", "--seed=-1"], "seed must be in [0, 2**63), got -1"),
+    (["train", "--batch_size=99999999999999999999"], "batch_size must be below 2**31, got 99999999999999999999"),
+    (["train", "--eval_iters=2147483648"], "eval_iters must be below 2**31, got 2147483648"),
     (["train", "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16"),
     (["train", "nope.toml"], "config file not found: nope.toml"),
     (["train", "--init_from=resume", "--out_dir=empty"], "checkpoint not found: empty/ckpt.pt"),

@@ -4,6 +4,7 @@ made here (train-vocab → pretokenize → train → export v0/v1/v2 → run, an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
 from conftest import (  # noqa: E402
+    ROOT,
     batched_decode_side_by_side,
     byte_tokenizer,
     cli_error,
@@ -651,6 +653,49 @@ def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread
     monkeypatch.setattr(Trainer, "step", step)
     assert main(["train", f"--out_dir={out}", "--init_from=resume"]) == 0
     assert evaluations(out) == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 6710886400 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, one_thread, capsys, monkeypatch, error):
+    from babyllama.cli import main
+    from babyllama.train.loop import Trainer
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    step = Trainer.step
+
+    def fails_at_3(self):
+        if self.iter_num == 3:
+            raise error
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", fails_at_3)
+    assert main(["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("babyllama: error: out of memory at step 3 (") and "Traceback" not in "".join(err)
+    assert err[-1].endswith(f"lower batch_size or max_seq_len (gradient_accumulation_steps keeps the tokens a "
+                            f"step), or train a smaller model; {out / 'ckpt.pt'} holds step 2: --init_from=resume "
+                            "goes on from there")
+
+
+def test_a_run_whose_log_reader_goes_away_stops_and_says_so(tmp_path):
+    """`train ... | head -1`: the run cannot print its next line; it stops with a non-zero status and says
+    which checkpoint a resume goes on from, as Ctrl-C does (it stopped with status 0 and nothing said)."""
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    flags = " ".join(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=200, eval_interval=100,
+                                                         log_interval=1).items())
+    proc = subprocess.run(["bash", "-c", f"{sys.executable} -m babyllama train {flags} 2>err.txt | head -1; "
+                                         "echo ${PIPESTATUS[0]}"], cwd=tmp_path, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
+    status = proc.stdout.decode().splitlines()[-1]
+    err = (tmp_path / "err.txt").read_text()
+    assert status == "1", err
+    assert err.strip().splitlines()[-1].startswith("babyllama: error: the output was closed (a broken pipe): "
+                                                   "stopped at step "), err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_a_new_run_stopped_before_its_first_checkpoint_leaves_the_earlier_runs_pair(tmp_path, one_thread,

@@ -301,6 +301,10 @@ def check(cfg: TrainConfig) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
         if getattr(cfg, key) <= 0:
             raise BabyLlamaError(f"{key} must be positive, got {getattr(cfg, key)}")
+        # counts of things held or drawn at once: beyond int32 no machine has the memory (and past int64
+        # PyTorch cannot draw them)
+        if key in ("batch_size", "gradient_accumulation_steps", "eval_iters") and getattr(cfg, key) >= 2**31:
+            raise BabyLlamaError(f"{key} must be below 2**31, got {getattr(cfg, key)}")
     check_finetune(cfg)
     if cfg.max_seq_len < 0 or (cfg.max_seq_len == 0 and not cfg.base):
         raise BabyLlamaError(f"max_seq_len must be positive (0: the base model's, when fine-tuning), "

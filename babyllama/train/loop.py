@@ -458,7 +458,16 @@ class Trainer:
             if master:
                 print(self._interrupted_text(), file=sys.stderr, flush=True)
             raise
+        except BrokenPipeError:  # the reader of the log went away (`| head`): the run stops short, and says so
+            with contextlib.suppress(OSError, ValueError):  # no second failure at exit's flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise BabyLlamaError(f"the output was closed (a broken pipe): stopped at step {self.iter_num}; "
+                                 f"{self._kept_text()}") from None
         except RuntimeError as e:  # under torchrun: another process of the run gone (killed, out of memory)
+            if _out_of_memory(e):
+                raise BabyLlamaError(f"out of memory at step {self.iter_num} ({first_line(e)[:120]}): lower "
+                                     "batch_size or max_seq_len (gradient_accumulation_steps keeps the tokens a "
+                                     f"step), or train a smaller model; {self._kept_text()}") from None
             if not (self.dist.enabled and _lost_peer(e)):
                 raise
             said = re.search(r"Connection \w+ by peer", first_line(e))  # gloo's, amid a file name and an address
@@ -607,6 +616,11 @@ def _check_same_base(cfg: TrainConfig, saved: dict) -> None:
     if given.exists() and started.exists() and not os.path.samefile(given, started):
         raise BabyLlamaError(f"cannot resume with another base: this full fine-tune started from {first} (as given "
                              "then), and its checkpoint holds every weight (leave --base out)")
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether an allocation failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
 
 
 def _lost_peer(e: RuntimeError) -> bool:
