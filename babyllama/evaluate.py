@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from .instruct import read_documents
 from .progress import progress_bar
 from .tokenizer import Tokenizer
 
+MAX_EXP_ARG = math.log(sys.float_info.max)  # exp of more overflows a float
 BATCH_TOKENS = 1024  # tokens per forward call: bounds the logits (tokens x vocab) and the KV cache
 
 
@@ -54,14 +56,17 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return math.exp(self.loss) if self.loss < MAX_EXP_ARG else math.inf  # a diverged model's: no OverflowError
 
     @property
     def bits_per_byte(self) -> float:
         return self.nats / math.log(2) / self.bytes if self.bytes else float("nan")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        """The counts and figures, a figure that is not finite (no tokens, a diverged model) as None: JSON has
+        no Infinity or NaN (json.dumps would write them, and strict readers refuse them)."""
+        figures = {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+        return {**asdict(self), **{k: v if math.isfinite(v) else None for k, v in figures.items()}}
 
 
 def windows(ids: list[int], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:

@@ -67,6 +67,20 @@ def reference_nats(engine, tok, stories, seq_len):
     return total
 
 
+def test_a_diverged_models_perplexity_is_infinite_and_json_gets_null():
+    """exp of a loss above ~709 nats overflows a float: the perplexity is inf (an OverflowError traceback before),
+    and the JSON figures that are not finite are null (json.dumps wrote Infinity/NaN, which JSON lacks)."""
+    from babyllama.evaluate import EvalResult
+
+    diverged = EvalResult(documents=1, windows=1, tokens=2, bytes=8, nats=2000.0)
+    assert diverged.perplexity == math.inf and diverged.loss == 1000.0
+    figures = json.loads(json.dumps(diverged.to_dict(), allow_nan=False))
+    assert figures["perplexity"] is None and figures["loss"] == 1000.0
+    assert EvalResult(tokens=2, bytes=8, nats=1.0).perplexity == pytest.approx(math.exp(0.5))
+    empty = json.loads(json.dumps(EvalResult().to_dict(), allow_nan=False))
+    assert empty["loss"] is empty["perplexity"] is empty["bits_per_byte"] is None and empty["tokens"] == 0
+
+
 def test_batched_eval_matches_token_by_token_decoding(tmp_path):
     args = tiny_args(max_seq_len=16)
     engine, tok = Engine(random_weights(args, seed=3, scale=0.2)), byte_tokenizer(args.vocab_size)
