@@ -455,6 +455,27 @@ def test_data_instruct_without_held_out_stories_writes_no_empty_file(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl"]
 
 
+def test_data_instruct_says_when_no_word_can_be_asked_for(tmp_path, capsys):
+    """A word asked for must be in at least 3 stories and at most --max-word-df of them: with 40 stories and
+    the default 0.05 (2 stories) none can be, which a note says (the requests silently asked for no words)."""
+    import json
+
+    from babyllama.cli import main
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 40, seed=3)
+    argv = ["data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "ins"), "--val-count", "0",
+            "--model", str(_tiny_model(tmp_path))]
+    assert main(argv) == 0
+    assert ("note: no request asks for words: a word asked for must be used by at least 3 of the 40 stories and by "
+            "at most --max-word-df 0.05 of them (2); raise --max-word-df to 0.075 or more") in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "ins" / "instruct_train.jsonl").open()]
+    assert records and not any(r["words"] for r in records)
+    assert main([*argv, "--max-word-df", "0.5"]) == 0
+    assert "no request asks for words" not in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "ins" / "instruct_train.jsonl").open()]
+    assert any(r["words"] for r in records)
+
+
 def test_data_instruct_again_leaves_no_earlier_held_out_split(tmp_path, capsys):
     """A held-out file of an earlier split holds stories the new split may train on: kept, it would be scored
     (finetune's validation, eval --instruct) as held out."""

@@ -87,7 +87,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--max-stories", type=positive_int, default=None, help="use only the first N stories")
     i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
     i.add_argument("--max-word-df", type=share, default=None,
-                   help="ask only for words that at most this share of the stories use (default 0.05)")
+                   help="ask only for words that at most this share of the stories use (default 0.05), and at "
+                        "least 3 stories (no typos): below 3 / the number of stories, no request asks for words")
     i.add_argument("--early-words", type=int, default=0,
                    help="draw the words from the story's first N candidates, so its opening uses them (0: from "
                         "anywhere in the story)")
@@ -206,7 +207,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
 
     from .. import safeio
     from ..chat_template import encode_chat
-    from ..instruct import MAX_WORD_DF, make_instructions, read_documents, write_jsonl
+    from ..instruct import MAX_WORD_DF, MIN_WORD_DF, make_instructions, read_documents, write_jsonl
     from ..loading import builtin_model, open_model, tokenizer_for
 
     check_input(args.input)
@@ -220,6 +221,11 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
+    if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
+        print(f"note: no request asks for words: a word asked for must be used by at least {MIN_WORD_DF} of the "
+              f"{len(stories):,} stories and by at most --max-word-df {max_df:g} of them ({max_df * len(stories):g}); "
+              f"raise --max-word-df to {MIN_WORD_DF / len(stories):.3g} or more, or give more stories",
+              file=sys.stderr)
     train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
                                                 args.early_words, args.dev_count)
     if not train:
