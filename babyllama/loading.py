@@ -279,11 +279,15 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
         print(f"babyllama: note: {model_path} has no {TOKENIZER_BIN} beside it and runs with the built-in tokenizer "
               f"(llama2.c's {vocab_size} tokens){here}", file=sys.stderr)
         return BUILTIN_TOKENIZER
-    # run.c's own default is tokenizer.bin in the current folder: a llama2.c user has one there
-    here = (f" (run.c's default, {TOKENIZER_BIN} in the current folder, is read only when given: -z {TOKENIZER_BIN})"
+    raise BabyLlamaError(f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or "
+                         f"pass -z{run_c_default_here()}")
+
+
+def run_c_default_here() -> str:
+    """For an error that asks for a tokenizer: run.c's own default is tokenizer.bin in the current folder, which a
+    llama2.c user has there; named where it is (not read: it may be another model's)."""
+    return (f" (run.c's default, {TOKENIZER_BIN} in the current folder, is read only when given: -z {TOKENIZER_BIN})"
             if os.path.lexists(TOKENIZER_BIN) else "")
-    raise BabyLlamaError(
-        f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or pass -z{here}")
 
 
 def llama2c_vocab_here(vocab_size: int) -> str:
@@ -327,7 +331,7 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
     if source.kind in ("hf", "meta"):
         raise BabyLlamaError(f"{source.path}: no tokenizer.model in the model folder; pass -z TOKENIZER")
     if source.kind == "checkpoint":  # its run's data had its own tokenizer: the built-in one would be a guess
-        hint = llama2c_vocab_here(vocab_size)
+        hint = llama2c_vocab_here(vocab_size) + run_c_default_here()
         raise BabyLlamaError(f"no {TOKENIZER_BIN} beside {source.path} (training puts its data's there): pass the "
                              f"tokenizer the run's data was encoded with (-z/--tokenizer){hint}")
     return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)

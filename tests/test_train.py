@@ -481,6 +481,11 @@ def test_a_checkpoint_without_its_tokenizer_asks_for_one(tmp_path, one_thread, m
     with pytest.raises(BabyLlamaError, match=r"\(-z/--tokenizer\) \(llama2.c's sample.py would read data/tok512.bin "
                                              r"here: -z data/tok512.bin\)$"):
         load(out)
+    # and run.c's default, tokenizer.bin in the current folder: named too, not read
+    (tmp_path / "tokenizer.bin").write_bytes((data / "tokenizer.bin").read_bytes())
+    with pytest.raises(BabyLlamaError, match=r"here: -z data/tok512.bin\) \(run.c's default, tokenizer.bin in the "
+                                             r"current folder, is read only when given: -z tokenizer.bin\)$"):
+        load(out)
 
 
 def test_a_vocab_size_other_than_the_datas_is_refused(tmp_path):
