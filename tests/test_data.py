@@ -207,6 +207,10 @@ def test_a_missing_default_input_says_to_download_it(argv, tmp_path, monkeypatch
     (["train", "--max_iters=2.5e0"], "max_iters must be int, got '2.5e0'"),
     (["train", "--batch_size=1e400"], "batch_size must be int, got '1e400'"),
     (["train", "--compile=maybe"], "argument --compile: compile must be true or false, got 'maybe'"),
+    # a bare boolean flag before the config file takes its name as the value: said how to write it
+    (["train", "--eval_only", "run.toml"], "eval_only must be true or false, got 'run.toml' (a bare --eval_only takes "
+                                           "the word after it as its value: write --eval_only=true, or put that word "
+                                           "first)"),
     (["finetune", "--lora-rank", "x"], "lora_rank must be int, got 'x'"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_a_training_flag_whose_value_does_not_parse_is_a_usage_error(argv, message, capsys):

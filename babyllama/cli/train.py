@@ -71,13 +71,16 @@ def spellings(key: str) -> list[str]:
 def flag_value(key: str) -> Callable[[str], object]:
     """argparse's converter for config key `key`: a value that is not of the key's type (`--dim=abc`) is a
     command line that does not parse, exit 2 as for every other command's flags (a config file's stays 1)."""
-    from ..train.config import parse_value
+    from ..train.config import TrainConfig, parse_value
 
     def convert(text: str) -> object:
         try:
             return parse_value(key, text)
         except BabyLlamaError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            # a bare boolean flag takes the word after it as its value: `--eval_only run.toml` reads the file name
+            bare = (f" (a bare --{key} takes the word after it as its value: write --{key}=true, or put that word "
+                    "first)" if isinstance(getattr(TrainConfig, key, None), bool) else "")
+            raise argparse.ArgumentTypeError(f"{e}{bare}") from None
 
     return convert
 
