@@ -427,6 +427,22 @@ def test_shorter_training_windows_keep_the_bases_context(tmp_path, one_thread):
     assert formats.load(tmp_path / "m.bin").args.max_seq_len == ARGS.max_seq_len
 
 
+def test_a_full_fine_tune_over_a_lora_run_takes_its_adapter_away(tmp_path, one_thread):
+    """A new full fine-tune in a LoRA run's folder replaces that run at its first checkpoint, adapter included:
+    left there, `--lora FOLDER` merged it as if it were this run's."""
+    from babyllama.adapter import load_adapter
+
+    root = make_task(tmp_path / "task")
+    out = tmp_path / "run"
+    small = dict(max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=0, lr_decay_iters=2)
+    train(resolve_config(None, settings(root, out, lora_rank=2, **small), defaults=FINETUNE_DEFAULTS))
+    assert load_adapter(out).rank == 2
+    train(resolve_config(None, settings(root, out, lora_rank=0, **small), defaults=FINETUNE_DEFAULTS))
+    assert not (out / "adapter.safetensors").exists() and not (out / "adapter.json").exists()
+    with pytest.raises(BabyLlamaError):
+        load_adapter(out)
+
+
 def test_plain_text_continues_pre_training(tmp_path, one_thread):
     root = make_task(tmp_path / "task")
     (root / "text").mkdir()

@@ -299,6 +299,9 @@ class Trainer:
                          "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
                          "lora": self.lora},
                         self.out_dir / checkpoint.CKPT_NAME)
+        if self.lora is None:  # an earlier LoRA run's adapter here is not this checkpoint's: --lora would merge it
+            for stale in adapter_paths(self.out_dir / ADAPTER_FILE):
+                stale.unlink(missing_ok=True)
         self.saved_at = self.iter_num
         if self.metrics is not None:
             self.metrics.checkpointed()
