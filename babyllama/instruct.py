@@ -93,10 +93,12 @@ class JsonlFile:
     bad: list[tuple[int, str]]  # (line number, reason) of every malformed line
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable: bool = True) -> JsonlFile:
+def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable: bool = True,
+               allow_empty: bool = False) -> JsonlFile:
     """Every record of a .jsonl file. Malformed lines (bad JSON, an unknown role, a plain-text record in a chat
     file, ...) stop here with one line naming them, unless `skip_bad_lines` (the caller reports `bad`); the line
-    points at --skip-bad-lines where the command has it (`skippable`)."""
+    points at --skip-bad-lines where the command has it (`skippable`). A file without a record is an error
+    unless `allow_empty` (kind ""): a caller with other files may skip it."""
     path = Path(path)
     out = JsonlFile("", [], [], [])
     # lines end at "\n" only: a JSON string may hold U+2028, \x85 or \x0c, which str.splitlines() splits at;
@@ -136,7 +138,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
     if out.bad and not skip_bad_lines:
         raise BabyLlamaError(describe_bad_lines(path, out.bad) + (" (fix them, or pass --skip-bad-lines)"
                                                                    if skippable else " (fix them)"))
-    if not out.items:
+    if not out.items and not allow_empty:
         raise BabyLlamaError(f"{describe_bad_lines(path, out.bad)}, and no record besides" if out.bad else
                              f"{path}: no records (an empty dataset)")
     return out

@@ -312,6 +312,29 @@ def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=3, skip_bad_lines=True)
 
 
+def test_a_file_whose_every_line_is_skipped_is_left_out_beside_others(tmp_path, capsys):
+    """--skip-bad-lines: a file left with nothing (every line malformed, or every conversation too long) is left
+    out as an empty file is, with what was skipped said; only a dataset with nothing at all left is refused."""
+    pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
+    from babyllama.train.data import pretokenize
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "chat.jsonl", {"messages": two_turn()}, {"prompt": "p", "response": "r"})
+    (src / "zz.jsonl").write_text("{bad\n")
+    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, skip_bad_lines=True)
+    assert meta["conversations"] == 2 and meta["shards"]["train"] == ["chat.bin"]
+    assert "skipped " in capsys.readouterr().err
+    write_lines(src / "zz.jsonl", {"prompt": "p", "response": "word " * 200})  # too long for max_tokens 200
+    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out2", workers=1, max_tokens=200, skip_bad_lines=True)
+    assert meta["conversations"] == 2 and meta["shards"]["train"] == ["chat.bin"]
+    (src / "chat.jsonl").write_text("{bad\n")
+    (src / "zz.jsonl").write_text("[1, 2\n")
+    with pytest.raises(BabyLlamaError, match="no records left once the malformed lines are skipped"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out3", workers=1, skip_bad_lines=True)
+
+
 def test_a_single_conversation_without_a_validation_file_says_it_is_too_few(tmp_path):
     pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
     from babyllama.train.data import open_split, pretokenize

@@ -262,9 +262,15 @@ def is_val_shard(name: str) -> bool:
     return not VAL_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
 
 
-def file_kind(path: Path, skip_bad_lines: bool = False) -> str:
-    """CHAT for a .jsonl of chat records, else TEXT."""
-    return read_jsonl(path, skip_bad_lines).kind if path.suffix == ".jsonl" else TEXT
+def file_kind(path: Path, skip_bad_lines: bool = False, say_skipped: bool = False) -> str:
+    """CHAT for a .jsonl of chat records, else TEXT; "" for a .jsonl whose every line is malformed, skipped
+    (`skip_bad_lines`; `say_skipped`: said on stderr, for the caller that leaves the file out)."""
+    if path.suffix != ".jsonl":
+        return TEXT
+    data = read_jsonl(path, skip_bad_lines, allow_empty=skip_bad_lines)
+    if not data.items and say_skipped:
+        print(f"skipped {describe_bad_lines(path, data.bad)}, and no record besides", file=sys.stderr)
+    return data.kind
 
 
 def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
@@ -289,7 +295,10 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
 
     root, out = Path(input_path), Path(out_dir)
     files = _without_blank_jsonl(input_files(root, exclude))
-    kinds = _without_blank_text({f: file_kind(f, skip_bad_lines) for f in files})
+    kinds = _without_blank_text({f: file_kind(f, skip_bad_lines, say_skipped=True) for f in files})
+    if not any(kinds.values()):  # every file's lines skipped: nothing to train on
+        raise BabyLlamaError(f"{root}: no records left once the malformed lines are skipped (an empty dataset)")
+    kinds = {f: k for f, k in kinds.items() if k}
     files = list(kinds)
     if len(set(kinds.values())) > 1:
         chat = next(f for f, k in kinds.items() if k == CHAT)
@@ -308,6 +317,9 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     if kind == CHAT:
         encoded = {f: _encode_chat_file(f, tokenizer, workers, skip_bad_lines, max_tokens, word_weight)
                    for f in files}
+        if not any(len(offsets) > 1 for _, _, offsets in encoded.values()):
+            raise BabyLlamaError(f"{root}: no conversations left to train on (an empty dataset)")
+        encoded = {f: e for f, e in encoded.items() if len(e[2]) > 1}  # a file whose every line was skipped
         if word_weight > 1 and not any(mask.max(initial=0) > 1 for _, mask, _ in encoded.values()):
             raise BabyLlamaError(f"--word-weight {word_weight} weighs nothing in {root}: no reply uses a word its "
                                  "record asks for (\"words\", \"topic_words\": babyllama data instruct writes them)")
@@ -421,8 +433,8 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
         raise BabyLlamaError(describe_bad_lines(path, bad) + " (fix them, or pass --skip-bad-lines)")
     if bad:
         print(f"skipped {describe_bad_lines(path, bad)}", file=sys.stderr)
-    if not kept:
-        raise BabyLlamaError(f"{path}: no conversations left to train on (an empty dataset)")
+    if not kept:  # every line skipped: the caller leaves the file out, or says the data is empty
+        return np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(1, np.int64)
     offsets = np.cumsum([0] + [len(ids) for ids, _ in kept], dtype=np.int64)
     all_ids = np.fromiter((t for i, _ in kept for t in i), dtype=np.uint16, count=int(offsets[-1]))
     all_mask = np.fromiter((m for _, ms in kept for m in ms), dtype=np.uint8, count=int(offsets[-1]))
