@@ -707,6 +707,11 @@ def test_a_run_folder_inside_its_data_folder_is_not_read_as_data(tmp_path, capsy
         assert main(["finetune", *argv]) == 0, capsys.readouterr().err
         assert "(224 conversations" in capsys.readouterr().out
     assert (root / "data" / "run" / "metrics.jsonl").is_file()
+    # nor another run's folder there, beside this run's out_dir
+    other = [f"--{k}={v}" for k, v in settings(root, root / "data" / "run2", lora_rank=4, max_iters=1,
+                                                 eval_interval=1, eval_iters=1).items()]
+    assert main(["finetune", *other]) == 0, capsys.readouterr().err
+    assert "(224 conversations" in capsys.readouterr().out
 
 
 def test_a_checkpoint_is_not_fine_tuned_into_its_own_folder(tmp_path, capsys, one_thread):

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import safeio
-from ..config import TOKENIZER_BIN
+from ..config import CKPT_NAME, TOKENIZER_BIN
 from ..documents import iter_documents
 from ..errors import BabyLlamaError, Terminated
 from ..fields import Fields
@@ -74,10 +74,22 @@ def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = Non
     if skipped is not None and (skipped == path.resolve() or not skipped.is_relative_to(path.resolve())):
         skipped = None  # not a folder inside the input: the input is not what it holds
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p)
-                   and not (skipped is not None and p.resolve().is_relative_to(skipped)))
+                   and not (skipped is not None and p.resolve().is_relative_to(skipped))
+                   and not _in_a_run_folder(p, path))
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
     return files
+
+
+def _in_a_run_folder(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder below `root` that holds a training run (its ckpt.pt): an earlier run's
+    metrics.jsonl and adapter.json are no documents, as the current run's out_dir is left out too."""
+    folder = path.parent
+    while folder != root and root in folder.parents:
+        if (folder / CKPT_NAME).is_file():
+            return True
+        folder = folder.parent
+    return False
 
 
 def _is_shards_meta(path: Path) -> bool:
