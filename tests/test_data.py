@@ -153,6 +153,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (["train", "--lr_decay_iters=-1"], "lr_decay_iters must be >= 0, got -1"),
     (["train", "--warmup_iters=50", "--lr_decay_iters=20"], "warmup_iters 50 is beyond lr_decay_iters 20"),
     (["train", "--min_lr=1e-3"], "min_lr 0.001 is above learning_rate 0.0005"),
+    (["finetune"], "finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or --meta-llama"),
+    (["finetune", "--data_dir=d"], "finetune needs a base model: --base=MODEL"),
     (["finetune", "--base=m.bin", "--data=d.txt", "--learning_rate=5e-5", "--min_lr=1e-4"],
      "min_lr 0.0001 is above learning_rate 5e-05"),
     (["train", "--vocab_size=-1"], "vocab_size must be >= 0, got -1"),

@@ -10,6 +10,8 @@ from ..errors import BabyLlamaError
 from .common import non_empty_path
 from .train import add_config_flags, config_overrides, no_checkpoint_text, require_training
 
+NEEDS_BASE = "finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or --meta-llama DIR"
+
 
 def add(sub: argparse._SubParsersAction) -> None:
     from ..train.config import FINETUNE_DEFAULTS, SHAPE_KEYS
@@ -36,7 +38,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     require_training("finetune")
-    from ..train.config import FINETUNE_DEFAULTS, read_config_file, resolve_config
+    from ..train.config import FINETUNE_DEFAULTS, build_config, read_config_file, resolve_config
     from ..train.loop import train
 
     overrides = config_overrides(args)
@@ -48,13 +50,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 raise BabyLlamaError(f"{' and '.join(other)} contradict{'s' if len(other) == 1 else ''} {flag} "
                                      f"{folder}, which names the base ({kind}): give one")
             overrides.update(base=folder, base_format=kind)
+    asked = build_config(args.config, overrides, defaults=FINETUNE_DEFAULTS, checked=False)
+    if not asked.base and asked.init_from != "resume":  # said before the settings' checks (max_seq_len 0: the base's)
+        raise BabyLlamaError(NEEDS_BASE)
     cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
     if not cfg.base and cfg.init_from == "resume":
         raise BabyLlamaError(f"{cfg.out_dir} holds a run trained from random weights: resume it with babyllama train "
                              f"--init_from=resume --out_dir={cfg.out_dir}")
     if not cfg.base:
-        raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
-                             "--meta-llama DIR")
+        raise BabyLlamaError(NEEDS_BASE)
     given = set(overrides) | (set(read_config_file(args.config)) if args.config else set())
     saved_at = train(cfg, given)["saved_at"]
     out = cfg.out_dir
