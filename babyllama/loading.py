@@ -17,6 +17,7 @@ catalog and the CLI all come here, so every command reads models the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -96,6 +97,9 @@ def detect_format(path: str | os.PathLike) -> str:
                              "config.json or Meta's params.json)")
     if path.suffix == ".pt" and not path.exists():
         return "checkpoint"  # whose reader says that the checkpoint is missing
+    if is_adapter_file(path):
+        raise BabyLlamaError(f"{path}: a LoRA adapter, not a model: give it with --lora, beside the model it was "
+                             f"trained on (babyllama run BASE --lora {path})")
     if path.name.endswith(HF_FILE_SUFFIXES):
         return "hf"  # a Hugging Face weight file or shard index, with config.json beside it (as export --hf takes)
     with safeio.open_regular(path, "model file") as f:
@@ -120,6 +124,19 @@ def detect_format(path: str | os.PathLike) -> str:
     if path.suffix == ".pt":
         return "checkpoint"
     return "bin"  # version 0 has no magic: its header is checked field by field
+
+
+def is_adapter_file(path: Path) -> bool:
+    """Whether `path` is one of a LoRA adapter's two files (its .json says babyllama's adapter format)."""
+    config = path.with_suffix(".json")
+    if path.suffix not in (".json", ".safetensors") or not config.is_file() or config.stat().st_size > 1 << 20:
+        return False
+    from .adapter import FORMAT
+
+    try:
+        return json.loads(config.read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON but not an object
+        return False
 
 
 META_SHARD = re.compile(r"consolidated\.\d+\.pth")

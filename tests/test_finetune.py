@@ -427,6 +427,19 @@ def test_shorter_training_windows_keep_the_bases_context(tmp_path, one_thread):
     assert formats.load(tmp_path / "m.bin").args.max_seq_len == ARGS.max_seq_len
 
 
+@pytest.mark.parametrize("name", ["adapter.safetensors", "adapter.json"])
+def test_an_adapter_file_given_as_the_model_says_to_use_lora(lora_run, capsys, name):
+    from babyllama.cli import main
+
+    root, _, _ = lora_run
+    adapter = root / "lora" / name
+    for argv in (["run", str(adapter), "-n", "3"], ["export", str(root / "x.bin"), "--model", str(adapter)]):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"babyllama: error: {adapter}: a LoRA adapter, not a model: give it with --lora, beside the model it "
+            f"was trained on (babyllama run BASE --lora {adapter})")
+
+
 def test_a_full_fine_tune_over_a_lora_run_takes_its_adapter_away(tmp_path, one_thread):
     """A new full fine-tune in a LoRA run's folder replaces that run at its first checkpoint, adapter included:
     left there, `--lora FOLDER` merged it as if it were this run's."""
