@@ -468,6 +468,11 @@ class Row:
         return self.engine.startswith("babyllama") and not self.on_gguf
 
     @property
+    def is_plain(self) -> bool:
+        """The plain NumPy baseline (its label grows with the run's flags, --kv-cache among them)."""
+        return self.engine.startswith("plain NumPy")
+
+    @property
     def on_gguf(self) -> bool:
         """babyllama on the GGUF file llama.cpp reads."""
         return self.engine.startswith(GGUF_ENGINE)
@@ -797,10 +802,10 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
                      f"{share} | {_cell(res.get('sampled'), '.1f')} | {_cell(res.get('prefill'), '.0f')} | "
                      f"{_cell(res.get('batch'), '.1f')} | {_cell(res.get('ttft_ms'), '.0f')} | "
                      f"{_cell(res.get('rss_mib'), '.0f')} |")
-    plain = [r for r in rows if r.engine == "plain NumPy" and r.result]
+    plain = [r for r in rows if r.is_plain and r.result]
     plain_note = (f" (plain rows: {plain[0].result['decode_tokens']} tokens, {plain[0].result['repeats']} "
                   "run(s), the reference path being slow)" if plain else "")
-    rounds = max((r.result.get("rounds", 1) for r in rows if r.result and r.engine != "plain NumPy"), default=1)
+    rounds = max((r.result.get("rounds", 1) for r in rows if r.result and not r.is_plain), default=1)
     rounds_note = (f"Each figure: the median of {rounds} rounds, a model's rows measured in turn in each, of "
                    f"the median of runs lasting at least {MIN_SECONDS:g} s in all. " if rounds > 1 else "")
     notes = (f"{rounds_note}decode: greedy, one sequence, tokens after the first{plain_note}; GB/s: bytes read per "
@@ -856,7 +861,7 @@ def _versus(rows: list[Row], ours: dict, key: str) -> list[str]:
     """babyllama's figure `key` over each reference row's, where both measured it: 'shape format vs engine Nx'."""
     return [f"{r.shape} {FORMAT_LABELS[r.fmt]} vs {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
             + f" {ours[(r.shape, r.fmt, r.threads)][key] / r.result[key]:.2f}x" for r in rows
-            if not r.is_ours and not r.on_gguf and r.engine != "plain NumPy" and r.result.get(key)
+            if not r.is_ours and not r.on_gguf and not r.is_plain and r.result.get(key)
             and ours.get((r.shape, r.fmt, r.threads), {}).get(key)]
 
 

@@ -265,6 +265,17 @@ def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     assert share.strip() == f"{gbps:.1f} ({100 * gbps / 4:.0f}%)"
 
 
+def test_the_plain_row_under_a_kv_cache_flag_is_still_the_plain_baseline():
+    """--kv-cache X names itself in every engine label, the plain row's too: that row stays the baseline (its
+    token count said), never a reference that babyllama is compared with."""
+    res = {"decode": 100.0, "prefill": 400.0, "ttft_ms": 1.0, "decode_tokens": 2, "repeats": 1}
+    rows = [bench.Row("tiny", "fp32", "plain NumPy --kv-cache q8_0", "1", res),
+            bench.Row("tiny", "fp32", "babyllama --kv-cache q8_0", result={**res, "decode": 700.0})]
+    text = bench.table(rows, batch=2, prompt_len=16, bandwidth={"gbps": 10.0, "threads": 2, "mib": 64})
+    assert "(plain rows: 2 tokens, 1 run" in text
+    assert "babyllama / reference" not in text and "vs plain NumPy" not in text
+
+
 def test_bench_marks_the_rows_whose_bytes_fit_in_the_cpus_cache(tmp_path):
     """A model read from cache can pass the memory's bandwidth (the built-in model read 128%): such rows say so."""
     for index, size in enumerate(("48K", "1024K", "32768K", "junk")):
