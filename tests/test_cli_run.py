@@ -597,3 +597,16 @@ def test_ctrl_c_while_the_cli_loads_ends_it_without_a_traceback(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", interrupted)
     assert run() == 130
+    monkeypatch.setattr(builtins, "__import__", real_import)
+
+
+def test_ctrl_c_while_the_command_line_is_parsed_ends_it_without_a_traceback(monkeypatch):
+    """After the imports, building the parser imports more (train's settings): a Ctrl-C there is exit 130 too."""
+    from babyllama import cli
+    from babyllama.__main__ import run
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert run() == 130
