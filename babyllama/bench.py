@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import ModelArgs
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, first_line
 from .safeio import cache_folder, output_dir
 from .threads import usable_cpus
 
@@ -626,7 +626,11 @@ def _bandwidth_probe(plan: Plan) -> dict:
     """The memory bandwidth, read with the first thread setting's environment (the rows' own, not whatever the
     parent's environment holds); the setting is named in the table's header."""
     setting = plan.thread_settings[0]
-    result = _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib}, _thread_env(setting))
+    try:
+        result = _run_child({"kind": "bandwidth", "mib": plan.bandwidth_mib}, _thread_env(setting))
+    except RuntimeError as e:  # its child failed (no memory for --bandwidth-mib): every figure's yardstick
+        raise BabyLlamaError(f"the memory-bandwidth probe ({plan.bandwidth_mib} MiB) failed: {first_line(e)[:200]}"
+                             " (a smaller --bandwidth-mib fits)") from None
     return {**result, "setting": setting} if result else result
 
 

@@ -330,6 +330,22 @@ def test_bench_on_the_pytorch_engine_measures_fp32_only(tmp_path, monkeypatch):
     assert "| babyllama --device cpu |" in line
 
 
+def test_a_failed_bandwidth_probe_is_one_line(tmp_path, monkeypatch):
+    """The probe's child failing (no memory for --bandwidth-mib) is one error line before any row is measured."""
+    from babyllama.errors import BabyLlamaError
+
+    def failing_child(spec, env=None):
+        assert spec["kind"] == "bandwidth"
+        raise RuntimeError("numpy._core._exceptions._ArrayMemoryError: Unable to allocate 95.4 TiB")
+
+    monkeypatch.setattr(bench, "_run_child", failing_child)
+    plan = bench.Plan(["builtin"], ("fp32",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+                      bandwidth_mib=100_000_000)
+    with pytest.raises(BabyLlamaError, match=r"^the memory-bandwidth probe \(100000000 MiB\) failed: numpy.*"
+                                             r"Unable to allocate 95.4 TiB \(a smaller --bandwidth-mib fits\)$"):
+        bench.run(plan, tmp_path, log=lambda m: None)
+
+
 def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
     plan = bench.Plan(["tiny"], ("fp32",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=("fast",),
