@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -66,10 +67,19 @@ class Deadline:
 
     def __init__(self, seconds: float):
         self.seconds, self.expired = seconds, False
+        self.ends = time.monotonic() + seconds
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
+        # a timer cannot wait longer than TIMEOUT_MAX (~292 years): a longer limit is no limit
+        self._timer = threading.Timer(min(seconds, threading.TIMEOUT_MAX), self._expire)
         self._timer.daemon = True
+
+    def left(self) -> float:
+        """Seconds until the limit (0 once it has passed; the timer may fire a moment later)."""
+        left = max(0.0, self.ends - time.monotonic())
+        if left == 0.0:
+            self.expired = True
+        return left
 
     def __enter__(self) -> Deadline:
         self._timer.start()
@@ -92,6 +102,12 @@ class Deadline:
 
         class Tracked(http_class):
             def connect(self):
+                # connecting is bounded by its own timeout, which the deadline cannot cut short (no socket to shut
+                # down yet): no longer than the time left
+                left = deadline.left()
+                if left == 0.0:
+                    raise TimeoutError("the time limit passed")
+                self.timeout = min(self.timeout, left) if isinstance(self.timeout, (int, float)) else left
                 super().connect()
                 with deadline._lock:
                     deadline._sockets.append(self.sock)
@@ -127,7 +143,7 @@ def fetch(url: str, target: Path, show_progress: bool = True, timeout: float = T
         try:
             return _fetch(url, target, show_progress, timeout, deadline)
         except BabyLlamaError:
-            if deadline.expired:
+            if deadline.expired or deadline.left() < 0.05:  # a connect that timed out as the limit passed
                 raise BabyLlamaError(f"download failed: {url} took longer than the time limit of {time_limit:g} s; "
                                      "run the same command again to resume") from None
             raise

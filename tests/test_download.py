@@ -44,6 +44,45 @@ def test_download_cli_fetches_model_and_tokenizer_that_run(mirror, tmp_path):
     assert again.returncode == 0 and len(server.log) == 2  # files already there are not fetched again
 
 
+def test_a_time_limit_beyond_what_a_timer_can_wait_is_no_limit(mirror, tmp_path):
+    """--time-limit 1e10 (past threading.TIMEOUT_MAX, ~9.2e9 s): the download goes as without a limit, with no
+    timer thread's traceback."""
+    base, _, model_bytes = mirror
+    proc = run_cli("download", "stories260K", "--dir", str(tmp_path), "--url-base", base, "--time-limit", "1e10")
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
+    assert (tmp_path / "stories260K" / "stories260K.bin").read_bytes() == model_bytes
+
+
+def test_a_host_that_never_accepts_the_connection_is_given_up_on_at_the_time_limit(tmp_path):
+    """A listening socket whose backlog is full: connecting hangs, which the deadline (it shuts down sockets
+    already open) cannot cut short; the connect itself is bounded by the time left (it took 30 s)."""
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the backlog: a further connect waits for an accept that never comes
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    try:
+        start = time.monotonic()
+        proc = run_cli("download", "stories260K", "--dir", str(tmp_path), "--url-base", f"http://127.0.0.1:{port}",
+                       "--time-limit", "2", timeout=60)
+        took = time.monotonic() - start
+        assert proc.returncode == 1 and b"took longer than the time limit of 2 s" in proc.stderr, proc.stderr
+        assert took < 15
+    finally:
+        for c in [*fillers, listener]:
+            c.close()
+
+
 @pytest.mark.parametrize("server_ranges", [True, False], ids=["resumes", "server-ignores-range"])
 def test_interrupted_download_resumes(mirror, tmp_path, server_ranges):
     base, server, model_bytes = mirror
