@@ -222,10 +222,14 @@ def output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
 
 
 def output_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """`path` ready to be written: its folder created, the target checked (`check_target`)."""
+    """`path` ready to be written: its folder created, the target checked (`check_target`), and a file made and
+    removed beside it (what the write will do: a folder that refuses files, read-only or a /proc, says so now,
+    not after the work whose result it was to hold)."""
     path = Path(path)
     _make_folder(path.parent, path, what)
-    return check_target(path, what)
+    check_target(path, what)
+    _new_temp(path, what).unlink()
+    return path
 
 
 @contextlib.contextmanager

@@ -239,6 +239,17 @@ def test_bench_measures_a_name_given_twice_once(monkeypatch, tmp_path):
         ["builtin", "15M"], ("fp32", "q8_0"), ("default", "1"))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that takes no files")
+def test_bench_output_into_a_folder_that_takes_no_files_is_refused_before_measuring(monkeypatch, tmp_path, capsys):
+    """The table's file is tried (a file made and removed beside it) before hours of measuring, not after."""
+    from babyllama.cli import main
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured before the output was checked"))
+    assert main(["bench", "--shapes", "builtin", "--no-plain", "--cache-dir", str(tmp_path), "--output",
+                 "/proc/babyllama-bench.md"]) == 1
+    assert capsys.readouterr().err.startswith("babyllama: error: cannot write bench table /proc/babyllama-bench.md: ")
+
+
 def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     path = tmp_path / "tiny.bin"
     formats.save(random_weights(tiny_args()), path)
