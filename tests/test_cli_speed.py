@@ -250,6 +250,20 @@ def test_bench_output_into_a_folder_that_takes_no_files_is_refused_before_measur
     assert capsys.readouterr().err.startswith("babyllama: error: cannot write bench table /proc/babyllama-bench.md: ")
 
 
+def test_bench_llamacpp_without_llama_cpp_python_is_refused_before_measuring(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from babyllama.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured without llama-cpp-python"))
+    assert main(["bench", "--shapes", "builtin", "--no-plain", "--llamacpp", "--cache-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "babyllama: error: bench --llamacpp (llama-cpp-python is missing) needs babyllama's 'bench' extra: pip "
+        "install 'babyllama[bench]' (in a source checkout: pip install -e '.[bench]')")
+
+
 def test_bench_measures_a_model_and_renders_the_table(tmp_path):
     path = tmp_path / "tiny.bin"
     formats.save(random_weights(tiny_args()), path)

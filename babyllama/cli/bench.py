@@ -4,10 +4,11 @@ llama.cpp and the memory bandwidth."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, missing_extra
 from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path
 
 DEFAULT_FORMATS = "fp32,q8_0,q4_0"
@@ -131,6 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if n > context:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
+    if args.llamacpp and importlib.util.find_spec("llama_cpp") is None:  # its rows run it in child processes
+        raise missing_extra("bench --llamacpp (llama-cpp-python is missing)", "bench")
     references = {}
     for name, flag, exe in (("run.c", "--reference", args.reference), ("runq.c", "--reference-q", args.reference_q)):
         if exe is None:
