@@ -312,13 +312,11 @@ def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
         server.stop()
 
 
-def test_a_server_started_with_sigint_ignored_still_exits_130_on_it(slow_model):
-    """A server started with SIGINT ignored (`nohup`, a background job of a script) still stops on it, and its
-    exit status says so (uvicorn's raising the signal again does nothing there)."""
-    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", slow_model, "--port", "0",
+def serving_on_port_0(model: str, **popen) -> tuple[subprocess.Popen, int]:
+    """`babyllama serve MODEL --port 0` started, and the port its "serving" line names once it answers there."""
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", model, "--port", "0",
                              "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
     try:
         line = b""
         while b"serving" not in line:
@@ -326,6 +324,18 @@ def test_a_server_started_with_sigint_ignored_still_exits_130_on_it(slow_model):
             assert line, "the server exited"
         port = int(re.search(rb"http://127\.0\.0\.1:(\d+) ", line).group(1))
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    return proc, port
+
+
+def test_a_server_started_with_sigint_ignored_still_exits_130_on_it(slow_model):
+    """A server started with SIGINT ignored (`nohup`, a background job of a script) still stops on it, and its
+    exit status says so (uvicorn's raising the signal again does nothing there)."""
+    proc, _ = serving_on_port_0(slow_model, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
     finally:
@@ -350,17 +360,9 @@ def test_an_address_it_cannot_listen_on_is_one_error_line():
 
 def test_port_0_serves_on_the_port_it_got(slow_model):
     """--port 0: the "serving" line names the free port the system chose, where the server answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "serve", slow_model, "--port", "0",
-                             "--log-level", "warning"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, port = serving_on_port_0(slow_model)
     try:
-        line = b""
-        while b"serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server exited"
-        port = int(re.search(rb"http://127\.0\.0\.1:(\d+) ", line).group(1))
         assert port != 0
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

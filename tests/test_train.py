@@ -638,19 +638,28 @@ def test_a_torchrun_process_gone_says_which_checkpoint_a_resume_goes_on_from(tmp
         main(argv)
 
 
+def raise_at_step_3(monkeypatch, error: BaseException):
+    """Trainer.step raising `error` at step 3 (steps 0-2 train, step 2's checkpoint written); returns the real
+    step, to put back."""
+    from babyllama.train.loop import Trainer
+
+    step = Trainer.step
+
+    def failing(self):
+        if self.iter_num == 3:
+            raise error
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", failing)
+    return step
+
+
 def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch):
     from babyllama.cli import main
     from babyllama.train.loop import Trainer
 
     data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
-    step = Trainer.step
-
-    def interrupted_at_3(self):
-        if self.iter_num == 3:
-            raise KeyboardInterrupt
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "step", interrupted_at_3)
+    step = raise_at_step_3(monkeypatch, KeyboardInterrupt())
     argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -667,17 +676,9 @@ def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread
 ])
 def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, one_thread, capsys, monkeypatch, error):
     from babyllama.cli import main
-    from babyllama.train.loop import Trainer
 
     data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
-    step = Trainer.step
-
-    def fails_at_3(self):
-        if self.iter_num == 3:
-            raise error
-        return step(self)
-
-    monkeypatch.setattr(Trainer, "step", fails_at_3)
+    raise_at_step_3(monkeypatch, error)
     assert main(["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("babyllama: error: out of memory at step 3 (") and "Traceback" not in "".join(err)
