@@ -307,10 +307,12 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
 
     root, out = Path(input_path), Path(out_dir)
     files = _without_blank_jsonl(input_files(root, exclude))
-    kinds = _without_blank_text({f: file_kind(f, skip_bad_lines, say_skipped=True) for f in files})
-    if not any(kinds.values()):  # every file's lines skipped: nothing to train on
-        raise BabyLlamaError(f"{root}: no records left once the malformed lines are skipped (an empty dataset)")
-    kinds = {f: k for f, k in kinds.items() if k}
+    kinds = _without_blank_text({f: file_kind(f, skip_bad_lines) for f in files})
+    if not any(kinds.values()):  # every file's lines skipped: the first's error says why nothing is left
+        read_jsonl(next(iter(kinds)), skip_bad_lines)
+    for f in [f for f, k in kinds.items() if not k]:  # left out beside the files that hold records
+        file_kind(f, skip_bad_lines, say_skipped=True)
+        del kinds[f]
     files = list(kinds)
     if len(set(kinds.values())) > 1:
         chat = next(f for f, k in kinds.items() if k == CHAT)
