@@ -99,10 +99,11 @@ F16_TO_F32_BITS = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _matmul1_16bit(x, w, bf16, out, f16_bits=F16_TO_F32_BITS):
+def _matmul1_16bit(x, w, bf16, out, f16_bits):
     """x @ w.T for a matrix of 16-bit values given as their uint16 bits (bfloat16 where bf16, else IEEE fp16):
     each row widened to fp32 into a small buffer (exactly) and then summed as _matmul1_f32 sums, so the
-    matrix is read at its own size instead of converted whole at every product."""
+    matrix is read at its own size instead of converted whole at every product. `f16_bits`: F16_TO_F32_BITS,
+    passed in (a default array is typed anew in each process, so numba's disk cache never found the function)."""
     rows, n = w.shape
     n_blocks = (rows + 15) // 16
     for blk in prange(n_blocks):
@@ -144,7 +145,7 @@ def matmul_dense_many(x: np.ndarray, ws: Sequence[Matrix]) -> list[np.ndarray]:
         else:
             bits, bf16 = _bits16(w)
             with _one_launch():
-                _matmul1_16bit(x, bits, bf16, out)
+                _matmul1_16bit(x, bits, bf16, out, F16_TO_F32_BITS)
         outs.append(out)
     return outs
 

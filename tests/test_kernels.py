@@ -1444,8 +1444,23 @@ def test_numba_widens_every_fp16_bit_pattern_exactly():
     h = np.arange(1 << 16, dtype=np.uint16)
     finite = np.where(np.isfinite(h.view(np.float16)), h, 0).reshape(256, 256)  # 0 * inf would be NaN
     out = np.empty((256, 256), dtype=np.float32)
-    kn._matmul1_16bit(np.eye(256, dtype=np.float32), finite, False, out)
+    kn._matmul1_16bit(np.eye(256, dtype=np.float32), finite, False, out, kn.F16_TO_F32_BITS)
     np.testing.assert_array_equal(out.T, finite.view(np.float16).astype(np.float32))
+
+
+def test_numbas_16_bit_product_is_read_back_from_its_disk_cache(tmp_path):
+    """Only the first process compiles it: a later one finds it in numba's cache (a default array argument
+    made its cache key differ in every process, so each recompiled it, ~2 s, and left another file)."""
+    pytest.importorskip("numba")
+    script = ("import numpy as np\nfrom babyllama import kernels_numba as kn\n"
+              "kn.matmul_dense_many(np.ones((1, 8), np.float32), [np.ones((4, 8), np.float16)])\n"
+              "s = kn._matmul1_16bit.stats\nprint(sum(s.cache_hits.values()), sum(s.cache_misses.values()))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    first, second = (r.stdout.split() for r in runs)
+    assert first[0] == "0" and second[0] != "0", (first, second)
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
