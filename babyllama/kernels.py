@@ -29,16 +29,18 @@ if TYPE_CHECKING:
     from .kernels_native import NativeKernels
 
 BACKENDS = ("native", "numba", "numpy")
+BACKEND_NAMES = {"native": "the C kernels", "numba": "numba", "numpy": "NumPy"}
 KERNELS_VARIABLE = "BABYLLAMA_KERNELS"
 _backend: Kernels | None = None  # chosen on first use
 PLAIN: Kernels = PlainKernels()
 
 
-def _load(name: str) -> Kernels | None:
-    """The kernels of backend `name`, or None when it cannot be used here."""
+def _load(name: str, named: bool = False) -> Kernels | None:
+    """The kernels of backend `name`, or None when it cannot be used here; `named`: asked for by name (the
+    native kernels then load under BABYLLAMA_NATIVE=0 too, which only keeps them out of the default choice)."""
     if name == "native":
         from . import kernels_native
-        return kernels_native.load()
+        return kernels_native.load(forced=named)
     if name == "numba":
         try:
             from . import kernels_numba
@@ -60,14 +62,16 @@ def use_backend(name: str | None = None) -> str:
             raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
     else:
         wanted = _backend_from_environment()
+    named = name is not None or bool(os.environ.get(KERNELS_VARIABLE, "").strip())
     for candidate in BACKENDS[BACKENDS.index(wanted):]:
-        kernels = _load(candidate)
+        kernels = _load(candidate, named and candidate == wanted)
         if kernels is not None:
             _backend = kernels
+            if named and candidate != wanted and sys.stderr is not None:  # asked for by name: say it is not used
+                why = ("numba is not installed (pip install 'babyllama[fast]')" if wanted == "numba" else
+                       "the C kernels asked for cannot run here (no C compiler, or the line above says why)")
+                print(f"babyllama: {why}; running on {BACKEND_NAMES[candidate]}", file=sys.stderr, flush=True)
             return candidate
-        if candidate == wanted == "numba" and sys.stderr is not None:  # asked for by name: say why it is not used
-            print("babyllama: numba is not installed (pip install 'babyllama[fast]'); running on NumPy",
-                  file=sys.stderr, flush=True)
     raise AssertionError("unreachable: numpy is always available")
 
 

@@ -263,10 +263,40 @@ def flag_sets(arch: str) -> list[list[str]]:
     return sets
 
 
-def _runs_here(arch: str) -> bool:
-    """A forced instruction set runs only on a CPU that has it (where the flags can be read)."""
+# the compiler's macro for an instruction-set extension -march may switch on, and /proc/cpuinfo's flag for it
+MACRO_FLAGS = {"__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c", "__BMI2__": "bmi2",
+               "__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512CD__": "avx512cd",
+               "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512VNNI__": "avx512_vnni",
+               "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__AVX512VBMI__": "avx512vbmi",
+               "__AVX512IFMA__": "avx512ifma", "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni",
+               "__AMX_TILE__": "amx_tile"}
+
+
+def missing_instructions(arch: str) -> list[str]:
+    """The CPU flags a forced instruction set (BABYLLAMA_NATIVE_ARCH) needs and this CPU lacks: for the named
+    sets (ARCHES) their flags, for any other -march value the extensions the compiler switches on for it (a
+    library built with them would die of SIGILL at its first call). Empty where the CPU's flags cannot be read
+    or the compiler does not know the value (its build then fails, with a marker)."""
     flags = cpu_flags()
-    return arch not in ARCHES or flags is None or ARCHES[arch][1] <= flags
+    if arch == "native" or flags is None:
+        return []
+    needed = ARCHES[arch][1] if arch in ARCHES else _march_flags(arch)
+    return sorted(needed - flags)
+
+
+@cache
+def _march_flags(arch: str) -> set[str]:
+    """The CPU flags of the extensions the compiler switches on for -march=`arch` (its predefined macros)."""
+    cc = compiler()
+    if cc is None:
+        return set()
+    try:
+        out = subprocess.run([*cc_command(cc), f"-march={arch}", "-dM", "-E", "-x", "c", os.devnull],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    macros = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define ")}
+    return {flag for macro, flag in MACRO_FLAGS.items() if macro in macros}
 
 
 def build(directory: Path | None = None, arch: str | None = None) -> Path | None:
@@ -944,12 +974,18 @@ def _unlock_in_child() -> None:
 os.register_at_fork(after_in_child=_unlock_in_child)
 
 
-def load(arch: str | None = None) -> NativeKernels | None:
+def load(arch: str | None = None, forced: bool = False) -> NativeKernels | None:
     """The native kernels for instruction set `arch` (default $BABYLLAMA_NATIVE_ARCH, else "native"), or None
-    (the caller falls back) when disabled (BABYLLAMA_NATIVE=0), when the CPU lacks a forced instruction set,
+    (the caller falls back) when disabled (BABYLLAMA_NATIVE=0, unless `forced`: asked for by name), when the CPU
+    lacks a forced instruction set,
     when no compiler works, when the cache folder is not writable, or when the built library cannot be loaded
     (one line on stderr says which). One object per library."""
-    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" or not _runs_here(arch_name(arch)):
+    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" and not forced:
+        return None
+    missing = missing_instructions(arch_name(arch))
+    if missing:
+        _fall_back(f"this CPU lacks {', '.join(missing)}, which the C kernels' instruction set {arch_name(arch)!r} "
+                   "(BABYLLAMA_NATIVE_ARCH) uses", f"arch {arch_name(arch)}")
         return None
     with _loading:
         return _load(arch)

@@ -980,9 +980,45 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
     assert list(cache.glob("*.so")) == [] and list(cache.glob("*.sha256")) == []
 
 
-def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch):
+def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch, capsys):
     monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"sse2", "avx"})
     assert kernels_native.load("avx2") is None
+    assert "this CPU lacks avx2, bmi1, bmi2, f16c, fma, movbe, which the C kernels' instruction set 'avx2'" in (
+        capsys.readouterr().err)
+
+
+def test_the_native_kernels_asked_for_by_name_load_under_native_0_or_say_why_not(monkeypatch, capsys):
+    """BABYLLAMA_NATIVE=0 keeps the C kernels out of the default choice only: named, they load; and named where
+    they cannot run, one line says so (they were replaced without a word)."""
+    if kernels_native.load() is None:
+        pytest.skip("the C kernels do not build here")
+    previous = kernels.backend()
+    try:
+        monkeypatch.setenv("BABYLLAMA_NATIVE", "0")
+        assert kernels.use_backend() != "native"  # the default choice leaves them out
+        assert kernels.use_backend("native") == "native"
+        monkeypatch.setattr(kernels_native, "load", lambda **kw: None)
+        capsys.readouterr()
+        other = kernels.use_backend("native")
+        assert other != "native" and capsys.readouterr().err.startswith(
+            "babyllama: the C kernels asked for cannot run here (no C compiler, or the line above says why); "
+            "running on ")
+    finally:
+        kernels._backend = previous
+
+
+def test_a_forced_march_value_whose_instructions_the_cpu_lacks_is_not_built(monkeypatch, capsys):
+    """Any -march value may be forced: the extensions the compiler switches on for it are checked against the
+    CPU's flags, where a library built with them died of SIGILL at its first call (exit 132, no word)."""
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler here")
+    assert "avx512f" in kernels_native._march_flags("skylake-avx512")
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: set(kernels_native.AVX2_FLAGS))
+    monkeypatch.setattr(kernels_native, "build", lambda **kw: pytest.fail("built for a CPU that lacks it"))
+    assert kernels_native.load("skylake-avx512") is None
+    assert "this CPU lacks avx512bw, avx512cd, avx512dq, avx512f, avx512vl, which the C kernels' instruction set " \
+           "'skylake-avx512'" in capsys.readouterr().err
+    assert kernels_native.missing_instructions("haswell") == []
 
 
 def test_babyllama_kernels_is_read_in_any_case_and_another_value_is_one_line(monkeypatch):
