@@ -42,7 +42,7 @@ from .errors import first_line
 from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
 from .kernels_base import check_step_lengths, kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
-from .safeio import cache_folder, current_umask
+from .safeio import cache_folder, current_umask, sweep_stale_temps
 from .threads import explicit_threads, usable_cpus
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
@@ -329,13 +329,18 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         if not announced and sys.stderr is not None and sys.stderr.isatty():  # ~15 s on two cores: say why
             print("babyllama: compiling the C kernels for this CPU (once; cached) ...", file=sys.stderr, flush=True)
             announced = True
-        # compile to a temporary name and rename: concurrent first runs never load a half-written library
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        # compile to a temporary name and rename: concurrent first runs never load a half-written library; the
+        # name holds this process's pid, so that what a SIGKILL left is swept by a later build
+        sweep_stale_temps(directory, lib.name)
+        fd, tmp = tempfile.mkstemp(prefix=f"{lib.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
         os.close(fd)
         cmd = [*cc_command(cc), *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
         try:
             for c in _in_parallel(cmd):
                 attempt = _run_compiler(c)
+                if attempt.returncode == 0 and not _is_shared_library(Path(tmp)):  # e.g. CC=true
+                    attempt = subprocess.CompletedProcess(c, 1, attempt.stdout, attempt.stderr + "\nthe compiler "
+                                                          "exited 0 but wrote no shared library")
                 if attempt.returncode == 0:
                     # mkstemp made it 0600 and the linker only adds x: a library others may load as they run
                     # programs (a cache several users share), as the umask allows
@@ -378,6 +383,17 @@ def _machine_failure(attempt: subprocess.CompletedProcess) -> str | None:
         if any(words in line for words in MACHINE_FAILURES):
             return line.strip()
     return None
+
+
+def _is_shared_library(path: Path) -> bool:
+    """Whether `path` starts as a library does (ELF, Mach-O or PE): a compiler command that exits 0 without
+    writing one leaves the empty temporary file, which would be cached as the library for good."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe") or head[:2] == b"MZ"
 
 
 def fingerprint_path(lib: Path) -> Path:

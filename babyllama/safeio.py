@@ -10,7 +10,7 @@ Writing: `atomic_write` (and `pending`/`commit` for libraries that write a path 
 NAME.PID.XXXXXXXX.tmp beside the target (its own, should another process write the same target), fsyncs it,
 renames it over the target and fsyncs the folder: after a crash or a kill the target is either the old file
 or the complete new one, never a torn one. An error or Ctrl-C removes the temporary file; one a kill left is
-removed by a later write of the same target once its writer is gone (`_sweep_stale_temps`). The files of one
+removed by a later write of the same target once its writer is gone (`sweep_stale_temps`). The files of one
 output (a model, its tokenizer, its config) are renamed into place together once all are written
 (`committed_together`), so that a failure on the last leaves none of the others new beside old ones. The rename
 would put a regular file in place of whatever is there, so a target that exists and is not a regular file (a
@@ -330,9 +330,9 @@ def _temp_prefix(path: Path) -> str:
 def _new_temp(path: Path, what: str) -> Path:
     """A new empty file beside `path`, NAME.PID.XXXXXXXX.tmp, for this write alone: two processes writing one
     target (a run started twice on one out_dir) would otherwise write into one temporary file, and the first
-    rename would publish the mix of both. Stale ones of the same target go first (`_sweep_stale_temps`)."""
+    rename would publish the mix of both. Stale ones of the same target go first (`sweep_stale_temps`)."""
     prefix = _temp_prefix(path)
-    _sweep_stale_temps(path.parent, prefix[: -len(f".{os.getpid()}.")])
+    sweep_stale_temps(path.parent, prefix[: -len(f".{os.getpid()}.")])
     try:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -341,10 +341,10 @@ def _new_temp(path: Path, what: str) -> Path:
     return Path(name)
 
 
-STALE_TEMP_AGE = 60.0  # seconds a dead writer's temporary file is left alone (see _sweep_stale_temps)
+STALE_TEMP_AGE = 60.0  # seconds a dead writer's temporary file is left alone (see sweep_stale_temps)
 
 
-def _sweep_stale_temps(folder: Path, name: str) -> None:
+def sweep_stale_temps(folder: Path, name: str) -> None:
     """Remove the temporary files that writers of NAME killed outright (SIGKILL, the OOM killer, a power cut)
     left: an exception or Ctrl-C removes its own (`pending`), a kill cannot. One is stale when its writer's pid
     (in its name) is no live process here and it has not changed for STALE_TEMP_AGE seconds: a writer on another

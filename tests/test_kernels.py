@@ -770,6 +770,36 @@ def test_a_built_library_has_the_mode_of_a_program(tmp_path, monkeypatch):
     assert lib is not None and (lib.stat().st_mode & 0o777) == 0o777 & ~current_umask()
 
 
+def test_a_compiler_that_exits_0_without_a_library_is_a_failed_build(tmp_path, monkeypatch, capsys):
+    """CC=true: exit status 0 and no library written. The empty temporary file was cached as the library, for
+    good (every run then failed to load it, blaming a noexec folder); now it is a failed build, with a marker."""
+    if kernels_native.compiler() is None:
+        pytest.skip("no C compiler")
+    kernels_native._compiler_identity(kernels_native.compiler())
+    monkeypatch.setattr(kernels_native, "_run_compiler", lambda cmd: subprocess.CompletedProcess(cmd, 0, "", ""))
+    assert kernels_native.build(tmp_path, "native") is None
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("*.tmp"))
+    markers = list(tmp_path.glob("kernels-*.failed"))
+    assert markers and all("exited 0 but wrote no shared library" in m.read_text() for m in markers)
+    assert "did not compile" in capsys.readouterr().err
+
+
+def test_a_temporary_library_a_killed_build_left_is_swept(tmp_path, monkeypatch):
+    """A build killed outright (SIGKILL) cannot remove its temporary library: its name holds the pid, and the
+    next build removes it once that process is gone (it stayed in the cache for good)."""
+    import time
+
+    calls = fake_compiler(monkeypatch)
+    lib = kernels_native.build(tmp_path, "native")
+    assert lib is not None and calls
+    stale = tmp_path / f"{lib.name}.999999999.abcd1234.tmp"  # a pid no process has
+    stale.write_bytes(b"\x7fELF")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    lib.unlink()  # the next build compiles again
+    assert kernels_native.build(tmp_path, "native") == lib and not stale.exists()
+
+
 def test_a_build_that_failed_in_an_earlier_run_says_so_and_how_to_retry(tmp_path, monkeypatch, capsys):
     """Failed attempts leave markers so that later runs do not compile again for nothing; those runs still say,
     in one line, that they run without the kernels and how to try again (a failure may have passed: a full
