@@ -152,7 +152,9 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     safeio.output_file(out)
     tokenizer = _bin_tokenizer(src, tok)
     tok_out = out.with_name(TOKENIZER_BIN)
-    if tokenizer is not None and not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
+    if tokenizer is None:  # the model runs with the tokenizer.bin beside it: one of another size never could
+        _check_kept_tokenizer(tok_out, src.weights.args.vocab_size)
+    elif not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
         tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
     if tokenizer is None:
@@ -174,6 +176,17 @@ def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
         return None
     _check_vocab(tokenizer.vocab_size, src.weights.args.vocab_size, tok)
     return tokenizer
+
+
+def _check_kept_tokenizer(tok_out: Path, vocab_size: int) -> None:
+    """A .bin export that carries no tokenizer leaves the tokenizer.bin beside OUT in place, which `run` then
+    reads: refused when its vocabulary size shows it belongs to another model (as a Hugging Face folder's
+    tokenizer.model is, `_check_folder_tokenizer`)."""
+    existing = _readable_tokenizer(tok_out) if tok_out.is_file() else None
+    if existing is not None and existing.vocab_size != vocab_size:
+        raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens but this model's vocab_size is "
+                             f"{vocab_size} (a tokenizer of another model): pass --tokenizer TOK to replace it, or "
+                             "export into another folder")
 
 
 def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool, source: Path) -> bool:

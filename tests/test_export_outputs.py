@@ -212,6 +212,23 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 300
 
 
+def test_a_tokenizer_bin_beside_out_of_another_size_is_refused_when_the_source_has_none(tmp_path, capsys):
+    """A source without a tokenizer (a lone .bin, a run folder without one) leaves the tokenizer.bin beside OUT
+    in place, which `run` reads: one of another vocabulary size is refused at export, not at the first run."""
+    src = tmp_path / "src" / "m.bin"
+    src.parent.mkdir()
+    formats.save(random_weights(tiny_args(vocab_size=300)), src)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    byte_tokenizer(400).save(folder / "tokenizer.bin")
+    msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(src))
+    assert msg.endswith(f"{folder / 'tokenizer.bin'} has 400 tokens but this model's vocab_size is 300 (a tokenizer "
+                        "of another model): pass --tokenizer TOK to replace it, or export into another folder")
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
+    byte_tokenizer(300).save(folder / "tokenizer.bin")  # the model's size: kept, and the export goes on
+    assert main(["export", str(folder / "m.bin"), "--model", str(src)]) == 0
+
+
 def test_a_same_size_tokenizer_bin_beside_out_is_kept_with_a_note(tmp_path, capsys, tiny_gguf):
     """The note says how to put the model's tokenizer there, and following it does: a GGUF's vocabulary is no
     file --tokenizer could name, but an export writes it where no tokenizer.bin is."""
