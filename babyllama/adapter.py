@@ -126,9 +126,10 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise BabyLlamaError(f"{path} holds a {CKPT_NAME} but no adapter: a full fine-tune (lora_rank 0), like any "
                              f"training run, is a model of its own; run it as the model (babyllama chat {path})")
     for p in (tensors_path, config_path):
-        if not p.is_file():
+        if not p.exists():
             raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "
                                  "beside it)")
+        safeio.check_regular(p, "adapter file")  # a pipe or a device: said what it is
     config = safeio.read_json(config_path, "adapter config")
     if config.get("format") != FORMAT:
         raise BabyLlamaError(f"{config_path}: not a babyllama adapter config (format {config.get('format')!r}, "

@@ -746,3 +746,22 @@ def test_pretokenize_reports_the_split_training_will_use(tmp_path, capsys, tok30
     assert main(["data", "pretokenize", "--tokenizer", str(tok300), "--input", str(tmp_path / "in"), "--out-dir",
                  str(tmp_path / "shards"), "--workers", "1"]) == 0
     assert f" in {split} to " in capsys.readouterr().out
+
+
+def test_a_pipe_device_or_folder_given_as_input_or_tokenizer_is_named_as_what_it_is(tmp_path):
+    """They exist: "not found" sent the user looking for a missing file."""
+    import os
+
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train.data import input_files, load_encoder
+
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    with pytest.raises(BabyLlamaError, match=r"^input .*ff is a named pipe, not a regular file$"):
+        input_files(fifo)
+    with pytest.raises(BabyLlamaError, match=r"^tokenizer /dev/null is a device, not a regular file$"):
+        load_encoder("/dev/null")
+    with pytest.raises(BabyLlamaError, match=r"^tokenizer .* is a directory, not a regular file$"):
+        load_encoder(tmp_path)
+    with pytest.raises(BabyLlamaError, match=r"^tokenizer not found: "):
+        load_encoder(tmp_path / "missing.bin")

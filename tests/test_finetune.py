@@ -440,6 +440,13 @@ def test_an_adapter_file_given_as_the_model_says_to_use_lora(lora_run, capsys, n
             f"was trained on (babyllama run BASE --lora {adapter})")
 
 
+def test_a_device_given_as_the_adapter_is_named_as_what_it_is():
+    from babyllama.adapter import load_adapter
+
+    with pytest.raises(BabyLlamaError, match=r"^adapter file /dev/null is a device, not a regular file$"):
+        load_adapter("/dev/null")
+
+
 def test_a_full_fine_tune_over_a_lora_run_takes_its_adapter_away(tmp_path, one_thread):
     """A new full fine-tune in a LoRA run's folder replaces that run at its first checkpoint, adapter included:
     left there, `--lora FOLDER` merged it as if it were this run's."""

@@ -68,8 +68,10 @@ def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = Non
         if path.suffix not in SUFFIXES:
             raise BabyLlamaError(f"{path}: unsupported input type (use {', '.join(SUFFIXES)})")
         return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise BabyLlamaError(f"input not found: {path}")
+    if not path.is_dir():  # a pipe or a device: said what it is
+        safeio.check_regular(path, "input")
     skipped = Path(exclude).resolve() if exclude is not None else None
     if skipped is not None and (skipped == path.resolve() or not skipped.is_relative_to(path.resolve())):
         skipped = None  # not a folder inside the input: the input is not what it holds
@@ -105,8 +107,9 @@ def load_encoder(path: str | os.PathLike) -> tuple[int, Callable[[list[str]], li
     """(vocab size, texts → their ids, no BOS) with a sentencepiece .model (fast, C++) or a llama2.c
     tokenizer.bin."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise BabyLlamaError(f"tokenizer not found: {path}")
+    safeio.check_regular(path, "tokenizer")  # a folder, a pipe or a device: said what it is
     if path.suffix == ".model":
         from ..tokenizer import open_sentencepiece
 
