@@ -704,6 +704,25 @@ def test_a_run_whose_log_reader_goes_away_stops_and_says_so(tmp_path):
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
+def test_an_fsdp_run_resumed_in_one_process_says_how(tmp_path, one_thread, capsys):
+    """A checkpoint of an FSDP run holds whole tensors: resumed in one process with --fsdp=false it goes on; the
+    checkpoint's fsdp=true alone is refused, saying that it came from the run and what to pass."""
+    from babyllama.cli import main
+
+    data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
+    assert main(["train", *(f"--{k}={v}" for k, v in tiny_run(data, out).items())]) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["fsdp"] = True  # as torchrun --nproc_per_node=2 ... --fsdp=true leaves it
+    torch.save(ckpt, out / "ckpt.pt")
+    capsys.readouterr()
+    assert main(["train", f"--out_dir={out}", "--init_from=resume", "--max_iters=4"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "babyllama: error: fsdp=true needs several processes: launch with torchrun --nproc_per_node=N (the setting "
+        "of the run resumed: --fsdp=false resumes it in one process, its checkpoint holds whole tensors)")
+    assert main(["train", f"--out_dir={out}", "--init_from=resume", "--max_iters=4", "--fsdp=false"]) == 0
+    assert evaluations(out) == [0, 2, 4]
+
+
 def test_a_new_run_stopped_before_its_first_checkpoint_leaves_the_earlier_runs_pair(tmp_path, one_thread,
                                                                                       monkeypatch, capsys):
     """ckpt.pt and tokenizer.bin in out_dir go together: sample and export read them as one model; so do

@@ -185,7 +185,10 @@ class Trainer:
         self.raw = model
         if cfg.fsdp:
             if not self.dist.enabled:
-                raise BabyLlamaError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
+                resumed = (" (the setting of the run resumed: --fsdp=false resumes it in one process, its "
+                           "checkpoint holds whole tensors)" if cfg.init_from == "resume" else "")
+                raise BabyLlamaError(f"fsdp=true needs several processes: launch with torchrun --nproc_per_node=N"
+                                     f"{resumed}")
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.layers:
