@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A trained (target, draft) pair for benchmarks/speculative.py, made with babyllama's own pipeline. The draft
-# is the built-in model (1.5M parameters, babyllama/assets); the target is a 7.5M-parameter model trained
-# from scratch on the same TinyStories slice with the same 4096-token tokenizer, so the two share a vocabulary.
+# is the built-in model (1.27M parameters, babyllama/assets); the target is a 6.6M-parameter model trained
+# from scratch on the same TinyStories slice with the same 512-token tokenizer, so the two share a vocabulary.
 #   bash benchmarks/train_pair.sh [DATA_DIR] [OUT_DIR] [ITERS]
-# (defaults: ../shared/data/tinystories, out/pair, 420 steps of 8 x 256 tokens: 68 min on one core here, pretokenizing included)
+# (defaults: ../shared/data/tinystories, out/pair, 420 steps of 8 x 256 tokens)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data/tinystories}; out=${2:-out/pair}; iters=${3:-420}
