@@ -77,8 +77,10 @@ def test_backend_choice_and_fallback(monkeypatch):
     try:
         monkeypatch.delenv("BABYLLAMA_KERNELS", raising=False)  # the choice made without it
         assert kernels.use_backend() == "native"
-        monkeypatch.setenv("BABYLLAMA_NATIVE", "0")  # as if the library could not be built
+        monkeypatch.setenv("BABYLLAMA_NATIVE", "0")  # out of the default choice, still there when named
         assert kernels.use_backend() == "numba"
+        assert kernels.use_backend("native") == "native"
+        monkeypatch.setattr(kernels_native, "load", lambda **kw: None)  # as if the library could not be built
         assert kernels.use_backend("native") == "numba"
         monkeypatch.setenv("BABYLLAMA_KERNELS", "numpy")
         assert kernels.use_backend() == "numpy" and kernels.backend().name == "numpy"
@@ -617,14 +619,17 @@ def test_without_a_compiler_the_first_run_says_so_once(tmp_path):
     from conftest import run_cli
 
     env = {"PATH": str(tmp_path / "empty"), "CC": "", "BABYLLAMA_CACHE": str(tmp_path / "cache"),
-           "BABYLLAMA_KERNELS": "native"}
+           "BABYLLAMA_KERNELS": ""}  # the default choice
     notes = []
-    for _ in range(2):
-        r = run_cli("run", "-t", "0", "-n", "8", env=env)
+    for named in ("", "", "native"):
+        r = run_cli("run", "-t", "0", "-n", "8", env={**env, "BABYLLAMA_KERNELS": named})
         assert r.returncode == 0 and r.stdout.startswith(b"Once upon a time"), r.stderr.decode()
         notes.append([line for line in r.stderr.decode().splitlines() if line.startswith("babyllama:")])
-    assert notes == [["babyllama: no C compiler (cc, gcc or clang on PATH, or $CC) to build the C kernels with; "
-                      "running without them, several times slower"], []]
+    assert notes[:2] == [["babyllama: no C compiler (cc, gcc or clang on PATH, or $CC) to build the C kernels "
+                          "with; running without them, several times slower"], []]
+    # asked for by name, their absence is said on every run
+    assert len(notes[2]) == 1 and notes[2][0].startswith("babyllama: the C kernels asked for cannot run here (no C "
+                                                         "compiler, or the line above says why); running on ")
 
 
 @pytest.mark.parametrize("head_size", [8, 12, 48, 96, 128])  # 12: the scalar path; 96, 128: two AVX2 chunks

@@ -1007,7 +1007,7 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
     while (alive(driver) or alive(job)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(driver) and not alive(job)
-    assert list(cache.glob("*.so")) == [] and list(cache.glob("*.sha256")) == []
+    assert list(cache.glob("*.so")) == [] and list(cache.glob("*.tmp")) == [] and list(cache.glob("*.sha256")) == []
 
 
 def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch, capsys):
