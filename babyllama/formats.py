@@ -424,7 +424,8 @@ def read_header(path: str | os.PathLike) -> tuple[ModelArgs, int, int, int]:
                         shared_classifier=shared, rope_theta=theta or DEFAULT_ROPE_THETA,
                         norm_eps=eps or DEFAULT_NORM_EPS)
     try:
-        if version == 2 and (group_size <= 0 or dim % group_size):  # hidden_dim: see straddling_groups
+        # hidden_dim need not be a multiple: llama2.c's groups run over each flattened tensor (load reads them)
+        if version == 2 and (group_size <= 0 or dim % group_size):
             check_group_size(args, group_size)
         if version == 3:
             check_q4_shape(args, group_size)

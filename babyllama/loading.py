@@ -17,7 +17,6 @@ catalog and the CLI all come here, so every command reads models the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
@@ -128,14 +127,14 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def is_adapter_file(path: Path) -> bool:
     """Whether `path` is one of a LoRA adapter's two files (its .json says babyllama's adapter format)."""
-    config = path.with_suffix(".json")
-    if path.suffix not in (".json", ".safetensors") or not config.is_file() or config.stat().st_size > 1 << 20:
+    if path.suffix not in (".json", ".safetensors"):
         return False
-    from .adapter import FORMAT
+    from .adapter import FORMAT, adapter_paths
 
+    _, config = adapter_paths(path)
     try:
-        return json.loads(config.read_bytes()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON but not an object
+        return config.is_file() and safeio.read_json(config, "adapter config").get("format") == FORMAT
+    except BabyLlamaError:  # unreadable, too large, not JSON, or not an object: no adapter's
         return False
 
 

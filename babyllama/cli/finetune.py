@@ -10,8 +10,6 @@ from ..errors import BabyLlamaError
 from .common import non_empty_path
 from .train import add_config_flags, config_overrides, no_checkpoint_text, require_training
 
-NEEDS_BASE = "finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or --meta-llama DIR"
-
 
 def add(sub: argparse._SubParsersAction) -> None:
     from ..train.config import FINETUNE_DEFAULTS, SHAPE_KEYS
@@ -52,13 +50,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             overrides.update(base=folder, base_format=kind)
     asked = build_config(args.config, overrides, defaults=FINETUNE_DEFAULTS, checked=False)
     if not asked.base and asked.init_from != "resume":  # said before the settings' checks (max_seq_len 0: the base's)
-        raise BabyLlamaError(NEEDS_BASE)
+        raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
+                             "--meta-llama DIR")
     cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
-    if not cfg.base and cfg.init_from == "resume":
+    if not cfg.base:  # a resume takes the base its checkpoint names: none, a run from random weights
         raise BabyLlamaError(f"{cfg.out_dir} holds a run trained from random weights: resume it with babyllama train "
                              f"--init_from=resume --out_dir={cfg.out_dir}")
-    if not cfg.base:
-        raise BabyLlamaError(NEEDS_BASE)
     given = set(overrides) | (set(read_config_file(args.config)) if args.config else set())
     saved_at = train(cfg, given)["saved_at"]
     out = cfg.out_dir
