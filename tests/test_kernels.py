@@ -280,7 +280,7 @@ def test_regrouped_products_match_the_blocks(native, kind, n):
     q = BLOCK_QUANTIZERS[kind](rng.standard_normal((37, n)).astype(np.float32))
     r = _regrouped(native, q)
     assert r.data.shape == q.data.shape and not np.array_equal(r.data, q.data) or n < 128
-    for tokens in (1, 3, 8, 11):
+    for tokens in (1, 2, 3, 8, 11):
         x = rng.standard_normal((tokens, n)).astype(np.float32)
         got, blocks, ref = native.matmul(x, [r])[0], native.matmul(x, [q])[0], matmul_quantized(x, q)
         np.testing.assert_allclose(got, blocks, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -1468,11 +1468,49 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     q4r_tail(w, b, a, n, nt, acc8);
 }
 
+/* a group of 16 blocks for one or two tokens: q8r_lanes8's h = 0 and h = 1 in one pass over the group's lines,
+ * in address order (the same int32 sums, and the same two multiply-adds per token in the same order). One Zen 4
+ * core (forced AVX2 build) read 110M-shape Q8_0R products from DRAM 13-15% faster than with the halves read one
+ * after the other, two tokens 27% (decode_rates, alternating processes); at 4 and 8 tokens the two measure alike.
+ * Q4_0R's groups (4 lines of nibbles) read no faster in address order. */
+ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt,
+                                       __m256 *acc8) {
+    const uint8_t *g = w + b0 * 34;
+    int64_t nb = n / BLOCK;
+    __m256i isum[2][2];
+    UNROLL
+    for (int t = 0; t < nt; t++) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
+    UNROLL
+    for (int j = 0; j < 8; j++) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(g + 64 * j)), u0 = _mm256_abs_epi8(v0);
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(g + 64 * j + 32)), u1 = _mm256_abs_epi8(v1);
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = a->q16 + t * n + b0 * BLOCK + 64 * j;
+            isum[t][0] = dot_u8s8(isum[t][0], u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), v0));
+            isum[t][1] = dot_u8s8(isum[t][1], u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), v1));
+        }
+    }
+    UNROLL
+    for (int h = 0; h < 2; h++) {
+        __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 512 + 16 * h)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            __m256 xd = _mm256_loadu_ps(a->d + t * nb + b0 + 8 * h);
+            acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), _mm256_mul_ps(wd, xd), acc8[t]);
+        }
+    }
+}
+
 ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
     int64_t nb = n / BLOCK, b = 0;
     UNROLL
     for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
-    for (; nb - b >= 16; b += 16) q8r_lanes8(w, b, 16, 0, a, n, nt, acc8), q8r_lanes8(w, b, 16, 1, a, n, nt, acc8);
+    for (; nb - b >= 16; b += 16)
+        if (nt <= 2)
+            q8r_group16_inorder(w, b, a, n, nt, acc8);
+        else
+            q8r_lanes8(w, b, 16, 0, a, n, nt, acc8), q8r_lanes8(w, b, 16, 1, a, n, nt, acc8);
     if (nb - b >= 8) q8r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
     if (nb - b >= 4) q8r_group4(w, b, a, n, nt, acc8), b += 4;
     for (; b < nb; b++) q8r_single(w, b, a, n, nt, acc8);
