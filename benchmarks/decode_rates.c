@@ -4,11 +4,12 @@
  * turns a token at a time, median of 41 tokens each; Q8_0 and Q4_0 blocks as they are stored and regrouped as
  * the native kernels read them (quant.BlockTensor.regrouped). With the 110M shape the weights
  * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache; 42M lies
- * between. Prints
- * ms per token, weight GB/s and the implied tok/s bound per weight type, token count and thread count.
+ * between. Each matrix begins OFFSET bytes into a cache line: 16 by default, where NumPy's large buffers (a
+ * model's arrays) begin. Prints ms per token, weight GB/s and the implied tok/s bound per weight type, token
+ * count and thread count.
  *
  *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/decode_rates.c babyllama/csrc/kernels.c -o /tmp/decode -lm
- *   /tmp/decode [SHAPE=110M|42M|15M] [THREADS=1,2] [TOKENS=1,8]
+ *   /tmp/decode [SHAPE=110M|42M|15M] [THREADS=1,2] [TOKENS=1,8] [OFFSET=16]
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -24,12 +25,15 @@ static int cmp(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* memory for weights in 2 MB pages where the kernel gives them, as NumPy's buffers get them in a decode step */
-static void *weight_memory(int64_t bytes) {
-    int64_t huge = 1 << 21, size = (bytes + huge - 1) / huge * huge;
-    void *p = aligned_alloc(huge, size);
+static int64_t offset = 16; /* bytes into a cache line at which each matrix begins */
+
+/* memory for weights in 2 MB pages where the kernel gives them, as NumPy's buffers get them in a decode step,
+ * starting `offset` bytes in */
+static uint8_t *weight_memory(int64_t bytes) {
+    int64_t huge = 1 << 21, size = (bytes + offset + huge - 1) / huge * huge;
+    uint8_t *p = aligned_alloc(huge, size);
     madvise(p, size, MADV_HUGEPAGE);
-    return p;
+    return p + offset;
 }
 
 /* a random matrix of `rows` rows of n weights of `type` (1: runq.c Q8 with group gs, 2: Q8_0 blocks, 3: Q4_0,
@@ -73,6 +77,7 @@ static const struct {
 int main(int argc, char **argv) {
     const char *shape = argc > 1 ? argv[1] : "110M";
     const char *thread_list = argc > 2 ? argv[2] : "1,2", *token_list = argc > 3 ? argv[3] : "1,8";
+    if (argc > 4) offset = atoi(argv[4]) & 63;
     int k = 0, n_shapes = (int)(sizeof SHAPES / sizeof SHAPES[0]);
     while (k < n_shapes && strcmp(shape, SHAPES[k].name) != 0) k++;
     if (k == n_shapes) {
@@ -83,7 +88,8 @@ int main(int argc, char **argv) {
     int gs = 64; /* runq.c's group size for the shape: halved until it divides dim and hidden */
     while (d % gs || h % gs) gs /= 2;
     const char *names[6] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"};
-    printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape\n", kernel_isa(), (long)kernel_prefetch_bytes(), shape);
+    printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape, matrices %ld bytes into a cache line\n", kernel_isa(),
+           (long)kernel_prefetch_bytes(), shape, (long)offset);
     Mat *models[6];
     int64_t bytes[6] = {0};
     for (int type = 1; type <= 5; type++) {
@@ -137,7 +143,7 @@ int main(int argc, char **argv) {
     }
     for (int type = 1; type <= 5; type++) {
         for (int j = 0; j < 7 * L + 1; j++) {
-            free((void *)models[type][j].w);
+            free((uint8_t *)models[type][j].w - offset);
             free((void *)models[type][j].s);
         }
         free(models[type]);
