@@ -18,12 +18,12 @@ import threading
 from collections.abc import Callable, Iterator
 
 from .api import Model
-from .chat_template import encode_chat
+from .chat_template import encode_chat, get_template
 from .errors import BabyLlamaError
 from .generate import Batch, Sequence
 from .printer import Printer
 from .sampler import Sampler
-from .tokenizer import EOS
+from .tokenizer import BOS, EOS
 
 
 def _read_line(printer: Printer, prompt: str) -> str | None:
@@ -85,17 +85,20 @@ def _ctrl_c_stops_the_reply(interactive: bool) -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _check_system_fits(model: Model, system: str, seq_len: int) -> None:
+def _check_system_fits(model: Model, system: str, seq_len: int, template: str | None) -> None:
     """A system prompt that fills the context window alone would have every turn skipped: one error instead."""
-    n = len(encode_chat(model.tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": ""}])[0])
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": ""}]
+    n = len(encode_chat(model.tokenizer, messages, template=template)[0])
     if n >= seq_len:
         raise BabyLlamaError(f"the system prompt takes {n} tokens (in its first turn): the context window ({seq_len}) "
                              "leaves no room for a turn and a reply")
 
 
 def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
-         raw: bool = False) -> int:
-    """Chat until stdin ends. `max_new` caps each reply (0: up to the context window)."""
+         raw: bool = False, template: str | None = None) -> int:
+    """Chat until stdin ends. `max_new` caps each reply (0: up to the context window). `template`: the chat
+    template's name (chat_template.TEMPLATES; default Llama 2's), the model card's as the server takes it."""
+    get_template(template)  # an unknown name (a model card's) is refused before the first turn
     printer = Printer(model.tokenizer, raw)
     # a signal handler can only be set from the main thread
     interactive = sys.stdin is not None and sys.stdin.isatty() and threading.current_thread() is threading.main_thread()
@@ -105,7 +108,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             return 0
     seq_len = model.args.max_seq_len
     if system:
-        _check_system_fits(model, system, seq_len)
+        _check_system_fits(model, system, seq_len, template)
     batch = Batch(model.engine, 1)
     seq: Sequence | None = None
     while True:
@@ -117,7 +120,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         if seq is None and system:  # until a first turn is answered
             messages.insert(0, {"role": "system", "content": system})
         with_system = len(messages) > 1
-        turn, _ = encode_chat(model.tokenizer, messages)
+        turn, _ = encode_chat(model.tokenizer, messages, template=template)
         user = None
         if len(turn) >= seq_len:
             what = "this turn with the system prompt" if with_system else "this turn"
@@ -126,7 +129,8 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             continue
         budget = max_new or seq_len
         if seq is None:  # the first turn (and its system prompt) stays when older turns slide out
-            seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({EOS}), context_shift=True,
+            # BOS ends a reply as EOS does (as in the server's chat): a story model begins its next story there
+            seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({BOS, EOS}), context_shift=True,
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
         else:
             seq.max_new = budget
@@ -141,5 +145,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                     printer.token(token)
         if not seq.done:  # stopped by Ctrl-C: as a reply cut by its budget, it gets EOS before the next turn
             seq.done, seq.stop_reason = True, "length"
+        if seq.stop_reason == "stop" and seq.tokens[-1] == BOS:  # not yet fed: the template's EOS in its place
+            seq.tokens[-1] = EOS
         printer.end()
 

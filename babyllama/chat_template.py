@@ -8,6 +8,8 @@ BOS-started segment, the system prompt rides inside the first one, and every ass
 
 A reply ends with a space before EOS (a "▁" token), as Meta's `chat_completion` and the chat_template of Meta's
 Hugging Face checkpoints write it, so a conversation is the ids those give (tests/test_chat_template_hf.py).
+The "babyllama" template is the same layout without that space, the one the built-in chat model was tuned on;
+a model card's chat_template names the template a model takes (`chat` and the server read it).
 Each part is encoded on its own (the user turn with BOS, the reply as the continuation after `[/INST]`), which
 is exactly what the model sees when it generates: `chat`, the server and fine-tuning all go through
 `encode_chat`, so a model is trained on the token boundaries it later runs with. The mask marks the tokens a
@@ -37,6 +39,7 @@ class ChatTemplate:
     name: str
     turn: Callable[[str, str | None], str]  # (user text, system prompt or None) -> the turn's text
     jinja: str  # the same template for transformers' apply_chat_template (tokenizer_config.json's chat_template)
+    reply_end: str = " "  # what a reply's text ends with before its EOS
 
 
 def _llama2_turn(user: str, system: str | None = None) -> str:
@@ -62,7 +65,14 @@ _LLAMA2_JINJA = (
     "{% endfor %}"
 )
 
-TEMPLATES = {"llama2": ChatTemplate("llama2", _llama2_turn, _LLAMA2_JINJA)}
+# Llama 2's layout with each reply ending in EOS right after its text (no closing space): the template the built-in
+# chat model was fine-tuned on (its card, chat.json, names it), so that `chat` and the server give it the ids it
+# learned from (an empty reply is EOS alone)
+_TIGHT_JINJA = _LLAMA2_JINJA.replace("{{ ' ' + content.strip() + ' ' + eos_token }}",
+                                     "{% if content.strip() %}{{ ' ' + content.strip() }}{% endif %}{{ eos_token }}")
+
+TEMPLATES = {"llama2": ChatTemplate("llama2", _llama2_turn, _LLAMA2_JINJA),
+             "babyllama": ChatTemplate("babyllama", _llama2_turn, _TIGHT_JINJA, reply_end="")}
 DEFAULT_TEMPLATE = "llama2"
 
 
@@ -134,7 +144,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence, generation: bool = Tru
             mask += [0] * len(turn)
         elif role == "assistant":
             # Meta's reference ends a reply with a space before EOS: the model learns to close with that "▁"
-            reply = tokenizer.encode(content.strip() + " ", bos=False) + [EOS]
+            reply = tokenizer.encode(content.strip() + tpl.reply_end, bos=False) + [EOS]
             ids += reply
             mask += [1] * len(reply)
     return ids, mask

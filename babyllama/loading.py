@@ -374,6 +374,23 @@ def builtin_model() -> Path:
     return BUILTIN_MODEL
 
 
+def model_card(checkpoint: str | None) -> dict:
+    """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
+    NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
+    model folder its model.json. As a card that does not read as an object is skipped, so is a field of it that
+    is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models
+    gave clients)."""
+    if checkpoint is None:
+        path = BUILTIN_CARD
+    else:
+        path = Path(checkpoint) / "model.json" if Path(checkpoint).is_dir() else Path(checkpoint).with_suffix(".json")
+    try:
+        card = safeio.read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
+    except BabyLlamaError:
+        return {}
+    return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
+
+
 def builtin_chat_model() -> Path:
     """The built-in chat model: what `babyllama chat` runs when given no model."""
     if not BUILTIN_CHAT.is_file():

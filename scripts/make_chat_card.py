@@ -107,6 +107,7 @@ def main() -> None:
                         **{m: score(model, requests) for m, model in models.items()}}
     card = {
         "name": "babyllama-chat",
+        "chat_template": "llama2",  # what finetune renders conversations with (chat_template.DEFAULT_TEMPLATE)
         "description": "The built-in story model fine-tuned on instruction pairs made from its own training stories "
                        "(babyllama data instruct): it writes a story about a requested character or topic that uses "
                        "requested words. `babyllama chat` uses it when given no model.",

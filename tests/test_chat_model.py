@@ -83,3 +83,66 @@ def test_the_chat_model_follows_requests_better_than_its_base(tmp_path):
     assert scores["chat"]["words_used"] >= scores["base"]["words_used"] + 8
     assert scores["chat"]["words_used"] >= 0.6 * scores["chat"]["words_requested"]
     assert scores["chat"]["finished"] >= scores["base"]["finished"]
+
+
+def _greedy_reply(model, turn: list[int]) -> tuple[list[int], str]:
+    """The model's greedy reply to `turn` as `chat` and the server decode it: its ids (to its stop token, left
+    out) and the token that stopped it."""
+    from babyllama.generate import Batch, Sequence
+    from babyllama.sampler import Sampler
+    from babyllama.tokenizer import BOS, EOS
+
+    batch = Batch(model.engine, 1)
+    seq = batch.add(Sequence(list(turn), Sampler(0.0), model.args.max_seq_len, frozenset({BOS, EOS})))
+    while not seq.done:
+        batch.step()
+    return seq.generated, seq.tokens[-1]
+
+
+def test_chat_and_the_server_give_the_chat_model_the_reply_ending_it_was_tuned_on():
+    """The chat model was fine-tuned with each reply ending in EOS right after its text; its card names that
+    template, and a finished reply as `chat` keeps it (the generated ids, then EOS) is what the server renders
+    from the reply's text, so the next turn sees the same ids on both. Llama 2's template (a "▁" before EOS)
+    would differ."""
+    from babyllama import api
+    from babyllama.chat_template import encode_chat
+    from babyllama.loading import model_card
+    from babyllama.tokenizer import EOS
+
+    template = model_card(str(BUILTIN_CHAT)).get("chat_template")
+    assert template == "babyllama"
+    model = api.load(str(BUILTIN_CHAT))
+    tok, user, then = model.tokenizer, {"role": "user", "content": REQUEST}, {"role": "user", "content": "More."}
+    turn = encode_chat(tok, [user], template=template)[0]
+    reply, stop = _greedy_reply(model, turn)
+    assert stop == EOS and len(reply) > 10
+    kept = turn + reply + [EOS] + encode_chat(tok, [then], template=template)[0]
+    history = [user, {"role": "assistant", "content": tok.decode(reply)}, then]
+    assert encode_chat(tok, history, template=template)[0] == kept
+    assert encode_chat(tok, history, template="llama2")[0] != kept
+
+
+def test_chat_stops_a_reply_where_a_story_model_begins_its_next_story(tmp_path):
+    """BOS ends a reply as EOS does (as in the server's chat): the story model's greedy reply to a request is its
+    first story, not that story with the next one glued on."""
+    from babyllama import api
+    from babyllama.chat_template import encode_chat
+    from babyllama.tokenizer import BOS
+
+    model = api.load(str(BUILTIN_MODEL))
+    request = "Tell me a story about a cat."
+    reply, stop = _greedy_reply(model, encode_chat(model.tokenizer, [{"role": "user", "content": request}])[0])
+    assert stop == BOS  # the case at issue: the story model ends its story and begins another
+    proc = run_cli("chat", str(BUILTIN_MODEL), "-t", "0", "-n", "0", "-i", request)
+    assert proc.returncode == 0, proc.stderr.decode()
+    printed = proc.stdout.decode().split("Assistant:", 1)[1].split("\nUser:", 1)[0]  # then the next turn's prompt
+    assert printed.strip() == model.tokenizer.decode(reply).strip()
+
+
+def test_chat_reads_the_chat_template_its_model_card_names(tmp_path):
+    model = tmp_path / "m.bin"
+    model.write_bytes(BUILTIN_MODEL.read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({"chat_template": "zephyr"}), encoding="utf-8")
+    proc = run_cli("chat", str(model), "-z", str(ASSETS / "tokenizer.bin"), "-n", "4", "-i", "hi")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "unknown chat template 'zephyr'" in err and len(err.splitlines()) == 1

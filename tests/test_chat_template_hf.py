@@ -95,3 +95,19 @@ def test_chat_ids_are_transformers_apply_chat_template_ids(meta_tokenizers, name
     ours, _, hf = meta_tokenizers
     messages = CONVERSATIONS[name]
     assert encode_chat(ours, messages)[0] == _hf_ids(hf, messages)
+
+
+@pytest.mark.parametrize("name", [n for n in CONVERSATIONS if n != "padded"])
+def test_the_babyllama_templates_jinja_gives_its_ids(meta_tokenizers, name):
+    """The "babyllama" template (replies end in EOS with no closing space: the built-in chat model's) as
+    transformers runs its Jinja, which an export writes to tokenizer_config.json, gives encode_chat's ids."""
+    from babyllama.chat_template import TEMPLATES
+
+    ours, _, hf = meta_tokenizers
+    messages = CONVERSATIONS[name]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                 chat_template=TEMPLATES["babyllama"].jinja)
+    ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    assert ids == encode_chat(ours, messages, template="babyllama")[0]
+    if any(m["role"] == "assistant" for m in messages):
+        assert ids != encode_chat(ours, messages)[0]

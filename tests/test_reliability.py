@@ -202,7 +202,7 @@ def test_a_named_pipe_is_refused_not_waited_on(argv, fifo, tiny, tmp_path):
 
 def test_a_named_pipe_as_the_model_card_is_not_waited_on(tmp_path):
     """`serve` reads model.json beside the model: a pipe there is skipped like a missing card."""
-    from babyllama.cli.serve import model_card
+    from babyllama.loading import model_card
 
     os.mkfifo(tmp_path / "model.json")
     (tmp_path / "bad").mkdir()
@@ -222,7 +222,7 @@ def test_model_card_fields_of_the_wrong_type_are_skipped(tmp_path, card):
     """A card beside the model whose name or chat_template is not a string is skipped as an unreadable card is:
     a list as chat_template was a TypeError out of serve, a number or an object as name the model id clients
     were given."""
-    from babyllama.cli.serve import model_card
+    from babyllama.loading import model_card
 
     (tmp_path / "m.json").write_text(card)
     (tmp_path / "good.json").write_text('{"name": "story", "chat_template": "llama2", "params": 3}')

@@ -125,7 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ..chat import chat
 
         max_new = args.max_new_tokens if args.max_new_tokens is not None else steps_flag(args)
-        return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes)
+        from ..loading import builtin_chat_model, model_card
+
+        card = model_card(args.checkpoint or str(builtin_chat_model()))  # the template the model was tuned on
+        return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes,
+                    template=card.get("chat_template"))
     check_n_keep(args.n_keep, model.args.max_seq_len)
     steps = steps_flag(args)
     if args.context_shift:  # -n may go past seq_len; with --max-new-tokens alone, that bounds the output

@@ -103,26 +103,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def model_card(checkpoint: str | None) -> dict:
-    """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
-    NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
-    model folder its model.json. As a card that does not read as an object is skipped, so is a field of it that
-    is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models
-    gave clients)."""
-    from ..loading import BUILTIN_CARD
-    from ..safeio import read_json
-
-    if checkpoint is None:
-        path = BUILTIN_CARD
-    else:
-        path = Path(checkpoint) / "model.json" if Path(checkpoint).is_dir() else Path(checkpoint).with_suffix(".json")
-    try:
-        card = read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
-    except BabyLlamaError:
-        return {}
-    return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
-
-
 def served_name(checkpoint: str | None, lora: str | None, card: dict) -> str:
     """The model id clients send when --model-name is not given: with an adapter, the adapter's name (a client of
     the tuned model must not be told it talks to the base), else the model card's name, else the model file's."""
@@ -152,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..api import load
     from ..chat_template import get_template
     from ..engine import kv_cache_name
+    from ..loading import model_card
 
     card = model_card(args.checkpoint)
     template = args.chat_template or card.get("chat_template")
