@@ -101,10 +101,12 @@ class Sequence:
         delta = self._at_turn_start(delta, keep, least=slidable - (seq_len - keep))
         # new lists, not trimmed in place: the sampler's running counts (sampler.RunningCounts) follow a list as
         # it grows, and a list trimmed by one token whose new last equals its old one would look merely unchanged
+        # the generated tokens are the window's last ones (from gen_start on), and stay so: those in the kept
+        # start (an n_keep beyond the prompt) meet the newest, which slide down to follow them
+        gen_start = len(self.tokens) - len(self.generated)
         self.tokens = self.tokens[:keep] + self.tokens[keep + delta:]
         self.turn_starts = [s if s <= keep else s - delta for s in self.turn_starts if not keep < s < keep + delta]
-        # the generated tokens the window still holds: the newest, after the kept ones (the prompt's start)
-        self.generated = self.generated[max(0, len(self.generated) - (len(self.tokens) - keep)):]
+        self.generated = self.tokens[gen_start if gen_start < keep else max(gen_start - delta, keep):]
         self.n_dropped += delta
         return delta
 

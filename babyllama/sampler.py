@@ -165,6 +165,15 @@ def choice_seed(base: int, i: int = 0) -> int:
     return int(base) + i or ZERO_SEED  # int(): a NumPy integer seed would wrap around (with a warning) near 2**63
 
 
+def batch_seeds(base: int, n: int) -> list[int]:
+    """choice_seed(base, i) for i < n, as the 64-bit seeds run.c's generator keeps (a negative base, as run.c
+    reads -s, is 2**64 + base), with one difference: where the batch runs through 0 from just below 2**64 its
+    last seed already is ZERO_SEED, so the sequence at 0 takes 2**63, which no seed of such a batch reaches."""
+    seeds = [(int(base) + i) % 2**64 for i in range(n)]
+    stand_in = 2**63 if ZERO_SEED in seeds else ZERO_SEED
+    return [seed or stand_in for seed in seeds]
+
+
 # Each control's (type, whether a value is in range, the rule a message states): the one range check of the CLI,
 # the Python API and the server. NaN fails every comparison, so it is refused too.
 CONTROL_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {

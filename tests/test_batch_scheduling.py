@@ -193,3 +193,21 @@ def test_a_cache_that_grows_gives_the_numbers_of_one_made_whole(monkeypatch, kv_
     assert [len(r) for r in grown] == [len(r) for r in whole] and sum(map(len, whole)) > 300
     for a, b in zip(grown, whole):
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("n_keep", [3, 10])
+def test_after_a_shift_the_penalties_count_every_generated_token_the_window_holds(n_keep):
+    """The penalties look at the generated tokens still in the window: with --n-keep beyond the prompt, those in
+    the kept start as well as the newest (they were left out, so a token generated early and kept was counted
+    as never generated)."""
+    from babyllama.sampler import Controls
+
+    e = Engine(tiny_model("fp32", max_seq_len=16))
+    prompt = [1, 5, 6]
+    batch = Batch(e, 1)
+    seq = batch.add(Sequence(list(prompt), Sampler(0.8, seed=3, controls=Controls(frequency_penalty=0.5)), 60,
+                             frozenset(), context_shift=True, n_keep=n_keep))
+    while not seq.done:
+        batch.step()
+        assert seq.generated == seq.tokens[len(prompt):]  # the prompt stays whole: every later token was generated
+    assert seq.n_dropped > 0

@@ -610,3 +610,20 @@ def test_ctrl_c_while_the_command_line_is_parsed_ends_it_without_a_traceback(mon
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert run() == 130
+
+
+def test_a_batch_through_seed_zero_gives_each_sequence_its_own_seed(tmp_path):
+    """--batch-file samples sequence i with seed -s + i (64-bit, as run.c reads -s); where that runs through 0
+    from just below 2**64, seed 0's stand-in (2**64 - 1) is the sequence before's seed, so it takes another."""
+    from babyllama.sampler import ZERO_SEED, batch_seeds
+
+    assert batch_seeds(-1, 3) == [ZERO_SEED, 2**63, 1] and batch_seeds(-2, 2) == [2**64 - 2, ZERO_SEED]
+    assert batch_seeds(0, 2) == [ZERO_SEED, 1] and batch_seeds(7, 2) == [7, 8]
+    same = tmp_path / "same.txt"
+    same.write_text("Lily\nLily\nLily\n", encoding="utf-8")
+    proc = run_cli("run", "--batch-file", str(same), "-s", "-1", "-n", "30")
+    assert proc.returncode == 0, proc.stderr.decode()
+    texts = [t for t in re.split(r"=== sequence \d/3 .*===\n", proc.stdout.decode()) if t]
+    assert len(texts) == 3 and len(set(texts)) == 3
+    alone = run_cli("run", "-s", "-1", "-n", "30", "-i", "Lily")
+    assert texts[0].strip() == alone.stdout.decode().strip()

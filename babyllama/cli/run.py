@@ -289,7 +289,7 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
 
     from ..generate import stream_batch
     from ..printer import Printer, stdout_bytes, write_out
-    from ..sampler import choice_seed
+    from ..sampler import batch_seeds
 
     prompts = read_prompts(args.batch_file)
     tok = model.tokenizer
@@ -305,7 +305,7 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
         warn_new_tokens_beyond_context(n_prompt, args.max_new_tokens, steps,
                                        which=f"the longest prompt's (line {i + 1})")
     base = args.seed or int(time.time())
-    samplers: list[Sampler | None] = [make_sampler(args, choice_seed(base, i)) for i in range(len(ids))]
+    samplers: list[Sampler | None] = [make_sampler(args, seed) for seed in batch_seeds(base, len(ids))]
     start = time.perf_counter()
     out = stdout_bytes()
     total = 0
