@@ -223,7 +223,9 @@ class Weights:
         classifier included; a matrix whose rows do not split into blocks of 32 gets runq.c's Q8_0 instead (as
         llama.cpp's quantizer falls back to another type), and Q4_0 matrices are kept as they are. `quantize`:
         quant.py's quantizer, or one that writes the same bytes faster (kernels.quantize_blocks)."""
-        gs = chosen_group_size(self.args, "q4_0")
+        # a model quantized on load comes here with its matrices done: their note was given then
+        done = all(isinstance(m, (BlockTensor, QTensor)) for stack in self.layer_matrices().values() for m in stack)
+        gs = default_group_size(self.args) if done else chosen_group_size(self.args, "q4_0")
         release = self._release_after()
 
         def q4(m: Matrix) -> Matrix:
@@ -364,10 +366,11 @@ def chosen_group_size(args: ModelArgs, kind: str = "q8_0") -> int:
     on stderr where the shape leaves Q8_0 groups so small that they take more bytes a weight than f16
     (1 + 4 / group size): under Q8_0 always, under Q4_0 where rows not made of blocks of 32 fall back to Q8_0."""
     gs = default_group_size(args)
-    q8_used = kind == "q8_0" or args.dim % BLOCK or args.hidden_dim % BLOCK
+    q8_used = kind == "q8_0" or (kind == "q4_0" and (args.dim % BLOCK or args.hidden_dim % BLOCK))
     if gs < 4 and q8_used:
+        beyond = "f16's 2 and fp32's 4" if 1 + 4 / gs > 4 else "f16's 2"
         print(f"note: Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "
-              f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than f16's 2", file=sys.stderr)
+              f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than {beyond}", file=sys.stderr)
     return gs
 
 

@@ -119,8 +119,8 @@ def kv_q8_dtype(head_size: int) -> np.dtype:
 def kv_overflow() -> BabyLlamaError:
     """The error for a key or value beyond fp16's range written into an fp16 cache: attention would read an
     infinity the model never computed (the native kernels return it as step error 5)."""
-    return BabyLlamaError("a key or value exceeds the range of the fp16 KV cache (65,504; fp16 is --kv-cache "
-                          "auto's choice for quantized weights): run with --kv-cache f32 (or q8_0)")
+    return BabyLlamaError("a key or value exceeds the range of the fp16 KV cache (65,504; the cache is fp16 with "
+                          "--kv-cache f16, and by default for quantized weights): run with --kv-cache f32 (or q8_0)")
 
 
 def kv_write(cache: np.ndarray, index: Any, x: np.ndarray) -> None:

@@ -250,7 +250,8 @@ def cpu_flags() -> set[str] | None:
 
 
 def arch_name(arch: str | None = None) -> str:
-    return arch or os.environ.get("BABYLLAMA_NATIVE_ARCH") or "native"
+    """The instruction set asked for, in lower case as ARCHES and the compiler's -march values spell them."""
+    return (arch or os.environ.get("BABYLLAMA_NATIVE_ARCH") or "").strip().lower() or "native"
 
 
 def flag_sets(arch: str) -> list[list[str]]:

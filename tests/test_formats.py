@@ -538,3 +538,21 @@ def test_quantize_to_16_bits_rounds_every_matrix(tmp_path, kind):
         pytest.skip("the 16-bit = fp32 exactness is the native kernels'")
     tokens = list(range(1, 30))
     np.testing.assert_array_equal(engine_logits(got, tokens), engine_logits(got.to_fp32(), tokens))
+
+
+def test_the_small_groups_note_is_given_once_and_only_where_q8_0_is_made(tmp_path):
+    """A shape that leaves Q8_0 groups of 1 gets one note when Q8_0 is made from a Hugging Face folder, with
+    --quantize q8_0 or q4_0 (w2's rows of 45 fall back to Q8_0): none for f16 or bf16, which make no Q8_0, and
+    one for q4_0 (its matrices, quantized on load, were noted a second time)."""
+    from conftest import byte_tokenizer, run_cli
+
+    model, tok = tmp_path / "m.bin", tmp_path / "tokenizer.bin"
+    formats.save(random_weights(tiny_args(dim=32, hidden_dim=45)), model)
+    byte_tokenizer(300).save(tok)
+    assert run_cli("export", str(tmp_path / "hf"), "--model", str(model), "-z", str(tok)).returncode == 0
+    for kind, notes in (("f16", 0), ("bf16", 0), ("q8_0", 1), ("q4_0", 1)):
+        proc = run_cli("run", str(tmp_path / "hf"), "--quantize", kind, "-t", "0", "-n", "3")
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, err
+        assert err.count("note: Q8_0 in groups of 1") == notes, (kind, err)
+        assert notes == 0 or "more than f16's 2 and fp32's 4" in err

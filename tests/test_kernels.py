@@ -1658,3 +1658,14 @@ def test_threads_sharing_a_model_on_numbas_workqueue_layer_take_turns():
     r = subprocess.run([sys.executable, "-c", NUMBA_THREADS_SCRIPT], capture_output=True, text=True, timeout=120,
                        env=env)
     assert r.returncode == 0 and r.stdout.strip() == "[True, True, True, True]", (r.returncode, r.stderr[-500:])
+
+
+def test_the_native_arch_is_read_in_any_case(monkeypatch):
+    """BABYLLAMA_NATIVE_ARCH=AVX2 is the avx2 set (its -march flags, its instruction check), not -march=AVX2,
+    which the compiler refuses and which then read as a failed build."""
+    for value in ("AVX2", " avx2 ", "Avx2"):
+        monkeypatch.setenv("BABYLLAMA_NATIVE_ARCH", value)
+        assert kernels_native.arch_name() == "avx2"
+        assert kernels_native.flag_sets(kernels_native.arch_name()) == kernels_native.flag_sets("avx2")
+    monkeypatch.setenv("BABYLLAMA_NATIVE_ARCH", "  ")
+    assert kernels_native.arch_name() == "native"
