@@ -15,6 +15,11 @@ class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
 
 
+class UsageError(BabyLlamaError):
+    """A command line that does not say enough to run (a required value left out where the parser cannot tell):
+    exit status 2, as argparse's own usage errors."""
+
+
 def missing_extra(what: str, extra: str) -> BabyLlamaError:
     """The error for a feature whose optional dependencies are not installed: the install command for the
     released package and for a source checkout (PyTorch's CPU wheel first, where the extra needs torch)."""

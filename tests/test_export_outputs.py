@@ -137,8 +137,10 @@ def test_export_tokenizer_takes_llama2c_tokenizer_py_flag(tmp_path, capsys, sp_m
     shutil.copy(sp_model, model)
     assert main(["export-tokenizer", f"--tokenizer-model={model}"]) == 0
     assert Tokenizer.load(tmp_path / "tok.bin").vocab_size == 320
-    assert "give the sentencepiece .model once" in cli_error(capsys, "export-tokenizer", str(model), "-t", str(model))
-    assert "export-tokenizer needs the sentencepiece .model" in cli_error(capsys, "export-tokenizer")
+    # a command line that says too little or too much: a usage error (status 2), as the parser's own
+    twice = cli_error(capsys, "export-tokenizer", str(model), "-t", str(model), code=2)
+    assert "give the sentencepiece .model once" in twice
+    assert "export-tokenizer needs the sentencepiece .model" in cli_error(capsys, "export-tokenizer", code=2)
 
 
 def test_an_os_error_escaping_a_command_is_cli_error(monkeypatch, capsys, sp_model):
@@ -698,5 +700,5 @@ def test_export_takes_out_after_the_hf_folder_and_refuses_the_folder_itself(tmp_
     assert main(["export", "--hf", str(hf), str(out)]) == 0  # OUT after the source, as with the other flags
     assert formats.load(out).args == formats.load(tiny).args
     capsys.readouterr()
-    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(hf))
-    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(weights), str(weights))
+    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(hf), code=2)
+    assert "export needs OUT" in cli_error(capsys, "export", "--hf", str(weights), str(weights), code=2)

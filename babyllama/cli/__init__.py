@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from ..errors import BabyLlamaError, first_line, sigterm_unwinds
+from ..errors import BabyLlamaError, UsageError, first_line, sigterm_unwinds
 from ..memory import keep_freed_memory
 from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args) or 0
     except BabyLlamaError as e:
         print(f"babyllama: error: {one_line(str(e))}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

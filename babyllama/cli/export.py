@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, UsageError
 from .common import non_empty_path
 
 
@@ -83,7 +83,7 @@ def output_path(args: argparse.Namespace) -> str:
         return args.output
     if args.hf is not None and len(args.hf) > 1 and not args.hf[-1].endswith(HF_FILE_SUFFIXES):
         return args.hf.pop()
-    raise BabyLlamaError("export needs OUT: the file or directory to write")
+    raise UsageError("export needs OUT: the file or directory to write")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -108,8 +108,8 @@ def cmd_export_tokenizer(args: argparse.Namespace) -> int:
     from ..export import export_tokenizer
 
     if args.model is None and args.tokenizer_model is None:
-        raise BabyLlamaError("export-tokenizer needs the sentencepiece .model: as MODEL or as -t/--tokenizer-model")
+        raise UsageError("export-tokenizer needs the sentencepiece .model: as MODEL or as -t/--tokenizer-model")
     if args.model is not None and args.tokenizer_model is not None:
-        raise BabyLlamaError("give the sentencepiece .model once: as MODEL or as -t/--tokenizer-model")
+        raise UsageError("give the sentencepiece .model once: as MODEL or as -t/--tokenizer-model")
     print(f"wrote {export_tokenizer(args.model or args.tokenizer_model, args.output)}")
     return 0
