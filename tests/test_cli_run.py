@@ -134,7 +134,8 @@ def test_chat_on_a_terminal_asks_for_the_system_prompt(stories260k, tok512):
 
 
 def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
-    """A BOS in the middle of a reply (the model's piece "\\n<s>\\n") is not printed; EOS ends the reply."""
+    """A BOS (the model's piece "\\n<s>\\n") ends a reply as EOS does, as in the server's chat, and neither is
+    printed: the next turn's reply follows as its own."""
     from babyllama import load
     from babyllama.chat import chat
     from babyllama.tokenizer import BOS
@@ -148,12 +149,12 @@ def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
 
     model = load(stories260k, tok512)
     out = io.BytesIO()
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nmore\n"))
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
     assert chat(model, BosThenEos(), 0, None, "") == 0
     text = out.getvalue().decode()
-    expected = model.tokenizer.decode_text([300, BOS, 301], prev=EOS)  # after BOS, run.c drops the space
-    assert "<s>" not in text and f"Assistant: {expected}\n" in text
+    first, second = (model.tokenizer.decode_text([t], prev=EOS) for t in (300, 301))
+    assert "<s>" not in text and f"Assistant: {first}\nUser: Assistant: {second}\n" in text
 
 
 def test_chat_template_is_llama2():
