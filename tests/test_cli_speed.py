@@ -795,3 +795,22 @@ def test_bench_times_no_cache_growth(tmp_path, monkeypatch):
     monkeypatch.setattr(gen.Batch, "_make_room", counted)
     bench.measure(path, False, repeats=1, tokens=8, batch=2, prompt_len=16)
     assert grown == []
+
+
+def test_bench_with_a_failed_row_prints_its_table_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A row that failed (here a reference that exits 1) is listed under the table, which is still printed and
+    written, and the exit status says so (it was 0, so a script saw a failed measurement as a good one)."""
+    from babyllama.cli import main
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    fake = tmp_path / "run"
+    fake.write_text("#!/bin/sh\necho \"couldn't load tokenizer.bin\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = tmp_path / "table.md"
+    code = main(["bench", "--shapes", "tiny", "--formats", "fp32", "--no-plain", "--rounds", "1", "--tokens", "8",
+                 "--batch", "2", "--prompt-len", "16", "--bandwidth-mib", "8", "--reference", str(fake),
+                 "--cache-dir", str(tmp_path), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "| tiny | fp32 | babyllama |" in captured.out and "- tiny fp32 run.c: run.c (" in captured.out
+    assert "- tiny fp32 run.c: run.c (" in out.read_text(encoding="utf-8")
+    assert captured.err.strip().splitlines()[-1] == "babyllama: error: 1 of 2 rows failed (listed under the table)"

@@ -164,4 +164,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(text)
     if output is not None:
         safeio.write_text(output, text)
+    failed = sum(1 for r in rows if r.error)
+    if failed:  # the table stands, with the reasons under it; a script running bench learns of them too
+        print(f"babyllama: error: {failed} of {len(rows)} rows failed (listed under the table)", file=sys.stderr)
+        return 1
     return 0
