@@ -19,10 +19,16 @@ from .errors import BabyLlamaError
 from .tokenizer import BOS, Tokenizer
 
 
+def require_stdout(what: str = "the text") -> None:
+    """One error line when stdout is closed (`>&-`: Python then prints nothing, silently) for a command whose
+    output is what it prints."""
+    if sys.stdout is None:
+        raise BabyLlamaError(f"standard output is closed: nowhere to print {what}")
+
+
 def stdout_bytes() -> BinaryIO:
     """The byte stream under stdout; one error line when stdout is closed (`>&-`)."""
-    if sys.stdout is None:
-        raise BabyLlamaError("standard output is closed: nowhere to print the text")
+    require_stdout()
     return sys.stdout.buffer
 
 

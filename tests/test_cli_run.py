@@ -257,6 +257,18 @@ def test_closed_or_full_stdout_is_one_error_line(command, tmp_path):
         one_error_line(shell_cli("> /dev/full", *args, input="Hi\n"), "cannot write the output: No space left")
 
 
+@pytest.mark.parametrize("command, what", [(["models"], "the table"),
+                                           (["bench", "--shapes", "builtin", "--no-plain"], "the table"),
+                                           (["eval", "--data", "STORIES"], "the scores")])
+def test_commands_whose_output_is_printed_refuse_a_closed_stdout(command, what, tmp_path):
+    """Python prints nothing to a closed stdout, silently: such a command said nothing and exited 0 (bench after
+    its measuring, eval after evaluating)."""
+    stories = tmp_path / "stories.txt"
+    stories.write_text("Once upon a time there was a cat.\n")
+    args = [str(stories) if a == "STORIES" else a for a in command]
+    one_error_line(shell_cli(">&-", *args), f"standard output is closed: nowhere to print {what}")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--parallel", "4"], "--parallel works with --batch-file only"),
     (["--n-keep", "5"], "--n-keep works with --context-shift only"),

@@ -100,6 +100,7 @@ def _thread_settings(given: str | None, threads: int | None) -> tuple[str, ...]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench, safeio
+    from ..printer import require_stdout
 
     shapes = _names(args.shapes)
     unknown = [s for s in shapes if s not in bench.SHAPES and s != bench.BUILTIN]
@@ -132,6 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if n > context:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
+    if output is None:
+        require_stdout("the table")
     if args.llamacpp and importlib.util.find_spec("llama_cpp") is None:  # its rows run it in child processes
         raise missing_extra("bench --llamacpp (llama-cpp-python is missing)", "bench")
     references = {}

@@ -47,9 +47,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from ..evaluate import evaluate
+    from ..printer import require_stdout
     from .run import load_model
 
     check_eval_flags(args)
+    require_stdout("the scores")  # before the evaluation, which they are the product of
     model = load_model(args)
     if args.instruct:
         return eval_instruct(model, args)

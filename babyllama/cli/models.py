@@ -22,7 +22,9 @@ def add_models(sub: argparse._SubParsersAction) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from ..catalog import table
+    from ..printer import require_stdout
 
+    require_stdout("the table")
     print(table())
     return 0
 
