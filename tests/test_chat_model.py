@@ -146,3 +146,9 @@ def test_chat_reads_the_chat_template_its_model_card_names(tmp_path):
     proc = run_cli("chat", str(model), "-z", str(ASSETS / "tokenizer.bin"), "-n", "4", "-i", "hi")
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "unknown chat template 'zephyr'" in err and len(err.splitlines()) == 1
+    # --chat-template, as serve's, names one over the card's; it is for chat only
+    proc = run_cli("chat", str(model), "-z", str(ASSETS / "tokenizer.bin"), "-n", "4", "-i", "hi",
+                   "--chat-template", "llama2")
+    assert proc.returncode == 0 and "Assistant:" in proc.stdout.decode(), proc.stderr.decode()
+    proc = run_cli("run", "--chat-template", "llama2", "-n", "4")
+    assert proc.returncode == 1 and proc.stderr.decode() == "babyllama: error: --chat-template is for chat (-m chat)\n"

@@ -219,3 +219,20 @@ def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
                    help=f"{who}read the .bin file's weights into memory (faster decode; the default for files up "
                         "to a quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs, "
                         "which read, they keep beside it)")
+
+
+def add_chat_template(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None,
+                   help="chat template name (default: the model card's chat_template, else llama2)")
+
+
+def chat_template(args: argparse.Namespace, card: dict) -> str | None:
+    """The chat template a command uses: --chat-template, else the model card's (None: Llama 2's), its name
+    checked (an unknown one is one line before any work)."""
+    from ..chat_template import get_template
+
+    if args.chat_template is not None and not args.chat_template.strip():
+        raise BabyLlamaError("--chat-template must not be empty (leave it out for the model card's, else llama2)")
+    template = args.chat_template or card.get("chat_template")
+    get_template(template)
+    return template

@@ -12,11 +12,13 @@ from ..errors import BabyLlamaError
 from .common import (
     QUANTIZE_CHOICES,
     QUANTIZE_HELP,
+    add_chat_template,
     add_compile,
     add_mmap,
     add_model_flags,
     add_sampling_flags,
     add_threads,
+    chat_template,
     check_sampling_flags,
     controls,
     make_sampler,
@@ -43,6 +45,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="generate (continue the prompt) or chat (as `babyllama chat`: -i is the first user turn, "
                         "the others come from stdin, -n budgets each reply) (generate)")
     p.add_argument("-y", "--system", dest="system", default=None, help="system prompt in chat mode")
+    add_chat_template(p)
     add_engine_flags(p)
     p.add_argument("--batch-file", default=None, metavar="FILE", type=non_empty_path,
                    help="generate for every line of FILE at once (one prompt per line; an empty line is an empty "
@@ -72,6 +75,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_sampling_flags(c, per_reply=True)
     c.add_argument("-y", "--system", dest="system", default=None,
                    help="system prompt (asked for on stdin only when stdin is a terminal)")
+    add_chat_template(c)
     add_engine_flags(c)
     c.set_defaults(func=cmd_run, mode="chat", batch_file=None, parallel=None, context_shift=False,
                    n_keep=None, rotate_keys=False, draft=None, draft_k=None, plain=False)
@@ -119,17 +123,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = text_arg(args.prompt, "prompt (-i)")
     system = text_arg(args.system, "system prompt (-y)") if args.system is not None else None
     check_speed_flags(args)
+    template = None
+    if args.mode == "chat":  # the flag's, else the one the model was tuned on (its card's): checked before loading
+        from ..loading import builtin_chat_model, model_card
+
+        template = chat_template(args, model_card(args.checkpoint or str(builtin_chat_model())))
+    elif args.chat_template is not None:
+        raise BabyLlamaError("--chat-template is for chat (-m chat)")
     model = load_model(args)
     sampler = make_sampler(args, args.seed or None)
     if args.mode == "chat":
         from ..chat import chat
 
         max_new = args.max_new_tokens if args.max_new_tokens is not None else steps_flag(args)
-        from ..loading import builtin_chat_model, model_card
-
-        card = model_card(args.checkpoint or str(builtin_chat_model()))  # the template the model was tuned on
-        return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes,
-                    template=card.get("chat_template"))
+        return chat(model, sampler, max_new, prompt or None, system, raw=args.raw_bytes, template=template)
     check_n_keep(args.n_keep, model.args.max_seq_len)
     steps = steps_flag(args)
     if args.context_shift:  # -n may go past seq_len; with --max-new-tokens alone, that bounds the output

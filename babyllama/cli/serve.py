@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import ServeConfig
 from ..errors import BabyLlamaError, missing_extra
-from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, add_threads
+from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_chat_template, add_model_flags, add_threads, chat_template
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -34,8 +34,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                         f"({DEFAULTS.queue})")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
-    p.add_argument("--chat-template", default=None,
-                   help="chat template name (default: the model card's chat_template, else llama2)")
+    add_chat_template(p)
     p.add_argument("--model-name", default=None,
                    help="the model id clients name (default: with --lora the adapter's name, else the model "
                         "card's name, else the file's name)")
@@ -79,8 +78,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BabyLlamaError("--model-name must not be empty (leave it out to serve under the model's own name)")
     if args.api_key is not None and not args.api_key.strip():
         raise BabyLlamaError("--api-key must not be empty")
-    if args.chat_template is not None and not args.chat_template.strip():
-        raise BabyLlamaError("--chat-template must not be empty (leave it out for the model card's, else llama2)")
     if args.api_key is not None and not (args.api_key.isascii() and args.api_key.isprintable()):
         # HTTP headers carry ASCII: a client could never send such a key
         raise BabyLlamaError("--api-key must be printable ASCII (it travels in an HTTP header)")
@@ -130,13 +127,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:  # the released package's install command and a source checkout's
         raise missing_extra(f"babyllama serve ({e.name} is missing)", "serve") from None
     from ..api import load
-    from ..chat_template import get_template
     from ..engine import kv_cache_name
     from ..loading import model_card
 
     card = model_card(args.checkpoint)
-    template = args.chat_template or card.get("chat_template")
-    get_template(template)  # an unknown name is a one-line error now, not a 400 on every chat request
+    template = chat_template(args, card)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
     name = args.model_name or served_name(args.checkpoint, args.lora, card)
     config = ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
