@@ -167,8 +167,9 @@ def choice_seed(base: int, i: int = 0) -> int:
 
 def batch_seeds(base: int, n: int) -> list[int]:
     """choice_seed(base, i) for i < n, as the 64-bit seeds run.c's generator keeps (a negative base, as run.c
-    reads -s, is 2**64 + base), with one difference: where the batch runs through 0 from just below 2**64 its
-    last seed already is ZERO_SEED, so the sequence at 0 takes 2**63, which no seed of such a batch reaches."""
+    reads -s, is 2**64 + base), with one difference: where the batch runs through 0 from just below 2**64 the
+    sequence before the one at 0 already has ZERO_SEED (2**64 - 1), so the one at 0 takes 2**63, which no seed of
+    such a batch reaches."""
     seeds = [(int(base) + i) % 2**64 for i in range(n)]
     stand_in = 2**63 if ZERO_SEED in seeds else ZERO_SEED
     return [seed or stand_in for seed in seeds]

@@ -285,11 +285,14 @@ def cli_error(capsys, *argv: str, code: int = 1) -> str:
     stderr, which is returned."""
     from babyllama.cli import main
 
-    try:
-        status = main(list(argv))
-    except SystemExit as e:  # argparse's own usage errors (babyllama's own return 2: errors.UsageError)
-        status = e.code
-    assert status == code
+    if code == 2:  # argparse's own usage errors exit; babyllama's (errors.UsageError) return 2
+        try:
+            status = main(list(argv))
+        except SystemExit as e:
+            status = e.code
+        assert status == 2
+    else:
+        assert main(list(argv)) == code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     # argparse names the subcommand ("babyllama data pretokenize: error: ..."); babyllama's own line does not
     prefix = "babyllama" if code == 2 else "babyllama: error: "
