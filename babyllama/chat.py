@@ -138,7 +138,10 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             # server and fine-tuning render a conversation) gets it before the next turn
             seq.extend(([EOS] if seq.stop_reason == "length" else []) + turn)
         printer.write("Assistant: ")
-        printer.restart(turn[-1])
+        # the reply is text of its own, as the server returns it: its first piece's leading space (the word
+        # boundary after [/INST]) dropped, as after BOS, so "Assistant: " is not followed by a second space;
+        # --raw-bytes keeps run.c's bytes, which decode the reply after the prompt's last token
+        printer.restart(turn[-1] if raw else BOS)
         with _ctrl_c_stops_the_reply(interactive) as stopped:
             while not seq.done and not stopped():
                 for _, token in batch.step():

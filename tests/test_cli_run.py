@@ -153,8 +153,34 @@ def test_chat_never_prints_control_tokens(monkeypatch, stories260k, tok512):
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
     assert chat(model, BosThenEos(), 0, None, "") == 0
     text = out.getvalue().decode()
-    first, second = (model.tokenizer.decode_text([t], prev=EOS) for t in (300, 301))
+    first, second = (model.tokenizer.decode_text([t], prev=BOS) for t in (300, 301))
     assert "<s>" not in text and f"Assistant: {first}\nUser: Assistant: {second}\n" in text
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_chat_reply_follows_one_space(monkeypatch, stories260k, tok512, raw):
+    """A reply's first word (a piece with its leading space, "▁Once") follows "Assistant: " with one space, as
+    the server's reply text begins; --raw-bytes keeps run.c's bytes, which decode it after "]" (two spaces)."""
+    from babyllama import load
+    from babyllama.chat import chat
+
+    model = load(stories260k, tok512)
+    once = model.tokenizer.encode("Once", bos=False)  # "▁Once": encode adds the leading space
+    assert model.tokenizer.pieces[once[0]].startswith(b" ")  # the case this is about
+
+    class Once:
+        def __init__(self):
+            self.seq = [*once, EOS]
+
+        def sample(self, logits, tokens=(), generated=()):
+            return self.seq.pop(0)
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
+    assert chat(model, Once(), 0, None, "", raw=raw) == 0
+    expected = b"Assistant:  Once\n" if raw else b"Assistant: Once\n"
+    assert expected in out.getvalue(), out.getvalue()
 
 
 def test_chat_template_is_llama2():
