@@ -18,7 +18,7 @@ from .engine import KV_CACHE_TYPES, Engine
 from .errors import BabyLlamaError, missing_extra
 from .fields import is_number
 from .generate import generate
-from .loading import builtin_model, open_model, tokenizer_for
+from .loading import builtin_model, model_template, open_model, tokenizer_for
 from .safeio import has_lone_surrogate
 from .sampler import Controls, Sampler, choice_seed
 from .tokenizer import Tokenizer
@@ -28,12 +28,16 @@ class Model:
     """A loaded model: weights, engine and tokenizer together, with the generation calls the CLI makes."""
 
     def __init__(self, weights: formats.Weights, tokenizer: Tokenizer, plain: bool = False, device: str = "numpy",
-                 compile: bool = False, source_kind: str = "bin", description: str = "", kv_cache: str = "auto"):
+                 compile: bool = False, source_kind: str = "bin", description: str = "", kv_cache: str = "auto",
+                 chat_template: str | None = None):
         self.weights = weights
         self.engine = make_engine(weights, device, plain, compile, kv_cache)
         self.tokenizer = tokenizer
         self.source_kind = source_kind  # the format it was read from (loading.KINDS)
         self.description = description  # one line: what was loaded
+        # the chat template the model takes (chat_template.TEMPLATES' name; None: Llama 2's), what `chat` and the
+        # server use unless told otherwise
+        self.chat_template = chat_template
 
     @property
     def args(self) -> ModelArgs:
@@ -252,7 +256,9 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     are read their own way: a GGUF file is always mapped), True maps the file, False reads the weights into memory,
     None (the default) reads files that take at most a quarter of the free memory (see formats.load).
     `lora` merges a LoRA adapter (its .safetensors, or the fine-tuning run's folder) into the weights first:
-    it must have been trained on this very model (see adapter.py). `kv_cache` is the KV cache's type:
+    it must have been trained on this very model (see adapter.py). The chat template the model takes
+    (`Model.chat_template`) is its card's (loading.model_card), else the file's own where it is a known one; with
+    `lora`, Llama 2's, which fine-tuning renders conversations with. `kv_cache` is the KV cache's type:
     "f32", "f16" (half the bytes attention reads per token), "q8_0" (int8 with a scale per 32 values: about
     half of fp16's bytes), or "auto": f16 when the weights are quantized (Q8_0/Q4_0, as loaded or by
     `quantize`), f32 otherwise."""
@@ -284,8 +290,9 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         # the weights that run: merged in fp32 (whatever the base's type), then quantized if asked
         description = (f"{replace(source, weights=weights).describe()}, LoRA adapter {adapter.path} merged "
                        f"(rank {adapter.rank})")
+    template = None if lora is not None else model_template(source, None if model is None else os.fspath(model))
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
-                 source_kind=source.kind, description=description, kv_cache=kv_cache)
+                 source_kind=source.kind, description=description, kv_cache=kv_cache, chat_template=template)
 
 __all__ = ["Model", "load", "make_engine", "check_device", "check_kv_cache", "check_plain", "check_quantize",
            "clamp_steps"]

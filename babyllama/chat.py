@@ -97,7 +97,8 @@ def _check_system_fits(model: Model, system: str, seq_len: int, template: str | 
 def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
          raw: bool = False, template: str | None = None) -> int:
     """Chat until stdin ends. `max_new` caps each reply (0: up to the context window). `template`: the chat
-    template's name (chat_template.TEMPLATES; default Llama 2's), the model card's as the server takes it."""
+    template's name (chat_template.TEMPLATES; default: the model's, `Model.chat_template`, else Llama 2's)."""
+    template = template or model.chat_template
     get_template(template)  # an unknown name (a model card's) is refused before the first turn
     printer = Printer(model.tokenizer, raw)
     # a signal handler can only be set from the main thread

@@ -9,7 +9,8 @@ BOS-started segment, the system prompt rides inside the first one, and every ass
 A reply ends with a space before EOS (a "▁" token), as Meta's `chat_completion` and the chat_template of Meta's
 Hugging Face checkpoints write it, so a conversation is the ids those give (tests/test_chat_template_hf.py).
 The "babyllama" template is the same layout without that space, the one the built-in chat model was tuned on;
-a model card's chat_template names the template a model takes (`chat` and the server read it).
+a model card's chat_template names the template a model takes (`chat` and the server read it), else the
+template a GGUF file or a Hugging Face folder carries where it is one of these (`named_template`).
 Each part is encoded on its own (the user turn with BOS, the reply as the continuation after `[/INST]`), which
 is exactly what the model sees when it generates: `chat`, the server and fine-tuning all go through
 `encode_chat`, so a model is trained on the token boundaries it later runs with. The mask marks the tokens a
@@ -83,13 +84,21 @@ def get_template(name: str | None = None) -> ChatTemplate:
         raise BabyLlamaError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})") from None
 
 
-def foreign_template_note(template: object, where: str) -> list[str]:
-    """A note when a model carries a chat template other than Llama 2's (a ChatML or Zephyr one, say): babyllama
-    runs no Jinja, so chat and the server still lay a conversation out as Llama 2's [INST] template, which such a
-    model was not tuned on. Llama 2's is recognized by its words (whitespace aside): Meta's Llama-2-chat
-    checkpoints carry it, and so do their llama.cpp conversions and babyllama's own exports. `where`: what holds
-    it (a tokenizer_config.json, a GGUF file)."""
-    if template is None or (isinstance(template, str) and template.split() == _LLAMA2_JINJA.split()):
+def named_template(jinja: object) -> str | None:
+    """The name of the known template (TEMPLATES) whose Jinja `jinja` is, whitespace aside; None for any other
+    (or none). Meta's Llama-2-chat checkpoints and their llama.cpp conversions carry Llama 2's; babyllama's
+    exports carry the template their model takes (the built-in chat model's: babyllama)."""
+    if not isinstance(jinja, str):
+        return None
+    words = jinja.split()
+    return next((name for name, tpl in TEMPLATES.items() if tpl.jinja.split() == words), None)
+
+
+def foreign_template_note(jinja: object, where: str) -> list[str]:
+    """A note when a model carries a chat template that is none of the known ones (a ChatML or Zephyr one, say):
+    babyllama runs no Jinja, so chat and the server still lay a conversation out as Llama 2's [INST] template,
+    which such a model was not tuned on. `where`: what holds it (a tokenizer_config.json, a GGUF file)."""
+    if jinja is None or named_template(jinja) is not None:
         return []
     return [f"{where} has its own chat_template, which babyllama does not run: chat and serve use Llama 2's "
             "[INST] template"]

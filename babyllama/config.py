@@ -150,7 +150,7 @@ class ServeConfig:
     timeout_s: float = 600.0  # per request, queueing included
     max_tokens_per_step: int = 128
     prefix_min: int = 16  # 0: no prefix reuse
-    chat_template: str | None = None
+    chat_template: str | None = None  # chat_template.TEMPLATES' name; None: the model's (Model.chat_template)
     cors_origins: tuple[str, ...] = ("*",)
     keepalive_s: float = 15.0  # a stream still waiting for its first token sends an SSE comment this often
     header_timeout_s: float = 30.0  # a connection whose request line and headers take longer is closed

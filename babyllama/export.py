@@ -10,6 +10,7 @@ module only picks them and the tokenizer that goes with the model.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import replace
@@ -41,9 +42,10 @@ def infer_target(out: str, to: str | None) -> str:
 
 def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None = None,
            group_size: int | None = None, dtype: str | None = None, tokenizer: str | None = None,
-           lora: str | os.PathLike | None = None) -> list[Path]:
+           lora: str | os.PathLike | None = None, chat_template: str | None = None) -> list[Path]:
     """Write `src` as `to` at `out` (plus its tokenizer where the target carries one), with the LoRA adapter
-    `lora` merged in; returns the paths written. Flags that do not apply to the target are refused rather than
+    `lora` merged in; returns the paths written. The chat template the model takes travels with it (see
+    `_chat_template`; `chat_template` names it). Flags that do not apply to the target are refused rather than
     silently ignored."""
     if to not in TARGETS:
         raise BabyLlamaError(f"unknown export target '{to}' (choose {', '.join(TARGETS)})")
@@ -74,25 +76,41 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         adapter = load_adapter(lora)
         src = replace(src, weights=merge(base, adapter, str(src.path)))
     explicit = tokenizer is not None
+    template, jinja = _chat_template(src, chat_template, lora is not None)
     # the folders made for OUT (and OUT/adapter) go again when the export fails, and its files are renamed into
     # place together once all are written: a failed export leaves nothing, and an earlier export in OUT whole
     made = (out / "adapter" if adapter is not None else out) if to == "hf" else out.parent
     with safeio.new_folders_removed_on_error(made), safeio.committed_together():
         if to == "bin":
-            return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit)
+            return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit, template)
         if to == "hf":
-            return _to_hf(src, out, dtype, tok, explicit, adapter, base)
+            return _to_hf(src, out, dtype, tok, explicit, adapter, base, jinja)
         from .interop.gguf import DTYPES, save_gguf
 
         if dtype is not None and dtype not in DTYPES:
             raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
-        vocab = _gguf_vocab(src, tok)
+        vocab = replace(_gguf_vocab(src, tok), chat_template=jinja)
         save_gguf(src.weights, safeio.output_file(out), vocab, dtype or "f32")
         return [out]
 
 
+def _chat_template(src: Source, name: str | None, merging: bool) -> tuple[str | None, str | None]:
+    """The chat template the exported model takes, as (its name where it is a known one, its Jinja); (None,
+    None): Llama 2's, the default. `name` (--chat-template) first; else the source's own, its card's or the
+    template its file carries (loading.model_template; a template babyllama does not know is kept as it is);
+    but a merged adapter was fine-tuned with Llama 2's, whatever its base took."""
+    from .chat_template import get_template, named_template
+    from .loading import model_template
+
+    if name is None and not merging:
+        name = model_template(src, str(src.path))
+        if name is None:
+            return named_template(src.chat_template), src.chat_template
+    return name, get_template(name).jinja if name is not None else None
+
+
 def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit: bool,
-           adapter: Adapter | None, base: Weights) -> list[Path]:
+           adapter: Adapter | None, base: Weights, chat_template: str | None) -> list[Path]:
     """The model as a Hugging Face folder and, with `adapter`, the adapter in PEFT's layout in OUT/adapter
     (written first: config.json, the model's, is the last file renamed into place)."""
     from .interop.hf import save_hf
@@ -108,7 +126,7 @@ def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit
         from .adapter import save_peft
 
         written.append(save_peft(adapter, base, out / "adapter"))
-    save_hf(src.weights, out, sp_model, dtype or "f32")
+    save_hf(src.weights, out, sp_model, dtype or "f32", chat_template)
     if sp_model is None:
         _note_folder_tokenizer(out)
     return [out, *written]
@@ -142,13 +160,18 @@ def _check_not_input(out: Path, lora: str | os.PathLike | None, tok: Path | None
 
 
 def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: Path | None,
-            explicit: bool) -> list[Path]:
+            explicit: bool, template: str | None) -> list[Path]:
     """The model at `out` and, when a tokenizer came with it, tokenizer.bin beside it (a .bin model is run with
-    the one beside it); everything is checked before anything is written, and the two files are renamed into
-    place together (`export`'s committed_together)."""
+    the one beside it), and where a chat template is named (`template`), a model card naming it (NAME.json, which
+    `chat` and the server read: a .bin has no room for one); everything is checked before anything is written, and
+    the files are renamed into place together (`export`'s committed_together)."""
     if out.name == TOKENIZER_BIN:
         raise BabyLlamaError(f"{out}: a .bin model finds its tokenizer under the name {TOKENIZER_BIN} beside it; "
                              "choose another name for the model")
+    card = out.with_suffix(".json") if template is not None else None
+    if card is not None and card == out:
+        raise BabyLlamaError(f"{out}: a .bin model's card takes the name {card.name}, which would be the model "
+                             "itself; choose a name that does not end in .json")
     safeio.output_file(out)
     tokenizer = _bin_tokenizer(src, tok)
     tok_out = out.with_name(TOKENIZER_BIN)
@@ -157,10 +180,14 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     elif not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
         tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
-    if tokenizer is None:
-        return [out]
-    tokenizer.save(tok_out)
-    return [out, tok_out]
+    written = [out]
+    if tokenizer is not None:
+        tokenizer.save(tok_out)
+        written.append(tok_out)
+    if card is not None:
+        safeio.write_text(card, json.dumps({"chat_template": template}, indent=2) + "\n")
+        written.append(card)
+    return written
 
 
 def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:

@@ -58,6 +58,7 @@ class Source:
     tokenizer: Path | None = None  # a tokenizer file that came with it (.model or tokenizer.bin)
     vocab: Vocab | None = None  # a vocabulary carried inside the file (GGUF)
     conversions: list = field(default_factory=list)  # describe()'s notes: GGUF conversions, a foreign chat template
+    chat_template: str | None = None  # the Jinja chat template the file carries (a GGUF's, a Hugging Face folder's)
     quantized: bool = False  # the weights quantized on load (--quantize), not run as the file holds them
 
     def describe(self) -> str:
@@ -158,18 +159,17 @@ def folder_part(path: Path) -> str | None:
 # ------------------------------------------------------------------------------------------- opening
 
 
-def foreign_chat_template_note(folder: Path) -> list[str]:
-    """chat_template.foreign_template_note for a Hugging Face folder's tokenizer_config.json."""
-    from .chat_template import foreign_template_note
-
+def hf_chat_template(folder: Path) -> object:
+    """The chat_template of a Hugging Face folder's tokenizer_config.json as it holds it (Jinja, or newer
+    transformers' list of named templates), None without one."""
     config = folder / "tokenizer_config.json"
     if not config.is_file():
-        return []
+        return None
     try:
         template = safeio.read_json(config, "tokenizer_config.json").get("chat_template")
     except BabyLlamaError:  # the tokenizer's settings are transformers' to check; the weights load without them
-        return []
-    return foreign_template_note(template, "its tokenizer_config.json")
+        return None
+    return template
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
@@ -199,13 +199,17 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         conversions: list[ConversionNote | str] = []
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
                                    quantize=quantize, convert_other_types=convert_other_types)
-        source = Source(weights, kind, path, vocab=vocab, conversions=conversions)
+        source = Source(weights, kind, path, vocab=vocab, conversions=conversions,
+                        chat_template=vocab.chat_template if vocab is not None else None)
     elif kind == "hf":
+        from .chat_template import foreign_template_note
         from .interop.hf import load_hf
 
         folder = path if path.is_dir() else path.parent
+        template = hf_chat_template(folder)
         source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL),
-                        conversions=foreign_chat_template_note(folder))
+                        conversions=foreign_template_note(template, "its tokenizer_config.json"),
+                        chat_template=template if isinstance(template, str) else None)
     elif kind == "meta":
         from .interop.meta import load_meta
 
@@ -389,6 +393,15 @@ def model_card(checkpoint: str | None) -> dict:
     except BabyLlamaError:
         return {}
     return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
+
+
+def model_template(source: Source, checkpoint: str | None) -> str | None:
+    """The name of the chat template the model read from `checkpoint` (None: the built-in model) takes: its card's,
+    else the one its file carries where that is a known template (chat_template.named_template); None: neither
+    says (Llama 2's is the default)."""
+    from .chat_template import named_template
+
+    return model_card(checkpoint).get("chat_template") or named_template(source.chat_template)
 
 
 def builtin_chat_model() -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 from conftest import run_cli, shared_file
 
 from babyllama import formats
@@ -152,3 +153,43 @@ def test_chat_reads_the_chat_template_its_model_card_names(tmp_path):
     assert proc.returncode == 0 and "Assistant:" in proc.stdout.decode(), proc.stderr.decode()
     proc = run_cli("run", "--chat-template", "llama2", "-n", "4")
     assert proc.returncode == 1 and proc.stderr.decode() == "babyllama: error: --chat-template is for chat (-m chat)\n"
+
+
+def test_exports_of_the_chat_model_carry_the_template_it_takes(tmp_path):
+    """An export writes the template its model takes (the card's: babyllama) where each format keeps one (a GGUF
+    file's tokenizer.chat_template, a Hugging Face folder's tokenizer_config.json, a .bin's card NAME.json), and
+    babyllama reads it back from there: the copy is chatted with as the original is. transformers lays a
+    conversation out from the folder's template with the ids babyllama gives it (no space before a reply's EOS)."""
+    from babyllama import api
+    from babyllama.chat_template import TEMPLATES, encode_chat
+    from babyllama.interop.gguf import read_gguf
+    from babyllama.serve.service import ServeConfig, Service
+
+    tight = TEMPLATES["babyllama"].jinja
+    for out in ("chat.gguf", "chat-hf", "chat.bin"):
+        proc = run_cli("export", str(tmp_path / out), "--model", str(BUILTIN_CHAT))
+        assert proc.returncode == 0, proc.stderr.decode()
+        model = api.load(str(tmp_path / out))
+        assert model.chat_template == "babyllama", out
+        assert Service(model, ServeConfig()).chat_template == "babyllama"
+    assert read_gguf(tmp_path / "chat.gguf")[0]["tokenizer.chat_template"] == tight
+    assert json.loads((tmp_path / "chat-hf" / "tokenizer_config.json").read_text())["chat_template"] == tight
+    assert json.loads((tmp_path / "chat.json").read_text()) == {"chat_template": "babyllama"}
+    # --chat-template names another; a merged adapter's is Llama 2's (fine-tuning's), so no card says otherwise
+    assert run_cli("export", str(tmp_path / "l2.gguf"), "--model", str(BUILTIN_CHAT), "--chat-template",
+                   "llama2").returncode == 0
+    assert read_gguf(tmp_path / "l2.gguf")[0]["tokenizer.chat_template"] == TEMPLATES["llama2"].jinja
+    assert api.load(str(tmp_path / "l2.gguf")).chat_template == "llama2"
+    # the story model has no card naming one: its exports carry Llama 2's and a .bin gets no card
+    assert run_cli("export", str(tmp_path / "story.bin"), "--model", str(BUILTIN_MODEL)).returncode == 0
+    assert not (tmp_path / "story.json").exists() and api.load(str(tmp_path / "story.bin")).chat_template is None
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat-hf")
+    ours = api.load(str(BUILTIN_CHAT)).tokenizer
+    messages = [{"role": "user", "content": "A story about a cat."}, {"role": "assistant", "content": "Once a cat."},
+                {"role": "user", "content": "More."}]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids if isinstance(ids, list) else ids["input_ids"]
+    assert list(ids) == encode_chat(ours, messages, template="babyllama")[0]
+    assert list(ids) != encode_chat(ours, messages, template="llama2")[0]

@@ -336,6 +336,26 @@ def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
     assert "has its own chat_template, which babyllama does not run" in open_model(tmp_path).describe()
 
 
+def test_an_export_keeps_the_chat_template_its_source_carries(tmp_path, tok512):
+    """A Hugging Face folder's template goes into its GGUF export as it is, a known one (Llama 2's, babyllama's)
+    or not (ChatML: babyllama runs no Jinja, but llama.cpp does), and comes back from the file by its name."""
+    from babyllama import api
+    from babyllama.chat_template import TEMPLATES
+    from babyllama.interop.gguf import read_gguf
+
+    w = random_weights(tiny_args(vocab_size=512), seed=2)
+    formats.save(w, tmp_path / "m.bin")
+    shutil.copyfile(tok512, tmp_path / "tokenizer.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin")]) == 0
+    config = tmp_path / "hf" / "tokenizer_config.json"
+    for jinja, name in ((CHATML, None), (TEMPLATES["babyllama"].jinja, "babyllama")):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": jinja}))
+        assert api.load(str(tmp_path / "hf")).chat_template == name
+        assert main(["export", str(tmp_path / "m.gguf"), "--hf", str(tmp_path / "hf")]) == 0
+        assert read_gguf(tmp_path / "m.gguf")[0]["tokenizer.chat_template"] == jinja
+        assert api.load(str(tmp_path / "m.gguf")).chat_template == name
+
+
 SENTENCEPIECE_AFTER_TRANSFORMERS = """
 import sys
 import sentencepiece as spm

@@ -1106,6 +1106,7 @@ def test_an_adapter_is_served_under_its_own_name(tmp_path, monkeypatch, capsys):
     one of the adapter.* files training writes there), else its file's stem; --model-name still decides."""
     from babyllama import api, serve
     from babyllama.cli import main
+    from babyllama.loading import BUILTIN_CHAT
 
     configs = []
     monkeypatch.setattr(serve, "create_app", lambda model, config: configs.append(config))
@@ -1123,6 +1124,11 @@ def test_an_adapter_is_served_under_its_own_name(tmp_path, monkeypatch, capsys):
         assert configs[-1].model_name == name
     assert main(["serve", "--lora", str(run_dir), "--model-name", "mine"]) == 0
     assert configs[-1].model_name == "mine"
+    # an adapter was fine-tuned with Llama 2's template, not the one its base's card names
+    assert main(["serve", str(BUILTIN_CHAT), "--lora", str(run_dir)]) == 0
+    assert configs[-1].chat_template is None
+    assert main(["serve", str(BUILTIN_CHAT)]) == 0
+    assert configs[-1].chat_template == "babyllama"
     assert main(["serve"]) == 0
     assert configs[-1].model_name == MODEL
     capsys.readouterr()

@@ -223,16 +223,18 @@ def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
 
 def add_chat_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None,
-                   help="chat template name (default: the model card's chat_template, else llama2)")
+                   help="chat template name: llama2 or babyllama (default: the model card's chat_template, else the "
+                        "one the model file carries, else llama2)")
 
 
 def chat_template(args: argparse.Namespace, card: dict) -> str | None:
-    """The chat template a command uses: --chat-template, else the model card's (None: Llama 2's), its name
-    checked (an unknown one is one line before any work)."""
+    """The chat template a command uses: --chat-template, else the model card's (None: the one the model file
+    carries, else Llama 2's; see api.load), its name checked (an unknown one is one line before any work). With
+    --lora, not the card's: an adapter is fine-tuned with Llama 2's template, whatever its base takes."""
     from ..chat_template import get_template
 
     if args.chat_template is not None and not args.chat_template.strip():
-        raise BabyLlamaError("--chat-template must not be empty (leave it out for the model card's, else llama2)")
-    template = args.chat_template or card.get("chat_template")
+        raise BabyLlamaError("--chat-template must not be empty (leave it out for the model's own, else llama2)")
+    template = args.chat_template or (None if getattr(args, "lora", None) else card.get("chat_template"))
     get_template(template)
     return template

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import BabyLlamaError, UsageError
-from .common import non_empty_path
+from .common import chat_template, non_empty_path
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +42,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "source's own tokenizer.model / tokenizer.bin when there is one)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context length to record (default: the source's; Meta checkpoints: 4096)")
+    p.add_argument("--chat-template", default=None,
+                   help="the chat template the model takes (llama2 or babyllama), written into a GGUF file or a "
+                        "Hugging Face folder's tokenizer_config.json, or a .bin's card NAME.json (default: the "
+                        "source's, from its card or its file; llama2 for a merged --lora)")
     p.set_defaults(func=cmd_export)
 
     t = sub.add_parser("export-tokenizer", help="convert a sentencepiece .model into llama2.c's tokenizer.bin",
@@ -99,7 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
                       max_seq_len=args.max_seq_len)
     written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
-                     tokenizer=args.tokenizer, lora=args.lora)
+                     tokenizer=args.tokenizer, lora=args.lora, chat_template=chat_template(args, {}))
     report(written, src.weights)
     return 0
 

@@ -9,7 +9,8 @@ What goes in a file llama.cpp loads as architecture "llama":
     attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon, rope.freq_base,
     rope.dimension_count (= head size), vocab_size; general.file_type for the tensor type;
   - the vocabulary as `tokenizer.ggml.*`: model "llama" (sentencepiece), tokens, scores, token_type,
-    bos/eos/unk ids, add_bos_token; `tokenizer.chat_template`: Llama 2's, as chat_template.py writes it in Jinja;
+    bos/eos/unk ids, add_bos_token; `tokenizer.chat_template`: the Vocab's (an export writes the template its
+    model takes, Llama 2's unless its card or `--chat-template` names another), in Jinja as chat_template.py has it;
   - tensors under llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output), `output`
     omitted when the classifier is tied to the embedding (llama.cpp then reuses token_embd).
 
@@ -168,7 +169,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
         # without one llama.cpp's chat falls back to ChatML, a layout these models never saw
-        w.add_chat_template(get_template().jinja)
+        w.add_chat_template(vocab.chat_template or get_template().jinja)
 
         # the tensors' descriptions first, then each tensor converted and written in turn: one at a time in memory
         for key, kind in kinds.items():
@@ -730,8 +731,9 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
     ids = {key: fields.int(f"tokenizer.ggml.{key}_token_id", default, lo=0, hi=n - 1)
            for key, default in (("unknown", UNK), ("bos", BOS), ("eos", EOS))}
     _check_llama2c_specials(fields, ids, path)
+    template = fields.data.get("tokenizer.chat_template")  # not a string: no template babyllama could know
     return Vocab(tokens, score_values.astype(float).tolist(), type_values.astype(int).tolist(), unk_id=ids["unknown"],
-                 bos_id=ids["bos"], eos_id=ids["eos"])
+                 bos_id=ids["bos"], eos_id=ids["eos"], chat_template=template if isinstance(template, str) else None)
 
 
 def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> None:

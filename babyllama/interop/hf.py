@@ -384,11 +384,11 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | os.PathLike | bytes | None = None,
-            dtype: str = "f32") -> Path:
+            dtype: str = "f32", chat_template: str | None = None) -> Path:
     """Write `outdir`/config.json + model.safetensors (every tensor in `dtype`: f32, or f16/bf16 rounded to
     nearest even, as Hugging Face checkpoints usually ship), and tokenizer.model + tokenizer_config.json when a
     sentencepiece model is given (its file, or its bytes: `Vocab.to_sentencepiece`), so that transformers'
-    Auto* classes load the directory."""
+    Auto* classes load the directory. `chat_template`: the Jinja tokenizer_config.json carries (None: Llama 2's)."""
     if dtype not in HF_DTYPES:
         raise BabyLlamaError(f"a Hugging Face folder holds {', '.join(HF_DTYPES)} tensors, not {dtype}")
     outdir = Path(outdir)
@@ -430,7 +430,8 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
         elif tokenizer_model is not None:
             safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
         if tokenizer_model is not None:
-            safeio.write_text(outdir / "tokenizer_config.json", json.dumps(_tokenizer_config(args), indent=2) + "\n")
+            config = _tokenizer_config(args, chat_template)
+            safeio.write_text(outdir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
         safeio.write_text(outdir / "config.json", json.dumps(config_from_args(args, HF_DTYPES[dtype]), indent=2) + "\n")
     return outdir
@@ -484,7 +485,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[str, tuple[int, ...]]],
             f.write(np.ascontiguousarray(t).data)
 
 
-def _tokenizer_config(args: ModelArgs) -> dict:
+def _tokenizer_config(args: ModelArgs, chat_template: str | None = None) -> dict:
     from ..chat_template import get_template
 
     return {
@@ -494,7 +495,7 @@ def _tokenizer_config(args: ModelArgs) -> dict:
         "legacy": True,  # sentencepiece's own behaviour, which babyllama's tokenizer reproduces
         "model_max_length": args.max_seq_len,
         # apply_chat_template then gives the ids `chat` and the server feed the model
-        "chat_template": get_template().jinja,
+        "chat_template": chat_template or get_template().jinja,
     }
 
 

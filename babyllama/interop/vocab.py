@@ -31,6 +31,9 @@ class Vocab:
     unk_id: int = UNK
     bos_id: int = BOS
     eos_id: int = EOS
+    # the Jinja chat template that goes with the tokenizer (GGUF's tokenizer.chat_template): a GGUF file's as read,
+    # the one save_gguf writes (None there: Llama 2's)
+    chat_template: str | None = None
 
     def to_tokenizer(self) -> Tokenizer:
         """The llama2.c tokenizer of this vocabulary (as `Tokenizer.from_sentencepiece` builds it)."""

@@ -123,6 +123,7 @@ class Service:
     def __init__(self, model: Model, config: ServeConfig):
         self.config = config
         self.tok = model.tokenizer
+        self.chat_template = config.chat_template or model.chat_template
         self.seq_len = model.args.max_seq_len
         self.vocab_size = model.args.vocab_size
         self.metrics = Metrics(config.slots)
@@ -158,7 +159,7 @@ class Service:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]  # developer: the system role
         self.check_text_fits(sum(len(m["content"].encode()) for m in messages), "conversation", "messages")
         try:
-            ids, _ = await asyncio.to_thread(encode_chat, self.tok, messages, template=self.config.chat_template)
+            ids, _ = await asyncio.to_thread(encode_chat, self.tok, messages, template=self.chat_template)
         except BabyLlamaError as e:
             raise APIError(400, str(e), param="messages") from None
         if len(ids) >= self.seq_len:
