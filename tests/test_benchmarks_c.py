@@ -69,3 +69,21 @@ def test_kernel_rates_takes_runq_c_group_size_and_refuses_partial_rows(build):
 def test_decode_rates_refuses_a_shape_it_does_not_know(build):
     out = subprocess.run([str(build("decode_rates")), "7B", "1", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown shape 7B" in out.stderr and not out.stdout
+
+
+def test_memory_windows_pairs_the_probe_with_a_decode_steps_rates():
+    """benchmarks/memory_windows.sh reads decode_rates' lines: each of its lines has the probe's GB/s and every
+    weight type's (a change of decode_rates' output shows here)."""
+    import os
+    import shutil
+    import sys
+
+    if shutil.which("cc") is None:
+        pytest.skip("no cc: the script builds decode_rates with it")
+    proc = subprocess.run(["bash", str(BENCHMARKS / "memory_windows.sh"), "1", "15M"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines and all(re.fullmatch(r"\d\d:\d\d:\d\d probe [\d.]+ \| (\S+ [\d.]+  ){5}", line) for line in lines)
+    assert lines[0].split("| ")[1].split()[::2] == ["Q8_(runq.c)", "Q8_0_blocks", "Q4_0", "Q4_0_regrouped",
+                                                   "Q8_0_regrouped"]
