@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from .api import Model
-from .chat_template import encode_chat, get_template
+from .chat_template import encode_chat, reply_closing
 from .errors import BabyLlamaError
 from .generate import Batch, Sequence
 from .printer import Printer
@@ -99,7 +99,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
     """Chat until stdin ends. `max_new` caps each reply (0: up to the context window). `template`: the chat
     template's name (chat_template.TEMPLATES; default: the model's, `Model.chat_template`, else Llama 2's)."""
     template = template or model.chat_template
-    get_template(template)  # an unknown name (a model card's) is refused before the first turn
+    closing = reply_closing(model.tokenizer, template)  # an unknown name (a model card's) is refused here, at once
     printer = Printer(model.tokenizer, raw)
     # a signal handler can only be set from the main thread
     interactive = sys.stdin is not None and sys.stdin.isatty() and threading.current_thread() is threading.main_thread()
@@ -135,9 +135,9 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
         else:
             seq.max_new = budget
-            # a reply cut by its budget did not end with EOS: the template (every reply ends with EOS, as the
-            # server and fine-tuning render a conversation) gets it before the next turn
-            seq.extend(([EOS] if seq.stop_reason == "length" else []) + turn)
+            # a reply cut by its budget did not end with EOS: the template's closing and EOS (every reply ends so,
+            # as the server and fine-tuning render a conversation) come before the next turn
+            seq.extend(([*closing, EOS] if seq.stop_reason == "length" else []) + turn)
         printer.write("Assistant: ")
         # the reply is text of its own, as the server returns it: its first piece's leading space (the word
         # boundary after [/INST]) dropped, as after BOS, so "Assistant: " is not followed by a second space;
@@ -149,7 +149,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                     printer.token(token)
         if not seq.done:  # stopped by Ctrl-C: as a reply cut by its budget, it gets EOS before the next turn
             seq.done, seq.stop_reason = True, "length"
-        if seq.stop_reason == "stop" and seq.tokens[-1] == BOS:  # not yet fed: the template's EOS in its place
-            seq.tokens[-1] = EOS
+        if seq.stop_reason == "stop" and seq.tokens[-1] == BOS:  # not yet fed: the template's ending in its place
+            seq.tokens[-1:] = [*closing, EOS]
         printer.end()
 

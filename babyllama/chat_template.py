@@ -101,7 +101,18 @@ def foreign_template_note(jinja: object, where: str) -> list[str]:
     if jinja is None or named_template(jinja) is not None:
         return []
     return [f"{where} has its own chat_template, which babyllama does not run: chat and serve use Llama 2's "
-            "[INST] template"]
+            "[INST] template unless --chat-template or a model card names another"]
+
+
+def reply_closing(tokenizer: Tokenizer, template: str | None = None) -> list[int]:
+    """The ids the template's closing text (`reply_end`) adds after a reply's last word, before its EOS (Llama 2's
+    "▁"; none for babyllama's), as `encode_chat` writes a reply: what `chat` gives a reply it cut short or that
+    ended at BOS, so that its history is the server's, which renders it from the reply's text."""
+    end = get_template(template).reply_end
+    if not end:
+        return []
+    word = tokenizer.encode(".", bos=False)  # a word to close; a space piece never merges into it
+    return tokenizer.encode("." + end, bos=False)[len(word):]
 
 
 def check_messages(messages: Sequence, generation: bool = True) -> list[tuple[str, str]]:

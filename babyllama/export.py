@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, kernels, safeio
+from .chat_template import DEFAULT_TEMPLATE
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .formats import Weights
@@ -84,7 +85,7 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         if to == "bin":
             return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit, template)
         if to == "hf":
-            return _to_hf(src, out, dtype, tok, explicit, adapter, base, jinja)
+            return _to_hf(src, out, dtype, tok, explicit, adapter, base, jinja, chat_template is not None)
         from .interop.gguf import DTYPES, save_gguf
 
         if dtype is not None and dtype not in DTYPES:
@@ -110,9 +111,11 @@ def _chat_template(src: Source, name: str | None, merging: bool) -> tuple[str | 
 
 
 def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit: bool,
-           adapter: Adapter | None, base: Weights, chat_template: str | None) -> list[Path]:
+           adapter: Adapter | None, base: Weights, chat_template: str | None, template_given: bool) -> list[Path]:
     """The model as a Hugging Face folder and, with `adapter`, the adapter in PEFT's layout in OUT/adapter
-    (written first: config.json, the model's, is the last file renamed into place)."""
+    (written first: config.json, the model's, is the last file renamed into place). The chat template goes into
+    tokenizer_config.json, which comes with a tokenizer: --chat-template (`template_given`) is refused where the
+    folder gets none and keeps none."""
     from .interop.hf import save_hf
 
     if adapter is None and (out / "adapter").exists():  # a merged model beside an adapter would take it twice
@@ -121,6 +124,9 @@ def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit
     sp_model = _hf_tokenizer(src, tok, explicit)
     if sp_model is None:
         _check_folder_tokenizer(out, src.weights.args.vocab_size)
+        if template_given and not (out / SENTENCEPIECE_MODEL).is_file():
+            raise BabyLlamaError(f"--chat-template: {out} gets no tokenizer (none came with the model), so no "
+                                 "tokenizer_config.json to hold the template; pass --tokenizer TOK.model")
     written = []
     if adapter is not None:
         from .adapter import save_peft
@@ -168,10 +174,7 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     if out.name == TOKENIZER_BIN:
         raise BabyLlamaError(f"{out}: a .bin model finds its tokenizer under the name {TOKENIZER_BIN} beside it; "
                              "choose another name for the model")
-    card = out.with_suffix(".json") if template is not None else None
-    if card is not None and card == out:
-        raise BabyLlamaError(f"{out}: a .bin model's card takes the name {card.name}, which would be the model "
-                             "itself; choose a name that does not end in .json")
+    card, card_fields = _bin_card(out, template)
     safeio.output_file(out)
     tokenizer = _bin_tokenizer(src, tok)
     tok_out = out.with_name(TOKENIZER_BIN)
@@ -185,9 +188,23 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
         tokenizer.save(tok_out)
         written.append(tok_out)
     if card is not None:
-        safeio.write_text(card, json.dumps({"chat_template": template}, indent=2) + "\n")
+        safeio.write_text(card, json.dumps(card_fields, indent=2, ensure_ascii=False) + "\n")
         written.append(card)
     return written
+
+
+def _bin_card(out: Path, template: str | None) -> tuple[Path | None, dict]:
+    """The card (NAME.json) a .bin output gets and what it holds: the model's chat template, in the card already
+    there (its other fields kept: a name, notes; its template is the new model's), or in a new one where a template
+    is named; (None, {}) where neither (Llama 2's, the default, needs no card)."""
+    card = out.with_suffix(".json")
+    if card == out:
+        raise BabyLlamaError(f"{out}: a .bin model's card takes the name {card.name}, which would be the model "
+                             "itself; choose a name that does not end in .json")
+    fields = safeio.read_json(card, "model card") if card.exists() else None
+    if fields is None and template is None:
+        return None, {}
+    return card, {**(fields or {}), "chat_template": template or DEFAULT_TEMPLATE}
 
 
 def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:

@@ -159,17 +159,24 @@ def folder_part(path: Path) -> str | None:
 # ------------------------------------------------------------------------------------------- opening
 
 
-def hf_chat_template(folder: Path) -> object:
-    """The chat_template of a Hugging Face folder's tokenizer_config.json as it holds it (Jinja, or newer
-    transformers' list of named templates), None without one."""
+def hf_chat_template(folder: Path) -> tuple[str | None, list[str]]:
+    """The chat template (Jinja) of a Hugging Face folder's tokenizer_config.json, None without one, and the
+    note for one babyllama does not know (chat_template.foreign_template_note). Newer transformers may hold a list
+    of named templates: the one named "default" is the template, as transformers takes it."""
+    from .chat_template import foreign_template_note
+
     config = folder / "tokenizer_config.json"
     if not config.is_file():
-        return None
+        return None, []
     try:
         template = safeio.read_json(config, "tokenizer_config.json").get("chat_template")
     except BabyLlamaError:  # the tokenizer's settings are transformers' to check; the weights load without them
-        return None
-    return template
+        return None, []
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        template)
+    notes = foreign_template_note(template, "its tokenizer_config.json")
+    return (template if isinstance(template, str) else None), notes
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
@@ -202,14 +209,12 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions,
                         chat_template=vocab.chat_template if vocab is not None else None)
     elif kind == "hf":
-        from .chat_template import foreign_template_note
         from .interop.hf import load_hf
 
         folder = path if path.is_dir() else path.parent
-        template = hf_chat_template(folder)
+        template, notes = hf_chat_template(folder)
         source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL),
-                        conversions=foreign_template_note(template, "its tokenizer_config.json"),
-                        chat_template=template if isinstance(template, str) else None)
+                        conversions=notes, chat_template=template)
     elif kind == "meta":
         from .interop.meta import load_meta
 
@@ -258,7 +263,9 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
         from .interop.hf import load_hf
 
         first = Path(hf[0])
-        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / SENTENCEPIECE_MODEL))
+        template, notes = hf_chat_template(first.parent)
+        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / SENTENCEPIECE_MODEL),
+                      conversions=notes, chat_template=template)
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
@@ -396,11 +403,14 @@ def model_card(checkpoint: str | None) -> dict:
 
 
 def model_template(source: Source, checkpoint: str | None) -> str | None:
-    """The name of the chat template the model read from `checkpoint` (None: the built-in model) takes: its card's,
-    else the one its file carries where that is a known template (chat_template.named_template); None: neither
-    says (Llama 2's is the default)."""
+    """The name of the chat template the model read from `checkpoint` (None: the built-in model) takes: its card's
+    (a training checkpoint's: its run folder's model.json, however the checkpoint was named), else the one its file
+    carries where that is a known template (chat_template.named_template); None: neither says (Llama 2's is the
+    default)."""
     from .chat_template import named_template
 
+    if source.kind == "checkpoint":
+        checkpoint = str(source.path.parent)
     return model_card(checkpoint).get("chat_template") or named_template(source.chat_template)
 
 

@@ -183,8 +183,25 @@ def test_exports_of_the_chat_model_carry_the_template_it_takes(tmp_path):
     # the story model has no card naming one: its exports carry Llama 2's and a .bin gets no card
     assert run_cli("export", str(tmp_path / "story.bin"), "--model", str(BUILTIN_MODEL)).returncode == 0
     assert not (tmp_path / "story.json").exists() and api.load(str(tmp_path / "story.bin")).chat_template is None
+    # but a card already there is the new model's: its template says so, its other fields stay
+    (tmp_path / "chat.json").write_text(json.dumps({"name": "mine", "chat_template": "babyllama"}))
+    assert run_cli("export", str(tmp_path / "chat.bin"), "--model", str(BUILTIN_MODEL)).returncode == 0
+    assert json.loads((tmp_path / "chat.json").read_text()) == {"name": "mine", "chat_template": "llama2"}
+    assert api.load(str(tmp_path / "chat.bin")).chat_template == "llama2"
+    # a Hugging Face export keeping the folder's tokenizer.model rewrites its tokenizer_config.json's template;
+    # one that gets no tokenizer at all has nowhere to put --chat-template
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "story.bin").write_bytes(BUILTIN_MODEL.read_bytes())
+    proc = run_cli("export", str(tmp_path / "chat-hf"), "--model", str(bare / "story.bin"), "--chat-template", "llama2")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert api.load(str(tmp_path / "chat-hf")).chat_template == "llama2"
+    proc = run_cli("export", str(tmp_path / "none-hf"), "--model", str(bare / "story.bin"), "--chat-template", "llama2")
+    assert proc.returncode == 1 and "gets no tokenizer" in proc.stderr.decode(), proc.stderr.decode()
+    assert not (tmp_path / "none-hf").exists()
 
     transformers = pytest.importorskip("transformers")
+    assert run_cli("export", str(tmp_path / "chat-hf"), "--model", str(BUILTIN_CHAT)).returncode == 0
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat-hf")
     ours = api.load(str(BUILTIN_CHAT)).tokenizer
     messages = [{"role": "user", "content": "A story about a cat."}, {"role": "assistant", "content": "Once a cat."},
@@ -193,3 +210,28 @@ def test_exports_of_the_chat_model_carry_the_template_it_takes(tmp_path):
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     assert list(ids) == encode_chat(ours, messages, template="babyllama")[0]
     assert list(ids) != encode_chat(ours, messages, template="llama2")[0]
+
+
+def test_a_training_checkpoints_card_is_its_run_folders(tmp_path):
+    """A run folder's model.json is its checkpoint's card however the checkpoint is named (the folder or its
+    ckpt.pt), for loading and for export alike; a server refuses to start on a template it does not know."""
+    from conftest import tiny_args, torch_checkpoint
+
+    from babyllama import api
+    from babyllama.serve.service import ServeConfig, Service
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch_checkpoint(run / "ckpt.pt", tiny_args(vocab_size=512))
+    (run / "tokenizer.bin").write_bytes((ASSETS / "tokenizer.bin").read_bytes())
+    (run / "model.json").write_text(json.dumps({"chat_template": "babyllama"}))
+    for given in (run, run / "ckpt.pt"):
+        assert api.load(str(given)).chat_template == "babyllama"
+        proc = run_cli("export", str(tmp_path / "m.gguf"), "--checkpoint", str(given))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert api.load(str(tmp_path / "m.gguf")).chat_template == "babyllama"
+    (run / "model.json").write_text(json.dumps({"chat_template": "chatml"}))
+    model = api.load(str(run))
+    assert model.chat_template == "chatml"  # generating needs none; chatting with it is refused
+    with pytest.raises(Exception, match="unknown chat template 'chatml'"):
+        Service(model, ServeConfig())

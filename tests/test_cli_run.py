@@ -80,11 +80,11 @@ def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512)
 
 
 def test_a_reply_cut_by_its_budget_ends_with_eos_before_the_next_turn(monkeypatch, stories260k, tok512):
-    """The conversation in the cache is the template's (chat_template.encode_chat): every reply ends with EOS,
-    also one that -n cut short."""
+    """The conversation in the cache is the template's (chat_template.encode_chat): every reply ends with the
+    template's closing (Llama 2's "▁") and EOS, also one that -n cut short."""
     from babyllama import load
     from babyllama.chat import chat
-    from babyllama.chat_template import encode_chat
+    from babyllama.chat_template import encode_chat, reply_closing
 
     model = load(stories260k, tok512)
     fed: list[int] = []
@@ -100,7 +100,8 @@ def test_a_reply_cut_by_its_budget_ends_with_eos_before_the_next_turn(monkeypatc
     assert chat(model, ScriptedSampler(10), 3, None, None) == 0  # 3 tokens a reply: cut before the EOS
     turns = [encode_chat(model.tokenizer, [{"role": "user", "content": text}])[0] for text in ("first", "second")]
     # the second reply's last token is sampled, never fed
-    assert fed == turns[0] + [301, 302, 303, EOS] + turns[1] + [304, 305]
+    assert [model.tokenizer.pieces[t] for t in reply_closing(model.tokenizer)] == [b" "]  # "▁"
+    assert fed == turns[0] + [301, 302, 303, *reply_closing(model.tokenizer), EOS] + turns[1] + [304, 305]
 
 
 def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
@@ -666,3 +667,33 @@ def test_a_batch_through_seed_zero_gives_each_sequence_its_own_seed(tmp_path):
     assert len(texts) == 3 and len(set(texts)) == 3
     alone = run_cli("run", "-s", "-1", "-n", "30", "-i", "Lily")
     assert texts[0].strip() == alone.stdout.decode().strip()
+
+
+@pytest.mark.parametrize("template", ["llama2", "babyllama"])
+def test_chat_closes_a_cut_reply_as_the_server_renders_it(monkeypatch, stories260k, tok512, template):
+    """A reply cut by its budget gets the template's closing (Llama 2's "▁") and EOS before the next turn, the ids
+    the server renders from the reply's text."""
+    from babyllama import load
+    from babyllama.chat import chat
+    from babyllama.chat_template import encode_chat
+    from babyllama.generate import Batch
+
+    model = load(stories260k, tok512)
+    word = model.tokenizer.encode("the", bos=False)
+    assert len(word) == 1  # "▁the": one piece, so that the reply's text encodes back to the same ids
+    added = []
+    real_add = Batch.add
+    monkeypatch.setattr(Batch, "add", lambda self, seq: added.append(seq) or real_add(self, seq))
+
+    class Cat:
+        def sample(self, logits, tokens=(), generated=()):
+            return word[0]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nMore\n"))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), write_through=True))
+    assert chat(model, Cat(), 3, None, "", template=template) == 0
+    reply = model.tokenizer.decode(word * 3)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply},
+               {"role": "user", "content": "More"}]
+    expected = encode_chat(model.tokenizer, history, template=template)[0] + word * 3
+    assert added[0].tokens == expected

@@ -91,7 +91,8 @@ def test_a_gguf_with_its_own_chat_template_is_noted_on_load(tmp_path, monkeypatc
         notes[name] = open_model(tmp_path / f"{name}.gguf").describe()
     assert "chat_template" not in notes["ours"] and "chat_template" not in notes["none"]
     assert notes["chatml"].endswith("; the file has its own chat_template, which babyllama does not run: chat and "
-                                    "serve use Llama 2's [INST] template")
+                                    "serve use Llama 2's [INST] template unless --chat-template or a model card "
+                                    "names another")
 
 
 def gguf_tensors(reader) -> dict[str, np.ndarray]:

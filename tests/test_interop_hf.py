@@ -351,9 +351,16 @@ def test_an_export_keeps_the_chat_template_its_source_carries(tmp_path, tok512):
     for jinja, name in ((CHATML, None), (TEMPLATES["babyllama"].jinja, "babyllama")):
         config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": jinja}))
         assert api.load(str(tmp_path / "hf")).chat_template == name
-        assert main(["export", str(tmp_path / "m.gguf"), "--hf", str(tmp_path / "hf")]) == 0
-        assert read_gguf(tmp_path / "m.gguf")[0]["tokenizer.chat_template"] == jinja
-        assert api.load(str(tmp_path / "m.gguf")).chat_template == name
+        for given in ("hf", "hf/model.safetensors"):  # the folder, or its weight files
+            assert main(["export", str(tmp_path / "m.gguf"), "--hf", str(tmp_path / given)]) == 0
+            assert read_gguf(tmp_path / "m.gguf")[0]["tokenizer.chat_template"] == jinja
+            assert api.load(str(tmp_path / "m.gguf")).chat_template == name
+    # newer transformers' list of named templates: "default" is the template
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": [
+        {"name": "tool_use", "template": CHATML}, {"name": "default", "template": TEMPLATES["babyllama"].jinja}]}))
+    assert api.load(str(tmp_path / "hf")).chat_template == "babyllama"
+    assert main(["export", str(tmp_path / "m.gguf"), "--hf", str(tmp_path / "hf")]) == 0
+    assert read_gguf(tmp_path / "m.gguf")[0]["tokenizer.chat_template"] == TEMPLATES["babyllama"].jinja
 
 
 SENTENCEPIECE_AFTER_TRANSFORMERS = """

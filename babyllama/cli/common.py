@@ -236,5 +236,8 @@ def chat_template(args: argparse.Namespace, card: dict) -> str | None:
     if args.chat_template is not None and not args.chat_template.strip():
         raise BabyLlamaError("--chat-template must not be empty (leave it out for the model's own, else llama2)")
     template = args.chat_template or (None if getattr(args, "lora", None) else card.get("chat_template"))
-    get_template(template)
+    try:
+        get_template(template)
+    except BabyLlamaError as e:
+        raise BabyLlamaError(f"{e} (named by the model card)" if template != args.chat_template else str(e)) from None
     return template

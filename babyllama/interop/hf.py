@@ -388,7 +388,8 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     """Write `outdir`/config.json + model.safetensors (every tensor in `dtype`: f32, or f16/bf16 rounded to
     nearest even, as Hugging Face checkpoints usually ship), and tokenizer.model + tokenizer_config.json when a
     sentencepiece model is given (its file, or its bytes: `Vocab.to_sentencepiece`), so that transformers'
-    Auto* classes load the directory. `chat_template`: the Jinja tokenizer_config.json carries (None: Llama 2's)."""
+    Auto* classes load the directory; tokenizer_config.json too beside a tokenizer.model kept from an earlier
+    export. `chat_template`: the Jinja tokenizer_config.json carries (None: Llama 2's)."""
     if dtype not in HF_DTYPES:
         raise BabyLlamaError(f"a Hugging Face folder holds {', '.join(HF_DTYPES)} tensors, not {dtype}")
     outdir = Path(outdir)
@@ -429,7 +430,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
             safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
         elif tokenizer_model is not None:
             safeio.copy_file(tokenizer_model, outdir / SENTENCEPIECE_MODEL, "tokenizer")
-        if tokenizer_model is not None:
+        if tokenizer_model is not None or (outdir / SENTENCEPIECE_MODEL).is_file():  # written, or kept
             config = _tokenizer_config(args, chat_template)
             safeio.write_text(outdir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         safeio.write_text(outdir / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from ..api import Model, unseeded
-from ..chat_template import encode_chat
+from ..chat_template import encode_chat, get_template
 from ..config import ServeConfig
 from ..errors import BabyLlamaError
 from ..sampler import Sampler, choice_seed
@@ -124,6 +124,7 @@ class Service:
         self.config = config
         self.tok = model.tokenizer
         self.chat_template = config.chat_template or model.chat_template
+        get_template(self.chat_template)  # an unknown name fails the server's start, not every chat request
         self.seq_len = model.args.max_seq_len
         self.vocab_size = model.args.vocab_size
         self.metrics = Metrics(config.slots)
