@@ -139,8 +139,9 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     dropout = fields.float("dropout", 0.0, positive=False)
     if not 0.0 <= dropout < 1.0:
         raise BabyLlamaError(f"{config_path}: field dropout must be in [0, 1), got {dropout}")
+    listed = fields.list("targets")  # its error names the file
     try:
-        targets = parse_targets(fields.list("targets"))
+        targets = parse_targets(listed)
     except BabyLlamaError as e:
         raise BabyLlamaError(f"{config_path}: {e}") from None
     base = fields.dict("base")

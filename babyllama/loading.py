@@ -302,7 +302,8 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
     if BUILTIN_TOKENIZER.is_file() and Tokenizer.load(BUILTIN_TOKENIZER).vocab_size == vocab_size:
         # said every time: a model trained with a vocabulary of its own of this size would print garbage
         here = (f"; the {TOKENIZER_BIN} in the current folder, run.c's default, is read only when given: -z "
-                f"{TOKENIZER_BIN}" if another_tokenizer_here() else "; pass -z if it was trained with another")
+                f"{TOKENIZER_BIN}" if another_tokenizer_here()
+                else "; pass --tokenizer (-z) if it was trained with another")
         print(f"babyllama: note: {model_path} has no {TOKENIZER_BIN} beside it and runs with the built-in tokenizer "
               f"(llama2.c's {vocab_size} tokens){here}", file=sys.stderr)
         return BUILTIN_TOKENIZER

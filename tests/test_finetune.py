@@ -675,6 +675,21 @@ def test_skip_bad_lines_trains_on_the_rest_with_a_count(tmp_path, capsys):
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
 
 
+def test_data_too_small_to_hold_one_out_leaves_nothing(tmp_path, capsys):
+    """One conversation and no validation file is refused before training, and the data this run pretokenized
+    goes with it (a new out_dir is not made; an earlier run's folder keeps only its own)."""
+    from babyllama.cli import main
+
+    root = make_task(tmp_path / "task")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "chat.jsonl").write_text((root / "data" / "instruct_train.jsonl").read_text().splitlines()[0] + "\n")
+    argv = [f"--{k}={v}" for k, v in settings(root, tmp_path / "out", max_iters=1, eval_iters=1, data=one).items()]
+    assert main(["finetune", *argv]) == 1
+    assert "1 conversation, too few to hold one out for validation" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_data_dir_made_with_another_word_weight_is_refused(tmp_path, capsys):
     """The mask shards hold the requested words' loss weight: a run asking for another is stopped in one line
     (it would train with the shards' weight and record its own)."""
@@ -690,6 +705,11 @@ def test_a_data_dir_made_with_another_word_weight_is_refused(tmp_path, capsys):
     assert "was pretokenized with word_weight 3, this run asks for 5" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "ckpt.pt").exists()
     assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=3"]) == 0
+    # a resumed run keeps its data: the way out is to leave the flag out, not --data
+    assert main(["finetune", *argv, f"--data_dir={tmp_path / 'tok'}", "--word_weight=5", "--init_from=resume",
+                 "--max_iters=2"]) == 1
+    err = capsys.readouterr().err
+    assert "a resumed run keeps its data, pretokenized with word_weight 3: leave --word_weight out" in err
 
 
 def test_a_word_weight_with_nothing_to_weigh_is_refused(tmp_path, capsys):
@@ -977,9 +997,11 @@ def test_a_new_run_keeps_the_earlier_runs_data_until_its_own_first_checkpoint(tm
     ('{"alpha": NaN}', "field alpha must be a positive finite number, got nan"),
     ('{"rank": "4"}', "field rank must be an integer, got '4'"),
     ('{"targets": [["wq"]]}', "lora targets must be some of wq,wk,wv,wo,w1,w2,w3"),
+    ('{"targets": "wq"}', "field targets must be a list, got 'wq'"),
     ('{"base": {"args": {}}}', "field sha256 is missing"),
     ("[" * 100000 + "]" * 100000, "invalid JSON"),
-], ids=["list", "null", "dropout-text", "dropout-range", "alpha-nan", "rank-text", "targets", "base", "deep"])
+], ids=["list", "null", "dropout-text", "dropout-range", "alpha-nan", "rank-text", "targets", "targets-text", "base",
+        "deep"])
 def test_a_hand_edited_adapter_config_is_one_line(lora_run, tmp_path, capsys, config, message):
     """run/export --lora read adapter.json: what does not hold an adapter's settings is refused in one line."""
     from babyllama.cli import main
@@ -994,6 +1016,7 @@ def test_a_hand_edited_adapter_config_is_one_line(lora_run, tmp_path, capsys, co
         assert main([*argv, "--lora", str(tmp_path / "adapter.json")]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("babyllama: error: ") and message in err[0], err
+        assert err[0].count("adapter.json") <= 1, err  # the file named once
 
 
 def test_throughput_counts_the_tokens_the_chat_batches_hold(tmp_path, one_thread):

@@ -224,7 +224,7 @@ def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
 def add_chat_template(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None,
                    help="chat template name: llama2 or babyllama (default: the model card's chat_template, else the "
-                        "one the model file carries, else llama2)")
+                        "one the model file carries, else llama2; with --lora: llama2)")
 
 
 def chat_template(args: argparse.Namespace, card: dict) -> str | None:

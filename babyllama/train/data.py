@@ -698,6 +698,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def check_validation_split(data_dir: Path, conversations: int) -> None:
+    """Chat data without validation shards holds its last conversations out: one conversation cannot be both
+    trained on and held out."""
+    if conversations < 2 and not _shards(data_dir).get("val"):
+        raise BabyLlamaError(f"{data_dir}: {conversations} conversation, too few to hold one out for validation: add "
+                             f"more, or a validation file (a name with the word {VAL_WORDS_TEXT})")
+
+
 def chat_shards(data_dir: str | os.PathLike, split: str,
                 vocab_size: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(tokens, mask, bounds) of `split`'s chat shards, each checked whole (see `_chat_shard`). Without
@@ -713,9 +721,7 @@ def chat_shards(data_dir: str | os.PathLike, split: str,
         return [load(n) for n in shards[split]]
     loaded = [load(n) for n in shards["train"]]
     total = sum(len(b) for _, _, b in loaded)
-    if total < 2:  # one conversation cannot be both trained on and held out
-        raise BabyLlamaError(f"{data_dir}: {total} conversation, too few to hold one out for validation: add more, "
-                             f"or a validation file (a name with the word {VAL_WORDS_TEXT})")
+    check_validation_split(data_dir, total)
     n_val = max(1, int(total * VAL_FRACTION))
     out, seen = [], 0  # conversations [0, total - n_val) train, the rest validation
     for tokens, mask, bounds in loaded:

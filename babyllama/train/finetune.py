@@ -11,6 +11,7 @@ resumed run checks too.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Collection
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .config import FIELDS, SHAPE_KEYS, TrainConfig, check_resumed_mode
-from .data import pretokenize
+from .data import check_validation_split, pretokenize
 from .lora import apply_lora, check_rank
 
 
@@ -99,6 +100,7 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
     if base is None:
         raise BabyLlamaError(f"{data_dir}: the pretokenized data of this run is missing")
     tokenizer = data_dir / TOKENIZER_BIN
+    made = not data_dir.exists()
     with safeio.new_folders_removed_on_error(data_dir):
         safeio.output_dir(data_dir, "data folder")
         tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
@@ -106,8 +108,13 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
             meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
                                max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight,
                                exclude=cfg.out_dir)  # the run's own files, when it runs inside its data
-        except BaseException:  # refused data: no tokenizer.bin left to pass for this run's
-            tokenizer.unlink(missing_ok=True)
+            if meta.get("kind") == CHAT:  # refused now, not once the shards it wrote are read
+                check_validation_split(data_dir, meta["conversations"])
+        except BaseException:  # refused data: no shards or tokenizer.bin left to pass for this run's
+            if made:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            else:
+                tokenizer.unlink(missing_ok=True)
             raise
     kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
     print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
@@ -120,6 +127,9 @@ def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
     if meta.get("kind") != CHAT and cfg.word_weight != 1:  # nothing would read it
         raise BabyLlamaError(f"word_weight weighs the requested words in chat replies: {data_dir} holds plain text")
     if meta.get("kind") == CHAT and made != cfg.word_weight:
+        if cfg.init_from == "resume":  # a resumed run keeps its data, whatever --data says
+            raise BabyLlamaError(f"a resumed run keeps its data, pretokenized with word_weight {made}: leave "
+                                 f"--word_weight out (this run asks for {cfg.word_weight})")
         raise BabyLlamaError(f"{data_dir} was pretokenized with word_weight {made}, this run asks for "
                              f"{cfg.word_weight}: pretokenize it again with --word-weight {cfg.word_weight} "
                              "(or pass --data)")
