@@ -433,7 +433,8 @@ def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path)
     assert proc.returncode == 0 and note + "; the tokenizer.bin in the current folder, run.c's default, is read" in err
     (tmp_path / "tokenizer.bin").write_bytes(BUILTIN_TOKENIZER.read_bytes())
     proc = run_cli(*argv, cwd=tmp_path)
-    assert proc.returncode == 0 and note + "; pass --tokenizer (-z) if it was trained with another\n" in proc.stderr.decode()
+    hint = "; pass --tokenizer (-z) if it was trained with another\n"
+    assert proc.returncode == 0 and note + hint in proc.stderr.decode()
 
 
 @pytest.mark.parametrize("argv", [
