@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, kernels, safeio
-from .chat_template import DEFAULT_TEMPLATE
+from .chat_template import DEFAULT_TEMPLATE, get_template, named_template
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .formats import Weights
 from .interop.vocab import Vocab
-from .loading import Source
+from .loading import Source, model_template
 from .tokenizer import Tokenizer, open_sentencepiece, warn_normalization
 
 if TYPE_CHECKING:
@@ -100,9 +100,6 @@ def _chat_template(src: Source, name: str | None, merging: bool) -> tuple[str | 
     None): Llama 2's, the default. `name` (--chat-template) first; else the source's own, its card's or the
     template its file carries (loading.model_template; a template babyllama does not know is kept as it is);
     but a merged adapter was fine-tuned with Llama 2's, whatever its base took."""
-    from .chat_template import get_template, named_template
-    from .loading import model_template
-
     if name is None and not merging:
         name = model_template(src, str(src.path))
         if name is None:
