@@ -151,7 +151,7 @@ def main() -> None:
     formats.save(q8, q8_path, version=2)
     evals["valid_q8_0"] = eval_figures(formats.load(q8_path), tok, valid)["valid"]
     evals["valid_q8_0"]["command"] = ("babyllama export q8.bin --model model.bin --version 2 && "
-                                      + EVAL_COMMAND.replace("eval", "eval q8.bin"))
+                                      + EVAL_COMMAND.replace("eval", "eval q8.bin --kv-cache f32"))  # Engine's own
     evals["valid_q8_0"]["file_bytes"] = q8_path.stat().st_size
     teacher_eval = eval_figures(formats.load(teacher), tok, valid)["valid"]
 

@@ -478,6 +478,17 @@ def test_data_instruct_without_held_out_stories_writes_no_empty_file(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "ins").iterdir()) == ["instruct_train.jsonl"]
 
 
+def test_a_refused_data_instruct_makes_no_folder(tmp_path, capsys):
+    from babyllama.cli import main
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 5, seed=3)
+    out = tmp_path / "new" / "ins"
+    assert main(["data", "instruct", "--input", str(corpus), "--out-dir", str(out), "--val-count", "9",
+                 "--model", str(_tiny_model(tmp_path))]) == 1
+    assert "leave no training stories" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_data_instruct_says_when_no_word_can_be_asked_for(tmp_path, capsys):
     """A word asked for must be in at least 3 stories and at most --max-word-df of them: with 40 stories and
     the default 0.05 (2 stories) none can be, which a note says (the requests silently asked for no words)."""

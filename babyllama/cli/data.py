@@ -218,7 +218,6 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     stories = list(islice(documents, args.max_stories))
     if not stories:
         raise BabyLlamaError(f"{args.input}: no stories")
-    out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
     if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
@@ -232,6 +231,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
         raise BabyLlamaError(f"no training requests from {counts['stories']} stories: {counts['too_long']} requests "
                              f"are longer than the context of {seq_len}, {counts['no_request']} had nothing to ask "
                              "for")
+    out = safeio.output_dir(args.out_dir)  # once the run is sure to write: a refused one makes no folder
     train_name, val_name, dev_name = INSTRUCT_FILES
     write_jsonl(train, out / train_name)
     for records, name in ((val, val_name), (dev, dev_name)):
