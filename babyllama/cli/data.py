@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BabyLlamaError, require
 from .common import Parser, add_time_limit, non_empty_path, non_empty_url, positive_int, share
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 SKIP_BAD_LINES_HELP = "skip malformed .jsonl lines, with a count"
 
@@ -206,8 +210,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from .. import safeio
-    from ..chat_template import encode_chat
-    from ..instruct import MAX_WORD_DF, MIN_WORD_DF, make_instructions, read_documents, write_jsonl
+    from ..instruct import read_documents
     from ..loading import builtin_model, open_model, tokenizer_for
 
     check_input(args.input)
@@ -218,6 +221,18 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     stories = list(islice(documents, args.max_stories))
     if not stories:
         raise BabyLlamaError(f"{args.input}: no stories")
+    with safeio.new_folders_removed_on_error(args.out_dir):  # a run refused after checking it makes no folder
+        return _write_instructions(args, stories, tok, seq_len)
+
+
+def _write_instructions(args: argparse.Namespace, stories: list[str], tok: Tokenizer, seq_len: int) -> int:
+    """`data instruct`'s requests made from `stories` and written to --out-dir (made first: a folder that cannot
+    be written is refused before the work)."""
+    from .. import safeio
+    from ..chat_template import encode_chat
+    from ..instruct import MAX_WORD_DF, MIN_WORD_DF, make_instructions, write_jsonl
+
+    out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
     if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
@@ -231,7 +246,6 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
         raise BabyLlamaError(f"no training requests from {counts['stories']} stories: {counts['too_long']} requests "
                              f"are longer than the context of {seq_len}, {counts['no_request']} had nothing to ask "
                              "for")
-    out = safeio.output_dir(args.out_dir)  # once the run is sure to write: a refused one makes no folder
     train_name, val_name, dev_name = INSTRUCT_FILES
     write_jsonl(train, out / train_name)
     for records, name in ((val, val_name), (dev, dev_name)):
