@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, kernels, safeio
-from .chat_template import DEFAULT_TEMPLATE, get_template, named_template
+from .chat_template import DEFAULT_TEMPLATE, get_template
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .formats import Weights
@@ -101,9 +101,9 @@ def _chat_template(src: Source, name: str | None, merging: bool) -> tuple[str | 
     template its file carries (loading.model_template; a template babyllama does not know is kept as it is);
     but a merged adapter was fine-tuned with Llama 2's, whatever its base took."""
     if name is None and not merging:
-        name = model_template(src, str(src.path))
+        name = model_template(src, str(src.path))  # a known template the file carries comes back by its name
         if name is None:
-            return named_template(src.chat_template), src.chat_template
+            return None, src.chat_template
     return name, get_template(name).jinja if name is not None else None
 
 

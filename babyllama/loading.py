@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,6 +180,18 @@ def hf_chat_template(folder: Path) -> tuple[str | None, list[str]]:
     return (template if isinstance(template, str) else None), notes
 
 
+def _hf_source(paths: Sequence[str | os.PathLike], max_seq_len: int | None, quantize: str | None = None) -> Source:
+    """A Hugging Face checkpoint, given as its folder or as its weight files, with what its folder holds beside
+    them: tokenizer.model and tokenizer_config.json's chat template."""
+    from .interop.hf import load_hf
+
+    first = Path(paths[0])
+    folder = first if first.is_dir() else first.parent
+    template, notes = hf_chat_template(folder)
+    return Source(load_hf(paths, max_seq_len, quantize), "hf", first, _first_file(folder / SENTENCEPIECE_MODEL),
+                  conversions=notes, chat_template=template)
+
+
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
                quantize: str | None = None, convert_other_types: bool = True) -> Source:
@@ -209,12 +222,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions,
                         chat_template=vocab.chat_template if vocab is not None else None)
     elif kind == "hf":
-        from .interop.hf import load_hf
-
-        folder = path if path.is_dir() else path.parent
-        template, notes = hf_chat_template(folder)
-        source = Source(load_hf([path], max_seq_len, quantize), kind, path, _first_file(folder / SENTENCEPIECE_MODEL),
-                        conversions=notes, chat_template=template)
+        source = _hf_source([path], max_seq_len, quantize)
     elif kind == "meta":
         from .interop.meta import load_meta
 
@@ -260,12 +268,7 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     """`export`'s sources, one of which is given: the format named by the flag rather than detected (an HF
     checkpoint may also be given as its weight files with config.json beside them)."""
     if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):
-        from .interop.hf import load_hf
-
-        first = Path(hf[0])
-        template, notes = hf_chat_template(first.parent)
-        return Source(load_hf(hf, max_seq_len), "hf", first, _first_file(first.parent / SENTENCEPIECE_MODEL),
-                      conversions=notes, chat_template=template)
+        return _hf_source(hf, max_seq_len)
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
