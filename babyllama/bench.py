@@ -246,6 +246,22 @@ def prefill_prompt(vocab_size: int, prompt_len: int) -> list[int]:
     return [1] + np.random.default_rng(0).integers(3, vocab_size, prompt_len - 1).tolist()
 
 
+def decode_rate(engine, seq_len: int, n_seq: int, n_tok: int, temperature: float = 0.0, topp: float = 1.0) -> float:
+    """Decode tok/s of `n_seq` sequences of `n_tok` positions each from two-token prompts [BOS, 3 + i], timed from
+    their second step like run.c (the first step, prompt and first sample, is not counted)."""
+    from .generate import Batch, Sequence
+    from .sampler import Sampler
+
+    b = Batch(engine, n_seq, seq_len=seq_len)
+    seqs = [b.add(Sequence([1, 3 + i], Sampler(temperature, topp, 7 + i), min(seq_len, n_tok + 2), frozenset()))
+            for i in range(n_seq)]
+    b.step()
+    start, n = time.perf_counter(), 0
+    while not all(s.done for s in seqs):
+        n += len(b.step())
+    return n / (time.perf_counter() - start)
+
+
 def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prompt_len: int,
             mmap: bool | None = None, device: str = "numpy", compile: bool = False, sampled: bool = False,
             kv_cache: str = "auto") -> dict:
@@ -278,14 +294,7 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     ttft = first_token() - t0  # load (memory map) + engine + the prompt's first tokens + first sample
 
     def decode(n_seq: int, n_tok: int, temperature: float = 0.0, topp: float = 1.0) -> float:
-        b = Batch(engine, n_seq, seq_len=seq_len)
-        seqs = [b.add(Sequence([1, 3 + i], Sampler(temperature, topp, 7 + i), min(seq_len, n_tok + 2), frozenset()))
-                for i in range(n_seq)]
-        b.step()  # the two-token prompts and first tokens: not counted (run.c times from the 2nd step)
-        start, n = time.perf_counter(), 0
-        while not all(s.done for s in seqs):
-            n += len(b.step())
-        return n / (time.perf_counter() - start)
+        return decode_rate(engine, seq_len, n_seq, n_tok, temperature, topp)
 
     def prefill() -> float:
         b = Batch(engine, 1, max_tokens_per_step=prompt_len, seq_len=seq_len)
@@ -313,11 +322,18 @@ def measure(path: Path, plain: bool, repeats: int, tokens: int, batch: int, prom
     model = getattr(engine, "model", None)
     if model is not None:
         res["decode_bytes"] = res["decode_bytes"] * model.output.weight.element_size() // 4
-    kv = getattr(engine, "kv_dtype", None)  # the NumPy engine's cache rows; the PyTorch one's are not counted
+    kv = engine_kv_bytes(engine, weights.args, n_tok)
     if kv is not None:
-        per_value = kv.itemsize / (1 if kv.names is None else weights.args.head_size)
-        res["kv_bytes"] = kv_read_bytes(weights.args, per_value, n_tok)
+        res["kv_bytes"] = kv
     return res
+
+
+def engine_kv_bytes(engine, args: ModelArgs, n_tok: int) -> int | None:
+    """kv_read_bytes for the NumPy engine's cache type; None for the PyTorch engine (its cache is not counted)."""
+    kv = getattr(engine, "kv_dtype", None)
+    if kv is None:
+        return None
+    return kv_read_bytes(args, kv.itemsize / (1 if kv.names is None else args.head_size), n_tok)
 
 
 def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None, prompt_len: int = 256) -> dict:

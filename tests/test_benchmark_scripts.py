@@ -1,9 +1,11 @@
-"""The Python measuring scripts beside bench (benchmarks/gguf_files.py, benchmarks/quality.py): their flags'
-mistakes are one line each, said before any model is built or loaded, and their files are named like bench's."""
+"""The Python measuring scripts beside bench (benchmarks/gguf_files.py, benchmarks/quality.py,
+benchmarks/decode_windows.py): their flags' mistakes are one line each, said before any model is built or loaded,
+and their files are named like bench's."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,49 @@ def test_quality_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     out = script("quality.py", *data, *flags, cwd=tmp_path)
     assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1
     assert not out.stdout  # no table begun
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shape", "7B"], "unknown --shape 7B"),
+    (["--formats", "q8_0,q5_0"], "unknown format 'q5_0' in --formats"),
+    (["--formats", "q8_0.safetensors"], "unknown format 'q8_0.safetensors'"),
+    (["--shape", "15M", "--tokens", "255"], "--tokens must be from 2 to 254"),
+    (["--steady", "0"], "--steady must lie between 0 and 1"),
+])
+def test_decode_windows_refuses_bad_flags_in_one_line(tmp_path, flags, message):
+    out = script("decode_windows.py", *flags, cwd=tmp_path)
+    assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "cache").exists()  # nothing built
+
+
+def test_decode_windows_compares_a_decode_only_with_steady_probes_of_its_own_phase(monkeypatch):
+    """A decode counts against the mean of the probes just before and after it, and only where those agree (the
+    memory did not change phase under it); the ratio of formats comes from rounds whose probes all agree."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import decode_windows
+
+    rounds = [  # probe, then (format, tok/s, GB/s, probe after) per format
+        [30.0, ("a", 100.0, 27.0, 30.0), ("b", 190.0, 30.0, 30.0)],  # slow, steady: 90%, 100%; b/a 1.9
+        [60.0, ("a", 150.0, 45.0, 60.0), ("b", 240.0, 36.0, 60.0)],  # fast, steady: 75%, 60%; b/a 1.6
+        [30.0, ("a", 120.0, 40.0, 60.0), ("b", 250.0, 50.0, 60.0)],  # a between 30 and 60: not counted
+    ]
+    lines = decode_windows.summary(rounds, ["a", "b"], steady=0.1, fast=45.0)
+    assert lines[0] == "3 rounds, 9 probes: median 60.0 GB/s, 5 at or above 45.0 (fast phase)"
+    assert "a fast: 1 decodes between steady probes, 75% of the probe (range 75-75%)" in lines
+    assert "a slow: 1 decodes between steady probes, 90% of the probe (range 90-90%)" in lines
+    assert "b fast: 2 decodes between steady probes, 72% of the probe (range 60-83%)" in lines
+    assert "b slow: 1 decodes between steady probes, 100% of the probe (range 100-100%)" in lines
+    assert "b / a tok/s, fast rounds with steady probes: median 1.60x over 1 (range 1.60-1.60)" in lines
+    assert "b / a tok/s, slow rounds with steady probes: median 1.90x over 1 (range 1.90-1.90)" in lines
+    assert decode_windows.phase([30.0, 40.0], 0.1, 45.0) is None
+    assert decode_windows.phase([44.0, 46.0], 0.1, 45.0) is None  # steady, but on both sides of the line
+
+
+def test_decode_windows_runs_a_round_of_each_format(tmp_path):
+    out = script("decode_windows.py", "--shape", "builtin", "--formats", "q8_0,q4_0.gguf", "--seconds", "0",
+                 "--tokens", "16", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rounds, summary = out.stdout.split("\n\n")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  probe +[\d.]+ \| q8_0 +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+ \| "
+                        r"q4_0.gguf +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+", rounds)
+    assert summary.startswith("1 rounds, 3 probes: median ")
