@@ -392,13 +392,18 @@ def builtin_model() -> Path:
 def model_card(checkpoint: str | None) -> dict:
     """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
     NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
-    model folder its model.json. As a card that does not read as an object is skipped, so is a field of it that
+    model folder its model.json; for a training checkpoint (its folder or the checkpoint file however named) its
+    run folder's model.json. As a card that does not read as an object is skipped, so is a field of it that
     is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models
     gave clients)."""
     if checkpoint is None:
         path = BUILTIN_CARD
+    elif Path(checkpoint).is_dir():
+        path = Path(checkpoint) / "model.json"
+    elif _is_checkpoint_file(Path(checkpoint)):
+        path = Path(checkpoint).parent / "model.json"
     else:
-        path = Path(checkpoint) / "model.json" if Path(checkpoint).is_dir() else Path(checkpoint).with_suffix(".json")
+        path = Path(checkpoint).with_suffix(".json")
     try:
         card = safeio.read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
     except BabyLlamaError:
@@ -406,15 +411,19 @@ def model_card(checkpoint: str | None) -> dict:
     return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
 
 
+def _is_checkpoint_file(path: Path) -> bool:
+    try:
+        return detect_format(path) == "checkpoint"
+    except BabyLlamaError:  # missing or unreadable: its loader says so; a card lookup does not
+        return False
+
+
 def model_template(source: Source, checkpoint: str | None) -> str | None:
     """The name of the chat template the model read from `checkpoint` (None: the built-in model) takes: its card's
-    (a training checkpoint's: its run folder's model.json, however the checkpoint was named), else the one its file
-    carries where that is a known template (chat_template.named_template); None: neither says (Llama 2's is the
-    default)."""
+    (model_card), else the one its file carries where that is a known template (chat_template.named_template);
+    None: neither says (Llama 2's is the default)."""
     from .chat_template import named_template
 
-    if source.kind == "checkpoint":
-        checkpoint = str(source.path.parent)
     return model_card(checkpoint).get("chat_template") or named_template(source.chat_template)
 
 

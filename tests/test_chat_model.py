@@ -235,3 +235,8 @@ def test_a_training_checkpoints_card_is_its_run_folders(tmp_path):
     assert model.chat_template == "chatml"  # generating needs none; chatting with it is refused
     with pytest.raises(Exception, match="unknown chat template 'chatml'"):
         Service(model, ServeConfig())
+    for given in (run, run / "ckpt.pt"):  # the CLI reads the same card before it loads the model
+        proc = run_cli("run", str(given), "-m", "chat", "-i", "hi")
+        assert proc.returncode != 0
+        err = proc.stderr.decode().strip()
+        assert "unknown chat template 'chatml'" in err and err.endswith("(named by the model card)")
