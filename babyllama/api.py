@@ -272,6 +272,7 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     check_kv_cache(kv_cache, device)  # before the model is read
     check_quantize(quantize, device)
     check_plain(plain, device)
+    check_device(device, compile)
     # a LoRA adapter is merged into the fp32 weights, quantized after it; the PyTorch engine computes in its own
     # type, so a GGUF's types of no native kernel's reach it as the file's weights, not converted for the kernels,
     # and so does a merge: an adapter was trained on (and knows by the hash of) the file's own weights

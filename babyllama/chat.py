@@ -96,8 +96,9 @@ def _check_system_fits(model: Model, system: str, seq_len: int, template: str | 
 
 def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, system: str | None = None,
          raw: bool = False, template: str | None = None) -> int:
-    """Chat until stdin ends. `max_new` caps each reply (0: up to the context window). `template`: the chat
-    template's name (chat_template.TEMPLATES; default: the model's, `Model.chat_template`, else Llama 2's)."""
+    """Chat until stdin ends. `max_new` caps each reply (0: at the context's length, older turns sliding out).
+    `template`: the chat template's name (chat_template.TEMPLATES; default: the model's, `Model.chat_template`,
+    else Llama 2's)."""
     template = template or model.chat_template
     closing = reply_closing(model.tokenizer, template)  # an unknown name (a model card's) is refused here, at once
     printer = Printer(model.tokenizer, raw)

@@ -268,6 +268,8 @@ def test_kv_cache_setting_errors():
         make_engine(w, kv_cache="f8")
     with pytest.raises(BabyLlamaError, match="NumPy engine only"):
         load(kv_cache="f16", device="cpu")
+    with pytest.raises(BabyLlamaError, match="unknown device 'gpu'"):  # said before the model is looked for
+        load("/nonexistent/m.bin", device="gpu")
     with pytest.raises(ValueError, match="float32, float16 or Q8_0 rows"):
         KVCache(w.args, 1, 8, dtype=np.float64)
     native = kernels_native.load()

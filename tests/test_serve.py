@@ -172,6 +172,10 @@ def test_a_reply_budget_past_the_context_names_the_field_that_asked(client):
             client.chat.completions.create(model=MODEL, messages=messages, **{field: 5000})
         assert e.value.code == "context_length_exceeded" and f"{field} asks for 5000 more" in e.value.message
         assert e.value.body["message"].endswith(f"lower {field}")  # the server's message (openai's wraps it)
+        assert e.value.param == field  # the prompt alone fits: the budget is the field at fault
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Once", max_tokens=5000)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
 
 
 def test_a_base_url_without_v1_gets_a_404_that_says_where_the_api_is(server):

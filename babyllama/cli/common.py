@@ -73,7 +73,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False) -> N
     add_control_flags(p)
     if per_reply:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
-                       help=f"tokens per reply, 0 = up to the context window ({DEFAULT_STEPS})")
+                       help=f"tokens per reply, 0 = as many as the context holds, older turns sliding out "
+                            f"({DEFAULT_STEPS})")
         p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, metavar="N",
                        help="the same as -n (the name `run` and the server use)")
     else:

@@ -69,7 +69,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("chat", help="chat with a model (Llama 2's [INST] template)",
                        description="Chat with a model: user turns from stdin, replies streamed. Each reply may "
-                                   "use up to -n / --max-new-tokens tokens (0: up to the context window); the "
+                                   "use up to -n / --max-new-tokens tokens (0: as many as the context holds); the "
                                    "oldest turns slide out when the conversation outgrows the context.")
     add_model_flags(c, default="the built-in chat model (the story model fine-tuned to follow requests)")
     add_sampling_flags(c, per_reply=True)

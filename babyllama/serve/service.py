@@ -150,7 +150,7 @@ class Service:
         req = await self.parse(request, p.CompletionRequest, deadline)
         ids = await self.prompt_ids(req.prompt)
         max_new = req.max_tokens or 16
-        self.check_room(len(ids), max_new, "prompt")
+        self.check_room(len(ids), max_new, "prompt", asked=req.max_tokens is not None)
         echo = self.prompt_text(req.prompt, ids) if req.echo else ""
         return await self.answer(request, req, ids, max_new, req.logprobs, deadline, chat=False, echo=echo)
 
@@ -246,12 +246,15 @@ class Service:
                                 f"tokens can hold (a token covers at most {self.bytes_per_token} bytes); "
                                 f"shorten the {what}", param=param, code="context_length_exceeded")
 
-    def check_room(self, n_prompt: int, max_new: int, param: str, budget: str = "max_tokens") -> None:
-        """`budget`: the request field that asked for `max_new` tokens, as the message names it."""
+    def check_room(self, n_prompt: int, max_new: int, param: str, budget: str = "max_tokens",
+                   asked: bool = True) -> None:
+        """`param`: the request field of the prompt; `budget`: the one that asked for `max_new` tokens (`asked`:
+        the request gave it, not its default), which is the field at fault where the prompt alone fits."""
         if n_prompt + max_new > self.seq_len:
             raise APIError(400, f"the model's context is {self.seq_len} tokens, but the prompt is {n_prompt} tokens "
                                 f"and {budget} asks for {max_new} more; shorten the prompt or lower {budget}",
-                           param=param, code="context_length_exceeded")
+                           param=budget if asked and n_prompt < self.seq_len else param,
+                           code="context_length_exceeded")
 
     # ------------------------------------------------------------------ generating
 
