@@ -28,7 +28,7 @@ from . import safeio
 from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
-from .formats import LAYER_MATRICES, LAYER_NAMES, Weights, all_finite, dense, held_tensors
+from .formats import LAYER_MATRICES, LAYER_NAMES, Weights, all_finite, dense, held_tensors, is_fp32
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"
@@ -175,8 +175,12 @@ def check_base(adapter: Adapter, weights: Weights, what: str = "this model") -> 
     if differ:
         raise OtherBase(f"{name} was trained on another model than {what} ({', '.join(differ)})")
     if weights_sha256(weights) != adapter.base["sha256"]:
-        hint = (": a quantized copy of the base is another base; merge into the fp32 base first, then quantize "
-                "(babyllama export OUT.bin --model BASE --lora ADAPTER --version 2)") if weights.quantized else ""
+        stacks = weights.layer_matrices().values()
+        mats = (weights.tok_embeddings, weights.wcls, *(m for stack in stacks for m in stack))
+        rounded = not all(is_fp32(m) for m in mats)
+        hint = (": a quantized or rounded (f16, bf16) copy of the base is another base; merge into the fp32 base "
+                "first, then quantize or round (babyllama export OUT.bin --model BASE --lora ADAPTER --version 2)"
+                ) if rounded else ""
         raise OtherBase(f"{name} was trained on another base than {what} (same shape, other weights{hint})")
 
 

@@ -229,8 +229,17 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
         load(tmp_path / "other.bin", tok, lora=lora)
     with pytest.raises(BabyLlamaError, match="trained on another model .*dim 32 vs 48"):
         load(tmp_path / "wide.bin", tok, lora=lora)
-    with pytest.raises(BabyLlamaError, match="a quantized copy of the base is another base"):
+    with pytest.raises(BabyLlamaError, match="a quantized or rounded .* copy of the base is another base"):
         load(tmp_path / "q8.bin", tok, lora=lora)
+    for dtype in ("f16", "f32"):  # an f16 copy is another base too; an f32 GGUF of it is the base itself
+        gguf = tmp_path / f"{dtype}.gguf"
+        assert run_cli("export", str(gguf), "--model", str(root / "base.bin"), "-z", str(tok), "--dtype",
+                       dtype).returncode == 0
+        if dtype == "f16":
+            with pytest.raises(BabyLlamaError, match="a quantized or rounded .f16, bf16. copy of the base"):
+                load(gguf, lora=lora)
+        else:
+            assert load(gguf, lora=lora).weights is not None
     with pytest.raises(BabyLlamaError, match="other.bin is no adapter: an adapter is NAME.safetensors with"):
         load(root / "base.bin", tok, lora=tmp_path / "other.bin")  # a model given for the adapter
     merged = load(root / "base.bin", tok, quantize="q8_0", lora=lora)

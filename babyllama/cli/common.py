@@ -79,7 +79,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False) -> N
                        help="the same as -n (the name `run` and the server use)")
     else:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
-                       help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})")
+                       help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS}); with "
+                            "-m chat, tokens per reply")
         p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, metavar="N",
                        help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
     p.add_argument("-i", "--prompt", dest="prompt", default=None,
