@@ -17,6 +17,7 @@ catalog and the CLI all come here, so every command reads models the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -389,13 +390,14 @@ def builtin_model() -> Path:
     return BUILTIN_MODEL
 
 
-def model_card(checkpoint: str | None) -> dict:
+def model_card(checkpoint: str | None, strict: bool = False) -> dict:
     """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
     NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
     model folder its model.json; for a training checkpoint (its folder or the checkpoint file however named) its
-    run folder's model.json. As a card that does not read as an object is skipped, so is a field of it that
-    is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models
-    gave clients)."""
+    run folder's model.json. A card that is there but does not read as an object, or whose name or chat_template
+    is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models gave
+    clients), is an error with `strict` (chat and serve, which would otherwise run another template than the card
+    meant without a word), else skipped."""
     if checkpoint is None:
         path = BUILTIN_CARD
     elif Path(checkpoint).is_dir():
@@ -404,11 +406,20 @@ def model_card(checkpoint: str | None) -> dict:
         path = Path(checkpoint).parent / "model.json"
     else:
         path = Path(checkpoint).with_suffix(".json")
+    if not os.path.lexists(path):
+        return {}
     try:
         card = safeio.read_json(path, "model card")  # a regular file holding an object (a named pipe would block)
-    except BabyLlamaError:
+    except BabyLlamaError as e:
+        if strict:
+            raise BabyLlamaError(f"{e} (the model card: fix it or remove it)") from None
         return {}
-    return {key: card[key] for key in ("name", "chat_template") if isinstance(card.get(key), str) and card[key]}
+    fields = {key: card[key] for key in ("name", "chat_template") if key in card}
+    bad = [key for key, value in fields.items() if not (isinstance(value, str) and value)]
+    if bad and strict:
+        raise BabyLlamaError(f"{path}: the model card's {bad[0]} must be a non-empty string, not "
+                             f"{json.dumps(fields[bad[0]])[:40]}")
+    return {key: value for key, value in fields.items() if key not in bad}
 
 
 def _is_checkpoint_file(path: Path) -> bool:

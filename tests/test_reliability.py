@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 import threading
@@ -201,33 +202,57 @@ def test_a_named_pipe_is_refused_not_waited_on(argv, fifo, tiny, tmp_path):
 
 
 def test_a_named_pipe_as_the_model_card_is_not_waited_on(tmp_path):
-    """`serve` reads model.json beside the model: a pipe there is skipped like a missing card."""
+    """`serve` reads model.json beside the model: a pipe there is skipped like an unreadable card (or refused, where
+    the card is read strictly), never waited on."""
+    from babyllama.errors import BabyLlamaError
     from babyllama.loading import model_card
 
     os.mkfifo(tmp_path / "model.json")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.json").write_text("[1, 2]")
-    cards = []
-    reader = threading.Thread(target=lambda: cards.extend(model_card(str(tmp_path / d / "m.bin")) for d in ("", "bad")),
-                              daemon=True)
+    cards, errors = [], []
+
+    def read():  # a model folder's card is its model.json
+        cards.extend(model_card(str(tmp_path / d)) for d in ("", "bad"))
+        for d in ("", "bad"):
+            try:
+                model_card(str(tmp_path / d), strict=True)
+            except BabyLlamaError as e:
+                errors.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(30)
     assert not reader.is_alive(), "blocked on the pipe"
     assert cards == [{}, {}]
+    assert "is a named pipe" in errors[0] and "model card must hold an object, not list" in errors[1]
+    assert all(e.endswith("(the model card: fix it or remove it)") for e in errors)
 
 
 @pytest.mark.parametrize("card", ['{"chat_template": ["llama2"]}', '{"chat_template": {"a": 1}}', '{"name": {"a": 1}}',
-                                  '{"name": 5, "chat_template": ""}'])
-def test_model_card_fields_of_the_wrong_type_are_skipped(tmp_path, card):
-    """A card beside the model whose name or chat_template is not a string is skipped as an unreadable card is:
-    a list as chat_template was a TypeError out of serve, a number or an object as name the model id clients
-    were given."""
+                                  '{"name": 5, "chat_template": ""}', '{"chat_template": "babyllama",}'])
+def test_model_card_fields_of_the_wrong_type_are_skipped_or_refused(tmp_path, card, tiny):
+    """A card beside the model whose name or chat_template is not a non-empty string, or that is not JSON, is
+    skipped where only generation reads it (`run`, the API), and refused in one line by chat and serve, which
+    would otherwise run another template than the card meant (a list as chat_template was a TypeError out of
+    serve, a number or an object as name the model id clients were given)."""
+    from babyllama.errors import BabyLlamaError
     from babyllama.loading import model_card
 
     (tmp_path / "m.json").write_text(card)
     (tmp_path / "good.json").write_text('{"name": "story", "chat_template": "llama2", "params": 3}')
     assert model_card(str(tmp_path / "m.bin")) == {}
     assert model_card(str(tmp_path / "good.bin")) == {"name": "story", "chat_template": "llama2"}
+    assert model_card(str(tmp_path / "good.bin"), strict=True) == {"name": "story", "chat_template": "llama2"}
+    assert model_card(str(tmp_path / "none.bin"), strict=True) == {}
+    with pytest.raises(BabyLlamaError, match="m.json: "):
+        model_card(str(tmp_path / "m.bin"), strict=True)
+    model, tok = tiny
+    shutil.copy(model, tmp_path / "m.bin")
+    shutil.copy(tok, tmp_path / "tokenizer.bin")
+    assert run_limited(["run", str(tmp_path / "m.bin"), "-n", "4"], GIB, timeout=60).returncode == 0
+    for argv in (["chat", str(tmp_path / "m.bin"), "-n", "4"], ["serve", str(tmp_path / "m.bin"), "--port", "0"]):
+        one_line_error(run_limited(argv, TORCH_AS, timeout=60, stdin=b"hi\n"), "m.json: ")
 
 
 class _Drip(BaseHTTPRequestHandler):

@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mode == "chat":  # the flag's, else the one the model was tuned on (its card's): checked before loading
         from ..loading import builtin_chat_model, model_card
 
-        template = chat_template(args, model_card(args.checkpoint or str(builtin_chat_model())))
+        template = chat_template(args, model_card(args.checkpoint or str(builtin_chat_model()), strict=not args.lora))
     elif args.chat_template is not None:
         raise BabyLlamaError("--chat-template is for chat (-m chat)")
     model = load_model(args)

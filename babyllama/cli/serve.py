@@ -130,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..engine import kv_cache_name
     from ..loading import model_card
 
-    card = model_card(args.checkpoint)
+    card = model_card(args.checkpoint, strict=not args.lora)  # with an adapter, not the base's card
     template = chat_template(args, card)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
     name = args.model_name or served_name(args.checkpoint, args.lora, card)
