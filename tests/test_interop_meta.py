@@ -42,6 +42,9 @@ def test_meta_shards_follow_fairscale_layout(tmp_path):
 
 def test_meta_import_matches_model(tmp_path):
     w, folder = meta_model(tmp_path)
+    shard = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    shard["rope.freqs"] = torch.ones(8)  # Meta's RoPE table, which the model computes for itself: not read
+    torch.save(shard, folder / "consolidated.00.pth")
     out = tmp_path / "out.bin"
     r = run_cli("export", str(out), "--meta-llama", str(folder), "--max-seq-len", "64")
     assert r.returncode == 0, r.stderr.decode()
@@ -99,6 +102,12 @@ def test_meta_bad_inputs(tmp_path, capsys):
     (folder / "params.json").write_text(json.dumps(dict(params, multiple_of=256)))
     assert "feed_forward.w1.weight has shape (64, 32), the config implies (256, 32)" in error(
         "--meta-llama", str(folder))
+    (folder / "params.json").write_text(json.dumps(dict(params, n_layers=params["n_layers"] - 1)))
+    assert f"unexpected tensor layers.{params['n_layers'] - 1}." in error("--meta-llama", str(folder))
+    (folder / "params.json").write_text(json.dumps(params))
+    (folder / "consolidated.01.pth").rename(folder / "consolidated.02.pth")  # a rank missing
+    assert "found consolidated.00.pth, consolidated.02.pth" in error("--meta-llama", str(folder))
+    (folder / "consolidated.02.pth").rename(folder / "consolidated.01.pth")
     (folder / "consolidated.01.pth").write_bytes(b"garbage")
     assert "consolidated.01.pth: not a readable PyTorch checkpoint" in error("--meta-llama", str(folder))
     for f in folder.glob("*.pth"):

@@ -74,6 +74,7 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise BabyLlamaError(f"{folder}: no consolidated.*.pth shards")
+    check_shard_numbers(folder, shards)
     params = Fields(safeio.read_json(params_path, "params.json"), str(params_path))
     if params.data.get("use_scaled_rope"):
         raise BabyLlamaError(f"{params_path}: scaled RoPE (Llama 3.1) is not supported")
@@ -109,8 +110,29 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     args = _args_from_params(params, emb.shape[0], emb.shape[1], max_seq_len, params_path)
     # Meta's models never tie the classifier; one we wrote from a tied model has it equal to the embedding
     args.shared_classifier = same_values(output, emb)
+    asked = set(cache)
+
+    def fetch(name: str) -> np.ndarray | BF16Tensor:
+        asked.add(name)
+        return cache.pop(name) if name in cache else get(name)
+
     # each tensor is fetched once: popped, the two read ahead are dropped once used (quantized, with quantize)
-    return from_state_dict(args, lambda n: cache.pop(n) if n in cache else get(n), str(folder), quantize=quantize)
+    weights = from_state_dict(args, fetch, str(folder), quantize=quantize)
+    extra = sorted({name for state in states for name in state} - asked - {"rope.freqs"})  # Meta's RoPE table
+    if extra:
+        raise BabyLlamaError(f"{folder}: unexpected tensor {extra[0]} for a model of {args.n_layers} layers "
+                             f"({len(extra)} in all; does {params_path.name} describe these shards?)")
+    return weights
+
+
+def check_shard_numbers(folder: Path, shards: list[Path]) -> None:
+    """Meta's shards are consolidated.00.pth to consolidated.NN.pth, one per model-parallel rank: a missing or
+    stray one would be concatenated into matrices of the wrong size, and said as such."""
+    numbers = sorted(int(p.name.split(".")[1]) for p in shards if p.name.split(".")[1].isdigit())
+    if numbers != list(range(len(shards))):
+        names = ", ".join(p.name for p in shards)
+        raise BabyLlamaError(f"{folder}: the shards must be consolidated.00.pth to consolidated."
+                             f"{len(shards) - 1:02d}.pth, one per rank; found {names}")
 
 
 def _args_from_params(params: Fields, vocab: int, dim: int, max_seq_len: int | None, source: Path) -> ModelArgs:
