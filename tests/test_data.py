@@ -372,6 +372,26 @@ def test_ctrl_c_during_pretokenize_says_the_folder_is_unfinished(tmp_path, tok30
         f"interrupted: {tmp_path / 'out'} is unfinished (pretokenize.incomplete marks it); run the same command again")
 
 
+def test_a_failed_pretokenize_removes_the_folder_it_made_and_marks_one_it_found(tmp_path, tok300, monkeypatch):
+    """A run that fails after its first write (a full disk) leaves no folder it made (a marked, empty one was left
+    behind); a folder that was there stays, marked unfinished, as after an interruption."""
+    from babyllama.train import data
+
+    (tmp_path / "a.txt").write_text("A story.")
+
+    def full_disk(*args):
+        raise BabyLlamaError("cannot write tokenizer.bin: No space left on device")
+
+    monkeypatch.setattr(data, "_install_tokenizer", full_disk)  # after the shards, before meta.json
+    for out in (tmp_path / "new" / "shards", tmp_path / "old"):
+        if out.name == "old":
+            out.mkdir()
+        with pytest.raises(BabyLlamaError, match="No space left on device"):
+            pretokenize(tmp_path / "a.txt", tok300, out, workers=1)
+    assert not (tmp_path / "new" / "shards").exists() and (tmp_path / "new").is_dir()  # its parent was there
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["a.bin", "pretokenize.incomplete"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc")
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 def test_sigterm_or_ctrl_c_during_pretokenize_unwinds(tmp_path, tok300, how):

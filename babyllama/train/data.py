@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -290,21 +291,24 @@ def file_kind(path: Path, skip_bad_lines: bool = False, say_skipped: bool = Fals
 
 def pretokenize(input_path: str | os.PathLike, tokenizer: str | os.PathLike, out_dir: str | os.PathLike,
                 workers: int | None = None, batch_docs: int = 256, skip_bad_lines: bool = False,
-                max_tokens: int | None = None, word_weight: int = 1, exclude: str | os.PathLike | None = None) -> dict:
+                max_tokens: int | None = None, word_weight: int = 1, exclude: str | os.PathLike | None = None,
+                say_unfinished: bool = True) -> dict:
     """Encode every document of `input_path` (BOS first) into uint16 shards in `out_dir`, one per input
     file, using `workers` processes; chat .jsonl files become chat shards (see the module docstring), where
     `max_tokens` bounds a conversation's length. Malformed lines (and over-long conversations) stop it
     before anything is written, unless `skip_bad_lines`. `word_weight` > 1 weighs the tokens of requested
     words in chat replies (see the module docstring). Files in `exclude` (a folder inside `input_path`) are
-    left out. Returns the meta.json contents."""
+    left out. `say_unfinished`: an interruption says that the folder is unfinished (see _start_writing). Returns
+    the meta.json contents."""
     with contextlib.ExitStack() as held:  # the folder's lock, from the first write (_start_writing) to meta.json
         return _pretokenize(held, input_path, tokenizer, out_dir, workers, batch_docs, skip_bad_lines, max_tokens,
-                            word_weight, exclude)
+                            word_weight, exclude, say_unfinished)
 
 
 def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, tokenizer: str | os.PathLike,
                  out_dir: str | os.PathLike, workers: int | None, batch_docs: int, skip_bad_lines: bool,
-                 max_tokens: int | None, word_weight: int, exclude: str | os.PathLike | None) -> dict:
+                 max_tokens: int | None, word_weight: int, exclude: str | os.PathLike | None,
+                 say_unfinished: bool) -> dict:
     if not 1 <= word_weight <= 255:  # a mask byte holds it
         raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
 
@@ -343,7 +347,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     shards: dict[str, list[str]] = {"train": [], "val": []}
     n_tokens = 0
     if kind == CHAT:
-        _start_writing(out, held)
+        _start_writing(out, held, say_unfinished)
         for f, (ids, mask, offsets) in encoded.items():
             name = names[f]
             _write_chat_shard(out / name, ids, mask, offsets)
@@ -354,7 +358,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
         first = next(by_file, None)
         if first is None:
             raise BabyLlamaError(f"{root}: no documents to pretokenize")
-        _start_writing(out, held)
+        _start_writing(out, held, say_unfinished)
         # closed before an error leaves the block: the error line is the last one on stderr
         with progress_bar(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
                           desc="pretokenize") as bar, \
@@ -380,23 +384,31 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     return meta
 
 
-def _start_writing(out: Path, held: contextlib.ExitStack) -> None:
+def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool = True) -> None:
     """The shard folder, made, locked (two runs into one folder would mix their shards under the last one's
     meta.json), marked incomplete and without an earlier meta.json until this run writes its own: an interrupted
     run would leave an earlier meta.json describing shards it replaced, and without the mark a folder without
-    meta.json would read as llama2.c's shards (every .bin, old and new alike)."""
+    meta.json would read as llama2.c's shards (every .bin, old and new alike). A folder this run made goes again
+    when the run fails (a full disk); an interrupted run's stays marked, and says so (`say_unfinished`: unless the
+    caller removes it)."""
+    made = not out.exists()
     safeio.output_dir(out)
     held.enter_context(safeio.folder_lock(out, f"another pretokenize is writing {out}: wait for it to end, or "
                                                "choose another --out-dir"))
     safeio.write_text(out / INCOMPLETE, "babyllama data pretokenize is writing this folder, or was interrupted\n")
     (out / META).unlink(missing_ok=True)
 
-    def say_if_interrupted(kind, error, trace) -> None:  # the folder now reads as unfinished: say what to do
-        if kind is not None and issubclass(kind, (KeyboardInterrupt, Terminated)):
+    def clean_up(kind, error, trace) -> None:
+        if kind is None:
+            return
+        interrupted = issubclass(kind, (KeyboardInterrupt, Terminated))
+        if made and not interrupted:
+            shutil.rmtree(out, ignore_errors=True)
+        elif interrupted and say_unfinished:  # the folder reads as unfinished now: say what to do
             print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
                   file=sys.stderr, flush=True)
 
-    held.push(say_if_interrupted)
+    held.push(clean_up)
 
 
 def _without_blank_jsonl(files: list[Path]) -> list[Path]:

@@ -107,7 +107,8 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
         try:
             meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
                                max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight,
-                               exclude=cfg.out_dir)  # the run's own files, when it runs inside its data
+                               exclude=cfg.out_dir,  # the run's own files, when it runs inside its data
+                               say_unfinished=not made)  # a folder it made goes again (below)
             if meta.get("kind") == CHAT:  # refused now, not once the shards it wrote are read
                 check_validation_split(data_dir, meta["conversations"])
         except BaseException:  # refused data: no shards or tokenizer.bin left to pass for this run's
