@@ -100,6 +100,8 @@ def foreign_template_note(jinja: object, where: str) -> list[str]:
     which such a model was not tuned on. `where`: what holds it (a tokenizer_config.json, a GGUF file)."""
     if jinja is None or named_template(jinja) is not None:
         return []
+    if not isinstance(jinja, str):  # a number, or a list without a "default" template: no template at all
+        return [f"{where} has a chat_template that is no template ({type(jinja).__name__}): ignored"]
     return [f"{where} has its own chat_template, which babyllama does not run: chat and serve use Llama 2's "
             "[INST] template unless --chat-template or a model card names another"]
 

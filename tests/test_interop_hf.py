@@ -334,6 +334,11 @@ def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
     assert "chat_template" not in open_model(tmp_path).describe()  # Llama 2's: what chat and serve render
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
     assert "has its own chat_template, which babyllama does not run" in open_model(tmp_path).describe()
+    for value in (5, [{"name": "tool_use", "template": CHATML}]):  # no template: not said to be one
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": value}))
+        described = open_model(tmp_path).describe()
+        assert "does not run" not in described
+        assert f"has a chat_template that is no template ({type(value).__name__}): ignored" in described
 
 
 def test_an_export_keeps_the_chat_template_its_source_carries(tmp_path, tok512):
