@@ -892,10 +892,11 @@ def test_each_command_points_a_resume_of_the_others_run_to_it(tmp_path, capsys, 
     argv = [f"--{k}={v}" for k, v in settings(root, out, max_iters=2, eval_interval=2, eval_iters=1).items()]
     assert main(["finetune", *argv]) == 0
     capsys.readouterr()
-    assert main(["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=4"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"babyllama: error: {out} holds a fine-tuning run (base {root / 'base.bin'}): resume it with "
-                   f"babyllama finetune --init_from=resume --out_dir={out}"]
+    for extra in ([], [f"--data_dir={root / 'data'}"]):  # another setting given was refused as such instead
+        assert main(["train", "--init_from=resume", f"--out_dir={out}", "--max_iters=4", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"babyllama: error: {out} holds a fine-tuning run (base {root / 'base.bin'}): resume it with "
+                       f"babyllama finetune --init_from=resume --out_dir={out}"]
     pretrained = tmp_path / "pretrained"
     (pretrained / "ckpt.pt").parent.mkdir()
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
@@ -904,10 +905,11 @@ def test_each_command_points_a_resume_of_the_others_run_to_it(tmp_path, capsys, 
     for key in ("base", *FINETUNE_KEYS):  # a run from random weights, as `train` writes it
         ckpt["config"][key] = FIELDS[key].default
     torch.save(ckpt, pretrained / "ckpt.pt")
-    assert main(["finetune", "--init_from=resume", f"--out_dir={pretrained}", "--max_iters=4"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"babyllama: error: {pretrained} holds a run trained from random weights: resume it with "
-                   f"babyllama train --init_from=resume --out_dir={pretrained}"]
+    for extra in ([], ["--lora_rank=2"], [f"--base={root / 'base.bin'}"]):  # refused as a full fine-tune before
+        assert main(["finetune", "--init_from=resume", f"--out_dir={pretrained}", "--max_iters=4", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"babyllama: error: {pretrained} holds a run trained from random weights: resume it with "
+                       f"babyllama train --init_from=resume --out_dir={pretrained}"]
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

@@ -52,10 +52,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not asked.base and asked.init_from != "resume":  # said before the settings' checks (max_seq_len 0: the base's)
         raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
                              "--meta-llama DIR")
-    cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)
-    if not cfg.base:  # a resume takes the base its checkpoint names: none, a run from random weights
-        raise BabyLlamaError(f"{cfg.out_dir} holds a run trained from random weights: resume it with babyllama train "
-                             f"--init_from=resume --out_dir={cfg.out_dir}")
+    cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)  # refuses a run from random weights
+    if not cfg.base:  # a resume with --base= given empty over the checkpoint's
+        raise BabyLlamaError("finetune needs a base model: leave --base out to resume with the run's own")
     given = set(overrides) | (set(read_config_file(args.config)) if args.config else set())
     saved_at = train(cfg, given)["saved_at"]
     out = cfg.out_dir

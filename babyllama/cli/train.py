@@ -104,10 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # before the settings are checked, which would ask a base given here for fine-tuning's data
     if build_config(args.config, overrides, checked=False).base:
         raise_base_given()
-    cfg = resolve_config(args.config, overrides)
-    if cfg.base and cfg.init_from == "resume":
-        raise BabyLlamaError(f"{cfg.out_dir} holds a fine-tuning run (base {cfg.base}): resume it with babyllama "
-                             f"finetune --init_from=resume --out_dir={cfg.out_dir}")
+    cfg = resolve_config(args.config, overrides)  # a fine-tuning run's folder is refused there, with the command
     result = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0 and result["saved_at"] is None and not cfg.eval_only:
         print(no_checkpoint_text(cfg))

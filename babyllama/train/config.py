@@ -257,6 +257,7 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
         path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
         saved = checkpoint.load(path)
         checkpoint.check_resumable(saved, str(path))
+        check_resumed_command(cfg.out_dir, saved["config"], defaults is FINETUNE_DEFAULTS)
         resumed = build_config(config_file, overrides, resume_config=saved["config"], checked=False)
         if resumed.base:  # a LoRA run resumed as full fine-tuning keeps the run's lora_* keys: say that first
             check_resumed_mode(resumed, saved)
@@ -268,6 +269,17 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
         cfg.data_dir = f"data/tok{cfg.vocab_size}"
     check(cfg)
     return cfg
+
+
+def check_resumed_command(out_dir: str, saved: dict, finetune: bool) -> None:
+    """A run is resumed by the command that started it: `train` for a run from scratch, `finetune` for one from a
+    base model (which the checkpoint's config names), each told in the words of what the folder holds (the other
+    command's settings would otherwise be refused as if given on this command line)."""
+    if isinstance(saved, dict) and bool(saved.get("base")) != finetune:
+        what, command = ((f"a fine-tuning run (base {saved['base']})", "finetune") if saved.get("base") else
+                         ("a run trained from random weights", "train"))
+        raise BabyLlamaError(f"{out_dir} holds {what}: resume it with babyllama {command} --init_from=resume "
+                             f"--out_dir={out_dir}")
 
 
 def check_resumed_mode(cfg: TrainConfig, ckpt: dict) -> None:
