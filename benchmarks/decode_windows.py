@@ -3,12 +3,12 @@ within seconds (a `bench` row then meets several, and its figure and the probe's
 
 In one process: bench's bandwidth probe (every kernel thread reading 512 MiB), then a greedy decode of --tokens
 positions of each format's model (bench's cached random-weight files: FMT a .bin file, FMT.gguf the GGUF file
-llama.cpp reads; the default engine and threads), each
-followed by the probe again, for --seconds. A decode's GB/s is bench's (weight and KV-cache bytes a step reads
-times tok/s); it is compared with the probes just before and after it, and counted only where those two agree
-within --steady (the phase did not change under it). Prints a line per round, then per format and phase (fast:
-the probes at least --fast GB/s) the median share of the probe, and the tok/s ratio of each format to the first
-in rounds whose every probe was steady and in one phase.
+llama.cpp reads; the default engine and threads), each followed by the probe again, for --seconds. A decode's
+GB/s is bench's (weight and KV-cache bytes a step reads times tok/s); it is compared with the probes just before
+and after it, and counted only where those two agree within --steady (the phase did not change under it). Prints
+a line per round, then per format and phase (fast: the probes at least --fast GB/s, by default halfway between
+the probes' 10th and 90th percentiles) the median share of the probe, and the tok/s ratio of each format to the
+first in rounds whose every probe was steady and in one phase. BABYLLAMA_NATIVE_ARCH=avx2 times the AVX2 kernels.
 
     python benchmarks/decode_windows.py [--seconds 600] [--shape 110M] [--formats q8_0,q4_0] > windows.log
 """
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--steady", type=float, default=0.10, help="largest relative gap of the two probes around a decode")
     ap.add_argument("--fast", type=float, default=0.0, help="GB/s from which a probe is the fast phase "
-                    "(default: 1.25x the median probe)")
+                    "(default: halfway between the probes' 10th and 90th percentiles)")
     a = ap.parse_args()
     check_args(a)
 
@@ -115,7 +115,9 @@ def summary(rounds: list, formats: list[str], steady: float, fast: float = 0.0) 
     of the mean of the probes around each (decodes between steady probes only); per format after the first,
     its tok/s over the first's in rounds whose probes were all steady and in one phase."""
     probes = [r[0] for r in rounds] + [d[3] for r in rounds for d in r[1:]]
-    fast = fast or 1.25 * statistics.median(probes)
+    if not fast:  # between the two phases' speeds, whichever the machine spent more of the run in
+        deciles = statistics.quantiles(probes, n=10) if len(probes) > 1 else probes * 9
+        fast = (deciles[0] + deciles[-1]) / 2
     lines = [f"{len(rounds)} rounds, {len(probes)} probes: median {statistics.median(probes):.1f} GB/s, "
              f"{sum(p >= fast for p in probes)} at or above {fast:.1f} (fast phase)"]
     shares: dict[tuple[str, str], list[float]] = {}

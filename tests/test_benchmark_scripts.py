@@ -95,6 +95,8 @@ def test_decode_windows_compares_a_decode_only_with_steady_probes_of_its_own_pha
     assert "b slow: 1 decodes between steady probes, 100% of the probe (range 100-100%)" in lines
     assert "b / a tok/s, fast rounds with steady probes: median 1.60x over 1 (range 1.60-1.60)" in lines
     assert "b / a tok/s, slow rounds with steady probes: median 1.90x over 1 (range 1.90-1.90)" in lines
+    assert decode_windows.summary(rounds, ["a", "b"], steady=0.1)[0] == (  # the line: between 30 and 60
+        "3 rounds, 9 probes: median 60.0 GB/s, 5 at or above 45.0 (fast phase)")
     assert decode_windows.phase([30.0, 40.0], 0.1, 45.0) is None
     assert decode_windows.phase([44.0, 46.0], 0.1, 45.0) is None  # steady, but on both sides of the line
 
