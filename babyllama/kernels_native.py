@@ -77,24 +77,26 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # 128) stay on sgemm there. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout: per group size, the
-# shortest weight rows it takes them from. Two Zen 4 cores (256 tokens, the two routes alternating in one
-# process, medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 768 x 768 to 2304 x 768 and 0.94-1.00x
-# on rows of 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512
-# values (512 x 1536, 1376 x 512, 768 x 2048, ...; 42M's whole prompt 1.18-1.25x as fast), rows of 288 0.89-0.95x
-# and of 128 and 352 0.68-0.92x, but whole prompts with those rows on int8 too were no faster (15M: 9,579 and
-# 7,608 tok/s against 9,676 and 7,639 with its w2 alone there; the built-in model's 28,332 and 26,000 against
-# 28,387 and 26,610 all on sgemm), so they stay on sgemm.
-# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts: they stay on sgemm.
-INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 512}}
+# shortest weight rows it takes them from. A model whose every product takes it computes a prompt's rows as
+# decoding each token alone does, so prefilling in chunks (--chunk, a prefix from a server slot's cache) gives
+# the numbers of one whole prefill. Two Zen 4 cores (256 tokens, the two routes alternating in one process,
+# medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 768 x 768 to 2304 x 768 and 0.94-1.00x on rows of
+# 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512 values (42M's
+# whole prompt 1.18-1.25x as fast), and with rows of 288, 128 and 352 too, 256-token prompts (alternating
+# processes, three each) of 15M 8,645-8,888 tok/s against 7,687-7,825 with those on sgemm and the built-in
+# model's 36,119-36,428 against 33,350-33,612.
+# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts (Zen 3): they stay on sgemm.
+INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
 # shortest rows it takes them from. Two Zen 4 cores, 256-token prompts of GGUF Q8_0 files, the two routes
 # alternating in one process (medians of 7): 110M 1.72-1.83x as fast, 42M 1.63x, 15M 1.31-1.41x; the built-in
-# model's (rows of 128 and 352) 0.89-0.94x, with its rows of 128 on sgemm 1.03x. AVX2 (`maddubs`) on two Zen 3
-# cores, the same way: 110M 1.15-1.19x as fast, 42M 1.11-1.17x; 15M 0.99-1.04x with every matrix on int8 and
-# 1.08-1.11x with its w2 alone there (rows of 768; its others are 288 long), so from rows of 512. AVX2 with VNNI
-# (avx2-vnni; not measured) runs the same sums in fewer instructions. Blocks not regrouped (their values gathered
-# out of 34-byte blocks first) took 1.08-1.22x sgemm's time: they stay there.
-INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 256, "avx2": 512, "avx2-vnni": 512}
+# model's (rows of 128 and 352) 35,134-35,542 tok/s against 34,236-34,994 with its rows of 128 on sgemm
+# (alternating processes, three each). AVX2 (`maddubs`) on two Zen 3 cores, the same way: 110M 1.15-1.19x as fast,
+# 42M 1.11-1.17x; 15M 0.99-1.04x with every matrix on int8 and 1.08-1.11x with its w2 alone there (rows of 768;
+# its others are 288 long), so from rows of 512. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in
+# fewer instructions. Blocks not regrouped (their values gathered out of 34-byte blocks first) took 1.08-1.22x
+# sgemm's time: they stay there.
+INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 512}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16 = range(8)
 DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32

@@ -211,3 +211,42 @@ def test_after_a_shift_the_penalties_count_every_generated_token_the_window_hold
         batch.step()
         assert seq.generated == seq.tokens[len(prompt):]  # the prompt stays whole: every later token was generated
     assert seq.n_dropped > 0
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q8_0.gguf", "q4_0.gguf"])
+def test_quantized_prompts_give_the_same_numbers_in_any_chunks_on_avx512_vnni(kind, tmp_path):
+    """On AVX-512 VNNI builds every quantized product of a prompt runs the int8 decode kernel, whose rows do not
+    depend on the call's token count: a prompt prefilled whole, in chunks, or after a prefix from a slot's cache
+    gives bit for bit the same logits (the built-in chat model: runq.c's groups of 32 on rows of 128 and 352, and
+    its GGUF exports' llama.cpp blocks), so a server's answer does not depend on what its slots held."""
+    from conftest import run_cli
+
+    from babyllama import api, kernels_native
+    from babyllama.loading import BUILTIN_CHAT
+
+    native = kernels_native.load()
+    if native is None or native.isa() != "avx512-vnni":
+        pytest.skip("the int8 prompt kernel for every quantized row takes an AVX-512 VNNI build")
+    path = BUILTIN_CHAT
+    if kind.endswith(".gguf"):
+        path = tmp_path / "chat.gguf"
+        proc = run_cli("export", str(path), "--model", str(BUILTIN_CHAT), "--dtype", kind.split(".")[0])
+        assert proc.returncode == 0, proc.stderr.decode()
+    engine = api.load(str(path)).engine
+    tokens = [1, *np.random.default_rng(3).integers(3, 512, 120).tolist()]
+    whole = engine.forward(tokens, range(len(tokens)), engine.new_cache(), logits="all")
+    for split in ([20], [100], [120], [7, 50]):
+        cache, start, rows = engine.new_cache(), 0, []
+        for end in [*split, len(tokens)]:
+            rows.append(engine.forward(tokens[start:end], range(start, end), cache, logits="all"))
+            start = end
+        np.testing.assert_array_equal(np.concatenate(rows), whole)
+    batch = Batch(engine, 2, prefix_min=16)  # a prefix from another sequence's cache, then greedy decoding
+    first = batch.add(Sequence(tokens[:60] + [5, 6, 7], Sampler(0.0), 200, max_new=3))
+    run_all(batch, [first])
+    batch.release(first)
+    second = batch.add(Sequence(list(tokens), Sampler(0.0), 200, max_new=10))
+    assert second.n_reused == 60
+    rows = run_all(batch, [second])[0]
+    assert second.generated == list(generate(engine, tokens, 200, Sampler(0.0), max_new=10))
+    np.testing.assert_array_equal(rows[0], whole[-1])

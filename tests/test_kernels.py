@@ -1281,9 +1281,8 @@ def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monke
 
 @pytest.mark.parametrize("sgemm", [True, False])
 def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """runq.c-layout Q8_0 goes to the int8 kernel on AVX-512 VNNI builds in groups of 64, and in groups of 32 from
-    rows of 512 values (each row of the prompt bit for bit what decoding its token alone gives); shorter rows of
-    groups of 32, and every other build, stay on sgemm, within float rounding of it."""
+    """runq.c-layout Q8_0 goes to the int8 kernel on AVX-512 VNNI builds (each row of the prompt bit for bit what
+    decoding its token alone gives); every other build stays on sgemm, within float rounding of it."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     min_cols = kernels_native.INT8_Q8_PROMPT_MIN_COLS.get(native.isa(), {})
     for gs, cols in ((32, 256), (32, 512), (64, 256)):
@@ -1300,10 +1299,9 @@ def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(nativ
 
 @pytest.mark.parametrize("sgemm", [True, False])
 def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
-    """llama.cpp's Q8_0 blocks, regrouped, go to the int8 kernel on AVX-512 VNNI builds from rows of 256 values
-    and on AVX2 builds from rows of 512 (each row of the prompt bit for bit what decoding its token alone
-    gives); shorter rows, blocks not regrouped and every other build stay on sgemm, within float rounding of
-    it."""
+    """llama.cpp's Q8_0 blocks, regrouped, go to the int8 kernel on AVX-512 VNNI builds and on AVX2 builds from
+    rows of 512 (each row of the prompt bit for bit what decoding its token alone gives); shorter rows there,
+    blocks not regrouped and every other build stay on sgemm, within float rounding of it."""
     monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
     min_cols = kernels_native.INT8_Q8R_PROMPT_MIN_COLS.get(native.isa())
     for cols, regroup in ((128, True), (288, True), (768, True), (768, False)):
