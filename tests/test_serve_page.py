@@ -110,11 +110,21 @@ def test_chat_page_shows_a_reply_growing_as_it_streams(browser, tmp_path):
         page = open_page(browser, server)
         greedy_storyteller(page)
         page.fill("#max-tokens", "400")
+        page.evaluate("""() => {  // the token counts the tokens/s figure was computed from, in order
+            window.counts = [];
+            new MutationObserver(() => window.counts.push(+document.getElementById('speed').dataset.tokens))
+                .observe(document.getElementById('speed'), {attributes: true, attributeFilter: ['data-tokens']});
+        }""")
         streamed = send_and_read_stream(page, "Hello")
         pieces = [piece for piece in streamed if piece]
         assert len(pieces) > 1 and all(len(piece) < len("".join(pieces)) for piece in pieces)
         assert page.evaluate("window.updates") > 1
         assert page.text_content(".msg.assistant") == "".join(streamed)
+        # counted from the chunks' tokens while it streamed (a chunk carries every token since the last one), so
+        # the live count reaches the usage's 400 before the usage says so
+        counts = page.evaluate("window.counts")
+        assert len(counts) > 2 and counts == sorted(counts) and counts[-2:] == [400, 400]
+        assert "tokens/s" in page.text_content("#speed")
         page.close()
     finally:
         server.stop()
@@ -333,7 +343,8 @@ def test_the_sampling_controls_are_sent_as_serve_s_request_fields(browser):
         page.fill("#max-tokens", "60")
         prompt = "Tell me a story about a cat."
         send_and_read_stream(page, prompt)
-        assert set(sent[-1]) == {"messages", "stream", "temperature", "top_p", "max_tokens", "stream_options"}
+        assert set(sent[-1]) == {"messages", "stream", "temperature", "top_p", "max_tokens", "stream_options",
+                                 "logprobs"}  # a chunk's tokens, which the tokens/s figure counts
         plain = page.text_content(".msg.assistant")
 
         page.click("#clear")

@@ -129,7 +129,8 @@ async function postConversation(signal, maxTokens) {
       method: "POST", headers: headers(), signal,
       body: JSON.stringify({messages, stream: true, temperature: +$("temperature").value,
                             top_p: +$("top-p").value, max_tokens: maxTokens,
-                            ...controls(), stream_options: {include_usage: true}}),
+                            ...controls(), stream_options: {include_usage: true},
+                            logprobs: true}),  // a chunk's tokens, one entry each: the live tokens/s counts them
     });
     if (r.ok) return {r, dropped};
     const error = await errorOf(r);
@@ -165,7 +166,9 @@ async function send(text) {
   controller = new AbortController();
   if (document.activeElement === $("send")) $("prompt").focus();  // disabled, it would leave the focus nowhere
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
-  let reply = "", tokens = 0, chunks = 0, first = null, reason = null, failed = false, complete = false;
+  // counted: tokens so far (a chunk carries every token that came since the last one); atFirst: those that came
+  // with the first text, before the clock of the tokens/s figure starts
+  let reply = "", tokens = 0, counted = 0, atFirst = 0, first = null, reason = null, failed = false, complete = false;
   const maxTokens = +$("max-tokens").value || undefined;  // none: the rest of the context
   const notes = [];  // what the status line says of this turn
   try {
@@ -191,19 +194,19 @@ async function send(text) {
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
         for (const c of chunk.choices) {
+          if (c.logprobs && c.logprobs.content) counted += c.logprobs.content.length;
           if (c.delta && c.delta.content) {
-            if (first === null) { first = performance.now(); endHint(); }
-            chunks += 1;
+            if (first === null) { first = performance.now(); atFirst = counted; endHint(); }
             reply += c.delta.content;
             follow(() => { out.textContent = reply; });
           }
           if (c.finish_reason) reason = c.finish_reason;
         }
-        if (first !== null && chunks > 1) showSpeed(chunks - 1, first);
+        if (first !== null && counted > atFirst) showSpeed(counted - atFirst, first, counted);
       }
     }
     if (!complete) throw new Error(LOST);  // the answer ends with [DONE]: a server killed mid-reply sends none
-    if (first !== null && tokens > 1) showSpeed(tokens - 1, first);
+    if (first !== null && tokens > atFirst) showSpeed(tokens - atFirst, first, tokens);
   } catch (e) {
     if (e.name === "AbortError") reason = "stopped";
     else { failed = true; out.className = "msg error"; out.textContent = "Error: " + e.message; }
@@ -241,10 +244,12 @@ function hintWhileWaiting(out) {
   return () => { clearTimeout(timer); delete out.dataset.hint; };
 }
 
-// tokens after the first over the time since it came (a streamed chunk carries one token's text)
-function showSpeed(n, since) {
+// the n tokens after those that came with the first text, over the time since it came; `total`: the reply's
+// tokens so far (data-tokens, for tests)
+function showSpeed(n, since, total) {
   const s = (performance.now() - since) / 1000;
   if (s > 0) $("speed").textContent = (n / s).toFixed(1) + " tokens/s";
+  $("speed").dataset.tokens = total;
 }
 
 $("composer").addEventListener("submit", (e) => {
