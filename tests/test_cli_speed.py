@@ -54,6 +54,19 @@ def test_a_draft_with_a_shorter_context_drafts_while_it_lasts(stories260k, tok51
     assert b"(100.0%)" in proc.stderr
 
 
+def test_mmap_flags_are_the_models_and_leave_a_gguf_draft_alone(stories260k, tok512, tmp_path):
+    """--mmap / --no-mmap choose how the .bin model is read; a GGUF draft (always mapped) is read its own way,
+    not refused for the model's flag."""
+    pytest.importorskip("gguf")
+    draft = tmp_path / "draft.gguf"
+    proc = run_cli("export", str(draft), "--model", str(stories260k), "--tokenizer", str(tok512))
+    assert proc.returncode == 0, proc.stderr.decode()
+    for flag in ("--mmap", "--no-mmap"):
+        proc = run(stories260k, tok512, *GREEDY, flag, "--draft", str(draft), "--draft-k", "3")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == golden("s260k_t0_n200.txt")
+
+
 def test_quantize_reaches_the_draft_model(stories260k, tok512):
     """`--quantize` quantizes the `--draft` model too (read once from its file, like the model itself): the Q8_0
     model as its own draft is the Q8_0 model's greedy output, every draft accepted."""

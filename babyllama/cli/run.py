@@ -194,10 +194,12 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     """The --draft model's engine. A draft whose own tokenizer (beside it, or inside it) is not the model's
     `tokenizer` is refused: its ids would stand for other pieces, and nearly every drafted token be rejected."""
     from ..api import make_engine
-    from ..loading import carried_tokenizer, open_model
+    from ..loading import carried_tokenizer, detect_format, open_model
     from ..tokenizer import TOKENIZER_HINT
 
-    source = open_model(args.draft, mmap=args.mmap, quantize=args.quantize, convert_other_types=args.device == "numpy")
+    # --mmap / --no-mmap are the model's; a draft in another format than .bin is read its own way (not refused)
+    mmap = args.mmap if detect_format(args.draft) == "bin" else None
+    source = open_model(args.draft, mmap=mmap, quantize=args.quantize, convert_other_types=args.device == "numpy")
     try:
         own = carried_tokenizer(source)
     except BabyLlamaError as e:  # its hint (-z) would set the model's tokenizer, not the draft's
