@@ -30,7 +30,12 @@ python3 -m babyllama train --data_dir="$TRAIN_DATA" --out_dir=/tmp/babyllama-gpu
 # train.py reads data/TinyStories_all_data/*.bin under its working folder: the first shard is its validation split
 work=$(mktemp -d); mkdir -p "$work/data/TinyStories_all_data"
 cp "$LLAMA2C"/{train,model,tinystories,export,configurator,tokenizer}.py "$work"
-ln -s "$(realpath "$TRAIN_DATA")/valid.bin" "$work/data/TinyStories_all_data/data00.bin"
-ln -s "$(realpath "$TRAIN_DATA")/train.bin" "$work/data/TinyStories_all_data/data01.bin"
+# the shards `babyllama data pretokenize` wrote, as its meta.json lists them: a validation one first, then the rest
+i=0
+for shard in $(python3 -c "import json, sys; s = json.load(open(sys.argv[1]))['shards']; print(*s['val'][:1], *s['train'])" \
+               "$TRAIN_DATA/meta.json"); do
+    ln -s "$(realpath "$TRAIN_DATA")/$shard" "$work/data/TinyStories_all_data/data$(printf %02d $i).bin"
+    i=$((i + 1))
+done
 (cd "$work" && python3 train.py --device=cuda --out_dir=/tmp/llama2c-gpu-train --vocab_source=llama2 \
     --vocab_size=32000 "${steps[@]}") 2>&1 | tee "$out/train_llama2c.txt"

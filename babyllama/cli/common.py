@@ -62,9 +62,9 @@ def add_kv_cache(p: argparse.ArgumentParser) -> None:
                         "Q4_0), f32 for fp32 ones, whose output then stays run.c's exactly (auto)")
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False) -> None:
+def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False, chat_mode: bool = False) -> None:
     """run.c's generation flags (short forms) with the long names people type; `per_reply`: chat's -n and
-    --max-new-tokens, which budget each reply."""
+    --max-new-tokens, which budget each reply; `chat_mode`: run's, whose -m chat budgets replies so."""
     p.add_argument("-t", "--temperature", dest="temperature", type=float, default=1.0,
                    help="temperature, 0 = greedy (1.0)")
     p.add_argument("-p", "--top-p", dest="topp", type=float, default=0.9,
@@ -79,8 +79,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False) -> N
                        help="the same as -n (the name `run` and the server use)")
     else:
         p.add_argument("-n", "--steps", dest="steps", type=int, default=None,
-                       help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS}); with "
-                            "-m chat, tokens per reply")
+                       help=f"positions to run, prompt included (run.c's meaning), 0 = seq_len ({DEFAULT_STEPS})"
+                            + ("; with -m chat, tokens per reply" if chat_mode else ""))
         p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=None, metavar="N",
                        help="generate at most N tokens after the prompt (-n then defaults to seq_len)")
     p.add_argument("-i", "--prompt", dest="prompt", default=None,

@@ -40,7 +40,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text or chat with a model (run.c's flags)",
                        description="Generate text from a model, like llama2.c's ./run.")
     add_model_flags(p, default="the built-in story model, or with -m chat the built-in chat model")
-    add_sampling_flags(p)
+    add_sampling_flags(p, chat_mode=True)
     p.add_argument("-m", "--mode", dest="mode", choices=("generate", "chat"), default="generate",
                    help="generate (continue the prompt) or chat (as `babyllama chat`: -i is the first user turn, "
                         "the others come from stdin, -n budgets each reply) (generate)")

@@ -2,9 +2,11 @@
 
 Settings that keep the tokenizer run.c-compatible: BPE with byte fallback (any byte is encodable), split
 digits, identity normalization, control tokens <unk>=0, <s>=1, </s>=2, and the dummy-prefix space that
-run.c/babyllama's encoder add. One deliberate change from llama2.c: remove_extra_whitespaces is off (as in
+run.c/babyllama's encoder add. Two deliberate changes from llama2.c: remove_extra_whitespaces is off (as in
 Meta's Llama 2 tokenizer), so sentencepiece's encoding of pretokenized text equals the tokenizer.bin
-encoder's (babyllama.tokenizer), which never collapses whitespace.
+encoder's (babyllama.tokenizer), which never collapses whitespace; and lines up to MAX_LINE_BYTES are learned
+from (sentencepiece's default, which tinystories.py keeps, skips lines over 4192 bytes: a corpus of one long
+line per document then trains on its short ones only).
 """
 
 from __future__ import annotations
