@@ -84,7 +84,9 @@ INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512 values (42M's
 # whole prompt 1.18-1.25x as fast), and with rows of 288, 128 and 352 too, 256-token prompts (alternating
 # processes, three each) of 15M 8,645-8,888 tok/s against 7,687-7,825 with those on sgemm and the built-in
-# model's 36,119-36,428 against 33,350-33,612.
+# model's 36,119-36,428 against 33,350-33,612. Other group sizes (16, 8, 4: models of odd widths) have only the
+# scalar int8 rows (stories260K's groups of 4: 256-token prompts ~7,900 tok/s against ~38,000 on sgemm): they stay
+# on sgemm.
 # AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts (Zen 3): they stay on sgemm.
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
