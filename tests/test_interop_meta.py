@@ -54,6 +54,20 @@ def test_meta_import_matches_model(tmp_path):
 
 
 
+def test_shards_are_joined_by_rank_with_or_without_leading_zeros(tmp_path):
+    """Eleven shards named consolidated.0.pth to consolidated.10.pth: by name "10" sorts before "2", and the
+    matrices were joined in that order without a word."""
+    from babyllama.interop.meta import load_meta
+
+    args = tiny_args(dim=88, n_heads=11, n_kv_heads=11, hidden_dim=176, vocab_size=528, n_layers=1)
+    w = random_weights(args, seed=3, scale=0.2)
+    folder = save_meta(w, tmp_path / "eleven", 11)
+    want = engine_logits(load_meta(folder), TOKENS)
+    for shard in folder.glob("consolidated.*.pth"):
+        shard.rename(shard.with_name(f"consolidated.{int(shard.name.split('.')[1])}.pth"))
+    np.testing.assert_array_equal(engine_logits(load_meta(folder), TOKENS), want)
+
+
 def test_shards_in_torchs_format_before_its_zip_are_read(tmp_path):
     """Shards torch.save wrote before PyTorch 1.6 (one pickle, which cannot be memory-mapped) are read into memory."""
     from babyllama.interop.meta import load_meta

@@ -71,7 +71,7 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     if not os.path.lexists(params_path):
         raise BabyLlamaError(f"{params_path}: missing (not a Meta checkpoint directory?)")
     safeio.check_regular(params_path, "params.json")
-    shards = sorted(folder.glob("consolidated.*.pth"))
+    shards = sorted(folder.glob("consolidated.*.pth"), key=_shard_number)  # by rank: "10" after "9", not "1"
     if not shards:
         raise BabyLlamaError(f"{folder}: no consolidated.*.pth shards")
     check_shard_numbers(folder, shards)
@@ -125,10 +125,17 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     return weights
 
 
+def _shard_number(path: Path) -> tuple[int, str]:
+    """A shard's rank (consolidated.RANK.pth), -1 for a name without one (refused by check_shard_numbers)."""
+    rank = path.name.split(".")[1]
+    return (int(rank) if rank.isdigit() else -1, path.name)
+
+
 def check_shard_numbers(folder: Path, shards: list[Path]) -> None:
-    """Meta's shards are consolidated.00.pth to consolidated.NN.pth, one per model-parallel rank: a missing or
-    stray one would be concatenated into matrices of the wrong size, and said as such."""
-    numbers = sorted(int(p.name.split(".")[1]) for p in shards if p.name.split(".")[1].isdigit())
+    """Meta's shards are consolidated.00.pth to consolidated.NN.pth, one per model-parallel rank: a gap or a
+    name without a rank would be concatenated into matrices of the wrong size, and said as such. (A missing or
+    extra last rank leaves no gap: the tensors' sizes against params.json tell that one.)"""
+    numbers = [_shard_number(p)[0] for p in shards]
     if numbers != list(range(len(shards))):
         names = ", ".join(p.name for p in shards)
         raise BabyLlamaError(f"{folder}: the shards must be consolidated.00.pth to consolidated."
