@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -390,14 +390,15 @@ def builtin_model() -> Path:
     return BUILTIN_MODEL
 
 
-def model_card(checkpoint: str | None, strict: bool = False) -> dict:
+def model_card(checkpoint: str | None, strict: Collection[str] = ()) -> dict:
     """The model's card, if any: its name and chat template. The built-in model's; for a model file NAME.EXT the
     NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
     model folder its model.json; for a training checkpoint (its folder or the checkpoint file however named) its
     run folder's model.json. A card that is there but does not read as an object, or whose name or chat_template
     is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models gave
-    clients), is an error with `strict` (chat and serve, which would otherwise run another template than the card
-    meant without a word), else skipped."""
+    clients), is skipped, unless a field the caller takes from it is named in `strict` (chat's chat_template,
+    serve's and its name where no flag gives them, which would otherwise be replaced without a word): then it is
+    an error."""
     if checkpoint is None:
         path = BUILTIN_CARD
     elif Path(checkpoint).is_dir():
@@ -416,9 +417,10 @@ def model_card(checkpoint: str | None, strict: bool = False) -> dict:
         return {}
     fields = {key: card[key] for key in ("name", "chat_template") if key in card}
     bad = [key for key, value in fields.items() if not (isinstance(value, str) and value)]
-    if bad and strict:
-        raise BabyLlamaError(f"{path}: the model card's {bad[0]} must be a non-empty string, not "
-                             f"{json.dumps(fields[bad[0]])[:40]}")
+    refused = [key for key in bad if key in strict]
+    if refused:
+        raise BabyLlamaError(f"{path}: the model card's {refused[0]} must be a non-empty string, not "
+                             f"{json.dumps(fields[refused[0]])[:40]}")
     return {key: value for key, value in fields.items() if key not in bad}
 
 

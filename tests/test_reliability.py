@@ -216,7 +216,7 @@ def test_a_named_pipe_as_the_model_card_is_not_waited_on(tmp_path):
         cards.extend(model_card(str(tmp_path / d)) for d in ("", "bad"))
         for d in ("", "bad"):
             try:
-                model_card(str(tmp_path / d), strict=True)
+                model_card(str(tmp_path / d), strict=("chat_template",))
             except BabyLlamaError as e:
                 errors.append(str(e))
 
@@ -243,16 +243,42 @@ def test_model_card_fields_of_the_wrong_type_are_skipped_or_refused(tmp_path, ca
     (tmp_path / "good.json").write_text('{"name": "story", "chat_template": "llama2", "params": 3}')
     assert model_card(str(tmp_path / "m.bin")) == {}
     assert model_card(str(tmp_path / "good.bin")) == {"name": "story", "chat_template": "llama2"}
-    assert model_card(str(tmp_path / "good.bin"), strict=True) == {"name": "story", "chat_template": "llama2"}
-    assert model_card(str(tmp_path / "none.bin"), strict=True) == {}
+    both = ("name", "chat_template")
+    assert model_card(str(tmp_path / "good.bin"), strict=both) == {"name": "story", "chat_template": "llama2"}
+    assert model_card(str(tmp_path / "none.bin"), strict=both) == {}
     with pytest.raises(BabyLlamaError, match="m.json: "):
-        model_card(str(tmp_path / "m.bin"), strict=True)
+        model_card(str(tmp_path / "m.bin"), strict=both)
     model, tok = tiny
     shutil.copy(model, tmp_path / "m.bin")
     shutil.copy(tok, tmp_path / "tokenizer.bin")
     assert run_limited(["run", str(tmp_path / "m.bin"), "-n", "4"], GIB, timeout=60).returncode == 0
-    for argv in (["chat", str(tmp_path / "m.bin"), "-n", "4"], ["serve", str(tmp_path / "m.bin"), "--port", "0"]):
-        one_line_error(run_limited(argv, TORCH_AS, timeout=60, stdin=b"hi\n"), "m.json: ")
+    chat = run_limited(["chat", str(tmp_path / "m.bin"), "-n", "4"], TORCH_AS, timeout=60, stdin=b"hi\n")
+    if "chat_template" in card or card.endswith(",}"):  # what chat reads from it
+        one_line_error(chat, "m.json: ")
+    else:
+        assert chat.returncode == 0, chat.stderr.decode()
+    one_line_error(run_limited(["serve", str(tmp_path / "m.bin"), "--port", "0"], TORCH_AS, timeout=60), "m.json: ")
+
+
+def test_a_card_field_a_flag_replaces_is_not_refused(tmp_path, tiny):
+    """A broken card field that a flag gives instead (--chat-template for chat), or that the command does not read
+    (chat reads no name), is no reason to refuse: only what would be replaced without a word is."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.loading import model_card
+
+    model, tok = tiny
+    shutil.copy(model, tmp_path / "m.bin")
+    shutil.copy(tok, tmp_path / "tokenizer.bin")
+    (tmp_path / "m.json").write_text('{"name": 5, "chat_template": ["llama2"]}')
+    with pytest.raises(BabyLlamaError, match="card's name must be a non-empty string"):
+        model_card(str(tmp_path / "m.bin"), strict=("name",))
+    assert model_card(str(tmp_path / "m.bin"), strict=()) == {}
+    proc = run_limited(["chat", str(tmp_path / "m.bin"), "-n", "4", "--chat-template", "llama2"], TORCH_AS,
+                       timeout=60, stdin=b"hi\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    (tmp_path / "m.json").write_text('{"name": 5, "chat_template": "llama2"}')  # chat reads no name
+    proc = run_limited(["chat", str(tmp_path / "m.bin"), "-n", "4"], TORCH_AS, timeout=60, stdin=b"hi\n")
+    assert proc.returncode == 0, proc.stderr.decode()
 
 
 class _Drip(BaseHTTPRequestHandler):

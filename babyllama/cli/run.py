@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mode == "chat":  # the flag's, else the one the model was tuned on (its card's): checked before loading
         from ..loading import builtin_chat_model, model_card
 
-        template = chat_template(args, model_card(args.checkpoint or str(builtin_chat_model()), strict=not args.lora))
+        needed = () if args.lora or args.chat_template else ("chat_template",)  # what the card is read for
+        template = chat_template(args, model_card(args.checkpoint or str(builtin_chat_model()), strict=needed))
     elif args.chat_template is not None:
         raise BabyLlamaError("--chat-template is for chat (-m chat)")
     model = load_model(args)

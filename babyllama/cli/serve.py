@@ -130,7 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..engine import kv_cache_name
     from ..loading import model_card
 
-    card = model_card(args.checkpoint, strict=not args.lora)  # with an adapter, not the base's card
+    # what the card is read for: neither with an adapter (its own name, Llama 2's template), nor what a flag gives
+    needed = [] if args.lora else [key for key, flag in (("chat_template", args.chat_template),
+                                                          ("name", args.model_name)) if not flag]
+    card = model_card(args.checkpoint, strict=needed)
     template = chat_template(args, card)  # an unknown name is a one-line error now, not a 400 on every chat request
     model = load(args.checkpoint, args.tokenizer, quantize=args.quantize, lora=args.lora, kv_cache=args.kv_cache)
     name = args.model_name or served_name(args.checkpoint, args.lora, card)
