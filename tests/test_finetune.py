@@ -277,6 +277,16 @@ def test_chat_without_a_model_says_the_adapter_needs_its_base_named(tmp_path):
     assert proc.returncode == 0 and b"Assistant:" in proc.stdout, proc.stderr.decode()
 
 
+def test_a_resume_with_an_empty_base_says_to_leave_it_out(lora_run, capsys):
+    """`--base=` on a resume would replace the run's own base: said so, not "lora_rank needs a base model"."""
+    from babyllama.cli import main
+
+    root = lora_run[0]
+    assert main(["finetune", "--init_from=resume", f"--out_dir={root / 'lora'}", "--base="]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "babyllama: error: finetune needs a base model: leave --base out to resume with the run's own")
+
+
 def test_a_lora_run_folder_given_as_the_model_names_its_base(lora_run):
     root, _, _ = lora_run
     for argv in (["run", str(root / "lora"), "-n", "4"], ["export", str(root / "m.bin"), "--checkpoint",

@@ -53,8 +53,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise BabyLlamaError("finetune needs a base model: --base=MODEL (checkpoint, .bin, .gguf), --hf DIR or "
                              "--meta-llama DIR")
     cfg = resolve_config(args.config, overrides, defaults=FINETUNE_DEFAULTS)  # refuses a run from random weights
-    if not cfg.base:  # a resume with --base= given empty over the checkpoint's
-        raise BabyLlamaError("finetune needs a base model: leave --base out to resume with the run's own")
     given = set(overrides) | (set(read_config_file(args.config)) if args.config else set())
     saved_at = train(cfg, given)["saved_at"]
     out = cfg.out_dir

@@ -259,6 +259,8 @@ def resolve_config(config_file: str | None = None, overrides: dict | None = None
         checkpoint.check_resumable(saved, str(path))
         check_resumed_command(cfg.out_dir, saved["config"], defaults is FINETUNE_DEFAULTS)
         resumed = build_config(config_file, overrides, resume_config=saved["config"], checked=False)
+        if defaults is FINETUNE_DEFAULTS and not resumed.base:  # --base= given empty over the checkpoint's
+            raise BabyLlamaError("finetune needs a base model: leave --base out to resume with the run's own")
         if resumed.base:  # a LoRA run resumed as full fine-tuning keeps the run's lora_* keys: say that first
             check_resumed_mode(resumed, saved)
         check(resumed)
