@@ -383,12 +383,14 @@ def test_a_failed_pretokenize_removes_the_folder_it_made_and_marks_one_it_found(
         raise BabyLlamaError("cannot write tokenizer.bin: No space left on device")
 
     monkeypatch.setattr(data, "_install_tokenizer", full_disk)  # after the shards, before meta.json
-    for out in (tmp_path / "new" / "shards", tmp_path / "old"):
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "shards", tmp_path / "kept" / "shards", tmp_path / "old"):
         if out.name == "old":
             out.mkdir()
         with pytest.raises(BabyLlamaError, match="No space left on device"):
             pretokenize(tmp_path / "a.txt", tok300, out, workers=1)
-    assert not (tmp_path / "new" / "shards").exists() and (tmp_path / "new").is_dir()  # its parent was there
+    assert not (tmp_path / "new").exists()  # nor the parent it made
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "shards").exists()  # one it found stays
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["a.bin", "pretokenize.incomplete"]
 
 

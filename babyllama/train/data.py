@@ -391,7 +391,7 @@ def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool =
     meta.json would read as llama2.c's shards (every .bin, old and new alike). A folder this run made goes again
     when the run fails (a full disk); an interrupted run's stays marked, and says so (`say_unfinished`: unless the
     caller removes it)."""
-    made = not out.exists()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     safeio.output_dir(out)
     held.enter_context(safeio.folder_lock(out, f"another pretokenize is writing {out}: wait for it to end, or "
                                                "choose another --out-dir"))
@@ -404,6 +404,11 @@ def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool =
         interrupted = issubclass(kind, (KeyboardInterrupt, Terminated))
         if made and not interrupted:
             shutil.rmtree(out, ignore_errors=True)
+            for parent in made[1:]:  # the parents it made too, while empty
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         elif interrupted and say_unfinished:  # the folder reads as unfinished now: say what to do
             print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
                   file=sys.stderr, flush=True)
