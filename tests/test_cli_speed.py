@@ -174,6 +174,13 @@ def test_bad_speed_flags(stories260k, tok512, flags, message):
     assert proc.stderr.count(b"\n") == 1
 
 
+def test_a_draft_that_cannot_be_read_is_named_as_the_draft(stories260k, tok512, tmp_path):
+    proc = run_cli("run", str(stories260k), "-z", str(tok512), *GREEDY, "--draft", str(tmp_path / "nosuch.bin"))
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip().splitlines()[-1] == (
+        f"babyllama: error: --draft: model file not found: {tmp_path / 'nosuch.bin'}")
+
+
 def test_draft_with_another_vocabulary_is_refused(stories260k, tok512, tmp_path):
     other = tmp_path / "other.bin"
     formats.save(random_weights(tiny_args()), other)

@@ -198,9 +198,11 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     from ..loading import carried_tokenizer, detect_format, open_model
     from ..tokenizer import TOKENIZER_HINT
 
-    # --mmap / --no-mmap are the model's; a draft in another format than .bin is read its own way (not refused)
-    mmap = args.mmap if detect_format(args.draft) == "bin" else None
-    source = open_model(args.draft, mmap=mmap, quantize=args.quantize, convert_other_types=args.device == "numpy")
+    try:  # --mmap / --no-mmap are the model's; a draft in another format than .bin is read its own way
+        mmap = args.mmap if detect_format(args.draft) == "bin" else None
+        source = open_model(args.draft, mmap=mmap, quantize=args.quantize, convert_other_types=args.device == "numpy")
+    except BabyLlamaError as e:  # said as the draft's: the model itself loaded
+        raise BabyLlamaError(f"--draft: {e}") from None
     try:
         own = carried_tokenizer(source)
     except BabyLlamaError as e:  # its hint (-z) would set the model's tokenizer, not the draft's
