@@ -236,7 +236,7 @@ def output_file(path: str | os.PathLike, what: str = "output") -> Path:
 def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
     """A block that may create the folder `path` and its missing parents: if it fails, those of them it made
     are removed again while they are empty (what a failed run wrote into them stays, a resumable partial
-    download for one)."""
+    download for one); one the block removed itself is passed over to its parents."""
     created = []
     folder = Path(path)
     while not folder.exists() and folder != folder.parent:  # deepest first: the order they can be removed in
@@ -248,6 +248,8 @@ def new_folders_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
         for folder in created:
             try:
                 folder.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
         raise

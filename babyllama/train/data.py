@@ -391,7 +391,8 @@ def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool =
     meta.json would read as llama2.c's shards (every .bin, old and new alike). A folder this run made goes again
     when the run fails (a full disk); an interrupted run's stays marked, and says so (`say_unfinished`: unless the
     caller removes it)."""
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    made = not out.exists()
+    held.enter_context(safeio.new_folders_removed_on_error(out))  # the empty parents it makes, on a failure
     safeio.output_dir(out)
     held.enter_context(safeio.folder_lock(out, f"another pretokenize is writing {out}: wait for it to end, or "
                                                "choose another --out-dir"))
@@ -404,11 +405,6 @@ def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool =
         interrupted = issubclass(kind, (KeyboardInterrupt, Terminated))
         if made and not interrupted:
             shutil.rmtree(out, ignore_errors=True)
-            for parent in made[1:]:  # the parents it made too, while empty
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
         elif interrupted and say_unfinished:  # the folder reads as unfinished now: say what to do
             print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
                   file=sys.stderr, flush=True)
