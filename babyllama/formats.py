@@ -35,17 +35,21 @@ HEADER_V0 = 7 * 4
 HEADER_V12 = 256
 EXT_OFFSET = 48  # float64 rope_theta, float64 norm_eps
 DEFAULT_GROUP_SIZE = 64
+PACKED_GROUP_SIZES = (32, 64)  # the Q8 group sizes the native kernels pack (QTensor.packed, kernels.c's W_Q8R)
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)
 
 
 @dataclass
 class QTensor:
-    """A Q8_0 matrix: int8 values (out, in) and one fp32 scale per `group_size` consecutive values."""
+    """A Q8_0 matrix: int8 values (out, in) and one fp32 scale per `group_size` consecutive values.
+    `packed`: the same values and scales in the order the native kernels read (kernels.c's W_Q8R), which they
+    make on a matrix's first use; q and s stay what everything else reads."""
 
     q: np.ndarray  # int8, (out, in)
     s: np.ndarray  # float32, (out, in // group_size)
     group_size: int
+    packed: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8, (out, in + 4 * groups)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -534,15 +538,16 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
     huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
     (llama.cpp's --no-mmap), which NumPy backs with transparent huge pages where the kernel allows: faster
     decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
-    ones (memory.read_by_default), and maps version 3 (Q4_0) files: the native kernels regroup their matrices
-    into process memory on the first call and hand the file's pages back (kernels_native's _regroup), so
-    reading the file too would only add a copy to throw away. `read_once`: the caller reads each weight once
-    more and keeps none of them (it quantizes them, see Weights.quantize_as): the file is mapped unless `mmap`
-    is False, and the pages of each tensor are handed back once it is checked, so that memory never holds the
-    whole file."""
+    ones (memory.read_by_default), and maps version 3 (Q4_0) files and version 2 ones with groups of 32 or 64:
+    the native kernels regroup (pack) their matrices into process memory on the first call and hand the file's
+    pages back (kernels_native's _regroup), so reading the file too would only add a copy to throw away.
+    `read_once`: the caller reads each weight once more and keeps none of them (it quantizes them, see
+    Weights.quantize_as): the file is mapped unless `mmap` is False, and the pages of each tensor are handed
+    back once it is checked, so that memory never holds the whole file."""
     args, version, gs, header = read_header(path)
     if mmap is None:
-        mmap = version == 3 or read_once or not memory.read_by_default(os.path.getsize(path))
+        regrouped = version == 3 or (version == 2 and gs in PACKED_GROUP_SIZES)
+        mmap = regrouped or read_once or not memory.read_by_default(os.path.getsize(path))
     buf = _map_file(path) if mmap else _read_whole(path)
     expected = header + body_size(args, version, gs)
     if buf.size != expected:  # the file changed between the header check and the map or read

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -39,7 +39,18 @@ import numpy as np
 
 from . import memory, sampler
 from .errors import first_line
-from .formats import BF16Tensor, Matrix, QTensor, Weights, dense, is_fp32, is_quantized, matrix_arrays, table_rows
+from .formats import (
+    PACKED_GROUP_SIZES,
+    BF16Tensor,
+    Matrix,
+    QTensor,
+    Weights,
+    dense,
+    is_fp32,
+    is_quantized,
+    matrix_arrays,
+    table_rows,
+)
 from .kernels_base import check_step_lengths, kv_overflow, kv_q8_dtype, quantized_gemm
 from .quant import BLOCK, BLOCK_BYTES, BlockTensor
 from .safeio import cache_folder, current_umask, sweep_stale_temps
@@ -100,7 +111,7 @@ INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # sgemm's time: they stay there.
 INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 512}
 
-W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16 = range(8)
+W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16, W_Q8R = range(9)
 DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 REGROUPED_TYPES = {"q8_0": W_Q8_0R, "q4_0": W_Q4_0R}
@@ -482,7 +493,10 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
                 and w.s.dtype == np.float32):
             raise ValueError("Q8_0 weights must be C-contiguous int8 values and float32 scales")
-        m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
+        if w.packed is not None:
+            m.w, m.s, m.type, m.gs = _address(w.packed), None, W_Q8R, w.group_size
+        else:
+            m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
     elif isinstance(w, BlockTensor):
         if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
             raise ValueError("block-quantized weights must be C-contiguous uint8")
@@ -543,6 +557,8 @@ class NativeKernels:
         self.lib.softmax_logits.argtypes = [ptr, i64, ctypes.c_double, ptr]
         self.lib.regroup_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
         self.lib.regroup_blocks.restype = ctypes.c_int
+        self.lib.regroup_q8.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+        self.lib.regroup_q8.restype = ctypes.c_int
         self.lib.convert_ggml_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ctypes.c_int, ctypes.c_int, ptr, ptr]
         self.lib.convert_ggml_rows.restype = ctypes.c_int
         self.lib.quantize_blocks.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
@@ -612,7 +628,7 @@ class NativeKernels:
         """(C descriptions of ws, each one's (first row, end row) in the stacked result, their common row length).
         Results are laid out one matrix after another, each (n_tok, rows) and contiguous, so the caller's views
         need no copy."""
-        held = (*ws, *(w.data for w in ws if isinstance(w, BlockTensor)))  # a matrix regrouped since: a new key
+        held = (*ws, *_regrouped_arrays(ws))  # a matrix regrouped since: a new key
         key = tuple(id(a) for a in held)
         plan = self._plans.get(key)
         if plan is not None and all(ref() is a for ref, a in zip(plan[0], held)):
@@ -804,7 +820,8 @@ class NativeKernels:
         _describe(_one(struct.embeddings), [emb])
         struct.cos, struct.sin, struct.n_positions = _address(_checked(cos)), _address(_checked(sin)), len(cos)
         struct.rms_final = _address(_checked(w.rms_final))
-        arrays = [a for m in (emb, *(m for _, ws in products for m in ws)) for a in matrix_arrays(m)]
+        mats = (emb, *(m for _, ws in products for m in ws))
+        arrays = [a for m in mats for a in matrix_arrays(m)] + _regrouped_arrays(mats)
         return ModelPlan(w, (cos, sin), struct, layers, arrays)
 
     def regroup(self, w: BlockTensor, out: np.ndarray | None = None) -> BlockTensor | None:
@@ -816,6 +833,17 @@ class NativeKernels:
         if self.lib.regroup_blocks(_address(w.data), _address(data), w.shape[0], w.shape[1], BLOCK_TYPES[w.kind]):
             return None
         return BlockTensor(w.kind, data, w.cols, regrouped=True)
+
+    def pack_q8(self, w: QTensor, out: np.ndarray | None = None) -> np.ndarray | None:
+        """w's values and scales in the order this build's kernels read them (kernels.c's W_Q8R; uint8, rows of
+        cols + 4 * groups bytes), in `out` when given; None where the build has no kernel for them (no AVX2,
+        groups other than 32 and 64)."""
+        rows, cols = w.shape
+        data = np.empty((rows, cols + 4 * (cols // w.group_size)), dtype=np.uint8) if out is None else out
+        data = data.reshape(rows, -1)
+        if self.lib.regroup_q8(_address(w.q), _address(w.s), _address(data), rows, cols, w.group_size):
+            return None
+        return data
 
     def quantize_blocks(self, w: np.ndarray, kind: str) -> BlockTensor:
         """w (rows, cols; cols a multiple of 32) as `kind` blocks ("q4_0" or "q8_0") on the pool's threads:
@@ -855,11 +883,14 @@ class NativeKernels:
         matrix is copied: freed where they were process memory (quantized or converted on load), handed back
         where they were a file's pages (memory.release_mapped; a later read maps them again from the page cache),
         so that memory holds the blocks and their copy together for one matrix (a file's) or an eighth of the
-        model (process memory, returned to the system that often) at most. Nothing changes where the
-        build has no such kernels or the copies would take more than a quarter of the free memory
-        (memory.read_by_default)."""
-        todo = list({id(w): w for w in ws if isinstance(w, BlockTensor) and not w.regrouped}.values())
-        total = sum(w.nbytes for w in todo)
+        model (process memory, returned to the system that often) at most. Matrices of runq.c's layout (Q8 with
+        groups of 32 or 64, kernels.c's W_Q8R) get their copy beside them (QTensor.packed): their values and
+        scales stay for every other reader, handed back where they are a file's pages and held twice where they
+        are process memory. Nothing changes where the build has no such kernels or the copies would take more
+        than a quarter of the free memory (memory.read_by_default)."""
+        todo = list({id(w): w for w in ws if (isinstance(w, BlockTensor) and not w.regrouped)
+                     or (isinstance(w, QTensor) and w.packed is None and w.group_size in PACKED_GROUP_SIZES)}.values())
+        total = sum(w.nbytes if isinstance(w, BlockTensor) else w.q.nbytes + w.s.nbytes for w in todo)
         if not todo or not memory.read_by_default(total):
             return
         self._plans.clear()  # their descriptions hold the blocks
@@ -868,6 +899,14 @@ class NativeKernels:
         # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
         every, since = min(total // 8, 64 << 20), 0
         for w in todo:
+            if isinstance(w, QTensor):  # runq.c's layout stays for every other reader (see QTensor.packed)
+                nbytes = w.q.nbytes + w.s.nbytes
+                w.packed = self.pack_q8(w, buf[at:at + nbytes])
+                if w.packed is None:  # no such kernels in this build
+                    return
+                memory.release_mapped(w.q, w.s, maps=maps)
+                at += nbytes
+                continue
             copy = self.regroup(w, buf[at:at + w.nbytes])
             if copy is None:  # no regrouped kernels in this build
                 return
@@ -942,6 +981,12 @@ def _hand_over_blas(lib: ctypes.CDLL) -> bool:
         lib.set_sgemm(ctypes.cast(found[0], ctypes.c_void_p), int(found[1]))
         return True
     return False
+
+
+def _regrouped_arrays(ws: Iterable[Matrix]) -> list[np.ndarray]:
+    """The regrouped copies C reads for the matrices among ws that have one (their bytes replaced, or packed)."""
+    arrays = [w.data if isinstance(w, BlockTensor) else w.packed if isinstance(w, QTensor) else None for w in ws]
+    return [a for a in arrays if a is not None]
 
 
 def _describe(mats: ctypes.Array, ws: Sequence[Matrix]) -> list[tuple[int, int]]:

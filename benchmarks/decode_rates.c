@@ -2,7 +2,8 @@
  * matrices of a model shape grouped as a decode step calls them (wq/wk/wv, wo, w1/w3, w2 per layer, then the
  * classifier), random weights in process memory (2 MB pages where the kernel allows); the weight types take
  * turns a token at a time, median of 41 tokens each; Q8_0 and Q4_0 blocks as they are stored and regrouped as
- * the native kernels read them (quant.BlockTensor.regrouped). With the 110M shape the weights
+ * the native kernels read them (quant.BlockTensor.regrouped), runq.c's Q8 as stored and packed likewise
+ * (formats.QTensor.packed). With the 110M shape the weights
  * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache; 42M lies
  * between. Each matrix begins OFFSET bytes into a cache line: 16 by default, where NumPy's large buffers (a
  * model's arrays) begin. Prints ms per token, weight GB/s and the implied tok/s bound per weight type, token
@@ -37,20 +38,32 @@ static uint8_t *weight_memory(int64_t bytes) {
 }
 
 /* a random matrix of `rows` rows of n weights of `type` (1: runq.c Q8 with group gs, 2: Q8_0 blocks, 3: Q4_0,
- * 4 and 5: Q4_0 and Q8_0 regrouped as decode steps read them) */
+ * 4 and 5: Q4_0 and Q8_0 regrouped as decode steps read them, 6: runq.c's Q8 packed, kernels.c's W_Q8R) */
+static int has_scales(int type) { return type == 1 || type == 6; }
+
 static int64_t block_bytes(int type) { return type == 2 || type == 5 ? 34 : 18; }
 
 static Mat matrix(int type, int64_t rows, int64_t n, int gs, int64_t row0) {
-    int64_t bytes = type == 1 ? rows * n : rows * (n / 32) * block_bytes(type);
+    int64_t bytes = has_scales(type) ? rows * n : rows * (n / 32) * block_bytes(type);
     uint8_t *w = weight_memory(bytes);
     for (int64_t i = 0; i < bytes; i++) w[i] = (uint8_t)(rand() >> 7);
     float *s = NULL;
-    if (type == 1) {
+    if (has_scales(type)) {
         s = malloc(rows * (n / gs) * sizeof(float));
         for (int64_t i = 0; i < rows * (n / gs); i++) s[i] = 0.001f;
     } else {
         int64_t bb = block_bytes(type);
         for (int64_t b = 0; b < rows * (n / 32); b++) memcpy(w + b * bb, &(uint16_t){0x1400}, 2);
+    }
+    if (type == 6) { /* runq.c's values and scales packed into one buffer */
+        uint8_t *packed = weight_memory(rows * n + rows * (n / gs) * 4);
+        if (regroup_q8((const int8_t *)w, s, packed, rows, n, gs)) { /* no such kernels here */
+            free(packed - offset);
+            return (Mat){w, s, rows, row0, 1, gs};
+        }
+        free(w - offset);
+        free(s);
+        return (Mat){packed, NULL, rows, row0, 8, gs};
     }
     if (type >= 4 && regroup_in_place(w, rows, n, type == 4 ? 3 : 2)) type = type == 4 ? 3 : 2; /* none here */
     return (Mat){w, s, rows, row0, type, type == 1 ? gs : 32};
@@ -87,12 +100,13 @@ int main(int argc, char **argv) {
     int64_t d = SHAPES[k].d, h = SHAPES[k].h, L = SHAPES[k].L, V = 32000;
     int gs = 64; /* runq.c's group size for the shape: halved until it divides dim and hidden */
     while (d % gs || h % gs) gs /= 2;
-    const char *names[6] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"};
+    const char *names[7] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped",
+                            "Q8 packed"};
     printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape, matrices %ld bytes into a cache line\n", kernel_isa(),
            (long)kernel_prefetch_bytes(), shape, (long)offset);
-    Mat *models[6];
-    int64_t bytes[6] = {0};
-    for (int type = 1; type <= 5; type++) {
+    Mat *models[7];
+    int64_t bytes[7] = {0};
+    for (int type = 1; type <= 6; type++) {
         /* per layer: qkv (3 matrices), wo, w13 (2), w2; then the classifier */
         Mat *m = models[type] = malloc((L * 7 + 1) * sizeof(Mat));
         for (int l = 0; l < L; l++) {
@@ -106,7 +120,7 @@ int main(int argc, char **argv) {
         m[7 * L] = matrix(type, V, d, gs, 0);
         for (int j = 0; j < 7 * L + 1; j++) {
             int64_t n = j < 7 * L && j % 7 == 6 ? h : d, blocks = m[j].rows * (n / 32);
-            bytes[type] += type == 1 ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * block_bytes(type);
+            bytes[type] += has_scales(type) ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * block_bytes(type);
         }
     }
     for (const char *tp = thread_list; *tp;) {
@@ -119,14 +133,14 @@ int main(int argc, char **argv) {
             /* the types take turns, a token each: a VM's memory bandwidth drifts within seconds, and figures
              * measured one after another compared moments as much as kernels */
             enum { RUNS = 41 };
-            double ts[6][RUNS];
+            double ts[7][RUNS];
             for (int r = -3; r < RUNS; r++)
-                for (int type = 1; type <= 5; type++) {
+                for (int type = 1; type <= 6; type++) {
                     double t = now();
                     token(models[type], L, d, h, nt, x, out);
                     if (r >= 0) ts[type][r] = now() - t;
                 }
-            for (int type = 1; type <= 5; type++) {
+            for (int type = 1; type <= 6; type++) {
                 qsort(ts[type], RUNS, sizeof(double), cmp);
                 double med = ts[type][RUNS / 2];
                 printf("  %-14s %d thread(s) %d token(s): %7.3f ms  %6.1f GB/s  %7.1f steps/s (best %.3f ms)\n",
@@ -141,7 +155,7 @@ int main(int argc, char **argv) {
         while (*tp && *tp != ',') tp++;
         if (*tp) tp++;
     }
-    for (int type = 1; type <= 5; type++) {
+    for (int type = 1; type <= 6; type++) {
         for (int j = 0; j < 7 * L + 1; j++) {
             free((uint8_t *)models[type][j].w - offset);
             free((void *)models[type][j].s);

@@ -19,6 +19,7 @@ void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
 int64_t kernel_prefetch_bytes(void);
 int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type);
+int regroup_q8(const int8_t *q, const float *s, uint8_t *dst, int64_t rows, int64_t n, int64_t gs);
 
 /* the Q4_0 or Q8_0 (type 3 or 2) matrix w (rows, n) regrouped in place (through a copy) as decode steps read it;
  * returns 1 and leaves w as it was where the build has no regrouped kernels */

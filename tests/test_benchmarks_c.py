@@ -53,7 +53,7 @@ def test_kernel_rates_measures_every_weight_type(build):
 def test_decode_rates_runs_a_decode_tokens_products(build):
     out = _run(build("decode_rates"), "15M", "1", "1")
     steps = re.findall(r"^  (.+?)\s+1 thread\(s\) 1 token\(s\):\s+([\d.]+) ms\s+([\d.]+) GB/s", out, re.M)
-    names = ["Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped"]
+    names = ["Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped", "Q8 packed"]
     assert [name.strip() for name, _, _ in steps] == names
     assert all(float(ms) > 0 and float(gbs) > 0 for _, ms, gbs in steps)
 
@@ -84,6 +84,6 @@ def test_memory_windows_pairs_the_probe_with_a_decode_steps_rates():
                           text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines and all(re.fullmatch(r"\d\d:\d\d:\d\d probe [\d.]+ \| (\S+ [\d.]+  ){5}", line) for line in lines)
+    assert lines and all(re.fullmatch(r"\d\d:\d\d:\d\d probe [\d.]+ \| (\S+ [\d.]+  ){6}", line) for line in lines)
     assert lines[0].split("| ")[1].split()[::2] == ["Q8_(runq.c)", "Q8_0_blocks", "Q4_0", "Q4_0_regrouped",
-                                                   "Q8_0_regrouped"]
+                                                   "Q8_0_regrouped", "Q8_packed"]

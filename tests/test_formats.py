@@ -103,6 +103,20 @@ def test_default_load_maps_q4_0_files(tmp_path, monkeypatch):
     assert not isinstance(_owner(formats.load(path, mmap=False).wq[0].data), mmap.mmap)
 
 
+@pytest.mark.parametrize("gs, mapped", [(64, True), (32, True), (16, False)])
+def test_default_load_maps_version_2_files_the_kernels_pack(tmp_path, monkeypatch, gs, mapped):
+    """Version 2 files with groups of 32 or 64 are mapped by default too (the native kernels pack their
+    matrices, QTensor.packed); other group sizes run as they are stored and are read while they fit."""
+    from babyllama import memory
+
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(dim=64, hidden_dim=128)), path, version=2, group_size=gs)
+    monkeypatch.setattr(memory, "memory_free", lambda: 2**30)
+    assert formats.load(path).wq[0].group_size == gs
+    assert isinstance(_owner(formats.load(path).wq[0].q), mmap.mmap) == mapped
+    assert not isinstance(_owner(formats.load(path, mmap=False).wq[0].q), mmap.mmap)
+
+
 def test_memory_free_reads_the_kernels_estimate():
     free = __import__("babyllama.memory", fromlist=["memory_free"]).memory_free()
     if not os.path.exists("/proc/meminfo"):
@@ -371,6 +385,27 @@ def test_a_q4_0_model_saves_the_same_bytes_after_it_ran(tmp_path):
         pytest.skip("the kernels here keep Q4_0 blocks as they are (no native build with AVX2)")
     formats.save(w, tmp_path / "after.bin", version=3)
     assert (tmp_path / "after.bin").read_bytes() == (tmp_path / "before.bin").read_bytes()
+
+
+def test_a_runq_q8_model_runs_packed_and_saves_the_same_bytes(tmp_path):
+    """Running a .bin version 2 model gives its matrices the native kernels' packed copy (groups of 32 here:
+    dim 288's) and leaves runq.c's values and scales as they were: a file written after holds the same bytes,
+    and the step's logits agree with the plain NumPy path's within float rounding."""
+    from babyllama.engine import Engine
+
+    args = tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)
+    formats.save(random_weights(args), tmp_path / "m.bin", version=2)
+    w = formats.load(tmp_path / "m.bin")
+    engine = Engine(w)
+    logits = engine.forward([1, 2, 3], range(3), engine.new_cache())
+    if w.wq[0].packed is None:
+        pytest.skip("the kernels here keep runq.c's layout as it is (no native build with AVX2)")
+    assert w.wq[0].group_size == 32 and all(m.packed is not None for m in (*w.w1, *w.w2, w.wcls))
+    formats.save(w, tmp_path / "after.bin", version=2)
+    assert (tmp_path / "after.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
+    plain = Engine(formats.load(tmp_path / "m.bin"), plain=True)
+    expected = plain.forward([1, 2, 3], range(3), plain.new_cache())
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])

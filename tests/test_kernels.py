@@ -221,7 +221,7 @@ def _rows(m, lo: int, hi: int):
     if isinstance(m, np.ndarray):
         return m[lo:hi]
     if isinstance(m, QTensor):
-        return dataclasses.replace(m, q=m.q[lo:hi], s=m.s[lo:hi])
+        return dataclasses.replace(m, q=m.q[lo:hi], s=m.s[lo:hi], packed=None if m.packed is None else m.packed[lo:hi])
     return dataclasses.replace(m, data=m.data[lo:hi])
 
 
@@ -230,21 +230,25 @@ def _rows(m, lo: int, hi: int):
 # alone (Q4_0 rows in pairs on AVX2)
 REGROUPED_ROW_KINDS = {f"{kind} regrouped{groups}": n for kind in ("q4_0", "q8_0") for groups, n in
                        (("", 576), (", a group of 4", 128), (", 8 + 4 + 3", 480), (", 16 + 8 + 4 + 3", 992))}
+# runq.c's groups packed (W_Q8R): groups of 64 on rows of 1088 (16 + 16 blocks and a pair left), of 32 on 992
+PACKED_ROW_KINDS = {"q8_0 gs64 packed": (64, 1088), "q8_0 gs32 packed": (32, 992)}
 
 
-@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *REGROUPED_ROW_KINDS])
+@pytest.mark.parametrize("kind", ["fp32", *QUANTIZERS, *REGROUPED_ROW_KINDS, *PACKED_ROW_KINDS])
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
     thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
     rows in one vector), and a row's result does not depend on which rows share its pass, so on where a chunk
     starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
-    n = REGROUPED_ROW_KINDS.get(kind, 576)
+    n = REGROUPED_ROW_KINDS.get(kind) or PACKED_ROW_KINDS.get(kind, (0, 576))[1]
     w = gen.standard_normal((45, n)).astype(np.float32)
     if kind == "fp32":
         m = w
     elif kind in REGROUPED_ROW_KINDS:
         m = _regrouped(native, BLOCK_QUANTIZERS[kind[:4]](w))
+    elif kind in PACKED_ROW_KINDS:
+        m = _packed(native, quantize_q80(w, PACKED_ROW_KINDS[kind][0]))
     else:
         m = QUANTIZERS[kind](w)
     for tokens in (1, 2, 8):
@@ -321,6 +325,49 @@ def test_regrouped_bytes_read_back_as_the_blocks(native, kind, n):
     np.testing.assert_array_equal(r.block_bytes(), q.data)
     np.testing.assert_array_equal(r.values(), q.values())
     np.testing.assert_array_equal(r.dequantize(np.array([3, 0, 23])), q.dequantize(np.array([3, 0, 23])))
+
+
+def _packed(native, q: QTensor) -> QTensor:
+    """q with its copy for native's Q8R kernels, or a skip where the build has none (every build with AVX2)."""
+    packed = native.pack_q8(q)
+    if packed is None:
+        pytest.skip(f"the {native.isa()} build has no kernels for runq.c's groups packed")
+    return dataclasses.replace(q, packed=packed)
+
+
+# blocks of 32 on a row: groups of 64: 2 (a pair left), 4, 6 (4 + a pair), 8, 12 (8 + 4), 16, 24 (16 + 8; dim
+# 768), 34 (16 + 16 + a pair), 64; groups of 32: 1, 3, 4 + 3, 7, 9 (8 + 1; dim 288), 15, 24, 25, 31 (16 + 8 + 4 + 3)
+PACKED_ROWS = [(64, n) for n in (64, 128, 192, 256, 384, 512, 768, 1088, 2048)] + \
+              [(32, n) for n in (32, 96, 224, 288, 480, 768, 800, 992)]
+
+
+@pytest.mark.parametrize("gs, n", PACKED_ROWS)
+def test_packed_q8_products_match_runq_layout(native, gs, n):
+    """Decode steps read runq.c's Q8 matrices (groups of 32 or 64) packed (kernels.c's W_Q8R: the values grouped
+    as Q8_0R's, each group's fp32 scales after them): the same integer sums per block of 32, scaled and added in
+    another order, so within float rounding of runq.c's layout and of the reference, for every grouping of a row
+    and token count; the packed bytes hold the same values and scales, and dequantize to the same weights."""
+    q = quantize_q80(rng.standard_normal((37, n)).astype(np.float32), gs)
+    p = _packed(native, q)
+    assert p.packed.shape == (37, n + 4 * (n // gs)) and p.packed.dtype == np.uint8
+    assert not np.array_equal(p.packed[:, :n].view(np.int8), q.q) or n < 128  # fewer than 4 blocks: as they are
+    for tokens in (1, 2, 3, 8, 11):
+        x = rng.standard_normal((tokens, n)).astype(np.float32)
+        got, plain, ref = native.matmul(x, [p])[0], native.matmul(x, [q])[0], matmul_quantized(x, q)
+        np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(native.dequantize(p), q.dequantize())
+    np.testing.assert_array_equal(native.embed(p, np.array([3, 0, 36])), q.dequantize()[[3, 0, 36]])
+
+
+@pytest.mark.parametrize("gs, n", [(64, 768), (32, 288)])
+def test_packed_q8_rows_alone_or_in_a_batch_are_identical(native, gs, n):
+    p = _packed(native, quantize_q80(rng.standard_normal((40, n)).astype(np.float32), gs))
+    x = rng.standard_normal((12, n)).astype(np.float32)
+    alone = np.concatenate([native.matmul(x[i:i + 1], [p])[0] for i in range(12)])
+    for batch in (2, 3, 8, 12):
+        together = np.concatenate([native.matmul(x[i:i + batch], [p])[0] for i in range(0, 12, batch)])
+        np.testing.assert_array_equal(together, alone)
 
 
 @pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)

@@ -16,6 +16,8 @@
  *    holds weight j in its low nibble and weight j + 16 in its high one.
  *  - Q4_0R and Q8_0R: the same blocks, each row's bytes regrouped once for the SIMD kernels (see W_Q4_0R), the
  *    order decode steps read a model's Q4_0 and Q8_0 blocks in.
+ *  - Q8R: Q8 with groups of 32 or 64, each row's values regrouped as Q8_0R's (see W_Q8R), its fp32 scales as
+ *    they are: the order decode steps read a .bin version 2 model in.
  *
  * Quantized products quantize the activations per group like the weights (scale = max|x|/127,
  * q = round(x/scale); groups of gs for Q8, of 32 for the block types) and compute
@@ -546,9 +548,9 @@ static inline uint16_t load_u16(const uint8_t *p) {
  * bfloat16 (a BF16 GGUF's or Hugging Face checkpoint's). The fp32 kernels read them, converting each weight to
  * fp32 (exactly) as they load it, and sum in their own order: such a matrix gives bit for bit what the fp32
  * matrix of its converted values gives, from half the bytes. */
-enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4, W_Q8_0R = 5, W_F16 = 6, W_BF16 = 7 };
+enum { W_F32 = 0, W_Q8 = 1, W_Q8_0 = 2, W_Q4_0 = 3, W_Q4_0R = 4, W_Q8_0R = 5, W_F16 = 6, W_BF16 = 7, W_Q8R = 8 };
 #define BLOCK 32
-static const int64_t BLOCK_BYTES[8] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2, 2 + BLOCK, 0, 0};
+static const int64_t BLOCK_BYTES[9] = {0, 0, 2 + BLOCK, 2 + BLOCK / 2, 2 + BLOCK / 2, 2 + BLOCK, 0, 0, 0};
 static inline int is_dense(int type) { return type == W_F32 || type == W_F16 || type == W_BF16; }
 
 /* Q4_0R, Q8_0R: Q4_0 or Q8_0 rows with each row's bytes regrouped for the SIMD kernels (regroup_blocks; the
@@ -558,6 +560,35 @@ static inline int is_dense(int type) { return type == W_F32 || type == W_F16 || 
  * l's in its 4-byte lane l, then the G blocks' fp16 scales: one vpdpbusd on a vector sums four products of each
  * of G blocks into the block's own int32 lane, with no byte permutes. */
 static inline int rg_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : 1; }
+
+/* Q8R: a Q8 row (runq.c's groups of gs = 32 or 64, .bin version 2) regrouped like a Q8_0R one: its values cut
+ * into blocks of 32 and grouped as Q8_0R's (groups of 16, 8 and 4 blocks, vector j of a group holding values
+ * 4j..4j+3 of each of its blocks), each group followed by the fp32 scales of its G / per groups of gs (per =
+ * gs / 32), so that a group of G blocks is G * (32 + 4 / per) bytes (per 2: 34G, Q8_0R's size). The last 0-3
+ * blocks stay as they are: per block its values, then its scale (gs 32); per pair its 64 values, then their
+ * scale (gs 64). The Q8_0R kernels run it, reading its fp32 scales where Q8_0R's fp16 ones are: runq.c's layout
+ * takes two shuffles, a scale permute and a conversion more per 128 bytes, and its scales, a stream apart from
+ * the values, read DRAM slower (a separate scales array, one Zen 4 core, 110M's rows of 768: 0.92-0.97x the
+ * speed of runq.c's layout; the scales after each group's values: 1.07x; rows of 2048 1.18x). */
+
+/* where the values and the scale of a Q8R row's block g lie when it is past the row's groups (per: blocks per
+ * group scale; per 0: a plain Q8_0 block) */
+static inline void rg_single(const uint8_t *row, int per, int64_t g, const uint8_t **values, const uint8_t **scale) {
+    if (per == 0) {
+        *scale = row + g * 34, *values = *scale + 2;
+    } else if (per == 1) {
+        *values = row + g * 36, *scale = *values + BLOCK;
+    } else {
+        const uint8_t *pair = row + (g & ~(int64_t)1) * 34;
+        *values = pair + (g & 1) * BLOCK, *scale = pair + 2 * BLOCK;
+    }
+}
+
+static inline float load_f32(const uint8_t *p) {
+    float v;
+    memcpy(&v, p, 4);
+    return v;
+}
 
 /* 4-byte words per block of a regrouped type (or of the blocks it came from) */
 static inline int rg_words(int type) { return type == W_Q4_0R || type == W_Q4_0 ? 4 : 8; }
@@ -612,7 +643,7 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
     switch (m->type) {
     case W_F32: return 4 * n;
     case W_F16: case W_BF16: return 2 * n;
-    case W_Q8: return n + 4 * (n / m->gs);
+    case W_Q8: case W_Q8R: return n + 4 * (n / m->gs);
     default: return n / BLOCK * BLOCK_BYTES[m->type];
     }
 }
@@ -1387,16 +1418,55 @@ ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t 
     for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
 }
 
+/* The kernels below run Q8_0R and Q8R (see W_Q8R) rows alike; `per` tells them apart: 0 for Q8_0R, else Q8R's
+ * blocks per group scale (1 or 2). A group's values are followed by its scales, an fp16 one per block (Q8_0R)
+ * or an fp32 one per group (Q8R). A kernel reads the weight scales of its lanes' blocks once, then per token
+ * the products d_w * d_x, one a lane; with groups of 64 those are multiplied a group each and then spread over
+ * the group's two lanes. */
+ALWAYS_INLINE int64_t rg_scale_bytes(int per) { return per == 1 ? 4 : 2; } /* per block */
+ALWAYS_INLINE int64_t rg_block_bytes(int per) { return BLOCK + rg_scale_bytes(per); }
+
+/* the activation scales of token t, one per group of the weights' (Q8_0R: per block) */
+ALWAYS_INLINE const float *rg_xd(const QAct *a, int64_t n, int per, int t) {
+    return a->d + t * (n / BLOCK / (per == 2 ? 2 : 1));
+}
+
+/* the weight scales at p of 4 or 8 blocks (groups of 64: of their 2 or 4 groups, in the low lanes) */
+ALWAYS_INLINE __m128 rg_scales4(const uint8_t *p, int per) {
+    if (!per) return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+    if (per == 1) return _mm_loadu_ps((const float *)p);
+    return _mm_castpd_ps(_mm_load_sd((const double *)p));
+}
+
+ALWAYS_INLINE __m256 rg_scales8(const uint8_t *p, int per) {
+    if (!per) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    if (per == 1) return _mm256_loadu_ps((const float *)p);
+    return _mm256_castps128_ps256(_mm_loadu_ps((const float *)p));
+}
+
+/* d_w * d_x of blocks b.., one a lane, from their weight scales wd and the token's activation scales xd */
+ALWAYS_INLINE __m128 rg_dd4(__m128 wd, const float *xd, int per, int64_t b) {
+    if (per < 2) return _mm_mul_ps(wd, _mm_loadu_ps(xd + b));
+    __m128 two = _mm_mul_ps(wd, _mm_castpd_ps(_mm_load_sd((const double *)(xd + b / 2))));
+    return _mm_unpacklo_ps(two, two);
+}
+
+ALWAYS_INLINE __m256 rg_dd8(__m256 wd, const float *xd, int per, int64_t b) {
+    if (per < 2) return _mm256_mul_ps(wd, _mm256_loadu_ps(xd + b));
+    __m128 four = _mm_mul_ps(_mm256_castps256_ps128(wd), _mm_loadu_ps(xd + b / 2));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(four), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+}
+
 /* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time (lanes
  * 8h..8h+7 of a group of G = 16 or 8 blocks, as q4r_lanes8): vector j's values meet values 4j..4j+3 of each
  * block as |w| x (x * sign(w)) (at most 2 * 128 * 127 a byte pair, so maddubs cannot saturate), each block's
  * exact int32 sum in its own lane; then one conversion and one multiply-add by d_w * d_x for the 8 blocks, into
  * acc8. The weight vectors go one at a time, each to every token, so that a build with 16 vector registers
  * holds them. */
-ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int64_t b0, int G, int h, const QAct *a, int64_t n, int nt,
-                              __m256 *acc8) {
-    const uint8_t *g = w + b0 * 34;
-    int64_t nb = n / BLOCK, first = b0 + 8 * h;
+ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int per, int64_t b0, int G, int h, const QAct *a,
+                              int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * rg_block_bytes(per);
+    int64_t first = b0 + 8 * h;
     __m256i isum[8];
     UNROLL
     for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
@@ -1409,20 +1479,18 @@ ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int64_t b0, int G, int h, const 
             isum[t] = dot_u8s8(isum[t], u, _mm256_sign_epi8(x, v));
         }
     }
-    __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 32 * G + 16 * h)));
+    __m256 wd = rg_scales8(g + 32 * G + 8 * rg_scale_bytes(per) * h, per);
     UNROLL
-    for (int t = 0; t < nt; t++) {
-        __m256 xd = _mm256_loadu_ps(a->d + t * nb + first);
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(wd, xd), acc8[t]);
-    }
+    for (int t = 0; t < nt; t++)
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), rg_dd8(wd, rg_xd(a, n, per, t), per, first), acc8[t]);
 }
 
 /* a group of 4 Q8_0R blocks, whose words fill half a vector: 4 whole vectors, vector k's lanes 0-3 meeting
  * values 8k..8k+3 of blocks 0-3 and lanes 4-7 values 8k+4..8k+7 (as q8r_lanes8 otherwise); the halves' int32
  * sums added, then one conversion and one multiply-add into lanes 0-3 of acc8 */
-ALWAYS_INLINE void q8r_group4(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *g = w + b0 * 34;
-    int64_t nb = n / BLOCK;
+ALWAYS_INLINE void q8r_group4(const uint8_t *w, int per, int64_t b0, const QAct *a, int64_t n,
+                              int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * rg_block_bytes(per);
     __m256i isum[8];
     UNROLL
     for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
@@ -1435,27 +1503,29 @@ ALWAYS_INLINE void q8r_group4(const uint8_t *w, int64_t b0, const QAct *a, int64
             isum[t] = dot_u8s8(isum[t], u, _mm256_sign_epi8(x, v));
         }
     }
-    __m128 wd = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(g + 128)));
+    __m128 wd = rg_scales4(g + 128, per);
     UNROLL
     for (int t = 0; t < nt; t++) {
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(isum[t]), _mm256_extracti128_si256(isum[t], 1));
-        __m128 p = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(wd, _mm_loadu_ps(a->d + t * nb + b0)),
+        __m128 p = _mm_fmadd_ps(_mm_cvtepi32_ps(s4), rg_dd4(wd, rg_xd(a, n, per, t), per, b0),
                                 _mm256_castps256_ps128(acc8[t]));
         acc8[t] = _mm256_blend_ps(acc8[t], _mm256_castps128_ps256(p), 0x0F);
     }
 }
 
-/* a Q8_0 block left as it is (G = 1): its 32 products on the plain activations, into acc8 */
-ALWAYS_INLINE void q8r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *block = w + g * 34;
-    int64_t nb = n / BLOCK;
-    __m256i v = _mm256_loadu_si256((const __m256i *)(block + 2)), u = _mm256_abs_epi8(v);
-    float wd = fp16_to_f32(load_u16(block));
+/* a Q8_0 block (or Q8R's 32 values) left as it is (G = 1): its 32 products on the plain activations, into acc8 */
+ALWAYS_INLINE void q8r_single(const uint8_t *w, int per, int64_t g, const QAct *a, int64_t n,
+                              int nt, __m256 *acc8) {
+    const uint8_t *values, *scale;
+    rg_single(w, per, g, &values, &scale);
+    __m256i v = _mm256_loadu_si256((const __m256i *)values), u = _mm256_abs_epi8(v);
+    float wd = per ? load_f32(scale) : fp16_to_f32(load_u16(scale));
     UNROLL
     for (int t = 0; t < nt; t++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK));
         __m256i s = dot_u8s8(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, v));
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
+        float xd = rg_xd(a, n, per, t)[per == 2 ? g / 2 : g];
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * xd), acc8[t]);
     }
 }
 
@@ -1473,9 +1543,9 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
  * core (forced AVX2 build) read 110M-shape Q8_0R products from DRAM 13-15% faster than with the halves read one
  * after the other, two tokens 27% (decode_rates, alternating processes); at 4 and 8 tokens the two measure alike.
  * Q4_0R's groups (4 lines of nibbles) read no faster in address order. */
-ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt,
-                                       __m256 *acc8) {
-    const uint8_t *g = w + b0 * 34;
+ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int per, int64_t b0, const QAct *a,
+                                       int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * rg_block_bytes(per);
     int64_t nb = n / BLOCK;
     __m256i isum[2][2];
     UNROLL
@@ -1493,27 +1563,28 @@ ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int64_t b0, const QAct 
     }
     UNROLL
     for (int h = 0; h < 2; h++) {
-        __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 512 + 16 * h)));
+        __m256 wd = rg_scales8(g + 512 + 8 * rg_scale_bytes(per) * h, per);
         UNROLL
         for (int t = 0; t < nt; t++) {
-            __m256 xd = _mm256_loadu_ps(a->d + t * nb + b0 + 8 * h);
-            acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), _mm256_mul_ps(wd, xd), acc8[t]);
+            __m256 dd = rg_dd8(wd, rg_xd(a, n, per, t), per, b0 + 8 * h);
+            acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t][h]), dd, acc8[t]);
         }
     }
 }
 
-ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, int per, const QAct *a, int64_t n, int nt,
+                                 __m256 *acc8) {
     int64_t nb = n / BLOCK, b = 0;
     UNROLL
     for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
     for (; nb - b >= 16; b += 16)
         if (nt <= 2)
-            q8r_group16_inorder(w, b, a, n, nt, acc8);
+            q8r_group16_inorder(w, per, b, a, n, nt, acc8);
         else
-            q8r_lanes8(w, b, 16, 0, a, n, nt, acc8), q8r_lanes8(w, b, 16, 1, a, n, nt, acc8);
-    if (nb - b >= 8) q8r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
-    if (nb - b >= 4) q8r_group4(w, b, a, n, nt, acc8), b += 4;
-    for (; b < nb; b++) q8r_single(w, b, a, n, nt, acc8);
+            q8r_lanes8(w, per, b, 16, 0, a, n, nt, acc8), q8r_lanes8(w, per, b, 16, 1, a, n, nt, acc8);
+    if (nb - b >= 8) q8r_lanes8(w, per, b, 8, 0, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q8r_group4(w, per, b, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q8r_single(w, per, b, a, n, nt, acc8);
 }
 
 /* q4r_lanes8's group of 4 (which fills half a vector) for two rows at once: lanes 0-3 row a's blocks, 4-7 row
@@ -1770,9 +1841,24 @@ ALWAYS_INLINE __m512i q8r_sums(const __m512i *u, int vectors, const int8_t *x, _
     return _mm512_add_epi32(s0, s1);
 }
 
+/* the weight scales of blocks b..b+15, and per token d_w * d_x (see rg_scales8, rg_dd8) */
+ALWAYS_INLINE __m512 rg_scales16(const uint8_t *p, int per) {
+    if (!per) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (per == 1) return _mm512_loadu_ps((const float *)p);
+    return _mm512_castps256_ps512(_mm256_loadu_ps((const float *)p));
+}
+
+ALWAYS_INLINE __m512 rg_dd16(__m512 wd, const float *xd, int per, int64_t b) {
+    if (per < 2) return _mm512_mul_ps(wd, _mm512_loadu_ps(xd + b));
+    __m256 eight = _mm256_mul_ps(_mm512_castps512_ps256(wd), _mm256_loadu_ps(xd + b / 2));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                 _mm512_castps256_ps512(eight));
+}
+
 /* a group of 16 blocks: 8 vpdpbusd per token, then one conversion and one multiply-add by d_w * d_x */
-ALWAYS_INLINE void q8r_group16(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m512 *acc) {
-    const uint8_t *g = w + b0 * 34;
+ALWAYS_INLINE void q8r_group16(const uint8_t *w, int per, int64_t b0, const QAct *a, int64_t n,
+                               int nt, __m512 *acc) {
+    const uint8_t *g = w + b0 * rg_block_bytes(per);
     int64_t nb = n / BLOCK;
     __m512i u[8];
     q8r_unsigned(g, 8, u);
@@ -1781,16 +1867,16 @@ ALWAYS_INLINE void q8r_group16(const uint8_t *w, int64_t b0, const QAct *a, int6
     for (int t = 0; t < nt; t++) {
         __m512i c = _mm512_slli_epi32(_mm512_loadu_si512(a->c16 + t * nb + b0), 4);
         __m512i s = q8r_sums(u, 8, a->q16 + t * n + b0 * BLOCK, c);
-        if (t == 0) wd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(g + 512))); /* see Q8R_SCALES_LATE */
-        __m512 xd = _mm512_loadu_ps(a->d + t * nb + b0);
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wd, xd), acc[t]);
+        if (t == 0) wd = rg_scales16(g + 512, per); /* see Q8R_SCALES_LATE */
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), rg_dd16(wd, rg_xd(a, n, per, t), per, b0), acc[t]);
     }
 }
 
 /* a group of 8 blocks: 4 vpdpbusd per token, register k's lanes 0-7 meeting values 8k..8k+3 of blocks 0-7 and
  * lanes 8-15 values 8k+4..8k+7; the two halves' int32 sums added, then as q8r_lanes8 into acc8 */
-ALWAYS_INLINE void q8r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *g = w + b0 * 34;
+ALWAYS_INLINE void q8r_group8(const uint8_t *w, int per, int64_t b0, const QAct *a, int64_t n,
+                              int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * rg_block_bytes(per);
     int64_t nb = n / BLOCK;
     __m512i u[4];
     q8r_unsigned(g, 4, u);
@@ -1799,22 +1885,22 @@ ALWAYS_INLINE void q8r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64
     for (int t = 0; t < nt; t++) {
         __m256i c = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(a->c16 + t * nb + b0)), 4);
         __m512i s = q8r_sums(u, 4, a->q16 + t * n + b0 * BLOCK, _mm512_zextsi256_si512(c));
-        if (t == 0) wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 256))); /* see Q8R_SCALES_LATE */
+        if (t == 0) wd = rg_scales8(g + 256, per); /* see Q8R_SCALES_LATE */
         __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-        __m256 xd = _mm256_loadu_ps(a->d + t * nb + b0);
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_mul_ps(wd, xd), acc8[t]);
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), rg_dd8(wd, rg_xd(a, n, per, t), per, b0), acc8[t]);
     }
 }
 
-ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
+ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, int per, const QAct *a, int64_t n, int nt,
+                                 __m512 *acc) {
     int64_t nb = n / BLOCK, b = 0;
     __m256 acc8[8];
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
-    for (; nb - b >= 16; b += 16) q8r_group16(w, b, a, n, nt, acc);
-    if (nb - b >= 8) q8r_group8(w, b, a, n, nt, acc8), b += 8;
-    if (nb - b >= 4) q8r_group4(w, b, a, n, nt, acc8), b += 4;
-    for (; b < nb; b++) q8r_single(w, b, a, n, nt, acc8);
+    for (; nb - b >= 16; b += 16) q8r_group16(w, per, b, a, n, nt, acc);
+    if (nb - b >= 8) q8r_group8(w, per, b, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q8r_group4(w, per, b, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q8r_single(w, per, b, a, n, nt, acc8);
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
 }
@@ -2171,7 +2257,9 @@ DEFINE_ZMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
         if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
     }
 DEFINE_NT_TABLE(DEFINE_ZMM_Q4R_ROWS_NT, rows_q4r, _)
-DEFINE_ZMM_ROWS(rows_q8r, dots_q8r_simd(w, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8r, dots_q8r_simd(w, 0, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8r_g32, dots_q8r_simd(w, 1, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q8r_g64, dots_q8r_simd(w, 2, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_blocks, dots_q8_blocks_simd(w, n / BLOCK, a, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8, dots_q8_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
@@ -2215,7 +2303,9 @@ DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
         if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
     }
 DEFINE_NT_TABLE(DEFINE_Q4R_ROWS_NT, rows_q4r, _)
-DEFINE_YMM_ROWS(rows_q8r, dots_q8r_simd(w, a, n, NT, acc))
+DEFINE_YMM_ROWS(rows_q8r, dots_q8r_simd(w, 0, a, n, NT, acc))
+DEFINE_YMM_ROWS(rows_q8r_g32, dots_q8r_simd(w, 1, a, n, NT, acc))
+DEFINE_YMM_ROWS(rows_q8r_g64, dots_q8r_simd(w, 2, a, n, NT, acc))
 #endif
 
 /* the row kernels for m's type and group size */
@@ -2230,6 +2320,7 @@ static const RowsFn *rows_kernels(const Mat *m) {
     if (m->type == W_Q4_0) return rows_q4;
     if (m->type == W_Q4_0R) return rows_q4r;
     if (m->type == W_Q8_0R) return rows_q8r;
+    if (m->type == W_Q8R) return m->gs == 64 ? rows_q8r_g64 : rows_q8r_g32; /* (regroup_q8 takes no other) */
     if (m->type == W_Q8_0) return rows_q8_blocks_avx2;
     if (m->gs == 64) return rows_q8_g64_avx2;
     if (m->gs == 32) return rows_q8_g32_avx2;
@@ -2253,7 +2344,7 @@ static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64
         if (at.c8) at.c8 += t0 * a->c8_stride;
         if (at.d8) at.d8 += t0 * a->d8_stride;
         if (at.c32) at.c32 += t0 * a->c32_stride, at.d32 += t0 * a->d32_stride;
-        if (at.q16) at.q16 += t0 * n, at.c16 += t0 * n_groups;
+        if (at.q16) at.q16 += t0 * n, at.c16 += t0 * (n / BLOCK);
         kernels[nt](m, lo, hi, &at, n, out + n_tok * m->row0 + t0 * m->rows, m->rows, accumulate);
     }
 }
@@ -2284,14 +2375,15 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                     a->d4[t * a->d4_stride + (step * Q4_D_COPIES + c) * Q4_GROUP + b] = a->d[t * n_groups + g];
             }
     }
-    if ((types & (1u << W_Q4_0R | 1u << W_Q8_0R)) && gs == BLOCK) {
+    if (((types & (1u << W_Q4_0R | 1u << W_Q8_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))) {
+        int64_t nb = n / BLOCK;
         a->q16 = scratch_alloc(n_tok * n + 64, 0);
-        a->c16 = scratch_alloc((n_tok * n_groups + 16) * sizeof(int32_t), 0);
+        a->c16 = scratch_alloc((n_tok * nb + 16) * sizeof(int32_t), 0);
         for (int64_t t = 0; t < n_tok; t++) {
             const int8_t *x = a->q + t * n;
             int8_t *dst = a->q16 + t * n;
-            for (int64_t b0 = 0, G; b0 < n_groups; b0 += G) {
-                G = rg_group(n_groups - b0);
+            for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
+                G = rg_group(nb - b0);
                 if (G == 1) {
                     memcpy(dst + b0 * BLOCK, x + b0 * BLOCK, BLOCK);
                     continue;
@@ -2300,7 +2392,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
                  * ones'; Q8_0R: those its vector v meets) */
                 rg_interleave((uint8_t *)dst + b0 * BLOCK, (const uint8_t *)x + b0 * BLOCK, G, 8, BLOCK);
             }
-            for (int64_t g = 0; g < n_groups; g++) a->c16[t * n_groups + g] = q4_correction(x + g * BLOCK);
+            for (int64_t b = 0; b < nb; b++) a->c16[t * nb + b] = q4_correction(x + b * BLOCK);
         }
     }
 #endif
@@ -2492,6 +2584,47 @@ int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, in
 #endif
 }
 
+typedef struct {
+    const int8_t *q;
+    const float *s;
+    uint8_t *dst;
+    int64_t n, gs;
+} RegroupQ8;
+
+/* rows [lo, hi) of a Q8 matrix as Q8R (see W_Q8R) */
+static void regroup_q8_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const RegroupQ8 *r = ctx;
+    int64_t n = r->n, nb = n / BLOCK, per = r->gs / BLOCK, rb = n + 4 * (n / r->gs);
+    for (int64_t i = lo; i < hi; i++) {
+        const uint8_t *q = (const uint8_t *)r->q + i * n;
+        const float *s = r->s + i * (n / r->gs);
+        uint8_t *d = r->dst + i * rb;
+        for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
+            G = rg_group(nb - b0);
+            if (G == 1) G = per; /* past the groups: a group of gs's values, then its scale */
+            uint8_t *at = d + b0 * (BLOCK + 4 / per);
+            if (G >= 4) rg_interleave(at, q + b0 * BLOCK, G, 8, BLOCK);
+            else memcpy(at, q + b0 * BLOCK, G * BLOCK);
+            memcpy(at + G * BLOCK, s + b0 / per, 4 * (G / per));
+        }
+    }
+}
+
+/* dst (rows, n + 4 * n / gs bytes) = the Q8 matrix of values q (rows, n) and scales s (rows, n / gs) as Q8R (see
+ * W_Q8R) for this build's kernels; returns 0, or 1 where the build has no kernel for it (groups other than 32
+ * and 64, no AVX2: keep the matrix as it is there) */
+int regroup_q8(const int8_t *q, const float *s, uint8_t *dst, int64_t rows, int64_t n, int64_t gs) {
+#ifdef __AVX2__
+    if ((gs != 32 && gs != 64) || n % gs) return 1;
+    RegroupQ8 r = {q, s, dst, n, gs};
+    pool_run(regroup_q8_chunk, &r, rows, 256, rows * n);
+    return 0;
+#else
+    (void)q, (void)s, (void)dst, (void)rows, (void)n, (void)gs, (void)regroup_q8_chunk;
+    return 1;
+#endif
+}
+
 /* o (gs values) = a group's values times its scale: int8 values, or Q4_0's 16 bytes of nibbles (`nibbles`:
  * weights 0-15 in the low nibbles, 16-31 in the high ones, each standing for nibble - 8) */
 ALWAYS_INLINE void dequantize_group(const uint8_t *v, int nibbles, int64_t gs, float scale, float *o) {
@@ -2547,6 +2680,24 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
                 rg_lane(at, G, l, words, block);
                 dequantize_group(block + 2, nibbles, BLOCK, fp16_to_f32(load_u16(block)), o + (b0 + l) * BLOCK);
             }
+        }
+        return;
+    }
+    if (m->type == W_Q8R) { /* each block gathered from its group (see W_Q8R), scaled by its group's scale */
+        const uint8_t *row = (const uint8_t *)m->w + i * row_bytes(m, n);
+        int64_t nb = n / BLOCK, per = m->gs / BLOCK, b0 = 0;
+        for (int64_t G = rg_group(nb); G > 1 && b0 < nb; b0 += G, G = rg_group(nb - b0)) {
+            const uint8_t *at = row + b0 * (BLOCK + 4 / per);
+            for (int64_t l = 0; l < G; l++) {
+                uint8_t values[BLOCK];
+                for (int v = 0; v < 8; v++) memcpy(values + 4 * v, at + 4 * G * v + 4 * l, 4);
+                dequantize_group(values, 0, BLOCK, load_f32(at + BLOCK * G + 4 * (l / per)), o + (b0 + l) * BLOCK);
+            }
+        }
+        for (; b0 < nb; b0++) { /* past the groups */
+            const uint8_t *values, *scale;
+            rg_single(row, (int)per, b0, &values, &scale);
+            dequantize_group(values, 0, BLOCK, load_f32(scale), o + b0 * BLOCK);
         }
         return;
     }
