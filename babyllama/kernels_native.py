@@ -98,7 +98,9 @@ INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # model's 36,119-36,428 against 33,350-33,612. Other group sizes (16, 8, 4: models of odd widths) have only the
 # scalar int8 rows (stories260K's groups of 4: 256-token prompts ~7,900 tok/s against ~38,000 on sgemm): they stay
 # on sgemm.
-# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts (Zen 3): they stay on sgemm.
+# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts (Zen 3): they stay on sgemm. Matrices of
+# groups of 32 or 64 are packed for the kernels on their first decode step (W_Q8R) and then take
+# INT8_Q8R_PROMPT_MIN_COLS, whose kernels they run.
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
 # shortest rows it takes them from. Two Zen 4 cores, 256-token prompts of GGUF Q8_0 files, the two routes
@@ -108,7 +110,9 @@ INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # 42M 1.11-1.17x; 15M 0.99-1.04x with every matrix on int8 and 1.08-1.11x with its w2 alone there (rows of 768;
 # its others are 288 long), so from rows of 512. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in
 # fewer instructions. Blocks not regrouped (their values gathered out of 34-byte blocks first) took 1.08-1.22x
-# sgemm's time: they stay there.
+# sgemm's time: they stay there. runq.c's Q8 packed (W_Q8R) runs the same kernels and takes the same table: the
+# AVX2 build on two Zen 4 cores prefilled 256 tokens of 110M `.bin` Q8_0 at 753-840 tok/s on them against 652-704
+# on sgemm (alternating processes, three each).
 INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 512}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16, W_Q8R = range(9)
@@ -683,11 +687,13 @@ class NativeKernels:
     def prompt_on_int8(self, w: Matrix) -> bool:
         """Whether a prompt's product with w runs the int8 decode kernel rather than dequantize + sgemm: Q4_0
         matrices on the builds of INT8_Q4_PROMPT_MIN_COLS, runq.c-layout Q8_0 ones on those of
-        INT8_Q8_PROMPT_MIN_COLS, llama.cpp's Q8_0 blocks regrouped on those of INT8_Q8R_PROMPT_MIN_COLS, with
-        rows at least that long."""
+        INT8_Q8_PROMPT_MIN_COLS, llama.cpp's Q8_0 blocks regrouped and runq.c's packed on those of
+        INT8_Q8R_PROMPT_MIN_COLS, with rows at least that long."""
         if isinstance(w, BlockTensor):
             min_cols = self._int8_q4_min_cols if w.kind == "q4_0" else self._int8_q8r_min_cols if w.regrouped else None
             return min_cols is not None and w.cols >= min_cols
+        if isinstance(w, QTensor) and w.packed is not None:
+            return self._int8_q8r_min_cols is not None and w.shape[1] >= self._int8_q8r_min_cols
         min_cols = self._int8_q8_min_cols.get(w.group_size) if isinstance(w, QTensor) else None
         return min_cols is not None and w.shape[1] >= min_cols
 

@@ -1364,6 +1364,25 @@ def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, 
             assert not np.array_equal(got, by_token)
 
 
+@pytest.mark.parametrize("sgemm", [True, False])
+def test_packed_q8_prompts_take_the_regrouped_blocks_route(native, sgemm, monkeypatch):
+    """runq.c's Q8 packed for the kernels (groups of 32 or 64) runs the regrouped blocks' kernels and takes
+    their route table, INT8_Q8R_PROMPT_MIN_COLS: the int8 kernel on AVX-512 VNNI builds and on AVX2 builds from
+    rows of 512 (each row of the prompt bit for bit what decoding its token alone gives), sgemm elsewhere."""
+    monkeypatch.setattr(native, "_gemm", native._gemm and sgemm)
+    min_cols = kernels_native.INT8_Q8R_PROMPT_MIN_COLS.get(native.isa())
+    for gs, cols in ((32, 288), (64, 256), (64, 768)):
+        q = _packed(native, quantize_q80(rng.standard_normal((80, cols)).astype(np.float32), gs))
+        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
+        got = native.matmul_many(x, [q])[0]
+        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
+        if min_cols is not None and cols >= min_cols:
+            np.testing.assert_array_equal(got, by_token)
+        else:
+            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
+            assert not np.array_equal(got, by_token)
+
+
 def test_a_product_of_several_tokens_splits_a_small_matrix_across_threads(native):
     """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a one-token product (~32 KB a chunk), so it runs on one
     thread. A prompt's product (8 passes of 8 tokens over those rows and more) and a batched decode step's (2-8
