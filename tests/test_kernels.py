@@ -1302,6 +1302,22 @@ def test_prompt_activations_are_rounded_as_the_reference_rounds_them(native, gs)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # a value rounded to 0 is +0, as in int8
 
 
+def _prompt_route_is(native, ws, on_int8: bool) -> np.ndarray:
+    """Check a prompt's product with ws[0] (ws: the matrices of one call): on the int8 decode kernel each of its
+    rows is bit for bit what decoding that token alone gives; on sgemm within float rounding of it, and not equal.
+    Returns the prompt."""
+    q = ws[0]
+    x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, q.shape[1])).astype(np.float32)
+    got = native.matmul_many(x, ws)[0]
+    by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
+    if on_int8:
+        np.testing.assert_array_equal(got, by_token)
+    else:
+        np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
+        assert not np.array_equal(got, by_token)
+    return x
+
+
 @pytest.mark.parametrize("sgemm", [True, False])  # False: no sgemm was found, NumPy's products instead
 def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monkeypatch):
     """Where this build's int8 kernel outruns dequantize + sgemm on Q4_0 prompts (AVX-512 VNNI builds; AVX2 ones
@@ -1313,14 +1329,8 @@ def test_q4_prompts_take_the_int8_kernel_where_it_is_faster(native, sgemm, monke
     for cols in (128, 256):
         q = quantize_q4_0(rng.standard_normal((96, cols)).astype(np.float32))
         q8 = quantize_q8_0(rng.standard_normal((40, cols)).astype(np.float32))
-        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
-        got, beside = native.matmul_many(x, [q, q8])
-        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-        if min_cols is not None and cols >= min_cols:
-            np.testing.assert_array_equal(got, by_token)
-        else:
-            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
-            assert not np.array_equal(got, by_token)
+        x = _prompt_route_is(native, [q, q8], min_cols is not None and cols >= min_cols)
+        beside = native.matmul_many(x, [q, q8])[1]
         np.testing.assert_array_equal(beside, native.matmul_many(x, [q8])[0])
         want = quantized_gemm(x, [q8], lambda m: m.dequantize())[0]
         np.testing.assert_allclose(beside, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -1334,14 +1344,7 @@ def test_q8_prompts_in_runq_layout_take_the_int8_kernel_where_it_is_faster(nativ
     min_cols = kernels_native.INT8_Q8_PROMPT_MIN_COLS.get(native.isa(), {})
     for gs, cols in ((32, 256), (32, 512), (64, 256)):
         q = quantize_q80(rng.standard_normal((80, cols)).astype(np.float32), gs)
-        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
-        got = native.matmul_many(x, [q])[0]
-        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-        if gs in min_cols and cols >= min_cols[gs]:
-            np.testing.assert_array_equal(got, by_token)
-        else:
-            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
-            assert not np.array_equal(got, by_token)
+        _prompt_route_is(native, [q], gs in min_cols and cols >= min_cols[gs])
 
 
 @pytest.mark.parametrize("sgemm", [True, False])
@@ -1354,14 +1357,7 @@ def test_regrouped_q8_0_prompts_take_the_int8_kernel_where_it_is_faster(native, 
     for cols, regroup in ((128, True), (288, True), (768, True), (768, False)):
         q = quantize_q8_0(rng.standard_normal((80, cols)).astype(np.float32))
         q = _regrouped(native, q) if regroup else q
-        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
-        got = native.matmul_many(x, [q])[0]
-        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-        if regroup and min_cols is not None and cols >= min_cols:
-            np.testing.assert_array_equal(got, by_token)
-        else:
-            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
-            assert not np.array_equal(got, by_token)
+        _prompt_route_is(native, [q], regroup and min_cols is not None and cols >= min_cols)
 
 
 @pytest.mark.parametrize("sgemm", [True, False])
@@ -1373,14 +1369,7 @@ def test_packed_q8_prompts_take_the_regrouped_blocks_route(native, sgemm, monkey
     min_cols = kernels_native.INT8_Q8R_PROMPT_MIN_COLS.get(native.isa())
     for gs, cols in ((32, 288), (64, 256), (64, 768)):
         q = _packed(native, quantize_q80(rng.standard_normal((80, cols)).astype(np.float32), gs))
-        x = rng.standard_normal((kernels_native.QUANT_NATIVE_GEMM_MIN_ROWS + 5, cols)).astype(np.float32)
-        got = native.matmul_many(x, [q])[0]
-        by_token = np.concatenate([native.matmul(x[i:i + 1], [q])[0] for i in range(len(x))])
-        if min_cols is not None and cols >= min_cols:
-            np.testing.assert_array_equal(got, by_token)
-        else:
-            np.testing.assert_allclose(got, by_token, rtol=1e-5, atol=1e-5 * np.abs(by_token).max())
-            assert not np.array_equal(got, by_token)
+        _prompt_route_is(native, [q], min_cols is not None and cols >= min_cols)
 
 
 def test_a_product_of_several_tokens_splits_a_small_matrix_across_threads(native):
