@@ -16,8 +16,8 @@
  *    holds weight j in its low nibble and weight j + 16 in its high one.
  *  - Q4_0R and Q8_0R: the same blocks, each row's bytes regrouped once for the SIMD kernels (see W_Q4_0R), the
  *    order decode steps read a model's Q4_0 and Q8_0 blocks in.
- *  - Q8R: Q8 with groups of 32 or 64, each row's values regrouped as Q8_0R's (see W_Q8R), its fp32 scales as
- *    they are: the order decode steps read a .bin version 2 model in.
+ *  - Q8R: Q8 with groups of 32 or 64, each row's values regrouped as Q8_0R's and its fp32 scales after each
+ *    group (see W_Q8R): the order decode steps read a .bin version 2 model in.
  *
  * Quantized products quantize the activations per group like the weights (scale = max|x|/127,
  * q = round(x/scale); groups of gs for Q8, of 32 for the block types) and compute
@@ -567,9 +567,10 @@ static inline int rg_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 
  * gs / 32), so that a group of G blocks is G * (32 + 4 / per) bytes (per 2: 34G, Q8_0R's size). The last 0-3
  * blocks stay as they are: per block its values, then its scale (gs 32); per pair its 64 values, then their
  * scale (gs 64). The Q8_0R kernels run it, reading its fp32 scales where Q8_0R's fp16 ones are: runq.c's layout
- * takes two shuffles, a scale permute and a conversion more per 128 bytes, and its scales, a stream apart from
- * the values, read DRAM slower (a separate scales array, one Zen 4 core, 110M's rows of 768: 0.92-0.97x the
- * speed of runq.c's layout; the scales after each group's values: 1.07x; rows of 2048 1.18x). */
+ * takes two shuffles, a scale permute and a conversion more per 128 bytes. The scales go with the values: kept
+ * in their own array, a second stream per row, the packed values read DRAM slower than runq.c's layout (one Zen 4
+ * core, 110M's rows of 768: 0.88-0.99x its speed), after each group faster (1.05-1.10x; rows of 2048
+ * 1.17-1.19x; docs/speed.md). */
 
 /* where the values and the scale of a Q8R row's block g lie when it is past the row's groups (per: blocks per
  * group scale; per 0: a plain Q8_0 block) */
