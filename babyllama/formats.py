@@ -28,7 +28,7 @@ import numpy as np
 from . import memory, safeio
 from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
 from .errors import BabyLlamaError
-from .quant import BLOCK, BLOCK_BYTES, QUANTIZE_CHUNK_BYTES, BlockTensor, quantize_q4_0
+from .quant import BLOCK, BLOCK_BYTES, QUANTIZE_CHUNK_BYTES, BlockTensor, quantize_q4_0, unpacked_q8
 
 MAGIC = 0x616B3432  # "ak42" little-endian
 HEADER_V0 = 7 * 4
@@ -44,16 +44,37 @@ QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' t
 class QTensor:
     """A Q8_0 matrix: int8 values (out, in) and one fp32 scale per `group_size` consecutive values.
     `packed`: the same values and scales in the order the native kernels read (kernels.c's W_Q8R), which they
-    make on a matrix's first use; q and s stay what everything else reads."""
+    make on a matrix's first use. Where q and s were process memory they are then let go (keep_packed_only), so
+    that memory holds the matrix once, and rebuilt from `packed` (a copy) whenever something reads them."""
 
     q: np.ndarray  # int8, (out, in)
     s: np.ndarray  # float32, (out, in // group_size)
     group_size: int
     packed: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8, (out, in + 4 * groups)
 
+    def __getattr__(self, name: str):  # only for what the instance lacks: q and s after keep_packed_only
+        packed = self.__dict__.get("packed")
+        if name not in ("q", "s") or packed is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        q, s = unpacked_q8(packed, self.shape[1], self.group_size)
+        return q if name == "q" else s
+
+    def keep_packed_only(self) -> None:
+        """Let q and s go (`packed` must hold them): later reads rebuild them from it."""
+        assert self.packed is not None
+        del self.q, self.s
+
+    @property
+    def plain_kept(self) -> bool:
+        """Whether q and s are held as they are (not only in `packed`)."""
+        return "q" in self.__dict__
+
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.q.shape
+        if self.plain_kept:
+            return self.q.shape
+        rows, row_bytes = self.packed.shape  # type: ignore[union-attr]  # not kept: packed holds them
+        return rows, row_bytes * self.group_size // (self.group_size + 4)
 
     def dequantize(self) -> np.ndarray:
         out, n = self.q.shape
@@ -605,7 +626,7 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
 def matrix_arrays(m: Matrix) -> list[np.ndarray]:
     """The arrays that hold m's bytes."""
     if isinstance(m, QTensor):
-        return [m.q, m.s]
+        return [m.q, m.s] if m.plain_kept else [m.packed]  # type: ignore[list-item]  # packed when not kept
     return [m.data] if isinstance(m, BlockTensor) else [m.bits] if isinstance(m, BF16Tensor) else [m]
 
 

@@ -493,14 +493,13 @@ def _vector(a: np.ndarray, what: str) -> np.ndarray:
 
 def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
-    if isinstance(w, QTensor):
+    if isinstance(w, QTensor) and w.packed is not None:
+        m.w, m.s, m.type, m.gs = _address(w.packed), None, W_Q8R, w.group_size
+    elif isinstance(w, QTensor):
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
                 and w.s.dtype == np.float32):
             raise ValueError("Q8_0 weights must be C-contiguous int8 values and float32 scales")
-        if w.packed is not None:
-            m.w, m.s, m.type, m.gs = _address(w.packed), None, W_Q8R, w.group_size
-        else:
-            m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
+        m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
     elif isinstance(w, BlockTensor):
         if not (w.data.flags.c_contiguous and w.data.dtype == np.uint8):
             raise ValueError("block-quantized weights must be C-contiguous uint8")
@@ -890,10 +889,10 @@ class NativeKernels:
         where they were a file's pages (memory.release_mapped; a later read maps them again from the page cache),
         so that memory holds the blocks and their copy together for one matrix (a file's) or an eighth of the
         model (process memory, returned to the system that often) at most. Matrices of runq.c's layout (Q8 with
-        groups of 32 or 64, kernels.c's W_Q8R) get their copy beside them (QTensor.packed): their values and
-        scales stay for every other reader, handed back where they are a file's pages and held twice where they
-        are process memory. Nothing changes where the build has no such kernels or the copies would take more
-        than a quarter of the free memory (memory.read_by_default)."""
+        groups of 32 or 64, kernels.c's W_Q8R) get their copy in QTensor.packed: their values and scales stay for
+        every other reader where they are a file's pages (handed back), and are let go where they were process
+        memory (QTensor.keep_packed_only: rebuilt from the copy when read). Nothing changes where the build has no
+        such kernels or the copies would take more than a quarter of the free memory (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if (isinstance(w, BlockTensor) and not w.regrouped)
                      or (isinstance(w, QTensor) and w.packed is None and w.group_size in PACKED_GROUP_SIZES)}.values())
         total = sum(w.nbytes if isinstance(w, BlockTensor) else w.q.nbytes + w.s.nbytes for w in todo)
@@ -905,25 +904,33 @@ class NativeKernels:
         # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
         every, since = min(total // 8, 64 << 20), 0
         for w in todo:
-            if isinstance(w, QTensor):  # runq.c's layout stays for every other reader (see QTensor.packed)
-                nbytes = w.q.nbytes + w.s.nbytes
-                w.packed = self.pack_q8(w, buf[at:at + nbytes])
-                if w.packed is None:  # no such kernels in this build
-                    return
-                memory.release_mapped(w.q, w.s, maps=maps)
-                at += nbytes
-                continue
-            copy = self.regroup(w, buf[at:at + w.nbytes])
-            if copy is None:  # no regrouped kernels in this build
+            nbytes = w.nbytes if isinstance(w, BlockTensor) else w.q.nbytes + w.s.nbytes
+            if not self._regroup_one(w, buf[at:at + nbytes], maps):  # no such kernels in this build
                 return
-            blocks, w.data, w.regrouped = w.data, copy.data, True
-            memory.release_mapped(blocks, maps=maps)
-            del blocks  # process memory is freed here
-            at, since = at + w.nbytes, since + w.nbytes
+            at, since = at + nbytes, since + nbytes
             if since >= every:
                 memory.return_freed_memory()
                 since = 0
         memory.return_freed_memory()
+
+    def _regroup_one(self, w: BlockTensor | QTensor, out: np.ndarray, maps: list[tuple[int, int]]) -> bool:
+        """w regrouped (blocks) or packed (runq.c's Q8) into `out` for every reader, the bytes it came from let go
+        (see _regroup); False where the build has no kernels for it."""
+        if isinstance(w, QTensor):
+            w.packed = self.pack_q8(w, out)
+            if w.packed is None:
+                return False
+            if memory.file_mapped(w.q, maps) and memory.file_mapped(w.s, maps):
+                memory.release_mapped(w.q, w.s, maps=maps)
+            else:
+                w.keep_packed_only()  # process memory is freed here
+            return True
+        copy = self.regroup(w, out)
+        if copy is None:
+            return False
+        blocks, w.data, w.regrouped = w.data, copy.data, True
+        memory.release_mapped(blocks, maps=maps)
+        return True  # the blocks are freed as this returns where they were process memory
 
     describe = step_plan
 

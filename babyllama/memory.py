@@ -221,6 +221,12 @@ def read_only_file_maps() -> list[tuple[int, int]]:
     return maps
 
 
+def file_mapped(a: np.ndarray, maps: list[tuple[int, int]]) -> bool:
+    """Whether a's bytes lie in one of `maps` (what read_only_file_maps() gave)."""
+    start = a.ctypes.data
+    return any(lo <= start and start + a.nbytes <= hi for lo, hi in maps)
+
+
 def release_mapped(*arrays: np.ndarray, maps: list[tuple[int, int]] | None = None) -> None:
     """Hand back the pages under `arrays` that lie in read-only maps of files: this process stops holding them
     resident, and a later read maps them again from the page cache (the same bytes). For matrices that a copy

@@ -105,6 +105,30 @@ def regrouped_group(left: int) -> int:
     return 16 if left >= 16 else 8 if left >= 8 else 4 if left >= 4 else 1
 
 
+def unpacked_q8(packed: np.ndarray, cols: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of kernels.c's packed Q8 (W_Q8R: rows, cols + 4 * cols / group_size bytes) back as runq.c's int8
+    values (rows, cols) and fp32 scales (rows, cols / group_size). The blocks of 32 values go in groups as
+    regrouped_blocks' Q8_0 ones (a group of G: 8 vectors of G 4-byte lanes), each group followed by the fp32
+    scales of its G / per runq.c groups (per = group_size / 32); the last blocks stay as they are, each group of
+    group_size values followed by its scale."""
+    rows, per, nb = packed.shape[0], group_size // BLOCK, cols // BLOCK
+    q = np.empty((rows, cols), dtype=np.int8)
+    s = np.empty((rows, cols // group_size), dtype=np.float32)
+    b0 = 0
+    while b0 < nb:
+        g = regrouped_group(nb - b0)
+        g = per if g == 1 else g
+        at = b0 * (BLOCK + 4 // per)
+        values = packed[:, at:at + BLOCK * g]
+        if g >= 4:
+            values = values.reshape(rows, 8, g, 4).transpose(0, 2, 1, 3).reshape(rows, BLOCK * g)
+        q[:, BLOCK * b0:BLOCK * (b0 + g)] = values.view(np.int8)
+        scales = packed[:, at + BLOCK * g:at + BLOCK * g + 4 * (g // per)]
+        s[:, b0 // per:(b0 + g) // per] = np.ascontiguousarray(scales).view(np.float32)
+        b0 += g
+    return q, s
+
+
 def regrouped_blocks(data: np.ndarray, kind: str) -> np.ndarray:
     """Rows of Q4_0 or Q8_0 bytes in kernels.c's regrouped order (rows, nb * block bytes) back as blocks (rows,
     nb, block bytes). A row's blocks go in groups of 16, then at most one of 8 and one of 4 (regrouped_group),

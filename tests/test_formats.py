@@ -387,25 +387,53 @@ def test_a_q4_0_model_saves_the_same_bytes_after_it_ran(tmp_path):
     assert (tmp_path / "after.bin").read_bytes() == (tmp_path / "before.bin").read_bytes()
 
 
-def test_a_runq_q8_model_runs_packed_and_saves_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("mmap", [None, False])
+def test_a_runq_q8_model_runs_packed_and_saves_the_same_bytes(tmp_path, mmap):
     """Running a .bin version 2 model gives its matrices the native kernels' packed copy (groups of 32 here:
-    dim 288's) and leaves runq.c's values and scales as they were: a file written after holds the same bytes,
-    and the step's logits agree with the plain NumPy path's within float rounding."""
+    dim 288's). runq.c's values and scales stay where they are a file's pages (mapped: the default) and are let
+    go where they were read into memory, rebuilt from the copy when read: either way a file written after holds
+    the same bytes, and the step's logits agree with the plain NumPy path's within float rounding."""
     from babyllama.engine import Engine
 
     args = tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)
     formats.save(random_weights(args), tmp_path / "m.bin", version=2)
-    w = formats.load(tmp_path / "m.bin")
+    w = formats.load(tmp_path / "m.bin", mmap=mmap)
     engine = Engine(w)
     logits = engine.forward([1, 2, 3], range(3), engine.new_cache())
     if w.wq[0].packed is None:
         pytest.skip("the kernels here keep runq.c's layout as it is (no native build with AVX2)")
     assert w.wq[0].group_size == 32 and all(m.packed is not None for m in (*w.w1, *w.w2, w.wcls))
+    assert all(m.plain_kept == (mmap is None) for m in (*w.w1, *w.w2, w.wcls))
     formats.save(w, tmp_path / "after.bin", version=2)
     assert (tmp_path / "after.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
     plain = Engine(formats.load(tmp_path / "m.bin"), plain=True)
     expected = plain.forward([1, 2, 3], range(3), plain.new_cache())
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_q8_model_quantized_on_load_is_held_once_after_it_ran():
+    """runq.c's values and scales made on load (`--quantize q8_0`) are let go once the native kernels packed
+    them: memory holds each matrix once, and whatever reads q and s after gets the same values back."""
+    import gc
+    import weakref
+
+    from babyllama.engine import Engine
+
+    fp32 = random_weights(tiny_args(dim=128, hidden_dim=384, vocab_size=320))
+    w = fp32.quantize_as("q8_0")
+    before = [(m.q.copy(), m.s.copy()) for m in w.w2]
+    made = weakref.ref(w.w2[0].q)
+    engine = Engine(w)
+    engine.forward([1, 2], range(2), engine.new_cache())
+    if w.w2[0].packed is None:
+        pytest.skip("the kernels here keep runq.c's layout as it is (no native build with AVX2)")
+    gc.collect()
+    assert made() is None and not w.w2[0].plain_kept
+    assert formats.matrix_arrays(w.w2[0]) == [w.w2[0].packed] and w.w2[0].shape == before[0][0].shape
+    for m, (q, s) in zip(w.w2, before):
+        np.testing.assert_array_equal(m.q, q)
+        np.testing.assert_array_equal(m.s, s)
+    np.testing.assert_array_equal(w.w2[0].dequantize(), formats.QTensor(*before[0], w.w2[0].group_size).dequantize())
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])

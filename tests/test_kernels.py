@@ -46,7 +46,7 @@ from babyllama.kernels_base import (
     quantized_gemm,
 )
 from babyllama.quant import QUANTIZERS as BLOCK_QUANTIZERS
-from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0
+from babyllama.quant import BlockTensor, quantize_q4_0, quantize_q8_0, unpacked_q8
 from babyllama.sampler import Rng, Sampler
 from babyllama.threads import usable_cpus
 
@@ -358,6 +358,9 @@ def test_packed_q8_products_match_runq_layout(native, gs, n):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_array_equal(native.dequantize(p), q.dequantize())
     np.testing.assert_array_equal(native.embed(p, np.array([3, 0, 36])), q.dequantize()[[3, 0, 36]])
+    values, scales = unpacked_q8(p.packed, n, gs)  # NumPy reads the packed bytes back as runq.c's
+    np.testing.assert_array_equal(values, q.q)
+    np.testing.assert_array_equal(scales, q.s)
 
 
 @pytest.mark.parametrize("gs, n", [(64, 768), (32, 288)])
