@@ -494,6 +494,8 @@ def _vector(a: np.ndarray, what: str) -> np.ndarray:
 def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
     if isinstance(w, QTensor) and w.packed is not None:
+        if not (w.packed.flags.c_contiguous and w.packed.dtype == np.uint8):
+            raise ValueError("packed Q8_0 weights must be C-contiguous uint8")
         m.w, m.s, m.type, m.gs = _address(w.packed), None, W_Q8R, w.group_size
     elif isinstance(w, QTensor):
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
@@ -842,8 +844,11 @@ class NativeKernels:
     def pack_q8(self, w: QTensor, out: np.ndarray | None = None) -> np.ndarray | None:
         """w's values and scales in the order this build's kernels read them (kernels.c's W_Q8R; uint8, rows of
         cols + 4 * groups bytes), in `out` when given; None where the build has no kernel for them (no AVX2,
-        groups other than 32 and 64)."""
+        groups other than 32 and 64) or w's arrays are not what C reads."""
         rows, cols = w.shape
+        if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
+                and w.s.dtype == np.float32):
+            return None  # not what C reads: describing it says so (_fill)
         data = np.empty((rows, cols + 4 * (cols // w.group_size)), dtype=np.uint8) if out is None else out
         data = data.reshape(rows, -1)
         if self.lib.regroup_q8(_address(w.q), _address(w.s), _address(data), rows, cols, w.group_size):

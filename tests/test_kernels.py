@@ -363,6 +363,20 @@ def test_packed_q8_products_match_runq_layout(native, gs, n):
     np.testing.assert_array_equal(scales, q.s)
 
 
+def test_q8_arrays_c_cannot_read_are_neither_packed_nor_run(native):
+    """Values or scales that are not C-contiguous int8/float32 are not packed (pack_q8: None) and a product with
+    them is refused in one line, as is a packed copy that is not C-contiguous uint8."""
+    q = quantize_q80(rng.standard_normal((16, 128)).astype(np.float32), 64)
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    odd = dataclasses.replace(q, q=np.asfortranarray(q.q))
+    assert native.pack_q8(odd) is None
+    with pytest.raises(ValueError, match="C-contiguous int8 values"):
+        native.matmul(x, [odd])
+    p = _packed(native, q)
+    with pytest.raises(ValueError, match="packed Q8_0 weights must be C-contiguous"):
+        native.matmul(x, [dataclasses.replace(p, packed=np.asfortranarray(p.packed))])
+
+
 @pytest.mark.parametrize("gs, n", [(64, 768), (32, 288)])
 def test_packed_q8_rows_alone_or_in_a_batch_are_identical(native, gs, n):
     p = _packed(native, quantize_q80(rng.standard_normal((40, n)).astype(np.float32), gs))
