@@ -76,6 +76,12 @@ class QTensor:
         rows, row_bytes = self.packed.shape  # type: ignore[union-attr]  # not kept: packed holds them
         return rows, row_bytes * self.group_size // (self.group_size + 4)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its values and scales (and of its packed copy, the same bytes in another order)."""
+        rows, cols = self.shape
+        return rows * (cols + 4 * (cols // self.group_size))
+
     def dequantize(self) -> np.ndarray:
         out, n = self.q.shape
         g = self.group_size

@@ -849,8 +849,7 @@ class NativeKernels:
         if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
                 and w.s.dtype == np.float32):
             return None  # not what C reads: describing it says so (_fill)
-        data = np.empty((rows, cols + 4 * (cols // w.group_size)), dtype=np.uint8) if out is None else out
-        data = data.reshape(rows, -1)
+        data = (np.empty(w.nbytes, dtype=np.uint8) if out is None else out).reshape(rows, -1)
         if self.lib.regroup_q8(_address(w.q), _address(w.s), _address(data), rows, cols, w.group_size):
             return None
         return data
@@ -900,7 +899,7 @@ class NativeKernels:
         such kernels or the copies would take more than a quarter of the free memory (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if (isinstance(w, BlockTensor) and not w.regrouped)
                      or (isinstance(w, QTensor) and w.packed is None and w.group_size in PACKED_GROUP_SIZES)}.values())
-        total = sum(w.nbytes if isinstance(w, BlockTensor) else w.q.nbytes + w.s.nbytes for w in todo)
+        total = sum(w.nbytes for w in todo)
         if not todo or not memory.read_by_default(total):
             return
         self._plans.clear()  # their descriptions hold the blocks
@@ -909,10 +908,9 @@ class NativeKernels:
         # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
         every, since = min(total // 8, 64 << 20), 0
         for w in todo:
-            nbytes = w.nbytes if isinstance(w, BlockTensor) else w.q.nbytes + w.s.nbytes
-            if not self._regroup_one(w, buf[at:at + nbytes], maps):  # no such kernels in this build
+            if not self._regroup_one(w, buf[at:at + w.nbytes], maps):  # no such kernels in this build
                 return
-            at, since = at + nbytes, since + nbytes
+            at, since = at + w.nbytes, since + w.nbytes
             if since >= every:
                 memory.return_freed_memory()
                 since = 0
