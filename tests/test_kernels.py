@@ -720,11 +720,12 @@ import ctypes, json, sys
 from babyllama import kernels_native
 lib = kernels_native.load().lib
 lib.adapt_test_record.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-state = (ctypes.c_int64 * 5)()
+state = (ctypes.c_int64 * 6)()
 
 def now():
     lib.adapt_test_state(state)
-    return {"phase": state[0], "choice": state[1], "streak": state[2], "opening": state[3], "multi": state[4]}
+    return {"phase": state[0], "choice": state[1], "streak": state[2], "opening": state[3], "multi": state[4],
+            "multi_streak": state[5]}
 
 def job(rate_all, rate_one=10.0, ns=100_000):
     # one decode step's worth of products in one job, 100 us each, bytes per ns by how the state runs it
@@ -747,7 +748,7 @@ def cycle(probe_rate, exploit_rate):
     for _ in range(200):
         job(exploit_rate)
     later = now()["choice"]
-    return chosen, later, 200 + until_phase_changes(exploit_rate), now()["streak"]
+    return chosen, later, 200 + until_phase_changes(exploit_rate), now()["streak"], now()["multi_streak"]
 
 until_phase_changes(13.0)  # the opening phase, on every thread
 print(json.dumps({
@@ -757,8 +758,12 @@ print(json.dumps({
     "guarded": cycle(13.0, 7.0),
     # every thread probes slower three times and more: each phase on one thread twice as long, up to 8x
     "slower": [cycle(7.0, 7.0) for _ in range(5)],
-    # and faster again: back to 2,048 jobs
-    "faster": cycle(13.0, 13.0),
+    # and faster again, by a clear margin five times: twice as long each time, up to 8x
+    "faster": [cycle(13.0, 13.0) for _ in range(5)],
+    # the guard fires in a backed-off phase: it ends as an unbacked one would
+    "guarded_late": cycle(13.0, 7.0),
+    # every thread wins by less than the clear margin: no back-off
+    "narrow": [cycle(10.5, 10.5) for _ in range(3)],
 }))
 """
 
@@ -767,13 +772,21 @@ def test_the_adaptation_leaves_every_thread_that_runs_slower_than_one_and_backs_
     """The pool's adaptation (kernels.c, adapt_record) driven with made-up job times: a choice of every thread
     that then moves fewer bytes per second than 0.85x the caller's thread alone did is undone within 16 ms of
     jobs (the guard); an idle machine's faster threads keep it; phases that end on one thread back off (2,048
-    jobs, then twice as many each time in a row, up to 8x), and a probe won by every thread ends the back-off."""
+    jobs, then twice as many each time in a row, up to 8x), and a probe won by every thread ends the back-off.
+    Phases on every thread after probes won by 1.1x or more back off alike (fewer probes, each a step on one
+    thread), until the guard fires or a probe is won narrowly."""
     out = json.loads(run_with_default_threads(ADAPTATION, "the adaptation is not used"))
-    assert out["kept"] == [1, 1, 2048, 0]
-    assert out["guarded"] == [1, 0, 2048, 1]  # a guarded phase counts as one on the caller's thread
+    assert out["kept"] == [1, 1, 2048, 0, 1]
+    # a guarded phase counts as one on the caller's thread, and it is not backed off though the one before was
+    assert out["guarded"] == [1, 0, 2048, 1, 0]
     assert [c[:2] for c in out["slower"]] == [[0, 0]] * 5
-    assert [c[2:] for c in out["slower"]] == [[4096, 2], [8192, 3], [16384, 4], [16384, 5], [16384, 6]]
-    assert out["faster"] == [1, 1, 2048, 0]
+    assert [c[2:] for c in out["slower"]] == [[4096, 2, 0], [8192, 3, 0], [16384, 4, 0], [16384, 5, 0],
+                                              [16384, 6, 0]]
+    assert [c[:2] for c in out["faster"]] == [[1, 1]] * 5
+    assert [c[2:] for c in out["faster"]] == [[2048, 0, 1], [4096, 0, 2], [8192, 0, 3], [16384, 0, 4],
+                                              [16384, 0, 5]]
+    assert out["guarded_late"] == [1, 0, 2048, 1, 0]
+    assert out["narrow"] == [[1, 1, 2048, 0, 0]] * 3
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -344,7 +344,11 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * all-thread jobs stay at 1.2-1.5x the one-thread rate (memory-bound 110M Q8_0 the least), clear of the guard.
  * Phases that end on the caller's thread alone back off: each one in a row runs twice as long as the one
  * before, up to 8x (800 ms), so a machine that stays busy is probed a few times a second rather than ten, and
- * an idle one is found again within a second. */
+ * an idle one is found again within a second. Phases on every thread after probes they won by CLEAR_WIN or more
+ * back off the same way, the guard watching over them: each probe runs a whole step on the caller's thread
+ * alone, which cost an idle 110M Q8_0 decode 2.7% against explicit threads with a probe every 100 ms (0.9%
+ * backed off). A guard that fires ends the back-off, so the phase it cuts short lasts no longer than an
+ * unbacked one. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
 #define PROBE_ALL_NS 8000000LL  /* 8 ms: the all-threads phase, unless it loses first */
@@ -353,7 +357,8 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
 #define EXPLOIT_NS 100000000LL  /* 100 ms */
 #define GUARD_NS 16000000LL     /* 16 ms */
 #define GUARD_SHARE 0.85
-#define MAX_BACKOFF 3           /* one-thread phases in a row run up to 2^3 times as long */
+#define MAX_BACKOFF 3           /* phases of one choice in a row run up to 2^3 times as long */
+#define CLEAR_WIN 1.1           /* every thread's probe over one thread's from which its phases back off */
 
 static struct {
     pthread_mutex_t lock;
@@ -368,7 +373,9 @@ static struct {
     double ns[2], bytes[2];
     double guard_ns, guard_bytes; /* this phase's jobs of `tokens` run on every thread by choice */
     int single_streak;  /* phases in a row that ended running on the caller's thread alone */
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}, 0, 0, 0};
+    int clear_win;      /* the last probe: every thread moved CLEAR_WIN times one thread's bytes per second */
+    int multi_streak;   /* phases in a row on every thread after clear wins, the guard silent */
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}, 0, 0, 0, 0, 0};
 static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a step begins */
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
@@ -420,8 +427,8 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     adapt.phase_ns += ns;
     int64_t step = atomic_load_explicit(&steps_begun, memory_order_relaxed);
     int exploit = adapt.phase == 2 && !adapt.opening;
-    int backoff = exploit && !adapt.choice ? (adapt.single_streak < MAX_BACKOFF ? adapt.single_streak : MAX_BACKOFF)
-                                           : 0;
+    int streak = adapt.choice ? adapt.multi_streak : adapt.single_streak;
+    int backoff = exploit ? (streak < MAX_BACKOFF ? streak : MAX_BACKOFF) : 0;
     int64_t limit = exploit ? EXPLOIT_JOBS << backoff : PROBE_JOBS;
     int new_step = step != adapt.last_step;
     adapt.last_step = step;
@@ -431,17 +438,22 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
         adapt.guard_ns += (double)ns;
         adapt.guard_bytes += (double)bytes;
         if (adapt.guard_ns >= GUARD_NS && new_step &&
-            adapt.guard_bytes * adapt.ns[0] < GUARD_SHARE * adapt.bytes[0] * adapt.guard_ns)
+            adapt.guard_bytes * adapt.ns[0] < GUARD_SHARE * adapt.bytes[0] * adapt.guard_ns) {
             adapt.choice = 0;
+            adapt.multi_streak = 0;
+        }
     }
     int64_t min_ns = exploit ? EXPLOIT_NS << backoff : adapt.phase == 1 ? PROBE_ALL_NS : PROBE_NS;
     if ((++adapt.jobs >= limit && adapt.phase_ns >= min_ns &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
-        if (adapt.phase == 1)
+        if (adapt.phase == 1) {
             adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
+            adapt.clear_win = adapt.bytes[1] / adapt.ns[1] >= CLEAR_WIN * adapt.bytes[0] / adapt.ns[0];
+        }
         if (adapt.phase == 2) {
             adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
             adapt.single_streak = adapt.choice ? 0 : adapt.single_streak + 1;
+            adapt.multi_streak = adapt.choice && adapt.clear_win && !adapt.opening ? adapt.multi_streak + 1 : 0;
         }
         adapt.opening = 0;
         adapt.phase = (adapt.phase + 1) % 3;
@@ -452,7 +464,7 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
 }
 
 /* for tests: one job's record as pool_run_adaptive makes it (new_step: a decode step began before it), and the
- * state it leaves: phase, choice, single_streak, opening, and how the next job runs (adapt_mode) */
+ * state it leaves: phase, choice, single_streak, opening, how the next job runs (adapt_mode), multi_streak */
 void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int new_step) {
     if (new_step) atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
     adapt_record(multi, n_tok, bytes, ns);
@@ -460,7 +472,7 @@ void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int 
 
 void adapt_test_state(int64_t *out) {
     out[0] = adapt.phase, out[1] = adapt.choice, out[2] = adapt.single_streak, out[3] = adapt.opening;
-    out[4] = adapt_mode();
+    out[4] = adapt_mode(), out[5] = adapt.multi_streak;
 }
 
 /* Run fn over items [0, n_items) as the configuration says: on the threads set explicitly; else on one thread
