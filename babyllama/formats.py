@@ -525,9 +525,12 @@ def _read_whole(path: str | os.PathLike) -> np.ndarray:
         buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
         # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
         n = cast(io.BufferedReader, f).readinto(memoryview(buf))  # type: ignore[arg-type]
-    buf = buf[:n]
-    buf.flags.writeable = False  # like the read-only map: weights are never modified in place
-    return buf
+    return _read_only(buf[:n])
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # like the read-only map: weights are never modified in place
+    return a
 
 
 class _Cursor:
@@ -621,6 +624,8 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
         mats = {name: [c.take_q4(*shapes[name]) for _ in range(L)] for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take_q4(V, d)
         gs = 0
+    if not mmap:  # copies: views would hold the whole read alive once the kernels copy the matrices (_regroup)
+        rms_att, rms_ffn, rms_final = (_read_only(np.array(a)) for a in (rms_att, rms_ffn, rms_final))
     weights = Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
                       path=str(path), **mats)
     check_finite(weights, str(path), release=mmap and read_once)

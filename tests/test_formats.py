@@ -436,6 +436,37 @@ def test_a_q8_model_quantized_on_load_is_held_once_after_it_ran():
     np.testing.assert_array_equal(w.w2[0].dequantize(), formats.QTensor(*before[0], w.w2[0].group_size).dequantize())
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_quantized_file_read_into_memory_is_let_go_once_the_kernels_copied_it(tmp_path, version):
+    """--no-mmap on a version-2 (groups of 32) or version-3 file: once the native kernels have their copy of
+    every matrix (packed, regrouped), nothing holds the file's bytes read into memory (the norms are copies of
+    their own, read-only as the file's bytes are), so memory holds the model once."""
+    import gc
+    import weakref
+
+    from babyllama.engine import Engine
+
+    path = tmp_path / "m.bin"
+    formats.save(random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)),
+                 path, version=version)
+    w = formats.load(path, mmap=False)
+    owner = w.wq[0].q if version == 2 else w.wq[0].data
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    assert owner.nbytes == path.stat().st_size
+    read = weakref.ref(owner)
+    assert not any(np.shares_memory(a, owner) or a.flags.writeable for a in (w.rms_att, w.rms_ffn, w.rms_final))
+    del owner
+    engine = Engine(w)
+    logits = engine.forward([1, 2], range(2), engine.new_cache())
+    if not (w.wq[0].packed is not None if version == 2 else w.wq[0].regrouped):
+        pytest.skip("the kernels here keep the file's layout as it is (no native build with AVX2)")
+    gc.collect()
+    assert read() is None
+    again = Engine(formats.load(path, mmap=True))
+    np.testing.assert_array_equal(logits, again.forward([1, 2], range(2), again.new_cache()))
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_quantizing_on_load_lets_the_file_read_into_memory_go(tmp_path, kind):
     """`--quantize` on a file read into memory keeps nothing of it: the norms are copied, not views that would
