@@ -491,6 +491,12 @@ def _vector(a: np.ndarray, what: str) -> np.ndarray:
     return a
 
 
+def _c_reads_q8(w: QTensor) -> bool:
+    """Whether C can read w's values and scales as they are: C-contiguous int8 and float32."""
+    return (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
+            and w.s.dtype == np.float32)
+
+
 def _fill(m: _Mat, w: Matrix, row0: int) -> None:
     """Describe matrix w to C in m, its result starting at stacked row row0."""
     if isinstance(w, QTensor) and w.packed is not None:
@@ -498,8 +504,7 @@ def _fill(m: _Mat, w: Matrix, row0: int) -> None:
             raise ValueError("packed Q8_0 weights must be C-contiguous uint8")
         m.w, m.s, m.type, m.gs = _address(w.packed), None, W_Q8R, w.group_size
     elif isinstance(w, QTensor):
-        if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
-                and w.s.dtype == np.float32):
+        if not _c_reads_q8(w):
             raise ValueError("Q8_0 weights must be C-contiguous int8 values and float32 scales")
         m.w, m.s, m.type, m.gs = _address(w.q), _address(w.s), W_Q8, w.group_size
     elif isinstance(w, BlockTensor):
@@ -846,9 +851,8 @@ class NativeKernels:
         cols + 4 * groups bytes), in `out` when given; None where the build has no kernel for them (no AVX2,
         groups other than 32 and 64) or w's arrays are not what C reads."""
         rows, cols = w.shape
-        if not (w.q.flags.c_contiguous and w.s.flags.c_contiguous and w.q.dtype == np.int8
-                and w.s.dtype == np.float32):
-            return None  # not what C reads: describing it says so (_fill)
+        if not _c_reads_q8(w):
+            return None  # describing it says so (_fill)
         data = (np.empty(w.nbytes, dtype=np.uint8) if out is None else out).reshape(rows, -1)
         if self.lib.regroup_q8(_address(w.q), _address(w.s), _address(data), rows, cols, w.group_size):
             return None

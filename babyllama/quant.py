@@ -105,6 +105,13 @@ def regrouped_group(left: int) -> int:
     return 16 if left >= 16 else 8 if left >= 8 else 4 if left >= 4 else 1
 
 
+def _lanes_as_blocks(vectors: np.ndarray, words: int, g: int) -> np.ndarray:
+    """A regrouped group's `words` vectors of g 4-byte lanes (rows, 4 * words * g; lane l of vector v: bytes
+    4v..4v+3 of block l) back as its blocks' bytes (rows, g, 4 * words): kernels.c's rg_interleave undone."""
+    rows = vectors.shape[0]
+    return vectors.reshape(rows, words, g, 4).transpose(0, 2, 1, 3).reshape(rows, g, 4 * words)
+
+
 def unpacked_q8(packed: np.ndarray, cols: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of kernels.c's packed Q8 (W_Q8R: rows, cols + 4 * cols / group_size bytes) back as runq.c's int8
     values (rows, cols) and fp32 scales (rows, cols / group_size). The blocks of 32 values go in groups as
@@ -121,7 +128,7 @@ def unpacked_q8(packed: np.ndarray, cols: int, group_size: int) -> tuple[np.ndar
         at = b0 * (BLOCK + 4 // per)
         values = packed[:, at:at + BLOCK * g]
         if g >= 4:
-            values = values.reshape(rows, 8, g, 4).transpose(0, 2, 1, 3).reshape(rows, BLOCK * g)
+            values = _lanes_as_blocks(values, BLOCK // 4, g).reshape(rows, BLOCK * g)
         q[:, BLOCK * b0:BLOCK * (b0 + g)] = values.view(np.int8)
         scales = packed[:, at + BLOCK * g:at + BLOCK * g + 4 * (g // per)]
         s[:, b0 // per:(b0 + g) // per] = np.ascontiguousarray(scales).view(np.float32)
@@ -144,8 +151,7 @@ def regrouped_blocks(data: np.ndarray, kind: str) -> np.ndarray:
         if g == 1:
             out[:, b0] = group
         else:
-            packed = group[:, :4 * words * g].reshape(rows, words, g, 4)
-            out[:, b0:b0 + g, 2:] = packed.transpose(0, 2, 1, 3).reshape(rows, g, 4 * words)
+            out[:, b0:b0 + g, 2:] = _lanes_as_blocks(group[:, :4 * words * g], words, g)
             out[:, b0:b0 + g, :2] = group[:, 4 * words * g:].reshape(rows, g, 2)
         b0 += g
     return out

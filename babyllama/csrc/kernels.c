@@ -615,6 +615,11 @@ static void rg_interleave(uint8_t *packed, const uint8_t *plain, int64_t G, int 
         }
 }
 
+/* block l's `words` words out of the interleaved group of G blocks at `at` (rg_interleave's inverse) */
+static void rg_gather(const uint8_t *at, int64_t G, int64_t l, int words, uint8_t *out) {
+    for (int v = 0; v < words; v++) memcpy(out + 4 * v, at + 4 * G * v + 4 * l, 4);
+}
+
 /* lane l of the regrouped group of G blocks at `at` (blocks of `words` words) as the block's bytes: its scale,
  * then its nibbles or values */
 static void rg_lane(const uint8_t *at, int64_t G, int64_t l, int words, uint8_t *out) {
@@ -623,7 +628,7 @@ static void rg_lane(const uint8_t *at, int64_t G, int64_t l, int words, uint8_t 
         return;
     }
     memcpy(out, at + 4 * words * G + 2 * l, 2);
-    for (int v = 0; v < words; v++) memcpy(out + 2 + 4 * v, at + 4 * G * v + 4 * l, 4);
+    rg_gather(at, G, l, words, out + 2);
 }
 
 /* block b of a regrouped row of n weights as its block's bytes (plain C builds, which have no regrouped
@@ -2703,7 +2708,7 @@ static void dequantize_row(const Mat *m, int64_t i, int64_t n, float *o) {
             const uint8_t *at = row + b0 * (BLOCK + 4 / per);
             for (int64_t l = 0; l < G; l++) {
                 uint8_t values[BLOCK];
-                for (int v = 0; v < 8; v++) memcpy(values + 4 * v, at + 4 * G * v + 4 * l, 4);
+                rg_gather(at, G, l, BLOCK / 4, values);
                 dequantize_group(values, 0, BLOCK, load_f32(at + BLOCK * G + 4 * (l / per)), o + (b0 + l) * BLOCK);
             }
         }
