@@ -12,6 +12,7 @@ writes) means the Llama 2 defaults 10000 and 1e-5, so files stay readable both w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import mmap as _mmap
@@ -518,31 +519,32 @@ def _map_file(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(mm, dtype=np.uint8)
 
 
-def _read_whole(path: str | os.PathLike) -> np.ndarray:
-    """The file's bytes, as many as there were: a file cut short while it is read (rewritten in place) gives
-    fewer than its size said, never uninitialized memory in their place."""
-    with safeio.open_regular(path, "model file") as f:
-        buf = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
-        # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
-        n = cast(io.BufferedReader, f).readinto(memoryview(buf))  # type: ignore[arg-type]
-    return _read_only(buf[:n])
-
-
-def _read_only(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False  # like the read-only map: weights are never modified in place
-    return a
+def _changed(path: str | os.PathLike, size: int, expected: int) -> BabyLlamaError:
+    return BabyLlamaError(f"{path}: the file changed while it was read ({size} bytes, expected {expected})")
 
 
 class _Cursor:
-    """Hands out consecutive typed views of a model file's bytes (mapped or read)."""
+    """Hands out a model file's consecutive tensors as typed arrays: views of its map (`buf`), or, reading the
+    file (`f`, at `offset`), arrays of their own, one per tensor, so that a matrix the native kernels copy
+    (regroup, pack) lets its bytes go by itself and memory never holds the whole read beside the copies. Either
+    way the arrays are read-only: weights are never modified in place."""
 
-    def __init__(self, buf: np.ndarray, offset: int):
-        self.buf, self.offset = buf, offset
+    def __init__(self, path: str | os.PathLike, expected: int, offset: int, buf: np.ndarray | None = None,
+                 f: io.BufferedReader | None = None):
+        self.path, self.expected, self.offset, self.buf, self.f = path, expected, offset, buf, f
 
     def take(self, dtype: type, *shape: int) -> np.ndarray:
         n = int(np.prod(shape))
         nbytes = n * np.dtype(dtype).itemsize
-        arr: np.ndarray = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
+        if self.buf is not None:
+            arr: np.ndarray = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.offset).reshape(shape)
+        else:
+            assert self.f is not None
+            arr = np.empty(shape, dtype=dtype)
+            got = self.f.readinto(memoryview(arr).cast("B"))  # type: ignore[arg-type]
+            if got != nbytes:  # cut short while it is read (rewritten in place): never uninitialized weights
+                raise _changed(self.path, self.offset + got, self.expected)
+            arr.flags.writeable = False
         self.offset += nbytes
         return arr
 
@@ -563,12 +565,13 @@ class _Cursor:
 
 
 def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = False) -> Weights:
-    """A llama2.c model file (any version) as `Weights`, viewing the file's bytes without copies.
-    `mmap=True` maps the file: loading is instant and memory grows only with what is touched (the map gets
-    huge pages when the file is read cold, see _map_file). `mmap=False` reads it into process memory
-    (llama.cpp's --no-mmap), which NumPy backs with transparent huge pages where the kernel allows: faster
-    decode. None (the default) reads files that take at most a quarter of the free memory and maps larger
-    ones (memory.read_by_default), and maps version 3 (Q4_0) files and version 2 ones with groups of 32 or 64:
+    """A llama2.c model file (any version) as `Weights`.
+    `mmap=True` maps the file, its tensors views of the map: loading is instant and memory grows only with what is
+    touched (the map gets huge pages when the file is read cold, see _map_file). `mmap=False` reads it into
+    process memory (llama.cpp's --no-mmap), each tensor into an array of its own, which NumPy backs with
+    transparent huge pages where the kernel allows: faster decode. None (the default) reads files that take at
+    most a quarter of the free memory and maps larger ones (memory.read_by_default), and maps version 3 (Q4_0)
+    files and version 2 ones with groups of 32 or 64:
     the native kernels regroup (pack) their matrices into process memory on the first call and hand the file's
     pages back (kernels_native's _regroup), so reading the file too would only add a copy to throw away.
     `read_once`: the caller reads each weight once more and keeps none of them (it quantizes them, see
@@ -578,11 +581,37 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
     if mmap is None:
         regrouped = version == 3 or (version == 2 and gs in PACKED_GROUP_SIZES)
         mmap = regrouped or read_once or not memory.read_by_default(os.path.getsize(path))
-    buf = _map_file(path) if mmap else _read_whole(path)
-    expected = header + body_size(args, version, gs)
-    if buf.size != expected:  # the file changed between the header check and the map or read
-        raise BabyLlamaError(f"{path}: the file changed while it was read ({buf.size} bytes, expected {expected})")
-    c = _Cursor(buf, header)
+    with _open_cursor(path, mmap, header, header + body_size(args, version, gs)) as c:
+        emb, norms, mats, wcls, version, gs = _tensors(c, args, version, gs, path)
+    weights = Weights(args, emb, *norms, wcls=wcls, version=version, group_size=gs, path=str(path), **mats)
+    check_finite(weights, str(path), release=mmap and read_once)
+    if mmap and not args.shared_classifier:  # the check read it all; decode reads a row of it per token
+        memory.release_mapped(*matrix_arrays(emb))
+    return weights
+
+
+@contextlib.contextmanager
+def _open_cursor(path: str | os.PathLike, mmap: bool, header: int, expected: int) -> Iterator[_Cursor]:
+    """A _Cursor at the first tensor of a model file of `expected` bytes: over its map, or reading it."""
+    if mmap:
+        buf = _map_file(path)
+        if buf.size != expected:  # the file changed between the header check and the map
+            raise _changed(path, buf.size, expected)
+        yield _Cursor(path, expected, header, buf=buf)
+        return
+    with safeio.open_regular(path, "model file") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected:  # the file changed between the header check and the read
+            raise _changed(path, size, expected)
+        f.seek(header)
+        # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
+        yield _Cursor(path, expected, header, f=cast(io.BufferedReader, f))
+
+
+def _tensors(c: _Cursor, args: ModelArgs, version: int, gs: int, path: str | os.PathLike) -> tuple[
+        Matrix, tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, Any], Matrix, int, int]:
+    """A model file's tensors in its version's order: the embedding table, the norms (attention, ffn, final),
+    the layers' matrices by name, the classifier; and the version and group size they run as."""
     L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
     shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
     mats: dict[str, Any]
@@ -624,14 +653,7 @@ def load(path: str | os.PathLike, mmap: bool | None = None, read_once: bool = Fa
         mats = {name: [c.take_q4(*shapes[name]) for _ in range(L)] for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take_q4(V, d)
         gs = 0
-    if not mmap:  # copies: views would hold the whole read alive once the kernels copy the matrices (_regroup)
-        rms_att, rms_ffn, rms_final = (_read_only(np.array(a)) for a in (rms_att, rms_ffn, rms_final))
-    weights = Weights(args, emb, rms_att, rms_ffn, rms_final, wcls=wcls, version=version, group_size=gs,
-                      path=str(path), **mats)
-    check_finite(weights, str(path), release=mmap and read_once)
-    if mmap and not args.shared_classifier:  # the check read it all; decode reads a row of it per token
-        memory.release_mapped(*matrix_arrays(emb))
-    return weights
+    return emb, (rms_att, rms_ffn, rms_final), mats, wcls, version, gs
 
 
 def matrix_arrays(m: Matrix) -> list[np.ndarray]:

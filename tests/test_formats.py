@@ -181,11 +181,14 @@ def test_llama2c_v1_header_without_extension_means_defaults(tmp_path):
 def test_stories260k_reads_and_rewrites_identically(tmp_path, stories260k):
     w = formats.load(stories260k)
     assert (w.args.dim, w.args.hidden_dim, w.args.n_layers, w.args.n_heads, w.args.n_kv_heads) == (64, 172, 5, 8, 4)
-    # the matrices are views of the file's bytes (read or mapped), not copies: read-only and owning no data; the
-    # norms are read-only too (copies of their own where the file is read, so that they do not hold the read)
-    for arr in (w.tok_embeddings, w.wq, w.w2):
+    # a small file is read into memory by default: each tensor into a read-only array of its own; mapped, the
+    # tensors are read-only views of the file's bytes, not copies
+    for arr in (w.tok_embeddings, w.wq, w.w2, w.rms_final):
+        assert arr.flags.owndata and not arr.flags.writeable
+    mapped = formats.load(stories260k, mmap=True)
+    for arr in (mapped.tok_embeddings, mapped.wq, mapped.w2, mapped.rms_final):
         assert not arr.flags.owndata and not arr.flags.writeable
-    assert not w.rms_final.flags.writeable
+    assert_same_weights(w, mapped)
     out = tmp_path / "copy.bin"
     formats.save(w, out, version=0)
     # the legacy RoPE tables are recomputed, so compare everything but them
@@ -334,7 +337,7 @@ def test_a_file_cut_short_while_it_loads_is_one_line(tmp_path, monkeypatch, when
     else:  # the size is taken, then the file shrinks before its bytes are read
         def fstat(fd):
             st = real_fstat(fd)
-            if sys._getframe(1).f_code.co_name == "_read_whole":
+            if sys._getframe(1).f_code.co_name == "_open_cursor":
                 cut_short()
             return st
 
@@ -440,9 +443,9 @@ def test_a_q8_model_quantized_on_load_is_held_once_after_it_ran():
 
 @pytest.mark.parametrize("version", [2, 3])
 def test_a_quantized_file_read_into_memory_is_let_go_once_the_kernels_copied_it(tmp_path, version):
-    """--no-mmap on a version-2 (groups of 32) or version-3 file: once the native kernels have their copy of
-    every matrix (packed, regrouped), nothing holds the file's bytes read into memory (the norms are copies of
-    their own, read-only as the file's bytes are), so memory holds the model once."""
+    """--no-mmap on a version-2 (groups of 32) or version-3 file: each tensor is read into a read-only array of
+    its own, so once the native kernels have their copy of a matrix (packed, regrouped) its read bytes go, and
+    memory holds the model once."""
     import gc
     import weakref
 
@@ -452,19 +455,20 @@ def test_a_quantized_file_read_into_memory_is_let_go_once_the_kernels_copied_it(
     formats.save(random_weights(tiny_args(dim=288, hidden_dim=768, n_heads=6, n_kv_heads=3, vocab_size=320)),
                  path, version=version)
     w = formats.load(path, mmap=False)
-    owner = w.wq[0].q if version == 2 else w.wq[0].data
-    while isinstance(owner.base, np.ndarray):
-        owner = owner.base
-    assert owner.nbytes == path.stat().st_size
-    read = weakref.ref(owner)
-    assert not any(np.shares_memory(a, owner) or a.flags.writeable for a in (w.rms_att, w.rms_ffn, w.rms_final))
-    del owner
+    mats = {id(m): m for m in (w.tok_embeddings, w.wcls, *(m for ms in w.layer_matrices().values() for m in ms))}
+    read = [a for m in mats.values() for a in formats.matrix_arrays(m)]
+    assert all(a.base is None and not a.flags.writeable for a in read)  # no buffer shared with other tensors
+    assert not any(a.flags.writeable for a in (w.rms_att, w.rms_ffn, w.rms_final))
+    assert sum(a.nbytes for a in read) + sum(a.nbytes for a in (w.rms_att, w.rms_ffn, w.rms_final)) \
+        == path.stat().st_size - formats.read_header(path)[3]  # the whole body, once
+    refs = [weakref.ref(a) for a in read]
+    del read
     engine = Engine(w)
     logits = engine.forward([1, 2], range(2), engine.new_cache())
     if not (w.wq[0].packed is not None if version == 2 else w.wq[0].regrouped):
         pytest.skip("the kernels here keep the file's layout as it is (no native build with AVX2)")
     gc.collect()
-    assert read() is None
+    assert all(r() is None for r in refs)
     again = Engine(formats.load(path, mmap=True))
     np.testing.assert_array_equal(logits, again.forward([1, 2], range(2), again.new_cache()))
 
