@@ -541,6 +541,7 @@ class _Cursor:
         else:
             assert self.f is not None
             arr = np.empty(shape, dtype=dtype)
+            # NumPy's stubs give ndarray __buffer__ only from Python 3.12
             got = self.f.readinto(memoryview(arr).cast("B"))  # type: ignore[arg-type]
             if got != nbytes:  # cut short while it is read (rewritten in place): never uninitialized weights
                 raise _changed(self.path, self.offset + got, self.expected)
@@ -604,8 +605,7 @@ def _open_cursor(path: str | os.PathLike, mmap: bool, header: int, expected: int
         if size != expected:  # the file changed between the header check and the read
             raise _changed(path, size, expected)
         f.seek(header)
-        # a binary open_regular file is a buffered reader; NumPy's stubs give ndarray __buffer__ only from 3.12
-        yield _Cursor(path, expected, header, f=cast(io.BufferedReader, f))
+        yield _Cursor(path, expected, header, f=cast(io.BufferedReader, f))  # a binary open_regular file is one
 
 
 def _tensors(c: _Cursor, args: ModelArgs, version: int, gs: int, path: str | os.PathLike) -> tuple[
