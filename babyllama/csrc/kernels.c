@@ -373,9 +373,8 @@ static struct {
     double ns[2], bytes[2];
     double guard_ns, guard_bytes; /* this phase's jobs of `tokens` run on every thread by choice */
     int single_streak;  /* phases in a row that ended running on the caller's thread alone */
-    int clear_win;      /* the last probe: every thread moved CLEAR_WIN times one thread's bytes per second */
     int multi_streak;   /* phases in a row on every thread after clear wins, the guard silent */
-} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}, 0, 0, 0, 0, 0};
+} adapt = {PTHREAD_MUTEX_INITIALIZER, 2, 1, 1, 0, 0, 0, 0, 0, {0, 0}, {0, 0}, 0, 0, 0, 0};
 static _Atomic int64_t steps_begun; /* forward_step calls: phases end where a step begins */
 
 static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
@@ -438,22 +437,18 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
         adapt.guard_ns += (double)ns;
         adapt.guard_bytes += (double)bytes;
         if (adapt.guard_ns >= GUARD_NS && new_step &&
-            adapt.guard_bytes * adapt.ns[0] < GUARD_SHARE * adapt.bytes[0] * adapt.guard_ns) {
-            adapt.choice = 0;
-            adapt.multi_streak = 0;
-        }
+            adapt.guard_bytes * adapt.ns[0] < GUARD_SHARE * adapt.bytes[0] * adapt.guard_ns)
+            adapt.choice = 0; /* the phase's back-off is then one-thread phases', and its streak ends below */
     }
     int64_t min_ns = exploit ? EXPLOIT_NS << backoff : adapt.phase == 1 ? PROBE_ALL_NS : PROBE_NS;
     if ((++adapt.jobs >= limit && adapt.phase_ns >= min_ns &&
          (new_step || adapt.jobs >= 4 * limit)) || losing) {
-        if (adapt.phase == 1) {
-            adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
-            adapt.clear_win = adapt.bytes[1] / adapt.ns[1] >= CLEAR_WIN * adapt.bytes[0] / adapt.ns[0];
-        }
-        if (adapt.phase == 2) {
-            adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
+        if (adapt.phase == 1) adapt.choice = adapt.bytes[1] / adapt.ns[1] >= adapt.bytes[0] / adapt.ns[0];
+        if (adapt.phase == 2) { /* the probes' rates are still those the choice was made on */
+            int clear_win = adapt.bytes[1] / adapt.ns[1] >= CLEAR_WIN * adapt.bytes[0] / adapt.ns[0];
             adapt.single_streak = adapt.choice ? 0 : adapt.single_streak + 1;
-            adapt.multi_streak = adapt.choice && adapt.clear_win && !adapt.opening ? adapt.multi_streak + 1 : 0;
+            adapt.multi_streak = adapt.choice && clear_win && !adapt.opening ? adapt.multi_streak + 1 : 0;
+            adapt.ns[0] = adapt.ns[1] = adapt.bytes[0] = adapt.bytes[1] = 0;
         }
         adapt.opening = 0;
         adapt.phase = (adapt.phase + 1) % 3;
