@@ -284,8 +284,8 @@ class Weights:
         return release
 
     def _own_norms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of the norm gains: views would keep a whole file read into memory alive, which a model
-        quantized from it no longer needs."""
+        """Copies of the norm gains, so that a model quantized from this one holds nothing of it (a mapped file's
+        map, or the arrays read from a file)."""
         return np.array(self.rms_att), np.array(self.rms_ffn), np.array(self.rms_final)
 
     def quantize_as(self, kind: str, quantize_q4: Callable[[np.ndarray], BlockTensor] = quantize_q4_0) -> Weights:

@@ -475,8 +475,8 @@ def test_a_quantized_file_read_into_memory_is_let_go_once_the_kernels_copied_it(
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_quantizing_on_load_lets_the_file_read_into_memory_go(tmp_path, kind):
-    """`--quantize` on a file read into memory keeps nothing of it: the norms are copied, not views that would
-    hold the whole fp32 buffer (110M: 438 MB) alive beside the quantized model."""
+    """`--quantize` on a file read into memory keeps nothing of it: the norms are copied, so no array read from
+    the fp32 file stays alive beside the quantized model."""
     import gc
     import weakref
 
