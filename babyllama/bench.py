@@ -336,26 +336,35 @@ def engine_kv_bytes(engine, args: ModelArgs, n_tok: int) -> int | None:
     return kv_read_bytes(args, kv.itemsize / (1 if kv.names is None else args.head_size), n_tok)
 
 
-def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None, prompt_len: int = 256) -> dict:
-    """llama.cpp (llama-cpp-python) on a GGUF file: greedy decode of `tokens` positions from [BOS, 3], timed
-    from the second generated token like the other rows, and the prefill of the `prompt_len`-token prompt
-    `measure` gives babyllama (the same ids), in one batch; medians of runs_of(..., repeats)."""
+def open_llamacpp(path: Path, n_ctx: int, threads: int | None, n_batch: int = 8):
+    """llama.cpp (llama-cpp-python) on a GGUF file, `threads` (default: the usable CPUs) for decode and batches."""
     from llama_cpp import Llama
 
     n_threads = threads or usable_cpus()
-    llm = Llama(model_path=str(path), n_ctx=max(tokens, prompt_len) + 8, n_batch=max(prompt_len, 8),
-                n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                 n_threads_batch=n_threads, verbose=False)
+
+
+def llamacpp_decode_rate(llm, tokens: int) -> float:
+    """llama.cpp's greedy decode of `tokens` positions from [BOS, 3]: tok/s from the second generated token, as
+    decode_rate times babyllama's."""
+    llm.reset()
+    gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
+    next(gen)
+    start, n = time.perf_counter(), 0
+    for _ in gen:
+        n += 1
+        if n >= tokens - 2:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None, prompt_len: int = 256) -> dict:
+    """llama.cpp on a GGUF file: greedy decode of `tokens` positions (llamacpp_decode_rate), and the prefill of
+    the `prompt_len`-token prompt `measure` gives babyllama (the same ids), in one batch; medians of
+    runs_of(..., repeats)."""
+    llm = open_llamacpp(path, max(tokens, prompt_len) + 8, threads, n_batch=max(prompt_len, 8))
     prompt = prefill_prompt(llm.n_vocab(), prompt_len)
-    def decode() -> float:
-        llm.reset()
-        gen = llm.generate([1, 3], top_k=1, top_p=1.0, temp=0.0, reset=True)
-        next(gen)
-        start, n = time.perf_counter(), 0
-        for _ in gen:
-            n += 1
-            if n >= tokens - 2:
-                break
-        return n / (time.perf_counter() - start)
 
     def prefill() -> float:
         llm.reset()
@@ -363,7 +372,7 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None,
         llm.eval(prompt)
         return prompt_len / (time.perf_counter() - start)
 
-    decodes = runs_of(decode, repeats)
+    decodes = runs_of(lambda: llamacpp_decode_rate(llm, tokens), repeats)
     return {"decode": _median(decodes), "prefill": median_of_runs(prefill, repeats), "decode_tokens": tokens,
             "repeats": len(decodes)}
 

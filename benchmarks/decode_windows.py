@@ -3,27 +3,32 @@ within seconds (a `bench` row then meets several, and its figure and the probe's
 
 In one process: bench's bandwidth probe (every kernel thread reading 512 MiB), then a greedy decode of --tokens
 positions of each format's model (bench's cached random-weight files: FMT a .bin file, FMT.gguf the GGUF file
-llama.cpp reads; the default engine and threads), each followed by the probe again, for --seconds. A decode's
-GB/s is bench's (weight and KV-cache bytes a step reads times tok/s); it is compared with the probes just before
-and after it, and counted only where those two agree within --steady (the phase did not change under it). Prints
-a line per round, then per format and phase (fast: the probes at least --fast GB/s, by default halfway between
-the probes' 10th and 90th percentiles) the median share of the probe, and the tok/s ratio of each format to the
-first in rounds whose every probe was steady and in one phase. BABYLLAMA_NATIVE_ARCH=avx2 times the AVX2 kernels.
+llama.cpp reads, both on the default engine and threads; llama.cpp:FMT llama.cpp itself on FMT.gguf through
+llama-cpp-python, on as many threads), each followed by the probe again, for --seconds. A decode's GB/s is
+bench's (weight and KV-cache bytes a step reads times tok/s; llama.cpp's cache counted as f16, its default and
+ours for quantized models); it is compared with the probes just before and after it, and counted only where
+those two agree within --steady (the phase did not change under it). Prints a line per round, then per format
+and phase (fast: the probes at least --fast GB/s, by default halfway between the probes' 10th and 90th
+percentiles) the median share of the probe, and the tok/s ratio of each format to the first in rounds whose
+every probe was steady and in one phase. BABYLLAMA_NATIVE_ARCH=avx2 times the AVX2 kernels.
 
     python benchmarks/decode_windows.py [--seconds 600] [--shape 110M] [--formats q8_0,q4_0] > windows.log
+    python benchmarks/decode_windows.py --formats q8_0.gguf,q4_0.gguf,llama.cpp:q8_0,llama.cpp:q4_0
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from babyllama import bench, kernels_native
 from babyllama.api import make_engine
-from babyllama.errors import BabyLlamaError
+from babyllama.errors import BabyLlamaError, missing_extra
 from babyllama.loading import open_model
 
 
@@ -37,16 +42,21 @@ def probe(native, buf: np.ndarray, reads: int = 3) -> float:
     return buf.nbytes / statistics.median(times) / 1e9
 
 
+LLAMACPP = "llama.cpp:"  # a format's prefix: llama.cpp decodes the format's GGUF file
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The flags' mistakes, in one line each, before any model is built."""
     shapes = [bench.BUILTIN, *bench.SHAPES]
     if args.shape not in shapes:
         raise BabyLlamaError(f"unknown --shape {args.shape}; choose from {', '.join(shapes)}")
     for fmt in args.formats.split(","):
-        name, dot, ext = fmt.partition(".")
-        if name not in bench.FORMATS or (dot and ext != "gguf"):
+        name, dot, ext = fmt.removeprefix(LLAMACPP).partition(".")
+        if name not in bench.FORMATS or (dot and (ext != "gguf" or fmt.startswith(LLAMACPP))):
             raise BabyLlamaError(f"unknown format {fmt!r} in --formats; choose from "
-                                 f"{', '.join(f'{f}, {f}.gguf' for f in bench.FORMATS)}")
+                                 f"{', '.join(f'{f}, {f}.gguf, {LLAMACPP}{f}' for f in bench.FORMATS)}")
+    if LLAMACPP in args.formats and importlib.util.find_spec("llama_cpp") is None:
+        raise missing_extra("the llama.cpp: formats (llama-cpp-python)", "bench")
     context = bench.context_of(args.shape)
     if not 2 <= args.tokens <= context - 2:
         raise BabyLlamaError(f"--tokens must be from 2 to {context - 2} ({args.shape}'s context less its two-token "
@@ -72,16 +82,7 @@ def main() -> None:
         raise BabyLlamaError("the native kernels are not built on this machine")
     directory = bench.cache_dir()
     formats = a.formats.split(",")
-    models = {}
-    for fmt in formats:
-        name, _, ext = fmt.partition(".")
-        made = bench.gguf_file if ext == "gguf" else bench.model_file
-        weights = open_model(made(a.shape, name, directory)).weights
-        engine = make_engine(weights)
-        seq_len = weights.args.max_seq_len
-        step = bench.decode_bytes(weights) + (bench.engine_kv_bytes(engine, weights.args, a.tokens) or 0)
-        bench.decode_rate(engine, seq_len, 1, 8)  # first touch of the weights: not a round
-        models[fmt] = (engine, seq_len, step)
+    models = {fmt: open_format(fmt, a.shape, a.tokens, directory) for fmt in formats}
     buf = np.ones(512 << 20, dtype=np.uint8)
     native.read_memory(buf)
 
@@ -91,8 +92,8 @@ def main() -> None:
         before = probe(native, buf)
         line, entry = [f"{time.strftime('%H:%M:%S', time.gmtime())}  probe {before:5.1f}"], [before]
         for fmt in formats:
-            engine, seq_len, step = models[fmt]
-            tps = bench.decode_rate(engine, seq_len, 1, a.tokens)
+            decode, step = models[fmt]
+            tps = decode()
             after = probe(native, buf)
             entry.append((fmt, tps, tps * step / 1e9, after))
             line.append(f"{fmt} {tps:6.1f} tok/s {tps * step / 1e9:5.1f} GB/s | probe {after:5.1f}")
@@ -100,6 +101,26 @@ def main() -> None:
         print(" | ".join(line), flush=True)
     print()
     print("\n".join(summary(rounds, formats, a.steady, a.fast)))
+
+
+def open_format(fmt: str, shape: str, tokens: int, directory) -> tuple[Callable[[], float], int]:
+    """A format's decode (tok/s of a greedy decode of `tokens` positions) and the bytes its step reads, after one
+    decode that touches the weights first (not a round)."""
+    name, _, ext = fmt.removeprefix(LLAMACPP).partition(".")
+    gguf = ext == "gguf" or fmt.startswith(LLAMACPP)
+    path = (bench.gguf_file if gguf else bench.model_file)(shape, name, directory)
+    weights = open_model(path).weights
+    if fmt.startswith(LLAMACPP):
+        llm = bench.open_llamacpp(path, weights.args.max_seq_len, None)
+        step = bench.decode_bytes(weights) + bench.kv_read_bytes(weights.args, 2, tokens)
+        del weights  # llama.cpp reads the file itself: ours need not stay mapped
+        bench.llamacpp_decode_rate(llm, 8)
+        return (lambda: bench.llamacpp_decode_rate(llm, tokens)), step
+    engine = make_engine(weights)
+    seq_len = weights.args.max_seq_len
+    step = bench.decode_bytes(weights) + (bench.engine_kv_bytes(engine, weights.args, tokens) or 0)
+    bench.decode_rate(engine, seq_len, 1, 8)
+    return (lambda: bench.decode_rate(engine, seq_len, 1, tokens)), step
 
 
 def phase(probes: list[float], steady: float, fast: float) -> str | None:

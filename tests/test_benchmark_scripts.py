@@ -67,6 +67,8 @@ def test_quality_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     (["--shape", "7B"], "unknown --shape 7B"),
     (["--formats", "q8_0,q5_0"], "unknown format 'q5_0' in --formats"),
     (["--formats", "q8_0.safetensors"], "unknown format 'q8_0.safetensors'"),
+    (["--formats", "q8_0,llama.cpp:q8_0.gguf"], "unknown format 'llama.cpp:q8_0.gguf'"),
+    (["--formats", "llama.cpp:q5_0"], "unknown format 'llama.cpp:q5_0'"),
     (["--shape", "15M", "--tokens", "255"], "--tokens must be from 2 to 254"),
     (["--steady", "0"], "--steady must lie between 0 and 1"),
 ])
@@ -109,3 +111,17 @@ def test_decode_windows_runs_a_round_of_each_format(tmp_path):
     assert re.fullmatch(r"\d\d:\d\d:\d\d  probe +[\d.]+ \| q8_0 +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+ \| "
                         r"q4_0.gguf +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+", rounds)
     assert summary.startswith("1 rounds, 3 probes: median ")
+
+
+def test_decode_windows_times_llama_cpp_on_the_gguf_file_beside_ours(tmp_path):
+    """llama.cpp:FMT decodes bench's FMT.gguf in llama.cpp, between the same probes as babyllama's rows."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    out = script("decode_windows.py", "--shape", "builtin", "--formats", "q8_0.gguf,llama.cpp:q8_0", "--seconds",
+                 "0", "--tokens", "16", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rounds, summary = out.stdout.split("\n\n")
+    assert re.fullmatch(r"\d\d:\d\d:\d\d  probe +[\d.]+ \| q8_0.gguf +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+ \| "
+                        r"llama.cpp:q8_0 +[\d.]+ tok/s +[\d.]+ GB/s \| probe +[\d.]+", rounds)
+    assert summary.startswith("1 rounds, 3 probes: median ")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix == ".gguf"] == [
+        f"{bench.model_stem(bench.BUILTIN)}-q8_0.gguf"]  # one file, read by both
