@@ -305,6 +305,18 @@ class TextStream:
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
 
+    def ends_held(self, token: int) -> bool:
+        """Whether `token`, pushed next, cuts short a character whose first bytes are held back: they then come
+        out as one U+FFFD ahead of the token's own text (the decoder replaces a valid but unfinished sequence
+        with one U+FFFD), where a token that continues the character adds to it."""
+        held = self._utf8.getstate()[0]
+        data = self.tokenizer.token_bytes(self.prev, token)
+        if not held or not data:
+            return False
+        probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        probe.decode(held)
+        return probe.decode(data[:1]).startswith("\ufffd")
+
 
 def open_sentencepiece(model_path: str | os.PathLike):
     """A sentencepiece processor for a .model file (sentencepiece is imported only here, when needed)."""

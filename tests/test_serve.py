@@ -274,6 +274,39 @@ def test_streamed_text_is_whole_utf8_characters(tokenizer):
     assert [text.push(t) for t in ids[:2]] == ["", ""] and text.stopped
 
 
+def test_text_offsets_count_the_replacement_of_a_character_cut_short():
+    """A character's first bytes that the next token does not continue come out as one U+FFFD ahead of that
+    token's text: its offset is after the U+FFFD (which the bytes' token shows), so every offset indexes the
+    text, and a stop string that cuts at the U+FFFD's end leaves the next token out of the answer."""
+    from conftest import byte_tokenizer, random_weights, tiny_args
+
+    from babyllama.api import Model
+    from babyllama.sampler import Sampler
+    from babyllama.serve import protocol as p
+    from babyllama.serve.scheduler import Job, Token
+    from babyllama.serve.service import Choice, ServeConfig, Service
+
+    tok = byte_tokenizer(300)
+    service = Service(Model(random_weights(tiny_args()), tok), ServeConfig(model_name="m"))
+
+    def run(text: bytes, stops: list[str]) -> tuple[Choice, str]:
+        choice = Choice(Job([1], 8, Sampler(0.0), lambda i, e: None), p.ChoiceText(tok, BOS, stops))
+        sent = "".join(service.take_token(choice, Token(tok.byte_ids[b])) for b in text if not choice.text.stopped)
+        return choice, sent + choice.text.finish()
+
+    # E2: a three-byte character's first byte, cut short by "a"; E2 82: its first two; C3 A9: "é" whole; 80: a
+    # continuation byte with no start, replaced at once; FF: never in UTF-8
+    for text, offsets in [(b"\xe2ab", [0, 1, 2]), (b"x\xe2\x82a", [0, 1, 1, 2]), (b"\xc3\xa9a", [0, 0, 1]),
+                          (b"\x80a", [0, 1]), (b"\xe2\xffa", [0, 1, 2]), (b"\xe2\xe2a", [0, 1, 2])]:
+        choice, whole = run(text, [])
+        assert choice.offsets == offsets, text
+        shown = [p.token_text(tok, t.id, choice.prev(k)) for k, t in enumerate(choice.tokens)]
+        assert all(whole[o:].startswith(s) for o, s in zip(choice.offsets, shown) if s != "\ufffd"), text
+    cut, text = run(b"\xe2ab", ["ab"])
+    # "\ufffd" from E2; "a" starts where the text ends
+    assert text == "\ufffd" and cut.text.stopped and cut.answered() == 1
+
+
 def test_events_that_arrive_together_stream_as_one_chunk_per_choice():
     """A step's tokens (or a backlog) go out as one chunk of text per choice: the same text, whole UTF-8
     characters; a token with logprobs keeps a chunk of its own; the templated chunk is the generic one."""

@@ -225,10 +225,10 @@ class ChoiceText:
         self.sent += len(out)
         return out
 
-    @property
-    def decoded(self) -> int:
-        """Characters decoded so far, held-back ones included: where the next token's text starts."""
-        return self.sent + len(self.pending)
+    def start_of(self, token: int) -> int:
+        """Where `token`'s text starts in the choice's text, pushed next: after the characters decoded so far
+        (held-back ones included), and after the U+FFFD of an unfinished character it cuts short."""
+        return self.sent + len(self.pending) + self.stream.ends_held(token)
 
     def _partial_stop_length(self) -> int:
         """The longest tail of the pending text that is the start of a stop string."""

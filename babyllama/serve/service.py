@@ -333,7 +333,7 @@ class Service:
     def take_token(self, choice: Choice, token: Token) -> str:
         """The text to send for a token; at a stop string the choice ends (its slot is freed next step)."""
         choice.tokens.append(token)
-        choice.offsets.append(choice.text.decoded)
+        choice.offsets.append(choice.text.start_of(token.id))
         piece = choice.text.push(token.id)
         if choice.text.stopped:
             choice.finish = "stop"
