@@ -6,6 +6,7 @@ escapes (the system's refusal, named with its file); anything else is a bug and 
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import ModuleType
@@ -13,6 +14,16 @@ from types import ModuleType
 
 class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
+
+
+def note(message: str) -> None:
+    """Something the user may want to know, on stderr, marked as every diagnostic of the CLI is."""
+    print(f"babyllama: note: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """Something that probably is not what the user meant, on stderr (the command goes on)."""
+    print(f"babyllama: warning: {message}", file=sys.stderr, flush=True)
 
 
 class UsageError(BabyLlamaError):

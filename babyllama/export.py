@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from . import formats, kernels, safeio
 from .chat_template import DEFAULT_TEMPLATE, get_template
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, note
 from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source, model_template
@@ -243,8 +243,8 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
     existing = _readable_tokenizer(tok_out)
     if explicit:
         if existing is not None and existing.vocab_size != tokenizer.vocab_size:  # a model beside it may use it
-            print(f"note: replacing {tok_out} ({existing.vocab_size} tokens) with this model's tokenizer "
-                  f"({tokenizer.vocab_size}): a model in {tok_out.parent} that used it now needs -z", file=sys.stderr)
+            note(f"replacing {tok_out} ({existing.vocab_size} tokens) with this model's tokenizer "
+                 f"({tokenizer.vocab_size}): a model in {tok_out.parent} that used it now needs -z")
         return True
     advice = _tokenizer_replacement(tok, source)
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
@@ -252,8 +252,8 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
                              f"{tokenizer.vocab_size}: {advice}, or export into another folder")
     if existing is None or not existing.same_as(tokenizer):
         running = f"-z {tok} when running" if tok is not None else "export into another folder"
-        print(f"note: kept the existing {tok_out}, which differs from the model's tokenizer ({advice}, or "
-              f"{running})", file=sys.stderr)
+        note(f"kept the existing {tok_out}, which differs from the model's tokenizer ({advice}, or "
+             f"{running})")
     return False
 
 
@@ -285,8 +285,8 @@ def _hf_tokenizer(src: Source, tok: Path | None, explicit: bool) -> Path | bytes
     if vocab is None:
         return None
     if not explicit and not can_write_sentencepiece():
-        print("note: writing tokenizer.model from the model's vocabulary needs the protobuf package "
-              "(pip install protobuf)", file=sys.stderr)
+        note("writing tokenizer.model from the model's vocabulary needs the protobuf package "
+             "(pip install protobuf)")
         return None
     return vocab.to_sentencepiece()
 
@@ -308,11 +308,10 @@ def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
 
 def _note_folder_tokenizer(out: Path) -> None:
     if (out / SENTENCEPIECE_MODEL).is_file():
-        print(f"note: kept the existing {out / 'tokenizer.model'} (pass --tokenizer TOK.model to replace it)",
-              file=sys.stderr)
+        note(f"kept the existing {out / 'tokenizer.model'} (pass --tokenizer TOK.model to replace it)")
     else:
-        print(f"note: {out} has no tokenizer.model (the source carries no sentencepiece model): pass --tokenizer "
-              "TOK.model to add one, or -z TOKENIZER when running it", file=sys.stderr)
+        note(f"{out} has no tokenizer.model (the source carries no sentencepiece model): pass --tokenizer "
+             "TOK.model to add one, or -z TOKENIZER when running it")
 
 
 def _gguf_vocab(src: Source, tok: Path | None) -> Vocab:

@@ -18,7 +18,6 @@ import math
 import mmap as _mmap
 import os
 import struct
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import memory, safeio
 from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, note
 from .quant import BLOCK, BLOCK_BYTES, QUANTIZE_CHUNK_BYTES, BlockTensor, quantize_q4_0, unpacked_q8
 
 MAGIC = 0x616B3432  # "ak42" little-endian
@@ -401,8 +400,8 @@ def chosen_group_size(args: ModelArgs, kind: str = "q8_0") -> int:
     q8_used = kind == "q8_0" or (kind == "q4_0" and (args.dim % BLOCK or args.hidden_dim % BLOCK))
     if gs < 4 and q8_used:
         beyond = "f16's 2 and fp32's 4" if 1 + 4 / gs > 4 else "f16's 2"
-        print(f"note: Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "
-              f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than {beyond}", file=sys.stderr)
+        note(f"Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "
+             f"{args.hidden_dim}) takes {1 + 4 / gs:g} bytes a weight, more than {beyond}")
     return gs
 
 
@@ -637,9 +636,9 @@ def _tensors(c: _Cursor, args: ModelArgs, version: int, gs: int, path: str | os.
         emb = c.take_q8_flat(V, d, gs)
         mats = {name: np.stack([c.take_q8_flat(*shapes[name], gs) for _ in range(L)]) for name in LAYER_MATRICES}
         wcls = emb if args.shared_classifier else c.take_q8_flat(V, d, gs)
-        print(f"note: {path}: its Q8_0 groups of {gs} run across the rows of w2 (hidden_dim {h} is not a multiple "
-              f"of {gs}: llama2.c's export.py writes such files, and runq.c misreads them); the weights they stand "
-              "for are read as fp32 (--quantize q8_0 quantizes them again, in groups within rows)", file=sys.stderr)
+        note(f"{path}: its Q8_0 groups of {gs} run across the rows of w2 (hidden_dim {h} is not a multiple "
+             f"of {gs}: llama2.c's export.py writes such files, and runq.c misreads them); the weights they stand "
+             "for are read as fp32 (--quantize q8_0 quantizes them again, in groups within rows)")
         version, gs = 1, 0
     elif version == 2:
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import struct
-import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import formats, safeio
 from .config import CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
-from .errors import BabyLlamaError, require
+from .errors import BabyLlamaError, note, require
 from .formats import Weights
 from .tokenizer import TOKENIZER_HINT, Tokenizer
 
@@ -308,8 +307,8 @@ def builtin_tokenizer_for(model_path: str | os.PathLike, vocab_size: int) -> Pat
         here = (f"; the {TOKENIZER_BIN} in the current folder, run.c's default, is read only when given: -z "
                 f"{TOKENIZER_BIN}" if another_tokenizer_here()
                 else "; pass --tokenizer (-z) if it was trained with another")
-        print(f"babyllama: note: {model_path} has no {TOKENIZER_BIN} beside it and runs with the built-in tokenizer "
-              f"(llama2.c's {vocab_size} tokens){here}", file=sys.stderr)
+        note(f"{model_path} has no {TOKENIZER_BIN} beside it and runs with the built-in tokenizer "
+             f"(llama2.c's {vocab_size} tokens){here}")
         return BUILTIN_TOKENIZER
     raise BabyLlamaError(f"no tokenizer found for {model_path} (vocab {vocab_size}): put tokenizer.bin beside it or "
                          f"pass -z{run_c_default_here()}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, note
 
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -71,8 +71,8 @@ def cap_environment() -> None:
         capped = [str(cap) if c.isdigit() and int(c) > cap else c for c in counts]
         if capped != counts:
             os.environ[var] = ",".join(capped)
-            print(f"babyllama: note: {var}={value} lowered to {os.environ[var]} (at most {cap} threads on "
-                  f"this machine's {usable_cpus()} CPUs)", file=sys.stderr)
+            note(f"{var}={value} lowered to {os.environ[var]} (at most {cap} threads on "
+                 f"this machine's {usable_cpus()} CPUs)")
 
 
 def check_count(n: int, flag: str = "--threads") -> None:

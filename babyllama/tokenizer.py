@@ -30,7 +30,7 @@ import numpy as np
 
 from . import safeio
 from .config import LIMITS
-from .errors import BabyLlamaError, missing_extra
+from .errors import BabyLlamaError, missing_extra, warn
 
 UNK, BOS, EOS = 0, 1, 2
 META_SPACE = "\u2581"  # sentencepiece's stand-in for a space in its pieces ("▁"), a space in tokenizer.bin
@@ -361,8 +361,8 @@ def warn_normalization(sp, model_path: str | os.PathLike, into: str, keeps_symbo
     than BPE, and (unless `into` `keeps_symbols`, as a GGUF vocabulary's token types do) user-defined symbols."""
     left_out = _normalization(sp, keeps_symbols)
     if left_out:
-        print(f"warning: sentencepiece model {model_path} has {' and '.join(left_out)}, which {into} cannot "
-              "carry: text may encode differently from sentencepiece", file=sys.stderr)
+        warn(f"sentencepiece model {model_path} has {' and '.join(left_out)}, which {into} cannot "
+             "carry: text may encode differently from sentencepiece")
 
 
 _SEGMENTATIONS = {1: "unigram", 3: "word", 4: "char"}  # TrainerSpec.model_type (2: BPE)

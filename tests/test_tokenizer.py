@@ -147,7 +147,7 @@ def test_converting_a_unigram_model_or_one_with_user_defined_symbols_warns(tmp_p
 
     model = train_sentencepiece(tmp_path / "m.model", **{"vocab_size": 320, **options})
     assert main(["export-tokenizer", str(model)]) == 0
-    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("babyllama: warning:")]
     assert len(warnings) == 1 and str(model) in warnings[0] and said in warnings[0], warnings
 
 
@@ -163,7 +163,7 @@ def test_converting_a_normalizing_sentencepiece_model_warns_in_one_line(tmp_path
                                 remove_extra_whitespaces=True)
     assert main(["export-tokenizer", str(model)]) == 0
     err = capsys.readouterr().err
-    line = next(x for x in err.splitlines() if x.startswith("warning:"))
+    line = next(x for x in err.splitlines() if x.startswith("babyllama: warning:"))
     assert str(model) in line and "nmt_nfkc normalization and remove_extra_whitespaces" in line
     assert "which a tokenizer.bin cannot carry" in line
     Tokenizer.from_sentencepiece(sp_model)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BabyLlamaError, require
+from ..errors import BabyLlamaError, note, require
 from .common import Parser, add_time_limit, non_empty_path, non_empty_url, positive_int, share
 
 if TYPE_CHECKING:
@@ -236,10 +236,9 @@ def _write_instructions(args: argparse.Namespace, stories: list[str], tok: Token
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
     if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
-        print(f"note: no request asks for words: a word asked for must be used by at least {MIN_WORD_DF} of the "
-              f"{len(stories):,} stories and by at most --max-word-df {max_df:g} of them ({max_df * len(stories):g}); "
-              f"raise --max-word-df to {MIN_WORD_DF / len(stories):.3g} or more, or give more stories",
-              file=sys.stderr)
+        note(f"no request asks for words: a word asked for must be used by at least {MIN_WORD_DF} of the "
+             f"{len(stories):,} stories and by at most --max-word-df {max_df:g} of them ({max_df * len(stories):g}); "
+             f"raise --max-word-df to {MIN_WORD_DF / len(stories):.3g} or more, or give more stories")
     train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
                                                 args.early_words, args.dev_count)
     if not train:

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..config import DEFAULT_PARALLEL
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, warn
 from .common import (
     QUANTIZE_CHOICES,
     QUANTIZE_HELP,
@@ -260,8 +260,8 @@ def warn_steps_beyond_context(steps: int, seq_len: int, can_shift: bool) -> None
     """run.c runs at most the context's positions whatever -n asks for: say so, rather than stop short without a
     word (`can_shift`: whether --context-shift may be added to go on)."""
     fix = ": --context-shift goes on past it" if can_shift else ""
-    print(f"babyllama: warning: -n {steps} is more than the model's context ({seq_len} positions); it runs "
-          f"{seq_len}{fix}", file=sys.stderr)
+    warn(f"-n {steps} is more than the model's context ({seq_len} positions); it runs "
+         f"{seq_len}{fix}")
 
 
 def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, seq_len: int,
@@ -272,9 +272,9 @@ def warn_new_tokens_beyond_context(n_prompt: int, max_new_tokens: int | None, se
     context has its own warning."""
     room = seq_len - n_prompt + 1  # as in run.c, the last prompt position yields the first new token
     if max_new_tokens is not None and 0 < room < max_new_tokens:
-        print(f"babyllama: warning: {flag} {max_new_tokens} after {which} {n_prompt} tokens (with BOS) is more "
-              f"than the model's context ({seq_len} positions) holds: it generates at most {room}"
-              + (f" ({remedy})" if remedy else ""), file=sys.stderr)
+        warn(f"{flag} {max_new_tokens} after {which} {n_prompt} tokens (with BOS) is more "
+             f"than the model's context ({seq_len} positions) holds: it generates at most {room}"
+             + (f" ({remedy})" if remedy else ""))
 
 
 def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: str = "the prompt",
@@ -289,8 +289,8 @@ def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: 
         why = f"but -n/--steps allows {steps} positions"
         fix = ("raise -n, or leave it out: --max-new-tokens alone counts generated tokens only" if max_new
                else "raise -n, or use --max-new-tokens")
-    print(f"babyllama: warning: {which} is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
-          f"({fix})", file=sys.stderr)
+    warn(f"{which} is {n_prompt} tokens (with BOS), {why}: nothing will be generated "
+         f"({fix})")
 
 
 def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import ServeConfig
-from ..errors import BabyLlamaError, missing_extra
+from ..errors import BabyLlamaError, missing_extra, warn
 from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_chat_template, add_model_flags, add_threads, chat_template
 
 if TYPE_CHECKING:
@@ -147,8 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sockets = serve.listen(args.host, args.port)
     port = args.port or sockets[0].getsockname()[1]  # --port 0: the free port the system chose
     if not is_loopback(args.host) and not args.api_key:
-        print(f"babyllama: warning: listening on {args.host} without --api-key: anyone who reaches this address "
-              "can use the model", file=sys.stderr)
+        warn(f"listening on {args.host} without --api-key: anyone who reaches this address "
+             "can use the model")
     print(f"babyllama: {model.description}; serving {config.model_name!r} on "
           f"http://{serve.address(args.host, port)} ({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} "
           "KV cache)", file=sys.stderr)

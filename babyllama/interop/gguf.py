@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ import numpy as np
 from .. import memory, safeio
 from ..chat_template import foreign_template_note
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
-from ..errors import BabyLlamaError, missing_extra
+from ..errors import BabyLlamaError, missing_extra, note
 from ..fields import Fields, is_int
 from ..formats import (
     LAYER_NAMES,
@@ -148,8 +147,8 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
     fell_back = sorted({shapes[key][1] for key, kind in kinds.items() if len(shapes[key]) == 2 and kind != dtype})
     if fell_back:
         matrices = [kind for key, kind in kinds.items() if len(shapes[key]) == 2]
-        print(f"note: {matrices.count('f16')} of {len(matrices)} matrices written as f16: their rows (of "
-              f"{', '.join(map(str, fell_back))}) do not split into {dtype}'s blocks of {BLOCK}", file=sys.stderr)
+        note(f"{matrices.count('f16')} of {len(matrices)} matrices written as f16: their rows (of "
+             f"{', '.join(map(str, fell_back))}) do not split into {dtype}'s blocks of {BLOCK}")
         if dtype not in matrices:  # none is in dtype: the file is f16 (llama.cpp reads the type from here)
             file_type = gguf.LlamaFileType.MOSTLY_F16
     with safeio.pending(path) as tmp:

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import struct
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 
 from .. import safeio
 from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
-from ..errors import BabyLlamaError, missing_extra
+from ..errors import BabyLlamaError, missing_extra, note
 from ..fields import Fields
 from ..formats import (
     BF16Tensor,
@@ -370,9 +369,8 @@ def _classifier_read_ahead(args: ModelArgs, index: dict, get: Callable[[str], np
     if same_values(emb, output):
         return {"tok_embeddings.weight": emb}
     args.shared_classifier = False
-    print(f"note: {config_path} says tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
-          "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does",
-          file=sys.stderr)
+    note(f"{config_path} says tie_word_embeddings, but the checkpoint's lm_head.weight differs from "
+         "model.embed_tokens.weight: running it untied, with that lm_head.weight, as transformers does")
     return {"tok_embeddings.weight": emb, "output.weight": output}
 
 

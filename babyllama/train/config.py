@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import ModuleType
 
 from .. import safeio
 from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, SEED_LIMIT, ModelArgs, checked_args
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, warn
 
 
 @dataclass
@@ -371,9 +370,9 @@ def check_schedule(cfg: TrainConfig) -> None:
     if not cfg.decay_lr:
         return
     if not cfg.lr_decay_iters and 0 < cfg.max_iters < cfg.warmup_iters:
-        print(f"babyllama: warning: warmup_iters {cfg.warmup_iters} is longer than max_iters {cfg.max_iters}: the "
-              f"learning rate rises to {cfg.learning_rate * (cfg.max_iters - 1) / cfg.warmup_iters:.3g} at most, not "
-              f"learning_rate {cfg.learning_rate:g} (warm up for fewer iterations to reach it)", file=sys.stderr)
+        warn(f"warmup_iters {cfg.warmup_iters} is longer than max_iters {cfg.max_iters}: the "
+             f"learning rate rises to {cfg.learning_rate * (cfg.max_iters - 1) / cfg.warmup_iters:.3g} at most, not "
+             f"learning_rate {cfg.learning_rate:g} (warm up for fewer iterations to reach it)")
     if cfg.lr_decay_iters and cfg.warmup_iters > cfg.lr_decay_iters:
         raise BabyLlamaError(f"warmup_iters {cfg.warmup_iters} is beyond lr_decay_iters {cfg.lr_decay_iters}: the "
                              "learning rate would drop to min_lr before warming up (warm up for fewer iterations)")

@@ -13,13 +13,12 @@ cross-entropy's whatever the temperature T. Validation losses stay plain cross-e
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, note
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -41,8 +40,8 @@ def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,
         raise BabyLlamaError(f"teacher {path} has a {args.vocab_size}-token vocabulary, the data {vocab_size}: "
                              "distillation needs the same tokenizer")
     if carried is None:  # a .bin alone: nothing to compare (its vocabulary size matched)
-        print(f"note: teacher {path} has no tokenizer beside or inside it: its token ids are taken to mean the "
-              "data's tokens (not checked)", file=sys.stderr, flush=True)
+        note(f"teacher {path} has no tokenizer beside or inside it: its token ids are taken to mean the "
+             "data's tokens (not checked)")
     if data_tokenizer is not None and data_tokenizer.is_file() and carried is not None and \
             not carried.same_as(Tokenizer.load(data_tokenizer)):
         raise BabyLlamaError(f"teacher {path} was trained with {source.tokenizer or 'the vocabulary it carries'}, "

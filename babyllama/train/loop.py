@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..config import TOKENIZER_BIN, llama_hidden_dim
-from ..errors import BabyLlamaError, first_line
+from ..errors import BabyLlamaError, first_line, note
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
@@ -576,16 +576,16 @@ class Trainer:
         would lose the earlier run, so say so while it can still be stopped."""
         ckpt, first = self.out_dir / checkpoint.CKPT_NAME, min(self.cfg.eval_interval, self.cfg.max_iters)
         if self.cfg.init_from != "resume" and ckpt.exists() and first > 0:
-            print(f"note: {ckpt} holds an earlier run, which this new run replaces at its first checkpoint (step "
-                  f"{first}); --init_from=resume continues it instead", file=sys.stderr, flush=True)
+            note(f"{ckpt} holds an earlier run, which this new run replaces at its first checkpoint (step "
+                 f"{first}); --init_from=resume continues it instead")
 
     def _note_untrained_evaluation(self) -> None:
         """--eval_only evaluates the weights the run starts from: without --init_from=resume (or a base to
         fine-tune) those are random, which a user who meant out_dir's checkpoint would take for its loss."""
         ckpt = self.out_dir / checkpoint.CKPT_NAME
         if self.cfg.init_from != "resume" and not self.cfg.base and ckpt.exists():
-            print(f"note: --eval_only without --init_from=resume evaluates freshly initialized weights, not {ckpt} "
-                  "(add --init_from=resume for that)", file=sys.stderr, flush=True)
+            note(f"--eval_only without --init_from=resume evaluates freshly initialized weights, not {ckpt} "
+                 "(add --init_from=resume for that)")
 
     def _check_kept_tokenizer(self) -> None:
         """Data without a tokenizer.bin leaves out_dir's in place (the user may have put it there): kept when
@@ -597,8 +597,8 @@ class Trainer:
                 raise BabyLlamaError(f"{dst} has {n} tokens, so it cannot serve this model of {self.cfg.vocab_size} "
                                      f"and {self.data_dir} has no {TOKENIZER_BIN}: remove it, or train in another "
                                      "out_dir")
-            print(f"note: {self.data_dir} has no {TOKENIZER_BIN}: kept {dst}, which sample, run and export will use "
-                  "with this model", file=sys.stderr, flush=True)
+            note(f"{self.data_dir} has no {TOKENIZER_BIN}: kept {dst}, which sample, run and export will use "
+                 "with this model")
 
 
 def _check_same_data(cfg: TrainConfig, saved: dict) -> None:
