@@ -6,6 +6,7 @@ extra (FastAPI, uvicorn, prometheus-client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Callable
@@ -77,6 +78,10 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.stopped_by is None:
             self.stopped_by = sig
+            # at once: uvicorn notices should_exit only at its next tick (up to 0.1 s), and until then took
+            # new requests as if nothing had happened (a signal handler may not touch the loop's objects itself)
+            with contextlib.suppress(RuntimeError):  # no loop running yet: shutdown() does it
+                asyncio.get_running_loop().call_soon_threadsafe(self.app.state.service.shut_down)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

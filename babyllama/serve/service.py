@@ -313,7 +313,9 @@ class Service:
     def shut_down(self) -> None:
         """The server is stopping: every request still uploading, queued or generating ends now (a whole answer
         with a 503, a stream with an error event), and new ones are refused, so that nothing waits for the grace
-        period."""
+        period. Once only: the signal's handler calls it, and uvicorn's shutdown again."""
+        if self.closing.is_set():
+            return
         self.closing.set()
         for pending in list(self.live):
             self.interrupt(pending)
