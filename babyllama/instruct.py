@@ -323,6 +323,14 @@ def exchange(request: str, reply: str, topic: Topic | None, words: list[str]) ->
             "topic": topic.text if topic else None, "topic_words": topic.words if topic else [], "words": words}
 
 
+def check_settings(val_count: int, dev_count: int, per_story: int, first: int) -> None:
+    """make_instructions' settings that need no story to check (said before any story is read)."""
+    if val_count < 0 or dev_count < 0 or per_story < 1:
+        raise BabyLlamaError("--val-count and --dev-count must be >= 0 and --per-story >= 1")
+    if first < 0:
+        raise BabyLlamaError("--early-words must be >= 0 (0: words from anywhere in the story)")
+
+
 def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1,
                       fits: Callable[[dict], bool] | None = None,
                       max_df: float = MAX_WORD_DF, first: int = 0, dev_count: int = 0,
@@ -333,10 +341,7 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
     The next `dev_count` stories of the shuffle are held out as the dev split, one request each: the split to
     choose settings on, so that the held-out one stays for reporting. The held-out records do not depend on
     `dev_count` (they are drawn first)."""
-    if val_count < 0 or dev_count < 0 or per_story < 1:
-        raise BabyLlamaError("--val-count and --dev-count must be >= 0 and --per-story >= 1")
-    if first < 0:
-        raise BabyLlamaError("--early-words must be >= 0 (0: words from anywhere in the story)")
+    check_settings(val_count, dev_count, per_story, first)
     if val_count + dev_count >= len(stories):
         raise BabyLlamaError(f"--val-count {val_count} and --dev-count {dev_count} leave no training stories (there "
                              f"are {len(stories)})")

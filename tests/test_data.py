@@ -114,6 +114,14 @@ def test_input_formats_and_splits(tmp_path):
     assert val.tolist() == tok.encode("v1") + tok.encode("v2") and (val == BOS).sum() == 2
 
 
+@pytest.mark.parametrize("size, message", [(0, "train.bin: the token shard is empty"),
+                                           (7, "train.bin: 7 bytes is not a whole number of uint16 tokens")])
+def test_a_torn_token_shard_is_refused_saying_what_is_wrong(tmp_path, size, message):
+    (tmp_path / "train.bin").write_bytes(b"\x01" * size)
+    with pytest.raises(BabyLlamaError, match=message):
+        split_arrays(tmp_path, "train")
+
+
 def test_windows_are_next_token_pairs(tmp_path):
     torch = pytest.importorskip("torch")
     tokens = np.arange(1000, dtype=np.uint16)
@@ -587,6 +595,16 @@ def test_train_vocab_learns_from_a_line_longer_than_sentencepiece_takes(tmp_path
     _, binary = train_vocab(tmp_path / "in.txt", 300, tmp_path / "v")
     sample = text[:1000]
     assert len(Tokenizer.load(binary).encode(sample, bos=False)) < 0.8 * len(sample)  # merges learnt from it
+
+
+@pytest.mark.parametrize("max_chars, learnt", [(4, "abcd\n"), (8, "abcdef\ng\n"), (100, "abcdef\nghij\n")])
+def test_train_vocab_learns_from_at_most_max_chars_characters(tmp_path, max_chars, learnt):
+    """--max-chars counts characters (a document's newline too): the document that crosses it is cut short."""
+    from babyllama.train.vocab import _write_training_text
+
+    (tmp_path / "in.txt").write_text("abcdef\n<|endoftext|>\nghij\n")
+    _write_training_text(tmp_path / "in.txt", tmp_path / "out.txt", max_chars, skip_bad_lines=False)
+    assert (tmp_path / "out.txt").read_text() == learnt
 
 
 def test_train_vocab_decodes_unk_as_sentencepiece_and_tokenizer_bin_agree(tmp_path):

@@ -485,8 +485,13 @@ def test_a_refused_data_instruct_makes_no_folder(tmp_path, capsys):
     out = tmp_path / "new" / "ins"
     assert main(["data", "instruct", "--input", str(corpus), "--out-dir", str(out), "--val-count", "9",
                  "--model", str(_tiny_model(tmp_path))]) == 1
-    assert "leave no training stories" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "leave no training stories" in err and err.count("\n") == 1, err  # no note on the stories first
     assert not (tmp_path / "new").exists()
+    # settings that need no story are refused before any is read (here: before the missing input is noticed)
+    assert main(["data", "instruct", "--input", str(tmp_path / "absent.txt"), "--out-dir", str(out),
+                 "--per-story", "0"]) == 1
+    assert "--per-story >= 1" in capsys.readouterr().err
 
 
 def test_data_instruct_says_when_no_word_can_be_asked_for(tmp_path, capsys):

@@ -318,8 +318,10 @@ def test_resume_refuses_a_different_model_shape(pipeline, tmp_path, one_thread):
 
     run = small_run(pipeline, tmp_path, max_iters=2, n_kv_heads=0)
     train(resolve_config(None, run))
-    with pytest.raises(BabyLlamaError, match="different model shape"):
+    with pytest.raises(BabyLlamaError, match=r"different model shape \(dim changed\)"):  # dim alone, not multiple_of
         train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", "dim": "32"}))
+    with pytest.raises(BabyLlamaError, match=r"different model shape \(dim, multiple_of changed\)"):
+        train(resolve_config(None, {"out_dir": str(tmp_path), "init_from": "resume", "dim": "32", "multiple_of": "7"}))
     # the same shape said otherwise is no change: n_kv_heads = n_heads (saved as 0), a multiple_of that rounds the
     # hidden width to the same value
     cfg = resolve_config(None, run)

@@ -210,9 +210,10 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from .. import safeio
-    from ..instruct import read_documents
+    from ..instruct import check_settings, read_documents
     from ..loading import builtin_model, open_model, tokenizer_for
 
+    check_settings(args.val_count, args.dev_count, args.per_story, args.early_words)
     check_input(args.input)
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
@@ -235,12 +236,12 @@ def _write_instructions(args: argparse.Namespace, stories: list[str], tok: Token
     out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
+    train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
+                                                args.early_words, args.dev_count)
     if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
         note(f"no request asks for words: a word asked for must be used by at least {MIN_WORD_DF} of the "
              f"{len(stories):,} stories and by at most --max-word-df {max_df:g} of them ({max_df * len(stories):g}); "
              f"raise --max-word-df to {MIN_WORD_DF / len(stories):.3g} or more, or give more stories")
-    train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
-                                                args.early_words, args.dev_count)
     if not train:
         raise BabyLlamaError(f"no training requests from {counts['stories']} stories: {counts['too_long']} requests "
                              f"are longer than the context of {seq_len}, {counts['no_request']} had nothing to ask "

@@ -549,7 +549,9 @@ def _tokens(path: Path, vocab_size: int) -> np.ndarray:
     """A shard's uint16 tokens, memory-mapped, after checking that it is whole (an even, non-zero number of
     bytes) and that every id fits the vocabulary (an out-of-range id would index past the embedding)."""
     size = safeio.file_size(path, "token shard")
-    if size == 0 or size % 2:
+    if size == 0:  # meta.json lists it: written by pretokenize, it held tokens
+        raise BabyLlamaError(f"{path}: the token shard is empty (a torn file: pretokenize the data again)")
+    if size % 2:
         raise BabyLlamaError(f"{path}: {size} bytes is not a whole number of uint16 tokens (a torn or foreign file)")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if vocab_size and int(tokens.max()) >= vocab_size:

@@ -636,6 +636,14 @@ def _lost_peer(e: RuntimeError) -> bool:
     return "by peer" in text or ("NCCL" in text and "remote" in text.lower())
 
 
+def _shape_changed(saved: dict, asked: dict, key: str) -> bool:
+    """Whether `asked` changes the model-shape setting `key` of the checkpoint's config `saved`; multiple_of is
+    judged at the saved dim, as a new dim changes the hidden width by itself (and is named for it)."""
+    if key == "multiple_of":
+        asked = {**asked, "dim": saved.get("dim")}
+    return _shape_value(saved, key) != _shape_value(asked, key)
+
+
 def _shape_value(config: dict, key: str):
     """What a model-shape setting of `config` makes of the model: n_kv_heads 0 is n_heads, and multiple_of counts
     through the hidden width it rounds to (n_kv_heads 4 with 4 heads, or multiple_of 48 where it rounds as 32
@@ -660,7 +668,7 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
         ckpt = checkpoint.load(Path(cfg.out_dir) / checkpoint.CKPT_NAME)
         checkpoint.check_resumable(ckpt, str(Path(cfg.out_dir) / checkpoint.CKPT_NAME))
         saved, asked = ckpt["config"], cfg.to_dict()
-        changed = [k for k in MODEL_KEYS if k in saved and _shape_value(saved, k) != _shape_value(asked, k)
+        changed = [k for k in MODEL_KEYS if k in saved and _shape_changed(saved, asked, k)
                    and not (k == "vocab_size" and asked[k] == 0)]
         if cfg.base and changed == ["max_seq_len"]:  # a fine-tune's is the training window, not the model's context
             raise BabyLlamaError(f"cannot resume with another training window: this fine-tune trains on windows of "

@@ -91,11 +91,12 @@ def _sentencepiece_reason(message: str) -> str:
 def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
     """One document per line, as llama2.c does (documents' own newlines stay: sentencepiece sees each line
     as a sentence); lines longer than sentencepiece takes are cut into pieces it takes (at spaces where they
-    have them), else it would skip them."""
+    have them), else it would skip them. At most `max_chars` characters: the last document is cut short to fit."""
     written = 0
     with open(dest, "w", encoding="utf-8") as f:
         for path in input_files(input_path):
             for doc in read_documents(path, skip_bad_lines):
+                doc = doc[:max_chars - written]
                 f.writelines(piece + "\n" for line in doc.split("\n") for piece in _short_lines(line))
                 written += len(doc) + 1
                 if written >= max_chars:
