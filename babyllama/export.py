@@ -54,9 +54,12 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
         raise BabyLlamaError(f"--version applies to .bin output, not --to {to}")
     if group_size is not None and (to != "bin" or version != 2):
         raise BabyLlamaError("--group-size applies to --version 2 (Q8_0) .bin output only")
-    if dtype is not None and to == "bin":
-        raise BabyLlamaError("--dtype applies to GGUF and Hugging Face output, not --to bin (use --version 2 for "
-                             "Q8_0 .bin files)")
+    # llama2.c's export.py takes --dtype (default fp32) and writes .bin files without reading it: fp32, what
+    # versions 0 and 1 hold, is taken as said; another dtype would be a request no .bin can meet
+    if dtype is not None and to == "bin" and not (dtype == "f32" and version in (None, 0, 1)):
+        raise BabyLlamaError(f"--dtype {dtype} does not apply to .bin output: versions 0 and 1 hold fp32 (--dtype "
+                             "fp32 is taken for them, as llama2.c's export.py takes it), version 2 Q8_0, version 3 "
+                             "Q4_0; --dtype applies to GGUF and Hugging Face output")
     if dtype is not None and to == "hf":
         from .interop.hf import HF_DTYPES
 

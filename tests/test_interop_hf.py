@@ -490,8 +490,17 @@ def test_hf_bad_inputs(tmp_path, capsys):
 
     shutil.copytree(folder, tmp_path / "hf2")
     (tmp_path / "hf2" / "config.json").write_text(json.dumps(config))
-    assert "--dtype applies to GGUF and Hugging Face output, not --to bin" in _error(
-        capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "f16")
+    assert "--dtype f16 does not apply to .bin output: versions 0 and 1 hold fp32" in _error(
+        capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "fp16")
+    assert "--dtype f32 does not apply to .bin output" in _error(
+        capsys, out, "--hf", str(tmp_path / "hf2"), "--dtype", "fp32", "--version", "2")
+    # llama2.c's export.py command lines carry --dtype fp32 (its default, which its .bin output never reads)
+    for source in (["--hf", str(tmp_path / "hf2")], ["--hf", str(tmp_path / "hf2"), "--version", "1"],
+                   ["--model", str(_tiny_bin(tmp_path)), "--version", "0"]):  # (hf2's rope_theta is not version 0's)
+        assert main(["export", str(tmp_path / "plain.bin"), *source]) == 0
+        assert main(["export", str(tmp_path / "said.bin"), *source, "--dtype", "fp32"]) == 0
+        assert (tmp_path / "said.bin").read_bytes() == (tmp_path / "plain.bin").read_bytes(), source
+    capsys.readouterr()
     assert "--dtype q8_0 applies to GGUF output; Hugging Face output takes f32, f16 or bf16" in _error(
         capsys, str(tmp_path / "hf3"), "--to", "hf", "--hf", str(tmp_path / "hf2"), "--dtype", "q8_0")
     (tmp_path / "hf2" / "pytorch_model.bin").write_bytes(b"")
