@@ -496,10 +496,9 @@ def test_plain_text_continues_pre_training(tmp_path, one_thread):
     assert evals[-1] < 0.7 * evals[0]
 
 
-def test_ctrl_c_while_a_fine_tune_pretokenizes_leaves_no_data_folder_and_says_nothing_of_one(tmp_path, capsys,
-                                                                                              monkeypatch):
-    """The data folder a fine-tune made goes when it is interrupted while pretokenizing: the pretokenizer's note
-    that the folder is unfinished (run the same command again) would name a folder that is gone."""
+def test_ctrl_c_while_a_fine_tune_pretokenizes_leaves_no_data_folder_and_says_so(tmp_path, capsys, monkeypatch):
+    """The data folder a fine-tune made goes when it is interrupted while pretokenizing, which one line says
+    (the pretokenizer's note that the folder is unfinished would name a folder that is gone)."""
     from babyllama.cli import main
     from babyllama.train import data
 
@@ -511,7 +510,8 @@ def test_ctrl_c_while_a_fine_tune_pretokenizes_leaves_no_data_folder_and_says_no
     monkeypatch.setattr(data, "_install_tokenizer", interrupt)  # after the shards, before meta.json
     out = tmp_path / "run"
     assert main(["finetune", *(f"--{k}={v}" for k, v in settings(root, out).items())]) == 130
-    assert "unfinished" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unfinished" not in err and f"interrupted while pretokenizing {root}" in err, err
     assert not (out / "data").exists()
 
 

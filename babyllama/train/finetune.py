@@ -12,13 +12,14 @@ resumed run checks too.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Collection
 from pathlib import Path
 
 from .. import safeio
 from ..adapter import base_identity, parse_targets
 from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs, llama_hidden_dim
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, Terminated
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
@@ -111,9 +112,12 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
                                say_unfinished=not made)  # a folder it made goes again (below)
             if meta.get("kind") == CHAT:  # refused now, not once the shards it wrote are read
                 check_validation_split(data_dir, meta["conversations"])
-        except BaseException:  # refused data: no shards or tokenizer.bin left to pass for this run's
+        except BaseException as e:  # refused data: no shards or tokenizer.bin left to pass for this run's
             if made:
                 shutil.rmtree(data_dir, ignore_errors=True)
+                if isinstance(e, (KeyboardInterrupt, Terminated)):  # (pretokenize says so of a folder it keeps)
+                    print(f"interrupted while pretokenizing {cfg.data}: nothing of it is kept", file=sys.stderr,
+                          flush=True)
             else:
                 tokenizer.unlink(missing_ok=True)
             raise
