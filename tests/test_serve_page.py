@@ -469,7 +469,7 @@ def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(bro
     server = Server("--slots", "1")
     turn = ("The cat sat on the mat and the dog ran in the park. " * 24)[:1200]  # 501 tokens: 11 left of 512
     try:
-        page = open_page(browser, server)
+        page = open_page(browser, server, viewport={"width": 1100, "height": 500})  # the turn overflows the log
         set_control(page, "#temperature", "0")  # and no system prompt: the turn alone fills the context
         page.fill("#max-tokens", "")
 
@@ -482,8 +482,15 @@ def test_the_status_line_says_why_a_reply_ended_and_that_turns_were_left_out(bro
             return page.text_content("#status")
 
         assert say(turn, 1) == "reply cut at the end of the model's context"
+        # the line that appeared shortened the log, which follows: its last line is not left under the edge
+        assert page.evaluate("(() => { const log = document.getElementById('log'); "
+                             "return log.scrollHeight > log.clientHeight && "
+                             "log.scrollHeight - log.scrollTop - log.clientHeight < 1; })()")
         page.fill("#max-tokens", "5")
         assert say("Hello", 2) == "earliest turns left out to fit the model's context; reply cut at max tokens"
+        page.click("#more-sampling summary")  # the sliders are named by what they set (not by their value)
+        for name in ("Temperature", "Top-p", "Min-p", "Presence penalty", "Frequency penalty"):
+            assert page.get_by_role("slider", name=name, exact=True).count() == 1, name
         page.close()
     finally:
         server.stop()
@@ -551,7 +558,8 @@ def test_focus_stop_before_any_text_and_a_reload_while_waiting(browser):
 def test_a_reply_s_html_is_text_and_an_empty_reply_is_said_so(browser):
     """The reply's text is shown as text (markup in it is not run), and a reply that ends before any text (the
     model's first token an end of text), which the page leaves out of the conversation, is said to be so: it
-    was an empty bubble and nothing else."""
+    was an empty bubble and nothing else. Its bubbles go (they showed a turn the model is not sent) and the
+    message is back in the box."""
     server = Server("--slots", "1")
     markup = '<img src=x onerror="window.ran = 1"><b>bold</b> **not bold**'
 
@@ -566,13 +574,15 @@ def test_a_reply_s_html_is_text_and_an_empty_reply_is_said_so(browser):
         page.route("**/v1/chat/completions", lambda route: route.fulfill(
             status=200, content_type="text/event-stream", body=answers.pop(0)))
         page.goto(server.url + "/")
-        for n, text in enumerate(["<script>window.ran = 2</script>", "Hello"], 1):
+        for text, back in (("<script>window.ran = 2</script>", ""), ("Hello", "Hello")):
             page.fill("#prompt", text)
             page.press("#prompt", "Enter")
-            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n} && "
-                                   "!document.getElementById('send').disabled")
+            page.wait_for_function("([back]) => document.querySelectorAll('#log .msg').length === 2 && "
+                                   "!document.getElementById('send').disabled && "
+                                   "document.getElementById('prompt').value === back", arg=[back])
         assert [m.text_content() for m in page.query_selector_all("#log .msg")] == \
-            ["<script>window.ran = 2</script>", markup, "Hello", ""]
+            ["<script>window.ran = 2</script>", markup]
+        assert page.input_value("#prompt") == "Hello"
         assert page.query_selector_all("#log img, #log b, #log script") == []
         assert page.evaluate("window.ran") is None
         assert page.text_content("#status") == \

@@ -159,7 +159,7 @@ async function loadModel() {
 async function send(text) {
   const mine = conversation;
   history.push({role: "user", content: text});
-  bubble("user", text);
+  const asked = bubble("user", text);
   const out = bubble("assistant", "");
   const endHint = hintWhileWaiting(out);
   saveConversation(text);
@@ -176,7 +176,7 @@ async function send(text) {
     if (dropped) {
       history.splice(0, dropped);  // the next turns would not fit with them either
       notes.push("earliest turns left out to fit the model's context");
-      $("status").textContent = notes.join("; ");
+      say(notes);
     }
     const reader = r.body.getReader(), decoder = new TextDecoder();
     let buffer = "";
@@ -221,6 +221,10 @@ async function send(text) {
   // a turn without a reply leaves the conversation as it was (the next user turn must follow a reply)
   if (failed || !reply) history.pop();
   else history.push({role: "assistant", content: reply});
+  if (!failed && !reply) {  // so are its bubbles, which would show a turn the model is not sent; the text goes
+    asked.remove(); out.remove();  // back in the box, to send again
+    if (!$("prompt").value) $("prompt").value = text;
+  }
   saveConversation();
   if (!failed && !reply) {
     notes.push((reason === "stopped" ? "stopped before any text" : "the model ended its reply before any text")
@@ -230,7 +234,13 @@ async function send(text) {
     notes.push(maxTokens ? "reply cut at max tokens" : "reply cut at the end of the model's context");
   }
   else if (reason === "stopped") notes.push("stopped");
-  $("status").textContent = notes.join("; ");
+  say(notes);
+}
+
+// The status line's notes on this turn: a line that appears shortens the log above it, which then follows
+// (the reply's last line would be left under its edge)
+function say(notes) {
+  follow(() => { $("status").textContent = notes.join("; "); });
 }
 
 // A reply with no text a second after it was asked for waits for a free slot (the server's slots all busy), or
