@@ -149,9 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not args.api_key:
         warn(f"listening on {args.host} without --api-key: anyone who reaches this address "
              "can use the model")
+    slots = f"{args.slots} slot{'s' if args.slots != 1 else ''}"
     print(f"babyllama: {model.description}; serving {config.model_name!r} on "
-          f"http://{serve.address(args.host, port)} ({args.slots} slots, {kv_cache_name(model.engine.kv_dtype)} "
-          "KV cache)", file=sys.stderr)
+          f"http://{serve.address(args.host, port)} ({slots}, {kv_cache_name(model.engine.kv_dtype)} KV cache)",
+          file=sys.stderr)
     stopped_by = serve.run(app, sockets, args.log_level)
     return 0 if stopped_by is None else 128 + stopped_by  # the shell's status for a process a signal ended
 
