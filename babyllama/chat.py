@@ -6,6 +6,11 @@ budget of positions, every reply gets its own budget of generated tokens (`max_n
 conversation outgrows the context window the oldest turns are dropped (context shift), the first turn (with
 the system prompt) kept. The system prompt comes from `-y`; only on a terminal is it asked for, and only
 there does Ctrl-C stop a reply and go on with the chat (elsewhere it ends the program, as at the prompt).
+A reply stays in the history as the tokens the model generated (no prefill again); the server is sent the
+reply's text and encodes it, which gives other ids where the text does not encode back to the same tokens: a
+reply that begins mid-word (a story model's "," right after [/INST]: the encoder puts a word boundary before
+it) or one cut short after a newline (stripped). A chat model's replies (words, ended by EOS) read the same
+in both.
 """
 
 from __future__ import annotations
