@@ -269,6 +269,12 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
             raise BabyLlamaError(f"{what} is an empty path")
     if mmap is not None and not isinstance(mmap, bool):
         raise BabyLlamaError(f"mmap must be True, False or None, got {mmap!r}")
+    for what, flag in (("plain", plain), ("compile", compile)):  # "no" would be true
+        if not isinstance(flag, bool):
+            raise BabyLlamaError(f"{what} must be True or False, got {flag!r}")
+    for what, name in (("device", device), ("kv_cache", kv_cache)):
+        if not isinstance(name, str):
+            raise BabyLlamaError(f"{what} must be a string, got {name!r}")
     check_kv_cache(kv_cache, device)  # before the model is read
     check_quantize(quantize, device)
     check_plain(plain, device)

@@ -61,7 +61,8 @@ PATHS = ("plain", "fast")
 # A co-runner says it runs, then spins until its parent is gone: a bench ended by SIGKILL (nothing of it runs
 # to stop them) would otherwise leave them spinning for good. The parent is looked at every 0.1 s, the clock
 # in between (vDSO: no system call), so the loop stays on the CPU.
-BUSY_CODE = """import os, sys, time
+BUSY_CODE = """import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C (the terminal's, to the whole group) is the bench's to take
 parent = int(sys.argv[1])  # the bench's pid: it may have ended before this line runs
 os.write(1, b'1')
 os.close(1)
@@ -469,10 +470,11 @@ def describe_machine() -> str:
     except Exception:  # noqa: BLE001 - older numpy: no dict mode; the description is informative only
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
-               if k in os.environ}
+    threads = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                          "NUMBA_NUM_THREADS") if k in os.environ)
+    # the environment bench started in; each row's own thread setting is in its row
     return (f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, NumPy {np.__version__}"
-            f"{blas}; kernels: {nb}; thread settings {threads or 'default'}; load average at start "
+            f"{blas}; kernels: {nb}; thread variables at start: {threads or 'none set'}; load average at start "
             f"{' '.join(f'{x:.2f}' for x in load)}")
 
 
@@ -589,7 +591,8 @@ class Busy:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Busy:
-        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(os.getpid())], stdout=subprocess.PIPE)
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(os.getpid())], stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL)  # (a Ctrl-C before the line above: no traceback)
                       for _ in range(self.n)]
         for p in self.procs:  # Popen returns before the interpreter has even started: measure once they spin
             assert p.stdout is not None

@@ -360,8 +360,8 @@ def test_load_wants_paths():
 
 
 def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):
-    """`plain` on a PyTorch device (the CLI's --plain --device cpu) and an mmap that is no bool: one error each,
-    before the (here missing) model is read."""
+    """`plain` on a PyTorch device (the CLI's --plain --device cpu), flags that are no bools and names that are
+    no strings: one error each, before the (here missing) model is read."""
     from babyllama.api import load
     from babyllama.errors import BabyLlamaError
 
@@ -371,6 +371,13 @@ def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):
         load(missing, plain=True, device="cpu")
     with pytest.raises(BabyLlamaError, match="mmap must be True, False or None, got 'yes'"):
         load(missing, mmap="yes")
+    # flags taken by their truth ("no" ran the plain engine) and names that are no strings (a TypeError)
+    for kw, message in (({"plain": "yes"}, "plain must be True or False, got 'yes'"),
+                        ({"compile": "no"}, "compile must be True or False, got 'no'"),
+                        ({"device": None}, "device must be a string, got None"),
+                        ({"kv_cache": None}, "kv_cache must be a string, got None")):
+        with pytest.raises(BabyLlamaError, match=message):
+            load(missing, **kw)
 
 
 def test_numpy_seeds_and_huge_temperatures_sample_without_numpy_warnings(good_model):

@@ -4,6 +4,7 @@ bench plumbing on a tiny model (no timing is asserted anywhere)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -668,6 +669,21 @@ def test_bench_cli_reports_a_bad_reference_flag_in_one_line(tmp_path):
     assert proc.returncode == 1 and b"not an executable file" in proc.stderr and proc.stderr.count(b"\n") == 1
     proc = run_cli("bench", "--thread-settings", "default,0", "--cache-dir", str(tmp_path))
     assert proc.returncode == 1 and b"--thread-settings takes" in proc.stderr
+    proc = run_cli("bench", "--busy", "100000", "--cache-dir", str(tmp_path))  # started them all, said nothing
+    assert proc.returncode == 1 and b"--busy must be from 0 to " in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
+def test_busy_co_runners_leave_ctrl_c_to_the_bench():
+    """A terminal's Ctrl-C goes to the whole process group: each co-runner printed its KeyboardInterrupt
+    traceback under the bench's exit. They ignore it (the bench ends them), and print nothing."""
+    import signal
+
+    with bench.Busy(2) as busy:
+        for p in busy.procs:
+            p.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert [p.poll() for p in busy.procs] == [None, None]
+    assert all(p.poll() is not None for p in busy.procs)
 
 
 def test_bench_builds_and_caches_models(tmp_path, monkeypatch):

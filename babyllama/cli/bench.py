@@ -9,9 +9,11 @@ import os
 import sys
 
 from ..errors import BabyLlamaError, missing_extra
+from ..threads import usable_cpus
 from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path
 
 DEFAULT_FORMATS = "fp32,q8_0,q4_0"
+MAX_BUSY_PER_CPU = 4  # co-runners beyond a few per CPU measure the scheduler, not a busy laptop
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -124,8 +126,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  "bandwidth_mib"):
         if getattr(args, name) < 1:
             raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.busy < 0:
-        raise BabyLlamaError("--busy must be >= 0")
+    cpus = usable_cpus()
+    if not 0 <= args.busy <= MAX_BUSY_PER_CPU * cpus:
+        raise BabyLlamaError(f"--busy must be from 0 to {MAX_BUSY_PER_CPU * cpus} ({MAX_BUSY_PER_CPU} co-runners for "
+                             f"each of the {cpus} CPUs this process may use), got {args.busy}")
     for shape in shapes:  # a longer prompt or decode would be cut to the context, and its figure made up
         context = bench.context_of(shape)
         for flag, n in (("--prompt-len", args.prompt_len), ("--tokens", args.tokens),
