@@ -310,8 +310,10 @@ class TextStream:
         out as one U+FFFD ahead of the token's own text (the decoder replaces a valid but unfinished sequence
         with one U+FFFD), where a token that continues the character adds to it."""
         held = self._utf8.getstate()[0]
+        if not held:  # the common case: no second look at the token's bytes
+            return False
         data = self.tokenizer.token_bytes(self.prev, token)
-        if not held or not data:
+        if not data:
             return False
         probe = codecs.getincrementaldecoder("utf-8")(errors="replace")
         probe.decode(held)
