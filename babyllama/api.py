@@ -184,8 +184,16 @@ def clamp_steps(steps: int, seq_len: int) -> int:
     return seq_len if steps == 0 or steps > seq_len else steps
 
 
+def _check_type(what: str, value: object, kind: type) -> None:
+    """Flags taken by their truth ("no" is true) and names that are no strings (a TypeError deeper in) refused."""
+    if not isinstance(value, kind):
+        raise BabyLlamaError(f"{what} must be {'True or False' if kind is bool else 'a string'}, got {value!r}")
+
+
 def check_device(device: str, compile: bool = False) -> None:
     """A one-line error unless `device` can run here: "numpy", or "cpu"/"cuda[:N]" with PyTorch (and a GPU)."""
+    _check_type("device", device, str)
+    _check_type("compile", compile, bool)
     if device == "numpy":
         if compile:
             raise BabyLlamaError("--compile works with the PyTorch engine only (--device cpu or cuda)")
@@ -202,6 +210,7 @@ def check_device(device: str, compile: bool = False) -> None:
 
 def check_kv_cache(kv_cache: str, device: str = "numpy") -> None:
     """A one-line error unless `kv_cache` names a cache type the engine on `device` takes."""
+    _check_type("kv_cache", kv_cache, str)
     if kv_cache not in KV_CACHE_TYPES:
         raise BabyLlamaError(f"unknown KV cache type {kv_cache!r} (choose {', '.join(KV_CACHE_TYPES)})")
     if kv_cache != "auto" and device != "numpy":
@@ -220,6 +229,7 @@ def check_quantize(quantize: str | None, device: str = "numpy") -> None:
 
 def check_plain(plain: bool, device: str = "numpy") -> None:
     """A one-line error where the plain reference engine (NumPy's) is asked for on a PyTorch device."""
+    _check_type("plain", plain, bool)
     if plain and device != "numpy":
         raise BabyLlamaError(f"--plain is the NumPy reference engine: it cannot be combined with --device {device}")
 
@@ -269,12 +279,6 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
             raise BabyLlamaError(f"{what} is an empty path")
     if mmap is not None and not isinstance(mmap, bool):
         raise BabyLlamaError(f"mmap must be True, False or None, got {mmap!r}")
-    for what, flag in (("plain", plain), ("compile", compile)):  # "no" would be true
-        if not isinstance(flag, bool):
-            raise BabyLlamaError(f"{what} must be True or False, got {flag!r}")
-    for what, name in (("device", device), ("kv_cache", kv_cache)):
-        if not isinstance(name, str):
-            raise BabyLlamaError(f"{what} must be a string, got {name!r}")
     check_kv_cache(kv_cache, device)  # before the model is read
     check_quantize(quantize, device)
     check_plain(plain, device)
