@@ -316,23 +316,27 @@ def test_a_request_just_after_the_signal_to_stop_gets_503(slow_model):
     """The signal to stop refuses new requests at once: uvicorn notices it only at its next tick (up to 0.1 s),
     and until then answered requests on open connections as if nothing had happened. Requests sent on a
     kept-alive connection right after SIGTERM are each answered 503 (shutting_down) until the connection
-    closes."""
-    server = Server(slow_model)
-    try:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            assert client.get("/health").status_code == 200  # the connection is open
-            server.proc.send_signal(signal.SIGTERM)
-            statuses = []
-            for _ in range(20):
-                try:
-                    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
-                except httpx.TransportError:  # closed: the server is on its way out
-                    break
-                statuses.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
-        assert server.proc.wait(timeout=60) == 128 + signal.SIGTERM
-        assert statuses and set(statuses) == {(503, "shutting_down")}, statuses
-    finally:
-        server.stop()
+    closes. (A client held up past the tick finds the connection closed and no answer: on a busy machine the
+    signal is sent to a new server again, a few times at most, until one request is answered.)"""
+    statuses: list = []
+    for _ in range(5):
+        server = Server(slow_model)
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                assert client.get("/health").status_code == 200  # the connection is open
+                server.proc.send_signal(signal.SIGTERM)
+                for _ in range(20):
+                    try:
+                        r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+                    except httpx.TransportError:  # closed: the server is on its way out
+                        break
+                    statuses.append((r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None))
+            assert server.proc.wait(timeout=60) == 128 + signal.SIGTERM
+        finally:
+            server.stop()
+        if statuses:
+            break
+    assert statuses and set(statuses) == {(503, "shutting_down")}, statuses
 
 
 def serving_on_port_0(model: str, **popen) -> tuple[subprocess.Popen, int]:
