@@ -107,6 +107,8 @@ def _chat_template(src: Source, name: str | None, merging: bool) -> tuple[str | 
         name = model_template(src, str(src.path))  # a known template the file carries comes back by its name
         if name is None:
             return None, src.chat_template
+        if name == DEFAULT_TEMPLATE:  # carried, not named: the default, which no output needs a card for
+            return None, None
     return name, get_template(name).jinja if name is not None else None
 
 

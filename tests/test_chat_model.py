@@ -183,6 +183,9 @@ def test_exports_of_the_chat_model_carry_the_template_it_takes(tmp_path):
     # the story model has no card naming one: its exports carry Llama 2's and a .bin gets no card
     assert run_cli("export", str(tmp_path / "story.bin"), "--model", str(BUILTIN_MODEL)).returncode == 0
     assert not (tmp_path / "story.json").exists() and api.load(str(tmp_path / "story.bin")).chat_template is None
+    # nor does one from a file that carries Llama 2's template (the default) without a card naming it
+    assert run_cli("export", str(tmp_path / "l2.bin"), "--model", str(tmp_path / "l2.gguf")).returncode == 0
+    assert not (tmp_path / "l2.json").exists() and api.load(str(tmp_path / "l2.bin")).chat_template is None
     # but a card already there is the new model's: its template says so, its other fields stay
     (tmp_path / "chat.json").write_text(json.dumps({"name": "mine", "chat_template": "babyllama"}))
     assert run_cli("export", str(tmp_path / "chat.bin"), "--model", str(BUILTIN_MODEL)).returncode == 0
