@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from . import formats, kernels, safeio
 from .chat_template import DEFAULT_TEMPLATE, get_template
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
-from .errors import BabyLlamaError, note
+from .errors import BabyLlamaError, note, warn
 from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source, model_template
@@ -218,6 +218,10 @@ def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
         tokenizer = Tokenizer.load(tok)
     elif src.vocab is not None:
         tokenizer = src.vocab.to_tokenizer()
+        if tokenizer.symbols:
+            shown = ", ".join(list(tokenizer.symbols)[:3]) + (", ..." if len(tokenizer.symbols) > 3 else "")
+            warn(f"{src.path} has user-defined symbols ({shown}), which a tokenizer.bin cannot carry: text may "
+                 "encode differently from the source")
     else:
         return None
     _check_vocab(tokenizer.vocab_size, src.weights.args.vocab_size, tok)

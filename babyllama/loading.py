@@ -343,7 +343,7 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> To
     """A tokenizer.bin, or a sentencepiece .model converted as llama2.c's tokenizer.py does."""
     path = Path(path)
     if path.suffix == ".model":
-        tok = Tokenizer.from_sentencepiece(path)
+        tok = Tokenizer.from_sentencepiece(path, to_file=False)
         if vocab_size is not None and tok.vocab_size != vocab_size:
             raise BabyLlamaError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
                                  f"{vocab_size}{TOKENIZER_HINT}")

@@ -5,7 +5,9 @@ a dummy-prefix space, spaces kept as part of pieces (a typed "▁" is a space to
 piece or else spelled as `<0xXX>` byte tokens (without byte tokens, a run of such characters is one `<unk>`),
 then repeatedly the adjacent pair whose concatenation is the best-scoring piece
 is merged (leftmost on ties). Unlike run.c's simplification, control tokens (`<s>`, `</s>`, `<unk>`) and
-byte tokens never come out of a merge, so typing "<s>" or "<0x41>" gives ordinary text tokens. The merge
+byte tokens never come out of a merge, so typing "<s>" or "<0x41>" gives ordinary text tokens. A vocabulary's
+user-defined symbols (a sentencepiece model's, a GGUF's token type 4; tokenizer.bin cannot mark them) are kept
+whole wherever they stand in the text, and the text between them is encoded on its own, as sentencepiece does. The merge
 loop uses a heap over a linked list of symbols: O(n log n), not a rescan of the text per merge.
 
 Decoding: `decode_piece` reproduces run.c's bytes for one step (`decode_piece` + `safe_printf`, which drops a
@@ -24,7 +26,7 @@ import re
 import struct
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from .config import LIMITS
 from .errors import BabyLlamaError, missing_extra, warn
 
 UNK, BOS, EOS = 0, 1, 2
+USER_DEFINED = 4  # sentencepiece's (and GGUF's) token type of a user-defined symbol
 META_SPACE = "\u2581"  # sentencepiece's stand-in for a space in its pieces ("▁"), a space in tokenizer.bin
 MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
@@ -41,7 +44,8 @@ _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
 
 
 class Tokenizer:
-    def __init__(self, pieces: list[bytes], scores: list[float], max_token_length: int | None = None):
+    def __init__(self, pieces: list[bytes], scores: list[float], max_token_length: int | None = None,
+                 symbols: Iterable[int] = ()):
         self.pieces = pieces
         self.scores = np.asarray(scores, dtype=np.float32)
         self.vocab_size = len(pieces)
@@ -55,6 +59,15 @@ class Tokenizer:
             elif i > EOS:
                 self.piece_ids.setdefault(piece, i)
         self._score = self.scores.tolist()
+        # user-defined symbols: their text -> id (the first id of a text), and a pattern that splits text at
+        # them, the longest first where one begins another (sentencepiece's longest match)
+        self.symbols: dict[str, int] = {}
+        for i in sorted(symbols):
+            text = pieces[i].decode("utf-8", "replace")
+            if text:
+                self.symbols.setdefault(text, i)
+        longest_first = sorted(self.symbols, key=len, reverse=True)
+        self._at_symbols = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if longest_first else None
         order = {score: r for r, score in enumerate(sorted(set(self._score), reverse=True))}
         self._rank = [order[score] for score in self._score]  # dense rank of each piece's score, best first
 
@@ -104,19 +117,24 @@ class Tokenizer:
                 f.write(piece)
 
     @classmethod
-    def from_sentencepiece(cls, model_path: str | os.PathLike, note: bool = True) -> Tokenizer:
-        """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space); `note`:
-        say in one line on stderr what of its text normalization the conversion leaves out."""
+    def from_sentencepiece(cls, model_path: str | os.PathLike, note: bool = True, to_file: bool = True) -> Tokenizer:
+        """Convert a sentencepiece model the way llama2.c's tokenizer.py does ("▁" stored as a space), its
+        user-defined symbols kept; `note`: say in one line on stderr what of its text normalization the tokenizer
+        leaves out, and with `to_file` what a tokenizer.bin written from it does (its user-defined symbols)."""
         sp = open_sentencepiece(model_path)
         if note:
-            warn_normalization(sp, model_path, "a tokenizer.bin")
+            warn_normalization(sp, model_path, "a tokenizer.bin" if to_file else "babyllama's tokenizer",
+                               keeps_symbols=not to_file)
         texts, scores = sentencepiece_pieces(sp, model_path)
         texts[BOS], texts[EOS] = "\n<s>\n", "\n</s>\n"  # the ids _check_special_ids found them at
-        return cls([text.replace(META_SPACE, " ").encode("utf-8") for text in texts], scores)
+        return cls([text.replace(META_SPACE, " ").encode("utf-8") for text in texts], scores,
+                   symbols=user_defined_ids(sp))
 
     def same_as(self, other: Tokenizer) -> bool:
-        """Whether `other` encodes as this tokenizer does: the same pieces with the same merge scores."""
-        return self.pieces == other.pieces and np.array_equal(self.scores, other.scores)
+        """Whether `other` encodes as this tokenizer does: the same pieces with the same merge scores and
+        user-defined symbols."""
+        return (self.pieces == other.pieces and np.array_equal(self.scores, other.scores)
+                and self.symbols == other.symbols)
 
     # ------------------------------------------------------------------ encoding
 
@@ -129,7 +147,13 @@ class Tokenizer:
         ids = [BOS] if bos else []
         if text:
             # sentencepiece escapes spaces as "▁" before encoding, so a "▁" in the text is a space to it too
-            ids.extend(self._bpe(" " + text.replace(META_SPACE, " ")))
+            text = " " + text.replace(META_SPACE, " ")
+            parts = self._at_symbols.split(text) if self._at_symbols else [text]
+            for k, part in enumerate(parts):  # text, symbol, text, ...: no merge reaches across a symbol
+                if k % 2:
+                    ids.append(self.symbols[part])
+                elif part:
+                    ids.extend(self._bpe(part))
         if eos:
             ids.append(EOS)
         return ids
@@ -396,11 +420,22 @@ def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
     model_type = trainer.get(3, 1)
     if model_type != 2:
         left_out.append(f"{_SEGMENTATIONS.get(model_type, 'a non-BPE')} segmentation")  # type: ignore[arg-type]
-    symbols = [p.get(1, b"") for p in pieces if p.get(3) == 4]
+    symbols = [p.get(1, b"") for p in pieces if p.get(3) == USER_DEFINED]
     if symbols and not keeps_symbols:
         shown = ", ".join(s.decode("utf-8", "replace") for s in symbols[:3] if isinstance(s, bytes))
         left_out.append(f"user-defined symbols ({shown}{', ...' if len(symbols) > 3 else ''})")
     return left_out
+
+
+def user_defined_ids(sp) -> list[int]:
+    """The ids of the sentencepiece model `sp`'s user-defined symbols (its pieces, ModelProto field 1, of type
+    USER_DEFINED), which sentencepiece keeps whole; none where the model does not parse."""
+    try:
+        pieces = (dict(_proto_fields(v)) for f, v in _proto_fields(sp.serialized_model_proto())
+                  if f == 1 and isinstance(v, bytes))
+        return [i for i, piece in enumerate(pieces) if piece.get(3) == USER_DEFINED]
+    except (ValueError, IndexError):
+        return []
 
 
 def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:

@@ -142,6 +142,32 @@ def test_gguf_f32_metadata_tokenizer_tensors(tmp_path, sp_model):
         np.testing.assert_array_equal(tensors[gguf_name(name)], t, err_msg=name)
 
 
+def test_user_defined_symbols_travel_as_token_type_4(tmp_path, capsys):
+    """A sentencepiece model's user-defined symbols are GGUF's token type 4 (llama.cpp then keeps them whole, as
+    sentencepiece does); babyllama running the GGUF keeps them whole too, and a .bin made from it, whose
+    tokenizer.bin cannot mark them, is warned about in one line."""
+    import sentencepiece as spm
+    from conftest import train_sentencepiece
+
+    from babyllama.loading import open_model, tokenizer_for
+
+    symbols = ["<|im_start|>", "<|im_end|>"]
+    model = train_sentencepiece(tmp_path / "ud.model", 320, user_defined_symbols=symbols)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ids = [sp.piece_to_id(s) for s in symbols]
+    _, reader = export_gguf(tmp_path, "f32", tied=False, tokenizer=model)
+    types = gguf_metadata(reader)["tokenizer.ggml.token_type"]
+    assert [types[i] for i in ids] == [4, 4] and types.count(4) == 2
+    text = "<|im_start|>user\nthe cat sat on the mat<|im_end|>\n<|im_start|>"
+    tok = tokenizer_for(open_model(tmp_path / "m-f32.gguf"))
+    assert tok.encode(text, bos=False) == sp.encode(text) and ids[0] in sp.encode(text)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out" / "m.bin"), "--model", str(tmp_path / "m-f32.gguf")]) == 0
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "has user-defined symbols (<|im_start|>, <|im_end|>), which a tokenizer.bin" \
+        in warnings[0], warnings
+
+
 def test_gguf_q8_0_within_quantization_error(tmp_path, sp_model):
     w, reader = export_gguf(tmp_path, "q8_0", tied=True, tokenizer=sp_model)
     assert gguf_metadata(reader)["general.file_type"] == 7

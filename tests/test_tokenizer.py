@@ -134,6 +134,43 @@ def test_without_byte_fallback_a_run_of_unknown_characters_is_one_unk_as_in_sent
         assert tok.decode(ids) == sp.decode(ids)
 
 
+SYMBOLS = ["<|im_start|>", "<|im_end|>", "<|im"]  # the last begins the others: the longest match wins
+
+
+def test_user_defined_symbols_are_kept_whole_as_sentencepiece_does(tmp_path):
+    """sentencepiece keeps a user-defined symbol whole wherever it stands (no merge reaches across it, the dummy
+    prefix stays a space of its own before one that opens the text); a .model read into memory or through a GGUF
+    vocabulary encodes the same ids; a tokenizer.bin cannot mark them, so one read back spells them out."""
+    import random
+
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import train_sentencepiece
+
+    from babyllama.interop.vocab import from_tokenizer, load_vocab
+    from babyllama.tokenizer import USER_DEFINED
+
+    model = train_sentencepiece(tmp_path / "ud.model", 320, user_defined_symbols=SYMBOLS)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ids = [sp.piece_to_id(s) for s in SYMBOLS]
+    tok = Tokenizer.from_sentencepiece(model, note=False)
+    assert tok.symbols == dict(zip(SYMBOLS, ids))
+    via_vocab = load_vocab(model).to_tokenizer()
+    assert via_vocab.same_as(tok) and [from_tokenizer(tok).types[i] for i in ids] == [USER_DEFINED] * 3
+    rng = random.Random(0)
+    parts = [*SYMBOLS, "<|", "im_", "start", "|>", " ", "  ", "the cat", "\n", "é", "日", "▁"]
+    texts = ["<|im_start|>user\nthe cat sat<|im_end|>", "<|im_end|>", "the<|im|>", " <|im_start|> dog", "<|im_sta"]
+    texts += ["".join(rng.choice(parts) for _ in range(rng.randint(1, 12))) for _ in range(400)]
+    for text in texts:
+        want = sp.encode(text)
+        assert tok.encode(text, bos=False) == want, text
+        assert via_vocab.encode(text, bos=False) == want, text
+        assert tok.decode(want) == sp.decode(want), text
+    assert tok.encode("<|im_start|>hi", bos=False)[1] == ids[0]
+    tok.save(tmp_path / "ud.bin")
+    spelled = Tokenizer.load(tmp_path / "ud.bin")
+    assert not spelled.symbols and ids[0] not in spelled.encode("<|im_start|>hi", bos=False)
+
+
 @pytest.mark.parametrize("options, said", [
     (dict(model_type="unigram", vocab_size=300), "has unigram segmentation, which a tokenizer.bin cannot carry"),
     (dict(user_defined_symbols=["<|im_start|>"]), "has user-defined symbols (<|im_start|>), which a tokenizer.bin"),

@@ -15,10 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BabyLlamaError, missing_extra
-from ..tokenizer import BOS, EOS, META_SPACE, UNK, Tokenizer, open_sentencepiece, sentencepiece_pieces
+from ..tokenizer import (
+    BOS,
+    EOS,
+    META_SPACE,
+    UNK,
+    USER_DEFINED,
+    Tokenizer,
+    open_sentencepiece,
+    sentencepiece_pieces,
+    user_defined_ids,
+)
 
 # sentencepiece's (and GGUF's) token types
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _BIN_SPECIAL = {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}  # what tokenizer.bin stores as "\n<s>\n" etc.
 
@@ -36,7 +46,8 @@ class Vocab:
     chat_template: str | None = None
 
     def to_tokenizer(self) -> Tokenizer:
-        """The llama2.c tokenizer of this vocabulary (as `Tokenizer.from_sentencepiece` builds it)."""
+        """The llama2.c tokenizer of this vocabulary (as `Tokenizer.from_sentencepiece` builds it), its
+        user-defined symbols kept whole."""
         pieces = []
         for i, text in enumerate(self.tokens):
             if i == self.bos_id:
@@ -44,7 +55,7 @@ class Vocab:
             elif i == self.eos_id:
                 text = "\n</s>\n"
             pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
-        return Tokenizer(pieces, self.scores)
+        return Tokenizer(pieces, self.scores, symbols=[i for i, kind in enumerate(self.types) if kind == USER_DEFINED])
 
 
     def to_sentencepiece(self) -> bytes:
@@ -119,9 +130,12 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
 def _from_sentencepiece(path: Path) -> Vocab:
     sp = open_sentencepiece(path)
     tokens, scores = sentencepiece_pieces(sp, path)
+    symbols = set(user_defined_ids(sp))  # sentencepiece's Python API does not tell them from normal pieces
     types = []
     for i in range(sp.vocab_size()):
-        if sp.is_unknown(i):
+        if i in symbols:
+            types.append(USER_DEFINED)
+        elif sp.is_unknown(i):
             types.append(UNKNOWN)
         elif sp.is_control(i):
             types.append(CONTROL)
@@ -147,5 +161,5 @@ def from_tokenizer(tok: Tokenizer) -> Vocab:
             raise BabyLlamaError(f"tokenizer token {i} ({piece!r}) is not valid UTF-8; "
                                  "GGUF vocabularies hold text pieces") from None
         tokens.append(text.replace(" ", META_SPACE))
-        types.append(BYTE if _BYTE_PIECE.fullmatch(text) else NORMAL)
+        types.append(USER_DEFINED if tok.symbols.get(text) == i else BYTE if _BYTE_PIECE.fullmatch(text) else NORMAL)
     return Vocab(tokens, [float(s) for s in tok.scores], types)
