@@ -13,8 +13,8 @@ from dataclasses import replace
 from typing import cast
 
 from . import formats, kernels
-from .config import DEFAULT_PARALLEL, SEED_LIMIT, ModelArgs, default_steps
-from .engine import KV_CACHE_TYPES, Engine
+from .config import DEFAULT_PARALLEL, KV_CACHE_TYPES, SEED_LIMIT, ModelArgs, default_steps
+from .engine import Engine
 from .errors import BabyLlamaError, missing_extra
 from .fields import is_number
 from .generate import generate
@@ -44,9 +44,10 @@ class Model:
         return self.weights.args
 
     def stream(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
-               seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
-               repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0) -> Iterator[str]:
+               seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = Controls.top_k,
+               min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
+               repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
+               frequency_penalty: float = Controls.frequency_penalty) -> Iterator[str]:
         """Yield the text generated after `prompt`, piece by piece as tokens are sampled (a character split
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context; None, as -n unset: 256,
@@ -60,9 +61,10 @@ class Model:
         return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls)
 
     def generate(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = 0, min_p: float = 0.0,
-                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0) -> str:
+                 seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = Controls.top_k,
+                 min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
+                 repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
+                 frequency_penalty: float = Controls.frequency_penalty) -> str:
         """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
         controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
         return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls))
@@ -92,9 +94,10 @@ class Model:
 
     def generate_batch(self, prompts: list[str], steps: int | list[int] | None = None, temperature: float = 1.0,
                        topp: float = 0.9, seed: int | None = None, max_new_tokens: int | None = None,
-                       parallel: int = DEFAULT_PARALLEL, *, top_k: int = 0, min_p: float = 0.0,
-                       repeat_penalty: float = 1.0, repeat_last_n: int = 64, presence_penalty: float = 0.0,
-                       frequency_penalty: float = 0.0) -> list[str]:
+                       parallel: int = DEFAULT_PARALLEL, *, top_k: int = Controls.top_k,
+                       min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
+                       repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
+                       frequency_penalty: float = Controls.frequency_penalty) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
         own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. At most
         `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot; on the

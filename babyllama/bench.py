@@ -152,11 +152,12 @@ def tokenizer_file(shape: str, directory: Path) -> Path:
     if shape == BUILTIN:
         from .loading import BUILTIN_TOKENIZER
         return BUILTIN_TOKENIZER
-    from .tokenizer import Tokenizer
+    from .tokenizer import BIN_PIECES, BOS, EOS, Tokenizer
 
     path = directory / "tokenizer-32000.bin"
     if not path.exists():
-        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+        pieces = [b"<unk>", BIN_PIECES[BOS].encode(), BIN_PIECES[EOS].encode()]
+        pieces += [f"<0x{i:02X}>".encode() for i in range(256)]
         pieces += [b" "] + [bytes([c]) for c in range(ord("a"), ord("z") + 1)]
         pieces += [f"tok{i}".encode() for i in range(32000 - len(pieces))]
         Tokenizer(pieces, [0.0] * 259 + [-float(i) for i in range(32000 - 259)]).save(path)
@@ -578,7 +579,7 @@ class Plan:
     thread_settings: tuple[str, ...] = ("default",)
     busy: int = 0
     bandwidth_mib: int = 512
-    kv_cache: str = "auto"  # the NumPy engine's KV cache type (engine.KV_CACHE_TYPES)
+    kv_cache: str = "auto"  # the NumPy engine's KV cache type (config.KV_CACHE_TYPES)
     rounds: int = 3  # times each model's rows are measured in turn (the plain baseline once)
     gguf: bool = False  # also babyllama on the GGUF files of the quantized formats (GGUF_FORMATS)
 

@@ -1,12 +1,14 @@
 """ModelArgs: the one description of a Llama 2 model's shape, shared by the .bin formats, the NumPy engine,
 the PyTorch model, the exporters and the CLI; and the few defaults every layer above shares (run.c's -n, the
-sequences a batch generates at once, a training run's checkpoint name); and ServeConfig, the server's settings,
+sequences a batch generates at once, a training run's checkpoint name, the choices and sampling defaults the CLI
+offers before NumPy loads); and ServeConfig, the server's settings,
 whose defaults `babyllama serve`'s flags take (here, where the CLI reads them without the serve extra)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import TypedDict
 
 from .errors import BabyLlamaError
 
@@ -23,6 +25,23 @@ CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # its checkpoint
 TOKENIZER_BIN = "tokenizer.bin"
 SENTENCEPIECE_MODEL = "tokenizer.model"  # a Hugging Face or Meta folder's tokenizer, in it (Meta: or beside it)
+# what the CLI offers, here for it to name before NumPy loads (it sets thread variables first)
+KV_CACHE_TYPES = ("auto", "f32", "f16", "q8_0")  # the NumPy engine's KV cache row types (engine.kv_cache_dtype)
+QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)
+
+
+class ControlDefaults(TypedDict):
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+
+
+# llama.cpp's and OpenAI's sampling controls (sampler.Controls), all off: sampling is then run.c's
+CONTROL_DEFAULTS: ControlDefaults = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "repeat_last_n": 64,
+                                     "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
 def default_steps(steps: int | None, max_new_tokens: int | None) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import kernels
-from .config import ModelArgs
+from .config import KV_CACHE_TYPES, ModelArgs
 from .formats import Weights
 from .kernels_base import (
     Kernels,
@@ -39,7 +39,6 @@ from .memory import allocation_failed, check_fits, small_pages, zeros_mapped
 # significands) and f32 otherwise (fp32 models compute exactly what llama2.c's run.c computes). q8_0 (llama.cpp's
 # -ctk/-ctv q8_0) holds a head's row of keys or values as int8 values with one fp32 scale per 32: about half of
 # fp16's bytes, for long contexts and for decode that reads the cache at memory speed.
-KV_CACHE_TYPES = ("auto", "f32", "f16", "q8_0")
 
 
 def kv_cache_dtype(weights: Weights, kv_cache: str = "auto") -> np.dtype:
@@ -145,7 +144,7 @@ class Engine:
     additions inside the products, then the classifier), since Python's per-call overhead otherwise rivals a
     small model's arithmetic. `kernels=` pins a backend object (tests use it to run two builds side by side).
     Weights are never copied (they are the mapped file, or the buffer it was read into). `kv_cache` ("auto",
-    "f32", "f16", "q8_0"; see KV_CACHE_TYPES) sets the row type of the caches `new_cache` makes (`kv_dtype`)."""
+    "f32", "f16", "q8_0"; see config.KV_CACHE_TYPES) sets the row type of the caches `new_cache` makes (`kv_dtype`)."""
 
     def __init__(self, weights: Weights, plain: bool = False, kernels: Kernels | None = None,
                  kv_cache: str = "auto"):

@@ -26,7 +26,7 @@ from typing import Any, TypeGuard, cast
 import numpy as np
 
 from . import memory, safeio
-from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, ModelArgs, checked_args
+from .config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, LIMITS, QUANTIZE_KINDS, ModelArgs, checked_args
 from .errors import BabyLlamaError, note
 from .quant import BLOCK, BLOCK_BYTES, QUANTIZE_CHUNK_BYTES, BlockTensor, quantize_q4_0, unpacked_q8
 
@@ -37,7 +37,6 @@ EXT_OFFSET = 48  # float64 rope_theta, float64 norm_eps
 DEFAULT_GROUP_SIZE = 64
 PACKED_GROUP_SIZES = (32, 64)  # the Q8 group sizes the native kernels pack (QTensor.packed, kernels.c's W_Q8R)
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)
 
 
 @dataclass

@@ -119,6 +119,7 @@ W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16, W_Q8R = range(9)
 DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32
 BLOCK_TYPES = {"q8_0": W_Q8_0, "q4_0": W_Q4_0}
 REGROUPED_TYPES = {"q8_0": W_Q8_0R, "q4_0": W_Q4_0R}
+LINE = 64  # bytes in a cache line: where regrouped matrices start
 KV_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}  # kernels.c's KV_F32, KV_F16
 KV_Q8 = 2  # kernels.c's KV_Q8: rows of kernels_base.kv_q8_dtype
 
@@ -896,25 +897,28 @@ class NativeKernels:
         matrix is copied: freed where they were process memory (quantized or converted on load), handed back
         where they were a file's pages (memory.release_mapped; a later read maps them again from the page cache),
         so that memory holds the blocks and their copy together for one matrix (a file's) or an eighth of the
-        model (process memory, returned to the system that often) at most. Matrices of runq.c's layout (Q8 with
-        groups of 32 or 64, kernels.c's W_Q8R) get their copy in QTensor.packed: their values and scales stay for
-        every other reader where they are a file's pages (handed back), and are let go where they were process
-        memory (QTensor.keep_packed_only: rebuilt from the copy when read). Nothing changes where the build has no
-        such kernels or the copies would take more than a quarter of the free memory (memory.read_by_default)."""
+        model (process memory, returned to the system that often) at most. Each matrix starts on a cache line
+        (LINE), so that where a row is a whole number of lines (110M's rows of 2048) every row starts on one (rows
+        that start 16 bytes into a line, NumPy's own start, split every other 256-bit load: see docs/speed.md).
+        Matrices of runq.c's layout (Q8 with groups of 32 or 64, kernels.c's W_Q8R) get their copy in
+        QTensor.packed: their values and scales stay for every other reader where they are a file's pages (handed
+        back), and are let go where they were process memory (QTensor.keep_packed_only: rebuilt from the copy when
+        read). Nothing changes where the build has no such kernels or the copies would take more than a quarter of
+        the free memory (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if (isinstance(w, BlockTensor) and not w.regrouped)
                      or (isinstance(w, QTensor) and w.packed is None and w.group_size in PACKED_GROUP_SIZES)}.values())
-        total = sum(w.nbytes for w in todo)
-        if not todo or not memory.read_by_default(total):
+        starts = np.cumsum([0] + [-(-w.nbytes // LINE) * LINE for w in todo])
+        if not todo or not memory.read_by_default(int(starts[-1])):
             return
         self._plans.clear()  # their descriptions hold the blocks
-        buf, at, maps = np.empty(total, dtype=np.uint8), 0, memory.read_only_file_maps()
+        buf, maps = memory.empty_aligned(int(starts[-1]), LINE), memory.read_only_file_maps()
         # the blocks made on load, freed as their copies are made, go back to the system every eighth of the
         # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
-        every, since = min(total // 8, 64 << 20), 0
-        for w in todo:
+        every, since = min(int(starts[-1]) // 8, 64 << 20), 0
+        for w, at in zip(todo, starts.tolist()):
             if not self._regroup_one(w, buf[at:at + w.nbytes], maps):  # no such kernels in this build
                 return
-            at, since = at + w.nbytes, since + w.nbytes
+            since += w.nbytes
             if since >= every:
                 memory.return_freed_memory()
                 since = 0
@@ -938,8 +942,6 @@ class NativeKernels:
         blocks, w.data, w.regrouped = w.data, copy.data, True
         memory.release_mapped(blocks, maps=maps)
         return True  # the blocks are freed as this returns where they were process memory
-
-    describe = step_plan
 
     def forward_step(self, plan: ModelPlan, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                      keys: np.ndarray, values: np.ndarray, rows: Sequence[int]) -> np.ndarray:

@@ -201,7 +201,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     fp32, the file's own weights (for the PyTorch engine, which computes in fp32 or bf16 whatever it is given,
     and for export); keep_quantized False reads every tensor as fp32. `read_once`: the weights are read once more
     (quantized, or written out) and then dropped: a llama2.c file is mapped, never resident as a whole
-    (formats.load). `quantize` (formats.QUANTIZE_KINDS, `--quantize`): the weights quantized on load
+    (formats.load). `quantize` (config.QUANTIZE_KINDS, `--quantize`): the weights quantized on load
     (Weights.quantize_as), read once; a GGUF file's, a Hugging Face or Meta checkpoint's matrices each as it is
     read (from_state_dict), so that memory never holds the fp32 model."""
     if quantize is not None:

@@ -147,6 +147,14 @@ def small_pages(a: np.ndarray) -> None:
         _madvise(start, (a.ctypes.data + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE, MADV_NOHUGEPAGE)
 
 
+def empty_aligned(nbytes: int, align: int) -> np.ndarray:
+    """An uninitialized uint8 array of `nbytes` whose first byte lies on a multiple of `align` (NumPy's own start
+    16 bytes into a page)."""
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + nbytes]
+
+
 def zeros_mapped(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Zeros in pages of their own, mapped from the OS (private, anonymous): a page takes memory only once
     written, whatever the allocator's settings (a block glibc hands out of its heap is zeroed by a memset,

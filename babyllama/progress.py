@@ -1,4 +1,4 @@
-"""Progress bars for long work (eval, download): tqdm on stderr when it is installed and stderr is a
+"""Progress bars for long work (eval, download, data preparation): tqdm on stderr when it is installed and stderr is a
 terminal; otherwise a silent stand-in, so that the base install (numpy only) runs the same code."""
 
 from __future__ import annotations

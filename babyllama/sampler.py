@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import CONTROL_DEFAULTS
 from .errors import BabyLlamaError
 
 _MASK64 = (1 << 64) - 1
@@ -201,12 +202,12 @@ class Controls:
 
     Temperature and top-p then apply to the candidates as run.c applies them to the whole vocabulary."""
 
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    top_k: int = CONTROL_DEFAULTS["top_k"]
+    min_p: float = CONTROL_DEFAULTS["min_p"]
+    repeat_penalty: float = CONTROL_DEFAULTS["repeat_penalty"]
+    repeat_last_n: int = CONTROL_DEFAULTS["repeat_last_n"]
+    presence_penalty: float = CONTROL_DEFAULTS["presence_penalty"]
+    frequency_penalty: float = CONTROL_DEFAULTS["frequency_penalty"]
 
     def problem(self) -> tuple[str, str] | None:
         """The first control out of range: its name and "must be RULE, got VALUE" (each interface names it its

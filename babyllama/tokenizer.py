@@ -35,7 +35,10 @@ from .config import LIMITS
 from .errors import BabyLlamaError, missing_extra, warn
 
 UNK, BOS, EOS = 0, 1, 2
-USER_DEFINED = 4  # sentencepiece's (and GGUF's) token type of a user-defined symbol
+# how tokenizer.bin spells <s> and </s> (llama2.c's tokenizer.py), which no text can merge into
+BIN_PIECES = {BOS: "\n<s>\n", EOS: "\n</s>\n"}
+# sentencepiece's (and GGUF's) token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 META_SPACE = "\u2581"  # sentencepiece's stand-in for a space in its pieces ("▁"), a space in tokenizer.bin
 MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
@@ -126,7 +129,7 @@ class Tokenizer:
             warn_normalization(sp, model_path, "a tokenizer.bin" if to_file else "babyllama's tokenizer",
                                keeps_symbols=not to_file)
         texts, scores = sentencepiece_pieces(sp, model_path)
-        texts[BOS], texts[EOS] = "\n<s>\n", "\n</s>\n"  # the ids _check_special_ids found them at
+        texts[BOS], texts[EOS] = BIN_PIECES[BOS], BIN_PIECES[EOS]  # the ids _check_special_ids found them at
         return cls([text.replace(META_SPACE, " ").encode("utf-8") for text in texts], scores,
                    symbols=user_defined_ids(sp))
 

@@ -446,14 +446,14 @@ def _wide_model(kind: str = "q4_0"):
 @pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 def test_a_models_block_matrices_are_regrouped_once_for_every_reader(native, monkeypatch, kind):
     """A model's first call puts the layers' and the classifier's Q4_0 or Q8_0 blocks in the kernels' order, in
-    one buffer of their size, and lets the blocks go (quantized on load: freed); a second engine on the same
-    weights reads them as they are. Its logits agree with the blocks' kernel's within float rounding (4e-7 of
-    the largest logit), amplified where an activation lands on the other side of a quantization step in a
-    later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean logit; allowed 1%,
-    5% of the largest); the blocks stay when the copy would take more than a quarter of the free memory. The
-    prompt comes from its own generator: how far a flip carries depends on the draw (over 30 draws the mean
-    difference ran 0-0.9% of the mean logit), so a draw that moved with the tests before this one made the
-    bound a lottery."""
+    one buffer of their size (each matrix on a cache line), and lets the blocks go (quantized on load: freed); a
+    second engine on the same weights reads them as they are. Its logits agree with the blocks' kernel's within
+    float rounding (4e-7 of the largest logit), amplified where an activation lands on the other side of a
+    quantization step in a later layer (as in test_quantized_engine_matches_plain: seen here at 0.1% of the mean
+    logit; allowed 1%, 5% of the largest); the blocks stay when the copy would take more than a quarter of the
+    free memory. The prompt comes from its own generator: how far a flip carries depends on the draw (over 30
+    draws the mean difference ran 0-0.9% of the mean logit), so a draw that moved with the tests before this one
+    made the bound a lottery."""
     w = _wide_model(kind)
     if native.regroup(w.wq[0]) is None:
         pytest.skip(f"the {native.isa()} build has no regrouped kernels")
@@ -463,7 +463,9 @@ def test_a_models_block_matrices_are_regrouped_once_for_every_reader(native, mon
     regrouped = Engine(w, kernels=native)
     a = regrouped.forward(tokens, range(6), regrouped.new_cache())
     assert all(m.regrouped for m in q4) and len({m.data.base.ctypes.data for m in q4}) == 1  # one buffer
-    assert q4[0].data.base.nbytes == sum(m.nbytes for m in q4)
+    # each matrix on a cache line (LINE), the buffer their size up to that padding
+    assert all(m.data.ctypes.data % kernels_native.LINE == 0 for m in q4)
+    assert 0 <= q4[0].data.base.nbytes - sum(m.nbytes for m in q4) < kernels_native.LINE * (len(q4) + 1)
     gc.collect()
     assert all(ref() is None for ref in blocks_before)  # held once
     data = [m.data for m in q4]

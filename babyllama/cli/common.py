@@ -7,14 +7,12 @@ import math
 import os
 from typing import TYPE_CHECKING
 
-from ..config import DEFAULT_STEPS, SEED_LIMIT, default_steps
+from ..config import CONTROL_DEFAULTS, DEFAULT_STEPS, KV_CACHE_TYPES, SEED_LIMIT, default_steps
 from ..errors import BabyLlamaError
 
 if TYPE_CHECKING:
     from ..sampler import Controls, Sampler
 
-KV_CACHE_CHOICES = ("auto", "f32", "f16", "q8_0")  # engine.KV_CACHE_TYPES (not imported: NumPy loads after --threads)
-QUANTIZE_CHOICES = ("q8_0", "q4_0", "f16", "bf16")  # formats.QUANTIZE_KINDS, likewise
 QUANTIZE_HELP = ("the weights' type on load: runq.c's Q8_0, llama.cpp's 4-bit Q4_0, or rounded to f16 or bf16 "
                  "(half the bytes of fp32, read as fp32 by the native kernels)")
 
@@ -56,7 +54,7 @@ def non_empty_url(text: str) -> str:
 
 
 def add_kv_cache(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+    p.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default="auto",
                    help="the KV cache's type: f16 halves the bytes attention reads per token, q8_0 (int8 with "
                         "a scale per 32 values) about halves them again; auto: f16 for quantized weights (Q8_0, "
                         "Q4_0), f32 for fp32 ones, whose output then stays run.c's exactly (auto)")
@@ -93,20 +91,23 @@ def add_sampling_flags(p: argparse.ArgumentParser, per_reply: bool = False, chat
 def add_control_flags(p: argparse.ArgumentParser) -> None:
     """llama.cpp's sampling flags (sampler.Controls), all off by default: sampling is then run.c's."""
     g = p.add_argument_group("sampling controls (llama.cpp's flags; off by default: run.c's sampling)")
-    g.add_argument("--top-k", "--top_k", type=int, default=0, metavar="K",
-                   help="sample among the K likeliest tokens; 0 = off (0)")
-    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                   help="drop tokens less likely than P times the likeliest (before temperature); 0 = off (0)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X",
+    g.add_argument("--top-k", "--top_k", type=int, default=CONTROL_DEFAULTS["top_k"], metavar="K",
+                   help="sample among the K likeliest tokens; 0 = off (%(default)s)")
+    g.add_argument("--min-p", type=float, default=CONTROL_DEFAULTS["min_p"], metavar="P",
+                   help="drop tokens less likely than P times the likeliest (before temperature); "
+                        "0 = off (%(default)s)")
+    g.add_argument("--repeat-penalty", type=float, default=CONTROL_DEFAULTS["repeat_penalty"], metavar="X",
                    help="divide the positive logits (multiply the negative ones) of the tokens among the last "
-                        "--repeat-last-n, prompt included, by X; 1 = off (1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
-                   help="tokens --repeat-penalty looks back over; -1 = all of them (in the window), 0 = off (64)")
-    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X",
-                   help="OpenAI's: subtract X from the logit of every token generated so far, in [-2, 2] (0)")
-    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X",
+                        "--repeat-last-n, prompt included, by X; 1 = off (%(default)s)")
+    g.add_argument("--repeat-last-n", type=int, default=CONTROL_DEFAULTS["repeat_last_n"], metavar="N",
+                   help="tokens --repeat-penalty looks back over; -1 = all of them (in the window), "
+                        "0 = off (%(default)s)")
+    g.add_argument("--presence-penalty", type=float, default=CONTROL_DEFAULTS["presence_penalty"], metavar="X",
+                   help="OpenAI's: subtract X from the logit of every token generated so far, "
+                        "in [-2, 2] (%(default)s)")
+    g.add_argument("--frequency-penalty", type=float, default=CONTROL_DEFAULTS["frequency_penalty"], metavar="X",
                    help="OpenAI's: subtract X times its count so far from each generated token's logit, "
-                        "in [-2, 2] (0)")
+                        "in [-2, 2] (%(default)s)")
 
 
 def controls(args: argparse.Namespace) -> Controls:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_model_flags, non_empty_path
+from ..config import QUANTIZE_KINDS
+from .common import QUANTIZE_HELP, add_model_flags, non_empty_path
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -30,7 +31,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                       help="instruction-following instead: greedy replies to the requests of FILE (.jsonl from "
                            "`babyllama data instruct`); prints the share of requested words the replies use and "
                            "the share that mention the requested topic")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
     p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="stop after the story in which N predicted tokens are reached (stories stay whole)")

@@ -7,10 +7,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, cast
 
-from ..config import DEFAULT_PARALLEL
+from ..config import DEFAULT_PARALLEL, QUANTIZE_KINDS
 from ..errors import BabyLlamaError, warn
 from .common import (
-    QUANTIZE_CHOICES,
     QUANTIZE_HELP,
     add_chat_template,
     add_compile,
@@ -82,7 +81,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
     add_mmap(p)
     p.add_argument("--device", default="numpy",
                    help="numpy (the default engine), or cpu / cuda / cuda:N for the PyTorch model (bf16 on cuda)")

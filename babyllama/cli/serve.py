@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ServeConfig
+from ..config import QUANTIZE_KINDS, ServeConfig
 from ..errors import BabyLlamaError, missing_extra, warn
-from .common import QUANTIZE_CHOICES, QUANTIZE_HELP, add_chat_template, add_model_flags, add_threads, chat_template
+from .common import QUANTIZE_HELP, add_chat_template, add_model_flags, add_threads, chat_template
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -33,7 +33,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=f"choices that may wait for a slot (those that find one free do not wait); beyond, 429 "
                         f"({DEFAULTS.queue})")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
     add_chat_template(p)
     p.add_argument("--model-name", default=None,
                    help="the model id clients name (default: with --lora the adapter's name, else the model "

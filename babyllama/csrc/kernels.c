@@ -1559,7 +1559,6 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
 ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int per, int64_t b0, const QAct *a,
                                        int64_t n, int nt, __m256 *acc8) {
     const uint8_t *g = w + b0 * rg_block_bytes(per);
-    int64_t nb = n / BLOCK;
     __m256i isum[2][2];
     UNROLL
     for (int t = 0; t < nt; t++) isum[t][0] = isum[t][1] = _mm256_setzero_si256();

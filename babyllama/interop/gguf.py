@@ -75,7 +75,7 @@ from ..formats import (
 )
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize_q4_0_searched
 from ..threads import worker_count
-from ..tokenizer import BOS, EOS, UNK
+from ..tokenizer import BOS, BYTE, EOS, NORMAL, UNK
 from .state_dict import expected_shapes, from_state_dict
 from .vocab import Vocab
 
@@ -567,7 +567,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
     file's own weights, for what computes in fp32 anyway: the PyTorch engine, export), with one ConversionNote
     per converted type appended to `notes`, and a line there when the file's chat template is not Llama 2's
     (chat_template.foreign_template_note).
-    `quantize` (formats.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as soon as
+    `quantize` (config.QUANTIZE_KINDS, what `--quantize` asks): every F32/F16/BF16 matrix is quantized as soon as
     it is read and its file bytes handed back (from_state_dict), so that a large file never needs memory for its
     fp32 copy."""
     path = Path(path)
@@ -716,7 +716,7 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
     if not all(isinstance(t, str) for t in tokens):
         raise BabyLlamaError(f"{path}: tokenizer.ggml.tokens must be a list of strings")
     scores = fields.list("tokenizer.ggml.scores", [0.0] * n)
-    types = fields.list("tokenizer.ggml.token_type", [1] * n)
+    types = fields.list("tokenizer.ggml.token_type", [NORMAL] * n)
     for key, values in (("scores", scores), ("token_type", types)):
         if len(values) != n:
             raise BabyLlamaError(f"{path}: tokenizer.ggml.{key} has {len(values):,} entries for {n:,} tokens")
@@ -724,9 +724,9 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
     score_values, type_values = np.asarray(scores), np.asarray(types)
     if score_values.dtype.kind not in "iuf" or not np.isfinite(score_values).all():
         raise BabyLlamaError(f"{path}: tokenizer.ggml.scores must be finite numbers")
-    if (type_values.dtype.kind not in "iuf" or (type_values % 1 != 0).any() or (type_values < 1).any()
-            or (type_values > 6).any()):
-        raise BabyLlamaError(f"{path}: tokenizer.ggml.token_type must hold token types 1 to 6")
+    if (type_values.dtype.kind not in "iuf" or (type_values % 1 != 0).any() or (type_values < NORMAL).any()
+            or (type_values > BYTE).any()):
+        raise BabyLlamaError(f"{path}: tokenizer.ggml.token_type must hold token types {NORMAL} to {BYTE}")
     ids = {key: fields.int(f"tokenizer.ggml.{key}_token_id", default, lo=0, hi=n - 1)
            for key, default in (("unknown", UNK), ("bos", BOS), ("eos", EOS))}
     _check_llama2c_specials(fields, ids, path)

@@ -16,10 +16,16 @@ from pathlib import Path
 
 from ..errors import BabyLlamaError, missing_extra
 from ..tokenizer import (
+    BIN_PIECES,
     BOS,
+    BYTE,
+    CONTROL,
     EOS,
     META_SPACE,
+    NORMAL,
     UNK,
+    UNKNOWN,
+    UNUSED,
     USER_DEFINED,
     Tokenizer,
     open_sentencepiece,
@@ -27,8 +33,6 @@ from ..tokenizer import (
     user_defined_ids,
 )
 
-# sentencepiece's (and GGUF's) token types
-NORMAL, UNKNOWN, CONTROL, UNUSED, BYTE = 1, 2, 3, 5, 6
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 _BIN_SPECIAL = {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}  # what tokenizer.bin stores as "\n<s>\n" etc.
 
@@ -51,9 +55,9 @@ class Vocab:
         pieces = []
         for i, text in enumerate(self.tokens):
             if i == self.bos_id:
-                text = "\n<s>\n"
+                text = BIN_PIECES[BOS]
             elif i == self.eos_id:
-                text = "\n</s>\n"
+                text = BIN_PIECES[EOS]
             pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
         return Tokenizer(pieces, self.scores, symbols=[i for i, kind in enumerate(self.types) if kind == USER_DEFINED])
 

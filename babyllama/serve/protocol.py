@@ -70,15 +70,15 @@ class Common(Strict):
     stream_options: StreamOptions | None = None
     seed: Annotated[int, Field(ge=-SEED_LIMIT, lt=SEED_LIMIT)] | None = None  # negative: random (llama.cpp's -1)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float = Controls.frequency_penalty
+    presence_penalty: float = Controls.presence_penalty
     # llama.cpp's server's sampling controls (sampler.Controls; ranges checked there); repetition_penalty is the
     # name vLLM's and Hugging Face's clients send for repeat_penalty; top_k -1 (vLLM's "off") is 0
-    top_k: int = 0
-    min_p: float = 0.0
+    top_k: int = Controls.top_k
+    min_p: float = Controls.min_p
     repeat_penalty: float | None = None
     repetition_penalty: float | None = None
-    repeat_last_n: int = 64
+    repeat_last_n: int = Controls.repeat_last_n
     best_of: int = 1
 
     @field_validator("stop")
@@ -114,7 +114,8 @@ class Common(Strict):
     @property
     def controls(self) -> Controls:
         repeat = self.repeat_penalty if self.repeat_penalty is not None else self.repetition_penalty
-        return Controls(0 if self.top_k == -1 else self.top_k, self.min_p, 1.0 if repeat is None else repeat,
+        return Controls(0 if self.top_k == -1 else self.top_k, self.min_p,
+                        Controls.repeat_penalty if repeat is None else repeat,
                         self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
 
     @property
