@@ -28,14 +28,12 @@ from . import safeio
 from .config import CKPT_NAME
 from .errors import BabyLlamaError, missing_extra
 from .fields import Fields
-from .formats import LAYER_MATRICES, LAYER_NAMES, Weights, all_finite, dense, held_tensors, is_fp32
+from .formats import LAYER_MATRICES, LAYER_NAMES, Weights, all_finite, dense, held_tensors, is_fp32, layer_key
 
 FORMAT = "babyllama-lora-1"
 ADAPTER_FILE = "adapter.safetensors"
 IDENTITY_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
                  "shared_classifier")
-PEFT_MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj",
-                "w2": "down_proj", "w3": "up_proj"}
 
 
 def lora_key(layer: int, target: str, which: str) -> str:
@@ -242,7 +240,7 @@ def save_peft(adapter: Adapter, weights: Weights, outdir: str | os.PathLike) -> 
     rows follow the Hugging Face export's rotary row order (A acts on the input side and stays as is)."""
     from safetensors.numpy import save_file
 
-    from .interop.hf import interleaved_to_halves
+    from .interop.hf import hf_name, interleaved_to_halves
 
     args = weights.args
     outdir = safeio.output_dir(outdir, "adapter folder")
@@ -253,14 +251,15 @@ def save_peft(adapter: Adapter, weights: Weights, outdir: str | os.PathLike) -> 
             a, b = adapter_pair(adapter, layer, target, shape)
             if target in ("wq", "wk"):
                 b = interleaved_to_halves(b, args.n_heads if target == "wq" else args.n_kv_heads)
-            module = "self_attn" if target in ("wq", "wk", "wv", "wo") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{module}.{PEFT_MODULES[target]}"
+            # the Hugging Face export's module (model.layers.N.self_attn.q_proj...), under PEFT's wrapper
+            prefix = "base_model.model." + hf_name(layer_key(layer, target)).removesuffix(".weight")
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
     with safeio.pending(outdir / "adapter_model.safetensors", "adapter") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
-              "lora_dropout": adapter.dropout, "target_modules": [PEFT_MODULES[t] for t in adapter.targets],
+              "lora_dropout": adapter.dropout,
+              "target_modules": [hf_name(layer_key(0, t)).split(".")[-2] for t in adapter.targets],
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
               "use_dora": False, "modules_to_save": None, "base_model_name_or_path": None}
     safeio.write_text(outdir / "adapter_config.json", json.dumps(config, indent=2) + "\n")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .config import ModelArgs
+from .config import LLAMA2_VOCAB_SIZE, ModelArgs
 from .errors import BabyLlamaError, first_line
 from .safeio import cache_folder, output_dir
 from .threads import usable_cpus
@@ -74,7 +74,7 @@ while os.getppid() == parent:
 
 
 def shape_args(name: str) -> ModelArgs:
-    return ModelArgs(vocab_size=32000, **SHAPES[name])
+    return ModelArgs(vocab_size=LLAMA2_VOCAB_SIZE, **SHAPES[name])
 
 
 def context_of(shape: str) -> int:
@@ -101,16 +101,16 @@ def random_model(args: ModelArgs, seed: int = 0) -> Weights:
     from .formats import Weights
 
     rng = np.random.default_rng(seed)
-    L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
+    L, d, V = args.n_layers, args.dim, args.vocab_size
 
     def r(*shape):
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
     emb = r(V, d)
     ones = np.ones((L, d), dtype=np.float32)
-    return Weights(args, emb, rms_att=ones, rms_ffn=ones.copy(), rms_final=np.ones(d, dtype=np.float32),
-                   wq=r(L, d, d), wk=r(L, kv, d), wv=r(L, kv, d), wo=r(L, d, d),
-                   w1=r(L, h, d), w2=r(L, d, h), w3=r(L, h, d), wcls=emb)
+    mats = {name: r(L, *shape) for name, shape in args.matrix_shapes().items()}  # drawn in llama2.c's file order
+    return Weights(args, emb, rms_att=ones, rms_ffn=ones.copy(), rms_final=np.ones(d, dtype=np.float32), **mats,
+                   wcls=emb)
 
 
 def _source_weights(shape: str):
@@ -154,13 +154,13 @@ def tokenizer_file(shape: str, directory: Path) -> Path:
         return BUILTIN_TOKENIZER
     from .tokenizer import BIN_PIECES, BOS, EOS, Tokenizer
 
-    path = directory / "tokenizer-32000.bin"
+    path = directory / f"tokenizer-{LLAMA2_VOCAB_SIZE}.bin"
     if not path.exists():
         pieces = [b"<unk>", BIN_PIECES[BOS].encode(), BIN_PIECES[EOS].encode()]
         pieces += [f"<0x{i:02X}>".encode() for i in range(256)]
         pieces += [b" "] + [bytes([c]) for c in range(ord("a"), ord("z") + 1)]
-        pieces += [f"tok{i}".encode() for i in range(32000 - len(pieces))]
-        Tokenizer(pieces, [0.0] * 259 + [-float(i) for i in range(32000 - 259)]).save(path)
+        pieces += [f"tok{i}".encode() for i in range(LLAMA2_VOCAB_SIZE - len(pieces))]
+        Tokenizer(pieces, [0.0] * 259 + [-float(i) for i in range(LLAMA2_VOCAB_SIZE - 259)]).save(path)
     return path
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .config import TOKENIZER_BIN
+from .config import LLAMA2_VOCAB_SIZE, TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .loading import BUILTIN_CARD, BUILTIN_CHAT, BUILTIN_CHAT_CARD, BUILTIN_MODEL, BUILTIN_TOKENIZER
 
@@ -59,7 +59,7 @@ def _tinyllama(name: str, params: str, dim: int, layers: int, heads: int, kv: in
     else:  # Llama 2's 32000-token sentencepiece vocabulary, as llama2.c's tokenizer.bin
         files = (RemoteFile(TINYLLAMAS, f"{name}.bin", f"{name}.bin"),
                  RemoteFile(LLAMA2C_RAW, "tokenizer.bin", TOKENIZER_BIN))
-        vocab = 32000
+        vocab = LLAMA2_VOCAB_SIZE
     return KnownModel(name, params, dim, layers, heads, kv, seq, vocab, loss, size, files)
 
 

@@ -20,6 +20,7 @@ DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each ho
 # so a larger seed would sample another's text (2**64 - 1 seed 0's, 2**64 + 7 seed 7's), with room left for a
 # choice index or a rank added to it
 SEED_LIMIT = 2**63
+LLAMA2_VOCAB_SIZE = 32000  # Meta's Llama 2 sentencepiece vocabulary (llama2.c's tokenizer.bin, vocab_source "llama2")
 CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # a model's tokenizer beside it (run.c's -z default), which pretokenize puts beside its shards and training beside
 # its checkpoint
@@ -68,7 +69,7 @@ class ModelArgs:
     n_layers: int = 6
     n_heads: int = 6
     n_kv_heads: int = 0  # 0 (or None) means n_heads: plain multi-head attention
-    vocab_size: int = 32000
+    vocab_size: int = LLAMA2_VOCAB_SIZE
     hidden_dim: int = 0  # 0 (or None): derived from dim and multiple_of as in Meta's code
     multiple_of: int = 32
     ffn_dim_multiplier: float | None = None
@@ -91,6 +92,11 @@ class ModelArgs:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_size
+
+    def matrix_shapes(self) -> dict[str, tuple[int, int]]:
+        """Each layer's matrices (rows = outputs, cols = inputs), in llama2.c's file order."""
+        d, h, kv = self.dim, self.hidden_dim, self.kv_dim
+        return {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
 
     def validate(self) -> None:
         """Raise ValueError when the shape is not a valid Llama model."""

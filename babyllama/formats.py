@@ -610,8 +610,8 @@ def _tensors(c: _Cursor, args: ModelArgs, version: int, gs: int, path: str | os.
         Matrix, tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, Any], Matrix, int, int]:
     """A model file's tensors in its version's order: the embedding table, the norms (attention, ffn, final),
     the layers' matrices by name, the classifier; and the version and group size they run as."""
-    L, d, h, kv, V = args.n_layers, args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
-    shapes = {"wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+    L, d, h, V = args.n_layers, args.dim, args.hidden_dim, args.vocab_size
+    shapes = args.matrix_shapes()
     mats: dict[str, Any]
     emb: Matrix
     wcls: Matrix

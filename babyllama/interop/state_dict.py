@@ -51,9 +51,9 @@ from ..quant import BlockTensor
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of a model of `args`' shape, in file order, with its shape."""
-    d, h, kv, V = args.dim, args.hidden_dim, args.kv_dim, args.vocab_size
-    per_layer: dict[str, tuple[int, ...]] = {"rms_att": (d,), "wq": (d, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, d),
-                                             "rms_ffn": (d,), "w1": (h, d), "w2": (d, h), "w3": (h, d)}
+    d, V, m = args.dim, args.vocab_size, args.matrix_shapes()
+    per_layer: dict[str, tuple[int, ...]] = {"rms_att": (d,), **{k: m[k] for k in ("wq", "wk", "wv", "wo")},
+                                             "rms_ffn": (d,), **{k: m[k] for k in ("w1", "w2", "w3")}}
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, d)}
     for layer in range(args.n_layers):
         shapes.update({layer_key(layer, f): s for f, s in per_layer.items()})

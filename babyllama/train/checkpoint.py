@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import safeio
-from ..config import CKPT_NAME, DEFAULT_ROPE_THETA, ModelArgs, checked_args
+from ..config import CKPT_NAME, DEFAULT_ROPE_THETA, LLAMA2_VOCAB_SIZE, ModelArgs, checked_args
 from ..errors import BabyLlamaError
 from ..interop.state_dict import expected_shapes, torch_load_failure
 from ..model import Transformer
@@ -45,10 +45,6 @@ def portable_model_args(args: ModelArgs) -> dict:
     if not args.shared_classifier:
         out["shared_classifier"] = False
     return out
-
-
-# the size of Meta's Llama 2 vocabulary, which llama2.c's vocab_source "llama2" names
-LLAMA2_VOCAB_SIZE = 32000
 
 
 def portable_config(config: dict, vocab_size: int) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import safeio
-from ..config import DEFAULT_NORM_EPS, DEFAULT_ROPE_THETA, SEED_LIMIT, ModelArgs, checked_args
+from ..config import SEED_LIMIT, ModelArgs, checked_args
 from ..errors import BabyLlamaError, warn
 
 
@@ -28,18 +28,18 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # false: an evaluation writes ckpt.pt only when the val loss is the best yet
     log_interval: int = 1
     seed: int = 1337
-    # model
+    # model: ModelArgs' defaults (dim 288, 6 layers, 6 heads, context 256: llama2.c's stories15M)
     vocab_size: int = 0  # 0: the pretokenized data's vocabulary
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
+    dim: int = ModelArgs.dim
+    n_layers: int = ModelArgs.n_layers
+    n_heads: int = ModelArgs.n_heads
     n_kv_heads: int = 0  # 0: n_heads
-    multiple_of: int = 32
-    max_seq_len: int = 256
-    dropout: float = 0.0
-    norm_eps: float = DEFAULT_NORM_EPS
-    rope_theta: float = DEFAULT_ROPE_THETA
-    shared_classifier: bool = True
+    multiple_of: int = ModelArgs.multiple_of
+    max_seq_len: int = ModelArgs.max_seq_len
+    dropout: float = ModelArgs.dropout
+    norm_eps: float = ModelArgs.norm_eps
+    rope_theta: float = ModelArgs.rope_theta
+    shared_classifier: bool = ModelArgs.shared_classifier
     # optimisation
     batch_size: int = 128  # micro-batch per device
     gradient_accumulation_steps: int = 4  # over all devices: DDP divides it by the world size
@@ -393,6 +393,15 @@ FINETUNE_KEYS = ("base_format", "tokenizer", "data", "skip_bad_lines", "word_wei
                  "lora_dropout", "lora_targets")
 
 
+MAX_WORD_WEIGHT = 255  # a loss-mask byte holds a token's weight
+
+
+def check_word_weight(value: int, name: str) -> None:
+    """Refuse a word weight (`name`: the setting or flag that gave it) a loss-mask byte cannot hold."""
+    if not 1 <= value <= MAX_WORD_WEIGHT:
+        raise BabyLlamaError(f"{name} must be in [1, {MAX_WORD_WEIGHT}], got {value}")
+
+
 def check_finetune(cfg: TrainConfig) -> None:
     if not cfg.base:  # without a base nothing would read them: a setting given would be silently ignored
         for key in FINETUNE_KEYS:
@@ -401,8 +410,7 @@ def check_finetune(cfg: TrainConfig) -> None:
         return
     if cfg.lora_rank < 0:
         raise BabyLlamaError(f"lora_rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
-    if not 1 <= cfg.word_weight <= 255:  # a mask byte holds it
-        raise BabyLlamaError(f"word_weight must be in [1, 255], got {cfg.word_weight}")
+    check_word_weight(cfg.word_weight, "word_weight")
     if cfg.lora_rank:
         if not 0 < cfg.lora_alpha < math.inf:  # an infinite scale makes every loss NaN, and no reader takes it
             raise BabyLlamaError(f"lora_alpha must be positive and finite, got {cfg.lora_alpha}")

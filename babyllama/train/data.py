@@ -45,6 +45,7 @@ from ..errors import BabyLlamaError, Terminated
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
 from ..progress import progress_bar
+from .config import MAX_WORD_WEIGHT, check_word_weight
 
 if TYPE_CHECKING:
     import torch
@@ -268,14 +269,14 @@ def shard_names(files: list[Path], root: Path) -> dict[Path, str]:
     return {f: name for name, f in names.items()}
 
 
-VAL_WORDS = {"val", "valid", "validation", "dev"}  # dev: `data instruct --dev-count`'s held-out split
-VAL_WORDS_TEXT = "val, valid, validation or dev"
+VAL_WORDS = ("val", "valid", "validation", "dev")  # dev: `data instruct --dev-count`'s held-out split
+VAL_WORDS_TEXT = f"{', '.join(VAL_WORDS[:-1])} or {VAL_WORDS[-1]}"
 
 
 def is_val_shard(name: str) -> bool:
     """Whether a shard holds held-out data (validation, never trained on): its name has one of VAL_WORDS as a
     word (instruct_val, instruct_dev, TinyStories-valid), not merely inside one (festival_stories, devil)."""
-    return not VAL_WORDS.isdisjoint(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
+    return not set(VAL_WORDS).isdisjoint(re.split(r"[^a-z0-9]+", Path(name).stem.lower()))
 
 
 def file_kind(path: Path, skip_bad_lines: bool = False, say_skipped: bool = False) -> str:
@@ -309,8 +310,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                  out_dir: str | os.PathLike, workers: int | None, batch_docs: int, skip_bad_lines: bool,
                  max_tokens: int | None, word_weight: int, exclude: str | os.PathLike | None,
                  say_unfinished: bool) -> dict:
-    if not 1 <= word_weight <= 255:  # a mask byte holds it
-        raise BabyLlamaError(f"--word-weight must be in [1, 255], got {word_weight}")
+    check_word_weight(word_weight, "--word-weight")
 
     root, out = Path(input_path), Path(out_dir)
     files = _without_blank_jsonl(input_files(root, exclude))
@@ -537,7 +537,7 @@ def _checked_meta(meta: dict, path: Path) -> dict:
         raise BabyLlamaError(f"{path}: kind must be {TEXT!r} or {CHAT!r}, got {kind!r}")
     if kind == CHAT:
         checked.update(kind=CHAT, conversations=f.int("conversations", 0, lo=0),
-                       word_weight=f.int("word_weight", 1, lo=1, hi=255))
+                       word_weight=f.int("word_weight", 1, lo=1, hi=MAX_WORD_WEIGHT))
     for names in checked["shards"].values():
         for name in names:
             if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
