@@ -237,20 +237,6 @@ class Controls:
         """Whether the presence or frequency penalty applies (both look at the generated tokens' counts)."""
         return bool(self.presence_penalty or self.frequency_penalty)
 
-    def penalize(self, logits: np.ndarray, tokens: Sequence[int], generated: Sequence[int]) -> np.ndarray:
-        """The logits after the penalties (a float32 copy; `logits` itself when there are none). `tokens`: the
-        sequence so far, prompt included; `generated`: the tokens this choice generated so far. Counts the
-        history on every call (a Sampler keeps running counts instead: `RunningCounts`)."""
-        if not self.penalizes:
-            return logits
-        recent_ids = gen_ids = gen_counts = None
-        if self.repeats:
-            recent = tokens if self.repeat_last_n < 0 else tokens[-self.repeat_last_n:]
-            recent_ids = np.unique(np.asarray(recent, dtype=np.int64))
-        if self.counts_generated and len(generated):
-            gen_ids, gen_counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
-        return self.apply_penalties(logits, recent_ids, gen_ids, gen_counts)
-
     def apply_penalties(self, logits: np.ndarray, recent_ids: np.ndarray | None, gen_ids: np.ndarray | None,
                         gen_counts: np.ndarray | None) -> np.ndarray:
         """The penalties on a float32 copy of `logits`: the repeat penalty on `recent_ids` (the distinct tokens of
@@ -406,7 +392,9 @@ class Sampler:
 
     def _penalize(self, controls: Controls, logits: np.ndarray, tokens: Sequence[int],
                   generated: Sequence[int]) -> np.ndarray:
-        """controls.penalize(logits, tokens, generated), from running counts."""
+        """The logits after the penalties (a float32 copy; `logits` itself when there are none): `tokens` is the
+        sequence so far, prompt included, `generated` the tokens this choice generated so far, both read through
+        running counts (RunningCounts) rather than counted again each step."""
         if not controls.penalizes:
             return logits
         recent_ids = gen_ids = gen_counts = None

@@ -235,16 +235,31 @@ def test_candidates_that_keep_every_token_draw_run_c_s_token():
         assert [controlled.sample(logits) for _ in range(300)] == [plain.sample(logits) for _ in range(300)]
 
 
+def recounted(controls, logits: np.ndarray, tokens, generated) -> np.ndarray:
+    """The penalties' rule written out, counting the whole history on every call (what a Sampler's running counts
+    must give): the repeat penalty over the last repeat_last_n tokens (prompt included), presence and frequency
+    over the generated ones."""
+    if not controls.penalizes:
+        return logits
+    recent_ids = gen_ids = gen_counts = None
+    if controls.repeats:
+        recent = tokens if controls.repeat_last_n < 0 else tokens[-controls.repeat_last_n:]
+        recent_ids = np.unique(np.asarray(recent, dtype=np.int64))
+    if controls.counts_generated and len(generated):
+        gen_ids, gen_counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    return controls.apply_penalties(logits, recent_ids, gen_ids, gen_counts)
+
+
 def test_repeat_penalty_is_llama_cpp_s_over_the_last_n_tokens():
     from babyllama.sampler import Controls
 
     logits = np.array([2.0, -1.0, 3.0, 0.5, -2.0], dtype=np.float32)
     tokens = [0, 1, 3, 1]  # the prompt and what was generated, oldest first
-    out = Controls(repeat_penalty=2.0, repeat_last_n=3).penalize(logits, tokens, [3, 1])
+    out = recounted(Controls(repeat_penalty=2.0, repeat_last_n=3), logits, tokens, [3, 1])
     assert out.tolist() == [2.0, -2.0, 3.0, 0.25, -2.0]  # 0 is older than the last 3; each token once
-    assert Controls(repeat_penalty=2.0, repeat_last_n=-1).penalize(logits, tokens, []).tolist() == \
+    assert recounted(Controls(repeat_penalty=2.0, repeat_last_n=-1), logits, tokens, []).tolist() == \
         [1.0, -2.0, 3.0, 0.25, -2.0]
-    assert Controls(repeat_penalty=2.0, repeat_last_n=0).penalize(logits, tokens, []) is logits
+    assert recounted(Controls(repeat_penalty=2.0, repeat_last_n=0), logits, tokens, []) is logits
     assert logits.tolist() == [2.0, -1.0, 3.0, 0.5, -2.0]  # the model's logits are not changed
 
 
@@ -252,16 +267,16 @@ def test_presence_and_frequency_penalties_are_openai_s_over_the_generated_tokens
     from babyllama.sampler import Controls
 
     logits = np.zeros(5, dtype=np.float32)
-    out = Controls(presence_penalty=0.5, frequency_penalty=0.25).penalize(logits, [1, 4, 4, 2, 2, 2], [2, 2, 2, 0])
+    out = recounted(Controls(presence_penalty=0.5, frequency_penalty=0.25), logits, [1, 4, 4, 2, 2, 2], [2, 2, 2, 0])
     assert out.tolist() == [-0.75, 0.0, -1.25, 0.0, 0.0]  # count * 0.25 + 0.5; prompt tokens (4) not counted
-    negative = Controls(presence_penalty=-1.0).penalize(logits, [], [3])
+    negative = recounted(Controls(presence_penalty=-1.0), logits, [], [3])
     assert negative.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("window", [-1, 1, 3, 17, 64])
 def test_a_sampler_s_running_counts_penalize_as_recounting_the_history_does(window):
     """The sampler keeps the penalties' counts as the sequence grows; its logits are bit for bit those of
-    Controls.penalize, which counts the whole history, through generated tokens, chat turns (many tokens at
+    `recounted`, which counts the whole history, through generated tokens, chat turns (many tokens at
     once, the generated list started again), new sequences and a list changed in place."""
     from babyllama.sampler import Controls
 
@@ -273,7 +288,7 @@ def test_a_sampler_s_running_counts_penalize_as_recounting_the_history_does(wind
     for _ in range(400):
         logits = rng.standard_normal(vocab).astype(np.float32) * 3
         ours = sampler._penalize(controls, logits, tokens, generated)
-        want = controls.penalize(logits, tokens, generated)
+        want = recounted(controls, logits, tokens, generated)
         assert ours.view(np.int32).tolist() == want.view(np.int32).tolist()
         action = rng.random()
         if action < 0.8:  # a generated token
