@@ -138,6 +138,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, data: str | os.PathLike, seq_
                 result.windows += 1
                 result.nats += scorer.add(inputs, targets)
             if (max_documents and result.documents >= max_documents) or (max_tokens and result.tokens >= max_tokens):
+                bar.stop_here()
                 break
         result.nats += scorer.flush()
     if not result.tokens:

@@ -11,6 +11,9 @@ class _Silent:
     def update(self, n: int = 1) -> None:
         pass
 
+    def stop_here(self) -> None:
+        pass
+
     def __enter__(self):
         return self
 
@@ -28,5 +31,11 @@ def progress_bar(total: int | None = None, desc: str | None = None, unit: str = 
         from tqdm import tqdm
     except ImportError:
         return _Silent()
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, initial=initial, disable=None,
-                dynamic_ncols=True)
+    class Bar(tqdm):
+        def stop_here(self) -> None:
+            """The work ends before the total (a limit was reached): the bar ends full at what was done."""
+            self.total = self.n
+            self.refresh()
+
+    return Bar(total=total, desc=desc, unit=unit, unit_scale=unit_scale, initial=initial, disable=None,
+               dynamic_ncols=True)

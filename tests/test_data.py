@@ -3,6 +3,7 @@ training commands' answers to user mistakes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -309,17 +310,70 @@ def test_shards_written_inside_the_input_folder_are_not_read_as_input(tmp_path, 
     assert (data / "tok280.model").is_file()
 
 
-def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300):
-    """A new run replaces shards one by one: the earlier run's meta.json must not describe a mix of both."""
+@contextlib.contextmanager
+def disk_full_at(monkeypatch, name: str):
+    """Writing the file `name` fails as on a full disk (safeio.atomic_write, which every shard goes through)."""
+    import errno
+
+    from babyllama import safeio
+
+    real = safeio.atomic_write
+
+    def full(path, *args, **kwargs):
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(safeio, "atomic_write", full)
+        yield
+
+
+def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300, monkeypatch):
+    """A new run replaces shards one by one: the earlier run's meta.json must not describe a mix of both (here
+    the second shard's write fails, as on a full disk)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("A story.")
     (tmp_path / "in" / "b.txt").write_text("Another story.")
     meta = pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
     assert meta["shards"] == {"train": ["a.bin", "b.bin"], "val": []}
+    with pytest.raises(OSError), disk_full_at(monkeypatch, "b.bin"):
+        pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1, say_unfinished=False)
+    assert not (tmp_path / "shards" / "meta.json").exists()
+    assert (tmp_path / "shards" / "pretokenize.incomplete").exists()
+
+
+def test_a_batch_sent_to_a_worker_fits_a_pipe_s_buffer():
+    """Each batch of documents pickles to less than a Linux pipe's 64 KiB (Pool.terminate after an error could
+    hang on a batch half written into the pipe), at most max_count documents, in order; a document too long for
+    any batch goes alone."""
+    import pickle
+
+    from babyllama.train.data import batched
+
+    rng = np.random.default_rng(0)
+    docs = ["é" * int(n) for n in rng.integers(1, 4000, 300)] + ["😀" * 20000, "short"]
+    batches = batched(docs, 256)
+    assert [d for b in batches for d in b] == docs
+    for b in batches:
+        assert len(b) <= 256 and (len(pickle.dumps(b)) < 64 << 10 or len(b) == 1)
+    assert ["😀" * 20000] in batches
+    assert [len(b) for b in batched(["a"] * 600, 256)] == [256, 256, 88]
+
+
+def test_a_bad_input_file_stops_pretokenize_before_the_folder_changes(tmp_path, tok300):
+    """Every text file is read before a shard is written: a later file that is not UTF-8 leaves an earlier run's
+    complete folder as it was (its meta.json, its shards), not half replaced and marked unfinished."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    (tmp_path / "in" / "b.txt").write_text("Another story.")
+    pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    (tmp_path / "in" / "a.txt").write_text("A new story, which must not be written.")
     (tmp_path / "in" / "b.txt").write_bytes(b"not \xff UTF-8")
     with pytest.raises(BabyLlamaError, match="b.txt:1: not UTF-8 text"):
         pretokenize(tmp_path / "in", tok300, tmp_path / "shards", workers=1)
-    assert not (tmp_path / "shards" / "meta.json").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == before
 
 
 def test_a_folder_name_that_is_not_utf8_is_reported_as_its_bytes(tmp_path, tok300):
@@ -461,7 +515,7 @@ def test_more_workers_than_the_limit_are_refused(tmp_path, tok300, capsys):
     assert "--workers 100000 is more than 256 encoding processes" in err and not (tmp_path / "out").exists()
 
 
-def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300):
+def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_path, tok300, monkeypatch):
     """Without meta.json a folder reads as llama2.c's shards (every .bin): one an interrupted run left (new a.bin,
     the earlier b.bin) must be refused, not trained on, until a run completes it."""
     (tmp_path / "in").mkdir()
@@ -469,12 +523,10 @@ def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_
     (tmp_path / "in" / "b.txt").write_text("Another story.")
     shards = tmp_path / "shards"
     pretokenize(tmp_path / "in", tok300, shards, workers=1)
-    (tmp_path / "in" / "b.txt").write_bytes(b"not \xff UTF-8")
-    with pytest.raises(BabyLlamaError, match="not UTF-8 text"):
-        pretokenize(tmp_path / "in", tok300, shards, workers=1)
+    with pytest.raises(OSError), disk_full_at(monkeypatch, "b.bin"):
+        pretokenize(tmp_path / "in", tok300, shards, workers=1, say_unfinished=False)
     with pytest.raises(BabyLlamaError, match="an unfinished `babyllama data pretokenize`.*run it again"):
         split_arrays(shards, "train")
-    (tmp_path / "in" / "b.txt").write_text("Another story.")
     pretokenize(tmp_path / "in", tok300, shards, workers=1)
     assert read_meta(shards)["shards"]["train"] == ["a.bin", "b.bin"]
 
@@ -655,6 +707,24 @@ def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, 
     assert message in err[1]
     assert [p.name for p in data.iterdir()] == [src.name]  # the download itself, nothing unpacked
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_full_disk_while_unpacking_is_the_folder_s_fault_not_the_archive_s(tmp_path, capsys, archive, monkeypatch):
+    """A write that fails while the archive unpacks (the system's error: no space) names the folder and keeps the
+    download, instead of calling a good archive corrupt and asking for it to be removed."""
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    src = tmp_path / "TinyStories_all_data.tar.gz"
+    src.write_bytes(archive)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
+    data = tmp_path / "dl"
+    assert main(["data", "download", "--url", src.as_uri(), "--data-dir", str(data)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "No space left on device (the archive is kept" in err and "corrupt" not in err, err
+    assert (data / src.name).read_bytes() == archive
 
 
 def test_download_checks_the_sha256_format_before_downloading(tmp_path, capsys):

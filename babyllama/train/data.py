@@ -25,6 +25,7 @@ loss on the masked tokens only, weighted; plain text is drawn as random windows 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -152,6 +153,32 @@ def _start_worker(parent: int, init: Callable, *args) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with_parent(parent)
     init(*args)
+
+
+# the characters one batch sends a worker at most (UTF-8: up to 4 bytes each), so that its message fits a pipe's
+# buffer (64 KiB on Linux): Pool.terminate, after an error, cannot get past a batch its task thread has half
+# written into the pipe once the workers that would read the rest are gone (the run then hung)
+BATCH_CHARS = 12_000
+
+
+def batched(items: list, max_count: int, size: Callable[[Any], int] = len) -> list[list]:
+    """`items` in order, in batches of at most `max_count` whose sizes add up to at most BATCH_CHARS (an item
+    larger than that goes alone)."""
+    batches: list[list] = []
+    chars = 0
+    for item in items:
+        n = size(item)
+        if not batches or len(batches[-1]) == max_count or chars + n > BATCH_CHARS:
+            batches.append([])
+            chars = 0
+        batches[-1].append(item)
+        chars += n
+    return batches
+
+
+def _conversation_chars(pair: tuple[list[dict], list[str]]) -> int:
+    messages, words = pair
+    return sum(len(str(m.get("content", ""))) for m in messages) + sum(map(len, words))
 
 
 @contextlib.contextmanager
@@ -354,6 +381,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
             n_tokens += len(ids)
             shards["val" if is_val_shard(name) else "train"].append(name)
     else:
+        _check_text_files(files)
         by_file = _documents_by_file(files, skip_bad_lines)
         first = next(by_file, None)
         if first is None:
@@ -366,7 +394,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
             for f, docs in itertools.chain([first], by_file):
                 name = names[f]
                 step = f.stat().st_size / max(1, len(docs))
-                batches = [docs[i:i + batch_docs] for i in range(0, len(docs), batch_docs)]
+                batches = batched(docs, batch_docs)
                 with safeio.atomic_write(out / name) as sink:
                     for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
                         sink.write(ids.tobytes())
@@ -431,6 +459,14 @@ def _has_a_line(path: Path) -> bool:
         return any(line.strip() for line in f)
 
 
+def _check_text_files(files: list[Path]) -> None:
+    """Read every .txt and .json file once before a shard is written (.jsonl ones were read whole already): one
+    that is not UTF-8 text, or not JSON, then stops the run with the folder as it was, not halfway through it."""
+    for f in files:
+        if f.suffix != ".jsonl":
+            collections.deque(read_documents(f), maxlen=0)
+
+
 def _documents_by_file(files: list[Path], skip_bad_lines: bool) -> Iterator[tuple[Path, list[str]]]:
     """(file, its documents) for each of `files` that holds any: a file without any gets no shard (an empty
     one holds no whole token, and training refuses it)."""
@@ -448,7 +484,7 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     linenos, conversations = zip(*data.items)
     words = [_requested_words(record) for record in data.records]
     pairs = list(zip(conversations, words))
-    batches = [pairs[i:i + 256] for i in range(0, len(pairs), 256)]
+    batches = batched(pairs, 256, _conversation_chars)
     with _worker_pool(min(worker_count(workers), len(batches)), _init_chat_worker, str(tokenizer),
                       word_weight) as pool:
         encoded = [pair for batch in pool.imap(_encode_conversations, batches) for pair in batch]

@@ -125,6 +125,9 @@ def _extract(archive: Path, dest: Path) -> Path:
         raise BabyLlamaError(f"cannot extract {archive}: not a readable tar archive (.tar, .tar.gz, .tar.bz2 or "
                              ".tar.xz)") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error, LZMAError) as e:  # EOFError: a cut archive
+        if isinstance(e, OSError) and e.errno is not None:  # the system's (a full disk), not the archive's bytes
+            raise BabyLlamaError(f"cannot extract {archive} into {dest}: {e.strerror or e} (the archive is kept: "
+                                 "run the same command again once the folder can be written)") from None
         raise BabyLlamaError(f"cannot extract {archive}: {first_line(e) or type(e).__name__} (a corrupt or "
                              "incomplete archive? remove it and run again to download afresh)") from None
     return dest
