@@ -31,10 +31,15 @@ class UsageError(BabyLlamaError):
     exit status 2, as argparse's own usage errors."""
 
 
+# the PyTorch that the extras' hints, the README, docs/ and .ci/run install first (its CPU wheel, where pip's
+# configuration offers one): a bare torch requirement pulls a multi-GB CUDA build
+TORCH_PIN = "torch==2.13.0"
+
+
 def missing_extra(what: str, extra: str) -> BabyLlamaError:
     """The error for a feature whose optional dependencies are not installed: the install command for the
     released package and for a source checkout (PyTorch's CPU wheel first, where the extra needs torch)."""
-    torch_first = "pip install torch==2.13.0 && " if extra in ("train", "interop") else ""
+    torch_first = f"pip install {TORCH_PIN} && " if extra in ("train", "interop") else ""
     return BabyLlamaError(f"{what} needs babyllama's '{extra}' extra: {torch_first}pip install 'babyllama[{extra}]' "
                           f"(in a source checkout: {torch_first}pip install -e '.[{extra}]')")
 

@@ -9,6 +9,8 @@
  *   N: a multiple of 32 (the blocks' size); runq.c's Q8_0 groups are 64 where 64 divides N, else 32, as runq.c
  *   halves its group size until it divides the model's widths
  *   (-march=x86-64-v3 instead: the AVX2 paths)
+ *   WEIGHTS_OFFSET=16: the matrix starts 16 bytes past a cache line (NumPy's own start) instead of on one (0, where
+ *   babyllama puts the regrouped copies)
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -22,6 +24,11 @@ int main(int argc, char **argv) {
     int64_t rows = argc > 1 ? atol(argv[1]) : 1024, n = argc > 2 ? atol(argv[2]) : 768;
     int threads = argc > 3 ? atoi(argv[3]) : 1, calls = argc > 5 ? atoi(argv[5]) : 200;
     const char *types = argc > 4 ? argv[4] : "012345";
+    int offset = getenv("WEIGHTS_OFFSET") ? atoi(getenv("WEIGHTS_OFFSET")) : 0; /* bytes past a cache line */
+    if (offset < 0 || offset > 63) {
+        fprintf(stderr, "kernel_rates: WEIGHTS_OFFSET must be in [0, 63], got %d\n", offset);
+        return 2;
+    }
     if (rows < 1 || n < 32 || n % 32 != 0) { /* the kernels would compute a product of part of each row */
         fprintf(stderr, "kernel_rates: ROWS must be >= 1 and N a positive multiple of 32, got %ld x %ld\n",
                 (long)rows, (long)n);
@@ -38,7 +45,7 @@ int main(int argc, char **argv) {
     for (int type = 0; type < 6; type++) {
         if (!strchr(types, '0' + type)) continue;
         int64_t bb = type == 3 || type == 4 ? 18 : 34, rb = type == 0 ? 4 * n : type == 1 ? n + 4 * (n / gs) : n / 32 * bb;
-        uint8_t *w = malloc(rows * rb);
+        uint8_t *line = aligned_alloc(64, (rows * rb + 64 + 63) / 64 * 64), *w = line + offset;
         for (int64_t i = 0; i < rows * rb; i++) w[i] = (uint8_t)rand();
         if (type == 0)
             for (int64_t i = 0; i < rows * n; i++) ((float *)w)[i] = 0.01f * (float)(i % 7);
@@ -63,7 +70,7 @@ int main(int argc, char **argv) {
             free(x);
             free(out);
         }
-        free(w);
+        free(line);
         free(s);
     }
     return 0;

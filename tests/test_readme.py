@@ -145,9 +145,14 @@ def test_tour_outputs_stay_in_ignored_folders():
 
 def test_every_documented_install_of_a_torch_extra_installs_the_cpu_wheel_first():
     """The train, interop and dev extras hold torch: a bare `pip install` of them pulls a multi-GB CUDA build, so
-    every such command in the README and docs/ installs PyTorch's CPU wheel first, as the errors' hints do."""
+    every such command in the README and docs/ installs PyTorch's CPU wheel first, the same one as the errors'
+    hints and .ci/run."""
+    from babyllama.errors import TORCH_PIN
+
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert re.search(rf"pip install (-\w+ )*{re.escape(TORCH_PIN)}\b", ci)
     for page in (README, *sorted((ROOT / "docs").glob("*.md"))):
         text = " ".join(page.read_text(encoding="utf-8").split())
         for extra in re.finditer(r"pip install (?:(?!pip install)[^`|#])*?\[(?:train|interop|dev)\b", text):
             before = text[max(0, extra.start() - 40):extra.start()].rstrip()
-            assert before.endswith("torch==2.13.0 &&"), (page.name, extra.group(0))
+            assert before.endswith(f"{TORCH_PIN} &&"), (page.name, extra.group(0))
