@@ -19,6 +19,7 @@ last byte comes, control tokens never appear); `decode` of a whole id list repro
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import math
 import os
@@ -134,10 +135,10 @@ class Tokenizer:
                    symbols=user_defined_ids(sp))
 
     def same_as(self, other: Tokenizer) -> bool:
-        """Whether `other` encodes as this tokenizer does: the same pieces with the same merge scores and
-        user-defined symbols."""
-        return (self.pieces == other.pieces and np.array_equal(self.scores, other.scores)
-                and self.symbols == other.symbols)
+        """Whether `other` has this tokenizer's vocabulary: the same pieces with the same merge scores, so that
+        ids mean the same pieces (a tokenizer.bin read back has no user-defined symbols to compare: text with
+        them encodes otherwise, and the conversions that lose them say so)."""
+        return self.pieces == other.pieces and np.array_equal(self.scores, other.scores)
 
     # ------------------------------------------------------------------ encoding
 
@@ -404,13 +405,10 @@ def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
     model type other than BPE (TrainerSpec, field 2: model_type 3, unigram where absent) and user-defined symbols
     (pieces, field 1, of type 4: sentencepiece keeps them whole), read from the wire format, since the protobuf
     package is no part of the train extra. Nothing where it does not parse."""
-    try:
-        fields = list(_proto_fields(sp.serialized_model_proto()))
-        spec = dict(_proto_fields(next((v for f, v in fields if f == 3 and isinstance(v, bytes)), b"")))
-        trainer = dict(_proto_fields(next((v for f, v in fields if f == 2 and isinstance(v, bytes)), b"")))
-        pieces = [dict(_proto_fields(v)) for f, v in fields if f == 1 and isinstance(v, bytes)]
-    except (ValueError, IndexError):
+    parsed = _model_proto(sp.serialized_model_proto())
+    if parsed is None:
         return []
+    spec, trainer, user_defined = parsed
     raw_name = spec.get(1, b"")
     name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else ""
     left_out = []
@@ -423,9 +421,9 @@ def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
     model_type = trainer.get(3, 1)
     if model_type != 2:
         left_out.append(f"{_SEGMENTATIONS.get(model_type, 'a non-BPE')} segmentation")  # type: ignore[arg-type]
-    symbols = [p.get(1, b"") for p in pieces if p.get(3) == USER_DEFINED]
+    symbols = [text for _, text in user_defined]
     if symbols and not keeps_symbols:
-        shown = ", ".join(s.decode("utf-8", "replace") for s in symbols[:3] if isinstance(s, bytes))
+        shown = ", ".join(s.decode("utf-8", "replace") for s in symbols[:3])
         left_out.append(f"user-defined symbols ({shown}{', ...' if len(symbols) > 3 else ''})")
     return left_out
 
@@ -433,12 +431,24 @@ def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
 def user_defined_ids(sp) -> list[int]:
     """The ids of the sentencepiece model `sp`'s user-defined symbols (its pieces, ModelProto field 1, of type
     USER_DEFINED), which sentencepiece keeps whole; none where the model does not parse."""
+    parsed = _model_proto(sp.serialized_model_proto())
+    return [] if parsed is None else [i for i, _ in parsed[2]]
+
+
+@functools.lru_cache(maxsize=1)  # one model is read at a time: user_defined_ids and _normalization both ask
+def _model_proto(data: bytes) -> tuple[dict, dict, list[tuple[int, bytes]]] | None:
+    """A serialized ModelProto's NormalizerSpec (field 3) and TrainerSpec (field 2) as {field number: value},
+    and the ids and texts of its user-defined pieces (pieces: field 1; piece 1, type 3); None where it does not
+    parse."""
     try:
-        pieces = (dict(_proto_fields(v)) for f, v in _proto_fields(sp.serialized_model_proto())
-                  if f == 1 and isinstance(v, bytes))
-        return [i for i, piece in enumerate(pieces) if piece.get(3) == USER_DEFINED]
+        fields = list(_proto_fields(data))
+        spec = dict(_proto_fields(next((v for f, v in fields if f == 3 and isinstance(v, bytes)), b"")))
+        trainer = dict(_proto_fields(next((v for f, v in fields if f == 2 and isinstance(v, bytes)), b"")))
+        pieces = (dict(_proto_fields(v)) for f, v in fields if f == 1 and isinstance(v, bytes))
+        user_defined = [(i, p.get(1, b"")) for i, p in enumerate(pieces) if p.get(3) == USER_DEFINED]
     except (ValueError, IndexError):
-        return []
+        return None
+    return spec, trainer, [(i, text) for i, text in user_defined if isinstance(text, bytes)]
 
 
 def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:

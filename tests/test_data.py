@@ -682,7 +682,7 @@ def _tar_with(path, name: str, body: bytes) -> None:
         tar.addfile(info, io.BytesIO(body))
 
 
-@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal", "bad-crc", "cut"])
+@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal", "bad-crc", "cut", "clash"])
 def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, kind, archive):
     """A corrupt gzip stream is found at its end (its CRC), which tar alone never reads: refused, not unpacked."""
     if kind == "not-an-archive":
@@ -696,6 +696,14 @@ def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, 
             body[-8] ^= 0xFF  # the gzip trailer's CRC-32 of the data
         src.write_bytes(body if kind == "bad-crc" else body[:len(body) - 20])
         message = "CRC check failed" if kind == "bad-crc" else "ended before the end-of-stream marker"
+    elif kind == "clash":  # a file, then a member under it as if it were a folder: the archive's fault
+        src = tmp_path / "clash.tar.gz"
+        with tarfile.open(src, "w:gz") as tar:
+            for name in ("x", "x/y"):
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"z"))
+        message = "(a corrupt or incomplete archive?"
     else:
         src = tmp_path / "evil.tar.gz"
         _tar_with(src, "../escaped.txt", b"x")

@@ -169,6 +169,27 @@ def test_user_defined_symbols_are_kept_whole_as_sentencepiece_does(tmp_path):
     tok.save(tmp_path / "ud.bin")
     spelled = Tokenizer.load(tmp_path / "ud.bin")
     assert not spelled.symbols and ids[0] not in spelled.encode("<|im_start|>hi", bos=False)
+    assert spelled.same_as(tok)  # the same vocabulary: ids mean the same pieces (shards, drafts, fine-tuning)
+
+
+def test_fine_tuning_data_through_a_tokenizer_bin_says_it_spells_symbols_out(tmp_path, capsys):
+    """finetune --data encodes with the shards' tokenizer.bin, which the fine-tuned model runs with: a base whose
+    tokenizer keeps user-defined symbols whole (a GGUF's, a folder's .model) is told, in one line, that the data
+    spells them out and how to keep them."""
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("torch")
+    from conftest import train_sentencepiece
+
+    from babyllama.train.finetune import _save_base_tokenizer
+
+    model = train_sentencepiece(tmp_path / "ud.model", 320, user_defined_symbols=SYMBOLS)
+    _save_base_tokenizer(Tokenizer.from_sentencepiece(model, note=False), tmp_path / "tokenizer.bin")
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "user-defined symbols (<|im_start|>, <|im_end|>, <|im) whole" in warnings[0]
+    assert "pretokenize with the base's tokenizer.model" in warnings[0]
+    assert Tokenizer.load(tmp_path / "tokenizer.bin").same_as(Tokenizer.from_sentencepiece(model, note=False))
+    _save_base_tokenizer(Tokenizer.load(tmp_path / "tokenizer.bin"), tmp_path / "again.bin")
+    assert not capsys.readouterr().err  # none to lose
 
 
 @pytest.mark.parametrize("options, said", [

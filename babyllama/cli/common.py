@@ -92,22 +92,22 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
     """llama.cpp's sampling flags (sampler.Controls), all off by default: sampling is then run.c's."""
     g = p.add_argument_group("sampling controls (llama.cpp's flags; off by default: run.c's sampling)")
     g.add_argument("--top-k", "--top_k", type=int, default=CONTROL_DEFAULTS["top_k"], metavar="K",
-                   help="sample among the K likeliest tokens; 0 = off (%(default)s)")
+                   help="sample among the K likeliest tokens; 0 = off (%(default)g)")
     g.add_argument("--min-p", type=float, default=CONTROL_DEFAULTS["min_p"], metavar="P",
                    help="drop tokens less likely than P times the likeliest (before temperature); "
-                        "0 = off (%(default)s)")
+                        "0 = off (%(default)g)")
     g.add_argument("--repeat-penalty", type=float, default=CONTROL_DEFAULTS["repeat_penalty"], metavar="X",
                    help="divide the positive logits (multiply the negative ones) of the tokens among the last "
-                        "--repeat-last-n, prompt included, by X; 1 = off (%(default)s)")
+                        "--repeat-last-n, prompt included, by X; 1 = off (%(default)g)")
     g.add_argument("--repeat-last-n", type=int, default=CONTROL_DEFAULTS["repeat_last_n"], metavar="N",
                    help="tokens --repeat-penalty looks back over; -1 = all of them (in the window), "
-                        "0 = off (%(default)s)")
+                        "0 = off (%(default)g)")
     g.add_argument("--presence-penalty", type=float, default=CONTROL_DEFAULTS["presence_penalty"], metavar="X",
                    help="OpenAI's: subtract X from the logit of every token generated so far, "
-                        "in [-2, 2] (%(default)s)")
+                        "in [-2, 2] (%(default)g)")
     g.add_argument("--frequency-penalty", type=float, default=CONTROL_DEFAULTS["frequency_penalty"], metavar="X",
                    help="OpenAI's: subtract X times its count so far from each generated token's logit, "
-                        "in [-2, 2] (%(default)s)")
+                        "in [-2, 2] (%(default)g)")
 
 
 def controls(args: argparse.Namespace) -> Controls:

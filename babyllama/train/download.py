@@ -8,6 +8,7 @@ digest is printed so it can be pinned.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -106,6 +107,11 @@ def extract(archive: Path, dest: str | os.PathLike) -> Path:
     return dest
 
 
+# what writing the unpacked files may fail with through no fault of the archive (a member path too long or
+# clashing with another is the archive's)
+FOLDER_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
 def _extract(archive: Path, dest: Path) -> Path:
     safeio.output_dir(dest)
     try:
@@ -125,9 +131,10 @@ def _extract(archive: Path, dest: Path) -> Path:
         raise BabyLlamaError(f"cannot extract {archive}: not a readable tar archive (.tar, .tar.gz, .tar.bz2 or "
                              ".tar.xz)") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error, LZMAError) as e:  # EOFError: a cut archive
-        if isinstance(e, OSError) and e.errno is not None:  # the system's (a full disk), not the archive's bytes
-            raise BabyLlamaError(f"cannot extract {archive} into {dest}: {e.strerror or e} (the archive is kept: "
-                                 "run the same command again once the folder can be written)") from None
+        if isinstance(e, OSError) and e.errno in FOLDER_ERRORS:  # the folder's fault, not the archive's
+            where = e.filename or dest
+            raise BabyLlamaError(f"cannot extract {archive}: cannot write {where}: {e.strerror} (the archive is "
+                                 "kept: run the same command again once the folder can be written)") from None
         raise BabyLlamaError(f"cannot extract {archive}: {first_line(e) or type(e).__name__} (a corrupt or "
                              "incomplete archive? remove it and run again to download afresh)") from None
     return dest

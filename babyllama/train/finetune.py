@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import safeio
 from ..adapter import base_identity, parse_targets
 from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs, llama_hidden_dim
-from ..errors import BabyLlamaError, Terminated
+from ..errors import BabyLlamaError, Terminated, warn
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
@@ -104,7 +104,7 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
     made = not data_dir.exists()
     with safeio.new_folders_removed_on_error(data_dir):
         safeio.output_dir(data_dir, "data folder")
-        tokenizer_for(base, cfg.tokenizer or None).save(tokenizer)
+        _save_base_tokenizer(tokenizer_for(base, cfg.tokenizer or None), tokenizer)
         try:
             meta = pretokenize(cfg.data, tokenizer, data_dir, skip_bad_lines=cfg.skip_bad_lines,
                                max_tokens=cfg.max_seq_len + 1, word_weight=cfg.word_weight,
@@ -123,6 +123,19 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
             raise
     kind = f"{meta['conversations']:,} conversations" if meta.get("kind") == "chat" else "text"
     print(f"data: {cfg.data} -> {data_dir} ({kind}, {meta['tokens']:,} tokens)", flush=True)
+
+
+def _save_base_tokenizer(tok: Tokenizer, path: Path) -> None:
+    """The base's tokenizer as the shards' tokenizer.bin, which the data is encoded with and the fine-tuned model
+    runs with; user-defined symbols, which the base's keeps whole and a tokenizer.bin cannot mark, are spelled
+    out there: said in one line."""
+    if tok.symbols:
+        shown = ", ".join(list(tok.symbols)[:3]) + (", ..." if len(tok.symbols) > 3 else "")
+        warn(f"the base's tokenizer keeps user-defined symbols ({shown}) whole, which a tokenizer.bin cannot: "
+             "--data is encoded with them spelled out, as the fine-tuned model's tokenizer.bin encodes them (to "
+             "keep them, pretokenize with the base's tokenizer.model, pass --data_dir, and run the result with "
+             "-z TOKENIZER.model)")
+    tok.save(path)
 
 
 def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
