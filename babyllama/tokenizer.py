@@ -49,18 +49,22 @@ _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
 
 class Tokenizer:
     def __init__(self, pieces: list[bytes], scores: list[float], max_token_length: int | None = None,
-                 symbols: Iterable[int] = ()):
+                 symbols: Iterable[int] = (), unmergeable: Iterable[int] = ()):
+        """`symbols`: the ids of user-defined symbols, kept whole in text; `unmergeable`: the ids of pieces that no
+        merge produces besides <unk>, <s>, </s> and the byte tokens (a vocabulary's other control and unused
+        pieces). A tokenizer.bin marks neither: its other pieces are all normal ones."""
         self.pieces = pieces
         self.scores = np.asarray(scores, dtype=np.float32)
         self.vocab_size = len(pieces)
         self.max_token_length = max_token_length or max((len(p) for p in pieces), default=0)
         self.byte_ids: dict[int, int] = {}  # byte value -> id of its <0xXX> token
         self.piece_ids: dict[bytes, int] = {}  # pieces a merge may produce (not control or byte tokens)
+        skipped = set(unmergeable)
         for i, piece in enumerate(pieces):
             m = _BYTE_PIECE.fullmatch(piece)
             if m:
                 self.byte_ids.setdefault(int(m.group(1), 16), i)
-            elif i > EOS:
+            elif i > EOS and i not in skipped:
                 self.piece_ids.setdefault(piece, i)
         self._score = self.scores.tolist()
         # user-defined symbols: their text -> id (the first id of a text), and a pattern that splits text at
@@ -132,7 +136,8 @@ class Tokenizer:
         texts, scores = sentencepiece_pieces(sp, model_path)
         texts[BOS], texts[EOS] = BIN_PIECES[BOS], BIN_PIECES[EOS]  # the ids _check_special_ids found them at
         return cls([text.replace(META_SPACE, " ").encode("utf-8") for text in texts], scores,
-                   symbols=user_defined_ids(sp))
+                   symbols=user_defined_ids(sp),
+                   unmergeable=[i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unused(i)])
 
     def same_as(self, other: Tokenizer) -> bool:
         """Whether `other` has this tokenizer's vocabulary: the same pieces with the same merge scores, so that

@@ -172,6 +172,22 @@ def test_user_defined_symbols_are_kept_whole_as_sentencepiece_does(tmp_path):
     assert spelled.same_as(tok)  # the same vocabulary: ids mean the same pieces (shards, drafts, fine-tuning)
 
 
+def test_control_symbols_never_come_out_of_a_merge_as_in_sentencepiece(tmp_path):
+    """A sentencepiece model's control pieces past </s> (`control_symbols`) are never produced by encoding: a
+    .model read as it is, or its GGUF vocabulary (token type 3), merges around them as sentencepiece does."""
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import train_sentencepiece
+
+    from babyllama.interop.vocab import load_vocab
+
+    model = train_sentencepiece(tmp_path / "ctl.model", 320, control_symbols=["he", "<|im_end|>"])
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    tok, via_vocab = Tokenizer.from_sentencepiece(model, note=False), load_vocab(model).to_tokenizer()
+    for text in ["hello", "the happy girl", "he he", "<|im_end|>", "she said hello to the boy"]:
+        assert tok.encode(text, bos=False) == sp.encode(text) == via_vocab.encode(text, bos=False), text
+    assert sp.piece_to_id("he") not in tok.encode("hello he", bos=False)
+
+
 def test_fine_tuning_data_through_a_tokenizer_bin_says_it_spells_symbols_out(tmp_path, capsys):
     """finetune --data encodes with the shards' tokenizer.bin, which the fine-tuned model runs with: a base whose
     tokenizer keeps user-defined symbols whole (a GGUF's, a folder's .model) is told, in one line, that the data

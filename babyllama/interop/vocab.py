@@ -59,7 +59,8 @@ class Vocab:
             elif i == self.eos_id:
                 text = BIN_PIECES[EOS]
             pieces.append(text.replace(META_SPACE, " ").encode("utf-8"))
-        return Tokenizer(pieces, self.scores, symbols=[i for i, kind in enumerate(self.types) if kind == USER_DEFINED])
+        return Tokenizer(pieces, self.scores, symbols=[i for i, kind in enumerate(self.types) if kind == USER_DEFINED],
+                         unmergeable=[i for i, kind in enumerate(self.types) if kind in (CONTROL, UNUSED)])
 
 
     def to_sentencepiece(self) -> bytes:
