@@ -16,14 +16,22 @@ class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
 
 
+def say(line: str) -> None:
+    """A diagnostic line on stderr; one that cannot be written (stderr closed, a full disk, a reader gone) is
+    dropped rather than ending the work it was about."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a closed stream
+            print(line, file=sys.stderr, flush=True)
+
+
 def note(message: str) -> None:
     """Something the user may want to know, on stderr, marked as every diagnostic of the CLI is."""
-    print(f"babyllama: note: {message}", file=sys.stderr, flush=True)
+    say(f"babyllama: note: {message}")
 
 
 def warn(message: str) -> None:
     """Something that probably is not what the user meant, on stderr (the command goes on)."""
-    print(f"babyllama: warning: {message}", file=sys.stderr, flush=True)
+    say(f"babyllama: warning: {message}")
 
 
 class UsageError(BabyLlamaError):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, first_line, note
 from .formats import Matrix
 from .kernels_base import QUANT_GEMM_MIN_ROWS, Kernels, NumpyKernels, PlainKernels, matmul_q8
 from .quant import QUANTIZERS, BlockTensor, check_scales_fit
@@ -45,6 +45,12 @@ def _load(name: str, named: bool = False) -> Kernels | None:
         try:
             from . import kernels_numba
         except ImportError:  # numba is an optional extra
+            return None
+        except (RuntimeError, ValueError, OSError) as e:
+            # numba installed but unusable here: no folder to cache its compiled functions in (a read-only
+            # install and home, as in a container run as another user), or its own settings refused
+            # (NUMBA_NUM_THREADS=0)
+            note(f"the numba kernels cannot load ({first_line(e) or type(e).__name__}): NumPy runs instead")
             return None
         return kernels_numba.NumbaKernels()
     return NumpyKernels()

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, sampler
-from .errors import first_line
+from .errors import first_line, say
 from .formats import (
     PACKED_GROUP_SIZES,
     BF16Tensor,
@@ -179,9 +179,9 @@ def _fall_back(reason: str, topic: str | None = None) -> None:
 
 def _say_once(line: str, topic: str) -> None:
     """`line` on stderr after "babyllama: ", once a process for each `topic`."""
-    if topic not in _said and sys.stderr is not None:
+    if topic not in _said:
         _said.add(topic)
-        print(f"babyllama: {line}", file=sys.stderr, flush=True)
+        say(f"babyllama: {line}")
 
 
 def _no_compiler(directory: Path | None) -> None:
@@ -226,7 +226,8 @@ def compiler_version(cc: str) -> str:
     """The first line of `cc --version` (a compiler setting of several words run as those words), or "" where it
     does not run."""
     try:
-        version = subprocess.run([*cc_command(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*cc_command(cc), "--version"], capture_output=True, text=True, errors="replace",
+                                 timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
     return version.splitlines()[0] if version else ""
@@ -313,7 +314,8 @@ def _march_flags(arch: str) -> set[str]:
         return set()
     try:
         out = subprocess.run([*cc_command(cc), f"-march={arch}", "-dM", "-E", "-x", "c", os.devnull],
-                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+                             capture_output=True, text=True, errors="replace", timeout=60,
+                             stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return set()
     macros = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define ")}
@@ -342,6 +344,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
         key = hashlib.sha256(source + "\n".join([identity, *flags]).encode()).hexdigest()[:16]
         lib, failed = directory / f"kernels-{key}.so", directory / f"kernels-{key}.failed"
         if is_intact(lib):
+            sweep_stale_temps(directory, lib.name)  # what a build killed outright (SIGKILL) left beside it
             return lib
         if failed.exists():
             known.append(failed)
@@ -433,8 +436,8 @@ def is_intact(lib: Path) -> bool:
     disk, a copy cut short) still loads, then dies of SIGBUS at the first call into its missing pages. A library
     that is missing, damaged or has no fingerprint (another version's cache) is built again."""
     try:
-        return fingerprint_path(lib).read_text().strip() == fingerprint(lib)
-    except OSError:
+        return fingerprint_path(lib).read_text(encoding="ascii").strip() == fingerprint(lib)
+    except (OSError, ValueError):  # ValueError: a fingerprint file of other bytes (UnicodeDecodeError)
         return False
 
 
@@ -442,7 +445,9 @@ def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run one compile in a process group of its own, and stop the whole group (the driver, cc1, the LTO jobs)
     when this process stops waiting for it, whatever the reason (Ctrl-C, a signal turned into an exception):
     killing the driver alone leaves its jobs compiling for a minute."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # errors="replace": a compiler's messages in a non-UTF-8 locale (Latin-1 catalogues) are still shown
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
     try:
         out, err = proc.communicate()
     except BaseException:

@@ -391,8 +391,13 @@ def home_cache(*parts: str, instead: str) -> Path:
     """~/.cache/babyllama/PARTS. Where no home folder can be found (no $HOME and no password entry: a container
     run as an arbitrary user id), an OSError that names `instead`, the setting that puts the folder elsewhere."""
     try:
-        home = Path.home()
-    except (KeyError, RuntimeError):  # Python 3.10: pwd's KeyError; 3.11 on: RuntimeError
+        if os.environ.get("HOME") == "":  # set but empty is no home (Path.home() reads it as /): as if unset
+            import pwd
+
+            home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+        else:
+            home = Path.home()
+    except (KeyError, RuntimeError, ImportError):  # no password entry (3.10: KeyError; 3.11 on: RuntimeError)
         raise OSError(errno.ENOENT, f"no home folder to keep babyllama's cache in (set HOME or {instead})") from None
     return home.joinpath(".cache", "babyllama", *parts)
 

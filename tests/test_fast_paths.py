@@ -613,6 +613,19 @@ def test_native_load_without_a_home_folder_is_one_line(monkeypatch, capsys):
     assert len(err) == 1 and "no home folder to keep babyllama's cache in (set HOME or BABYLLAMA_CACHE)" in err[0], err
 
 
+def test_an_empty_home_is_no_home(monkeypatch):
+    """HOME set but empty is read as unset (the password entry's home), not as / (Path.home()'s reading, which put
+    the cache in /.cache)."""
+    import pwd
+    from pathlib import Path
+
+    from babyllama import safeio
+
+    monkeypatch.setenv("HOME", "")
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    assert safeio.home_cache("native", instead="BABYLLAMA_CACHE") == home / ".cache" / "babyllama" / "native"
+
+
 def test_without_a_compiler_the_first_run_says_so_once(tmp_path):
     """Without a C compiler the kernels fall back to numba or NumPy, several times slower: the first run says so
     in one line (it said nothing), later runs do not (a marker in the cache)."""

@@ -1116,6 +1116,31 @@ def test_the_native_kernels_asked_for_by_name_load_under_native_0_or_say_why_not
         kernels._backend = previous
 
 
+def test_numba_installed_but_unusable_falls_back_to_numpy_in_one_line():
+    """numba refuses to import where it has no folder to cache compiled functions in (a read-only install and
+    home: a container run as another user) or under its own bad settings (NUMBA_NUM_THREADS=0): the run goes on
+    on NumPy with one note (it was a traceback and exit 1)."""
+    pytest.importorskip("numba")
+    from conftest import run_cli
+
+    r = run_cli("run", "-n", "12", "-t", "0", env={"BABYLLAMA_KERNELS": "numba", "NUMBA_NUM_THREADS": "0"})
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "babyllama: note: the numba kernels cannot load (Number of threads specified must be > 0.)" in err
+    assert "Traceback" not in err and r.stdout.startswith(b"Once upon a time")
+
+
+def test_a_fingerprint_of_other_bytes_means_a_library_to_build_again(tmp_path):
+    """A cached library's fingerprint file that is not ASCII (damaged) is no fingerprint: the library is not
+    intact (every later run died of a UnicodeDecodeError until the file was removed by hand)."""
+    lib = tmp_path / "kernels-x.so"
+    lib.write_bytes(b"\x7fELF")
+    kernels_native.fingerprint_path(lib).write_bytes(b"\xff\xfe")
+    assert not kernels_native.is_intact(lib)
+    kernels_native.fingerprint_path(lib).write_text(kernels_native.fingerprint(lib))
+    assert kernels_native.is_intact(lib)
+
+
 def test_a_forced_march_value_whose_instructions_the_cpu_lacks_is_not_built(monkeypatch, capsys):
     """Any -march value may be forced: the extensions the compiler switches on for it are checked against the
     CPU's flags, where a library built with them died of SIGILL at its first call (exit 132, no word)."""

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..config import DEFAULT_PARALLEL, QUANTIZE_KINDS
-from ..errors import BabyLlamaError, warn
+from ..errors import BabyLlamaError, say, warn
 from .common import (
     QUANTIZE_HELP,
     add_chat_template,
@@ -248,7 +248,7 @@ def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, 
             start = time.perf_counter()  # like run.c, time from the end of the first step
     printer.end()
     if start is not None and n > 1:
-        print(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}", file=sys.stderr)
+        say(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}")
     if draft is not None:
         print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
               f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens", file=sys.stderr)
@@ -333,8 +333,7 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
         total += len(seq.generated)
         ids[i] = samplers[i] = None  # printed: nothing of it is kept
     elapsed = time.perf_counter() - start
-    print(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(ids)} sequences, prefill included)",
-          file=sys.stderr)
+    say(f"achieved tok/s: {total / elapsed:f} (aggregate over {len(ids)} sequences, prefill included)")
     return 0
 
 
