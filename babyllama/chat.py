@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 from .api import Model
 from .chat_template import encode_chat, reply_closing
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, note
 from .generate import Batch, Sequence
 from .printer import Printer
 from .sampler import Sampler
@@ -43,20 +43,31 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
         line = _stdin_line()
         if not line:
             return None
+        if len(line) > MAX_LINE_BYTES:
+            note(f"a line of more than {MAX_LINE_BYTES >> 20} MiB is more than any context holds; skipped")
+            continue
         try:
             return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError:
             print("babyllama: this line is not valid UTF-8 text; skipped", file=sys.stderr)
 
 
+MAX_LINE_BYTES = 64 << 20  # a user turn read at most (a line from /dev/zero would take all memory)
+
+
 def _stdin_line() -> bytes:
-    """stdin's next line as bytes (b"" at its end)."""
+    """stdin's next line as bytes (b"" at its end); of a line longer than MAX_LINE_BYTES, its first
+    MAX_LINE_BYTES + 1 bytes (the rest is read and dropped)."""
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is None:  # a text stream put in stdin's place (an embedding program, a test)
-        return sys.stdin.readline().encode("utf-8", "surrogateescape")
+        return sys.stdin.readline(MAX_LINE_BYTES + 1).encode("utf-8", "surrogateescape")
     if sys.stdin.isatty():
         _wait_for_input(sys.stdin.fileno())
-    return buffer.readline()
+    line = buffer.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+        while (rest := buffer.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+    return line
 
 
 def _wait_for_input(fd: int) -> None:

@@ -104,6 +104,25 @@ def test_a_reply_cut_by_its_budget_ends_with_eos_before_the_next_turn(monkeypatc
     assert fed == turns[0] + [301, 302, 303, *reply_closing(model.tokenizer), EOS] + turns[1] + [304, 305]
 
 
+def test_chat_skips_a_line_longer_than_any_context_without_holding_it(monkeypatch, capsys):
+    """A user turn is read MAX_LINE_BYTES at most: a longer line (a file of one endless line, /dev/zero) is read
+    through and skipped with a note, not held whole in memory (a MemoryError, or all of it)."""
+    import io
+
+    from babyllama import chat
+    from babyllama.loading import BUILTIN_TOKENIZER
+    from babyllama.printer import Printer
+    from babyllama.tokenizer import Tokenizer
+
+    monkeypatch.setattr(chat, "MAX_LINE_BYTES", 16)
+    stdin = io.TextIOWrapper(io.BytesIO(b"x" * 1000 + b"\nshort line\n"), encoding="utf-8")
+    monkeypatch.setattr(chat.sys, "stdin", stdin)
+    printer = Printer(Tokenizer.load(BUILTIN_TOKENIZER), out=io.BytesIO())
+    assert chat._read_line(printer, "User: ") == "short line"
+    assert "a line of more than 0 MiB is more than any context holds; skipped" in capsys.readouterr().err
+    assert chat._read_line(printer, "User: ") is None
+
+
 def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
     """With stdin not a terminal, nothing is asked: the first piped line is a user turn, not a system prompt."""
     proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "20", "-i", "Hello",
