@@ -3,11 +3,11 @@
     python benchmarks/finetune_memory.py [--steps 3] [--batch-size 4] [--seq-len 256] [--lora-rank 8]
 
 Each mode runs `babyllama finetune` in a fresh process on a random 110M model (bench.py's shape, fp32, cached
-like `babyllama bench` caches its models) with Llama 2's 32000-token tokenizer (../shared/fixtures) and a small
-chat set made here. The child samples its resident set size (VmRSS) every 20 ms and reports the peak while the
-training steps run (after the model is built, before the final checkpoint), and the peak of the whole process
-(ru_maxrss: loading the base, evaluating and checkpointing included). Figures in MiB; "weights" is the model's
-fp32 size.
+like `babyllama bench` caches its models; each run's checkpoint is removed after it) with Llama 2's 32000-token
+tokenizer (../shared/fixtures) and a small chat set made here. The child samples its resident set size (VmRSS)
+every 20 ms and reports the peak while the training steps run (after the model is built, before the final
+checkpoint), and the peak of the whole process (ru_maxrss: loading the base, evaluating and checkpointing
+included). Figures in MiB; "weights" is the model's fp32 size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -104,7 +105,10 @@ def main() -> None:
                 f"--max_seq_len={a.seq_len}", "--eval_iters=1", "--eval_interval=1000", "--log_interval=1",
                 "--device=cpu", *extra]
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True)
+        finally:  # the run's checkpoint (1.3 GB for full fine-tuning) is not worth keeping
+            shutil.rmtree(work / mode, ignore_errors=True)
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,7 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-600}; shape=${2:-110M}; py=${PYTHON:-python}
-exe=$(mktemp -d)/decode_rates
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+exe=$work/decode_rates
 cc -O3 -march=native -fopenmp-simd -pthread benchmarks/decode_rates.c babyllama/csrc/kernels.c -o "$exe" -lm
 end=$(( $(date +%s) + seconds ))
 while [ "$(date +%s)" -lt "$end" ]; do

@@ -15,6 +15,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,13 +32,20 @@ def bits_per_byte(weights, tokenizer, data: str, max_stories: int | None) -> flo
 
 
 def llamacpp_quantize(src: Path, dst: Path, ftype_name: str) -> None:
-    """llama.cpp's quantizer (llama-cpp-python's binding of llama_model_quantize) from an f32 GGUF."""
+    """llama.cpp's quantizer (llama-cpp-python's binding of llama_model_quantize) from an f32 GGUF, written under
+    a temporary name and renamed: a quantize killed halfway leaves no file under `dst` for a later run to take as
+    its cached model."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama_model_quantize {ftype_name} failed")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    try:
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize {ftype_name} failed")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def model_and_tokenizer(spec: str) -> tuple[Path, Path]:

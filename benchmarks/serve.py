@@ -90,7 +90,16 @@ class Server:
         cmd = [sys.executable, "-m", "babyllama", "serve", str(model), "-z", str(tokenizer), "--port", str(self.port),
                "--slots", str(slots), "--queue", "256", "--chunk", str(chunk), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT)
+        try:  # a server that never came up (or Ctrl-C meanwhile) is stopped here: no caller holds it yet
+            self._wait_until_up()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_up(self) -> None:
         for _ in range(600):
+            if self.proc.poll() is not None:  # it refused its flags, or died: its own message is above
+                raise RuntimeError(f"the server exited with {self.proc.returncode} before it started")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -99,8 +108,13 @@ class Server:
         raise RuntimeError("the server did not start")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 class Stream:
