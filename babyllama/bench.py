@@ -446,10 +446,29 @@ def kernels_description() -> str:
     if k.name == "native":
         native = cast("NativeKernels", k)
         return f"native C ({compiler_description(native.compiler)}, {native.isa()}, pool of {native.threads()} threads)"
+    why = _why_not_native()
     if k.name == "numba":
         import numba
-        return f"numba {numba.__version__} (no C compiler)"
-    return "NumPy only (no C compiler, no numba)"
+        return f"numba {numba.__version__} ({why})"
+    if why.startswith("BABYLLAMA_"):  # chosen
+        return f"NumPy ({why})"
+    import importlib.util
+
+    return f"NumPy only ({why}; {'numba did not load' if importlib.util.find_spec('numba') else 'no numba'})"
+
+
+def _why_not_native() -> str:
+    """Why the C kernels are not the backend: a setting, no compiler, or a build or load that failed (whose
+    reason was said on stderr)."""
+    from . import kernels, kernels_native
+
+    for variable in (kernels.KERNELS_VARIABLE, "BABYLLAMA_NATIVE"):
+        value = os.environ.get(variable, "").strip()
+        if value and value.lower() != "native":
+            return f"{variable}={value}"
+    if kernels_native.compiler() is None:
+        return "no C compiler"
+    return "the C kernels did not build or load: see the line above"
 
 
 def describe_machine() -> str:

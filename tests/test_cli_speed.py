@@ -850,3 +850,20 @@ def test_bench_with_a_failed_row_prints_its_table_and_exits_1(tmp_path, monkeypa
     assert code == 1 and "| tiny | fp32 | babyllama |" in captured.out and "- tiny fp32 run.c: run.c (" in captured.out
     assert "- tiny fp32 run.c: run.c (" in out.read_text(encoding="utf-8")
     assert captured.err.strip().splitlines()[-1] == "babyllama: error: 1 of 2 rows failed (listed under the table)"
+
+
+def test_bench_machine_line_says_why_the_c_kernels_are_not_used(monkeypatch):
+    """The machine line said "(no C compiler)" whenever the C kernels were not the backend, also where a compiler
+    was there and a forced instruction set failed, or where a setting chose another backend."""
+    from babyllama import bench, kernels, kernels_native
+    from babyllama.kernels_base import NumpyKernels
+
+    monkeypatch.setattr(kernels, "backend", lambda: NumpyKernels())
+    monkeypatch.delenv("BABYLLAMA_NATIVE", raising=False)
+    monkeypatch.setenv("BABYLLAMA_KERNELS", "numpy")
+    assert bench.kernels_description() == "NumPy (BABYLLAMA_KERNELS=numpy)"
+    monkeypatch.delenv("BABYLLAMA_KERNELS")
+    monkeypatch.setattr(kernels_native, "compiler", lambda: "cc")
+    assert "(the C kernels did not build or load: see the line above;" in bench.kernels_description()
+    monkeypatch.setattr(kernels_native, "compiler", lambda: None)
+    assert bench.kernels_description().startswith("NumPy only (no C compiler;")

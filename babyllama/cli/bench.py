@@ -46,7 +46,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
-    add_mmap(p, "babyllama's .bin rows: ")
+    add_mmap(p, "babyllama's .bin rows: ", "GGUF rows map their files as always")
     add_kv_cache(p)
     p.add_argument("--cache-dir", default=None, type=non_empty_path,
                    help="where random models are cached ($BABYLLAMA_BENCH_DIR, else $BABYLLAMA_CACHE/bench or "

@@ -211,13 +211,14 @@ def text_arg(value: str | None, flag: str) -> str:
     return value
 
 
-def add_mmap(p: argparse.ArgumentParser, who: str = "") -> None:
+def add_mmap(p: argparse.ArgumentParser, who: str = "",
+             others: str = "refused for other formats (a GGUF file is always mapped)") -> None:
     """--mmap / --no-mmap (args.mmap: True, False, or None for the default rule of formats.load); llama2.c .bin
-    files only (loading.check_mmap_applies refuses them for other formats)."""
+    files only (loading.check_mmap_applies refuses them for other formats; `others` says so)."""
     m = p.add_mutually_exclusive_group()
     m.add_argument("--mmap", dest="mmap", action="store_true", default=None,
                    help=f"{who}map the model file, a llama2.c .bin (instant load, memory only for what is "
-                        "touched); refused for other formats (a GGUF file is always mapped)")
+                        f"touched); {others}")
     m.add_argument("--no-mmap", dest="mmap", action="store_false",
                    help=f"{who}read the .bin file's weights into memory (faster decode; the default for files up "
                         "to a quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs, "
