@@ -57,10 +57,12 @@ HEADER = ("| model | GGUF type | file MiB | runs as | load s | RSS after decodin
 
 def quantized_file(directory: Path, shape: str, ftype: str) -> Path:
     """Where llama.cpp's `ftype` file of the shape's model is cached: named like bench's own files of it (the
-    built-in model's keyed on its content), so that a retrained model is never measured through an old file."""
+    built-in model's keyed on its content), so that a retrained model is never measured through an old file, and
+    marked as llama.cpp's (bench's own q4_0.gguf differs from llama.cpp's Q4_0 only in case: one file where names
+    ignore case)."""
     from babyllama import bench
 
-    return directory / f"{bench.model_stem(shape)}-{ftype}.gguf"
+    return directory / f"{bench.model_stem(shape)}-llamacpp-{ftype}.gguf"
 
 
 def failed_row(shape: str, ftype: str, reason: str) -> str:

@@ -42,8 +42,10 @@ def test_gguf_files_names_the_quantized_files_like_bench_does(monkeypatch):
     import gguf_files
 
     path = gguf_files.quantized_file(Path("/cache"), bench.BUILTIN, "Q4_K_M")
-    assert path.name == f"{bench.model_stem(bench.BUILTIN)}-Q4_K_M.gguf" and path.name.startswith("builtin-")
-    assert gguf_files.quantized_file(Path("/cache"), "15M", "Q6_K").name == "random-15M-Q6_K.gguf"
+    assert path.name == f"{bench.model_stem(bench.BUILTIN)}-llamacpp-Q4_K_M.gguf" and path.name.startswith("builtin-")
+    assert gguf_files.quantized_file(Path("/cache"), "15M", "Q6_K").name == "random-15M-llamacpp-Q6_K.gguf"
+    # bench's own (bench.gguf_file): random-15M-q4_0.gguf, not one file with llama.cpp's where names ignore case
+    assert gguf_files.quantized_file(Path("/c"), "15M", "Q4_0").name.lower() != "random-15m-q4_0.gguf"
     row = gguf_files.failed_row("15M", "Q6_K", "it broke")
     assert row.count("|") == gguf_files.HEADER.count("|") and "failed: it broke" in row
 
