@@ -640,6 +640,30 @@ def test_a_torchrun_process_gone_says_which_checkpoint_a_resume_goes_on_from(tmp
         main(argv)
 
 
+def test_a_torchrun_process_whose_data_failed_leaves_the_others_one_line(monkeypatch):
+    """finetune --data under torchrun: the first process prepares the data while the others wait at a barrier;
+    where it stops on bad data (its own one line), the others' barrier failed with gloo's traceback. (The barrier's
+    failure staged here.)"""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train import loop
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                           "[127.0.0.1]:29600")
+
+    monkeypatch.setattr(loop.dist, "barrier", lost)
+    with pytest.raises(BabyLlamaError, match="^another process of this torchrun run stopped while the first one "
+                                             "prepared the data"):
+        loop.wait_for_peers("while the first one prepared the data (its error is above)")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(loop.dist, "barrier", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        loop.wait_for_peers("now")
+
+
 def raise_at_step_3(monkeypatch, error: BaseException):
     """Trainer.step raising `error` at step 3 (steps 0-2 train, step 2's checkpoint written); returns the real
     step, to put back."""

@@ -245,7 +245,7 @@ class Trainer:
                     shutil.rmtree(data_dir)
                 finetune.prepare_data(cfg, base, data_dir)
             if self.dist.enabled:
-                dist.barrier()
+                wait_for_peers("while the first one prepared the data (its error is above)")
         if cfg.init_from == "resume" and cfg.data_dir and not data_dir.exists():  # relative to where it started
             raise BabyLlamaError(f"data_dir not found: {data_dir} (a resume reads the data_dir the run started with, "
                                  "relative to the folder it started in, unless --data_dir names another)")
@@ -627,6 +627,17 @@ def _check_same_base(cfg: TrainConfig, saved: dict) -> None:
 def _out_of_memory(e: RuntimeError) -> bool:
     """Whether an allocation failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(e)
+
+
+def wait_for_peers(when: str) -> None:
+    """dist.barrier(), where a process that went away meanwhile (it stopped on an error of its own, which it
+    printed) is one line here too, not gloo's traceback."""
+    try:
+        dist.barrier()
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        raise BabyLlamaError(f"another process of this torchrun run stopped {when}") from None
 
 
 def _lost_peer(e: RuntimeError) -> bool:
