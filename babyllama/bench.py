@@ -462,10 +462,11 @@ def _why_not_native() -> str:
     reason was said on stderr)."""
     from . import kernels, kernels_native
 
-    for variable in (kernels.KERNELS_VARIABLE, "BABYLLAMA_NATIVE"):
-        value = os.environ.get(variable, "").strip()
-        if value and value.lower() != "native":
-            return f"{variable}={value}"
+    chosen = os.environ.get(kernels.KERNELS_VARIABLE, "").strip()
+    if chosen and chosen.lower() != "native":
+        return f"{kernels.KERNELS_VARIABLE}={chosen}"
+    if kernels_native.switched_off():
+        return "BABYLLAMA_NATIVE=0"
     if kernels_native.compiler() is None:
         return "no C compiler"
     return "the C kernels did not build or load: see the line above"

@@ -1067,13 +1067,18 @@ def _unlock_in_child() -> None:
 os.register_at_fork(after_in_child=_unlock_in_child)
 
 
+def switched_off() -> bool:
+    """Whether BABYLLAMA_NATIVE=0 keeps the kernels out of the default choice."""
+    return os.environ.get("BABYLLAMA_NATIVE", "1") == "0"
+
+
 def load(arch: str | None = None, forced: bool = False) -> NativeKernels | None:
     """The native kernels for instruction set `arch` (default $BABYLLAMA_NATIVE_ARCH, else "native"), or None
     (the caller falls back) when disabled (BABYLLAMA_NATIVE=0, unless `forced`: asked for by name), when the CPU
     lacks a forced instruction set,
     when no compiler works, when the cache folder is not writable, or when the built library cannot be loaded
     (one line on stderr says which). One object per library."""
-    if os.environ.get("BABYLLAMA_NATIVE", "1") == "0" and not forced:
+    if switched_off() and not forced:
         return None
     missing = missing_instructions(arch_name(arch))
     if missing:

@@ -863,6 +863,9 @@ def test_bench_machine_line_says_why_the_c_kernels_are_not_used(monkeypatch):
     monkeypatch.setenv("BABYLLAMA_KERNELS", "numpy")
     assert bench.kernels_description() == "NumPy (BABYLLAMA_KERNELS=numpy)"
     monkeypatch.delenv("BABYLLAMA_KERNELS")
+    monkeypatch.setenv("BABYLLAMA_NATIVE", "0")
+    assert bench.kernels_description() == "NumPy (BABYLLAMA_NATIVE=0)"
+    monkeypatch.setenv("BABYLLAMA_NATIVE", "1")  # the kernels' default: no reason of its own
     monkeypatch.setattr(kernels_native, "compiler", lambda: "cc")
     assert "(the C kernels did not build or load: see the line above;" in bench.kernels_description()
     monkeypatch.setattr(kernels_native, "compiler", lambda: None)
