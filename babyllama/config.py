@@ -1,8 +1,8 @@
 """ModelArgs: the one description of a Llama 2 model's shape, shared by the .bin formats, the NumPy engine,
 the PyTorch model, the exporters and the CLI; and the few defaults every layer above shares (run.c's -n, the
 sequences a batch generates at once, a training run's checkpoint name, the choices and sampling defaults the CLI
-offers before NumPy loads); and ServeConfig, the server's settings,
-whose defaults `babyllama serve`'s flags take (here, where the CLI reads them without the serve extra)."""
+offers before NumPy loads); and ServeConfig, the server's settings, whose defaults `babyllama serve`'s flags take
+(here, where the CLI reads them without the serve extra)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from .errors import BabyLlamaError, note, warn
 from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source, model_template
-from .tokenizer import Tokenizer, open_sentencepiece, warn_normalization
+from .tokenizer import Tokenizer, open_sentencepiece, shown_symbols, warn_normalization
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -219,9 +219,8 @@ def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
     elif src.vocab is not None:
         tokenizer = src.vocab.to_tokenizer()
         if tokenizer.symbols:
-            shown = ", ".join(list(tokenizer.symbols)[:3]) + (", ..." if len(tokenizer.symbols) > 3 else "")
-            warn(f"{src.path} has user-defined symbols ({shown}), which a tokenizer.bin cannot carry: text may "
-                 "encode differently from the source")
+            warn(f"{src.path} has user-defined symbols ({shown_symbols(list(tokenizer.symbols))}), which a "
+                 "tokenizer.bin cannot carry: text may encode differently from the source")
     else:
         return None
     _check_vocab(tokenizer.vocab_size, src.weights.args.vocab_size, tok)

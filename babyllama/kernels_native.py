@@ -912,15 +912,16 @@ class NativeKernels:
         the free memory (memory.read_by_default)."""
         todo = list({id(w): w for w in ws if (isinstance(w, BlockTensor) and not w.regrouped)
                      or (isinstance(w, QTensor) and w.packed is None and w.group_size in PACKED_GROUP_SIZES)}.values())
-        starts = np.cumsum([0] + [-(-w.nbytes // LINE) * LINE for w in todo])
-        if not todo or not memory.read_by_default(int(starts[-1])):
+        starts = np.cumsum([0] + [-(-w.nbytes // LINE) * LINE for w in todo]).tolist()
+        total = starts[-1]
+        if not todo or not memory.read_by_default(total):
             return
         self._plans.clear()  # their descriptions hold the blocks
-        buf, maps = memory.empty_aligned(int(starts[-1]), LINE), memory.read_only_file_maps()
+        buf, maps = memory.empty_aligned(total, LINE), memory.read_only_file_maps()
         # the blocks made on load, freed as their copies are made, go back to the system every eighth of the
         # model (64 MiB at most) rather than staying with the allocator, which would hold the model twice
-        every, since = min(int(starts[-1]) // 8, 64 << 20), 0
-        for w, at in zip(todo, starts.tolist()):
+        every, since = min(total // 8, 64 << 20), 0
+        for w, at in zip(todo, starts):
             if not self._regroup_one(w, buf[at:at + w.nbytes], maps):  # no such kernels in this build
                 return
             since += w.nbytes

@@ -426,11 +426,15 @@ def _normalization(sp, keeps_symbols: bool = False) -> list[str]:
     model_type = trainer.get(3, 1)
     if model_type != 2:
         left_out.append(f"{_SEGMENTATIONS.get(model_type, 'a non-BPE')} segmentation")  # type: ignore[arg-type]
-    symbols = [text for _, text in user_defined]
-    if symbols and not keeps_symbols:
-        shown = ", ".join(s.decode("utf-8", "replace") for s in symbols[:3])
-        left_out.append(f"user-defined symbols ({shown}{', ...' if len(symbols) > 3 else ''})")
+    if user_defined and not keeps_symbols:
+        texts = [text.decode("utf-8", "replace") for _, text in user_defined]
+        left_out.append(f"user-defined symbols ({shown_symbols(texts)})")
     return left_out
+
+
+def shown_symbols(texts: list[str]) -> str:
+    """User-defined symbols named in a one-line message: the first three, ", ..." where there are more."""
+    return ", ".join(texts[:3]) + (", ..." if len(texts) > 3 else "")
 
 
 def user_defined_ids(sp) -> list[int]:

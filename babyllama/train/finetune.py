@@ -23,7 +23,7 @@ from ..errors import BabyLlamaError, Terminated, warn
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, shown_symbols
 from .config import FIELDS, SHAPE_KEYS, TrainConfig, check_resumed_mode
 from .data import check_validation_split, pretokenize
 from .lora import apply_lora, check_rank
@@ -130,11 +130,10 @@ def _save_base_tokenizer(tok: Tokenizer, path: Path) -> None:
     runs with; user-defined symbols, which the base's keeps whole and a tokenizer.bin cannot mark, are spelled
     out there: said in one line."""
     if tok.symbols:
-        shown = ", ".join(list(tok.symbols)[:3]) + (", ..." if len(tok.symbols) > 3 else "")
-        warn(f"the base's tokenizer keeps user-defined symbols ({shown}) whole, which a tokenizer.bin cannot: "
-             "--data is encoded with them spelled out, as the fine-tuned model's tokenizer.bin encodes them (to "
-             "keep them, pretokenize with the base's tokenizer.model, pass --data_dir, and run the result with "
-             "-z TOKENIZER.model)")
+        warn(f"the base's tokenizer keeps user-defined symbols ({shown_symbols(list(tok.symbols))}) whole, which "
+             "a tokenizer.bin cannot: --data is encoded with them spelled out, as the fine-tuned model's "
+             "tokenizer.bin encodes them (to keep them, pretokenize with the base's tokenizer.model, pass "
+             "--data_dir, and run the result with -z TOKENIZER.model)")
     tok.save(path)
 
 
