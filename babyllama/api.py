@@ -278,6 +278,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
     for what, value in (("model", model), ("tokenizer", tokenizer), ("lora", lora)):
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise BabyLlamaError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+        if value is not None and not isinstance(os.fspath(value), str):  # a PathLike may give bytes (os.scandir(b"."))
+            raise BabyLlamaError(f"{what} must be a path whose name is a str, got a bytes path")
         if value is not None and not os.fspath(value):  # it would name the current folder
             raise BabyLlamaError(f"{what} is an empty path")
     if mmap is not None and not isinstance(mmap, bool):

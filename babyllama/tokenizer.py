@@ -268,8 +268,15 @@ class Tokenizer:
         """An incremental decoder for the tokens that follow `prev`."""
         return TextStream(self, prev)
 
+    def check_ids(self, ids: list[int]) -> None:
+        """Refuse ids outside the vocabulary (a negative one would index from the end of the pieces)."""
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BabyLlamaError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+
     def decode_text(self, ids: list[int], prev: int = BOS) -> str:
         """The text of `ids` following `prev`, as `TextStream` streams it."""
+        self.check_ids([prev, *ids])
         stream = self.stream(prev)
         return "".join(stream.push(t) for t in ids) + stream.flush()
 
@@ -277,6 +284,7 @@ class Tokenizer:
         """The text for `ids` as sentencepiece decodes it: control tokens skipped, <unk> as " ⁇ ", the dummy prefix
         (the leading space of the first piece other than a control token) removed, and each run of byte tokens as
         UTF-8 where every byte that is not part of a whole character becomes U+FFFD."""
+        self.check_ids(ids)
         parts: list[str] = []
         run = bytearray()  # consecutive byte tokens; any other token ends the run
         first = True

@@ -3,6 +3,7 @@ no giant allocation."""
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import warnings
@@ -356,6 +357,18 @@ def test_load_wants_paths():
         load(123)
     for kw in ({"model": ""}, {"tokenizer": ""}, {"lora": ""}):  # "" would name the current folder
         with pytest.raises(BabyLlamaError, match=f"{next(iter(kw))} is an empty path"):
+            load(**kw)
+
+
+def test_load_refuses_a_path_object_naming_bytes(tmp_path):
+    """A PathLike whose fspath is bytes (os.scandir(b"...") gives such) is one error, not pathlib's TypeError."""
+    from babyllama.api import load
+    from babyllama.errors import BabyLlamaError
+
+    (tmp_path / "m.bin").write_bytes(b"")
+    entry = next(os.scandir(os.fsencode(tmp_path)))
+    for kw in ({"model": entry}, {"tokenizer": entry}, {"lora": entry}):
+        with pytest.raises(BabyLlamaError, match=f"{next(iter(kw))} must be a path whose name is a str"):
             load(**kw)
 
 

@@ -263,6 +263,24 @@ def test_decode_of_any_ids_is_sentencepieces(llama_pair, ids):
     assert tok.decode(ids) == sp.decode(ids)
 
 
+def test_decode_refuses_ids_outside_the_vocabulary():
+    """A negative id would index the pieces from the end (-1 decoded as the last piece), one past the end was
+    an IndexError: both are one error naming the id."""
+    from conftest import byte_tokenizer
+
+    from babyllama.errors import BabyLlamaError
+
+    tok = byte_tokenizer()
+    n = tok.vocab_size
+    assert tok.decode([n - 1]) == tok.decode_text([n - 1]) != ""
+    for ids in ([-1], [BOS, n], [5, -n]):
+        for decode in (tok.decode, tok.decode_text):
+            with pytest.raises(BabyLlamaError, match=f"token id {ids[-1]} is outside the vocabulary"):
+                decode(ids)
+    with pytest.raises(BabyLlamaError, match="token id -1 is outside"):
+        tok.decode_text([5], prev=-1)
+
+
 def test_a_model_or_json_file_given_as_tokenizer_bin_says_what_it_is(tmp_path):
     """A GGUF or llama2.c model, or Hugging Face's tokenizer.json, passed where a tokenizer.bin goes is named as
     what it is, not as a truncated or corrupt tokenizer."""
