@@ -560,6 +560,21 @@ def test_bad_input_is_an_openai_error(server, path, body, status):
     assert error["message"] and error["type"]
 
 
+def test_a_lone_surrogate_is_named_not_called_invalid_json(server):
+    """Half an emoji, escaped ("\\ud83d": valid JSON, as a browser's JSON.stringify sends a truncated paste), is
+    refused as text that is not Unicode, naming where it is, not as "Invalid JSON"."""
+    chat = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}, ' \
+           b'{"role": "user", "content": "x \\ud83d y"}], "max_tokens": 2}'
+    r = server.post("/v1/chat/completions", content=chat)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("messages.2.content: the text holds a lone UTF-16 surrogate")
+    assert r.json()["error"]["param"] == "messages"
+    r = server.post("/v1/completions", content=b'{"prompt": "\\udc00", "max_tokens": 2}')
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: the text holds"), r.text
+    r = server.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 2')  # truly not JSON
+    assert r.status_code == 400 and "Invalid JSON" in r.json()["error"]["message"], r.text
+
+
 def test_bad_input_leaves_the_server_serving(server, client):
     assert server.get("/v1/models/gpt-4").status_code == 404
     assert server.get("/nope").json()["error"]["type"] == "not_found_error"

@@ -221,6 +221,10 @@ class Service:
         try:
             req = schema.model_validate_json(raw or b"null")
         except ValidationError as e:
+            where = lone_surrogate(raw) if e.errors(include_url=False)[0]["type"] == "json_invalid" else None
+            if where is not None:  # valid JSON ("\ud83d", half an emoji) that pydantic's parser calls invalid
+                raise APIError(400, f"{'.'.join(map(str, where))}: the text holds a lone UTF-16 surrogate (half of "
+                                    "a character), which is not Unicode", param=str(where[0])) from None
             raise APIError(400, validation_message(e), param=validation_param(e)) from None
         self.check_model(req.model)
         return req
@@ -541,6 +545,23 @@ def compact(value) -> str:
 
 DONE = format_sse_event(data_str="[DONE]")
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients (EventSource, openai's, httpx-sse) skip it
+
+
+def lone_surrogate(raw: bytes) -> list[str | int] | None:
+    """Where a JSON body holds a string with a lone UTF-16 surrogate (as Python's json reads it), else None."""
+    try:
+        todo: list[tuple[list[str | int], object]] = [([], json.loads(raw))]
+    except (ValueError, RecursionError):
+        return None
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
+            return where or ["body"]
+        if isinstance(value, dict):
+            todo += [([*where, k], v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            todo += [([*where, i], v) for i, v in reversed(list(enumerate(value)))]
+    return None
 
 
 def validation_param(e: ValidationError) -> str | None:
