@@ -344,9 +344,8 @@ def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300
 
 
 def test_a_batch_sent_to_a_worker_fits_a_pipe_s_buffer():
-    """Each batch of documents pickles to less than a Linux pipe's 64 KiB (Pool.terminate after an error could
-    hang on a batch half written into the pipe), at most max_count documents, in order; a document too long for
-    any batch goes alone."""
+    """Each batch of documents pickles to less than a Linux pipe's 64 KiB, at most max_count documents, in order;
+    a document too long for any batch goes alone."""
     import pickle
 
     from babyllama.train.data import batched
@@ -359,6 +358,71 @@ def test_a_batch_sent_to_a_worker_fits_a_pipe_s_buffer():
         assert len(b) <= 256 and (len(pickle.dumps(b)) < 64 << 10 or len(b) == 1)
     assert ["😀" * 20000] in batches
     assert [len(b) for b in batched(["a"] * 600, 256)] == [256, 256, 88]
+
+
+WORKERS_KILLED_WHILE_IDLE = """
+import os, signal, time
+from babyllama.errors import BabyLlamaError
+from babyllama.train.data import _worker_pool
+try:
+    with _worker_pool(2, time.sleep, 0) as pool:
+        assert list(pool.imap(abs, [-1, -2, -3])) == [1, 2, 3]  # both workers started, now idle
+        for p in pool.procs:  # what SIGTERM to the whole process group does to them
+            os.kill(p.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        raise KeyboardInterrupt  # the parent's own interruption: the pool ends
+except KeyboardInterrupt:
+    print("ended")
+with _worker_pool(2, time.sleep, 0) as pool:
+    os.kill(pool.procs[1].pid, signal.SIGKILL)  # a worker that dies (the OOM killer) is an error, not a hang
+    try:
+        list(pool.imap(abs, range(10)))
+    except BabyLlamaError as e:
+        print(e)
+"""
+
+
+def test_the_worker_pool_ends_after_its_workers_got_sigterm():
+    """multiprocessing.Pool's workers, killed while one waited for work holding the shared queue's lock, left
+    Pool.terminate waiting for that lock forever (pretokenize under `timeout` or `kill -TERM -PGID` hung): the
+    workers share nothing, and one that dies is an error."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", WORKERS_KILLED_WHILE_IDLE], capture_output=True, text=True,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pool did not end within 60 s after its workers were killed")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ended", "a worker process ended unexpectedly (exit code -9)"], done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def _grow(item: tuple[bytes, int, float]) -> bytes:
+    import time
+
+    payload, size, delay = item
+    time.sleep(delay)
+    if size < 0:
+        raise BabyLlamaError(f"refused {size}")
+    return payload[:1] * size
+
+
+def test_the_worker_pool_keeps_order_and_passes_errors_and_big_messages():
+    """Results in the order of the items whatever order the workers finish in; items and results far larger than
+    a pipe's buffer (a worker sent a big item while it sends a big result would deadlock); a worker's exception
+    raised in the parent, the pool still ending."""
+    from babyllama.train.data import _worker_pool
+
+    sizes = [(8 << 20, 0.0), (10, 0.2), (3 << 20, 0.0), (5, 0.05), (1 << 20, 0.1), (7, 0.0)]
+    big = b"y" * (4 << 20)
+    with _worker_pool(2, int) as pool:
+        assert [len(r) for r in pool.imap(_grow, [(b"x", s, d) for s, d in sizes])] == [s for s, _ in sizes]
+        assert list(pool.imap(_grow, [(big, len(big), 0.0)] * 6)) == [big] * 6  # 4 MB each way
+    with pytest.raises(BabyLlamaError, match="refused -1"), _worker_pool(2, int) as pool:
+        list(pool.imap(_grow, [(b"x", 1, 0.0), (b"x", -1, 0.0), (b"x", 2, 0.0)]))
+    assert all(not p.is_alive() for p in pool.procs)
 
 
 def test_a_bad_input_file_stops_pretokenize_before_the_folder_changes(tmp_path, tok300):

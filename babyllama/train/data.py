@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -145,8 +146,8 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _start_worker(parent: int, init: Callable, *args) -> None:
-    """A pool worker: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's to handle, which
-    ends the workers through the pool (SIGTERM, the default action: no traceback from each worker)."""
+    """A worker process: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's to handle, which
+    then ends the workers itself; SIGTERM ends it at once (the default action)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,9 +156,110 @@ def _start_worker(parent: int, init: Callable, *args) -> None:
     init(*args)
 
 
-# the characters one batch sends a worker at most (UTF-8: up to 4 bytes each), so that its message fits a pipe's
-# buffer (64 KiB on Linux): Pool.terminate, after an error, cannot get past a batch its task thread has half
-# written into the pipe once the workers that would read the rest are gone (the run then hung)
+def _serve_worker(conn: Any, parent: int, init: Callable, *args) -> None:
+    """A worker's life: (function, batch) in, (True, result) or (False, exception) out, until None."""
+    _start_worker(parent, init, *args)
+    while (task := conn.recv()) is not None:
+        fn, batch = task
+        try:
+            reply = (True, fn(batch))
+        except Exception as e:
+            reply = (False, e)
+        try:
+            conn.send(reply)
+        except (TypeError, AttributeError, pickle.PicklingError) as e:  # an exception that does not pickle
+            conn.send((False, BabyLlamaError(f"{reply[1]!r} (in a worker process; not sent back whole: {e})")))
+
+
+class WorkerPool:
+    """Worker processes, each fed through a pipe of its own, whose results come back in order (imap).
+    multiprocessing.Pool's workers share one queue and its locks: one killed while it held a lock (SIGTERM to
+    the whole process group, as `timeout` and service managers send, or the OOM killer) left the others and
+    the parent's Pool.terminate waiting for that lock forever. Here nothing is shared: a worker that dies is
+    an end of file on its own pipe, and ending the pool kills what is left."""
+
+    def __init__(self, workers: int, init: Callable, *args):
+        import multiprocessing
+
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        for _ in range(max(1, workers)):  # each pipe made just before its worker: later workers hold no copy
+            mine, theirs = multiprocessing.Pipe()  # of an earlier worker's end, so its death is seen as EOF
+            proc = multiprocessing.Process(target=_serve_worker, args=(theirs, os.getpid(), init, *args),
+                                           daemon=True)
+            proc.start()
+            theirs.close()
+            self.conns.append(mine)
+            self.procs.append(proc)
+
+    def imap(self, fn: Callable, items: Iterable) -> Iterator[Any]:
+        """fn(item) for each item, in order; item k goes to worker k mod n, one per worker at a time: a worker
+        is sent its next item only while it waits for one, so neither side ever waits on a full pipe for
+        the other (two at a time could: an item and a result, each larger than a pipe's buffer, sent at once)."""
+        n = len(self.conns)
+        sent: collections.deque[int] = collections.deque()  # the worker of each item sent, in order
+        items = iter(items)
+        for k, item in zip(range(n), items):
+            self._send(k, (fn, item))
+            sent.append(k)
+        while sent:
+            w = sent.popleft()
+            ok, result = self._receive(w)
+            item = next(items, _NO_ITEM)
+            if item is not _NO_ITEM:  # sent before the result is used: the worker goes on meanwhile
+                self._send(w, (fn, item))
+                sent.append(w)
+            if not ok:
+                raise result
+            yield result
+
+    def _send(self, w: int, task: Any) -> None:
+        try:
+            self.conns[w].send(task)
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died(w) from None
+
+    def _receive(self, w: int) -> tuple[bool, Any]:
+        try:
+            return self.conns[w].recv()
+        except (EOFError, ConnectionResetError):
+            raise self._died(w) from None
+
+    def _died(self, w: int) -> BabyLlamaError:
+        self.procs[w].join(1)
+        return BabyLlamaError(f"a worker process ended unexpectedly (exit code {self.procs[w].exitcode})")
+
+    def close(self, finished: bool) -> None:
+        """Ends the workers: told to stop after a finished run, killed otherwise (their pending work dropped)."""
+        for conn, proc in zip(self.conns, self.procs):
+            if finished:
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            else:
+                proc.kill()
+        for conn, proc in zip(self.conns, self.procs):
+            proc.join()
+            conn.close()
+
+
+_NO_ITEM = object()
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, init: Callable, *args) -> Iterator[WorkerPool]:
+    """A WorkerPool whose workers end with the block however it ends: after an error, Ctrl-C or SIGTERM its
+    pending batches are dropped and the workers killed at once, and a worker ends with its parent."""
+    pool = WorkerPool(workers, init, *args)
+    finished = False
+    try:
+        yield pool
+        finished = True
+    finally:
+        pool.close(finished)
+
+
+# the characters one batch sends a worker at most (UTF-8: up to 4 bytes each): its message fits a pipe's buffer
+# (64 KiB on Linux), the workers' shares stay even and the progress bar moves
 BATCH_CHARS = 12_000
 
 
@@ -179,22 +281,6 @@ def batched(items: list, max_count: int, size: Callable[[Any], int] = len) -> li
 def _conversation_chars(pair: tuple[list[dict], list[str]]) -> int:
     messages, words = pair
     return sum(len(str(m.get("content", ""))) for m in messages) + sum(map(len, words))
-
-
-@contextlib.contextmanager
-def _worker_pool(workers: int, init: Callable, *args) -> Iterator[Any]:
-    """A multiprocessing pool whose workers end with the block however it ends: after an error, Ctrl-C or
-    SIGTERM its pending batches are dropped and the workers stopped at once (concurrent.futures' pool would
-    first encode every batch already handed to it), and a worker ends with its parent."""
-    import multiprocessing
-
-    pool = multiprocessing.Pool(workers, initializer=_start_worker, initargs=(os.getpid(), init, *args))
-    try:
-        yield pool
-        pool.close()
-        pool.join()
-    finally:
-        pool.terminate()
 
 
 def _init_worker(tokenizer_path: str) -> None:
