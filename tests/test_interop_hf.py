@@ -106,6 +106,23 @@ def test_a_pytorch_model_bin_of_tensors_that_require_grad_runs(tmp_path, dtype):
     np.testing.assert_array_equal(engine_logits(open_model(folder).weights, TOKENS),
                                   engine_logits(open_model(reference).weights, TOKENS))
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_pytorch_model_bin_of_strided_views_runs(tmp_path, dtype):
+    """torch.save keeps a transposed or sliced view's strides: such matrices (the same values, stored column by
+    column) run as the contiguous ones do (fp32 ones reached the kernels as strided NumPy views: a traceback)."""
+    from babyllama.loading import open_model
+
+    folder = save_as(make_hf_model(2, True).to(dtype), tmp_path / "hf", "pytorch")
+    plain = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    views = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in plain.items()}
+    assert not all(v.is_contiguous() for v in views.values())
+    torch.save(views, tmp_path / "views.bin")
+    (tmp_path / "views.bin").replace(folder / "pytorch_model.bin")
+    reference = save_as(make_hf_model(2, True).to(dtype), tmp_path / "plain", "pytorch")
+    np.testing.assert_array_equal(engine_logits(open_model(folder).weights, TOKENS),
+                                  engine_logits(open_model(reference).weights, TOKENS))
+
+
 def test_a_tied_config_over_an_lm_head_of_other_values_runs_untied(tmp_path, capsys):
     """config.json ties the classifier but the checkpoint keeps an lm_head.weight of other values: run untied with
     it, as transformers 5 does (with a warning), and say so; an lm_head.weight equal to the embedding is tied."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -465,10 +466,10 @@ def test_a_corrupt_lora_adapter_is_refused_naming_it(tmp_path, tiny, capsys, cas
     assert not (tmp_path / "merged.bin").exists()
 
 
-@pytest.mark.parametrize("case", ["sparse", "int-key"])
+@pytest.mark.parametrize("case", ["sparse", "int-key", "meta"])
 def test_torch_weight_files_with_a_sparse_tensor_or_a_number_as_name_are_one_line(tmp_path, tiny, case):
-    """pytorch_model.bin (and Meta's .pth, through the same check) holding a sparse tensor or a tensor keyed by a
-    number: TypeError tracebacks where the tensors were read."""
+    """pytorch_model.bin (and Meta's .pth, through the same check) holding a sparse tensor, a tensor keyed by a
+    number or one on the meta device (a shape, no values): TypeError tracebacks where the tensors were read."""
     torch = pytest.importorskip("torch")
     folder = _hf_folder(tmp_path)  # skips without safetensors
     from safetensors.torch import load_file
@@ -479,14 +480,17 @@ def test_torch_weight_files_with_a_sparse_tensor_or_a_number_as_name_are_one_lin
     name = "model.layers.0.self_attn.q_proj.weight"
     if case == "sparse":
         state[name] = state[name].to_sparse()
+    elif case == "meta":
+        state[name] = state[name].to("meta")
     else:
         state[7] = state.pop(name)
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
-    message = (f"tensor {name} is stored as torch.sparse_coo, not as dense weights" if case == "sparse" else
-               "a tensor is named 7, not by a string: not a state dict")
+    message = {"sparse": f"tensor {name} is stored as torch.sparse_coo, not as dense weights",
+               "meta": f"tensor {name} has no data (a tensor on PyTorch's meta device)",
+               "int-key": "a tensor is named 7, not by a string: not a state dict"}[case]
     one_line_error(run_cli("run", str(folder), "-z", str(tiny[1]), "-n", "4"), f"pytorch_model.bin: {message}")
-    with pytest.raises(BabyLlamaError, match=f"^consolidated.00.pth: {message}$"):
+    with pytest.raises(BabyLlamaError, match=f"^consolidated.00.pth: {re.escape(message)}$"):
         check_torch_state(state, "consolidated.00.pth")
 
 

@@ -125,13 +125,16 @@ def check_torch_state(state: Any, source: str | os.PathLike) -> dict:
             raise BabyLlamaError(f"{source}: a tensor is named {name!r}, not by a string: not a state dict")
         if t.layout != torch.strided:
             raise BabyLlamaError(f"{source}: tensor {name} is stored as {t.layout}, not as dense weights")
+        if t.is_meta:  # a shape without values (what a model built on the meta device saves)
+            raise BabyLlamaError(f"{source}: tensor {name} has no data (a tensor on PyTorch's meta device)")
     return state
 
 
 def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
     """A PyTorch tensor as from_state_dict takes it: a bfloat16 matrix as its bits (BF16Tensor) and an fp16 one
     as fp16, both sharing the tensor's memory (kept as they are: the kernels read them as fp32); anything else
-    as an fp32 copy. Tensors saved with requires_grad (llama2.c's export.py --version -1 clones its parameters
+    as fp32. Each in C order: a tensor saved as a strided view (a transposed or sliced one) is copied into it,
+    as the kernels take only that. Tensors saved with requires_grad (llama2.c's export.py --version -1 clones its parameters
     so) are detached first: NumPy cannot take them otherwise."""
     import torch
 
@@ -140,7 +143,7 @@ def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
         return BF16Tensor(t.contiguous().view(torch.int16).numpy().view(np.uint16))
     if t.dim() == 2 and t.dtype == torch.float16:
         return t.contiguous().numpy()
-    return t.float().numpy()
+    return t.float().contiguous().numpy()
 
 
 def from_state_dict(args: ModelArgs,
