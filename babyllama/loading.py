@@ -171,8 +171,10 @@ def hf_chat_template(folder: Path) -> tuple[str | None, list[str]]:
         return None, []
     try:
         template = safeio.read_json(config, "tokenizer_config.json").get("chat_template")
-    except BabyLlamaError:  # the tokenizer's settings are transformers' to check; the weights load without them
-        return None, []
+    except BabyLlamaError as e:  # the tokenizer's settings are transformers' to check; the weights load without
+        # them, but a template it may carry would go unused without a word
+        return None, [f"{e}: its chat_template, if it has one, is not used (chat and serve use Llama 2's [INST] "
+                      "template unless --chat-template or a model card names another)"]
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         template)

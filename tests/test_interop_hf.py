@@ -356,6 +356,10 @@ def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
         described = open_model(tmp_path).describe()
         assert "does not run" not in described
         assert f"has a chat_template that is no template ({type(value).__name__}): ignored" in described
+    for torn in ('{"chat_template": "{% for', "[1, 2]"):  # a template it may hold is not silently dropped
+        (tmp_path / "tokenizer_config.json").write_text(torn)
+        described = open_model(tmp_path).describe()
+        assert "tokenizer_config.json" in described and "its chat_template, if it has one, is not used" in described
 
 
 def test_an_export_keeps_the_chat_template_its_source_carries(tmp_path, tok512):
