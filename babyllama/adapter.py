@@ -127,7 +127,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         if not p.exists():
             raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "
                                  "beside it)")
-        safeio.check_regular(p, "adapter file")  # a pipe or a device: said what it is
+        safeio.open_regular(p, "adapter file").close()  # a pipe, a device or an unreadable file: said what it is
     config = safeio.read_json(config_path, "adapter config")
     if config.get("format") != FORMAT:
         raise BabyLlamaError(f"{config_path}: not a babyllama adapter config (format {config.get('format')!r}, "

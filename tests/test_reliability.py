@@ -126,6 +126,31 @@ def _hf_folder(tmp_path, **config_changes) -> Path:
     return folder
 
 
+def test_an_unreadable_safetensors_file_is_called_unreadable(tmp_path, monkeypatch):
+    """A weight file or LoRA adapter that cannot be opened (no read permission: what open() answers here) says
+    why; the safetensors library called it "No such file or directory"."""
+    from babyllama.adapter import Adapter, base_identity, load_adapter, save_adapter
+    from babyllama.loading import open_model
+
+    folder = _hf_folder(tmp_path)
+    weights = random_weights(tiny_args())
+    save_adapter(Adapter(2, 4.0, ["wq"], base_identity(weights), {}), tmp_path / "adapter.safetensors")
+    real_open = os.open
+    locked = {str(folder / "model.safetensors"), str(tmp_path / "adapter.safetensors")}
+
+    def refuse(path, *args, **kw):
+        if str(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(BabyLlamaError, match=f"^cannot read weight file {folder / 'model.safetensors'}: "
+                                             "Permission denied$"):
+        open_model(folder)
+    with pytest.raises(BabyLlamaError, match="^cannot read adapter file .*adapter.safetensors: Permission denied$"):
+        load_adapter(tmp_path / "adapter.safetensors")
+
+
 def test_hf_layer_count_is_bounded_before_anything_is_sized_by_it(tmp_path, tiny):
     folder = _hf_folder(tmp_path, num_hidden_layers=10**7)
     r = run_limited(["run", str(folder), "-z", str(tiny[1]), "-n", "4"], 2 * GIB)

@@ -300,8 +300,9 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
                 from safetensors import safe_open
             except ImportError:
                 raise missing_extra("reading safetensors", "interop") from None
+            safeio.open_regular(shard, "weight file").close()  # safetensors calls an unreadable file missing
             try:
-                handle = safe_open(str(safeio.check_regular(shard, "weight file")), framework="numpy")
+                handle = safe_open(str(shard), framework="numpy")
                 dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
             except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
                 raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None

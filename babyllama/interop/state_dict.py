@@ -134,8 +134,8 @@ def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
     """A PyTorch tensor as from_state_dict takes it: a bfloat16 matrix as its bits (BF16Tensor) and an fp16 one
     as fp16, both sharing the tensor's memory (kept as they are: the kernels read them as fp32); anything else
     as fp32. Each in C order: a tensor saved as a strided view (a transposed or sliced one) is copied into it,
-    as the kernels take only that. Tensors saved with requires_grad (llama2.c's export.py --version -1 clones its parameters
-    so) are detached first: NumPy cannot take them otherwise."""
+    as the kernels take only that. Tensors saved with requires_grad (llama2.c's export.py --version -1 clones
+    its parameters so) are detached first: NumPy cannot take them otherwise."""
     import torch
 
     t = t.detach()
