@@ -444,6 +444,32 @@ def test_a_new_run_installs_its_datas_tokenizer_and_a_resume_checks_it(tmp_path,
     assert train(resolve_config(None, {"out_dir": str(out), "init_from": "resume", "max_iters": "4"}))["iter"] == 4
 
 
+def test_a_failed_checkpoint_write_leaves_the_earlier_runs_tokenizer(tmp_path, one_thread, monkeypatch):
+    """A new run whose first checkpoint cannot be written (a full disk) leaves the folder as the earlier run left
+    it: its checkpoint beside its own tokenizer (the new one was installed first, so `run` decoded the earlier
+    weights with the new run's tokenizer and a resume was refused)."""
+    import errno
+
+    from babyllama.errors import BabyLlamaError
+    from babyllama.train import checkpoint
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    first, second = text_shards(tmp_path, byte_tokenizer(300), "a"), text_shards(tmp_path, other_tokenizer(), "b")
+    out = tmp_path / "out"
+    train(resolve_config(None, tiny_run(first, out)))
+    before = {name: (out / name).read_bytes() for name in ("tokenizer.bin", "ckpt.pt")}
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(BabyLlamaError, match="cannot write output .*ckpt.pt: No space left"):
+        train(resolve_config(None, tiny_run(second, out)))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name) == []
+
+
 def test_a_tokenizer_put_in_out_dir_is_kept_when_the_data_has_none(tmp_path, one_thread, capsys):
     from babyllama.errors import BabyLlamaError
     from babyllama.train.config import resolve_config

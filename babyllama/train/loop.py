@@ -288,20 +288,25 @@ class Trainer:
         model_sd, optim_sd = _state_dicts(self.raw, self.optimizer)  # collective under FSDP
         if not self.dist.master:
             return
-        if not self.tokenizer_installed:
-            self._install_tokenizer()
-        if self.lora is not None:  # the base stays where it is: the checkpoint holds the adapter only
-            model_sd = {k: v for k, v in model_sd.items() if is_factor(k)}
-            save_adapter(adapter_from_state(model_sd, self.lora), self.out_dir / ADAPTER_FILE)
         rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        checkpoint.save({"model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
-                         "model_args": checkpoint.portable_model_args(self.model_args),
-                         "config": checkpoint.portable_config(self.cfg.to_dict(), self.model_args.vocab_size),
-                         "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
-                         "lora": self.lora},
-                        self.out_dir / checkpoint.CKPT_NAME)
+        # the tokenizer, the adapter and the checkpoint replace their predecessors together or not at all: a
+        # failed write (a full disk) or a signal between them left an earlier run's checkpoint beside this
+        # run's tokenizer, or an adapter of a later step than the checkpoint's
+        with safeio.committed_together():
+            if not self.tokenizer_installed:
+                self._install_tokenizer()
+            if self.lora is not None:  # the base stays where it is: the checkpoint holds the adapter only
+                model_sd = {k: v for k, v in model_sd.items() if is_factor(k)}
+                save_adapter(adapter_from_state(model_sd, self.lora), self.out_dir / ADAPTER_FILE)
+            checkpoint.save({"model": model_sd, "optimizer": optim_sd, "scaler": self.scaler.state_dict(),
+                             "model_args": checkpoint.portable_model_args(self.model_args),
+                             "config": checkpoint.portable_config(self.cfg.to_dict(), self.model_args.vocab_size),
+                             "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
+                             "lora": self.lora},
+                            self.out_dir / checkpoint.CKPT_NAME)
+        self.tokenizer_installed = True
         if self.lora is None:  # an earlier LoRA run's adapter here is not this checkpoint's: --lora would merge it
             for stale in adapter_paths(self.out_dir / ADAPTER_FILE):
                 stale.unlink(missing_ok=True)
@@ -560,7 +565,6 @@ class Trainer:
         src, dst = self.data_dir / TOKENIZER_BIN, self.out_dir / TOKENIZER_BIN
         if src.is_file() and not (self.cfg.init_from == "resume" and dst.exists()):
             safeio.copy_file(src, dst, "tokenizer")
-        self.tokenizer_installed = True
 
     def _check_checkpoint_targets(self) -> None:
         """The files the first checkpoint writes, checked before training: a folder (or a pipe) in the place of one
