@@ -768,7 +768,7 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
         row.error = f"its model file could not be built: {e}"
         return row
     spec = {"kind": "ours", "path": str(path), "plain": not fast,
-            "repeats": plan.repeats if fast else min(plan.repeats, plan.plain_repeats),
+            "repeats": plan.repeats if fast else plan.plain_repeats,
             "tokens": plan.tokens if fast else min(plan.tokens, plan.plain_tokens), "batch": plan.batch,
             "prompt_len": plan.prompt_len, "mmap": mmap, "device": plan.device, "compile": plan.compile,
             "sampled": shape == BUILTIN, "kv_cache": plan.kv_cache}

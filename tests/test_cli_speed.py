@@ -260,6 +260,42 @@ def test_bench_measures_a_name_given_twice_once(monkeypatch, tmp_path):
         ["builtin", "15M"], ("fp32", "q8_0"), ("default", "1"))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--no-plain", "--plain-tokens", "500"], "--plain-tokens set the plain baseline's rows, which --no-plain leaves"),
+    (["--no-plain", "--plain-repeats", "7"], "--plain-repeats set the plain baseline's rows, which --no-plain leaves"),
+    (["--device", "cpu", "--plain-tokens", "1000"], "--plain-tokens set the plain baseline's rows, which --device cpu"),
+    (["--device", "cpu", "--bandwidth-mib", "64"], "--bandwidth-mib sizes the memory-bandwidth probe of the NumPy "
+                                                   "engine's rows: --device cpu measures none"),
+])
+def test_bench_refuses_flags_for_rows_it_does_not_measure(monkeypatch, tmp_path, capsys, argv, message):
+    """The plain baseline's flags beside --no-plain or the PyTorch engine, and the probe's size beside the PyTorch
+    engine, were accepted and ignored (--plain-tokens 1000 was even refused as longer than the context)."""
+    from babyllama.cli import main
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("measured despite a flag it ignores"))
+    assert main(["bench", "--shapes", "builtin", "--cache-dir", str(tmp_path), *argv]) == 1
+    assert capsys.readouterr().err.startswith(f"babyllama: error: {message}")
+
+
+def test_bench_plain_repeats_reach_the_plain_rows(monkeypatch, tmp_path):
+    """--plain-repeats N ran one run per figure unless --repeats was raised too (it was capped by it)."""
+    from babyllama.cli import main
+
+    specs = []
+
+    def child(spec, env=None):
+        specs.append(spec)
+        raise RuntimeError("recorded only")
+
+    monkeypatch.setattr(bench, "_run_child", child)
+    monkeypatch.setattr(bench, "_bandwidth_probe", lambda plan: {"gbps": 1.0, "threads": 1, "mib": 1})
+    main(["bench", "--shapes", "builtin", "--formats", "fp32", "--rounds", "1", "--plain-repeats", "20",
+          "--plain-tokens", "16", "--cache-dir", str(tmp_path)])
+    rows = {spec["plain"]: spec for spec in specs if spec.get("kind") == "ours"}
+    assert (rows[True]["repeats"], rows[True]["tokens"]) == (20, 16)
+    assert rows[False]["repeats"] == 1
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that takes no files")
 def test_bench_output_into_a_folder_that_takes_no_files_is_refused_before_measuring(monkeypatch, tmp_path, capsys):
     """The table's file is tried (a file made and removed beside it) before hours of measuring, not after."""

@@ -40,9 +40,10 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="runs per figure within one round's process, at least (more while they last under 1 s "
                         "in all); their median is the round's figure (1)")
     p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
-    p.add_argument("--plain-tokens", type=int, default=32,
-                   help="tokens decoded per run on the slow plain baseline (32)")
-    p.add_argument("--plain-repeats", type=int, default=1, help="runs per figure on the plain baseline (1)")
+    p.add_argument("--plain-tokens", type=int, default=None,
+                   help="tokens decoded per run on the slow plain baseline (32, at most --tokens)")
+    p.add_argument("--plain-repeats", type=int, default=None,
+                   help="runs per figure on the plain baseline, at least, as --repeats (1)")
     p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
     p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
@@ -69,7 +70,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated thread settings measured in turn: default (every thread variable "
                         "dropped: the pool decides) or a count; e.g. default,1,2 (default: --threads N or "
                         "OMP_NUM_THREADS=N as the one setting N, else default)")
-    p.add_argument("--bandwidth-mib", type=int, default=512, help="MiB read for the memory-bandwidth figure (512)")
+    p.add_argument("--bandwidth-mib", type=int, default=None,
+                   help="MiB read for the memory-bandwidth figure (512; the NumPy engine's rows)")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
 
@@ -100,6 +102,22 @@ def _thread_settings(given: str | None, threads: int | None) -> tuple[str, ...]:
     return settings
 
 
+def _check_plain_and_probe_flags(args: argparse.Namespace, torch_engine: bool, defaults: type) -> None:
+    """The plain baseline's flags and the bandwidth probe's, refused where no such row runs (--no-plain; the
+    PyTorch engine has neither), then given their defaults (bench.Plan's)."""
+    plain_flags = [f for f, v in (("--plain-tokens", args.plain_tokens), ("--plain-repeats", args.plain_repeats))
+                   if v is not None]
+    if plain_flags and (args.no_plain or torch_engine):
+        why = "--no-plain" if args.no_plain else f"--device {args.device} (the PyTorch engine has no plain rows)"
+        raise BabyLlamaError(f"{' and '.join(plain_flags)} set the plain baseline's rows, which {why} leaves out")
+    if args.bandwidth_mib is not None and torch_engine:
+        raise BabyLlamaError(f"--bandwidth-mib sizes the memory-bandwidth probe of the NumPy engine's rows: --device "
+                             f"{args.device} measures none")
+    for name in ("plain_tokens", "plain_repeats", "bandwidth_mib"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(defaults, name))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench, safeio
     from ..printer import require_stdout
@@ -122,6 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise BabyLlamaError(f"--gguf times babyllama on {' and '.join(bench.GGUF_FORMATS)} GGUF files: add one of "
                              "them to --formats")
     settings = _thread_settings(args.thread_settings, args.threads)
+    _check_plain_and_probe_flags(args, torch_engine, bench.Plan)
     for name in ("rounds", "repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len",
                  "bandwidth_mib"):
         if getattr(args, name) < 1:
@@ -133,7 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for shape in shapes:  # a longer prompt or decode would be cut to the context, and its figure made up
         context = bench.context_of(shape)
         for flag, n in (("--prompt-len", args.prompt_len), ("--tokens", args.tokens),
-                        ("--plain-tokens", 0 if args.no_plain else args.plain_tokens)):
+                        ("--plain-tokens", 0 if args.no_plain or torch_engine else args.plain_tokens)):
             if n > context:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
