@@ -33,7 +33,9 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,46 +131,63 @@ _worker_encode: Any = None  # a worker's texts -> ids function, or its Tokenizer
 _worker_word_weight = 1  # a chat worker's weight for the tokens of requested words
 
 
-def _end_with_parent(parent: int) -> None:
+def _end_with_parent(parent: int | None) -> None:
     """A worker ends when the process that started it does, however it ends (Linux's PR_SET_PDEATHSIG; a
-    worker left behind would sleep forever holding the shard folder's lock, inherited with its descriptors)."""
+    worker left behind would sleep forever holding the shard folder's lock, inherited with its descriptors).
+    `parent`: the pid the worker's parent has, None where that is not the caller (a forkserver starts it)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # the parent ended before the request took effect
+    if parent is not None and os.getppid() != parent:  # the parent ended before the request took effect
         os._exit(1)
 
 
-def _start_worker(parent: int, init: Callable, *args) -> None:
+def _start_worker(parent: int | None, init: Callable, *args) -> None:
     """A worker process: Ctrl-C (SIGINT to the terminal's whole process group) is the parent's to handle, which
     then ends the workers itself; SIGTERM ends it at once (the default action)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _end_with_parent(parent)
     init(*args)
 
 
-def _serve_worker(conn: Any, parent: int, init: Callable, *args) -> None:
-    """A worker's life: (function, batch) in, (True, result) or (False, exception) out, until None."""
+class _RemoteTraceback(Exception):
+    """A worker's traceback, as text: the cause of its exception raised in the parent."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _reply_bytes(fn: Callable, batch: Any) -> bytes:
+    """fn(batch) pickled as (True, result), or its exception as (False, exception, traceback text); an exception
+    that does not come back whole through pickle is sent as a RuntimeError that names it."""
+    import traceback
+
+    try:
+        return pickle.dumps((True, fn(batch)))
+    except Exception as e:
+        tb = traceback.format_exc()
+        try:
+            data = pickle.dumps((False, e, tb))
+            pickle.loads(data)  # an exception whose __init__ takes other arguments pickles but is not rebuilt
+            return data
+        except Exception:
+            return pickle.dumps((False, RuntimeError(f"{type(e).__name__} in a worker process"), tb))
+
+
+def _serve_worker(conn: Any, parent: int | None, init: Callable, *args) -> None:
+    """A worker's life: (function, batch) in, its reply (_reply_bytes) out, until None or the parent's end."""
     _start_worker(parent, init, *args)
-    while (task := conn.recv()) is not None:
-        fn, batch = task
-        try:
-            reply = (True, fn(batch))
-        except Exception as e:
-            reply = (False, e)
-        try:
-            conn.send(reply)
-        except (TypeError, AttributeError, pickle.PicklingError) as e:  # an exception that does not pickle
-            conn.send((False, BabyLlamaError(f"{reply[1]!r} (in a worker process; not sent back whole: {e})")))
+    try:
+        while (task := conn.recv()) is not None:
+            conn.send_bytes(_reply_bytes(*task))
+    except (EOFError, BrokenPipeError):  # the parent is gone
+        pass
 
 
 class WorkerPool:
@@ -181,37 +200,62 @@ class WorkerPool:
     def __init__(self, workers: int, init: Callable, *args):
         import multiprocessing
 
+        # a forkserver, not this process, is a worker's parent there
+        parent = None if multiprocessing.get_start_method() == "forkserver" else os.getpid()
         self.conns: list[Any] = []
         self.procs: list[Any] = []
-        for _ in range(max(1, workers)):  # each pipe made just before its worker: later workers hold no copy
-            mine, theirs = multiprocessing.Pipe()  # of an earlier worker's end, so its death is seen as EOF
-            proc = multiprocessing.Process(target=_serve_worker, args=(theirs, os.getpid(), init, *args),
-                                           daemon=True)
-            proc.start()
-            theirs.close()
-            self.conns.append(mine)
-            self.procs.append(proc)
+        self.busy: dict[int, int] = {}  # worker -> the index of the item it works on
+        try:
+            for _ in range(max(1, workers)):  # each pipe made just before its worker: later workers hold no
+                mine, theirs = multiprocessing.Pipe()  # copy of an earlier worker's end, so its death is EOF
+                proc = multiprocessing.Process(target=_serve_worker, args=(theirs, parent, init, *args),
+                                               daemon=True)
+                self.conns.append(mine)
+                proc.start()
+                self.procs.append(proc)
+                theirs.close()
+        except OSError as e:  # too many open files or processes
+            self.close(finished=False)
+            raise BabyLlamaError(f"cannot start {workers} worker processes ({e.strerror or e}): use fewer "
+                                 "--workers") from None
 
     def imap(self, fn: Callable, items: Iterable) -> Iterator[Any]:
-        """fn(item) for each item, in order; item k goes to worker k mod n, one per worker at a time: a worker
-        is sent its next item only while it waits for one, so neither side ever waits on a full pipe for
-        the other (two at a time could: an item and a result, each larger than a pipe's buffer, sent at once)."""
+        """fn(item) for each item, results in the items' order. A worker is sent an item only while it waits
+        for one (one at a time: two could meet a result larger than a pipe's buffer coming the other way, both
+        sides waiting), the next one as soon as it answers, whichever worker that is; results that come back
+        before an earlier one wait here (at most four per worker: past that, new items wait)."""
+        from multiprocessing.connection import wait
+
         n = len(self.conns)
-        sent: collections.deque[int] = collections.deque()  # the worker of each item sent, in order
-        items = iter(items)
-        for k, item in zip(range(n), items):
-            self._send(k, (fn, item))
-            sent.append(k)
-        while sent:
-            w = sent.popleft()
-            ok, result = self._receive(w)
-            item = next(items, _NO_ITEM)
-            if item is not _NO_ITEM:  # sent before the result is used: the worker goes on meanwhile
+        todo = enumerate(items)
+        idle = list(range(n))
+        done: dict[int, tuple] = {}
+        next_out = 0
+        more = True
+        while True:
+            while more and idle and len(done) < 4 * n:
+                k, item = next(todo, (-1, None))
+                if k < 0:
+                    more = False
+                    break
+                w = idle.pop()
                 self._send(w, (fn, item))
-                sent.append(w)
-            if not ok:
-                raise result
-            yield result
+                self.busy[w] = k
+            if next_out in done:
+                ok, result, *tb = done.pop(next_out)
+                next_out += 1
+                if not ok:
+                    if tb:
+                        result.__cause__ = _RemoteTraceback(tb[0])
+                    raise result
+                yield result
+                continue
+            if not self.busy:
+                return
+            for conn in wait([self.conns[w] for w in self.busy]):
+                w = self.conns.index(conn)
+                done[self.busy.pop(w)] = self._receive(w)
+                idle.append(w)
 
     def _send(self, w: int, task: Any) -> None:
         try:
@@ -219,30 +263,45 @@ class WorkerPool:
         except (BrokenPipeError, ConnectionResetError):
             raise self._died(w) from None
 
-    def _receive(self, w: int) -> tuple[bool, Any]:
+    def _receive(self, w: int) -> tuple:
         try:
-            return self.conns[w].recv()
+            data = self.conns[w].recv_bytes()
         except (EOFError, ConnectionResetError):
             raise self._died(w) from None
+        try:
+            return pickle.loads(data)
+        except Exception as e:  # a result that pickles but does not come back (its class's __reduce__)
+            return (False, BabyLlamaError(f"a worker's result could not be read back: {e}"))
 
     def _died(self, w: int) -> BabyLlamaError:
-        self.procs[w].join(1)
-        return BabyLlamaError(f"a worker process ended unexpectedly (exit code {self.procs[w].exitcode})")
+        proc = self.procs[w]
+        proc.join(1)
+        if proc.exitcode in (-signal.SIGTERM, -signal.SIGINT):  # as a rule sent to us too (to the process group):
+            time.sleep(0.2)  # our own arrives meanwhile and says "interrupted", not that a worker died
+        code = proc.exitcode
+        if code is None or code >= 0:
+            return BabyLlamaError(f"a worker process ended unexpectedly (exit code {code})")
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ", out of memory?" if code == -signal.SIGKILL else ""
+        return BabyLlamaError(f"a worker process ended unexpectedly (killed by {name}{hint})")
 
     def close(self, finished: bool) -> None:
-        """Ends the workers: told to stop after a finished run, killed otherwise (their pending work dropped)."""
+        """Ends the workers: told to stop when none has work left, else killed (their pending work dropped)."""
+        gently = finished and not self.busy
         for conn, proc in zip(self.conns, self.procs):
-            if finished:
+            if gently:
                 with contextlib.suppress(OSError):
                     conn.send(None)
-            else:
+            elif proc.pid is not None:
                 proc.kill()
         for conn, proc in zip(self.conns, self.procs):
-            proc.join()
+            if proc.pid is not None:
+                proc.join()
+                proc.close()
             conn.close()
-
-
-_NO_ITEM = object()
 
 
 @contextlib.contextmanager
