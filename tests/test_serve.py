@@ -571,6 +571,8 @@ def test_a_lone_surrogate_is_named_not_called_invalid_json(server):
     assert r.json()["error"]["param"] == "messages"
     r = server.post("/v1/completions", content=b'{"prompt": "\\udc00", "max_tokens": 2}')
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: the text holds"), r.text
+    r = server.post("/v1/completions", content=b'{"prompt": "x", "a\\udc00": 1}')  # in a key
+    assert r.status_code == 400 and "lone UTF-16 surrogate" in r.json()["error"]["message"], r.text
     r = server.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 2')  # truly not JSON
     assert r.status_code == 400 and "Invalid JSON" in r.json()["error"]["message"], r.text
 

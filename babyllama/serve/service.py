@@ -223,8 +223,9 @@ class Service:
         except ValidationError as e:
             where = lone_surrogate(raw) if e.errors(include_url=False)[0]["type"] == "json_invalid" else None
             if where is not None:  # valid JSON ("\ud83d", half an emoji) that pydantic's parser calls invalid
-                raise APIError(400, f"{'.'.join(map(str, where))}: the text holds a lone UTF-16 surrogate (half of "
-                                    "a character), which is not Unicode", param=str(where[0])) from None
+                names = [str(x).encode("utf-8", "backslashreplace").decode() for x in where]  # a key may hold it
+                raise APIError(400, f"{'.'.join(names)}: the text holds a lone UTF-16 surrogate (half of a "
+                                    "character), which is not Unicode", param=names[0]) from None
             raise APIError(400, validation_message(e), param=validation_param(e)) from None
         self.check_model(req.model)
         return req
@@ -557,8 +558,8 @@ def lone_surrogate(raw: bytes) -> list[str | int] | None:
         where, value = todo.pop()
         if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
             return where or ["body"]
-        if isinstance(value, dict):
-            todo += [([*where, k], v) for k, v in reversed(value.items())]
+        if isinstance(value, dict):  # a key is text too
+            todo += [([*where, k], v) for k, v in reversed(value.items())] + [([*where, k], k) for k in value]
         elif isinstance(value, list):
             todo += [([*where, i], v) for i, v in reversed(list(enumerate(value)))]
     return None
