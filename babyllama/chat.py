@@ -125,6 +125,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         if system is None:
             return 0
     seq_len = model.args.max_seq_len
+    most_bytes = model.tokenizer.most_bytes_per_token()
     if system:
         _check_system_fits(model, system, seq_len, template)
     batch = Batch(model.engine, 1)
@@ -134,6 +135,11 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             user = _read_line(printer, "User: ")
             if user is None:  # end of input
                 return 0
+        if len(user.encode()) > seq_len * most_bytes:  # no encoding can fit it: said at once, not after minutes
+            print(f"babyllama: this turn is {len(user.encode())} bytes, more than the context window's {seq_len} "
+                  f"tokens can hold (a token covers at most {most_bytes} bytes); skipped", file=sys.stderr)
+            user = None
+            continue
         messages = [{"role": "user", "content": user}]
         if seq is None and system:  # until a first turn is answered
             messages.insert(0, {"role": "system", "content": system})
@@ -146,15 +152,21 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                   "a reply; skipped", file=sys.stderr)
             continue
         budget = max_new or seq_len
-        if seq is None:  # the first turn (and its system prompt) stays when older turns slide out
+        if seq is None:  # the first turn (and its system prompt) stays when older turns slide out, and from
+            # the next turn on its reply with it (up to half the context)
             # BOS ends a reply as EOS does (as in the server's chat): a story model begins its next story there
             seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({BOS, EOS}), context_shift=True,
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
+            keep_first_reply = True
         else:
             seq.max_new = budget
             # a reply cut by its budget did not end with EOS: the template's closing and EOS (every reply ends so,
             # as the server and fine-tuning render a conversation) come before the next turn
-            seq.extend(([*closing, EOS] if seq.stop_reason == "length" else []) + turn)
+            ending = [*closing, EOS] if seq.stop_reason == "length" else []
+            if keep_first_reply and not seq.n_dropped:  # the first exchange stays whole: its reply too
+                seq.n_keep = min(len(seq.tokens) + len(ending), seq_len // 2)
+            keep_first_reply = False
+            seq.extend(ending + turn)
         printer.write("Assistant: ")
         # the reply is text of its own, as the server returns it: its first piece's leading space (the word
         # boundary after [/INST]) dropped, as after BOS, so "Assistant: " is not followed by a second space;

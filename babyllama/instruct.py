@@ -377,8 +377,9 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
 
 
 def uses_word(text: str, word: str) -> bool:
-    """`word` appears in `text` as a whole word, in any case."""
-    return re.search(rf"(?<![A-Za-z']){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
+    """`word` appears in `text` as a whole word, in any case: not inside a longer one ("brain", "rained") nor
+    after a letter and an apostrophe ("o'clock" holds no "clock"), but in single quotes ('rain') as in double."""
+    return re.search(rf"(?<![A-Za-z])(?<![A-Za-z]'){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
 
 
 @dataclass
@@ -504,7 +505,8 @@ def read_documents(path: Path, skip_bad_lines: bool = False,
                    on_bytes: Callable[[int], object] | None = None, skippable: bool = True) -> Iterator[str]:
     """The documents of one file (.jsonl, .json, else text: documents.iter_documents), stripped of surrounding
     whitespace, empty ones skipped; malformed .jsonl lines refused, or skipped with a count. `on_bytes`: as
-    iter_documents (text only); `skippable`: as read_jsonl."""
+    iter_documents (a .jsonl or .json file, read whole first, shares its size out evenly over its documents as
+    they are handed on); `skippable`: as read_jsonl."""
     docs: Iterable[str]
     try:
         if path.suffix == ".jsonl":
@@ -523,7 +525,15 @@ def read_documents(path: Path, skip_bad_lines: bool = False,
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
-    for doc in docs:
+    shares = _even_shares(path.stat().st_size, len(docs)) if isinstance(docs, list) and on_bytes else None
+    for k, doc in enumerate(docs):
         doc = doc.strip()
         if doc:
             yield doc
+        if shares is not None and on_bytes is not None:
+            on_bytes(shares[k])
+
+
+def _even_shares(total: int, n: int) -> list[int]:
+    """`total` cut into n whole parts that differ by at most one and add up to it."""
+    return [total * (k + 1) // n - total * k // n for k in range(n)]

@@ -123,6 +123,35 @@ def test_chat_skips_a_line_longer_than_any_context_without_holding_it(monkeypatc
     assert chat._read_line(printer, "User: ") is None
 
 
+def test_chat_keeps_the_first_exchange_whole_when_older_turns_slide_out(monkeypatch, capsys, stories260k, tok512):
+    """Past the context, the first turn stays with its reply (the first user turn alone stayed, followed by
+    whatever came after its cut reply: the next turn's BOS, or the closing and EOS of the reply)."""
+    import io
+
+    from babyllama import chat, load
+    from babyllama.generate import Sequence
+    from babyllama.sampler import Sampler
+
+    first: list[list[int]] = []
+    shifted: list[Sequence] = []
+    real_extend = Sequence.extend
+
+    def extend(self, ids):
+        if not first:
+            first.append(list(self.tokens))  # the first turn, its reply and that reply's EOS
+        shifted.append(self)
+        real_extend(self, ids)
+
+    monkeypatch.setattr(Sequence, "extend", extend)
+    monkeypatch.setattr(chat.sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Tell me a story.\n" * 12), encoding="utf-8"))
+    model = load(stories260k, tok512)
+    assert chat.chat(model, Sampler(temperature=0.0), max_new=120) == 0
+    seq = shifted[-1]
+    assert seq.n_dropped > 0  # the conversation outgrew the context
+    assert seq.tokens[:len(first[0])] == first[0] and seq.n_keep >= len(first[0])
+    capsys.readouterr()
+
+
 def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
     """With stdin not a terminal, nothing is asked: the first piped line is a user turn, not a system prompt."""
     proc = run_cli("chat", str(stories260k), "-z", str(tok512), "-t", "0", "-n", "20", "-i", "Hello",
@@ -251,6 +280,23 @@ def test_chat_skips_a_line_that_is_not_utf8_and_reads_crlf_lines():
     assert notes == ["babyllama: this line is not valid UTF-8 text; skipped"]
     plain = run_cli(*argv, input=b"Hello\n", env=strict)
     assert proc.stdout == b"User: " + plain.stdout
+
+
+def test_chat_skips_a_line_no_encoding_can_fit_before_encoding_it():
+    """A pasted line longer in bytes than the context's tokens can cover is skipped at once (a 8 MiB line was
+    encoded for 15 s and 600 MB first, then skipped as too many tokens), and the chat goes on."""
+    from babyllama.api import load
+
+    model = load()
+    limit = model.args.max_seq_len * model.tokenizer.most_bytes_per_token()
+    argv = ("chat", "-t", "0", "-n", "20")
+    proc = run_cli(*argv, input=b"a" * (limit + 1) + b"\nHello\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    notes = [line for line in proc.stderr.decode().splitlines() if line.startswith("babyllama:")]
+    assert notes == [f"babyllama: this turn is {limit + 1} bytes, more than the context window's "
+                     f"{model.args.max_seq_len} tokens can hold (a token covers at most "
+                     f"{model.tokenizer.most_bytes_per_token()} bytes); skipped"]
+    assert proc.stdout == b"User: " + run_cli(*argv, input=b"Hello\n").stdout
 
 
 def stderr_closed_run(read: int | None = None) -> tuple[bytes, int]:

@@ -104,6 +104,12 @@ def test_input_formats_and_splits(tmp_path):
     assert list(read_documents(src / "a.jsonl")) == ["first doc", "second doc", "third doc"]
     assert list(read_documents(src / "book.txt")) == ["A whole book.\n\nWith paragraphs."]
     assert list(read_documents(src / "val.txt")) == ["v1", "v2"]
+    for name in ("a.jsonl", "more/b.json", "book.txt"):  # the progress a reader reports adds up to the file
+        reported: list[int] = []
+        docs = list(read_documents(src / name, on_bytes=reported.append))
+        assert sum(reported) == (src / name).stat().st_size, (name, reported)
+        if name != "book.txt":  # a file read whole reports a share as each document is handed on
+            assert len(reported) == len(docs), (name, reported)
 
     tok = byte_tokenizer(300)
     tok.save(tmp_path / "tok.bin")

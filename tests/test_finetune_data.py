@@ -435,6 +435,8 @@ def test_instruct_score_counts_whole_words_and_topics():
     assert (s.topic_requests, s.topic_hits, s.finished) == (3, 1, 2)
     assert s.word_share == pytest.approx(0.6) and s.topic_share == pytest.approx(1 / 3)
     assert not uses_word("the rained", "rain") and uses_word("RAIN!", "rain") and not uses_word("brain", "rain")
+    assert uses_word("Mom said 'happy' to him.", "happy") and uses_word("'Rain,' she said", "rain")
+    assert not uses_word("at six o'clock", "clock") and uses_word("the clock's hands", "clock")
 
 
 def test_eval_instruct_errors_are_one_line(tmp_path):
