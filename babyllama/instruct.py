@@ -334,13 +334,14 @@ def check_settings(val_count: int, dev_count: int, per_story: int, first: int) -
 def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per_story: int = 1,
                       fits: Callable[[dict], bool] | None = None,
                       max_df: float = MAX_WORD_DF, first: int = 0, dev_count: int = 0,
+                      on_story: Callable[[int], object] | None = None,
                       ) -> tuple[list[dict], list[dict], list[dict], dict]:
     """(train records, held-out records, dev records, counts). Stories are split first (a seeded shuffle; the held-out
     stories never appear in training), then each training story gets `per_story` requests (their words and
     phrasing drawn anew), each held-out story one. `fits(record)` drops records longer than a model's context.
     The next `dev_count` stories of the shuffle are held out as the dev split, one request each: the split to
     choose settings on, so that the held-out one stays for reporting. The held-out records do not depend on
-    `dev_count` (they are drawn first)."""
+    `dev_count` (they are drawn first). `on_story(1)` after each story (a progress bar's update)."""
     check_settings(val_count, dev_count, per_story, first)
     if val_count + dev_count >= len(stories):
         raise BabyLlamaError(f"--val-count {val_count} and --dev-count {dev_count} leave no training stories (there "
@@ -361,6 +362,8 @@ def make_instructions(stories: Sequence[str], val_count: int, seed: int = 0, per
                 counts["too_long"] += 1
             else:
                 splits[split].append(record)
+        if on_story is not None:
+            on_story(1)
     counts.update(train=len(splits["train"]), val=len(splits["val"]), dev=len(splits["dev"]))
     return splits["train"], splits["val"], splits["dev"], counts
 

@@ -335,6 +335,36 @@ def disk_full_at(monkeypatch, name: str):
         yield
 
 
+def test_pretokenize_progress_adds_up_to_the_input_in_whole_bytes(tmp_path, tok300, monkeypatch):
+    """The bar moved by a float share per document, whose sum overshot the total (tqdm warned, on the terminal,
+    that it clamped the fraction)."""
+    from babyllama.train import data as data_module
+
+    updates: list = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    monkeypatch.setattr(data_module, "progress_bar", Bar)
+    (tmp_path / "in").mkdir()
+    for i, n in enumerate((7, 3, 11)):
+        stories = (f"story {k} " * (k % 5 + 1) for k in range(n))
+        (tmp_path / "in" / f"{i}.txt").write_text("\n<|endoftext|>\n".join(stories))
+    pretokenize(tmp_path / "in", tok300, tmp_path / "out", workers=1, batch_docs=2)
+    assert all(isinstance(n, int) for n in updates)
+    assert sum(updates) == sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
+
+
 def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300, monkeypatch):
     """A new run replaces shards one by one: the earlier run's meta.json must not describe a mix of both (here
     the second shard's write fails, as on a full disk)."""
@@ -769,13 +799,41 @@ def test_train_vocab_learns_from_a_line_longer_than_sentencepiece_takes(tmp_path
     assert len(Tokenizer.load(binary).encode(sample, bos=False)) < 0.8 * len(sample)  # merges learnt from it
 
 
+def test_train_vocab_with_its_data_dir_inside_the_input_reads_the_input_once(tmp_path):
+    """`--input data` with the default `--data-dir data` read its own copy of the text as it wrote it (files that
+    sorted before its work folder counted twice), and one a killed run left was read later as data, by
+    pretokenize too; an empty .jsonl beside the stories stopped train-vocab (and `data instruct`) as an empty
+    dataset while pretokenize skipped it."""
+    pytest.importorskip("sentencepiece")
+    from babyllama.train.data import VOCAB_WORK_PREFIX, input_files
+    from babyllama.train.vocab import train_vocab
+
+    stories = "\n<|endoftext|>\n".join(f"Story {i}: the cat sat on the mat and then ran off." for i in range(300))
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "b.txt").write_text(stories)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "b.txt").write_text(stories)  # sorts after the work folder's name, a file before it: "a"
+    (data / "a.jsonl").write_text("")
+    _, vocabulary = train_vocab(data, 300, data)  # pieces and scores (the .model also records its paths)
+    _, reference = train_vocab(tmp_path / "alone", 300, tmp_path / "ref")
+    assert vocabulary.read_bytes() == reference.read_bytes()
+    left = data / f"{VOCAB_WORK_PREFIX}x1" / "vocab_input.txt"  # what a killed run leaves
+    left.parent.mkdir()
+    left.write_text("not a document")
+    assert input_files(data) == [data / "b.txt"]
+    (data / "b.txt").unlink()
+    assert input_files(data) == [data / "a.jsonl"]  # all empty: the first stays, to say so when read
+
+
 @pytest.mark.parametrize("max_chars, learnt", [(4, "abcd\n"), (8, "abcdef\ng\n"), (100, "abcdef\nghij\n")])
 def test_train_vocab_learns_from_at_most_max_chars_characters(tmp_path, max_chars, learnt):
     """--max-chars counts characters (a document's newline too): the document that crosses it is cut short."""
     from babyllama.train.vocab import _write_training_text
 
     (tmp_path / "in.txt").write_text("abcdef\n<|endoftext|>\nghij\n")
-    _write_training_text(tmp_path / "in.txt", tmp_path / "out.txt", max_chars, skip_bad_lines=False)
+    _write_training_text([tmp_path / "in.txt"], tmp_path / "in.txt", tmp_path / "out.txt", max_chars,
+                         skip_bad_lines=False)
     assert (tmp_path / "out.txt").read_text() == learnt
 
 

@@ -306,8 +306,28 @@ def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
     with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: the conversation has \d+ tokens, more than "
                                              r"max_seq_len 29 \+ 1"):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)
-    meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30, skip_bad_lines=True)
-    assert meta["conversations"] == 1
+    from babyllama.train import data as data_module
+
+    updates: list[int] = []  # chat files show their progress too (minutes of silence on a large one)
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            updates.append(-total)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(data_module, "progress_bar", Bar)
+        meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30,
+                           skip_bad_lines=True)
+    assert meta["conversations"] == 1 and updates == [-2, 2]  # both read, one then refused as too long
     with pytest.raises(BabyLlamaError, match="no conversations left"):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=3, skip_bad_lines=True)
 
@@ -406,8 +426,10 @@ def test_held_out_stories_never_appear_in_training():
     names = [f"Rex{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(100)]
     stories = [f"Once upon a time there was a dog named {n}. {n} liked the garden. The garden was green."
                for n in names]
-    train, val, dev, counts = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0)
+    seen: list[int] = []  # data instruct's progress bar: a story at a time (it ran for half a minute silent)
+    train, val, dev, counts = make_instructions(stories, 10, seed=1, per_story=3, max_df=1.0, on_story=seen.append)
     assert counts == {"stories": 100, "no_request": 0, "too_long": 0, "train": 270, "val": 10, "dev": 0}
+    assert seen == [1] * 100
     replies = lambda records: {r["messages"][1]["content"] for r in records}  # noqa: E731
     assert len(replies(val)) == 10 and len(replies(train)) == 90 and not replies(val) & replies(train)
     assert len({r["messages"][0]["content"] for r in train}) > 200  # three different requests per story

@@ -232,12 +232,14 @@ def _write_instructions(args: argparse.Namespace, stories: list[str], tok: Token
     from .. import safeio
     from ..chat_template import encode_chat
     from ..instruct import MAX_WORD_DF, MIN_WORD_DF, make_instructions, write_jsonl
+    from ..progress import progress_bar
 
     out = safeio.output_dir(args.out_dir)
     fits = lambda record: len(encode_chat(tok, record["messages"], generation=False)[0]) <= seq_len + 1  # noqa: E731
     max_df = MAX_WORD_DF if args.max_word_df is None else args.max_word_df
-    train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
-                                                args.early_words, args.dev_count)
+    with progress_bar(total=len(stories), desc="instruct", unit="story") as bar:
+        train, val, dev, counts = make_instructions(stories, args.val_count, args.seed, args.per_story, fits, max_df,
+                                                    args.early_words, args.dev_count, on_story=bar.update)
     if max_df * len(stories) < MIN_WORD_DF:  # a word must be in at least MIN_WORD_DF stories and in at most this
         note(f"no request asks for words: a word asked for must be used by at least {MIN_WORD_DF} of the "
              f"{len(stories):,} stories and by at most --max-word-df {max_df:g} of them ({max_df * len(stories):g}); "

@@ -66,9 +66,14 @@ VAL_FRACTION = 0.1  # held out of a lone training shard when no validation shard
 # ------------------------------------------------------------------------------------------------ reading
 
 
+VOCAB_WORK_PREFIX = ".train-vocab-"  # train-vocab's temporary folder (in its --data-dir): its copy of the text
+
+
 def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
     """The data files of `path` (a file, or a folder searched recursively), less those in `exclude` when that
-    folder lies inside it (a fine-tune's out_dir: its metrics.jsonl and adapter.json are no documents)."""
+    folder lies inside it (a fine-tune's out_dir: its metrics.jsonl and adapter.json are no documents), in a
+    train-vocab work folder (one a killed run left) and .jsonl files without a record (as an empty .txt holds
+    no document; when all are such, the first stays, so that reading it says the data is empty)."""
     path = Path(path)
     if path.is_file():
         if path.suffix not in SUFFIXES:
@@ -83,10 +88,11 @@ def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = Non
         skipped = None  # not a folder inside the input: the input is not what it holds
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p)
                    and not (skipped is not None and p.resolve().is_relative_to(skipped))
-                   and not _in_a_run_folder(p, path))
+                   and not _in_a_run_folder(p, path)
+                   and not any(part.startswith(VOCAB_WORK_PREFIX) for part in p.relative_to(path).parts[:-1]))
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
-    return files
+    return _without_blank_jsonl(files)
 
 
 def _in_a_run_folder(path: Path, root: Path) -> bool:
@@ -485,7 +491,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     check_word_weight(word_weight, "--word-weight")
 
     root, out = Path(input_path), Path(out_dir)
-    files = _without_blank_jsonl(input_files(root, exclude))
+    files = input_files(root, exclude)
     kinds = _without_blank_text({f: file_kind(f, skip_bad_lines) for f in files})
     if not any(kinds.values()):  # every file's lines skipped: the first's error says why nothing is left
         read_jsonl(next(iter(kinds)), skip_bad_lines)
@@ -538,13 +544,14 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                 _worker_pool(workers, _init_worker, str(tokenizer)) as pool:
             for f, docs in itertools.chain([first], by_file):
                 name = names[f]
-                step = f.stat().st_size / max(1, len(docs))
+                size, done = f.stat().st_size, 0  # the file's bytes, shared out over its documents in whole bytes
                 batches = batched(docs, batch_docs)
                 with safeio.atomic_write(out / name) as sink:
                     for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
                         sink.write(ids.tobytes())
                         n_tokens += len(ids)
-                        bar.update(step * len(batch))
+                        bar.update(size * (done + len(batch)) // len(docs) - size * done // len(docs))
+                        done += len(batch)
                 shards["val" if is_val_shard(name) else "train"].append(name)
     _install_tokenizer(Path(tokenizer), out / TOKENIZER_BIN)
     meta = {"vocab_size": vocab_size, "tokenizer": str(tokenizer), "tokens": n_tokens, "shards": shards}
@@ -630,9 +637,14 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     words = [_requested_words(record) for record in data.records]
     pairs = list(zip(conversations, words))
     batches = batched(pairs, 256, _conversation_chars)
-    with _worker_pool(min(worker_count(workers), len(batches)), _init_chat_worker, str(tokenizer),
-                      word_weight) as pool:
-        encoded = [pair for batch in pool.imap(_encode_conversations, batches) for pair in batch]
+    encoded: list[tuple[list[int], list[int]]] = []
+    # the bar closed before an error leaves the block: the error line is the last one on stderr
+    with progress_bar(total=len(pairs), desc=f"pretokenize {path.name}", unit="conversation") as bar, \
+            _worker_pool(min(worker_count(workers), len(batches)), _init_chat_worker, str(tokenizer),
+                         word_weight) as pool:
+        for batch in pool.imap(_encode_conversations, batches):
+            encoded += batch
+            bar.update(len(batch))
     kept = []
     for lineno, (ids, mask) in zip(linenos, encoded):
         if max_tokens is not None and len(ids) > max_tokens:

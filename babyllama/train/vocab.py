@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import safeio
 from ..errors import BabyLlamaError, require
 from ..instruct import read_documents
-from .data import input_files
+from .data import VOCAB_WORK_PREFIX, input_files
 
 MAX_LINE_BYTES = 1 << 20  # sentencepiece's max_sentence_length: it skips longer lines
 
@@ -36,13 +36,14 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     if not 259 < vocab_size <= 65536:
         raise BabyLlamaError(f"--vocab-size must be in 260..65536 (3 control + 256 byte tokens + merges), "
                              f"got {vocab_size}")
+    files = input_files(input_path)  # listed before the work folder exists: --data-dir may lie in --input
     with safeio.new_folders_removed_on_error(out_dir):  # a refused vocabulary leaves no empty folder
         out = safeio.output_dir(out_dir)
         prefix = out / f"tok{vocab_size}"
         with _work_folder(out) as tmp:  # in `out`, so that the model moves in with a rename
             text_file = Path(tmp) / "vocab_input.txt"
             try:
-                _write_training_text(input_path, text_file, max_chars, skip_bad_lines)
+                _write_training_text(files, input_path, text_file, max_chars, skip_bad_lines)
             except OSError as e:  # a full disk: the copy is as large as the text (up to --max-chars)
                 if e.filename is not None:  # an input file's error names it already
                     raise
@@ -70,7 +71,7 @@ def _work_folder(out: Path) -> tempfile.TemporaryDirectory:
     """A temporary folder in `out`; one that cannot be made there (a read-only folder) is one line naming `out`,
     not the random name it would have had."""
     try:
-        return tempfile.TemporaryDirectory(dir=out)
+        return tempfile.TemporaryDirectory(dir=out, prefix=VOCAB_WORK_PREFIX)
     except OSError as e:
         raise BabyLlamaError(f"cannot write output folder {out}: {e.strerror or e}") from None
 
@@ -88,13 +89,13 @@ def _sentencepiece_reason(message: str) -> str:
     return message.rsplit("] ", 1)[-1].strip() or message
 
 
-def _write_training_text(input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
+def _write_training_text(files: list[Path], input_path, dest: Path, max_chars: int, skip_bad_lines: bool) -> None:
     """One document per line, as llama2.c does (documents' own newlines stay: sentencepiece sees each line
     as a sentence); lines longer than sentencepiece takes are cut into pieces it takes (at spaces where they
     have them), else it would skip them. At most `max_chars` characters: the last document is cut short to fit."""
     written = 0
     with open(dest, "w", encoding="utf-8") as f:
-        for path in input_files(input_path):
+        for path in files:
             for doc in read_documents(path, skip_bad_lines):
                 doc = doc[:max_chars - written]
                 f.writelines(piece + "\n" for line in doc.split("\n") for piece in _short_lines(line))
