@@ -4,8 +4,10 @@ One sequence holds the whole conversation (each turn is appended to the same KV 
 chat_template.py as the server and fine-tuning render it). Unlike run.c, where all turns share one `-n`
 budget of positions, every reply gets its own budget of generated tokens (`max_new`), and when the
 conversation outgrows the context window the oldest turns are dropped (context shift), the first turn (with
-the system prompt) kept. The system prompt comes from `-y`; only on a terminal is it asked for, and only
-there does Ctrl-C stop a reply and go on with the chat (elsewhere it ends the program, as at the prompt).
+the system prompt) kept, and its reply with it when the two take at most a quarter of the context (more would
+leave later turns too little room for themselves and their replies). The system prompt comes from `-y`; only
+on a terminal is it asked for, and only there does Ctrl-C stop a reply and go on with the chat (elsewhere it
+ends the program, as at the prompt).
 A reply stays in the history as the tokens the model generated (no prefill again); the server is sent the
 reply's text and encodes it, which gives other ids where the text does not encode back to the same tokens: a
 reply that begins mid-word (a story model's "," right after [/INST]: the encoder puts a word boundary before
@@ -135,9 +137,10 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             user = _read_line(printer, "User: ")
             if user is None:  # end of input
                 return 0
-        if len(user.encode()) > seq_len * most_bytes:  # no encoding can fit it: said at once, not after minutes
-            print(f"babyllama: this turn is {len(user.encode())} bytes, more than the context window's {seq_len} "
-                  f"tokens can hold (a token covers at most {most_bytes} bytes); skipped", file=sys.stderr)
+        n_bytes = len(user.strip().encode("utf-8", "surrogatepass"))  # the template strips a message
+        if n_bytes > seq_len * most_bytes:  # no encoding can fit it: said at once, not after minutes of encoding
+            print(f"babyllama: this turn is {n_bytes} bytes, more than the context window's {seq_len} tokens can "
+                  f"hold (a token covers at most {most_bytes} bytes); skipped", file=sys.stderr)
             user = None
             continue
         messages = [{"role": "user", "content": user}]
@@ -152,8 +155,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                   "a reply; skipped", file=sys.stderr)
             continue
         budget = max_new or seq_len
-        if seq is None:  # the first turn (and its system prompt) stays when older turns slide out, and from
-            # the next turn on its reply with it (up to half the context)
+        if seq is None:  # the first turn (and its system prompt) stays when older turns slide out
             # BOS ends a reply as EOS does (as in the server's chat): a story model begins its next story there
             seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({BOS, EOS}), context_shift=True,
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
@@ -163,8 +165,9 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             # a reply cut by its budget did not end with EOS: the template's closing and EOS (every reply ends so,
             # as the server and fine-tuning render a conversation) come before the next turn
             ending = [*closing, EOS] if seq.stop_reason == "length" else []
-            if keep_first_reply and not seq.n_dropped:  # the first exchange stays whole: its reply too
-                seq.n_keep = min(len(seq.tokens) + len(ending), seq_len // 2)
+            first_exchange = len(seq.tokens) + len(ending)
+            if keep_first_reply and not seq.n_dropped and first_exchange <= seq_len // 4:
+                seq.n_keep = first_exchange  # the first reply stays with its turn, ended as every reply is
             keep_first_reply = False
             seq.extend(ending + turn)
         printer.write("Assistant: ")

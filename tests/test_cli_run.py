@@ -123,9 +123,25 @@ def test_chat_skips_a_line_longer_than_any_context_without_holding_it(monkeypatc
     assert chat._read_line(printer, "User: ") is None
 
 
-def test_chat_keeps_the_first_exchange_whole_when_older_turns_slide_out(monkeypatch, capsys, stories260k, tok512):
-    """Past the context, the first turn stays with its reply (the first user turn alone stayed, followed by
-    whatever came after its cut reply: the next turn's BOS, or the closing and EOS of the reply)."""
+def test_chat_from_python_takes_a_turn_with_a_lone_surrogate(monkeypatch, capsys, stories260k, tok512):
+    """The turn's byte count (a check before encoding) raised UnicodeEncodeError on a lone surrogate, which the
+    API passes through (the CLI refuses such text first); the turn is answered as before."""
+    import io
+
+    from babyllama import chat, load
+    from babyllama.sampler import Sampler
+
+    monkeypatch.setattr(chat.sys, "stdin", io.TextIOWrapper(io.BytesIO(b""), encoding="utf-8"))
+    assert chat.chat(load(stories260k, tok512), Sampler(temperature=0.0), max_new=5, user="hi \udcff") == 0
+    assert "Assistant: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("max_new", [60, 200])
+def test_chat_keeps_a_short_first_exchange_whole_when_older_turns_slide_out(monkeypatch, capsys, stories260k,
+                                                                            tok512, max_new):
+    """Past the context, the first turn stays, with its reply when the two take at most a quarter of the context
+    (the first user turn alone stayed, followed by whatever came after its reply); a longer first reply slides
+    out, so that every later turn keeps its own prompt beside its reply (kept, it left them half the context)."""
     import io
 
     from babyllama import chat, load
@@ -133,23 +149,35 @@ def test_chat_keeps_the_first_exchange_whole_when_older_turns_slide_out(monkeypa
     from babyllama.sampler import Sampler
 
     first: list[list[int]] = []
-    shifted: list[Sequence] = []
+    extended: list[list[int]] = []
     real_extend = Sequence.extend
 
     def extend(self, ids):
-        if not first:
-            first.append(list(self.tokens))  # the first turn, its reply and that reply's EOS
-        shifted.append(self)
+        first.append(list(self.tokens))  # at the first call: the first turn, its reply and that reply's EOS
+        extended.append(list(ids))
         real_extend(self, ids)
 
     monkeypatch.setattr(Sequence, "extend", extend)
     monkeypatch.setattr(chat.sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Tell me a story.\n" * 12), encoding="utf-8"))
     model = load(stories260k, tok512)
-    assert chat.chat(model, Sampler(temperature=0.0), max_new=120) == 0
-    seq = shifted[-1]
-    assert seq.n_dropped > 0  # the conversation outgrew the context
-    assert seq.tokens[:len(first[0])] == first[0] and seq.n_keep >= len(first[0])
+    seq_len = model.args.max_seq_len
+    batches = []
+    real_add = chat.Batch.add
+    monkeypatch.setattr(chat.Batch, "add", lambda self, seq: batches.append(seq) or real_add(self, seq))
+    assert chat.chat(model, Sampler(temperature=0.0), max_new=max_new) == 0
     capsys.readouterr()
+    seq = batches[0]
+    assert seq.n_dropped > 0  # the conversation outgrew the context
+    exchange = first[0]
+    ended = len(exchange) + (2 if exchange[-1] != 2 else 0)  # a reply cut by its budget: " " and EOS follow it
+    if ended <= seq_len // 4:
+        assert seq.tokens[:len(exchange)] == exchange and seq.n_keep == ended
+    else:
+        turn = len(exchange) - max_new  # the first reply ran to its budget
+        assert seq.n_keep == turn and seq.tokens[:turn] == exchange[:turn]
+    last = extended[-1]  # the last turn (after the previous reply's ending) is still in the window before its reply
+    start = len(seq.tokens) - len(seq.generated) - len(last)
+    assert start >= seq.n_keep and seq.tokens[start:start + len(last)] == last
 
 
 def test_piped_chat_takes_the_system_prompt_only_from_y(stories260k, tok512):
@@ -286,17 +314,18 @@ def test_chat_skips_a_line_no_encoding_can_fit_before_encoding_it():
     """A pasted line longer in bytes than the context's tokens can cover is skipped at once (a 8 MiB line was
     encoded for 15 s and 600 MB first, then skipped as too many tokens), and the chat goes on."""
     from babyllama.api import load
+    from babyllama.loading import builtin_chat_model
 
-    model = load()
+    model = load(builtin_chat_model())  # what `chat` runs without a model
     limit = model.args.max_seq_len * model.tokenizer.most_bytes_per_token()
     argv = ("chat", "-t", "0", "-n", "20")
-    proc = run_cli(*argv, input=b"a" * (limit + 1) + b"\nHello\n")
+    proc = run_cli(*argv, input=b" " * limit + b"Hi\n" + b"a" * (limit + 1) + b"\nHello\n")  # spaces: stripped
     assert proc.returncode == 0, proc.stderr.decode()
     notes = [line for line in proc.stderr.decode().splitlines() if line.startswith("babyllama:")]
     assert notes == [f"babyllama: this turn is {limit + 1} bytes, more than the context window's "
                      f"{model.args.max_seq_len} tokens can hold (a token covers at most "
                      f"{model.tokenizer.most_bytes_per_token()} bytes); skipped"]
-    assert proc.stdout == b"User: " + run_cli(*argv, input=b"Hello\n").stdout
+    assert proc.stdout.replace(b"User: User: ", b"User: ") == run_cli(*argv, input=b"Hi\nHello\n").stdout
 
 
 def stderr_closed_run(read: int | None = None) -> tuple[bytes, int]:
