@@ -86,6 +86,9 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     made = (out / "adapter" if adapter is not None else out) if to == "hf" else out.parent
     with safeio.new_folders_removed_on_error(made), safeio.committed_together():
         if to == "bin":
+            if template is None and jinja is not None:  # a card names a template babyllama knows, no other
+                note(f"{src.path} carries a chat template babyllama does not know, which a .bin and its card "
+                     "cannot hold: left out (GGUF and Hugging Face output keep it)")
             return _to_bin(src, out, 1 if version is None else version, group_size, tok, explicit, template)
         if to == "hf":
             return _to_hf(src, out, dtype, tok, explicit, adapter, base, jinja, chat_template is not None)

@@ -362,6 +362,22 @@ def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
         assert "tokenizer_config.json" in described and "its chat_template, if it has one, is not used" in described
 
 
+def test_a_bin_export_says_it_leaves_out_a_template_babyllama_does_not_know(tmp_path, tok512, capsys):
+    """A ChatML template went nowhere in a .bin export without a word (a Hugging Face folder made from that .bin
+    then carried Llama 2's); a known one goes into the card, as before."""
+    w = random_weights(tiny_args(vocab_size=512), seed=2)
+    formats.save(w, tmp_path / "m.bin")
+    shutil.copyfile(tok512, tmp_path / "tokenizer.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin")]) == 0
+    config = tmp_path / "hf" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": CHATML}))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out" / "m.bin"), "--hf", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "carries a chat template babyllama does not know, which a .bin and its card cannot hold" in err
+    assert not (tmp_path / "out" / "m.json").exists()
+
+
 def test_an_export_keeps_the_chat_template_its_source_carries(tmp_path, tok512):
     """A Hugging Face folder's template goes into its GGUF export as it is, a known one (Llama 2's, babyllama's)
     or not (ChatML: babyllama runs no Jinja, but llama.cpp does), and comes back from the file by its name."""
