@@ -164,7 +164,7 @@ def from_tokenizer(tok: Tokenizer) -> Vocab:
             text = piece.decode("utf-8")
         except UnicodeDecodeError:
             raise BabyLlamaError(f"tokenizer token {i} ({piece!r}) is not valid UTF-8; "
-                                 "GGUF vocabularies hold text pieces") from None
+                                 "GGUF and Hugging Face vocabularies hold text pieces") from None
         tokens.append(text.replace(" ", META_SPACE))
         types.append(USER_DEFINED if tok.symbols.get(text) == i else BYTE if _BYTE_PIECE.fullmatch(text) else NORMAL)
     return Vocab(tokens, [float(s) for s in tok.scores], types)
