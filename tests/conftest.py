@@ -113,6 +113,24 @@ def byte_tokenizer(vocab_size: int = 300) -> Tokenizer:
     return Tokenizer(pieces, scores)
 
 
+def recording_bar(events: list[int]) -> type:
+    """A stand-in for progress.progress_bar that records its total (as -total) and then each update."""
+    class Bar:
+        def __init__(self, total: int | None = None, **kw):
+            events.append(-(total or 0))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> bool:
+            return False
+
+        def update(self, n: int) -> None:
+            events.append(n)
+
+    return Bar
+
+
 def never_ending_model(folder: Path) -> Path:
     """A random model with a 2048-token context whose greedy text never ends early (BOS's and EOS's classifier
     rows are zero, so their logits (0) lose to the largest of the other 298), and a byte tokenizer beside it.

@@ -338,31 +338,19 @@ def disk_full_at(monkeypatch, name: str):
 def test_pretokenize_progress_adds_up_to_the_input_in_whole_bytes(tmp_path, tok300, monkeypatch):
     """The bar moved by a float share per document, whose sum overshot the total (tqdm warned, on the terminal,
     that it clamped the fraction)."""
+    from conftest import recording_bar
+
     from babyllama.train import data as data_module
 
-    updates: list = []
-
-    class Bar:
-        def __init__(self, total=None, **kw):
-            self.total = total
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, n):
-            updates.append(n)
-
-    monkeypatch.setattr(data_module, "progress_bar", Bar)
+    events: list[int] = []
+    monkeypatch.setattr(data_module, "progress_bar", recording_bar(events))
     (tmp_path / "in").mkdir()
     for i, n in enumerate((7, 3, 11)):
         stories = (f"story {k} " * (k % 5 + 1) for k in range(n))
         (tmp_path / "in" / f"{i}.txt").write_text("\n<|endoftext|>\n".join(stories))
     pretokenize(tmp_path / "in", tok300, tmp_path / "out", workers=1, batch_docs=2)
-    assert all(isinstance(n, int) for n in updates)
-    assert sum(updates) == sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
+    total = sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
+    assert events[0] == -total and all(isinstance(n, int) for n in events) and sum(events[1:]) == total
 
 
 def test_pretokenize_stopped_midway_leaves_no_earlier_meta_json(tmp_path, tok300, monkeypatch):

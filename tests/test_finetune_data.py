@@ -306,25 +306,13 @@ def test_chat_pretokenize_refuses_mixed_inputs_and_long_conversations(tmp_path):
     with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: the conversation has \d+ tokens, more than "
                                              r"max_seq_len 29 \+ 1"):
         pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)
+    from conftest import recording_bar
+
     from babyllama.train import data as data_module
 
     updates: list[int] = []  # chat files show their progress too (minutes of silence on a large one)
-
-    class Bar:
-        def __init__(self, total=None, **kw):
-            updates.append(-total)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def update(self, n):
-            updates.append(n)
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(data_module, "progress_bar", Bar)
+        m.setattr(data_module, "progress_bar", recording_bar(updates))
         meta = pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30,
                            skip_bad_lines=True)
     assert meta["conversations"] == 1 and updates == [-2, 2]  # both read, one then refused as too long
