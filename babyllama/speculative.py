@@ -12,7 +12,8 @@ both "distributions" are one-hot argmaxes: a draft token is kept iff it is the t
 output is token for token the target's greedy output: the target's calls are shaped as plain decoding's (the
 prompt prefilled alone, as `generate` prefills it, then steps whose rows equal one-token decode steps' bit for
 bit with the native kernels; the other backends run such a step through other product shapes, within 1e-5), so
-its logits are the plain path's. Keys/values of rejected tokens stay in the caches
+its logits are the plain path's (on those backends up to that rounding: through quantized weights a greedy text
+can part from plain decoding's at a near-tie). Keys/values of rejected tokens stay in the caches
 but lie beyond the accepted length, so the next round simply overwrites them.
 """
 
