@@ -159,16 +159,14 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             # BOS ends a reply as EOS does (as in the server's chat): a story model begins its next story there
             seq = batch.add(Sequence(turn, sampler, sys.maxsize, frozenset({BOS, EOS}), context_shift=True,
                                      n_keep=min(len(turn), seq_len // 2), max_new=budget))
-            keep_first_reply = True
         else:
             seq.max_new = budget
             # a reply cut by its budget did not end with EOS: the template's closing and EOS (every reply ends so,
             # as the server and fine-tuning render a conversation) come before the next turn
             ending = [*closing, EOS] if seq.stop_reason == "length" else []
             first_exchange = len(seq.tokens) + len(ending)
-            if keep_first_reply and not seq.n_dropped and first_exchange <= seq_len // 4:
+            if not seq.turn_starts and not seq.n_dropped and first_exchange <= seq_len // 4:  # the second turn
                 seq.n_keep = first_exchange  # the first reply stays with its turn, ended as every reply is
-            keep_first_reply = False
             seq.extend(ending + turn)
         printer.write("Assistant: ")
         # the reply is text of its own, as the server returns it: its first piece's leading space (the word

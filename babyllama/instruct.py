@@ -528,7 +528,7 @@ def read_documents(path: Path, skip_bad_lines: bool = False,
         raise BabyLlamaError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise BabyLlamaError(f"{path}: invalid JSON: {e}") from None
-    shares = _even_shares(path.stat().st_size, len(docs)) if isinstance(docs, list) and on_bytes else None
+    shares = even_shares(path.stat().st_size, len(docs)) if isinstance(docs, list) and on_bytes else None
     for k, doc in enumerate(docs):
         doc = doc.strip()
         if doc:
@@ -537,6 +537,7 @@ def read_documents(path: Path, skip_bad_lines: bool = False,
             on_bytes(shares[k])
 
 
-def _even_shares(total: int, n: int) -> list[int]:
-    """`total` cut into n whole parts that differ by at most one and add up to it."""
+def even_shares(total: int, n: int) -> list[int]:
+    """`total` cut into n whole parts that differ by at most one and add up to it (a file's bytes shared out over
+    its documents, for a progress bar)."""
     return [total * (k + 1) // n - total * k // n for k in range(n)]

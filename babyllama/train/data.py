@@ -47,7 +47,7 @@ from ..config import CKPT_NAME, TOKENIZER_BIN
 from ..documents import iter_documents
 from ..errors import BabyLlamaError, Terminated
 from ..fields import Fields
-from ..instruct import CHAT, TEXT, describe_bad_lines, read_documents, read_jsonl
+from ..instruct import CHAT, TEXT, describe_bad_lines, even_shares, read_documents, read_jsonl
 from ..progress import progress_bar
 from .config import MAX_WORD_WEIGHT, check_word_weight
 
@@ -301,12 +301,12 @@ class WorkerPool:
             if gently:
                 with contextlib.suppress(OSError):
                     conn.send(None)
-            elif proc.pid is not None:
+            else:
                 proc.kill()
-        for conn, proc in zip(self.conns, self.procs):
-            if proc.pid is not None:
-                proc.join()
-                proc.close()
+        for proc in self.procs:  # only started processes are in procs
+            proc.join()
+            proc.close()
+        for conn in self.conns:  # one more where a start failed
             conn.close()
 
 
@@ -544,13 +544,13 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                 _worker_pool(workers, _init_worker, str(tokenizer)) as pool:
             for f, docs in itertools.chain([first], by_file):
                 name = names[f]
-                size, done = f.stat().st_size, 0  # the file's bytes, shared out over its documents in whole bytes
+                shares, done = even_shares(f.stat().st_size, len(docs)), 0  # the file's bytes, over its documents
                 batches = batched(docs, batch_docs)
                 with safeio.atomic_write(out / name) as sink:
                     for batch, ids in zip(batches, pool.imap(_encode_batch, batches)):
                         sink.write(ids.tobytes())
                         n_tokens += len(ids)
-                        bar.update(size * (done + len(batch)) // len(docs) - size * done // len(docs))
+                        bar.update(sum(shares[done:done + len(batch)]))
                         done += len(batch)
                 shards["val" if is_val_shard(name) else "train"].append(name)
     _install_tokenizer(Path(tokenizer), out / TOKENIZER_BIN)
