@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import memory, sampler
-from .errors import first_line, say
+from .errors import BabyLlamaError, first_line, say
 from .formats import (
     PACKED_GROUP_SIZES,
     BF16Tensor,
@@ -291,7 +291,9 @@ MACRO_FLAGS = {"__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__
                "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512VNNI__": "avx512_vnni",
                "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__AVX512VBMI__": "avx512vbmi",
                "__AVX512IFMA__": "avx512ifma", "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni",
-               "__AMX_TILE__": "amx_tile"}
+               "__AMX_TILE__": "amx_tile",
+               # AMD's own extensions (-march=bdver1..4, znver*), which Intel CPUs and later AMD ones lack
+               "__XOP__": "xop", "__FMA4__": "fma4", "__TBM__": "tbm", "__LWP__": "lwp", "__SSE4A__": "sse4a"}
 
 
 def missing_instructions(arch: str) -> list[str]:
@@ -1069,8 +1071,14 @@ os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 def switched_off() -> bool:
-    """Whether BABYLLAMA_NATIVE=0 keeps the kernels out of the default choice."""
-    return os.environ.get("BABYLLAMA_NATIVE", "1") == "0"
+    """Whether BABYLLAMA_NATIVE=0 keeps the kernels out of the default choice (unset, empty or 1: they are in it;
+    any other value is a BabyLlamaError, as an unknown BABYLLAMA_KERNELS is: a "false" or "off" that is silently
+    taken for "on" runs what the user meant to leave out)."""
+    value = os.environ.get("BABYLLAMA_NATIVE", "")
+    if value.strip() not in ("", "0", "1"):
+        raise BabyLlamaError(f"BABYLLAMA_NATIVE={value!r} must be 0 (leave the C kernels out of the default choice) "
+                             "or 1")
+    return value.strip() == "0"
 
 
 def load(arch: str | None = None, forced: bool = False) -> NativeKernels | None:

@@ -431,6 +431,23 @@ def test_a_build_without_avx2_keeps_the_blocks_and_reads_regrouped_ones(kind):
     np.testing.assert_array_equal(plain.dequantize(r), q.dequantize())
 
 
+@pytest.mark.parametrize("gs, n", [(64, 1088), (32, 992), (64, 768), (32, 288)])
+def test_a_build_without_avx2_reads_q8_packed_by_another(gs, n):
+    """The plain C build has no kernels for runq.c's groups packed (W_Q8R), so it packs nothing; handed a matrix
+    another build packed (a model's weights shared by engines on two builds), it gathers each group back and gets
+    its sums bit for bit as from runq.c's layout (it read them as zeros and garbage: NaN logits)."""
+    plain = native_build("x86-64")
+    q = quantize_q80(rng.standard_normal((21, n)).astype(np.float32), gs)
+    assert plain.pack_q8(q) is None
+    if not cpu_has("avx2"):
+        pytest.skip("no build on this CPU packs")
+    p = _packed(native_build("avx2"), q)
+    for tokens in (1, 3, 11):
+        x = rng.standard_normal((tokens, n)).astype(np.float32)
+        np.testing.assert_array_equal(plain.matmul(x, [p])[0], plain.matmul(x, [q])[0])
+    np.testing.assert_array_equal(plain.dequantize(p), q.dequantize())
+
+
 def _wide_model(kind: str = "q4_0"):
     """Rows of 8 + 1 blocks (dim 288) and 16 + 8 (hidden 768): every kind of regrouped group in a decode step, in
     Q4_0 or in llama.cpp's Q8_0 blocks (what a GGUF file's Q8_0 tensors are)."""
@@ -1153,6 +1170,28 @@ def test_a_forced_march_value_whose_instructions_the_cpu_lacks_is_not_built(monk
     assert "this CPU lacks avx512bw, avx512cd, avx512dq, avx512f, avx512vl, which the C kernels' instruction set " \
            "'skylake-avx512'" in capsys.readouterr().err
     assert kernels_native.missing_instructions("haswell") == []
+    # AMD's own extensions too: -march=bdver4 built XOP instructions into the library, and every run on a CPU
+    # without them (Zen, Intel) died of SIGILL while the check found nothing missing
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: set(kernels_native.AVX2_FLAGS) | {"sse4a"})
+    assert {"xop", "fma4", "tbm"} <= set(kernels_native.missing_instructions("bdver4"))
+    assert "sse4a" in kernels_native._march_flags("znver3")
+
+
+def test_babyllama_native_takes_0_or_1_and_another_value_is_one_line(monkeypatch):
+    """BABYLLAMA_NATIVE=0 leaves the C kernels out of the default choice; "false", "off" or "no" were silently
+    taken for "on" (only the exact string "0" counted), where an unknown BABYLLAMA_KERNELS is an error."""
+    from conftest import one_line_error, run_cli
+
+    from babyllama.errors import BabyLlamaError
+
+    for value, off in (("0", True), (" 0 ", True), ("1", False), ("", False)):
+        monkeypatch.setenv("BABYLLAMA_NATIVE", value)
+        assert kernels_native.switched_off() is off
+    monkeypatch.setenv("BABYLLAMA_NATIVE", "off")
+    with pytest.raises(BabyLlamaError, match="BABYLLAMA_NATIVE='off' must be 0"):
+        kernels_native.switched_off()
+    one_line_error(run_cli("run", "-n", "8", env={"BABYLLAMA_NATIVE": "false"}),
+                   "BABYLLAMA_NATIVE='false' must be 0 (leave the C kernels out of the default choice) or 1")
 
 
 def test_babyllama_kernels_is_read_in_any_case_and_another_value_is_one_line(monkeypatch):

@@ -1218,6 +1218,26 @@ ALWAYS_INLINE const uint8_t *group_values(const uint8_t *w, const float *ws, int
     return block + 2;
 }
 
+/* the gs values (gs = 32 or 64) and the scale of group g of a Q8R row of n weights (see W_Q8R), gathered back
+ * into runq.c's order (plain C builds, which have no Q8R kernels) */
+static void q8r_group_values(const uint8_t *row, int64_t n, int64_t gs, int64_t g, uint8_t *values, float *scale) {
+    int64_t nb = n / BLOCK, per = gs / BLOCK;
+    for (int64_t k = 0; k < per; k++) {
+        int64_t b = g * per + k, b0 = 0, G = rg_group(nb);
+        for (; G > 1 && b0 + G <= b; G = rg_group(nb - b0)) b0 += G;
+        if (G > 1) { /* b lies in the group of G blocks at b0 (groups of 64 never straddle two: G and b0 are even) */
+            const uint8_t *at = row + b0 * (BLOCK + 4 / per);
+            rg_gather(at, G, b - b0, BLOCK / 4, values + k * BLOCK);
+            *scale = load_f32(at + BLOCK * G + 4 * ((b - b0) / per));
+        } else {
+            const uint8_t *v, *sc;
+            rg_single(row, (int)per, b, &v, &sc);
+            memcpy(values + k * BLOCK, v, BLOCK);
+            *scale = load_f32(sc);
+        }
+    }
+}
+
 /* res[t] = the quantized dot of one weight row (its scales ws for Q8) with activation rows t < nt, plain C */
 static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
                              float *res) {
@@ -1227,12 +1247,15 @@ static void dots_int8_scalar(const uint8_t *w, const float *ws, int type, const 
         float acc = 0.0f;
         for (int64_t g = 0; g < n_groups; g++) {
             float scale;
-            uint8_t block[2 + BLOCK];
+            uint8_t block[2 * BLOCK + 2];
             const uint8_t *v;
             if (type == W_Q4_0R || type == W_Q8_0R) { /* the block gathered back into its order: the same sum */
                 rg_block(w, n, g, type, block);
                 scale = fp16_to_f32(load_u16(block));
                 v = block + 2;
+            } else if (type == W_Q8R) { /* likewise the group's values */
+                q8r_group_values(w, n, gs, g, block, &scale);
+                v = block;
             } else {
                 v = group_values(w, ws, type, g, gs, &scale);
             }
