@@ -120,7 +120,10 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         raise BabyLlamaError(f"{path} is no adapter: an adapter is NAME.safetensors with NAME.json beside it, or the "
                              "folder of a LoRA run that holds them")
     tensors_path, config_path = adapter_paths(path)
-    if Path(path).is_dir() and not tensors_path.exists() and (Path(path) / CKPT_NAME).is_file():
+    # a run folder with neither adapter file is a full fine-tune's (or any training run's); one with the config
+    # alone is a LoRA run whose tensors are missing, said below
+    if Path(path).is_dir() and not tensors_path.exists() and not config_path.exists() and \
+            (Path(path) / CKPT_NAME).is_file():
         raise BabyLlamaError(f"{path} holds a {CKPT_NAME} but no adapter: a full fine-tune (lora_rank 0), like any "
                              f"training run, is a model of its own; run it as the model (babyllama chat {path})")
     for p in (tensors_path, config_path):

@@ -926,9 +926,13 @@ def test_a_lone_file_is_training_data_unless_named_validation(tmp_path, tok300):
     assert meta["shards"] == {"train": ["festival_stories.bin"], "val": []}
     assert len(split_arrays(tmp_path / "a", "train")[0]) > 0
     (tmp_path / "valid.txt").write_text("Story.\n")
-    with pytest.raises(BabyLlamaError, match=r"valid.txt: only validation data \(valid.bin: a name with the word "):
+    with pytest.raises(BabyLlamaError, match=r"valid.txt: only validation data \(valid.txt: a name with the word "):
         pretokenize(tmp_path / "valid.txt", tok300, tmp_path / "b", workers=1)
     assert not (tmp_path / "b").exists()  # refused before anything was written
+    (tmp_path / "v" / "sub").mkdir(parents=True)  # a folder's files are named as given, not as their shards
+    (tmp_path / "v" / "sub" / "chat_val.txt").write_text("Story.\n")
+    with pytest.raises(BabyLlamaError, match=r"v: only validation data \(sub/chat_val.txt: a name with the word "):
+        pretokenize(tmp_path / "v", tok300, tmp_path / "c", workers=1)
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())  # a folder whose meta.json was edited since
     meta["shards"] = {"train": [], "val": ["festival_stories.bin"]}
     (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))

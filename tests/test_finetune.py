@@ -255,6 +255,11 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
     with pytest.raises(BabyLlamaError, match=r"full holds a ckpt.pt but no adapter: a full fine-tune \(lora_rank 0\), "
                                              r"like any training run, is a model of its own; run it as the model"):
         load(root / "base.bin", tok, lora=tmp_path / "full")
+    # a LoRA run folder whose tensors are missing (its config left) is not called a full fine-tune: that sent the
+    # user to `chat RUN`, which says a LoRA fine-tune needs --lora
+    (tmp_path / "full" / "adapter.json").write_text("{}")
+    with pytest.raises(BabyLlamaError, match="adapter file not found: .*full/adapter.safetensors"):
+        load(root / "base.bin", tok, lora=tmp_path / "full")
 
 
 def test_chat_without_a_model_says_the_adapter_needs_its_base_named(tmp_path):

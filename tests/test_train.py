@@ -706,14 +706,23 @@ def raise_at_step_3(monkeypatch, error: BaseException):
     return step
 
 
-def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_says_which_checkpoint_a_resume_goes_on_from(tmp_path, one_thread, capsys, monkeypatch, signal_name):
+    """Ctrl-C, and SIGTERM (kill, timeout, a batch scheduler: it said nothing and exited 143), end with the step
+    a resume goes on from."""
     from babyllama.cli import main
+    from babyllama.errors import Terminated
     from babyllama.train.loop import Trainer
 
     data, out = text_shards(tmp_path, byte_tokenizer(300), "a"), tmp_path / "out"
-    step = raise_at_step_3(monkeypatch, KeyboardInterrupt())
+    step = raise_at_step_3(monkeypatch, KeyboardInterrupt() if signal_name == "SIGINT" else Terminated(143))
     argv = ["train", *(f"--{k}={v}" for k, v in tiny_run(data, out, max_iters=6).items())]
-    assert main(argv) == 130
+    if signal_name == "SIGINT":
+        assert main(argv) == 130
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 143
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"interrupted at step 3; {out / 'ckpt.pt'} holds step 2: --init_from=resume goes on from there"
     monkeypatch.setattr(Trainer, "step", step)

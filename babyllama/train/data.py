@@ -505,7 +505,8 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
     kind = kinds[files[0]]
     names = shard_names(files, root)
     if all(is_val_shard(name) for name in names.values()):  # train would refuse it: say it before the work
-        raise BabyLlamaError(f"{root}: only validation data ({', '.join(names.values())}: a name with the word "
+        given = [str(f.relative_to(root)) if f != root else f.name for f in names]  # the user's files, not shards
+        raise BabyLlamaError(f"{root}: only validation data ({', '.join(given)}: a name with the word "
                              f"{VAL_WORDS_TEXT}); add the training data beside it")
     if kind == TEXT and word_weight > 1:  # nothing would read it
         raise BabyLlamaError(f"--word-weight weighs the requested words in chat replies: {root} holds plain text")

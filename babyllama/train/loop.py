@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..config import TOKENIZER_BIN, llama_hidden_dim
-from ..errors import BabyLlamaError, first_line, note
+from ..errors import BabyLlamaError, Terminated, first_line, note
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
@@ -465,7 +465,7 @@ class Trainer:
                   f"(raise --max_iters to go on)", flush=True)
         try:
             self._train(evaluated_at)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):  # Ctrl-C, or SIGTERM (kill, timeout, a batch scheduler)
             if master:
                 print(self._interrupted_text(), file=sys.stderr, flush=True)
             raise
