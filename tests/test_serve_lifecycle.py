@@ -97,10 +97,12 @@ def test_a_whole_answer_whose_client_leaves_while_tokens_flow_is_cancelled(slow_
 
 def test_a_client_that_leaves_while_sending_its_body_is_no_error(strict):
     """Content-Length promises more than the client sends before it closes: the request ends as a gone
-    client's (499, counted), nothing logged."""
-    gone = answered(strict, 499)
+    client's (499, counted, and among the cancelled as disconnected, as serve.md says: it was not), nothing
+    logged."""
+    gone, dropped = answered(strict, 499), cancelled(strict, "disconnected")
     raw_request(strict, b'{"prompt": "x"', length=100).close()
     wait_for(lambda: answered(strict, 499) == gone + 1)
+    assert cancelled(strict, "disconnected") == dropped + 1
     assert "Traceback" not in strict.log() and "ClientDisconnect" not in strict.log()
     assert strict.get("/health").json()["status"] == "ok"
 
@@ -308,6 +310,21 @@ def test_ctrl_c_ends_the_requests_in_flight_at_once(slow_model):
         assert json.loads(events[-2][5:])["error"]["code"] == "shutting_down"
         log = server.log()
         assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
+    finally:
+        server.stop()
+
+
+def test_ctrl_c_twice_exits_without_a_traceback(slow_model):
+    """A second Ctrl-C while the server stops (a double tap) forces uvicorn's exit, which cancels the lifespan
+    task: that was logged as a traceback of the cancellation. The exit is clean, with status 130."""
+    server = Server(slow_model)
+    try:
+        server.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(timeout=60) == 130
+        log = server.log()
+        assert "Traceback" not in log and "CancelledError" not in log, log
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import Callable
 from types import FrameType
@@ -65,6 +66,14 @@ def cannot_listen(host: str, port: int, e: OSError) -> BabyLlamaError:
     return BabyLlamaError(f"cannot listen on {address(host, port)}: {why[:1].lower()}{why[1:]}")
 
 
+def no_lifespan_traceback(record: logging.LogRecord) -> bool:
+    """uvicorn's report of the lifespan task cancelled by a forced exit (starlette's traceback of the
+    cancellation, or uvicorn's own), left out: the exit is what was asked."""
+    text = str(record.msg)
+    return not (text.startswith("Exception in 'lifespan' protocol") or
+                (text.startswith("Traceback") and text.rstrip().endswith("CancelledError")))
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, which on the signal to stop (Ctrl-C, SIGTERM) first ends every request in flight (a
     whole answer gets a 503, a stream an error event), so that none is still generating when the grace period
@@ -83,6 +92,8 @@ class Server(uvicorn.Server):
             with contextlib.suppress(RuntimeError):  # no loop running yet: shutdown() does it
                 asyncio.get_running_loop().call_soon_threadsafe(self.app.state.service.shut_down)
         super().handle_exit(sig, frame)
+        if self.force_exit:  # a second Ctrl-C: uvicorn cancels the lifespan task and logged that as a traceback
+            logging.getLogger("uvicorn.error").addFilter(no_lifespan_traceback)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app.state.service.shut_down()

@@ -33,8 +33,10 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     async def lifespan(app: FastAPI):
         scheduler.start()
-        yield
-        scheduler.stop()
+        try:
+            yield
+        finally:  # also where a second Ctrl-C forces the exit (the lifespan task is then cancelled)
+            scheduler.stop()
 
     app = FastAPI(title="babyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service

@@ -195,7 +195,8 @@ class Service:
         if upload in done:
             try:
                 return upload.result()
-            except ClientDisconnect:
+            except ClientDisconnect:  # ended early, as a client gone while its answer generates is counted
+                self.metrics.cancelled.labels("disconnected").inc()
                 raise ClientGone from None
         if shutdown in done:
             raise self.failure("shutdown")
