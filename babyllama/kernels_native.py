@@ -292,7 +292,7 @@ MACRO_FLAGS = {"__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__
                "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__AVX512VBMI__": "avx512vbmi",
                "__AVX512IFMA__": "avx512ifma", "__AVXVNNI__": "avx_vnni", "__GFNI__": "gfni",
                "__AMX_TILE__": "amx_tile",
-               # AMD's own extensions (-march=bdver1..4, znver*), which Intel CPUs and later AMD ones lack
+               # AMD's own extensions (-march=bdver1..4, znver*), which Intel CPUs lack (and Zen CPUs all but SSE4a)
                "__XOP__": "xop", "__FMA4__": "fma4", "__TBM__": "tbm", "__LWP__": "lwp", "__SSE4A__": "sse4a"}
 
 
@@ -1087,7 +1087,7 @@ def load(arch: str | None = None, forced: bool = False) -> NativeKernels | None:
     lacks a forced instruction set,
     when no compiler works, when the cache folder is not writable, or when the built library cannot be loaded
     (one line on stderr says which). One object per library."""
-    if switched_off() and not forced:
+    if not forced and switched_off():  # named (BABYLLAMA_KERNELS=native), the variable is not read
         return None
     missing = missing_instructions(arch_name(arch))
     if missing:

@@ -1190,6 +1190,8 @@ def test_babyllama_native_takes_0_or_1_and_another_value_is_one_line(monkeypatch
     monkeypatch.setenv("BABYLLAMA_NATIVE", "off")
     with pytest.raises(BabyLlamaError, match="BABYLLAMA_NATIVE='off' must be 0"):
         kernels_native.switched_off()
+    if kernels_native.compiler() is not None:  # named (BABYLLAMA_KERNELS=native), the variable is not read
+        assert kernels_native.load(forced=True) is not None
     one_line_error(run_cli("run", "-n", "8", env={"BABYLLAMA_NATIVE": "false"}),
                    "BABYLLAMA_NATIVE='false' must be 0 (leave the C kernels out of the default choice) or 1")
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from pathlib import Path
 from typing import cast
@@ -35,8 +36,10 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         scheduler.start()
         try:
             yield
-        finally:  # also where a second Ctrl-C forces the exit (the lifespan task is then cancelled)
-            scheduler.stop()
+        except asyncio.CancelledError:  # a second Ctrl-C forced the exit: told to stop, not waited for
+            scheduler.stop(wait=False)
+            raise
+        scheduler.stop()
 
     app = FastAPI(title="babyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service

@@ -98,11 +98,13 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Tell the thread to stop, and (`wait`) wait for the step it is in to end."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if wait:
+            self._thread.join(timeout=30)
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue a request's jobs together, or raise QueueFull when more jobs would wait for a slot than the
