@@ -942,7 +942,7 @@ def test_a_lone_file_is_training_data_unless_named_validation(tmp_path, tok300):
 
 def test_data_with_only_a_dev_shard_is_refused_naming_dev_among_the_validation_words(tmp_path, tok300):
     (tmp_path / "instruct_dev.txt").write_text("Story.\n")
-    with pytest.raises(BabyLlamaError, match=r"\(instruct_dev.bin: a name with the word val, valid, validation or dev"):
+    with pytest.raises(BabyLlamaError, match=r"\(instruct_dev.txt: a name with the word val, valid, validation or dev"):
         pretokenize(tmp_path / "instruct_dev.txt", tok300, tmp_path / "d", workers=1)
 
 
