@@ -160,12 +160,24 @@ def folder_part(path: Path) -> str | None:
 # ------------------------------------------------------------------------------------------- opening
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5's file for a tokenizer's chat template
+
+
 def hf_chat_template(folder: Path) -> tuple[str | None, list[str]]:
-    """The chat template (Jinja) of a Hugging Face folder's tokenizer_config.json, None without one, and the
-    note for one babyllama does not know (chat_template.foreign_template_note). Newer transformers may hold a list
-    of named templates: the one named "default" is the template, as transformers takes it."""
+    """The chat template (Jinja) of a Hugging Face folder: its chat_template.jinja (where transformers 5 saves it,
+    and reads it first), else its tokenizer_config.json's; None without one, and the note for one babyllama does
+    not know (chat_template.foreign_template_note). Newer transformers may hold a list of named templates: the
+    one named "default" is the template, as transformers takes it."""
     from .chat_template import foreign_template_note
 
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        try:
+            text = safeio.read_text(jinja, "chat template")
+        except BabyLlamaError as e:
+            return None, [f"{e}: it is not used (chat and serve use Llama 2's [INST] template unless "
+                          "--chat-template or a model card names another)"]
+        return text, foreign_template_note(text, f"its {CHAT_TEMPLATE_FILE}")
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None, []

@@ -362,6 +362,26 @@ def test_a_hf_folder_with_its_own_chat_template_is_noted_on_load(tmp_path):
         assert "tokenizer_config.json" in described and "its chat_template, if it has one, is not used" in described
 
 
+def test_transformers_5s_chat_template_jinja_is_read_kept_and_not_left_stale(tmp_path, tok512, capsys):
+    """transformers 5 saves a tokenizer's chat template as chat_template.jinja and reads it before
+    tokenizer_config.json's: it is the folder's template on load (noted) and on export (kept: Llama 2's was
+    written instead), and a folder holding one is no export target (transformers would run it, not ours)."""
+    from babyllama.loading import hf_chat_template, open_model
+
+    w = random_weights(tiny_args(vocab_size=512), seed=2)
+    formats.save(w, tmp_path / "m.bin")
+    shutil.copyfile(tok512, tmp_path / "tokenizer.bin")
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin")]) == 0
+    (tmp_path / "hf" / "chat_template.jinja").write_text(CHATML)
+    assert hf_chat_template(tmp_path / "hf")[0] == CHATML
+    assert "its chat_template.jinja has its own chat_template" in open_model(tmp_path / "hf").describe()
+    assert main(["export", str(tmp_path / "out"), "--hf", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "hf"), "--model", str(tmp_path / "m.bin")]) == 1
+    assert "already holds another checkpoint (chat_template.jinja)" in capsys.readouterr().err
+
+
 def test_a_bin_export_says_it_leaves_out_a_template_babyllama_does_not_know(tmp_path, tok512, capsys):
     """A ChatML template went nowhere in a .bin export without a word (a Hugging Face folder made from that .bin
     then carried Llama 2's); a known one goes into the card, as before."""
@@ -602,6 +622,27 @@ def test_rope_parameters_theta_wins_over_a_disagreeing_top_level_one():
     assert args_from_config(config).rope_theta == 10000.0
     del config["rope_parameters"]
     assert args_from_config(config).rope_theta == 20000.0
+    # rope_scaling is transformers 5's other name for rope_parameters: its theta wins over the top level's too
+    config["rope_scaling"] = {"rope_type": "default", "rope_theta": 10000.0}
+    assert args_from_config(config).rope_theta == 10000.0
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert transformers.LlamaConfig(**config).rope_parameters["rope_theta"] == 10000.0
+
+
+def test_a_tensor_in_two_weight_files_is_refused(tmp_path):
+    """The same tensor in two weight files (a folder read as all its *.safetensors, or files named) is refused,
+    naming both: the last one read silently replaced the first."""
+    from safetensors.numpy import save_file
+
+    from babyllama.interop.hf import _tensor_index
+
+    a = np.ones((2, 2), dtype=np.float32)
+    save_file({"lm_head.weight": a, "model.norm.weight": a[0]}, str(tmp_path / "a.safetensors"))
+    save_file({"lm_head.weight": 2 * a}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(BabyLlamaError, match=r"b.safetensors: tensor lm_head.weight is in .*a.safetensors too"):
+        _tensor_index([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+    assert set(_tensor_index([tmp_path / "a.safetensors"])) == {"lm_head.weight", "model.norm.weight"}
 
 
 def test_a_config_without_rms_norm_eps_runs_with_transformers_default():

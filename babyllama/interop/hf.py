@@ -145,11 +145,12 @@ def _check_llama_architecture(f: Fields, source: str) -> None:
 
 
 def _rope_theta(f: Fields, ropes: dict[str, Fields]) -> float:
-    """rope_parameters' theta, else the top-level one, else rope_scaling's: transformers 5 reads
-    rope_parameters first, so a config whose two thetas disagree runs as transformers 5 runs it."""
+    """rope_parameters' theta, else rope_scaling's, else the top-level one: transformers 5 reads rope_parameters
+    first, and rope_scaling as another name for it, so a config whose thetas disagree runs as transformers 5 runs
+    it."""
     thetas = [ropes["rope_parameters"].float("rope_theta", None) if "rope_parameters" in ropes else None,
-              f.float("rope_theta", None),
-              ropes["rope_scaling"].float("rope_theta", None) if "rope_scaling" in ropes else None]
+              ropes["rope_scaling"].float("rope_theta", None) if "rope_scaling" in ropes else None,
+              f.float("rope_theta", None)]
     return next((t for t in thetas if t is not None), DEFAULT_ROPE_THETA)
 
 
@@ -294,6 +295,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
     """name -> loader for every tensor of every shard (safetensors' read from the file when asked for, torch
     files mmapped). Only floating-point tensors are weights: an integer tensor is refused, not converted."""
     index: dict[str, Callable[[], np.ndarray | BF16Tensor]] = {}
+    held_by: dict[str, Path] = {}  # which shard holds each tensor: one held twice makes the model ambiguous
     for shard in shards:
         if shard.suffix == ".safetensors":
             try:
@@ -308,13 +310,25 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
                 raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None
             _check_dtypes(shard, dtypes)
             data_start, header = _safetensors_header(shard)
+            _held_once(shard, dtypes, held_by)
             index.update({name: (lambda s=shard, d=data_start, m=header[name]: _read_tensor(s, d, m))
                           for name in dtypes})
         else:
             state = check_torch_state(load_torch_weights(shard, "weight file"), shard)
             _check_dtypes(shard, {name: "F32" if t.is_floating_point() else str(t.dtype) for name, t in state.items()})
+            _held_once(shard, state, held_by)
             index.update({name: (lambda t=t: torch_weight(t)) for name, t in state.items()})
     return index
+
+
+def _held_once(shard: Path, names: Iterable[str], held_by: dict[str, Path]) -> None:
+    """Record that `shard` holds `names`, refusing a tensor an earlier weight file holds too (the last one read
+    silently replaced the first)."""
+    for name in names:
+        if name in held_by:
+            raise BabyLlamaError(f"{shard}: tensor {name} is in {held_by[name]} too: which one is the model's? "
+                                 "(name the weight files, or remove the extra one)")
+        held_by[name] = shard
 
 
 def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
@@ -444,7 +458,9 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
 # the parts against model.safetensors.index.json) would mix other shards with ours, or find that the index
 # names tensors ours lacks. Anything else stays: training_args.bin, a tokenizer.bin, a README are not weights.
 _OTHER_CHECKPOINT = ("tokenizer.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
-                     "pytorch_model*.bin.index.json")
+                     "pytorch_model*.bin.index.json",
+                     # transformers 5 reads a chat template there before tokenizer_config.json's (ours)
+                     "chat_template.jinja", "chat_templates")
 
 
 def _other_checkpoint_files(outdir: Path) -> list[str]:
