@@ -26,6 +26,7 @@ CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # its checkpoint
 TOKENIZER_BIN = "tokenizer.bin"
 SENTENCEPIECE_MODEL = "tokenizer.model"  # a Hugging Face or Meta folder's tokenizer, in it (Meta: or beside it)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5's file for a Hugging Face tokenizer's chat template
 # what the CLI offers, here for it to name before NumPy loads (it sets thread variables first)
 KV_CACHE_TYPES = ("auto", "f32", "f16", "q8_0")  # the NumPy engine's KV cache row types (engine.kv_cache_dtype)
 QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import formats, safeio
-from .config import CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
+from .config import CHAT_TEMPLATE_FILE, CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, note, require
 from .formats import Weights
 from .tokenizer import TOKENIZER_HINT, Tokenizer
@@ -158,9 +158,6 @@ def folder_part(path: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- opening
-
-
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5's file for a tokenizer's chat template
 
 
 def hf_chat_template(folder: Path) -> tuple[str | None, list[str]]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import safeio
-from ..config import DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
+from ..config import CHAT_TEMPLATE_FILE, DEFAULT_ROPE_THETA, LIMITS, SENTENCEPIECE_MODEL, ModelArgs, checked_args
 from ..errors import BabyLlamaError, missing_extra, note
 from ..fields import Fields
 from ..formats import (
@@ -460,7 +460,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
 _OTHER_CHECKPOINT = ("tokenizer.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                      "pytorch_model*.bin.index.json",
                      # transformers 5 reads a chat template there before tokenizer_config.json's (ours)
-                     "chat_template.jinja", "chat_templates")
+                     CHAT_TEMPLATE_FILE, "chat_templates")
 
 
 def _other_checkpoint_files(outdir: Path) -> list[str]:
