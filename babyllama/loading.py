@@ -115,6 +115,10 @@ def detect_format(path: str | os.PathLike) -> str:
         return "gguf"
     if path.suffix.lower() == ".gguf" and len(head) < 4:  # not a llama2.c file too small for its header either
         raise BabyLlamaError(f"{path}: file is too small ({len(head)} bytes) to be a GGUF model")
+    if path.suffix.lower() == ".gguf" and struct.unpack_from("<I", head)[0] != formats.MAGIC:
+        # (a llama2.c file of version 1 or more, misnamed, still loads; version 0 has no magic to tell it by, and
+        # its field checks would speak of a llama2.c header to someone holding, say, a saved error page)
+        raise BabyLlamaError(f"{path}: not a GGUF file (it starts with {bytes(head[:4])!r}, not b'GGUF')")
     # torch.save's file (its zip, or the older pickle): a Hugging Face pytorch_model.bin beside its config, else a
     # training checkpoint
     if head.startswith((b"PK\x03\x04", _TORCH_LEGACY_HEAD)):

@@ -56,6 +56,26 @@ def test_a_gguf_named_file_too_small_for_its_magic_is_called_a_gguf(tmp_path, co
                           f"file is too small ({len(content)} bytes) to be a GGUF model")
 
 
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>Not Found</html>\n", b"GGUX" + bytes(300),
+                                     b"Entry not found"])
+def test_a_gguf_named_file_without_the_magic_is_not_read_as_llama2c(tmp_path, content):
+    # a saved error page or a damaged download: the user asked for GGUF, so the error speaks of GGUF, not of a
+    # llama2.c version 0 header's fields
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    for command in (("run", str(path), "-n", "4"), ("export", "--model", str(path), str(tmp_path / "x.bin"))):
+        assert_one_line_error(run_cli(*command), f"not a GGUF file (it starts with {content[:4]!r}, not b'GGUF')")
+
+
+def test_a_llama2c_file_named_gguf_still_loads(tmp_path, good_model):
+    model, tok = good_model
+    misnamed = tmp_path / "m.gguf"
+    formats.save(formats.load(model), misnamed, version=1)
+    proc = run_cli("run", str(misnamed), "-z", str(tok), "-n", "8", "-t", "0")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == run_cli("run", str(model), "-z", str(tok), "-n", "8", "-t", "0").stdout
+
+
 def test_trailing_garbage_is_rejected(tmp_path, good_model):
     model, tok = good_model
     bad = tmp_path / "bad.bin"
