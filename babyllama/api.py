@@ -15,7 +15,7 @@ from typing import cast
 from . import formats, kernels
 from .config import DEFAULT_PARALLEL, KV_CACHE_TYPES, SEED_LIMIT, ModelArgs, default_steps
 from .engine import Engine
-from .errors import BabyLlamaError, missing_extra
+from .errors import BabyLlamaError, counted, missing_extra
 from .fields import is_number
 from .generate import generate
 from .loading import builtin_model, model_template, open_model, tokenizer_for
@@ -176,8 +176,8 @@ def warn_if_no_room(n_ids: int, positions: int, stacklevel: int, which: str = "t
     the token sampled at its last position): say so (the CLI warns too).
     `stacklevel` is what warnings.warn would take in the caller."""
     if n_ids > positions:
-        warnings.warn(f"{which} is {n_ids} tokens (with BOS) and steps allows {positions} positions (the context "
-                      "at most): nothing is generated", stacklevel=stacklevel + 1)
+        warnings.warn(f"{which} is {n_ids} tokens (with BOS) and steps allows {counted(positions, 'position')} "
+                      "(the context at most): nothing is generated", stacklevel=stacklevel + 1)
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:

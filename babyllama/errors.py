@@ -86,6 +86,11 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """n and the noun, singular for 1: "1 story", "2,000 stories"."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message on one line (torch's run over several), or its type when it has none."""
     lines = str(e).strip().splitlines()

@@ -2,10 +2,11 @@
 
 What is counted, exactly (the contract behind every number this module prints):
 
-- Documents. The file is split on lines that are exactly `<|endoftext|>` (the layout of the TinyStories
-  .txt files); a file without such lines is a single document. A .jsonl or .json file holds documents as
-  `babyllama data pretokenize` reads them (instruct.read_documents). Each document is stripped of surrounding
-  whitespace, as `babyllama data pretokenize` and llama2.c's tinystories.py do; empty ones are skipped.
+- Documents. The file is split on lines holding only `<|endoftext|>`, surrounding whitespace ignored (the
+  layout of the TinyStories .txt files); a file without such lines is a single document. A .jsonl or .json
+  file holds documents as `babyllama data pretokenize` reads them (instruct.read_documents). Each document is
+  stripped of surrounding whitespace, as `babyllama data pretokenize` and llama2.c's tinystories.py do; empty
+  ones are skipped.
 - Tokens. A document is encoded as training sees it: BOS, then the tokens of its text (no EOS). Every
   token after BOS is predicted exactly once, from the tokens before it in the same document.
 - Windows. The model sees at most `seq_len` tokens at a time, so a longer document is cut into

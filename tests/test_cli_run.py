@@ -437,6 +437,8 @@ def test_a_prompt_longer_than_the_context(stories260k, tok512):
         n = flags[-1] if flags[-1] != "--context-shift" else "256"
         assert f"but -n/--steps allows {n} positions".encode() in limited.stderr, limited.stderr
         assert b"more than the model's context" not in limited.stderr
+    one = run_cli(*base, "--context-shift", "-n", "1")
+    assert b"but -n/--steps allows 1 position:" in one.stderr, one.stderr
     drafted = run_cli(*base, "--max-new-tokens", "5", "--draft", str(stories260k))  # which refuses --context-shift
     assert b"more than the model's context (512)" in drafted.stderr and b"--context-shift" not in drafted.stderr
 

@@ -1018,11 +1018,14 @@ def test_a_llama2c_python_config_file_is_read_without_running_it(tmp_path):
 @pytest.mark.parametrize("files, split", [
     (["data00.json", "data01.json", "data02.json"], "2 train shards and 1 val shard (the first, data00.bin, as in "
                                                     "llama2.c: none is named val)"),
+    (["data00.json", "data01.json"], "1 train shard and 1 val shard (the first, data00.bin, as in llama2.c: none "
+                                     "is named val)"),
     (["stories.txt"], "1 shard (its last 10% held out for validation: no shard is named val)"),
-    (["train.txt", "valid.txt"], "1 train and 1 val shards"),
-    (["chat.jsonl"], "1 shard(s) (the last 10% of the conversations held out for validation: no shard is named "
+    (["train.txt", "valid.txt"], "1 train shard and 1 val shard"),
+    (["train.txt", "train2.txt", "valid.txt"], "2 train shards and 1 val shard"),
+    (["chat.jsonl"], "1 shard (the last 10% of the conversations held out for validation: no shard is named "
                      "val)"),
-], ids=["llama2c-shards", "one", "named", "chat"])
+], ids=["llama2c-shards", "llama2c-two-shards", "one", "named", "named-two", "chat"])
 def test_pretokenize_reports_the_split_training_will_use(tmp_path, capsys, tok300, files, split):
     """Several shards none named val: training holds out the first, as llama2.c does; the report said
     '3 train and 0 val shards'."""

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..config import DEFAULT_PARALLEL, QUANTIZE_KINDS
-from ..errors import BabyLlamaError, say, warn
+from ..errors import BabyLlamaError, counted, say, warn
 from .common import (
     QUANTIZE_HELP,
     add_chat_template,
@@ -285,7 +285,7 @@ def warn_prompt_too_long(n_prompt: int, steps: int, seq_len: int | None, which: 
         why = f"more than the model's context ({seq_len})"
         fix = "shorten it, or slide the window: --context-shift with --max-new-tokens" if can_shift else "shorten it"
     else:
-        why = f"but -n/--steps allows {steps} positions"
+        why = f"but -n/--steps allows {counted(steps, 'position')}"
         fix = ("raise -n, or leave it out: --max-new-tokens alone counts generated tokens only" if max_new
                else "raise -n, or use --max-new-tokens")
     warn(f"{which} is {n_prompt} tokens (with BOS), {why}: nothing will be generated "

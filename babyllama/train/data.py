@@ -2,8 +2,8 @@
 drawing training batches from the shards.
 
 Inputs (`--input PATH`, a file or a folder searched recursively):
-  .txt    documents separated by lines holding exactly `<|endoftext|>` (TinyStories' layout); a file
-          without separators is one document
+  .txt    documents separated by lines holding only `<|endoftext|>`, surrounding whitespace ignored
+          (TinyStories' layout); a file without separators is one document
   .jsonl  one document per line: a JSON string, or an object with a "text" or "story" field
   .json   a list of such strings/objects (TinyStories_all_data/data*.json)
 
@@ -45,7 +45,7 @@ import numpy as np
 from .. import safeio
 from ..config import CKPT_NAME, TOKENIZER_BIN
 from ..documents import iter_documents
-from ..errors import BabyLlamaError, Terminated
+from ..errors import BabyLlamaError, Terminated, counted
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, even_shares, read_documents, read_jsonl
 from ..progress import progress_bar
@@ -784,13 +784,13 @@ def split_text(shards: dict[str, list[str]], chat: bool = False) -> str:
     """How training will split these shards (the rule of split_arrays, or of chat_shards), in words."""
     train, val = shards["train"], shards.get("val") or []
     if val:
-        return f"{len(train)} train and {len(val)} val shards"
+        return f"{counted(len(train), 'train shard')} and {counted(len(val), 'val shard')}"
     if chat:
-        return (f"{len(train)} shard(s) (the last {VAL_FRACTION:.0%} of the conversations held out for validation: "
-                "no shard is named val)")
+        return (f"{counted(len(train), 'shard')} (the last {VAL_FRACTION:.0%} of the conversations held out for "
+                "validation: no shard is named val)")
     if len(train) > 1:
-        return (f"{len(train) - 1} train shards and 1 val shard (the first, {train[0]}, as in llama2.c: none is "
-                "named val)")
+        return (f"{counted(len(train) - 1, 'train shard')} and 1 val shard (the first, {train[0]}, as in llama2.c: "
+                "none is named val)")
     return f"1 shard (its last {VAL_FRACTION:.0%} held out for validation: no shard is named val)"
 
 
