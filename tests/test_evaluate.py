@@ -139,11 +139,19 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     want = evaluate(engine, byte_tokenizer(), data, show_progress=False)
     assert got["tokens"] == want.tokens and got["loss"] == pytest.approx(want.loss, rel=1e-6)
     quantized = run_cli("eval", str(tiny_model), "--data", str(data), "--json", "--quantize", "q8_0")
-    assert {k: got[k] for k in ("model", "lora", "quantize", "kv_cache")} == \
-        {"model": str(tiny_model), "lora": None, "quantize": None, "kv_cache": "f32"}
+    assert {k: got[k] for k in ("model", "lora", "quantize", "weights", "kv_cache")} == \
+        {"model": str(tiny_model), "lora": None, "quantize": None, "weights": "fp32", "kv_cache": "f32"}
     settings = json.loads(quantized.stdout)  # other figures, said so in fields of their own
     assert {k: settings[k] for k in ("model", "quantize", "kv_cache")} == \
         {"model": str(tiny_model), "quantize": "q8_0", "kv_cache": "f16"}
+    assert settings["weights"].startswith("q8_0")
+    # a quantized file's own weights, no --quantize: the weights field says what ran
+    q8_file = tmp_path / "q8.bin"
+    formats.save(formats.load(tiny_model), q8_file, version=2)
+    byte_tokenizer(tiny_args().vocab_size).save(tmp_path / "tokenizer.bin")
+    from_file = json.loads(run_cli("eval", str(q8_file), "--data", str(data), "--json").stdout)
+    assert from_file["quantize"] is None and from_file["weights"] == formats.load(q8_file).kinds() \
+        and from_file["weights"].startswith("q8_0")
     table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
     assert table.returncode == 0, table.stderr.decode()
     assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ..config import QUANTIZE_KINDS
+from ..errors import counted
 from .common import QUANTIZE_HELP, add_model_flags, non_empty_path
 
 if TYPE_CHECKING:
@@ -15,8 +16,9 @@ if TYPE_CHECKING:
 def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="loss, perplexity and bits per byte of a model on a text file of stories",
-        description="Score a model on held-out text. The file is split into stories on lines that are exactly "
-        "<|endoftext|> (TinyStories layout; a file without them is one document; a .jsonl/.json file holds "
+        description="Score a model on held-out text. The file is split into stories on lines holding only "
+        "<|endoftext|> (surrounding spaces ignored; TinyStories layout; a file without them is one document; a "
+        ".jsonl/.json file holds "
         "stories as `data pretokenize` reads them); each story is stripped and "
         "encoded with BOS, as pretokenize does, and every token after BOS is predicted once. Stories longer "
         "than the context are cut into consecutive windows of at most seq_len tokens (a later window starts "
@@ -80,13 +82,14 @@ def model_name(args: argparse.Namespace) -> str:
 
 
 def run_settings(args: argparse.Namespace, model: Model) -> dict:
-    """What the figures are of, as JSON fields: the model file, the adapter, the weights' type on load and the KV
-    cache's type (each changes the figures), so that a script comparing runs reads them without parsing."""
+    """What the figures are of, as JSON fields: the model file, the adapter, the --quantize asked for, the types of
+    the weights as they ran (a quantized file's own, or --quantize's) and the KV cache's type (each changes the
+    figures), so that a script comparing runs reads them without parsing."""
     from ..engine import kv_cache_name
     from ..loading import BUILTIN_MODEL
 
     return {"model": str(args.checkpoint or BUILTIN_MODEL), "lora": args.lora, "quantize": args.quantize,
-            "kv_cache": kv_cache_name(model.engine.kv_dtype)}
+            "weights": model.weights.kinds(), "kv_cache": kv_cache_name(model.engine.kv_dtype)}
 
 
 # flags that apply to one kind of evaluation only: refused with the other rather than ignored
@@ -142,6 +145,3 @@ def eval_instruct(model: Model, args: argparse.Namespace) -> int:
 TOPIC_HIT = {None: "none asked", True: "mentioned", False: "missed"}  # a sample's topic_hit, in words
 
 
-def counted(n: int, one: str, many: str | None = None) -> str:
-    """n and the noun, singular for 1: "1 story", "2,000 stories"."""
-    return f"{n:,} {one if n == 1 else many or one + 's'}"
