@@ -38,7 +38,7 @@ def llamacpp_quantize(src: Path, dst: Path, ftype_name: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.ftype = getattr(llama_cpp, FTYPE_PREFIX + ftype_name)
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     try:
         if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
@@ -62,6 +62,7 @@ def check_args(args: argparse.Namespace) -> list[tuple[Path, Path]]:
         raise BabyLlamaError(f"--max-stories must be >= 1, got {args.max_stories}")
     if not Path(args.data).is_file():
         raise BabyLlamaError(f"--data {args.data}: no such file")
+    check_gguf_types(args.gguf_types)
     extra = [model_and_tokenizer(spec) for spec in args.model]
     for path, tok in extra:
         if not path.is_file():
@@ -69,6 +70,25 @@ def check_args(args: argparse.Namespace) -> list[tuple[Path, Path]]:
         if not tok.is_file():
             raise BabyLlamaError(f"--model {path}: no tokenizer {tok} (give one: --model {path}:TOKENIZER)")
     return extra
+
+
+FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+
+
+def check_gguf_types(spec: str) -> None:
+    """--gguf-types names llama.cpp file types its quantizer knows (where llama-cpp-python is there to ask; without
+    it the GGUF rows say it is absent)."""
+    from babyllama.errors import BabyLlamaError
+
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    known = sorted(name.removeprefix(FTYPE_PREFIX) for name in dir(llama_cpp) if name.startswith(FTYPE_PREFIX))
+    unknown = [t for t in spec.split(",") if t and t not in known]
+    if unknown:
+        raise BabyLlamaError(f"--gguf-types: unknown llama.cpp file type {', '.join(unknown)}; choose from "
+                             f"{', '.join(known)}")
 
 
 def main() -> None:
@@ -123,7 +143,7 @@ def main() -> None:
                 out = Path(tmp) / f"{ftype}.gguf"
                 try:
                     llamacpp_quantize(f32, out, ftype)
-                except (RuntimeError, AttributeError) as e:
+                except RuntimeError as e:
                     print(f"| {name} | GGUF {ftype} | – | – | – | {e} |")
                     continue
                 notes = []

@@ -4,6 +4,7 @@ and their files are named like bench's."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -55,6 +56,10 @@ def test_gguf_files_names_the_quantized_files_like_bench_does(monkeypatch):
     (["--data", "missing.txt"], "--data missing.txt: no such file"),
     (["--model", "model.bin"], "no tokenizer"),
     (["--model", "absent.bin"], "--model absent.bin: no such file"),
+    pytest.param(["--gguf-types", "Q4_K_M,Q9_X"], "--gguf-types: unknown llama.cpp file type Q9_X; choose from",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                          reason="llama-cpp-python (the bench extra) is not installed: its file "
+                                                 "types are what --gguf-types is checked against")),
 ])
 def test_quality_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     (tmp_path / "valid.txt").write_text("Once upon a time.\n")
