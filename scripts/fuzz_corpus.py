@@ -306,6 +306,8 @@ def hf_expect(original: dict):
                 else "error"
         if key == "max_position_embeddings":
             return "any" if value is None or (_is_int(value) and 1 <= value <= 1 << 24) else "error"
+        if key == "rope_theta" and "rope_theta" in (original.get("rope_parameters") or {}):
+            return "any"  # rope_parameters' theta is the one read, as transformers 5 reads it: this one is not
         if key in ("rms_norm_eps", "rope_theta"):
             return "any" if value is None or _positive_number(value, FLOAT_LIMITS[key]) else "error"
         if key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
@@ -370,16 +372,21 @@ def hf_cases(m: Maker, n: int) -> None:
     for kind, expect, data in variants(weights, header, n // 2, m.rng, (header, len(weights)), trailing_error=False):
         m.folder("hf safetensors", kind, expect, s.hf, {"model.safetensors": data}, run)
     names = [k for k in json.loads(weights[8:header]) if k != "__metadata__"]
+    # a sharded folder: the weights under a shard's name, so that the index is what is read (beside a
+    # model.safetensors the loader reads that and passes over the index, as transformers does)
+    shard = "model-00001-of-00001.safetensors"
+    sharded = {"model.safetensors": None, shard: weights}
     for label, entry, expect in [("escape ..", "../x.safetensors", "error"), ("absolute", "/etc/passwd", "error"),
                                  ("missing", "nope.safetensors", "error"), ("number", 5, "error"),
-                                 ("self", "model.safetensors.index.json", "error"), ("ok", "model.safetensors", "any"),
+                                 ("self", "model.safetensors.index.json", "error"), ("ok", shard, "any"),
                                  ("dir", ".", "error"), ("nested ..", "a/../../x", "error")]:
         index = {"weight_map": dict.fromkeys(names, entry)}
-        m.folder("hf index", label, expect, s.hf, {"model.safetensors.index.json": json.dumps(index).encode()},
-                 run)
+        m.folder("hf index", label, expect, s.hf,
+                 {**sharded, "model.safetensors.index.json": json.dumps(index).encode()}, run)
     for label, index in [("list", []), ("no map", {"x": 1}), ("map list", {"weight_map": []}),
                          ("empty map", {"weight_map": {}})]:
-        m.folder("hf index", label, "error", s.hf, {"model.safetensors.index.json": json.dumps(index).encode()}, run)
+        m.folder("hf index", label, "error", s.hf,
+                 {**sharded, "model.safetensors.index.json": json.dumps(index).encode()}, run)
 
 
 def meta_cases(m: Maker, n: int) -> None:
@@ -464,7 +471,7 @@ def flag_cases(m: Maker) -> None:
     for flags, expect in [
         (["-t", "nan"], "error"), (["-t", "inf"], "any"), (["--temperature=-1"], "error"), (["-p", "nan"], "error"),
         (["-p", "2"], "error"), (["-n", "-1"], "error"), (["-n", "99999999999"], "any"), (["-n", "0"], "any"),
-        (["--max-new-tokens", "0"], "error"), (["--max-new-tokens", "1000000000"], "any"), (["-s", "-5"], "error"),
+        (["--max-new-tokens", "0"], "error"), (["--max-new-tokens", "1000000000"], "any"), (["-s", "-5"], "any"),
         (["-s", str(1 << 70)], "any"), (["--threads", "0"], "error"), (["--threads", "90000"], "error"),
         (["--threads", "40000"], "error"), (["--parallel", "0"], "error"), (["--draft-k", "0"], "error"),
         (["--n-keep", "-3"], "error"), (["--context-shift", "--n-keep", "1000000"], "any"),

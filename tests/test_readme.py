@@ -24,7 +24,7 @@ SKIP = {
     "bash .ci/run": "runs this suite",
     "BABYLLAMA_FUZZ_EXAMPLES=20000 python -m pytest -q tests/test_fuzz.py": "the long fuzz run (tens of minutes); "
                                                                              "the suite runs it with 40 inputs",
-    "python scripts/fuzz_corpus.py --out out/fuzz-corpus": "1,102 CLI runs (8-14 min)",
+    "python scripts/fuzz_corpus.py --out out/fuzz-corpus": "1,102 CLI runs (6-14 min)",
 }
 NEEDS_INTERNET = ("babyllama download",)
 NEEDS_GPU = ("--device cuda",)
