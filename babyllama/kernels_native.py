@@ -446,22 +446,33 @@ def is_intact(lib: Path) -> bool:
 def _run_compiler(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run one compile in a process group of its own, and stop the whole group (the driver, cc1, the LTO jobs)
     when this process stops waiting for it, whatever the reason (Ctrl-C, a signal turned into an exception):
-    killing the driver alone leaves its jobs compiling for a minute."""
-    # errors="replace": a compiler's messages in a non-UTF-8 locale (Latin-1 catalogues) are still shown
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                            start_new_session=True)
+    killing the driver alone leaves its jobs compiling for a minute. The compiler's $TMPDIR is a folder of its
+    own, removed after it: GCC's LTO wrapper, stopped while it links, leaves two scratch files there (in /tmp,
+    one pair per interrupted first run)."""
     try:
-        out, err = proc.communicate()
-    except BaseException:
-        _stop_group(proc)
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        scratch: str | None = tempfile.mkdtemp(prefix="babyllama-cc.")
+    except OSError:  # no writable temporary folder: the compiler meets the same, and says so itself
+        scratch = None
+    env = {**os.environ, "TMPDIR": scratch} if scratch else None
+    try:
+        # errors="replace": a compiler's messages in a non-UTF-8 locale (Latin-1 catalogues) are still shown
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                                start_new_session=True, env=env)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            _stop_group(proc)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to proc's process group (GCC's driver then removes its temporary files, but for an LTO wrapper's
-    two small scratch files in $TMPDIR that GCC itself leaves behind when stopped while it links), then,
-    once proc has exited or 5 s have passed, SIGKILL to whatever of the group is left."""
+    two small scratch files, which go with the compile's own $TMPDIR: _run_compiler), then, once proc has exited
+    or 5 s have passed, SIGKILL to whatever of the group is left."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)

@@ -1083,14 +1083,19 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
 
     pids = tmp_path / "pids"
     cc = tmp_path / "slowcc"  # a driver that leaves the work to a child of its own, as gcc leaves it to cc1
+    # ... and leaves a scratch file in $TMPDIR, as GCC's LTO wrapper does when stopped while it links
     cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "slowcc 1"; exit 0; }\n'
+                  'touch "${TMPDIR:-/tmp}/cc-left-behind.lto_wrapper_args"\n'
                   f'sleep 120 &\necho $$ $! > {pids}.tmp && mv {pids}.tmp {pids}\nwait\n')
+    temp = tmp_path / "tmp"  # the process's temporary folder, where the compiler's scratch files went
+    temp.mkdir()
     cc.chmod(0o755)
     cache = tmp_path / "cache"
     script = "import sys; from pathlib import Path; from babyllama import kernels_native; " \
              "kernels_native.build(Path(sys.argv[1]))"
     proc = subprocess.Popen([sys.executable, "-c", script, str(cache)], stderr=subprocess.PIPE,
-                            env={**os.environ, "CC": str(cc), "PYTHONPATH": str(ROOT)}, preexec_fn=sigint_default)
+                            env={**os.environ, "CC": str(cc), "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)},
+                            preexec_fn=sigint_default)
     deadline = time.monotonic() + 60
     while not pids.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -1104,6 +1109,7 @@ def test_an_interrupted_build_stops_the_compiler_and_leaves_no_library(tmp_path)
         time.sleep(0.05)
     assert not alive(driver) and not alive(job)
     assert list(cache.glob("*.so")) == [] and list(cache.glob("*.tmp")) == [] and list(cache.glob("*.sha256")) == []
+    assert list(temp.iterdir()) == []  # the compile's own $TMPDIR, with what the compiler left in it, is gone
 
 
 def test_forced_avx2_is_not_loaded_on_a_cpu_without_it(monkeypatch, capsys):
