@@ -736,6 +736,41 @@ def test_ctrl_c_while_the_cli_loads_ends_it_without_a_traceback(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", real_import)
 
 
+def test_ctrl_c_inside_an_extension_modules_import_ends_it_without_a_traceback(monkeypatch):
+    """A Ctrl-C that lands inside NumPy's import of its C parts reaches the entry point as an ImportError (NumPy's
+    "bad install" message, 40 lines): after a Ctrl-C that is exit 130 too; an ImportError without one is not."""
+    import builtins
+    import os
+    import signal
+    import time
+
+    from babyllama.__main__ import run
+
+    real_import = builtins.__import__
+
+    def import_interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1 and (globals or {}).get("__package__") == "babyllama":
+            try:  # the signal as a user's Ctrl-C delivers it, caught and replaced as an extension's import does
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                raise ImportError("PyCapsule_Import could not import module \"datetime\"") from None
+        return real_import(name, globals, locals, fromlist, level)
+
+    def import_broken(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1 and (globals or {}).get("__package__") == "babyllama":
+            raise ImportError("a broken install")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", import_interrupted)
+    assert run() == 130
+    monkeypatch.setattr(builtins, "__import__", import_broken)
+    with pytest.raises(ImportError, match="a broken install"):
+        run()
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left as it was found
+
+
 def test_ctrl_c_while_the_command_line_is_parsed_ends_it_without_a_traceback(monkeypatch):
     """After the imports, building the parser imports more (train's settings): a Ctrl-C there is exit 130 too."""
     from babyllama import cli
