@@ -143,5 +143,3 @@ def eval_instruct(model: Model, args: argparse.Namespace) -> int:
 
 
 TOPIC_HIT = {None: "none asked", True: "mentioned", False: "missed"}  # a sample's topic_hit, in words
-
-
