@@ -113,18 +113,19 @@ def detect_format(path: str | os.PathLike) -> str:
         raise BabyLlamaError(f"{path}: {part}, not a model file: pass the folder itself ({path.parent})")
     if head[:4] == b"GGUF":
         return "gguf"
-    if path.suffix.lower() == ".gguf" and len(head) < 4:  # not a llama2.c file too small for its header either
-        raise BabyLlamaError(f"{path}: file is too small ({len(head)} bytes) to be a GGUF model")
-    if path.suffix.lower() == ".gguf" and struct.unpack_from("<I", head)[0] != formats.MAGIC:
-        # (a llama2.c file of version 1 or more, misnamed, still loads; version 0 has no magic to tell it by, and
-        # its field checks would speak of a llama2.c header to someone holding, say, a saved error page)
+    llama2c_magic = len(head) >= 4 and struct.unpack_from("<I", head)[0] == formats.MAGIC
+    # named .gguf: a llama2.c file of version 1 or more, misnamed, still loads; version 0 has no magic to tell it
+    # by, and its field checks would speak of a llama2.c header to someone holding, say, a saved error page
+    if path.suffix.lower() == ".gguf" and not llama2c_magic:
+        if len(head) < 4:
+            raise BabyLlamaError(f"{path}: file is too small ({len(head)} bytes) to be a GGUF model")
         raise BabyLlamaError(f"{path}: not a GGUF file (it starts with {bytes(head[:4])!r}, not b'GGUF')")
     # torch.save's file (its zip, or the older pickle): a Hugging Face pytorch_model.bin beside its config, else a
     # training checkpoint
     if head.startswith((b"PK\x03\x04", _TORCH_LEGACY_HEAD)):
         return "hf" if (path.parent / "config.json").is_file() and path.name.startswith("pytorch_model") \
             else "checkpoint"
-    if len(head) >= 4 and struct.unpack_from("<I", head)[0] == formats.MAGIC:
+    if llama2c_magic:
         return "bin"
     if path.suffix == ".pt":
         return "checkpoint"
