@@ -144,18 +144,25 @@ def _to_hf(src: Source, out: Path, dtype: str | None, tok: Path | None, explicit
 
 
 def _check_not_source(out: Path, src: Source, to: str, merging: bool) -> None:
-    """Refuse to write over the model being read (the file, a link to it, or the folder a checkpoint was read
-    from): the export would replace the source it was asked to convert, and a file still mapped for reading
-    would change under the reader."""
-    read_from_folder = to == "hf" and src.kind == "hf" and src.path.is_file()  # weight files: their folder's
-    written_over = out.exists() and (out.samefile(src.path) or (read_from_folder and out.samefile(src.path.parent)))
-    if not written_over:
+    """Refuse to write over the model being read: a file it was read from (a link to one), or, for Hugging Face
+    output, the folder a Hugging Face checkpoint was read from. The export would replace the source it
+    was asked to convert, and a file still mapped for reading would change under the reader."""
+    if not out.exists():
+        return
+    read_from = [p for p in src.inputs if p.exists()]
+    if to == "hf" and src.kind == "hf":
+        read_from += [p.parent for p in src.inputs]
+    model = "the base model" if merging else "the model being exported"
+    if out.samefile(src.path):
+        what = model
+    elif any(out.samefile(p) for p in read_from):
+        what = f"{'the folder' if out.is_dir() else 'a file'} of {model}"
+    else:
         return
     if merging:
-        raise BabyLlamaError(f"{out} is the base model: the merged model written over it would leave the adapter "
-                             "without the base it was trained on; write it to another file")
-    raise BabyLlamaError(f"{out} is the model being exported ({src.path}): writing over it would lose it; choose "
-                         "another output")
+        raise BabyLlamaError(f"{out} is {what}: the merged model written over it would leave the adapter without "
+                             "the base it was trained on; write it to another file")
+    raise BabyLlamaError(f"{out} is {what} ({src.path}): writing over it would lose it; choose another output")
 
 
 def _check_not_input(out: Path, lora: str | os.PathLike | None, tok: Path | None) -> None:

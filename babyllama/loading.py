@@ -61,6 +61,7 @@ class Source:
     conversions: list = field(default_factory=list)  # describe()'s notes: GGUF conversions, a foreign chat template
     chat_template: str | None = None  # the Jinja chat template the file carries (a GGUF's, a Hugging Face folder's)
     quantized: bool = False  # the weights quantized on load (--quantize), not run as the file holds them
+    inputs: list[Path] = field(default_factory=list)  # the files its weights and settings came from: not outputs
 
     def describe(self) -> str:
         """One line: what was loaded, and from what."""
@@ -204,8 +205,11 @@ def _hf_source(paths: Sequence[str | os.PathLike], max_seq_len: int | None, quan
     first = Path(paths[0])
     folder = first if first.is_dir() else first.parent
     template, notes = hf_chat_template(folder)
-    return Source(load_hf(paths, max_seq_len, quantize), "hf", first, _first_file(folder / SENTENCEPIECE_MODEL),
-                  conversions=notes, chat_template=template)
+    read: list[Path] = []
+    weights = load_hf(paths, max_seq_len, quantize, read)
+    read += [p for p in (folder / CHAT_TEMPLATE_FILE, folder / "tokenizer_config.json") if p.is_file()]
+    return Source(weights, "hf", first, _first_file(folder / SENTENCEPIECE_MODEL), conversions=notes,
+                  chat_template=template, inputs=read)
 
 
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
@@ -228,7 +232,8 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     check_mmap_applies(mmap, kind, path)
     if kind == "bin":
         weights = formats.load(path, mmap=mmap, read_once=read_once)
-        source = Source(weights, kind, path, _first_file(path.with_name(TOKENIZER_BIN)))  # run.c's -z default
+        source = Source(weights, kind, path, _first_file(path.with_name(TOKENIZER_BIN)),  # run.c's -z default
+                        inputs=[path])
     elif kind == "gguf":
         from .interop.gguf import load_gguf
 
@@ -236,18 +241,20 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
         weights, vocab = load_gguf(path, max_seq_len, keep_quantized=keep_quantized, notes=conversions,
                                    quantize=quantize, convert_other_types=convert_other_types)
         source = Source(weights, kind, path, vocab=vocab, conversions=conversions,
-                        chat_template=vocab.chat_template if vocab is not None else None)
+                        chat_template=vocab.chat_template if vocab is not None else None, inputs=[path])
     elif kind == "hf":
         source = _hf_source([path], max_seq_len, quantize)
     elif kind == "meta":
         from .interop.meta import load_meta
 
         # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
-        source = Source(load_meta(path, max_seq_len, quantize), kind, path,
-                        _first_file(path / SENTENCEPIECE_MODEL, path.parent / SENTENCEPIECE_MODEL))
+        read: list[Path] = []
+        source = Source(load_meta(path, max_seq_len, quantize, read), kind, path,
+                        _first_file(path / SENTENCEPIECE_MODEL, path.parent / SENTENCEPIECE_MODEL), inputs=read)
     elif kind == "checkpoint":
         ckpt = path / CKPT_NAME if path.is_dir() else path
-        source = Source(weights_from_checkpoint(ckpt), kind, ckpt, _first_file(ckpt.parent / TOKENIZER_BIN))
+        source = Source(weights_from_checkpoint(ckpt), kind, ckpt, _first_file(ckpt.parent / TOKENIZER_BIN),
+                        inputs=[ckpt])
     else:
         raise BabyLlamaError(f"unknown model format {kind!r} (choose {', '.join(KINDS)})")
     if max_seq_len and kind in ("bin", "checkpoint"):

@@ -656,6 +656,19 @@ def test_llama2c_export_py_version_minus_one_and_dtype_names(tmp_path, capsys, t
         capsys, "export", str(tmp_path / "m.gguf"), "--model", str(tiny), "--version", "-1", "--to", "gguf")
 
 
+
+@pytest.mark.parametrize("version", [0, 1, 2, 3])
+def test_llama2c_export_py_version_writes_a_bin_whatever_out_is_named(tmp_path, capsys, tiny, version):
+    """export.py writes version N's .bin at the path given (`export.py model_q80 --version 2 ...`); a name that
+    says GGUF is refused rather than given llama2.c's bytes."""
+    out = tmp_path / "model_q80"
+    assert main(["export", str(out), "--model", str(tiny), "--version", str(version)]) == 0
+    assert formats.read_header(out)[1] == version
+    capsys.readouterr()
+    msg = cli_error(capsys, "export", str(tmp_path / "m.gguf"), "--model", str(tiny), "--version", str(version))
+    assert f"--version {version} is llama2.c .bin output, and {tmp_path / 'm.gguf'} is named as a GGUF file" in msg
+
+
 # ------------------------------------------------------------------------------------- the source is not the output
 
 
@@ -686,16 +699,62 @@ def test_export_refuses_to_write_a_gguf_over_itself(capsys, tiny_gguf):
     assert "is the model being exported" in msg and tiny_gguf.read_bytes() == before
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("to", ["bin", "gguf"])
+def test_export_refuses_to_write_over_a_file_a_hugging_face_model_is_read_from(tmp_path, capsys, tiny, to):
+    """Its weights, config.json, tokenizer_config.json (read for a chat template) and a shard index given as the
+    source: each was written over, the export exiting 0, when only the folder or the given path was checked."""
+    pytest.importorskip("safetensors")
+    import json
+
+    from safetensors import safe_open
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(hf), "--model", str(tiny)]) == 0
+    capsys.readouterr()
+    (hf / "tokenizer_config.json").write_text("{}\n")
+    with safe_open(str(hf / "model.safetensors"), framework="numpy") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    index = hf / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    before = folder_bytes(hf)
+    read = ["model.safetensors", "config.json", "tokenizer_config.json"]
+    for source, names in ((hf, read), (index, [*read, index.name]), (hf / "model.safetensors", read)):
+        for name in names:
+            msg = cli_error(capsys, "export", str(hf / name), "--to", to, "--hf", str(source))
+            what = "the model being exported" if hf / name == source else "a file of the model being exported"
+            assert f"{hf / name} is {what} ({source}): writing over it would lose it" in msg
+    assert folder_bytes(hf) == before and leftovers(tmp_path) == []
+    assert main(["export", str(hf / "beside.gguf"), "--hf", str(hf)]) == 0  # a new file in the folder is no loss
+
+
+def test_export_refuses_to_write_over_a_file_a_meta_model_is_read_from(tmp_path, capsys, tiny):
+    pytest.importorskip("torch")
+    from babyllama.interop.meta import save_meta
+
+    meta = save_meta(formats.load(tiny), tmp_path / "meta")
+    before = folder_bytes(meta)
+    for name in ("params.json", "consolidated.00.pth"):
+        msg = cli_error(capsys, "export", str(meta / name), "--to", "bin", "--meta-llama", str(meta))
+        assert f"{meta / name} is a file of the model being exported ({meta}): writing over it would lose it" in msg
+    assert folder_bytes(meta) == before
+
+
 def test_export_takes_out_after_the_hf_folder_and_refuses_the_folder_itself(tmp_path, capsys, tiny):
     pytest.importorskip("safetensors")
     hf = tmp_path / "hf"
     assert main(["export", str(hf), "--model", str(tiny)]) == 0
     capsys.readouterr()
-    files = {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()}
+    files = folder_bytes(hf)
     weights = next(hf.glob("*.safetensors"))
-    for argv in (["--hf", str(hf), str(hf)], ["--hf", str(weights), str(hf)], [str(hf), "--hf", str(hf)]):
-        assert "is the model being exported" in cli_error(capsys, "export", *argv)
-    assert {p.name: p.read_bytes() for p in hf.iterdir() if p.is_file()} == files
+    for argv in (["--hf", str(hf), str(hf)], [str(hf), "--hf", str(hf)]):
+        assert f"{hf} is the model being exported ({hf})" in cli_error(capsys, "export", *argv)
+    msg = cli_error(capsys, "export", "--hf", str(weights), str(hf))
+    assert f"{hf} is the folder of the model being exported ({weights})" in msg
+    assert folder_bytes(hf) == files
     out = tmp_path / "back.bin"
     assert main(["export", "--hf", str(hf), str(out)]) == 0  # OUT after the source, as with the other flags
     assert formats.load(out).args == formats.load(tiny).args

@@ -285,7 +285,8 @@ def test_gguf_bad_inputs(tmp_path, capsys, sp_model):
     assert "has 320 tokens but the model's vocab_size is 333" in error(
         out, "--model", str(tmp_path / "odd.bin"), "--tokenizer", str(sp_model))
     assert "--version applies to .bin output, not --to gguf" in error(
-        out, "--model", str(tmp_path / "odd.bin"), "--version", "2")
+        out, "--model", str(tmp_path / "odd.bin"), "--version", "2", "--to", "gguf")
+    assert "--version 2 is llama2.c .bin output" in error(out, "--model", str(tmp_path / "odd.bin"), "--version", "2")
     (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     assert "not a readable GGUF file" in error(str(tmp_path / "y.bin"), "--model", str(tmp_path / "bad.gguf"))
 

@@ -14,7 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                        "GGUF",
         description="Convert a model from one format to another. OUT is a .bin file (--to bin, versions 0-2 as "
                     "llama2.c's export.py, 3 Q4_0), a Hugging Face directory (--to hf) or a .gguf file (--to gguf); "
-                    "without --to it is guessed from OUT's name in any case (.bin, .gguf, else a directory).")
+                    "without --to it is a .bin where --version is given, else guessed from OUT's name in any case "
+                    "(.bin, .gguf, else a directory).")
     # optional for argparse only: `--hf DIR OUT` puts OUT among --hf's values (see output_path)
     p.add_argument("output", metavar="OUT", nargs="?", type=non_empty_path, help="file or directory to write")
     src = p.add_mutually_exclusive_group(required=True)
@@ -29,7 +30,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", metavar="ADAPTER", default=None, type=non_empty_path,
                    help="merge this LoRA adapter (from `babyllama finetune` on the source model) into the weights; "
                         "a Hugging Face export also gets the adapter in PEFT's layout in OUT/adapter")
-    p.add_argument("--to", choices=("bin", "hf", "gguf"), help="output format (default: from OUT's name)")
+    p.add_argument("--to", choices=("bin", "hf", "gguf"),
+                   help="output format (default: .bin with --version, else from OUT's name)")
     p.add_argument("--version", type=int, choices=(-1, 0, 1, 2, 3), default=None,
                    help=".bin version: 0 legacy fp32 (llama2.c's default, what run.c reads), 1 fp32, 2 Q8_0, 3 Q4_0 "
                         "(babyllama only) (default 1); -1: a Hugging Face directory, as llama2.c's export.py")
@@ -67,7 +69,8 @@ def dtype_name(text: str) -> str:
 
 
 def target(args: argparse.Namespace) -> str:
-    """--to, or OUT's name; llama2.c's `--version -1` is its Hugging Face export."""
+    """--to, or OUT's name; llama2.c's `--version -1` is its Hugging Face export, and another --version its .bin
+    whatever OUT is named (as export.py writes it), but for a name that says GGUF."""
     from ..export import infer_target
 
     if args.version == -1:
@@ -75,6 +78,11 @@ def target(args: argparse.Namespace) -> str:
             raise BabyLlamaError(f"--version -1 is Hugging Face output, not --to {args.to}")
         args.version = None
         return "hf"
+    if args.version is not None and args.to is None:
+        if infer_target(args.output, None) == "gguf":
+            raise BabyLlamaError(f"--version {args.version} is llama2.c .bin output, and {args.output} is named as a "
+                                 "GGUF file: name it .bin, or pass --to bin")
+        return "bin"
     return infer_target(args.output, args.to)
 
 

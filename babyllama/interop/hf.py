@@ -186,8 +186,8 @@ def config_from_args(args: ModelArgs, dtype: str = "float32") -> dict:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
-    """(config.json, weight files) from a checkpoint directory or an explicit list of files."""
+def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path], list[Path]]:
+    """(config.json, weight files, shard indexes) from a checkpoint directory or an explicit list of files."""
     given = [Path(p) for p in paths]
     for p in given:
         if not p.exists():
@@ -208,12 +208,13 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path]]:
         raise BabyLlamaError(f"{config}: missing (a Hugging Face model needs its config.json)")
     safeio.check_regular(config, "config.json")
     shards: list[Path] = []
+    indexes = [f for f in files if f.name.endswith(".index.json")]
     for f in files:
-        if f.name.endswith(".index.json"):
+        if f in indexes:
             shards.extend(_index_shards(f))
         else:
             shards.append(safeio.check_regular(f, "weight file"))
-    return config, list(dict.fromkeys(shards))
+    return config, list(dict.fromkeys(shards)), indexes
 
 
 # the checkpoint of a folder is the first of these it holds, whatever else is there: transformers' order (4.x and 5),
@@ -338,12 +339,15 @@ def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,
-            quantize: str | None = None) -> Weights:
+            quantize: str | None = None, read: list[Path] | None = None) -> Weights:
     """Read a Hugging Face Llama checkpoint (a directory, or its weight files with config.json beside them);
-    `quantize`: each matrix quantized as it is read (from_state_dict)."""
+    `quantize`: each matrix quantized as it is read (from_state_dict). The files read (config.json, shard
+    indexes, weight files) are added to `read`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    config_path, shards = _resolve(paths)
+    config_path, shards, indexes = _resolve(paths)
+    if read is not None:
+        read += [config_path, *indexes, *shards]
     config = safeio.read_json(config_path, "config.json")
     args = args_from_config(config, max_seq_len, str(config_path))
     index = _tensor_index(shards)

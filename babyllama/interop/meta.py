@@ -61,9 +61,10 @@ def _torch():
     return torch
 
 
-def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantize: str | None = None) -> Weights:
+def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantize: str | None = None,
+              read: list[Path] | None = None) -> Weights:
     """Read a Meta checkpoint directory (params.json + consolidated.*.pth) into `Weights`; `quantize`: each
-    matrix quantized as it is read (from_state_dict)."""
+    matrix quantized as it is read (from_state_dict). The files read are added to `read`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise BabyLlamaError(f"{folder}: not a directory (a Meta checkpoint is a folder with params.json)")
@@ -75,6 +76,8 @@ def load_meta(folder: str | os.PathLike, max_seq_len: int | None = None, quantiz
     if not shards:
         raise BabyLlamaError(f"{folder}: no consolidated.*.pth shards")
     check_shard_numbers(folder, shards)
+    if read is not None:
+        read += [params_path, *shards]
     params = Fields(safeio.read_json(params_path, "params.json"), str(params_path))
     if params.data.get("use_scaled_rope"):
         raise BabyLlamaError(f"{params_path}: scaled RoPE (Llama 3.1) is not supported")
