@@ -43,7 +43,8 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
     while True:
         printer.write(prompt)
         line = _stdin_line()
-        if not line:
+        if not line:  # the prompt's line ended, so that the shell's prompt (after Ctrl-D) starts a line of its own
+            printer.write("\n")
             return None
         if len(line) > MAX_LINE_BYTES:
             note(f"a line of more than {MAX_LINE_BYTES >> 20} MiB is more than any context holds; skipped")

@@ -70,7 +70,7 @@ def test_chat_turns_share_one_growing_sequence(monkeypatch, stories260k, tok512)
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, write_through=True))
     assert chat(model, ScriptedSampler(3), 512, None, "sys") == 0
     text = out.getvalue().decode()
-    assert text.count("Assistant: ") == 2 and text.endswith("User: ")
+    assert text.count("Assistant: ") == 2 and text.endswith("User: \n")  # the end of input ends the line
     positions = [p for call in fed for p in call]
     assert positions == list(range(len(positions)))  # one KV cache, positions never restart
     turn1 = len(model.tokenizer.encode(get_template().turn("first question", "sys")))
