@@ -69,6 +69,25 @@ def test_download_resumes_verifies_and_unpacks(tmp_path, archive, serve):
     assert (tmp_path / "shards" / "tokenizer.bin").read_bytes() == (tmp_path / "tok.bin").read_bytes()
 
 
+def test_pretokenize_reads_what_download_unpacked_into_the_same_data_dir(tmp_path, archive, serve):
+    """The default --input follows --data-dir (it stayed data/TinyStories_all_data, so `download --data-dir
+    mine` then `pretokenize --data-dir mine` said to run download first); an archive's folder is its name less
+    the whole archive suffix (.tar.xz gave NAME.tar), and a URL ending in / names no host:port file."""
+    pytest.importorskip("tqdm")
+    server = serve(archive)
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    proc = run_cli("data", "download", "--url", url_of(server), "--data-dir", "mine", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    proc = run_cli("data", "pretokenize", "--tokenizer", "tok.bin", "--data-dir", "mine", "--workers", "1",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert read_meta(tmp_path / "mine" / "tokenizer")["shards"]["train"] == ["data00.bin", "data01.bin"]
+    for name, folder in (("ts.tar.xz", "ts"), ("ts.tgz", "ts"), ("", "download")):
+        proc = run_cli("data", "download", "--url", server.url(name), "--data-dir", "other", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().strip() == f"unpacked into {Path('other') / folder}"
+
+
 def test_download_rejects_a_wrong_checksum(tmp_path, archive, serve):
     server = serve(archive, advertised="0" * 64)
     for extra in ([], ["--sha256", "1" * 64]):  # the server's digest, or the user's
@@ -208,15 +227,18 @@ def test_training_commands_answer_mistakes_in_one_line(argv, message, tmp_path, 
                          ids=lambda argv: argv[1])
 def test_a_missing_default_input_says_to_download_it(argv, tmp_path, monkeypatch, capsys):
     """training.md's walk-through starts with `babyllama data download`; without it the default --input,
-    data/TinyStories_all_data, is absent, and the error says how to get it."""
+    DATA_DIR/TinyStories_all_data (data/ for instruct, which has no --data-dir), is absent, and the error says
+    how to get it."""
     pytest.importorskip("sentencepiece")
     pytest.importorskip("tqdm")
     monkeypatch.chdir(tmp_path)
     byte_tokenizer(300).save(tmp_path / "tok.bin")
-    assert main(argv) == 1
-    assert capsys.readouterr().err.strip() == ("babyllama: error: input not found: data/TinyStories_all_data (the "
-                                               "default --input): run `babyllama data download` first, or give "
-                                               "--input FILE_OR_FOLDER")
+    for data_dir in ([], ["--data-dir", "mine"]) if argv[1] != "instruct" else ([],):
+        assert main(argv + data_dir) == 1
+        folder = Path(data_dir[1] if data_dir else "data") / "TinyStories_all_data"
+        assert capsys.readouterr().err.strip() == (f"babyllama: error: input not found: {folder} (the default "
+                                                   "--input): run `babyllama data download` first, or give "
+                                                   "--input FILE_OR_FOLDER")
 
 
 @pytest.mark.parametrize("argv,message", [

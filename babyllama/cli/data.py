@@ -25,7 +25,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                          description="Download TinyStories_all_data.tar.gz (or the .tar.gz at --url) into DATA_DIR, "
                                      "resuming an interrupted transfer, check its sha256 and unpack it into "
                                      "DATA_DIR/NAME (the archive's name without .tar.gz: data/TinyStories_all_data, "
-                                     "where train-vocab and pretokenize look by default).")
+                                     "where train-vocab and pretokenize with the same --data-dir look by "
+                                     "default).")
     d.add_argument("--url", default=None, type=non_empty_url,
                    help="archive URL (default: TinyStories_all_data.tar.gz on Hugging Face)")
     d.add_argument("--sha256", default=None, help="expected sha256 of the archive (default: what the server says)")
@@ -40,8 +41,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                                      "of --input (llama2.c's settings, runs of spaces kept) into "
                                      "DATA_DIR/tok{N}.model and its llama2.c tokenizer, DATA_DIR/tok{N}.bin.")
     v.add_argument("--vocab-size", "--vocab_size", type=int, required=True, help="number of tokens, e.g. 4096")
-    v.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
-                   help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    v.add_argument("--input", default=None, type=non_empty_path,
+                   help=f"text/jsonl/json file or folder (DATA_DIR/{TINYSTORIES})")
     v.add_argument("--data-dir", default="data", type=non_empty_path,
                    help="where tok{N}.model and tok{N}.bin go (data)")
     v.add_argument("--max-chars", type=positive_int, default=200_000_000,
@@ -53,8 +54,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                          description="Encode every document of --input, BOS in front, into one uint16 token shard "
                                      "per input file, written with meta.json and tokenizer.bin into the shard "
                                      "folder that train --data_dir and finetune --data_dir read.")
-    t.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
-                   help=f"text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    t.add_argument("--input", default=None, type=non_empty_path,
+                   help=f"text/jsonl/json file or folder (DATA_DIR/{TINYSTORIES})")
     which = t.add_mutually_exclusive_group()
     which.add_argument("--vocab-size", "--vocab_size", type=pretokenize_vocab_size, default=None,
                        help="use DATA_DIR/tok{N}.model from train-vocab")
@@ -79,8 +80,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "about the story's own character or topic that uses three words taken from the story, in one "
                     "of many phrasings; the story is the reply. Writes OUT_DIR/instruct_train.jsonl and "
                     "OUT_DIR/instruct_val.jsonl (held-out stories, for `babyllama eval --instruct`).")
-    i.add_argument("--input", default=DEFAULT_INPUT, type=non_empty_path,
-                   help=f"stories: text/jsonl/json file or folder ({DEFAULT_INPUT})")
+    i.add_argument("--input", default=None, type=non_empty_path,
+                   help=f"stories: text/jsonl/json file or folder (data/{TINYSTORIES})")
     i.add_argument("--out-dir", default="data/instruct", type=non_empty_path,
                    help="where the .jsonl files go (data/instruct)")
     i.add_argument("--val-count", type=int, default=200, help="stories held out for evaluation (200)")
@@ -104,7 +105,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=cmd_data_instruct)
 
 
-DEFAULT_INPUT = "data/TinyStories_all_data"
+TINYSTORIES = "TinyStories_all_data"  # the folder `data download` unpacks the default archive into
 
 
 def pretokenize_vocab_size(text: str) -> int:
@@ -115,25 +116,31 @@ def pretokenize_vocab_size(text: str) -> int:
     return positive_int(text)
 
 
-def check_input(path: str) -> None:
-    """The default --input is what `data download` unpacks: when it is missing, say how to get it, not only
-    that a path the user never typed is absent."""
-    from pathlib import Path
-
-    if path == DEFAULT_INPUT and not Path(path).exists():
+def input_path(args: argparse.Namespace) -> str:
+    """--input, else what `data download` unpacks into the same --data-dir (`data instruct`, which has none:
+    data/): when that is missing, say how to get it, not only that a path the user never typed is absent."""
+    if args.input is not None:
+        return args.input
+    path = Path(getattr(args, "data_dir", "data")) / TINYSTORIES
+    if not path.exists():
         raise BabyLlamaError(f"input not found: {path} (the default --input): run `babyllama data download` first, "
                              "or give --input FILE_OR_FOLDER")
+    return str(path)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from urllib.parse import urlsplit
 
     from ..train.download import TINYSTORIES_URL, download, extract
 
     url = args.url or TINYSTORIES_URL
-    name = Path(url.split("?")[0]).name or "download.tar.gz"
+    name = Path(urlsplit(url).path).name or "download.tar.gz"  # the archive's name, not a query's or a host's
     archive = download(url, Path(args.data_dir) / name, args.sha256, time_limit=args.time_limit)
-    stem = name[: -len(".tar.gz")] if name.endswith(".tar.gz") else Path(name).stem
+    stem = next((name[: -len(s)] for s in ARCHIVE_SUFFIXES if name.endswith(s) and len(name) > len(s)),
+                Path(name).stem)
     out = extract(archive, Path(args.data_dir) / stem)
     print(f"unpacked into {out}")
     return 0
@@ -143,15 +150,13 @@ def cmd_data_train_vocab(args: argparse.Namespace) -> int:
     require("sentencepiece", "train", "data train-vocab")
     from ..train.vocab import train_vocab
 
-    check_input(args.input)
+    args.input = input_path(args)
     model, binary = train_vocab(args.input, args.vocab_size, args.data_dir, args.max_chars, args.skip_bad_lines)
     print(f"wrote {model} and {binary}")
     return 0
 
 
 def cmd_data_pretokenize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     require("tqdm", "train", "data pretokenize")
     from ..train.data import pretokenize, split_text
 
@@ -164,7 +169,7 @@ def cmd_data_pretokenize(args: argparse.Namespace) -> int:
                                  f"--vocab-size {args.vocab_size}` first")
     else:
         raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
-    check_input(args.input)
+    args.input = input_path(args)
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     if args.word_weight != 1 or args.max_seq_len:
         check_chat_input(args.input, args.skip_bad_lines)
@@ -214,7 +219,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     from ..loading import builtin_model, open_model, tokenizer_for
 
     check_settings(args.val_count, args.dev_count, args.per_story, args.early_words)
-    check_input(args.input)
+    args.input = input_path(args)
     source = open_model(args.model or builtin_model())
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
     documents = (doc for path in _instruct_inputs(args.input, args.out_dir)
