@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -689,6 +690,23 @@ def test_a_folder_pretokenize_left_unfinished_is_not_read_as_llama2c_shards(tmp_
         split_arrays(shards, "train")
     pretokenize(tmp_path / "in", tok300, shards, workers=1)
     assert read_meta(shards)["shards"]["train"] == ["a.bin", "b.bin"]
+
+
+def test_train_vocabs_folder_is_no_shard_folder(tmp_path, tok300):
+    """`data train-vocab --data-dir data` puts tok{N}.model and tok{N}.bin in data/, and pretokenize the shards in
+    data/tok{N}/: `train --data_dir=data` read tok{N}.bin as a llama2.c shard (an id outside the vocabulary, a
+    "torn" file, or, with a large enough --vocab_size, a run on the tokenizer's bytes); it now names the folder."""
+    data = tmp_path / "data"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("A story.")
+    pretokenize(tmp_path / "in", tok300, data / "tok300", workers=1)
+    shutil.copy(tok300, data / "tok300.bin")
+    (data / "tok300.model").write_bytes(b"sentencepiece")
+    with pytest.raises(BabyLlamaError) as e:
+        read_meta(data)
+    assert str(e.value) == f"{data}: no token shards (give the shard folder: --data_dir={data / 'tok300'})"
+    (data / "tok300.model").unlink()  # a llama2.c shard that happens to be named so is one
+    assert read_meta(data)["shards"]["train"] == ["tok300.bin"]
 
 
 @pytest.mark.parametrize("argv", [

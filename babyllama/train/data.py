@@ -712,12 +712,19 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     meta_path = data_dir / META
     if meta_path.exists():
         return _checked_meta(safeio.read_json(meta_path, "meta.json"), meta_path)
-    names = sorted(p.name for p in data_dir.glob("*.bin") if p.name != TOKENIZER_BIN)
+    names = sorted(p.name for p in data_dir.glob("*.bin") if p.name != TOKENIZER_BIN and not _is_vocab_file(p))
     if not names:
-        raise BabyLlamaError(f"{data_dir}: no token shards (run `babyllama data pretokenize` first)")
+        inside = sorted(p for p in data_dir.iterdir() if (p / META).is_file())  # `data train-vocab`'s --data-dir
+        hint = f"give the shard folder: --data_dir={inside[0]}" if inside else "run `babyllama data pretokenize` first"
+        raise BabyLlamaError(f"{data_dir}: no token shards ({hint})")
     if len(names) > 1:
         return {"vocab_size": 0, "shards": {"val": names[:1], "train": names[1:]}}
     return {"vocab_size": 0, "shards": {"val": [], "train": names}}
+
+
+def _is_vocab_file(path: Path) -> bool:
+    """tok{N}.bin beside tok{N}.model: the tokenizer `data train-vocab` wrote, not a shard."""
+    return re.fullmatch(r"tok\d+", path.stem) is not None and path.with_suffix(".model").is_file()
 
 
 def _checked_meta(meta: dict, path: Path) -> dict:
