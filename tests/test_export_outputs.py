@@ -703,6 +703,19 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def test_a_bin_export_without_a_tokenizer_says_so(tmp_path, capsys, tiny):
+    """A checkpoint or .bin with no tokenizer beside it gave a .bin and nothing else, without a word (its Hugging
+    Face export says so; `run` then guesses the built-in tokenizer of that vocabulary size)."""
+    tiny.with_name("tokenizer.bin").unlink()
+    out = tmp_path / "out" / "m.bin"
+    assert main(["export", str(out), "--model", str(tiny)]) == 0
+    assert (f"note: {out} gets no tokenizer.bin beside it (none came with {tiny}): pass --tokenizer TOK to add "
+            "one, or -z TOKENIZER when running it") in capsys.readouterr().err
+    byte_tokenizer(300).save(out.with_name("tokenizer.bin"))  # one already there is the one it runs with
+    assert main(["export", str(out), "--model", str(tiny)]) == 0
+    assert "gets no tokenizer.bin" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("to", ["bin", "gguf"])
 def test_export_refuses_to_write_over_a_file_a_hugging_face_model_is_read_from(tmp_path, capsys, tiny, to):
     """Its weights, config.json, tokenizer_config.json (read for a chat template) and a shard index given as the
