@@ -827,6 +827,20 @@ def test_train_vocab_learns_from_a_line_longer_than_sentencepiece_takes(tmp_path
     assert len(Tokenizer.load(binary).encode(sample, bos=False)) < 0.8 * len(sample)  # merges learnt from it
 
 
+def test_a_linked_folder_inside_the_input_is_read_and_a_link_loop_ends(tmp_path):
+    """Path.rglob passes over linked folders: a corpus gathered with `ln -s` was "no .txt, .jsonl, .json files in
+    this folder"; a link back up the tree is read once, not forever."""
+    from babyllama.train.data import input_files
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("A story.")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sub").symlink_to(tmp_path / "corpus")
+    (tmp_path / "corpus" / "up").symlink_to(data)  # data/sub/up -> data
+    assert input_files(data) == [data / "sub" / "a.txt"]
+
+
 def test_train_vocab_with_its_data_dir_inside_the_input_reads_the_input_once(tmp_path):
     """`--input data` with the default `--data-dir data` read its own copy of the text as it wrote it (files that
     sorted before its work folder counted twice), and one a killed run left was read later as data, by

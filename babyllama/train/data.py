@@ -86,13 +86,26 @@ def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = Non
     skipped = Path(exclude).resolve() if exclude is not None else None
     if skipped is not None and (skipped == path.resolve() or not skipped.is_relative_to(path.resolve())):
         skipped = None  # not a folder inside the input: the input is not what it holds
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p)
+    files = sorted(p for p in _files_below(path) if p.is_file() and p.suffix in SUFFIXES and not _is_shards_meta(p)
                    and not (skipped is not None and p.resolve().is_relative_to(skipped))
                    and not _in_a_run_folder(p, path)
                    and not any(part.startswith(VOCAB_WORK_PREFIX) for part in p.relative_to(path).parts[:-1]))
     if not files:
         raise BabyLlamaError(f"{path}: no {', '.join(SUFFIXES)} files in this folder")
     return _without_blank_jsonl(files)
+
+
+def _files_below(folder: Path) -> Iterator[Path]:
+    """Every file below `folder`, in linked folders too (Path.rglob passes them over), each real folder once (a
+    link to a folder above ends there)."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in names)
 
 
 def _in_a_run_folder(path: Path, root: Path) -> bool:
