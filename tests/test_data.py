@@ -100,6 +100,21 @@ def test_download_rejects_a_wrong_checksum(tmp_path, archive, serve):
         assert not (tmp_path / "TinyStories_all_data").exists()
 
 
+def test_a_wrong_sha256_for_an_archive_downloaded_before_leaves_it(tmp_path, archive, serve):
+    """A typo in --sha256 moved a good archive (gigabytes, for TinyStories) aside as .corrupt, to be downloaded
+    again; a file that was there before is now left as it is, and the right pin takes it."""
+    server = serve(archive)
+    assert run_cli("data", "download", "--url", url_of(server), "--data-dir", str(tmp_path)).returncode == 0
+    proc = run_cli("data", "download", "--url", url_of(server), "--data-dir", str(tmp_path), "--sha256", "a" * 64)
+    assert proc.returncode == 1
+    err = proc.stderr.decode().strip().splitlines()[-1]
+    assert err.startswith("babyllama: error: checksum mismatch for TinyStories_all_data.tar.gz, downloaded before")
+    assert (tmp_path / "TinyStories_all_data.tar.gz").read_bytes() == archive
+    sha = hashlib.sha256(archive).hexdigest()
+    proc = run_cli("data", "download", "--url", url_of(server), "--data-dir", str(tmp_path), "--sha256", sha)
+    assert proc.returncode == 0 and f"sha256 ok ({sha})".encode() in proc.stderr
+
+
 def test_download_reports_an_unreachable_server(tmp_path, serve):
     server = serve(b"")
     url = url_of(server).replace("/TinyStories", "/missing/TinyStories")

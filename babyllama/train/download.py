@@ -58,7 +58,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
     dest = Path(dest)
     if dest.is_file():
         print(f"{dest} already downloaded", file=sys.stderr)
-        _verify(dest, sha256)
+        _verify(dest, sha256, downloaded_now=False)
         return dest
     with safeio.new_folders_removed_on_error(dest.parent):  # a failed download leaves no empty folder
         safeio.output_dir(dest.parent, "data folder")
@@ -75,11 +75,16 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, expected: str | None) -> None:
+def _verify(path: Path, expected: str | None, downloaded_now: bool = True) -> None:
+    """Check `path` against the sha256 `expected`. A download that does not match is moved aside; a file that
+    was there before is left where it is: the --sha256 given may be the mistake, and the file gigabytes."""
     digest = file_sha256(path)
     if expected is None:
         print(f"sha256 {digest} (no checksum to compare with: pass --sha256 to pin it)", file=sys.stderr)
         return
+    if digest != expected.lower() and not downloaded_now:
+        raise BabyLlamaError(f"checksum mismatch for {path.name}, downloaded before: expected {expected}, got "
+                             f"{digest} (left as it is: check --sha256, or delete {path} to download it afresh)")
     if digest != expected.lower():
         bad = path.with_name(path.name + ".corrupt")
         os.replace(path, bad)
