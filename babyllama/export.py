@@ -192,13 +192,13 @@ def _to_bin(src: Source, out: Path, version: int, group_size: int | None, tok: P
     tok_out = out.with_name(TOKENIZER_BIN)
     if tokenizer is None:  # the model runs with the tokenizer.bin beside it: one of another size never could
         _check_kept_tokenizer(tok_out, src.weights.args.vocab_size)
-        if not tok_out.is_file():  # else `run` would guess one (the built-in's for its vocabulary size) and say so
-            note(f"{out} gets no {TOKENIZER_BIN} beside it (none came with {src.path}): pass --tokenizer TOK to add "
-                 "one, or -z TOKENIZER when running it")
     elif not _replaces_tokenizer(tok_out, tokenizer, tok, explicit, src.path):
         tokenizer = None
     formats.save(src.weights, out, version, group_size, quantize_q4=kernels.q4_0_blocks)
     written = [out]
+    if tokenizer is None and not tok_out.is_file():  # `run` would guess one (the built-in's of its vocabulary size)
+        note(f"{out} gets no {TOKENIZER_BIN} beside it (none came with {src.path}): pass --tokenizer TOK to add "
+             "one, or -z TOKENIZER when running it")
     if tokenizer is not None:
         tokenizer.save(tok_out)
         written.append(tok_out)
