@@ -555,6 +555,23 @@ def test_data_instruct_again_into_a_folder_inside_its_input_reads_the_stories_on
     assert (tmp_path / "stories" / "ins" / "instruct_train.jsonl").read_bytes() == first
 
 
+def test_data_instruct_on_a_corpus_folder_leaves_its_validation_file_out(tmp_path, capsys):
+    """A folder such as ../shared/data/tinystories (train-00.txt, valid.txt): its valid.txt stories became training
+    requests, so a model tuned on them was later scored (`eval --data valid.txt`) on stories it was trained on."""
+    from babyllama.cli import main
+
+    (tmp_path / "corpus").mkdir()
+    make_story_corpus(tmp_path / "corpus" / "train-00.txt", 40, seed=3)
+    make_story_corpus(tmp_path / "corpus" / "valid.txt", 10, seed=4)
+    argv = ["--model", str(_tiny_model(tmp_path)), "--max-word-df", "0.5", "--val-count", "5"]
+    assert main(["data", "instruct", "--input", str(tmp_path / "corpus"), "--out-dir", str(tmp_path / "a"), *argv]) == 0
+    assert f"note: left out {tmp_path / 'corpus' / 'valid.txt'}: validation data by name" in capsys.readouterr().err
+    alone = tmp_path / "corpus" / "train-00.txt"
+    assert main(["data", "instruct", "--input", str(alone), "--out-dir", str(tmp_path / "b"), *argv]) == 0
+    for name in ("instruct_train.jsonl", "instruct_val.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
 def test_data_instruct_never_writes_over_its_input(tmp_path, capsys):
     """--out-dir the input's own folder: an earlier run's requests there are skipped; an input file that is one
     of the files it writes is refused before anything is written."""

@@ -19,8 +19,8 @@ from conftest import ROOT, SHARED
 README = ROOT / "README.md"
 SKIP = {
     "pip install . && babyllama run": "the set-up command itself (CI installs the package)",
-    "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && mypy && python -m pytest -q -n 2 --dist loadfile":
-        "runs this suite",
+    "pip install torch==2.13.0 && pip install -e '.[dev]' && ruff check . && mypy "
+    "&& python -m pytest -q -n 2 --dist loadfile": "runs this suite",
     "bash .ci/run": "runs this suite",
     "BABYLLAMA_FUZZ_EXAMPLES=20000 python -m pytest -q tests/test_fuzz.py": "the long fuzz run (tens of minutes); "
                                                                              "the suite runs it with 40 inputs",

@@ -198,7 +198,7 @@ INSTRUCT_FILES = ("instruct_train.jsonl", "instruct_val.jsonl", "instruct_dev.js
 def _instruct_inputs(input_path: str, out_dir: str) -> list[Path]:
     """The input's files less an earlier run's output (its requests are no stories); an input that is one of
     the files this run writes is refused, as it would be written over."""
-    from ..train.data import input_files
+    from ..train.data import input_files, is_val_shard
 
     outputs = [p for p in (Path(out_dir) / name for name in INSTRUCT_FILES) if p.exists()]
     is_output = lambda f: any(f.samefile(o) for o in outputs)  # noqa: E731
@@ -208,6 +208,11 @@ def _instruct_inputs(input_path: str, out_dir: str) -> list[Path]:
     files = [f for f in input_files(input_path, exclude=out_dir) if not is_output(f)]
     if not files:
         raise BabyLlamaError(f"{input_path}: no stories, only an earlier run's requests ({', '.join(INSTRUCT_FILES)})")
+    held_out = [f for f in files if is_val_shard(f.name)]
+    if held_out and len(held_out) < len(files):  # a corpus with its splits: requests are made from its training part
+        note(f"left out {', '.join(str(f) for f in held_out)}: validation data by name, which pretokenize holds out "
+             "too (the requests' own held-out split comes from the other files); give it as --input to use it")
+        files = [f for f in files if f not in held_out]
     return files
 
 
