@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import NamedTuple, cast
 
 from . import safeio
 from .chat_template import check_messages
@@ -439,9 +439,19 @@ class InstructScore:
         return d
 
 
-def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> list[tuple[list[dict], list, list]]:
-    """(messages up to the first reply, requested words, topic words) of each record of an instruction file
-    (`babyllama data instruct` writes them: "words" and "topic_words" beside "messages")."""
+class Request(NamedTuple):
+    """A request to score: its messages up to the first reply, the words and topic words it asks for, and where
+    it was read (FILE:LINE)."""
+
+    messages: list[dict]
+    words: list
+    topic_words: list
+    where: str = "a request"
+
+
+def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> list[Request]:
+    """The requests of an instruction file (`babyllama data instruct` writes them: "words" and "topic_words"
+    beside "messages")."""
     data = read_jsonl(path, skippable=False)  # `eval --instruct` scores every record it is given
     if data.kind != CHAT:
         raise BabyLlamaError(f"{path}: plain-text records; --instruct needs instruction records "
@@ -456,15 +466,16 @@ def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> l
             raise BabyLlamaError(f"{path}:{lineno}: nothing to score: the record has no \"words\" or \"topic_words\"")
         chat = cast("list[dict]", messages)  # chat records: lists of messages
         first_reply = next(i for i, m in enumerate(chat) if m["role"] == "assistant")
-        out.append((chat[:first_reply], words, topic_words))
+        out.append(Request(chat[:first_reply], words, topic_words, f"{path}:{lineno}"))
         if max_examples and len(out) >= max_examples:
             break
     return out
 
 
-def score_instructions(model, requests: Sequence[tuple[list[dict], list, list]], max_new_tokens: int | None = None,
+def score_instructions(model, requests: Sequence[Request], max_new_tokens: int | None = None,
                        batch_size: int = 16, show_progress: bool = True) -> InstructScore:
-    """Greedy replies of `model` (an api.Model) to each request, scored (see the module docstring)."""
+    """Greedy replies of `model` (an api.Model) to each request, scored (see the module docstring); every request
+    is checked to leave room for a reply before any is answered."""
     from .chat_template import encode_chat
     from .generate import generate_batch
     from .progress import progress_bar
@@ -473,17 +484,17 @@ def score_instructions(model, requests: Sequence[tuple[list[dict], list, list]],
 
     tok, seq_len = model.tokenizer, model.args.max_seq_len
     score = InstructScore()
+    all_prompts = [encode_chat(tok, r.messages)[0] for r in requests]
+    for r, p in zip(requests, all_prompts):
+        if len(p) >= seq_len:
+            raise BabyLlamaError(f"{r.where}: a request of {len(p)} tokens leaves no room for a reply in the "
+                                 f"context of {seq_len}")
     with progress_bar(total=len(requests), desc="instruct", disable=not show_progress) as bar:
         for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            prompts = [encode_chat(tok, messages)[0] for messages, _, _ in chunk]
-            for p in prompts:
-                if len(p) >= seq_len:
-                    raise BabyLlamaError(f"a request of {len(p)} tokens leaves no room for a reply in the "
-                                         f"context of {seq_len}")
+            chunk, prompts = requests[start:start + batch_size], all_prompts[start:start + batch_size]
             seqs = generate_batch(model.engine, prompts, seq_len, [Sampler(0.0) for _ in prompts],
                                   stop_ids=(EOS, BOS), max_new=max_new_tokens)
-            for (messages, words, topic_words), p, seq in zip(chunk, prompts, seqs):
+            for (messages, words, topic_words, _), p, seq in zip(chunk, prompts, seqs):
                 reply = tok.decode_text(seq.generated, p[-1]).strip()
                 score.add(messages[-1]["content"], reply, words, topic_words, seq.stop_reason == "stop",
                           len(seq.generated))

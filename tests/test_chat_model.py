@@ -79,7 +79,7 @@ def test_the_chat_model_follows_requests_better_than_its_base(tmp_path):
                        "--max-new-tokens", "460")
         assert proc.returncode == 0, proc.stderr.decode()
         scores[name] = json.loads(proc.stdout)
-    assert scores["chat"]["requests"] == 24
+    assert scores["chat"]["requests"] == 24 and scores["chat"]["max_new_tokens"] == 460  # what the figures are of
     assert scores["chat"]["topic_hits"] >= scores["base"]["topic_hits"] + 4
     assert scores["chat"]["words_used"] >= scores["base"]["words_used"] + 8
     assert scores["chat"]["words_used"] >= 0.6 * scores["chat"]["words_requested"]

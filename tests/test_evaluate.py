@@ -139,8 +139,11 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     want = evaluate(engine, byte_tokenizer(), data, show_progress=False)
     assert got["tokens"] == want.tokens and got["loss"] == pytest.approx(want.loss, rel=1e-6)
     quantized = run_cli("eval", str(tiny_model), "--data", str(data), "--json", "--quantize", "q8_0")
-    assert {k: got[k] for k in ("model", "lora", "quantize", "weights", "kv_cache")} == \
-        {"model": str(tiny_model), "lora": None, "quantize": None, "weights": "fp32", "kv_cache": "f32"}
+    assert {k: got[k] for k in ("model", "lora", "quantize", "weights", "kv_cache", "seq_len")} == \
+        {"model": str(tiny_model), "lora": None, "quantize": None, "weights": "fp32", "kv_cache": "f32",
+         "seq_len": tiny_args().max_seq_len}
+    short = json.loads(run_cli("eval", str(tiny_model), "--data", str(data), "--json", "--seq-len", "8").stdout)
+    assert short["seq_len"] == 8 and short["windows"] > got["windows"]  # other figures, of another window
     settings = json.loads(quantized.stdout)  # other figures, said so in fields of their own
     assert {k: settings[k] for k in ("model", "quantize", "kv_cache")} == \
         {"model": str(tiny_model), "quantize": "q8_0", "kv_cache": "f16"}
@@ -155,6 +158,8 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     table = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2")
     assert table.returncode == 0, table.stderr.decode()
     assert b"2 stories" in table.stdout and b"bits/byte" in table.stdout
+    f16 = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "2", "--kv-cache", "f16")
+    assert f16.stdout.splitlines()[0].decode() == f"model       {tiny_model} --kv-cache f16"
     one = run_cli("eval", str(tiny_model), "--data", str(data), "--max-stories", "1")
     assert b": 1 story, " in one.stdout and b" 1 stories" not in one.stdout
 
@@ -204,6 +209,25 @@ def test_cli_eval_instruct_refuses_the_text_flags(tiny_model, tmp_path, flags):
     proc = run_cli("eval", str(tiny_model), "--instruct", str(requests), *flags)
     assert proc.returncode == 1 and proc.stderr.startswith(b"babyllama: error: ")
     assert f"{flags[0]} works with --data only".encode() in proc.stderr
+
+
+def test_cli_eval_instruct_names_a_request_too_long_for_the_context_before_answering_any(tiny_model, tmp_path,
+                                                                                         capsys, monkeypatch):
+    """It was found batch by batch (16 requests), after the earlier batches' replies, and named no file or line."""
+    from babyllama import generate
+    from babyllama.cli import main
+
+    def no_replies(*args, **kwargs):
+        raise AssertionError("a request was answered before the too long one was refused")
+
+    monkeypatch.setattr(generate, "generate_batch", no_replies)
+    requests = tmp_path / "requests.jsonl"
+    record = lambda text: json.dumps({"messages": [{"role": "user", "content": text},  # noqa: E731
+                                                   {"role": "assistant", "content": "x"}], "words": ["cat"]})
+    requests.write_text("\n".join([record("A cat.")] * 20 + ["", record("A cat. " * 100)]) + "\n")
+    assert main(["eval", str(tiny_model), "--instruct", str(requests)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"babyllama: error: {requests}:22: a request of ") and err.count("\n") == 1, err
 
 
 def test_cli_eval_needs_data(tiny_model):

@@ -296,12 +296,14 @@ def test_a_lora_run_folder_given_as_the_model_names_its_base(lora_run):
     root, _, _ = lora_run
     for argv in (["run", str(root / "lora"), "-n", "4"], ["export", str(root / "m.bin"), "--checkpoint",
                                                           str(root / "lora")],
-                 ["sample", "--checkpoint", str(root / "lora"), "-n", "4"]):
+                 ["sample", "--checkpoint", str(root / "lora"), "-n", "4"], ["eval", str(root / "lora"), "--data",
+                                                                               str(root / "lora" / "x.txt")]):
         proc = run_cli(*argv)
         err = proc.stderr.decode().strip()
         assert proc.returncode == 1 and len(err.splitlines()) == 1, err
-        assert f"is a LoRA fine-tune, which holds only the adapter: run its base model ({root / 'base.bin'}) with " \
-               "`babyllama run --lora`" in err and "merge it: `babyllama export OUT.bin --model BASE --lora RUN`" in err
+        assert f"is a LoRA fine-tune, which holds only the adapter: give its base model ({root / 'base.bin'}) with " \
+               "--lora RUN (the run folder, or adapter.safetensors in it), as `babyllama run|chat|eval|serve BASE " \
+               "--lora RUN` take it" in err and "merge it: `babyllama export OUT.bin --model BASE --lora RUN`" in err
     assert not (root / "m.bin").exists()
 
 

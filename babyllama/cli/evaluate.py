@@ -63,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**run_settings(args, model), "data": args.data, **r.to_dict()}))
         return 0
-    seq_len = args.seq_len or model.args.max_seq_len
+    seq_len = window(args, model)
     print(f"model       {model_name(args)}")
     print(f"data        {args.data}: {counted(r.documents, 'story', 'stories')}, {counted(r.bytes, 'byte')}")
     print(f"tokens      {r.tokens:,} predicted in {counted(r.windows, 'window')} of <= {seq_len}")
@@ -74,22 +74,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def model_name(args: argparse.Namespace) -> str:
-    """The model the figures are of: the file, with the adapter and the quantization it ran with."""
+    """The model the figures are of: the file, with the adapter, the quantization and the KV cache asked for."""
     from ..loading import BUILTIN_MODEL
 
     return (str(args.checkpoint or BUILTIN_MODEL) + (f" --lora {args.lora}" if args.lora else "")
-            + (f" --quantize {args.quantize}" if args.quantize else ""))
+            + (f" --quantize {args.quantize}" if args.quantize else "")
+            + (f" --kv-cache {args.kv_cache}" if args.kv_cache != "auto" else ""))
 
 
 def run_settings(args: argparse.Namespace, model: Model) -> dict:
     """What the figures are of, as JSON fields: the model file, the adapter, the --quantize asked for, the types of
-    the weights as they ran (a quantized file's own, or --quantize's) and the KV cache's type (each changes the
-    figures), so that a script comparing runs reads them without parsing."""
+    the weights as they ran (a quantized file's own, or --quantize's), the KV cache's type, and the window length
+    (--data) or the replies' cap (--instruct; null: until EOS or the context's end), each of which changes the
+    figures, so that a script comparing runs reads them without parsing."""
     from ..engine import kv_cache_name
     from ..loading import BUILTIN_MODEL
 
+    limit = {"max_new_tokens": args.max_new_tokens} if args.instruct else {"seq_len": window(args, model)}
     return {"model": str(args.checkpoint or BUILTIN_MODEL), "lora": args.lora, "quantize": args.quantize,
-            "weights": model.weights.kinds(), "kv_cache": kv_cache_name(model.engine.kv_dtype)}
+            "weights": model.weights.kinds(), "kv_cache": kv_cache_name(model.engine.kv_dtype), **limit}
+
+
+def window(args: argparse.Namespace, model: Model) -> int:
+    """The --data windows' length: --seq-len, else the model's context."""
+    return args.seq_len or model.args.max_seq_len
 
 
 # flags that apply to one kind of evaluation only: refused with the other rather than ignored

@@ -85,9 +85,10 @@ def model_from(ckpt: dict, source: str = "checkpoint") -> Transformer:
     if ckpt.get("lora"):
         base = (ckpt.get("config") or {}).get("base")
         named = f" ({base})" if isinstance(base, str) and base else ""
-        raise BabyLlamaError(f"{source} is a LoRA fine-tune, which holds only the adapter: run its base model{named} "
-                             "with `babyllama run --lora` (the run folder, or adapter.safetensors in it), or "
-                             "merge it: `babyllama export OUT.bin --model BASE --lora RUN`")
+        raise BabyLlamaError(f"{source} is a LoRA fine-tune, which holds only the adapter: give its base model{named} "
+                             "with --lora RUN (the run folder, or adapter.safetensors in it), as `babyllama run|chat|"
+                             "eval|serve BASE --lora RUN` take it, or merge it: `babyllama export OUT.bin --model "
+                             "BASE --lora RUN`")
     known = {f.name for f in fields(ModelArgs)}
     values = {k: v for k, v in ckpt["model_args"].items() if k in known}
     values["dropout"] = 0.0  # inference
