@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .config import LLAMA2_VOCAB_SIZE, ModelArgs
 from .errors import BabyLlamaError, first_line
 from .safeio import cache_folder, output_dir
-from .threads import usable_cpus
+from .threads import STARTING_ENVIRONMENT, usable_cpus
 
 if TYPE_CHECKING:
     from .formats import Weights
@@ -491,9 +491,8 @@ def describe_machine() -> str:
     except Exception:  # noqa: BLE001 - older numpy: no dict mode; the description is informative only
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    threads = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                          "NUMBA_NUM_THREADS") if k in os.environ)
-    # the environment bench started in; each row's own thread setting is in its row
+    # the environment bench started in (not what babyllama set since); each row's own thread setting is in its row
+    threads = ", ".join(f"{k}={v}" for k, v in STARTING_ENVIRONMENT.items())
     return (f"{cpu}, {os.cpu_count()} logical CPUs; Python {platform.python_version()}, NumPy {np.__version__}"
             f"{blas}; kernels: {nb}; thread variables at start: {threads or 'none set'}; load average at start "
             f"{' '.join(f'{x:.2f}' for x in load)}")

@@ -19,6 +19,8 @@ import sys
 from .errors import BabyLlamaError, note
 
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# the thread variables the process started with, before `configure` sets or caps them (bench reports these)
+STARTING_ENVIRONMENT = {k: os.environ[k] for k in (*BLAS_VARS, "NUMBA_NUM_THREADS") if k in os.environ}
 
 # How long idle BLAS threads busy-wait before sleeping. A prompt alternates OpenBLAS's sgemm (its own
 # threads) with the native kernels' pool; at the libraries' defaults (OpenBLAS ~2^28 cycles, GNU OpenMP

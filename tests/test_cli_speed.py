@@ -12,6 +12,7 @@ from conftest import (
     alive,
     assert_greedy_agree,
     byte_tokenizer,
+    cli_error,
     logits_after,
     random_weights,
     run_cli,
@@ -906,3 +907,43 @@ def test_bench_machine_line_says_why_the_c_kernels_are_not_used(monkeypatch):
     assert "(the C kernels did not build or load: see the line above;" in bench.kernels_description()
     monkeypatch.setattr(kernels_native, "compiler", lambda: None)
     assert bench.kernels_description().startswith("NumPy only (no C compiler;")
+
+
+@pytest.mark.parametrize("start, said", [({"OMP_NUM_THREADS": "2"}, "OMP_NUM_THREADS=2"), ({}, "none set")])
+def test_bench_header_names_the_thread_variables_it_started_with(start, said):
+    """Not the ones babyllama set itself before the header was written (OMP_NUM_THREADS=2 was said as
+    "OMP_NUM_THREADS=2, NUMBA_NUM_THREADS=2", and --threads 1 as three variables none of which was set)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")} | start
+    code = "from babyllama import bench, threads; threads.configure(1); print(bench.describe_machine())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert f"thread variables at start: {said}; load average" in out
+
+
+def test_bench_reference_by_bare_name_times_the_program_it_checked(tmp_path, monkeypatch):
+    """`--reference-q runq` with ./runq passed the check, then subprocess looked `runq` up on PATH (a row failed
+    after the whole measurement, or another program was timed); a program on PATH alone was refused."""
+    from babyllama.cli.bench import reference_path
+
+    here, on_path = tmp_path / "here", tmp_path / "bin"
+    for folder in (here, on_path):
+        folder.mkdir()
+        (folder / "runq").write_text("#!/bin/sh\n")
+        (folder / "runq").chmod(0o755)
+    (on_path / "only-on-path").write_text("#!/bin/sh\n")
+    (on_path / "only-on-path").chmod(0o755)
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("PATH", f"{on_path}{os.pathsep}{os.environ['PATH']}")
+    assert reference_path("runq") == str(here / "runq")
+    assert reference_path("only-on-path") == str(on_path / "only-on-path")
+    assert reference_path("./runq") == str(here / "runq")
+    assert reference_path("absent") is None
+    (here / "plain").write_text("not a program")
+    assert reference_path("plain") is None
+
+
+def test_bench_says_an_unknown_device_is_one(capsys):
+    msg = cli_error(capsys, "bench", "--device", "tpu", "--formats", "q4_0")
+    assert "tpu" in msg and "fp32 files only" not in msg, msg

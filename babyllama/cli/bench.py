@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 
 from ..errors import BabyLlamaError, missing_extra
@@ -118,6 +119,15 @@ def _check_plain_and_probe_flags(args: argparse.Namespace, torch_engine: bool, d
             setattr(args, name, getattr(defaults, name))
 
 
+def reference_path(exe: str) -> str | None:
+    """The absolute path of the program --reference names (the one checked is the one timed): a path as given,
+    a bare name the file of that name in the current folder, else the one on PATH; None for no executable
+    file."""
+    if os.sep not in exe and not os.path.isfile(exe):
+        exe = shutil.which(exe) or exe
+    return os.path.abspath(exe) if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench, safeio
     from ..printer import require_stdout
@@ -127,6 +137,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown or not shapes:
         raise BabyLlamaError(f"unknown shape(s) {', '.join(unknown) or '(none)'}; choose from "
                              f"{bench.BUILTIN}, {', '.join(bench.SHAPES)}")
+    from ..api import check_device, check_kv_cache
+
+    check_kv_cache(args.kv_cache, args.device)  # first: a flag clash needs no PyTorch to be told
+    check_device(args.device, args.compile)  # here, as one line, rather than in a child process
     torch_engine = args.device != "numpy"
     given = args.formats if args.formats is not None else "fp32" if torch_engine else DEFAULT_FORMATS
     fmts = tuple(_names(given))
@@ -164,16 +178,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name, flag, exe in (("run.c", "--reference", args.reference), ("runq.c", "--reference-q", args.reference_q)):
         if exe is None:
             continue
-        if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
-            raise BabyLlamaError(f"{flag} {exe}: not an executable file")
+        path = reference_path(exe)
+        if path is None:
+            raise BabyLlamaError(f"{flag} {exe}: not an executable file (here, or on PATH)")
         needs = bench.REFERENCES[name][0]  # a reference row sits beside babyllama's on the same format
         if needs not in fmts:
             raise BabyLlamaError(f"{flag} times {name} on {needs} files: add {needs} to --formats")
-        references[name] = exe
+        references[name] = path
     machine = bench.describe_machine()
-    from ..api import check_device, check_kv_cache
-    check_kv_cache(args.kv_cache, args.device)  # first: a flag clash needs no PyTorch to be told
-    check_device(args.device, args.compile)  # here, as one line, rather than in a child process
     plan = bench.Plan(shapes, fmts, args.repeats, args.tokens, args.batch, args.prompt_len,
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
