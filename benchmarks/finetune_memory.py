@@ -80,6 +80,9 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = p.parse_args()
+    for flag in ("steps", "batch_size", "seq_len", "lora_rank"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if a.child is not None:
         child(a.child)
         return

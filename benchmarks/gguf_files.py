@@ -79,6 +79,11 @@ def check_args(args: argparse.Namespace) -> None:
     shapes = [bench.BUILTIN, *bench.SHAPES]
     if args.shape not in shapes:
         raise BabyLlamaError(f"unknown --shape {args.shape}; choose from {', '.join(shapes)}")
+    from quality import check_gguf_types
+
+    check_gguf_types(args.types, "--types")
+    if args.dir is not None and not args.dir.strip():
+        raise BabyLlamaError("--dir is empty: give a folder, or leave --dir out for the bench cache")
     context = bench.context_of(args.shape)
     if not 2 <= args.tokens <= context:  # the first token is not timed: at least one more
         raise BabyLlamaError(f"--tokens must be from 2 to the {args.shape} model's context ({context}), got "
@@ -102,6 +107,7 @@ def main() -> None:
     f32 = bench.gguf_file(args.shape, "fp32", directory)
     print(HEADER)
     print("|" + " --- |" * (HEADER.count("|") - 1))
+    failed = 0
     for ftype in [t for t in args.types.split(",") if t]:
         path = quantized_file(directory, args.shape, ftype)
         if not path.exists():
@@ -110,17 +116,21 @@ def main() -> None:
                 llamacpp_quantize(f32, path, ftype)
             except (RuntimeError, AttributeError) as e:  # AttributeError: a type llama-cpp-python does not name
                 print(failed_row(args.shape, ftype, str(e)))
+                failed += 1
                 continue
         out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(args.tokens)], capture_output=True,
                              text=True)
         if out.returncode != 0:
             lines = out.stderr.strip().splitlines()
             print(failed_row(args.shape, ftype, lines[-1] if lines else f"exit status {out.returncode}"))
+            failed += 1
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rss = f"{r['rss_mib']:.0f} ({r['rss_mib'] - r['baseline_mib']:.0f}; {r['kv_cache_mib']:.0f})"
         print(f"| {args.shape} | {ftype} | {path.stat().st_size / 2**20:.0f} | {r['kinds']} | {r['load_s']:.2f} | "
               f"{rss} | {r['peak_mib']:.0f} | {r['decode']:.1f} | {'; '.join(r['notes']) or '–'} |", flush=True)
+    if failed:  # the table stands, the failures in its rows; a script running this learns of them too
+        raise BabyLlamaError(f"{failed} row(s) failed")
 
 
 if __name__ == "__main__":

@@ -63,19 +63,23 @@ def check_args(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     if not Path(args.data).is_file():
         raise BabyLlamaError(f"--data {args.data}: no such file")
     check_gguf_types(args.gguf_types)
+    from babyllama import formats
+    from babyllama.tokenizer import Tokenizer
+
     extra = [model_and_tokenizer(spec) for spec in args.model]
     for path, tok in extra:
         if not path.is_file():
             raise BabyLlamaError(f"--model {path}: no such file")
         if not tok.is_file():
             raise BabyLlamaError(f"--model {path}: no tokenizer {tok} (give one: --model {path}:TOKENIZER)")
+        Tokenizer.load(tok, formats.read_header(path)[0].vocab_size)  # a damaged file said before any evaluation
     return extra
 
 
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 
 
-def check_gguf_types(spec: str) -> None:
+def check_gguf_types(spec: str, flag: str = "--gguf-types") -> None:
     """--gguf-types names llama.cpp file types its quantizer knows (where llama-cpp-python is there to ask; without
     it the GGUF rows say it is absent)."""
     from babyllama.errors import BabyLlamaError
@@ -87,7 +91,7 @@ def check_gguf_types(spec: str) -> None:
     known = sorted(name.removeprefix(FTYPE_PREFIX) for name in dir(llama_cpp) if name.startswith(FTYPE_PREFIX))
     unknown = [t for t in spec.split(",") if t and t not in known]
     if unknown:
-        raise BabyLlamaError(f"--gguf-types: unknown llama.cpp file type {', '.join(unknown)}; choose from "
+        raise BabyLlamaError(f"{flag}: unknown llama.cpp file type {', '.join(unknown)}; choose from "
                              f"{', '.join(known)}")
 
 

@@ -42,7 +42,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from babyllama.bench import cache_dir, describe_machine, model_file  # noqa: E402
+from babyllama.bench import FORMATS, SHAPES, cache_dir, describe_machine, model_file  # noqa: E402
 
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama2-tokenizer.bin"
 VOCAB = 32000
@@ -314,6 +314,15 @@ def main() -> None:
     args = ap.parse_args()
     if not args.tokenizer.exists():
         sys.exit(f"tokenizer {args.tokenizer} not found (-z)")
+    for flag, given, known in (("--shapes", args.shapes, SHAPES), ("--formats", args.formats, FORMATS)):
+        if any(g not in known for g in given):
+            ap.error(f"{flag} takes {', '.join(known)}, got {' '.join(given)}")
+    for flag in ("tokens", "long_prompt", "chunk"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.out:  # before the measurement, not after it
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.touch()
     for shape in args.shapes:  # built before the clock: writing 440 MB is no measurement
         for fmt in args.formats:
             model_file(shape, fmt, cache_dir())

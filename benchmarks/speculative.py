@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 from babyllama import formats
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=256)
     ap.add_argument("-t", type=float, default=0.0)
     args = ap.parse_args()
+    if args.n < 1 or args.k < 1:
+        ap.error("-n and -k must be >= 1")
     target, draft = Engine(formats.load(args.target)), Engine(formats.load(args.draft))
     tok = Tokenizer.load(args.tokenizer, target.args.vocab_size)
     plain_speed, spec_speed, stats = [], [], SpecStats()
@@ -54,4 +57,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from babyllama.errors import BabyLlamaError
+
+    try:
+        main()
+    except BabyLlamaError as e:
+        sys.exit(f"speculative.py: error: {e}")

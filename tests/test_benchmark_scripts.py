@@ -1,6 +1,6 @@
-"""The Python measuring scripts beside bench (benchmarks/gguf_files.py, benchmarks/quality.py,
-benchmarks/decode_windows.py): their flags' mistakes are one line each, said before any model is built or loaded,
-and their files are named like bench's."""
+"""The Python measuring scripts beside bench (benchmarks/gguf_files.py, quality.py, decode_windows.py,
+speculative.py, finetune_memory.py, serve.py): their flags' mistakes are one line each (argparse's usage and one),
+said before any model is built or loaded, and their files are named like bench's."""
 
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--shape", "7B"], "unknown --shape 7B"),
     (["--tokens", "0"], "--tokens must be from 2"),
     (["--shape", "15M", "--tokens", "300"], "the 15M model's context (256)"),
+    (["--dir", ""], "--dir is empty"),  # it fell back on the bench cache
+    pytest.param(["--types", "Q4_0,q4_0"], "--types: unknown llama.cpp file type q4_0; choose from",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                          reason="llama-cpp-python (the bench extra) is not installed: its file "
+                                                 "types are what --types is checked against")),
 ])
 def test_gguf_files_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     out = script("gguf_files.py", *flags, cwd=tmp_path)
@@ -68,6 +73,40 @@ def test_quality_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     out = script("quality.py", *data, *flags, cwd=tmp_path)
     assert out.returncode == 1 and message in out.stderr and out.stderr.count("\n") == 1
     assert not out.stdout  # no table begun
+
+
+def test_quality_reads_each_models_tokenizer_before_evaluating_any(tmp_path):
+    """A damaged --model tokenizer was found after the built-in model and stories260K had been evaluated."""
+    from conftest import random_weights, tiny_args
+
+    from babyllama import formats
+
+    (tmp_path / "valid.txt").write_text("Once upon a time.\n")
+    formats.save(random_weights(tiny_args()), tmp_path / "m.bin")
+    (tmp_path / "tok.bin").write_bytes(b"garbage!")
+    out = script("quality.py", "--data", str(tmp_path / "valid.txt"), "--gguf-types", "", "--model",
+                 f"{tmp_path / 'm.bin'}:{tmp_path / 'tok.bin'}", cwd=tmp_path)
+    assert out.returncode == 1 and "tok.bin" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not out.stdout  # no table begun
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("speculative.py", ["t.bin", "d.bin", "-z", "tok.bin", "-k", "0"], "-n and -k must be >= 1"),
+    ("speculative.py", ["t.bin", "d.bin", "-z", "tok.bin", "-n", "0"], "-n and -k must be >= 1"),
+    ("speculative.py", ["absent.bin", "d.bin", "-z", "tok.bin"], "speculative.py: error: model file not found"),
+    ("finetune_memory.py", ["--steps", "0"], "--steps must be >= 1"),
+    ("serve.py", ["--shapes", "15m"], "--shapes takes 15M"),
+    ("serve.py", ["--formats", "q5_0"], "--formats takes fp32, q8_0, q4_0, got q5_0"),
+    ("serve.py", ["--tokens", "0"], "--tokens must be >= 1"),
+])
+def test_the_other_scripts_refuse_bad_flags_without_a_traceback(tmp_path, name, flags, message):
+    """-k 0 printed an acceptance of 0/0 or divided by zero, -n 0 divided by zero, --steps 0 ran two 110M
+    fine-tunes to report a peak of 0 MiB, serve.py's unknown names were KeyError tracebacks."""
+    if name == "serve.py":
+        pytest.importorskip("httpx")
+    out = script(name, *flags, cwd=tmp_path)
+    assert out.returncode in (1, 2) and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "cache").exists()  # nothing built
 
 
 @pytest.mark.parametrize("flags, message", [
