@@ -446,7 +446,7 @@ class Request(NamedTuple):
     messages: list[dict]
     words: list
     topic_words: list
-    where: str = "a request"
+    where: str
 
 
 def eval_requests(path: str | os.PathLike, max_examples: int | None = None) -> list[Request]:
