@@ -394,9 +394,14 @@ def default_group_size(args: ModelArgs, start: int = DEFAULT_GROUP_SIZE) -> int:
 def chosen_group_size(args: ModelArgs, kind: str = "q8_0") -> int:
     """default_group_size for quantizing to `kind` (a version 2 or 3 export, `--quantize`), with a one-line note
     on stderr where the shape leaves Q8_0 groups so small that they take more bytes a weight than f16
-    (1 + 4 / group size): under Q8_0 always, under Q4_0 where rows not made of blocks of 32 fall back to Q8_0."""
+    (1 + 4 / group size): under Q8_0 always, under Q4_0 where rows not made of blocks of 32 fall back to Q8_0
+    (which a note says too)."""
     gs = default_group_size(args)
-    q8_used = kind == "q8_0" or (kind == "q4_0" and (args.dim % BLOCK or args.hidden_dim % BLOCK))
+    odd = [f"{name} {n}" for name, n in (("dim", args.dim), ("hidden_dim", args.hidden_dim)) if n % BLOCK]
+    if kind == "q4_0" and odd:  # asked for Q4_0, given Q8_0 in part or whole: said, not left to be found
+        note(f"Q4_0 needs rows made of blocks of {BLOCK}: the matrices whose rows are of {' and '.join(odd)} are "
+             f"Q8_0 instead, in groups of {gs}")
+    q8_used = kind == "q8_0" or (kind == "q4_0" and odd)
     if gs < 4 and q8_used:
         beyond = "f16's 2 and fp32's 4" if 1 + 4 / gs > 4 else "f16's 2"
         note(f"Q8_0 in groups of {gs} (the largest size dividing both dim {args.dim} and hidden_dim "

@@ -211,8 +211,11 @@ def test_group_size_for_odd_hidden_dim_and_note_where_small(tmp_path, capsys):
     assert "more than f16's 2" in capsys.readouterr().err
     w.quantize(1)  # asked for: no note
     random_weights(tiny_args(dim=32, hidden_dim=48)).quantize()  # groups of 16: no note either
-    w.quantize_q4()  # w2's rows of 45 fall back to Q8_0 in groups of 1: said too
-    assert capsys.readouterr().err.count("babyllama: note: Q8_0 in groups of 1") == 1
+    w.quantize_q4()  # w2's rows of 45 fall back to Q8_0 in groups of 1: said too, and that Q4_0 is not theirs
+    err = capsys.readouterr().err
+    assert err.count("babyllama: note: Q8_0 in groups of 1") == 1
+    assert err.count("babyllama: note: Q4_0 needs rows made of blocks of 32: the matrices whose rows are of "
+                     "hidden_dim 45 are Q8_0 instead, in groups of 1") == 1
     random_weights(tiny_args(dim=32, hidden_dim=96)).quantize_q4()  # rows of 32s: no Q8_0, no note
     assert capsys.readouterr().err == ""
     # halving's size stays where it is 4 or more (llama2.c's export's choice), though 48 would divide both
