@@ -180,7 +180,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continue
         path = reference_path(exe)
         if path is None:
-            raise BabyLlamaError(f"{flag} {exe}: not an executable file (here, or on PATH)")
+            where = "" if os.sep in exe else " here or on PATH"
+            raise BabyLlamaError(f"{flag} {exe}: not an executable file{where}")
         needs = bench.REFERENCES[name][0]  # a reference row sits beside babyllama's on the same format
         if needs not in fmts:
             raise BabyLlamaError(f"{flag} times {name} on {needs} files: add {needs} to --formats")
