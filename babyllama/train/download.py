@@ -82,10 +82,10 @@ def _verify(path: Path, expected: str | None, downloaded_now: bool = True) -> No
     if expected is None:
         print(f"sha256 {digest} (no checksum to compare with: pass --sha256 to pin it)", file=sys.stderr)
         return
-    if digest != expected.lower() and not downloaded_now:
-        raise BabyLlamaError(f"checksum mismatch for {path.name}, downloaded before: expected {expected}, got "
-                             f"{digest} (left as it is: check --sha256, or delete {path} to download it afresh)")
     if digest != expected.lower():
+        if not downloaded_now:
+            raise BabyLlamaError(f"checksum mismatch for {path.name}, downloaded before: expected {expected}, got "
+                                 f"{digest} (left as it is: check --sha256, or delete {path} to download it afresh)")
         bad = path.with_name(path.name + ".corrupt")
         os.replace(path, bad)
         raise BabyLlamaError(f"checksum mismatch for {path.name}: expected {expected}, got {digest} "
