@@ -138,7 +138,7 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
             user = _read_line(printer, "User: ")
             if user is None:  # end of input
                 return 0
-        n_bytes = len(user.strip().encode("utf-8", "surrogatepass"))  # the template strips a message
+        n_bytes = model.tokenizer.text_bytes(user.strip())  # the template strips a message
         if n_bytes > seq_len * most_bytes:  # no encoding can fit it: said at once, not after minutes of encoding
             print(f"babyllama: this turn is {n_bytes} bytes, more than the context window's {seq_len} tokens can "
                   f"hold (a token covers at most {most_bytes} bytes); skipped", file=sys.stderr)

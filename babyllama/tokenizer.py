@@ -152,6 +152,11 @@ class Tokenizer:
         tokens no bound (sys.maxsize), since a run of characters missing from the vocabulary becomes one UNK."""
         return max((len(p) for p in self.piece_ids), default=1) if self.byte_ids else sys.maxsize
 
+    def text_bytes(self, text: str) -> int:
+        """The bytes of `text` as `encode` reads them (a "▁" is a space: one byte), which is what
+        `most_bytes_per_token` bounds: more than seq_len times that can never fit a context of seq_len tokens."""
+        return len(text.replace(META_SPACE, " ").encode("utf-8", "surrogatepass"))
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = [BOS] if bos else []
         if text:
@@ -264,9 +269,10 @@ class Tokenizer:
         BOS and EOS."""
         return b"" if token in (BOS, EOS) else self.shown_piece(prev, token)
 
-    def stream(self, prev: int = BOS) -> TextStream:
-        """An incremental decoder for the tokens that follow `prev`."""
-        return TextStream(self, prev)
+    def stream(self, prev: int = BOS, held: bytes = b"") -> TextStream:
+        """An incremental decoder for the tokens that follow `prev` (and the `held` first bytes of a character
+        that earlier tokens began: see TextStream.held)."""
+        return TextStream(self, prev, held)
 
     def check_ids(self, ids: list[int]) -> None:
         """Refuse ids outside the vocabulary (a negative one would index from the end of the pieces)."""
@@ -333,10 +339,16 @@ class TextStream:
     token (possibly none: a multi-byte character split across byte tokens waits for its last byte), `flush()`
     what is left at the end (an incomplete character becomes U+FFFD). Invalid bytes become U+FFFD too."""
 
-    def __init__(self, tokenizer: Tokenizer, prev: int = BOS):
+    def __init__(self, tokenizer: Tokenizer, prev: int = BOS, held: bytes = b""):
         self.tokenizer = tokenizer
         self.prev = prev
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8.decode(held)  # the first bytes of a character that the tokens up to `prev` began
+
+    @property
+    def held(self) -> bytes:
+        """The first bytes of a character not yet finished (what `held` resumes in another stream)."""
+        return self._utf8.getstate()[0]
 
     def push(self, token: int) -> str:
         data = self.tokenizer.token_bytes(self.prev, token)
@@ -350,7 +362,7 @@ class TextStream:
         """Whether `token`, pushed next, cuts short a character whose first bytes are held back: they then come
         out as one U+FFFD ahead of the token's own text (the decoder replaces a valid but unfinished sequence
         with one U+FFFD), where a token that continues the character adds to it."""
-        held = self._utf8.getstate()[0]
+        held = self.held
         if not held:  # the common case: no second look at the token's bytes
             return False
         data = self.tokenizer.token_bytes(self.prev, token)

@@ -19,7 +19,7 @@ import pytest
 
 from babyllama import formats
 from babyllama.config import ModelArgs
-from babyllama.tokenizer import Tokenizer
+from babyllama.tokenizer import EOS, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BABYLLAMA_SHARED", ROOT.parent / "shared"))
@@ -87,6 +87,24 @@ def random_weights(args: ModelArgs, seed: int = 0, scale: float = 0.05) -> forma
         w1=r(L, h, d), w2=r(L, d, h), w3=r(L, h, d),
         wcls=emb if args.shared_classifier else r(V, d),
     )
+
+
+def scripted_weights(chain: dict[int, int], vocab_size: int = 300, seq_len: int = 64) -> formats.Weights:
+    """A model whose greedy next token is chain[token], EOS after any other token: its blocks add nothing to the
+    residual (zero matrices), each token in chain has an embedding axis of its own (the others share the last
+    one), and the classifier maps an axis to the token that follows."""
+    states = sorted(chain)
+    args = tiny_args(dim=max(32, -(-(len(states) + 1) // 8) * 8), vocab_size=vocab_size, max_seq_len=seq_len)
+    w = random_weights(args)
+    for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+        getattr(w, name)[:] = 0
+    w.rms_att[:], w.rms_ffn[:], w.rms_final[:] = 1, 1, 1
+    emb, cls = np.zeros((vocab_size, args.dim), np.float32), np.zeros((vocab_size, args.dim), np.float32)
+    emb[:, -1], cls[EOS, -1] = 1.0, 30.0
+    for k, t in enumerate(states):
+        emb[t, -1], emb[t, k], cls[chain[t], k] = 0.0, 1.0, 30.0
+    w.tok_embeddings, w.wcls = emb, cls
+    return w
 
 
 def tiny_args(**kw) -> ModelArgs:

@@ -1078,6 +1078,92 @@ def test_text_that_cannot_fit_the_context_is_refused_before_encoding(monkeypatch
         assert on_loop and not any(on_loop)
 
 
+def space_run_tokenizer() -> Tokenizer:
+    """byte_tokenizer's layout with merges of up to eight spaces: a token covers at most 8 bytes of text."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [f"<0x{i:02X}>".encode() for i in range(256)]
+    pieces += [b" ", b"  ", b"    ", b"        ", b"a"]
+    pieces += [f"t{i}".encode() for i in range(300 - len(pieces))]
+    return Tokenizer(pieces, [0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)])
+
+
+def test_a_text_of_meta_spaces_is_counted_as_the_tokenizer_reads_it():
+    """The check before encoding counts a "▁" (U+2581, three bytes of UTF-8) as the one-byte space the tokenizer
+    reads it as: a prompt of them that fits the context is answered, not refused as too many bytes."""
+    from conftest import random_weights, tiny_args
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    tok = space_run_tokenizer()
+    assert tok.most_bytes_per_token() == 8
+    text = "a" + "\u2581" * 200  # 601 bytes of UTF-8, more than 64 tokens x 8 bytes; 201 bytes to the tokenizer
+    assert tok.text_bytes(text) == 201 and len(tok.encode(text)) < 40
+    app = create_app(Model(random_weights(tiny_args(max_seq_len=64)), tok), ServeConfig(model_name="m"))
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"prompt": text, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = http.post("/v1/completions", json={"prompt": "a" * 513})  # still refused before encoding
+        assert r.status_code == 400 and "is 513 bytes" in r.json()["error"]["message"], r.text
+
+
+def emoji_after_hi(tok: Tokenizer):
+    """A model that answers any prompt ending in BOS with "Hi😀" (the emoji as its four byte tokens), then EOS."""
+    from conftest import scripted_weights
+
+    ids = [tok.byte_ids[b] for b in "Hi😀".encode()]
+    return scripted_weights(dict(zip([BOS, *ids[:-1]], ids)), tok.vocab_size)
+
+
+def test_a_stop_string_completed_by_the_last_text_ends_the_choice_as_a_stop():
+    """max_tokens that cuts a character short leaves a U+FFFD at the end; a stop string it completes cuts
+    the text there, and the choice's finish_reason is "stop", whole and streamed, not "length"."""
+    from conftest import byte_tokenizer
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    tok = byte_tokenizer(300)
+    app = create_app(Model(emoji_after_hi(tok), tok), ServeConfig(model_name="m"))
+    with TestClient(app) as http:
+        for stop, text, reason in (("i\ufffd", "H", "stop"), ("x", "Hi\ufffd", "length")):
+            body = {"prompt": [BOS], "max_tokens": 4, "temperature": 0, "stop": stop}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert (r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]) == (text, reason)
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            assert "".join(e["choices"][0]["text"] for e in events) == text
+            assert events[-1]["choices"][0]["finish_reason"] == reason
+
+
+def test_echo_of_token_ids_that_end_inside_a_character_reads_as_one_text():
+    """A prompt of token ids that ends with a character's first bytes (here the emoji's first two): the echo
+    holds the whole characters before them, and the completion's text, which finishes the character, begins
+    with it, so echo + completion is the text of all the ids (not a U+FFFD for each half)."""
+    from conftest import byte_tokenizer
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    tok = byte_tokenizer(300)
+    app = create_app(Model(emoji_after_hi(tok), tok), ServeConfig(model_name="m"))
+    prompt = [BOS] + [tok.byte_ids[b] for b in "Hi😀".encode()[:4]]
+    with TestClient(app) as http:
+        for echo, text in ((True, "Hi😀"), (False, "\ufffd\ufffd")):  # alone, the last two bytes are no character
+            body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": echo}
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == text
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+            assert "".join(e["choices"][0]["text"] for e in events) == text
+
+
 def test_health_says_shutting_down_once_the_server_stops():
     """Between the signal to stop and the last connection's end, /health answers 503 "shutting_down" (a load
     balancer then sends the requests elsewhere), as the API answers new requests."""

@@ -193,9 +193,9 @@ class ChoiceText:
     """The text of one choice as its tokens arrive: whole UTF-8 characters (tokenizer.TextStream), cut at
     the first stop string. Text that could be the start of a stop string is held back until it is not."""
 
-    def __init__(self, tokenizer: Tokenizer, prev: int, stops: list[str]):
+    def __init__(self, tokenizer: Tokenizer, prev: int, stops: list[str], held: bytes = b""):
         self.prev = prev  # the token the choice's first token follows
-        self.stream = tokenizer.stream(prev)
+        self.stream = tokenizer.stream(prev, held)  # held: the first bytes of a character the prompt began
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.pending = ""  # decoded but not yet sent

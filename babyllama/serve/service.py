@@ -151,14 +151,15 @@ class Service:
         ids = await self.prompt_ids(req.prompt)
         max_new = req.max_tokens or 16
         self.check_room(len(ids), max_new, "prompt", asked=req.max_tokens is not None)
-        echo = self.prompt_text(req.prompt, ids) if req.echo else ""
-        return await self.answer(request, req, ids, max_new, req.logprobs, deadline, chat=False, echo=echo)
+        echo, held = self.prompt_text(req.prompt, ids) if req.echo else ("", b"")
+        return await self.answer(request, req, ids, max_new, req.logprobs, deadline, chat=False, echo=echo,
+                                 held=held)
 
     async def chat(self, request: Request) -> dict | EventSourceResponse:
         deadline = self.deadline()
         req = await self.parse(request, p.ChatRequest, deadline)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]  # developer: the system role
-        self.check_text_fits(sum(len(m["content"].encode()) for m in messages), "conversation", "messages")
+        self.check_text_fits(sum(self.tok.text_bytes(m["content"]) for m in messages), "conversation", "messages")
         try:
             ids, _ = await asyncio.to_thread(encode_chat, self.tok, messages, template=self.chat_template)
         except BabyLlamaError as e:
@@ -234,15 +235,21 @@ class Service:
     async def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids; a long text is encoded beside the event loop, not on it."""
         if isinstance(prompt, str):
-            self.check_text_fits(len(prompt.encode()), "prompt", "prompt")
+            self.check_text_fits(self.tok.text_bytes(prompt), "prompt", "prompt")
             return await asyncio.to_thread(self.tok.encode, prompt, bos=True)
         if any(not 0 <= t < self.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
         return list(prompt)
 
-    def prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
-        """What echo repeats: the prompt as given, or the text of its token ids."""
-        return prompt if isinstance(prompt, str) else self.tok.decode_text(ids[1:] if ids[0] == BOS else ids)
+    def prompt_text(self, prompt: str | list[int], ids: list[int]) -> tuple[str, bytes]:
+        """What echo repeats: the prompt as given, or the text of its token ids; and the first bytes of a
+        character those ids leave unfinished, which the completion's text takes up (so that echo and completion
+        read as the text of all the ids, not with U+FFFD for the character's two halves)."""
+        if isinstance(prompt, str):
+            return prompt, b""
+        stream = self.tok.stream()
+        text = "".join(stream.push(t) for t in (ids[1:] if ids[0] == BOS else ids))
+        return text, stream.held
 
     def check_text_fits(self, n_bytes: int, what: str, param: str) -> None:
         """Refuses text that can never fit the context before encoding it (which takes seconds for a megabyte):
@@ -265,8 +272,10 @@ class Service:
     # ------------------------------------------------------------------ generating
 
     async def answer(self, request: Request, req: p.CompletionRequest | p.ChatRequest, ids: list[int], max_new: int,
-                     logprobs: int | None, deadline: float, chat: bool, echo: str = "") -> dict | EventSourceResponse:
-        """Queue one job per choice (choice i samples with seed + i), then answer whole or as a stream."""
+                     logprobs: int | None, deadline: float, chat: bool, echo: str = "",
+                     held: bytes = b"") -> dict | EventSourceResponse:
+        """Queue one job per choice (choice i samples with seed + i), then answer whole or as a stream; `held`:
+        the first bytes of a character the echoed prompt leaves unfinished (see prompt_text)."""
         if self.closing.is_set():
             raise self.failure("shutdown")
         most = self.config.slots + self.config.queue  # choices that find a slot, and those that may wait for one
@@ -289,7 +298,7 @@ class Service:
             raise self.failure("error") from None
         self.metrics.prompt_tokens.inc(len(ids) * req.n)
         # a chat reply is decoded as after BOS (no leading space); a completion continues its prompt
-        choices = [Choice(job, p.ChoiceText(self.tok, BOS if chat else ids[-1], req.stops)) for job in jobs]
+        choices = [Choice(job, p.ChoiceText(self.tok, BOS if chat else ids[-1], req.stops, held)) for job in jobs]
         pending = Pending(req, chat, len(ids), choices, events, echo, p.new_id("chatcmpl" if chat else "cmpl"))
         if req.stream:
             return EventSourceResponse(self.stream(pending), headers=STREAM_HEADERS)
@@ -348,6 +357,13 @@ class Service:
             self.stop_jobs([choice.job])
         return piece
 
+    def finish_choice(self, choice: Choice, reason: str) -> str:
+        """The text left at a choice's end; the end is a stop where that text completes a stop string (the
+        U+FFFD of an unfinished character can)."""
+        piece = choice.text.finish()
+        choice.finish = "stop" if choice.text.stopped else reason
+        return piece
+
     async def next_event(self, request: Request, pending: Pending) -> tuple[int, Token | Finished]:
         """The next (choice index, event) of a whole answer. Every DISCONNECT_POLL_S, whether events keep coming
         or not, it checks that the client is still there, and ends the request when it is not. (A stream
@@ -386,8 +402,7 @@ class Service:
                 if isinstance(event, Token):
                     parts[i].append(self.take_token(choice, event))
                     continue
-                parts[i].append(choice.text.finish())
-                choice.finish = event.reason
+                parts[i].append(self.finish_choice(choice, event.reason))
         finally:
             self.end_unfinished(pending)
         out = []
@@ -471,8 +486,7 @@ class Service:
             if isinstance(event, Token):
                 piece = self.take_token(choice, event)
             else:
-                piece = choice.text.finish()
-                choice.finish = event.reason
+                piece = self.finish_choice(choice, event.reason)
             if pending.logprobs:
                 start, end = choice.take_unreported()
                 if piece or end > start:
