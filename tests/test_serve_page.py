@@ -4,6 +4,7 @@ test artifact (test-artifacts/chat-page.png; BABYLLAMA_UPDATE_DOCS=1 also copies
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -738,6 +739,77 @@ def test_a_reply_waiting_for_a_free_slot_says_so_until_its_first_text(browser, t
         assert page.evaluate(hint) == "none"
         assert page.get_attribute(".msg.assistant", "data-hint") is None
         busy.close()
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_an_error_is_followed_into_view_and_the_speed_is_the_latest_reply_s(browser):
+    """An error that ends a turn is scrolled into view as a reply's text is (it was left under the log's edge);
+    the tokens/s figure and its count belong to the latest reply: a reply too short to time, a failed turn and a
+    new conversation clear the previous reply's figure."""
+    server = Server("--slots", "1")
+    log = "document.getElementById('log')"
+    try:
+        page = open_page(browser, server, viewport={"width": 1000, "height": 500})
+        set_control(page, "#temperature", "0")
+
+        def say(text: str, max_tokens: str, n_turns: int) -> None:
+            page.fill("#max-tokens", max_tokens)
+            page.fill("#prompt", text)
+            page.press("#prompt", "Enter")
+            page.wait_for_function(f"document.querySelectorAll('#log .msg').length === {2 * n_turns} && "
+                                   "!document.getElementById('send').disabled", timeout=60_000)
+
+        say("Tell me a story about a cat.\n" * 4, "60", 1)
+        assert "tokens/s" in page.text_content("#speed")
+        assert page.get_attribute("#speed", "data-tokens") == "60"
+        say("Hello", "1", 2)  # one token: nothing to time
+        assert page.text_content("#speed") == "" and page.get_attribute("#speed", "data-tokens") == "1"
+        say("Tell me another story.", "2000", 3)  # the context (512) has no room for 2000 more: an error
+        assert page.text_content(".msg.error").startswith("Error: ")
+        assert page.evaluate(f"{log}.scrollHeight > {log}.clientHeight && "
+                             f"{log}.scrollHeight - {log}.scrollTop - {log}.clientHeight < 1")
+        assert page.text_content("#speed") == "" and page.get_attribute("#speed", "data-tokens") is None
+        say("Hello", "40", 4)
+        assert "tokens/s" in page.text_content("#speed")
+        page.click("#clear")
+        assert page.text_content("#speed") == "" and page.get_attribute("#speed", "data-tokens") is None
+        page.close()
+    finally:
+        server.stop()
+
+
+def test_answers_in_other_servers_shapes_are_read_or_said_plainly(browser):
+    """Behind a proxy or with another server, an answer may differ from serve's: an error given as a plain
+    string is shown (it showed "Error: " alone), a page where a stream should be says so (it was called a lost
+    connection), and events that end in CRLF blank lines (which the format allows) are read."""
+    server = Server("--slots", "1")
+    answers = {
+        "string error": (400, "application/json", '{"error": "a plain string error"}'),
+        "html page": (200, "text/html", "<html><body>Sign in to the proxy</body></html>"),
+        "crlf events": (200, "text/event-stream", 'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}, '
+                        '"finish_reason": null}]}\r\n\r\ndata: {"choices": [{"index": 0, "delta": {}, '
+                        '"finish_reason": "stop"}]}\r\n\r\ndata: [DONE]\r\n\r\n'),
+    }
+
+    def answer(status: int, content_type: str, body: str, route, request) -> None:
+        route.fulfill(status=status, content_type=content_type, body=body)
+
+    try:
+        page = open_page(browser, server)
+        for n, (name, (status, content_type, body)) in enumerate(answers.items(), start=1):
+            page.route("**/v1/chat/completions", functools.partial(answer, status, content_type, body))
+            page.fill("#prompt", name)
+            page.press("#prompt", "Enter")
+            page.wait_for_function("!document.getElementById('send').disabled && "
+                                   f"document.querySelectorAll('#log .msg').length === {2 * n}", timeout=30_000)
+            last = page.query_selector_all("#log .msg")[-1]
+            shown = {"string error": "Error: a plain string error",
+                     "html page": "Error: the answer is not a stream of events but text/html: is a proxy in the way?",
+                     "crlf events": "Hi"}[name]
+            assert last.text_content() == shown, name
+            page.unroute("**/v1/chat/completions")
         page.close()
     finally:
         server.stop()

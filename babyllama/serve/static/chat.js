@@ -96,13 +96,17 @@ function bubble(role, text) {
 // the server's error, or for an answer that is not one (a proxy's page) its status: "502 Bad Gateway"
 async function errorOf(response) {
   const status = {message: (response.status + " " + response.statusText).trim()};
-  try { return (await response.json()).error || status; }
+  let error;
+  try { error = (await response.json()).error; }
   catch (e) { return status; }
+  if (typeof error === "string" && error) return {message: error};  // {"error": "..."}: another server's shape
+  return error && error.message ? error : status;
 }
 
 // A browser says only "Failed to fetch" (or "network error") when the server is gone: these say which
 const UNREACHABLE = "cannot reach the server: is babyllama serve still running?";
 const LOST = "the connection to the server was lost before the reply was complete";
+const EVENT_END = /\r\n\r\n|\n\n|\r\r/;  // a server-sent event's blank line
 
 // fetch, whose network failure becomes UNREACHABLE (an abort stays an abort)
 async function request(url, init) {
@@ -132,6 +136,11 @@ async function postConversation(signal, maxTokens) {
                             ...controls(), stream_options: {include_usage: true},
                             logprobs: true}),  // a chunk's tokens, one entry each: the live tokens/s counts them
     });
+    const type = r.headers.get("content-type") || "";
+    if (r.ok && !type.startsWith("text/event-stream")) {  // a proxy's page, say: no reply, and no lost connection
+      throw new Error(`the answer is not a stream of events but ${type || "of no content type"}: is a proxy ` +
+                      "in the way?");
+    }
     if (r.ok) return {r, dropped};
     const error = await errorOf(r);
     if (error.code !== "context_length_exceeded" || history.length - dropped < 3) throw new Error(error.message);
@@ -166,6 +175,7 @@ async function send(text) {
   controller = new AbortController();
   if (document.activeElement === $("send")) $("prompt").focus();  // disabled, it would leave the focus nowhere
   $("send").disabled = true; $("stop").disabled = false; $("status").textContent = "";
+  clearSpeed();  // the figure is the last reply's until this one's can be measured
   // counted: tokens so far (a chunk carries every token that came since the last one); atFirst: those that came
   // with the first text, before the clock of the tokens/s figure starts
   let reply = "", tokens = 0, counted = 0, atFirst = 0, first = null, reason = null, failed = false, complete = false;
@@ -184,14 +194,16 @@ async function send(text) {
       const {value, done} = await readPiece(reader);
       if (done) break;
       buffer += decoder.decode(value, {stream: true});
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      // events end with a blank line; lines end with "\r\n", "\n" or "\r" (the format allows each)
+      let m;
+      while ((m = buffer.match(EVENT_END)) !== null) {
+        const event = buffer.slice(0, m.index).replace(/\r\n?/g, "\n");
+        buffer = buffer.slice(m.index + m[0].length);
         const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("");
         if (data === "[DONE]") complete = true;
         if (!data || complete) continue;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.error) throw new Error(chunk.error.message || String(chunk.error));
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
         for (const c of chunk.choices) {
           if (c.logprobs && c.logprobs.content) counted += c.logprobs.content.length;
@@ -207,9 +219,13 @@ async function send(text) {
     }
     if (!complete) throw new Error(LOST);  // the answer ends with [DONE]: a server killed mid-reply sends none
     if (first !== null && tokens > atFirst) showSpeed(tokens - atFirst, first, tokens);
+    $("speed").dataset.tokens = tokens;  // also where the reply came too fast to time
   } catch (e) {
     if (e.name === "AbortError") reason = "stopped";
-    else { failed = true; out.className = "msg error"; out.textContent = "Error: " + e.message; }
+    else {
+      failed = true;
+      follow(() => { out.className = "msg error"; out.textContent = "Error: " + e.message; });
+    }
   } finally {
     endHint();
     controller = null;
@@ -256,6 +272,11 @@ function hintWhileWaiting(out) {
 
 // the n tokens after those that came with the first text, over the time since it came; `total`: the reply's
 // tokens so far (data-tokens, for tests)
+function clearSpeed() {
+  $("speed").textContent = "";
+  delete $("speed").dataset.tokens;
+}
+
 function showSpeed(n, since, total) {
   const s = (performance.now() - since) / 1000;
   if (s > 0) $("speed").textContent = (n / s).toFixed(1) + " tokens/s";
@@ -279,7 +300,7 @@ $("stop").addEventListener("click", () => { if (controller) controller.abort(); 
 $("clear").addEventListener("click", () => {
   conversation += 1;
   if (controller) controller.abort();  // a reply still streaming belonged to the conversation cleared
-  history.length = 0; $("log").textContent = ""; $("status").textContent = "";
+  history.length = 0; $("log").textContent = ""; $("status").textContent = ""; clearSpeed();
   saveConversation();
 });
 for (const id of SETTINGS) $(id).addEventListener("input", saveSettings);
