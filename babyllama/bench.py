@@ -91,7 +91,7 @@ def cache_dir(override: str | None = None) -> Path:
     """Where the bench models are cached: `override` (--cache-dir), else $BABYLLAMA_BENCH_DIR, else the "bench"
     folder of babyllama's cache ($BABYLLAMA_CACHE/bench or ~/.cache/babyllama/bench), made where missing."""
     base = override or os.environ.get("BABYLLAMA_BENCH_DIR") or cache_folder("bench")
-    return output_dir(base, "bench model cache")
+    return output_dir(Path(base).expanduser(), "bench model cache")  # "~" in a variable: see cache_folder
 
 
 def random_model(args: ModelArgs, seed: int = 0) -> Weights:

@@ -617,8 +617,7 @@ class NativeKernels:
         explicit = n is not None
         if n is None:
             n = usable_cpus()
-        spin = os.environ.get("BABYLLAMA_SPIN_US", "")
-        self.lib.pool_configure(n, int(explicit), int(spin) if spin.isdigit() else -1)
+        self.lib.pool_configure(n, int(explicit), spin_us())
 
     def threads(self) -> int:
         return self.lib.kernel_threads()
@@ -1090,6 +1089,20 @@ def switched_off() -> bool:
         raise BabyLlamaError(f"BABYLLAMA_NATIVE={value!r} must be 0 (leave the C kernels out of the default choice) "
                              "or 1")
     return value.strip() == "0"
+
+
+SPIN_US_MAX = 1_000_000  # a second: beyond it idle threads would spin through whole pauses of a session
+
+
+def spin_us() -> int:
+    """$BABYLLAMA_SPIN_US as the pool takes it: microseconds 0..SPIN_US_MAX, or -1 (unset: kernels.c decides)."""
+    value = os.environ.get("BABYLLAMA_SPIN_US", "").strip()
+    if not value:
+        return -1
+    if not (value.isascii() and value.isdigit()) or int(value) > SPIN_US_MAX:
+        raise BabyLlamaError(f"BABYLLAMA_SPIN_US={value!r} must be a whole number of microseconds from 0 to "
+                             f"{SPIN_US_MAX} (how long idle threads spin before they sleep)")
+    return int(value)
 
 
 def load(arch: str | None = None, forced: bool = False) -> NativeKernels | None:

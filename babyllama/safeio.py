@@ -403,9 +403,10 @@ def home_cache(*parts: str, instead: str) -> Path:
 
 
 def cache_folder(name: str) -> Path:
-    """babyllama's cache folder `name`: $BABYLLAMA_CACHE/NAME, else ~/.cache/babyllama/NAME (home_cache)."""
+    """babyllama's cache folder `name`: $BABYLLAMA_CACHE/NAME, else ~/.cache/babyllama/NAME (home_cache). A "~" in
+    the variable is the home folder: a shell leaves it unexpanded in quotes, as Docker's ENV and systemd do."""
     base = os.environ.get("BABYLLAMA_CACHE")
-    return Path(base) / name if base else home_cache(name, instead="BABYLLAMA_CACHE")
+    return Path(base).expanduser() / name if base else home_cache(name, instead="BABYLLAMA_CACHE")
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -626,6 +626,31 @@ def test_an_empty_home_is_no_home(monkeypatch):
     assert safeio.home_cache("native", instead="BABYLLAMA_CACHE") == home / ".cache" / "babyllama" / "native"
 
 
+def test_a_tilde_in_babyllama_cache_is_the_home_folder(monkeypatch, tmp_path):
+    """A "~" that no shell expanded (quoted, Docker's ENV, systemd's Environment=) made a folder named "~" in the
+    current folder, a cache of its own in every folder a command ran in; bench's folder variable likewise."""
+    from babyllama import bench, safeio
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BABYLLAMA_CACHE", "~/.cache/mine")
+    assert safeio.cache_folder("native") == tmp_path / "home" / ".cache" / "mine" / "native"
+    monkeypatch.setenv("BABYLLAMA_BENCH_DIR", "~/bench")
+    assert bench.cache_dir() == tmp_path / "home" / "bench" and not (tmp_path / "~").exists()
+
+
+def test_babyllama_spin_us_outside_its_range_is_an_error(monkeypatch):
+    """BABYLLAMA_SPIN_US went through a C int: "4294967296" became 0 and 10**20 about 27 minutes of spinning
+    after every job; "50us" was ignored without a word. Now 0..1,000,000 µs, else one error naming it."""
+    for value, expected in (("", -1), ("0", 0), (" 200 ", 200), ("1000000", 1_000_000)):
+        monkeypatch.setenv("BABYLLAMA_SPIN_US", value)
+        assert kernels_native.spin_us() == expected
+    for value in ("50us", "-1", "4294967296", "1" + "0" * 20, "１２"):
+        monkeypatch.setenv("BABYLLAMA_SPIN_US", value)
+        with pytest.raises(BabyLlamaError, match="BABYLLAMA_SPIN_US=.* must be a whole number of microseconds"):
+            kernels_native.spin_us()
+
+
 def test_without_a_compiler_the_first_run_says_so_once(tmp_path):
     """Without a C compiler the kernels fall back to numba or NumPy, several times slower: the first run says so
     in one line (it said nothing), later runs do not (a marker in the cache)."""

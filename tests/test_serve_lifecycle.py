@@ -445,3 +445,17 @@ def test_an_ipv6_host_in_brackets_is_that_address(monkeypatch, capsys):
     assert main(["serve", "--host", "[::1]", "--port", str(port)]) == 0
     err = capsys.readouterr().err
     assert hosts == ["::1"] and f"on http://[::1]:{port} (" in err and "warning" not in err, err
+
+
+def test_no_color_turns_the_server_log_s_colors_off(monkeypatch):
+    """uvicorn colors its log on a terminal whatever NO_COLOR (no-color.org) or TERM=dumb say; serve passes them on."""
+    from babyllama.serve import log_colors
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert log_colors() is None  # uvicorn's choice: colors on a terminal
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert log_colors() is False
+    monkeypatch.setenv("NO_COLOR", "")  # set but empty: not asked for (no-color.org)
+    monkeypatch.setenv("TERM", "dumb")
+    assert log_colors() is False

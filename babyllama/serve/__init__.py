@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 from collections.abc import Callable
 from types import FrameType
@@ -191,6 +192,12 @@ def open_files_for(connections: int) -> None:
         pass
 
 
+def log_colors() -> bool | None:
+    """uvicorn's use_colors: off where NO_COLOR is set (no-color.org) or the terminal is dumb, else its own
+    choice (colors on a terminal)."""
+    return False if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb" else None
+
+
 def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> int | None:
     """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
     ServeConfig's limits on connections (ConnectionLimits). Returns the signal that stopped it, if any: uvicorn
@@ -198,7 +205,8 @@ def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> 
     a background job of a script)."""
     open_files_for(app.state.service.config.max_connections)
     protocol = with_limits(app.state.service.config, app.state.service.metrics)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol,
+                            use_colors=log_colors())
     server = Server(config, app)
     server.run(sockets=sockets)
     return server.stopped_by
