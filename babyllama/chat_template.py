@@ -101,7 +101,9 @@ def foreign_template_note(jinja: object, where: str) -> list[str]:
     if jinja is None or named_template(jinja) is not None:
         return []
     if not isinstance(jinja, str):  # a number, or a list without a "default" template: no template at all
-        return [f"{where} has a chat_template that is no template ({type(jinja).__name__}): ignored"]
+        # a JSON value by its type; a GGUF array that was not read says what it is ("an array of 3 values")
+        shown = type(jinja).__name__ if isinstance(jinja, (int, float, list, dict)) else repr(jinja)
+        return [f"{where} has a chat_template that is no template ({shown}): ignored"]
     return [f"{where} has its own chat_template, which babyllama does not run: chat and serve use Llama 2's "
             "[INST] template unless --chat-template or a model card names another"]
 

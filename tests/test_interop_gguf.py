@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -248,6 +249,57 @@ def test_gguf_vocab_from_tokenizer_bin(tmp_path):
     assert tokens[3 + 0x41] == "<0x41>" and types[3 + 0x41] == 6
     i = tok.pieces.index(b" the")
     assert tokens[i] == "\u2581the" and types[i] == 1
+
+
+def test_a_token_llama_cpp_ends_generation_at_by_its_text_is_noted(tmp_path):
+    """llama.cpp ends generation at tokens whose text marks an end of turn (a ChatML fine-tune's <|im_end|>) even
+    without an eot_token_id key; babyllama ends at EOS only and ran past them without a word: the load says so
+    (a sentencepiece model's user-defined symbols may be such tokens: the file still runs). A look-alike text is
+    no such token."""
+    from babyllama.interop.gguf import load_gguf
+
+    notes: list[str] = []
+    load_gguf(llama_gguf(tmp_path / "chatml.gguf", pieces={300: "<|im_start|>", 301: "<|im_end|>"}), notes=notes)
+    assert [n for n in notes if "llama.cpp ends generation" in n] == [
+        "the vocabulary holds '<|im_end|>' (id 301), at which llama.cpp ends generation; babyllama ends it at EOS "
+        "(id 2) only"]
+    proc = run_cli("run", str(tmp_path / "chatml.gguf"), "-n", "4")
+    assert proc.returncode == 0 and b"'<|im_end|>' (id 301), at which llama.cpp ends generation" in proc.stderr
+    notes.clear()
+    load_gguf(llama_gguf(tmp_path / "alike.gguf", pieces={300: "<|im_start|>", 301: "<|im_end|>x"}), notes=notes)
+    assert not [n for n in notes if "llama.cpp ends generation" in n]
+
+
+def test_an_array_where_a_number_belongs_is_said_to_be_one(tmp_path):
+    """A key holding an array (llama.cpp takes per-layer arrays for head_count_kv) was shown as the reader's
+    placeholder, "got Skipped(length=2)"."""
+    from conftest import one_line_error
+
+    path = llama_gguf(tmp_path / "arrays.gguf", metadata={"llama.attention.head_count_kv": [2, 2]})
+    one_line_error(run_cli("run", str(path), "-n", "4"),
+                   "field llama.attention.head_count_kv must be an integer, got an array of 2 values")
+
+
+def test_descriptive_text_that_is_not_utf8_is_read_with_replacement(tmp_path):
+    """GGUF strings are UTF-8, but a tool that wrote a Latin-1 general.name made no corrupt model (llama.cpp runs
+    it): descriptive keys read with U+FFFD; a key the model's arithmetic or vocabulary depends on stays strict."""
+    from babyllama.interop.gguf import read_gguf
+
+    path = llama_gguf(tmp_path / "latin1.gguf", metadata={"general.name": "cafe", "general.author": "Zoe"})
+    data = bytearray(path.read_bytes())
+    for key, text in ((b"general.name", b"cafe"), (b"general.author", b"Zoe")):
+        at = data.index(key + struct.pack("<IQ", 8, len(text)) + text) + len(key) + 12
+        data[at + len(text) - 1] = 0xE9  # "caf\xe9", "Zo\xe9": Latin-1
+    path.write_bytes(data)
+    meta = read_gguf(path)[0]
+    assert (meta["general.name"], meta["general.author"]) == ("caf\ufffd", "Zo\ufffd")
+    assert main(["run", str(path), "-n", "4", "-t", "0"]) == 0
+    tokens = bytearray(path.read_bytes())
+    at = tokens.index(b"tok10")
+    tokens[at + 4] = 0xE9
+    path.write_bytes(tokens)
+    with pytest.raises(BabyLlamaError, match="tokenizer.ggml.tokens is not UTF-8"):
+        read_gguf(path)
 
 
 def test_a_gguf_file_name_that_is_not_utf8_still_names_the_model(tmp_path):
@@ -855,26 +907,34 @@ class _WriterWithoutArchitecture(gguf.GGUFWriter):
         pass
 
 
-def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | None = None, arch: str | None = "llama"):
-    """A small llama GGUF written with the gguf package (random fp32 weights, a byte vocabulary): babyllama's
-    llama.* keys, then `metadata` (key -> value: str, bool, int (uint32) or float (float32); added, or replacing
-    a key above) and extra fp32 `tensors`; general.architecture `arch` (None: no such key)."""
+def llama_gguf(path, args=None, metadata: dict | None = None, tensors: dict | None = None, arch: str | None = "llama",
+               pieces: dict[int, str] | None = None):
+    """A small llama GGUF written with the gguf package (random fp32 weights, a byte vocabulary whose tokens
+    `pieces` names (id -> text) replace): babyllama's llama.* keys, then `metadata` (key -> value: str, bool, int
+    (uint32), float (float32) or a list of ints (uint32); added, or replacing a key above) and extra fp32
+    `tensors`; general.architecture `arch` (None: no such key)."""
     from babyllama.interop.gguf import add_llama_metadata
     from babyllama.interop.vocab import from_tokenizer
 
     args = args or tiny_args(vocab_size=320)
     vocab = from_tokenizer(byte_tokenizer(args.vocab_size))
+    tokens = list(vocab.tokens)
+    for i, text in (pieces or {}).items():
+        tokens[i] = text
     w = gguf.GGUFWriter(path, arch) if arch else _WriterWithoutArchitecture(path, "llama")
     add_llama_metadata(w, args)
     w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.tokens)
+    w.add_token_list(tokens)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
     T = gguf.GGUFValueType
     for key, value in (metadata or {}).items():
-        kind = {str: T.STRING, bool: T.BOOL, int: T.UINT32, float: T.FLOAT32}[type(value)]
         for added in w.kv_data:  # gguf before 0.17.1 refuses a key given twice instead of replacing it
             added.pop(key, None)
+        if isinstance(value, list):
+            w.add_array(key, value)
+            continue
+        kind = {str: T.STRING, bool: T.BOOL, int: T.UINT32, float: T.FLOAT32}[type(value)]
         w.add_key_value(key, value, kind)
     for name, t in {**{gguf_name(k): t for k, t in to_state_dict(random_weights(args, seed=2)).items()},
                     **(tensors or {})}.items():
@@ -933,6 +993,10 @@ def test_plain_rope_written_out_is_accepted(tmp_path, metadata, tensors):
     ({"tokenizer.ggml.add_eos_token": True}, "tokenizer.ggml.add_eos_token true: not supported"),
     ({"tokenizer.ggml.unknown_token_id": 5}, "tokenizer.ggml.unknown_token_id 5: not supported"),
     ({"tokenizer.ggml.add_space_prefix": False}, "tokenizer.ggml.add_space_prefix false: not supported"),
+    ({"tokenizer.ggml.eot_token_id": 300},
+     "tokenizer.ggml.eot_token_id 300 (llama.cpp ends generation there): not supported"),
+    ({"tokenizer.ggml.eom_token_id": 1},
+     "tokenizer.ggml.eom_token_id 1 (llama.cpp ends generation there): not supported"),
 ])
 def test_special_tokens_other_than_llama2cs_are_refused(tmp_path, metadata, pattern):
     """The engine prepends BOS id 1 to every prompt and a chat reply ends at EOS id 2 (llama2.c's convention);
@@ -952,7 +1016,7 @@ def test_llama2cs_special_tokens_written_out_are_accepted(tmp_path):
 
     written = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
                "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
-               "tokenizer.ggml.add_space_prefix": True}
+               "tokenizer.ggml.add_space_prefix": True, "tokenizer.ggml.eot_token_id": 2}
     for metadata in ({}, written):
         vocab = load_gguf(llama_gguf(tmp_path / "m.gguf", metadata=metadata))[1]
         assert vocab is not None and (vocab.bos_id, vocab.eos_id) == (1, 2)

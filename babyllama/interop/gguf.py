@@ -16,7 +16,7 @@ What goes in a file llama.cpp loads as architecture "llama":
 
 Reading refuses what llama.cpp would run differently from the engine: rope scaling (a scaling factor, an
 attention factor, rope_freqs factors other than ones), partial rotary embeddings, and special tokens other than
-llama2.c's (BOS 1 prepended to every prompt, EOS 2, <unk> 0, a space before the text).
+llama2.c's (BOS 1 prepended to every prompt, EOS 2, <unk> 0, a space before the text; no end-of-turn token).
 
 Rotary order: llama.cpp runs LLM_ARCH_LLAMA with its "normal" RoPE, which rotates interleaved pairs
 (x[2i], x[2i+1]) exactly as Meta, llama2.c and babyllama's engine do; that is why llama.cpp's
@@ -313,6 +313,12 @@ MAX_ARRAY = 1 << 22  # entries of one metadata array (vocabularies, merges)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 # the arrays read into Python lists; the others (merges, chat templates' tables, ...) are checked and skipped
 WANTED_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+# text that describes a model and changes nothing it computes: read with U+FFFD for bytes that are not UTF-8
+# (llama.cpp runs such a file; a tool that wrote a Latin-1 name made no corrupt model)
+DESCRIPTIVE_KEYS = ("general.name", "general.author", "general.description", "general.license",
+                        "general.organization", "general.basename", "general.finetune", "general.url",
+                        "general.source.", "general.base_model.", "general.tags", "general.languages",
+                        "general.datasets", "general.quantized_by", "general.repo_url", "general.version")
 
 
 @dataclass(frozen=True)
@@ -378,6 +384,9 @@ class Skipped:
 
     length: int
 
+    def __repr__(self) -> str:  # what an error about the key shows: "must be an integer, got an array of 5 values"
+        return f"an array of {self.length:,} values"
+
 
 class _Walker:
     """Reads a GGUF header from a mapped file, checking every count and length against the bytes left before
@@ -409,14 +418,15 @@ class _Walker:
     def u64(self, what: str) -> int:
         return self.scalar(10, what)
 
-    def text(self, what: str, max_len: int | None = None) -> str:
-        return self.strings(1, what, True, max_len)[0]
+    def text(self, what: str, max_len: int | None = None, lenient: bool = False) -> str:
+        return self.strings(1, what, True, max_len, lenient)[0]
 
-    def strings(self, count: int, what: str, read: bool, max_len: int | None = None) -> list[str]:
+    def strings(self, count: int, what: str, read: bool, max_len: int | None = None,
+                lenient: bool = False) -> list[str]:
         """`count` strings in a row (a vocabulary's tokens: one loop, with one call per string for its length
         rather than a method call per check, reads a 32,000-token header in half the time), each a u64 length
-        (at most `max_len`) and as many bytes of UTF-8; [] where not `read` (checked and stepped over only). A
-        failure is reported at the byte take() would report it at."""
+        (at most `max_len`) and as many bytes of UTF-8 (`lenient`: bytes that are not read as U+FFFD); [] where
+        not `read` (checked and stepped over only). A failure is reported at the byte take() would report it at."""
         mv, off, end, length = self.bytes, self.off, len(self.buf), _STRUCTS[10].unpack_from
         out: list[str] = []
         for _ in range(count):
@@ -432,19 +442,19 @@ class _Walker:
             self.off = off + n
             if read:
                 try:
-                    out.append(str(mv[off:off + n], "utf-8"))
+                    out.append(str(mv[off:off + n], "utf-8", "replace" if lenient else "strict"))
                 except UnicodeDecodeError:
                     raise self.fail(f"{what} is not UTF-8") from None
             off += n
         return out
 
-    def value(self, kind: int, what: str, read_array: bool = True):
-        """One metadata value: a scalar, a string, or an array of either (read into a list when `read_array`,
-        else only checked and stepped over)."""
+    def value(self, kind: int, what: str, read_array: bool = True, lenient: bool = False):
+        """One metadata value: a scalar, a string (`lenient`: see strings), or an array of either (read into a
+        list when `read_array`, else only checked and stepped over)."""
         if kind in _SCALARS:
             return self.scalar(kind, what)
         if kind == _STRING:
-            return self.text(what)
+            return self.text(what, lenient=lenient)
         if kind != _ARRAY:
             raise self.fail(f"{what} has the unknown value type {kind}")
         item = self.u32(f"the item type of {what}")
@@ -489,7 +499,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
         key = w.text(f"metadata key {i}", MAX_NAME)
         if key in meta:
             raise w.fail(f"metadata key {key} appears twice")
-        meta[key] = w.value(w.u32(f"the type of {key}"), key, read_array=key in WANTED_ARRAYS)
+        meta[key] = w.value(w.u32(f"the type of {key}"), key, read_array=key in WANTED_ARRAYS,
+                            lenient=key.startswith(DESCRIPTIVE_KEYS))
     alignment = meta.get("general.alignment", 32)
     if not is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
         raise w.fail("general.alignment must be a power of two")
@@ -658,6 +669,7 @@ def load_gguf(path: str | os.PathLike, max_seq_len: int | None = None, keep_quan
         notes.extend(converted.values())
         notes.extend(f"{n} {kind} tensor{'s' if n > 1 else ''} dequantized to fp32" for kind, n in dequantized.items())
         notes.extend(foreign_template_note(meta.get("tokenizer.chat_template"), "the file"))
+        notes.extend(end_token_note(vocab))
     return weights, vocab
 
 
@@ -735,14 +747,26 @@ def _read_vocab(fields: Fields, path: Path) -> Vocab | None:
                  bos_id=ids["bos"], eos_id=ids["eos"], chat_template=template if isinstance(template, str) else None)
 
 
+# tokens llama.cpp ends generation at by their text alone, as llama-cpp-python 0.3 reads a llama-architecture
+# file's vocabulary (checked with llama_vocab_is_eog): chat and code models' end markers
+LLAMACPP_END_TEXTS = frozenset({"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|endoftext|>",
+                                "<|end_of_text|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|return|>",
+                                "<|call|>", "<|file_sep|>", "<|repo_name|>", "<fim-pad>", "[EOS]"})
+
+
 def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> None:
     """The engine runs llama2.c's convention: BOS (id 1) before every prompt and nothing after it, EOS (id 2) the
     end of a chat reply, <unk> id 0 (what a character without a piece or byte token becomes, and what decoding
     shows as " ⁇ "), and sentencepiece's dummy prefix (a space before the text). llama.cpp follows the file's own
-    special tokens and prefix flag instead, so a file whose settings differ would run differently here: refused,
-    naming what differs (absent keys mean llama2.c's values)."""
+    special tokens and prefix flag instead, and ends generation at the end-of-turn tokens a file names too, so a
+    file whose settings differ would run differently here: refused, naming what differs (absent keys mean
+    llama2.c's values). Tokens llama.cpp takes for ends of turn by their text alone are noted (end_token_note)."""
     differs = [f"tokenizer.ggml.{key}_token_id {ids[key]}" for key, want in (("unknown", UNK), ("bos", BOS),
                                                                               ("eos", EOS)) if ids[key] != want]
+    for key in ("eot", "eom"):  # end of turn / of message: llama.cpp ends generation there too
+        end = fields.data.get(f"tokenizer.ggml.{key}_token_id")
+        if end is not None and end != EOS:
+            differs.append(f"tokenizer.ggml.{key}_token_id {end!r} (llama.cpp ends generation there)")
     if not fields.bool("tokenizer.ggml.add_bos_token", True):
         differs.append("tokenizer.ggml.add_bos_token false")
     if fields.bool("tokenizer.ggml.add_eos_token", False):
@@ -751,8 +775,18 @@ def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> 
         differs.append("tokenizer.ggml.add_space_prefix false")
     if differs:
         raise BabyLlamaError(f"{path}: {', '.join(differs)}: not supported, babyllama runs llama2.c's convention "
-                             f"(BOS id {BOS} prepended to every prompt, EOS id {EOS}, none added after a prompt, "
-                             f"<unk> id {UNK}, a space put before the text)")
+                             f"(BOS id {BOS} prepended to every prompt, EOS id {EOS} the one end of a reply, none "
+                             f"added after a prompt, <unk> id {UNK}, a space put before the text)")
+
+
+def end_token_note(vocab: Vocab | None) -> list[str]:
+    """A note where the vocabulary holds a token llama.cpp ends generation at by its text (a ChatML fine-tune's
+    <|im_end|>, which a sentencepiece model's user-defined symbols may hold too): babyllama ends at EOS only."""
+    ends = [f"{t!r} (id {i})" for i, t in enumerate(vocab.tokens if vocab else []) if t in LLAMACPP_END_TEXTS]
+    if not ends:
+        return []
+    return [f"the vocabulary holds {', '.join(ends[:3])}, at which llama.cpp ends generation; babyllama ends it at "
+            f"EOS (id {EOS}) only"]
 
 
 def _shortest(value: float) -> float:
