@@ -128,8 +128,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
                              f"training run, is a model of its own; run it as the model (babyllama chat {path})")
     for p in (tensors_path, config_path):
         if not p.exists():
-            raise BabyLlamaError(f"adapter file not found: {p} (an adapter is NAME.safetensors with NAME.json "
-                                 "beside it)")
+            raise safeio.not_found(p, "adapter file", " (an adapter is NAME.safetensors with NAME.json beside it)")
         safeio.open_regular(p, "adapter file").close()  # a pipe, a device or an unreadable file: said what it is
     config = safeio.read_json(config_path, "adapter config")
     if config.get("format") != FORMAT:

@@ -70,6 +70,8 @@ def export(src: Source, out: str | os.PathLike, to: str, *, version: int | None 
     tok = Path(tokenizer) if tokenizer else src.tokenizer
     if tok is not None:
         safeio.check_regular(tok, "tokenizer file")
+    if to != "hf":  # a file
+        safeio.refuse_folder_name(out, ".bin output" if to == "bin" else "GGUF output")
     out = Path(out)
     _check_not_source(out, src, to, lora is not None)
     _check_not_input(out, lora, tok)
@@ -386,6 +388,8 @@ def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = N
     """A sentencepiece .model as a llama2.c tokenizer.bin (default: the same name with .bin), its folder
     created where missing."""
     safeio.check_regular(model, "sentencepiece model")
+    if out:
+        safeio.refuse_folder_name(out, "tokenizer output")
     out = Path(out) if out else Path(model).with_suffix(".bin")
     with safeio.new_folders_removed_on_error(out.parent):
         safeio.output_file(out, "tokenizer")

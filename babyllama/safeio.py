@@ -55,6 +55,22 @@ def _refuse(path: Path, what: str, mode: int) -> BabyLlamaError:
     return BabyLlamaError(f"{what} {path} is {_kind(mode)}, not a regular file")
 
 
+def not_found(path: str | os.PathLike, what: str, hint: str = "") -> BabyLlamaError:
+    """The error for a `path` that Path.exists() says is not there: a loop of symbolic links or a link to
+    nothing said as such (exists() is False for both), else "WHAT not found: PATH" and `hint`."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except FileNotFoundError as e:
+        if path.is_symlink():
+            return _os_error(path, what, e)
+    except OSError as e:  # ELOOP: a loop of symbolic links
+        return _os_error(path, what, e)
+    except ValueError:  # a NUL byte in the name
+        pass
+    return BabyLlamaError(f"{what} not found: {path}{hint}")
+
+
 def _os_error(path: Path, what: str, e: OSError) -> BabyLlamaError:
     if isinstance(e, FileNotFoundError) and path.is_symlink():
         return BabyLlamaError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
@@ -186,14 +202,28 @@ def _in_the_way(path: Path) -> str | None:
     is not a directory, or a symbolic link to nothing (mkdir's bare "File exists" for either)."""
     for p in (path, *path.parents):
         if p.is_symlink() and not p.exists():
-            return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+            try:
+                os.stat(p)
+            except FileNotFoundError:
+                return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+            except OSError as e:
+                return f"{p} cannot be followed: {e.strerror or e}"
         if p.exists():
             return None if p.is_dir() else f"{p} is not a directory"
     return None
 
 
+def refuse_folder_name(path: str | os.PathLike, what: str) -> None:
+    """A file's path given with a trailing slash names a folder (Path() drops the slash: the file would be
+    written under the folder's name)."""
+    text = os.fspath(path)
+    if isinstance(text, str) and text.endswith(("/", os.sep)) and text.rstrip("/" + os.sep):
+        raise BabyLlamaError(f"{what} {text} ends with a slash, which names a folder: give a file name")
+
+
 def check_target(path: str | os.PathLike, what: str = "output") -> Path:
     """`path` as a Path when nothing is there or a regular file is (to be replaced); one-line error otherwise."""
+    refuse_folder_name(path, what)
     path = Path(path)
     try:
         st = os.stat(path)
@@ -225,6 +255,7 @@ def output_file(path: str | os.PathLike, what: str = "output") -> Path:
     """`path` ready to be written: its folder created, the target checked (`check_target`), and a file made and
     removed beside it (what the write will do: a folder that refuses files, read-only or a /proc, says so now,
     not after the work whose result it was to hold)."""
+    refuse_folder_name(path, what)
     path = Path(path)
     _make_folder(path.parent, path, what)
     check_target(path, what)

@@ -500,3 +500,82 @@ def test_an_empty_path_or_url_is_a_usage_error(argv, capsys):
     current folder (read recursively, or written into): a usage error before anything runs."""
     err = cli_error(capsys, *argv, code=2)
     assert re.search(r"the (path|URL) is empty", err), err
+
+
+@pytest.fixture
+def link_loop(tmp_path):
+    """loopA -> loopB -> loopA: every path through them fails with ELOOP (Path.exists() says False)."""
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
+    return tmp_path / "loopA"
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["data", "train-vocab", "--vocab-size", "300", "--input", "{loop}"], "input"),
+    (["data", "pretokenize", "--tokenizer", "{loop}", "--input", "{text}"], "tokenizer"),
+    (["run", "{model}", "-z", "{tok}", "--lora", "{loop}/adapter.safetensors"], "adapter file"),
+    (["export", "--hf", "{loop}", "{out}"], "Hugging Face model"),
+    (["train", "--data_dir={loop}", "--max_iters=1", "--warmup_iters=0"], "data_dir"),
+])
+def test_a_loop_of_symbolic_links_is_called_one(tmp_path, link_loop, good_model, argv, what):
+    """Given a loop of links, these said "not found" (or "no such file or directory"): it is there, and cannot be
+    followed. The error says so, as `run` does for a model file."""
+    model, tok = good_model
+    (tmp_path / "t.txt").write_text("Once upon a time.\n")
+    argv = [a.format(loop=link_loop, model=model, tok=tok, out=tmp_path / "o.bin", text=tmp_path / "t.txt")
+            for a in argv]
+    if argv[0] == "train":
+        pytest.importorskip("torch")
+    assert_one_line_error(run_cli(*argv), f"cannot read {what} {link_loop}")
+    assert "Too many levels of symbolic links" in run_cli(*argv).stderr.decode()
+
+
+def test_a_loop_of_symbolic_links_as_an_output_folder_is_called_one(tmp_path, link_loop, good_model):
+    """As an output folder a loop was "a symbolic link to loopB, which does not exist" (loopB exists)."""
+    model, _ = good_model
+    err = assert_one_line_error(run_cli("export", "--model", str(model), "--to", "hf", str(link_loop)),
+                                f"{link_loop} cannot be followed: Too many levels of symbolic links")
+    assert "which does not exist" not in err
+
+
+def test_finetune_on_a_loop_of_symbolic_links_is_one_line(tmp_path, link_loop):
+    """finetune's check that the base lies outside out_dir resolved the base's path: a loop raised RuntimeError
+    (a traceback) before the base was opened and found unreadable."""
+    pytest.importorskip("torch")
+    (tmp_path / "ft.jsonl").write_text('{"prompt": "Hi", "response": "Hello"}\n')
+    proc = run_cli("finetune", f"--base={link_loop}", f"--data={tmp_path / 'ft.jsonl'}",
+                   f"--out_dir={tmp_path / 'run'}", "--lora_rank=2", "--max_iters=1", "--device=cpu")
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr
+    assert f"cannot read model file {link_loop}: Too many levels of symbolic links" in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--model", "{model}", "--to", "gguf", "{dir}/"],
+    ["export", "--model", "{model}", "--version", "1", "{dir}/"],
+    ["bench", "--shapes", "builtin", "--output", "{dir}/"],
+])
+def test_an_output_file_given_with_a_trailing_slash_is_refused(tmp_path, good_model, argv):
+    """Path() drops a trailing slash: export wrote a file named like the folder meant (exit 0)."""
+    model, _ = good_model
+    argv = [a.format(model=model, dir=tmp_path / "newdir") for a in argv]
+    assert_one_line_error(run_cli(*argv), "ends with a slash, which names a folder: give a file name")
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_bench_output_in_its_model_cache_is_refused(tmp_path):
+    """A table written over a cached bench model left every later bench failing on it ("dim=1751343437")."""
+    cache = tmp_path / "cache"
+    out = cache / "builtin-fp32.bin"
+    assert_one_line_error(run_cli("bench", "--cache-dir", str(cache), "--shapes", "builtin", "--output", str(out)),
+                          f"--output {out} lies in the bench's model cache")
+    assert not out.exists()
+
+
+def test_data_instruct_takes_a_max_stories_beyond_a_machine_integer(tmp_path):
+    """--max-stories 2**63 reached islice, which takes at most sys.maxsize: a traceback. It means every story."""
+    from conftest import make_story_corpus
+
+    corpus = make_story_corpus(tmp_path / "stories.txt", 30)
+    proc = run_cli("data", "instruct", "--input", str(corpus), "--out-dir", str(tmp_path / "out"),
+                   "--val-count", "2", "--max-stories", str(2**63))
+    assert proc.returncode == 0, proc.stderr.decode()[-1500:]

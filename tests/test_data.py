@@ -83,7 +83,8 @@ def test_pretokenize_reads_what_download_unpacked_into_the_same_data_dir(tmp_pat
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr.decode()
     assert read_meta(tmp_path / "mine" / "tokenizer")["shards"]["train"] == ["data00.bin", "data01.bin"]
-    for name, folder in (("ts.tar.xz", "ts"), ("ts.tgz", "ts"), ("", "download")):
+    # a name with no archive suffix was saved under the name its folder then needed ("is not a directory")
+    for name, folder in (("ts.tar.xz", "ts"), ("ts.tgz", "ts"), ("", "download"), ("stories", "stories_unpacked")):
         proc = run_cli("data", "download", "--url", server.url(name), "--data-dir", "other", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr.decode()
         assert proc.stdout.decode().strip() == f"unpacked into {Path('other') / folder}"

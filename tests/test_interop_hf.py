@@ -514,7 +514,7 @@ def _tiny_bin(tmp_path):
 
 def test_hf_bad_inputs(tmp_path, capsys):
     out = str(tmp_path / "m.bin")
-    assert "no such file or directory" in _error(capsys, out, "--hf", str(tmp_path / "nope"))
+    assert "Hugging Face model not found: " in _error(capsys, out, "--hf", str(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no model.safetensors or pytorch_model.bin" in _error(capsys, out, "--hf", str(empty))

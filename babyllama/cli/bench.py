@@ -169,7 +169,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         ("--plain-tokens", 0 if args.no_plain or torch_engine else args.plain_tokens)):
             if n > context:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
+    cache = bench.cache_dir(args.cache_dir)
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
+    if output is not None and cache.resolve() in output.resolve().parents:  # it would replace a model it reads
+        raise BabyLlamaError(f"--output {args.output} lies in the bench's model cache ({cache}): write the table "
+                             "elsewhere")
     if output is None:
         require_stdout("the table")
     if args.llamacpp and importlib.util.find_spec("llama_cpp") is None:  # its rows run it in child processes
@@ -191,7 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
                       args.bandwidth_mib, args.kv_cache, args.rounds, args.gguf)
-    rows, bandwidth = bench.run(plan, bench.cache_dir(args.cache_dir),
+    rows, bandwidth = bench.run(plan, cache,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
     text = f"Machine: {machine}{busy}\n\n" + bench.table(rows, args.batch, args.prompt_len, bandwidth)

@@ -141,6 +141,8 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     archive = download(url, Path(args.data_dir) / name, args.sha256, time_limit=args.time_limit)
     stem = next((name[: -len(s)] for s in ARCHIVE_SUFFIXES if name.endswith(s) and len(name) > len(s)),
                 Path(name).stem)
+    if stem == name:  # a name with no suffix ("stories"): the archive already has it
+        stem = f"{name}_unpacked"
     out = extract(archive, Path(args.data_dir) / stem)
     print(f"unpacked into {out}")
     return 0
@@ -229,7 +231,7 @@ def cmd_data_instruct(args: argparse.Namespace) -> int:
     tok, seq_len = tokenizer_for(source, args.tokenizer), source.weights.args.max_seq_len
     documents = (doc for path in _instruct_inputs(args.input, args.out_dir)
                  for doc in read_documents(path, args.skip_bad_lines))
-    stories = list(islice(documents, args.max_stories))
+    stories = list(islice(documents, args.max_stories if (args.max_stories or 0) <= sys.maxsize else None))
     if not stories:
         raise BabyLlamaError(f"{args.input}: no stories")
     with safeio.new_folders_removed_on_error(args.out_dir):  # a run refused after checking it makes no folder

@@ -191,7 +191,7 @@ def _resolve(paths: Sequence[str | os.PathLike]) -> tuple[Path, list[Path], list
     given = [Path(p) for p in paths]
     for p in given:
         if not p.exists():
-            raise BabyLlamaError(f"{p}: no such file or directory")
+            raise safeio.not_found(p, "Hugging Face model")
     if len(given) == 1 and given[0].is_dir():
         folder = given[0]
         files = _folder_weights(folder)

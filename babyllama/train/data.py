@@ -80,7 +80,7 @@ def input_files(path: str | os.PathLike, exclude: str | os.PathLike | None = Non
             raise BabyLlamaError(f"{path}: unsupported input type (use {', '.join(SUFFIXES)})")
         return [path]
     if not path.exists():
-        raise BabyLlamaError(f"input not found: {path}")
+        raise safeio.not_found(path, "input")
     if not path.is_dir():  # a pipe or a device: said what it is
         safeio.check_regular(path, "input")
     skipped = Path(exclude).resolve() if exclude is not None else None
@@ -133,7 +133,7 @@ def load_encoder(path: str | os.PathLike) -> tuple[int, Callable[[list[str]], li
     tokenizer.bin."""
     path = Path(path)
     if not path.exists():
-        raise BabyLlamaError(f"tokenizer not found: {path}")
+        raise safeio.not_found(path, "tokenizer")
     safeio.check_regular(path, "tokenizer")  # a folder, a pipe or a device: said what it is
     if path.suffix == ".model":
         from ..tokenizer import open_sentencepiece
@@ -718,7 +718,7 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise BabyLlamaError(f"data_dir {data_dir} is a file: give the folder that holds the shards "
                              f"({data_dir.parent})")
     if not data_dir.is_dir():
-        raise BabyLlamaError(f"data_dir not found: {data_dir} (run `babyllama data pretokenize` first)")
+        raise safeio.not_found(data_dir, "data_dir", " (run `babyllama data pretokenize` first)")
     if (data_dir / INCOMPLETE).exists():
         raise BabyLlamaError(f"{data_dir}: an unfinished `babyllama data pretokenize` (interrupted, or still "
                              f"running: {INCOMPLETE}): run it again to completion")

@@ -57,7 +57,10 @@ def open_base(cfg: TrainConfig, given: Collection[str] | None = None) -> Source:
 def check_base_outside_run(cfg: TrainConfig) -> None:
     """A base that is out_dir itself (its checkpoint, or a model folder) would be replaced, or turned into a
     checkpoint folder, by the run's own ckpt.pt."""
-    base, out = Path(cfg.base).resolve(), Path(cfg.out_dir).resolve()
+    try:
+        base, out = Path(cfg.base).resolve(), Path(cfg.out_dir).resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links (RuntimeError before Python 3.13): said on opening
+        return
     if base in (out, out / CKPT_NAME):
         raise BabyLlamaError(f"the base model {cfg.base} would be replaced: this run writes its {CKPT_NAME} into "
                              f"out_dir {cfg.out_dir}; fine-tune into another out_dir")
