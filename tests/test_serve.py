@@ -1478,3 +1478,56 @@ def test_a_conversation_out_of_llama2_order_is_one_400(server, roles):
     r = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert "\n" not in r.json()["error"]["message"]
+
+
+def test_http_details_a_client_or_browser_meets():
+    """The page's revalidation is a 304 as its files' are; a Private Network Access preflight (a public page
+    calling this machine) is allowed, as CORS allows any origin; a path with a trailing slash is a 404 naming the
+    path meant (it was a bare 307 to an absolute URL, and /v1/models/ "the model '' does not exist"); a
+    compressed body is a 415 saying so, and a UTF-8 byte order mark before the JSON is passed over."""
+    import gzip
+
+    from conftest import byte_tokenizer, random_weights, tiny_args
+    from starlette.testclient import TestClient
+
+    from babyllama.api import Model
+    from babyllama.serve import ServeConfig, create_app
+
+    app = create_app(Model(random_weights(tiny_args()), byte_tokenizer(300)), ServeConfig(model_name="m"))
+    body = {"prompt": "x", "max_tokens": 2}
+    with TestClient(app) as http:
+        page = http.get("/")
+        assert page.status_code == 200 and page.headers["etag"]
+        again = http.get("/", headers={"If-None-Match": page.headers["etag"]})
+        assert again.status_code == 304 and again.content == b""
+        assert http.head("/").status_code == 200
+        preflight = http.options("/v1/chat/completions", headers={
+            "Origin": "https://example.com", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type", "Access-Control-Request-Private-Network": "true"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-private-network"] == "true"
+        for method, path, meant in (("POST", "/v1/completions/", "/v1/completions"),
+                                    ("GET", "/v1/models/", "/v1/models"), ("GET", "/health/", "/health")):
+            r = http.request(method, path, json=body if method == "POST" else None, follow_redirects=False)
+            assert r.status_code == 404, (path, r.status_code)
+            assert r.json()["error"]["message"] == f"no such path: {path} (without the trailing slash: {meant})"
+        r = http.post("/v1/completions", content=gzip.compress(json.dumps(body).encode()),
+                      headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        assert r.status_code == 415 and "Content-Encoding gzip is not supported" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", content=b"\xef\xbb\xbf" + json.dumps(body).encode(),
+                      headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+
+
+def test_the_upgrade_warnings_uvicorn_logs_are_left_out():
+    """Every request with an Upgrade header (curl --http2 sends h2c's) logged two warnings, one advising a
+    WebSocket library; the server has no WebSocket route and answers such requests as HTTP/1.1."""
+    import logging
+
+    from babyllama.serve import no_upgrade_advice
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not no_upgrade_advice(record("Unsupported upgrade request."))
+    assert not no_upgrade_advice(record('No supported WebSocket library detected. Please use "pip install ...'))
+    assert no_upgrade_advice(record("Invalid HTTP request received."))

@@ -316,9 +316,9 @@ WANTED_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.gg
 # text that describes a model and changes nothing it computes: read with U+FFFD for bytes that are not UTF-8
 # (llama.cpp runs such a file; a tool that wrote a Latin-1 name made no corrupt model)
 DESCRIPTIVE_KEYS = ("general.name", "general.author", "general.description", "general.license",
-                        "general.organization", "general.basename", "general.finetune", "general.url",
-                        "general.source.", "general.base_model.", "general.tags", "general.languages",
-                        "general.datasets", "general.quantized_by", "general.repo_url", "general.version")
+                    "general.organization", "general.basename", "general.finetune", "general.url",
+                    "general.source.", "general.base_model.", "general.tags", "general.languages",
+                    "general.datasets", "general.quantized_by", "general.repo_url", "general.version")
 
 
 @dataclass(frozen=True)

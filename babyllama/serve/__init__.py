@@ -75,6 +75,14 @@ def no_lifespan_traceback(record: logging.LogRecord) -> bool:
                 (text.startswith("Traceback") and text.rstrip().endswith("CancelledError")))
 
 
+def no_upgrade_advice(record: logging.LogRecord) -> bool:
+    """uvicorn's two warnings for any request with an Upgrade header (`curl --http2` sends h2c's), the second
+    advising a WebSocket library, left out: the server has no WebSocket route, and answers such a request as
+    HTTP/1.1, as it should."""
+    text = str(record.msg)
+    return not (text.startswith("Unsupported upgrade request") or text.startswith("No supported WebSocket library"))
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, which on the signal to stop (Ctrl-C, SIGTERM) first ends every request in flight (a
     whole answer gets a 503, a stream an error event), so that none is still generating when the grace period
@@ -208,5 +216,6 @@ def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol,
                             use_colors=log_colors())
     server = Server(config, app)
+    logging.getLogger("uvicorn.error").addFilter(no_upgrade_advice)
     server.run(sockets=sockets)
     return server.stopped_by

@@ -11,7 +11,7 @@ from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,13 +42,17 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
         scheduler.stop()
 
     app = FastAPI(title="babyllama", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # a path with a trailing slash is a 404 that names the path meant, not a bare 307 to an absolute URL built from
+    # the Host header (which a client without redirects shows as nothing, and which drops a proxy's path prefix)
+    app.router.redirect_slashes = False
     app.state.service = service
     # the last added runs first: every answer is counted, and the key is checked inside CORS, so that a page of
     # another origin can read the 401 (without CORS headers a browser shows it only as a failed fetch)
     app.add_middleware(Authorize, config=config)
     # any request header: OpenAI's SDKs add their own (X-Stainless-*), and a browser asks before sending them
+    # and a page on a public origin may call a server on this machine (Chromium's Private Network Access preflight)
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                       allow_headers=["*"])
+                       allow_headers=["*"], allow_private_network=True)
     app.add_middleware(Count, metrics=metrics)
 
     @app.exception_handler(APIError)
@@ -81,6 +85,8 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str):
+        if not name:  # /v1/models/
+            raise HTTPException(404)
         service.check_model(name)
         return service.model_card()
 
@@ -92,11 +98,13 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     async def chat_completions(request: Request):
         return await service.chat(request)
 
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def index():
-        return FileResponse(STATIC / "index.html", headers=PAGE_CACHING)
+    files = PageFiles(directory=STATIC)
 
-    app.mount("/static", PageFiles(directory=STATIC), name="static")
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def index(request: Request):  # as its files are served: a revalidation is a 304
+        return await files.get_response("index.html", request.scope)
+
+    app.mount("/static", files, name="static")
     return app
 
 
@@ -154,6 +162,8 @@ def v1_hint(path: str) -> str:
     """For an API path without its /v1 (a client's base URL given without it, a common slip): where it is."""
     if f"/v1{path}" in KNOWN_PATHS or path.startswith("/models/"):
         return f" (the API is under /v1: {'/v1' + path}; a client's base URL ends with /v1)"
+    if path.endswith("/") and path.rstrip("/") in KNOWN_PATHS:
+        return f" (without the trailing slash: {path.rstrip('/')})"
     return ""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import codecs
 import json
 import time
 from collections.abc import AsyncIterator
@@ -220,6 +221,11 @@ class Service:
 
     async def parse(self, request: Request, schema: type[RequestT], deadline: float) -> RequestT:
         raw = await self.read_body(request, deadline)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise APIError(415, f"Content-Encoding {encoding} is not supported: send the JSON body uncompressed",
+                           code="unsupported_media_type")
+        raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte order mark, which JSON parsers may ignore (RFC 8259)
         try:
             req = schema.model_validate_json(raw or b"null")
         except ValidationError as e:
