@@ -567,7 +567,7 @@ def test_bench_output_in_its_model_cache_is_refused(tmp_path):
     cache = tmp_path / "cache"
     out = cache / "builtin-fp32.bin"
     assert_one_line_error(run_cli("bench", "--cache-dir", str(cache), "--shapes", "builtin", "--output", str(out)),
-                          f"--output {out} lies in the bench's model cache")
+                          f"--output {out} would be a model file in the bench's model cache")
     assert not out.exists()
 
 

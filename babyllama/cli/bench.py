@@ -171,9 +171,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise BabyLlamaError(f"{flag} {n} is longer than the {shape} model's context ({context} tokens)")
     cache = bench.cache_dir(args.cache_dir)
     output = safeio.output_file(args.output, "bench table") if args.output else None  # before hours of measuring
-    if output is not None and cache.resolve() in output.resolve().parents:  # it would replace a model it reads
-        raise BabyLlamaError(f"--output {args.output} lies in the bench's model cache ({cache}): write the table "
-                             "elsewhere")
+    if output is not None and output.suffix in (".bin", ".gguf") and cache.resolve() in output.resolve().parents:
+        raise BabyLlamaError(f"--output {args.output} would be a model file in the bench's model cache ({cache}), "
+                             "which the bench reads its models from: write the table elsewhere")
     if output is None:
         require_stdout("the table")
     if args.llamacpp and importlib.util.find_spec("llama_cpp") is None:  # its rows run it in child processes
