@@ -18,9 +18,10 @@
 # on one thread; 5. export (fp32) and install with the card.
 #
 # Training takes hours on one CPU thread. It writes ckpt.pt every eval_interval steps: stop it at any time
-# and run `RESUME=1 scripts/train_builtin.sh` to continue (steps 1-3 are skipped when their outputs exist).
-# To end early, resume with MAX_ITERS=N (N below builtin.toml's max_iters): the cosine schedule then ends
-# at N. Results differ in the last digits with another thread count or machine.
+# and run scripts/train_builtin.sh again to continue (steps 1-3 are skipped when their outputs exist, and
+# training resumes from the checkpoint in the phase it reached). To end early, shorten PHASES below (each
+# END_STEP:LR_HORIZON:DATA_DIR; a horizon at the new end makes the cosine schedule end there). Results differ
+# in the last digits with another thread count or machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${1:-../shared}

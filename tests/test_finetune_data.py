@@ -605,3 +605,25 @@ def test_data_instruct_counts_the_requests_it_leaves_out(tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "from 21 stories" in out and "(left out: 3 requests longer than the context of 640," in out, out
+
+
+def test_malformed_lines_and_conversations_too_long_are_reported_together(tmp_path):
+    """A file with a line of bad JSON and a conversation too long for the context named only the bad JSON; fixed,
+    the next run stopped at the long one. One run names both (docs/finetune.md: malformed lines, "a
+    conversation longer than the context" among them)."""
+    pytest.importorskip("tqdm", reason="pretokenize shows its progress with tqdm (the train extra)")
+    from babyllama.train.data import pretokenize
+
+    byte_tokenizer(300).save(tmp_path / "tok.bin")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_lines(src / "chat.jsonl", {"prompt": "p", "response": "r"}, "{not json",
+                {"prompt": "p", "response": "word " * 50})
+    with pytest.raises(BabyLlamaError, match=r"2 malformed lines: line 2: invalid JSON .*; line 3: the conversation "
+                                             r"has \d+ tokens, more than max_seq_len 29 \+ 1 \(fix them, or pass "
+                                             r"--skip-bad-lines\)"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)
+    (src / "chat.jsonl").write_text("{not json\n")  # nothing but malformed lines: said as before
+    with pytest.raises(BabyLlamaError, match=r"1 malformed line: line 1: invalid JSON .* \(fix them, or pass "
+                                             r"--skip-bad-lines\)"):
+        pretokenize(src, tmp_path / "tok.bin", tmp_path / "out", workers=1, max_tokens=30)

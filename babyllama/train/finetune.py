@@ -151,8 +151,8 @@ def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
             raise BabyLlamaError(f"a resumed run keeps its data, pretokenized with word_weight {made}: leave "
                                  f"--word_weight out (this run asks for {cfg.word_weight})")
         raise BabyLlamaError(f"{data_dir} was pretokenized with word_weight {made}, this run asks for "
-                             f"{cfg.word_weight}: pretokenize it again with --word-weight {cfg.word_weight} "
-                             "(or pass --data)")
+                             f"{cfg.word_weight}: pass --word_weight={made} to train on it as it is, or pretokenize "
+                             f"it again with --word-weight {cfg.word_weight} (or pass --data)")
 
 
 def check_vocab(cfg: TrainConfig, meta: dict, data_dir: Path, base: Source | None = None) -> None:
