@@ -36,5 +36,18 @@ def run() -> int:
         return 130
 
 
+def entry() -> int:
+    """The `babyllama` command and `python -m babyllama`: run(), and after a Ctrl-C the end a Ctrl-C gives any
+    program, killed by SIGINT (a shell still reports status 130), so that a script or loop that ran it stops too
+    (a shell goes on after a child that merely exits 130: it takes the interrupt as handled). The KeyboardInterrupt
+    raised here, uncaught, makes the interpreter finish as usual and then end by SIGINT; it prints nothing."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a background job's (nohup): a plain exit 130
+    code = run()
+    if code != 130 or ignored:
+        return code
+    sys.excepthook = lambda *exc: None
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(entry())

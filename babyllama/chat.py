@@ -46,6 +46,8 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
         if not line:  # the prompt's line ended, so that the shell's prompt (after Ctrl-D) starts a line of its own
             printer.write("\n")
             return None
+        if not line.endswith(b"\n") and _on_a_terminal():  # Ctrl-D after part of a line: the reply on a line of its own
+            printer.write("\n")
         if len(line) > MAX_LINE_BYTES:
             note(f"a line of more than {MAX_LINE_BYTES >> 20} MiB is more than any context holds; skipped")
             continue
@@ -56,6 +58,11 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
 
 
 MAX_LINE_BYTES = 64 << 20  # a user turn read at most (a line from /dev/zero would take all memory)
+
+
+def _on_a_terminal() -> bool:
+    isatty = getattr(sys.stdin, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def _stdin_line() -> bytes:

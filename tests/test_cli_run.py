@@ -528,7 +528,8 @@ def test_chat_refuses_a_system_prompt_that_fills_the_context():
 
 
 def test_chat_ends_on_ctrl_c_with_130_and_no_traceback():
-    """README: Ctrl-C ends the chat at once (exit 130), as one quiet exit, not a KeyboardInterrupt trace."""
+    """README: Ctrl-C ends the chat at once (exit 130: ended by SIGINT, which a shell reports as 130), as one
+    quiet exit, not a KeyboardInterrupt trace."""
     import signal
 
     from conftest import sigint_default
@@ -539,7 +540,64 @@ def test_chat_ends_on_ctrl_c_with_130_and_no_traceback():
     assert proc.stdout.read(len(b"User: ")) == b"User: "  # waiting for the first turn
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err == b""
+    assert proc.returncode == -signal.SIGINT and err == b""
+
+
+def test_ctrl_c_stops_a_shell_loop_that_runs_it(tmp_path):
+    """A shell goes on after a child that exits 130 (it takes the interrupt as handled by the child): a Ctrl-C
+    stopped one `babyllama run` of a loop and the loop ran the next. babyllama ends by SIGINT, as other programs
+    do: the loop stops, and the shell reports 130 as before."""
+    import signal
+    import time
+
+    from conftest import never_ending_model, sigint_default
+
+    model = never_ending_model(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = (f'for i in 1 2; do "{sys.executable}" -m babyllama run "{model}" -n 0 -t 0 > /dev/null; '
+              'echo "after $i: $?"; done')
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True, preexec_fn=sigint_default)  # a terminal's foreground job
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    while not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # loaded and generating: 2,048 positions of a 14M model take longer than this
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+    out, err = proc.communicate(timeout=60)
+    assert out == b"" and err == b"" and proc.returncode == -signal.SIGINT, (out, err)
+
+
+def test_ctrl_d_after_part_of_a_line_puts_the_reply_on_a_line_of_its_own():
+    """On a terminal, Ctrl-D (twice) after typing part of a turn sends it (as `cat` takes it), no newline typed:
+    "Assistant: " followed the user's text on the same line ("User: Tell me a storyAssistant: ...")."""
+    import pty
+    import select
+    import time
+
+    from conftest import sigint_default
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "babyllama", "chat", "-n", "10", "-t", "0", "-y", ""], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, preexec_fn=sigint_default)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"User: " not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, b"Tell me a story\x04\x04")  # the typed part handed over, then an end of input
+        while b"Assistant: " not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert b"Tell me a story\r\nAssistant: " in seen, seen[-300:]
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
 
 
 def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):
@@ -587,7 +645,7 @@ def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):
                     break
         # the child may close the terminal before its interpreter has finished exiting: on a busy machine that
         # took more than 5 s, so it gets what is left of the deadline
-        assert proc.wait(timeout=max(5.0, deadline - time.monotonic())) == 130, seen[-300:]
+        assert proc.wait(timeout=max(5.0, deadline - time.monotonic())) == -signal.SIGINT, seen[-300:]
     finally:
         proc.kill()
         os.close(master)
