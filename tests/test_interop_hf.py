@@ -4,6 +4,7 @@ our NumPy engine must give its logits at every position."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -655,3 +656,29 @@ def test_a_config_without_rms_norm_eps_runs_with_transformers_default():
     assert args_from_config(config).norm_eps == 1e-6
     transformers = pytest.importorskip("transformers")
     assert transformers.LlamaConfig(**config).rms_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("name, settings, said", [
+    ("generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, 7]},
+     "generation_config.json eos_token_id [2, 7]"),
+    ("generation_config.json", {"eos_token_id": 7}, "generation_config.json eos_token_id 7"),
+    ("config.json", {"eos_token_id": [2, 7]}, "config.json eos_token_id [2, 7]"),
+    ("config.json", {"bos_token_id": 0}, "config.json bos_token_id 0"),
+    ("tokenizer_config.json", {"add_bos_token": False}, "tokenizer_config.json add_bos_token false"),
+    ("tokenizer_config.json", {"add_eos_token": True}, "tokenizer_config.json add_eos_token true"),
+])
+def test_a_folder_whose_special_tokens_differ_from_llama2cs_is_refused(tmp_path, name, settings, said):
+    """transformers ends generation at any of a folder's EOS ids (a Llama 3 style list, or another id) and adds
+    BOS only where its tokenizer says so; babyllama ran such a folder with llama2.c's convention without a word
+    (a story past the "." that ends transformers' reply). Refused in one line, as a GGUF file's are; the ids and
+    flags babyllama's own export writes load."""
+    from babyllama.interop.hf import load_hf, save_hf
+
+    save_hf(random_weights(tiny_args(), seed=1), tmp_path)
+    load_hf(tmp_path)  # config.json and generation_config.json as written: llama2.c's ids
+    path = tmp_path / name
+    current = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**current, **settings}))
+    with pytest.raises(BabyLlamaError, match=re.escape(f"{tmp_path}: {said}: not supported, babyllama runs "
+                                                       "llama2.c's convention")):
+        load_hf(tmp_path)

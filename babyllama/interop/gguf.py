@@ -77,7 +77,7 @@ from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize
 from ..threads import worker_count
 from ..tokenizer import BOS, BYTE, EOS, NORMAL, UNK
 from .state_dict import expected_shapes, from_state_dict
-from .vocab import Vocab
+from .vocab import LLAMA2C_CONVENTION, Vocab
 
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 ARCH = "llama"
@@ -774,9 +774,7 @@ def _check_llama2c_specials(fields: Fields, ids: dict[str, int], path: Path) -> 
     if not fields.bool("tokenizer.ggml.add_space_prefix", True):  # llama.cpp would encode "Hi" without " Hi"'s space
         differs.append("tokenizer.ggml.add_space_prefix false")
     if differs:
-        raise BabyLlamaError(f"{path}: {', '.join(differs)}: not supported, babyllama runs llama2.c's convention "
-                             f"(BOS id {BOS} prepended to every prompt, EOS id {EOS} the one end of a reply, none "
-                             f"added after a prompt, <unk> id {UNK}, a space put before the text)")
+        raise BabyLlamaError(f"{path}: {', '.join(differs)}: {LLAMA2C_CONVENTION}")
 
 
 def end_token_note(vocab: Vocab | None) -> list[str]:

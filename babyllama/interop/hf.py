@@ -43,6 +43,7 @@ from ..formats import (
     to_bf16,
     to_f16,
 )
+from ..tokenizer import BOS, EOS
 from .state_dict import (
     check_torch_state,
     expected_shapes,
@@ -51,6 +52,7 @@ from .state_dict import (
     same_values,
     torch_weight,
 )
+from .vocab import LLAMA2C_CONVENTION
 
 # llama2.c name fragment -> Hugging Face name fragment (the rest of the name is shared: layers.N...weight)
 _HF_PARTS = {
@@ -350,6 +352,9 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
         read += [config_path, *indexes, *shards]
     config = safeio.read_json(config_path, "config.json")
     args = args_from_config(config, max_seq_len, str(config_path))
+    settings = _check_llama2c_specials(config, config_path)
+    if read is not None:
+        read += settings
     index = _tensor_index(shards)
     source = str(Path(paths[0]))
 
@@ -375,6 +380,37 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
     # each tensor is fetched once: the ones read ahead are popped, and so dropped once used
     return from_state_dict(args, lambda n: read_ahead.pop(n) if n in read_ahead else get(n), source,
                            display=hf_name, quantize=quantize)
+
+
+def _check_llama2c_specials(config: dict, config_path: Path) -> list[Path]:
+    """The engine runs llama2.c's convention (interop/vocab.LLAMA2C_CONVENTION); transformers follows the folder's
+    own BOS and EOS ids (config.json, generation_config.json: a list of EOS ids ends generation at any of them)
+    and its tokenizer's add_bos_token / add_eos_token, so a folder that sets them otherwise would run differently
+    here: refused, naming what differs (absent keys mean llama2.c's values). Returns the settings files read."""
+    folder, read, differs = config_path.parent, [], []
+    sources = [(config_path.name, config)]
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            try:
+                sources.append((name, safeio.read_json(path, name)))
+            except BabyLlamaError:  # transformers' to check; the weights and their ids do not depend on it
+                continue
+            read.append(path)
+    for name, settings in sources:
+        if not isinstance(settings, dict):
+            continue
+        for key, want in (("bos_token_id", BOS), ("eos_token_id", EOS)):
+            ids = settings.get(key)
+            if ids is not None and (ids if isinstance(ids, list) else [ids]) != [want]:
+                differs.append(f"{name} {key} {json.dumps(ids)}")
+        for key, want in (("add_bos_token", True), ("add_eos_token", False)):
+            value = settings.get(key)
+            if value is not None and value != want:
+                differs.append(f"{name} {key} {json.dumps(value)}")
+    if differs:
+        raise BabyLlamaError(f"{folder}: {', '.join(differs)}: {LLAMA2C_CONVENTION}")
+    return read
 
 
 def _classifier_read_ahead(args: ModelArgs, index: dict, get: Callable[[str], np.ndarray | BF16Tensor],

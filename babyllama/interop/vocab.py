@@ -34,6 +34,10 @@ from ..tokenizer import (
 )
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# what a GGUF file or a Hugging Face folder whose special-token settings differ is told (the engine's convention)
+LLAMA2C_CONVENTION = (f"not supported, babyllama runs llama2.c's convention (BOS id {BOS} prepended to every prompt, "
+                      f"EOS id {EOS} the one end of a reply, none added after a prompt, <unk> id {UNK}, a space put "
+                      "before the text)")
 _BIN_SPECIAL = {UNK: "<unk>", BOS: "<s>", EOS: "</s>"}  # what tokenizer.bin stores as "\n<s>\n" etc.
 
 
