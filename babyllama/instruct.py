@@ -94,9 +94,10 @@ class JsonlFile:
 
 
 def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable: bool = True,
-               allow_empty: bool = False) -> JsonlFile:
+               allow_empty: bool = False, defer_bad: bool = False) -> JsonlFile:
     """Every record of a .jsonl file. Malformed lines (bad JSON, an unknown role, a plain-text record in a chat
-    file, ...) stop here with one line naming them, unless `skip_bad_lines` (the caller reports `bad`); the line
+    file, ...) stop here with one line naming them, unless `skip_bad_lines` (the caller reports `bad`), or unless
+    `defer_bad` and the file has records (the caller reports `bad` with its own findings, or skips them); the line
     points at --skip-bad-lines where the command has it (`skippable`). A file without a record is an error
     unless `allow_empty` (kind ""): a caller with other files may skip it."""
     path = Path(path)
@@ -135,7 +136,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False, skippable:
         out.items.append((lineno, value))
         if kind == CHAT:
             out.records.append(item)
-    if out.bad and not skip_bad_lines:
+    if out.bad and not skip_bad_lines and not (defer_bad and out.items):
         raise BabyLlamaError(describe_bad_lines(path, out.bad) + (" (fix them, or pass --skip-bad-lines)"
                                                                    if skippable else " (fix them)"))
     if not out.items and not allow_empty:

@@ -207,7 +207,8 @@ def _hf_source(paths: Sequence[str | os.PathLike], max_seq_len: int | None, quan
     template, notes = hf_chat_template(folder)
     read: list[Path] = []
     weights = load_hf(paths, max_seq_len, quantize, read)
-    read += [p for p in (folder / CHAT_TEMPLATE_FILE, folder / "tokenizer_config.json") if p.is_file()]
+    if (folder / CHAT_TEMPLATE_FILE).is_file():  # load_hf lists the folder's other files it read
+        read.append(folder / CHAT_TEMPLATE_FILE)
     return Source(weights, "hf", first, _first_file(folder / SENTENCEPIECE_MODEL), conversions=notes,
                   chat_template=template, inputs=read)
 

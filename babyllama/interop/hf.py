@@ -344,7 +344,7 @@ def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len:
             quantize: str | None = None, read: list[Path] | None = None) -> Weights:
     """Read a Hugging Face Llama checkpoint (a directory, or its weight files with config.json beside them);
     `quantize`: each matrix quantized as it is read (from_state_dict). The files read (config.json, shard
-    indexes, weight files) are added to `read`."""
+    indexes, weight files, generation_config.json and tokenizer_config.json where there) are added to `read`."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     config_path, shards, indexes = _resolve(paths)
@@ -392,11 +392,11 @@ def _check_llama2c_specials(config: dict, config_path: Path) -> list[Path]:
     for name in ("generation_config.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
+            read.append(path)
             try:
                 sources.append((name, safeio.read_json(path, name)))
             except BabyLlamaError:  # transformers' to check; the weights and their ids do not depend on it
                 continue
-            read.append(path)
     for name, settings in sources:
         if not isinstance(settings, dict):
             continue

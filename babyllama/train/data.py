@@ -475,11 +475,9 @@ def file_kind(path: Path, skip_bad_lines: bool = False, say_skipped: bool = Fals
     (`skip_bad_lines`; `say_skipped`: said on stderr, for the caller that leaves the file out)."""
     if path.suffix != ".jsonl":
         return TEXT
-    # malformed lines beside records are reported where the file is read, with its conversations too long for
+    # malformed lines beside records are reported where the file is encoded, with its conversations too long for
     # the context (one run names them all); a file of nothing else stops here unless skipped
-    data = read_jsonl(path, skip_bad_lines=True, allow_empty=True)
-    if not data.items and not skip_bad_lines:
-        read_jsonl(path)  # raises: every line malformed, or none at all
+    data = read_jsonl(path, skip_bad_lines, allow_empty=skip_bad_lines, defer_bad=True)
     if not data.items and say_skipped:
         print(f"skipped {describe_bad_lines(path, data.bad)}, and no record besides", file=sys.stderr)
     return data.kind
@@ -650,9 +648,7 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
                       max_tokens: int | None, word_weight: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(token ids, mask, conversation offsets) of one chat .jsonl file, every conversation checked: malformed lines
     and conversations too long for the context are reported together (one run names them all)."""
-    data = read_jsonl(path, skip_bad_lines=True, allow_empty=True)
-    if not data.items:
-        read_jsonl(path, skip_bad_lines)  # no record at all: its own error (an empty file, or every line malformed)
+    data = read_jsonl(path, skip_bad_lines, defer_bad=True)
     bad = list(data.bad)
     linenos, conversations = zip(*data.items)
     words = [_requested_words(record) for record in data.records]
