@@ -547,6 +547,7 @@ def test_ctrl_c_stops_a_shell_loop_that_runs_it(tmp_path):
     """A shell goes on after a child that exits 130 (it takes the interrupt as handled by the child): a Ctrl-C
     stopped one `babyllama run` of a loop and the loop ran the next. babyllama ends by SIGINT, as other programs
     do: the loop stops, and the shell reports 130 as before."""
+    import contextlib
     import signal
     import time
 
@@ -554,19 +555,26 @@ def test_ctrl_c_stops_a_shell_loop_that_runs_it(tmp_path):
 
     model = never_ending_model(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = (f'for i in 1 2; do "{sys.executable}" -m babyllama run "{model}" -n 0 -t 0 > /dev/null; '
-              'echo "after $i: $?"; done')
+    text = tmp_path / "story.txt"
+    # each run generates until interrupted (the model never ends a story; the context shifts), whatever the speed
+    script = (f'for i in 1 2; do "{sys.executable}" -m babyllama run "{model}" -t 0 --context-shift '
+              f'--max-new-tokens 100000000 > "{text}"; echo "after $i: $?"; done')
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             start_new_session=True, preexec_fn=sigint_default)  # a terminal's foreground job
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    deadline = time.monotonic() + 60
-    while not children.read_text().split() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(3)  # loaded and generating: 2,048 positions of a 14M model take longer than this
-    assert proc.poll() is None
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
-    out, err = proc.communicate(timeout=60)
-    assert out == b"" and err == b"" and proc.returncode == -signal.SIGINT, (out, err)
+    try:
+        deadline = time.monotonic() + 120
+        while not (text.exists() and text.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the first run is generating
+        assert proc.poll() is None and text.stat().st_size
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the loop went on to its next run after Ctrl-C")
+        assert out == b"" and err == b"" and proc.returncode == -signal.SIGINT, (out, err)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever still runs of the loop
 
 
 def test_ctrl_d_after_part_of_a_line_puts_the_reply_on_a_line_of_its_own():

