@@ -155,7 +155,7 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     try:
         tensors = load_file(str(tensors_path))
     except Exception as e:  # safetensors raises its own error type for a corrupt file
-        raise BabyLlamaError(f"{tensors_path}: not a readable safetensors file ({e})") from None
+        raise safeio.unreadable_safetensors(tensors_path, e) from None
     return Adapter(rank, alpha, targets, base, tensors, dropout, tensors_path)
 
 

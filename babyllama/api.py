@@ -75,6 +75,7 @@ class Model:
         caller: the user's line), the pieces as they are iterated."""
         steps = default_steps(steps, max_new_tokens)
         check_generation([prompt], steps, temperature, topp, max_new_tokens, seed, controls)
+        max_new_tokens = python_int(max_new_tokens)
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
         warn_if_no_room(len(ids), positions, stacklevel=3)
@@ -124,6 +125,7 @@ class Model:
             raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
         controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
         check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed, controls)
+        max_new_tokens = python_int(max_new_tokens)
         if not (_integer(parallel) and parallel >= 1):
             raise BabyLlamaError(f"parallel must be an integer >= 1, got {parallel!r}")
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
@@ -141,6 +143,12 @@ def unseeded() -> int:
     run.c's rule for -s 0, would give every call within a second the same text); below 2**32, so that seed + i of
     a call's choices stays clear of seed 0's stand-in."""
     return time.time_ns() % 2**32
+
+
+def python_int(value: int | None) -> int | None:
+    """A checked count as a Python int: a NumPy integer's arithmetic wraps at its type's bounds (the positions a
+    count of 2**63 - 1 tokens reaches would come out negative)."""
+    return None if value is None else int(value)
 
 
 def _integer(value) -> bool:
@@ -304,8 +312,8 @@ def load(model: str | os.PathLike | None = None, tokenizer: str | os.PathLike | 
         if quantize is not None:
             weights = weights.quantize_as(quantize, kernels.q4_0_blocks)
         # the weights that run: merged in fp32 (whatever the base's type), then quantized if asked
-        description = (f"{replace(source, weights=weights).describe()}, LoRA adapter {adapter.path} merged "
-                       f"(rank {adapter.rank})")
+        running = replace(source, weights=weights, merged=True, quantized=quantize is not None)
+        description = f"{running.describe()}, LoRA adapter {adapter.path} merged (rank {adapter.rank})"
     template = None if lora is not None else model_template(source, None if model is None else os.fspath(model))
     return Model(weights, tokenizer_for(source, tokenizer), plain=plain, device=device, compile=compile,
                  source_kind=source.kind, description=description, kv_cache=kv_cache, chat_template=template)

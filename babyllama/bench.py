@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import LLAMA2_VOCAB_SIZE, ModelArgs
-from .errors import BabyLlamaError, first_line
+from .errors import BabyLlamaError, first_line, say
 from .safeio import cache_folder, output_dir
 from .threads import STARTING_ENVIRONMENT, usable_cpus
 
@@ -141,7 +141,7 @@ def model_file(shape: str, fmt: str, directory: Path, version: int | None = None
     suffix = "" if version == FORMATS[fmt] else f"-v{version}"
     path = directory / f"{model_stem(shape)}-{fmt}{suffix}.bin"
     if not path.exists():
-        print(f"building {path.name} ...", file=sys.stderr, flush=True)
+        say(f"building {path.name} ...")
         formats.save(_source_weights(shape), path, version=version, quantize_q4=kernels.q4_0_blocks)
     return path
 
@@ -171,7 +171,7 @@ def gguf_file(shape: str, fmt: str, directory: Path) -> Path:
 
     path = directory / f"{model_stem(shape)}-{fmt}.gguf"
     if not path.exists():
-        print(f"building {path.name} ...", file=sys.stderr, flush=True)
+        say(f"building {path.name} ...")
         save_gguf(_source_weights(shape), path, load_vocab(tokenizer_file(shape, directory)), GGUF_TYPES[fmt])
     return path
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 from .api import Model
 from .chat_template import encode_chat, reply_closing
-from .errors import BabyLlamaError, note
+from .errors import BabyLlamaError, note, say
 from .generate import Batch, Sequence
 from .printer import Printer
 from .sampler import Sampler
@@ -54,7 +54,7 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
         try:
             return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError:
-            print("babyllama: this line is not valid UTF-8 text; skipped", file=sys.stderr)
+            say("babyllama: this line is not valid UTF-8 text; skipped")
 
 
 MAX_LINE_BYTES = 64 << 20  # a user turn read at most (a line from /dev/zero would take all memory)
@@ -147,8 +147,8 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
                 return 0
         n_bytes = model.tokenizer.text_bytes(user.strip())  # the template strips a message
         if n_bytes > seq_len * most_bytes:  # no encoding can fit it: said at once, not after minutes of encoding
-            print(f"babyllama: this turn is {n_bytes} bytes, more than the context window's {seq_len} tokens can "
-                  f"hold (a token covers at most {most_bytes} bytes); skipped", file=sys.stderr)
+            say(f"babyllama: this turn is {n_bytes} bytes, more than the context window's {seq_len} tokens can "
+                f"hold (a token covers at most {most_bytes} bytes); skipped")
             user = None
             continue
         messages = [{"role": "user", "content": user}]
@@ -159,8 +159,8 @@ def chat(model: Model, sampler: Sampler, max_new: int, user: str | None = None, 
         user = None
         if len(turn) >= seq_len:
             what = "this turn with the system prompt" if with_system else "this turn"
-            print(f"babyllama: {what} has {len(turn)} tokens: the context window ({seq_len}) leaves no room for "
-                  "a reply; skipped", file=sys.stderr)
+            say(f"babyllama: {what} has {len(turn)} tokens: the context window ({seq_len}) leaves no room for "
+                "a reply; skipped")
             continue
         budget = max_new or seq_len
         if seq is None:  # the first turn (and its system prompt) stays when older turns slide out

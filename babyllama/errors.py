@@ -5,6 +5,7 @@ escapes (the system's refusal, named with its file); anything else is a bug and 
 """
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -16,12 +17,37 @@ class BabyLlamaError(Exception):
     """A problem with the user's input (bad file, bad flag, missing dependency), not a bug."""
 
 
-def say(line: str) -> None:
-    """A diagnostic line on stderr; one that cannot be written (stderr closed, a full disk, a reader gone) is
-    dropped rather than ending the work it was about."""
-    if sys.stderr is not None:
-        with contextlib.suppress(OSError, ValueError):  # ValueError: a closed stream
-            print(line, file=sys.stderr, flush=True)
+class _StderrLines(logging.Handler):
+    """Each record's line on stderr as it is; one that cannot be written (stderr closed, a full disk, a reader
+    gone) is dropped rather than ending the work it was about."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):  # ValueError: a closed stream
+                print(getattr(record, "line", record.getMessage()), file=sys.stderr, flush=True)
+
+
+# The package's diagnostics (notes at INFO, warnings at WARNING) go through the "babyllama" logger, whose own
+# handler prints them on stderr as the CLI shows them. A program that embeds babyllama quiets them with
+# logging.getLogger("babyllama").setLevel(logging.ERROR), or takes them into its own logs by setting
+# propagate = True and removing that handler; a logger the program set a level or handler on before the import
+# is left as it is.
+LOG = logging.getLogger("babyllama")
+if LOG.level == logging.NOTSET and not LOG.handlers:
+    LOG.addHandler(_StderrLines())
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def say(line: str, level: int = logging.INFO) -> None:
+    """A diagnostic line on stderr: a record of the "babyllama" logger. Its stderr handler prints the line as it
+    is (a file name's bytes that are not UTF-8, which Python holds as lone surrogates, as those bytes); the
+    record's message, which other handlers may write to a UTF-8 file, has them as U+FFFD."""
+    try:
+        message = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        message = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    LOG.log(level, message, extra={"line": line})
 
 
 def note(message: str) -> None:
@@ -31,7 +57,7 @@ def note(message: str) -> None:
 
 def warn(message: str) -> None:
     """Something that probably is not what the user meant, on stderr (the command goes on)."""
-    say(f"babyllama: warning: {message}")
+    say(f"babyllama: warning: {message}", logging.WARNING)
 
 
 class UsageError(BabyLlamaError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 from . import formats, kernels, safeio
 from .chat_template import DEFAULT_TEMPLATE, get_template
 from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
-from .errors import BabyLlamaError, note, warn
+from .errors import BabyLlamaError, note, say, warn
 from .formats import Weights
 from .interop.vocab import Vocab
 from .loading import Source, model_template
@@ -218,7 +217,8 @@ def _bin_card(out: Path, template: str | None) -> tuple[Path | None, dict]:
     if card == out:
         raise BabyLlamaError(f"{out}: a .bin model's card takes the name {card.name}, which would be the model "
                              "itself; choose a name that does not end in .json")
-    fields = safeio.read_json(card, "model card") if card.exists() else None
+    # os.path.exists: a NAME.json one byte too long for the system (a .bin named with 251 bytes) is no card
+    fields = safeio.read_json(card, "model card") if os.path.exists(card) else None
     if fields is None and template is None:
         return None, {}
     return card, {**(fields or {}), "chat_template": template or DEFAULT_TEMPLATE}
@@ -379,9 +379,9 @@ def describe(weights: Weights) -> str:
 
 
 def report(paths: list[Path], weights: Weights) -> None:
-    print(f"exported {describe(weights)}", file=sys.stderr)
+    say(f"exported {describe(weights)}")
     for p in paths:
-        print(f"wrote {p}", file=sys.stderr)
+        say(f"wrote {p}")
 
 
 def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

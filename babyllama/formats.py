@@ -513,7 +513,7 @@ def _map_file(path: str | os.PathLike) -> np.ndarray:
     anything is touched: the kernel's read-ahead then fills it with 2 MB page-cache folios mapped by
     single TLB entries where it can, so decode, which streams every weight per token, misses the TLB less
     (measurements: docs/speed.md)."""
-    with safeio.open_regular(path, "model file") as f:
+    with safeio.open_regular(path, "model file") as f, safeio.mapping(path):
         mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
     try:
         mm.madvise(_mmap.MADV_HUGEPAGE)
@@ -695,14 +695,20 @@ def held_tensors(weights: Weights) -> dict[str, Matrix]:
     return held
 
 
-def in_turn(tensors: dict[str, Matrix]) -> Iterator[tuple[str, Matrix]]:
+def in_turn(tensors: dict[str, Matrix], path: str | os.PathLike | None = None) -> Iterator[tuple[str, Matrix]]:
     """(name, matrix) of `tensors` in turn, for a writer that converts and writes one before asking for the
     next: once the caller is done with one, the pages under it are handed back where they are a mapped
-    file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file."""
+    file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file.
+    `path`: what is written, named by a progress bar (on a terminal) over the tensors."""
+    from .progress import progress_bar
+
     maps = memory.read_only_file_maps()
-    for name, m in tensors.items():
-        yield name, m
-        memory.release_mapped(*matrix_arrays(m), maps=maps)
+    with progress_bar(total=len(tensors), desc=None if path is None else f"writing {Path(path).name}",
+                      unit="tensor", disable=path is None, delay=1.0) as bar:
+        for name, m in tensors.items():
+            yield name, m
+            memory.release_mapped(*matrix_arrays(m), maps=maps)
+            bar.update()
 
 
 def named_tensors(weights: Weights) -> Iterator[tuple[str, np.ndarray | BF16Tensor]]:
@@ -824,7 +830,7 @@ def save(weights: Weights, path: str | os.PathLike, version: int = 1, group_size
     header, converted = _file_type(weights, version, group_size, quantize_q4)
     with safeio.atomic_write(path) as f:
         f.write(header)
-        for _, m in in_turn(_in_file_order(weights, version)):
+        for _, m in in_turn(_in_file_order(weights, version), path):
             _write_tensor(f, m if len(m.shape) == 1 else converted(m))
 
 

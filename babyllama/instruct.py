@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from typing import NamedTuple, cast
 from . import safeio
 from .chat_template import check_messages
 from .documents import iter_documents
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, say
 
 # ------------------------------------------------------------------------------------------------ records
 
@@ -529,7 +528,7 @@ def read_documents(path: Path, skip_bad_lines: bool = False,
             if data.kind == CHAT:
                 raise BabyLlamaError(f"{path}: chat records, not plain text")
             if data.bad:
-                print(f"skipped {describe_bad_lines(path, data.bad)}", file=sys.stderr)
+                say(f"skipped {describe_bad_lines(path, data.bad)}")
             docs = [cast(str, text) for _, text in data.items]  # TEXT records: strings
         elif path.suffix == ".json":
             data = safeio.read_json(path, "data file", max_bytes=None, expect=list)

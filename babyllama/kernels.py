@@ -14,13 +14,12 @@ kernels_base.matmul_plain is the readable reference every fast path is tested ag
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import BabyLlamaError, first_line, note
+from .errors import BabyLlamaError, first_line, note, say
 from .formats import Matrix
 from .kernels_base import QUANT_GEMM_MIN_ROWS, Kernels, NumpyKernels, PlainKernels, matmul_q8
 from .quant import QUANTIZERS, BlockTensor, check_scales_fit
@@ -73,10 +72,10 @@ def use_backend(name: str | None = None) -> str:
         kernels = _load(candidate, named and candidate == wanted)
         if kernels is not None:
             _backend = kernels
-            if named and candidate != wanted and sys.stderr is not None:  # asked for by name: say it is not used
+            if named and candidate != wanted:  # asked for by name: say it is not used
                 why = ("numba is not installed (pip install 'babyllama[fast]')" if wanted == "numba" else
                        "the C kernels asked for cannot run here (no C compiler, or the line above says why)")
-                print(f"babyllama: {why}; running on {BACKEND_NAMES[candidate]}", file=sys.stderr, flush=True)
+                say(f"babyllama: {why}; running on {BACKEND_NAMES[candidate]}")
             return candidate
     raise AssertionError("unreachable: numpy is always available")
 

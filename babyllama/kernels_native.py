@@ -353,7 +353,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
             continue
         directory.mkdir(parents=True, exist_ok=True)
         if not announced and sys.stderr is not None and sys.stderr.isatty():  # ~15 s on two cores: say why
-            print("babyllama: compiling the C kernels for this CPU (once; cached) ...", file=sys.stderr, flush=True)
+            say("babyllama: compiling the C kernels for this CPU (once; cached) ...")
             announced = True
         # compile to a temporary name and rename: concurrent first runs never load a half-written library; the
         # name holds this process's pid, so that what a SIGKILL left is swept by a later build

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from typing import TypeGuard
@@ -30,6 +29,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+from .errors import say  # noqa: E402
 from .formats import BF16Tensor, Matrix, QTensor, dense, is_fp32, is_quantized  # noqa: E402
 from .kernels_base import QUANT_GEMM_MIN_ROWS, NumpyKernels, matmul_quantized, quantized_gemm  # noqa: E402
 
@@ -213,10 +213,10 @@ def _parallel_unsafe() -> bool:
     """Whether numba's parallel functions cannot run here (a forked child of a GNU OpenMP process): the products
     then go to NumPy, said once on stderr, rather than the process being killed."""
     global _said_forked
-    if _forked_from_openmp and not _said_forked and sys.stderr is not None:
+    if _forked_from_openmp and not _said_forked:
         _said_forked = True
-        print("babyllama: numba's OpenMP threads do not survive a fork; this forked process multiplies with NumPy "
-              "instead (start processes with multiprocessing's 'spawn' to keep numba)", file=sys.stderr, flush=True)
+        say("babyllama: numba's OpenMP threads do not survive a fork; this forked process multiplies with NumPy "
+            "instead (start processes with multiprocessing's 'spawn' to keep numba)")
     return _forked_from_openmp
 
 

@@ -30,6 +30,7 @@ from . import formats, safeio
 from .config import CHAT_TEMPLATE_FILE, CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, note, require
 from .formats import Weights
+from .quant import BLOCK
 from .tokenizer import TOKENIZER_HINT, Tokenizer
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class Source:
     conversions: list = field(default_factory=list)  # describe()'s notes: GGUF conversions, a foreign chat template
     chat_template: str | None = None  # the Jinja chat template the file carries (a GGUF's, a Hugging Face folder's)
     quantized: bool = False  # the weights quantized on load (--quantize), not run as the file holds them
+    merged: bool = False  # a LoRA adapter merged into the weights: they are in memory, not the file's
     inputs: list[Path] = field(default_factory=list)  # the files its weights and settings came from: not outputs
 
     def describe(self) -> str:
@@ -68,6 +70,8 @@ class Source:
         a = self.weights.args
         # a GGUF file's tensors are mapped as stored (its other types' conversions are among the notes)
         how = {"bin": "", "gguf": ", mapped"}.get(self.kind, ", converted in memory")
+        if self.merged:
+            how = ", in memory"
         if self.quantized and self.kind in ("bin", "gguf"):
             how = ", quantized on load"
         dtype = self.weights.kinds()
@@ -288,11 +292,22 @@ def check_mmap_applies(mmap: bool | None, kind: str, path: Path) -> None:
 
 
 def load_source(*, checkpoint: str | None = None, model: str | None = None, meta_llama: str | None = None,
-                hf: list[str] | None = None, max_seq_len: int | None = None, mmap: bool | None = None) -> Source:
+                hf: list[str] | None = None, max_seq_len: int | None = None, mmap: bool | None = None,
+                quantize: str | None = None) -> Source:
     """`export`'s sources, one of which is given: the format named by the flag rather than detected (an HF
-    checkpoint may also be given as its weight files with config.json beside them)."""
+    checkpoint may also be given as its weight files with config.json beside them). `quantize`: the type the
+    export writes (`--quantize`'s q8_0 or q4_0), into which a Hugging Face checkpoint's matrices are quantized
+    as each is read, so that the whole checkpoint is never resident (the blocks are those the writer would
+    make of the full weights; where they cannot be all Q4_0, the checkpoint is read as it is, for the writer to
+    say so)."""
+    if hf is not None and quantize == "q4_0":
+        from .interop.hf import hf_args
+
+        args = hf_args(hf, max_seq_len)
+        if args.dim % BLOCK or args.hidden_dim % BLOCK:
+            quantize = None
     if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):
-        return _hf_source(hf, max_seq_len)
+        return _hf_source(hf, max_seq_len, quantize)
     given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
     for kind, path in given.items():
         if path is not None:
@@ -300,7 +315,7 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
             # them (mapped; its types of no kernel's as the fp32 weights they stand for, never through a lossy
             # conversion), a .bin's are read once and then dropped
             return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, read_once=True,
-                              convert_other_types=False)
+                              quantize=quantize if kind == "hf" else None, convert_other_types=False)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 

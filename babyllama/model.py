@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -30,6 +29,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from .config import ModelArgs
+from .errors import say
 from .formats import Weights
 from .interop.state_dict import from_state_dict, to_state_dict
 from .memory import check_fits
@@ -288,10 +288,10 @@ def _note_cpu_use() -> None:
     """Record that PyTorch's CPU threads may have started; in a forked child, say once why it runs on one."""
     global _cpu_threads_started, _say_forked
     _cpu_threads_started = True
-    if _say_forked and sys.stderr is not None:
+    if _say_forked:
         _say_forked = False
-        print("babyllama: PyTorch's OpenMP threads do not survive a fork; this forked process runs PyTorch on one "
-              "thread (start processes with multiprocessing's 'spawn' to keep them)", file=sys.stderr, flush=True)
+        say("babyllama: PyTorch's OpenMP threads do not survive a fork; this forked process runs PyTorch on one "
+            "thread (start processes with multiprocessing's 'spawn' to keep them)")
 
 
 class TorchEngine:

@@ -1,5 +1,6 @@
-"""Progress bars for long work (eval, download, data preparation): tqdm on stderr when it is installed and stderr is a
-terminal; otherwise a silent stand-in, so that the base install (numpy only) runs the same code."""
+"""Progress bars for long work (eval, download, data preparation, reading and writing models): tqdm on stderr when
+it is installed and stderr is a terminal; otherwise a silent stand-in, so that the base install (numpy only) runs the
+same code."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ class _Silent:
 
 
 def progress_bar(total: int | None = None, desc: str | None = None, unit: str = "it", unit_scale: bool = False,
-                 initial: int = 0, disable: bool = False):
+                 initial: int = 0, disable: bool = False, delay: float = 0.0):
     """A context manager with `.update(n)`. `disable=False` still hides the bar when stderr is not a
-    terminal (tqdm's disable=None), so piped output and logs stay clean."""
+    terminal (tqdm's disable=None), so piped output and logs stay clean; `delay`: shown only once the work
+    has lasted that many seconds (work that is usually quick, as loading a small model, draws none)."""
     if disable:
         return _Silent()
     try:
@@ -38,4 +40,4 @@ def progress_bar(total: int | None = None, desc: str | None = None, unit: str = 
             self.refresh()
 
     return Bar(total=total, desc=desc, unit=unit, unit_scale=unit_scale, initial=initial, disable=None,
-               dynamic_ncols=True)
+               dynamic_ncols=True, delay=delay)

@@ -55,6 +55,26 @@ def _refuse(path: Path, what: str, mode: int) -> BabyLlamaError:
     return BabyLlamaError(f"{what} {path} is {_kind(mode)}, not a regular file")
 
 
+@contextlib.contextmanager
+def mapping(path: str | os.PathLike) -> Iterator[None]:
+    """Around a map of the file at `path`: a map that memory limits refuse (ulimit -v, ENOMEM) is said as such,
+    of that file (the system's error names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise BabyLlamaError(f"{path}: out of memory mapping it ({e.strerror})") from None
+        raise
+
+
+def unreadable_safetensors(path: str | os.PathLike, e: Exception) -> BabyLlamaError:
+    """The error for a safetensors file the package could not open: its own error type carries the system's
+    refusal as text, and a mapping that memory limits refuse (ulimit -v: "os error 12") is no fault of the file."""
+    if "(os error 12)" in str(e):
+        return BabyLlamaError(f"{path}: out of memory mapping it ({e})")
+    return BabyLlamaError(f"{path}: not a readable safetensors file ({e})")
+
+
 def not_found(path: str | os.PathLike, what: str, hint: str = "") -> BabyLlamaError:
     """The error for a `path` that Path.exists() says is not there: a loop of symbolic links or a link to
     nothing said as such (exists() is False for both), else "WHAT not found: PATH" and `hint`."""

@@ -245,8 +245,8 @@ class Controls:
         x = np.array(logits, dtype=np.float32)
         if recent_ids is not None:
             v = x[recent_ids]
-            penalty = np.float32(self.repeat_penalty)
             with np.errstate(over="ignore", divide="ignore"):  # a penalty beyond fp32's range: the logit's limit
+                penalty = np.float32(self.repeat_penalty)
                 x[recent_ids] = np.where(v > 0, v / penalty, v * penalty)
         if gen_ids is not None and gen_counts is not None:
             x[gen_ids] -= (gen_counts * self.frequency_penalty + self.presence_penalty).astype(np.float32)

@@ -414,8 +414,10 @@ def test_load_refuses_what_the_cli_refuses_before_reading_the_model(tmp_path):
 
 
 def test_numpy_seeds_and_huge_temperatures_sample_without_numpy_warnings(good_model):
-    """A NumPy integer seed near 2**63 is the same seed as the Python int (no wrap-around in seed + i), and a
-    temperature beyond fp32's range is a very flat distribution: neither leaks a NumPy RuntimeWarning."""
+    """A NumPy integer seed near 2**63 is the same seed as the Python int (no wrap-around in seed + i), and so
+    is a NumPy max_new_tokens near its type's bound (the positions it reaches once wrapped to nothing generated);
+    a temperature or repeat penalty beyond fp32's range is a very flat distribution or the logits' limit: none
+    leaks a NumPy RuntimeWarning."""
     import numpy as np
 
     from babyllama.api import load
@@ -426,6 +428,13 @@ def test_numpy_seeds_and_huge_temperatures_sample_without_numpy_warnings(good_mo
         as_numpy = model.generate_batch(["Once", "Lily"], steps=12, temperature=1.0, seed=np.int64(2**63 - 1))
         assert as_numpy == model.generate_batch(["Once", "Lily"], steps=12, temperature=1.0, seed=2**63 - 1)
         assert model.generate("Once", steps=12, temperature=1e308, seed=3).startswith("Once")
+        greedy = model.generate("Once", steps=12, temperature=0.0)
+        assert len(greedy) > len("Once")
+        for count in (np.int64(2**63 - 1), np.uint64(2**64 - 1), np.int32(2**31 - 1)):
+            assert model.generate("Once", steps=12, temperature=0.0, max_new_tokens=count) == greedy
+            assert model.generate_batch(["Once"], steps=12, temperature=0.0, max_new_tokens=count) == [greedy]
+        penalized = model.generate("Once", steps=12, temperature=0.0, repeat_penalty=1e39)
+        assert penalized.startswith("Once") and len(penalized) > len("Once")
 
 
 @pytest.mark.parametrize("backend", ["native", "numpy"])
@@ -475,6 +484,35 @@ def test_the_builtin_tokenizer_fallback_names_the_one_run_c_would_read(tmp_path)
     proc = run_cli(*argv, cwd=tmp_path)
     hint = "; pass --tokenizer (-z) if it was trained with another\n"
     assert proc.returncode == 0 and note + hint in proc.stderr.decode()
+
+
+def test_a_program_quiets_or_takes_in_the_librarys_notes_with_logging(tmp_path):
+    """The notes babyllama prints on stderr go through the "babyllama" logger: by default the lines the CLI
+    prints, none at all once the logger is set above INFO, and in the program's own log format once it
+    propagates to the program's handlers instead."""
+    import subprocess
+    import sys
+
+    formats.save(random_weights(tiny_args(vocab_size=512)), tmp_path / "m.bin")
+    load = "babyllama.load('m.bin').generate('x', steps=3, temperature=0.0)"
+    quiet = "import logging, babyllama; logging.getLogger('babyllama').setLevel(logging.ERROR); "
+    quiet_first = "import logging; logging.getLogger('babyllama').setLevel(logging.ERROR); import babyllama; "
+    own = ("import logging, babyllama; log = logging.getLogger('babyllama'); log.handlers.clear(); "
+           "log.propagate = True; logging.basicConfig(format='APP %(levelname)s %(name)s: %(message)s'); ")
+
+    def stderr_of(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    note = "babyllama: note: m.bin has no tokenizer.bin beside it and runs with the built-in tokenizer"
+    assert stderr_of("import babyllama; " + load).startswith(note)
+    assert stderr_of(quiet + load) == "" and stderr_of(quiet_first + load) == ""
+    assert stderr_of(own + load).startswith(f"APP INFO babyllama: {note}")
+    # a file name's bytes that are not UTF-8 reach the program's handlers as U+FFFD (a UTF-8 log file takes it)
+    os.rename(tmp_path / "m.bin", os.fsencode(tmp_path) + b"/caf\xe9.bin")
+    latin = load.replace("'m.bin'", "__import__('os').fsdecode(b'caf\\xe9.bin')")
+    assert stderr_of(own + latin).startswith("APP INFO babyllama: babyllama: note: caf\ufffd.bin has no ")
 
 
 @pytest.mark.parametrize("argv", [

@@ -297,6 +297,33 @@ def test_text_is_read_as_utf8_under_a_locale_that_is_not(command, text):
     assert runs[1].stdout == runs[0].stdout
 
 
+def test_reports_print_under_a_locale_that_cannot_encode_them(tmp_path):
+    """Under LC_ALL=C without UTF-8 mode, bench's table (en dashes in its empty cells) was a UnicodeEncodeError
+    that lost the table and its --output file, and a UTF-8 file name in an error line came out as \\udcc3 escapes:
+    the file keeps the table in UTF-8, stdout shows what ASCII lacks as "?", a name goes out as its own bytes."""
+    out = tmp_path / "bench.md"
+    proc = run_cli("bench", "--shapes", "builtin", "--formats", "fp32", "--rounds", "1", "--tokens", "8",
+                   "--no-plain", "--prompt-len", "8", "--batch", "2", "--reference", "/bin/false", "--cache-dir",
+                   str(tmp_path / "cache"), "--output", str(out), env=ASCII_LOCALE)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1 and "Traceback" not in err and err.endswith("1 of 2 rows failed (listed under the "
+                                                                           "table)\n"), err
+    table = out.read_text(encoding="utf-8")
+    assert "\u2013" in table and proc.stdout == (table.replace("\u2013", "?") + "\n").encode("ascii")
+    proc = run_cli("run", str(tmp_path / "n\u00f6pe.bin"), env=ASCII_LOCALE)
+    named = f"babyllama: error: model file not found: {tmp_path}/n\u00f6pe.bin\n".encode()
+    assert proc.returncode == 1 and proc.stderr == named
+
+
+def test_help_and_version_into_a_full_or_closed_stdout_are_one_error_line():
+    """argparse drops what it cannot print and exits 0: `--help > /dev/full` said nothing and succeeded."""
+    for args in (["--help"], ["--version"], ["run", "--help"]):
+        one_error_line(shell_cli(">&-", *args), "standard output is closed")
+        if Path("/dev/full").exists():
+            one_error_line(shell_cli("> /dev/full", *args), "cannot write to stdout: No space left")
+        assert shell_cli("", *args).returncode == 0
+
+
 def test_chat_skips_a_line_that_is_not_utf8_and_reads_crlf_lines():
     """A piped line that is not UTF-8 is skipped with a note, and the chat goes on (a strict UTF-8 locale's
     decoder, as en_US.UTF-8 has, raised a traceback); a CRLF line is the same turn as its LF twin."""

@@ -152,6 +152,15 @@ def test_an_os_error_escaping_a_command_is_cli_error(monkeypatch, capsys, sp_mod
         "babyllama: error: Permission denied: /somewhere/tok.bin"
 
 
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, sp_model):
+    """An allocation that fails where no check foresaw it (a ulimit -v, a container's limit) was a traceback."""
+    import numpy as np
+
+    monkeypatch.setattr("babyllama.export.export_tokenizer", lambda *args, **kwargs: np.empty(1 << 60, np.uint8))
+    assert cli_error(capsys, "export-tokenizer", str(sp_model)).startswith(
+        "babyllama: error: out of memory: Unable to allocate ")
+
+
 def test_export_tokenizer_refuses_to_overwrite_its_own_input(tmp_path, capsys, sp_model):
     model = tmp_path / "same.model"
     model.write_bytes(sp_model.read_bytes())
@@ -195,6 +204,14 @@ def test_a_bin_export_of_a_bin_carries_the_tokenizer_beside_it(tmp_path, capsys,
     assert main(["export", str(out), "--model", str(tiny), "--version", version]) == 0
     assert out.with_name("tokenizer.bin").read_bytes() == tiny.with_name("tokenizer.bin").read_bytes()
     assert f"wrote {out.with_name('tokenizer.bin')}" in capsys.readouterr().err
+
+
+def test_a_bin_whose_card_name_would_be_too_long_is_written_without_one(tmp_path, capsys, tiny):
+    """A .bin named with 251 bytes is a legal name, its card's (NAME.json) one byte too long: asking whether that
+    card exists raised "File name too long", though a .bin needs no card without a chat template."""
+    out = tmp_path / ("a" * 251 + ".bin")
+    assert main(["export", str(out), "--model", str(tiny), "--version", "1"]) == 0
+    assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().err
 
 
 def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_path, capsys, tiny_gguf):
@@ -471,6 +488,69 @@ def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype, sour
     finally:
         tracemalloc.stop()
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_hugging_face_checkpoint_is_quantized_as_it_is_read_for_a_quantized_bin(tmp_path, version):
+    """A version 2 or 3 export of a Hugging Face checkpoint quantizes each matrix as it is read (as `run
+    --quantize` does), writing the bytes the whole fp32 model would give: it held the whole checkpoint first
+    (a 7B fp32 one could not be exported on a 24 GiB machine), now far less than its size."""
+    import tracemalloc
+
+    pytest.importorskip("safetensors")
+    from babyllama.cli import main
+    from babyllama.interop.hf import save_hf
+
+    w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2)
+    save_hf(w, tmp_path / "hf", dtype="f32")
+    formats.save(w, tmp_path / "m.bin", version=1)
+    byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
+    fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors"))
+    assert main(["export", str(tmp_path / "warm" / "m.bin"), "--hf", str(tmp_path / "hf"), "--version",
+                 str(version)]) == 0  # imports and first-use caches outside the measurement
+    tracemalloc.start()
+    try:
+        assert main(["export", str(tmp_path / "out" / "m.bin"), "--hf", str(tmp_path / "hf"), "--version",
+                     str(version)]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 2, (peak, fp32_bytes)
+    assert main(["export", str(tmp_path / "bin" / "m.bin"), "--model", str(tmp_path / "m.bin"), "--version",
+                 str(version)]) == 0
+    assert (tmp_path / "out" / "m.bin").read_bytes() == (tmp_path / "bin" / "m.bin").read_bytes()
+
+
+def test_reading_and_writing_a_model_draw_progress_bars_on_a_terminal(tmp_path, monkeypatch):
+    """A large checkpoint took minutes to read and write with nothing on the screen: on a terminal, a bar for
+    each (drawn once the work has taken a second; here at once)."""
+    import io
+    import sys
+
+    pytest.importorskip("tqdm")
+    pytest.importorskip("safetensors")
+    from babyllama import progress
+    from babyllama.cli import main
+    from babyllama.interop import state_dict
+    from babyllama.interop.hf import save_hf
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def at_once(*args, **kwargs):
+        return progress_bar(*args, **{**kwargs, "delay": 0.0})
+
+    progress_bar = progress.progress_bar
+    monkeypatch.setattr(progress, "progress_bar", at_once)
+    monkeypatch.setattr(state_dict, "progress_bar", at_once)
+    save_hf(random_weights(tiny_args(vocab_size=320, n_layers=3)), tmp_path / "hf", dtype="f32")
+    byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(["export", str(tmp_path / "m.bin"), "--hf", str(tmp_path / "hf"), "--version", "3"]) == 0
+    shown = sys.stderr.getvalue()
+    n = 1 + 3 * 9 + 1  # embedding, 9 tensors a layer, final norm (the classifier is the embedding)
+    assert "reading hf: 100%" in shown and f"| {n}/{n} [" in shown and "writing m.bin: 100%" in shown, shown
 
 
 # a Q8_0 model written as version 2 keeps its own values and scales

@@ -238,13 +238,14 @@ def test_an_adapter_is_refused_on_any_other_base(lora_run, tmp_path):
         if dtype == "f16":
             with pytest.raises(BabyLlamaError, match="a quantized or rounded .f16, bf16. copy of the base"):
                 load(gguf, lora=lora)
-        else:
-            assert load(gguf, lora=lora).weights is not None
+        else:  # merged: the weights that run are in memory, no longer the mapped file's
+            assert "(fp32, in memory), LoRA adapter" in load(gguf, lora=lora).description
     with pytest.raises(BabyLlamaError, match="other.bin is no adapter: an adapter is NAME.safetensors with"):
         load(root / "base.bin", tok, lora=tmp_path / "other.bin")  # a model given for the adapter
     merged = load(root / "base.bin", tok, quantize="q8_0", lora=lora)
     assert merged.weights.quantized  # merged, then quantized; and said so
-    assert f"({merged.weights.kinds()}), LoRA adapter" in merged.description and "fp32" not in merged.description
+    assert f"({merged.weights.kinds()}, quantized on load), LoRA adapter" in merged.description
+    assert "fp32" not in merged.description
     proc = run_cli("run", str(tmp_path / "other.bin"), "-z", str(tok), "--lora", str(lora), "-n", "8")
     err = proc.stderr.decode().strip()
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "another base" in err

@@ -74,18 +74,36 @@ def test_thread_count_in_the_environment_is_lowered_to_the_cap(tiny):
     assert b"OMP_NUM_THREADS=100000 lowered to" in r.stderr
 
 
-def test_a_stderr_that_cannot_be_written_does_not_end_the_run():
-    """Notes, warnings and the closing tok/s line go to stderr; where it cannot be written (a full disk:
-    /dev/full) they are dropped and the story still comes out, exit 0 (the first note ended the run, exit 1)."""
+@pytest.mark.parametrize("command", ["run", "run GGUF", "chat", "export"])
+def test_a_stderr_that_cannot_be_written_does_not_end_the_work(command, tmp_path):
+    """Notes, warnings, the line naming a model that is not a .bin, export's report and the closing tok/s line go
+    to stderr; where it cannot be written (a full disk: /dev/full) they are dropped and the work still gets done,
+    exit 0 (the first such line ended the run, exit 1, or a chat after a skipped line)."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full here")
     import subprocess
 
+    gguf = tmp_path / "m.gguf"
+    if command in ("run GGUF", "export"):
+        pytest.importorskip("gguf", reason="GGUF output needs the interop extra")
+    if command == "run GGUF":
+        ok(run_limited(["export", str(gguf), "--model", str(BUILTIN_MODEL), "-z", str(BUILTIN_TOKENIZER)], 2 * GIB))
+    argv, stdin = {"run": (["run", "-n", "12", "-t", "0"], None),
+                   "run GGUF": (["run", str(gguf), "-n", "12", "-t", "0"], None),
+                   "chat": (["chat", "-n", "12", "-t", "0"], b"caf\xe9\nHello\n"),  # a note: not UTF-8, skipped
+                   "export": (["export", str(gguf), "--model", str(BUILTIN_MODEL), "-z", str(BUILTIN_TOKENIZER)],
+                              None)}[command]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "100000"}  # a note: the count is lowered
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "babyllama", "run", "-n", "12", "-t", "0"], stdout=subprocess.PIPE,
+        r = subprocess.run([sys.executable, "-m", "babyllama", *argv], input=stdin, stdout=subprocess.PIPE,
                            stderr=full, env=env, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith(b"Once upon a time"), r
+    assert r.returncode == 0, r
+    if command == "export":
+        assert gguf.stat().st_size > 0
+    elif command == "chat":
+        assert r.stdout.startswith(b"User: User: ") and len(r.stdout) > len(b"User: User: Assistant: ")
+    else:
+        assert r.stdout.startswith(b"Once upon a time"), r
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -749,6 +767,62 @@ def test_metrics_with_a_torn_last_line_resume(tmp_path):
     path.write_text('{"iter": 1}\nnot json\n{"iter": 3}\n')
     with pytest.raises(BabyLlamaError, match="metrics.jsonl:2: not a metrics record"):
         read_metrics(path)
+
+
+def test_a_safetensors_mapping_refused_for_memory_does_not_blame_the_file(tmp_path):
+    """safetensors maps the file and reports a refused mapping (ulimit -v) as its own error, "Cannot allocate
+    memory (os error 12)": that was "not a readable safetensors file", of a file that is fine."""
+    pytest.importorskip("safetensors")
+    from safetensors import SafetensorError
+
+    from babyllama import safeio
+
+    refused = safeio.unreadable_safetensors(tmp_path / "m.safetensors",
+                                            SafetensorError("Cannot allocate memory (os error 12)"))
+    assert str(refused) == f"{tmp_path}/m.safetensors: out of memory mapping it (Cannot allocate memory (os error 12))"
+    corrupt = safeio.unreadable_safetensors(tmp_path / "m.safetensors", SafetensorError("header too large"))
+    assert str(corrupt) == f"{tmp_path}/m.safetensors: not a readable safetensors file (header too large)"
+
+
+def test_a_model_map_refused_for_memory_names_the_file(tmp_path, monkeypatch, tiny):
+    """A map that memory limits refuse (ulimit -v: ENOMEM) was the bare "Cannot allocate memory", naming no file."""
+    import errno
+    import mmap
+
+    pytest.importorskip("gguf")
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    save_gguf(random_weights(tiny_args(vocab_size=300)), tmp_path / "m.gguf", from_tokenizer(byte_tokenizer(300)))
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    with pytest.raises(BabyLlamaError, match=f"^{re.escape(str(tiny[0]))}: out of memory mapping it "):
+        formats.load(tiny[0], mmap=True)
+    from babyllama.interop.gguf import load_gguf
+
+    with pytest.raises(BabyLlamaError, match=f"^{re.escape(str(tmp_path / 'm.gguf'))}: out of memory mapping it "):
+        load_gguf(tmp_path / "m.gguf")
+
+
+def test_the_loss_plot_with_no_writable_home_prints_nothing(tmp_path):
+    """With HOME unusable (read-only, or not a folder) matplotlib works from a temporary folder and printed a
+    paragraph about it under the training's output; the plot is drawn and nothing is printed."""
+    pytest.importorskip("matplotlib")
+    import subprocess
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"iter": 1, "loss": 2.5}\n{"iter": 2, "loss": 2.4}\n')
+    (tmp_path / "file").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "MPLCONFIGDIR"}
+    env.update(HOME=str(tmp_path / "file" / "home"), PYTHONPATH=str(ROOT))
+    code = "import sys; from babyllama.train.metrics import plot_losses; print(plot_losses(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
 
 
 def test_a_full_disk_under_the_metrics_log_and_loss_plot_names_the_file(tmp_path, request):

@@ -5,11 +5,13 @@ subcommand runs so that `babyllama run` stays light (no torch, and NumPy only af
 from __future__ import annotations
 
 import argparse
+import codecs
+import logging
 import os
 import re
 import sys
 
-from ..errors import BabyLlamaError, UsageError, first_line, sigterm_unwinds
+from ..errors import BabyLlamaError, UsageError, first_line, say, sigterm_unwinds
 from ..memory import keep_freed_memory
 from . import bench, data, evaluate, export, finetune, models, run, serve, train
 from .common import Parser
@@ -46,14 +48,30 @@ def keep_stderr() -> None:
         sys.stderr = open(os.devnull, "w")  # for the life of the process
 
 
+def _names_as_bytes(e: UnicodeError) -> tuple[str | bytes, int]:
+    """The error handler of stdout and stderr: a lone surrogate (a file name's byte that is not UTF-8) goes out
+    as the byte it stands for, as surrogateescape writes it; a character the locale's encoding lacks (the en
+    dash of a table in a Latin-1 or ASCII locale) as "?"; decoding (a stream read back, as pytest reads what it
+    captured) is surrogateescape's."""
+    if not isinstance(e, UnicodeEncodeError):
+        return codecs.lookup_error("surrogateescape")(e)
+    c = ord(e.object[e.start])
+    return (bytes([c - 0xDC00]) if 0xDC80 <= c <= 0xDCFF else "?"), e.start + 1
+
+
+codecs.register_error("babyllama.names", _names_as_bytes)
+
+
 def print_file_names_as_bytes() -> None:
     """A Linux file name is bytes, which Python keeps as lone surrogates where they are not UTF-8 (a Latin-1
-    folder name): stdout writes those bytes back as they were, as `ls` prints them, instead of failing on the
-    report of a command that has done its work (a UTF-8 locale's stdout is strict; C.UTF-8's already does this).
-    Generated text goes out as bytes of its own (printer.py) and is not affected."""
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(errors="surrogateescape")
+    folder name): stdout and stderr write those bytes back as they were, as `ls` prints them, and what the
+    locale's encoding cannot show as "?", instead of failing on the report of a command that has done its work
+    (a UTF-8 locale's stdout is strict; C.UTF-8's already passes file names through). Generated text goes out as
+    bytes of its own (printer.py) and is not affected."""
+    for stream, own in ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__)):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if stream is own and reconfigure is not None:  # the process's own, not one a caller put in its place
+            reconfigure(errors="babyllama.names")
 
 
 def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -70,7 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     keep_stderr()
     print_file_names_as_bytes()
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except BrokenPipeError:  # --help | head
+        sys.stderr.close()
+        return 0
+    except OSError as e:  # --help or --version into a full disk (Parser._print_message)
+        say(f"babyllama: error: cannot write to stdout: {e.strerror or first_line(e)}", logging.ERROR)
+        return 1
+    except BabyLlamaError as e:  # ... or a closed stdout
+        say(f"babyllama: error: {e}", logging.ERROR)
+        return 1
     if unknown:  # said by the command they were given to, as its other mistakes are
         command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
@@ -86,16 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_unwinds():
             return args.func(args) or 0
     except BabyLlamaError as e:
-        print(f"babyllama: error: {one_line(str(e))}", file=sys.stderr)
+        say(f"babyllama: error: {one_line(str(e))}", logging.ERROR)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         return 130
+    except MemoryError as e:  # an allocation the memory checks did not foresee (ulimit -v, a container's limit)
+        say(f"babyllama: error: out of memory: {one_line(first_line(e) or 'an allocation failed')}", logging.ERROR)
+        return 1
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback
         return 0
     except OSError as e:  # the system refused a file (a full disk, a read-only folder), not a bug to trace
         where = f": {os.fsdecode(e.filename)}" if e.filename is not None else ""
-        print(f"babyllama: error: {one_line(f'{e.strerror or first_line(e)}{where}')}", file=sys.stderr)
+        say(f"babyllama: error: {one_line(f'{e.strerror or first_line(e)}{where}')}", logging.ERROR)
         return 1
 
 

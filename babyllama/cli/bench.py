@@ -7,9 +7,8 @@ import argparse
 import importlib.util
 import os
 import shutil
-import sys
 
-from ..errors import BabyLlamaError, missing_extra
+from ..errors import BabyLlamaError, missing_extra, say
 from ..threads import usable_cpus
 from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path
 
@@ -195,8 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       ("fast",) if args.no_plain else bench.PATHS, args.plain_tokens, args.plain_repeats, references,
                       args.llamacpp, args.mmap, args.device, args.compile, settings, args.busy,
                       args.bandwidth_mib, args.kv_cache, args.rounds, args.gguf)
-    rows, bandwidth = bench.run(plan, cache,
-                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    rows, bandwidth = bench.run(plan, cache, log=say)
     busy = f"; {args.busy} busy co-runner process(es) during the measurements" if args.busy else ""
     text = f"Machine: {machine}{busy}\n\n" + bench.table(rows, args.batch, args.prompt_len, bandwidth)
     if bench.BUILTIN in shapes and args.device == "numpy":
@@ -204,11 +202,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         text += (f"\nStart-up: `babyllama run` with the built-in model, 2 positions, kernels already compiled: "
                  f"{t['run_ms']:.0f} ms wall per process (median of 5; a bare `python -c pass`: "
                  f"{t['python_ms']:.0f} ms)\n")
-    print(text)
-    if output is not None:
+    if output is not None:  # first: the measurement is kept whatever becomes of stdout
         safeio.write_text(output, text)
+    print(text)
     failed = sum(1 for r in rows if r.error)
     if failed:  # the table stands, with the reasons under it; a script running bench learns of them too
-        print(f"babyllama: error: {failed} of {len(rows)} rows failed (listed under the table)", file=sys.stderr)
+        say(f"babyllama: error: {failed} of {len(rows)} rows failed (listed under the table)")
         return 1
     return 0

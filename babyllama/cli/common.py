@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from ..config import CONTROL_DEFAULTS, DEFAULT_STEPS, KV_CACHE_TYPES, SEED_LIMIT, default_steps
 from ..errors import BabyLlamaError
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
     from ..sampler import Controls, Sampler
 
 QUANTIZE_HELP = ("the weights' type on load: runq.c's Q8_0, llama.cpp's 4-bit Q4_0, or rounded to f16 or bf16 "
@@ -22,6 +25,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        """argparse's, but a stdout that cannot be written (--help or --version into a full disk, or closed)
+        raises for main to report, where argparse would drop the text and exit 0; stderr's failures it drops."""
+        if not message:
+            return
+        if file is None:  # stdout closed (>&-): argparse would print on stderr
+            raise BabyLlamaError("standard output is closed: nowhere to print it")
+        stdout = sys.stdout
+        if file is not stdout:
+            super()._print_message(message, file)
+            return
+        sys.stdout.write(message)
+        sys.stdout.flush()
 
 
 def add_model_flags(p: argparse.ArgumentParser, default: str = "the built-in story model") -> None:
@@ -217,8 +234,8 @@ def add_mmap(p: argparse.ArgumentParser, who: str = "",
     files only (loading.check_mmap_applies refuses them for other formats; `others` says so)."""
     m = p.add_mutually_exclusive_group()
     m.add_argument("--mmap", dest="mmap", action="store_true", default=None,
-                   help=f"{who}map the model file, a llama2.c .bin (instant load, memory only for what is "
-                        f"touched); {others}")
+                   help=f"{who}map the model file, a llama2.c .bin (no copy: memory only for what is touched; "
+                        f"loading still reads the whole file once, to check its values); {others}")
     m.add_argument("--no-mmap", dest="mmap", action="store_false",
                    help=f"{who}read the .bin file's weights into memory (faster decode; the default for files up "
                         "to a quarter of the free memory, Q4_0 files aside: decode reads a regrouped copy of theirs, "

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BabyLlamaError, note, require
+from ..errors import BabyLlamaError, note, require, say
 from .common import Parser, add_time_limit, non_empty_path, non_empty_url, positive_int, share
 
 if TYPE_CHECKING:
@@ -267,8 +267,7 @@ def _write_instructions(args: argparse.Namespace, stories: list[str], tok: Token
             write_jsonl(records, out / name)
         elif (out / name).exists():  # an earlier split's held-out stories, which this run may train on
             (out / name).unlink()
-            print(f"removed {out / name}: an earlier run's held-out split, which this run's does not keep",
-                  file=sys.stderr)
+            say(f"removed {out / name}: an earlier run's held-out split, which this run's does not keep")
     dev_text = f", {counts['dev']:,} dev" if args.dev_count else ""
     # requests, not stories, are counted: a training story is asked for --per-story times
     print(f"wrote {counts['train']:,} training{dev_text} and {counts['val']:,} held-out requests from "

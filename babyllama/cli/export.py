@@ -98,6 +98,22 @@ def output_path(args: argparse.Namespace) -> str:
     raise UsageError("export needs OUT: the file or directory to write")
 
 
+def quantized_target(args: argparse.Namespace, to: str) -> str | None:
+    """What a .bin output's matrices are written in where it is what `--quantize` makes on load (version 3:
+    llama.cpp's Q4_0 blocks; version 2: runq.c's Q8_0 groups at their default size), so that a checkpoint read in
+    another type can be quantized as it is read (loading.load_source) into the very bytes the writer would make;
+    None where the writer needs the weights as they are: a LoRA adapter merges into fp32 weights, a GGUF's Q8_0
+    blocks are not runq.c's groups, and its Q4_0 output writes rows that are no blocks of 32 in F16, where
+    quantizing on load gives them runq.c's Q8_0."""
+    if args.lora is not None or to != "bin":
+        return None
+    if args.version == 3:
+        return "q4_0"
+    if args.version == 2 and args.group_size is None:
+        return "q8_0"
+    return None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export, report
     from ..loading import load_source
@@ -109,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise BabyLlamaError(f"--group-size must be positive, got {args.group_size}")
     to = target(args)
     src = load_source(checkpoint=args.checkpoint, model=args.model, meta_llama=args.meta_llama, hf=args.hf,
-                      max_seq_len=args.max_seq_len)
+                      max_seq_len=args.max_seq_len, quantize=quantized_target(args, to))
     written = export(src, args.output, to, version=args.version, group_size=args.group_size, dtype=args.dtype,
                      tokenizer=args.tokenizer, lora=args.lora, chat_template=chat_template(args, {}))
     report(written, src.weights)

@@ -111,7 +111,7 @@ def load_model(args: argparse.Namespace) -> Model:
                              f"is named: name the model it was trained on (babyllama chat MODEL --lora {args.lora})"
                              ) from None
     if model.source_kind != "bin" or args.lora:
-        print(f"babyllama: {model.description}", file=sys.stderr)
+        say(f"babyllama: {model.description}")
     return model
 
 
@@ -250,8 +250,8 @@ def generate_and_print(model: Model, sampler: Sampler, prompt: str, steps: int, 
     if start is not None and n > 1:
         say(f"achieved tok/s: {(n - 1) / (time.perf_counter() - start):f}")
     if draft is not None:
-        print(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
-              f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens", file=sys.stderr)
+        say(f"speculative: {stats.accepted}/{stats.drafted} drafted tokens accepted "
+            f"({100 * stats.acceptance:.1f}%), {stats.rounds} target passes for {n} tokens")
     return 0
 
 

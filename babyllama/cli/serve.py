@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import QUANTIZE_KINDS, ServeConfig
-from ..errors import BabyLlamaError, missing_extra, warn
+from ..errors import BabyLlamaError, missing_extra, say, warn
 from .common import QUANTIZE_HELP, add_chat_template, add_model_flags, add_threads, chat_template
 
 if TYPE_CHECKING:
@@ -150,9 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warn(f"listening on {args.host} without --api-key: anyone who reaches this address "
              "can use the model")
     slots = f"{args.slots} slot{'s' if args.slots != 1 else ''}"
-    print(f"babyllama: {model.description}; serving {config.model_name!r} on "
-          f"http://{serve.address(args.host, port)} ({slots}, {kv_cache_name(model.engine.kv_dtype)} KV cache)",
-          file=sys.stderr)
+    say(f"babyllama: {model.description}; serving {config.model_name!r} on "
+        f"http://{serve.address(args.host, port)} ({slots}, {kv_cache_name(model.engine.kv_dtype)} KV cache)")
     stopped_by = serve.run(app, sockets, args.log_level)
     return 0 if stopped_by is None else 128 + stopped_by  # the shell's status for a process a signal ended
 

@@ -178,7 +178,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for key, m in in_turn(held):
+        for key, m in in_turn(held, path):
             w.write_tensor_data(_written_data(m, kinds[key], gguf_name(key), dtype))
         w.close()
     return path
@@ -481,7 +481,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, GGUFTensor]]:
     size = safeio.file_size(path, "GGUF file")
     if size < 24:
         raise BabyLlamaError(f"{path}: not a readable GGUF file (only {size} bytes)")
-    with safeio.open_regular(path, "GGUF file") as f:
+    with safeio.open_regular(path, "GGUF file") as f, safeio.mapping(path):
         buf = np.memmap(f, dtype=np.uint8, mode="r")
     w = _Walker(buf, path)
     if buf[:4].tobytes() != b"GGUF":

@@ -310,7 +310,7 @@ def _tensor_index(shards: list[Path]) -> dict[str, Callable[[], np.ndarray | BF1
                 handle = safe_open(str(shard), framework="numpy")
                 dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
             except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
-                raise BabyLlamaError(f"{shard}: not a readable safetensors file ({e})") from None
+                raise safeio.unreadable_safetensors(shard, e) from None
             _check_dtypes(shard, dtypes)
             data_start, header = _safetensors_header(shard)
             _held_once(shard, dtypes, held_by)
@@ -338,6 +338,12 @@ def _check_dtypes(shard: Path, dtypes: dict[str, str]) -> None:
     for name, dtype in dtypes.items():
         if dtype not in _FLOAT_DTYPES and not _IGNORED.fullmatch(name):
             raise BabyLlamaError(f"{shard}: tensor {name} holds {dtype} values, not floating-point weights")
+
+
+def hf_args(paths: Sequence[str | os.PathLike], max_seq_len: int | None = None) -> ModelArgs:
+    """The shape of the checkpoint at `paths` (load_hf's), from its config.json alone."""
+    config_path = _resolve(paths)[0]
+    return args_from_config(safeio.read_json(config_path, "config.json"), max_seq_len, str(config_path))
 
 
 def load_hf(paths: str | os.PathLike | Sequence[str | os.PathLike], max_seq_len: int | None = None,
@@ -478,7 +484,7 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     with safeio.committed_together():
         with safeio.pending(outdir / "model.safetensors") as tmp:
             write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
-                              ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())))))
+                              ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())), outdir)))
         if isinstance(tokenizer_model, bytes):
             safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
         elif tokenizer_model is not None:

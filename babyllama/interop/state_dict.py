@@ -46,6 +46,7 @@ from ..formats import (
     quant_kind,
     quantize_matrix,
 )
+from ..progress import progress_bar
 from ..quant import BlockTensor
 
 
@@ -186,7 +187,8 @@ def from_state_dict(args: ModelArgs,
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
         if quantize is not None and not is_quantized(t) and len(shape) == 2 and quant_kind(t) != quantize:
-            return quantized_on_read(t)
+            t = quantized_on_read(t)
+        bar.update()
         return t
 
     def quantized_on_read(t: np.ndarray | BF16Tensor) -> Matrix:
@@ -205,6 +207,8 @@ def from_state_dict(args: ModelArgs,
 
     shapes = expected_shapes(args)
     L = args.n_layers
+    # a large checkpoint takes a while to read (and quantize): a bar on a terminal, once it has taken a second
+    bar = progress_bar(total=len(shapes), desc=f"reading {os.path.basename(source)}", unit="tensor", delay=1.0)
 
     def stack(field: str) -> Any:  # an (L, ...) fp32 array, or the layers' matrices as they are (a list)
         rows = [fetch(layer_key(i, field), shapes[layer_key(i, field)]) for i in range(L)]
@@ -214,11 +218,12 @@ def from_state_dict(args: ModelArgs,
         memory.release_mapped(*rows)  # views of a mapped file (GGUF's F32): the copy alone stays resident
         return stacked
 
-    emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
-    mats: dict[str, Any] = {name: stack(name) for name in LAYER_MATRICES}
-    wcls = emb if args.shared_classifier else fetch("output.weight", shapes["output.weight"])
-    weights = Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
-                      rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)
+    with bar:
+        emb = fetch("tok_embeddings.weight", shapes["tok_embeddings.weight"])
+        mats: dict[str, Any] = {name: stack(name) for name in LAYER_MATRICES}
+        wcls = emb if args.shared_classifier else fetch("output.weight", shapes["output.weight"])
+        weights = Weights(args, emb, rms_att=stack("rms_att"), rms_ffn=stack("rms_ffn"),
+                          rms_final=fetch("norm.weight", shapes["norm.weight"]), wcls=wcls, **mats)
     if quantize == "q8_0":  # runq.c's groups, labelled as Weights.quantize labels them (which then keeps them)
         return replace(weights, version=2, group_size=group_size)
     return weights

@@ -45,7 +45,7 @@ import numpy as np
 from .. import safeio
 from ..config import CKPT_NAME, TOKENIZER_BIN
 from ..documents import iter_documents
-from ..errors import BabyLlamaError, Terminated, counted
+from ..errors import BabyLlamaError, Terminated, counted, say
 from ..fields import Fields
 from ..instruct import CHAT, TEXT, describe_bad_lines, even_shares, read_documents, read_jsonl
 from ..progress import progress_bar
@@ -479,7 +479,7 @@ def file_kind(path: Path, skip_bad_lines: bool = False, say_skipped: bool = Fals
     # the context (one run names them all); a file of nothing else stops here unless skipped
     data = read_jsonl(path, skip_bad_lines, allow_empty=skip_bad_lines, defer_bad=True)
     if not data.items and say_skipped:
-        print(f"skipped {describe_bad_lines(path, data.bad)}, and no record besides", file=sys.stderr)
+        say(f"skipped {describe_bad_lines(path, data.bad)}, and no record besides")
     return data.kind
 
 
@@ -602,8 +602,7 @@ def _start_writing(out: Path, held: contextlib.ExitStack, say_unfinished: bool =
         if made and not interrupted:
             shutil.rmtree(out, ignore_errors=True)
         elif interrupted and say_unfinished:  # the folder reads as unfinished now: say what to do
-            print(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again",
-                  file=sys.stderr, flush=True)
+            say(f"interrupted: {out} is unfinished ({INCOMPLETE} marks it); run the same command again")
 
     held.push(clean_up)
 
@@ -672,7 +671,7 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     if bad and not skip_bad_lines:
         raise BabyLlamaError(describe_bad_lines(path, bad) + " (fix them, or pass --skip-bad-lines)")
     if bad:
-        print(f"skipped {describe_bad_lines(path, bad)}", file=sys.stderr)
+        say(f"skipped {describe_bad_lines(path, bad)}")
     if not kept:  # every line skipped: the caller leaves the file out, or says the data is empty
         return np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(1, np.int64)
     offsets = np.cumsum([0] + [len(ids) for ids, _ in kept], dtype=np.int64)

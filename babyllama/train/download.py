@@ -13,14 +13,13 @@ import hashlib
 import os
 import re
 import shutil
-import sys
 import tarfile
 import zlib
 from http.client import HTTPMessage
 from pathlib import Path
 
 from .. import safeio
-from ..errors import BabyLlamaError, first_line
+from ..errors import BabyLlamaError, first_line, say
 
 try:
     from lzma import LZMAError
@@ -57,7 +56,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
     check_sha256(sha256)
     dest = Path(dest)
     if dest.is_file():
-        print(f"{dest} already downloaded", file=sys.stderr)
+        say(f"{dest} already downloaded")
         _verify(dest, sha256, downloaded_now=False)
         return dest
     with safeio.new_folders_removed_on_error(dest.parent):  # a failed download leaves no empty folder
@@ -80,7 +79,7 @@ def _verify(path: Path, expected: str | None, downloaded_now: bool = True) -> No
     was there before is left where it is: the --sha256 given may be the mistake, and the file gigabytes."""
     digest = file_sha256(path)
     if expected is None:
-        print(f"sha256 {digest} (no checksum to compare with: pass --sha256 to pin it)", file=sys.stderr)
+        say(f"sha256 {digest} (no checksum to compare with: pass --sha256 to pin it)")
         return
     if digest != expected.lower():
         if not downloaded_now:
@@ -90,7 +89,7 @@ def _verify(path: Path, expected: str | None, downloaded_now: bool = True) -> No
         os.replace(path, bad)
         raise BabyLlamaError(f"checksum mismatch for {path.name}: expected {expected}, got {digest} "
                              f"(moved to {bad.name}; run again to download afresh)")
-    print(f"sha256 ok ({digest})", file=sys.stderr)
+    say(f"sha256 ok ({digest})")
 
 
 def extract(archive: Path, dest: str | os.PathLike) -> Path:

@@ -12,14 +12,13 @@ resumed run checks too.
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Collection
 from pathlib import Path
 
 from .. import safeio
 from ..adapter import base_identity, parse_targets
 from ..config import CKPT_NAME, TOKENIZER_BIN, ModelArgs, llama_hidden_dim
-from ..errors import BabyLlamaError, Terminated, warn
+from ..errors import BabyLlamaError, Terminated, say, warn
 from ..instruct import CHAT
 from ..loading import Source, open_model, tokenizer_for
 from ..model import Transformer
@@ -119,8 +118,7 @@ def prepare_data(cfg: TrainConfig, base: Source | None, data_dir: Path) -> None:
             if made:
                 shutil.rmtree(data_dir, ignore_errors=True)
                 if isinstance(e, (KeyboardInterrupt, Terminated)):  # (pretokenize says so of a folder it keeps)
-                    print(f"interrupted while pretokenizing {cfg.data}: nothing of it is kept", file=sys.stderr,
-                          flush=True)
+                    say(f"interrupted while pretokenizing {cfg.data}: nothing of it is kept")
             else:
                 tokenizer.unlink(missing_ok=True)
             raise

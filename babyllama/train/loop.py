@@ -38,7 +38,7 @@ import torch.distributed as dist
 from .. import safeio
 from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..config import TOKENIZER_BIN, llama_hidden_dim
-from ..errors import BabyLlamaError, Terminated, first_line, note
+from ..errors import BabyLlamaError, Terminated, first_line, note, say
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import checkpoint, distill, finetune
@@ -467,7 +467,7 @@ class Trainer:
             self._train(evaluated_at)
         except (KeyboardInterrupt, Terminated):  # Ctrl-C, or SIGTERM (kill, timeout, a batch scheduler)
             if master:
-                print(self._interrupted_text(), file=sys.stderr, flush=True)
+                say(self._interrupted_text())
             raise
         except BrokenPipeError:  # the reader of the log went away (`| head`): the run stops short, and says so
             with contextlib.suppress(OSError, ValueError):  # no second failure at exit's flush

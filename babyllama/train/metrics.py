@@ -103,10 +103,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def plot_losses(out_dir: str | os.PathLike) -> Path | None:
     """loss.png: training loss per step and validation loss at each evaluation."""
-    import matplotlib
+    import logging
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # with no writable config folder (a read-only or missing HOME) matplotlib works from a temporary one and
+    # says so in a paragraph on stderr: the plot is the same, and the paragraph is not about the training
+    mpl_log = logging.getLogger("matplotlib")
+    level = mpl_log.level
+    mpl_log.setLevel(logging.ERROR)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        mpl_log.setLevel(level)
 
     records = read_metrics(Path(out_dir) / METRICS_NAME)
     steps = [(r["iter"], r["loss"]) for r in records if is_number(r.get("loss"))]
