@@ -298,8 +298,9 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     checkpoint may also be given as its weight files with config.json beside them). `quantize`: the type the
     export writes (`--quantize`'s q8_0 or q4_0), into which a Hugging Face checkpoint's matrices are quantized
     as each is read, so that the whole checkpoint is never resident (the blocks are those the writer would
-    make of the full weights; where they cannot be all Q4_0, the checkpoint is read as it is, for the writer to
-    say so)."""
+    make of the full weights; where they cannot be all Q4_0, the checkpoint is read as it is: the .bin writer
+    refuses the shape, the GGUF writer keeps such matrices in F16, where quantizing on load would give them
+    runq.c's Q8_0)."""
     if hf is not None and quantize == "q4_0":
         from .interop.hf import hf_args
 

@@ -490,14 +490,17 @@ def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype, sour
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
 
 
-@pytest.mark.parametrize("version", [2, 3])
-def test_a_hugging_face_checkpoint_is_quantized_as_it_is_read_for_a_quantized_bin(tmp_path, version):
-    """A version 2 or 3 export of a Hugging Face checkpoint quantizes each matrix as it is read (as `run
-    --quantize` does), writing the bytes the whole fp32 model would give: it held the whole checkpoint first
-    (a 7B fp32 one could not be exported on a 24 GiB machine), now far less than its size."""
+@pytest.mark.parametrize("name, flags", [("m.bin", ["--version", "2"]), ("m.bin", ["--version", "3"]),
+                                         ("m.gguf", ["--dtype", "q4_0"])])
+def test_a_hugging_face_checkpoint_is_quantized_as_it_is_read_for_a_quantized_output(tmp_path, name, flags):
+    """A version 2 or 3 .bin or a Q4_0 GGUF export of a Hugging Face checkpoint quantizes each matrix as it is
+    read (as `run --quantize` does), writing the bytes the whole fp32 model would give: it held the whole
+    checkpoint first (a 7B fp32 one could not be exported on a 24 GiB machine), now far less than its size."""
     import tracemalloc
 
     pytest.importorskip("safetensors")
+    if name.endswith(".gguf"):
+        pytest.importorskip("gguf")
     from babyllama.cli import main
     from babyllama.interop.hf import save_hf
 
@@ -506,19 +509,17 @@ def test_a_hugging_face_checkpoint_is_quantized_as_it_is_read_for_a_quantized_bi
     formats.save(w, tmp_path / "m.bin", version=1)
     byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
     fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors"))
-    assert main(["export", str(tmp_path / "warm" / "m.bin"), "--hf", str(tmp_path / "hf"), "--version",
-                 str(version)]) == 0  # imports and first-use caches outside the measurement
+    hf = ["--hf", str(tmp_path / "hf"), "-z", str(tmp_path / "tokenizer.bin"), *flags]
+    assert main(["export", str(tmp_path / "warm" / name), *hf]) == 0  # imports and first-use caches outside
     tracemalloc.start()
     try:
-        assert main(["export", str(tmp_path / "out" / "m.bin"), "--hf", str(tmp_path / "hf"), "--version",
-                     str(version)]) == 0
+        assert main(["export", str(tmp_path / "out" / name), *hf]) == 0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 2, (peak, fp32_bytes)
-    assert main(["export", str(tmp_path / "bin" / "m.bin"), "--model", str(tmp_path / "m.bin"), "--version",
-                 str(version)]) == 0
-    assert (tmp_path / "out" / "m.bin").read_bytes() == (tmp_path / "bin" / "m.bin").read_bytes()
+    assert main(["export", str(tmp_path / "bin" / name), "--model", str(tmp_path / "m.bin"), *flags]) == 0
+    assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "bin" / name).read_bytes()
 
 
 def test_reading_and_writing_a_model_draw_progress_bars_on_a_terminal(tmp_path, monkeypatch):
