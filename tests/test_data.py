@@ -194,8 +194,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         pretokenize(tmp_path / "empty", "x", tmp_path / "o")
 
 
+def test_pretokenize_needs_a_vocabulary_and_its_usage_says_so(capsys):
+    """--vocab-size or --tokenizer is required: the usage line marks the pair so, and leaving both out is a usage
+    error (exit 2), as eval's --data | --instruct."""
+    from babyllama.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "pretokenize", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "(--vocab-size VOCAB_SIZE | --tokenizer TOKENIZER)" in " ".join(usage.split())
+    assert "one of the arguments --vocab-size/--vocab_size --tokenizer is required" in cli_error(
+        capsys, "data", "pretokenize", "--input", ".", code=2)
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["data", "pretokenize", "--input", "."], "give --vocab-size N"),
     (["data", "pretokenize", "--vocab-size", "999", "--data-dir", "nowhere"], "nowhere/tok999.model not found"),
     (["data", "train-vocab", "--vocab-size", "100", "--input", "."], "--vocab-size must be in 260..65536"),
     (["data", "train-vocab", "--vocab-size", "512", "--input", "missing"], "input not found: missing"),

@@ -178,6 +178,7 @@ def test_help_names_every_bin_version_and_where_the_tokenizer_falls_back():
     sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert "3 Q4_0" in sub["export"].format_help()
     assert "babyllama's or llama2.c train.py's" in " ".join(sub["export"].format_help().split())  # both are read
+    assert "OUT file or directory to write (required:" in " ".join(sub["export"].format_help().split())
     eval_help = " ".join(sub["eval"].format_help().split())
     assert "(v0-v3)" in eval_help
     assert "for a .bin or a checkpoint, tokenizer.bin beside it, else for a .bin the built-in one" in eval_help

@@ -885,6 +885,9 @@ def test_train_help_offers_no_fine_tuning_setting_and_finetune_help_offers_them(
     for key in ("base", *FINETUNE_KEYS):
         assert f"--{key} " not in train and f"--{key} " in finetune, key
     assert "--max_iters " in train and "--teacher " in train
+    # a learning_rate given moves finetune's min_lr default (build_config): its help says so, train's has none
+    assert "(default 0.0001; 0.1 x --learning_rate where that is given)" in " ".join(finetune.split())
+    assert "--min_lr FLOAT, --min-lr FLOAT (default 0.0) " in " ".join(train.split())
 
 
 def test_train_points_a_base_to_finetune(tmp_path, capsys):

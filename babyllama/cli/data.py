@@ -56,7 +56,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                                      "folder that train --data_dir and finetune --data_dir read.")
     t.add_argument("--input", default=None, type=non_empty_path,
                    help=f"text/jsonl/json file or folder (DATA_DIR/{TINYSTORIES})")
-    which = t.add_mutually_exclusive_group()
+    which = t.add_mutually_exclusive_group(required=True)
     which.add_argument("--vocab-size", "--vocab_size", type=pretokenize_vocab_size, default=None,
                        help="use DATA_DIR/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, type=non_empty_path,
@@ -100,7 +100,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--model", default=None, type=non_empty_path,
                    help="keep the pairs that fit this model's context, with its tokenizer (default: the built-in)")
     i.add_argument("-z", "--tokenizer", default=None, type=non_empty_path,
-                   help="the model's tokenizer, if not found beside it")
+                   help="the model's tokenizer (default: the one beside it, or its own)")
     i.add_argument("--skip-bad-lines", action="store_true", help=SKIP_BAD_LINES_HELP)
     i.set_defaults(func=cmd_data_instruct)
 
@@ -164,13 +164,11 @@ def cmd_data_pretokenize(args: argparse.Namespace) -> int:
 
     if args.tokenizer:
         tokenizer = Path(args.tokenizer)
-    elif args.vocab_size:
+    else:  # the parser requires one of the two
         tokenizer = Path(args.data_dir) / f"tok{args.vocab_size}.model"
         if not tokenizer.is_file():
             raise BabyLlamaError(f"{tokenizer} not found: run `babyllama data train-vocab "
                                  f"--vocab-size {args.vocab_size}` first")
-    else:
-        raise BabyLlamaError("give --vocab-size N (a vocabulary from train-vocab) or --tokenizer PATH")
     args.input = input_path(args)
     out = Path(args.out_dir) if args.out_dir else Path(args.data_dir) / f"tok{args.vocab_size or 'enizer'}"
     if args.word_weight != 1 or args.max_seq_len:

@@ -17,7 +17,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                     "without --to it is a .bin where --version is given, else guessed from OUT's name in any case "
                     "(.bin, .gguf, else a directory).")
     # optional for argparse only: `--hf DIR OUT` puts OUT among --hf's values (see output_path)
-    p.add_argument("output", metavar="OUT", nargs="?", type=non_empty_path, help="file or directory to write")
+    p.add_argument("output", metavar="OUT", nargs="?", type=non_empty_path,
+                   help="file or directory to write (required: before the source, or after --hf's folder or files)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", type=non_empty_path,
                      help="a training checkpoint, babyllama's or llama2.c train.py's (ckpt.pt or its folder)")

@@ -12,7 +12,7 @@ from .train import add_config_flags, config_overrides, no_checkpoint_text, requi
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    from ..train.config import FINETUNE_DEFAULTS, SHAPE_KEYS
+    from ..train.config import FINETUNE_DEFAULTS, FINETUNE_MIN_LR_SHARE, SHAPE_KEYS
 
     p = sub.add_parser(
         "finetune", help="fine-tune a model on text or chat data (full, or LoRA with --lora-rank)",
@@ -30,7 +30,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf", metavar="DIR", type=non_empty_path, help="the base is this Hugging Face Llama folder")
     src.add_argument("--meta-llama", metavar="DIR", type=non_empty_path, help="the base is this Meta checkpoint folder")
-    add_config_flags(p, FINETUNE_DEFAULTS, from_base=SHAPE_KEYS)
+    add_config_flags(p, FINETUNE_DEFAULTS, from_base=SHAPE_KEYS,
+                     explained={"min_lr": f"{FINETUNE_MIN_LR_SHARE:g} x --learning_rate where that is given"})
     p.set_defaults(func=cmd_finetune, sigterm_kills=True)  # torchrun's agent stops its workers with it
 
 

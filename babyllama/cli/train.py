@@ -45,19 +45,21 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, hidden: tuple[str, ...] = (),
-                     from_base: tuple[str, ...] = ()) -> None:
+                     from_base: tuple[str, ...] = (), explained: dict[str, str] | None = None) -> None:
     """A --key=value flag per TrainConfig field (also spelled --key-value); a bare boolean flag means true.
-    The `hidden` keys are parsed but left out of --help; the `from_base` ones default to the base model's."""
+    The `hidden` keys are parsed but left out of --help; the `from_base` ones default to the base model's;
+    `explained`: what follows a key's default in its help, where another setting moves it."""
     from ..train.config import FIELDS, LLAMA2C_ONLY, TrainConfig
 
     knobs = p.add_argument_group("settings (--key=value)")
     for name in FIELDS:
         default = (defaults or {}).get(name, getattr(TrainConfig, name))
         boolean = isinstance(default, bool)
+        more = (explained or {}).get(name)
         knobs.add_argument(*spellings(name), dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
                            type=flag_value(name), nargs="?" if boolean else None, const=True if boolean else None,
                            help=argparse.SUPPRESS if name in hidden else "(default: the base model's)"
-                           if name in from_base else f"(default {default!r})")
+                           if name in from_base else f"(default {default!r}{f'; {more}' if more else ''})")
     for name in LLAMA2C_ONLY:  # parsed so that the config check can say what to do instead
         knobs.add_argument(*spellings(name), dest=f"cfg_{name}", default=None, nargs="?", const=True,
                            help=argparse.SUPPRESS)
