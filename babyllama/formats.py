@@ -18,7 +18,7 @@ import math
 import mmap as _mmap
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard, cast
@@ -695,7 +695,8 @@ def held_tensors(weights: Weights) -> dict[str, Matrix]:
     return held
 
 
-def in_turn(tensors: dict[str, Matrix], path: str | os.PathLike | None = None) -> Iterator[tuple[str, Matrix]]:
+def in_turn(tensors: dict[str, Matrix],
+            path: str | os.PathLike | None = None) -> Generator[tuple[str, Matrix], None, None]:
     """(name, matrix) of `tensors` in turn, for a writer that converts and writes one before asking for the
     next: once the caller is done with one, the pages under it are handed back where they are a mapped
     file's (memory.release_mapped), so that resident memory holds about one tensor's worth, not the file.

@@ -245,8 +245,11 @@ class Controls:
         x = np.array(logits, dtype=np.float32)
         if recent_ids is not None:
             v = x[recent_ids]
-            with np.errstate(over="ignore", divide="ignore"):  # a penalty beyond fp32's range: the logit's limit
-                penalty = np.float32(self.repeat_penalty)
+            # a penalty beyond fp32's range takes its nearest finite one (an infinite one, or one rounded to 0,
+            # would make a logit of 0 NaN): the penalized logits reach their limits, overflowing quietly
+            f32 = np.finfo(np.float32)
+            penalty = np.float32(min(max(self.repeat_penalty, float(f32.tiny)), float(f32.max)))
+            with np.errstate(over="ignore", under="ignore"):
                 x[recent_ids] = np.where(v > 0, v / penalty, v * penalty)
         if gen_ids is not None and gen_counts is not None:
             x[gen_ids] -= (gen_counts * self.frequency_penalty + self.presence_penalty).astype(np.float32)

@@ -160,6 +160,13 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, sp_model):
     assert cli_error(capsys, "export-tokenizer", str(sp_model)).startswith(
         "babyllama: error: out of memory: Unable to allocate ")
 
+    def bare(*args, **kwargs):
+        raise MemoryError  # as CPython's own allocations fail: no message
+
+    monkeypatch.setattr("babyllama.export.export_tokenizer", bare)
+    assert cli_error(capsys, "export-tokenizer", str(sp_model)) == \
+        "babyllama: error: out of memory: an allocation failed"
+
 
 def test_export_tokenizer_refuses_to_overwrite_its_own_input(tmp_path, capsys, sp_model):
     model = tmp_path / "same.model"
@@ -553,6 +560,20 @@ def test_reading_and_writing_a_model_draw_progress_bars_on_a_terminal(tmp_path, 
     shown = sys.stderr.getvalue()
     n = 1 + 3 * 9 + 1  # embedding, 9 tensors a layer, final norm (the classifier is the embedding)
     assert "reading hf: 100%" in shown and f"| {n}/{n} [" in shown and "writing m.bin: 100%" in shown, shown
+
+    def full_disk(path, header, tensors):  # the Hugging Face writer fails after two tensors
+        for _ in zip(range(2), tensors):
+            pass
+        raise OSError(28, "No space left on device")
+
+    from babyllama.interop import hf
+
+    monkeypatch.setattr(hf, "write_safetensors", full_disk)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert main(["export", str(tmp_path / "out"), "--model", str(tmp_path / "m.bin"), "--to", "hf"]) == 1
+    shown = sys.stderr.getvalue()  # the bar ended before the error line, which is the last
+    last = shown.split("\n")[-2]
+    assert last.startswith("babyllama: error: cannot write output ") and last.endswith(": No space left on device")
 
 
 # a Q8_0 model written as version 2 keeps its own values and scales

@@ -263,6 +263,24 @@ def test_repeat_penalty_is_llama_cpp_s_over_the_last_n_tokens():
     assert logits.tolist() == [2.0, -1.0, 3.0, 0.5, -2.0]  # the model's logits are not changed
 
 
+def test_a_repeat_penalty_beyond_fp32_s_range_takes_the_logits_to_their_limits_never_nan():
+    """A penalty of 1e39 (accepted: a finite number > 0) became inf in fp32, and 0 * inf made a logit of exactly 0
+    NaN, which greedy argmax then chose, the very token penalized; one of 1e-50 (0 in fp32) made 0 / 0. The
+    penalty takes fp32's nearest finite value: penalized logits go to their limits, no warning, no NaN."""
+    import warnings
+
+    from babyllama.sampler import Controls
+
+    logits = np.array([0.0, 1.0, -1.0, 2.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        huge = recounted(Controls(repeat_penalty=1e39, repeat_last_n=-1), logits, [0, 1, 2], [])
+        tiny = recounted(Controls(repeat_penalty=1e-50, repeat_last_n=-1), logits, [0, 1, 2], [])
+        assert Sampler(0.0, controls=Controls(repeat_penalty=1e39)).sample(logits, [0, 3]) == 1
+    assert huge[0] == 0.0 and 0.0 < huge[1] < 1e-37 and huge[2] <= -3e38 and huge[3] == 2.0
+    assert tiny[0] == 0.0 and tiny[1] > 8e37 and -1e-37 < tiny[2] < 0.0 and tiny[3] == 2.0
+
+
 def test_presence_and_frequency_penalties_are_openai_s_over_the_generated_tokens():
     from babyllama.sampler import Controls
 

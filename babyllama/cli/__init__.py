@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except MemoryError as e:  # an allocation the memory checks did not foresee (ulimit -v, a container's limit)
-        say(f"babyllama: error: out of memory: {one_line(first_line(e) or 'an allocation failed')}", logging.ERROR)
+        say(f"babyllama: error: out of memory: {one_line(str(e).strip() or 'an allocation failed')}", logging.ERROR)
         return 1
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): not an error worth a traceback

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import shutil
 
@@ -207,6 +208,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(text)
     failed = sum(1 for r in rows if r.error)
     if failed:  # the table stands, with the reasons under it; a script running bench learns of them too
-        say(f"babyllama: error: {failed} of {len(rows)} rows failed (listed under the table)")
+        say(f"babyllama: error: {failed} of {len(rows)} rows failed (listed under the table)", logging.ERROR)
         return 1
     return 0

@@ -15,6 +15,7 @@ has n_kv_heads heads, not n_heads (grouped-query models such as TinyLlama): upst
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -482,9 +483,11 @@ def save_hf(weights: Weights, outdir: str | os.PathLike, tokenizer_model: str | 
     # the new model beside an earlier export's config and tokenizer. config.json last: a new folder that a kill
     # interrupted among the renames has no config, so nothing loads it as a model
     with safeio.committed_together():
-        with safeio.pending(outdir / "model.safetensors") as tmp:
+        # closing: a write that fails ends the tensors' progress bar before the error line, not at exit
+        with safeio.pending(outdir / "model.safetensors") as tmp, \
+                contextlib.closing(in_turn(dict(sorted(held.items())), outdir)) as tensors:
             write_safetensors(tmp, {name: (SAFETENSORS_DTYPES[dtype], shape) for name, shape in shapes.items()},
-                              ((name, converted(name, m)) for name, m in in_turn(dict(sorted(held.items())), outdir)))
+                              ((name, converted(name, m)) for name, m in tensors))
         if isinstance(tokenizer_model, bytes):
             safeio.write_bytes(outdir / SENTENCEPIECE_MODEL, tokenizer_model)
         elif tokenizer_model is not None:
