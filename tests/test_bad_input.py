@@ -182,7 +182,7 @@ def test_bad_flags(good_model, flags, pattern, code):
 
 
 @pytest.mark.parametrize("argv, prefix", [
-    (["data", "pretokenize", "--bogus"], "babyllama data pretokenize: error: "),
+    (["data", "pretokenize", "--tokenizer", "t.model", "--bogus"], "babyllama data pretokenize: error: "),
     (["models", "--bogus=1"], "babyllama models: error: "),
     (["--bogus"], "babyllama: error: "),
 ])
