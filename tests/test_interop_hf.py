@@ -614,6 +614,24 @@ def test_an_architecture_refusal_names_what_is_not_llama():
     assert args_from_config(config_from_args(tiny_args())) == tiny_args()
 
 
+def test_hidden_act_swish_is_silu_and_others_are_refused():
+    """transformers' ACT2FN maps "swish" to the same nn.SiLU as "silu": such a config was refused as another
+    activation; gelu is one."""
+    from babyllama.errors import BabyLlamaError
+    from babyllama.interop.hf import args_from_config, config_from_args
+
+    config = config_from_args(tiny_args())
+    config["hidden_act"] = "swish"
+    assert args_from_config(config) == tiny_args()
+    config["hidden_act"] = "gelu"
+    with pytest.raises(BabyLlamaError, match="hidden_act 'gelu' is not supported"):
+        args_from_config(config)
+    torch = pytest.importorskip("torch")
+    activations = pytest.importorskip("transformers.activations")
+    x = torch.linspace(-8, 8, 101)
+    assert torch.equal(activations.ACT2FN["swish"](x), activations.ACT2FN["silu"](x))
+
+
 def test_rope_parameters_theta_wins_over_a_disagreeing_top_level_one():
     """transformers 5 reads rope_parameters; a config whose two thetas disagree runs as it runs it."""
     from babyllama.interop.hf import args_from_config, config_from_args

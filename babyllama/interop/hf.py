@@ -104,7 +104,7 @@ def args_from_config(config: dict, max_seq_len: int | None = None, source: str =
     f = Fields(config, source)
     _check_llama_architecture(f, source)
     act = f.str("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN computes "swish" as x * sigmoid(x) too
         raise BabyLlamaError(f"{source}: hidden_act '{act}' is not supported (Llama uses silu)")
     if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
         raise BabyLlamaError(f"{source}: attention/MLP biases are not supported by the llama2.c format")
