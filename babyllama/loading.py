@@ -30,7 +30,6 @@ from . import formats, safeio
 from .config import CHAT_TEMPLATE_FILE, CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, note, require
 from .formats import Weights
-from .quant import BLOCK
 from .tokenizer import TOKENIZER_HINT, Tokenizer
 
 if TYPE_CHECKING:
@@ -304,8 +303,9 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
     if hf is not None and quantize == "q4_0":
         from .interop.hf import hf_args
 
-        args = hf_args(hf, max_seq_len)
-        if args.dim % BLOCK or args.hidden_dim % BLOCK:
+        try:
+            formats.check_q4_shape(hf_args(hf, max_seq_len))
+        except BabyLlamaError:
             quantize = None
     if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):
         return _hf_source(hf, max_seq_len, quantize)

@@ -63,7 +63,7 @@ def mapping(path: str | os.PathLike) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno == errno.ENOMEM:
-            raise BabyLlamaError(f"{path}: out of memory mapping it ({e.strerror})") from None
+            raise _map_refused(path, e.strerror) from None
         raise
 
 
@@ -71,8 +71,12 @@ def unreadable_safetensors(path: str | os.PathLike, e: Exception) -> BabyLlamaEr
     """The error for a safetensors file the package could not open: its own error type carries the system's
     refusal as text, and a mapping that memory limits refuse (ulimit -v: "os error 12") is no fault of the file."""
     if "(os error 12)" in str(e):
-        return BabyLlamaError(f"{path}: out of memory mapping it ({e})")
+        return _map_refused(path, e)
     return BabyLlamaError(f"{path}: not a readable safetensors file ({e})")
+
+
+def _map_refused(path: str | os.PathLike, why: object) -> BabyLlamaError:
+    return BabyLlamaError(f"{path}: out of memory mapping it ({why})")
 
 
 def not_found(path: str | os.PathLike, what: str, hint: str = "") -> BabyLlamaError:

@@ -88,25 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     keep_stderr()
     print_file_names_as_bytes()
     parser = build_parser()
-    try:
+    try:  # parsing too: --help or --version into a full disk or a closed stdout (Parser._print_message)
         args, unknown = parser.parse_known_args(argv)
-    except BrokenPipeError:  # --help | head
-        sys.stderr.close()
-        return 0
-    except OSError as e:  # --help or --version into a full disk (Parser._print_message)
-        say(f"babyllama: error: cannot write to stdout: {e.strerror or first_line(e)}", logging.ERROR)
-        return 1
-    except BabyLlamaError as e:  # ... or a closed stdout
-        say(f"babyllama: error: {e}", logging.ERROR)
-        return 1
-    if unknown:  # said by the command they were given to, as its other mistakes are
-        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    quiet_library_warnings()
-    keep_freed_memory()
-    try:
+        if unknown:  # said by the command they were given to, as its other mistakes are
+            command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        quiet_library_warnings()
+        keep_freed_memory()
         from ..threads import configure
         configure(getattr(args, "threads", None))
         if getattr(args, "sigterm_kills", False):

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import CONTROL_DEFAULTS, DEFAULT_STEPS, KV_CACHE_TYPES, SEED_LIMIT, default_steps
-from ..errors import BabyLlamaError
+from ..errors import BabyLlamaError, first_line
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -28,17 +28,23 @@ class Parser(argparse.ArgumentParser):
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         """argparse's, but a stdout that cannot be written (--help or --version into a full disk, or closed)
-        raises for main to report, where argparse would drop the text and exit 0; stderr's failures it drops."""
+        raises for main to report, where argparse would drop the text and exit 0 (a reader gone, `| head`,
+        stays a BrokenPipeError: a quiet end); stderr's failures it drops."""
         if not message:
             return
         if file is None:  # stdout closed (>&-): argparse would print on stderr
             raise BabyLlamaError("standard output is closed: nowhere to print it")
-        stdout = sys.stdout
+        stdout = sys.stdout  # compared by a name of its own: `file is not sys.stdout` narrows sys.stdout's type
         if file is not stdout:
             super()._print_message(message, file)
             return
-        sys.stdout.write(message)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(message)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise BabyLlamaError(f"cannot write to stdout: {e.strerror or first_line(e)}") from None
 
 
 def add_model_flags(p: argparse.ArgumentParser, default: str = "the built-in story model") -> None:
