@@ -1,9 +1,13 @@
 """llama2.c model files: read and write versions 0 (legacy fp32), 1 (fp32) and 2 (Q8_0), and babyllama's
 version 3 (Q4_0 in llama.cpp's block layout, which llama2.c cannot read).
 
-Everything meets in `Weights`: readers memory-map the file and hand out views (nothing is copied except
-what Q8_0 dequantizes), writers take a `Weights` and stream tensors out. Layouts are documented in
-docs/formats.md. Every header is checked against the file size before anything is mapped.
+Everything meets in `Weights`: `load` reads a file of up to a quarter of the free memory into process memory
+(each tensor an array of its own) and memory-maps larger ones, version 3 files and version 2 ones with groups
+of 32 or 64 (whose matrices the native kernels regroup anyway), handing out views of the map
+(memory.read_by_default; `--mmap` / `--no-mmap` force either way). Tensors keep their stored type, except
+Q8_0 whose groups run across rows, which is dequantized to fp32. Writers take a `Weights` and stream tensors
+out. Layouts are documented in docs/formats.md. Every header is checked against the file size before
+anything is mapped or read.
 
 babyllama extension (versions 1, 2 and 3; version 0 has no header): the 256-byte header has spare room after
 llama2.c's fields. At offset 48 we store float64 rope_theta and at 56 float64 norm_eps; 0 (what llama2.c

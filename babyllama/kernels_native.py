@@ -75,44 +75,30 @@ ARCHES = {
 # sgemm wins. (Decode steps of any size go through forward_step, which runs the kernel for every token.)
 F32_KERNEL_MAX_ROWS = 8
 # Rows at or above which a quantized product is dequantize + sgemm instead of the int8 kernel. The kernel
-# reads each weight row once for 8 tokens at a time, so it keeps the lead up to ~32 tokens (110M Q8_0 at
-# 16 tokens: 64 ms vs 206 dequantized; at 32: 108 vs 152; at 48 dequantizing wins: 151 vs 178).
+# reads each weight row once for 8 tokens at a time, so it keeps the lead up to ~32 tokens, and sgemm's
+# arithmetic rate wins beyond (docs/speed.md, "Prompts").
 QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts, each with the shortest weight rows it
-# takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes:
-# on two Zen 4 cores (256 tokens, freed memory kept) every matrix measured took 0.41-0.99x sgemm's time (128 x
-# 128 to 768 x 288), the built-in model's whole prompt 1.03-1.06x as fast as with its rows of 128 on sgemm.
-# AVX2 reads the regrouped rows 8 blocks a step: on two Zen 3 cores (no VNNI; two explicit threads, 256 tokens,
-# medians of fresh processes) 42M 1,786 -> 2,333 tok/s, 110M 637 -> 890; per matrix, rows of 192-768 values
-# took 0.64-0.97x the time (the AVX2 build on Zen 4) and rows of 128 1.05-1.19x, so the built-in model's (dim
-# 128) stay on sgemm there. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions.
+# takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes
+# of Q8_0, so every row length takes it. AVX2 reads the regrouped rows 8 blocks a step: it wins from rows of
+# 256 values, and short rows (128) stay on sgemm. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums
+# in fewer instructions. Measured in docs/speed.md ("Prompts").
 INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 # Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout: per group size, the
 # shortest weight rows it takes them from. A model whose every product takes it computes a prompt's rows as
 # decoding each token alone does, so prefilling in chunks (--chunk, a prefix from a server slot's cache) gives
-# the numbers of one whole prefill. Two Zen 4 cores (256 tokens, the two routes alternating in one process,
-# medians of 7): groups of 64 took 0.62-0.75x sgemm's time on 768 x 768 to 2304 x 768 and 0.94-1.00x on rows of
-# 128 (the 110M model's whole prompt 1.30-1.41x as fast); groups of 32 0.72-0.94x from rows of 512 values (42M's
-# whole prompt 1.18-1.25x as fast), and with rows of 288, 128 and 352 too, 256-token prompts (alternating
-# processes, three each) of 15M 8,645-8,888 tok/s against 7,687-7,825 with those on sgemm and the built-in
-# model's 36,119-36,428 against 33,350-33,612. Other group sizes (16, 8, 4: models of odd widths) have only the
-# scalar int8 rows (stories260K's groups of 4: 256-token prompts ~7,900 tok/s against ~38,000 on sgemm): they stay
-# on sgemm.
-# AVX2 builds (`maddubs`) took 0.97-1.19x sgemm's time on whole prompts (Zen 3): they stay on sgemm. Matrices of
-# groups of 32 or 64 are packed for the kernels on their first decode step (W_Q8R) and then take
-# INT8_Q8R_PROMPT_MIN_COLS, whose kernels they run.
+# the numbers of one whole prefill. AVX-512 VNNI wins for groups of 64 and 32 on rows of every length. Other
+# group sizes (16, 8, 4: models of odd widths) have only the scalar int8 rows, far slower than sgemm: they stay
+# on sgemm. AVX2 builds (`maddubs`) do not beat sgemm on whole prompts: they stay on sgemm. Matrices of groups
+# of 32 or 64 are packed for the kernels on their first decode step (W_Q8R) and then take
+# INT8_Q8R_PROMPT_MIN_COLS, whose kernels they run. Measured in docs/speed.md ("Prompts").
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
-# shortest rows it takes them from. Two Zen 4 cores, 256-token prompts of GGUF Q8_0 files, the two routes
-# alternating in one process (medians of 7): 110M 1.72-1.83x as fast, 42M 1.63x, 15M 1.31-1.41x; the built-in
-# model's (rows of 128 and 352) 35,134-35,542 tok/s against 34,236-34,994 with its rows of 128 on sgemm
-# (alternating processes, three each). AVX2 (`maddubs`) on two Zen 3 cores, the same way: 110M 1.15-1.19x as fast,
-# 42M 1.11-1.17x; 15M 0.99-1.04x with every matrix on int8 and 1.08-1.11x with its w2 alone there (rows of 768;
-# its others are 288 long), so from rows of 512. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in
-# fewer instructions. Blocks not regrouped (their values gathered out of 34-byte blocks first) took 1.08-1.22x
-# sgemm's time: they stay there. runq.c's Q8 packed (W_Q8R) runs the same kernels and takes the same table: the
-# AVX2 build on two Zen 4 cores prefilled 256 tokens of 110M `.bin` Q8_0 at 753-840 tok/s on them against 652-704
-# on sgemm (alternating processes, three each).
+# shortest rows it takes them from. AVX-512 VNNI wins on rows of every length; AVX2 (`maddubs`), with less
+# arithmetic per instruction, only from rows of 512 values: on shorter rows it gains nothing.
+# AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions. Blocks not regrouped
+# (their values gathered out of 34-byte blocks first) lose to sgemm: they stay there. runq.c's Q8 packed
+# (W_Q8R) runs the same kernels and takes the same table. Measured in docs/speed.md ("Prompts").
 INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 512}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16, W_Q8R = range(9)
@@ -352,7 +338,7 @@ def build(directory: Path | None = None, arch: str | None = None) -> Path | None
             known.append(failed)
             continue
         directory.mkdir(parents=True, exist_ok=True)
-        if not announced and sys.stderr is not None and sys.stderr.isatty():  # ~15 s on two cores: say why
+        if not announced and sys.stderr is not None and sys.stderr.isatty():  # a compile takes seconds: say why
             say("babyllama: compiling the C kernels for this CPU (once; cached) ...")
             announced = True
         # compile to a temporary name and rename: concurrent first runs never load a half-written library; the
@@ -485,9 +471,9 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def _in_parallel(cmd: list[str]) -> list[list[str]]:
     """cmd as it compiles on every usable CPU, then as it is. With link-time optimization GCC generates the
-    code in partitions, one job per CPU (19 -> 11 s on two cores); the functions are the same C compiled with
-    the same options, so the arithmetic is too. Compilers without GCC's -flto=N (clang) fail it at once and
-    compile as before; so does a machine with one CPU."""
+    code in partitions, one job per CPU, which shortens the first build (docs/speed.md); the functions are the
+    same C compiled with the same options, so the arithmetic is too. Compilers without GCC's -flto=N (clang)
+    fail it at once and compile without it; so does a machine with one CPU."""
     jobs = min(usable_cpus(), 16)
     return ([[*cmd, f"-flto={jobs}"]] if jobs > 1 else []) + [cmd]
 
@@ -566,6 +552,7 @@ class NativeKernels:
         self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
+        # pool_split_jobs, pool_sleeps, pool_spin_us: the pool's counters and its spin, for tests only (unused here)
         self.lib.pool_split_jobs.restype = ctypes.c_int64
         self.lib.pool_sleeps.restype = ctypes.c_int64
         self.lib.pool_spin_us.restype = ctypes.c_int64

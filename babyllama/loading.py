@@ -434,10 +434,9 @@ def model_card(checkpoint: str | None, strict: Collection[str] = ()) -> dict:
     NAME.json beside it (the built-in assets' layout: model.bin and model.json, chat.bin and chat.json); for a
     model folder its model.json; for a training checkpoint (its folder or the checkpoint file however named) its
     run folder's model.json. A card that is there but does not read as an object, or whose name or chat_template
-    is not a non-empty string (a list as chat_template was a TypeError; a number as name the id /v1/models gave
-    clients), is skipped, unless a field the caller takes from it is named in `strict` (chat's chat_template,
-    serve's and its name where no flag gives them, which would otherwise be replaced without a word): then it is
-    an error."""
+    is not a non-empty string (a template is text to render, and the name is the id /v1/models gives clients), is
+    skipped, unless a field the caller takes from it is named in `strict` (chat's chat_template, serve's and its
+    name where no flag gives them, which would otherwise be replaced without a word): then it is an error."""
     if checkpoint is None:
         path = BUILTIN_CARD
     elif Path(checkpoint).is_dir():

@@ -23,7 +23,7 @@ _MASK64 = (1 << 64) - 1
 
 
 class Rng:
-    """run.c's xorshift64* generator: `random_u32` and `random_f32` on a 64-bit state."""
+    """run.c's xorshift64* generator on a 64-bit state: `u32` and `f32` are run.c's random_u32 and random_f32."""
 
     def __init__(self, seed: int):
         # a NumPy integer would overflow the mask; state 0 is xorshift's fixed point (every draw 0), which a

@@ -24,8 +24,9 @@ STARTING_ENVIRONMENT = {k: os.environ[k] for k in (*BLAS_VARS, "NUMBA_NUM_THREAD
 
 # How long idle BLAS threads busy-wait before sleeping. A prompt alternates OpenBLAS's sgemm (its own
 # threads) with the native kernels' pool; at the libraries' defaults (OpenBLAS ~2^28 cycles, GNU OpenMP
-# 300k spins) the pool that just finished keeps spinning on a core the other pool needs, which halved
-# prefill on 2 cores. The native pool's idle threads spin 50 or 500 us (kernels.c spin_limit; BABYLLAMA_SPIN_US).
+# 300k spins) the pool that just finished keeps spinning on a core the other pool needs, which can halve a
+# prefill where the cores are few (docs/speed.md). The native pool's idle threads spin 50 or 500 us (kernels.c
+# spin_limit; BABYLLAMA_SPIN_US).
 WAIT_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
 
 

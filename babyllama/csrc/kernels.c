@@ -259,11 +259,11 @@ int64_t pool_sleeps(void) {
 /* Work below these sizes stays on one thread unless threads were set explicitly: waking a second thread and
  * sharing the result costs more than it saves (see docs/speed.md). Products are sized by their multiply-adds
  * (weights x tokens), whatever the format, and split from 32 K of them as the adaptation decides (the built-in
- * model's layer products are 45-90 K: on one thread, small models' layer products were most of their step).
+ * model's layer products are 45-90 K, and on one thread such products are most of a small model's step).
  * Other work (bytes of weights, or of keys and values): from PARALLEL_MIN_BYTES. A decode step's attention
  * splits from ATTENTION_MIN_BYTES where it runs between products on the pool (forward_layers), while the other
- * threads still spin: over a short context (110M: 64 positions, 200 KB a layer) it took a tenth of the step on
- * one thread. */
+ * threads still spin, so splitting it costs little, while on one thread even a short context's attention is a
+ * noticeable share of the step (docs/speed.md). */
 #define PRODUCT_MIN_MACS (32 * 1024)
 #define PARALLEL_MIN_BYTES (512 * 1024)
 #define ATTENTION_MIN_BYTES (64 * 1024)
@@ -318,18 +318,18 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * a second (see the guard and the back-off below) and an idle machine pays about 1% for the measuring. A phase also
  * lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends where a decode step
  * (forward_step) begins, so that both measured phases hold whole steps: a small model's products differ several-fold in
- * bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step compared different
- * mixes of them (products outside decode steps end a phase after 4 x its jobs). Every thread is measured second, and
+ * bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step would compare
+ * different mixes of them (products outside decode steps end a phase after 4 x its jobs). Every thread is measured second, and
  * only until it is clearly losing (a quarter slower than one thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy
- * machine a job split across threads can wait milliseconds for a preempted one, and a whole phase of that was a large
- * part of a small model's first 256 tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer than the
- * OS gives a thread at a time beside a co-runner: a phase as short as the one-thread one can fall wholly in a stretch
- * where the co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (measured with 2 ms:
- * single busy runs at 85-87% of one thread; see docs/speed.md).
+ * machine a job split across threads can wait milliseconds for a preempted one, and a whole phase of that can be a
+ * large part of a small model's first 256 tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer
+ * than the OS gives a thread at a time beside a co-runner: a phase as short as the one-thread one can fall wholly in a
+ * stretch where the co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (with 2 ms,
+ * busy runs fall well under one thread's speed; see docs/speed.md).
  * The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
- * step measured on every thread against the decode steps after it on one decided by what ran, not by how. Jobs
+ * step measured on every thread against the decode steps after it on one would decide by what ran, not by how. Jobs
  * of another count pass unrecorded, and PROBE_JOBS of them in a row start the measurement again on theirs
  * (a prompt's products are not measured at all: MEASURED_MAX_TOKENS).
  * A process opens with a phase on every thread as short as a probe: with nothing measured yet, its first
@@ -339,15 +339,15 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * GUARD_NS, at each step's start, if they have moved fewer bytes per second than GUARD_SHARE of what the
  * caller's thread alone moved in the probe, the rest of the phase runs on the caller's thread. A worker woken
  * after sleeping through a one-thread phase is favoured by the scheduler for its first milliseconds beside a
- * co-runner, so an 8 ms probe can win where the 100 ms after it run at two thirds of one thread (110M Q4_0
- * beside a busy process: 2,048 jobs in 152-172 ms on every thread against 104 ms on one). An idle machine's
- * all-thread jobs stay at 1.2-1.5x the one-thread rate (memory-bound 110M Q8_0 the least), clear of the guard.
+ * co-runner, so an 8 ms probe can win where the 100 ms after it run at about two thirds of one thread
+ * (docs/speed.md). An idle machine's all-thread jobs stay well above the one-thread rate (memory-bound models the
+ * least), clear of the guard.
  * Phases that end on the caller's thread alone back off: each one in a row runs twice as long as the one
  * before, up to 8x (800 ms), so a machine that stays busy is probed a few times a second rather than ten, and
  * an idle one is found again within a second. Phases on every thread after probes they won by CLEAR_WIN or more
  * back off the same way, the guard watching over them: each probe runs a whole step on the caller's thread
- * alone, which cost an idle 110M Q8_0 decode 2.7% against explicit threads with a probe every 100 ms (0.9%
- * backed off). A guard that fires ends the back-off, so the phase it cuts short lasts no longer than an
+ * alone, which costs an idle machine a few percent with a probe every 100 ms, backed off under 1%
+ * (docs/speed.md). A guard that fires ends the back-off, so the phase it cuts short lasts no longer than an
  * unbacked one. */
 #define PROBE_JOBS 48
 #define PROBE_NS 2000000LL      /* 2 ms */
@@ -381,15 +381,14 @@ static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 
 static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1 : adapt.choice; }
 
-/* How long an idle thread spins before it sleeps, unless set (BABYLLAMA_SPIN_US). Where the adaptation runs
- * products on every thread, SPIN_NS: longer than the gap between two decode steps (the Python between them
- * takes 50-200 us), so that the next step's first products find the threads awake; with 50 us a worker slept
- * 1.5 times a 110M step on a Zen 3 VM and woke late for it. SHORT_SPIN_NS where the adaptation runs products on
- * the caller's thread alone or measures that (a busy machine), and where threads were set explicitly (nothing
- * tells whether the machine is busy): a thread spinning beside a co-runner uses up its share of the core and
- * is then preempted in the middle of the next job (two explicit threads beside a co-runner decoded 110M Q4_0
- * 25% slower with 500 us spins than with 50, and as slow with spins that ended once a thread found itself
- * preempted). */
+/* How long an idle thread spins before it sleeps, unless set (BABYLLAMA_SPIN_US). Where the adaptation runs products on
+ * every thread, SPIN_NS: longer than the gap between two decode steps (the Python between them takes 50-200 us), so
+ * that the next step's first products find the threads awake: with a shorter spin a worker sleeps between steps and
+ * wakes late for the next one (docs/speed.md). SHORT_SPIN_NS where the adaptation runs products on the caller's thread
+ * alone or measures that (a busy machine), and where threads were set explicitly (nothing tells whether the machine is
+ * busy): a thread spinning beside a co-runner uses up its share of the core and is then preempted in the middle of the
+ * next job (so there the long spin, and one that ends once a thread finds itself preempted, decode slower than the
+ * short one: docs/speed.md). */
 #define SPIN_NS 500000LL
 #define SHORT_SPIN_NS 50000LL
 
@@ -458,13 +457,15 @@ static void adapt_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns) {
     pthread_mutex_unlock(&adapt.lock);
 }
 
-/* for tests: one job's record as pool_run_adaptive makes it (new_step: a decode step began before it), and the
- * state it leaves: phase, choice, single_streak, opening, how the next job runs (adapt_mode), multi_streak */
+/* for tests only (tests/test_kernels.py; the package binds neither hook): one job's record as pool_run_adaptive
+ * makes it (new_step: a decode step began before it), and the state it leaves: phase, choice, single_streak,
+ * opening, how the next job runs (adapt_mode), multi_streak */
 void adapt_test_record(int multi, int64_t n_tok, int64_t bytes, int64_t ns, int new_step) {
     if (new_step) atomic_fetch_add_explicit(&steps_begun, 1, memory_order_relaxed);
     adapt_record(multi, n_tok, bytes, ns);
 }
 
+/* for tests only (not bound by the package): the adaptation's state, as above */
 void adapt_test_state(int64_t *out) {
     out[0] = adapt.phase, out[1] = adapt.choice, out[2] = adapt.single_streak, out[3] = adapt.opening;
     out[4] = adapt_mode(), out[5] = adapt.multi_streak;
@@ -575,9 +576,8 @@ static inline int rg_group(int64_t left) { return left >= 16 ? 16 : left >= 8 ? 
  * blocks stay as they are: per block its values, then its scale (gs 32); per pair its 64 values, then their
  * scale (gs 64). The Q8_0R kernels run it, reading its fp32 scales where Q8_0R's fp16 ones are: runq.c's layout
  * takes two shuffles, a scale permute and a conversion more per 128 bytes. The scales go with the values: kept
- * in their own array, a second stream per row, the packed values read DRAM slower than runq.c's layout (one Zen 4
- * core, 110M's rows of 768: 0.88-0.99x its speed), after each group faster (1.05-1.10x; rows of 2048
- * 1.17-1.19x; docs/speed.md). */
+ * in their own array, a second stream per row, the packed values read DRAM slower than runq.c's layout, and
+ * after each group faster (docs/speed.md). */
 
 /* where the values and the scale of a Q8R row's block g lie when it is past the row's groups (per: blocks per
  * group scale; per 0: a plain Q8_0 block) */
@@ -749,8 +749,8 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
 /* Scratch for what a product prepares once per call and every thread then reads (its fused input, the
  * activations quantized and laid out): taken in turn from a ring per calling thread instead of malloc, which
  * hands the same lines back call after call, lines the other threads have just read, so that each write
- * first had to take them back from those threads' caches (measured: a 110M Q4_0 decode step's serial set-up
- * ~135 us with malloc, ~92 with the ring; docs/speed.md). A request over SCRATCH_MAX comes from malloc; a
+ * would first take them back from those threads' caches, which lengthens a decode step's serial set-up
+ * (docs/speed.md). A request over SCRATCH_MAX comes from malloc; a
  * product takes at most 23 buffers, so a live buffer is never handed out again before it is released. */
 #define SCRATCH_BYTES (2 << 20)
 #define SCRATCH_MAX (SCRATCH_BYTES / 32)
@@ -793,13 +793,13 @@ static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, cons
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* The AVX2 quantized products prefetch prefetch_bytes ahead in a thread's stream of weight rows: on Zen 3 (AVX2
- * only) the hardware prefetchers alone left them well below the memory bandwidth. A CPU with AVX-512 runs them
- * (an AVX2 build forced there) as it runs its AVX-512 rows, without: on two Zen 4 cores the 110M shape's
- * regrouped Q8_0 and Q4_0 products read DRAM 5-19% faster without it (decode_rates, four alternations), so the
- * distance is chosen when the library loads. fp32 rows are 4x longer in bytes and the same prefetch made
- * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens'
- * arithmetic per weight the prefetchers alone fell behind). The AVX-512 int8 rows do not prefetch (see
+/* The AVX2 quantized products prefetch prefetch_bytes ahead in a thread's stream of weight rows: on an AVX2-only
+ * CPU the hardware prefetchers alone leave them well below the memory bandwidth. A CPU with AVX-512 runs them
+ * (an AVX2 build forced there) as it runs its AVX-512 rows, without: its prefetchers keep up, and the software
+ * prefetches only slow the regrouped products' DRAM stream (docs/speed.md), so the distance is chosen when the
+ * library loads. fp32 rows are 4x longer in bytes and the same prefetch makes single-token products slower, so
+ * only batched fp32 products prefetch (further ahead: with several tokens' arithmetic per weight the
+ * prefetchers alone fall behind). The AVX-512 int8 rows do not prefetch (see
  * DEFINE_ZMM_ROWS). -DPREFETCH_BYTES=N fixes the AVX2 distance at compile time (for measurements). */
 #ifdef PREFETCH_BYTES
 static const int64_t prefetch_bytes = PREFETCH_BYTES;
@@ -813,6 +813,7 @@ __attribute__((constructor)) static void choose_prefetch_distance(void) {
 #endif
 }
 #endif
+/* test and benchmark hook (tests/test_kernels.py, benchmarks/decode_rates.c; not bound by the package) */
 int64_t kernel_prefetch_bytes(void) { return prefetch_bytes; } /* read by tests */
 
 #ifndef ZMM_PREFETCH_BYTES
@@ -1052,8 +1053,7 @@ ALWAYS_INLINE void f32_block(const void *w, const float *x, int64_t n, int R, in
 }
 
 /* Rows per block: 2 rows x 8 tokens; for long rows (w2's hidden_dim) 4 x 4, whose x (4 tokens) stays nearer in
- * cache than 8 tokens' would (measured on Zen 4: 110M's w2, 2048 long, 5.8 ms against 8.5 for 2 x 8 at 8
- * tokens on one core; 768 long rows: 4.5 against 5.8) */
+ * cache than 8 tokens' would, which makes long rows' products markedly faster (docs/speed.md) */
 #define F32_LONG_ROW 1024
 /* rows a pass of T tokens covers before the next pass (more than T tokens) */
 #define F32_SPAN_BYTES (64 * 1024)
@@ -1183,7 +1183,7 @@ ALWAYS_INLINE void rows_dense(const Mat *m, int64_t lo, int64_t hi, const float 
         }
 }
 
-/* noinline: compiled into its caller the loop measured slower */
+/* noinline: compiled into its caller the loop runs slower */
 static __attribute__((noinline)) void rows_f32(const Mat *m, int64_t lo, int64_t hi, const float *x, int64_t n_tok,
                                                int64_t n, float *out, int accumulate) {
     rows_dense(m, lo, hi, x, n_tok, n, out, accumulate, W_F32);
@@ -1299,8 +1299,8 @@ ALWAYS_INLINE __m256i dot2_u4s8(__m256i acc, __m256i u0, __m256i s0, __m256i u1,
 /* acc + the sums of u[j] * s[j] over 8 pairs, per 4-byte lane, for u of 4-bit values (a Q4_0R group's low and
  * high nibbles against their activations): without VNNI the eight byte multiply-adds are summed in int16 (each
  * at most 2 * 15 * 128 = 3840, the eight 30720 < 32767) and widened once: 17 instructions instead of four
- * dot2_u4s8's 20 (one Zen 4 core read 110M-shape Q4_0R products from DRAM 7-10% faster, decode_rates, four
- * alternations). The int32 sums are the same integers either way. */
+ * dot2_u4s8's 20, fewer per byte, so a product streams its weights from DRAM faster (docs/speed.md). The int32
+ * sums are the same integers either way. */
 ALWAYS_INLINE __m256i dot8_u4s8(__m256i acc, const __m256i *u, const __m256i *s) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
     __m256i s0 = dot2_u4s8(acc, u[0], s[0], u[1], s[1]);
@@ -1332,8 +1332,8 @@ ALWAYS_INLINE __m256i load_weights32(const uint8_t *v, int type) {
  * products at a time as |w| x (x * sign(w)), then acc += sum * w_scale * x_scale in 8 lanes; each weight vector
  * is loaded (and |w| taken) once for all the tokens. GS: the group size where the caller knows it at compile
  * time (0: a->gs), so that a group's steps are unrolled into one block of loads and multiply-adds: with the
- * group size read at run time, two Zen 3 cores read runq.c-layout Q8_0 of the 110M shape from DRAM 17% slower
- * and llama.cpp's blocks 21% slower (the same sums in the same order either way). */
+ * group size read at run time, the steps are not unrolled and the products read DRAM markedly slower, for
+ * runq.c's layout and llama.cpp's blocks alike (docs/speed.md; the same sums in the same order either way). */
 ALWAYS_INLINE void dots_int8_avx2(const uint8_t *w, const float *ws, int type, const QAct *a, int64_t n, int nt,
                                   __m256 *acc, int GS) {
     int64_t gs = GS ? GS : a->gs, n_groups = n / gs;
@@ -1575,10 +1575,9 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
 }
 
 /* a group of 16 blocks for one or two tokens: q8r_lanes8's h = 0 and h = 1 in one pass over the group's lines,
- * in address order (the same int32 sums, and the same two multiply-adds per token in the same order). One Zen 4
- * core (forced AVX2 build) read 110M-shape Q8_0R products from DRAM 13-15% faster than with the halves read one
- * after the other, two tokens 27% (decode_rates, alternating processes); at 4 and 8 tokens the two measure alike.
- * Q4_0R's groups (4 lines of nibbles) read no faster in address order. */
+ * in address order (the same int32 sums, and the same two multiply-adds per token in the same order): lines
+ * asked for in order stream from DRAM faster than the halves read one after the other, for one or two tokens;
+ * at 4 and 8 tokens the two are alike, and Q4_0R's groups (4 lines of nibbles) gain nothing (docs/speed.md). */
 ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int per, int64_t b0, const QAct *a,
                                        int64_t n, int nt, __m256 *acc8) {
     const uint8_t *g = w + b0 * rg_block_bytes(per);
@@ -1715,7 +1714,7 @@ __attribute__((constructor)) static void make_indices(void) {
  * quarters 0 + 2 and 1 + 3 of each: lanes 0-7 the first step, 8-15 the second, block l % 4), so that the
  * conversion to float and the scaling by d_w * d_x (one permute gathers both steps' eight fp16 scales) cost one
  * instruction each per eight blocks instead of per four. A row is read front to back (one row at a time: rows
- * interleaved measured slower out of DRAM), and its operations do not depend on the token count. */
+ * interleaved read DRAM slower), and its operations do not depend on the token count. */
 ALWAYS_INLINE void q4_zmm_load(const uint8_t *p, int64_t bytes, __m512i *a0, __m512i *a1) {
     if (bytes >= 72) { /* a full step: the permutes read bytes 64..71 of the second register only */
         *a0 = _mm512_loadu_si512(p);
@@ -1728,11 +1727,10 @@ ALWAYS_INLINE void q4_zmm_load(const uint8_t *p, int64_t bytes, __m512i *a0, __m
 }
 
 /* 64 bytes of int8 or 4-bit weights as two 256-bit loads put together, for the products that stream a matrix
- * from DRAM. With the weights 16 bytes into a cache line, where NumPy's large buffers begin, one Zen 4 core
- * read 110M-shape products from DRAM faster so than with one 512-bit load: runq.c's layout 17%, Q4_0R 9%, Q8_0R
- * 10% (Q4_0R and Q8_0R 8-16% at 0, 32 and 48 bytes in too); two cores, DRAM-bound, and 15M's products, which
- * stay in the L3 cache, measured alike within 2-4% (decode_rates, alternating processes). Not measured on
- * other AVX-512 CPUs (Intel's). */
+ * from DRAM. With the weights 16 bytes into a cache line, where NumPy's large buffers begin, a 512-bit load
+ * spans two lines; one core streams the products from DRAM faster with two 256-bit loads than with one 512-bit
+ * load (at other offsets too), and products that are DRAM-bound on every core or stay in cache run alike either
+ * way (docs/speed.md). Its effect on Intel's AVX-512 CPUs is not known. */
 ALWAYS_INLINE __m512i load_weights512(const uint8_t *p) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
                               _mm256_loadu_si256((const __m256i *)(p + 32)), 1);
@@ -1862,10 +1860,9 @@ ALWAYS_INLINE void q8r_unsigned(const uint8_t *g, int vectors, __m512i *u) {
 
 /* and their int32 sums with the activations at x, from the corrections c, in two chains.
  * Q8R_SCALES_LATE: a group's scales (the bytes after its values) are read after the first token's sums, so
- * that the group's lines are asked for in order (Q4_0R's groups of 16 too). Read first (where the compiler put
- * them when they came before the token loop), one core streamed a 91 MB Q8_0R matrix of rows of 768 from DRAM
- * in 4.80 ms against 4.05 (medians of 5 alternating processes; runq.c's layout 3.95); 110M GGUF Q8_0 decoded
- * 228 -> 257 tok/s, 42M 534 -> 661; 110M Q4_0 374 -> 399 and 383 -> 413 (medians of alternating processes). */
+ * that the group's lines are asked for in order (Q4_0R's groups of 16 too). Read first (where the compiler puts
+ * them when they come before the token loop), the group's last line is asked for before its middle ones, and a
+ * matrix streams from DRAM markedly slower (docs/speed.md). */
 ALWAYS_INLINE __m512i q8r_sums(const __m512i *u, int vectors, const int8_t *x, __m512i c) {
     __m512i s0 = c, s1 = _mm512_setzero_si512();
     UNROLL
@@ -1945,8 +1942,8 @@ ALWAYS_INLINE void dots_q8r_simd(const uint8_t *w, int per, const QAct *a, int64
  * the token's values repeated in every quarter. Each lane's arithmetic is q4r_lanes8's (the same int32 sums,
  * conversion and multiply-add), and row r's partial sums leave in lanes 0-3 of acc[r][t], the rest zero, as
  * dots_q4r_simd leaves them: a row's result is the same in a quad or alone. Rows with other groups before or
- * after a group of 4 go alone: passing their partial sums through the quad's lanes and back measured slower
- * than the rows alone at 8 tokens. */
+ * after a group of 4 go alone: passing their partial sums through the quad's lanes and back is slower than the
+ * rows alone at 8 tokens. */
 ALWAYS_INLINE __m512i q4r_quarters(const void *p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)p)); }
 
 ALWAYS_INLINE __m512i q4r_rows4(const uint8_t *p, int64_t rb) {
@@ -2053,9 +2050,8 @@ ALWAYS_INLINE void dots_q8_g64_simd(const uint8_t *w, const float *ws, const QAc
  * (w + 128); two registers' sums folded into one (128-bit quarters 0 + 1 and 2 + 3 of each: quarter j is group
  * j of the four), the four groups' corrections (-128 * sum of x, at lanes 0, 4, 8, 12) added in one load, then
  * converted and scaled by w_s * x_s once per four groups. Starting each register's sums at its two corrections
- * instead took a load more per 64 weights, the port a step of 8 or more tokens waits on (the same int32 sums:
- * 256-token products took 0.76-0.96x the time, 8-token ones 0.68-1.08x, one core of Zen 4). A last odd
- * register is folded with zeros. */
+ * instead would take a load more per 64 weights, on the port a step of 8 or more tokens waits on (the same
+ * int32 sums; docs/speed.md). A last odd register is folded with zeros. */
 ALWAYS_INLINE void q8_g32_step(const uint8_t *w, const float *ws, int64_t g, int64_t groups, const QAct *a,
                                int64_t n, int nt, __m512 *acc) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -2182,10 +2178,10 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
 #ifdef HAVE_ZMM_INT8
 /* The AVX-512 int8 rows: DOTS leaves each token's 16 partial sums of a row in acc[t], summed in hsum16's tree.
  * One token's rows go sixteen at a time: their sums side by side (f32_sums16, the same tree, so the same result
- * as one row alone whatever the chunk's bounds) and one store for sixteen outputs; the horizontal sums of single
- * rows cost a seventh to a fifth of a 288-long row's time. No software prefetch: these kernels take few instructions per byte
- * and the hardware prefetchers keep up (with a prefetch 6 KiB ahead, runq.c-layout Q8_0 rows of the 110M shape
- * read DRAM ~8% slower on two Zen 4 cores, and Q4_0 rows 14-22 GB/s on one core against 24-26 without). */
+ * as one row alone whatever the chunk's bounds) and one store for sixteen outputs: the horizontal sums of single
+ * rows are a sizable share of a short row's time (docs/speed.md). No software prefetch: these kernels take few
+ * instructions per byte and the hardware prefetchers keep up (a software prefetch 6 KiB ahead only slows their
+ * DRAM stream: docs/speed.md). */
 #define ZMM_ROW(i, DOTS)                                                                                     \
     ROW_WEIGHTS(i, ZMM_PREFETCH_BYTES)                                                                       \
     __m512 acc[8];                                                                                           \
@@ -2225,8 +2221,7 @@ DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
  * One token's rows go eight at a time: their sums side by side (f32_sums8, hsum8's tree, so the same result as
  * one row alone whatever the chunk's bounds) and one store for the eight. The rows of a pass are read one after
  * another, each with its prefetches just before it: four rows read side by side (four chains of multiply-adds
- * instead of one), with the prefetches of all four first, read 110M-shape Q8_0 from DRAM 30-40% slower on two
- * Zen 3 cores. */
+ * instead of one), with the prefetches of all four first, read DRAM markedly slower (docs/speed.md). */
 #define DEFINE_YMM_ROWS(NAME, DOTS) DEFINE_NT_TABLE(DEFINE_YMM_ROWS_NT, NAME, DOTS)
 #define DEFINE_YMM_ROWS_NT(NAME, DOTS, nt)                                                                     \
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
@@ -2549,9 +2544,9 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
     }
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
     /* a product of several tokens (a prompt's, a batched decode step's) takes its rows in at least MIN_CHUNKS
-     * chunks, so that every thread has a share of a small matrix (the built-in model's, 9-55 KB, were one or
-     * two chunks, on one or two threads: its batched Q4_0 steps were 0.84-0.86x as fast at 8 sequences); not
-     * smaller: each chunk reads all the tokens' activations again */
+     * chunks, so that every thread has a share of a small matrix (the built-in model's, 9-55 KB, would be one or
+     * two chunks, on one or two threads, and its batched steps slower: docs/speed.md); not smaller: each chunk
+     * reads all the tokens' activations again */
     if (n_tok > 1 && chunk > (rows + MIN_CHUNKS - 1) / MIN_CHUNKS) chunk = (rows + MIN_CHUNKS - 1) / MIN_CHUNKS;
     pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, measured ? n_tok : 0,
                       rows * n * n_tok >= PRODUCT_MIN_MACS);
@@ -2764,8 +2759,8 @@ static void dequantize_chunk(void *ctx, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; i++) dequantize_row(d->m, i, d->n, d->out + i * d->n);
 }
 
-/* out (rows, n) = the weights of m as fp32: a prompt's products run in fp32 BLAS, and NumPy's version of this
- * took a third of a 110M prefill */
+/* out (rows, n) = the weights of m as fp32: a prompt's products run in fp32 BLAS, and done in NumPy this would
+ * be a large share of a prefill */
 void dequantize(const Mat *m, int64_t n, float *out) {
     Dequantize d = {m, n, out};
     pool_run(dequantize_chunk, &d, m->rows, 64, m->rows * n * 4);
@@ -3631,8 +3626,8 @@ typedef struct {
  * Per layer: qkv = W·rms(x); attention_step (RoPE, cache writes at each token's slot and position,
  * attention); x += Wo·att; h = W1·rms(x), W3·rms(x); x += W2·(silu(h1) * h3). The cache arrays are
  * (n_layers, n_slots, kv_heads, seq_len) rows of head_size values, fp32, fp16 or Q8_0 as kv_type says. One
- * call per step instead of five per layer: at the sizes where decode is fast, Python's per-call cost was most
- * of a step. */
+ * call per step instead of five per layer: at the sizes where decode is fast, Python's per-call cost would be
+ * most of a step. */
 static int forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
                            void *vc, int kv_type, int64_t n_slots, int64_t seq_len, const int64_t *slots,
                            const int64_t *positions) {
@@ -3780,7 +3775,8 @@ static int by_falling_probability(const void *a, const void *b) {
  * then the coin scaled by the nucleus's mass looked up in that running mass; where the most likely token alone
  * holds more than topp, or no token reaches the cutoff, the first most likely one (as sampler.nucleus).
  * Returns the token, or -1 where memory runs out (the caller then takes the NumPy path). NumPy's ~15 calls
- * took ~40 us a token on small vocabularies, a fifth of a small model's decode step. */
+ * cost tens of microseconds a token even on small vocabularies, a large share of a small model's decode step
+ * (docs/speed.md). */
 int64_t sample_topp(const float *probs, int64_t n, float topp, float cutoff, float coin) {
     int64_t m = 0, top = 0;
     for (int64_t i = 0; i < n; i++) {

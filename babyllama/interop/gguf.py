@@ -303,7 +303,7 @@ _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4"
             12: "<f8"}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
 # the same types as struct formats: the header's scalars are read one at a time (a vocabulary's 32,000 string
-# lengths, say), where NumPy's per-call cost was most of a GGUF file's load time
+# lengths, say), where NumPy's per-call cost would be most of a GGUF file's load time
 _STRUCTS = {kind: struct.Struct("<" + {"u1": "B", "i1": "b", "u2": "H", "i2": "h", "u4": "I", "i4": "i", "f4": "f",
                                        "u8": "Q", "i8": "q", "f8": "d"}[code[1:]]) for kind, code in _SCALARS.items()}
 MAX_KEYS = 1 << 16  # metadata entries

@@ -115,8 +115,9 @@ def torch_load_failure(path: str | os.PathLike, e: Exception) -> str:
 
 
 def check_torch_state(state: Any, source: str | os.PathLike) -> dict:
-    """`state` (what torch.load read from `source`) as a state dict: names to dense tensors, else one line (a
-    key that is not a name, or a sparse tensor, was a TypeError where the tensors are read)."""
+    """`state` (what torch.load read from `source`) as a state dict: names to dense tensors, else one line. It
+    refuses a key that is not a string, and a sparse or meta tensor, here, as the code that reads the tensors
+    takes names and dense data only."""
     import torch
 
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):

@@ -96,12 +96,12 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.stopped_by is None:
             self.stopped_by = sig
-            # at once: uvicorn notices should_exit only at its next tick (up to 0.1 s), and until then took
+            # at once: uvicorn notices should_exit only at its next tick (up to 0.1 s), and until then takes
             # new requests as if nothing had happened (a signal handler may not touch the loop's objects itself)
             with contextlib.suppress(RuntimeError):  # no loop running yet: shutdown() does it
                 asyncio.get_running_loop().call_soon_threadsafe(self.app.state.service.shut_down)
         super().handle_exit(sig, frame)
-        if self.force_exit:  # a second Ctrl-C: uvicorn cancels the lifespan task and logged that as a traceback
+        if self.force_exit:  # a second Ctrl-C: uvicorn cancels the lifespan task and logs that as a traceback
             logging.getLogger("uvicorn.error").addFilter(no_lifespan_traceback)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

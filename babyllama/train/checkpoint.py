@@ -126,8 +126,10 @@ def check_tensors(state: dict, expected: dict[str, tuple[int, ...]], source: str
 
 def check_resumed_state(ckpt: dict, expected: dict[str, tuple[int, ...]], source: str) -> None:
     """The model and optimizer states a resumed run loads, against what it trains (`expected`: the model's state
-    names and shapes): loading took an integer tensor in, trained on from NaN, kept a fresh initialization where a
-    tensor was missing, and an optimizer moment of another shape failed at the first step with a traceback."""
+    names and shapes). It refuses, before training starts, what loading would otherwise let through: an integer
+    tensor (load_state_dict casts it), NaN or infinite values (training would go on from them), a missing tensor
+    (its fresh initialization would stay) and an optimizer moment of another shape (it fails only at the first
+    step, with a traceback)."""
     check_tensors(_strip_prefixes(ckpt["model"]), expected, source)
     states = ckpt["optimizer"].get("state")
     if not isinstance(states, dict):

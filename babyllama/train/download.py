@@ -93,9 +93,9 @@ def _verify(path: Path, expected: str | None, downloaded_now: bool = True) -> No
 
 
 def extract(archive: Path, dest: str | os.PathLike) -> Path:
-    """Unpack a .tar.gz into `dest`, refusing members that would land outside it. A new `dest` is unpacked
-    under a temporary name and renamed when complete, so a kill never leaves a half-unpacked folder that
-    looks finished; a refused archive leaves nothing."""
+    """Unpack a tar archive (.tar, .tar.gz, .tar.bz2 or .tar.xz) into `dest`, refusing members that would land
+    outside it. A new `dest` is unpacked under a temporary name and renamed when complete, so a kill never
+    leaves a half-unpacked folder that looks finished; a refused archive leaves nothing."""
     dest = Path(dest)
     if dest.exists():
         return _extract(archive, dest)
