@@ -319,13 +319,13 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
  * lasts PROBE_NS (EXPLOIT_NS) of its jobs' time, so that one preemption does not decide, and ends where a decode step
  * (forward_step) begins, so that both measured phases hold whole steps: a small model's products differ several-fold in
  * bytes per second (the classifier from memory, the layers from cache), and windows cut mid-step would compare
- * different mixes of them (products outside decode steps end a phase after 4 x its jobs). Every thread is measured second, and
- * only until it is clearly losing (a quarter slower than one thread over LOSING_JOBS jobs and PROBE_NS / 4): on a busy
- * machine a job split across threads can wait milliseconds for a preempted one, and a whole phase of that can be a
- * large part of a small model's first 256 tokens. Unless it loses, the all-threads phase lasts PROBE_ALL_NS, longer
- * than the OS gives a thread at a time beside a co-runner: a phase as short as the one-thread one can fall wholly in a
- * stretch where the co-runner is off the worker's core, win, and then run every thread for 100 ms of waits (with 2 ms,
- * busy runs fall well under one thread's speed; see docs/speed.md).
+ * different mixes of them (products outside decode steps end a phase after 4 x its jobs). Every thread is measured
+ * second, and only until it is clearly losing (a quarter slower than one thread over LOSING_JOBS jobs and
+ * PROBE_NS / 4): on a busy machine a job split across threads can wait milliseconds for a preempted one, and a whole
+ * phase of that can be a large part of a small model's first 256 tokens. Unless it loses, the all-threads phase lasts
+ * PROBE_ALL_NS, longer than the OS gives a thread at a time beside a co-runner: a phase as short as the one-thread one
+ * can fall wholly in a stretch where the co-runner is off the worker's core, win, and then run every thread for 100 ms
+ * of waits (with 2 ms, busy runs fall well under one thread's speed; see docs/speed.md).
  * The all-threads phase's first job wakes the threads the one-thread phase let sleep: it is not timed.
  * A measurement compares products of one token count only (that of its first job): per byte of weights a
  * product of several tokens takes longer than one of a single token, and not in proportion, so a prompt's
