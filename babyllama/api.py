@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import re
 import time
@@ -16,11 +14,11 @@ from . import formats, kernels
 from .config import DEFAULT_PARALLEL, KV_CACHE_TYPES, SEED_LIMIT, ModelArgs, default_steps
 from .engine import Engine
 from .errors import BabyLlamaError, counted, missing_extra
-from .fields import is_number
+from .fields import is_integer
 from .generate import generate
 from .loading import builtin_model, model_template, open_model, tokenizer_for
 from .safeio import has_lone_surrogate
-from .sampler import Controls, Sampler, choice_seed
+from .sampler import Controls, Sampler, choice_seed, sampling_problem
 from .tokenizer import Tokenizer
 
 
@@ -115,7 +113,7 @@ class Model:
         per_seq: list[int]
         if steps is None:
             steps = default_steps(None, max_new_tokens)
-        if _integer(steps):
+        if is_integer(steps):
             per_seq = [cast(int, steps)] * len(prompts)
         elif isinstance(steps, Iterable) and not isinstance(steps, str):
             per_seq = list(steps)
@@ -126,7 +124,7 @@ class Model:
         controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
         check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed, controls)
         max_new_tokens = python_int(max_new_tokens)
-        if not (_integer(parallel) and parallel >= 1):
+        if not (is_integer(parallel) and parallel >= 1):
             raise BabyLlamaError(f"parallel must be an integer >= 1, got {parallel!r}")
         ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
         per_seq = [clamp_steps(n, self.args.max_seq_len) for n in per_seq]
@@ -151,14 +149,10 @@ def python_int(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_generation(prompts: list[str], steps: int | list[int], temperature: float, topp: float,
                      max_new_tokens: int | None, seed: int | None = None, controls: Controls | None = None) -> None:
     """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
-    if seed is not None and not (_integer(seed) and 0 <= seed < SEED_LIMIT):
+    if seed is not None and not (is_integer(seed) and 0 <= seed < SEED_LIMIT):
         raise BabyLlamaError(f"seed must be an integer in [0, 2**63) (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
         raise BabyLlamaError("a prompt must be a string")
@@ -166,13 +160,12 @@ def check_generation(prompts: list[str], steps: int | list[int], temperature: fl
         raise BabyLlamaError("a prompt holds half a UTF-16 surrogate pair (such as '\\ud800' alone), which is no "
                              "character: it has no UTF-8 bytes to encode")
     for n in steps if isinstance(steps, list) else [steps]:
-        if not _integer(n) or n < 0:
+        if not is_integer(n) or n < 0:
             raise BabyLlamaError(f"steps must be an integer >= 0, got {n!r}")
-    if not is_number(temperature) or not 0 <= temperature < math.inf:  # also refuses NaN
-        raise BabyLlamaError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not is_number(topp) or not 0.0 <= topp <= 1.0:
-        raise BabyLlamaError(f"topp must be in [0, 1], got {topp!r}")
-    if max_new_tokens is not None and not (_integer(max_new_tokens) and max_new_tokens >= 1):
+    problem = sampling_problem(temperature, topp)
+    if problem:
+        raise BabyLlamaError(" ".join(problem))
+    if max_new_tokens is not None and not (is_integer(max_new_tokens) and max_new_tokens >= 1):
         raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")
     problem = controls.problem() if controls is not None else None
     if problem:

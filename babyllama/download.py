@@ -31,7 +31,7 @@ from .catalog import KnownModel
 from .config import TOKENIZER_BIN
 from .errors import BabyLlamaError
 from .progress import progress_bar
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, vocab_mismatch
 from .version import __version__
 
 CHUNK = 1 << 16
@@ -288,8 +288,8 @@ def check_files(model_path: Path, tokenizer_path: Path, fetched: list[Path]) -> 
     except BabyLlamaError as e:
         faults[tokenizer_path] = str(e)
     if args is not None and n_tokens is not None and n_tokens != args.vocab_size:  # the model read as one
-        faults[tokenizer_path] = (f"tokenizer {tokenizer_path} has {n_tokens} tokens but the model {model_path} "
-                                  f"has a vocab_size of {args.vocab_size}")
+        faults[tokenizer_path] = str(vocab_mismatch(f"tokenizer {tokenizer_path}", n_tokens, args.vocab_size,
+                                                    f" ({model_path})"))
     if faults:
         notes = []
         for path in faults:

@@ -22,8 +22,8 @@ from .config import SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, note, say, warn
 from .formats import Weights
 from .interop.vocab import Vocab
-from .loading import Source, model_template
-from .tokenizer import Tokenizer, open_sentencepiece, shown_symbols, warn_normalization
+from .loading import Source, load_tokenizer, model_template
+from .tokenizer import Tokenizer, open_sentencepiece, shown_symbols, vocab_mismatch, warn_normalization
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -227,10 +227,8 @@ def _bin_card(out: Path, template: str | None) -> tuple[Path | None, dict]:
 def _bin_tokenizer(src: Source, tok: Path | None) -> Tokenizer | None:
     """The tokenizer that came with the model (--tokenizer, the source's file or vocabulary), checked against
     the model's vocabulary size; None when there is none."""
-    if tok is not None and tok.suffix == ".model":
-        tokenizer = Tokenizer.from_sentencepiece(tok)
-    elif tok is not None:
-        tokenizer = Tokenizer.load(tok)
+    if tok is not None:
+        tokenizer = load_tokenizer(tok, to_file=True)
     elif src.vocab is not None:
         tokenizer = src.vocab.to_tokenizer()
         if tokenizer.symbols:
@@ -248,9 +246,8 @@ def _check_kept_tokenizer(tok_out: Path, vocab_size: int) -> None:
     tokenizer.model is, `_check_folder_tokenizer`)."""
     existing = _readable_tokenizer(tok_out) if tok_out.is_file() else None
     if existing is not None and existing.vocab_size != vocab_size:
-        raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens but this model's vocab_size is "
-                             f"{vocab_size} (a tokenizer of another model): pass --tokenizer TOK to replace it, or "
-                             "export into another folder")
+        raise vocab_mismatch(tok_out, existing.vocab_size, vocab_size, " (a tokenizer of another model): pass "
+                             "--tokenizer TOK to replace it, or export into another folder")
 
 
 def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, explicit: bool, source: Path) -> bool:
@@ -271,8 +268,8 @@ def _replaces_tokenizer(tok_out: Path, tokenizer: Tokenizer, tok: Path | None, e
         return True
     advice = _tokenizer_replacement(tok, source)
     if existing is not None and existing.vocab_size != tokenizer.vocab_size:
-        raise BabyLlamaError(f"{tok_out} has {existing.vocab_size} tokens, so it cannot serve this model of "
-                             f"{tokenizer.vocab_size}: {advice}, or export into another folder")
+        raise vocab_mismatch(tok_out, existing.vocab_size, tokenizer.vocab_size,
+                             f": {advice}, or export into another folder")
     if existing is None or not existing.same_as(tokenizer):
         running = f"-z {tok} when running" if tok is not None else "export into another folder"
         note(f"kept the existing {tok_out}, which differs from the model's tokenizer ({advice}, or "
@@ -325,8 +322,8 @@ def _check_folder_tokenizer(out: Path, vocab_size: int) -> None:
 
     n = len(load_vocab(held).tokens)
     if n != vocab_size:
-        raise BabyLlamaError(f"{held} has {n} tokens but this model's vocab_size is {vocab_size} (a tokenizer of "
-                             "another model): pass --tokenizer TOK.model to replace it, or choose an empty folder")
+        raise vocab_mismatch(held, n, vocab_size, " (a tokenizer of another model): pass --tokenizer TOK.model "
+                             "to replace it, or choose an empty folder")
 
 
 def _note_folder_tokenizer(out: Path) -> None:
@@ -367,8 +364,7 @@ def _source_vocab(src: Source, tok: Path | None) -> Vocab | None:
 
 def _check_vocab(n_tokens: int, vocab_size: int, tok: Path | None) -> None:
     if n_tokens != vocab_size:
-        raise BabyLlamaError(f"tokenizer {tok or ''} has {n_tokens} tokens but the model's vocab_size is "
-                             f"{vocab_size}; pass the model's own tokenizer")
+        raise vocab_mismatch(f"tokenizer {tok or ''}", n_tokens, vocab_size, "; pass the model's own tokenizer")
 
 
 def describe(weights: Weights) -> str:

@@ -28,6 +28,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, float) and value.is_integer()
 
 
+def is_integer(value: Any) -> bool:
+    """An integer (Python's or NumPy's), not a bool and not an integral float: a count an argument gives."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 

@@ -30,7 +30,7 @@ from . import formats, safeio
 from .config import CHAT_TEMPLATE_FILE, CKPT_NAME, SENTENCEPIECE_MODEL, TOKENIZER_BIN
 from .errors import BabyLlamaError, note, require
 from .formats import Weights
-from .tokenizer import TOKENIZER_HINT, Tokenizer
+from .tokenizer import TOKENIZER_HINT, Tokenizer, vocab_mismatch
 
 if TYPE_CHECKING:
     from .interop.gguf import ConversionNote
@@ -379,14 +379,15 @@ def another_tokenizer_here() -> bool:
         return False
 
 
-def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
-    """A tokenizer.bin, or a sentencepiece .model converted as llama2.c's tokenizer.py does."""
+def load_tokenizer(path: str | os.PathLike, vocab_size: int | None = None, note: bool = True,
+                   to_file: bool = False) -> Tokenizer:
+    """A tokenizer.bin, or a sentencepiece .model converted as llama2.c's tokenizer.py does (`note`, `to_file`:
+    Tokenizer.from_sentencepiece's), checked against `vocab_size` where one is given."""
     path = Path(path)
     if path.suffix == ".model":
-        tok = Tokenizer.from_sentencepiece(path, to_file=False)
+        tok = Tokenizer.from_sentencepiece(path, note=note, to_file=to_file)
         if vocab_size is not None and tok.vocab_size != vocab_size:
-            raise BabyLlamaError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
-                                 f"{vocab_size}{TOKENIZER_HINT}")
+            raise vocab_mismatch(f"tokenizer {path}", tok.vocab_size, vocab_size, TOKENIZER_HINT)
         return tok
     return Tokenizer.load(path, vocab_size)
 
@@ -415,8 +416,7 @@ def carried_tokenizer(source: Source) -> Tokenizer | None:
     if source.vocab is not None:
         tok = source.vocab.to_tokenizer()
         if tok.vocab_size != vocab_size:
-            raise BabyLlamaError(f"{source.path}: its vocabulary has {tok.vocab_size} tokens but the model's "
-                                 f"vocab_size is {vocab_size}")
+            raise vocab_mismatch(f"{source.path}: its vocabulary", tok.vocab_size, vocab_size)
         return tok
     if source.tokenizer is not None:
         return load_tokenizer(source.tokenizer, vocab_size)

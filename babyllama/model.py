@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from torch import nn
 
+from . import engine
 from .config import ModelArgs
 from .errors import say
 from .formats import Weights
@@ -48,11 +49,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_size: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of pos * theta^(-2i/head_size): two (n_positions, head_size/2) fp32 tensors (computed in fp64
-    like the NumPy engine's, so both engines rotate by the same angles)."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
-    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), freqs)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    """The NumPy engine's tables (engine.rope_tables) as tensors, so that both engines rotate by the same angles."""
+    cos, sin = engine.rope_tables(head_size, n_positions, theta)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

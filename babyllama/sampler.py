@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import CONTROL_DEFAULTS
 from .errors import BabyLlamaError
+from .fields import is_number
 
 _MASK64 = (1 << 64) - 1
 
@@ -186,6 +187,17 @@ CONTROL_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "presence_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
     "frequency_penalty": (numbers.Real, lambda v: -2.0 <= v <= 2.0, "in [-2, 2] (0: off)"),
 }
+
+
+def sampling_problem(temperature: float, topp: float) -> tuple[str, str] | None:
+    """The first of temperature and top-p out of the range the interfaces accept, as Controls.problem gives a
+    control's: its name and "must be RULE, got VALUE"; None when both are in range. (Sampler itself takes any
+    top-p, as run.c does: outside (0, 1) it samples the whole distribution.)"""
+    if not is_number(temperature) or not 0 <= temperature < math.inf:  # also refuses NaN
+        return "temperature", f"must be a finite number >= 0, got {temperature!r}"
+    if not is_number(topp) or not 0.0 <= topp <= 1.0:
+        return "topp", f"must be in [0, 1], got {topp!r}"
+    return None
 
 
 @dataclass(frozen=True)

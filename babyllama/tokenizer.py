@@ -34,6 +34,7 @@ import numpy as np
 from . import safeio
 from .config import LIMITS
 from .errors import BabyLlamaError, missing_extra, warn
+from .formats import MAGIC
 
 UNK, BOS, EOS = 0, 1, 2
 # how tokenizer.bin spells <s> and </s> (llama2.c's tokenizer.py), which no text can merge into
@@ -45,6 +46,12 @@ MAX_TOKENIZER_BYTES = 256 << 20  # 2M tokens of up to 100 bytes each
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 TOKENIZER_HINT = "; pass the tokenizer the model was trained with (-z/--tokenizer)"  # ends a vocabulary mismatch
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b" \t\n\v\f\r")
+
+
+def vocab_mismatch(what: object, n_tokens: int, vocab_size: int, advice: str = "") -> BabyLlamaError:
+    """The error for a tokenizer (`what`: its file, or a source whose vocabulary it is) of another size than the
+    model's vocabulary: ids would name the wrong tokens, or ones the model has no row for. `advice` ends it."""
+    return BabyLlamaError(f"{what} has {n_tokens} tokens but the model's vocab_size is {vocab_size}{advice}")
 
 
 class Tokenizer:
@@ -113,8 +120,7 @@ class Tokenizer:
         if len(pieces) < 3:  # <unk>, <s> and </s> at least: encoding falls back to <unk>
             raise BabyLlamaError(f"{path}: a tokenizer.bin of {len(pieces)} tokens (it needs <unk>, <s> and </s>)")
         if vocab_size is not None and len(pieces) != vocab_size:
-            raise BabyLlamaError(
-                f"tokenizer {path} has {len(pieces)} tokens but the model's vocab_size is {vocab_size}{TOKENIZER_HINT}")
+            raise vocab_mismatch(f"tokenizer {path}", len(pieces), vocab_size, TOKENIZER_HINT)
         return cls(pieces, scores, max_len)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -324,7 +330,7 @@ def _utf8_per_byte(data: bytes | bytearray) -> str:
 
 # files given as a tokenizer.bin by mistake, told by their first bytes
 _OTHER_FILES = ((b"GGUF", "a GGUF model file (which carries its own vocabulary)"),
-                (struct.pack("<I", 0x616B3432), "a llama2.c model file"),
+                (struct.pack("<I", MAGIC), "a llama2.c model file"),
                 (b"{", "a JSON file (Hugging Face's tokenizer.json? pass the sentencepiece tokenizer.model)"))
 
 

@@ -227,7 +227,7 @@ def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_pa
     folder.mkdir()
     byte_tokenizer(400).save(folder / "tokenizer.bin")
     msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(tiny_gguf))
-    assert msg.endswith(f"tokenizer.bin has 400 tokens, so it cannot serve this model of 300: remove it and export "
+    assert msg.endswith(f"tokenizer.bin has 400 tokens but the model's vocab_size is 300: remove it and export "
                         f"again to write the vocabulary inside {tiny_gguf} there, or export into another folder")
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     assert Tokenizer.load(folder / "tokenizer.bin").vocab_size == 400
@@ -249,7 +249,7 @@ def test_a_tokenizer_bin_beside_out_of_another_size_is_refused_when_the_source_h
     folder.mkdir()
     byte_tokenizer(400).save(folder / "tokenizer.bin")
     msg = cli_error(capsys, "export", str(folder / "m.bin"), "--model", str(src))
-    assert msg.endswith(f"{folder / 'tokenizer.bin'} has 400 tokens but this model's vocab_size is 300 (a tokenizer "
+    assert msg.endswith(f"{folder / 'tokenizer.bin'} has 400 tokens but the model's vocab_size is 300 (a tokenizer "
                         "of another model): pass --tokenizer TOK to replace it, or export into another folder")
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.bin"]
     byte_tokenizer(300).save(folder / "tokenizer.bin")  # the model's size: kept, and the export goes on
@@ -299,7 +299,7 @@ def test_an_hf_export_without_a_tokenizer_refuses_another_models_tokenizer(tmp_p
     (tmp_path / "lone").mkdir()
     formats.save(random_weights(tiny_args()), tmp_path / "lone" / "m.bin")  # no vocabulary anywhere
     msg = cli_error(capsys, "export", str(folder), "--model", str(tmp_path / "lone" / "m.bin"))
-    assert "tokenizer.model has 320 tokens but this model's vocab_size is 300" in msg
+    assert "tokenizer.model has 320 tokens but the model's vocab_size is 300" in msg
     assert (folder / "model.safetensors").read_bytes() == before
     assert main(["export", str(folder), "--model", str(other), "--dtype", "f16"]) == 0  # the same model again
     assert "note: kept the existing" in capsys.readouterr().err and (folder / "tokenizer.model").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -189,12 +188,17 @@ def add_compile(p: argparse.ArgumentParser) -> None:
                    help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
 
 
+SAMPLING_FLAGS = {"temperature": "temperature (-t)", "topp": "top-p (-p)"}
+
+
 def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False) -> None:
     """One-line errors for values out of range; `zero_new_tokens`: --max-new-tokens 0 means no limit (chat)."""
-    if not 0 <= args.temperature < math.inf:  # also refuses nan
-        raise BabyLlamaError(f"temperature (-t) must be a finite number >= 0, got {args.temperature}")
-    if not 0.0 <= args.topp <= 1.0:
-        raise BabyLlamaError(f"top-p (-p) must be in [0, 1], got {args.topp}")
+    from ..sampler import sampling_problem  # NumPy loads after --threads
+
+    problem = sampling_problem(args.temperature, args.topp)
+    if problem:
+        name, rule = problem
+        raise BabyLlamaError(f"{SAMPLING_FLAGS[name]} {rule}")
     if args.steps is not None and args.steps < 0:
         raise BabyLlamaError(f"steps (-n) must be >= 0, got {args.steps}")
     if args.max_new_tokens is not None and args.max_new_tokens < (0 if zero_new_tokens else 1):

@@ -711,7 +711,7 @@ static inline float group_scale(const float *v, int64_t gs) {
 }
 
 /* quantize rows x (n_tok, n) per group of gs: int8 values xq and scales xs (n_tok, n / gs) */
-void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *xq, float *xs) {
+static void quantize_q8(const float *x, int64_t n_tok, int64_t n, int64_t gs, int8_t *xq, float *xs) {
     for (int64_t g = 0; g < n_tok * (n / gs); g++) {
         const float *v = x + g * gs;
         float scale = group_scale(v, gs), safe = scale != 0.0f ? scale : 1.0f;

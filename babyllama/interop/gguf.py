@@ -75,7 +75,7 @@ from ..formats import (
 )
 from ..quant import BLOCK, BLOCK_BYTES, KINDS, QUANTIZERS, BlockTensor, quantize_q4_0_searched
 from ..threads import worker_count
-from ..tokenizer import BOS, BYTE, EOS, NORMAL, UNK
+from ..tokenizer import BOS, BYTE, EOS, NORMAL, UNK, vocab_mismatch
 from .state_dict import expected_shapes, from_state_dict
 from .vocab import LLAMA2C_CONVENTION, Vocab
 
@@ -132,8 +132,7 @@ def save_gguf(weights: Weights, path: str | os.PathLike, vocab: Vocab, dtype: st
         raise BabyLlamaError(f"unknown GGUF dtype '{dtype}' (choose {', '.join(DTYPES)})")
     args = weights.args
     if len(vocab.tokens) != args.vocab_size:
-        raise BabyLlamaError(f"the tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is "
-                             f"{args.vocab_size}")
+        raise vocab_mismatch("the tokenizer", len(vocab.tokens), args.vocab_size)
     path = Path(path)
     qtypes = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in DTYPES}
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -44,7 +44,7 @@ from ..formats import (
     to_bf16,
     to_f16,
 )
-from ..tokenizer import BOS, EOS
+from ..tokenizer import BOS, EOS, vocab_mismatch
 from .state_dict import (
     check_torch_state,
     expected_shapes,
@@ -577,4 +577,4 @@ def _check_sentencepiece(path: str | os.PathLike, vocab_size: int) -> None:
 
     n = len(load_vocab(path).tokens)
     if n != vocab_size:
-        raise BabyLlamaError(f"tokenizer {path} has {n} tokens but the model's vocab_size is {vocab_size}")
+        raise vocab_mismatch(f"tokenizer {path}", n, vocab_size)

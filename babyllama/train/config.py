@@ -347,7 +347,7 @@ def check(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.dropout < 1.0:
         raise BabyLlamaError(f"dropout must be in [0, 1), got {cfg.dropout}")
     check_optimizer(cfg)
-    check_device(cfg.device)
+    check_training_device(cfg.device)
 
 
 def check_optimizer(cfg: TrainConfig) -> None:
@@ -384,7 +384,7 @@ def check_schedule(cfg: TrainConfig) -> None:
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def check_device(device: str) -> None:
+def check_training_device(device: str) -> None:
     if not DEVICE.fullmatch(device):
         raise BabyLlamaError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
 

@@ -427,13 +427,16 @@ def _encode_batch(texts: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
-def worker_count(workers: int | None) -> int:
-    """Encoding processes: `workers`, by default one per CPU (at most MAX_WORKERS); more than MAX_WORKERS is
-    refused (each holds a tokenizer and a batch in memory, and more than the CPUs only take turns)."""
+def encoding_processes(workers: int | None) -> int:
+    """Encoding processes: `workers`, by default one per CPU this process may use (at most MAX_WORKERS); more
+    than MAX_WORKERS is refused (each holds a tokenizer and a batch in memory, and more than the CPUs only take
+    turns)."""
+    from ..threads import usable_cpus
+
     if workers is not None and workers > MAX_WORKERS:
-        raise BabyLlamaError(f"--workers {workers} is more than {MAX_WORKERS} encoding processes (this machine has "
-                             f"{os.cpu_count() or 1} CPUs)")
-    return max(1, min(workers or os.cpu_count() or 1, MAX_WORKERS))
+        raise BabyLlamaError(f"--workers {workers} is more than {MAX_WORKERS} encoding processes (this process may "
+                             f"use {usable_cpus()} CPUs)")
+    return max(1, min(workers or usable_cpus(), MAX_WORKERS))
 
 
 MAX_WORKERS = 256
@@ -525,7 +528,7 @@ def _pretokenize(held: contextlib.ExitStack, input_path: str | os.PathLike, toke
                              f"{VAL_WORDS_TEXT}); add the training data beside it")
     if kind == TEXT and word_weight > 1:  # nothing would read it
         raise BabyLlamaError(f"--word-weight weighs the requested words in chat replies: {root} holds plain text")
-    workers = worker_count(workers)
+    workers = encoding_processes(workers)
     vocab_size, _ = load_encoder(tokenizer)
     if vocab_size > 65536:
         raise BabyLlamaError(f"vocabulary of {vocab_size} tokens does not fit uint16 shards")
@@ -656,7 +659,7 @@ def _encode_chat_file(path: Path, tokenizer, workers: int | None, skip_bad_lines
     encoded: list[tuple[list[int], list[int]]] = []
     # the bar closed before an error leaves the block: the error line is the last one on stderr
     with progress_bar(total=len(pairs), desc=f"pretokenize {path.name}", unit="conversation") as bar, \
-            _worker_pool(min(worker_count(workers), len(batches)), _init_chat_worker, str(tokenizer),
+            _worker_pool(min(encoding_processes(workers), len(batches)), _init_chat_worker, str(tokenizer),
                          word_weight) as pool:
         for batch in pool.imap(_encode_conversations, batches):
             encoded += batch

@@ -47,8 +47,7 @@ def advertised_sha256(headers: HTTPMessage) -> str | None:
     return None
 
 
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60,
-             time_limit: float | None = None) -> Path:
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None, time_limit: float | None = None) -> Path:
     """Fetch `url` into `dest` (continuing a previous partial download, within `time_limit` seconds) and
     verify its sha256."""
     from ..download import fetch
@@ -61,7 +60,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeo
         return dest
     with safeio.new_folders_removed_on_error(dest.parent):  # a failed download leaves no empty folder
         safeio.output_dir(dest.parent, "data folder")
-        headers = fetch(url, dest, timeout=timeout, time_limit=time_limit)
+        headers = fetch(url, dest, time_limit=time_limit)
     _verify(dest, sha256 or advertised_sha256(headers))
     return dest
 

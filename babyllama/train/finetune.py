@@ -138,7 +138,7 @@ def _save_base_tokenizer(tok: Tokenizer, path: Path) -> None:
     tok.save(path)
 
 
-def check_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
+def check_data_word_weight(cfg: TrainConfig, meta: dict, data_dir: Path) -> None:
     """The mask shards carry the requested words' loss weight: a run must ask for the weight they were made
     with, or it would train with another than it records."""
     made = int(meta.get("word_weight", 1))

@@ -40,7 +40,7 @@ from ..adapter import ADAPTER_FILE, adapter_paths, save_adapter
 from ..config import TOKENIZER_BIN, llama_hidden_dim
 from ..errors import BabyLlamaError, Terminated, first_line, note, say
 from ..model import Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, vocab_mismatch
 from . import checkpoint, distill, finetune
 from .config import MODEL_KEYS, TrainConfig
 from .data import META, Examples, open_split, read_meta
@@ -255,7 +255,7 @@ class Trainer:
                                  "for data/tokN, as llama2.c's train.py finds it)")
         if cfg.base:
             finetune.check_vocab(cfg, meta, data_dir, base if cfg.data_dir else None)
-            finetune.check_word_weight(cfg, meta, data_dir)
+            finetune.check_data_word_weight(cfg, meta, data_dir)
         data_vocab = int(meta.get("vocab_size") or 0)
         if cfg.vocab_size == 0:
             cfg.vocab_size = data_vocab
@@ -598,9 +598,8 @@ class Trainer:
         if not src.is_file() and self.cfg.init_from != "resume" and dst.exists():
             n = Tokenizer.load(dst).vocab_size
             if n != self.cfg.vocab_size:
-                raise BabyLlamaError(f"{dst} has {n} tokens, so it cannot serve this model of {self.cfg.vocab_size} "
-                                     f"and {self.data_dir} has no {TOKENIZER_BIN}: remove it, or train in another "
-                                     "out_dir")
+                raise vocab_mismatch(dst, n, self.cfg.vocab_size, f" and {self.data_dir} has no {TOKENIZER_BIN}: "
+                                     "remove it, or train in another out_dir")
             note(f"{self.data_dir} has no {TOKENIZER_BIN}: kept {dst}, which sample, run and export will use "
                  "with this model")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import safeio
 from ..errors import BabyLlamaError, require
 from ..instruct import read_documents
+from ..threads import usable_cpus
 from .data import VOCAB_WORK_PREFIX, input_files
 
 MAX_LINE_BYTES = 1 << 20  # sentencepiece's max_sentence_length: it skips longer lines
@@ -54,7 +55,7 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
                     input=str(text_file), model_prefix=str(Path(tmp) / prefix.name), model_type="bpe",
                     vocab_size=vocab_size,
                     input_format="text", character_coverage=1.0,
-                    num_threads=os.cpu_count() or 1, split_digits=True, allow_whitespace_only_pieces=True,
+                    num_threads=usable_cpus(), split_digits=True, allow_whitespace_only_pieces=True,
                     byte_fallback=True, unk_surface=" \u2047 ", normalization_rule_name="identity",
                     remove_extra_whitespaces=False, max_sentence_length=MAX_LINE_BYTES, minloglevel=2)
             except RuntimeError as e:
