@@ -29,7 +29,7 @@ from typing import BinaryIO
 from . import formats, safeio
 from .catalog import KnownModel
 from .config import TOKENIZER_BIN
-from .errors import BabyLlamaError
+from .errors import BabyLlamaError, first_line
 from .progress import progress_bar
 from .tokenizer import Tokenizer, vocab_mismatch
 from .version import __version__
@@ -187,7 +187,8 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
             part.unlink()
             validator_file.unlink(missing_ok=True)
             return _fetch(url, target, show_progress, timeout, deadline)
-        raise BabyLlamaError(f"download failed: HTTP {e.code} {e.reason} for {url}") from None
+        # urllib's reasons may run over lines (a redirect loop's does): its first says what happened
+        raise BabyLlamaError(f"download failed: HTTP {e.code} {first_line(str(e.reason))} for {url}") from None
     except (urllib.error.URLError, OSError, HTTPException, ValueError) as e:
         raise _unreachable(url, e, target) from None
     with resp:
@@ -205,6 +206,8 @@ def _fetch(url: str, target: Path, show_progress: bool, timeout: float, deadline
                     _write_part(out, part, chunk)
                     bar.update(len(chunk))
                 _write_part(out, part, b"")
+            if deadline.expired:  # its shutdown ends a body of unknown length as the server's close would
+                raise BabyLlamaError("download failed: the time limit passed")
         except (TimeoutError, OSError, HTTPException, ValueError) as e:
             raise BabyLlamaError(f"download failed: interrupted ({e}); run the same command again to "
                                  "resume") from None

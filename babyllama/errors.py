@@ -117,7 +117,7 @@ def counted(n: int, one: str, many: str | None = None) -> str:
     return f"{n:,} {one if n == 1 else many or one + 's'}"
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message on one line (torch's run over several), or its type when it has none."""
+def first_line(e: BaseException | str) -> str:
+    """An exception's message (or a text) on one line (torch's run over several), or its type when it has none."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__

@@ -365,12 +365,14 @@ class RangeServer(ThreadingHTTPServer):
     """A local HTTP server for download tests. Serves `files` ({URL path: bytes}, or one payload at any
     path) with a strong ETag (a hash of the bytes), honours `Range: bytes=N-` (416 past the end) unless
     `honour_ranges` is False, and an `If-Range` that names another version with the whole file; advertises
-    `advertised` as a sha256 the way Hugging Face does, and logs (path, Range header) per request."""
+    `advertised` as a sha256 the way Hugging Face does, answers the paths of `redirects` with a 302, and logs (path,
+    Range header) per request."""
 
     def __init__(self, files: dict[str, bytes] | bytes, advertised: str | None = None):
         self.files, self.advertised = files, advertised
         self.honour_ranges = True
         self.cut_after: int | None = None  # send this many bytes of the next response, then close (a lost connection)
+        self.redirects: dict[str, str] = {}  # URL path -> where a 302 sends it
         self.log: list[tuple[str, str | None]] = []
         super().__init__(("127.0.0.1", 0), _RangeHandler)
 
@@ -386,6 +388,12 @@ class _RangeHandler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         srv, rng = self.server, self.headers.get("Range")
         srv.log.append((self.path, rng))
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = srv.files if isinstance(srv.files, bytes) else srv.files.get(self.path)
         if data is None:
             self.send_error(404)

@@ -930,10 +930,15 @@ def _tar_with(path, name: str, body: bytes) -> None:
         tar.addfile(info, io.BytesIO(body))
 
 
-@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal", "bad-crc", "cut", "clash"])
+@pytest.mark.parametrize("kind", ["not-an-archive", "path-traversal", "bad-crc", "cut", "clash", "zeros"])
 def test_a_refused_archive_is_one_line_and_leaves_no_temporary_folder(tmp_path, capsys, kind, archive):
-    """A corrupt gzip stream is found at its end (its CRC), which tar alone never reads: refused, not unpacked."""
-    if kind == "not-an-archive":
+    """A corrupt gzip stream is found at its end (its CRC), which tar alone never reads: refused, not unpacked;
+    so is a file of zeros, which tar reads as an archive of no files."""
+    if kind == "zeros":
+        src = tmp_path / "zeros.tar"
+        src.write_bytes(bytes(10240))
+        message = "the archive holds no files"
+    elif kind == "not-an-archive":
         src = tmp_path / "small.txt"
         src.write_text("hello\n")
         message = "not a readable tar archive"

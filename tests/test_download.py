@@ -152,6 +152,15 @@ def test_missing_file_on_server_is_one_line_error(mirror, tmp_path):
     assert not (tmp_path / "x.bin").exists()
 
 
+def test_a_redirect_loop_is_one_line(serve, tmp_path):
+    """urllib's reason for a redirect loop runs over three lines: its first is what the error says."""
+    server = serve({})
+    server.redirects = {"/loop": "/loop"}
+    with pytest.raises(BabyLlamaError) as e:
+        fetch(f"{server.url()}/loop", tmp_path / "x.bin", show_progress=False)
+    assert "\n" not in str(e.value) and "infinite loop" in str(e.value) and str(e.value).endswith("/loop")
+
+
 def test_error_page_instead_of_model_is_rejected(mirror, tmp_path):
     base, server, _ = mirror
     server.files["/stories260K/stories260K.bin"] = b"<html>rate limited</html>"

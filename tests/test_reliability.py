@@ -340,18 +340,20 @@ def test_a_card_field_a_flag_replaces_is_not_refused(tmp_path, tiny):
 
 
 class _Drip(BaseHTTPRequestHandler):
-    """Promises 1,000 bytes and sends one every 0.3 s (or drips its status line, with `headers_too`)."""
+    """Promises 1,000 bytes and sends one every 0.3 s; `drip` "headers": drips its status line instead,
+    "unsized": sends no Content-Length (the body ends where the connection does, as an HTTP/1.0 server's)."""
 
     def do_GET(self):  # noqa: N802
         try:
-            if self.server.headers_too:
+            if self.server.drip == "headers":
                 for b in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
                     self.wfile.write(bytes([b]))
                     self.wfile.flush()
                     time.sleep(0.3)
                 return
             self.send_response(200)
-            self.send_header("Content-Length", "1000")
+            if self.server.drip == "body":
+                self.send_header("Content-Length", "1000")
             self.end_headers()
             for _ in range(1000):
                 self.wfile.write(b"x")
@@ -364,10 +366,12 @@ class _Drip(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("headers_too", [False, True], ids=["body", "headers"])
-def test_download_from_a_dripping_server_hits_the_time_limit(tmp_path, headers_too):
+@pytest.mark.parametrize("drip", ["body", "headers", "unsized"])
+def test_download_from_a_dripping_server_hits_the_time_limit(tmp_path, drip):
+    """The time limit ends the transfer with one line, and what arrived stays a .part to resume from: never the
+    file itself (a body of unknown length cut short would otherwise look complete)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
-    server.daemon_threads, server.headers_too = True, headers_too
+    server.daemon_threads, server.drip = True, drip
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -379,6 +383,8 @@ def test_download_from_a_dripping_server_hits_the_time_limit(tmp_path, headers_t
         r = run_limited(["data", "download", "--url", f"{url}/x.tar.gz", "--data-dir", str(tmp_path),
                          "--time-limit", "2"], GIB, timeout=60)
         one_line_error(r, "took longer than the time limit of 2 s")
+        kept = sorted(p.name for p in tmp_path.iterdir())
+        assert "x.tar.gz" not in kept and (drip == "headers" or "x.tar.gz.part" in kept), kept
     finally:
         server.shutdown()
         server.server_close()

@@ -199,6 +199,37 @@ def test_a_client_whose_headers_never_end_is_disconnected(slow_model):
         server.stop()
 
 
+def test_a_client_that_stops_reading_its_answer_is_disconnected(slow_model):
+    """A client that reads none of a long streamed answer (16 choices of 600 tokens with 20 alternatives each:
+    megabytes) is dropped once what waits to be sent has sat there --header-timeout: its connection is reset
+    before the answer's end, instead of being held forever by a writer waiting for room in the socket."""
+    server = Server(slow_model, "--header-timeout", "1")
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 600, "n": 16,
+                           "temperature": 0, "logprobs": True, "top_logprobs": 20, "stream": True}).encode()
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
+        conn.connect(("127.0.0.1", server.port))
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: server.get("/health").json()["active"] > 0)
+        wait_for(lambda: server.get("/health").json()["active"] + server.get("/health").json()["queued"] == 0,
+                 timeout=300)  # the answer generated, or cancelled when its client was dropped
+        time.sleep(2)  # past --header-timeout since the buffers filled
+        conn.settimeout(30)
+        data = b""
+        try:
+            while chunk := conn.recv(1 << 20):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        conn.close()
+        assert len(data) < 1 << 20 and b"[DONE]" not in data  # reset, or ended by the server, with most unsent
+        assert server.get("/health").status_code == 200
+    finally:
+        server.stop()
+
+
 HEALTH = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
 
 

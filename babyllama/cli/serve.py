@@ -42,7 +42,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                         f"({DEFAULTS.timeout_s:g})")
     p.add_argument("--header-timeout", type=float, default=DEFAULTS.header_timeout_s, metavar="SECONDS",
                    help="close a connection whose request line and headers have not all arrived this long after it "
-                        f"opened or after its previous answer ({DEFAULTS.header_timeout_s:g})")
+                        "opened or after its previous answer, and reset one whose client has taken nothing of its "
+                        "answer for this long while the server's buffer for it is full "
+                        f"({DEFAULTS.header_timeout_s:g})")
     p.add_argument("--max-connections", type=int, default=DEFAULTS.max_connections, metavar="N",
                    help="open connections served at once; a request on one past them gets 503 with Retry-After "
                         f"({DEFAULTS.max_connections})")

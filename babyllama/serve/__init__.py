@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from types import FrameType
 
@@ -121,12 +122,14 @@ async def too_many_connections(scope: Scope, receive: Receive, send: Send) -> No
 
 
 class ConnectionLimits(H11Protocol):
-    """uvicorn's h11 protocol, with two limits uvicorn lacks, so that clients cannot hold the process's file
+    """uvicorn's h11 protocol, with the limits uvicorn lacks, so that clients cannot hold the process's file
     descriptors. A connection that has not brought a whole request line and headers `header_timeout_s` after it
     opened or after its previous answer ended is closed: otherwise a client that sends its headers a byte a
     minute (slowloris; uvicorn's keep-alive timer stops at the first byte), or goes on sending the body of a
     request already answered without it (a 401, a 413), would hold its connection forever. The body of a request
-    being answered is limited by the request's time limit (Service.read_body). And a connection opened while
+    being answered is limited by the request's time limit (Service.read_body); its answer, by its client reading
+    it: a connection whose client has read nothing of what waits to be sent for `header_timeout_s` is dropped
+    (the answer's writer waits for room in the socket, and would wait forever). And a connection opened while
     `max_connections` others are open has its request answered 503 (`too_many_connections`) and is closed:
     uvicorn's own limit (limit_concurrency) answers in plain text, not the API's JSON."""
 
@@ -135,6 +138,7 @@ class ConnectionLimits(H11Protocol):
     refuse: Callable = staticmethod(too_many_connections)  # the app a connection past the cap is answered by
     header_timer: asyncio.TimerHandle | None = None
     answered: object = None  # the request cycle whose answer ended as the timer started (None: none yet)
+    reader_timer: asyncio.TimerHandle | None = None  # runs while the transport's buffer is full
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -155,7 +159,32 @@ class ConnectionLimits(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_header_timer()
+        self.stop_reader_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stop_reader_timer()
+        self.reader_timer = self.loop.call_later(self.header_timeout_s, self.reader_too_slow)
+
+    def resume_writing(self) -> None:
+        self.stop_reader_timer()
+        super().resume_writing()
+
+    def stop_reader_timer(self) -> None:
+        if self.reader_timer is not None:
+            self.reader_timer.cancel()
+            self.reader_timer = None
+
+    def reader_too_slow(self) -> None:
+        self.reader_timer = None
+        # a reset, not a close: close() waits for the buffer to be sent, and the kernel would go on holding what
+        # the socket has queued (megabytes) for a client that takes none of it
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def wait_for_headers(self) -> None:
         self.stop_header_timer()

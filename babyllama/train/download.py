@@ -119,6 +119,9 @@ def _extract(archive: Path, dest: Path) -> Path:
     safeio.output_dir(dest)
     try:
         with tarfile.open(safeio.check_regular(archive, "archive")) as tar:
+            if not tar.getmembers():  # zeros read as an empty archive: nothing to train on, which unpacking hides
+                raise BabyLlamaError(f"cannot extract {archive}: the archive holds no files (a corrupt download? "
+                                     "remove it and run again to download afresh)")
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, filter="data")
             else:  # Pythons before 3.10.12 / 3.11.4 have no extraction filters: check paths ourselves
