@@ -20,6 +20,9 @@ DEFAULT_PARALLEL = 16  # sequences a batch of prompts generates at once (each ho
 # so a larger seed would sample another's text (2**64 - 1 seed 0's, 2**64 + 7 seed 7's), with room left for a
 # choice index or a rank added to it
 SEED_LIMIT = 2**63
+# the vocabularies `data train-vocab` trains (3 control + 256 byte tokens + merges; uint16 token ids), the sizes
+# pretokenize --vocab-size looks up
+TRAINED_VOCAB_SIZES = (260, 65536)
 LLAMA2_VOCAB_SIZE = 32000  # Meta's Llama 2 sentencepiece vocabulary (llama2.c's tokenizer.bin, vocab_source "llama2")
 CKPT_NAME = "ckpt.pt"  # a training run's checkpoint in its out_dir
 # a model's tokenizer beside it (run.c's -z default), which pretokenize puts beside its shards and training beside
@@ -30,6 +33,11 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers 5's file for a Huggin
 # what the CLI offers, here for it to name before NumPy loads (it sets thread variables first)
 KV_CACHE_TYPES = ("auto", "f32", "f16", "q8_0")  # the NumPy engine's KV cache row types (engine.kv_cache_dtype)
 QUANTIZE_KINDS = ("q8_0", "q4_0", "f16", "bf16")  # `--quantize`: the weights' type on load (16-bit: rounded)
+# --dtype's float types in either family of names, llama.cpp's and llama2.c export.py's (f32, fp16, bf16) or
+# PyTorch's (float32, float16, bfloat16), each command naming them in its own (export: f32; train: float32)
+FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "float32": "f32", "f16": "f16", "fp16": "f16", "float16": "f16",
+               "bf16": "bf16", "bfloat16": "bf16"}
+TORCH_FLOAT_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 class ControlDefaults(TypedDict):

@@ -375,9 +375,11 @@ def describe(weights: Weights) -> str:
 
 
 def report(paths: list[Path], weights: Weights) -> None:
+    """The model exported, a note on stderr; the files written on stdout, as every command that writes files
+    prints them."""
     say(f"exported {describe(weights)}")
     for p in paths:
-        say(f"wrote {p}")
+        print(f"wrote {p}")
 
 
 def export_tokenizer(model: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -13,6 +13,7 @@ kernels_base.matmul_plain is the readable reference every fast path is tested ag
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -73,11 +74,18 @@ def use_backend(name: str | None = None) -> str:
         if kernels is not None:
             _backend = kernels
             if named and candidate != wanted:  # asked for by name: say it is not used
-                why = ("numba is not installed (pip install 'babyllama[fast]')" if wanted == "numba" else
-                       "the C kernels asked for cannot run here (no C compiler, or the line above says why)")
-                say(f"babyllama: {why}; running on {BACKEND_NAMES[candidate]}")
+                say(f"babyllama: {_why_not(wanted)}; running on {BACKEND_NAMES[candidate]}")
             return candidate
     raise AssertionError("unreachable: numpy is always available")
+
+
+def _why_not(wanted: str) -> str:
+    """Why the backend asked for by name did not load."""
+    if wanted != "numba":
+        return "the C kernels asked for cannot run here (no C compiler, or the line above says why)"
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install 'babyllama[fast]')"
+    return "numba is installed but cannot run here (the line above says why)"
 
 
 def _backend_from_environment() -> str:

@@ -87,12 +87,24 @@ def check_count(n: int, flag: str = "--threads") -> None:
                              f"{max_threads()}: 4 per CPU, {usable_cpus()} CPUs)")
 
 
+def check_environment() -> None:
+    """One line for an OMP_NUM_THREADS that is not a thread count (a positive integer, or one per nesting level,
+    "8,4"), which run would ignore and libgomp (PyTorch's, the native kernels') would report in lines of its
+    own (an empty one too)."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None and not all(c.strip().isdigit() and int(c) > 0 for c in value.split(",")):
+        raise BabyLlamaError(f"OMP_NUM_THREADS={value!r} is not a thread count (a positive integer, or one per "
+                             "nesting level: 8,4; unset it for the default)")
+
+
 def configure(n: int | None = None) -> None:
+    """--threads' `n` (None: the environment's counts, checked) for every pool, before the libraries load."""
     if n is not None:
         check_count(n)
         for var in (*BLAS_VARS, "NUMBA_NUM_THREADS"):
             os.environ[var] = str(n)
     else:
+        check_environment()
         cap_environment()
     if n is None and "NUMBA_NUM_THREADS" not in os.environ:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):

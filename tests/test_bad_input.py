@@ -531,6 +531,7 @@ def test_a_program_quiets_or_takes_in_the_librarys_notes_with_logging(tmp_path):
     ["bench", "--output", ""], ["bench", "--cache-dir", ""], ["bench", "--reference", ""],
     ["bench", "--reference-q", ""],
     ["train", ""], ["finetune", ""], ["finetune", "--hf", ""], ["finetune", "--meta-llama", ""],
+    ["finetune", "--tokenizer", ""], ["finetune", "-z", ""], ["sample", "-z", ""],
     ["download", "stories260K", "--dir", ""], ["download", "stories260K", "--url-base", ""],
 ])
 def test_an_empty_path_or_url_is_a_usage_error(argv, capsys):

@@ -758,22 +758,24 @@ def test_data_commands_with_an_unusable_output_folder_are_one_line(tmp_path, cap
     assert "a_file is not a directory" in msg or "No such file or directory" in msg
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "0"], "--max-chars: must be a positive integer"),
-    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "-5"], "--max-chars: must be a positive integer"),
-    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "0"], "--workers: must be a positive integer"),
-    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "-1"], "--workers: must be a positive integer"),
-    (["data", "pretokenize", "--tokenizer", "t.bin", "--max-seq-len", "0"], "--max-seq-len: must be a positive"),
-    (["data", "pretokenize", "--tokenizer", "t.bin", "--vocab-size", "512"], "not allowed with argument"),
+@pytest.mark.parametrize("argv, message, code", [
+    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "0"], "--max-chars must be >= 1, got 0", 1),
+    (["data", "train-vocab", "--vocab-size", "300", "--max-chars", "-5"], "--max-chars must be >= 1, got -5", 1),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "0"], "--workers must be >= 1, got 0", 1),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--workers", "-1"], "--workers must be >= 1, got -1", 1),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--max-seq-len", "0"], "--max-seq-len must be >= 1, got 0", 1),
+    (["data", "pretokenize", "--tokenizer", "t.bin", "--vocab-size", "512"], "not allowed with argument", 2),
     (["data", "pretokenize", "--vocab_size=0"], "0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer "
-                                                "with Meta's tokenizer.model instead"),
-    (["data", "pretokenize", "--vocab-size", "-3"], "--vocab_size: must be a positive integer, got -3"),
-    (["data", "instruct", "--max-word-df", "-1"], "--max-word-df: must be a share in (0, 1]"),
-    (["data", "instruct", "--max-word-df", "1.5"], "--max-word-df: must be a share in (0, 1]"),
-    (["data", "instruct", "--max-stories", "-2"], "--max-stories: must be a positive integer"),
-], ids=lambda v: v if isinstance(v, str) else " ".join(v[1:])[:48])
-def test_numeric_data_flags_are_checked(capsys, argv, message):
-    assert message in cli_error(capsys, *argv, code=2)
+                                                "with Meta's tokenizer.model instead", 1),
+    (["data", "pretokenize", "--vocab-size", "-3"], "--vocab-size must be in 260..65536", 1),
+    (["data", "pretokenize", "--vocab-size", "many"], "--vocab_size: invalid integer: 'many'", 2),
+    (["data", "instruct", "--max-word-df", "-1"], "--max-word-df must be in (0, 1], got -1", 1),
+    (["data", "instruct", "--max-word-df", "1.5"], "--max-word-df must be in (0, 1], got 1.5", 1),
+    (["data", "instruct", "--max-stories", "-2"], "--max-stories must be >= 1, got -2", 1),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v[1:])[:48] if isinstance(v, list) else str(v))
+def test_numeric_data_flags_are_checked(capsys, argv, message, code):
+    """A value that is no number does not parse (2); one out of the flag's range is a bad value (1)."""
+    assert message in cli_error(capsys, *argv, code=code)
 
 
 def test_train_vocab_names_only_flags_it_has_and_skips_bad_lines(tmp_path, capsys):

@@ -211,7 +211,7 @@ def test_a_bin_export_of_a_bin_carries_the_tokenizer_beside_it(tmp_path, capsys,
     out = tmp_path / "out" / "m.bin"
     assert main(["export", str(out), "--model", str(tiny), "--version", version]) == 0
     assert out.with_name("tokenizer.bin").read_bytes() == tiny.with_name("tokenizer.bin").read_bytes()
-    assert f"wrote {out.with_name('tokenizer.bin')}" in capsys.readouterr().err
+    assert f"wrote {out.with_name('tokenizer.bin')}" in capsys.readouterr().out
 
 
 def test_a_bin_whose_card_name_would_be_too_long_is_written_without_one(tmp_path, capsys, tiny):
@@ -219,7 +219,7 @@ def test_a_bin_whose_card_name_would_be_too_long_is_written_without_one(tmp_path
     card exists raised "File name too long", though a .bin needs no card without a chat template."""
     out = tmp_path / ("a" * 251 + ".bin")
     assert main(["export", str(out), "--model", str(tiny), "--version", "1"]) == 0
-    assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().err
+    assert out.stat().st_size > 0 and f"wrote {out}\n" in capsys.readouterr().out
 
 
 def test_a_tokenizer_bin_beside_out_of_another_vocabulary_size_is_refused(tmp_path, capsys, tiny_gguf):

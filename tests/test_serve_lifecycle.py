@@ -490,3 +490,18 @@ def test_no_color_turns_the_server_log_s_colors_off(monkeypatch):
     monkeypatch.setenv("NO_COLOR", "")  # set but empty: not asked for (no-color.org)
     monkeypatch.setenv("TERM", "dumb")
     assert log_colors() is False
+
+
+def test_the_access_log_goes_to_stderr_with_the_other_server_lines(capsys):
+    """uvicorn writes its per-request lines on stdout and everything else on stderr: they go to stderr, in
+    uvicorn's format."""
+    import logging
+
+    import uvicorn
+
+    from babyllama.serve import log_config
+
+    uvicorn.Config(lambda scope, receive, send: None, log_config=log_config(), use_colors=False)
+    logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/health", "1.1", 200)
+    out, err = capsys.readouterr()
+    assert out == "" and 'INFO:     127.0.0.1:5 - "GET /health HTTP/1.1" 200' in err, (out, err)

@@ -11,7 +11,7 @@ import shutil
 
 from ..errors import BabyLlamaError, missing_extra, say
 from ..threads import usable_cpus
-from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path
+from .common import add_compile, add_kv_cache, add_mmap, add_threads, non_empty_path, positive_int
 
 DEFAULT_FORMATS = "fp32,q8_0,q4_0"
 MAX_BUSY_PER_CPU = 4  # co-runners beyond a few per CPU measure the scheduler, not a busy laptop
@@ -33,20 +33,20 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="numpy",
                    help="numpy (the NumPy engine), or cpu / cuda for the PyTorch engine (fp32 files only)")
     add_compile(p)
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive_int, default=3,
                    help="times each model's rows are measured in turn, each in a fresh process; the median over "
                         "the rounds is reported, so that rows compared with each other are measured close in "
                         "time on a machine whose speed drifts (3)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="runs per figure within one round's process, at least (more while they last under 1 s "
                         "in all); their median is the round's figure (1)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens decoded per run (256)")
-    p.add_argument("--plain-tokens", type=int, default=None,
+    p.add_argument("--tokens", type=positive_int, default=256, help="tokens decoded per run (256)")
+    p.add_argument("--plain-tokens", type=positive_int, default=None,
                    help="tokens decoded per run on the slow plain baseline (32, at most --tokens)")
-    p.add_argument("--plain-repeats", type=int, default=None,
+    p.add_argument("--plain-repeats", type=positive_int, default=None,
                    help="runs per figure on the plain baseline, at least, as --repeats (1)")
-    p.add_argument("--batch", type=int, default=8, help="sequences decoded together (8)")
-    p.add_argument("--prompt-len", type=int, default=256, help="prompt length for prefill (256)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences decoded together (8)")
+    p.add_argument("--prompt-len", type=positive_int, default=256, help="prompt length for prefill (256)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain NumPy baseline rows")
     add_mmap(p, "babyllama's .bin rows: ", "GGUF rows map their files as always")
     add_kv_cache(p)
@@ -71,7 +71,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated thread settings measured in turn: default (every thread variable "
                         "dropped: the pool decides) or a count; e.g. default,1,2 (default: --threads N or "
                         "OMP_NUM_THREADS=N as the one setting N, else default)")
-    p.add_argument("--bandwidth-mib", type=int, default=None,
+    p.add_argument("--bandwidth-mib", type=positive_int, default=None,
                    help="MiB read for the memory-bandwidth figure (512; the NumPy engine's rows)")
     add_threads(p)
     p.set_defaults(func=cmd_bench)
@@ -155,10 +155,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              "them to --formats")
     settings = _thread_settings(args.thread_settings, args.threads)
     _check_plain_and_probe_flags(args, torch_engine, bench.Plan)
-    for name in ("rounds", "repeats", "tokens", "plain_tokens", "plain_repeats", "batch", "prompt_len",
-                 "bandwidth_mib"):
-        if getattr(args, name) < 1:
-            raise BabyLlamaError(f"--{name.replace('_', '-')} must be >= 1")
     cpus = usable_cpus()
     if not 0 <= args.busy <= MAX_BUSY_PER_CPU * cpus:
         raise BabyLlamaError(f"--busy must be from 0 to {MAX_BUSY_PER_CPU * cpus} ({MAX_BUSY_PER_CPU} co-runners for "

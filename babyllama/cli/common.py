@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..config import CONTROL_DEFAULTS, DEFAULT_STEPS, KV_CACHE_TYPES, SEED_LIMIT, default_steps
+from ..config import (
+    CONTROL_DEFAULTS,
+    DEFAULT_STEPS,
+    KV_CACHE_TYPES,
+    SEED_LIMIT,
+    TRAINED_VOCAB_SIZES,
+    default_steps,
+)
 from ..errors import BabyLlamaError, first_line
 
 if TYPE_CHECKING:
@@ -20,7 +28,22 @@ QUANTIZE_HELP = ("the weights' type on load: runq.c's Q8_0, llama.cpp's 4-bit Q4
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (exit 2), like every other error."""
+    """argparse, but a usage mistake is one line on stderr (exit 2), like every other error, and a flag is read
+    only by its whole name: a prefix would be taken for another flag that starts with it (serve's `--model X`
+    as --model-name X, where export and data instruct take --model FILE)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> object:
+        """argparse's, but a value out of its flag's range is a bad value (exit 1, as every check after parsing
+        makes it), whichever command takes the flag; one that is not of the flag's kind stays a usage error."""
+        try:
+            return super()._get_value(action, arg_string)
+        except OutOfRange as e:
+            name = next((o for o in action.option_strings if o.startswith("--")), action.metavar or action.dest)
+            raise BabyLlamaError(f"{name} {e}") from None
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -158,14 +181,19 @@ def add_time_limit(p: argparse.ArgumentParser) -> None:
                    help="give up on a transfer after this long (default: 2 hours); run again to resume it")
 
 
+class OutOfRange(Exception):
+    """A flag's value that parses but is out of the flag's range: `Parser` reports it as a bad value (exit 1)."""
+
+
 def _checked_number(text: str, parse, ok, kind: str, rule: str):
-    """An argparse value: `text` parsed, and refused (a usage error) unless `ok`."""
+    """An argparse value: `text` parsed (text that is not a `kind` does not parse: exit 2), and refused as a bad
+    value (OutOfRange: exit 1) unless `ok`."""
     try:
         value = parse(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid {kind}: {text!r}") from None
     if not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        raise OutOfRange(f"must be {rule}, got {text}")
     return value
 
 
@@ -175,17 +203,49 @@ def positive_seconds(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    return _checked_number(text, int, lambda v: v >= 1, "integer", "a positive integer")
+    return _checked_number(text, int, lambda v: v >= 1, "integer", ">= 1")
 
 
 def share(text: str) -> float:
     """A fraction in (0, 1]."""
-    return _checked_number(text, float, lambda v: 0 < v <= 1, "number", "a share in (0, 1]")
+    return _checked_number(text, float, lambda v: 0 < v <= 1, "number", "in (0, 1]")
 
 
-def add_compile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on cuda)")
+def training_seed(text: str) -> int:
+    """A seed of Python's and PyTorch's generators, as train's seed key takes it: Random(-7) would be Random(7)."""
+    return _checked_number(text, int, lambda v: 0 <= v < SEED_LIMIT, "integer", "in [0, 2**63)")
+
+
+def vocab_size(text: str) -> int:
+    """The size of a vocabulary `data train-vocab` makes (the tok{N}.model that pretokenize --vocab-size reads)."""
+    low, high = TRAINED_VOCAB_SIZES
+    return _checked_number(text, int, lambda v: low <= v <= high, "integer",
+                           f"in {low}..{high} (3 control + 256 byte tokens + merges)")
+
+
+def config_value(key: str) -> Callable[[str], object]:
+    """argparse's converter for TrainConfig key `key`: a value that is not of the key's type (`--dim=abc`) is a
+    command line that does not parse, exit 2 as for every other command's flags (a config file's stays 1)."""
+    from ..train.config import TrainConfig, parse_value
+
+    def convert(text: str) -> object:
+        try:
+            return parse_value(key, text)
+        except BabyLlamaError as e:
+            # a bare boolean flag takes the word after it as its value: `--eval_only run.toml` reads the file name
+            bare = (f" (a bare --{key} takes the word after it as its value: write --{key}=true, or put that word "
+                    "first)" if isinstance(getattr(TrainConfig, key, None), bool) else "")
+            raise argparse.ArgumentTypeError(f"{e}{bare}") from None
+
+    return convert
+
+
+def add_compile(p: argparse.ArgumentParser,
+                help: str = "with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on "
+                            "cuda)") -> None:
+    """--compile, or --compile=BOOL (sample.py's --compile=True), read as train's and finetune's compile key."""
+    p.add_argument("--compile", nargs="?", const=True, default=False, type=config_value("compile"), metavar="BOOL",
+                   help=f"{help} (false)")
 
 
 SAMPLING_FLAGS = {"temperature": "temperature (-t)", "topp": "top-p (-p)"}

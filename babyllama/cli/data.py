@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BabyLlamaError, note, require, say
-from .common import Parser, add_time_limit, non_empty_path, non_empty_url, positive_int, share
+from .common import (
+    OutOfRange,
+    Parser,
+    add_time_limit,
+    non_empty_path,
+    non_empty_url,
+    positive_int,
+    share,
+    training_seed,
+    vocab_size,
+)
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -40,7 +50,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                          description="Train a sentencepiece BPE vocabulary of --vocab-size tokens on the documents "
                                      "of --input (llama2.c's settings, runs of spaces kept) into "
                                      "DATA_DIR/tok{N}.model and its llama2.c tokenizer, DATA_DIR/tok{N}.bin.")
-    v.add_argument("--vocab-size", "--vocab_size", type=int, required=True, help="number of tokens, e.g. 4096")
+    v.add_argument("--vocab-size", "--vocab_size", type=vocab_size, required=True,
+                   help="number of tokens, 260 to 65536, e.g. 4096")
     v.add_argument("--input", default=None, type=non_empty_path,
                    help=f"text/jsonl/json file or folder (DATA_DIR/{TINYSTORIES})")
     v.add_argument("--data-dir", default="data", type=non_empty_path,
@@ -61,15 +72,16 @@ def add(sub: argparse._SubParsersAction) -> None:
                        help="use DATA_DIR/tok{N}.model from train-vocab")
     which.add_argument("--tokenizer", default=None, type=non_empty_path,
                        help="a sentencepiece .model or tokenizer.bin instead")
-    t.add_argument("--data-dir", default="data", type=non_empty_path, help="where tok{N}.model is looked up (data)")
-    t.add_argument("--out-dir", default=None, type=non_empty_path,
+    t.add_argument("--data-dir", "--data_dir", default="data", type=non_empty_path,
+                   help="where tok{N}.model is looked up (data)")
+    t.add_argument("--out-dir", "--out_dir", default=None, type=non_empty_path,
                    help="shard folder (default: DATA_DIR/tok{N}, or DATA_DIR/tokenizer with --tokenizer)")
     t.add_argument("--workers", type=positive_int, default=None, help="encoding processes (default: all cores)")
-    t.add_argument("--skip-bad-lines", action="store_true",
+    t.add_argument("--skip-bad-lines", "--skip_bad_lines", action="store_true",
                    help="skip malformed .jsonl lines (and conversations longer than --max-seq-len), with a count")
-    t.add_argument("--max-seq-len", type=positive_int, default=None,
+    t.add_argument("--max-seq-len", "--max_seq_len", type=positive_int, default=None,
                    help="refuse chat conversations that do not fit this context (the model's max_seq_len)")
-    t.add_argument("--word-weight", type=int, default=1,
+    t.add_argument("--word-weight", "--word_weight", type=int, default=1,
                    help="loss weight of reply tokens that spell a word the request asked for (instruction "
                         "records' \"words\"; default 1: every reply token alike)")
     t.set_defaults(func=cmd_data_pretokenize)
@@ -90,7 +102,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "settings on, keeping instruct_val.jsonl for reporting (0)")
     i.add_argument("--per-story", type=int, default=1, help="requests per training story, each drawn anew (1)")
     i.add_argument("--max-stories", type=positive_int, default=None, help="use only the first N stories")
-    i.add_argument("--seed", type=int, default=0, help="seed of the split, the words and the phrasing (0)")
+    i.add_argument("--seed", type=training_seed, default=0,
+                   help="seed of the split, the words and the phrasing, in [0, 2**63) as train's (0)")
     i.add_argument("--max-word-df", type=share, default=None,
                    help="ask only for words that at most this share of the stories use (default 0.05), and at "
                         "least 3 stories (no typos): below 3 / the number of stories, no request asks for words")
@@ -109,11 +122,11 @@ TINYSTORIES = "TinyStories_all_data"  # the folder `data download` unpacks the d
 
 
 def pretokenize_vocab_size(text: str) -> int:
-    """A positive --vocab-size; tinystories.py's 0 (Llama 2's vocabulary) is said in this command's terms."""
+    """A size train-vocab makes; tinystories.py's 0 (Llama 2's vocabulary) is said in this command's terms."""
     if text.strip() == "0":
-        raise argparse.ArgumentTypeError("0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer with Meta's "
-                                         "tokenizer.model instead")
-    return positive_int(text)
+        raise OutOfRange("0 is tinystories.py's Llama 2 vocabulary: here give --tokenizer with Meta's tokenizer.model "
+                         "instead")
+    return vocab_size(text)
 
 
 def input_path(args: argparse.Namespace) -> str:

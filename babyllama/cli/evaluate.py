@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..config import QUANTIZE_KINDS
 from ..errors import counted
-from .common import QUANTIZE_HELP, add_model_flags, non_empty_path
+from .common import QUANTIZE_HELP, add_model_flags, non_empty_path, positive_int
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -34,12 +34,13 @@ def add(sub: argparse._SubParsersAction) -> None:
                            "`babyllama data instruct`); prints the share of requested words the replies use and "
                            "the share that mention the requested topic")
     p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
-    p.add_argument("--max-stories", type=int, default=None, help="score only the first N stories")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-stories", type=positive_int, default=None, help="score only the first N stories")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="stop after the story in which N predicted tokens are reached (stories stay whole)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's seq_len)")
-    p.add_argument("--max-examples", type=int, default=None, help="--instruct: score only the first N requests")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-examples", type=positive_int, default=None,
+                   help="--instruct: score only the first N requests")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=positive_int, default=None, metavar="N",
                    help="--instruct: cap each reply (default: until EOS or the end of the context)")
     p.add_argument("--samples", type=int, default=None, help="--instruct: also print the first N replies")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -114,10 +115,6 @@ def check_eval_flags(args: argparse.Namespace) -> None:
             raise BabyLlamaError(f"--{flag.replace('_', '-')} works with {needs} only")
     if args.samples is not None and args.samples < 0:
         raise BabyLlamaError(f"--samples must be >= 0, got {args.samples}")
-    for flag in ("max_stories", "max_tokens", "max_examples", "max_new_tokens"):  # before the model loads
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise BabyLlamaError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
 def eval_instruct(model: Model, args: argparse.Namespace) -> int:

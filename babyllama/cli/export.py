@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import FLOAT_TYPES
 from ..errors import BabyLlamaError, UsageError
-from .common import chat_template, non_empty_path
+from .common import chat_template, non_empty_path, positive_int
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -39,11 +40,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None, help="Q8_0 group size for version 2 (64, or less)")
     p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None, type=dtype_name,
                    help="tensor type of GGUF output, or of Hugging Face output (f32, f16, bf16; llama2.c's fp32 and "
-                        "fp16 too) (default f32)")
+                        "fp16 and PyTorch's float32, float16, bfloat16 too) (default f32)")
     p.add_argument("-z", "--tokenizer", metavar="TOK", type=non_empty_path,
                    help="sentencepiece .model or tokenizer.bin to go with the model (as run's -z) (default: the "
                         "source's own tokenizer.model / tokenizer.bin when there is one)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="context length to record (default: the source's; Meta checkpoints: 4096)")
     p.add_argument("--chat-template", default=None,
                    help="the chat template the model takes (llama2 or babyllama), written into a GGUF file or a "
@@ -62,11 +63,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_export_tokenizer)
 
 
-LLAMA2C_DTYPES = {"fp32": "f32", "fp16": "f16"}  # export.py's --dtype names
-
-
 def dtype_name(text: str) -> str:
-    return LLAMA2C_DTYPES.get(text, text)
+    """--dtype in export's names (f32, f16, bf16), whichever family of names it is given in."""
+    return FLOAT_TYPES.get(text, text)
 
 
 def target(args: argparse.Namespace) -> str:
@@ -119,8 +118,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..loading import load_source
 
     args.output = output_path(args)
-    if args.max_seq_len is not None and args.max_seq_len <= 0:
-        raise BabyLlamaError(f"--max-seq-len must be positive, got {args.max_seq_len}")
     if args.group_size is not None and args.group_size <= 0:
         raise BabyLlamaError(f"--group-size must be positive, got {args.group_size}")
     to = target(args)

@@ -112,6 +112,10 @@ def load_model(args: argparse.Namespace) -> Model:
                              ) from None
     if model.source_kind != "bin" or args.lora:
         say(f"babyllama: {model.description}")
+    if getattr(args, "device", "numpy") == "numpy" and not getattr(args, "plain", False):
+        from ..kernels import backend
+
+        backend()  # chosen now (BABYLLAMA_KERNELS checked), not at the first token: after the prompt is printed
     return model
 
 

@@ -56,7 +56,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=f"reuse a free slot's cached prefix of at least this many tokens; 0 = never "
                         f"({DEFAULTS.prefix_min})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level; info logs a line per request (info)")
+                   help="uvicorn's log level; info logs a line per request, on stderr as every other line (info)")
     add_threads(p)
     p.set_defaults(func=cmd_serve)
 

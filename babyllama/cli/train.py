@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import CKPT_NAME
 from ..errors import BabyLlamaError, require
 from .common import (
+    add_compile,
     add_sampling_flags,
     check_sampling_flags,
+    config_value,
     make_sampler,
     non_empty_path,
     positive_int,
@@ -56,8 +57,12 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, h
         default = (defaults or {}).get(name, getattr(TrainConfig, name))
         boolean = isinstance(default, bool)
         more = (explained or {}).get(name)
-        knobs.add_argument(*spellings(name), dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
-                           type=flag_value(name), nargs="?" if boolean else None, const=True if boolean else None,
+        # the base's tokenizer is -z/--tokenizer as in every command, and an empty one (an unset variable) is refused
+        # as theirs is, not read as no tokenizer
+        names, kind = ((["-z", *spellings(name)], non_empty_path) if name == "tokenizer" else
+                       (spellings(name), config_value(name)))
+        knobs.add_argument(*names, dest=f"cfg_{name}", metavar=type(default).__name__.upper(), default=None,
+                           type=kind, nargs="?" if boolean else None, const=True if boolean else None,
                            help=argparse.SUPPRESS if name in hidden else "(default: the base model's)"
                            if name in from_base else f"(default {default!r}{f'; {more}' if more else ''})")
     for name in LLAMA2C_ONLY:  # parsed so that the config check can say what to do instead
@@ -68,23 +73,6 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: dict | None = None, h
 def spellings(key: str) -> list[str]:
     """--key, and --key-with-dashes where that differs."""
     return list(dict.fromkeys([f"--{key}", f"--{key.replace('_', '-')}"]))
-
-
-def flag_value(key: str) -> Callable[[str], object]:
-    """argparse's converter for config key `key`: a value that is not of the key's type (`--dim=abc`) is a
-    command line that does not parse, exit 2 as for every other command's flags (a config file's stays 1)."""
-    from ..train.config import TrainConfig, parse_value
-
-    def convert(text: str) -> object:
-        try:
-            return parse_value(key, text)
-        except BabyLlamaError as e:
-            # a bare boolean flag takes the word after it as its value: `--eval_only run.toml` reads the file name
-            bare = (f" (a bare --{key} takes the word after it as its value: write --{key}=true, or put that word "
-                    "first)" if isinstance(getattr(TrainConfig, key, None), bool) else "")
-            raise argparse.ArgumentTypeError(f"{e}{bare}") from None
-
-    return convert
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -135,7 +123,8 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="out/ckpt.pt",
                    help="ckpt.pt (or the folder holding it) (default: out/ckpt.pt, train's default out_dir, as in "
                         "sample.py)")
-    p.add_argument("-z", "--tokenizer", dest="tokenizer", help="tokenizer.bin (default: beside the checkpoint)")
+    p.add_argument("-z", "--tokenizer", dest="tokenizer", type=non_empty_path,
+                   help="tokenizer.bin (default: beside the checkpoint)")
     add_sampling_flags(p)
     p.add_argument("--start", default=None,
                    help="sample.py's name for the prompt (-i); FILE:PATH reads it from the file PATH")
@@ -143,8 +132,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    help="samples to draw, each followed by a line of dashes when there are several, as sample.py "
                         "prints them (1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--compile", nargs="?", const=True, default=False, type=flag_value("compile"), metavar="BOOL",
-                   help="compile the decode step with torch.compile (sample.py's --compile=True) (false)")
+    add_compile(p, "compile the decode step with torch.compile (sample.py's --compile=True)")
     p.set_defaults(func=cmd_sample)
 
 

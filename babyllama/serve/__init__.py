@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -235,6 +236,14 @@ def log_colors() -> bool | None:
     return False if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb" else None
 
 
+def log_config() -> dict:
+    """uvicorn's logging, in its own format, but its per-request access lines on stderr with every other line
+    of the server's (uvicorn writes them on stdout)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
 def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> int | None:
     """Serve `app` with uvicorn on the listening `sockets` (see `listen`) until told to stop, with its
     ServeConfig's limits on connections (ConnectionLimits). Returns the signal that stopped it, if any: uvicorn
@@ -243,7 +252,7 @@ def run(app: FastAPI, sockets: list[socket.socket], log_level: str = "info") -> 
     open_files_for(app.state.service.config.max_connections)
     protocol = with_limits(app.state.service.config, app.state.service.metrics)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=GRACE_S, http=protocol,
-                            use_colors=log_colors())
+                            use_colors=log_colors(), log_config=log_config())
     server = Server(config, app)
     logging.getLogger("uvicorn.error").addFilter(no_upgrade_advice)
     server.run(sockets=sockets)

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import safeio
-from ..config import SEED_LIMIT, ModelArgs, checked_args
+from ..config import FLOAT_TYPES, SEED_LIMIT, TORCH_FLOAT_NAMES, ModelArgs, checked_args
 from ..errors import BabyLlamaError, warn
 
 
@@ -70,7 +70,7 @@ class TrainConfig:
     lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16 (or bf16...)
     compile: bool = False  # torch.compile the model (recommended on GPU)
     fsdp: bool = False  # shard parameters/optimizer with FSDP under torchrun instead of replicating (DDP)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: known GPUs' bf16 peak, else MFU not shown
@@ -240,6 +240,8 @@ def build_config(config_file: str | None = None, overrides: dict | None = None,
         cfg.update({key: FIELDS[key].default for key in ("kd_alpha", "kd_temperature") if key not in given})
     if defaults is FINETUNE_DEFAULTS and not resume_config and "learning_rate" in given and "min_lr" not in given:
         cfg["min_lr"] = cfg["learning_rate"] * FINETUNE_MIN_LR_SHARE
+    if isinstance(cfg["dtype"], str):  # f32, bf16...: export's names for the same types
+        cfg["dtype"] = TORCH_FLOAT_NAMES.get(FLOAT_TYPES.get(cfg["dtype"], ""), cfg["dtype"])
     out = TrainConfig(**cfg)
     if checked:
         check(out)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import safeio
+from ..config import TRAINED_VOCAB_SIZES
 from ..errors import BabyLlamaError, require
 from ..instruct import read_documents
 from ..threads import usable_cpus
@@ -34,8 +35,9 @@ def train_vocab(input_path: str | os.PathLike, vocab_size: int, out_dir: str | o
     spm = require("sentencepiece", "train", "training a vocabulary")
     from ..tokenizer import Tokenizer
 
-    if not 259 < vocab_size <= 65536:
-        raise BabyLlamaError(f"--vocab-size must be in 260..65536 (3 control + 256 byte tokens + merges), "
+    low, high = TRAINED_VOCAB_SIZES
+    if not low <= vocab_size <= high:
+        raise BabyLlamaError(f"--vocab-size must be in {low}..{high} (3 control + 256 byte tokens + merges), "
                              f"got {vocab_size}")
     files = input_files(input_path)  # listed before the work folder exists: --data-dir may lie in --input
     with safeio.new_folders_removed_on_error(out_dir):  # a refused vocabulary leaves no empty folder
