@@ -78,13 +78,18 @@ def test_a_value_not_of_the_flags_kind_does_not_parse(capsys, argv):
 
 
 @pytest.mark.parametrize("argv, dest", [
-    (["run"], "compile"), (["chat"], "compile"), (["bench"], "compile"), (["sample"], "compile"),
-    (["train"], "cfg_compile"), (["finetune"], "cfg_compile"),
+    (["sample"], "compile"), (["train"], "cfg_compile"), (["finetune"], "cfg_compile"),
 ])
-def test_compile_is_a_switch_or_takes_a_value_in_every_command(argv, dest):
+def test_compile_takes_a_value_where_llama2c_s_scripts_do(argv, dest):
     assert getattr(parse(*argv, "--compile"), dest) is True
     assert getattr(parse(*argv, "--compile=true"), dest) is True
     assert getattr(parse(*argv, "--compile=False"), dest) is False
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "bench"])
+def test_compile_is_a_switch_before_a_model(command):
+    args = parse(command, "--compile", "m.bin") if command != "bench" else parse(command, "--compile")
+    assert args.compile is True and (command == "bench" or args.checkpoint == "m.bin")
 
 
 @pytest.mark.parametrize("given, export_name, train_name", [

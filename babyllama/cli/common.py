@@ -240,12 +240,17 @@ def config_value(key: str) -> Callable[[str], object]:
     return convert
 
 
-def add_compile(p: argparse.ArgumentParser,
+def add_compile(p: argparse.ArgumentParser, takes_value: bool = False,
                 help: str = "with --device cpu/cuda: compile the decode step with torch.compile (CUDA graphs on "
                             "cuda)") -> None:
-    """--compile, or --compile=BOOL (sample.py's --compile=True), read as train's and finetune's compile key."""
-    p.add_argument("--compile", nargs="?", const=True, default=False, type=config_value("compile"), metavar="BOOL",
-                   help=f"{help} (false)")
+    """--compile; with `takes_value` also --compile=BOOL (sample.py's --compile=True), read as train's and
+    finetune's compile key. A flag that may take a value takes the word after it, so commands whose model is a
+    positional argument keep the plain switch: `run --compile MODEL` runs MODEL."""
+    if takes_value:
+        p.add_argument("--compile", nargs="?", const=True, default=False, type=config_value("compile"),
+                       metavar="BOOL", help=f"{help} (false)")
+    else:
+        p.add_argument("--compile", action="store_true", help=help)
 
 
 SAMPLING_FLAGS = {"temperature": "temperature (-t)", "topp": "top-p (-p)"}

@@ -132,7 +132,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
                    help="samples to draw, each followed by a line of dashes when there are several, as sample.py "
                         "prints them (1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    add_compile(p, "compile the decode step with torch.compile (sample.py's --compile=True)")
+    add_compile(p, takes_value=True, help="compile the decode step with torch.compile (sample.py's --compile=True)")
     p.set_defaults(func=cmd_sample)
 
 
