@@ -29,6 +29,23 @@ def test_no_command_reads_a_flag_by_a_prefix_of_its_name():
     assert all(not p.allow_abbrev for p in parsers(build_parser()))
 
 
+@pytest.mark.parametrize("argv, typed, near", [
+    (["export", "m.bin", "--mod", "x.bin"], "--mod", "--model"),  # one of a required group: argparse names the group
+    (["eval", "--dat", "x.txt"], "--dat", "--data"),
+    (["data", "pretokenize", "--vocab", "400", "--input", "x"], "--vocab", "--vocab-size, --vocab_size"),
+    (["run", "--temp=0"], "--temp=0", "--temperature"),
+    (["serve", "--nonsense", "1"], "--nonsense", None),
+])
+def test_a_shortened_or_unknown_flag_is_named_as_typed(capsys, argv, typed, near):
+    message = cli_error(capsys, *argv, code=2)
+    assert f"unrecognized arguments: {typed}" in message and "is required" not in message
+    assert (f"this command's that start so: {near})" in message) if near else "start so" not in message
+
+
+def test_a_value_that_looks_like_a_flag_after_an_equals_sign_is_a_value():
+    assert parse("run", "--prompt=--x").prompt == "--x"
+
+
 @pytest.mark.parametrize("argv", [
     ["serve", "--model", "X.gguf"],  # export's and data instruct's --model FILE: not serve's --model-name
     ["serve", "--mode", "x"],

@@ -36,6 +36,29 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's, but a flag this command does not have is reported first, by the name typed: argparse says
+        what a required group misses before it looks for unknown flags, which hides a shortened name (`export
+        --mod M` would be told to give one of --model ...)."""
+        args = sys.argv[1:] if args is None else list(args)
+        if self._subparsers is None:  # a command's own parser: what follows its name is all its flags
+            self._refuse_unknown_flags(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_unknown_flags(self, args: list[str]) -> None:
+        unknown = {}  # as typed: its name
+        for arg in args:
+            if arg == "--":  # what follows is positional
+                break
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and len(name) > 2 and name not in self._option_string_actions:
+                unknown[arg] = name
+        if unknown:
+            near = sorted({o for o in self._option_string_actions for u in unknown.values() if o.startswith(u)})
+            self.error(f"unrecognized arguments: {' '.join(unknown)}" +
+                       (f" (flags are read by their whole names only; this command's that start so: "
+                        f"{', '.join(near)})" if near else ""))
+
     def _get_value(self, action: argparse.Action, arg_string: str) -> object:
         """argparse's, but a value out of its flag's range is a bad value (exit 1, as every check after parsing
         makes it), whichever command takes the flag; one that is not of the flag's kind stays a usage error."""
