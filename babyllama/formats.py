@@ -646,7 +646,8 @@ def _tensors(c: _Cursor, args: ModelArgs, version: int, gs: int, path: str | os.
         wcls = emb if args.shared_classifier else c.take_q8_flat(V, d, gs)
         note(f"{path}: its Q8_0 groups of {gs} run across the rows of w2 (hidden_dim {h} is not a multiple "
              f"of {gs}: llama2.c's export.py writes such files, and runq.c misreads them); the weights they stand "
-             "for are read as fp32 (--quantize q8_0 quantizes them again, in groups within rows)")
+             "for are read as fp32 (run, chat, eval and serve's --quantize q8_0 quantizes them again, in groups "
+             "within rows, as export --version 2 writes them)")
         version, gs = 1, 0
     elif version == 2:
         rms_att, rms_ffn, rms_final = c.take(np.float32, L, d), c.take(np.float32, L, d), c.take(np.float32, d)

@@ -94,8 +94,8 @@ def check_scales_fit(t: BlockTensor) -> BlockTensor:
     if not np.isfinite(scales).all():
         limit = 65504 * (8 if t.kind == "q4_0" else 127)
         raise BabyLlamaError(f"a weight beyond {limit:,} in magnitude does not fit {t.kind.upper()}'s fp16 block "
-                             "scales: keep this model in fp32, or in runq.c's Q8_0, whose scales are fp32 "
-                             "(--quantize q8_0, .bin version 2)")
+                             "scales: keep this model in fp32, or in runq.c's Q8_0, whose scales are fp32 (a "
+                             ".bin of version 2: export --version 2; run, chat, eval, serve --quantize q8_0)")
     return t
 
 

@@ -461,7 +461,8 @@ def test_weights_beyond_the_fp16_block_scales_are_refused_not_run_as_nan(tmp_pat
     assert proc.returncode == 1, proc.stderr
     kind = "Q8_0" if "q8_0" in command else "Q4_0"
     assert proc.stderr.decode().endswith(f"does not fit {kind}'s fp16 block scales: keep this model in fp32, or in "
-                                         "runq.c's Q8_0, whose scales are fp32 (--quantize q8_0, .bin version 2)\n")
+                                         "runq.c's Q8_0, whose scales are fp32 (a .bin of version 2: export --version "
+                                         "2; run, chat, eval, serve --quantize q8_0)\n")
     assert not list(tmp_path.glob("out*"))
 
 

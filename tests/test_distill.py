@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import random_weights, tiny_args  # noqa: E402
+from conftest import byte_tokenizer, random_weights, tiny_args  # noqa: E402
 
 from babyllama import formats  # noqa: E402
 from babyllama.errors import BabyLlamaError  # noqa: E402
@@ -195,6 +195,23 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
         train(resolve_config(None, settings(setup, tmp_path / "out", teacher=other, max_iters=1)))
     with pytest.raises(BabyLlamaError, match="teacher: model file not found"):
         train(resolve_config(None, settings(setup, tmp_path / "out", teacher=tmp_path / "missing.bin", max_iters=1)))
+
+
+def test_a_teacher_s_tokenizer_of_another_size_is_not_said_to_be_fixed_by_z(setup, tmp_path):
+    """-z/--tokenizer sets the student's tokenizer (train refuses it without a base): the teacher's own
+    tokenizer.bin is what is wrong, and the error says where a teacher reads it."""
+    from babyllama.train.config import resolve_config
+    from babyllama.train.loop import train
+
+    (tmp_path / "teach").mkdir()
+    formats.save(random_weights(tiny_args(vocab_size=VOCAB, max_seq_len=64)), tmp_path / "teach" / "m.bin")
+    byte_tokenizer(300).save(tmp_path / "teach" / "tokenizer.bin")
+    with pytest.raises(BabyLlamaError) as e:
+        train(resolve_config(None, settings(setup, tmp_path / "out", teacher=tmp_path / "teach" / "m.bin",
+                                            max_iters=1)))
+    message = str(e.value)
+    assert message.startswith("teacher: tokenizer ") and "has 300 tokens" in message
+    assert "-z" not in message and message.endswith("(a teacher reads the tokenizer beside it or inside it)")
 
 
 def tokenizer64(order: int = 1):

@@ -255,7 +255,9 @@ def test_llama2c_version2_files_with_groups_across_rows_read_as_the_weights_they
     w = random_weights(tiny_args(dim=64, hidden_dim=96, n_heads=4, shared_classifier=shared))
     stands_for = _llama2c_version2(w, tmp_path / "l2c.bin")
     got = formats.load(tmp_path / "l2c.bin")
-    assert "groups of 64 run across the rows of w2 (hidden_dim 96" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "groups of 64 run across the rows of w2 (hidden_dim 96" in err
+    assert "(run, chat, eval and serve's --quantize q8_0 quantizes" in err  # the commands that have the flag
     mats = [got.tok_embeddings, *(m for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for m in getattr(got, name))]
     for want, m in zip(stands_for, mats + ([] if shared else [got.wcls]), strict=True):
         np.testing.assert_array_equal(np.asarray(m), want)
