@@ -409,9 +409,10 @@ def tokenizer_for(source: Source, path: str | os.PathLike | None = None) -> Toke
     return Tokenizer.load(builtin_tokenizer_for(source.path, vocab_size), vocab_size)
 
 
-def carried_tokenizer(source: Source) -> Tokenizer | None:
+def carried_tokenizer(source: Source, advice: str = TOKENIZER_HINT) -> Tokenizer | None:
     """The tokenizer `source` brought along (a GGUF's vocabulary, a folder's tokenizer.model, the tokenizer.bin
-    beside a .bin or a checkpoint), or None: no fallback guessed."""
+    beside a .bin or a checkpoint), or None: no fallback guessed. `advice` ends the error for a tokenizer file of
+    another size than the model's vocabulary: -z replaces the model's, not a draft's or a teacher's."""
     vocab_size = source.weights.args.vocab_size
     if source.vocab is not None:
         tok = source.vocab.to_tokenizer()
@@ -419,7 +420,10 @@ def carried_tokenizer(source: Source) -> Tokenizer | None:
             raise vocab_mismatch(f"{source.path}: its vocabulary", tok.vocab_size, vocab_size)
         return tok
     if source.tokenizer is not None:
-        return load_tokenizer(source.tokenizer, vocab_size)
+        tok = load_tokenizer(source.tokenizer)
+        if tok.vocab_size != vocab_size:
+            raise vocab_mismatch(f"tokenizer {source.tokenizer}", tok.vocab_size, vocab_size, advice)
+        return tok
     return None
 
 

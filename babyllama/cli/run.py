@@ -199,7 +199,6 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     `tokenizer` is refused: its ids would stand for other pieces, and nearly every drafted token be rejected."""
     from ..api import make_engine
     from ..loading import carried_tokenizer, detect_format, open_model
-    from ..tokenizer import TOKENIZER_HINT
 
     try:  # --mmap / --no-mmap are the model's; a draft in another format than .bin is read its own way
         mmap = args.mmap if detect_format(args.draft) == "bin" else None
@@ -207,10 +206,10 @@ def load_draft(args: argparse.Namespace, tokenizer: Tokenizer):
     except BabyLlamaError as e:  # said as the draft's: the model itself loaded
         raise BabyLlamaError(f"--draft: {e}") from None
     try:
-        own = carried_tokenizer(source)
-    except BabyLlamaError as e:  # its hint (-z) would set the model's tokenizer, not the draft's
-        raise BabyLlamaError(f"the draft model {args.draft}: {str(e).removesuffix(TOKENIZER_HINT)} (a draft "
-                             "reads the tokenizer beside it or inside it; -z sets the model's)") from None
+        own = carried_tokenizer(source, advice="")
+    except BabyLlamaError as e:
+        raise BabyLlamaError(f"the draft model {args.draft}: {e} (a draft reads the tokenizer beside it or inside "
+                             "it; -z sets the model's)") from None
     if own is not None and not own.same_as(tokenizer):
         raise BabyLlamaError(f"the draft model {args.draft} comes with another tokenizer than the model's "
                              f"({source.tokenizer or 'its own vocabulary'}): a draft must share the model's tokenizer")

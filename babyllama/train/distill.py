@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import BabyLlamaError, note
 from ..model import Transformer
-from ..tokenizer import TOKENIZER_HINT, Tokenizer
+from ..tokenizer import Tokenizer
 
 
 def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,
@@ -32,11 +32,10 @@ def load_teacher(path: str, vocab_size: int, seq_len: int, device: torch.device,
 
     try:
         source = open_model(path, keep_quantized=False)  # any format the other commands read
-        carried = carried_tokenizer(source)  # same-sized vocabularies can still give other ids
-    except BabyLlamaError as e:  # a tokenizer's hint (-z) would set the student's, not the teacher's
-        raise BabyLlamaError(f"teacher: {str(e).removesuffix(TOKENIZER_HINT)}" +
-                             (" (a teacher reads the tokenizer beside it or inside it)"
-                              if str(e).endswith(TOKENIZER_HINT) else "")) from None
+        # same-sized vocabularies can still give other ids
+        carried = carried_tokenizer(source, advice=" (a teacher reads the tokenizer beside it or inside it)")
+    except BabyLlamaError as e:
+        raise BabyLlamaError(f"teacher: {e}") from None
     args = source.weights.args
     if args.vocab_size != vocab_size:
         raise BabyLlamaError(f"teacher {path} has a {args.vocab_size}-token vocabulary, the data {vocab_size}: "
