@@ -164,6 +164,18 @@ def test_cli_eval_json_and_table(tiny_model, tmp_path):
     assert b": 1 story, " in one.stdout and b" 1 stories" not in one.stdout
 
 
+def test_cli_eval_takes_threads_as_run_does(tiny_model, tmp_path):
+    """--threads sets the kernels' pool as in run (the same figures: a row's sums do not depend on the thread
+    that computes it), and is checked as there."""
+    data = write_stories(tmp_path / "d.txt", STORIES)
+    default, one = (run_cli("eval", str(tiny_model), "--data", str(data), "--json", *flags) for flags in
+                    ([], ["--threads", "1"]))
+    assert default.returncode == one.returncode == 0, one.stderr.decode()
+    assert json.loads(one.stdout) == json.loads(default.stdout)
+    proc = run_cli("eval", str(tiny_model), "--data", str(data), "--threads", "0")
+    assert proc.returncode == 1 and proc.stderr == b"babyllama: error: --threads must be >= 1, got 0\n", proc.stderr
+
+
 @pytest.mark.parametrize("content,flags,message", [
     (None, [], b"data file not found"),
     ("", [], b"no text to evaluate"),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..config import QUANTIZE_KINDS
 from ..errors import counted
-from .common import QUANTIZE_HELP, add_model_flags, non_empty_path, positive_int
+from .common import QUANTIZE_HELP, add_model_flags, add_threads, non_empty_path, positive_int
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -44,6 +44,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="--instruct: cap each reply (default: until EOS or the end of the context)")
     p.add_argument("--samples", type=int, default=None, help="--instruct: also print the first N replies")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    add_threads(p)
     p.set_defaults(func=cmd_eval)
 
 
