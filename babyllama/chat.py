@@ -17,6 +17,7 @@ in both.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import select
 import signal
@@ -40,9 +41,13 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
     bytes)."""
     if sys.stdin is None:
         return None
+    editing = _line_editing()
     while True:
-        printer.write(prompt)
-        line = _stdin_line()
+        if editing:
+            line = _edited_line(prompt)
+        else:
+            printer.write(prompt)
+            line = _stdin_line()
         if not line:  # the prompt's line ended, so that the shell's prompt (after Ctrl-D) starts a line of its own
             printer.write("\n")
             return None
@@ -58,6 +63,41 @@ def _read_line(printer: Printer, prompt: str) -> str | None:
 
 
 MAX_LINE_BYTES = 64 << 20  # a user turn read at most (a line from /dev/zero would take all memory)
+
+
+def _line_editing() -> bool:
+    """Whether turns are typed with readline's line editing (cursor keys, Ctrl-A/E/W/U, the session's earlier turns
+    on the up arrow, a multi-line paste as one turn): where `input()` uses it (stdin and stdout both the process's
+    terminal, the main thread: readline's signal handling is the main thread's) and reads UTF-8, as every other
+    line does; elsewhere lines are read as they come."""
+    try:
+        if not (sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and sys.stdin.fileno() == 0
+                and sys.stdout.fileno() == 1):
+            return False
+    except (AttributeError, OSError, ValueError):  # a stream put in stdin's or stdout's place, a closed one
+        return False
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if codecs.lookup(sys.stdin.encoding or "ascii").name != "utf-8":
+        return False
+    try:
+        import readline  # noqa: F401  (imported, it edits every input() on the terminal)
+    except ImportError:  # a Python built without it (some Windows and minimal builds)
+        return False
+    return True
+
+
+def _edited_line(prompt: str) -> bytes:
+    """A line typed at the terminal through readline, ending in "\\n"; b"" at Ctrl-D on an empty line. Its bytes as
+    typed, so that the caller's UTF-8 check and size limit apply to it as to a line read from a pipe."""
+    try:
+        text = input(prompt)
+    except EOFError:
+        return b""
+    except UnicodeDecodeError as e:  # stdin's strict UTF-8 decoder (a UTF-8 locale without surrogateescape)
+        return e.object + b"\n"
+    # a C locale's UTF-8 mode decodes bytes that are not UTF-8 as lone surrogates: back to those bytes
+    return text.encode("utf-8", "surrogateescape") + b"\n"
 
 
 def _on_a_terminal() -> bool:

@@ -605,8 +605,9 @@ def test_ctrl_c_stops_a_shell_loop_that_runs_it(tmp_path):
 
 
 def test_ctrl_d_after_part_of_a_line_puts_the_reply_on_a_line_of_its_own():
-    """On a terminal, Ctrl-D (twice) after typing part of a turn sends it (as `cat` takes it), no newline typed:
-    "Assistant: " followed the user's text on the same line ("User: Tell me a storyAssistant: ...")."""
+    """With stdin a terminal and stdout not (no line editing: `chat | tee log`), Ctrl-D (twice) after typing part of
+    a turn sends it (as `cat` takes it), no newline typed: "Assistant: " followed the user's text on the same line
+    ("User: Tell me a storyAssistant: ...")."""
     import pty
     import select
     import time
@@ -616,23 +617,68 @@ def test_ctrl_d_after_part_of_a_line_puts_the_reply_on_a_line_of_its_own():
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "babyllama", "chat", "-n", "10", "-t", "0", "-y", ""], stdin=slave,
-                            stdout=slave, stderr=slave, env=env, preexec_fn=sigint_default)
+                            stdout=subprocess.PIPE, stderr=slave, env=env, preexec_fn=sigint_default)
     os.close(slave)
-    seen = b""
+    out = b""
     try:
         deadline = time.monotonic() + 120
-        while b"User: " not in seen and time.monotonic() < deadline:
-            if select.select([master], [], [], 1)[0]:
-                seen += os.read(master, 4096)
+        while b"User: " not in out and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                out += os.read(proc.stdout.fileno(), 4096)
         os.write(master, b"Tell me a story\x04\x04")  # the typed part handed over, then an end of input
-        while b"Assistant: " not in seen and time.monotonic() < deadline:
-            if select.select([master], [], [], 1)[0]:
-                seen += os.read(master, 4096)
-        assert b"Tell me a story\r\nAssistant: " in seen, seen[-300:]
+        while b"Assistant: " not in out and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                out += os.read(proc.stdout.fileno(), 4096)
+        assert out.startswith(b"User: \nAssistant: "), out[-300:]
     finally:
         proc.kill()
         proc.wait()
         os.close(master)
+
+
+def test_turns_typed_at_a_terminal_are_edited_with_readline():
+    """stdin and stdout a terminal: a turn is typed with readline's editing (the cursor moved left and a letter put
+    in, Ctrl-A, the up arrow recalling the last turn), UTF-8 as everywhere (a line that is not is skipped), and
+    Ctrl-D on an empty line is the end of input."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    code = ("import sys\nfrom babyllama.chat import _read_line\nfrom babyllama.printer import Printer\n"
+            "class Tokenizer:\n    def stream(self, prev): return None\n"
+            "printer = Printer(Tokenizer())\n"
+            "for _ in range(4):\n    print(repr(_read_line(printer, 'User: ')), file=sys.stderr)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    seen = b""
+
+    def prompts_so_far() -> int:
+        nonlocal seen
+        deadline = time.monotonic() + 0.3  # what the child writes after a keystroke comes within that
+        while time.monotonic() < deadline or not seen:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+        return seen.count(b"User: ")
+
+    try:
+        for keys in (b"abc\x1b[D\x1b[DX\r", b"\x1b[A\x01Z\r", "caf\u00e9\r".encode(), b"\xff\xfe\r"):
+            count = prompts_so_far()
+            os.write(master, keys)
+            deadline = time.monotonic() + 30
+            while prompts_so_far() == count:  # the next prompt (a skipped line's again)
+                assert time.monotonic() < deadline, seen[-300:]
+        os.write(master, b"\x04")
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        os.close(master)
+    assert err.decode().splitlines() == ["'aXbc'", "'ZaXbc'", "'café'", "babyllama: this line is not valid UTF-8 text; "
+                                         "skipped", "None"], err.decode()
 
 
 def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):
