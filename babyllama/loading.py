@@ -216,6 +216,16 @@ def _hf_source(paths: Sequence[str | os.PathLike], max_seq_len: int | None, quan
                   chat_template=template, inputs=read)
 
 
+def _meta_source(folder: Path, max_seq_len: int | None, quantize: str | None = None) -> Source:
+    """A Meta checkpoint folder, with the tokenizer.model Meta ships beside the size folders
+    (llama-2-7b/../tokenizer.model) or in it."""
+    from .interop.meta import load_meta
+
+    read: list[Path] = []
+    return Source(load_meta(folder, max_seq_len, quantize, read), "meta", folder,
+                  _first_file(folder / SENTENCEPIECE_MODEL, folder.parent / SENTENCEPIECE_MODEL), inputs=read)
+
+
 def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | None = None,
                max_seq_len: int | None = None, keep_quantized: bool = True, read_once: bool = False,
                quantize: str | None = None, convert_other_types: bool = True) -> Source:
@@ -249,12 +259,7 @@ def open_model(path: str | os.PathLike, kind: str | None = None, mmap: bool | No
     elif kind == "hf":
         source = _hf_source([path], max_seq_len, quantize)
     elif kind == "meta":
-        from .interop.meta import load_meta
-
-        # Meta ships tokenizer.model beside the size folders (llama-2-7b/../tokenizer.model)
-        read: list[Path] = []
-        source = Source(load_meta(path, max_seq_len, quantize, read), kind, path,
-                        _first_file(path / SENTENCEPIECE_MODEL, path.parent / SENTENCEPIECE_MODEL), inputs=read)
+        source = _meta_source(path, max_seq_len, quantize)
     elif kind == "checkpoint":
         ckpt = path / CKPT_NAME if path.is_dir() else path
         source = Source(weights_from_checkpoint(ckpt), kind, ckpt, _first_file(ckpt.parent / TOKENIZER_BIN),
@@ -295,11 +300,10 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
                 quantize: str | None = None) -> Source:
     """`export`'s sources, one of which is given: the format named by the flag rather than detected (an HF
     checkpoint may also be given as its weight files with config.json beside them). `quantize`: the type the
-    export writes (`--quantize`'s q8_0 or q4_0), into which a Hugging Face checkpoint's matrices are quantized
-    as each is read, so that the whole checkpoint is never resident (the blocks are those the writer would
-    make of the full weights; where they cannot be all Q4_0, the checkpoint is read as it is: the .bin writer
-    refuses the shape, the GGUF writer keeps such matrices in F16, where quantizing on load would give them
-    runq.c's Q8_0)."""
+    export writes (`--quantize`'s q8_0 or q4_0 of a version 2 or 3 .bin, or one of interop.state_dict.GGUF_BLOCKS),
+    into which a Hugging Face or Meta checkpoint's matrices are quantized as each is read, so that the whole
+    checkpoint is never resident (the blocks are those the writer would make of the full weights; a Hugging Face
+    checkpoint whose rows are not all whole blocks of 32 is read as it is for version 3, whose writer refuses it)."""
     if hf is not None and quantize == "q4_0":
         from .interop.hf import hf_args
 
@@ -307,16 +311,20 @@ def load_source(*, checkpoint: str | None = None, model: str | None = None, meta
             formats.check_q4_shape(hf_args(hf, max_seq_len))
         except BabyLlamaError:
             quantize = None
-    if hf is not None and not (len(hf) == 1 and Path(hf[0]).is_dir()):
+    if hf is not None:  # its folder, or its weight files
+        check_mmap_applies(mmap, "hf", Path(hf[0]))
         return _hf_source(hf, max_seq_len, quantize)
-    given = {"checkpoint": checkpoint, "meta": meta_llama, "hf": hf[0] if hf else None, None: model}
+    if meta_llama is not None:
+        check_mmap_applies(mmap, "meta", Path(meta_llama))
+        return _meta_source(Path(meta_llama), max_seq_len, quantize)
+    given = {"checkpoint": checkpoint, None: model}
     for kind, path in given.items():
         if path is not None:
             # export writes every tensor once, converted on its turn: a GGUF's tensors stay as the file holds
             # them (mapped; its types of no kernel's as the fp32 weights they stand for, never through a lossy
             # conversion), a .bin's are read once and then dropped
             return open_model(path, kind, mmap=mmap, max_seq_len=max_seq_len, read_once=True,
-                              quantize=quantize if kind == "hf" else None, convert_other_types=False)
+                              convert_other_types=False)
     raise BabyLlamaError("a model source is needed: --checkpoint, --model, --meta-llama or --hf")
 
 

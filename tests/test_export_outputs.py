@@ -498,36 +498,71 @@ def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype, sour
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
 
 
-@pytest.mark.parametrize("name, flags", [("m.bin", ["--version", "2"]), ("m.bin", ["--version", "3"]),
-                                         ("m.gguf", ["--dtype", "q4_0"])])
-def test_a_hugging_face_checkpoint_is_quantized_as_it_is_read_for_a_quantized_output(tmp_path, name, flags):
-    """A version 2 or 3 .bin or a Q4_0 GGUF export of a Hugging Face checkpoint quantizes each matrix as it is
-    read (as `run --quantize` does), writing the bytes the whole fp32 model would give: it held the whole
-    checkpoint first (a 7B fp32 one could not be exported on a 24 GiB machine), now far less than its size."""
+QUANTIZED_OUTPUTS = [("m.bin", ["--version", "2"]), ("m.bin", ["--version", "3"]), ("m.gguf", ["--dtype", "q4_0"]),
+                     ("m.gguf", ["--dtype", "q8_0"])]
+
+
+@pytest.mark.parametrize("source", ["hf", "meta"])
+@pytest.mark.parametrize("name, flags", QUANTIZED_OUTPUTS)
+def test_a_checkpoint_is_quantized_as_it_is_read_for_a_quantized_output(tmp_path, name, flags, source):
+    """A version 2 or 3 .bin or a Q4_0 or Q8_0 GGUF export of a Hugging Face or Meta checkpoint quantizes each
+    matrix as it is read (as `run --quantize` does), writing the bytes the whole fp32 model would give, in far
+    less memory than the checkpoint's size (a 7B fp32 checkpoint held whole would not fit a 24 GiB machine)."""
     import tracemalloc
 
-    pytest.importorskip("safetensors")
+    pytest.importorskip("safetensors" if source == "hf" else "torch")
     if name.endswith(".gguf"):
         pytest.importorskip("gguf")
     from babyllama.cli import main
     from babyllama.interop.hf import save_hf
+    from babyllama.interop.meta import save_meta
 
     w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2)
-    save_hf(w, tmp_path / "hf", dtype="f32")
+    if source == "hf":
+        save_hf(w, tmp_path / "in", dtype="f32")
+    else:
+        save_meta(w, tmp_path / "in")
     formats.save(w, tmp_path / "m.bin", version=1)
     byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
-    fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "hf").glob("*.safetensors"))
-    hf = ["--hf", str(tmp_path / "hf"), "-z", str(tmp_path / "tokenizer.bin"), *flags]
-    assert main(["export", str(tmp_path / "warm" / name), *hf]) == 0  # imports and first-use caches outside
+    fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
+    read = ["--hf" if source == "hf" else "--meta-llama", str(tmp_path / "in"), "-z", str(tmp_path / "tokenizer.bin"),
+            "--max-seq-len", str(w.args.max_seq_len), *flags]  # (Meta's params.json has no context length)
+    assert main(["export", str(tmp_path / "warm" / name), *read]) == 0  # imports and first-use caches outside
     tracemalloc.start()
     try:
-        assert main(["export", str(tmp_path / "out" / name), *hf]) == 0
+        assert main(["export", str(tmp_path / "out" / name), *read]) == 0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 2, (peak, fp32_bytes)
     assert main(["export", str(tmp_path / "bin" / name), "--model", str(tmp_path / "m.bin"), *flags]) == 0
     assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "bin" / name).read_bytes()
+
+
+@pytest.mark.parametrize("source", ["hf", "meta"])
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_a_gguf_export_of_rows_not_made_of_blocks_writes_them_in_f16_as_from_the_weights(tmp_path, dtype, source):
+    """Rows of hidden_dim 80 do not split into blocks of 32: quantized as they are read, the other matrices are
+    blocks and w2 (rows of 80) is read as it is, so the file holds what an export of the fp32 model holds (w2 in
+    F16), not f16 of a quantized copy."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("safetensors" if source == "hf" else "torch")
+    from babyllama.cli import main
+    from babyllama.interop.hf import save_hf
+    from babyllama.interop.meta import save_meta
+
+    w = random_weights(tiny_args(dim=64, hidden_dim=80, n_layers=2, vocab_size=320), scale=0.2)
+    if source == "hf":
+        save_hf(w, tmp_path / "in", dtype="f32")
+    else:
+        save_meta(w, tmp_path / "in")
+    formats.save(w, tmp_path / "m.bin", version=1)
+    byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
+    flag = "--hf" if source == "hf" else "--meta-llama"
+    assert main(["export", str(tmp_path / "out" / "m.gguf"), flag, str(tmp_path / "in"), "-z",
+                 str(tmp_path / "tokenizer.bin"), "--max-seq-len", str(w.args.max_seq_len), "--dtype", dtype]) == 0
+    assert main(["export", str(tmp_path / "bin" / "m.gguf"), "--model", str(tmp_path / "m.bin"), "--dtype", dtype]) == 0
+    assert (tmp_path / "out" / "m.gguf").read_bytes() == (tmp_path / "bin" / "m.gguf").read_bytes()
 
 
 def test_reading_and_writing_a_model_draw_progress_bars_on_a_terminal(tmp_path, monkeypatch):

@@ -99,14 +99,16 @@ def output_path(args: argparse.Namespace) -> str:
 
 
 def quantized_target(args: argparse.Namespace, to: str) -> str | None:
-    """What the output's matrices are written in where it is what `--quantize` makes on load (llama.cpp's Q4_0
-    blocks of a version 3 .bin or a Q4_0 GGUF; runq.c's Q8_0 groups of a version 2 .bin at their default size),
-    so that a checkpoint read in another type can be quantized as it is read (loading.load_source) into the very
-    bytes the writer would make; None where the writer needs the weights as they are: a LoRA adapter merges into
-    fp32 weights, and a GGUF's Q8_0 blocks are not runq.c's groups."""
+    """What the output's matrices are written in where each can be quantized alone (llama.cpp's Q4_0 or Q8_0 blocks
+    of a GGUF file, its Q4_0 blocks of a version 3 .bin, runq.c's Q8_0 groups of a version 2 .bin at their default
+    size), so that a checkpoint read in another type can be quantized as it is read (loading.load_source) into the
+    very bytes the writer would make; None where the writer needs the weights as they are: a LoRA adapter merges
+    into fp32 weights."""
     if args.lora is not None:
         return None
-    if (to == "bin" and args.version == 3) or (to == "gguf" and args.dtype == "q4_0"):
+    if to == "gguf" and args.dtype in ("q4_0", "q8_0"):
+        return f"gguf {args.dtype}"  # interop.state_dict.GGUF_BLOCKS
+    if to == "bin" and args.version == 3:
         return "q4_0"
     if to == "bin" and args.version == 2 and args.group_size is None:
         return "q8_0"

@@ -47,7 +47,7 @@ from ..formats import (
     quantize_matrix,
 )
 from ..progress import progress_bar
-from ..quant import BlockTensor
+from ..quant import BLOCK, BlockTensor
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -148,6 +148,10 @@ def torch_weight(t: Any) -> np.ndarray | BF16Tensor:
     return t.float().contiguous().numpy()
 
 
+# export's kinds for a GGUF file: llama.cpp's block types (from_state_dict)
+GGUF_BLOCKS = {"gguf q4_0": "q4_0", "gguf q8_0": "q8_0"}
+
+
 def from_state_dict(args: ModelArgs,
                     get: Mapping[str, Matrix] | Callable[[str], Matrix],
                     source: str = "model", display: Callable[[str], str] = str,
@@ -159,13 +163,14 @@ def from_state_dict(args: ModelArgs,
     "q4_0", "f16" or "bf16", `--quantize`): each dense matrix is quantized (rounded) as soon as it is read and
     checked (what Weights.quantize_as would make of it) and its pages handed back where they are a mapped
     file's, so that memory never holds the model in fp32; quantized matrices (and 16-bit ones of the type asked
-    for) are kept as they are."""
+    for) are kept as they are. A kind of GGUF_BLOCKS (export's, for a GGUF file): llama.cpp's blocks for matrices
+    whose rows are whole blocks, the others as they are read (the GGUF writer keeps those in F16)."""
     lookup = get.__getitem__ if isinstance(get, Mapping) else get
     try:
         args.validate()
     except ValueError as e:
         raise BabyLlamaError(f"{source}: invalid model shape: {e}") from None
-    if quantize is not None:
+    if quantize is not None and quantize not in GGUF_BLOCKS:
         check_quantize_kind(quantize)
     group_size = chosen_group_size(args, quantize) if quantize is not None else default_group_size(args)
     maps = memory.read_only_file_maps() if quantize is not None else []
@@ -187,7 +192,8 @@ def from_state_dict(args: ModelArgs,
             t = t.astype(np.float32, copy=False)                      # read them as fp32 (W_F16)
         if not all_finite(checked_floats(t)):
             raise BabyLlamaError(f"{source}: tensor {display(name)} holds NaN or infinite values; the file is corrupt")
-        if quantize is not None and not is_quantized(t) and len(shape) == 2 and quant_kind(t) != quantize:
+        if quantize is not None and not is_quantized(t) and len(shape) == 2 and quant_kind(t) != quantize \
+                and not (quantize in GGUF_BLOCKS and shape[1] % BLOCK):
             t = quantized_on_read(t)
         bar.update()
         return t
@@ -201,7 +207,8 @@ def from_state_dict(args: ModelArgs,
         values = dense(t)
         if values is not t:
             memory.release_mapped(*matrix_arrays(t), maps=maps)
-        m = quantize_matrix(values, quantize, group_size, kernels.q4_0_blocks)
+        m = (kernels.quantize_blocks(values, GGUF_BLOCKS[quantize]) if quantize in GGUF_BLOCKS
+             else quantize_matrix(values, quantize, group_size, kernels.q4_0_blocks))
         if values is t:
             memory.release_mapped(t, maps=maps)
         return m
