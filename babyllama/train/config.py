@@ -321,9 +321,10 @@ def check(cfg: TrainConfig) -> None:
         if key in ("batch_size", "gradient_accumulation_steps", "eval_iters") and getattr(cfg, key) >= 2**31:
             raise BabyLlamaError(f"{key} must be below 2**31, got {getattr(cfg, key)}")
     check_finetune(cfg)
-    if cfg.max_seq_len < 0 or (cfg.max_seq_len == 0 and not cfg.base):
-        raise BabyLlamaError(f"max_seq_len must be positive (0: the base model's, when fine-tuning), "
-                             f"got {cfg.max_seq_len}")
+    if cfg.base and cfg.max_seq_len < 0:  # fine-tuning: 0 is the base model's context
+        raise BabyLlamaError(f"max_seq_len must be >= 0 (0: the base model's), got {cfg.max_seq_len}")
+    if not cfg.base and cfg.max_seq_len <= 0:
+        raise BabyLlamaError(f"max_seq_len must be positive, got {cfg.max_seq_len}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise BabyLlamaError(f"seed must be in [0, 2**63), got {cfg.seed}")
     if not cfg.out_dir.strip():  # it would write the run's files into the current folder
