@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import locale
+import os
 import select
 import signal
 import sys
@@ -68,8 +70,10 @@ MAX_LINE_BYTES = 64 << 20  # a user turn read at most (a line from /dev/zero wou
 def _line_editing() -> bool:
     """Whether turns are typed with readline's line editing (cursor keys, Ctrl-A/E/W/U, the session's earlier turns
     on the up arrow, a multi-line paste as one turn): where `input()` uses it (stdin and stdout both the process's
-    terminal, the main thread: readline's signal handling is the main thread's) and reads UTF-8, as every other
-    line does; elsewhere lines are read as they come."""
+    terminal, the main thread: readline's signal handling is the main thread's) and both Python and readline read
+    UTF-8 (readline edits in the C library's locale: under LC_ALL=C, Python's UTF-8 mode decodes the line but
+    readline would erase an accented letter a byte at a time, where the terminal's own editing erases it whole);
+    elsewhere lines are read as they come."""
     try:
         if not (sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and sys.stdin.fileno() == 0
                 and sys.stdout.fileno() == 1):
@@ -78,13 +82,26 @@ def _line_editing() -> bool:
         return False
     if threading.current_thread() is not threading.main_thread():
         return False
-    if codecs.lookup(sys.stdin.encoding or "ascii").name != "utf-8":
+    if not (_is_utf8(sys.stdin.encoding) and hasattr(locale, "nl_langinfo")
+            and _is_utf8(locale.nl_langinfo(locale.CODESET))):
         return False
     try:
-        import readline  # noqa: F401  (imported, it edits every input() on the terminal)
+        import readline
     except ImportError:  # a Python built without it (some Windows and minimal builds)
         return False
+    # Python turns bracketed paste off (for its REPL, where each pasted line is a statement); here a pasted block
+    # is one turn. The terminal is asked for it while a line is read, with an escape sequence a dumb terminal
+    # (Emacs' shell, TERM unset) would show as it is.
+    if os.environ.get("TERM", "dumb") != "dumb":
+        readline.parse_and_bind("set enable-bracketed-paste on")
     return True
+
+
+def _is_utf8(encoding: str | None) -> bool:
+    try:
+        return codecs.lookup(encoding or "ascii").name == "utf-8"
+    except LookupError:
+        return False
 
 
 def _edited_line(prompt: str) -> bytes:

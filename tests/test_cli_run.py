@@ -636,10 +636,10 @@ def test_ctrl_d_after_part_of_a_line_puts_the_reply_on_a_line_of_its_own():
         os.close(master)
 
 
-def test_turns_typed_at_a_terminal_are_edited_with_readline():
-    """stdin and stdout a terminal: a turn is typed with readline's editing (the cursor moved left and a letter put
-    in, Ctrl-A, the up arrow recalling the last turn), UTF-8 as everywhere (a line that is not is skipped), and
-    Ctrl-D on an empty line is the end of input."""
+def typed_lines(keystrokes: list[bytes], reads: int, **env: str) -> tuple[bytes, list[str]]:
+    """What chat's line reader returns (repr of each of `reads` lines, and its notes) for `keystrokes` typed at a
+    terminal (a pseudo-terminal that is its stdin and stdout), each sent once the previous line's prompt is back;
+    and all it wrote to the terminal. `env`: variables set (or unset, given "")."""
     import pty
     import select
     import time
@@ -647,10 +647,11 @@ def test_turns_typed_at_a_terminal_are_edited_with_readline():
     master, slave = pty.openpty()
     code = ("import sys\nfrom babyllama.chat import _read_line\nfrom babyllama.printer import Printer\n"
             "class Tokenizer:\n    def stream(self, prev): return None\n"
-            "printer = Printer(Tokenizer())\n"
-            "for _ in range(4):\n    print(repr(_read_line(printer, 'User: ')), file=sys.stderr)\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env)
+            f"printer = Printer(Tokenizer())\nfor _ in range({reads}):\n"
+            "    print(repr(_read_line(printer, 'User: ')), file=sys.stderr)\n")
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                            env={k: v for k, v in environ.items() if v})
     os.close(slave)
     seen = b""
 
@@ -666,19 +667,43 @@ def test_turns_typed_at_a_terminal_are_edited_with_readline():
         return seen.count(b"User: ")
 
     try:
-        for keys in (b"abc\x1b[D\x1b[DX\r", b"\x1b[A\x01Z\r", "caf\u00e9\r".encode(), b"\xff\xfe\r"):
+        for keys in keystrokes[:-1]:
             count = prompts_so_far()
             os.write(master, keys)
             deadline = time.monotonic() + 30
             while prompts_so_far() == count:  # the next prompt (a skipped line's again)
                 assert time.monotonic() < deadline, seen[-300:]
-        os.write(master, b"\x04")
+        os.write(master, keystrokes[-1])
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
         os.close(master)
-    assert err.decode().splitlines() == ["'aXbc'", "'ZaXbc'", "'café'", "babyllama: this line is not valid UTF-8 text; "
-                                         "skipped", "None"], err.decode()
+    return seen, err.decode().splitlines()
+
+
+def test_turns_typed_at_a_terminal_are_edited_with_readline():
+    """stdin and stdout a terminal: a turn is typed with readline's editing (the cursor moved left and a letter put
+    in, Ctrl-A, the up arrow recalling the last turn), a bracketed paste of two lines is one turn (the terminal is
+    asked for bracketed paste: Python's readline turns it off), UTF-8 as everywhere (a line that is not is
+    skipped), and Ctrl-D on an empty line is the end of input."""
+    seen, lines = typed_lines([b"abc\x1b[D\x1b[DX\r", b"\x1b[A\x01Z\r", "caf\u00e9\r".encode(),
+                               b"\x1b[200~one\rtwo\x1b[201~\r", b"\xff\xfe\r", b"\x04"], 5, TERM="xterm")
+    assert lines == ["'aXbc'", "'ZaXbc'", "'café'", "'one\\ntwo'",
+                     "babyllama: this line is not valid UTF-8 text; skipped", "None"], lines
+    assert b"\x1b[?2004h" in seen
+
+
+@pytest.mark.parametrize("env", [{"LC_ALL": "C"}, {"TERM": "dumb"}, {"TERM": ""}])
+def test_line_editing_stays_out_of_what_it_would_garble(env):
+    """Under LC_ALL=C readline edits bytes (Backspace after "é" left half a character, and the turn was skipped as
+    not UTF-8): the terminal's own line editing reads the line, as with stdout not a terminal. A dumb terminal
+    (TERM=dumb, or none) is never sent the escape sequence that asks for bracketed paste."""
+    seen, lines = typed_lines([b"caf\xc3\xa9\r", b"\x04"], 2, **env)
+    assert lines == ["'café'", "None"], lines
+    assert b"\x1b[?2004" not in seen
+    if "LC_ALL" in env:  # the terminal's editing: the cursor key's bytes are in the line
+        _, lines = typed_lines([b"ab\x1b[Dc\r", b"\x04"], 2, **env)
+        assert lines == ["'ab\\x1b[Dc'", "None"], lines
 
 
 def test_ctrl_c_on_a_terminal_stops_the_reply_and_the_chat_goes_on(tmp_path):

@@ -222,7 +222,8 @@ def test_pretokenize_needs_a_vocabulary_and_its_usage_says_so(capsys):
      "min_lr 0.0001 is above learning_rate 5e-05"),
     (["train", "--vocab_size=-1"], "vocab_size must be >= 0, got -1"),
     (["train", "--max_seq_len=0"], "max_seq_len must be positive, got 0"),  # (0 is the base's in finetune only)
-    (["finetune", "--base=m.bin", "--data=d.txt", "--max_seq_len=-1"], "max_seq_len must be >= 0 (0: the base model's), got -1"),
+    (["finetune", "--base=m.bin", "--data=d.txt", "--max_seq_len=-1"],
+     "max_seq_len must be >= 0 (0: the base model's), got -1"),
     (["train", "--kd_temperature=nan"], "kd_temperature must be positive and finite, got nan"),
     (["train", "--peak_flops=-1"], "peak_flops must be a finite number >= 0 (0: known GPUs'), got -1.0"),
     (["train", "--seed=99999999999999999999"], "seed must be in [0, 2**63), got 99999999999999999999"),
