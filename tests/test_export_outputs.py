@@ -498,6 +498,24 @@ def test_a_writer_holds_one_converted_tensor_at_a_time(tmp_path, to, dtype, sour
     assert fp32_bytes > 3_000_000 and peak < fp32_bytes / 4, (peak, fp32_bytes)
 
 
+def checkpoint_beside_its_bin(tmp_path, w, source: str) -> list[str]:
+    """`w` as a Hugging Face ("hf", fp32) or Meta checkpoint in tmp_path/in, as a .bin (tmp_path/m.bin) and a
+    tokenizer; returns export's flags that read the checkpoint as the .bin is read (Meta's params.json has no
+    context length: --max-seq-len gives the .bin's)."""
+    pytest.importorskip("safetensors" if source == "hf" else "torch")
+    from babyllama.interop.hf import save_hf
+    from babyllama.interop.meta import save_meta
+
+    if source == "hf":
+        save_hf(w, tmp_path / "in", dtype="f32")
+    else:
+        save_meta(w, tmp_path / "in")
+    formats.save(w, tmp_path / "m.bin", version=1)
+    byte_tokenizer(w.args.vocab_size).save(tmp_path / "tokenizer.bin")
+    return ["--hf" if source == "hf" else "--meta-llama", str(tmp_path / "in"), "-z", str(tmp_path / "tokenizer.bin"),
+            "--max-seq-len", str(w.args.max_seq_len)]
+
+
 QUANTIZED_OUTPUTS = [("m.bin", ["--version", "2"]), ("m.bin", ["--version", "3"]), ("m.gguf", ["--dtype", "q4_0"]),
                      ("m.gguf", ["--dtype", "q8_0"])]
 
@@ -510,23 +528,13 @@ def test_a_checkpoint_is_quantized_as_it_is_read_for_a_quantized_output(tmp_path
     less memory than the checkpoint's size (a 7B fp32 checkpoint held whole would not fit a 24 GiB machine)."""
     import tracemalloc
 
-    pytest.importorskip("safetensors" if source == "hf" else "torch")
     if name.endswith(".gguf"):
         pytest.importorskip("gguf")
     from babyllama.cli import main
-    from babyllama.interop.hf import save_hf
-    from babyllama.interop.meta import save_meta
 
     w = random_weights(tiny_args(dim=64, hidden_dim=128, n_layers=24, vocab_size=320), scale=0.2)
-    if source == "hf":
-        save_hf(w, tmp_path / "in", dtype="f32")
-    else:
-        save_meta(w, tmp_path / "in")
-    formats.save(w, tmp_path / "m.bin", version=1)
-    byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
+    read = [*checkpoint_beside_its_bin(tmp_path, w, source), *flags]
     fp32_bytes = sum(f.stat().st_size for f in (tmp_path / "in").iterdir())
-    read = ["--hf" if source == "hf" else "--meta-llama", str(tmp_path / "in"), "-z", str(tmp_path / "tokenizer.bin"),
-            "--max-seq-len", str(w.args.max_seq_len), *flags]  # (Meta's params.json has no context length)
     assert main(["export", str(tmp_path / "warm" / name), *read]) == 0  # imports and first-use caches outside
     tracemalloc.start()
     try:
@@ -546,21 +554,11 @@ def test_a_gguf_export_of_rows_not_made_of_blocks_writes_them_in_f16_as_from_the
     blocks and w2 (rows of 80) is read as it is, so the file holds what an export of the fp32 model holds (w2 in
     F16), not f16 of a quantized copy."""
     pytest.importorskip("gguf")
-    pytest.importorskip("safetensors" if source == "hf" else "torch")
     from babyllama.cli import main
-    from babyllama.interop.hf import save_hf
-    from babyllama.interop.meta import save_meta
 
     w = random_weights(tiny_args(dim=64, hidden_dim=80, n_layers=2, vocab_size=320), scale=0.2)
-    if source == "hf":
-        save_hf(w, tmp_path / "in", dtype="f32")
-    else:
-        save_meta(w, tmp_path / "in")
-    formats.save(w, tmp_path / "m.bin", version=1)
-    byte_tokenizer(320).save(tmp_path / "tokenizer.bin")
-    flag = "--hf" if source == "hf" else "--meta-llama"
-    assert main(["export", str(tmp_path / "out" / "m.gguf"), flag, str(tmp_path / "in"), "-z",
-                 str(tmp_path / "tokenizer.bin"), "--max-seq-len", str(w.args.max_seq_len), "--dtype", dtype]) == 0
+    read = checkpoint_beside_its_bin(tmp_path, w, source)
+    assert main(["export", str(tmp_path / "out" / "m.gguf"), *read, "--dtype", dtype]) == 0
     assert main(["export", str(tmp_path / "bin" / "m.gguf"), "--model", str(tmp_path / "m.bin"), "--dtype", dtype]) == 0
     assert (tmp_path / "out" / "m.gguf").read_bytes() == (tmp_path / "bin" / "m.gguf").read_bytes()
 
