@@ -106,7 +106,10 @@ def _is_utf8(encoding: str | None) -> bool:
 
 def _edited_line(prompt: str) -> bytes:
     """A line typed at the terminal through readline, ending in "\\n"; b"" at Ctrl-D on an empty line. Its bytes as
-    typed, so that the caller's UTF-8 check and size limit apply to it as to a line read from a pipe."""
+    typed, so that the caller's UTF-8 check and size limit apply to it as to a line read from a pipe. (Ctrl-C ends
+    the wait with KeyboardInterrupt; one that lands in the microseconds between readline's writing the prompt and
+    its wait for a key goes unseen until the next Ctrl-C or Enter: CPython's readline loop looks for signals only
+    when a signal interrupts that wait.)"""
     try:
         text = input(prompt)
     except EOFError:
