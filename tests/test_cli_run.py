@@ -686,8 +686,14 @@ def test_turns_typed_at_a_terminal_are_edited_with_readline():
     in, Ctrl-A, the up arrow recalling the last turn), a bracketed paste of two lines is one turn (the terminal is
     asked for bracketed paste: Python's readline turns it off), UTF-8 as everywhere (a line that is not is
     skipped), and Ctrl-D on an empty line is the end of input."""
+    # line editing needs readline and a UTF-8 locale for the C library (a minimal image may lack both)
+    probe = subprocess.run([sys.executable, "-c", "import locale, readline; locale.setlocale(locale.LC_CTYPE, "
+                            "'C.UTF-8')"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"no readline or no C.UTF-8 locale here: {probe.stderr.decode().strip().splitlines()[-1:]}")
     seen, lines = typed_lines([b"abc\x1b[D\x1b[DX\r", b"\x1b[A\x01Z\r", "caf\u00e9\r".encode(),
-                               b"\x1b[200~one\rtwo\x1b[201~\r", b"\xff\xfe\r", b"\x04"], 5, TERM="xterm")
+                               b"\x1b[200~one\rtwo\x1b[201~\r", b"\xff\xfe\r", b"\x04"], 5, TERM="xterm",
+                              LC_ALL="C.UTF-8")
     assert lines == ["'aXbc'", "'ZaXbc'", "'café'", "'one\\ntwo'",
                      "babyllama: this line is not valid UTF-8 text; skipped", "None"], lines
     assert b"\x1b[?2004h" in seen
