@@ -379,9 +379,27 @@ def measure_llamacpp(path: Path, repeats: int, tokens: int, threads: int | None,
             "repeats": len(decodes)}
 
 
+PROBE_STREAMS = (1, 4)  # a thread reads 64 KiB as one stream (as a product reads its rows) or as four interleaved
+
+
+def read_rates(native, buf, reads: int) -> dict[int, float]:
+    """GB/s of every kernel thread reading `buf` (already in memory) as each of PROBE_STREAMS streams, the median
+    of `reads` reads each, the stream counts taking turns so that both meet the same moments of a VM's memory. Some
+    CPUs' prefetchers serve several streams a core much faster than one (docs/speed.md), so the larger rate is
+    what the memory can deliver."""
+    times: dict[int, list[float]] = {k: [] for k in PROBE_STREAMS}
+    for _ in range(reads):
+        for streams, taken in times.items():
+            start = time.perf_counter()
+            native.read_memory(buf, streams)
+            taken.append(time.perf_counter() - start)
+    return {k: buf.nbytes / _median(t) / 1e9 for k, t in times.items()}
+
+
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
-    """Read `mib` MiB (already in memory) on every kernel thread: GB/s, the median of `repeats` after one
-    warm-up read. What decode can reach at most, as every weight is read once per token."""
+    """Read `mib` MiB (already in memory) on every kernel thread as one stream and as four: the faster one's GB/s
+    (the median of `repeats` after a warm-up read), and both. What decode can reach at most, as every weight is
+    read once per token."""
     import numpy as np
 
     from . import kernels_native
@@ -391,13 +409,9 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
         return {}
     buf = np.ones(mib << 20, dtype=np.uint8)
     native.read_memory(buf)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        native.read_memory(buf)
-        times.append(time.perf_counter() - start)
-    return {"gbps": buf.nbytes / _median(times) / 1e9, "threads": native.threads(), "mib": mib,
-            "cache_bytes": last_level_cache_bytes()}
+    rates = read_rates(native, buf, repeats)
+    return {"gbps": max(rates.values()), "streams": {str(k): v for k, v in rates.items()},
+            "threads": native.threads(), "mib": mib, "cache_bytes": last_level_cache_bytes()}
 
 
 def last_level_cache_bytes(cpu_caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -826,8 +840,11 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
         where = ("; beside each model's rows: " + ", ".join(f"{k} {v:.1f}" for k, v in beside.items()) +
                  " GB/s (each row's % is of its model's figure)") if beside else ""
         setting = bandwidth.get("setting", "default")
+        rates = bandwidth.get("streams") or {}
+        streams = (", each 64 KiB as " + ", ".join(f"{k} stream{'s' * (k != '1')} {v:.1f}" for k, v in rates.items())
+                   + " GB/s, the faster") if rates else ""
         lines.append(f"Memory bandwidth (this run, thread setting {setting}: {bandwidth['threads']} threads "
-                     f"reading {bandwidth['mib']} MiB): "
+                     f"reading {bandwidth['mib']} MiB{streams}): "
                      f"**{bw:.1f} GB/s** at the start{where}\n")
     head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "
             f"| prefill tok/s | B={batch} decode tok/s | TTFT ms | peak RSS MiB |")

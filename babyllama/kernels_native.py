@@ -558,7 +558,7 @@ class NativeKernels:
         self.lib.pool_spin_us.restype = ctypes.c_int64
         self.lib.kernel_isa.restype = ctypes.c_char_p
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.read_memory.argtypes = [ptr, i64]
+        self.lib.read_memory.argtypes = [ptr, i64, ctypes.c_int]
         self.lib.read_memory.restype = ctypes.c_uint64
         self.lib.round_q8.argtypes = [ptr, i64, i64, i64, ptr]
         self.lib.gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, ptr]
@@ -781,11 +781,14 @@ class NativeKernels:
         self.lib.round_q8(_address(x), x.shape[0], x.shape[1], gs, _address(out))
         return out
 
-    def read_memory(self, buf: np.ndarray) -> int:
-        """Read buf (C-contiguous, a whole number of 4 KiB pages) on every thread: the memory-bandwidth probe."""
+    def read_memory(self, buf: np.ndarray, streams: int = 1) -> int:
+        """Read buf (C-contiguous, a whole number of 4 KiB pages) on every thread, each 64 KiB of it as `streams`
+        interleaved streams (1, 2, 4, 8 or 16): the memory-bandwidth probe. Returns a checksum of the bytes."""
         if not buf.flags.c_contiguous or buf.nbytes % 4096:
             raise ValueError("read_memory takes a contiguous buffer of whole 4 KiB pages")
-        return self.lib.read_memory(_address(buf), buf.nbytes // 4096)
+        if streams not in (1, 2, 4, 8, 16):
+            raise ValueError(f"read_memory reads 1, 2, 4, 8 or 16 streams, not {streams}")
+        return self.lib.read_memory(_address(buf), buf.nbytes // 4096, streams)
 
     # ------------------------------------------------------------ the rest of a decode step (engine.py)
 

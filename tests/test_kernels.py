@@ -633,6 +633,26 @@ def test_many_threads_and_concurrent_callers(native):
         native.configure_threads()
 
 
+def test_the_bandwidth_probe_reads_every_byte_once_as_any_number_of_streams(native):
+    """bench's memory probe reads each 64 KiB as 1 to 16 interleaved streams (fewer pages at the end, and on one
+    thread the whole buffer in one job): each way, on one thread and on several, its checksum is the sum of the
+    buffer's 64-bit words, so no byte is skipped or read twice; other stream counts are refused."""
+    buf = rng.integers(0, 256, size=37 * 4096, dtype=np.uint8)  # 2 chunks of 16 pages and 5 pages
+    want = int(buf.view(np.uint64).sum(dtype=np.uint64))
+    try:
+        for threads in (1, 2, 3):
+            native.configure_threads(threads)
+            for streams in (1, 2, 4, 8, 16):
+                assert native.read_memory(buf, streams) == want, (threads, streams)
+    finally:
+        native.configure_threads()
+    for streams in (0, 3, 32):
+        with pytest.raises(ValueError, match="1, 2, 4, 8 or 16 streams"):
+            native.read_memory(buf, streams)
+    with pytest.raises(ValueError, match="whole 4 KiB pages"):
+        native.read_memory(buf[:5000])
+
+
 def run_with_default_threads(script: str, skip_why: str) -> str:
     """stdout of `script` run in a fresh process with the pool's default threads (no OMP_NUM_THREADS or
     BABYLLAMA_SPIN_US); skipped with `skip_why` where there is one CPU."""

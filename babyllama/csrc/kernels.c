@@ -3699,47 +3699,75 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
 
 typedef struct {
     const uint8_t *p;
+    int streams;
     _Atomic uint64_t sum;
 } Read;
 
-static void read_chunk(void *ctx, int64_t lo, int64_t hi) {
-    Read *r = ctx;
+/* `pages` 4 KiB pages at p read as `streams` interleaved streams, each an equal part of them: a step reads the
+ * next READ_STEP bytes of every part in turn. One stream is how a product reads its rows; several read faster on some
+ * CPUs (their prefetchers follow each stream, docs/speed.md). */
+#if defined(HAVE_AVX512)
+#define READ_STEP 256
+#elif defined(__AVX2__)
+#define READ_STEP 128
+#else
+#define READ_STEP 8
+#endif
+#define READ_PAGES 16 /* the pages of a chunk, read as its streams */
+static uint64_t read_pages(const uint8_t *p, int64_t pages, int streams) {
+    int64_t part = pages * 4096 / streams; /* a multiple of READ_STEP: streams divides 16 */
     uint64_t sum = 0;
 #if defined(HAVE_AVX512)
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = lo * 4096; i < hi * 4096; i += 256) {
-        a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(r->p + i));
-        a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(r->p + i + 64));
-        a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(r->p + i + 128));
-        a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(r->p + i + 192));
-    }
+    for (int64_t i = 0; i < part; i += READ_STEP)
+        for (int s = 0; s < streams; s++) {
+            const uint8_t *q = p + s * part + i;
+            a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(q));
+            a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(q + 64));
+            a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(q + 128));
+            a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(q + 192));
+        }
     sum = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
 #elif defined(__AVX2__)
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t i = lo * 4096; i < hi * 4096; i += 128) {
-        a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)(r->p + i)));
-        a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(r->p + i + 32)));
-        a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(r->p + i + 64)));
-        a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(r->p + i + 96)));
-    }
+    for (int64_t i = 0; i < part; i += READ_STEP)
+        for (int s = 0; s < streams; s++) {
+            const uint8_t *q = p + s * part + i;
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256((const __m256i *)q));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256((const __m256i *)(q + 32)));
+            a2 = _mm256_add_epi64(a2, _mm256_loadu_si256((const __m256i *)(q + 64)));
+            a3 = _mm256_add_epi64(a3, _mm256_loadu_si256((const __m256i *)(q + 96)));
+        }
     uint64_t lanes[4];
     _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
     sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
 #else
-    for (int64_t i = lo * 4096; i < hi * 4096; i += 8) {
-        uint64_t v;
-        memcpy(&v, r->p + i, 8);
-        sum += v;
-    }
+    for (int64_t i = 0; i < part; i += READ_STEP)
+        for (int s = 0; s < streams; s++) {
+            uint64_t v;
+            memcpy(&v, p + s * part + i, 8);
+            sum += v;
+        }
 #endif
+    return sum;
+}
+
+static void read_chunk(void *ctx, int64_t lo, int64_t hi) {
+    Read *r = ctx;
+    uint64_t sum = 0;
+    for (int64_t c = lo; c < hi; c += READ_PAGES)
+        sum += read_pages(r->p + c * 4096, hi - c < READ_PAGES ? hi - c : READ_PAGES, r->streams);
     atomic_fetch_add(&r->sum, sum);
 }
 
-/* Read n_pages 4 KiB pages at p on every configured thread (what a decode step does with its weights, minus
- * the arithmetic): the bench's memory-bandwidth figure. Returns a checksum, so the reads cannot be skipped. */
-uint64_t read_memory(const void *p, int64_t n_pages) {
-    Read r = {p, 0};
-    pool_run_on(pool.threads, read_chunk, &r, n_pages, 16);
+/* Read n_pages 4 KiB pages at p on every configured thread, in chunks of 16 pages, each chunk as `streams` (1, 2,
+ * 4, 8 or 16) interleaved streams (what a decode step does with its weights, minus the arithmetic): the bench's
+ * memory-bandwidth figure. Returns a checksum, so the reads cannot be skipped; 0 for another stream count. The
+ * pool hands out READ_PAGES at a time (one thread: all of them, read READ_PAGES at a time all the same). */
+uint64_t read_memory(const void *p, int64_t n_pages, int streams) {
+    if (streams < 1 || 16 % streams) return 0;
+    Read r = {p, streams, 0};
+    pool_run_on(pool.threads, read_chunk, &r, n_pages, READ_PAGES);
     return atomic_load(&r.sum);
 }
 
