@@ -6,7 +6,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import cast
 
@@ -45,26 +45,31 @@ class Model:
                seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = Controls.top_k,
                min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
                repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
-               frequency_penalty: float = Controls.frequency_penalty) -> Iterator[str]:
+               frequency_penalty: float = Controls.frequency_penalty,
+               logit_bias: Mapping[int, float] | None = None) -> Iterator[str]:
         """Yield the text generated after `prompt`, piece by piece as tokens are sampled (a character split
         across byte tokens comes whole, once its last byte is there). `steps` counts positions as run.c's
         -n does (BOS and the prompt included; 0 or more than the context: the context; None, as -n unset: 256,
         or the context when `max_new_tokens` is given); `max_new_tokens` also bounds the generated tokens.
         temperature 0 is greedy; `topp` 1 turns top-p off; `seed` (default: a new one each call) makes sampling
         reproducible (0 included, unlike run.c's -s 0: as in the server).
-        `top_k`, `min_p`, `repeat_penalty` over the last `repeat_last_n` tokens, `presence_penalty` and
-        `frequency_penalty` are llama.cpp's and OpenAI's sampling controls (sampler.Controls; the defaults: off).
+        `top_k`, `min_p`, `repeat_penalty` over the last `repeat_last_n` tokens, `presence_penalty`,
+        `frequency_penalty` and `logit_bias` ({token id: bias in [-100, 100]}, added to those tokens' logits) are
+        llama.cpp's and OpenAI's sampling controls (sampler.Controls; the defaults: off).
         The arguments are checked on the call, before the first piece is asked for."""
-        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
+        controls = make_controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+                                 logit_bias)
         return self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls)
 
     def generate(self, prompt: str = "", steps: int | None = None, temperature: float = 1.0, topp: float = 0.9,
                  seed: int | None = None, max_new_tokens: int | None = None, *, top_k: int = Controls.top_k,
                  min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
                  repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
-                 frequency_penalty: float = Controls.frequency_penalty) -> str:
+                 frequency_penalty: float = Controls.frequency_penalty,
+                 logit_bias: Mapping[int, float] | None = None) -> str:
         """The prompt followed by the text generated after it (`stream`'s pieces, joined)."""
-        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
+        controls = make_controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+                                 logit_bias)
         return prompt + "".join(self._pieces(prompt, steps, temperature, topp, seed, max_new_tokens, controls))
 
     def _pieces(self, prompt: str, steps: int | None, temperature: float, topp: float, seed: int | None,
@@ -72,7 +77,7 @@ class Model:
         """`stream`'s work for its two public callers: checks and warnings now (a warning names the caller's
         caller: the user's line), the pieces as they are iterated."""
         steps = default_steps(steps, max_new_tokens)
-        check_generation([prompt], steps, temperature, topp, max_new_tokens, seed, controls)
+        check_generation([prompt], steps, temperature, topp, max_new_tokens, seed, controls, self.args.vocab_size)
         max_new_tokens = python_int(max_new_tokens)
         ids = self.tokenizer.encode(prompt, bos=True)
         positions = clamp_steps(steps, self.args.max_seq_len)
@@ -96,7 +101,8 @@ class Model:
                        parallel: int = DEFAULT_PARALLEL, *, top_k: int = Controls.top_k,
                        min_p: float = Controls.min_p, repeat_penalty: float = Controls.repeat_penalty,
                        repeat_last_n: int = Controls.repeat_last_n, presence_penalty: float = Controls.presence_penalty,
-                       frequency_penalty: float = Controls.frequency_penalty) -> list[str]:
+                       frequency_penalty: float = Controls.frequency_penalty,
+                       logit_bias: Mapping[int, float] | None = None) -> list[str]:
         """`generate` for every prompt at once: one batched forward pass per step, each sequence stopping on its
         own; `steps` (as `generate`'s) may differ per prompt; sequence i samples with seed + i. At most
         `parallel` sequences are live at once (each holds a KV cache; the others wait for a free slot; on the
@@ -121,8 +127,9 @@ class Model:
             raise BabyLlamaError(f"steps must be an integer >= 0 or a list of them (one per prompt), got {steps!r}")
         if len(per_seq) != len(prompts):
             raise BabyLlamaError(f"steps holds {len(per_seq)} values for {len(prompts)} prompts (or give one number)")
-        controls = Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty)
-        check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed, controls)
+        controls = make_controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+                                 logit_bias)
+        check_generation(prompts, per_seq, temperature, topp, max_new_tokens, seed, controls, self.args.vocab_size)
         max_new_tokens = python_int(max_new_tokens)
         if not (is_integer(parallel) and parallel >= 1):
             raise BabyLlamaError(f"parallel must be an integer >= 1, got {parallel!r}")
@@ -150,8 +157,10 @@ def python_int(value: int | None) -> int | None:
 
 
 def check_generation(prompts: list[str], steps: int | list[int], temperature: float, topp: float,
-                     max_new_tokens: int | None, seed: int | None = None, controls: Controls | None = None) -> None:
-    """The checks the CLI makes on its flags, for callers of the Python API: one BabyLlamaError each."""
+                     max_new_tokens: int | None, seed: int | None = None, controls: Controls | None = None,
+                     vocab_size: int | None = None) -> None:
+    """The checks the CLI makes on its flags, for callers of the Python API (a logit bias's token ids against
+    `vocab_size` where given): one BabyLlamaError each."""
     if seed is not None and not (is_integer(seed) and 0 <= seed < SEED_LIMIT):
         raise BabyLlamaError(f"seed must be an integer in [0, 2**63) (or None), got {seed!r}")
     if not all(isinstance(p, str) for p in prompts):
@@ -167,9 +176,18 @@ def check_generation(prompts: list[str], steps: int | list[int], temperature: fl
         raise BabyLlamaError(" ".join(problem))
     if max_new_tokens is not None and not (is_integer(max_new_tokens) and max_new_tokens >= 1):
         raise BabyLlamaError(f"max_new_tokens must be an integer >= 1 (or None), got {max_new_tokens!r}")
-    problem = controls.problem() if controls is not None else None
+    problem = controls.problem(vocab_size) if controls is not None else None
     if problem:
         raise BabyLlamaError(" ".join(problem))
+
+
+def make_controls(top_k: int, min_p: float, repeat_penalty: float, repeat_last_n: int, presence_penalty: float,
+                  frequency_penalty: float, logit_bias: Mapping[int, float] | None) -> Controls:
+    """The API's sampling arguments as sampler.Controls (checked later, by check_generation)."""
+    if logit_bias is not None and not isinstance(logit_bias, Mapping):
+        raise BabyLlamaError(f"logit_bias must map token ids to biases (a dict), got {type(logit_bias).__name__}")
+    return Controls(top_k, min_p, repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty,
+                    tuple((logit_bias or {}).items()))
 
 
 def warn_if_no_room(n_ids: int, positions: int, stacklevel: int, which: str = "the prompt") -> None:

@@ -12,13 +12,14 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from .config import CONTROL_DEFAULTS
 from .errors import BabyLlamaError
-from .fields import is_number
+from .fields import is_integer, is_number
 
 _MASK64 = (1 << 64) - 1
 
@@ -177,6 +178,8 @@ def batch_seeds(base: int, n: int) -> list[int]:
     return [seed or stand_in for seed in seeds]
 
 
+LOGIT_BIAS_LIMIT = 100  # OpenAI's range for a token's logit bias: [-100, 100]
+
 # Each control's (type, whether a value is in range, the rule a message states): the one range check of the CLI,
 # the Python API and the server. NaN fails every comparison, so it is refused too.
 CONTROL_RANGES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
@@ -204,7 +207,9 @@ def sampling_problem(temperature: float, topp: float) -> tuple[str, str] | None:
 class Controls:
     """llama.cpp's and OpenAI's sampling controls, a step before run.c's draw (the defaults leave it out):
 
-    - penalties, on a copy of the logits: llama.cpp's repeat penalty on each distinct token among the last
+    - OpenAI's and llama.cpp's logit bias, on a copy of the logits: each (token id, bias) of `logit_bias` adds
+      the bias, in [-100, 100], to that token's logit (-100 all but bans it, 100 all but forces it);
+    - penalties: llama.cpp's repeat penalty on each distinct token among the last
       `repeat_last_n` tokens of the sequence, prompt included (a positive logit divided by it, a negative one
       multiplied); then OpenAI's `logit -= count * frequency_penalty + (count > 0) * presence_penalty`, count being
       how often the token was generated so far in this choice (the prompt not counted);
@@ -220,19 +225,36 @@ class Controls:
     repeat_last_n: int = CONTROL_DEFAULTS["repeat_last_n"]
     presence_penalty: float = CONTROL_DEFAULTS["presence_penalty"]
     frequency_penalty: float = CONTROL_DEFAULTS["frequency_penalty"]
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, each id once
 
-    def problem(self) -> tuple[str, str] | None:
+    def problem(self, vocab_size: int | None = None) -> tuple[str, str] | None:
         """The first control out of range: its name and "must be RULE, got VALUE" (each interface names it its
-        own way: a flag, an argument, a request field); None when all are in range."""
+        own way: a flag, an argument, a request field); None when all are in range. With `vocab_size`, the
+        logit bias's token ids must lie in the vocabulary."""
         for name, (kind, ok, rule) in CONTROL_RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
                 return name, f"must be {rule}, got {value!r}"
+        ids = f" in [0, {vocab_size})" if vocab_size is not None else ""
+        for token, bias in self.logit_bias:
+            if not (is_integer(token) and 0 <= token < (vocab_size if vocab_size is not None else math.inf)
+                    and is_number(bias) and -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+                return "logit_bias", (f"must map token ids{ids} to biases in [-{LOGIT_BIAS_LIMIT}, "
+                                      f"{LOGIT_BIAS_LIMIT}], got {token!r}: {bias!r}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            return "logit_bias", "must give each token id once"
         return None
+
+    @cached_property
+    def _bias_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """logit_bias as token ids and float32 biases, made once (a request may list thousands)."""
+        return (np.array([t for t, _ in self.logit_bias], dtype=np.int64),
+                np.array([b for _, b in self.logit_bias], dtype=np.float32))
 
     @property
     def penalizes(self) -> bool:
-        return self.repeats or self.counts_generated
+        """Whether the logits change before the candidates are chosen: a logit bias or a penalty."""
+        return bool(self.logit_bias) or self.repeats or self.counts_generated
 
     @property
     def neutral(self) -> bool:
@@ -253,8 +275,11 @@ class Controls:
                         gen_counts: np.ndarray | None) -> np.ndarray:
         """The penalties on a float32 copy of `logits`: the repeat penalty on `recent_ids` (the distinct tokens of
         the window, ascending), the presence and frequency penalties on `gen_ids` generated `gen_counts` times
-        (None: that penalty is off, or nothing was generated yet)."""
+        (None: that penalty is off, or nothing was generated yet), after the logit bias."""
         x = np.array(logits, dtype=np.float32)
+        if self.logit_bias:
+            ids, biases = self._bias_arrays
+            x[ids] += biases
         if recent_ids is not None:
             v = x[recent_ids]
             # a penalty beyond fp32's range takes its nearest finite one (an infinite one, or one rounded to 0,

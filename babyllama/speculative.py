@@ -55,8 +55,8 @@ def speculative_generate(target: Engine, draft: Engine, prompt_ids: list[int], s
     `max_new` tokens when given). A draft with a shorter context drafts while its context lasts."""
     check_pair(target, draft)
     if sampler.controls is not None and sampler.controls.penalizes:
-        raise BabyLlamaError("speculative decoding cannot apply repeat, presence or frequency penalties (they "
-                             "depend on each drafted token)")
+        raise BabyLlamaError("speculative decoding cannot apply a logit bias or repeat, presence or frequency "
+                             "penalties (the penalties depend on each drafted token)")
     stats = stats if stats is not None else SpecStats()
     stops = frozenset(stop_ids)
     max_pos = min(positions_reached(len(prompt_ids), steps, max_new), target.args.max_seq_len)

@@ -859,6 +859,11 @@ def test_sampling_controls_reach_run_chat_and_batch_files(tmp_path):
     chat = text("chat", "-t", "0", input="Tell me a story.\n")
     assert text("chat", "-t", "1.5", "--top-k", "1", input="Tell me a story.\n") == chat
     assert text("chat", "-t", "0", "--repeat-penalty", "2", input="Tell me a story.\n") != chat
+    # a token's logit + 100 (the built-in tokenizer's token 400 is " do"); a later -l for the same token holds
+    forced = text("run", "-i", "Once upon a time", "-t", "0", "-l", "400-100", "--logit-bias", "400+100")
+    assert forced == b"Once upon a time" + b" do" * 30 + b"\n"
+    assert b" do" * 30 + b"\n" in text("run", "--batch-file", str(prompts), "-t", "0", "-l", "400+100")
+    assert text("chat", "-t", "0", "-l", "400+100", input="Tell me a story.\n") != chat
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -871,12 +876,24 @@ def test_sampling_controls_reach_run_chat_and_batch_files(tmp_path):
      "--repeat-last-n must be an integer >= -1 (-1: every token of the window, 0: off), got -2"),
     (["--presence-penalty", "2.5"], "--presence-penalty must be in [-2, 2] (0: off), got 2.5"),
     (["--frequency-penalty", "-3"], "--frequency-penalty must be in [-2, 2] (0: off), got -3.0"),
-    (["--draft", "x.bin", "--repeat-penalty", "1.1"], "--draft cannot apply --repeat-penalty"),
+    (["--draft", "x.bin", "--repeat-penalty", "1.1"], "--draft cannot apply --logit-bias, --repeat-penalty"),
+    (["--draft", "x.bin", "--logit-bias", "5+1"], "--draft cannot apply --logit-bias, --repeat-penalty"),
+    (["--logit-bias", "5+101"], "--logit-bias must map token ids to biases in [-100, 100], got 5: 101.0"),
+    (["-l", "5+nan"], "--logit-bias must map token ids to biases in [-100, 100], got 5: nan"),
+    (["-l", "1+1", "-l", "512-1"],  # checked against the model's vocabulary once it is loaded
+     "--logit-bias must map token ids in [0, 512) to biases in [-100, 100], got 512: -1.0"),
 ])
 def test_sampling_controls_out_of_range_are_one_error_line(flags, message):
     one_error_line(run_cli("run", "-n", "5", *flags), message)
     if "--draft" not in flags:
         one_error_line(run_cli("chat", *flags, input="Hi\n"), message)
+
+
+def test_a_logit_bias_flag_that_does_not_parse_is_a_usage_error():
+    proc = run_cli("run", "-n", "5", "-l", "5=1")
+    assert proc.returncode == 2 and proc.stderr.decode() == (
+        "babyllama run: error: argument -l/--logit-bias: invalid token id and bias: '5=1' (TOKEN+BIAS or "
+        "TOKEN-BIAS, such as 15043+1) (see --help)\n")
 
 
 def test_models_help_names_both_built_in_models(capsys):

@@ -447,8 +447,9 @@ def test_speculative_sampling_takes_top_k_and_min_p_and_refuses_penalties():
     for controls in (Controls(top_k=1), Controls(min_p=1.0)):
         for seed in (1, 2):
             assert list(speculative_generate(t, d, [1, 9, 8], 40, Sampler(1.5, 0.9, seed, controls), k=3)) == greedy
-    for controls in (Controls(repeat_penalty=1.1), Controls(presence_penalty=0.5), Controls(frequency_penalty=1)):
-        with pytest.raises(BabyLlamaError, match="cannot apply repeat, presence or frequency penalties"):
+    for controls in (Controls(repeat_penalty=1.1), Controls(presence_penalty=0.5), Controls(frequency_penalty=1),
+                     Controls(logit_bias=((5, 1.0),))):
+        with pytest.raises(BabyLlamaError, match="cannot apply a logit bias or repeat, presence or frequency"):
             list(speculative_generate(t, d, [1, 9, 8], 40, Sampler(1.0, 0.9, 1, controls)))
 
 

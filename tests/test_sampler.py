@@ -291,6 +291,77 @@ def test_presence_and_frequency_penalties_are_openai_s_over_the_generated_tokens
     assert negative.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
 
 
+def test_logit_bias_adds_to_the_logits_before_the_penalties():
+    """OpenAI's logit_bias: each (token id, bias) adds the bias to that token's logit, before the repeat penalty
+    (which then divides the biased logit) and the presence and frequency penalties; the model's logits are not
+    changed."""
+    from babyllama.sampler import Controls
+
+    logits = np.array([2.0, -1.0, 3.0, 0.5, -2.0], dtype=np.float32)
+    assert recounted(Controls(logit_bias=((0, 2.0), (4, -100.0))), logits, [], []).tolist() == \
+        [4.0, -1.0, 3.0, 0.5, -102.0]
+    both = Controls(repeat_penalty=2.0, repeat_last_n=-1, frequency_penalty=0.5, logit_bias=((0, 2.0), (1, 1.5)))
+    assert recounted(both, logits, [0, 1], [1]).tolist() == [2.0, -0.25, 3.0, 0.5, -2.0]  # (2+2)/2, (-1+1.5)/2-.5
+    assert logits.tolist() == [2.0, -1.0, 3.0, 0.5, -2.0]
+
+
+def test_logit_bias_forces_and_bans_tokens_greedy_and_sampled():
+    from babyllama.sampler import Controls
+
+    logits = _logits(300, 3, scale=1.0)
+    best = int(logits.argmax())
+    assert Sampler(0.0, controls=Controls(logit_bias=((7, 100.0),))).sample(logits) == 7
+    banned = Sampler(0.0, controls=Controls(logit_bias=((best, -100.0),))).sample(logits)
+    assert banned == int(np.argsort(-logits, kind="stable")[1])  # the second likeliest
+    forced = Sampler(1.0, 0.9, 5, Controls(logit_bias=((7, 100.0),)))
+    assert {forced.sample(logits) for _ in range(200)} == {7}
+    never = Sampler(1.0, 1.0, 5, Controls(logit_bias=tuple((i, -100.0) for i in range(0, 300, 2))))
+    assert all(never.sample(logits) % 2 for _ in range(500))
+    assert Controls(logit_bias=((7, 0.0),)).neutral is False  # a bias of 0 is applied (and changes nothing)
+
+
+@pytest.mark.parametrize("bias, vocab, message", [
+    (((5, 100.5),), None, "logit_bias must map token ids to biases in [-100, 100], got 5: 100.5"),
+    (((5, float("nan")),), None, "got 5: nan"),
+    (((5, float("-inf")),), None, "got 5: -inf"),
+    (((-1, 1.0),), None, "got -1: 1.0"),
+    ((("5", 1.0),), None, "got '5': 1.0"),
+    (((True, 1.0),), None, "got True: 1.0"),
+    (((5, True),), None, "got 5: True"),
+    (((5, 1.0), (5, 2.0)), None, "logit_bias must give each token id once"),
+    (((512, 1.0),), 512, "logit_bias must map token ids in [0, 512) to biases in [-100, 100], got 512: 1.0"),
+])
+def test_a_logit_bias_out_of_range_is_one_error(bias, vocab, message):
+    from babyllama.sampler import Controls
+
+    assert message in " ".join(Controls(logit_bias=bias).problem(vocab))
+    assert Controls(logit_bias=((511, -100), (0, 100.0))).problem(512) is None
+
+
+def test_the_python_api_takes_a_logit_bias_map():
+    """model.generate/stream/generate_batch(logit_bias={token id: bias}): +100 all but forces the token; ids
+    beyond the model's vocabulary, biases out of [-100, 100] and a bias that is no map are one error each."""
+    import babyllama
+    from babyllama.errors import BabyLlamaError
+
+    model = babyllama.load()
+    piece = model.tokenizer.pieces[400].decode()
+    assert model.generate("Hi", temperature=0.0, max_new_tokens=5, logit_bias={400: 100}) == "Hi" + piece * 5
+    assert "".join(model.stream("Hi", temperature=0.0, max_new_tokens=5, logit_bias={400: 100})) == piece * 5
+    assert model.generate_batch(["Hi", "Yo"], temperature=0.0, max_new_tokens=3, logit_bias={400: 100}) == \
+        ["Hi" + piece * 3, "Yo" + piece * 3]
+    assert model.generate("Hi", temperature=0.0, max_new_tokens=5, logit_bias={}) == \
+        model.generate("Hi", temperature=0.0, max_new_tokens=5)
+    vocab = model.args.vocab_size
+    for bias, message in (({5: 101}, f"logit_bias must map token ids in [0, {vocab}) to biases in [-100, 100], "
+                                     "got 5: 101"),
+                          ({vocab: 1}, f"got {vocab}: 1"),
+                          ([(5, 1.0)], "logit_bias must map token ids to biases (a dict), got list")):
+        for call in (model.generate, model.stream, lambda p, **kw: model.generate_batch([p], **kw)):
+            with pytest.raises(BabyLlamaError, match=re.escape(message)):
+                call("Hi", logit_bias=bias)
+
+
 @pytest.mark.parametrize("window", [-1, 1, 3, 17, 64])
 def test_a_sampler_s_running_counts_penalize_as_recounting_the_history_does(window):
     """The sampler keeps the penalties' counts as the sequence grows; its logits are bit for bit those of

@@ -534,7 +534,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "repetition_penalty": -1.0}, 400),
     ("/v1/completions", {"prompt": "x", "repeat_penalty": 1.1, "repetition_penalty": 1.2}, 400),
     ("/v1/completions", {"prompt": "x", "repeat_last_n": -2}, 400),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10}}, 400),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400),  # OpenAI's range is [-100, 100]
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"x": 1}}, 400),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400),  # beyond every test model's vocabulary
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1}, 400),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, 400),
     ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400),  # wrong types are refused, not converted
@@ -899,6 +901,31 @@ def test_asking_for_a_tool_call_or_audio_is_refused(client, field, value):
     assert e.value.param == field and "not supported" in e.value.message
 
 
+def test_logit_bias_gives_run_s_text_with_the_same_flag(client, tokenizer):
+    """OpenAI's logit_bias ({"token id": bias}) adds to those logits before the penalties and the draw, as `run
+    --logit-bias` does: the same text, greedy and sampled; +100 all but forces a token, -100 all but bans one, an
+    empty map is neutral."""
+    prompt = PROMPTS[0]
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=0)
+    text, first = greedy.choices[0].text, greedy.choices[0].logprobs.tokens[0]
+    assert complete(client, prompt, 20, logit_bias={}) == text
+    first_id = tokenizer.pieces.index(first.encode())
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=0,
+                                       logit_bias={str(first_id): -100}).choices[0]
+    assert banned.logprobs.tokens[0] != first
+    assert banned.text == run_with(prompt, 20, "-t", "0", "-l", f"{first_id}-100")
+    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                       logit_bias={"400": 100}).choices[0]
+    assert set(forced.logprobs.tokens) == {tokenizer.pieces[400].decode()}
+    assert forced.text == run_with(prompt, 6, "-t", "0", "--logit-bias", "400+100")
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                           temperature=0, logit_bias={"400": 100}).choices[0].message.content
+    assert reply.split() == ["do"] * 3
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=20, temperature=1.0, top_p=0.9, seed=3, logit_bias={"400": 3.5})
+    assert client.completions.create(**kw).choices[0].text == \
+        run_with(prompt, 20, "-t", "1", "-p", "0.9", "-s", "3", "-l", "400+3.5")
+
+
 def test_fields_that_ask_for_a_plain_reply_are_neutral(client):
     """tool_choice "none"/"auto" (no tools), function_call "none"/"auto", modalities ["text"] and an empty suffix
     ask for what the server does anyway: the same text."""
@@ -938,6 +965,12 @@ def test_validation_errors_name_the_field(server, path, body, param):
     ("/v1/completions", {"prompt": "x", "frequency_penalty": False}, "frequency_penalty", "valid number"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": "0"}, "presence_penalty", "valid number"),
     ("/v1/completions", {"prompt": "x", "best_of": True}, "best_of", "valid integer"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias",
+     "logit_bias must map token ids to biases in [-100, 100], got 5: 101"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias", "token ids (decimal digits), got '-5'"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias", "valid number"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, "logit_bias", "each token id once"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "token ids in [0, "),
 ])
 def test_validation_messages_say_what_is_wrong(server, path, body, param, message):
     r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -176,20 +177,40 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=CONTROL_DEFAULTS["frequency_penalty"], metavar="X",
                    help="OpenAI's: subtract X times its count so far from each generated token's logit, "
                         "in [-2, 2] (%(default)g)")
+    g.add_argument("-l", "--logit-bias", type=logit_bias, action="append", default=[], metavar="TOKEN(+|-)BIAS",
+                   help="add BIAS, in [-100, 100], to token id TOKEN's logit before the penalties (15043+1, "
+                        "15043-100: all but banned); repeat for more tokens")
+
+
+def logit_bias(text: str) -> tuple[int, float]:
+    """An argparse value: llama.cpp's TOKEN+BIAS or TOKEN-BIAS (a token id and the bias on its logit)."""
+    match = re.fullmatch(r"(\d+)([+-].+)", text)
+    try:
+        if match:
+            return int(match[1]), float(match[2])
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"invalid token id and bias: {text!r} (TOKEN+BIAS or TOKEN-BIAS, such as "
+                                     "15043+1)")
 
 
 def controls(args: argparse.Namespace) -> Controls:
-    """The sampling controls the flags ask for (sampler.Controls)."""
+    """The sampling controls the flags ask for (sampler.Controls); a token's last --logit-bias holds."""
     from ..sampler import Controls  # NumPy loads after --threads: imported here, not above
 
     return Controls(args.top_k, args.min_p, args.repeat_penalty, args.repeat_last_n, args.presence_penalty,
-                    args.frequency_penalty)
+                    args.frequency_penalty, tuple(dict(args.logit_bias).items()))
 
 
-def make_sampler(args: argparse.Namespace, seed: int | None) -> Sampler:
-    """A sampler with the flags' temperature, top-p and controls, and `seed` (None: the time)."""
+def make_sampler(args: argparse.Namespace, seed: int | None, vocab_size: int) -> Sampler:
+    """A sampler with the flags' temperature, top-p and controls, and `seed` (None: the time), for a model of
+    `vocab_size` tokens (a --logit-bias token beyond it is refused)."""
     from ..sampler import Sampler
 
+    problem = controls(args).problem(vocab_size)
+    if problem:
+        name, rule = problem
+        raise BabyLlamaError(f"--{name.replace('_', '-')} {rule}")
     return Sampler(args.temperature, args.topp, seed, controls(args))
 
 

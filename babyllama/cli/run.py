@@ -135,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.chat_template is not None:
         raise BabyLlamaError("--chat-template is for chat (-m chat)")
     model = load_model(args)
-    sampler = make_sampler(args, args.seed or None)
+    sampler = make_sampler(args, args.seed or None, model.args.vocab_size)
     if args.mode == "chat":
         from ..chat import chat
 
@@ -176,8 +176,8 @@ def check_speed_flags(args: argparse.Namespace) -> None:
         if given and not present:
             raise BabyLlamaError(f"{flag} works with {needs} only")
     if args.draft and controls(args).penalizes:
-        raise BabyLlamaError("--draft cannot apply --repeat-penalty, --presence-penalty or --frequency-penalty "
-                             "(they depend on each drafted token)")
+        raise BabyLlamaError("--draft cannot apply --logit-bias, --repeat-penalty, --presence-penalty or "
+                             "--frequency-penalty (the penalties depend on each drafted token)")
     if args.batch_file and args.prompt is not None:
         raise BabyLlamaError("--batch-file gives the prompts: -i/--prompt cannot be combined with it")
     check_plain(args.plain, args.device)
@@ -319,7 +319,8 @@ def generate_batch_file(model, args: argparse.Namespace, steps: int) -> int:
         warn_new_tokens_beyond_context(n_prompt, args.max_new_tokens, steps,
                                        which=f"the longest prompt's (line {i + 1})")
     base = args.seed or int(time.time())
-    samplers: list[Sampler | None] = [make_sampler(args, seed) for seed in batch_seeds(base, len(ids))]
+    samplers: list[Sampler | None] = [make_sampler(args, seed, model.args.vocab_size)
+                                      for seed in batch_seeds(base, len(ids))]
     start = time.perf_counter()
     out = stdout_bytes()
     total = 0

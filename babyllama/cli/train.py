@@ -174,7 +174,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                        "--max_new_tokens", "llama2.c's sample.py goes on over a sliding window; "
                                        "`babyllama run --context-shift` goes on past the context")
     args.context_shift, args.n_keep, args.rotate_keys = False, None, False
-    sampler = make_sampler(args, args.seed or None)  # one sampler: each sample goes on from the last one's draws
+    # one sampler: each sample goes on from the last one's draws
+    sampler = make_sampler(args, args.seed or None, model.args.vocab_size)
     for _ in range(args.num_samples):
         generate_and_print(model, sampler, prompt, steps, args, warn_context=False, can_shift=False)
         if args.num_samples > 1:

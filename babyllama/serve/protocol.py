@@ -3,6 +3,7 @@ choice as tokens arrive (UTF-8 streaming, stop strings) and the JSON of completi
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Literal, cast
@@ -50,7 +51,7 @@ class StreamOptions(Strict):
 # OpenAI fields that would change the answer and that this server does not implement: refused unless null, empty
 # ({}, [], "") or one of the values that ask for what the server does anyway (a text reply, no tool call)
 UNSUPPORTED: dict[str, tuple] = {
-    "logit_bias": (), "best_of": (1,), "suffix": (),
+    "best_of": (1,), "suffix": (),
     "tools": (), "functions": (), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
     "function_call": ("none", "auto"), "modalities": (["text"],), "audio": ()}
 
@@ -79,7 +80,16 @@ class Common(Strict):
     repeat_penalty: float | None = None
     repetition_penalty: float | None = None
     repeat_last_n: int = Controls.repeat_last_n
+    logit_bias: dict[str, float] | None = None  # OpenAI's: {"token id": bias in [-100, 100]}
     best_of: int = 1
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_token_ids(cls, v):
+        for key in v or {}:
+            if not re.fullmatch("[0-9]+", key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key!r}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -116,7 +126,8 @@ class Common(Strict):
         repeat = self.repeat_penalty if self.repeat_penalty is not None else self.repetition_penalty
         return Controls(0 if self.top_k == -1 else self.top_k, self.min_p,
                         Controls.repeat_penalty if repeat is None else repeat,
-                        self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
+                        self.repeat_last_n, self.presence_penalty, self.frequency_penalty,
+                        tuple((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     @property
     def stops(self) -> list[str]:

@@ -292,6 +292,9 @@ class Service:
         emit = Emitter(asyncio.get_running_loop(), events)
         base = req.seed if req.seed is not None and req.seed >= 0 else unseeded()
         controls = req.controls
+        problem = controls.problem(self.vocab_size)  # the rest was checked with the request: the bias's token ids
+        if problem:
+            raise APIError(400, " ".join(problem), param=problem[0])
         jobs = [Job(ids, max_new, Sampler(req.temperature, req.top_p, choice_seed(base, i), controls), emit,
                     index=i, logprobs=logprobs, deadline=deadline, submitted=deadline - self.config.timeout_s)
                 for i in range(req.n)]  # submitted: the request's arrival (its time to first token counts from there)
