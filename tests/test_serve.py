@@ -1551,6 +1551,34 @@ def test_http_details_a_client_or_browser_meets():
         assert r.status_code == 200, r.text
 
 
+def test_cors_origin_limits_the_pages_that_may_call_the_api():
+    """--cors-origin: a preflight from a listed origin is allowed and answered with that origin, one from any
+    other origin is refused (400, no CORS headers, so the browser never sends the request), and a simple request
+    from it gets no CORS headers (the page cannot read the answer); the flag's value is checked."""
+    server = Server("--cors-origin", "HTTP://Allowed.test:8080", "--cors-origin", "https://other.test")
+    try:
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(server.url + "/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type", "Access-Control-Request-Private-Network": "true"})
+
+        for origin in ("http://allowed.test:8080", "https://other.test"):
+            r = preflight(origin)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.headers
+        for origin in ("http://evil.test", "http://allowed.test", "https://allowed.test:8080"):
+            r = preflight(origin)
+            assert r.status_code == 400 and "access-control-allow-origin" not in r.headers, origin
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.test"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://other.test"})
+        assert r.headers["access-control-allow-origin"] == "https://other.test"
+    finally:
+        server.stop()
+    for bad in ("https://example.com/", "example.com", "https://example.com/chat", ""):
+        proc = run_cli("serve", "--cors-origin", bad, "--port", "0")
+        assert proc.returncode == 2 and f"argument --cors-origin: not an origin: {bad!r}" in proc.stderr.decode()
+
+
 def test_the_upgrade_warnings_uvicorn_logs_are_left_out():
     """Every request with an Upgrade header (curl --http2 sends h2c's) logged two warnings, one advising a
     WebSocket library; the server has no WebSocket route and answers such requests as HTTP/1.1."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=f"choices that may wait for a slot (those that find one free do not wait); beyond, 429 "
                         f"({DEFAULTS.queue})")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    p.add_argument("--cors-origin", type=cors_origin, action="append", default=None, metavar="ORIGIN",
+                   help="let pages of ORIGIN (such as https://example.com) call the API from a browser; repeat for "
+                        "more; the chat page at / is this server's own (default: any origin, *)")
     p.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help=QUANTIZE_HELP)
     add_chat_template(p)
     p.add_argument("--model-name", default=None,
@@ -59,6 +63,14 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="uvicorn's log level; info logs a line per request, on stderr as every other line (info)")
     add_threads(p)
     p.set_defaults(func=cmd_serve)
+
+
+def cors_origin(text: str) -> str:
+    """An argparse value: a browser's Origin (scheme://host[:port], nothing after it), or * for any."""
+    if text == "*" or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+", text):
+        return text.lower()  # scheme and host are case-insensitive; browsers send them in lower case
+    raise argparse.ArgumentTypeError(f"not an origin: {text!r} (scheme://host[:port] as a browser sends it, such as "
+                                     "https://example.com, with no path or trailing slash; * for any)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -141,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(model_name=name, slots=args.slots, queue=args.queue,
                                api_key=args.api_key, max_body_bytes=args.max_body, timeout_s=args.timeout,
                                header_timeout_s=args.header_timeout, max_connections=args.max_connections,
-                               max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template)
+                               max_tokens_per_step=args.chunk, prefix_min=args.prefix_min, chat_template=template,
+                               cors_origins=tuple(args.cors_origin or DEFAULTS.cors_origins))
     check_slots_fit(model, args.slots)
     warm_up(model.engine)
     app = serve.create_app(model, config)
