@@ -387,6 +387,8 @@ def read_rates(native, buf, reads: int) -> dict[int, float]:
     of `reads` reads each, the stream counts taking turns so that both meet the same moments of a VM's memory. Some
     CPUs' prefetchers serve several streams a core much faster than one (docs/speed.md), so the larger rate is
     what the memory can deliver."""
+    if reads < 1:
+        raise ValueError(f"the bandwidth probe takes at least one read, got {reads}")
     times: dict[int, list[float]] = {k: [] for k in PROBE_STREAMS}
     for _ in range(reads):
         for streams, taken in times.items():
@@ -843,7 +845,8 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
         rates = bandwidth.get("streams") or {}
         streams = (", each 64 KiB as " + ", ".join(f"{k} stream{'s' * (k != '1')} {v:.1f}" for k, v in rates.items())
                    + " GB/s, the faster") if rates else ""
-        lines.append(f"Memory bandwidth (this run, thread setting {setting}: {bandwidth['threads']} threads "
+        threads = bandwidth["threads"]
+        lines.append(f"Memory bandwidth (this run, thread setting {setting}: {threads} thread{'s' * (threads != 1)} "
                      f"reading {bandwidth['mib']} MiB{streams}): "
                      f"**{bw:.1f} GB/s** at the start{where}\n")
     head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "

@@ -786,7 +786,7 @@ class NativeKernels:
         interleaved streams (1, 2, 4, 8 or 16): the memory-bandwidth probe. Returns a checksum of the bytes."""
         if not buf.flags.c_contiguous or buf.nbytes % 4096:
             raise ValueError("read_memory takes a contiguous buffer of whole 4 KiB pages")
-        if streams not in (1, 2, 4, 8, 16):
+        if type(streams) is not int or streams not in (1, 2, 4, 8, 16):  # not 1.0 or True
             raise ValueError(f"read_memory reads 1, 2, 4, 8 or 16 streams, not {streams}")
         return self.lib.read_memory(_address(buf), buf.nbytes // 4096, streams)
 

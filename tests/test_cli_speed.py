@@ -359,6 +359,10 @@ def test_the_bandwidth_is_the_faster_of_one_stream_and_four_a_thread():
                                                             "streams": {"1": 10.0, "4": 12.5}})
     assert ("Memory bandwidth (this run, thread setting default: 2 threads reading 64 MiB, each 64 KiB as 1 stream "
             "10.0, 4 streams 12.5 GB/s, the faster): **12.5 GB/s**") in text
+    text = bench.table([], batch=2, prompt_len=16, bandwidth={"gbps": 12.5, "threads": 1, "mib": 64})
+    assert "thread setting default: 1 thread reading 64 MiB" in text
+    with pytest.raises(ValueError, match="at least one read, got 0"):
+        bench.measure_bandwidth(mib=1, repeats=0)
 
 
 def test_the_plain_row_under_a_kv_cache_flag_is_still_the_plain_baseline():

@@ -646,7 +646,7 @@ def test_the_bandwidth_probe_reads_every_byte_once_as_any_number_of_streams(nati
                 assert native.read_memory(buf, streams) == want, (threads, streams)
     finally:
         native.configure_threads()
-    for streams in (0, 3, 32):
+    for streams in (0, 3, 32, 1.0, True):
         with pytest.raises(ValueError, match="1, 2, 4, 8 or 16 streams"):
             native.read_memory(buf, streams)
     with pytest.raises(ValueError, match="whole 4 KiB pages"):

@@ -967,10 +967,12 @@ def test_validation_errors_name_the_field(server, path, body, param):
     ("/v1/completions", {"prompt": "x", "best_of": True}, "best_of", "valid integer"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias",
      "logit_bias must map token ids to biases in [-100, 100], got 5: 101"),
-    ("/v1/completions", {"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias", "token ids (decimal digits), got '-5'"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-5": 1}}, "logit_bias", "token ids (up to 18 decimal digits), got '-5'"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "1"}}, "logit_bias", "valid number"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1, "05": 2}}, "logit_bias", "each token id once"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias", "token ids in [0, "),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1" * 5000: 1}},
+     "logit_bias", f"logit_bias keys must be token ids (up to 18 decimal digits), got {'1' * 40!r} (5000 characters)"),
 ])
 def test_validation_messages_say_what_is_wrong(server, path, body, param, message):
     r = server.post(path, content=body) if isinstance(body, bytes) else server.post(path, body)

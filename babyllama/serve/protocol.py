@@ -87,8 +87,9 @@ class Common(Strict):
     @classmethod
     def _bias_token_ids(cls, v):
         for key in v or {}:
-            if not re.fullmatch("[0-9]+", key):
-                raise ValueError(f"logit_bias keys must be token ids (decimal digits), got {key!r}")
+            if not re.fullmatch("[0-9]{1,18}", key):  # longer ones are no vocabulary's (and int() refuses 4300+)
+                shown = repr(key) if len(key) <= 40 else repr(key[:40]) + f" ({len(key)} characters)"
+                raise ValueError(f"logit_bias keys must be token ids (up to 18 decimal digits), got {shown}")
         return v
 
     @field_validator("stop")
