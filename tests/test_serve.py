@@ -1556,28 +1556,42 @@ def test_http_details_a_client_or_browser_meets():
 
 def test_cors_origin_limits_the_pages_that_may_call_the_api():
     """--cors-origin: a preflight from a listed origin is allowed and answered with that origin, one from any
-    other origin is refused (400, no CORS headers, so the browser never sends the request), and a simple request
-    from it gets no CORS headers (the page cannot read the answer); the flag's value is checked."""
-    server = Server("--cors-origin", "HTTP://Allowed.test:8080", "--cors-origin", "https://other.test")
+    other origin is refused (400, no Access-Control-Allow-Origin, so the browser never sends the request), and
+    any other request from such a page is refused (403) before it runs: a POST of text/plain needs no preflight and
+    ran, unread, before. Requests without an Origin and from the server's own origin (its chat page) pass; the
+    flag's value is checked and read as a browser sends an origin (lower case, no default port)."""
+    server = Server("--cors-origin", "HTTP://Allowed.test:8080", "--cors-origin", "https://Other.test:443")
     try:
         def preflight(origin: str) -> httpx.Response:
             return httpx.options(server.url + "/v1/chat/completions", headers={
                 "Origin": origin, "Access-Control-Request-Method": "POST",
                 "Access-Control-Request-Headers": "content-type", "Access-Control-Request-Private-Network": "true"})
 
+        def plain_post(origin: str | None) -> httpx.Response:  # what fetch sends without a preflight
+            body = json.dumps({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0})
+            headers = {"Content-Type": "text/plain;charset=UTF-8", **({"Origin": origin} if origin else {})}
+            return httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=60)
+
         for origin in ("http://allowed.test:8080", "https://other.test"):
             r = preflight(origin)
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.headers
-        for origin in ("http://evil.test", "http://allowed.test", "https://allowed.test:8080"):
+            r = plain_post(origin)
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        for origin in ("http://evil.test", "http://allowed.test", "https://allowed.test:8080", "null"):
             r = preflight(origin)
             assert r.status_code == 400 and "access-control-allow-origin" not in r.headers, origin
+            r = plain_post(origin)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
+            assert "access-control-allow-origin" not in r.headers
+        assert server.metric("babyllama_generated_tokens_total") == 6  # the two allowed posts' tokens alone
+        assert plain_post(None).status_code == 200
+        assert plain_post(server.url).status_code == 200  # the chat page's own origin
         r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.test"})
-        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-        r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://other.test"})
-        assert r.headers["access-control-allow-origin"] == "https://other.test"
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
     finally:
         server.stop()
-    for bad in ("https://example.com/", "example.com", "https://example.com/chat", ""):
+    for bad in ("https://example.com/", "example.com", "https://example.com/chat", "", "http://user:pw@a.test",
+                "http://a.test:xyz", "http://a.test:99999", "http://a%2F", "http://bücher.de"):
         proc = run_cli("serve", "--cors-origin", bad, "--port", "0")
         assert proc.returncode == 2 and f"argument --cors-origin: not an origin: {bad!r}" in proc.stderr.decode()
 

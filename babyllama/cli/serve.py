@@ -65,12 +65,22 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def cors_origin(text: str) -> str:
-    """An argparse value: a browser's Origin (scheme://host[:port], nothing after it), or * for any."""
-    if text == "*" or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+", text):
-        return text.lower()  # scheme and host are case-insensitive; browsers send them in lower case
-    raise argparse.ArgumentTypeError(f"not an origin: {text!r} (scheme://host[:port] as a browser sends it, such as "
-                                     "https://example.com, with no path or trailing slash; * for any)")
+    """An argparse value: an Origin as a browser sends it (scheme://host[:port], host in lower case and ASCII,
+    a scheme's default port left out), or * for any."""
+    if text == "*":
+        return text
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?", text)
+    if m is None or (m[3] is not None and not 0 < int(m[3]) < 65536):
+        raise argparse.ArgumentTypeError(f"not an origin: {text!r} (scheme://host[:port] as a browser sends it, such "
+                                         "as https://example.com: no path, trailing slash or user name, an "
+                                         "international host in its xn-- form; * for any)")
+    scheme, host = m[1].lower(), m[2].lower()
+    port = None if m[3] is None or int(m[3]) == DEFAULT_PORTS.get(scheme) else int(m[3])
+    return f"{scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
 def check_flags(args: argparse.Namespace) -> None:

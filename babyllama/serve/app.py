@@ -8,11 +8,13 @@ import asyncio
 import hmac
 from pathlib import Path
 from typing import cast
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,6 +51,7 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     # the last added runs first: every answer is counted, and the key is checked inside CORS, so that a page of
     # another origin can read the 401 (without CORS headers a browser shows it only as a failed fetch)
     app.add_middleware(Authorize, config=config)
+    app.add_middleware(RefuseOtherOrigins, config=config)
     # any request header: OpenAI's SDKs add their own (X-Stainless-*), and a browser asks before sending them
     # and a page on a public origin may call a server on this machine (Chromium's Private Network Access preflight)
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
@@ -153,6 +156,30 @@ class Authorize:
                                                                    request.headers.get("authorization", "")):
                 response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                                    "authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RefuseOtherOrigins:
+    """With --cors-origin, refuses (403) what a page of any other origin sends. CORS keeps such a page from reading
+    an answer, and a refused preflight stops its JSON requests, but a "simple" request (a POST of text/plain) gets
+    no preflight: it would still run. A page of this server itself (the chat page: its Origin names the Host the
+    request was sent to) and requests without an Origin (curl, the SDKs) pass."""
+
+    def __init__(self, app: ASGIApp, config: ServeConfig):
+        self.app = app
+        self.allowed = None if "*" in config.cors_origins else frozenset(config.cors_origins)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed is not None and scope["type"] == "http" and scope["method"] != "OPTIONS":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and origin.lower() not in self.allowed and \
+                    urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+                response = error_response(APIError(403, f"this server does not take requests from pages of "
+                                                        f"{origin[:200]} (see its --cors-origin)", "permission_error",
+                                                   code="origin_not_allowed"))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
