@@ -194,24 +194,26 @@ def logit_bias(text: str) -> tuple[int, float]:
                                      "15043+1)")
 
 
-def controls(args: argparse.Namespace) -> Controls:
-    """The sampling controls the flags ask for (sampler.Controls); a token's last --logit-bias holds."""
+def controls(args: argparse.Namespace, vocab_size: int | None = None) -> Controls:
+    """The sampling controls the flags ask for (sampler.Controls; a token's last --logit-bias holds), checked: one
+    error line naming the flag of the first out of range (with `vocab_size`, a --logit-bias token beyond it)."""
     from ..sampler import Controls  # NumPy loads after --threads: imported here, not above
 
-    return Controls(args.top_k, args.min_p, args.repeat_penalty, args.repeat_last_n, args.presence_penalty,
-                    args.frequency_penalty, tuple(dict(args.logit_bias).items()))
+    c = Controls(args.top_k, args.min_p, args.repeat_penalty, args.repeat_last_n, args.presence_penalty,
+                 args.frequency_penalty, tuple(dict(args.logit_bias).items()))
+    problem = c.problem(vocab_size)
+    if problem:
+        name, rule = problem
+        raise BabyLlamaError(f"--{name.replace('_', '-')} {rule}")
+    return c
 
 
 def make_sampler(args: argparse.Namespace, seed: int | None, vocab_size: int) -> Sampler:
     """A sampler with the flags' temperature, top-p and controls, and `seed` (None: the time), for a model of
-    `vocab_size` tokens (a --logit-bias token beyond it is refused)."""
+    `vocab_size` tokens."""
     from ..sampler import Sampler
 
-    problem = controls(args).problem(vocab_size)
-    if problem:
-        name, rule = problem
-        raise BabyLlamaError(f"--{name.replace('_', '-')} {rule}")
-    return Sampler(args.temperature, args.topp, seed, controls(args))
+    return Sampler(args.temperature, args.topp, seed, controls(args, vocab_size))
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
@@ -316,10 +318,7 @@ def check_sampling_flags(args: argparse.Namespace, zero_new_tokens: bool = False
     # int read as an unsigned 64-bit number (2**64 + s, which sampler.Rng takes it as)
     if not -(2**31) <= args.seed < SEED_LIMIT:
         raise BabyLlamaError(f"seed (-s) must be in [-2**31, 2**63), got {args.seed}")
-    problem = controls(args).problem()
-    if problem:
-        name, rule = problem
-        raise BabyLlamaError(f"--{name.replace('_', '-')} {rule}")
+    controls(args)  # their one-line errors before the model loads (the vocabulary is checked after)
     if zero_new_tokens and None not in (args.steps, args.max_new_tokens) and args.steps != args.max_new_tokens:
         # in chat both are each reply's budget: one of two different values would be dropped without a word
         raise BabyLlamaError(f"-n {args.steps} and --max-new-tokens {args.max_new_tokens} both set each reply's "
