@@ -1,4 +1,4 @@
-/* What the C benchmarks (kernel_rates.c, decode_rates.c) call in babyllama/csrc/kernels.c, declared as that
+/* What the C benchmarks (kernel_rates.c, decode_rates.c, read_streams.c) call in babyllama/csrc/kernels.c, declared as that
  * file defines it (the Mat layout must stay in step with kernels.c's), and their clock. */
 #ifndef BABYLLAMA_KERNELS_C_API_H
 #define BABYLLAMA_KERNELS_C_API_H
@@ -18,6 +18,7 @@ int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
 int64_t kernel_prefetch_bytes(void);
+uint64_t read_memory(const void *p, int64_t n_pages, int streams);
 int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type);
 int regroup_q8(const int8_t *q, const float *s, uint8_t *dst, int64_t rows, int64_t n, int64_t gs);
 
