@@ -1572,18 +1572,20 @@ def test_cors_origin_limits_the_pages_that_may_call_the_api():
             headers = {"Content-Type": "text/plain;charset=UTF-8", **({"Origin": origin} if origin else {})}
             return httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=60)
 
+        generated = 0
         for origin in ("http://allowed.test:8080", "https://other.test"):
             r = preflight(origin)
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin, r.headers
             r = plain_post(origin)
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+            generated += r.json()["usage"]["completion_tokens"]
         for origin in ("http://evil.test", "http://allowed.test", "https://allowed.test:8080", "null"):
             r = preflight(origin)
             assert r.status_code == 400 and "access-control-allow-origin" not in r.headers, origin
             r = plain_post(origin)
             assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed", origin
             assert "access-control-allow-origin" not in r.headers
-        assert server.metric("babyllama_generated_tokens_total") == 6  # the two allowed posts' tokens alone
+        assert server.metric("babyllama_generated_tokens_total") == generated > 0  # the allowed posts' tokens alone
         assert plain_post(None).status_code == 200
         assert plain_post(server.url).status_code == 200  # the chat page's own origin
         r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://evil.test"})
