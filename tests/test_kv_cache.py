@@ -217,8 +217,11 @@ def test_f16_and_f32_caches_agree_on_a_quantized_model(kind):
     across a quantization step in a later layer, which moves that row's logits by far more: bounded like C
     against NumPy in test_kernels (max 5% of the largest logit, mean 2% of the mean; measured 1.4% and 0.6%).
     That is also well under what Q4_0 itself moves the logits (measured mean 0.67 against the cache's 0.04).
-    Greedy decoding agrees up to the first near-tie (margin < 0.1 with logits up to ~20), which comes after a few
-    dozen tokens at least (measured: tokens 74-200 on the native kernels, 45-200 on NumPy's arithmetic)."""
+    Greedy decoding agrees up to the first near-tie, which comes after a few dozen tokens at least (measured: tokens
+    45-200 across CPUs and backends). Near: a top-2 margin under 0.25, with logits up to ~20. Through Q8_0 weights
+    the two caches' logits for one position differ by ~0.1 at most (measured along a 200-token greedy text on an
+    AVX-512 VNNI CPU: median 0.10, largest 0.20), enough to swap a pair 0.1 apart: there the texts parted at
+    token 145, at a margin of 0.104 in the fp32 cache's logits and 0.010 in the fp16 cache's."""
     base = formats.load(BUILTIN_MODEL)
     tokens = [1, *np.random.default_rng(0).integers(3, base.args.vocab_size, 120).tolist()]
     dense = {kv: Engine(base, kv_cache=kv) for kv in ("f16", "f32")}
@@ -233,7 +236,7 @@ def test_f16_and_f32_caches_agree_on_a_quantized_model(kind):
     assert np.abs(l16 - l32).mean() < 2e-2 * np.abs(l32).mean()
     for prompt in ([1], [1, 403, 411, 261]):
         want, got = (list(generate(e, prompt, 200, Sampler(0.0))) for e in (e32, e16))
-        assert_greedy_agree(want, got, lambda i, p=prompt, s=want: logits_after(e32, p + s[:i]), max_margin=0.1,
+        assert_greedy_agree(want, got, lambda i, p=prompt, s=want: logits_after(e32, p + s[:i]), max_margin=0.25,
                             min_same=32)
 
 
