@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     while (d % gs || h % gs) gs /= 2;
     const char *names[7] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped",
                             "Q8 packed"};
-    printf("%s (AVX2 rows prefetch %ld bytes ahead), %s shape, matrices %ld bytes into a cache line\n", kernel_isa(),
+    printf("%s (int8 rows prefetch %ld bytes ahead), %s shape, matrices %ld bytes into a cache line\n", kernel_isa(),
            (long)kernel_prefetch_bytes(), shape, (long)offset);
     Mat *models[7];
     int64_t bytes[7] = {0};

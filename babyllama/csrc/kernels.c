@@ -793,14 +793,15 @@ static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, cons
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* The AVX2 quantized products prefetch prefetch_bytes ahead in a thread's stream of weight rows: on an AVX2-only
- * CPU the hardware prefetchers alone leave them well below the memory bandwidth. A CPU with AVX-512 runs them
- * (an AVX2 build forced there) as it runs its AVX-512 rows, without: its prefetchers keep up, and the software
- * prefetches only slow the regrouped products' DRAM stream (docs/speed.md), so the distance is chosen when the
- * library loads. fp32 rows are 4x longer in bytes and the same prefetch makes single-token products slower, so
- * only batched fp32 products prefetch (further ahead: with several tokens' arithmetic per weight the
- * prefetchers alone fall behind). The AVX-512 int8 rows do not prefetch (see
- * DEFINE_ZMM_ROWS). -DPREFETCH_BYTES=N fixes the AVX2 distance at compile time (for measurements). */
+/* The int8 products (AVX2 and AVX-512 rows) prefetch prefetch_bytes ahead in a thread's stream of weight rows,
+ * a distance chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md): on Intel's
+ * (a Sapphire Rapids-class Xeon) 2 KiB ahead reads the regrouped rows out of DRAM 5-20% faster, AVX2 and AVX-512
+ * rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers keep up and any software
+ * prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well below
+ * the memory bandwidth, and 6 KiB ahead helps. fp32 rows are 4x longer in bytes and the same prefetch makes
+ * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens'
+ * arithmetic per weight the prefetchers alone fall behind). -DPREFETCH_BYTES=N fixes the distance at compile time
+ * (for measurements). */
 #ifdef PREFETCH_BYTES
 static const int64_t prefetch_bytes = PREFETCH_BYTES;
 #else
@@ -808,17 +809,15 @@ static int64_t prefetch_bytes = 6144;
 
 __attribute__((constructor)) static void choose_prefetch_distance(void) {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init(); /* before main: cpu_supports needs the CPU's description read first */
-    if (__builtin_cpu_supports("avx512f")) prefetch_bytes = 0;
+    __builtin_cpu_init(); /* before main: cpu_is and cpu_supports need the CPU's description read first */
+    if (__builtin_cpu_is("intel")) prefetch_bytes = 2048;
+    else if (__builtin_cpu_supports("avx512f")) prefetch_bytes = 0;
 #endif
 }
 #endif
 /* test and benchmark hook (tests/test_kernels.py, benchmarks/decode_rates.c; not bound by the package) */
 int64_t kernel_prefetch_bytes(void) { return prefetch_bytes; } /* read by tests */
 
-#ifndef ZMM_PREFETCH_BYTES
-#define ZMM_PREFETCH_BYTES 0
-#endif
 #define F32_BATCH_PREFETCH_BYTES 8192
 
 /* ------------------------------------------------------------------------------------------- fp32 */
@@ -1728,9 +1727,9 @@ ALWAYS_INLINE void q4_zmm_load(const uint8_t *p, int64_t bytes, __m512i *a0, __m
 
 /* 64 bytes of int8 or 4-bit weights as two 256-bit loads put together, for the products that stream a matrix
  * from DRAM. With the weights 16 bytes into a cache line, where NumPy's large buffers begin, a 512-bit load
- * spans two lines; one core streams the products from DRAM faster with two 256-bit loads than with one 512-bit
- * load (at other offsets too), and products that are DRAM-bound on every core or stay in cache run alike either
- * way (docs/speed.md). Its effect on Intel's AVX-512 CPUs is not known. */
+ * spans two lines; one Zen 4 core streams the products from DRAM faster with two 256-bit loads than with one
+ * 512-bit load (at other offsets too), and products that are DRAM-bound on every core or stay in cache run alike
+ * either way (docs/speed.md). On a Sapphire Rapids-class Xeon the two ways stream alike (within 3%). */
 ALWAYS_INLINE __m512i load_weights512(const uint8_t *p) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p)),
                               _mm256_loadu_si256((const __m256i *)(p + 32)), 1);
@@ -2179,11 +2178,9 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
 /* The AVX-512 int8 rows: DOTS leaves each token's 16 partial sums of a row in acc[t], summed in hsum16's tree.
  * One token's rows go sixteen at a time: their sums side by side (f32_sums16, the same tree, so the same result
  * as one row alone whatever the chunk's bounds) and one store for sixteen outputs: the horizontal sums of single
- * rows are a sizable share of a short row's time (docs/speed.md). No software prefetch: these kernels take few
- * instructions per byte and the hardware prefetchers keep up (a software prefetch 6 KiB ahead only slows their
- * DRAM stream: docs/speed.md). */
+ * rows are a sizable share of a short row's time (docs/speed.md). */
 #define ZMM_ROW(i, DOTS)                                                                                     \
-    ROW_WEIGHTS(i, ZMM_PREFETCH_BYTES)                                                                       \
+    ROW_WEIGHTS(i, prefetch_bytes)                                                                           \
     __m512 acc[8];                                                                                           \
     DOTS;
 
