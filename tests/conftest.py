@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +55,35 @@ def cpu_has(*flags: str) -> bool:
 
     have = kernels_native.cpu_flags()
     return have is not None and set(flags) <= have
+
+
+@functools.cache
+def llama_cpp_trouble() -> str | None:
+    """Why llama.cpp (llama-cpp-python, the bench extra) cannot decode here, or None: not installed, or its
+    process dies decoding a tiny Q8_0 GGUF (tried once, in a child). PyPI's llama-cpp-python builds for the CPU it
+    is installed on, and on Sapphire Rapids-class Xeons its AMX matrix products crash (ggml-org/llama.cpp#20824)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python (the bench extra) is not installed"
+    from babyllama.interop.gguf import save_gguf
+    from babyllama.interop.vocab import from_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tiny.gguf"
+        save_gguf(random_weights(tiny_args(dim=64, hidden_dim=128)), path, from_tokenizer(byte_tokenizer(300)), "q8_0")
+        code = f"from babyllama.bench import open_llamacpp; open_llamacpp({str(path)!r}, 64, 2).eval([1, 2, 3])"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    if proc.returncode < 0:
+        return (f"llama.cpp (llama-cpp-python) dies decoding here (signal {-proc.returncode}): on Sapphire "
+                "Rapids-class CPUs its AMX products crash (ggml-org/llama.cpp#20824); docs/speed.md says how to "
+                "build it without AMX")
+    return None
+
+
+def require_llama_cpp() -> None:
+    """Skip the test, with the reason, where llama.cpp cannot decode here (llama_cpp_trouble)."""
+    reason = llama_cpp_trouble()
+    if reason is not None:
+        pytest.skip(reason)
 
 
 def native_build(arch: str):

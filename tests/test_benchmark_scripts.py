@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_llama_cpp
 
 from babyllama import bench
 
@@ -161,7 +162,7 @@ def test_decode_windows_runs_a_round_of_each_format(tmp_path):
 
 def test_decode_windows_times_llama_cpp_on_the_gguf_file_beside_ours(tmp_path):
     """llama.cpp:FMT decodes bench's FMT.gguf in llama.cpp, between the same probes as babyllama's rows."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    require_llama_cpp()
     out = script("decode_windows.py", "--shape", "builtin", "--formats", "q8_0.gguf,llama.cpp:q8_0", "--seconds",
                  "0", "--tokens", "16", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

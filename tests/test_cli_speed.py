@@ -15,6 +15,7 @@ from conftest import (
     cli_error,
     logits_after,
     random_weights,
+    require_llama_cpp,
     run_cli,
     shared_file,
     tiny_args,
@@ -609,7 +610,7 @@ def test_bench_measures_llama_cpp_decode_and_prefill_on_the_same_models(tmp_path
     """`bench --llamacpp` runs llama.cpp (llama-cpp-python, the `bench` extra) on GGUF exports of the same
     models: its decode and its prefill of the same prompt, and the babyllama / llama.cpp ratios of both
     (plumbing only: no speed is asserted)."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the bench extra) is not installed")
+    require_llama_cpp()
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=64))
     plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, tokens=16, batch=2, prompt_len=24, paths=("fast",),
                       llamacpp=True, bandwidth_mib=8)
