@@ -413,27 +413,40 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
     native.read_memory(buf)
     rates = read_rates(native, buf, repeats)
     return {"gbps": max(rates.values()), "streams": {str(k): v for k, v in rates.items()},
-            "threads": native.threads(), "mib": mib, "cache_bytes": last_level_cache_bytes()}
+            "threads": native.threads(), "mib": mib}
 
 
-def last_level_cache_bytes(cpu_caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
-    """The size of the CPU's largest cache (Linux's sysfs; 0 where it is not known). A decode step whose bytes
-    fit in it reads them mostly from that cache, not from memory, and can pass the memory's bandwidth."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = [0]
-    for size in cpu_caches.glob("index*/size"):
-        try:
-            text = size.read_text().strip()
-            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
-        except (OSError, ValueError):
-            continue
-    return max(sizes)
+SIZED_READ_BYTES = 256 << 20  # a same-size probe reads its buffer this many bytes' worth of times, at least
+
+
+def measure_sized_reads(sizes: list[int], repeats: int = 5) -> dict:
+    """GB/s of reading a buffer of each of `sizes` bytes whole, again and again, on every kernel thread (one stream
+    and four, the faster median; at least `repeats` reads and SIZED_READ_BYTES in all): what a decode step that
+    reads that many bytes a token can get at most from wherever they stay between tokens, a cache for a small
+    model and memory for a large one. Which sizes a cache holds is measured, not taken from the cache's nominal
+    size (a VM's sysfs named a 480 MiB last-level cache that read a 128 MiB buffer at memory's speed)."""
+    import numpy as np
+
+    from . import kernels_native
+
+    native = kernels_native.load()
+    if native is None:
+        return {}
+    rates = {}
+    for size in sizes:
+        buf = np.ones(-(-max(size, 1) // 4096) * 4096, dtype=np.uint8)  # whole 4 KiB pages, as read_memory takes
+        native.read_memory(buf)
+        reads = min(max(repeats, -(-SIZED_READ_BYTES // buf.nbytes)), 1000)
+        rates[str(size)] = max(read_rates(native, buf, reads).values())
+    return {"sized": rates}
 
 
 def _child(spec: dict) -> dict:
     kind = spec.pop("kind")
     if kind == "bandwidth":
         return measure_bandwidth(**spec)
+    if kind == "sized":
+        return measure_sized_reads(**spec)
     if kind == "llamacpp":
         return measure_llamacpp(Path(spec.pop("path")), **spec)
     from .memory import keep_freed_memory
@@ -682,8 +695,28 @@ def run(plan: Plan, directory: Path, log=print) -> tuple[list[Row], dict]:
                 rounds.append(_shape_rows(plan, shape, formats, paths, n == 0, directory, log))
             if probes:
                 bandwidth.setdefault("shapes", {})[shape] = _median(probes)
-            rows += merge_rounds(rounds)
+            merged = merge_rounds(rounds)
+            if probes:
+                bandwidth.setdefault("sized", {}).update(_sized_probe(plan, merged))
+            rows += merged
     return rows, bandwidth
+
+
+def token_bytes(result: dict) -> int:
+    """The bytes a row's decode reads per token: its weights, and its KV cache at the run's average position."""
+    return int(result.get("decode_bytes", 0) + result.get("kv_bytes", 0))
+
+
+def _sized_probe(plan: Plan, rows: list[Row]) -> dict:
+    """Reads of each measured row's bytes per token (measure_sized_reads), with the first thread setting's
+    environment as the bandwidth probe: {str(bytes): GB/s}."""
+    sizes = sorted({token_bytes(r.result) for r in rows if not r.error and r.result.get("decode_bytes")})
+    if not sizes:
+        return {}
+    try:
+        return _run_child({"kind": "sized", "sizes": sizes}, _thread_env(plan.thread_settings[0])).get("sized", {})
+    except RuntimeError:  # no memory for a size: those rows show the bandwidth's share alone
+        return {}
 
 
 def _bandwidth_probe(plan: Plan) -> dict:
@@ -849,11 +882,11 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
         lines.append(f"Memory bandwidth (this run, thread setting {setting}: {threads} thread{'s' * (threads != 1)} "
                      f"reading {bandwidth['mib']} MiB{streams}): "
                      f"**{bw:.1f} GB/s** at the start{where}\n")
-    head = ("| model | weights | engine | threads | decode tok/s | decode GB/s (% of bandwidth) | sampled tok/s "
+    sized = (bandwidth or {}).get("sized") or {}
+    share_head = "% of bandwidth / of a same-size read" if sized else "% of bandwidth"
+    head = (f"| model | weights | engine | threads | decode tok/s | decode GB/s ({share_head}) | sampled tok/s "
             f"| prefill tok/s | B={batch} decode tok/s | TTFT ms | peak RSS MiB |")
     lines += [head, "|" + " --- |" * (head.count("|") - 1)]
-    cache = (bandwidth or {}).get("cache_bytes") or 0
-    in_cache = False
     errors = []
     for r in rows:
         res = r.result
@@ -863,13 +896,11 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
                          + " – |" * 6)
             continue
         decode = res.get("decode")
-        read = res.get("decode_bytes", 0) + res.get("kv_bytes", 0)
+        read = token_bytes(res)
         gbps = decode * read / 1e9 if decode and res.get("decode_bytes") else None
-        limit = beside.get(r.shape, bw)
-        share = f"{gbps:.1f} ({100 * gbps / limit:.0f}%)" if gbps and limit else _cell(gbps, ".1f")
-        if gbps and read <= cache:
-            share = share[:-1] + ", fits in cache)" if share.endswith(")") else share + " (fits in cache)"
-            in_cache = True
+        limits = [x for x in (beside.get(r.shape, bw), sized.get(str(read))) if x]
+        share = (f"{gbps:.1f} (" + " / ".join(f"{100 * gbps / x:.0f}%" for x in limits) + ")" if gbps and limits
+                 else _cell(gbps, ".1f"))
         lines.append(f"| {r.shape} | {FORMAT_LABELS[r.fmt]} | {r.engine} | {r.threads} | {_cell(decode, '.1f')} | "
                      f"{share} | {_cell(res.get('sampled'), '.1f')} | {_cell(res.get('prefill'), '.0f')} | "
                      f"{_cell(res.get('batch'), '.1f')} | {_cell(res.get('ttft_ms'), '.0f')} | "
@@ -889,9 +920,11 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
              "or N set explicitly (--thread-settings, --threads or OMP_NUM_THREADS; the plain rows: 1). "
              "KV cache: f16 for Q8_0/Q4_0 weights, f32 for fp32, "
              "F16 and BF16, unless the engine column names --kv-cache.")
-    if in_cache:
-        notes += (f" fits in cache: a token's bytes fit in the CPU's last-level cache ({cache / 2**20:.0f} MiB), so "
-                  "that decode reads them mostly from there and its share of the memory's bandwidth can pass 100%.")
+    if sized:
+        notes += (" same-size read: every kernel thread reading a buffer of the row's bytes per token again and "
+                  "again, measured after the model's rounds: where those bytes stay in a cache between tokens, "
+                  "decode reads them from there, passing the memory's bandwidth, and this share is the one "
+                  "that tells how near the reads' limit it is.")
     text = "\n".join(lines) + "\n\n" + notes + "\n"
     ratios = _ratios(rows)
     if ratios:

@@ -379,25 +379,37 @@ def test_the_plain_row_under_a_kv_cache_flag_is_still_the_plain_baseline():
     assert "babyllama / reference" not in text and "vs plain NumPy" not in text
 
 
-def test_bench_marks_the_rows_whose_bytes_fit_in_the_cpus_cache(tmp_path):
-    """A model read from cache can pass the memory's bandwidth (the built-in model read 128%): such rows say so."""
-    for index, size in enumerate(("48K", "1024K", "32768K", "junk")):
-        (tmp_path / f"index{index}").mkdir()
-        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
-    assert bench.last_level_cache_bytes(tmp_path) == 32 << 20
-    assert bench.last_level_cache_bytes(tmp_path / "none") == 0
-    res = {"decode": 1000.0, "decode_bytes": 20e6, "kv_bytes": 0}
-    rows = [bench.Row("tiny", "fp32", "babyllama", result=res)]
+def test_bench_gives_each_rows_share_of_a_read_of_its_own_size_too():
+    """A model whose bytes stay in a cache between tokens can pass the memory's bandwidth (the built-in model read
+    128%): beside that share each row gives its share of a read of its own bytes per token, where that was
+    measured (not under co-runners), and the notes say what that read is."""
+    res = {"decode": 1000.0, "decode_bytes": 15e6, "kv_bytes": 5e6}
+    rows = [bench.Row("tiny", "fp32", "babyllama", result=res),
+            bench.Row("tiny", "q8_0", "babyllama", result={**res, "decode_bytes": 35e6})]
 
-    def share(cache_bytes: int) -> tuple[str, str]:
-        text = bench.table(rows, 2, 16, {"gbps": 10.0, "threads": 2, "mib": 64, "cache_bytes": cache_bytes})
-        return [x for x in text.splitlines() if x.startswith("| tiny |")][0].split("|")[6].strip(), text
+    def cells(bandwidth: dict) -> tuple[list[str], str]:
+        text = bench.table(rows, 2, 16, {"gbps": 10.0, "threads": 2, "mib": 64, **bandwidth})
+        return [x.split("|")[6].strip() for x in text.splitlines() if x.startswith("| tiny |")], text
 
-    cell, text = share(32 << 20)
-    assert cell == "20.0 (200%, fits in cache)" and "the CPU's last-level cache (32 MiB)" in text
-    for cache_bytes in (16 << 20, 0):  # smaller than a token's bytes, or unknown
-        cell, text = share(cache_bytes)
-        assert cell == "20.0 (200%)" and "last-level cache" not in text
+    shares, text = cells({"sized": {str(20_000_000): 40.0, str(40_000_000): 8.0}})
+    assert shares == ["20.0 (200% / 50%)", "40.0 (400% / 500%)"]
+    assert "% of bandwidth / of a same-size read" in text and "same-size read: every kernel thread" in text
+    shares, text = cells({"sized": {str(20_000_000): 40.0}})  # the other size not measured
+    assert shares == ["20.0 (200% / 50%)", "40.0 (400%)"]
+    shares, text = cells({})  # busy runs: no same-size reads
+    assert shares == ["20.0 (200%)", "40.0 (400%)"] and "same-size" not in text
+
+
+def test_the_same_size_probe_reads_buffers_of_each_size():
+    """measure_sized_reads reads a buffer of each size, rounded up to whole pages (decode's bytes per token are
+    any number), and keys its GB/s on the size asked for."""
+    from babyllama import kernels_native
+
+    if kernels_native.load() is None:
+        pytest.skip("the probe reads with the native kernels, which need a C compiler")
+    sizes = [1, 4096, 300_001, 3 << 20]
+    rates = bench.measure_sized_reads(sizes, repeats=1)["sized"]
+    assert list(rates) == [str(n) for n in sizes] and all(v > 0 for v in rates.values())
 
 
 def test_bench_notes_name_the_prompts_the_figures_were_measured_on():
@@ -456,10 +468,11 @@ def test_bench_run_measures_the_bandwidth_again_beside_each_model(tmp_path, monk
     rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
     assert bandwidth["gbps"] > 0 and set(bandwidth["shapes"]) == {"tiny"} and bandwidth["shapes"]["tiny"] > 0
     line = [x for x in bench.table(rows, 2, 16, bandwidth).splitlines() if x.startswith("| tiny |")][0]
-    gbps = rows[0].result["decode"] * (rows[0].result["decode_bytes"] + rows[0].result["kv_bytes"]) / 1e9
     read = rows[0].result["decode_bytes"] + rows[0].result["kv_bytes"]
-    in_cache = ", fits in cache" if read <= bandwidth["cache_bytes"] else ""  # a tiny model, where sysfs tells
-    assert f"{gbps:.1f} ({100 * gbps / bandwidth['shapes']['tiny']:.0f}%{in_cache})" in line
+    gbps = rows[0].result["decode"] * read / 1e9
+    assert list(bandwidth["sized"]) == [str(read)]  # a read of the row's own bytes per token, after its rounds
+    limits = (bandwidth["shapes"]["tiny"], bandwidth["sized"][str(read)])
+    assert f"{gbps:.1f} ({100 * gbps / limits[0]:.0f}% / {100 * gbps / limits[1]:.0f}%)" in line
 
 
 def test_bench_run_with_busy_co_runners_thread_settings_and_a_failing_reference(tmp_path, monkeypatch):
