@@ -398,20 +398,26 @@ def read_rates(native, buf, reads: int) -> dict[int, float]:
     return {k: buf.nbytes / _median(t) / 1e9 for k, t in times.items()}
 
 
+def buffer_rates(native, nbytes: int, reads: int) -> dict[int, float]:
+    """read_rates of a fresh buffer of `nbytes` (rounded up to whole 4 KiB pages, as read_memory takes them), read
+    once first so that its pages are in memory."""
+    import numpy as np
+
+    buf = np.ones(-(-max(nbytes, 1) // 4096) * 4096, dtype=np.uint8)
+    native.read_memory(buf)
+    return read_rates(native, buf, reads)
+
+
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
     """Read `mib` MiB (already in memory) on every kernel thread as one stream and as four: the faster one's GB/s
     (the median of `repeats` after a warm-up read), and both. What decode can reach at most, as every weight is
     read once per token."""
-    import numpy as np
-
     from . import kernels_native
 
     native = kernels_native.load()
     if native is None:
         return {}
-    buf = np.ones(mib << 20, dtype=np.uint8)
-    native.read_memory(buf)
-    rates = read_rates(native, buf, repeats)
+    rates = buffer_rates(native, mib << 20, repeats)
     return {"gbps": max(rates.values()), "streams": {str(k): v for k, v in rates.items()},
             "threads": native.threads(), "mib": mib}
 
@@ -425,8 +431,6 @@ def measure_sized_reads(sizes: list[int], repeats: int = 5) -> dict:
     reads that many bytes a token can get at most from wherever they stay between tokens, a cache for a small
     model and memory for a large one. Which sizes a cache holds is measured, not taken from the cache's nominal
     size (a VM's sysfs named a 480 MiB last-level cache that read a 128 MiB buffer at memory's speed)."""
-    import numpy as np
-
     from . import kernels_native
 
     native = kernels_native.load()
@@ -434,10 +438,9 @@ def measure_sized_reads(sizes: list[int], repeats: int = 5) -> dict:
         return {}
     rates = {}
     for size in sizes:
-        buf = np.ones(-(-max(size, 1) // 4096) * 4096, dtype=np.uint8)  # whole 4 KiB pages, as read_memory takes
-        native.read_memory(buf)
-        reads = min(max(repeats, -(-SIZED_READ_BYTES // buf.nbytes)), 1000)
-        rates[str(size)] = max(read_rates(native, buf, reads).values())
+        whole_pages = -(-max(size, 1) // 4096) * 4096  # what buffer_rates reads
+        reads = min(max(repeats, -(-SIZED_READ_BYTES // whole_pages)), 1000)
+        rates[str(size)] = max(buffer_rates(native, size, reads).values())
     return {"sized": rates}
 
 

@@ -1,5 +1,5 @@
-/* What the C benchmarks (kernel_rates.c, decode_rates.c, read_streams.c) call in babyllama/csrc/kernels.c, declared as that
- * file defines it (the Mat layout must stay in step with kernels.c's), and their clock. */
+/* What the C benchmarks (kernel_rates.c, decode_rates.c, read_streams.c) call in babyllama/csrc/kernels.c,
+ * declared as that file defines it (the Mat layout must stay in step with kernels.c's), and their clock. */
 #ifndef BABYLLAMA_KERNELS_C_API_H
 #define BABYLLAMA_KERNELS_C_API_H
 

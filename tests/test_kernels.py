@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,11 +73,9 @@ def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
 
 def cpu_vendor() -> str | None:
     """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD), or None where /proc/cpuinfo is not there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), None)
+    prefix = "vendor_id: "
+    return next((line[len(prefix):] for line in kernels_native.cpu_signature().splitlines()
+                 if line.startswith(prefix)), None)
 
 
 def test_the_int8_rows_prefetch_distance_follows_the_cpu(native):
