@@ -552,9 +552,11 @@ class NativeKernels:
         self.lib.forward_step.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ptr, i64, ptr]
         self.lib.forward_step.restype = ctypes.c_int
         self.lib.kernel_threads.restype = ctypes.c_int
-        # pool_split_jobs, pool_sleeps, pool_spin_us: the pool's counters and its spin, for tests only (unused here)
+        # pool_split_jobs, pool_sleeps, pool_shared_looks, pool_spin_us: the pool's counters and its spin, for tests
+        # only (unused here)
         self.lib.pool_split_jobs.restype = ctypes.c_int64
         self.lib.pool_sleeps.restype = ctypes.c_int64
+        self.lib.pool_shared_looks.restype = ctypes.c_int64
         self.lib.pool_spin_us.restype = ctypes.c_int64
         self.lib.kernel_isa.restype = ctypes.c_char_p
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -598,7 +600,8 @@ class NativeKernels:
         """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
         (explicit), else every CPU this process may use, with small products kept on one thread.
         BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default: 500 while every thread is
-        used by the adaptation, else 50; see kernels.c spin_limit)."""
+        used by the adaptation and the thread's CPU is not shared with other busy work, else 50; see kernels.c
+        spin_limit)."""
         if n is None:
             n = explicit_threads()
         explicit = n is not None

@@ -764,6 +764,88 @@ def test_threads_stay_awake_between_steps_where_every_thread_is_used():
     assert adaptive <= 2 and set_long <= 2
 
 
+NEW_WORKER = """
+import os, time
+import numpy as np
+from babyllama import kernels_native
+
+
+def wait_until_asleep(tid):  # a worker sleeps once it has started and found no job
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "S":
+                return
+        time.sleep(0.001)
+    raise SystemExit("the worker never slept")
+"""
+
+WORKER_ON_THE_CALLERS_CPU = NEW_WORKER + """
+k = kernels_native.load()
+k.lib.pool_configure(2, 1, -1)  # two explicit threads: every product splits
+w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
+before = set(os.listdir("/proc/self/task"))
+k.matmul(x, [w])  # starts the worker
+(worker,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+wait_until_asleep(worker)  # past its start, where it notes the CPUs it may use
+cpu = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cpu})  # this thread, the caller
+os.sched_setaffinity(worker, {cpu})  # where the OS may put a woken worker
+for _ in range(50):
+    k.matmul(x, [w])
+    time.sleep(0.001)  # the worker gets the CPU
+print(cpu, *sorted(os.sched_getaffinity(worker)))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU affinity is set on Linux only")
+def test_a_worker_leaves_the_callers_cpu():
+    """A worker that finds itself on the CPU of the thread that gave it the job moves to the process's other CPUs:
+    there the two would take turns on one core while another runs a co-runner. The test puts the worker on the
+    caller's CPU; after some products it may run anywhere but there."""
+    out = run_with_default_threads(WORKER_ON_THE_CALLERS_CPU, "no other CPU to move a worker to")
+    cpu, *worker_cpus = map(int, out.split())
+    assert worker_cpus and cpu not in worker_cpus
+
+
+WORKER_BESIDE_A_CO_RUNNER = NEW_WORKER + """
+import subprocess, sys
+k = kernels_native.load()
+k.lib.pool_configure(2, 1, -1)
+w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
+before = set(os.listdir("/proc/self/task"))
+k.matmul(x, [w])
+(worker,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+wait_until_asleep(worker)
+mine, theirs = sorted(os.sched_getaffinity(0))[:2]
+os.sched_setaffinity(0, {mine})
+os.sched_setaffinity(worker, {theirs})
+spin = "import os\\nos.sched_setaffinity(0, {%d})\\nwhile True: pass" % theirs
+co_runner = subprocess.Popen([sys.executable, "-c", spin])
+try:
+    time.sleep(0.2)
+    idle = k.lib.pool_shared_looks()
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        burst = time.perf_counter() + 0.01
+        while time.perf_counter() < burst:  # products back to back: the worker stays runnable beside the co-runner
+            k.matmul(x, [w])
+        time.sleep(0.001)  # a gap past its spin: it looks at its preemptions and sleeps
+finally:
+    co_runner.kill()
+print(idle, k.lib.pool_shared_looks())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preemption count is read on Linux only")
+def test_a_worker_beside_a_co_runner_finds_its_cpu_shared():
+    """A worker that the OS keeps preempting for milliseconds (a co-runner on its CPU) takes its CPU for shared, and
+    then spins short (spin_limit): here a spinning process shares the worker's CPU for a second of products."""
+    out = run_with_default_threads(WORKER_BESIDE_A_CO_RUNNER, "no second CPU to give the worker")
+    idle, shared = map(int, out.split())
+    assert shared > idle
+
+
 ADAPTATION = """
 import ctypes, json, sys
 from babyllama import kernels_native

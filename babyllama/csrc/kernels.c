@@ -52,6 +52,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/resource.h>
+#endif
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -107,6 +110,8 @@ static struct {
     int threads;            /* threads a job may use, caller included */
     int explicit_threads;   /* set by the user (--threads, OMP_NUM_THREADS): used for every job */
     int64_t spin_ns;        /* how long an idle thread spins before it sleeps (BABYLLAMA_SPIN_US); -1: spin_limit */
+    _Atomic int caller_cpu; /* the CPU the current job was published from (Linux; else -1) */
+    _Atomic int64_t shared_looks; /* looks at a worker's preemptions that found its CPU shared (read by tests) */
     /* the current job: written before its runs are published, read only after a successful claim */
     ChunkFn fn;
     void *ctx;
@@ -116,7 +121,7 @@ static struct {
     int64_t sleeps;         /* times an idle thread went to sleep (read by tests; under sleep_lock) */
     Run runs[MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 1, 0,
-          -1, NULL, NULL, 0, 1, 0, 0, 0, {{0}}};
+          -1, -1, 0, NULL, NULL, 0, 1, 0, 0, 0, {{0}}};
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -169,15 +174,68 @@ static void take_part(int self, int n_runs) {
 }
 
 static int64_t spin_limit(void);
+#define SPIN_NS 500000LL
+#define SHORT_SPIN_NS 50000LL
+
+/* A worker's CPU is shared with other busy work when the OS keeps preempting the worker for long: a co-runner's
+ * turn on the core lasts a millisecond or more, a kernel thread's or a terminal's (reading the output) tens of
+ * microseconds. There a long spin uses up the worker's share of the core and the next job finds it preempted, so
+ * it spins short (SHORT_SPIN_NS) while two preemptions of over LONG_PREEMPTION_NS each (on average between two
+ * looks) fall within SHARED_MEMORY_NS. One is not enough: an idle machine's housekeeping preempts a worker for a
+ * few milliseconds now and then (docs/speed.md). A worker looks when it wakes (to start counting), SHORT_SPIN_NS
+ * into a longer spin and before it sleeps: a few system calls per decode step. Linux only (RUSAGE_THREAD); where
+ * the count is missing no CPU is taken for shared. */
+#define LONG_PREEMPTION_NS 500000LL
+#define SHARED_MEMORY_NS 200000000LL
+
+typedef struct { int64_t wall, cpu, voluntary, involuntary; } Usage;
+static _Thread_local Usage watched;        /* at the last look */
+static _Thread_local int64_t long_preemptions[2] = {INT64_MIN / 2, INT64_MIN / 2}; /* when: the latest first */
+
+static Usage usage_now(void) {
+    Usage u = {now_ns(), 0, 0, 0};
+#if defined(__linux__) && defined(RUSAGE_THREAD)
+    struct rusage ru;
+    struct timespec cpu;
+    if (getrusage(RUSAGE_THREAD, &ru) == 0 && clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0) {
+        /* the CPU time from the clock: getrusage's lags by up to a scheduler tick */
+        u.cpu = (int64_t)cpu.tv_sec * 1000000000 + cpu.tv_nsec;
+        u.voluntary = ru.ru_nvcsw, u.involuntary = ru.ru_nivcsw;
+    }
+#endif
+    return u;
+}
+
+/* whether this thread's CPU is shared, after counting the long preemptions since the last look (none where it
+ * slept in between: its time off the CPU is then mostly the sleep) */
+static int cpu_shared(void) {
+    Usage u = usage_now();
+    int64_t preempted = u.involuntary - watched.involuntary, off_cpu = (u.wall - watched.wall) - (u.cpu - watched.cpu);
+    if (u.voluntary == watched.voluntary && preempted > 0 && off_cpu > preempted * LONG_PREEMPTION_NS) {
+        long_preemptions[1] = long_preemptions[0];
+        long_preemptions[0] = u.wall;
+    }
+    watched = u;
+    int shared = u.wall - long_preemptions[1] < SHARED_MEMORY_NS;
+    if (shared) atomic_fetch_add_explicit(&pool.shared_looks, 1, memory_order_relaxed);
+    return shared;
+}
 
 static uint64_t wait_for_job(uint64_t seen) {
     int64_t start = now_ns();
+    int looked = 0, shared = 0;
     for (int i = 1;; i++) {
         uint64_t s = atomic_load_explicit(&pool.seq, memory_order_acquire);
         if (s != seen) return s;
-        if (i % 256 == 0 && now_ns() - start > spin_limit()) break;
+        if (i % 256 == 0) {
+            int64_t spun = now_ns() - start, limit = spin_limit();
+            if (!looked && spun > SHORT_SPIN_NS && limit > SHORT_SPIN_NS && pool.spin_ns < 0)
+                looked = 1, shared = cpu_shared();
+            if (spun > (shared ? SHORT_SPIN_NS : limit)) break;
+        }
         cpu_relax();
     }
+    cpu_shared(); /* the jobs since the last look, before a sleep hides their preemptions */
     pthread_mutex_lock(&pool.sleep_lock);
     pool.sleeps++;
     atomic_fetch_add(&pool.sleeping, 1); /* seq_cst with the publisher's seq bump: no lost wake-up */
@@ -185,14 +243,36 @@ static uint64_t wait_for_job(uint64_t seen) {
     while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
     atomic_fetch_sub(&pool.sleeping, 1);
     pthread_mutex_unlock(&pool.sleep_lock);
+    watched = usage_now();
     return s;
 }
+
+#if defined(__linux__)
+/* Move the calling worker off `cpu`, the caller's. With as many busy threads as CPUs (a co-runner beside two
+ * threads on two cores) the OS often puts a woken worker on the CPU of the thread that woke it, and keeps it there
+ * for a hundred milliseconds or more: the two then take turns on one core, the caller runs slower than alone and
+ * the worker hardly ever runs, while the co-runner has the other core to itself (docs/speed.md). */
+static void leave_cpu(int cpu, const cpu_set_t *allowed) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, allowed)) return;
+    cpu_set_t others = *allowed;
+    CPU_CLR(cpu, &others);
+    pthread_setaffinity_np(pthread_self(), sizeof others, &others);
+}
+#endif
 
 static void *worker(void *arg) {
     int self = (int)(intptr_t)arg;
     uint64_t seen = atomic_load(&pool.seq);
+#if defined(__linux__)
+    cpu_set_t allowed; /* the CPUs the worker started with: it leaves the caller's among them */
+    int can_move = pthread_getaffinity_np(pthread_self(), sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 1;
+#endif
     for (;;) {
         seen = wait_for_job(seen);
+#if defined(__linux__)
+        int caller = atomic_load_explicit(&pool.caller_cpu, memory_order_relaxed);
+        if (can_move && sched_getcpu() == caller) leave_cpu(caller, &allowed);
+#endif
         int active = atomic_load_explicit(&pool.active, memory_order_relaxed);
         if (self < active) take_part(self, active);
     }
@@ -249,6 +329,8 @@ int kernel_threads(void) { return pool.threads; }
 
 int64_t pool_split_jobs(void) { return pool.split_jobs; }
 
+int64_t pool_shared_looks(void) { return atomic_load(&pool.shared_looks); }
+
 int64_t pool_sleeps(void) {
     pthread_mutex_lock(&pool.sleep_lock);
     int64_t n = pool.sleeps;
@@ -295,6 +377,9 @@ static void pool_run_on(int threads, ChunkFn fn, void *ctx, int64_t n_items, int
         atomic_store_explicit(&pool.runs[r].run, (hi << 32) | lo, memory_order_release);
     }
     atomic_store_explicit(&pool.active, threads, memory_order_relaxed);
+#if defined(__linux__)
+    atomic_store_explicit(&pool.caller_cpu, sched_getcpu(), memory_order_relaxed);
+#endif
     atomic_fetch_add(&pool.seq, 1);
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.sleep_lock);
@@ -384,13 +469,10 @@ static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1
 /* How long an idle thread spins before it sleeps, unless set (BABYLLAMA_SPIN_US). Where the adaptation runs products on
  * every thread, SPIN_NS: longer than the gap between two decode steps (the Python between them takes 50-200 us), so
  * that the next step's first products find the threads awake: with a shorter spin a worker sleeps between steps and
- * wakes late for the next one (docs/speed.md). SHORT_SPIN_NS where the adaptation runs products on the caller's thread
- * alone or measures that (a busy machine), and where threads were set explicitly (nothing tells whether the machine is
- * busy): a thread spinning beside a co-runner uses up its share of the core and is then preempted in the middle of the
- * next job (so there the long spin, and one that ends once a thread finds itself preempted, decode slower than the
- * short one: docs/speed.md). */
-#define SPIN_NS 500000LL
-#define SHORT_SPIN_NS 50000LL
+ * wakes late for the next one (docs/speed.md); but SHORT_SPIN_NS on a worker whose CPU is shared (cpu_shared).
+ * SHORT_SPIN_NS where the adaptation runs products on the caller's thread alone or measures that (a busy machine),
+ * and where threads were set explicitly: a thread spinning beside a co-runner uses up its share of the core and is
+ * then preempted in the middle of the next job (docs/speed.md). */
 
 static int64_t spin_limit(void) {
     if (pool.spin_ns >= 0) return pool.spin_ns;
