@@ -250,7 +250,7 @@ static uint64_t wait_for_job(uint64_t seen) {
 #if defined(__linux__)
 /* Move the calling worker off `cpu`, the caller's. With as many busy threads as CPUs (a co-runner beside two
  * threads on two cores) the OS often puts a woken worker on the CPU of the thread that woke it, and keeps it there
- * for a hundred milliseconds or more: the two then take turns on one core, the caller runs slower than alone and
+ * for tens to hundreds of milliseconds: the two then take turns on one core, the caller runs slower than alone and
  * the worker hardly ever runs, while the co-runner has the other core to itself (docs/speed.md). */
 static void leave_cpu(int cpu, const cpu_set_t *allowed) {
     if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, allowed)) return;
@@ -473,7 +473,6 @@ static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1
  * SHORT_SPIN_NS where the adaptation runs products on the caller's thread alone or measures that (a busy machine),
  * and where threads were set explicitly: a thread spinning beside a co-runner uses up its share of the core and is
  * then preempted in the middle of the next job (docs/speed.md). */
-
 static int64_t spin_limit(void) {
     if (pool.spin_ns >= 0) return pool.spin_ns;
     return !pool.explicit_threads && adapt_mode() == 1 ? SPIN_NS : SHORT_SPIN_NS;
