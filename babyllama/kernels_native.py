@@ -599,9 +599,9 @@ class NativeKernels:
     def configure_threads(self, n: int | None = None) -> None:
         """n threads for every parallel product (explicit, like --threads); None: OMP_NUM_THREADS when set
         (explicit), else every CPU this process may use, with small products kept on one thread.
-        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default: 500 while every thread is
-        used by the adaptation and the thread's CPU is not shared with other busy work, else 50; see kernels.c
-        spin_limit)."""
+        BABYLLAMA_SPIN_US: how long idle pool threads spin before they sleep (default: 500 where every thread is used,
+        by the adaptation or explicitly, and the thread's CPU is not shared with other busy work, else 50; see
+        kernels.c spin_limit)."""
         if n is None:
             n = explicit_threads()
         explicit = n is not None

@@ -467,15 +467,15 @@ static void adapt_after_fork(void) { pthread_mutex_init(&adapt.lock, NULL); }
 static int adapt_mode(void) { return adapt.phase == 0 ? 0 : adapt.phase == 1 ? 1 : adapt.choice; }
 
 /* How long an idle thread spins before it sleeps, unless set (BABYLLAMA_SPIN_US). Where the adaptation runs products on
- * every thread, SPIN_NS: longer than the gap between two decode steps (the Python between them takes 50-200 us), so
- * that the next step's first products find the threads awake: with a shorter spin a worker sleeps between steps and
- * wakes late for the next one (docs/speed.md); but SHORT_SPIN_NS on a worker whose CPU is shared (cpu_shared).
- * SHORT_SPIN_NS where the adaptation runs products on the caller's thread alone or measures that (a busy machine),
- * and where threads were set explicitly: a thread spinning beside a co-runner uses up its share of the core and is
- * then preempted in the middle of the next job (docs/speed.md). */
+ * every thread, and where threads were set explicitly, SPIN_NS: longer than the gap between two decode steps (the
+ * Python between them takes 50-200 us), so that the next step's first products find the threads awake: with a
+ * shorter spin a worker sleeps between steps and wakes late for the next one (docs/speed.md); but SHORT_SPIN_NS on a
+ * worker whose CPU is shared (cpu_shared), where a long spin uses up its share of the core and the next job finds it
+ * preempted. SHORT_SPIN_NS where the adaptation runs products on the caller's thread alone or measures that (a busy
+ * machine: the worker should give its core back soon). */
 static int64_t spin_limit(void) {
     if (pool.spin_ns >= 0) return pool.spin_ns;
-    return !pool.explicit_threads && adapt_mode() == 1 ? SPIN_NS : SHORT_SPIN_NS;
+    return pool.explicit_threads || adapt_mode() == 1 ? SPIN_NS : SHORT_SPIN_NS;
 }
 
 int64_t pool_spin_us(void) { return spin_limit() / 1000; } /* read by tests */
