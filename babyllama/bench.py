@@ -398,12 +398,16 @@ def read_rates(native, buf, reads: int) -> dict[int, float]:
     return {k: buf.nbytes / _median(t) / 1e9 for k, t in times.items()}
 
 
+def whole_pages(nbytes: int) -> int:
+    """`nbytes` rounded up to whole 4 KiB pages (at least one), as read_memory takes buffers."""
+    return -(-max(nbytes, 1) // 4096) * 4096
+
+
 def buffer_rates(native, nbytes: int, reads: int) -> dict[int, float]:
-    """read_rates of a fresh buffer of `nbytes` (rounded up to whole 4 KiB pages, as read_memory takes them), read
-    once first so that its pages are in memory."""
+    """read_rates of a fresh buffer of whole_pages(nbytes), read once first so that its pages are in memory."""
     import numpy as np
 
-    buf = np.ones(-(-max(nbytes, 1) // 4096) * 4096, dtype=np.uint8)
+    buf = np.ones(whole_pages(nbytes), dtype=np.uint8)
     native.read_memory(buf)
     return read_rates(native, buf, reads)
 
@@ -438,8 +442,7 @@ def measure_sized_reads(sizes: list[int], repeats: int = 5) -> dict:
         return {}
     rates = {}
     for size in sizes:
-        whole_pages = -(-max(size, 1) // 4096) * 4096  # what buffer_rates reads
-        reads = min(max(repeats, -(-SIZED_READ_BYTES // whole_pages)), 1000)
+        reads = min(max(repeats, -(-SIZED_READ_BYTES // whole_pages(size))), 1000)
         rates[str(size)] = max(buffer_rates(native, size, reads).values())
     return {"sized": rates}
 

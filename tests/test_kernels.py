@@ -764,6 +764,7 @@ def test_threads_stay_awake_between_steps_where_every_thread_is_used():
     assert adaptive <= 2 and set_long <= 2
 
 
+# a fresh process with a pool of two explicit threads: `worker` is its worker thread's id, started and asleep
 NEW_WORKER = """
 import os, time
 import numpy as np
@@ -778,9 +779,8 @@ def wait_until_asleep(tid):  # a worker sleeps once it has started and found no 
                 return
         time.sleep(0.001)
     raise SystemExit("the worker never slept")
-"""
 
-WORKER_ON_THE_CALLERS_CPU = NEW_WORKER + """
+
 k = kernels_native.load()
 k.lib.pool_configure(2, 1, -1)  # two explicit threads: every product splits
 w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
@@ -788,6 +788,9 @@ before = set(os.listdir("/proc/self/task"))
 k.matmul(x, [w])  # starts the worker
 (worker,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
 wait_until_asleep(worker)  # past its start, where it notes the CPUs it may use
+"""
+
+WORKER_ON_THE_CALLERS_CPU = NEW_WORKER + """
 cpu = min(os.sched_getaffinity(0))
 os.sched_setaffinity(0, {cpu})  # this thread, the caller
 os.sched_setaffinity(worker, {cpu})  # where the OS may put a woken worker
@@ -810,13 +813,6 @@ def test_a_worker_leaves_the_callers_cpu():
 
 WORKER_BESIDE_A_CO_RUNNER = NEW_WORKER + """
 import subprocess, sys
-k = kernels_native.load()
-k.lib.pool_configure(2, 1, -1)
-w, x = np.ones((2048, 256), np.float32), np.ones((1, 256), np.float32)
-before = set(os.listdir("/proc/self/task"))
-k.matmul(x, [w])
-(worker,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
-wait_until_asleep(worker)
 mine, theirs = sorted(os.sched_getaffinity(0))[:2]
 os.sched_setaffinity(0, {mine})
 os.sched_setaffinity(worker, {theirs})

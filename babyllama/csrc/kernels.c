@@ -877,8 +877,8 @@ static inline void store(float *o, float value, int accumulate) { *o = accumulat
 /* The int8 products (AVX2 and AVX-512 rows) prefetch prefetch_bytes ahead in a thread's stream of weight rows,
  * a distance chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md): on Intel's
  * (a Sapphire Rapids-class Xeon) 2 KiB ahead reads the regrouped rows out of DRAM faster (Q8_0R 4-9%, Q4_0R
- * 15-25%), AVX2 and AVX-512 rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers keep up and any software
- * prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well below
+ * 15-25%), AVX2 and AVX-512 rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers
+ * keep up and any software prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well below
  * the memory bandwidth, and 6 KiB ahead helps. fp32 rows are 4x longer in bytes and the same prefetch makes
  * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens'
  * arithmetic per weight the prefetchers alone fall behind). -DPREFETCH_BYTES=N fixes the distance at compile time
