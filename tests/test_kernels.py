@@ -790,13 +790,30 @@ k.matmul(x, [w])  # starts the worker
 wait_until_asleep(worker)  # past its start, where it notes the CPUs it may use
 """
 
-WORKER_ON_THE_CALLERS_CPU = NEW_WORKER + """
+# products given from `cpu` `times` times, a pause after each in which the worker gets the CPU
+PRODUCTS_FROM_ONE_CPU = """
+def products_from(cpu, times=50):
+    os.sched_setaffinity(0, {cpu})  # this thread, the caller
+    for _ in range(times):
+        k.matmul(x, [w])
+        time.sleep(0.001)
+"""
+
+WORKER_ON_THE_CALLERS_CPU = NEW_WORKER + PRODUCTS_FROM_ONE_CPU + """
+import threading
 cpu = min(os.sched_getaffinity(0))
-os.sched_setaffinity(0, {cpu})  # this thread, the caller
 os.sched_setaffinity(worker, {cpu})  # where the OS may put a woken worker
-for _ in range(50):
-    k.matmul(x, [w])
-    time.sleep(0.001)  # the worker gets the CPU
+caller = threading.Thread(target=products_from, args=(cpu,))  # the main thread keeps the process's CPUs
+caller.start()
+caller.join()
+print(cpu, *sorted(os.sched_getaffinity(worker)))
+"""
+
+WORKER_IN_A_NARROWED_PROCESS = NEW_WORKER + PRODUCTS_FROM_ONE_CPU + """
+cpu = min(os.sched_getaffinity(0))
+for thread in os.listdir("/proc/self/task"):  # the whole process on one CPU, as `taskset -a -p` puts it
+    os.sched_setaffinity(int(thread), {cpu})
+products_from(cpu)
 print(cpu, *sorted(os.sched_getaffinity(worker)))
 """
 
@@ -809,6 +826,15 @@ def test_a_worker_leaves_the_callers_cpu():
     out = run_with_default_threads(WORKER_ON_THE_CALLERS_CPU, "no other CPU to move a worker to")
     cpu, *worker_cpus = map(int, out.split())
     assert worker_cpus and cpu not in worker_cpus
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU affinity is set on Linux only")
+def test_a_worker_stays_within_the_cpus_the_process_is_narrowed_to():
+    """A worker leaves the caller's CPU only for CPUs the process still has: put on one CPU after the worker started
+    (every thread, as `taskset -a -p` does), the process keeps its worker there, beside the caller."""
+    out = run_with_default_threads(WORKER_IN_A_NARROWED_PROCESS, "no other CPU the worker could wrongly go to")
+    cpu, *worker_cpus = map(int, out.split())
+    assert worker_cpus == [cpu]
 
 
 WORKER_BESIDE_A_CO_RUNNER = NEW_WORKER + """

@@ -54,6 +54,7 @@
 #include <time.h>
 #if defined(__linux__)
 #include <sys/resource.h>
+#include <unistd.h>
 #endif
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -252,11 +253,14 @@ static uint64_t wait_for_job(uint64_t seen) {
  * threads on two cores) the OS often puts a woken worker on the CPU of the thread that woke it, and keeps it there
  * for tens to hundreds of milliseconds: the two then take turns on one core, the caller runs slower than alone and
  * the worker hardly ever runs, while the co-runner has the other core to itself (docs/speed.md). */
-static void leave_cpu(int cpu, const cpu_set_t *allowed) {
-    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, allowed)) return;
-    cpu_set_t others = *allowed;
+static void leave_cpu(int cpu, const cpu_set_t *started) {
+    /* The CPUs it may go to: those it started with that the process still has, as its main thread's mask says
+     * (what `taskset -p` shows and sets): a process narrowed after the worker started stays narrowed. */
+    cpu_set_t others;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(getpid(), sizeof others, &others) != 0) return;
+    CPU_AND(&others, &others, started);
     CPU_CLR(cpu, &others);
-    pthread_setaffinity_np(pthread_self(), sizeof others, &others);
+    if (CPU_COUNT(&others) > 0) pthread_setaffinity_np(pthread_self(), sizeof others, &others);
 }
 #endif
 
@@ -264,14 +268,14 @@ static void *worker(void *arg) {
     int self = (int)(intptr_t)arg;
     uint64_t seen = atomic_load(&pool.seq);
 #if defined(__linux__)
-    cpu_set_t allowed; /* the CPUs the worker started with: it leaves the caller's among them */
-    int can_move = pthread_getaffinity_np(pthread_self(), sizeof allowed, &allowed) == 0 && CPU_COUNT(&allowed) > 1;
+    cpu_set_t started; /* the CPUs the worker started with: it leaves the caller's among them */
+    int can_move = pthread_getaffinity_np(pthread_self(), sizeof started, &started) == 0 && CPU_COUNT(&started) > 1;
 #endif
     for (;;) {
         seen = wait_for_job(seen);
 #if defined(__linux__)
         int caller = atomic_load_explicit(&pool.caller_cpu, memory_order_relaxed);
-        if (can_move && sched_getcpu() == caller) leave_cpu(caller, &allowed);
+        if (can_move && sched_getcpu() == caller) leave_cpu(caller, &started);
 #endif
         int active = atomic_load_explicit(&pool.active, memory_order_relaxed);
         if (self < active) take_part(self, active);
