@@ -878,15 +878,15 @@ static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, cons
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* The int8 products (AVX2 and AVX-512 rows) prefetch prefetch_bytes ahead in a thread's stream of weight rows,
- * a distance chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md): on Intel's
- * (a Sapphire Rapids-class Xeon) 2 KiB ahead reads the regrouped rows out of DRAM faster (Q8_0R 4-9%, Q4_0R
- * 15-25%), AVX2 and AVX-512 rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers
- * keep up and any software prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well below
- * the memory bandwidth, and 6 KiB ahead helps. fp32 rows are 4x longer in bytes and the same prefetch makes
- * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens'
- * arithmetic per weight the prefetchers alone fall behind). -DPREFETCH_BYTES=N fixes the distance at compile time
- * (for measurements). */
+/* The int8 products (AVX2 and AVX-512 rows) prefetch prefetch_bytes ahead in a thread's stream of weight rows, a
+ * distance chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md): on Intel's (a
+ * Sapphire Rapids-class Xeon) 2 KiB ahead reads the regrouped rows out of DRAM faster (Q8_0R 4-9%, Q4_0R 15-25%), AVX2
+ * and AVX-512 rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers keep up and any
+ * software prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well
+ * below the memory bandwidth, and 6 KiB ahead helps. fp32 rows are 4x longer in bytes and the same prefetch makes
+ * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens' arithmetic
+ * per weight the prefetchers alone fall behind). -DPREFETCH_BYTES=N fixes the distance at compile time (for
+ * measurements). */
 #ifdef PREFETCH_BYTES
 static const int64_t prefetch_bytes = PREFETCH_BYTES;
 #else
@@ -1923,48 +1923,6 @@ ALWAYS_INLINE void q4r_group16(const uint8_t *w, int64_t b0, const QAct *a, int6
     }
 }
 
-/* a group of 8 blocks: 4 vpdpbusd per token instead of q4r_lanes8's 8, register k's lanes 0-7 meeting the values of
- * the group's vector 2k (low nibbles) or 2k - 4 (high) and lanes 8-15 those of the next one; the two halves' int32
- * sums added (the same integers as q4r_lanes8's), then q4r_lanes8's conversion and multiply-add into acc8 */
-ALWAYS_INLINE void q4r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *g = w + b0 * 18;
-    int64_t nb = n / BLOCK;
-    __m512i nibbles[4]; /* vectors 0-1 and 2-3: their low nibbles, then their high ones */
-    UNROLL
-    for (int j = 0; j < 2; j++) {
-        __m512i v = load_weights512(g + 64 * j);
-        nibbles[j] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-        nibbles[2 + j] = high_nibbles(v);
-    }
-    __m256 wd = _mm256_setzero_ps();
-    UNROLL
-    for (int t = 0; t < nt; t++) {
-        const int8_t *x = a->q16 + t * n + b0 * BLOCK;
-        __m512i c = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(a->c16 + t * nb + b0)));
-        __m512i s0 = _mm512_dpbusd_epi32(c, nibbles[0], _mm512_loadu_si512(x));
-        __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles[1], _mm512_loadu_si512(x + 64));
-        s0 = _mm512_dpbusd_epi32(s0, nibbles[2], _mm512_loadu_si512(x + 128));
-        s1 = _mm512_dpbusd_epi32(s1, nibbles[3], _mm512_loadu_si512(x + 192));
-        __m512i s = _mm512_add_epi32(s0, s1);
-        if (t == 0) wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 128))); /* see Q8R_SCALES_LATE */
-        __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-        __m256 xd = _mm256_loadu_ps(a->d + t * nb + b0);
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), _mm256_mul_ps(wd, xd), acc8[t]);
-    }
-}
-
-ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
-    int64_t nb = n / BLOCK, b = 0;
-    __m256 acc8[8];
-    UNROLL
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
-    for (; nb - b >= 16; b += 16) q4r_group16(w, b, a, n, nt, acc);
-    if (nb - b >= 8) q4r_group8(w, b, a, n, nt, acc8), b += 8;
-    q4r_tail(w, b, a, n, nt, acc8);
-    UNROLL
-    for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
-}
-
 /* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (q16), in 512-bit registers: the weights read as
  * unsigned (w + 128), each block's int32 sum in its own lane(s), started at its correction -128 * (sum of its
  * values) (16 times Q4_0's -8 * sum). A group's `vectors` registers of weights, flipped to unsigned: */
@@ -1986,6 +1944,43 @@ ALWAYS_INLINE __m512i q8r_sums(const __m512i *u, int vectors, const int8_t *x, _
         s1 = _mm512_dpbusd_epi32(s1, u[j + 1], _mm512_loadu_si512(x + 64 * j + 64));
     }
     return _mm512_add_epi32(s0, s1);
+}
+
+/* a Q4_0R group of 8 blocks: 4 vpdpbusd per token (q8r_sums) instead of q4r_lanes8's 8, register k's lanes 0-7
+ * meeting the values of the group's vector 2k (low nibbles) or 2k - 4 (high) and lanes 8-15 those of the next one;
+ * the two halves' int32 sums added (the same integers as q4r_lanes8's), then q4r_lanes8's conversion and
+ * multiply-add into acc8 */
+ALWAYS_INLINE void q4r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *g = w + b0 * 18;
+    int64_t nb = n / BLOCK;
+    __m512i nibbles[4]; /* vectors 0-1 and 2-3: their low nibbles, then their high ones */
+    UNROLL
+    for (int j = 0; j < 2; j++) {
+        __m512i v = load_weights512(g + 64 * j);
+        nibbles[j] = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+        nibbles[2 + j] = high_nibbles(v);
+    }
+    __m256 wd = _mm256_setzero_ps();
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i c = _mm256_loadu_si256((const __m256i *)(a->c16 + t * nb + b0));
+        __m512i s = q8r_sums(nibbles, 4, a->q16 + t * n + b0 * BLOCK, _mm512_zextsi256_si512(c));
+        if (t == 0) wd = rg_scales8(g + 128, 0); /* see Q8R_SCALES_LATE */
+        __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s8), rg_dd8(wd, a->d + t * nb, 0, b0), acc8[t]);
+    }
+}
+
+ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
+    int64_t nb = n / BLOCK, b = 0;
+    __m256 acc8[8];
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
+    for (; nb - b >= 16; b += 16) q4r_group16(w, b, a, n, nt, acc);
+    if (nb - b >= 8) q4r_group8(w, b, a, n, nt, acc8), b += 8;
+    q4r_tail(w, b, a, n, nt, acc8);
+    UNROLL
+    for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
 }
 
 /* the weight scales of blocks b..b+15, and per token d_w * d_x (see rg_scales8, rg_dd8) */
