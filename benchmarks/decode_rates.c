@@ -4,13 +4,16 @@
  * turns a token at a time, median of 41 tokens each; Q8_0 and Q4_0 blocks as they are stored and regrouped as
  * the native kernels read them (quant.BlockTensor.regrouped), runq.c's Q8 as stored and packed likewise
  * (formats.QTensor.packed). With the 110M shape the weights
- * (62-116 MB) stream from DRAM as in a real decode step; with 15M (9-16 MB) they stay in the L3 cache; 42M lies
- * between. Each matrix begins OFFSET bytes into a cache line: 16 by default, where NumPy's large buffers (a
- * model's arrays) begin. Prints ms per token, weight GB/s and the implied tok/s bound per weight type, token
- * count and thread count.
+ * (62-116 MB) stream from DRAM as in a real decode step where the last-level cache is a few tens of MB; with 15M
+ * (9-16 MB) they stay in the L3 cache; 42M lies between. The 1B shape (TinyLlama-1.1B's, grouped-query attention:
+ * 0.58-1.1 GB a type) streams from DRAM where a cache holds 110M's weights (a server CPU's L3 of 100 MB and more);
+ * all six types of it take ~5 GB of memory: TYPES picks fewer. Each matrix begins OFFSET bytes into a cache line:
+ * 16 by default, where NumPy's large buffers (a model's arrays) begin. Prints ms per token, weight GB/s and the
+ * implied tok/s bound per weight type, token count and thread count.
  *
  *   cc -O3 -march=native -fopenmp-simd -pthread benchmarks/decode_rates.c babyllama/csrc/kernels.c -o /tmp/decode -lm
- *   /tmp/decode [SHAPE=110M|42M|15M] [THREADS=1,2] [TOKENS=1,8] [OFFSET=16]
+ *   /tmp/decode [SHAPE=110M|42M|15M|1B] [THREADS=1,2] [TOKENS=1,8] [OFFSET=16] [TYPES=123456: runq.c's Q8, Q8_0
+ *   blocks, Q4_0, Q4_0 and Q8_0 regrouped, runq.c's Q8 packed]
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -81,23 +84,32 @@ static void token(const Mat *m, int64_t L, int64_t d, int64_t h, int nt, const f
     matmul(x, nt, d, m + 7 * L, 1, out, NULL);
 }
 
-/* the tinyllamas shapes (babyllama.bench.SHAPES): dim, hidden_dim, n_layers */
+/* babyllama.bench.SHAPES: the tinyllamas' and TinyLlama-1.1B's: dim, the keys' and values' width (n_kv_heads *
+ * head size), hidden_dim, n_layers */
 static const struct {
     const char *name;
-    int64_t d, h, L;
-} SHAPES[] = {{"15M", 288, 768, 6}, {"42M", 512, 1376, 8}, {"110M", 768, 2048, 12}};
+    int64_t d, kv, h, L;
+} SHAPES[] = {{"15M", 288, 288, 768, 6}, {"42M", 512, 512, 1376, 8}, {"110M", 768, 768, 2048, 12},
+              {"1B", 2048, 256, 5632, 22}};
 
 int main(int argc, char **argv) {
     const char *shape = argc > 1 ? argv[1] : "110M";
     const char *thread_list = argc > 2 ? argv[2] : "1,2", *token_list = argc > 3 ? argv[3] : "1,8";
     if (argc > 4) offset = atoi(argv[4]) & 63;
+    const char *types = argc > 5 ? argv[5] : "123456";
     int k = 0, n_shapes = (int)(sizeof SHAPES / sizeof SHAPES[0]);
     while (k < n_shapes && strcmp(shape, SHAPES[k].name) != 0) k++;
     if (k == n_shapes) {
-        fprintf(stderr, "decode_rates: unknown shape %s (15M, 42M or 110M)\n", shape);
+        fprintf(stderr, "decode_rates: unknown shape %s (15M, 42M, 110M or 1B)\n", shape);
         return 2;
     }
-    int64_t d = SHAPES[k].d, h = SHAPES[k].h, L = SHAPES[k].L, V = 32000;
+    int on[7] = {0}, n_on = 0;
+    for (int type = 1; type <= 6; type++) n_on += on[type] = strchr(types, '0' + type) != NULL;
+    if (!n_on || strspn(types, "123456") != strlen(types)) {
+        fprintf(stderr, "decode_rates: TYPES must be digits 1-6, got %s\n", types);
+        return 2;
+    }
+    int64_t d = SHAPES[k].d, kv = SHAPES[k].kv, h = SHAPES[k].h, L = SHAPES[k].L, V = 32000;
     int gs = 64; /* runq.c's group size for the shape: halved until it divides dim and hidden */
     while (d % gs || h % gs) gs /= 2;
     const char *names[7] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped",
@@ -107,11 +119,14 @@ int main(int argc, char **argv) {
     Mat *models[7];
     int64_t bytes[7] = {0};
     for (int type = 1; type <= 6; type++) {
+        if (!on[type]) continue;
         /* per layer: qkv (3 matrices), wo, w13 (2), w2; then the classifier */
         Mat *m = models[type] = malloc((L * 7 + 1) * sizeof(Mat));
         for (int l = 0; l < L; l++) {
             Mat *q = m + 7 * l;
-            for (int j = 0; j < 3; j++) q[j] = matrix(type, d, d, gs, j * d);
+            q[0] = matrix(type, d, d, gs, 0);
+            q[1] = matrix(type, kv, d, gs, d);
+            q[2] = matrix(type, kv, d, gs, d + kv);
             q[3] = matrix(type, d, d, gs, 0);
             q[4] = matrix(type, h, d, gs, 0);
             q[5] = matrix(type, h, d, gs, h);
@@ -136,11 +151,13 @@ int main(int argc, char **argv) {
             double ts[7][RUNS];
             for (int r = -3; r < RUNS; r++)
                 for (int type = 1; type <= 6; type++) {
+                    if (!on[type]) continue;
                     double t = now();
                     token(models[type], L, d, h, nt, x, out);
                     if (r >= 0) ts[type][r] = now() - t;
                 }
             for (int type = 1; type <= 6; type++) {
+                if (!on[type]) continue;
                 qsort(ts[type], RUNS, sizeof(double), cmp);
                 double med = ts[type][RUNS / 2];
                 printf("  %-14s %d thread(s) %d token(s): %7.3f ms  %6.1f GB/s  %7.1f steps/s (best %.3f ms)\n",
@@ -156,6 +173,7 @@ int main(int argc, char **argv) {
         if (*tp) tp++;
     }
     for (int type = 1; type <= 6; type++) {
+        if (!on[type]) continue;
         for (int j = 0; j < 7 * L + 1; j++) {
             free((uint8_t *)models[type][j].w - offset);
             free((void *)models[type][j].s);

@@ -71,6 +71,16 @@ def test_decode_rates_refuses_a_shape_it_does_not_know(build):
     assert out.returncode == 2 and "unknown shape 7B" in out.stderr and not out.stdout
 
 
+def test_decode_rates_times_only_the_types_asked_for(build):
+    """TYPES picks weight types (the 1B shape's six take ~5 GB); anything but digits 1-6 is refused."""
+    exe = build("decode_rates")
+    out = _run(exe, "15M", "1", "1", "16", "45")
+    assert re.findall(r"^  (.+?)\s+1 thread", out, re.M) == ["Q4_0 regrouped", "Q8_0 regrouped"]
+    for bad in ("47", "x", ""):
+        res = subprocess.run([str(exe), "15M", "1", "1", "16", bad], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "TYPES must be digits 1-6" in res.stderr and not res.stdout
+
+
 def test_memory_windows_pairs_the_probe_with_a_decode_steps_rates():
     """benchmarks/memory_windows.sh reads decode_rates' lines: each of its lines has the probe's GB/s and every
     weight type's (a change of decode_rates' output shows here)."""
