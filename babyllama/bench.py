@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -574,9 +575,28 @@ def _run_child(spec: dict, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, "-m", "babyllama.bench", "--child", json.dumps(spec)], capture_output=True,
                          text=True, check=False, env=env)
     if out.returncode != 0:
-        lines = out.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit status {out.returncode}")
+        raise RuntimeError(child_failure(out.returncode, out.stderr))
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_failure(returncode: int, output: str) -> str:
+    """Why a measuring process failed, in one line: the last line of its `output` (an error's), or the signal that
+    killed it (a crash inside a native library prints no error: its last line is whatever it logged before, named
+    as such)."""
+    lines = output.strip().splitlines()
+    if returncode >= 0:
+        return lines[-1][:200] if lines else f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (f" (the last line it printed: {lines[-1][:160]})" if lines else "")
+
+
+def llamacpp_trial(path: Path) -> None:
+    """llama.cpp decoding a few tokens of `path` in a child process: RuntimeError saying why where it cannot (some
+    builds of llama-cpp-python crash on some CPUs, which in the caller's process would end it without a word)."""
+    _run_child({"kind": "llamacpp", "path": str(path), "repeats": 1, "tokens": 8, "threads": None, "prompt_len": 8})
 
 
 REFERENCE_TIMEOUT = 600.0  # seconds one reference run may take: far above the seconds 110M fp32 takes for 256 tokens
@@ -596,8 +616,7 @@ def reference_decode(exe: str, model: Path, tokenizer: Path, tokens: int, repeat
             raise RuntimeError(f"it ran past {REFERENCE_TIMEOUT:.0f} s and was stopped") from None
         found = [line for line in out.stderr.splitlines() if line.startswith("achieved tok/s:")]
         if out.returncode != 0:
-            lines = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.returncode}").splitlines()
-            raise RuntimeError(lines[-1][:200])
+            raise RuntimeError(child_failure(out.returncode, out.stderr if out.stderr.strip() else out.stdout))
         if not found:  # its last line would read as the reason it failed, when it only ran
             raise RuntimeError("it printed no 'achieved tok/s:' line on stderr, as llama2.c's run.c does")
         value = found[-1].split(":", 1)[1].strip()

@@ -107,6 +107,10 @@ def open_format(fmt: str, shape: str, tokens: int, directory) -> tuple[Callable[
     path = (bench.gguf_file if gguf else bench.model_file)(shape, name, directory)
     weights = open_model(path).weights
     if fmt.startswith(LLAMACPP):
+        try:  # first in a child: a llama.cpp that crashes here would end this process without a word
+            bench.llamacpp_trial(path)
+        except RuntimeError as e:
+            raise BabyLlamaError(f"llama.cpp cannot decode {path.name} on this machine: {e}") from None
         llm = bench.open_llamacpp(path, weights.args.max_seq_len, None)
         step = bench.decode_bytes(weights) + bench.kv_read_bytes(weights.args, 2, tokens)
         del weights  # llama.cpp reads the file itself: ours need not stay mapped

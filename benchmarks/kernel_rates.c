@@ -29,6 +29,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "kernel_rates: WEIGHTS_OFFSET must be in [0, 63], got %d\n", offset);
         return 2;
     }
+    if (!*types || strspn(types, "012345") != strlen(types)) { /* a digit outside 0-5 would time nothing */
+        fprintf(stderr, "kernel_rates: TYPES must be digits 0-5, got %s\n", types);
+        return 2;
+    }
     if (rows < 1 || n < 32 || n % 32 != 0) { /* the kernels would compute a product of part of each row */
         fprintf(stderr, "kernel_rates: ROWS must be >= 1 and N a positive multiple of 32, got %ld x %ld\n",
                 (long)rows, (long)n);

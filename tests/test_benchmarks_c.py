@@ -66,6 +66,15 @@ def test_kernel_rates_takes_runq_c_group_size_and_refuses_partial_rows(build):
     assert out.returncode == 2 and "N a positive multiple of 32" in out.stderr and not out.stdout
 
 
+def test_kernel_rates_times_only_the_types_asked_for(build):
+    """TYPES picks weight types; a digit outside 0-5 (which timed nothing) or no digit at all is refused."""
+    exe = build("kernel_rates")
+    assert re.findall(r"^  (.+?)\s+1 token", _run(exe, "64", "256", "1", "03", "3"), re.M) == ["fp32", "Q4_0"]
+    for bad in ("06", "9", "x", ""):
+        res = subprocess.run([str(exe), "64", "256", "1", bad, "3"], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "TYPES must be digits 0-5" in res.stderr and not res.stdout
+
+
 def test_decode_rates_refuses_a_shape_it_does_not_know(build):
     out = subprocess.run([str(build("decode_rates")), "7B", "1", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown shape 7B" in out.stderr and not out.stdout
@@ -90,10 +99,13 @@ def test_memory_windows_pairs_the_probe_with_a_decode_steps_rates():
 
     if shutil.which("cc") is None:
         pytest.skip("no cc: the script builds decode_rates with it")
-    proc = subprocess.run(["bash", str(BENCHMARKS / "memory_windows.sh"), "1", "15M"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines and all(re.fullmatch(r"\d\d:\d\d:\d\d probe [\d.]+ \| (\S+ [\d.]+  ){6}", line) for line in lines)
-    assert lines[0].split("| ")[1].split()[::2] == ["Q8_(runq.c)", "Q8_0_blocks", "Q4_0", "Q4_0_regrouped",
-                                                   "Q8_0_regrouped", "Q8_packed"]
+    def windows(*args: str) -> list[str]:
+        proc = subprocess.run(["bash", str(BENCHMARKS / "memory_windows.sh"), "1", "15M", *args],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines and all(re.fullmatch(r"\d\d:\d\d:\d\d probe [\d.]+ \| (\S+ [\d.]+  )+", line) for line in lines)
+        return lines[0].split("| ")[1].split()[::2]
+
+    assert windows() == ["Q8_(runq.c)", "Q8_0_blocks", "Q4_0", "Q4_0_regrouped", "Q8_0_regrouped", "Q8_packed"]
+    assert windows("45") == ["Q4_0_regrouped", "Q8_0_regrouped"]  # TYPES: decode_rates' own
