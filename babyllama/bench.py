@@ -386,7 +386,7 @@ PROBE_STREAMS = (1, 4)  # a thread reads 64 KiB as one stream (as a product read
 def read_rates(native, buf, reads: int) -> dict[int, float]:
     """GB/s of every kernel thread reading `buf` (already in memory) as each of PROBE_STREAMS streams, the median
     of `reads` reads each, the stream counts taking turns so that both meet the same moments of a VM's memory. Some
-    CPUs' prefetchers serve several streams a core much faster than one (docs/speed.md), so the larger rate is
+    CPUs' prefetchers serve several streams a core much faster than one (docs/speed-log.md), so the larger rate is
     what the memory can deliver."""
     if reads < 1:
         raise ValueError(f"the bandwidth probe takes at least one read, got {reads}")

@@ -516,7 +516,7 @@ def _map_file(path: str | os.PathLike) -> np.ndarray:
     """The file as a read-only byte array backed by a shared map. The map asks for huge pages before
     anything is touched: the kernel's read-ahead then fills it with 2 MB page-cache folios mapped by
     single TLB entries where it can, so decode, which streams every weight per token, misses the TLB less
-    (measurements: docs/speed.md)."""
+    (measurements: docs/speed-log.md)."""
     with safeio.open_regular(path, "model file") as f, safeio.mapping(path):
         mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
     try:

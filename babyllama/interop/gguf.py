@@ -247,7 +247,7 @@ class ConversionNote:
 # Types whose weights, made Q4_0, try other scales than llama.cpp's (quant.quantize_q4_0_searched): their grids
 # (5 bits, or 4 with an offset) put many values on Q4_0's rounding ties at its scale. Measured on random blocks
 # (RMS error of the conversion): Q4_1 6.27 -> 5.65%, Q5_0 7.15 -> 6.46%, Q5_1 6.03 -> 5.75%, Q5_K 5.98 -> 5.76%;
-# Q4_K 6.10 -> 6.00% is not worth the 2.5-3x conversion time (docs/speed.md), and Q2_K, Q3_K come out worse.
+# Q4_K 6.10 -> 6.00% is not worth the 2.5-3x conversion time (docs/speed-log.md), and Q2_K, Q3_K come out worse.
 SEARCHED_Q4_0_SOURCES = ("Q4_1", "Q5_0", "Q5_1", "Q5_K")
 
 
