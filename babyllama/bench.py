@@ -596,7 +596,23 @@ def child_failure(returncode: int, output: str) -> str:
 def llamacpp_trial(path: Path) -> None:
     """llama.cpp decoding a few tokens of `path` in a child process: RuntimeError saying why where it cannot (some
     builds of llama-cpp-python crash on some CPUs, which in the caller's process would end it without a word)."""
-    _run_child({"kind": "llamacpp", "path": str(path), "repeats": 1, "tokens": 8, "threads": None, "prompt_len": 8})
+    try:
+        _run_child({"kind": "llamacpp", "path": str(path), "repeats": 1, "tokens": 8, "threads": None,
+                    "prompt_len": 8})
+    except RuntimeError as e:
+        raise RuntimeError(llamacpp_failure(str(e))) from None
+
+
+def llamacpp_failure(reason: str) -> str:
+    """Why llama.cpp failed, with the known cause where its process crashed on a CPU with AMX: PyPI's
+    llama-cpp-python builds llama.cpp for the CPU it is installed on, and on Sapphire Rapids-class Xeons its AMX
+    products segfault (ggml-org/llama.cpp#20824)."""
+    from .kernels_native import cpu_flags
+
+    if reason.startswith("killed by") and "amx_int8" in (cpu_flags() or set()):
+        return (f"{reason}; llama.cpp's AMX products crash on some Xeons: build llama-cpp-python without them "
+                "(docs/speed.md, How to measure)")
+    return reason
 
 
 REFERENCE_TIMEOUT = 600.0  # seconds one reference run may take: far above the seconds 110M fp32 takes for 256 tokens
@@ -881,7 +897,7 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
                     "prompt_len": plan.prompt_len}
             row.result = _run_child(spec, env)
         except (RuntimeError, OSError, BabyLlamaError) as e:
-            row.error = f"llama.cpp failed: {e}"
+            row.error = f"llama.cpp failed: {llamacpp_failure(str(e))}"
         rows.append(row)
     return rows
 

@@ -189,7 +189,14 @@ def test_decode_windows_says_in_one_line_that_llama_cpp_crashes_here(tmp_path, m
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import decode_windows
 
+    from babyllama import kernels_native
+
     monkeypatch.setattr(bench.sys, "executable", crashing_python(tmp_path))
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"avx2"})
     with pytest.raises(bench.BabyLlamaError, match=r"^llama\.cpp cannot decode .*-q8_0\.gguf on this machine: "
                                                    r"killed by SIGSEGV$"):
+        decode_windows.open_format("llama.cpp:q8_0", bench.BUILTIN, 16, tmp_path)
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"avx2", "amx_int8"})  # the known cause, named
+    with pytest.raises(bench.BabyLlamaError, match=r": killed by SIGSEGV; llama\.cpp's AMX products crash on some "
+                                                   r"Xeons: build llama-cpp-python without them \(docs/speed\.md"):
         decode_windows.open_format("llama.cpp:q8_0", bench.BUILTIN, 16, tmp_path)

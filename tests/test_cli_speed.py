@@ -535,6 +535,26 @@ def test_a_measurement_that_crashes_is_reported_by_its_signal(tmp_path, monkeypa
     assert bench.child_failure(3, "") == "exit status 3" and bench.child_failure(-99, "") == "killed by signal 99"
 
 
+def test_a_llama_cpp_row_that_crashes_on_an_amx_cpu_names_the_known_cause(tmp_path, monkeypatch):
+    """PyPI's llama-cpp-python crashes in its AMX products on Sapphire Rapids-class Xeons: a llama.cpp row killed
+    by a signal on a CPU with AMX says so and where the build without AMX is; a crash elsewhere, or an error
+    that is no crash, is reported as it is."""
+    from babyllama import kernels_native
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    monkeypatch.setattr(bench, "_run_child", lambda spec, env=None: (_ for _ in ()).throw(
+        RuntimeError("killed by SIGSEGV")))
+    plan = bench.Plan(["tiny"], ("q8_0",), rounds=1, tokens=8, batch=2, prompt_len=16, paths=(), llamacpp=True)
+    for flags, said in (({"avx512f", "amx_int8"}, "llama.cpp failed: killed by SIGSEGV; llama.cpp's AMX products "
+                         "crash on some Xeons: build llama-cpp-python without them (docs/speed.md, How to measure)"),
+                        ({"avx512f"}, "llama.cpp failed: killed by SIGSEGV")):
+        monkeypatch.setattr(kernels_native, "cpu_flags", lambda flags=flags: flags)
+        rows = bench._references(plan, "tiny", "q8_0", "default", {}, tmp_path, log=lambda m: None)
+        assert [r.error for r in rows] == [said]
+    monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"amx_int8"})
+    assert bench.llamacpp_failure("no such file") == "no such file"
+
+
 def test_a_reference_that_hangs_is_stopped_and_reported(tmp_path, monkeypatch):
     """A reference that never ends (here: one waiting for input that never comes) is stopped after
     REFERENCE_TIMEOUT and reported as the reason its row is missing; the benchmark goes on."""
