@@ -481,7 +481,9 @@ def kernels_description() -> str:
     k = kernels.backend()
     if k.name == "native":
         native = cast("NativeKernels", k)
-        return f"native C ({compiler_description(native.compiler)}, {native.isa()}, pool of {native.threads()} threads)"
+        amx = ", AMX for prompts" if native.amx() else ""
+        return (f"native C ({compiler_description(native.compiler)}, {native.isa()}{amx}, pool of {native.threads()} "
+                "threads)")
     why = _why_not_native()
     if k.name == "numba":
         import numba

@@ -559,6 +559,8 @@ class NativeKernels:
         self.lib.pool_shared_looks.restype = ctypes.c_int64
         self.lib.pool_spin_us.restype = ctypes.c_int64
         self.lib.kernel_isa.restype = ctypes.c_char_p
+        self.lib.kernel_amx.argtypes = [ctypes.c_int]
+        self.lib.kernel_amx.restype = ctypes.c_int
         self.lib.pool_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self.lib.read_memory.argtypes = [ptr, i64, ctypes.c_int]
         self.lib.read_memory.restype = ctypes.c_uint64
@@ -590,6 +592,8 @@ class NativeKernels:
         # forward_step's last plan and cache arrays (weak: not kept alive by this), their row type and addresses
         self._last_cache: tuple = (lambda: None,) * 3 + (0, 0, 0)
         self.configure_threads()
+        if not amx_allowed():
+            self.use_amx(False)
         sampler.use_cdf_search(self.first_above)
         sampler.use_topp_sampler(self.sample_topp)
         sampler.use_logits_sampler(self.sample_logits)
@@ -611,6 +615,16 @@ class NativeKernels:
 
     def threads(self) -> int:
         return self.lib.kernel_threads()
+
+    def amx(self) -> bool:
+        """Whether prompts of Q8_0 weights (32 tokens or more) run on AMX's int8 tiles: a Sapphire Rapids-class
+        Xeon or later, whose OS grants the tiles, and BABYLLAMA_AMX not 0. Their results are the AVX-512 rows',
+        bit for bit (kernels.c, amx_rows)."""
+        return bool(self.lib.kernel_amx(-1))
+
+    def use_amx(self, on: bool) -> bool:
+        """Turn the tiles on (where the CPU and OS have them) or off; returns whether they are on."""
+        return bool(self.lib.kernel_amx(int(on)))
 
     def isa(self) -> str:
         """The instruction set the library was compiled for: avx512-vnni, avx512, avx2-vnni, avx2 or scalar."""
@@ -1082,6 +1096,15 @@ def switched_off() -> bool:
         raise BabyLlamaError(f"BABYLLAMA_NATIVE={value!r} must be 0 (leave the C kernels out of the default choice) "
                              "or 1")
     return value.strip() == "0"
+
+
+def amx_allowed() -> bool:
+    """Whether BABYLLAMA_AMX lets prompts use AMX's tiles where the CPU has them: unset, empty or 1 yes, 0 no (for
+    measurements: the numbers are the same either way); any other value is a BabyLlamaError."""
+    value = os.environ.get("BABYLLAMA_AMX", "")
+    if value.strip() not in ("", "0", "1"):
+        raise BabyLlamaError(f"BABYLLAMA_AMX={value!r} must be 0 (prompts never use AMX's tiles) or 1")
+    return value.strip() != "0"
 
 
 SPIN_US_MAX = 1_000_000  # a second: beyond it idle threads would spin through whole pauses of a session

@@ -315,6 +315,71 @@ def test_regrouped_rows_alone_or_in_a_batch_are_identical(native, kind, n):
     np.testing.assert_array_equal(part, alone[:3, 5:23])
 
 
+@pytest.fixture(scope="module")
+def amx():
+    """The native kernels with AMX's int8 tiles for prompts, or a skip where the CPU or the OS has none."""
+    native = native_build("native")
+    if not native.use_amx(True):
+        pytest.skip("no AMX int8 tiles here (a Sapphire Rapids-class Xeon or later, whose OS grants them)")
+    yield native
+    native.use_amx(kernels_native.amx_allowed())
+
+
+# Q8_0 regrouped (rows of 96: 2 + 1 blocks; 288: 8 + 1; 480: 8 + 4 + 3; 512: 16; 768: 16 + 8; 992: 16 + 8 + 4 + 3;
+# 2080: 4 x 16 + 1) and runq.c's groups packed (64 on 1088 and 2048, 32 on 992)
+AMX_KINDS = [("q8_0", n) for n in (96, 288, 480, 512, 768, 992, 2080)] + [(64, 1088), (64, 2048), (32, 992)]
+
+
+@pytest.mark.parametrize("kind, n", AMX_KINDS)
+def test_amx_prompts_give_the_avx512_rows_numbers_bit_for_bit(amx, kind, n):
+    """Prompts of 32 tokens or more run Q8_0 products on AMX's int8 tiles where the CPU has them: each block's
+    exact int32 sums, then the AVX-512 rows' own multiply-adds, lanes and tree, so every output is the number the
+    AVX-512 rows give, and the number decoding its token alone gives (for every grouping of a row's blocks,
+    token counts past a tile of 16, and rows past a band of 16)."""
+    gen = np.random.default_rng(n)
+    w = gen.standard_normal((45, n)).astype(np.float32)
+    m = _regrouped(amx, quantize_q8_0(w)) if kind == "q8_0" else _packed(amx, quantize_q80(w, kind))
+    for tokens in (32, 33, 47, 80):
+        x = gen.standard_normal((tokens, n)).astype(np.float32)
+        amx.use_amx(False)
+        rows = amx.matmul(x, [m])[0]
+        amx.use_amx(True)
+        tiles = amx.matmul(x, [m])[0]
+        alone = np.concatenate([amx.matmul(x[t:t + 1], [m])[0] for t in range(tokens)])
+        np.testing.assert_array_equal(tiles, rows)
+        np.testing.assert_array_equal(tiles, alone)
+        np.testing.assert_array_equal(amx.matmul(x, [_rows(m, 5, 40)])[0], tiles[:, 5:40])
+
+
+def test_amx_prompt_of_a_model_equals_its_tokens_decoded_alone(amx):
+    """A whole Q8_0 model (runq.c's groups, packed for the kernels by its first decode step): a 40-token prompt's
+    logits, its products on the tiles, are those of the same prompt with the tiles off, and of its tokens
+    decoded one at a time, bit for bit."""
+    engine = Engine(tiny_model("q8_0"))
+    engine.forward([1], [0], engine.new_cache())  # the first step packs the matrices
+    tokens = np.random.default_rng(3).integers(1, 320, 40)
+    logits = {}
+    for on in (False, True):
+        amx.use_amx(on)
+        logits[on] = engine.forward(tokens, np.arange(40), engine.new_cache())
+    cache = engine.new_cache()
+    alone = np.concatenate([engine.forward(tokens[t:t + 1], [t], cache) for t in range(40)])
+    np.testing.assert_array_equal(logits[True], logits[False])
+    np.testing.assert_array_equal(logits[True], alone)
+
+
+def test_babyllama_amx_takes_0_or_1(monkeypatch):
+    from babyllama.errors import BabyLlamaError
+
+    for value, allowed in (("", True), ("1", True), (" 0 ", False)):
+        monkeypatch.setenv("BABYLLAMA_AMX", value)
+        assert kernels_native.amx_allowed() is allowed
+    for value in ("no", "2", "off"):
+        monkeypatch.setenv("BABYLLAMA_AMX", value)
+        with pytest.raises(BabyLlamaError, match=r"BABYLLAMA_AMX=.* must be 0 \(prompts never use AMX's tiles\) or 1"):
+            kernels_native.amx_allowed()
+
+
 @pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 @pytest.mark.parametrize("n", [32, 96, 128, 224, 288, 768, 800, 2080])
 def test_regrouped_rows_dequantize_to_the_same_weights(native, kind, n):

@@ -750,6 +750,11 @@ static int64_t row_bytes(const Mat *m, int64_t n) {
 /* AVX-512 with VNNI and VBMI's byte permutes: block weights are gathered out of their 18- or 34-byte blocks
  * several at a time into 512-bit registers (Ice Lake, Zen 4 and later) */
 #define HAVE_ZMM_INT8 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+/* AMX's int8 tiles (Sapphire Rapids-class Xeons and later) for products of many tokens: see amx_rows */
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#endif
 #define Q4_GROUP 4 /* Q4_0 blocks per step */
 #define Q4_D_COPIES 2 /* copies of a step's activation scales in the layout */
 #else
@@ -783,6 +788,8 @@ typedef struct {
     float *d32;
     int8_t *q16;  /* Q4_0R, Q8_0R: per token its n values in the weights' groups (see W_Q4_0R) */
     int32_t *c16; /* and per block -8 * (sum of its values) (Q8_0R's AVX-512 kernel starts at 16 times it) */
+    int8_t *xb;   /* AMX (amx_rows): per 16 tokens and block, the tokens' values as a B tile (see amx_lay_out) */
+    float *xdb;   /* and per 16 tokens and block, the 16 tokens' scales of the block */
 } QAct;
 
 /* a group's scale, max |v| / 127, for gs values v */
@@ -836,7 +843,7 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
  * hands the same lines back call after call, lines the other threads have just read, so that each write
  * would first take them back from those threads' caches, which lengthens a decode step's serial set-up
  * (docs/speed.md). A request over SCRATCH_MAX comes from malloc; a
- * product takes at most 23 buffers, so a live buffer is never handed out again before it is released. */
+ * product takes at most 27 buffers, so a live buffer is never handed out again before it is released. */
 #define SCRATCH_BYTES (2 << 20)
 #define SCRATCH_MAX (SCRATCH_BYTES / 32)
 
@@ -2468,9 +2475,306 @@ static const RowsFn *rows_kernels(const Mat *m) {
     return rows_scalar;
 }
 
-/* rows [lo, hi) of a quantized m for every token, 8 tokens a pass over the rows */
+#ifdef HAVE_AMX
+/* Products of many tokens (a prompt's) on Q8_0R and Q8R rows by AMX's int8 tiles, with every output the number
+ * the AVX-512 rows give it, bit for bit: a prompt's rows still equal decoding each token alone. The rows' sums
+ * are integers, and a tile's TDPBSSD gives each block's exact int32 sum for 16 rows x 16 tokens at once (the
+ * same integer as the kernels' vpdpbusd lanes, which start from a correction for their unsigned weights). The
+ * floating-point part is then the rows' own: dots_q8r_simd multiplies block b's int32 sum, converted, by
+ * d_w * d_x into lane b % 16 of an accumulator (the groups of 16 in order), the tail's groups of 8 and 4 into
+ * lanes 0-7 of a second one and its last blocks as eight 4-value sums each, adds the two and sums the 16 lanes
+ * in hsum16's tree. Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane
+ * (lane l's blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first
+ * copied out of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time;
+ * the activations are laid out as B tiles once per product (amx_lay_out). */
+#define AMX_MIN_TOKENS 32 /* fewer: the AVX-512 rows, which are as fast there (the same numbers either way) */
+#define AMX_ROWS 16       /* weight rows of a band: a tile's rows */
+
+static int amx_on; /* whether products use the tiles: the OS granted them, and kernel_amx did not turn them off */
+
+/* Linux gives a process AMX's tile state only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA); a kernel or hypervisor that does not grant it leaves the AVX-512 rows */
+__attribute__((constructor)) static void amx_ask(void) { amx_on = syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+/* The tiles' shapes (palette 1), loaded by each thread before it runs them. Static: a configuration built on
+ * the stack can be dropped by the compiler, which does not see LDTILECFG read it. */
+static const struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) AMX_TILES = {
+    1, 0, {0},
+    /* 0: C, 16 rows x 16 tokens' int32 sums; 1: A, 16 rows x a block's 32 values; 2: B, a block's values of 16
+     * tokens, 4 of each token a tile row; 3, 4: A and B for 4 values (a last block's 4-value sums); 5, 6, 7: a
+     * second C, A and B */
+    {64, 32, 64, 4, 64, 64, 32, 64},
+    {16, 16, 8, 16, 1, 16, 16, 8},
+};
+
+/* Whether products of AMX_MIN_TOKENS tokens or more use the tiles: `want` 1 or 0 sets it (1 only where the OS
+ * grants them), -1 only asks. For measurements and the tests that compare the two paths. */
+int kernel_amx(int want) {
+    if (want >= 0) amx_on = want && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_on;
+}
+
+static inline int amx_takes(const Mat *m, int64_t n_tok) {
+    return amx_on && n_tok >= AMX_MIN_TOKENS && (m->type == W_Q8_0R || m->type == W_Q8R);
+}
+
+/* The activations as B tiles: for tokens 16k..16k+15 and block b, 8 tile rows of 64 bytes at
+ * xb + (k * nb + b) * 512, row v holding values 4v..4v+3 of each token's block b (token t at bytes 4t..4t+3),
+ * and the 16 tokens' scales of the block (their group's, for groups of 64) at xdb + (k * nb + b) * 16; tokens
+ * past n_tok are zeros. */
+static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n) {
+    int64_t nb = n / BLOCK, tiles = (n_tok + 15) / 16, n_groups = n / a->gs;
+    a->xb = scratch_alloc(tiles * nb * 512, 1);
+    a->xdb = scratch_alloc(tiles * nb * 16 * sizeof(float), 1);
+    for (int64_t t = 0; t < n_tok; t++) {
+        int64_t k = t / 16, c = t % 16;
+        for (int64_t b = 0; b < nb; b++) {
+            int8_t *tile = a->xb + (k * nb + b) * 512;
+            for (int v = 0; v < 8; v++) memcpy(tile + 64 * v + 4 * c, a->q + t * n + b * BLOCK + 4 * v, 4);
+            a->xdb[(k * nb + b) * 16 + c] = a->d[t * n_groups + b * BLOCK / a->gs];
+        }
+    }
+}
+
+/* the weight scale of block l of the group of G at g (per: see rg_scale_bytes; groups of 64: the group's) */
+static inline float amx_group_scale(const uint8_t *g, int64_t G, int64_t l, int per) {
+    const uint8_t *scales = g + BLOCK * G;
+    return per == 0 ? fp16_to_f32(load_u16(scales + 2 * l)) : load_f32(scales + 4 * (per == 1 ? l : l / 2));
+}
+
+/* a group of 16 blocks' values (8 vectors of 16 4-byte lanes at g) as 16 A-tile rows of 32 bytes, block l's at
+ * dst + 512 l: the 8 x 16 words transposed */
+static inline void amx_group16(const uint8_t *g, int8_t *dst) {
+    __m512i v[8], h[8], c[8];
+    for (int j = 0; j < 8; j++) v[j] = _mm512_loadu_si512(g + 64 * j);
+    for (int j = 0; j < 8; j += 2) { /* per 128-bit lane q: blocks 4q, 4q+1 (lo) and 4q+2, 4q+3 (hi), words j, j+1 */
+        h[j] = _mm512_unpacklo_epi32(v[j], v[j + 1]);
+        h[j + 1] = _mm512_unpackhi_epi32(v[j], v[j + 1]);
+    }
+    for (int half = 0; half < 2; half++) { /* c[4 half + m]: block 4q + m's words 4 half .. 4 half + 3 in lane q */
+        const __m512i *p = h + 4 * half;
+        c[4 * half + 0] = _mm512_unpacklo_epi64(p[0], p[2]);
+        c[4 * half + 1] = _mm512_unpackhi_epi64(p[0], p[2]);
+        c[4 * half + 2] = _mm512_unpacklo_epi64(p[1], p[3]);
+        c[4 * half + 3] = _mm512_unpackhi_epi64(p[1], p[3]);
+    }
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), last = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int m = 0; m < 4; m++) {
+        __m512i lo = _mm512_permutex2var_epi64(c[m], first, c[4 + m]); /* blocks m, 4 + m */
+        __m512i hi = _mm512_permutex2var_epi64(c[m], last, c[4 + m]);  /* blocks 8 + m, 12 + m */
+        _mm256_storeu_si256((__m256i *)(dst + 512 * m), _mm512_castsi512_si256(lo));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (4 + m)), _mm512_extracti64x4_epi64(lo, 1));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (8 + m)), _mm512_castsi512_si256(hi));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (12 + m)), _mm512_extracti64x4_epi64(hi, 1));
+    }
+}
+
+/* Row r of a band (its regrouped bytes at row) as the band's A tiles: block b's 32 values at
+ * ab + (16 b + r) * 32, its weight scale at wdb[16 b + r] */
+static void amx_band_row(const uint8_t *row, int64_t n, int per, int r, int8_t *ab, float *wdb) {
+    int64_t nb = n / BLOCK;
+    for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
+        G = rg_group(nb - b0);
+        const uint8_t *g = row + b0 * rg_block_bytes(per);
+        if (G == 1) {
+            const uint8_t *values, *scale;
+            rg_single(row, per, b0, &values, &scale);
+            memcpy(ab + (16 * b0 + r) * BLOCK, values, BLOCK);
+            wdb[16 * b0 + r] = per ? load_f32(scale) : fp16_to_f32(load_u16(scale));
+            continue;
+        }
+        if (G == 16) amx_group16(g, ab + (16 * b0 + r) * BLOCK);
+        else
+            for (int64_t l = 0; l < G; l++) rg_gather(g, G, l, BLOCK / 4, (uint8_t *)ab + (16 * (b0 + l) + r) * BLOCK);
+        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = amx_group_scale(g, G, l, per);
+    }
+}
+
+/* acc[r] (16 tokens) += cvt(block b's int32 sums of row r) * d_w * d_x, the tile's 16 rows, from the C tile
+ * stored at c */
+ALWAYS_INLINE void amx_scale_into(const int32_t *c, const float *wdb, const float *xd, __m512 *acc) {
+    __m512 x = _mm512_loadu_ps(xd);
+    for (int r = 0; r < 16; r++)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
+                                 _mm512_mul_ps(_mm512_set1_ps(wdb[r]), x), acc[r]);
+}
+
+/* block b's int32 sums for the band's 16 rows x 16 tokens, stored at c */
+ALWAYS_INLINE void amx_block_sums(const int8_t *ab, const int8_t *xb, int64_t b, int32_t *c) {
+    _tile_zero(0);
+    _tile_loadd(1, ab + 512 * b, BLOCK);
+    _tile_loadd(2, xb + 512 * b, 64);
+    _tile_dpbssd(0, 1, 2);
+    _tile_stored(0, c, 64);
+}
+
+/* blocks b and b2 at once (two C tiles: the second's products run while the first's are scaled) */
+ALWAYS_INLINE void amx_block_sums2(const int8_t *ab, const int8_t *xb, int64_t b, int64_t b2, int32_t *c) {
+    _tile_zero(0);
+    _tile_zero(5);
+    _tile_loadd(1, ab + 512 * b, BLOCK);
+    _tile_loadd(2, xb + 512 * b, 64);
+    _tile_loadd(6, ab + 512 * b2, BLOCK);
+    _tile_loadd(7, xb + 512 * b2, 64);
+    _tile_dpbssd(0, 1, 2);
+    _tile_dpbssd(5, 6, 7);
+    _tile_stored(0, c, 64);
+    _tile_stored(5, c + 256, 64);
+}
+
+/* The band's rows (A tiles ab, scales wdb) against every token: lane l's accumulators of token tile k (its
+ * groups of 16's blocks l, 16 + l, ... in order) at lanes + (16 k + l) * 16, 16 rows of 16 tokens. Lane by lane,
+ * so that a lane's A tiles stay in the L1 cache while the token tiles stream past them. */
+static void amx_band_lanes(const int8_t *ab, const float *wdb, const QAct *a, int64_t tiles, int64_t nb,
+                           float *lanes) {
+    int32_t c[512] __attribute__((aligned(64)));
+    int64_t full = nb / 16 * 16;
+    for (int l = 0; l < 16 && l < full; l++) {
+        int64_t k = 0;
+        for (; k + 1 < tiles; k += 2) { /* two token tiles against the same A tiles, in two C tiles */
+            const int8_t *xb = a->xb + k * nb * 512;
+            const float *xd = a->xdb + k * nb * 16;
+            __m512 acc[2][16];
+            for (int r = 0; r < 16; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
+            for (int64_t b = l; b < full; b += 16) {
+                _tile_zero(0);
+                _tile_zero(5);
+                _tile_loadd(1, ab + 512 * b, BLOCK);
+                _tile_loadd(2, xb + 512 * b, 64);
+                _tile_loadd(7, xb + nb * 512 + 512 * b, 64);
+                _tile_dpbssd(0, 1, 2);
+                _tile_dpbssd(5, 1, 7);
+                _tile_stored(0, c, 64);
+                _tile_stored(5, c + 256, 64);
+                amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc[0]);
+                amx_scale_into(c + 256, wdb + 16 * b, xd + nb * 16 + 16 * b, acc[1]);
+            }
+            for (int h = 0; h < 2; h++)
+                for (int r = 0; r < 16; r++) _mm512_storeu_ps(lanes + ((16 * (k + h) + l) * 16 + r) * 16, acc[h][r]);
+        }
+        for (; k < tiles; k++) {
+            const int8_t *xb = a->xb + k * nb * 512;
+            const float *xd = a->xdb + k * nb * 16;
+            __m512 acc[16];
+            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+            int64_t b = l;
+            for (; b + 16 < full; b += 32) {
+                amx_block_sums2(ab, xb, b, b + 16, c);
+                amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc);
+                amx_scale_into(c + 256, wdb + 16 * (b + 16), xd + 16 * (b + 16), acc);
+            }
+            if (b < full) amx_block_sums(ab, xb, b, c), amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc);
+            for (int r = 0; r < 16; r++) _mm512_storeu_ps(lanes + ((16 * k + l) * 16 + r) * 16, acc[r]);
+        }
+    }
+}
+
+/* Token tile k's dots with the band's rows: sums[r] holds row r's for the 16 tokens, as the AVX-512 rows compute
+ * them (see above): the tail's blocks (past the groups of 16) into lanes 0-7 of a second accumulator, added to
+ * the lanes' (amx_band_lanes), then hsum16's tree */
+static void amx_band_sums(const int8_t *ab, const float *wdb, const QAct *a, int64_t k, int64_t nb,
+                          const float *lanes, __m512 *sums) {
+    int32_t c[256] __attribute__((aligned(64)));
+    const int8_t *xb = a->xb + k * nb * 512;
+    const float *xd = a->xdb + k * nb * 16;
+    __m512 tail[8][16];
+    for (int l = 0; l < 8; l++)
+        for (int r = 0; r < 16; r++) tail[l][r] = _mm512_setzero_ps();
+    int64_t b = nb / 16 * 16;
+    if (nb - b >= 8) { /* q8r_group8 */
+        for (int l = 0; l < 8; l++) amx_block_sums(ab, xb, b + l, c), amx_scale_into(c, wdb + 16 * (b + l), xd + 16 * (b + l), tail[l]);
+        b += 8;
+    }
+    if (nb - b >= 4) { /* q8r_group4 */
+        for (int l = 0; l < 4; l++) amx_block_sums(ab, xb, b + l, c), amx_scale_into(c, wdb + 16 * (b + l), xd + 16 * (b + l), tail[l]);
+        b += 4;
+    }
+    for (; b < nb; b++) /* q8r_single: the block's values 4j..4j+3 into lane j */
+        for (int j = 0; j < 8; j++) {
+            _tile_zero(0);
+            _tile_loadd(3, ab + 512 * b + 4 * j, BLOCK);
+            _tile_loadd(4, xb + 512 * b + 64 * j, 64);
+            _tile_dpbssd(0, 3, 4);
+            _tile_stored(0, c, 64);
+            amx_scale_into(c, wdb + 16 * b, xd + 16 * b, tail[j]);
+        }
+    for (int r = 0; r < 16; r++) { /* the two accumulators added, then hsum16's tree */
+        __m512 v[16];
+        for (int l = 0; l < 16; l++)
+            v[l] = _mm512_add_ps(nb >= 16 ? _mm512_loadu_ps(lanes + ((16 * k + l) * 16 + r) * 16) : _mm512_setzero_ps(),
+                                 l < 8 ? tail[l][r] : _mm512_setzero_ps());
+        for (int j = 0; j < 8; j++) v[j] = _mm512_add_ps(v[j], v[j + 8]);
+        for (int j = 0; j < 4; j++) v[j] = _mm512_add_ps(v[j], v[j + 4]);
+        sums[r] = _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
+    }
+}
+
+/* A thread's memory for its bands (A tiles, scales, lanes' accumulators), kept from call to call: taken from
+ * malloc per call, a prompt's hundreds of chunks each mapped fresh pages and unmapped them again (a TLB
+ * shootdown on every CPU of the process), which made two threads slower than one. */
+static pthread_key_t amx_key;
+static __thread char *amx_memory;
+static __thread int64_t amx_capacity;
+
+static void make_amx_key(void) { pthread_key_create(&amx_key, free); }
+
+static char *amx_buffer(int64_t bytes) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    if (bytes > amx_capacity) {
+        pthread_once(&once, make_amx_key);
+        free(amx_memory);
+        amx_capacity = 0;
+        amx_memory = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        pthread_setspecific(amx_key, amx_memory); /* freed when the thread ends */
+        if (amx_memory == NULL) return NULL;
+        amx_capacity = bytes;
+    }
+    return amx_memory;
+}
+
+/* Rows [lo, lo + 16 k) of m (a Q8_0R or Q8R matrix) for every token by the tiles, the largest k that fits in
+ * [lo, hi); returns the first row left to the AVX-512 rows (all of them where no memory is left). */
+static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok, int64_t n,
+                        float *out, int accumulate) {
+    int64_t nb = n / BLOCK, rb = row_bytes(m, n), bands = (hi - lo) / AMX_ROWS, tiles = (n_tok + 15) / 16;
+    int per = m->type == W_Q8_0R ? 0 : m->gs == 32 ? 1 : 2;
+    int64_t a_bytes = nb * 16 * BLOCK, wd_bytes = nb * 16 * (int64_t)sizeof(float);
+    char *memory = bands ? amx_buffer(a_bytes + wd_bytes + tiles * 256 * 64) : NULL;
+    if (memory == NULL) return lo;
+    int8_t *ab = (int8_t *)memory;
+    float *wdb = (float *)(memory + a_bytes), *lanes = (float *)(memory + a_bytes + wd_bytes);
+    _tile_loadconfig(&AMX_TILES);
+    for (int64_t i = lo; i < lo + bands * AMX_ROWS; i += AMX_ROWS) {
+        for (int r = 0; r < 16; r++) amx_band_row((const uint8_t *)m->w + (i + r) * rb, n, per, r, ab, wdb);
+        amx_band_lanes(ab, wdb, a, tiles, nb, lanes);
+        for (int64_t k = 0; k < tiles; k++) {
+            __m512 sums[16];
+            float s[16][16];
+            amx_band_sums(ab, wdb, a, k, nb, lanes, sums);
+            for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], sums[r]);
+            for (int64_t t = 16 * k; t < 16 * k + 16 && t < n_tok; t++)
+                for (int r = 0; r < 16; r++) store(&out[n_tok * m->row0 + t * m->rows + i + r], s[r][t - 16 * k], accumulate);
+        }
+    }
+    _tile_release();
+    return lo + bands * AMX_ROWS;
+}
+#else
+int kernel_amx(int want) { (void)want; return 0; }
+#endif
+
+/* rows [lo, hi) of a quantized m for every token, 8 tokens a pass over the rows (prompts: AMX's tiles where
+ * they take them, amx_rows) */
 static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok, int64_t n, float *out,
                       int accumulate) {
+#ifdef HAVE_AMX
+    if (amx_takes(m, n_tok) && a->xb) lo = amx_rows(m, lo, hi, a, n_tok, n, out, accumulate);
+    if (lo >= hi) return;
+#endif
     const RowsFn *kernels = rows_kernels(m);
     int64_t n_groups = n / a->gs;
     for (int64_t t0 = 0; t0 < n_tok; t0 += 8) {
@@ -2534,6 +2838,10 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
         }
     }
 #endif
+#ifdef HAVE_AMX
+    if (amx_on && n_tok >= AMX_MIN_TOKENS && (((types & (1u << W_Q8_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))))
+        amx_lay_out(a, n_tok, n);
+#endif
 #ifdef HAVE_ZMM_INT8
     int blocks = (types & (1u << W_Q8_0)) && gs == BLOCK, groups = (types & (1u << W_Q8)) && gs % 64 == 0;
     if (blocks || groups) {
@@ -2575,7 +2883,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
 }
 
 static void free_activations(QAct *a) {
-    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16};
+    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16, a->xb, a->xdb};
     for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) scratch_free(owned[i]);
 }
 
@@ -2656,6 +2964,13 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
      * two chunks, on one or two threads, and its batched steps slower: docs/speed.md); not smaller: each chunk
      * reads all the tokens' activations again */
     if (n_tok > 1 && chunk > (rows + MIN_CHUNKS - 1) / MIN_CHUNKS) chunk = (rows + MIN_CHUNKS - 1) / MIN_CHUNKS;
+#ifdef HAVE_AMX
+    for (int j = 0; j < n_mats; j++) /* whole bands of rows for the tiles (the rest goes to the AVX-512 rows) */
+        if (amx_takes(&mats[j], n_tok)) {
+            chunk = (chunk + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS;
+            break;
+        }
+#endif
     pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, measured ? n_tok : 0,
                       rows * n * n_tok >= PRODUCT_MIN_MACS);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
