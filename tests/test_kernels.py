@@ -325,21 +325,25 @@ def amx():
     native.use_amx(kernels_native.amx_allowed())
 
 
-# Q8_0 regrouped (rows of 96: 2 + 1 blocks; 288: 8 + 1; 480: 8 + 4 + 3; 512: 16; 768: 16 + 8; 992: 16 + 8 + 4 + 3;
-# 2080: 4 x 16 + 1) and runq.c's groups packed (64 on 1088 and 2048, 32 on 992)
-AMX_KINDS = [("q8_0", n) for n in (96, 288, 480, 512, 768, 992, 2080)] + [(64, 1088), (64, 2048), (32, 992)]
+# Q8_0 and Q4_0 regrouped (rows of 96: 2 + 1 blocks; 128: 4; 288: 8 + 1; 480: 8 + 4 + 3; 512: 16; 768: 16 + 8;
+# 992: 16 + 8 + 4 + 3; 2080: 4 x 16 + 1) and runq.c's groups packed (64 on 1088 and 2048, 32 on 992)
+AMX_KINDS = [(kind, n) for kind in ("q8_0", "q4_0") for n in (96, 128, 288, 480, 512, 768, 992, 2080)]
+AMX_KINDS += [(64, 1088), (64, 2048), (32, 992)]
 
 
 @pytest.mark.parametrize("kind, n", AMX_KINDS)
 def test_amx_prompts_give_the_avx512_rows_numbers_bit_for_bit(amx, kind, n):
-    """Prompts of 32 tokens or more run Q8_0 products on AMX's int8 tiles where the CPU has them: each block's
-    exact int32 sums, then the AVX-512 rows' own multiply-adds, lanes and tree, so every output is the number the
-    AVX-512 rows give, and the number decoding its token alone gives (for every grouping of a row's blocks,
-    token counts past a tile of 16, and rows past a band of 16)."""
+    """Prompts of 32 tokens or more (Q4_0: 96) run Q8_0 and Q4_0 products on AMX's int8 tiles where the CPU has
+    them: each block's exact int32 sums, then the AVX-512 rows' own multiply-adds, lanes and tree, so every output
+    is the number the AVX-512 rows give, and the number decoding its token alone gives (for every grouping of a
+    row's blocks, token counts past a tile of 16, and rows past a band of 16)."""
     gen = np.random.default_rng(n)
     w = gen.standard_normal((45, n)).astype(np.float32)
-    m = _regrouped(amx, quantize_q8_0(w)) if kind == "q8_0" else _packed(amx, quantize_q80(w, kind))
-    for tokens in (32, 33, 47, 80):
+    if kind in BLOCK_QUANTIZERS:
+        m = _regrouped(amx, BLOCK_QUANTIZERS[kind](w))
+    else:
+        m = _packed(amx, quantize_q80(w, kind))
+    for tokens in (96, 97, 130) if kind == "q4_0" else (32, 33, 47, 80):
         x = gen.standard_normal((tokens, n)).astype(np.float32)
         amx.use_amx(False)
         rows = amx.matmul(x, [m])[0]
@@ -351,19 +355,20 @@ def test_amx_prompts_give_the_avx512_rows_numbers_bit_for_bit(amx, kind, n):
         np.testing.assert_array_equal(amx.matmul(x, [_rows(m, 5, 40)])[0], tiles[:, 5:40])
 
 
-def test_amx_prompt_of_a_model_equals_its_tokens_decoded_alone(amx):
-    """A whole Q8_0 model (runq.c's groups, packed for the kernels by its first decode step): a 40-token prompt's
-    logits, its products on the tiles, are those of the same prompt with the tiles off, and of its tokens
-    decoded one at a time, bit for bit."""
-    engine = Engine(tiny_model("q8_0"))
+@pytest.mark.parametrize("kind, tokens", [("q8_0", 40), ("q4_0", 100)])
+def test_amx_prompt_of_a_model_equals_its_tokens_decoded_alone(amx, kind, tokens):
+    """A whole model (Q8_0: runq.c's groups, packed for the kernels by its first decode step; Q4_0 regrouped): a
+    prompt's logits, its products on the tiles, are those of the same prompt with the tiles off, and of its
+    tokens decoded one at a time, bit for bit."""
+    engine = Engine(tiny_model(kind, max_seq_len=128))
     engine.forward([1], [0], engine.new_cache())  # the first step packs the matrices
-    tokens = np.random.default_rng(3).integers(1, 320, 40)
+    prompt = np.random.default_rng(3).integers(1, 320, tokens)
     logits = {}
     for on in (False, True):
         amx.use_amx(on)
-        logits[on] = engine.forward(tokens, np.arange(40), engine.new_cache())
+        logits[on] = engine.forward(prompt, np.arange(tokens), engine.new_cache())
     cache = engine.new_cache()
-    alone = np.concatenate([engine.forward(tokens[t:t + 1], [t], cache) for t in range(40)])
+    alone = np.concatenate([engine.forward(prompt[t:t + 1], [t], cache) for t in range(tokens)])
     np.testing.assert_array_equal(logits[True], logits[False])
     np.testing.assert_array_equal(logits[True], alone)
 

@@ -790,6 +790,7 @@ typedef struct {
     int32_t *c16; /* and per block -8 * (sum of its values) (Q8_0R's AVX-512 kernel starts at 16 times it) */
     int8_t *xb;   /* AMX (amx_rows): per 16 tokens and block, the tokens' values as a B tile (see amx_lay_out) */
     float *xdb;   /* and per 16 tokens and block, the 16 tokens' scales of the block */
+    int32_t *xcb; /* Q4_0R: and the 16 tokens' corrections of the block (c16) */
 } QAct;
 
 /* a group's scale, max |v| / 127, for gs values v */
@@ -2487,7 +2488,11 @@ static const RowsFn *rows_kernels(const Mat *m) {
  * (lane l's blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first
  * copied out of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time;
  * the activations are laid out as B tiles once per product (amx_lay_out). */
-#define AMX_MIN_TOKENS 32 /* fewer: the AVX-512 rows, which are as fast there (the same numbers either way) */
+/* Fewer tokens go to the AVX-512 rows, as fast there (the same numbers either way): the tiles' fixed costs (a
+ * band's copy into A tiles, its accumulators) pay from 32 tokens on Q8_0, and on Q4_0, whose rows read half the
+ * bytes and whose A tiles are unpacked from nibbles, from 96 (docs/speed.md) */
+#define AMX_MIN_TOKENS 32
+#define AMX_MIN_TOKENS_Q4 96
 #define AMX_ROWS 16       /* weight rows of a band: a tile's rows */
 
 static int amx_on; /* whether products use the tiles: the OS granted them, and kernel_amx did not turn them off */
@@ -2504,11 +2509,10 @@ static const struct {
     uint8_t rows[16];
 } __attribute__((aligned(64))) AMX_TILES = {
     1, 0, {0},
-    /* 0: C, 16 rows x 16 tokens' int32 sums; 1: A, 16 rows x a block's 32 values; 2: B, a block's values of 16
-     * tokens, 4 of each token a tile row; 3, 4: A and B for 4 values (a last block's 4-value sums); 5, 6, 7: a
-     * second C, A and B */
-    {64, 32, 64, 4, 64, 64, 32, 64},
-    {16, 16, 8, 16, 1, 16, 16, 8},
+    /* C tiles (0, 3, 4, 5): 16 rows x 16 tokens' int32 sums; A tiles (1, 6): 16 rows x a block's 32 values; B
+     * tiles (2, 7): a block's values of 16 tokens, 4 of each token a tile row */
+    {64, 32, 64, 64, 64, 64, 32, 64},
+    {16, 16, 8, 16, 16, 16, 16, 8},
 };
 
 /* Whether products of AMX_MIN_TOKENS tokens or more use the tiles: `want` 1 or 0 sets it (1 only where the OS
@@ -2519,23 +2523,26 @@ int kernel_amx(int want) {
 }
 
 static inline int amx_takes(const Mat *m, int64_t n_tok) {
-    return amx_on && n_tok >= AMX_MIN_TOKENS && (m->type == W_Q8_0R || m->type == W_Q8R);
+    return amx_on && (m->type == W_Q4_0R ? n_tok >= AMX_MIN_TOKENS_Q4
+                                         : n_tok >= AMX_MIN_TOKENS && (m->type == W_Q8_0R || m->type == W_Q8R));
 }
 
 /* The activations as B tiles: for tokens 16k..16k+15 and block b, 8 tile rows of 64 bytes at
  * xb + (k * nb + b) * 512, row v holding values 4v..4v+3 of each token's block b (token t at bytes 4t..4t+3),
  * and the 16 tokens' scales of the block (their group's, for groups of 64) at xdb + (k * nb + b) * 16; tokens
  * past n_tok are zeros. */
-static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n) {
+static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4) {
     int64_t nb = n / BLOCK, tiles = (n_tok + 15) / 16, n_groups = n / a->gs;
     a->xb = scratch_alloc(tiles * nb * 512, 1);
     a->xdb = scratch_alloc(tiles * nb * 16 * sizeof(float), 1);
+    a->xcb = q4 ? scratch_alloc(tiles * nb * 16 * sizeof(int32_t), 1) : NULL;
     for (int64_t t = 0; t < n_tok; t++) {
         int64_t k = t / 16, c = t % 16;
         for (int64_t b = 0; b < nb; b++) {
             int8_t *tile = a->xb + (k * nb + b) * 512;
             for (int v = 0; v < 8; v++) memcpy(tile + 64 * v + 4 * c, a->q + t * n + b * BLOCK + 4 * v, 4);
             a->xdb[(k * nb + b) * 16 + c] = a->d[t * n_groups + b * BLOCK / a->gs];
+            if (a->xcb) a->xcb[(k * nb + b) * 16 + c] = a->c16[t * nb + b];
         }
     }
 }
@@ -2573,6 +2580,55 @@ static inline void amx_group16(const uint8_t *g, int8_t *dst) {
     }
 }
 
+/* a Q4_0R group of 16 blocks' nibbles (4 vectors of 16 4-byte lanes at g) as 16 A-tile rows of 32 values
+ * (q - 8: low nibbles values 0-15, high ones 16-31), block l's at dst + 512 l */
+static inline void amx_group16_q4(const uint8_t *g, int8_t *dst) {
+    __m512i v[4], h[4], c[4];
+    for (int j = 0; j < 4; j++) v[j] = _mm512_loadu_si512(g + 64 * j);
+    h[0] = _mm512_unpacklo_epi32(v[0], v[1]), h[1] = _mm512_unpackhi_epi32(v[0], v[1]);
+    h[2] = _mm512_unpacklo_epi32(v[2], v[3]), h[3] = _mm512_unpackhi_epi32(v[2], v[3]);
+    c[0] = _mm512_unpacklo_epi64(h[0], h[2]), c[1] = _mm512_unpackhi_epi64(h[0], h[2]); /* block 4q + m's 16 bytes */
+    c[2] = _mm512_unpacklo_epi64(h[1], h[3]), c[3] = _mm512_unpackhi_epi64(h[1], h[3]); /* in lane q of c[m] */
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), last = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int m = 0; m < 4; m++) {
+        __m512i lo = _mm512_sub_epi8(_mm512_and_si512(c[m], low), eight);
+        __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(c[m], 4), low), eight);
+        __m512i a = _mm512_permutex2var_epi64(lo, first, hi), b = _mm512_permutex2var_epi64(lo, last, hi);
+        _mm256_storeu_si256((__m256i *)(dst + 512 * m), _mm512_castsi512_si256(a));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (4 + m)), _mm512_extracti64x4_epi64(a, 1));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (8 + m)), _mm512_castsi512_si256(b));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (12 + m)), _mm512_extracti64x4_epi64(b, 1));
+    }
+}
+
+/* a Q4_0 block's 16 bytes of nibbles as its 32 values q - 8 */
+static inline void amx_unpack_q4(const uint8_t *nibbles, int8_t *dst) {
+    for (int i = 0; i < 16; i++) dst[i] = (int8_t)((nibbles[i] & 15) - 8), dst[16 + i] = (int8_t)((nibbles[i] >> 4) - 8);
+}
+
+/* a Q4_0R row (its regrouped bytes at row) as the band's A tiles, as amx_band_row */
+static void amx_band_row_q4(const uint8_t *row, int64_t n, int r, int8_t *ab, float *wdb) {
+    int64_t nb = n / BLOCK;
+    for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
+        G = rg_group(nb - b0);
+        const uint8_t *g = row + b0 * 18;
+        if (G == 1) {
+            amx_unpack_q4(g + 2, ab + (16 * b0 + r) * BLOCK);
+            wdb[16 * b0 + r] = fp16_to_f32(load_u16(g));
+            continue;
+        }
+        if (G == 16) amx_group16_q4(g, ab + (16 * b0 + r) * BLOCK);
+        else
+            for (int64_t l = 0; l < G; l++) {
+                uint8_t nibbles[16];
+                rg_gather(g, G, l, 4, nibbles);
+                amx_unpack_q4(nibbles, ab + (16 * (b0 + l) + r) * BLOCK);
+            }
+        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = fp16_to_f32(load_u16(g + 16 * G + 2 * l));
+    }
+}
+
 /* Row r of a band (its regrouped bytes at row) as the band's A tiles: block b's 32 values at
  * ab + (16 b + r) * 32, its weight scale at wdb[16 b + r] */
 static void amx_band_row(const uint8_t *row, int64_t n, int per, int r, int8_t *ab, float *wdb) {
@@ -2594,123 +2650,118 @@ static void amx_band_row(const uint8_t *row, int64_t n, int per, int r, int8_t *
     }
 }
 
-/* acc[r] (16 tokens) += cvt(block b's int32 sums of row r) * d_w * d_x, the tile's 16 rows, from the C tile
- * stored at c */
-ALWAYS_INLINE void amx_scale_into(const int32_t *c, const float *wdb, const float *xd, __m512 *acc) {
-    __m512 x = _mm512_loadu_ps(xd);
-    for (int r = 0; r < 16; r++)
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
-                                 _mm512_mul_ps(_mm512_set1_ps(wdb[r]), x), acc[r]);
-}
+/* One TDPBSSD's worth of a band's work: an A tile (16 rows x 32 values) against a B tile (16 tokens), the int32
+ * sums then multiplied by d_w (wd: the 16 rows') x d_x (xd: the 16 tokens') and added into acc (16 rows x 16
+ * tokens), or written there where `first` (the rows' first multiply-add into an accumulator starts from zero). */
+typedef struct {
+    const int8_t *a, *b;
+    const float *wd, *xd;
+    float *acc;
+    int first;
+    const int32_t *corr; /* or the 16 tokens' int32 corrections added first (a Q4_0 last block's lane 0) */
+} AmxItem;
 
-/* block b's int32 sums for the band's 16 rows x 16 tokens, stored at c */
-ALWAYS_INLINE void amx_block_sums(const int8_t *ab, const int8_t *xb, int64_t b, int32_t *c) {
-    _tile_zero(0);
-    _tile_loadd(1, ab + 512 * b, BLOCK);
-    _tile_loadd(2, xb + 512 * b, 64);
-    _tile_dpbssd(0, 1, 2);
-    _tile_stored(0, c, 64);
-}
-
-/* blocks b and b2 at once (two C tiles: the second's products run while the first's are scaled) */
-ALWAYS_INLINE void amx_block_sums2(const int8_t *ab, const int8_t *xb, int64_t b, int64_t b2, int32_t *c) {
-    _tile_zero(0);
-    _tile_zero(5);
-    _tile_loadd(1, ab + 512 * b, BLOCK);
-    _tile_loadd(2, xb + 512 * b, 64);
-    _tile_loadd(6, ab + 512 * b2, BLOCK);
-    _tile_loadd(7, xb + 512 * b2, 64);
-    _tile_dpbssd(0, 1, 2);
-    _tile_dpbssd(5, 6, 7);
-    _tile_stored(0, c, 64);
-    _tile_stored(5, c + 256, 64);
-}
-
-/* The band's rows (A tiles ab, scales wdb) against every token: lane l's accumulators of token tile k (its
- * groups of 16's blocks l, 16 + l, ... in order) at lanes + (16 k + l) * 16, 16 rows of 16 tokens. Lane by lane,
- * so that a lane's A tiles stay in the L1 cache while the token tiles stream past them. */
-static void amx_band_lanes(const int8_t *ab, const float *wdb, const QAct *a, int64_t tiles, int64_t nb,
-                           float *lanes) {
-    int32_t c[512] __attribute__((aligned(64)));
-    int64_t full = nb / 16 * 16;
-    for (int l = 0; l < 16 && l < full; l++) {
-        int64_t k = 0;
-        for (; k + 1 < tiles; k += 2) { /* two token tiles against the same A tiles, in two C tiles */
-            const int8_t *xb = a->xb + k * nb * 512;
-            const float *xd = a->xdb + k * nb * 16;
-            __m512 acc[2][16];
-            for (int r = 0; r < 16; r++) acc[0][r] = acc[1][r] = _mm512_setzero_ps();
-            for (int64_t b = l; b < full; b += 16) {
-                _tile_zero(0);
-                _tile_zero(5);
-                _tile_loadd(1, ab + 512 * b, BLOCK);
-                _tile_loadd(2, xb + 512 * b, 64);
-                _tile_loadd(7, xb + nb * 512 + 512 * b, 64);
-                _tile_dpbssd(0, 1, 2);
-                _tile_dpbssd(5, 1, 7);
-                _tile_stored(0, c, 64);
-                _tile_stored(5, c + 256, 64);
-                amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc[0]);
-                amx_scale_into(c + 256, wdb + 16 * b, xd + nb * 16 + 16 * b, acc[1]);
-            }
-            for (int h = 0; h < 2; h++)
-                for (int r = 0; r < 16; r++) _mm512_storeu_ps(lanes + ((16 * (k + h) + l) * 16 + r) * 16, acc[h][r]);
-        }
-        for (; k < tiles; k++) {
-            const int8_t *xb = a->xb + k * nb * 512;
-            const float *xd = a->xdb + k * nb * 16;
-            __m512 acc[16];
-            for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
-            int64_t b = l;
-            for (; b + 16 < full; b += 32) {
-                amx_block_sums2(ab, xb, b, b + 16, c);
-                amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc);
-                amx_scale_into(c + 256, wdb + 16 * (b + 16), xd + 16 * (b + 16), acc);
-            }
-            if (b < full) amx_block_sums(ab, xb, b, c), amx_scale_into(c, wdb + 16 * b, xd + 16 * b, acc);
-            for (int r = 0; r < 16; r++) _mm512_storeu_ps(lanes + ((16 * k + l) * 16 + r) * 16, acc[r]);
-        }
+/* acc[r] (16 tokens) = cvt(sums of row r) * d_w * d_x + acc[r] (+ 0 where first), from the C tile stored at c */
+ALWAYS_INLINE void amx_scale(int32_t *c, const AmxItem *it) {
+    __m512 x = _mm512_loadu_ps(it->xd);
+    float *acc = it->acc;
+    if (it->corr) {
+        __m512i corr = _mm512_loadu_si512(it->corr);
+        for (int r = 0; r < 16; r++) _mm512_storeu_si512(c + 16 * r, _mm512_add_epi32(_mm512_loadu_si512(c + 16 * r), corr));
     }
+    if (it->first) {
+        UNROLL16
+        for (int r = 0; r < 16; r++)
+            _mm512_storeu_ps(acc + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
+                                                           _mm512_mul_ps(_mm512_set1_ps(it->wd[r]), x),
+                                                           _mm512_setzero_ps()));
+        return;
+    }
+    UNROLL16
+    for (int r = 0; r < 16; r++)
+        _mm512_storeu_ps(acc + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
+                                                       _mm512_mul_ps(_mm512_set1_ps(it->wd[r]), x),
+                                                       _mm512_loadu_ps(acc + 16 * r)));
 }
 
-/* Token tile k's dots with the band's rows: sums[r] holds row r's for the 16 tokens, as the AVX-512 rows compute
- * them (see above): the tail's blocks (past the groups of 16) into lanes 0-7 of a second accumulator, added to
- * the lanes' (amx_band_lanes), then hsum16's tree */
-static void amx_band_sums(const int8_t *ab, const float *wdb, const QAct *a, int64_t k, int64_t nb,
-                          const float *lanes, __m512 *sums) {
-    int32_t c[256] __attribute__((aligned(64)));
+/* item i's products into C tile C (A tile A, B tile B); its sums stored at c */
+#define AMX_ISSUE(C, A, B, it)                                                                                 \
+    do {                                                                                                       \
+        _tile_zero(C);                                                                                         \
+        _tile_loadd(A, (it)->a, BLOCK);                                                                        \
+        _tile_loadd(B, (it)->b, 64);                                                                           \
+        _tile_dpbssd(C, A, B);                                                                                 \
+    } while (0)
+
+/* Items in order, four in the tiles at once: item i + 3's products are issued, item i's sums stored, and item
+ * i - 1's (stored one step before) scaled, so that the tiles' latencies overlap each other and the scaling.
+ * Items that add into the same accumulator run in list order. C tiles 0, 3, 4, 5; A tiles 1, 6; B tiles 2, 7. */
+static void amx_run(const AmxItem *items, int64_t n_items) {
+    int32_t c[4][256] __attribute__((aligned(64)));
+#define AMX_ISSUE_AT(i)                                                                                        \
+    do {                                                                                                       \
+        switch ((i) & 3) {                                                                                     \
+        case 0: AMX_ISSUE(0, 1, 2, items + (i)); break;                                                         \
+        case 1: AMX_ISSUE(3, 6, 7, items + (i)); break;                                                         \
+        case 2: AMX_ISSUE(4, 1, 2, items + (i)); break;                                                         \
+        default: AMX_ISSUE(5, 6, 7, items + (i)); break;                                                        \
+        }                                                                                                      \
+    } while (0)
+    for (int64_t i = 0; i < 3 && i < n_items; i++) AMX_ISSUE_AT(i);
+    for (int64_t i = 0; i < n_items; i++) {
+        if (i + 3 < n_items) AMX_ISSUE_AT(i + 3);
+        switch (i & 3) {
+        case 0: _tile_stored(0, c[0], 64); break;
+        case 1: _tile_stored(3, c[1], 64); break;
+        case 2: _tile_stored(4, c[2], 64); break;
+        default: _tile_stored(5, c[3], 64); break;
+        }
+        if (i > 0) amx_scale(c[(i - 1) & 3], items + i - 1);
+    }
+    if (n_items > 0) amx_scale(c[(n_items - 1) & 3], items + n_items - 1);
+#undef AMX_ISSUE_AT
+}
+
+/* The items of a band (A tiles ab, scales wdb, a last block's A tiles masked to 4 values at singles) against
+ * token tile k, into the accumulators the AVX-512 rows keep: lane l of the groups of 16 at lanes + 256 l (block
+ * b into lane b % 16, in block order), lanes 0-7 of the tail's at tail + 256 l (its group of 8, then of 4, then
+ * each last block's values 4j..4j+3 into lane j). Returns the item count. */
+static int64_t amx_items(const int8_t *ab, const int8_t *singles, const float *wdb, const QAct *a, int64_t k,
+                         int64_t nb, int q4, float *lanes, float *tail, AmxItem *items) {
     const int8_t *xb = a->xb + k * nb * 512;
     const float *xd = a->xdb + k * nb * 16;
-    __m512 tail[8][16];
-    for (int l = 0; l < 8; l++)
-        for (int r = 0; r < 16; r++) tail[l][r] = _mm512_setzero_ps();
-    int64_t b = nb / 16 * 16;
-    if (nb - b >= 8) { /* q8r_group8 */
-        for (int l = 0; l < 8; l++) amx_block_sums(ab, xb, b + l, c), amx_scale_into(c, wdb + 16 * (b + l), xd + 16 * (b + l), tail[l]);
-        b += 8;
-    }
-    if (nb - b >= 4) { /* q8r_group4 */
-        for (int l = 0; l < 4; l++) amx_block_sums(ab, xb, b + l, c), amx_scale_into(c, wdb + 16 * (b + l), xd + 16 * (b + l), tail[l]);
-        b += 4;
-    }
-    for (; b < nb; b++) /* q8r_single: the block's values 4j..4j+3 into lane j */
+    int64_t n = 0, b = 0, full = nb / 16 * 16;
+    int started[8] = {0};
+    for (; b < full; b++)
+        items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16), b < 16, NULL};
+    for (int G = 8; G >= 4; G /= 2)
+        if (nb - b >= G)
+            for (int l = 0; l < G; l++, b++) {
+                items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * l, !started[l],
+                                       NULL};
+                started[l] = 1;
+            }
+    for (int64_t s = 0; b < nb; b++, s++)
         for (int j = 0; j < 8; j++) {
-            _tile_zero(0);
-            _tile_loadd(3, ab + 512 * b + 4 * j, BLOCK);
-            _tile_loadd(4, xb + 512 * b + 64 * j, 64);
-            _tile_dpbssd(0, 3, 4);
-            _tile_stored(0, c, 64);
-            amx_scale_into(c, wdb + 16 * b, xd + 16 * b, tail[j]);
+            items[n++] = (AmxItem){singles + (8 * s + j) * 512, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * j,
+                                   !started[j], q4 && j == 0 ? a->xcb + (k * nb + b) * 16 : NULL};
+            started[j] = 1;
         }
-    for (int r = 0; r < 16; r++) { /* the two accumulators added, then hsum16's tree */
-        __m512 v[16];
-        for (int l = 0; l < 16; l++)
-            v[l] = _mm512_add_ps(nb >= 16 ? _mm512_loadu_ps(lanes + ((16 * k + l) * 16 + r) * 16) : _mm512_setzero_ps(),
-                                 l < 8 ? tail[l][r] : _mm512_setzero_ps());
-        for (int j = 0; j < 8; j++) v[j] = _mm512_add_ps(v[j], v[j + 8]);
-        for (int j = 0; j < 4; j++) v[j] = _mm512_add_ps(v[j], v[j + 4]);
-        sums[r] = _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
-    }
+    for (int l = 0; l < 8; l++) /* a tail lane no block reached stays zero, as the rows' does */
+        if (!started[l]) memset(tail + 256 * l, 0, 256 * sizeof(float));
+    return n;
+}
+
+/* row r's dots with the token tile's 16 tokens from the accumulators (lanes: zero where the row has no group of
+ * 16), as the rows finish them: the tail's lanes 0-7 added to the lanes', then hsum16's tree */
+ALWAYS_INLINE __m512 amx_row_sums(const float *lanes, const float *tail, int64_t nb, int r) {
+    __m512 v[16];
+    for (int l = 0; l < 16; l++)
+        v[l] = _mm512_add_ps(nb >= 16 ? _mm512_loadu_ps(lanes + 256 * l + 16 * r) : _mm512_setzero_ps(),
+                             l < 8 ? _mm512_loadu_ps(tail + 256 * l + 16 * r) : _mm512_setzero_ps());
+    for (int j = 0; j < 8; j++) v[j] = _mm512_add_ps(v[j], v[j + 8]);
+    for (int j = 0; j < 4; j++) v[j] = _mm512_add_ps(v[j], v[j + 4]);
+    return _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
 }
 
 /* A thread's memory for its bands (A tiles, scales, lanes' accumulators), kept from call to call: taken from
@@ -2736,26 +2787,40 @@ static char *amx_buffer(int64_t bytes) {
     return amx_memory;
 }
 
-/* Rows [lo, lo + 16 k) of m (a Q8_0R or Q8R matrix) for every token by the tiles, the largest k that fits in
+/* Rows [lo, lo + 16 k) of m (a Q8_0R, Q8R or Q4_0R matrix) for every token by the tiles, the largest k that fits in
  * [lo, hi); returns the first row left to the AVX-512 rows (all of them where no memory is left). */
 static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n_tok, int64_t n,
                         float *out, int accumulate) {
     int64_t nb = n / BLOCK, rb = row_bytes(m, n), bands = (hi - lo) / AMX_ROWS, tiles = (n_tok + 15) / 16;
-    int per = m->type == W_Q8_0R ? 0 : m->gs == 32 ? 1 : 2;
-    int64_t a_bytes = nb * 16 * BLOCK, wd_bytes = nb * 16 * (int64_t)sizeof(float);
-    char *memory = bands ? amx_buffer(a_bytes + wd_bytes + tiles * 256 * 64) : NULL;
+    int64_t n_singles = nb % 4, first_single = nb - n_singles; /* a row's last 0-3 blocks, left alone */
+    int per = m->type == W_Q8R ? (m->gs == 32 ? 1 : 2) : 0, q4 = m->type == W_Q4_0R;
+    int64_t a_bytes = nb * 512, s_bytes = n_singles * 8 * 512, wd_bytes = nb * 16 * (int64_t)sizeof(float);
+    int64_t acc_bytes = 24 * 256 * (int64_t)sizeof(float), item_bytes = (nb + 24) * (int64_t)sizeof(AmxItem);
+    char *memory = bands ? amx_buffer(a_bytes + s_bytes + wd_bytes + acc_bytes + item_bytes) : NULL;
     if (memory == NULL) return lo;
-    int8_t *ab = (int8_t *)memory;
-    float *wdb = (float *)(memory + a_bytes), *lanes = (float *)(memory + a_bytes + wd_bytes);
+    int8_t *ab = (int8_t *)memory, *singles = (int8_t *)(memory + a_bytes);
+    float *wdb = (float *)(memory + a_bytes + s_bytes), *lanes = wdb + nb * 16, *tail = lanes + 16 * 256;
+    AmxItem *items = (AmxItem *)(tail + 8 * 256);
     _tile_loadconfig(&AMX_TILES);
     for (int64_t i = lo; i < lo + bands * AMX_ROWS; i += AMX_ROWS) {
-        for (int r = 0; r < 16; r++) amx_band_row((const uint8_t *)m->w + (i + r) * rb, n, per, r, ab, wdb);
-        amx_band_lanes(ab, wdb, a, tiles, nb, lanes);
+        for (int r = 0; r < 16; r++) {
+            const uint8_t *row = (const uint8_t *)m->w + (i + r) * rb;
+            if (q4) amx_band_row_q4(row, n, r, ab, wdb);
+            else amx_band_row(row, n, per, r, ab, wdb);
+        }
+        /* a last block's values 4j..4j+3 of each row, the rest zeros: the rows' 4-value sums, which for Q4_0 are
+         * of the nibbles as stored (q, not q - 8), lane 0 starting from the block's correction (amx_items) */
+        memset(singles, 0, s_bytes);
+        for (int64_t s = 0; s < n_singles; s++)
+            for (int j = 0; j < 8; j++)
+                for (int r = 0; r < 16; r++)
+                    for (int v = 0; v < 4; v++)
+                        singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] =
+                            (int8_t)(ab[512 * (first_single + s) + 32 * r + 4 * j + v] + (q4 ? 8 : 0));
         for (int64_t k = 0; k < tiles; k++) {
-            __m512 sums[16];
+            amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes, tail, items));
             float s[16][16];
-            amx_band_sums(ab, wdb, a, k, nb, lanes, sums);
-            for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], sums[r]);
+            for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], amx_row_sums(lanes, tail, nb, r));
             for (int64_t t = 16 * k; t < 16 * k + 16 && t < n_tok; t++)
                 for (int r = 0; r < 16; r++) store(&out[n_tok * m->row0 + t * m->rows + i + r], s[r][t - 16 * k], accumulate);
         }
@@ -2839,8 +2904,9 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
     }
 #endif
 #ifdef HAVE_AMX
-    if (amx_on && n_tok >= AMX_MIN_TOKENS && (((types & (1u << W_Q8_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))))
-        amx_lay_out(a, n_tok, n);
+    if (amx_on && n_tok >= AMX_MIN_TOKENS &&
+        (((types & (1u << W_Q8_0R | 1u << W_Q4_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))))
+        amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK);
 #endif
 #ifdef HAVE_ZMM_INT8
     int blocks = (types & (1u << W_Q8_0)) && gs == BLOCK, groups = (types & (1u << W_Q8)) && gs % 64 == 0;
@@ -2883,7 +2949,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
 }
 
 static void free_activations(QAct *a) {
-    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16, a->xb, a->xdb};
+    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16, a->xb, a->xdb, a->xcb};
     for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) scratch_free(owned[i]);
 }
 
