@@ -2477,17 +2477,18 @@ static const RowsFn *rows_kernels(const Mat *m) {
 }
 
 #ifdef HAVE_AMX
-/* Products of many tokens (a prompt's) on Q8_0R and Q8R rows by AMX's int8 tiles, with every output the number
- * the AVX-512 rows give it, bit for bit: a prompt's rows still equal decoding each token alone. The rows' sums
- * are integers, and a tile's TDPBSSD gives each block's exact int32 sum for 16 rows x 16 tokens at once (the
- * same integer as the kernels' vpdpbusd lanes, which start from a correction for their unsigned weights). The
- * floating-point part is then the rows' own: dots_q8r_simd multiplies block b's int32 sum, converted, by
- * d_w * d_x into lane b % 16 of an accumulator (the groups of 16 in order), the tail's groups of 8 and 4 into
- * lanes 0-7 of a second one and its last blocks as eight 4-value sums each, adds the two and sums the 16 lanes
- * in hsum16's tree. Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane
- * (lane l's blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first
- * copied out of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time;
- * the activations are laid out as B tiles once per product (amx_lay_out). */
+/* Products of many tokens (a prompt's) on Q8_0R, Q8R and Q4_0R rows by AMX's int8 tiles, with every output the
+ * number the AVX-512 rows give it, bit for bit: a prompt's rows still equal decoding each token alone. The rows'
+ * sums are integers, and a tile's TDPBSSD gives each block's exact int32 sum for 16 rows x 16 tokens at once (the
+ * same integer as the kernels' vpdpbusd lanes, which start from a correction for their unsigned weights; Q4_0's
+ * values as q - 8). The floating-point part is then the rows' own: dots_q8r_simd and dots_q4r_simd multiply block
+ * b's int32 sum, converted, by d_w * d_x into lane b % 16 of an accumulator (the groups of 16 in order), the
+ * tail's groups of 8 and 4 into lanes 0-7 of a second one and its last blocks as eight 4-value sums each (Q4_0's
+ * of the nibbles as stored, the block's correction in lane 0), add the two and sum the 16 lanes in hsum16's
+ * tree. Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane (each lane's
+ * blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first copied out
+ * of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time; the activations
+ * are laid out as B tiles once per product (amx_lay_out). */
 /* Fewer tokens go to the AVX-512 rows, as fast there (the same numbers either way): the tiles' fixed costs (a
  * band's copy into A tiles, its accumulators) pay from 32 tokens on Q8_0, and on Q4_0, whose rows read half the
  * bytes and whose A tiles are unpacked from nibbles, from 96 (docs/speed.md) */
