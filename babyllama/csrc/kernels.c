@@ -844,7 +844,7 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
  * hands the same lines back call after call, lines the other threads have just read, so that each write
  * would first take them back from those threads' caches, which lengthens a decode step's serial set-up
  * (docs/speed.md). A request over SCRATCH_MAX comes from malloc; a
- * product takes at most 27 buffers, so a live buffer is never handed out again before it is released. */
+ * product takes at most 26 buffers, so a live buffer is never handed out again before it is released. */
 #define SCRATCH_BYTES (2 << 20)
 #define SCRATCH_MAX (SCRATCH_BYTES / 32)
 
