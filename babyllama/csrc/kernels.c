@@ -2581,6 +2581,45 @@ static inline void amx_group16(const uint8_t *g, int8_t *dst) {
     }
 }
 
+/* a group of 8 blocks' values (8 vectors of 8 4-byte lanes at g) as 8 A-tile rows, block l's at dst + 512 l:
+ * amx_group16's transpose in 256-bit registers */
+static inline void amx_group8(const uint8_t *g, int8_t *dst) {
+    __m256i v[8], h[8], c[8];
+    for (int j = 0; j < 8; j++) v[j] = _mm256_loadu_si256((const __m256i *)(g + 32 * j));
+    for (int j = 0; j < 8; j += 2) {
+        h[j] = _mm256_unpacklo_epi32(v[j], v[j + 1]);
+        h[j + 1] = _mm256_unpackhi_epi32(v[j], v[j + 1]);
+    }
+    for (int half = 0; half < 2; half++) { /* c[4 half + m]: block 4q + m's words 4 half .. 4 half + 3 in lane q */
+        const __m256i *p = h + 4 * half;
+        c[4 * half + 0] = _mm256_unpacklo_epi64(p[0], p[2]);
+        c[4 * half + 1] = _mm256_unpackhi_epi64(p[0], p[2]);
+        c[4 * half + 2] = _mm256_unpacklo_epi64(p[1], p[3]);
+        c[4 * half + 3] = _mm256_unpackhi_epi64(p[1], p[3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        _mm256_storeu_si256((__m256i *)(dst + 512 * m), _mm256_permute2x128_si256(c[m], c[4 + m], 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (4 + m)), _mm256_permute2x128_si256(c[m], c[4 + m], 0x31));
+    }
+}
+
+/* a Q4_0R group of 8 blocks' nibbles (4 vectors of 8 4-byte lanes at g) as 8 A-tile rows of 32 values q - 8 */
+static inline void amx_group8_q4(const uint8_t *g, int8_t *dst) {
+    __m256i v[4], h[4], c[4];
+    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_si256((const __m256i *)(g + 32 * j));
+    h[0] = _mm256_unpacklo_epi32(v[0], v[1]), h[1] = _mm256_unpackhi_epi32(v[0], v[1]);
+    h[2] = _mm256_unpacklo_epi32(v[2], v[3]), h[3] = _mm256_unpackhi_epi32(v[2], v[3]);
+    c[0] = _mm256_unpacklo_epi64(h[0], h[2]), c[1] = _mm256_unpackhi_epi64(h[0], h[2]); /* block 4q + m's 16 bytes */
+    c[2] = _mm256_unpacklo_epi64(h[1], h[3]), c[3] = _mm256_unpackhi_epi64(h[1], h[3]); /* in lane q of c[m] */
+    const __m256i low = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+    for (int m = 0; m < 4; m++) {
+        __m256i lo = _mm256_sub_epi8(_mm256_and_si256(c[m], low), eight);
+        __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(c[m], 4), low), eight);
+        _mm256_storeu_si256((__m256i *)(dst + 512 * m), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + 512 * (4 + m)), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+}
+
 /* a Q4_0R group of 16 blocks' nibbles (4 vectors of 16 4-byte lanes at g) as 16 A-tile rows of 32 values
  * (q - 8: low nibbles values 0-15, high ones 16-31), block l's at dst + 512 l */
 static inline void amx_group16_q4(const uint8_t *g, int8_t *dst) {
@@ -2620,6 +2659,7 @@ static void amx_band_row_q4(const uint8_t *row, int64_t n, int r, int8_t *ab, fl
             continue;
         }
         if (G == 16) amx_group16_q4(g, ab + (16 * b0 + r) * BLOCK);
+        else if (G == 8) amx_group8_q4(g, ab + (16 * b0 + r) * BLOCK);
         else
             for (int64_t l = 0; l < G; l++) {
                 uint8_t nibbles[16];
@@ -2645,6 +2685,7 @@ static void amx_band_row(const uint8_t *row, int64_t n, int per, int r, int8_t *
             continue;
         }
         if (G == 16) amx_group16(g, ab + (16 * b0 + r) * BLOCK);
+        else if (G == 8) amx_group8(g, ab + (16 * b0 + r) * BLOCK);
         else
             for (int64_t l = 0; l < G; l++) rg_gather(g, G, l, BLOCK / 4, (uint8_t *)ab + (16 * (b0 + l) + r) * BLOCK);
         for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = amx_group_scale(g, G, l, per);
