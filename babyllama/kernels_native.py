@@ -617,9 +617,9 @@ class NativeKernels:
         return self.lib.kernel_threads()
 
     def amx(self) -> bool:
-        """Whether prompts of Q8_0 weights (32 tokens or more) and Q4_0 (96 or more) run on AMX's int8 tiles: a
-        Sapphire Rapids-class Xeon or later, whose OS grants the tiles, and BABYLLAMA_AMX not 0. Their results
-        are the AVX-512 rows', bit for bit (kernels.c, amx_rows)."""
+        """Whether prompts of Q8_0 and Q4_0 weights (32 tokens or more) run on AMX's int8 tiles: a Sapphire
+        Rapids-class Xeon or later, whose OS grants the tiles, and BABYLLAMA_AMX not 0. Their results are the
+        AVX-512 rows', bit for bit (kernels.c, amx_rows)."""
         return bool(self.lib.kernel_amx(-1))
 
     def use_amx(self, on: bool) -> bool:

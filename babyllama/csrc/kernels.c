@@ -2490,10 +2490,8 @@ static const RowsFn *rows_kernels(const Mat *m) {
  * of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time; the activations
  * are laid out as B tiles once per product (amx_lay_out). */
 /* Fewer tokens go to the AVX-512 rows, as fast there (the same numbers either way): the tiles' fixed costs (a
- * band's copy into A tiles, its accumulators) pay from 32 tokens on Q8_0, and on Q4_0, whose rows read half the
- * bytes and whose A tiles are unpacked from nibbles, from 96 (docs/speed.md) */
+ * band's copy into A tiles, its accumulators) pay from 32 tokens (docs/speed.md) */
 #define AMX_MIN_TOKENS 32
-#define AMX_MIN_TOKENS_Q4 96
 #define AMX_ROWS 16       /* weight rows of a band: a tile's rows */
 
 static int amx_on; /* whether products use the tiles: the OS granted them, and kernel_amx did not turn them off */
@@ -2524,8 +2522,7 @@ int kernel_amx(int want) {
 }
 
 static inline int amx_takes(const Mat *m, int64_t n_tok) {
-    return amx_on && (m->type == W_Q4_0R ? n_tok >= AMX_MIN_TOKENS_Q4
-                                         : n_tok >= AMX_MIN_TOKENS && (m->type == W_Q8_0R || m->type == W_Q8R));
+    return amx_on && n_tok >= AMX_MIN_TOKENS && (m->type == W_Q8_0R || m->type == W_Q8R || m->type == W_Q4_0R);
 }
 
 /* The activations as B tiles: for tokens 16k..16k+15 and block b, 8 tile rows of 64 bytes at
