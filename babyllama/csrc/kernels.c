@@ -2498,7 +2498,10 @@ static int amx_on; /* whether products use the tiles: the OS granted them, and k
 
 /* Linux gives a process AMX's tile state only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
  * XFEATURE_XTILEDATA); a kernel or hypervisor that does not grant it leaves the AVX-512 rows */
-__attribute__((constructor)) static void amx_ask(void) { amx_on = syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+enum { AMX_REQ_XCOMP_PERM = 0x1023, AMX_XFEATURE_XTILEDATA = 18 }; /* linux/arch/x86/include/uapi/asm/prctl.h */
+static int amx_granted(void) { return syscall(SYS_arch_prctl, AMX_REQ_XCOMP_PERM, AMX_XFEATURE_XTILEDATA) == 0; }
+
+__attribute__((constructor)) static void amx_ask(void) { amx_on = amx_granted(); }
 
 /* The tiles' shapes (palette 1), loaded by each thread before it runs them. Static: a configuration built on
  * the stack can be dropped by the compiler, which does not see LDTILECFG read it. */
@@ -2517,7 +2520,7 @@ static const struct {
 /* Whether products of AMX_MIN_TOKENS tokens or more use the tiles: `want` 1 or 0 sets it (1 only where the OS
  * grants them), -1 only asks. For measurements and the tests that compare the two paths. */
 int kernel_amx(int want) {
-    if (want >= 0) amx_on = want && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    if (want >= 0) amx_on = want && amx_granted();
     return amx_on;
 }
 
@@ -2545,9 +2548,10 @@ static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4) {
     }
 }
 
-/* the weight scale of block l of the group of G at g (per: see rg_scale_bytes; groups of 64: the group's) */
-static inline float amx_group_scale(const uint8_t *g, int64_t G, int64_t l, int per) {
-    const uint8_t *scales = g + BLOCK * G;
+/* the weight scale of block l of the group of G at g, after the group's `bytes` bytes a block of values or nibbles
+ * (per: see rg_scale_bytes; groups of 64: the group's) */
+static inline float amx_group_scale(const uint8_t *g, int64_t G, int64_t l, int per, int bytes) {
+    const uint8_t *scales = g + bytes * G;
     return per == 0 ? fp16_to_f32(load_u16(scales + 2 * l)) : load_f32(scales + 4 * (per == 1 ? l : l / 2));
 }
 
@@ -2663,7 +2667,7 @@ static void amx_band_row_q4(const uint8_t *row, int64_t n, int r, int8_t *ab, fl
                 rg_gather(g, G, l, 4, nibbles);
                 amx_unpack_q4(nibbles, ab + (16 * (b0 + l) + r) * BLOCK);
             }
-        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = fp16_to_f32(load_u16(g + 16 * G + 2 * l));
+        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = amx_group_scale(g, G, l, 0, BLOCK / 2);
     }
 }
 
@@ -2685,7 +2689,7 @@ static void amx_band_row(const uint8_t *row, int64_t n, int per, int r, int8_t *
         else if (G == 8) amx_group8(g, ab + (16 * b0 + r) * BLOCK);
         else
             for (int64_t l = 0; l < G; l++) rg_gather(g, G, l, BLOCK / 4, (uint8_t *)ab + (16 * (b0 + l) + r) * BLOCK);
-        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = amx_group_scale(g, G, l, per);
+        for (int64_t l = 0; l < G; l++) wdb[16 * (b0 + l) + r] = amx_group_scale(g, G, l, per, BLOCK);
     }
 }
 
@@ -2708,19 +2712,12 @@ ALWAYS_INLINE void amx_scale(int32_t *c, const AmxItem *it) {
         __m512i corr = _mm512_loadu_si512(it->corr);
         for (int r = 0; r < 16; r++) _mm512_storeu_si512(c + 16 * r, _mm512_add_epi32(_mm512_loadu_si512(c + 16 * r), corr));
     }
-    if (it->first) {
-        UNROLL16
-        for (int r = 0; r < 16; r++)
-            _mm512_storeu_ps(acc + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
-                                                           _mm512_mul_ps(_mm512_set1_ps(it->wd[r]), x),
-                                                           _mm512_setzero_ps()));
-        return;
-    }
     UNROLL16
-    for (int r = 0; r < 16; r++)
+    for (int r = 0; r < 16; r++) {
+        __m512 before = it->first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 16 * r);
         _mm512_storeu_ps(acc + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16 * r)),
-                                                       _mm512_mul_ps(_mm512_set1_ps(it->wd[r]), x),
-                                                       _mm512_loadu_ps(acc + 16 * r)));
+                                                       _mm512_mul_ps(_mm512_set1_ps(it->wd[r]), x), before));
+    }
 }
 
 /* item i's products into C tile C (A tile A, B tile B); its sums stored at c */
@@ -2940,12 +2937,10 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
             }
             for (int64_t b = 0; b < nb; b++) a->c16[t * nb + b] = q4_correction(x + b * BLOCK);
         }
-    }
-#endif
 #ifdef HAVE_AMX
-    if (amx_on && n_tok >= AMX_MIN_TOKENS &&
-        (((types & (1u << W_Q8_0R | 1u << W_Q4_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))))
-        amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK);
+        if (amx_on && n_tok >= AMX_MIN_TOKENS) amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK);
+#endif
+    }
 #endif
 #ifdef HAVE_ZMM_INT8
     int blocks = (types & (1u << W_Q8_0)) && gs == BLOCK, groups = (types & (1u << W_Q8)) && gs % 64 == 0;
