@@ -60,23 +60,32 @@ def cpu_has(*flags: str) -> bool:
 @functools.cache
 def llama_cpp_trouble() -> str | None:
     """Why llama.cpp (llama-cpp-python, the bench extra) cannot decode here, or None: not installed, or its
-    process dies decoding a tiny Q8_0 GGUF (tried once, in a child). PyPI's llama-cpp-python builds for the CPU it
-    is installed on, and on Sapphire Rapids-class Xeons its AMX matrix products crash (ggml-org/llama.cpp#20824)."""
+    process dies decoding a tiny Q8_0 GGUF (bench.llamacpp_trial, once: PyPI's llama-cpp-python builds for the CPU
+    it is installed on, and on Sapphire Rapids-class Xeons its AMX matrix products crash). Any other failure is the
+    test's to report."""
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python (the bench extra) is not installed"
+    from babyllama import bench
     from babyllama.interop.gguf import save_gguf
     from babyllama.interop.vocab import from_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "tiny.gguf"
         save_gguf(random_weights(tiny_args(dim=64, hidden_dim=128)), path, from_tokenizer(byte_tokenizer(300)), "q8_0")
-        code = f"from babyllama.bench import open_llamacpp; open_llamacpp({str(path)!r}, 64, 2).eval([1, 2, 3])"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-    if proc.returncode < 0:
-        return (f"llama.cpp (llama-cpp-python) dies decoding here (signal {-proc.returncode}): on Sapphire "
-                "Rapids-class CPUs its AMX products crash (ggml-org/llama.cpp#20824); docs/speed.md says how to "
-                "build it without AMX")
+        try:
+            bench.llamacpp_trial(path)
+        except RuntimeError as e:
+            if str(e).startswith("killed by"):
+                return f"llama.cpp (llama-cpp-python) dies decoding here: {e}"
     return None
+
+
+def crashing_program(path: Path, logged: str = "") -> str:
+    """An executable at `path` that prints `logged` on stderr, then dies of SIGSEGV, as a native library's crash
+    ends a process (a stand-in for a reference program, or for the Python a measuring child runs on)."""
+    path.write_text(f"#!/bin/sh\n{f'echo {logged!r} >&2' if logged else ''}\nkill -SEGV $$\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def require_llama_cpp() -> None:

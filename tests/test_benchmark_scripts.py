@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_llama_cpp
+from conftest import crashing_program, require_llama_cpp
 
 from babyllama import bench
 
@@ -174,15 +174,6 @@ def test_decode_windows_times_llama_cpp_on_the_gguf_file_beside_ours(tmp_path):
         f"{bench.model_stem(bench.BUILTIN)}-q8_0.gguf"]  # one file, read by both
 
 
-def crashing_python(tmp_path: Path, logged: str = "") -> str:
-    """A stand-in for the Python that bench starts its children with: it prints `logged` on stderr, then dies of
-    SIGSEGV, as a native library's crash ends a process."""
-    exe = tmp_path / "crashing-python"
-    exe.write_text(f"#!/bin/sh\n{f'echo {logged!r} >&2' if logged else ''}\nkill -SEGV $$\n")
-    exe.chmod(0o755)
-    return str(exe)
-
-
 def test_decode_windows_says_in_one_line_that_llama_cpp_crashes_here(tmp_path, monkeypatch):
     """llama.cpp is tried in a child process before it decodes in the script's own: where it crashes (some
     llama-cpp-python builds do on some CPUs), the script ends with one line saying so, not with a segfault."""
@@ -191,7 +182,7 @@ def test_decode_windows_says_in_one_line_that_llama_cpp_crashes_here(tmp_path, m
 
     from babyllama import kernels_native
 
-    monkeypatch.setattr(bench.sys, "executable", crashing_python(tmp_path))
+    monkeypatch.setattr(bench.sys, "executable", crashing_program(tmp_path / "crashing-python"))
     monkeypatch.setattr(kernels_native, "cpu_flags", lambda: {"avx2"})
     with pytest.raises(bench.BabyLlamaError, match=r"^llama\.cpp cannot decode .*-q8_0\.gguf on this machine: "
                                                    r"killed by SIGSEGV$"):

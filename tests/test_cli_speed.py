@@ -13,6 +13,7 @@ from conftest import (
     assert_greedy_agree,
     byte_tokenizer,
     cli_error,
+    crashing_program,
     logits_after,
     random_weights,
     require_llama_cpp,
@@ -523,13 +524,11 @@ def test_a_reference_whose_speed_line_is_no_speed_is_reported(tmp_path, value):
 def test_a_measurement_that_crashes_is_reported_by_its_signal(tmp_path, monkeypatch):
     """A process killed by a signal (llama.cpp's crash in a measuring child, a reference's segfault) is reported as
     such: its last line is only what it logged before, which read as the reason (a llama.cpp warning did)."""
-    fake = tmp_path / "crashes"
-    fake.write_text("#!/bin/sh\necho 'llama_context: n_ctx_seq (512) > n_ctx_train (256)' >&2\nkill -SEGV $$\n")
-    fake.chmod(0o755)
+    fake = crashing_program(tmp_path / "crashes", "llama_context: n_ctx_seq (512) > n_ctx_train (256)")
     said = r"^killed by SIGSEGV \(the last line it printed: llama_context: n_ctx_seq \(512\) > n_ctx_train \(256\)\)$"
     with pytest.raises(RuntimeError, match=said):
-        bench.reference_decode(str(fake), tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
-    monkeypatch.setattr(bench.sys, "executable", str(fake))  # the Python a measuring child is started with
+        bench.reference_decode(fake, tmp_path / "m.bin", tmp_path / "t.bin", 8, 1)
+    monkeypatch.setattr(bench.sys, "executable", fake)  # the Python a measuring child is started with
     with pytest.raises(RuntimeError, match=said):
         bench._run_child({"kind": "llamacpp", "path": str(tmp_path / "m.gguf")})
     assert bench.child_failure(3, "") == "exit status 3" and bench.child_failure(-99, "") == "killed by signal 99"
