@@ -2720,53 +2720,95 @@ ALWAYS_INLINE void amx_scale(int32_t *c, const AmxItem *it) {
     }
 }
 
-/* item i's products into C tile C (A tile A, B tile B); its sums stored at c */
-#define AMX_ISSUE(C, A, B, it)                                                                                 \
+/* Work items in order, four in the tiles at once: item i + 3's products are issued (A_AT(i), B_AT(i): its A and
+ * B tiles' addresses; C tiles 0, 3, 4, 5, A tiles 1, 6, B tiles 2, 7), item i's sums stored, and item i - 1's
+ * (stored one step before) scaled by SCALE(c, i - 1), c its sums, so that the tiles' latencies overlap each
+ * other and the scaling. Items that add into the same accumulator are scaled in list order. */
+#define AMX_ISSUE(C, A, B, i, A_AT, B_AT)                                                                      \
     do {                                                                                                       \
         _tile_zero(C);                                                                                         \
-        _tile_loadd(A, (it)->a, BLOCK);                                                                        \
-        _tile_loadd(B, (it)->b, 64);                                                                           \
+        _tile_loadd(A, A_AT(i), BLOCK);                                                                        \
+        _tile_loadd(B, B_AT(i), 64);                                                                           \
         _tile_dpbssd(C, A, B);                                                                                 \
     } while (0)
-
-/* Items in order, four in the tiles at once: item i + 3's products are issued, item i's sums stored, and item
- * i - 1's (stored one step before) scaled, so that the tiles' latencies overlap each other and the scaling.
- * Items that add into the same accumulator run in list order. C tiles 0, 3, 4, 5; A tiles 1, 6; B tiles 2, 7. */
-static void amx_run(const AmxItem *items, int64_t n_items) {
-    int32_t c[4][256] __attribute__((aligned(64)));
-#define AMX_ISSUE_AT(i)                                                                                        \
+#define AMX_ISSUE_AT(i, A_AT, B_AT)                                                                            \
     do {                                                                                                       \
         switch ((i) & 3) {                                                                                     \
-        case 0: AMX_ISSUE(0, 1, 2, items + (i)); break;                                                         \
-        case 1: AMX_ISSUE(3, 6, 7, items + (i)); break;                                                         \
-        case 2: AMX_ISSUE(4, 1, 2, items + (i)); break;                                                         \
-        default: AMX_ISSUE(5, 6, 7, items + (i)); break;                                                        \
+        case 0: AMX_ISSUE(0, 1, 2, i, A_AT, B_AT); break;                                                       \
+        case 1: AMX_ISSUE(3, 6, 7, i, A_AT, B_AT); break;                                                       \
+        case 2: AMX_ISSUE(4, 1, 2, i, A_AT, B_AT); break;                                                       \
+        default: AMX_ISSUE(5, 6, 7, i, A_AT, B_AT); break;                                                      \
         }                                                                                                      \
     } while (0)
-    for (int64_t i = 0; i < 3 && i < n_items; i++) AMX_ISSUE_AT(i);
-    for (int64_t i = 0; i < n_items; i++) {
-        if (i + 3 < n_items) AMX_ISSUE_AT(i + 3);
-        switch (i & 3) {
-        case 0: _tile_stored(0, c[0], 64); break;
-        case 1: _tile_stored(3, c[1], 64); break;
-        case 2: _tile_stored(4, c[2], 64); break;
-        default: _tile_stored(5, c[3], 64); break;
-        }
-        if (i > 0) amx_scale(c[(i - 1) & 3], items + i - 1);
-    }
-    if (n_items > 0) amx_scale(c[(n_items - 1) & 3], items + n_items - 1);
-#undef AMX_ISSUE_AT
+#define AMX_PIPELINE(n_items, A_AT, B_AT, SCALE)                                                               \
+    do {                                                                                                       \
+        int32_t c[4][256] __attribute__((aligned(64)));                                                        \
+        for (int64_t i = 0; i < 3 && i < (n_items); i++) AMX_ISSUE_AT(i, A_AT, B_AT);                          \
+        for (int64_t i = 0; i < (n_items); i++) {                                                              \
+            if (i + 3 < (n_items)) AMX_ISSUE_AT(i + 3, A_AT, B_AT);                                            \
+            switch (i & 3) {                                                                                   \
+            case 0: _tile_stored(0, c[0], 64); break;                                                          \
+            case 1: _tile_stored(3, c[1], 64); break;                                                          \
+            case 2: _tile_stored(4, c[2], 64); break;                                                          \
+            default: _tile_stored(5, c[3], 64); break;                                                         \
+            }                                                                                                  \
+            if (i > 0) SCALE(c[(i - 1) & 3], i - 1);                                                           \
+        }                                                                                                      \
+        if ((n_items) > 0) SCALE(c[((n_items) - 1) & 3], (n_items) - 1);                                       \
+    } while (0)
+
+/* a list of items (amx_items), each scaled by amx_scale */
+static void amx_run(const AmxItem *items, int64_t n_items) {
+#define ITEM_A(i) items[i].a
+#define ITEM_B(i) items[i].b
+#define ITEM_SCALE(c, i) amx_scale(c, items + (i))
+    AMX_PIPELINE(n_items, ITEM_A, ITEM_B, ITEM_SCALE);
+#undef ITEM_A
+#undef ITEM_B
+#undef ITEM_SCALE
+}
+
+/* A band's groups of 16 against token tile k (B tiles xb, scales xd) lane by lane, where a row has two groups or
+ * more: lane l's blocks l, l + 16, l + 32, ... in that order (amx_run's order within a lane; the lanes are
+ * independent), its 16 rows x 16 tokens accumulated in registers and stored once at lanes + 256 l: amx_scale's
+ * multiply-adds without reading and writing the accumulator at every block. */
+static void amx_run_lanes(const int8_t *ab, const int8_t *xb, const float *wdb, const float *xd, int64_t groups,
+                          float *lanes) {
+    __m512 acc[16];
+#define LANE_BLOCK(i) (16 * ((i) % groups) + (i) / groups)
+#define LANE_A(i) (ab + 512 * LANE_BLOCK(i))
+#define LANE_B(i) (xb + 512 * LANE_BLOCK(i))
+#define LANE_SCALE(c, i)                                                                                       \
+    do {                                                                                                       \
+        int64_t b_ = LANE_BLOCK(i), g_ = (i) % groups;                                                         \
+        __m512 x_ = _mm512_loadu_ps(xd + 16 * b_);                                                             \
+        UNROLL16                                                                                               \
+        for (int r = 0; r < 16; r++)                                                                           \
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((c) + 16 * r)),                      \
+                                     _mm512_mul_ps(_mm512_set1_ps(wdb[16 * b_ + r]), x_),                       \
+                                     g_ == 0 ? _mm512_setzero_ps() : acc[r]);                                  \
+        if (g_ == groups - 1) {                                                                                \
+            UNROLL16                                                                                           \
+            for (int r = 0; r < 16; r++) _mm512_storeu_ps(lanes + 256 * ((i) / groups) + 16 * r, acc[r]);       \
+        }                                                                                                      \
+    } while (0)
+    AMX_PIPELINE(16 * groups, LANE_A, LANE_B, LANE_SCALE);
+#undef LANE_BLOCK
+#undef LANE_A
+#undef LANE_B
+#undef LANE_SCALE
 }
 
 /* The items of a band (A tiles ab, scales wdb, a last block's A tiles masked to 4 values at singles) against
  * token tile k, into the accumulators the AVX-512 rows keep: lane l of the groups of 16 at lanes + 256 l (block
- * b into lane b % 16, in block order), lanes 0-7 of the tail's at tail + 256 l (its group of 8, then of 4, then
- * each last block's values 4j..4j+3 into lane j). Returns the item count. */
+ * b into lane b % 16, in block order; none where lanes_done, amx_run_lanes having filled them), lanes 0-7 of the
+ * tail's at tail + 256 l (its group of 8, then of 4, then each last block's values 4j..4j+3 into lane j).
+ * Returns the item count. */
 static int64_t amx_items(const int8_t *ab, const int8_t *singles, const float *wdb, const QAct *a, int64_t k,
-                         int64_t nb, int q4, float *lanes, float *tail, AmxItem *items) {
+                         int64_t nb, int q4, int lanes_done, float *lanes, float *tail, AmxItem *items) {
     const int8_t *xb = a->xb + k * nb * 512;
     const float *xd = a->xdb + k * nb * 16;
-    int64_t n = 0, b = 0, full = nb / 16 * 16;
+    int64_t n = 0, full = nb / 16 * 16, b = lanes_done ? full : 0;
     int started[8] = {0};
     for (; b < full; b++)
         items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16), b < 16, NULL};
@@ -2854,7 +2896,9 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
                         singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] =
                             (int8_t)(ab[512 * (first_single + s) + 32 * r + 4 * j + v] + (q4 ? 8 : 0));
         for (int64_t k = 0; k < tiles; k++) {
-            amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes, tail, items));
+            int lanes_done = nb >= 32; /* a lane with one block has no accumulator to carry */
+            if (lanes_done) amx_run_lanes(ab, a->xb + k * nb * 512, wdb, a->xdb + k * nb * 16, nb / 16, lanes);
+            amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes_done, lanes, tail, items));
             float s[16][16];
             for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], amx_row_sums(lanes, tail, nb, r));
             for (int64_t t = 16 * k; t < 16 * k + 16 && t < n_tok; t++)
