@@ -1683,7 +1683,8 @@ def test_packed_q8_prompts_take_the_regrouped_blocks_route(native, sgemm, monkey
 def test_a_product_of_several_tokens_splits_a_small_matrix_across_threads(native):
     """A 128 x 128 Q4_0 matrix is 9 KB: one chunk of a one-token product (~32 KB a chunk), so it runs on one
     thread. A prompt's product (8 passes of 8 tokens over those rows and more) and a batched decode step's (2-8
-    tokens) cut its rows into chunks for every thread."""
+    tokens) cut its rows into chunks for every thread; a prompt's activations are also quantized and laid out
+    on every thread first (a second split job)."""
     if usable_cpus() < 2:
         pytest.skip("one CPU: nothing to split across")
     w = quantize_q4_0(rng.standard_normal((128, 128)).astype(np.float32))
@@ -1695,7 +1696,7 @@ def test_a_product_of_several_tokens_splits_a_small_matrix_across_threads(native
             before = native.lib.pool_split_jobs()
             native.matmul(x[:tokens], [w])
             splits.append(native.lib.pool_split_jobs() - before)
-        assert splits == [1, 1, 1, 0]
+        assert splits == [2, 1, 1, 0]
     finally:
         native.configure_threads()
 
@@ -1716,10 +1717,43 @@ def test_prompt_sized_products_do_not_start_a_measurement():
     """The adaptation measures decode-sized products only (and every product of a decode step): a prompt's
     products on the int8 kernel follow its last choice, as a prompt's sgemm does, instead of starting a
     measurement on their own token count whose one-thread phase then holds whole prompts (here, after the
-    process's opening phase of 192 products, the rest would have run on the caller's thread alone)."""
+    process's opening phase of 192 products, the rest would have run on the caller's thread alone). Each product
+    is two split jobs: its activations prepared on every thread, then its rows."""
     out = run_with_default_threads(PROMPT_PRODUCTS, "there is no second thread to split a product onto")
     threads, split = map(int, out.split())
-    assert threads >= 2 and split == 300
+    assert threads >= 2 and split == 600
+
+
+@pytest.mark.parametrize("fused", ["plain", "norm", "gate"])
+def test_a_prompts_preparation_split_across_threads_gives_the_same_numbers(native, fused):
+    """A prompt's input (its fused RMSNorm or SwiGLU rows), quantization and activation layouts are made in parts
+    of 16 tokens on every thread: the products then equal those of one thread and those of each token alone, bit
+    for bit, for matrices of two group sizes in one call (Q4_0 and Q8_0 blocks regrouped, runq.c's groups of 64)
+    and a token count that leaves a part short."""
+    if usable_cpus() < 2:
+        pytest.skip("one CPU: nothing to split across")
+    n, tokens = 768, 70
+    local = np.random.default_rng(7)
+    q4, q8 = (quantize(local.standard_normal((rows, n)).astype(np.float32))
+              for quantize, rows in ((quantize_q4_0, 48), (quantize_q8_0, 40)))
+    groups = quantize_q80(local.standard_normal((32, n)).astype(np.float32), 64)
+    ws = [q4, native.regroup(q4), q8, native.regroup(q8), groups,
+          dataclasses.replace(groups, packed=native.pack_q8(groups))]
+    x = local.standard_normal((tokens, n)).astype(np.float32)
+    kwargs = {"plain": {}, "norm": {"norm": (local.standard_normal(n).astype(np.float32), 1e-5)},
+              "gate": {"gate": local.standard_normal((tokens, n)).astype(np.float32)}}[fused]
+    try:
+        results = {}
+        for threads in (1, 2):
+            native.configure_threads(threads)
+            results[threads] = native.matmul(x, ws, **kwargs)
+        alone = [native.matmul(x[t:t + 1], ws, **{k: (v[t:t + 1] if k == "gate" else v) for k, v in kwargs.items()})
+                 for t in range(tokens)]
+    finally:
+        native.configure_threads()
+    for j in range(len(ws)):
+        np.testing.assert_array_equal(results[2][j], results[1][j])
+        np.testing.assert_array_equal(results[2][j], np.concatenate([a[j] for a in alone]))
 
 
 @pytest.mark.parametrize("kind", ["fp32", "q8_0 gs64", "q8_0 blocks", "q4_0"])

@@ -875,13 +875,10 @@ static void scratch_free(void *p) {
 }
 
 /* the input a product reads: x, or its fused pre-operation written into a fresh buffer (*owned) */
-static const float *prepare_input(const float *x, int64_t n_tok, int64_t n, const Fusion *f, float **owned) {
-    *owned = NULL;
-    if (f == NULL || (f->norm_w == NULL && f->gate == NULL)) return x;
-    *owned = scratch_alloc(n_tok * n * sizeof(float), 0);
-    if (f->norm_w) rmsnorm(x, f->norm_w, n_tok, n, f->eps, *owned);
-    else swiglu_rows(x, f->gate, n_tok, n, *owned);
-    return *owned;
+/* rows [t0, t1) of a fused input (x's rows through f's RMSNorm or SwiGLU) into `fused` */
+static void fused_rows(const float *x, const Fusion *f, int64_t t0, int64_t t1, int64_t n, float *fused) {
+    if (f->norm_w) rmsnorm(x + t0 * n, f->norm_w, t1 - t0, n, f->eps, fused + t0 * n);
+    else swiglu_rows(x + t0 * n, f->gate + t0 * n, t1 - t0, n, fused + t0 * n);
 }
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
@@ -2531,13 +2528,15 @@ static inline int amx_takes(const Mat *m, int64_t n_tok) {
 /* The activations as B tiles: for tokens 16k..16k+15 and block b, 8 tile rows of 64 bytes at
  * xb + (k * nb + b) * 512, row v holding values 4v..4v+3 of each token's block b (token t at bytes 4t..4t+3),
  * and the 16 tokens' scales of the block (their group's, for groups of 64) at xdb + (k * nb + b) * 16; tokens
- * past n_tok are zeros. */
-static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4) {
+ * past n_tok are zeros. As lay_out_activations: `alloc` makes the buffers, tokens [t0, t1) are laid out. */
+static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4, int alloc, int64_t t0, int64_t t1) {
     int64_t nb = n / BLOCK, tiles = (n_tok + 15) / 16, n_groups = n / a->gs;
-    a->xb = scratch_alloc(tiles * nb * 512, 1);
-    a->xdb = scratch_alloc(tiles * nb * 16 * sizeof(float), 1);
-    a->xcb = q4 ? scratch_alloc(tiles * nb * 16 * sizeof(int32_t), 1) : NULL;
-    for (int64_t t = 0; t < n_tok; t++) {
+    if (alloc) {
+        a->xb = scratch_alloc(tiles * nb * 512, 1);
+        a->xdb = scratch_alloc(tiles * nb * 16 * sizeof(float), 1);
+        a->xcb = q4 ? scratch_alloc(tiles * nb * 16 * sizeof(int32_t), 1) : NULL;
+    }
+    for (int64_t t = t0; t < t1; t++) {
         int64_t k = t / 16, c = t % 16;
         for (int64_t b = 0; b < nb; b++) {
             int8_t *tile = a->xb + (k * nb + b) * 512;
@@ -2775,6 +2774,8 @@ static void amx_run(const AmxItem *items, int64_t n_items) {
 static void amx_run_lanes(const int8_t *ab, const int8_t *xb, const float *wdb, const float *xd, int64_t groups,
                           float *lanes) {
     __m512 acc[16];
+    UNROLL16
+    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps(); /* (each lane's first block starts from zero) */
 #define LANE_BLOCK(i) (16 * ((i) % groups) + (i) / groups)
 #define LANE_A(i) (ab + 512 * LANE_BLOCK(i))
 #define LANE_B(i) (xb + 512 * LANE_BLOCK(i))
@@ -2936,19 +2937,24 @@ static void rows_int8(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64
     }
 }
 
-/* the activation layouts the SIMD kernels of `types` (a bit per W_* type) read, from a->q and a->d */
-static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned types) {
+/* The activation layouts the SIMD kernels of `types` (a bit per W_* type) read, from a->q and a->d, of a
+ * product of n_tok tokens: where `alloc`, their buffers and strides are made; then tokens [t0, t1) are laid out
+ * (a prompt's in parts on several threads, see prepare_chunk). */
+static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned types, int alloc, int64_t t0,
+                                int64_t t1) {
     int64_t gs = a->gs, n_groups = n / gs;
 #ifdef __AVX2__
     if ((types & (1u << W_Q4_0)) && gs == BLOCK) {
-        int64_t steps = (n_groups + Q4_GROUP - 1) / Q4_GROUP;
-        a->q4_stride = steps * Q4_GROUP * BLOCK;
-        a->c4_stride = steps * Q4_GROUP;
-        a->d4_stride = steps * Q4_GROUP * Q4_D_COPIES;
-        a->q4 = scratch_alloc(n_tok * a->q4_stride + 64, 1);
-        a->c4 = scratch_alloc((n_tok * a->c4_stride + 16) * sizeof(int32_t), 1);
-        a->d4 = scratch_alloc((n_tok * a->d4_stride + 16) * sizeof(float), 1);
-        for (int64_t t = 0; t < n_tok; t++)
+        if (alloc) {
+            int64_t steps = (n_groups + Q4_GROUP - 1) / Q4_GROUP;
+            a->q4_stride = steps * Q4_GROUP * BLOCK;
+            a->c4_stride = steps * Q4_GROUP;
+            a->d4_stride = steps * Q4_GROUP * Q4_D_COPIES;
+            a->q4 = scratch_alloc(n_tok * a->q4_stride + 64, 1);
+            a->c4 = scratch_alloc((n_tok * a->c4_stride + 16) * sizeof(int32_t), 1);
+            a->d4 = scratch_alloc((n_tok * a->d4_stride + 16) * sizeof(float), 1);
+        }
+        for (int64_t t = t0; t < t1; t++)
             for (int64_t g = 0; g < n_groups; g++) {
                 const int8_t *src = a->q + t * n + g * BLOCK;
                 int64_t step = g / Q4_GROUP, b = g % Q4_GROUP;
@@ -2964,9 +2970,11 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
     }
     if (((types & (1u << W_Q4_0R | 1u << W_Q8_0R)) && gs == BLOCK) || (types & (1u << W_Q8R))) {
         int64_t nb = n / BLOCK;
-        a->q16 = scratch_alloc(n_tok * n + 64, 0);
-        a->c16 = scratch_alloc((n_tok * nb + 16) * sizeof(int32_t), 0);
-        for (int64_t t = 0; t < n_tok; t++) {
+        if (alloc) {
+            a->q16 = scratch_alloc(n_tok * n + 64, 0);
+            a->c16 = scratch_alloc((n_tok * nb + 16) * sizeof(int32_t), 0);
+        }
+        for (int64_t t = t0; t < t1; t++) {
             const int8_t *x = a->q + t * n;
             int8_t *dst = a->q16 + t * n;
             for (int64_t b0 = 0, G; b0 < nb; b0 += G) {
@@ -2982,7 +2990,8 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
             for (int64_t b = 0; b < nb; b++) a->c16[t * nb + b] = q4_correction(x + b * BLOCK);
         }
 #ifdef HAVE_AMX
-        if (amx_on && n_tok >= AMX_MIN_TOKENS) amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK);
+        if (amx_on && n_tok >= AMX_MIN_TOKENS)
+            amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK, alloc, t0, t1);
 #endif
     }
 #endif
@@ -2992,11 +3001,13 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
         /* corrections: Q8_0 blocks, per pair of blocks 16 lanes (8 each); runq.c's groups, one each. Scales,
          * for Q8_0 blocks and groups of 64: each repeated over 8 lanes, pairs of blocks or groups padded */
         int64_t per = blocks ? 8 : 1, scales = blocks || gs == 64;
-        a->c8_stride = blocks ? (n_groups + 1) / 2 * 16 : n_groups;
-        a->d8_stride = scales ? (n_groups + 1) / 2 * 16 : 0;
-        a->c8 = scratch_alloc(n_tok * a->c8_stride * sizeof(int32_t), 1);
-        a->d8 = scales ? scratch_alloc((n_tok * a->d8_stride + 16) * sizeof(float), 1) : NULL;
-        for (int64_t t = 0; t < n_tok; t++)
+        if (alloc) {
+            a->c8_stride = blocks ? (n_groups + 1) / 2 * 16 : n_groups;
+            a->d8_stride = scales ? (n_groups + 1) / 2 * 16 : 0;
+            a->c8 = scratch_alloc(n_tok * a->c8_stride * sizeof(int32_t), 1);
+            a->d8 = scales ? scratch_alloc((n_tok * a->d8_stride + 16) * sizeof(float), 1) : NULL;
+        }
+        for (int64_t t = t0; t < t1; t++)
             for (int64_t g = 0; g < n_groups; g++) {
                 int32_t sum = 0;
                 for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
@@ -3009,12 +3020,14 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
         /* runq.c's groups of 32, two a 64-byte register (lanes 0-7, 8-15), four folded into one (quarter j group
          * j): per four groups 16 corrections, at lanes 0, 4, 8 and 12, and 16 scales, each repeated over its
          * group's 4 lanes */
-        int64_t quads = (n_groups + 3) / 4;
-        a->c32_stride = quads * 16;
-        a->d32_stride = quads * 16;
-        a->c32 = scratch_alloc(n_tok * a->c32_stride * sizeof(int32_t), 1);
-        a->d32 = scratch_alloc((n_tok * a->d32_stride + 16) * sizeof(float), 1);
-        for (int64_t t = 0; t < n_tok; t++)
+        if (alloc) {
+            int64_t quads = (n_groups + 3) / 4;
+            a->c32_stride = quads * 16;
+            a->d32_stride = quads * 16;
+            a->c32 = scratch_alloc(n_tok * a->c32_stride * sizeof(int32_t), 1);
+            a->d32 = scratch_alloc((n_tok * a->d32_stride + 16) * sizeof(float), 1);
+        }
+        for (int64_t t = t0; t < t1; t++)
             for (int64_t g = 0; g < n_groups; g++) {
                 int32_t sum = 0;
                 for (int64_t k = 0; k < gs; k++) sum += a->q[t * n + g * gs + k];
@@ -3023,7 +3036,8 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
             }
     }
 #endif
-    (void)types, (void)n_tok, (void)n_groups; /* without SIMD kernels, the plain activations suffice */
+    (void)types, (void)n_tok, (void)n_groups, (void)alloc, (void)t0, (void)t1; /* without SIMD kernels, the plain
+                                                                                  * activations suffice */
 }
 
 static void free_activations(QAct *a) {
@@ -3074,6 +3088,32 @@ static void product_chunk(void *ctx, int64_t lo, int64_t hi) {
  * (forward_step, batched ones of any size) is measured. */
 #define MEASURED_MAX_TOKENS 8
 
+/* What a product prepares before its rows run, token by token: the fused input (where f asks for one), then for
+ * each group size the activations quantized and laid out for the kernels (their buffers made beforehand) */
+typedef struct {
+    Product *p;
+    const float *x;
+    const Fusion *f;
+    float *fused;
+    unsigned types[2];
+} Preparation;
+
+/* tokens a part when a prompt's preparation is split: 16, so that one thread writes all of an AMX token tile (its
+ * tokens' values share cache lines) */
+#define PREPARE_TOKENS 16
+
+/* tokens [lo, hi) of a Preparation: rows independent of each other, so the same numbers however they are split */
+static void prepare_chunk(void *ctx, int64_t lo, int64_t hi) {
+    const Preparation *prep = ctx;
+    Product *p = prep->p;
+    if (prep->fused) fused_rows(prep->x, prep->f, lo, hi, p->n, prep->fused);
+    for (int i = 0; i < p->n_acts; i++) {
+        QAct *a = &p->acts[i];
+        quantize_q8(p->x + lo * p->n, hi - lo, p->n, a->gs, a->q + lo * p->n, a->d + lo * (p->n / a->gs));
+        lay_out_activations(a, p->n_tok, p->n, prep->types[i], 0, lo, hi);
+    }
+}
+
 /* matmul, with `measured`: whether the adaptation times it (see MEASURED_MAX_TOKENS) */
 static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
                    const Fusion *f, int measured) {
@@ -3093,15 +3133,20 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
         if (i == p.n_acts) p.acts[p.n_acts++].gs = m->gs;
         types[i] |= 1u << m->type;
     }
-    float *owned;
-    p.x = prepare_input(x, n_tok, n, f, &owned);
+    Preparation prep = {&p, x, f, NULL, {types[0], types[1]}};
+    if (f != NULL && (f->norm_w != NULL || f->gate != NULL)) prep.fused = scratch_alloc(n_tok * n * sizeof(float), 0);
+    p.x = prep.fused ? prep.fused : x;
     for (int i = 0; i < p.n_acts; i++) {
         QAct *a = &p.acts[i];
         a->q = scratch_alloc(n_tok * n + 64, 0); /* + 64: a pair step may read 32 bytes past the last row */
         a->d = scratch_alloc(n_tok * (n / a->gs) * sizeof(float), 0);
-        quantize_q8(p.x, n_tok, n, a->gs, a->q, a->d);
-        lay_out_activations(a, n_tok, n, types[i]);
+        lay_out_activations(a, n_tok, n, types[i], 1, 0, 0);
     }
+    if (n_tok > MEASURED_MAX_TOKENS && (prep.fused || p.n_acts)) /* a prompt's: on the pool, 16 tokens a part */
+        pool_run_adaptive(prepare_chunk, &prep, n_tok, PREPARE_TOKENS, n_tok * n * (int64_t)sizeof(float), 0,
+                          n_tok * n * (int64_t)sizeof(float) >= ATTENTION_MIN_BYTES);
+    else
+        prepare_chunk(&prep, 0, n_tok);
     int64_t chunk = CHUNK_BYTES / max_rb > 0 ? CHUNK_BYTES / max_rb : 1;
     /* a product of several tokens (a prompt's, a batched decode step's) takes its rows in at least MIN_CHUNKS
      * chunks, so that every thread has a share of a small matrix (the built-in model's, 9-55 KB, would be one or
@@ -3118,7 +3163,7 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
     pool_run_adaptive(product_chunk, &p, rows, chunk, bytes * n_tok, measured ? n_tok : 0,
                       rows * n * n_tok >= PRODUCT_MIN_MACS);
     for (int i = 0; i < p.n_acts; i++) free_activations(&p.acts[i]);
-    scratch_free(owned);
+    scratch_free(prep.fused);
     return 0;
 }
 
