@@ -874,7 +874,6 @@ static void scratch_free(void *p) {
     if (scratch == NULL || (char *)p < scratch || (char *)p >= scratch + SCRATCH_BYTES) free(p);
 }
 
-/* the input a product reads: x, or its fused pre-operation written into a fresh buffer (*owned) */
 /* rows [t0, t1) of a fused input (x's rows through f's RMSNorm or SwiGLU) into `fused` */
 static void fused_rows(const float *x, const Fusion *f, int64_t t0, int64_t t1, int64_t n, float *fused) {
     if (f->norm_w) rmsnorm(x + t0 * n, f->norm_w, t1 - t0, n, f->eps, fused + t0 * n);
@@ -3867,10 +3866,12 @@ static void swiglu_rows(const float *a, const float *b, int64_t n_tok, int64_t n
 
 /* The KV cache holds rows of head_size (hs) keys or values: fp32 (KV_F32), IEEE fp16 (KV_F16: half the bytes
  * attention reads), or Q8_0 rows (KV_Q8: hs int8 values, then one fp32 scale for each of the row's kv_groups(hs)
- * groups, value = q * scale; about a quarter of fp32's bytes). Attention's arithmetic is the same fp32 for all;
- * only the loads of cached keys and values differ (kv_load1/kv_load8, q8_dots4 and weighted_values' Q8_0 loop,
- * which the always-inlined functions below receive with a constant type, so each type gets its own code).
- * engine.py's KVCache makes the same rows. */
+ * groups, value = q * scale; about a quarter of fp32's bytes). Attention's arithmetic is fp32 for all; the loads
+ * of cached keys and values differ (kv_load1/kv_load8, q8_dots4 and weighted_values' Q8_0 loop, which the
+ * always-inlined functions below receive with a constant type, so each type gets its own code). So may the
+ * rounding of the scalar loops (a head size not a multiple of 8, the keys past the last 8): on FMA builds the
+ * compiler vectorizes fp32's (products, then summed in order) and multiply-adds fp16's, so an fp16 cache and
+ * an fp32 cache holding the same values can differ in the last bit. engine.py's KVCache makes the same rows. */
 enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2 };
 
 /* a Q8_0 row's groups: llama.cpp's blocks of 32, or the whole row where hs is not a multiple of 32 (written
