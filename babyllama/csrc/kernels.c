@@ -3035,8 +3035,8 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
             }
     }
 #endif
-    (void)types, (void)n_tok, (void)n_groups, (void)alloc, (void)t0, (void)t1; /* without SIMD kernels, the plain
-                                                                                  * activations suffice */
+    /* without SIMD kernels, the plain activations suffice */
+    (void)types, (void)n_tok, (void)n_groups, (void)alloc, (void)t0, (void)t1;
 }
 
 static void free_activations(QAct *a) {
