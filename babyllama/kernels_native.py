@@ -10,10 +10,11 @@ a `-march=native` library built on one CPU is never loaded on another) and cache
 ~/.cache/babyllama/native or $BABYLLAMA_CACHE/native, with its size and SHA-256 beside it: a library that does
 not match them is built again rather than loaded. BABYLLAMA_NATIVE_ARCH picks the instruction set:
 "native" (default: everything this CPU has, AVX-512 and VNNI included), "avx2" (x86-64-v3: the AVX2 paths,
-also on an AVX-512 machine, which is how tests cover them), "avx512" (x86-64-v4, no VNNI), "avx512-vnni" (no
-VBMI), or any other -march value. Without a compiler, or
-with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then NumPy; where the kernels
-were wanted, one line on stderr says why they are not used (no compiler: on the first run only).
+also on an AVX-512 machine, which is how tests cover them), "avx2-vnni" (AVX2 with AVX-VNNI, as Intel's cores
+without AVX-512 have it), "avx512" (x86-64-v4, no VNNI), "avx512-vnni" (no VBMI), or any other -march value.
+Without a compiler, or with BABYLLAMA_NATIVE=0, `load()` returns None and kernels.py falls back to numba, then
+NumPy; where the kernels were wanted, one line on stderr says why they are not used (no compiler: on the first run
+only).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ from .threads import explicit_threads, usable_cpus
 SOURCE = Path(__file__).parent / "csrc" / "kernels.c"
 # The instruction sets a build can be forced to (BABYLLAMA_NATIVE_ARCH), each as the compiler flags to try in
 # order (older compilers lack x86-64-v3) and the CPU features (as /proc/cpuinfo names them) it needs to run: AVX2
-# alone; AVX-512 without VNNI (Skylake-X); AVX-512 with VNNI but without VBMI's byte permutes (Cascade Lake). Each
+# alone; AVX2 with AVX-VNNI (Intel's cores without AVX-512 since Alder Lake); AVX-512 without VNNI (Skylake-X);
+# AVX-512 with VNNI but without VBMI's byte permutes (Cascade Lake). Each
 # has its own code paths (and, with those CPUs' tuning, its own compiler choices), so the tests run every one the
 # CPU can.
 AVX2_FLAGS = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
@@ -67,6 +69,7 @@ AVX512_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx
 ARCHES = {
     "native": ((["-march=native"],), set()),
     "avx2": ((["-march=x86-64-v3"], ["-march=haswell"]), AVX2_FLAGS),
+    "avx2-vnni": ((["-march=x86-64-v3", "-mavxvnni"], ["-march=haswell", "-mavxvnni"]), AVX2_FLAGS | {"avx_vnni"}),
     "avx512": ((["-march=skylake-avx512"], ["-march=x86-64-v4"]), AVX512_FLAGS),
     "avx512-vnni": ((["-march=cascadelake"], ["-march=x86-64-v4", "-mavx512vnni"]), AVX512_FLAGS | {"avx512_vnni"}),
 }

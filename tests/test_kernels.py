@@ -51,13 +51,14 @@ from babyllama.sampler import Rng, Sampler
 from babyllama.threads import usable_cpus
 
 rng = np.random.default_rng(11)
-ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx512 (no VNNI), avx512-vnni (no VBMI)
+ARCHES = tuple(kernels_native.ARCHES)  # native, avx2, avx2-vnni, avx512 (no VNNI), avx512-vnni (no VBMI)
 
 
 @pytest.fixture(params=ARCHES, scope="module")
 def native(request):
     """The native kernels built for `arch`: the CPU's own instruction set, and each forced one it can run
-    (AVX2 alone, AVX-512 without VNNI, AVX-512 with VNNI but not VBMI: each has code paths of its own)."""
+    (AVX2 alone, AVX2 with AVX-VNNI, AVX-512 without VNNI, AVX-512 with VNNI but not VBMI: each has code paths
+    of its own)."""
     return native_build(request.param)
 
 
@@ -69,6 +70,8 @@ def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
         pytest.skip("no C compiler")
     assert k.isa() == ("avx512-vnni" if cpu_has("avx512_vnni") else "avx512")
     assert kernels_native.load("avx2").isa() == "avx2"
+    if cpu_has("avx_vnni"):
+        assert kernels_native.load("avx2-vnni").isa() == "avx2-vnni"
 
 
 def cpu_vendor() -> str | None:

@@ -1581,10 +1581,42 @@ ALWAYS_INLINE __m256 rg_dd8(__m256 wd, const float *xd, int per, int64_t b) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(four), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
 
+/* A Q8_0R vector of weights v against the token's values x in dot_u8s8, whose first operand is unsigned. With
+ * VNNI's multiply-adds (no saturation) the weights go as w + 128 and each block's int32 sum starts from its
+ * correction -128 * (sum of its values), as the AVX-512 rows do; without VNNI, maddubs's byte pairs could
+ * saturate (2 * 255 * 127), so |w| meets x * sign(w), one operation more per 32 bytes. Each block's int32 sum is
+ * the same either way. */
+ALWAYS_INLINE __m256i q8r_weights(__m256i v) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
+    return _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+#else
+    return _mm256_abs_epi8(v);
+#endif
+}
+
+ALWAYS_INLINE __m256i q8r_values(__m256i x, __m256i v) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
+    (void)v;
+    return x;
+#else
+    return _mm256_sign_epi8(x, v);
+#endif
+}
+
+/* the int32 sums of token t's blocks b..b+7 start from */
+ALWAYS_INLINE __m256i q8r_start(const QAct *a, int64_t n, int t, int64_t b) {
+#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
+    return _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(a->c16 + t * (n / BLOCK) + b)), 4);
+#else
+    (void)a, (void)n, (void)t, (void)b;
+    return _mm256_setzero_si256();
+#endif
+}
+
 /* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time (lanes
  * 8h..8h+7 of a group of G = 16 or 8 blocks, as q4r_lanes8): vector j's values meet values 4j..4j+3 of each
- * block as |w| x (x * sign(w)) (at most 2 * 128 * 127 a byte pair, so maddubs cannot saturate), each block's
- * exact int32 sum in its own lane; then one conversion and one multiply-add by d_w * d_x for the 8 blocks, into
+ * block (q8r_weights, q8r_values: at most 2 * 128 * 127 a byte pair without VNNI, so maddubs cannot
+ * saturate), each block's exact int32 sum in its own lane; then one conversion and one multiply-add by d_w * d_x for the 8 blocks, into
  * acc8. The weight vectors go one at a time, each to every token, so that a build with 16 vector registers
  * holds them. */
 ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int per, int64_t b0, int G, int h, const QAct *a,
@@ -1593,14 +1625,14 @@ ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int per, int64_t b0, int G, int 
     int64_t first = b0 + 8 * h;
     __m256i isum[8];
     UNROLL
-    for (int t = 0; t < nt; t++) isum[t] = _mm256_setzero_si256();
+    for (int t = 0; t < nt; t++) isum[t] = q8r_start(a, n, t, first);
     UNROLL
     for (int j = 0; j < 8; j++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(g + 4 * G * j + 32 * h)), u = _mm256_abs_epi8(v);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(g + 4 * G * j + 32 * h)), u = q8r_weights(v);
         UNROLL
         for (int t = 0; t < nt; t++) {
             __m256i x = _mm256_loadu_si256((const __m256i *)(a->q16 + t * n + b0 * BLOCK + 4 * G * j + 32 * h));
-            isum[t] = dot_u8s8(isum[t], u, _mm256_sign_epi8(x, v));
+            isum[t] = dot_u8s8(isum[t], u, q8r_values(x, v));
         }
     }
     __m256 wd = rg_scales8(g + 32 * G + 8 * rg_scale_bytes(per) * h, per);
@@ -1671,16 +1703,16 @@ ALWAYS_INLINE void q8r_group16_inorder(const uint8_t *w, int per, int64_t b0, co
     const uint8_t *g = w + b0 * rg_block_bytes(per);
     __m256i isum[2][2];
     UNROLL
-    for (int t = 0; t < nt; t++) isum[t][0] = isum[t][1] = _mm256_setzero_si256();
+    for (int t = 0; t < nt; t++) isum[t][0] = q8r_start(a, n, t, b0), isum[t][1] = q8r_start(a, n, t, b0 + 8);
     UNROLL
     for (int j = 0; j < 8; j++) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(g + 64 * j)), u0 = _mm256_abs_epi8(v0);
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(g + 64 * j + 32)), u1 = _mm256_abs_epi8(v1);
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(g + 64 * j)), u0 = q8r_weights(v0);
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(g + 64 * j + 32)), u1 = q8r_weights(v1);
         UNROLL
         for (int t = 0; t < nt; t++) {
             const int8_t *x = a->q16 + t * n + b0 * BLOCK + 64 * j;
-            isum[t][0] = dot_u8s8(isum[t][0], u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)x), v0));
-            isum[t][1] = dot_u8s8(isum[t][1], u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32)), v1));
+            isum[t][0] = dot_u8s8(isum[t][0], u0, q8r_values(_mm256_loadu_si256((const __m256i *)x), v0));
+            isum[t][1] = dot_u8s8(isum[t][1], u1, q8r_values(_mm256_loadu_si256((const __m256i *)(x + 32)), v1));
         }
     }
     UNROLL
