@@ -1616,9 +1616,9 @@ ALWAYS_INLINE __m256i q8r_start(const QAct *a, int64_t n, int t, int64_t b) {
 /* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time (lanes
  * 8h..8h+7 of a group of G = 16 or 8 blocks, as q4r_lanes8): vector j's values meet values 4j..4j+3 of each
  * block (q8r_weights, q8r_values: at most 2 * 128 * 127 a byte pair without VNNI, so maddubs cannot
- * saturate), each block's exact int32 sum in its own lane; then one conversion and one multiply-add by d_w * d_x for the 8 blocks, into
- * acc8. The weight vectors go one at a time, each to every token, so that a build with 16 vector registers
- * holds them. */
+ * saturate), each block's exact int32 sum in its own lane; then one conversion and one multiply-add by
+ * d_w * d_x for the 8 blocks, into acc8. The weight vectors go one at a time, each to every token, so that a
+ * build with 16 vector registers holds them. */
 ALWAYS_INLINE void q8r_lanes8(const uint8_t *w, int per, int64_t b0, int G, int h, const QAct *a,
                               int64_t n, int nt, __m256 *acc8) {
     const uint8_t *g = w + b0 * rg_block_bytes(per);
