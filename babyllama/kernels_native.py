@@ -84,9 +84,9 @@ QUANT_NATIVE_GEMM_MIN_ROWS = 48
 # Builds whose int8 kernel outruns dequantize + sgemm on Q4_0 prompts, each with the shortest weight rows it
 # takes them from. AVX-512 VNNI takes 64 multiply-adds an instruction, and a Q4_0 weight row is half the bytes
 # of Q8_0, so every row length takes it. AVX2 reads the regrouped rows 8 blocks a step: it wins from rows of
-# 256 values, and short rows (128) stay on sgemm. AVX2 with VNNI (avx2-vnni; not measured) runs the same sums
-# in fewer instructions. Measured in docs/speed.md ("Prompts").
-INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
+# 256 values, and short rows (128) stay on sgemm. AVX2 with VNNI (avx2-vnni) wins on rows of every length (0.54-
+# 0.87x sgemm's time, 128 to 2048 values). Measured in docs/speed.md ("Prompts").
+INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 0}
 # Builds whose int8 kernel outruns dequantize + sgemm on Q8_0 prompts in runq.c's layout: per group size, the
 # shortest weight rows it takes them from. A model whose every product takes it computes a prompt's rows as
 # decoding each token alone does, so prefilling in chunks (--chunk, a prefix from a server slot's cache) gives
@@ -98,11 +98,12 @@ INT8_Q4_PROMPT_MIN_COLS = {"avx512-vnni": 0, "avx2": 256, "avx2-vnni": 256}
 INT8_Q8_PROMPT_MIN_COLS = {"avx512-vnni": {64: 0, 32: 0}}
 # Builds whose int8 kernel outruns dequantize + sgemm on llama.cpp's Q8_0 blocks regrouped (W_Q8_0R), with the
 # shortest rows it takes them from. AVX-512 VNNI wins on rows of every length; AVX2 (`maddubs`), with less
-# arithmetic per instruction, only from rows of 512 values: on shorter rows it gains nothing.
-# AVX2 with VNNI (avx2-vnni; not measured) runs the same sums in fewer instructions. Blocks not regrouped
+# arithmetic per instruction, only from rows of 512 values: on shorter rows it gains nothing. AVX2 with VNNI
+# (avx2-vnni) takes 0.56-0.93x sgemm's time per matrix on rows of 128 to 2048 values, but the built-in model's
+# prompts, rows of 128 included, ran 0.95x: from rows of 256. Blocks not regrouped
 # (their values gathered out of 34-byte blocks first) lose to sgemm: they stay there. runq.c's Q8 packed
 # (W_Q8R) runs the same kernels and takes the same table. Measured in docs/speed.md ("Prompts").
-INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 512}
+INT8_Q8R_PROMPT_MIN_COLS: dict[str, int] = {"avx512-vnni": 0, "avx2": 512, "avx2-vnni": 256}
 
 W_F32, W_Q8, W_Q8_0, W_Q4_0, W_Q4_0R, W_Q8_0R, W_F16, W_BF16, W_Q8R = range(9)
 DENSE_TYPES = {np.dtype(np.float32): W_F32, np.dtype(np.float16): W_F16}  # fp32, and fp16 read as fp32
