@@ -1586,32 +1586,28 @@ ALWAYS_INLINE __m256 rg_dd8(__m256 wd, const float *xd, int per, int64_t b) {
  * correction -128 * (sum of its values), as the AVX-512 rows do; without VNNI, maddubs's byte pairs could
  * saturate (2 * 255 * 127), so |w| meets x * sign(w), one operation more per 32 bytes. Each block's int32 sum is
  * the same either way. */
-ALWAYS_INLINE __m256i q8r_weights(__m256i v) {
 #if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
-    return _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
-#else
-    return _mm256_abs_epi8(v);
-#endif
-}
+ALWAYS_INLINE __m256i q8r_weights(__m256i v) { return _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)); }
 
 ALWAYS_INLINE __m256i q8r_values(__m256i x, __m256i v) {
-#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
     (void)v;
     return x;
-#else
-    return _mm256_sign_epi8(x, v);
-#endif
 }
 
 /* the int32 sums of token t's blocks b..b+7 start from */
 ALWAYS_INLINE __m256i q8r_start(const QAct *a, int64_t n, int t, int64_t b) {
-#if defined(HAVE_VNNI) || defined(HAVE_AVXVNNI)
     return _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(a->c16 + t * (n / BLOCK) + b)), 4);
+}
 #else
+ALWAYS_INLINE __m256i q8r_weights(__m256i v) { return _mm256_abs_epi8(v); }
+
+ALWAYS_INLINE __m256i q8r_values(__m256i x, __m256i v) { return _mm256_sign_epi8(x, v); }
+
+ALWAYS_INLINE __m256i q8r_start(const QAct *a, int64_t n, int t, int64_t b) {
     (void)a, (void)n, (void)t, (void)b;
     return _mm256_setzero_si256();
-#endif
 }
+#endif
 
 /* Q8_0R (see W_Q8_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time (lanes
  * 8h..8h+7 of a group of G = 16 or 8 blocks, as q4r_lanes8): vector j's values meet values 4j..4j+3 of each
@@ -2911,6 +2907,7 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
     int8_t *ab = (int8_t *)memory, *singles = (int8_t *)(memory + a_bytes);
     float *wdb = (float *)(memory + a_bytes + s_bytes), *lanes = wdb + nb * 16, *tail = lanes + 16 * 256;
     AmxItem *items = (AmxItem *)(tail + 8 * 256);
+    int lanes_done = nb >= 32; /* the groups of 16 by amx_run_lanes: a lane with one block has nothing to carry */
     _tile_loadconfig(&AMX_TILES);
     for (int64_t i = lo; i < lo + bands * AMX_ROWS; i += AMX_ROWS) {
         for (int r = 0; r < 16; r++) {
@@ -2928,7 +2925,6 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
                         singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] =
                             (int8_t)(ab[512 * (first_single + s) + 32 * r + 4 * j + v] + (q4 ? 8 : 0));
         for (int64_t k = 0; k < tiles; k++) {
-            int lanes_done = nb >= 32; /* a lane with one block has no accumulator to carry */
             if (lanes_done) amx_run_lanes(ab, a->xb + k * nb * 512, wdb, a->xdb + k * nb * 16, nb / 16, lanes);
             amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes_done, lanes, tail, items));
             float s[16][16];
