@@ -30,7 +30,7 @@ from babyllama.api import load, make_engine
 from babyllama.engine import Engine, KVCache, kv_cache_dtype
 from babyllama.errors import BabyLlamaError
 from babyllama.generate import Batch, Sequence, generate
-from babyllama.kernels_base import NumpyKernels, apply_rope, attend, kv_q8_dtype, segments
+from babyllama.kernels_base import NumpyKernels, apply_rope, attend, kv_q8_dtype, kv_write, segments
 from babyllama.loading import BUILTIN_MODEL
 from babyllama.sampler import Sampler
 
@@ -137,6 +137,40 @@ def test_f16_cache_attention_reads_into_fp32_arithmetic(native, head_size):
     # and the f32 cache on the same inputs is within fp16's rounding of the values (2^-11 relative)
     f32, _, _ = run_attention(native, inputs, history, slots, positions, np.float32)
     np.testing.assert_allclose(got, f32, rtol=0, atol=4e-3 * np.abs(f32).max())
+
+
+@pytest.mark.parametrize("cache", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("heads,kv_heads,head_size", [(8, 1, 64), (12, 4, 16), (10, 2, 24), (6, 6, 48), (4, 2, 8),
+                                                      (9, 3, 128), (4, 2, 12), (16, 16, 32)])
+def test_attention_blocks_give_each_query_the_bits_it_gets_alone(native, cache, heads, kv_heads, head_size):
+    """Queries that read the same kv head (a grouped-query model's heads, a prompt's tokens of one slot) are
+    attended together, each key and value loaded once for the block. Each query must get the bits it gets alone:
+    the same call (a prompt of 21 tokens in slot 0, runs of 3 and 2 in slots 1 and 3, single tokens between
+    them) against every token in a call of its own over a cache with each kv head repeated for its query heads
+    (one query a task), on 1, 2 and 3 threads. Groups of 1 to 8 heads, blocks cut short by a slot's run."""
+    group = heads // kv_heads
+    slots = np.array([0] * 21 + [1, 1, 1, 2, 3, 3, 4])
+    positions = np.array([*range(30, 51), 60, 61, 62, 9, 0, 1, 33])
+    n, hs = len(slots), head_size
+    dtype = {"f32": np.float32, "f16": np.float16, "q8_0": kv_q8_dtype(hs)}[cache]
+    q = rng.standard_normal((n, heads, hs)).astype(np.float32)
+    k, v = (rng.standard_normal((n, kv_heads, hs)).astype(np.float32) for _ in range(2))
+    cos, sin = (rng.standard_normal((n, hs // 2)).astype(np.float32) for _ in range(2))
+    filled = [rng.standard_normal((5, kv_heads, 72, hs)).astype(np.float32) for _ in range(2)]
+    keys, values = (np.zeros(f.shape[:-1], dtype) if cache == "q8_0" else f.astype(dtype) for f in filled)
+    if cache == "q8_0":
+        kv_write(keys, ..., filled[0])
+        kv_write(values, ..., filled[1])
+    for threads in (1, 2, 3):
+        native.configure_threads(threads)
+        together = native.attention(q.copy(), k.copy(), v, cos, sin, keys.copy(), values.copy(), slots, positions)
+        wide_keys, wide_values, wide_k, wide_v = (np.repeat(a, group, axis=1) for a in (keys, values, k, v))
+        alone = np.concatenate([
+            native.attention(q[t:t + 1].copy(), wide_k[t:t + 1].copy(), wide_v[t:t + 1], cos[t:t + 1], sin[t:t + 1],
+                             wide_keys, wide_values, slots[t:t + 1], positions[t:t + 1])
+            for t in range(n)])
+        np.testing.assert_array_equal(together.view(np.uint32), alone.view(np.uint32))
+    native.configure_threads()
 
 
 def test_native_decode_with_f16_cache_matches_numpy(native):
