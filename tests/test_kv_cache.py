@@ -173,6 +173,33 @@ def test_attention_blocks_give_each_query_the_bits_it_gets_alone(native, cache, 
     native.configure_threads()
 
 
+@pytest.mark.parametrize("cache", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("head_size", [8, 12, 64])
+def test_attention_reads_no_position_past_its_own(native, cache, head_size):
+    """Cache rows past every token's position hold NaN (in a Q8_0 row, its scales): a token that read one, even
+    to discard it, would get NaN. The vector loops take keys in fours and eights, a sequence's last few with
+    the last key standing in for the rest; positions 0 to 20 (every remainder), one query and grouped heads."""
+    hs, n = head_size, 21
+    dtype = {"f32": np.float32, "f16": np.float16, "q8_0": kv_q8_dtype(hs)}[cache]
+    for heads, kv_heads in ((4, 4), (8, 2)):
+        q = rng.standard_normal((n, heads, hs)).astype(np.float32)
+        k, v = (rng.standard_normal((n, kv_heads, hs)).astype(np.float32) for _ in range(2))
+        cos, sin = (rng.standard_normal((n, hs // 2)).astype(np.float32) for _ in range(2))
+        outs = []
+        for fill in (np.nan, 0.0):
+            if cache == "q8_0":
+                keys, values = (np.zeros((1, kv_heads, 40), dtype) for _ in range(2))
+                keys["d"] = values["d"] = fill
+            else:
+                keys, values = (np.full((1, kv_heads, 40, hs), fill, dtype) for _ in range(2))
+            outs.append(np.concatenate([native.attention(q[t:t + 1].copy(), k[t:t + 1].copy(), v[t:t + 1], cos[t:t + 1],
+                                                         sin[t:t + 1], keys, values, [0], [t]) for t in range(n)]))
+            outs.append(native.attention(q.copy(), k.copy(), v, cos, sin, keys, values, np.zeros(n, int), np.arange(n)))
+        assert np.isfinite(outs[0]).all() and np.isfinite(outs[1]).all()
+        np.testing.assert_array_equal(outs[0], outs[2])
+        np.testing.assert_array_equal(outs[1], outs[3])
+
+
 def test_native_decode_with_f16_cache_matches_numpy(native):
     """Whole forward passes (a prompt through attention_step, then decode steps of 2 slots through forward_step)
     with an fp16 cache: C against the NumPy engine. fp32 weights, so that both compute the same keys and values

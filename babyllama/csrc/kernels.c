@@ -3857,6 +3857,26 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
+#ifdef HAVE_AVX512
+/* exp8's operations on 16 lanes: each lane gets the value exp8 gives it */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.37f));
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
+}
+#endif
+
 /* out = silu(a) * b for one row of n values, silu(x) = x / (1 + exp(-x)) (a row at a time, so that an element's
  * arithmetic, SIMD or scalar tail, does not depend on how many rows a call has) */
 static void swiglu_row(const float *a, const float *b, int64_t n, float *out) {
@@ -3998,11 +4018,15 @@ ALWAYS_INLINE void prefetch_values(const void *values, int64_t p, int64_t n, int
 }
 
 #ifdef __AVX2__
-/* the dot products of q with four Q8_0 rows (r, r + rb, r + 2 rb, r + 3 rb; hs a multiple of 8) as eight
- * partial sums each, acc[j]: per group, q times the row's int8 values, then scaled by the row's scale for the
- * group (kv_load8's per-value scaling would cost two more instructions per 8 values) */
-ALWAYS_INLINE void q8_dots4(const float *q, const int8_t *r, int64_t rb, int64_t hs, __m256 *acc) {
+/* the dot products of q with four Q8_0 rows (r, r + rb, r + 2 rb, r + 3 rb; hs a multiple of 8; the last of
+ * n rows standing in for those past it) as eight partial sums each, acc[j]: per group, q times the row's int8
+ * values, then scaled by the row's scale for the group (kv_load8's per-value scaling would cost two more
+ * instructions per 8 values) */
+ALWAYS_INLINE void q8_dots4(const float *q, const int8_t *r0, int64_t rb, int64_t n, int64_t hs, __m256 *acc) {
     int64_t ng = kv_groups(hs), g = hs / ng;
+    const int8_t *r[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) r[j] = r0 + (j < n ? j : n - 1) * rb;
     UNROLL
     for (int j = 0; j < 4; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < ng; gi++) {
@@ -4012,36 +4036,70 @@ ALWAYS_INLINE void q8_dots4(const float *q, const int8_t *r, int64_t rb, int64_t
         for (int64_t i = gi * g; i < (gi + 1) * g; i += 8) {
             __m256 qv = _mm256_loadu_ps(q + i);
             UNROLL
-            for (int j = 0; j < 4; j++) part[j] = _mm256_fmadd_ps(int8x8_to_ps(r + j * rb + i), qv, part[j]);
+            for (int j = 0; j < 4; j++) part[j] = _mm256_fmadd_ps(int8x8_to_ps(r[j] + i), qv, part[j]);
         }
         UNROLL
         for (int j = 0; j < 4; j++)
-            acc[j] = _mm256_fmadd_ps(part[j], _mm256_set1_ps(kv_scale(r + j * rb, gi * g, hs)), acc[j]);
+            acc[j] = _mm256_fmadd_ps(part[j], _mm256_set1_ps(kv_scale(r[j], gi * g, hs)), acc[j]);
     }
 }
 
-/* attention_scores' loop for Q8_0 rows (hs a multiple of 8) from key 0 on, four keys at a time (q8_dots4);
- * returns the first key not done */
-ALWAYS_INLINE int64_t q8_scores(const float *q, const int8_t *keys, const void *values, int64_t n_pos, int64_t hs,
-                                float scale, float *scores, __m128 *vmax) {
-    int64_t rb = kv_row_bytes(KV_Q8, hs), p = 0;
+/* the scaled scores of four Q8_0 keys from row p (the last of n standing in for those past it) */
+ALWAYS_INLINE __m128 q8_scores4(const float *q, const int8_t *keys, int64_t p, int64_t n, int64_t hs, float scale) {
+    int64_t rb = kv_row_bytes(KV_Q8, hs);
+    __m256 acc[4];
+    q8_dots4(q, keys + p * rb, rb, n, hs, acc);
+    /* lanes 0-3: the four keys' sums of lanes 0-3, lanes 4-7 of lanes 4-7; then the halves added */
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    return _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)), _mm_set1_ps(scale));
+}
+
+/* attention_scores for Q8_0 rows (hs a multiple of 8), four keys at a time (q8_dots4), the last 1-3 keys as a
+ * four with the last key repeated (every key's score the same arithmetic; a repeat cannot change the maximum) */
+ALWAYS_INLINE void q8_scores(const float *q, const int8_t *keys, const void *values, int64_t n_pos, int64_t hs,
+                             float scale, float *scores, __m128 *vmax) {
+    int64_t p = 0;
     for (; p + 4 <= n_pos; p += 4) {
-        prefetch_values(values, p, 4, rb);
-        __m256 acc[4];
-        q8_dots4(q, keys + p * rb, rb, hs, acc);
-        /* lanes 0-3: the four keys' sums of lanes 0-3, lanes 4-7 of lanes 4-7; then the halves added */
-        __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-        __m128 dots = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
-                                 _mm_set1_ps(scale));
+        prefetch_values(values, p, 4, kv_row_bytes(KV_Q8, hs));
+        __m128 dots = q8_scores4(q, keys, p, 4, hs, scale);
         _mm_storeu_ps(scores + p, dots);
         *vmax = _mm_max_ps(*vmax, dots);
     }
-    return p;
+    if (p < n_pos) {
+        float last[4];
+        __m128 dots = q8_scores4(q, keys, p, n_pos - p, hs, scale);
+        _mm_storeu_ps(last, dots);
+        memcpy(scores + p, last, (n_pos - p) * sizeof(float));
+        *vmax = _mm_max_ps(*vmax, dots);
+    }
+}
+
+/* the scaled dot products of q with eight fp32 or fp16 keys from row p (hs a multiple of 8; the last of n keys
+ * standing in for those past it): eight sums accumulated side by side, then reduced into one vector of eight
+ * with a tree of horizontal adds */
+ALWAYS_INLINE __m256 scores8(const float *q, const void *keys, int64_t p, int64_t n, int64_t hs, int type,
+                             float scale) {
+    int64_t row[8];
+    UNROLL
+    for (int j = 0; j < 8; j++) row[j] = p + (j < n ? j : n - 1);
+    __m256 acc[8];
+    UNROLL
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hs; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        UNROLL
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(kv_load8(keys, row[j], i, hs, type), qv, acc[j]);
+    }
+    __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+    return _mm256_mul_ps(dots, _mm256_set1_ps(scale));
 }
 #endif
 
 /* scores[p] = dot(q, keys[p]) * scale for p < n_pos (keys (n_pos, hs) contiguous, of cache type `type`);
- * returns the maximum */
+ * returns the maximum. Where the vector loops run (AVX2, hs a multiple of 8), every key's score is the same
+ * arithmetic wherever it falls, a block's last keys too. */
 ALWAYS_INLINE float attention_scores(const float *q, const void *keys, const void *values, int type, int64_t n_pos,
                                      int64_t hs, float scale, float *scores) {
     float max = -INFINITY;
@@ -4049,32 +4107,26 @@ ALWAYS_INLINE float attention_scores(const float *q, const void *keys, const voi
 #ifdef __AVX2__
     if (type == KV_Q8 && hs % 8 == 0) {
         __m128 vmax = _mm_set1_ps(-INFINITY);
-        p = q8_scores(q, keys, values, n_pos, hs, scale, scores, &vmax);
+        q8_scores(q, keys, values, n_pos, hs, scale, scores, &vmax);
+        p = n_pos;
         float lanes[4];
         _mm_storeu_ps(lanes, vmax);
         for (int j = 0; j < 4; j++) max = fmaxf(max, lanes[j]);
     } else if (hs % 8 == 0) {
-        /* eight keys at a time: eight dot products accumulated side by side, then reduced into one
-         * vector of eight sums with a tree of horizontal adds */
-        __m256 vmax = _mm256_set1_ps(-INFINITY), vscale = _mm256_set1_ps(scale);
+        __m256 vmax = _mm256_set1_ps(-INFINITY);
         for (; p + 8 <= n_pos; p += 8) {
             if (type != KV_F32) prefetch_values(values, p, 8, kv_row_bytes(type, hs));
-            __m256 acc[8];
-            UNROLL
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t i = 0; i < hs; i += 8) {
-                __m256 qv = _mm256_loadu_ps(q + i);
-                UNROLL
-                for (int j = 0; j < 8; j++)
-                    acc[j] = _mm256_fmadd_ps(kv_load8(keys, p + j, i, hs, type), qv, acc[j]);
-            }
-            __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-            __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-            __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                        _mm256_permute2f128_ps(s0123, s4567, 0x31));
-            dots = _mm256_mul_ps(dots, vscale);
+            __m256 dots = scores8(q, keys, p, 8, hs, type, scale);
             _mm256_storeu_ps(scores + p, dots);
             vmax = _mm256_max_ps(vmax, dots);
+        }
+        if (p < n_pos) { /* the last 1-7 keys as eight, the last repeated: it cannot change the maximum */
+            float last[8];
+            __m256 dots = scores8(q, keys, p, n_pos - p, hs, type, scale);
+            _mm256_storeu_ps(last, dots);
+            memcpy(scores + p, last, (n_pos - p) * sizeof(float));
+            vmax = _mm256_max_ps(vmax, dots);
+            p = n_pos;
         }
         float lanes[8];
         _mm256_storeu_ps(lanes, vmax);
@@ -4096,6 +4148,14 @@ static float softmax_weights(float *scores, int64_t n_pos, float max) {
     int64_t p = 0;
 #ifdef __AVX2__
     __m256 vsum = _mm256_setzero_ps(), vmax = _mm256_set1_ps(max);
+#ifdef HAVE_AVX512
+    /* 16 exponentials an instruction, summed as eights in order: the sum the 8-lane loop makes */
+    for (; p + 16 <= n_pos; p += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + p), _mm512_set1_ps(max)));
+        _mm512_storeu_ps(scores + p, e);
+        vsum = _mm256_add_ps(_mm256_add_ps(vsum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
+    }
+#endif
     for (; p + 8 <= n_pos; p += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vmax));
         _mm256_storeu_ps(scores + p, e);
@@ -4188,7 +4248,59 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
 #endif
 #endif
 
-/* scores_j[p] = dot(q_j, keys[p]) * scale for n queries and keys [0, end), end a multiple of 8; keys two at a
+#ifdef HAVE_AVX512
+/* values col..col+7 of rows r and r + 1 of fp32 or fp16 cache memory p, side by side in one register */
+ALWAYS_INLINE __m512 kv_load8x2(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
+    int64_t i = r * hs + col;
+    if (type == KV_F32)
+        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps((const float *)p + i)),
+                                  _mm256_loadu_ps((const float *)p + i + hs), 1);
+    const uint16_t *h = (const uint16_t *)p + i;
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)h)),
+                                                   _mm_loadu_si128((const __m128i *)(h + hs)), 1));
+}
+
+/* values col..col+15 of row r as fp32 */
+ALWAYS_INLINE __m512 kv_load16(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
+    int64_t i = r * hs + col;
+    if (type == KV_F32) return _mm512_loadu_ps((const float *)p + i);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+}
+
+/* block_scores in 512-bit registers: two keys' 8 lanes side by side (the lanes the 256-bit form keeps in two
+ * registers, each summed in the same order), q's 8 values broadcast to both halves; then the same tree of
+ * horizontal adds on the halves. The same bits, half the multiply-adds. */
+ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, const void *values, int type,
+                                int64_t end, int64_t hs, float scale, float *const *scores) {
+    for (int64_t p = 0; p < end; p += 4) {
+        if (type != KV_F32) prefetch_values(values, p, 4, kv_row_bytes(type, hs));
+        __m256 half[ATT_QUERIES];
+        UNROLL
+        for (int pair = 0; pair < 2; pair++) {
+            __m512 acc[ATT_QUERIES];
+            UNROLL
+            for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < hs; i += 8) {
+                __m512 kk = kv_load8x2(keys, p + 2 * pair, i, hs, type);
+                UNROLL
+                for (int j = 0; j < n; j++)
+                    acc[j] = _mm512_fmadd_ps(kk, _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), acc[j]);
+            }
+            UNROLL
+            for (int j = 0; j < n; j++) {
+                __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
+                half[j] = pair ? _mm256_hadd_ps(half[j], h) : h;
+            }
+        }
+        UNROLL
+        for (int j = 0; j < n; j++) {
+            __m128 dots = _mm_add_ps(_mm256_castps256_ps128(half[j]), _mm256_extractf128_ps(half[j], 1));
+            _mm_storeu_ps(scores[j] + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
+        }
+    }
+}
+#else
+/* scores_j[p] = dot(q_j, keys[p]) * scale for n queries and keys [0, end), end a multiple of 4; keys two at a
  * time (two rows' 8 values in registers, each used by the n queries), four to a tree of horizontal adds, as
  * attention_scores' 8-key tree reduces each half */
 ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, const void *values, int type,
@@ -4224,19 +4336,73 @@ ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, 
         }
     }
 }
+#endif
 
-/* the largest of x[0 : n] */
+/* the largest of x[0 : n] (four chains of maxima: one would wait on each max's latency) */
 static float max_of(const float *x, int64_t n) {
-    __m256 m = _mm256_set1_ps(-INFINITY);
+    __m256 m[4];
+    UNROLL
+    for (int c = 0; c < 4; c++) m[c] = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    for (; i + 32 <= n; i += 32) {
+        UNROLL
+        for (int c = 0; c < 4; c++) m[c] = _mm256_max_ps(m[c], _mm256_loadu_ps(x + i + 8 * c));
+    }
+    for (; i + 8 <= n; i += 8) m[0] = _mm256_max_ps(m[0], _mm256_loadu_ps(x + i));
     float lanes[8], max = -INFINITY;
-    _mm256_storeu_ps(lanes, m);
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
     for (int j = 0; j < 8; j++) max = fmaxf(max, lanes[j]);
     for (; i < n; i++) max = fmaxf(max, x[i]);
     return max;
 }
 
+#ifdef HAVE_AVX512
+/* block_values in 512-bit registers: 16 consecutive values' sums a register (each value's sum is its own, so
+ * the same bits), the 8 of an odd chunk in a 256-bit one */
+ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, int64_t common, const void *values,
+                                int type, int64_t c0, int64_t hs, int nv, const float *inv_sum, float *const *out) {
+    int n16 = nv / 2, odd = nv % 2;
+    __m512 acc[ATT_QUERIES][ATT_CHUNKS / 2];
+    __m256 acc8[ATT_QUERIES];
+    UNROLL
+    for (int j = 0; j < n; j++) {
+        UNROLL
+        for (int c = 0; c < n16; c++) acc[j][c] = _mm512_setzero_ps();
+        if (odd) acc8[j] = _mm256_setzero_ps();
+    }
+    for (int64_t p = 0; p < common; p++) {
+        __m512 v[ATT_CHUNKS / 2];
+        __m256 v8 = _mm256_setzero_ps();
+        UNROLL
+        for (int c = 0; c < n16; c++) v[c] = kv_load16(values, p, c0 + 16 * c, hs, type);
+        if (odd) v8 = kv_load8(values, p, c0 + 16 * n16, hs, type);
+        UNROLL
+        for (int j = 0; j < n; j++) {
+            __m512 wp = _mm512_set1_ps(w[j][p]);
+            UNROLL
+            for (int c = 0; c < n16; c++) acc[j][c] = _mm512_fmadd_ps(wp, v[c], acc[j][c]);
+            if (odd) acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), v8, acc8[j]);
+        }
+    }
+    UNROLL
+    for (int j = 0; j < n; j++) {
+        for (int64_t p = common; p < n_pos[j]; p++) {
+            __m512 wp = _mm512_set1_ps(w[j][p]);
+            UNROLL
+            for (int c = 0; c < n16; c++)
+                acc[j][c] = _mm512_fmadd_ps(wp, kv_load16(values, p, c0 + 16 * c, hs, type), acc[j][c]);
+            if (odd)
+                acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), kv_load8(values, p, c0 + 16 * n16, hs, type),
+                                          acc8[j]);
+        }
+        UNROLL
+        for (int c = 0; c < n16; c++)
+            _mm512_storeu_ps(out[j] + c0 + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv_sum[j])));
+        if (odd)
+            _mm256_storeu_ps(out[j] + c0 + 16 * n16, _mm256_mul_ps(acc8[j], _mm256_set1_ps(inv_sum[j])));
+    }
+}
+#else
 /* out_j[c0 : c0 + 8 nv] = inv_sum[j] * sum_p w_j[p] * values[p][c0 : c0 + 8 nv] for n queries: positions
  * [0, common) for all of them at once (each row's 8 nv values loaded once), then each query's own positions
  * up to n_pos[j]; called with constant n and nv */
@@ -4272,16 +4438,17 @@ ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, in
             _mm256_storeu_ps(out[j] + c0 + 8 * c, _mm256_mul_ps(acc[j][c], _mm256_set1_ps(inv_sum[j])));
     }
 }
+#endif
 
 /* attention for n queries over one kv head's keys and values (fp32 or fp16, hs a multiple of 8): the scores
- * of keys [0, common) that all of them have in block_scores, each query's other keys as a query alone
- * (attention_scores from key `common` on), softmax each, then the weighted values in block_values */
+ * of the keys all of them have (whole fours) in block_scores, each query's other keys as a query alone
+ * (attention_scores from there on), softmax each, then the weighted values in block_values */
 ALWAYS_INLINE void attend_block(const float *const *q, const int64_t *n_pos, int n, const void *keys,
                                 const void *values, int type, int64_t hs, float *const *scores, float *const *out) {
     float scale = 1.0f / sqrtf((float)hs), inv_sum[ATT_QUERIES];
     int64_t common = n_pos[0];
     for (int j = 1; j < n; j++) common = n_pos[j] < common ? n_pos[j] : common;
-    int64_t scored = common - common % 8; /* attention_scores' vector loop ends at a multiple of 8 */
+    int64_t scored = common - common % 4; /* block_scores' keys come in fours */
     block_scores(q, n, keys, values, type, scored, hs, scale, scores);
     for (int j = 0; j < n; j++) {
         float rest = attention_scores(q[j], (const char *)keys + scored * kv_row_bytes(type, hs),
