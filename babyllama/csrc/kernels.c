@@ -4568,15 +4568,18 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
     free(scores);
 }
 
-/* The blocks a step's tasks take: a kv head's query heads, up to ATT_QUERIES, then tokens to fill the block;
- * smaller while that would leave the pool fewer tasks than threads. One query a task where the cache (Q8_0) or
- * the head size (not a multiple of 8) keeps each query on attend_one. */
+/* The blocks a step's tasks take: a kv head's query heads, up to ATT_QUERIES, then tokens to fill the block where
+ * a slot has consecutive tokens (a prompt; a batched decode step's tokens share nothing, and blocks of them would
+ * only make fewer tasks); smaller while that would leave the pool fewer tasks than threads. One query a task where
+ * the cache (Q8_0) or the head size (not a multiple of 8) keeps each query on attend_one. */
 static void attention_blocks(Attention *a) {
     int64_t group = a->n_heads / a->kv_heads;
     a->heads_per_block = a->tokens_per_block = 1;
     if (ATT_QUERIES == 1 || a->kv_type == KV_Q8 || a->hs % 8 != 0) return;
+    int runs = 0;
+    for (int64_t t = 1; t < a->n_tok && !runs; t++) runs = a->slots[t] == a->slots[t - 1];
     a->heads_per_block = group < ATT_QUERIES ? group : ATT_QUERIES;
-    a->tokens_per_block = ATT_QUERIES / a->heads_per_block;
+    a->tokens_per_block = runs ? ATT_QUERIES / a->heads_per_block : 1;
     while (a->tokens_per_block > 1 && head_sets(a) * token_blocks(a) < pool.threads) a->tokens_per_block--;
     while (a->heads_per_block > 1 && head_sets(a) * token_blocks(a) < pool.threads) a->heads_per_block--;
 }
