@@ -4234,8 +4234,7 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
  * attention where the rows sit in cache. Each (query, key) dot product and each query's weighted sum of
  * values is computed in the same order as attention_scores and weighted_values compute it for a query alone
  * (the same lanes, the same tree of horizontal adds, positions in order), so a query gets the same bits
- * whichever block it is in. fp32 and fp16 caches; Q8_0 rows on AVX-512 builds only (ATT_Q8: a Q8_0 key's
- * partial sums and its scaled sums take two registers a query, which AVX2's 16 do not hold for a block). */
+ * whichever block it is in. fp32 and fp16 caches (Q8_0 rows keep the one-query path). */
 /* ATT_QUERIES: queries a block at most; ATT_CHUNKS: the 8-value chunks of a value row block_values reads in one
  * pass. Measured best on the 1B shape's decode and 256-token prompts: 8 and 4 with AVX-512's 32 vector registers,
  * 4 and 2 with AVX2's 16 (larger ones spill). */
@@ -4248,23 +4247,11 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
 #define ATT_CHUNKS 2
 #endif
 #endif
-#ifdef HAVE_AVX512
-#define ATT_Q8 1
-#else
-#define ATT_Q8 0
-#endif
 
 #ifdef HAVE_AVX512
-/* values col..col+7 of rows r and r + 1 of cache memory p, side by side in one register (Q8_0 rows: the int8
- * values, unscaled) */
+/* values col..col+7 of rows r and r + 1 of fp32 or fp16 cache memory p, side by side in one register */
 ALWAYS_INLINE __m512 kv_load8x2(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
     int64_t i = r * hs + col;
-    if (type == KV_Q8) {
-        const int8_t *a = (const int8_t *)p + r * kv_row_bytes(KV_Q8, hs) + col;
-        __m128i both = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a),
-                                          _mm_loadl_epi64((const __m128i *)(a + kv_row_bytes(KV_Q8, hs))));
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(both));
-    }
     if (type == KV_F32)
         return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps((const float *)p + i)),
                                   _mm256_loadu_ps((const float *)p + i + hs), 1);
@@ -4273,54 +4260,16 @@ ALWAYS_INLINE __m512 kv_load8x2(const void *p, int64_t r, int64_t col, int64_t h
                                                    _mm_loadu_si128((const __m128i *)(h + hs)), 1));
 }
 
-/* values col..col+15 of row r as fp32 (Q8_0 rows: the int8 values, unscaled) */
+/* values col..col+15 of row r as fp32 */
 ALWAYS_INLINE __m512 kv_load16(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
     int64_t i = r * hs + col;
-    if (type == KV_Q8)
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128((const __m128i *)((const int8_t *)p + r * kv_row_bytes(KV_Q8, hs) + col))));
     if (type == KV_F32) return _mm512_loadu_ps((const float *)p + i);
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
 }
 
-/* acc[j]: the 8-lane sums of q_j with keys r and r + 1 side by side (the lanes attention_scores' 256-bit
- * registers hold, each summed in the same order); Q8_0 rows per group, each group's sums scaled by its key's
- * scale as q8_dots4 does */
-ALWAYS_INLINE void pair_sums(const float *const *q, int n, const void *keys, int type, int64_t r, int64_t hs,
-                             __m512 *acc) {
-    UNROLL
-    for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
-    if (type == KV_Q8) {
-        int64_t ng = kv_groups(hs), g = hs / ng, rb = kv_row_bytes(KV_Q8, hs);
-        const int8_t *ra = (const int8_t *)keys + r * rb;
-        for (int64_t gi = 0; gi < ng; gi++) {
-            __m512 part[ATT_QUERIES];
-            UNROLL
-            for (int j = 0; j < n; j++) part[j] = _mm512_setzero_ps();
-            for (int64_t i = gi * g; i < (gi + 1) * g; i += 8) {
-                __m512 kk = kv_load8x2(keys, r, i, hs, KV_Q8);
-                UNROLL
-                for (int j = 0; j < n; j++)
-                    part[j] = _mm512_fmadd_ps(kk, _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), part[j]);
-            }
-            __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(kv_scale(ra, gi * g, hs)),
-                                           _mm256_set1_ps(kv_scale(ra + rb, gi * g, hs)), 1);
-            UNROLL
-            for (int j = 0; j < n; j++) acc[j] = _mm512_fmadd_ps(part[j], sc, acc[j]);
-        }
-        return;
-    }
-    for (int64_t i = 0; i < hs; i += 8) {
-        __m512 kk = kv_load8x2(keys, r, i, hs, type);
-        UNROLL
-        for (int j = 0; j < n; j++)
-            acc[j] = _mm512_fmadd_ps(kk, _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), acc[j]);
-    }
-}
-
-/* block_scores in 512-bit registers: two keys' lanes side by side (pair_sums), q's 8 values broadcast to both
- * halves; then the same tree of horizontal adds on the halves. The same bits, half the multiply-adds; and Q8_0
- * rows too. */
+/* block_scores in 512-bit registers: two keys' 8 lanes side by side (the lanes the 256-bit form keeps in two
+ * registers, each summed in the same order), q's 8 values broadcast to both halves; then the same tree of
+ * horizontal adds on the halves. The same bits, half the multiply-adds. */
 ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, const void *values, int type,
                                 int64_t end, int64_t hs, float scale, float *const *scores) {
     for (int64_t p = 0; p < end; p += 4) {
@@ -4329,7 +4278,14 @@ ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, 
         UNROLL
         for (int pair = 0; pair < 2; pair++) {
             __m512 acc[ATT_QUERIES];
-            pair_sums(q, n, keys, type, p + 2 * pair, hs, acc);
+            UNROLL
+            for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < hs; i += 8) {
+                __m512 kk = kv_load8x2(keys, p + 2 * pair, i, hs, type);
+                UNROLL
+                for (int j = 0; j < n; j++)
+                    acc[j] = _mm512_fmadd_ps(kk, _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), acc[j]);
+            }
             UNROLL
             for (int j = 0; j < n; j++) {
                 __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
@@ -4401,59 +4357,43 @@ static float max_of(const float *x, int64_t n) {
 }
 
 #ifdef HAVE_AVX512
-/* row p's values c0 .. c0 + 8 nv as fp32, 16 a register and the 8 of an odd chunk (Q8_0 rows: unscaled, and the
- * scale of each register's group in sc) */
-ALWAYS_INLINE void value_row(const void *values, int type, int64_t p, int64_t c0, int64_t hs, int nv, __m512 *v,
-                             __m256 *v8, float *sc) {
-    int n16 = nv / 2;
-    const int8_t *row = (const int8_t *)values + p * kv_row_bytes(KV_Q8, hs);
-    UNROLL
-    for (int c = 0; c < n16; c++) {
-        v[c] = kv_load16(values, p, c0 + 16 * c, hs, type);
-        if (type == KV_Q8) sc[c] = kv_scale(row, c0 + 16 * c, hs);
-    }
-    if (nv % 2 && type == KV_Q8) {
-        *v8 = int8x8_to_ps(row + c0 + 16 * n16);
-        sc[n16] = kv_scale(row, c0 + 16 * n16, hs);
-    } else if (nv % 2) {
-        *v8 = kv_load8(values, p, c0 + 16 * n16, hs, type);
-    }
-}
-
-/* acc += wt * the row value_row read (Q8_0: wt times each group's scale first, as weighted_values rounds it) */
-ALWAYS_INLINE void value_add(float wt, int type, const __m512 *v, __m256 v8, const float *sc, int nv, __m512 *acc,
-                             __m256 *acc8) {
-    int n16 = nv / 2;
-    UNROLL
-    for (int c = 0; c < n16; c++)
-        acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(type == KV_Q8 ? wt * sc[c] : wt), v[c], acc[c]);
-    if (nv % 2) *acc8 = _mm256_fmadd_ps(_mm256_set1_ps(type == KV_Q8 ? wt * sc[n16] : wt), v8, *acc8);
-}
-
 /* block_values in 512-bit registers: 16 consecutive values' sums a register (each value's sum is its own, so
  * the same bits), the 8 of an odd chunk in a 256-bit one */
 ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, int64_t common, const void *values,
                                 int type, int64_t c0, int64_t hs, int nv, const float *inv_sum, float *const *out) {
     int n16 = nv / 2, odd = nv % 2;
-    __m512 acc[ATT_QUERIES][ATT_CHUNKS / 2], v[ATT_CHUNKS / 2];
-    __m256 acc8[ATT_QUERIES], v8 = _mm256_setzero_ps();
-    float sc[ATT_CHUNKS / 2 + 1];
+    __m512 acc[ATT_QUERIES][ATT_CHUNKS / 2];
+    __m256 acc8[ATT_QUERIES];
     UNROLL
     for (int j = 0; j < n; j++) {
         UNROLL
         for (int c = 0; c < n16; c++) acc[j][c] = _mm512_setzero_ps();
-        acc8[j] = _mm256_setzero_ps();
+        if (odd) acc8[j] = _mm256_setzero_ps();
     }
     for (int64_t p = 0; p < common; p++) {
-        value_row(values, type, p, c0, hs, nv, v, &v8, sc);
+        __m512 v[ATT_CHUNKS / 2];
+        __m256 v8 = _mm256_setzero_ps();
         UNROLL
-        for (int j = 0; j < n; j++) value_add(w[j][p], type, v, v8, sc, nv, acc[j], &acc8[j]);
+        for (int c = 0; c < n16; c++) v[c] = kv_load16(values, p, c0 + 16 * c, hs, type);
+        if (odd) v8 = kv_load8(values, p, c0 + 16 * n16, hs, type);
+        UNROLL
+        for (int j = 0; j < n; j++) {
+            __m512 wp = _mm512_set1_ps(w[j][p]);
+            UNROLL
+            for (int c = 0; c < n16; c++) acc[j][c] = _mm512_fmadd_ps(wp, v[c], acc[j][c]);
+            if (odd) acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), v8, acc8[j]);
+        }
     }
     UNROLL
     for (int j = 0; j < n; j++) {
         for (int64_t p = common; p < n_pos[j]; p++) {
-            value_row(values, type, p, c0, hs, nv, v, &v8, sc);
-            value_add(w[j][p], type, v, v8, sc, nv, acc[j], &acc8[j]);
+            __m512 wp = _mm512_set1_ps(w[j][p]);
+            UNROLL
+            for (int c = 0; c < n16; c++)
+                acc[j][c] = _mm512_fmadd_ps(wp, kv_load16(values, p, c0 + 16 * c, hs, type), acc[j][c]);
+            if (odd)
+                acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), kv_load8(values, p, c0 + 16 * n16, hs, type),
+                                          acc8[j]);
         }
         UNROLL
         for (int c = 0; c < n16; c++)
@@ -4500,7 +4440,7 @@ ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, in
 }
 #endif
 
-/* attention for n queries over one kv head's keys and values (hs a multiple of 8; Q8_0 rows where ATT_Q8): the scores
+/* attention for n queries over one kv head's keys and values (fp32 or fp16, hs a multiple of 8): the scores
  * of the keys all of them have (whole fours) in block_scores, each query's other keys as a query alone
  * (attention_scores from there on), softmax each, then the weighted values in block_values */
 ALWAYS_INLINE void attend_block(const float *const *q, const int64_t *n_pos, int n, const void *keys,
@@ -4531,7 +4471,6 @@ ALWAYS_INLINE void attend_block(const float *const *q, const int64_t *n_pos, int
 }
 #else
 #define ATT_QUERIES 1
-#define ATT_Q8 0
 #endif
 
 typedef struct {
@@ -4579,7 +4518,7 @@ ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *score
     int64_t t0 = tb * a->tokens_per_block;
     int64_t t1 = t0 + a->tokens_per_block < a->n_tok ? t0 + a->tokens_per_block : a->n_tok;
 #ifdef __AVX2__
-    if ((type != KV_Q8 || ATT_Q8) && a->hs % 8 == 0) {
+    if (type != KV_Q8 && a->hs % 8 == 0) {
         int64_t stride = a->max_pos + 1;
         for (int64_t t = t0; t < t1;) {
             int64_t run = t + 1; /* tokens of t's slot */
@@ -4632,11 +4571,11 @@ static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
 /* The blocks a step's tasks take: a kv head's query heads, up to ATT_QUERIES, then tokens to fill the block where
  * a slot has consecutive tokens (a prompt; a batched decode step's tokens share nothing, and blocks of them would
  * only make fewer tasks); smaller while that would leave the pool fewer tasks than threads. One query a task where
- * the cache (Q8_0 without ATT_Q8) or the head size (not a multiple of 8) keeps each query on attend_one. */
+ * the cache (Q8_0) or the head size (not a multiple of 8) keeps each query on attend_one. */
 static void attention_blocks(Attention *a) {
     int64_t group = a->n_heads / a->kv_heads;
     a->heads_per_block = a->tokens_per_block = 1;
-    if (ATT_QUERIES == 1 || (a->kv_type == KV_Q8 && !ATT_Q8) || a->hs % 8 != 0) return;
+    if (ATT_QUERIES == 1 || a->kv_type == KV_Q8 || a->hs % 8 != 0) return;
     int runs = 0;
     for (int64_t t = 1; t < a->n_tok && !runs; t++) runs = a->slots[t] == a->slots[t - 1];
     a->heads_per_block = group < ATT_QUERIES ? group : ATT_QUERIES;
