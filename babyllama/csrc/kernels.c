@@ -3857,26 +3857,6 @@ static inline __m256 exp8(__m256 x) {
 }
 #endif
 
-#ifdef HAVE_AVX512
-/* exp8's operations on 16 lanes: each lane gets the value exp8 gives it */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.37f));
-    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
-}
-#endif
-
 /* out = silu(a) * b for one row of n values, silu(x) = x / (1 + exp(-x)) (a row at a time, so that an element's
  * arithmetic, SIMD or scalar tail, does not depend on how many rows a call has) */
 static void swiglu_row(const float *a, const float *b, int64_t n, float *out) {
@@ -4148,14 +4128,6 @@ static float softmax_weights(float *scores, int64_t n_pos, float max) {
     int64_t p = 0;
 #ifdef __AVX2__
     __m256 vsum = _mm256_setzero_ps(), vmax = _mm256_set1_ps(max);
-#ifdef HAVE_AVX512
-    /* 16 exponentials an instruction, summed as eights in order: the sum the 8-lane loop makes */
-    for (; p + 16 <= n_pos; p += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + p), _mm512_set1_ps(max)));
-        _mm512_storeu_ps(scores + p, e);
-        vsum = _mm256_add_ps(_mm256_add_ps(vsum, _mm512_castps512_ps256(e)), _mm512_extractf32x8_ps(e, 1));
-    }
-#endif
     for (; p + 8 <= n_pos; p += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + p), vmax));
         _mm256_storeu_ps(scores + p, e);
@@ -4248,58 +4220,6 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
 #endif
 #endif
 
-#ifdef HAVE_AVX512
-/* values col..col+7 of rows r and r + 1 of fp32 or fp16 cache memory p, side by side in one register */
-ALWAYS_INLINE __m512 kv_load8x2(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
-    int64_t i = r * hs + col;
-    if (type == KV_F32)
-        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps((const float *)p + i)),
-                                  _mm256_loadu_ps((const float *)p + i + hs), 1);
-    const uint16_t *h = (const uint16_t *)p + i;
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)h)),
-                                                   _mm_loadu_si128((const __m128i *)(h + hs)), 1));
-}
-
-/* values col..col+15 of row r as fp32 */
-ALWAYS_INLINE __m512 kv_load16(const void *p, int64_t r, int64_t col, int64_t hs, int type) {
-    int64_t i = r * hs + col;
-    if (type == KV_F32) return _mm512_loadu_ps((const float *)p + i);
-    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
-}
-
-/* block_scores in 512-bit registers: two keys' 8 lanes side by side (the lanes the 256-bit form keeps in two
- * registers, each summed in the same order), q's 8 values broadcast to both halves; then the same tree of
- * horizontal adds on the halves. The same bits, half the multiply-adds. */
-ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, const void *values, int type,
-                                int64_t end, int64_t hs, float scale, float *const *scores) {
-    for (int64_t p = 0; p < end; p += 4) {
-        if (type != KV_F32) prefetch_values(values, p, 4, kv_row_bytes(type, hs));
-        __m256 half[ATT_QUERIES];
-        UNROLL
-        for (int pair = 0; pair < 2; pair++) {
-            __m512 acc[ATT_QUERIES];
-            UNROLL
-            for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
-            for (int64_t i = 0; i < hs; i += 8) {
-                __m512 kk = kv_load8x2(keys, p + 2 * pair, i, hs, type);
-                UNROLL
-                for (int j = 0; j < n; j++)
-                    acc[j] = _mm512_fmadd_ps(kk, _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), acc[j]);
-            }
-            UNROLL
-            for (int j = 0; j < n; j++) {
-                __m256 h = _mm256_hadd_ps(_mm512_castps512_ps256(acc[j]), _mm512_extractf32x8_ps(acc[j], 1));
-                half[j] = pair ? _mm256_hadd_ps(half[j], h) : h;
-            }
-        }
-        UNROLL
-        for (int j = 0; j < n; j++) {
-            __m128 dots = _mm_add_ps(_mm256_castps256_ps128(half[j]), _mm256_extractf128_ps(half[j], 1));
-            _mm_storeu_ps(scores[j] + p, _mm_mul_ps(dots, _mm_set1_ps(scale)));
-        }
-    }
-}
-#else
 /* scores_j[p] = dot(q_j, keys[p]) * scale for n queries and keys [0, end), end a multiple of 4; keys two at a
  * time (two rows' 8 values in registers, each used by the n queries), four to a tree of horizontal adds, as
  * attention_scores' 8-key tree reduces each half */
@@ -4336,7 +4256,6 @@ ALWAYS_INLINE void block_scores(const float *const *q, int n, const void *keys, 
         }
     }
 }
-#endif
 
 /* the largest of x[0 : n] (four chains of maxima: one would wait on each max's latency) */
 static float max_of(const float *x, int64_t n) {
@@ -4356,53 +4275,6 @@ static float max_of(const float *x, int64_t n) {
     return max;
 }
 
-#ifdef HAVE_AVX512
-/* block_values in 512-bit registers: 16 consecutive values' sums a register (each value's sum is its own, so
- * the same bits), the 8 of an odd chunk in a 256-bit one */
-ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, int64_t common, const void *values,
-                                int type, int64_t c0, int64_t hs, int nv, const float *inv_sum, float *const *out) {
-    int n16 = nv / 2, odd = nv % 2;
-    __m512 acc[ATT_QUERIES][ATT_CHUNKS / 2];
-    __m256 acc8[ATT_QUERIES];
-    UNROLL
-    for (int j = 0; j < n; j++) {
-        UNROLL
-        for (int c = 0; c < n16; c++) acc[j][c] = _mm512_setzero_ps();
-        if (odd) acc8[j] = _mm256_setzero_ps();
-    }
-    for (int64_t p = 0; p < common; p++) {
-        __m512 v[ATT_CHUNKS / 2];
-        __m256 v8 = _mm256_setzero_ps();
-        UNROLL
-        for (int c = 0; c < n16; c++) v[c] = kv_load16(values, p, c0 + 16 * c, hs, type);
-        if (odd) v8 = kv_load8(values, p, c0 + 16 * n16, hs, type);
-        UNROLL
-        for (int j = 0; j < n; j++) {
-            __m512 wp = _mm512_set1_ps(w[j][p]);
-            UNROLL
-            for (int c = 0; c < n16; c++) acc[j][c] = _mm512_fmadd_ps(wp, v[c], acc[j][c]);
-            if (odd) acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), v8, acc8[j]);
-        }
-    }
-    UNROLL
-    for (int j = 0; j < n; j++) {
-        for (int64_t p = common; p < n_pos[j]; p++) {
-            __m512 wp = _mm512_set1_ps(w[j][p]);
-            UNROLL
-            for (int c = 0; c < n16; c++)
-                acc[j][c] = _mm512_fmadd_ps(wp, kv_load16(values, p, c0 + 16 * c, hs, type), acc[j][c]);
-            if (odd)
-                acc8[j] = _mm256_fmadd_ps(_mm512_castps512_ps256(wp), kv_load8(values, p, c0 + 16 * n16, hs, type),
-                                          acc8[j]);
-        }
-        UNROLL
-        for (int c = 0; c < n16; c++)
-            _mm512_storeu_ps(out[j] + c0 + 16 * c, _mm512_mul_ps(acc[j][c], _mm512_set1_ps(inv_sum[j])));
-        if (odd)
-            _mm256_storeu_ps(out[j] + c0 + 16 * n16, _mm256_mul_ps(acc8[j], _mm256_set1_ps(inv_sum[j])));
-    }
-}
-#else
 /* out_j[c0 : c0 + 8 nv] = inv_sum[j] * sum_p w_j[p] * values[p][c0 : c0 + 8 nv] for n queries: positions
  * [0, common) for all of them at once (each row's 8 nv values loaded once), then each query's own positions
  * up to n_pos[j]; called with constant n and nv */
@@ -4438,7 +4310,6 @@ ALWAYS_INLINE void block_values(float *const *w, const int64_t *n_pos, int n, in
             _mm256_storeu_ps(out[j] + c0 + 8 * c, _mm256_mul_ps(acc[j][c], _mm256_set1_ps(inv_sum[j])));
     }
 }
-#endif
 
 /* attention for n queries over one kv head's keys and values (fp32 or fp16, hs a multiple of 8): the scores
  * of the keys all of them have (whole fours) in block_scores, each query's other keys as a query alone
