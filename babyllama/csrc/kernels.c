@@ -4210,12 +4210,17 @@ ALWAYS_INLINE void attention_output(const float *weights, const void *values, in
 /* ATT_QUERIES: queries a block at most; ATT_CHUNKS: the 8-value chunks of a value row block_values reads in one
  * pass. Measured best on the 1B shape's decode and 256-token prompts: 8 and 4 with AVX-512's 32 vector registers,
  * 4 and 2 with AVX2's 16 (larger ones spill). */
-#ifndef ATT_QUERIES
+#ifndef ATT_QUERIES /* -DATT_QUERIES= and -DATT_CHUNKS= set them for measurements */
 #ifdef HAVE_AVX512
 #define ATT_QUERIES 8
-#define ATT_CHUNKS 4
 #else
 #define ATT_QUERIES 4
+#endif
+#endif
+#ifndef ATT_CHUNKS
+#ifdef HAVE_AVX512
+#define ATT_CHUNKS 4
+#else
 #define ATT_CHUNKS 2
 #endif
 #endif
@@ -4358,10 +4363,11 @@ typedef struct {
  * consecutive tokens (a token block); those of one slot among them read the same keys and values. Task = head set
  * * token_blocks + token block: head-major, so that a prompt's consecutive tasks reuse one kv head's keys and
  * values from cache. */
-ALWAYS_INLINE int64_t head_sets(const Attention *a) {
-    int64_t group = a->n_heads / a->kv_heads, per_group = (group + a->heads_per_block - 1) / a->heads_per_block;
-    return a->kv_heads * per_group;
+ALWAYS_INLINE int64_t sets_per_kv_head(const Attention *a) {
+    return (a->n_heads / a->kv_heads + a->heads_per_block - 1) / a->heads_per_block;
 }
+
+ALWAYS_INLINE int64_t head_sets(const Attention *a) { return a->kv_heads * sets_per_kv_head(a); }
 
 ALWAYS_INLINE int64_t token_blocks(const Attention *a) {
     return (a->n_tok + a->tokens_per_block - 1) / a->tokens_per_block;
@@ -4382,7 +4388,7 @@ ALWAYS_INLINE void attend_one(const Attention *a, int64_t h, int64_t t, float *s
 /* one task: its block's queries, each run of one slot's tokens together (attend_block), a query alone where no
  * other in the block shares its keys */
 ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *scores, int type) {
-    int64_t group = a->n_heads / a->kv_heads, per_group = (group + a->heads_per_block - 1) / a->heads_per_block;
+    int64_t group = a->n_heads / a->kv_heads, per_group = sets_per_kv_head(a);
     int64_t set = task / token_blocks(a), tb = task % token_blocks(a);
     int64_t kvh = set / per_group, h0 = kvh * group + set % per_group * a->heads_per_block;
     int64_t h1 = h0 + a->heads_per_block < (kvh + 1) * group ? h0 + a->heads_per_block : (kvh + 1) * group;
@@ -4427,7 +4433,7 @@ ALWAYS_INLINE void attention_task(const Attention *a, int64_t task, float *score
 /* tasks [lo, hi) */
 static void attention_chunk(void *ctx, int64_t lo, int64_t hi) {
     const Attention *a = ctx;
-    float *scores = malloc(ATT_QUERIES * (a->max_pos + 1) * sizeof(float));
+    float *scores = malloc(a->heads_per_block * a->tokens_per_block * (a->max_pos + 1) * sizeof(float));
     for (int64_t task = lo; task < hi; task++) {
         if (a->kv_type == KV_F16)
             attention_task(a, task, scores, KV_F16);
