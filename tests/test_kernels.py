@@ -470,6 +470,91 @@ def test_packed_q8_rows_alone_or_in_a_batch_are_identical(native, gs, n):
         np.testing.assert_array_equal(together, alone)
 
 
+def q8_pairs(native, on: int = -1) -> int:
+    """kernels.c's kernel_q8_pairs: whether one token's Q8_0R/Q8R rows go in pairs (two streams a thread), after
+    setting it to `on` (0 or 1) where the build has pairs."""
+    native.lib.kernel_q8_pairs.argtypes = [ctypes.c_int]
+    return native.lib.kernel_q8_pairs(on)
+
+
+def test_q8_rows_go_in_pairs_on_intels_avx2_builds(native):
+    """A single token's Q8_0R and Q8R rows read two streams a thread (rows in pairs) where the int8 rows are 256
+    bits wide (the AVX2 builds, and AVX-512 ones without the 512-bit rows, which need VNNI and VBMI) on Intel's
+    CPUs, where that was measured faster; the 512-bit rows (as fast in one stream) and the scalar build never."""
+    vendor = cpu_vendor()
+    if vendor is None:
+        pytest.skip("no /proc/cpuinfo: the CPU's vendor is not known here")
+    chosen = q8_pairs(native)
+    try:
+        can_pair = q8_pairs(native, 1) == 1
+    finally:
+        q8_pairs(native, chosen)
+    if native.isa() in ("avx2", "avx2-vnni", "scalar"):
+        assert can_pair == (native.isa() != "scalar")
+    assert chosen == (can_pair and vendor == "GenuineIntel")
+
+
+Q8_PAIR_CASES = [(kind, n) for kind in ("q8_0", 32, 64) for n in (96, 288, 768, 800, 2048, 2080)
+                 if kind == "q8_0" or n % kind == 0]
+
+
+# Q8_0 regrouped and runq.c's groups packed: rows of groups of 16 and none (96: 2 + 1 blocks; 288: 8 + 1), 16 + 8
+# (768), 16 + 8 + 1 (800), 4 x 16 (2048), 4 x 16 + 1 (2080)
+def _pairs_or_skip(native) -> int:
+    """The build's choice of Q8 rows in pairs, or a skip where it has none to choose."""
+    chosen = q8_pairs(native)
+    if q8_pairs(native, 1) == 0:
+        pytest.skip(f"the {native.isa()} build reads its Q8 rows one stream a thread (512-bit rows, or no AVX2)")
+    q8_pairs(native, chosen)
+    return chosen
+
+
+@pytest.mark.parametrize("kind, n", Q8_PAIR_CASES)
+def test_q8_rows_in_pairs_give_each_row_its_numbers_alone(native, kind, n):
+    """Rows read in pairs (a chunk's first half beside its second) give each row the bits it gets read alone, for
+    every row count a chunk can have (an odd one leaves its last row alone), on one thread and on several."""
+    chosen = _pairs_or_skip(native)
+    try:
+        for rows in (1, 2, 3, 7, 16, 41):
+            w = rng.standard_normal((rows, n)).astype(np.float32)
+            q = quantize_q8_0(w) if kind == "q8_0" else quantize_q80(w, kind)
+            r = _regrouped(native, q) if kind == "q8_0" else _packed(native, q)
+            x = rng.standard_normal((1, n)).astype(np.float32)
+            alone = None
+            for threads in (1, 2, 3):
+                native.configure_threads(threads)
+                q8_pairs(native, 0)
+                one = native.matmul(x, [r])[0]
+                alone = one if alone is None else alone
+                q8_pairs(native, 1)
+                np.testing.assert_array_equal(native.matmul(x, [r])[0], alone)
+                np.testing.assert_array_equal(one, alone)
+            ref = matmul_quantized(x, q)
+            np.testing.assert_allclose(alone, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    finally:
+        native.configure_threads()
+        q8_pairs(native, chosen)
+
+
+def test_a_model_decodes_the_same_logits_with_q8_rows_in_pairs(native):
+    """A decode step's products (each layer's, the residual adds of wo and w2 into its input, the classifier) give
+    the same logits with the rows in pairs as alone."""
+    chosen = _pairs_or_skip(native)
+    w = random_weights(tiny_args(dim=512, hidden_dim=800, n_heads=8, n_kv_heads=4, vocab_size=320), scale=0.2)
+    engine = Engine(w.quantize(32), kernels=native)
+    tokens = rng.integers(3, w.args.vocab_size, 6).tolist()
+    logits = {}
+    try:
+        for on in (0, 1):
+            q8_pairs(native, on)
+            cache = engine.new_cache(1)
+            logits[on] = np.concatenate([engine.forward([t], [p], cache) for p, t in enumerate(tokens)])
+    finally:
+        q8_pairs(native, chosen)
+    assert np.isfinite(logits[0]).all()
+    np.testing.assert_array_equal(logits[1], logits[0])
+
+
 @pytest.mark.parametrize("kind", BLOCK_QUANTIZERS)
 def test_the_native_quantizer_writes_the_reference_blocks(native, kind):
     """kernels.c's quantize_blocks (`--quantize q4_0`, export to version 3 or GGUF) writes quant.py's blocks
