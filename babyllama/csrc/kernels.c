@@ -2540,7 +2540,7 @@ DEFINE_YMM_ROWS(rows_q8r_g64_alone, dots_q8r_simd(w, 2, a, n, NT, acc))
  * of weights instead of one; each row's result is what it gets alone (hsum8 is f32_sums8's tree), so a chunk's
  * bounds and the pairing change nothing. Each stream prefetches q8_pair_prefetch_bytes ahead (see q8_pairs).
  * Rows of fewer than 16 blocks (no group of 16 to take in turn), several tokens, and the last row of an odd
- * count go as rows_q8r_alone, eight rows to a store: the pairs' store a row cost 15M's rows of 9 blocks 3-8%. */
+ * count go as rows_q8r_alone, eight rows to a store (paired, with a store a row, 15M's rows of 9 blocks ran 3-8% slower). */
 static void rows_q8r_pairs(const Mat *m, int per, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out,
                            int accumulate) {
     int64_t rb = row_bytes(m, n), h = (hi - lo) / 2;
