@@ -498,8 +498,6 @@ Q8_PAIR_CASES = [(kind, n) for kind in ("q8_0", 32, 64) for n in (96, 288, 768, 
                  if kind == "q8_0" or n % kind == 0]
 
 
-# Q8_0 regrouped and runq.c's groups packed: rows of groups of 16 and none (96: 2 + 1 blocks; 288: 8 + 1), 16 + 8
-# (768), 16 + 8 + 1 (800), 4 x 16 (2048), 4 x 16 + 1 (2080)
 def _pairs_or_skip(native) -> int:
     """The build's choice of Q8 rows in pairs, or a skip where it has none to choose."""
     chosen = q8_pairs(native)
@@ -509,6 +507,8 @@ def _pairs_or_skip(native) -> int:
     return chosen
 
 
+# Q8_0 regrouped and runq.c's groups packed: rows without a group of 16, which go alone (96: 2 + 1 blocks; 288:
+# 8 + 1), and with them: 16 + 8 (768), 16 + 8 + 1 (800), 4 x 16 (2048), 4 x 16 + 1 (2080)
 @pytest.mark.parametrize("kind, n", Q8_PAIR_CASES)
 def test_q8_rows_in_pairs_give_each_row_its_numbers_alone(native, kind, n):
     """Rows read in pairs (a chunk's first half beside its second) give each row the bits it gets read alone, for

@@ -908,13 +908,13 @@ __attribute__((constructor)) static void choose_prefetch_distance(void) {
 int64_t kernel_prefetch_bytes(void) { return prefetch_bytes; } /* read by tests */
 
 /* Whether single-token Q8_0R and Q8R products on the 256-bit int8 rows (AVX2 builds, and AVX-512 ones without
- * HAVE_ZMM_INT8's VNNI and VBMI, which run them) read their rows in pairs, two streams a thread (rows_q8r_pairs), set where the library
- * loads by what was measured: on an Intel CPU (a Sapphire Rapids-class Xeon running these builds, where one
- * stream of 256-bit loads reads DRAM ~10% slower than two, while 512-bit loads read as fast in one as in two)
- * pairs, each stream prefetched 1 KiB ahead, decode a 1B-shaped Q8_0 model 13-18% faster than one stream 2 KiB
- * ahead on the AVX2 builds (4-5% on AVX-512 without VNNI), and 15M and 110M, read from the cache, a few percent
- * faster; AMD's CPUs, where this is not measured, keep one stream. -DQ8_PAIRS=0/1 sets the starting choice at compile time,
- * -DQ8_PAIR_PREFETCH_BYTES=N the pairs' distance (for measurements). */
+ * HAVE_ZMM_INT8's VNNI and VBMI, which run them) read their rows in pairs, two streams a thread (rows_q8r_pairs),
+ * set where the library loads by what was measured. On an Intel CPU (a Sapphire Rapids-class Xeon running these
+ * builds, where one stream of 256-bit loads reads DRAM ~10% slower than two, while 512-bit loads read as fast in
+ * one as in two) pairs, each stream prefetched 1 KiB ahead, decode a 1B-shaped Q8_0 model 1.15-1.17x as fast as
+ * one stream 2 KiB ahead with AVX-VNNI, 1.05-1.07x without, 1.04x on AVX-512 without VNNI, and 110M (partly read
+ * from the cache) 1.04-1.15x. AMD's CPUs, where this is not measured, keep one stream. -DQ8_PAIRS=0/1 sets the
+ * starting choice at compile time, -DQ8_PAIR_PREFETCH_BYTES=N the pairs' distance (for measurements). */
 #ifndef Q8_PAIR_PREFETCH_BYTES
 #define Q8_PAIR_PREFETCH_BYTES 1024
 #endif
@@ -2540,15 +2540,17 @@ DEFINE_YMM_ROWS(rows_q8r_g64_alone, dots_q8r_simd(w, 2, a, n, NT, acc))
  * of weights instead of one; each row's result is what it gets alone (hsum8 is f32_sums8's tree), so a chunk's
  * bounds and the pairing change nothing. Each stream prefetches q8_pair_prefetch_bytes ahead (see q8_pairs).
  * Rows of fewer than 16 blocks (no group of 16 to take in turn), several tokens, and the last row of an odd
- * count go as rows_q8r_alone, eight rows to a store (paired, with a store a row, 15M's rows of 9 blocks ran 3-8% slower). */
+ * count go as rows_q8r_alone, eight rows to a store (15M's rows of 9 blocks in pairs, a store a row, ran 3-8%
+ * slower). */
 static void rows_q8r_pairs(const Mat *m, int per, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out,
                            int accumulate) {
     int64_t rb = row_bytes(m, n), h = (hi - lo) / 2;
     for (int64_t k = 0; k < h; k++) {
         const uint8_t *wa = (const uint8_t *)m->w + (lo + k) * rb, *wb = wa + h * rb;
-        if (q8_pair_prefetch_bytes)
-            for (int64_t off = 0; off < rb; off += 64)
-                __builtin_prefetch(wa + off + q8_pair_prefetch_bytes), __builtin_prefetch(wb + off + q8_pair_prefetch_bytes);
+        for (int64_t off = 0; q8_pair_prefetch_bytes && off < rb; off += 64) {
+            __builtin_prefetch(wa + off + q8_pair_prefetch_bytes);
+            __builtin_prefetch(wb + off + q8_pair_prefetch_bytes);
+        }
         __m256 acc_a[1], acc_b[1];
         dots_q8r_pair(wa, wb, per, a, n, acc_a, acc_b);
         store(&out[lo + k], hsum8(acc_a[0]), accumulate);
