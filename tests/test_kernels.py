@@ -11,6 +11,7 @@ import gc
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -1235,6 +1236,21 @@ def test_cc_of_several_words_is_run_as_a_command_line(tmp_path, monkeypatch, cap
     calls.clear()
     assert kernels_native.build(tmp_path, "native") not in (None, plain)
     assert calls and calls[0][:2] == ["env", real] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("arch", ["native", "avx2", "x86-64"])
+def test_the_kernels_compile_with_clang(tmp_path, arch):
+    """GCC builds the kernels here, but clang (macOS's compiler, and many Linux machines') must too: C that GCC
+    accepts and clang refuses (an initializer that is no compile-time constant) would leave its users on NumPy,
+    or, for the native build, on its plainest fallback flags. Each instruction set's first flag set, as `build`
+    tries it first (AVX2's 256-bit rows, and the CPU's own: AVX-512's 512-bit ones where it has them)."""
+    clang = shutil.which("clang")
+    if clang is None:
+        pytest.skip("clang is not installed here (.ci/run installs it)")
+    flags = kernels_native.flag_sets(arch)[0] if arch in kernels_native.ARCHES else ["-O3", f"-march={arch}"]
+    done = subprocess.run([clang, *flags, "-shared", "-fPIC", str(kernels_native.SOURCE), "-o",
+                           str(tmp_path / "kernels.so"), "-lm"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("stderr, code", [

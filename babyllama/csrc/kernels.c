@@ -2558,6 +2558,8 @@ static void rows_q8r_pairs(const Mat *m, int per, int64_t lo, int64_t hi, const 
     }
 }
 
+/* NAME's table: NAME##_1 (pairs where they apply), rows_*_alone's functions for several tokens, named (entries
+ * of another table are no compile-time constants in C: clang refuses them) */
 #define DEFINE_Q8R_PAIRS(NAME, PER)                                                                            \
     static void NAME##_1(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int64_t n, float *out,         \
                          int64_t stride, int accumulate) {                                                     \
@@ -2567,9 +2569,9 @@ static void rows_q8r_pairs(const Mat *m, int per, int64_t lo, int64_t hi, const 
         }                                                                                                      \
         if (lo < hi) NAME##_alone[1](m, lo, hi, a, n, out, stride, accumulate);                                \
     }                                                                                                          \
-    static const RowsFn NAME[9] = {NULL,           NAME##_1,       NAME##_alone[2], NAME##_alone[3],          \
-                                   NAME##_alone[4], NAME##_alone[5], NAME##_alone[6], NAME##_alone[7],         \
-                                   NAME##_alone[8]};
+    static const RowsFn NAME[9] = {NULL,           NAME##_1,       NAME##_alone_2, NAME##_alone_3,            \
+                                   NAME##_alone_4, NAME##_alone_5, NAME##_alone_6, NAME##_alone_7,             \
+                                   NAME##_alone_8};
 DEFINE_Q8R_PAIRS(rows_q8r, 0)
 DEFINE_Q8R_PAIRS(rows_q8r_g32, 1)
 DEFINE_Q8R_PAIRS(rows_q8r_g64, 2)
