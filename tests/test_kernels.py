@@ -240,10 +240,12 @@ def _rows(m, lo: int, hi: int):
 
 
 # regrouped rows of 576 values: a group of 16 blocks, two alone; of 128: one group of 4 (Q4_0 rows in pairs on
-# AVX2, in fours on AVX-512 VBMI); of 480: groups of 8 and 4, three alone, and of 992: 16, 8, 4 and three
-# alone (Q4_0 rows in pairs on AVX2)
+# AVX2, in fours on AVX-512 VBMI); of 288: a group of 8, one alone; of 480: groups of 8 and 4, three alone, and of
+# 992: 16, 8, 4 and three alone (Q4_0 rows in pairs on AVX2; on AVX-512 VBMI, Q4_0 rows' blocks alone go sixteen
+# rows at a time)
 REGROUPED_ROW_KINDS = {f"{kind} regrouped{groups}": n for kind in ("q4_0", "q8_0") for groups, n in
-                       (("", 576), (", a group of 4", 128), (", 8 + 4 + 3", 480), (", 16 + 8 + 4 + 3", 992))}
+                       (("", 576), (", a group of 4", 128), (", 8 + 1", 288), (", 8 + 4 + 3", 480),
+                        (", 16 + 8 + 4 + 3", 992))}
 # runq.c's groups packed (W_Q8R): groups of 64 on rows of 1088 (16 + 16 blocks and a pair left), of 32 on 992
 PACKED_ROW_KINDS = {"q8_0 gs64 packed": (64, 1088), "q8_0 gs32 packed": (32, 992)}
 
@@ -252,8 +254,8 @@ PACKED_ROW_KINDS = {"q8_0 gs64 packed": (64, 1088), "q8_0 gs32 packed": (32, 992
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
     thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
-    rows in one vector), and a row's result does not depend on which rows share its pass, so on where a chunk
-    starts or ends either."""
+    rows in one vector, the last blocks of sixteen Q4_0 rows in one vector), and a row's result does not depend on
+    which rows share its pass, so on where a chunk starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
     n = REGROUPED_ROW_KINDS.get(kind) or PACKED_ROW_KINDS.get(kind, (0, 576))[1]
     w = gen.standard_normal((45, n)).astype(np.float32)

@@ -790,7 +790,6 @@ typedef struct {
     int32_t *c16; /* and per block -8 * (sum of its values) (Q8_0R's AVX-512 kernel starts at 16 times it) */
     int8_t *xb;   /* AMX (amx_rows): per 16 tokens and block, the tokens' values as a B tile (see amx_lay_out) */
     float *xdb;   /* and per 16 tokens and block, the 16 tokens' scales of the block */
-    int32_t *xcb; /* Q4_0R: and the 16 tokens' corrections of the block (c16) */
 } QAct;
 
 /* a group's scale, max |v| / 127, for gs values v */
@@ -1556,30 +1555,6 @@ ALWAYS_INLINE void q4r_lanes8(const uint8_t *w, int64_t b0, int G, int h, const 
     }
 }
 
-/* a block left as it is (G = 1): its 32 products on the plain activations (low nibbles meet values 0-15, high
- * ones 16-31), into acc8 */
-ALWAYS_INLINE void q4r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *block = w + g * 18;
-    int64_t nb = n / BLOCK;
-    __m128i q = _mm_loadu_si128((const __m128i *)(block + 2)), low = _mm_set1_epi8(0x0F);
-    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
-    float wd = fp16_to_f32(load_u16(block));
-    UNROLL
-    for (int t = 0; t < nt; t++) {
-        __m256i s = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a->c16[t * nb + g]));
-        s = dot_u8s8(s, u, _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK)));
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
-    }
-}
-
-/* a row's groups of 8 and 4 and its last blocks, into acc8 (from block b on) */
-ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    int64_t nb = n / BLOCK;
-    if (nb - b >= 8) q4r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
-    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8), b += 4;
-    for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
-}
-
 /* The kernels below run Q8_0R and Q8R (see W_Q8R) rows alike; `per` tells them apart: 0 for Q8_0R, else Q8R's
  * blocks per group scale (1 or 2). A group's values are followed by its scales, an fp16 one per block (Q8_0R)
  * or an fp32 one per group (Q8R). A kernel reads the weight scales of its lanes' blocks once, then per token
@@ -1720,6 +1695,30 @@ ALWAYS_INLINE void q8r_single(const uint8_t *w, int per, int64_t g, const QAct *
 }
 
 #ifndef HAVE_ZMM_INT8
+/* a block left as it is (G = 1): its 32 products on the plain activations (low nibbles meet values 0-15, high
+ * ones 16-31), into acc8 */
+ALWAYS_INLINE void q4r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    const uint8_t *block = w + g * 18;
+    int64_t nb = n / BLOCK;
+    __m128i q = _mm_loadu_si128((const __m128i *)(block + 2)), low = _mm_set1_epi8(0x0F);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+    float wd = fp16_to_f32(load_u16(block));
+    UNROLL
+    for (int t = 0; t < nt; t++) {
+        __m256i s = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a->c16[t * nb + g]));
+        s = dot_u8s8(s, u, _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK)));
+        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
+    }
+}
+
+/* a row's groups of 8 and 4 and its last blocks, into acc8 (from block b on) */
+ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t n, int nt, __m256 *acc8) {
+    int64_t nb = n / BLOCK;
+    if (nb - b >= 8) q4r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8), b += 4;
+    for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
+}
+
 ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
     int64_t nb = n / BLOCK, b = 0;
     UNROLL
@@ -2061,6 +2060,8 @@ ALWAYS_INLINE void q4r_group8(const uint8_t *w, int64_t b0, const QAct *a, int64
     }
 }
 
+/* A Q4_0R row's groups (of 16, 8 and 4 blocks), not its last 0-3 blocks: q4r_lasts16 takes those, sixteen rows
+ * at a time */
 ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m512 *acc) {
     int64_t nb = n / BLOCK, b = 0;
     __m256 acc8[8];
@@ -2068,9 +2069,70 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_ps(), acc8[t] = _mm256_setzero_ps();
     for (; nb - b >= 16; b += 16) q4r_group16(w, b, a, n, nt, acc);
     if (nb - b >= 8) q4r_group8(w, b, a, n, nt, acc8), b += 8;
-    q4r_tail(w, b, a, n, nt, acc8);
+    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8);
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
+}
+
+ALWAYS_INLINE int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The last 0-3 blocks of 16 Q4_0R rows (see W_Q4_0R: left as they are), rows r at w + r * rb, for nt tokens: lane
+ * r of lasts[t] gets the sum over row r's last blocks of (the block's exact int32 sum) * (d_w * d_x),
+ * multiply-added in block order from zero; the caller adds it to the hsum16 of the row's groups. Kept apart from
+ * the groups' lanes so that sixteen rows' blocks are one vector's work: four vectors of four rows' 16 bytes of
+ * nibbles, transposed 4 bytes at a time, leave bytes 4j..4j+3 of every row's block in its row's lane of vector
+ * j, whose low and high nibbles each meet the same four values in every lane (one vpdpbusd on broadcast
+ * values), and the block's sum is the lane's, with no horizontal adds. Each lane's operations are those of a row
+ * alone, so a row's result does not depend on the rows beside it (rows past `count` repeat the last one, in
+ * lanes the caller leaves). Taken a row at a time, such a block took a fifth of a 9-block row's time (a 15M
+ * model's rows); this way, an eighth (docs/speed.md). */
+ALWAYS_INLINE void q4r_lasts16(const uint8_t *w, int64_t rb, int count, const QAct *a, int64_t n, int nt,
+                               __m512 *lasts) {
+    int64_t nb = n / BLOCK;
+    const uint8_t *row[16];
+    for (int r = 0; r < 16; r++) row[r] = w + (r < count ? r : count - 1) * rb;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    /* each lane's row's offset from row 0 (an int32 for rows of up to 200 million weights) */
+    __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i at = _mm512_mullo_epi32(_mm512_min_epi32(lane, _mm512_set1_epi32(count - 1)), _mm512_set1_epi32((int)rb));
+    UNROLL
+    for (int t = 0; t < nt; t++) lasts[t] = _mm512_setzero_ps();
+    for (int64_t b = nb - nb % 4; b < nb; b++) {
+        __m512i q[4]; /* q[k]'s 128-bit lane L: row 4L + k's nibbles */
+        for (int k = 0; k < 4; k++) {
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(row[k] + 18 * b + 2)));
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(row[4 + k] + 18 * b + 2)), 1);
+            v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(row[8 + k] + 18 * b + 2)), 2);
+            q[k] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(row[12 + k] + 18 * b + 2)), 3);
+        }
+        /* the 4 x 4 transpose of 4-byte words within each 128-bit lane: lane 4L + k of bytes[j] is row 4L + k's
+         * word j */
+        __m512i t0 = _mm512_unpacklo_epi32(q[0], q[1]), t1 = _mm512_unpackhi_epi32(q[0], q[1]);
+        __m512i t2 = _mm512_unpacklo_epi32(q[2], q[3]), t3 = _mm512_unpackhi_epi32(q[2], q[3]);
+        __m512i bytes[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                            _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+        __m512i lo[4], hi[4];
+        UNROLL
+        for (int j = 0; j < 4; j++) lo[j] = _mm512_and_si512(bytes[j], low), hi[j] = high_nibbles(bytes[j]);
+        /* the 16 rows' fp16 scales: the low halves of 4-byte words gathered at the blocks' starts */
+        __m512 wd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, w + 18 * b, 1)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = a->q + t * n + b * BLOCK; /* low nibbles meet values 0-15, high ones 16-31 */
+            __m512i s0 = _mm512_set1_epi32(a->c16[t * nb + b]), s1 = _mm512_setzero_si512();
+            UNROLL
+            for (int j = 0; j < 4; j++) {
+                s0 = _mm512_dpbusd_epi32(s0, lo[j], _mm512_set1_epi32(load_i32(x + 4 * j)));
+                s1 = _mm512_dpbusd_epi32(s1, hi[j], _mm512_set1_epi32(load_i32(x + 16 + 4 * j)));
+            }
+            __m512 dd = _mm512_mul_ps(wd, _mm512_set1_ps(a->d[t * nb + b]));
+            lasts[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), dd, lasts[t]);
+        }
+    }
 }
 
 /* the weight scales of blocks b..b+15, and per token d_w * d_x (see rg_scales8, rg_dd8) */
@@ -2451,7 +2513,49 @@ DEFINE_YMM_ROWS(rows_q8_blocks_avx2, dots_int8_avx2(w, ws, W_Q8_0, a, n, NT, acc
 #endif
 #ifdef HAVE_ZMM_INT8
 DEFINE_ZMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
-DEFINE_ZMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
+DEFINE_ZMM_ROWS(rows_q4r_groups, dots_q4r_simd(w, a, n, NT, acc))
+
+/* Q4_0R rows, sixteen at a time: their groups' lanes summed in hsum16's tree (f32_sums16 for one token), then
+ * their last blocks' sums (q4r_lasts16, read after the groups, which bring their lines in) added. Rows with no
+ * last blocks as rows_q4r_groups. */
+#define DEFINE_ZMM_Q4R_LASTS_NT(NAME, DOTS, nt)                                                                \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                    \
+        if (n / BLOCK % 4 == 0) {                                                                              \
+            rows_q4r_groups[NT](m, lo, hi, a, n, out, stride, accumulate);                                     \
+            return;                                                                                            \
+        }                                                                                                      \
+        for (int64_t i = lo; i < hi; i += 16) {                                                                \
+            int count = hi - i < 16 ? (int)(hi - i) : 16, all = NT == 1 && count == 16;                        \
+            __m512 rows[16], lasts[NT];                                                                        \
+            float sums[NT][16], last[16];                                                                      \
+            if (all)                                                                                           \
+                for (int r = 0; r < 16; r++) {                                                                 \
+                    ZMM_ROW(i + r, DOTS)                                                                       \
+                    rows[r] = acc[0];                                                                          \
+                }                                                                                              \
+            else                                                                                               \
+                for (int r = 0; r < count; r++) {                                                              \
+                    ZMM_ROW(i + r, DOTS)                                                                       \
+                    for (int t = 0; t < NT; t++) sums[t][r] = hsum16(acc[t]);                                  \
+                }                                                                                              \
+            q4r_lasts16((const uint8_t *)m->w + i * rb, rb, count, a, n, NT, lasts);                           \
+            if (all) {                                                                                         \
+                __m512 v = _mm512_add_ps(f32_sums16(rows), lasts[0]);                                          \
+                if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(out + i), v);                                \
+                _mm512_storeu_ps(out + i, v);                                                                  \
+                continue;                                                                                      \
+            }                                                                                                  \
+            for (int t = 0; t < NT; t++) {                                                                     \
+                _mm512_storeu_ps(last, lasts[t]);                                                              \
+                for (int r = 0; r < count; r++)                                                                \
+                    store(&out[t * stride + i + r], sums[t][r] + last[r], accumulate);                         \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+DEFINE_NT_TABLE(DEFINE_ZMM_Q4R_LASTS_NT, rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
 
 /* Q4_0R rows of one group of 4 blocks go four at a time (dots_q4r_quad); other rows, and the last rows of a
  * count not a multiple of 4, as rows_q4r_alone */
@@ -2606,9 +2710,9 @@ static const RowsFn *rows_kernels(const Mat *m) {
  * same integer as the kernels' vpdpbusd lanes, which start from a correction for their unsigned weights; Q4_0's
  * values as q - 8). The floating-point part is then the rows' own: dots_q8r_simd and dots_q4r_simd multiply block
  * b's int32 sum, converted, by d_w * d_x into lane b % 16 of an accumulator (the groups of 16 in order), the
- * tail's groups of 8 and 4 into lanes 0-7 of a second one and its last blocks as eight 4-value sums each (Q4_0's
- * of the nibbles as stored, the block's correction in lane 0), add the two and sum the 16 lanes in hsum16's
- * tree. Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane (each lane's
+ * tail's groups of 8 and 4 into lanes 0-7 of a second one and (Q8) its last blocks as eight 4-value sums each,
+ * add the two and sum the 16 lanes in hsum16's tree; Q4_0R's last blocks, whole, go into a third accumulator
+ * added after the tree (q4r_lasts16). Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane (each lane's
  * blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first copied out
  * of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time; the activations
  * are laid out as B tiles once per product (amx_lay_out). */
@@ -2655,12 +2759,11 @@ static inline int amx_takes(const Mat *m, int64_t n_tok) {
  * xb + (k * nb + b) * 512, row v holding values 4v..4v+3 of each token's block b (token t at bytes 4t..4t+3),
  * and the 16 tokens' scales of the block (their group's, for groups of 64) at xdb + (k * nb + b) * 16; tokens
  * past n_tok are zeros. As lay_out_activations: `alloc` makes the buffers, tokens [t0, t1) are laid out. */
-static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4, int alloc, int64_t t0, int64_t t1) {
+static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int alloc, int64_t t0, int64_t t1) {
     int64_t nb = n / BLOCK, tiles = (n_tok + 15) / 16, n_groups = n / a->gs;
     if (alloc) {
         a->xb = scratch_alloc(tiles * nb * 512, 1);
         a->xdb = scratch_alloc(tiles * nb * 16 * sizeof(float), 1);
-        a->xcb = q4 ? scratch_alloc(tiles * nb * 16 * sizeof(int32_t), 1) : NULL;
     }
     for (int64_t t = t0; t < t1; t++) {
         int64_t k = t / 16, c = t % 16;
@@ -2668,7 +2771,6 @@ static void amx_lay_out(QAct *a, int64_t n_tok, int64_t n, int q4, int alloc, in
             int8_t *tile = a->xb + (k * nb + b) * 512;
             for (int v = 0; v < 8; v++) memcpy(tile + 64 * v + 4 * c, a->q + t * n + b * BLOCK + 4 * v, 4);
             a->xdb[(k * nb + b) * 16 + c] = a->d[t * n_groups + b * BLOCK / a->gs];
-            if (a->xcb) a->xcb[(k * nb + b) * 16 + c] = a->c16[t * nb + b];
         }
     }
 }
@@ -2826,17 +2928,12 @@ typedef struct {
     const float *wd, *xd;
     float *acc;
     int first;
-    const int32_t *corr; /* or the 16 tokens' int32 corrections added first (a Q4_0 last block's lane 0) */
 } AmxItem;
 
 /* acc[r] (16 tokens) = cvt(sums of row r) * d_w * d_x + acc[r] (+ 0 where first), from the C tile stored at c */
 ALWAYS_INLINE void amx_scale(int32_t *c, const AmxItem *it) {
     __m512 x = _mm512_loadu_ps(it->xd);
     float *acc = it->acc;
-    if (it->corr) {
-        __m512i corr = _mm512_loadu_si512(it->corr);
-        for (int r = 0; r < 16; r++) _mm512_storeu_si512(c + 16 * r, _mm512_add_epi32(_mm512_loadu_si512(c + 16 * r), corr));
-    }
     UNROLL16
     for (int r = 0; r < 16; r++) {
         __m512 before = it->first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + 16 * r);
@@ -2926,47 +3023,52 @@ static void amx_run_lanes(const int8_t *ab, const int8_t *xb, const float *wdb, 
 #undef LANE_SCALE
 }
 
-/* The items of a band (A tiles ab, scales wdb, a last block's A tiles masked to 4 values at singles) against
+/* The items of a band (A tiles ab, scales wdb, a Q8 last block's A tiles masked to 4 values at singles) against
  * token tile k, into the accumulators the AVX-512 rows keep: lane l of the groups of 16 at lanes + 256 l (block
  * b into lane b % 16, in block order; none where lanes_done, amx_run_lanes having filled them), lanes 0-7 of the
- * tail's at tail + 256 l (its group of 8, then of 4, then each last block's values 4j..4j+3 into lane j).
- * Returns the item count. */
+ * tail's at tail + 256 l (its group of 8, then of 4, then (Q8) each last block's values 4j..4j+3 into lane j),
+ * and (Q4_0) the last blocks' whole sums at lasts (q4r_lasts16). Returns the item count. */
 static int64_t amx_items(const int8_t *ab, const int8_t *singles, const float *wdb, const QAct *a, int64_t k,
-                         int64_t nb, int q4, int lanes_done, float *lanes, float *tail, AmxItem *items) {
+                         int64_t nb, int q4, int lanes_done, float *lanes, float *tail, float *lasts,
+                         AmxItem *items) {
     const int8_t *xb = a->xb + k * nb * 512;
     const float *xd = a->xdb + k * nb * 16;
     int64_t n = 0, full = nb / 16 * 16, b = lanes_done ? full : 0;
     int started[8] = {0};
     for (; b < full; b++)
-        items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16), b < 16, NULL};
+        items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16), b < 16};
     for (int G = 8; G >= 4; G /= 2)
         if (nb - b >= G)
             for (int l = 0; l < G; l++, b++) {
-                items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * l, !started[l],
-                                       NULL};
+                items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * l, !started[l]};
                 started[l] = 1;
             }
     for (int64_t s = 0; b < nb; b++, s++)
-        for (int j = 0; j < 8; j++) {
-            items[n++] = (AmxItem){singles + (8 * s + j) * 512, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * j,
-                                   !started[j], q4 && j == 0 ? a->xcb + (k * nb + b) * 16 : NULL};
-            started[j] = 1;
-        }
+        if (q4)
+            items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lasts, s == 0};
+        else
+            for (int j = 0; j < 8; j++) {
+                items[n++] = (AmxItem){singles + (8 * s + j) * 512, xb + 512 * b, wdb + 16 * b, xd + 16 * b,
+                                       tail + 256 * j, !started[j]};
+                started[j] = 1;
+            }
     for (int l = 0; l < 8; l++) /* a tail lane no block reached stays zero, as the rows' does */
         if (!started[l]) memset(tail + 256 * l, 0, 256 * sizeof(float));
     return n;
 }
 
 /* row r's dots with the token tile's 16 tokens from the accumulators (lanes: zero where the row has no group of
- * 16), as the rows finish them: the tail's lanes 0-7 added to the lanes', then hsum16's tree */
-ALWAYS_INLINE __m512 amx_row_sums(const float *lanes, const float *tail, int64_t nb, int r) {
+ * 16), as the rows finish them: the tail's lanes 0-7 added to the lanes', then hsum16's tree, then (where not
+ * NULL) the last blocks' sums */
+ALWAYS_INLINE __m512 amx_row_sums(const float *lanes, const float *tail, const float *lasts, int64_t nb, int r) {
     __m512 v[16];
     for (int l = 0; l < 16; l++)
         v[l] = _mm512_add_ps(nb >= 16 ? _mm512_loadu_ps(lanes + 256 * l + 16 * r) : _mm512_setzero_ps(),
                              l < 8 ? _mm512_loadu_ps(tail + 256 * l + 16 * r) : _mm512_setzero_ps());
     for (int j = 0; j < 8; j++) v[j] = _mm512_add_ps(v[j], v[j + 8]);
     for (int j = 0; j < 4; j++) v[j] = _mm512_add_ps(v[j], v[j + 4]);
-    return _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
+    __m512 sum = _mm512_add_ps(_mm512_add_ps(v[0], v[2]), _mm512_add_ps(v[1], v[3]));
+    return lasts ? _mm512_add_ps(sum, _mm512_loadu_ps(lasts + 16 * r)) : sum;
 }
 
 /* A thread's memory for its bands (A tiles, scales, lanes' accumulators), kept from call to call: taken from
@@ -2999,13 +3101,14 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
     int64_t nb = n / BLOCK, rb = row_bytes(m, n), bands = (hi - lo) / AMX_ROWS, tiles = (n_tok + 15) / 16;
     int64_t n_singles = nb % 4, first_single = nb - n_singles; /* a row's last 0-3 blocks, left alone */
     int per = m->type == W_Q8R ? (m->gs == 32 ? 1 : 2) : 0, q4 = m->type == W_Q4_0R;
-    int64_t a_bytes = nb * 512, s_bytes = n_singles * 8 * 512, wd_bytes = nb * 16 * (int64_t)sizeof(float);
-    int64_t acc_bytes = 24 * 256 * (int64_t)sizeof(float), item_bytes = (nb + 24) * (int64_t)sizeof(AmxItem);
+    int64_t a_bytes = nb * 512, s_bytes = q4 ? 0 : n_singles * 8 * 512, wd_bytes = nb * 16 * (int64_t)sizeof(float);
+    int64_t acc_bytes = 25 * 256 * (int64_t)sizeof(float), item_bytes = (nb + 24) * (int64_t)sizeof(AmxItem);
     char *memory = bands ? amx_buffer(a_bytes + s_bytes + wd_bytes + acc_bytes + item_bytes) : NULL;
     if (memory == NULL) return lo;
     int8_t *ab = (int8_t *)memory, *singles = (int8_t *)(memory + a_bytes);
     float *wdb = (float *)(memory + a_bytes + s_bytes), *lanes = wdb + nb * 16, *tail = lanes + 16 * 256;
-    AmxItem *items = (AmxItem *)(tail + 8 * 256);
+    float *lasts = q4 && n_singles ? tail + 8 * 256 : NULL;
+    AmxItem *items = (AmxItem *)(tail + 9 * 256);
     int lanes_done = nb >= 32; /* the groups of 16 by amx_run_lanes: a lane with one block has nothing to carry */
     _tile_loadconfig(&AMX_TILES);
     for (int64_t i = lo; i < lo + bands * AMX_ROWS; i += AMX_ROWS) {
@@ -3014,20 +3117,18 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
             if (q4) amx_band_row_q4(row, n, r, ab, wdb);
             else amx_band_row(row, n, per, r, ab, wdb);
         }
-        /* a last block's values 4j..4j+3 of each row, the rest zeros: the rows' 4-value sums, which for Q4_0 are
-         * of the nibbles as stored (q, not q - 8), lane 0 starting from the block's correction (amx_items) */
+        /* a Q8 last block's values 4j..4j+3 of each row, the rest zeros: the rows' 4-value sums */
         memset(singles, 0, s_bytes);
-        for (int64_t s = 0; s < n_singles; s++)
+        for (int64_t s = 0; s < n_singles && !q4; s++)
             for (int j = 0; j < 8; j++)
                 for (int r = 0; r < 16; r++)
                     for (int v = 0; v < 4; v++)
-                        singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] =
-                            (int8_t)(ab[512 * (first_single + s) + 32 * r + 4 * j + v] + (q4 ? 8 : 0));
+                        singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] = ab[512 * (first_single + s) + 32 * r + 4 * j + v];
         for (int64_t k = 0; k < tiles; k++) {
             if (lanes_done) amx_run_lanes(ab, a->xb + k * nb * 512, wdb, a->xdb + k * nb * 16, nb / 16, lanes);
-            amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes_done, lanes, tail, items));
+            amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes_done, lanes, tail, lasts, items));
             float s[16][16];
-            for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], amx_row_sums(lanes, tail, nb, r));
+            for (int r = 0; r < 16; r++) _mm512_storeu_ps(s[r], amx_row_sums(lanes, tail, lasts, nb, r));
             for (int64_t t = 16 * k; t < 16 * k + 16 && t < n_tok; t++)
                 for (int r = 0; r < 16; r++) store(&out[n_tok * m->row0 + t * m->rows + i + r], s[r][t - 16 * k], accumulate);
         }
@@ -3117,7 +3218,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
         }
 #ifdef HAVE_AMX
         if (amx_on && n_tok >= AMX_MIN_TOKENS)
-            amx_lay_out(a, n_tok, n, (types & (1u << W_Q4_0R)) && gs == BLOCK, alloc, t0, t1);
+            amx_lay_out(a, n_tok, n, alloc, t0, t1);
 #endif
     }
 #endif
@@ -3167,7 +3268,7 @@ static void lay_out_activations(QAct *a, int64_t n_tok, int64_t n, unsigned type
 }
 
 static void free_activations(QAct *a) {
-    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16, a->xb, a->xdb, a->xcb};
+    void *owned[] = {a->q, a->d, a->q4, a->c4, a->d4, a->c8, a->d8, a->c32, a->d32, a->q16, a->c16, a->xb, a->xdb};
     for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) scratch_free(owned[i]);
 }
 
