@@ -241,8 +241,8 @@ def _rows(m, lo: int, hi: int):
 
 # regrouped rows of 576 values: a group of 16 blocks, two alone; of 128: one group of 4 (Q4_0 rows in pairs on
 # AVX2, in fours on AVX-512 VBMI); of 288: a group of 8, one alone; of 480: groups of 8 and 4, three alone, and of
-# 992: 16, 8, 4 and three alone (Q4_0 rows in pairs on AVX2; on AVX-512 VBMI, Q4_0 rows' blocks alone go sixteen
-# rows at a time)
+# 992: 16, 8, 4 and three alone (Q4_0 rows in pairs on AVX2; Q4_0 rows' blocks alone go eight rows at a time on
+# AVX2, sixteen on AVX-512 VBMI)
 REGROUPED_ROW_KINDS = {f"{kind} regrouped{groups}": n for kind in ("q4_0", "q8_0") for groups, n in
                        (("", 576), (", a group of 4", 128), (", 8 + 1", 288), (", 8 + 4 + 3", 480),
                         (", 16 + 8 + 4 + 3", 992))}
@@ -254,7 +254,7 @@ PACKED_ROW_KINDS = {"q8_0 gs64 packed": (64, 1088), "q8_0 gs32 packed": (32, 992
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
     thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
-    rows in one vector, the last blocks of sixteen Q4_0 rows in one vector), and a row's result does not depend on
+    rows in one vector, the last blocks of eight or sixteen Q4_0 rows in one vector), and a row's result does not depend on
     which rows share its pass, so on where a chunk starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
     n = REGROUPED_ROW_KINDS.get(kind) or PACKED_ROW_KINDS.get(kind, (0, 576))[1]

@@ -1520,6 +1520,12 @@ ALWAYS_INLINE void dots_q4_simd(const uint8_t *w, int64_t nb, const QAct *a, int
 #endif
 
 #ifdef __AVX2__
+ALWAYS_INLINE int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* Q4_0R (see W_Q4_0R) on the activations regrouped the same way (QAct.q16), 8 lanes at a time: lanes
  * 8h..8h+7 of a group of G blocks (G = 16: h = 0 or 1; G = 8 or 4: h = 0, lanes past G zero). Per token, the
  * four vectors' low nibbles meet values 4v.. and their high ones the values 16 bytes further on, each block's
@@ -1695,36 +1701,60 @@ ALWAYS_INLINE void q8r_single(const uint8_t *w, int per, int64_t g, const QAct *
 }
 
 #ifndef HAVE_ZMM_INT8
-/* a block left as it is (G = 1): its 32 products on the plain activations (low nibbles meet values 0-15, high
- * ones 16-31), into acc8 */
-ALWAYS_INLINE void q4r_single(const uint8_t *w, int64_t g, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    const uint8_t *block = w + g * 18;
+/* The last 0-3 blocks of 8 Q4_0R rows (rows r at w + r * rb) for nt tokens: lane r of lasts[t] gets row r's sum
+ * of (block sum) * (d_w * d_x) over them, as q4r_lasts16 (the AVX-512 builds') computes it for 16 rows: two rows'
+ * 16 bytes of nibbles a vector, transposed 4 bytes at a time within its halves so that each row's block is one
+ * lane's; dot8_u4s8's arithmetic on them (its int32 sums are the block's exact sum in every build). The scales
+ * are loaded one by one (the AVX2 CPUs' gathers are slow where Downfall's microcode fix runs). */
+ALWAYS_INLINE void q4r_lasts8(const uint8_t *w, int64_t rb, int count, const QAct *a, int64_t n, int nt,
+                              __m256 *lasts) {
     int64_t nb = n / BLOCK;
-    __m128i q = _mm_loadu_si128((const __m128i *)(block + 2)), low = _mm_set1_epi8(0x0F);
-    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
-    float wd = fp16_to_f32(load_u16(block));
+    const uint8_t *row[8];
+    for (int r = 0; r < 8; r++) row[r] = w + (r < count ? r : count - 1) * rb;
+    const __m256i low = _mm256_set1_epi8(0x0F);
     UNROLL
-    for (int t = 0; t < nt; t++) {
-        __m256i s = _mm256_zextsi128_si256(_mm_cvtsi32_si128(a->c16[t * nb + g]));
-        s = dot_u8s8(s, u, _mm256_loadu_si256((const __m256i *)(a->q + t * n + g * BLOCK)));
-        acc8[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * a->d[t * nb + g]), acc8[t]);
+    for (int t = 0; t < nt; t++) lasts[t] = _mm256_setzero_ps();
+    for (int64_t b = nb - nb % 4; b < nb; b++) {
+        __m256i q[4]; /* q[k]'s 128-bit half L: row 4L + k's nibbles */
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(row[4 + k] + 18 * b + 2)),
+                                    _mm_loadu_si128((const __m128i *)(row[k] + 18 * b + 2)));
+        __m256i t0 = _mm256_unpacklo_epi32(q[0], q[1]), t1 = _mm256_unpackhi_epi32(q[0], q[1]);
+        __m256i t2 = _mm256_unpacklo_epi32(q[2], q[3]), t3 = _mm256_unpackhi_epi32(q[2], q[3]);
+        __m256i bytes[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                            _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+        __m256i nibbles[8]; /* the low nibbles of words 0-3 (values 0-15), then their high ones (16-31) */
+        UNROLL
+        for (int j = 0; j < 4; j++) {
+            nibbles[j] = _mm256_and_si256(bytes[j], low);
+            nibbles[4 + j] = _mm256_and_si256(_mm256_srli_epi16(bytes[j], 4), low);
+        }
+        __m256 wd = _mm256_cvtph_ps(_mm_set_epi16(
+            (short)load_u16(row[7] + 18 * b), (short)load_u16(row[6] + 18 * b), (short)load_u16(row[5] + 18 * b),
+            (short)load_u16(row[4] + 18 * b), (short)load_u16(row[3] + 18 * b), (short)load_u16(row[2] + 18 * b),
+            (short)load_u16(row[1] + 18 * b), (short)load_u16(row[0] + 18 * b)));
+        UNROLL
+        for (int t = 0; t < nt; t++) {
+            const int8_t *x = a->q + t * n + b * BLOCK;
+            __m256i xs[8];
+            UNROLL
+            for (int j = 0; j < 8; j++) xs[j] = _mm256_set1_epi32(load_i32(x + 4 * j));
+            __m256i sum = dot8_u4s8(_mm256_set1_epi32(a->c16[t * nb + b]), nibbles, xs);
+            __m256 dd = _mm256_mul_ps(wd, _mm256_set1_ps(a->d[t * nb + b]));
+            lasts[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), dd, lasts[t]);
+        }
     }
 }
 
-/* a row's groups of 8 and 4 and its last blocks, into acc8 (from block b on) */
-ALWAYS_INLINE void q4r_tail(const uint8_t *w, int64_t b, const QAct *a, int64_t n, int nt, __m256 *acc8) {
-    int64_t nb = n / BLOCK;
-    if (nb - b >= 8) q4r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
-    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8), b += 4;
-    for (; b < nb; b++) q4r_single(w, b, a, n, nt, acc8);
-}
-
+/* A Q4_0R row's groups (of 16, 8 and 4 blocks), not its last 0-3 blocks: q4r_lasts8 takes those, eight rows at a
+ * time */
 ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int nt, __m256 *acc8) {
     int64_t nb = n / BLOCK, b = 0;
     UNROLL
     for (int t = 0; t < nt; t++) acc8[t] = _mm256_setzero_ps();
     for (; nb - b >= 16; b += 16) q4r_lanes8(w, b, 16, 0, a, n, nt, acc8), q4r_lanes8(w, b, 16, 1, a, n, nt, acc8);
-    q4r_tail(w, b, a, n, nt, acc8);
+    if (nb - b >= 8) q4r_lanes8(w, b, 8, 0, a, n, nt, acc8), b += 8;
+    if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8);
 }
 
 /* a group of 16 blocks for one or two tokens: q8r_lanes8's h = 0 and h = 1 in one pass over the group's lines,
@@ -1830,7 +1860,8 @@ ALWAYS_INLINE void q4r_pair4(const uint8_t *wa, const uint8_t *wb, int64_t b0, c
     }
 }
 
-/* dots_q4r_simd of rows a and b (whose groups include one of 4), that group paired (q4r_pair4) */
+/* dots_q4r_simd of rows a and b (whose groups include one of 4), that group paired (q4r_pair4); their last blocks
+ * are q4r_lasts8's */
 ALWAYS_INLINE void dots_q4r_pair(const uint8_t *wa, const uint8_t *wb, const QAct *a, int64_t n, int nt,
                                  __m256 *acc_a, __m256 *acc_b) {
     int64_t nb = n / BLOCK, b = 0;
@@ -1842,7 +1873,6 @@ ALWAYS_INLINE void dots_q4r_pair(const uint8_t *wa, const uint8_t *wb, const QAc
     }
     if (nb - b >= 8) q4r_lanes8(wa, b, 8, 0, a, n, nt, acc_a), q4r_lanes8(wb, b, 8, 0, a, n, nt, acc_b), b += 8;
     q4r_pair4(wa, wb, b, a, n, nt, acc_a, acc_b);
-    for (b += 4; b < nb; b++) q4r_single(wa, b, a, n, nt, acc_a), q4r_single(wb, b, a, n, nt, acc_b);
 }
 #endif
 #endif
@@ -2072,12 +2102,6 @@ ALWAYS_INLINE void dots_q4r_simd(const uint8_t *w, const QAct *a, int64_t n, int
     if (nb - b >= 4) q4r_lanes8(w, b, 4, 0, a, n, nt, acc8);
     UNROLL
     for (int t = 0; t < nt; t++) acc[t] = _mm512_add_ps(acc[t], _mm512_zextps256_ps512(acc8[t]));
-}
-
-ALWAYS_INLINE int32_t load_i32(const void *p) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
 }
 
 /* The last 0-3 blocks of 16 Q4_0R rows (see W_Q4_0R: left as they are), rows r at w + r * rb, for nt tokens: lane
@@ -2598,10 +2622,59 @@ DEFINE_ZMM_ROWS(rows_q8_g64, dots_q8_g64_simd(w, ws, a, n, NT, acc))
 DEFINE_ZMM_ROWS(rows_q8_g32, dots_q8_g32_simd(w, ws, a, n, NT, acc))
 #elif defined(__AVX2__)
 DEFINE_YMM_ROWS(rows_q4, dots_q4_simd(w, n / BLOCK, a, NT, acc))
-DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
+DEFINE_YMM_ROWS(rows_q4r_groups, dots_q4r_simd(w, a, n, NT, acc))
+
+/* Eight Q4_0R rows' results from their groups' sums (rows: one token's eight rows' lanes, all = NT == 1 and eight
+ * rows; else sums: each row's hsum8 per token) and their last blocks' (lasts, where LASTS), as q4r_lasts8 says:
+ * added after the groups' tree */
+#define Q4R_STORE8(i, count, all, rows, sums, lasts, LASTS)                                                    \
+    if (all) {                                                                                                 \
+        __m256 v_ = f32_sums8(rows);                                                                           \
+        store8(out + (i), LASTS ? _mm256_add_ps(v_, lasts[0]) : v_, accumulate);                               \
+    } else                                                                                                     \
+        for (int t = 0; t < NT; t++) {                                                                         \
+            float last_[8];                                                                                    \
+            _mm256_storeu_ps(last_, LASTS ? lasts[t] : _mm256_setzero_ps());                                   \
+            for (int r = 0; r < (count); r++)                                                                  \
+                store(&out[t * stride + (i) + r], LASTS ? sums[t][r] + last_[r] : sums[t][r], accumulate);     \
+        }
+
+/* Q4_0R rows with last blocks, eight at a time (rows without: rows_q4r_groups) */
+#define DEFINE_YMM_Q4R_LASTS_NT(NAME, DOTS, nt)                                                                \
+    static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
+                                                      int64_t n, float *out, int64_t stride, int accumulate) { \
+        enum { NT = nt };                                                                                      \
+        int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                    \
+        if (n / BLOCK % 4 == 0) {                                                                              \
+            rows_q4r_groups[NT](m, lo, hi, a, n, out, stride, accumulate);                                     \
+            return;                                                                                            \
+        }                                                                                                      \
+        for (int64_t i = lo; i < hi; i += 8) {                                                                 \
+            int count = hi - i < 8 ? (int)(hi - i) : 8, all = NT == 1 && count == 8;                           \
+            __m256 rows[8], lasts[NT];                                                                         \
+            float sums[NT][8];                                                                                 \
+            if (all)                                                                                           \
+                for (int r = 0; r < 8; r++) {                                                                  \
+                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    __m256 *acc = rows + r;                                                                    \
+                    DOTS;                                                                                      \
+                }                                                                                              \
+            else                                                                                               \
+                for (int r = 0; r < count; r++) {                                                             \
+                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    __m256 acc[8];                                                                             \
+                    DOTS;                                                                                      \
+                    for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
+                }                                                                                              \
+            q4r_lasts8((const uint8_t *)m->w + i * rb, rb, count, a, n, NT, lasts);                            \
+            Q4R_STORE8(i, count, all, rows, sums, lasts, 1)                                                    \
+        }                                                                                                      \
+    }
+DEFINE_NT_TABLE(DEFINE_YMM_Q4R_LASTS_NT, rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
 
 /* Q4_0R rows with a group of 4 (4-7 or 12-15 blocks past their groups of 16) go two at a time
- * (dots_q4r_pair); other rows, and the last row of an odd count, as rows_q4r_alone */
+ * (dots_q4r_pair), the last row of an odd count alone (the same numbers), eight rows' last blocks then at once
+ * (q4r_lasts8); other rows as rows_q4r_alone */
 #define Q4R_PAIR(i, acc_a, acc_b)                                                                             \
     {                                                                                                          \
         const uint8_t *wa = (const uint8_t *)m->w + (i) * rb;                                                  \
@@ -2613,26 +2686,35 @@ DEFINE_YMM_ROWS(rows_q4r_alone, dots_q4r_simd(w, a, n, NT, acc))
     static __attribute__((noinline)) void NAME##_##nt(const Mat *m, int64_t lo, int64_t hi, const QAct *a,    \
                                                       int64_t n, float *out, int64_t stride, int accumulate) { \
         enum { NT = nt };                                                                                      \
-        int64_t rb = row_bytes(m, n), i = lo;                                                                  \
+        int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                    \
+        int has_lasts = n / BLOCK % 4 != 0;                                                                    \
         if (n / BLOCK % 8 < 4) { /* no group of 4 */                                                           \
             rows_q4r_alone[NT](m, lo, hi, a, n, out, stride, accumulate);                                      \
             return;                                                                                            \
         }                                                                                                      \
-        if (NT == 1)                                                                                           \
-            for (; i + 8 <= hi; i += 8) {                                                                      \
-                __m256 rows[8];                                                                                \
-                for (int r = 0; r < 8; r += 2) Q4R_PAIR(i + r, rows + r, rows + r + 1)                         \
-                store8(out + i, f32_sums8(rows), accumulate);                                                  \
+        for (int64_t i = lo; i < hi; i += 8) {                                                                 \
+            int count = hi - i < 8 ? (int)(hi - i) : 8, all = NT == 1 && count == 8, r = 0;                    \
+            __m256 rows[8], lasts[NT];                                                                         \
+            float sums[NT][8];                                                                                 \
+            if (all)                                                                                           \
+                for (; r < 8; r += 2) Q4R_PAIR(i + r, rows + r, rows + r + 1)                                  \
+            else {                                                                                             \
+                for (; r + 2 <= count; r += 2) {                                                               \
+                    __m256 acc_a[8], acc_b[8];                                                                 \
+                    Q4R_PAIR(i + r, acc_a, acc_b)                                                              \
+                    for (int t = 0; t < NT; t++)                                                               \
+                        sums[t][r] = hsum8(acc_a[t]), sums[t][r + 1] = hsum8(acc_b[t]);                        \
+                }                                                                                              \
+                if (r < count) {                                                                               \
+                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    __m256 acc[8];                                                                             \
+                    dots_q4r_simd(w, a, n, NT, acc);                                                           \
+                    for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
+                }                                                                                              \
             }                                                                                                  \
-        for (; i + 2 <= hi; i += 2) {                                                                          \
-            __m256 acc_a[8], acc_b[8];                                                                         \
-            Q4R_PAIR(i, acc_a, acc_b)                                                                          \
-            for (int t = 0; t < NT; t++) {                                                                     \
-                store(&out[t * stride + i], hsum8(acc_a[t]), accumulate);                                      \
-                store(&out[t * stride + i + 1], hsum8(acc_b[t]), accumulate);                                  \
-            }                                                                                                  \
+            if (has_lasts) q4r_lasts8((const uint8_t *)m->w + i * rb, rb, count, a, n, NT, lasts);             \
+            Q4R_STORE8(i, count, all, rows, sums, lasts, has_lasts)                                            \
         }                                                                                                      \
-        if (i < hi) rows_q4r_alone[NT](m, i, hi, a, n, out, stride, accumulate);                               \
     }
 DEFINE_NT_TABLE(DEFINE_Q4R_ROWS_NT, rows_q4r, _)
 DEFINE_YMM_ROWS(rows_q8r_alone, dots_q8r_simd(w, 0, a, n, NT, acc))
