@@ -254,8 +254,8 @@ PACKED_ROW_KINDS = {"q8_0 gs64 packed": (64, 1088), "q8_0 gs32 packed": (32, 992
 def test_a_row_gives_the_same_result_whatever_rows_share_the_call(native, kind):
     """The exactness rule across a product's rows: the kernels take rows several at a time where they can (a
     thread's chunk, eight or sixteen one-token rows side by side, the groups of 4 Q4_0 blocks of two or four
-    rows in one vector, the last blocks of eight or sixteen Q4_0 rows in one vector), and a row's result does not depend on
-    which rows share its pass, so on where a chunk starts or ends either."""
+    rows in one vector, the last blocks of eight or sixteen Q4_0 rows in one vector), and a row's result does not
+    depend on which rows share its pass, so on where a chunk starts or ends either."""
     gen = np.random.default_rng(45)  # its own draws: the module's rng feeds the tests after it unchanged
     n = REGROUPED_ROW_KINDS.get(kind) or PACKED_ROW_KINDS.get(kind, (0, 576))[1]
     w = gen.standard_normal((45, n)).astype(np.float32)
