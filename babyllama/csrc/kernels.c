@@ -1705,7 +1705,8 @@ ALWAYS_INLINE void q8r_single(const uint8_t *w, int per, int64_t g, const QAct *
  * of (block sum) * (d_w * d_x) over them, as q4r_lasts16 (the AVX-512 builds') computes it for 16 rows: two rows'
  * 16 bytes of nibbles a vector, transposed 4 bytes at a time within its halves so that each row's block is one
  * lane's; dot8_u4s8's arithmetic on them (its int32 sums are the block's exact sum in every build). The scales
- * are loaded one by one (the AVX2 CPUs' gathers are slow where Downfall's microcode fix runs). */
+ * are loaded one by one: many AVX2 CPUs run Downfall's microcode fix, which makes gathers slow (not measured
+ * here). */
 ALWAYS_INLINE void q4r_lasts8(const uint8_t *w, int64_t rb, int count, const QAct *a, int64_t n, int nt,
                               __m256 *lasts) {
     int64_t nb = n / BLOCK;
@@ -2142,7 +2143,9 @@ ALWAYS_INLINE void q4r_lasts16(const uint8_t *w, int64_t rb, int count, const QA
         __m512i lo[4], hi[4];
         UNROLL
         for (int j = 0; j < 4; j++) lo[j] = _mm512_and_si512(bytes[j], low), hi[j] = high_nibbles(bytes[j]);
-        /* the 16 rows' fp16 scales: the low halves of 4-byte words gathered at the blocks' starts */
+        /* the 16 rows' fp16 scales: the low halves of 4-byte words gathered at the blocks' starts (on a Sapphire
+         * Rapids-class Xeon 5% faster than 16 loads; CPUs that run Downfall's microcode fix, Ice Lake and Tiger
+         * Lake among these builds', gather slower: not measured) */
         __m512 wd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(at, w + 18 * b, 1)));
         UNROLL
         for (int t = 0; t < nt; t++) {
