@@ -2797,8 +2797,8 @@ static const RowsFn *rows_kernels(const Mat *m) {
  * b's int32 sum, converted, by d_w * d_x into lane b % 16 of an accumulator (the groups of 16 in order), the
  * tail's groups of 8 and 4 into lanes 0-7 of a second one and (Q8) its last blocks as eight 4-value sums each,
  * add the two and sum the 16 lanes in hsum16's tree; Q4_0R's last blocks, whole, go into a third accumulator
- * added after the tree (q4r_lasts16). Here the same multiply-adds run for 16 rows x 16 tokens at a time, one accumulator a lane (each lane's
- * blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first copied out
+ * added after the tree (q4r_lasts16). Here the same multiply-adds run for 16 rows x 16 tokens at a time, one
+ * accumulator a lane (each lane's blocks taken in their order), and hsum16's tree adds the 16 accumulators. A row's weights are first copied out
  * of their regrouped order into A tiles (a block's 32 values a row), a band of 16 rows at a time; the activations
  * are laid out as B tiles once per product (amx_lay_out). */
 /* Fewer tokens go to the AVX-512 rows, as fast there (the same numbers either way): the tiles' fixed costs (a
@@ -3121,11 +3121,13 @@ static int64_t amx_items(const int8_t *ab, const int8_t *singles, const float *w
     int64_t n = 0, full = nb / 16 * 16, b = lanes_done ? full : 0;
     int started[8] = {0};
     for (; b < full; b++)
-        items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16), b < 16};
+        items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, lanes + 256 * (b % 16),
+                               b < 16};
     for (int G = 8; G >= 4; G /= 2)
         if (nb - b >= G)
             for (int l = 0; l < G; l++, b++) {
-                items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * l, !started[l]};
+                items[n++] = (AmxItem){ab + 512 * b, xb + 512 * b, wdb + 16 * b, xd + 16 * b, tail + 256 * l,
+                                       !started[l]};
                 started[l] = 1;
             }
     for (int64_t s = 0; b < nb; b++, s++)
@@ -3208,7 +3210,8 @@ static int64_t amx_rows(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int
             for (int j = 0; j < 8; j++)
                 for (int r = 0; r < 16; r++)
                     for (int v = 0; v < 4; v++)
-                        singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] = ab[512 * (first_single + s) + 32 * r + 4 * j + v];
+                        singles[(8 * s + j) * 512 + 32 * r + 4 * j + v] =
+                            ab[512 * (first_single + s) + 32 * r + 4 * j + v];
         for (int64_t k = 0; k < tiles; k++) {
             if (lanes_done) amx_run_lanes(ab, a->xb + k * nb * 512, wdb, a->xdb + k * nb * 16, nb / 16, lanes);
             amx_run(items, amx_items(ab, singles, wdb, a, k, nb, q4, lanes_done, lanes, tail, lasts, items));
