@@ -114,8 +114,6 @@ int main(int argc, char **argv) {
     while (d % gs || h % gs) gs /= 2;
     const char *names[7] = {"", "Q8 (runq.c)", "Q8_0 blocks", "Q4_0", "Q4_0 regrouped", "Q8_0 regrouped",
                             "Q8 packed"};
-    printf("%s (int8 rows prefetch %ld bytes ahead), %s shape, matrices %ld bytes into a cache line\n", kernel_isa(),
-           (long)kernel_prefetch_bytes(), shape, (long)offset);
     Mat *models[7];
     int64_t bytes[7] = {0};
     for (int type = 1; type <= 6; type++) {
@@ -138,6 +136,15 @@ int main(int argc, char **argv) {
             bytes[type] += has_scales(type) ? m[j].rows * n + m[j].rows * (n / gs) * 4 : blocks * block_bytes(type);
         }
     }
+    /* a decode step prefetches a model's weights as for the cache where they fit in it (forward_step), a product
+     * called alone as for memory: here the types' weights together decide, as they take turns in the cache */
+    int64_t all_bytes = 0;
+    for (int type = 1; type <= 6; type++) all_bytes += bytes[type];
+    int cached = all_bytes <= kernel_llc_bytes();
+    if (cached) kernel_prefetch_bytes(0, kernel_prefetch_bytes(1, -1));
+    printf("%s (int8 rows prefetch %ld bytes ahead: weights %s), %s shape, matrices %ld bytes into a cache line\n",
+           kernel_isa(), (long)kernel_prefetch_bytes(0, -1), cached ? "in the last-level cache" : "from memory", shape,
+           (long)offset);
     for (const char *tp = thread_list; *tp;) {
         int threads = atoi(tp);
         pool_configure(threads, 1, -1);

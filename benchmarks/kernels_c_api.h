@@ -17,7 +17,8 @@ typedef struct {
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const void *f);
 void pool_configure(int threads, int explicit_threads, int spin_us);
 const char *kernel_isa(void);
-int64_t kernel_prefetch_bytes(void);
+int64_t kernel_prefetch_bytes(int cached, int64_t set);
+int64_t kernel_llc_bytes(void);
 uint64_t read_memory(const void *p, int64_t n_pages, int streams);
 int regroup_blocks(const uint8_t *src, uint8_t *dst, int64_t rows, int64_t n, int type);
 int regroup_q8(const int8_t *q, const float *s, uint8_t *dst, int64_t rows, int64_t n, int64_t gs);

@@ -82,16 +82,65 @@ def cpu_vendor() -> str | None:
                  if line.startswith(prefix)), None)
 
 
-def test_the_int8_rows_prefetch_distance_follows_the_cpu(native):
-    """The int8 rows' software prefetch distance is chosen when the library loads, by what was measured on each
-    kind of CPU: 2 KiB ahead on Intel's, none on AMD's with AVX-512 (whose prefetchers keep up), 6 KiB on AMD's
-    without. Whichever it is, the products are the same (the parity tests run every build)."""
-    vendor = cpu_vendor()
-    if vendor is None:
-        pytest.skip("no /proc/cpuinfo: the CPU's vendor is not known here")
+def cpu_family() -> int | None:
+    """The CPU's family number as /proc/cpuinfo gives it (AMD's Zen 3 and Zen 4: 25, Zen 5: 26), or None."""
+    prefix = "cpu family: "
+    return next((int(line[len(prefix):]) for line in kernels_native.cpu_signature().splitlines()
+                 if line.startswith(prefix)), None)
+
+
+def prefetch_distances(native) -> tuple[int, int]:
+    """The int8 rows' prefetch distances (bytes ahead) for weights streaming from memory and for cached ones."""
     native.lib.kernel_prefetch_bytes.restype = ctypes.c_int64
-    want = 2048 if vendor == "GenuineIntel" else 0 if cpu_has("avx512f") else 6144
-    assert native.lib.kernel_prefetch_bytes() == want
+    native.lib.kernel_prefetch_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return native.lib.kernel_prefetch_bytes(0, -1), native.lib.kernel_prefetch_bytes(1, -1)
+
+
+def test_the_int8_rows_prefetch_distances_follow_the_cpu(native):
+    """The int8 rows' software prefetch distances are chosen when the library loads, by what was measured on each
+    kind of CPU: 2 KiB ahead on Intel's; on AMD's with AVX-512 none for weights in the cache, and from memory none
+    on Zen 4 (whose prefetchers keep up), 6 KiB on later ones; 6 KiB on AMD's without AVX-512. Whichever they are,
+    the products are the same (the parity tests run every build)."""
+    vendor, family = cpu_vendor(), cpu_family()
+    if vendor is None or family is None:
+        pytest.skip("no /proc/cpuinfo: the CPU's vendor and family are not known here")
+    if vendor == "GenuineIntel":
+        want = (2048, 2048)
+    elif vendor == "AuthenticAMD" and cpu_has("avx512f"):
+        want = (0 if family == 25 else 6144, 0)
+    else:
+        want = (6144, 6144)
+    assert prefetch_distances(native) == want
+
+
+def test_a_step_prefetches_as_for_the_cache_where_its_model_fits_in_it(native):
+    """forward_step prefetches a model's int8 weights at the cache's distance where all its matrices fit in the
+    last-level cache (known on AMD's CPUs, from CPUID), else at the memory's: a tiny model fits, and the same
+    model with a classifier of one row more than the cache holds does not."""
+    native.lib.kernel_llc_bytes.restype = ctypes.c_int64
+    llc = native.lib.kernel_llc_bytes()
+    if cpu_vendor() == "AuthenticAMD":
+        assert 1 << 20 <= llc <= 1 << 30  # a core complex's L3: MiBs, not a whole socket's or nothing
+    streaming, cached = prefetch_distances(native)
+    w = tiny_model("q8_0")
+    e = Engine(w, kernels=native)
+    e.new_cache()  # the RoPE tables follow the cache's length
+    plan = native.step_plan(w, e.cos, e.sin)
+    native.lib.kernel_step_prefetch.restype = ctypes.c_int64
+    native.lib.kernel_step_prefetch.argtypes = [ctypes.c_void_p]
+
+    def step_prefetch(cls_rows: int) -> int:
+        model = type(plan.struct).from_buffer_copy(plan.struct)  # a step is never run with it: only its sizes count
+        model.cls.rows = cls_rows
+        return native.lib.kernel_step_prefetch(ctypes.addressof(model))
+
+    assert step_prefetch(plan.struct.cls.rows) == (cached if llc else streaming)
+    if llc:
+        row = w.args.dim + 4 * (w.args.dim // w.wcls.group_size)  # a row of runq.c's int8 values and its scales
+        matrices = sum(a.nbytes for m in [w.wcls, *(m for s in w.layer_matrices().values() for m in s)]
+                       for a in formats.matrix_arrays(m))
+        fits = plan.struct.cls.rows + (llc - matrices) // row
+        assert (step_prefetch(fits), step_prefetch(fits + 1)) == (cached, streaming)
 
 
 QUANTIZERS = {

@@ -790,6 +790,7 @@ typedef struct {
     int32_t *c16; /* and per block -8 * (sum of its values) (Q8_0R's AVX-512 kernel starts at 16 times it) */
     int8_t *xb;   /* AMX (amx_rows): per 16 tokens and block, the tokens' values as a B tile (see amx_lay_out) */
     float *xdb;   /* and per 16 tokens and block, the 16 tokens' scales of the block */
+    int64_t prefetch; /* bytes ahead the rows prefetch their weights (0: none), as the call chose */
 } QAct;
 
 /* a group's scale, max |v| / 127, for gs values v */
@@ -881,30 +882,77 @@ static void fused_rows(const float *x, const Fusion *f, int64_t t0, int64_t t1, 
 
 static inline void store(float *o, float value, int accumulate) { *o = accumulate ? *o + value : value; }
 
-/* The int8 products (AVX2 and AVX-512 rows) prefetch prefetch_bytes ahead in a thread's stream of weight rows, a
- * distance chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md): on Intel's (a
- * Sapphire Rapids-class Xeon) 2 KiB ahead reads the regrouped rows out of DRAM faster (Q8_0R 4-9%, Q4_0R 15-25%), AVX2
- * and AVX-512 rows alike, and 4 KiB and more slower; on AMD's with AVX-512 (Zen 4) the prefetchers keep up and any
- * software prefetch only slows the stream; on AMD's without (Zen 3) the prefetchers alone leave the AVX2 rows well
- * below the memory bandwidth, and 6 KiB ahead helps. fp32 rows are 4x longer in bytes and the same prefetch makes
- * single-token products slower, so only batched fp32 products prefetch (further ahead: with several tokens' arithmetic
- * per weight the prefetchers alone fall behind). -DPREFETCH_BYTES=N fixes the distance at compile time (for
- * measurements). */
+/* The int8 products (AVX2 and AVX-512 rows) prefetch their weights some bytes ahead in a thread's stream of rows,
+ * distances chosen when the library loads, by what was measured on each kind of CPU (docs/speed.md), one for
+ * weights that stream from memory (prefetch_bytes) and one for weights that stay in the last-level cache from one
+ * token to the next (prefetch_cached: a small model's):
+ * - Intel's (a Sapphire Rapids-class Xeon): 2 KiB ahead, both: the 110M and 1B shapes' regrouped rows read faster
+ *   with it (Q8_0R 4-9%, Q4_0R 15-25%), AVX2 and AVX-512 rows alike, 4 KiB and more slower; small models' rows
+ *   with and without it not compared there.
+ * - AMD's Zen 4 (AVX-512): none: the prefetchers keep up, and any software prefetch slowed the stream.
+ * - AMD's later CPUs with AVX-512 (Zen 5): 6 KiB ahead from memory (1 to 8 KiB alike within a VM's noise; a 110M
+ *   model's decode 1.24-1.31x as fast as without on Q8_0, 1.39-1.46x on Q4_0), none from the cache (there the rows
+ *   are bound by their arithmetic, and the prefetch instructions alone, 256 bytes ahead as 6 KiB, made a 15M
+ *   model's decode 3-11% slower).
+ * - AMD's without AVX-512 (Zen 3): 6 KiB ahead: the prefetchers alone leave the AVX2 rows well below the bandwidth.
+ * A decode step (forward_step) takes the cache's distance where its model's matrices fit in the last-level cache
+ * (llc_bytes, known on AMD's CPUs: the cache a core complex shares), a product called alone (matmul) the memory's.
+ * fp32 rows are 4x longer in bytes and the same prefetch makes single-token products slower, so only batched fp32
+ * products prefetch (further ahead: with several tokens' arithmetic per weight the prefetchers alone fall behind).
+ * -DPREFETCH_BYTES=N fixes both distances at compile time (for measurements). */
+static int64_t llc_bytes = 0; /* 0: not known (every model streams from memory) */
 #ifdef PREFETCH_BYTES
-static const int64_t prefetch_bytes = PREFETCH_BYTES;
+static const int64_t prefetch_bytes = PREFETCH_BYTES, prefetch_cached = PREFETCH_BYTES;
 #else
-static int64_t prefetch_bytes = 6144;
-
-__attribute__((constructor)) static void choose_prefetch_distance(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init(); /* before main: cpu_is and cpu_supports need the CPU's description read first */
-    if (__builtin_cpu_is("intel")) prefetch_bytes = 2048;
-    else if (__builtin_cpu_supports("avx512f")) prefetch_bytes = 0;
+static int64_t prefetch_bytes = 6144, prefetch_cached = 6144;
 #endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+/* AMD's last-level cache in bytes from CPUID leaf 0x8000001D (its caches, level by level: the L3 a core complex
+ * shares), 0 where the leaf is missing. glibc's sysconf may name a whole socket's instead (384 MiB on a Zen 5 VM
+ * whose core complex has 32). */
+static int64_t amd_l3_bytes(void) {
+    unsigned a, b, c, d;
+    if ((unsigned)__get_cpuid_max(0x80000000, NULL) < 0x8000001Du) return 0; /* clang returns int, gcc unsigned */
+    for (unsigned sub = 0; sub < 8; sub++) {
+        __cpuid_count(0x8000001D, sub, a, b, c, d);
+        if ((a & 31) == 0) break; /* no more caches */
+        if ((a >> 5 & 7) == 3)
+            return (int64_t)((b >> 22) + 1) * ((b >> 12 & 1023) + 1) * ((b & 4095) + 1) * ((int64_t)c + 1);
+    }
+    return 0;
 }
 #endif
-/* test and benchmark hook (tests/test_kernels.py, benchmarks/decode_rates.c; not bound by the package) */
-int64_t kernel_prefetch_bytes(void) { return prefetch_bytes; } /* read by tests */
+
+__attribute__((constructor)) static void choose_prefetch_distances(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init(); /* before main: cpu_is and cpu_supports need the CPU's description read first */
+    if (__builtin_cpu_is("amd")) llc_bytes = amd_l3_bytes();
+#ifndef PREFETCH_BYTES
+    if (__builtin_cpu_is("intel")) {
+        prefetch_bytes = prefetch_cached = 2048;
+    } else if (__builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f")) {
+        prefetch_cached = 0;
+        if (__builtin_cpu_is("amdfam19h")) prefetch_bytes = 0; /* Zen 4 (Zen 3, the same family, has no AVX-512) */
+    }
+#endif
+#endif
+}
+
+/* test and benchmark hook (tests/test_kernels.py, benchmarks/decode_rates.c; not bound by the package): the
+ * distance for weights in the cache (`cached` 1) or streaming from memory (0), first set to `set` where that is 0
+ * or more (not in builds that fix it at compile time), so that one process can compare distances */
+int64_t kernel_prefetch_bytes(int cached, int64_t set) {
+#ifndef PREFETCH_BYTES
+    if (set >= 0) *(cached ? &prefetch_cached : &prefetch_bytes) = set;
+#else
+    (void)set;
+#endif
+    return cached ? prefetch_cached : prefetch_bytes;
+}
+int64_t kernel_llc_bytes(void) { return llc_bytes; } /* read by tests */
 
 /* Whether single-token Q8_0R and Q8R products on the 256-bit int8 rows (AVX2 builds, and AVX-512 ones without
  * HAVE_ZMM_INT8's VNNI and VBMI, which run them) read their rows in pairs, two streams a thread (rows_q8r_pairs),
@@ -2443,7 +2491,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
 #define ROW_LOOP(DOTS)                                                                                       \
     int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
     for (int64_t i = lo; i < hi; i++) {                                                                      \
-        ROW_WEIGHTS(i, prefetch_bytes)                                                                       \
+        ROW_WEIGHTS(i, a->prefetch)                                                                       \
         float res[8];                                                                                        \
         DOTS;                                                                                                \
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
@@ -2470,7 +2518,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
  * as one row alone whatever the chunk's bounds) and one store for sixteen outputs: the horizontal sums of single
  * rows are a sizable share of a short row's time (docs/speed.md). */
 #define ZMM_ROW(i, DOTS)                                                                                     \
-    ROW_WEIGHTS(i, prefetch_bytes)                                                                           \
+    ROW_WEIGHTS(i, a->prefetch)                                                                           \
     __m512 acc[8];                                                                                           \
     DOTS;
 
@@ -2519,14 +2567,14 @@ DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
             for (; i + 8 <= hi; i += 8) {                                                                      \
                 __m256 rows[8];                                                                                \
                 for (int r = 0; r < 8; r++) {                                                                  \
-                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
                 store8(out + i, f32_sums8(rows), accumulate);                                                  \
             }                                                                                                  \
         for (; i < hi; i++) {                                                                                  \
-            ROW_WEIGHTS(i, prefetch_bytes)                                                                     \
+            ROW_WEIGHTS(i, a->prefetch)                                                                     \
             __m256 acc[8];                                                                                     \
             DOTS;                                                                                              \
             for (int t = 0; t < NT; t++) store(&out[t * stride + i], hsum8(acc[t]), accumulate);               \
@@ -2658,13 +2706,13 @@ DEFINE_YMM_ROWS(rows_q4r_groups, dots_q4r_simd(w, a, n, NT, acc))
             float sums[NT][8];                                                                                 \
             if (all)                                                                                           \
                 for (int r = 0; r < 8; r++) {                                                                  \
-                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
             else                                                                                               \
                 for (int r = 0; r < count; r++) {                                                             \
-                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
                     __m256 acc[8];                                                                             \
                     DOTS;                                                                                      \
                     for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
@@ -2681,8 +2729,8 @@ DEFINE_NT_TABLE(DEFINE_YMM_Q4R_LASTS_NT, rows_q4r_alone, dots_q4r_simd(w, a, n, 
 #define Q4R_PAIR(i, acc_a, acc_b)                                                                             \
     {                                                                                                          \
         const uint8_t *wa = (const uint8_t *)m->w + (i) * rb;                                                  \
-        if (prefetch_bytes)                                                                                    \
-            for (int64_t off = 0; off < 2 * rb; off += 64) __builtin_prefetch(wa + off + prefetch_bytes);      \
+        if (a->prefetch)                                                                                       \
+            for (int64_t off = 0; off < 2 * rb; off += 64) __builtin_prefetch(wa + off + a->prefetch);         \
         dots_q4r_pair(wa, wa + rb, a, n, NT, acc_a, acc_b);                                                    \
     }
 #define DEFINE_Q4R_ROWS_NT(NAME, DOTS, nt)                                                                     \
@@ -2709,7 +2757,7 @@ DEFINE_NT_TABLE(DEFINE_YMM_Q4R_LASTS_NT, rows_q4r_alone, dots_q4r_simd(w, a, n, 
                         sums[t][r] = hsum8(acc_a[t]), sums[t][r + 1] = hsum8(acc_b[t]);                        \
                 }                                                                                              \
                 if (r < count) {                                                                               \
-                    ROW_WEIGHTS(i + r, prefetch_bytes)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
                     __m256 acc[8];                                                                             \
                     dots_q4r_simd(w, a, n, NT, acc);                                                           \
                     for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
@@ -3429,9 +3477,10 @@ static void prepare_chunk(void *ctx, int64_t lo, int64_t hi) {
     }
 }
 
-/* matmul, with `measured`: whether the adaptation times it (see MEASURED_MAX_TOKENS) */
+/* matmul, with `measured`: whether the adaptation times it (see MEASURED_MAX_TOKENS), and the distance its int8
+ * rows prefetch their weights (prefetch_bytes, or prefetch_cached for a model that fits in the cache) */
 static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out,
-                   const Fusion *f, int measured) {
+                   const Fusion *f, int measured, int64_t prefetch) {
     Product p = {NULL, n_tok, n, mats, n_mats, out, f != NULL && f->accumulate, {{0}}, 0};
     unsigned types[2] = {0, 0};
     int64_t rows = 0, bytes = 0, max_rb = 1;
@@ -3445,7 +3494,10 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
         int i = 0;
         while (i < p.n_acts && p.acts[i].gs != m->gs) i++;
         if (i == 2) return 1;
-        if (i == p.n_acts) p.acts[p.n_acts++].gs = m->gs;
+        if (i == p.n_acts) {
+            p.acts[p.n_acts].gs = m->gs;
+            p.acts[p.n_acts++].prefetch = prefetch;
+        }
         types[i] |= 1u << m->type;
     }
     Preparation prep = {&p, x, f, NULL, {types[0], types[1]}};
@@ -3486,7 +3538,7 @@ static int product(const float *x, int64_t n_tok, int64_t n, const Mat *mats, in
  * quantized one with a group size dividing n), with the fused forms of f (may be NULL). Returns 0, or 1 when
  * there are more than two group sizes. */
 int matmul(const float *x, int64_t n_tok, int64_t n, const Mat *mats, int n_mats, float *out, const Fusion *f) {
-    return product(x, n_tok, n, mats, n_mats, out, f, n_tok <= MEASURED_MAX_TOKENS);
+    return product(x, n_tok, n, mats, n_mats, out, f, n_tok <= MEASURED_MAX_TOKENS, prefetch_bytes);
 }
 
 /* Q4_0 or Q8_0 rows (rows, n) regrouped as Q4_0R or Q8_0R (see W_Q4_0R) into dst (the same size; not src):
@@ -4818,7 +4870,7 @@ typedef struct {
  * most of a step. */
 static int forward_layers(const Model *m, float *x, int64_t n_tok, const float *cos, const float *sin, void *kc,
                            void *vc, int kv_type, int64_t n_slots, int64_t seq_len, const int64_t *slots,
-                           const int64_t *positions) {
+                           const int64_t *positions, int64_t prefetch) {
     int64_t dim = m->dim, kv_dim = m->kv_heads * m->head_size;
     int64_t layer_cache = n_slots * m->kv_heads * seq_len * kv_row_bytes(kv_type, m->head_size); /* bytes */
     float *qkv = malloc(n_tok * (dim + 2 * kv_dim) * sizeof(float));
@@ -4835,20 +4887,33 @@ static int forward_layers(const Model *m, float *x, int64_t n_tok, const float *
         const Layer *ly = &m->layers[l];
         Fusion norm_att = {ly->rms_att, m->eps, NULL, 0}, norm_ffn = {ly->rms_ffn, m->eps, NULL, 0};
         Fusion residual = {NULL, 0.0f, NULL, 1}, gated = {NULL, 0.0f, h13 + n_tok * m->hidden_dim, 1};
-        product(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att, 1);
+        product(x, n_tok, dim, ly->qkv, 3, qkv, &norm_att, 1, prefetch);
         overflow |= attention_split_from(attention_min, qkv, qkv + n_tok * dim, qkv + n_tok * (dim + kv_dim), cos,
                                          sin, (char *)kc + l * layer_cache, (char *)vc + l * layer_cache, kv_type,
                                          slots, positions, n_tok, m->n_heads, m->kv_heads, seq_len, m->head_size,
                                          att);
-        product(att, n_tok, dim, &ly->wo, 1, x, &residual, 1);
-        product(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn, 1);
-        product(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated, 1);
+        product(att, n_tok, dim, &ly->wo, 1, x, &residual, 1, prefetch);
+        product(x, n_tok, dim, ly->w13, 2, h13, &norm_ffn, 1, prefetch);
+        product(h13, n_tok, m->hidden_dim, &ly->w2, 1, x, &gated, 1, prefetch);
     }
     free(qkv);
     free(att);
     free(h13);
     return overflow;
 }
+
+/* The distance a step of model m prefetches its int8 weights: prefetch_cached where all its matrices (what a
+ * step reads) fit in the last-level cache, where they stay from one token to the next; else prefetch_bytes */
+static int64_t step_prefetch(const Model *m) {
+    int64_t bytes = m->cls.rows * row_bytes(&m->cls, m->dim);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const Layer *ly = &m->layers[l];
+        const Mat *mats[7] = {&ly->qkv[0], &ly->qkv[1], &ly->qkv[2], &ly->wo, &ly->w13[0], &ly->w13[1], &ly->w2};
+        for (int j = 0; j < 7; j++) bytes += mats[j]->rows * row_bytes(mats[j], j == 6 ? m->hidden_dim : m->dim);
+    }
+    return bytes <= llc_bytes ? prefetch_cached : prefetch_bytes;
+}
+int64_t kernel_step_prefetch(const Model *m) { return step_prefetch(m); } /* read by tests */
 
 /* A whole decode-sized step: embed tokens (n_tok,), look up each position's RoPE row, run every layer
  * (forward_layers), then the final RMSNorm and the classifier for the rows out_rows (n_out,) of the step:
@@ -4871,11 +4936,12 @@ int forward_step(const Model *m, const int64_t *tokens, int64_t n_tok, const int
         memcpy(cos + t * half, m->cos + positions[t] * half, half * sizeof(float));
         memcpy(sin + t * half, m->sin + positions[t] * half, half * sizeof(float));
     }
-    int overflow = forward_layers(m, x, n_tok, cos, sin, kc, vc, kv_type, n_slots, seq_len, slots, positions);
+    int64_t prefetch = step_prefetch(m);
+    int overflow = forward_layers(m, x, n_tok, cos, sin, kc, vc, kv_type, n_slots, seq_len, slots, positions, prefetch);
     float *rows = malloc(n_out * dim * sizeof(float));
     for (int64_t i = 0; i < n_out; i++) memcpy(rows + i * dim, x + out_rows[i] * dim, dim * sizeof(float));
     Fusion final_norm = {m->rms_final, m->eps, NULL, 0};
-    product(rows, n_out, dim, &m->cls, 1, logits, &final_norm, 1);
+    product(rows, n_out, dim, &m->cls, 1, logits, &final_norm, 1, prefetch);
     free(x);
     free(cos);
     free(sin);
