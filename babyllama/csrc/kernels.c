@@ -960,8 +960,9 @@ int64_t kernel_llc_bytes(void) { return llc_bytes; } /* read by tests */
  * builds, where one stream of 256-bit loads reads DRAM ~10% slower than two, while 512-bit loads read as fast in
  * one as in two) pairs, each stream prefetched 1 KiB ahead, decode a 1B-shaped Q8_0 model 1.15-1.17x as fast as
  * one stream 2 KiB ahead with AVX-VNNI, 1.05-1.07x without, 1.04x on AVX-512 without VNNI, and 110M (partly read
- * from the cache) 1.04-1.15x. AMD's CPUs, where this is not measured, keep one stream. -DQ8_PAIRS=0/1 sets the
- * starting choice at compile time, -DQ8_PAIR_PREFETCH_BYTES=N the pairs' distance (for measurements). */
+ * from the cache) 1.04-1.15x. AMD's CPUs keep one stream: a Zen 5 VM's AVX2 builds read 110M's rows 1.12-1.24x
+ * slower in pairs (Zen 3 not measured). -DQ8_PAIRS=0/1 sets the starting choice at compile time,
+ * -DQ8_PAIR_PREFETCH_BYTES=N the pairs' distance (for measurements). */
 #ifndef Q8_PAIR_PREFETCH_BYTES
 #define Q8_PAIR_PREFETCH_BYTES 1024
 #endif
