@@ -2492,7 +2492,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
 #define ROW_LOOP(DOTS)                                                                                       \
     int64_t rb = row_bytes(m, n), n_groups = n / a->gs;                                                      \
     for (int64_t i = lo; i < hi; i++) {                                                                      \
-        ROW_WEIGHTS(i, a->prefetch)                                                                       \
+        ROW_WEIGHTS(i, a->prefetch)                                                                          \
         float res[8];                                                                                        \
         DOTS;                                                                                                \
         for (int t = 0; t < NT; t++) store(&out[t * stride + i], res[t], accumulate);                        \
@@ -2519,7 +2519,7 @@ typedef void (*RowsFn)(const Mat *m, int64_t lo, int64_t hi, const QAct *a, int6
  * as one row alone whatever the chunk's bounds) and one store for sixteen outputs: the horizontal sums of single
  * rows are a sizable share of a short row's time (docs/speed.md). */
 #define ZMM_ROW(i, DOTS)                                                                                     \
-    ROW_WEIGHTS(i, a->prefetch)                                                                           \
+    ROW_WEIGHTS(i, a->prefetch)                                                                              \
     __m512 acc[8];                                                                                           \
     DOTS;
 
@@ -2568,14 +2568,14 @@ DEFINE_ROWS(rows_scalar, dots_int8_scalar_nt(w, ws, m->type, a, n, NT, res))
             for (; i + 8 <= hi; i += 8) {                                                                      \
                 __m256 rows[8];                                                                                \
                 for (int r = 0; r < 8; r++) {                                                                  \
-                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                            \
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
                 store8(out + i, f32_sums8(rows), accumulate);                                                  \
             }                                                                                                  \
         for (; i < hi; i++) {                                                                                  \
-            ROW_WEIGHTS(i, a->prefetch)                                                                     \
+            ROW_WEIGHTS(i, a->prefetch)                                                                        \
             __m256 acc[8];                                                                                     \
             DOTS;                                                                                              \
             for (int t = 0; t < NT; t++) store(&out[t * stride + i], hsum8(acc[t]), accumulate);               \
@@ -2707,13 +2707,13 @@ DEFINE_YMM_ROWS(rows_q4r_groups, dots_q4r_simd(w, a, n, NT, acc))
             float sums[NT][8];                                                                                 \
             if (all)                                                                                           \
                 for (int r = 0; r < 8; r++) {                                                                  \
-                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                            \
                     __m256 *acc = rows + r;                                                                    \
                     DOTS;                                                                                      \
                 }                                                                                              \
             else                                                                                               \
                 for (int r = 0; r < count; r++) {                                                             \
-                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                            \
                     __m256 acc[8];                                                                             \
                     DOTS;                                                                                      \
                     for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
@@ -2758,7 +2758,7 @@ DEFINE_NT_TABLE(DEFINE_YMM_Q4R_LASTS_NT, rows_q4r_alone, dots_q4r_simd(w, a, n, 
                         sums[t][r] = hsum8(acc_a[t]), sums[t][r + 1] = hsum8(acc_b[t]);                        \
                 }                                                                                              \
                 if (r < count) {                                                                               \
-                    ROW_WEIGHTS(i + r, a->prefetch)                                                         \
+                    ROW_WEIGHTS(i + r, a->prefetch)                                                            \
                     __m256 acc[8];                                                                             \
                     dots_q4r_simd(w, a, n, NT, acc);                                                           \
                     for (int t = 0; t < NT; t++) sums[t][r] = hsum8(acc[t]);                                   \
