@@ -1,6 +1,6 @@
 """The Python measuring scripts beside bench (benchmarks/gguf_files.py, quality.py, decode_windows.py,
-speculative.py, finetune_memory.py, serve.py): their flags' mistakes are one line each (argparse's usage and one),
-said before any model is built or loaded, and their files are named like bench's."""
+speculative.py, finetune_memory.py, serve.py, prefetch_distances.py): their flags' mistakes are one line each
+(argparse's usage and one), said before any model is built or loaded, and their files are named like bench's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import crashing_program, require_llama_cpp
 
-from babyllama import bench
+from babyllama import bench, kernels_native
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -99,6 +99,12 @@ def test_quality_reads_each_models_tokenizer_before_evaluating_any(tmp_path):
     ("serve.py", ["--shapes", "15m"], "--shapes takes 15M"),
     ("serve.py", ["--formats", "q5_0"], "--formats takes fp32, q8_0, q4_0, got q5_0"),
     ("serve.py", ["--tokens", "0"], "--tokens must be >= 1"),
+    ("prefetch_distances.py", ["m.bin", "--distances", "0,x"], "expected comma-separated byte counts, got '0,x'"),
+    ("prefetch_distances.py", ["m.bin", "--distances", "-1"], "distances lie in [0, 1048576] bytes"),
+    ("prefetch_distances.py", ["m.bin", "--rounds", "0"], "--rounds must be from 1"),
+    ("prefetch_distances.py", ["absent.bin"], "prefetch_distances.py: error: model file not found"),
+    ("prefetch_distances.py", [str(ROOT / "babyllama" / "assets" / "model.bin"), "--tokens", "1000"],
+     "--tokens 1000 is past the model's context (512)"),
 ])
 def test_the_other_scripts_refuse_bad_flags_without_a_traceback(tmp_path, name, flags, message):
     """-k 0 printed an acceptance of 0/0 or divided by zero, -n 0 divided by zero, --steps 0 ran two 110M
@@ -108,6 +114,21 @@ def test_the_other_scripts_refuse_bad_flags_without_a_traceback(tmp_path, name, 
     out = script(name, *flags, cwd=tmp_path)
     assert out.returncode in (1, 2) and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "cache").exists()  # nothing built
+
+
+def test_prefetch_distances_decodes_the_model_at_each_distance_in_turn(tmp_path):
+    """The script sets each distance through the kernels' hook between decodes of the one engine: a row per
+    distance, with as many rounds as asked."""
+    if kernels_native.load() is None:
+        pytest.skip("no C kernels here (no C compiler): the script measures them alone")
+    out = script("prefetch_distances.py", str(ROOT / "babyllama" / "assets" / "model.bin"), "--distances", "0,64",
+                 "--rounds", "2", "--tokens", "8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    head, *rows = out.stdout.splitlines()
+    assert re.fullmatch(r"\S+: a decode step of this model prefetches \d+ bytes ahead by default \(for weights in the "
+                        r"cache \d+, from memory \d+; last-level cache \d+ MiB(: not known here)?\)", head)
+    assert [r.split()[0] for r in rows] == ["0", "64"]
+    assert all(re.fullmatch(r" *\d+ bytes: +[\d.]+ tok/s \(rounds: [\d.]+ [\d.]+\)", r) for r in rows), rows
 
 
 @pytest.mark.parametrize("flags, message", [
