@@ -72,7 +72,8 @@ def main() -> None:
     rates: dict[int, list[float]] = {d: [] for d in args.distances}
     for _ in range(args.rounds):
         for d in args.distances:
-            lib.kernel_prefetch_bytes(0, d), lib.kernel_prefetch_bytes(1, d)
+            lib.kernel_prefetch_bytes(0, d)  # weights from memory
+            lib.kernel_prefetch_bytes(1, d)  # and from the cache
             rates[d].append(decode_rate(engine, seq_len, 1, args.tokens))
     for d, r in rates.items():
         print(f"{d:7d} bytes: {statistics.median(r):9.1f} tok/s (rounds: {' '.join(f'{x:.1f}' for x in r)})")

@@ -75,18 +75,23 @@ def test_native_build_uses_avx512_and_vnni_where_the_cpu_has_them():
         assert kernels_native.load("avx2-vnni").isa() == "avx2-vnni"
 
 
-def cpu_vendor() -> str | None:
-    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD), or None where /proc/cpuinfo is not there."""
-    prefix = "vendor_id: "
+def cpu_field(key: str) -> str | None:
+    """A field of the CPU's description (kernels_native.cpu_signature: /proc/cpuinfo's first processor), or None
+    where it is not there."""
+    prefix = f"{key}: "
     return next((line[len(prefix):] for line in kernels_native.cpu_signature().splitlines()
                  if line.startswith(prefix)), None)
 
 
+def cpu_vendor() -> str | None:
+    """The CPU's vendor as Linux names it (GenuineIntel, AuthenticAMD), or None where /proc/cpuinfo is not there."""
+    return cpu_field("vendor_id")
+
+
 def cpu_family() -> int | None:
     """The CPU's family number as /proc/cpuinfo gives it (AMD's Zen 3 and Zen 4: 25, Zen 5: 26), or None."""
-    prefix = "cpu family: "
-    return next((int(line[len(prefix):]) for line in kernels_native.cpu_signature().splitlines()
-                 if line.startswith(prefix)), None)
+    family = cpu_field("cpu family")
+    return None if family is None else int(family)
 
 
 def prefetch_distances(native) -> tuple[int, int]:
