@@ -12,7 +12,8 @@ measured --rounds times in turn (a VM's speed drifts by tens of percent within m
 once, so rows compared with each other are measured close in time), and every figure is the median over the rounds
 of the median of the runs in one process: at least --repeats, and more while they last under a second in all (a
 tiny model's run takes milliseconds). `--busy N` starts N spinning co-runner processes for the measurements (a
-busy laptop); `--thread-settings default,1,2` measures each thread setting in turn.
+busy laptop); `--thread-settings default,1,2` measures each thread setting in turn. Each row records the CPU
+time a VM's host took from the machine while it ran (StealMeter), which nothing else inside a VM shows.
 """
 
 from __future__ import annotations
@@ -563,6 +564,46 @@ class Row:
         return self.engine.startswith(GGUF_ENGINE)
 
 
+def cpu_ticks(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(stolen, total) CPU time of all CPUs since boot, in ticks, from Linux's /proc/stat: stolen is time a
+    virtual machine's host ran other work while this machine's CPUs wanted to run. None where it cannot be read."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu" or not all(x.isdigit() for x in fields[1:9]):
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest: in user)
+    return ticks[7], sum(ticks)
+
+
+def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen between two cpu_ticks() readings (None without both, or no time between)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+class StealMeter:
+    """Measures the CPU time a VM's host took while a row was measured (`share`, None where unknown): a host
+    that runs other work on this machine's CPUs slows a row as a co-runner would, compute-heavy rows the most,
+    and nothing inside the machine shows it but this."""
+
+    def __enter__(self) -> StealMeter:
+        self.share: float | None = None
+        self.start = cpu_ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.share = stolen_share(self.start, cpu_ticks())
+
+    def record(self, row: Row) -> None:
+        """Keep the share in the row's result, as the round's figure beside its speed."""
+        if self.share is not None and row.result:
+            row.result["steal"] = self.share
+
+
 def _thread_env(setting: str) -> dict:
     """The environment for one thread setting: "default" drops every thread variable, N sets them all to N."""
     from .threads import BLAS_VARS
@@ -807,6 +848,9 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
         else:
             row.result = {key: _merged_figure(key, [r.result.get(key) for r in seen]) for key in seen[0].result}
             row.result["rounds"] = len(seen)
+            steals = [r.result["steal"] for r in seen if "steal" in r.result]
+            if steals:
+                row.result["steals"] = steals
             if threads == "default" and (shape, fmt, engine) in shares:
                 row.result["default_shares"] = shares[(shape, fmt, engine)]
         merged.append(row)
@@ -865,7 +909,9 @@ def _ours(plan: Plan, shape: str, fmt: str, setting: str, path_name: str, env: d
             "sampled": shape == BUILTIN, "kv_cache": plan.kv_cache}
     log(f"measuring {shape} {fmt} {engine} (threads {row.threads}) ...")
     try:
-        row.result = _run_child(spec, env)
+        with StealMeter() as stolen:
+            row.result = _run_child(spec, env)
+        stolen.record(row)
     except RuntimeError as e:
         row.error = str(e)
     return row
@@ -883,10 +929,13 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
         log(f"measuring {shape} {fmt} {name} ({exe}, threads {setting}) ...")
         try:
             model = model_file(shape, fmt, directory, version)
-            speed = reference_decode(exe, model, tokenizer_file(shape, directory), plan.tokens, plan.repeats, env)
+            tokenizer = tokenizer_file(shape, directory)
+            with StealMeter() as stolen:
+                speed = reference_decode(exe, model, tokenizer, plan.tokens, plan.repeats, env)
             weights = formats.load(model)  # run.c and runq.c keep their KV cache in fp32
             row.result = {"decode": speed, "decode_bytes": decode_bytes(weights),
                           "kv_bytes": kv_read_bytes(weights.args, 4, plan.tokens)}
+            stolen.record(row)
         except (RuntimeError, OSError, BabyLlamaError) as e:  # BabyLlamaError: its model file not written
             row.error = f"{name} ({exe}) failed: {e}"
         rows.append(row)
@@ -897,7 +946,9 @@ def _references(plan: Plan, shape: str, fmt: str, setting: str, env: dict, direc
             spec = {"kind": "llamacpp", "path": str(gguf_file(shape, fmt, directory)), "repeats": plan.repeats,
                     "tokens": plan.tokens, "threads": None if setting == "default" else int(setting),
                     "prompt_len": plan.prompt_len}
-            row.result = _run_child(spec, env)
+            with StealMeter() as stolen:
+                row.result = _run_child(spec, env)
+            stolen.record(row)
         except (RuntimeError, OSError, BabyLlamaError) as e:
             row.error = f"llama.cpp failed: {llamacpp_failure(str(e))}"
         rows.append(row)
@@ -972,9 +1023,34 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     ratios = _ratios(rows)
     if ratios:
         text += "\n" + ratios + "\n"
+    steal = _steal_note(rows)
+    if steal:
+        text += "\n" + steal + "\n"
     if errors:
         text += "\nFailed:\n" + "\n".join(f"- {e}" for e in errors) + "\n"
     return text
+
+
+STEAL_NOTED = 0.01  # rounds with less stolen CPU time than this are not named
+
+
+def _steal_note(rows: list[Row]) -> str:
+    """The CPU time a VM's host took while the rows ran (StealMeter), round by round for the rows where it
+    reached STEAL_NOTED in some round: those rounds ran on less CPU than the others. Empty where not measured."""
+    steals = [(r, r.result.get("steals") or ([r.result["steal"]] if "steal" in r.result else [])) for r in rows
+              if r.result]
+    measured = [x for _, values in steals for x in values]
+    if not measured:
+        return ""
+    head = "Hypervisor steal (/proc/stat: CPU time this machine's host gave to other work) while the rows ran"
+    hit = [f"{r.shape} {FORMAT_LABELS[r.fmt]} {r.engine}" + ("" if r.threads == "default" else f" ({r.threads}t)")
+           + " " + ", ".join(f"{100 * x:.0f}" for x in values) + "%"
+           for r, values in steals if max(values, default=0) >= STEAL_NOTED]
+    if not hit:
+        return f"{head}: under {100 * STEAL_NOTED:.0f}% in every round."
+    return (f"{head}, round by round where it reached {100 * STEAL_NOTED:.0f}%: " + "; ".join(hit) + ". Those "
+            "rounds ran on less CPU than the rest, as beside a co-runner (compute-heavy rows slow the most): "
+            "compare rows within a round, or measure again.")
 
 
 def _ratios(rows: list[Row]) -> str:

@@ -1022,3 +1022,51 @@ def test_bench_reference_by_bare_name_times_the_program_it_checked(tmp_path, mon
 def test_bench_says_an_unknown_device_is_one(capsys):
     msg = cli_error(capsys, "bench", "--device", "tpu", "--formats", "q4_0")
     assert "tpu" in msg and "fp32 files only" not in msg, msg
+
+
+def test_cpu_ticks_reads_the_stolen_and_the_total_time_of_all_cpus(tmp_path):
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal (guest time is inside user)."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 1 5 80 2 0 0 7 3 0\ncpu0 5 0 2 40 1 0 0 3 1 0\n")
+    assert bench.cpu_ticks(str(stat)) == (7, 105)
+    for unreadable in ("cpu  1 2 3\n", "intr 5 6 7 8 9 10 11 12 13\n", "cpu  a b c d e f g h\n", ""):
+        stat.write_text(unreadable)
+        assert bench.cpu_ticks(str(stat)) is None
+    assert bench.cpu_ticks(str(tmp_path / "missing")) is None
+    if Path("/proc/stat").exists():
+        ticks = bench.cpu_ticks()
+        assert ticks is not None and 0 <= ticks[0] <= ticks[1] and ticks[1] > 0
+    assert bench.stolen_share((7, 105), (17, 205)) == 0.1
+    assert bench.stolen_share(None, (1, 2)) is None and bench.stolen_share((1, 2), None) is None
+    assert bench.stolen_share((1, 2), (1, 2)) is None  # no time between the readings
+
+
+def test_bench_reports_the_cpu_time_a_vms_host_took_round_by_round(tmp_path, monkeypatch):
+    """Each row keeps the share of CPU time stolen while it was measured, a merged row every round's, and the
+    table names the rows where a round reached 1% (the rounds that ran on less CPU), with the figures."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=32))
+    shares = iter([0.0, 0.0, 0.25, 0.005])  # fp32 then q8_0, round 1 then round 2
+    clock = {"calls": 0, "stolen": 0, "total": 0}
+
+    def ticks(path: str = "/proc/stat") -> tuple[int, int]:
+        clock["calls"] += 1
+        if clock["calls"] % 2 == 0:  # a meter's second reading: the row's time has passed
+            clock["stolen"] += round(1000 * next(shares))
+            clock["total"] += 1000
+        return clock["stolen"], clock["total"]
+
+    monkeypatch.setattr(bench, "cpu_ticks", ticks)
+    plan = bench.Plan(["tiny"], ("fp32", "q8_0"), rounds=2, tokens=8, batch=2, prompt_len=16, paths=("fast",),
+                      bandwidth_mib=8)
+    rows, bandwidth = bench.run(plan, tmp_path, log=lambda m: None)
+    assert [(r.fmt, r.result["steals"]) for r in rows] == [("fp32", [0.0, 0.25]), ("q8_0", [0.0, 0.005])]
+    text = bench.table(rows, 2, 16, bandwidth)
+    assert ("Hypervisor steal (/proc/stat: CPU time this machine's host gave to other work) while the rows ran, "
+            "round by round where it reached 1%: tiny fp32 babyllama 0, 25%. Those rounds ran on less CPU") in text
+    assert "tiny Q8_0 babyllama 0" not in text
+    for r in rows:
+        r.result["steals"] = [0.0, 0.009]
+    assert "while the rows ran: under 1% in every round." in bench.table(rows, 2, 16, bandwidth)
+    for r in rows:
+        del r.result["steals"], r.result["steal"]  # the rounds' list, and their median
+    assert "Hypervisor steal" not in bench.table(rows, 2, 16, bandwidth)  # not measured (no /proc/stat)

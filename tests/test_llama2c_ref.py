@@ -133,6 +133,8 @@ def test_bench_reference_rows_and_ratios(llama2c_ref, tmp_path, monkeypatch):
     refs = [r for r in rows if r.engine in ("run.c", "runq.c")]
     assert [(r.engine, r.fmt) for r in refs] == [("run.c", "fp32"), ("runq.c", "q8_0")]
     assert all(r.error is None and r.result["decode"] > 0 for r in refs)
+    if bench.cpu_ticks() is not None:  # Linux: each row's rounds say the CPU time stolen while they ran
+        assert all(len(r.result["steals"]) == 1 and 0 <= r.result["steals"][0] <= 1 for r in refs)
     assert formats.read_header(tmp_path / "random-tiny-fp32-v0.bin")[1] == 0  # what run.c reads
     text = bench.table(rows, 2, 8, bandwidth)
     assert "| tiny | fp32 | run.c |" in text and "| tiny | Q8_0 | babyllama |" in text
