@@ -587,8 +587,8 @@ def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) 
 
 class StealMeter:
     """Measures the CPU time a VM's host took while a row was measured (`share`, None where unknown): a host
-    that runs other work on this machine's CPUs slows a row as a co-runner would, compute-heavy rows the most,
-    and nothing inside the machine shows it but this."""
+    that runs other work on this machine's CPUs slows a row as a co-runner would, and nothing inside the
+    machine shows it but this."""
 
     def __enter__(self) -> StealMeter:
         self.share: float | None = None
@@ -1031,7 +1031,7 @@ def table(rows: list[Row], batch: int, prompt_len: int, bandwidth: dict | None =
     return text
 
 
-STEAL_NOTED = 0.05  # rounds with less stolen CPU time than this are not named (a VM's 1-2% changes little)
+STEAL_NOTED = 0.05  # rounds with less stolen CPU time than this are not named (calm VMs' hosts take 0-3%)
 
 
 def _steal_note(rows: list[Row]) -> str:
@@ -1049,8 +1049,8 @@ def _steal_note(rows: list[Row]) -> str:
     if not hit:
         return f"{head}: under {100 * STEAL_NOTED:.0f}% in every round (at most {100 * max(measured):.1f}%)."
     return (f"{head}, round by round where it reached {100 * STEAL_NOTED:.0f}%: " + "; ".join(hit) + ". Those "
-            "rounds ran on less CPU than the rest, as beside a co-runner (compute-heavy rows slow the most): "
-            "compare rows within a round, or measure again.")
+            "rounds ran on less CPU than the rest, as beside a co-runner: compare rows within a round, or measure "
+            "again.")
 
 
 def _ratios(rows: list[Row]) -> str:
