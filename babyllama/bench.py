@@ -838,7 +838,7 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
     for measured in rounds:
         for r in measured:
             by_key.setdefault((r.shape, r.fmt, r.engine, r.threads), []).append(r)
-    shares = default_shares(rounds)
+    shares, q4_over_q8 = default_shares(rounds), q4_shares(rounds)
     merged = []
     for (shape, fmt, engine, threads), seen in by_key.items():
         row = Row(shape, fmt, engine, threads)
@@ -853,6 +853,8 @@ def merge_rounds(rounds: list[list[Row]]) -> list[Row]:
                 row.result["steals"] = steals
             if threads == "default" and (shape, fmt, engine) in shares:
                 row.result["default_shares"] = shares[(shape, fmt, engine)]
+            if fmt == "q4_0" and (shape, engine, threads) in q4_over_q8:
+                row.result["q4_shares"] = q4_over_q8[(shape, engine, threads)]
         merged.append(row)
     return merged
 
@@ -870,6 +872,20 @@ def default_shares(rounds: list[list[Row]]) -> dict[tuple, list[float]]:
             explicit = [v for t, v in by_setting.items() if t != "default"]
             if "default" in by_setting and explicit:
                 shares.setdefault(key, []).append(by_setting["default"] / max(explicit))
+    return shares
+
+
+def q4_shares(rounds: list[list[Row]]) -> dict[tuple, list[float]]:
+    """Per (model, engine, thread setting), round by round: Q4_0's decode speed over Q8_0's in the same round
+    (rows seconds apart, where the rounds lie minutes apart and a VM's speed moves between them)."""
+    shares: dict[tuple, list[float]] = {}
+    for measured in rounds:
+        speeds = {(r.shape, r.engine, r.threads, r.fmt): r.result["decode"] for r in measured
+                  if not r.error and r.result.get("decode")}
+        for (shape, engine, threads, fmt), speed in speeds.items():
+            q8 = speeds.get((shape, engine, threads, "q8_0"))
+            if fmt == "q4_0" and q8:
+                shares.setdefault((shape, engine, threads), []).append(speed / q8)
     return shares
 
 
@@ -1072,13 +1088,18 @@ def _ratios(rows: list[Row]) -> str:
         lines.append("babyllama's default threads / the faster explicit setting, round by round (median, lowest–"
                      "highest): " + "; ".join(shares))
     q4 = [f"{shape} {ours[(shape, 'q4_0', t)]['decode'] / ours[(shape, 'q8_0', t)]['decode']:.2f}x"
-          + ("" if t == "default" else f" ({t}t)")
+          + ("" if t == "default" else f" ({t}t)") + _spread(ours[(shape, "q4_0", t)].get("q4_shares", []))
           + f" (weight bytes {_fewer(ours, shape, t, 'decode_bytes'):.2f}x fewer, with the KV cache "
           f"{_fewer(ours, shape, t, 'decode_bytes', 'kv_bytes'):.2f}x)"
           for shape, fmt, t in ours if fmt == "q4_0" and (shape, "q8_0", t) in ours]
     if q4:
         lines.append("babyllama Q4_0 / Q8_0 decode: " + "; ".join(q4))
     return "\n".join(lines)
+
+
+def _spread(per_round: list[float]) -> str:
+    """', round by round lo–hi x' for ratios taken in each of several rounds; nothing for one round or none."""
+    return f", round by round {min(per_round):.2f}–{max(per_round):.2f}x" if len(per_round) > 1 else ""
 
 
 def _versus(rows: list[Row], ours: dict, key: str) -> list[str]:

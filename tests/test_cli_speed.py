@@ -582,6 +582,30 @@ def test_bench_reports_q4_0_over_q8_0_beside_their_bytes():
             "tiny 1.20x") in text
 
 
+def test_bench_gives_q4_0_over_q8_0_round_by_round_beside_the_medians_ratio():
+    """Each round's Q4_0 ÷ Q8_0 is taken from its own rows (measured seconds apart; the rounds lie minutes apart on
+    a machine whose speed moves): their range follows the ratio of the medians, per engine and thread setting."""
+    def round_of(q8: float, q4: float, q4_one: float) -> list[bench.Row]:
+        return [bench.Row("tiny", fmt, "babyllama", t, {"decode": v, "decode_bytes": b})
+                for fmt, t, v, b in (("q8_0", "default", q8, 340), ("q4_0", "default", q4, 180),
+                                     ("q8_0", "1", 50.0, 340), ("q4_0", "1", q4_one, 180))]
+
+    rounds = [round_of(100.0, 150.0, 60.0), round_of(50.0, 100.0, 90.0), round_of(80.0, 96.0, 75.0)]
+    rows = bench.merge_rounds(rounds)
+    q4 = {r.threads: r.result for r in rows if r.fmt == "q4_0"}
+    assert q4["default"]["q4_shares"] == [1.5, 2.0, 1.2] and q4["1"]["q4_shares"] == [1.2, 1.8, 1.5]
+    assert all("q4_shares" not in r.result for r in rows if r.fmt == "q8_0")
+    text = bench.table(rows, 2, 16)
+    # medians: Q4_0 100 over Q8_0 80 (default), 75 over 50 (one thread)
+    assert ("babyllama Q4_0 / Q8_0 decode: tiny 1.25x, round by round 1.20–2.00x (weight bytes 1.89x fewer, with the "
+            "KV cache 1.89x); tiny 1.50x (1t), round by round 1.20–1.80x (weight bytes") in text
+    rounds[1][0].error = "failed"  # a round without Q8_0's figure has no ratio
+    rounds[1][0].result = {}
+    assert bench.q4_shares(rounds)[("tiny", "babyllama", "default")] == [1.5, 1.2]
+    one = bench.merge_rounds(rounds[:1])
+    assert "Q8_0 decode: tiny 1.50x (weight bytes" in bench.table(one, 2, 16)  # one round: the ratio alone
+
+
 def test_bench_reports_prefill_against_a_reference_that_measured_it():
     rows = [bench.Row("tiny", "q8_0", "babyllama", "default", {"decode": 200.0, "prefill": 900.0}),
             bench.Row("tiny", "q8_0", "llama.cpp", "default", {"decode": 100.0, "prefill": 600.0}),
